@@ -1,0 +1,86 @@
+// cross_entropy: softmax cross-entropy over logits [N, K] with integer targets, mean over the batch
+// (torch.nn.CrossEntropyLoss defaults), fused with its gradient and the count of correct predictions.
+//
+//   cross_entropy_forward  one invocation per sample:
+//       lse = max + log(sum_k exp(l_k - max))            (stable: no exp of a large number)
+//       loss[n] = lse - l[target];  dlogits[n, k] = (softmax_k - [k == target]) / N
+//       correct[n] = argmax_k l == target (first maximum wins, as torch.argmax)
+//   cross_entropy_reduce  one workgroup: the batch mean loss and correct count into result[0..2],
+//       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps).
+
+struct Params {
+    n: u32, k: u32, _pad0: u32, _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> labels: array<u32>;
+@group(0) @binding(3) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(4) var<storage, read_write> per_sample: array<f32>;
+@group(0) @binding(5) var<storage, read> per_sample_in: array<f32>;
+@group(0) @binding(6) var<storage, read_write> result: array<f32>;
+
+override WG: u32 = 64u;
+override RED_WG: u32 = 256u;
+const RED_MAX: u32 = 256u;
+
+var<workgroup> red_loss: array<f32, RED_MAX>;
+var<workgroup> red_correct: array<f32, RED_MAX>;
+
+@compute @workgroup_size(WG)
+fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = gid.x;
+    if (n >= p.n) {
+        return;
+    }
+    let b = n * p.k;
+    var mx = logits[b];
+    var arg = 0u;
+    for (var k = 1u; k < p.k; k++) {
+        let v = logits[b + k];
+        if (v > mx) {
+            mx = v;
+            arg = k;
+        }
+    }
+    var sum = 0.0;
+    for (var k = 0u; k < p.k; k++) {
+        sum += exp(logits[b + k] - mx);
+    }
+    let t = labels[n];
+    let lse = mx + log(sum);
+    let inv_n = 1.0 / f32(p.n);
+    for (var k = 0u; k < p.k; k++) {
+        let sm = exp(logits[b + k] - mx) / sum;
+        dlogits[b + k] = (sm - select(0.0, 1.0, k == t)) * inv_n;
+    }
+    per_sample[2u * n] = lse - logits[b + t];
+    per_sample[2u * n + 1u] = select(0.0, 1.0, arg == t);
+}
+
+@compute @workgroup_size(RED_WG)
+fn cross_entropy_reduce(@builtin(local_invocation_index) t: u32) {
+    var l = 0.0;
+    var c = 0.0;
+    for (var n = t; n < p.n; n += RED_WG) {
+        l += per_sample_in[2u * n];
+        c += per_sample_in[2u * n + 1u];
+    }
+    red_loss[t] = l;
+    red_correct[t] = c;
+    workgroupBarrier();
+    for (var s = RED_WG / 2u; s > 0u; s /= 2u) {
+        if (t < s) {
+            red_loss[t] += red_loss[t + s];
+            red_correct[t] += red_correct[t + s];
+        }
+        workgroupBarrier();
+    }
+    if (t == 0u) {
+        result[0] = red_loss[0] / f32(p.n);
+        result[1] = red_correct[0];
+        result[2] += red_loss[0];
+        result[3] += red_correct[0];
+        result[4] += f32(p.n);
+    }
+}

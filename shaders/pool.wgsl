@@ -1,0 +1,121 @@
+// pool: max pooling (any kernel, stride, padding; floor mode, as PyTorch's default) and global
+// average pooling (AdaptiveAvgPool2d(1)), forward and backward, NCHW.
+//
+//   max_pool2d_forward   out = max over the window (padding counts as -inf); argmax = iy*W + ix of
+//                        the first maximum in scan order (PyTorch's rule; a NaN propagates)
+//   max_pool2d_backward  dinp[iy, ix] = sum of dout over the windows whose argmax is (iy, ix).
+//                        Gathered per input element, over the few windows that contain it, so
+//                        overlapping windows need no atomics and the sum order is fixed.
+//   global_avg_pool_*    out[n, c] = mean over H*W;  dinp = dout[n, c] / (H*W)
+
+struct Params {
+    n: u32, c: u32, h: u32, w: u32,
+    oh: u32, ow: u32, kh: u32, kw: u32,
+    stride_h: u32, stride_w: u32, pad_h: u32, pad_w: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> inp: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
+@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(5) var<storage, read> argmax_in: array<u32>;
+@group(0) @binding(6) var<storage, read_write> dinp: array<f32>;
+
+override WG: u32 = 256u;
+
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+@compute @workgroup_size(WG)
+fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    let ohw = p.oh * p.ow;
+    if (i >= p.n * p.c * ohw) {
+        return;
+    }
+    let plane = i / ohw;
+    let r = i % ohw;
+    let y0 = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
+    let x0 = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
+    let base = plane * p.h * p.w;
+    var best = 0.0;
+    var best_i = 0xffffffffu;
+    for (var ky = 0u; ky < p.kh; ky++) {
+        let iy = y0 + i32(ky);
+        if (iy < 0 || iy >= i32(p.h)) {
+            continue;
+        }
+        for (var kx = 0u; kx < p.kw; kx++) {
+            let ix = x0 + i32(kx);
+            if (ix < 0 || ix >= i32(p.w)) {
+                continue;
+            }
+            let idx = u32(iy) * p.w + u32(ix);
+            let v = inp[base + idx];
+            // PyTorch's rule: (v > best || isnan(v)). The first maximum wins; a NaN is taken and
+            // kept against numbers (v > NaN is false), a later NaN takes its place.
+            if (best_i == 0xffffffffu || v > best || v != v) {
+                best = v;
+                best_i = idx;
+            }
+        }
+    }
+    out[i] = best;
+    argmax[i] = best_i;
+}
+
+@compute @workgroup_size(WG)
+fn max_pool2d_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    let hw = p.h * p.w;
+    if (i >= p.n * p.c * hw) {
+        return;
+    }
+    let plane = i / hw;
+    let idx = i % hw;
+    let iy = i32(idx / p.w) + i32(p.pad_h);
+    let ix = i32(idx % p.w) + i32(p.pad_w);
+    // Windows oy with oy*stride <= iy+pad < oy*stride + k.
+    let oy_lo = max(0, (iy - i32(p.kh) + i32(p.stride_h)) / i32(p.stride_h));
+    let oy_hi = min(i32(p.oh) - 1, iy / i32(p.stride_h));
+    let ox_lo = max(0, (ix - i32(p.kw) + i32(p.stride_w)) / i32(p.stride_w));
+    let ox_hi = min(i32(p.ow) - 1, ix / i32(p.stride_w));
+    let obase = plane * p.oh * p.ow;
+    var s = 0.0;
+    for (var oy = oy_lo; oy <= oy_hi; oy++) {
+        for (var ox = ox_lo; ox <= ox_hi; ox++) {
+            let o = obase + u32(oy) * p.ow + u32(ox);
+            if (argmax_in[o] == idx) {
+                s += dout[o];
+            }
+        }
+    }
+    dinp[i] = s;
+}
+
+// One invocation per (n, c) plane.
+@compute @workgroup_size(WG)
+fn global_avg_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    if (i >= p.n * p.c) {
+        return;
+    }
+    let hw = p.h * p.w;
+    var s = 0.0;
+    for (var k = 0u; k < hw; k++) {
+        s += inp[i * hw + k];
+    }
+    out[i] = s / f32(hw);
+}
+
+@compute @workgroup_size(WG)
+fn global_avg_pool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat(gid, nwg);
+    let hw = p.h * p.w;
+    if (i >= p.n * p.c * hw) {
+        return;
+    }
+    dinp[i] = dout[i / hw] / f32(hw);
+}

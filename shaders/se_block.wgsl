@@ -1,0 +1,210 @@
+// se_block: Squeeze-and-Excitation (Hu et al. 2017), NCHW, C channels, reduction r, Cr = C / r.
+//
+//   z[c]  = mean over H*W of x[c]                       squeeze
+//   h[j]  = relu(b1[j] + sum_c w1[j, c] z[c])           fc1, weight [Cr, C, 1, 1]
+//   s[c]  = sigmoid(b2[c] + sum_j w2[c, j] h[j])        fc2, weight [C, Cr, 1, 1]
+//   y     = x * s[c]                                    excite (scale)
+//
+// Forward is ONE dispatch: a workgroup per sample does the squeeze, both FCs in workgroup memory
+// and the scaling. It keeps z, h and s per sample in `saved` ([n][C | Cr | C]) for the backward.
+//
+// Backward, with a2 = fc2 pre-activation, a1 = fc1 pre-activation:
+//   ds[c]   = sum_hw dy * x
+//   da2[c]  = ds[c] * s[c] * (1 - s[c])
+//   dh[j]   = sum_c w2[c, j] da2[c];   da1[j] = dh[j] * (h[j] > 0)
+//   dz[c]   = sum_j w1[j, c] da1[j]
+//   dx      = dy * s[c] + dz[c] / (H*W)
+//   dw2[c, j] = sum_n da2[n, c] h[n, j];  db2 = sum_n da2
+//   dw1[j, c] = sum_n da1[n, j] z[n, c];  db1 = sum_n da1
+// se_block_backward_input (a workgroup per sample) writes dx and keeps da2, da1 in `dsaved`
+// ([n][C | Cr]); se_block_backward_weight sums them over the batch, one invocation per weight, in
+// a fixed order (no float atomics).
+//
+// Workgroup memory holds C + Cr floats (z, then s over z; h after them): C + Cr <= WMEM.
+
+struct Params {
+    n: u32, c: u32, cr: u32, hw: u32,
+    has_bias: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> inp: array<f32>;
+@group(0) @binding(2) var<storage, read> w1: array<f32>;
+@group(0) @binding(3) var<storage, read> b1: array<f32>;
+@group(0) @binding(4) var<storage, read> w2: array<f32>;
+@group(0) @binding(5) var<storage, read> b2: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<storage, read_write> saved: array<f32>;
+@group(0) @binding(8) var<storage, read> saved_in: array<f32>;
+@group(0) @binding(9) var<storage, read> dout: array<f32>;
+@group(0) @binding(10) var<storage, read_write> dinp: array<f32>;
+@group(0) @binding(11) var<storage, read_write> dsaved: array<f32>;
+@group(0) @binding(12) var<storage, read> dsaved_in: array<f32>;
+@group(0) @binding(13) var<storage, read_write> dw1: array<f32>;
+@group(0) @binding(14) var<storage, read_write> db1: array<f32>;
+@group(0) @binding(15) var<storage, read_write> dw2: array<f32>;
+@group(0) @binding(16) var<storage, read_write> db2: array<f32>;
+
+override WG: u32 = 256u;
+const WMEM: u32 = 4096u;  // 16 KiB: WebGPU's guaranteed workgroup storage
+
+var<workgroup> wbuf: array<f32, WMEM>;
+
+fn sigmoid(a: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-a));
+}
+
+// wid.x: sample.
+@compute @workgroup_size(WG)
+fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let n = wid.x;
+    let xb = n * p.c * p.hw;
+    let sb = n * (2u * p.c + p.cr);
+    // Squeeze.
+    for (var c = t; c < p.c; c += WG) {
+        var s = 0.0;
+        let cb = xb + c * p.hw;
+        for (var k = 0u; k < p.hw; k++) {
+            s += inp[cb + k];
+        }
+        let z = s / f32(p.hw);
+        wbuf[c] = z;
+        saved[sb + c] = z;
+    }
+    workgroupBarrier();
+    // fc1 + ReLU.
+    for (var j = t; j < p.cr; j += WG) {
+        var a = 0.0;
+        if (p.has_bias != 0u) {
+            a = b1[j];
+        }
+        let wb = j * p.c;
+        for (var c = 0u; c < p.c; c++) {
+            a += w1[wb + c] * wbuf[c];
+        }
+        let h = max(a, 0.0);
+        wbuf[p.c + j] = h;
+        saved[sb + p.c + j] = h;
+    }
+    workgroupBarrier();
+    // fc2 + sigmoid; s[c] replaces z[c] (z is no longer read).
+    for (var c = t; c < p.c; c += WG) {
+        var a = 0.0;
+        if (p.has_bias != 0u) {
+            a = b2[c];
+        }
+        let wb = c * p.cr;
+        for (var j = 0u; j < p.cr; j++) {
+            a += w2[wb + j] * wbuf[p.c + j];
+        }
+        let s = sigmoid(a);
+        wbuf[c] = s;
+        saved[sb + p.c + p.cr + c] = s;
+    }
+    workgroupBarrier();
+    // Excite.
+    let total = p.c * p.hw;
+    for (var i = t; i < total; i += WG) {
+        out[xb + i] = inp[xb + i] * wbuf[i / p.hw];
+    }
+}
+
+// wid.x: sample.
+@compute @workgroup_size(WG)
+fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let n = wid.x;
+    let xb = n * p.c * p.hw;
+    let sb = n * (2u * p.c + p.cr);
+    let db = n * (p.c + p.cr);
+    let s_off = sb + p.c + p.cr;
+    // ds and da2.
+    for (var c = t; c < p.c; c += WG) {
+        var ds = 0.0;
+        let cb = xb + c * p.hw;
+        for (var k = 0u; k < p.hw; k++) {
+            ds += dout[cb + k] * inp[cb + k];
+        }
+        let s = saved_in[s_off + c];
+        let da2 = ds * s * (1.0 - s);
+        wbuf[c] = da2;
+        dsaved[db + c] = da2;
+    }
+    workgroupBarrier();
+    // dh and da1 (ReLU gate from the saved activation).
+    for (var j = t; j < p.cr; j += WG) {
+        var dh = 0.0;
+        for (var c = 0u; c < p.c; c++) {
+            dh += w2[c * p.cr + j] * wbuf[c];
+        }
+        let da1 = select(0.0, dh, saved_in[sb + p.c + j] > 0.0);
+        wbuf[p.c + j] = da1;
+        dsaved[db + p.c + j] = da1;
+    }
+    workgroupBarrier();
+    // dz / HW replaces da2 (already consumed by every dh above).
+    for (var c = t; c < p.c; c += WG) {
+        var dz = 0.0;
+        for (var j = 0u; j < p.cr; j++) {
+            dz += w1[j * p.c + c] * wbuf[p.c + j];
+        }
+        wbuf[c] = dz / f32(p.hw);
+    }
+    workgroupBarrier();
+    let total = p.c * p.hw;
+    for (var i = t; i < total; i += WG) {
+        let c = i / p.hw;
+        dinp[xb + i] = dout[xb + i] * saved_in[s_off + c] + wbuf[c];
+    }
+}
+
+// One invocation per weight: [dw1 (Cr*C) | dw2 (C*Cr) | db1 (Cr) | db2 (C)], summed over n in order.
+@compute @workgroup_size(WG)
+fn se_block_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    var e = gid.x + gid.y * nwg.x * WG;
+    let c = p.c;
+    let cr = p.cr;
+    let ss = 2u * c + cr;   // saved stride per sample
+    let ds = c + cr;        // dsaved stride per sample
+    let nw = c * cr;
+    if (e < nw) {
+        let j = e / c;
+        let k = e % c;
+        var acc = 0.0;
+        for (var n = 0u; n < p.n; n++) {
+            acc += dsaved_in[n * ds + c + j] * saved_in[n * ss + k];
+        }
+        dw1[e] = acc;
+        return;
+    }
+    e -= nw;
+    if (e < nw) {
+        let k = e / cr;
+        let j = e % cr;
+        var acc = 0.0;
+        for (var n = 0u; n < p.n; n++) {
+            acc += dsaved_in[n * ds + k] * saved_in[n * ss + c + j];
+        }
+        dw2[e] = acc;
+        return;
+    }
+    if (p.has_bias == 0u) {
+        return;
+    }
+    e -= nw;
+    if (e < cr) {
+        var acc = 0.0;
+        for (var n = 0u; n < p.n; n++) {
+            acc += dsaved_in[n * ds + c + e];
+        }
+        db1[e] = acc;
+        return;
+    }
+    e -= cr;
+    if (e < c) {
+        var acc = 0.0;
+        for (var n = 0u; n < p.n; n++) {
+            acc += dsaved_in[n * ds + e];
+        }
+        db2[e] = acc;
+    }
+}

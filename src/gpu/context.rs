@@ -1,0 +1,225 @@
+//! Adapter selection and the device: headless, any backend, the adapter's real limits.
+//!
+//! Selection order: `--backend` (or `WGPU_BACKEND`) restricts the backends searched;
+//! `WGPU_ADAPTER_NAME` picks the first adapter whose name contains that text; otherwise the
+//! high-performance adapter, preferring a real GPU over a CPU driver such as lavapipe, and
+//! Vulkan/Metal/DX12 over GL (GL is searched last, as a last resort).
+
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+/// No adapter could be found. `main` turns this into exit code 2.
+#[derive(Debug)]
+pub struct NoAdapterError {
+    pub detail: String,
+}
+
+impl fmt::Display for NoAdapterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no Vulkan/Metal/DX12 adapter found{}; on Linux without a GPU install mesa-vulkan-drivers \
+             (the lavapipe CPU Vulkan driver)",
+            if self.detail.is_empty() { String::new() } else { format!(" ({})", self.detail) }
+        )
+    }
+}
+
+impl std::error::Error for NoAdapterError {}
+
+/// How to pick the adapter.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// Backends to search, as `WGPU_BACKEND` spells them ("vulkan", "metal", "dx12", "gl", or a
+    /// comma list). `None` honours `WGPU_BACKEND`, else searches all.
+    pub backend: Option<String>,
+    /// Substring of the adapter name. `None` honours `WGPU_ADAPTER_NAME`.
+    pub adapter_name: Option<String>,
+}
+
+/// One adapter as `senet devices` shows it.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+}
+
+impl fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.info;
+        let l = &self.limits;
+        writeln!(f, "{} ({:?}, {:?})", i.name, i.backend, i.device_type)?;
+        writeln!(f, "  driver: {} {}", i.driver, i.driver_info)?;
+        writeln!(
+            f,
+            "  storage buffers/stage: {}  max storage binding: {} MiB  max buffer: {} MiB",
+            l.max_storage_buffers_per_shader_stage,
+            l.max_storage_buffer_binding_size >> 20,
+            l.max_buffer_size >> 20
+        )?;
+        writeln!(
+            f,
+            "  workgroup: {} invocations, size {}x{}x{}, {} KiB shared; {} workgroups/dim",
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroup_size_x,
+            l.max_compute_workgroup_size_y,
+            l.max_compute_workgroup_size_z,
+            l.max_compute_workgroup_storage_size >> 10,
+            l.max_compute_workgroups_per_dimension
+        )?;
+        write!(
+            f,
+            "  timestamps: {}  timestamps inside passes: {}  shader-f16: {}  subgroups: {}",
+            self.features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            self.features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            self.features.contains(wgpu::Features::SHADER_F16),
+            self.features.contains(wgpu::Features::SUBGROUP),
+        )
+    }
+}
+
+/// The device every kernel runs on.
+pub struct Gpu {
+    pub adapter: wgpu::Adapter,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    /// The limits the device was created with: the adapter's own, not wgpu's defaults.
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    pub(crate) kernels: super::kernels::KernelRegistry,
+}
+
+impl fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Gpu({} / {:?})", self.info.name, self.info.backend)
+    }
+}
+
+fn backends_for(opts: &GpuOptions) -> Result<wgpu::Backends> {
+    let spec = opts.backend.clone().or_else(|| std::env::var("WGPU_BACKEND").ok()).filter(|s| !s.trim().is_empty());
+    match spec {
+        None => Ok(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL),
+        Some(s) => {
+            let b = wgpu::Backends::from_comma_list(&s);
+            anyhow::ensure!(
+                !b.is_empty(),
+                "backend {s:?} is not one of vulkan, metal, dx12, gl (a comma list is allowed)"
+            );
+            Ok(b)
+        }
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = backends;
+    desc.flags = wgpu::InstanceFlags::from_build_config().with_env();
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter wgpu can see on the requested backends.
+pub fn list_adapters(opts: &GpuOptions) -> Result<Vec<AdapterSummary>> {
+    let inst = instance(backends_for(opts)?);
+    let adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
+    Ok(adapters
+        .into_iter()
+        .map(|a| AdapterSummary { info: a.get_info(), limits: a.limits(), features: a.features() })
+        .collect())
+}
+
+/// Rank adapters: discrete > integrated > virtual > other > CPU; non-GL backends before GL.
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let ty = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    let gl = u8::from(info.backend == wgpu::Backend::Gl);
+    (gl, ty)
+}
+
+impl Gpu {
+    /// Pick an adapter and create the device with the adapter's own limits.
+    pub fn new(opts: &GpuOptions) -> Result<Arc<Gpu>> {
+        let backends = backends_for(opts)?;
+        let inst = instance(backends);
+        // GL only as a last resort: probing it is noisy and its compute support is the weakest.
+        let mut adapters = pollster::block_on(inst.enumerate_adapters(backends - wgpu::Backends::GL));
+        if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
+            adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::GL));
+        }
+        if adapters.is_empty() {
+            return Err(NoAdapterError { detail: format!("searched {backends:?}") }.into());
+        }
+        let wanted = opts
+            .adapter_name
+            .clone()
+            .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
+            .filter(|s| !s.trim().is_empty());
+        let adapter = if let Some(name) = wanted {
+            let needle = name.to_lowercase();
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            let pos =
+                adapters.iter().position(|a| a.get_info().name.to_lowercase().contains(&needle)).ok_or_else(|| {
+                    NoAdapterError { detail: format!("no adapter name contains {name:?}; found {names:?}") }
+                })?;
+            adapters.swap_remove(pos)
+        } else {
+            adapters.sort_by_key(|a| rank(&a.get_info()));
+            adapters.swap_remove(0)
+        };
+        Self::from_adapter(adapter)
+    }
+
+    fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        // Optional features we can use; request only what the adapter has.
+        let wanted = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        let features = adapter.features() & wanted;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("senet"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .with_context(|| format!("requesting a device from adapter {:?}", info.name))?;
+        Ok(Arc::new(Gpu {
+            kernels: super::kernels::KernelRegistry::default(),
+            adapter,
+            device,
+            queue,
+            info,
+            limits,
+            features,
+        }))
+    }
+
+    /// True when the adapter is a CPU implementation (lavapipe, WARP, SwiftShader).
+    pub fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// One line: name, backend, type.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {})",
+            self.info.name, self.info.backend, self.info.device_type, self.info.driver
+        )
+    }
+
+    /// Block until all submitted work is done. Only for tests, read-backs and the end of a run.
+    pub fn wait(&self) -> Result<()> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).context("waiting for the GPU")
+    }
+}

@@ -1,0 +1,171 @@
+//! The pipeline registry (every shader module compiled once, every pipeline built once per
+//! entry point and override set) and `Dispatch`, one recorded kernel launch.
+//!
+//! Binding convention, in every shader: binding 0 is the op's uniform parameter block; storage
+//! buffers follow with numbers unique within the file, so an entry point's auto-derived layout
+//! holds exactly the bindings it uses and the host names them by number.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{Result, ensure};
+use wgpu::util::DeviceExt;
+
+use super::{Gpu, Tensor};
+
+/// Every WGSL file, embedded at build time: (op family, source).
+pub const SHADERS: &[(&str, &str)] = &[
+    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
+    ("relu", include_str!("../../shaders/relu.wgsl")),
+    ("pool", include_str!("../../shaders/pool.wgsl")),
+    ("se_block", include_str!("../../shaders/se_block.wgsl")),
+    ("linear", include_str!("../../shaders/linear.wgsl")),
+    ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
+    ("optimizer", include_str!("../../shaders/optimizer.wgsl")),
+];
+
+#[derive(Default)]
+pub(crate) struct KernelRegistry {
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+}
+
+/// One kernel launch, ready to record: the plan is a list of these, built once and replayed.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    pub label: &'static str,
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    pub workgroups: [u32; 3],
+}
+
+impl Dispatch {
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        let [x, y, z] = self.workgroups;
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// A binding: storage tensor or uniform buffer at a binding number.
+pub enum Bind<'a> {
+    Tensor(u32, &'a Tensor),
+    Uniform(u32, &'a wgpu::Buffer),
+}
+
+impl Gpu {
+    fn module(&self, shader: &'static str) -> Result<wgpu::ShaderModule> {
+        let mut modules = self.kernels.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(shader) {
+            return Ok(m.clone());
+        }
+        let src = SHADERS
+            .iter()
+            .find(|(name, _)| *name == shader)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| anyhow::anyhow!("no shader named {shader:?}"))?;
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        modules.insert(shader, module.clone());
+        Ok(module)
+    }
+
+    /// The pipeline for `shader::entry` with these override constants, built on first use.
+    pub fn pipeline(
+        &self,
+        shader: &'static str,
+        entry: &'static str,
+        constants: &[(&str, f64)],
+    ) -> Result<wgpu::ComputePipeline> {
+        let key = format!("{shader}::{entry}{constants:?}");
+        if let Some(p) = self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(shader)?;
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    /// A uniform buffer holding `params`, padded to 16 bytes as WGSL's uniform layout wants.
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, params: &T) -> wgpu::Buffer {
+        let mut bytes = bytemuck::bytes_of(params).to_vec();
+        bytes.resize(bytes.len().div_ceil(16) * 16, 0);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// Build one dispatch: pipeline (cached), bind group, workgroup counts.
+    pub fn dispatch(
+        &self,
+        shader: &'static str,
+        entry: &'static str,
+        constants: &[(&str, f64)],
+        binds: &[Bind<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
+        let max = self.limits.max_compute_workgroups_per_dimension;
+        ensure!(
+            workgroups.iter().all(|&w| w <= max),
+            "{entry}: {workgroups:?} workgroups exceed the adapter's {max} per dimension"
+        );
+        let pipeline = self.pipeline(shader, entry, constants)?;
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = binds
+            .iter()
+            .map(|b| match b {
+                Bind::Tensor(i, t) => wgpu::BindGroupEntry { binding: *i, resource: t.buffer.as_entire_binding() },
+                Bind::Uniform(i, u) => wgpu::BindGroupEntry { binding: *i, resource: u.as_entire_binding() },
+            })
+            .collect();
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &layout,
+            entries: &entries,
+        });
+        Ok(Dispatch { label: entry, pipeline, bind_group, workgroups })
+    }
+
+    /// Record `dispatches` into one compute pass of one command buffer and submit it.
+    pub fn run(&self, dispatches: &[&Dispatch]) -> wgpu::SubmissionIndex {
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") });
+        {
+            let mut pass =
+                encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("run"), timestamp_writes: None });
+            for d in dispatches {
+                d.record(&mut pass);
+            }
+        }
+        self.queue.submit([encoder.finish()])
+    }
+
+    /// Workgroup counts covering `n` invocations of a 1-D kernel with `wg` per workgroup. Past
+    /// the per-dimension limit the grid wraps into y; kernels index `gid.x + gid.y * nwg.x * WG`.
+    pub fn grid_1d(&self, n: usize, wg: u32) -> [u32; 3] {
+        let groups = n.div_ceil(wg as usize).max(1);
+        let max = self.limits.max_compute_workgroups_per_dimension as usize;
+        if groups <= max {
+            [groups as u32, 1, 1]
+        } else {
+            let y = groups.div_ceil(max);
+            [groups.div_ceil(y) as u32, y as u32, 1]
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The GPU side: adapter and device, typed buffers, the pipeline registry and dispatches.
+
+mod context;
+mod kernels;
+mod tensor;
+
+pub use context::{AdapterSummary, Gpu, GpuOptions, NoAdapterError, list_adapters};
+pub use kernels::{Bind, Dispatch, SHADERS};
+pub use tensor::Tensor;

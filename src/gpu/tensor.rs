@@ -1,0 +1,92 @@
+//! Typed GPU buffers: a storage buffer of 4-byte elements (f32, or u32 for labels and indices)
+//! with its logical shape.
+
+use anyhow::{Context, Result, ensure};
+use wgpu::util::DeviceExt;
+
+use super::Gpu;
+
+#[derive(Debug)]
+pub struct Tensor {
+    pub buffer: wgpu::Buffer,
+    pub shape: Vec<usize>,
+}
+
+fn usage() -> wgpu::BufferUsages {
+    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST
+}
+
+impl Tensor {
+    /// Elements (not bytes).
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// A zero-filled tensor. An empty shape product still gets one element: wgpu binds no empty buffers.
+    pub fn zeros(gpu: &Gpu, label: &str, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        let size = (numel.max(1) * 4) as u64;
+        let max = gpu.limits.max_buffer_size.min(gpu.limits.max_storage_buffer_binding_size);
+        ensure!(size <= max, "{label}: {shape:?} needs {size} bytes; the adapter binds at most {max} bytes per buffer");
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: usage(),
+            mapped_at_creation: false,
+        });
+        Ok(Tensor { buffer, shape: shape.to_vec() })
+    }
+
+    /// A tensor holding `data` (f32 or u32), which must have the shape's element count.
+    pub fn from_slice<T: bytemuck::Pod>(gpu: &Gpu, label: &str, shape: &[usize], data: &[T]) -> Result<Tensor> {
+        ensure!(std::mem::size_of::<T>() == 4, "{label}: tensors hold 4-byte elements");
+        let numel: usize = shape.iter().product();
+        ensure!(data.len() == numel, "{label}: shape {shape:?} has {numel} elements, data has {}", data.len());
+        let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        if bytes.is_empty() {
+            bytes.resize(4, 0);
+        }
+        let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &bytes,
+            usage: usage(),
+        });
+        Ok(Tensor { buffer, shape: shape.to_vec() })
+    }
+
+    /// Overwrite the contents from the host (queued; ordered before the next submit).
+    pub fn write<T: bytemuck::Pod>(&self, gpu: &Gpu, data: &[T]) -> Result<()> {
+        ensure!(data.len() == self.numel(), "write of {} elements into {:?}", data.len(), self.shape);
+        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Copy back to the host. Waits for the GPU: for tests, metrics and checkpoints only.
+    pub fn read<T: bytemuck::Pod>(&self, gpu: &Gpu) -> Result<Vec<T>> {
+        let size = (self.numel() * 4) as u64;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("read-back"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder =
+            gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read-back") });
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+        gpu.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.wait()?;
+        rx.recv().context("the GPU dropped a read-back")?.context("mapping a read-back buffer")?;
+        let view = staging.get_mapped_range(..).context("reading a mapped buffer")?;
+        let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}

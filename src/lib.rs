@@ -1,0 +1,9 @@
+//! senet-wgpu: Squeeze-and-Excitation networks trained with WGSL compute shaders through wgpu.
+//!
+//! - [`gpu`]: adapter selection, typed buffers, the pipeline registry, dispatches.
+//! - [`ops`]: host side of every kernel (shape checks, workgroup math, bind groups).
+//! - [`reference`]: the CPU oracle every kernel is tested against.
+
+pub mod gpu;
+pub mod ops;
+pub mod reference;

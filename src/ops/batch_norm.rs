@@ -1,0 +1,217 @@
+//! batch_norm — host side of `shaders/batch_norm.wgsl`; CPU oracle in `reference/batch_norm.rs`.
+
+use anyhow::{Result, ensure};
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_shape, to_u32};
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+
+/// `torch.nn.BatchNorm2d(c, eps, momentum)` on an `[n, c, h, w]` input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchNormConfig {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub eps: f32,
+    pub momentum: f32,
+}
+
+impl BatchNormConfig {
+    /// PyTorch's defaults: eps 1e-5, momentum 0.1.
+    pub fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
+        BatchNormConfig { n, c, h, w, eps: 1e-5, momentum: 0.1 }
+    }
+
+    pub fn shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+
+    /// Values per channel in the batch statistics.
+    pub fn count(&self) -> usize {
+        self.n * self.h * self.w
+    }
+
+    fn params(&self, update_running: bool) -> Result<Params> {
+        ensure!(self.n > 0 && self.c > 0 && self.h > 0 && self.w > 0, "batch_norm: empty dimension in {self:?}");
+        Ok(Params {
+            n: to_u32("batch", self.n)?,
+            c: to_u32("channels", self.c)?,
+            hw: to_u32("h*w", self.h * self.w)?,
+            _pad0: 0,
+            eps: self.eps,
+            momentum: self.momentum,
+            update_running: u32::from(update_running),
+            _pad1: 0,
+        })
+    }
+}
+
+/// Mirrors `Params` in batch_norm.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    hw: u32,
+    _pad0: u32,
+    eps: f32,
+    momentum: f32,
+    update_running: u32,
+    _pad1: u32,
+}
+
+const WG: u32 = 256;
+
+/// Training-mode forward: batch statistics into `stats` ([2, C]: mean, invstd), running
+/// statistics updated in place, then `out` normalised.
+pub fn batch_norm_forward_train(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    inp: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    stats: &Tensor,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    ensure!(
+        cfg.count() > 1,
+        "batch_norm: training needs more than one value per channel (batch {} x {}x{}), as in PyTorch",
+        cfg.n,
+        cfg.h,
+        cfg.w
+    );
+    check(cfg, inp, gamma, beta, stats)?;
+    expect_shape("batch_norm running_mean", running_mean, &[cfg.c])?;
+    expect_shape("batch_norm running_var", running_var, &[cfg.c])?;
+    expect_shape("batch_norm output", out, &cfg.shape())?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, stats),
+        Bind::Tensor(3, running_mean),
+        Bind::Tensor(4, running_var),
+    ];
+    let s = gpu.dispatch("batch_norm", "batch_norm_forward_stats", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?;
+    Ok(vec![s, apply(gpu, cfg, &params, inp, stats, gamma, beta, out)?])
+}
+
+/// Eval-mode forward: statistics from the running estimates.
+pub fn batch_norm_forward_eval(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    inp: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    stats: &Tensor,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    check(cfg, inp, gamma, beta, stats)?;
+    expect_shape("batch_norm running_mean", running_mean, &[cfg.c])?;
+    expect_shape("batch_norm running_var", running_var, &[cfg.c])?;
+    expect_shape("batch_norm output", out, &cfg.shape())?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(2, stats),
+        Bind::Tensor(15, running_mean),
+        Bind::Tensor(16, running_var),
+    ];
+    let s = gpu.dispatch(
+        "batch_norm",
+        "batch_norm_forward_eval_stats",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(cfg.c, WG),
+    )?;
+    Ok(vec![s, apply(gpu, cfg, &params, inp, stats, gamma, beta, out)?])
+}
+
+fn check(cfg: &BatchNormConfig, inp: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor) -> Result<()> {
+    expect_shape("batch_norm input", inp, &cfg.shape())?;
+    expect_shape("batch_norm weight (gamma)", gamma, &[cfg.c])?;
+    expect_shape("batch_norm bias (beta)", beta, &[cfg.c])?;
+    expect_shape("batch_norm saved statistics", stats, &[2, cfg.c])
+}
+
+fn apply(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    params: &wgpu::Buffer,
+    inp: &Tensor,
+    stats: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    out: &Tensor,
+) -> Result<Dispatch> {
+    let binds = [
+        Bind::Uniform(0, params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(5, stats),
+        Bind::Tensor(6, gamma),
+        Bind::Tensor(7, beta),
+        Bind::Tensor(8, out),
+    ];
+    gpu.dispatch(
+        "batch_norm",
+        "batch_norm_forward",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
+    )
+}
+
+/// Training-mode backward: dgamma, dbeta, then dinp (which reads them).
+pub fn batch_norm_backward(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    inp: &Tensor,
+    gamma: &Tensor,
+    stats: &Tensor,
+    dout: &Tensor,
+    dinp: &Tensor,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    expect_shape("batch_norm input", inp, &cfg.shape())?;
+    expect_shape("batch_norm weight (gamma)", gamma, &[cfg.c])?;
+    expect_shape("batch_norm saved statistics", stats, &[2, cfg.c])?;
+    expect_shape("batch_norm dout", dout, &cfg.shape())?;
+    expect_shape("batch_norm dinp", dinp, &cfg.shape())?;
+    expect_shape("batch_norm dgamma", dgamma, &[cfg.c])?;
+    expect_shape("batch_norm dbeta", dbeta, &[cfg.c])?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(5, stats),
+        Bind::Tensor(9, dout),
+        Bind::Tensor(10, dgamma),
+        Bind::Tensor(11, dbeta),
+    ];
+    let reduce =
+        gpu.dispatch("batch_norm", "batch_norm_backward_reduce", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(5, stats),
+        Bind::Tensor(6, gamma),
+        Bind::Tensor(9, dout),
+        Bind::Tensor(12, dgamma),
+        Bind::Tensor(13, dbeta),
+        Bind::Tensor(14, dinp),
+    ];
+    let input = gpu.dispatch(
+        "batch_norm",
+        "batch_norm_backward_input",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
+    )?;
+    Ok(vec![reduce, input])
+}

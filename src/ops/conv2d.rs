@@ -1,0 +1,278 @@
+//! conv2d — host side of `shaders/conv2d.wgsl`; CPU oracle in `reference/conv2d.rs`.
+
+use anyhow::{Result, ensure};
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_shape, placeholder, to_u32};
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+
+/// A 2-D convolution over NCHW, as `torch.nn.Conv2d(c_in, c_out, (kh, kw), stride, padding,
+/// dilation, bias)` applied to an `[n, c_in, h, w]` input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    pub n: usize,
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: (usize, usize),
+    pub pad: (usize, usize),
+    pub dilation: (usize, usize),
+    pub bias: bool,
+}
+
+impl Conv2dConfig {
+    /// A square kernel with equal stride and padding on both axes, no dilation.
+    pub fn square(
+        n: usize,
+        c_in: usize,
+        hw: (usize, usize),
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> Self {
+        Conv2dConfig {
+            n,
+            c_in,
+            h: hw.0,
+            w: hw.1,
+            c_out,
+            kh: k,
+            kw: k,
+            stride: (stride, stride),
+            pad: (pad, pad),
+            dilation: (1, 1),
+            bias,
+        }
+    }
+
+    fn out_dim(size: usize, pad: usize, dil: usize, k: usize, stride: usize) -> Option<usize> {
+        let span = dil * (k - 1) + 1;
+        (size + 2 * pad).checked_sub(span).map(|d| d / stride + 1)
+    }
+
+    pub fn out_h(&self) -> usize {
+        Self::out_dim(self.h, self.pad.0, self.dilation.0, self.kh, self.stride.0).unwrap_or(0)
+    }
+
+    pub fn out_w(&self) -> usize {
+        Self::out_dim(self.w, self.pad.1, self.dilation.1, self.kw, self.stride.1).unwrap_or(0)
+    }
+
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.n, self.c_in, self.h, self.w]
+    }
+
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [self.c_out, self.c_in, self.kh, self.kw]
+    }
+
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.n, self.c_out, self.out_h(), self.out_w()]
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        ensure!(c.n > 0 && c.c_in > 0 && c.c_out > 0 && c.h > 0 && c.w > 0, "conv2d: empty dimension in {c:?}");
+        ensure!(c.kh > 0 && c.kw > 0, "conv2d: kernel size must be at least 1, got {}x{}", c.kh, c.kw);
+        ensure!(c.stride.0 > 0 && c.stride.1 > 0, "conv2d: stride must be at least 1, got {:?}", c.stride);
+        ensure!(c.dilation.0 > 0 && c.dilation.1 > 0, "conv2d: dilation must be at least 1, got {:?}", c.dilation);
+        ensure!(
+            Self::out_dim(c.h, c.pad.0, c.dilation.0, c.kh, c.stride.0).is_some()
+                && Self::out_dim(c.w, c.pad.1, c.dilation.1, c.kw, c.stride.1).is_some(),
+            "conv2d: a {}x{} kernel (dilation {:?}) does not fit the {}x{} input padded by {:?}",
+            c.kh,
+            c.kw,
+            c.dilation,
+            c.h,
+            c.w,
+            c.pad
+        );
+        Ok(())
+    }
+
+    /// Multiply-adds of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.n * self.c_out * self.out_h() * self.out_w() * self.c_in * self.kh * self.kw
+    }
+
+    fn params(&self, splits: usize, split_len: usize) -> Result<Params> {
+        let c = self;
+        Ok(Params {
+            n: to_u32("batch", c.n)?,
+            c_in: to_u32("c_in", c.c_in)?,
+            h: to_u32("h", c.h)?,
+            w: to_u32("w", c.w)?,
+            c_out: to_u32("c_out", c.c_out)?,
+            oh: to_u32("out_h", c.out_h())?,
+            ow: to_u32("out_w", c.out_w())?,
+            kh: to_u32("kh", c.kh)?,
+            kw: to_u32("kw", c.kw)?,
+            stride_h: to_u32("stride", c.stride.0)?,
+            stride_w: to_u32("stride", c.stride.1)?,
+            pad_h: to_u32("pad", c.pad.0)?,
+            pad_w: to_u32("pad", c.pad.1)?,
+            dil_h: to_u32("dilation", c.dilation.0)?,
+            dil_w: to_u32("dilation", c.dilation.1)?,
+            has_bias: u32::from(c.bias),
+            splits: to_u32("splits", splits)?,
+            split_len: to_u32("split_len", split_len)?,
+            _pad: [0; 2],
+        })
+    }
+}
+
+/// Mirrors `Params` in conv2d.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    c_in: u32,
+    h: u32,
+    w: u32,
+    c_out: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    stride_h: u32,
+    stride_w: u32,
+    pad_h: u32,
+    pad_w: u32,
+    dil_h: u32,
+    dil_w: u32,
+    has_bias: u32,
+    splits: u32,
+    split_len: u32,
+    _pad: [u32; 2],
+}
+
+/// Invocations per workgroup of the GEMM kernels (`WG` override).
+const WG: u32 = 64;
+/// Each invocation computes a 4x4 block of the output GEMM.
+const BLOCK: usize = 4;
+
+fn gemm_grid(gpu: &Gpu, rows: usize, cols: usize, z: usize) -> Result<[u32; 3]> {
+    let x = rows.div_ceil(BLOCK).div_ceil(WG as usize);
+    let y = cols.div_ceil(BLOCK);
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    ensure!(
+        x <= max && y <= max && z <= max,
+        "conv2d: {rows}x{cols} GEMM needs {x}x{y}x{z} workgroups; the adapter allows {max} per dimension"
+    );
+    Ok([x as u32, y as u32, z as u32])
+}
+
+pub fn conv2d_forward(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d output", out, &cfg.output_shape())?;
+    let unused;
+    let bias = match (cfg.bias, bias) {
+        (true, Some(b)) => {
+            expect_shape("conv2d bias", b, &[cfg.c_out])?;
+            b
+        }
+        (false, None) => {
+            unused = placeholder(gpu)?;
+            &unused
+        }
+        (want, _) => anyhow::bail!(
+            "conv2d: configuration says bias={want} but a bias tensor was{} given",
+            if want { " not" } else { "" }
+        ),
+    };
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), cfg.c_out, 1)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+    ];
+    Ok(vec![gpu.dispatch("conv2d", "conv2d_forward", &[("WG", WG as f64)], &binds, grid)?])
+}
+
+pub fn conv2d_backward_input(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    dout: &Tensor,
+    weight: &Tensor,
+    dinp: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, cfg.c_in, 1)?;
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
+    Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_input", &[("WG", WG as f64)], &binds, grid)?])
+}
+
+/// How many ranges of m the weight-gradient reduction is split into: enough blocks to fill the
+/// device (about `target` invocations), each range at least `MIN_SPLIT_LEN` long.
+pub fn weight_grad_splits(cfg: &Conv2dConfig, target: usize) -> usize {
+    const MIN_SPLIT_LEN: usize = 256;
+    let m = cfg.n * cfg.out_h() * cfg.out_w();
+    let blocks = cfg.c_out.div_ceil(BLOCK) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(BLOCK);
+    let want = target.div_ceil(blocks.max(1));
+    want.min(m / MIN_SPLIT_LEN).clamp(1, 64)
+}
+
+/// Weight gradient with the reduction over m split `splits` ways (1 = no second pass).
+pub fn conv2d_backward_weight(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    inp: &Tensor,
+    dout: &Tensor,
+    dweight: &Tensor,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
+    ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+    let m = cfg.n * cfg.out_h() * cfg.out_w();
+    let split_len = m.div_ceil(splits);
+    let splits = m.div_ceil(split_len);
+    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
+    let k = cfg.c_in * cfg.kh * cfg.kw;
+    let grid = gemm_grid(gpu, k, cfg.c_out, splits)?;
+    let consts = [("WG", WG as f64)];
+    if splits == 1 {
+        let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, dweight)];
+        return Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?]);
+    }
+    let partial = Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?;
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, &partial)];
+    let first = gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?;
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(8, &partial), Bind::Tensor(9, dweight)];
+    let second =
+        gpu.dispatch("conv2d", "conv2d_backward_weight_reduce", &consts, &binds, gpu.grid_1d(cfg.c_out * k, WG))?;
+    Ok(vec![first, second])
+}
+
+pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias: &Tensor) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    ensure!(cfg.bias, "conv2d: backward_bias on a convolution without bias");
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d dbias", dbias, &[cfg.c_out])?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, dout), Bind::Tensor(10, dbias)];
+    Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_bias", &[], &binds, [to_u32("c_out", cfg.c_out)?, 1, 1])?])
+}

@@ -1,0 +1,75 @@
+//! cross_entropy — host side of `shaders/cross_entropy.wgsl`; CPU oracle in
+//! `reference/cross_entropy.rs`.
+
+use anyhow::{Result, ensure};
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_shape, to_u32};
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+
+/// Layout of the `result` buffer the loss writes.
+pub mod result {
+    /// Mean loss of the last batch.
+    pub const LOSS: usize = 0;
+    /// Correct predictions in the last batch.
+    pub const CORRECT: usize = 1;
+    /// Running sums since the buffer was last cleared: loss summed over samples, correct, samples.
+    pub const SUM_LOSS: usize = 2;
+    pub const SUM_CORRECT: usize = 3;
+    pub const SUM_COUNT: usize = 4;
+    /// Elements in the buffer.
+    pub const LEN: usize = 5;
+}
+
+/// Mirrors `Params` in cross_entropy.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    k: u32,
+    _pad: [u32; 2],
+}
+
+const WG: u32 = 64;
+
+/// Softmax cross-entropy of `logits` [n, k] against `target` (u32 [n], each < k; the host checks
+/// labels when it loads them). Writes `dlogits` (gradient of the batch-mean loss) and `result`
+/// (see [`result`]); `per_sample` [n, 2] is scratch.
+pub fn cross_entropy_forward_backward(
+    gpu: &Gpu,
+    logits: &Tensor,
+    target: &Tensor,
+    dlogits: &Tensor,
+    per_sample: &Tensor,
+    result: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    ensure!(
+        logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
+        "cross_entropy: logits must be a non-empty [n, classes], got {:?}",
+        logits.shape
+    );
+    let (n, k) = (logits.shape[0], logits.shape[1]);
+    expect_shape("cross_entropy target", target, &[n])?;
+    expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
+    expect_shape("cross_entropy per-sample scratch", per_sample, &[n, 2])?;
+    expect_shape("cross_entropy result", result, &[result::LEN])?;
+    let params =
+        gpu.uniform("cross_entropy params", &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, _pad: [0; 2] });
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, logits),
+        Bind::Tensor(2, target),
+        Bind::Tensor(3, dlogits),
+        Bind::Tensor(4, per_sample),
+    ];
+    let fwd = gpu.dispatch(
+        "cross_entropy",
+        "cross_entropy_forward",
+        &[("WG", WG as f64)],
+        &binds,
+        [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
+    )?;
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
+    let red = gpu.dispatch("cross_entropy", "cross_entropy_reduce", &[], &binds, [1, 1, 1])?;
+    Ok(vec![fwd, red])
+}

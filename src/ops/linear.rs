@@ -1,0 +1,124 @@
+//! linear — host side of `shaders/linear.wgsl`; CPU oracle in `reference/linear.rs`.
+
+use anyhow::{Result, ensure};
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_shape, placeholder, to_u32};
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+
+/// `torch.nn.Linear(in_features, out_features, bias)` on `[n, in_features]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearConfig {
+    pub n: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+}
+
+impl LinearConfig {
+    fn params(&self) -> Result<Params> {
+        ensure!(self.n > 0 && self.in_features > 0 && self.out_features > 0, "linear: empty dimension in {self:?}");
+        Ok(Params {
+            n: to_u32("batch", self.n)?,
+            in_features: to_u32("in_features", self.in_features)?,
+            out_features: to_u32("out_features", self.out_features)?,
+            has_bias: u32::from(self.bias),
+        })
+    }
+}
+
+/// Mirrors `Params` in linear.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    in_features: u32,
+    out_features: u32,
+    has_bias: u32,
+}
+
+const WG: u32 = 64;
+
+fn bias_or_placeholder<'a>(
+    gpu: &Gpu,
+    cfg: &LinearConfig,
+    bias: Option<&'a Tensor>,
+    what: &str,
+) -> Result<(Option<Tensor>, Option<&'a Tensor>)> {
+    match (cfg.bias, bias) {
+        (true, Some(b)) => {
+            expect_shape(what, b, &[cfg.out_features])?;
+            Ok((None, Some(b)))
+        }
+        (false, None) => Ok((Some(placeholder(gpu)?), None)),
+        (want, _) => anyhow::bail!(
+            "linear: configuration says bias={want} but {what} was{} given",
+            if want { " not" } else { "" }
+        ),
+    }
+}
+
+pub fn linear_forward(
+    gpu: &Gpu,
+    cfg: &LinearConfig,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    let params = gpu.uniform("linear params", &cfg.params()?);
+    expect_shape("linear input", inp, &[cfg.n, cfg.in_features])?;
+    expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
+    expect_shape("linear output", out, &[cfg.n, cfg.out_features])?;
+    let (unused, bias) = bias_or_placeholder(gpu, cfg, bias, "linear bias")?;
+    let bias = bias.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("linear: no bias"))?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+    ];
+    Ok(vec![gpu.dispatch(
+        "linear",
+        "linear_forward",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(cfg.n * cfg.out_features, WG),
+    )?])
+}
+
+/// dinp, then dweight and dbias (when the layer has a bias).
+pub fn linear_backward(
+    gpu: &Gpu,
+    cfg: &LinearConfig,
+    inp: &Tensor,
+    weight: &Tensor,
+    dout: &Tensor,
+    dinp: &Tensor,
+    dweight: &Tensor,
+    dbias: Option<&Tensor>,
+) -> Result<Vec<Dispatch>> {
+    let params = gpu.uniform("linear params", &cfg.params()?);
+    expect_shape("linear input", inp, &[cfg.n, cfg.in_features])?;
+    expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
+    expect_shape("linear dout", dout, &[cfg.n, cfg.out_features])?;
+    expect_shape("linear dinp", dinp, &[cfg.n, cfg.in_features])?;
+    expect_shape("linear dweight", dweight, &[cfg.out_features, cfg.in_features])?;
+    let (unused, dbias) = bias_or_placeholder(gpu, cfg, dbias, "linear dbias")?;
+    let dbias = dbias.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("linear: no dbias"))?;
+    let consts = [("WG", WG as f64)];
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
+    let input =
+        gpu.dispatch("linear", "linear_backward_input", &consts, &binds, gpu.grid_1d(cfg.n * cfg.in_features, WG))?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(5, dout),
+        Bind::Tensor(7, dweight),
+        Bind::Tensor(8, dbias),
+    ];
+    let total = cfg.out_features * cfg.in_features + cfg.out_features;
+    let weight = gpu.dispatch("linear", "linear_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?;
+    Ok(vec![input, weight])
+}

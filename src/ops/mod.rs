@@ -1,0 +1,36 @@
+//! Host side of every kernel: configuration and shape checks, workgroup math and bind groups,
+//! forward and backward side by side, mirroring `shaders/<op>.wgsl` and `reference/<op>.rs`.
+//!
+//! Each function checks its tensors against the configuration (once, when the plan is built)
+//! and returns the dispatches to record. Scratch buffers and parameter blocks are allocated
+//! here, at plan time, and kept alive by the bind groups that use them.
+
+pub mod batch_norm;
+pub mod conv2d;
+pub mod cross_entropy;
+pub mod linear;
+pub mod optimizer;
+pub mod pool;
+pub mod relu;
+pub mod se_block;
+
+use anyhow::{Result, ensure};
+
+use crate::gpu::{Gpu, Tensor};
+
+/// The tensor has exactly this shape, or a host error naming it.
+pub(crate) fn expect_shape(what: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    ensure!(t.shape == shape, "{what}: expected shape {shape:?}, got {:?}", t.shape);
+    Ok(())
+}
+
+/// A one-element placeholder for a binding the kernel declares but the configuration does not
+/// use (a missing bias): WGSL entry points bind every buffer they mention.
+pub(crate) fn placeholder(gpu: &Gpu) -> Result<Tensor> {
+    Tensor::zeros(gpu, "unused", &[1])
+}
+
+/// Every count the kernels index with must fit a u32.
+pub(crate) fn to_u32(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit the kernels' 32-bit indices"))
+}

@@ -1,0 +1,232 @@
+//! optimizer (Adam, AdamW, SGD) — host side of `shaders/optimizer.wgsl`; CPU oracle in
+//! `reference/optimizer.rs`.
+//!
+//! The step number changes every step, so each update owns a small uniform buffer that
+//! [`OptimizerStep::set_step`] rewrites (queue write, no allocation) before the step is submitted.
+
+use anyhow::{Result, ensure};
+use bytemuck::{Pod, Zeroable};
+use wgpu::util::DeviceExt;
+
+use super::to_u32;
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+
+/// Hyper-parameters, named and defaulted as `torch.optim`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerConfig {
+    /// `torch.optim.Adam` (L2 weight decay added to the gradient) or, with `decoupled`,
+    /// `torch.optim.AdamW` (weight decay applied to the parameter).
+    Adam { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, decoupled: bool },
+    /// `torch.optim.SGD`.
+    Sgd { lr: f64, momentum: f64, dampening: f64, weight_decay: f64, nesterov: bool },
+}
+
+impl OptimizerConfig {
+    pub fn adam(lr: f64) -> Self {
+        OptimizerConfig::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false }
+    }
+
+    /// AdamW with PyTorch's default weight decay 0.01.
+    pub fn adamw(lr: f64) -> Self {
+        OptimizerConfig::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2, decoupled: true }
+    }
+
+    pub fn sgd(lr: f64, momentum: f64) -> Self {
+        OptimizerConfig::Sgd { lr, momentum, dampening: 0.0, weight_decay: 0.0, nesterov: false }
+    }
+
+    /// Optimizer state tensors per parameter: Adam's two moments, SGD's momentum buffer.
+    pub fn state_count(&self) -> usize {
+        match self {
+            OptimizerConfig::Adam { .. } => 2,
+            OptimizerConfig::Sgd { momentum, .. } => usize::from(*momentum != 0.0),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, .. } => {
+                ensure!(lr >= 0.0 && lr.is_finite(), "adam: lr must be >= 0, got {lr}");
+                ensure!((0.0..1.0).contains(&beta1), "adam: beta1 must be in [0, 1), got {beta1}");
+                ensure!((0.0..1.0).contains(&beta2), "adam: beta2 must be in [0, 1), got {beta2}");
+                ensure!(eps >= 0.0, "adam: eps must be >= 0, got {eps}");
+                ensure!(weight_decay >= 0.0, "adam: weight_decay must be >= 0, got {weight_decay}");
+            }
+            OptimizerConfig::Sgd { lr, momentum, dampening, weight_decay, nesterov } => {
+                ensure!(lr >= 0.0 && lr.is_finite(), "sgd: lr must be >= 0, got {lr}");
+                ensure!(momentum >= 0.0, "sgd: momentum must be >= 0, got {momentum}");
+                ensure!(weight_decay >= 0.0, "sgd: weight_decay must be >= 0, got {weight_decay}");
+                ensure!(
+                    !nesterov || (momentum > 0.0 && dampening == 0.0),
+                    "sgd: Nesterov momentum requires a momentum and zero dampening"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mirrors `AdamParams` in optimizer.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct AdamParams {
+    offset: u32,
+    len: u32,
+    decoupled: u32,
+    _pad0: u32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    decay_factor: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+}
+
+/// Mirrors `SgdParams` in optimizer.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SgdParams {
+    offset: u32,
+    len: u32,
+    nesterov: u32,
+    first_step: u32,
+    lr: f32,
+    momentum: f32,
+    one_minus_dampening: f32,
+    weight_decay: f32,
+}
+
+const WG: u32 = 256;
+
+/// The update of one parameter range, recorded once and replayed every step.
+pub struct OptimizerStep {
+    pub config: OptimizerConfig,
+    offset: u32,
+    len: u32,
+    params: wgpu::Buffer,
+    pub dispatch: Dispatch,
+}
+
+impl OptimizerStep {
+    /// Build the update of `param[offset..offset+len]` from `grad`, with state tensors
+    /// (`config.state_count()` of them, each as large as `param`, zero-initialised).
+    pub fn new(
+        gpu: &Gpu,
+        config: OptimizerConfig,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &[&Tensor],
+        offset: usize,
+        len: usize,
+    ) -> Result<OptimizerStep> {
+        config.validate()?;
+        ensure!(
+            grad.numel() == param.numel(),
+            "optimizer: gradient has {} elements, parameter {}",
+            grad.numel(),
+            param.numel()
+        );
+        ensure!(
+            offset + len <= param.numel(),
+            "optimizer: range {offset}..{} outside a parameter of {}",
+            offset + len,
+            param.numel()
+        );
+        ensure!(
+            state.len() == config.state_count(),
+            "optimizer: {} state tensors given, {} needed",
+            state.len(),
+            config.state_count()
+        );
+        for s in state {
+            ensure!(
+                s.numel() == param.numel(),
+                "optimizer: state has {} elements, parameter {}",
+                s.numel(),
+                param.numel()
+            );
+        }
+        let (offset, len) = (to_u32("offset", offset)?, to_u32("length", len)?);
+        let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("optimizer params"),
+            contents: &params_bytes(&config, offset, len, 1),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        });
+        let consts = [("WG", WG as f64)];
+        let grid = gpu.grid_1d(len as usize, WG);
+        let dispatch = match config {
+            OptimizerConfig::Adam { .. } => {
+                let binds = [
+                    Bind::Uniform(0, &params),
+                    Bind::Tensor(2, param),
+                    Bind::Tensor(3, grad),
+                    Bind::Tensor(4, state[0]),
+                    Bind::Tensor(5, state[1]),
+                ];
+                gpu.dispatch("optimizer", "adam_step", &consts, &binds, grid)?
+            }
+            OptimizerConfig::Sgd { momentum, .. } => {
+                let unused;
+                let buf = if momentum != 0.0 {
+                    state[0]
+                } else {
+                    unused = Tensor::zeros(gpu, "unused momentum", &[1])?;
+                    &unused
+                };
+                let binds =
+                    [Bind::Uniform(1, &params), Bind::Tensor(2, param), Bind::Tensor(3, grad), Bind::Tensor(6, buf)];
+                gpu.dispatch("optimizer", "sgd_step", &consts, &binds, grid)?
+            }
+        };
+        Ok(OptimizerStep { config, offset, len, params, dispatch })
+    }
+
+    /// Set the 1-based step number (bias corrections, SGD's first step) for the next submit.
+    pub fn set_step(&self, gpu: &Gpu, step: u64) {
+        self.write_params(gpu, step.max(1));
+    }
+
+    fn write_params(&self, gpu: &Gpu, step: u64) {
+        gpu.queue.write_buffer(&self.params, 0, &params_bytes(&self.config, self.offset, self.len, step));
+    }
+}
+
+/// The uniform block for step `step` (1-based).
+fn params_bytes(config: &OptimizerConfig, offset: u32, len: u32, step: u64) -> Vec<u8> {
+    match *config {
+        OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, decoupled } => {
+            // As torch.optim.Adam computes them, in double precision.
+            let t = step as f64;
+            let bc1 = 1.0 - beta1.powf(t);
+            let bc2 = 1.0 - beta2.powf(t);
+            bytemuck::bytes_of(&AdamParams {
+                offset,
+                len,
+                decoupled: u32::from(decoupled),
+                _pad0: 0,
+                one_minus_beta1: (1.0 - beta1) as f32,
+                beta2: beta2 as f32,
+                one_minus_beta2: (1.0 - beta2) as f32,
+                eps: eps as f32,
+                weight_decay: weight_decay as f32,
+                decay_factor: (1.0 - lr * weight_decay) as f32,
+                step_size: (lr / bc1) as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
+            })
+            .to_vec()
+        }
+        OptimizerConfig::Sgd { lr, momentum, dampening, weight_decay, nesterov } => bytemuck::bytes_of(&SgdParams {
+            offset,
+            len,
+            nesterov: u32::from(nesterov),
+            first_step: u32::from(step == 1),
+            lr: lr as f32,
+            momentum: momentum as f32,
+            one_minus_dampening: (1.0 - dampening) as f32,
+            weight_decay: weight_decay as f32,
+        })
+        .to_vec(),
+    }
+}

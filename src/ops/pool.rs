@@ -1,0 +1,186 @@
+//! pool (max pooling, global average pooling) — host side of `shaders/pool.wgsl`; CPU oracle in
+//! `reference/pool.rs`.
+
+use anyhow::{Result, ensure};
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_shape, to_u32};
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+
+/// `torch.nn.MaxPool2d(kernel, stride, padding)` (floor mode, no dilation) on `[n, c, h, w]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxPool2dConfig {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub pad: (usize, usize),
+}
+
+impl MaxPool2dConfig {
+    /// The common 2x2, stride 2 pool.
+    pub fn two_by_two(n: usize, c: usize, h: usize, w: usize) -> Self {
+        MaxPool2dConfig { n, c, h, w, kernel: (2, 2), stride: (2, 2), pad: (0, 0) }
+    }
+
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad.0).saturating_sub(self.kernel.0) / self.stride.0.max(1) + 1
+    }
+
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad.1).saturating_sub(self.kernel.1) / self.stride.1.max(1) + 1
+    }
+
+    pub fn input_shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+
+    pub fn output_shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.out_h(), self.out_w()]
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        ensure!(c.n > 0 && c.c > 0 && c.h > 0 && c.w > 0, "max_pool2d: empty dimension in {c:?}");
+        ensure!(
+            c.kernel.0 > 0 && c.kernel.1 > 0 && c.stride.0 > 0 && c.stride.1 > 0,
+            "max_pool2d: kernel and stride must be at least 1 in {c:?}"
+        );
+        ensure!(
+            2 * c.pad.0 <= c.kernel.0 && 2 * c.pad.1 <= c.kernel.1,
+            "max_pool2d: padding {:?} must be at most half the kernel {:?} (as PyTorch requires)",
+            c.pad,
+            c.kernel
+        );
+        ensure!(
+            c.h + 2 * c.pad.0 >= c.kernel.0 && c.w + 2 * c.pad.1 >= c.kernel.1,
+            "max_pool2d: a {:?} window does not fit the {}x{} input padded by {:?}",
+            c.kernel,
+            c.h,
+            c.w,
+            c.pad
+        );
+        Ok(())
+    }
+
+    fn params(&self) -> Result<Params> {
+        Ok(Params {
+            n: to_u32("batch", self.n)?,
+            c: to_u32("channels", self.c)?,
+            h: to_u32("h", self.h)?,
+            w: to_u32("w", self.w)?,
+            oh: to_u32("out_h", self.out_h())?,
+            ow: to_u32("out_w", self.out_w())?,
+            kh: to_u32("kernel", self.kernel.0)?,
+            kw: to_u32("kernel", self.kernel.1)?,
+            stride_h: to_u32("stride", self.stride.0)?,
+            stride_w: to_u32("stride", self.stride.1)?,
+            pad_h: to_u32("pad", self.pad.0)?,
+            pad_w: to_u32("pad", self.pad.1)?,
+        })
+    }
+}
+
+/// Mirrors `Params` in pool.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
+struct Params {
+    n: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    oh: u32,
+    ow: u32,
+    kh: u32,
+    kw: u32,
+    stride_h: u32,
+    stride_w: u32,
+    pad_h: u32,
+    pad_w: u32,
+}
+
+const WG: u32 = 256;
+
+/// Writes `out` and `argmax` (u32, index iy*W + ix within the plane, as PyTorch's indices).
+pub fn max_pool2d_forward(
+    gpu: &Gpu,
+    cfg: &MaxPool2dConfig,
+    inp: &Tensor,
+    out: &Tensor,
+    argmax: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("max_pool2d input", inp, &cfg.input_shape())?;
+    expect_shape("max_pool2d output", out, &cfg.output_shape())?;
+    expect_shape("max_pool2d argmax", argmax, &cfg.output_shape())?;
+    let params = gpu.uniform("max_pool2d params", &cfg.params()?);
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out), Bind::Tensor(3, argmax)];
+    Ok(vec![gpu.dispatch("pool", "max_pool2d_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(out.numel(), WG))?])
+}
+
+pub fn max_pool2d_backward(
+    gpu: &Gpu,
+    cfg: &MaxPool2dConfig,
+    argmax: &Tensor,
+    dout: &Tensor,
+    dinp: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("max_pool2d argmax", argmax, &cfg.output_shape())?;
+    expect_shape("max_pool2d dout", dout, &cfg.output_shape())?;
+    expect_shape("max_pool2d dinp", dinp, &cfg.input_shape())?;
+    let params = gpu.uniform("max_pool2d params", &cfg.params()?);
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(5, argmax), Bind::Tensor(6, dinp)];
+    Ok(vec![gpu.dispatch(
+        "pool",
+        "max_pool2d_backward",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(dinp.numel(), WG),
+    )?])
+}
+
+fn gap_params(shape: &[usize]) -> Result<Params> {
+    ensure!(
+        shape.len() == 4 && shape.iter().all(|&d| d > 0),
+        "global_avg_pool: expected a non-empty [n, c, h, w] input, got {shape:?}"
+    );
+    Ok(Params {
+        n: to_u32("batch", shape[0])?,
+        c: to_u32("channels", shape[1])?,
+        h: to_u32("h", shape[2])?,
+        w: to_u32("w", shape[3])?,
+        ..Params::default()
+    })
+}
+
+/// `[n, c, h, w]` → `[n, c]`.
+pub fn global_avg_pool_forward(gpu: &Gpu, inp: &Tensor, out: &Tensor) -> Result<Vec<Dispatch>> {
+    let p = gap_params(&inp.shape)?;
+    expect_shape("global_avg_pool output", out, &inp.shape[..2])?;
+    let params = gpu.uniform("global_avg_pool params", &p);
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out)];
+    Ok(vec![gpu.dispatch(
+        "pool",
+        "global_avg_pool_forward",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(out.numel(), WG),
+    )?])
+}
+
+pub fn global_avg_pool_backward(gpu: &Gpu, dout: &Tensor, dinp: &Tensor) -> Result<Vec<Dispatch>> {
+    let p = gap_params(&dinp.shape)?;
+    expect_shape("global_avg_pool dout", dout, &dinp.shape[..2])?;
+    let params = gpu.uniform("global_avg_pool params", &p);
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(6, dinp)];
+    Ok(vec![gpu.dispatch(
+        "pool",
+        "global_avg_pool_backward",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(dinp.numel(), WG),
+    )?])
+}

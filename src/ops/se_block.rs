@@ -1,0 +1,218 @@
+//! se_block — host side of `shaders/se_block.wgsl`; CPU oracle in `reference/se_block.rs`.
+
+use anyhow::{Result, ensure};
+use bytemuck::{Pod, Zeroable};
+
+use super::{expect_shape, placeholder, to_u32};
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+
+/// The SE block on `[n, c, h, w]` with reduction `r` (hidden width `c / r`, floored as PyTorch's
+/// `in_channels // reduction`), FC biases optional.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeBlockConfig {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub reduction: usize,
+    pub bias: bool,
+}
+
+/// Floats of workgroup memory the one-dispatch kernels hold (`WMEM` in the shader).
+pub const WORKGROUP_FLOATS: usize = 4096;
+
+impl SeBlockConfig {
+    pub fn hidden(&self) -> usize {
+        self.c / self.reduction.max(1)
+    }
+
+    pub fn shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+
+    pub fn fc1_shape(&self) -> [usize; 4] {
+        [self.hidden(), self.c, 1, 1]
+    }
+
+    pub fn fc2_shape(&self) -> [usize; 4] {
+        [self.c, self.hidden(), 1, 1]
+    }
+
+    /// Per-sample activations kept by the forward: squeeze z [C], hidden h [Cr], scale s [C].
+    pub fn saved_shape(&self) -> [usize; 2] {
+        [self.n, 2 * self.c + self.hidden()]
+    }
+
+    /// Per-sample gradients kept by the backward for the weight pass: da2 [C], da1 [Cr].
+    pub fn dsaved_shape(&self) -> [usize; 2] {
+        [self.n, self.c + self.hidden()]
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        ensure!(c.n > 0 && c.c > 0 && c.h > 0 && c.w > 0, "se_block: empty dimension in {c:?}");
+        ensure!(
+            c.reduction >= 1 && c.reduction <= c.c,
+            "se_block: reduction {} must be between 1 and the channel count {}",
+            c.reduction,
+            c.c
+        );
+        ensure!(
+            c.c + c.hidden() <= WORKGROUP_FLOATS,
+            "se_block: {} channels + {} hidden exceed the kernel's {WORKGROUP_FLOATS} floats of workgroup memory",
+            c.c,
+            c.hidden()
+        );
+        Ok(())
+    }
+
+    fn params(&self) -> Result<Params> {
+        Ok(Params {
+            n: to_u32("batch", self.n)?,
+            c: to_u32("channels", self.c)?,
+            cr: to_u32("hidden", self.hidden())?,
+            hw: to_u32("h*w", self.h * self.w)?,
+            has_bias: u32::from(self.bias),
+            _pad: [0; 3],
+        })
+    }
+}
+
+/// Mirrors `Params` in se_block.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    cr: u32,
+    hw: u32,
+    has_bias: u32,
+    _pad: [u32; 3],
+}
+
+const WG: u32 = 256;
+
+/// The FC weights and optional biases, shapes as PyTorch's 1x1 convolutions.
+pub struct SeWeights<'a> {
+    pub w1: &'a Tensor,
+    pub b1: Option<&'a Tensor>,
+    pub w2: &'a Tensor,
+    pub b2: Option<&'a Tensor>,
+}
+
+fn biases<'a>(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    b1: Option<&'a Tensor>,
+    b2: Option<&'a Tensor>,
+) -> Result<(Option<Tensor>, [Option<&'a Tensor>; 2])> {
+    match (cfg.bias, b1, b2) {
+        (true, Some(b1), Some(b2)) => {
+            expect_shape("se_block fc1 bias", b1, &[cfg.hidden()])?;
+            expect_shape("se_block fc2 bias", b2, &[cfg.c])?;
+            Ok((None, [Some(b1), Some(b2)]))
+        }
+        (false, None, None) => Ok((Some(placeholder(gpu)?), [None, None])),
+        _ => anyhow::bail!("se_block: configuration says bias={} but the biases given do not match", cfg.bias),
+    }
+}
+
+/// One dispatch: squeeze, fc1+ReLU, fc2+sigmoid, scale. Fills `saved` for the backward.
+pub fn se_block_forward(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    inp: &Tensor,
+    weights: &SeWeights<'_>,
+    out: &Tensor,
+    saved: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("se_block input", inp, &cfg.shape())?;
+    expect_shape("se_block output", out, &cfg.shape())?;
+    expect_shape("se_block fc1 weight", weights.w1, &cfg.fc1_shape())?;
+    expect_shape("se_block fc2 weight", weights.w2, &cfg.fc2_shape())?;
+    expect_shape("se_block saved activations", saved, &cfg.saved_shape())?;
+    let (unused, [b1, b2]) = biases(gpu, cfg, weights.b1, weights.b2)?;
+    let b1 = b1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias"))?;
+    let b2 = b2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias"))?;
+    let params = gpu.uniform("se_block params", &cfg.params()?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weights.w1),
+        Bind::Tensor(3, b1),
+        Bind::Tensor(4, weights.w2),
+        Bind::Tensor(5, b2),
+        Bind::Tensor(6, out),
+        Bind::Tensor(7, saved),
+    ];
+    Ok(vec![gpu.dispatch(
+        "se_block",
+        "se_block_forward",
+        &[("WG", WG as f64)],
+        &binds,
+        [to_u32("batch", cfg.n)?, 1, 1],
+    )?])
+}
+
+/// The SE gradients: `dinp`, and `dw1`, `dw2` (and `db1`, `db2` when the block has biases).
+pub struct SeGrads<'a> {
+    pub dinp: &'a Tensor,
+    pub dw1: &'a Tensor,
+    pub db1: Option<&'a Tensor>,
+    pub dw2: &'a Tensor,
+    pub db2: Option<&'a Tensor>,
+}
+
+/// Two dispatches: per-sample input gradient (keeping da2, da1 in `dsaved`), then the weight
+/// gradients summed over the batch.
+pub fn se_block_backward(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    inp: &Tensor,
+    weights: &SeWeights<'_>,
+    saved: &Tensor,
+    dout: &Tensor,
+    dsaved: &Tensor,
+    grads: &SeGrads<'_>,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("se_block input", inp, &cfg.shape())?;
+    expect_shape("se_block dout", dout, &cfg.shape())?;
+    expect_shape("se_block dinp", grads.dinp, &cfg.shape())?;
+    expect_shape("se_block fc1 weight", weights.w1, &cfg.fc1_shape())?;
+    expect_shape("se_block fc2 weight", weights.w2, &cfg.fc2_shape())?;
+    expect_shape("se_block fc1 weight grad", grads.dw1, &cfg.fc1_shape())?;
+    expect_shape("se_block fc2 weight grad", grads.dw2, &cfg.fc2_shape())?;
+    expect_shape("se_block saved activations", saved, &cfg.saved_shape())?;
+    expect_shape("se_block saved gradients", dsaved, &cfg.dsaved_shape())?;
+    let (unused, [db1, db2]) = biases(gpu, cfg, grads.db1, grads.db2)?;
+    let db1 = db1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias grad"))?;
+    let db2 = db2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias grad"))?;
+    let params = gpu.uniform("se_block params", &cfg.params()?);
+    let consts = [("WG", WG as f64)];
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weights.w1),
+        Bind::Tensor(4, weights.w2),
+        Bind::Tensor(8, saved),
+        Bind::Tensor(9, dout),
+        Bind::Tensor(10, grads.dinp),
+        Bind::Tensor(11, dsaved),
+    ];
+    let input =
+        gpu.dispatch("se_block", "se_block_backward_input", &consts, &binds, [to_u32("batch", cfg.n)?, 1, 1])?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(8, saved),
+        Bind::Tensor(12, dsaved),
+        Bind::Tensor(13, grads.dw1),
+        Bind::Tensor(14, db1),
+        Bind::Tensor(15, grads.dw2),
+        Bind::Tensor(16, db2),
+    ];
+    let total = 2 * cfg.c * cfg.hidden() + cfg.c + cfg.hidden();
+    let weight = gpu.dispatch("se_block", "se_block_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?;
+    Ok(vec![input, weight])
+}

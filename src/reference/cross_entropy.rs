@@ -1,0 +1,29 @@
+//! cross_entropy oracle: softmax cross-entropy, mean over the batch (torch.nn.CrossEntropyLoss).
+
+/// Loss, gradient and correct count.
+pub struct CrossEntropy {
+    pub loss: f64,
+    pub dlogits: Vec<f64>,
+    pub correct: usize,
+}
+
+/// loss = mean_n (logsumexp(l_n) - l_n[t_n]); dlogits = (softmax(l_n) - onehot(t_n)) / N;
+/// correct counts argmax (first maximum) == target.
+pub fn cross_entropy_forward_backward(logits: &[f64], target: &[u32], classes: usize) -> CrossEntropy {
+    let n = target.len();
+    let mut r = CrossEntropy { loss: 0.0, dlogits: vec![0.0; logits.len()], correct: 0 };
+    for (i, &t) in target.iter().enumerate() {
+        let row = &logits[i * classes..][..classes];
+        let (arg, mx) =
+            row.iter().enumerate().fold((0, f64::NEG_INFINITY), |(a, m), (k, &v)| if v > m { (k, v) } else { (a, m) });
+        let sum: f64 = row.iter().map(|&v| (v - mx).exp()).sum();
+        let lse = mx + sum.ln();
+        r.loss += (lse - row[t as usize]) / n as f64;
+        for k in 0..classes {
+            let sm = (row[k] - mx).exp() / sum;
+            r.dlogits[i * classes + k] = (sm - if k == t as usize { 1.0 } else { 0.0 }) / n as f64;
+        }
+        r.correct += usize::from(arg == t as usize);
+    }
+    r
+}

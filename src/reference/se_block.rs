@@ -1,0 +1,109 @@
+//! se_block oracle (see shaders/se_block.wgsl for the maths).
+
+use crate::ops::se_block::SeBlockConfig;
+
+/// The block's weights as flat slices: w1 [Cr, C], w2 [C, Cr], optional biases.
+pub struct SeParams<'a> {
+    pub w1: &'a [f64],
+    pub b1: Option<&'a [f64]>,
+    pub w2: &'a [f64],
+    pub b2: Option<&'a [f64]>,
+}
+
+/// Forward output and per-sample intermediates: z (squeeze) [n, C], h (fc1 after ReLU) [n, Cr],
+/// s (the sigmoid scale) [n, C].
+pub struct SeForward {
+    pub out: Vec<f64>,
+    pub z: Vec<f64>,
+    pub h: Vec<f64>,
+    pub s: Vec<f64>,
+}
+
+fn sigmoid(a: f64) -> f64 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+pub fn se_block_forward(cfg: &SeBlockConfig, inp: &[f64], p: &SeParams<'_>) -> SeForward {
+    let (c, cr, hw) = (cfg.c, cfg.hidden(), cfg.h * cfg.w);
+    let mut f = SeForward {
+        out: vec![0.0; inp.len()],
+        z: vec![0.0; cfg.n * c],
+        h: vec![0.0; cfg.n * cr],
+        s: vec![0.0; cfg.n * c],
+    };
+    for n in 0..cfg.n {
+        let x = &inp[n * c * hw..][..c * hw];
+        // Squeeze: z[c] = mean over the plane.
+        let z: Vec<f64> = x.chunks(hw).map(|pl| pl.iter().sum::<f64>() / hw as f64).collect();
+        // fc1 + ReLU.
+        let h: Vec<f64> = (0..cr)
+            .map(|j| (p.b1.map_or(0.0, |b| b[j]) + (0..c).map(|k| p.w1[j * c + k] * z[k]).sum::<f64>()).max(0.0))
+            .collect();
+        // fc2 + sigmoid.
+        let s: Vec<f64> = (0..c)
+            .map(|k| sigmoid(p.b2.map_or(0.0, |b| b[k]) + (0..cr).map(|j| p.w2[k * cr + j] * h[j]).sum::<f64>()))
+            .collect();
+        // Excite.
+        for (i, v) in x.iter().enumerate() {
+            f.out[n * c * hw + i] = v * s[i / hw];
+        }
+        f.z[n * c..][..c].copy_from_slice(&z);
+        f.h[n * cr..][..cr].copy_from_slice(&h);
+        f.s[n * c..][..c].copy_from_slice(&s);
+    }
+    f
+}
+
+/// Gradients of the SE block.
+pub struct SeBackward {
+    pub dinp: Vec<f64>,
+    pub dw1: Vec<f64>,
+    pub db1: Vec<f64>,
+    pub dw2: Vec<f64>,
+    pub db2: Vec<f64>,
+}
+
+pub fn se_block_backward(
+    cfg: &SeBlockConfig,
+    inp: &[f64],
+    p: &SeParams<'_>,
+    fwd: &SeForward,
+    dout: &[f64],
+) -> SeBackward {
+    let (c, cr, hw) = (cfg.c, cfg.hidden(), cfg.h * cfg.w);
+    let mut g = SeBackward {
+        dinp: vec![0.0; inp.len()],
+        dw1: vec![0.0; cr * c],
+        db1: vec![0.0; cr],
+        dw2: vec![0.0; c * cr],
+        db2: vec![0.0; c],
+    };
+    for n in 0..cfg.n {
+        let x = &inp[n * c * hw..][..c * hw];
+        let dy = &dout[n * c * hw..][..c * hw];
+        let (z, h, s) = (&fwd.z[n * c..][..c], &fwd.h[n * cr..][..cr], &fwd.s[n * c..][..c]);
+        // ds[c] = sum_hw dy*x; through the sigmoid: da2 = ds * s(1-s).
+        let da2: Vec<f64> = (0..c)
+            .map(|k| (0..hw).map(|q| dy[k * hw + q] * x[k * hw + q]).sum::<f64>() * s[k] * (1.0 - s[k]))
+            .collect();
+        // fc2: dh[j] = sum_c w2[c, j] da2[c]; through the ReLU (gate from its output).
+        let da1: Vec<f64> =
+            (0..cr).map(|j| if h[j] > 0.0 { (0..c).map(|k| p.w2[k * cr + j] * da2[k]).sum() } else { 0.0 }).collect();
+        // fc1: dz[c] = sum_j w1[j, c] da1[j]; the squeeze spreads dz/hw over the plane.
+        let dz: Vec<f64> = (0..c).map(|k| (0..cr).map(|j| p.w1[j * c + k] * da1[j]).sum()).collect();
+        for i in 0..c * hw {
+            g.dinp[n * c * hw + i] = dy[i] * s[i / hw] + dz[i / hw] / hw as f64;
+        }
+        for k in 0..c {
+            for j in 0..cr {
+                g.dw2[k * cr + j] += da2[k] * h[j];
+                g.dw1[j * c + k] += da1[j] * z[k];
+            }
+            g.db2[k] += da2[k];
+        }
+        for j in 0..cr {
+            g.db1[j] += da1[j];
+        }
+    }
+    g
+}

@@ -1,0 +1,76 @@
+//! Shared test helpers: the one GPU, seeded random data, and the llm.c-style checker.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use senet_wgpu::gpu::{Gpu, GpuOptions, Tensor};
+
+/// The device every GPU test runs on, created once per test binary. With no adapter every GPU
+/// test fails with the adapter error: they never pass by skipping.
+pub fn gpu() -> Arc<Gpu> {
+    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
+    match GPU.get_or_init(|| Gpu::new(&GpuOptions::default()).map_err(|e| format!("{e:#}"))) {
+        Ok(g) => g.clone(),
+        Err(e) => panic!("GPU test cannot run: {e}"),
+    }
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// Uniform values in [lo, hi), as f32 (so the f64 oracle sees exactly what the GPU sees).
+pub fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
+pub fn upload(gpu: &Gpu, label: &str, shape: &[usize], data: &[f32]) -> Tensor {
+    Tensor::from_slice(gpu, label, shape, data).expect("upload")
+}
+
+pub fn zeros(gpu: &Gpu, label: &str, shape: &[usize]) -> Tensor {
+    Tensor::zeros(gpu, label, shape).expect("allocate")
+}
+
+pub fn read(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
+    t.read::<f32>(gpu).expect("read back")
+}
+
+/// Run dispatches (one submit) and wait.
+pub fn run(gpu: &Gpu, dispatches: &[senet_wgpu::gpu::Dispatch]) {
+    let refs: Vec<&_> = dispatches.iter().collect();
+    gpu.run(&refs);
+    gpu.wait().expect("GPU wait");
+}
+
+/// Element-wise check |got - want| <= atol + rtol*|want|, printing the first mismatches and the
+/// worst error. Returns the largest |got - want| so tests can report it.
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: {} values from the GPU, {} from the reference", got.len(), want.len());
+    let mut bad = 0;
+    let mut worst = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (f64::from(g) - w).abs();
+        worst = worst.max(err);
+        // A NaN on either side fails: written so that it is not "err > tol" (false for NaN).
+        if err.is_nan() || err > atol + rtol * w.abs() {
+            if bad < 5 {
+                eprintln!("{what}[{i}]: gpu {g:.9e} reference {w:.9e} |diff| {err:.3e}");
+            }
+            bad += 1;
+        }
+    }
+    assert!(
+        bad == 0,
+        "{what}: {bad} of {} values outside atol {atol:e} + rtol {rtol:e}; worst |diff| {worst:.3e}",
+        got.len()
+    );
+    worst
+}

@@ -1,0 +1,632 @@
+//! Every kernel, forward and every backward output, GPU against the f64 CPU reference, on
+//! awkward shapes: batch 1, odd and non-square H×W, channel counts that are multiples of no tile
+//! (the GEMM kernels work in 4×4 blocks, reductions in 256-wide workgroups) nor of r.
+//!
+//! Tolerances are |gpu - ref| <= atol + rtol·|ref|, stated per op with the reason. The inputs are
+//! f32 values the reference reads exactly, so the difference is the GPU's f32 rounding alone;
+//! an indexing bug shows up as errors of order 0.1, orders of magnitude above every tolerance.
+
+mod common;
+
+use common::*;
+use senet_wgpu::ops::batch_norm::{self, BatchNormConfig};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig};
+use senet_wgpu::ops::cross_entropy::{self, result};
+use senet_wgpu::ops::linear::{self, LinearConfig};
+use senet_wgpu::ops::optimizer::{OptimizerConfig, OptimizerStep};
+use senet_wgpu::ops::pool::{self, MaxPool2dConfig};
+use senet_wgpu::ops::relu;
+use senet_wgpu::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
+use senet_wgpu::reference;
+
+// ---------------------------------------------------------------------------------------------
+// conv2d
+
+fn conv_cases() -> Vec<Conv2dConfig> {
+    let sq = Conv2dConfig::square;
+    vec![
+        // batch 1, odd non-square 7x5, 3x3 pad 1 (the SENet layer shape), bias
+        sq(1, 3, (7, 5), 5, 3, 1, 1, true),
+        // stride 2 on an odd 9x6 input, channels 5 -> 7, no bias
+        sq(2, 5, (9, 6), 7, 3, 2, 1, false),
+        // 1x1 convolution (the SE FCs are 1x1 convs in PyTorch), 8x8
+        sq(3, 4, (8, 8), 6, 1, 1, 0, true),
+        // everything uneven: 5x3 kernel, stride (2,1), padding (2,0), dilation (1,2)
+        Conv2dConfig {
+            n: 2,
+            c_in: 3,
+            h: 11,
+            w: 7,
+            c_out: 9,
+            kh: 5,
+            kw: 3,
+            stride: (2, 1),
+            pad: (2, 0),
+            dilation: (1, 2),
+            bias: true,
+        },
+        // the first SENet layer at width 0.25 on 32x32 (enough m for split reductions)
+        sq(2, 3, (32, 32), 16, 3, 1, 1, true),
+        // a single output pixel
+        sq(1, 2, (3, 3), 3, 3, 1, 0, true),
+    ]
+}
+
+/// conv2d sums K = c_in*kh*kw products (forward), c_out*kh*kw (input grad) or n*oh*ow (weight
+/// grad, up to 2048 here) of values in [-1, 1]. f32 rounding grows like sqrt(K)*eps*|sum| ~ 1e-5
+/// at these sizes: atol 1e-4, rtol 1e-5 leaves 10x headroom.
+const CONV_ATOL: f64 = 1e-4;
+const CONV_RTOL: f64 = 1e-5;
+
+#[test]
+fn conv2d_forward_matches_reference() {
+    let gpu = gpu();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(100 + i as u64);
+        let x = uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
+        let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
+        let tw = upload(&gpu, "w", &cfg.weight_shape(), &w);
+        let tb = upload(&gpu, "b", &[cfg.c_out], &b);
+        let ty = zeros(&gpu, "y", &cfg.output_shape());
+        let d = conv2d::conv2d_forward(&gpu, cfg, &tx, &tw, cfg.bias.then_some(&tb), &ty).unwrap();
+        run(&gpu, &d);
+        let bias = to_f64(&b);
+        let want = reference::conv2d::conv2d_forward(cfg, &to_f64(&x), &to_f64(&w), cfg.bias.then_some(&bias[..]));
+        assert_close(&format!("conv2d_forward case {i} {cfg:?}"), &read(&gpu, &ty), &want, CONV_ATOL, CONV_RTOL);
+    }
+}
+
+#[test]
+fn conv2d_backward_matches_reference() {
+    let gpu = gpu();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(200 + i as u64);
+        let x = uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let dy = uniform(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
+        let tw = upload(&gpu, "w", &cfg.weight_shape(), &w);
+        let tdy = upload(&gpu, "dy", &cfg.output_shape(), &dy);
+        let tdx = zeros(&gpu, "dx", &cfg.input_shape());
+        let tdb = zeros(&gpu, "db", &[cfg.c_out]);
+        let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+
+        run(&gpu, &conv2d::conv2d_backward_input(&gpu, cfg, &tdy, &tw, &tdx).unwrap());
+        let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+        assert_close(&format!("conv2d_backward_input case {i}"), &read(&gpu, &tdx), &want, CONV_ATOL, CONV_RTOL);
+
+        // The weight gradient unsplit, split as the planner would, and split an odd number of ways.
+        let want = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+        let auto = conv2d::weight_grad_splits(cfg, 4096);
+        for splits in [1, auto, 3, 7] {
+            let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+            run(&gpu, &conv2d::conv2d_backward_weight(&gpu, cfg, &tx, &tdy, &tdw, splits).unwrap());
+            assert_close(
+                &format!("conv2d_backward_weight case {i} splits {splits}"),
+                &read(&gpu, &tdw),
+                &want,
+                CONV_ATOL,
+                CONV_RTOL,
+            );
+        }
+
+        if cfg.bias {
+            run(&gpu, &conv2d::conv2d_backward_bias(&gpu, cfg, &tdy, &tdb).unwrap());
+            let want = reference::conv2d::conv2d_backward_bias(cfg, &dy64);
+            assert_close(&format!("conv2d_backward_bias case {i}"), &read(&gpu, &tdb), &want, CONV_ATOL, CONV_RTOL);
+        }
+    }
+}
+
+#[test]
+fn conv2d_rejects_mismatched_shapes() {
+    let gpu = gpu();
+    let cfg = Conv2dConfig::square(2, 3, (8, 8), 4, 3, 1, 1, false);
+    let x = zeros(&gpu, "x", &[2, 3, 8, 9]);
+    let w = zeros(&gpu, "w", &cfg.weight_shape());
+    let y = zeros(&gpu, "y", &cfg.output_shape());
+    let err = conv2d::conv2d_forward(&gpu, &cfg, &x, &w, None, &y).unwrap_err().to_string();
+    assert!(err.contains("conv2d input") && err.contains("[2, 3, 8, 8]") && err.contains("[2, 3, 8, 9]"), "{err}");
+    let too_big = Conv2dConfig::square(1, 1, (2, 2), 1, 5, 1, 0, false);
+    assert!(too_big.validate().unwrap_err().to_string().contains("does not fit"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch norm
+
+fn bn_cases() -> Vec<BatchNormConfig> {
+    vec![
+        BatchNormConfig::new(1, 3, 5, 7),   // batch 1, odd non-square
+        BatchNormConfig::new(4, 5, 3, 3),   // small planes, many samples
+        BatchNormConfig::new(2, 17, 8, 8),  // channels no multiple of anything
+        BatchNormConfig::new(3, 2, 1, 1),   // 1x1 planes: statistics over the batch only
+        BatchNormConfig::new(2, 3, 40, 40), // 3,200 values per channel: > the 256-wide reduction
+    ]
+}
+
+/// Batch norm outputs are O(1) after normalisation; the statistics are f32 reductions over at most
+/// 3,200 values, whose rounding (~1e-6 relative) passes through invstd: atol/rtol 1e-4.
+const BN_TOL: f64 = 1e-4;
+
+#[test]
+fn batch_norm_train_forward_and_backward_match_reference() {
+    let gpu = gpu();
+    for (i, cfg) in bn_cases().iter().enumerate() {
+        let mut r = rng(300 + i as u64);
+        let numel: usize = cfg.shape().iter().product();
+        let x = uniform(&mut r, numel, -2.0, 3.0);
+        let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+        let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+        let rm = uniform(&mut r, cfg.c, -0.2, 0.2);
+        let rv = uniform(&mut r, cfg.c, 0.5, 2.0);
+        let dy = uniform(&mut r, numel, -1.0, 1.0);
+        let check = |label: &str, got: &[f32], want: &[f64]| {
+            assert_close(&format!("{label} case {i} {cfg:?}"), got, want, BN_TOL, BN_TOL)
+        };
+
+        let tx = upload(&gpu, "x", &cfg.shape(), &x);
+        let tg = upload(&gpu, "gamma", &[cfg.c], &gamma);
+        let tb = upload(&gpu, "beta", &[cfg.c], &beta);
+        let trm = upload(&gpu, "running_mean", &[cfg.c], &rm);
+        let trv = upload(&gpu, "running_var", &[cfg.c], &rv);
+        let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+        let ty = zeros(&gpu, "y", &cfg.shape());
+        run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &tx, &tg, &tb, &trm, &trv, &stats, &ty).unwrap());
+        let want = reference::batch_norm::batch_norm_forward_train(
+            cfg,
+            &to_f64(&x),
+            &to_f64(&gamma),
+            &to_f64(&beta),
+            &to_f64(&rm),
+            &to_f64(&rv),
+        );
+        check("batch_norm_forward (train) output", &read(&gpu, &ty), &want.out);
+        check("batch_norm running_mean", &read(&gpu, &trm), &want.running_mean);
+        check("batch_norm running_var (unbiased)", &read(&gpu, &trv), &want.running_var);
+        let s = read(&gpu, &stats);
+        check("batch_norm saved mean", &s[..cfg.c], &want.mean);
+        check("batch_norm saved invstd", &s[cfg.c..], &want.invstd);
+
+        let tdy = upload(&gpu, "dy", &cfg.shape(), &dy);
+        let tdx = zeros(&gpu, "dx", &cfg.shape());
+        let tdg = zeros(&gpu, "dgamma", &[cfg.c]);
+        let tdb = zeros(&gpu, "dbeta", &[cfg.c]);
+        run(&gpu, &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, &tdy, &tdx, &tdg, &tdb).unwrap());
+        let (dx, dg, db) = reference::batch_norm::batch_norm_backward(
+            cfg,
+            &to_f64(&x),
+            &to_f64(&gamma),
+            &want.mean,
+            &want.invstd,
+            &to_f64(&dy),
+        );
+        check("batch_norm_backward dinp", &read(&gpu, &tdx), &dx);
+        check("batch_norm_backward dgamma", &read(&gpu, &tdg), &dg);
+        check("batch_norm_backward dbeta", &read(&gpu, &tdb), &db);
+
+        // Eval mode normalises with the running statistics.
+        let ty2 = zeros(&gpu, "y eval", &cfg.shape());
+        run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, cfg, &tx, &tg, &tb, &trm, &trv, &stats, &ty2).unwrap());
+        let eval = reference::batch_norm::batch_norm_forward_eval(
+            cfg,
+            &to_f64(&x),
+            &to_f64(&gamma),
+            &to_f64(&beta),
+            &want.running_mean,
+            &want.running_var,
+        );
+        check("batch_norm_forward (eval)", &read(&gpu, &ty2), &eval);
+    }
+}
+
+/// Mean 100, std 0.1: a one-pass E[x^2] - E[x]^2 in f32 loses the variance entirely (ulp(1e4) =
+/// 1e-3 against a variance of 0.01). The two-pass kernel keeps it; what remains is the f32
+/// quantisation of the inputs themselves (ulp(100)/std ~ 8e-5 in xhat): atol 1e-3.
+#[test]
+fn batch_norm_statistics_survive_a_large_mean() {
+    let gpu = gpu();
+    let cfg = BatchNormConfig::new(8, 3, 16, 16);
+    let mut r = rng(399);
+    let numel: usize = cfg.shape().iter().product();
+    let x: Vec<f32> = uniform(&mut r, numel, -0.17, 0.17).iter().map(|v| 100.0 + v).collect();
+    let ones = vec![1.0f32; cfg.c];
+    let zero = vec![0.0f32; cfg.c];
+    let tx = upload(&gpu, "x", &cfg.shape(), &x);
+    let tg = upload(&gpu, "gamma", &[cfg.c], &ones);
+    let tb = upload(&gpu, "beta", &[cfg.c], &zero);
+    let trm = upload(&gpu, "rm", &[cfg.c], &zero);
+    let trv = upload(&gpu, "rv", &[cfg.c], &ones);
+    let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+    let ty = zeros(&gpu, "y", &cfg.shape());
+    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &cfg, &tx, &tg, &tb, &trm, &trv, &stats, &ty).unwrap());
+    let want = reference::batch_norm::batch_norm_forward_train(
+        &cfg,
+        &to_f64(&x),
+        &to_f64(&ones),
+        &to_f64(&zero),
+        &to_f64(&zero),
+        &to_f64(&ones),
+    );
+    assert_close("batch_norm large-mean output", &read(&gpu, &ty), &want.out, 1e-3, 0.0);
+    let s = read(&gpu, &stats);
+    assert_close("batch_norm large-mean invstd", &s[cfg.c..], &want.invstd, 0.0, 1e-3);
+}
+
+#[test]
+fn batch_norm_refuses_one_value_per_channel_in_training() {
+    let gpu = gpu();
+    let cfg = BatchNormConfig::new(1, 2, 1, 1);
+    let t = |s: &[usize]| zeros(&gpu, "t", s);
+    let (x, g, b, rm, rv, st, y) = (t(&[1, 2, 1, 1]), t(&[2]), t(&[2]), t(&[2]), t(&[2]), t(&[2, 2]), t(&[1, 2, 1, 1]));
+    let err = batch_norm::batch_norm_forward_train(&gpu, &cfg, &x, &g, &b, &rm, &rv, &st, &y).unwrap_err();
+    assert!(err.to_string().contains("more than one value per channel"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// relu
+
+#[test]
+fn relu_forward_and_backward_match_reference() {
+    let gpu = gpu();
+    for (i, n) in [1usize, 7, 1000, 65_537].into_iter().enumerate() {
+        let mut r = rng(400 + i as u64);
+        let x = uniform(&mut r, n, -1.0, 1.0);
+        let dy = uniform(&mut r, n, -1.0, 1.0);
+        let tx = upload(&gpu, "x", &[n], &x);
+        let ty = zeros(&gpu, "y", &[n]);
+        run(&gpu, &relu::relu_forward(&gpu, &tx, &ty).unwrap());
+        let y = reference::relu::relu_forward(&to_f64(&x));
+        // Exact: max(x, 0) and a select involve no rounding.
+        assert_close(&format!("relu_forward n={n}"), &read(&gpu, &ty), &y, 0.0, 0.0);
+        let tdy = upload(&gpu, "dy", &[n], &dy);
+        let tdx = zeros(&gpu, "dx", &[n]);
+        run(&gpu, &relu::relu_backward(&gpu, &ty, &tdy, &tdx).unwrap());
+        assert_close(
+            &format!("relu_backward n={n}"),
+            &read(&gpu, &tdx),
+            &reference::relu::relu_backward(&y, &to_f64(&dy)),
+            0.0,
+            0.0,
+        );
+    }
+}
+
+/// Past 65,535 workgroups the 1-D grid wraps into y; every element must still be visited once.
+#[test]
+fn elementwise_grid_wraps_past_the_workgroup_limit() {
+    let gpu = gpu();
+    let groups = gpu.limits.max_compute_workgroups_per_dimension as usize + 3;
+    let n = groups * 256;
+    let grid = gpu.grid_1d(n, 256);
+    assert!(grid[1] > 1, "expected a 2-D grid for {n} elements, got {grid:?}");
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 - 500.0).collect();
+    let tx = upload(&gpu, "x", &[n], &x);
+    let ty = zeros(&gpu, "y", &[n]);
+    run(&gpu, &relu::relu_forward(&gpu, &tx, &ty).unwrap());
+    let y = read(&gpu, &ty);
+    let first_bad = y.iter().zip(&x).position(|(&a, &b)| a != b.max(0.0));
+    assert_eq!(first_bad, None, "relu over {n} elements in grid {grid:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// pooling
+
+fn pool_cases() -> Vec<MaxPool2dConfig> {
+    let mk = |n, c, h, w, k: usize, s: usize, p: usize| MaxPool2dConfig {
+        n,
+        c,
+        h,
+        w,
+        kernel: (k, k),
+        stride: (s, s),
+        pad: (p, p),
+    };
+    vec![
+        MaxPool2dConfig::two_by_two(1, 1, 5, 7), // batch 1, odd sizes floor: 5x7 -> 2x3
+        MaxPool2dConfig::two_by_two(3, 4, 4, 4),
+        mk(2, 3, 8, 6, 3, 2, 1), // overlapping windows with padding
+        mk(2, 2, 7, 7, 3, 1, 1), // heavy overlap: every input in up to 9 windows
+        MaxPool2dConfig { n: 1, c: 5, h: 9, w: 6, kernel: (3, 2), stride: (2, 1), pad: (1, 0) },
+    ]
+}
+
+#[test]
+fn max_pool2d_matches_reference() {
+    let gpu = gpu();
+    for (i, cfg) in pool_cases().iter().enumerate() {
+        // Twice per shape: distinct values, then values from {0, 1, 2} so ties decide the argmax.
+        for ties in [false, true] {
+            let mut r = rng(500 + i as u64);
+            let numel: usize = cfg.input_shape().iter().product();
+            let x: Vec<f32> = if ties {
+                (0..numel).map(|_| (rand::Rng::random_range(&mut r, 0..3)) as f32).collect()
+            } else {
+                uniform(&mut r, numel, -1.0, 1.0)
+            };
+            let out_n: usize = cfg.output_shape().iter().product();
+            let dy = uniform(&mut r, out_n, -1.0, 1.0);
+            let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
+            let ty = zeros(&gpu, "y", &cfg.output_shape());
+            let targ = zeros(&gpu, "argmax", &cfg.output_shape());
+            run(&gpu, &pool::max_pool2d_forward(&gpu, cfg, &tx, &ty, &targ).unwrap());
+            let (y, arg) = reference::pool::max_pool2d_forward(cfg, &to_f64(&x));
+            // Exact: a max selects, it does not round.
+            assert_close(&format!("max_pool2d_forward case {i} ties={ties}"), &read(&gpu, &ty), &y, 0.0, 0.0);
+            assert_eq!(targ.read::<u32>(&gpu).unwrap(), arg, "max_pool2d argmax case {i} ties={ties} {cfg:?}");
+
+            let tdy = upload(&gpu, "dy", &cfg.output_shape(), &dy);
+            let tdx = zeros(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &pool::max_pool2d_backward(&gpu, cfg, &targ, &tdy, &tdx).unwrap());
+            // Sums of at most 9 gradients (overlapping windows), in a different order from the reference.
+            let want = reference::pool::max_pool2d_backward(cfg, &arg, &to_f64(&dy));
+            assert_close(&format!("max_pool2d_backward case {i} ties={ties}"), &read(&gpu, &tdx), &want, 1e-6, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn global_avg_pool_matches_reference() {
+    let gpu = gpu();
+    for (i, shape) in [[1, 3, 5, 7], [4, 1024, 2, 2], [2, 64, 32, 32], [3, 10, 1, 1]].into_iter().enumerate() {
+        let mut r = rng(600 + i as u64);
+        let x = uniform(&mut r, shape.iter().product(), -1.0, 1.0);
+        let dy = uniform(&mut r, shape[0] * shape[1], -1.0, 1.0);
+        let tx = upload(&gpu, "x", &shape, &x);
+        let ty = zeros(&gpu, "y", &shape[..2]);
+        run(&gpu, &pool::global_avg_pool_forward(&gpu, &tx, &ty).unwrap());
+        // A mean of at most 1,024 values in [-1, 1]: f32 rounding ~1e-7.
+        assert_close(
+            &format!("global_avg_pool_forward {shape:?}"),
+            &read(&gpu, &ty),
+            &reference::pool::global_avg_pool_forward(shape, &to_f64(&x)),
+            1e-6,
+            1e-6,
+        );
+        let tdy = upload(&gpu, "dy", &shape[..2], &dy);
+        let tdx = zeros(&gpu, "dx", &shape);
+        run(&gpu, &pool::global_avg_pool_backward(&gpu, &tdy, &tdx).unwrap());
+        assert_close(
+            &format!("global_avg_pool_backward {shape:?}"),
+            &read(&gpu, &tdx),
+            &reference::pool::global_avg_pool_backward(shape, &to_f64(&dy)),
+            1e-7,
+            1e-6,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SE block
+
+fn se_cases() -> Vec<SeBlockConfig> {
+    let mk = |n, c, h, w, reduction, bias| SeBlockConfig { n, c, h, w, reduction, bias };
+    vec![
+        mk(1, 64, 32, 32, 16, false), // batch 1, the widest plane: C=64 at 32x32
+        mk(3, 1024, 2, 2, 16, false), // the base SENet's block: C=1024 at 2x2
+        mk(2, 20, 3, 5, 3, true),     // C not a multiple of r (hidden 6), odd non-square plane
+        mk(2, 300, 1, 1, 16, true),   // 1x1 plane, C > the 256-wide workgroup
+        mk(4, 7, 5, 5, 7, true),      // hidden width 1
+        mk(2, 2048, 1, 1, 16, false), // SE-ResNet-50's widest block
+    ]
+}
+
+/// The SE block chains three f32 reductions (squeeze over H*W <= 1,024, fc1 over C <= 2,048, fc2
+/// over Cr) and the exp of the sigmoid (a few ulp on GPUs); outputs are O(1): atol 2e-5, rtol 1e-4.
+/// The weight gradients sum over the batch and over H*W in ds: same bound.
+const SE_ATOL: f64 = 2e-5;
+const SE_RTOL: f64 = 1e-4;
+
+#[test]
+fn se_block_forward_and_backward_match_reference() {
+    let gpu = gpu();
+    for (i, cfg) in se_cases().iter().enumerate() {
+        let mut r = rng(700 + i as u64);
+        let (c, cr) = (cfg.c, cfg.hidden());
+        let numel: usize = cfg.shape().iter().product();
+        let x = uniform(&mut r, numel, -1.0, 2.0);
+        // PyTorch's default init scale, 1/sqrt(fan_in), keeps the pre-activations O(1).
+        let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
+        let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
+        let b1 = uniform(&mut r, cr, -0.5, 0.5);
+        let b2 = uniform(&mut r, c, -0.5, 0.5);
+        let dy = uniform(&mut r, numel, -1.0, 1.0);
+        let tag = |s: &str| format!("{s} case {i} {cfg:?}");
+
+        let tx = upload(&gpu, "x", &cfg.shape(), &x);
+        let tw1 = upload(&gpu, "w1", &cfg.fc1_shape(), &w1);
+        let tw2 = upload(&gpu, "w2", &cfg.fc2_shape(), &w2);
+        let tb1 = upload(&gpu, "b1", &[cr], &b1);
+        let tb2 = upload(&gpu, "b2", &[c], &b2);
+        let weights = SeWeights { w1: &tw1, b1: cfg.bias.then_some(&tb1), w2: &tw2, b2: cfg.bias.then_some(&tb2) };
+        let ty = zeros(&gpu, "y", &cfg.shape());
+        let saved = zeros(&gpu, "saved", &cfg.saved_shape());
+        let d = se_block::se_block_forward(&gpu, cfg, &tx, &weights, &ty, &saved).unwrap();
+        assert_eq!(d.len(), 1, "the SE forward is one dispatch");
+        run(&gpu, &d);
+
+        let (b1_64, b2_64) = (to_f64(&b1), to_f64(&b2));
+        let (w1_64, w2_64) = (to_f64(&w1), to_f64(&w2));
+        let p = reference::se_block::SeParams {
+            w1: &w1_64,
+            b1: cfg.bias.then_some(&b1_64[..]),
+            w2: &w2_64,
+            b2: cfg.bias.then_some(&b2_64[..]),
+        };
+        let x64 = to_f64(&x);
+        let fwd = reference::se_block::se_block_forward(cfg, &x64, &p);
+        assert_close(&tag("se_block_forward output"), &read(&gpu, &ty), &fwd.out, SE_ATOL, SE_RTOL);
+        let sv = read(&gpu, &saved);
+        let stride = 2 * c + cr;
+        let pick = |off: usize, len: usize| -> Vec<f32> {
+            (0..cfg.n).flat_map(|n| sv[n * stride + off..][..len].to_vec()).collect()
+        };
+        assert_close(&tag("se_block saved squeeze z"), &pick(0, c), &fwd.z, SE_ATOL, SE_RTOL);
+        assert_close(&tag("se_block saved hidden h"), &pick(c, cr), &fwd.h, SE_ATOL, SE_RTOL);
+        assert_close(&tag("se_block saved scale s"), &pick(c + cr, c), &fwd.s, SE_ATOL, SE_RTOL);
+
+        let tdy = upload(&gpu, "dy", &cfg.shape(), &dy);
+        let tdx = zeros(&gpu, "dx", &cfg.shape());
+        let dsaved = zeros(&gpu, "dsaved", &cfg.dsaved_shape());
+        let (tdw1, tdw2) = (zeros(&gpu, "dw1", &cfg.fc1_shape()), zeros(&gpu, "dw2", &cfg.fc2_shape()));
+        let (tdb1, tdb2) = (zeros(&gpu, "db1", &[cr]), zeros(&gpu, "db2", &[c]));
+        let grads = SeGrads {
+            dinp: &tdx,
+            dw1: &tdw1,
+            db1: cfg.bias.then_some(&tdb1),
+            dw2: &tdw2,
+            db2: cfg.bias.then_some(&tdb2),
+        };
+        run(&gpu, &se_block::se_block_backward(&gpu, cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap());
+        let g = reference::se_block::se_block_backward(cfg, &x64, &p, &fwd, &to_f64(&dy));
+        assert_close(&tag("se_block_backward dinp"), &read(&gpu, &tdx), &g.dinp, SE_ATOL, SE_RTOL);
+        assert_close(&tag("se_block_backward dw1"), &read(&gpu, &tdw1), &g.dw1, SE_ATOL, SE_RTOL);
+        assert_close(&tag("se_block_backward dw2"), &read(&gpu, &tdw2), &g.dw2, SE_ATOL, SE_RTOL);
+        if cfg.bias {
+            assert_close(&tag("se_block_backward db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
+            assert_close(&tag("se_block_backward db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+        }
+    }
+}
+
+#[test]
+fn se_block_rejects_bad_reduction() {
+    let cfg = SeBlockConfig { n: 1, c: 8, h: 2, w: 2, reduction: 16, bias: false };
+    let err = cfg.validate().unwrap_err().to_string();
+    assert!(err.contains("reduction 16") && err.contains("channel count 8"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear
+
+#[test]
+fn linear_forward_and_backward_match_reference() {
+    let gpu = gpu();
+    let cases = [
+        LinearConfig { n: 1, in_features: 7, out_features: 3, bias: true },
+        LinearConfig { n: 5, in_features: 64, out_features: 10, bias: true },
+        LinearConfig { n: 3, in_features: 1024, out_features: 10, bias: true },
+        LinearConfig { n: 4, in_features: 9, out_features: 13, bias: false },
+    ];
+    for (i, cfg) in cases.iter().enumerate() {
+        let mut r = rng(800 + i as u64);
+        let x = uniform(&mut r, cfg.n * cfg.in_features, -1.0, 1.0);
+        let w = uniform(&mut r, cfg.out_features * cfg.in_features, -1.0, 1.0);
+        let b = uniform(&mut r, cfg.out_features, -1.0, 1.0);
+        let dy = uniform(&mut r, cfg.n * cfg.out_features, -1.0, 1.0);
+        let tx = upload(&gpu, "x", &[cfg.n, cfg.in_features], &x);
+        let tw = upload(&gpu, "w", &[cfg.out_features, cfg.in_features], &w);
+        let tb = upload(&gpu, "b", &[cfg.out_features], &b);
+        let ty = zeros(&gpu, "y", &[cfg.n, cfg.out_features]);
+        run(&gpu, &linear::linear_forward(&gpu, cfg, &tx, &tw, cfg.bias.then_some(&tb), &ty).unwrap());
+        let b64 = to_f64(&b);
+        let want = reference::linear::linear_forward(cfg, &to_f64(&x), &to_f64(&w), cfg.bias.then_some(&b64[..]));
+        // Sums of up to 1,024 products in [-1, 1]: as conv2d.
+        assert_close(&format!("linear_forward case {i}"), &read(&gpu, &ty), &want, CONV_ATOL, CONV_RTOL);
+
+        let tdy = upload(&gpu, "dy", &[cfg.n, cfg.out_features], &dy);
+        let tdx = zeros(&gpu, "dx", &[cfg.n, cfg.in_features]);
+        let tdw = zeros(&gpu, "dw", &[cfg.out_features, cfg.in_features]);
+        let tdb = zeros(&gpu, "db", &[cfg.out_features]);
+        run(&gpu, &linear::linear_backward(&gpu, cfg, &tx, &tw, &tdy, &tdx, &tdw, cfg.bias.then_some(&tdb)).unwrap());
+        let (dx, dw, db) = reference::linear::linear_backward(cfg, &to_f64(&x), &to_f64(&w), &to_f64(&dy));
+        assert_close(&format!("linear_backward dinp case {i}"), &read(&gpu, &tdx), &dx, CONV_ATOL, CONV_RTOL);
+        assert_close(&format!("linear_backward dweight case {i}"), &read(&gpu, &tdw), &dw, CONV_ATOL, CONV_RTOL);
+        if cfg.bias {
+            assert_close(&format!("linear_backward dbias case {i}"), &read(&gpu, &tdb), &db, CONV_ATOL, CONV_RTOL);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cross-entropy
+
+#[test]
+fn cross_entropy_matches_reference_and_accumulates() {
+    let gpu = gpu();
+    // (batch, classes, logit scale): batch 1; 3 classes; > 256 samples (strided reduction);
+    // 1,000 classes; logits of +-60, where a naive exp overflows f32.
+    for (i, (n, k, scale)) in
+        [(1usize, 10usize, 3.0f32), (7, 3, 3.0), (300, 10, 3.0), (5, 1000, 3.0), (9, 10, 60.0)].into_iter().enumerate()
+    {
+        let mut r = rng(900 + i as u64);
+        let logits = uniform(&mut r, n * k, -scale, scale);
+        let target: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k as u32)).collect();
+        let tl = upload(&gpu, "logits", &[n, k], &logits);
+        let tt = Tensor::from_slice(&gpu, "target", &[n], &target).unwrap();
+        let tdl = zeros(&gpu, "dlogits", &[n, k]);
+        let per = zeros(&gpu, "per-sample", &[n, 2]);
+        let res = zeros(&gpu, "result", &[result::LEN]);
+        let d = cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res).unwrap();
+        // Twice: the batch fields are overwritten, the running sums accumulate.
+        run(&gpu, &d);
+        run(&gpu, &d);
+        let want = reference::cross_entropy::cross_entropy_forward_backward(&to_f64(&logits), &target, k);
+        let got = read(&gpu, &res);
+        // Loss: log-sum-exp over <= 1,000 exps and a mean over <= 300 samples: ~1e-6 relative.
+        assert_close(&format!("cross_entropy loss case {i}"), &[got[result::LOSS]], &[want.loss], 1e-5, 1e-5);
+        assert_eq!(got[result::CORRECT], want.correct as f32, "cross_entropy correct case {i}");
+        assert_close(
+            &format!("cross_entropy summed loss case {i}"),
+            &[got[result::SUM_LOSS]],
+            &[2.0 * want.loss * n as f64],
+            1e-4,
+            1e-5,
+        );
+        assert_eq!(got[result::SUM_CORRECT], 2.0 * want.correct as f32, "cross_entropy summed correct case {i}");
+        assert_eq!(got[result::SUM_COUNT], 2.0 * n as f32, "cross_entropy summed count case {i}");
+        // Gradient entries are at most 1/n: absolute 1e-7 is ~1 ulp of the largest.
+        assert_close(&format!("cross_entropy dlogits case {i}"), &read(&gpu, &tdl), &want.dlogits, 1e-7, 1e-5);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// optimizers
+
+#[test]
+fn optimizers_match_reference_over_several_steps() {
+    let gpu = gpu();
+    let configs = [
+        OptimizerConfig::adam(1e-3),
+        OptimizerConfig::Adam { lr: 1e-2, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 1e-4, decoupled: false },
+        OptimizerConfig::adamw(1e-3),
+        OptimizerConfig::sgd(0.1, 0.0),
+        OptimizerConfig::sgd(0.1, 0.9),
+        OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, dampening: 0.0, weight_decay: 5e-4, nesterov: true },
+        OptimizerConfig::Sgd { lr: 0.05, momentum: 0.5, dampening: 0.3, weight_decay: 1e-4, nesterov: false },
+    ];
+    let n = 1003;
+    // Update only [3, 1000): the rest must stay as it was.
+    let (offset, len) = (3usize, 997usize);
+    for (i, cfg) in configs.iter().enumerate() {
+        let mut r = rng(1000 + i as u64);
+        let p0 = uniform(&mut r, n, -1.0, 1.0);
+        let tp = upload(&gpu, "param", &[n], &p0);
+        let tg = zeros(&gpu, "grad", &[n]);
+        let states: Vec<_> = (0..cfg.state_count()).map(|_| zeros(&gpu, "state", &[n])).collect();
+        let state_refs: Vec<&_> = states.iter().collect();
+        let step = OptimizerStep::new(&gpu, *cfg, &tp, &tg, &state_refs, offset, len).unwrap();
+        let mut p = to_f64(&p0[offset..offset + len]);
+        let mut st = vec![vec![0.0; len]; cfg.state_count()];
+        for t in 1..=4u64 {
+            let g = uniform(&mut r, n, -1.0, 1.0);
+            tg.write(&gpu, &g).unwrap();
+            step.set_step(&gpu, t);
+            run(&gpu, std::slice::from_ref(&step.dispatch));
+            reference::optimizer::optimizer_step(cfg, t, &mut p, &to_f64(&g[offset..offset + len]), &mut st);
+        }
+        let got = read(&gpu, &tp);
+        // Parameters are O(1) and move by O(lr) per step; the f32 state and update round at ~1e-7
+        // relative, and GPU sqrt/division are within a few ulp: atol 1e-6.
+        assert_close(&format!("optimizer {cfg:?} param"), &got[offset..offset + len], &p, 1e-6, 1e-6);
+        assert_eq!(&got[..offset], &p0[..offset], "optimizer {cfg:?} wrote before its range");
+        assert_eq!(&got[offset + len..], &p0[offset + len..], "optimizer {cfg:?} wrote after its range");
+        for (k, s) in states.iter().enumerate() {
+            let got = read(&gpu, s);
+            assert_close(&format!("optimizer {cfg:?} state {k}"), &got[offset..offset + len], &st[k], 1e-6, 1e-5);
+        }
+    }
+}
+
+use senet_wgpu::gpu::Tensor;
