@@ -5,6 +5,7 @@
 //       lse = max + log(sum_k exp(l_k - max))            (stable: no exp of a large number)
 //       loss[n] = lse - l[target];  dlogits[n, k] = (softmax_k - [k == target]) / N
 //       correct[n] = argmax_k l == target (first maximum wins, as torch.argmax)
+//       per_sample[n] = (loss, correct, argmax) for evaluation's confusion matrix
 //   cross_entropy_reduce  one workgroup: the batch mean loss and correct count into result[0..2],
 //       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps).
 
@@ -54,8 +55,9 @@ fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
         let sm = exp(logits[b + k] - mx) / sum;
         dlogits[b + k] = (sm - select(0.0, 1.0, k == t)) * inv_n;
     }
-    per_sample[2u * n] = lse - logits[b + t];
-    per_sample[2u * n + 1u] = select(0.0, 1.0, arg == t);
+    per_sample[3u * n] = lse - logits[b + t];
+    per_sample[3u * n + 1u] = select(0.0, 1.0, arg == t);
+    per_sample[3u * n + 2u] = f32(arg);
 }
 
 @compute @workgroup_size(RED_WG)
@@ -63,8 +65,8 @@ fn cross_entropy_reduce(@builtin(local_invocation_index) t: u32) {
     var l = 0.0;
     var c = 0.0;
     for (var n = t; n < p.n; n += RED_WG) {
-        l += per_sample_in[2u * n];
-        c += per_sample_in[2u * n + 1u];
+        l += per_sample_in[3u * n];
+        c += per_sample_in[3u * n + 1u];
     }
     red_loss[t] = l;
     red_correct[t] = c;

@@ -5,5 +5,6 @@
 //! - [`reference`]: the CPU oracle every kernel is tested against.
 
 pub mod gpu;
+pub mod model;
 pub mod ops;
 pub mod reference;

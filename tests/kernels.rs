@@ -556,7 +556,7 @@ fn cross_entropy_matches_reference_and_accumulates() {
         let tl = upload(&gpu, "logits", &[n, k], &logits);
         let tt = Tensor::from_slice(&gpu, "target", &[n], &target).unwrap();
         let tdl = zeros(&gpu, "dlogits", &[n, k]);
-        let per = zeros(&gpu, "per-sample", &[n, 2]);
+        let per = zeros(&gpu, "per-sample", &[n, 3]);
         let res = zeros(&gpu, "result", &[result::LEN]);
         let d = cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res).unwrap();
         // Twice: the batch fields are overwritten, the running sums accumulate.
@@ -578,6 +578,12 @@ fn cross_entropy_matches_reference_and_accumulates() {
         assert_eq!(got[result::SUM_COUNT], 2.0 * n as f32, "cross_entropy summed count case {i}");
         // Gradient entries are at most 1/n: absolute 1e-7 is ~1 ulp of the largest.
         assert_close(&format!("cross_entropy dlogits case {i}"), &read(&gpu, &tdl), &want.dlogits, 1e-7, 1e-5);
+        let per = read(&gpu, &per);
+        for s in 0..n {
+            let row = &logits[s * k..][..k];
+            let first_max = row.iter().enumerate().fold(0, |a, (j, &v)| if v > row[a] { j } else { a });
+            assert_eq!(per[3 * s + 2], first_max as f32, "cross_entropy predicted class, case {i} sample {s}");
+        }
     }
 }
 

@@ -34,7 +34,7 @@ const WG: u32 = 64;
 
 /// Softmax cross-entropy of `logits` [n, k] against `target` (u32 [n], each < k; the host checks
 /// labels when it loads them). Writes `dlogits` (gradient of the batch-mean loss) and `result`
-/// (see [`result`]); `per_sample` [n, 2] is scratch.
+/// (see [`result`]); `per_sample` [n, 3] gets each sample's (loss, correct, predicted class).
 pub fn cross_entropy_forward_backward(
     gpu: &Gpu,
     logits: &Tensor,
@@ -51,7 +51,7 @@ pub fn cross_entropy_forward_backward(
     let (n, k) = (logits.shape[0], logits.shape[1]);
     expect_shape("cross_entropy target", target, &[n])?;
     expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
-    expect_shape("cross_entropy per-sample scratch", per_sample, &[n, 2])?;
+    expect_shape("cross_entropy per-sample", per_sample, &[n, 3])?;
     expect_shape("cross_entropy result", result, &[result::LEN])?;
     let params =
         gpu.uniform("cross_entropy params", &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, _pad: [0; 2] });

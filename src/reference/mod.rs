@@ -10,6 +10,7 @@ pub mod batch_norm;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod linear;
+pub mod model;
 pub mod optimizer;
 pub mod pool;
 pub mod relu;

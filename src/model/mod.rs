@@ -1,0 +1,244 @@
+//! Models as graphs of layer nodes. Parameter names are PyTorch `state_dict` names, so
+//! checkpoints interoperate with the equivalent `nn.Module`.
+//!
+//! A node reads activations by index: 0 is the network input, k is the output of node k-1. The
+//! base SENet is a chain; the representation leaves room for residual additions (SE-ResNet).
+
+pub mod plan;
+pub mod senet;
+
+use anyhow::{Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+
+use crate::ops::conv2d::Conv2dConfig;
+use crate::ops::pool::MaxPool2dConfig;
+
+/// One layer, with PyTorch's meaning.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Layer {
+    Conv2d {
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    },
+    BatchNorm2d {
+        c: usize,
+    },
+    Relu,
+    MaxPool2d {
+        kernel: usize,
+        stride: usize,
+    },
+    /// The SE block: `fc1` C→C/r, ReLU, `fc2` C/r→C, sigmoid, scale.
+    SeBlock {
+        c: usize,
+        reduction: usize,
+        bias: bool,
+    },
+    /// `AdaptiveAvgPool2d(1)` then flatten: [n, c, h, w] → [n, c].
+    GlobalAvgPool,
+    Linear {
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    },
+}
+
+/// A layer in the graph: its state-dict prefix (`features.0`) and the activations it reads.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub layer: Layer,
+    pub inputs: Vec<usize>,
+}
+
+/// What a parameter is initialised to (PyTorch's defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)): kaiming_uniform(a=sqrt(5)) for weights, and the bias rule.
+    FanInUniform {
+        fan_in: usize,
+    },
+    Ones,
+    Zeros,
+}
+
+/// A trainable tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+/// Shape of an activation: [n, c, h, w] or, after the global pool, [n, c].
+pub type Shape = Vec<usize>;
+
+#[derive(Clone, Debug)]
+pub struct Graph {
+    /// [c, h, w] of one input image.
+    pub input: [usize; 3],
+    pub nodes: Vec<Node>,
+}
+
+impl Graph {
+    /// Output shape of every activation for batch `n` (index 0 the input), checking that each
+    /// layer fits what it reads.
+    pub fn shapes(&self, n: usize) -> Result<Vec<Shape>> {
+        let [c, h, w] = self.input;
+        let mut shapes: Vec<Shape> = vec![vec![n, c, h, w]];
+        for node in &self.nodes {
+            ensure!(node.inputs.len() == 1, "{}: layers read one activation", node.name);
+            let inp = &shapes[node.inputs[0]];
+            let out = layer_output(&node.name, &node.layer, inp)?;
+            shapes.push(out);
+        }
+        Ok(shapes)
+    }
+
+    /// Trainable parameters in state-dict order.
+    pub fn parameters(&self) -> Vec<ParamSpec> {
+        let mut out = Vec::new();
+        let mut p = |name: &str, suffix: &str, shape: Vec<usize>, init: Init| {
+            out.push(ParamSpec { name: format!("{name}.{suffix}"), shape, init })
+        };
+        for node in &self.nodes {
+            let name = &node.name;
+            match node.layer {
+                Layer::Conv2d { c_in, c_out, kernel, bias, .. } => {
+                    let fan_in = c_in * kernel * kernel;
+                    p(name, "weight", vec![c_out, c_in, kernel, kernel], Init::FanInUniform { fan_in });
+                    if bias {
+                        p(name, "bias", vec![c_out], Init::FanInUniform { fan_in });
+                    }
+                }
+                Layer::BatchNorm2d { c } => {
+                    p(name, "weight", vec![c], Init::Ones);
+                    p(name, "bias", vec![c], Init::Zeros);
+                }
+                Layer::SeBlock { c, reduction, bias } => {
+                    let cr = c / reduction;
+                    p(name, "fc1.weight", vec![cr, c, 1, 1], Init::FanInUniform { fan_in: c });
+                    if bias {
+                        p(name, "fc1.bias", vec![cr], Init::FanInUniform { fan_in: c });
+                    }
+                    p(name, "fc2.weight", vec![c, cr, 1, 1], Init::FanInUniform { fan_in: cr });
+                    if bias {
+                        p(name, "fc2.bias", vec![c], Init::FanInUniform { fan_in: cr });
+                    }
+                }
+                Layer::Linear { in_features, out_features, bias } => {
+                    p(name, "weight", vec![out_features, in_features], Init::FanInUniform { fan_in: in_features });
+                    if bias {
+                        p(name, "bias", vec![out_features], Init::FanInUniform { fan_in: in_features });
+                    }
+                }
+                Layer::Relu | Layer::MaxPool2d { .. } | Layer::GlobalAvgPool => {}
+            }
+        }
+        out
+    }
+
+    /// Batch-norm layers (their running statistics are state-dict buffers).
+    pub fn batch_norms(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.nodes.iter().filter_map(|n| match n.layer {
+            Layer::BatchNorm2d { c } => Some((n.name.as_str(), c)),
+            _ => None,
+        })
+    }
+
+    /// Number of trainable scalars.
+    pub fn parameter_count(&self) -> usize {
+        self.parameters().iter().map(|p| p.shape.iter().product::<usize>()).sum()
+    }
+}
+
+/// The conv2d configuration of a Conv2d layer reading `inp`.
+pub fn conv_config(layer: &Layer, inp: &[usize]) -> Option<Conv2dConfig> {
+    match *layer {
+        Layer::Conv2d { c_in, c_out, kernel, stride, pad, bias } => {
+            Some(Conv2dConfig::square(inp[0], c_in, (inp[2], inp[3]), c_out, kernel, stride, pad, bias))
+        }
+        _ => None,
+    }
+}
+
+/// The pooling configuration of a MaxPool2d layer reading `inp`.
+pub fn pool_config(layer: &Layer, inp: &[usize]) -> Option<MaxPool2dConfig> {
+    match *layer {
+        Layer::MaxPool2d { kernel, stride } => Some(MaxPool2dConfig {
+            n: inp[0],
+            c: inp[1],
+            h: inp[2],
+            w: inp[3],
+            kernel: (kernel, kernel),
+            stride: (stride, stride),
+            pad: (0, 0),
+        }),
+        _ => None,
+    }
+}
+
+fn layer_output(name: &str, layer: &Layer, inp: &[usize]) -> Result<Shape> {
+    let spatial = |what: &str| -> Result<()> {
+        ensure!(inp.len() == 4, "{name} ({what}) needs an [n, c, h, w] input, got {inp:?}");
+        Ok(())
+    };
+    Ok(match layer {
+        Layer::Conv2d { c_in, .. } => {
+            spatial("Conv2d")?;
+            ensure!(inp[1] == *c_in, "{name}: Conv2d expects {c_in} input channels, got {}", inp[1]);
+            let cfg = conv_config(layer, inp).expect("a Conv2d layer");
+            cfg.validate().map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            cfg.output_shape().to_vec()
+        }
+        Layer::BatchNorm2d { c } | Layer::SeBlock { c, .. } => {
+            spatial("channel layer")?;
+            ensure!(inp[1] == *c, "{name}: expects {c} channels, got {}", inp[1]);
+            inp.to_vec()
+        }
+        Layer::Relu => inp.to_vec(),
+        Layer::MaxPool2d { .. } => {
+            spatial("MaxPool2d")?;
+            let cfg = pool_config(layer, inp).expect("a MaxPool2d layer");
+            cfg.validate()
+                .map_err(|e| anyhow::anyhow!("{name}: {e} (the input has shrunk to {}x{})", inp[2], inp[3]))?;
+            cfg.output_shape().to_vec()
+        }
+        Layer::GlobalAvgPool => {
+            spatial("AdaptiveAvgPool2d")?;
+            vec![inp[0], inp[1]]
+        }
+        Layer::Linear { in_features, out_features, .. } => {
+            ensure!(inp.len() == 2 && inp[1] == *in_features, "{name}: Linear expects [n, {in_features}], got {inp:?}");
+            vec![inp[0], *out_features]
+        }
+    })
+}
+
+/// What a run trains: enough to rebuild the graph, saved as `config.json` beside checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// "senet": the base SENet of the seed document.
+    pub model: String,
+    pub width: f64,
+    pub reduction: usize,
+    pub in_channels: usize,
+    pub num_classes: usize,
+    pub input_hw: [usize; 2],
+    /// Class names, index order (for eval and predict).
+    #[serde(default)]
+    pub classes: Vec<String>,
+}
+
+impl ModelConfig {
+    pub fn graph(&self) -> Result<Graph> {
+        match self.model.as_str() {
+            "senet" => senet::base_senet(self),
+            other => bail!("unknown model {other:?}: this version knows \"senet\""),
+        }
+    }
+}

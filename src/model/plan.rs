@@ -1,0 +1,341 @@
+//! The network on the GPU and its step plans.
+//!
+//! [`Network`] owns what does not depend on the batch size: parameters, their gradients, the
+//! optimizer state and updates, the batch-norm running statistics. [`StepPlan`] owns what does:
+//! one activation and one gradient buffer per activation of the graph, the per-layer scratch
+//! (batch statistics, pooling indices, SE intermediates), and the two dispatch lists — the
+//! training step (forward, loss, backward in reverse order) and the evaluation pass. Everything
+//! is allocated and every bind group built when the plan is made; a step only writes the batch,
+//! rewrites the optimizer's step number and submits one command buffer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, ensure};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config};
+use crate::gpu::{Dispatch, Gpu, Tensor};
+use crate::ops::batch_norm::{self, BatchNormConfig};
+use crate::ops::cross_entropy::{self, result};
+use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
+use crate::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
+use crate::ops::{conv2d, linear, pool, relu};
+
+/// A trainable tensor with its gradient and optimizer state.
+pub struct Param {
+    pub spec: ParamSpec,
+    pub value: Tensor,
+    pub grad: Tensor,
+    pub state: Vec<Tensor>,
+}
+
+/// A batch-norm layer's state-dict buffers.
+pub struct BnBuffers {
+    pub name: String,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches_tracked: i64,
+}
+
+pub struct Network {
+    pub gpu: Arc<Gpu>,
+    pub config: ModelConfig,
+    pub graph: Graph,
+    pub params: Vec<Param>,
+    pub bn: Vec<BnBuffers>,
+    pub optimizer: OptimizerConfig,
+    updates: Vec<OptimizerStep>,
+    /// Optimizer steps taken (1-based step of the next update is `step + 1`).
+    pub step: u64,
+    by_name: HashMap<String, usize>,
+}
+
+/// PyTorch-default initial values for `spec`, drawn from `rng`.
+pub fn init_values(spec: &ParamSpec, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let n: usize = spec.shape.iter().product();
+    match spec.init {
+        Init::FanInUniform { fan_in } => {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect()
+        }
+        Init::Ones => vec![1.0; n],
+        Init::Zeros => vec![0.0; n],
+    }
+}
+
+impl Network {
+    /// Build the network with PyTorch-default initialisation drawn from `seed`.
+    pub fn new(gpu: Arc<Gpu>, config: ModelConfig, optimizer: OptimizerConfig, seed: u64) -> Result<Network> {
+        let graph = config.graph()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut params = Vec::new();
+        for spec in graph.parameters() {
+            let values = init_values(&spec, &mut rng);
+            let value = Tensor::from_slice(&gpu, &spec.name, &spec.shape, &values)?;
+            let grad = Tensor::zeros(&gpu, &format!("{}.grad", spec.name), &spec.shape)?;
+            let state = (0..optimizer.state_count())
+                .map(|k| Tensor::zeros(&gpu, &format!("{}.state{k}", spec.name), &spec.shape))
+                .collect::<Result<Vec<_>>>()?;
+            params.push(Param { spec, value, grad, state });
+        }
+        let bn = graph
+            .batch_norms()
+            .map(|(name, c)| {
+                Ok(BnBuffers {
+                    name: name.to_string(),
+                    running_mean: Tensor::from_slice(&gpu, &format!("{name}.running_mean"), &[c], &vec![0.0f32; c])?,
+                    running_var: Tensor::from_slice(&gpu, &format!("{name}.running_var"), &[c], &vec![1.0f32; c])?,
+                    num_batches_tracked: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let updates = params
+            .iter()
+            .map(|p| {
+                let state: Vec<&Tensor> = p.state.iter().collect();
+                OptimizerStep::new(&gpu, optimizer, &p.value, &p.grad, &state, 0, p.value.numel())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let by_name = params.iter().enumerate().map(|(i, p)| (p.spec.name.clone(), i)).collect();
+        Ok(Network { gpu, config, graph, params, bn, optimizer, updates, step: 0, by_name })
+    }
+
+    pub fn param(&self, name: &str) -> Result<&Param> {
+        self.by_name.get(name).map(|&i| &self.params[i]).with_context(|| format!("no parameter named {name}"))
+    }
+
+    fn bn_buffers(&self, name: &str) -> Result<&BnBuffers> {
+        self.bn.iter().find(|b| b.name == name).with_context(|| format!("no batch norm named {name}"))
+    }
+
+    /// Allocate and record everything for batch size `n`.
+    pub fn plan(&self, n: usize) -> Result<StepPlan> {
+        ensure!(n >= 1, "batch size must be at least 1");
+        let gpu = &*self.gpu;
+        let shapes = self.graph.shapes(n)?;
+        let acts = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Tensor::zeros(gpu, &format!("activation {i}"), s))
+            .collect::<Result<Vec<_>>>()?;
+        let grads = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Tensor::zeros(gpu, &format!("gradient {i}"), s))
+            .collect::<Result<Vec<_>>>()?;
+        let logits_shape = shapes.last().context("empty graph")?.clone();
+        ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
+        let labels = Tensor::zeros(gpu, "labels", &[n])?;
+        let per_sample = Tensor::zeros(gpu, "per-sample loss", &[n, 3])?;
+        let train_result = Tensor::zeros(gpu, "train metrics", &[result::LEN])?;
+        let eval_result = Tensor::zeros(gpu, "eval metrics", &[result::LEN])?;
+
+        let mut train = Vec::new();
+        let mut eval = Vec::new();
+        let mut backward: Vec<Vec<Dispatch>> = Vec::new();
+        let splits_target = if gpu.is_cpu() { 256 } else { 65536 };
+        for (k, node) in self.graph.nodes.iter().enumerate() {
+            let a = node.inputs[0];
+            let (inp, out, dinp, dout) = (&acts[a], &acts[k + 1], &grads[a], &grads[k + 1]);
+            let name = &node.name;
+            let p = |suffix: &str| self.param(&format!("{name}.{suffix}"));
+            let mut bwd = Vec::new();
+            match node.layer {
+                Layer::Conv2d { bias, .. } => {
+                    let cfg = conv_config(&node.layer, &inp.shape).context("conv config")?;
+                    let w = p("weight")?;
+                    let b = if bias { Some(p("bias")?) } else { None };
+                    let fwd = conv2d::conv2d_forward(gpu, &cfg, inp, &w.value, b.map(|b| &b.value), out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    // The network input needs no gradient.
+                    if a != 0 {
+                        bwd.extend(conv2d::conv2d_backward_input(gpu, &cfg, dout, &w.value, dinp)?);
+                    }
+                    let splits = conv2d::weight_grad_splits(&cfg, splits_target);
+                    bwd.extend(conv2d::conv2d_backward_weight(gpu, &cfg, inp, dout, &w.grad, splits)?);
+                    if let Some(b) = b {
+                        bwd.extend(conv2d::conv2d_backward_bias(gpu, &cfg, dout, &b.grad)?);
+                    }
+                }
+                Layer::BatchNorm2d { c } => {
+                    let s = &inp.shape;
+                    let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
+                    let (g, b, rs) = (p("weight")?, p("bias")?, self.bn_buffers(name)?);
+                    let stats = Tensor::zeros(gpu, &format!("{name} batch statistics"), &[2, c])?;
+                    train.extend(batch_norm::batch_norm_forward_train(
+                        gpu,
+                        &cfg,
+                        inp,
+                        &g.value,
+                        &b.value,
+                        &rs.running_mean,
+                        &rs.running_var,
+                        &stats,
+                        out,
+                    )?);
+                    eval.extend(batch_norm::batch_norm_forward_eval(
+                        gpu,
+                        &cfg,
+                        inp,
+                        &g.value,
+                        &b.value,
+                        &rs.running_mean,
+                        &rs.running_var,
+                        &stats,
+                        out,
+                    )?);
+                    bwd.extend(batch_norm::batch_norm_backward(
+                        gpu, &cfg, inp, &g.value, &stats, dout, dinp, &g.grad, &b.grad,
+                    )?);
+                }
+                Layer::Relu => {
+                    let fwd = relu::relu_forward(gpu, inp, out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(relu::relu_backward(gpu, out, dout, dinp)?);
+                }
+                Layer::MaxPool2d { .. } => {
+                    let cfg = pool_config(&node.layer, &inp.shape).context("pool config")?;
+                    let argmax = Tensor::zeros(gpu, &format!("{name} argmax"), &cfg.output_shape())?;
+                    let fwd = pool::max_pool2d_forward(gpu, &cfg, inp, out, &argmax)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(pool::max_pool2d_backward(gpu, &cfg, &argmax, dout, dinp)?);
+                }
+                Layer::SeBlock { c, reduction, bias } => {
+                    let s = &inp.shape;
+                    let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias };
+                    let (w1, w2) = (p("fc1.weight")?, p("fc2.weight")?);
+                    let (b1, b2) = if bias { (Some(p("fc1.bias")?), Some(p("fc2.bias")?)) } else { (None, None) };
+                    let weights =
+                        SeWeights { w1: &w1.value, b1: b1.map(|b| &b.value), w2: &w2.value, b2: b2.map(|b| &b.value) };
+                    let saved = Tensor::zeros(gpu, &format!("{name} saved"), &cfg.saved_shape())?;
+                    let dsaved = Tensor::zeros(gpu, &format!("{name} saved grads"), &cfg.dsaved_shape())?;
+                    let fwd = se_block::se_block_forward(gpu, &cfg, inp, &weights, out, &saved)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    let g = SeGrads {
+                        dinp,
+                        dw1: &w1.grad,
+                        db1: b1.map(|b| &b.grad),
+                        dw2: &w2.grad,
+                        db2: b2.map(|b| &b.grad),
+                    };
+                    bwd.extend(se_block::se_block_backward(gpu, &cfg, inp, &weights, &saved, dout, &dsaved, &g)?);
+                }
+                Layer::GlobalAvgPool => {
+                    let fwd = pool::global_avg_pool_forward(gpu, inp, out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(pool::global_avg_pool_backward(gpu, dout, dinp)?);
+                }
+                Layer::Linear { in_features, out_features, bias } => {
+                    let cfg = linear::LinearConfig { n, in_features, out_features, bias };
+                    let w = p("weight")?;
+                    let b = if bias { Some(p("bias")?) } else { None };
+                    let fwd = linear::linear_forward(gpu, &cfg, inp, &w.value, b.map(|b| &b.value), out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(linear::linear_backward(
+                        gpu,
+                        &cfg,
+                        inp,
+                        &w.value,
+                        dout,
+                        dinp,
+                        &w.grad,
+                        b.map(|b| &b.grad),
+                    )?);
+                }
+            }
+            backward.push(bwd);
+        }
+        let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
+        train.extend(cross_entropy::cross_entropy_forward_backward(
+            gpu,
+            logits,
+            &labels,
+            dlogits,
+            &per_sample,
+            &train_result,
+        )?);
+        eval.extend(cross_entropy::cross_entropy_forward_backward(
+            gpu,
+            logits,
+            &labels,
+            dlogits,
+            &per_sample,
+            &eval_result,
+        )?);
+        train.extend(backward.into_iter().rev().flatten());
+        Ok(StepPlan { n, acts, grads, labels, per_sample, train_result, eval_result, train, eval })
+    }
+
+    /// One training step on the batch already written into `plan`: forward, loss, backward and
+    /// every optimizer update in one command buffer. Returns without waiting for the GPU.
+    pub fn train_step(&mut self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        self.step += 1;
+        for u in &self.updates {
+            u.set_step(&self.gpu, self.step);
+        }
+        for b in &mut self.bn {
+            b.num_batches_tracked += 1;
+        }
+        let mut list: Vec<&Dispatch> = plan.train.iter().collect();
+        list.extend(self.updates.iter().map(|u| &u.dispatch));
+        self.gpu.run(&list)
+    }
+
+    /// Evaluate the batch already written into `plan` (batch norm in eval mode); the loss and
+    /// correct count add to `plan.eval_result`. Returns without waiting.
+    pub fn eval_batch(&self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        let list: Vec<&Dispatch> = plan.eval.iter().collect();
+        self.gpu.run(&list)
+    }
+
+    /// Number of dispatches a training step records (plan plus optimizer updates).
+    pub fn dispatches_per_step(&self, plan: &StepPlan) -> usize {
+        plan.train.len() + self.updates.len()
+    }
+}
+
+/// Everything for one batch size, allocated once and replayed.
+pub struct StepPlan {
+    pub n: usize,
+    /// Activation 0 is the input batch [n, c, h, w]; the last is the logits.
+    pub acts: Vec<Tensor>,
+    pub grads: Vec<Tensor>,
+    /// u32 class indices [n].
+    pub labels: Tensor,
+    /// Per sample (loss, correct, predicted class) of the last batch.
+    pub per_sample: Tensor,
+    /// Running sums (see `ops::cross_entropy::result`) of training and of evaluation.
+    pub train_result: Tensor,
+    pub eval_result: Tensor,
+    train: Vec<Dispatch>,
+    eval: Vec<Dispatch>,
+}
+
+impl StepPlan {
+    pub fn input(&self) -> &Tensor {
+        &self.acts[0]
+    }
+
+    pub fn logits(&self) -> &Tensor {
+        &self.acts[self.acts.len() - 1]
+    }
+
+    /// Queue the batch (images as f32 NCHW, labels) for the next submit.
+    pub fn write_batch(&self, gpu: &Gpu, images: &[f32], labels: &[u32]) -> Result<()> {
+        self.input().write(gpu, images)?;
+        self.labels.write(gpu, labels)
+    }
+}
+
+/// Zero a metrics buffer (queued before the next submit).
+pub fn clear_metrics(gpu: &Gpu, t: &Tensor) {
+    gpu.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(&[0.0f32; result::LEN]));
+}

@@ -1,0 +1,165 @@
+//! A whole training step on the CPU: the reference ops composed over a model graph, forward in
+//! training mode, loss, backward in reverse order. The GPU step is tested against this.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+
+use super::{batch_norm, conv2d, cross_entropy, linear, pool, relu, se_block};
+use crate::model::{Graph, Layer, conv_config, pool_config};
+use crate::ops::batch_norm::BatchNormConfig;
+use crate::ops::linear::LinearConfig;
+use crate::ops::se_block::SeBlockConfig;
+
+/// Result of one reference step.
+pub struct StepResult {
+    pub loss: f64,
+    pub correct: usize,
+    pub logits: Vec<f64>,
+    /// dL/dparam by state-dict name.
+    pub grads: HashMap<String, Vec<f64>>,
+    /// Updated running statistics by state-dict name (`features.1.running_mean`, …).
+    pub buffers: HashMap<String, Vec<f64>>,
+}
+
+/// What the backward pass needs from each layer's forward.
+enum Saved {
+    None,
+    Bn { mean: Vec<f64>, invstd: Vec<f64> },
+    Pool { argmax: Vec<u32> },
+    Se(se_block::SeForward),
+}
+
+/// Forward (training mode), cross-entropy against `labels`, and backward, for batch `n`.
+pub fn train_step(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    labels: &[u32],
+) -> Result<StepResult> {
+    let shapes = graph.shapes(n)?;
+    let get =
+        |name: &str| params.get(name).map(|v| v.as_slice()).with_context(|| format!("reference: no parameter {name}"));
+    let mut acts: Vec<Vec<f64>> = vec![input.to_vec()];
+    let mut saved = Vec::new();
+    let mut new_buffers = HashMap::new();
+    for (k, node) in graph.nodes.iter().enumerate() {
+        let inp = &acts[node.inputs[0]];
+        let s = &shapes[node.inputs[0]];
+        let name = &node.name;
+        let p = |suffix: &str| get(&format!("{name}.{suffix}"));
+        let (out, sv) = match node.layer {
+            Layer::Conv2d { bias, .. } => {
+                let cfg = conv_config(&node.layer, s).context("conv")?;
+                let b = if bias { Some(p("bias")?) } else { None };
+                (conv2d::conv2d_forward(&cfg, inp, p("weight")?, b), Saved::None)
+            }
+            Layer::BatchNorm2d { c } => {
+                let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
+                let rm = buffers.get(&format!("{name}.running_mean")).context("running_mean")?;
+                let rv = buffers.get(&format!("{name}.running_var")).context("running_var")?;
+                let r = batch_norm::batch_norm_forward_train(&cfg, inp, p("weight")?, p("bias")?, rm, rv);
+                new_buffers.insert(format!("{name}.running_mean"), r.running_mean);
+                new_buffers.insert(format!("{name}.running_var"), r.running_var);
+                (r.out, Saved::Bn { mean: r.mean, invstd: r.invstd })
+            }
+            Layer::Relu => (relu::relu_forward(inp), Saved::None),
+            Layer::MaxPool2d { .. } => {
+                let cfg = pool_config(&node.layer, s).context("pool")?;
+                let (out, argmax) = pool::max_pool2d_forward(&cfg, inp);
+                (out, Saved::Pool { argmax })
+            }
+            Layer::SeBlock { c, reduction, bias } => {
+                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias };
+                let sp = se_params(&cfg, name, &get)?;
+                let f = se_block::se_block_forward(&cfg, inp, &sp);
+                (f.out.clone(), Saved::Se(f))
+            }
+            Layer::GlobalAvgPool => (pool::global_avg_pool_forward([s[0], s[1], s[2], s[3]], inp), Saved::None),
+            Layer::Linear { in_features, out_features, bias } => {
+                let cfg = LinearConfig { n, in_features, out_features, bias };
+                let b = if bias { Some(p("bias")?) } else { None };
+                (linear::linear_forward(&cfg, inp, p("weight")?, b), Saved::None)
+            }
+        };
+        debug_assert_eq!(out.len(), shapes[k + 1].iter().product::<usize>());
+        acts.push(out);
+        saved.push(sv);
+    }
+    let logits = acts.last().context("empty graph")?.clone();
+    let classes = shapes.last().context("empty graph")?[1];
+    let ce = cross_entropy::cross_entropy_forward_backward(&logits, labels, classes);
+
+    let mut grads = HashMap::new();
+    let mut dout = ce.dlogits;
+    for (k, node) in graph.nodes.iter().enumerate().rev() {
+        let a = node.inputs[0];
+        let (inp, out, s) = (&acts[a], &acts[k + 1], &shapes[a]);
+        let name = &node.name;
+        let p = |suffix: &str| get(&format!("{name}.{suffix}"));
+        let mut put = |suffix: &str, g: Vec<f64>| {
+            grads.insert(format!("{name}.{suffix}"), g);
+        };
+        dout = match (&node.layer, &saved[k]) {
+            (Layer::Conv2d { bias, .. }, _) => {
+                let cfg = conv_config(&node.layer, s).context("conv")?;
+                put("weight", conv2d::conv2d_backward_weight(&cfg, inp, &dout));
+                if *bias {
+                    put("bias", conv2d::conv2d_backward_bias(&cfg, &dout));
+                }
+                conv2d::conv2d_backward_input(&cfg, &dout, p("weight")?)
+            }
+            (Layer::BatchNorm2d { c }, Saved::Bn { mean, invstd }) => {
+                let cfg = BatchNormConfig::new(s[0], *c, s[2], s[3]);
+                let (dx, dg, db) = batch_norm::batch_norm_backward(&cfg, inp, p("weight")?, mean, invstd, &dout);
+                put("weight", dg);
+                put("bias", db);
+                dx
+            }
+            (Layer::Relu, _) => relu::relu_backward(out, &dout),
+            (Layer::MaxPool2d { .. }, Saved::Pool { argmax }) => {
+                let cfg = pool_config(&node.layer, s).context("pool")?;
+                pool::max_pool2d_backward(&cfg, argmax, &dout)
+            }
+            (Layer::SeBlock { c, reduction, bias }, Saved::Se(f)) => {
+                let cfg = SeBlockConfig { n: s[0], c: *c, h: s[2], w: s[3], reduction: *reduction, bias: *bias };
+                let sp = se_params(&cfg, name, &get)?;
+                let g = se_block::se_block_backward(&cfg, inp, &sp, f, &dout);
+                put("fc1.weight", g.dw1);
+                put("fc2.weight", g.dw2);
+                if *bias {
+                    put("fc1.bias", g.db1);
+                    put("fc2.bias", g.db2);
+                }
+                g.dinp
+            }
+            (Layer::GlobalAvgPool, _) => pool::global_avg_pool_backward([s[0], s[1], s[2], s[3]], &dout),
+            (Layer::Linear { in_features, out_features, bias }, _) => {
+                let cfg = LinearConfig { n, in_features: *in_features, out_features: *out_features, bias: *bias };
+                let (dx, dw, db) = linear::linear_backward(&cfg, inp, p("weight")?, &dout);
+                put("weight", dw);
+                if *bias {
+                    put("bias", db);
+                }
+                dx
+            }
+            (layer, _) => anyhow::bail!("reference: {name} ({layer:?}) lost its saved forward state"),
+        };
+    }
+    Ok(StepResult { loss: ce.loss, correct: ce.correct, logits, grads, buffers: new_buffers })
+}
+
+fn se_params<'a>(
+    cfg: &SeBlockConfig,
+    name: &str,
+    get: &impl Fn(&str) -> Result<&'a [f64]>,
+) -> Result<se_block::SeParams<'a>> {
+    Ok(se_block::SeParams {
+        w1: get(&format!("{name}.fc1.weight"))?,
+        b1: if cfg.bias { Some(get(&format!("{name}.fc1.bias"))?) } else { None },
+        w2: get(&format!("{name}.fc2.weight"))?,
+        b2: if cfg.bias { Some(get(&format!("{name}.fc2.bias"))?) } else { None },
+    })
+}

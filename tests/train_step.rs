@@ -1,0 +1,112 @@
+//! The whole training step on the GPU against the CPU reference step, and a small model
+//! overfitting a fixed batch.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use senet_wgpu::model::ModelConfig;
+use senet_wgpu::model::plan::Network;
+use senet_wgpu::ops::cross_entropy::result;
+use senet_wgpu::ops::optimizer::OptimizerConfig;
+use senet_wgpu::reference;
+
+/// A small base SENet: width 1/16 (4, 8, 16, 32, 64 channels), SE 64 → 4 → 64, 3×16×16 input
+/// pooled 16 → 8 → 4 → 2 → 1, five classes.
+fn tiny(classes: usize, hw: usize) -> ModelConfig {
+    ModelConfig {
+        model: "senet".into(),
+        width: 1.0 / 16.0,
+        reduction: 16,
+        in_channels: 3,
+        num_classes: classes,
+        input_hw: [hw, hw],
+        classes: vec![],
+    }
+}
+
+#[test]
+fn gpu_training_step_equals_the_reference_step() {
+    let gpu = gpu();
+    let (n, classes) = (6, 5);
+    let cfg = tiny(classes, 16);
+    let opt = OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, dampening: 0.0, weight_decay: 1e-4, nesterov: false };
+    let mut net = Network::new(gpu.clone(), cfg, opt, 7).unwrap();
+    let plan = net.plan(n).unwrap();
+    let mut r = rng(11);
+    let x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 3 + 1) % classes as u32).collect();
+
+    // The reference sees the same initial parameters and buffers.
+    let mut params: HashMap<String, Vec<f64>> = HashMap::new();
+    for p in &net.params {
+        params.insert(p.spec.name.clone(), to_f64(&read(&gpu, &p.value)));
+    }
+    let mut buffers = HashMap::new();
+    for b in &net.bn {
+        buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(&gpu, &b.running_mean)));
+        buffers.insert(format!("{}.running_var", b.name), to_f64(&read(&gpu, &b.running_var)));
+    }
+    let want = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(&x), &labels).unwrap();
+
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+
+    let res = read(&gpu, &plan.train_result);
+    // The loss is a mean over 6 samples of a log-sum-exp through 17 layers: rtol 1e-4.
+    assert_close("loss", &[res[result::LOSS]], &[want.loss], 1e-5, 1e-4);
+    assert_eq!(res[result::CORRECT] as usize, want.correct, "correct count");
+    assert_close("logits", &read(&gpu, plan.logits()), &want.logits, 1e-4, 1e-4);
+
+    // Gradients after 17 layers of f32 backward: errors compound through batch norm's
+    // 1/std (up to ~30 here), so atol 2e-4 on gradients of O(0.01..1), rtol 1e-3. The conv
+    // biases that feed a batch norm have a true gradient of 0 (the mean subtraction cancels
+    // them): the GPU's is rounding noise, compared with the same absolute tolerance.
+    for p in &net.params {
+        let name = &p.spec.name;
+        let g = want.grads.get(name).unwrap_or_else(|| panic!("reference has no gradient for {name}"));
+        assert_close(&format!("grad {name}"), &read(&gpu, &p.grad), g, 2e-4, 1e-3);
+    }
+    for b in &net.bn {
+        for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
+            let key = format!("{}.{key}", b.name);
+            assert_close(&key, &read(&gpu, t), &want.buffers[&key], 1e-5, 1e-4);
+        }
+        assert_eq!(b.num_batches_tracked, 1);
+    }
+
+    // The update: SGD is linear in the gradient, so the parameters after the step differ from the
+    // reference's by lr times the gradient error at most.
+    for p in &net.params {
+        let name = &p.spec.name;
+        let mut w = params[name].clone();
+        let mut state = vec![vec![0.0; w.len()]];
+        reference::optimizer::optimizer_step(&opt, 1, &mut w, &want.grads[name], &mut state);
+        assert_close(&format!("updated {name}"), &read(&gpu, &p.value), &w, 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn a_small_senet_overfits_a_fixed_batch() {
+    let gpu = gpu();
+    let (n, classes) = (16, 4);
+    let mut net = Network::new(gpu.clone(), tiny(classes, 16), OptimizerConfig::adam(1e-2), 3).unwrap();
+    let plan = net.plan(n).unwrap();
+    let mut r = rng(5);
+    let x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % classes as u32).collect();
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..40 {
+        net.train_step(&plan);
+        losses.push(read(&gpu, &plan.train_result)[result::LOSS]);
+    }
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    eprintln!("overfit losses: {losses:?}");
+    // ln(4) = 1.39 at chance; memorising 16 random images must drive it 20x lower.
+    assert!(last < first / 20.0, "loss fell from {first} to only {last} in 40 steps: {losses:?}");
+    let res = read(&gpu, &plan.train_result);
+    assert_eq!(res[result::CORRECT] as usize, n, "the last step should classify the batch it memorised");
+}
