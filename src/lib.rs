@@ -4,7 +4,10 @@
 //! - [`ops`]: host side of every kernel (shape checks, workgroup math, bind groups).
 //! - [`reference`]: the CPU oracle every kernel is tested against.
 
+pub mod checkpoint;
+pub mod data;
 pub mod gpu;
 pub mod model;
 pub mod ops;
 pub mod reference;
+pub mod train;

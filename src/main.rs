@@ -1,9 +1,11 @@
 //! `senet`: the command-line interface. Parses arguments and calls the library; nothing else.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use senet_wgpu::gpu::{self, GpuOptions, NoAdapterError};
+use senet_wgpu::gpu::{self, Gpu, GpuOptions, NoAdapterError};
+use senet_wgpu::train::{self, EvalArgs, TrainArgs};
 
 #[derive(Parser)]
 #[command(name = "senet", version, about = "Train Squeeze-and-Excitation networks on any GPU through wgpu")]
@@ -20,14 +22,63 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train the base SENet and evaluate it after every epoch.
+    Train(Box<TrainArgs>),
+    /// Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint.
+    Eval(EvalArgs),
+    /// Top-5 classes with probabilities for each image.
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Model width when there is no config.json beside the checkpoint.
+        #[arg(long)]
+        width: Option<f64>,
+        /// SE reduction when there is no config.json beside the checkpoint.
+        #[arg(long)]
+        reduction: Option<usize>,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
     /// List every adapter with its backend, type, driver and the limits that matter,
     /// and say which one `senet` would use.
     Devices,
+    /// Write a Fashion-MNIST subset as gzipped IDX files (how assets/fashion-mnist-sample is made).
+    MakeSample {
+        #[arg(long, default_value = senet_wgpu::data::FASHION_MNIST_DIR)]
+        from: PathBuf,
+        #[arg(long, default_value_t = 4000)]
+        train: usize,
+        #[arg(long, default_value_t = 1000)]
+        test: usize,
+        #[arg(long, default_value = "assets/fashion-mnist-sample")]
+        out: PathBuf,
+    },
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let opts = GpuOptions { backend: cli.backend, adapter_name: cli.adapter };
     match cli.command {
+        Command::Train(args) => {
+            args.validate()?;
+            train::train(Gpu::new(&opts)?, &args)?;
+        }
+        Command::Eval(args) => {
+            let report = train::eval(Gpu::new(&opts)?, &args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", train::format_report(&report));
+            }
+        }
+        Command::Predict { checkpoint, width, reduction, images } => {
+            let results = train::predict(Gpu::new(&opts)?, &checkpoint, &images, 5, width, reduction)?;
+            for (path, top) in images.iter().zip(results) {
+                println!("{}", path.display());
+                for (class, p) in top {
+                    println!("  {p:>7.4}  {class}");
+                }
+            }
+        }
         Command::Devices => {
             let adapters = gpu::list_adapters(&opts)?;
             if adapters.is_empty() {
@@ -36,11 +87,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for a in &adapters {
                 println!("{a}\n");
             }
-            let chosen = gpu::Gpu::new(&opts)?;
-            println!("selected: {}", chosen.describe());
-            Ok(())
+            println!("selected: {}", Gpu::new(&opts)?.describe());
+        }
+        Command::MakeSample { from, train, test, out } => {
+            let names = senet_wgpu::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+            let src = senet_wgpu::data::idx::load_split("fashion-mnist", &from, names)?;
+            senet_wgpu::data::idx::write_subset(&src, train, test, &out)?;
+            println!("wrote {train} training and {test} test images to {}", out.display());
         }
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -23,6 +23,7 @@ fn tiny(classes: usize, hw: usize) -> ModelConfig {
         num_classes: classes,
         input_hw: [hw, hw],
         classes: vec![],
+        normalize: None,
     }
 }
 

@@ -148,10 +148,15 @@ impl Gpu {
     /// Pick an adapter and create the device with the adapter's own limits.
     pub fn new(opts: &GpuOptions) -> Result<Arc<Gpu>> {
         let backends = backends_for(opts)?;
-        let inst = instance(backends);
-        // GL only as a last resort: probing it is noisy and its compute support is the weakest.
-        let mut adapters = pollster::block_on(inst.enumerate_adapters(backends - wgpu::Backends::GL));
+        // GL only as a last resort, from an instance of its own: probing EGL is noisy and GL's
+        // compute support is the weakest.
+        let mut adapters = Vec::new();
+        if !(backends - wgpu::Backends::GL).is_empty() {
+            let inst = instance(backends - wgpu::Backends::GL);
+            adapters = pollster::block_on(inst.enumerate_adapters(backends - wgpu::Backends::GL));
+        }
         if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
+            let inst = instance(wgpu::Backends::GL);
             adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::GL));
         }
         if adapters.is_empty() {

@@ -232,6 +232,9 @@ pub struct ModelConfig {
     /// Class names, index order (for eval and predict).
     #[serde(default)]
     pub classes: Vec<String>,
+    /// Per-channel (mean, std) the inputs were normalised with after /255; None = none.
+    #[serde(default)]
+    pub normalize: Option<Vec<(f32, f32)>>,
 }
 
 impl ModelConfig {

@@ -1,0 +1,215 @@
+//! Checkpoints as safetensors with PyTorch `state_dict` names and shapes: float32 parameters
+//! and running statistics, int64 `num_batches_tracked` — loadable by
+//! `safetensors.torch.load_file` + `load_state_dict`. Written atomically (temporary file in the
+//! same folder, synced, renamed), so a crash mid-write leaves the previous file intact.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::model::ModelConfig;
+use crate::model::plan::Network;
+use crate::model::senet::scaled;
+
+/// One tensor of a state dict.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub shape: Vec<usize>,
+    pub value: Value,
+}
+
+/// Name → tensor, in name order.
+pub type StateDict = BTreeMap<String, Entry>;
+
+/// Read the network's state dict back from the GPU.
+pub fn state_dict(net: &Network) -> Result<StateDict> {
+    let mut sd = StateDict::new();
+    for p in &net.params {
+        sd.insert(
+            p.spec.name.clone(),
+            Entry { shape: p.spec.shape.clone(), value: Value::F32(p.value.read(&net.gpu)?) },
+        );
+    }
+    for b in &net.bn {
+        let c = b.running_mean.numel();
+        sd.insert(
+            format!("{}.running_mean", b.name),
+            Entry { shape: vec![c], value: Value::F32(b.running_mean.read(&net.gpu)?) },
+        );
+        sd.insert(
+            format!("{}.running_var", b.name),
+            Entry { shape: vec![c], value: Value::F32(b.running_var.read(&net.gpu)?) },
+        );
+        sd.insert(
+            format!("{}.num_batches_tracked", b.name),
+            Entry { shape: vec![], value: Value::I64(vec![b.num_batches_tracked]) },
+        );
+    }
+    Ok(sd)
+}
+
+/// Serialise a state dict to safetensors bytes.
+pub fn to_bytes(sd: &StateDict) -> Result<Vec<u8>> {
+    let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = sd
+        .iter()
+        .map(|(name, e)| match &e.value {
+            Value::F32(v) => (name.clone(), Dtype::F32, e.shape.clone(), bytemuck::cast_slice(v).to_vec()),
+            Value::I64(v) => (name.clone(), Dtype::I64, e.shape.clone(), bytemuck::cast_slice(v).to_vec()),
+        })
+        .collect();
+    let views = raw
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    Ok(safetensors::serialize(views, None)?)
+}
+
+/// Write `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn save(net: &Network, path: &Path) -> Result<()> {
+    write_atomic(path, &to_bytes(&state_dict(net)?)?)
+}
+
+/// Parse safetensors bytes (f32 and i64 tensors; f64/f16/bf16 are refused with their name).
+pub fn from_bytes(bytes: &[u8], what: &str) -> Result<StateDict> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{what}: not a readable safetensors file"))?;
+    let mut sd = StateDict::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let value = match view.dtype() {
+            Dtype::F32 => {
+                Value::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            Dtype::I64 => {
+                Value::I64(data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+            }
+            other => bail!("{what}: tensor {name} is {other:?}; expected F32 (or I64 for num_batches_tracked)"),
+        };
+        sd.insert(name, Entry { shape: view.shape().to_vec(), value });
+    }
+    Ok(sd)
+}
+
+pub fn load(path: &Path) -> Result<StateDict> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    from_bytes(&bytes, &path.display().to_string())
+}
+
+/// Copy a state dict into the network. Every name must match with its shape; `what` names the
+/// source in errors.
+pub fn apply(net: &mut Network, sd: &StateDict, what: &str) -> Result<()> {
+    let want = state_dict_shapes(net);
+    let missing: Vec<&String> = want.keys().filter(|k| !sd.contains_key(*k)).collect();
+    let extra: Vec<&String> = sd.keys().filter(|k| !want.contains_key(*k)).collect();
+    ensure!(missing.is_empty(), "{what}: missing tensors {missing:?} for a model {:?}", describe(&net.config));
+    ensure!(extra.is_empty(), "{what}: unexpected tensors {extra:?}; not part of {:?}", describe(&net.config));
+    let wrong: Vec<String> = want
+        .iter()
+        .filter(|(name, shape)| &sd[*name].shape != *shape)
+        .map(|(name, shape)| format!("tensor {name} has shape {:?}, expected {shape:?}", sd[name].shape))
+        .collect();
+    if !wrong.is_empty() {
+        let fits = infer_config(sd, net.config.input_hw, what)
+            .map(|c| format!("; the checkpoint fits a model {}", describe(&c)))
+            .unwrap_or_default();
+        bail!("{what}: does not fit the model {}: {}{fits}", describe(&net.config), wrong.join("; "));
+    }
+    let gpu = net.gpu.clone();
+    for p in &net.params {
+        match &sd[&p.spec.name].value {
+            Value::F32(v) => p.value.write(&gpu, v)?,
+            Value::I64(_) => bail!("{what}: tensor {} is I64; expected F32", p.spec.name),
+        }
+    }
+    for b in &mut net.bn {
+        for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
+            match &sd[&format!("{}.{key}", b.name)].value {
+                Value::F32(v) => t.write(&gpu, v)?,
+                Value::I64(_) => bail!("{what}: tensor {}.{key} is I64; expected F32", b.name),
+            }
+        }
+        b.num_batches_tracked = match &sd[&format!("{}.num_batches_tracked", b.name)].value {
+            Value::I64(v) => v.first().copied().unwrap_or(0),
+            Value::F32(v) => v.first().copied().unwrap_or(0.0) as i64,
+        };
+    }
+    Ok(())
+}
+
+fn state_dict_shapes(net: &Network) -> BTreeMap<String, Vec<usize>> {
+    let mut m = BTreeMap::new();
+    for p in &net.params {
+        m.insert(p.spec.name.clone(), p.spec.shape.clone());
+    }
+    for b in &net.bn {
+        let c = b.running_mean.numel();
+        m.insert(format!("{}.running_mean", b.name), vec![c]);
+        m.insert(format!("{}.running_var", b.name), vec![c]);
+        m.insert(format!("{}.num_batches_tracked", b.name), vec![]);
+    }
+    m
+}
+
+fn describe(c: &ModelConfig) -> String {
+    format!(
+        "{} width {} reduction {} in_channels {} classes {}",
+        c.model, c.width, c.reduction, c.in_channels, c.num_classes
+    )
+}
+
+/// The base SENet's configuration read off a state dict's shapes: width from `features.0.weight`,
+/// reduction from the SE block, classes from the classifier. `input_hw` comes from the data.
+pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<ModelConfig> {
+    let shape = |name: &str| -> Result<&Vec<usize>> {
+        sd.get(name).map(|e| &e.shape).with_context(|| {
+            format!("{what}: no tensor {name}; cannot infer the model (is this a base SENet state dict?)")
+        })
+    };
+    let conv0 = shape("features.0.weight")?;
+    let fc1 = shape("features.16.fc1.weight")?;
+    let cls = shape("classifier.0.weight")?;
+    ensure!(conv0.len() == 4 && fc1.len() == 4 && cls.len() == 2, "{what}: unexpected ranks for a base SENet");
+    let width = conv0[0] as f64 / 64.0;
+    let c5 = scaled(1024, width);
+    ensure!(fc1[1] == c5, "{what}: features.16.fc1.weight {fc1:?} does not fit width {width} (expected {c5} channels)");
+    ensure!(fc1[0] >= 1, "{what}: features.16.fc1.weight has no hidden units");
+    Ok(ModelConfig {
+        model: "senet".into(),
+        width,
+        reduction: c5 / fc1[0],
+        in_channels: conv0[1],
+        num_classes: cls[0],
+        input_hw,
+        classes: vec![],
+        normalize: None,
+    })
+}

@@ -1,0 +1,127 @@
+//! Datasets: CIFAR-10 binary, MNIST/Fashion-MNIST IDX, image folders, the bundled sample; and
+//! the loader that shuffles, augments and batches them.
+//!
+//! Every dataset is held as u8 pixels, NCHW per image, and labels; conversion to f32 (/255 as
+//! `transforms.ToTensor()`, optional per-channel normalisation) happens per batch.
+
+pub mod cifar10;
+pub mod folder;
+pub mod idx;
+pub mod loader;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail, ensure};
+
+/// Images and labels of one split.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    /// [c, h, w] of every image.
+    pub shape: [usize; 3],
+    /// u8 pixels, image after image, each NCHW (channel planes).
+    pub images: Vec<u8>,
+    pub labels: Vec<u32>,
+    pub classes: Vec<String>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    pub fn image_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.images[i * self.image_len()..][..self.image_len()]
+    }
+
+    /// Keep the first `n` samples (for quick runs).
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len() {
+            self.labels.truncate(n);
+            self.images.truncate(n * self.image_len());
+        }
+    }
+
+    /// Check that images and labels agree and every label names a class.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        ensure!(!self.is_empty(), "{what}: no samples");
+        ensure!(
+            self.images.len() == self.len() * self.image_len(),
+            "{what}: {} pixel bytes for {} images of {:?}",
+            self.images.len(),
+            self.len(),
+            self.shape
+        );
+        if let Some((i, l)) = self.labels.iter().enumerate().find(|(_, l)| **l as usize >= self.classes.len()) {
+            bail!("{what}: sample {i} has label {l}, but there are {} classes", self.classes.len());
+        }
+        Ok(())
+    }
+}
+
+/// A train/test pair with its name.
+#[derive(Clone, Debug)]
+pub struct Splits {
+    pub name: String,
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+/// Which dataset to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    Cifar10,
+    FashionMnist,
+    Mnist,
+    Folder,
+    Sample,
+}
+
+pub const FASHION_MNIST_CLASSES: [&str; 10] =
+    ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+pub const MNIST_CLASSES: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+/// The bundled sample (a Fashion-MNIST subset) shipped in `assets/`.
+pub fn sample_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join("fashion-mnist-sample")
+}
+
+/// Load `kind` from `dir` (or its default location).
+pub fn load(kind: DatasetKind, dir: Option<&Path>, image_hw: Option<[usize; 2]>) -> Result<Splits> {
+    let named = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    match kind {
+        DatasetKind::Cifar10 => {
+            let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("data"));
+            cifar10::load(&cifar10::batches_dir(&dir))
+        }
+        DatasetKind::FashionMnist => {
+            let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(FASHION_MNIST_DIR));
+            idx::load_split("fashion-mnist", &dir, named(&FASHION_MNIST_CLASSES))
+        }
+        DatasetKind::Mnist => {
+            let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("data/mnist"));
+            idx::load_split("mnist", &dir, named(&MNIST_CLASSES))
+        }
+        DatasetKind::Sample => {
+            let dir = dir.map(Path::to_path_buf).unwrap_or_else(sample_dir);
+            let mut s = idx::load_split("sample", &dir, named(&FASHION_MNIST_CLASSES))?;
+            s.name = "sample (Fashion-MNIST subset)".into();
+            Ok(s)
+        }
+        DatasetKind::Folder => {
+            let Some(dir) = dir else {
+                bail!("--dataset folder needs --data-dir DIR (with DIR/train/<class>/ and DIR/test/<class>/)")
+            };
+            folder::load(dir, image_hw)
+        }
+    }
+}

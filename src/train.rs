@@ -1,0 +1,584 @@
+//! Training and evaluation, top to bottom: hyper-parameters, data, network, training loop,
+//! evaluation, outputs. The kernels live in `ops/`, the step plans in `model::plan`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::checkpoint;
+use crate::data::loader::{self, Preprocess};
+use crate::data::{self, DatasetKind, Splits, cifar10};
+use crate::gpu::Gpu;
+use crate::model::ModelConfig;
+use crate::model::plan::{Network, StepPlan, clear_metrics};
+use crate::ops::cross_entropy::result;
+use crate::ops::optimizer::OptimizerConfig;
+
+// ---------------------------------------------------------------------------------------------
+// Hyper-parameters. Defaults are the base recipe of the seed document: SENet width 1, Adam
+// lr 1e-3, batch 128, 10 epochs, ToTensor() preprocessing only.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adam,
+    Adamw,
+    Sgd,
+}
+
+/// Where the data comes from (shared by train, eval).
+#[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct DataArgs {
+    /// Dataset. Default: cifar10 when found in --data-dir (or ./data), else the bundled sample.
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// Folder of the dataset (cifar10: holds cifar-10-batches-bin; fashion-mnist default:
+    /// /usr/share/datasets/fashion-mnist; folder: DIR/train/<class>, DIR/test/<class>).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub limit_test: Option<usize>,
+}
+
+#[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    /// Channel width multiplier: 1.0 = 64…1024 channels, 0.25 = 16…256.
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    /// SE reduction ratio r (hidden width C/r).
+    #[arg(long, default_value_t = 16)]
+    pub reduction: usize,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
+    pub optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// L2 (Adam, SGD) or decoupled (AdamW) weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Normalise inputs with the training set's per-channel mean and std.
+    #[arg(long)]
+    pub normalize: bool,
+    /// Random crop (4-pixel padding) and horizontal flip while training.
+    #[arg(long)]
+    pub augment: bool,
+    /// Run folder for config.json, metrics.csv and checkpoints.
+    #[arg(long, default_value = "runs/latest")]
+    pub out: PathBuf,
+    /// Start from this state dict (safetensors).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Read the running loss every N steps (the only host wait inside an epoch).
+    #[arg(long, default_value_t = 20)]
+    pub log_every: usize,
+}
+
+impl TrainArgs {
+    /// Reject nonsense before any work starts.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.epochs >= 1, "--epochs must be at least 1, got {}", self.epochs);
+        ensure!(self.batch_size >= 1, "--batch-size must be at least 1, got {}", self.batch_size);
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number, got {}", self.lr);
+        ensure!(self.momentum >= 0.0 && self.momentum < 1.0, "--momentum must be in [0, 1), got {}", self.momentum);
+        ensure!(self.weight_decay >= 0.0, "--weight-decay must be >= 0, got {}", self.weight_decay);
+        ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
+        ensure!(self.log_every >= 1, "--log-every must be at least 1");
+        let (first, last) =
+            (crate::model::senet::scaled(64, self.width), crate::model::senet::scaled(1024, self.width));
+        ensure!(
+            first >= 1,
+            "--width {} rounds the first layer's 64 channels down to 0; the smallest width is {}",
+            self.width,
+            1.0 / 64.0
+        );
+        ensure!(
+            self.reduction >= 1 && self.reduction <= last,
+            "--reduction {} must be between 1 and the SE block's {last} channels at width {}",
+            self.reduction,
+            self.width
+        );
+        Ok(())
+    }
+
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        match self.optimizer {
+            OptimizerKind::Adam => OptimizerConfig::Adam {
+                lr: self.lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: self.weight_decay,
+                decoupled: false,
+            },
+            OptimizerKind::Adamw => OptimizerConfig::Adam {
+                lr: self.lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: self.weight_decay,
+                decoupled: true,
+            },
+            OptimizerKind::Sgd => OptimizerConfig::Sgd {
+                lr: self.lr,
+                momentum: self.momentum,
+                dampening: 0.0,
+                weight_decay: self.weight_decay,
+                nesterov: false,
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data
+
+/// Load the dataset the arguments name, resolving the default (CIFAR-10 if present, else the sample).
+pub fn load_data(args: &DataArgs, image_hw: Option<[usize; 2]>) -> Result<Splits> {
+    let kind = match args.dataset {
+        Some(k) => k,
+        None => {
+            let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
+            if cifar10::present(&dir) {
+                DatasetKind::Cifar10
+            } else {
+                eprintln!(
+                    "note: no CIFAR-10 in {} — using the bundled Fashion-MNIST sample. For CIFAR-10, put \
+                     cifar-10-batches-bin/ there (https://www.cs.toronto.edu/~kriz/cifar.html).",
+                    dir.display()
+                );
+                DatasetKind::Sample
+            }
+        }
+    };
+    let dir = if kind == DatasetKind::Sample && args.dataset.is_none() { None } else { args.data_dir.as_deref() };
+    let mut splits = data::load(kind, dir, image_hw)?;
+    if let Some(n) = args.limit_test {
+        ensure!(n >= 1, "--limit-test must be at least 1");
+        splits.test.truncate(n);
+    }
+    Ok(splits)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loop
+
+/// One line of metrics.csv.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_acc: f64,
+    pub seconds: f64,
+    pub train_images_per_s: f64,
+}
+
+/// What `train` returns.
+pub struct TrainSummary {
+    pub history: Vec<EpochMetrics>,
+    pub best_acc: f64,
+    pub out: PathBuf,
+}
+
+/// Plans for every batch size the epoch uses (full and the last partial), built once.
+fn plans_for(net: &Network, batch: usize, lens: &[usize]) -> Result<HashMap<usize, StepPlan>> {
+    let mut plans = HashMap::new();
+    for &len in lens {
+        let full = batch.min(len);
+        for n in [full, len % full] {
+            if n > 0 && !plans.contains_key(&n) {
+                plans.insert(n, net.plan(n)?);
+            }
+        }
+    }
+    Ok(plans)
+}
+
+/// Sum the metrics buffers of every plan: (loss sum, correct, count).
+fn read_sums(net: &Network, plans: &HashMap<usize, StepPlan>, eval: bool) -> Result<(f64, f64, f64)> {
+    let mut s = (0.0, 0.0, 0.0);
+    for p in plans.values() {
+        let r = if eval { &p.eval_result } else { &p.train_result }.read::<f32>(&net.gpu)?;
+        s.0 += f64::from(r[result::SUM_LOSS]);
+        s.1 += f64::from(r[result::SUM_CORRECT]);
+        s.2 += f64::from(r[result::SUM_COUNT]);
+    }
+    Ok(s)
+}
+
+fn bar(len: u64, prefix: String) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}
+
+/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy).
+pub fn evaluate(
+    net: &Network,
+    plans: &HashMap<usize, StepPlan>,
+    ds: &Arc<data::Dataset>,
+    batch: usize,
+    pre: &Preprocess,
+) -> Result<(f64, f64)> {
+    for p in plans.values() {
+        clear_metrics(&net.gpu, &p.eval_result);
+    }
+    for b in loader::epoch_batches(ds.clone(), batch, Preprocess { augment: false, ..pre.clone() }, false, 0, 0) {
+        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
+        plan.write_batch(&net.gpu, &b.images, &b.labels)?;
+        net.eval_batch(plan);
+    }
+    let (loss, correct, count) = read_sums(net, plans, true)?;
+    Ok((loss / count.max(1.0), correct / count.max(1.0)))
+}
+
+pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
+    args.validate()?;
+    let splits = load_data(&args.data, None)?;
+    let mut train_set = splits.train;
+    if let Some(n) = args.limit_train {
+        ensure!(n >= 1, "--limit-train must be at least 1");
+        train_set.truncate(n);
+    }
+    let normalize = args.normalize.then(|| loader::channel_stats(&train_set));
+    let pre = Preprocess { normalize: normalize.clone(), augment: args.augment };
+    let [c, h, w] = train_set.shape;
+    let config = ModelConfig {
+        model: "senet".into(),
+        width: args.width,
+        reduction: args.reduction,
+        in_channels: c,
+        num_classes: train_set.classes.len(),
+        input_hw: [h, w],
+        classes: train_set.classes.clone(),
+        normalize,
+    };
+
+    // Network
+    let mut net = Network::new(gpu.clone(), config.clone(), args.optimizer_config(), args.seed)?;
+    if let Some(init) = &args.init {
+        let sd = checkpoint::load(init)?;
+        checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
+    }
+    let train_set = Arc::new(train_set);
+    let test_set = Arc::new(splits.test);
+    ensure!(
+        test_set.shape == train_set.shape,
+        "test images {:?} differ from training images {:?}",
+        test_set.shape,
+        train_set.shape
+    );
+    let plans = plans_for(&net, args.batch_size, &[train_set.len(), test_set.len()])?;
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating run folder {}", args.out.display()))?;
+    let run_config = serde_json::json!({ "model": config, "train": args, "dataset": splits.name });
+    checkpoint::write_atomic(&args.out.join("config.json"), serde_json::to_string_pretty(&run_config)?.as_bytes())?;
+    let csv_path = args.out.join("metrics.csv");
+    let mut csv = std::fs::File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
+    writeln!(csv, "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s")?;
+
+    println!(
+        "senet width {} (r={}) on {}: {} params | {} train / {} test images {:?} | {} | batch {} | {:?}",
+        args.width,
+        args.reduction,
+        splits.name,
+        net.graph.parameter_count(),
+        train_set.len(),
+        test_set.len(),
+        train_set.shape,
+        gpu.describe(),
+        args.batch_size,
+        args.optimizer
+    );
+    println!(
+        "{:>5} {:>10} {:>9} {:>10} {:>9} {:>8} {:>9}",
+        "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "img/s"
+    );
+
+    let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
+    let mut history = Vec::new();
+    let mut best_acc = f64::NEG_INFINITY;
+    for epoch in 1..=args.epochs {
+        let t0 = Instant::now();
+        for p in plans.values() {
+            clear_metrics(&gpu, &p.train_result);
+        }
+        let pb = bar(steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs));
+        let mut in_flight: Option<wgpu::SubmissionIndex> = None;
+        for (step, b) in loader::epoch_batches(train_set.clone(), args.batch_size, pre.clone(), true, args.seed, epoch)
+            .into_iter()
+            .enumerate()
+        {
+            let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
+            plan.write_batch(&gpu, &b.images, &b.labels)?;
+            let idx = net.train_step(plan);
+            // At most two steps in flight: wait for the previous one, not this one, so the next
+            // batch is prepared and queued while the GPU works.
+            if let Some(prev) = in_flight.replace(idx) {
+                gpu.device
+                    .poll(wgpu::PollType::Wait { submission_index: Some(prev), timeout: None })
+                    .context("waiting for the GPU")?;
+            }
+            pb.inc(1);
+            if (step + 1) % args.log_every == 0 {
+                let (l, c, n) = read_sums(&net, &plans, false)?;
+                let rate = n / t0.elapsed().as_secs_f64();
+                pb.set_message(format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate));
+                if epoch == 1 && step + 1 == args.log_every && gpu.is_cpu() {
+                    pb.println(format!(
+                        "note: {} is a CPU adapter; expect about {:.0} s per epoch",
+                        gpu.info.name,
+                        train_set.len() as f64 / rate
+                    ));
+                }
+            }
+        }
+        gpu.wait()?;
+        let (l, c, n) = read_sums(&net, &plans, false)?;
+        let train_secs = t0.elapsed().as_secs_f64();
+        pb.finish_and_clear();
+        let (test_loss, test_acc) = evaluate(&net, &plans, &test_set, args.batch_size, &pre)?;
+        let m = EpochMetrics {
+            epoch,
+            train_loss: l / n,
+            train_acc: c / n,
+            test_loss,
+            test_acc,
+            seconds: t0.elapsed().as_secs_f64(),
+            train_images_per_s: n / train_secs,
+        };
+        println!(
+            "{:>5} {:>10.4} {:>9.4} {:>10.4} {:>9.4} {:>8.1} {:>9.0}",
+            m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.seconds, m.train_images_per_s
+        );
+        writeln!(
+            csv,
+            "{},{},{},{},{},{:.3},{:.1}",
+            m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.seconds, m.train_images_per_s
+        )?;
+        csv.flush()?;
+        if !(m.train_loss.is_finite()) {
+            bail!("training diverged: the loss is {} after epoch {epoch}; try a lower --lr", m.train_loss);
+        }
+        checkpoint::save(&net, &args.out.join("last.safetensors"))?;
+        if m.test_acc > best_acc {
+            best_acc = m.test_acc;
+            checkpoint::save(&net, &args.out.join("best.safetensors"))?;
+        }
+        history.push(m);
+    }
+    println!("best test accuracy {best_acc:.4}; checkpoints and metrics in {}", args.out.display());
+    Ok(TrainSummary { history, best_acc, out: args.out.clone() })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation of a checkpoint
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// A safetensors state dict (config from config.json beside it, else flags, else the shapes).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Model width when there is no config.json beside the checkpoint.
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// SE reduction when there is no config.json beside the checkpoint.
+    #[arg(long)]
+    pub reduction: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Evaluation results with per-class figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalReport {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub correct: usize,
+    pub total: usize,
+    pub classes: Vec<String>,
+    pub per_class_accuracy: Vec<f64>,
+    /// confusion[true][predicted]
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// The model configuration for a checkpoint: config.json beside it, else flags over the shapes.
+pub fn checkpoint_config(
+    ckpt: &Path,
+    sd: &checkpoint::StateDict,
+    input_hw: [usize; 2],
+    width: Option<f64>,
+    reduction: Option<usize>,
+) -> Result<ModelConfig> {
+    let json = ckpt.parent().map(|d| d.join("config.json"));
+    if let Some(j) = json.filter(|j| j.is_file()) {
+        let text = std::fs::read_to_string(&j).with_context(|| format!("reading {}", j.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", j.display()))?;
+        let model = v.get("model").cloned().unwrap_or(v);
+        return serde_json::from_value(model)
+            .with_context(|| format!("{}: field \"model\" is not a model configuration", j.display()));
+    }
+    let mut cfg = checkpoint::infer_config(sd, input_hw, &ckpt.display().to_string())?;
+    if let Some(w) = width {
+        cfg.width = w;
+    }
+    if let Some(r) = reduction {
+        cfg.reduction = r;
+    }
+    Ok(cfg)
+}
+
+pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
+    ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
+    let sd = checkpoint::load(&args.checkpoint)?;
+    let splits = load_data(&args.data, None)?;
+    let test = Arc::new(splits.test);
+    let [c, h, w] = test.shape;
+    let mut config = checkpoint_config(&args.checkpoint, &sd, [h, w], args.width, args.reduction)?;
+    ensure!(
+        config.in_channels == c && config.input_hw == [h, w],
+        "{}: the model takes {}x{}x{} images, {} has {c}x{h}x{w}",
+        args.checkpoint.display(),
+        config.in_channels,
+        config.input_hw[0],
+        config.input_hw[1],
+        splits.name
+    );
+    if config.classes.is_empty() {
+        config.classes = test.classes.clone();
+    }
+    let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
+    checkpoint::apply(&mut net, &sd, &args.checkpoint.display().to_string())?;
+    let plans = plans_for(&net, args.batch_size, &[test.len()])?;
+    let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
+    let k = config.num_classes;
+    let mut confusion = vec![vec![0usize; k]; k];
+    for p in plans.values() {
+        clear_metrics(&net.gpu, &p.eval_result);
+    }
+    for b in loader::epoch_batches(test.clone(), args.batch_size, pre, false, 0, 0) {
+        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
+        plan.write_batch(&net.gpu, &b.images, &b.labels)?;
+        net.eval_batch(plan);
+        let per = plan.per_sample.read::<f32>(&net.gpu)?;
+        for (i, &t) in b.labels.iter().enumerate() {
+            let pred = per[3 * i + 2] as usize;
+            if (t as usize) < k && pred < k {
+                confusion[t as usize][pred] += 1;
+            }
+        }
+    }
+    let (loss, correct, count) = read_sums(&net, &plans, true)?;
+    let per_class_accuracy = confusion
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let n: usize = row.iter().sum();
+            if n == 0 { 0.0 } else { row[i] as f64 / n as f64 }
+        })
+        .collect();
+    Ok(EvalReport {
+        accuracy: correct / count.max(1.0),
+        loss: loss / count.max(1.0),
+        correct: correct as usize,
+        total: count as usize,
+        classes: config.classes,
+        per_class_accuracy,
+        confusion,
+    })
+}
+
+/// The report as the tables `senet eval` prints.
+pub fn format_report(r: &EvalReport) -> String {
+    let mut s = format!(
+        "test loss {:.4}  accuracy {:.4} ({}/{})\n\nper-class accuracy:\n",
+        r.loss, r.accuracy, r.correct, r.total
+    );
+    for (name, a) in r.classes.iter().zip(&r.per_class_accuracy) {
+        s += &format!("  {name:>14} {a:.4}\n");
+    }
+    s += "\nconfusion matrix (rows: true class, columns: predicted):\n";
+    for (i, row) in r.confusion.iter().enumerate() {
+        s += &format!("  {:>3} |", i);
+        for v in row {
+            s += &format!(" {v:>5}");
+        }
+        s += "\n";
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prediction
+
+/// Top-`k` (class, probability) for each image file.
+pub fn predict(
+    gpu: Arc<Gpu>,
+    ckpt: &Path,
+    images: &[PathBuf],
+    k: usize,
+    width: Option<f64>,
+    reduction: Option<usize>,
+) -> Result<Vec<Vec<(String, f32)>>> {
+    ensure!(!images.is_empty(), "predict needs at least one image");
+    let sd = checkpoint::load(ckpt)?;
+    let config = checkpoint_config(ckpt, &sd, [32, 32], width, reduction)?;
+    let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
+    checkpoint::apply(&mut net, &sd, &ckpt.display().to_string())?;
+    let plan = net.plan(1)?;
+    let [h, w] = config.input_hw;
+    let c = config.in_channels;
+    let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
+    let mut out = Vec::new();
+    for path in images {
+        let pixels = data::folder::decode(path, c, [h, w])?;
+        let ds = data::Dataset { shape: [c, h, w], images: pixels, labels: vec![0], classes: vec![String::new()] };
+        let batch = loader::make_batch(&ds, &[0], &pre, &mut rand::SeedableRng::seed_from_u64(0));
+        plan.write_batch(&net.gpu, &batch.images, &[0])?;
+        net.eval_batch(&plan);
+        let logits = plan.logits().read::<f32>(&net.gpu)?;
+        let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f64> = logits.iter().map(|&l| f64::from(l - mx).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        let mut ranked: Vec<(usize, f64)> = exps.iter().map(|e| e / sum).enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out.push(
+            ranked
+                .into_iter()
+                .take(k)
+                .map(|(i, p)| (config.classes.get(i).cloned().unwrap_or_else(|| format!("class {i}")), p as f32))
+                .collect(),
+        );
+    }
+    Ok(out)
+}

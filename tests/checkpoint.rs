@@ -1,0 +1,147 @@
+//! Checkpoints: PyTorch state_dict names and shapes, save → load → identical predictions, and
+//! clear errors for checkpoints that do not fit.
+
+mod common;
+
+use common::*;
+use senet_wgpu::checkpoint::{self, Entry, Value};
+use senet_wgpu::model::ModelConfig;
+use senet_wgpu::model::plan::Network;
+use senet_wgpu::ops::optimizer::OptimizerConfig;
+
+fn config(width: f64, classes: usize) -> ModelConfig {
+    ModelConfig {
+        model: "senet".into(),
+        width,
+        reduction: 16,
+        in_channels: 1,
+        num_classes: classes,
+        input_hw: [28, 28],
+        classes: vec![],
+        normalize: None,
+    }
+}
+
+#[test]
+fn state_dict_names_and_shapes_are_pytorchs() {
+    // The names and shapes `SENet(num_classes=10, in_channels=3, width=1.0).state_dict()` has.
+    let mut cfg = config(1.0, 10);
+    cfg.in_channels = 3;
+    cfg.input_hw = [32, 32];
+    let g = cfg.graph().unwrap();
+    let params: Vec<(String, Vec<usize>)> = g.parameters().into_iter().map(|p| (p.name, p.shape)).collect();
+    let expect: Vec<(&str, Vec<usize>)> = vec![
+        ("features.0.weight", vec![64, 3, 3, 3]),
+        ("features.0.bias", vec![64]),
+        ("features.1.weight", vec![64]),
+        ("features.1.bias", vec![64]),
+        ("features.4.weight", vec![128, 64, 3, 3]),
+        ("features.4.bias", vec![128]),
+        ("features.5.weight", vec![128]),
+        ("features.5.bias", vec![128]),
+        ("features.8.weight", vec![256, 128, 3, 3]),
+        ("features.8.bias", vec![256]),
+        ("features.9.weight", vec![256]),
+        ("features.9.bias", vec![256]),
+        ("features.11.weight", vec![512, 256, 3, 3]),
+        ("features.11.bias", vec![512]),
+        ("features.12.weight", vec![512]),
+        ("features.12.bias", vec![512]),
+        ("features.15.weight", vec![1024, 512, 3, 3]),
+        ("features.15.bias", vec![1024]),
+        ("features.16.fc1.weight", vec![64, 1024, 1, 1]),
+        ("features.16.fc2.weight", vec![1024, 64, 1, 1]),
+        ("features.17.weight", vec![1024]),
+        ("features.17.bias", vec![1024]),
+        ("classifier.0.weight", vec![10, 1024]),
+        ("classifier.0.bias", vec![10]),
+    ];
+    let expect: Vec<(String, Vec<usize>)> = expect.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+    assert_eq!(params, expect);
+    let bns: Vec<&str> = g.batch_norms().map(|(n, _)| n).collect();
+    assert_eq!(bns, ["features.1", "features.5", "features.9", "features.12", "features.17"]);
+    // convs 1,792 + 73,856 + 295,168 + 1,180,160 + 4,719,616; BN 2·(64+128+256+512+1024) = 3,968;
+    // SE 2·1024·64 = 131,072; classifier 10,250: 6,415,882.
+    assert_eq!(g.parameter_count(), 6_415_882);
+}
+
+#[test]
+fn save_load_eval_gives_identical_predictions() {
+    let gpu = gpu();
+    let cfg = config(0.125, 10);
+    let mut net = Network::new(gpu.clone(), cfg.clone(), OptimizerConfig::adam(1e-3), 1).unwrap();
+    let n = 5;
+    let plan = net.plan(n).unwrap();
+    let mut r = rng(2);
+    let x = uniform(&mut r, n * 28 * 28, 0.0, 1.0);
+    let labels = [1u32, 2, 3, 4, 5];
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    for _ in 0..3 {
+        net.train_step(&plan);
+    }
+    net.eval_batch(&plan);
+    let before = read(&gpu, plan.logits());
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ckpt.safetensors");
+    checkpoint::save(&net, &path).unwrap();
+    let sd = checkpoint::load(&path).unwrap();
+    assert_eq!(sd["features.1.num_batches_tracked"], Entry { shape: vec![], value: Value::I64(vec![3]) });
+
+    // A freshly initialised network with another seed, loaded from the file, predicts the same.
+    let mut other = Network::new(gpu.clone(), cfg, OptimizerConfig::adam(1e-3), 99).unwrap();
+    checkpoint::apply(&mut other, &sd, "ckpt").unwrap();
+    let plan2 = other.plan(n).unwrap();
+    plan2.write_batch(&gpu, &x, &labels).unwrap();
+    other.eval_batch(&plan2);
+    assert_eq!(read(&gpu, plan2.logits()), before, "bitwise equal logits after save and load");
+    assert_eq!(other.bn[0].num_batches_tracked, 3);
+
+    // The bytes round-trip unchanged, and the shapes tell the configuration.
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(checkpoint::to_bytes(&checkpoint::from_bytes(&bytes, "x").unwrap()).unwrap(), bytes);
+    let inferred = checkpoint::infer_config(&sd, [28, 28], "x").unwrap();
+    assert_eq!((inferred.width, inferred.reduction, inferred.in_channels, inferred.num_classes), (0.125, 16, 1, 10));
+}
+
+#[test]
+fn mismatched_checkpoints_are_clear_errors() {
+    let gpu = gpu();
+    let mut net = Network::new(gpu.clone(), config(0.125, 10), OptimizerConfig::adam(1e-3), 1).unwrap();
+    let sd = checkpoint::state_dict(&net).unwrap();
+
+    let mut wrong = sd.clone();
+    wrong.get_mut("classifier.0.weight").unwrap().shape = vec![7, 128];
+    let err = checkpoint::apply(&mut net, &wrong, "other.safetensors").unwrap_err().to_string();
+    assert!(err.contains("classifier.0.weight") && err.contains("[7, 128]") && err.contains("[10, 128]"), "{err}");
+
+    let mut missing = sd.clone();
+    missing.remove("features.16.fc1.weight");
+    let err = checkpoint::apply(&mut net, &missing, "m").unwrap_err().to_string();
+    assert!(err.contains("missing") && err.contains("features.16.fc1.weight"), "{err}");
+
+    let mut extra = sd.clone();
+    extra.insert("features.16.fc1.bias".into(), Entry { shape: vec![8], value: Value::F32(vec![0.0; 8]) });
+    let err = checkpoint::apply(&mut net, &extra, "e").unwrap_err().to_string();
+    assert!(err.contains("unexpected") && err.contains("features.16.fc1.bias"), "{err}");
+
+    // A checkpoint of another width.
+    let wide = Network::new(gpu.clone(), config(0.25, 10), OptimizerConfig::adam(1e-3), 1).unwrap();
+    let err = checkpoint::apply(&mut net, &checkpoint::state_dict(&wide).unwrap(), "wide").unwrap_err().to_string();
+    assert!(
+        err.contains("features.0.weight") && err.contains("[16, 1, 3, 3]") && err.contains("[8, 1, 3, 3]"),
+        "{err}"
+    );
+    assert!(err.contains("fits a model senet width 0.25"), "{err}");
+
+    // Not safetensors at all, and a float64 tensor.
+    let err = format!("{:#}", checkpoint::from_bytes(b"garbage", "junk.safetensors").unwrap_err());
+    assert!(err.contains("junk.safetensors") && err.contains("not a readable safetensors"), "{err}");
+    let f64_bytes = safetensors::serialize(
+        [("w", safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![1], &[0u8; 8]).unwrap())],
+        None,
+    )
+    .unwrap();
+    let err = checkpoint::from_bytes(&f64_bytes, "f64.safetensors").unwrap_err().to_string();
+    assert!(err.contains("tensor w is F64"), "{err}");
+}

@@ -1,0 +1,223 @@
+//! Dataset parsers on files the tests write, and the loader's batching rules.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use senet_wgpu::data::loader::{self, Preprocess};
+use senet_wgpu::data::{self, DatasetKind, cifar10, idx};
+
+fn gz(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// Write the four IDX files of `n_train`/`n_test` h×w images, gzipped or raw.
+fn write_idx(dir: &Path, n_train: usize, n_test: usize, h: usize, w: usize, gzip: bool) {
+    for (prefix, n) in [("train", n_train), ("t10k", n_test)] {
+        let images: Vec<u8> = (0..n * h * w).map(|i| (i * 7 % 256) as u8).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        for (bytes, stem) in [
+            (idx::encode(&images, n, Some((h, w))), format!("{prefix}-images-idx3-ubyte")),
+            (idx::encode(&labels, n, None), format!("{prefix}-labels-idx1-ubyte")),
+        ] {
+            if gzip {
+                std::fs::write(dir.join(format!("{stem}.gz")), gz(&bytes)).unwrap();
+            } else {
+                std::fs::write(dir.join(stem), bytes).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn idx_raw_and_gzip_load_the_same() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_idx(a.path(), 12, 5, 4, 3, false);
+    write_idx(b.path(), 12, 5, 4, 3, true);
+    let ra = data::load(DatasetKind::Mnist, Some(a.path()), None).unwrap();
+    let rb = data::load(DatasetKind::Mnist, Some(b.path()), None).unwrap();
+    assert_eq!(ra.train, rb.train);
+    assert_eq!(ra.train.shape, [1, 4, 3]);
+    assert_eq!(ra.train.len(), 12);
+    assert_eq!(ra.test.len(), 5);
+    assert_eq!(ra.train.labels[11], 1);
+    assert_eq!(ra.train.image(1)[0], 12 * 7, "image 1 starts at byte 12 of the ramp i*7");
+}
+
+#[test]
+fn idx_errors_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x-images");
+    let check = |bytes: &[u8], dims: usize, expect: &str| {
+        let err = idx::parse(bytes, dims, "x-images").unwrap_err().to_string();
+        assert!(err.contains("x-images") && err.contains(expect), "{err}");
+    };
+    check(&[0, 0, 9, 3, 0, 0, 0, 1], 3, "bad magic");
+    check(&[0, 0, 8, 2, 0, 0, 0, 1, 0, 0, 0, 1], 3, "2 dimensions, expected 3");
+    let mut promise = idx::encode(&[1, 2, 3], 1, Some((2, 2)));
+    check(&promise, 3, "promises");
+    promise.truncate(6);
+    check(&promise, 3, "header needs");
+    // Counts that disagree, and corrupt gzip.
+    write_idx(dir.path(), 4, 2, 2, 2, false);
+    std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx::encode(&[1, 2, 3], 3, None)).unwrap();
+    let err = format!("{:#}", data::load(DatasetKind::Mnist, Some(dir.path()), None).unwrap_err());
+    assert!(err.contains("4 images") && err.contains("3 labels"), "{err}");
+    std::fs::write(&p, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
+    let err = format!("{:#}", idx::read_maybe_gz(&p).unwrap_err());
+    assert!(err.contains("corrupt or truncated gzip"), "{err}");
+}
+
+fn cifar_records(n: usize, label: impl Fn(usize) -> u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(label(i));
+        out.extend((0..3072).map(|p| ((p + i) % 251) as u8));
+    }
+    out
+}
+
+#[test]
+fn cifar10_binary_batches_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("cifar-10-batches-bin");
+    std::fs::create_dir(&bin).unwrap();
+    for f in cifar10::TRAIN_FILES {
+        std::fs::write(bin.join(f), cifar_records(3, |i| i as u8)).unwrap();
+    }
+    std::fs::write(bin.join(cifar10::TEST_FILE), cifar_records(2, |_| 9)).unwrap();
+    assert!(cifar10::present(dir.path()));
+    let s = data::load(DatasetKind::Cifar10, Some(dir.path()), None).unwrap();
+    assert_eq!(s.train.len(), 15);
+    assert_eq!(s.test.len(), 2);
+    assert_eq!(s.train.shape, [3, 32, 32]);
+    assert_eq!(s.train.labels[..4], [0, 1, 2, 0]);
+    assert_eq!(s.test.labels, [9, 9]);
+    // Red plane first: pixel p of record i is (p + i) % 251.
+    assert_eq!(s.train.image(1)[1024], ((1024 + 1) % 251) as u8);
+    assert_eq!(s.train.classes[0], "airplane");
+}
+
+#[test]
+fn cifar10_errors_name_the_file_and_the_problem() {
+    let mut ds = data::Dataset { shape: [3, 32, 32], images: vec![], labels: vec![], classes: vec![] };
+    let err = cifar10::parse_into(&[], "data_batch_1.bin", &mut ds).unwrap_err().to_string();
+    assert!(err.contains("data_batch_1.bin") && err.contains("empty"), "{err}");
+    let err =
+        cifar10::parse_into(&cifar_records(2, |_| 1)[..5000], "data_batch_2.bin", &mut ds).unwrap_err().to_string();
+    assert!(err.contains("data_batch_2.bin") && err.contains("3,073-byte records"), "{err}");
+    let err =
+        cifar10::parse_into(&cifar_records(2, |i| 9 + i as u8), "test_batch.bin", &mut ds).unwrap_err().to_string();
+    assert!(err.contains("record 1 has label 10"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", data::load(DatasetKind::Cifar10, Some(dir.path()), None).unwrap_err());
+    assert!(err.contains("data_batch_1.bin") && err.contains("--download"), "{err}");
+}
+
+fn png(path: &Path, w: u32, h: u32, rgb: bool, v: u8) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    if rgb {
+        image::RgbImage::from_fn(w, h, |x, _| image::Rgb([v, x as u8, 255 - v])).save(path).unwrap();
+    } else {
+        image::GrayImage::from_fn(w, h, |_, _| image::Luma([v])).save(path).unwrap();
+    }
+}
+
+#[test]
+fn image_folders_load_sorted_classes_and_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(&d.join("train/zebra/a.png"), 6, 4, true, 10);
+    png(&d.join("train/ant/b.png"), 6, 4, true, 20);
+    png(&d.join("train/ant/c.png"), 12, 8, true, 30); // resized to 6x4
+    png(&d.join("test/ant/d.png"), 6, 4, true, 40);
+    png(&d.join("test/zebra/e.png"), 6, 4, false, 50); // grey, converted to RGB
+    std::fs::write(d.join("train/ant/notes.txt"), "not an image, not listed").unwrap();
+    let s = data::load(DatasetKind::Folder, Some(d), None).unwrap();
+    assert_eq!(s.train.classes, ["ant", "zebra"]);
+    assert_eq!(s.train.shape, [3, 4, 6]);
+    assert_eq!(s.train.labels, [0, 0, 1]);
+    assert_eq!(s.test.labels, [0, 1]);
+    // Plane layout: red plane of the first ant image is 20 everywhere.
+    assert!(s.train.image(0)[..24].iter().all(|&v| v == 20));
+    assert!(s.test.image(1)[..24].iter().all(|&v| v == 50), "grey becomes equal RGB planes");
+    let s = data::load(DatasetKind::Folder, Some(d), Some([8, 8])).unwrap();
+    assert_eq!(s.train.shape, [3, 8, 8]);
+}
+
+#[test]
+fn image_folder_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    png(&d.join("train/a/1.png"), 4, 4, false, 1);
+    png(&d.join("test/b/1.png"), 4, 4, false, 1);
+    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), None).unwrap_err());
+    assert!(err.contains("differ"), "{err}");
+    std::fs::create_dir_all(d.join("test/a")).unwrap();
+    std::fs::remove_dir_all(d.join("test/b")).unwrap();
+    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), None).unwrap_err());
+    assert!(err.contains("empty class"), "{err}");
+    std::fs::write(d.join("test/a/broken.png"), b"not a png").unwrap();
+    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), None).unwrap_err());
+    assert!(err.contains("broken.png") && err.contains("not a readable image"), "{err}");
+    let err = format!("{:#}", data::load(DatasetKind::Folder, None, None).unwrap_err());
+    assert!(err.contains("--data-dir"), "{err}");
+}
+
+#[test]
+fn the_bundled_sample_loads() {
+    let s = data::load(DatasetKind::Sample, None, None).unwrap();
+    assert_eq!(s.train.len(), 4000);
+    assert_eq!(s.test.len(), 1000);
+    assert_eq!(s.train.shape, [1, 28, 28]);
+    assert_eq!(s.train.classes.len(), 10);
+    // Real images: every class is present and the pixels are not constant.
+    for c in 0..10 {
+        assert!(s.train.labels.contains(&c), "class {c} missing from the sample");
+    }
+    assert!(s.train.image(0).iter().any(|&v| v != s.train.image(0)[0]));
+}
+
+#[test]
+fn loader_shuffles_by_seed_and_keeps_the_last_partial_batch() {
+    let ds = Arc::new(data::Dataset {
+        shape: [1, 2, 2],
+        images: (0..10 * 4).map(|i| i as u8).collect(),
+        labels: (0..10).collect(),
+        classes: (0..10).map(|i| i.to_string()).collect(),
+    });
+    let a = loader::epoch_order(10, true, 3, 1);
+    assert_eq!(a, loader::epoch_order(10, true, 3, 1), "same seed and epoch, same order");
+    assert_ne!(a, loader::epoch_order(10, true, 3, 2), "a new order each epoch");
+    assert_eq!(loader::epoch_order(10, false, 3, 1), (0..10).collect::<Vec<_>>());
+    let batches: Vec<_> = loader::epoch_batches(ds.clone(), 4, Preprocess::default(), true, 3, 1).into_iter().collect();
+    assert_eq!(batches.iter().map(|b| b.labels.len()).collect::<Vec<_>>(), [4, 4, 2]);
+    let mut seen: Vec<u32> = batches.iter().flat_map(|b| b.labels.clone()).collect();
+    seen.sort();
+    assert_eq!(seen, (0..10).collect::<Vec<_>>(), "every sample once per epoch");
+    // ToTensor: /255, image k holds 4k..4k+3.
+    let b = &loader::epoch_batches(ds.clone(), 10, Preprocess::default(), false, 0, 0).into_iter().next().unwrap();
+    assert_eq!(b.images[4 * 3 + 1], 13.0 / 255.0);
+    let pre = Preprocess { normalize: Some(vec![(0.5, 0.25)]), augment: false };
+    let b = &loader::epoch_batches(ds.clone(), 10, pre, false, 0, 0).into_iter().next().unwrap();
+    assert!((b.images[4 * 3 + 1] - (13.0 / 255.0 - 0.5) / 0.25).abs() < 1e-6);
+    let stats = loader::channel_stats(&ds);
+    assert!((stats[0].0 - 19.5 / 255.0).abs() < 1e-6, "{stats:?}");
+}
+
+#[test]
+fn augmentation_crops_and_flips_within_the_padded_image() {
+    let ds = data::Dataset { shape: [1, 8, 8], images: vec![255; 64], labels: vec![0], classes: vec!["x".into()] };
+    let pre = Preprocess { normalize: None, augment: true };
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
+    let mut shifted = 0;
+    for _ in 0..50 {
+        let b = loader::make_batch(&ds, &[0], &pre, &mut rng);
+        assert_eq!(b.images.len(), 64);
+        assert!(b.images.iter().all(|&v| v == 0.0 || v == 1.0), "pixels are the image's or the zero padding");
+        shifted += usize::from(b.images.contains(&0.0));
+    }
+    assert!(shifted > 25, "random crops should usually reveal padding ({shifted}/50)");
+}
