@@ -1,0 +1,109 @@
+//! The GPU training step against PyTorch: `scripts/torch_golden.py` (run once with PyTorch, its
+//! small outputs committed in tests/golden/senet_tiny) exports a small base SENet's initial state
+//! dict, a batch, and — computed in float64 — the loss, logits, every gradient and the state dict
+//! after one `torch.optim.Adam(lr=1e-3)` step. We load the same state dict, take one step on the
+//! GPU in f32 and compare.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::*;
+use senet_wgpu::checkpoint;
+use senet_wgpu::model::ModelConfig;
+use senet_wgpu::model::plan::Network;
+use senet_wgpu::ops::cross_entropy::result;
+use senet_wgpu::ops::optimizer::OptimizerConfig;
+
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/senet_tiny");
+
+/// Every tensor of a golden file as f64 (F64, F32 and I64 tensors).
+fn load(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(Path::new(DIR).join(name)).expect("golden file");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let d = v.data();
+            let vals: Vec<f64> = match v.dtype() {
+                safetensors::Dtype::F64 => {
+                    d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+                }
+                safetensors::Dtype::F32 => {
+                    d.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
+                }
+                safetensors::Dtype::I64 => {
+                    d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                other => panic!("golden tensor {k} has dtype {other:?}"),
+            };
+            (k, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+#[test]
+fn one_adam_step_matches_pytorch() {
+    let gpu = gpu();
+    let config = ModelConfig {
+        model: "senet".into(),
+        width: 1.0 / 16.0,
+        reduction: 16,
+        in_channels: 3,
+        num_classes: 5,
+        input_hw: [16, 16],
+        classes: vec![],
+        normalize: None,
+    };
+    let lr = 1e-3;
+    let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(lr), 0).unwrap();
+    let sd = checkpoint::load(&Path::new(DIR).join("state_dict.safetensors")).unwrap();
+    checkpoint::apply(&mut net, &sd, "golden state dict").unwrap();
+
+    let batch = load("batch.safetensors");
+    let x: Vec<f32> = batch["x"].1.iter().map(|&v| v as f32).collect();
+    let y: Vec<u32> = batch["y"].1.iter().map(|&v| v as u32).collect();
+    let plan = net.plan(y.len()).unwrap();
+    plan.write_batch(&gpu, &x, &y).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+
+    let golden = load("step.safetensors");
+    // As in tests/train_step.rs: a loss and logits through 17 layers in f32, rtol 1e-4.
+    let res = read(&gpu, &plan.train_result);
+    assert_close("loss vs PyTorch", &[res[result::LOSS]], &golden["loss"].1, 1e-5, 1e-4);
+    assert_close("logits vs PyTorch", &read(&gpu, plan.logits()), &golden["logits"].1, 1e-4, 1e-4);
+
+    for p in &net.params {
+        let name = &p.spec.name;
+        let (shape, g) = &golden[&format!("grad.{name}")];
+        assert_eq!(shape, &p.spec.shape, "{name} shape");
+        // Gradients: atol 2e-4, rtol 1e-3 (tests/train_step.rs says why). The conv biases that
+        // feed a batch norm have a true gradient of 0; PyTorch's is ~1e-17, ours f32 noise.
+        assert_close(&format!("grad {name} vs PyTorch"), &read(&gpu, &p.grad), g, 2e-4, 1e-3);
+
+        // After one Adam step a parameter moves by lr * g/(|g| + eps) — by ±lr whatever the size of
+        // g. Where |g| is below 1e-4 the f32 gradient's sign and size are rounding noise against
+        // float64's, so the update is only bounded (|diff| <= lr); elsewhere it is determined:
+        // atol 2e-5 (2% of lr).
+        let after = &golden[&format!("after.{name}")].1;
+        let got = read(&gpu, &p.value);
+        for (i, (&a, &want)) in got.iter().zip(after).enumerate() {
+            let tol = if g[i].abs() < 1e-4 { lr * 1.001 } else { 2e-5 };
+            let diff = (f64::from(a) - want).abs();
+            assert!(
+                diff <= tol,
+                "{name}[{i}] after Adam: gpu {a} PyTorch {want} (grad {}) |diff| {diff:e} > {tol:e}",
+                g[i]
+            );
+        }
+    }
+    for b in &net.bn {
+        for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
+            let key = format!("{}.{key}", b.name);
+            assert_close(&format!("{key} vs PyTorch"), &read(&gpu, t), &golden[&format!("after.{key}")].1, 1e-5, 1e-4);
+        }
+        assert_eq!(b.num_batches_tracked as f64, golden[&format!("after.{}.num_batches_tracked", b.name)].1[0]);
+    }
+}
