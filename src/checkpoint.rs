@@ -3,7 +3,7 @@
 //! `safetensors.torch.load_file` + `load_state_dict`. Written atomically (temporary file in the
 //! same folder, synced, renamed), so a crash mid-write leaves the previous file intact.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 
@@ -59,6 +59,11 @@ pub fn state_dict(net: &Network) -> Result<StateDict> {
 
 /// Serialise a state dict to safetensors bytes.
 pub fn to_bytes(sd: &StateDict) -> Result<Vec<u8>> {
+    to_bytes_with(sd, None)
+}
+
+/// Serialise with safetensors' string metadata.
+fn to_bytes_with(sd: &StateDict, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
     let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = sd
         .iter()
         .map(|(name, e)| match &e.value {
@@ -70,7 +75,7 @@ pub fn to_bytes(sd: &StateDict) -> Result<Vec<u8>> {
         .iter()
         .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    Ok(safetensors::serialize(views, None)?)
+    Ok(safetensors::serialize(views, metadata)?)
 }
 
 /// Write `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the folder.
@@ -212,4 +217,52 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
         classes: vec![],
         normalize: None,
     })
+}
+
+/// Name of optimizer state tensor `k` of parameter `name` in a resume file.
+fn optim_name(k: usize, name: &str) -> String {
+    format!("optimizer.state{k}.{name}")
+}
+
+/// Everything `--resume` needs in one atomically written file: the state dict, every optimizer
+/// state tensor, the optimizer step, and the caller's `metadata` (strings).
+pub fn save_resume(net: &Network, mut metadata: HashMap<String, String>, path: &Path) -> Result<()> {
+    let mut sd = state_dict(net)?;
+    for p in &net.params {
+        for (k, t) in p.state.iter().enumerate() {
+            sd.insert(
+                optim_name(k, &p.spec.name),
+                Entry { shape: p.spec.shape.clone(), value: Value::F32(t.read(&net.gpu)?) },
+            );
+        }
+    }
+    metadata.insert("optimizer_step".into(), net.step.to_string());
+    write_atomic(path, &to_bytes_with(&sd, Some(metadata))?)
+}
+
+/// Restore what [`save_resume`] wrote into `net`; returns the caller's metadata.
+pub fn load_resume(path: &Path, net: &mut Network) -> Result<HashMap<String, String>> {
+    let what = path.display().to_string();
+    let bytes = std::fs::read(path).with_context(|| format!("--resume: reading {what}"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{what}: not a readable safetensors file"))?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let mut sd = from_bytes(&bytes, &what)?;
+    let gpu = net.gpu.clone();
+    for p in &net.params {
+        for (k, t) in p.state.iter().enumerate() {
+            let key = optim_name(k, &p.spec.name);
+            match sd.remove(&key) {
+                Some(Entry { shape, value: Value::F32(v) }) if shape == p.spec.shape => t.write(&gpu, &v)?,
+                Some(e) => bail!("{what}: {key} has shape {:?}, expected {:?} as F32", e.shape, p.spec.shape),
+                None => bail!("{what}: no optimizer state {key} (was the run made with another optimizer?)"),
+            }
+        }
+    }
+    apply(net, &sd, &what)?;
+    net.step = metadata
+        .get("optimizer_step")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{what}: metadata field optimizer_step missing or not a number"))?;
+    Ok(metadata)
 }

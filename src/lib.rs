@@ -9,5 +9,6 @@ pub mod data;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod reference;
 pub mod train;

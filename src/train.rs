@@ -44,6 +44,9 @@ pub struct DataArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub limit_test: Option<usize>,
+    /// Fetch CIFAR-10 into --data-dir (default ./data) if it is not there, checking its MD5.
+    #[arg(long)]
+    pub download: bool,
 }
 
 #[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -59,8 +62,9 @@ pub struct TrainArgs {
     /// SE reduction ratio r (hidden width C/r).
     #[arg(long, default_value_t = 16)]
     pub reduction: usize,
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
+    /// Total epochs [default: 10; with --resume, the run's own].
+    #[arg(long)]
+    pub epochs: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     #[arg(long, value_enum, default_value_t = OptimizerKind::Adam)]
@@ -87,6 +91,11 @@ pub struct TrainArgs {
     /// Start from this state dict (safetensors).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Continue the run in RUN_DIR (its config.json and resume.safetensors) from its last
+    /// finished epoch, with its own settings; --epochs may raise the total.
+    #[arg(long, value_name = "RUN_DIR")]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
     /// Read the running loss every N steps (the only host wait inside an epoch).
     #[arg(long, default_value_t = 20)]
     pub log_every: usize,
@@ -95,7 +104,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// Reject nonsense before any work starts.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.epochs >= 1, "--epochs must be at least 1, got {}", self.epochs);
+        ensure!(self.epochs() >= 1, "--epochs must be at least 1, got {}", self.epochs());
         ensure!(self.batch_size >= 1, "--batch-size must be at least 1, got {}", self.batch_size);
         ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number, got {}", self.lr);
         ensure!(self.momentum >= 0.0 && self.momentum < 1.0, "--momentum must be in [0, 1), got {}", self.momentum);
@@ -117,6 +126,11 @@ impl TrainArgs {
             self.width
         );
         Ok(())
+    }
+
+    /// The epoch count, defaulting to the base recipe's 10.
+    pub fn epochs(&self) -> usize {
+        self.epochs.unwrap_or(10)
     }
 
     pub fn optimizer_config(&self) -> OptimizerConfig {
@@ -153,6 +167,17 @@ impl TrainArgs {
 
 /// Load the dataset the arguments name, resolving the default (CIFAR-10 if present, else the sample).
 pub fn load_data(args: &DataArgs, image_hw: Option<[usize; 2]>) -> Result<Splits> {
+    if args.download {
+        ensure!(
+            matches!(args.dataset, None | Some(DatasetKind::Cifar10)),
+            "--download fetches CIFAR-10; for {:?} see the README",
+            args.dataset
+        );
+        let dir = args.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
+        if !cifar10::present(&dir) {
+            cifar10::download(&dir, cifar10::URL, cifar10::MD5)?;
+        }
+    }
     let kind = match args.dataset {
         Some(k) => k,
         None => {
@@ -182,7 +207,7 @@ pub fn load_data(args: &DataArgs, image_hw: Option<[usize; 2]>) -> Result<Splits
 // The loop
 
 /// One line of metrics.csv.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub train_loss: f64,
@@ -191,6 +216,17 @@ pub struct EpochMetrics {
     pub test_acc: f64,
     pub seconds: f64,
     pub train_images_per_s: f64,
+}
+
+const CSV_HEADER: &str = "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s";
+/// The model, optimizer state, step, metrics history of the last finished epoch.
+pub const RESUME_FILE: &str = "resume.safetensors";
+
+fn csv_line(m: &EpochMetrics) -> String {
+    format!(
+        "{},{},{},{},{},{:.3},{:.1}\n",
+        m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.seconds, m.train_images_per_s
+    )
 }
 
 /// What `train` returns.
@@ -257,7 +293,29 @@ pub fn evaluate(
     Ok((loss / count.max(1.0), correct / count.max(1.0)))
 }
 
+/// The settings of the run in `dir` (its config.json), for `--resume`.
+fn saved_args(dir: &Path) -> Result<TrainArgs> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--resume: reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let train = v.get("train").cloned().with_context(|| format!("{}: no field \"train\"", path.display()))?;
+    serde_json::from_value(train)
+        .with_context(|| format!("{}: field \"train\" is not a training configuration", path.display()))
+}
+
 pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
+    // --resume: the run's own settings, its folder, and --epochs if given.
+    let resumed = match &args.resume {
+        Some(dir) => {
+            let mut saved = saved_args(dir)?;
+            saved.out = dir.clone();
+            saved.epochs = args.epochs.or(saved.epochs);
+            saved.resume = Some(dir.clone());
+            Some(saved)
+        }
+        None => None,
+    };
+    let args = resumed.as_ref().unwrap_or(args);
     args.validate()?;
     let splits = load_data(&args.data, None)?;
     let mut train_set = splits.train;
@@ -295,12 +353,36 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     );
     let plans = plans_for(&net, args.batch_size, &[train_set.len(), test_set.len()])?;
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating run folder {}", args.out.display()))?;
-    let run_config = serde_json::json!({ "model": config, "train": args, "dataset": splits.name });
-    checkpoint::write_atomic(&args.out.join("config.json"), serde_json::to_string_pretty(&run_config)?.as_bytes())?;
+    let mut history = Vec::new();
+    let mut best_acc = f64::NEG_INFINITY;
     let csv_path = args.out.join("metrics.csv");
-    let mut csv = std::fs::File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
-    writeln!(csv, "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s")?;
+    let mut csv = if args.resume.is_some() {
+        let path = args.out.join(RESUME_FILE);
+        let meta = checkpoint::load_resume(&path, &mut net)?;
+        let field = |k: &str| meta.get(k).with_context(|| format!("{}: metadata field {k} missing", path.display()));
+        history = serde_json::from_str(field("history")?)
+            .with_context(|| format!("{}: metadata field history", path.display()))?;
+        best_acc =
+            field("best_acc")?.parse().with_context(|| format!("{}: metadata field best_acc", path.display()))?;
+        // Keep the lines of the finished epochs only (a crash may have left a later one).
+        let mut text = format!("{CSV_HEADER}\n");
+        for m in &history {
+            text += &csv_line(m);
+        }
+        checkpoint::write_atomic(&csv_path, text.as_bytes())?;
+        println!("resuming {} after epoch {} (step {})", args.out.display(), history.len(), net.step);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&csv_path)
+            .with_context(|| format!("opening {}", csv_path.display()))?
+    } else {
+        std::fs::create_dir_all(&args.out).with_context(|| format!("creating run folder {}", args.out.display()))?;
+        let run_config = serde_json::json!({ "model": config, "train": args, "dataset": splits.name });
+        checkpoint::write_atomic(&args.out.join("config.json"), serde_json::to_string_pretty(&run_config)?.as_bytes())?;
+        let mut f = std::fs::File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
+        writeln!(f, "{CSV_HEADER}")?;
+        f
+    };
 
     println!(
         "senet width {} (r={}) on {}: {} params | {} train / {} test images {:?} | {} | batch {} | {:?}",
@@ -321,14 +403,12 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     );
 
     let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
-    let mut history = Vec::new();
-    let mut best_acc = f64::NEG_INFINITY;
-    for epoch in 1..=args.epochs {
+    for epoch in history.len() + 1..=args.epochs() {
         let t0 = Instant::now();
         for p in plans.values() {
             clear_metrics(&gpu, &p.train_result);
         }
-        let pb = bar(steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs));
+        let pb = bar(steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs()));
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
         for (step, b) in loader::epoch_batches(train_set.clone(), args.batch_size, pre.clone(), true, args.seed, epoch)
             .into_iter()
@@ -376,21 +456,27 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             "{:>5} {:>10.4} {:>9.4} {:>10.4} {:>9.4} {:>8.1} {:>9.0}",
             m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.seconds, m.train_images_per_s
         );
-        writeln!(
-            csv,
-            "{},{},{},{},{},{:.3},{:.1}",
-            m.epoch, m.train_loss, m.train_acc, m.test_loss, m.test_acc, m.seconds, m.train_images_per_s
-        )?;
+        csv.write_all(csv_line(&m).as_bytes())?;
         csv.flush()?;
         if !(m.train_loss.is_finite()) {
             bail!("training diverged: the loss is {} after epoch {epoch}; try a lower --lr", m.train_loss);
         }
-        checkpoint::save(&net, &args.out.join("last.safetensors"))?;
         if m.test_acc > best_acc {
             best_acc = m.test_acc;
             checkpoint::save(&net, &args.out.join("best.safetensors"))?;
         }
         history.push(m);
+        checkpoint::save(&net, &args.out.join("last.safetensors"))?;
+        // Last: everything --resume needs, in one atomically written file.
+        let meta = HashMap::from([
+            ("history".to_string(), serde_json::to_string(&history)?),
+            ("best_acc".to_string(), best_acc.to_string()),
+        ]);
+        checkpoint::save_resume(&net, meta, &args.out.join(RESUME_FILE))?;
+        // A plot that cannot be drawn costs the picture, never the run.
+        if let Err(e) = crate::plot::plot_history(&history, &args.out.join("metrics.png")) {
+            eprintln!("warning: could not draw metrics.png: {e:#}");
+        }
     }
     println!("best test accuracy {best_acc:.4}; checkpoints and metrics in {}", args.out.display());
     Ok(TrainSummary { history, best_acc, out: args.out.clone() })

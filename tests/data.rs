@@ -221,3 +221,58 @@ fn augmentation_crops_and_flips_within_the_padded_image() {
     }
     assert!(shifted > 25, "random crops should usually reveal padding ({shifted}/50)");
 }
+
+/// `--download`'s code path against a server on the loopback: fetch, MD5 check, unpack.
+#[test]
+fn cifar10_download_checks_md5_and_unpacks() {
+    use std::io::{Read, Write};
+    // A tar.gz shaped like the real archive, with tiny batch files.
+    let mut tar_bytes = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut tar_bytes);
+        for f in cifar10::TRAIN_FILES.iter().chain([&cifar10::TEST_FILE]) {
+            let data = cifar_records(2, |i| i as u8);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("cifar-10-batches-bin/{f}"), &data[..]).unwrap();
+        }
+        b.finish().unwrap();
+    }
+    let archive = gz(&tar_bytes);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cifar-10-binary.tar.gz", listener.local_addr().unwrap());
+    let body = archive.clone();
+    let server = std::thread::spawn(move || {
+        // Serve exactly two requests, then stop.
+        for _ in 0..2 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+            s.write_all(&body).unwrap();
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", cifar10::download(dir.path(), &url, "00000000000000000000000000000000").unwrap_err());
+    assert!(err.contains("MD5") && err.contains("expected 00000000"), "{err}");
+    assert!(!dir.path().join("cifar-10-binary.tar.gz").exists(), "a bad download is removed");
+    let md5 = {
+        let p = dir.path().join("reference.bin");
+        std::fs::write(&p, &archive).unwrap();
+        cifar10::md5_hex(&p).unwrap()
+    };
+    cifar10::download(dir.path(), &url, &md5).unwrap();
+    server.join().unwrap();
+    let s = data::load(DatasetKind::Cifar10, Some(dir.path()), None).unwrap();
+    assert_eq!((s.train.len(), s.test.len()), (10, 2));
+}
+
+#[test]
+fn md5_of_a_known_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("abc");
+    std::fs::write(&p, b"abc").unwrap();
+    assert_eq!(cifar10::md5_hex(&p).unwrap(), "900150983cd24fb0d6963f7d28e17f72");
+}

@@ -65,3 +65,79 @@ fn load_files(dir: &Path, files: &[&str]) -> Result<Dataset> {
 pub fn load(dir: &Path) -> Result<Splits> {
     Ok(Splits { name: "cifar10".into(), train: load_files(dir, &TRAIN_FILES)?, test: load_files(dir, &[TEST_FILE])? })
 }
+
+/// Where `--download` fetches CIFAR-10 from, and the archive's published MD5.
+pub const URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+pub const MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
+
+/// Download `url` into `dest` with a progress bar (temporary file, renamed when complete).
+pub fn fetch(url: &str, dest: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut resp = ureq::get(url).call().with_context(|| format!("downloading {url}"))?;
+    let total = resp.body().content_length();
+    let pb = indicatif::ProgressBar::new(total.unwrap_or(0));
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(format!("downloading {}", url.rsplit('/').next().unwrap_or(url)));
+    let tmp = dest.with_extension("part");
+    let mut out = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut reader = resp.body_mut().with_config().limit(1 << 31).reader();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut buf).with_context(|| format!("reading {url}"))?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n]).with_context(|| format!("writing {}", tmp.display()))?;
+        pb.inc(n as u64);
+    }
+    out.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    pb.finish_and_clear();
+    std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))
+}
+
+/// The MD5 of a file as lowercase hex.
+pub fn md5_hex(path: &Path) -> Result<String> {
+    use md5::Digest;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = md5::Md5::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Fetch (unless the archive is already there), check the MD5, unpack into `dir`.
+pub fn download(dir: &Path, url: &str, md5: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let archive = dir.join("cifar-10-binary.tar.gz");
+    if !archive.is_file() {
+        fetch(url, &archive)?;
+    }
+    let got = md5_hex(&archive)?;
+    if got != md5 {
+        let _ = std::fs::remove_file(&archive);
+        anyhow::bail!(
+            "{}: MD5 {got}, expected {md5} (a corrupt or different file; removed, run --download again)",
+            archive.display()
+        );
+    }
+    let f = std::fs::File::open(&archive).with_context(|| format!("opening {}", archive.display()))?;
+    tar::Archive::new(flate2::read::GzDecoder::new(f))
+        .unpack(dir)
+        .with_context(|| format!("unpacking {} into {}", archive.display(), dir.display()))?;
+    ensure!(
+        present(dir),
+        "{}: the archive did not contain cifar-10-batches-bin/ with all six batch files",
+        archive.display()
+    );
+    Ok(())
+}
