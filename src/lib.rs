@@ -4,6 +4,7 @@
 //! - [`ops`]: host side of every kernel (shape checks, workgroup math, bind groups).
 //! - [`reference`]: the CPU oracle every kernel is tested against.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod gpu;

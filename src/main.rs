@@ -39,6 +39,8 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Measure the device's ceilings, a model's train step and eval, and each kernel's share.
+    Bench(senet_wgpu::bench::BenchArgs),
     /// List every adapter with its backend, type, driver and the limits that matter,
     /// and say which one `senet` would use.
     Devices,
@@ -77,6 +79,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for (class, p) in top {
                     println!("  {p:>7.4}  {class}");
                 }
+            }
+        }
+        Command::Bench(args) => {
+            let report = senet_wgpu::bench::bench(Gpu::new(&opts)?, &args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", senet_wgpu::bench::format_report(&report));
             }
         }
         Command::Devices => {

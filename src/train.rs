@@ -403,7 +403,8 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     );
 
     let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
-    for epoch in history.len() + 1..=args.epochs() {
+    let first_epoch = history.len() + 1;
+    for epoch in first_epoch..=args.epochs() {
         let t0 = Instant::now();
         for p in plans.values() {
             clear_metrics(&gpu, &p.train_result);
@@ -429,12 +430,14 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
                 let (l, c, n) = read_sums(&net, &plans, false)?;
                 let rate = n / t0.elapsed().as_secs_f64();
                 pb.set_message(format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate));
-                if epoch == 1 && step + 1 == args.log_every && gpu.is_cpu() {
-                    pb.println(format!(
-                        "note: {} is a CPU adapter; expect about {:.0} s per epoch",
-                        gpu.info.name,
-                        train_set.len() as f64 / rate
-                    ));
+                if epoch == first_epoch && step + 1 == args.log_every && gpu.is_cpu() {
+                    pb.suspend(|| {
+                        eprintln!(
+                            "note: {} is a CPU adapter; expect about {:.0} s per epoch",
+                            gpu.info.name,
+                            train_set.len() as f64 / rate
+                        )
+                    });
                 }
             }
         }

@@ -111,3 +111,28 @@ fn a_small_senet_overfits_a_fixed_batch() {
     let res = read(&gpu, &plan.train_result);
     assert_eq!(res[result::CORRECT] as usize, n, "the last step should classify the batch it memorised");
 }
+
+/// The hot loop allocates nothing and builds no bind group: steps only write the batch and the
+/// optimizer's step number, then submit. Memory stays flat across "epochs".
+#[test]
+fn steps_allocate_nothing_and_memory_stays_flat() {
+    // A device of its own: the shared one's counters move with the tests running beside this one.
+    let gpu = senet_wgpu::gpu::Gpu::new(&Default::default()).expect("GPU test cannot run");
+    let mut net = Network::new(gpu.clone(), tiny(3, 16), OptimizerConfig::adam(1e-3), 1).unwrap();
+    let plan = net.plan(4).unwrap();
+    let x = uniform(&mut rng(1), 4 * 3 * 16 * 16, 0.0, 1.0);
+    plan.write_batch(&gpu, &x, &[0, 1, 2, 0]).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+    let before = gpu.stats.snapshot();
+    for _epoch in 0..3 {
+        for _ in 0..5 {
+            plan.write_batch(&gpu, &x, &[0, 1, 2, 0]).unwrap();
+            net.train_step(&plan);
+        }
+        net.eval_batch(&plan);
+    }
+    gpu.wait().unwrap();
+    let after = gpu.stats.snapshot();
+    assert_eq!(before, after, "(buffers created, bind groups created, live bytes, peak bytes) changed during steps");
+}

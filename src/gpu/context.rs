@@ -81,6 +81,40 @@ impl fmt::Display for AdapterSummary {
     }
 }
 
+/// Our own accounting of GPU objects: every buffer and bind group we create, and the bytes of
+/// the tensors alive now and at most.
+#[derive(Debug, Default)]
+pub struct GpuStats {
+    pub buffers_created: std::sync::atomic::AtomicU64,
+    pub bind_groups_created: std::sync::atomic::AtomicU64,
+    pub bytes_live: std::sync::atomic::AtomicU64,
+    pub bytes_peak: std::sync::atomic::AtomicU64,
+}
+
+impl GpuStats {
+    pub(crate) fn alloc(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.buffers_created.fetch_add(1, Relaxed);
+        let live = self.bytes_live.fetch_add(bytes, Relaxed) + bytes;
+        self.bytes_peak.fetch_max(live, Relaxed);
+    }
+
+    pub(crate) fn free(&self, bytes: u64) {
+        self.bytes_live.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (buffers created, bind groups created, live bytes, peak bytes).
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.buffers_created.load(Relaxed),
+            self.bind_groups_created.load(Relaxed),
+            self.bytes_live.load(Relaxed),
+            self.bytes_peak.load(Relaxed),
+        )
+    }
+}
+
 /// The device every kernel runs on.
 pub struct Gpu {
     pub adapter: wgpu::Adapter,
@@ -90,6 +124,7 @@ pub struct Gpu {
     /// The limits the device was created with: the adapter's own, not wgpu's defaults.
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    pub stats: Arc<GpuStats>,
     pub(crate) kernels: super::kernels::KernelRegistry,
 }
 
@@ -201,6 +236,7 @@ impl Gpu {
         .with_context(|| format!("requesting a device from adapter {:?}", info.name))?;
         Ok(Arc::new(Gpu {
             kernels: super::kernels::KernelRegistry::default(),
+            stats: Arc::default(),
             adapter,
             device,
             queue,

@@ -23,6 +23,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("linear", include_str!("../../shaders/linear.wgsl")),
     ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
     ("optimizer", include_str!("../../shaders/optimizer.wgsl")),
+    ("bench", include_str!("../../shaders/bench.wgsl")),
 ];
 
 #[derive(Default)]
@@ -38,9 +39,20 @@ pub struct Dispatch {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     pub workgroups: [u32; 3],
+    /// The work it does, for the benchmark's per-kernel table: floating-point operations and
+    /// the bytes it must move at least (each input read once, each output written once).
+    pub flops: f64,
+    pub bytes: f64,
 }
 
 impl Dispatch {
+    /// Declare the dispatch's work (see `flops`, `bytes`).
+    pub fn with_cost(mut self, flops: f64, bytes: f64) -> Self {
+        self.flops = flops;
+        self.bytes = bytes;
+        self
+    }
+
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
@@ -105,6 +117,8 @@ impl Gpu {
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, params: &T) -> wgpu::Buffer {
         let mut bytes = bytemuck::bytes_of(params).to_vec();
         bytes.resize(bytes.len().div_ceil(16) * 16, 0);
+        // Parameter blocks live as long as the dispatches that bind them: counted, never freed.
+        self.stats.alloc(bytes.len() as u64);
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents: &bytes,
@@ -135,12 +149,13 @@ impl Gpu {
                 Bind::Uniform(i, u) => wgpu::BindGroupEntry { binding: *i, resource: u.as_entire_binding() },
             })
             .collect();
+        self.stats.bind_groups_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(entry),
             layout: &layout,
             entries: &entries,
         });
-        Ok(Dispatch { label: entry, pipeline, bind_group, workgroups })
+        Ok(Dispatch { label: entry, pipeline, bind_group, workgroups, flops: 0.0, bytes: 0.0 })
     }
 
     /// Record `dispatches` into one compute pass of one command buffer and submit it.
@@ -154,6 +169,66 @@ impl Gpu {
             }
         }
         self.queue.submit([encoder.finish()])
+    }
+
+    /// Run each group of dispatches in a compute pass of its own and return each pass's GPU time
+    /// in seconds: timestamp queries where the adapter has them, else the wall clock around a
+    /// submit-and-wait per group (which then includes the submit overhead).
+    pub fn time_passes(&self, groups: &[Vec<&Dispatch>]) -> anyhow::Result<Vec<f64>> {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            let mut out = Vec::new();
+            for g in groups {
+                let t = std::time::Instant::now();
+                self.run(g);
+                self.wait()?;
+                out.push(t.elapsed().as_secs_f64());
+            }
+            return Ok(out);
+        }
+        let n = (2 * groups.len()) as u32;
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: n,
+        });
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 8 * n as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps read-back"),
+            size: 8 * n as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed") });
+        for (i, g) in groups.iter().enumerate() {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("timed"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &set,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            for d in g {
+                d.record(&mut pass);
+            }
+        }
+        encoder.resolve_query_set(&set, 0..n, &resolve, 0);
+        encoder.copy_buffer_to_buffer(&resolve, 0, &readback, 0, 8 * n as u64);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()??;
+        let ticks: Vec<u64> = bytemuck::cast_slice(&readback.get_mapped_range(..)?).to_vec();
+        let period = f64::from(self.queue.get_timestamp_period()) * 1e-9;
+        Ok(ticks.chunks(2).map(|t| t[1].saturating_sub(t[0]) as f64 * period).collect())
     }
 
     /// Workgroup counts covering `n` invocations of a 1-D kernel with `wg` per workgroup. Past

@@ -4,6 +4,6 @@ mod context;
 mod kernels;
 mod tensor;
 
-pub use context::{AdapterSummary, Gpu, GpuOptions, NoAdapterError, list_adapters};
+pub use context::{AdapterSummary, Gpu, GpuOptions, GpuStats, NoAdapterError, list_adapters};
 pub use kernels::{Bind, Dispatch, SHADERS};
 pub use tensor::Tensor;

@@ -10,6 +10,13 @@ use super::Gpu;
 pub struct Tensor {
     pub buffer: wgpu::Buffer,
     pub shape: Vec<usize>,
+    stats: std::sync::Arc<super::GpuStats>,
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        self.stats.free(self.buffer.size());
+    }
 }
 
 fn usage() -> wgpu::BufferUsages {
@@ -34,7 +41,8 @@ impl Tensor {
             usage: usage(),
             mapped_at_creation: false,
         });
-        Ok(Tensor { buffer, shape: shape.to_vec() })
+        gpu.stats.alloc(size);
+        Ok(Tensor { buffer, shape: shape.to_vec(), stats: gpu.stats.clone() })
     }
 
     /// A tensor holding `data` (f32 or u32), which must have the shape's element count.
@@ -51,7 +59,8 @@ impl Tensor {
             contents: &bytes,
             usage: usage(),
         });
-        Ok(Tensor { buffer, shape: shape.to_vec() })
+        gpu.stats.alloc(buffer.size());
+        Ok(Tensor { buffer, shape: shape.to_vec(), stats: gpu.stats.clone() })
     }
 
     /// Overwrite the contents from the host (queued; ordered before the next submit).

@@ -277,6 +277,13 @@ impl Network {
     /// One training step on the batch already written into `plan`: forward, loss, backward and
     /// every optimizer update in one command buffer. Returns without waiting for the GPU.
     pub fn train_step(&mut self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        self.begin_step();
+        self.gpu.run(&self.train_dispatches(plan))
+    }
+
+    /// Advance the step counters (optimizer step number, batch-norm batch counts) for the next
+    /// submit of [`Network::train_dispatches`].
+    pub fn begin_step(&mut self) {
         self.step += 1;
         for u in &self.updates {
             u.set_step(&self.gpu, self.step);
@@ -284,21 +291,23 @@ impl Network {
         for b in &mut self.bn {
             b.num_batches_tracked += 1;
         }
-        let mut list: Vec<&Dispatch> = plan.train.iter().collect();
-        list.extend(self.updates.iter().map(|u| &u.dispatch));
-        self.gpu.run(&list)
+    }
+
+    /// A training step's dispatches in order: the plan's forward, loss and backward, then every
+    /// optimizer update.
+    pub fn train_dispatches<'a>(&'a self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
+        plan.train.iter().chain(self.updates.iter().map(|u| &u.dispatch)).collect()
+    }
+
+    /// The evaluation pass's dispatches in order.
+    pub fn eval_dispatches<'a>(&self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
+        plan.eval.iter().collect()
     }
 
     /// Evaluate the batch already written into `plan` (batch norm in eval mode); the loss and
     /// correct count add to `plan.eval_result`. Returns without waiting.
     pub fn eval_batch(&self, plan: &StepPlan) -> wgpu::SubmissionIndex {
-        let list: Vec<&Dispatch> = plan.eval.iter().collect();
-        self.gpu.run(&list)
-    }
-
-    /// Number of dispatches a training step records (plan plus optimizer updates).
-    pub fn dispatches_per_step(&self, plan: &StepPlan) -> usize {
-        plan.train.len() + self.updates.len()
+        self.gpu.run(&self.eval_dispatches(plan))
     }
 }
 

@@ -95,7 +95,10 @@ pub fn batch_norm_forward_train(
         Bind::Tensor(3, running_mean),
         Bind::Tensor(4, running_var),
     ];
-    let s = gpu.dispatch("batch_norm", "batch_norm_forward_stats", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?;
+    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    let s = gpu
+        .dispatch("batch_norm", "batch_norm_forward_stats", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?
+        .with_cost(3.0 * numel, 8.0 * numel);
     Ok(vec![s, apply(gpu, cfg, &params, inp, stats, gamma, beta, out)?])
 }
 
@@ -157,13 +160,16 @@ fn apply(
         Bind::Tensor(7, beta),
         Bind::Tensor(8, out),
     ];
-    gpu.dispatch(
-        "batch_norm",
-        "batch_norm_forward",
-        &[("WG", WG as f64)],
-        &binds,
-        gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
-    )
+    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    Ok(gpu
+        .dispatch(
+            "batch_norm",
+            "batch_norm_forward",
+            &[("WG", WG as f64)],
+            &binds,
+            gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
+        )?
+        .with_cost(3.0 * numel, 8.0 * numel))
 }
 
 /// Training-mode backward: dgamma, dbeta, then dinp (which reads them).
@@ -194,8 +200,10 @@ pub fn batch_norm_backward(
         Bind::Tensor(10, dgamma),
         Bind::Tensor(11, dbeta),
     ];
-    let reduce =
-        gpu.dispatch("batch_norm", "batch_norm_backward_reduce", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?;
+    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    let reduce = gpu
+        .dispatch("batch_norm", "batch_norm_backward_reduce", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?
+        .with_cost(4.0 * numel, 8.0 * numel);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -206,12 +214,14 @@ pub fn batch_norm_backward(
         Bind::Tensor(13, dbeta),
         Bind::Tensor(14, dinp),
     ];
-    let input = gpu.dispatch(
-        "batch_norm",
-        "batch_norm_backward_input",
-        &[("WG", WG as f64)],
-        &binds,
-        gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
-    )?;
+    let input = gpu
+        .dispatch(
+            "batch_norm",
+            "batch_norm_backward_input",
+            &[("WG", WG as f64)],
+            &binds,
+            gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
+        )?
+        .with_cost(8.0 * numel, 12.0 * numel);
     Ok(vec![reduce, input])
 }

@@ -203,7 +203,11 @@ pub fn conv2d_forward(
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
     ];
-    Ok(vec![gpu.dispatch("conv2d", "conv2d_forward", &[("WG", WG as f64)], &binds, grid)?])
+    let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch("conv2d", "conv2d_forward", &[("WG", WG as f64)], &binds, grid)?
+            .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
 }
 
 pub fn conv2d_backward_input(
@@ -220,7 +224,11 @@ pub fn conv2d_backward_input(
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, cfg.c_in, 1)?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
-    Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_input", &[("WG", WG as f64)], &binds, grid)?])
+    let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch("conv2d", "conv2d_backward_input", &[("WG", WG as f64)], &binds, grid)?
+            .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
 }
 
 /// How many ranges of m the weight-gradient reduction is split into: enough blocks to fill the
@@ -254,13 +262,17 @@ pub fn conv2d_backward_weight(
     let k = cfg.c_in * cfg.kh * cfg.kw;
     let grid = gemm_grid(gpu, k, cfg.c_out, splits)?;
     let consts = [("WG", WG as f64)];
+    let (flops, bytes) =
+        (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
     if splits == 1 {
         let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, dweight)];
-        return Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?]);
+        return Ok(vec![
+            gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes),
+        ]);
     }
     let partial = Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, &partial)];
-    let first = gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?;
+    let first = gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(8, &partial), Bind::Tensor(9, dweight)];
     let second =
         gpu.dispatch("conv2d", "conv2d_backward_weight_reduce", &consts, &binds, gpu.grid_1d(cfg.c_out * k, WG))?;

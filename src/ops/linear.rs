@@ -79,13 +79,15 @@ pub fn linear_forward(
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
     ];
-    Ok(vec![gpu.dispatch(
+    let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
+    let d = gpu.dispatch(
         "linear",
         "linear_forward",
         &[("WG", WG as f64)],
         &binds,
         gpu.grid_1d(cfg.n * cfg.out_features, WG),
-    )?])
+    )?;
+    Ok(vec![d.with_cost(2.0 * macs, 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64)])
 }
 
 /// dinp, then dweight and dbias (when the layer has a bias).
@@ -109,8 +111,11 @@ pub fn linear_backward(
     let dbias = dbias.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("linear: no dbias"))?;
     let consts = [("WG", WG as f64)];
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
-    let input =
-        gpu.dispatch("linear", "linear_backward_input", &consts, &binds, gpu.grid_1d(cfg.n * cfg.in_features, WG))?;
+    let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
+    let bytes = 4.0 * (inp.numel() + weight.numel() + dout.numel()) as f64;
+    let input = gpu
+        .dispatch("linear", "linear_backward_input", &consts, &binds, gpu.grid_1d(cfg.n * cfg.in_features, WG))?
+        .with_cost(2.0 * macs, bytes);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -119,6 +124,8 @@ pub fn linear_backward(
         Bind::Tensor(8, dbias),
     ];
     let total = cfg.out_features * cfg.in_features + cfg.out_features;
-    let weight = gpu.dispatch("linear", "linear_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?;
+    let weight = gpu
+        .dispatch("linear", "linear_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?
+        .with_cost(2.0 * macs, bytes);
     Ok(vec![input, weight])
 }

@@ -149,6 +149,7 @@ impl OptimizerStep {
             );
         }
         let (offset, len) = (to_u32("offset", offset)?, to_u32("length", len)?);
+        gpu.stats.alloc(48);
         let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("optimizer params"),
             contents: &params_bytes(&config, offset, len, 1),

@@ -117,7 +117,10 @@ pub fn max_pool2d_forward(
     expect_shape("max_pool2d argmax", argmax, &cfg.output_shape())?;
     let params = gpu.uniform("max_pool2d params", &cfg.params()?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out), Bind::Tensor(3, argmax)];
-    Ok(vec![gpu.dispatch("pool", "max_pool2d_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(out.numel(), WG))?])
+    let d = gpu.dispatch("pool", "max_pool2d_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(out.numel(), WG))?;
+    Ok(vec![
+        d.with_cost((out.numel() * cfg.kernel.0 * cfg.kernel.1) as f64, 4.0 * (inp.numel() + 2 * out.numel()) as f64),
+    ])
 }
 
 pub fn max_pool2d_backward(
@@ -133,13 +136,8 @@ pub fn max_pool2d_backward(
     expect_shape("max_pool2d dinp", dinp, &cfg.input_shape())?;
     let params = gpu.uniform("max_pool2d params", &cfg.params()?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(5, argmax), Bind::Tensor(6, dinp)];
-    Ok(vec![gpu.dispatch(
-        "pool",
-        "max_pool2d_backward",
-        &[("WG", WG as f64)],
-        &binds,
-        gpu.grid_1d(dinp.numel(), WG),
-    )?])
+    let d = gpu.dispatch("pool", "max_pool2d_backward", &[("WG", WG as f64)], &binds, gpu.grid_1d(dinp.numel(), WG))?;
+    Ok(vec![d.with_cost(dinp.numel() as f64, 4.0 * (dinp.numel() + 2 * dout.numel()) as f64)])
 }
 
 fn gap_params(shape: &[usize]) -> Result<Params> {

@@ -24,7 +24,8 @@ pub fn relu_forward(gpu: &Gpu, inp: &Tensor, out: &Tensor) -> Result<Vec<Dispatc
     same_shape(inp, out, "output")?;
     let params = gpu.uniform("relu params", &Params { len: to_u32("elements", inp.numel())?, _pad: [0; 3] });
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out)];
-    Ok(vec![gpu.dispatch("relu", "relu_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(inp.numel(), WG))?])
+    let d = gpu.dispatch("relu", "relu_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(inp.numel(), WG))?;
+    Ok(vec![d.with_cost(inp.numel() as f64, 8.0 * inp.numel() as f64)])
 }
 
 /// `out` is the forward's output: the gradient passes where it is positive.
@@ -33,5 +34,6 @@ pub fn relu_backward(gpu: &Gpu, out: &Tensor, dout: &Tensor, dinp: &Tensor) -> R
     same_shape(out, dinp, "dinp")?;
     let params = gpu.uniform("relu params", &Params { len: to_u32("elements", out.numel())?, _pad: [0; 3] });
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(3, out), Bind::Tensor(4, dout), Bind::Tensor(5, dinp)];
-    Ok(vec![gpu.dispatch("relu", "relu_backward", &[("WG", WG as f64)], &binds, gpu.grid_1d(out.numel(), WG))?])
+    let d = gpu.dispatch("relu", "relu_backward", &[("WG", WG as f64)], &binds, gpu.grid_1d(out.numel(), WG))?;
+    Ok(vec![d.with_cost(out.numel() as f64, 12.0 * out.numel() as f64)])
 }

@@ -146,13 +146,11 @@ pub fn se_block_forward(
         Bind::Tensor(6, out),
         Bind::Tensor(7, saved),
     ];
-    Ok(vec![gpu.dispatch(
-        "se_block",
-        "se_block_forward",
-        &[("WG", WG as f64)],
-        &binds,
-        [to_u32("batch", cfg.n)?, 1, 1],
-    )?])
+    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
+    let d =
+        gpu.dispatch("se_block", "se_block_forward", &[("WG", WG as f64)], &binds, [to_u32("batch", cfg.n)?, 1, 1])?;
+    Ok(vec![d.with_cost(2.0 * numel + 4.0 * fc, 12.0 * numel)])
 }
 
 /// The SE gradients: `dinp`, and `dw1`, `dw2` (and `db1`, `db2` when the block has biases).

@@ -1,0 +1,273 @@
+//! `senet bench`: the device's ceilings measured by small kernels of ours, then a model's train
+//! step and eval pass, and a per-kernel table from timestamp queries (wall clock without them).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use bytemuck::{Pod, Zeroable};
+use serde::Serialize;
+
+use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::model::ModelConfig;
+use crate::model::plan::Network;
+use crate::ops::conv2d::{self, Conv2dConfig};
+use crate::ops::optimizer::OptimizerConfig;
+use crate::ops::relu;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Input height and width.
+    #[arg(long, default_value_t = 32)]
+    pub hw: usize,
+    #[arg(long, default_value_t = 3)]
+    pub in_channels: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Timed steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One row of the per-kernel table.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelRow {
+    pub name: String,
+    pub dispatches: usize,
+    pub ms: f64,
+    pub share: f64,
+    pub gflops: f64,
+    pub gbps: f64,
+    /// Achieved GFLOP/s over the FMA peak, or GB/s over the copy bandwidth, whichever the kernel
+    /// is closer to (its bound).
+    pub pct_of_ceiling: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub adapter: String,
+    pub timing: &'static str,
+    pub fma_peak_gflops: f64,
+    pub gemm_gflops: f64,
+    pub copy_gbps: f64,
+    pub dispatch_overhead_us: f64,
+    pub submit_overhead_us: f64,
+    pub model: String,
+    pub batch: usize,
+    pub first_step_s: f64,
+    pub train_images_per_s: f64,
+    pub eval_images_per_s: f64,
+    pub train_step_gflop: f64,
+    pub train_step_gflops: f64,
+    pub peak_memory_bytes: u64,
+    pub kernels: Vec<KernelRow>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    iters: u32,
+    len: u32,
+    _pad: [u32; 2],
+}
+
+fn best(gpu: &Gpu, group: &[&Dispatch], reps: usize) -> Result<f64> {
+    let groups: Vec<Vec<&Dispatch>> = (0..reps).map(|_| group.to_vec()).collect();
+    let times = gpu.time_passes(&groups)?;
+    Ok(times.into_iter().fold(f64::INFINITY, f64::min))
+}
+
+/// FMA peak (GFLOP/s) and copy bandwidth (GB/s, bytes read + written).
+fn ceilings(gpu: &Gpu) -> Result<(f64, f64)> {
+    let n = if gpu.is_cpu() { 1 << 16 } else { 1 << 22 }; // vec4 elements
+    let iters = if gpu.is_cpu() { 256 } else { 2048 };
+    let dst = Tensor::zeros(gpu, "bench dst", &[n * 4])?;
+    let p = gpu.uniform("bench params", &Params { iters, len: n as u32, _pad: [0; 2] });
+    let binds = [Bind::Uniform(0, &p), Bind::Tensor(2, &dst)];
+    let fma = gpu.dispatch("bench", "bench_fma", &[], &binds, gpu.grid_1d(n, 256))?;
+    let t = best(gpu, &[&fma], 3)?;
+    let flops = n as f64 * f64::from(iters) * 32.0;
+    let copy_n = if gpu.is_cpu() { 1 << 20 } else { 1 << 24 };
+    let src = Tensor::zeros(gpu, "bench src", &[copy_n * 4])?;
+    let dst = Tensor::zeros(gpu, "bench dst", &[copy_n * 4])?;
+    let p = gpu.uniform("bench params", &Params { iters: 0, len: copy_n as u32, _pad: [0; 2] });
+    let binds = [Bind::Uniform(0, &p), Bind::Tensor(1, &src), Bind::Tensor(2, &dst)];
+    let copy = gpu.dispatch("bench", "bench_copy", &[], &binds, gpu.grid_1d(copy_n, 256))?;
+    let tc = best(gpu, &[&copy], 3)?;
+    Ok((flops / t / 1e9, 32.0 * copy_n as f64 / tc / 1e9))
+}
+
+/// Our conv2d forward as a plain GEMM (1×1 kernel): M = N·H·W pixels, N = K = channels.
+fn gemm(gpu: &Gpu) -> Result<f64> {
+    let (hw, c) = if gpu.is_cpu() { (16, 256) } else { (64, 1024) };
+    let cfg = Conv2dConfig::square(1, c, (hw, hw), c, 1, 1, 0, false);
+    let x = Tensor::zeros(gpu, "gemm a", &cfg.input_shape())?;
+    let w = Tensor::zeros(gpu, "gemm b", &cfg.weight_shape())?;
+    let y = Tensor::zeros(gpu, "gemm c", &cfg.output_shape())?;
+    let d = conv2d::conv2d_forward(gpu, &cfg, &x, &w, None, &y)?;
+    let t = best(gpu, &d.iter().collect::<Vec<_>>(), 3)?;
+    Ok(2.0 * cfg.macs() as f64 / t / 1e9)
+}
+
+/// Per-dispatch cost inside one pass, and per submit-and-wait.
+fn overheads(gpu: &Gpu) -> Result<(f64, f64)> {
+    let t = Tensor::zeros(gpu, "tiny", &[256])?;
+    let u = Tensor::zeros(gpu, "tiny out", &[256])?;
+    let d = relu::relu_forward(gpu, &t, &u)?.remove(0);
+    let many: Vec<&Dispatch> = std::iter::repeat_n(&d, 500).collect();
+    let per_dispatch = best(gpu, &many, 2)? / 500.0;
+    gpu.run(&[]);
+    gpu.wait()?;
+    let reps = 30;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        gpu.run(&[]);
+        gpu.wait()?;
+    }
+    Ok((per_dispatch * 1e6, t0.elapsed().as_secs_f64() / reps as f64 * 1e6))
+}
+
+pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
+    let timing =
+        if gpu.features.contains(wgpu::Features::TIMESTAMP_QUERY) { "timestamp queries" } else { "wall clock" };
+    let (fma_peak, copy_gbps) = ceilings(&gpu)?;
+    let gemm_gflops = gemm(&gpu)?;
+    let (dispatch_us, submit_us) = overheads(&gpu)?;
+
+    // The model: start-up to the end of the first step, then timed steps.
+    let t_start = Instant::now();
+    let config = ModelConfig {
+        model: "senet".into(),
+        width: args.width,
+        reduction: 16,
+        in_channels: args.in_channels,
+        num_classes: args.classes,
+        input_hw: [args.hw, args.hw],
+        classes: vec![],
+        normalize: None,
+    };
+    let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(1e-3), 0)?;
+    let n = args.batch_size;
+    let plan = net.plan(n)?;
+    let images: Vec<f32> =
+        (0..n * args.in_channels * args.hw * args.hw).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+    let labels: Vec<u32> = (0..n).map(|i| (i % args.classes) as u32).collect();
+    plan.write_batch(&gpu, &images, &labels)?;
+    net.train_step(&plan);
+    gpu.wait()?;
+    let first_step_s = t_start.elapsed().as_secs_f64();
+    net.train_step(&plan);
+    gpu.wait()?;
+
+    let steps = args.steps.max(1);
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        net.train_step(&plan);
+    }
+    gpu.wait()?;
+    let train_s = t0.elapsed().as_secs_f64() / steps as f64;
+    net.eval_batch(&plan);
+    gpu.wait()?;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        net.eval_batch(&plan);
+    }
+    gpu.wait()?;
+    let eval_s = t0.elapsed().as_secs_f64() / steps as f64;
+
+    // Per-kernel table: every dispatch of one step in a pass of its own, timed.
+    net.begin_step();
+    let list = net.train_dispatches(&plan);
+    let groups: Vec<Vec<&Dispatch>> = list.iter().map(|d| vec![*d]).collect();
+    let times = gpu.time_passes(&groups)?;
+    let step_flops: f64 = list.iter().map(|d| d.flops).sum();
+    let mut rows: BTreeMap<&str, (usize, f64, f64, f64)> = BTreeMap::new();
+    for (d, t) in list.iter().zip(&times) {
+        let r = rows.entry(d.label).or_default();
+        *r = (r.0 + 1, r.1 + t, r.2 + d.flops, r.3 + d.bytes);
+    }
+    let total: f64 = times.iter().sum();
+    let mut kernels: Vec<KernelRow> = rows
+        .into_iter()
+        .map(|(name, (count, t, flops, bytes))| {
+            let (gflops, gbps) = (flops / t / 1e9, bytes / t / 1e9);
+            KernelRow {
+                name: name.to_string(),
+                dispatches: count,
+                ms: t * 1e3,
+                share: t / total,
+                gflops,
+                gbps,
+                pct_of_ceiling: 100.0 * (gflops / fma_peak).max(gbps / copy_gbps),
+            }
+        })
+        .collect();
+    kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let (_, _, _, peak) = gpu.stats.snapshot();
+    Ok(BenchReport {
+        adapter: gpu.describe(),
+        timing,
+        fma_peak_gflops: fma_peak,
+        gemm_gflops,
+        copy_gbps,
+        dispatch_overhead_us: dispatch_us,
+        submit_overhead_us: submit_us,
+        model: format!("senet width {} {}x{}x{} -> {}", args.width, args.in_channels, args.hw, args.hw, args.classes),
+        batch: n,
+        first_step_s,
+        train_images_per_s: n as f64 / train_s,
+        eval_images_per_s: n as f64 / eval_s,
+        train_step_gflop: step_flops / 1e9,
+        train_step_gflops: step_flops / train_s / 1e9,
+        peak_memory_bytes: peak,
+        kernels,
+    })
+}
+
+pub fn format_report(r: &BenchReport) -> String {
+    let mut s = format!("adapter: {}\ntiming: {}\n\n", r.adapter, r.timing);
+    s += &format!("FMA peak        {:>10.1} GFLOP/s\n", r.fma_peak_gflops);
+    s += &format!("GEMM (conv 1x1) {:>10.1} GFLOP/s\n", r.gemm_gflops);
+    s += &format!("copy            {:>10.1} GB/s\n", r.copy_gbps);
+    s += &format!("per dispatch    {:>10.1} us (inside one pass)\n", r.dispatch_overhead_us);
+    s += &format!("per submit      {:>10.1} us (submit and wait)\n\n", r.submit_overhead_us);
+    s += &format!("{} batch {}\n", r.model, r.batch);
+    s += &format!("first step      {:>10.2} s from start-up\n", r.first_step_s);
+    s += &format!(
+        "train           {:>10.1} images/s  ({:.2} GFLOP per step, {:.1} GFLOP/s = {:.0}% of FMA peak)\n",
+        r.train_images_per_s,
+        r.train_step_gflop,
+        r.train_step_gflops,
+        100.0 * r.train_step_gflops / r.fma_peak_gflops
+    );
+    s += &format!("eval            {:>10.1} images/s\n", r.eval_images_per_s);
+    s += &format!(
+        "peak memory     {:>10.1} MiB (our accounting of every buffer)\n\n",
+        r.peak_memory_bytes as f64 / 1048576.0
+    );
+    s += &format!(
+        "{:<32} {:>5} {:>9} {:>6} {:>9} {:>8} {:>7}\n",
+        "kernel", "n", "ms", "share", "GFLOP/s", "GB/s", "%ceil"
+    );
+    for k in &r.kernels {
+        s += &format!(
+            "{:<32} {:>5} {:>9.3} {:>5.1}% {:>9.1} {:>8.1} {:>6.1}%\n",
+            k.name,
+            k.dispatches,
+            k.ms,
+            100.0 * k.share,
+            k.gflops,
+            k.gbps,
+            k.pct_of_ceiling
+        );
+    }
+    s
+}
