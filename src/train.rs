@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint;
@@ -229,6 +230,58 @@ fn csv_line(m: &EpochMetrics) -> String {
     )
 }
 
+/// Set by Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 130.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn install_stop_handler() {
+    // Only the first call in a process installs it; later runs share the flag.
+    let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+}
+
+/// Training was stopped by a signal after saving; `main` exits with 130.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub out: PathBuf,
+    pub epoch: usize,
+    pub step: usize,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted in epoch {} after step {}; saved {}. Continue with: senet train --resume {}",
+            self.epoch,
+            self.step,
+            self.out.join(RESUME_FILE).display(),
+            self.out.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// The loss went NaN or infinite: name the step and the first layer whose output (or the first
+/// parameter) is not finite. Nothing is saved, so the last good checkpoint stays as it was.
+fn divergence(net: &Network, plan: &StepPlan, epoch: usize, step: usize) -> anyhow::Error {
+    let finite =
+        |t: &crate::gpu::Tensor| t.read::<f32>(&net.gpu).map(|v| v.iter().all(|x| x.is_finite())).unwrap_or(true);
+    let param = net.params.iter().find(|p| !finite(&p.value)).map(|p| format!("parameter {}", p.spec.name));
+    let layer = net
+        .graph
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(k, _)| !finite(&plan.acts[k + 1]))
+        .map(|(_, n)| format!("the output of {} ({:?})", n.name, n.layer));
+    let place = layer.or(param).unwrap_or_else(|| "the loss".into());
+    anyhow::anyhow!(
+        "training diverged at epoch {epoch} step {step} (optimizer step {}): the loss is not finite; first non-finite \
+         value in {place}. Checkpoints were not overwritten; try a lower --lr",
+        net.step
+    )
+}
+
 /// What `train` returns.
 pub struct TrainSummary {
     pub history: Vec<EpochMetrics>,
@@ -355,6 +408,8 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
 
     let mut history = Vec::new();
     let mut best_acc = f64::NEG_INFINITY;
+    // (steps done, metric sums) of an epoch interrupted part-way.
+    let mut partial: Option<(usize, (f32, f32, f32))> = None;
     let csv_path = args.out.join("metrics.csv");
     let mut csv = if args.resume.is_some() {
         let path = args.out.join(RESUME_FILE);
@@ -362,6 +417,13 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         let field = |k: &str| meta.get(k).with_context(|| format!("{}: metadata field {k} missing", path.display()));
         history = serde_json::from_str(field("history")?)
             .with_context(|| format!("{}: metadata field history", path.display()))?;
+        if let Some(steps) = meta.get("epoch_steps") {
+            let steps: usize =
+                steps.parse().with_context(|| format!("{}: metadata field epoch_steps", path.display()))?;
+            let sums: (f32, f32, f32) = serde_json::from_str(field("epoch_sums")?)
+                .with_context(|| format!("{}: metadata field epoch_sums", path.display()))?;
+            partial = Some((steps, sums));
+        }
         best_acc =
             field("best_acc")?.parse().with_context(|| format!("{}: metadata field best_acc", path.display()))?;
         // Keep the lines of the finished epochs only (a crash may have left a later one).
@@ -370,7 +432,13 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             text += &csv_line(m);
         }
         checkpoint::write_atomic(&csv_path, text.as_bytes())?;
-        println!("resuming {} after epoch {} (step {})", args.out.display(), history.len(), net.step);
+        println!(
+            "resuming {} after epoch {}{} (optimizer step {})",
+            args.out.display(),
+            history.len(),
+            partial.map_or(String::new(), |(k, _)| format!(" and {k} steps of the next")),
+            net.step
+        );
         std::fs::OpenOptions::new()
             .append(true)
             .open(&csv_path)
@@ -404,17 +472,28 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
 
     let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
     let first_epoch = history.len() + 1;
+    install_stop_handler();
     for epoch in first_epoch..=args.epochs() {
         let t0 = Instant::now();
         for p in plans.values() {
             clear_metrics(&gpu, &p.train_result);
         }
+        // Resuming inside an epoch: its metric sums so far go back into the buffer of the
+        // full-batch plan, the one every step before the last uses.
+        let skip = partial.take().map_or(0, |(steps, sums)| {
+            if let Some(p) = plans.get(&args.batch_size.min(train_set.len())) {
+                let mut v = [0.0f32; result::LEN];
+                (v[result::SUM_LOSS], v[result::SUM_CORRECT], v[result::SUM_COUNT]) = sums;
+                gpu.queue.write_buffer(&p.train_result.buffer, 0, bytemuck::cast_slice(&v));
+            }
+            steps
+        });
         let pb = bar(steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs()));
+        pb.set_position(skip as u64);
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
-        for (step, b) in loader::epoch_batches(train_set.clone(), args.batch_size, pre.clone(), true, args.seed, epoch)
-            .into_iter()
-            .enumerate()
-        {
+        let batches = loader::epoch_batches(train_set.clone(), args.batch_size, pre.clone(), true, args.seed, epoch);
+        // Skipped batches are still made, so the augmentation's random stream is where it was.
+        for (step, b) in batches.into_iter().enumerate().skip(skip) {
             let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(&gpu, &b.images, &b.labels)?;
             let idx = net.train_step(plan);
@@ -426,10 +505,18 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
                     .context("waiting for the GPU")?;
             }
             pb.inc(1);
-            if (step + 1) % args.log_every == 0 {
+            let stop = STOP.load(Ordering::SeqCst);
+            if (step + 1) % args.log_every == 0 || stop {
                 let (l, c, n) = read_sums(&net, &plans, false)?;
+                if !l.is_finite() {
+                    return Err(divergence(&net, plan, epoch, step + 1));
+                }
                 let rate = n / t0.elapsed().as_secs_f64();
-                pb.set_message(format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate));
+                let msg = format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate);
+                if pb.is_hidden() {
+                    println!("epoch {epoch} step {}/{steps_per_epoch} {msg}", step + 1);
+                }
+                pb.set_message(msg);
                 if epoch == first_epoch && step + 1 == args.log_every && gpu.is_cpu() {
                     pb.suspend(|| {
                         eprintln!(
@@ -440,11 +527,32 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
                     });
                 }
             }
+            if stop && step + 1 < steps_per_epoch {
+                // Ctrl-C: the step is done; keep everything needed to continue exactly here.
+                gpu.wait()?;
+                pb.finish_and_clear();
+                checkpoint::save(&net, &args.out.join("last.safetensors"))?;
+                let (l, c, n) = read_sums(&net, &plans, false)?;
+                let sums = (l as f32, c as f32, n as f32);
+                let meta = HashMap::from([
+                    ("history".to_string(), serde_json::to_string(&history)?),
+                    ("best_acc".to_string(), best_acc.to_string()),
+                    ("epoch_steps".to_string(), (step + 1).to_string()),
+                    ("epoch_sums".to_string(), serde_json::to_string(&sums)?),
+                ]);
+                checkpoint::save_resume(&net, meta, &args.out.join(RESUME_FILE))?;
+                return Err(Interrupted { out: args.out.clone(), epoch, step: step + 1 }.into());
+            }
         }
         gpu.wait()?;
         let (l, c, n) = read_sums(&net, &plans, false)?;
         let train_secs = t0.elapsed().as_secs_f64();
         pb.finish_and_clear();
+        if !l.is_finite() {
+            let tail = train_set.len() - (steps_per_epoch - 1) * args.batch_size;
+            let last = plans.get(&tail).context("no plan for the last batch")?;
+            return Err(divergence(&net, last, epoch, steps_per_epoch));
+        }
         let (test_loss, test_acc) = evaluate(&net, &plans, &test_set, args.batch_size, &pre)?;
         let m = EpochMetrics {
             epoch,
@@ -461,9 +569,6 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         );
         csv.write_all(csv_line(&m).as_bytes())?;
         csv.flush()?;
-        if !(m.train_loss.is_finite()) {
-            bail!("training diverged: the loss is {} after epoch {epoch}; try a lower --lr", m.train_loss);
-        }
         if m.test_acc > best_acc {
             best_acc = m.test_acc;
             checkpoint::save(&net, &args.out.join("best.safetensors"))?;
@@ -479,6 +584,9 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         // A plot that cannot be drawn costs the picture, never the run.
         if let Err(e) = crate::plot::plot_history(&history, &args.out.join("metrics.png")) {
             eprintln!("warning: could not draw metrics.png: {e:#}");
+        }
+        if STOP.load(Ordering::SeqCst) && epoch < args.epochs() {
+            return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0 }.into());
         }
     }
     println!("best test accuracy {best_acc:.4}; checkpoints and metrics in {}", args.out.display());

@@ -141,3 +141,102 @@ fn resume_continues_exactly() {
     let csv = std::fs::read_to_string(b.join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "one header and two epochs after resuming:\n{csv}");
 }
+
+/// Ctrl-C (SIGINT) part-way through an epoch: the step finishes, the run is saved, the exit code
+/// is 130 with the resume command; resuming from the middle of the epoch ends bitwise equal to
+/// the uninterrupted run.
+#[test]
+fn sigint_saves_and_resumes_mid_epoch_exactly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &std::path::Path| -> Vec<std::ffi::OsString> {
+        let mut v: Vec<std::ffi::OsString> =
+            ["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "16"]
+                .iter()
+                .chain(&[
+                    "--limit-train",
+                    "400",
+                    "--limit-test",
+                    "40",
+                    "--epochs",
+                    "1",
+                    "--log-every",
+                    "1",
+                    "--augment",
+                    "--out",
+                ])
+                .map(|s| s.into())
+                .collect();
+        v.push(out.as_os_str().to_owned());
+        v
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let whole = senet().args(args(&a)).output().unwrap();
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
+
+    let mut child = senet()
+        .args(args(&b))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("step 3/25") {
+            break;
+        }
+    }
+    // Keep reading, as a terminal would, so the child never writes into a closed pipe.
+    let drain = std::thread::spawn(move || lines.count());
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {stderr}");
+    assert!(stderr.contains("senet train --resume"), "stderr: {stderr}");
+    let stopped_at: usize =
+        stderr.split("after step ").nth(1).and_then(|s| s.split(';').next()).and_then(|s| s.parse().ok()).unwrap();
+    assert!((3..25).contains(&stopped_at), "stopped mid-epoch, at step {stopped_at}");
+
+    let resumed = senet().args(["train", "--resume"]).arg(&b).output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains(&format!("and {stopped_at} steps of the next")));
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    assert!(
+        read(a.join("last.safetensors")) == read(b.join("last.safetensors")),
+        "weights differ after a mid-epoch resume"
+    );
+    let line = |p: std::path::PathBuf| {
+        std::fs::read_to_string(p).unwrap().lines().nth(1).unwrap().split(',').take(5).collect::<Vec<_>>().join(",")
+    };
+    assert_eq!(line(a.join("metrics.csv")), line(b.join("metrics.csv")), "the epoch's metrics match too");
+}
+
+/// A diverging run stops with the step and the first non-finite layer, and writes no checkpoint.
+#[test]
+fn divergence_is_reported_and_nothing_is_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "16", "--limit-train", "64"])
+        .args([
+            "--limit-test",
+            "16",
+            "--epochs",
+            "1",
+            "--log-every",
+            "1",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "1e30",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("diverged at epoch 1 step") && stderr.contains("first non-finite value in"), "{stderr}");
+    assert!(!dir.path().join("last.safetensors").exists(), "no checkpoint from a diverged run");
+}

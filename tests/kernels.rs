@@ -636,3 +636,25 @@ fn optimizers_match_reference_over_several_steps() {
 }
 
 use senet_wgpu::gpu::Tensor;
+
+/// A mistake that wgpu catches (here: buffers that do not match the kernel's bindings) is an
+/// error with the kernel's name, not a panic, and does not poison the device for later work.
+#[test]
+fn gpu_validation_errors_are_errors_not_panics() {
+    let gpu = gpu();
+    let t = zeros(&gpu, "t", &[4]);
+    let p = gpu.uniform("p", &[4u32, 0, 0, 0]);
+    let err = gpu
+        .dispatch(
+            "relu",
+            "relu_forward",
+            &[("WG", 256.0)],
+            &[senet_wgpu::gpu::Bind::Uniform(0, &p), senet_wgpu::gpu::Bind::Tensor(1, &t)],
+            [1, 1, 1],
+        )
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("relu::relu_forward"), "{err:#}");
+    let err = gpu.pipeline("relu", "no_such_entry", &[]).unwrap_err();
+    assert!(format!("{err:#}").contains("no_such_entry"), "{err:#}");
+    gpu.check().expect("scoped errors do not leak into the device's error list");
+}

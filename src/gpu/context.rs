@@ -125,6 +125,9 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
     pub stats: Arc<GpuStats>,
+    /// Errors the device reported outside any call's result (validation, out of memory, device
+    /// lost). [`Gpu::wait`] and [`Gpu::check`] turn the first into an error: never a panic.
+    errors: Arc<std::sync::Mutex<Vec<String>>>,
     pub(crate) kernels: super::kernels::KernelRegistry,
 }
 
@@ -234,7 +237,25 @@ impl Gpu {
             trace: wgpu::Trace::Off,
         }))
         .with_context(|| format!("requesting a device from adapter {:?}", info.name))?;
+        let errors: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let what = match &e {
+                wgpu::Error::OutOfMemory { .. } => "the GPU ran out of memory".to_string(),
+                other => format!("GPU error: {other}"),
+            };
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(what);
+        }));
+        let sink = errors.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if reason != wgpu::DeviceLostReason::Destroyed {
+                sink.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("the GPU device was lost ({reason:?}): {message}"));
+            }
+        });
         Ok(Arc::new(Gpu {
+            errors,
             kernels: super::kernels::KernelRegistry::default(),
             stats: Arc::default(),
             adapter,
@@ -261,6 +282,15 @@ impl Gpu {
 
     /// Block until all submitted work is done. Only for tests, read-backs and the end of a run.
     pub fn wait(&self) -> Result<()> {
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).context("waiting for the GPU")
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).context("waiting for the GPU")?;
+        self.check()
+    }
+
+    /// The first error the device reported since it was created, if any.
+    pub fn check(&self) -> Result<()> {
+        match self.errors.lock().unwrap_or_else(|p| p.into_inner()).first() {
+            Some(e) => anyhow::bail!("{e}"),
+            None => Ok(()),
+        }
     }
 }

@@ -78,10 +78,14 @@ impl Gpu {
             .find(|(name, _)| *name == shader)
             .map(|(_, s)| *s)
             .ok_or_else(|| anyhow::anyhow!("no shader named {shader:?}"))?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader),
             source: wgpu::ShaderSource::Wgsl(src.into()),
         });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            anyhow::bail!("compiling shaders/{shader}.wgsl: {e}");
+        }
         modules.insert(shader, module.clone());
         Ok(module)
     }
@@ -98,6 +102,7 @@ impl Gpu {
             return Ok(p.clone());
         }
         let module = self.module(shader)?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
             layout: None,
@@ -109,6 +114,9 @@ impl Gpu {
             },
             cache: None,
         });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            anyhow::bail!("building the pipeline {shader}::{entry}: {e}");
+        }
         self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(key, pipeline.clone());
         Ok(pipeline)
     }
@@ -150,11 +158,15 @@ impl Gpu {
             })
             .collect();
         self.stats.bind_groups_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(entry),
             layout: &layout,
             entries: &entries,
         });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            anyhow::bail!("binding the buffers of {shader}::{entry}: {e}");
+        }
         Ok(Dispatch { label: entry, pipeline, bind_group, workgroups, flops: 0.0, bytes: 0.0 })
     }
 
