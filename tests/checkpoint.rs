@@ -145,3 +145,52 @@ fn mismatched_checkpoints_are_clear_errors() {
     let err = checkpoint::from_bytes(&f64_bytes, "f64.safetensors").unwrap_err().to_string();
     assert!(err.contains("tensor w is F64"), "{err}");
 }
+
+/// Killing the process (SIGKILL, no chance to clean up) at any moment of a checkpoint write
+/// leaves the previous checkpoint readable: writes go to a temporary file, are synced, then
+/// renamed over the old one. The child is this test binary re-run as a writer.
+#[test]
+fn sigkill_during_checkpoint_writes_leaves_a_readable_file() {
+    use checkpoint::StateDict;
+    let version = |v: f32| -> Vec<u8> {
+        let mut sd = StateDict::new();
+        for k in 0..8 {
+            sd.insert(
+                format!("layer{k}.weight"),
+                Entry { shape: vec![64 * 1024], value: Value::F32(vec![v; 64 * 1024]) },
+            );
+        }
+        checkpoint::to_bytes(&sd).unwrap()
+    };
+    if let Ok(path) = std::env::var("SENET_TEST_CHECKPOINT_WRITER") {
+        // The child: rewrite the checkpoint forever, alternating two versions, until killed.
+        let (a, b) = (version(1.0), version(2.0));
+        loop {
+            checkpoint::write_atomic(std::path::Path::new(&path), &a).unwrap();
+            checkpoint::write_atomic(std::path::Path::new(&path), &b).unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("last.safetensors");
+    let valid = [version(0.0), version(1.0), version(2.0)];
+    checkpoint::write_atomic(&path, &valid[0]).unwrap();
+    let mut r = rng(9);
+    let mut rewritten = 0;
+    for round in 0..12 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["sigkill_during_checkpoint_writes_leaves_a_readable_file", "--exact", "--test-threads", "1"])
+            .env("SENET_TEST_CHECKPOINT_WRITER", &path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(rand::Rng::random_range(&mut r, 20..120)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(valid.contains(&bytes), "round {round}: the checkpoint is not one of the complete versions");
+        checkpoint::from_bytes(&bytes, "last.safetensors").unwrap();
+        rewritten += usize::from(bytes != valid[0]);
+    }
+    assert!(rewritten > 0, "the writer never got to write: the test did not exercise the kill");
+}

@@ -136,3 +136,21 @@ fn steps_allocate_nothing_and_memory_stays_flat() {
     let after = gpu.stats.snapshot();
     assert_eq!(before, after, "(buffers created, bind groups created, live bytes, peak bytes) changed during steps");
 }
+
+/// A batch too large for the adapter's per-buffer limit is refused before anything is allocated,
+/// naming the tensor and the largest batch that fits — which then plans fine.
+#[test]
+fn a_batch_too_large_names_the_largest_that_fits() {
+    // A device of its own, so that its allocation counter sees this test alone.
+    let gpu = senet_wgpu::gpu::Gpu::new(&Default::default()).expect("GPU test cannot run");
+    let net = Network::new(gpu.clone(), tiny(10, 32), OptimizerConfig::adam(1e-3), 0).unwrap();
+    let limit = gpu.limits.max_storage_buffer_binding_size.min(gpu.limits.max_buffer_size);
+    // The first conv's output, 4 channels of 32x32 f32 per image, is the largest tensor.
+    let per_image = 4 * 32 * 32 * 4;
+    let too_many = (limit / per_image) as usize + 1;
+    let before = gpu.stats.snapshot().0;
+    let err = net.plan(too_many).err().expect("too large").to_string();
+    let fit = (limit / per_image) as usize;
+    assert!(err.contains("features.0") && err.contains(&format!("the largest batch that fits is {fit}")), "{err}");
+    assert_eq!(gpu.stats.snapshot().0, before, "nothing allocated for a refused plan");
+}

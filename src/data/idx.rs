@@ -13,11 +13,16 @@ use super::{Dataset, Splits};
 /// Read a whole file, gunzipping when it starts with the gzip magic.
 pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    gunzip_if_gz(raw, &path.display().to_string())
+}
+
+/// `raw` itself, or its gzip content when it starts with the gzip magic.
+pub fn gunzip_if_gz(raw: Vec<u8>, what: &str) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::MultiGzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .with_context(|| format!("{}: corrupt or truncated gzip data", path.display()))?;
+            .with_context(|| format!("{what}: corrupt or truncated gzip data"))?;
         Ok(out)
     } else {
         Ok(raw)

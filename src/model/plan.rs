@@ -110,9 +110,50 @@ impl Network {
         self.bn.iter().find(|b| b.name == name).with_context(|| format!("no batch norm named {name}"))
     }
 
+    /// The largest tensor a plan for batch `n` binds: (bytes, what).
+    fn largest_binding(&self, n: usize) -> Result<(u64, String)> {
+        let shapes = self.graph.shapes(n)?;
+        let mut best = (0u64, String::new());
+        for (k, s) in shapes.iter().enumerate() {
+            let bytes = 4 * s.iter().product::<usize>() as u64;
+            if bytes > best.0 {
+                let what = if k == 0 {
+                    "the input batch".to_string()
+                } else {
+                    format!("the output of {}", self.graph.nodes[k - 1].name)
+                };
+                best = (bytes, what);
+            }
+        }
+        Ok(best)
+    }
+
+    /// Check, before allocating, that every buffer of a batch-`n` plan fits the adapter's
+    /// binding limit; if not, say which tensor and the largest batch that fits.
+    pub fn check_fits(&self, n: usize) -> Result<()> {
+        let limit = self.gpu.limits.max_storage_buffer_binding_size.min(self.gpu.limits.max_buffer_size);
+        let (bytes, what) = self.largest_binding(n)?;
+        if bytes <= limit {
+            return Ok(());
+        }
+        // Activations grow linearly with the batch: the largest fitting batch is a division away,
+        // checked against the same accounting.
+        let per_sample = self.largest_binding(1)?.0.max(1);
+        let mut fit = (limit / per_sample) as usize;
+        while fit > 0 && self.largest_binding(fit)?.0 > limit {
+            fit -= 1;
+        }
+        anyhow::bail!(
+            "batch {n} needs {bytes} bytes for {what}, above this adapter's {limit}-byte limit per buffer ({}); \
+             the largest batch that fits is {fit}",
+            self.gpu.info.name
+        )
+    }
+
     /// Allocate and record everything for batch size `n`.
     pub fn plan(&self, n: usize) -> Result<StepPlan> {
         ensure!(n >= 1, "batch size must be at least 1");
+        self.check_fits(n)?;
         let gpu = &*self.gpu;
         let shapes = self.graph.shapes(n)?;
         let acts = shapes
