@@ -658,3 +658,21 @@ fn gpu_validation_errors_are_errors_not_panics() {
     assert!(format!("{err:#}").contains("no_such_entry"), "{err:#}");
     gpu.check().expect("scoped errors do not leak into the device's error list");
 }
+
+/// A lost device (here destroyed on purpose, as a driver reset would) surfaces as an error at the
+/// next wait or read-back — the run can end with a message — instead of a panic or a hang.
+#[test]
+fn a_lost_device_is_an_error_not_a_panic() {
+    let gpu = senet_wgpu::gpu::Gpu::new(&Default::default()).expect("GPU test cannot run");
+    let x = upload(&gpu, "x", &[4], &[1.0, -1.0, 2.0, -2.0]);
+    let y = zeros(&gpu, "y", &[4]);
+    let d = relu::relu_forward(&gpu, &x, &y).unwrap();
+    gpu.device.destroy();
+    gpu.run(&d.iter().collect::<Vec<_>>());
+    let err = match gpu.wait().and_then(|_| y.read::<f32>(&gpu).map(|_| ())) {
+        Err(e) => format!("{e:#}"),
+        Ok(()) => panic!("work on a destroyed device reported success"),
+    };
+    assert!(!err.is_empty(), "{err}");
+    eprintln!("lost device reported as: {err}");
+}
