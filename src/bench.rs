@@ -153,6 +153,7 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
         input_hw: [args.hw, args.hw],
         classes: vec![],
         normalize: None,
+        se_bias: false,
     };
     let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(1e-3), 0)?;
     let n = args.batch_size;

@@ -216,6 +216,7 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
         input_hw,
         classes: vec![],
         normalize: None,
+        se_bias: false,
     })
 }
 

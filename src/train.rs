@@ -57,9 +57,17 @@ pub struct TrainArgs {
     /// Train on the first N training images only.
     #[arg(long)]
     pub limit_train: Option<usize>,
-    /// Channel width multiplier: 1.0 = 64…1024 channels, 0.25 = 16…256.
+    /// senet (the base model), resnet20/32/56/110 or se-resnet20/32/56/110 (CIFAR ResNets, 6n+2).
+    #[arg(long, default_value = "senet")]
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Channel width multiplier: 1.0 = 64…1024 channels for senet, 16/32/64 for the ResNets.
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
+    /// Biases in the SE blocks' FC layers.
+    #[arg(long)]
+    #[serde(default)]
+    pub se_bias: bool,
     /// SE reduction ratio r (hidden width C/r).
     #[arg(long, default_value_t = 16)]
     pub reduction: usize,
@@ -102,6 +110,10 @@ pub struct TrainArgs {
     pub log_every: usize,
 }
 
+fn default_model() -> String {
+    "senet".into()
+}
+
 impl TrainArgs {
     /// Reject nonsense before any work starts.
     pub fn validate(&self) -> Result<()> {
@@ -112,6 +124,14 @@ impl TrainArgs {
         ensure!(self.weight_decay >= 0.0, "--weight-decay must be >= 0, got {}", self.weight_decay);
         ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
         ensure!(self.log_every >= 1, "--log-every must be at least 1");
+        if self.model != "senet" {
+            ensure!(
+                crate::model::resnet::parse_name(&self.model).is_some(),
+                "--model {:?}: expected senet, resnet20/32/56/110 or se-resnet20/32/56/110",
+                self.model
+            );
+            return Ok(());
+        }
         let (first, last) =
             (crate::model::senet::scaled(64, self.width), crate::model::senet::scaled(1024, self.width));
         ensure!(
@@ -380,7 +400,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     let pre = Preprocess { normalize: normalize.clone(), augment: args.augment };
     let [c, h, w] = train_set.shape;
     let config = ModelConfig {
-        model: "senet".into(),
+        model: args.model.clone(),
         width: args.width,
         reduction: args.reduction,
         in_channels: c,
@@ -388,6 +408,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         input_hw: [h, w],
         classes: train_set.classes.clone(),
         normalize,
+        se_bias: args.se_bias,
     };
 
     // Network
@@ -453,7 +474,8 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     };
 
     println!(
-        "senet width {} (r={}) on {}: {} params | {} train / {} test images {:?} | {} | batch {} | {:?}",
+        "{} width {} (r={}) on {}: {} params | {} train / {} test images {:?} | {} | batch {} | {:?}",
+        args.model,
         args.width,
         args.reduction,
         splits.name,

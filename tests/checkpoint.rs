@@ -19,6 +19,7 @@ fn config(width: f64, classes: usize) -> ModelConfig {
         input_hw: [28, 28],
         classes: vec![],
         normalize: None,
+        se_bias: false,
     }
 }
 

@@ -111,6 +111,7 @@ fn safetensors_into_a_model_never_panics() {
         input_hw: [16, 16],
         classes: vec![],
         normalize: None,
+        se_bias: false,
     };
     let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(1e-3), 0).unwrap();
     let valid = checkpoint::to_bytes(&checkpoint::state_dict(&net).unwrap()).unwrap();

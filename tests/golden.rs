@@ -55,6 +55,7 @@ fn one_adam_step_matches_pytorch() {
         input_hw: [16, 16],
         classes: vec![],
         normalize: None,
+        se_bias: false,
     };
     let lr = 1e-3;
     let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(lr), 0).unwrap();

@@ -24,6 +24,7 @@ fn tiny(classes: usize, hw: usize) -> ModelConfig {
         input_hw: [hw, hw],
         classes: vec![],
         normalize: None,
+        se_bias: false,
     }
 }
 
@@ -153,4 +154,87 @@ fn a_batch_too_large_names_the_largest_that_fits() {
     let fit = (limit / per_image) as usize;
     assert!(err.contains("features.0") && err.contains(&format!("the largest batch that fits is {fit}")), "{err}");
     assert_eq!(gpu.stats.snapshot().0, before, "nothing allocated for a refused plan");
+}
+
+fn cifar_resnet(model: &str, width: f64) -> ModelConfig {
+    ModelConfig {
+        model: model.into(),
+        width,
+        reduction: 4,
+        in_channels: 3,
+        num_classes: 4,
+        input_hw: [8, 8],
+        classes: vec![],
+        normalize: None,
+        se_bias: true,
+    }
+}
+
+/// Residual graphs: the addition, the fork whose two gradients are summed, the strided blocks
+/// with projection shortcuts and the SE block on the residual branch — the GPU step against the
+/// reference step, for ResNet-8 and SE-ResNet-8 (one block per stage).
+#[test]
+fn residual_training_steps_equal_the_reference() {
+    let gpu = gpu();
+    for model in ["resnet8", "se-resnet8"] {
+        let n = 3;
+        let opt = OptimizerConfig::sgd(0.1, 0.9);
+        let mut net = Network::new(gpu.clone(), cifar_resnet(model, 0.5), opt, 4).unwrap();
+        let plan = net.plan(n).unwrap();
+        let x = uniform(&mut rng(21), n * 3 * 8 * 8, 0.0, 1.0);
+        let labels = [0u32, 3, 1];
+        let params: HashMap<String, Vec<f64>> =
+            net.params.iter().map(|p| (p.spec.name.clone(), to_f64(&read(&gpu, &p.value)))).collect();
+        let mut buffers = HashMap::new();
+        for b in &net.bn {
+            buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(&gpu, &b.running_mean)));
+            buffers.insert(format!("{}.running_var", b.name), to_f64(&read(&gpu, &b.running_var)));
+        }
+        let want = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(&x), &labels).unwrap();
+        plan.write_batch(&gpu, &x, &labels).unwrap();
+        net.train_step(&plan);
+        gpu.wait().unwrap();
+        let res = read(&gpu, &plan.train_result);
+        assert_close(&format!("{model} loss"), &[res[result::LOSS]], &[want.loss], 1e-5, 1e-4);
+        assert_close(&format!("{model} logits"), &read(&gpu, plan.logits()), &want.logits, 1e-4, 1e-4);
+        // Tolerances as in gpu_training_step_equals_the_reference_step.
+        for p in &net.params {
+            let name = &p.spec.name;
+            assert_close(&format!("{model} grad {name}"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn cifar_resnet_names_and_sizes() {
+    let cfg = |m: &str| ModelConfig {
+        input_hw: [32, 32],
+        num_classes: 10,
+        reduction: 16,
+        se_bias: false,
+        ..cifar_resnet(m, 1.0)
+    };
+    let g = cfg("resnet20").graph().unwrap();
+    // He et al.'s ResNet-20 has 0.27M parameters: 269,722 with zero-padding shortcuts, plus
+    // 2,752 for our two projection shortcuts (1x1 conv 16→32 and 32→64, each with its BN).
+    assert_eq!(g.parameter_count(), 269_722 + 2_752);
+    let names: Vec<String> = g.parameters().into_iter().map(|p| p.name).collect();
+    for key in [
+        "conv1.weight",
+        "bn1.weight",
+        "layer1.0.conv1.weight",
+        "layer2.0.downsample.0.weight",
+        "layer3.2.bn2.bias",
+        "fc.weight",
+        "fc.bias",
+    ] {
+        assert!(names.iter().any(|n| n == key), "resnet20 lacks {key}");
+    }
+    let se = cfg("se-resnet20").graph().unwrap();
+    let se_names: Vec<String> = se.parameters().into_iter().map(|p| p.name).collect();
+    assert!(se_names.contains(&"layer3.2.se.fc1.weight".to_string()));
+    // SE adds 2·C·C/16 per block: 3 blocks at each of 16, 32, 64 channels.
+    let extra: usize = [16usize, 32, 64].iter().map(|c| 3 * 2 * c * (c / 16)).sum();
+    assert_eq!(se.parameter_count(), g.parameter_count() + extra);
+    assert!(cfg("resnet21").graph().is_err());
 }

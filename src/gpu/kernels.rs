@@ -24,6 +24,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
     ("optimizer", include_str!("../../shaders/optimizer.wgsl")),
     ("bench", include_str!("../../shaders/bench.wgsl")),
+    ("add", include_str!("../../shaders/add.wgsl")),
 ];
 
 #[derive(Default)]

@@ -5,6 +5,7 @@
 //! base SENet is a chain; the representation leaves room for residual additions (SE-ResNet).
 
 pub mod plan;
+pub mod resnet;
 pub mod senet;
 
 use anyhow::{Result, bail, ensure};
@@ -45,6 +46,8 @@ pub enum Layer {
         out_features: usize,
         bias: bool,
     },
+    /// The residual addition of two activations of the same shape.
+    Add,
 }
 
 /// A layer in the graph: its state-dict prefix (`features.0`) and the activations it reads.
@@ -90,13 +93,30 @@ impl Graph {
     pub fn shapes(&self, n: usize) -> Result<Vec<Shape>> {
         let [c, h, w] = self.input;
         let mut shapes: Vec<Shape> = vec![vec![n, c, h, w]];
-        for node in &self.nodes {
-            ensure!(node.inputs.len() == 1, "{}: layers read one activation", node.name);
+        for (k, node) in self.nodes.iter().enumerate() {
+            let arity = if node.layer == Layer::Add { 2 } else { 1 };
+            ensure!(node.inputs.len() == arity, "{}: {:?} reads {arity} activation(s)", node.name, node.layer);
+            ensure!(node.inputs.iter().all(|&i| i <= k), "{}: reads an activation computed after it", node.name);
             let inp = &shapes[node.inputs[0]];
+            if node.layer == Layer::Add {
+                let other = &shapes[node.inputs[1]];
+                ensure!(inp == other, "{}: cannot add {inp:?} and {other:?}", node.name);
+            }
             let out = layer_output(&node.name, &node.layer, inp)?;
             shapes.push(out);
         }
         Ok(shapes)
+    }
+
+    /// For every activation (0 = input, k = output of node k-1), the nodes that read it.
+    pub fn consumers(&self) -> Vec<Vec<usize>> {
+        let mut c = vec![Vec::new(); self.nodes.len() + 1];
+        for (k, node) in self.nodes.iter().enumerate() {
+            for &i in &node.inputs {
+                c[i].push(k);
+            }
+        }
+        c
     }
 
     /// Trainable parameters in state-dict order.
@@ -136,7 +156,7 @@ impl Graph {
                         p(name, "bias", vec![out_features], Init::FanInUniform { fan_in: in_features });
                     }
                 }
-                Layer::Relu | Layer::MaxPool2d { .. } | Layer::GlobalAvgPool => {}
+                Layer::Relu | Layer::MaxPool2d { .. } | Layer::GlobalAvgPool | Layer::Add => {}
             }
         }
         out
@@ -200,7 +220,7 @@ fn layer_output(name: &str, layer: &Layer, inp: &[usize]) -> Result<Shape> {
             ensure!(inp[1] == *c, "{name}: expects {c} channels, got {}", inp[1]);
             inp.to_vec()
         }
-        Layer::Relu => inp.to_vec(),
+        Layer::Relu | Layer::Add => inp.to_vec(),
         Layer::MaxPool2d { .. } => {
             spatial("MaxPool2d")?;
             let cfg = pool_config(layer, inp).expect("a MaxPool2d layer");
@@ -235,13 +255,22 @@ pub struct ModelConfig {
     /// Per-channel (mean, std) the inputs were normalised with after /255; None = none.
     #[serde(default)]
     pub normalize: Option<Vec<(f32, f32)>>,
+    /// Biases in the SE blocks' two FC layers (the base SENet and the paper's ablations: none).
+    #[serde(default)]
+    pub se_bias: bool,
 }
 
 impl ModelConfig {
     pub fn graph(&self) -> Result<Graph> {
-        match self.model.as_str() {
-            "senet" => senet::base_senet(self),
-            other => bail!("unknown model {other:?}: this version knows \"senet\""),
+        if self.model == "senet" {
+            return senet::base_senet(self);
+        }
+        match resnet::parse_name(&self.model) {
+            Some((depth, se)) => resnet::cifar_resnet(self, depth, se),
+            None => bail!(
+                "unknown model {:?}: expected senet, resnet20/32/56/110 or se-resnet20/32/56/110 (any 6n+2 depth)",
+                self.model
+            ),
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::ops::batch_norm::{self, BatchNormConfig};
 use crate::ops::cross_entropy::{self, result};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 use crate::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
-use crate::ops::{conv2d, linear, pool, relu};
+use crate::ops::{add, conv2d, linear, pool, relu};
 
 /// A trainable tensor with its gradient and optimizer state.
 pub struct Param {
@@ -173,13 +173,32 @@ impl Network {
         let train_result = Tensor::zeros(gpu, "train metrics", &[result::LEN])?;
         let eval_result = Tensor::zeros(gpu, "eval metrics", &[result::LEN])?;
 
+        // An activation read by two layers (the fork before a residual block) gets one gradient
+        // buffer per reader; the last reader's backward is followed by their sum.
+        let consumers = self.graph.consumers();
+        let mut contrib: HashMap<(usize, usize), Tensor> = HashMap::new();
+        for (a, readers) in consumers.iter().enumerate() {
+            ensure!(readers.len() <= 2, "activation {a} is read by {} layers; at most 2 are supported", readers.len());
+            if readers.len() == 2 {
+                for &k in readers {
+                    for (j, _) in self.graph.nodes[k].inputs.iter().enumerate().filter(|(_, i)| **i == a) {
+                        contrib.insert((k, j), Tensor::zeros(gpu, &format!("gradient {a} from node {k}"), &shapes[a])?);
+                    }
+                }
+            }
+        }
+        let target = |k: usize, j: usize| -> &Tensor {
+            let a = self.graph.nodes[k].inputs[j];
+            contrib.get(&(k, j)).unwrap_or(&grads[a])
+        };
+
         let mut train = Vec::new();
         let mut eval = Vec::new();
         let mut backward: Vec<Vec<Dispatch>> = Vec::new();
         let splits_target = if gpu.is_cpu() { 256 } else { 65536 };
         for (k, node) in self.graph.nodes.iter().enumerate() {
             let a = node.inputs[0];
-            let (inp, out, dinp, dout) = (&acts[a], &acts[k + 1], &grads[a], &grads[k + 1]);
+            let (inp, out, dinp, dout) = (&acts[a], &acts[k + 1], target(k, 0), &grads[k + 1]);
             let name = &node.name;
             let p = |suffix: &str| self.param(&format!("{name}.{suffix}"));
             let mut bwd = Vec::new();
@@ -290,6 +309,21 @@ impl Network {
                         &w.grad,
                         b.map(|b| &b.grad),
                     )?);
+                }
+                Layer::Add => {
+                    let fwd = add::add_forward(gpu, inp, &acts[node.inputs[1]], out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(add::add_backward(gpu, dout, dinp, target(k, 1))?);
+                }
+            }
+            // This node is the first reader of a forked activation: after its backward (the last
+            // to run in reverse order), sum the two contributions.
+            for &i in &node.inputs {
+                if consumers[i].len() == 2 && consumers[i][0] == k && i > 0 {
+                    let [r0, r1] = [consumers[i][0], consumers[i][1]];
+                    let slot = |r: usize| self.graph.nodes[r].inputs.iter().position(|&x| x == i).unwrap_or(0);
+                    bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
                 }
             }
             backward.push(bwd);

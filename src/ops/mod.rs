@@ -5,6 +5,7 @@
 //! and returns the dispatches to record. Scratch buffers and parameter blocks are allocated
 //! here, at plan time, and kept alive by the bind groups that use them.
 
+pub mod add;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod cross_entropy;

@@ -6,6 +6,7 @@
 // Index loops mirror the formulas' subscripts; iterator chains would hide them.
 #![allow(clippy::needless_range_loop)]
 
+pub mod add;
 pub mod batch_norm;
 pub mod conv2d;
 pub mod cross_entropy;

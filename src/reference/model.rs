@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 
-use super::{batch_norm, conv2d, cross_entropy, linear, pool, relu, se_block};
+use super::{add, batch_norm, conv2d, cross_entropy, linear, pool, relu, se_block};
 use crate::model::{Graph, Layer, conv_config, pool_config};
 use crate::ops::batch_norm::BatchNormConfig;
 use crate::ops::linear::LinearConfig;
@@ -78,6 +78,7 @@ pub fn train_step(
                 (f.out.clone(), Saved::Se(f))
             }
             Layer::GlobalAvgPool => (pool::global_avg_pool_forward([s[0], s[1], s[2], s[3]], inp), Saved::None),
+            Layer::Add => (add::add_forward(inp, &acts[node.inputs[1]]), Saved::None),
             Layer::Linear { in_features, out_features, bias } => {
                 let cfg = LinearConfig { n, in_features, out_features, bias };
                 let b = if bias { Some(p("bias")?) } else { None };
@@ -92,9 +93,12 @@ pub fn train_step(
     let classes = shapes.last().context("empty graph")?[1];
     let ce = cross_entropy::cross_entropy_forward_backward(&logits, labels, classes);
 
+    // Gradients of the activations; an activation read by two layers sums both contributions.
     let mut grads = HashMap::new();
-    let mut dout = ce.dlogits;
+    let mut dacts: Vec<Option<Vec<f64>>> = vec![None; acts.len()];
+    dacts[acts.len() - 1] = Some(ce.dlogits);
     for (k, node) in graph.nodes.iter().enumerate().rev() {
+        let Some(dout) = dacts[k + 1].take() else { continue };
         let a = node.inputs[0];
         let (inp, out, s) = (&acts[a], &acts[k + 1], &shapes[a]);
         let name = &node.name;
@@ -102,26 +106,26 @@ pub fn train_step(
         let mut put = |suffix: &str, g: Vec<f64>| {
             grads.insert(format!("{name}.{suffix}"), g);
         };
-        dout = match (&node.layer, &saved[k]) {
+        let dinputs: Vec<Vec<f64>> = match (&node.layer, &saved[k]) {
             (Layer::Conv2d { bias, .. }, _) => {
                 let cfg = conv_config(&node.layer, s).context("conv")?;
                 put("weight", conv2d::conv2d_backward_weight(&cfg, inp, &dout));
                 if *bias {
                     put("bias", conv2d::conv2d_backward_bias(&cfg, &dout));
                 }
-                conv2d::conv2d_backward_input(&cfg, &dout, p("weight")?)
+                vec![conv2d::conv2d_backward_input(&cfg, &dout, p("weight")?)]
             }
             (Layer::BatchNorm2d { c }, Saved::Bn { mean, invstd }) => {
                 let cfg = BatchNormConfig::new(s[0], *c, s[2], s[3]);
                 let (dx, dg, db) = batch_norm::batch_norm_backward(&cfg, inp, p("weight")?, mean, invstd, &dout);
                 put("weight", dg);
                 put("bias", db);
-                dx
+                vec![dx]
             }
-            (Layer::Relu, _) => relu::relu_backward(out, &dout),
+            (Layer::Relu, _) => vec![relu::relu_backward(out, &dout)],
             (Layer::MaxPool2d { .. }, Saved::Pool { argmax }) => {
                 let cfg = pool_config(&node.layer, s).context("pool")?;
-                pool::max_pool2d_backward(&cfg, argmax, &dout)
+                vec![pool::max_pool2d_backward(&cfg, argmax, &dout)]
             }
             (Layer::SeBlock { c, reduction, bias }, Saved::Se(f)) => {
                 let cfg = SeBlockConfig { n: s[0], c: *c, h: s[2], w: s[3], reduction: *reduction, bias: *bias };
@@ -133,9 +137,9 @@ pub fn train_step(
                     put("fc1.bias", g.db1);
                     put("fc2.bias", g.db2);
                 }
-                g.dinp
+                vec![g.dinp]
             }
-            (Layer::GlobalAvgPool, _) => pool::global_avg_pool_backward([s[0], s[1], s[2], s[3]], &dout),
+            (Layer::GlobalAvgPool, _) => vec![pool::global_avg_pool_backward([s[0], s[1], s[2], s[3]], &dout)],
             (Layer::Linear { in_features, out_features, bias }, _) => {
                 let cfg = LinearConfig { n, in_features: *in_features, out_features: *out_features, bias: *bias };
                 let (dx, dw, db) = linear::linear_backward(&cfg, inp, p("weight")?, &dout);
@@ -143,10 +147,20 @@ pub fn train_step(
                 if *bias {
                     put("bias", db);
                 }
-                dx
+                vec![dx]
+            }
+            (Layer::Add, _) => {
+                let (da, db) = add::add_backward(&dout);
+                vec![da, db]
             }
             (layer, _) => anyhow::bail!("reference: {name} ({layer:?}) lost its saved forward state"),
         };
+        for (&i, g) in node.inputs.iter().zip(dinputs) {
+            dacts[i] = Some(match dacts[i].take() {
+                Some(prev) => add::add_forward(&prev, &g),
+                None => g,
+            });
+        }
     }
     Ok(StepResult { loss: ce.loss, correct: ce.correct, logits, grads, buffers: new_buffers })
 }

@@ -1,0 +1,81 @@
+//! CIFAR ResNets (He et al. 2016, §4.2) and SE-ResNets (Hu et al., Fig. 3): a 3×3 stem of 16
+//! channels, three stages of n basic blocks at 16, 32 and 64 channels (6n+2 layers), the second
+//! and third stages starting with a stride-2 block whose shortcut is a projection (1×1 conv +
+//! BN), global average pooling and a linear classifier. In an SE-ResNet each block's residual
+//! branch is recalibrated by an SE block before the addition.
+//!
+//! Names follow torchvision / timm state dicts: `conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.bn1`,
+//! `layer1.0.conv2`, `layer1.0.bn2`, `layer1.0.se.fc1`, `layer2.0.downsample.0` (conv),
+//! `layer2.0.downsample.1` (BN), `fc`.
+
+use anyhow::{Result, bail, ensure};
+
+use super::senet::scaled;
+use super::{Graph, Layer, ModelConfig, Node};
+
+/// Depth of a `resnet<D>` / `se-resnet<D>` model name; D = 6n + 2.
+pub fn parse_name(model: &str) -> Option<(usize, bool)> {
+    let (se, rest) = match model.strip_prefix("se-") {
+        Some(r) => (true, r),
+        None => (false, model),
+    };
+    let depth: usize = rest.strip_prefix("resnet")?.parse().ok()?;
+    Some((depth, se))
+}
+
+pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
+    if depth < 8 || !(depth - 2).is_multiple_of(6) {
+        bail!("CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110, …), got {depth}");
+    }
+    let blocks = (depth - 2) / 6;
+    let widths = [16, 32, 64].map(|c| scaled(c, cfg.width));
+    ensure!(widths[0] >= 1, "width {} leaves the 16-channel stem with no channels", cfg.width);
+    if se {
+        ensure!(
+            cfg.reduction >= 1 && cfg.reduction <= widths[0],
+            "reduction {} must be between 1 and the first stage's {} channels",
+            cfg.reduction,
+            widths[0]
+        );
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    // Push a node reading `inputs`; returns the index of its output activation.
+    let mut push = |name: String, layer: Layer, inputs: Vec<usize>| {
+        nodes.push(Node { name, layer, inputs });
+        nodes.len()
+    };
+    let conv =
+        |c_in, c_out, kernel, stride| Layer::Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, bias: false };
+    let mut x = push("conv1".into(), conv(cfg.in_channels, widths[0], 3, 1), vec![0]);
+    x = push("bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
+    x = push("relu".into(), Layer::Relu, vec![x]);
+    let mut c_in = widths[0];
+    for (s, &c) in widths.iter().enumerate() {
+        for b in 0..blocks {
+            let p = format!("layer{}.{b}", s + 1);
+            let stride = if s > 0 && b == 0 { 2 } else { 1 };
+            let mut y = push(format!("{p}.conv1"), conv(c_in, c, 3, stride), vec![x]);
+            y = push(format!("{p}.bn1"), Layer::BatchNorm2d { c }, vec![y]);
+            y = push(format!("{p}.relu1"), Layer::Relu, vec![y]);
+            y = push(format!("{p}.conv2"), conv(c, c, 3, 1), vec![y]);
+            y = push(format!("{p}.bn2"), Layer::BatchNorm2d { c }, vec![y]);
+            if se {
+                y = push(format!("{p}.se"), Layer::SeBlock { c, reduction: cfg.reduction, bias: cfg.se_bias }, vec![y]);
+            }
+            let shortcut = if stride != 1 || c_in != c {
+                let z = push(format!("{p}.downsample.0"), conv(c_in, c, 1, stride), vec![x]);
+                push(format!("{p}.downsample.1"), Layer::BatchNorm2d { c }, vec![z])
+            } else {
+                x
+            };
+            y = push(format!("{p}.add"), Layer::Add, vec![y, shortcut]);
+            x = push(format!("{p}.relu2"), Layer::Relu, vec![y]);
+            c_in = c;
+        }
+    }
+    x = push("avgpool".into(), Layer::GlobalAvgPool, vec![x]);
+    push("fc".into(), Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true }, vec![x]);
+    let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
+    graph.shapes(1)?;
+    Ok(graph)
+}

@@ -1,0 +1,10 @@
+//! add oracle: out = a + b; da = db = dout.
+
+pub fn add_forward(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// (da, db)
+pub fn add_backward(dout: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    (dout.to_vec(), dout.to_vec())
+}
