@@ -240,3 +240,19 @@ fn divergence_is_reported_and_nothing_is_overwritten() {
     assert!(stderr.contains("diverged at epoch 1 step") && stderr.contains("first non-finite value in"), "{stderr}");
     assert!(!dir.path().join("last.safetensors").exists(), "no checkpoint from a diverged run");
 }
+
+/// Bad data is refused before the run folder is created: no partial output behind an error.
+#[test]
+fn bad_data_leaves_no_partial_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    std::fs::create_dir_all(data.join("train")).unwrap();
+    std::fs::create_dir_all(data.join("test")).unwrap();
+    let out = dir.path().join("run");
+    let o = senet().args(["train", "--dataset", "folder", "--data-dir"]).arg(&data).arg("--out").arg(&out).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no class folders") && stderr.contains("train"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out.exists(), "a failed start must not leave a run folder");
+}

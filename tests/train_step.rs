@@ -28,6 +28,26 @@ fn tiny(classes: usize, hw: usize) -> ModelConfig {
     }
 }
 
+/// The reference step from the network's current parameters and running statistics (read back
+/// from the GPU, so both start from the same values); also returns those parameters.
+fn reference_step(
+    net: &Network,
+    n: usize,
+    x: &[f32],
+    labels: &[u32],
+) -> (HashMap<String, Vec<f64>>, reference::model::StepResult) {
+    let gpu = &net.gpu;
+    let params: HashMap<String, Vec<f64>> =
+        net.params.iter().map(|p| (p.spec.name.clone(), to_f64(&read(gpu, &p.value)))).collect();
+    let mut buffers = HashMap::new();
+    for b in &net.bn {
+        buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(gpu, &b.running_mean)));
+        buffers.insert(format!("{}.running_var", b.name), to_f64(&read(gpu, &b.running_var)));
+    }
+    let want = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(x), labels).unwrap();
+    (params, want)
+}
+
 #[test]
 fn gpu_training_step_equals_the_reference_step() {
     let gpu = gpu();
@@ -40,17 +60,7 @@ fn gpu_training_step_equals_the_reference_step() {
     let x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
     let labels: Vec<u32> = (0..n as u32).map(|i| (i * 3 + 1) % classes as u32).collect();
 
-    // The reference sees the same initial parameters and buffers.
-    let mut params: HashMap<String, Vec<f64>> = HashMap::new();
-    for p in &net.params {
-        params.insert(p.spec.name.clone(), to_f64(&read(&gpu, &p.value)));
-    }
-    let mut buffers = HashMap::new();
-    for b in &net.bn {
-        buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(&gpu, &b.running_mean)));
-        buffers.insert(format!("{}.running_var", b.name), to_f64(&read(&gpu, &b.running_var)));
-    }
-    let want = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(&x), &labels).unwrap();
+    let (params, want) = reference_step(&net, n, &x, &labels);
 
     plan.write_batch(&gpu, &x, &labels).unwrap();
     net.train_step(&plan);
@@ -183,14 +193,7 @@ fn residual_training_steps_equal_the_reference() {
         let plan = net.plan(n).unwrap();
         let x = uniform(&mut rng(21), n * 3 * 8 * 8, 0.0, 1.0);
         let labels = [0u32, 3, 1];
-        let params: HashMap<String, Vec<f64>> =
-            net.params.iter().map(|p| (p.spec.name.clone(), to_f64(&read(&gpu, &p.value)))).collect();
-        let mut buffers = HashMap::new();
-        for b in &net.bn {
-            buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(&gpu, &b.running_mean)));
-            buffers.insert(format!("{}.running_var", b.name), to_f64(&read(&gpu, &b.running_var)));
-        }
-        let want = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(&x), &labels).unwrap();
+        let (_, want) = reference_step(&net, n, &x, &labels);
         plan.write_batch(&gpu, &x, &labels).unwrap();
         net.train_step(&plan);
         gpu.wait().unwrap();
