@@ -12,4 +12,5 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod reference;
+pub mod summary;
 pub mod train;

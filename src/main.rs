@@ -41,6 +41,26 @@ enum Command {
     },
     /// Measure the device's ceilings, a model's train step and eval, and each kernel's share.
     Bench(senet_wgpu::bench::BenchArgs),
+    /// Layer table of a model: output shapes, parameters, multiply-adds, SE overhead.
+    Summary {
+        #[arg(long, default_value = "senet")]
+        model: String,
+        #[arg(long, default_value_t = 1.0)]
+        width: f64,
+        #[arg(long, default_value_t = 16)]
+        reduction: usize,
+        /// Input height and width.
+        #[arg(long, default_value_t = 32)]
+        hw: usize,
+        #[arg(long, default_value_t = 3)]
+        in_channels: usize,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        #[arg(long)]
+        se_bias: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// List every adapter with its backend, type, driver and the limits that matter,
     /// and say which one `senet` would use.
     Devices,
@@ -87,6 +107,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", senet_wgpu::bench::format_report(&report));
+            }
+        }
+        Command::Summary { model, width, reduction, hw, in_channels, classes, se_bias, json } => {
+            let cfg = senet_wgpu::model::ModelConfig {
+                model,
+                width,
+                reduction,
+                in_channels,
+                num_classes: classes,
+                input_hw: [hw, hw],
+                classes: vec![],
+                normalize: None,
+                se_bias,
+            };
+            let s = senet_wgpu::summary::summary(&cfg)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                print!("{}", senet_wgpu::summary::format_summary(&s));
             }
         }
         Command::Devices => {

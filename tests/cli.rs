@@ -249,7 +249,13 @@ fn bad_data_leaves_no_partial_output() {
     std::fs::create_dir_all(data.join("train")).unwrap();
     std::fs::create_dir_all(data.join("test")).unwrap();
     let out = dir.path().join("run");
-    let o = senet().args(["train", "--dataset", "folder", "--data-dir"]).arg(&data).arg("--out").arg(&out).output().unwrap();
+    let o = senet()
+        .args(["train", "--dataset", "folder", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no class folders") && stderr.contains("train"), "{stderr}");

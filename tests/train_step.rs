@@ -182,16 +182,30 @@ fn cifar_resnet(model: &str, width: f64) -> ModelConfig {
 
 /// Residual graphs: the addition, the fork whose two gradients are summed, the strided blocks
 /// with projection shortcuts and the SE block on the residual branch — the GPU step against the
-/// reference step, for ResNet-8 and SE-ResNet-8 (one block per stage).
+/// reference step, for ResNet-8 and SE-ResNet-8 (one block per stage), SE-ResNet-18 and -50.
 #[test]
 fn residual_training_steps_equal_the_reference() {
     let gpu = gpu();
-    for model in ["resnet8", "se-resnet8"] {
+    // CIFAR: 3x3 stem, basic blocks; ImageNet: 7x7/2 stem, padded 3x3/2 max pool, basic blocks
+    // (18) and bottlenecks (50), each with projection shortcuts.
+    // The ImageNet models get 64x64 inputs so that their last stage still has 2x2 planes: batch
+    // norm over a handful of values (1x1 planes, 3 samples) is so ill-conditioned that f32
+    // rounding, amplified by its 1/std through 17 layers, swamps any tolerance.
+    // Gradient tolerances as in gpu_training_step_equals_the_reference_step for the 8- and 18-layer
+    // models. SE-ResNet-50's first layers see rounding carried back through 16 bottlenecks (49
+    // convolutions and batch norms, each multiplying it by gamma/std of a few dozen values): their
+    // gradients agree to ~1e-3, so atol 2e-3, rtol 1e-2 there — still far below the O(0.1) a wrong
+    // index or formula gives.
+    for (model, width, hw) in
+        [("resnet8", 0.5, 8), ("se-resnet8", 0.5, 8), ("se-resnet18", 0.125, 64), ("se-resnet50", 0.0625, 64)]
+    {
+        let (atol, rtol) = if model == "se-resnet50" { (2e-3, 1e-2) } else { (2e-4, 1e-3) };
         let n = 3;
         let opt = OptimizerConfig::sgd(0.1, 0.9);
-        let mut net = Network::new(gpu.clone(), cifar_resnet(model, 0.5), opt, 4).unwrap();
+        let cfg = ModelConfig { input_hw: [hw, hw], ..cifar_resnet(model, width) };
+        let mut net = Network::new(gpu.clone(), cfg, opt, 4).unwrap();
         let plan = net.plan(n).unwrap();
-        let x = uniform(&mut rng(21), n * 3 * 8 * 8, 0.0, 1.0);
+        let x = uniform(&mut rng(21), n * 3 * hw * hw, 0.0, 1.0);
         let labels = [0u32, 3, 1];
         let (_, want) = reference_step(&net, n, &x, &labels);
         plan.write_batch(&gpu, &x, &labels).unwrap();
@@ -200,10 +214,9 @@ fn residual_training_steps_equal_the_reference() {
         let res = read(&gpu, &plan.train_result);
         assert_close(&format!("{model} loss"), &[res[result::LOSS]], &[want.loss], 1e-5, 1e-4);
         assert_close(&format!("{model} logits"), &read(&gpu, plan.logits()), &want.logits, 1e-4, 1e-4);
-        // Tolerances as in gpu_training_step_equals_the_reference_step.
         for p in &net.params {
             let name = &p.spec.name;
-            assert_close(&format!("{model} grad {name}"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
+            assert_close(&format!("{model} grad {name}"), &read(&gpu, &p.grad), &want.grads[name], atol, rtol);
         }
     }
 }

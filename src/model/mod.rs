@@ -32,6 +32,7 @@ pub enum Layer {
     MaxPool2d {
         kernel: usize,
         stride: usize,
+        pad: usize,
     },
     /// The SE block: `fc1` C→C/r, ReLU, `fc2` C/r→C, sigmoid, scale.
     SeBlock {
@@ -189,14 +190,14 @@ pub fn conv_config(layer: &Layer, inp: &[usize]) -> Option<Conv2dConfig> {
 /// The pooling configuration of a MaxPool2d layer reading `inp`.
 pub fn pool_config(layer: &Layer, inp: &[usize]) -> Option<MaxPool2dConfig> {
     match *layer {
-        Layer::MaxPool2d { kernel, stride } => Some(MaxPool2dConfig {
+        Layer::MaxPool2d { kernel, stride, pad } => Some(MaxPool2dConfig {
             n: inp[0],
             c: inp[1],
             h: inp[2],
             w: inp[3],
             kernel: (kernel, kernel),
             stride: (stride, stride),
-            pad: (0, 0),
+            pad: (pad, pad),
         }),
         _ => None,
     }
@@ -266,9 +267,10 @@ impl ModelConfig {
             return senet::base_senet(self);
         }
         match resnet::parse_name(&self.model) {
-            Some((depth, se)) => resnet::cifar_resnet(self, depth, se),
+            Some((depth, se)) => resnet::build(self, depth, se),
             None => bail!(
-                "unknown model {:?}: expected senet, resnet20/32/56/110 or se-resnet20/32/56/110 (any 6n+2 depth)",
+                "unknown model {:?}: expected senet, [se-]resnet18/34/50/101/152 (ImageNet) or \
+                 [se-]resnet20/32/44/56/110 (CIFAR, any other 6n+2 depth)",
                 self.model
             ),
         }

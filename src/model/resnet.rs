@@ -1,3 +1,8 @@
+//! ImageNet ResNets (He et al. 2016, Table 1: 18/34 with basic blocks, 50/101/152 with
+//! bottlenecks; a 7×7 stride-2 stem and a 3×3 stride-2 max pool; the stride of a bottleneck in its
+//! first 1×1 convolution, as the original and the SENet paper's Caffe models have it) and their SE
+//! versions (SE block after the last BN of the residual branch, before the addition).
+//!
 //! CIFAR ResNets (He et al. 2016, §4.2) and SE-ResNets (Hu et al., Fig. 3): a 3×3 stem of 16
 //! channels, three stages of n basic blocks at 16, 32 and 64 channels (6n+2 layers), the second
 //! and third stages starting with a stride-2 block whose shortcut is a projection (1×1 conv +
@@ -13,7 +18,7 @@ use anyhow::{Result, bail, ensure};
 use super::senet::scaled;
 use super::{Graph, Layer, ModelConfig, Node};
 
-/// Depth of a `resnet<D>` / `se-resnet<D>` model name; D = 6n + 2.
+/// Depth and SE-ness of a `resnet<D>` / `se-resnet<D>` model name.
 pub fn parse_name(model: &str) -> Option<(usize, bool)> {
     let (se, rest) = match model.strip_prefix("se-") {
         Some(r) => (true, r),
@@ -21,6 +26,97 @@ pub fn parse_name(model: &str) -> Option<(usize, bool)> {
     };
     let depth: usize = rest.strip_prefix("resnet")?.parse().ok()?;
     Some((depth, se))
+}
+
+/// The ImageNet depths; every other depth is a CIFAR ResNet (6n+2).
+pub const IMAGENET_DEPTHS: [usize; 5] = [18, 34, 50, 101, 152];
+
+/// The graph for a `resnet<D>` / `se-resnet<D>` name.
+pub fn build(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
+    if IMAGENET_DEPTHS.contains(&depth) { imagenet_resnet(cfg, depth, se) } else { cifar_resnet(cfg, depth, se) }
+}
+
+pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
+    let (bottleneck, blocks): (bool, [usize; 4]) = match depth {
+        18 => (false, [2, 2, 2, 2]),
+        34 => (false, [3, 4, 6, 3]),
+        50 => (true, [3, 4, 6, 3]),
+        101 => (true, [3, 4, 23, 3]),
+        152 => (true, [3, 8, 36, 3]),
+        _ => bail!("ImageNet ResNet depth must be one of {IMAGENET_DEPTHS:?}, got {depth}"),
+    };
+    let expansion = if bottleneck { 4 } else { 1 };
+    let widths = [64, 128, 256, 512].map(|c| scaled(c, cfg.width));
+    ensure!(widths[0] >= 1, "width {} leaves the 64-channel stem with no channels", cfg.width);
+    if se {
+        ensure!(
+            cfg.reduction >= 1 && cfg.reduction <= widths[0] * expansion,
+            "reduction {} must be between 1 and the first stage's {} channels",
+            cfg.reduction,
+            widths[0] * expansion
+        );
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut push = |name: String, layer: Layer, inputs: Vec<usize>| {
+        nodes.push(Node { name, layer, inputs });
+        nodes.len()
+    };
+    let conv =
+        |c_in, c_out, kernel, stride| Layer::Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, bias: false };
+    let mut x = push("conv1".into(), conv(cfg.in_channels, widths[0], 7, 2), vec![0]);
+    x = push("bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
+    x = push("relu".into(), Layer::Relu, vec![x]);
+    x = push("maxpool".into(), Layer::MaxPool2d { kernel: 3, stride: 2, pad: 1 }, vec![x]);
+    let mut c_in = widths[0];
+    for (s, (&w, &n)) in widths.iter().zip(&blocks).enumerate() {
+        let c_out = w * expansion;
+        for b in 0..n {
+            let p = format!("layer{}.{b}", s + 1);
+            let stride = if s > 0 && b == 0 { 2 } else { 1 };
+            // (name, layer) of the residual branch, in order.
+            let mut branch = if bottleneck {
+                vec![
+                    ("conv1", conv(c_in, w, 1, stride)),
+                    ("bn1", Layer::BatchNorm2d { c: w }),
+                    ("relu1", Layer::Relu),
+                    ("conv2", conv(w, w, 3, 1)),
+                    ("bn2", Layer::BatchNorm2d { c: w }),
+                    ("relu2", Layer::Relu),
+                    ("conv3", conv(w, c_out, 1, 1)),
+                    ("bn3", Layer::BatchNorm2d { c: c_out }),
+                ]
+            } else {
+                vec![
+                    ("conv1", conv(c_in, w, 3, stride)),
+                    ("bn1", Layer::BatchNorm2d { c: w }),
+                    ("relu1", Layer::Relu),
+                    ("conv2", conv(w, w, 3, 1)),
+                    ("bn2", Layer::BatchNorm2d { c: w }),
+                ]
+            };
+            if se {
+                branch.push(("se", Layer::SeBlock { c: c_out, reduction: cfg.reduction, bias: cfg.se_bias }));
+            }
+            let mut y = x;
+            for (name, layer) in branch {
+                y = push(format!("{p}.{name}"), layer, vec![y]);
+            }
+            let shortcut = if stride != 1 || c_in != c_out {
+                let z = push(format!("{p}.downsample.0"), conv(c_in, c_out, 1, stride), vec![x]);
+                push(format!("{p}.downsample.1"), Layer::BatchNorm2d { c: c_out }, vec![z])
+            } else {
+                x
+            };
+            y = push(format!("{p}.add"), Layer::Add, vec![y, shortcut]);
+            x = push(format!("{p}.relu"), Layer::Relu, vec![y]);
+            c_in = c_out;
+        }
+    }
+    x = push("avgpool".into(), Layer::GlobalAvgPool, vec![x]);
+    push("fc".into(), Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true }, vec![x]);
+    let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
+    graph.shapes(1)?;
+    Ok(graph)
 }
 
 pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {

@@ -1,0 +1,55 @@
+//! `senet summary` against published figures: torchvision's exact parameter counts and the SENet
+//! paper's parameters and GFLOPs (multiply-adds) for (SE-)ResNet-50 at 224×224, within 1 %.
+
+use senet_wgpu::model::ModelConfig;
+use senet_wgpu::summary::{paper_figures, summary};
+
+fn imagenet(model: &str) -> ModelConfig {
+    ModelConfig {
+        model: model.into(),
+        width: 1.0,
+        reduction: 16,
+        in_channels: 3,
+        num_classes: 1000,
+        input_hw: [224, 224],
+        classes: vec![],
+        normalize: None,
+        se_bias: false,
+    }
+}
+
+fn within(what: &str, got: f64, want: f64, rel: f64) {
+    assert!((got - want).abs() <= rel * want, "{what}: {got} is not within {}% of {want}", rel * 100.0);
+}
+
+#[test]
+fn resnet_parameter_counts_are_torchvisions() {
+    assert_eq!(summary(&imagenet("resnet50")).unwrap().params, 25_557_032);
+    assert_eq!(summary(&imagenet("resnet18")).unwrap().params, 11_689_512);
+    // torchvision: resnet18 1.81 GFLOPs (multiply-adds).
+    within("resnet18 mult-adds", summary(&imagenet("resnet18")).unwrap().macs as f64, 1.81e9, 0.01);
+}
+
+#[test]
+fn se_resnet50_matches_the_paper() {
+    for model in ["resnet50", "se-resnet50"] {
+        let s = summary(&imagenet(model)).unwrap();
+        let (params, gflops) = paper_figures(model, 224).unwrap();
+        within(&format!("{model} parameters"), s.params as f64, params, 0.01);
+        within(&format!("{model} GFLOPs"), s.macs as f64 / 1e9, gflops, 0.01);
+    }
+    let se = summary(&imagenet("se-resnet50")).unwrap();
+    // SE: 2·C²/16 per block, C = 256·3, 512·4, 1024·6, 2048·3 blocks → 2,514,944 (~10 %).
+    assert_eq!(se.se_params, 2_514_944);
+    let overhead = se.se_macs as f64 / (se.macs - se.se_macs) as f64;
+    assert!(overhead > 0.001 && overhead < 0.003, "SE mult-add overhead {overhead} (paper: 0.26 %)");
+}
+
+#[test]
+fn the_summary_lists_every_layer() {
+    let s = summary(&ModelConfig { input_hw: [32, 32], num_classes: 10, ..imagenet("se-resnet20") }).unwrap();
+    let g = ModelConfig { input_hw: [32, 32], num_classes: 10, ..imagenet("se-resnet20") }.graph().unwrap();
+    assert_eq!(s.layers.len(), g.nodes.len());
+    assert_eq!(s.params, g.parameter_count());
+    assert_eq!(s.layers.last().unwrap().output, vec![10]);
+}
