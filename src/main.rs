@@ -77,10 +77,15 @@ enum Command {
     },
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let opts = GpuOptions { backend: cli.backend, adapter_name: cli.adapter };
     match cli.command {
-        Command::Train(args) => {
+        Command::Train(mut args) => {
+            // --recipe fills in what the command line leaves at its default.
+            let sub = matches.subcommand_matches("train");
+            args.apply_recipe(|id| {
+                sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+            });
             args.validate()?;
             train::train(Gpu::new(&opts)?, &args)?;
         }
@@ -156,8 +161,12 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<train::Interrupted>().is_some() => {
             eprintln!("{e:#}");

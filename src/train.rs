@@ -88,6 +88,21 @@ pub struct TrainArgs {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Learning-rate schedule over the run: constant, step (÷10 at 50 % and 75 % of the epochs,
+    /// the paper's CIFAR schedule) or cosine (to 0 at the end).
+    #[arg(long, value_enum, default_value_t = Schedule::Constant)]
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Linear warm-up from 0 over this many epochs (fractions allowed).
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// A preset: `paper` = the SENet paper's CIFAR recipe (SGD momentum 0.9, lr 0.1, weight decay
+    /// 1e-4, step schedule, random crop + flip, per-channel normalisation). Flags given
+    /// explicitly keep their values.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub recipe: Option<Recipe>,
     /// Normalise inputs with the training set's per-channel mean and std.
     #[arg(long)]
     pub normalize: bool,
@@ -110,6 +125,43 @@ pub struct TrainArgs {
     pub log_every: usize,
 }
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Constant,
+    Step,
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipe {
+    Paper,
+}
+
+/// The learning rate of (0-based) step `step` of `total` steps, `per_epoch` steps an epoch.
+pub fn lr_at(base: f64, schedule: Schedule, warmup_epochs: f64, step: usize, per_epoch: usize, total: usize) -> f64 {
+    let warmup = (warmup_epochs * per_epoch as f64).round() as usize;
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    match schedule {
+        Schedule::Constant => base,
+        Schedule::Step => {
+            let epoch = step / per_epoch.max(1);
+            let epochs = total.div_ceil(per_epoch.max(1));
+            // ÷10 at 50 % and at 75 % of the epochs.
+            let drops = usize::from(2 * epoch >= epochs) + usize::from(4 * epoch >= 3 * epochs);
+            base * 0.1f64.powi(drops as i32)
+        }
+        Schedule::Cosine => {
+            let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+            base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        }
+    }
+}
+
 fn default_model() -> String {
     "senet".into()
 }
@@ -124,6 +176,11 @@ impl TrainArgs {
         ensure!(self.weight_decay >= 0.0, "--weight-decay must be >= 0, got {}", self.weight_decay);
         ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
         ensure!(self.log_every >= 1, "--log-every must be at least 1");
+        ensure!(
+            self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
+            "--warmup-epochs must be in [0, epochs), got {}",
+            self.warmup_epochs
+        );
         if self.model != "senet" {
             ensure!(
                 crate::model::resnet::parse_name(&self.model).is_some(),
@@ -147,6 +204,29 @@ impl TrainArgs {
             self.width
         );
         Ok(())
+    }
+
+    /// Apply `--recipe` to every setting the user did not give (`given(field)` says which they did).
+    pub fn apply_recipe(&mut self, given: impl Fn(&str) -> bool) {
+        if self.recipe == Some(Recipe::Paper) {
+            if !given("optimizer") {
+                self.optimizer = OptimizerKind::Sgd;
+            }
+            if !given("lr") {
+                self.lr = 0.1;
+            }
+            if !given("momentum") {
+                self.momentum = 0.9;
+            }
+            if !given("weight_decay") {
+                self.weight_decay = 1e-4;
+            }
+            if !given("schedule") {
+                self.schedule = Schedule::Step;
+            }
+            self.augment = true;
+            self.normalize = true;
+        }
     }
 
     /// The epoch count, defaulting to the base recipe's 10.
@@ -493,6 +573,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     );
 
     let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
+    let total_steps = steps_per_epoch * args.epochs();
     let first_epoch = history.len() + 1;
     install_stop_handler();
     for epoch in first_epoch..=args.epochs() {
@@ -518,6 +599,8 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         for (step, b) in batches.into_iter().enumerate().skip(skip) {
             let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(&gpu, &b.images, &b.labels)?;
+            let global = (epoch - 1) * steps_per_epoch + step;
+            net.set_lr(lr_at(args.lr, args.schedule, args.warmup_epochs, global, steps_per_epoch, total_steps));
             let idx = net.train_step(plan);
             // At most two steps in flight: wait for the previous one, not this one, so the next
             // batch is prepared and queued while the GPU works.

@@ -262,3 +262,43 @@ fn bad_data_leaves_no_partial_output() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.exists(), "a failed start must not leave a run folder");
 }
+
+/// `--recipe paper` fills in the paper's CIFAR recipe; flags given explicitly keep their values.
+#[test]
+fn the_paper_recipe_is_a_preset_of_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &std::path::Path, extra: &[&str]| -> serde_json::Value {
+        let o = senet()
+            .args([
+                "train",
+                "--dataset",
+                "sample",
+                "--model",
+                "se-resnet8",
+                "--width",
+                "0.5",
+                "--reduction",
+                "4",
+                "--recipe",
+                "paper",
+            ])
+            .args(["--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--batch-size", "32", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        v["train"].clone()
+    };
+    let t = run(&dir.path().join("a"), &[]);
+    assert_eq!(
+        (t["optimizer"].as_str(), t["lr"].as_f64(), t["momentum"].as_f64()),
+        (Some("sgd"), Some(0.1), Some(0.9))
+    );
+    assert_eq!((t["weight_decay"].as_f64(), t["schedule"].as_str()), (Some(1e-4), Some("step")));
+    assert_eq!((t["augment"].as_bool(), t["normalize"].as_bool()), (Some(true), Some(true)));
+    let t = run(&dir.path().join("b"), &["--lr", "0.05", "--weight-decay", "5e-4"]);
+    assert_eq!((t["lr"].as_f64(), t["weight_decay"].as_f64()), (Some(0.05), Some(5e-4)));
+}

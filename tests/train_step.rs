@@ -254,3 +254,40 @@ fn cifar_resnet_names_and_sizes() {
     assert_eq!(se.parameter_count(), g.parameter_count() + extra);
     assert!(cfg("resnet21").graph().is_err());
 }
+
+#[test]
+fn learning_rate_schedules() {
+    use senet_wgpu::train::{Schedule, lr_at};
+    // 10 epochs of 5 steps.
+    let at = |s, w, step| lr_at(0.1, s, w, step, 5, 50);
+    assert_eq!(at(Schedule::Constant, 0.0, 37), 0.1);
+    // Step: ÷10 from epoch 5 (50 %), ÷100 from epoch 8 (75 % of 10, rounded up to a whole epoch).
+    assert_eq!(at(Schedule::Step, 0.0, 24), 0.1);
+    assert!((at(Schedule::Step, 0.0, 25) - 0.01).abs() < 1e-15);
+    assert!((at(Schedule::Step, 0.0, 39) - 0.01).abs() < 1e-15);
+    assert!((at(Schedule::Step, 0.0, 40) - 0.001).abs() < 1e-15);
+    // Cosine: full at the start, half in the middle, near 0 at the end.
+    assert_eq!(at(Schedule::Cosine, 0.0, 0), 0.1);
+    assert!((at(Schedule::Cosine, 0.0, 25) - 0.05).abs() < 1e-12);
+    assert!(at(Schedule::Cosine, 0.0, 49) < 0.001);
+    // Warm-up: linear over the first 2 epochs (10 steps), then the schedule.
+    assert!((at(Schedule::Constant, 2.0, 0) - 0.01).abs() < 1e-15);
+    assert!((at(Schedule::Constant, 2.0, 9) - 0.1).abs() < 1e-15);
+    assert!((at(Schedule::Cosine, 2.0, 10) - 0.1).abs() < 1e-15);
+}
+
+/// A learning rate set between steps reaches the GPU: at lr 0 an SGD step changes nothing.
+#[test]
+fn set_lr_takes_effect_on_the_next_step() {
+    let gpu = gpu();
+    let mut net = Network::new(gpu.clone(), tiny(3, 16), OptimizerConfig::sgd(0.5, 0.0), 2).unwrap();
+    let plan = net.plan(2).unwrap();
+    plan.write_batch(&gpu, &uniform(&mut rng(3), 2 * 3 * 16 * 16, 0.0, 1.0), &[0, 2]).unwrap();
+    let before = read(&gpu, &net.params[0].value);
+    net.set_lr(0.0);
+    net.train_step(&plan);
+    assert_eq!(read(&gpu, &net.params[0].value), before, "lr 0 must leave the weights as they were");
+    net.set_lr(0.5);
+    net.train_step(&plan);
+    assert_ne!(read(&gpu, &net.params[0].value), before, "lr 0.5 must move them");
+}

@@ -356,6 +356,14 @@ impl Network {
         self.gpu.run(&self.train_dispatches(plan))
     }
 
+    /// The learning rate of the following steps (schedules change it between steps; the next
+    /// [`Network::begin_step`] writes it with the step number).
+    pub fn set_lr(&mut self, lr: f64) {
+        for u in &mut self.updates {
+            u.config = u.config.with_lr(lr);
+        }
+    }
+
     /// Advance the step counters (optimizer step number, batch-norm batch counts) for the next
     /// submit of [`Network::train_dispatches`].
     pub fn begin_step(&mut self) {

@@ -35,6 +35,18 @@ impl OptimizerConfig {
         OptimizerConfig::Sgd { lr, momentum, dampening: 0.0, weight_decay: 0.0, nesterov: false }
     }
 
+    /// The same optimizer with learning rate `lr`.
+    pub fn with_lr(self, lr: f64) -> Self {
+        match self {
+            OptimizerConfig::Adam { beta1, beta2, eps, weight_decay, decoupled, .. } => {
+                OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay, decoupled }
+            }
+            OptimizerConfig::Sgd { momentum, dampening, weight_decay, nesterov, .. } => {
+                OptimizerConfig::Sgd { lr, momentum, dampening, weight_decay, nesterov }
+            }
+        }
+    }
+
     /// Optimizer state tensors per parameter: Adam's two moments, SGD's momentum buffer.
     pub fn state_count(&self) -> usize {
         match self {
