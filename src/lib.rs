@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod excitations;
 pub mod gpu;
 pub mod model;
 pub mod ops;

@@ -26,6 +26,8 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint.
     Eval(EvalArgs),
+    /// Mean SE excitation per channel per class over the test set (CSV, PNG) and a channel ranking.
+    Excitations(senet_wgpu::excitations::ExcitationArgs),
     /// Top-5 classes with probabilities for each image.
     Predict {
         #[arg(long)]
@@ -95,6 +97,22 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 print!("{}", train::format_report(&report));
+            }
+        }
+        Command::Excitations(args) => {
+            let report = senet_wgpu::excitations::excitations(Gpu::new(&opts)?, &args.eval)?;
+            let dir = args.out.clone().unwrap_or_else(|| {
+                args.eval
+                    .checkpoint
+                    .parent()
+                    .map(|p| p.join("excitations"))
+                    .unwrap_or_else(|| PathBuf::from("excitations"))
+            });
+            for p in senet_wgpu::excitations::write_outputs(&report, &dir)? {
+                println!("wrote {}", p.display());
+            }
+            if args.eval.json {
+                println!("{}", serde_json::to_string(&report)?);
             }
         }
         Command::Predict { checkpoint, width, reduction, images } => {

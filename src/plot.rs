@@ -11,7 +11,7 @@ use crate::train::EpochMetrics;
 
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // The bundled font is known to be valid; a failure would only lose the plot's text.

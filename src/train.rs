@@ -760,7 +760,14 @@ pub fn checkpoint_config(
     Ok(cfg)
 }
 
-pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
+/// Load a checkpoint and its test set, run the evaluation pass over every test image, and call
+/// `on_batch` after each batch (its plan holds the batch's outputs). Returns the configuration
+/// and (loss sum, correct, count).
+pub fn evaluate_checkpoint(
+    gpu: Arc<Gpu>,
+    args: &EvalArgs,
+    mut on_batch: impl FnMut(&Network, &StepPlan, &[u32]) -> Result<()>,
+) -> Result<(ModelConfig, (f64, f64, f64))> {
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     let sd = checkpoint::load(&args.checkpoint)?;
     let splits = load_data(&args.data, None)?;
@@ -783,8 +790,6 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
     checkpoint::apply(&mut net, &sd, &args.checkpoint.display().to_string())?;
     let plans = plans_for(&net, args.batch_size, &[test.len()])?;
     let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
-    let k = config.num_classes;
-    let mut confusion = vec![vec![0usize; k]; k];
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
@@ -792,15 +797,27 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
+        on_batch(&net, plan, &b.labels)?;
+    }
+    Ok((config, read_sums(&net, &plans, true)?))
+}
+
+pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
+    let mut confusion: Vec<Vec<usize>> = Vec::new();
+    let (config, (loss, correct, count)) = evaluate_checkpoint(gpu, args, |net, plan, labels| {
+        let k = net.config.num_classes;
+        if confusion.is_empty() {
+            confusion = vec![vec![0usize; k]; k];
+        }
         let per = plan.per_sample.read::<f32>(&net.gpu)?;
-        for (i, &t) in b.labels.iter().enumerate() {
+        for (i, &t) in labels.iter().enumerate() {
             let pred = per[3 * i + 2] as usize;
             if (t as usize) < k && pred < k {
                 confusion[t as usize][pred] += 1;
             }
         }
-    }
-    let (loss, correct, count) = read_sums(&net, &plans, true)?;
+        Ok(())
+    })?;
     let per_class_accuracy = confusion
         .iter()
         .enumerate()

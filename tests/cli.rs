@@ -84,6 +84,26 @@ fn train_then_eval_on_the_sample() {
         "class names: {text}"
     );
 
+    // excitations: per class and channel of the one SE block (features.16, 64 channels at this
+    // width), a ranking sorted by mean excitation, and a plot.
+    let exc = dir.path().join("exc");
+    let o = senet()
+        .args(["excitations", "--dataset", "sample", "--limit-test", "70", "--checkpoint"])
+        .arg(out.join("last.safetensors"))
+        .arg("--out")
+        .arg(&exc)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "excitations failed: {}", String::from_utf8_lossy(&o.stderr));
+    let rows = std::fs::read_to_string(exc.join("excitations.csv")).unwrap();
+    assert_eq!(rows.lines().count(), 1 + 10 * 64, "header + 10 classes x 64 channels");
+    let ranking = std::fs::read_to_string(exc.join("ranking.csv")).unwrap();
+    let means: Vec<f64> = ranking.lines().skip(1).map(|l| l.split(',').nth(3).unwrap().parse().unwrap()).collect();
+    assert_eq!(means.len(), 64);
+    assert!(means.windows(2).all(|w| w[0] >= w[1]), "ranking sorted by mean excitation");
+    assert!(means.iter().all(|&m| m > 0.0 && m < 1.0), "sigmoid excitations lie in (0, 1)");
+    assert!(exc.join("excitations_features_16.png").is_file());
+
     // The last epoch's test accuracy in metrics.csv is what eval measures on the last checkpoint.
     let last: Vec<&str> = csv.lines().last().unwrap().split(',').collect();
     let acc: f64 = last[4].parse().unwrap();

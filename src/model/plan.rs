@@ -194,6 +194,7 @@ impl Network {
 
         let mut train = Vec::new();
         let mut eval = Vec::new();
+        let mut se_saved = Vec::new();
         let mut backward: Vec<Vec<Dispatch>> = Vec::new();
         let splits_target = if gpu.is_cpu() { 256 } else { 65536 };
         for (k, node) in self.graph.nodes.iter().enumerate() {
@@ -285,6 +286,7 @@ impl Network {
                         db2: b2.map(|b| &b.grad),
                     };
                     bwd.extend(se_block::se_block_backward(gpu, &cfg, inp, &weights, &saved, dout, &dsaved, &g)?);
+                    se_saved.push(SeSaved { name: name.clone(), c, hidden: cfg.hidden(), saved });
                 }
                 Layer::GlobalAvgPool => {
                     let fwd = pool::global_avg_pool_forward(gpu, inp, out)?;
@@ -346,7 +348,7 @@ impl Network {
             &eval_result,
         )?);
         train.extend(backward.into_iter().rev().flatten());
-        Ok(StepPlan { n, acts, grads, labels, per_sample, train_result, eval_result, train, eval })
+        Ok(StepPlan { n, acts, grads, labels, per_sample, train_result, eval_result, se_saved, train, eval })
     }
 
     /// One training step on the batch already written into `plan`: forward, loss, backward and
@@ -407,8 +409,27 @@ pub struct StepPlan {
     /// Running sums (see `ops::cross_entropy::result`) of training and of evaluation.
     pub train_result: Tensor,
     pub eval_result: Tensor,
+    /// Every SE block's per-sample intermediates of the last pass (squeeze, hidden, excitation).
+    pub se_saved: Vec<SeSaved>,
     train: Vec<Dispatch>,
     eval: Vec<Dispatch>,
+}
+
+/// An SE block's saved forward state: per sample [z (C) | h (hidden) | s (C)].
+pub struct SeSaved {
+    pub name: String,
+    pub c: usize,
+    pub hidden: usize,
+    pub saved: Tensor,
+}
+
+impl SeSaved {
+    /// The excitations s [n, C] of the last pass, read back.
+    pub fn excitations(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
+        let v = self.saved.read::<f32>(gpu)?;
+        let stride = 2 * self.c + self.hidden;
+        Ok(v.chunks(stride).map(|row| row[self.c + self.hidden..].to_vec()).collect())
+    }
 }
 
 impl StepPlan {
