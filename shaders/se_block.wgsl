@@ -1,8 +1,8 @@
 // se_block: Squeeze-and-Excitation (Hu et al. 2017), NCHW, C channels, reduction r, Cr = C / r.
 //
-//   z[c]  = mean over H*W of x[c]                       squeeze
+//   z[c]  = mean over H*W of x[c]                       squeeze (or the max: the ablation)
 //   h[j]  = relu(b1[j] + sum_c w1[j, c] z[c])           fc1, weight [Cr, C, 1, 1]
-//   s[c]  = sigmoid(b2[c] + sum_j w2[c, j] h[j])        fc2, weight [C, Cr, 1, 1]
+//   s[c]  = sigmoid(b2[c] + sum_j w2[c, j] h[j])        fc2, weight [C, Cr, 1, 1] (or tanh, relu)
 //   y     = x * s[c]                                    excite (scale)
 //
 // Forward is ONE dispatch: a workgroup per sample does the squeeze, both FCs in workgroup memory
@@ -10,10 +10,10 @@
 //
 // Backward, with a2 = fc2 pre-activation, a1 = fc1 pre-activation:
 //   ds[c]   = sum_hw dy * x
-//   da2[c]  = ds[c] * s[c] * (1 - s[c])
+//   da2[c]  = ds[c] * s'(a2): sigmoid s(1-s), tanh 1-s², relu [s > 0]
 //   dh[j]   = sum_c w2[c, j] da2[c];   da1[j] = dh[j] * (h[j] > 0)
 //   dz[c]   = sum_j w1[j, c] da1[j]
-//   dx      = dy * s[c] + dz[c] / (H*W)
+//   dx      = dy * s[c] + dz[c] / (H*W)        (max squeeze: + dz[c] at the first maximum only)
 //   dw2[c, j] = sum_n da2[n, c] h[n, j];  db2 = sum_n da2
 //   dw1[j, c] = sum_n da1[n, j] z[n, c];  db1 = sum_n da1
 // se_block_backward_input (a workgroup per sample) writes dx and keeps da2, da1 in `dsaved`
@@ -24,8 +24,14 @@
 
 struct Params {
     n: u32, c: u32, cr: u32, hw: u32,
-    has_bias: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    has_bias: u32, squeeze: u32, excitation: u32, _pad0: u32,
 }
+
+const SQUEEZE_AVG: u32 = 0u;
+const SQUEEZE_MAX: u32 = 1u;
+const EXCITE_SIGMOID: u32 = 0u;
+const EXCITE_TANH: u32 = 1u;
+const EXCITE_RELU: u32 = 2u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> inp: array<f32>;
@@ -54,6 +60,37 @@ fn sigmoid(a: f32) -> f32 {
     return 1.0 / (1.0 + exp(-a));
 }
 
+fn excite(a: f32) -> f32 {
+    switch p.excitation {
+        case EXCITE_TANH: { return tanh(a); }
+        case EXCITE_RELU: { return max(a, 0.0); }
+        default: { return sigmoid(a); }
+    }
+}
+
+// d excite / d a, written with the output s.
+fn excite_grad(s: f32) -> f32 {
+    switch p.excitation {
+        case EXCITE_TANH: { return 1.0 - s * s; }
+        case EXCITE_RELU: { return select(0.0, 1.0, s > 0.0); }
+        default: { return s * (1.0 - s); }
+    }
+}
+
+// Index within the plane of the first maximum of x[cb .. cb + hw].
+fn first_max(cb: u32) -> u32 {
+    var best = inp[cb];
+    var arg = 0u;
+    for (var k = 1u; k < p.hw; k++) {
+        let v = inp[cb + k];
+        if (v > best) {
+            best = v;
+            arg = k;
+        }
+    }
+    return arg;
+}
+
 // wid.x: sample.
 @compute @workgroup_size(WG)
 fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -62,12 +99,17 @@ fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let sb = n * (2u * p.c + p.cr);
     // Squeeze.
     for (var c = t; c < p.c; c += WG) {
-        var s = 0.0;
         let cb = xb + c * p.hw;
-        for (var k = 0u; k < p.hw; k++) {
-            s += inp[cb + k];
+        var z = 0.0;
+        if (p.squeeze == SQUEEZE_MAX) {
+            z = inp[cb + first_max(cb)];
+        } else {
+            var s = 0.0;
+            for (var k = 0u; k < p.hw; k++) {
+                s += inp[cb + k];
+            }
+            z = s / f32(p.hw);
         }
-        let z = s / f32(p.hw);
         wbuf[c] = z;
         saved[sb + c] = z;
     }
@@ -97,7 +139,7 @@ fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         for (var j = 0u; j < p.cr; j++) {
             a += w2[wb + j] * wbuf[p.c + j];
         }
-        let s = sigmoid(a);
+        let s = excite(a);
         wbuf[c] = s;
         saved[sb + p.c + p.cr + c] = s;
     }
@@ -125,7 +167,7 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
             ds += dout[cb + k] * inp[cb + k];
         }
         let s = saved_in[s_off + c];
-        let da2 = ds * s * (1.0 - s);
+        let da2 = ds * excite_grad(s);
         wbuf[c] = da2;
         dsaved[db + c] = da2;
     }
@@ -141,15 +183,27 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
         dsaved[db + p.c + j] = da1;
     }
     workgroupBarrier();
-    // dz / HW replaces da2 (already consumed by every dh above).
+    // dz (/ HW for the mean) replaces da2 (already consumed by every dh above).
     for (var c = t; c < p.c; c += WG) {
         var dz = 0.0;
         for (var j = 0u; j < p.cr; j++) {
             dz += w1[j * p.c + c] * wbuf[p.c + j];
         }
-        wbuf[c] = dz / f32(p.hw);
+        wbuf[c] = select(dz / f32(p.hw), dz, p.squeeze == SQUEEZE_MAX);
     }
     workgroupBarrier();
+    if (p.squeeze == SQUEEZE_MAX) {
+        // The max passes dz to its first maximum only: a thread per channel.
+        for (var c = t; c < p.c; c += WG) {
+            let cb = xb + c * p.hw;
+            let arg = first_max(cb);
+            let s = saved_in[s_off + c];
+            for (var k = 0u; k < p.hw; k++) {
+                dinp[cb + k] = dout[cb + k] * s + select(0.0, wbuf[c], k == arg);
+            }
+        }
+        return;
+    }
     let total = p.c * p.hw;
     for (var i = t; i < total; i += WG) {
         let c = i / p.hw;

@@ -154,6 +154,7 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
         classes: vec![],
         normalize: None,
         se_bias: false,
+        se: Default::default(),
     };
     let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(1e-3), 0)?;
     let n = args.batch_size;

@@ -217,6 +217,7 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
         classes: vec![],
         normalize: None,
         se_bias: false,
+        se: Default::default(),
     })
 }
 

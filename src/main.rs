@@ -143,6 +143,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 classes: vec![],
                 normalize: None,
                 se_bias,
+                se: Default::default(),
             };
             let s = senet_wgpu::summary::summary(&cfg)?;
             if json {

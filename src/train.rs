@@ -68,6 +68,22 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub se_bias: bool,
+    /// Ablation: the SE squeeze, mean or max over each channel.
+    #[arg(long, value_enum, default_value_t = crate::ops::se_block::Squeeze::Avg)]
+    #[serde(default)]
+    pub squeeze: crate::ops::se_block::Squeeze,
+    /// Ablation: the SE gate.
+    #[arg(long, value_enum, default_value_t = crate::ops::se_block::Excitation::Sigmoid)]
+    #[serde(default)]
+    pub excitation: crate::ops::se_block::Excitation,
+    /// Ablation: where SE-ResNet blocks put the SE block.
+    #[arg(long, value_enum, default_value_t = crate::model::SePlacement::Standard)]
+    #[serde(default)]
+    pub se_placement: crate::model::SePlacement,
+    /// Ablation: the stages (1-based, comma-separated) whose blocks get SE [default: all].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub se_stages: Vec<usize>,
     /// SE reduction ratio r (hidden width C/r).
     #[arg(long, default_value_t = 16)]
     pub reduction: usize,
@@ -489,6 +505,12 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         classes: train_set.classes.clone(),
         normalize,
         se_bias: args.se_bias,
+        se: crate::model::SeOptions {
+            squeeze: args.squeeze,
+            excitation: args.excitation,
+            placement: args.se_placement,
+            stages: args.se_stages.clone(),
+        },
     };
 
     // Network

@@ -20,6 +20,7 @@ fn config(width: f64, classes: usize) -> ModelConfig {
         classes: vec![],
         normalize: None,
         se_bias: false,
+        se: Default::default(),
     }
 }
 

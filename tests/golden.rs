@@ -56,6 +56,7 @@ fn one_adam_step_matches_pytorch() {
         classes: vec![],
         normalize: None,
         se_bias: false,
+        se: Default::default(),
     };
     let lr = 1e-3;
     let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(lr), 0).unwrap();

@@ -151,8 +151,8 @@ fn pool_gradients() {
 #[test]
 fn se_block_gradients() {
     let cases = [
-        SeBlockConfig { n: 2, c: 6, h: 3, w: 2, reduction: 2, bias: true },
-        SeBlockConfig { n: 3, c: 5, h: 1, w: 3, reduction: 2, bias: false },
+        SeBlockConfig { n: 2, c: 6, h: 3, w: 2, reduction: 2, bias: true, variant: Default::default() },
+        SeBlockConfig { n: 3, c: 5, h: 1, w: 3, reduction: 2, bias: false, variant: Default::default() },
     ];
     for (k, c) in cases.iter().enumerate() {
         let mut r = ChaCha8Rng::seed_from_u64(40 + k as u64);
@@ -214,4 +214,43 @@ fn cross_entropy_gradient() {
         |v| cross_entropy::cross_entropy_forward_backward(v, &target, k).loss,
         &mut r,
     );
+}
+
+#[test]
+fn se_block_ablation_gradients() {
+    use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};
+    let mut checked = 0;
+    for squeeze in [Squeeze::Avg, Squeeze::Max] {
+        for excitation in [Excitation::Sigmoid, Excitation::Tanh, Excitation::Relu] {
+            let variant = SeVariant { squeeze, excitation };
+            let c = SeBlockConfig { n: 2, c: 6, h: 2, w: 3, reduction: 2, bias: true, variant };
+            let mut r = ChaCha8Rng::seed_from_u64(70 + squeeze as u64 * 3 + excitation as u64);
+            let (ch, cr) = (c.c, c.hidden());
+            // Distinct values 1e-2 apart (a shuffled ramp) so ±h never changes a maximum.
+            let mut x: Vec<f64> = (0..c.shape().iter().product::<usize>()).map(|i| i as f64 * 1e-2 - 0.3).collect();
+            for i in (1..x.len()).rev() {
+                x.swap(i, r.random_range(0..=i));
+            }
+            let w1 = rand_vec(&mut r, cr * ch, -1.0, 1.0);
+            let w2 = rand_vec(&mut r, ch * cr, -1.0, 1.0);
+            let b1 = rand_vec(&mut r, cr, -0.5, 0.5);
+            let b2 = rand_vec(&mut r, ch, -0.5, 0.5);
+            let rr = rand_vec(&mut r, x.len(), -1.0, 1.0);
+            let p = se_block::SeParams { w1: &w1, b1: Some(&b1), w2: &w2, b2: Some(&b2) };
+            let f = se_block::se_block_forward(&c, &x, &p);
+            let g = se_block::se_block_backward(&c, &x, &p, &f, &rr);
+            let lx = |v: &[f64]| dot(&rr, &se_block::se_block_forward(&c, v, &p).out);
+            let lw1 = |v: &[f64]| dot(&rr, &se_block::se_block_forward(&c, &x, &se_block::SeParams { w1: v, ..p }).out);
+            let lw2 = |v: &[f64]| dot(&rr, &se_block::se_block_forward(&c, &x, &se_block::SeParams { w2: v, ..p }).out);
+            // Skip a case whose ReLU sits on a kink (the derivative is undefined there).
+            if f.h.iter().chain(&f.s).any(|v| v.abs() > 0.0 && v.abs() < 1e-3) {
+                continue;
+            }
+            check(&format!("se {variant:?} dinp"), &x, &g.dinp, lx, &mut r);
+            check(&format!("se {variant:?} dw1"), &w1, &g.dw1, lw1, &mut r);
+            check(&format!("se {variant:?} dw2"), &w2, &g.dw2, lw2, &mut r);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 6, "every variant must be checked (none may sit on a ReLU kink with these seeds)");
 }

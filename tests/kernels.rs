@@ -401,7 +401,7 @@ fn global_avg_pool_matches_reference() {
 // SE block
 
 fn se_cases() -> Vec<SeBlockConfig> {
-    let mk = |n, c, h, w, reduction, bias| SeBlockConfig { n, c, h, w, reduction, bias };
+    let mk = |n, c, h, w, reduction, bias| SeBlockConfig { n, c, h, w, reduction, bias, variant: Default::default() };
     vec![
         mk(1, 64, 32, 32, 16, false), // batch 1, the widest plane: C=64 at 32x32
         mk(3, 1024, 2, 2, 16, false), // the base SENet's block: C=1024 at 2x2
@@ -492,7 +492,7 @@ fn se_block_forward_and_backward_match_reference() {
 
 #[test]
 fn se_block_rejects_bad_reduction() {
-    let cfg = SeBlockConfig { n: 1, c: 8, h: 2, w: 2, reduction: 16, bias: false };
+    let cfg = SeBlockConfig { n: 1, c: 8, h: 2, w: 2, reduction: 16, bias: false, variant: Default::default() };
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("reduction 16") && err.contains("channel count 8"), "{err}");
 }
@@ -675,4 +675,81 @@ fn a_lost_device_is_an_error_not_a_panic() {
     };
     assert!(!err.is_empty(), "{err}");
     eprintln!("lost device reported as: {err}");
+}
+
+/// The paper's ablations of the SE block itself: max squeeze, tanh and ReLU gates, with and
+/// without biases — forward and every backward output against the reference (tolerances as for
+/// the standard block).
+#[test]
+fn se_block_ablation_variants_match_reference() {
+    use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};
+    let gpu = gpu();
+    let shapes = [(2usize, 20usize, 3usize, 5usize, 3usize, true), (1, 64, 8, 8, 16, false)];
+    for squeeze in [Squeeze::Avg, Squeeze::Max] {
+        for excitation in [Excitation::Sigmoid, Excitation::Tanh, Excitation::Relu] {
+            for (i, &(n, c, h, w, reduction, bias)) in shapes.iter().enumerate() {
+                let variant = SeVariant { squeeze, excitation };
+                let cfg = SeBlockConfig { n, c, h, w, reduction, bias, variant };
+                let cr = cfg.hidden();
+                let mut r = rng(1700 + i as u64);
+                let numel = n * c * h * w;
+                let x = uniform(&mut r, numel, -1.0, 2.0);
+                let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
+                let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
+                let (b1, b2) = (uniform(&mut r, cr, -0.5, 0.5), uniform(&mut r, c, -0.5, 0.5));
+                let dy = uniform(&mut r, numel, -1.0, 1.0);
+                let tag = |s: &str| format!("{s} {variant:?} case {i}");
+                let (tx, tw1, tw2) = (
+                    upload(&gpu, "x", &cfg.shape(), &x),
+                    upload(&gpu, "w1", &cfg.fc1_shape(), &w1),
+                    upload(&gpu, "w2", &cfg.fc2_shape(), &w2),
+                );
+                let (tb1, tb2) = (upload(&gpu, "b1", &[cr], &b1), upload(&gpu, "b2", &[c], &b2));
+                let weights = SeWeights { w1: &tw1, b1: bias.then_some(&tb1), w2: &tw2, b2: bias.then_some(&tb2) };
+                let (ty, saved) = (zeros(&gpu, "y", &cfg.shape()), zeros(&gpu, "saved", &cfg.saved_shape()));
+                run(&gpu, &se_block::se_block_forward(&gpu, &cfg, &tx, &weights, &ty, &saved).unwrap());
+                let (b1_64, b2_64, w1_64, w2_64, x64) =
+                    (to_f64(&b1), to_f64(&b2), to_f64(&w1), to_f64(&w2), to_f64(&x));
+                let p = reference::se_block::SeParams {
+                    w1: &w1_64,
+                    b1: bias.then_some(&b1_64[..]),
+                    w2: &w2_64,
+                    b2: bias.then_some(&b2_64[..]),
+                };
+                let fwd = reference::se_block::se_block_forward(&cfg, &x64, &p);
+                assert_close(&tag("forward"), &read(&gpu, &ty), &fwd.out, SE_ATOL, SE_RTOL);
+
+                let (tdy, tdx, dsaved) = (
+                    upload(&gpu, "dy", &cfg.shape(), &dy),
+                    zeros(&gpu, "dx", &cfg.shape()),
+                    zeros(&gpu, "ds", &cfg.dsaved_shape()),
+                );
+                let (tdw1, tdw2, tdb1, tdb2) = (
+                    zeros(&gpu, "dw1", &cfg.fc1_shape()),
+                    zeros(&gpu, "dw2", &cfg.fc2_shape()),
+                    zeros(&gpu, "db1", &[cr]),
+                    zeros(&gpu, "db2", &[c]),
+                );
+                let grads = SeGrads {
+                    dinp: &tdx,
+                    dw1: &tdw1,
+                    db1: bias.then_some(&tdb1),
+                    dw2: &tdw2,
+                    db2: bias.then_some(&tdb2),
+                };
+                run(
+                    &gpu,
+                    &se_block::se_block_backward(&gpu, &cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap(),
+                );
+                let g = reference::se_block::se_block_backward(&cfg, &x64, &p, &fwd, &to_f64(&dy));
+                assert_close(&tag("dinp"), &read(&gpu, &tdx), &g.dinp, SE_ATOL, SE_RTOL);
+                assert_close(&tag("dw1"), &read(&gpu, &tdw1), &g.dw1, SE_ATOL, SE_RTOL);
+                assert_close(&tag("dw2"), &read(&gpu, &tdw2), &g.dw2, SE_ATOL, SE_RTOL);
+                if bias {
+                    assert_close(&tag("db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
+                    assert_close(&tag("db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+                }
+            }
+        }
+    }
 }

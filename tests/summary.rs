@@ -15,6 +15,7 @@ fn imagenet(model: &str) -> ModelConfig {
         classes: vec![],
         normalize: None,
         se_bias: false,
+        se: Default::default(),
     }
 }
 

@@ -25,6 +25,7 @@ fn tiny(classes: usize, hw: usize) -> ModelConfig {
         classes: vec![],
         normalize: None,
         se_bias: false,
+        se: Default::default(),
     }
 }
 
@@ -177,6 +178,7 @@ fn cifar_resnet(model: &str, width: f64) -> ModelConfig {
         classes: vec![],
         normalize: None,
         se_bias: true,
+        se: Default::default(),
     }
 }
 
@@ -228,6 +230,7 @@ fn cifar_resnet_names_and_sizes() {
         num_classes: 10,
         reduction: 16,
         se_bias: false,
+        se: Default::default(),
         ..cifar_resnet(m, 1.0)
     };
     let g = cfg("resnet20").graph().unwrap();
@@ -290,4 +293,45 @@ fn set_lr_takes_effect_on_the_next_step() {
     net.set_lr(0.5);
     net.train_step(&plan);
     assert_ne!(read(&gpu, &net.params[0].value), before, "lr 0.5 must move them");
+}
+
+/// The paper's SE integration strategies and stage selection: the GPU step equals the reference
+/// for each placement (before the unit, on the branch, after the unit, on the identity path) and
+/// for SE in stages 2 and 3 only, with the max squeeze and tanh gate thrown in.
+#[test]
+fn se_placements_and_stages_equal_the_reference() {
+    use senet_wgpu::model::{SeOptions, SePlacement};
+    use senet_wgpu::ops::se_block::{Excitation, Squeeze};
+    let gpu = gpu();
+    let cases = [
+        SeOptions { placement: SePlacement::Pre, ..Default::default() },
+        SeOptions { placement: SePlacement::Post, ..Default::default() },
+        SeOptions { placement: SePlacement::Identity, ..Default::default() },
+        SeOptions { stages: vec![2, 3], squeeze: Squeeze::Max, excitation: Excitation::Tanh, ..Default::default() },
+    ];
+    for se in cases {
+        let cfg = ModelConfig { se: se.clone(), ..cifar_resnet("se-resnet8", 0.5) };
+        let graph = cfg.graph().unwrap();
+        let blocks = graph.nodes.iter().filter(|n| n.name.ends_with(".se")).count();
+        assert_eq!(blocks, if se.stages.is_empty() { 3 } else { 2 }, "{se:?}");
+        let mut net = Network::new(gpu.clone(), cfg, OptimizerConfig::sgd(0.1, 0.9), 5).unwrap();
+        let n = 3;
+        let plan = net.plan(n).unwrap();
+        let x = uniform(&mut rng(22), n * 3 * 8 * 8, 0.0, 1.0);
+        let labels = [1u32, 0, 2];
+        let (_, want) = reference_step(&net, n, &x, &labels);
+        plan.write_batch(&gpu, &x, &labels).unwrap();
+        net.train_step(&plan);
+        gpu.wait().unwrap();
+        assert_close(&format!("{se:?} logits"), &read(&gpu, plan.logits()), &want.logits, 1e-4, 1e-4);
+        for p in &net.params {
+            assert_close(
+                &format!("{se:?} grad {}", p.spec.name),
+                &read(&gpu, &p.grad),
+                &want.grads[&p.spec.name],
+                2e-4,
+                1e-3,
+            );
+        }
+    }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ops::conv2d::Conv2dConfig;
 use crate::ops::pool::MaxPool2dConfig;
+use crate::ops::se_block::{Excitation, SeVariant, Squeeze};
 
 /// One layer, with PyTorch's meaning.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +40,7 @@ pub enum Layer {
         c: usize,
         reduction: usize,
         bias: bool,
+        variant: SeVariant,
     },
     /// `AdaptiveAvgPool2d(1)` then flatten: [n, c, h, w] → [n, c].
     GlobalAvgPool,
@@ -140,7 +142,7 @@ impl Graph {
                     p(name, "weight", vec![c], Init::Ones);
                     p(name, "bias", vec![c], Init::Zeros);
                 }
-                Layer::SeBlock { c, reduction, bias } => {
+                Layer::SeBlock { c, reduction, bias, .. } => {
                     let cr = c / reduction;
                     p(name, "fc1.weight", vec![cr, c, 1, 1], Init::FanInUniform { fan_in: c });
                     if bias {
@@ -259,6 +261,49 @@ pub struct ModelConfig {
     /// Biases in the SE blocks' two FC layers (the base SENet and the paper's ablations: none).
     #[serde(default)]
     pub se_bias: bool,
+    /// The paper's ablations (defaults: its SE block).
+    #[serde(default)]
+    pub se: SeOptions,
+}
+
+/// Where an SE-ResNet puts its SE blocks (the paper's Fig. 5 integration strategies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SePlacement {
+    /// On the residual branch, before the addition.
+    #[default]
+    Standard,
+    /// Before the residual unit: on its input, which both paths then read.
+    Pre,
+    /// After the unit: on its output, after the addition and ReLU.
+    Post,
+    /// On the identity (shortcut) path, in parallel with the residual branch.
+    Identity,
+}
+
+/// The SE ablation switches.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SeOptions {
+    #[serde(default)]
+    pub squeeze: Squeeze,
+    #[serde(default)]
+    pub excitation: Excitation,
+    #[serde(default)]
+    pub placement: SePlacement,
+    /// The stages (1-based) whose blocks get SE; empty = all.
+    #[serde(default)]
+    pub stages: Vec<usize>,
+}
+
+impl SeOptions {
+    pub fn variant(&self) -> SeVariant {
+        SeVariant { squeeze: self.squeeze, excitation: self.excitation }
+    }
+
+    /// Does stage `s` (1-based) get SE blocks?
+    pub fn in_stage(&self, s: usize) -> bool {
+        self.stages.is_empty() || self.stages.contains(&s)
+    }
 }
 
 impl ModelConfig {

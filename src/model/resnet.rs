@@ -16,7 +16,7 @@
 use anyhow::{Result, bail, ensure};
 
 use super::senet::scaled;
-use super::{Graph, Layer, ModelConfig, Node};
+use super::{Graph, Layer, ModelConfig, Node, SePlacement};
 
 /// Depth and SE-ness of a `resnet<D>` / `se-resnet<D>` model name.
 pub fn parse_name(model: &str) -> Option<(usize, bool)> {
@@ -26,6 +26,53 @@ pub fn parse_name(model: &str) -> Option<(usize, bool)> {
     };
     let depth: usize = rest.strip_prefix("resnet")?.parse().ok()?;
     Some((depth, se))
+}
+
+fn push(nodes: &mut Vec<Node>, name: String, layer: Layer, inputs: Vec<usize>) -> usize {
+    nodes.push(Node { name, layer, inputs });
+    nodes.len()
+}
+
+/// Append one residual unit `p` reading activation `x` to `nodes`: the residual `branch`, an
+/// optional projection shortcut (conv, BN), the addition and the ReLU, and — when `se` gives its
+/// channel count — an SE block placed as `cfg.se.placement` says. Returns the unit's output.
+fn unit(
+    nodes: &mut Vec<Node>,
+    cfg: &ModelConfig,
+    p: &str,
+    x: usize,
+    branch: Vec<(&str, Layer)>,
+    projection: Option<(Layer, Layer)>,
+    se: Option<usize>,
+) -> usize {
+    let at = |place: SePlacement| se.filter(|_| cfg.se.placement == place);
+    let se_layer = |c| Layer::SeBlock { c, reduction: cfg.reduction, bias: cfg.se_bias, variant: cfg.se.variant() };
+    let mut y = x;
+    if let Some(c) = at(SePlacement::Pre) {
+        y = push(nodes, format!("{p}.se"), se_layer(c), vec![y]);
+    }
+    for (name, layer) in branch {
+        y = push(nodes, format!("{p}.{name}"), layer, vec![y]);
+    }
+    if let Some(c) = at(SePlacement::Standard) {
+        y = push(nodes, format!("{p}.se"), se_layer(c), vec![y]);
+    }
+    let mut shortcut = match projection {
+        Some((conv, bn)) => {
+            let z = push(nodes, format!("{p}.downsample.0"), conv, vec![x]);
+            push(nodes, format!("{p}.downsample.1"), bn, vec![z])
+        }
+        None => x,
+    };
+    if let Some(c) = at(SePlacement::Identity) {
+        shortcut = push(nodes, format!("{p}.se"), se_layer(c), vec![shortcut]);
+    }
+    y = push(nodes, format!("{p}.add"), Layer::Add, vec![y, shortcut]);
+    let mut out = push(nodes, format!("{p}.relu"), Layer::Relu, vec![y]);
+    if let Some(c) = at(SePlacement::Post) {
+        out = push(nodes, format!("{p}.se"), se_layer(c), vec![out]);
+    }
+    out
 }
 
 /// The ImageNet depths; every other depth is a CIFAR ResNet (6n+2).
@@ -57,16 +104,12 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
         );
     }
     let mut nodes: Vec<Node> = Vec::new();
-    let mut push = |name: String, layer: Layer, inputs: Vec<usize>| {
-        nodes.push(Node { name, layer, inputs });
-        nodes.len()
-    };
     let conv =
         |c_in, c_out, kernel, stride| Layer::Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, bias: false };
-    let mut x = push("conv1".into(), conv(cfg.in_channels, widths[0], 7, 2), vec![0]);
-    x = push("bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
-    x = push("relu".into(), Layer::Relu, vec![x]);
-    x = push("maxpool".into(), Layer::MaxPool2d { kernel: 3, stride: 2, pad: 1 }, vec![x]);
+    let mut x = push(&mut nodes, "conv1".into(), conv(cfg.in_channels, widths[0], 7, 2), vec![0]);
+    x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
+    x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);
+    x = push(&mut nodes, "maxpool".into(), Layer::MaxPool2d { kernel: 3, stride: 2, pad: 1 }, vec![x]);
     let mut c_in = widths[0];
     for (s, (&w, &n)) in widths.iter().zip(&blocks).enumerate() {
         let c_out = w * expansion;
@@ -74,7 +117,7 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
             let p = format!("layer{}.{b}", s + 1);
             let stride = if s > 0 && b == 0 { 2 } else { 1 };
             // (name, layer) of the residual branch, in order.
-            let mut branch = if bottleneck {
+            let branch = if bottleneck {
                 vec![
                     ("conv1", conv(c_in, w, 1, stride)),
                     ("bn1", Layer::BatchNorm2d { c: w }),
@@ -94,26 +137,24 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
                     ("bn2", Layer::BatchNorm2d { c: w }),
                 ]
             };
-            if se {
-                branch.push(("se", Layer::SeBlock { c: c_out, reduction: cfg.reduction, bias: cfg.se_bias }));
-            }
-            let mut y = x;
-            for (name, layer) in branch {
-                y = push(format!("{p}.{name}"), layer, vec![y]);
-            }
-            let shortcut = if stride != 1 || c_in != c_out {
-                let z = push(format!("{p}.downsample.0"), conv(c_in, c_out, 1, stride), vec![x]);
-                push(format!("{p}.downsample.1"), Layer::BatchNorm2d { c: c_out }, vec![z])
+            let projection =
+                (stride != 1 || c_in != c_out).then(|| (conv(c_in, c_out, 1, stride), Layer::BatchNorm2d { c: c_out }));
+            let se_c = (se && cfg.se.in_stage(s + 1)).then_some(if cfg.se.placement == SePlacement::Pre {
+                c_in
             } else {
-                x
-            };
-            y = push(format!("{p}.add"), Layer::Add, vec![y, shortcut]);
-            x = push(format!("{p}.relu"), Layer::Relu, vec![y]);
+                c_out
+            });
+            x = unit(&mut nodes, cfg, &p, x, branch, projection, se_c);
             c_in = c_out;
         }
     }
-    x = push("avgpool".into(), Layer::GlobalAvgPool, vec![x]);
-    push("fc".into(), Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true }, vec![x]);
+    x = push(&mut nodes, "avgpool".into(), Layer::GlobalAvgPool, vec![x]);
+    push(
+        &mut nodes,
+        "fc".into(),
+        Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true },
+        vec![x],
+    );
     let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
     graph.shapes(1)?;
     Ok(graph)
@@ -135,42 +176,37 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
         );
     }
     let mut nodes: Vec<Node> = Vec::new();
-    // Push a node reading `inputs`; returns the index of its output activation.
-    let mut push = |name: String, layer: Layer, inputs: Vec<usize>| {
-        nodes.push(Node { name, layer, inputs });
-        nodes.len()
-    };
     let conv =
         |c_in, c_out, kernel, stride| Layer::Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, bias: false };
-    let mut x = push("conv1".into(), conv(cfg.in_channels, widths[0], 3, 1), vec![0]);
-    x = push("bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
-    x = push("relu".into(), Layer::Relu, vec![x]);
+    let mut x = push(&mut nodes, "conv1".into(), conv(cfg.in_channels, widths[0], 3, 1), vec![0]);
+    x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
+    x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);
     let mut c_in = widths[0];
     for (s, &c) in widths.iter().enumerate() {
         for b in 0..blocks {
             let p = format!("layer{}.{b}", s + 1);
             let stride = if s > 0 && b == 0 { 2 } else { 1 };
-            let mut y = push(format!("{p}.conv1"), conv(c_in, c, 3, stride), vec![x]);
-            y = push(format!("{p}.bn1"), Layer::BatchNorm2d { c }, vec![y]);
-            y = push(format!("{p}.relu1"), Layer::Relu, vec![y]);
-            y = push(format!("{p}.conv2"), conv(c, c, 3, 1), vec![y]);
-            y = push(format!("{p}.bn2"), Layer::BatchNorm2d { c }, vec![y]);
-            if se {
-                y = push(format!("{p}.se"), Layer::SeBlock { c, reduction: cfg.reduction, bias: cfg.se_bias }, vec![y]);
-            }
-            let shortcut = if stride != 1 || c_in != c {
-                let z = push(format!("{p}.downsample.0"), conv(c_in, c, 1, stride), vec![x]);
-                push(format!("{p}.downsample.1"), Layer::BatchNorm2d { c }, vec![z])
-            } else {
-                x
-            };
-            y = push(format!("{p}.add"), Layer::Add, vec![y, shortcut]);
-            x = push(format!("{p}.relu2"), Layer::Relu, vec![y]);
+            let branch = vec![
+                ("conv1", conv(c_in, c, 3, stride)),
+                ("bn1", Layer::BatchNorm2d { c }),
+                ("relu1", Layer::Relu),
+                ("conv2", conv(c, c, 3, 1)),
+                ("bn2", Layer::BatchNorm2d { c }),
+            ];
+            let projection = (stride != 1 || c_in != c).then(|| (conv(c_in, c, 1, stride), Layer::BatchNorm2d { c }));
+            let se_c =
+                (se && cfg.se.in_stage(s + 1)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c });
+            x = unit(&mut nodes, cfg, &p, x, branch, projection, se_c);
             c_in = c;
         }
     }
-    x = push("avgpool".into(), Layer::GlobalAvgPool, vec![x]);
-    push("fc".into(), Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true }, vec![x]);
+    x = push(&mut nodes, "avgpool".into(), Layer::GlobalAvgPool, vec![x]);
+    push(
+        &mut nodes,
+        "fc".into(),
+        Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true },
+        vec![x],
+    );
     let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
     graph.shapes(1)?;
     Ok(graph)

@@ -6,6 +6,32 @@ use bytemuck::{Pod, Zeroable};
 use super::{expect_shape, placeholder, to_u32};
 use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
 
+/// How the squeeze summarises a channel: its mean (the paper) or its maximum (an ablation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Squeeze {
+    #[default]
+    Avg,
+    Max,
+}
+
+/// The gate of the excitation: sigmoid (the paper) or the ablations' tanh and ReLU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Excitation {
+    #[default]
+    Sigmoid,
+    Tanh,
+    Relu,
+}
+
+/// The squeeze and excitation operators of a block (default: the paper's avg + sigmoid).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct SeVariant {
+    pub squeeze: Squeeze,
+    pub excitation: Excitation,
+}
+
 /// The SE block on `[n, c, h, w]` with reduction `r` (hidden width `c / r`, floored as PyTorch's
 /// `in_channels // reduction`), FC biases optional.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +42,7 @@ pub struct SeBlockConfig {
     pub w: usize,
     pub reduction: usize,
     pub bias: bool,
+    pub variant: SeVariant,
 }
 
 /// Floats of workgroup memory the one-dispatch kernels hold (`WMEM` in the shader).
@@ -73,7 +100,9 @@ impl SeBlockConfig {
             cr: to_u32("hidden", self.hidden())?,
             hw: to_u32("h*w", self.h * self.w)?,
             has_bias: u32::from(self.bias),
-            _pad: [0; 3],
+            squeeze: self.variant.squeeze as u32,
+            excitation: self.variant.excitation as u32,
+            _pad: 0,
         })
     }
 }
@@ -87,7 +116,9 @@ struct Params {
     cr: u32,
     hw: u32,
     has_bias: u32,
-    _pad: [u32; 3],
+    squeeze: u32,
+    excitation: u32,
+    _pad: u32,
 }
 
 const WG: u32 = 256;

@@ -71,8 +71,8 @@ pub fn train_step(
                 let (out, argmax) = pool::max_pool2d_forward(&cfg, inp);
                 (out, Saved::Pool { argmax })
             }
-            Layer::SeBlock { c, reduction, bias } => {
-                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias };
+            Layer::SeBlock { c, reduction, bias, variant } => {
+                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias, variant };
                 let sp = se_params(&cfg, name, &get)?;
                 let f = se_block::se_block_forward(&cfg, inp, &sp);
                 (f.out.clone(), Saved::Se(f))
@@ -127,8 +127,16 @@ pub fn train_step(
                 let cfg = pool_config(&node.layer, s).context("pool")?;
                 vec![pool::max_pool2d_backward(&cfg, argmax, &dout)]
             }
-            (Layer::SeBlock { c, reduction, bias }, Saved::Se(f)) => {
-                let cfg = SeBlockConfig { n: s[0], c: *c, h: s[2], w: s[3], reduction: *reduction, bias: *bias };
+            (Layer::SeBlock { c, reduction, bias, variant }, Saved::Se(f)) => {
+                let cfg = SeBlockConfig {
+                    n: s[0],
+                    c: *c,
+                    h: s[2],
+                    w: s[3],
+                    reduction: *reduction,
+                    bias: *bias,
+                    variant: *variant,
+                };
                 let sp = se_params(&cfg, name, &get)?;
                 let g = se_block::se_block_backward(&cfg, inp, &sp, f, &dout);
                 put("fc1.weight", g.dw1);

@@ -1,8 +1,9 @@
 //! se_block oracle (see shaders/se_block.wgsl for the maths).
 
-use crate::ops::se_block::SeBlockConfig;
+use crate::ops::se_block::{Excitation, SeBlockConfig, Squeeze};
 
 /// The block's weights as flat slices: w1 [Cr, C], w2 [C, Cr], optional biases.
+#[derive(Clone, Copy)]
 pub struct SeParams<'a> {
     pub w1: &'a [f64],
     pub b1: Option<&'a [f64]>,
@@ -11,7 +12,7 @@ pub struct SeParams<'a> {
 }
 
 /// Forward output and per-sample intermediates: z (squeeze) [n, C], h (fc1 after ReLU) [n, Cr],
-/// s (the sigmoid scale) [n, C].
+/// s (the excitation, the scale) [n, C].
 pub struct SeForward {
     pub out: Vec<f64>,
     pub z: Vec<f64>,
@@ -19,8 +20,26 @@ pub struct SeForward {
     pub s: Vec<f64>,
 }
 
-fn sigmoid(a: f64) -> f64 {
-    1.0 / (1.0 + (-a).exp())
+fn excite(e: Excitation, a: f64) -> f64 {
+    match e {
+        Excitation::Sigmoid => 1.0 / (1.0 + (-a).exp()),
+        Excitation::Tanh => a.tanh(),
+        Excitation::Relu => a.max(0.0),
+    }
+}
+
+/// d excite / d a from the output s.
+fn excite_grad(e: Excitation, s: f64) -> f64 {
+    match e {
+        Excitation::Sigmoid => s * (1.0 - s),
+        Excitation::Tanh => 1.0 - s * s,
+        Excitation::Relu => f64::from(u8::from(s > 0.0)),
+    }
+}
+
+/// Index of the first maximum.
+fn first_max(v: &[f64]) -> usize {
+    (1..v.len()).fold(0, |a, k| if v[k] > v[a] { k } else { a })
 }
 
 pub fn se_block_forward(cfg: &SeBlockConfig, inp: &[f64], p: &SeParams<'_>) -> SeForward {
@@ -33,15 +52,26 @@ pub fn se_block_forward(cfg: &SeBlockConfig, inp: &[f64], p: &SeParams<'_>) -> S
     };
     for n in 0..cfg.n {
         let x = &inp[n * c * hw..][..c * hw];
-        // Squeeze: z[c] = mean over the plane.
-        let z: Vec<f64> = x.chunks(hw).map(|pl| pl.iter().sum::<f64>() / hw as f64).collect();
+        // Squeeze: z[c] = mean (or max) over the plane.
+        let z: Vec<f64> = x
+            .chunks(hw)
+            .map(|pl| match cfg.variant.squeeze {
+                Squeeze::Avg => pl.iter().sum::<f64>() / hw as f64,
+                Squeeze::Max => pl[first_max(pl)],
+            })
+            .collect();
         // fc1 + ReLU.
         let h: Vec<f64> = (0..cr)
             .map(|j| (p.b1.map_or(0.0, |b| b[j]) + (0..c).map(|k| p.w1[j * c + k] * z[k]).sum::<f64>()).max(0.0))
             .collect();
-        // fc2 + sigmoid.
+        // fc2 + sigmoid (or the ablation's gate).
         let s: Vec<f64> = (0..c)
-            .map(|k| sigmoid(p.b2.map_or(0.0, |b| b[k]) + (0..cr).map(|j| p.w2[k * cr + j] * h[j]).sum::<f64>()))
+            .map(|k| {
+                excite(
+                    cfg.variant.excitation,
+                    p.b2.map_or(0.0, |b| b[k]) + (0..cr).map(|j| p.w2[k * cr + j] * h[j]).sum::<f64>(),
+                )
+            })
             .collect();
         // Excite.
         for (i, v) in x.iter().enumerate() {
@@ -82,17 +112,25 @@ pub fn se_block_backward(
         let x = &inp[n * c * hw..][..c * hw];
         let dy = &dout[n * c * hw..][..c * hw];
         let (z, h, s) = (&fwd.z[n * c..][..c], &fwd.h[n * cr..][..cr], &fwd.s[n * c..][..c]);
-        // ds[c] = sum_hw dy*x; through the sigmoid: da2 = ds * s(1-s).
+        // ds[c] = sum_hw dy*x; through the gate: da2 = ds * s'(a2).
         let da2: Vec<f64> = (0..c)
-            .map(|k| (0..hw).map(|q| dy[k * hw + q] * x[k * hw + q]).sum::<f64>() * s[k] * (1.0 - s[k]))
+            .map(|k| {
+                (0..hw).map(|q| dy[k * hw + q] * x[k * hw + q]).sum::<f64>() * excite_grad(cfg.variant.excitation, s[k])
+            })
             .collect();
         // fc2: dh[j] = sum_c w2[c, j] da2[c]; through the ReLU (gate from its output).
         let da1: Vec<f64> =
             (0..cr).map(|j| if h[j] > 0.0 { (0..c).map(|k| p.w2[k * cr + j] * da2[k]).sum() } else { 0.0 }).collect();
-        // fc1: dz[c] = sum_j w1[j, c] da1[j]; the squeeze spreads dz/hw over the plane.
+        // fc1: dz[c] = sum_j w1[j, c] da1[j].
         let dz: Vec<f64> = (0..c).map(|k| (0..cr).map(|j| p.w1[j * c + k] * da1[j]).sum()).collect();
         for i in 0..c * hw {
-            g.dinp[n * c * hw + i] = dy[i] * s[i / hw] + dz[i / hw] / hw as f64;
+            let k = i / hw;
+            // The mean spreads dz over the plane; the max passes it to its first maximum.
+            let dsq = match cfg.variant.squeeze {
+                Squeeze::Avg => dz[k] / hw as f64,
+                Squeeze::Max => f64::from(u8::from(i % hw == first_max(&x[k * hw..][..hw]))) * dz[k],
+            };
+            g.dinp[n * c * hw + i] = dy[i] * s[k] + dsq;
         }
         for k in 0..c {
             for j in 0..cr {
