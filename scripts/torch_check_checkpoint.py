@@ -1,7 +1,9 @@
-"""Load a senet-wgpu checkpoint into the PyTorch base SENet by name (strict) and evaluate it on
-Fashion-MNIST's test set, to show our checkpoints are PyTorch state dicts.
+"""Load a senet-wgpu checkpoint into the equivalent PyTorch module by name (strict) — the base
+SENet, or a CIFAR (SE-)ResNet — and evaluate it on an IDX test set (Fashion-MNIST, or the bundled
+sample), to show our checkpoints are PyTorch state dicts.
 
     python3 scripts/torch_check_checkpoint.py runs/latest/best.safetensors /usr/share/datasets/fashion-mnist
+    python3 scripts/torch_check_checkpoint.py runs/se20/best.safetensors assets/fashion-mnist-sample
 """
 import gzip
 import json
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 from torch_golden import senet  # noqa: E402
+from torch_resnet import CifarResNet  # noqa: E402
 
 
 def idx(path):
@@ -27,10 +30,20 @@ def idx(path):
 def main():
     ckpt, data_dir = sys.argv[1], sys.argv[2]
     config = json.load(open(os.path.join(os.path.dirname(ckpt), "config.json")))["model"]
-    model = senet(config["num_classes"], config["in_channels"], config["width"])
+    name = config["model"]
+    if name == "senet":
+        model = senet(config["num_classes"], config["in_channels"], config["width"])
+    else:
+        se = name.startswith("se-")
+        depth = int(name.removeprefix("se-").removeprefix("resnet"))
+        model = CifarResNet(depth, se, config["num_classes"], config["in_channels"], config["width"],
+                            config["reduction"], config.get("se_bias", False))
     model.load_state_dict(load_file(ckpt), strict=True)
     model.eval()
     x = torch.from_numpy(idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz")).copy()).float().div(255).unsqueeze(1)
+    if config.get("normalize"):
+        mean, std = config["normalize"][0]
+        x = (x - mean) / std
     y = torch.from_numpy(idx(os.path.join(data_dir, "t10k-labels-idx1-ubyte.gz")).astype(np.int64))
     with torch.no_grad():
         correct = sum((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum().item() for i in range(0, len(y), 500))

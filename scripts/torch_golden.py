@@ -10,13 +10,22 @@ smallest honest oracle), and writes to --out:
                             torch.optim.Adam(lr=1e-3) step, computed in float64
 
     python3 scripts/torch_golden.py --out tests/golden/senet_tiny
+    python3 scripts/torch_golden.py --model se-resnet8 --out tests/golden/se_resnet8
+
+With --model se-resnet8: the CIFAR SE-ResNet-8 of scripts/torch_resnet.py at width 0.5 (8, 16, 32
+channels), SE reduction 4 with biases, on 3x8x8 inputs — residual additions, projection
+shortcuts and a fork whose gradients add.
 """
 import argparse
 import os
 
+import sys
+
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 class SEBlock(nn.Module):
@@ -57,15 +66,22 @@ def senet(num_classes, in_channels, width):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/golden/senet_tiny")
+    ap.add_argument("--model", default="senet", choices=["senet", "se-resnet8"])
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    model = senet(num_classes=5, in_channels=3, width=1 / 16)
+    hw = 16
+    if args.model == "senet":
+        model = senet(num_classes=5, in_channels=3, width=1 / 16)
+    else:
+        from torch_resnet import CifarResNet
+        model = CifarResNet(8, se=True, num_classes=5, in_channels=3, width=0.5, reduction=4, se_bias=True)
+        hw = 8
     # Round the initial state to float32 first so the float32 file is exactly what float64 starts from.
     state32 = {k: (v.float() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state32.items()}, os.path.join(args.out, "state_dict.safetensors"))
     model = model.double()
-    x = torch.rand(4, 3, 16, 16).float()
+    x = torch.rand(4, 3, hw, hw).float()
     y = torch.tensor([0, 3, 1, 4])
     save_file({"x": x, "y": y}, os.path.join(args.out, "batch.safetensors"))
 

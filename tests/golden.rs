@@ -16,11 +16,11 @@ use senet_wgpu::model::plan::Network;
 use senet_wgpu::ops::cross_entropy::result;
 use senet_wgpu::ops::optimizer::OptimizerConfig;
 
-const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/senet_tiny");
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
 
 /// Every tensor of a golden file as f64 (F64, F32 and I64 tensors).
-fn load(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(Path::new(DIR).join(name)).expect("golden file");
+fn load(dir: &Path, name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(dir.join(name)).expect("golden file");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
     st.tensors()
         .into_iter()
@@ -45,8 +45,7 @@ fn load(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
 
 #[test]
 fn one_adam_step_matches_pytorch() {
-    let gpu = gpu();
-    let config = ModelConfig {
+    let senet = ModelConfig {
         model: "senet".into(),
         width: 1.0 / 16.0,
         reduction: 16,
@@ -58,12 +57,36 @@ fn one_adam_step_matches_pytorch() {
         se_bias: false,
         se: Default::default(),
     };
+    adam_step_matches(&Path::new(GOLDEN).join("senet_tiny"), senet);
+}
+
+/// The same for a residual network: SE-ResNet-8 at width 0.5 (scripts/torch_resnet.py), SE
+/// reduction 4 with biases, on 3x8x8 inputs.
+#[test]
+fn one_adam_step_of_se_resnet8_matches_pytorch() {
+    let se_resnet8 = ModelConfig {
+        model: "se-resnet8".into(),
+        width: 0.5,
+        reduction: 4,
+        in_channels: 3,
+        num_classes: 5,
+        input_hw: [8, 8],
+        classes: vec![],
+        normalize: None,
+        se_bias: true,
+        se: Default::default(),
+    };
+    adam_step_matches(&Path::new(GOLDEN).join("se_resnet8"), se_resnet8);
+}
+
+fn adam_step_matches(dir: &Path, config: ModelConfig) {
+    let gpu = gpu();
     let lr = 1e-3;
     let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(lr), 0).unwrap();
-    let sd = checkpoint::load(&Path::new(DIR).join("state_dict.safetensors")).unwrap();
+    let sd = checkpoint::load(&dir.join("state_dict.safetensors")).unwrap();
     checkpoint::apply(&mut net, &sd, "golden state dict").unwrap();
 
-    let batch = load("batch.safetensors");
+    let batch = load(dir, "batch.safetensors");
     let x: Vec<f32> = batch["x"].1.iter().map(|&v| v as f32).collect();
     let y: Vec<u32> = batch["y"].1.iter().map(|&v| v as u32).collect();
     let plan = net.plan(y.len()).unwrap();
@@ -71,7 +94,7 @@ fn one_adam_step_matches_pytorch() {
     net.train_step(&plan);
     gpu.wait().unwrap();
 
-    let golden = load("step.safetensors");
+    let golden = load(dir, "step.safetensors");
     // As in tests/train_step.rs: a loss and logits through 17 layers in f32, rtol 1e-4.
     let res = read(&gpu, &plan.train_result);
     assert_close("loss vs PyTorch", &[res[result::LOSS]], &golden["loss"].1, 1e-5, 1e-4);
