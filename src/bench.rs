@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
 use crate::model::ModelConfig;
-use crate::model::plan::Network;
+use crate::model::plan::{Network, StepPlan};
 use crate::ops::conv2d::{self, Conv2dConfig};
 use crate::ops::optimizer::OptimizerConfig;
 use crate::ops::relu;
@@ -86,7 +86,7 @@ fn best(gpu: &Gpu, group: &[&Dispatch], reps: usize) -> Result<f64> {
 }
 
 /// FMA peak (GFLOP/s) and copy bandwidth (GB/s, bytes read + written).
-fn ceilings(gpu: &Gpu) -> Result<(f64, f64)> {
+pub fn ceilings(gpu: &Gpu) -> Result<(f64, f64)> {
     let n = if gpu.is_cpu() { 1 << 16 } else { 1 << 22 }; // vec4 elements
     let iters = if gpu.is_cpu() { 256 } else { 2048 };
     let dst = Tensor::zeros(gpu, "bench dst", &[n * 4])?;
@@ -185,34 +185,8 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
     gpu.wait()?;
     let eval_s = t0.elapsed().as_secs_f64() / steps as f64;
 
-    // Per-kernel table: every dispatch of one step in a pass of its own, timed.
-    net.begin_step();
-    let list = net.train_dispatches(&plan);
-    let groups: Vec<Vec<&Dispatch>> = list.iter().map(|d| vec![*d]).collect();
-    let times = gpu.time_passes(&groups)?;
-    let step_flops: f64 = list.iter().map(|d| d.flops).sum();
-    let mut rows: BTreeMap<&str, (usize, f64, f64, f64)> = BTreeMap::new();
-    for (d, t) in list.iter().zip(&times) {
-        let r = rows.entry(d.label).or_default();
-        *r = (r.0 + 1, r.1 + t, r.2 + d.flops, r.3 + d.bytes);
-    }
-    let total: f64 = times.iter().sum();
-    let mut kernels: Vec<KernelRow> = rows
-        .into_iter()
-        .map(|(name, (count, t, flops, bytes))| {
-            let (gflops, gbps) = (flops / t / 1e9, bytes / t / 1e9);
-            KernelRow {
-                name: name.to_string(),
-                dispatches: count,
-                ms: t * 1e3,
-                share: t / total,
-                gflops,
-                gbps,
-                pct_of_ceiling: 100.0 * (gflops / fma_peak).max(gbps / copy_gbps),
-            }
-        })
-        .collect();
-    kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let step_flops: f64 = net.train_dispatches(&plan).iter().map(|d| d.flops).sum();
+    let kernels = profiled_step(&mut net, &plan, (fma_peak, copy_gbps))?;
     let (_, _, _, peak) = gpu.stats.snapshot();
     Ok(BenchReport {
         adapter: gpu.describe(),
@@ -232,6 +206,60 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
         peak_memory_bytes: peak,
         kernels,
     })
+}
+
+/// Take one training step with every dispatch in a compute pass of its own, timed (timestamp
+/// queries, else the wall clock), and sum the times per kernel. The step is a real one: its
+/// results are the same as from one pass. `ceilings` = (FMA peak GFLOP/s, copy GB/s).
+pub fn profiled_step(net: &mut Network, plan: &StepPlan, ceilings: (f64, f64)) -> Result<Vec<KernelRow>> {
+    net.begin_step();
+    let list = net.train_dispatches(plan);
+    let groups: Vec<Vec<&Dispatch>> = list.iter().map(|d| vec![*d]).collect();
+    let times = net.gpu.time_passes(&groups)?;
+    let mut rows: BTreeMap<&str, (usize, f64, f64, f64)> = BTreeMap::new();
+    for (d, t) in list.iter().zip(&times) {
+        let r = rows.entry(d.label).or_default();
+        *r = (r.0 + 1, r.1 + t, r.2 + d.flops, r.3 + d.bytes);
+    }
+    let total: f64 = times.iter().sum();
+    let mut kernels: Vec<KernelRow> = rows
+        .into_iter()
+        .map(|(name, (count, t, flops, bytes))| {
+            let (gflops, gbps) = (flops / t / 1e9, bytes / t / 1e9);
+            KernelRow {
+                name: name.to_string(),
+                dispatches: count,
+                ms: t * 1e3,
+                share: t / total,
+                gflops,
+                gbps,
+                pct_of_ceiling: 100.0 * (gflops / ceilings.0).max(gbps / ceilings.1),
+            }
+        })
+        .collect();
+    kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    Ok(kernels)
+}
+
+/// The per-kernel table as text.
+pub fn format_kernels(kernels: &[KernelRow]) -> String {
+    let mut s = format!(
+        "{:<32} {:>5} {:>9} {:>6} {:>9} {:>8} {:>7}\n",
+        "kernel", "n", "ms", "share", "GFLOP/s", "GB/s", "%ceil"
+    );
+    for k in kernels {
+        s += &format!(
+            "{:<32} {:>5} {:>9.3} {:>5.1}% {:>9.1} {:>8.1} {:>6.1}%\n",
+            k.name,
+            k.dispatches,
+            k.ms,
+            100.0 * k.share,
+            k.gflops,
+            k.gbps,
+            k.pct_of_ceiling
+        );
+    }
+    s
 }
 
 pub fn format_report(r: &BenchReport) -> String {
@@ -255,21 +283,6 @@ pub fn format_report(r: &BenchReport) -> String {
         "peak memory     {:>10.1} MiB (our accounting of every buffer)\n\n",
         r.peak_memory_bytes as f64 / 1048576.0
     );
-    s += &format!(
-        "{:<32} {:>5} {:>9} {:>6} {:>9} {:>8} {:>7}\n",
-        "kernel", "n", "ms", "share", "GFLOP/s", "GB/s", "%ceil"
-    );
-    for k in &r.kernels {
-        s += &format!(
-            "{:<32} {:>5} {:>9.3} {:>5.1}% {:>9.1} {:>8.1} {:>6.1}%\n",
-            k.name,
-            k.dispatches,
-            k.ms,
-            100.0 * k.share,
-            k.gflops,
-            k.gbps,
-            k.pct_of_ceiling
-        );
-    }
+    s += &format_kernels(&r.kernels);
     s
 }

@@ -136,6 +136,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "RUN_DIR")]
     #[serde(skip)]
     pub resume: Option<PathBuf>,
+    /// Print the per-kernel time table (as `senet bench`) for one step after the first epoch.
+    #[arg(long)]
+    #[serde(default)]
+    pub profile: bool,
     /// Read the running loss every N steps (the only host wait inside an epoch).
     #[arg(long, default_value_t = 20)]
     pub log_every: usize,
@@ -623,6 +627,21 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             plan.write_batch(&gpu, &b.images, &b.labels)?;
             let global = (epoch - 1) * steps_per_epoch + step;
             net.set_lr(lr_at(args.lr, args.schedule, args.warmup_epochs, global, steps_per_epoch, total_steps));
+            if args.profile && step == skip && epoch == args.epochs().min(first_epoch + 1) {
+                // --profile: this step runs timed, one pass per dispatch (same results).
+                let ceilings = crate::bench::ceilings(&gpu)?;
+                let rows = crate::bench::profiled_step(&mut net, plan, ceilings)?;
+                pb.suspend(|| {
+                    println!(
+                        "per-kernel profile of epoch {epoch}, step {}:\n{}",
+                        step + 1,
+                        crate::bench::format_kernels(&rows)
+                    )
+                });
+                in_flight = None;
+                pb.inc(1);
+                continue;
+            }
             let idx = net.train_step(plan);
             // At most two steps in flight: wait for the previous one, not this one, so the next
             // batch is prepared and queued while the GPU works.

@@ -322,3 +322,29 @@ fn the_paper_recipe_is_a_preset_of_flags() {
     let t = run(&dir.path().join("b"), &["--lr", "0.05", "--weight-decay", "5e-4"]);
     assert_eq!((t["lr"].as_f64(), t["weight_decay"].as_f64()), (Some(0.05), Some(5e-4)));
 }
+
+/// `train --profile` prints the per-kernel table once, for a real step: the run ends with the same
+/// weights as without it.
+#[test]
+fn profile_prints_the_kernel_table_without_changing_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &std::path::Path, extra: &[&str]| {
+        let o = senet()
+            .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "32", "--epochs", "2"])
+            .args(["--limit-train", "96", "--limit-test", "32", "--seed", "3", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    train(&a, &[]);
+    let out = train(&b, &["--profile"]);
+    assert_eq!(out.matches("per-kernel profile of epoch 2, step 1").count(), 1, "{out}");
+    for k in ["conv2d_forward", "conv2d_backward_weight", "se_block_forward", "adam_step", "%ceil"] {
+        assert!(out.contains(k), "the profile lacks {k}:\n{out}");
+    }
+    assert!(std::fs::read(a.join("last.safetensors")).unwrap() == std::fs::read(b.join("last.safetensors")).unwrap());
+}
