@@ -129,13 +129,16 @@ fn tap_dout(base: u32, iy: i32, ix: i32, ky: u32, kx: u32) -> f32 {
     if (ty < 0 || tx < 0) {
         return 0.0;
     }
-    let uy = u32(ty);
-    let ux = u32(tx);
-    if (uy % p.stride_h != 0u || ux % p.stride_w != 0u) {
-        return 0.0;
+    var oy = u32(ty);
+    var ox = u32(tx);
+    // Integer division is a software routine on CPU drivers: only strided convolutions pay it.
+    if (p.stride_h != 1u || p.stride_w != 1u) {
+        if (oy % p.stride_h != 0u || ox % p.stride_w != 0u) {
+            return 0.0;
+        }
+        oy = oy / p.stride_h;
+        ox = ox / p.stride_w;
     }
-    let oy = uy / p.stride_h;
-    let ox = ux / p.stride_w;
     if (oy >= p.oh || ox >= p.ow) {
         return 0.0;
     }
@@ -239,11 +242,14 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
+    // Walk m = (nn, py, px) with counters instead of dividing m at every step.
+    var nn = m_begin / ohw;
+    var r = m_begin % ohw;
+    var py = r / p.ow;
+    var px = r % p.ow;
     for (var m = m_begin; m < m_end; m++) {
-        let nn = m / ohw;
-        let r = m % ohw;
-        let oy = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
-        let ox = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
+        let oy = i32(py * p.stride_h) - i32(p.pad_h);
+        let ox = i32(px * p.stride_w) - i32(p.pad_w);
         let xb = nn * p.c_in * hw;
         let db = nn * p.c_out * ohw + r;
         let xv = vec4<f32>(
@@ -255,6 +261,17 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc1 += dout[db + drow[1]] * xv;
         acc2 += dout[db + drow[2]] * xv;
         acc3 += dout[db + drow[3]] * xv;
+        px++;
+        r++;
+        if (px == p.ow) {
+            px = 0u;
+            py++;
+            if (py == p.oh) {
+                py = 0u;
+                r = 0u;
+                nn++;
+            }
+        }
     }
     var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
     let slice = split * p.c_out * k_total;
