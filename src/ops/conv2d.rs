@@ -260,7 +260,8 @@ pub fn conv2d_backward_weight(
     let splits = m.div_ceil(split_len);
     let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
     let k = cfg.c_in * cfg.kh * cfg.kw;
-    let grid = gemm_grid(gpu, k, cfg.c_out, splits)?;
+    // Columns come in blocks of 4 input channels at one tap: (kh*kw) * ceil(c_in/4) of them.
+    let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(BLOCK) * BLOCK, cfg.c_out, splits)?;
     let consts = [("WG", WG as f64)];
     let (flops, bytes) =
         (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
