@@ -146,6 +146,19 @@ fn bn_cases() -> Vec<BatchNormConfig> {
     ]
 }
 
+/// The forward's tensors, in the order the tests name them.
+fn bn<'a>(
+    inp: &'a Tensor,
+    gamma: &'a Tensor,
+    beta: &'a Tensor,
+    running_mean: &'a Tensor,
+    running_var: &'a Tensor,
+    stats: &'a Tensor,
+    out: &'a Tensor,
+) -> batch_norm::BnForward<'a> {
+    batch_norm::BnForward { inp, gamma, beta, running_mean, running_var, stats, out }
+}
+
 /// Batch norm outputs are O(1) after normalisation; the statistics are f32 reductions over at most
 /// 3,200 values, whose rounding (~1e-6 relative) passes through invstd: atol/rtol 1e-4.
 const BN_TOL: f64 = 1e-4;
@@ -173,7 +186,10 @@ fn batch_norm_train_forward_and_backward_match_reference() {
         let trv = upload(&gpu, "running_var", &[cfg.c], &rv);
         let stats = zeros(&gpu, "stats", &[2, cfg.c]);
         let ty = zeros(&gpu, "y", &cfg.shape());
-        run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &tx, &tg, &tb, &trm, &trv, &stats, &ty).unwrap());
+        run(
+            &gpu,
+            &batch_norm::batch_norm_forward_train(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap(),
+        );
         let want = reference::batch_norm::batch_norm_forward_train(
             cfg,
             &to_f64(&x),
@@ -208,7 +224,10 @@ fn batch_norm_train_forward_and_backward_match_reference() {
 
         // Eval mode normalises with the running statistics.
         let ty2 = zeros(&gpu, "y eval", &cfg.shape());
-        run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, cfg, &tx, &tg, &tb, &trm, &trv, &stats, &ty2).unwrap());
+        run(
+            &gpu,
+            &batch_norm::batch_norm_forward_eval(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty2)).unwrap(),
+        );
         let eval = reference::batch_norm::batch_norm_forward_eval(
             cfg,
             &to_f64(&x),
@@ -240,7 +259,7 @@ fn batch_norm_statistics_survive_a_large_mean() {
     let trv = upload(&gpu, "rv", &[cfg.c], &ones);
     let stats = zeros(&gpu, "stats", &[2, cfg.c]);
     let ty = zeros(&gpu, "y", &cfg.shape());
-    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &cfg, &tx, &tg, &tb, &trm, &trv, &stats, &ty).unwrap());
+    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap());
     let want = reference::batch_norm::batch_norm_forward_train(
         &cfg,
         &to_f64(&x),
@@ -260,7 +279,7 @@ fn batch_norm_refuses_one_value_per_channel_in_training() {
     let cfg = BatchNormConfig::new(1, 2, 1, 1);
     let t = |s: &[usize]| zeros(&gpu, "t", s);
     let (x, g, b, rm, rv, st, y) = (t(&[1, 2, 1, 1]), t(&[2]), t(&[2]), t(&[2]), t(&[2]), t(&[2, 2]), t(&[1, 2, 1, 1]));
-    let err = batch_norm::batch_norm_forward_train(&gpu, &cfg, &x, &g, &b, &rm, &rv, &st, &y).unwrap_err();
+    let err = batch_norm::batch_norm_forward_train(&gpu, &cfg, &bn(&x, &g, &b, &rm, &rv, &st, &y)).unwrap_err();
     assert!(err.to_string().contains("more than one value per channel"), "{err}");
 }
 

@@ -226,28 +226,17 @@ impl Network {
                     let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
                     let (g, b, rs) = (p("weight")?, p("bias")?, self.bn_buffers(name)?);
                     let stats = Tensor::zeros(gpu, &format!("{name} batch statistics"), &[2, c])?;
-                    train.extend(batch_norm::batch_norm_forward_train(
-                        gpu,
-                        &cfg,
+                    let t = batch_norm::BnForward {
                         inp,
-                        &g.value,
-                        &b.value,
-                        &rs.running_mean,
-                        &rs.running_var,
-                        &stats,
+                        gamma: &g.value,
+                        beta: &b.value,
+                        running_mean: &rs.running_mean,
+                        running_var: &rs.running_var,
+                        stats: &stats,
                         out,
-                    )?);
-                    eval.extend(batch_norm::batch_norm_forward_eval(
-                        gpu,
-                        &cfg,
-                        inp,
-                        &g.value,
-                        &b.value,
-                        &rs.running_mean,
-                        &rs.running_var,
-                        &stats,
-                        out,
-                    )?);
+                    };
+                    train.extend(batch_norm::batch_norm_forward_train(gpu, &cfg, &t)?);
+                    eval.extend(batch_norm::batch_norm_forward_eval(gpu, &cfg, &t)?);
                     bwd.extend(batch_norm::batch_norm_backward(
                         gpu, &cfg, inp, &g.value, &stats, dout, dinp, &g.grad, &b.grad,
                     )?);

@@ -33,18 +33,23 @@ fn push(nodes: &mut Vec<Node>, name: String, layer: Layer, inputs: Vec<usize>) -
     nodes.len()
 }
 
-/// Append one residual unit `p` reading activation `x` to `nodes`: the residual `branch`, an
-/// optional projection shortcut (conv, BN), the addition and the ReLU, and — when `se` gives its
-/// channel count — an SE block placed as `cfg.se.placement` says. Returns the unit's output.
+/// Append one residual unit `p` of stage `stage` (1-based) reading activation `x` (`c_in`
+/// channels) to `nodes`: the residual `branch` (ending in `c_out` channels), a projection shortcut
+/// (1×1 conv + BN) when `stride` or the width changes, the addition and the ReLU, and — if `se`
+/// and the stage is selected — an SE block placed as `cfg.se.placement` says. Returns the output.
 fn unit(
     nodes: &mut Vec<Node>,
     cfg: &ModelConfig,
     p: &str,
     x: usize,
     branch: Vec<(&str, Layer)>,
-    projection: Option<(Layer, Layer)>,
-    se: Option<usize>,
+    (c_in, c_out, stride): (usize, usize, usize),
+    stage: usize,
+    se: bool,
 ) -> usize {
+    let conv = Layer::Conv2d { c_in, c_out, kernel: 1, stride, pad: 0, bias: false };
+    let projection = (stride != 1 || c_in != c_out).then_some((conv, Layer::BatchNorm2d { c: c_out }));
+    let se = (se && cfg.se.in_stage(stage)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c_out });
     let at = |place: SePlacement| se.filter(|_| cfg.se.placement == place);
     let se_layer = |c| Layer::SeBlock { c, reduction: cfg.reduction, bias: cfg.se_bias, variant: cfg.se.variant() };
     let mut y = x;
@@ -73,6 +78,15 @@ fn unit(
         out = push(nodes, format!("{p}.se"), se_layer(c), vec![out]);
     }
     out
+}
+
+/// Global average pooling and the `fc` classifier on activation `x` of `c` channels; the graph.
+fn classifier(mut nodes: Vec<Node>, cfg: &ModelConfig, x: usize, c: usize) -> Result<Graph> {
+    let x = push(&mut nodes, "avgpool".into(), Layer::GlobalAvgPool, vec![x]);
+    push(&mut nodes, "fc".into(), Layer::Linear { in_features: c, out_features: cfg.num_classes, bias: true }, vec![x]);
+    let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
+    graph.shapes(1)?;
+    Ok(graph)
 }
 
 /// The ImageNet depths; every other depth is a CIFAR ResNet (6n+2).
@@ -137,27 +151,11 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
                     ("bn2", Layer::BatchNorm2d { c: w }),
                 ]
             };
-            let projection =
-                (stride != 1 || c_in != c_out).then(|| (conv(c_in, c_out, 1, stride), Layer::BatchNorm2d { c: c_out }));
-            let se_c = (se && cfg.se.in_stage(s + 1)).then_some(if cfg.se.placement == SePlacement::Pre {
-                c_in
-            } else {
-                c_out
-            });
-            x = unit(&mut nodes, cfg, &p, x, branch, projection, se_c);
+            x = unit(&mut nodes, cfg, &p, x, branch, (c_in, c_out, stride), s + 1, se);
             c_in = c_out;
         }
     }
-    x = push(&mut nodes, "avgpool".into(), Layer::GlobalAvgPool, vec![x]);
-    push(
-        &mut nodes,
-        "fc".into(),
-        Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true },
-        vec![x],
-    );
-    let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
-    graph.shapes(1)?;
-    Ok(graph)
+    classifier(nodes, cfg, x, c_in)
 }
 
 pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
@@ -193,21 +191,9 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
                 ("conv2", conv(c, c, 3, 1)),
                 ("bn2", Layer::BatchNorm2d { c }),
             ];
-            let projection = (stride != 1 || c_in != c).then(|| (conv(c_in, c, 1, stride), Layer::BatchNorm2d { c }));
-            let se_c =
-                (se && cfg.se.in_stage(s + 1)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c });
-            x = unit(&mut nodes, cfg, &p, x, branch, projection, se_c);
+            x = unit(&mut nodes, cfg, &p, x, branch, (c_in, c, stride), s + 1, se);
             c_in = c;
         }
     }
-    x = push(&mut nodes, "avgpool".into(), Layer::GlobalAvgPool, vec![x]);
-    push(
-        &mut nodes,
-        "fc".into(),
-        Layer::Linear { in_features: c_in, out_features: cfg.num_classes, bias: true },
-        vec![x],
-    );
-    let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
-    graph.shapes(1)?;
-    Ok(graph)
+    classifier(nodes, cfg, x, c_in)
 }

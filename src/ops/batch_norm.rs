@@ -63,19 +63,23 @@ struct Params {
 
 const WG: u32 = 256;
 
+/// The tensors of a forward pass: input, affine parameters, running statistics (updated in
+/// training, read in eval), the saved batch statistics [2, C] (mean, invstd) and the output.
+#[derive(Clone, Copy)]
+pub struct BnForward<'a> {
+    pub inp: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+    pub stats: &'a Tensor,
+    pub out: &'a Tensor,
+}
+
 /// Training-mode forward: batch statistics into `stats` ([2, C]: mean, invstd), running
 /// statistics updated in place, then `out` normalised.
-pub fn batch_norm_forward_train(
-    gpu: &Gpu,
-    cfg: &BatchNormConfig,
-    inp: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    stats: &Tensor,
-    out: &Tensor,
-) -> Result<Vec<Dispatch>> {
+pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<Vec<Dispatch>> {
+    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
     ensure!(
         cfg.count() > 1,
         "batch_norm: training needs more than one value per channel (batch {} x {}x{}), as in PyTorch",
@@ -103,17 +107,8 @@ pub fn batch_norm_forward_train(
 }
 
 /// Eval-mode forward: statistics from the running estimates.
-pub fn batch_norm_forward_eval(
-    gpu: &Gpu,
-    cfg: &BatchNormConfig,
-    inp: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    stats: &Tensor,
-    out: &Tensor,
-) -> Result<Vec<Dispatch>> {
+pub fn batch_norm_forward_eval(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<Vec<Dispatch>> {
+    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
     check(cfg, inp, gamma, beta, stats)?;
     expect_shape("batch_norm running_mean", running_mean, &[cfg.c])?;
     expect_shape("batch_norm running_var", running_var, &[cfg.c])?;
