@@ -31,6 +31,27 @@ pub(crate) fn placeholder(gpu: &Gpu) -> Result<Tensor> {
     Tensor::zeros(gpu, "unused", &[1])
 }
 
+/// The parameter block of the elementwise kernels (relu, add): the element count, padded to 16
+/// bytes as WGSL's uniform layout wants.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct LenParams {
+    len: u32,
+    _pad: [u32; 3],
+}
+
+impl LenParams {
+    pub(crate) fn of(t: &Tensor) -> Result<LenParams> {
+        Ok(LenParams { len: to_u32("elements", t.numel())?, _pad: [0; 3] })
+    }
+}
+
+/// `b` has `a`'s shape, or a host error naming the op and the operand.
+pub(crate) fn same_shape(op: &str, what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    ensure!(a.shape == b.shape, "{op}: {what} shape {:?} differs from {:?}", b.shape, a.shape);
+    Ok(())
+}
+
 /// Every count the kernels index with must fit a u32.
 pub(crate) fn to_u32(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| anyhow::anyhow!("{what} = {v} does not fit the kernels' 32-bit indices"))
