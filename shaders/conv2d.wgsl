@@ -57,18 +57,20 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
     return inp[base + u32(iy) * p.w + u32(ix)];
 }
 
-// gid.x: block of 4 output pixels m; gid.y: block of 4 output channels.
+// gid.x: block of 4 output pixels m; gid.y: block of 8 output channels (two vec4 halves): per
+// tap and channel, 4 input and 8 weight loads feed 32 FMAs.
 @compute @workgroup_size(WG)
 fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let m_total = p.n * p.oh * p.ow;
     let m0 = gid.x * 4u;
-    let co0 = gid.y * 4u;
+    let co0 = gid.y * 8u;
     if (m0 >= m_total || co0 >= p.c_out) {
         return;
     }
     let ohw = p.oh * p.ow;
     let hw = p.h * p.w;
-    let k_total = p.c_in * p.kh * p.kw;
+    let khw = p.kh * p.kw;
+    let k_total = p.c_in * khw;
 
     // Rows past the end are clamped onto the last row; their results are never written.
     var xbase: array<u32, 4>;
@@ -82,20 +84,26 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
         iy0[i] = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
         ix0[i] = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
     }
-    var wrow: array<u32, 4>;
-    var b = vec4<f32>(0.0);
-    for (var j = 0u; j < 4u; j++) {
+    // Channels past the end are clamped likewise.
+    var wrow: array<u32, 8>;
+    var b: array<f32, 8>;
+    for (var j = 0u; j < 8u; j++) {
         let co = min(co0 + j, p.c_out - 1u);
         wrow[j] = co * k_total;
         if (p.has_bias != 0u) {
             b[j] = bias[co];
         }
     }
-    var acc0 = b;
-    var acc1 = b;
-    var acc2 = b;
-    var acc3 = b;
-    let khw = p.kh * p.kw;
+    let blo = vec4<f32>(b[0], b[1], b[2], b[3]);
+    let bhi = vec4<f32>(b[4], b[5], b[6], b[7]);
+    var lo0 = blo;
+    var lo1 = blo;
+    var lo2 = blo;
+    var lo3 = blo;
+    var hi0 = bhi;
+    var hi1 = bhi;
+    var hi2 = bhi;
+    var hi3 = bhi;
     // Taps outside, input channels inside: each row's address and padding test once per tap;
     // padded taps read a valid address and are masked to 0 (no branch in the inner loop).
     for (var ky = 0u; ky < p.kh; ky++) {
@@ -112,32 +120,43 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
             let t = ky * p.kw + kx;
             for (var ci = 0u; ci < p.c_in; ci++) {
                 let k = ci * khw + t;
-                let wv = vec4<f32>(weight[wrow[0] + k], weight[wrow[1] + k], weight[wrow[2] + k], weight[wrow[3] + k]);
+                let wlo = vec4<f32>(weight[wrow[0] + k], weight[wrow[1] + k], weight[wrow[2] + k], weight[wrow[3] + k]);
+                let whi = vec4<f32>(weight[wrow[4] + k], weight[wrow[5] + k], weight[wrow[6] + k], weight[wrow[7] + k]);
                 let c = ci * hw;
-                acc0 += (inp[off[0] + c] * live[0]) * wv;
-                acc1 += (inp[off[1] + c] * live[1]) * wv;
-                acc2 += (inp[off[2] + c] * live[2]) * wv;
-                acc3 += (inp[off[3] + c] * live[3]) * wv;
+                let x0 = inp[off[0] + c] * live[0];
+                let x1 = inp[off[1] + c] * live[1];
+                let x2 = inp[off[2] + c] * live[2];
+                let x3 = inp[off[3] + c] * live[3];
+                lo0 += x0 * wlo;
+                hi0 += x0 * whi;
+                lo1 += x1 * wlo;
+                hi1 += x1 * whi;
+                lo2 += x2 * wlo;
+                hi2 += x2 * whi;
+                lo3 += x3 * wlo;
+                hi3 += x3 * whi;
             }
         }
     }
-    var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    var lo = array<vec4<f32>, 4>(lo0, lo1, lo2, lo3);
+    var hi = array<vec4<f32>, 4>(hi0, hi1, hi2, hi3);
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + i;
         if (m < m_total) {
             let nn = m / ohw;
             let r = m % ohw;
-            for (var j = 0u; j < 4u; j++) {
+            for (var j = 0u; j < 8u; j++) {
                 let co = co0 + j;
                 if (co < p.c_out) {
-                    out[(nn * p.c_out + co) * ohw + r] = acc[i][j];
+                    let v = select(hi[i][j % 4u], lo[i][j % 4u], j < 4u);
+                    out[(nn * p.c_out + co) * ohw + r] = v;
                 }
             }
         }
     }
 }
 
-// gid.x: block of 4 input pixels q = (n, iy, ix); gid.y: block of 4 input channels.
+// gid.x: block of 4 input pixels q = (n, iy, ix); gid.y: block of 8 input channels.
 // Loop order: taps (ky, kx) outside, output channels inside, so each row's tap address and
 // validity are worked out once per tap rather than once per (tap, channel); invalid taps read a
 // valid address and are masked to 0 (no branch in the inner loop).
@@ -146,7 +165,7 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     let hw = p.h * p.w;
     let q_total = p.n * hw;
     let q0 = gid.x * 4u;
-    let ci0 = gid.y * 4u;
+    let ci0 = gid.y * 8u;
     if (q0 >= q_total || ci0 >= p.c_in) {
         return;
     }
@@ -163,15 +182,19 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
         iy[i] = i32(r / p.w);
         ix[i] = i32(r % p.w);
     }
-    var cols: array<u32, 4>;
-    for (var j = 0u; j < 4u; j++) {
+    var cols: array<u32, 8>;
+    for (var j = 0u; j < 8u; j++) {
         cols[j] = min(ci0 + j, p.c_in - 1u) * khw;
     }
     let wstride = p.c_in * khw;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    var lo0 = vec4<f32>(0.0);
+    var lo1 = vec4<f32>(0.0);
+    var lo2 = vec4<f32>(0.0);
+    var lo3 = vec4<f32>(0.0);
+    var hi0 = vec4<f32>(0.0);
+    var hi1 = vec4<f32>(0.0);
+    var hi2 = vec4<f32>(0.0);
+    var hi3 = vec4<f32>(0.0);
     for (var ky = 0u; ky < p.kh; ky++) {
         for (var kx = 0u; kx < p.kw; kx++) {
             // Where each of the 4 rows reads dout for this tap, and whether it does at all.
@@ -183,6 +206,8 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
                 var ok = ty >= 0 && tx >= 0;
                 var oy = u32(max(ty, 0));
                 var ox = u32(max(tx, 0));
+                // Integer division is a software routine on CPU drivers: only strided
+                // convolutions pay it.
                 if (p.stride_h != 1u || p.stride_w != 1u) {
                     ok = ok && oy % p.stride_h == 0u && ox % p.stride_w == 0u;
                     oy = oy / p.stride_h;
@@ -195,25 +220,35 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
             let t = ky * p.kw + kx;
             for (var co = 0u; co < p.c_out; co++) {
                 let w0 = co * wstride + t;
-                let wv = vec4<f32>(weight[w0 + cols[0]], weight[w0 + cols[1]], weight[w0 + cols[2]], weight[w0 + cols[3]]);
+                let wlo = vec4<f32>(weight[w0 + cols[0]], weight[w0 + cols[1]], weight[w0 + cols[2]], weight[w0 + cols[3]]);
+                let whi = vec4<f32>(weight[w0 + cols[4]], weight[w0 + cols[5]], weight[w0 + cols[6]], weight[w0 + cols[7]]);
                 let d = co * ohw;
-                acc0 += (dout[off[0] + d] * live[0]) * wv;
-                acc1 += (dout[off[1] + d] * live[1]) * wv;
-                acc2 += (dout[off[2] + d] * live[2]) * wv;
-                acc3 += (dout[off[3] + d] * live[3]) * wv;
+                let g0 = dout[off[0] + d] * live[0];
+                let g1 = dout[off[1] + d] * live[1];
+                let g2 = dout[off[2] + d] * live[2];
+                let g3 = dout[off[3] + d] * live[3];
+                lo0 += g0 * wlo;
+                hi0 += g0 * whi;
+                lo1 += g1 * wlo;
+                hi1 += g1 * whi;
+                lo2 += g2 * wlo;
+                hi2 += g2 * whi;
+                lo3 += g3 * wlo;
+                hi3 += g3 * whi;
             }
         }
     }
-    var acc = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    var lo = array<vec4<f32>, 4>(lo0, lo1, lo2, lo3);
+    var hi = array<vec4<f32>, 4>(hi0, hi1, hi2, hi3);
     for (var i = 0u; i < 4u; i++) {
         let q = q0 + i;
         if (q < q_total) {
             let nn = q / hw;
             let r = q % hw;
-            for (var j = 0u; j < 4u; j++) {
+            for (var j = 0u; j < 8u; j++) {
                 let ci = ci0 + j;
                 if (ci < p.c_in) {
-                    dinp[(nn * p.c_in + ci) * hw + r] = acc[i][j];
+                    dinp[(nn * p.c_in + ci) * hw + r] = select(hi[i][j % 4u], lo[i][j % 4u], j < 4u);
                 }
             }
         }

@@ -49,9 +49,12 @@ fn conv_cases() -> Vec<Conv2dConfig> {
         sq(2, 3, (32, 32), 16, 3, 1, 1, true),
         // a single output pixel
         sq(1, 2, (3, 3), 3, 3, 1, 0, true),
+        // channels past one 8-wide block on both sides (11 in, 13 out), 6x5
+        sq(2, 11, (6, 5), 13, 3, 1, 1, true),
     ]
 }
 
+/// (Forward and input-gradient invocations own 4x8 output blocks, the weight gradient 4x4.)
 /// conv2d sums K = c_in*kh*kw products (forward), c_out*kh*kw (input grad) or n*oh*ow (weight
 /// grad, up to 2048 here) of values in [-1, 1]. f32 rounding grows like sqrt(K)*eps*|sum| ~ 1e-5
 /// at these sizes: atol 1e-4, rtol 1e-5 leaves 10x headroom.

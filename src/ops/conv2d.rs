@@ -156,9 +156,10 @@ const WG: u32 = 64;
 /// Each invocation computes a 4x4 block of the output GEMM.
 const BLOCK: usize = 4;
 
-fn gemm_grid(gpu: &Gpu, rows: usize, cols: usize, z: usize) -> Result<[u32; 3]> {
+/// Workgroups for a GEMM whose invocations own 4 rows x `col_block` columns.
+fn gemm_grid(gpu: &Gpu, rows: usize, cols: usize, col_block: usize, z: usize) -> Result<[u32; 3]> {
     let x = rows.div_ceil(BLOCK).div_ceil(WG as usize);
-    let y = cols.div_ceil(BLOCK);
+    let y = cols.div_ceil(col_block);
     let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
     ensure!(
         x <= max && y <= max && z <= max,
@@ -195,7 +196,7 @@ pub fn conv2d_forward(
         ),
     };
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), cfg.c_out, 1)?;
+    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), cfg.c_out, 8, 1)?;
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -222,7 +223,7 @@ pub fn conv2d_backward_input(
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, cfg.c_in, 1)?;
+    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, cfg.c_in, 8, 1)?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
     let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![
@@ -261,7 +262,7 @@ pub fn conv2d_backward_weight(
     let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
     let k = cfg.c_in * cfg.kh * cfg.kw;
     // Columns come in blocks of 4 input channels at one tap: (kh*kw) * ceil(c_in/4) of them.
-    let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(BLOCK) * BLOCK, cfg.c_out, splits)?;
+    let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(BLOCK) * BLOCK, cfg.c_out, BLOCK, splits)?;
     let consts = [("WG", WG as f64)];
     let (flops, bytes) =
         (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
