@@ -27,6 +27,11 @@ impl BatchNormConfig {
         [self.n, self.c, self.h, self.w]
     }
 
+    /// Elements of the input.
+    pub fn numel(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+
     /// Values per channel in the batch statistics.
     pub fn count(&self) -> usize {
         self.n * self.h * self.w
@@ -99,7 +104,7 @@ pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<
         Bind::Tensor(3, running_mean),
         Bind::Tensor(4, running_var),
     ];
-    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    let numel = cfg.numel() as f64;
     let s = gpu
         .dispatch("batch_norm", "batch_norm_forward_stats", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?
         .with_cost(3.0 * numel, 8.0 * numel);
@@ -155,15 +160,9 @@ fn apply(
         Bind::Tensor(7, beta),
         Bind::Tensor(8, out),
     ];
-    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    let numel = cfg.numel() as f64;
     Ok(gpu
-        .dispatch(
-            "batch_norm",
-            "batch_norm_forward",
-            &[("WG", WG as f64)],
-            &binds,
-            gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
-        )?
+        .dispatch("batch_norm", "batch_norm_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(cfg.numel(), WG))?
         .with_cost(3.0 * numel, 8.0 * numel))
 }
 
@@ -195,7 +194,7 @@ pub fn batch_norm_backward(
         Bind::Tensor(10, dgamma),
         Bind::Tensor(11, dbeta),
     ];
-    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    let numel = cfg.numel() as f64;
     let reduce = gpu
         .dispatch("batch_norm", "batch_norm_backward_reduce", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?
         .with_cost(4.0 * numel, 8.0 * numel);
@@ -215,7 +214,7 @@ pub fn batch_norm_backward(
             "batch_norm_backward_input",
             &[("WG", WG as f64)],
             &binds,
-            gpu.grid_1d(cfg.n * cfg.c * cfg.h * cfg.w, WG),
+            gpu.grid_1d(cfg.numel(), WG),
         )?
         .with_cost(8.0 * numel, 12.0 * numel);
     Ok(vec![reduce, input])
