@@ -66,7 +66,8 @@ enum Command {
     /// List every adapter with its backend, type, driver and the limits that matter,
     /// and say which one `senet` would use.
     Devices,
-    /// Write a Fashion-MNIST subset as gzipped IDX files (how assets/fashion-mnist-sample is made).
+    /// Write a Fashion-MNIST subset as gzipped IDX files (how assets/fashion-mnist-sample is made)
+    /// or as an image folder of PNGs (OUT/train/<class>/, OUT/test/<class>/, for --dataset folder).
     MakeSample {
         #[arg(long, default_value = senet_wgpu::data::FASHION_MNIST_DIR)]
         from: PathBuf,
@@ -76,7 +77,17 @@ enum Command {
         test: usize,
         #[arg(long, default_value = "assets/fashion-mnist-sample")]
         out: PathBuf,
+        #[arg(long, value_enum, default_value = "idx")]
+        format: SampleFormat,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SampleFormat {
+    /// Gzipped IDX files, as Fashion-MNIST ships.
+    Idx,
+    /// One PNG per image in class folders.
+    Png,
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
@@ -162,10 +173,13 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
             println!("selected: {}", Gpu::new(&opts)?.describe());
         }
-        Command::MakeSample { from, train, test, out } => {
+        Command::MakeSample { from, train, test, out, format } => {
             let names = senet_wgpu::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
             let src = senet_wgpu::data::idx::load_split("fashion-mnist", &from, names)?;
-            senet_wgpu::data::idx::write_subset(&src, train, test, &out)?;
+            match format {
+                SampleFormat::Idx => senet_wgpu::data::idx::write_subset(&src, train, test, &out)?,
+                SampleFormat::Png => senet_wgpu::data::folder::write_subset(&src, train, test, &out)?,
+            }
             println!("wrote {train} training and {test} test images to {}", out.display());
         }
     }

@@ -48,6 +48,23 @@ pub struct DataArgs {
     /// Fetch CIFAR-10 into --data-dir (default ./data) if it is not there, checking its MD5.
     #[arg(long)]
     pub download: bool,
+    /// Image folders: resize every image to H×W (`64` or `96x128`). Default: the first training
+    /// image's size when training; the model's input size when evaluating a checkpoint.
+    #[arg(long, value_parser = parse_image_size)]
+    #[serde(default)]
+    pub image_size: Option<[usize; 2]>,
+}
+
+/// `--image-size`: `S` (square) or `HxW`, each 1..=4096.
+fn parse_image_size(s: &str) -> Result<[usize; 2], String> {
+    let side = |t: &str| match t.trim().parse::<usize>() {
+        Ok(v) if (1..=4096).contains(&v) => Ok(v),
+        _ => Err(format!("expected a size from 1 to 4096 pixels, got {t:?}")),
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok([side(h)?, side(w)?]),
+        None => side(s).map(|v| [v, v]),
+    }
 }
 
 #[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
@@ -57,7 +74,8 @@ pub struct TrainArgs {
     /// Train on the first N training images only.
     #[arg(long)]
     pub limit_train: Option<usize>,
-    /// senet (the base model), resnet20/32/56/110 or se-resnet20/32/56/110 (CIFAR ResNets, 6n+2).
+    /// senet (the base model); [se-]resnet20/32/44/56/110 (CIFAR ResNets, any 6n+2 depth);
+    /// [se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images).
     #[arg(long, default_value = "senet")]
     #[serde(default = "default_model")]
     pub model: String,
@@ -316,7 +334,11 @@ pub fn load_data(args: &DataArgs, image_hw: Option<[usize; 2]>) -> Result<Splits
         }
     };
     let dir = if kind == DatasetKind::Sample && args.dataset.is_none() { None } else { args.data_dir.as_deref() };
-    let mut splits = data::load(kind, dir, image_hw)?;
+    ensure!(
+        kind == DatasetKind::Folder || args.image_size.is_none(),
+        "--image-size resizes image folders (--dataset folder) only; other datasets keep their images' size"
+    );
+    let mut splits = data::load(kind, dir, args.image_size.or(image_hw))?;
     if let Some(n) = args.limit_test {
         ensure!(n >= 1, "--limit-test must be at least 1");
         splits.test.truncate(n);
@@ -775,6 +797,19 @@ pub struct EvalReport {
     pub confusion: Vec<Vec<usize>>,
 }
 
+/// The model configuration saved beside a checkpoint (a run folder's config.json), if there is one.
+fn saved_model_config(ckpt: &Path) -> Result<Option<ModelConfig>> {
+    let Some(j) = ckpt.parent().map(|d| d.join("config.json")).filter(|j| j.is_file()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&j).with_context(|| format!("reading {}", j.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", j.display()))?;
+    let model = v.get("model").cloned().unwrap_or(v);
+    serde_json::from_value(model)
+        .map(Some)
+        .with_context(|| format!("{}: field \"model\" is not a model configuration", j.display()))
+}
+
 /// The model configuration for a checkpoint: config.json beside it, else flags over the shapes.
 pub fn checkpoint_config(
     ckpt: &Path,
@@ -783,13 +818,8 @@ pub fn checkpoint_config(
     width: Option<f64>,
     reduction: Option<usize>,
 ) -> Result<ModelConfig> {
-    let json = ckpt.parent().map(|d| d.join("config.json"));
-    if let Some(j) = json.filter(|j| j.is_file()) {
-        let text = std::fs::read_to_string(&j).with_context(|| format!("reading {}", j.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", j.display()))?;
-        let model = v.get("model").cloned().unwrap_or(v);
-        return serde_json::from_value(model)
-            .with_context(|| format!("{}: field \"model\" is not a model configuration", j.display()));
+    if let Some(cfg) = saved_model_config(ckpt)? {
+        return Ok(cfg);
     }
     let mut cfg = checkpoint::infer_config(sd, input_hw, &ckpt.display().to_string())?;
     if let Some(w) = width {
@@ -811,7 +841,9 @@ pub fn evaluate_checkpoint(
 ) -> Result<(ModelConfig, (f64, f64, f64))> {
     ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     let sd = checkpoint::load(&args.checkpoint)?;
-    let splits = load_data(&args.data, None)?;
+    // Image folders are resized to the size the model was trained at, when the run says it.
+    let trained_hw = saved_model_config(&args.checkpoint)?.map(|c| c.input_hw);
+    let splits = load_data(&args.data, trained_hw.filter(|_| args.data.dataset == Some(DatasetKind::Folder)))?;
     let test = Arc::new(splits.test);
     let [c, h, w] = test.shape;
     let mut config = checkpoint_config(&args.checkpoint, &sd, [h, w], args.width, args.reduction)?;

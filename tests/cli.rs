@@ -110,6 +110,57 @@ fn train_then_eval_on_the_sample() {
     assert!((v["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9, "eval {} vs training's {acc}", v["accuracy"]);
 }
 
+/// An image folder written by `make-sample --format png`, trained on by an ImageNet-style ResNet at
+/// a larger size (`--image-size`), and evaluated: eval resizes the folder to the size the run
+/// was trained at without being told.
+#[test]
+fn se_resnet18_trains_on_an_image_folder_at_a_larger_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("pngs");
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/fashion-mnist-sample");
+    let o = senet()
+        .args(["make-sample", "--from", sample, "--format", "png", "--train", "40", "--test", "20", "--out"])
+        .arg(&folder)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "make-sample failed: {}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.path().join("run");
+    let o = senet()
+        .args([
+            "train",
+            "--dataset",
+            "folder",
+            "--image-size",
+            "40",
+            "--model",
+            "se-resnet18",
+            "--width",
+            "0.125",
+            "--reduction",
+            "4",
+        ])
+        .args(["--epochs", "1", "--batch-size", "20", "--data-dir"])
+        .arg(&folder)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model"]["input_hw"], serde_json::json!([40, 40]));
+    let eval = senet()
+        .args(["eval", "--dataset", "folder", "--json", "--data-dir"])
+        .arg(&folder)
+        .arg("--checkpoint")
+        .arg(out.join("last.safetensors"))
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "eval failed: {}", String::from_utf8_lossy(&eval.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(v["total"], 20);
+}
+
 #[test]
 fn nonsense_arguments_are_rejected_up_front() {
     for (flag, value, expect) in [
@@ -118,6 +169,9 @@ fn nonsense_arguments_are_rejected_up_front() {
         ("--epochs", "0", "--epochs must be at least 1"),
         ("--width", "0.001", "rounds the first layer"),
         ("--reduction", "100000", "--reduction 100000 must be between 1"),
+        ("--image-size", "0", "from 1 to 4096 pixels"),
+        ("--image-size", "64x", "from 1 to 4096 pixels"),
+        ("--image-size", "64", "--image-size resizes image folders"),
     ] {
         let out = senet()
             .args(["train", "--dataset", "sample", &format!("{flag}={value}"), "--out"])

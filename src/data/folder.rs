@@ -1,5 +1,5 @@
 //! Image folders: `DIR/train/<class>/*.png|jpg|…` and `DIR/test/<class>/…`. Classes are the
-//! sub-folder names sorted; images are decoded with the `image` crate, converted to the channel
+//! training sub-folder names sorted (the test split may lack some, not add any); images are decoded with the `image` crate, converted to the channel
 //! count of the first image (grey stays grey, colour becomes RGB) and resized to `hw` (default:
 //! the first image's size) when they differ.
 
@@ -62,10 +62,11 @@ pub fn decode(path: &Path, c: usize, hw: [usize; 2]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-fn load_split(dir: &Path, classes: &[String], c: usize, hw: [usize; 2]) -> Result<Dataset> {
+/// Load the class folders `present` of `dir`, labelled by their index in `classes`.
+fn load_split(dir: &Path, classes: &[String], present: &[String], c: usize, hw: [usize; 2]) -> Result<Dataset> {
     let mut ds =
         Dataset { shape: [c, hw[0], hw[1]], images: Vec::new(), labels: Vec::new(), classes: classes.to_vec() };
-    for (label, class) in classes.iter().enumerate() {
+    for (label, class) in classes.iter().enumerate().filter(|(_, c)| present.contains(c)) {
         for f in images_in(&dir.join(class))? {
             ds.images.extend(decode(&f, c, hw)?);
             ds.labels.push(label as u32);
@@ -77,9 +78,11 @@ fn load_split(dir: &Path, classes: &[String], c: usize, hw: [usize; 2]) -> Resul
 pub fn load(dir: &Path, hw: Option<[usize; 2]>) -> Result<Splits> {
     let (train_dir, test_dir) = (dir.join("train"), dir.join("test"));
     let train_classes = classes(&train_dir)?;
+    // A test set may lack classes (a small one often does); it may not bring new ones.
     let test_classes = classes(&test_dir)?;
-    if train_classes != test_classes {
-        bail!("{}: train classes {train_classes:?} differ from test classes {test_classes:?}", dir.display());
+    let unknown: Vec<&String> = test_classes.iter().filter(|c| !train_classes.contains(c)).collect();
+    if !unknown.is_empty() {
+        bail!("{}: test classes {unknown:?} are not among the training classes {train_classes:?}", test_dir.display());
     }
     // The first training image decides channels (grey or RGB) and, unless given, the size.
     let first = images_in(&train_dir.join(&train_classes[0]))?.remove(0);
@@ -88,7 +91,37 @@ pub fn load(dir: &Path, hw: Option<[usize; 2]>) -> Result<Splits> {
     let hw = hw.unwrap_or([probe.height() as usize, probe.width() as usize]);
     Ok(Splits {
         name: format!("folder {}", dir.display()),
-        train: load_split(&train_dir, &train_classes, c, hw)?,
-        test: load_split(&test_dir, &train_classes, c, hw)?,
+        train: load_split(&train_dir, &train_classes, &train_classes, c, hw)?,
+        test: load_split(&test_dir, &train_classes, &test_classes, c, hw)?,
     })
+}
+
+/// A class name as a folder name: path separators become `-` ("T-shirt/top" → "T-shirt-top").
+pub fn folder_name(class: &str) -> String {
+    class.chars().map(|ch| if matches!(ch, '/' | '\\') { '-' } else { ch }).collect()
+}
+
+/// Write the first `n_train` / `n_test` images of `src` as PNG files in the layout `load` reads:
+/// `out/train/<class>/00000.png`, `out/test/<class>/…` (grey or RGB, as the images are).
+pub fn write_subset(src: &Splits, n_train: usize, n_test: usize, out: &Path) -> Result<()> {
+    for (ds, n, split) in [(&src.train, n_train, "train"), (&src.test, n_test, "test")] {
+        let [c, h, w] = ds.shape;
+        ensure!(c == 1 || c == 3, "{}: PNG holds grey or RGB images, these have {c} channels", src.name);
+        for i in 0..n.min(ds.len()) {
+            let px = ds.image(i);
+            // NCHW planes → interleaved pixels.
+            let raw: Vec<u8> = (0..h * w).flat_map(|q| (0..c).map(move |ch| px[ch * h * w + q])).collect();
+            let color = if c == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+            let class = ds
+                .classes
+                .get(ds.labels[i] as usize)
+                .with_context(|| format!("{}: label {} of image {i} names no class", src.name, ds.labels[i]))?;
+            let d = out.join(split).join(folder_name(class));
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            let path = d.join(format!("{i:05}.png"));
+            image::save_buffer(&path, &raw, w as u32, h as u32, color)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
