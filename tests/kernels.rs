@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use senet_wgpu::ops::batch_norm::{self, BatchNormConfig};
-use senet_wgpu::ops::conv2d::{self, Conv2dConfig};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, Tiles};
 use senet_wgpu::ops::cross_entropy::{self, result};
 use senet_wgpu::ops::linear::{self, LinearConfig};
 use senet_wgpu::ops::optimizer::{OptimizerConfig, OptimizerStep};
@@ -51,10 +51,26 @@ fn conv_cases() -> Vec<Conv2dConfig> {
         sq(1, 2, (3, 3), 3, 3, 1, 0, true),
         // channels past one 8-wide block on both sides (11 in, 13 out), 6x5
         sq(2, 11, (6, 5), 13, 3, 1, 1, true),
+        // padding wider than the image: whole taps and whole output columns read only padding
+        Conv2dConfig {
+            n: 2,
+            c_in: 5,
+            h: 4,
+            w: 3,
+            c_out: 10,
+            kh: 3,
+            kw: 3,
+            stride: (1, 2),
+            pad: (3, 3),
+            dilation: (2, 3),
+            bias: false,
+        },
     ]
 }
 
-/// (Forward and input-gradient invocations own 4x8 output blocks, the weight gradient 4x4.)
+/// Every case runs with every register-block shape (`conv2d::Tiles::ALL`: 4 or 8 pixels per
+/// forward / input-gradient invocation, 4 or 8 input channels per weight-gradient invocation),
+/// so the shape an adapter picks is always a tested one.
 /// conv2d sums K = c_in*kh*kw products (forward), c_out*kh*kw (input grad) or n*oh*ow (weight
 /// grad, up to 2048 here) of values in [-1, 1]. f32 rounding grows like sqrt(K)*eps*|sum| ~ 1e-5
 /// at these sizes: atol 1e-4, rtol 1e-5 leaves 10x headroom.
@@ -72,12 +88,15 @@ fn conv2d_forward_matches_reference() {
         let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
         let tw = upload(&gpu, "w", &cfg.weight_shape(), &w);
         let tb = upload(&gpu, "b", &[cfg.c_out], &b);
-        let ty = zeros(&gpu, "y", &cfg.output_shape());
-        let d = conv2d::conv2d_forward(&gpu, cfg, &tx, &tw, cfg.bias.then_some(&tb), &ty).unwrap();
-        run(&gpu, &d);
         let bias = to_f64(&b);
         let want = reference::conv2d::conv2d_forward(cfg, &to_f64(&x), &to_f64(&w), cfg.bias.then_some(&bias[..]));
-        assert_close(&format!("conv2d_forward case {i} {cfg:?}"), &read(&gpu, &ty), &want, CONV_ATOL, CONV_RTOL);
+        for tiles in Tiles::ALL {
+            let ty = zeros(&gpu, "y", &cfg.output_shape());
+            let d = conv2d::conv2d_forward_tiled(&gpu, cfg, tiles, &tx, &tw, cfg.bias.then_some(&tb), &ty).unwrap();
+            run(&gpu, &d);
+            let what = format!("conv2d_forward case {i} {tiles:?} {cfg:?}");
+            assert_close(&what, &read(&gpu, &ty), &want, CONV_ATOL, CONV_RTOL);
+        }
     }
 }
 
@@ -92,27 +111,27 @@ fn conv2d_backward_matches_reference() {
         let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
         let tw = upload(&gpu, "w", &cfg.weight_shape(), &w);
         let tdy = upload(&gpu, "dy", &cfg.output_shape(), &dy);
-        let tdx = zeros(&gpu, "dx", &cfg.input_shape());
         let tdb = zeros(&gpu, "db", &[cfg.c_out]);
         let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
 
-        run(&gpu, &conv2d::conv2d_backward_input(&gpu, cfg, &tdy, &tw, &tdx).unwrap());
         let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
-        assert_close(&format!("conv2d_backward_input case {i}"), &read(&gpu, &tdx), &want, CONV_ATOL, CONV_RTOL);
+        for tiles in Tiles::ALL {
+            let tdx = zeros(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &conv2d::conv2d_backward_input_tiled(&gpu, cfg, tiles, &tdy, &tw, &tdx).unwrap());
+            let what = format!("conv2d_backward_input case {i} {tiles:?}");
+            assert_close(&what, &read(&gpu, &tdx), &want, CONV_ATOL, CONV_RTOL);
+        }
 
         // The weight gradient unsplit, split as the planner would, and split an odd number of ways.
         let want = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
         let auto = conv2d::weight_grad_splits(cfg, 4096);
-        for splits in [1, auto, 3, 7] {
-            let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
-            run(&gpu, &conv2d::conv2d_backward_weight(&gpu, cfg, &tx, &tdy, &tdw, splits).unwrap());
-            assert_close(
-                &format!("conv2d_backward_weight case {i} splits {splits}"),
-                &read(&gpu, &tdw),
-                &want,
-                CONV_ATOL,
-                CONV_RTOL,
-            );
+        for tiles in Tiles::ALL {
+            for splits in [1, auto, 3, 7] {
+                let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+                run(&gpu, &conv2d::conv2d_backward_weight_tiled(&gpu, cfg, tiles, &tx, &tdy, &tdw, splits).unwrap());
+                let what = format!("conv2d_backward_weight case {i} {tiles:?} splits {splits}");
+                assert_close(&what, &read(&gpu, &tdw), &want, CONV_ATOL, CONV_RTOL);
+            }
         }
 
         if cfg.bias {
