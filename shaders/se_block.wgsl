@@ -17,8 +17,8 @@
 //   dw2[c, j] = sum_n da2[n, c] h[n, j];  db2 = sum_n da2
 //   dw1[j, c] = sum_n da1[n, j] z[n, c];  db1 = sum_n da1
 // se_block_backward_input (a workgroup per sample) writes dx and keeps da2, da1 in `dsaved`
-// ([n][C | Cr]); se_block_backward_weight sums them over the batch, one invocation per weight, in
-// a fixed order (no float atomics).
+// ([n][C | Cr]); se_block_backward_weight sums them over the batch, an invocation per channel
+// and block of 4 hidden units, in a fixed order (no float atomics).
 //
 // Workgroup memory holds C + Cr floats (z, then s over z; h after them): C + Cr <= WMEM.
 
@@ -211,54 +211,74 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
     }
 }
 
-// One invocation per weight: [dw1 (Cr*C) | dw2 (C*Cr) | db1 (Cr) | db2 (C)], summed over n in order.
+// gid.x: channel k; gid.y: a block of 4 hidden units j, first the fc1 blocks, then the fc2 ones.
+//   fc1: dw1[j0..j0+4, k] = sum_n da1[n, j0..j0+4] * z[n, k]      (dw1 is [Cr, C])
+//   fc2: dw2[k, j0..j0+4] = sum_n da2[n, k] * h[n, j0..j0+4]      (dw2 is [C, Cr])
+// Per sample one load that differs between invocations (z or da2 at k) and 4 that all
+// invocations share feed 4 FMAs; the sums run over n in order (deterministic). The bias
+// gradients ride along: db2[k] in the first fc2 block, db1 by the k = 0 invocations of the fc1
+// blocks.
 @compute @workgroup_size(WG)
-fn se_block_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    var e = gid.x + gid.y * nwg.x * WG;
+fn se_block_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let k = gid.x;
     let c = p.c;
     let cr = p.cr;
-    let ss = 2u * c + cr;   // saved stride per sample
-    let ds = c + cr;        // dsaved stride per sample
-    let nw = c * cr;
-    if (e < nw) {
-        let j = e / c;
-        let k = e % c;
-        var acc = 0.0;
-        for (var n = 0u; n < p.n; n++) {
-            acc += dsaved_in[n * ds + c + j] * saved_in[n * ss + k];
-        }
-        dw1[e] = acc;
+    if (k >= c) {
         return;
     }
-    e -= nw;
-    if (e < nw) {
-        let k = e / cr;
-        let j = e % cr;
-        var acc = 0.0;
-        for (var n = 0u; n < p.n; n++) {
-            acc += dsaved_in[n * ds + k] * saved_in[n * ss + c + j];
-        }
-        dw2[e] = acc;
+    let ss = 2u * c + cr;   // saved stride per sample: z | h | s
+    let ds = c + cr;        // dsaved stride per sample: da2 | da1
+    let jblocks = (cr + 3u) / 4u;
+    let fc1 = gid.y < jblocks;
+    let j0 = select(gid.y - jblocks, gid.y, fc1) * 4u;
+    if (j0 >= cr) {
         return;
     }
-    if (p.has_bias == 0u) {
-        return;
+    // Hidden units past the end read the last one; their sums are never written.
+    var jj: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        jj[i] = min(j0 + i, cr - 1u);
     }
-    e -= nw;
-    if (e < cr) {
-        var acc = 0.0;
-        for (var n = 0u; n < p.n; n++) {
-            acc += dsaved_in[n * ds + c + e];
+    // fc1 reads da1 (shared) and z (own); fc2 reads h (shared) and da2 (own).
+    var acc = vec4<f32>(0.0);
+    var own_sum = 0.0;
+    var shared_sum = vec4<f32>(0.0);
+    for (var n = 0u; n < p.n; n++) {
+        var v: vec4<f32>;
+        var own: f32;
+        if (fc1) {
+            let b = n * ds + c;
+            v = vec4<f32>(dsaved_in[b + jj[0]], dsaved_in[b + jj[1]], dsaved_in[b + jj[2]], dsaved_in[b + jj[3]]);
+            own = saved_in[n * ss + k];
+        } else {
+            let b = n * ss + c;
+            v = vec4<f32>(saved_in[b + jj[0]], saved_in[b + jj[1]], saved_in[b + jj[2]], saved_in[b + jj[3]]);
+            own = dsaved_in[n * ds + k];
         }
-        db1[e] = acc;
-        return;
+        acc += own * v;
+        own_sum += own;
+        shared_sum += v;
     }
-    e -= cr;
-    if (e < c) {
-        var acc = 0.0;
-        for (var n = 0u; n < p.n; n++) {
-            acc += dsaved_in[n * ds + e];
+    for (var i = 0u; i < 4u; i++) {
+        let j = j0 + i;
+        if (j < cr) {
+            if (fc1) {
+                dw1[j * c + k] = acc[i];
+            } else {
+                dw2[k * cr + j] = acc[i];
+            }
         }
-        db2[e] = acc;
+    }
+    if (p.has_bias != 0u) {
+        if (fc1 && k == 0u) {
+            for (var i = 0u; i < 4u; i++) {
+                if (j0 + i < cr) {
+                    db1[j0 + i] = shared_sum[i];
+                }
+            }
+        }
+        if (!fc1 && j0 == 0u) {
+            db2[k] = own_sum;
+        }
     }
 }

@@ -241,7 +241,8 @@ pub fn se_block_backward(
         Bind::Tensor(15, grads.dw2),
         Bind::Tensor(16, db2),
     ];
-    let total = 2 * cfg.c * cfg.hidden() + cfg.c + cfg.hidden();
-    let weight = gpu.dispatch("se_block", "se_block_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?;
+    // x: channels; y: blocks of 4 hidden units, fc1's then fc2's.
+    let grid = [to_u32("channels", cfg.c.div_ceil(WG as usize))?, to_u32("hidden", 2 * cfg.hidden().div_ceil(4))?, 1];
+    let weight = gpu.dispatch("se_block", "se_block_backward_weight", &consts, &binds, grid)?;
     Ok(vec![input, weight])
 }
