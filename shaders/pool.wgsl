@@ -24,6 +24,21 @@ struct Params {
 
 override WG: u32 = 256u;
 
+// Max pooling's geometry is fixed per pipeline: with input size, kernel, stride and padding
+// constant, every division and remainder by them compiles to a multiply and shift. On lavapipe a
+// runtime integer division is a per-lane software routine, and the backward gather does eight of
+// them per element (3x faster this way). Global average pooling reads `p`.
+override H: u32 = 1u;
+override W: u32 = 1u;
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override SH: u32 = 1u;
+override SW: u32 = 1u;
+override PH: u32 = 0u;
+override PW: u32 = 0u;
+override OH: u32 = 1u;
+override OW: u32 = 1u;
+
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
 }
@@ -31,28 +46,28 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 @compute @workgroup_size(WG)
 fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
-    let ohw = p.oh * p.ow;
+    let ohw = OH * OW;
     if (i >= p.n * p.c * ohw) {
         return;
     }
     let plane = i / ohw;
     let r = i % ohw;
-    let y0 = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
-    let x0 = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
-    let base = plane * p.h * p.w;
+    let y0 = i32((r / OW) * SH) - i32(PH);
+    let x0 = i32((r % OW) * SW) - i32(PW);
+    let base = plane * H * W;
     var best = 0.0;
     var best_i = 0xffffffffu;
-    for (var ky = 0u; ky < p.kh; ky++) {
+    for (var ky = 0u; ky < KH; ky++) {
         let iy = y0 + i32(ky);
-        if (iy < 0 || iy >= i32(p.h)) {
+        if (iy < 0 || iy >= i32(H)) {
             continue;
         }
-        for (var kx = 0u; kx < p.kw; kx++) {
+        for (var kx = 0u; kx < KW; kx++) {
             let ix = x0 + i32(kx);
-            if (ix < 0 || ix >= i32(p.w)) {
+            if (ix < 0 || ix >= i32(W)) {
                 continue;
             }
-            let idx = u32(iy) * p.w + u32(ix);
+            let idx = u32(iy) * W + u32(ix);
             let v = inp[base + idx];
             // PyTorch's rule: (v > best || isnan(v)). The first maximum wins; a NaN is taken and
             // kept against numbers (v > NaN is false), a later NaN takes its place.
@@ -69,24 +84,24 @@ fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
 @compute @workgroup_size(WG)
 fn max_pool2d_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
-    let hw = p.h * p.w;
+    let hw = H * W;
     if (i >= p.n * p.c * hw) {
         return;
     }
     let plane = i / hw;
     let idx = i % hw;
-    let iy = i32(idx / p.w) + i32(p.pad_h);
-    let ix = i32(idx % p.w) + i32(p.pad_w);
+    let iy = i32(idx / W) + i32(PH);
+    let ix = i32(idx % W) + i32(PW);
     // Windows oy with oy*stride <= iy+pad < oy*stride + k.
-    let oy_lo = max(0, (iy - i32(p.kh) + i32(p.stride_h)) / i32(p.stride_h));
-    let oy_hi = min(i32(p.oh) - 1, iy / i32(p.stride_h));
-    let ox_lo = max(0, (ix - i32(p.kw) + i32(p.stride_w)) / i32(p.stride_w));
-    let ox_hi = min(i32(p.ow) - 1, ix / i32(p.stride_w));
-    let obase = plane * p.oh * p.ow;
+    let oy_lo = max(0, (iy - i32(KH) + i32(SH)) / i32(SH));
+    let oy_hi = min(i32(OH) - 1, iy / i32(SH));
+    let ox_lo = max(0, (ix - i32(KW) + i32(SW)) / i32(SW));
+    let ox_hi = min(i32(OW) - 1, ix / i32(SW));
+    let obase = plane * OH * OW;
     var s = 0.0;
     for (var oy = oy_lo; oy <= oy_hi; oy++) {
         for (var ox = ox_lo; ox <= ox_hi; ox++) {
-            let o = obase + u32(oy) * p.ow + u32(ox);
+            let o = obase + u32(oy) * OW + u32(ox);
             if (argmax_in[o] == idx) {
                 s += dout[o];
             }

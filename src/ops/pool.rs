@@ -65,6 +65,24 @@ impl MaxPool2dConfig {
         Ok(())
     }
 
+    /// The pipeline constants of the max-pool kernels: workgroup size and the geometry.
+    fn constants(&self) -> [(&'static str, f64); 11] {
+        let v = |x: usize| x as f64;
+        [
+            ("WG", WG as f64),
+            ("H", v(self.h)),
+            ("W", v(self.w)),
+            ("KH", v(self.kernel.0)),
+            ("KW", v(self.kernel.1)),
+            ("SH", v(self.stride.0)),
+            ("SW", v(self.stride.1)),
+            ("PH", v(self.pad.0)),
+            ("PW", v(self.pad.1)),
+            ("OH", v(self.out_h())),
+            ("OW", v(self.out_w())),
+        ]
+    }
+
     fn params(&self) -> Result<Params> {
         Ok(Params {
             n: to_u32("batch", self.n)?,
@@ -117,7 +135,7 @@ pub fn max_pool2d_forward(
     expect_shape("max_pool2d argmax", argmax, &cfg.output_shape())?;
     let params = gpu.uniform("max_pool2d params", &cfg.params()?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out), Bind::Tensor(3, argmax)];
-    let d = gpu.dispatch("pool", "max_pool2d_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(out.numel(), WG))?;
+    let d = gpu.dispatch("pool", "max_pool2d_forward", &cfg.constants(), &binds, gpu.grid_1d(out.numel(), WG))?;
     Ok(vec![
         d.with_cost((out.numel() * cfg.kernel.0 * cfg.kernel.1) as f64, 4.0 * (inp.numel() + 2 * out.numel()) as f64),
     ])
@@ -136,7 +154,7 @@ pub fn max_pool2d_backward(
     expect_shape("max_pool2d dinp", dinp, &cfg.input_shape())?;
     let params = gpu.uniform("max_pool2d params", &cfg.params()?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(5, argmax), Bind::Tensor(6, dinp)];
-    let d = gpu.dispatch("pool", "max_pool2d_backward", &[("WG", WG as f64)], &binds, gpu.grid_1d(dinp.numel(), WG))?;
+    let d = gpu.dispatch("pool", "max_pool2d_backward", &cfg.constants(), &binds, gpu.grid_1d(dinp.numel(), WG))?;
     Ok(vec![d.with_cost(dinp.numel() as f64, 4.0 * (dinp.numel() + 2 * dout.numel()) as f64)])
 }
 
