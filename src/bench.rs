@@ -18,6 +18,9 @@ use crate::ops::relu;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
+    /// Any model `train --model` takes (the base SENet by default).
+    #[arg(long, default_value = "senet")]
+    pub model: String,
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
     #[arg(long, default_value_t = 128)]
@@ -145,7 +148,7 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
     // The model: start-up to the end of the first step, then timed steps.
     let t_start = Instant::now();
     let config = ModelConfig {
-        model: "senet".into(),
+        model: args.model.clone(),
         width: args.width,
         reduction: 16,
         in_channels: args.in_channels,
@@ -196,7 +199,10 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
         copy_gbps,
         dispatch_overhead_us: dispatch_us,
         submit_overhead_us: submit_us,
-        model: format!("senet width {} {}x{}x{} -> {}", args.width, args.in_channels, args.hw, args.hw, args.classes),
+        model: format!(
+            "{} width {} {}x{}x{} -> {}",
+            args.model, args.width, args.in_channels, args.hw, args.hw, args.classes
+        ),
         batch: n,
         first_step_s,
         train_images_per_s: n as f64 / train_s,
