@@ -1,5 +1,5 @@
 """Load a senet-wgpu checkpoint into the equivalent PyTorch module by name (strict) — the base
-SENet, or a CIFAR (SE-)ResNet — and evaluate it on an IDX test set (Fashion-MNIST, or the bundled
+SENet, a CIFAR or an ImageNet (SE-)ResNet — and evaluate it on an IDX test set (Fashion-MNIST, or the bundled
 sample), to show our checkpoints are PyTorch state dicts.
 
     python3 scripts/torch_check_checkpoint.py runs/latest/best.safetensors /usr/share/datasets/fashion-mnist
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 from torch_golden import senet  # noqa: E402
-from torch_resnet import CifarResNet  # noqa: E402
+from torch_resnet import resnet  # noqa: E402
 
 
 def idx(path):
@@ -34,10 +34,8 @@ def main():
     if name == "senet":
         model = senet(config["num_classes"], config["in_channels"], config["width"])
     else:
-        se = name.startswith("se-")
-        depth = int(name.removeprefix("se-").removeprefix("resnet"))
-        model = CifarResNet(depth, se, config["num_classes"], config["in_channels"], config["width"],
-                            config["reduction"], config.get("se_bias", False))
+        model = resnet(name, config["num_classes"], config["in_channels"], config["width"], config["reduction"],
+                       config.get("se_bias", False))
     model.load_state_dict(load_file(ckpt), strict=True)
     model.eval()
     x = torch.from_numpy(idx(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz")).copy()).float().div(255).unsqueeze(1)
@@ -45,9 +43,15 @@ def main():
         mean, std = config["normalize"][0]
         x = (x - mean) / std
     y = torch.from_numpy(idx(os.path.join(data_dir, "t10k-labels-idx1-ubyte.gz")).astype(np.int64))
+    correct, loss = 0, 0.0
     with torch.no_grad():
-        correct = sum((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum().item() for i in range(0, len(y), 500))
-    print(json.dumps({"pytorch_test_accuracy": correct / len(y), "checkpoint": ckpt}))
+        for i in range(0, len(y), 500):
+            logits = model(x[i:i + 500])
+            correct += (logits.argmax(1) == y[i:i + 500]).sum().item()
+            loss += torch.nn.functional.cross_entropy(logits, y[i:i + 500], reduction="sum").item()
+    # Compare with `senet eval --json`: its "accuracy" and mean "loss" over the same test set.
+    print(json.dumps({"pytorch_test_accuracy": correct / len(y), "pytorch_test_loss": loss / len(y),
+                      "checkpoint": ckpt}))
 
 
 if __name__ == "__main__":
