@@ -12,6 +12,11 @@
 // squared deviations), each thread summing a strided slice and a tree reduction in workgroup memory.
 // Never the one-pass E[x^2]-E[x]^2, which cancels catastrophically when |mean| >> std.
 // `stats` holds mean[C] then invstd[C]; the backward reuses them.
+//
+// Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
+// max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient
+// and masks it itself, g = dout * (relu_out > 0) — two passes over the activation fewer, the same
+// numbers bit for bit as BN then ReLU.
 
 struct Params {
     n: u32, c: u32, hw: u32, _pad0: u32,
@@ -35,8 +40,10 @@ struct Params {
 @group(0) @binding(14) var<storage, read_write> dinp: array<f32>;
 @group(0) @binding(15) var<storage, read> running_mean_in: array<f32>;
 @group(0) @binding(16) var<storage, read> running_var_in: array<f32>;
+@group(0) @binding(17) var<storage, read> relu_out: array<f32>;
 
 override WG: u32 = 256u;      // elementwise kernels
+override RELU: u32 = 0u;      // 1: ReLU fused after the normalisation (see above)
 override RED_WG: u32 = 256u;  // reductions: a power of two, at most RED_MAX
 const RED_MAX: u32 = 256u;
 
@@ -46,6 +53,14 @@ var<workgroup> red2: array<f32, RED_MAX>;
 // Index of the e-th element of channel c, e in [0, N*HW).
 fn chan_index(c: u32, e: u32) -> u32 {
     return ((e / p.hw) * p.c + c) * p.hw + e % p.hw;
+}
+
+// The gradient reaching the normalisation's output at element i.
+fn grad_at(i: u32) -> f32 {
+    if (RELU != 0u) {
+        return select(0.0, dout[i], relu_out[i] > 0.0);
+    }
+    return dout[i];
 }
 
 // Tree-reduce red[0..RED_WG) into red[0]. Every invocation must call it.
@@ -109,7 +124,12 @@ fn batch_norm_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
         return;
     }
     let c = (i / p.hw) % p.c;
-    out[i] = (inp[i] - stats_in[c]) * stats_in[p.c + c] * gamma[c] + beta[c];
+    let y = (inp[i] - stats_in[c]) * stats_in[p.c + c] * gamma[c] + beta[c];
+    if (RELU != 0u) {
+        out[i] = max(y, 0.0);
+    } else {
+        out[i] = y;
+    }
 }
 
 // One workgroup per channel: dbeta = sum dout, dgamma = sum dout * xhat.
@@ -123,7 +143,7 @@ fn batch_norm_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(lo
     var sdx = 0.0;
     for (var e = t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
-        let g = dout[i];
+        let g = grad_at(i);
         sd += g;
         sdx += g * (inp[i] - mean);
     }
@@ -153,5 +173,5 @@ fn batch_norm_backward_input(@builtin(global_invocation_id) gid: vec3<u32>, @bui
     let inv_m = 1.0 / f32(p.n * p.hw);
     let invstd = stats_in[p.c + c];
     let xhat = (inp[i] - stats_in[c]) * invstd;
-    dinp[i] = gamma[c] * invstd * (dout[i] - dbeta_in[c] * inv_m - xhat * dgamma_in[c] * inv_m);
+    dinp[i] = gamma[c] * invstd * (grad_at(i) - dbeta_in[c] * inv_m - xhat * dgamma_in[c] * inv_m);
 }

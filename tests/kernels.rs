@@ -231,7 +231,7 @@ fn batch_norm_train_forward_and_backward_match_reference() {
         let tdx = zeros(&gpu, "dx", &cfg.shape());
         let tdg = zeros(&gpu, "dgamma", &[cfg.c]);
         let tdb = zeros(&gpu, "dbeta", &[cfg.c]);
-        run(&gpu, &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, &tdy, &tdx, &tdg, &tdb).unwrap());
+        run(&gpu, &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &tdy, &tdx, &tdg, &tdb).unwrap());
         let (dx, dg, db) = reference::batch_norm::batch_norm_backward(
             cfg,
             &to_f64(&x),
@@ -260,6 +260,89 @@ fn batch_norm_train_forward_and_backward_match_reference() {
         );
         check("batch_norm_forward (eval)", &read(&gpu, &ty2), &eval);
     }
+}
+
+/// BN with a fused ReLU gives, bit for bit, what BN then ReLU give (forward output, input, gamma
+/// and beta gradients, in training and eval mode), and so what their references give.
+#[test]
+fn batch_norm_with_fused_relu_is_bn_then_relu_bit_for_bit() {
+    let gpu = gpu();
+    for (i, cfg) in bn_cases().iter().enumerate() {
+        let mut r = rng(350 + i as u64);
+        let numel: usize = cfg.shape().iter().product();
+        let x = uniform(&mut r, numel, -2.0, 3.0);
+        let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+        let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+        let dy = uniform(&mut r, numel, -1.0, 1.0);
+        let (tx, tdy) = (upload(&gpu, "x", &cfg.shape(), &x), upload(&gpu, "dy", &cfg.shape(), &dy));
+        let (tg, tb) = (upload(&gpu, "gamma", &[cfg.c], &gamma), upload(&gpu, "beta", &[cfg.c], &beta));
+        // [forward output, dinp, dgamma, dbeta, eval output] of one variant.
+        let outputs = |fused: bool| -> Vec<Vec<f32>> {
+            let (trm, trv) = (zeros(&gpu, "rm", &[cfg.c]), upload(&gpu, "rv", &[cfg.c], &vec![1.0; cfg.c]));
+            let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+            let (bn_out, relu_out) = (zeros(&gpu, "bn out", &cfg.shape()), zeros(&gpu, "relu out", &cfg.shape()));
+            let (dbn, dx) = (zeros(&gpu, "d bn out", &cfg.shape()), zeros(&gpu, "dx", &cfg.shape()));
+            let (dg, db) = (zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
+            let eval_out = zeros(&gpu, "eval out", &cfg.shape());
+            if fused {
+                let f = cfg.with_relu();
+                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &relu_out);
+                run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &f, &t).unwrap());
+                let d =
+                    batch_norm::batch_norm_backward(&gpu, &f, &tx, &tg, &stats, Some(&relu_out), &tdy, &dx, &dg, &db);
+                run(&gpu, &d.unwrap());
+                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &eval_out);
+                run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, &f, &t).unwrap());
+            } else {
+                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
+                run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &t).unwrap());
+                run(&gpu, &relu::relu_forward(&gpu, &bn_out, &relu_out).unwrap());
+                run(&gpu, &relu::relu_backward(&gpu, &relu_out, &tdy, &dbn).unwrap());
+                let d = batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &dbn, &dx, &dg, &db);
+                run(&gpu, &d.unwrap());
+                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
+                run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, cfg, &t).unwrap());
+                run(&gpu, &relu::relu_forward(&gpu, &bn_out, &eval_out).unwrap());
+            }
+            [&relu_out, &dx, &dg, &db, &eval_out].iter().map(|t| read(&gpu, t)).collect()
+        };
+        let (fused, apart) = (outputs(true), outputs(false));
+        for (what, (f, a)) in ["output", "dinp", "dgamma", "dbeta", "eval output"].iter().zip(fused.iter().zip(&apart))
+        {
+            let same = f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "case {i} {cfg:?}: fused {what} differs from BN then ReLU");
+        }
+        // And against the references composed.
+        let want = reference::batch_norm::batch_norm_forward_train(
+            cfg,
+            &to_f64(&x),
+            &to_f64(&gamma),
+            &to_f64(&beta),
+            &vec![0.0; cfg.c],
+            &vec![1.0; cfg.c],
+        );
+        let y = reference::relu::relu_forward(&want.out);
+        assert_close(&format!("fused output case {i}"), &fused[0], &y, BN_TOL, BN_TOL);
+        let dbn = reference::relu::relu_backward(&y, &to_f64(&dy));
+        let (dx, _, _) = reference::batch_norm::batch_norm_backward(
+            cfg,
+            &to_f64(&x),
+            &to_f64(&gamma),
+            &want.mean,
+            &want.invstd,
+            &dbn,
+        );
+        assert_close(&format!("fused dinp case {i}"), &fused[1], &dx, BN_TOL, BN_TOL);
+    }
+    // A fused BN's backward needs the ReLU's output, and an unfused one must not get it.
+    let cfg = bn_cases()[0];
+    let t = zeros(&gpu, "t", &cfg.shape());
+    let c = zeros(&gpu, "c", &[cfg.c]);
+    let s = zeros(&gpu, "s", &[2, cfg.c]);
+    let err = batch_norm::batch_norm_backward(&gpu, &cfg.with_relu(), &t, &c, &s, None, &t, &t, &c, &c);
+    assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
+    let err = batch_norm::batch_norm_backward(&gpu, &cfg, &t, &c, &s, Some(&t), &t, &t, &c, &c);
+    assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
 }
 
 /// Mean 100, std 0.1: a one-pass E[x^2] - E[x]^2 in f32 loses the variance entirely (ulp(1e4) =

@@ -156,16 +156,28 @@ impl Network {
         self.check_fits(n)?;
         let gpu = &*self.gpu;
         let shapes = self.graph.shapes(n)?;
-        let acts = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Tensor::zeros(gpu, &format!("activation {i}"), s))
-            .collect::<Result<Vec<_>>>()?;
-        let grads = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| Tensor::zeros(gpu, &format!("gradient {i}"), s))
-            .collect::<Result<Vec<_>>>()?;
+        let consumers = self.graph.consumers();
+        // A BN whose only reader is a ReLU runs with the ReLU fused in (see batch_norm.wgsl): it
+        // writes the ReLU's output, the ReLU node records nothing, and the BN's own output and
+        // its gradient are never touched, so they get a 1-element placeholder.
+        let fused: Vec<bool> = (0..self.graph.nodes.len())
+            .map(|k| {
+                matches!(self.graph.nodes[k].layer, Layer::BatchNorm2d { .. })
+                    && consumers[k + 1] == [k + 1]
+                    && matches!(self.graph.nodes.get(k + 1).map(|r| &r.layer), Some(Layer::Relu))
+            })
+            .collect();
+        let buffers = |what: &str| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let unused = i > 0 && fused[i - 1];
+                    Tensor::zeros(gpu, &format!("{what} {i}"), if unused { &[1][..] } else { s })
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        let (acts, grads) = (buffers("activation")?, buffers("gradient")?);
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let labels = Tensor::zeros(gpu, "labels", &[n])?;
@@ -175,7 +187,6 @@ impl Network {
 
         // An activation read by two layers (the fork before a residual block) gets one gradient
         // buffer per reader; the last reader's backward is followed by their sum.
-        let consumers = self.graph.consumers();
         let mut contrib: HashMap<(usize, usize), Tensor> = HashMap::new();
         for (a, readers) in consumers.iter().enumerate() {
             ensure!(readers.len() <= 2, "activation {a} is read by {} layers; at most 2 are supported", readers.len());
@@ -223,7 +234,14 @@ impl Network {
                 }
                 Layer::BatchNorm2d { c } => {
                     let s = &inp.shape;
-                    let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
+                    let mut cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
+                    // Fused: the ReLU's output and its gradient stand in for the BN's.
+                    let (out, dout, relu_out) = if fused[k] {
+                        cfg = cfg.with_relu();
+                        (&acts[k + 2], &grads[k + 2], Some(&acts[k + 2]))
+                    } else {
+                        (out, dout, None)
+                    };
                     let (g, b, rs) = (p("weight")?, p("bias")?, self.bn_buffers(name)?);
                     let stats = Tensor::zeros(gpu, &format!("{name} batch statistics"), &[2, c])?;
                     let t = batch_norm::BnForward {
@@ -238,9 +256,11 @@ impl Network {
                     train.extend(batch_norm::batch_norm_forward_train(gpu, &cfg, &t)?);
                     eval.extend(batch_norm::batch_norm_forward_eval(gpu, &cfg, &t)?);
                     bwd.extend(batch_norm::batch_norm_backward(
-                        gpu, &cfg, inp, &g.value, &stats, dout, dinp, &g.grad, &b.grad,
+                        gpu, &cfg, inp, &g.value, &stats, relu_out, dout, dinp, &g.grad, &b.grad,
                     )?);
                 }
+                // Fused into the BN before it.
+                Layer::Relu if k > 0 && fused[k - 1] => {}
                 Layer::Relu => {
                     let fwd = relu::relu_forward(gpu, inp, out)?;
                     train.extend(fwd.iter().cloned());

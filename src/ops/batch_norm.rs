@@ -15,12 +15,24 @@ pub struct BatchNormConfig {
     pub w: usize,
     pub eps: f32,
     pub momentum: f32,
+    /// A ReLU fused after the normalisation: the forward writes max(y, 0) and the backward takes
+    /// the ReLU's output gradient and its output (`relu_out`) and masks the gradient itself.
+    pub relu: bool,
 }
 
 impl BatchNormConfig {
     /// PyTorch's defaults: eps 1e-5, momentum 0.1.
     pub fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
-        BatchNormConfig { n, c, h, w, eps: 1e-5, momentum: 0.1 }
+        BatchNormConfig { n, c, h, w, eps: 1e-5, momentum: 0.1, relu: false }
+    }
+
+    /// The same normalisation with a ReLU fused after it.
+    pub fn with_relu(self) -> Self {
+        BatchNormConfig { relu: true, ..self }
+    }
+
+    fn constants(&self) -> [(&'static str, f64); 2] {
+        [("WG", WG as f64), ("RELU", f64::from(u8::from(self.relu)))]
     }
 
     pub fn shape(&self) -> [usize; 4] {
@@ -162,22 +174,33 @@ fn apply(
     ];
     let numel = cfg.numel() as f64;
     Ok(gpu
-        .dispatch("batch_norm", "batch_norm_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(cfg.numel(), WG))?
+        .dispatch("batch_norm", "batch_norm_forward", &cfg.constants(), &binds, gpu.grid_1d(cfg.numel(), WG))?
         .with_cost(3.0 * numel, 8.0 * numel))
 }
 
-/// Training-mode backward: dgamma, dbeta, then dinp (which reads them).
+/// Training-mode backward: dgamma, dbeta, then dinp (which reads them). With `cfg.relu`, `dout`
+/// is the fused ReLU's output gradient and `relu_out` its output (the forward's `out`).
 pub fn batch_norm_backward(
     gpu: &Gpu,
     cfg: &BatchNormConfig,
     inp: &Tensor,
     gamma: &Tensor,
     stats: &Tensor,
+    relu_out: Option<&Tensor>,
     dout: &Tensor,
     dinp: &Tensor,
     dgamma: &Tensor,
     dbeta: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    ensure!(
+        cfg.relu == relu_out.is_some(),
+        "batch_norm: a fused ReLU's backward needs its output, and only it (relu {}, output given {})",
+        cfg.relu,
+        relu_out.is_some()
+    );
+    // Unfused, the mask binding is never read; it still needs a buffer.
+    let mask = relu_out.unwrap_or(dout);
+    expect_shape("batch_norm ReLU output", mask, &cfg.shape())?;
     expect_shape("batch_norm input", inp, &cfg.shape())?;
     expect_shape("batch_norm weight (gamma)", gamma, &[cfg.c])?;
     expect_shape("batch_norm saved statistics", stats, &[2, cfg.c])?;
@@ -193,10 +216,17 @@ pub fn batch_norm_backward(
         Bind::Tensor(9, dout),
         Bind::Tensor(10, dgamma),
         Bind::Tensor(11, dbeta),
+        Bind::Tensor(17, mask),
     ];
     let numel = cfg.numel() as f64;
     let reduce = gpu
-        .dispatch("batch_norm", "batch_norm_backward_reduce", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?
+        .dispatch(
+            "batch_norm",
+            "batch_norm_backward_reduce",
+            &[("RELU", f64::from(u8::from(cfg.relu)))],
+            &binds,
+            [to_u32("channels", cfg.c)?, 1, 1],
+        )?
         .with_cost(4.0 * numel, 8.0 * numel);
     let binds = [
         Bind::Uniform(0, &params),
@@ -207,15 +237,10 @@ pub fn batch_norm_backward(
         Bind::Tensor(12, dgamma),
         Bind::Tensor(13, dbeta),
         Bind::Tensor(14, dinp),
+        Bind::Tensor(17, mask),
     ];
     let input = gpu
-        .dispatch(
-            "batch_norm",
-            "batch_norm_backward_input",
-            &[("WG", WG as f64)],
-            &binds,
-            gpu.grid_1d(cfg.numel(), WG),
-        )?
+        .dispatch("batch_norm", "batch_norm_backward_input", &cfg.constants(), &binds, gpu.grid_1d(cfg.numel(), WG))?
         .with_cost(8.0 * numel, 12.0 * numel);
     Ok(vec![reduce, input])
 }
