@@ -46,10 +46,12 @@ struct Params {
 
 // Invocations per workgroup along x for the GEMM kernels.
 override WG: u32 = 64u;
-// Output pixels per forward / input-gradient invocation: 4 or 8 (its block is GEMM_M x 8 channels).
+// Forward / input-gradient invocations own GEMM_M pixels (4 or 8) x GEMM_N channels (8 or 16).
 override GEMM_M: u32 = 8u;
-// Input channels per weight-gradient invocation: 4 or 8 (its block is WGRAD_CI x 8 output channels).
+override GEMM_N: u32 = 16u;
+// Weight-gradient invocations own WGRAD_CI input channels (4 or 8) x WGRAD_N output channels (8 or 16).
 override WGRAD_CI: u32 = 8u;
+override WGRAD_N: u32 = 16u;
 // Invocations per workgroup for the reductions (at most RED_MAX, a power of two).
 override RED_WG: u32 = 256u;
 const RED_MAX: u32 = 256u;
@@ -64,14 +66,14 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
     return inp[base + u32(iy) * p.w + u32(ix)];
 }
 
-// gid.x: block of GEMM_M output pixels m; gid.y: block of 8 output channels (two vec4 halves):
-// per tap and channel, GEMM_M input and 8 weight loads feed 8*GEMM_M FMAs. (The second half of
-// the pixel block sits behind `GEMM_M == 8u`, which pipeline creation folds away.)
+// gid.x: block of GEMM_M output pixels m; gid.y: block of GEMM_N output channels (vec4
+// quarters w0..w3): per tap and input channel, GEMM_M input and GEMM_N weight loads feed
+// GEMM_M*GEMM_N FMAs into the accumulators a<pixel><quarter>.
 @compute @workgroup_size(WG)
 fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let m_total = p.n * p.oh * p.ow;
     let m0 = gid.x * GEMM_M;
-    let co0 = gid.y * 8u;
+    let co0 = gid.y * GEMM_N;
     if (m0 >= m_total || co0 >= p.c_out) {
         return;
     }
@@ -93,33 +95,51 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
         ix0[i] = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
     }
     // Channels past the end are clamped likewise.
-    var wrow: array<u32, 8>;
-    var b: array<f32, 8>;
-    for (var j = 0u; j < 8u; j++) {
+    var wrow: array<u32, 16>;
+    var b: array<f32, 16>;
+    for (var j = 0u; j < GEMM_N; j++) {
         let co = min(co0 + j, p.c_out - 1u);
         wrow[j] = co * k_total;
         if (p.has_bias != 0u) {
             b[j] = bias[co];
         }
     }
-    let blo = vec4<f32>(b[0], b[1], b[2], b[3]);
-    let bhi = vec4<f32>(b[4], b[5], b[6], b[7]);
-    var lo0 = blo;
-    var lo1 = blo;
-    var lo2 = blo;
-    var lo3 = blo;
-    var hi0 = bhi;
-    var hi1 = bhi;
-    var hi2 = bhi;
-    var hi3 = bhi;
-    var lo4 = blo;
-    var lo5 = blo;
-    var lo6 = blo;
-    var lo7 = blo;
-    var hi4 = bhi;
-    var hi5 = bhi;
-    var hi6 = bhi;
-    var hi7 = bhi;
+    let b0 = vec4<f32>(b[0], b[1], b[2], b[3]);
+    let b1 = vec4<f32>(b[4], b[5], b[6], b[7]);
+    let b2 = vec4<f32>(b[8], b[9], b[10], b[11]);
+    let b3 = vec4<f32>(b[12], b[13], b[14], b[15]);
+    var a00 = b0;
+    var a01 = b1;
+    var a02 = b2;
+    var a03 = b3;
+    var a10 = b0;
+    var a11 = b1;
+    var a12 = b2;
+    var a13 = b3;
+    var a20 = b0;
+    var a21 = b1;
+    var a22 = b2;
+    var a23 = b3;
+    var a30 = b0;
+    var a31 = b1;
+    var a32 = b2;
+    var a33 = b3;
+    var a40 = b0;
+    var a41 = b1;
+    var a42 = b2;
+    var a43 = b3;
+    var a50 = b0;
+    var a51 = b1;
+    var a52 = b2;
+    var a53 = b3;
+    var a60 = b0;
+    var a61 = b1;
+    var a62 = b2;
+    var a63 = b3;
+    var a70 = b0;
+    var a71 = b1;
+    var a72 = b2;
+    var a73 = b3;
     // Taps outside, input channels inside: each row's address and padding test once per tap;
     // padded taps read a valid address and are masked to 0 (no branch in the inner loop).
     for (var ky = 0u; ky < p.kh; ky++) {
@@ -136,57 +156,90 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
             let t = ky * p.kw + kx;
             for (var ci = 0u; ci < p.c_in; ci++) {
                 let k = ci * khw + t;
-                let wlo = vec4<f32>(weight[wrow[0] + k], weight[wrow[1] + k], weight[wrow[2] + k], weight[wrow[3] + k]);
-                let whi = vec4<f32>(weight[wrow[4] + k], weight[wrow[5] + k], weight[wrow[6] + k], weight[wrow[7] + k]);
                 let c = ci * hw;
+                let w0 = vec4<f32>(weight[wrow[0] + k], weight[wrow[1] + k], weight[wrow[2] + k], weight[wrow[3] + k]);
+                let w1 = vec4<f32>(weight[wrow[4] + k], weight[wrow[5] + k], weight[wrow[6] + k], weight[wrow[7] + k]);
+                var w2 = vec4<f32>(0.0);
+                var w3 = vec4<f32>(0.0);
+                if (GEMM_N == 16u) {
+                    w2 = vec4<f32>(weight[wrow[8] + k], weight[wrow[9] + k], weight[wrow[10] + k], weight[wrow[11] + k]);
+                    w3 = vec4<f32>(weight[wrow[12] + k], weight[wrow[13] + k], weight[wrow[14] + k], weight[wrow[15] + k]);
+                }
                 let x0 = inp[off[0] + c] * live[0];
                 let x1 = inp[off[1] + c] * live[1];
                 let x2 = inp[off[2] + c] * live[2];
                 let x3 = inp[off[3] + c] * live[3];
-                lo0 += x0 * wlo;
-                hi0 += x0 * whi;
-                lo1 += x1 * wlo;
-                hi1 += x1 * whi;
-                lo2 += x2 * wlo;
-                hi2 += x2 * whi;
-                lo3 += x3 * wlo;
-                hi3 += x3 * whi;
+                a00 += x0 * w0;
+                a01 += x0 * w1;
+                a10 += x1 * w0;
+                a11 += x1 * w1;
+                a20 += x2 * w0;
+                a21 += x2 * w1;
+                a30 += x3 * w0;
+                a31 += x3 * w1;
+                if (GEMM_N == 16u) {
+                    a02 += x0 * w2;
+                    a03 += x0 * w3;
+                    a12 += x1 * w2;
+                    a13 += x1 * w3;
+                    a22 += x2 * w2;
+                    a23 += x2 * w3;
+                    a32 += x3 * w2;
+                    a33 += x3 * w3;
+                }
                 if (GEMM_M == 8u) {
                     let x4 = inp[off[4] + c] * live[4];
                     let x5 = inp[off[5] + c] * live[5];
                     let x6 = inp[off[6] + c] * live[6];
                     let x7 = inp[off[7] + c] * live[7];
-                    lo4 += x4 * wlo;
-                    hi4 += x4 * whi;
-                    lo5 += x5 * wlo;
-                    hi5 += x5 * whi;
-                    lo6 += x6 * wlo;
-                    hi6 += x6 * whi;
-                    lo7 += x7 * wlo;
-                    hi7 += x7 * whi;
+                    a40 += x4 * w0;
+                    a41 += x4 * w1;
+                    a50 += x5 * w0;
+                    a51 += x5 * w1;
+                    a60 += x6 * w0;
+                    a61 += x6 * w1;
+                    a70 += x7 * w0;
+                    a71 += x7 * w1;
+                    if (GEMM_N == 16u) {
+                        a42 += x4 * w2;
+                        a43 += x4 * w3;
+                        a52 += x5 * w2;
+                        a53 += x5 * w3;
+                        a62 += x6 * w2;
+                        a63 += x6 * w3;
+                        a72 += x7 * w2;
+                        a73 += x7 * w3;
+                    }
                 }
             }
         }
     }
-    var lo = array<vec4<f32>, 8>(lo0, lo1, lo2, lo3, lo4, lo5, lo6, lo7);
-    var hi = array<vec4<f32>, 8>(hi0, hi1, hi2, hi3, hi4, hi5, hi6, hi7);
+    var acc = array<vec4<f32>, 32>(
+        a00, a01, a02, a03,
+        a10, a11, a12, a13,
+        a20, a21, a22, a23,
+        a30, a31, a32, a33,
+        a40, a41, a42, a43,
+        a50, a51, a52, a53,
+        a60, a61, a62, a63,
+        a70, a71, a72, a73,
+    );
     for (var i = 0u; i < GEMM_M; i++) {
         let m = m0 + i;
         if (m < m_total) {
             let nn = m / ohw;
             let r = m % ohw;
-            for (var j = 0u; j < 8u; j++) {
+            for (var j = 0u; j < GEMM_N; j++) {
                 let co = co0 + j;
                 if (co < p.c_out) {
-                    let v = select(hi[i][j % 4u], lo[i][j % 4u], j < 4u);
-                    out[(nn * p.c_out + co) * ohw + r] = v;
+                    out[(nn * p.c_out + co) * ohw + r] = acc[i * 4u + j / 4u][j % 4u];
                 }
             }
         }
     }
 }
 
-// gid.x: block of GEMM_M input pixels q = (n, iy, ix); gid.y: block of 8 input channels.
+// gid.x: block of GEMM_M input pixels q = (n, iy, ix); gid.y: block of GEMM_N input channels.
 // Loop order: taps (ky, kx) outside, output channels inside, so each row's tap address and
 // validity are worked out once per tap rather than once per (tap, channel); invalid taps read a
 // valid address and are masked to 0 (no branch in the inner loop).
@@ -195,7 +248,7 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     let hw = p.h * p.w;
     let q_total = p.n * hw;
     let q0 = gid.x * GEMM_M;
-    let ci0 = gid.y * 8u;
+    let ci0 = gid.y * GEMM_N;
     if (q0 >= q_total || ci0 >= p.c_in) {
         return;
     }
@@ -212,27 +265,44 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
         iy[i] = i32(r / p.w);
         ix[i] = i32(r % p.w);
     }
-    var cols: array<u32, 8>;
-    for (var j = 0u; j < 8u; j++) {
+    var cols: array<u32, 16>;
+    for (var j = 0u; j < GEMM_N; j++) {
         cols[j] = min(ci0 + j, p.c_in - 1u) * khw;
     }
     let wstride = p.c_in * khw;
-    var lo0 = vec4<f32>(0.0);
-    var lo1 = vec4<f32>(0.0);
-    var lo2 = vec4<f32>(0.0);
-    var lo3 = vec4<f32>(0.0);
-    var hi0 = vec4<f32>(0.0);
-    var hi1 = vec4<f32>(0.0);
-    var hi2 = vec4<f32>(0.0);
-    var hi3 = vec4<f32>(0.0);
-    var lo4 = vec4<f32>(0.0);
-    var lo5 = vec4<f32>(0.0);
-    var lo6 = vec4<f32>(0.0);
-    var lo7 = vec4<f32>(0.0);
-    var hi4 = vec4<f32>(0.0);
-    var hi5 = vec4<f32>(0.0);
-    var hi6 = vec4<f32>(0.0);
-    var hi7 = vec4<f32>(0.0);
+    let zero = vec4<f32>(0.0);
+    var a00 = zero;
+    var a01 = zero;
+    var a02 = zero;
+    var a03 = zero;
+    var a10 = zero;
+    var a11 = zero;
+    var a12 = zero;
+    var a13 = zero;
+    var a20 = zero;
+    var a21 = zero;
+    var a22 = zero;
+    var a23 = zero;
+    var a30 = zero;
+    var a31 = zero;
+    var a32 = zero;
+    var a33 = zero;
+    var a40 = zero;
+    var a41 = zero;
+    var a42 = zero;
+    var a43 = zero;
+    var a50 = zero;
+    var a51 = zero;
+    var a52 = zero;
+    var a53 = zero;
+    var a60 = zero;
+    var a61 = zero;
+    var a62 = zero;
+    var a63 = zero;
+    var a70 = zero;
+    var a71 = zero;
+    var a72 = zero;
+    var a73 = zero;
     for (var ky = 0u; ky < p.kh; ky++) {
         for (var kx = 0u; kx < p.kw; kx++) {
             // Where each of the GEMM_M rows reads dout for this tap, and whether it does at all.
@@ -257,50 +327,84 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
             let t = ky * p.kw + kx;
             for (var co = 0u; co < p.c_out; co++) {
-                let w0 = co * wstride + t;
-                let wlo = vec4<f32>(weight[w0 + cols[0]], weight[w0 + cols[1]], weight[w0 + cols[2]], weight[w0 + cols[3]]);
-                let whi = vec4<f32>(weight[w0 + cols[4]], weight[w0 + cols[5]], weight[w0 + cols[6]], weight[w0 + cols[7]]);
+                let wb = co * wstride + t;
                 let d = co * ohw;
-                let g0 = dout[off[0] + d] * live[0];
-                let g1 = dout[off[1] + d] * live[1];
-                let g2 = dout[off[2] + d] * live[2];
-                let g3 = dout[off[3] + d] * live[3];
-                lo0 += g0 * wlo;
-                hi0 += g0 * whi;
-                lo1 += g1 * wlo;
-                hi1 += g1 * whi;
-                lo2 += g2 * wlo;
-                hi2 += g2 * whi;
-                lo3 += g3 * wlo;
-                hi3 += g3 * whi;
+                let w0 = vec4<f32>(weight[wb + cols[0]], weight[wb + cols[1]], weight[wb + cols[2]], weight[wb + cols[3]]);
+                let w1 = vec4<f32>(weight[wb + cols[4]], weight[wb + cols[5]], weight[wb + cols[6]], weight[wb + cols[7]]);
+                var w2 = vec4<f32>(0.0);
+                var w3 = vec4<f32>(0.0);
+                if (GEMM_N == 16u) {
+                    w2 = vec4<f32>(weight[wb + cols[8]], weight[wb + cols[9]], weight[wb + cols[10]], weight[wb + cols[11]]);
+                    w3 = vec4<f32>(weight[wb + cols[12]], weight[wb + cols[13]], weight[wb + cols[14]], weight[wb + cols[15]]);
+                }
+                let x0 = dout[off[0] + d] * live[0];
+                let x1 = dout[off[1] + d] * live[1];
+                let x2 = dout[off[2] + d] * live[2];
+                let x3 = dout[off[3] + d] * live[3];
+                a00 += x0 * w0;
+                a01 += x0 * w1;
+                a10 += x1 * w0;
+                a11 += x1 * w1;
+                a20 += x2 * w0;
+                a21 += x2 * w1;
+                a30 += x3 * w0;
+                a31 += x3 * w1;
+                if (GEMM_N == 16u) {
+                    a02 += x0 * w2;
+                    a03 += x0 * w3;
+                    a12 += x1 * w2;
+                    a13 += x1 * w3;
+                    a22 += x2 * w2;
+                    a23 += x2 * w3;
+                    a32 += x3 * w2;
+                    a33 += x3 * w3;
+                }
                 if (GEMM_M == 8u) {
-                    let g4 = dout[off[4] + d] * live[4];
-                    let g5 = dout[off[5] + d] * live[5];
-                    let g6 = dout[off[6] + d] * live[6];
-                    let g7 = dout[off[7] + d] * live[7];
-                    lo4 += g4 * wlo;
-                    hi4 += g4 * whi;
-                    lo5 += g5 * wlo;
-                    hi5 += g5 * whi;
-                    lo6 += g6 * wlo;
-                    hi6 += g6 * whi;
-                    lo7 += g7 * wlo;
-                    hi7 += g7 * whi;
+                    let x4 = dout[off[4] + d] * live[4];
+                    let x5 = dout[off[5] + d] * live[5];
+                    let x6 = dout[off[6] + d] * live[6];
+                    let x7 = dout[off[7] + d] * live[7];
+                    a40 += x4 * w0;
+                    a41 += x4 * w1;
+                    a50 += x5 * w0;
+                    a51 += x5 * w1;
+                    a60 += x6 * w0;
+                    a61 += x6 * w1;
+                    a70 += x7 * w0;
+                    a71 += x7 * w1;
+                    if (GEMM_N == 16u) {
+                        a42 += x4 * w2;
+                        a43 += x4 * w3;
+                        a52 += x5 * w2;
+                        a53 += x5 * w3;
+                        a62 += x6 * w2;
+                        a63 += x6 * w3;
+                        a72 += x7 * w2;
+                        a73 += x7 * w3;
+                    }
                 }
             }
         }
     }
-    var lo = array<vec4<f32>, 8>(lo0, lo1, lo2, lo3, lo4, lo5, lo6, lo7);
-    var hi = array<vec4<f32>, 8>(hi0, hi1, hi2, hi3, hi4, hi5, hi6, hi7);
+    var acc = array<vec4<f32>, 32>(
+        a00, a01, a02, a03,
+        a10, a11, a12, a13,
+        a20, a21, a22, a23,
+        a30, a31, a32, a33,
+        a40, a41, a42, a43,
+        a50, a51, a52, a53,
+        a60, a61, a62, a63,
+        a70, a71, a72, a73,
+    );
     for (var i = 0u; i < GEMM_M; i++) {
         let q = q0 + i;
         if (q < q_total) {
             let nn = q / hw;
             let r = q % hw;
-            for (var j = 0u; j < 8u; j++) {
+            for (var j = 0u; j < GEMM_N; j++) {
                 let ci = ci0 + j;
                 if (ci < p.c_in) {
-                    dinp[(nn * p.c_in + ci) * hw + r] = select(hi[i][j % 4u], lo[i][j % 4u], j < 4u);
+                    dinp[(nn * p.c_in + ci) * hw + r] = acc[i * 4u + j / 4u][j % 4u];
                 }
             }
         }
@@ -320,7 +424,7 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ci_blocks = (p.c_in + WGRAD_CI - 1u) / WGRAD_CI;
     let tap = gid.x / ci_blocks;
     let ci0 = (gid.x % ci_blocks) * WGRAD_CI;
-    let co0 = gid.y * 8u;
+    let co0 = gid.y * WGRAD_N;
     let split = gid.z;
     if (tap >= khw || co0 >= p.c_out) {
         return;
@@ -342,26 +446,42 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = 0u; j < 8u; j++) {
         cb[j] = min(ci0 + j, p.c_in - 1u) * hw;
     }
-    var drow: array<u32, 8>;
-    for (var i = 0u; i < 8u; i++) {
+    var drow: array<u32, 16>;
+    for (var i = 0u; i < WGRAD_N; i++) {
         drow[i] = min(co0 + i, p.c_out - 1u) * ohw;
     }
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
-    var acc4 = vec4<f32>(0.0);
-    var acc5 = vec4<f32>(0.0);
-    var acc6 = vec4<f32>(0.0);
-    var acc7 = vec4<f32>(0.0);
-    var bcc0 = vec4<f32>(0.0);
-    var bcc1 = vec4<f32>(0.0);
-    var bcc2 = vec4<f32>(0.0);
-    var bcc3 = vec4<f32>(0.0);
-    var bcc4 = vec4<f32>(0.0);
-    var bcc5 = vec4<f32>(0.0);
-    var bcc6 = vec4<f32>(0.0);
-    var bcc7 = vec4<f32>(0.0);
+    var a0_0 = vec4<f32>(0.0);
+    var a0_1 = vec4<f32>(0.0);
+    var a1_0 = vec4<f32>(0.0);
+    var a1_1 = vec4<f32>(0.0);
+    var a2_0 = vec4<f32>(0.0);
+    var a2_1 = vec4<f32>(0.0);
+    var a3_0 = vec4<f32>(0.0);
+    var a3_1 = vec4<f32>(0.0);
+    var a4_0 = vec4<f32>(0.0);
+    var a4_1 = vec4<f32>(0.0);
+    var a5_0 = vec4<f32>(0.0);
+    var a5_1 = vec4<f32>(0.0);
+    var a6_0 = vec4<f32>(0.0);
+    var a6_1 = vec4<f32>(0.0);
+    var a7_0 = vec4<f32>(0.0);
+    var a7_1 = vec4<f32>(0.0);
+    var a8_0 = vec4<f32>(0.0);
+    var a8_1 = vec4<f32>(0.0);
+    var a9_0 = vec4<f32>(0.0);
+    var a9_1 = vec4<f32>(0.0);
+    var a10_0 = vec4<f32>(0.0);
+    var a10_1 = vec4<f32>(0.0);
+    var a11_0 = vec4<f32>(0.0);
+    var a11_1 = vec4<f32>(0.0);
+    var a12_0 = vec4<f32>(0.0);
+    var a12_1 = vec4<f32>(0.0);
+    var a13_0 = vec4<f32>(0.0);
+    var a13_1 = vec4<f32>(0.0);
+    var a14_0 = vec4<f32>(0.0);
+    var a14_1 = vec4<f32>(0.0);
+    var a15_0 = vec4<f32>(0.0);
+    var a15_1 = vec4<f32>(0.0);
     var m = m_begin;
     while (m < m_end) {
         let nn = m / ohw;
@@ -377,6 +497,10 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
             var db = nn * p.c_out * ohw + py * p.ow + a;
             for (var px = a; px < b; px++) {
                 let xv = vec4<f32>(inp[at + cb[0]], inp[at + cb[1]], inp[at + cb[2]], inp[at + cb[3]]);
+                var xw = vec4<f32>(0.0);
+                if (WGRAD_CI == 8u) {
+                    xw = vec4<f32>(inp[at + cb[4]], inp[at + cb[5]], inp[at + cb[6]], inp[at + cb[7]]);
+                }
                 let g0 = dout[db + drow[0]];
                 let g1 = dout[db + drow[1]];
                 let g2 = dout[db + drow[2]];
@@ -385,24 +509,51 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let g5 = dout[db + drow[5]];
                 let g6 = dout[db + drow[6]];
                 let g7 = dout[db + drow[7]];
-                acc0 += g0 * xv;
-                acc1 += g1 * xv;
-                acc2 += g2 * xv;
-                acc3 += g3 * xv;
-                acc4 += g4 * xv;
-                acc5 += g5 * xv;
-                acc6 += g6 * xv;
-                acc7 += g7 * xv;
+                a0_0 += g0 * xv;
+                a1_0 += g1 * xv;
+                a2_0 += g2 * xv;
+                a3_0 += g3 * xv;
+                a4_0 += g4 * xv;
+                a5_0 += g5 * xv;
+                a6_0 += g6 * xv;
+                a7_0 += g7 * xv;
                 if (WGRAD_CI == 8u) {
-                    let xw = vec4<f32>(inp[at + cb[4]], inp[at + cb[5]], inp[at + cb[6]], inp[at + cb[7]]);
-                    bcc0 += g0 * xw;
-                    bcc1 += g1 * xw;
-                    bcc2 += g2 * xw;
-                    bcc3 += g3 * xw;
-                    bcc4 += g4 * xw;
-                    bcc5 += g5 * xw;
-                    bcc6 += g6 * xw;
-                    bcc7 += g7 * xw;
+                    a0_1 += g0 * xw;
+                    a1_1 += g1 * xw;
+                    a2_1 += g2 * xw;
+                    a3_1 += g3 * xw;
+                    a4_1 += g4 * xw;
+                    a5_1 += g5 * xw;
+                    a6_1 += g6 * xw;
+                    a7_1 += g7 * xw;
+                }
+                if (WGRAD_N == 16u) {
+                    let g8 = dout[db + drow[8]];
+                    let g9 = dout[db + drow[9]];
+                    let g10 = dout[db + drow[10]];
+                    let g11 = dout[db + drow[11]];
+                    let g12 = dout[db + drow[12]];
+                    let g13 = dout[db + drow[13]];
+                    let g14 = dout[db + drow[14]];
+                    let g15 = dout[db + drow[15]];
+                    a8_0 += g8 * xv;
+                    a9_0 += g9 * xv;
+                    a10_0 += g10 * xv;
+                    a11_0 += g11 * xv;
+                    a12_0 += g12 * xv;
+                    a13_0 += g13 * xv;
+                    a14_0 += g14 * xv;
+                    a15_0 += g15 * xv;
+                    if (WGRAD_CI == 8u) {
+                        a8_1 += g8 * xw;
+                        a9_1 += g9 * xw;
+                        a10_1 += g10 * xw;
+                        a11_1 += g11 * xw;
+                        a12_1 += g12 * xw;
+                        a13_1 += g13 * xw;
+                        a14_1 += g14 * xw;
+                        a15_1 += g15 * xw;
+                    }
                 }
                 at += p.stride_w;
                 db++;
@@ -410,16 +561,32 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         m += row_end - row_px;
     }
-    var acc = array<vec4<f32>, 16>(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7,
-                                   bcc0, bcc1, bcc2, bcc3, bcc4, bcc5, bcc6, bcc7);
+    var acc = array<vec4<f32>, 32>(
+        a0_0, a0_1,
+        a1_0, a1_1,
+        a2_0, a2_1,
+        a3_0, a3_1,
+        a4_0, a4_1,
+        a5_0, a5_1,
+        a6_0, a6_1,
+        a7_0, a7_1,
+        a8_0, a8_1,
+        a9_0, a9_1,
+        a10_0, a10_1,
+        a11_0, a11_1,
+        a12_0, a12_1,
+        a13_0, a13_1,
+        a14_0, a14_1,
+        a15_0, a15_1,
+    );
     let slice = split * p.c_out * k_total;
-    for (var i = 0u; i < 8u; i++) {
+    for (var i = 0u; i < WGRAD_N; i++) {
         let co = co0 + i;
         if (co < p.c_out) {
             for (var j = 0u; j < WGRAD_CI; j++) {
                 let ci = ci0 + j;
                 if (ci < p.c_in) {
-                    dweight_partial[slice + co * k_total + ci * khw + tap] = acc[i + 8u * (j / 4u)][j % 4u];
+                    dweight_partial[slice + co * k_total + ci * khw + tap] = acc[2u * i + j / 4u][j % 4u];
                 }
             }
         }

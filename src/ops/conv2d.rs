@@ -153,40 +153,55 @@ struct Params {
 
 /// Invocations per workgroup of the GEMM kernels (`WG` override).
 const WG: u32 = 64;
-/// Output channels per invocation (forward, weight gradient) and input channels (input gradient).
-const CHANNEL_BLOCK: usize = 8;
 
 /// Register-block shapes of the conv GEMMs, WGSL `override` constants fixed per pipeline.
-/// `gemm_m`: output pixels per forward / input-gradient invocation (4 or 8); `wgrad_ci`: input
-/// channels per weight-gradient invocation (4 or 8). Each invocation also owns 8 channels.
+/// Forward and input-gradient invocations own `gemm_m` pixels (4 or 8) x `gemm_n` channels (8 or
+/// 16); weight-gradient invocations own `wgrad_ci` input channels (4 or 8) x `wgrad_n` output
+/// channels (8 or 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
     pub gemm_m: usize,
+    pub gemm_n: usize,
     pub wgrad_ci: usize,
+    pub wgrad_n: usize,
 }
 
 impl Tiles {
-    pub const ALL: [Tiles; 4] = [
-        Tiles { gemm_m: 4, wgrad_ci: 4 },
-        Tiles { gemm_m: 4, wgrad_ci: 8 },
-        Tiles { gemm_m: 8, wgrad_ci: 4 },
-        Tiles { gemm_m: 8, wgrad_ci: 8 },
-    ];
+    /// Every shape the shaders implement.
+    pub const ALL: [Tiles; 16] = {
+        let mut all = [Tiles { gemm_m: 4, gemm_n: 8, wgrad_ci: 4, wgrad_n: 8 }; 16];
+        let mut i = 0;
+        while i < 16 {
+            // Bit b of i doubles the b-th size.
+            const fn pick(i: usize, bit: usize, small: usize) -> usize {
+                if i & bit == 0 { small } else { 2 * small }
+            }
+            all[i] =
+                Tiles { gemm_m: pick(i, 1, 4), gemm_n: pick(i, 2, 8), wgrad_ci: pick(i, 4, 4), wgrad_n: pick(i, 8, 8) };
+            i += 1;
+        }
+        all
+    };
 
-    /// The blocks for this adapter: `SENET_CONV_TILES=M,CI` overrides (for measuring), else 8x8.
-    /// On lavapipe every load from a storage buffer whose address differs between invocations
-    /// runs lane by lane, while the FMAs run 8 lanes at once, so the biggest block that holds
-    /// its accumulators pays most: 8 pixels x 8 channels made the forward and input gradient
-    /// 1.4x and the weight gradient 1.2x faster than 4 x 8 (senet bench, width 0.25, batch 32).
-    /// Discrete GPUs have 255 registers per thread and take the same 64 accumulators; their own
-    /// choice awaits measurements there.
+    /// The blocks for this adapter: `SENET_CONV_TILES=M,N,CI,CO` overrides (for measuring), else
+    /// the largest: 8 x 16 and 8 x 16. On lavapipe every storage-buffer load runs lane by lane
+    /// while the FMAs run 8 lanes at once, so the block with the most FMAs per load pays,
+    /// spilled accumulators and all. Measured A/B in one session (senet bench, width 0.25, batch
+    /// 32): against 4 x 8, 8 pixels x 8 channels made forward and input gradient 1.4x faster and
+    /// 8 x 16 another 1.2-1.3x (16 x 16 and 8 x 32 no better); the weight gradient gained 1.2x
+    /// from 4 x 8 to 8 x 8 and 1.2x more from 8 x 16. Discrete GPUs hold 128 accumulators in
+    /// their 255 registers per thread; their own choice awaits measurements there.
     pub fn for_adapter(_gpu: &Gpu) -> Tiles {
         let parsed = std::env::var("SENET_CONV_TILES").ok().and_then(|v| {
-            let (m, ci) = v.split_once(',')?;
-            let t = Tiles { gemm_m: m.trim().parse().ok()?, wgrad_ci: ci.trim().parse().ok()? };
+            let mut it = v.split(',').map(|x| x.trim().parse::<usize>().ok());
+            let t = Tiles { gemm_m: it.next()??, gemm_n: it.next()??, wgrad_ci: it.next()??, wgrad_n: it.next()?? };
             Tiles::ALL.contains(&t).then_some(t)
         });
-        parsed.unwrap_or(Tiles { gemm_m: 8, wgrad_ci: 8 })
+        parsed.unwrap_or(Tiles { gemm_m: 8, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
+    }
+
+    fn gemm_constants(&self) -> [(&'static str, f64); 3] {
+        [("WG", WG as f64), ("GEMM_M", self.gemm_m as f64), ("GEMM_N", self.gemm_n as f64)]
     }
 }
 
@@ -242,7 +257,7 @@ pub fn conv2d_forward_tiled(
         ),
     };
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cfg.c_out, CHANNEL_BLOCK, 1)?;
+    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cfg.c_out, tiles.gemm_n, 1)?;
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -252,7 +267,7 @@ pub fn conv2d_forward_tiled(
     ];
     let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d", "conv2d_forward", &[("WG", WG as f64), ("GEMM_M", tiles.gemm_m as f64)], &binds, grid)?
+        gpu.dispatch("conv2d", "conv2d_forward", &tiles.gemm_constants(), &binds, grid)?
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
 }
@@ -280,18 +295,12 @@ pub fn conv2d_backward_input_tiled(
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, cfg.c_in, CHANNEL_BLOCK, 1)?;
+    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, cfg.c_in, tiles.gemm_n, 1)?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
     let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![
-        gpu.dispatch(
-            "conv2d",
-            "conv2d_backward_input",
-            &[("WG", WG as f64), ("GEMM_M", tiles.gemm_m as f64)],
-            &binds,
-            grid,
-        )?
-        .with_cost(2.0 * cfg.macs() as f64, bytes),
+        gpu.dispatch("conv2d", "conv2d_backward_input", &tiles.gemm_constants(), &binds, grid)?
+            .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
 }
 
@@ -300,7 +309,7 @@ pub fn conv2d_backward_input_tiled(
 pub fn weight_grad_splits(cfg: &Conv2dConfig, target: usize) -> usize {
     const MIN_SPLIT_LEN: usize = 256;
     let m = cfg.n * cfg.out_h() * cfg.out_w();
-    let blocks = cfg.c_out.div_ceil(CHANNEL_BLOCK) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(8);
+    let blocks = cfg.c_out.div_ceil(16) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(8);
     let want = target.div_ceil(blocks.max(1));
     want.min(m / MIN_SPLIT_LEN).clamp(1, 64)
 }
@@ -337,10 +346,10 @@ pub fn conv2d_backward_weight_tiled(
     let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
     let k = cfg.c_in * cfg.kh * cfg.kw;
     // Columns come in blocks of `wgrad_ci` input channels at one tap: (kh*kw) * ceil(c_in/ci)
-    // of them; each invocation owns 8 output channels of one such block.
+    // of them; each invocation owns `wgrad_n` output channels of one such block.
     let ci = tiles.wgrad_ci;
-    let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(ci), 1, cfg.c_out, CHANNEL_BLOCK, splits)?;
-    let consts = [("WG", WG as f64), ("WGRAD_CI", ci as f64)];
+    let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(ci), 1, cfg.c_out, tiles.wgrad_n, splits)?;
+    let consts = [("WG", WG as f64), ("WGRAD_CI", ci as f64), ("WGRAD_N", tiles.wgrad_n as f64)];
     let (flops, bytes) =
         (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
     if splits == 1 {
