@@ -8,9 +8,14 @@
 //   backward   dbeta = sum dout, dgamma = sum dout*xhat, xhat = (inp - mean)*invstd
 //              dinp = gamma*invstd * (dout - dbeta/M - xhat*dgamma/M)          (training mode)
 //
-// Statistics: one workgroup per channel, two passes over the channel (mean first, then the sum of
-// squared deviations), each thread summing a strided slice and a tree reduction in workgroup memory.
-// Never the one-pass E[x^2]-E[x]^2, which cancels catastrophically when |mean| >> std.
+// Every kernel is one workgroup per channel, so the channel's statistics and parameters are the
+// same for all its invocations (one load each, not one per element), and each is one dispatch:
+//   batch_norm_forward_train  statistics, then the normalised output in the same workgroup.
+//                             Each thread runs Welford's update over its strided slice and the
+//                             slices are merged pairwise (Chan et al.) in a fixed tree: one pass,
+//                             and never the E[x^2]-E[x]^2 that cancels when |mean| >> std.
+//   batch_norm_forward_eval   the running statistics, then the output.
+//   batch_norm_backward       dbeta, dgamma (a reduction), then dinp in the same workgroup.
 // `stats` holds mean[C] then invstd[C]; the backward reuses them.
 //
 // Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
@@ -35,20 +40,18 @@ struct Params {
 @group(0) @binding(9) var<storage, read> dout: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
-@group(0) @binding(12) var<storage, read> dgamma_in: array<f32>;
-@group(0) @binding(13) var<storage, read> dbeta_in: array<f32>;
 @group(0) @binding(14) var<storage, read_write> dinp: array<f32>;
 @group(0) @binding(15) var<storage, read> running_mean_in: array<f32>;
 @group(0) @binding(16) var<storage, read> running_var_in: array<f32>;
 @group(0) @binding(17) var<storage, read> relu_out: array<f32>;
 
-override WG: u32 = 256u;      // elementwise kernels
 override RELU: u32 = 0u;      // 1: ReLU fused after the normalisation (see above)
-override RED_WG: u32 = 256u;  // reductions: a power of two, at most RED_MAX
+override RED_WG: u32 = 256u;  // invocations per channel: a power of two, at most RED_MAX
 const RED_MAX: u32 = 256u;
 
 var<workgroup> red: array<f32, RED_MAX>;
 var<workgroup> red2: array<f32, RED_MAX>;
+var<workgroup> red3: array<f32, RED_MAX>;
 
 // Index of the e-th element of channel c, e in [0, N*HW).
 fn chan_index(c: u32, e: u32) -> u32 {
@@ -63,78 +66,89 @@ fn grad_at(i: u32) -> f32 {
     return dout[i];
 }
 
-// Tree-reduce red[0..RED_WG) into red[0]. Every invocation must call it.
-fn reduce1(t: u32) {
+// out = x * scale + shift over channel c (max(., 0) with the fused ReLU).
+fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
+    let scale = invstd * gamma[c];
+    let b = beta[c];
+    let m = p.n * p.hw;
+    for (var e = t; e < m; e += RED_WG) {
+        let i = chan_index(c, e);
+        let y = (inp[i] - mean) * scale + b;
+        if (RELU != 0u) {
+            out[i] = max(y, 0.0);
+        } else {
+            out[i] = y;
+        }
+    }
+}
+
+@compute @workgroup_size(RED_WG)
+fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = wid.x;
+    let m = p.n * p.hw;
+    // Welford over this thread's slice: count k, mean, sum of squared deviations.
+    var k = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var e = t; e < m; e += RED_WG) {
+        let x = inp[chan_index(c, e)];
+        k += 1.0;
+        let d = x - mean;
+        mean += d / k;
+        m2 += d * (x - mean);
+    }
+    red[t] = k;
+    red2[t] = mean;
+    red3[t] = m2;
     workgroupBarrier();
+    // Chan's pairwise merge, in a fixed tree.
     for (var s = RED_WG / 2u; s > 0u; s /= 2u) {
         if (t < s) {
-            red[t] += red[t + s];
+            let ka = red[t];
+            let kb = red[t + s];
+            let kn = ka + kb;
+            if (kb > 0.0) {
+                let d = red2[t + s] - red2[t];
+                red2[t] += d * (kb / kn);
+                red3[t] += red3[t + s] + d * d * (ka * kb / kn);
+                red[t] = kn;
+            }
         }
         workgroupBarrier();
     }
-}
-
-@compute @workgroup_size(RED_WG)
-fn batch_norm_forward_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let c = wid.x;
-    let m = p.n * p.hw;
-    var s = 0.0;
-    for (var e = t; e < m; e += RED_WG) {
-        s += inp[chan_index(c, e)];
-    }
-    red[t] = s;
-    reduce1(t);
-    let mean = red[0] / f32(m);
-    workgroupBarrier();
-    var q = 0.0;
-    for (var e = t; e < m; e += RED_WG) {
-        let d = inp[chan_index(c, e)] - mean;
-        q += d * d;
-    }
-    red[t] = q;
-    reduce1(t);
+    let mu = red2[0];
+    let var_b = red3[0] / f32(m);
+    let invstd = 1.0 / sqrt(var_b + p.eps);
     if (t == 0u) {
-        let var_b = red[0] / f32(m);
-        stats[c] = mean;
-        stats[p.c + c] = 1.0 / sqrt(var_b + p.eps);
+        stats[c] = mu;
+        stats[p.c + c] = invstd;
         if (p.update_running != 0u) {
             // m > 1 is checked on the host (PyTorch refuses training-mode BN on one value per channel).
-            let var_u = red[0] / f32(m - 1u);
-            running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mean;
+            let var_u = red3[0] / f32(m - 1u);
+            running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mu;
             running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * var_u;
         }
     }
+    apply_channel(c, t, mu, invstd);
 }
 
 // Eval mode: the statistics come from the running estimates.
-@compute @workgroup_size(WG)
-fn batch_norm_forward_eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let c = gid.x;
-    if (c >= p.c) {
-        return;
-    }
-    stats[c] = running_mean_in[c];
-    stats[p.c + c] = 1.0 / sqrt(running_var_in[c] + p.eps);
-}
-
-@compute @workgroup_size(WG)
-fn batch_norm_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
-    if (i >= p.n * p.c * p.hw) {
-        return;
-    }
-    let c = (i / p.hw) % p.c;
-    let y = (inp[i] - stats_in[c]) * stats_in[p.c + c] * gamma[c] + beta[c];
-    if (RELU != 0u) {
-        out[i] = max(y, 0.0);
-    } else {
-        out[i] = y;
-    }
-}
-
-// One workgroup per channel: dbeta = sum dout, dgamma = sum dout * xhat.
 @compute @workgroup_size(RED_WG)
-fn batch_norm_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn batch_norm_forward_eval(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = wid.x;
+    let mean = running_mean_in[c];
+    let invstd = 1.0 / sqrt(running_var_in[c] + p.eps);
+    if (t == 0u) {
+        stats[c] = mean;
+        stats[p.c + c] = invstd;
+    }
+    apply_channel(c, t, mean, invstd);
+}
+
+// dbeta = sum g, dgamma = sum g * xhat over the channel, then
+// dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M).
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let c = wid.x;
     let m = p.n * p.hw;
     let mean = stats_in[c];
@@ -157,21 +171,19 @@ fn batch_norm_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(lo
         }
         workgroupBarrier();
     }
+    let dbeta_c = red[0];
+    let dgamma_c = red2[0] * invstd;
     if (t == 0u) {
-        dbeta[c] = red[0];
-        dgamma[c] = red2[0] * invstd;
+        dbeta[c] = dbeta_c;
+        dgamma[c] = dgamma_c;
     }
-}
-
-@compute @workgroup_size(WG)
-fn batch_norm_backward_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = gid.x + gid.y * nwg.x * WG;
-    if (i >= p.n * p.c * p.hw) {
-        return;
+    let inv_m = 1.0 / f32(m);
+    let k = gamma[c] * invstd;
+    let db_m = dbeta_c * inv_m;
+    let dg_m = dgamma_c * inv_m;
+    for (var e = t; e < m; e += RED_WG) {
+        let i = chan_index(c, e);
+        let xhat = (inp[i] - mean) * invstd;
+        dinp[i] = k * (grad_at(i) - db_m - xhat * dg_m);
     }
-    let c = (i / p.hw) % p.c;
-    let inv_m = 1.0 / f32(p.n * p.hw);
-    let invstd = stats_in[p.c + c];
-    let xhat = (inp[i] - stats_in[c]) * invstd;
-    dinp[i] = gamma[c] * invstd * (grad_at(i) - dbeta_in[c] * inv_m - xhat * dgamma_in[c] * inv_m);
 }

@@ -31,8 +31,13 @@ impl BatchNormConfig {
         BatchNormConfig { relu: true, ..self }
     }
 
-    fn constants(&self) -> [(&'static str, f64); 2] {
-        [("WG", WG as f64), ("RELU", f64::from(u8::from(self.relu)))]
+    fn constants(&self) -> [(&'static str, f64); 1] {
+        [("RELU", f64::from(u8::from(self.relu)))]
+    }
+
+    /// One workgroup per channel.
+    fn grid(&self) -> Result<[u32; 3]> {
+        Ok([to_u32("channels", self.c)?, 1, 1])
     }
 
     pub fn shape(&self) -> [usize; 4] {
@@ -78,7 +83,6 @@ struct Params {
     _pad1: u32,
 }
 
-const WG: u32 = 256;
 
 /// The tensors of a forward pass: input, affine parameters, running statistics (updated in
 /// training, read in eval), the saved batch statistics [2, C] (mean, invstd) and the output.
@@ -93,8 +97,8 @@ pub struct BnForward<'a> {
     pub out: &'a Tensor,
 }
 
-/// Training-mode forward: batch statistics into `stats` ([2, C]: mean, invstd), running
-/// statistics updated in place, then `out` normalised.
+/// Training-mode forward, one dispatch: batch statistics into `stats` ([2, C]: mean, invstd),
+/// running statistics updated in place, then `out` normalised.
 pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<Vec<Dispatch>> {
     let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
     ensure!(
@@ -104,10 +108,7 @@ pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<
         cfg.h,
         cfg.w
     );
-    check(cfg, inp, gamma, beta, stats)?;
-    expect_shape("batch_norm running_mean", running_mean, &[cfg.c])?;
-    expect_shape("batch_norm running_var", running_var, &[cfg.c])?;
-    expect_shape("batch_norm output", out, &cfg.shape())?;
+    check(cfg, t)?;
     let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
     let binds = [
         Bind::Uniform(0, &params),
@@ -115,71 +116,51 @@ pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<
         Bind::Tensor(2, stats),
         Bind::Tensor(3, running_mean),
         Bind::Tensor(4, running_var),
-    ];
-    let numel = cfg.numel() as f64;
-    let s = gpu
-        .dispatch("batch_norm", "batch_norm_forward_stats", &[], &binds, [to_u32("channels", cfg.c)?, 1, 1])?
-        .with_cost(3.0 * numel, 8.0 * numel);
-    Ok(vec![s, apply(gpu, cfg, &params, inp, stats, gamma, beta, out)?])
-}
-
-/// Eval-mode forward: statistics from the running estimates.
-pub fn batch_norm_forward_eval(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<Vec<Dispatch>> {
-    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
-    check(cfg, inp, gamma, beta, stats)?;
-    expect_shape("batch_norm running_mean", running_mean, &[cfg.c])?;
-    expect_shape("batch_norm running_var", running_var, &[cfg.c])?;
-    expect_shape("batch_norm output", out, &cfg.shape())?;
-    let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(2, stats),
-        Bind::Tensor(15, running_mean),
-        Bind::Tensor(16, running_var),
-    ];
-    let s = gpu.dispatch(
-        "batch_norm",
-        "batch_norm_forward_eval_stats",
-        &[("WG", WG as f64)],
-        &binds,
-        gpu.grid_1d(cfg.c, WG),
-    )?;
-    Ok(vec![s, apply(gpu, cfg, &params, inp, stats, gamma, beta, out)?])
-}
-
-fn check(cfg: &BatchNormConfig, inp: &Tensor, gamma: &Tensor, beta: &Tensor, stats: &Tensor) -> Result<()> {
-    expect_shape("batch_norm input", inp, &cfg.shape())?;
-    expect_shape("batch_norm weight (gamma)", gamma, &[cfg.c])?;
-    expect_shape("batch_norm bias (beta)", beta, &[cfg.c])?;
-    expect_shape("batch_norm saved statistics", stats, &[2, cfg.c])
-}
-
-fn apply(
-    gpu: &Gpu,
-    cfg: &BatchNormConfig,
-    params: &wgpu::Buffer,
-    inp: &Tensor,
-    stats: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    out: &Tensor,
-) -> Result<Dispatch> {
-    let binds = [
-        Bind::Uniform(0, params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(5, stats),
         Bind::Tensor(6, gamma),
         Bind::Tensor(7, beta),
         Bind::Tensor(8, out),
     ];
     let numel = cfg.numel() as f64;
-    Ok(gpu
-        .dispatch("batch_norm", "batch_norm_forward", &cfg.constants(), &binds, gpu.grid_1d(cfg.numel(), WG))?
-        .with_cost(3.0 * numel, 8.0 * numel))
+    Ok(vec![
+        gpu.dispatch("batch_norm", "batch_norm_forward_train", &cfg.constants(), &binds, cfg.grid()?)?
+            .with_cost(7.0 * numel, 8.0 * numel),
+    ])
 }
 
-/// Training-mode backward: dgamma, dbeta, then dinp (which reads them). With `cfg.relu`, `dout`
-/// is the fused ReLU's output gradient and `relu_out` its output (the forward's `out`).
+/// Eval-mode forward, one dispatch: statistics from the running estimates (into `stats` too).
+pub fn batch_norm_forward_eval(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<Vec<Dispatch>> {
+    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    check(cfg, t)?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, stats),
+        Bind::Tensor(6, gamma),
+        Bind::Tensor(7, beta),
+        Bind::Tensor(8, out),
+        Bind::Tensor(15, running_mean),
+        Bind::Tensor(16, running_var),
+    ];
+    let numel = cfg.numel() as f64;
+    Ok(vec![
+        gpu.dispatch("batch_norm", "batch_norm_forward_eval", &cfg.constants(), &binds, cfg.grid()?)?
+            .with_cost(2.0 * numel, 8.0 * numel),
+    ])
+}
+
+fn check(cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<()> {
+    expect_shape("batch_norm input", t.inp, &cfg.shape())?;
+    expect_shape("batch_norm weight (gamma)", t.gamma, &[cfg.c])?;
+    expect_shape("batch_norm bias (beta)", t.beta, &[cfg.c])?;
+    expect_shape("batch_norm saved statistics", t.stats, &[2, cfg.c])?;
+    expect_shape("batch_norm running_mean", t.running_mean, &[cfg.c])?;
+    expect_shape("batch_norm running_var", t.running_var, &[cfg.c])?;
+    expect_shape("batch_norm output", t.out, &cfg.shape())
+}
+
+/// Training-mode backward, one dispatch: dgamma, dbeta, then dinp. With `cfg.relu`, `dout` is
+/// the fused ReLU's output gradient and `relu_out` its output (the forward's `out`).
 pub fn batch_norm_backward(
     gpu: &Gpu,
     cfg: &BatchNormConfig,
@@ -213,34 +194,16 @@ pub fn batch_norm_backward(
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(5, stats),
+        Bind::Tensor(6, gamma),
         Bind::Tensor(9, dout),
         Bind::Tensor(10, dgamma),
         Bind::Tensor(11, dbeta),
-        Bind::Tensor(17, mask),
-    ];
-    let numel = cfg.numel() as f64;
-    let reduce = gpu
-        .dispatch(
-            "batch_norm",
-            "batch_norm_backward_reduce",
-            &[("RELU", f64::from(u8::from(cfg.relu)))],
-            &binds,
-            [to_u32("channels", cfg.c)?, 1, 1],
-        )?
-        .with_cost(4.0 * numel, 8.0 * numel);
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(5, stats),
-        Bind::Tensor(6, gamma),
-        Bind::Tensor(9, dout),
-        Bind::Tensor(12, dgamma),
-        Bind::Tensor(13, dbeta),
         Bind::Tensor(14, dinp),
         Bind::Tensor(17, mask),
     ];
-    let input = gpu
-        .dispatch("batch_norm", "batch_norm_backward_input", &cfg.constants(), &binds, gpu.grid_1d(cfg.numel(), WG))?
-        .with_cost(8.0 * numel, 12.0 * numel);
-    Ok(vec![reduce, input])
+    let numel = cfg.numel() as f64;
+    Ok(vec![
+        gpu.dispatch("batch_norm", "batch_norm_backward", &cfg.constants(), &binds, cfg.grid()?)?
+            .with_cost(12.0 * numel, 16.0 * numel),
+    ])
 }
