@@ -31,8 +31,8 @@ impl BatchNormConfig {
         BatchNormConfig { relu: true, ..self }
     }
 
-    fn constants(&self) -> [(&'static str, f64); 1] {
-        [("RELU", f64::from(u8::from(self.relu)))]
+    fn constants(&self) -> [(&'static str, f64); 2] {
+        [("RELU", f64::from(u8::from(self.relu))), ("HW", (self.h * self.w) as f64)]
     }
 
     /// One workgroup per channel.
