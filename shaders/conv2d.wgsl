@@ -608,16 +608,18 @@ fn conv2d_backward_weight_reduce(@builtin(global_invocation_id) gid: vec3<u32>, 
     dweight[e] = s;
 }
 
-// One workgroup per output channel: dbias[co] = sum over n, oy, ox of dout.
+// One workgroup per output channel: dbias[co] = sum over n, oy, ox of dout. OHW (= oh * ow) is
+// a pipeline constant, so e / OHW compiles to a multiply and shift.
+override OHW: u32 = 1u;
+
 @compute @workgroup_size(RED_WG)
 fn conv2d_backward_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let co = wid.x;
-    let ohw = p.oh * p.ow;
-    let total = p.n * ohw;
+    let total = p.n * OHW;
     var s = 0.0;
     for (var e = t; e < total; e += RED_WG) {
-        let nn = e / ohw;
-        s += dout[(nn * p.c_out + co) * ohw + e % ohw];
+        let nn = e / OHW;
+        s += dout[(nn * p.c_out + co) * OHW + e % OHW];
     }
     red[t] = s;
     workgroupBarrier();

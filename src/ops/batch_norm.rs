@@ -83,7 +83,6 @@ struct Params {
     _pad1: u32,
 }
 
-
 /// The tensors of a forward pass: input, affine parameters, running statistics (updated in
 /// training, read in eval), the saved batch statistics [2, C] (mean, invstd) and the output.
 #[derive(Clone, Copy)]

@@ -374,5 +374,6 @@ pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias:
     expect_shape("conv2d dbias", dbias, &[cfg.c_out])?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, dout), Bind::Tensor(10, dbias)];
-    Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_bias", &[], &binds, [to_u32("c_out", cfg.c_out)?, 1, 1])?])
+    let consts = [("OHW", (cfg.out_h() * cfg.out_w()) as f64)];
+    Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_bias", &consts, &binds, [to_u32("c_out", cfg.c_out)?, 1, 1])?])
 }
