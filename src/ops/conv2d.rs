@@ -200,6 +200,26 @@ impl Tiles {
         parsed.unwrap_or(Tiles { gemm_m: 8, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
     }
 
+    /// `for_adapter` narrowed to a layer: a block twice as wide as a channel count that fits in
+    /// its smaller size only adds padded columns (the 3-channel first layer's weight gradient:
+    /// 8 input channels per block would be 5/8 padding, 4 is 1/4). Unless `SENET_CONV_TILES`
+    /// pins every size.
+    pub fn for_layer(gpu: &Gpu, cfg: &Conv2dConfig) -> Tiles {
+        let t = Tiles::for_adapter(gpu);
+        if std::env::var_os("SENET_CONV_TILES").is_some() {
+            return t;
+        }
+        let narrow = |size: usize, channels: usize| if channels <= size / 2 { size / 2 } else { size };
+        Tiles {
+            gemm_m: t.gemm_m,
+            // Forward blocks run over output channels, input-gradient blocks over input channels;
+            // one pipeline constant serves both, so narrow it only when both fit.
+            gemm_n: narrow(t.gemm_n, cfg.c_out.max(cfg.c_in)),
+            wgrad_ci: narrow(t.wgrad_ci, cfg.c_in),
+            wgrad_n: narrow(t.wgrad_n, cfg.c_out),
+        }
+    }
+
     fn gemm_constants(&self) -> [(&'static str, f64); 3] {
         [("WG", WG as f64), ("GEMM_M", self.gemm_m as f64), ("GEMM_N", self.gemm_n as f64)]
     }
@@ -225,7 +245,7 @@ pub fn conv2d_forward(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    conv2d_forward_tiled(gpu, cfg, Tiles::for_adapter(gpu), inp, weight, bias, out)
+    conv2d_forward_tiled(gpu, cfg, Tiles::for_layer(gpu, cfg), inp, weight, bias, out)
 }
 
 pub fn conv2d_forward_tiled(
@@ -279,7 +299,7 @@ pub fn conv2d_backward_input(
     weight: &Tensor,
     dinp: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    conv2d_backward_input_tiled(gpu, cfg, Tiles::for_adapter(gpu), dout, weight, dinp)
+    conv2d_backward_input_tiled(gpu, cfg, Tiles::for_layer(gpu, cfg), dout, weight, dinp)
 }
 
 pub fn conv2d_backward_input_tiled(
@@ -323,7 +343,7 @@ pub fn conv2d_backward_weight(
     dweight: &Tensor,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
-    conv2d_backward_weight_tiled(gpu, cfg, Tiles::for_adapter(gpu), inp, dout, dweight, splits)
+    conv2d_backward_weight_tiled(gpu, cfg, Tiles::for_layer(gpu, cfg), inp, dout, dweight, splits)
 }
 
 pub fn conv2d_backward_weight_tiled(
