@@ -38,6 +38,10 @@ enum Command {
         /// SE reduction when there is no config.json beside the checkpoint.
         #[arg(long)]
         reduction: Option<usize>,
+        /// Input size (`32` or `HxW`) when there is no config.json beside the checkpoint
+        /// [default: 32]; images are resized to it.
+        #[arg(long, value_parser = train::parse_image_size)]
+        image_size: Option<[usize; 2]>,
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
@@ -126,8 +130,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
-        Command::Predict { checkpoint, width, reduction, images } => {
-            let results = train::predict(Gpu::new(&opts)?, &checkpoint, &images, 5, width, reduction)?;
+        Command::Predict { checkpoint, width, reduction, image_size, images } => {
+            let results = train::predict(Gpu::new(&opts)?, &checkpoint, &images, 5, width, reduction, image_size)?;
             for (path, top) in images.iter().zip(results) {
                 println!("{}", path.display());
                 for (class, p) in top {

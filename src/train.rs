@@ -56,7 +56,7 @@ pub struct DataArgs {
 }
 
 /// `--image-size`: `S` (square) or `HxW`, each 1..=4096.
-fn parse_image_size(s: &str) -> Result<[usize; 2], String> {
+pub fn parse_image_size(s: &str) -> Result<[usize; 2], String> {
     let side = |t: &str| match t.trim().parse::<usize>() {
         Ok(v) if (1..=4096).contains(&v) => Ok(v),
         _ => Err(format!("expected a size from 1 to 4096 pixels, got {t:?}")),
@@ -941,10 +941,11 @@ pub fn predict(
     k: usize,
     width: Option<f64>,
     reduction: Option<usize>,
+    image_size: Option<[usize; 2]>,
 ) -> Result<Vec<Vec<(String, f32)>>> {
     ensure!(!images.is_empty(), "predict needs at least one image");
     let sd = checkpoint::load(ckpt)?;
-    let config = checkpoint_config(ckpt, &sd, [32, 32], width, reduction)?;
+    let config = checkpoint_config(ckpt, &sd, image_size.unwrap_or([32, 32]), width, reduction)?;
     let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
     checkpoint::apply(&mut net, &sd, &ckpt.display().to_string())?;
     let plan = net.plan(1)?;

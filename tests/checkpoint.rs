@@ -196,3 +196,40 @@ fn sigkill_during_checkpoint_writes_leaves_a_readable_file() {
     }
     assert!(rewritten > 0, "the writer never got to write: the test did not exercise the kill");
 }
+
+/// A bare state dict (no config.json) tells its model: every family, SE or not, with SE biases,
+/// SE in some stages only, odd widths and reductions.
+#[test]
+fn bare_state_dicts_tell_their_model() {
+    let gpu = gpu();
+    let cases: [(&str, f64, usize, bool, &[usize]); 9] = [
+        ("senet", 0.125, 4, true, &[]),
+        ("resnet20", 0.5, 16, false, &[]),
+        ("se-resnet32", 0.5, 4, false, &[]),
+        ("se-resnet56", 0.25, 2, true, &[2, 3]),
+        ("resnet18", 0.125, 16, false, &[]),
+        ("se-resnet34", 0.125, 8, false, &[]),
+        ("se-resnet50", 0.125, 16, true, &[4]),
+        ("resnet101", 0.0625, 16, false, &[]),
+        ("se-resnet152", 0.0625, 4, false, &[]),
+    ];
+    for (model, width, reduction, se_bias, stages) in cases {
+        let mut cfg = config(width, 7);
+        cfg.model = model.into();
+        cfg.reduction = reduction;
+        cfg.in_channels = 3;
+        cfg.se_bias = se_bias;
+        cfg.se.stages = stages.to_vec();
+        let net = Network::new(gpu.clone(), cfg.clone(), OptimizerConfig::adam(1e-3), 0).unwrap();
+        let sd = checkpoint::state_dict(&net).unwrap();
+        let got = checkpoint::infer_config(&sd, [28, 28], "bare").unwrap();
+        let want = (cfg.model.as_str(), cfg.width, cfg.in_channels, cfg.num_classes, cfg.se_bias, &cfg.se.stages);
+        assert_eq!(
+            (got.model.as_str(), got.width, got.in_channels, got.num_classes, got.se_bias, &got.se.stages),
+            want
+        );
+        if model.contains("se") {
+            assert_eq!(got.reduction, reduction, "{model}");
+        }
+    }
+}

@@ -159,6 +159,23 @@ fn se_resnet18_trains_on_an_image_folder_at_a_larger_size() {
     assert!(eval.status.success(), "eval failed: {}", String::from_utf8_lossy(&eval.stderr));
     let v: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
     assert_eq!(v["total"], 20);
+
+    // predict on the bare state dict (no config.json beside it) at --image-size 40 gives what it
+    // gives with the run's config.json.
+    let bare = dir.path().join("bare.safetensors");
+    std::fs::copy(out.join("last.safetensors"), &bare).unwrap();
+    let img = std::fs::read_dir(folder.join("test/Trouser")).unwrap().next().unwrap().unwrap().path();
+    let predict = |ckpt: &std::path::Path, extra: &[&str]| {
+        let o = senet().args(["predict", "--checkpoint"]).arg(ckpt).args(extra).arg(&img).output().unwrap();
+        assert!(o.status.success(), "predict failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().skip(1).map(str::to_owned).collect::<Vec<_>>()
+    };
+    let with_config = predict(&out.join("last.safetensors"), &[]);
+    let bare_40 = predict(&bare, &["--image-size", "40"]);
+    // The bare file names classes by index, the run by name: compare the probabilities.
+    let probs =
+        |lines: &[String]| lines.iter().map(|l| l.split_whitespace().next().unwrap().to_owned()).collect::<Vec<_>>();
+    assert_eq!(probs(&bare_40), probs(&with_config));
 }
 
 #[test]
