@@ -46,7 +46,7 @@ struct Params {
 
 // Invocations per workgroup along x for the GEMM kernels.
 override WG: u32 = 64u;
-// Forward / input-gradient invocations own GEMM_M pixels (4 or 8) x GEMM_N channels (8 or 16).
+// Forward / input-gradient invocations own GEMM_M pixels (4, 8 or 16) x GEMM_N channels (8 or 16).
 override GEMM_M: u32 = 8u;
 override GEMM_N: u32 = 16u;
 // Weight-gradient invocations own WGRAD_CI input channels (4 or 8) x WGRAD_N output channels (8 or 16).
@@ -68,7 +68,7 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
 
 // gid.x: block of GEMM_M output pixels m; gid.y: block of GEMM_N output channels (vec4
 // quarters w0..w3): per tap and input channel, GEMM_M input and GEMM_N weight loads feed
-// GEMM_M*GEMM_N FMAs into the accumulators a<pixel><quarter>.
+// GEMM_M*GEMM_N FMAs into the accumulators a<pixel>_<quarter>.
 @compute @workgroup_size(WG)
 fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let m_total = p.n * p.oh * p.ow;
@@ -83,9 +83,9 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k_total = p.c_in * khw;
 
     // Rows past the end are clamped onto the last row; their results are never written.
-    var xbase: array<u32, 8>;
-    var iy0: array<i32, 8>;
-    var ix0: array<i32, 8>;
+    var xbase: array<u32, 16>;
+    var iy0: array<i32, 16>;
+    var ix0: array<i32, 16>;
     for (var i = 0u; i < GEMM_M; i++) {
         let m = min(m0 + i, m_total - 1u);
         let nn = m / ohw;
@@ -108,44 +108,76 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let b1 = vec4<f32>(b[4], b[5], b[6], b[7]);
     let b2 = vec4<f32>(b[8], b[9], b[10], b[11]);
     let b3 = vec4<f32>(b[12], b[13], b[14], b[15]);
-    var a00 = b0;
-    var a01 = b1;
-    var a02 = b2;
-    var a03 = b3;
-    var a10 = b0;
-    var a11 = b1;
-    var a12 = b2;
-    var a13 = b3;
-    var a20 = b0;
-    var a21 = b1;
-    var a22 = b2;
-    var a23 = b3;
-    var a30 = b0;
-    var a31 = b1;
-    var a32 = b2;
-    var a33 = b3;
-    var a40 = b0;
-    var a41 = b1;
-    var a42 = b2;
-    var a43 = b3;
-    var a50 = b0;
-    var a51 = b1;
-    var a52 = b2;
-    var a53 = b3;
-    var a60 = b0;
-    var a61 = b1;
-    var a62 = b2;
-    var a63 = b3;
-    var a70 = b0;
-    var a71 = b1;
-    var a72 = b2;
-    var a73 = b3;
+    var a0_0 = b0;
+    var a0_1 = b1;
+    var a0_2 = b2;
+    var a0_3 = b3;
+    var a1_0 = b0;
+    var a1_1 = b1;
+    var a1_2 = b2;
+    var a1_3 = b3;
+    var a2_0 = b0;
+    var a2_1 = b1;
+    var a2_2 = b2;
+    var a2_3 = b3;
+    var a3_0 = b0;
+    var a3_1 = b1;
+    var a3_2 = b2;
+    var a3_3 = b3;
+    var a4_0 = b0;
+    var a4_1 = b1;
+    var a4_2 = b2;
+    var a4_3 = b3;
+    var a5_0 = b0;
+    var a5_1 = b1;
+    var a5_2 = b2;
+    var a5_3 = b3;
+    var a6_0 = b0;
+    var a6_1 = b1;
+    var a6_2 = b2;
+    var a6_3 = b3;
+    var a7_0 = b0;
+    var a7_1 = b1;
+    var a7_2 = b2;
+    var a7_3 = b3;
+    var a8_0 = b0;
+    var a8_1 = b1;
+    var a8_2 = b2;
+    var a8_3 = b3;
+    var a9_0 = b0;
+    var a9_1 = b1;
+    var a9_2 = b2;
+    var a9_3 = b3;
+    var a10_0 = b0;
+    var a10_1 = b1;
+    var a10_2 = b2;
+    var a10_3 = b3;
+    var a11_0 = b0;
+    var a11_1 = b1;
+    var a11_2 = b2;
+    var a11_3 = b3;
+    var a12_0 = b0;
+    var a12_1 = b1;
+    var a12_2 = b2;
+    var a12_3 = b3;
+    var a13_0 = b0;
+    var a13_1 = b1;
+    var a13_2 = b2;
+    var a13_3 = b3;
+    var a14_0 = b0;
+    var a14_1 = b1;
+    var a14_2 = b2;
+    var a14_3 = b3;
+    var a15_0 = b0;
+    var a15_1 = b1;
+    var a15_2 = b2;
+    var a15_3 = b3;
     // Taps outside, input channels inside: each row's address and padding test once per tap;
     // padded taps read a valid address and are masked to 0 (no branch in the inner loop).
     for (var ky = 0u; ky < p.kh; ky++) {
         for (var kx = 0u; kx < p.kw; kx++) {
-            var off: array<u32, 8>;
-            var live: array<f32, 8>;
+            var off: array<u32, 16>;
+            var live: array<f32, 16>;
             for (var i = 0u; i < GEMM_M; i++) {
                 let yy = iy0[i] + i32(ky * p.dil_h);
                 let xx = ix0[i] + i32(kx * p.dil_w);
@@ -169,60 +201,112 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let x1 = inp[off[1] + c] * live[1];
                 let x2 = inp[off[2] + c] * live[2];
                 let x3 = inp[off[3] + c] * live[3];
-                a00 += x0 * w0;
-                a01 += x0 * w1;
-                a10 += x1 * w0;
-                a11 += x1 * w1;
-                a20 += x2 * w0;
-                a21 += x2 * w1;
-                a30 += x3 * w0;
-                a31 += x3 * w1;
+                a0_0 += x0 * w0;
+                a0_1 += x0 * w1;
+                a1_0 += x1 * w0;
+                a1_1 += x1 * w1;
+                a2_0 += x2 * w0;
+                a2_1 += x2 * w1;
+                a3_0 += x3 * w0;
+                a3_1 += x3 * w1;
                 if (GEMM_N == 16u) {
-                    a02 += x0 * w2;
-                    a03 += x0 * w3;
-                    a12 += x1 * w2;
-                    a13 += x1 * w3;
-                    a22 += x2 * w2;
-                    a23 += x2 * w3;
-                    a32 += x3 * w2;
-                    a33 += x3 * w3;
+                    a0_2 += x0 * w2;
+                    a0_3 += x0 * w3;
+                    a1_2 += x1 * w2;
+                    a1_3 += x1 * w3;
+                    a2_2 += x2 * w2;
+                    a2_3 += x2 * w3;
+                    a3_2 += x3 * w2;
+                    a3_3 += x3 * w3;
                 }
-                if (GEMM_M == 8u) {
+                if (GEMM_M >= 8u) {
                     let x4 = inp[off[4] + c] * live[4];
                     let x5 = inp[off[5] + c] * live[5];
                     let x6 = inp[off[6] + c] * live[6];
                     let x7 = inp[off[7] + c] * live[7];
-                    a40 += x4 * w0;
-                    a41 += x4 * w1;
-                    a50 += x5 * w0;
-                    a51 += x5 * w1;
-                    a60 += x6 * w0;
-                    a61 += x6 * w1;
-                    a70 += x7 * w0;
-                    a71 += x7 * w1;
+                    a4_0 += x4 * w0;
+                    a4_1 += x4 * w1;
+                    a5_0 += x5 * w0;
+                    a5_1 += x5 * w1;
+                    a6_0 += x6 * w0;
+                    a6_1 += x6 * w1;
+                    a7_0 += x7 * w0;
+                    a7_1 += x7 * w1;
                     if (GEMM_N == 16u) {
-                        a42 += x4 * w2;
-                        a43 += x4 * w3;
-                        a52 += x5 * w2;
-                        a53 += x5 * w3;
-                        a62 += x6 * w2;
-                        a63 += x6 * w3;
-                        a72 += x7 * w2;
-                        a73 += x7 * w3;
+                        a4_2 += x4 * w2;
+                        a4_3 += x4 * w3;
+                        a5_2 += x5 * w2;
+                        a5_3 += x5 * w3;
+                        a6_2 += x6 * w2;
+                        a6_3 += x6 * w3;
+                        a7_2 += x7 * w2;
+                        a7_3 += x7 * w3;
+                    }
+                }
+                if (GEMM_M == 16u) {
+                    let x8 = inp[off[8] + c] * live[8];
+                    let x9 = inp[off[9] + c] * live[9];
+                    let x10 = inp[off[10] + c] * live[10];
+                    let x11 = inp[off[11] + c] * live[11];
+                    let x12 = inp[off[12] + c] * live[12];
+                    let x13 = inp[off[13] + c] * live[13];
+                    let x14 = inp[off[14] + c] * live[14];
+                    let x15 = inp[off[15] + c] * live[15];
+                    a8_0 += x8 * w0;
+                    a8_1 += x8 * w1;
+                    a9_0 += x9 * w0;
+                    a9_1 += x9 * w1;
+                    a10_0 += x10 * w0;
+                    a10_1 += x10 * w1;
+                    a11_0 += x11 * w0;
+                    a11_1 += x11 * w1;
+                    a12_0 += x12 * w0;
+                    a12_1 += x12 * w1;
+                    a13_0 += x13 * w0;
+                    a13_1 += x13 * w1;
+                    a14_0 += x14 * w0;
+                    a14_1 += x14 * w1;
+                    a15_0 += x15 * w0;
+                    a15_1 += x15 * w1;
+                    if (GEMM_N == 16u) {
+                        a8_2 += x8 * w2;
+                        a8_3 += x8 * w3;
+                        a9_2 += x9 * w2;
+                        a9_3 += x9 * w3;
+                        a10_2 += x10 * w2;
+                        a10_3 += x10 * w3;
+                        a11_2 += x11 * w2;
+                        a11_3 += x11 * w3;
+                        a12_2 += x12 * w2;
+                        a12_3 += x12 * w3;
+                        a13_2 += x13 * w2;
+                        a13_3 += x13 * w3;
+                        a14_2 += x14 * w2;
+                        a14_3 += x14 * w3;
+                        a15_2 += x15 * w2;
+                        a15_3 += x15 * w3;
                     }
                 }
             }
         }
     }
-    var acc = array<vec4<f32>, 32>(
-        a00, a01, a02, a03,
-        a10, a11, a12, a13,
-        a20, a21, a22, a23,
-        a30, a31, a32, a33,
-        a40, a41, a42, a43,
-        a50, a51, a52, a53,
-        a60, a61, a62, a63,
-        a70, a71, a72, a73,
+    var acc = array<vec4<f32>, 64>(
+        a0_0, a0_1, a0_2, a0_3,
+        a1_0, a1_1, a1_2, a1_3,
+        a2_0, a2_1, a2_2, a2_3,
+        a3_0, a3_1, a3_2, a3_3,
+        a4_0, a4_1, a4_2, a4_3,
+        a5_0, a5_1, a5_2, a5_3,
+        a6_0, a6_1, a6_2, a6_3,
+        a7_0, a7_1, a7_2, a7_3,
+        a8_0, a8_1, a8_2, a8_3,
+        a9_0, a9_1, a9_2, a9_3,
+        a10_0, a10_1, a10_2, a10_3,
+        a11_0, a11_1, a11_2, a11_3,
+        a12_0, a12_1, a12_2, a12_3,
+        a13_0, a13_1, a13_2, a13_3,
+        a14_0, a14_1, a14_2, a14_3,
+        a15_0, a15_1, a15_2, a15_3,
     );
     for (var i = 0u; i < GEMM_M; i++) {
         let m = m0 + i;
@@ -254,9 +338,9 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let ohw = p.oh * p.ow;
     let khw = p.kh * p.kw;
-    var dbase: array<u32, 8>;
-    var iy: array<i32, 8>;
-    var ix: array<i32, 8>;
+    var dbase: array<u32, 16>;
+    var iy: array<i32, 16>;
+    var ix: array<i32, 16>;
     for (var i = 0u; i < GEMM_M; i++) {
         let q = min(q0 + i, q_total - 1u);
         let nn = q / hw;
@@ -271,43 +355,75 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let wstride = p.c_in * khw;
     let zero = vec4<f32>(0.0);
-    var a00 = zero;
-    var a01 = zero;
-    var a02 = zero;
-    var a03 = zero;
-    var a10 = zero;
-    var a11 = zero;
-    var a12 = zero;
-    var a13 = zero;
-    var a20 = zero;
-    var a21 = zero;
-    var a22 = zero;
-    var a23 = zero;
-    var a30 = zero;
-    var a31 = zero;
-    var a32 = zero;
-    var a33 = zero;
-    var a40 = zero;
-    var a41 = zero;
-    var a42 = zero;
-    var a43 = zero;
-    var a50 = zero;
-    var a51 = zero;
-    var a52 = zero;
-    var a53 = zero;
-    var a60 = zero;
-    var a61 = zero;
-    var a62 = zero;
-    var a63 = zero;
-    var a70 = zero;
-    var a71 = zero;
-    var a72 = zero;
-    var a73 = zero;
+    var a0_0 = zero;
+    var a0_1 = zero;
+    var a0_2 = zero;
+    var a0_3 = zero;
+    var a1_0 = zero;
+    var a1_1 = zero;
+    var a1_2 = zero;
+    var a1_3 = zero;
+    var a2_0 = zero;
+    var a2_1 = zero;
+    var a2_2 = zero;
+    var a2_3 = zero;
+    var a3_0 = zero;
+    var a3_1 = zero;
+    var a3_2 = zero;
+    var a3_3 = zero;
+    var a4_0 = zero;
+    var a4_1 = zero;
+    var a4_2 = zero;
+    var a4_3 = zero;
+    var a5_0 = zero;
+    var a5_1 = zero;
+    var a5_2 = zero;
+    var a5_3 = zero;
+    var a6_0 = zero;
+    var a6_1 = zero;
+    var a6_2 = zero;
+    var a6_3 = zero;
+    var a7_0 = zero;
+    var a7_1 = zero;
+    var a7_2 = zero;
+    var a7_3 = zero;
+    var a8_0 = zero;
+    var a8_1 = zero;
+    var a8_2 = zero;
+    var a8_3 = zero;
+    var a9_0 = zero;
+    var a9_1 = zero;
+    var a9_2 = zero;
+    var a9_3 = zero;
+    var a10_0 = zero;
+    var a10_1 = zero;
+    var a10_2 = zero;
+    var a10_3 = zero;
+    var a11_0 = zero;
+    var a11_1 = zero;
+    var a11_2 = zero;
+    var a11_3 = zero;
+    var a12_0 = zero;
+    var a12_1 = zero;
+    var a12_2 = zero;
+    var a12_3 = zero;
+    var a13_0 = zero;
+    var a13_1 = zero;
+    var a13_2 = zero;
+    var a13_3 = zero;
+    var a14_0 = zero;
+    var a14_1 = zero;
+    var a14_2 = zero;
+    var a14_3 = zero;
+    var a15_0 = zero;
+    var a15_1 = zero;
+    var a15_2 = zero;
+    var a15_3 = zero;
     for (var ky = 0u; ky < p.kh; ky++) {
         for (var kx = 0u; kx < p.kw; kx++) {
             // Where each of the GEMM_M rows reads dout for this tap, and whether it does at all.
-            var off: array<u32, 8>;
-            var live: array<f32, 8>;
+            var off: array<u32, 16>;
+            var live: array<f32, 16>;
             for (var i = 0u; i < GEMM_M; i++) {
                 let ty = iy[i] + i32(p.pad_h) - i32(ky * p.dil_h);
                 let tx = ix[i] + i32(p.pad_w) - i32(kx * p.dil_w);
@@ -341,60 +457,112 @@ fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let x1 = dout[off[1] + d] * live[1];
                 let x2 = dout[off[2] + d] * live[2];
                 let x3 = dout[off[3] + d] * live[3];
-                a00 += x0 * w0;
-                a01 += x0 * w1;
-                a10 += x1 * w0;
-                a11 += x1 * w1;
-                a20 += x2 * w0;
-                a21 += x2 * w1;
-                a30 += x3 * w0;
-                a31 += x3 * w1;
+                a0_0 += x0 * w0;
+                a0_1 += x0 * w1;
+                a1_0 += x1 * w0;
+                a1_1 += x1 * w1;
+                a2_0 += x2 * w0;
+                a2_1 += x2 * w1;
+                a3_0 += x3 * w0;
+                a3_1 += x3 * w1;
                 if (GEMM_N == 16u) {
-                    a02 += x0 * w2;
-                    a03 += x0 * w3;
-                    a12 += x1 * w2;
-                    a13 += x1 * w3;
-                    a22 += x2 * w2;
-                    a23 += x2 * w3;
-                    a32 += x3 * w2;
-                    a33 += x3 * w3;
+                    a0_2 += x0 * w2;
+                    a0_3 += x0 * w3;
+                    a1_2 += x1 * w2;
+                    a1_3 += x1 * w3;
+                    a2_2 += x2 * w2;
+                    a2_3 += x2 * w3;
+                    a3_2 += x3 * w2;
+                    a3_3 += x3 * w3;
                 }
-                if (GEMM_M == 8u) {
+                if (GEMM_M >= 8u) {
                     let x4 = dout[off[4] + d] * live[4];
                     let x5 = dout[off[5] + d] * live[5];
                     let x6 = dout[off[6] + d] * live[6];
                     let x7 = dout[off[7] + d] * live[7];
-                    a40 += x4 * w0;
-                    a41 += x4 * w1;
-                    a50 += x5 * w0;
-                    a51 += x5 * w1;
-                    a60 += x6 * w0;
-                    a61 += x6 * w1;
-                    a70 += x7 * w0;
-                    a71 += x7 * w1;
+                    a4_0 += x4 * w0;
+                    a4_1 += x4 * w1;
+                    a5_0 += x5 * w0;
+                    a5_1 += x5 * w1;
+                    a6_0 += x6 * w0;
+                    a6_1 += x6 * w1;
+                    a7_0 += x7 * w0;
+                    a7_1 += x7 * w1;
                     if (GEMM_N == 16u) {
-                        a42 += x4 * w2;
-                        a43 += x4 * w3;
-                        a52 += x5 * w2;
-                        a53 += x5 * w3;
-                        a62 += x6 * w2;
-                        a63 += x6 * w3;
-                        a72 += x7 * w2;
-                        a73 += x7 * w3;
+                        a4_2 += x4 * w2;
+                        a4_3 += x4 * w3;
+                        a5_2 += x5 * w2;
+                        a5_3 += x5 * w3;
+                        a6_2 += x6 * w2;
+                        a6_3 += x6 * w3;
+                        a7_2 += x7 * w2;
+                        a7_3 += x7 * w3;
+                    }
+                }
+                if (GEMM_M == 16u) {
+                    let x8 = dout[off[8] + d] * live[8];
+                    let x9 = dout[off[9] + d] * live[9];
+                    let x10 = dout[off[10] + d] * live[10];
+                    let x11 = dout[off[11] + d] * live[11];
+                    let x12 = dout[off[12] + d] * live[12];
+                    let x13 = dout[off[13] + d] * live[13];
+                    let x14 = dout[off[14] + d] * live[14];
+                    let x15 = dout[off[15] + d] * live[15];
+                    a8_0 += x8 * w0;
+                    a8_1 += x8 * w1;
+                    a9_0 += x9 * w0;
+                    a9_1 += x9 * w1;
+                    a10_0 += x10 * w0;
+                    a10_1 += x10 * w1;
+                    a11_0 += x11 * w0;
+                    a11_1 += x11 * w1;
+                    a12_0 += x12 * w0;
+                    a12_1 += x12 * w1;
+                    a13_0 += x13 * w0;
+                    a13_1 += x13 * w1;
+                    a14_0 += x14 * w0;
+                    a14_1 += x14 * w1;
+                    a15_0 += x15 * w0;
+                    a15_1 += x15 * w1;
+                    if (GEMM_N == 16u) {
+                        a8_2 += x8 * w2;
+                        a8_3 += x8 * w3;
+                        a9_2 += x9 * w2;
+                        a9_3 += x9 * w3;
+                        a10_2 += x10 * w2;
+                        a10_3 += x10 * w3;
+                        a11_2 += x11 * w2;
+                        a11_3 += x11 * w3;
+                        a12_2 += x12 * w2;
+                        a12_3 += x12 * w3;
+                        a13_2 += x13 * w2;
+                        a13_3 += x13 * w3;
+                        a14_2 += x14 * w2;
+                        a14_3 += x14 * w3;
+                        a15_2 += x15 * w2;
+                        a15_3 += x15 * w3;
                     }
                 }
             }
         }
     }
-    var acc = array<vec4<f32>, 32>(
-        a00, a01, a02, a03,
-        a10, a11, a12, a13,
-        a20, a21, a22, a23,
-        a30, a31, a32, a33,
-        a40, a41, a42, a43,
-        a50, a51, a52, a53,
-        a60, a61, a62, a63,
-        a70, a71, a72, a73,
+    var acc = array<vec4<f32>, 64>(
+        a0_0, a0_1, a0_2, a0_3,
+        a1_0, a1_1, a1_2, a1_3,
+        a2_0, a2_1, a2_2, a2_3,
+        a3_0, a3_1, a3_2, a3_3,
+        a4_0, a4_1, a4_2, a4_3,
+        a5_0, a5_1, a5_2, a5_3,
+        a6_0, a6_1, a6_2, a6_3,
+        a7_0, a7_1, a7_2, a7_3,
+        a8_0, a8_1, a8_2, a8_3,
+        a9_0, a9_1, a9_2, a9_3,
+        a10_0, a10_1, a10_2, a10_3,
+        a11_0, a11_1, a11_2, a11_3,
+        a12_0, a12_1, a12_2, a12_3,
+        a13_0, a13_1, a13_2, a13_3,
+        a14_0, a14_1, a14_2, a14_3,
+        a15_0, a15_1, a15_2, a15_3,
     );
     for (var i = 0u; i < GEMM_M; i++) {
         let q = q0 + i;

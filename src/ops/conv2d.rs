@@ -155,8 +155,8 @@ struct Params {
 const WG: u32 = 64;
 
 /// Register-block shapes of the conv GEMMs, WGSL `override` constants fixed per pipeline.
-/// Forward and input-gradient invocations own `gemm_m` pixels (4 or 8) x `gemm_n` channels (8 or
-/// 16); weight-gradient invocations own `wgrad_ci` input channels (4 or 8) x `wgrad_n` output
+/// Forward and input-gradient invocations own `gemm_m` pixels (4, 8 or 16) x `gemm_n` channels (8
+/// or 16); weight-gradient invocations own `wgrad_ci` input channels (4 or 8) x `wgrad_n` output
 /// channels (8 or 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tiles {
@@ -168,36 +168,40 @@ pub struct Tiles {
 
 impl Tiles {
     /// Every shape the shaders implement.
-    pub const ALL: [Tiles; 16] = {
-        let mut all = [Tiles { gemm_m: 4, gemm_n: 8, wgrad_ci: 4, wgrad_n: 8 }; 16];
+    pub const ALL: [Tiles; 24] = {
+        let mut all = [Tiles { gemm_m: 4, gemm_n: 8, wgrad_ci: 4, wgrad_n: 8 }; 24];
         let mut i = 0;
-        while i < 16 {
-            // Bit b of i doubles the b-th size.
-            const fn pick(i: usize, bit: usize, small: usize) -> usize {
-                if i & bit == 0 { small } else { 2 * small }
-            }
-            all[i] =
-                Tiles { gemm_m: pick(i, 1, 4), gemm_n: pick(i, 2, 8), wgrad_ci: pick(i, 4, 4), wgrad_n: pick(i, 8, 8) };
+        while i < 24 {
+            all[i] = Tiles {
+                gemm_m: [4, 8, 16][i % 3],
+                gemm_n: [8, 16][(i / 3) % 2],
+                wgrad_ci: [4, 8][(i / 6) % 2],
+                wgrad_n: [8, 16][i / 12],
+            };
             i += 1;
         }
         all
     };
 
     /// The blocks for this adapter: `SENET_CONV_TILES=M,N,CI,CO` overrides (for measuring), else
-    /// the largest: 8 x 16 and 8 x 16. On lavapipe every storage-buffer load runs lane by lane
+    /// on a CPU adapter the largest: 16 x 16 and 8 x 16. On lavapipe every storage-buffer load runs lane by lane
     /// while the FMAs run 8 lanes at once, so the block with the most FMAs per load pays,
-    /// spilled accumulators and all. Measured A/B in one session (senet bench, width 0.25, batch
-    /// 32): against 4 x 8, 8 pixels x 8 channels made forward and input gradient 1.4x faster and
-    /// 8 x 16 another 1.2-1.3x (16 x 16 and 8 x 32 no better); the weight gradient gained 1.2x
-    /// from 4 x 8 to 8 x 8 and 1.2x more from 8 x 16. Discrete GPUs hold 128 accumulators in
-    /// their 255 registers per thread; their own choice awaits measurements there.
-    pub fn for_adapter(_gpu: &Gpu) -> Tiles {
+    /// spilled accumulators and all. Measured A/B in one session each (senet bench, width 0.25,
+    /// batch 32): against 4 x 8, 8 pixels x 8 channels made forward and input gradient 1.4x
+    /// faster, 8 x 16 another 1.2-1.3x and 16 x 16 another 1.1x (forward) and 1.4x (input
+    /// gradient): the whole step 185 -> 215 images/s on a quiet machine. The weight gradient
+    /// gained 1.2x from 4 x 8 to 8 x 8 and 1.2x more from 8 x 16. The 16-pixel pipelines cost
+    /// ~3 s more to compile when Mesa's shader cache is cold (first step 8 s instead of 5 s at
+    /// width 0.25). Other adapters take 8 x 16: 256 accumulators would not fit a GPU thread's
+    /// 255 registers; their own choice awaits measurements there.
+    pub fn for_adapter(gpu: &Gpu) -> Tiles {
         let parsed = std::env::var("SENET_CONV_TILES").ok().and_then(|v| {
             let mut it = v.split(',').map(|x| x.trim().parse::<usize>().ok());
             let t = Tiles { gemm_m: it.next()??, gemm_n: it.next()??, wgrad_ci: it.next()??, wgrad_n: it.next()?? };
             Tiles::ALL.contains(&t).then_some(t)
         });
-        parsed.unwrap_or(Tiles { gemm_m: 8, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
+        let gemm_m = if gpu.is_cpu() { 16 } else { 8 };
+        parsed.unwrap_or(Tiles { gemm_m, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
     }
 
     /// `for_adapter` narrowed to a layer: a block twice as wide as a channel count that fits in
