@@ -48,8 +48,15 @@ fn main() {
             ("conv2d_backward_input", conv2d::conv2d_backward_input(&gpu, &cfg, &y, &w, &dx).expect("plan")),
             (
                 "conv2d_backward_weight",
-                conv2d::conv2d_backward_weight(&gpu, &cfg, &x, &y, &dw, conv2d::weight_grad_splits(&cfg, 256))
-                    .expect("plan"),
+                conv2d::conv2d_backward_weight(
+                    &gpu,
+                    &cfg,
+                    &x,
+                    &y,
+                    &dw,
+                    conv2d::weight_grad_splits(&cfg, conv2d::Tiles::for_layer(&gpu, &cfg), 256),
+                )
+                .expect("plan"),
             ),
         ];
         for (name, d) in &cases {

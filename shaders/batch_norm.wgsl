@@ -24,8 +24,8 @@
 // numbers bit for bit as BN then ReLU.
 
 struct Params {
-    n: u32, c: u32, hw: u32, _pad0: u32,
-    eps: f32, momentum: f32, update_running: u32, _pad1: u32,
+    n: u32, c: u32, _pad0: u32, _pad1: u32,
+    eps: f32, momentum: f32, update_running: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -47,8 +47,7 @@ struct Params {
 
 // H*W is fixed per pipeline, so finding an element of a channel, e / HW and e % HW, costs a
 // multiply and shift instead of lavapipe's per-lane software division (1.25x on the BN kernels);
-// the batch size stays in `p` (p.hw is kept for the layout, unread), so a last partial batch
-// shares the pipelines.
+// the batch size stays in `p`, so a last partial batch shares the pipelines.
 override HW: u32 = 1u;
 override RELU: u32 = 0u;      // 1: ReLU fused after the normalisation (see above)
 override RED_WG: u32 = 256u;  // invocations per channel: a power of two, at most RED_MAX

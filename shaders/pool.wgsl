@@ -10,8 +10,6 @@
 
 struct Params {
     n: u32, c: u32, h: u32, w: u32,
-    oh: u32, ow: u32, kh: u32, kw: u32,
-    stride_h: u32, stride_w: u32, pad_h: u32, pad_w: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -226,7 +226,7 @@ impl Network {
                     if a != 0 {
                         bwd.extend(conv2d::conv2d_backward_input(gpu, &cfg, dout, &w.value, dinp)?);
                     }
-                    let splits = conv2d::weight_grad_splits(&cfg, splits_target);
+                    let splits = conv2d::weight_grad_splits(&cfg, conv2d::Tiles::for_layer(gpu, &cfg), splits_target);
                     bwd.extend(conv2d::conv2d_backward_weight(gpu, &cfg, inp, dout, &w.grad, splits)?);
                     if let Some(b) = b {
                         bwd.extend(conv2d::conv2d_backward_bias(gpu, &cfg, dout, &b.grad)?);

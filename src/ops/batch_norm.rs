@@ -59,8 +59,7 @@ impl BatchNormConfig {
         Ok(Params {
             n: to_u32("batch", self.n)?,
             c: to_u32("channels", self.c)?,
-            hw: to_u32("h*w", self.h * self.w)?,
-            _pad0: 0,
+            _pad0: [0; 2],
             eps: self.eps,
             momentum: self.momentum,
             update_running: u32::from(update_running),
@@ -75,8 +74,7 @@ impl BatchNormConfig {
 struct Params {
     n: u32,
     c: u32,
-    hw: u32,
-    _pad0: u32,
+    _pad0: [u32; 2],
     eps: f32,
     momentum: f32,
     update_running: u32,

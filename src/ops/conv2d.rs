@@ -328,12 +328,13 @@ pub fn conv2d_backward_input_tiled(
     ])
 }
 
-/// How many ranges of m the weight-gradient reduction is split into: enough blocks to fill the
-/// device (about `target` invocations), each range at least `MIN_SPLIT_LEN` long.
-pub fn weight_grad_splits(cfg: &Conv2dConfig, target: usize) -> usize {
+/// How many ranges of m the weight-gradient reduction is split into: enough invocations (one
+/// per block of `tiles`) to fill the device (about `target`), each range at least
+/// `MIN_SPLIT_LEN` long.
+pub fn weight_grad_splits(cfg: &Conv2dConfig, tiles: Tiles, target: usize) -> usize {
     const MIN_SPLIT_LEN: usize = 256;
     let m = cfg.n * cfg.out_h() * cfg.out_w();
-    let blocks = cfg.c_out.div_ceil(16) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(8);
+    let blocks = cfg.c_out.div_ceil(tiles.wgrad_n) * cfg.kh * cfg.kw * cfg.c_in.div_ceil(tiles.wgrad_ci);
     let want = target.div_ceil(blocks.max(1));
     want.min(m / MIN_SPLIT_LEN).clamp(1, 64)
 }

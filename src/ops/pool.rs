@@ -83,21 +83,9 @@ impl MaxPool2dConfig {
         ]
     }
 
+    /// The uniform: batch and channels (the geometry is in the pipeline constants).
     fn params(&self) -> Result<Params> {
-        Ok(Params {
-            n: to_u32("batch", self.n)?,
-            c: to_u32("channels", self.c)?,
-            h: to_u32("h", self.h)?,
-            w: to_u32("w", self.w)?,
-            oh: to_u32("out_h", self.out_h())?,
-            ow: to_u32("out_w", self.out_w())?,
-            kh: to_u32("kernel", self.kernel.0)?,
-            kw: to_u32("kernel", self.kernel.1)?,
-            stride_h: to_u32("stride", self.stride.0)?,
-            stride_w: to_u32("stride", self.stride.1)?,
-            pad_h: to_u32("pad", self.pad.0)?,
-            pad_w: to_u32("pad", self.pad.1)?,
-        })
+        gap_params(&self.input_shape())
     }
 }
 
@@ -109,14 +97,6 @@ struct Params {
     c: u32,
     h: u32,
     w: u32,
-    oh: u32,
-    ow: u32,
-    kh: u32,
-    kw: u32,
-    stride_h: u32,
-    stride_w: u32,
-    pad_h: u32,
-    pad_w: u32,
 }
 
 const WG: u32 = 256;
@@ -161,14 +141,13 @@ pub fn max_pool2d_backward(
 fn gap_params(shape: &[usize]) -> Result<Params> {
     ensure!(
         shape.len() == 4 && shape.iter().all(|&d| d > 0),
-        "global_avg_pool: expected a non-empty [n, c, h, w] input, got {shape:?}"
+        "pooling: expected a non-empty [n, c, h, w] input, got {shape:?}"
     );
     Ok(Params {
         n: to_u32("batch", shape[0])?,
         c: to_u32("channels", shape[1])?,
         h: to_u32("h", shape[2])?,
         w: to_u32("w", shape[3])?,
-        ..Params::default()
     })
 }
 
