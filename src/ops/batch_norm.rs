@@ -13,8 +13,11 @@ pub struct BatchNormConfig {
     pub c: usize,
     pub h: usize,
     pub w: usize,
-    pub eps: f32,
-    pub momentum: f32,
+    /// Kept in f64, as PyTorch keeps them (Python floats): the f64 reference must use 0.1 and
+    /// 1e-5, not their f32 roundings — those moved its running statistics 5e-9 away from PyTorch
+    /// float64's over a run (tests/divergence.rs). The GPU gets them rounded once to f32.
+    pub eps: f64,
+    pub momentum: f64,
     /// A ReLU fused after the normalisation: the forward writes max(y, 0) and the backward takes
     /// the ReLU's output gradient and its output (`relu_out`) and masks the gradient itself.
     pub relu: bool,
@@ -60,8 +63,8 @@ impl BatchNormConfig {
             n: to_u32("batch", self.n)?,
             c: to_u32("channels", self.c)?,
             _pad0: [0; 2],
-            eps: self.eps,
-            momentum: self.momentum,
+            eps: self.eps as f32,
+            momentum: self.momentum as f32,
             update_running: u32::from(update_running),
             _pad1: 0,
         })

@@ -29,8 +29,8 @@ pub fn batch_norm_forward_train(
     running_var: &[f64],
 ) -> BatchNormTrain {
     let m = c.count() as f64;
-    let mom = f64::from(c.momentum);
-    let eps = f64::from(c.eps);
+    let mom = c.momentum;
+    let eps = c.eps;
     let mut r = BatchNormTrain {
         out: vec![0.0; inp.len()],
         mean: vec![0.0; c.c],
@@ -64,7 +64,7 @@ pub fn batch_norm_forward_eval(
 ) -> Vec<f64> {
     let mut out = vec![0.0; inp.len()];
     for ch in 0..c.c {
-        let invstd = 1.0 / (running_var[ch] + f64::from(c.eps)).sqrt();
+        let invstd = 1.0 / (running_var[ch] + c.eps).sqrt();
         for i in channel(c, ch) {
             out[i] = (inp[i] - running_mean[ch]) * invstd * gamma[ch] + beta[ch];
         }
