@@ -635,7 +635,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             if let Some(p) = plans.get(&args.batch_size.min(train_set.len())) {
                 let mut v = [0.0f32; result::LEN];
                 (v[result::SUM_LOSS], v[result::SUM_CORRECT], v[result::SUM_COUNT]) = sums;
-                gpu.queue.write_buffer(&p.train_result.buffer, 0, bytemuck::cast_slice(&v));
+                gpu.queue.write_buffer(&p.train_result.buffer, p.train_result.offset, bytemuck::cast_slice(&v));
             }
             steps
         });

@@ -154,7 +154,7 @@ impl Gpu {
         let entries: Vec<wgpu::BindGroupEntry<'_>> = binds
             .iter()
             .map(|b| match b {
-                Bind::Tensor(i, t) => wgpu::BindGroupEntry { binding: *i, resource: t.buffer.as_entire_binding() },
+                Bind::Tensor(i, t) => wgpu::BindGroupEntry { binding: *i, resource: t.binding() },
                 Bind::Uniform(i, u) => wgpu::BindGroupEntry { binding: *i, resource: u.as_entire_binding() },
             })
             .collect();

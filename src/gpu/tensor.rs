@@ -1,5 +1,6 @@
 //! Typed GPU buffers: a storage buffer of 4-byte elements (f32, or u32 for labels and indices)
-//! with its logical shape.
+//! with its logical shape — or a view of a range of one (a parameter inside the flat parameter
+//! buffer), bound, read and written as if it were a buffer of its own.
 
 use anyhow::{Context, Result, ensure};
 use wgpu::util::DeviceExt;
@@ -9,13 +10,18 @@ use super::Gpu;
 #[derive(Debug)]
 pub struct Tensor {
     pub buffer: wgpu::Buffer,
+    /// Byte offset of element 0 in `buffer` (0 unless this is a view).
+    pub offset: u64,
     pub shape: Vec<usize>,
-    stats: std::sync::Arc<super::GpuStats>,
+    /// The allocation's accounting; None for a view (its owner frees the buffer).
+    stats: Option<std::sync::Arc<super::GpuStats>>,
 }
 
 impl Drop for Tensor {
     fn drop(&mut self) {
-        self.stats.free(self.buffer.size());
+        if let Some(stats) = &self.stats {
+            stats.free(self.buffer.size());
+        }
     }
 }
 
@@ -27,6 +33,20 @@ impl Tensor {
     /// Elements (not bytes).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Bytes the tensor binds: its elements, at least one (wgpu binds no empty ranges).
+    pub fn bytes(&self) -> u64 {
+        (self.numel().max(1) * 4) as u64
+    }
+
+    /// The binding of this tensor's range (the whole buffer, or the view's part of it).
+    pub fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: std::num::NonZeroU64::new(self.bytes()),
+        })
     }
 
     /// A zero-filled tensor. An empty shape product still gets one element: wgpu binds no empty buffers.
@@ -42,7 +62,42 @@ impl Tensor {
             mapped_at_creation: false,
         });
         gpu.stats.alloc(size);
-        Ok(Tensor { buffer, shape: shape.to_vec(), stats: gpu.stats.clone() })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), stats: Some(gpu.stats.clone()) })
+    }
+
+    /// A 1-D buffer holding `data`, to be bound only through views ([`Tensor::view`]) of at most
+    /// the adapter's binding size: it may itself be larger (the flat parameter buffers of the
+    /// largest models are), up to the adapter's buffer size.
+    pub fn flat(gpu: &Gpu, label: &str, data: &[f32]) -> Result<Tensor> {
+        let size = (data.len().max(1) * 4) as u64;
+        let max = gpu.limits.max_buffer_size;
+        ensure!(size <= max, "{label}: {} values need {size} bytes; the adapter's buffers hold at most {max}", data.len());
+        let mut bytes = bytemuck::cast_slice::<f32, u8>(data).to_vec();
+        bytes.resize(size as usize, 0);
+        let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &bytes,
+            usage: usage(),
+        });
+        gpu.stats.alloc(size);
+        Ok(Tensor { buffer, offset: 0, shape: vec![data.len()], stats: Some(gpu.stats.clone()) })
+    }
+
+    /// A view of `shape` starting `start` elements into this tensor, which must be aligned to
+    /// the adapter's storage-binding offset alignment and fit the adapter's binding size.
+    pub fn view(&self, gpu: &Gpu, label: &str, start: usize, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        ensure!(
+            start + numel <= self.numel(),
+            "{label}: a view of {numel} values at {start} does not fit in {} values",
+            self.numel()
+        );
+        let offset = self.offset + (start * 4) as u64;
+        let align = u64::from(gpu.limits.min_storage_buffer_offset_alignment);
+        ensure!(offset % align == 0, "{label}: view offset {offset} is not a multiple of the adapter's {align}");
+        let max = gpu.limits.max_storage_buffer_binding_size;
+        ensure!((numel * 4) as u64 <= max, "{label}: {shape:?} needs more than the adapter's {max}-byte binding");
+        Ok(Tensor { buffer: self.buffer.clone(), offset, shape: shape.to_vec(), stats: None })
     }
 
     /// A tensor holding `data` (f32 or u32), which must have the shape's element count.
@@ -60,13 +115,13 @@ impl Tensor {
             usage: usage(),
         });
         gpu.stats.alloc(buffer.size());
-        Ok(Tensor { buffer, shape: shape.to_vec(), stats: gpu.stats.clone() })
+        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), stats: Some(gpu.stats.clone()) })
     }
 
     /// Overwrite the contents from the host (queued; ordered before the next submit).
     pub fn write<T: bytemuck::Pod>(&self, gpu: &Gpu, data: &[T]) -> Result<()> {
         ensure!(data.len() == self.numel(), "write of {} elements into {:?}", data.len(), self.shape);
-        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        gpu.queue.write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -84,7 +139,7 @@ impl Tensor {
         });
         let mut encoder =
             gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read-back") });
-        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+        encoder.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
         gpu.queue.submit([encoder.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {

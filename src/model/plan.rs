@@ -1,7 +1,10 @@
 //! The network on the GPU and its step plans.
 //!
 //! [`Network`] owns what does not depend on the batch size: parameters, their gradients, the
-//! optimizer state and updates, the batch-norm running statistics. [`StepPlan`] owns what does:
+//! optimizer state and updates, the batch-norm running statistics. Parameters, gradients and each
+//! optimizer state live in one flat buffer apiece ([`FlatParams`]); a parameter is a named range of
+//! them (a view the kernels bind as if it were its own buffer), so one dispatch updates every
+//! parameter and one copy moves every gradient. [`StepPlan`] owns what does:
 //! one activation and one gradient buffer per activation of the graph, the per-layer scratch
 //! (batch statistics, pooling indices, SE intermediates), and the two dispatch lists — the
 //! training step (forward, loss, backward in reverse order) and the evaluation pass. Everything
@@ -23,12 +26,37 @@ use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 use crate::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
 use crate::ops::{add, conv2d, linear, pool, relu};
 
-/// A trainable tensor with its gradient and optimizer state.
+/// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
 pub struct Param {
     pub spec: ParamSpec,
+    /// First element of this parameter in the flat buffers.
+    pub start: usize,
     pub value: Tensor,
     pub grad: Tensor,
     pub state: Vec<Tensor>,
+}
+
+/// The flat buffers every [`Param`] is a range of: values, gradients and each optimizer state
+/// (Adam's two moments, SGD's momentum), laid out alike. Each parameter starts at a multiple of
+/// the adapter's storage-offset alignment; the gaps hold zeros, which every optimizer keeps at
+/// zero (their gradient is never written).
+pub struct FlatParams {
+    pub values: Tensor,
+    pub grads: Tensor,
+    pub state: Vec<Tensor>,
+}
+
+/// Where each parameter starts in the flat buffers, and their length: parameters in order,
+/// each start rounded up to `align` elements.
+pub fn flat_layout(specs: &[ParamSpec], align: usize) -> (Vec<usize>, usize) {
+    let mut starts = Vec::with_capacity(specs.len());
+    let mut end = 0usize;
+    for spec in specs {
+        let start = end.next_multiple_of(align.max(1));
+        starts.push(start);
+        end = start + spec.shape.iter().product::<usize>();
+    }
+    (starts, end)
 }
 
 /// A batch-norm layer's state-dict buffers.
@@ -44,8 +72,11 @@ pub struct Network {
     pub config: ModelConfig,
     pub graph: Graph,
     pub params: Vec<Param>,
+    pub flat: FlatParams,
     pub bn: Vec<BnBuffers>,
     pub optimizer: OptimizerConfig,
+    /// The optimizer over the flat buffers: one dispatch, or one per binding-sized chunk where
+    /// the parameters outgrow the adapter's largest binding (SE-ResNet-152 on lavapipe's 128 MiB).
     updates: Vec<OptimizerStep>,
     /// Optimizer steps taken (1-based step of the next update is `step + 1`).
     pub step: u64,
@@ -70,15 +101,29 @@ impl Network {
     pub fn new(gpu: Arc<Gpu>, config: ModelConfig, optimizer: OptimizerConfig, seed: u64) -> Result<Network> {
         let graph = config.graph()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let specs = graph.parameters();
+        let align = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let (starts, total) = flat_layout(&specs, align);
+        let mut values = vec![0.0f32; total];
+        for (spec, &start) in specs.iter().zip(&starts) {
+            let v = init_values(spec, &mut rng);
+            values[start..start + v.len()].copy_from_slice(&v);
+        }
+        let zeros = vec![0.0f32; total];
+        let flat = FlatParams {
+            values: Tensor::flat(&gpu, "parameters", &values)?,
+            grads: Tensor::flat(&gpu, "gradients", &zeros)?,
+            state: (0..optimizer.state_count())
+                .map(|k| Tensor::flat(&gpu, &format!("optimizer state {k}"), &zeros))
+                .collect::<Result<Vec<_>>>()?,
+        };
         let mut params = Vec::new();
-        for spec in graph.parameters() {
-            let values = init_values(&spec, &mut rng);
-            let value = Tensor::from_slice(&gpu, &spec.name, &spec.shape, &values)?;
-            let grad = Tensor::zeros(&gpu, &format!("{}.grad", spec.name), &spec.shape)?;
-            let state = (0..optimizer.state_count())
-                .map(|k| Tensor::zeros(&gpu, &format!("{}.state{k}", spec.name), &spec.shape))
-                .collect::<Result<Vec<_>>>()?;
-            params.push(Param { spec, value, grad, state });
+        for (spec, start) in specs.into_iter().zip(starts) {
+            let view = |t: &Tensor, what: &str| t.view(&gpu, &format!("{} {what}", spec.name), start, &spec.shape);
+            let value = view(&flat.values, "value")?;
+            let grad = view(&flat.grads, "grad")?;
+            let state = flat.state.iter().enumerate().map(|(k, t)| view(t, &format!("state {k}"))).collect::<Result<_>>()?;
+            params.push(Param { spec, start, value, grad, state });
         }
         let bn = graph
             .batch_norms()
@@ -91,15 +136,20 @@ impl Network {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let updates = params
-            .iter()
-            .map(|p| {
-                let state: Vec<&Tensor> = p.state.iter().collect();
-                OptimizerStep::new(&gpu, optimizer, &p.value, &p.grad, &state, 0, p.value.numel())
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Chunks as large as one binding allows, each starting aligned.
+        let max_binding = (gpu.limits.max_storage_buffer_binding_size / 4) as usize;
+        let chunk = (max_binding / align * align).max(align);
+        let mut updates = Vec::new();
+        for start in (0..total.max(1)).step_by(chunk) {
+            let len = chunk.min(total.max(1) - start);
+            let view = |t: &Tensor, what: &str| t.view(&gpu, &format!("{what} {start}.."), start, &[len]);
+            let (value, grad) = (view(&flat.values, "parameters")?, view(&flat.grads, "gradients")?);
+            let state = flat.state.iter().map(|t| view(t, "optimizer state")).collect::<Result<Vec<_>>>()?;
+            let state: Vec<&Tensor> = state.iter().collect();
+            updates.push(OptimizerStep::new(&gpu, optimizer, &value, &grad, &state, 0, len)?);
+        }
         let by_name = params.iter().enumerate().map(|(i, p)| (p.spec.name.clone(), i)).collect();
-        Ok(Network { gpu, config, graph, params, bn, optimizer, updates, step: 0, by_name })
+        Ok(Network { gpu, config, graph, params, flat, bn, optimizer, updates, step: 0, by_name })
     }
 
     pub fn param(&self, name: &str) -> Result<&Param> {
@@ -387,6 +437,11 @@ impl Network {
         }
     }
 
+    /// The optimizer's dispatches per step: 1 unless the parameters outgrow one binding.
+    pub fn optimizer_dispatches(&self) -> usize {
+        self.updates.len()
+    }
+
     /// A training step's dispatches in order: the plan's forward, loss and backward, then every
     /// optimizer update.
     pub fn train_dispatches<'a>(&'a self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
@@ -459,5 +514,5 @@ impl StepPlan {
 
 /// Zero a metrics buffer (queued before the next submit).
 pub fn clear_metrics(gpu: &Gpu, t: &Tensor) {
-    gpu.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(&[0.0f32; result::LEN]));
+    gpu.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(&[0.0f32; result::LEN]));
 }
