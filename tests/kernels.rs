@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use senet_wgpu::ops::batch_norm::{self, BatchNormConfig};
-use senet_wgpu::ops::conv2d::{self, Conv2dConfig, Tiles};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, SmemTiles, Tiles};
 use senet_wgpu::ops::cross_entropy::{self, result};
 use senet_wgpu::ops::linear::{self, LinearConfig};
 use senet_wgpu::ops::optimizer::{OptimizerConfig, OptimizerStep};
@@ -65,6 +65,13 @@ fn conv_cases() -> Vec<Conv2dConfig> {
             dilation: (2, 3),
             bias: false,
         },
+        // channels past one workgroup tile of the tiled kernels (131 out > 128, 70 in > 64) and
+        // past the 16-wide register blocks, on a 5x7 image
+        sq(2, 70, (5, 7), 131, 3, 1, 1, true),
+        // the ImageNet stem: 7x7, stride 2, padding 3, on an odd 23x19 input
+        sq(2, 3, (23, 19), 9, 7, 2, 3, false),
+        // a projection shortcut: 1x1, stride 2, 33 -> 65 channels
+        sq(3, 33, (9, 9), 65, 1, 2, 0, false),
     ]
 }
 
@@ -76,6 +83,46 @@ fn conv_cases() -> Vec<Conv2dConfig> {
 /// at these sizes: atol 1e-4, rtol 1e-5 leaves 10x headroom.
 const CONV_ATOL: f64 = 1e-4;
 const CONV_RTOL: f64 = 1e-5;
+
+/// The workgroup-memory kernels (`conv2d_tiled.wgsl`, every `SmemTiles` shape) on every case, all
+/// three GEMMs, the weight gradient unsplit and split 3 and 7 ways; tolerances as above (the same
+/// sums in another order).
+#[test]
+fn conv2d_tiled_kernels_match_reference() {
+    let gpu = gpu();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(400 + i as u64);
+        let x = uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
+        let dy = uniform(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let (tx, tw, tb) = (
+            upload(&gpu, "x", &cfg.input_shape(), &x),
+            upload(&gpu, "w", &cfg.weight_shape(), &w),
+            upload(&gpu, "b", &[cfg.c_out], &b),
+        );
+        let tdy = upload(&gpu, "dy", &cfg.output_shape(), &dy);
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
+        let want_y = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
+        let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+        let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+        for tiles in SmemTiles::ALL {
+            let what = |pass: &str| format!("{pass} (tiled) case {i} {tiles:?} {cfg:?}");
+            let ty = zeros(&gpu, "y", &cfg.output_shape());
+            run(&gpu, &conv2d::conv2d_forward_smem(&gpu, cfg, tiles, &tx, &tw, cfg.bias.then_some(&tb), &ty).unwrap());
+            assert_close(&what("conv2d_forward"), &read(&gpu, &ty), &want_y, CONV_ATOL, CONV_RTOL);
+            let tdx = zeros(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &conv2d::conv2d_backward_input_smem(&gpu, cfg, tiles, &tdy, &tw, &tdx).unwrap());
+            assert_close(&what("conv2d_backward_input"), &read(&gpu, &tdx), &want_dx, CONV_ATOL, CONV_RTOL);
+            for splits in [1, 3, 7] {
+                let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+                run(&gpu, &conv2d::conv2d_backward_weight_smem(&gpu, cfg, tiles, &tx, &tdy, &tdw, splits).unwrap());
+                let what = what(&format!("conv2d_backward_weight splits {splits}"));
+                assert_close(&what, &read(&gpu, &tdw), &want_dw, CONV_ATOL, CONV_RTOL);
+            }
+        }
+    }
+}
 
 #[test]
 fn conv2d_forward_matches_reference() {

@@ -16,6 +16,7 @@ use super::{Gpu, Tensor};
 /// Every WGSL file, embedded at build time: (op family, source).
 pub const SHADERS: &[(&str, &str)] = &[
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("conv2d_tiled", include_str!("../../shaders/conv2d_tiled.wgsl")),
     ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
     ("relu", include_str!("../../shaders/relu.wgsl")),
     ("pool", include_str!("../../shaders/pool.wgsl")),
@@ -47,6 +48,12 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
+    /// Name the dispatch for tables and captures when its entry point serves several passes.
+    pub fn labelled(mut self, label: &'static str) -> Self {
+        self.label = label;
+        self
+    }
+
     /// Declare the dispatch's work (see `flops`, `bytes`).
     pub fn with_cost(mut self, flops: f64, bytes: f64) -> Self {
         self.flops = flops;

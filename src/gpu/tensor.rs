@@ -71,7 +71,11 @@ impl Tensor {
     pub fn flat(gpu: &Gpu, label: &str, data: &[f32]) -> Result<Tensor> {
         let size = (data.len().max(1) * 4) as u64;
         let max = gpu.limits.max_buffer_size;
-        ensure!(size <= max, "{label}: {} values need {size} bytes; the adapter's buffers hold at most {max}", data.len());
+        ensure!(
+            size <= max,
+            "{label}: {} values need {size} bytes; the adapter's buffers hold at most {max}",
+            data.len()
+        );
         let mut bytes = bytemuck::cast_slice::<f32, u8>(data).to_vec();
         bytes.resize(size as usize, 0);
         let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -94,7 +98,7 @@ impl Tensor {
         );
         let offset = self.offset + (start * 4) as u64;
         let align = u64::from(gpu.limits.min_storage_buffer_offset_alignment);
-        ensure!(offset % align == 0, "{label}: view offset {offset} is not a multiple of the adapter's {align}");
+        ensure!(offset.is_multiple_of(align), "{label}: view offset {offset} is not a multiple of the adapter's {align}");
         let max = gpu.limits.max_storage_buffer_binding_size;
         ensure!((numel * 4) as u64 <= max, "{label}: {shape:?} needs more than the adapter's {max}-byte binding");
         Ok(Tensor { buffer: self.buffer.clone(), offset, shape: shape.to_vec(), stats: None })

@@ -1,4 +1,6 @@
-//! conv2d — host side of `shaders/conv2d.wgsl`; CPU oracle in `reference/conv2d.rs`.
+//! conv2d — host side of `shaders/conv2d.wgsl` (register-blocked GEMMs, [`Tiles`]) and
+//! `shaders/conv2d_tiled.wgsl` (workgroup-memory tiles for discrete GPUs, [`SmemTiles`]); CPU
+//! oracle in `reference/conv2d.rs`.
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
@@ -401,4 +403,183 @@ pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias:
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, dout), Bind::Tensor(10, dbias)];
     let consts = [("OHW", (cfg.out_h() * cfg.out_w()) as f64)];
     Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_bias", &consts, &binds, [to_u32("c_out", cfg.c_out)?, 1, 1])?])
+}
+
+/// Workgroup-memory tile shapes of `conv2d_tiled.wgsl`: a workgroup of 256 invocations owns `bm`
+/// rows x `bn` columns of the output GEMM, stages `bk` steps of K at a time, and each invocation
+/// accumulates `tm` x `tn` outputs ((bm/tm) * (bn/tn) = 256; bk*bm and bk*bn at most 2048).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SmemTiles {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+    pub tm: usize,
+    pub tn: usize,
+}
+
+impl SmemTiles {
+    /// Every shape built and tested: 64-128 x 64-128 tiles with 16-deep K steps, a 64 x 32 one
+    /// with 32-deep steps, and a 32 x 128 one for layers with few rows (16-32 channels).
+    pub const ALL: [SmemTiles; 6] = [
+        SmemTiles { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 },
+        SmemTiles { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4 },
+        SmemTiles { bm: 64, bn: 128, bk: 16, tm: 4, tn: 8 },
+        SmemTiles { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8 },
+        SmemTiles { bm: 64, bn: 32, bk: 32, tm: 4, tn: 2 },
+        SmemTiles { bm: 32, bn: 128, bk: 16, tm: 2, tn: 8 },
+    ];
+
+    fn constants(&self, mode: u32) -> [(&'static str, f64); 6] {
+        [
+            ("BM", self.bm as f64),
+            ("BN", self.bn as f64),
+            ("BK", self.bk as f64),
+            ("TM", self.tm as f64),
+            ("TN", self.tn as f64),
+            ("MODE", f64::from(mode)),
+        ]
+    }
+
+    fn grid(&self, gpu: &Gpu, rows: usize, cols: usize, z: usize) -> Result<[u32; 3]> {
+        let (x, y) = (cols.div_ceil(self.bn), rows.div_ceil(self.bm));
+        let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+        ensure!(
+            x <= max && y <= max && z <= max,
+            "conv2d (tiled): {rows}x{cols} GEMM needs {x}x{y}x{z} workgroups; the adapter allows {max} per dimension"
+        );
+        Ok([x as u32, y as u32, z as u32])
+    }
+}
+
+/// The forward pass with workgroup-memory tiles (`conv2d_tiled.wgsl`, MODE 0).
+pub fn conv2d_forward_smem(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: SmemTiles,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d output", out, &cfg.output_shape())?;
+    ensure!(
+        bias.is_some() == cfg.bias,
+        "conv2d: configuration says bias={} but a bias tensor was given or not",
+        cfg.bias
+    );
+    let unused = placeholder(gpu)?;
+    let bias = match bias {
+        Some(b) => {
+            expect_shape("conv2d bias", b, &[cfg.c_out])?;
+            b
+        }
+        None => &unused,
+    };
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let grid = tiles.grid(gpu, cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+        Bind::Tensor(5, &unused),
+    ];
+    let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(0), &binds, grid)?
+            .labelled("conv2d_forward (tiled)")
+            .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
+}
+
+/// The input gradient with workgroup-memory tiles (MODE 1).
+pub fn conv2d_backward_input_smem(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: SmemTiles,
+    dout: &Tensor,
+    weight: &Tensor,
+    dinp: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+    let unused = placeholder(gpu)?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let grid = tiles.grid(gpu, cfg.c_in, cfg.n * cfg.h * cfg.w, 1)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, &unused),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, dinp),
+        Bind::Tensor(5, dout),
+    ];
+    let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(1), &binds, grid)?
+            .labelled("conv2d_backward_input (tiled)")
+            .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
+}
+
+/// The weight gradient with workgroup-memory tiles (MODE 2), K = N*OH*OW split `splits` ways
+/// and reduced in a fixed order by `conv2d_backward_weight_reduce` (1 = written directly).
+pub fn conv2d_backward_weight_smem(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: SmemTiles,
+    inp: &Tensor,
+    dout: &Tensor,
+    dweight: &Tensor,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
+    ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+    let m = cfg.n * cfg.out_h() * cfg.out_w();
+    // Each split a whole number of K steps, so no K step straddles two splits.
+    let split_len = m.div_ceil(splits).next_multiple_of(tiles.bk);
+    let splits = m.div_ceil(split_len);
+    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
+    let k = cfg.c_in * cfg.kh * cfg.kw;
+    let grid = tiles.grid(gpu, cfg.c_out, k, splits)?;
+    let unused = placeholder(gpu)?;
+    let partial =
+        if splits > 1 { Some(Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?) } else { None };
+    let target = partial.as_ref().unwrap_or(dweight);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, &unused),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, target),
+        Bind::Tensor(5, dout),
+    ];
+    let (flops, bytes) =
+        (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
+    let mut out = vec![
+        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(2), &binds, grid)?
+            .labelled("conv2d_backward_weight (tiled)")
+            .with_cost(flops, bytes),
+    ];
+    if let Some(partial) = &partial {
+        let binds = [Bind::Uniform(0, &params), Bind::Tensor(8, partial), Bind::Tensor(9, dweight)];
+        let consts = [("WG", WG as f64)];
+        out.push(gpu.dispatch(
+            "conv2d",
+            "conv2d_backward_weight_reduce",
+            &consts,
+            &binds,
+            gpu.grid_1d(cfg.c_out * k, WG),
+        )?);
+    }
+    Ok(out)
 }
