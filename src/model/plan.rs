@@ -122,7 +122,8 @@ impl Network {
             let view = |t: &Tensor, what: &str| t.view(&gpu, &format!("{} {what}", spec.name), start, &spec.shape);
             let value = view(&flat.values, "value")?;
             let grad = view(&flat.grads, "grad")?;
-            let state = flat.state.iter().enumerate().map(|(k, t)| view(t, &format!("state {k}"))).collect::<Result<_>>()?;
+            let state =
+                flat.state.iter().enumerate().map(|(k, t)| view(t, &format!("state {k}"))).collect::<Result<_>>()?;
             params.push(Param { spec, start, value, grad, state });
         }
         let bn = graph
