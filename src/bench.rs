@@ -54,6 +54,23 @@ pub struct KernelRow {
     pub pct_of_ceiling: f64,
 }
 
+/// One pass of one conv layer: the kernel the tuner chose and how it did.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvLayerRow {
+    pub layer: String,
+    pub pass: String,
+    pub kernel: String,
+    pub ms: f64,
+    pub gflops: f64,
+}
+
+/// A profiled step: per kernel, and per conv layer and pass.
+#[derive(Clone, Debug, Serialize)]
+pub struct Profile {
+    pub kernels: Vec<KernelRow>,
+    pub conv_layers: Vec<ConvLayerRow>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub adapter: String,
@@ -71,7 +88,11 @@ pub struct BenchReport {
     pub train_step_gflop: f64,
     pub train_step_gflops: f64,
     pub peak_memory_bytes: u64,
+    /// The tuner's work while the plan was built (0 timed when the cache answered).
+    pub tuning: crate::gpu::tune::TuneSummary,
+    pub tune_mode: crate::gpu::tune::TuneMode,
     pub kernels: Vec<KernelRow>,
+    pub conv_layers: Vec<ConvLayerRow>,
 }
 
 #[repr(C)]
@@ -192,7 +213,7 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
     let eval_s = t0.elapsed().as_secs_f64() / steps as f64;
 
     let step_flops: f64 = net.train_dispatches(&plan).iter().map(|d| d.flops).sum();
-    let kernels = profiled_step(&mut net, &plan, (fma_peak, copy_gbps))?;
+    let profile = profiled_step(&mut net, &plan, (fma_peak, copy_gbps))?;
     let (_, _, _, peak) = gpu.stats.snapshot();
     Ok(BenchReport {
         adapter: gpu.describe(),
@@ -213,14 +234,17 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
         train_step_gflop: step_flops / 1e9,
         train_step_gflops: step_flops / train_s / 1e9,
         peak_memory_bytes: peak,
-        kernels,
+        tuning: gpu.tuner.summary(),
+        tune_mode: gpu.tuner.mode,
+        kernels: profile.kernels,
+        conv_layers: profile.conv_layers,
     })
 }
 
 /// Take one training step with every dispatch in a compute pass of its own, timed (timestamp
 /// queries, else the wall clock), and sum the times per kernel. The step is a real one: its
 /// results are the same as from one pass. `ceilings` = (FMA peak GFLOP/s, copy GB/s).
-pub fn profiled_step(net: &mut Network, plan: &StepPlan, ceilings: (f64, f64)) -> Result<Vec<KernelRow>> {
+pub fn profiled_step(net: &mut Network, plan: &StepPlan, ceilings: (f64, f64)) -> Result<Profile> {
     net.begin_step();
     let list = net.train_dispatches(plan);
     let groups: Vec<Vec<&Dispatch>> = list.iter().map(|d| vec![*d]).collect();
@@ -247,7 +271,47 @@ pub fn profiled_step(net: &mut Network, plan: &StepPlan, ceilings: (f64, f64)) -
         })
         .collect();
     kernels.sort_by(|a, b| b.ms.total_cmp(&a.ms));
-    Ok(kernels)
+
+    // Per conv layer and pass (the weight gradient's reduction counted with it), in plan order.
+    let mut conv_layers: Vec<ConvLayerRow> = plan
+        .conv_kernels
+        .iter()
+        .map(|(layer, pass, kernel)| ConvLayerRow {
+            layer: layer.clone(),
+            pass: format!("{pass:?}"),
+            kernel: kernel.to_string(),
+            ms: 0.0,
+            gflops: 0.0,
+        })
+        .collect();
+    for (d, t) in list.iter().zip(&times) {
+        let pass = if d.label.starts_with("conv2d_backward_weight") {
+            "BackwardWeight"
+        } else if d.label.starts_with("conv2d_backward_input") {
+            "BackwardInput"
+        } else if d.label.starts_with("conv2d_forward") {
+            "Forward"
+        } else {
+            continue;
+        };
+        if let Some(row) = conv_layers.iter_mut().find(|r| r.layer == d.layer && r.pass == pass) {
+            row.ms += t * 1e3;
+            row.gflops += d.flops;
+        }
+    }
+    for row in &mut conv_layers {
+        row.gflops = if row.ms > 0.0 { row.gflops / (row.ms * 1e-3) / 1e9 } else { 0.0 };
+    }
+    Ok(Profile { kernels, conv_layers })
+}
+
+/// The per-conv-layer table as text: which kernel ran each pass, and how fast.
+pub fn format_conv_layers(rows: &[ConvLayerRow]) -> String {
+    let mut s = format!("{:<24} {:<15} {:<28} {:>9} {:>9}\n", "conv layer", "pass", "kernel", "ms", "GFLOP/s");
+    for r in rows {
+        s += &format!("{:<24} {:<15} {:<28} {:>9.3} {:>9.1}\n", r.layer, r.pass, r.kernel, r.ms, r.gflops);
+    }
+    s
 }
 
 /// The per-kernel table as text.
@@ -292,6 +356,12 @@ pub fn format_report(r: &BenchReport) -> String {
         "peak memory     {:>10.1} MiB (our accounting of every buffer)\n\n",
         r.peak_memory_bytes as f64 / 1048576.0
     );
+    s += &format!(
+        "tuning          {:?}: {} conv shapes timed in {:.1} s, {} from the cache\n\n",
+        r.tune_mode, r.tuning.timed, r.tuning.seconds, r.tuning.cached
+    );
     s += &format_kernels(&r.kernels);
+    s += "\n";
+    s += &format_conv_layers(&r.conv_layers);
     s
 }

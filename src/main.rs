@@ -16,6 +16,14 @@ struct Cli {
     /// Use the first adapter whose name contains this text (default: WGPU_ADAPTER_NAME).
     #[arg(long, global = true)]
     adapter: Option<String>,
+    /// Conv kernel tuning when a plan is built: off (built-in choice), quick (time a few tile
+    /// shapes per layer on GPUs), full (every shape, any adapter); remembered in the cache file
+    /// (default: SENET_TUNE, else quick).
+    #[arg(long, global = true, value_enum)]
+    tune: Option<senet_wgpu::gpu::tune::TuneMode>,
+    /// The tuning cache file (default: SENET_TUNE_CACHE, else ~/.cache/senet-wgpu/tune.json).
+    #[arg(long, global = true)]
+    tune_cache: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,7 +103,8 @@ enum SampleFormat {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
-    let opts = GpuOptions { backend: cli.backend, adapter_name: cli.adapter };
+    let opts =
+        GpuOptions { backend: cli.backend, adapter_name: cli.adapter, tune: cli.tune, tune_cache: cli.tune_cache };
     match cli.command {
         Command::Train(mut args) => {
             // --recipe fills in what the command line leaves at its default.

@@ -554,6 +554,14 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         train_set.shape
     );
     let plans = plans_for(&net, args.batch_size, &[train_set.len(), test_set.len()])?;
+    let tuned = gpu.tuner.summary();
+    if tuned.timed + tuned.cached > 0 {
+        let cache = gpu.tuner.path.as_ref().map_or("memory only".to_string(), |p| p.display().to_string());
+        println!(
+            "conv kernels ({:?} tuning): {} shapes timed in {:.1} s, {} from the cache ({cache})",
+            gpu.tuner.mode, tuned.timed, tuned.seconds, tuned.cached
+        );
+    }
 
     let mut history = Vec::new();
     let mut best_acc = f64::NEG_INFINITY;
@@ -652,12 +660,13 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             if args.profile && step == skip && epoch == args.epochs().min(first_epoch + 1) {
                 // --profile: this step runs timed, one pass per dispatch (same results).
                 let ceilings = crate::bench::ceilings(&gpu)?;
-                let rows = crate::bench::profiled_step(&mut net, plan, ceilings)?;
+                let profile = crate::bench::profiled_step(&mut net, plan, ceilings)?;
                 pb.suspend(|| {
                     println!(
-                        "per-kernel profile of epoch {epoch}, step {}:\n{}",
+                        "per-kernel profile of epoch {epoch}, step {}:\n{}\n{}",
                         step + 1,
-                        crate::bench::format_kernels(&rows)
+                        crate::bench::format_kernels(&profile.kernels),
+                        crate::bench::format_conv_layers(&profile.conv_layers)
                     )
                 });
                 in_flight = None;

@@ -37,6 +37,11 @@ pub struct GpuOptions {
     pub backend: Option<String>,
     /// Substring of the adapter name. `None` honours `WGPU_ADAPTER_NAME`.
     pub adapter_name: Option<String>,
+    /// How much the kernel tuner may time. `None` honours `SENET_TUNE`, else quick.
+    pub tune: Option<super::tune::TuneMode>,
+    /// The tuning cache file. `None` honours `SENET_TUNE_CACHE`, else the platform's cache
+    /// directory (`~/.cache/senet-wgpu/tune.json` on Linux).
+    pub tune_cache: Option<std::path::PathBuf>,
 }
 
 /// One adapter as `senet devices` shows it.
@@ -129,6 +134,8 @@ pub struct Gpu {
     /// lost). [`Gpu::wait`] and [`Gpu::check`] turn the first into an error: never a panic.
     errors: Arc<std::sync::Mutex<Vec<String>>>,
     pub(crate) kernels: super::kernels::KernelRegistry,
+    /// Which kernel runs each conv shape: timed once per adapter and remembered on disk.
+    pub tuner: super::tune::Tuner,
 }
 
 impl fmt::Debug for Gpu {
@@ -217,11 +224,25 @@ impl Gpu {
             adapters.sort_by_key(|a| rank(&a.get_info()));
             adapters.swap_remove(0)
         };
-        Self::from_adapter(adapter)
+        Self::from_adapter(adapter, opts)
     }
 
-    fn from_adapter(adapter: wgpu::Adapter) -> Result<Arc<Gpu>> {
+    fn from_adapter(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
+        let tune_mode = opts.tune.unwrap_or_else(super::tune::TuneMode::from_env);
+        let tune_cache = opts
+            .tune_cache
+            .clone()
+            .or_else(|| std::env::var_os("SENET_TUNE_CACHE").filter(|v| !v.is_empty()).map(Into::into))
+            .or_else(super::tune::default_cache_path);
+        let device_key = format!(
+            "{} | {:?} | {} {} | senet-wgpu {}",
+            info.name,
+            info.backend,
+            info.driver,
+            info.driver_info,
+            env!("CARGO_PKG_VERSION")
+        );
         let limits = adapter.limits();
         // Optional features we can use; request only what the adapter has.
         let wanted = wgpu::Features::TIMESTAMP_QUERY
@@ -257,6 +278,7 @@ impl Gpu {
         Ok(Arc::new(Gpu {
             errors,
             kernels: super::kernels::KernelRegistry::default(),
+            tuner: super::tune::Tuner::new(tune_mode, tune_cache, device_key),
             stats: Arc::default(),
             adapter,
             device,

@@ -38,6 +38,8 @@ pub(crate) struct KernelRegistry {
 #[derive(Clone, Debug)]
 pub struct Dispatch {
     pub label: &'static str,
+    /// The layer it belongs to (PyTorch name), empty outside a model's plan.
+    pub layer: String,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     pub workgroups: [u32; 3],
@@ -175,7 +177,7 @@ impl Gpu {
         if let Some(e) = pollster::block_on(scope.pop()) {
             anyhow::bail!("binding the buffers of {shader}::{entry}: {e}");
         }
-        Ok(Dispatch { label: entry, pipeline, bind_group, workgroups, flops: 0.0, bytes: 0.0 })
+        Ok(Dispatch { label: entry, layer: String::new(), pipeline, bind_group, workgroups, flops: 0.0, bytes: 0.0 })
     }
 
     /// Record `dispatches` into one compute pass of one command buffer and submit it.

@@ -3,6 +3,7 @@
 mod context;
 mod kernels;
 mod tensor;
+pub mod tune;
 
 pub use context::{AdapterSummary, Gpu, GpuOptions, GpuStats, NoAdapterError, list_adapters};
 pub use kernels::{Bind, Dispatch, SHADERS};

@@ -21,6 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config};
 use crate::gpu::{Dispatch, Gpu, Tensor};
 use crate::ops::batch_norm::{self, BatchNormConfig};
+use crate::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, result};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 use crate::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
@@ -258,8 +259,9 @@ impl Network {
         let mut eval = Vec::new();
         let mut se_saved = Vec::new();
         let mut backward: Vec<Vec<Dispatch>> = Vec::new();
-        let splits_target = if gpu.is_cpu() { 256 } else { 65536 };
+        let mut conv_kernels = Vec::new();
         for (k, node) in self.graph.nodes.iter().enumerate() {
+            let (train0, eval0) = (train.len(), eval.len());
             let a = node.inputs[0];
             let (inp, out, dinp, dout) = (&acts[a], &acts[k + 1], target(k, 0), &grads[k + 1]);
             let name = &node.name;
@@ -270,15 +272,33 @@ impl Network {
                     let cfg = conv_config(&node.layer, &inp.shape).context("conv config")?;
                     let w = p("weight")?;
                     let b = if bias { Some(p("bias")?) } else { None };
-                    let fwd = conv2d::conv2d_forward(gpu, &cfg, inp, &w.value, b.map(|b| &b.value), out)?;
-                    train.extend(fwd.iter().cloned());
-                    eval.extend(fwd);
-                    // The network input needs no gradient.
-                    if a != 0 {
-                        bwd.extend(conv2d::conv2d_backward_input(gpu, &cfg, dout, &w.value, dinp)?);
+                    let bufs = ConvBuffers {
+                        inp,
+                        weight: &w.value,
+                        bias: b.map(|b| &b.value),
+                        out,
+                        dout,
+                        dinp,
+                        dweight: &w.grad,
+                    };
+                    // Each pass runs the kernel the tuner chose for this shape; the network input
+                    // needs no gradient.
+                    let passes: &[ConvPass] = if a != 0 {
+                        &[ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
+                    } else {
+                        &[ConvPass::Forward, ConvPass::BackwardWeight]
+                    };
+                    for &pass in passes {
+                        let kernel = conv2d::choose(gpu, &cfg, pass)?;
+                        let d = conv2d::conv2d_pass(gpu, &cfg, pass, kernel, &bufs)?;
+                        conv_kernels.push((name.clone(), pass, kernel));
+                        if pass == ConvPass::Forward {
+                            train.extend(d.iter().cloned());
+                            eval.extend(d);
+                        } else {
+                            bwd.extend(d);
+                        }
                     }
-                    let splits = conv2d::weight_grad_splits(&cfg, conv2d::Tiles::for_layer(gpu, &cfg), splits_target);
-                    bwd.extend(conv2d::conv2d_backward_weight(gpu, &cfg, inp, dout, &w.grad, splits)?);
                     if let Some(b) = b {
                         bwd.extend(conv2d::conv2d_backward_bias(gpu, &cfg, dout, &b.grad)?);
                     }
@@ -388,6 +408,9 @@ impl Network {
                     bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
                 }
             }
+            for d in train[train0..].iter_mut().chain(&mut eval[eval0..]).chain(&mut bwd) {
+                d.layer = name.clone();
+            }
             backward.push(bwd);
         }
         let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
@@ -408,7 +431,19 @@ impl Network {
             &eval_result,
         )?);
         train.extend(backward.into_iter().rev().flatten());
-        Ok(StepPlan { n, acts, grads, labels, per_sample, train_result, eval_result, se_saved, train, eval })
+        Ok(StepPlan {
+            n,
+            acts,
+            grads,
+            labels,
+            per_sample,
+            train_result,
+            eval_result,
+            se_saved,
+            conv_kernels,
+            train,
+            eval,
+        })
     }
 
     /// One training step on the batch already written into `plan`: forward, loss, backward and
@@ -476,6 +511,8 @@ pub struct StepPlan {
     pub eval_result: Tensor,
     /// Every SE block's per-sample intermediates of the last pass (squeeze, hidden, excitation).
     pub se_saved: Vec<SeSaved>,
+    /// The kernel each conv layer's passes run (layer name, pass, kernel), as the tuner chose.
+    pub conv_kernels: Vec<(String, ConvPass, ConvKernel)>,
     train: Vec<Dispatch>,
     eval: Vec<Dispatch>,
 }

@@ -2,10 +2,11 @@
 //! `shaders/conv2d_tiled.wgsl` (workgroup-memory tiles for discrete GPUs, [`SmemTiles`]); CPU
 //! oracle in `reference/conv2d.rs`.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
 use super::{expect_shape, placeholder, to_u32};
+use crate::gpu::tune::{TuneEntry, TuneMode};
 use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
 
 /// A 2-D convolution over NCHW, as `torch.nn.Conv2d(c_in, c_out, (kh, kw), stride, padding,
@@ -582,4 +583,223 @@ pub fn conv2d_backward_weight_smem(
         )?);
     }
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Choosing a kernel per layer: the tuner.
+
+/// The three GEMMs of a convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum ConvPass {
+    Forward,
+    BackwardInput,
+    BackwardWeight,
+}
+
+/// Which kernel family and shape runs one pass of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// conv2d.wgsl's register blocks (only the fields of the pass matter).
+    Register(Tiles),
+    /// conv2d_tiled.wgsl's workgroup-memory tiles.
+    Tiled(SmemTiles),
+}
+
+impl std::fmt::Display for ConvKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConvKernel::Register(t) => write!(f, "register {}x{} / {}x{}", t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n),
+            ConvKernel::Tiled(t) => write!(f, "tiled {}x{}x{} / {}x{}", t.bm, t.bn, t.bk, t.tm, t.tn),
+        }
+    }
+}
+
+impl ConvKernel {
+    /// The tuning cache's spelling.
+    fn encode(&self) -> String {
+        match self {
+            ConvKernel::Register(t) => format!("register:{},{},{},{}", t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n),
+            ConvKernel::Tiled(t) => format!("tiled:{},{},{},{},{}", t.bm, t.bn, t.bk, t.tm, t.tn),
+        }
+    }
+
+    /// A cached choice back, only if it names a kernel this build has: a cache written by
+    /// another version, or edited, never selects a shape that was not built and tested.
+    fn decode(s: &str) -> Option<ConvKernel> {
+        let (family, dims) = s.split_once(':')?;
+        let v: Vec<usize> = dims.split(',').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let k = match (family, &v[..]) {
+            ("register", &[gemm_m, gemm_n, wgrad_ci, wgrad_n]) => {
+                ConvKernel::Register(Tiles { gemm_m, gemm_n, wgrad_ci, wgrad_n })
+            }
+            ("tiled", &[bm, bn, bk, tm, tn]) => ConvKernel::Tiled(SmemTiles { bm, bn, bk, tm, tn }),
+            _ => return None,
+        };
+        let known = match k {
+            ConvKernel::Register(t) => Tiles::ALL.contains(&t),
+            ConvKernel::Tiled(t) => SmemTiles::ALL.contains(&t),
+        };
+        known.then_some(k)
+    }
+}
+
+/// The buffers a pass reads and writes.
+pub struct ConvBuffers<'a> {
+    pub inp: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub out: &'a Tensor,
+    pub dout: &'a Tensor,
+    pub dinp: &'a Tensor,
+    pub dweight: &'a Tensor,
+}
+
+/// Workgroups the weight gradient should fill before splitting K stops paying: a CPU adapter
+/// has a few cores, a GPU a hundred multiprocessors or more.
+fn split_target(gpu: &Gpu) -> usize {
+    if gpu.is_cpu() { 256 } else { 65536 }
+}
+
+/// The weight gradient's K splits for `kernel` (deterministic from the choice).
+pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
+    match kernel {
+        ConvKernel::Register(t) => weight_grad_splits(cfg, t, split_target(gpu)),
+        ConvKernel::Tiled(t) => {
+            // Enough workgroups for ~1,024 in flight, each split at least 512 long.
+            let m = cfg.n * cfg.out_h() * cfg.out_w();
+            let tiles = cfg.c_out.div_ceil(t.bm) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(t.bn);
+            1024usize.div_ceil(tiles.max(1)).min(m / 512).clamp(1, 64)
+        }
+    }
+}
+
+/// The dispatches of `pass` with `kernel`.
+pub fn conv2d_pass(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    pass: ConvPass,
+    kernel: ConvKernel,
+    b: &ConvBuffers<'_>,
+) -> Result<Vec<Dispatch>> {
+    match (pass, kernel) {
+        (ConvPass::Forward, ConvKernel::Register(t)) => {
+            conv2d_forward_tiled(gpu, cfg, t, b.inp, b.weight, b.bias, b.out)
+        }
+        (ConvPass::Forward, ConvKernel::Tiled(t)) => conv2d_forward_smem(gpu, cfg, t, b.inp, b.weight, b.bias, b.out),
+        (ConvPass::BackwardInput, ConvKernel::Register(t)) => {
+            conv2d_backward_input_tiled(gpu, cfg, t, b.dout, b.weight, b.dinp)
+        }
+        (ConvPass::BackwardInput, ConvKernel::Tiled(t)) => {
+            conv2d_backward_input_smem(gpu, cfg, t, b.dout, b.weight, b.dinp)
+        }
+        (ConvPass::BackwardWeight, ConvKernel::Register(t)) => {
+            conv2d_backward_weight_tiled(gpu, cfg, t, b.inp, b.dout, b.dweight, splits_for(gpu, cfg, kernel))
+        }
+        (ConvPass::BackwardWeight, ConvKernel::Tiled(t)) => {
+            conv2d_backward_weight_smem(gpu, cfg, t, b.inp, b.dout, b.dweight, splits_for(gpu, cfg, kernel))
+        }
+    }
+}
+
+/// The kernels worth timing for a pass: the built-in choice first, then the others `mode` allows.
+fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, mode: TuneMode) -> Vec<ConvKernel> {
+    let builtin = ConvKernel::Register(Tiles::for_layer(gpu, cfg));
+    let mut out = vec![builtin];
+    match mode {
+        TuneMode::Off => {}
+        // On a CPU adapter the tiled kernels lose by far (no faster shared memory; every access
+        // lane by lane): quick keeps the built-in choice there without timing.
+        TuneMode::Quick if gpu.is_cpu() => {}
+        TuneMode::Quick => out.extend(SmemTiles::ALL[..4].iter().map(|&t| ConvKernel::Tiled(t))),
+        TuneMode::Full => {
+            for gemm_m in [8, 16] {
+                for gemm_n in [8, 16] {
+                    let t = Tiles { gemm_m, gemm_n, wgrad_ci: gemm_n / 2, wgrad_n: gemm_n };
+                    out.push(ConvKernel::Register(t));
+                }
+            }
+            out.extend(SmemTiles::ALL.iter().map(|&t| ConvKernel::Tiled(t)));
+            out.dedup();
+        }
+    }
+    out
+}
+
+/// The tuning cache's key for a pass of a layer shape.
+fn tune_key(cfg: &Conv2dConfig, pass: ConvPass) -> String {
+    let c = cfg;
+    format!(
+        "conv2d {pass:?} n{} c{}->{} {}x{} k{}x{} s{}x{} p{}x{} d{}x{} bias{}",
+        c.n,
+        c.c_in,
+        c.c_out,
+        c.h,
+        c.w,
+        c.kh,
+        c.kw,
+        c.stride.0,
+        c.stride.1,
+        c.pad.0,
+        c.pad.1,
+        c.dilation.0,
+        c.dilation.1,
+        u8::from(c.bias)
+    )
+}
+
+/// The kernel for `pass` of a layer shaped `cfg`: the tuning cache's answer, else the fastest
+/// candidate timed now (and remembered), else — with nothing to time — the built-in choice.
+pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass) -> Result<ConvKernel> {
+    let mode = gpu.tuner.mode;
+    let cands = candidates(gpu, cfg, mode);
+    if mode == TuneMode::Off {
+        return Ok(cands[0]);
+    }
+    let key = tune_key(cfg, pass);
+    if let Some(entry) = gpu.tuner.cached(&key) {
+        match ConvKernel::decode(&entry.choice) {
+            Some(k) => return Ok(k),
+            None => {
+                eprintln!(
+                    "warning: the tuning cache names an unknown kernel {:?} for {key}; timing again",
+                    entry.choice
+                );
+                gpu.tuner.forget(&key);
+            }
+        }
+    }
+    if cands.len() == 1 {
+        return Ok(cands[0]);
+    }
+    let start = std::time::Instant::now();
+    // Scratch buffers of the layer's shapes, zero-filled (the kernels' speed does not depend on
+    // the values), freed when the choice is made.
+    let t = |label: &str, shape: &[usize]| Tensor::zeros(gpu, label, shape);
+    let (inp, out) = (t("tuning input", &cfg.input_shape())?, t("tuning output", &cfg.output_shape())?);
+    let weight = t("tuning weight", &cfg.weight_shape())?;
+    let bias = if cfg.bias { Some(t("tuning bias", &[cfg.c_out])?) } else { None };
+    let bufs = ConvBuffers {
+        inp: &inp,
+        weight: &weight,
+        bias: bias.as_ref(),
+        out: &out,
+        dout: &out,
+        dinp: &inp,
+        dweight: &weight,
+    };
+    let mut best: Option<(ConvKernel, f64)> = None;
+    for &k in &cands {
+        // A candidate the adapter cannot build or run (workgroup limits, grid size) is skipped.
+        let Ok(dispatches) = conv2d_pass(gpu, cfg, pass, k, &bufs) else { continue };
+        let group: Vec<&Dispatch> = dispatches.iter().collect();
+        let Ok(times) = gpu.time_passes(&[group.clone(), group.clone(), group.clone(), group]) else { continue };
+        // The first run warms caches and clocks; the best of the other three counts.
+        let secs = times[1..].iter().copied().fold(f64::INFINITY, f64::min);
+        if best.is_none_or(|(_, b)| secs < b) {
+            best = Some((k, secs));
+        }
+    }
+    let (kernel, secs) = best.with_context(|| format!("no conv2d kernel could run {key}"))?;
+    gpu.tuner.store(&key, TuneEntry { choice: kernel.encode(), ms: secs * 1e3 }, start.elapsed().as_secs_f64());
+    Ok(kernel)
 }

@@ -1,0 +1,182 @@
+//! The tuner's memory: which kernel won for each (adapter, shape), kept in a JSON file in the
+//! platform's cache directory so the second start on a machine times nothing.
+//!
+//! The tuner stores opaque choices (strings the op that timed them encodes and decodes — see
+//! `ops::conv2d::ConvKernel`), keyed by the adapter, its driver and this crate's version, then by
+//! the op's own shape key. A file that cannot be read or parsed is ignored with one warning and
+//! rewritten; an entry the op cannot decode is timed again. Writes are atomic (temporary file,
+//! fsync, rename) after merging what is on disk, so processes sharing a machine (MPI ranks)
+//! cannot leave a torn file behind.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// How much the tuner may time when a plan is built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TuneMode {
+    /// No timing: the built-in choice per adapter kind (register blocks everywhere).
+    Off,
+    /// Time the built-in choice against a few workgroup-memory tile shapes per conv shape on
+    /// GPUs; on CPU adapters (lavapipe) keep the built-in choice untimed.
+    #[default]
+    Quick,
+    /// Time every kernel shape built, on any adapter.
+    Full,
+}
+
+impl TuneMode {
+    /// `SENET_TUNE` (off, quick, full), else quick.
+    pub fn from_env() -> TuneMode {
+        match std::env::var("SENET_TUNE").ok().as_deref().map(str::trim) {
+            Some("off") => TuneMode::Off,
+            Some("full") => TuneMode::Full,
+            _ => TuneMode::Quick,
+        }
+    }
+}
+
+/// One remembered choice.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneEntry {
+    pub choice: String,
+    /// The winner's time in milliseconds when it was measured.
+    pub ms: f64,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    /// Device key → shape key → choice.
+    devices: BTreeMap<String, BTreeMap<String, TuneEntry>>,
+}
+
+const VERSION: u32 = 1;
+
+/// What the tuner did so far, for the log line and `senet bench`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TuneSummary {
+    /// Shapes timed now.
+    pub timed: usize,
+    /// Shapes answered from the cache file.
+    pub cached: usize,
+    /// Seconds spent timing.
+    pub seconds: f64,
+}
+
+#[derive(Default)]
+struct State {
+    loaded: bool,
+    entries: BTreeMap<String, TuneEntry>,
+    summary: TuneSummary,
+}
+
+pub struct Tuner {
+    pub mode: TuneMode,
+    /// The cache file; None keeps choices in memory only.
+    pub path: Option<PathBuf>,
+    device: String,
+    state: Mutex<State>,
+}
+
+/// `$XDG_CACHE_HOME` or `~/.cache` (Linux and the BSDs), `~/Library/Caches` (macOS),
+/// `%LOCALAPPDATA%` (Windows), with `senet-wgpu/tune.json` below it.
+pub fn default_cache_path() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = if cfg!(windows) {
+        env("LOCALAPPDATA")
+    } else if cfg!(target_os = "macos") {
+        env("HOME").map(|h| h.join("Library").join("Caches"))
+    } else {
+        env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
+    };
+    base.map(|b| b.join("senet-wgpu").join("tune.json"))
+}
+
+impl Tuner {
+    /// A tuner for the device described by `device` (adapter, driver, crate version).
+    pub fn new(mode: TuneMode, path: Option<PathBuf>, device: String) -> Tuner {
+        Tuner { mode, path, device, state: Mutex::default() }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.loaded {
+            s.loaded = true;
+            if let Some(path) = &self.path {
+                match read(path) {
+                    Ok(mut file) => s.entries = file.devices.remove(&self.device).unwrap_or_default(),
+                    Err(e) => {
+                        eprintln!("warning: ignoring the tuning cache {}: {e}; it will be rewritten", path.display())
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// The remembered choice for `key`, if any (counted as a cache hit).
+    pub fn cached(&self, key: &str) -> Option<TuneEntry> {
+        let mut s = self.state();
+        let hit = s.entries.get(key).cloned();
+        if hit.is_some() {
+            s.summary.cached += 1;
+        }
+        hit
+    }
+
+    /// A choice that did not decode: forget it, so it is timed and rewritten.
+    pub fn forget(&self, key: &str) {
+        let mut s = self.state();
+        s.summary.cached = s.summary.cached.saturating_sub(1);
+        s.entries.remove(key);
+    }
+
+    /// Remember `entry` for `key`, timed in `seconds`, and write the cache file.
+    pub fn store(&self, key: &str, entry: TuneEntry, seconds: f64) {
+        let mut s = self.state();
+        s.summary.timed += 1;
+        s.summary.seconds += seconds;
+        s.entries.insert(key.to_string(), entry.clone());
+        drop(s);
+        if let Some(path) = &self.path {
+            // Merge with what is on disk now (another process may have added shapes); a file that
+            // does not read was reported when it was loaded and is replaced.
+            let mut file = read(path).unwrap_or_default();
+            file.version = VERSION;
+            file.devices.entry(self.device.clone()).or_default().insert(key.to_string(), entry);
+            if let Err(e) = write(path, &file) {
+                eprintln!("warning: could not write the tuning cache {}: {e:#}", path.display());
+            }
+        }
+    }
+
+    pub fn summary(&self) -> TuneSummary {
+        self.state().summary.clone()
+    }
+}
+
+/// The cache file; a missing one is empty. Unreadable, truncated, foreign or of another version:
+/// why, for the warning.
+fn read(path: &Path) -> Result<CacheFile, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CacheFile::default()),
+        Err(e) => return Err(e.to_string()),
+    };
+    match serde_json::from_slice::<CacheFile>(&bytes) {
+        Ok(f) if f.version == VERSION => Ok(f),
+        Ok(f) => Err(format!("version {} (this build writes {VERSION})", f.version)),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn write(path: &Path, file: &CacheFile) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::checkpoint::write_atomic(path, &serde_json::to_vec_pretty(file)?)
+}
