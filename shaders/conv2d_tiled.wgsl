@@ -20,10 +20,14 @@
 // slices in a fixed order, so results are deterministic as with the register kernels.
 //
 // Versions: v1 (this), single-buffered, loads decode their (channel, tap) and (image, pixel) with
-// integer divisions by uniforms. Measured: on lavapipe (no faster shared memory, every access
-// lane by lane) the register kernels of conv2d.wgsl win by far, and the tuner keeps them there.
-// On a discrete GPU: not yet measured (no device lent in the session that wrote it) — the
-// tuner's choice there is the measurement; double buffering and vec4 loads are the next versions.
+// integer divisions by uniforms. Measured on lavapipe (senet bench --tune full, width 0.25, batch
+// 32, SENET_TUNE_VERBOSE=1, machine shared with a training run; ratios from one run): the best
+// tile shape is 8x to 25x slower than the register blocks of conv2d.wgsl (features.4 forward
+// 48 ms register vs 387 ms tiled 32x128; input gradient 42 vs 706 ms; first layer's weight
+// gradient 59 vs 736 ms) — no faster shared memory there, every access lane by lane — so quick
+// tuning does not time them on CPU adapters. On a discrete GPU: not yet measured (no device lent
+// in the session that wrote it); the tuner's choice there is the measurement. Next versions:
+// double buffering of the next K slice, vec4 loads where aligned, divisions by pipeline constants.
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,

@@ -98,7 +98,10 @@ impl Tensor {
         );
         let offset = self.offset + (start * 4) as u64;
         let align = u64::from(gpu.limits.min_storage_buffer_offset_alignment);
-        ensure!(offset.is_multiple_of(align), "{label}: view offset {offset} is not a multiple of the adapter's {align}");
+        ensure!(
+            offset.is_multiple_of(align),
+            "{label}: view offset {offset} is not a multiple of the adapter's {align}"
+        );
         let max = gpu.limits.max_storage_buffer_binding_size;
         ensure!((numel * 4) as u64 <= max, "{label}: {shape:?} needs more than the adapter's {max}-byte binding");
         Ok(Tensor { buffer: self.buffer.clone(), offset, shape: shape.to_vec(), stats: None })

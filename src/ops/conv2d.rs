@@ -707,8 +707,9 @@ fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, mode: TuneMode) -> Vec<ConvKernel> 
     let mut out = vec![builtin];
     match mode {
         TuneMode::Off => {}
-        // On a CPU adapter the tiled kernels lose by far (no faster shared memory; every access
-        // lane by lane): quick keeps the built-in choice there without timing.
+        // On a CPU adapter the tiled kernels lose by far (lavapipe: 8-25x slower than the
+        // register blocks on every senet layer, conv2d_tiled.wgsl's header): quick keeps the
+        // built-in choice there without timing (full tuning of senet w0.25 b32 took 491 s).
         TuneMode::Quick if gpu.is_cpu() => {}
         TuneMode::Quick => out.extend(SmemTiles::ALL[..4].iter().map(|&t| ConvKernel::Tiled(t))),
         TuneMode::Full => {
@@ -795,6 +796,9 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass) -> Result<ConvKerne
         let Ok(times) = gpu.time_passes(&[group.clone(), group.clone(), group.clone(), group]) else { continue };
         // The first run warms caches and clocks; the best of the other three counts.
         let secs = times[1..].iter().copied().fold(f64::INFINITY, f64::min);
+        if std::env::var_os("SENET_TUNE_VERBOSE").is_some() {
+            eprintln!("tune {key}: {k} {:.3} ms", secs * 1e3);
+        }
         if best.is_none_or(|(_, b)| secs < b) {
             best = Some((k, secs));
         }
