@@ -1,7 +1,7 @@
 """Whole-run divergence inputs for senet-wgpu's tests (run once, by hand, where PyTorch is installed).
 
 One initial state, one fixed sequence of batches, K Adam steps of the base SENet run twice in
-PyTorch: in float64 (the truth, as far as a computer has one) and in float32 (what a PyTorch user
+PyTorch (--steps K, --batch, --snap to change them for experiments): in float64 (the truth, as far as a computer has one) and in float32 (what a PyTorch user
 gets). tests/divergence.rs runs the same K steps on our GPU (f32) and on our f64 CPU reference and
 asks how far each drifts from PyTorch float64 compared with PyTorch float32.
 
@@ -47,7 +47,11 @@ def idx(path, header):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/golden/divergence")
+    ap.add_argument("--steps", type=int, default=K)
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--snap", type=int, default=SNAP)
     args = ap.parse_args()
+    steps, batch, snap = args.steps, args.batch, args.snap
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
 
@@ -58,8 +62,8 @@ def main():
 
     # Epochs of seeded permutations, cut into K batches.
     g = torch.Generator().manual_seed(1)
-    order = torch.cat([torch.randperm(POOL, generator=g) for _ in range(K * BATCH // POOL + 1)])
-    batches = order[: K * BATCH].reshape(K, BATCH)
+    order = torch.cat([torch.randperm(POOL, generator=g) for _ in range(steps * batch // POOL + 1)])
+    batches = order[: steps * batch].reshape(steps, batch)
 
     model = senet(num_classes=10, in_channels=1, width=1 / 16)
     init = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
@@ -73,14 +77,14 @@ def main():
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
         x = x32.to(dtype)
         losses = []
-        for s in range(1, K + 1):
+        for s in range(1, steps + 1):
             b = batches[s - 1]
             opt.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(m(x[b]), y[b])
             loss.backward()
             opt.step()
             losses.append(loss.item())
-            if s % SNAP == 0:
+            if s % snap == 0 or s == steps:
                 for k, v in m.state_dict().items():
                     if v.is_floating_point():
                         out[f"{tag}.{s}.{k}"] = v.detach().clone().contiguous()
@@ -88,7 +92,7 @@ def main():
         print(f"{tag}: loss {losses[0]:.6f} -> {losses[-1]:.6f}")
     save_file(out, os.path.join(args.out, "run.safetensors"))
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: {n} parameters, {K} steps of batch {BATCH}, snapshots every {SNAP}")
+    print(f"wrote {args.out}: {n} parameters, {steps} steps of batch {batch}, snapshots every {snap}")
 
 
 if __name__ == "__main__":

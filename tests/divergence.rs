@@ -26,10 +26,7 @@ use senet_wgpu::ops::optimizer::OptimizerConfig;
 use senet_wgpu::reference;
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/divergence");
-const K: usize = 300;
-const BATCH: usize = 16;
 const POOL: usize = 1024;
-const SNAP: usize = 50;
 const LR: f64 = 1e-3;
 
 /// How much faster than PyTorch float32 our GPU step may drift from PyTorch float64: the relative
@@ -65,8 +62,14 @@ fn config() -> ModelConfig {
 }
 
 /// Every tensor of a golden file as (shape, f64 values).
+/// The golden folder; `SENET_DIVERGENCE_DIR` points the test at another run of the script (a
+/// larger batch, say) for experiments.
+fn dir() -> std::path::PathBuf {
+    std::env::var_os("SENET_DIVERGENCE_DIR").map_or_else(|| Path::new(DIR).to_path_buf(), Into::into)
+}
+
 fn load(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(Path::new(DIR).join(name)).expect("divergence golden file");
+    let bytes = std::fs::read(dir().join(name)).expect("divergence golden file");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
     st.tensors()
         .into_iter()
@@ -162,8 +165,15 @@ fn split(state: &Tensors, graph: &senet_wgpu::model::Graph) -> Split {
 
 #[test]
 fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32() {
-    let init = checkpoint::load(&Path::new(DIR).join("init.safetensors")).unwrap();
+    let init = checkpoint::load(&dir().join("init.safetensors")).unwrap();
     let run = load("run.safetensors");
+    // K steps of BATCH images (the batches' shape), snapshots at the steps the file holds.
+    let (k_steps, batch_size) = (run["batches"].0[0], run["batches"].0[1]);
+    let mut snaps: Vec<usize> =
+        run.keys().filter_map(|k| k.strip_prefix("f64.")?.split('.').next()?.parse().ok()).collect();
+    snaps.sort();
+    snaps.dedup();
+    assert!(snaps.len() >= 2 && snaps[snaps.len() - 1] == k_steps, "snapshots {snaps:?} of {k_steps} steps");
 
     // The data: the pool as the script read it (pixels/255 in f32), checked by its sum.
     let mut sample = data::load(DatasetKind::Sample, None, None).unwrap().train;
@@ -173,8 +183,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
     assert!((x_sum - run["x_sum"].1[0]).abs() < 1e-6, "pool pixel sum {x_sum} != the script's {}", run["x_sum"].1[0]);
     let image = 28 * 28;
     let batches: Vec<Vec<usize>> =
-        run["batches"].1.chunks(BATCH).map(|b| b.iter().map(|&i| i as usize).collect()).collect();
-    assert_eq!(batches.len(), K);
+        run["batches"].1.chunks(batch_size).map(|b| b.iter().map(|&i| i as usize).collect()).collect();
     let batch = |s: usize| -> (Vec<f32>, Vec<u32>) {
         let idx = &batches[s];
         let xb = idx.iter().flat_map(|&i| x[i * image..][..image].iter().copied()).collect();
@@ -189,7 +198,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
     let gpu = gpu();
     let mut net = Network::new(gpu.clone(), config(), OptimizerConfig::adam(LR), 0).unwrap();
     checkpoint::apply(&mut net, &init, "divergence init").unwrap();
-    let plan = net.plan(BATCH).unwrap();
+    let plan = net.plan(batch_size).unwrap();
     let param_names: Vec<String> = net.params.iter().map(|p| p.spec.name.clone()).collect();
     let buffer_names: Vec<String> =
         net.bn.iter().flat_map(|b| [format!("{}.running_mean", b.name), format!("{}.running_var", b.name)]).collect();
@@ -219,9 +228,9 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
         net.train_step(&plan);
         gpu.wait().unwrap();
         let per_sample = read(&gpu, &plan.per_sample);
-        let gpu_loss: f64 = per_sample.chunks(3).map(|r| f64::from(r[0])).sum::<f64>() / BATCH as f64;
+        let gpu_loss: f64 = per_sample.chunks(3).map(|r| f64::from(r[0])).sum::<f64>() / batch_size as f64;
 
-        let want = reference::model::train_step(&graph, &ref_params, &ref_buffers, BATCH, &to_f64(&xb), &yb).unwrap();
+        let want = reference::model::train_step(&graph, &ref_params, &ref_buffers, batch_size, &to_f64(&xb), &yb).unwrap();
         for n in &param_names {
             let p = ref_params.get_mut(n).unwrap();
             reference::optimizer::optimizer_step(&adam, s as u64 + 1, p, &want.grads[n], ref_state.get_mut(n).unwrap());
@@ -231,7 +240,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
         worst_loss_ref = worst_loss_ref.max((want.loss - want_loss).abs());
 
         let step = s + 1;
-        if step % SNAP != 0 {
+        if !snaps.contains(&step) {
             continue;
         }
         let mut ours: Tensors =
@@ -262,7 +271,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
         // where both f32 paths are still at their per-step rounding level, and at the end, where
         // chaos has taken both to the same plateau. In between, the drift moves in jumps (a max-pool
         // window or a ReLU flipping for one image) whose timing is itself chance: printed, not bounded.
-        let bounded = step == SNAP || step == K;
+        let bounded = step == snaps[0] || step == k_steps;
         if bounded && !within(dgpu, FACTOR * d32) {
             failures.push(format!("step {step}: GPU drift {dgpu:.3e} > {FACTOR} x PyTorch float32's {d32:.3e}"));
         }
@@ -282,7 +291,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
         "largest per-step loss difference from PyTorch float64: torch f32 {worst_loss32:.3e}, ours GPU \
          {worst_loss_gpu:.3e}, ours f64 {worst_loss_ref:.3e}; loss {:.4} -> {:.4}",
         loss64[0],
-        loss64[K - 1]
+        loss64[k_steps - 1]
     ));
     // Per-step losses: a plain bound as a second, independent look (the drift above is the test).
     if !within(worst_loss_ref, REF_TOL) {
