@@ -365,3 +365,87 @@ pub fn format_report(r: &BenchReport) -> String {
     s += &format_conv_layers(&r.conv_layers);
     s
 }
+
+/// `senet plan`: one step's dispatches in the order they run.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PlanArgs {
+    /// Any model `train --model` takes (the base SENet by default).
+    #[arg(long, default_value = "senet")]
+    pub model: String,
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Input height and width.
+    #[arg(long, default_value_t = 32)]
+    pub hw: usize,
+    #[arg(long, default_value_t = 3)]
+    pub in_channels: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// The evaluation pass instead of the training step.
+    #[arg(long)]
+    pub eval: bool,
+}
+
+/// One dispatch of a plan, as `senet plan` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanRow {
+    pub layer: String,
+    pub pass: crate::gpu::Pass,
+    pub kernel: String,
+    pub workgroups: [u32; 3],
+    pub mflop: f64,
+    pub bytes: f64,
+}
+
+/// The dispatches of one training step (or evaluation pass) of `args`'s model, in order.
+pub fn plan_rows(gpu: Arc<Gpu>, args: &PlanArgs) -> Result<Vec<PlanRow>> {
+    let config = ModelConfig {
+        model: args.model.clone(),
+        width: args.width,
+        reduction: 16,
+        in_channels: args.in_channels,
+        num_classes: args.classes,
+        input_hw: [args.hw, args.hw],
+        classes: vec![],
+        normalize: None,
+        se_bias: false,
+        se: Default::default(),
+    };
+    let net = Network::new(gpu, config, OptimizerConfig::adam(1e-3), 0)?;
+    let plan = net.plan(args.batch_size)?;
+    let list = if args.eval { net.eval_dispatches(&plan) } else { net.train_dispatches(&plan) };
+    Ok(list
+        .into_iter()
+        .map(|d| PlanRow {
+            layer: d.layer.clone(),
+            pass: d.pass,
+            kernel: d.label.to_string(),
+            workgroups: d.workgroups,
+            mflop: d.flops / 1e6,
+            bytes: d.bytes,
+        })
+        .collect())
+}
+
+pub fn format_plan(rows: &[PlanRow]) -> String {
+    let mut s = format!(
+        "{:>4} {:<24} {:<10} {:<34} {:>18} {:>10} {:>12}\n",
+        "#", "layer", "pass", "kernel", "workgroups", "MFLOP", "bytes"
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let [x, y, z] = r.workgroups;
+        s += &format!(
+            "{:>4} {:<24} {:<10} {:<34} {:>18} {:>10.1} {:>12.0}\n",
+            i,
+            r.layer,
+            format!("{:?}", r.pass),
+            r.kernel,
+            format!("{x}x{y}x{z}"),
+            r.mflop,
+            r.bytes
+        );
+    }
+    s
+}

@@ -55,6 +55,14 @@ enum Command {
     },
     /// Measure the device's ceilings, a model's train step and eval, and each kernel's share.
     Bench(senet_wgpu::bench::BenchArgs),
+    /// Print one training step's dispatches in order: layer, pass, kernel, workgroups, work.
+    Plan {
+        #[command(flatten)]
+        args: senet_wgpu::bench::PlanArgs,
+        /// Print JSON lines, one per dispatch.
+        #[arg(long)]
+        json: bool,
+    },
     /// Layer table of a model: output shapes, parameters, multiply-adds, SE overhead.
     Summary {
         #[arg(long, default_value = "senet")]
@@ -146,6 +154,16 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 for (class, p) in top {
                     println!("  {p:>7.4}  {class}");
                 }
+            }
+        }
+        Command::Plan { args, json } => {
+            let rows = senet_wgpu::bench::plan_rows(Gpu::new(&opts)?, &args)?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print!("{}", senet_wgpu::bench::format_plan(&rows));
             }
         }
         Command::Bench(args) => {

@@ -419,3 +419,22 @@ fn profile_prints_the_kernel_table_without_changing_the_run() {
     }
     assert!(std::fs::read(a.join("last.safetensors")).unwrap() == std::fs::read(b.join("last.safetensors")).unwrap());
 }
+
+#[test]
+fn plan_prints_one_step_in_order() {
+    let out = senet().args(["plan", "--width", "0.25", "--batch-size", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].contains("layer") && lines[0].contains("kernel"), "{text}");
+    assert!(lines[1].contains("features.0") && lines[1].contains("Forward") && lines[1].contains("conv2d_forward"));
+    assert!(lines.iter().any(|l| l.contains("Loss") && l.contains("cross_entropy")), "{text}");
+    let last = lines.last().unwrap();
+    assert!(last.contains("Optimizer") && last.contains("adam_step"), "{text}");
+    let eval = senet().args(["plan", "--width", "0.25", "--batch-size", "2", "--eval"]).output().unwrap();
+    let eval = String::from_utf8_lossy(&eval.stdout);
+    assert!(
+        !eval.contains("Backward") && !eval.contains("adam_step") && eval.contains("batch_norm_forward_eval"),
+        "{eval}"
+    );
+}

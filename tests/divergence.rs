@@ -230,7 +230,8 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
         let per_sample = read(&gpu, &plan.per_sample);
         let gpu_loss: f64 = per_sample.chunks(3).map(|r| f64::from(r[0])).sum::<f64>() / batch_size as f64;
 
-        let want = reference::model::train_step(&graph, &ref_params, &ref_buffers, batch_size, &to_f64(&xb), &yb).unwrap();
+        let want =
+            reference::model::train_step(&graph, &ref_params, &ref_buffers, batch_size, &to_f64(&xb), &yb).unwrap();
         for n in &param_names {
             let p = ref_params.get_mut(n).unwrap();
             reference::optimizer::optimizer_step(&adam, s as u64 + 1, p, &want.grads[n], ref_state.get_mut(n).unwrap());

@@ -379,3 +379,45 @@ fn one_dispatch_updates_every_parameter_of_the_flat_buffers() {
         assert!(gap_values.iter().all(|&v| v == 0.0), "{what}: gaps hold {gap_values:?}");
     }
 }
+
+/// The plan as data: a training step is the forward of every layer in graph order, the loss,
+/// the backward in reverse order, then one optimizer dispatch; evaluation is the forward and the
+/// loss alone. Checked on a residual network (forks, projection shortcuts, SE).
+#[test]
+fn a_step_is_forward_in_order_loss_backward_in_reverse_then_the_optimizer() {
+    use senet_wgpu::gpu::Pass;
+    let gpu = gpu();
+    let cfg = cifar_resnet("se-resnet8", 0.5);
+    let net = Network::new(gpu.clone(), cfg, OptimizerConfig::adam(1e-3), 0).unwrap();
+    let plan = net.plan(2).unwrap();
+    let index = |layer: &str| net.graph.nodes.iter().position(|n| n.name == layer);
+    let rank = |p: Pass| [Pass::Forward, Pass::Loss, Pass::Backward, Pass::Optimizer].iter().position(|&q| q == p);
+    let list = net.train_dispatches(&plan);
+    // (pass rank, graph node) of the dispatch before.
+    let mut prev: Option<(usize, usize)> = None;
+    for d in &list {
+        let r = rank(d.pass).unwrap_or_else(|| panic!("{} has no pass", d.label));
+        let node = index(&d.layer);
+        if let Some((pr, pn)) = prev {
+            assert!(r >= pr, "{} of {} ({:?}) runs after a later pass", d.label, d.layer, d.pass);
+            if let (Some(n), true) = (node, r == pr) {
+                match d.pass {
+                    Pass::Forward => assert!(n >= pn, "forward of {} after node {pn}", d.layer),
+                    Pass::Backward => assert!(n <= pn, "backward of {} after node {pn}", d.layer),
+                    _ => {}
+                }
+            }
+        }
+        prev = Some((r, node.or(prev.map(|p| p.1)).unwrap_or(0)));
+    }
+    assert_eq!(list.iter().filter(|d| d.pass == Pass::Optimizer).count(), 1);
+    assert_eq!(list.last().map(|d| d.pass), Some(Pass::Optimizer));
+    assert!(list.iter().filter(|d| d.pass == Pass::Loss).count() >= 1);
+    let conv_layers = net.graph.nodes.iter().filter(|n| n.name.contains("conv")).count();
+    assert!(
+        list.iter().filter(|d| d.pass == Pass::Backward && d.label.starts_with("conv2d_backward_weight")).count()
+            >= conv_layers
+    );
+    let eval = net.eval_dispatches(&plan);
+    assert!(eval.iter().all(|d| matches!(d.pass, Pass::Forward | Pass::Loss)), "evaluation has only forward and loss");
+}

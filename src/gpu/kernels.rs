@@ -34,12 +34,25 @@ pub(crate) struct KernelRegistry {
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
 }
 
+/// Which part of a training step a dispatch belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Pass {
+    /// Outside a model's step (tests, benchmarks).
+    #[default]
+    None,
+    Forward,
+    Loss,
+    Backward,
+    Optimizer,
+}
+
 /// One kernel launch, ready to record: the plan is a list of these, built once and replayed.
 #[derive(Clone, Debug)]
 pub struct Dispatch {
     pub label: &'static str,
     /// The layer it belongs to (PyTorch name), empty outside a model's plan.
     pub layer: String,
+    pub pass: Pass,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     pub workgroups: [u32; 3],
@@ -177,7 +190,16 @@ impl Gpu {
         if let Some(e) = pollster::block_on(scope.pop()) {
             anyhow::bail!("binding the buffers of {shader}::{entry}: {e}");
         }
-        Ok(Dispatch { label: entry, layer: String::new(), pipeline, bind_group, workgroups, flops: 0.0, bytes: 0.0 })
+        Ok(Dispatch {
+            label: entry,
+            layer: String::new(),
+            pass: Pass::None,
+            pipeline,
+            bind_group,
+            workgroups,
+            flops: 0.0,
+            bytes: 0.0,
+        })
     }
 
     /// Record `dispatches` into one compute pass of one command buffer and submit it.

@@ -6,5 +6,5 @@ mod tensor;
 pub mod tune;
 
 pub use context::{AdapterSummary, Gpu, GpuOptions, GpuStats, NoAdapterError, list_adapters};
-pub use kernels::{Bind, Dispatch, SHADERS};
+pub use kernels::{Bind, Dispatch, Pass, SHADERS};
 pub use tensor::Tensor;

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config};
-use crate::gpu::{Dispatch, Gpu, Tensor};
+use crate::gpu::{Dispatch, Gpu, Pass, Tensor};
 use crate::ops::batch_norm::{self, BatchNormConfig};
 use crate::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, result};
@@ -148,7 +148,9 @@ impl Network {
             let (value, grad) = (view(&flat.values, "parameters")?, view(&flat.grads, "gradients")?);
             let state = flat.state.iter().map(|t| view(t, "optimizer state")).collect::<Result<Vec<_>>>()?;
             let state: Vec<&Tensor> = state.iter().collect();
-            updates.push(OptimizerStep::new(&gpu, optimizer, &value, &grad, &state, 0, len)?);
+            let mut update = OptimizerStep::new(&gpu, optimizer, &value, &grad, &state, 0, len)?;
+            (update.dispatch.layer, update.dispatch.pass) = ("all parameters".to_string(), Pass::Optimizer);
+            updates.push(update);
         }
         let by_name = params.iter().enumerate().map(|(i, p)| (p.spec.name.clone(), i)).collect();
         Ok(Network { gpu, config, graph, params, flat, bn, optimizer, updates, step: 0, by_name })
@@ -408,12 +410,16 @@ impl Network {
                     bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
                 }
             }
-            for d in train[train0..].iter_mut().chain(&mut eval[eval0..]).chain(&mut bwd) {
-                d.layer = name.clone();
+            for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
+                (d.layer, d.pass) = (name.clone(), Pass::Forward);
+            }
+            for d in &mut bwd {
+                (d.layer, d.pass) = (name.clone(), Pass::Backward);
             }
             backward.push(bwd);
         }
         let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
+        let (train0, eval0) = (train.len(), eval.len());
         train.extend(cross_entropy::cross_entropy_forward_backward(
             gpu,
             logits,
@@ -430,6 +436,9 @@ impl Network {
             &per_sample,
             &eval_result,
         )?);
+        for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
+            (d.layer, d.pass) = ("loss".to_string(), Pass::Loss);
+        }
         train.extend(backward.into_iter().rev().flatten());
         Ok(StepPlan {
             n,
