@@ -13,12 +13,12 @@
 # /usr/local/nvidia when no other is registered.
 #
 # Full run (a GPU): senet w1 b128 and w0.25 b128 at 3x32x32, se-resnet20 b128 at 32x32, se-resnet50
-# b64 at 224x224 (1000 classes); every command under a timeout so the whole stays inside 6 minutes.
+# b64 at 224x224 (1000 classes); every command under a timeout (devices 30 s, each bench 60 s,
+# PyTorch 100 s) so the whole stays inside 6 minutes.
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
 quick=0
 out=${OUT:-bench-out}
@@ -29,14 +29,18 @@ while [ $# -gt 0 ]; do
     *) echo "gpu-bench.sh: unknown argument $1 (use --quick, --out DIR)" >&2; exit 2 ;;
   esac
 done
+# Paths given relative to the caller's folder stay so after the cd to the repository.
+mkdir -p "$out" && out=$(realpath "$out")
+[ -n "${SENET:-}" ] && SENET=$(realpath "$SENET")
+cd "$(dirname "$0")/.."
 senet=${SENET:-target/release/senet}
 python=${PYTHON:-python3}
 [ -x "$senet" ] || { echo "gpu-bench.sh: no $senet (cargo build --release, or set SENET)" >&2; exit 2; }
 mkdir -p "$out"
 start=$(date +%s)
 
-# The Vulkan loader and driver.
-if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' && ls .gl/*.deb >/dev/null 2>&1; then
+# The Vulkan loader and driver (dpkg -x into / needs root, as the device machines run commands).
+if ! grep -q 'libvulkan.so.1' < <(ldconfig -p 2>/dev/null) && ls .gl/*.deb >/dev/null 2>&1; then
   echo "gpu-bench: unpacking the carried Vulkan loader (.gl/*.deb)"
   for f in .gl/*.deb; do dpkg -x "$f" /; done
   ldconfig
@@ -50,13 +54,15 @@ fi
 
 if [ $quick = 1 ]; then
   cases="senet:0.25:16:32 senet:0.5:8:32 se-resnet20:1.0:4:32 se-resnet50:0.25:2:64"
-  steps=3 torch_args=(--device cpu --modes fp32 --warmup 1 --steps 3) limit=120
+  steps=3 torch_args=(--device cpu --modes fp32 --warmup 1 --steps 3) limit=120 torch_limit=150
 else
   cases="senet:1.0:128:32 senet:0.25:128:32 se-resnet20:1.0:128:32 se-resnet50:1.0:64:224"
-  steps=10 torch_args=(--warmup 5 --steps 20) limit=90
+  steps=10 torch_args=(--warmup 5 --steps 20) limit=60 torch_limit=100
 fi
+# The tuner's choices come back with the results (and a rerun on the same machine times nothing).
+export SENET_TUNE_CACHE="$out/tune.json"
 
-"$senet" devices > "$out/devices.txt" 2>&1 || { cat "$out/devices.txt"; echo "gpu-bench.sh: senet devices failed" >&2; exit 1; }
+timeout 30 "$senet" devices > "$out/devices.txt" 2>&1 || { cat "$out/devices.txt"; echo "gpu-bench.sh: senet devices failed" >&2; exit 1; }
 cat "$out/devices.txt"
 : > "$out/senet.jsonl"
 for c in $cases; do
@@ -77,13 +83,13 @@ rm -f "$out/bench.tmp"
 if "$python" -c 'import torch' 2>/dev/null; then
   echo "gpu-bench: PyTorch ($(( $(date +%s) - start )) s so far)"
   # shellcheck disable=SC2086
-  timeout 150 "$python" scripts/torch_bench_cuda.py --cases $cases "${torch_args[@]}" > "$out/torch.jsonl" \
-    2> "$out/torch.err" || { echo "gpu-bench: PyTorch failed or ran past 150 s:"; tail -5 "$out/torch.err"; }
+  timeout "$torch_limit" "$python" scripts/torch_bench_cuda.py --cases $cases "${torch_args[@]}" > "$out/torch.jsonl" \
+    2> "$out/torch.err" || { echo "gpu-bench: PyTorch failed or ran past $torch_limit s:"; tail -5 "$out/torch.err"; }
 else
   echo "gpu-bench: $python has no torch: PyTorch columns left empty"
 fi
 
-"$python" - "$out" "$quick" <<'EOF'
+"$python" - "$out" "$quick" <<'EOF' || { echo "gpu-bench.sh: writing the report failed" >&2; exit 1; }
 import json, os, sys
 out, quick = sys.argv[1], sys.argv[2] == "1"
 def lines(name):

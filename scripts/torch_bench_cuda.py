@@ -53,8 +53,10 @@ def timed(fn, dev, warmup, steps):
 def measure(case, mode, channels_last, dev, warmup, steps):
     name, width, batch, hw = case
     classes = 1000 if hw >= 128 else 10
+    # fp32: TF32 off everywhere. tf32: on. amp: PyTorch's defaults (cuDNN convolutions may use
+    # TF32 for what autocast leaves in float32), as users run mixed precision.
     torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
-    torch.backends.cudnn.allow_tf32 = mode == "tf32"
+    torch.backends.cudnn.allow_tf32 = mode != "fp32"
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build(name, width, classes).to(dev).to(memory_format=fmt)
@@ -108,13 +110,17 @@ def main():
                 continue
             layouts = [False, True] if dev.type == "cuda" else [False]
             best = None
-            try:
-                for cl in layouts:
+            for cl in layouts:
+                try:
                     train, ev = measure(case, mode, cl, dev, args.warmup, args.steps)
-                    if best is None or train > best[0]:
-                        best = (train, ev, cl)
-            except Exception as e:  # one case failing (out of memory, a shape) must not lose the others
-                print(f"torch_bench_cuda: {spec} {mode}: {e}", file=sys.stderr, flush=True)
+                except Exception as e:  # one layout failing (out of memory) must not lose the other
+                    print(f"torch_bench_cuda: {spec} {mode} channels_last={cl}: {e}", file=sys.stderr, flush=True)
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                if best is None or train > best[0]:
+                    best = (train, ev, cl)
+            if best is None:
                 continue
             print(json.dumps({
                 "framework": f"pytorch-{dev.type}", "torch": torch.__version__, "device": gpu,

@@ -50,28 +50,31 @@ def main():
     ap.add_argument("--steps", type=int, default=K)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--snap", type=int, default=SNAP)
+    ap.add_argument("--pool", type=int, default=POOL, help="images of the sample to draw batches from")
+    ap.add_argument("--width", type=float, default=1 / 16)
+    ap.add_argument("--save-final", action="store_true", help="also write final64/final32.safetensors (for eval)")
     args = ap.parse_args()
-    steps, batch, snap = args.steps, args.batch, args.snap
+    steps, batch, snap, pool, width = args.steps, args.batch, args.snap, args.pool, args.width
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
 
-    images = idx(os.path.join(SAMPLE, "train-images-idx3-ubyte.gz"), 16)[: POOL * 784]
-    labels = idx(os.path.join(SAMPLE, "train-labels-idx1-ubyte.gz"), 8)[:POOL]
-    x32 = torch.from_numpy(images.copy()).float().reshape(POOL, 1, 28, 28) / 255.0
+    images = idx(os.path.join(SAMPLE, "train-images-idx3-ubyte.gz"), 16)[: pool * 784]
+    labels = idx(os.path.join(SAMPLE, "train-labels-idx1-ubyte.gz"), 8)[:pool]
+    x32 = torch.from_numpy(images.copy()).float().reshape(pool, 1, 28, 28) / 255.0
     y = torch.from_numpy(labels.astype(np.int64))
 
     # Epochs of seeded permutations, cut into K batches.
     g = torch.Generator().manual_seed(1)
-    order = torch.cat([torch.randperm(POOL, generator=g) for _ in range(steps * batch // POOL + 1)])
+    order = torch.cat([torch.randperm(pool, generator=g) for _ in range(steps * batch // pool + 1)])
     batches = order[: steps * batch].reshape(steps, batch)
 
-    model = senet(num_classes=10, in_channels=1, width=1 / 16)
+    model = senet(num_classes=10, in_channels=1, width=width)
     init = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     save_file(init, os.path.join(args.out, "init.safetensors"))
 
     out = {"batches": batches.to(torch.int32).contiguous(), "x_sum": x32.double().sum().reshape(1)}
     for dtype, tag in ((torch.float64, "f64"), (torch.float32, "f32")):
-        m = senet(num_classes=10, in_channels=1, width=1 / 16)
+        m = senet(num_classes=10, in_channels=1, width=width)
         m.load_state_dict(init)
         m = m.to(dtype).train()
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
@@ -89,6 +92,9 @@ def main():
                     if v.is_floating_point():
                         out[f"{tag}.{s}.{k}"] = v.detach().clone().contiguous()
         out[f"loss{tag[1:]}"] = torch.tensor(losses, dtype=torch.float64)
+        if args.save_final:
+            final = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in m.state_dict().items()}
+            save_file(final, os.path.join(args.out, f"final{tag[1:]}.safetensors"))
         print(f"{tag}: loss {losses[0]:.6f} -> {losses[-1]:.6f}")
     save_file(out, os.path.join(args.out, "run.safetensors"))
     n = sum(p.numel() for p in model.parameters())

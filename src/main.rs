@@ -21,7 +21,7 @@ struct Cli {
     /// (default: SENET_TUNE, else quick).
     #[arg(long, global = true, value_enum)]
     tune: Option<senet_wgpu::gpu::tune::TuneMode>,
-    /// The tuning cache file (default: SENET_TUNE_CACHE, else ~/.cache/senet-wgpu/tune.json).
+    /// The tuning cache file (default: SENET_TUNE_CACHE, else ~/.cache/senet-wgpu/tune-v1.json).
     #[arg(long, global = true)]
     tune_cache: Option<PathBuf>,
     #[command(subcommand)]

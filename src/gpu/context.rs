@@ -40,7 +40,7 @@ pub struct GpuOptions {
     /// How much the kernel tuner may time. `None` honours `SENET_TUNE`, else quick.
     pub tune: Option<super::tune::TuneMode>,
     /// The tuning cache file. `None` honours `SENET_TUNE_CACHE`, else the platform's cache
-    /// directory (`~/.cache/senet-wgpu/tune.json` on Linux).
+    /// directory (`~/.cache/senet-wgpu/tune-v1.json` on Linux).
     pub tune_cache: Option<std::path::PathBuf>,
 }
 

@@ -76,15 +76,29 @@ impl Tensor {
             "{label}: {} values need {size} bytes; the adapter's buffers hold at most {max}",
             data.len()
         );
-        let mut bytes = bytemuck::cast_slice::<f32, u8>(data).to_vec();
-        bytes.resize(size as usize, 0);
+        let contents: &[u8] = if data.is_empty() { &[0; 4] } else { bytemuck::cast_slice(data) };
         let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
-            contents: &bytes,
+            contents,
             usage: usage(),
         });
         gpu.stats.alloc(size);
         Ok(Tensor { buffer, offset: 0, shape: vec![data.len()], stats: Some(gpu.stats.clone()) })
+    }
+
+    /// A zero-filled 1-D buffer of `len` values, bound only through views (see [`Tensor::flat`]).
+    pub fn flat_zeros(gpu: &Gpu, label: &str, len: usize) -> Result<Tensor> {
+        let size = (len.max(1) * 4) as u64;
+        let max = gpu.limits.max_buffer_size;
+        ensure!(size <= max, "{label}: {len} values need {size} bytes; the adapter's buffers hold at most {max}");
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: usage(),
+            mapped_at_creation: false,
+        });
+        gpu.stats.alloc(size);
+        Ok(Tensor { buffer, offset: 0, shape: vec![len], stats: Some(gpu.stats.clone()) })
     }
 
     /// A view of `shape` starting `start` elements into this tensor, which must be aligned to

@@ -6,7 +6,9 @@
 //! the op's own shape key. A file that cannot be read or parsed is ignored with one warning and
 //! rewritten; an entry the op cannot decode is timed again. Writes are atomic (temporary file,
 //! fsync, rename) after merging what is on disk, so processes sharing a machine (MPI ranks)
-//! cannot leave a torn file behind.
+//! cannot leave a torn file behind; two writing at the same moment may each lose the other's
+//! newest entries (no lock), which only costs a re-timing on the next start. The format version
+//! is in the file name, so builds with another format keep their own file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,12 +31,15 @@ pub enum TuneMode {
 }
 
 impl TuneMode {
-    /// `SENET_TUNE` (off, quick, full), else quick.
+    /// `SENET_TUNE` (off, quick, full, any case), else quick; anything else is said and ignored.
     pub fn from_env() -> TuneMode {
-        match std::env::var("SENET_TUNE").ok().as_deref().map(str::trim) {
-            Some("off") => TuneMode::Off,
-            Some("full") => TuneMode::Full,
-            _ => TuneMode::Quick,
+        use clap::ValueEnum;
+        match std::env::var("SENET_TUNE").ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
+            None => TuneMode::Quick,
+            Some(v) => TuneMode::from_str(&v, true).unwrap_or_else(|_| {
+                eprintln!("warning: SENET_TUNE={v:?} is not off, quick or full; tuning quick");
+                TuneMode::Quick
+            }),
         }
     }
 }
@@ -45,6 +50,8 @@ pub struct TuneEntry {
     pub choice: String,
     /// The winner's time in milliseconds when it was measured.
     pub ms: f64,
+    /// The mode that timed it: a full run times again what quick chose.
+    pub mode: TuneMode,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -83,7 +90,7 @@ pub struct Tuner {
 }
 
 /// `$XDG_CACHE_HOME` or `~/.cache` (Linux and the BSDs), `~/Library/Caches` (macOS),
-/// `%LOCALAPPDATA%` (Windows), with `senet-wgpu/tune.json` below it.
+/// `%LOCALAPPDATA%` (Windows), with `senet-wgpu/tune-v1.json` below it.
 pub fn default_cache_path() -> Option<PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     let base = if cfg!(windows) {
@@ -93,7 +100,7 @@ pub fn default_cache_path() -> Option<PathBuf> {
     } else {
         env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
     };
-    base.map(|b| b.join("senet-wgpu").join("tune.json"))
+    base.map(|b| b.join("senet-wgpu").join("tune-v1.json"))
 }
 
 impl Tuner {

@@ -110,12 +110,11 @@ impl Network {
             let v = init_values(spec, &mut rng);
             values[start..start + v.len()].copy_from_slice(&v);
         }
-        let zeros = vec![0.0f32; total];
         let flat = FlatParams {
             values: Tensor::flat(&gpu, "parameters", &values)?,
-            grads: Tensor::flat(&gpu, "gradients", &zeros)?,
+            grads: Tensor::flat_zeros(&gpu, "gradients", total)?,
             state: (0..optimizer.state_count())
-                .map(|k| Tensor::flat(&gpu, &format!("optimizer state {k}"), &zeros))
+                .map(|k| Tensor::flat_zeros(&gpu, &format!("optimizer state {k}"), total))
                 .collect::<Result<Vec<_>>>()?,
         };
         let mut params = Vec::new();
@@ -291,8 +290,8 @@ impl Network {
                         &[ConvPass::Forward, ConvPass::BackwardWeight]
                     };
                     for &pass in passes {
-                        let kernel = conv2d::choose(gpu, &cfg, pass)?;
-                        let d = conv2d::conv2d_pass(gpu, &cfg, pass, kernel, &bufs)?;
+                        let chosen = conv2d::choose(gpu, &cfg, pass)?;
+                        let (d, kernel) = conv2d::conv2d_pass_chosen(gpu, &cfg, pass, chosen, &bufs)?;
                         conv_kernels.push((name.clone(), pass, kernel));
                         if pass == ConvPass::Forward {
                             train.extend(d.iter().cloned());

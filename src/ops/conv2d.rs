@@ -442,6 +442,8 @@ impl SmemTiles {
     }
 
     fn grid(&self, gpu: &Gpu, rows: usize, cols: usize, z: usize) -> Result<[u32; 3]> {
+        // The shader's workgroup arrays and its 256 invocations hold only for the shapes built.
+        ensure!(SmemTiles::ALL.contains(self), "conv2d (tiled): {self:?} is not one of the tile shapes built");
         let (x, y) = (cols.div_ceil(self.bn), rows.div_ceil(self.bm));
         let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
         ensure!(
@@ -701,26 +703,58 @@ pub fn conv2d_pass(
     }
 }
 
-/// The kernels worth timing for a pass: the built-in choice first, then the others `mode` allows.
-fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, mode: TuneMode) -> Vec<ConvKernel> {
+/// The dispatches of `pass` with the chosen `kernel`, or — should it not launch here (a cache
+/// carried from another adapter, a grid past this one's limits) — with the built-in register
+/// blocks, said once. Returns the kernel that runs.
+pub fn conv2d_pass_chosen(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    pass: ConvPass,
+    kernel: ConvKernel,
+    b: &ConvBuffers<'_>,
+) -> Result<(Vec<Dispatch>, ConvKernel)> {
+    let builtin = ConvKernel::Register(Tiles::for_layer(gpu, cfg));
+    match conv2d_pass(gpu, cfg, pass, kernel, b) {
+        Ok(d) => Ok((d, kernel)),
+        Err(e) if kernel != builtin => {
+            eprintln!("warning: {kernel} cannot run conv2d {pass:?} {cfg:?} here ({e:#}); using {builtin}");
+            Ok((conv2d_pass(gpu, cfg, pass, builtin, b)?, builtin))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The kernels worth timing for a pass: the built-in choice first, then the others `mode` allows,
+/// each once (register shapes that differ only in fields another pass uses count as one).
+fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, mode: TuneMode) -> Vec<ConvKernel> {
     let builtin = ConvKernel::Register(Tiles::for_layer(gpu, cfg));
     let mut out = vec![builtin];
+    let mut push = |k: ConvKernel| {
+        let same = |a: &ConvKernel| match (a, &k) {
+            (ConvKernel::Register(a), ConvKernel::Register(b)) => match pass {
+                ConvPass::BackwardWeight => (a.wgrad_ci, a.wgrad_n) == (b.wgrad_ci, b.wgrad_n),
+                _ => (a.gemm_m, a.gemm_n) == (b.gemm_m, b.gemm_n),
+            },
+            (a, b) => a == b,
+        };
+        if !out.iter().any(same) {
+            out.push(k);
+        }
+    };
     match mode {
         TuneMode::Off => {}
         // On a CPU adapter the tiled kernels lose by far (lavapipe: 8-25x slower than the
         // register blocks on every senet layer, conv2d_tiled.wgsl's header): quick keeps the
         // built-in choice there without timing (full tuning of senet w0.25 b32 took 491 s).
         TuneMode::Quick if gpu.is_cpu() => {}
-        TuneMode::Quick => out.extend(SmemTiles::ALL[..4].iter().map(|&t| ConvKernel::Tiled(t))),
+        TuneMode::Quick => SmemTiles::ALL[..4].iter().for_each(|&t| push(ConvKernel::Tiled(t))),
         TuneMode::Full => {
             for gemm_m in [8, 16] {
                 for gemm_n in [8, 16] {
-                    let t = Tiles { gemm_m, gemm_n, wgrad_ci: gemm_n / 2, wgrad_n: gemm_n };
-                    out.push(ConvKernel::Register(t));
+                    push(ConvKernel::Register(Tiles { gemm_m, gemm_n, wgrad_ci: gemm_n / 2, wgrad_n: gemm_n }));
                 }
             }
-            out.extend(SmemTiles::ALL.iter().map(|&t| ConvKernel::Tiled(t)));
-            out.dedup();
+            SmemTiles::ALL.iter().for_each(|&t| push(ConvKernel::Tiled(t)));
         }
     }
     out
@@ -750,16 +784,19 @@ fn tune_key(cfg: &Conv2dConfig, pass: ConvPass) -> String {
 
 /// The kernel for `pass` of a layer shaped `cfg`: the tuning cache's answer, else the fastest
 /// candidate timed now (and remembered), else — with nothing to time — the built-in choice.
+/// `SENET_CONV_TILES` (pinning the register blocks, for measuring) bypasses the tuner.
 pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass) -> Result<ConvKernel> {
     let mode = gpu.tuner.mode;
-    let cands = candidates(gpu, cfg, mode);
-    if mode == TuneMode::Off {
+    let cands = candidates(gpu, cfg, pass, mode);
+    if mode == TuneMode::Off || std::env::var_os("SENET_CONV_TILES").is_some() {
         return Ok(cands[0]);
     }
     let key = tune_key(cfg, pass);
     if let Some(entry) = gpu.tuner.cached(&key) {
         match ConvKernel::decode(&entry.choice) {
-            Some(k) => return Ok(k),
+            // A full run times again what a quick one chose.
+            Some(k) if !(mode == TuneMode::Full && entry.mode != TuneMode::Full) => return Ok(k),
+            Some(_) => gpu.tuner.forget(&key),
             None => {
                 eprintln!(
                     "warning: the tuning cache names an unknown kernel {:?} for {key}; timing again",
@@ -799,11 +836,14 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass) -> Result<ConvKerne
         if std::env::var_os("SENET_TUNE_VERBOSE").is_some() {
             eprintln!("tune {key}: {k} {:.3} ms", secs * 1e3);
         }
-        if best.is_none_or(|(_, b)| secs < b) {
+        // Another kernel must beat the built-in by 5 % to replace it: a win inside the timing
+        // noise would trade a measured, long-tested choice for nothing.
+        let margin = if best.is_some_and(|(b, _)| b == cands[0]) { 0.95 } else { 1.0 };
+        if best.is_none_or(|(_, b)| secs < b * margin) {
             best = Some((k, secs));
         }
     }
     let (kernel, secs) = best.with_context(|| format!("no conv2d kernel could run {key}"))?;
-    gpu.tuner.store(&key, TuneEntry { choice: kernel.encode(), ms: secs * 1e3 }, start.elapsed().as_secs_f64());
+    gpu.tuner.store(&key, TuneEntry { choice: kernel.encode(), ms: secs * 1e3, mode }, start.elapsed().as_secs_f64());
     Ok(kernel)
 }

@@ -8,10 +8,13 @@ use rand_chacha::ChaCha8Rng;
 use senet_wgpu::gpu::{Gpu, GpuOptions, Tensor};
 
 /// The device every GPU test runs on, created once per test binary. With no adapter every GPU
-/// test fails with the adapter error: they never pass by skipping.
+/// test fails with the adapter error: they never pass by skipping. Tuning is off, so the kernels
+/// a test exercises never depend on timing or on a cache file left by another run (tests/tune.rs
+/// covers the tuner and the kernels it may pick).
 pub fn gpu() -> Arc<Gpu> {
     static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
-    match GPU.get_or_init(|| Gpu::new(&GpuOptions::default()).map_err(|e| format!("{e:#}"))) {
+    let opts = GpuOptions { tune: Some(senet_wgpu::gpu::tune::TuneMode::Off), ..Default::default() };
+    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
         Ok(g) => g.clone(),
         Err(e) => panic!("GPU test cannot run: {e}"),
     }
