@@ -69,27 +69,7 @@ fn dir() -> std::path::PathBuf {
 }
 
 fn load(name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(dir().join(name)).expect("divergence golden file");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let d = v.data();
-            let vals: Vec<f64> = match v.dtype() {
-                safetensors::Dtype::F64 => {
-                    d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
-                }
-                safetensors::Dtype::F32 => {
-                    d.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
-                }
-                safetensors::Dtype::I32 => {
-                    d.chunks_exact(4).map(|c| f64::from(i32::from_le_bytes(c.try_into().unwrap()))).collect()
-                }
-                other => panic!("golden tensor {k} has dtype {other:?}"),
-            };
-            (k, (v.shape().to_vec(), vals))
-        })
-        .collect()
+    load_golden(&dir().join(name))
 }
 
 type Tensors = HashMap<String, Vec<f64>>;

@@ -18,29 +18,8 @@ use senet_wgpu::ops::optimizer::OptimizerConfig;
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden");
 
-/// Every tensor of a golden file as f64 (F64, F32 and I64 tensors).
 fn load(dir: &Path, name: &str) -> HashMap<String, (Vec<usize>, Vec<f64>)> {
-    let bytes = std::fs::read(dir.join(name)).expect("golden file");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
-    st.tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let d = v.data();
-            let vals: Vec<f64> = match v.dtype() {
-                safetensors::Dtype::F64 => {
-                    d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
-                }
-                safetensors::Dtype::F32 => {
-                    d.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
-                }
-                safetensors::Dtype::I64 => {
-                    d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
-                }
-                other => panic!("golden tensor {k} has dtype {other:?}"),
-            };
-            (k, (v.shape().to_vec(), vals))
-        })
-        .collect()
+    load_golden(&dir.join(name))
 }
 
 #[test]

@@ -389,10 +389,20 @@ pub fn conv2d_backward_weight_tiled(
     let partial = Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, &partial)];
     let first = gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
-    let binds = [Bind::Uniform(0, &params), Bind::Tensor(8, &partial), Bind::Tensor(9, dweight)];
-    let second =
-        gpu.dispatch("conv2d", "conv2d_backward_weight_reduce", &consts, &binds, gpu.grid_1d(cfg.c_out * k, WG))?;
-    Ok(vec![first, second])
+    Ok(vec![first, weight_grad_reduce(gpu, cfg, &params, &partial, dweight)?])
+}
+
+/// The fixed-order sum of a split weight gradient's slices (both kernel families write them alike).
+fn weight_grad_reduce(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    params: &wgpu::Buffer,
+    partial: &Tensor,
+    dweight: &Tensor,
+) -> Result<Dispatch> {
+    let binds = [Bind::Uniform(0, params), Bind::Tensor(8, partial), Bind::Tensor(9, dweight)];
+    let n = cfg.c_out * cfg.c_in * cfg.kh * cfg.kw;
+    gpu.dispatch("conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, gpu.grid_1d(n, WG))
 }
 
 pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias: &Tensor) -> Result<Vec<Dispatch>> {
@@ -574,15 +584,7 @@ pub fn conv2d_backward_weight_smem(
             .with_cost(flops, bytes),
     ];
     if let Some(partial) = &partial {
-        let binds = [Bind::Uniform(0, &params), Bind::Tensor(8, partial), Bind::Tensor(9, dweight)];
-        let consts = [("WG", WG as f64)];
-        out.push(gpu.dispatch(
-            "conv2d",
-            "conv2d_backward_weight_reduce",
-            &consts,
-            &binds,
-            gpu.grid_1d(cfg.c_out * k, WG),
-        )?);
+        out.push(weight_grad_reduce(gpu, cfg, &params, partial, dweight)?);
     }
     Ok(out)
 }

@@ -77,3 +77,32 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     );
     worst
 }
+
+/// Every tensor of a safetensors file (a PyTorch golden) as (shape, values in f64): F64, F32,
+/// I64 and I32 tensors.
+pub fn load_golden(path: &std::path::Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let d = v.data();
+            let vals: Vec<f64> = match v.dtype() {
+                safetensors::Dtype::F64 => {
+                    d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+                }
+                safetensors::Dtype::F32 => {
+                    d.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
+                }
+                safetensors::Dtype::I64 => {
+                    d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+                }
+                safetensors::Dtype::I32 => {
+                    d.chunks_exact(4).map(|c| f64::from(i32::from_le_bytes(c.try_into().unwrap()))).collect()
+                }
+                other => panic!("golden tensor {k} has dtype {other:?}"),
+            };
+            (k, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
