@@ -12,8 +12,9 @@
 // same for all its invocations (one load each, not one per element), and each is one dispatch:
 //   batch_norm_forward_train  statistics, then the normalised output in the same workgroup.
 //                             Each thread runs Welford's update over its strided slice and the
-//                             slices are merged pairwise (Chan et al.) in a fixed tree: one pass,
-//                             and never the E[x^2]-E[x]^2 that cancels when |mean| >> std.
+//                             slices are merged (Chan et al.) by the reduce prelude's
+//                             block_welford: one pass, and never the E[x^2]-E[x]^2 that cancels
+//                             when |mean| >> std. RED_WG (256) invocations per channel.
 //   batch_norm_forward_eval   the running statistics, then the output.
 //   batch_norm_backward       dbeta, dgamma (a reduction), then dinp in the same workgroup.
 // `stats` holds mean[C] then invstd[C]; the backward reuses them.
@@ -50,12 +51,6 @@ struct Params {
 // the batch size stays in `p`, so a last partial batch shares the pipelines.
 override HW: u32 = 1u;
 override RELU: u32 = 0u;      // 1: ReLU fused after the normalisation (see above)
-override RED_WG: u32 = 256u;  // invocations per channel: a power of two, at most RED_MAX
-const RED_MAX: u32 = 256u;
-
-var<workgroup> red: array<f32, RED_MAX>;
-var<workgroup> red2: array<f32, RED_MAX>;
-var<workgroup> red3: array<f32, RED_MAX>;
 
 // Index of the e-th element of channel c, e in [0, N*HW).
 fn chan_index(c: u32, e: u32) -> u32 {
@@ -87,7 +82,9 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
 }
 
 @compute @workgroup_size(RED_WG)
-fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let t = l.t;
     let c = wid.x;
     let m = p.n * HW;
     // Welford over this thread's slice: count k, mean, sum of squared deviations.
@@ -101,34 +98,16 @@ fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loca
         mean += d / k;
         m2 += d * (x - mean);
     }
-    red[t] = k;
-    red2[t] = mean;
-    red3[t] = m2;
-    workgroupBarrier();
-    // Chan's pairwise merge, in a fixed tree.
-    for (var s = RED_WG / 2u; s > 0u; s /= 2u) {
-        if (t < s) {
-            let ka = red[t];
-            let kb = red[t + s];
-            let kn = ka + kb;
-            if (kb > 0.0) {
-                let d = red2[t + s] - red2[t];
-                red2[t] += d * (kb / kn);
-                red3[t] += red3[t + s] + d * d * (ka * kb / kn);
-                red[t] = kn;
-            }
-        }
-        workgroupBarrier();
-    }
-    let mu = red2[0];
-    let var_b = red3[0] / f32(m);
+    let w = block_welford(vec3<f32>(k, mean, m2), l);
+    let mu = w.y;
+    let var_b = w.z / f32(m);
     let invstd = 1.0 / sqrt(var_b + p.eps);
     if (t == 0u) {
         stats[c] = mu;
         stats[p.c + c] = invstd;
         if (p.update_running != 0u) {
             // m > 1 is checked on the host (PyTorch refuses training-mode BN on one value per channel).
-            let var_u = red3[0] / f32(m - 1u);
+            let var_u = w.z / f32(m - 1u);
             running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mu;
             running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * var_u;
         }
@@ -152,7 +131,9 @@ fn batch_norm_forward_eval(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
 // dbeta = sum g, dgamma = sum g * xhat over the channel, then
 // dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M).
 @compute @workgroup_size(RED_WG)
-fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let t = l.t;
     let c = wid.x;
     let m = p.n * HW;
     let mean = stats_in[c];
@@ -165,18 +146,9 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
         sd += g;
         sdx += g * (inp[i] - mean);
     }
-    red[t] = sd;
-    red2[t] = sdx;
-    workgroupBarrier();
-    for (var s = RED_WG / 2u; s > 0u; s /= 2u) {
-        if (t < s) {
-            red[t] += red[t + s];
-            red2[t] += red2[t + s];
-        }
-        workgroupBarrier();
-    }
-    let dbeta_c = red[0];
-    let dgamma_c = red2[0] * invstd;
+    let sums = block_sum2(vec2<f32>(sd, sdx), l);
+    let dbeta_c = sums.x;
+    let dgamma_c = sums.y * invstd;
     if (t == 0u) {
         dbeta[c] = dbeta_c;
         dgamma[c] = dgamma_c;

@@ -52,11 +52,6 @@ override GEMM_N: u32 = 16u;
 // Weight-gradient invocations own WGRAD_CI input channels (4 or 8) x WGRAD_N output channels (8 or 16).
 override WGRAD_CI: u32 = 8u;
 override WGRAD_N: u32 = 16u;
-// Invocations per workgroup for the reductions (at most RED_MAX, a power of two).
-override RED_WG: u32 = 256u;
-const RED_MAX: u32 = 256u;
-
-var<workgroup> red: array<f32, RED_MAX>;
 
 // Input pixel value with zero padding; `base` is the start of the (n, ci) plane.
 fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
@@ -781,23 +776,17 @@ fn conv2d_backward_weight_reduce(@builtin(global_invocation_id) gid: vec3<u32>, 
 override OHW: u32 = 1u;
 
 @compute @workgroup_size(RED_WG)
-fn conv2d_backward_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn conv2d_backward_bias(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
     let co = wid.x;
     let total = p.n * OHW;
     var s = 0.0;
-    for (var e = t; e < total; e += RED_WG) {
+    for (var e = l.t; e < total; e += RED_WG) {
         let nn = e / OHW;
         s += dout[(nn * p.c_out + co) * OHW + e % OHW];
     }
-    red[t] = s;
-    workgroupBarrier();
-    for (var stride = RED_WG / 2u; stride > 0u; stride /= 2u) {
-        if (t < stride) {
-            red[t] += red[t + stride];
-        }
-        workgroupBarrier();
-    }
-    if (t == 0u) {
-        dbias[co] = red[0];
+    let sum = block_sum2(vec2<f32>(s, 0.0), l);
+    if (l.t == 0u) {
+        dbias[co] = sum.x;
     }
 }

@@ -6,7 +6,7 @@
 //       loss[n] = lse - l[target];  dlogits[n, k] = (softmax_k - [k == target]) / N
 //       correct[n] = argmax_k l == target (first maximum wins, as torch.argmax)
 //       per_sample[n] = (loss, correct, argmax) for evaluation's confusion matrix
-//   cross_entropy_reduce  one workgroup: the batch mean loss and correct count into result[0..2],
+//   cross_entropy_reduce  one workgroup (the reduce prelude's block_sum2): the batch mean loss and correct count into result[0..2],
 //       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps).
 
 struct Params {
@@ -22,11 +22,6 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> result: array<f32>;
 
 override WG: u32 = 64u;
-override RED_WG: u32 = 256u;
-const RED_MAX: u32 = 256u;
-
-var<workgroup> red_loss: array<f32, RED_MAX>;
-var<workgroup> red_correct: array<f32, RED_MAX>;
 
 @compute @workgroup_size(WG)
 fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -61,28 +56,20 @@ fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 @compute @workgroup_size(RED_WG)
-fn cross_entropy_reduce(@builtin(local_invocation_index) t: u32) {
-    var l = 0.0;
-    var c = 0.0;
-    for (var n = t; n < p.n; n += RED_WG) {
-        l += per_sample_in[3u * n];
-        c += per_sample_in[3u * n + 1u];
+fn cross_entropy_reduce(lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    var loss = 0.0;
+    var correct = 0.0;
+    for (var n = l.t; n < p.n; n += RED_WG) {
+        loss += per_sample_in[3u * n];
+        correct += per_sample_in[3u * n + 1u];
     }
-    red_loss[t] = l;
-    red_correct[t] = c;
-    workgroupBarrier();
-    for (var s = RED_WG / 2u; s > 0u; s /= 2u) {
-        if (t < s) {
-            red_loss[t] += red_loss[t + s];
-            red_correct[t] += red_correct[t + s];
-        }
-        workgroupBarrier();
-    }
-    if (t == 0u) {
-        result[0] = red_loss[0] / f32(p.n);
-        result[1] = red_correct[0];
-        result[2] += red_loss[0];
-        result[3] += red_correct[0];
+    let sums = block_sum2(vec2<f32>(loss, correct), l);
+    if (l.t == 0u) {
+        result[0] = sums.x / f32(p.n);
+        result[1] = sums.y;
+        result[2] += sums.x;
+        result[3] += sums.y;
         result[4] += f32(p.n);
     }
 }

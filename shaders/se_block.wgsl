@@ -5,8 +5,8 @@
 //   s[c]  = sigmoid(b2[c] + sum_j w2[c, j] h[j])        fc2, weight [C, Cr, 1, 1] (or tanh, relu)
 //   y     = x * s[c]                                    excite (scale)
 //
-// Forward is ONE dispatch: a workgroup per sample does the squeeze, both FCs in workgroup memory
-// and the scaling. It keeps z, h and s per sample in `saved` ([n][C | Cr | C]) for the backward.
+// Forward is ONE dispatch: a workgroup per sample does the squeeze (a subgroup per channel where
+// the adapter has subgroups: see the reduce preludes), both FCs in workgroup memory and the scaling. It keeps z, h and s per sample in `saved` ([n][C | Cr | C]) for the backward.
 //
 // Backward, with a2 = fc2 pre-activation, a1 = fc1 pre-activation:
 //   ds[c]   = sum_hw dy * x
@@ -93,25 +93,31 @@ fn first_max(cb: u32) -> u32 {
 
 // wid.x: sample.
 @compute @workgroup_size(WG)
-fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, WG);
+    let t = l.t;
     let n = wid.x;
     let xb = n * p.c * p.hw;
     let sb = n * (2u * p.c + p.cr);
-    // Squeeze.
-    for (var c = t; c < p.c; c += WG) {
+    // Squeeze: a subgroup per channel, its lanes along the plane (a thread per channel, serially
+    // over the plane, without subgroups).
+    for (var c = l.sub; c < p.c; c += l.subs) {
         let cb = xb + c * p.hw;
-        var z = 0.0;
-        if (p.squeeze == SQUEEZE_MAX) {
-            z = inp[cb + first_max(cb)];
-        } else {
-            var s = 0.0;
-            for (var k = 0u; k < p.hw; k++) {
+        var s = 0.0;
+        if (p.squeeze != SQUEEZE_MAX) {
+            for (var k = l.lane; k < p.hw; k += l.size) {
                 s += inp[cb + k];
             }
-            z = s / f32(p.hw);
         }
-        wbuf[c] = z;
-        saved[sb + c] = z;
+        s = sg_sum(s);
+        if (l.lane == 0u) {
+            var z = s / f32(p.hw);
+            if (p.squeeze == SQUEEZE_MAX) {
+                z = inp[cb + first_max(cb)];
+            }
+            wbuf[c] = z;
+            saved[sb + c] = z;
+        }
     }
     workgroupBarrier();
     // fc1 + ReLU.
@@ -153,23 +159,28 @@ fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
 
 // wid.x: sample.
 @compute @workgroup_size(WG)
-fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, WG);
+    let t = l.t;
     let n = wid.x;
     let xb = n * p.c * p.hw;
     let sb = n * (2u * p.c + p.cr);
     let db = n * (p.c + p.cr);
     let s_off = sb + p.c + p.cr;
-    // ds and da2.
-    for (var c = t; c < p.c; c += WG) {
+    // ds and da2: a subgroup per channel, as the squeeze.
+    for (var c = l.sub; c < p.c; c += l.subs) {
         var ds = 0.0;
         let cb = xb + c * p.hw;
-        for (var k = 0u; k < p.hw; k++) {
+        for (var k = l.lane; k < p.hw; k += l.size) {
             ds += dout[cb + k] * inp[cb + k];
         }
-        let s = saved_in[s_off + c];
-        let da2 = ds * excite_grad(s);
-        wbuf[c] = da2;
-        dsaved[db + c] = da2;
+        ds = sg_sum(ds);
+        if (l.lane == 0u) {
+            let s = saved_in[s_off + c];
+            let da2 = ds * excite_grad(s);
+            wbuf[c] = da2;
+            dsaved[db + c] = da2;
+        }
     }
     workgroupBarrier();
     // dh and da1 (ReLU gate from the saved activation).

@@ -24,6 +24,10 @@ struct Cli {
     /// The tuning cache file (default: SENET_TUNE_CACHE, else ~/.cache/senet-wgpu/tune-v1.json).
     #[arg(long, global = true)]
     tune_cache: Option<PathBuf>,
+    /// Reductions (batch norm, SE squeeze, loss, bias gradients) on subgroups: on, off, or auto
+    /// = where the adapter has them (default: SENET_SUBGROUPS, else auto).
+    #[arg(long, global = true, value_enum)]
+    subgroups: Option<senet_wgpu::gpu::Subgroups>,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,8 +115,13 @@ enum SampleFormat {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
-    let opts =
-        GpuOptions { backend: cli.backend, adapter_name: cli.adapter, tune: cli.tune, tune_cache: cli.tune_cache };
+    let opts = GpuOptions {
+        backend: cli.backend,
+        adapter_name: cli.adapter,
+        tune: cli.tune,
+        tune_cache: cli.tune_cache,
+        subgroups: cli.subgroups,
+    };
     match cli.command {
         Command::Train(mut args) => {
             // --recipe fills in what the command line leaves at its default.

@@ -41,6 +41,38 @@ fn an_unknown_backend_is_rejected_with_the_valid_ones() {
     assert!(stderr.contains("vulkan, metal, dx12, gl"), "stderr: {stderr}");
 }
 
+/// Reductions run on subgroups where the adapter has them (lavapipe does), `--subgroups off`
+/// turns them off, and a bad SENET_SUBGROUPS value is an error that names it.
+#[test]
+fn subgroups_are_used_by_default_and_can_be_turned_off() {
+    let selected = |args: &[&str], env: Option<&str>| {
+        let mut cmd = senet();
+        cmd.args(args).env_remove("SENET_SUBGROUPS");
+        if let Some(v) = env {
+            cmd.env("SENET_SUBGROUPS", v);
+        }
+        let out = cmd.output().expect("run senet");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = selected(&["devices"], None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("reductions: subgroups (size"), "{stdout}");
+    let (_, stdout, _) = selected(&["devices", "--subgroups", "off"], None);
+    assert!(stdout.contains("reductions: workgroup trees"), "{stdout}");
+    let (_, stdout, _) = selected(&["devices"], Some("off"));
+    assert!(stdout.contains("reductions: workgroup trees"), "{stdout}");
+    // The flag wins over the environment.
+    let (_, stdout, _) = selected(&["devices", "--subgroups", "auto"], Some("off"));
+    assert!(stdout.contains("reductions: subgroups (size"), "{stdout}");
+    let (code, _, stderr) = selected(&["devices"], Some("sometimes"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("SENET_SUBGROUPS=\"sometimes\": expected on, off or auto"), "{stderr}");
+}
+
 /// `senet train` on the bundled sample (cut down) writes the run folder, and `senet eval` reads it.
 #[test]
 fn train_then_eval_on_the_sample() {

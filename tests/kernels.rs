@@ -158,7 +158,6 @@ fn conv2d_backward_matches_reference() {
         let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
         let tw = upload(&gpu, "w", &cfg.weight_shape(), &w);
         let tdy = upload(&gpu, "dy", &cfg.output_shape(), &dy);
-        let tdb = zeros(&gpu, "db", &[cfg.c_out]);
         let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
 
         let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
@@ -181,9 +180,15 @@ fn conv2d_backward_matches_reference() {
         }
 
         if cfg.bias {
-            run(&gpu, &conv2d::conv2d_backward_bias(&gpu, cfg, &tdy, &tdb).unwrap());
+            // A reduction: on both paths.
             let want = reference::conv2d::conv2d_backward_bias(cfg, &dy64);
-            assert_close(&format!("conv2d_backward_bias case {i}"), &read(&gpu, &tdb), &want, CONV_ATOL, CONV_RTOL);
+            for (path, g) in gpus() {
+                let tdy = upload(&g, "dy", &cfg.output_shape(), &dy);
+                let tdb = zeros(&g, "db", &[cfg.c_out]);
+                run(&g, &conv2d::conv2d_backward_bias(&g, cfg, &tdy, &tdb).unwrap());
+                let what = format!("conv2d_backward_bias case {i} ({path})");
+                assert_close(&what, &read(&g, &tdb), &want, CONV_ATOL, CONV_RTOL);
+            }
         }
     }
 }
@@ -237,78 +242,82 @@ const BN_TOL: f64 = 1e-4;
 
 #[test]
 fn batch_norm_train_forward_and_backward_match_reference() {
-    let gpu = gpu();
-    for (i, cfg) in bn_cases().iter().enumerate() {
-        let mut r = rng(300 + i as u64);
-        let numel: usize = cfg.shape().iter().product();
-        let x = uniform(&mut r, numel, -2.0, 3.0);
-        let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
-        let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
-        let rm = uniform(&mut r, cfg.c, -0.2, 0.2);
-        let rv = uniform(&mut r, cfg.c, 0.5, 2.0);
-        let dy = uniform(&mut r, numel, -1.0, 1.0);
-        let check = |label: &str, got: &[f32], want: &[f64]| {
-            assert_close(&format!("{label} case {i} {cfg:?}"), got, want, BN_TOL, BN_TOL)
-        };
+    for (path, gpu) in gpus() {
+        for (i, cfg) in bn_cases().iter().enumerate() {
+            let mut r = rng(300 + i as u64);
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform(&mut r, numel, -2.0, 3.0);
+            let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+            let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+            let rm = uniform(&mut r, cfg.c, -0.2, 0.2);
+            let rv = uniform(&mut r, cfg.c, 0.5, 2.0);
+            let dy = uniform(&mut r, numel, -1.0, 1.0);
+            let check = |label: &str, got: &[f32], want: &[f64]| {
+                assert_close(&format!("{label} case {i} ({path}) {cfg:?}"), got, want, BN_TOL, BN_TOL)
+            };
 
-        let tx = upload(&gpu, "x", &cfg.shape(), &x);
-        let tg = upload(&gpu, "gamma", &[cfg.c], &gamma);
-        let tb = upload(&gpu, "beta", &[cfg.c], &beta);
-        let trm = upload(&gpu, "running_mean", &[cfg.c], &rm);
-        let trv = upload(&gpu, "running_var", &[cfg.c], &rv);
-        let stats = zeros(&gpu, "stats", &[2, cfg.c]);
-        let ty = zeros(&gpu, "y", &cfg.shape());
-        run(
-            &gpu,
-            &batch_norm::batch_norm_forward_train(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap(),
-        );
-        let want = reference::batch_norm::batch_norm_forward_train(
-            cfg,
-            &to_f64(&x),
-            &to_f64(&gamma),
-            &to_f64(&beta),
-            &to_f64(&rm),
-            &to_f64(&rv),
-        );
-        check("batch_norm_forward (train) output", &read(&gpu, &ty), &want.out);
-        check("batch_norm running_mean", &read(&gpu, &trm), &want.running_mean);
-        check("batch_norm running_var (unbiased)", &read(&gpu, &trv), &want.running_var);
-        let s = read(&gpu, &stats);
-        check("batch_norm saved mean", &s[..cfg.c], &want.mean);
-        check("batch_norm saved invstd", &s[cfg.c..], &want.invstd);
+            let tx = upload(&gpu, "x", &cfg.shape(), &x);
+            let tg = upload(&gpu, "gamma", &[cfg.c], &gamma);
+            let tb = upload(&gpu, "beta", &[cfg.c], &beta);
+            let trm = upload(&gpu, "running_mean", &[cfg.c], &rm);
+            let trv = upload(&gpu, "running_var", &[cfg.c], &rv);
+            let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+            let ty = zeros(&gpu, "y", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_train(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap(),
+            );
+            let want = reference::batch_norm::batch_norm_forward_train(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &to_f64(&beta),
+                &to_f64(&rm),
+                &to_f64(&rv),
+            );
+            check("batch_norm_forward (train) output", &read(&gpu, &ty), &want.out);
+            check("batch_norm running_mean", &read(&gpu, &trm), &want.running_mean);
+            check("batch_norm running_var (unbiased)", &read(&gpu, &trv), &want.running_var);
+            let s = read(&gpu, &stats);
+            check("batch_norm saved mean", &s[..cfg.c], &want.mean);
+            check("batch_norm saved invstd", &s[cfg.c..], &want.invstd);
 
-        let tdy = upload(&gpu, "dy", &cfg.shape(), &dy);
-        let tdx = zeros(&gpu, "dx", &cfg.shape());
-        let tdg = zeros(&gpu, "dgamma", &[cfg.c]);
-        let tdb = zeros(&gpu, "dbeta", &[cfg.c]);
-        run(&gpu, &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &tdy, &tdx, &tdg, &tdb).unwrap());
-        let (dx, dg, db) = reference::batch_norm::batch_norm_backward(
-            cfg,
-            &to_f64(&x),
-            &to_f64(&gamma),
-            &want.mean,
-            &want.invstd,
-            &to_f64(&dy),
-        );
-        check("batch_norm_backward dinp", &read(&gpu, &tdx), &dx);
-        check("batch_norm_backward dgamma", &read(&gpu, &tdg), &dg);
-        check("batch_norm_backward dbeta", &read(&gpu, &tdb), &db);
+            let tdy = upload(&gpu, "dy", &cfg.shape(), &dy);
+            let tdx = zeros(&gpu, "dx", &cfg.shape());
+            let tdg = zeros(&gpu, "dgamma", &[cfg.c]);
+            let tdb = zeros(&gpu, "dbeta", &[cfg.c]);
+            run(
+                &gpu,
+                &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &tdy, &tdx, &tdg, &tdb).unwrap(),
+            );
+            let (dx, dg, db) = reference::batch_norm::batch_norm_backward(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &want.mean,
+                &want.invstd,
+                &to_f64(&dy),
+            );
+            check("batch_norm_backward dinp", &read(&gpu, &tdx), &dx);
+            check("batch_norm_backward dgamma", &read(&gpu, &tdg), &dg);
+            check("batch_norm_backward dbeta", &read(&gpu, &tdb), &db);
 
-        // Eval mode normalises with the running statistics.
-        let ty2 = zeros(&gpu, "y eval", &cfg.shape());
-        run(
-            &gpu,
-            &batch_norm::batch_norm_forward_eval(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty2)).unwrap(),
-        );
-        let eval = reference::batch_norm::batch_norm_forward_eval(
-            cfg,
-            &to_f64(&x),
-            &to_f64(&gamma),
-            &to_f64(&beta),
-            &want.running_mean,
-            &want.running_var,
-        );
-        check("batch_norm_forward (eval)", &read(&gpu, &ty2), &eval);
+            // Eval mode normalises with the running statistics.
+            let ty2 = zeros(&gpu, "y eval", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_eval(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty2)).unwrap(),
+            );
+            let eval = reference::batch_norm::batch_norm_forward_eval(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &to_f64(&beta),
+                &want.running_mean,
+                &want.running_var,
+            );
+            check("batch_norm_forward (eval)", &read(&gpu, &ty2), &eval);
+        }
     }
 }
 
@@ -316,83 +325,95 @@ fn batch_norm_train_forward_and_backward_match_reference() {
 /// and beta gradients, in training and eval mode), and so what their references give.
 #[test]
 fn batch_norm_with_fused_relu_is_bn_then_relu_bit_for_bit() {
-    let gpu = gpu();
-    for (i, cfg) in bn_cases().iter().enumerate() {
-        let mut r = rng(350 + i as u64);
-        let numel: usize = cfg.shape().iter().product();
-        let x = uniform(&mut r, numel, -2.0, 3.0);
-        let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
-        let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
-        let dy = uniform(&mut r, numel, -1.0, 1.0);
-        let (tx, tdy) = (upload(&gpu, "x", &cfg.shape(), &x), upload(&gpu, "dy", &cfg.shape(), &dy));
-        let (tg, tb) = (upload(&gpu, "gamma", &[cfg.c], &gamma), upload(&gpu, "beta", &[cfg.c], &beta));
-        // [forward output, dinp, dgamma, dbeta, eval output] of one variant.
-        let outputs = |fused: bool| -> Vec<Vec<f32>> {
-            let (trm, trv) = (zeros(&gpu, "rm", &[cfg.c]), upload(&gpu, "rv", &[cfg.c], &vec![1.0; cfg.c]));
-            let stats = zeros(&gpu, "stats", &[2, cfg.c]);
-            let (bn_out, relu_out) = (zeros(&gpu, "bn out", &cfg.shape()), zeros(&gpu, "relu out", &cfg.shape()));
-            let (dbn, dx) = (zeros(&gpu, "d bn out", &cfg.shape()), zeros(&gpu, "dx", &cfg.shape()));
-            let (dg, db) = (zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
-            let eval_out = zeros(&gpu, "eval out", &cfg.shape());
-            if fused {
-                let f = cfg.with_relu();
-                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &relu_out);
-                run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &f, &t).unwrap());
-                let d =
-                    batch_norm::batch_norm_backward(&gpu, &f, &tx, &tg, &stats, Some(&relu_out), &tdy, &dx, &dg, &db);
-                run(&gpu, &d.unwrap());
-                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &eval_out);
-                run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, &f, &t).unwrap());
-            } else {
-                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
-                run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &t).unwrap());
-                run(&gpu, &relu::relu_forward(&gpu, &bn_out, &relu_out).unwrap());
-                run(&gpu, &relu::relu_backward(&gpu, &relu_out, &tdy, &dbn).unwrap());
-                let d = batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &dbn, &dx, &dg, &db);
-                run(&gpu, &d.unwrap());
-                let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
-                run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, cfg, &t).unwrap());
-                run(&gpu, &relu::relu_forward(&gpu, &bn_out, &eval_out).unwrap());
+    for (path, gpu) in gpus() {
+        for (i, cfg) in bn_cases().iter().enumerate() {
+            let mut r = rng(350 + i as u64);
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform(&mut r, numel, -2.0, 3.0);
+            let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+            let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+            let dy = uniform(&mut r, numel, -1.0, 1.0);
+            let (tx, tdy) = (upload(&gpu, "x", &cfg.shape(), &x), upload(&gpu, "dy", &cfg.shape(), &dy));
+            let (tg, tb) = (upload(&gpu, "gamma", &[cfg.c], &gamma), upload(&gpu, "beta", &[cfg.c], &beta));
+            // [forward output, dinp, dgamma, dbeta, eval output] of one variant.
+            let outputs = |fused: bool| -> Vec<Vec<f32>> {
+                let (trm, trv) = (zeros(&gpu, "rm", &[cfg.c]), upload(&gpu, "rv", &[cfg.c], &vec![1.0; cfg.c]));
+                let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+                let (bn_out, relu_out) = (zeros(&gpu, "bn out", &cfg.shape()), zeros(&gpu, "relu out", &cfg.shape()));
+                let (dbn, dx) = (zeros(&gpu, "d bn out", &cfg.shape()), zeros(&gpu, "dx", &cfg.shape()));
+                let (dg, db) = (zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
+                let eval_out = zeros(&gpu, "eval out", &cfg.shape());
+                if fused {
+                    let f = cfg.with_relu();
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &relu_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &f, &t).unwrap());
+                    let d = batch_norm::batch_norm_backward(
+                        &gpu,
+                        &f,
+                        &tx,
+                        &tg,
+                        &stats,
+                        Some(&relu_out),
+                        &tdy,
+                        &dx,
+                        &dg,
+                        &db,
+                    );
+                    run(&gpu, &d.unwrap());
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &eval_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, &f, &t).unwrap());
+                } else {
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &t).unwrap());
+                    run(&gpu, &relu::relu_forward(&gpu, &bn_out, &relu_out).unwrap());
+                    run(&gpu, &relu::relu_backward(&gpu, &relu_out, &tdy, &dbn).unwrap());
+                    let d = batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &dbn, &dx, &dg, &db);
+                    run(&gpu, &d.unwrap());
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, cfg, &t).unwrap());
+                    run(&gpu, &relu::relu_forward(&gpu, &bn_out, &eval_out).unwrap());
+                }
+                [&relu_out, &dx, &dg, &db, &eval_out].iter().map(|t| read(&gpu, t)).collect()
+            };
+            let (fused, apart) = (outputs(true), outputs(false));
+            for (what, (f, a)) in
+                ["output", "dinp", "dgamma", "dbeta", "eval output"].iter().zip(fused.iter().zip(&apart))
+            {
+                let same = f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "case {i} ({path}) {cfg:?}: fused {what} differs from BN then ReLU");
             }
-            [&relu_out, &dx, &dg, &db, &eval_out].iter().map(|t| read(&gpu, t)).collect()
-        };
-        let (fused, apart) = (outputs(true), outputs(false));
-        for (what, (f, a)) in ["output", "dinp", "dgamma", "dbeta", "eval output"].iter().zip(fused.iter().zip(&apart))
-        {
-            let same = f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
-            assert!(same, "case {i} {cfg:?}: fused {what} differs from BN then ReLU");
+            // And against the references composed.
+            let want = reference::batch_norm::batch_norm_forward_train(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &to_f64(&beta),
+                &vec![0.0; cfg.c],
+                &vec![1.0; cfg.c],
+            );
+            let y = reference::relu::relu_forward(&want.out);
+            assert_close(&format!("fused output case {i} ({path})"), &fused[0], &y, BN_TOL, BN_TOL);
+            let dbn = reference::relu::relu_backward(&y, &to_f64(&dy));
+            let (dx, _, _) = reference::batch_norm::batch_norm_backward(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &want.mean,
+                &want.invstd,
+                &dbn,
+            );
+            assert_close(&format!("fused dinp case {i} ({path})"), &fused[1], &dx, BN_TOL, BN_TOL);
         }
-        // And against the references composed.
-        let want = reference::batch_norm::batch_norm_forward_train(
-            cfg,
-            &to_f64(&x),
-            &to_f64(&gamma),
-            &to_f64(&beta),
-            &vec![0.0; cfg.c],
-            &vec![1.0; cfg.c],
-        );
-        let y = reference::relu::relu_forward(&want.out);
-        assert_close(&format!("fused output case {i}"), &fused[0], &y, BN_TOL, BN_TOL);
-        let dbn = reference::relu::relu_backward(&y, &to_f64(&dy));
-        let (dx, _, _) = reference::batch_norm::batch_norm_backward(
-            cfg,
-            &to_f64(&x),
-            &to_f64(&gamma),
-            &want.mean,
-            &want.invstd,
-            &dbn,
-        );
-        assert_close(&format!("fused dinp case {i}"), &fused[1], &dx, BN_TOL, BN_TOL);
+        // A fused BN's backward needs the ReLU's output, and an unfused one must not get it.
+        let cfg = bn_cases()[0];
+        let t = zeros(&gpu, "t", &cfg.shape());
+        let c = zeros(&gpu, "c", &[cfg.c]);
+        let s = zeros(&gpu, "s", &[2, cfg.c]);
+        let err = batch_norm::batch_norm_backward(&gpu, &cfg.with_relu(), &t, &c, &s, None, &t, &t, &c, &c);
+        assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
+        let err = batch_norm::batch_norm_backward(&gpu, &cfg, &t, &c, &s, Some(&t), &t, &t, &c, &c);
+        assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
     }
-    // A fused BN's backward needs the ReLU's output, and an unfused one must not get it.
-    let cfg = bn_cases()[0];
-    let t = zeros(&gpu, "t", &cfg.shape());
-    let c = zeros(&gpu, "c", &[cfg.c]);
-    let s = zeros(&gpu, "s", &[2, cfg.c]);
-    let err = batch_norm::batch_norm_backward(&gpu, &cfg.with_relu(), &t, &c, &s, None, &t, &t, &c, &c);
-    assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
-    let err = batch_norm::batch_norm_backward(&gpu, &cfg, &t, &c, &s, Some(&t), &t, &t, &c, &c);
-    assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
 }
 
 /// Mean 100, std 0.1: a one-pass E[x^2] - E[x]^2 in f32 loses the variance entirely (ulp(1e4) =
@@ -400,32 +421,36 @@ fn batch_norm_with_fused_relu_is_bn_then_relu_bit_for_bit() {
 /// quantisation of the inputs themselves (ulp(100)/std ~ 8e-5 in xhat): atol 1e-3.
 #[test]
 fn batch_norm_statistics_survive_a_large_mean() {
-    let gpu = gpu();
-    let cfg = BatchNormConfig::new(8, 3, 16, 16);
-    let mut r = rng(399);
-    let numel: usize = cfg.shape().iter().product();
-    let x: Vec<f32> = uniform(&mut r, numel, -0.17, 0.17).iter().map(|v| 100.0 + v).collect();
-    let ones = vec![1.0f32; cfg.c];
-    let zero = vec![0.0f32; cfg.c];
-    let tx = upload(&gpu, "x", &cfg.shape(), &x);
-    let tg = upload(&gpu, "gamma", &[cfg.c], &ones);
-    let tb = upload(&gpu, "beta", &[cfg.c], &zero);
-    let trm = upload(&gpu, "rm", &[cfg.c], &zero);
-    let trv = upload(&gpu, "rv", &[cfg.c], &ones);
-    let stats = zeros(&gpu, "stats", &[2, cfg.c]);
-    let ty = zeros(&gpu, "y", &cfg.shape());
-    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap());
-    let want = reference::batch_norm::batch_norm_forward_train(
-        &cfg,
-        &to_f64(&x),
-        &to_f64(&ones),
-        &to_f64(&zero),
-        &to_f64(&zero),
-        &to_f64(&ones),
-    );
-    assert_close("batch_norm large-mean output", &read(&gpu, &ty), &want.out, 1e-3, 0.0);
-    let s = read(&gpu, &stats);
-    assert_close("batch_norm large-mean invstd", &s[cfg.c..], &want.invstd, 0.0, 1e-3);
+    for (path, gpu) in gpus() {
+        let cfg = BatchNormConfig::new(8, 3, 16, 16);
+        let mut r = rng(399);
+        let numel: usize = cfg.shape().iter().product();
+        let x: Vec<f32> = uniform(&mut r, numel, -0.17, 0.17).iter().map(|v| 100.0 + v).collect();
+        let ones = vec![1.0f32; cfg.c];
+        let zero = vec![0.0f32; cfg.c];
+        let tx = upload(&gpu, "x", &cfg.shape(), &x);
+        let tg = upload(&gpu, "gamma", &[cfg.c], &ones);
+        let tb = upload(&gpu, "beta", &[cfg.c], &zero);
+        let trm = upload(&gpu, "rm", &[cfg.c], &zero);
+        let trv = upload(&gpu, "rv", &[cfg.c], &ones);
+        let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+        let ty = zeros(&gpu, "y", &cfg.shape());
+        run(
+            &gpu,
+            &batch_norm::batch_norm_forward_train(&gpu, &cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap(),
+        );
+        let want = reference::batch_norm::batch_norm_forward_train(
+            &cfg,
+            &to_f64(&x),
+            &to_f64(&ones),
+            &to_f64(&zero),
+            &to_f64(&zero),
+            &to_f64(&ones),
+        );
+        assert_close(&format!("batch_norm large-mean output ({path})"), &read(&gpu, &ty), &want.out, 1e-3, 0.0);
+        let s = read(&gpu, &stats);
+        assert_close(&format!("batch_norm large-mean invstd ({path})"), &s[cfg.c..], &want.invstd, 0.0, 1e-3);
+    }
 }
 
 #[test]
@@ -594,72 +619,73 @@ const SE_RTOL: f64 = 1e-4;
 
 #[test]
 fn se_block_forward_and_backward_match_reference() {
-    let gpu = gpu();
-    for (i, cfg) in se_cases().iter().enumerate() {
-        let mut r = rng(700 + i as u64);
-        let (c, cr) = (cfg.c, cfg.hidden());
-        let numel: usize = cfg.shape().iter().product();
-        let x = uniform(&mut r, numel, -1.0, 2.0);
-        // PyTorch's default init scale, 1/sqrt(fan_in), keeps the pre-activations O(1).
-        let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
-        let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
-        let b1 = uniform(&mut r, cr, -0.5, 0.5);
-        let b2 = uniform(&mut r, c, -0.5, 0.5);
-        let dy = uniform(&mut r, numel, -1.0, 1.0);
-        let tag = |s: &str| format!("{s} case {i} {cfg:?}");
+    for (path, gpu) in gpus() {
+        for (i, cfg) in se_cases().iter().enumerate() {
+            let mut r = rng(700 + i as u64);
+            let (c, cr) = (cfg.c, cfg.hidden());
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform(&mut r, numel, -1.0, 2.0);
+            // PyTorch's default init scale, 1/sqrt(fan_in), keeps the pre-activations O(1).
+            let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
+            let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
+            let b1 = uniform(&mut r, cr, -0.5, 0.5);
+            let b2 = uniform(&mut r, c, -0.5, 0.5);
+            let dy = uniform(&mut r, numel, -1.0, 1.0);
+            let tag = |s: &str| format!("{s} case {i} ({path}) {cfg:?}");
 
-        let tx = upload(&gpu, "x", &cfg.shape(), &x);
-        let tw1 = upload(&gpu, "w1", &cfg.fc1_shape(), &w1);
-        let tw2 = upload(&gpu, "w2", &cfg.fc2_shape(), &w2);
-        let tb1 = upload(&gpu, "b1", &[cr], &b1);
-        let tb2 = upload(&gpu, "b2", &[c], &b2);
-        let weights = SeWeights { w1: &tw1, b1: cfg.bias.then_some(&tb1), w2: &tw2, b2: cfg.bias.then_some(&tb2) };
-        let ty = zeros(&gpu, "y", &cfg.shape());
-        let saved = zeros(&gpu, "saved", &cfg.saved_shape());
-        let d = se_block::se_block_forward(&gpu, cfg, &tx, &weights, &ty, &saved).unwrap();
-        assert_eq!(d.len(), 1, "the SE forward is one dispatch");
-        run(&gpu, &d);
+            let tx = upload(&gpu, "x", &cfg.shape(), &x);
+            let tw1 = upload(&gpu, "w1", &cfg.fc1_shape(), &w1);
+            let tw2 = upload(&gpu, "w2", &cfg.fc2_shape(), &w2);
+            let tb1 = upload(&gpu, "b1", &[cr], &b1);
+            let tb2 = upload(&gpu, "b2", &[c], &b2);
+            let weights = SeWeights { w1: &tw1, b1: cfg.bias.then_some(&tb1), w2: &tw2, b2: cfg.bias.then_some(&tb2) };
+            let ty = zeros(&gpu, "y", &cfg.shape());
+            let saved = zeros(&gpu, "saved", &cfg.saved_shape());
+            let d = se_block::se_block_forward(&gpu, cfg, &tx, &weights, &ty, &saved).unwrap();
+            assert_eq!(d.len(), 1, "the SE forward is one dispatch");
+            run(&gpu, &d);
 
-        let (b1_64, b2_64) = (to_f64(&b1), to_f64(&b2));
-        let (w1_64, w2_64) = (to_f64(&w1), to_f64(&w2));
-        let p = reference::se_block::SeParams {
-            w1: &w1_64,
-            b1: cfg.bias.then_some(&b1_64[..]),
-            w2: &w2_64,
-            b2: cfg.bias.then_some(&b2_64[..]),
-        };
-        let x64 = to_f64(&x);
-        let fwd = reference::se_block::se_block_forward(cfg, &x64, &p);
-        assert_close(&tag("se_block_forward output"), &read(&gpu, &ty), &fwd.out, SE_ATOL, SE_RTOL);
-        let sv = read(&gpu, &saved);
-        let stride = 2 * c + cr;
-        let pick = |off: usize, len: usize| -> Vec<f32> {
-            (0..cfg.n).flat_map(|n| sv[n * stride + off..][..len].to_vec()).collect()
-        };
-        assert_close(&tag("se_block saved squeeze z"), &pick(0, c), &fwd.z, SE_ATOL, SE_RTOL);
-        assert_close(&tag("se_block saved hidden h"), &pick(c, cr), &fwd.h, SE_ATOL, SE_RTOL);
-        assert_close(&tag("se_block saved scale s"), &pick(c + cr, c), &fwd.s, SE_ATOL, SE_RTOL);
+            let (b1_64, b2_64) = (to_f64(&b1), to_f64(&b2));
+            let (w1_64, w2_64) = (to_f64(&w1), to_f64(&w2));
+            let p = reference::se_block::SeParams {
+                w1: &w1_64,
+                b1: cfg.bias.then_some(&b1_64[..]),
+                w2: &w2_64,
+                b2: cfg.bias.then_some(&b2_64[..]),
+            };
+            let x64 = to_f64(&x);
+            let fwd = reference::se_block::se_block_forward(cfg, &x64, &p);
+            assert_close(&tag("se_block_forward output"), &read(&gpu, &ty), &fwd.out, SE_ATOL, SE_RTOL);
+            let sv = read(&gpu, &saved);
+            let stride = 2 * c + cr;
+            let pick = |off: usize, len: usize| -> Vec<f32> {
+                (0..cfg.n).flat_map(|n| sv[n * stride + off..][..len].to_vec()).collect()
+            };
+            assert_close(&tag("se_block saved squeeze z"), &pick(0, c), &fwd.z, SE_ATOL, SE_RTOL);
+            assert_close(&tag("se_block saved hidden h"), &pick(c, cr), &fwd.h, SE_ATOL, SE_RTOL);
+            assert_close(&tag("se_block saved scale s"), &pick(c + cr, c), &fwd.s, SE_ATOL, SE_RTOL);
 
-        let tdy = upload(&gpu, "dy", &cfg.shape(), &dy);
-        let tdx = zeros(&gpu, "dx", &cfg.shape());
-        let dsaved = zeros(&gpu, "dsaved", &cfg.dsaved_shape());
-        let (tdw1, tdw2) = (zeros(&gpu, "dw1", &cfg.fc1_shape()), zeros(&gpu, "dw2", &cfg.fc2_shape()));
-        let (tdb1, tdb2) = (zeros(&gpu, "db1", &[cr]), zeros(&gpu, "db2", &[c]));
-        let grads = SeGrads {
-            dinp: &tdx,
-            dw1: &tdw1,
-            db1: cfg.bias.then_some(&tdb1),
-            dw2: &tdw2,
-            db2: cfg.bias.then_some(&tdb2),
-        };
-        run(&gpu, &se_block::se_block_backward(&gpu, cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap());
-        let g = reference::se_block::se_block_backward(cfg, &x64, &p, &fwd, &to_f64(&dy));
-        assert_close(&tag("se_block_backward dinp"), &read(&gpu, &tdx), &g.dinp, SE_ATOL, SE_RTOL);
-        assert_close(&tag("se_block_backward dw1"), &read(&gpu, &tdw1), &g.dw1, SE_ATOL, SE_RTOL);
-        assert_close(&tag("se_block_backward dw2"), &read(&gpu, &tdw2), &g.dw2, SE_ATOL, SE_RTOL);
-        if cfg.bias {
-            assert_close(&tag("se_block_backward db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
-            assert_close(&tag("se_block_backward db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+            let tdy = upload(&gpu, "dy", &cfg.shape(), &dy);
+            let tdx = zeros(&gpu, "dx", &cfg.shape());
+            let dsaved = zeros(&gpu, "dsaved", &cfg.dsaved_shape());
+            let (tdw1, tdw2) = (zeros(&gpu, "dw1", &cfg.fc1_shape()), zeros(&gpu, "dw2", &cfg.fc2_shape()));
+            let (tdb1, tdb2) = (zeros(&gpu, "db1", &[cr]), zeros(&gpu, "db2", &[c]));
+            let grads = SeGrads {
+                dinp: &tdx,
+                dw1: &tdw1,
+                db1: cfg.bias.then_some(&tdb1),
+                dw2: &tdw2,
+                db2: cfg.bias.then_some(&tdb2),
+            };
+            run(&gpu, &se_block::se_block_backward(&gpu, cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap());
+            let g = reference::se_block::se_block_backward(cfg, &x64, &p, &fwd, &to_f64(&dy));
+            assert_close(&tag("se_block_backward dinp"), &read(&gpu, &tdx), &g.dinp, SE_ATOL, SE_RTOL);
+            assert_close(&tag("se_block_backward dw1"), &read(&gpu, &tdw1), &g.dw1, SE_ATOL, SE_RTOL);
+            assert_close(&tag("se_block_backward dw2"), &read(&gpu, &tdw2), &g.dw2, SE_ATOL, SE_RTOL);
+            if cfg.bias {
+                assert_close(&tag("se_block_backward db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
+                assert_close(&tag("se_block_backward db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+            }
         }
     }
 }
@@ -718,45 +744,68 @@ fn linear_forward_and_backward_match_reference() {
 
 #[test]
 fn cross_entropy_matches_reference_and_accumulates() {
-    let gpu = gpu();
-    // (batch, classes, logit scale): batch 1; 3 classes; > 256 samples (strided reduction);
-    // 1,000 classes; logits of +-60, where a naive exp overflows f32.
-    for (i, (n, k, scale)) in
-        [(1usize, 10usize, 3.0f32), (7, 3, 3.0), (300, 10, 3.0), (5, 1000, 3.0), (9, 10, 60.0)].into_iter().enumerate()
-    {
-        let mut r = rng(900 + i as u64);
-        let logits = uniform(&mut r, n * k, -scale, scale);
-        let target: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k as u32)).collect();
-        let tl = upload(&gpu, "logits", &[n, k], &logits);
-        let tt = Tensor::from_slice(&gpu, "target", &[n], &target).unwrap();
-        let tdl = zeros(&gpu, "dlogits", &[n, k]);
-        let per = zeros(&gpu, "per-sample", &[n, 3]);
-        let res = zeros(&gpu, "result", &[result::LEN]);
-        let d = cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res).unwrap();
-        // Twice: the batch fields are overwritten, the running sums accumulate.
-        run(&gpu, &d);
-        run(&gpu, &d);
-        let want = reference::cross_entropy::cross_entropy_forward_backward(&to_f64(&logits), &target, k);
-        let got = read(&gpu, &res);
-        // Loss: log-sum-exp over <= 1,000 exps and a mean over <= 300 samples: ~1e-6 relative.
-        assert_close(&format!("cross_entropy loss case {i}"), &[got[result::LOSS]], &[want.loss], 1e-5, 1e-5);
-        assert_eq!(got[result::CORRECT], want.correct as f32, "cross_entropy correct case {i}");
-        assert_close(
-            &format!("cross_entropy summed loss case {i}"),
-            &[got[result::SUM_LOSS]],
-            &[2.0 * want.loss * n as f64],
-            1e-4,
-            1e-5,
-        );
-        assert_eq!(got[result::SUM_CORRECT], 2.0 * want.correct as f32, "cross_entropy summed correct case {i}");
-        assert_eq!(got[result::SUM_COUNT], 2.0 * n as f32, "cross_entropy summed count case {i}");
-        // Gradient entries are at most 1/n: absolute 1e-7 is ~1 ulp of the largest.
-        assert_close(&format!("cross_entropy dlogits case {i}"), &read(&gpu, &tdl), &want.dlogits, 1e-7, 1e-5);
-        let per = read(&gpu, &per);
-        for s in 0..n {
-            let row = &logits[s * k..][..k];
-            let first_max = row.iter().enumerate().fold(0, |a, (j, &v)| if v > row[a] { j } else { a });
-            assert_eq!(per[3 * s + 2], first_max as f32, "cross_entropy predicted class, case {i} sample {s}");
+    for (path, gpu) in gpus() {
+        // (batch, classes, logit scale): batch 1; 3 classes; > 256 samples (strided reduction);
+        // 1,000 classes; logits of +-60, where a naive exp overflows f32.
+        for (i, (n, k, scale)) in
+            [(1usize, 10usize, 3.0f32), (7, 3, 3.0), (300, 10, 3.0), (5, 1000, 3.0), (9, 10, 60.0)]
+                .into_iter()
+                .enumerate()
+        {
+            let mut r = rng(900 + i as u64);
+            let logits = uniform(&mut r, n * k, -scale, scale);
+            let target: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k as u32)).collect();
+            let tl = upload(&gpu, "logits", &[n, k], &logits);
+            let tt = Tensor::from_slice(&gpu, "target", &[n], &target).unwrap();
+            let tdl = zeros(&gpu, "dlogits", &[n, k]);
+            let per = zeros(&gpu, "per-sample", &[n, 3]);
+            let res = zeros(&gpu, "result", &[result::LEN]);
+            let d = cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res).unwrap();
+            // Twice: the batch fields are overwritten, the running sums accumulate.
+            run(&gpu, &d);
+            run(&gpu, &d);
+            let want = reference::cross_entropy::cross_entropy_forward_backward(&to_f64(&logits), &target, k);
+            let got = read(&gpu, &res);
+            // Loss: log-sum-exp over <= 1,000 exps and a mean over <= 300 samples: ~1e-6 relative.
+            assert_close(
+                &format!("cross_entropy loss case {i} ({path})"),
+                &[got[result::LOSS]],
+                &[want.loss],
+                1e-5,
+                1e-5,
+            );
+            assert_eq!(got[result::CORRECT], want.correct as f32, "cross_entropy correct case {i} ({path})");
+            assert_close(
+                &format!("cross_entropy summed loss case {i} ({path})"),
+                &[got[result::SUM_LOSS]],
+                &[2.0 * want.loss * n as f64],
+                1e-4,
+                1e-5,
+            );
+            assert_eq!(
+                got[result::SUM_CORRECT],
+                2.0 * want.correct as f32,
+                "cross_entropy summed correct case {i} ({path})"
+            );
+            assert_eq!(got[result::SUM_COUNT], 2.0 * n as f32, "cross_entropy summed count case {i} ({path})");
+            // Gradient entries are at most 1/n: absolute 1e-7 is ~1 ulp of the largest.
+            assert_close(
+                &format!("cross_entropy dlogits case {i} ({path})"),
+                &read(&gpu, &tdl),
+                &want.dlogits,
+                1e-7,
+                1e-5,
+            );
+            let per = read(&gpu, &per);
+            for s in 0..n {
+                let row = &logits[s * k..][..k];
+                let first_max = row.iter().enumerate().fold(0, |a, (j, &v)| if v > row[a] { j } else { a });
+                assert_eq!(
+                    per[3 * s + 2],
+                    first_max as f32,
+                    "cross_entropy predicted class, case {i} ({path}) sample {s}"
+                );
+            }
         }
     }
 }
@@ -857,71 +906,72 @@ fn a_lost_device_is_an_error_not_a_panic() {
 #[test]
 fn se_block_ablation_variants_match_reference() {
     use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};
-    let gpu = gpu();
-    let shapes = [(2usize, 20usize, 3usize, 5usize, 3usize, true), (1, 64, 8, 8, 16, false)];
-    for squeeze in [Squeeze::Avg, Squeeze::Max] {
-        for excitation in [Excitation::Sigmoid, Excitation::Tanh, Excitation::Relu] {
-            for (i, &(n, c, h, w, reduction, bias)) in shapes.iter().enumerate() {
-                let variant = SeVariant { squeeze, excitation };
-                let cfg = SeBlockConfig { n, c, h, w, reduction, bias, variant };
-                let cr = cfg.hidden();
-                let mut r = rng(1700 + i as u64);
-                let numel = n * c * h * w;
-                let x = uniform(&mut r, numel, -1.0, 2.0);
-                let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
-                let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
-                let (b1, b2) = (uniform(&mut r, cr, -0.5, 0.5), uniform(&mut r, c, -0.5, 0.5));
-                let dy = uniform(&mut r, numel, -1.0, 1.0);
-                let tag = |s: &str| format!("{s} {variant:?} case {i}");
-                let (tx, tw1, tw2) = (
-                    upload(&gpu, "x", &cfg.shape(), &x),
-                    upload(&gpu, "w1", &cfg.fc1_shape(), &w1),
-                    upload(&gpu, "w2", &cfg.fc2_shape(), &w2),
-                );
-                let (tb1, tb2) = (upload(&gpu, "b1", &[cr], &b1), upload(&gpu, "b2", &[c], &b2));
-                let weights = SeWeights { w1: &tw1, b1: bias.then_some(&tb1), w2: &tw2, b2: bias.then_some(&tb2) };
-                let (ty, saved) = (zeros(&gpu, "y", &cfg.shape()), zeros(&gpu, "saved", &cfg.saved_shape()));
-                run(&gpu, &se_block::se_block_forward(&gpu, &cfg, &tx, &weights, &ty, &saved).unwrap());
-                let (b1_64, b2_64, w1_64, w2_64, x64) =
-                    (to_f64(&b1), to_f64(&b2), to_f64(&w1), to_f64(&w2), to_f64(&x));
-                let p = reference::se_block::SeParams {
-                    w1: &w1_64,
-                    b1: bias.then_some(&b1_64[..]),
-                    w2: &w2_64,
-                    b2: bias.then_some(&b2_64[..]),
-                };
-                let fwd = reference::se_block::se_block_forward(&cfg, &x64, &p);
-                assert_close(&tag("forward"), &read(&gpu, &ty), &fwd.out, SE_ATOL, SE_RTOL);
+    for (path, gpu) in gpus() {
+        let shapes = [(2usize, 20usize, 3usize, 5usize, 3usize, true), (1, 64, 8, 8, 16, false)];
+        for squeeze in [Squeeze::Avg, Squeeze::Max] {
+            for excitation in [Excitation::Sigmoid, Excitation::Tanh, Excitation::Relu] {
+                for (i, &(n, c, h, w, reduction, bias)) in shapes.iter().enumerate() {
+                    let variant = SeVariant { squeeze, excitation };
+                    let cfg = SeBlockConfig { n, c, h, w, reduction, bias, variant };
+                    let cr = cfg.hidden();
+                    let mut r = rng(1700 + i as u64);
+                    let numel = n * c * h * w;
+                    let x = uniform(&mut r, numel, -1.0, 2.0);
+                    let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
+                    let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
+                    let (b1, b2) = (uniform(&mut r, cr, -0.5, 0.5), uniform(&mut r, c, -0.5, 0.5));
+                    let dy = uniform(&mut r, numel, -1.0, 1.0);
+                    let tag = |s: &str| format!("{s} {variant:?} case {i} ({path})");
+                    let (tx, tw1, tw2) = (
+                        upload(&gpu, "x", &cfg.shape(), &x),
+                        upload(&gpu, "w1", &cfg.fc1_shape(), &w1),
+                        upload(&gpu, "w2", &cfg.fc2_shape(), &w2),
+                    );
+                    let (tb1, tb2) = (upload(&gpu, "b1", &[cr], &b1), upload(&gpu, "b2", &[c], &b2));
+                    let weights = SeWeights { w1: &tw1, b1: bias.then_some(&tb1), w2: &tw2, b2: bias.then_some(&tb2) };
+                    let (ty, saved) = (zeros(&gpu, "y", &cfg.shape()), zeros(&gpu, "saved", &cfg.saved_shape()));
+                    run(&gpu, &se_block::se_block_forward(&gpu, &cfg, &tx, &weights, &ty, &saved).unwrap());
+                    let (b1_64, b2_64, w1_64, w2_64, x64) =
+                        (to_f64(&b1), to_f64(&b2), to_f64(&w1), to_f64(&w2), to_f64(&x));
+                    let p = reference::se_block::SeParams {
+                        w1: &w1_64,
+                        b1: bias.then_some(&b1_64[..]),
+                        w2: &w2_64,
+                        b2: bias.then_some(&b2_64[..]),
+                    };
+                    let fwd = reference::se_block::se_block_forward(&cfg, &x64, &p);
+                    assert_close(&tag("forward"), &read(&gpu, &ty), &fwd.out, SE_ATOL, SE_RTOL);
 
-                let (tdy, tdx, dsaved) = (
-                    upload(&gpu, "dy", &cfg.shape(), &dy),
-                    zeros(&gpu, "dx", &cfg.shape()),
-                    zeros(&gpu, "ds", &cfg.dsaved_shape()),
-                );
-                let (tdw1, tdw2, tdb1, tdb2) = (
-                    zeros(&gpu, "dw1", &cfg.fc1_shape()),
-                    zeros(&gpu, "dw2", &cfg.fc2_shape()),
-                    zeros(&gpu, "db1", &[cr]),
-                    zeros(&gpu, "db2", &[c]),
-                );
-                let grads = SeGrads {
-                    dinp: &tdx,
-                    dw1: &tdw1,
-                    db1: bias.then_some(&tdb1),
-                    dw2: &tdw2,
-                    db2: bias.then_some(&tdb2),
-                };
-                run(
-                    &gpu,
-                    &se_block::se_block_backward(&gpu, &cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap(),
-                );
-                let g = reference::se_block::se_block_backward(&cfg, &x64, &p, &fwd, &to_f64(&dy));
-                assert_close(&tag("dinp"), &read(&gpu, &tdx), &g.dinp, SE_ATOL, SE_RTOL);
-                assert_close(&tag("dw1"), &read(&gpu, &tdw1), &g.dw1, SE_ATOL, SE_RTOL);
-                assert_close(&tag("dw2"), &read(&gpu, &tdw2), &g.dw2, SE_ATOL, SE_RTOL);
-                if bias {
-                    assert_close(&tag("db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
-                    assert_close(&tag("db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+                    let (tdy, tdx, dsaved) = (
+                        upload(&gpu, "dy", &cfg.shape(), &dy),
+                        zeros(&gpu, "dx", &cfg.shape()),
+                        zeros(&gpu, "ds", &cfg.dsaved_shape()),
+                    );
+                    let (tdw1, tdw2, tdb1, tdb2) = (
+                        zeros(&gpu, "dw1", &cfg.fc1_shape()),
+                        zeros(&gpu, "dw2", &cfg.fc2_shape()),
+                        zeros(&gpu, "db1", &[cr]),
+                        zeros(&gpu, "db2", &[c]),
+                    );
+                    let grads = SeGrads {
+                        dinp: &tdx,
+                        dw1: &tdw1,
+                        db1: bias.then_some(&tdb1),
+                        dw2: &tdw2,
+                        db2: bias.then_some(&tdb2),
+                    };
+                    run(
+                        &gpu,
+                        &se_block::se_block_backward(&gpu, &cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap(),
+                    );
+                    let g = reference::se_block::se_block_backward(&cfg, &x64, &p, &fwd, &to_f64(&dy));
+                    assert_close(&tag("dinp"), &read(&gpu, &tdx), &g.dinp, SE_ATOL, SE_RTOL);
+                    assert_close(&tag("dw1"), &read(&gpu, &tdw1), &g.dw1, SE_ATOL, SE_RTOL);
+                    assert_close(&tag("dw2"), &read(&gpu, &tdw2), &g.dw2, SE_ATOL, SE_RTOL);
+                    if bias {
+                        assert_close(&tag("db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
+                        assert_close(&tag("db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+                    }
                 }
             }
         }

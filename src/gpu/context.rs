@@ -42,6 +42,33 @@ pub struct GpuOptions {
     /// The tuning cache file. `None` honours `SENET_TUNE_CACHE`, else the platform's cache
     /// directory (`~/.cache/senet-wgpu/tune-v1.json` on Linux).
     pub tune_cache: Option<std::path::PathBuf>,
+    /// Reductions on subgroups or workgroup-memory trees. `None` honours `SENET_SUBGROUPS`,
+    /// else auto.
+    pub subgroups: Option<Subgroups>,
+}
+
+/// Whether reductions use subgroup operations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Subgroups {
+    /// Where the adapter has them.
+    #[default]
+    Auto,
+    /// Always: an error on an adapter without subgroups.
+    On,
+    /// Never: workgroup-memory trees.
+    Off,
+}
+
+impl Subgroups {
+    /// `SENET_SUBGROUPS`: on, off or auto (unset or empty: auto).
+    fn from_env() -> Result<Subgroups> {
+        match std::env::var("SENET_SUBGROUPS").unwrap_or_default().trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Subgroups::Auto),
+            "on" => Ok(Subgroups::On),
+            "off" => Ok(Subgroups::Off),
+            other => anyhow::bail!("SENET_SUBGROUPS={other:?}: expected on, off or auto"),
+        }
+    }
 }
 
 /// One adapter as `senet devices` shows it.
@@ -134,6 +161,8 @@ pub struct Gpu {
     /// lost). [`Gpu::wait`] and [`Gpu::check`] turn the first into an error: never a panic.
     errors: Arc<std::sync::Mutex<Vec<String>>>,
     pub(crate) kernels: super::kernels::KernelRegistry,
+    /// Reductions use subgroup operations (shaders/reduce_subgroup.wgsl), else workgroup trees.
+    pub subgroups: bool,
     /// Which kernel runs each conv shape: timed once per adapter and remembered on disk.
     pub tuner: super::tune::Tuner,
 }
@@ -244,10 +273,27 @@ impl Gpu {
             env!("CARGO_PKG_VERSION")
         );
         let limits = adapter.limits();
+        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
+        let subgroups = match opts.subgroups.map_or_else(Subgroups::from_env, Ok)? {
+            Subgroups::On => {
+                anyhow::ensure!(
+                    has_subgroups,
+                    "subgroups were asked for (--subgroups on / SENET_SUBGROUPS=on) but adapter {:?} has \
+                     none; use off or auto",
+                    info.name
+                );
+                true
+            }
+            Subgroups::Off => false,
+            Subgroups::Auto => has_subgroups,
+        };
         // Optional features we can use; request only what the adapter has.
-        let wanted = wgpu::Features::TIMESTAMP_QUERY
+        let mut wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        if subgroups {
+            wanted |= wgpu::Features::SUBGROUP;
+        }
         let features = adapter.features() & wanted;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("senet"),
@@ -278,6 +324,7 @@ impl Gpu {
         Ok(Arc::new(Gpu {
             errors,
             kernels: super::kernels::KernelRegistry::default(),
+            subgroups,
             tuner: super::tune::Tuner::new(tune_mode, tune_cache, device_key),
             stats: Arc::default(),
             adapter,
@@ -294,12 +341,26 @@ impl Gpu {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
-    /// One line: name, backend, type.
+    /// One line: name, backend, type, and how reductions run.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}, driver {})",
-            self.info.name, self.info.backend, self.info.device_type, self.info.driver
+            "{} ({:?}, {:?}, driver {}; reductions: {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.reductions()
         )
+    }
+
+    /// How reductions run: "subgroups (size 8)", or "workgroup trees".
+    pub fn reductions(&self) -> String {
+        if self.subgroups {
+            let (lo, hi) = (self.info.subgroup_min_size, self.info.subgroup_max_size);
+            if lo == hi { format!("subgroups (size {lo})") } else { format!("subgroups (size {lo}-{hi})") }
+        } else {
+            "workgroup trees".to_string()
+        }
     }
 
     /// Block until all submitted work is done. Only for tests, read-backs and the end of a run.

@@ -28,6 +28,19 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("add", include_str!("../../shaders/add.wgsl")),
 ];
 
+/// The reduction preludes, one of which is appended to every shader file (WGSL declarations may
+/// come in any order, so appending keeps the file's own line numbers in error messages): the
+/// subgroup one where the device has subgroups and they are not turned off, else the workgroup
+/// one. Both give the same functions (`lane_of`, `sg_sum`, `block_sum2`, `block_welford`).
+pub const PRELUDE_WORKGROUP: (&str, &str) = ("reduce_workgroup", include_str!("../../shaders/reduce_workgroup.wgsl"));
+pub const PRELUDE_SUBGROUP: (&str, &str) = ("reduce_subgroup", include_str!("../../shaders/reduce_subgroup.wgsl"));
+
+/// The source the device compiles for `shader`: the file, then the reduction prelude.
+pub fn shader_source(src: &str, subgroups: bool) -> String {
+    let prelude = if subgroups { PRELUDE_SUBGROUP.1 } else { PRELUDE_WORKGROUP.1 };
+    format!("{src}\n{prelude}")
+}
+
 #[derive(Default)]
 pub(crate) struct KernelRegistry {
     modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
@@ -104,7 +117,7 @@ impl Gpu {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader),
-            source: wgpu::ShaderSource::Wgsl(src.into()),
+            source: wgpu::ShaderSource::Wgsl(shader_source(src, self.subgroups).into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
             anyhow::bail!("compiling shaders/{shader}.wgsl: {e}");

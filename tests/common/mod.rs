@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use senet_wgpu::gpu::{Gpu, GpuOptions, Tensor};
+use senet_wgpu::gpu::{Gpu, GpuOptions, Subgroups, Tensor};
 
 /// The device every GPU test runs on, created once per test binary. With no adapter every GPU
 /// test fails with the adapter error: they never pass by skipping. Tuning is off, so the kernels
@@ -18,6 +18,39 @@ pub fn gpu() -> Arc<Gpu> {
         Ok(g) => g.clone(),
         Err(e) => panic!("GPU test cannot run: {e}"),
     }
+}
+
+/// The same adapter with reductions on workgroup-memory trees (no subgroups).
+pub fn gpu_without_subgroups() -> Arc<Gpu> {
+    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
+    let opts = GpuOptions {
+        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
+        subgroups: Some(Subgroups::Off),
+        ..Default::default()
+    };
+    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
+        Ok(g) => g.clone(),
+        Err(e) => panic!("GPU test cannot run: {e}"),
+    }
+}
+
+/// Both reduction paths for the kernels that reduce: the default device, which must use
+/// subgroups (lavapipe has them; set SENET_TEST_NO_SUBGROUPS=1 on an adapter without, and only
+/// the workgroup path is tested), and the same adapter without them.
+pub fn gpus() -> Vec<(&'static str, Arc<Gpu>)> {
+    let with = gpu();
+    let without = gpu_without_subgroups();
+    assert!(!without.subgroups, "SENET_SUBGROUPS=off must turn subgroups off");
+    if std::env::var_os("SENET_TEST_NO_SUBGROUPS").is_some() {
+        return vec![("workgroup trees", without)];
+    }
+    assert!(
+        with.subgroups,
+        "{} has no subgroups, so the subgroup kernels cannot be tested; set SENET_TEST_NO_SUBGROUPS=1 to test only \
+         the workgroup path",
+        with.describe()
+    );
+    vec![("subgroups", with), ("workgroup trees", without)]
 }
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
