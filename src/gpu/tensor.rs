@@ -152,12 +152,7 @@ impl Tensor {
         if size == 0 {
             return Ok(Vec::new());
         }
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("read-back"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = gpu.take_staging(size);
         let mut encoder =
             gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read-back") });
         encoder.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
@@ -172,6 +167,7 @@ impl Tensor {
         let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
         drop(view);
         staging.unmap();
+        gpu.return_staging(staging);
         Ok(out)
     }
 }
