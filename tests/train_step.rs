@@ -277,7 +277,7 @@ fn cifar_resnet_names_and_sizes() {
 
 #[test]
 fn learning_rate_schedules() {
-    use senet_wgpu::train::{Schedule, lr_at};
+    use senet_wgpu::hparams::{Schedule, lr_at};
     // 10 epochs of 5 steps.
     let at = |s, w, step| lr_at(0.1, s, w, step, 5, 50);
     assert_eq!(at(Schedule::Constant, 0.0, 37), 0.1);
