@@ -514,3 +514,22 @@ fn steps_at_batch_1_odd_sizes_and_a_partial_batch_and_eval_equal_the_reference()
         eval_matches(&net, &plan_last, &x[..last * 3 * h * w], &format!("{model} partial batch"));
     }
 }
+
+/// The plan's buffers are labelled by what they hold, in PyTorch's names: activations by the
+/// layer that writes them, gradients likewise, a fork's per-reader gradients by both layers.
+#[test]
+fn plan_buffers_are_labelled_by_what_they_hold() {
+    let gpu = gpu();
+    let net = Network::new(gpu.clone(), cifar_resnet("se-resnet8", 0.5), OptimizerConfig::sgd(0.1, 0.9), 1).unwrap();
+    let plan = net.plan(2).unwrap();
+    assert_eq!(plan.acts[0].label, "input");
+    assert_eq!(plan.grads[0].label, "input grad");
+    for (k, node) in net.graph.nodes.iter().enumerate() {
+        assert_eq!(plan.acts[k + 1].label, format!("{} output", node.name));
+        assert_eq!(plan.grads[k + 1].label, format!("{} output grad", node.name));
+    }
+    assert!(plan.acts.iter().any(|t| t.label == "layer1.0.se output"), "the SE block's output is named");
+    let p = net.param("layer1.0.conv1.weight").unwrap();
+    assert!(p.value.label.contains("layer1.0.conv1.weight"), "{}", p.value.label);
+    assert!(p.grad.label.contains("layer1.0.conv1.weight"), "{}", p.grad.label);
+}

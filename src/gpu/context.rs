@@ -167,6 +167,9 @@ pub struct Gpu {
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
     staging: std::sync::Mutex<std::collections::HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// The layer whose dispatches are being built: bind groups and parameter blocks are labelled
+    /// "<layer> <entry point>" while it is set (see `label_scope`).
+    scope: std::sync::Mutex<String>,
     /// Which kernel runs each conv shape: timed once per adapter and remembered on disk.
     pub tuner: super::tune::Tuner,
 }
@@ -330,6 +333,7 @@ impl Gpu {
             kernels: super::kernels::KernelRegistry::default(),
             subgroups,
             staging: Default::default(),
+            scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, tune_cache, device_key),
             stats: Arc::default(),
             adapter,
@@ -339,6 +343,19 @@ impl Gpu {
             limits,
             features,
         }))
+    }
+
+    /// Label what is built until the guard drops with `layer`'s name (GPU captures and validation
+    /// messages then say "features.4 conv2d_gemm", not just the entry point).
+    pub fn label_scope(&self, layer: &str) -> LabelScope<'_> {
+        *self.scope.lock().unwrap_or_else(|p| p.into_inner()) = layer.to_string();
+        LabelScope { gpu: self }
+    }
+
+    /// `what`, prefixed with the layer being built, if any.
+    pub(crate) fn scoped(&self, what: &str) -> String {
+        let scope = self.scope.lock().unwrap_or_else(|p| p.into_inner());
+        if scope.is_empty() { what.to_string() } else { format!("{scope} {what}") }
     }
 
     /// A MAP_READ staging buffer of `size` bytes: a kept one, else a new one (counted in `stats`).
@@ -406,5 +423,16 @@ impl Gpu {
             Some(e) => anyhow::bail!("{e}"),
             None => Ok(()),
         }
+    }
+}
+
+/// Clears the label scope when dropped.
+pub struct LabelScope<'a> {
+    gpu: &'a Gpu,
+}
+
+impl Drop for LabelScope<'_> {
+    fn drop(&mut self) {
+        self.gpu.scope.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
