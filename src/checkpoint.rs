@@ -278,6 +278,13 @@ pub fn save_resume(net: &Network, mut metadata: HashMap<String, String>, path: &
         }
     }
     metadata.insert("optimizer_step".into(), net.step.to_string());
+    if let Some(s) = &net.scaler {
+        let st = s.read(&net.gpu)?;
+        metadata.insert("loss_scale".into(), st.scale.to_string());
+        metadata.insert("loss_scale_growth_tracker".into(), st.growth_tracker.to_string());
+        metadata.insert("loss_scale_optimizer_steps".into(), st.steps.to_string());
+        metadata.insert("loss_scale_skipped_steps".into(), st.skipped.to_string());
+    }
     write_atomic(path, &to_bytes_with(&sd, Some(metadata))?)
 }
 
@@ -305,5 +312,20 @@ pub fn load_resume(path: &Path, net: &mut Network) -> Result<HashMap<String, Str
         .get("optimizer_step")
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{what}: metadata field optimizer_step missing or not a number"))?;
+    if let Some(s) = &net.scaler {
+        let field = |k: &str| -> Result<f64> {
+            metadata.get(k).and_then(|v| v.parse::<f64>().ok()).with_context(|| {
+                format!("{what}: metadata field {k} missing or not a number (an f16 run saves its loss scaler)")
+            })
+        };
+        let st = crate::ops::grad_scaler::ScalerState {
+            scale: field("loss_scale")? as f32,
+            growth_tracker: field("loss_scale_growth_tracker")? as u32,
+            steps: field("loss_scale_optimizer_steps")? as u64,
+            skipped: field("loss_scale_skipped_steps")? as u64,
+            found_inf: false,
+        };
+        s.write(&gpu, &st)?;
+    }
     Ok(metadata)
 }

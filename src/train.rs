@@ -38,8 +38,7 @@ fn install_stop_handler() {
 /// The loss went NaN or infinite: name the step and the first layer whose output (or the first
 /// parameter) is not finite. Nothing is saved, so the last good checkpoint stays as it was.
 fn divergence(net: &Network, plan: &StepPlan, epoch: usize, step: usize) -> anyhow::Error {
-    let finite =
-        |t: &crate::gpu::Tensor| t.read::<f32>(&net.gpu).map(|v| v.iter().all(|x| x.is_finite())).unwrap_or(true);
+    let finite = |t: &crate::gpu::Tensor| t.read_f32(&net.gpu).map(|v| v.iter().all(|x| x.is_finite())).unwrap_or(true);
     let param = net.params.iter().find(|p| !finite(&p.value)).map(|p| format!("parameter {}", p.spec.name));
     let layer = net
         .graph
@@ -134,7 +133,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     let (dataset, train_set, test_set, config) = load_data(args)?;
     let pre = Preprocess { normalize: config.normalize.clone(), augment: args.augment };
 
-    let mut net = Network::new(gpu.clone(), config.clone(), args.optimizer_config(), args.seed)?;
+    let mut net = Network::new_in(gpu.clone(), config.clone(), args.optimizer_config(), args.seed, args.precision)?;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
@@ -313,7 +312,11 @@ impl Trainer<'_> {
             return Err(divergence(net, plan, epoch, step));
         }
         let rate = n / t0.elapsed().as_secs_f64();
-        let msg = format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate);
+        let mut msg = format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate);
+        if let Some(s) = &net.scaler {
+            let st = s.read(&self.gpu)?;
+            msg += &format!(" | loss scale {} ({} skipped)", st.scale, st.skipped);
+        }
         if pb.is_hidden() {
             println!("epoch {epoch} step {step}/{} {msg}", self.steps_per_epoch);
         }

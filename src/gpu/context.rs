@@ -298,6 +298,10 @@ impl Gpu {
         let mut wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        // SENET_NO_F16=1: behave as an adapter without f16 shaders (how the refusal is tested).
+        if std::env::var_os("SENET_NO_F16").is_none_or(|v| v.is_empty() || v == "0") {
+            wanted |= wgpu::Features::SHADER_F16;
+        }
         if subgroups {
             wanted |= wgpu::Features::SUBGROUP;
         }

@@ -5,9 +5,9 @@
 use anyhow::{Context, Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_shape, placeholder, to_u32};
+use super::{expect_shape, placeholder, placeholder_like, to_u32};
 use crate::gpu::tune::{TuneEntry, TuneMode};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// A 2-D convolution over NCHW, as `torch.nn.Conv2d(c_in, c_out, (kh, kw), stride, padding,
 /// dilation, bias)` applied to an `[n, c_in, h, w]` input.
@@ -271,6 +271,7 @@ pub fn conv2d_forward_tiled(
     expect_shape("conv2d output", out, &cfg.output_shape())?;
     // conv2d_gemm in MODE 0 never reads dout (binding 5), nor the bias without one.
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, inp)?;
     let bias = match (cfg.bias, bias) {
         (true, Some(b)) => {
             expect_shape("conv2d bias", b, &[cfg.c_out])?;
@@ -290,11 +291,11 @@ pub fn conv2d_forward_tiled(
         Bind::Tensor(2, weight),
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
-        Bind::Tensor(5, &unused),
+        Bind::Tensor(5, &unused_act),
     ];
-    let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d", "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
+        gpu.dispatch_in(Precision::of(inp), "conv2d", "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
             .labelled("conv2d_forward")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -327,17 +328,18 @@ pub fn conv2d_backward_input_tiled(
     // conv2d_gemm in MODE 1 reads dout and writes dinp through the forward's output binding; the
     // input and bias bindings are declared by the shared entry point but never read.
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, dout)?;
     let binds = [
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused),
+        Bind::Tensor(1, &unused_act),
         Bind::Tensor(2, weight),
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, dinp),
         Bind::Tensor(5, dout),
     ];
-    let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
+        gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
             .labelled("conv2d_backward_input")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -390,31 +392,43 @@ pub fn conv2d_backward_weight_tiled(
     let ci = tiles.wgrad_ci;
     let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(ci), 1, cfg.c_out, tiles.wgrad_n, splits)?;
     let consts = [("WG", WG as f64), ("WGRAD_CI", ci as f64), ("WGRAD_N", tiles.wgrad_n as f64)];
-    let (flops, bytes) =
-        (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
+    let (flops, bytes) = (
+        2.0 * cfg.macs() as f64,
+        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
+    );
+    let precision = Precision::of(inp);
     if splits == 1 {
         let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, dweight)];
         return Ok(vec![
-            gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes),
+            gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?
+                .with_cost(flops, bytes),
         ]);
     }
     let partial = Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, &partial)];
-    let first = gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
-    Ok(vec![first, weight_grad_reduce(gpu, cfg, &params, &partial, dweight)?])
+    let first =
+        gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
+    Ok(vec![first, weight_grad_reduce(gpu, cfg, precision, &params, &partial, dweight)?])
+}
+
+/// Bytes per element of an activation tensor.
+fn el(t: &Tensor) -> f64 {
+    t.dtype.bytes() as f64
 }
 
 /// The fixed-order sum of a split weight gradient's slices (both kernel families write them alike).
 fn weight_grad_reduce(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
+    precision: Precision,
     params: &wgpu::Buffer,
     partial: &Tensor,
     dweight: &Tensor,
 ) -> Result<Dispatch> {
     let binds = [Bind::Uniform(0, params), Bind::Tensor(8, partial), Bind::Tensor(9, dweight)];
     let n = cfg.c_out * cfg.c_in * cfg.kh * cfg.kw;
-    gpu.dispatch("conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, gpu.grid_1d(n, WG))
+    let grid = gpu.grid_1d(n, WG);
+    gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, grid)
 }
 
 pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias: &Tensor) -> Result<Vec<Dispatch>> {
@@ -425,7 +439,8 @@ pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias:
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, dout), Bind::Tensor(10, dbias)];
     let consts = [("OHW", (cfg.out_h() * cfg.out_w()) as f64)];
-    Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_bias", &consts, &binds, [to_u32("c_out", cfg.c_out)?, 1, 1])?])
+    let grid = [to_u32("c_out", cfg.c_out)?, 1, 1];
+    Ok(vec![gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_backward_bias", &consts, &binds, grid)?])
 }
 
 /// Workgroup-memory tile shapes of `conv2d_tiled.wgsl`: a workgroup of 256 invocations owns `bm`
@@ -503,6 +518,9 @@ pub fn conv2d_forward_smem(
         }
         None => &unused,
     };
+    let unused_act = placeholder_like(gpu, inp)?;
+    // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
+    let scratch = placeholder(gpu)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = tiles.grid(gpu, cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1)?;
     let binds = [
@@ -511,11 +529,12 @@ pub fn conv2d_forward_smem(
         Bind::Tensor(2, weight),
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
-        Bind::Tensor(5, &unused),
+        Bind::Tensor(5, &unused_act),
+        Bind::Tensor(6, &scratch),
     ];
-    let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(0), &binds, grid)?
+        gpu.dispatch_in(Precision::of(inp), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(0), &binds, grid)?
             .labelled("conv2d_forward (tiled)")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -535,19 +554,22 @@ pub fn conv2d_backward_input_smem(
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, dout)?;
+    let scratch = placeholder(gpu)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = tiles.grid(gpu, cfg.c_in, cfg.n * cfg.h * cfg.w, 1)?;
     let binds = [
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused),
+        Bind::Tensor(1, &unused_act),
         Bind::Tensor(2, weight),
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, dinp),
         Bind::Tensor(5, dout),
+        Bind::Tensor(6, &scratch),
     ];
-    let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(1), &binds, grid)?
+        gpu.dispatch_in(Precision::of(dout), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(1), &binds, grid)?
             .labelled("conv2d_backward_input (tiled)")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -577,26 +599,33 @@ pub fn conv2d_backward_weight_smem(
     let k = cfg.c_in * cfg.kh * cfg.kw;
     let grid = tiles.grid(gpu, cfg.c_out, k, splits)?;
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, inp)?;
+    // Binding 4 (the other modes' output) is writable: a buffer of its own.
+    let scratch = placeholder_like(gpu, inp)?;
     let partial =
         if splits > 1 { Some(Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?) } else { None };
     let target = partial.as_ref().unwrap_or(dweight);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
-        Bind::Tensor(2, &unused),
+        Bind::Tensor(2, &unused_act),
         Bind::Tensor(3, &unused),
-        Bind::Tensor(4, target),
+        Bind::Tensor(4, &scratch),
         Bind::Tensor(5, dout),
+        Bind::Tensor(6, target),
     ];
-    let (flops, bytes) =
-        (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
+    let (flops, bytes) = (
+        2.0 * cfg.macs() as f64,
+        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
+    );
+    let precision = Precision::of(inp);
     let mut out = vec![
-        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(2), &binds, grid)?
+        gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(2), &binds, grid)?
             .labelled("conv2d_backward_weight (tiled)")
             .with_cost(flops, bytes),
     ];
     if let Some(partial) = &partial {
-        out.push(weight_grad_reduce(gpu, cfg, &params, partial, dweight)?);
+        out.push(weight_grad_reduce(gpu, cfg, precision, &params, partial, dweight)?);
     }
     Ok(out)
 }

@@ -4,7 +4,7 @@ use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
 use super::{expect_shape, placeholder, to_u32};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// `torch.nn.Linear(in_features, out_features, bias)` on `[n, in_features]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,7 +80,8 @@ pub fn linear_forward(
         Bind::Tensor(4, out),
     ];
     let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
-    let d = gpu.dispatch(
+    let d = gpu.dispatch_in(
+        Precision::of(inp),
         "linear",
         "linear_forward",
         &[("WG", WG as f64)],
@@ -114,7 +115,14 @@ pub fn linear_backward(
     let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
     let bytes = 4.0 * (inp.numel() + weight.numel() + dout.numel()) as f64;
     let input = gpu
-        .dispatch("linear", "linear_backward_input", &consts, &binds, gpu.grid_1d(cfg.n * cfg.in_features, WG))?
+        .dispatch_in(
+            Precision::of(dout),
+            "linear",
+            "linear_backward_input",
+            &consts,
+            &binds,
+            gpu.grid_1d(cfg.n * cfg.in_features, WG),
+        )?
         .with_cost(2.0 * macs, bytes);
     let binds = [
         Bind::Uniform(0, &params),
@@ -125,7 +133,7 @@ pub fn linear_backward(
     ];
     let total = cfg.out_features * cfg.in_features + cfg.out_features;
     let weight = gpu
-        .dispatch("linear", "linear_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?
+        .dispatch_in(Precision::of(dout), "linear", "linear_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?
         .with_cost(2.0 * macs, bytes);
     Ok(vec![input, weight])
 }
