@@ -22,6 +22,19 @@
 // The input, output and their gradients are `act` (f32 or f16, defined by the host per compiled
 // variant); statistics, parameters, running estimates and every sum are f32 in both.
 //
+// Versions (lavapipe, senet bench; each ratio A/B in one session):
+//   v1  several dispatches per pass (statistics, then output; reductions, then input gradient),
+//       two-pass variance.
+//   v2  one workgroup per channel, one dispatch per pass, one Welford pass merged pairwise:
+//       BN time per w0.25 b32 step 34.6 -> 25 ms.
+//   v3  a ReLU after a BN fused into it: two passes over the activation fewer, peak memory
+//       40.7 -> 33.0 MiB (senet w0.25 b32).
+//   v4  H*W as a pipeline constant (its divisions become multiply-shift): BN 1.25x.
+//   v5  reductions over subgroups where the adapter has them (reduce preludes): no change
+//       measurable on lavapipe (8-lane subgroups; w1 b128 step 20.1 -> 21.0 images/s beside
+//       the build before, within run-to-run spread), for GPUs.
+//   v6  (this) `act` storage: f16 variant for --precision f16, f32 variant unchanged bit for bit.
+//
 // Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
 // max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient
 // and masks it itself, g = dout * (relu_out > 0) — two passes over the activation fewer, the same

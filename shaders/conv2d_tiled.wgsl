@@ -31,6 +31,7 @@
 // tuning does not time them on CPU adapters. On a discrete GPU: not yet measured (no device lent
 // in the session that wrote it); the tuner's choice there is the measurement. Next versions:
 // double buffering of the next K slice, vec4 loads where aligned, divisions by pipeline constants.
+// v2 (this): `act` storage for --precision f16; the weight gradient writes binding 6 (f32).
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,

@@ -11,8 +11,12 @@
 //
 // Logits and their gradient are `act` (f32 or f16, defined by the host per compiled variant); the
 // softmax and the loss are f32. With SCALED (f16 plans) the gradient is multiplied by the loss
-// scale, scaler[0] (see scaler.wgsl), so that small gradients survive f16 on the way back; the
-// optimizer divides it out. Unscaled plans multiply by nothing at all.
+// scale, scaler[0] (see grad_scaler.wgsl), so that small gradients survive f16 on the way back;
+// the optimizer divides it out. Unscaled plans multiply by nothing at all.
+//
+// Versions: v1 the loss, gradient and correct count fused in one invocation per sample and a
+// fixed-order reduce; v2 the reduce over subgroups where there are subgroups (no change measurable
+// on lavapipe: a few µs per step); v3 (this) `act` logits and the loss scale for f16 plans.
 
 struct Params {
     n: u32, k: u32, _pad0: u32, _pad1: u32,

@@ -17,6 +17,12 @@
 // cancel in 1 - 0.999^t and lose 3e-4 relative, the expm1 form keeps ~1e-7. SGD's first step is
 // t = 1. Unscaled plans never read `scaler`.
 
+// Versions:
+//   v1  one dispatch per parameter (SE-ResNet-152: ~470 per step).
+//   v2  parameters, gradients and state each in one flat buffer: one dispatch per step (one per
+//       binding-sized chunk past the adapter's largest binding).
+//   v3  (this) SCALED for f16 plans (reads the loss scaler's state).
+//
 // Every scalar that PyTorch computes in Python floats (1 - beta, 1 - lr*wd, the bias corrections)
 // is computed by the host in f64 and rounded once to f32, as PyTorch hands it to its f32 kernel.
 struct AdamParams {

@@ -9,6 +9,11 @@
 //   global_avg_pool_*    out[n, c] = mean over H*W;  dinp = dout[n, c] / (H*W)
 //
 // Activations are `act` (f32 or f16, defined by the host per compiled variant); sums are f32.
+//
+// Versions (lavapipe; each ratio A/B in one session):
+//   v1  max pooling's geometry from the uniform (runtime divisions, a software routine per lane).
+//   v2  geometry as pipeline constants: backward 2.5x, forward 2.4x.
+//   v3  (this) `act` storage for --precision f16.
 
 struct Params {
     n: u32, c: u32, h: u32, w: u32,

@@ -24,6 +24,15 @@
 //
 // x, y and their gradients are `act` (f32 or f16, defined by the host per compiled variant); the
 // squeeze, both FCs, the gate, `saved`, `dsaved` and the weights are f32 in both.
+//
+// Versions (lavapipe; each ratio A/B in one session):
+//   v1  forward as one dispatch per sample; weight gradient one invocation per weight: 36 ms for
+//       256 channels at batch 32 but 0.4 ms at batch 33 (a cliff in lavapipe's code for it).
+//   v2  weight gradient an invocation per channel and 4 hidden units (one shared and one own load
+//       per sample feeding 4 FMAs): 0.5 ms at both batches; senet w0.25 b32 113 -> 145 images/s.
+//   v3  the squeeze and ds over a subgroup per channel where there are subgroups: no change
+//       measurable on lavapipe (see batch_norm.wgsl v5).
+//   v4  (this) `act` storage for --precision f16.
 
 struct Params {
     n: u32, c: u32, cr: u32, hw: u32,
