@@ -527,4 +527,14 @@ fn plan_prints_one_step_in_order() {
         !eval.contains("Backward") && !eval.contains("adam_step") && eval.contains("batch_norm_forward_eval"),
         "{eval}"
     );
+    // An f16 step: the weights' cast, then the input's, ...; the loss scaler just before the optimizer.
+    let out = senet().args(["plan", "--width", "0.25", "--batch-size", "2", "--precision", "f16"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[1].contains("all parameters") && lines[1].contains("cast_forward"), "{text}");
+    assert!(lines[2].contains("input") && lines[2].contains("cast_forward"), "{text}");
+    let n = lines.len();
+    assert!(lines[n - 3].contains("grad_scaler_reduce") && lines[n - 2].contains("grad_scaler_step"), "{text}");
+    assert!(lines[n - 1].contains("adam_step"), "{text}");
 }
