@@ -83,8 +83,13 @@ fn cross_entropy_reduce(lanes: Lanes) {
     if (l.t == 0u) {
         result[0] = sums.x / f32(p.n);
         result[1] = sums.y;
-        result[2] += sums.x;
-        result[3] += sums.y;
-        result[4] += f32(p.n);
+        // An f16 plan's batch whose forward overflowed f16 (an inf or NaN loss) is a step the loss
+        // scaler skips: it stays out of the running sums, as torch AMP's skipped steps do.
+        let skipped = SCALED && (bitcast<u32>(sums.x) & 0x7f800000u) == 0x7f800000u;
+        if (!skipped) {
+            result[2] += sums.x;
+            result[3] += sums.y;
+            result[4] += f32(p.n);
+        }
     }
 }

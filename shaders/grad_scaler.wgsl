@@ -4,18 +4,22 @@
 // The loss gradient is multiplied by `scale` (cross_entropy.wgsl, SCALED), so the backward pass
 // carries scaled gradients through f16 activations and leaves scaled f32 parameter gradients.
 // Then, before the optimizer:
-//   grad_scaler_reduce  many workgroups over the flat gradient buffer: flags[g] = 1 where a
-//                       gradient times 1/scale is inf or NaN (the check PyTorch's unscale_ makes)
+//   grad_scaler_reduce  many workgroups over the flat gradient buffer: flags[g] = 1 where a scaled
+//                       gradient is inf or NaN (torch's _amp_foreach_non_finite_check_and_unscale_
+//                       tests the scaled values too)
 //   grad_scaler_step    one workgroup: found_inf = OR of the flags (then cleared for the next step);
-//                       inv_scale = 1/scale for this step's optimizer; then PyTorch's update():
+//                       inv_scale = 1/scale for this step's optimizer; then torch's update():
 //                       found_inf: scale *= backoff (0.5), tracker = 0, the step is skipped;
-//                       else tracker += 1, and at growth_interval (2000) scale *= growth (2),
-//                       tracker = 0; the optimizer's step count t advances only on finite steps.
+//                       else tracker += 1, and at growth_interval (2000) scale *= growth (2) if the
+//                       result is finite, tracker = 0; the optimizer's step count t advances only on
+//                       finite steps.
 // The optimizer (optimizer.wgsl, SCALED) returns at once when found_inf is set, else unscales each
-// gradient by inv_scale and takes its bias corrections from t.
+// gradient by inv_scale and takes its bias corrections from t. A skipped step still updates the
+// batch-norm running statistics (its forward ran), as in torch.
 //
-// state: [0] scale  [1] inv_scale of this step  [2] found_inf (0/1)  [3] growth tracker
-//        [4] optimizer steps taken t  [5] steps skipped in all
+// state (f32 array; the counters are u32 bit patterns, exact past 2^24):
+//   [0] scale  [1] inv_scale of this step  [2] found_inf (0/1)  [3] growth tracker (u32)
+//   [4] optimizer steps taken t (u32)  [5] steps skipped in all (u32)  [6] skipped in a row (u32)
 // Integer atomics in workgroup memory only (an OR is order-free): results are deterministic.
 
 struct Params {
@@ -27,7 +31,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read> grad: array<f32>;
 @group(0) @binding(2) var<storage, read_write> flags: array<u32>;
 @group(0) @binding(3) var<storage, read_write> state: array<f32>;
-@group(0) @binding(5) var<storage, read> state_in: array<f32>;
 
 override WG: u32 = 256u;
 // Workgroups of grad_scaler_reduce per chunk of gradients (its slice of `flags`).
@@ -39,12 +42,19 @@ fn finite(x: f32) -> bool {
     return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
 }
 
+fn count(i: u32) -> u32 {
+    return bitcast<u32>(state[i]);
+}
+
+fn set_count(i: u32, v: u32) {
+    state[i] = bitcast<f32>(v);
+}
+
 @compute @workgroup_size(WG)
 fn grad_scaler_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let inv = 1.0 / state_in[0];
     var bad = false;
     for (var e = wid.x * WG + t; e < p.len; e += GROUPS * WG) {
-        bad = bad || !finite(grad[e] * inv);
+        bad = bad || !finite(grad[e]);
     }
     // Every invocation that saw one writes the same 1: no order to depend on.
     if (bad) {
@@ -75,16 +85,21 @@ fn grad_scaler_step(@builtin(local_invocation_index) t: u32) {
     if (found) {
         state[0] = scale * p.backoff_factor;
         state[2] = 1.0;
-        state[3] = 0.0;
-        state[5] = state[5] + 1.0;
+        set_count(3u, 0u);
+        set_count(5u, count(5u) + 1u);
+        set_count(6u, count(6u) + 1u);
     } else {
         state[2] = 0.0;
-        state[4] = state[4] + 1.0;
-        var tracker = state[3] + 1.0;
-        if (tracker >= f32(p.growth_interval)) {
-            state[0] = scale * p.growth_factor;
-            tracker = 0.0;
+        set_count(4u, count(4u) + 1u);
+        set_count(6u, 0u);
+        var tracker = count(3u) + 1u;
+        if (tracker >= p.growth_interval) {
+            let grown = scale * p.growth_factor;
+            if (finite(grown)) {
+                state[0] = grown;
+            }
+            tracker = 0u;
         }
-        state[3] = tracker;
+        set_count(3u, tracker);
     }
 }

@@ -82,7 +82,8 @@ fn adam_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
             return;
         }
         g = g * scaler[1];
-        let t = scaler[4];
+        // The step count is a u32 bit pattern (grad_scaler.wgsl).
+        let t = f32(bitcast<u32>(scaler[4]));
         step_size = pa.lr / -expm1(t * pa.ln_beta1);
         bc2_sqrt = sqrt(-expm1(t * pa.ln_beta2));
     }
@@ -116,7 +117,7 @@ fn sgd_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
             return;
         }
         g = g * scaler[1];
-        first = scaler[4] == 1.0;
+        first = bitcast<u32>(scaler[4]) == 1u;
     }
     if (ps.weight_decay != 0.0) {
         g = g + ps.weight_decay * w;

@@ -30,6 +30,10 @@ use crate::run::{self, EpochSums, Interrupted, RunFolder, RunState};
 /// Set by Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 130.
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// f16: consecutive skipped steps after which the run stops (each halves the loss scale, so 50 is
+/// a factor 2^50 — no gradient overflow needs that; a forward pass that overflows f16 never recovers).
+const MAX_SKIPPED_IN_A_ROW: u32 = 50;
+
 fn install_stop_handler() {
     // Only the first call in a process installs it; later runs share the flag.
     let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
@@ -316,6 +320,15 @@ impl Trainer<'_> {
         if let Some(s) = &net.scaler {
             let st = s.read(&self.gpu)?;
             msg += &format!(" | loss scale {} ({} skipped)", st.scale, st.skipped);
+            // A loss scale too high costs torch AMP a few skipped steps at the start; a forward pass
+            // that overflows f16 skips every step, forever, while the scale falls to nothing.
+            ensure!(
+                st.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW,
+                "epoch {epoch} step {step}: the last {} steps overflowed f16 and were skipped (loss scale now {:e}); \
+                 the model's activations or loss do not fit f16 — train with --precision f32",
+                st.skipped_in_a_row,
+                st.scale
+            );
         }
         if pb.is_hidden() {
             println!("epoch {epoch} step {step}/{} {msg}", self.steps_per_epoch);

@@ -672,3 +672,32 @@ fn an_f16_run_learns_as_the_f32_run() {
     let rel = (tails[1] - tails[0]).abs() / tails[0];
     assert!(rel < 0.03, "f16 mean loss over the run {} vs f32 {} ({rel:.3} relative)", tails[1], tails[0]);
 }
+
+/// An f16 network's resume file carries the whole loss-scaler state (scale, growth tracker, step
+/// and skip counts), restored into a fresh network exactly.
+#[test]
+fn f16_resume_files_carry_the_loss_scaler() {
+    use senet_wgpu::checkpoint;
+    use senet_wgpu::gpu::Precision;
+    use senet_wgpu::ops::grad_scaler::ScalerState;
+    let gpu = gpu();
+    let new = || Network::new_in(gpu.clone(), tiny(3, 16), OptimizerConfig::adam(1e-3), 1, Precision::F16).unwrap();
+    let net = new();
+    let st = ScalerState {
+        scale: 1024.0,
+        growth_tracker: 1234,
+        steps: 77_777,
+        skipped: 5,
+        skipped_in_a_row: 2,
+        found_inf: false,
+    };
+    let scaler = net.scaler.as_ref().unwrap();
+    scaler.write(&gpu, &st).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resume.safetensors");
+    checkpoint::save_resume(&net, HashMap::new(), &path).unwrap();
+    let mut other = new();
+    assert_ne!(other.scaler.as_ref().unwrap().read(&gpu).unwrap(), st);
+    checkpoint::load_resume(&path, &mut other).unwrap();
+    assert_eq!(other.scaler.as_ref().unwrap().read(&gpu).unwrap(), st);
+}

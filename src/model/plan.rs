@@ -238,8 +238,10 @@ impl Network {
     fn largest_binding(&self, n: usize) -> Result<(u64, String)> {
         let shapes = self.graph.shapes(n)?;
         let mut best = (0u64, String::new());
+        // The input batch is written as f32 (an f16 plan casts it); activations in the plan's type.
+        let elem = |k: usize| if k == 0 { 4 } else { self.precision.dtype().bytes() as u64 };
         for (k, s) in shapes.iter().enumerate() {
-            let bytes = 4 * s.iter().product::<usize>() as u64;
+            let bytes = elem(k) * s.iter().product::<usize>() as u64;
             if bytes > best.0 {
                 let what = if k == 0 {
                     "the input batch".to_string()

@@ -35,8 +35,8 @@ const WG: u32 = 64;
 /// Softmax cross-entropy of `logits` [n, k] against `target` (u32 [n], each < k; the host checks
 /// labels when it loads them). Writes `dlogits` (gradient of the batch-mean loss) and `result`
 /// (see [`result`]); `per_sample` [n, 3] gets each sample's (loss, correct, predicted class).
-/// With a `scaler` (an f16 plan's loss-scaler state, `ops::scaler`), `dlogits` is multiplied by
-/// its current loss scale.
+/// With a `scaler` (an f16 plan's loss-scaler state, `ops::grad_scaler`), `dlogits` is multiplied
+/// by its current loss scale, and a batch with a non-finite loss stays out of the running sums.
 pub fn cross_entropy_forward_backward(
     gpu: &Gpu,
     logits: &Tensor,
@@ -68,15 +68,16 @@ pub fn cross_entropy_forward_backward(
         Bind::Tensor(7, scaler.unwrap_or(&unused)),
     ];
     let precision = Precision::of(logits);
+    let scaled = ("SCALED", f64::from(u8::from(scaler.is_some())));
     let fwd = gpu.dispatch_in(
         precision,
         "cross_entropy",
         "cross_entropy_forward_backward",
-        &[("WG", WG as f64), ("SCALED", f64::from(u8::from(scaler.is_some())))],
+        &[("WG", WG as f64), scaled],
         &binds,
         [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
     )?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
-    let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[], &binds, [1, 1, 1])?;
+    let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
     Ok(vec![fwd, red])
 }

@@ -25,7 +25,7 @@ impl Default for GradScalerConfig {
     }
 }
 
-/// Layout of the scaler's state buffer (f32).
+/// Layout of the scaler's state buffer (f32; the counters hold u32 bit patterns).
 pub mod state {
     pub const SCALE: usize = 0;
     pub const INV_SCALE: usize = 1;
@@ -34,6 +34,8 @@ pub mod state {
     /// Optimizer steps taken (finite steps).
     pub const STEPS: usize = 4;
     pub const SKIPPED: usize = 5;
+    /// Steps skipped since the last finite one.
+    pub const SKIPPED_IN_A_ROW: usize = 6;
     pub const LEN: usize = 8;
 }
 
@@ -59,8 +61,9 @@ const GROUPS: u32 = 256;
 pub struct ScalerState {
     pub scale: f32,
     pub growth_tracker: u32,
-    pub steps: u64,
-    pub skipped: u64,
+    pub steps: u32,
+    pub skipped: u32,
+    pub skipped_in_a_row: u32,
     /// Whether the last step overflowed (and was skipped).
     pub found_inf: bool,
 }
@@ -105,7 +108,7 @@ impl GradScaler {
         let mut dispatches = Vec::new();
         for (k, g) in chunks.iter().enumerate() {
             let p = params(g.numel(), k * GROUPS as usize)?;
-            let binds = [Bind::Uniform(0, &p), Bind::Tensor(1, g), Bind::Tensor(2, &flags), Bind::Tensor(5, &st)];
+            let binds = [Bind::Uniform(0, &p), Bind::Tensor(1, g), Bind::Tensor(2, &flags)];
             let d = gpu.dispatch("grad_scaler", "grad_scaler_reduce", &consts, &binds, [GROUPS, 1, 1])?;
             dispatches.push(d.with_cost(g.numel() as f64, 4.0 * g.numel() as f64));
         }
@@ -133,9 +136,10 @@ impl ScalerState {
     pub fn from_slice(v: &[f32]) -> ScalerState {
         ScalerState {
             scale: v[state::SCALE],
-            growth_tracker: v[state::TRACKER] as u32,
-            steps: v[state::STEPS] as u64,
-            skipped: v[state::SKIPPED] as u64,
+            growth_tracker: v[state::TRACKER].to_bits(),
+            steps: v[state::STEPS].to_bits(),
+            skipped: v[state::SKIPPED].to_bits(),
+            skipped_in_a_row: v[state::SKIPPED_IN_A_ROW].to_bits(),
             found_inf: v[state::FOUND_INF] != 0.0,
         }
     }
@@ -145,9 +149,10 @@ impl ScalerState {
         v[state::SCALE] = self.scale;
         v[state::INV_SCALE] = 1.0 / self.scale;
         v[state::FOUND_INF] = f32::from(u8::from(self.found_inf));
-        v[state::TRACKER] = self.growth_tracker as f32;
-        v[state::STEPS] = self.steps as f32;
-        v[state::SKIPPED] = self.skipped as f32;
+        v[state::TRACKER] = f32::from_bits(self.growth_tracker);
+        v[state::STEPS] = f32::from_bits(self.steps);
+        v[state::SKIPPED] = f32::from_bits(self.skipped);
+        v[state::SKIPPED_IN_A_ROW] = f32::from_bits(self.skipped_in_a_row);
         v
     }
 }

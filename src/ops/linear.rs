@@ -88,7 +88,8 @@ pub fn linear_forward(
         &binds,
         gpu.grid_1d(cfg.n * cfg.out_features, WG),
     )?;
-    Ok(vec![d.with_cost(2.0 * macs, 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64)])
+    let el = inp.dtype.bytes() as f64;
+    Ok(vec![d.with_cost(2.0 * macs, el * (inp.numel() + out.numel()) as f64 + 4.0 * weight.numel() as f64)])
 }
 
 /// dinp, then dweight and dbias (when the layer has a bias).
@@ -113,7 +114,7 @@ pub fn linear_backward(
     let consts = [("WG", WG as f64)];
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
     let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
-    let bytes = 4.0 * (inp.numel() + weight.numel() + dout.numel()) as f64;
+    let bytes = inp.dtype.bytes() as f64 * (inp.numel() + dout.numel()) as f64 + 4.0 * weight.numel() as f64;
     let input = gpu
         .dispatch_in(
             Precision::of(dout),

@@ -123,9 +123,10 @@ pub fn max_pool2d_forward(
         &binds,
         gpu.grid_1d(out.numel(), WG),
     )?;
-    Ok(vec![
-        d.with_cost((out.numel() * cfg.kernel.0 * cfg.kernel.1) as f64, 4.0 * (inp.numel() + 2 * out.numel()) as f64),
-    ])
+    Ok(vec![d.with_cost(
+        (out.numel() * cfg.kernel.0 * cfg.kernel.1) as f64,
+        (inp.dtype.bytes() * (inp.numel() + out.numel()) + 4 * out.numel()) as f64,
+    )])
 }
 
 pub fn max_pool2d_backward(
@@ -149,7 +150,8 @@ pub fn max_pool2d_backward(
         &binds,
         gpu.grid_1d(dinp.numel(), WG),
     )?;
-    Ok(vec![d.with_cost(dinp.numel() as f64, 4.0 * (dinp.numel() + 2 * dout.numel()) as f64)])
+    let el = dout.dtype.bytes();
+    Ok(vec![d.with_cost(dinp.numel() as f64, (el * (dinp.numel() + dout.numel()) + 4 * dout.numel()) as f64)])
 }
 
 fn gap_params(shape: &[usize]) -> Result<Params> {

@@ -7,20 +7,25 @@ pub struct Scaler {
     pub scale: f64,
     pub tracker: u32,
     /// Optimizer steps taken (finite steps).
-    pub steps: u64,
-    pub skipped: u64,
+    pub steps: u32,
+    pub skipped: u32,
 }
 
 /// The state after a step whose scaled gradients are `grads`, and whether the step was skipped.
 /// `growth` = (growth factor, growth interval), `backoff` the backoff factor.
 pub fn grad_scaler_step(s: Scaler, grads: &[f64], growth: (f64, u32), backoff: f64) -> (Scaler, bool) {
-    // unscale_: each gradient times the f32 reciprocal of the scale, in f32, as PyTorch.
-    let inv = 1.0 / s.scale as f32;
-    let found_inf = grads.iter().any(|&g| !((g as f32) * inv).is_finite());
+    // torch's check: the scaled gradients, as f32 values, before they are unscaled.
+    let found_inf = grads.iter().any(|&g| !(g as f32).is_finite());
     if found_inf {
         return (Scaler { scale: s.scale * backoff, tracker: 0, skipped: s.skipped + 1, ..s }, true);
     }
     let tracker = s.tracker + 1;
-    let (scale, tracker) = if tracker >= growth.1 { (s.scale * growth.0, 0) } else { (s.scale, tracker) };
+    // torch grows the scale only to a finite value (f32).
+    let grown = s.scale * growth.0;
+    let (scale, tracker) = match tracker >= growth.1 {
+        true if (grown as f32).is_finite() => (grown, 0),
+        true => (s.scale, 0),
+        false => (s.scale, tracker),
+    };
     (Scaler { scale, tracker, steps: s.steps + 1, skipped: s.skipped }, false)
 }
