@@ -2,7 +2,9 @@
 //! shaders/ is registered (so none is shipped unchecked or forgotten).
 
 use naga::valid::Capabilities;
-use senet_wgpu::gpu::{PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS, shader_source};
+use senet_wgpu::gpu::{
+    COOP_SHADERS, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
+};
 
 /// Parse and validate a file as the device compiles it: with a reduction prelude appended and
 /// `act` defined. The workgroup prelude must need no capability at all, the subgroup one only
@@ -75,6 +77,7 @@ const PASSES: &[&str] = &[
     "reduce",
     "gemm",
     "gemm_tiled",
+    "forward_coop",
     "step",
     "fma",
     "copy",
@@ -86,7 +89,7 @@ fn ops_of(file: &str) -> Vec<&str> {
     match file {
         "pool" => vec!["max_pool2d", "global_avg_pool"],
         "optimizer" => vec!["adam", "sgd"],
-        "conv2d_tiled" => vec!["conv2d"],
+        "conv2d_tiled" | "conv2d_coop" => vec!["conv2d"],
         other => vec![other],
     }
 }
@@ -139,6 +142,33 @@ fn every_shader_parses_and_validates() {
     }
 }
 
+/// The cooperative-matrix kernels, as the device compiles them: f16, with the coop prelude of each
+/// tile size wgpu admits (8 and 16), validated with the COOPERATIVE_MATRIX capability.
+#[test]
+fn every_coop_shader_validates_at_both_tile_sizes() {
+    for (name, src) in COOP_SHADERS {
+        for t in [8, 16] {
+            for subgroups in [true, false] {
+                let src = shader_source(src, subgroups, Precision::F16) + &coop_prelude(t);
+                let what = format!("shaders/{name}.wgsl at {t}x{t}x{t}");
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{what} does not parse:\n{}", e.emit_to_string(&src)));
+                let mut caps = Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX;
+                if subgroups {
+                    caps |= Capabilities::SUBGROUP;
+                }
+                let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
+                if let Err(e) = validator.validate(&module) {
+                    panic!("{what} does not validate:\n{}", e.emit_to_string(&src));
+                }
+                for ep in &module.entry_points {
+                    assert!(is_op_pass(name, &ep.name), "{name}::{} is not named <op>_<pass>", ep.name);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn every_shader_file_is_registered() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
@@ -149,8 +179,12 @@ fn every_shader_file_is_registered() {
         .filter(|f| f.ends_with(".wgsl"))
         .collect();
     files.sort();
-    let mut registered: Vec<String> =
-        SHADERS.iter().chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP]).map(|(n, _)| format!("{n}.wgsl")).collect();
+    let mut registered: Vec<String> = SHADERS
+        .iter()
+        .chain(COOP_SHADERS)
+        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP])
+        .map(|(n, _)| format!("{n}.wgsl"))
+        .collect();
     registered.sort();
     assert_eq!(files, registered, "shaders/ and gpu::SHADERS disagree");
 }

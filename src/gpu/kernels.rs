@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use wgpu::util::DeviceExt;
 
 use super::{Gpu, Tensor, tensor::Dtype};
@@ -29,6 +29,20 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("cast", include_str!("../../shaders/cast.wgsl")),
     ("grad_scaler", include_str!("../../shaders/grad_scaler.wgsl")),
 ];
+
+/// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32
+/// configuration (`Gpu::coop_tile`), with [`coop_prelude`] appended.
+pub const COOP_SHADERS: &[(&str, &str)] = &[("conv2d_coop", include_str!("../../shaders/conv2d_coop.wgsl"))];
+
+/// What a cooperative-matrix kernel is written against: the tile CT and the coop types of that
+/// size (coop_mat8x8 and coop_mat16x16 are distinct types in WGSL, so the size cannot be an
+/// override). A and B hold `act` (f16), C accumulates f32.
+pub fn coop_prelude(t: u32) -> String {
+    format!(
+        "const CT: u32 = {t}u;\nalias coop_a = coop_mat{t}x{t}<act, A>;\nalias coop_b = coop_mat{t}x{t}<act, B>;\n\
+         alias coop_c = coop_mat{t}x{t}<f32, C>;\n"
+    )
+}
 
 /// The reduction preludes, one of which is appended to every shader file (WGSL declarations may
 /// come in any order, so appending keeps the file's own line numbers in error messages): the
@@ -176,12 +190,19 @@ impl Gpu {
         if precision == Precision::F16 {
             ensure!(self.features.contains(wgpu::Features::SHADER_F16), "{}", self.no_f16_message());
         }
+        let coop = COOP_SHADERS.iter().find(|(name, _)| *name == shader);
         let src = SHADERS
             .iter()
+            .chain(coop)
             .find(|(name, _)| *name == shader)
             .map(|(_, s)| *s)
             .ok_or_else(|| anyhow::anyhow!("no shader named {shader:?}"))?;
-        let source = shader_source(src, self.subgroups, precision);
+        let mut source = shader_source(src, self.subgroups, precision);
+        if coop.is_some() {
+            let t = self.coop_tile.with_context(|| format!("shaders/{shader}.wgsl needs cooperative matrices"))?;
+            ensure!(precision == Precision::F16, "shaders/{shader}.wgsl takes f16 operands only");
+            source += &coop_prelude(t);
+        }
         let widths = binding_widths(&source).map_err(|e| anyhow::anyhow!("compiling shaders/{shader}.wgsl: {e}"))?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {

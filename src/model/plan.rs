@@ -386,7 +386,13 @@ impl Network {
                         &[ConvPass::Forward, ConvPass::BackwardWeight]
                     };
                     for &pass in passes {
-                        let chosen = conv2d::choose(gpu, &cfg, pass)?;
+                        // An f16 plan's forward GEMM runs on cooperative matrices where there are any.
+                        let chosen = match gpu.coop_tile {
+                            Some(t) if pass == ConvPass::Forward && self.precision == Precision::F16 => {
+                                conv2d::ConvKernel::Coop(t)
+                            }
+                            _ => conv2d::choose(gpu, &cfg, pass)?,
+                        };
                         let (d, kernel) = conv2d::conv2d_pass_chosen(gpu, &cfg, pass, chosen, &bufs)?;
                         conv_kernels.push((name.clone(), pass, kernel));
                         if pass == ConvPass::Forward {

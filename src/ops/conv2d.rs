@@ -648,6 +648,8 @@ pub enum ConvKernel {
     Register(Tiles),
     /// conv2d_tiled.wgsl's workgroup-memory tiles.
     Tiled(SmemTiles),
+    /// conv2d_coop.wgsl's cooperative matrices of this square tile (f16 plans, forward only).
+    Coop(u32),
 }
 
 impl std::fmt::Display for ConvKernel {
@@ -655,6 +657,7 @@ impl std::fmt::Display for ConvKernel {
         match self {
             ConvKernel::Register(t) => write!(f, "register {}x{} / {}x{}", t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n),
             ConvKernel::Tiled(t) => write!(f, "tiled {}x{}x{} / {}x{}", t.bm, t.bn, t.bk, t.tm, t.tn),
+            ConvKernel::Coop(t) => write!(f, "coop {t}x{t}x{t}"),
         }
     }
 }
@@ -665,6 +668,7 @@ impl ConvKernel {
         match self {
             ConvKernel::Register(t) => format!("register:{},{},{},{}", t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n),
             ConvKernel::Tiled(t) => format!("tiled:{},{},{},{},{}", t.bm, t.bn, t.bk, t.tm, t.tn),
+            ConvKernel::Coop(t) => format!("coop:{t}"),
         }
     }
 
@@ -678,11 +682,13 @@ impl ConvKernel {
                 ConvKernel::Register(Tiles { gemm_m, gemm_n, wgrad_ci, wgrad_n })
             }
             ("tiled", &[bm, bn, bk, tm, tn]) => ConvKernel::Tiled(SmemTiles { bm, bn, bk, tm, tn }),
+            ("coop", &[t]) => ConvKernel::Coop(u32::try_from(t).ok()?),
             _ => return None,
         };
         let known = match k {
             ConvKernel::Register(t) => Tiles::ALL.contains(&t),
             ConvKernel::Tiled(t) => SmemTiles::ALL.contains(&t),
+            ConvKernel::Coop(t) => t == 8 || t == 16,
         };
         known.then_some(k)
     }
@@ -715,6 +721,7 @@ pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
             let tiles = cfg.c_out.div_ceil(t.bm) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(t.bn);
             1024usize.div_ceil(tiles.max(1)).min(m / 512).clamp(1, 64)
         }
+        ConvKernel::Coop(_) => 1,
     }
 }
 
@@ -743,7 +750,70 @@ pub fn conv2d_pass(
         (ConvPass::BackwardWeight, ConvKernel::Tiled(t)) => {
             conv2d_backward_weight_smem(gpu, cfg, t, b.inp, b.dout, b.dweight, splits_for(gpu, cfg, kernel))
         }
+        (ConvPass::Forward, ConvKernel::Coop(t)) => {
+            ensure!(gpu.coop_tile == Some(t), "conv2d (coop): this adapter has no {t}x{t}x{t} f16 cooperative matrix");
+            conv2d_forward_coop(gpu, cfg, b.inp, b.weight, b.bias, b.out)
+        }
+        (pass, ConvKernel::Coop(_)) => anyhow::bail!("conv2d (coop): only the forward pass, not {pass:?}"),
     }
+}
+
+/// The forward pass on cooperative matrices (`conv2d_coop.wgsl`): f16 tensors, on an adapter that
+/// lists a square f16 -> f32 configuration (`Gpu::coop_tile`).
+pub fn conv2d_forward_coop(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d output", out, &cfg.output_shape())?;
+    let t = gpu.coop_tile.context("conv2d (coop): the adapter lists no f16 cooperative matrix")? as usize;
+    ensure!(
+        Precision::of(inp) == Precision::F16,
+        "conv2d (coop): cooperative matrices take f16 operands; {} holds {}",
+        inp.label,
+        inp.dtype.name()
+    );
+    ensure!(
+        bias.is_some() == cfg.bias,
+        "conv2d: configuration says bias={} but a bias tensor was given or not",
+        cfg.bias
+    );
+    let unused = placeholder(gpu)?;
+    let bias = bias.unwrap_or(&unused);
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let (cols, rows) = ((cfg.n * cfg.out_h() * cfg.out_w()).div_ceil(2 * t), cfg.c_out.div_ceil(2 * t));
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    ensure!(
+        cols <= max && rows <= max,
+        "conv2d (coop): {cols}x{rows} workgroups; the adapter allows {max} per dimension"
+    );
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+    ];
+    let wg = gpu.info.subgroup_max_size.max(1);
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch_in(
+            Precision::F16,
+            "conv2d_coop",
+            "conv2d_forward_coop",
+            &[("WG", f64::from(wg))],
+            &binds,
+            [cols as u32, rows as u32, 1],
+        )?
+        .labelled("conv2d_forward (coop)")
+        .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
 }
 
 /// The dispatches of `pass` with the chosen `kernel`, or — should it not launch here (a cache
