@@ -10,6 +10,7 @@ pub mod data;
 pub mod excitations;
 pub mod gpu;
 pub mod model;
+pub mod onnx;
 pub mod ops;
 pub mod plot;
 pub mod reference;
