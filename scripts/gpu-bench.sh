@@ -70,7 +70,7 @@ for c in $cases; do
   classes=10; [ "$hw" -ge 128 ] && classes=1000
   echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} ($(( $(date +%s) - start )) s so far)"
   if timeout "$limit" "$senet" bench --json --model "$model" --width "$width" --batch-size "$batch" \
-    --hw "$hw" --classes "$classes" --steps "$steps" > "$out/bench.tmp" 2> "$out/bench-$model-$width.err"; then
+    --image-size "$hw" --num-classes "$classes" --steps "$steps" > "$out/bench.tmp" 2> "$out/bench-$model-$width.err"; then
     "$python" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["case"]=sys.argv[2]; print(json.dumps(r))' \
       "$out/bench.tmp" "$c" >> "$out/senet.jsonl" || cat "$out/bench.tmp"
   else

@@ -5,24 +5,37 @@
 //   backward_input   dinp[q, ci] = sum_(co,ky,kx) dout[n, co, oy, ox] * weight[co, ci, ky, kx]
 //                    where oy*stride - pad + ky*dil = iy (the transposed convolution, gathered: no atomics)
 //   backward_weight  dweight[co, k] = sum_m dout[m, co] * patch(m, k)       (split over m, then reduced)
-//
-// Every GEMM loops over the kernel taps outside and channels inside, so that a tap's addresses
-// and its padding test are computed once per tap, not once per (tap, channel); padded taps read a
-// valid address masked to 0, keeping branches out of the inner loops. On lavapipe this made the
-// forward 1.4x and the input gradient 4x faster (senet bench, width 0.25, batch 32).
 //   backward_bias    dbias[co] = sum_m dout[m, co]                          (one workgroup per channel)
 //
-// Register blocking, no workgroup memory: each invocation owns a block of the output GEMM in vec4
-// accumulators — GEMM_M pixels x 8 channels (forward, input gradient), WGRAD_CI input channels x
-// 8 output channels at one tap (weight gradient); GEMM_M and WGRAD_CI are override constants
-// (4 or 8), chosen per adapter by ops::conv2d::Tiles. On lavapipe a load whose address differs
-// between invocations runs lane by lane while FMAs run 8 lanes at once, so reusing each loaded
-// value in as many FMAs as the registers hold is what pays; shared-memory tiles for discrete GPUs
-// are the next step (issue: speed).
+// Register blocking, no workgroup memory (the CPU-driver family; conv2d_tiled.wgsl is the
+// workgroup-memory one): each invocation owns a block of the output GEMM in vec4 accumulators —
+// GEMM_M rows (4, 8 or 16 pixels) x GEMM_N columns (8 or 16 channels) for the forward and the input
+// gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4 or 8) x
+// WGRAD_N output channels (8 or 16) at one tap for the weight gradient. The sizes are override
+// constants chosen per adapter and layer by ops::conv2d::Tiles. On lavapipe a load whose address
+// differs between invocations runs lane by lane while FMAs run 8 lanes at once, so reusing each
+// loaded value in as many FMAs as the registers hold is what pays.
 //
 // The weight gradient is a reduction over N*OH*OW. WGSL has no float atomics, so it is split into
 // `splits` contiguous ranges of m, each written to its own slice of a partial buffer, and the slices
 // are summed in a fixed order by conv2d_backward_weight_reduce: deterministic, same result every run.
+//
+// Versions (lavapipe, senet bench width 0.25 batch 32 unless said; each ratio A/B in one session):
+//   v1  one invocation per output element, (channel, tap) inner loop with a padding branch.
+//   v2  weight gradient walks its pixels with counters instead of dividing; the stride-1 input
+//       gradient skips the division.
+//   v3  taps outside, channels inside, padded taps masked instead of branched: forward 1.4x,
+//       input gradient 4x.
+//   v4  4x8 output blocks per invocation for forward and input gradient (vec4 accumulators):
+//       together with v3, input gradient ~5x, forward ~1.7x, whole step ~2.3x over v2.
+//   v5  blocks as override constants; 8x8 -> 8x16: forward and input gradient 1.2-1.3x more, weight
+//       gradient 1.2x (8x8) and 1.2x more (8x16); the weight gradient walks m by rows with the
+//       padding cut off the row ends.
+//   v6  16x16 on CPU adapters: forward 1.1x, input gradient 1.4x; whole step 185 -> 215 images/s
+//       (quiet machine); the 16-pixel pipelines cost ~3 s more on a cold Mesa shader cache.
+//   v7  (this) forward and input gradient from one source, conv2d_gemm with a MODE override: the
+//       same arithmetic in the same order as v6's two hand-copied kernels (tests/kernels.rs holds
+//       both to the reference; the A/B against v6 is in the commit that made it and the README).
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,
@@ -38,7 +51,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read> dout: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dinp: array<f32>;
 @group(0) @binding(7) var<storage, read_write> dweight_partial: array<f32>;
 @group(0) @binding(8) var<storage, read> dweight_partial_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dweight: array<f32>;
@@ -61,44 +73,91 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
     return inp[base + u32(iy) * p.w + u32(ix)];
 }
 
-// gid.x: block of GEMM_M output pixels m; gid.y: block of GEMM_N output channels (vec4
-// quarters w0..w3): per tap and input channel, GEMM_M input and GEMM_N weight loads feed
-// GEMM_M*GEMM_N FMAs into the accumulators a<pixel>_<quarter>.
-@compute @workgroup_size(WG)
-fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let m_total = p.n * p.oh * p.ow;
-    let m0 = gid.x * GEMM_M;
-    let co0 = gid.y * GEMM_N;
-    if (m0 >= m_total || co0 >= p.c_out) {
-        return;
+// The forward and the input gradient are one GEMM kernel, conv2d_gemm, with the MODE override
+// choosing which (the branches on it fold away when the pipeline is built):
+//   MODE 0, forward         rows m = (n, oy, ox) output pixels, columns co, reduction (ci, tap):
+//                           source inp (binding 1), output out (binding 4), bias added
+//   MODE 1, input gradient  rows q = (n, iy, ix) input pixels, columns ci, reduction (co, tap):
+//                           source dout (binding 5), output dinp bound at binding 4
+// gid.x: block of GEMM_M rows; gid.y: block of GEMM_N columns (vec4 quarters w0..w3). Per tap and
+// reduction channel r, GEMM_M source and GEMM_N weight loads feed GEMM_M*GEMM_N FMAs into the
+// accumulators a<row>_<quarter>. Loop order: taps (ky, kx) outside, reduction channels inside, so
+// each row's tap address and validity are worked out once per tap rather than once per (tap,
+// channel); invalid taps read a valid address and are masked to 0 (no branch in the inner loop).
+override MODE: u32 = 0u;
+const FWD: u32 = 0u;
+const DGRAD: u32 = 1u;
+
+fn src(i: u32) -> f32 {
+    if (MODE == FWD) {
+        return inp[i];
     }
+    return dout[i];
+}
+
+@compute @workgroup_size(WG)
+fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ohw = p.oh * p.ow;
     let hw = p.h * p.w;
     let khw = p.kh * p.kw;
-    let k_total = p.c_in * khw;
+    // Rows, columns and reduction channels of this GEMM; the source's plane and the plane the
+    // rows index.
+    var row_total = p.n * ohw;
+    var col_total = p.c_out;
+    var red_total = p.c_in;
+    var src_plane = hw;
+    var row_plane = ohw;
+    if (MODE == DGRAD) {
+        row_total = p.n * hw;
+        col_total = p.c_in;
+        red_total = p.c_out;
+        src_plane = ohw;
+        row_plane = hw;
+    }
+    let m0 = gid.x * GEMM_M;
+    let co0 = gid.y * GEMM_N;
+    if (m0 >= row_total || co0 >= col_total) {
+        return;
+    }
 
-    // Rows past the end are clamped onto the last row; their results are never written.
-    var xbase: array<u32, 16>;
+    // Per row: the start of its image in the source, and its position (forward: the top-left
+    // input pixel of its window; input gradient: the input pixel shifted by the padding). Rows
+    // past the end are clamped onto the last row; their results are never written.
+    var sbase: array<u32, 16>;
     var iy0: array<i32, 16>;
     var ix0: array<i32, 16>;
     for (var i = 0u; i < GEMM_M; i++) {
-        let m = min(m0 + i, m_total - 1u);
-        let nn = m / ohw;
-        let r = m % ohw;
-        xbase[i] = nn * p.c_in * hw;
-        iy0[i] = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
-        ix0[i] = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
-    }
-    // Channels past the end are clamped likewise.
-    var wrow: array<u32, 16>;
-    var b: array<f32, 16>;
-    for (var j = 0u; j < GEMM_N; j++) {
-        let co = min(co0 + j, p.c_out - 1u);
-        wrow[j] = co * k_total;
-        if (p.has_bias != 0u) {
-            b[j] = bias[co];
+        let m = min(m0 + i, row_total - 1u);
+        let nn = m / row_plane;
+        let r = m % row_plane;
+        if (MODE == FWD) {
+            sbase[i] = nn * p.c_in * hw;
+            iy0[i] = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
+            ix0[i] = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
+        } else {
+            sbase[i] = nn * p.c_out * ohw;
+            iy0[i] = i32(r / p.w) + i32(p.pad_h);
+            ix0[i] = i32(r % p.w) + i32(p.pad_w);
         }
     }
+    // Per column: where its weights start, and the bias (forward; zero, WGSL's initial value,
+    // for the input gradient). Columns past the end are clamped likewise. Weight is
+    // [c_out, c_in, kh, kw]: the forward's column co starts a row of c_in*khw; the input
+    // gradient's column ci sits at ci*khw within the row of each co.
+    var wcol: array<u32, 16>;
+    var b: array<f32, 16>;
+    for (var j = 0u; j < GEMM_N; j++) {
+        let co = min(co0 + j, col_total - 1u);
+        if (MODE == FWD) {
+            wcol[j] = co * p.c_in * khw;
+            if (p.has_bias != 0u) {
+                b[j] = bias[co];
+            }
+        } else {
+            wcol[j] = co * khw;
+        }
+    }
+    let wr_stride = select(p.c_in * khw, khw, MODE == FWD);
     let b0 = vec4<f32>(b[0], b[1], b[2], b[3]);
     let b1 = vec4<f32>(b[4], b[5], b[6], b[7]);
     let b2 = vec4<f32>(b[8], b[9], b[10], b[11]);
@@ -167,35 +226,55 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     var a15_1 = b1;
     var a15_2 = b2;
     var a15_3 = b3;
-    // Taps outside, input channels inside: each row's address and padding test once per tap;
-    // padded taps read a valid address and are masked to 0 (no branch in the inner loop).
     for (var ky = 0u; ky < p.kh; ky++) {
         for (var kx = 0u; kx < p.kw; kx++) {
+            // Where each row reads the source for this tap, and whether it does at all.
             var off: array<u32, 16>;
             var live: array<f32, 16>;
             for (var i = 0u; i < GEMM_M; i++) {
-                let yy = iy0[i] + i32(ky * p.dil_h);
-                let xx = ix0[i] + i32(kx * p.dil_w);
-                let ok = yy >= 0 && xx >= 0 && yy < i32(p.h) && xx < i32(p.w);
-                off[i] = xbase[i] + select(0u, u32(yy) * p.w + u32(xx), ok);
+                var ok: bool;
+                var o: u32;
+                if (MODE == FWD) {
+                    let yy = iy0[i] + i32(ky * p.dil_h);
+                    let xx = ix0[i] + i32(kx * p.dil_w);
+                    ok = yy >= 0 && xx >= 0 && yy < i32(p.h) && xx < i32(p.w);
+                    o = u32(yy) * p.w + u32(xx);
+                } else {
+                    // The output pixel whose window puts this tap on the input pixel.
+                    let ty = iy0[i] - i32(ky * p.dil_h);
+                    let tx = ix0[i] - i32(kx * p.dil_w);
+                    ok = ty >= 0 && tx >= 0;
+                    var oy = u32(max(ty, 0));
+                    var ox = u32(max(tx, 0));
+                    // Integer division is a software routine on CPU drivers: only strided
+                    // convolutions pay it.
+                    if (p.stride_h != 1u || p.stride_w != 1u) {
+                        ok = ok && oy % p.stride_h == 0u && ox % p.stride_w == 0u;
+                        oy = oy / p.stride_h;
+                        ox = ox / p.stride_w;
+                    }
+                    ok = ok && oy < p.oh && ox < p.ow;
+                    o = oy * p.ow + ox;
+                }
+                off[i] = sbase[i] + select(0u, o, ok);
                 live[i] = select(0.0, 1.0, ok);
             }
             let t = ky * p.kw + kx;
-            for (var ci = 0u; ci < p.c_in; ci++) {
-                let k = ci * khw + t;
-                let c = ci * hw;
-                let w0 = vec4<f32>(weight[wrow[0] + k], weight[wrow[1] + k], weight[wrow[2] + k], weight[wrow[3] + k]);
-                let w1 = vec4<f32>(weight[wrow[4] + k], weight[wrow[5] + k], weight[wrow[6] + k], weight[wrow[7] + k]);
+            for (var r = 0u; r < red_total; r++) {
+                let k = r * wr_stride + t;
+                let c = r * src_plane;
+                let w0 = vec4<f32>(weight[wcol[0] + k], weight[wcol[1] + k], weight[wcol[2] + k], weight[wcol[3] + k]);
+                let w1 = vec4<f32>(weight[wcol[4] + k], weight[wcol[5] + k], weight[wcol[6] + k], weight[wcol[7] + k]);
                 var w2 = vec4<f32>(0.0);
                 var w3 = vec4<f32>(0.0);
                 if (GEMM_N == 16u) {
-                    w2 = vec4<f32>(weight[wrow[8] + k], weight[wrow[9] + k], weight[wrow[10] + k], weight[wrow[11] + k]);
-                    w3 = vec4<f32>(weight[wrow[12] + k], weight[wrow[13] + k], weight[wrow[14] + k], weight[wrow[15] + k]);
+                    w2 = vec4<f32>(weight[wcol[8] + k], weight[wcol[9] + k], weight[wcol[10] + k], weight[wcol[11] + k]);
+                    w3 = vec4<f32>(weight[wcol[12] + k], weight[wcol[13] + k], weight[wcol[14] + k], weight[wcol[15] + k]);
                 }
-                let x0 = inp[off[0] + c] * live[0];
-                let x1 = inp[off[1] + c] * live[1];
-                let x2 = inp[off[2] + c] * live[2];
-                let x3 = inp[off[3] + c] * live[3];
+                let x0 = src(off[0] + c) * live[0];
+                let x1 = src(off[1] + c) * live[1];
+                let x2 = src(off[2] + c) * live[2];
+                let x3 = src(off[3] + c) * live[3];
                 a0_0 += x0 * w0;
                 a0_1 += x0 * w1;
                 a1_0 += x1 * w0;
@@ -215,10 +294,10 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
                     a3_3 += x3 * w3;
                 }
                 if (GEMM_M >= 8u) {
-                    let x4 = inp[off[4] + c] * live[4];
-                    let x5 = inp[off[5] + c] * live[5];
-                    let x6 = inp[off[6] + c] * live[6];
-                    let x7 = inp[off[7] + c] * live[7];
+                    let x4 = src(off[4] + c) * live[4];
+                    let x5 = src(off[5] + c) * live[5];
+                    let x6 = src(off[6] + c) * live[6];
+                    let x7 = src(off[7] + c) * live[7];
                     a4_0 += x4 * w0;
                     a4_1 += x4 * w1;
                     a5_0 += x5 * w0;
@@ -239,14 +318,14 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
                     }
                 }
                 if (GEMM_M == 16u) {
-                    let x8 = inp[off[8] + c] * live[8];
-                    let x9 = inp[off[9] + c] * live[9];
-                    let x10 = inp[off[10] + c] * live[10];
-                    let x11 = inp[off[11] + c] * live[11];
-                    let x12 = inp[off[12] + c] * live[12];
-                    let x13 = inp[off[13] + c] * live[13];
-                    let x14 = inp[off[14] + c] * live[14];
-                    let x15 = inp[off[15] + c] * live[15];
+                    let x8 = src(off[8] + c) * live[8];
+                    let x9 = src(off[9] + c) * live[9];
+                    let x10 = src(off[10] + c) * live[10];
+                    let x11 = src(off[11] + c) * live[11];
+                    let x12 = src(off[12] + c) * live[12];
+                    let x13 = src(off[13] + c) * live[13];
+                    let x14 = src(off[14] + c) * live[14];
+                    let x15 = src(off[15] + c) * live[15];
                     a8_0 += x8 * w0;
                     a8_1 += x8 * w1;
                     a9_0 += x9 * w0;
@@ -305,269 +384,13 @@ fn conv2d_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     );
     for (var i = 0u; i < GEMM_M; i++) {
         let m = m0 + i;
-        if (m < m_total) {
-            let nn = m / ohw;
-            let r = m % ohw;
+        if (m < row_total) {
+            let nn = m / row_plane;
+            let r = m % row_plane;
             for (var j = 0u; j < GEMM_N; j++) {
                 let co = co0 + j;
-                if (co < p.c_out) {
-                    out[(nn * p.c_out + co) * ohw + r] = acc[i * 4u + j / 4u][j % 4u];
-                }
-            }
-        }
-    }
-}
-
-// gid.x: block of GEMM_M input pixels q = (n, iy, ix); gid.y: block of GEMM_N input channels.
-// Loop order: taps (ky, kx) outside, output channels inside, so each row's tap address and
-// validity are worked out once per tap rather than once per (tap, channel); invalid taps read a
-// valid address and are masked to 0 (no branch in the inner loop).
-@compute @workgroup_size(WG)
-fn conv2d_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let hw = p.h * p.w;
-    let q_total = p.n * hw;
-    let q0 = gid.x * GEMM_M;
-    let ci0 = gid.y * GEMM_N;
-    if (q0 >= q_total || ci0 >= p.c_in) {
-        return;
-    }
-    let ohw = p.oh * p.ow;
-    let khw = p.kh * p.kw;
-    var dbase: array<u32, 16>;
-    var iy: array<i32, 16>;
-    var ix: array<i32, 16>;
-    for (var i = 0u; i < GEMM_M; i++) {
-        let q = min(q0 + i, q_total - 1u);
-        let nn = q / hw;
-        let r = q % hw;
-        dbase[i] = nn * p.c_out * ohw;
-        iy[i] = i32(r / p.w);
-        ix[i] = i32(r % p.w);
-    }
-    var cols: array<u32, 16>;
-    for (var j = 0u; j < GEMM_N; j++) {
-        cols[j] = min(ci0 + j, p.c_in - 1u) * khw;
-    }
-    let wstride = p.c_in * khw;
-    let zero = vec4<f32>(0.0);
-    var a0_0 = zero;
-    var a0_1 = zero;
-    var a0_2 = zero;
-    var a0_3 = zero;
-    var a1_0 = zero;
-    var a1_1 = zero;
-    var a1_2 = zero;
-    var a1_3 = zero;
-    var a2_0 = zero;
-    var a2_1 = zero;
-    var a2_2 = zero;
-    var a2_3 = zero;
-    var a3_0 = zero;
-    var a3_1 = zero;
-    var a3_2 = zero;
-    var a3_3 = zero;
-    var a4_0 = zero;
-    var a4_1 = zero;
-    var a4_2 = zero;
-    var a4_3 = zero;
-    var a5_0 = zero;
-    var a5_1 = zero;
-    var a5_2 = zero;
-    var a5_3 = zero;
-    var a6_0 = zero;
-    var a6_1 = zero;
-    var a6_2 = zero;
-    var a6_3 = zero;
-    var a7_0 = zero;
-    var a7_1 = zero;
-    var a7_2 = zero;
-    var a7_3 = zero;
-    var a8_0 = zero;
-    var a8_1 = zero;
-    var a8_2 = zero;
-    var a8_3 = zero;
-    var a9_0 = zero;
-    var a9_1 = zero;
-    var a9_2 = zero;
-    var a9_3 = zero;
-    var a10_0 = zero;
-    var a10_1 = zero;
-    var a10_2 = zero;
-    var a10_3 = zero;
-    var a11_0 = zero;
-    var a11_1 = zero;
-    var a11_2 = zero;
-    var a11_3 = zero;
-    var a12_0 = zero;
-    var a12_1 = zero;
-    var a12_2 = zero;
-    var a12_3 = zero;
-    var a13_0 = zero;
-    var a13_1 = zero;
-    var a13_2 = zero;
-    var a13_3 = zero;
-    var a14_0 = zero;
-    var a14_1 = zero;
-    var a14_2 = zero;
-    var a14_3 = zero;
-    var a15_0 = zero;
-    var a15_1 = zero;
-    var a15_2 = zero;
-    var a15_3 = zero;
-    for (var ky = 0u; ky < p.kh; ky++) {
-        for (var kx = 0u; kx < p.kw; kx++) {
-            // Where each of the GEMM_M rows reads dout for this tap, and whether it does at all.
-            var off: array<u32, 16>;
-            var live: array<f32, 16>;
-            for (var i = 0u; i < GEMM_M; i++) {
-                let ty = iy[i] + i32(p.pad_h) - i32(ky * p.dil_h);
-                let tx = ix[i] + i32(p.pad_w) - i32(kx * p.dil_w);
-                var ok = ty >= 0 && tx >= 0;
-                var oy = u32(max(ty, 0));
-                var ox = u32(max(tx, 0));
-                // Integer division is a software routine on CPU drivers: only strided
-                // convolutions pay it.
-                if (p.stride_h != 1u || p.stride_w != 1u) {
-                    ok = ok && oy % p.stride_h == 0u && ox % p.stride_w == 0u;
-                    oy = oy / p.stride_h;
-                    ox = ox / p.stride_w;
-                }
-                ok = ok && oy < p.oh && ox < p.ow;
-                off[i] = dbase[i] + select(0u, oy * p.ow + ox, ok);
-                live[i] = select(0.0, 1.0, ok);
-            }
-            let t = ky * p.kw + kx;
-            for (var co = 0u; co < p.c_out; co++) {
-                let wb = co * wstride + t;
-                let d = co * ohw;
-                let w0 = vec4<f32>(weight[wb + cols[0]], weight[wb + cols[1]], weight[wb + cols[2]], weight[wb + cols[3]]);
-                let w1 = vec4<f32>(weight[wb + cols[4]], weight[wb + cols[5]], weight[wb + cols[6]], weight[wb + cols[7]]);
-                var w2 = vec4<f32>(0.0);
-                var w3 = vec4<f32>(0.0);
-                if (GEMM_N == 16u) {
-                    w2 = vec4<f32>(weight[wb + cols[8]], weight[wb + cols[9]], weight[wb + cols[10]], weight[wb + cols[11]]);
-                    w3 = vec4<f32>(weight[wb + cols[12]], weight[wb + cols[13]], weight[wb + cols[14]], weight[wb + cols[15]]);
-                }
-                let x0 = dout[off[0] + d] * live[0];
-                let x1 = dout[off[1] + d] * live[1];
-                let x2 = dout[off[2] + d] * live[2];
-                let x3 = dout[off[3] + d] * live[3];
-                a0_0 += x0 * w0;
-                a0_1 += x0 * w1;
-                a1_0 += x1 * w0;
-                a1_1 += x1 * w1;
-                a2_0 += x2 * w0;
-                a2_1 += x2 * w1;
-                a3_0 += x3 * w0;
-                a3_1 += x3 * w1;
-                if (GEMM_N == 16u) {
-                    a0_2 += x0 * w2;
-                    a0_3 += x0 * w3;
-                    a1_2 += x1 * w2;
-                    a1_3 += x1 * w3;
-                    a2_2 += x2 * w2;
-                    a2_3 += x2 * w3;
-                    a3_2 += x3 * w2;
-                    a3_3 += x3 * w3;
-                }
-                if (GEMM_M >= 8u) {
-                    let x4 = dout[off[4] + d] * live[4];
-                    let x5 = dout[off[5] + d] * live[5];
-                    let x6 = dout[off[6] + d] * live[6];
-                    let x7 = dout[off[7] + d] * live[7];
-                    a4_0 += x4 * w0;
-                    a4_1 += x4 * w1;
-                    a5_0 += x5 * w0;
-                    a5_1 += x5 * w1;
-                    a6_0 += x6 * w0;
-                    a6_1 += x6 * w1;
-                    a7_0 += x7 * w0;
-                    a7_1 += x7 * w1;
-                    if (GEMM_N == 16u) {
-                        a4_2 += x4 * w2;
-                        a4_3 += x4 * w3;
-                        a5_2 += x5 * w2;
-                        a5_3 += x5 * w3;
-                        a6_2 += x6 * w2;
-                        a6_3 += x6 * w3;
-                        a7_2 += x7 * w2;
-                        a7_3 += x7 * w3;
-                    }
-                }
-                if (GEMM_M == 16u) {
-                    let x8 = dout[off[8] + d] * live[8];
-                    let x9 = dout[off[9] + d] * live[9];
-                    let x10 = dout[off[10] + d] * live[10];
-                    let x11 = dout[off[11] + d] * live[11];
-                    let x12 = dout[off[12] + d] * live[12];
-                    let x13 = dout[off[13] + d] * live[13];
-                    let x14 = dout[off[14] + d] * live[14];
-                    let x15 = dout[off[15] + d] * live[15];
-                    a8_0 += x8 * w0;
-                    a8_1 += x8 * w1;
-                    a9_0 += x9 * w0;
-                    a9_1 += x9 * w1;
-                    a10_0 += x10 * w0;
-                    a10_1 += x10 * w1;
-                    a11_0 += x11 * w0;
-                    a11_1 += x11 * w1;
-                    a12_0 += x12 * w0;
-                    a12_1 += x12 * w1;
-                    a13_0 += x13 * w0;
-                    a13_1 += x13 * w1;
-                    a14_0 += x14 * w0;
-                    a14_1 += x14 * w1;
-                    a15_0 += x15 * w0;
-                    a15_1 += x15 * w1;
-                    if (GEMM_N == 16u) {
-                        a8_2 += x8 * w2;
-                        a8_3 += x8 * w3;
-                        a9_2 += x9 * w2;
-                        a9_3 += x9 * w3;
-                        a10_2 += x10 * w2;
-                        a10_3 += x10 * w3;
-                        a11_2 += x11 * w2;
-                        a11_3 += x11 * w3;
-                        a12_2 += x12 * w2;
-                        a12_3 += x12 * w3;
-                        a13_2 += x13 * w2;
-                        a13_3 += x13 * w3;
-                        a14_2 += x14 * w2;
-                        a14_3 += x14 * w3;
-                        a15_2 += x15 * w2;
-                        a15_3 += x15 * w3;
-                    }
-                }
-            }
-        }
-    }
-    var acc = array<vec4<f32>, 64>(
-        a0_0, a0_1, a0_2, a0_3,
-        a1_0, a1_1, a1_2, a1_3,
-        a2_0, a2_1, a2_2, a2_3,
-        a3_0, a3_1, a3_2, a3_3,
-        a4_0, a4_1, a4_2, a4_3,
-        a5_0, a5_1, a5_2, a5_3,
-        a6_0, a6_1, a6_2, a6_3,
-        a7_0, a7_1, a7_2, a7_3,
-        a8_0, a8_1, a8_2, a8_3,
-        a9_0, a9_1, a9_2, a9_3,
-        a10_0, a10_1, a10_2, a10_3,
-        a11_0, a11_1, a11_2, a11_3,
-        a12_0, a12_1, a12_2, a12_3,
-        a13_0, a13_1, a13_2, a13_3,
-        a14_0, a14_1, a14_2, a14_3,
-        a15_0, a15_1, a15_2, a15_3,
-    );
-    for (var i = 0u; i < GEMM_M; i++) {
-        let q = q0 + i;
-        if (q < q_total) {
-            let nn = q / hw;
-            let r = q % hw;
-            for (var j = 0u; j < GEMM_N; j++) {
-                let ci = ci0 + j;
-                if (ci < p.c_in) {
-                    dinp[(nn * p.c_in + ci) * hw + r] = acc[i * 4u + j / 4u][j % 4u];
+                if (co < col_total) {
+                    out[(nn * col_total + co) * row_plane + r] = acc[i * 4u + j / 4u][j % 4u];
                 }
             }
         }

@@ -1,7 +1,7 @@
 // cross_entropy: softmax cross-entropy over logits [N, K] with integer targets, mean over the batch
 // (torch.nn.CrossEntropyLoss defaults), fused with its gradient and the count of correct predictions.
 //
-//   cross_entropy_forward  one invocation per sample:
+//   cross_entropy_forward_backward  one invocation per sample:
 //       lse = max + log(sum_k exp(l_k - max))            (stable: no exp of a large number)
 //       loss[n] = lse - l[target];  dlogits[n, k] = (softmax_k - [k == target]) / N
 //       correct[n] = argmax_k l == target (first maximum wins, as torch.argmax)
@@ -24,7 +24,7 @@ struct Params {
 override WG: u32 = 64u;
 
 @compute @workgroup_size(WG)
-fn cross_entropy_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let n = gid.x;
     if (n >= p.n) {
         return;

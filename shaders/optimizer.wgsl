@@ -23,7 +23,7 @@ struct SgdParams {
 }
 
 @group(0) @binding(0) var<uniform> pa: AdamParams;
-@group(0) @binding(1) var<uniform> ps: SgdParams;
+@group(0) @binding(0) var<uniform> ps: SgdParams;  // binding 0 too: each entry point uses one
 @group(0) @binding(2) var<storage, read_write> param: array<f32>;
 @group(0) @binding(3) var<storage, read> grad: array<f32>;
 @group(0) @binding(4) var<storage, read_write> exp_avg: array<f32>;

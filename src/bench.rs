@@ -9,53 +9,21 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 use serde::Serialize;
 
+use crate::args::{InputArgs, ModelArgs};
 use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
-use crate::model::ModelConfig;
 use crate::model::plan::{Network, StepPlan};
 use crate::ops::conv2d::{self, Conv2dConfig};
 use crate::ops::optimizer::OptimizerConfig;
 use crate::ops::relu;
 
-/// The model a benchmark or a printed plan builds (the same flags for both).
-#[derive(Clone, Debug, clap::Args)]
-pub struct ModelArgs {
-    /// Any model `train --model` takes (the base SENet by default).
-    #[arg(long, default_value = "senet")]
-    pub model: String,
-    #[arg(long, default_value_t = 1.0)]
-    pub width: f64,
-    #[arg(long, default_value_t = 128)]
-    pub batch_size: usize,
-    /// Input height and width.
-    #[arg(long, default_value_t = 32)]
-    pub hw: usize,
-    #[arg(long, default_value_t = 3)]
-    pub in_channels: usize,
-    #[arg(long, default_value_t = 10)]
-    pub classes: usize,
-}
-
-impl ModelArgs {
-    pub fn config(&self) -> ModelConfig {
-        ModelConfig {
-            model: self.model.clone(),
-            width: self.width,
-            reduction: 16,
-            in_channels: self.in_channels,
-            num_classes: self.classes,
-            input_hw: [self.hw, self.hw],
-            classes: vec![],
-            normalize: None,
-            se_bias: false,
-            se: Default::default(),
-        }
-    }
-}
-
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[arg(long, default_value_t = crate::hparams::BATCH_SIZE)]
+    pub batch_size: usize,
     /// Timed steps (after 2 warm-up steps).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -195,13 +163,13 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
 
     // The model: start-up to the end of the first step, then timed steps.
     let t_start = Instant::now();
-    let args_m = &args.model;
-    let mut net = Network::new(gpu.clone(), args_m.config(), OptimizerConfig::adam(1e-3), 0)?;
-    let n = args_m.batch_size;
+    let config = args.input.config(&args.model)?;
+    let mut net = Network::new(gpu.clone(), config.clone(), OptimizerConfig::adam(1e-3), 0)?;
+    let n = args.batch_size;
     let plan = net.plan(n)?;
-    let images: Vec<f32> =
-        (0..n * args_m.in_channels * args_m.hw * args_m.hw).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-    let labels: Vec<u32> = (0..n).map(|i| (i % args_m.classes) as u32).collect();
+    let [h, w] = config.input_hw;
+    let images: Vec<f32> = (0..n * config.in_channels * h * w).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+    let labels: Vec<u32> = (0..n).map(|i| (i % config.num_classes) as u32).collect();
     plan.write_batch(&gpu, &images, &labels)?;
     net.train_step(&plan);
     gpu.wait()?;
@@ -237,8 +205,8 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
         dispatch_overhead_us: dispatch_us,
         submit_overhead_us: submit_us,
         model: format!(
-            "{} width {} {}x{}x{} -> {}",
-            args_m.model, args_m.width, args_m.in_channels, args_m.hw, args_m.hw, args_m.classes
+            "{} width {} {}x{h}x{w} -> {}",
+            config.model, config.width, config.in_channels, config.num_classes
         ),
         batch: n,
         first_step_s,
@@ -384,6 +352,10 @@ pub fn format_report(r: &BenchReport) -> String {
 pub struct PlanArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
+    #[arg(long, default_value_t = crate::hparams::BATCH_SIZE)]
+    pub batch_size: usize,
     /// The evaluation pass instead of the training step.
     #[arg(long)]
     pub eval: bool,
@@ -402,8 +374,8 @@ pub struct PlanRow {
 
 /// The dispatches of one training step (or evaluation pass) of `args`'s model, in order.
 pub fn plan_rows(gpu: Arc<Gpu>, args: &PlanArgs) -> Result<Vec<PlanRow>> {
-    let net = Network::new(gpu, args.model.config(), OptimizerConfig::adam(1e-3), 0)?;
-    let plan = net.plan(args.model.batch_size)?;
+    let net = Network::new(gpu, args.input.config(&args.model)?, OptimizerConfig::adam(1e-3), 0)?;
+    let plan = net.plan(args.batch_size)?;
     let list = if args.eval { net.eval_dispatches(&plan) } else { net.train_dispatches(&plan) };
     Ok(list
         .into_iter()

@@ -10,9 +10,9 @@ use anyhow::{Context, Result, anyhow, ensure};
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::checkpoint::write_atomic;
+use crate::eval::{EvalArgs, evaluate_checkpoint};
+use crate::files::write_atomic;
 use crate::gpu::Gpu;
-use crate::train::{EvalArgs, evaluate_checkpoint};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExcitationArgs {

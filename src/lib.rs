@@ -3,16 +3,25 @@
 //! - [`gpu`]: adapter selection, typed buffers, the pipeline registry, dispatches.
 //! - [`ops`]: host side of every kernel (shape checks, workgroup math, bind groups).
 //! - [`reference`]: the CPU oracle every kernel is tested against.
+//! - [`hparams`]: every default in one table; [`args`]: the flags that read it.
+//! - [`train`]: the loop, over [`eval`] (the test-set pass, `eval`, `predict`), [`run`] (the
+//!   run folder), [`metrics`] and [`plot`]. `tests/layering.rs` keeps the modules free of cycles.
 
+pub mod args;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod eval;
 pub mod excitations;
+pub mod files;
 pub mod gpu;
+pub mod hparams;
+pub mod metrics;
 pub mod model;
 pub mod onnx;
 pub mod ops;
 pub mod plot;
 pub mod reference;
+pub mod run;
 pub mod summary;
 pub mod train;

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use senet_wgpu::args::{self, InputArgs, ModelArgs, TrainArgs};
+use senet_wgpu::eval::{self, EvalArgs};
 use senet_wgpu::gpu::{self, Gpu, GpuOptions, NoAdapterError};
-use senet_wgpu::train::{self, EvalArgs, TrainArgs};
+use senet_wgpu::{hparams, train};
 
 #[derive(Parser)]
 #[command(name = "senet", version, about = "Train Squeeze-and-Excitation networks on any GPU through wgpu")]
@@ -52,7 +54,7 @@ enum Command {
         reduction: Option<usize>,
         /// Input size (`32` or `HxW`) when there is no config.json beside the checkpoint
         /// [default: 32]; images are resized to it.
-        #[arg(long, value_parser = train::parse_image_size)]
+        #[arg(long, value_parser = args::parse_image_size)]
         image_size: Option<[usize; 2]>,
         #[arg(required = true)]
         images: Vec<PathBuf>,
@@ -71,21 +73,10 @@ enum Command {
     },
     /// Layer table of a model: output shapes, parameters, multiply-adds, SE overhead.
     Summary {
-        #[arg(long, default_value = "senet")]
-        model: String,
-        #[arg(long, default_value_t = 1.0)]
-        width: f64,
-        #[arg(long, default_value_t = 16)]
-        reduction: usize,
-        /// Input height and width.
-        #[arg(long, default_value_t = 32)]
-        hw: usize,
-        #[arg(long, default_value_t = 3)]
-        in_channels: usize,
-        #[arg(long, default_value_t = 10)]
-        classes: usize,
-        #[arg(long)]
-        se_bias: bool,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        input: InputArgs,
         #[arg(long)]
         json: bool,
     },
@@ -135,11 +126,11 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             train::train(Gpu::new(&opts)?, &args)?;
         }
         Command::Eval(args) => {
-            let report = train::eval(Gpu::new(&opts)?, &args)?;
+            let report = eval::eval(Gpu::new(&opts)?, &args)?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print!("{}", train::format_report(&report));
+                print!("{}", eval::format_report(&report));
             }
         }
         Command::Excitations(args) => {
@@ -159,7 +150,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
         }
         Command::Predict { checkpoint, width, reduction, image_size, images } => {
-            let results = train::predict(Gpu::new(&opts)?, &checkpoint, &images, 5, width, reduction, image_size)?;
+            let top_k = hparams::PREDICT_TOP_K;
+            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, top_k, width, reduction, image_size)?;
             for (path, top) in images.iter().zip(results) {
                 println!("{}", path.display());
                 for (class, p) in top {
@@ -201,20 +193,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 print!("{}", senet_wgpu::bench::format_report(&report));
             }
         }
-        Command::Summary { model, width, reduction, hw, in_channels, classes, se_bias, json } => {
-            let cfg = senet_wgpu::model::ModelConfig {
-                model,
-                width,
-                reduction,
-                in_channels,
-                num_classes: classes,
-                input_hw: [hw, hw],
-                classes: vec![],
-                normalize: None,
-                se_bias,
-                se: Default::default(),
-            };
-            let s = senet_wgpu::summary::summary(&cfg)?;
+        Command::Summary { model, input, json } => {
+            let s = senet_wgpu::summary::summary(&input.config(&model)?)?;
             if json {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
@@ -259,7 +239,7 @@ fn main() -> ExitCode {
     };
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<train::Interrupted>().is_some() => {
+        Err(e) if e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some() => {
             eprintln!("{e:#}");
             ExitCode::from(130)
         }

@@ -7,7 +7,7 @@ use std::sync::Once;
 use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 
-use crate::train::EpochMetrics;
+use crate::metrics::EpochMetrics;
 
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
 

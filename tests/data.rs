@@ -250,6 +250,49 @@ fn augmentation_crops_and_flips_within_the_padded_image() {
     assert!(shifted > 25, "random crops should usually reveal padding ({shifted}/50)");
 }
 
+/// On an image with every pixel different (a flip or shift is visible), each augmented copy is
+/// the image or its mirror, shifted by at most the crop padding, zeros where it left the frame;
+/// over 200 draws both mirrors and every shift in each direction occur.
+#[test]
+fn augmentation_is_a_padded_crop_of_the_image_or_its_mirror() {
+    let (h, w) = (6usize, 7usize);
+    let images: Vec<u8> = (0..h * w).map(|i| (i + 1) as u8).collect();
+    let ds = data::Dataset { shape: [1, h, w], images: images.clone(), labels: vec![0], classes: vec!["x".into()] };
+    let pre = Preprocess { normalize: None, augment: true };
+    let pad = senet_wgpu::hparams::CROP_PADDING as i64;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let got = loader::make_batch(&ds, &[0], &pre, &mut rng).images;
+        // The (flip, dy, dx) that explain this copy: out[y][x] = src[y + dy][x' + dx] or 0.
+        let explains = |flip: bool, dy: i64, dx: i64| {
+            (0..h as i64).all(|y| {
+                (0..w as i64).all(|x| {
+                    let (sy, sx) = (y + dy, x + dx);
+                    let want = if sy < 0 || sx < 0 || sy >= h as i64 || sx >= w as i64 {
+                        0.0
+                    } else {
+                        let sx = if flip { w as i64 - 1 - sx } else { sx };
+                        f32::from(images[(sy * w as i64 + sx) as usize]) / 255.0
+                    };
+                    got[(y * w as i64 + x) as usize] == want
+                })
+            })
+        };
+        let found: Vec<(bool, i64, i64)> = [false, true]
+            .into_iter()
+            .flat_map(|f| (-pad..=pad).flat_map(move |dy| (-pad..=pad).map(move |dx| (f, dy, dx))))
+            .filter(|&(f, dy, dx)| explains(f, dy, dx))
+            .collect();
+        assert!(!found.is_empty(), "an augmented copy is no padded crop of the image or its mirror: {got:?}");
+        seen.extend(found);
+    }
+    assert!(seen.iter().any(|s| s.0) && seen.iter().any(|s| !s.0), "both the image and its mirror occur");
+    for d in [-pad, pad] {
+        assert!(seen.iter().any(|s| s.1 == d) && seen.iter().any(|s| s.2 == d), "a shift of {d} occurs: {seen:?}");
+    }
+}
+
 /// `--download`'s code path against a server on the loopback: fetch, MD5 check, unpack.
 #[test]
 fn cifar10_download_checks_md5_and_unpacks() {

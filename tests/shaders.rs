@@ -19,15 +19,79 @@ fn validate(name: &str, src: &str, subgroups: bool) -> naga::Module {
     module
 }
 
+/// The passes an entry point may name. `gemm` and `gemm_tiled` serve several passes, chosen by
+/// their MODE override; `reduce` is the second stage of a split reduction; `step` an optimizer's.
+const PASSES: &[&str] = &[
+    "forward",
+    "forward_train",
+    "forward_eval",
+    "forward_backward",
+    "backward",
+    "backward_input",
+    "backward_weight",
+    "backward_weight_reduce",
+    "backward_bias",
+    "reduce",
+    "gemm",
+    "gemm_tiled",
+    "step",
+    "fma",
+    "copy",
+];
+
+/// The ops a file implements: its own name, unless it holds several (as torch.nn and
+/// torch.optim name them).
+fn ops_of(file: &str) -> Vec<&str> {
+    match file {
+        "pool" => vec!["max_pool2d", "global_avg_pool"],
+        "optimizer" => vec!["adam", "sgd"],
+        "conv2d_tiled" => vec!["conv2d"],
+        other => vec![other],
+    }
+}
+
+fn is_op_pass(file: &str, entry: &str) -> bool {
+    ops_of(file)
+        .iter()
+        .any(|op| entry.strip_prefix(op).and_then(|r| r.strip_prefix('_')).is_some_and(|pass| PASSES.contains(&pass)))
+}
+
+#[test]
+fn entry_point_names_are_checked() {
+    // The rule above must be able to fail.
+    assert!(is_op_pass("cross_entropy", "cross_entropy_forward_backward"));
+    assert!(is_op_pass("optimizer", "adam_step"));
+    assert!(!is_op_pass("optimizer", "optimizer_adam"), "no pass");
+    assert!(!is_op_pass("relu", "relu_fwd"), "not a pass");
+    assert!(!is_op_pass("relu", "add_forward"), "another file's op");
+}
+
 #[test]
 fn every_shader_parses_and_validates() {
     for (name, src) in SHADERS {
         validate(name, src, true);
         let module = validate(name, src, false);
         assert!(!module.entry_points.is_empty(), "shaders/{name}.wgsl has no entry point");
-        // Entry points are named <op>_<pass>; every one begins with an op of its family's file.
+        // Binding 0 is the op's uniform parameter block, and the only uniform.
+        for (_, var) in module.global_variables.iter() {
+            let Some(b) = &var.binding else { continue };
+            let uniform = var.space == naga::AddressSpace::Uniform;
+            assert_eq!(
+                uniform,
+                b.binding == 0,
+                "{name}: {:?} at binding {}: binding 0 must be the uniform and the only one",
+                var.name,
+                b.binding
+            );
+        }
         for ep in &module.entry_points {
             assert_eq!(ep.stage, naga::ShaderStage::Compute, "{name}::{} is not a compute shader", ep.name);
+            assert!(
+                is_op_pass(name, &ep.name),
+                "{name}::{} is not named <op>_<pass> (ops of this file: {:?}; passes: {PASSES:?})",
+                ep.name,
+                ops_of(name)
+            );
         }
     }
 }

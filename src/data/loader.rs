@@ -1,6 +1,6 @@
-//! Batches: seeded shuffling, optional augmentation (random crop with 4-pixel zero padding and
-//! horizontal flip), conversion to f32 (/255, then optional per-channel normalisation), made on
-//! a background thread while the GPU computes.
+//! Batches: seeded shuffling, optional augmentation (random crop with `hparams::CROP_PADDING`
+//! (4) pixels of zero padding and horizontal flip), conversion to f32 (/255, then optional
+//! per-channel normalisation), made on a background thread while the GPU computes.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
@@ -16,7 +16,7 @@ use super::Dataset;
 pub struct Preprocess {
     /// Per-channel (mean, std) applied after /255; None = `ToTensor()` only.
     pub normalize: Option<Vec<(f32, f32)>>,
-    /// Random crop (pad 4) + horizontal flip; training only.
+    /// Random crop (pad `hparams::CROP_PADDING`) + horizontal flip; training only.
     pub augment: bool,
 }
 
@@ -49,7 +49,8 @@ fn write_image(ds: &Dataset, i: usize, pre: &Preprocess, rng: &mut ChaCha8Rng, o
     let [c, h, w] = ds.shape;
     let img = ds.image(i);
     let (dy, dx, flip) = if pre.augment {
-        (rng.random_range(-4i32..=4), rng.random_range(-4i32..=4), rng.random_bool(0.5))
+        let pad = crate::hparams::CROP_PADDING as i32;
+        (rng.random_range(-pad..=pad), rng.random_range(-pad..=pad), rng.random_bool(0.5))
     } else {
         (0, 0, false)
     };

@@ -163,6 +163,13 @@ pub struct Gpu {
     pub(crate) kernels: super::kernels::KernelRegistry,
     /// Reductions use subgroup operations (shaders/reduce_subgroup.wgsl), else workgroup trees.
     pub subgroups: bool,
+    /// Read-back staging buffers by size, kept for the next read of that size so that reading
+    /// metrics every step or predictions every batch allocates nothing after the first time.
+    /// A buffer is taken out while in use, so concurrent reads never share one.
+    staging: std::sync::Mutex<std::collections::HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// The layer whose dispatches are being built: bind groups and parameter blocks are labelled
+    /// "<layer> <entry point>" while it is set (see `label_scope`).
+    scope: std::sync::Mutex<String>,
     /// Which kernel runs each conv shape: timed once per adapter and remembered on disk.
     pub tuner: super::tune::Tuner,
 }
@@ -325,6 +332,8 @@ impl Gpu {
             errors,
             kernels: super::kernels::KernelRegistry::default(),
             subgroups,
+            staging: Default::default(),
+            scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, tune_cache, device_key),
             stats: Arc::default(),
             adapter,
@@ -334,6 +343,45 @@ impl Gpu {
             limits,
             features,
         }))
+    }
+
+    /// Label what is built until the guard drops with `layer`'s name (GPU captures and validation
+    /// messages then say "features.4 conv2d_gemm", not just the entry point).
+    pub fn label_scope(&self, layer: &str) -> LabelScope<'_> {
+        *self.scope.lock().unwrap_or_else(|p| p.into_inner()) = layer.to_string();
+        LabelScope { gpu: self }
+    }
+
+    /// `what`, prefixed with the layer being built, if any.
+    pub(crate) fn scoped(&self, what: &str) -> String {
+        let scope = self.scope.lock().unwrap_or_else(|p| p.into_inner());
+        if scope.is_empty() { what.to_string() } else { format!("{scope} {what}") }
+    }
+
+    /// A MAP_READ staging buffer of `size` bytes: a kept one, else a new one (counted in `stats`).
+    pub(crate) fn take_staging(&self, size: u64) -> wgpu::Buffer {
+        let kept = self.staging.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&size).and_then(Vec::pop);
+        kept.unwrap_or_else(|| {
+            self.stats.alloc(size);
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("read-back"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    /// Keep an unmapped staging buffer for the next read of its size, if it is small (metrics,
+    /// predictions); a large one (a checkpoint's parameters) is freed.
+    pub(crate) fn return_staging(&self, buffer: wgpu::Buffer) {
+        const KEEP_AT_MOST: u64 = 4 << 20;
+        let size = buffer.size();
+        if size > KEEP_AT_MOST {
+            self.stats.free(size);
+            return;
+        }
+        self.staging.lock().unwrap_or_else(|p| p.into_inner()).entry(size).or_default().push(buffer);
     }
 
     /// True when the adapter is a CPU implementation (lavapipe, WARP, SwiftShader).
@@ -375,5 +423,16 @@ impl Gpu {
             Some(e) => anyhow::bail!("{e}"),
             None => Ok(()),
         }
+    }
+}
+
+/// Clears the label scope when dropped.
+pub struct LabelScope<'a> {
+    gpu: &'a Gpu,
+}
+
+impl Drop for LabelScope<'_> {
+    fn drop(&mut self) {
+        self.gpu.scope.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }

@@ -164,7 +164,7 @@ impl Gpu {
         // Parameter blocks live as long as the dispatches that bind them: counted, never freed.
         self.stats.alloc(bytes.len() as u64);
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
+            label: Some(&self.scoped(label)),
             contents: &bytes,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         })
@@ -196,7 +196,7 @@ impl Gpu {
         self.stats.bind_groups_created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(entry),
+            label: Some(&self.scoped(entry)),
             layout: &layout,
             entries: &entries,
         });

@@ -13,6 +13,9 @@ pub struct Tensor {
     /// Byte offset of element 0 in `buffer` (0 unless this is a view).
     pub offset: u64,
     pub shape: Vec<usize>,
+    /// What it holds ("features.4 output", "layer1.0.conv1.weight value"), as its buffer is
+    /// labelled for GPU captures and validation messages (a view: its own name).
+    pub label: String,
     /// The allocation's accounting; None for a view (its owner frees the buffer).
     stats: Option<std::sync::Arc<super::GpuStats>>,
 }
@@ -62,7 +65,13 @@ impl Tensor {
             mapped_at_creation: false,
         });
         gpu.stats.alloc(size);
-        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), stats: Some(gpu.stats.clone()) })
+        Ok(Tensor {
+            buffer,
+            offset: 0,
+            shape: shape.to_vec(),
+            label: label.to_string(),
+            stats: Some(gpu.stats.clone()),
+        })
     }
 
     /// A 1-D buffer holding `data`, to be bound only through views ([`Tensor::view`]) of at most
@@ -83,7 +92,13 @@ impl Tensor {
             usage: usage(),
         });
         gpu.stats.alloc(size);
-        Ok(Tensor { buffer, offset: 0, shape: vec![data.len()], stats: Some(gpu.stats.clone()) })
+        Ok(Tensor {
+            buffer,
+            offset: 0,
+            shape: vec![data.len()],
+            label: label.to_string(),
+            stats: Some(gpu.stats.clone()),
+        })
     }
 
     /// A zero-filled 1-D buffer of `len` values, bound only through views (see [`Tensor::flat`]).
@@ -98,7 +113,7 @@ impl Tensor {
             mapped_at_creation: false,
         });
         gpu.stats.alloc(size);
-        Ok(Tensor { buffer, offset: 0, shape: vec![len], stats: Some(gpu.stats.clone()) })
+        Ok(Tensor { buffer, offset: 0, shape: vec![len], label: label.to_string(), stats: Some(gpu.stats.clone()) })
     }
 
     /// A view of `shape` starting `start` elements into this tensor, which must be aligned to
@@ -118,7 +133,7 @@ impl Tensor {
         );
         let max = gpu.limits.max_storage_buffer_binding_size;
         ensure!((numel * 4) as u64 <= max, "{label}: {shape:?} needs more than the adapter's {max}-byte binding");
-        Ok(Tensor { buffer: self.buffer.clone(), offset, shape: shape.to_vec(), stats: None })
+        Ok(Tensor { buffer: self.buffer.clone(), offset, shape: shape.to_vec(), label: label.to_string(), stats: None })
     }
 
     /// A tensor holding `data` (f32 or u32), which must have the shape's element count.
@@ -136,7 +151,13 @@ impl Tensor {
             usage: usage(),
         });
         gpu.stats.alloc(buffer.size());
-        Ok(Tensor { buffer, offset: 0, shape: shape.to_vec(), stats: Some(gpu.stats.clone()) })
+        Ok(Tensor {
+            buffer,
+            offset: 0,
+            shape: shape.to_vec(),
+            label: label.to_string(),
+            stats: Some(gpu.stats.clone()),
+        })
     }
 
     /// Overwrite the contents from the host (queued; ordered before the next submit).
@@ -152,12 +173,7 @@ impl Tensor {
         if size == 0 {
             return Ok(Vec::new());
         }
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("read-back"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let staging = gpu.take_staging(size);
         let mut encoder =
             gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("read-back") });
         encoder.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
@@ -172,6 +188,7 @@ impl Tensor {
         let out = bytemuck::cast_slice::<u8, T>(&view).to_vec();
         drop(view);
         staging.unmap();
+        gpu.return_staging(staging);
         Ok(out)
     }
 }

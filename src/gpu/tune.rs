@@ -185,5 +185,5 @@ fn write(path: &Path, file: &CacheFile) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    crate::checkpoint::write_atomic(path, &serde_json::to_vec_pretty(file)?)
+    crate::files::write_atomic(path, &serde_json::to_vec_pretty(file)?)
 }

@@ -220,17 +220,21 @@ impl Network {
                     && matches!(self.graph.nodes.get(k + 1).map(|r| &r.layer), Some(Layer::Relu))
             })
             .collect();
-        let buffers = |what: &str| {
+        // Labelled by what they hold, as GPU captures and validation messages show them:
+        // "input", "features.4 output", "layer2.0.se output grad".
+        let act_name =
+            |i: usize| if i == 0 { "input".to_string() } else { format!("{} output", self.graph.nodes[i - 1].name) };
+        let buffers = |suffix: &str| {
             shapes
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
                     let unused = i > 0 && fused[i - 1];
-                    Tensor::zeros(gpu, &format!("{what} {i}"), if unused { &[1][..] } else { s })
+                    Tensor::zeros(gpu, &format!("{}{suffix}", act_name(i)), if unused { &[1][..] } else { s })
                 })
                 .collect::<Result<Vec<_>>>()
         };
-        let (acts, grads) = (buffers("activation")?, buffers("gradient")?);
+        let (acts, grads) = (buffers("")?, buffers(" grad")?);
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let labels = Tensor::zeros(gpu, "labels", &[n])?;
@@ -246,7 +250,8 @@ impl Network {
             if readers.len() == 2 {
                 for &k in readers {
                     for (j, _) in self.graph.nodes[k].inputs.iter().enumerate().filter(|(_, i)| **i == a) {
-                        contrib.insert((k, j), Tensor::zeros(gpu, &format!("gradient {a} from node {k}"), &shapes[a])?);
+                        let label = format!("{} grad from {}", act_name(a), self.graph.nodes[k].name);
+                        contrib.insert((k, j), Tensor::zeros(gpu, &label, &shapes[a])?);
                     }
                 }
             }
@@ -266,6 +271,8 @@ impl Network {
             let a = node.inputs[0];
             let (inp, out, dinp, dout) = (&acts[a], &acts[k + 1], target(k, 0), &grads[k + 1]);
             let name = &node.name;
+            // Bind groups and parameter blocks made for this layer carry its name.
+            let _scope = gpu.label_scope(name);
             let p = |suffix: &str| self.param(&format!("{name}.{suffix}"));
             let mut bwd = Vec::new();
             match node.layer {
@@ -419,6 +426,7 @@ impl Network {
         }
         let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
         let (train0, eval0) = (train.len(), eval.len());
+        let _scope = gpu.label_scope("loss");
         train.extend(cross_entropy::cross_entropy_forward_backward(
             gpu,
             logits,

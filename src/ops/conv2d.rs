@@ -227,8 +227,9 @@ impl Tiles {
         }
     }
 
-    fn gemm_constants(&self) -> [(&'static str, f64); 3] {
-        [("WG", WG as f64), ("GEMM_M", self.gemm_m as f64), ("GEMM_N", self.gemm_n as f64)]
+    /// The register GEMM's constants; `mode` 0 is the forward, 1 the input gradient.
+    fn gemm_constants(&self, mode: u32) -> [(&'static str, f64); 4] {
+        [("WG", WG as f64), ("GEMM_M", self.gemm_m as f64), ("GEMM_N", self.gemm_n as f64), ("MODE", f64::from(mode))]
     }
 }
 
@@ -268,16 +269,14 @@ pub fn conv2d_forward_tiled(
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d output", out, &cfg.output_shape())?;
-    let unused;
+    // conv2d_gemm in MODE 0 never reads dout (binding 5), nor the bias without one.
+    let unused = placeholder(gpu)?;
     let bias = match (cfg.bias, bias) {
         (true, Some(b)) => {
             expect_shape("conv2d bias", b, &[cfg.c_out])?;
             b
         }
-        (false, None) => {
-            unused = placeholder(gpu)?;
-            &unused
-        }
+        (false, None) => &unused,
         (want, _) => anyhow::bail!(
             "conv2d: configuration says bias={want} but a bias tensor was{} given",
             if want { " not" } else { "" }
@@ -291,10 +290,12 @@ pub fn conv2d_forward_tiled(
         Bind::Tensor(2, weight),
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
+        Bind::Tensor(5, &unused),
     ];
     let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d", "conv2d_forward", &tiles.gemm_constants(), &binds, grid)?
+        gpu.dispatch("conv2d", "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
+            .labelled("conv2d_forward")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
 }
@@ -323,10 +324,21 @@ pub fn conv2d_backward_input_tiled(
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, cfg.c_in, tiles.gemm_n, 1)?;
-    let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
+    // conv2d_gemm in MODE 1 reads dout and writes dinp through the forward's output binding; the
+    // input and bias bindings are declared by the shared entry point but never read.
+    let unused = placeholder(gpu)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, &unused),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, dinp),
+        Bind::Tensor(5, dout),
+    ];
     let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d", "conv2d_backward_input", &tiles.gemm_constants(), &binds, grid)?
+        gpu.dispatch("conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
+            .labelled("conv2d_backward_input")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
 }

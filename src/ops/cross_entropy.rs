@@ -64,7 +64,7 @@ pub fn cross_entropy_forward_backward(
     ];
     let fwd = gpu.dispatch(
         "cross_entropy",
-        "cross_entropy_forward",
+        "cross_entropy_forward_backward",
         &[("WG", WG as f64)],
         &binds,
         [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],

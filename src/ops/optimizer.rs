@@ -189,7 +189,7 @@ impl OptimizerStep {
                     &unused
                 };
                 let binds =
-                    [Bind::Uniform(1, &params), Bind::Tensor(2, param), Bind::Tensor(3, grad), Bind::Tensor(6, buf)];
+                    [Bind::Uniform(0, &params), Bind::Tensor(2, param), Bind::Tensor(3, grad), Bind::Tensor(6, buf)];
                 gpu.dispatch("optimizer", "sgd_step", &consts, &binds, grid)?
             }
         };

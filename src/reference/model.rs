@@ -30,18 +30,42 @@ enum Saved {
     Se(se_block::SeForward),
 }
 
-/// Forward (training mode), cross-entropy against `labels`, and backward, for batch `n`.
-pub fn train_step(
+/// Logits of the eval-mode forward (batch norm on its running statistics) for batch `n`.
+pub fn eval_forward(
     graph: &Graph,
     params: &HashMap<String, Vec<f64>>,
     buffers: &HashMap<String, Vec<f64>>,
     n: usize,
     input: &[f64],
-    labels: &[u32],
-) -> Result<StepResult> {
+) -> Result<Vec<f64>> {
+    let f = forward(graph, params, buffers, n, input, false)?;
+    f.acts.last().cloned().context("empty graph")
+}
+
+/// Every activation (input first), what the backward needs, the updated running statistics.
+struct Forward {
+    shapes: Vec<Vec<usize>>,
+    acts: Vec<Vec<f64>>,
+    saved: Vec<Saved>,
+    buffers: HashMap<String, Vec<f64>>,
+}
+
+fn param<'a>(params: &'a HashMap<String, Vec<f64>>, name: &str) -> Result<&'a [f64]> {
+    params.get(name).map(|v| v.as_slice()).with_context(|| format!("reference: no parameter {name}"))
+}
+
+/// The forward over the graph, in training mode (batch statistics, running statistics updated)
+/// or eval mode (running statistics).
+fn forward(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    training: bool,
+) -> Result<Forward> {
     let shapes = graph.shapes(n)?;
-    let get =
-        |name: &str| params.get(name).map(|v| v.as_slice()).with_context(|| format!("reference: no parameter {name}"));
+    let get = |name: &str| param(params, name);
     let mut acts: Vec<Vec<f64>> = vec![input.to_vec()];
     let mut saved = Vec::new();
     let mut new_buffers = HashMap::new();
@@ -60,10 +84,14 @@ pub fn train_step(
                 let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
                 let rm = buffers.get(&format!("{name}.running_mean")).context("running_mean")?;
                 let rv = buffers.get(&format!("{name}.running_var")).context("running_var")?;
-                let r = batch_norm::batch_norm_forward_train(&cfg, inp, p("weight")?, p("bias")?, rm, rv);
-                new_buffers.insert(format!("{name}.running_mean"), r.running_mean);
-                new_buffers.insert(format!("{name}.running_var"), r.running_var);
-                (r.out, Saved::Bn { mean: r.mean, invstd: r.invstd })
+                if training {
+                    let r = batch_norm::batch_norm_forward_train(&cfg, inp, p("weight")?, p("bias")?, rm, rv);
+                    new_buffers.insert(format!("{name}.running_mean"), r.running_mean);
+                    new_buffers.insert(format!("{name}.running_var"), r.running_var);
+                    (r.out, Saved::Bn { mean: r.mean, invstd: r.invstd })
+                } else {
+                    (batch_norm::batch_norm_forward_eval(&cfg, inp, p("weight")?, p("bias")?, rm, rv), Saved::None)
+                }
             }
             Layer::Relu => (relu::relu_forward(inp), Saved::None),
             Layer::MaxPool2d { .. } => {
@@ -89,6 +117,20 @@ pub fn train_step(
         acts.push(out);
         saved.push(sv);
     }
+    Ok(Forward { shapes, acts, saved, buffers: new_buffers })
+}
+
+/// Forward (training mode), cross-entropy against `labels`, and backward, for batch `n`.
+pub fn train_step(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    labels: &[u32],
+) -> Result<StepResult> {
+    let Forward { shapes, acts, saved, buffers: new_buffers } = forward(graph, params, buffers, n, input, true)?;
+    let get = |name: &str| param(params, name);
     let logits = acts.last().context("empty graph")?.clone();
     let classes = shapes.last().context("empty graph")?[1];
     let ce = cross_entropy::cross_entropy_forward_backward(&logits, labels, classes);

@@ -1,0 +1,364 @@
+//! The command-line pieces the subcommands share, their defaults read from [`crate::hparams`]:
+//! where the data comes from ([`DataArgs`]), which network ([`ModelArgs`], flattened into
+//! `train`, `bench`, `plan` and `summary`, so a `ModelConfig` is assembled from flags in one
+//! place), the input shape when no dataset gives it ([`InputArgs`]), and `train`'s own settings.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, ensure};
+
+use crate::data::{self, DatasetKind, Splits, cifar10};
+use crate::hparams::{self as hp, OptimizerKind, Recipe, Schedule};
+use crate::model::{ModelConfig, SeOptions, SePlacement};
+use crate::ops::optimizer::OptimizerConfig;
+use crate::ops::se_block::{Excitation, Squeeze};
+
+// ---------------------------------------------------------------------------------------------
+// Data
+
+/// Where the data comes from (shared by train, eval).
+#[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct DataArgs {
+    /// Dataset. Default: cifar10 when found in --data-dir (or ./data), else the bundled sample.
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// Folder of the dataset (cifar10: holds cifar-10-batches-bin; fashion-mnist default:
+    /// /usr/share/datasets/fashion-mnist; folder: DIR/train/<class>, DIR/test/<class>).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub limit_test: Option<usize>,
+    /// Fetch CIFAR-10 into --data-dir (default ./data) if it is not there, checking its MD5.
+    #[arg(long)]
+    pub download: bool,
+    /// Image folders: resize every image to H×W (`64` or `96x128`). Default: the first training
+    /// image's size when training; the model's input size when evaluating a checkpoint.
+    #[arg(long, value_parser = parse_image_size)]
+    #[serde(default)]
+    pub image_size: Option<[usize; 2]>,
+}
+
+/// `--image-size`: `S` (square) or `HxW`, each 1..=4096.
+pub fn parse_image_size(s: &str) -> Result<[usize; 2], String> {
+    let side = |t: &str| match t.trim().parse::<usize>() {
+        Ok(v) if (1..=4096).contains(&v) => Ok(v),
+        _ => Err(format!("expected a size from 1 to 4096 pixels, got {t:?}")),
+    };
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => Ok([side(h)?, side(w)?]),
+        None => side(s).map(|v| [v, v]),
+    }
+}
+
+impl DataArgs {
+    /// Load the dataset the arguments name, resolving the default (CIFAR-10 if present, else the
+    /// sample); image folders are resized to `--image-size`, else `image_hw`, else their first image.
+    pub fn load(&self, image_hw: Option<[usize; 2]>) -> Result<Splits> {
+        if self.download {
+            ensure!(
+                matches!(self.dataset, None | Some(DatasetKind::Cifar10)),
+                "--download fetches CIFAR-10; for {:?} see the README",
+                self.dataset
+            );
+            let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
+            if !cifar10::present(&dir) {
+                cifar10::download(&dir, cifar10::URL, cifar10::MD5)?;
+            }
+        }
+        let kind = match self.dataset {
+            Some(k) => k,
+            None => {
+                let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
+                if cifar10::present(&dir) {
+                    DatasetKind::Cifar10
+                } else {
+                    eprintln!(
+                        "note: no CIFAR-10 in {} — using the bundled Fashion-MNIST sample. For CIFAR-10, put \
+                         cifar-10-batches-bin/ there (https://www.cs.toronto.edu/~kriz/cifar.html).",
+                        dir.display()
+                    );
+                    DatasetKind::Sample
+                }
+            }
+        };
+        let dir = if kind == DatasetKind::Sample && self.dataset.is_none() { None } else { self.data_dir.as_deref() };
+        ensure!(
+            kind == DatasetKind::Folder || self.image_size.is_none(),
+            "--image-size resizes image folders (--dataset folder) only; other datasets keep their images' size"
+        );
+        let mut splits = data::load(kind, dir, self.image_size.or(image_hw))?;
+        if let Some(n) = self.limit_test {
+            ensure!(n >= 1, "--limit-test must be at least 1");
+            splits.test.truncate(n);
+        }
+        Ok(splits)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network
+
+fn default_model() -> String {
+    hp::MODEL.into()
+}
+
+/// The network: architecture, width and the SE block's options.
+#[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct ModelArgs {
+    /// senet (the base model); [se-]resnet20/32/44/56/110 (CIFAR ResNets, any 6n+2 depth);
+    /// [se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images).
+    #[arg(long, default_value = hp::MODEL)]
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Channel width multiplier: 1.0 = 64…1024 channels for senet, 16/32/64 for the ResNets.
+    #[arg(long, default_value_t = hp::WIDTH)]
+    pub width: f64,
+    /// SE reduction ratio r (hidden width C/r).
+    #[arg(long, default_value_t = hp::REDUCTION)]
+    pub reduction: usize,
+    /// Biases in the SE blocks' FC layers.
+    #[arg(long)]
+    #[serde(default)]
+    pub se_bias: bool,
+    /// Ablation: the SE squeeze, mean or max over each channel.
+    #[arg(long, value_enum, default_value_t = hp::SQUEEZE)]
+    #[serde(default)]
+    pub squeeze: Squeeze,
+    /// Ablation: the SE gate.
+    #[arg(long, value_enum, default_value_t = hp::EXCITATION)]
+    #[serde(default)]
+    pub excitation: Excitation,
+    /// Ablation: where SE-ResNet blocks put the SE block.
+    #[arg(long, value_enum, default_value_t = hp::SE_PLACEMENT)]
+    #[serde(default)]
+    pub se_placement: SePlacement,
+    /// Ablation: the stages (1-based, comma-separated) whose blocks get SE [default: all].
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    pub se_stages: Vec<usize>,
+}
+
+impl ModelArgs {
+    /// Reject a model name, width or reduction that cannot build, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
+        if self.model != "senet" {
+            ensure!(
+                crate::model::resnet::parse_name(&self.model).is_some(),
+                "--model {:?}: expected senet, resnet20/32/56/110 or se-resnet20/32/56/110",
+                self.model
+            );
+            return Ok(());
+        }
+        let (first, last) =
+            (crate::model::senet::scaled(64, self.width), crate::model::senet::scaled(1024, self.width));
+        ensure!(
+            first >= 1,
+            "--width {} rounds the first layer's 64 channels down to 0; the smallest width is {}",
+            self.width,
+            1.0 / 64.0
+        );
+        ensure!(
+            self.reduction >= 1 && self.reduction <= last,
+            "--reduction {} must be between 1 and the SE block's {last} channels at width {}",
+            self.reduction,
+            self.width
+        );
+        Ok(())
+    }
+
+    /// The configuration for `in_channels`×H×W inputs in `classes` (names; may be empty, then
+    /// `num_classes` unnamed ones). No normalisation: a training run sets it from its data.
+    pub fn config(
+        &self,
+        in_channels: usize,
+        input_hw: [usize; 2],
+        num_classes: usize,
+        classes: Vec<String>,
+    ) -> ModelConfig {
+        ModelConfig {
+            model: self.model.clone(),
+            width: self.width,
+            reduction: self.reduction,
+            in_channels,
+            num_classes,
+            input_hw,
+            classes,
+            normalize: None,
+            se_bias: self.se_bias,
+            se: SeOptions {
+                squeeze: self.squeeze,
+                excitation: self.excitation,
+                placement: self.se_placement,
+                stages: self.se_stages.clone(),
+            },
+        }
+    }
+}
+
+/// The input when no dataset gives it (`bench`, `plan`, `summary`). `--hw` and `--classes` are
+/// the older spellings, kept as aliases.
+#[derive(Clone, Debug, clap::Args)]
+pub struct InputArgs {
+    /// Input height and width: `32` or `HxW` [default: 32, `hparams::IMAGE_SIZE`].
+    #[arg(long, visible_alias = "hw", value_parser = parse_image_size)]
+    pub image_size: Option<[usize; 2]>,
+    /// Input channels (3 for RGB, 1 for grey).
+    #[arg(long, default_value_t = hp::IN_CHANNELS)]
+    pub in_channels: usize,
+    /// Classes: the outputs of the last layer.
+    #[arg(long, visible_alias = "classes", default_value_t = hp::NUM_CLASSES)]
+    pub num_classes: usize,
+}
+
+impl InputArgs {
+    /// `model` on these inputs.
+    pub fn config(&self, model: &ModelArgs) -> Result<ModelConfig> {
+        model.validate()?;
+        ensure!(self.in_channels >= 1, "--in-channels must be at least 1");
+        ensure!(self.num_classes >= 1, "--num-classes must be at least 1");
+        let hw = self.image_size.unwrap_or([hp::IMAGE_SIZE; 2]);
+        Ok(model.config(self.in_channels, hw, self.num_classes, vec![]))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training
+
+#[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub net: ModelArgs,
+    /// Total epochs [default: 10; with --resume, the run's own].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = hp::BATCH_SIZE)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = hp::OPTIMIZER)]
+    pub optimizer: OptimizerKind,
+    #[arg(long, default_value_t = hp::LR)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = hp::MOMENTUM)]
+    pub momentum: f64,
+    /// L2 (Adam, SGD) or decoupled (AdamW) weight decay.
+    #[arg(long, default_value_t = hp::WEIGHT_DECAY)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = hp::SEED)]
+    pub seed: u64,
+    /// Learning-rate schedule over the run: constant, step (÷10 at 50 % and 75 % of the epochs,
+    /// the paper's CIFAR schedule) or cosine (to 0 at the end).
+    #[arg(long, value_enum, default_value_t = hp::SCHEDULE)]
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Linear warm-up from 0 over this many epochs (fractions allowed).
+    #[arg(long, default_value_t = hp::WARMUP_EPOCHS)]
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// A preset: `paper` = the SENet paper's CIFAR recipe (SGD momentum 0.9, lr 0.1, weight decay
+    /// 1e-4, step schedule, random crop + flip, per-channel normalisation). Flags given
+    /// explicitly keep their values.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub recipe: Option<Recipe>,
+    /// Normalise inputs with the training set's per-channel mean and std.
+    #[arg(long)]
+    pub normalize: bool,
+    /// Random crop (4-pixel padding) and horizontal flip while training.
+    #[arg(long)]
+    pub augment: bool,
+    /// Run folder for config.json, metrics.csv and checkpoints.
+    #[arg(long, default_value = hp::OUT)]
+    pub out: PathBuf,
+    /// Start from this state dict (safetensors).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Continue the run in RUN_DIR (its config.json and resume.safetensors) from its last
+    /// finished epoch, with its own settings; --epochs may raise the total.
+    #[arg(long, value_name = "RUN_DIR")]
+    #[serde(skip)]
+    pub resume: Option<PathBuf>,
+    /// Print the per-kernel time table (as `senet bench`) for one step after the first epoch.
+    #[arg(long)]
+    #[serde(default)]
+    pub profile: bool,
+    /// Read the running loss every N steps (the only host wait inside an epoch).
+    #[arg(long, default_value_t = hp::LOG_EVERY)]
+    pub log_every: usize,
+}
+
+impl TrainArgs {
+    /// Reject nonsense before any work starts.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.epochs() >= 1, "--epochs must be at least 1, got {}", self.epochs());
+        ensure!(self.batch_size >= 1, "--batch-size must be at least 1, got {}", self.batch_size);
+        ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be a positive number, got {}", self.lr);
+        ensure!(self.momentum >= 0.0 && self.momentum < 1.0, "--momentum must be in [0, 1), got {}", self.momentum);
+        ensure!(self.weight_decay >= 0.0, "--weight-decay must be >= 0, got {}", self.weight_decay);
+        ensure!(self.log_every >= 1, "--log-every must be at least 1");
+        ensure!(
+            self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
+            "--warmup-epochs must be in [0, epochs), got {}",
+            self.warmup_epochs
+        );
+        self.net.validate()
+    }
+
+    /// Apply `--recipe` to every setting the user did not give (`given(field)` says which they did).
+    pub fn apply_recipe(&mut self, given: impl Fn(&str) -> bool) {
+        if self.recipe == Some(Recipe::Paper) {
+            if !given("optimizer") {
+                self.optimizer = hp::PAPER_OPTIMIZER;
+            }
+            if !given("lr") {
+                self.lr = hp::PAPER_LR;
+            }
+            if !given("momentum") {
+                self.momentum = hp::PAPER_MOMENTUM;
+            }
+            if !given("weight_decay") {
+                self.weight_decay = hp::PAPER_WEIGHT_DECAY;
+            }
+            if !given("schedule") {
+                self.schedule = hp::PAPER_SCHEDULE;
+            }
+            self.augment = true;
+            self.normalize = true;
+        }
+    }
+
+    /// The epoch count, defaulting to the base recipe's.
+    pub fn epochs(&self) -> usize {
+        self.epochs.unwrap_or(hp::EPOCHS)
+    }
+
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        let (beta1, beta2) = hp::ADAM_BETAS;
+        let adam = |decoupled| OptimizerConfig::Adam {
+            lr: self.lr,
+            beta1,
+            beta2,
+            eps: hp::ADAM_EPS,
+            weight_decay: self.weight_decay,
+            decoupled,
+        };
+        match self.optimizer {
+            OptimizerKind::Adam => adam(false),
+            OptimizerKind::Adamw => adam(true),
+            OptimizerKind::Sgd => OptimizerConfig::Sgd {
+                lr: self.lr,
+                momentum: self.momentum,
+                dampening: hp::SGD_DAMPENING,
+                weight_decay: self.weight_decay,
+                nesterov: hp::SGD_NESTEROV,
+            },
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Evaluation and prediction: the test-set pass used after every training epoch, `senet eval`
+//! (loss, accuracy, per-class accuracy, confusion matrix of a checkpoint), the checkpoint
+//! loading `eval`, `excitations` and `predict` share, and `senet predict`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::args::DataArgs;
+use crate::checkpoint;
+use crate::data::loader::{self, Preprocess};
+use crate::data::{self, DatasetKind};
+use crate::gpu::Gpu;
+use crate::hparams as hp;
+use crate::model::ModelConfig;
+use crate::model::plan::{Network, StepPlan, clear_metrics};
+use crate::ops::cross_entropy::result;
+use crate::ops::optimizer::OptimizerConfig;
+
+// ---------------------------------------------------------------------------------------------
+// The evaluation pass
+
+/// Plans for every batch size the epoch uses (full and the last partial), built once.
+pub(crate) fn plans_for(net: &Network, batch: usize, lens: &[usize]) -> Result<HashMap<usize, StepPlan>> {
+    let mut plans = HashMap::new();
+    for &len in lens {
+        let full = batch.min(len);
+        for n in [full, len % full] {
+            if n > 0 && !plans.contains_key(&n) {
+                plans.insert(n, net.plan(n)?);
+            }
+        }
+    }
+    Ok(plans)
+}
+
+/// Sum the metrics buffers of every plan: (loss sum, correct, count).
+pub(crate) fn read_sums(net: &Network, plans: &HashMap<usize, StepPlan>, eval: bool) -> Result<(f64, f64, f64)> {
+    let mut s = (0.0, 0.0, 0.0);
+    for p in plans.values() {
+        let r = if eval { &p.eval_result } else { &p.train_result }.read::<f32>(&net.gpu)?;
+        s.0 += f64::from(r[result::SUM_LOSS]);
+        s.1 += f64::from(r[result::SUM_CORRECT]);
+        s.2 += f64::from(r[result::SUM_COUNT]);
+    }
+    Ok(s)
+}
+
+/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy).
+pub fn evaluate(
+    net: &Network,
+    plans: &HashMap<usize, StepPlan>,
+    ds: &Arc<data::Dataset>,
+    batch: usize,
+    pre: &Preprocess,
+) -> Result<(f64, f64)> {
+    for p in plans.values() {
+        clear_metrics(&net.gpu, &p.eval_result);
+    }
+    for b in loader::epoch_batches(ds.clone(), batch, Preprocess { augment: false, ..pre.clone() }, false, 0, 0) {
+        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
+        plan.write_batch(&net.gpu, &b.images, &b.labels)?;
+        net.eval_batch(plan);
+    }
+    let (loss, correct, count) = read_sums(net, plans, true)?;
+    Ok((loss / count.max(1.0), correct / count.max(1.0)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation of a checkpoint
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// A safetensors state dict (config from config.json beside it, else flags, else the shapes).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Model width when there is no config.json beside the checkpoint.
+    #[arg(long)]
+    pub width: Option<f64>,
+    /// SE reduction when there is no config.json beside the checkpoint.
+    #[arg(long)]
+    pub reduction: Option<usize>,
+    #[arg(long, default_value_t = hp::BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Evaluation results with per-class figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalReport {
+    pub accuracy: f64,
+    pub loss: f64,
+    pub correct: usize,
+    pub total: usize,
+    pub classes: Vec<String>,
+    pub per_class_accuracy: Vec<f64>,
+    /// confusion[true][predicted]
+    pub confusion: Vec<Vec<usize>>,
+}
+
+/// The model configuration saved beside a checkpoint (a run folder's config.json), if there is one.
+fn saved_model_config(ckpt: &Path) -> Result<Option<ModelConfig>> {
+    let Some(j) = ckpt.parent().map(|d| d.join("config.json")).filter(|j| j.is_file()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&j).with_context(|| format!("reading {}", j.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", j.display()))?;
+    let model = v.get("model").cloned().unwrap_or(v);
+    serde_json::from_value(model)
+        .map(Some)
+        .with_context(|| format!("{}: field \"model\" is not a model configuration", j.display()))
+}
+
+/// The model configuration for a checkpoint: config.json beside it, else flags over the shapes.
+pub fn checkpoint_config(
+    ckpt: &Path,
+    sd: &checkpoint::StateDict,
+    input_hw: [usize; 2],
+    width: Option<f64>,
+    reduction: Option<usize>,
+) -> Result<ModelConfig> {
+    if let Some(cfg) = saved_model_config(ckpt)? {
+        return Ok(cfg);
+    }
+    let mut cfg = checkpoint::infer_config(sd, input_hw, &ckpt.display().to_string())?;
+    if let Some(w) = width {
+        cfg.width = w;
+    }
+    if let Some(r) = reduction {
+        cfg.reduction = r;
+    }
+    Ok(cfg)
+}
+
+/// Load a checkpoint and its test set, run the evaluation pass over every test image, and call
+/// `on_batch` after each batch (its plan holds the batch's outputs). Returns the configuration
+/// and (loss sum, correct, count).
+pub fn evaluate_checkpoint(
+    gpu: Arc<Gpu>,
+    args: &EvalArgs,
+    mut on_batch: impl FnMut(&Network, &StepPlan, &[u32]) -> Result<()>,
+) -> Result<(ModelConfig, (f64, f64, f64))> {
+    ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
+    let sd = checkpoint::load(&args.checkpoint)?;
+    // Image folders are resized to the size the model was trained at, when the run says it.
+    let trained_hw = saved_model_config(&args.checkpoint)?.map(|c| c.input_hw);
+    let splits = args.data.load(trained_hw.filter(|_| args.data.dataset == Some(DatasetKind::Folder)))?;
+    let test = Arc::new(splits.test);
+    let [c, h, w] = test.shape;
+    let mut config = checkpoint_config(&args.checkpoint, &sd, [h, w], args.width, args.reduction)?;
+    ensure!(
+        config.in_channels == c && config.input_hw == [h, w],
+        "{}: the model takes {}x{}x{} images, {} has {c}x{h}x{w}",
+        args.checkpoint.display(),
+        config.in_channels,
+        config.input_hw[0],
+        config.input_hw[1],
+        splits.name
+    );
+    if config.classes.is_empty() {
+        config.classes = test.classes.clone();
+    }
+    let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
+    checkpoint::apply(&mut net, &sd, &args.checkpoint.display().to_string())?;
+    let plans = plans_for(&net, args.batch_size, &[test.len()])?;
+    let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
+    for p in plans.values() {
+        clear_metrics(&net.gpu, &p.eval_result);
+    }
+    for b in loader::epoch_batches(test.clone(), args.batch_size, pre, false, 0, 0) {
+        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
+        plan.write_batch(&net.gpu, &b.images, &b.labels)?;
+        net.eval_batch(plan);
+        on_batch(&net, plan, &b.labels)?;
+    }
+    Ok((config, read_sums(&net, &plans, true)?))
+}
+
+pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
+    let mut confusion: Vec<Vec<usize>> = Vec::new();
+    let (config, (loss, correct, count)) = evaluate_checkpoint(gpu, args, |net, plan, labels| {
+        let k = net.config.num_classes;
+        if confusion.is_empty() {
+            confusion = vec![vec![0usize; k]; k];
+        }
+        let per = plan.per_sample.read::<f32>(&net.gpu)?;
+        for (i, &t) in labels.iter().enumerate() {
+            let pred = per[3 * i + 2] as usize;
+            if (t as usize) < k && pred < k {
+                confusion[t as usize][pred] += 1;
+            }
+        }
+        Ok(())
+    })?;
+    let per_class_accuracy = confusion
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let n: usize = row.iter().sum();
+            if n == 0 { 0.0 } else { row[i] as f64 / n as f64 }
+        })
+        .collect();
+    Ok(EvalReport {
+        accuracy: correct / count.max(1.0),
+        loss: loss / count.max(1.0),
+        correct: correct as usize,
+        total: count as usize,
+        classes: config.classes,
+        per_class_accuracy,
+        confusion,
+    })
+}
+
+/// The report as the tables `senet eval` prints.
+pub fn format_report(r: &EvalReport) -> String {
+    let mut s = format!(
+        "test loss {:.4}  accuracy {:.4} ({}/{})\n\nper-class accuracy:\n",
+        r.loss, r.accuracy, r.correct, r.total
+    );
+    for (name, a) in r.classes.iter().zip(&r.per_class_accuracy) {
+        s += &format!("  {name:>14} {a:.4}\n");
+    }
+    s += "\nconfusion matrix (rows: true class, columns: predicted):\n";
+    for (i, row) in r.confusion.iter().enumerate() {
+        s += &format!("  {:>3} |", i);
+        for v in row {
+            s += &format!(" {v:>5}");
+        }
+        s += "\n";
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prediction
+
+/// Top-`k` (class, probability) for each image file.
+pub fn predict(
+    gpu: Arc<Gpu>,
+    ckpt: &Path,
+    images: &[PathBuf],
+    k: usize,
+    width: Option<f64>,
+    reduction: Option<usize>,
+    image_size: Option<[usize; 2]>,
+) -> Result<Vec<Vec<(String, f32)>>> {
+    ensure!(!images.is_empty(), "predict needs at least one image");
+    let sd = checkpoint::load(ckpt)?;
+    let config = checkpoint_config(ckpt, &sd, image_size.unwrap_or([hp::IMAGE_SIZE; 2]), width, reduction)?;
+    let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
+    checkpoint::apply(&mut net, &sd, &ckpt.display().to_string())?;
+    let plan = net.plan(1)?;
+    let [h, w] = config.input_hw;
+    let c = config.in_channels;
+    let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
+    let mut out = Vec::new();
+    for path in images {
+        let pixels = data::folder::decode(path, c, [h, w])?;
+        let ds = data::Dataset { shape: [c, h, w], images: pixels, labels: vec![0], classes: vec![String::new()] };
+        let batch = loader::make_batch(&ds, &[0], &pre, &mut rand::SeedableRng::seed_from_u64(0));
+        plan.write_batch(&net.gpu, &batch.images, &[0])?;
+        net.eval_batch(&plan);
+        let logits = plan.logits().read::<f32>(&net.gpu)?;
+        let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f64> = logits.iter().map(|&l| f64::from(l - mx).exp()).collect();
+        let sum: f64 = exps.iter().sum();
+        let mut ranked: Vec<(usize, f64)> = exps.iter().map(|e| e / sum).enumerate().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        out.push(
+            ranked
+                .into_iter()
+                .take(k)
+                .map(|(i, p)| (config.classes.get(i).cloned().unwrap_or_else(|| format!("class {i}")), p as f32))
+                .collect(),
+        );
+    }
+    Ok(out)
+}

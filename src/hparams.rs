@@ -1,0 +1,122 @@
+//! Hyper-parameters: every default of `senet train` (and of the model flags `bench`, `plan` and
+//! `summary` share) in one table, a comment each, airbench style. The clap attributes in
+//! [`crate::args`], the optimizer, the recipe and the learning-rate schedule read from here.
+//!
+//! The base recipe is the seed document's: SENet width 1, Adam lr 1e-3, batch 128, 10 epochs,
+//! `ToTensor()` preprocessing only. `--recipe paper` is the SENet paper's CIFAR recipe (§6.1).
+
+use crate::model::SePlacement;
+use crate::ops::se_block::{Excitation, Squeeze};
+
+// --- Network --------------------------------------------------------------------------------
+/// The base SENet of the seed document.
+pub const MODEL: &str = "senet";
+/// Channel width multiplier: 1.0 = 64…1024 channels for senet, 16/32/64 for the CIFAR ResNets.
+pub const WIDTH: f64 = 1.0;
+/// SE reduction ratio r: the excitation's hidden width is C/r (the paper's choice, §6.1).
+pub const REDUCTION: usize = 16;
+/// The paper's squeeze: global average pooling.
+pub const SQUEEZE: Squeeze = Squeeze::Avg;
+/// The paper's gate: a sigmoid.
+pub const EXCITATION: Excitation = Excitation::Sigmoid;
+/// The paper's standard SE-ResNet block: SE on the residual branch, before the addition.
+pub const SE_PLACEMENT: SePlacement = SePlacement::Standard;
+/// Input size, channels and classes when no dataset says them (`bench`, `plan`, `summary`; the
+/// input size of a bare state dict in `predict`): CIFAR-10's 3×32×32 images in 10 classes.
+pub const IMAGE_SIZE: usize = 32;
+pub const IN_CHANNELS: usize = 3;
+pub const NUM_CLASSES: usize = 10;
+
+// --- Training -------------------------------------------------------------------------------
+/// Passes over the training set.
+pub const EPOCHS: usize = 10;
+/// Images per step (and per evaluation batch).
+pub const BATCH_SIZE: usize = 128;
+/// Adam: the seed document's optimizer.
+pub const OPTIMIZER: OptimizerKind = OptimizerKind::Adam;
+/// Adam's usual learning rate.
+pub const LR: f64 = 1e-3;
+/// SGD momentum (used by `--optimizer sgd` only).
+pub const MOMENTUM: f64 = 0.9;
+/// No weight decay in the base recipe.
+pub const WEIGHT_DECAY: f64 = 0.0;
+/// Seeds the initial weights, the shuffling and the augmentation.
+pub const SEED: u64 = 0;
+/// A constant learning rate in the base recipe.
+pub const SCHEDULE: Schedule = Schedule::Constant;
+/// No warm-up in the base recipe.
+pub const WARMUP_EPOCHS: f64 = 0.0;
+/// Adam/AdamW betas and epsilon: PyTorch's defaults.
+pub const ADAM_BETAS: (f64, f64) = (0.9, 0.999);
+pub const ADAM_EPS: f64 = 1e-8;
+/// SGD as `torch.optim.SGD`'s defaults: no dampening, no Nesterov.
+pub const SGD_DAMPENING: f64 = 0.0;
+pub const SGD_NESTEROV: bool = false;
+/// `--schedule step`: the learning rate is multiplied by `STEP_FACTOR` when the run reaches
+/// each fraction (numerator, denominator) of its epochs — ÷10 at 50 % and at 75 %, the paper's.
+pub const STEP_MILESTONES: [(usize, usize); 2] = [(1, 2), (3, 4)];
+pub const STEP_FACTOR: f64 = 0.1;
+/// `--augment`: random crop from the image zero-padded by this many pixels on each side (then a
+/// horizontal flip with probability ½), the usual CIFAR augmentation.
+pub const CROP_PADDING: usize = 4;
+
+// --- The paper's CIFAR recipe (`--recipe paper`; flags given explicitly win) ------------------
+/// SGD with momentum 0.9, lr 0.1, weight decay 1e-4, the step schedule; crop + flip and
+/// per-channel normalisation switched on.
+pub const PAPER_OPTIMIZER: OptimizerKind = OptimizerKind::Sgd;
+pub const PAPER_LR: f64 = 0.1;
+pub const PAPER_MOMENTUM: f64 = 0.9;
+pub const PAPER_WEIGHT_DECAY: f64 = 1e-4;
+pub const PAPER_SCHEDULE: Schedule = Schedule::Step;
+
+// --- Outputs --------------------------------------------------------------------------------
+/// The run folder: config.json, metrics.csv, metrics.png, checkpoints.
+pub const OUT: &str = "runs/latest";
+/// Read the running loss every this many steps (the only host wait inside an epoch).
+pub const LOG_EVERY: usize = 20;
+/// `predict`: how many classes to print per image.
+pub const PREDICT_TOP_K: usize = 5;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adam,
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Constant,
+    Step,
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipe {
+    Paper,
+}
+
+/// The learning rate of (0-based) step `step` of `total` steps, `per_epoch` steps an epoch.
+pub fn lr_at(base: f64, schedule: Schedule, warmup_epochs: f64, step: usize, per_epoch: usize, total: usize) -> f64 {
+    let warmup = (warmup_epochs * per_epoch as f64).round() as usize;
+    if step < warmup {
+        return base * (step + 1) as f64 / warmup as f64;
+    }
+    match schedule {
+        Schedule::Constant => base,
+        Schedule::Step => {
+            let epoch = step / per_epoch.max(1);
+            let epochs = total.div_ceil(per_epoch.max(1));
+            let drops = STEP_MILESTONES.iter().filter(|&&(num, den)| den * epoch >= num * epochs).count();
+            base * STEP_FACTOR.powi(drops as i32)
+        }
+        Schedule::Cosine => {
+            let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+            base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+        }
+    }
+}

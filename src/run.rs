@@ -1,0 +1,170 @@
+//! The run folder `train --out` writes and `--resume` reads:
+//!
+//! - `config.json`: `{"model": ModelConfig, "train": TrainArgs, "dataset": name}`, written once;
+//! - `metrics.csv` (one line per finished epoch) and `metrics.png` (its plot);
+//! - `best.safetensors` (best test accuracy), `last.safetensors`;
+//! - `resume.safetensors`: the model, optimizer state and step with the metrics history, the best
+//!   accuracy and, after a Ctrl-C inside an epoch, how far that epoch got — written by one
+//!   function, [`RunFolder::save`], at the end of every epoch and on Ctrl-C.
+//!
+//! `--resume` reads the run's settings back ([`resumed_args`]); [`Interrupted`] is the error a
+//! signal ends training with once the folder holds what `--resume` needs.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::args::TrainArgs;
+use crate::checkpoint;
+use crate::metrics::{CSV_HEADER, EpochMetrics};
+use crate::model::ModelConfig;
+use crate::model::plan::Network;
+
+/// The model, optimizer state, step, metrics history of the last finished epoch.
+pub const RESUME_FILE: &str = "resume.safetensors";
+
+/// (loss sum, correct, count) of the training steps of an epoch so far, as the GPU keeps them.
+pub type EpochSums = (f32, f32, f32);
+
+/// Where a run stands.
+#[derive(Clone, Debug, Default)]
+pub struct RunState {
+    /// The finished epochs.
+    pub history: Vec<EpochMetrics>,
+    /// The best test accuracy so far (-∞ before the first epoch).
+    pub best_acc: f64,
+    /// (steps done, metric sums) of an epoch interrupted part-way.
+    pub partial: Option<(usize, EpochSums)>,
+}
+
+/// An open run folder: where it is and its metrics.csv, open for appending.
+pub struct RunFolder {
+    pub dir: PathBuf,
+    csv: File,
+}
+
+/// The settings of the run in `dir` (its config.json), for `--resume`.
+fn saved_args(dir: &Path) -> Result<TrainArgs> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--resume: reading {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let train = v.get("train").cloned().with_context(|| format!("{}: no field \"train\"", path.display()))?;
+    serde_json::from_value(train)
+        .with_context(|| format!("{}: field \"train\" is not a training configuration", path.display()))
+}
+
+/// `--resume RUN_DIR`: the run's own settings and folder, with `--epochs` if given.
+pub fn resumed_args(args: &TrainArgs) -> Result<Option<TrainArgs>> {
+    let Some(dir) = &args.resume else { return Ok(None) };
+    let mut saved = saved_args(dir)?;
+    saved.out = dir.clone();
+    saved.epochs = args.epochs.or(saved.epochs);
+    saved.resume = Some(dir.clone());
+    Ok(Some(saved))
+}
+
+/// Training was stopped by a signal after saving; `main` exits with 130.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub out: PathBuf,
+    pub epoch: usize,
+    pub step: usize,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted in epoch {} after step {}; saved {}. Continue with: senet train --resume {}",
+            self.epoch,
+            self.step,
+            self.out.join(RESUME_FILE).display(),
+            self.out.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+impl RunFolder {
+    /// A new run in `dir`: the folder, config.json and metrics.csv with its header.
+    pub fn create(dir: &Path, config: &ModelConfig, args: &TrainArgs, dataset: &str) -> Result<(Self, RunState)> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating run folder {}", dir.display()))?;
+        let run_config = serde_json::json!({ "model": config, "train": args, "dataset": dataset });
+        crate::files::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&run_config)?.as_bytes())?;
+        let csv_path = dir.join("metrics.csv");
+        let mut csv = File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
+        writeln!(csv, "{CSV_HEADER}").with_context(|| format!("writing {}", csv_path.display()))?;
+        let state = RunState { best_acc: f64::NEG_INFINITY, ..RunState::default() };
+        Ok((RunFolder { dir: dir.to_path_buf(), csv }, state))
+    }
+
+    /// The run in `dir` as it was last saved: `net` gets its weights, optimizer state and step;
+    /// metrics.csv keeps the finished epochs' lines only (a crash may have left a later one).
+    pub fn resume(dir: &Path, net: &mut Network) -> Result<(Self, RunState)> {
+        let path = dir.join(RESUME_FILE);
+        let meta = checkpoint::load_resume(&path, net)?;
+        let field = |k: &str| meta.get(k).with_context(|| format!("{}: metadata field {k} missing", path.display()));
+        let history: Vec<EpochMetrics> = serde_json::from_str(field("history")?)
+            .with_context(|| format!("{}: metadata field history", path.display()))?;
+        let partial = match meta.get("epoch_steps") {
+            Some(steps) => {
+                let steps: usize =
+                    steps.parse().with_context(|| format!("{}: metadata field epoch_steps", path.display()))?;
+                let sums: EpochSums = serde_json::from_str(field("epoch_sums")?)
+                    .with_context(|| format!("{}: metadata field epoch_sums", path.display()))?;
+                Some((steps, sums))
+            }
+            None => None,
+        };
+        let best_acc =
+            field("best_acc")?.parse().with_context(|| format!("{}: metadata field best_acc", path.display()))?;
+        let csv_path = dir.join("metrics.csv");
+        let text: String =
+            std::iter::once(format!("{CSV_HEADER}\n")).chain(history.iter().map(|m| m.csv_line())).collect();
+        crate::files::write_atomic(&csv_path, text.as_bytes())?;
+        let csv = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&csv_path)
+            .with_context(|| format!("opening {}", csv_path.display()))?;
+        Ok((RunFolder { dir: dir.to_path_buf(), csv }, RunState { history, best_acc, partial }))
+    }
+
+    /// Everything `--resume` needs: last.safetensors, then resume.safetensors (one atomic write)
+    /// with the history and best accuracy, and with `partial` — the steps done and metric sums of
+    /// the current epoch — when saving inside one (Ctrl-C). Both save paths come through here.
+    pub fn save(&self, net: &Network, state: &RunState, partial: Option<(usize, EpochSums)>) -> Result<()> {
+        checkpoint::save(net, &self.dir.join("last.safetensors"))?;
+        let mut meta = HashMap::from([
+            ("history".to_string(), serde_json::to_string(&state.history)?),
+            ("best_acc".to_string(), state.best_acc.to_string()),
+        ]);
+        if let Some((steps, sums)) = partial {
+            meta.insert("epoch_steps".to_string(), steps.to_string());
+            meta.insert("epoch_sums".to_string(), serde_json::to_string(&sums)?);
+        }
+        checkpoint::save_resume(net, meta, &self.dir.join(RESUME_FILE))
+    }
+
+    /// A finished epoch: its metrics.csv line, best.safetensors when it is the best so far, the
+    /// save [`RunFolder::save`] does, and metrics.png.
+    pub fn finish_epoch(&mut self, net: &Network, state: &mut RunState, m: EpochMetrics) -> Result<()> {
+        let csv_err = || format!("writing {}", self.dir.join("metrics.csv").display());
+        self.csv.write_all(m.csv_line().as_bytes()).with_context(csv_err)?;
+        self.csv.flush().with_context(csv_err)?;
+        if m.test_acc > state.best_acc {
+            state.best_acc = m.test_acc;
+            checkpoint::save(net, &self.dir.join("best.safetensors"))?;
+        }
+        state.history.push(m);
+        self.save(net, state, None)?;
+        // A plot that cannot be drawn costs the picture, never the run.
+        if let Err(e) = crate::plot::plot_history(&state.history, &self.dir.join("metrics.png")) {
+            eprintln!("warning: could not draw metrics.png: {e:#}");
+        }
+        Ok(())
+    }
+}
