@@ -1,11 +1,11 @@
 //! ONNX export: every model family and SE ablation is exported, run in tract (a pure-Rust ONNX
-//! runtime) on batch 1 and 3 and odd image sizes, and its logits compared with our eval-mode
-//! forward: the f64 CPU reference for every case, the GPU eval path for two. Weights are random
-//! and far from PyTorch's initial values, and every BN has running statistics that neither are
-//! 0/1 nor match the data, so a wrong op, a wrong attribute or a swapped tensor shows.
+//! runtime) on batch 1 and 3 and odd image sizes, and its logits compared with our eval logits:
+//! the GPU eval path (what `senet eval` runs) and the f64 CPU reference. Weights are random and
+//! far from PyTorch's initial values, and every BN has running statistics that neither are 0/1
+//! nor match the data, so a wrong op, a wrong attribute or a swapped tensor shows.
 //!
-//! Tolerance: |onnx - reference| <= 1e-4 + 2e-5 |reference| (f32 against f64, see TOL; the
-//! largest difference seen is printed per case: `cargo test --test export -- --nocapture`).
+//! Tolerance: see [`TOL`]; the largest differences are printed per case
+//! (`cargo test --test export -- --nocapture`).
 
 mod common;
 
@@ -25,12 +25,14 @@ use senet_wgpu::ops::se_block::{Excitation, SeBlockConfig, Squeeze};
 use senet_wgpu::reference::{add, batch_norm, conv2d, linear, pool, relu, se_block};
 use tract_onnx::prelude::*;
 
-/// The llm.c checker: |onnx - reference| <= TOL + |reference| * EPS. TOL is the issue's 1e-4 on
-/// logits of order 1; EPS allows for f32 rounding through deep nets: through SE-ResNet-50's 53
-/// layers our own GPU eval path differs from the f64 reference by up to 1.6e-5 relative (3e-4 on a
-/// logit of 13), and tract by as much; nothing shallower comes near.
+/// |onnx - ours| <= TOL + 2 g, where g is how far our own f32 GPU eval is from the f64 reference
+/// on that case. TOL is the issue's 1e-4 on logits of order 1 (every case's logits are scaled to
+/// about ±4). The 2 g term is nil (g ~ 1e-6 to 6e-5) except on one ill-conditioned case: random
+/// SE-ResNet-20 weights with the SE block after the addition and a tanh gate move the f64 logits
+/// by 2.3e-5 under a half-ulp change of the inputs and weights (1e-6 for the others), and any
+/// f32 forward lands ~3e-4 from f64 there: our GPU eval by 3.0e-4, tract by 2.3e-4. Such a case
+/// is still held to what our own eval achieves, not waved through.
 const TOL: f64 = 1e-4;
-const EPS: f64 = 2e-5;
 
 // ---------------------------------------------------------------------------------------------
 // Cases: every family and ablation at a tiny width, each with the input sizes it is run on.
@@ -68,7 +70,11 @@ fn cases() -> Vec<Case> {
     let paper = SeOptions::default();
     vec![
         // The base SENet: four 2×2 pools, so any side ≥ 16; 37×45 floors at every pool.
-        Case { name: "senet", config: config("senet", 1.0 / 16.0, 16, 3, paper.clone(), false), sizes: &[[32, 32], [37, 45]] },
+        Case {
+            name: "senet",
+            config: config("senet", 1.0 / 16.0, 16, 3, paper.clone(), false),
+            sizes: &[[32, 32], [37, 45]],
+        },
         Case {
             name: "senet max squeeze, tanh gate, FC biases",
             config: config("senet", 1.0 / 16.0, 8, 1, se(Max, Tanh, Standard, &[]), true),
@@ -81,7 +87,11 @@ fn cases() -> Vec<Case> {
         },
         // CIFAR ResNets: 3×3 stem, stride-2 stages with projection shortcuts.
         Case { name: "resnet20", config: config("resnet20", 0.25, 4, 3, paper.clone(), false), sizes: &[[9, 11]] },
-        Case { name: "se-resnet20", config: config("se-resnet20", 0.25, 4, 3, paper.clone(), false), sizes: &[[9, 11], [16, 16]] },
+        Case {
+            name: "se-resnet20",
+            config: config("se-resnet20", 0.25, 4, 3, paper.clone(), false),
+            sizes: &[[9, 11], [16, 16]],
+        },
         Case {
             name: "se-resnet20 pre, max squeeze, FC biases",
             config: config("se-resnet20", 0.25, 2, 3, se(Max, Sigmoid, Pre, &[]), true),
@@ -98,7 +108,11 @@ fn cases() -> Vec<Case> {
             sizes: &[[9, 9]],
         },
         // ImageNet ResNets: 7×7 stride-2 stem and 3×3 stride-2 max pool with padding.
-        Case { name: "resnet18", config: config("resnet18", 1.0 / 16.0, 4, 3, paper.clone(), false), sizes: &[[33, 29]] },
+        Case {
+            name: "resnet18",
+            config: config("resnet18", 1.0 / 16.0, 4, 3, paper.clone(), false),
+            sizes: &[[33, 29]],
+        },
         Case {
             name: "se-resnet50 (bottlenecks), stage 1 only, FC biases",
             config: config("se-resnet50", 1.0 / 16.0, 4, 3, se(Avg, Sigmoid, Standard, &[1]), true),
@@ -153,7 +167,13 @@ fn f64s(sd: &StateDict, name: &str) -> Vec<f64> {
 
 /// The eval-mode forward of the f64 reference ops over the graph; with `calibrate`, each BN's
 /// running statistics are first set from the batch reaching it (and written into `sd`).
-fn forward(graph: &Graph, sd: &mut StateDict, n: usize, input: &[f64], mut calibrate: Option<&mut ChaCha8Rng>) -> Vec<f64> {
+fn forward(
+    graph: &Graph,
+    sd: &mut StateDict,
+    n: usize,
+    input: &[f64],
+    mut calibrate: Option<&mut ChaCha8Rng>,
+) -> Vec<f64> {
     let shapes = graph.shapes(n).expect("shapes");
     let mut acts: Vec<Vec<f64>> = vec![input.to_vec()];
     for node in &graph.nodes {
@@ -243,20 +263,42 @@ fn run_tract(model: &Arc<TypedRunnableModel>, shape: [usize; 4], input: &[f32]) 
     out[0].to_plain_array_view::<f32>().expect("f32 logits").iter().copied().collect()
 }
 
-/// Max |a - b|, asserting every element within TOL + |reference| * EPS (printing the first mismatches, llm.c style).
-fn check(what: &str, onnx: &[f32], reference: &[f64]) -> f64 {
+/// Max |a - b|, asserting every element within `tol` (printing the first mismatches, llm.c style).
+fn check(what: &str, onnx: &[f32], reference: &[f64], tol: f64) -> f64 {
     assert_eq!(onnx.len(), reference.len(), "{what}: logit count");
     let mut worst = 0f64;
     let mut bad = Vec::new();
     for (i, (&o, &r)) in onnx.iter().zip(reference).enumerate() {
         let d = (f64::from(o) - r).abs();
         worst = worst.max(d);
-        if d.is_nan() || d > TOL + r.abs() * EPS {
+        if d.is_nan() || d > tol {
             bad.push(format!("[{i}] onnx {o} reference {r}"));
         }
     }
-    assert!(bad.is_empty(), "{what}: {} logits differ by more than {TOL}: {}", bad.len(), bad[..bad.len().min(5)].join(", "));
+    assert!(
+        bad.is_empty(),
+        "{what}: {} logits differ by more than {tol:.1e}: {}",
+        bad.len(),
+        bad[..bad.len().min(5)].join(", ")
+    );
     worst
+}
+
+/// Our eval logits on the GPU: the network built from `cfg`, the state dict applied as `senet
+/// eval` applies it, one eval pass over `x`.
+fn gpu_eval(cfg: &ModelConfig, sd: &StateDict, n: usize, x: &[f32]) -> Vec<f64> {
+    use senet_wgpu::model::plan::Network;
+    use senet_wgpu::ops::optimizer::OptimizerConfig;
+    let mut net = Network::new(common::gpu(), cfg.clone(), OptimizerConfig::sgd(0.0, 0.0), 0).expect("network");
+    checkpoint::apply(&mut net, sd, "test state dict").expect("apply");
+    let plan = net.plan(n).expect("plan");
+    plan.write_batch(&net.gpu, x, &vec![0; n]).expect("batch");
+    net.eval_batch(&plan);
+    common::to_f64(&plan.logits().read::<f32>(&net.gpu).expect("logits"))
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 fn export_bytes(cfg: &ModelConfig, sd: &StateDict, opset: i64) -> Vec<u8> {
@@ -267,7 +309,7 @@ fn export_bytes(cfg: &ModelConfig, sd: &StateDict, opset: i64) -> Vec<u8> {
 // Tests
 
 #[test]
-fn every_family_and_ablation_matches_the_reference_in_tract() {
+fn every_family_and_ablation_matches_our_eval_in_tract() {
     let mut report = Vec::new();
     for case in cases() {
         for (k, &hw) in case.sizes.iter().enumerate() {
@@ -276,19 +318,31 @@ fn every_family_and_ablation_matches_the_reference_in_tract() {
             let mut sd = random_state_dict(&graph, 100 + k as u64);
             let model = tract_model(&export_bytes(&cfg, &sd, onnx::DEFAULT_OPSET));
             let [c, h, w] = graph.input;
-            let mut worst = 0f64;
-            let mut scale = 0f64;
-            for n in [1, 3] {
-                let x = common::uniform(&mut common::rng(7 + n as u64), n * c * h * w, -1.0, 1.0);
-                let reference = forward(&graph, &mut sd, n, &common::to_f64(&x), None);
-                let got = run_tract(&model, [n, c, h, w], &x);
-                worst = worst.max(check(&format!("{} {h}x{w} batch {n}", case.name), &got, &reference));
+            let runs: Vec<_> = [1, 3]
+                .into_iter()
+                .map(|n| {
+                    let x = common::uniform(&mut common::rng(7 + n as u64), n * c * h * w, -1.0, 1.0);
+                    let reference = forward(&graph, &mut sd, n, &common::to_f64(&x), None);
+                    let gpu = gpu_eval(&cfg, &sd, n, &x);
+                    (n, run_tract(&model, [n, c, h, w], &x), gpu, reference)
+                })
+                .collect();
+            let g = runs.iter().map(|(_, _, gpu, reference)| max_diff(gpu, reference)).fold(0.0, f64::max);
+            let tol = TOL + 2.0 * g;
+            let (mut vs_gpu, mut vs_ref, mut scale) = (0f64, 0f64, 0f64);
+            for (n, onnx, gpu, reference) in &runs {
+                let what = format!("{} {h}x{w} batch {n}", case.name);
+                vs_gpu = vs_gpu.max(check(&format!("{what} vs GPU eval"), onnx, gpu, tol));
+                vs_ref = vs_ref.max(check(&format!("{what} vs f64 reference"), onnx, reference, tol));
                 scale = reference.iter().fold(scale, |m, v| m.max(v.abs()));
             }
-            report.push(format!("{:<52} {h:>2}x{w:<2}  max |diff| {worst:.2e}  (max |logit| {scale:.2})", case.name));
+            report.push(format!(
+                "{:<52} {h:>2}x{w:<2}  vs GPU eval {vs_gpu:.1e}  vs f64 {vs_ref:.1e}  (GPU vs f64 {g:.1e}, max |logit| {scale:.2})",
+                case.name
+            ));
         }
     }
-    println!("ONNX (tract, f32) vs f64 reference, batch 1 and 3:\n{}", report.join("\n"));
+    println!("max |ONNX in tract - ours| over batch 1 and 3:\n{}", report.join("\n"));
 }
 
 #[test]
@@ -302,7 +356,7 @@ fn every_supported_opset_runs_in_tract() {
         let model = proto::ModelProto::decode(&export_bytes(&cfg, &sd, opset)[..]).expect("decode");
         assert_eq!(model.ir_version, Some(onnx::ir_version(opset)));
         let got = run_tract(&tract_model(&model.encode_to_vec()), [2, 3, 32, 32], &x);
-        check(&format!("opset {opset}"), &got, &reference);
+        check(&format!("opset {opset}"), &got, &reference, TOL);
     }
     for bad in [10, 23] {
         let e = onnx::onnx_model(&cfg, &sd, bad, "x").expect_err("unsupported opset");
@@ -310,36 +364,10 @@ fn every_supported_opset_runs_in_tract() {
     }
 }
 
-/// The GPU eval path (what `senet eval` runs) against the exported file, on lavapipe here.
-#[test]
-fn gpu_eval_logits_match_the_onnx_file() {
-    use senet_wgpu::model::plan::Network;
-    use senet_wgpu::ops::optimizer::OptimizerConfig;
-    for (cfg, hw) in [
-        (config("senet", 1.0 / 16.0, 16, 3, SeOptions::default(), false), [20, 24]),
-        (config("se-resnet20", 0.25, 4, 3, se(Squeeze::Max, Excitation::Tanh, SePlacement::Identity, &[]), true), [9, 11]),
-    ] {
-        let cfg = ModelConfig { input_hw: hw, ..cfg };
-        let graph = cfg.graph().expect("graph");
-        let sd = random_state_dict(&graph, 11);
-        let mut net = Network::new(common::gpu(), cfg.clone(), OptimizerConfig::sgd(0.0, 0.0), 0).expect("network");
-        checkpoint::apply(&mut net, &sd, "test").expect("apply");
-        let model = tract_model(&export_bytes(&cfg, &sd, onnx::DEFAULT_OPSET));
-        let [c, h, w] = graph.input;
-        let n = 3;
-        let x = common::uniform(&mut common::rng(5), n * c * h * w, -1.0, 1.0);
-        let plan = net.plan(n).expect("plan");
-        plan.write_batch(&net.gpu, &x, &vec![0; n]).expect("batch");
-        net.eval_batch(&plan);
-        let gpu: Vec<f64> = common::to_f64(&plan.logits().read::<f32>(&net.gpu).expect("logits"));
-        let worst = check(&format!("{} GPU eval", cfg.model), &run_tract(&model, [n, c, h, w], &x), &gpu);
-        println!("{} {h}x{w}: ONNX (tract) vs GPU eval max |diff| {worst:.2e}", cfg.model);
-    }
-}
-
 #[test]
 fn the_file_names_initializers_as_the_state_dict_and_carries_the_metadata() {
-    let mut cfg = config("se-resnet20", 0.25, 4, 3, se(Squeeze::Avg, Excitation::Sigmoid, SePlacement::Post, &[]), true);
+    let mut cfg =
+        config("se-resnet20", 0.25, 4, 3, se(Squeeze::Avg, Excitation::Sigmoid, SePlacement::Post, &[]), true);
     cfg.input_hw = [12, 10];
     let graph = cfg.graph().expect("graph");
     let sd = random_state_dict(&graph, 1);
@@ -385,11 +413,8 @@ fn the_file_names_initializers_as_the_state_dict_and_carries_the_metadata() {
     assert_eq!(g.output[0].name.as_deref(), Some("logits"));
     assert_eq!(dims(&g.output[0]), ["batch", "5"]);
 
-    let meta: HashMap<&str, &str> = m
-        .metadata_props
-        .iter()
-        .map(|p| (p.key.as_deref().unwrap_or(""), p.value.as_deref().unwrap_or("")))
-        .collect();
+    let meta: HashMap<&str, &str> =
+        m.metadata_props.iter().map(|p| (p.key.as_deref().unwrap_or(""), p.value.as_deref().unwrap_or(""))).collect();
     assert_eq!(meta[onnx::META_VERSION], env!("CARGO_PKG_VERSION"));
     let back: ModelConfig = serde_json::from_str(meta[onnx::META_CONFIG]).expect("config JSON");
     assert_eq!(back, cfg);
@@ -425,8 +450,10 @@ fn a_mismatched_state_dict_is_refused_with_the_tensor_named() {
     assert!(err(&as_i64).contains("tensor classifier.0.bias is I64"));
 
     let tiny = ModelConfig { input_hw: [8, 8], ..cfg.clone() };
-    assert!(format!("{:#}", onnx::onnx_model(&tiny, &sd, 17, "x").expect_err("8x8 pools to nothing"))
-        .contains("cannot take 8x8 images"));
+    assert!(
+        format!("{:#}", onnx::onnx_model(&tiny, &sd, 17, "x").expect_err("8x8 pools to nothing"))
+            .contains("cannot take 8x8 images")
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -460,8 +487,11 @@ fn senet_export_writes_a_file_tract_runs_with_the_run_config() {
     let bytes = std::fs::read(&out).expect("model.onnx");
     let x = common::uniform(&mut common::rng(9), 2 * 28 * 28, -1.0, 1.0);
     let reference = forward(&cfg.graph().expect("graph"), &mut sd, 2, &common::to_f64(&x), None);
-    check("senet export", &run_tract(&tract_model(&bytes), [2, 1, 28, 28], &x), &reference);
-    let names: Vec<String> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().into()).collect();
+    check("senet export", &run_tract(&tract_model(&bytes), [2, 1, 28, 28], &x), &reference, TOL);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+        .collect();
     assert!(!names.iter().any(|n| n.contains(".tmp")), "temporary file left: {names:?}");
 
     // --image-size overrides the run's size and --opset is written.
@@ -476,8 +506,14 @@ fn senet_export_writes_a_file_tract_runs_with_the_run_config() {
     let m = proto::ModelProto::decode(&std::fs::read(&out).expect("model.onnx")[..]).expect("decode");
     assert_eq!(m.opset_import[0].version, Some(21));
     let x = common::uniform(&mut common::rng(9), 21 * 17, -1.0, 1.0);
-    let reference = forward(&ModelConfig { input_hw: [21, 17], ..cfg }.graph().expect("graph"), &mut sd, 1, &common::to_f64(&x), None);
-    check("senet export 21x17", &run_tract(&tract_model(&m.encode_to_vec()), [1, 1, 21, 17], &x), &reference);
+    let reference = forward(
+        &ModelConfig { input_hw: [21, 17], ..cfg }.graph().expect("graph"),
+        &mut sd,
+        1,
+        &common::to_f64(&x),
+        None,
+    );
+    check("senet export 21x17", &run_tract(&tract_model(&m.encode_to_vec()), [1, 1, 21, 17], &x), &reference, TOL);
 }
 
 #[test]
@@ -494,7 +530,13 @@ fn senet_export_infers_a_bare_checkpoint_and_takes_eval_s_model_flags() {
     assert_eq!(meta.value.as_deref(), Some(r#"["class 0","class 1","class 2","class 3","class 4"]"#));
 
     // --reduction contradicting the shapes: eval's error, naming the checkpoint and the tensor.
-    let o = senet().args(["export", "--reduction", "2", "--checkpoint"]).arg(&ckpt).arg("--out").arg(&out).output().expect("run senet");
+    let o = senet()
+        .args(["export", "--reduction", "2", "--checkpoint"])
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run senet");
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains(&ckpt.display().to_string()) && stderr.contains("se.fc1.weight has shape"), "{stderr}");
@@ -506,7 +548,15 @@ fn senet_export_errors_name_the_path_and_leave_nothing_behind() {
     let cfg = config("senet", 1.0 / 16.0, 16, 3, SeOptions::default(), false);
     let (ckpt, _) = run_folder(dir.path(), &cfg, true);
     let export = |ckpt: &Path, out: &Path, extra: &[&str]| {
-        let o = senet().arg("export").args(extra).arg("--checkpoint").arg(ckpt).arg("--out").arg(out).output().expect("run");
+        let o = senet()
+            .arg("export")
+            .args(extra)
+            .arg("--checkpoint")
+            .arg(ckpt)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .expect("run");
         assert_eq!(o.status.code(), Some(2), "expected failure: {}", String::from_utf8_lossy(&o.stdout));
         let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
         assert!(!stderr.contains("panicked"), "{stderr}");
@@ -519,7 +569,10 @@ fn senet_export_errors_name_the_path_and_leave_nothing_behind() {
     // --out that is a folder: the temporary file is removed again.
     let e = export(&ckpt, dir.path(), &[]);
     assert!(e.contains("cannot write the ONNX model"), "{e}");
-    let names: Vec<String> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().into()).collect();
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+        .collect();
     assert!(!names.iter().any(|n| n.contains(".tmp")), "temporary file left: {names:?}");
     // A checkpoint that is not there, and one that is not safetensors.
     let missing = dir.path().join("nope.safetensors");
@@ -534,4 +587,3 @@ fn senet_export_errors_name_the_path_and_leave_nothing_behind() {
     assert!(e.contains("--opset 7 is not supported: choose 11 to 22"), "{e}");
     assert!(!dir.path().join("a.onnx").exists());
 }
-

@@ -40,7 +40,9 @@ use anyhow::{Context, Result, bail, ensure};
 use prost::Message;
 
 use crate::checkpoint::{self, StateDict, Value};
-use crate::model::{Graph, Layer, ModelConfig};
+use crate::eval;
+use crate::hparams as hp;
+use crate::model::{Layer, ModelConfig};
 use crate::ops::batch_norm::BatchNormConfig;
 use crate::ops::se_block::{Excitation, Squeeze};
 use proto::tensor_shape_proto::{Dimension, dimension};
@@ -54,8 +56,6 @@ pub const DEFAULT_OPSET: i64 = 17;
 /// Opsets we can write: from 11 (Gemm's bias optional) to 22, which every op used here has in
 /// the same form (onnxruntime 1.20+ reads them all).
 pub const OPSETS: std::ops::RangeInclusive<i64> = 11..=22;
-/// Input size when there is no config.json beside the checkpoint and no `--image-size` (as predict).
-pub const DEFAULT_IMAGE_SIZE: [usize; 2] = [32, 32];
 
 /// Metadata keys (`ModelProto.metadata_props`).
 pub const META_VERSION: &str = "senet_wgpu_version";
@@ -76,7 +76,7 @@ pub struct ExportArgs {
     pub opset: i64,
     /// Input size (`32` or `HxW`) the graph is exported for [default: the run's config.json,
     /// else 32]; the batch dimension is always dynamic.
-    #[arg(long, value_parser = crate::train::parse_image_size)]
+    #[arg(long, value_parser = crate::args::parse_image_size)]
     pub image_size: Option<[usize; 2]>,
     /// Model width when there is no config.json beside the checkpoint.
     #[arg(long)]
@@ -116,12 +116,13 @@ pub fn export(args: &ExportArgs) -> Result<ExportReport> {
     })
 }
 
-/// The one place export reads a checkpoint and its configuration, through eval's own functions
-/// (config.json beside it, else the flags over what the tensor shapes say).
+/// Read the checkpoint and its configuration as `eval` and `predict` do, through their function
+/// (config.json beside it, else the flags over what the tensor shapes say); `--image-size`, when
+/// given, is the size the graph is exported for even where config.json says another.
 fn load_checkpoint(args: &ExportArgs) -> Result<(ModelConfig, StateDict)> {
     let sd = checkpoint::load(&args.checkpoint)?;
-    let hw = args.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
-    let mut config = crate::train::checkpoint_config(&args.checkpoint, &sd, hw, args.width, args.reduction)?;
+    let hw = args.image_size.unwrap_or([hp::IMAGE_SIZE; 2]);
+    let mut config = eval::checkpoint_config(&args.checkpoint, &sd, hw, args.width, args.reduction)?;
     if let Some(hw) = args.image_size {
         config.input_hw = hw;
     }
@@ -129,12 +130,7 @@ fn load_checkpoint(args: &ExportArgs) -> Result<(ModelConfig, StateDict)> {
 }
 
 fn check_opset(opset: i64) -> Result<()> {
-    ensure!(
-        OPSETS.contains(&opset),
-        "--opset {opset} is not supported: choose {} to {}",
-        OPSETS.start(),
-        OPSETS.end()
-    );
+    ensure!(OPSETS.contains(&opset), "--opset {opset} is not supported: choose {} to {}", OPSETS.start(), OPSETS.end());
     Ok(())
 }
 
@@ -155,10 +151,11 @@ pub fn ir_version(opset: i64) -> i64 {
 /// checkpoint in errors). The state dict must be exactly the model's, as for `eval`.
 pub fn onnx_model(config: &ModelConfig, sd: &StateDict, opset: i64, what: &str) -> Result<ModelProto> {
     check_opset(opset)?;
-    let too_small = || format!("the model cannot take {}x{} images (--image-size)", config.input_hw[0], config.input_hw[1]);
+    let too_small =
+        || format!("the model cannot take {}x{} images (--image-size)", config.input_hw[0], config.input_hw[1]);
     let graph = config.graph().with_context(too_small)?;
     let shapes = graph.shapes(1).with_context(too_small)?;
-    check_state_dict(&graph, config, sd, what)?;
+    checkpoint::check_fits(&graph, config, sd, what)?;
     let mut g = GraphProto { name: Some(config.model.clone()), ..Default::default() };
 
     // Initializers: every parameter and running statistic, under its state-dict name.
@@ -290,39 +287,6 @@ pub fn onnx_model(config: &ModelConfig, sd: &StateDict, opset: i64, what: &str) 
     })
 }
 
-/// The state dict must hold exactly the model's tensors with their shapes, as `eval` demands
-/// (the same messages as `checkpoint::apply`, checked here without a GPU).
-fn check_state_dict(graph: &Graph, config: &ModelConfig, sd: &StateDict, what: &str) -> Result<()> {
-    let mut want: Vec<(String, Vec<usize>)> = graph.parameters().into_iter().map(|p| (p.name, p.shape)).collect();
-    for (name, c) in graph.batch_norms() {
-        want.push((format!("{name}.running_mean"), vec![c]));
-        want.push((format!("{name}.running_var"), vec![c]));
-        want.push((format!("{name}.num_batches_tracked"), vec![]));
-    }
-    let describe = || {
-        format!(
-            "{} width {} reduction {} in_channels {} classes {}",
-            config.model, config.width, config.reduction, config.in_channels, config.num_classes
-        )
-    };
-    let missing: Vec<&String> = want.iter().map(|(n, _)| n).filter(|n| !sd.contains_key(*n)).collect();
-    let extra: Vec<&String> = sd.keys().filter(|k| !want.iter().any(|(n, _)| n == *k)).collect();
-    ensure!(missing.is_empty(), "{what}: missing tensors {missing:?} for a model {:?}", describe());
-    ensure!(extra.is_empty(), "{what}: unexpected tensors {extra:?}; not part of {:?}", describe());
-    let wrong: Vec<String> = want
-        .iter()
-        .filter(|(name, shape)| &sd[name].shape != shape)
-        .map(|(name, shape)| format!("tensor {name} has shape {:?}, expected {shape:?}", sd[name].shape))
-        .collect();
-    if !wrong.is_empty() {
-        let fits = checkpoint::infer_config(sd, config.input_hw, what)
-            .map(|c| format!("; the checkpoint fits a model {} width {} reduction {}", c.model, c.width, c.reduction))
-            .unwrap_or_default();
-        bail!("{what}: does not fit the model {}: {}{fits}", describe(), wrong.join("; "));
-    }
-    Ok(())
-}
-
 /// A float32 state-dict tensor as an initializer of the same name (little-endian raw data).
 fn initializer(name: &str, sd: &StateDict, what: &str) -> Result<TensorProto> {
     let e = sd.get(name).with_context(|| format!("{what}: no tensor {name}"))?;
@@ -368,9 +332,19 @@ fn attr_ints(name: &str, ints: Vec<i64>) -> AttributeProto {
 }
 
 fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(i), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(i),
+        ..Default::default()
+    }
 }
 
 fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Float as i32), f: Some(f), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(f),
+        ..Default::default()
+    }
 }
