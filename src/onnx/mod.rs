@@ -22,9 +22,9 @@
 //!
 //! Batch norm is exported as `BatchNormalization`, not folded into the preceding convolution:
 //! every initializer is then a state-dict tensor under its PyTorch name and shape, so the file
-//! can be checked against (or loaded back into) the checkpoint name by name; the SE-ResNet
-//! "identity" placement and the base SENet's SE block sit between a conv and its BN, where
-//! folding would not apply anyway; and onnxruntime, TensorRT and tract fold BN into the conv
+//! can be checked against (or loaded back into) the checkpoint name by name; the base SENet's
+//! SE block sits between its last conv and that conv's BN (features.15 → 16 → 17), where folding
+//! would not apply anyway; and onnxruntime, TensorRT and OpenVINO fold BN into the conv
 //! themselves when they optimise the graph, so folding here would buy no speed.
 //! `num_batches_tracked` is the only state-dict tensor left out: eval mode never reads it.
 //!
