@@ -542,6 +542,44 @@ fn senet_export_infers_a_bare_checkpoint_and_takes_eval_s_model_flags() {
     assert!(stderr.contains(&ckpt.display().to_string()) && stderr.contains("se.fc1.weight has shape"), "{stderr}");
 }
 
+/// The same bad checkpoint given to `senet eval` and to `senet export`: the same error, word for
+/// word, and exit code 2. A bare state dict (no config.json) of a 1×28×28 model, as the bundled
+/// sample's images, so eval gets as far as the checkpoint.
+#[test]
+fn senet_export_and_senet_eval_refuse_a_bad_checkpoint_alike() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = ModelConfig {
+        input_hw: [28, 28],
+        num_classes: 10,
+        classes: vec![],
+        ..config("se-resnet20", 0.25, 4, 1, SeOptions::default(), false)
+    };
+    let (ckpt, _) = run_folder(dir.path(), &cfg, false);
+    let out = dir.path().join("m.onnx");
+    let error_line = |args: &[&str], ckpt: &Path| {
+        let o = senet().args(args).arg("--checkpoint").arg(ckpt).output().expect("run senet");
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        stderr
+            .lines()
+            .find(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR"))
+            .map(String::from)
+            .unwrap_or(stderr)
+    };
+    let out_args = ["--out", out.to_str().expect("utf-8 path")];
+    let eval_args = ["eval", "--dataset", "sample", "--limit-test", "8"];
+    // --reduction contradicting the shapes; a checkpoint that is not there.
+    for (ckpt, extra) in
+        [(ckpt.clone(), ["--reduction", "2"]), (dir.path().join("nope.safetensors"), ["--width", "0.25"])]
+    {
+        let e = error_line(&[&eval_args[..], &extra].concat(), &ckpt);
+        let x = error_line(&[&["export"][..], &out_args, &extra].concat(), &ckpt);
+        assert!(e.contains(&ckpt.display().to_string()), "{e}");
+        assert_eq!(x, e, "export and eval differ on {}", ckpt.display());
+    }
+    assert!(!out.exists());
+}
+
 #[test]
 fn senet_export_errors_name_the_path_and_leave_nothing_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
