@@ -10,9 +10,9 @@ use anyhow::{Context, Result, bail, ensure};
 use safetensors::tensor::{Dtype, TensorView};
 
 pub use crate::files::write_atomic;
-use crate::model::ModelConfig;
 use crate::model::plan::Network;
 use crate::model::senet::scaled;
+use crate::model::{Graph, ModelConfig};
 
 /// One tensor of a state dict.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,25 +108,10 @@ pub fn load(path: &Path) -> Result<StateDict> {
     from_bytes(&bytes, &path.display().to_string())
 }
 
-/// Copy a state dict into the network. Every name must match with its shape; `what` names the
-/// source in errors.
+/// Copy a state dict into the network. Every name must match with its shape ([`check_fits`]);
+/// `what` names the source in errors.
 pub fn apply(net: &mut Network, sd: &StateDict, what: &str) -> Result<()> {
-    let want = state_dict_shapes(net);
-    let missing: Vec<&String> = want.keys().filter(|k| !sd.contains_key(*k)).collect();
-    let extra: Vec<&String> = sd.keys().filter(|k| !want.contains_key(*k)).collect();
-    ensure!(missing.is_empty(), "{what}: missing tensors {missing:?} for a model {:?}", describe(&net.config));
-    ensure!(extra.is_empty(), "{what}: unexpected tensors {extra:?}; not part of {:?}", describe(&net.config));
-    let wrong: Vec<String> = want
-        .iter()
-        .filter(|(name, shape)| &sd[*name].shape != *shape)
-        .map(|(name, shape)| format!("tensor {name} has shape {:?}, expected {shape:?}", sd[name].shape))
-        .collect();
-    if !wrong.is_empty() {
-        let fits = infer_config(sd, net.config.input_hw, what)
-            .map(|c| format!("; the checkpoint fits a model {}", describe(&c)))
-            .unwrap_or_default();
-        bail!("{what}: does not fit the model {}: {}{fits}", describe(&net.config), wrong.join("; "));
-    }
+    check_fits(&net.graph, &net.config, sd, what)?;
     let gpu = net.gpu.clone();
     for p in &net.params {
         match &sd[&p.spec.name].value {
@@ -149,18 +134,40 @@ pub fn apply(net: &mut Network, sd: &StateDict, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn state_dict_shapes(net: &Network) -> BTreeMap<String, Vec<usize>> {
-    let mut m = BTreeMap::new();
-    for p in &net.params {
-        m.insert(p.spec.name.clone(), p.spec.shape.clone());
-    }
-    for b in &net.bn {
-        let c = b.running_mean.numel();
-        m.insert(format!("{}.running_mean", b.name), vec![c]);
-        m.insert(format!("{}.running_var", b.name), vec![c]);
-        m.insert(format!("{}.num_batches_tracked", b.name), vec![]);
+/// The state-dict names and shapes of a model: its parameters, and each batch norm's running
+/// statistics and counter.
+fn state_dict_shapes(graph: &Graph) -> BTreeMap<String, Vec<usize>> {
+    let mut m: BTreeMap<String, Vec<usize>> = graph.parameters().into_iter().map(|p| (p.name, p.shape)).collect();
+    for (name, c) in graph.batch_norms() {
+        m.insert(format!("{name}.running_mean"), vec![c]);
+        m.insert(format!("{name}.running_var"), vec![c]);
+        m.insert(format!("{name}.num_batches_tracked"), vec![]);
     }
     m
+}
+
+/// A state dict must hold exactly the tensors of the model `graph` (built from `config`) with
+/// their shapes: what `apply` demands before copying, and what `senet export` demands without a
+/// GPU. Errors name the missing, unexpected or misshapen tensors, and say which model the
+/// checkpoint's shapes fit.
+pub fn check_fits(graph: &Graph, config: &ModelConfig, sd: &StateDict, what: &str) -> Result<()> {
+    let want = state_dict_shapes(graph);
+    let missing: Vec<&String> = want.keys().filter(|k| !sd.contains_key(*k)).collect();
+    let extra: Vec<&String> = sd.keys().filter(|k| !want.contains_key(*k)).collect();
+    ensure!(missing.is_empty(), "{what}: missing tensors {missing:?} for a model {:?}", describe(config));
+    ensure!(extra.is_empty(), "{what}: unexpected tensors {extra:?}; not part of {:?}", describe(config));
+    let wrong: Vec<String> = want
+        .iter()
+        .filter(|(name, shape)| &sd[*name].shape != *shape)
+        .map(|(name, shape)| format!("tensor {name} has shape {:?}, expected {shape:?}", sd[name].shape))
+        .collect();
+    if !wrong.is_empty() {
+        let fits = infer_config(sd, config.input_hw, what)
+            .map(|c| format!("; the checkpoint fits a model {}", describe(&c)))
+            .unwrap_or_default();
+        bail!("{what}: does not fit the model {}: {}{fits}", describe(config), wrong.join("; "));
+    }
+    Ok(())
 }
 
 fn describe(c: &ModelConfig) -> String {

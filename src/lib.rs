@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod hparams;
 pub mod metrics;
 pub mod model;
+pub mod onnx;
 pub mod ops;
 pub mod plot;
 pub mod reference;

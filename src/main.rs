@@ -59,6 +59,8 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Write a checkpoint's eval-mode network as an ONNX model (input `input`, output `logits`).
+    Export(senet_wgpu::onnx::ExportArgs),
     /// Measure the device's ceilings, a model's train step and eval, and each kernel's share.
     Bench(senet_wgpu::bench::BenchArgs),
     /// Print one training step's dispatches in order: layer, pass, kernel, workgroups, work.
@@ -156,6 +158,22 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                     println!("  {p:>7.4}  {class}");
                 }
             }
+        }
+        Command::Export(args) => {
+            let r = senet_wgpu::onnx::export(&args)?;
+            println!(
+                "wrote {} ({} bytes, opset {}, {} nodes, {} initializers): {} {}x{}x{} -> {} classes",
+                r.out.display(),
+                r.bytes,
+                r.opset,
+                r.nodes,
+                r.initializers,
+                r.config.model,
+                r.config.in_channels,
+                r.config.input_hw[0],
+                r.config.input_hw[1],
+                r.config.num_classes
+            );
         }
         Command::Plan { args, json } => {
             let rows = senet_wgpu::bench::plan_rows(Gpu::new(&opts)?, &args)?;
