@@ -60,6 +60,7 @@ pub fn evaluate(
         clear_metrics(&net.gpu, &p.eval_result);
     }
     for b in loader::epoch_batches(ds.clone(), batch, Preprocess { augment: false, ..pre.clone() }, false, 0, 0) {
+        let b = b?;
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
@@ -174,6 +175,7 @@ pub fn evaluate_checkpoint(
         clear_metrics(&net.gpu, &p.eval_result);
     }
     for b in loader::epoch_batches(test.clone(), args.batch_size, pre, false, 0, 0) {
+        let b = b?;
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use senet_wgpu::args::{self, InputArgs, ModelArgs, TrainArgs};
 use senet_wgpu::eval::{self, EvalArgs};
 use senet_wgpu::gpu::{self, Gpu, GpuOptions, NoAdapterError};
-use senet_wgpu::{hparams, train};
+use senet_wgpu::{exit, hparams, train};
 
 #[derive(Parser)]
 #[command(name = "senet", version, about = "Train Squeeze-and-Excitation networks on any GPU through wgpu")]
@@ -221,14 +221,16 @@ fn main() -> ExitCode {
     };
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some() => {
-            eprintln!("{e:#}");
-            ExitCode::from(130)
-        }
         Err(e) => {
-            eprintln!("error: {e:#}");
-            // A missing adapter, like bad input, is the user's to fix: exit 2, as for bad arguments.
-            ExitCode::from(2)
+            // 130 interrupted, 1 a runtime failure, 2 bad input (a missing adapter is the user's to
+            // fix too, as bad arguments are): the table in `senet_wgpu::exit` and the README.
+            let code = exit::code(&e, |e| e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some());
+            if code == exit::INTERRUPTED {
+                eprintln!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(code)
         }
     }
 }

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -25,15 +24,7 @@ use crate::ops::cross_entropy::result;
 use crate::run::{self, EpochSums, Interrupted, RunFolder, RunState};
 
 // ---------------------------------------------------------------------------------------------
-// Stopping: a signal saves and ends the run; a non-finite loss ends it without saving.
-
-/// Set by Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 130.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn install_stop_handler() {
-    // Only the first call in a process installs it; later runs share the flag.
-    let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
-}
+// Stopping: a signal saves and ends the run (`crate::exit`); a non-finite loss ends it without saving.
 
 /// The loss went NaN or infinite: name the step and the first layer whose output (or the first
 /// parameter) is not finite. Nothing is saved, so the last good checkpoint stays as it was.
@@ -170,7 +161,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         first_epoch: state.history.len() + 1,
     };
     let test_set = Arc::new(test_set);
-    install_stop_handler();
+    crate::exit::install_stop_handler();
     for epoch in t.first_epoch..=args.epochs() {
         let t0 = Instant::now();
         let partial = state.partial.take();
@@ -187,7 +178,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         };
         println!("{}", m.table_row());
         run.finish_epoch(&net, &mut state, m)?;
-        if STOP.load(Ordering::SeqCst) && epoch < args.epochs() {
+        if crate::exit::stop_requested() && epoch < args.epochs() {
             return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0 }.into());
         }
     }
@@ -232,7 +223,8 @@ impl Trainer<'_> {
         let batches =
             loader::epoch_batches(self.train_set.clone(), args.batch_size, self.pre.clone(), true, args.seed, epoch);
         // Skipped batches are still made, so the augmentation's random stream is where it was.
-        for (step, b) in batches.into_iter().enumerate().skip(skip) {
+        for (step, b) in batches.enumerate().skip(skip) {
+            let b = b?;
             let plan = self.plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(gpu, &b.images, &b.labels)?;
             let global = (epoch - 1) * self.steps_per_epoch + step;
@@ -256,10 +248,10 @@ impl Trainer<'_> {
             if let Some(prev) = in_flight.replace(idx) {
                 gpu.device
                     .poll(wgpu::PollType::Wait { submission_index: Some(prev), timeout: None })
-                    .context("waiting for the GPU")?;
+                    .map_err(|e| crate::exit::runtime(format!("waiting for the GPU: {e}")))?;
             }
             pb.inc(1);
-            let stop = STOP.load(Ordering::SeqCst);
+            let stop = crate::exit::stop_requested();
             if (step + 1) % args.log_every == 0 || stop {
                 self.log_progress(net, plan, epoch, step + 1, t0, &pb)?;
             }

@@ -470,3 +470,77 @@ fn plan_prints_one_step_in_order() {
         "{eval}"
     );
 }
+
+/// A failure in the data-loading thread (injected by SENET_FAIL_LOADER_AT, a panic as a bug would
+/// be) ends `train` and `eval` with that error and exit code 1, a runtime failure; the epoch it
+/// cut short is not recorded as finished.
+#[test]
+fn a_data_loader_failure_ends_the_run_with_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &std::path::Path, fail: Option<&str>| {
+        let mut cmd = senet();
+        cmd.args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "32", "--epochs", "1"])
+            .args(["--limit-train", "96", "--limit-test", "32", "--out"])
+            .arg(out)
+            .env_remove("SENET_FAIL_LOADER_AT");
+        if let Some(k) = fail {
+            cmd.env("SENET_FAIL_LOADER_AT", k);
+        }
+        cmd.output().unwrap()
+    };
+    let good = dir.path().join("good");
+    let o = train(&good, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let bad = dir.path().join("bad");
+    let o = train(&bad, Some("1"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: the data loader failed") && stderr.contains("injected"), "{stderr}");
+    let csv = std::fs::read_to_string(bad.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1, "no epoch finished:\n{csv}");
+
+    let o = senet()
+        .args(["eval", "--dataset", "sample", "--limit-test", "64", "--batch-size", "16", "--checkpoint"])
+        .arg(good.join("last.safetensors"))
+        .env("SENET_FAIL_LOADER_AT", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the data loader failed") && o.stdout.is_empty(), "{stderr}");
+}
+
+/// A second Ctrl-C while the run is finishing its step aborts at once with 130, saving nothing.
+/// The steps are slow (width 1, batch 96, about seconds each on lavapipe), so both signals land
+/// inside the second step.
+#[test]
+fn a_second_sigint_aborts_at_once() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = senet()
+        .args(["train", "--dataset", "sample", "--batch-size", "96", "--limit-train", "960", "--limit-test", "16"])
+        .args(["--epochs", "1", "--log-every", "1", "--out"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("step 1/10") {
+            break;
+        }
+    }
+    let drain = std::thread::spawn(move || lines.count());
+    let int = || std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(int().success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(int().success());
+    let out = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {stderr}");
+    assert!(stderr.contains("aborting now, without saving"), "stderr: {stderr}");
+    assert!(!dir.path().join("resume.safetensors").exists(), "nothing saved after the second signal");
+}

@@ -220,19 +220,39 @@ fn loader_shuffles_by_seed_and_keeps_the_last_partial_batch() {
     assert_eq!(a, loader::epoch_order(10, true, 3, 1), "same seed and epoch, same order");
     assert_ne!(a, loader::epoch_order(10, true, 3, 2), "a new order each epoch");
     assert_eq!(loader::epoch_order(10, false, 3, 1), (0..10).collect::<Vec<_>>());
-    let batches: Vec<_> = loader::epoch_batches(ds.clone(), 4, Preprocess::default(), true, 3, 1).into_iter().collect();
+    let batches: Vec<_> =
+        loader::epoch_batches(ds.clone(), 4, Preprocess::default(), true, 3, 1).map(|b| b.unwrap()).collect();
     assert_eq!(batches.iter().map(|b| b.labels.len()).collect::<Vec<_>>(), [4, 4, 2]);
     let mut seen: Vec<u32> = batches.iter().flat_map(|b| b.labels.clone()).collect();
     seen.sort();
     assert_eq!(seen, (0..10).collect::<Vec<_>>(), "every sample once per epoch");
     // ToTensor: /255, image k holds 4k..4k+3.
-    let b = &loader::epoch_batches(ds.clone(), 10, Preprocess::default(), false, 0, 0).into_iter().next().unwrap();
+    let b = &loader::epoch_batches(ds.clone(), 10, Preprocess::default(), false, 0, 0).next().unwrap().unwrap();
     assert_eq!(b.images[4 * 3 + 1], 13.0 / 255.0);
     let pre = Preprocess { normalize: Some(vec![(0.5, 0.25)]), augment: false };
-    let b = &loader::epoch_batches(ds.clone(), 10, pre, false, 0, 0).into_iter().next().unwrap();
+    let b = &loader::epoch_batches(ds.clone(), 10, pre, false, 0, 0).next().unwrap().unwrap();
     assert!((b.images[4 * 3 + 1] - (13.0 / 255.0 - 0.5) / 0.25).abs() < 1e-6);
     let stats = loader::channel_stats(&ds);
     assert!((stats[0].0 - 19.5 / 255.0).abs() < 1e-6, "{stats:?}");
+}
+
+/// A loader thread that panics (here on a dataset whose pixels are cut short, so making batch 2
+/// indexes past them) ends the batches with an error naming the failure, a runtime failure
+/// (exit code 1), after the batches it did make — never a silently short epoch.
+#[test]
+fn a_failing_loader_thread_ends_the_epoch_with_its_error() {
+    let ds = Arc::new(data::Dataset {
+        shape: [1, 2, 2],
+        images: vec![7; 4 * 5], // 5 images of the 10 the labels promise
+        labels: (0..10).collect(),
+        classes: (0..10).map(|i| i.to_string()).collect(),
+    });
+    let items: Vec<_> = loader::epoch_batches(ds, 2, Preprocess::default(), false, 0, 0).collect();
+    assert_eq!(items.len(), 3, "two good batches, then the error, then the end");
+    assert!(items[..2].iter().all(|b| b.is_ok()));
+    let e = items[2].as_ref().err().expect("the third item is the loader's error");
+    assert!(e.to_string().contains("the data loader failed") && e.to_string().contains("range"), "{e:#}");
+    assert!(e.chain().any(|c| c.is::<senet_wgpu::exit::RuntimeFailure>()), "a runtime failure: exit 1");
 }
 
 #[test]
