@@ -51,6 +51,23 @@ pub fn parse_image_size(s: &str) -> Result<[usize; 2], String> {
     }
 }
 
+/// `--val-split`: a whole number of images (at least 1) or a fraction in (0, 1).
+pub fn parse_val_split(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
+        Ok(v) if v >= 1.0 && v.fract() == 0.0 && v < 1e15 => Ok(v),
+        _ => Err(format!("expected a number of images (5000) or a fraction in (0, 1) (0.1), got {s:?}")),
+    }
+}
+
+/// The images `--val-split v` holds out of `n` training images: `v` itself, or the fraction `v`
+/// of `n` rounded to the nearest (at least 1); an error unless some remain to train on.
+pub fn val_count(v: f64, n: usize) -> Result<usize> {
+    let k = if v < 1.0 { ((v * n as f64).round() as usize).max(1) } else { v as usize };
+    ensure!(k < n, "--val-split {v} holds out {k} of the {n} training images and leaves none to train on");
+    Ok(k)
+}
+
 impl DataArgs {
     /// Load the dataset the arguments name, resolving the default (CIFAR-10 if present, else the
     /// sample); image folders are resized to `--image-size`, else `image_hw`, else their first image.
@@ -233,6 +250,11 @@ pub struct TrainArgs {
     /// Train on the first N training images only.
     #[arg(long)]
     pub limit_train: Option<usize>,
+    /// Hold out a seeded part of the training set for validation: N images, or a fraction (0.1 =
+    /// 10 %). best.safetensors is then chosen on validation accuracy, the test set reported beside.
+    #[arg(long, value_name = "N|FRACTION", value_parser = parse_val_split)]
+    #[serde(default)]
+    pub val_split: Option<f64>,
     #[command(flatten)]
     #[serde(flatten)]
     pub net: ModelArgs,

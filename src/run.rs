@@ -2,7 +2,8 @@
 //!
 //! - `config.json`: `{"model": ModelConfig, "train": TrainArgs, "dataset": name}`, written once;
 //! - `metrics.csv` (one line per finished epoch) and `metrics.png` (its plot);
-//! - `best.safetensors` (best test accuracy), `last.safetensors`;
+//! - `best.safetensors` (best validation accuracy with `--val-split`, else best test accuracy),
+//!   `last.safetensors`;
 //! - `resume.safetensors`: the model, optimizer state and step with the metrics history, the best
 //!   accuracy and, after a Ctrl-C inside an epoch, how far that epoch got — written by one
 //!   function, [`RunFolder::save`], at the end of every epoch and on Ctrl-C.
@@ -34,7 +35,8 @@ pub type EpochSums = (f32, f32, f32);
 pub struct RunState {
     /// The finished epochs.
     pub history: Vec<EpochMetrics>,
-    /// The best test accuracy so far (-∞ before the first epoch).
+    /// The best accuracy so far that best.safetensors is chosen on ([`EpochMetrics::selection_acc`]:
+    /// validation, else test; -∞ before the first epoch).
     pub best_acc: f64,
     /// (steps done, metric sums) of an epoch interrupted part-way.
     pub partial: Option<(usize, EpochSums)>,
@@ -155,8 +157,8 @@ impl RunFolder {
         let csv_err = || format!("writing {}", self.dir.join("metrics.csv").display());
         self.csv.write_all(m.csv_line().as_bytes()).with_context(csv_err)?;
         self.csv.flush().with_context(csv_err)?;
-        if m.test_acc > state.best_acc {
-            state.best_acc = m.test_acc;
+        if m.selection_acc() > state.best_acc {
+            state.best_acc = m.selection_acc();
             checkpoint::save(net, &self.dir.join("best.safetensors"))?;
         }
         state.history.push(m);

@@ -50,14 +50,19 @@ fn divergence(net: &Network, plan: &StepPlan, epoch: usize, step: usize) -> anyh
 // ---------------------------------------------------------------------------------------------
 // Settings, data, network
 
-/// The training and test sets, and the model configuration they and the flags make.
-fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Dataset, ModelConfig)> {
+/// The training, validation (`--val-split`) and test sets, and the model configuration they and
+/// the flags make. Normalisation statistics come from the training images only.
+fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Option<Dataset>, Dataset, ModelConfig)> {
     let splits = args.data.load(None)?;
     let mut train_set = splits.train;
     if let Some(n) = args.limit_train {
         ensure!(n >= 1, "--limit-train must be at least 1");
         train_set.truncate(n);
     }
+    let val_set = match args.val_split {
+        Some(v) => Some(train_set.hold_out(crate::args::val_count(v, train_set.len())?, args.seed)),
+        None => None,
+    };
     ensure!(
         splits.test.shape == train_set.shape,
         "test images {:?} differ from training images {:?}",
@@ -67,7 +72,7 @@ fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Dataset, ModelConfig)
     let [c, h, w] = train_set.shape;
     let mut config = args.net.config(c, [h, w], train_set.classes.len(), train_set.classes.clone());
     config.normalize = args.normalize.then(|| loader::channel_stats(&train_set));
-    Ok((splits.name, train_set, splits.test, config))
+    Ok((splits.name, train_set, val_set, splits.test, config))
 }
 
 /// A new run folder, or the `--resume`d one with `net` restored from it.
@@ -122,7 +127,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     let resumed = run::resumed_args(args)?;
     let args = resumed.as_ref().unwrap_or(args);
     args.validate()?;
-    let (dataset, train_set, test_set, config) = load_data(args)?;
+    let (dataset, train_set, val_set, test_set, config) = load_data(args)?;
     let pre = Preprocess { normalize: config.normalize.clone(), augment: args.augment };
 
     let mut net = Network::new(gpu.clone(), config.clone(), args.optimizer_config(), args.seed)?;
@@ -130,7 +135,9 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
     }
-    let plans = plans_for(&net, args.batch_size, &[train_set.len(), test_set.len()])?;
+    let lens: Vec<usize> =
+        [train_set.len(), test_set.len()].into_iter().chain(val_set.as_ref().map(Dataset::len)).collect();
+    let plans = plans_for(&net, args.batch_size, &lens)?;
     print_tuning(&gpu);
     let (mut run, mut state) = open_run(args, &config, &dataset, &mut net)?;
 
@@ -147,7 +154,15 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         args.batch_size,
         args.optimizer
     );
-    println!("{}", EpochMetrics::table_header());
+    match &val_set {
+        Some(v) => println!(
+            "best.safetensors is chosen on validation accuracy ({} images held out of training, seed {}); test beside it",
+            v.len(),
+            args.seed
+        ),
+        None => println!("best.safetensors is chosen on test accuracy (no --val-split), so that figure is optimistic"),
+    }
+    println!("{}", EpochMetrics::table_header(val_set.is_some()));
 
     let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
     let t = Trainer {
@@ -161,11 +176,16 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         first_epoch: state.history.len() + 1,
     };
     let test_set = Arc::new(test_set);
+    let val_set = val_set.map(Arc::new);
     crate::exit::install_stop_handler();
     for epoch in t.first_epoch..=args.epochs() {
         let t0 = Instant::now();
         let partial = state.partial.take();
         let ((l, c, n), train_secs) = t.train_epoch(&mut net, &run, &state, epoch, partial, t0)?;
+        let val = match &val_set {
+            Some(v) => Some(evaluate(&net, &t.plans, v, args.batch_size, &t.pre)?),
+            None => None,
+        };
         let (test_loss, test_acc) = evaluate(&net, &t.plans, &test_set, args.batch_size, &t.pre)?;
         let m = EpochMetrics {
             epoch,
@@ -175,6 +195,8 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             test_acc,
             seconds: t0.elapsed().as_secs_f64(),
             train_images_per_s: n / train_secs,
+            val_loss: val.map(|v| v.0),
+            val_acc: val.map(|v| v.1),
         };
         println!("{}", m.table_row());
         run.finish_epoch(&net, &mut state, m)?;
@@ -182,7 +204,15 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0 }.into());
         }
     }
-    println!("best test accuracy {:.4}; checkpoints and metrics in {}", state.best_acc, args.out.display());
+    if let Some(b) = state.history.iter().find(|m| m.selection_acc() == state.best_acc) {
+        match b.val_acc {
+            Some(v) => {
+                println!("best validation accuracy {v:.4} at epoch {} (test accuracy {:.4})", b.epoch, b.test_acc)
+            }
+            None => println!("best test accuracy {:.4} at epoch {}", b.test_acc, b.epoch),
+        }
+    }
+    println!("checkpoints and metrics in {}", args.out.display());
     Ok(TrainSummary { history: state.history, best_acc: state.best_acc, out: args.out.clone() })
 }
 

@@ -544,3 +544,57 @@ fn a_second_sigint_aborts_at_once() {
     assert!(stderr.contains("aborting now, without saving"), "stderr: {stderr}");
     assert!(!dir.path().join("resume.safetensors").exists(), "nothing saved after the second signal");
 }
+
+/// `--val-split`: a seeded part of the training set is held out, evaluated each epoch beside the
+/// test set (table and metrics.csv), and best.safetensors is chosen on it; without a split the log
+/// says best is chosen on test. Bad values are refused naming the flag.
+#[test]
+fn a_validation_split_chooses_the_best_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &std::path::Path, extra: &[&str]| {
+        senet()
+            .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "50"])
+            .args(["--limit-train", "200", "--limit-test", "100", "--seed", "1", "--lr", "0.01", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = dir.path().join("val");
+    let o = train(&run, &["--epochs", "3", "--val-split", "0.25"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("chosen on validation accuracy (50 images held out"), "{stdout}");
+    assert!(stdout.contains("150 train / 100 test images"), "{stdout}");
+    assert!(stdout.contains("val_acc"), "{stdout}");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<f64>> = csv.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    let (val, test) = (col("val_acc"), col("test_acc"));
+    let first_max = |c: usize| (0..3).fold(0, |b, e| if rows[e][c] > rows[b][c] { e } else { b });
+    let best = first_max(val);
+    assert!(
+        stdout.contains(&format!("best validation accuracy {:.4} at epoch {}", rows[best][val], best + 1)),
+        "{stdout}\n{csv}"
+    );
+    // best.safetensors is the last epoch's weights exactly when validation peaked there.
+    let same =
+        std::fs::read(run.join("best.safetensors")).unwrap() == std::fs::read(run.join("last.safetensors")).unwrap();
+    assert_eq!(same, best == 2, "best.safetensors follows validation accuracy:\n{csv}");
+    // This seed's run peaks on validation and on test at different epochs, so the check above
+    // tells the two choices apart.
+    assert_ne!(best == 2, first_max(test) == 2, "pick a seed where validation and test disagree:\n{csv}");
+
+    let o = train(&dir.path().join("noval"), &["--epochs", "1"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("chosen on test accuracy (no --val-split)"));
+    for (v, expect) in
+        [("1.5", "expected a number of images"), ("0", "expected a number"), ("200", "leaves none to train on")]
+    {
+        let o = train(&dir.path().join("never"), &["--epochs", "1", "--val-split", v]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--val-split {v}: {stderr}");
+        assert!(stderr.contains(expect) && stderr.contains("--val-split"), "--val-split {v}: {stderr}");
+    }
+}

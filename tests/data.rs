@@ -255,6 +255,41 @@ fn a_failing_loader_thread_ends_the_epoch_with_its_error() {
     assert!(e.chain().any(|c| c.is::<senet_wgpu::exit::RuntimeFailure>()), "a runtime failure: exit 1");
 }
 
+/// `--val-split`: the held-out samples are chosen by the seed, the same for the same seed, and
+/// leave the training set without them; both keep the original order.
+#[test]
+fn a_validation_split_is_seeded_and_disjoint() {
+    let ds = data::Dataset {
+        shape: [1, 1, 2],
+        images: (0..40).map(|i| i as u8).collect(),
+        labels: (0..20).collect(),
+        classes: (0..20).map(|i| i.to_string()).collect(),
+    };
+    let split = |seed| {
+        let mut train = ds.clone();
+        let val = train.hold_out(5, seed);
+        (train, val)
+    };
+    let (train, val) = split(7);
+    assert_eq!((train.len(), val.len()), (15, 5));
+    train.validate("train").unwrap();
+    val.validate("val").unwrap();
+    let mut all: Vec<u32> = train.labels.iter().chain(&val.labels).copied().collect();
+    all.sort();
+    assert_eq!(all, (0..20).collect::<Vec<_>>(), "every sample in exactly one split");
+    assert!(val.labels.windows(2).all(|w| w[0] < w[1]) && train.labels.windows(2).all(|w| w[0] < w[1]));
+    for (k, &l) in val.labels.iter().enumerate() {
+        assert_eq!(val.image(k), [2 * l as u8, 2 * l as u8 + 1], "image {k} moved with its label");
+    }
+    assert_eq!(split(7).1, val, "the same seed holds out the same samples");
+    assert_ne!(split(8).1.labels, val.labels, "another seed, other samples");
+    assert_ne!(val.labels, (15..20).collect::<Vec<_>>(), "not simply the last samples");
+    assert_eq!(senet_wgpu::args::val_count(0.1, 1000).unwrap(), 100);
+    assert_eq!(senet_wgpu::args::val_count(0.001, 10).unwrap(), 1, "a fraction holds out at least one");
+    assert_eq!(senet_wgpu::args::val_count(300.0, 1000).unwrap(), 300);
+    assert!(senet_wgpu::args::val_count(10.0, 10).is_err(), "nothing left to train on");
+}
+
 #[test]
 fn augmentation_crops_and_flips_within_the_padded_image() {
     let ds = data::Dataset { shape: [1, 8, 8], images: vec![255; 64], labels: vec![0], classes: vec!["x".into()] };

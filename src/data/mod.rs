@@ -49,6 +49,33 @@ impl Dataset {
         }
     }
 
+    /// Move `n` samples, chosen by a shuffle seeded with `seed`, into a new dataset (the
+    /// validation split); both keep their samples in the original order.
+    pub fn hold_out(&mut self, n: usize, seed: u64) -> Dataset {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7A1D_5EED));
+        let mut held = vec![false; self.len()];
+        for &i in order.iter().take(n) {
+            held[i] = true;
+        }
+        let len = self.image_len();
+        let (mut keep, mut out) = (self.empty_like(), self.empty_like());
+        for (i, &h) in held.iter().enumerate() {
+            let to = if h { &mut out } else { &mut keep };
+            to.images.extend_from_slice(self.image(i));
+            to.labels.push(self.labels[i]);
+        }
+        debug_assert_eq!(keep.images.len(), keep.len() * len);
+        *self = keep;
+        out
+    }
+
+    fn empty_like(&self) -> Dataset {
+        Dataset { shape: self.shape, images: Vec::new(), labels: Vec::new(), classes: self.classes.clone() }
+    }
+
     /// Check that images and labels agree and every label names a class.
     pub fn validate(&self, what: &str) -> Result<()> {
         ensure!(!self.is_empty(), "{what}: no samples");
