@@ -5,9 +5,12 @@
 //       lse = max + log(sum_k exp(l_k - max))            (stable: no exp of a large number)
 //       loss[n] = lse - l[target];  dlogits[n, k] = (softmax_k - [k == target]) / N
 //       correct[n] = argmax_k l == target (first maximum wins, as torch.argmax)
-//       per_sample[n] = (loss, correct, argmax) for evaluation's confusion matrix
+//       correct5[n] = the target ranks in the top 5: fewer than 5 logits rank above it (greater, or
+//           equal at a lower index: the tie rule argmax uses, so top-1 is this with 1)
+//       per_sample[n] = (loss, correct, argmax, correct5) for evaluation's confusion matrix
 //   cross_entropy_reduce  one workgroup (the reduce prelude's block_sum2): the batch mean loss and correct count into result[0..2],
-//       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps).
+//       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps),
+//       and the top-5 count to result[5].
 
 struct Params {
     n: u32, k: u32, _pad0: u32, _pad1: u32,
@@ -50,9 +53,16 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
         let sm = exp(logits[b + k] - mx) / sum;
         dlogits[b + k] = (sm - select(0.0, 1.0, k == t)) * inv_n;
     }
-    per_sample[3u * n] = lse - logits[b + t];
-    per_sample[3u * n + 1u] = select(0.0, 1.0, arg == t);
-    per_sample[3u * n + 2u] = f32(arg);
+    let lt = logits[b + t];
+    var above = 0u;
+    for (var k = 0u; k < p.k; k++) {
+        let v = logits[b + k];
+        above += select(0u, 1u, v > lt || (v == lt && k < t));
+    }
+    per_sample[4u * n] = lse - lt;
+    per_sample[4u * n + 1u] = select(0.0, 1.0, arg == t);
+    per_sample[4u * n + 2u] = f32(arg);
+    per_sample[4u * n + 3u] = select(0.0, 1.0, above < 5u);
 }
 
 @compute @workgroup_size(RED_WG)
@@ -60,16 +70,20 @@ fn cross_entropy_reduce(lanes: Lanes) {
     let l = lane_of(lanes, RED_WG);
     var loss = 0.0;
     var correct = 0.0;
+    var correct5 = 0.0;
     for (var n = l.t; n < p.n; n += RED_WG) {
-        loss += per_sample_in[3u * n];
-        correct += per_sample_in[3u * n + 1u];
+        loss += per_sample_in[4u * n];
+        correct += per_sample_in[4u * n + 1u];
+        correct5 += per_sample_in[4u * n + 3u];
     }
     let sums = block_sum2(vec2<f32>(loss, correct), l);
+    let top5 = block_sum2(vec2<f32>(correct5, 0.0), l);
     if (l.t == 0u) {
         result[0] = sums.x / f32(p.n);
         result[1] = sums.y;
         result[2] += sums.x;
         result[3] += sums.y;
         result[4] += f32(p.n);
+        result[5] += top5.x;
     }
 }

@@ -16,7 +16,7 @@ use crate::gpu::Gpu;
 use crate::hparams as hp;
 use crate::model::ModelConfig;
 use crate::model::plan::{Network, StepPlan, clear_metrics};
-use crate::ops::cross_entropy::result;
+use crate::ops::cross_entropy::{per_sample, result};
 use crate::ops::optimizer::OptimizerConfig;
 
 // ---------------------------------------------------------------------------------------------
@@ -48,14 +48,24 @@ pub(crate) fn read_sums(net: &Network, plans: &HashMap<usize, StepPlan>, eval: b
     Ok(s)
 }
 
-/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy).
+/// The running top-5 correct count of every plan's metrics buffer (the loss kernel's, on the GPU).
+pub(crate) fn read_correct5(net: &Network, plans: &HashMap<usize, StepPlan>, eval: bool) -> Result<f64> {
+    let mut s = 0.0;
+    for p in plans.values() {
+        let r = if eval { &p.eval_result } else { &p.train_result }.read::<f32>(&net.gpu)?;
+        s += f64::from(r[result::SUM_CORRECT5]);
+    }
+    Ok(s)
+}
+
+/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy, top-5 accuracy).
 pub fn evaluate(
     net: &Network,
     plans: &HashMap<usize, StepPlan>,
     ds: &Arc<data::Dataset>,
     batch: usize,
     pre: &Preprocess,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
@@ -66,7 +76,8 @@ pub fn evaluate(
         net.eval_batch(plan);
     }
     let (loss, correct, count) = read_sums(net, plans, true)?;
-    Ok((loss / count.max(1.0), correct / count.max(1.0)))
+    let correct5 = read_correct5(net, plans, true)?;
+    Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -96,6 +107,8 @@ pub struct EvalArgs {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EvalReport {
     pub accuracy: f64,
+    /// Share of images whose class is among the 5 highest logits.
+    pub top5_accuracy: f64,
     pub loss: f64,
     pub correct: usize,
     pub total: usize,
@@ -186,6 +199,7 @@ pub fn evaluate_checkpoint(
 
 pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
     let mut confusion: Vec<Vec<usize>> = Vec::new();
+    let mut correct5 = 0.0;
     let (config, (loss, correct, count)) = evaluate_checkpoint(gpu, args, |net, plan, labels| {
         let k = net.config.num_classes;
         if confusion.is_empty() {
@@ -193,7 +207,8 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
         }
         let per = plan.per_sample.read::<f32>(&net.gpu)?;
         for (i, &t) in labels.iter().enumerate() {
-            let pred = per[3 * i + 2] as usize;
+            let pred = per[per_sample::LEN * i + per_sample::PREDICTED] as usize;
+            correct5 += f64::from(per[per_sample::LEN * i + per_sample::CORRECT5]);
             if (t as usize) < k && pred < k {
                 confusion[t as usize][pred] += 1;
             }
@@ -210,6 +225,7 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
         .collect();
     Ok(EvalReport {
         accuracy: correct / count.max(1.0),
+        top5_accuracy: correct5 / count.max(1.0),
         loss: loss / count.max(1.0),
         correct: correct as usize,
         total: count as usize,
@@ -222,8 +238,8 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
 /// The report as the tables `senet eval` prints.
 pub fn format_report(r: &EvalReport) -> String {
     let mut s = format!(
-        "test loss {:.4}  accuracy {:.4} ({}/{})\n\nper-class accuracy:\n",
-        r.loss, r.accuracy, r.correct, r.total
+        "test loss {:.4}  accuracy {:.4} ({}/{})  top-5 accuracy {:.4}\n\nper-class accuracy:\n",
+        r.loss, r.accuracy, r.correct, r.total, r.top5_accuracy
     );
     for (name, a) in r.classes.iter().zip(&r.per_class_accuracy) {
         s += &format!("  {name:>14} {a:.4}\n");

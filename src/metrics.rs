@@ -17,10 +17,17 @@ pub struct EpochMetrics {
     pub val_loss: Option<f64>,
     #[serde(default)]
     pub val_acc: Option<f64>,
+    /// Top-5 accuracy on the test and validation images.
+    #[serde(default)]
+    pub test_top5_acc: f64,
+    #[serde(default)]
+    pub val_top5_acc: Option<f64>,
+    /// The learning rate of the epoch's last step.
+    #[serde(default)]
+    pub lr: f64,
 }
 
-pub const CSV_HEADER: &str =
-    "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s,val_loss,val_acc";
+pub const CSV_HEADER: &str = "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s,val_loss,val_acc,test_top5_acc,val_top5_acc,lr";
 
 /// An optional figure as a CSV field: empty when absent.
 fn field(v: Option<f64>) -> String {
@@ -31,7 +38,7 @@ impl EpochMetrics {
     /// The metrics.csv line, newline included.
     pub fn csv_line(&self) -> String {
         format!(
-            "{},{},{},{},{},{:.3},{:.1},{},{}\n",
+            "{},{},{},{},{},{:.3},{:.1},{},{},{},{},{}\n",
             self.epoch,
             self.train_loss,
             self.train_acc,
@@ -40,7 +47,10 @@ impl EpochMetrics {
             self.seconds,
             self.train_images_per_s,
             field(self.val_loss),
-            field(self.val_acc)
+            field(self.val_acc),
+            self.test_top5_acc,
+            field(self.val_top5_acc),
+            self.lr
         )
     }
 

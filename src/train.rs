@@ -186,7 +186,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             Some(v) => Some(evaluate(&net, &t.plans, v, args.batch_size, &t.pre)?),
             None => None,
         };
-        let (test_loss, test_acc) = evaluate(&net, &t.plans, &test_set, args.batch_size, &t.pre)?;
+        let (test_loss, test_acc, test_top5_acc) = evaluate(&net, &t.plans, &test_set, args.batch_size, &t.pre)?;
         let m = EpochMetrics {
             epoch,
             train_loss: l / n,
@@ -197,6 +197,9 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             train_images_per_s: n / train_secs,
             val_loss: val.map(|v| v.0),
             val_acc: val.map(|v| v.1),
+            test_top5_acc,
+            val_top5_acc: val.map(|v| v.2),
+            lr: t.lr_at(epoch, t.steps_per_epoch),
         };
         println!("{}", m.table_row());
         run.finish_epoch(&net, &mut state, m)?;
@@ -257,15 +260,7 @@ impl Trainer<'_> {
             let b = b?;
             let plan = self.plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(gpu, &b.images, &b.labels)?;
-            let global = (epoch - 1) * self.steps_per_epoch + step;
-            net.set_lr(lr_at(
-                args.lr,
-                args.schedule,
-                args.warmup_epochs,
-                global,
-                self.steps_per_epoch,
-                self.total_steps,
-            ));
+            net.set_lr(self.lr_at(epoch, step + 1));
             if args.profile && step == skip && epoch == args.epochs().min(self.first_epoch + 1) {
                 profile_step(net, plan, epoch, step, &pb)?;
                 in_flight = None;
@@ -306,6 +301,13 @@ impl Trainer<'_> {
         Ok((sums, train_secs))
     }
 
+    /// The learning rate of step `step` (1-based) of `epoch`.
+    fn lr_at(&self, epoch: usize, step: usize) -> f64 {
+        let a = self.args;
+        let global = (epoch - 1) * self.steps_per_epoch + step - 1;
+        lr_at(a.lr, a.schedule, a.warmup_epochs, global, self.steps_per_epoch, self.total_steps)
+    }
+
     /// Resuming inside an epoch: its metric sums so far go back into the buffer of the
     /// full-batch plan, the one every step before the last uses. Returns the steps done.
     fn restore_partial(&self, partial: Option<(usize, EpochSums)>) -> usize {
@@ -335,7 +337,7 @@ impl Trainer<'_> {
             return Err(divergence(net, plan, epoch, step));
         }
         let rate = n / t0.elapsed().as_secs_f64();
-        let msg = format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate);
+        let msg = format!("loss {:.4} acc {:.4} lr {:.3e} {:.0} img/s", l / n, c / n, self.lr_at(epoch, step), rate);
         if pb.is_hidden() {
             println!("epoch {epoch} step {step}/{} {msg}", self.steps_per_epoch);
         }

@@ -598,3 +598,52 @@ fn a_validation_split_chooses_the_best_checkpoint() {
         assert!(stderr.contains(expect) && stderr.contains("--val-split"), "--val-split {v}: {stderr}");
     }
 }
+
+/// Top-5 accuracy beside top-1 (metrics.csv, eval's text and JSON — the same figure both ways) and
+/// the learning rate in the progress lines and metrics.csv, here under the step schedule.
+#[test]
+fn top5_accuracy_and_the_learning_rate_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "50", "--epochs", "4"])
+        .args(["--limit-train", "100", "--limit-test", "60", "--optimizer", "sgd", "--lr", "0.1"])
+        .args(["--schedule", "step", "--log-every", "1", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("epoch 1 step 2/2 loss") && stdout.contains("lr 1.000e-1"), "{stdout}");
+    assert!(stdout.contains("epoch 4 step 1/2") && stdout.contains("lr 1.000e-3"), "{stdout}");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let num = |r: &[&str], c: &str| -> f64 { r[col(c)].parse().unwrap() };
+    let lrs: Vec<f64> = rows.iter().map(|r| num(r, "lr")).collect();
+    let want = [0.1, 0.1, 0.01, 0.001];
+    assert!(lrs.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "lr per epoch {lrs:?}\n{csv}");
+    for r in &rows {
+        let (top1, top5) = (num(r, "test_acc"), num(r, "test_top5_acc"));
+        assert!(top5 >= top1 && top5 <= 1.0, "{csv}");
+        assert!(r[col("val_top5_acc")].is_empty(), "no validation split: empty field");
+    }
+    let last = rows.last().unwrap();
+    let eval = |json: bool| {
+        let mut cmd = senet();
+        cmd.args(["eval", "--dataset", "sample", "--limit-test", "60", "--checkpoint"])
+            .arg(run.join("last.safetensors"));
+        if json {
+            cmd.arg("--json");
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let v: serde_json::Value = serde_json::from_str(&eval(true)).unwrap();
+    let top5 = v["top5_accuracy"].as_f64().unwrap();
+    assert!((top5 - num(last, "test_top5_acc")).abs() < 1e-9, "eval and training agree: {top5} vs\n{csv}");
+    assert!(top5 > v["accuracy"].as_f64().unwrap() && top5 < 1.0, "a figure between top-1 and 1: {v}");
+    assert!(eval(false).contains(&format!("top-5 accuracy {top5:.4}")));
+}

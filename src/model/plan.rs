@@ -238,7 +238,7 @@ impl Network {
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let labels = Tensor::zeros(gpu, "labels", &[n])?;
-        let per_sample = Tensor::zeros(gpu, "per-sample loss", &[n, 3])?;
+        let per_sample = Tensor::zeros(gpu, "per-sample loss", &[n, crate::ops::cross_entropy::per_sample::LEN])?;
         let train_result = Tensor::zeros(gpu, "train metrics", &[result::LEN])?;
         let eval_result = Tensor::zeros(gpu, "eval metrics", &[result::LEN])?;
 

@@ -17,8 +17,22 @@ pub mod result {
     pub const SUM_LOSS: usize = 2;
     pub const SUM_CORRECT: usize = 3;
     pub const SUM_COUNT: usize = 4;
+    /// Running sum of samples whose target is among the 5 highest logits (top-5 correct).
+    pub const SUM_CORRECT5: usize = 5;
     /// Elements in the buffer.
-    pub const LEN: usize = 5;
+    pub const LEN: usize = 6;
+}
+
+/// Layout of a row of the `per_sample` buffer [n, LEN].
+pub mod per_sample {
+    pub const LOSS: usize = 0;
+    /// 1 when the prediction (first maximum) is the target, else 0.
+    pub const CORRECT: usize = 1;
+    /// The predicted class (first maximum), as f32.
+    pub const PREDICTED: usize = 2;
+    /// 1 when the target is in the top 5 (ties ranked by index, as the prediction), else 0.
+    pub const CORRECT5: usize = 3;
+    pub const LEN: usize = 4;
 }
 
 /// Mirrors `Params` in cross_entropy.wgsl.
@@ -34,7 +48,7 @@ const WG: u32 = 64;
 
 /// Softmax cross-entropy of `logits` [n, k] against `target` (u32 [n], each < k; the host checks
 /// labels when it loads them). Writes `dlogits` (gradient of the batch-mean loss) and `result`
-/// (see [`result`]); `per_sample` [n, 3] gets each sample's (loss, correct, predicted class).
+/// (see [`result`]); `per_sample` [n, 4] gets each sample's row ([`per_sample`]).
 pub fn cross_entropy_forward_backward(
     gpu: &Gpu,
     logits: &Tensor,
@@ -51,7 +65,7 @@ pub fn cross_entropy_forward_backward(
     let (n, k) = (logits.shape[0], logits.shape[1]);
     expect_shape("cross_entropy target", target, &[n])?;
     expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
-    expect_shape("cross_entropy per-sample", per_sample, &[n, 3])?;
+    expect_shape("cross_entropy per-sample", per_sample, &[n, self::per_sample::LEN])?;
     expect_shape("cross_entropy result", result, &[result::LEN])?;
     let params =
         gpu.uniform("cross_entropy params", &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, _pad: [0; 2] });

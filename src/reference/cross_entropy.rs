@@ -5,13 +5,16 @@ pub struct CrossEntropy {
     pub loss: f64,
     pub dlogits: Vec<f64>,
     pub correct: usize,
+    /// Samples whose target ranks in the top 5 (fewer than 5 logits greater, or equal at a lower
+    /// index — argmax's tie rule), as `logits.topk(5)` contains the target when there are no ties.
+    pub correct5: usize,
 }
 
 /// loss = mean_n (logsumexp(l_n) - l_n[t_n]); dlogits = (softmax(l_n) - onehot(t_n)) / N;
 /// correct counts argmax (first maximum) == target.
 pub fn cross_entropy_forward_backward(logits: &[f64], target: &[u32], classes: usize) -> CrossEntropy {
     let n = target.len();
-    let mut r = CrossEntropy { loss: 0.0, dlogits: vec![0.0; logits.len()], correct: 0 };
+    let mut r = CrossEntropy { loss: 0.0, dlogits: vec![0.0; logits.len()], correct: 0, correct5: 0 };
     for (i, &t) in target.iter().enumerate() {
         let row = &logits[i * classes..][..classes];
         let (arg, mx) =
@@ -24,6 +27,9 @@ pub fn cross_entropy_forward_backward(logits: &[f64], target: &[u32], classes: u
             r.dlogits[i * classes + k] = (sm - if k == t as usize { 1.0 } else { 0.0 }) / n as f64;
         }
         r.correct += usize::from(arg == t as usize);
+        let lt = row[t as usize];
+        let above = row.iter().enumerate().filter(|&(k, &v)| v > lt || (v == lt && k < t as usize)).count();
+        r.correct5 += usize::from(above < 5);
     }
     r
 }
