@@ -116,6 +116,10 @@ impl DataArgs {
 // ---------------------------------------------------------------------------------------------
 // Network
 
+/// The valid `--model` names, as `--help` and the error for an unknown one say them.
+pub const MODEL_NAMES: &str = "senet; resnetD or se-resnetD with D = 6n+2 (8, 20, 32, 44, 56, 110, …: CIFAR \
+     ResNets) or D = 18, 34, 50, 101, 152 (ImageNet ResNets)";
+
 fn default_model() -> String {
     hp::MODEL.into()
 }
@@ -124,7 +128,8 @@ fn default_model() -> String {
 #[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct ModelArgs {
     /// senet (the base model); [se-]resnet20/32/44/56/110 (CIFAR ResNets, any 6n+2 depth);
-    /// [se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images).
+    /// [se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images). Checked before any data
+    /// is read.
     #[arg(long, default_value = hp::MODEL)]
     #[serde(default = "default_model")]
     pub model: String,
@@ -161,11 +166,10 @@ impl ModelArgs {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
         if self.model != "senet" {
-            ensure!(
-                crate::model::resnet::parse_name(&self.model).is_some(),
-                "--model {:?}: expected senet, resnet20/32/56/110 or se-resnet20/32/56/110",
-                self.model
-            );
+            use crate::model::resnet::{IMAGENET_DEPTHS, parse_name};
+            let known = parse_name(&self.model)
+                .is_some_and(|(d, _)| IMAGENET_DEPTHS.contains(&d) || (d >= 8 && (d - 2).is_multiple_of(6)));
+            ensure!(known, "--model {:?}: expected one of {MODEL_NAMES}", self.model);
             return Ok(());
         }
         let (first, last) =

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::args::DataArgs;
 use crate::checkpoint;
@@ -140,6 +140,14 @@ pub fn checkpoint_config(
     reduction: Option<usize>,
 ) -> Result<ModelConfig> {
     if let Some(cfg) = saved_model_config(ckpt)? {
+        // A flag that says otherwise than the run's own config.json is an error, never ignored.
+        let json = ckpt.with_file_name("config.json");
+        if let Some(w) = width.filter(|&w| w != cfg.width) {
+            bail!("--width {w} contradicts {}: the model has width {}", json.display(), cfg.width);
+        }
+        if let Some(r) = reduction.filter(|&r| r != cfg.reduction) {
+            bail!("--reduction {r} contradicts {}: the model has reduction {}", json.display(), cfg.reduction);
+        }
         return Ok(cfg);
     }
     let mut cfg = checkpoint::infer_config(sd, input_hw, &ckpt.display().to_string())?;
@@ -271,6 +279,13 @@ pub fn predict(
     ensure!(!images.is_empty(), "predict needs at least one image");
     let sd = checkpoint::load(ckpt)?;
     let config = checkpoint_config(ckpt, &sd, image_size.unwrap_or([hp::IMAGE_SIZE; 2]), width, reduction)?;
+    if let Some([h, w]) = image_size.filter(|&s| s != config.input_hw) {
+        let [mh, mw] = config.input_hw;
+        bail!(
+            "--image-size {h}x{w} contradicts {}: the model takes {mh}x{mw} images",
+            ckpt.with_file_name("config.json").display()
+        );
+    }
     let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
     checkpoint::apply(&mut net, &sd, &ckpt.display().to_string())?;
     let plan = net.plan(1)?;

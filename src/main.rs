@@ -121,6 +121,15 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
             });
             args.validate()?;
+            let given: Vec<&str> = sub
+                .map(|m| {
+                    m.ids()
+                        .map(|id| id.as_str())
+                        .filter(|id| m.value_source(id).is_some_and(|s| s == clap::parser::ValueSource::CommandLine))
+                        .collect()
+                })
+                .unwrap_or_default();
+            senet_wgpu::run::resume_conflicts(&args, &given)?;
             train::train(Gpu::new(&opts)?, &args)?;
         }
         Command::Eval(args) => {

@@ -68,6 +68,45 @@ pub fn resumed_args(args: &TrainArgs) -> Result<Option<TrainArgs>> {
     Ok(Some(saved))
 }
 
+/// `--resume RUN_DIR` with flags given on the command line (`given`: their clap ids, the field
+/// names) that differ from the run's own settings: an error naming each with both values.
+/// `--epochs` (may raise the total) and `--resume` itself are exempt.
+pub fn resume_conflicts(args: &TrainArgs, given: &[&str]) -> Result<()> {
+    let Some(dir) = &args.resume else { return Ok(()) };
+    let flat = |a: &TrainArgs| -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut v = match serde_json::to_value(a)? {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        if let Some(serde_json::Value::Object(data)) = v.remove("data") {
+            v.extend(data);
+        }
+        Ok(v)
+    };
+    let (ours, theirs) = (flat(args)?, flat(&saved_args(dir)?)?);
+    let show = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "none".into(),
+        other => other.to_string(),
+    };
+    let mut diffs = Vec::new();
+    for id in given.iter().filter(|id| !matches!(**id, "epochs" | "resume")) {
+        let theirs = theirs.get(*id).unwrap_or(&serde_json::Value::Null);
+        if let Some(ours) = ours.get(*id).filter(|v| *v != theirs) {
+            diffs.push(format!("--{} {} (the run has {})", id.replace('_', "-"), show(ours), show(theirs)));
+        }
+    }
+    anyhow::ensure!(
+        diffs.is_empty(),
+        "--resume {} continues the run with its own settings; these flags differ from them: {}. Drop them, or start \
+         a new run with --init {}",
+        dir.display(),
+        diffs.join(", "),
+        dir.join("last.safetensors").display()
+    );
+    Ok(())
+}
+
 /// Training was stopped by a signal after saving; `main` exits with 130.
 #[derive(Debug)]
 pub struct Interrupted {

@@ -647,3 +647,66 @@ fn top5_accuracy_and_the_learning_rate_are_reported() {
     assert!(top5 > v["accuracy"].as_f64().unwrap() && top5 < 1.0, "a figure between top-1 and 1: {v}");
     assert!(eval(false).contains(&format!("top-5 accuracy {top5:.4}")));
 }
+
+/// One vocabulary, no flag ignored: an unknown --model is refused before any data is read, with
+/// the valid names; eval/predict flags that contradict the run's config.json and --resume flags
+/// that differ from the run's own are errors naming both values.
+#[test]
+fn contradicting_flags_are_errors_naming_both_values() {
+    let o = senet()
+        .args(["train", "--model", "resnet21", "--dataset", "folder", "--data-dir", "/nonexistent/senet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--model \"resnet21\": expected one of senet") && stderr.contains("152"), "{stderr}");
+    assert!(!stderr.contains("nonexistent"), "the model is checked before the data: {stderr}");
+    let help = senet().args(["train", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("[se-]resnet18/34/50/101/152"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "32"])
+        .args(["--limit-train", "64", "--limit-test", "32", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = run.join("last.safetensors");
+    let fails = |args: &[&str], expect: &[&str]| {
+        let o = senet().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        for e in expect {
+            assert!(stderr.contains(e), "{args:?}: expected {e:?} in {stderr}");
+        }
+    };
+    let c = ckpt.to_str().unwrap();
+    fails(
+        &["eval", "--dataset", "sample", "--limit-test", "8", "--width", "0.5", "--checkpoint", c],
+        &["--width 0.5 contradicts", "config.json", "width 0.0625"],
+    );
+    fails(
+        &["eval", "--dataset", "sample", "--reduction", "4", "--checkpoint", c],
+        &["--reduction 4 contradicts", "16"],
+    );
+    let img = dir.path().join("x.png");
+    image::GrayImage::new(28, 28).save(&img).unwrap();
+    let i = img.to_str().unwrap();
+    fails(&["predict", "--image-size", "32", "--checkpoint", c, i], &["--image-size 32x32 contradicts", "28x28"]);
+    // The same values as the run's are no contradiction.
+    let o =
+        senet().args(["predict", "--image-size", "28", "--width", "0.0625", "--checkpoint", c, i]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let r = run.to_str().unwrap();
+    fails(
+        &["train", "--resume", r, "--epochs", "2", "--lr", "0.5", "--batch-size", "32", "--seed", "4"],
+        &["--lr 0.5 (the run has 0.001)", "--seed 4 (the run has 0)", "--init"],
+    );
+    assert!(
+        !String::from_utf8_lossy(&senet().args(["train", "--resume", r, "--lr", "0.5"]).output().unwrap().stderr)
+            .contains("--batch-size")
+    );
+}
