@@ -120,6 +120,21 @@ impl DataArgs {
 pub const MODEL_NAMES: &str = "senet; resnetD or se-resnetD with D = 6n+2 (8, 20, 32, 44, 56, 110, …: CIFAR \
      ResNets) or D = 18, 34, 50, 101, 152 (ImageNet ResNets)";
 
+fn default_betas() -> (f64, f64) {
+    hp::ADAM_BETAS
+}
+
+fn default_eps() -> f64 {
+    hp::ADAM_EPS
+}
+
+/// `--betas`: `B1,B2`.
+pub fn parse_betas(s: &str) -> Result<(f64, f64), String> {
+    let err = || format!("expected two numbers B1,B2 (0.9,0.999), got {s:?}");
+    let (a, b) = s.split_once(',').ok_or_else(err)?;
+    Ok((a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?))
+}
+
 fn default_model() -> String {
     hp::MODEL.into()
 }
@@ -274,6 +289,18 @@ pub struct TrainArgs {
     /// SGD momentum.
     #[arg(long, default_value_t = hp::MOMENTUM)]
     pub momentum: f64,
+    /// Adam/AdamW β1,β2 (torch.optim's betas).
+    #[arg(long, value_parser = parse_betas, default_value = "0.9,0.999")]
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    /// Adam/AdamW ε, added to the root of the second moment (torch.optim's eps).
+    #[arg(long, default_value_t = hp::ADAM_EPS)]
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// SGD with Nesterov momentum (torch.optim.SGD's nesterov=True).
+    #[arg(long)]
+    #[serde(default)]
+    pub nesterov: bool,
     /// L2 (Adam, SGD) or decoupled (AdamW) weight decay.
     #[arg(long, default_value_t = hp::WEIGHT_DECAY)]
     pub weight_decay: f64,
@@ -297,9 +324,26 @@ pub struct TrainArgs {
     /// Normalise inputs with the training set's per-channel mean and std.
     #[arg(long)]
     pub normalize: bool,
+    /// Normalise with these per-channel means instead (after /255, as transforms.Normalize;
+    /// comma-separated, one per channel; with --std).
+    #[arg(long, value_delimiter = ',', requires = "std")]
+    #[serde(default)]
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviations for --mean.
+    #[arg(long, value_delimiter = ',', requires = "mean")]
+    #[serde(default)]
+    pub std: Vec<f64>,
     /// Random crop (4-pixel padding) and horizontal flip while training.
     #[arg(long)]
     pub augment: bool,
+    /// Switch off the augmentation --recipe paper turns on.
+    #[arg(long, conflicts_with = "augment")]
+    #[serde(default)]
+    pub no_augment: bool,
+    /// Switch off the normalisation --recipe paper turns on.
+    #[arg(long, conflicts_with_all = ["normalize", "mean"])]
+    #[serde(default)]
+    pub no_normalize: bool,
     /// Run folder for config.json, metrics.csv and checkpoints.
     #[arg(long, default_value = hp::OUT)]
     pub out: PathBuf,
@@ -329,6 +373,23 @@ impl TrainArgs {
         ensure!(self.momentum >= 0.0 && self.momentum < 1.0, "--momentum must be in [0, 1), got {}", self.momentum);
         ensure!(self.weight_decay >= 0.0, "--weight-decay must be >= 0, got {}", self.weight_decay);
         ensure!(self.log_every >= 1, "--log-every must be at least 1");
+        let (b1, b2) = self.betas;
+        ensure!(
+            (0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2),
+            "--betas must be two numbers in [0, 1), got {b1},{b2}"
+        );
+        ensure!(self.eps > 0.0 && self.eps.is_finite(), "--eps must be a positive number, got {}", self.eps);
+        ensure!(
+            !self.nesterov || (self.optimizer == OptimizerKind::Sgd && self.momentum > 0.0),
+            "--nesterov needs --optimizer sgd and a --momentum above 0 (as torch.optim.SGD)"
+        );
+        ensure!(
+            self.mean.len() == self.std.len(),
+            "--mean has {} values and --std {}: give one of each per channel",
+            self.mean.len(),
+            self.std.len()
+        );
+        ensure!(self.std.iter().all(|&s| s > 0.0), "--std values must be positive, got {:?}", self.std);
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
             "--warmup-epochs must be in [0, epochs), got {}",
@@ -355,8 +416,8 @@ impl TrainArgs {
             if !given("schedule") {
                 self.schedule = hp::PAPER_SCHEDULE;
             }
-            self.augment = true;
-            self.normalize = true;
+            self.augment = !self.no_augment;
+            self.normalize = !self.no_normalize;
         }
     }
 
@@ -366,12 +427,12 @@ impl TrainArgs {
     }
 
     pub fn optimizer_config(&self) -> OptimizerConfig {
-        let (beta1, beta2) = hp::ADAM_BETAS;
+        let (beta1, beta2) = self.betas;
         let adam = |decoupled| OptimizerConfig::Adam {
             lr: self.lr,
             beta1,
             beta2,
-            eps: hp::ADAM_EPS,
+            eps: self.eps,
             weight_decay: self.weight_decay,
             decoupled,
         };
@@ -383,7 +444,7 @@ impl TrainArgs {
                 momentum: self.momentum,
                 dampening: hp::SGD_DAMPENING,
                 weight_decay: self.weight_decay,
-                nesterov: hp::SGD_NESTEROV,
+                nesterov: self.nesterov,
             },
         }
     }

@@ -71,7 +71,12 @@ fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Option<Dataset>, Data
     );
     let [c, h, w] = train_set.shape;
     let mut config = args.net.config(c, [h, w], train_set.classes.len(), train_set.classes.clone());
-    config.normalize = args.normalize.then(|| loader::channel_stats(&train_set));
+    config.normalize = if args.mean.is_empty() {
+        args.normalize.then(|| loader::channel_stats(&train_set))
+    } else {
+        ensure!(args.mean.len() == c, "--mean and --std give {} channels; the images have {c}", args.mean.len());
+        Some(args.mean.iter().zip(&args.std).map(|(&m, &s)| (m as f32, s as f32)).collect())
+    };
     Ok((splits.name, train_set, val_set, splits.test, config))
 }
 

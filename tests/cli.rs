@@ -710,3 +710,57 @@ fn contradicting_flags_are_errors_naming_both_values() {
             .contains("--batch-size")
     );
 }
+
+/// The usual recipe knobs reach the run: --betas, --eps and --nesterov into the optimizer (whose
+/// kernels are tested against the reference with these settings in tests/kernels.rs), --mean/--std
+/// as the normalisation, --no-augment/--no-normalize switching off pieces of --recipe paper.
+#[test]
+fn recipe_knobs_reach_the_optimizer_and_the_preprocessing() {
+    use senet_wgpu::ops::optimizer::OptimizerConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> (serde_json::Value, OptimizerConfig) {
+        let out = dir.path().join(name);
+        let o = senet()
+            .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "32"])
+            .args(["--limit-train", "32", "--limit-test", "16", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let args: senet_wgpu::args::TrainArgs = serde_json::from_value(v["train"].clone()).unwrap();
+        (v, args.optimizer_config())
+    };
+    let (_, opt) = run("adam", &["--optimizer", "adamw", "--betas", "0.8,0.99", "--eps", "1e-6"]);
+    assert!(
+        matches!(opt, OptimizerConfig::Adam { beta1: 0.8, beta2: 0.99, eps: 1e-6, decoupled: true, .. }),
+        "{opt:?}"
+    );
+    let (_, opt) = run("sgd", &["--optimizer", "sgd", "--nesterov"]);
+    assert!(matches!(opt, OptimizerConfig::Sgd { nesterov: true, .. }), "{opt:?}");
+    let (v, _) = run("norm", &["--mean", "0.25", "--std", "0.5"]);
+    assert_eq!(v["model"]["normalize"], serde_json::json!([[0.25, 0.5]]));
+    let (v, _) = run("paper", &["--recipe", "paper", "--no-augment"]);
+    assert_eq!((v["train"]["augment"].as_bool(), v["train"]["normalize"].as_bool()), (Some(false), Some(true)));
+    let (v, _) = run("paper2", &["--recipe", "paper", "--no-normalize"]);
+    assert_eq!((v["train"]["augment"].as_bool(), v["model"]["normalize"].is_null()), (Some(true), true));
+    for (extra, expect) in [
+        (&["--nesterov"][..], "--nesterov needs --optimizer sgd"),
+        (&["--betas", "0.9"][..], "expected two numbers B1,B2"),
+        (&["--betas", "1.5,0.9"][..], "--betas must be two numbers in [0, 1)"),
+        (&["--mean", "0.5,0.5", "--std", "1,1"][..], "--mean and --std give 2 channels; the images have 1"),
+        (&["--mean", "0.5"][..], "--std"),
+    ] {
+        let o = senet()
+            .args(["train", "--dataset", "sample", "--epochs", "1", "--limit-train", "8", "--out"])
+            .arg(dir.path().join("never"))
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(expect), "{extra:?}: {stderr}");
+    }
+}
