@@ -402,3 +402,14 @@ fn md5_of_a_known_string() {
     std::fs::write(&p, b"abc").unwrap();
     assert_eq!(cifar10::md5_hex(&p).unwrap(), "900150983cd24fb0d6963f7d28e17f72");
 }
+
+/// The sample inside the binary (what an installed `senet` uses, from any folder) is the one in
+/// assets/, image for image and label for label, train and test the right way round.
+#[test]
+fn the_bundled_sample_is_compiled_in_and_equals_the_assets() {
+    let inside = data::load(DatasetKind::Sample, None, None).unwrap();
+    let on_disk = data::load(DatasetKind::Sample, Some(&data::sample_dir()), None).unwrap();
+    assert_eq!((inside.train.len(), inside.test.len()), (4000, 1000));
+    assert!(inside.train == on_disk.train && inside.test == on_disk.test);
+    assert_eq!(inside.name, on_disk.name);
+}

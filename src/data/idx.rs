@@ -71,23 +71,21 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
 pub fn load_pair(images: &Path, labels: &Path, classes: Vec<String>) -> Result<Dataset> {
     let ib = read_maybe_gz(images)?;
     let lb = read_maybe_gz(labels)?;
-    let (isz, idata) = parse(&ib, 3, &images.display().to_string())?;
-    let (lsz, ldata) = parse(&lb, 1, &labels.display().to_string())?;
-    ensure!(
-        isz[0] == lsz[0],
-        "{} holds {} images but {} holds {} labels",
-        images.display(),
-        isz[0],
-        labels.display(),
-        lsz[0]
-    );
+    pair_from_bytes(&ib, &lb, (&images.display().to_string(), &labels.display().to_string()), classes)
+}
+
+/// Images and labels from the (ungzipped) bytes of two IDX files named `names` in errors.
+pub fn pair_from_bytes(ib: &[u8], lb: &[u8], names: (&str, &str), classes: Vec<String>) -> Result<Dataset> {
+    let (isz, idata) = parse(ib, 3, names.0)?;
+    let (lsz, ldata) = parse(lb, 1, names.1)?;
+    ensure!(isz[0] == lsz[0], "{} holds {} images but {} holds {} labels", names.0, isz[0], names.1, lsz[0]);
     let ds = Dataset {
         shape: [1, isz[1], isz[2]],
         images: idata.to_vec(),
         labels: ldata.iter().map(|&l| u32::from(l)).collect(),
         classes,
     };
-    ds.validate(&labels.display().to_string())?;
+    ds.validate(names.1)?;
     Ok(ds)
 }
 
