@@ -266,7 +266,27 @@ pub fn format_report(r: &EvalReport) -> String {
 // ---------------------------------------------------------------------------------------------
 // Prediction
 
-/// Top-`k` (class, probability) for each image file.
+/// Image files as given, and in place of each folder its image files (by extension), sorted.
+pub fn expand_image_folders(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.is_dir() {
+            out.push(p.clone());
+            continue;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+            .with_context(|| format!("reading folder {}", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.is_file() && image::ImageFormat::from_path(f).is_ok())
+            .collect();
+        ensure!(!files.is_empty(), "{}: a folder with no image files (png, jpg, bmp, …)", p.display());
+        files.sort();
+        out.extend(files);
+    }
+    Ok(out)
+}
+
+/// Top-`k` (class, class index, probability) for each image file.
 pub fn predict(
     gpu: Arc<Gpu>,
     ckpt: &Path,
@@ -275,7 +295,7 @@ pub fn predict(
     width: Option<f64>,
     reduction: Option<usize>,
     image_size: Option<[usize; 2]>,
-) -> Result<Vec<Vec<(String, f32)>>> {
+) -> Result<Vec<Vec<(String, usize, f32)>>> {
     ensure!(!images.is_empty(), "predict needs at least one image");
     let sd = checkpoint::load(ckpt)?;
     let config = checkpoint_config(ckpt, &sd, image_size.unwrap_or([hp::IMAGE_SIZE; 2]), width, reduction)?;
@@ -286,6 +306,11 @@ pub fn predict(
             ckpt.with_file_name("config.json").display()
         );
     }
+    ensure!(
+        (1..=config.num_classes).contains(&k),
+        "--topk {k}: expected 1 to the model's {} classes",
+        config.num_classes
+    );
     let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
     checkpoint::apply(&mut net, &sd, &ckpt.display().to_string())?;
     let plan = net.plan(1)?;
@@ -309,7 +334,7 @@ pub fn predict(
             ranked
                 .into_iter()
                 .take(k)
-                .map(|(i, p)| (config.classes.get(i).cloned().unwrap_or_else(|| format!("class {i}")), p as f32))
+                .map(|(i, p)| (config.classes.get(i).cloned().unwrap_or_else(|| format!("class {i}")), i, p as f32))
                 .collect(),
         );
     }

@@ -42,7 +42,7 @@ enum Command {
     Eval(EvalArgs),
     /// Mean SE excitation per channel per class over the test set (CSV, PNG) and a channel ranking.
     Excitations(senet_wgpu::excitations::ExcitationArgs),
-    /// Top-5 classes with probabilities for each image.
+    /// The top classes with probabilities for each image (or each image in a folder).
     Predict {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -56,6 +56,13 @@ enum Command {
         /// [default: 32]; images are resized to it.
         #[arg(long, value_parser = args::parse_image_size)]
         image_size: Option<[usize; 2]>,
+        /// How many classes to print per image, most probable first.
+        #[arg(long, default_value_t = hparams::PREDICT_TOP_K)]
+        topk: usize,
+        /// Print one JSON object per image: {"image", "top": [{"class", "index", "probability"}]}.
+        #[arg(long)]
+        json: bool,
+        /// Image files, or folders whose image files (by extension, sorted by name) are each read.
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
@@ -156,12 +163,20 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
-        Command::Predict { checkpoint, width, reduction, image_size, images } => {
-            let top_k = hparams::PREDICT_TOP_K;
-            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, top_k, width, reduction, image_size)?;
+        Command::Predict { checkpoint, width, reduction, image_size, topk, json, images } => {
+            let images = eval::expand_image_folders(&images)?;
+            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, topk, width, reduction, image_size)?;
             for (path, top) in images.iter().zip(results) {
+                if json {
+                    let top: Vec<_> = top
+                        .iter()
+                        .map(|(class, index, p)| serde_json::json!({"class": class, "index": index, "probability": p}))
+                        .collect();
+                    println!("{}", serde_json::json!({"image": path, "top": top}));
+                    continue;
+                }
                 println!("{}", path.display());
-                for (class, p) in top {
+                for (class, _, p) in top {
                     println!("  {p:>7.4}  {class}");
                 }
             }

@@ -764,3 +764,58 @@ fn recipe_knobs_reach_the_optimizer_and_the_preprocessing() {
         assert!(stderr.contains(expect), "{extra:?}: {stderr}");
     }
 }
+
+/// predict --topk K, on a folder (its image files, sorted; other files skipped), and --json with
+/// the same figures as the text.
+#[test]
+fn predict_takes_topk_folders_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "32"])
+        .args(["--limit-train", "64", "--limit-test", "32", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for (k, name) in ["b.png", "a.png"].iter().enumerate() {
+        image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * (k as u32 + 3) + y) % 256) as u8]))
+            .save(imgs.join(name))
+            .unwrap();
+    }
+    std::fs::write(imgs.join("notes.txt"), "not an image").unwrap();
+    let predict = |extra: &[&str]| {
+        let o =
+            senet().args(["predict", "--checkpoint"]).arg(run.join("last.safetensors")).args(extra).arg(&imgs).output();
+        let o = o.unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let text = predict(&["--topk", "3"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2 * 4, "two images, a name and 3 classes each:\n{text}");
+    assert!(lines[0].ends_with("a.png") && lines[4].ends_with("b.png"), "sorted by name:\n{text}");
+    let json = predict(&["--topk", "3", "--json"]);
+    let objs: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(objs.len(), 2);
+    for (k, o) in objs.iter().enumerate() {
+        let top = o["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        for (j, t) in top.iter().enumerate() {
+            let line = lines[4 * k + 1 + j];
+            assert!(line.contains(t["class"].as_str().unwrap()), "{line} vs {t}");
+            assert!(line.trim_start().starts_with(&format!("{:.4}", t["probability"].as_f64().unwrap())));
+        }
+    }
+    let all = predict(&["--topk", "10", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
+    let sum: f64 = v["top"].as_array().unwrap().iter().map(|t| t["probability"].as_f64().unwrap()).sum();
+    assert!((sum - 1.0).abs() < 1e-4, "all 10 classes sum to 1: {sum}");
+    let o =
+        senet().args(["predict", "--topk", "11", "--checkpoint"]).arg(run.join("last.safetensors")).arg(&imgs).output();
+    let o = o.unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--topk 11: expected 1 to the model's 10 classes"));
+}
