@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 
 use crate::data::{self, DatasetKind, Splits, cifar10};
 use crate::hparams::{self as hp, OptimizerKind, Recipe, Schedule};
@@ -29,7 +29,8 @@ pub struct DataArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub limit_test: Option<usize>,
-    /// Fetch CIFAR-10 into --data-dir (default ./data) if it is not there, checking its MD5.
+    /// Fetch the dataset into --data-dir if it is not there, checking MD5s: CIFAR-10 (default
+    /// ./data), MNIST (./data/mnist), Fashion-MNIST (./data/fashion-mnist).
     #[arg(long)]
     pub download: bool,
     /// Image folders: resize every image to H×W (`64` or `96x128`). Default: the first training
@@ -72,15 +73,31 @@ impl DataArgs {
     /// Load the dataset the arguments name, resolving the default (CIFAR-10 if present, else the
     /// sample); image folders are resized to `--image-size`, else `image_hw`, else their first image.
     pub fn load(&self, image_hw: Option<[usize; 2]>) -> Result<Splits> {
+        // Where --download puts MNIST and Fashion-MNIST without --data-dir (Debian's
+        // /usr/share/datasets is not ours to write).
+        let mut download_dir = None;
         if self.download {
-            ensure!(
-                matches!(self.dataset, None | Some(DatasetKind::Cifar10)),
-                "--download fetches CIFAR-10; for {:?} see the README",
-                self.dataset
-            );
-            let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
-            if !cifar10::present(&dir) {
-                cifar10::download(&dir, cifar10::URL, cifar10::MD5)?;
+            use crate::data::idx;
+            match self.dataset {
+                None | Some(DatasetKind::Cifar10) => {
+                    let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
+                    if !cifar10::present(&dir) {
+                        cifar10::download(&dir, cifar10::URL, cifar10::MD5)?;
+                    }
+                }
+                Some(kind @ (DatasetKind::Mnist | DatasetKind::FashionMnist)) => {
+                    let (sub, url, files) = if kind == DatasetKind::Mnist {
+                        ("mnist", idx::MNIST_URL, &idx::MNIST_FILES)
+                    } else {
+                        ("fashion-mnist", idx::FASHION_MNIST_URL, &idx::FASHION_MNIST_FILES)
+                    };
+                    let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data").join(sub));
+                    if !idx::present(&dir) {
+                        idx::download(&dir, url, files)?;
+                    }
+                    download_dir = Some(dir);
+                }
+                Some(other) => bail!("--download fetches cifar10, mnist and fashion-mnist, not {other:?}"),
             }
         }
         let kind = match self.dataset {
@@ -99,7 +116,11 @@ impl DataArgs {
                 }
             }
         };
-        let dir = if kind == DatasetKind::Sample && self.dataset.is_none() { None } else { self.data_dir.as_deref() };
+        let dir = if kind == DatasetKind::Sample && self.dataset.is_none() {
+            None
+        } else {
+            download_dir.as_deref().or(self.data_dir.as_deref())
+        };
         ensure!(
             kind == DatasetKind::Folder || self.image_size.is_none(),
             "--image-size resizes image folders (--dataset folder) only; other datasets keep their images' size"

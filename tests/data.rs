@@ -413,3 +413,56 @@ fn the_bundled_sample_is_compiled_in_and_equals_the_assets() {
     assert!(inside.train == on_disk.train && inside.test == on_disk.test);
     assert_eq!(inside.name, on_disk.name);
 }
+
+/// `--download` for MNIST and Fashion-MNIST against a loopback server: each of the four files is
+/// fetched and its MD5 checked; a file with the wrong checksum is removed and named.
+#[test]
+fn idx_download_fetches_and_checks_each_file() {
+    use std::io::{Read, Write};
+    let (n_train, n_test) = (3, 2);
+    let bodies: Vec<(String, Vec<u8>)> = [
+        ("train-images-idx3-ubyte.gz", idx::encode(&vec![7u8; n_train * 28 * 28], n_train, Some((28, 28)))),
+        ("train-labels-idx1-ubyte.gz", idx::encode(&[1, 2, 3], n_train, None)),
+        ("t10k-images-idx3-ubyte.gz", idx::encode(&vec![9u8; n_test * 28 * 28], n_test, Some((28, 28)))),
+        ("t10k-labels-idx1-ubyte.gz", idx::encode(&[4, 5], n_test, None)),
+    ]
+    .into_iter()
+    .map(|(n, b)| (n.to_string(), gz(&b)))
+    .collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/data", listener.local_addr().unwrap());
+    let served = bodies.clone();
+    let server = std::thread::spawn(move || {
+        // The first try fetches one file (its MD5 is wrong, so it stops), the second all four.
+        for _ in 0..5 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let n = s.read(&mut req).unwrap();
+            let line = String::from_utf8_lossy(&req[..n]).lines().next().unwrap_or("").to_string();
+            let body = &served.iter().find(|(name, _)| line.contains(name.as_str())).unwrap().1;
+            write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+            s.write_all(body).unwrap();
+        }
+    });
+    let md5 = |b: &[u8]| {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), b).unwrap();
+        cifar10::md5_hex(f.path()).unwrap()
+    };
+    let sums: Vec<String> = bodies.iter().map(|(_, b)| md5(b)).collect();
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    let files = |first: &str| -> idx::Files {
+        std::array::from_fn(|k| (leak(&bodies[k].0), if k == 0 { leak(first) } else { leak(&sums[k]) }))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let err =
+        format!("{:#}", idx::download(dir.path(), &base, &files("0123456789abcdef0123456789abcdef")).unwrap_err());
+    assert!(err.contains("train-images-idx3-ubyte.gz: MD5") && err.contains("expected 0123456789abcdef"), "{err}");
+    assert!(!dir.path().join("train-images-idx3-ubyte.gz").exists(), "a bad download is removed");
+    assert!(!idx::present(dir.path()));
+    idx::download(dir.path(), &base, &files(&sums[0])).unwrap();
+    server.join().unwrap();
+    assert!(idx::present(dir.path()));
+    let s = data::load(DatasetKind::Mnist, Some(dir.path()), None).unwrap();
+    assert_eq!((s.train.len(), s.test.len(), s.test.labels.clone()), (3, 2, vec![4, 5]));
+}
