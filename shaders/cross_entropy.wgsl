@@ -3,7 +3,8 @@
 //
 //   cross_entropy_forward_backward  one invocation per sample:
 //       lse = max + log(sum_k exp(l_k - max))            (stable: no exp of a large number)
-//       loss[n] = lse - l[target];  dlogits[n, k] = (softmax_k - [k == target]) / N
+//       loss[n] = lse - (1 - e) l[target] - e/K sum_k l_k;  dlogits[n, k] = (softmax_k - q_k) / N
+//           with label smoothing e (torch's label_smoothing): q = (1 - e) onehot(target) + e/K
 //       correct[n] = argmax_k l == target (first maximum wins, as torch.argmax)
 //       correct5[n] = the target ranks in the top 5: fewer than 5 logits rank above it (greater, or
 //           equal at a lower index: the tie rule argmax uses, so top-1 is this with 1)
@@ -13,7 +14,7 @@
 //       and the top-5 count to result[5].
 
 struct Params {
-    n: u32, k: u32, _pad0: u32, _pad1: u32,
+    n: u32, k: u32, smoothing: f32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -43,15 +44,19 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
         }
     }
     var sum = 0.0;
+    var sum_l = 0.0;
     for (var k = 0u; k < p.k; k++) {
         sum += exp(logits[b + k] - mx);
+        sum_l += logits[b + k];
     }
+    let e = p.smoothing;
+    let e_k = e / f32(p.k);
     let t = labels[n];
     let lse = mx + log(sum);
     let inv_n = 1.0 / f32(p.n);
     for (var k = 0u; k < p.k; k++) {
         let sm = exp(logits[b + k] - mx) / sum;
-        dlogits[b + k] = (sm - select(0.0, 1.0, k == t)) * inv_n;
+        dlogits[b + k] = (sm - select(0.0, 1.0 - e, k == t) - e_k) * inv_n;
     }
     let lt = logits[b + t];
     var above = 0u;
@@ -59,7 +64,7 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
         let v = logits[b + k];
         above += select(0u, 1u, v > lt || (v == lt && k < t));
     }
-    per_sample[4u * n] = lse - lt;
+    per_sample[4u * n] = lse - (1.0 - e) * lt - e_k * sum_l;
     per_sample[4u * n + 1u] = select(0.0, 1.0, arg == t);
     per_sample[4u * n + 2u] = f32(arg);
     per_sample[4u * n + 3u] = select(0.0, 1.0, above < 5u);

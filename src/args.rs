@@ -310,6 +310,11 @@ pub struct TrainArgs {
     /// SGD momentum.
     #[arg(long, default_value_t = hp::MOMENTUM)]
     pub momentum: f64,
+    /// Label smoothing ε of the training loss, as torch.nn.CrossEntropyLoss(label_smoothing=ε):
+    /// targets (1 − ε)·onehot + ε/classes. Evaluation reports plain cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub label_smoothing: f64,
     /// Adam/AdamW β1,β2 (torch.optim's betas).
     #[arg(long, value_parser = parse_betas, default_value = "0.9,0.999")]
     #[serde(default = "default_betas")]
@@ -398,6 +403,11 @@ impl TrainArgs {
         ensure!(
             (0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2),
             "--betas must be two numbers in [0, 1), got {b1},{b2}"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.label_smoothing),
+            "--label-smoothing must be in [0, 1), got {}",
+            self.label_smoothing
         );
         ensure!(self.eps > 0.0 && self.eps.is_finite(), "--eps must be a positive number, got {}", self.eps);
         ensure!(

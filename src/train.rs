@@ -136,6 +136,7 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     let pre = Preprocess { normalize: config.normalize.clone(), augment: args.augment };
 
     let mut net = Network::new(gpu.clone(), config.clone(), args.optimizer_config(), args.seed)?;
+    net.label_smoothing = args.label_smoothing as f32;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;

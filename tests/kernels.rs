@@ -854,6 +854,46 @@ fn cross_entropy_matches_reference_and_accumulates() {
     }
 }
 
+/// Label smoothing (torch's `label_smoothing`) on the GPU against the reference, on both
+/// reduction paths: batch 1, 3 classes, 300 samples, 1,000 classes.
+#[test]
+fn cross_entropy_label_smoothing_matches_reference() {
+    for (path, gpu) in gpus() {
+        for (i, (n, k, e)) in
+            [(1usize, 10usize, 0.1f32), (7, 3, 0.3), (300, 10, 0.1), (5, 1000, 0.5)].into_iter().enumerate()
+        {
+            let mut r = rng(950 + i as u64);
+            let logits = uniform(&mut r, n * k, -3.0, 3.0);
+            let target: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k as u32)).collect();
+            let tl = upload(&gpu, "logits", &[n, k], &logits);
+            let tt = Tensor::from_slice(&gpu, "target", &[n], &target).unwrap();
+            let tdl = zeros(&gpu, "dlogits", &[n, k]);
+            let per = zeros(&gpu, "per-sample", &[n, cross_entropy::per_sample::LEN]);
+            let res = zeros(&gpu, "result", &[result::LEN]);
+            let d =
+                cross_entropy::cross_entropy_forward_backward_smoothed(&gpu, &tl, &tt, &tdl, &per, &res, e).unwrap();
+            run(&gpu, &d);
+            let want = reference::cross_entropy::cross_entropy_forward_backward_smoothed(
+                &to_f64(&logits),
+                &target,
+                k,
+                f64::from(e),
+            );
+            // As the unsmoothed loss: log-sum-exp and sums over <= 1,000 terms in f32, ~1e-6 relative.
+            assert_close(
+                &format!("smoothed loss case {i} ({path})"),
+                &[read(&gpu, &res)[result::LOSS]],
+                &[want.loss],
+                1e-5,
+                1e-5,
+            );
+            // Entries are at most 1/n: absolute 1e-7 is ~1 ulp of the largest.
+            assert_close(&format!("smoothed dlogits case {i} ({path})"), &read(&gpu, &tdl), &want.dlogits, 1e-7, 1e-5);
+            assert_eq!(read(&gpu, &res)[result::CORRECT], want.correct as f32, "smoothing leaves the count");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // optimizers
 

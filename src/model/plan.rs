@@ -81,6 +81,9 @@ pub struct Network {
     updates: Vec<OptimizerStep>,
     /// Optimizer steps taken (1-based step of the next update is `step + 1`).
     pub step: u64,
+    /// Label smoothing of the training loss (`--label-smoothing`; 0 = none), read when a plan is
+    /// built. Evaluation always measures plain cross-entropy.
+    pub label_smoothing: f32,
     by_name: HashMap<String, usize>,
 }
 
@@ -152,7 +155,7 @@ impl Network {
             updates.push(update);
         }
         let by_name = params.iter().enumerate().map(|(i, p)| (p.spec.name.clone(), i)).collect();
-        Ok(Network { gpu, config, graph, params, flat, bn, optimizer, updates, step: 0, by_name })
+        Ok(Network { gpu, config, graph, params, flat, bn, optimizer, updates, step: 0, label_smoothing: 0.0, by_name })
     }
 
     pub fn param(&self, name: &str) -> Result<&Param> {
@@ -427,13 +430,14 @@ impl Network {
         let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
         let (train0, eval0) = (train.len(), eval.len());
         let _scope = gpu.label_scope("loss");
-        train.extend(cross_entropy::cross_entropy_forward_backward(
+        train.extend(cross_entropy::cross_entropy_forward_backward_smoothed(
             gpu,
             logits,
             &labels,
             dlogits,
             &per_sample,
             &train_result,
+            self.label_smoothing,
         )?);
         eval.extend(cross_entropy::cross_entropy_forward_backward(
             gpu,

@@ -41,7 +41,8 @@ pub mod per_sample {
 struct Params {
     n: u32,
     k: u32,
-    _pad: [u32; 2],
+    smoothing: f32,
+    _pad: u32,
 }
 
 const WG: u32 = 64;
@@ -57,6 +58,22 @@ pub fn cross_entropy_forward_backward(
     per_sample: &Tensor,
     result: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    cross_entropy_forward_backward_smoothed(gpu, logits, target, dlogits, per_sample, result, 0.0)
+}
+
+/// [`cross_entropy_forward_backward`] with label smoothing `smoothing` in [0, 1), as
+/// `torch.nn.CrossEntropyLoss(label_smoothing=…)`: the target distribution is
+/// (1 − smoothing)·onehot + smoothing/classes.
+pub fn cross_entropy_forward_backward_smoothed(
+    gpu: &Gpu,
+    logits: &Tensor,
+    target: &Tensor,
+    dlogits: &Tensor,
+    per_sample: &Tensor,
+    result: &Tensor,
+    smoothing: f32,
+) -> Result<Vec<Dispatch>> {
+    ensure!((0.0..1.0).contains(&smoothing), "cross_entropy: label smoothing must be in [0, 1), got {smoothing}");
     ensure!(
         logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
         "cross_entropy: logits must be a non-empty [n, classes], got {:?}",
@@ -67,8 +84,10 @@ pub fn cross_entropy_forward_backward(
     expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
     expect_shape("cross_entropy per-sample", per_sample, &[n, self::per_sample::LEN])?;
     expect_shape("cross_entropy result", result, &[result::LEN])?;
-    let params =
-        gpu.uniform("cross_entropy params", &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, _pad: [0; 2] });
+    let params = gpu.uniform(
+        "cross_entropy params",
+        &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, smoothing, _pad: 0 },
+    );
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, logits),
