@@ -3,11 +3,15 @@
 //
 //   cross_entropy_forward_backward  one invocation per sample:
 //       lse = max + log(sum_k exp(l_k - max))            (stable: no exp of a large number)
-//       loss[n] = lse - l[target];  dlogits[n, k] = (softmax_k - [k == target]) / N
+//       loss[n] = lse - (1 - e) l[target] - e/K sum_k l_k;  dlogits[n, k] = (softmax_k - q_k) / N
+//           with label smoothing e (torch's label_smoothing): q = (1 - e) onehot(target) + e/K
 //       correct[n] = argmax_k l == target (first maximum wins, as torch.argmax)
-//       per_sample[n] = (loss, correct, argmax) for evaluation's confusion matrix
+//       correct5[n] = the target ranks in the top 5: fewer than 5 logits rank above it (greater, or
+//           equal at a lower index: the tie rule argmax uses, so top-1 is this with 1)
+//       per_sample[n] = (loss, correct, argmax, correct5) for evaluation's confusion matrix
 //   cross_entropy_reduce  one workgroup (the reduce prelude's block_sum2): the batch mean loss and correct count into result[0..2],
-//       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps).
+//       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps),
+//       and the top-5 count to result[5].
 //
 // Logits and their gradient are `act` (f32 or f16, defined by the host per compiled variant); the
 // softmax and the loss are f32. With SCALED (f16 plans) the gradient is multiplied by the loss
@@ -16,10 +20,11 @@
 //
 // Versions: v1 the loss, gradient and correct count fused in one invocation per sample and a
 // fixed-order reduce; v2 the reduce over subgroups where there are subgroups (no change measurable
-// on lavapipe: a few µs per step); v3 (this) `act` logits and the loss scale for f16 plans.
+// on lavapipe: a few µs per step); v3 (this) `act` logits and the loss scale for f16 plans, label
+// smoothing and the top-5 count.
 
 struct Params {
-    n: u32, k: u32, _pad0: u32, _pad1: u32,
+    n: u32, k: u32, smoothing: f32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -51,23 +56,34 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
         }
     }
     var sum = 0.0;
+    var sum_l = 0.0;
     for (var k = 0u; k < p.k; k++) {
         sum += exp(f32(logits[b + k]) - mx);
+        sum_l += f32(logits[b + k]);
     }
+    let e = p.smoothing;
+    let e_k = e / f32(p.k);
     let t = labels[n];
     let lse = mx + log(sum);
     let inv_n = 1.0 / f32(p.n);
     for (var k = 0u; k < p.k; k++) {
         let sm = exp(f32(logits[b + k]) - mx) / sum;
-        var g = (sm - select(0.0, 1.0, k == t)) * inv_n;
+        var g = (sm - select(0.0, 1.0 - e, k == t) - e_k) * inv_n;
         if (SCALED) {
             g *= scaler[0];
         }
         dlogits[b + k] = act(g);
     }
-    per_sample[3u * n] = lse - f32(logits[b + t]);
-    per_sample[3u * n + 1u] = select(0.0, 1.0, arg == t);
-    per_sample[3u * n + 2u] = f32(arg);
+    let lt = f32(logits[b + t]);
+    var above = 0u;
+    for (var k = 0u; k < p.k; k++) {
+        let v = f32(logits[b + k]);
+        above += select(0u, 1u, v > lt || (v == lt && k < t));
+    }
+    per_sample[4u * n] = lse - (1.0 - e) * lt - e_k * sum_l;
+    per_sample[4u * n + 1u] = select(0.0, 1.0, arg == t);
+    per_sample[4u * n + 2u] = f32(arg);
+    per_sample[4u * n + 3u] = select(0.0, 1.0, above < 5u);
 }
 
 @compute @workgroup_size(RED_WG)
@@ -75,11 +91,14 @@ fn cross_entropy_reduce(lanes: Lanes) {
     let l = lane_of(lanes, RED_WG);
     var loss = 0.0;
     var correct = 0.0;
+    var correct5 = 0.0;
     for (var n = l.t; n < p.n; n += RED_WG) {
-        loss += per_sample_in[3u * n];
-        correct += per_sample_in[3u * n + 1u];
+        loss += per_sample_in[4u * n];
+        correct += per_sample_in[4u * n + 1u];
+        correct5 += per_sample_in[4u * n + 3u];
     }
     let sums = block_sum2(vec2<f32>(loss, correct), l);
+    let top5 = block_sum2(vec2<f32>(correct5, 0.0), l);
     if (l.t == 0u) {
         result[0] = sums.x / f32(p.n);
         result[1] = sums.y;
@@ -90,6 +109,7 @@ fn cross_entropy_reduce(lanes: Lanes) {
             result[2] += sums.x;
             result[3] += sums.y;
             result[4] += f32(p.n);
+            result[5] += top5.x;
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 
 use crate::data::{self, DatasetKind, Splits, cifar10};
 use crate::gpu::Precision;
@@ -30,7 +30,8 @@ pub struct DataArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub limit_test: Option<usize>,
-    /// Fetch CIFAR-10 into --data-dir (default ./data) if it is not there, checking its MD5.
+    /// Fetch the dataset into --data-dir if it is not there, checking MD5s: CIFAR-10 (default
+    /// ./data), MNIST (./data/mnist), Fashion-MNIST (./data/fashion-mnist).
     #[arg(long)]
     pub download: bool,
     /// Image folders: resize every image to H×W (`64` or `96x128`). Default: the first training
@@ -52,19 +53,52 @@ pub fn parse_image_size(s: &str) -> Result<[usize; 2], String> {
     }
 }
 
+/// `--val-split`: a whole number of images (at least 1) or a fraction in (0, 1).
+pub fn parse_val_split(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
+        Ok(v) if v >= 1.0 && v.fract() == 0.0 && v < 1e15 => Ok(v),
+        _ => Err(format!("expected a number of images (5000) or a fraction in (0, 1) (0.1), got {s:?}")),
+    }
+}
+
+/// The images `--val-split v` holds out of `n` training images: `v` itself, or the fraction `v`
+/// of `n` rounded to the nearest (at least 1); an error unless some remain to train on.
+pub fn val_count(v: f64, n: usize) -> Result<usize> {
+    let k = if v < 1.0 { ((v * n as f64).round() as usize).max(1) } else { v as usize };
+    ensure!(k < n, "--val-split {v} holds out {k} of the {n} training images and leaves none to train on");
+    Ok(k)
+}
+
 impl DataArgs {
     /// Load the dataset the arguments name, resolving the default (CIFAR-10 if present, else the
     /// sample); image folders are resized to `--image-size`, else `image_hw`, else their first image.
     pub fn load(&self, image_hw: Option<[usize; 2]>) -> Result<Splits> {
+        // Where --download puts MNIST and Fashion-MNIST without --data-dir (Debian's
+        // /usr/share/datasets is not ours to write).
+        let mut download_dir = None;
         if self.download {
-            ensure!(
-                matches!(self.dataset, None | Some(DatasetKind::Cifar10)),
-                "--download fetches CIFAR-10; for {:?} see the README",
-                self.dataset
-            );
-            let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
-            if !cifar10::present(&dir) {
-                cifar10::download(&dir, cifar10::URL, cifar10::MD5)?;
+            use crate::data::idx;
+            match self.dataset {
+                None | Some(DatasetKind::Cifar10) => {
+                    let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data"));
+                    if !cifar10::present(&dir) {
+                        cifar10::download(&dir, cifar10::URL, cifar10::MD5)?;
+                    }
+                }
+                Some(kind @ (DatasetKind::Mnist | DatasetKind::FashionMnist)) => {
+                    let (sub, url, files) = if kind == DatasetKind::Mnist {
+                        ("mnist", idx::MNIST_URL, &idx::MNIST_FILES)
+                    } else {
+                        ("fashion-mnist", idx::FASHION_MNIST_URL, &idx::FASHION_MNIST_FILES)
+                    };
+                    let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("data").join(sub));
+                    if !idx::present(&dir) {
+                        idx::download(&dir, url, files)?;
+                    }
+                    download_dir = Some(dir);
+                }
+                Some(other) => bail!("--download fetches cifar10, mnist and fashion-mnist, not {other:?}"),
             }
         }
         let kind = match self.dataset {
@@ -83,7 +117,11 @@ impl DataArgs {
                 }
             }
         };
-        let dir = if kind == DatasetKind::Sample && self.dataset.is_none() { None } else { self.data_dir.as_deref() };
+        let dir = if kind == DatasetKind::Sample && self.dataset.is_none() {
+            None
+        } else {
+            download_dir.as_deref().or(self.data_dir.as_deref())
+        };
         ensure!(
             kind == DatasetKind::Folder || self.image_size.is_none(),
             "--image-size resizes image folders (--dataset folder) only; other datasets keep their images' size"
@@ -100,6 +138,25 @@ impl DataArgs {
 // ---------------------------------------------------------------------------------------------
 // Network
 
+/// The valid `--model` names, as `--help` and the error for an unknown one say them.
+pub const MODEL_NAMES: &str = "senet; resnetD or se-resnetD with D = 6n+2 (8, 20, 32, 44, 56, 110, …: CIFAR \
+     ResNets) or D = 18, 34, 50, 101, 152 (ImageNet ResNets)";
+
+fn default_betas() -> (f64, f64) {
+    hp::ADAM_BETAS
+}
+
+fn default_eps() -> f64 {
+    hp::ADAM_EPS
+}
+
+/// `--betas`: `B1,B2`.
+pub fn parse_betas(s: &str) -> Result<(f64, f64), String> {
+    let err = || format!("expected two numbers B1,B2 (0.9,0.999), got {s:?}");
+    let (a, b) = s.split_once(',').ok_or_else(err)?;
+    Ok((a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?))
+}
+
 fn default_model() -> String {
     hp::MODEL.into()
 }
@@ -108,7 +165,8 @@ fn default_model() -> String {
 #[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct ModelArgs {
     /// senet (the base model); [se-]resnet20/32/44/56/110 (CIFAR ResNets, any 6n+2 depth);
-    /// [se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images).
+    /// [se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images). Checked before any data
+    /// is read.
     #[arg(long, default_value = hp::MODEL)]
     #[serde(default = "default_model")]
     pub model: String,
@@ -145,11 +203,10 @@ impl ModelArgs {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
         if self.model != "senet" {
-            ensure!(
-                crate::model::resnet::parse_name(&self.model).is_some(),
-                "--model {:?}: expected senet, resnet20/32/56/110 or se-resnet20/32/56/110",
-                self.model
-            );
+            use crate::model::resnet::{IMAGENET_DEPTHS, parse_name};
+            let known = parse_name(&self.model)
+                .is_some_and(|(d, _)| IMAGENET_DEPTHS.contains(&d) || (d >= 8 && (d - 2).is_multiple_of(6)));
+            ensure!(known, "--model {:?}: expected one of {MODEL_NAMES}", self.model);
             return Ok(());
         }
         let (first, last) =
@@ -234,6 +291,11 @@ pub struct TrainArgs {
     /// Train on the first N training images only.
     #[arg(long)]
     pub limit_train: Option<usize>,
+    /// Hold out a seeded part of the training set for validation: N images, or a fraction (0.1 =
+    /// 10 %). best.safetensors is then chosen on validation accuracy, the test set reported beside.
+    #[arg(long, value_name = "N|FRACTION", value_parser = parse_val_split)]
+    #[serde(default)]
+    pub val_split: Option<f64>,
     #[command(flatten)]
     #[serde(flatten)]
     pub net: ModelArgs,
@@ -249,6 +311,23 @@ pub struct TrainArgs {
     /// SGD momentum.
     #[arg(long, default_value_t = hp::MOMENTUM)]
     pub momentum: f64,
+    /// Label smoothing ε of the training loss, as torch.nn.CrossEntropyLoss(label_smoothing=ε):
+    /// targets (1 − ε)·onehot + ε/classes. Evaluation reports plain cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Adam/AdamW β1,β2 (torch.optim's betas).
+    #[arg(long, value_parser = parse_betas, default_value = "0.9,0.999")]
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    /// Adam/AdamW ε, added to the root of the second moment (torch.optim's eps).
+    #[arg(long, default_value_t = hp::ADAM_EPS)]
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// SGD with Nesterov momentum (torch.optim.SGD's nesterov=True).
+    #[arg(long)]
+    #[serde(default)]
+    pub nesterov: bool,
     /// L2 (Adam, SGD) or decoupled (AdamW) weight decay.
     #[arg(long, default_value_t = hp::WEIGHT_DECAY)]
     pub weight_decay: f64,
@@ -272,9 +351,26 @@ pub struct TrainArgs {
     /// Normalise inputs with the training set's per-channel mean and std.
     #[arg(long)]
     pub normalize: bool,
+    /// Normalise with these per-channel means instead (after /255, as transforms.Normalize;
+    /// comma-separated, one per channel; with --std).
+    #[arg(long, value_delimiter = ',', requires = "std")]
+    #[serde(default)]
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviations for --mean.
+    #[arg(long, value_delimiter = ',', requires = "mean")]
+    #[serde(default)]
+    pub std: Vec<f64>,
     /// Random crop (4-pixel padding) and horizontal flip while training.
     #[arg(long)]
     pub augment: bool,
+    /// Switch off the augmentation --recipe paper turns on.
+    #[arg(long, conflicts_with = "augment")]
+    #[serde(default)]
+    pub no_augment: bool,
+    /// Switch off the normalisation --recipe paper turns on.
+    #[arg(long, conflicts_with_all = ["normalize", "mean"])]
+    #[serde(default)]
+    pub no_normalize: bool,
     /// Run folder for config.json, metrics.csv and checkpoints.
     #[arg(long, default_value = hp::OUT)]
     pub out: PathBuf,
@@ -309,6 +405,28 @@ impl TrainArgs {
         ensure!(self.momentum >= 0.0 && self.momentum < 1.0, "--momentum must be in [0, 1), got {}", self.momentum);
         ensure!(self.weight_decay >= 0.0, "--weight-decay must be >= 0, got {}", self.weight_decay);
         ensure!(self.log_every >= 1, "--log-every must be at least 1");
+        let (b1, b2) = self.betas;
+        ensure!(
+            (0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2),
+            "--betas must be two numbers in [0, 1), got {b1},{b2}"
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.label_smoothing),
+            "--label-smoothing must be in [0, 1), got {}",
+            self.label_smoothing
+        );
+        ensure!(self.eps > 0.0 && self.eps.is_finite(), "--eps must be a positive number, got {}", self.eps);
+        ensure!(
+            !self.nesterov || (self.optimizer == OptimizerKind::Sgd && self.momentum > 0.0),
+            "--nesterov needs --optimizer sgd and a --momentum above 0 (as torch.optim.SGD)"
+        );
+        ensure!(
+            self.mean.len() == self.std.len(),
+            "--mean has {} values and --std {}: give one of each per channel",
+            self.mean.len(),
+            self.std.len()
+        );
+        ensure!(self.std.iter().all(|&s| s > 0.0), "--std values must be positive, got {:?}", self.std);
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
             "--warmup-epochs must be in [0, epochs), got {}",
@@ -335,8 +453,8 @@ impl TrainArgs {
             if !given("schedule") {
                 self.schedule = hp::PAPER_SCHEDULE;
             }
-            self.augment = true;
-            self.normalize = true;
+            self.augment = !self.no_augment;
+            self.normalize = !self.no_normalize;
         }
     }
 
@@ -346,12 +464,12 @@ impl TrainArgs {
     }
 
     pub fn optimizer_config(&self) -> OptimizerConfig {
-        let (beta1, beta2) = hp::ADAM_BETAS;
+        let (beta1, beta2) = self.betas;
         let adam = |decoupled| OptimizerConfig::Adam {
             lr: self.lr,
             beta1,
             beta2,
-            eps: hp::ADAM_EPS,
+            eps: self.eps,
             weight_decay: self.weight_decay,
             decoupled,
         };
@@ -363,7 +481,7 @@ impl TrainArgs {
                 momentum: self.momentum,
                 dampening: hp::SGD_DAMPENING,
                 weight_decay: self.weight_decay,
-                nesterov: hp::SGD_NESTEROV,
+                nesterov: self.nesterov,
             },
         }
     }

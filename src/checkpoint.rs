@@ -82,23 +82,64 @@ pub fn save(net: &Network, path: &Path) -> Result<()> {
     write_atomic(path, &to_bytes(&state_dict(net)?)?)
 }
 
-/// Parse safetensors bytes (f32 and i64 tensors; f64/f16/bf16 are refused with their name).
+/// An IEEE half-precision value (bits) as f32, exactly (every f16 is an f32).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: shift the mantissa up until its leading one is the implicit bit.
+            // man = 1.f × 2^(10 - lead), so the value is 1.f × 2^(-14 - lead).
+            let lead = man.leading_zeros() - 21; // shifts that bring the leading one to bit 10
+            sign | ((127 - 14 - lead) << 23) | (((man << lead) & 0x3ff) << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 127 - 15) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Parse safetensors bytes: f32 and i64 tensors, and f16, bf16 and f64 ones converted to f32
+/// (said once per file, on stderr); any other type is refused with its name.
 pub fn from_bytes(bytes: &[u8], what: &str) -> Result<StateDict> {
     let st = safetensors::SafeTensors::deserialize(bytes)
         .with_context(|| format!("{what}: not a readable safetensors file"))?;
     let mut sd = StateDict::new();
+    let mut converted = std::collections::BTreeSet::new();
     for (name, view) in st.tensors() {
         let data = view.data();
+        let u16s = || data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
         let value = match view.dtype() {
             Dtype::F32 => {
                 Value::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
             }
+            Dtype::F16 => {
+                converted.insert("F16");
+                Value::F32(u16s().map(f16_to_f32).collect())
+            }
+            Dtype::BF16 => {
+                converted.insert("BF16");
+                Value::F32(u16s().map(|b| f32::from_bits(u32::from(b) << 16)).collect())
+            }
+            Dtype::F64 => {
+                converted.insert("F64");
+                let f64s = data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+                Value::F32(f64s.map(|v| v as f32).collect())
+            }
             Dtype::I64 => {
                 Value::I64(data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
             }
-            other => bail!("{what}: tensor {name} is {other:?}; expected F32 (or I64 for num_batches_tracked)"),
+            other => bail!(
+                "{what}: tensor {name} is {other:?}; expected F32, F16, BF16 or F64 (or I64 for num_batches_tracked)"
+            ),
         };
         sd.insert(name, Entry { shape: view.shape().to_vec(), value });
+    }
+    if !converted.is_empty() {
+        let kinds: Vec<&str> = converted.into_iter().collect();
+        eprintln!("note: {what}: {} tensors converted to f32", kinds.join(", "));
     }
     Ok(sd)
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::args::DataArgs;
 use crate::checkpoint;
@@ -16,7 +16,7 @@ use crate::gpu::{Gpu, Precision};
 use crate::hparams as hp;
 use crate::model::ModelConfig;
 use crate::model::plan::{Network, StepPlan, clear_metrics};
-use crate::ops::cross_entropy::result;
+use crate::ops::cross_entropy::{per_sample, result};
 use crate::ops::optimizer::OptimizerConfig;
 
 // ---------------------------------------------------------------------------------------------
@@ -48,24 +48,36 @@ pub(crate) fn read_sums(net: &Network, plans: &HashMap<usize, StepPlan>, eval: b
     Ok(s)
 }
 
-/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy).
+/// The running top-5 correct count of every plan's metrics buffer (the loss kernel's, on the GPU).
+pub(crate) fn read_correct5(net: &Network, plans: &HashMap<usize, StepPlan>, eval: bool) -> Result<f64> {
+    let mut s = 0.0;
+    for p in plans.values() {
+        let r = if eval { &p.eval_result } else { &p.train_result }.read::<f32>(&net.gpu)?;
+        s += f64::from(r[result::SUM_CORRECT5]);
+    }
+    Ok(s)
+}
+
+/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy, top-5 accuracy).
 pub fn evaluate(
     net: &Network,
     plans: &HashMap<usize, StepPlan>,
     ds: &Arc<data::Dataset>,
     batch: usize,
     pre: &Preprocess,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
     for b in loader::epoch_batches(ds.clone(), batch, Preprocess { augment: false, ..pre.clone() }, false, 0, 0) {
+        let b = b?;
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
     }
     let (loss, correct, count) = read_sums(net, plans, true)?;
-    Ok((loss / count.max(1.0), correct / count.max(1.0)))
+    let correct5 = read_correct5(net, plans, true)?;
+    Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -99,6 +111,8 @@ pub struct EvalArgs {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EvalReport {
     pub accuracy: f64,
+    /// Share of images whose class is among the 5 highest logits.
+    pub top5_accuracy: f64,
     pub loss: f64,
     pub correct: usize,
     pub total: usize,
@@ -130,6 +144,14 @@ pub fn checkpoint_config(
     reduction: Option<usize>,
 ) -> Result<ModelConfig> {
     if let Some(cfg) = saved_model_config(ckpt)? {
+        // A flag that says otherwise than the run's own config.json is an error, never ignored.
+        let json = ckpt.with_file_name("config.json");
+        if let Some(w) = width.filter(|&w| w != cfg.width) {
+            bail!("--width {w} contradicts {}: the model has width {}", json.display(), cfg.width);
+        }
+        if let Some(r) = reduction.filter(|&r| r != cfg.reduction) {
+            bail!("--reduction {r} contradicts {}: the model has reduction {}", json.display(), cfg.reduction);
+        }
         return Ok(cfg);
     }
     let mut cfg = checkpoint::infer_config(sd, input_hw, &ckpt.display().to_string())?;
@@ -178,6 +200,7 @@ pub fn evaluate_checkpoint(
         clear_metrics(&net.gpu, &p.eval_result);
     }
     for b in loader::epoch_batches(test.clone(), args.batch_size, pre, false, 0, 0) {
+        let b = b?;
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
@@ -188,6 +211,7 @@ pub fn evaluate_checkpoint(
 
 pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
     let mut confusion: Vec<Vec<usize>> = Vec::new();
+    let mut correct5 = 0.0;
     let (config, (loss, correct, count)) = evaluate_checkpoint(gpu, args, |net, plan, labels| {
         let k = net.config.num_classes;
         if confusion.is_empty() {
@@ -195,7 +219,8 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
         }
         let per = plan.per_sample.read::<f32>(&net.gpu)?;
         for (i, &t) in labels.iter().enumerate() {
-            let pred = per[3 * i + 2] as usize;
+            let pred = per[per_sample::LEN * i + per_sample::PREDICTED] as usize;
+            correct5 += f64::from(per[per_sample::LEN * i + per_sample::CORRECT5]);
             if (t as usize) < k && pred < k {
                 confusion[t as usize][pred] += 1;
             }
@@ -212,6 +237,7 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
         .collect();
     Ok(EvalReport {
         accuracy: correct / count.max(1.0),
+        top5_accuracy: correct5 / count.max(1.0),
         loss: loss / count.max(1.0),
         correct: correct as usize,
         total: count as usize,
@@ -224,8 +250,8 @@ pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
 /// The report as the tables `senet eval` prints.
 pub fn format_report(r: &EvalReport) -> String {
     let mut s = format!(
-        "test loss {:.4}  accuracy {:.4} ({}/{})\n\nper-class accuracy:\n",
-        r.loss, r.accuracy, r.correct, r.total
+        "test loss {:.4}  accuracy {:.4} ({}/{})  top-5 accuracy {:.4}\n\nper-class accuracy:\n",
+        r.loss, r.accuracy, r.correct, r.total, r.top5_accuracy
     );
     for (name, a) in r.classes.iter().zip(&r.per_class_accuracy) {
         s += &format!("  {name:>14} {a:.4}\n");
@@ -244,7 +270,27 @@ pub fn format_report(r: &EvalReport) -> String {
 // ---------------------------------------------------------------------------------------------
 // Prediction
 
-/// Top-`k` (class, probability) for each image file.
+/// Image files as given, and in place of each folder its image files (by extension), sorted.
+pub fn expand_image_folders(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.is_dir() {
+            out.push(p.clone());
+            continue;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+            .with_context(|| format!("reading folder {}", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.is_file() && image::ImageFormat::from_path(f).is_ok())
+            .collect();
+        ensure!(!files.is_empty(), "{}: a folder with no image files (png, jpg, bmp, …)", p.display());
+        files.sort();
+        out.extend(files);
+    }
+    Ok(out)
+}
+
+/// Top-`k` (class, class index, probability) for each image file.
 pub fn predict(
     gpu: Arc<Gpu>,
     ckpt: &Path,
@@ -253,10 +299,22 @@ pub fn predict(
     width: Option<f64>,
     reduction: Option<usize>,
     image_size: Option<[usize; 2]>,
-) -> Result<Vec<Vec<(String, f32)>>> {
+) -> Result<Vec<Vec<(String, usize, f32)>>> {
     ensure!(!images.is_empty(), "predict needs at least one image");
     let sd = checkpoint::load(ckpt)?;
     let config = checkpoint_config(ckpt, &sd, image_size.unwrap_or([hp::IMAGE_SIZE; 2]), width, reduction)?;
+    if let Some([h, w]) = image_size.filter(|&s| s != config.input_hw) {
+        let [mh, mw] = config.input_hw;
+        bail!(
+            "--image-size {h}x{w} contradicts {}: the model takes {mh}x{mw} images",
+            ckpt.with_file_name("config.json").display()
+        );
+    }
+    ensure!(
+        (1..=config.num_classes).contains(&k),
+        "--topk {k}: expected 1 to the model's {} classes",
+        config.num_classes
+    );
     let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
     checkpoint::apply(&mut net, &sd, &ckpt.display().to_string())?;
     let plan = net.plan(1)?;
@@ -280,7 +338,7 @@ pub fn predict(
             ranked
                 .into_iter()
                 .take(k)
-                .map(|(i, p)| (config.classes.get(i).cloned().unwrap_or_else(|| format!("class {i}")), p as f32))
+                .map(|(i, p)| (config.classes.get(i).cloned().unwrap_or_else(|| format!("class {i}")), i, p as f32))
                 .collect(),
         );
     }

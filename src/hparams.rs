@@ -50,9 +50,8 @@ pub const WARMUP_EPOCHS: f64 = 0.0;
 /// Adam/AdamW betas and epsilon: PyTorch's defaults.
 pub const ADAM_BETAS: (f64, f64) = (0.9, 0.999);
 pub const ADAM_EPS: f64 = 1e-8;
-/// SGD as `torch.optim.SGD`'s defaults: no dampening, no Nesterov.
+/// SGD as `torch.optim.SGD`'s defaults: no dampening, no Nesterov (`--nesterov` turns it on).
 pub const SGD_DAMPENING: f64 = 0.0;
-pub const SGD_NESTEROV: bool = false;
 /// `--schedule step`: the learning rate is multiplied by `STEP_FACTOR` when the run reaches
 /// each fraction (numerator, denominator) of its epochs — ÷10 at 50 % and at 75 %, the paper's.
 pub const STEP_MILESTONES: [(usize, usize); 2] = [(1, 2), (3, 4)];

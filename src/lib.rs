@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod excitations;
+pub mod exit;
 pub mod files;
 pub mod gpu;
 pub mod hparams;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use senet_wgpu::args::{self, InputArgs, ModelArgs, TrainArgs};
 use senet_wgpu::eval::{self, EvalArgs};
 use senet_wgpu::gpu::{self, Gpu, GpuOptions, NoAdapterError};
-use senet_wgpu::{hparams, train};
+use senet_wgpu::{exit, hparams, train};
 
 #[derive(Parser)]
 #[command(name = "senet", version, about = "Train Squeeze-and-Excitation networks on any GPU through wgpu")]
@@ -42,7 +42,7 @@ enum Command {
     Eval(EvalArgs),
     /// Mean SE excitation per channel per class over the test set (CSV, PNG) and a channel ranking.
     Excitations(senet_wgpu::excitations::ExcitationArgs),
-    /// Top-5 classes with probabilities for each image.
+    /// The top classes with probabilities for each image (or each image in a folder).
     Predict {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -56,6 +56,13 @@ enum Command {
         /// [default: 32]; images are resized to it.
         #[arg(long, value_parser = args::parse_image_size)]
         image_size: Option<[usize; 2]>,
+        /// How many classes to print per image, most probable first.
+        #[arg(long, default_value_t = hparams::PREDICT_TOP_K)]
+        topk: usize,
+        /// Print one JSON object per image: {"image", "top": [{"class", "index", "probability"}]}.
+        #[arg(long)]
+        json: bool,
+        /// Image files, or folders whose image files (by extension, sorted by name) are each read.
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
@@ -123,6 +130,15 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
             });
             args.validate()?;
+            let given: Vec<&str> = sub
+                .map(|m| {
+                    m.ids()
+                        .map(|id| id.as_str())
+                        .filter(|id| m.value_source(id).is_some_and(|s| s == clap::parser::ValueSource::CommandLine))
+                        .collect()
+                })
+                .unwrap_or_default();
+            senet_wgpu::run::resume_conflicts(&args, &given)?;
             train::train(Gpu::new(&opts)?, &args)?;
         }
         Command::Eval(args) => {
@@ -149,12 +165,20 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
-        Command::Predict { checkpoint, width, reduction, image_size, images } => {
-            let top_k = hparams::PREDICT_TOP_K;
-            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, top_k, width, reduction, image_size)?;
+        Command::Predict { checkpoint, width, reduction, image_size, topk, json, images } => {
+            let images = eval::expand_image_folders(&images)?;
+            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, topk, width, reduction, image_size)?;
             for (path, top) in images.iter().zip(results) {
+                if json {
+                    let top: Vec<_> = top
+                        .iter()
+                        .map(|(class, index, p)| serde_json::json!({"class": class, "index": index, "probability": p}))
+                        .collect();
+                    println!("{}", serde_json::json!({"image": path, "top": top}));
+                    continue;
+                }
                 println!("{}", path.display());
-                for (class, p) in top {
+                for (class, _, p) in top {
                     println!("  {p:>7.4}  {class}");
                 }
             }
@@ -239,14 +263,16 @@ fn main() -> ExitCode {
     };
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some() => {
-            eprintln!("{e:#}");
-            ExitCode::from(130)
-        }
         Err(e) => {
-            eprintln!("error: {e:#}");
-            // A missing adapter, like bad input, is the user's to fix: exit 2, as for bad arguments.
-            ExitCode::from(2)
+            // 130 interrupted, 1 a runtime failure, 2 bad input (a missing adapter is the user's to
+            // fix too, as bad arguments are): the table in `senet_wgpu::exit` and the README.
+            let code = exit::code(&e, |e| e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some());
+            if code == exit::INTERRUPTED {
+                eprintln!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(code)
         }
     }
 }

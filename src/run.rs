@@ -2,7 +2,8 @@
 //!
 //! - `config.json`: `{"model": ModelConfig, "train": TrainArgs, "dataset": name}`, written once;
 //! - `metrics.csv` (one line per finished epoch) and `metrics.png` (its plot);
-//! - `best.safetensors` (best test accuracy), `last.safetensors`;
+//! - `best.safetensors` (best validation accuracy with `--val-split`, else best test accuracy),
+//!   `last.safetensors`;
 //! - `resume.safetensors`: the model, optimizer state and step with the metrics history, the best
 //!   accuracy and, after a Ctrl-C inside an epoch, how far that epoch got — written by one
 //!   function, [`RunFolder::save`], at the end of every epoch and on Ctrl-C.
@@ -34,7 +35,8 @@ pub type EpochSums = (f32, f32, f32);
 pub struct RunState {
     /// The finished epochs.
     pub history: Vec<EpochMetrics>,
-    /// The best test accuracy so far (-∞ before the first epoch).
+    /// The best accuracy so far that best.safetensors is chosen on ([`EpochMetrics::selection_acc`]:
+    /// validation, else test; -∞ before the first epoch).
     pub best_acc: f64,
     /// (steps done, metric sums) of an epoch interrupted part-way.
     pub partial: Option<(usize, EpochSums)>,
@@ -64,6 +66,45 @@ pub fn resumed_args(args: &TrainArgs) -> Result<Option<TrainArgs>> {
     saved.epochs = args.epochs.or(saved.epochs);
     saved.resume = Some(dir.clone());
     Ok(Some(saved))
+}
+
+/// `--resume RUN_DIR` with flags given on the command line (`given`: their clap ids, the field
+/// names) that differ from the run's own settings: an error naming each with both values.
+/// `--epochs` (may raise the total) and `--resume` itself are exempt.
+pub fn resume_conflicts(args: &TrainArgs, given: &[&str]) -> Result<()> {
+    let Some(dir) = &args.resume else { return Ok(()) };
+    let flat = |a: &TrainArgs| -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut v = match serde_json::to_value(a)? {
+            serde_json::Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        if let Some(serde_json::Value::Object(data)) = v.remove("data") {
+            v.extend(data);
+        }
+        Ok(v)
+    };
+    let (ours, theirs) = (flat(args)?, flat(&saved_args(dir)?)?);
+    let show = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "none".into(),
+        other => other.to_string(),
+    };
+    let mut diffs = Vec::new();
+    for id in given.iter().filter(|id| !matches!(**id, "epochs" | "resume")) {
+        let theirs = theirs.get(*id).unwrap_or(&serde_json::Value::Null);
+        if let Some(ours) = ours.get(*id).filter(|v| *v != theirs) {
+            diffs.push(format!("--{} {} (the run has {})", id.replace('_', "-"), show(ours), show(theirs)));
+        }
+    }
+    anyhow::ensure!(
+        diffs.is_empty(),
+        "--resume {} continues the run with its own settings; these flags differ from them: {}. Drop them, or start \
+         a new run with --init {}",
+        dir.display(),
+        diffs.join(", "),
+        dir.join("last.safetensors").display()
+    );
+    Ok(())
 }
 
 /// Training was stopped by a signal after saving; `main` exits with 130.
@@ -155,8 +196,8 @@ impl RunFolder {
         let csv_err = || format!("writing {}", self.dir.join("metrics.csv").display());
         self.csv.write_all(m.csv_line().as_bytes()).with_context(csv_err)?;
         self.csv.flush().with_context(csv_err)?;
-        if m.test_acc > state.best_acc {
-            state.best_acc = m.test_acc;
+        if m.selection_acc() > state.best_acc {
+            state.best_acc = m.selection_acc();
             checkpoint::save(net, &self.dir.join("best.safetensors"))?;
         }
         state.history.push(m);

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
@@ -25,19 +24,11 @@ use crate::ops::cross_entropy::result;
 use crate::run::{self, EpochSums, Interrupted, RunFolder, RunState};
 
 // ---------------------------------------------------------------------------------------------
-// Stopping: a signal saves and ends the run; a non-finite loss ends it without saving.
-
-/// Set by Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 130.
-static STOP: AtomicBool = AtomicBool::new(false);
+// Stopping: a signal saves and ends the run (`crate::exit`); a non-finite loss ends it without saving.
 
 /// f16: consecutive skipped steps after which the run stops (each halves the loss scale, so 50 is
 /// a factor 2^50 — no gradient overflow needs that; a forward pass that overflows f16 never recovers).
 const MAX_SKIPPED_IN_A_ROW: u32 = 50;
-
-fn install_stop_handler() {
-    // Only the first call in a process installs it; later runs share the flag.
-    let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
-}
 
 /// The loss went NaN or infinite: name the step and the first layer whose output (or the first
 /// parameter) is not finite. Nothing is saved, so the last good checkpoint stays as it was.
@@ -62,14 +53,19 @@ fn divergence(net: &Network, plan: &StepPlan, epoch: usize, step: usize) -> anyh
 // ---------------------------------------------------------------------------------------------
 // Settings, data, network
 
-/// The training and test sets, and the model configuration they and the flags make.
-fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Dataset, ModelConfig)> {
+/// The training, validation (`--val-split`) and test sets, and the model configuration they and
+/// the flags make. Normalisation statistics come from the training images only.
+fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Option<Dataset>, Dataset, ModelConfig)> {
     let splits = args.data.load(None)?;
     let mut train_set = splits.train;
     if let Some(n) = args.limit_train {
         ensure!(n >= 1, "--limit-train must be at least 1");
         train_set.truncate(n);
     }
+    let val_set = match args.val_split {
+        Some(v) => Some(train_set.hold_out(crate::args::val_count(v, train_set.len())?, args.seed)),
+        None => None,
+    };
     ensure!(
         splits.test.shape == train_set.shape,
         "test images {:?} differ from training images {:?}",
@@ -78,8 +74,13 @@ fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Dataset, ModelConfig)
     );
     let [c, h, w] = train_set.shape;
     let mut config = args.net.config(c, [h, w], train_set.classes.len(), train_set.classes.clone());
-    config.normalize = args.normalize.then(|| loader::channel_stats(&train_set));
-    Ok((splits.name, train_set, splits.test, config))
+    config.normalize = if args.mean.is_empty() {
+        args.normalize.then(|| loader::channel_stats(&train_set))
+    } else {
+        ensure!(args.mean.len() == c, "--mean and --std give {} channels; the images have {c}", args.mean.len());
+        Some(args.mean.iter().zip(&args.std).map(|(&m, &s)| (m as f32, s as f32)).collect())
+    };
+    Ok((splits.name, train_set, val_set, splits.test, config))
 }
 
 /// A new run folder, or the `--resume`d one with `net` restored from it.
@@ -134,15 +135,18 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
     let resumed = run::resumed_args(args)?;
     let args = resumed.as_ref().unwrap_or(args);
     args.validate()?;
-    let (dataset, train_set, test_set, config) = load_data(args)?;
+    let (dataset, train_set, val_set, test_set, config) = load_data(args)?;
     let pre = Preprocess { normalize: config.normalize.clone(), augment: args.augment };
 
     let mut net = Network::new_in(gpu.clone(), config.clone(), args.optimizer_config(), args.seed, args.precision)?;
+    net.label_smoothing = args.label_smoothing as f32;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
     }
-    let plans = plans_for(&net, args.batch_size, &[train_set.len(), test_set.len()])?;
+    let lens: Vec<usize> =
+        [train_set.len(), test_set.len()].into_iter().chain(val_set.as_ref().map(Dataset::len)).collect();
+    let plans = plans_for(&net, args.batch_size, &lens)?;
     print_tuning(&gpu);
     let (mut run, mut state) = open_run(args, &config, &dataset, &mut net)?;
 
@@ -159,7 +163,15 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         args.batch_size,
         args.optimizer
     );
-    println!("{}", EpochMetrics::table_header());
+    match &val_set {
+        Some(v) => println!(
+            "best.safetensors is chosen on validation accuracy ({} images held out of training, seed {}); test beside it",
+            v.len(),
+            args.seed
+        ),
+        None => println!("best.safetensors is chosen on test accuracy (no --val-split), so that figure is optimistic"),
+    }
+    println!("{}", EpochMetrics::table_header(val_set.is_some()));
 
     let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
     let t = Trainer {
@@ -173,12 +185,17 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         first_epoch: state.history.len() + 1,
     };
     let test_set = Arc::new(test_set);
-    install_stop_handler();
+    let val_set = val_set.map(Arc::new);
+    crate::exit::install_stop_handler();
     for epoch in t.first_epoch..=args.epochs() {
         let t0 = Instant::now();
         let partial = state.partial.take();
         let ((l, c, n), train_secs) = t.train_epoch(&mut net, &run, &state, epoch, partial, t0)?;
-        let (test_loss, test_acc) = evaluate(&net, &t.plans, &test_set, args.batch_size, &t.pre)?;
+        let val = match &val_set {
+            Some(v) => Some(evaluate(&net, &t.plans, v, args.batch_size, &t.pre)?),
+            None => None,
+        };
+        let (test_loss, test_acc, test_top5_acc) = evaluate(&net, &t.plans, &test_set, args.batch_size, &t.pre)?;
         let m = EpochMetrics {
             epoch,
             train_loss: l / n,
@@ -187,14 +204,27 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             test_acc,
             seconds: t0.elapsed().as_secs_f64(),
             train_images_per_s: n / train_secs,
+            val_loss: val.map(|v| v.0),
+            val_acc: val.map(|v| v.1),
+            test_top5_acc,
+            val_top5_acc: val.map(|v| v.2),
+            lr: t.lr_at(epoch, t.steps_per_epoch),
         };
         println!("{}", m.table_row());
         run.finish_epoch(&net, &mut state, m)?;
-        if STOP.load(Ordering::SeqCst) && epoch < args.epochs() {
+        if crate::exit::stop_requested() && epoch < args.epochs() {
             return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0 }.into());
         }
     }
-    println!("best test accuracy {:.4}; checkpoints and metrics in {}", state.best_acc, args.out.display());
+    if let Some(b) = state.history.iter().find(|m| m.selection_acc() == state.best_acc) {
+        match b.val_acc {
+            Some(v) => {
+                println!("best validation accuracy {v:.4} at epoch {} (test accuracy {:.4})", b.epoch, b.test_acc)
+            }
+            None => println!("best test accuracy {:.4} at epoch {}", b.test_acc, b.epoch),
+        }
+    }
+    println!("checkpoints and metrics in {}", args.out.display());
     Ok(TrainSummary { history: state.history, best_acc: state.best_acc, out: args.out.clone() })
 }
 
@@ -235,18 +265,11 @@ impl Trainer<'_> {
         let batches =
             loader::epoch_batches(self.train_set.clone(), args.batch_size, self.pre.clone(), true, args.seed, epoch);
         // Skipped batches are still made, so the augmentation's random stream is where it was.
-        for (step, b) in batches.into_iter().enumerate().skip(skip) {
+        for (step, b) in batches.enumerate().skip(skip) {
+            let b = b?;
             let plan = self.plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(gpu, &b.images, &b.labels)?;
-            let global = (epoch - 1) * self.steps_per_epoch + step;
-            net.set_lr(lr_at(
-                args.lr,
-                args.schedule,
-                args.warmup_epochs,
-                global,
-                self.steps_per_epoch,
-                self.total_steps,
-            ));
+            net.set_lr(self.lr_at(epoch, step + 1));
             if args.profile && step == skip && epoch == args.epochs().min(self.first_epoch + 1) {
                 profile_step(net, plan, epoch, step, &pb)?;
                 in_flight = None;
@@ -259,10 +282,10 @@ impl Trainer<'_> {
             if let Some(prev) = in_flight.replace(idx) {
                 gpu.device
                     .poll(wgpu::PollType::Wait { submission_index: Some(prev), timeout: None })
-                    .context("waiting for the GPU")?;
+                    .map_err(|e| crate::exit::runtime(format!("waiting for the GPU: {e}")))?;
             }
             pb.inc(1);
-            let stop = STOP.load(Ordering::SeqCst);
+            let stop = crate::exit::stop_requested();
             if (step + 1) % args.log_every == 0 || stop {
                 self.log_progress(net, plan, epoch, step + 1, t0, &pb)?;
             }
@@ -285,6 +308,13 @@ impl Trainer<'_> {
             return Err(divergence(net, last, epoch, self.steps_per_epoch));
         }
         Ok((sums, train_secs))
+    }
+
+    /// The learning rate of step `step` (1-based) of `epoch`.
+    fn lr_at(&self, epoch: usize, step: usize) -> f64 {
+        let a = self.args;
+        let global = (epoch - 1) * self.steps_per_epoch + step - 1;
+        lr_at(a.lr, a.schedule, a.warmup_epochs, global, self.steps_per_epoch, self.total_steps)
     }
 
     /// Resuming inside an epoch: its metric sums so far go back into the buffer of the
@@ -316,7 +346,8 @@ impl Trainer<'_> {
             return Err(divergence(net, plan, epoch, step));
         }
         let rate = n / t0.elapsed().as_secs_f64();
-        let mut msg = format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate);
+        let mut msg =
+            format!("loss {:.4} acc {:.4} lr {:.3e} {:.0} img/s", l / n, c / n, self.lr_at(epoch, step), rate);
         if let Some(s) = &net.scaler {
             let st = s.read(&self.gpu)?;
             msg += &format!(" | loss scale {} ({} skipped)", st.scale, st.skipped);

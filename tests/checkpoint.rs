@@ -136,16 +136,63 @@ fn mismatched_checkpoints_are_clear_errors() {
     );
     assert!(err.contains("fits a model senet width 0.25"), "{err}");
 
-    // Not safetensors at all, and a float64 tensor.
+    // Not safetensors at all, and an int32 tensor.
     let err = format!("{:#}", checkpoint::from_bytes(b"garbage", "junk.safetensors").unwrap_err());
     assert!(err.contains("junk.safetensors") && err.contains("not a readable safetensors"), "{err}");
-    let f64_bytes = safetensors::serialize(
-        [("w", safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![1], &[0u8; 8]).unwrap())],
+    let i32_bytes = safetensors::serialize(
+        [("w", safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![1], &[0u8; 4]).unwrap())],
         None,
     )
     .unwrap();
-    let err = checkpoint::from_bytes(&f64_bytes, "f64.safetensors").unwrap_err().to_string();
-    assert!(err.contains("tensor w is F64"), "{err}");
+    let err = checkpoint::from_bytes(&i32_bytes, "i32.safetensors").unwrap_err().to_string();
+    assert!(err.contains("tensor w is I32") && err.contains("F16, BF16 or F64"), "{err}");
+}
+
+/// Checkpoints as people have them: F16, BF16 and F64 tensors load, converted to f32 — exactly
+/// for F16 and BF16 (every value is an f32), rounded to nearest for F64.
+#[test]
+fn half_bfloat_and_double_tensors_load_as_f32() {
+    use safetensors::{Dtype, tensor::TensorView};
+    // F16: every one of the 65,536 bit patterns against the IEEE formula evaluated in f64.
+    for h in 0..=u16::MAX {
+        let (s, e, m) = (h >> 15, i32::from((h >> 10) & 0x1f), f64::from(h & 0x3ff));
+        let want = match e {
+            0 => m / 1024.0 * 2f64.powi(-14),
+            31 if m == 0.0 => f64::INFINITY,
+            31 => f64::NAN,
+            _ => (1.0 + m / 1024.0) * 2f64.powi(e - 15),
+        } * if s == 1 { -1.0 } else { 1.0 };
+        let got = checkpoint::f16_to_f32(h);
+        assert!(
+            (want.is_nan() && got.is_nan()) || f64::from(got) == want,
+            "f16 {h:#06x}: {got} (bits {:#010x}), expected {want}",
+            got.to_bits()
+        );
+    }
+    let vals = [1.0f32, -2.5, 0.15625, 65504.0, 6.103_515_6e-5];
+    let f16: Vec<u8> = [0x3c00u16, 0xc100, 0x3100, 0x7bff, 0x0400].iter().flat_map(|b| b.to_le_bytes()).collect();
+    let bf16: Vec<u8> = vals.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+    let f64s: Vec<u8> = [1.0f64, -2.5, 0.1, 1e300, 6.103_515_625e-5].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let bytes = safetensors::serialize(
+        [
+            ("h", TensorView::new(Dtype::F16, vec![5], &f16).unwrap()),
+            ("b", TensorView::new(Dtype::BF16, vec![5], &bf16).unwrap()),
+            ("d", TensorView::new(Dtype::F64, vec![5], &f64s).unwrap()),
+        ],
+        None,
+    )
+    .unwrap();
+    let sd = checkpoint::from_bytes(&bytes, "mixed.safetensors").unwrap();
+    let f32s = |name: &str| match &sd[name].value {
+        Value::F32(v) => v.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(f32s("h"), vals);
+    // bf16 is the top 16 bits of an f32: each loads as the f32 with its low 16 bits cleared.
+    let want_b: Vec<f32> = vals.iter().map(|v| f32::from_bits(v.to_bits() & 0xffff_0000)).collect();
+    assert_eq!(f32s("b"), want_b);
+    assert_eq!(f32s("d"), [1.0, -2.5, 0.1f32, f32::INFINITY, 6.103_515_6e-5]);
+    assert_eq!(sd["h"].shape, [5]);
 }
 
 /// Killing the process (SIGKILL, no chance to clean up) at any moment of a checkpoint write

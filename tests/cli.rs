@@ -538,3 +538,367 @@ fn plan_prints_one_step_in_order() {
     assert!(lines[n - 3].contains("grad_scaler_reduce") && lines[n - 2].contains("grad_scaler_step"), "{text}");
     assert!(lines[n - 1].contains("adam_step"), "{text}");
 }
+
+/// A failure in the data-loading thread (injected by SENET_FAIL_LOADER_AT, a panic as a bug would
+/// be) ends `train` and `eval` with that error and exit code 1, a runtime failure; the epoch it
+/// cut short is not recorded as finished.
+#[test]
+fn a_data_loader_failure_ends_the_run_with_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &std::path::Path, fail: Option<&str>| {
+        let mut cmd = senet();
+        cmd.args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "32", "--epochs", "1"])
+            .args(["--limit-train", "96", "--limit-test", "32", "--out"])
+            .arg(out)
+            .env_remove("SENET_FAIL_LOADER_AT");
+        if let Some(k) = fail {
+            cmd.env("SENET_FAIL_LOADER_AT", k);
+        }
+        cmd.output().unwrap()
+    };
+    let good = dir.path().join("good");
+    let o = train(&good, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let bad = dir.path().join("bad");
+    let o = train(&bad, Some("1"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: the data loader failed") && stderr.contains("injected"), "{stderr}");
+    let csv = std::fs::read_to_string(bad.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1, "no epoch finished:\n{csv}");
+
+    let o = senet()
+        .args(["eval", "--dataset", "sample", "--limit-test", "64", "--batch-size", "16", "--checkpoint"])
+        .arg(good.join("last.safetensors"))
+        .env("SENET_FAIL_LOADER_AT", "2")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the data loader failed") && o.stdout.is_empty(), "{stderr}");
+}
+
+/// A second Ctrl-C while the run is finishing its step aborts at once with 130, saving nothing.
+/// The steps are slow (width 1, batch 96, about seconds each on lavapipe), so both signals land
+/// inside the second step.
+#[test]
+fn a_second_sigint_aborts_at_once() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = senet()
+        .args(["train", "--dataset", "sample", "--batch-size", "96", "--limit-train", "960", "--limit-test", "16"])
+        .args(["--epochs", "1", "--log-every", "1", "--out"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("step 1/10") {
+            break;
+        }
+    }
+    let drain = std::thread::spawn(move || lines.count());
+    let int = || std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(int().success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(int().success());
+    let out = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {stderr}");
+    assert!(stderr.contains("aborting now, without saving"), "stderr: {stderr}");
+    assert!(!dir.path().join("resume.safetensors").exists(), "nothing saved after the second signal");
+}
+
+/// `--val-split`: a seeded part of the training set is held out, evaluated each epoch beside the
+/// test set (table and metrics.csv), and best.safetensors is chosen on it; without a split the log
+/// says best is chosen on test. Bad values are refused naming the flag.
+#[test]
+fn a_validation_split_chooses_the_best_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &std::path::Path, extra: &[&str]| {
+        senet()
+            .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "50"])
+            .args(["--limit-train", "200", "--limit-test", "100", "--seed", "1", "--lr", "0.01", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let run = dir.path().join("val");
+    let o = train(&run, &["--epochs", "3", "--val-split", "0.25"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("chosen on validation accuracy (50 images held out"), "{stdout}");
+    assert!(stdout.contains("150 train / 100 test images"), "{stdout}");
+    assert!(stdout.contains("val_acc"), "{stdout}");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<f64>> = csv.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    let (val, test) = (col("val_acc"), col("test_acc"));
+    let first_max = |c: usize| (0..3).fold(0, |b, e| if rows[e][c] > rows[b][c] { e } else { b });
+    let best = first_max(val);
+    assert!(
+        stdout.contains(&format!("best validation accuracy {:.4} at epoch {}", rows[best][val], best + 1)),
+        "{stdout}\n{csv}"
+    );
+    // best.safetensors is the last epoch's weights exactly when validation peaked there.
+    let same =
+        std::fs::read(run.join("best.safetensors")).unwrap() == std::fs::read(run.join("last.safetensors")).unwrap();
+    assert_eq!(same, best == 2, "best.safetensors follows validation accuracy:\n{csv}");
+    // This seed's run peaks on validation and on test at different epochs, so the check above
+    // tells the two choices apart.
+    assert_ne!(best == 2, first_max(test) == 2, "pick a seed where validation and test disagree:\n{csv}");
+
+    let o = train(&dir.path().join("noval"), &["--epochs", "1"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("chosen on test accuracy (no --val-split)"));
+    for (v, expect) in
+        [("1.5", "expected a number of images"), ("0", "expected a number"), ("200", "leaves none to train on")]
+    {
+        let o = train(&dir.path().join("never"), &["--epochs", "1", "--val-split", v]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "--val-split {v}: {stderr}");
+        assert!(stderr.contains(expect) && stderr.contains("--val-split"), "--val-split {v}: {stderr}");
+    }
+}
+
+/// Top-5 accuracy beside top-1 (metrics.csv, eval's text and JSON — the same figure both ways) and
+/// the learning rate in the progress lines and metrics.csv, here under the step schedule.
+#[test]
+fn top5_accuracy_and_the_learning_rate_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "50", "--epochs", "4"])
+        .args(["--limit-train", "100", "--limit-test", "60", "--optimizer", "sgd", "--lr", "0.1"])
+        .args(["--schedule", "step", "--log-every", "1", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("epoch 1 step 2/2 loss") && stdout.contains("lr 1.000e-1"), "{stdout}");
+    assert!(stdout.contains("epoch 4 step 1/2") && stdout.contains("lr 1.000e-3"), "{stdout}");
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let num = |r: &[&str], c: &str| -> f64 { r[col(c)].parse().unwrap() };
+    let lrs: Vec<f64> = rows.iter().map(|r| num(r, "lr")).collect();
+    let want = [0.1, 0.1, 0.01, 0.001];
+    assert!(lrs.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "lr per epoch {lrs:?}\n{csv}");
+    for r in &rows {
+        let (top1, top5) = (num(r, "test_acc"), num(r, "test_top5_acc"));
+        assert!(top5 >= top1 && top5 <= 1.0, "{csv}");
+        assert!(r[col("val_top5_acc")].is_empty(), "no validation split: empty field");
+    }
+    let last = rows.last().unwrap();
+    let eval = |json: bool| {
+        let mut cmd = senet();
+        cmd.args(["eval", "--dataset", "sample", "--limit-test", "60", "--checkpoint"])
+            .arg(run.join("last.safetensors"));
+        if json {
+            cmd.arg("--json");
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let v: serde_json::Value = serde_json::from_str(&eval(true)).unwrap();
+    let top5 = v["top5_accuracy"].as_f64().unwrap();
+    assert!((top5 - num(last, "test_top5_acc")).abs() < 1e-9, "eval and training agree: {top5} vs\n{csv}");
+    assert!(top5 > v["accuracy"].as_f64().unwrap() && top5 < 1.0, "a figure between top-1 and 1: {v}");
+    assert!(eval(false).contains(&format!("top-5 accuracy {top5:.4}")));
+}
+
+/// One vocabulary, no flag ignored: an unknown --model is refused before any data is read, with
+/// the valid names; eval/predict flags that contradict the run's config.json and --resume flags
+/// that differ from the run's own are errors naming both values.
+#[test]
+fn contradicting_flags_are_errors_naming_both_values() {
+    let o = senet()
+        .args(["train", "--model", "resnet21", "--dataset", "folder", "--data-dir", "/nonexistent/senet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--model \"resnet21\": expected one of senet") && stderr.contains("152"), "{stderr}");
+    assert!(!stderr.contains("nonexistent"), "the model is checked before the data: {stderr}");
+    let help = senet().args(["train", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("[se-]resnet18/34/50/101/152"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "32"])
+        .args(["--limit-train", "64", "--limit-test", "32", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = run.join("last.safetensors");
+    let fails = |args: &[&str], expect: &[&str]| {
+        let o = senet().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        for e in expect {
+            assert!(stderr.contains(e), "{args:?}: expected {e:?} in {stderr}");
+        }
+    };
+    let c = ckpt.to_str().unwrap();
+    fails(
+        &["eval", "--dataset", "sample", "--limit-test", "8", "--width", "0.5", "--checkpoint", c],
+        &["--width 0.5 contradicts", "config.json", "width 0.0625"],
+    );
+    fails(
+        &["eval", "--dataset", "sample", "--reduction", "4", "--checkpoint", c],
+        &["--reduction 4 contradicts", "16"],
+    );
+    let img = dir.path().join("x.png");
+    image::GrayImage::new(28, 28).save(&img).unwrap();
+    let i = img.to_str().unwrap();
+    fails(&["predict", "--image-size", "32", "--checkpoint", c, i], &["--image-size 32x32 contradicts", "28x28"]);
+    // The same values as the run's are no contradiction.
+    let o =
+        senet().args(["predict", "--image-size", "28", "--width", "0.0625", "--checkpoint", c, i]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let r = run.to_str().unwrap();
+    fails(
+        &["train", "--resume", r, "--epochs", "2", "--lr", "0.5", "--batch-size", "32", "--seed", "4"],
+        &["--lr 0.5 (the run has 0.001)", "--seed 4 (the run has 0)", "--init"],
+    );
+    assert!(
+        !String::from_utf8_lossy(&senet().args(["train", "--resume", r, "--lr", "0.5"]).output().unwrap().stderr)
+            .contains("--batch-size")
+    );
+}
+
+/// The usual recipe knobs reach the run: --betas, --eps and --nesterov into the optimizer (whose
+/// kernels are tested against the reference with these settings in tests/kernels.rs), --mean/--std
+/// as the normalisation, --no-augment/--no-normalize switching off pieces of --recipe paper.
+#[test]
+fn recipe_knobs_reach_the_optimizer_and_the_preprocessing() {
+    use senet_wgpu::ops::optimizer::OptimizerConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| -> (serde_json::Value, OptimizerConfig) {
+        let out = dir.path().join(name);
+        let o = senet()
+            .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "32"])
+            .args(["--limit-train", "32", "--limit-test", "16", "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        let args: senet_wgpu::args::TrainArgs = serde_json::from_value(v["train"].clone()).unwrap();
+        (v, args.optimizer_config())
+    };
+    let (_, opt) = run("adam", &["--optimizer", "adamw", "--betas", "0.8,0.99", "--eps", "1e-6"]);
+    assert!(
+        matches!(opt, OptimizerConfig::Adam { beta1: 0.8, beta2: 0.99, eps: 1e-6, decoupled: true, .. }),
+        "{opt:?}"
+    );
+    let (_, opt) = run("sgd", &["--optimizer", "sgd", "--nesterov"]);
+    assert!(matches!(opt, OptimizerConfig::Sgd { nesterov: true, .. }), "{opt:?}");
+    // --label-smoothing reaches the training loss: the first epoch's train loss moves, with the
+    // same seed and batches (test loss is plain cross-entropy either way).
+    let train_loss = |name: &str| -> f64 {
+        let csv = std::fs::read_to_string(dir.path().join(name).join("metrics.csv")).unwrap();
+        csv.lines().nth(1).unwrap().split(',').nth(1).unwrap().parse().unwrap()
+    };
+    let (v, _) = run("smooth", &["--label-smoothing", "0.5"]);
+    assert_eq!(v["train"]["label_smoothing"].as_f64(), Some(0.5));
+    run("plain", &[]);
+    assert!(
+        (train_loss("smooth") - train_loss("plain")).abs() > 1e-3,
+        "{} vs {}",
+        train_loss("smooth"),
+        train_loss("plain")
+    );
+    let (v, _) = run("norm", &["--mean", "0.25", "--std", "0.5"]);
+    assert_eq!(v["model"]["normalize"], serde_json::json!([[0.25, 0.5]]));
+    let (v, _) = run("paper", &["--recipe", "paper", "--no-augment"]);
+    assert_eq!((v["train"]["augment"].as_bool(), v["train"]["normalize"].as_bool()), (Some(false), Some(true)));
+    let (v, _) = run("paper2", &["--recipe", "paper", "--no-normalize"]);
+    assert_eq!((v["train"]["augment"].as_bool(), v["model"]["normalize"].is_null()), (Some(true), true));
+    for (extra, expect) in [
+        (&["--nesterov"][..], "--nesterov needs --optimizer sgd"),
+        (&["--betas", "0.9"][..], "expected two numbers B1,B2"),
+        (&["--betas", "1.5,0.9"][..], "--betas must be two numbers in [0, 1)"),
+        (&["--mean", "0.5,0.5", "--std", "1,1"][..], "--mean and --std give 2 channels; the images have 1"),
+        (&["--mean", "0.5"][..], "--std"),
+    ] {
+        let o = senet()
+            .args(["train", "--dataset", "sample", "--epochs", "1", "--limit-train", "8", "--out"])
+            .arg(dir.path().join("never"))
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
+        assert!(stderr.contains(expect), "{extra:?}: {stderr}");
+    }
+}
+
+/// predict --topk K, on a folder (its image files, sorted; other files skipped), and --json with
+/// the same figures as the text.
+#[test]
+fn predict_takes_topk_folders_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "32"])
+        .args(["--limit-train", "64", "--limit-test", "32", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for (k, name) in ["b.png", "a.png"].iter().enumerate() {
+        image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * (k as u32 + 3) + y) % 256) as u8]))
+            .save(imgs.join(name))
+            .unwrap();
+    }
+    std::fs::write(imgs.join("notes.txt"), "not an image").unwrap();
+    let predict = |extra: &[&str]| {
+        let o =
+            senet().args(["predict", "--checkpoint"]).arg(run.join("last.safetensors")).args(extra).arg(&imgs).output();
+        let o = o.unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let text = predict(&["--topk", "3"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2 * 4, "two images, a name and 3 classes each:\n{text}");
+    assert!(lines[0].ends_with("a.png") && lines[4].ends_with("b.png"), "sorted by name:\n{text}");
+    let json = predict(&["--topk", "3", "--json"]);
+    let objs: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(objs.len(), 2);
+    for (k, o) in objs.iter().enumerate() {
+        let top = o["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        for (j, t) in top.iter().enumerate() {
+            let line = lines[4 * k + 1 + j];
+            assert!(line.contains(t["class"].as_str().unwrap()), "{line} vs {t}");
+            assert!(line.trim_start().starts_with(&format!("{:.4}", t["probability"].as_f64().unwrap())));
+        }
+    }
+    let all = predict(&["--topk", "10", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
+    let sum: f64 = v["top"].as_array().unwrap().iter().map(|t| t["probability"].as_f64().unwrap()).sum();
+    assert!((sum - 1.0).abs() < 1e-4, "all 10 classes sum to 1: {sum}");
+    let o =
+        senet().args(["predict", "--topk", "11", "--checkpoint"]).arg(run.join("last.safetensors")).arg(&imgs).output();
+    let o = o.unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--topk 11: expected 1 to the model's 10 classes"));
+}

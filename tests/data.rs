@@ -220,19 +220,74 @@ fn loader_shuffles_by_seed_and_keeps_the_last_partial_batch() {
     assert_eq!(a, loader::epoch_order(10, true, 3, 1), "same seed and epoch, same order");
     assert_ne!(a, loader::epoch_order(10, true, 3, 2), "a new order each epoch");
     assert_eq!(loader::epoch_order(10, false, 3, 1), (0..10).collect::<Vec<_>>());
-    let batches: Vec<_> = loader::epoch_batches(ds.clone(), 4, Preprocess::default(), true, 3, 1).into_iter().collect();
+    let batches: Vec<_> =
+        loader::epoch_batches(ds.clone(), 4, Preprocess::default(), true, 3, 1).map(|b| b.unwrap()).collect();
     assert_eq!(batches.iter().map(|b| b.labels.len()).collect::<Vec<_>>(), [4, 4, 2]);
     let mut seen: Vec<u32> = batches.iter().flat_map(|b| b.labels.clone()).collect();
     seen.sort();
     assert_eq!(seen, (0..10).collect::<Vec<_>>(), "every sample once per epoch");
     // ToTensor: /255, image k holds 4k..4k+3.
-    let b = &loader::epoch_batches(ds.clone(), 10, Preprocess::default(), false, 0, 0).into_iter().next().unwrap();
+    let b = &loader::epoch_batches(ds.clone(), 10, Preprocess::default(), false, 0, 0).next().unwrap().unwrap();
     assert_eq!(b.images[4 * 3 + 1], 13.0 / 255.0);
     let pre = Preprocess { normalize: Some(vec![(0.5, 0.25)]), augment: false };
-    let b = &loader::epoch_batches(ds.clone(), 10, pre, false, 0, 0).into_iter().next().unwrap();
+    let b = &loader::epoch_batches(ds.clone(), 10, pre, false, 0, 0).next().unwrap().unwrap();
     assert!((b.images[4 * 3 + 1] - (13.0 / 255.0 - 0.5) / 0.25).abs() < 1e-6);
     let stats = loader::channel_stats(&ds);
     assert!((stats[0].0 - 19.5 / 255.0).abs() < 1e-6, "{stats:?}");
+}
+
+/// A loader thread that panics (here on a dataset whose pixels are cut short, so making batch 2
+/// indexes past them) ends the batches with an error naming the failure, a runtime failure
+/// (exit code 1), after the batches it did make — never a silently short epoch.
+#[test]
+fn a_failing_loader_thread_ends_the_epoch_with_its_error() {
+    let ds = Arc::new(data::Dataset {
+        shape: [1, 2, 2],
+        images: vec![7; 4 * 5], // 5 images of the 10 the labels promise
+        labels: (0..10).collect(),
+        classes: (0..10).map(|i| i.to_string()).collect(),
+    });
+    let items: Vec<_> = loader::epoch_batches(ds, 2, Preprocess::default(), false, 0, 0).collect();
+    assert_eq!(items.len(), 3, "two good batches, then the error, then the end");
+    assert!(items[..2].iter().all(|b| b.is_ok()));
+    let e = items[2].as_ref().err().expect("the third item is the loader's error");
+    assert!(e.to_string().contains("the data loader failed") && e.to_string().contains("range"), "{e:#}");
+    assert!(e.chain().any(|c| c.is::<senet_wgpu::exit::RuntimeFailure>()), "a runtime failure: exit 1");
+}
+
+/// `--val-split`: the held-out samples are chosen by the seed, the same for the same seed, and
+/// leave the training set without them; both keep the original order.
+#[test]
+fn a_validation_split_is_seeded_and_disjoint() {
+    let ds = data::Dataset {
+        shape: [1, 1, 2],
+        images: (0..40).map(|i| i as u8).collect(),
+        labels: (0..20).collect(),
+        classes: (0..20).map(|i| i.to_string()).collect(),
+    };
+    let split = |seed| {
+        let mut train = ds.clone();
+        let val = train.hold_out(5, seed);
+        (train, val)
+    };
+    let (train, val) = split(7);
+    assert_eq!((train.len(), val.len()), (15, 5));
+    train.validate("train").unwrap();
+    val.validate("val").unwrap();
+    let mut all: Vec<u32> = train.labels.iter().chain(&val.labels).copied().collect();
+    all.sort();
+    assert_eq!(all, (0..20).collect::<Vec<_>>(), "every sample in exactly one split");
+    assert!(val.labels.windows(2).all(|w| w[0] < w[1]) && train.labels.windows(2).all(|w| w[0] < w[1]));
+    for (k, &l) in val.labels.iter().enumerate() {
+        assert_eq!(val.image(k), [2 * l as u8, 2 * l as u8 + 1], "image {k} moved with its label");
+    }
+    assert_eq!(split(7).1, val, "the same seed holds out the same samples");
+    assert_ne!(split(8).1.labels, val.labels, "another seed, other samples");
+    assert_ne!(val.labels, (15..20).collect::<Vec<_>>(), "not simply the last samples");
+    assert_eq!(senet_wgpu::args::val_count(0.1, 1000).unwrap(), 100);
+    assert_eq!(senet_wgpu::args::val_count(0.001, 10).unwrap(), 1, "a fraction holds out at least one");
+    assert_eq!(senet_wgpu::args::val_count(300.0, 1000).unwrap(), 300);
+    assert!(senet_wgpu::args::val_count(10.0, 10).is_err(), "nothing left to train on");
 }
 
 #[test]
@@ -346,4 +401,68 @@ fn md5_of_a_known_string() {
     let p = dir.path().join("abc");
     std::fs::write(&p, b"abc").unwrap();
     assert_eq!(cifar10::md5_hex(&p).unwrap(), "900150983cd24fb0d6963f7d28e17f72");
+}
+
+/// The sample inside the binary (what an installed `senet` uses, from any folder) is the one in
+/// assets/, image for image and label for label, train and test the right way round.
+#[test]
+fn the_bundled_sample_is_compiled_in_and_equals_the_assets() {
+    let inside = data::load(DatasetKind::Sample, None, None).unwrap();
+    let on_disk = data::load(DatasetKind::Sample, Some(&data::sample_dir()), None).unwrap();
+    assert_eq!((inside.train.len(), inside.test.len()), (4000, 1000));
+    assert!(inside.train == on_disk.train && inside.test == on_disk.test);
+    assert_eq!(inside.name, on_disk.name);
+}
+
+/// `--download` for MNIST and Fashion-MNIST against a loopback server: each of the four files is
+/// fetched and its MD5 checked; a file with the wrong checksum is removed and named.
+#[test]
+fn idx_download_fetches_and_checks_each_file() {
+    use std::io::{Read, Write};
+    let (n_train, n_test) = (3, 2);
+    let bodies: Vec<(String, Vec<u8>)> = [
+        ("train-images-idx3-ubyte.gz", idx::encode(&vec![7u8; n_train * 28 * 28], n_train, Some((28, 28)))),
+        ("train-labels-idx1-ubyte.gz", idx::encode(&[1, 2, 3], n_train, None)),
+        ("t10k-images-idx3-ubyte.gz", idx::encode(&vec![9u8; n_test * 28 * 28], n_test, Some((28, 28)))),
+        ("t10k-labels-idx1-ubyte.gz", idx::encode(&[4, 5], n_test, None)),
+    ]
+    .into_iter()
+    .map(|(n, b)| (n.to_string(), gz(&b)))
+    .collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/data", listener.local_addr().unwrap());
+    let served = bodies.clone();
+    let server = std::thread::spawn(move || {
+        // The first try fetches one file (its MD5 is wrong, so it stops), the second all four.
+        for _ in 0..5 {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let n = s.read(&mut req).unwrap();
+            let line = String::from_utf8_lossy(&req[..n]).lines().next().unwrap_or("").to_string();
+            let body = &served.iter().find(|(name, _)| line.contains(name.as_str())).unwrap().1;
+            write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+            s.write_all(body).unwrap();
+        }
+    });
+    let md5 = |b: &[u8]| {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), b).unwrap();
+        cifar10::md5_hex(f.path()).unwrap()
+    };
+    let sums: Vec<String> = bodies.iter().map(|(_, b)| md5(b)).collect();
+    let leak = |s: &str| -> &'static str { Box::leak(s.to_string().into_boxed_str()) };
+    let files = |first: &str| -> idx::Files {
+        std::array::from_fn(|k| (leak(&bodies[k].0), if k == 0 { leak(first) } else { leak(&sums[k]) }))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let err =
+        format!("{:#}", idx::download(dir.path(), &base, &files("0123456789abcdef0123456789abcdef")).unwrap_err());
+    assert!(err.contains("train-images-idx3-ubyte.gz: MD5") && err.contains("expected 0123456789abcdef"), "{err}");
+    assert!(!dir.path().join("train-images-idx3-ubyte.gz").exists(), "a bad download is removed");
+    assert!(!idx::present(dir.path()));
+    idx::download(dir.path(), &base, &files(&sums[0])).unwrap();
+    server.join().unwrap();
+    assert!(idx::present(dir.path()));
+    let s = data::load(DatasetKind::Mnist, Some(dir.path()), None).unwrap();
+    assert_eq!((s.train.len(), s.test.len(), s.test.labels.clone()), (3, 2, vec![4, 5]));
 }

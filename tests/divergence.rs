@@ -215,7 +215,9 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
         net.train_step(&plan);
         gpu.wait().unwrap();
         let per_sample = read(&gpu, &plan.per_sample);
-        let gpu_loss: f64 = per_sample.chunks(3).map(|r| f64::from(r[0])).sum::<f64>() / batch_size as f64;
+        let gpu_loss: f64 =
+            per_sample.chunks(senet_wgpu::ops::cross_entropy::per_sample::LEN).map(|r| f64::from(r[0])).sum::<f64>()
+                / batch_size as f64;
 
         let want =
             reference::model::train_step(&graph, &ref_params, &ref_buffers, batch_size, &to_f64(&xb), &yb).unwrap();

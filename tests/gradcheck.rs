@@ -216,6 +216,29 @@ fn cross_entropy_gradient() {
     );
 }
 
+/// Label smoothing: the reference's loss is PyTorch's on a case worked by hand, and its gradient
+/// matches central differences.
+#[test]
+fn cross_entropy_label_smoothing_gradient() {
+    // F.cross_entropy([[1, 0]], [0], label_smoothing=0.2) = 0.8·CE + 0.2·mean_k(−log p_k)
+    // = 0.8·ln(1 + 1/e) + 0.1·(ln(1 + 1/e) + ln(1 + e)).
+    let (a, b) = ((1.0 + (-1.0f64).exp()).ln(), (1.0 + 1.0f64.exp()).ln());
+    let got = cross_entropy::cross_entropy_forward_backward_smoothed(&[1.0, 0.0], &[0], 2, 0.2).loss;
+    assert!((got - (0.8 * a + 0.1 * (a + b))).abs() < 1e-15, "{got}");
+    let mut r = ChaCha8Rng::seed_from_u64(61);
+    let (n, k) = (4, 5);
+    let logits = rand_vec(&mut r, n * k, -3.0, 3.0);
+    let target: Vec<u32> = (0..n).map(|_| r.random_range(0..k as u32)).collect();
+    let g = cross_entropy::cross_entropy_forward_backward_smoothed(&logits, &target, k, 0.3);
+    check(
+        "cross_entropy label smoothing dlogits",
+        &logits,
+        &g.dlogits,
+        |v| cross_entropy::cross_entropy_forward_backward_smoothed(v, &target, k, 0.3).loss,
+        &mut r,
+    );
+}
+
 #[test]
 fn se_block_ablation_gradients() {
     use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};

@@ -779,17 +779,23 @@ fn cross_entropy_matches_reference_and_accumulates() {
         // (batch, classes, logit scale): batch 1; 3 classes; > 256 samples (strided reduction);
         // 1,000 classes; logits of +-60, where a naive exp overflows f32.
         for (i, (n, k, scale)) in
-            [(1usize, 10usize, 3.0f32), (7, 3, 3.0), (300, 10, 3.0), (5, 1000, 3.0), (9, 10, 60.0)]
+            [(1usize, 10usize, 3.0f32), (7, 3, 3.0), (300, 10, 3.0), (5, 1000, 3.0), (9, 10, 60.0), (64, 10, 0.0)]
                 .into_iter()
                 .enumerate()
         {
             let mut r = rng(900 + i as u64);
-            let logits = uniform(&mut r, n * k, -scale, scale);
+            // Scale 0: logits from {-1, -0.5, 0, 0.5, 1}, so the target often ties others and the
+            // top-5 tie rule (lower index first) decides.
+            let logits: Vec<f32> = if scale == 0.0 {
+                uniform(&mut r, n * k, -1.25, 1.25).iter().map(|v| (v * 2.0).round() / 2.0).collect()
+            } else {
+                uniform(&mut r, n * k, -scale, scale)
+            };
             let target: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k as u32)).collect();
             let tl = upload(&gpu, "logits", &[n, k], &logits);
             let tt = Tensor::from_slice(&gpu, "target", &[n], &target).unwrap();
             let tdl = zeros(&gpu, "dlogits", &[n, k]);
-            let per = zeros(&gpu, "per-sample", &[n, 3]);
+            let per = zeros(&gpu, "per-sample", &[n, cross_entropy::per_sample::LEN]);
             let res = zeros(&gpu, "result", &[result::LEN]);
             let d = cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res, None).unwrap();
             // Twice: the batch fields are overwritten, the running sums accumulate.
@@ -819,6 +825,13 @@ fn cross_entropy_matches_reference_and_accumulates() {
                 "cross_entropy summed correct case {i} ({path})"
             );
             assert_eq!(got[result::SUM_COUNT], 2.0 * n as f32, "cross_entropy summed count case {i} ({path})");
+            // Counts are exact: integers far below 2^24.
+            assert_eq!(
+                got[result::SUM_CORRECT5],
+                2.0 * want.correct5 as f32,
+                "cross_entropy summed top-5 correct case {i} ({path})"
+            );
+            assert!(want.correct5 >= want.correct && (k > 5 || want.correct5 == n), "top-5 ⊇ top-1; all when k <= 5");
             // Gradient entries are at most 1/n: absolute 1e-7 is ~1 ulp of the largest.
             assert_close(
                 &format!("cross_entropy dlogits case {i} ({path})"),
@@ -832,11 +845,51 @@ fn cross_entropy_matches_reference_and_accumulates() {
                 let row = &logits[s * k..][..k];
                 let first_max = row.iter().enumerate().fold(0, |a, (j, &v)| if v > row[a] { j } else { a });
                 assert_eq!(
-                    per[3 * s + 2],
+                    per[cross_entropy::per_sample::LEN * s + cross_entropy::per_sample::PREDICTED],
                     first_max as f32,
                     "cross_entropy predicted class, case {i} ({path}) sample {s}"
                 );
             }
+        }
+    }
+}
+
+/// Label smoothing (torch's `label_smoothing`) on the GPU against the reference, on both
+/// reduction paths: batch 1, 3 classes, 300 samples, 1,000 classes.
+#[test]
+fn cross_entropy_label_smoothing_matches_reference() {
+    for (path, gpu) in gpus() {
+        for (i, (n, k, e)) in
+            [(1usize, 10usize, 0.1f32), (7, 3, 0.3), (300, 10, 0.1), (5, 1000, 0.5)].into_iter().enumerate()
+        {
+            let mut r = rng(950 + i as u64);
+            let logits = uniform(&mut r, n * k, -3.0, 3.0);
+            let target: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k as u32)).collect();
+            let tl = upload(&gpu, "logits", &[n, k], &logits);
+            let tt = Tensor::from_slice(&gpu, "target", &[n], &target).unwrap();
+            let tdl = zeros(&gpu, "dlogits", &[n, k]);
+            let per = zeros(&gpu, "per-sample", &[n, cross_entropy::per_sample::LEN]);
+            let res = zeros(&gpu, "result", &[result::LEN]);
+            let d = cross_entropy::cross_entropy_forward_backward_smoothed(&gpu, &tl, &tt, &tdl, &per, &res, e, None)
+                .unwrap();
+            run(&gpu, &d);
+            let want = reference::cross_entropy::cross_entropy_forward_backward_smoothed(
+                &to_f64(&logits),
+                &target,
+                k,
+                f64::from(e),
+            );
+            // As the unsmoothed loss: log-sum-exp and sums over <= 1,000 terms in f32, ~1e-6 relative.
+            assert_close(
+                &format!("smoothed loss case {i} ({path})"),
+                &[read(&gpu, &res)[result::LOSS]],
+                &[want.loss],
+                1e-5,
+                1e-5,
+            );
+            // Entries are at most 1/n: absolute 1e-7 is ~1 ulp of the largest.
+            assert_close(&format!("smoothed dlogits case {i} ({path})"), &read(&gpu, &tdl), &want.dlogits, 1e-7, 1e-5);
+            assert_eq!(read(&gpu, &res)[result::CORRECT], want.correct as f32, "smoothing leaves the count");
         }
     }
 }
@@ -1433,7 +1486,8 @@ fn f16_cross_entropy_scales_its_gradient() {
             let tl = upload_f16(&gpu, "logits", &[n, k], &logits);
             let tt = Tensor::from_slice(&gpu, "labels", &[n], &labels).unwrap();
             let tdl = zeros_f16(&gpu, "dlogits", &[n, k]);
-            let (per, res) = (zeros(&gpu, "per", &[n, 3]), zeros(&gpu, "res", &[result::LEN]));
+            let (per, res) =
+                (zeros(&gpu, "per", &[n, cross_entropy::per_sample::LEN]), zeros(&gpu, "res", &[result::LEN]));
             let mut st = vec![0.0f32; state::LEN];
             st[state::SCALE] = scale;
             let tst = upload(&gpu, "scaler", &[state::LEN], &st);

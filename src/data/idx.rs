@@ -71,24 +71,71 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf> {
 pub fn load_pair(images: &Path, labels: &Path, classes: Vec<String>) -> Result<Dataset> {
     let ib = read_maybe_gz(images)?;
     let lb = read_maybe_gz(labels)?;
-    let (isz, idata) = parse(&ib, 3, &images.display().to_string())?;
-    let (lsz, ldata) = parse(&lb, 1, &labels.display().to_string())?;
-    ensure!(
-        isz[0] == lsz[0],
-        "{} holds {} images but {} holds {} labels",
-        images.display(),
-        isz[0],
-        labels.display(),
-        lsz[0]
-    );
+    pair_from_bytes(&ib, &lb, (&images.display().to_string(), &labels.display().to_string()), classes)
+}
+
+/// Images and labels from the (ungzipped) bytes of two IDX files named `names` in errors.
+pub fn pair_from_bytes(ib: &[u8], lb: &[u8], names: (&str, &str), classes: Vec<String>) -> Result<Dataset> {
+    let (isz, idata) = parse(ib, 3, names.0)?;
+    let (lsz, ldata) = parse(lb, 1, names.1)?;
+    ensure!(isz[0] == lsz[0], "{} holds {} images but {} holds {} labels", names.0, isz[0], names.1, lsz[0]);
     let ds = Dataset {
         shape: [1, isz[1], isz[2]],
         images: idata.to_vec(),
         labels: ldata.iter().map(|&l| u32::from(l)).collect(),
         classes,
     };
-    ds.validate(&labels.display().to_string())?;
+    ds.validate(names.1)?;
     Ok(ds)
+}
+
+/// The four files of a split, as published (gzipped), with their MD5s (torchvision's).
+pub type Files = [(&'static str, &'static str); 4];
+
+/// MNIST, from torchvision's mirror.
+pub const MNIST_URL: &str = "https://ossci-datasets.s3.amazonaws.com/mnist";
+pub const MNIST_FILES: Files = [
+    ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+    ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+    ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+];
+/// Fashion-MNIST, from Zalando's repository.
+pub const FASHION_MNIST_URL: &str =
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion";
+pub const FASHION_MNIST_FILES: Files = [
+    ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+    ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+    ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+];
+
+/// Whether `dir` holds the four files of a split (gzipped or not).
+pub fn present(dir: &Path) -> bool {
+    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+        .iter()
+        .all(|stem| find(dir, stem).is_ok())
+}
+
+/// `--download`: fetch each of `files` from `base_url` into `dir` (unless there), check its MD5;
+/// a file that does not match is removed and named with both checksums.
+pub fn download(dir: &Path, base_url: &str, files: &Files) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, md5) in files {
+        let path = dir.join(name);
+        if !path.is_file() {
+            super::cifar10::fetch(&format!("{base_url}/{name}"), &path)?;
+        }
+        let got = super::cifar10::md5_hex(&path)?;
+        if got != *md5 {
+            let _ = std::fs::remove_file(&path);
+            bail!(
+                "{}: MD5 {got}, expected {md5} (a corrupt or different file; removed, run --download again)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The standard four files (`train-images-idx3-ubyte`, …, optionally .gz) from `dir`.

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::Dataset;
+use crate::exit::RuntimeFailure;
 
 /// How images become tensors.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -92,7 +93,8 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], pre: &Preprocess, rng: &mut ChaCh
 }
 
 /// Batches of one epoch, made on a background thread two ahead of the consumer. The last
-/// partial batch is included (PyTorch's DataLoader default, drop_last=False).
+/// partial batch is included (PyTorch's DataLoader default, drop_last=False). A failure of that
+/// thread (a panic) is the last item, an error, so an epoch never ends short without a word.
 pub fn epoch_batches(
     ds: Arc<Dataset>,
     batch: usize,
@@ -100,16 +102,47 @@ pub fn epoch_batches(
     shuffle: bool,
     seed: u64,
     epoch: usize,
-) -> Receiver<Batch> {
+) -> Batches {
     let (tx, rx) = sync_channel(2);
-    std::thread::spawn(move || {
+    // Test hook: SENET_FAIL_LOADER_AT=k makes the thread panic before making batch k (0-based),
+    // as a bug in it would; tests/cli.rs checks that the run then ends with the error.
+    let fail_at: Option<usize> = std::env::var("SENET_FAIL_LOADER_AT").ok().and_then(|v| v.parse().ok());
+    let spawned = std::thread::Builder::new().name("senet-loader".into()).spawn(move || {
         let order = epoch_order(ds.len(), shuffle, seed, epoch);
         let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x5EED).wrapping_add(epoch as u64));
-        for idx in order.chunks(batch) {
+        for (k, idx) in order.chunks(batch).enumerate() {
+            assert!(fail_at != Some(k), "SENET_FAIL_LOADER_AT={k}: injected data loader failure");
             if tx.send(make_batch(&ds, idx, &pre, &mut rng)).is_err() {
                 return; // the consumer stopped early
             }
         }
     });
-    rx
+    match spawned {
+        Ok(thread) => Batches { rx: Some(rx), thread: Some(thread), error: None },
+        Err(e) => Batches { rx: None, thread: None, error: Some(format!("could not start the data loader: {e}")) },
+    }
+}
+
+/// The batches of one epoch ([`epoch_batches`]): each `Ok`, then, if the loader thread failed,
+/// one `Err` naming the failure (a [`RuntimeFailure`]), then the end.
+pub struct Batches {
+    rx: Option<Receiver<Batch>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    error: Option<String>,
+}
+
+impl Iterator for Batches {
+    type Item = anyhow::Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(b) = self.rx.as_ref().and_then(|rx| rx.recv().ok()) {
+            return Some(Ok(b));
+        }
+        // The channel is closed: the thread has ended, finished or failed.
+        self.rx = None;
+        if let Some(Err(payload)) = self.thread.take().map(|t| t.join()) {
+            self.error = Some(format!("the data loader failed: {}", crate::exit::panic_message(payload.as_ref())));
+        }
+        self.error.take().map(|e| Err(RuntimeFailure(e).into()))
+    }
 }

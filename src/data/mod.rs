@@ -49,6 +49,33 @@ impl Dataset {
         }
     }
 
+    /// Move `n` samples, chosen by a shuffle seeded with `seed`, into a new dataset (the
+    /// validation split); both keep their samples in the original order.
+    pub fn hold_out(&mut self, n: usize, seed: u64) -> Dataset {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7A1D_5EED));
+        let mut held = vec![false; self.len()];
+        for &i in order.iter().take(n) {
+            held[i] = true;
+        }
+        let len = self.image_len();
+        let (mut keep, mut out) = (self.empty_like(), self.empty_like());
+        for (i, &h) in held.iter().enumerate() {
+            let to = if h { &mut out } else { &mut keep };
+            to.images.extend_from_slice(self.image(i));
+            to.labels.push(self.labels[i]);
+        }
+        debug_assert_eq!(keep.images.len(), keep.len() * len);
+        *self = keep;
+        out
+    }
+
+    fn empty_like(&self) -> Dataset {
+        Dataset { shape: self.shape, images: Vec::new(), labels: Vec::new(), classes: self.classes.clone() }
+    }
+
     /// Check that images and labels agree and every label names a class.
     pub fn validate(&self, what: &str) -> Result<()> {
         ensure!(!self.is_empty(), "{what}: no samples");
@@ -90,9 +117,32 @@ pub const FASHION_MNIST_CLASSES: [&str; 10] =
 pub const MNIST_CLASSES: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
 pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
-/// The bundled sample (a Fashion-MNIST subset) shipped in `assets/`.
+/// The bundled sample (a Fashion-MNIST subset) shipped in `assets/`, where the source tree is.
 pub fn sample_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join("fashion-mnist-sample")
+}
+
+/// The bundled sample's four files, compiled into the binary, so that an installed `senet`
+/// (`cargo install`) finds it from any folder, with or without the source tree.
+static SAMPLE_FILES: [&[u8]; 4] = [
+    include_bytes!("../../assets/fashion-mnist-sample/train-images-idx3-ubyte.gz"),
+    include_bytes!("../../assets/fashion-mnist-sample/train-labels-idx1-ubyte.gz"),
+    include_bytes!("../../assets/fashion-mnist-sample/t10k-images-idx3-ubyte.gz"),
+    include_bytes!("../../assets/fashion-mnist-sample/t10k-labels-idx1-ubyte.gz"),
+];
+
+/// The bundled sample from the copy inside the binary.
+pub fn bundled_sample() -> Result<Splits> {
+    let classes: Vec<String> = FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+    let file = |k: usize, name: &str| idx::gunzip_if_gz(SAMPLE_FILES[k].to_vec(), &format!("bundled sample {name}"));
+    let pair = |k: usize, names: (&str, &str)| -> Result<Dataset> {
+        idx::pair_from_bytes(&file(k, names.0)?, &file(k + 1, names.1)?, names, classes.clone())
+    };
+    Ok(Splits {
+        name: "sample (Fashion-MNIST subset)".into(),
+        train: pair(0, ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"))?,
+        test: pair(2, ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))?,
+    })
 }
 
 /// Load `kind` from `dir` (or its default location).
@@ -112,8 +162,8 @@ pub fn load(kind: DatasetKind, dir: Option<&Path>, image_hw: Option<[usize; 2]>)
             idx::load_split("mnist", &dir, named(&MNIST_CLASSES))
         }
         DatasetKind::Sample => {
-            let dir = dir.map(Path::to_path_buf).unwrap_or_else(sample_dir);
-            let mut s = idx::load_split("sample", &dir, named(&FASHION_MNIST_CLASSES))?;
+            let Some(dir) = dir else { return bundled_sample() };
+            let mut s = idx::load_split("sample", dir, named(&FASHION_MNIST_CLASSES))?;
             s.name = "sample (Fashion-MNIST subset)".into();
             Ok(s)
         }

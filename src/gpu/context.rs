@@ -447,14 +447,16 @@ impl Gpu {
 
     /// Block until all submitted work is done. Only for tests, read-backs and the end of a run.
     pub fn wait(&self) -> Result<()> {
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ()).context("waiting for the GPU")?;
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| crate::exit::runtime(format!("waiting for the GPU: {e}")))?;
         self.check()
     }
 
     /// The first error the device reported since it was created, if any.
     pub fn check(&self) -> Result<()> {
         match self.errors.lock().unwrap_or_else(|p| p.into_inner()).first() {
-            Some(e) => anyhow::bail!("{e}"),
+            Some(e) => Err(crate::exit::runtime(e.clone())),
             None => Ok(()),
         }
     }

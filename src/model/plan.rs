@@ -99,6 +99,9 @@ pub struct Network {
     updates: Vec<OptimizerStep>,
     /// Optimizer steps taken (1-based step of the next update is `step + 1`).
     pub step: u64,
+    /// Label smoothing of the training loss (`--label-smoothing`; 0 = none), read when a plan is
+    /// built. Evaluation always measures plain cross-entropy.
+    pub label_smoothing: f32,
     by_name: HashMap<String, usize>,
 }
 
@@ -222,6 +225,7 @@ impl Network {
             scaler,
             updates,
             step: 0,
+            label_smoothing: 0.0,
             by_name,
         })
     }
@@ -328,7 +332,7 @@ impl Network {
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let labels = Tensor::zeros(gpu, "labels", &[n])?;
-        let per_sample = Tensor::zeros(gpu, "per-sample loss", &[n, 3])?;
+        let per_sample = Tensor::zeros(gpu, "per-sample loss", &[n, crate::ops::cross_entropy::per_sample::LEN])?;
         let train_result = Tensor::zeros(gpu, "train metrics", &[result::LEN])?;
         let eval_result = Tensor::zeros(gpu, "eval metrics", &[result::LEN])?;
 
@@ -522,13 +526,14 @@ impl Network {
         let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
         let (train0, eval0) = (train.len(), eval.len());
         let _scope = gpu.label_scope("loss");
-        train.extend(cross_entropy::cross_entropy_forward_backward(
+        train.extend(cross_entropy::cross_entropy_forward_backward_smoothed(
             gpu,
             logits,
             &labels,
             dlogits,
             &per_sample,
             &train_result,
+            self.label_smoothing,
             self.scaler.as_ref().map(|s| &s.state),
         )?);
         eval.extend(cross_entropy::cross_entropy_forward_backward(

@@ -17,8 +17,22 @@ pub mod result {
     pub const SUM_LOSS: usize = 2;
     pub const SUM_CORRECT: usize = 3;
     pub const SUM_COUNT: usize = 4;
+    /// Running sum of samples whose target is among the 5 highest logits (top-5 correct).
+    pub const SUM_CORRECT5: usize = 5;
     /// Elements in the buffer.
-    pub const LEN: usize = 5;
+    pub const LEN: usize = 6;
+}
+
+/// Layout of a row of the `per_sample` buffer [n, LEN].
+pub mod per_sample {
+    pub const LOSS: usize = 0;
+    /// 1 when the prediction (first maximum) is the target, else 0.
+    pub const CORRECT: usize = 1;
+    /// The predicted class (first maximum), as f32.
+    pub const PREDICTED: usize = 2;
+    /// 1 when the target is in the top 5 (ties ranked by index, as the prediction), else 0.
+    pub const CORRECT5: usize = 3;
+    pub const LEN: usize = 4;
 }
 
 /// Mirrors `Params` in cross_entropy.wgsl.
@@ -27,14 +41,15 @@ pub mod result {
 struct Params {
     n: u32,
     k: u32,
-    _pad: [u32; 2],
+    smoothing: f32,
+    _pad: u32,
 }
 
 const WG: u32 = 64;
 
 /// Softmax cross-entropy of `logits` [n, k] against `target` (u32 [n], each < k; the host checks
 /// labels when it loads them). Writes `dlogits` (gradient of the batch-mean loss) and `result`
-/// (see [`result`]); `per_sample` [n, 3] gets each sample's (loss, correct, predicted class).
+/// (see [`result`]); `per_sample` [n, 4] gets each sample's row ([`per_sample`]).
 /// With a `scaler` (an f16 plan's loss-scaler state, `ops::grad_scaler`), `dlogits` is multiplied
 /// by its current loss scale, and a batch with a non-finite loss stays out of the running sums.
 pub fn cross_entropy_forward_backward(
@@ -46,6 +61,23 @@ pub fn cross_entropy_forward_backward(
     result: &Tensor,
     scaler: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
+    cross_entropy_forward_backward_smoothed(gpu, logits, target, dlogits, per_sample, result, 0.0, scaler)
+}
+
+/// [`cross_entropy_forward_backward`] with label smoothing `smoothing` in [0, 1), as
+/// `torch.nn.CrossEntropyLoss(label_smoothing=…)`: the target distribution is
+/// (1 − smoothing)·onehot + smoothing/classes.
+pub fn cross_entropy_forward_backward_smoothed(
+    gpu: &Gpu,
+    logits: &Tensor,
+    target: &Tensor,
+    dlogits: &Tensor,
+    per_sample: &Tensor,
+    result: &Tensor,
+    smoothing: f32,
+    scaler: Option<&Tensor>,
+) -> Result<Vec<Dispatch>> {
+    ensure!((0.0..1.0).contains(&smoothing), "cross_entropy: label smoothing must be in [0, 1), got {smoothing}");
     ensure!(
         logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
         "cross_entropy: logits must be a non-empty [n, classes], got {:?}",
@@ -54,10 +86,12 @@ pub fn cross_entropy_forward_backward(
     let (n, k) = (logits.shape[0], logits.shape[1]);
     expect_shape("cross_entropy target", target, &[n])?;
     expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
-    expect_shape("cross_entropy per-sample", per_sample, &[n, 3])?;
+    expect_shape("cross_entropy per-sample", per_sample, &[n, self::per_sample::LEN])?;
     expect_shape("cross_entropy result", result, &[result::LEN])?;
-    let params =
-        gpu.uniform("cross_entropy params", &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, _pad: [0; 2] });
+    let params = gpu.uniform(
+        "cross_entropy params",
+        &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, smoothing, _pad: 0 },
+    );
     let unused = placeholder(gpu)?;
     let binds = [
         Bind::Uniform(0, &params),
