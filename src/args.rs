@@ -292,6 +292,11 @@ pub struct TrainArgs {
     /// Read the running loss every N steps (the only host wait inside an epoch).
     #[arg(long, default_value_t = hp::LOG_EVERY)]
     pub log_every: usize,
+    /// Under `mpirun`: batch-norm statistics merged across ranks (as PyTorch's SyncBatchNorm)
+    /// instead of per rank. Needs the `mpi` feature; not implemented yet.
+    #[arg(long)]
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 impl TrainArgs {
@@ -303,6 +308,16 @@ impl TrainArgs {
         ensure!(self.momentum >= 0.0 && self.momentum < 1.0, "--momentum must be in [0, 1), got {}", self.momentum);
         ensure!(self.weight_decay >= 0.0, "--weight-decay must be >= 0, got {}", self.weight_decay);
         ensure!(self.log_every >= 1, "--log-every must be at least 1");
+        ensure!(
+            !self.sync_bn || cfg!(feature = "mpi"),
+            "--sync-bn merges batch-norm statistics across MPI ranks, but this senet was built without MPI \
+             support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see the README)"
+        );
+        ensure!(
+            !self.sync_bn,
+            "--sync-bn is not implemented yet: batch norm uses per-rank statistics under mpirun (PyTorch DDP's \
+             default); drop the flag"
+        );
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
             "--warmup-epochs must be in [0, epochs), got {}",

@@ -106,9 +106,10 @@ enum SampleFormat {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
-    let opts = GpuOptions {
+    let mut opts = GpuOptions {
         backend: cli.backend,
         adapter_name: cli.adapter,
+        adapter_index: None,
         tune: cli.tune,
         tune_cache: cli.tune_cache,
         subgroups: cli.subgroups,
@@ -121,7 +122,14 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
             });
             args.validate()?;
-            train::train(Gpu::new(&opts)?, &args)?;
+            // Under mpirun: join the job; each rank opens the adapter its local rank picks
+            // (unless --adapter names one). Errors on one rank alone end every rank.
+            let dist = senet_wgpu::dist::Dist::init()?;
+            if dist.size > 1 {
+                opts.adapter_index = Some(dist.local_rank);
+            }
+            let trained = Gpu::new(&opts).and_then(|gpu| train::train_dist(gpu, &args, &dist));
+            trained.map_err(|e| dist.end_on_error(e, 2))?;
         }
         Command::Eval(args) => {
             let report = eval::eval(Gpu::new(&opts)?, &args)?;
@@ -221,6 +229,8 @@ fn main() -> ExitCode {
     };
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
+        // A collective error is printed by rank 0 only; the others end quietly with its code.
+        Err(e) if e.downcast_ref::<senet_wgpu::dist::Collective>().is_some_and(|c| c.0.is_empty()) => ExitCode::from(2),
         Err(e) if e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some() => {
             eprintln!("{e:#}");
             ExitCode::from(130)

@@ -15,7 +15,8 @@ use crate::args::TrainArgs;
 use crate::checkpoint;
 use crate::data::Dataset;
 use crate::data::loader::{self, Preprocess};
-use crate::eval::{evaluate, plans_for, read_sums};
+use crate::dist::{self, Collective, Dist};
+use crate::eval::{evaluate, evaluate_sharded, plans_for, read_sums};
 use crate::gpu::Gpu;
 use crate::hparams::lr_at;
 use crate::metrics::EpochMetrics;
@@ -128,10 +129,38 @@ pub struct TrainSummary {
 }
 
 pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
+    train_dist(gpu, args, &Dist::single())
+}
+
+/// [`train`] as one rank of a data-parallel job (`mpirun -np N senet train …`; see [`crate::dist`]):
+/// this rank's share of every epoch, gradients averaged across ranks each step, rank 0 alone
+/// printing and writing the run folder. With [`Dist::single`] it is the one-process loop.
+pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainSummary> {
     let resumed = run::resumed_args(args)?;
     let args = resumed.as_ref().unwrap_or(args);
     args.validate()?;
+    if dist.size > 1 {
+        // Collective: every rank has the same flags (compared below) and stops here together.
+        for (bad, what) in [(args.resume.is_some(), "--resume"), (args.profile, "--profile")] {
+            if bad {
+                return Err(Collective(format!(
+                    "{what} is not supported under mpirun yet ({} ranks); run it as one process",
+                    dist.size
+                ))
+                .into());
+            }
+        }
+    }
     let (dataset, train_set, test_set, config) = load_data(args)?;
+    same_config_on_every_rank(dist, args, &dataset, &train_set, &test_set)?;
+    if train_set.len() < dist.size {
+        return Err(Collective(format!(
+            "{} ranks but only {} training images: every rank needs at least one; use fewer ranks or more images",
+            dist.size,
+            train_set.len()
+        ))
+        .into());
+    }
     let pre = Preprocess { normalize: config.normalize.clone(), augment: args.augment };
 
     let mut net = Network::new(gpu.clone(), config.clone(), args.optimizer_config(), args.seed)?;
@@ -139,11 +168,29 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
     }
-    let plans = plans_for(&net, args.batch_size, &[train_set.len(), test_set.len()])?;
-    print_tuning(&gpu);
-    let (mut run, mut state) = open_run(args, &config, &dataset, &mut net)?;
+    // Every rank starts from rank 0's weights (as DDP does), whatever its own init gave.
+    broadcast_weights(&net, dist)?;
+    let shard_len = train_set.len().div_ceil(dist.size);
+    let plans = plans_for(&net, args.batch_size, &[shard_len, test_set.len()])?;
+    if dist.is_root() {
+        print_tuning(&gpu);
+    }
+    if dist.size > 1 {
+        eprintln!("{}: {}", dist.who(), gpu.describe());
+    }
+    let (mut run, mut state) = if dist.is_root() {
+        let (run, state) = open_run(args, &config, &dataset, &mut net)?;
+        (Some(run), state)
+    } else {
+        (None, RunState { best_acc: f64::NEG_INFINITY, ..RunState::default() })
+    };
 
-    println!(
+    let say = |line: String| {
+        if dist.is_root() {
+            println!("{line}");
+        }
+    };
+    say(format!(
         "{} width {} (r={}) on {dataset}: {} params | {} train / {} test images {:?} | {} | batch {} | {:?}",
         args.net.model,
         args.net.width,
@@ -155,10 +202,26 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         gpu.describe(),
         args.batch_size,
         args.optimizer
-    );
-    println!("{}", EpochMetrics::table_header());
+    ));
+    if dist.size > 1 {
+        let floats = net.flat.grads.numel();
+        say(format!(
+            "data parallel over {} MPI ranks: batch {} per rank ({} in all); each epoch's shuffle is the same on \
+             every rank, padded from {} to {} images, {} per rank (DistributedSampler); gradients averaged by one \
+             host-staged all-reduce of {floats} floats ({:.1} MB) per step; batch norm with per-rank statistics, \
+             rank 0's running statistics; test set split by batches over the ranks",
+            dist.size,
+            args.batch_size,
+            args.batch_size * dist.size,
+            train_set.len(),
+            shard_len * dist.size,
+            shard_len,
+            floats as f64 * 4e-6
+        ));
+    }
+    say(EpochMetrics::table_header());
 
-    let steps_per_epoch = train_set.len().div_ceil(args.batch_size);
+    let steps_per_epoch = shard_len.div_ceil(args.batch_size);
     let t = Trainer {
         args,
         gpu,
@@ -168,14 +231,27 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
         steps_per_epoch,
         total_steps: steps_per_epoch * args.epochs(),
         first_epoch: state.history.len() + 1,
+        dist,
+        reduce_secs: std::cell::Cell::new(0.0),
     };
     let test_set = Arc::new(test_set);
-    install_stop_handler();
+    if dist.size == 1 {
+        // Under mpirun the signal reaches every rank at a different step: for now it just ends them.
+        install_stop_handler();
+    }
     for epoch in t.first_epoch..=args.epochs() {
         let t0 = Instant::now();
         let partial = state.partial.take();
-        let ((l, c, n), train_secs) = t.train_epoch(&mut net, &run, &state, epoch, partial, t0)?;
-        let (test_loss, test_acc) = evaluate(&net, &t.plans, &test_set, args.batch_size, &t.pre)?;
+        let ((l, c, n), train_secs) = t.train_epoch(&mut net, run.as_ref(), &state, epoch, partial, t0)?;
+        let (test_loss, test_acc) = if dist.size > 1 {
+            let sum = same_weights_on_every_rank(&net, dist, epoch)?;
+            say(format!("epoch {epoch}: weights identical on all {} ranks (checksum {sum:016x})", dist.size));
+            // The model's running statistics are rank 0's, as DDP's broadcast_buffers makes them.
+            broadcast_bn_buffers(&net, dist)?;
+            evaluate_sharded(&net, &t.plans, &test_set, args.batch_size, &t.pre, dist)?
+        } else {
+            evaluate(&net, &t.plans, &test_set, args.batch_size, &t.pre)?
+        };
         let m = EpochMetrics {
             epoch,
             train_loss: l / n,
@@ -185,13 +261,23 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
             seconds: t0.elapsed().as_secs_f64(),
             train_images_per_s: n / train_secs,
         };
-        println!("{}", m.table_row());
-        run.finish_epoch(&net, &mut state, m)?;
+        say(m.table_row());
+        match run.as_mut() {
+            Some(run) => run.finish_epoch(&net, &mut state, m)?,
+            None => {
+                state.best_acc = state.best_acc.max(m.test_acc);
+                state.history.push(m);
+            }
+        }
         if STOP.load(Ordering::SeqCst) && epoch < args.epochs() {
             return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0 }.into());
         }
     }
-    println!("best test accuracy {:.4}; checkpoints and metrics in {}", state.best_acc, args.out.display());
+    say(format!("best test accuracy {:.4}; checkpoints and metrics in {}", state.best_acc, args.out.display()));
+    if dist.size > 1 {
+        let sum = dist::checksum(&net.flat.values.read::<f32>(&net.gpu)?);
+        eprintln!("{}: final weights checksum {sum:016x}", dist.who());
+    }
     Ok(TrainSummary { history: state.history, best_acc: state.best_acc, out: args.out.clone() })
 }
 
@@ -207,6 +293,10 @@ struct Trainer<'a> {
     total_steps: usize,
     /// The first epoch this process trains (after the resumed run's finished ones).
     first_epoch: usize,
+    /// This rank, and how many train together.
+    dist: &'a Dist,
+    /// Seconds spent in the gradient all-reduce this epoch (the progress line shows its share).
+    reduce_secs: std::cell::Cell<f64>,
 }
 
 impl Trainer<'_> {
@@ -215,7 +305,7 @@ impl Trainer<'_> {
     fn train_epoch(
         &self,
         net: &mut Network,
-        run: &RunFolder,
+        run: Option<&RunFolder>,
         state: &RunState,
         epoch: usize,
         partial: Option<(usize, EpochSums)>,
@@ -225,12 +315,24 @@ impl Trainer<'_> {
         for p in self.plans.values() {
             clear_metrics(gpu, &p.train_result);
         }
+        self.reduce_secs.set(0.0);
         let skip = self.restore_partial(partial);
-        let pb = bar(self.steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs()));
+        let pb = if self.dist.is_root() {
+            bar(self.steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs()))
+        } else {
+            ProgressBar::hidden()
+        };
         pb.set_position(skip as u64);
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
-        let batches =
-            loader::epoch_batches(self.train_set.clone(), args.batch_size, self.pre.clone(), true, args.seed, epoch);
+        // This rank's share of the epoch's order; rank 0's augmentation stream is one process's.
+        let (rank, size) = (self.dist.rank, self.dist.size);
+        let order = dist::shard(&loader::epoch_order(self.train_set.len(), true, args.seed, epoch), rank, size);
+        let aug_seed = args
+            .seed
+            .wrapping_add(0x5EED)
+            .wrapping_add(epoch as u64)
+            .wrapping_add((rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let batches = loader::batches_of(self.train_set.clone(), order, args.batch_size, self.pre.clone(), aug_seed);
         // Skipped batches are still made, so the augmentation's random stream is where it was.
         for (step, b) in batches.into_iter().enumerate().skip(skip) {
             let plan = self.plans.get(&b.labels.len()).context("no plan for this batch size")?;
@@ -248,6 +350,14 @@ impl Trainer<'_> {
                 profile_step(net, plan, epoch, step, &pb)?;
                 in_flight = None;
                 pb.inc(1);
+                continue;
+            }
+            if size > 1 {
+                self.data_parallel_step(net, plan)?;
+                pb.inc(1);
+                if (step + 1) % args.log_every == 0 && self.dist.is_root() {
+                    self.log_progress(net, plan, epoch, step + 1, t0, &pb)?;
+                }
                 continue;
             }
             let idx = net.train_step(plan);
@@ -268,20 +378,49 @@ impl Trainer<'_> {
                 gpu.wait()?;
                 pb.finish_and_clear();
                 let (l, c, n) = read_sums(net, &self.plans, false)?;
-                run.save(net, state, Some((step + 1, (l as f32, c as f32, n as f32))))?;
+                if let Some(run) = run {
+                    run.save(net, state, Some((step + 1, (l as f32, c as f32, n as f32))))?;
+                }
                 return Err(Interrupted { out: args.out.clone(), epoch, step: step + 1 }.into());
             }
         }
         gpu.wait()?;
-        let sums = read_sums(net, &self.plans, false)?;
+        let (l, c, n) = read_sums(net, &self.plans, false)?;
+        let mut sums = [l, c, n];
+        self.dist.all_reduce_sum_f64(&mut sums)?;
+        let sums = (sums[0], sums[1], sums[2]);
         let train_secs = t0.elapsed().as_secs_f64();
         pb.finish_and_clear();
         if !sums.0.is_finite() {
-            let tail = self.train_set.len() - (self.steps_per_epoch - 1) * args.batch_size;
+            let shard_len = self.train_set.len().div_ceil(size);
+            let tail = shard_len - (self.steps_per_epoch - 1) * args.batch_size;
             let last = self.plans.get(&tail).context("no plan for the last batch")?;
-            return Err(divergence(net, last, epoch, self.steps_per_epoch));
+            let e = divergence(net, last, epoch, self.steps_per_epoch);
+            // Every rank sees the same summed loss: they end together.
+            return Err(if size > 1 { Collective(format!("{e:#}")).into() } else { e });
         }
         Ok((sums, train_secs))
+    }
+
+    /// One data-parallel step on the batch in `plan`: forward and backward, the gradients averaged
+    /// over the ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the
+    /// same update on every rank. Waits for the GPU (the read-back). The all-reduce time counted
+    /// is the host-staged exchange: read-back, MPI (with any wait for a slower rank) and write.
+    fn data_parallel_step(&self, net: &mut Network, plan: &StepPlan) -> Result<()> {
+        net.begin_step();
+        net.gradient_pass(plan);
+        self.gpu.wait()?;
+        let t = Instant::now();
+        let mut grads = net.flat.grads.read::<f32>(&self.gpu).context("reading the gradients back")?;
+        self.dist.all_reduce_sum_f32(&mut grads).context("the gradient all-reduce")?;
+        let n = self.dist.size as f32;
+        for g in &mut grads {
+            *g /= n;
+        }
+        net.flat.grads.write(&self.gpu, &grads)?;
+        self.reduce_secs.set(self.reduce_secs.get() + t.elapsed().as_secs_f64());
+        net.apply_update();
+        Ok(())
     }
 
     /// Resuming inside an epoch: its metric sums so far go back into the buffer of the
@@ -312,13 +451,27 @@ impl Trainer<'_> {
         if !l.is_finite() {
             return Err(divergence(net, plan, epoch, step));
         }
-        let rate = n / t0.elapsed().as_secs_f64();
-        let msg = format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate);
-        if pb.is_hidden() {
+        let secs = t0.elapsed().as_secs_f64();
+        let rate = n / secs;
+        let msg = if self.dist.size > 1 {
+            // Rank 0's running loss; images/s of all ranks (each trains as many).
+            let reduce = self.reduce_secs.get();
+            format!(
+                "loss {:.4} acc {:.4} (rank 0) {:.0} img/s | all-reduce {:.1} ms/step, {:.0} %",
+                l / n,
+                c / n,
+                rate * self.dist.size as f64,
+                1e3 * reduce / step as f64,
+                100.0 * reduce / secs
+            )
+        } else {
+            format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate)
+        };
+        if pb.is_hidden() && self.dist.is_root() {
             println!("epoch {epoch} step {step}/{} {msg}", self.steps_per_epoch);
         }
         pb.set_message(msg);
-        if epoch == self.first_epoch && step == self.args.log_every && self.gpu.is_cpu() {
+        if epoch == self.first_epoch && step == self.args.log_every && self.gpu.is_cpu() && self.dist.is_root() {
             pb.suspend(|| {
                 eprintln!(
                     "note: {} is a CPU adapter; expect about {:.0} s per epoch",
@@ -345,4 +498,89 @@ fn profile_step(net: &mut Network, plan: &StepPlan, epoch: usize, step: usize, p
         )
     });
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data parallelism: the checks and copies between ranks (the collectives are in `dist`)
+
+/// Rank 0 sends its settings and data sizes; a rank whose own differ names the first field and
+/// ends the job (ranks with different flags would train different models and deadlock).
+fn same_config_on_every_rank(
+    dist: &Dist,
+    args: &TrainArgs,
+    dataset: &str,
+    train_set: &crate::data::Dataset,
+    test_set: &crate::data::Dataset,
+) -> Result<()> {
+    if dist.size <= 1 {
+        return Ok(());
+    }
+    let mine = serde_json::json!({
+        "train": args,
+        "dataset": dataset,
+        "training images": train_set.len(),
+        "test images": test_set.len(),
+    });
+    let bytes = dist.broadcast_bytes(serde_json::to_vec(&mine)?)?;
+    let root: serde_json::Value = serde_json::from_slice(&bytes).context("rank 0's settings are not JSON")?;
+    if let Some(diff) = first_difference(&root, &mine, "") {
+        anyhow::bail!("the settings differ from rank 0's: {diff}; every rank must be started with the same flags and data");
+    }
+    Ok(())
+}
+
+/// The first field where `a` (rank 0's) and `b` (ours) differ: "train.lr is 0.1 here, 0.05 on rank 0".
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) -> Option<String> {
+    use serde_json::Value;
+    if let (Value::Object(x), Value::Object(y)) = (a, b) {
+        let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+        for k in keys {
+            let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            let (va, vb) = (x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null));
+            if let Some(d) = first_difference(va, vb, &p) {
+                return Some(d);
+            }
+        }
+        return None;
+    }
+    (a != b).then(|| format!("{path} is {b} here, {a} on rank 0"))
+}
+
+/// Rank 0's parameters on every rank.
+fn broadcast_weights(net: &Network, dist: &Dist) -> Result<()> {
+    if dist.size > 1 {
+        let mut v = net.flat.values.read::<f32>(&net.gpu)?;
+        dist.broadcast_f32(&mut v)?;
+        net.flat.values.write(&net.gpu, &v)?;
+    }
+    Ok(())
+}
+
+/// Rank 0's batch-norm running statistics on every rank (before evaluating and saving).
+fn broadcast_bn_buffers(net: &Network, dist: &Dist) -> Result<()> {
+    for b in &net.bn {
+        for t in [&b.running_mean, &b.running_var] {
+            let mut v = t.read::<f32>(&net.gpu)?;
+            dist.broadcast_f32(&mut v)?;
+            t.write(&net.gpu, &v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Compare a checksum of every rank's parameters: they must be bit for bit the same after each
+/// epoch (same start, same averaged gradients, same update). Returns the checksum.
+fn same_weights_on_every_rank(net: &Network, dist: &Dist, epoch: usize) -> Result<u64> {
+    let sum = dist::checksum(&net.flat.values.read::<f32>(&net.gpu)?);
+    let all = dist.all_gather_u64(sum)?;
+    if all.iter().any(|&s| s != all[0]) {
+        let list: Vec<String> = all.iter().enumerate().map(|(r, s)| format!("rank {r}: {s:016x}")).collect();
+        return Err(Collective(format!(
+            "the ranks' weights differ after epoch {epoch} (checksums {}); data-parallel training must keep them \
+             identical — a rank missed an all-reduce or computes differently (different adapters or drivers?)",
+            list.join(", ")
+        ))
+        .into());
+    }
+    Ok(sum)
 }

@@ -101,10 +101,17 @@ pub fn epoch_batches(
     seed: u64,
     epoch: usize,
 ) -> Receiver<Batch> {
+    let order = epoch_order(ds.len(), shuffle, seed, epoch);
+    batches_of(ds, order, batch, pre, seed.wrapping_add(0x5EED).wrapping_add(epoch as u64))
+}
+
+/// Batches of the samples `order` (in that order), made on a background thread two ahead of
+/// the consumer; augmentation draws from a stream seeded with `aug_seed`. The last batch may be
+/// partial. A data-parallel rank passes its share of the epoch's order (`dist::shard`).
+pub fn batches_of(ds: Arc<Dataset>, order: Vec<usize>, batch: usize, pre: Preprocess, aug_seed: u64) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(2);
     std::thread::spawn(move || {
-        let order = epoch_order(ds.len(), shuffle, seed, epoch);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x5EED).wrapping_add(epoch as u64));
+        let mut rng = ChaCha8Rng::seed_from_u64(aug_seed);
         for idx in order.chunks(batch) {
             if tx.send(make_batch(&ds, idx, &pre, &mut rng)).is_err() {
                 return; // the consumer stopped early

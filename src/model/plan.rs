@@ -469,6 +469,18 @@ impl Network {
         self.gpu.run(&self.train_dispatches(plan))
     }
 
+    /// The forward, loss and backward of a training step, without the optimizer update: for data
+    /// parallelism, where the gradients are averaged across ranks before [`Network::apply_update`].
+    /// Call [`Network::begin_step`] first. Returns without waiting.
+    pub fn gradient_pass(&self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        self.gpu.run(&plan.train.iter().collect::<Vec<_>>())
+    }
+
+    /// Every optimizer update from the gradients now in the flat buffer. Returns without waiting.
+    pub fn apply_update(&self) -> wgpu::SubmissionIndex {
+        self.gpu.run(&self.updates.iter().map(|u| &u.dispatch).collect::<Vec<_>>())
+    }
+
     /// The learning rate of the following steps (schedules change it between steps; the next
     /// [`Network::begin_step`] writes it with the step number).
     pub fn set_lr(&mut self, lr: f64) {
