@@ -128,10 +128,16 @@ impl Dist {
 
     /// Rank 0's bytes on every rank (any length).
     pub fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        self.broadcast_bytes_from(0, bytes)
+    }
+
+    /// Rank `root`'s bytes on every rank (any length).
+    pub fn broadcast_bytes_from(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
         #[cfg(feature = "mpi")]
         if let Some(m) = &self.mpi {
-            return m.broadcast_bytes(bytes);
+            return m.broadcast_bytes(root, bytes);
         }
+        let _ = root;
         Ok(bytes)
     }
 
@@ -142,6 +148,64 @@ impl Dist {
             return m.all_gather_u64(x);
         }
         Ok(vec![x])
+    }
+
+    /// Every rank's bytes (any length), in rank order.
+    pub fn all_gather_bytes(&self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let mut all = Vec::with_capacity(self.size);
+        for r in 0..self.size {
+            all.push(if self.size <= 1 { bytes.clone() } else { self.broadcast_bytes_from(r, bytes.clone())? });
+        }
+        Ok(all)
+    }
+
+    /// Every rank's `v` (all the same length), concatenated in rank order.
+    pub fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.all_gather_f32(v);
+        }
+        Ok(v.to_vec())
+    }
+
+    /// Wait until every rank is here, sleeping meanwhile (an MPI barrier spins on its core, which
+    /// would slow a rank sharing it: `bench` times rank 0 alone while the others wait here).
+    pub fn barrier(&self) {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.barrier();
+        }
+    }
+
+    /// Rank 0's outcome of a step only it takes (opening the run folder, reading `--resume`'s
+    /// settings) on every rank: `Ok` everywhere, or a [`Collective`] error everywhere — rank 0's
+    /// message there, empty elsewhere — so the ranks end together, with no abort. The other
+    /// ranks pass `Ok(())`.
+    pub fn agree_with_root<T>(&self, outcome: Result<T>) -> Result<T> {
+        if self.size <= 1 {
+            return outcome;
+        }
+        let msg = match (&outcome, self.is_root()) {
+            (Err(e), true) => format!("{e:#}"),
+            _ => String::new(),
+        };
+        let msg = String::from_utf8_lossy(&self.broadcast_bytes(msg.into_bytes())?).into_owned();
+        if msg.is_empty() { outcome } else { Err(Collective(if self.is_root() { msg } else { String::new() }).into()) }
+    }
+
+    /// A value rank 0 computes (`f` runs there only), sent to every rank as JSON; an error there is
+    /// every rank's, as in [`Dist::agree_with_root`].
+    pub fn from_root<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        if self.size <= 1 {
+            return f();
+        }
+        let mine = if self.is_root() { f().and_then(|v| Ok(serde_json::to_vec(&v)?)) } else { Ok(Vec::new()) };
+        let mine = self.agree_with_root(mine)?;
+        let bytes = self.broadcast_bytes(mine)?;
+        Ok(serde_json::from_slice(&bytes)?)
     }
 
     /// True on every rank when `flag` is true on any.
@@ -158,8 +222,22 @@ impl Dist {
         if self.size <= 1 {
             return e;
         }
+        // Errors every rank reached together: rank 0 says it, then all wait for each other before
+        // exiting, or mpirun, seeing one rank exit non-zero, would kill rank 0 before it spoke.
         if e.downcast_ref::<Collective>().is_some() {
-            return if self.is_root() { e } else { anyhow::Error::new(Collective(String::new())) };
+            if self.is_root() {
+                eprintln!("error: {e:#}");
+            }
+            self.barrier();
+            return anyhow::Error::new(Collective(String::new()));
+        }
+        // Every rank stopped after the same step (the signal flag rode the all-reduce).
+        if let Some(i) = e.downcast_ref::<crate::run::Interrupted>() {
+            if self.is_root() {
+                eprintln!("{i}");
+            }
+            self.barrier();
+            return anyhow::Error::new(crate::run::Interrupted { out: i.out.clone(), quiet: true, ..*i });
         }
         eprintln!("error on {}: {e:#}", self.who());
         #[cfg(feature = "mpi")]
@@ -224,28 +302,39 @@ mod mpi_impl {
 
     impl Mpi {
         pub fn all_reduce_sum_f32(&self, v: &mut [f32]) -> Result<()> {
+            if v.is_empty() {
+                return Ok(()); // an empty slice's pointer is 0x1: MPI_IN_PLACE to OpenMPI
+            }
             let send = v.to_vec();
             self.world.all_reduce_into(&send[..], v, SystemOperation::sum());
             Ok(())
         }
 
         pub fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<()> {
+            if v.is_empty() {
+                return Ok(());
+            }
             let send = v.to_vec();
             self.world.all_reduce_into(&send[..], v, SystemOperation::sum());
             Ok(())
         }
 
         pub fn broadcast_f32(&self, v: &mut [f32]) -> Result<()> {
-            self.world.process_at_rank(0).broadcast_into(v);
+            if !v.is_empty() {
+                self.world.process_at_rank(0).broadcast_into(v);
+            }
             Ok(())
         }
 
-        pub fn broadcast_bytes(&self, mut bytes: Vec<u8>) -> Result<Vec<u8>> {
-            let root = self.world.process_at_rank(0);
+        pub fn broadcast_bytes(&self, root: usize, mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+            let root = self.world.process_at_rank(root as i32);
             let mut len = [bytes.len() as u64];
             root.broadcast_into(&mut len[..]);
             bytes.resize(len[0] as usize, 0);
-            root.broadcast_into(&mut bytes[..]);
+            // Never an empty slice: its dangling pointer is 0x1, which OpenMPI reads as MPI_IN_PLACE.
+            if !bytes.is_empty() {
+                root.broadcast_into(&mut bytes[..]);
+            }
             Ok(bytes)
         }
 
@@ -253,6 +342,25 @@ mod mpi_impl {
             let mut all = vec![0u64; self.world.size() as usize];
             self.world.all_gather_into(&x, &mut all[..]);
             Ok(all)
+        }
+
+        pub fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+            let mut all = vec![0f32; v.len() * self.world.size() as usize];
+            if !v.is_empty() {
+                self.world.all_gather_into(v, &mut all[..]);
+            }
+            Ok(all)
+        }
+
+        pub fn barrier(&self) {
+            let mut req = self.world.immediate_barrier();
+            loop {
+                match req.test() {
+                    Ok(_) => return,
+                    Err(r) => req = r,
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
 
         pub fn abort(&self, code: i32) -> ! {

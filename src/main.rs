@@ -176,6 +176,22 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
         }
         Command::Bench(args) => {
+            // `mpirun -np N senet bench`: rank 0 alone, then all ranks data-parallel.
+            let dist = senet_wgpu::dist::Dist::init()?;
+            if dist.size > 1 {
+                opts.adapter_index = Some(dist.local_rank);
+                let report = Gpu::new(&opts)
+                    .and_then(|gpu| senet_wgpu::bench::bench_data_parallel(gpu, &args, &dist))
+                    .map_err(|e| dist.end_on_error(e, 2))?;
+                if dist.is_root() {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&report)?);
+                    } else {
+                        print!("{}", senet_wgpu::bench::format_data_parallel(&report));
+                    }
+                }
+                return Ok(());
+            }
             let report = senet_wgpu::bench::bench(Gpu::new(&opts)?, &args)?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -232,7 +248,10 @@ fn main() -> ExitCode {
         // A collective error is printed by rank 0 only; the others end quietly with its code.
         Err(e) if e.downcast_ref::<senet_wgpu::dist::Collective>().is_some_and(|c| c.0.is_empty()) => ExitCode::from(2),
         Err(e) if e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some() => {
-            eprintln!("{e:#}");
+            // Under mpirun every rank exits 130; rank 0 says where the run was saved.
+            if !e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some_and(|i| i.quiet) {
+                eprintln!("{e:#}");
+            }
             ExitCode::from(130)
         }
         Err(e) => {

@@ -90,7 +90,7 @@ fn open_run(args: &TrainArgs, config: &ModelConfig, dataset: &str, net: &mut Net
         "resuming {} after epoch {}{} (optimizer step {})",
         args.out.display(),
         state.history.len(),
-        state.partial.map_or(String::new(), |(k, _)| format!(" and {k} steps of the next")),
+        state.partial.as_ref().map_or(String::new(), |(k, _)| format!(" and {k} steps of the next")),
         net.step
     );
     Ok((run, state))
@@ -136,23 +136,32 @@ pub fn train(gpu: Arc<Gpu>, args: &TrainArgs) -> Result<TrainSummary> {
 /// this rank's share of every epoch, gradients averaged across ranks each step, rank 0 alone
 /// printing and writing the run folder. With [`Dist::single`] it is the one-process loop.
 pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainSummary> {
-    let resumed = run::resumed_args(args)?;
+    // First: a signal from here on is a request to stop after a step and save (under mpirun,
+    // once every rank has it: see the adapter line each rank prints).
+    install_stop_handler();
+    // `--resume`: rank 0 reads the run's settings and sends them (the folder need not be visible
+    // to the other ranks).
+    let resumed = match &args.resume {
+        Some(dir) => dist.from_root(|| run::resumed_args(args))?.map(|mut r| {
+            // Not in the JSON (config.json never holds it): every rank's own flag.
+            r.resume = Some(dir.clone());
+            r
+        }),
+        None => None,
+    };
+    let flags = args;
     let args = resumed.as_ref().unwrap_or(args);
     args.validate()?;
-    if dist.size > 1 {
+    if dist.size > 1 && args.profile {
         // Collective: every rank has the same flags (compared below) and stops here together.
-        for (bad, what) in [(args.resume.is_some(), "--resume"), (args.profile, "--profile")] {
-            if bad {
-                return Err(Collective(format!(
-                    "{what} is not supported under mpirun yet ({} ranks); run it as one process",
-                    dist.size
-                ))
-                .into());
-            }
-        }
+        return Err(Collective(format!(
+            "--profile is not supported under mpirun ({} ranks); run it as one process",
+            dist.size
+        ))
+        .into());
     }
     let (dataset, train_set, test_set, config) = load_data(args)?;
-    same_config_on_every_rank(dist, args, &dataset, &train_set, &test_set)?;
+    same_config_on_every_rank(dist, flags, args, &dataset, &train_set, &test_set)?;
     if train_set.len() < dist.size {
         return Err(Collective(format!(
             "{} ranks but only {} training images: every rank needs at least one; use fewer ranks or more images",
@@ -168,22 +177,37 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
     }
-    // Every rank starts from rank 0's weights (as DDP does), whatever its own init gave.
-    broadcast_weights(&net, dist)?;
     let shard_len = train_set.len().div_ceil(dist.size);
     let plans = plans_for(&net, args.batch_size, &[shard_len, test_set.len()])?;
     if dist.is_root() {
         print_tuning(&gpu);
     }
     if dist.size > 1 {
-        eprintln!("{}: {}", dist.who(), gpu.describe());
+        eprintln!("{} (pid {}): {}", dist.who(), std::process::id(), gpu.describe());
     }
-    let (mut run, mut state) = if dist.is_root() {
-        let (run, state) = open_run(args, &config, &dataset, &mut net)?;
-        (Some(run), state)
-    } else {
-        (None, RunState { best_acc: f64::NEG_INFINITY, ..RunState::default() })
+    // Rank 0 opens (or resumes) the run folder; the others take its state, and every rank starts
+    // from rank 0's weights and optimizer state (as DDP does), whatever its own init gave.
+    let opened = if dist.is_root() { open_run(args, &config, &dataset, &mut net).map(Some) } else { Ok(None) };
+    let (mut run, root_state) = match dist.agree_with_root(opened)? {
+        Some((run, state)) => (Some(run), Some(state)),
+        None => (None, None),
     };
+    let mut state = share_state(dist, root_state)?;
+    if args.resume.is_some() && state.ranks != dist.size {
+        return Err(Collective(format!(
+            "--resume {}: the run was trained by {} rank(s) and this job has {}; resume it with the same count \
+             (mpirun -np {}; one process for 1)",
+            args.out.display(),
+            state.ranks,
+            dist.size,
+            state.ranks
+        ))
+        .into());
+    }
+    if let Some(run) = run.as_mut() {
+        run.ranks = dist.size;
+    }
+    broadcast_model(&mut net, dist)?;
 
     let say = |line: String| {
         if dist.is_root() {
@@ -235,10 +259,6 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
         reduce_secs: std::cell::Cell::new(0.0),
     };
     let test_set = Arc::new(test_set);
-    if dist.size == 1 {
-        // Under mpirun the signal reaches every rank at a different step: for now it just ends them.
-        install_stop_handler();
-    }
     for epoch in t.first_epoch..=args.epochs() {
         let t0 = Instant::now();
         let partial = state.partial.take();
@@ -269,8 +289,9 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
                 state.history.push(m);
             }
         }
-        if STOP.load(Ordering::SeqCst) && epoch < args.epochs() {
-            return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0 }.into());
+        // Under mpirun the ranks agree: a signal that reached any of them stops all.
+        if dist.any(STOP.load(Ordering::SeqCst))? && epoch < args.epochs() {
+            return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0, quiet: !dist.is_root() }.into());
         }
     }
     say(format!("best test accuracy {:.4}; checkpoints and metrics in {}", state.best_acc, args.out.display()));
@@ -308,7 +329,7 @@ impl Trainer<'_> {
         run: Option<&RunFolder>,
         state: &RunState,
         epoch: usize,
-        partial: Option<(usize, EpochSums)>,
+        partial: Option<(usize, run::RankSums)>,
         t0: Instant,
     ) -> Result<((f64, f64, f64), f64)> {
         let (args, gpu) = (self.args, &self.gpu);
@@ -353,10 +374,31 @@ impl Trainer<'_> {
                 continue;
             }
             if size > 1 {
-                self.data_parallel_step(net, plan)?;
+                // The signal flag travels with the gradients: every rank stops after the same step.
+                let stop = self.data_parallel_step(net, plan, STOP.load(Ordering::SeqCst))?;
                 pb.inc(1);
-                if (step + 1) % args.log_every == 0 && self.dist.is_root() {
+                if ((step + 1) % args.log_every == 0 || stop) && self.dist.is_root() {
                     self.log_progress(net, plan, epoch, step + 1, t0, &pb)?;
+                }
+                if stop && step + 1 < self.steps_per_epoch {
+                    STOP.store(true, Ordering::SeqCst);
+                    pb.finish_and_clear();
+                    // Each rank's sums so far, kept apart so a resumed epoch adds up as this one would.
+                    let (l, c, n) = read_sums(net, &self.plans, false)?;
+                    let all = self.dist.all_gather_f32(&[l as f32, c as f32, n as f32])?;
+                    let per_rank: Vec<EpochSums> = all.chunks(3).map(|v| (v[0], v[1], v[2])).collect();
+                    let saved = match run {
+                        Some(run) => run.save(net, state, Some((step + 1, &per_rank))),
+                        None => Ok(()),
+                    };
+                    self.dist.agree_with_root(saved)?;
+                    return Err(Interrupted {
+                        out: args.out.clone(),
+                        epoch,
+                        step: step + 1,
+                        quiet: !self.dist.is_root(),
+                    }
+                    .into());
                 }
                 continue;
             }
@@ -379,9 +421,9 @@ impl Trainer<'_> {
                 pb.finish_and_clear();
                 let (l, c, n) = read_sums(net, &self.plans, false)?;
                 if let Some(run) = run {
-                    run.save(net, state, Some((step + 1, (l as f32, c as f32, n as f32))))?;
+                    run.save(net, state, Some((step + 1, &[(l as f32, c as f32, n as f32)])))?;
                 }
-                return Err(Interrupted { out: args.out.clone(), epoch, step: step + 1 }.into());
+                return Err(Interrupted { out: args.out.clone(), epoch, step: step + 1, quiet: false }.into());
             }
         }
         gpu.wait()?;
@@ -402,32 +444,21 @@ impl Trainer<'_> {
         Ok((sums, train_secs))
     }
 
-    /// One data-parallel step on the batch in `plan`: forward and backward, the gradients averaged
-    /// over the ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the
-    /// same update on every rank. Waits for the GPU (the read-back). The all-reduce time counted
-    /// is the host-staged exchange: read-back, MPI (with any wait for a slower rank) and write.
-    fn data_parallel_step(&self, net: &mut Network, plan: &StepPlan) -> Result<()> {
-        net.begin_step();
-        net.gradient_pass(plan);
-        self.gpu.wait()?;
-        let t = Instant::now();
-        let mut grads = net.flat.grads.read::<f32>(&self.gpu).context("reading the gradients back")?;
-        self.dist.all_reduce_sum_f32(&mut grads).context("the gradient all-reduce")?;
-        let n = self.dist.size as f32;
-        for g in &mut grads {
-            *g /= n;
-        }
-        net.flat.grads.write(&self.gpu, &grads)?;
-        self.reduce_secs.set(self.reduce_secs.get() + t.elapsed().as_secs_f64());
-        net.apply_update();
-        Ok(())
+    /// One data-parallel step ([`data_parallel_step`]), its all-reduce time counted.
+    fn data_parallel_step(&self, net: &mut Network, plan: &StepPlan, stop: bool) -> Result<bool> {
+        let (stop_any, secs) = data_parallel_step(net, plan, self.dist, stop)?;
+        self.reduce_secs.set(self.reduce_secs.get() + secs);
+        Ok(stop_any)
     }
 
     /// Resuming inside an epoch: its metric sums so far go back into the buffer of the
     /// full-batch plan, the one every step before the last uses. Returns the steps done.
-    fn restore_partial(&self, partial: Option<(usize, EpochSums)>) -> usize {
-        partial.map_or(0, |(steps, sums)| {
-            if let Some(p) = self.plans.get(&self.args.batch_size.min(self.train_set.len())) {
+    /// Each rank restores its own sums (saved per rank).
+    fn restore_partial(&self, partial: Option<(usize, run::RankSums)>) -> usize {
+        partial.map_or(0, |(steps, per_rank)| {
+            let sums = per_rank.get(self.dist.rank).copied().unwrap_or((0.0, 0.0, 0.0));
+            let shard_len = self.train_set.len().div_ceil(self.dist.size);
+            if let Some(p) = self.plans.get(&self.args.batch_size.min(shard_len)) {
                 let mut v = [0.0f32; result::LEN];
                 (v[result::SUM_LOSS], v[result::SUM_CORRECT], v[result::SUM_COUNT]) = sums;
                 self.gpu.queue.write_buffer(&p.train_result.buffer, p.train_result.offset, bytemuck::cast_slice(&v));
@@ -503,10 +534,12 @@ fn profile_step(net: &mut Network, plan: &StepPlan, epoch: usize, step: usize, p
 // ---------------------------------------------------------------------------------------------
 // Data parallelism: the checks and copies between ranks (the collectives are in `dist`)
 
-/// Rank 0 sends its settings and data sizes; a rank whose own differ names the first field and
-/// ends the job (ranks with different flags would train different models and deadlock).
+/// Rank 0 sends its flags, settings (after `--resume` read them) and data sizes; a rank whose own
+/// differ names the first field and ends the job (ranks with different flags would train
+/// different models, or deadlock).
 fn same_config_on_every_rank(
     dist: &Dist,
+    flags: &TrainArgs,
     args: &TrainArgs,
     dataset: &str,
     train_set: &crate::data::Dataset,
@@ -516,6 +549,7 @@ fn same_config_on_every_rank(
         return Ok(());
     }
     let mine = serde_json::json!({
+        "flags": flags,
         "train": args,
         "dataset": dataset,
         "training images": train_set.len(),
@@ -523,10 +557,48 @@ fn same_config_on_every_rank(
     });
     let bytes = dist.broadcast_bytes(serde_json::to_vec(&mine)?)?;
     let root: serde_json::Value = serde_json::from_slice(&bytes).context("rank 0's settings are not JSON")?;
-    if let Some(diff) = first_difference(&root, &mine, "") {
-        anyhow::bail!("the settings differ from rank 0's: {diff}; every rank must be started with the same flags and data");
+    // Agreed by every rank before any goes on, so rank 0 writes nothing when another differs.
+    let diff = first_difference(&root, &mine, "");
+    if dist.any(diff.is_some())? {
+        if let Some(d) = &diff {
+            eprintln!(
+                "error on {}: the settings differ from rank 0's: {d}; every rank must be started with the same \
+                 flags and data",
+                dist.who()
+            );
+        }
+        return Err(Collective(
+            "the ranks were started with different settings or data (each differing rank names its first \
+             difference above)"
+                .into(),
+        )
+        .into());
     }
     Ok(())
+}
+
+/// One data-parallel step on the batch in `plan`: forward and backward, the gradients averaged
+/// over the ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the same
+/// update on every rank. Waits for the GPU (the read-back). `stop` (a signal reached this rank)
+/// rides along as one more value of the all-reduce. Returns whether it reached any rank, and the
+/// seconds of the host-staged exchange: read-back, MPI (with any wait for a slower rank), write.
+pub fn data_parallel_step(net: &mut Network, plan: &StepPlan, dist: &Dist, stop: bool) -> Result<(bool, f64)> {
+    net.begin_step();
+    net.gradient_pass(plan);
+    net.gpu.wait()?;
+    let t = Instant::now();
+    let mut grads = net.flat.grads.read::<f32>(&net.gpu).context("reading the gradients back")?;
+    grads.push(f32::from(u8::from(stop)));
+    dist.all_reduce_sum_f32(&mut grads).context("the gradient all-reduce")?;
+    let stop_any = grads.pop().is_some_and(|s| s > 0.0);
+    let n = dist.size as f32;
+    for g in &mut grads {
+        *g /= n;
+    }
+    net.flat.grads.write(&net.gpu, &grads)?;
+    let secs = t.elapsed().as_secs_f64();
+    net.apply_update();
+    Ok((stop_any, secs))
 }
 
 /// The first field where `a` (rank 0's) and `b` (ours) differ: "train.lr is 0.1 here, 0.05 on rank 0".
@@ -546,14 +618,48 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) ->
     (a != b).then(|| format!("{path} is {b} here, {a} on rank 0"))
 }
 
-/// Rank 0's parameters on every rank.
-fn broadcast_weights(net: &Network, dist: &Dist) -> Result<()> {
-    if dist.size > 1 {
-        let mut v = net.flat.values.read::<f32>(&net.gpu)?;
-        dist.broadcast_f32(&mut v)?;
-        net.flat.values.write(&net.gpu, &v)?;
+/// Rank 0's parameters, optimizer state, optimizer step and batch-norm running statistics on
+/// every rank: the same start everywhere (a fresh run's init, `--init` or `--resume`).
+fn broadcast_model(net: &mut Network, dist: &Dist) -> Result<()> {
+    if dist.size <= 1 {
+        return Ok(());
     }
+    for t in std::iter::once(&net.flat.values).chain(&net.flat.state) {
+        let mut v = t.read::<f32>(&net.gpu)?;
+        dist.broadcast_f32(&mut v)?;
+        t.write(&net.gpu, &v)?;
+    }
+    broadcast_bn_buffers(net, dist)?;
+    let step = net.step;
+    net.step = dist.from_root(|| Ok(step))?;
     Ok(())
+}
+
+/// Rank 0's [`RunState`] (a new run's, or the `--resume`d one's) on every rank.
+fn share_state(dist: &Dist, root: Option<RunState>) -> Result<RunState> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Shared {
+        history: Vec<EpochMetrics>,
+        /// None before the first epoch (-∞, which JSON cannot hold).
+        best_acc: Option<f64>,
+        partial: Option<(usize, run::RankSums)>,
+        ranks: usize,
+    }
+    let shared = dist.from_root(|| {
+        let s = root.context("rank 0 has no run state")?;
+        Ok(Shared {
+            history: s.history,
+            best_acc: s.best_acc.is_finite().then_some(s.best_acc),
+            partial: s.partial,
+            ranks: s.ranks,
+        })
+    })?;
+    Ok(RunState {
+        history: shared.history,
+        best_acc: shared.best_acc.unwrap_or(f64::NEG_INFINITY),
+        partial: shared.partial,
+        ranks: shared.ranks,
+    })
 }
 
 /// Rank 0's batch-norm running statistics on every rank (before evaluating and saving).

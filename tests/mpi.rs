@@ -23,15 +23,15 @@ use senet_wgpu::dist;
 use senet_wgpu::hparams::lr_at;
 use senet_wgpu::model::plan::Network;
 
-/// The settings of the shared run: the sample, 64 training images (32 per rank), batch 16 per
-/// rank, 2 epochs = 4 optimizer steps; SGD with momentum and weight decay so the optimizer state
+/// The settings of the shared run: the sample, 128 training images (64 per rank), batch 16 per
+/// rank, 2 epochs = 8 optimizer steps; SGD with momentum and weight decay so the optimizer state
 /// is exercised; tuning off so both sides run the same kernels.
 const TRAIN: &[&str] = &[
     "train",
     "--dataset",
     "sample",
     "--limit-train",
-    "64",
+    "128",
     "--limit-test",
     "90",
     "--width",
@@ -63,7 +63,8 @@ fn senet() -> Command {
 }
 
 /// `mpirun … -np N`, as root too, or a failure saying what to install: with the `mpi` feature on,
-/// these tests never pass by skipping.
+/// these tests never pass by skipping. Tuning is off through SENET_TUNE (OpenMPI takes a `--tune`
+/// anywhere on its command line for its own option).
 fn mpirun(np: usize) -> Command {
     let found = Command::new("mpirun").arg("--version").output();
     assert!(
@@ -76,12 +77,52 @@ fn mpirun(np: usize) -> Command {
     c.args(["--oversubscribe", "--allow-run-as-root", "-np", &np.to_string()]);
     c.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     // One lavapipe thread per rank: the ranks share this machine's cores.
-    c.env("LP_NUM_THREADS", "1");
+    c.env("LP_NUM_THREADS", "1").env("SENET_TUNE", "off");
+    c.args(["-x", "LP_NUM_THREADS", "-x", "SENET_TUNE"]);
     c
 }
 
+/// `mpirun -np 2 senet train <TRAIN> --epochs <epochs> --out <out>`.
+fn train_2_ranks(out: &Path, epochs: usize) -> Command {
+    let mut c = mpirun(RANKS);
+    let e = TRAIN.iter().position(|a| *a == "--epochs").expect("TRAIN sets --epochs");
+    let epochs = epochs.to_string();
+    let args = TRAIN.iter().enumerate().map(|(k, a)| if k == e + 1 { epochs.as_str() } else { a });
+    c.arg(env!("CARGO_BIN_EXE_senet")).args(args).arg("--out").arg(out);
+    c
+}
+
+/// The pid of rank `rank` among the processes `mpirun` (pid `launcher`) started on this machine.
+fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+    let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The parent pid is the 2nd field after the parenthesised command name.
+        let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
+        if ppid != Some(launcher) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn kill(signal: &str, pid: u32) {
+    let k = Command::new("kill").args([signal, &pid.to_string()]).status().expect("run kill");
+    assert!(k.success(), "kill {signal} {pid} failed");
+}
+
 fn text(o: &Output) -> String {
-    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// The shared 2-rank run: its folder and output (a failed run fails every test that uses it).
@@ -90,14 +131,7 @@ fn shared_run() -> (&'static Path, &'static Output) {
     let (_, out, o) = RUN.get_or_init(|| {
         let dir = tempfile::tempdir().expect("temp dir");
         let out = dir.path().join("run");
-        let o = mpirun(RANKS)
-            .arg(env!("CARGO_BIN_EXE_senet"))
-            .args(["--tune", "off"])
-            .args(TRAIN)
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .expect("run mpirun");
+        let o = train_2_ranks(&out, 2).output().expect("run mpirun");
         (dir, out, o)
     });
     assert!(o.status.success(), "2-rank training failed:\n{}", text(o));
@@ -111,7 +145,8 @@ fn ranks_hold_bit_identical_weights_after_training() {
     let sums: Vec<&str> = (0..RANKS)
         .map(|r| {
             let tag = format!("rank {r} of {RANKS}: final weights checksum ");
-            let line = stderr.lines().find(|l| l.starts_with(&tag)).unwrap_or_else(|| panic!("no line {tag:?}:\n{}", text(o)));
+            let line =
+                stderr.lines().find(|l| l.starts_with(&tag)).unwrap_or_else(|| panic!("no line {tag:?}:\n{}", text(o)));
             &line[tag.len()..]
         })
         .collect();
@@ -126,25 +161,40 @@ fn ranks_hold_bit_identical_weights_after_training() {
     }
     // Rank 0 alone prints the table: one header.
     assert_eq!(stdout.matches("train_loss").count(), 1, "only rank 0 prints:\n{stdout}");
-    assert!(stdout.contains("padded from 64 to 64 images, 32 per rank"), "the sampler is stated:\n{stdout}");
+    assert!(stdout.contains("padded from 128 to 128 images, 64 per rank"), "the sampler is stated:\n{stdout}");
 }
 
 /// One process doing what DDP does, through the library: per step, each rank's half batch runs
 /// forward and backward on its own (its own batch statistics), the two gradients are averaged on
 /// the host, and one optimizer step follows.
-fn ddp_reference() -> Network {
+fn train_args() -> TrainArgs {
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         train: TrainArgs,
     }
-    let args = Cli::try_parse_from(TRAIN).expect("the test's flags parse").train;
-    let gpu = common::gpu();
+    Cli::try_parse_from(TRAIN).expect("the test's flags parse").train
+}
+
+/// The shared run's network, freshly initialised, and its training set.
+fn ddp_network_and_data() -> (Network, senet_wgpu::data::Dataset) {
+    let args = train_args();
     let mut train_set = args.data.load(None).expect("the sample loads").train;
     train_set.truncate(args.limit_train.expect("--limit-train"));
     let [c, h, w] = train_set.shape;
     let config = args.net.config(c, [h, w], train_set.classes.len(), train_set.classes.clone());
-    let mut net = Network::new(gpu.clone(), config, args.optimizer_config(), args.seed).expect("network");
+    let net = Network::new(common::gpu(), config, args.optimizer_config(), args.seed).expect("network");
+    (net, train_set)
+}
+
+fn ddp_network() -> Network {
+    ddp_network_and_data().0
+}
+
+fn ddp_reference() -> Network {
+    let args = train_args();
+    let (mut net, train_set) = ddp_network_and_data();
+    let gpu = net.gpu.clone();
     let plan = net.plan(BATCH).expect("plan");
     let pre = Preprocess::default();
     let steps = train_set.len() / RANKS / BATCH;
@@ -237,7 +287,7 @@ fn more_ranks_than_images_is_a_clear_error() {
     let out = dir.path().join("run");
     let o = mpirun(RANKS)
         .arg(env!("CARGO_BIN_EXE_senet"))
-        .args(["--tune", "off", "train", "--dataset", "sample", "--limit-train", "1", "--width", "0.0625"])
+        .args(["train", "--dataset", "sample", "--limit-train", "1", "--width", "0.0625"])
         .arg("--out")
         .arg(&out)
         .output()
@@ -253,8 +303,10 @@ fn different_flags_on_two_ranks_are_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let rank = |lr: &str| {
-        let mut v: Vec<String> = vec![env!("CARGO_BIN_EXE_senet").into(), "--tune".into(), "off".into()];
-        v.extend(["train", "--dataset", "sample", "--limit-train", "8", "--width", "0.0625", "--lr", lr].map(String::from));
+        let mut v: Vec<String> = vec![env!("CARGO_BIN_EXE_senet").into()];
+        v.extend(
+            ["train", "--dataset", "sample", "--limit-train", "8", "--width", "0.0625", "--lr", lr].map(String::from),
+        );
         v.push("--out".into());
         v.push(out.display().to_string());
         v
@@ -264,7 +316,8 @@ fn different_flags_on_two_ranks_are_a_clear_error() {
     assert!(!o.status.success(), "must fail:\n{}", text(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        stderr.contains("error on rank 1 of 2: the settings differ from rank 0's: train.lr is 0.02 here, 0.01 on rank 0"),
+        stderr
+            .contains("error on rank 1 of 2: the settings differ from rank 0's: flags.lr is 0.02 here, 0.01 on rank 0"),
         "{}",
         text(&o)
     );
@@ -276,4 +329,121 @@ fn sync_bn_is_refused_until_implemented() {
     let o = senet().args(["train", "--dataset", "sample", "--sync-bn"]).output().expect("run senet");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--sync-bn is not implemented yet"), "{}", text(&o));
+}
+
+/// A signal that reaches one rank (SIGTERM to rank 1 alone, mid-epoch) stops every rank after the
+/// same step: rank 0 saves once, every rank exits 130 and one line says how to resume. Resuming
+/// with one process is refused (the run needs its 2 ranks); resuming under 2 ranks ends bit for
+/// bit where the uninterrupted shared run ended, with the same metrics.
+#[test]
+fn a_signal_to_one_rank_saves_once_and_resume_under_2_ranks_continues_exactly() {
+    use std::io::{BufRead, BufReader};
+    let (whole, _) = shared_run();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut child = train_2_ranks(&out, 2)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mpirun");
+    // Rank 0's adapter line comes after every rank installed its signal handler (before their
+    // first collective). Stop rank 0 there, so no step can pass until rank 1 has the signal.
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("a line");
+        seen += &line;
+        seen += "\n";
+        if line.starts_with("rank 0 of 2 (pid") {
+            break;
+        }
+    }
+    let rank0 = rank_pid(child.id(), 0).unwrap_or_else(|| panic!("rank 0's process:\n{seen}"));
+    kill("-STOP", rank0);
+    let rank1 = rank_pid(child.id(), 1).expect("rank 1's process among mpirun's children");
+    kill("-TERM", rank1);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    kill("-CONT", rank0);
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+    let o = child.wait_with_output().expect("mpirun ends");
+    let stderr = seen + &drain.join().expect("stderr");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let all = format!("exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}", o.status.code());
+    assert_eq!(o.status.code(), Some(130), "{all}");
+    assert_eq!(stderr.matches("senet train --resume").count(), 1, "rank 0 alone says how to resume:\n{all}");
+    assert!(stderr.contains("interrupted in epoch 1 after step 1;"), "stopped after the first step:\n{all}");
+
+    let one = Command::new(env!("CARGO_BIN_EXE_senet"))
+        .args(["--tune", "off", "train", "--resume"])
+        .arg(&out)
+        .output()
+        .expect("run senet");
+    assert_eq!(one.status.code(), Some(2), "{}", text(&one));
+    assert!(
+        String::from_utf8_lossy(&one.stderr).contains("was trained by 2 rank(s) and this job has 1"),
+        "{}",
+        text(&one)
+    );
+
+    let resumed = mpirun(RANKS)
+        .arg(env!("CARGO_BIN_EXE_senet"))
+        .args(["train", "--resume"])
+        .arg(&out)
+        .output()
+        .expect("run mpirun");
+    assert!(resumed.status.success(), "{}", text(&resumed));
+    assert!(
+        String::from_utf8_lossy(&resumed.stdout).contains("after epoch 0 and 1 steps of the next"),
+        "resumed mid-epoch 1:\n{}",
+        text(&resumed)
+    );
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(
+        read(whole.join("last.safetensors")) == read(out.join("last.safetensors")),
+        "resumed weights differ from the uninterrupted run's\n{}",
+        text(&resumed)
+    );
+    // The same metrics, but for the timing columns (seconds, img/s).
+    let metrics = |p: &Path| -> Vec<String> {
+        std::fs::read_to_string(p.join("metrics.csv"))
+            .expect("metrics.csv")
+            .lines()
+            .map(|l| l.split(',').take(5).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    assert_eq!(metrics(whole), metrics(&out));
+}
+
+/// A rank that dies (SIGKILL to rank 1 after the first epoch was saved) ends the whole job with a
+/// message naming it, and rank 0's last complete checkpoint loads.
+#[test]
+fn a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_is_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut child = train_2_ranks(&out, 200)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mpirun");
+    let csv = out.join("metrics.csv");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&csv).map_or(true, |t| t.lines().count() < 2) {
+        if let Ok(Some(status)) = child.try_wait() {
+            let o = child.wait_with_output().expect("output");
+            panic!("the run ended before its first epoch ({status}):\n{}", text(&o));
+        }
+        assert!(t0.elapsed().as_secs() < 600, "no epoch finished in 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let rank1 = rank_pid(child.id(), 1).expect("rank 1's process among mpirun's children");
+    kill("-KILL", rank1);
+    let o = child.wait_with_output().expect("mpirun ends");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "the job must fail:\n{stderr}");
+    assert!(stderr.contains("rank 1") && stderr.contains(&rank1.to_string()), "the dead rank is named:\n{stderr}");
+    let sd = checkpoint::load(&out.join("last.safetensors")).expect("last.safetensors is intact");
+    assert!(sd.contains_key("features.0.weight"), "a state dict by PyTorch names");
+    let resume = out.join("resume.safetensors");
+    let mut net = ddp_network();
+    checkpoint::load_resume(&resume, &mut net).expect("resume.safetensors is intact");
 }

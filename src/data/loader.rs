@@ -108,7 +108,13 @@ pub fn epoch_batches(
 /// Batches of the samples `order` (in that order), made on a background thread two ahead of
 /// the consumer; augmentation draws from a stream seeded with `aug_seed`. The last batch may be
 /// partial. A data-parallel rank passes its share of the epoch's order (`dist::shard`).
-pub fn batches_of(ds: Arc<Dataset>, order: Vec<usize>, batch: usize, pre: Preprocess, aug_seed: u64) -> Receiver<Batch> {
+pub fn batches_of(
+    ds: Arc<Dataset>,
+    order: Vec<usize>,
+    batch: usize,
+    pre: Preprocess,
+    aug_seed: u64,
+) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(2);
     std::thread::spawn(move || {
         let mut rng = ChaCha8Rng::seed_from_u64(aug_seed);
