@@ -215,7 +215,15 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             for a in &adapters {
                 println!("{a}\n");
             }
-            println!("selected: {}", Gpu::new(&opts)?.describe());
+            // Under mpirun each rank prints the adapter it would train on (its local rank modulo
+            // the adapters of the best kind, unless --adapter names one).
+            if let Some(size) = senet_wgpu::dist::launched_size().filter(|&n| n > 1) {
+                let local = senet_wgpu::dist::local_rank_from_env();
+                opts.adapter_index = Some(local);
+                println!("selected for local rank {local} (of {size} ranks): {}", Gpu::new(&opts)?.describe());
+            } else {
+                println!("selected: {}", Gpu::new(&opts)?.describe());
+            }
         }
         Command::MakeSample { from, train, test, out, format } => {
             let names = senet_wgpu::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();

@@ -447,3 +447,32 @@ fn a_killed_rank_ends_the_job_naming_it_and_the_checkpoint_is_intact() {
     let mut net = ddp_network();
     checkpoint::load_resume(&resume, &mut net).expect("resume.safetensors is intact");
 }
+
+/// `mpirun -np 2 senet bench`: one report from rank 0 with each rank's images/s and all-reduce
+/// share, the total, and the efficiency against rank 0 alone measured in the same run.
+#[test]
+fn bench_under_2_ranks_reports_scaling_and_the_all_reduce_share() {
+    let o = mpirun(RANKS)
+        .arg(env!("CARGO_BIN_EXE_senet"))
+        .args(["bench", "--width", "0.0625", "--batch-size", "4", "--steps", "2", "--json"])
+        .output()
+        .expect("run mpirun");
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 1, "rank 0 alone prints the report:\n{}", text(&o));
+    let v: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+    assert_eq!(v["ranks"], 2);
+    let rates: Vec<f64> =
+        v["per_rank_images_per_s"].as_array().expect("per rank").iter().filter_map(|x| x.as_f64()).collect();
+    assert_eq!(rates.len(), 2);
+    assert!(rates.iter().all(|r| r.is_finite() && *r > 0.0), "{rates:?}");
+    let (total, alone) = (v["total_images_per_s"].as_f64().unwrap(), v["alone_images_per_s"].as_f64().unwrap());
+    assert!((total - rates.iter().sum::<f64>()).abs() <= 1e-3 * total, "total is the sum: {v}");
+    assert!(alone > 0.0 && (v["efficiency"].as_f64().unwrap() - total / (2.0 * alone)).abs() < 1e-9, "{v}");
+    for share in v["allreduce_share"].as_array().expect("shares") {
+        let s = share.as_f64().expect("a number");
+        assert!((0.0..=1.0).contains(&s), "an all-reduce share is a fraction of the step: {v}");
+    }
+    assert_eq!(v["gradient_floats"].as_u64(), Some(26138), "SENet width 1/16 on 3x32x32: the flat gradient buffer");
+}
