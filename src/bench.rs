@@ -471,14 +471,14 @@ pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::
 
     // Every rank together.
     for _ in 0..2 {
-        crate::train::data_parallel_step(&mut net, &plan, dist, false)?;
+        crate::dist::data_parallel_step(&mut net, &plan, dist, false)?;
     }
     gpu.wait()?;
     dist.barrier();
     let t0 = Instant::now();
     let mut reduce = 0.0;
     for _ in 0..steps {
-        reduce += crate::train::data_parallel_step(&mut net, &plan, dist, false)?.1;
+        reduce += crate::dist::data_parallel_step(&mut net, &plan, dist, false)?.1;
     }
     gpu.wait()?;
     let secs = t0.elapsed().as_secs_f64();

@@ -11,7 +11,9 @@
 //! norm uses per-rank batch statistics, and rank 0's running statistics are the model's
 //! (DDP's `broadcast_buffers`).
 
-use anyhow::Result;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
 
 /// Environment variables a launcher sets: (world size, local rank). OpenMPI's `mpirun` first,
 /// then MPICH/Hydra and PMIx launchers.
@@ -247,6 +249,35 @@ impl Dist {
         let _ = code;
         e
     }
+}
+
+/// One data-parallel step on the batch in `plan`: forward and backward, the gradients averaged
+/// over the ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the same
+/// update on every rank. Waits for the GPU (the read-back). `stop` (a signal reached this rank)
+/// rides along as one more value of the all-reduce. Returns whether it reached any rank, and the
+/// seconds of the host-staged exchange: read-back, MPI (with any wait for a slower rank), write.
+pub fn data_parallel_step(
+    net: &mut crate::model::plan::Network,
+    plan: &crate::model::plan::StepPlan,
+    dist: &Dist,
+    stop: bool,
+) -> Result<(bool, f64)> {
+    net.begin_step();
+    net.gradient_pass(plan);
+    net.gpu.wait()?;
+    let t = Instant::now();
+    let mut grads = net.flat.grads.read::<f32>(&net.gpu).context("reading the gradients back")?;
+    grads.push(f32::from(u8::from(stop)));
+    dist.all_reduce_sum_f32(&mut grads).context("the gradient all-reduce")?;
+    let stop_any = grads.pop().is_some_and(|s| s > 0.0);
+    let n = dist.size as f32;
+    for g in &mut grads {
+        *g /= n;
+    }
+    net.flat.grads.write(&net.gpu, &grads)?;
+    let secs = t.elapsed().as_secs_f64();
+    net.apply_update();
+    Ok((stop_any, secs))
 }
 
 /// The sample indices rank `rank` of `size` trains on in one epoch, from the epoch's order over

@@ -444,9 +444,9 @@ impl Trainer<'_> {
         Ok((sums, train_secs))
     }
 
-    /// One data-parallel step ([`data_parallel_step`]), its all-reduce time counted.
+    /// One data-parallel step ([`dist::data_parallel_step`]), its all-reduce time counted.
     fn data_parallel_step(&self, net: &mut Network, plan: &StepPlan, stop: bool) -> Result<bool> {
-        let (stop_any, secs) = data_parallel_step(net, plan, self.dist, stop)?;
+        let (stop_any, secs) = dist::data_parallel_step(net, plan, self.dist, stop)?;
         self.reduce_secs.set(self.reduce_secs.get() + secs);
         Ok(stop_any)
     }
@@ -575,30 +575,6 @@ fn same_config_on_every_rank(
         .into());
     }
     Ok(())
-}
-
-/// One data-parallel step on the batch in `plan`: forward and backward, the gradients averaged
-/// over the ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the same
-/// update on every rank. Waits for the GPU (the read-back). `stop` (a signal reached this rank)
-/// rides along as one more value of the all-reduce. Returns whether it reached any rank, and the
-/// seconds of the host-staged exchange: read-back, MPI (with any wait for a slower rank), write.
-pub fn data_parallel_step(net: &mut Network, plan: &StepPlan, dist: &Dist, stop: bool) -> Result<(bool, f64)> {
-    net.begin_step();
-    net.gradient_pass(plan);
-    net.gpu.wait()?;
-    let t = Instant::now();
-    let mut grads = net.flat.grads.read::<f32>(&net.gpu).context("reading the gradients back")?;
-    grads.push(f32::from(u8::from(stop)));
-    dist.all_reduce_sum_f32(&mut grads).context("the gradient all-reduce")?;
-    let stop_any = grads.pop().is_some_and(|s| s > 0.0);
-    let n = dist.size as f32;
-    for g in &mut grads {
-        *g /= n;
-    }
-    net.flat.grads.write(&net.gpu, &grads)?;
-    let secs = t.elapsed().as_secs_f64();
-    net.apply_update();
-    Ok((stop_any, secs))
 }
 
 /// The first field where `a` (rank 0's) and `b` (ours) differ: "train.lr is 0.1 here, 0.05 on rank 0".
