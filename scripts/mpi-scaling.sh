@@ -39,12 +39,12 @@ dp = json.loads(os.environ["MANY"].strip().splitlines()[-1])
 single = one["train_images_per_s"]
 print(f"model: {dp['model']}, batch {dp['batch_per_rank']} per rank; all-reduce of {dp['gradient_floats']} floats per step")
 print(f"adapter: {one['adapter']}")
-print(f"1 rank (its own run)          {single:10.1f} images/s")
-print(f"rank 0 alone (in the {dp['ranks']}-rank run) {dp['alone_images_per_s']:10.1f} images/s")
+print(f"{'1 rank (its own run)':34}{single:10.1f} images/s")
+print(f"{'rank 0 alone (in the ' + str(dp['ranks']) + '-rank run)':34}{dp['alone_images_per_s']:10.1f} images/s")
 for r, (rate, ms, share) in enumerate(zip(dp["per_rank_images_per_s"], dp["allreduce_ms_per_step"], dp["allreduce_share"])):
     print(f"  rank {r}: {rate:10.1f} images/s, all-reduce {ms:.2f} ms/step = {100 * share:.1f} % of its time")
 total = dp["total_images_per_s"]
-print(f"{dp['ranks']} ranks total                 {total:10.1f} images/s")
+print(f"{str(dp['ranks']) + ' ranks total':34}{total:10.1f} images/s")
 print(f"scaling vs 1 rank: {total / single:.2f}x (efficiency {100 * total / (dp['ranks'] * single):.1f} %); "
       f"vs rank 0 alone in the same run: {total / dp['alone_images_per_s']:.2f}x (efficiency {100 * dp['efficiency']:.1f} %)")
 PY
