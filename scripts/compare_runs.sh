@@ -3,7 +3,7 @@
 # then means, spread and the difference of means with its standard error: is a gap between us and
 # PyTorch more than seed noise?
 #
-#   scripts/compare_runs.sh [--dataset sample|fashion-mnist] [--seeds 5] [--epochs 5] [--width 0.25]
+#   scripts/compare_runs.sh [--dataset sample|fashion-mnist] [--seeds 5] [--first-seed 0] [--epochs 5] [--width 0.25]
 #                           [--batch-size 128] [--limit-train N] [--limit-test N] [--out docs/runs/x.md]
 #
 # Environment: SENET (default target/release/senet), PYTHON (default python3, needs torch + numpy).
@@ -12,11 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-dataset=sample seeds=5 epochs=5 width=0.25 batch=128 limit_train=0 limit_test=0 out=""
+dataset=sample first_seed=0 seeds=5 epochs=5 width=0.25 batch=128 limit_train=0 limit_test=0 out=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dataset) dataset=$2; shift 2 ;;
     --seeds) seeds=$2; shift 2 ;;
+    --first-seed) first_seed=$2; shift 2 ;;
     --epochs) epochs=$2; shift 2 ;;
     --width) width=$2; shift 2 ;;
     --batch-size) batch=$2; shift 2 ;;
@@ -43,7 +44,7 @@ limits=()
 [ "$limit_test" != 0 ] && limits+=(--limit-test "$limit_test")
 results="$work/results.csv"
 echo "side,seed,final,best,seconds" > "$results"
-for seed in $(seq 0 $((seeds - 1))); do
+for seed in $(seq "$first_seed" $((first_seed + seeds - 1))); do
   # Alternate the two sides so a change in machine load touches both alike.
   t0=$(date +%s.%N)
   "$senet" train --dataset "$dataset" --data-dir "$data_dir" --width "$width" --epochs "$epochs" \

@@ -8,7 +8,8 @@ evaluated, batch norm in eval mode for testing — what `senet train` does by de
     python3 scripts/torch_train.py --data-dir assets/fashion-mnist-sample --width 0.25 --epochs 5 --seed 0
 
 Prints one CSV line per epoch (epoch, train_loss, train_acc, test_loss, test_acc, seconds) and, last,
-a JSON line {"final_test_acc": ..., "best_test_acc": ..., "seconds": ...}.
+a JSON line {"final_test_acc": ..., "best_test_acc": ..., "seconds": ...}. `--save FILE` writes the final
+state dict (safetensors, the same names as ours) for `senet eval --checkpoint FILE`.
 """
 import argparse
 import gzip
@@ -62,6 +63,7 @@ def main():
     ap.add_argument("--limit-train", type=int, default=0)
     ap.add_argument("--limit-test", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", default="", help="write the final state dict here (safetensors, our names)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -97,6 +99,10 @@ def main():
         acc = tc / len(yte)
         best = max(best, acc)
         print(f"{epoch},{loss_sum / len(ytr):.6f},{correct / len(ytr):.6f},{tl / len(yte):.6f},{acc:.6f},{time.time() - t0:.1f}")
+    if args.save:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, args.save)
     print(json.dumps({"final_test_acc": acc, "best_test_acc": best, "seconds": round(time.time() - start, 1)}))
 
 

@@ -1,18 +1,19 @@
 // add: the residual addition out = a + b, and its backward da = db = dout (the gradient passes
 // to both branches unchanged). add_forward also sums the gradient contributions of an activation
-// read by two layers (the fork before a residual block).
+// read by two layers (the fork before a residual block). Activations are `act` (f32 or f16, defined
+// by the host per compiled variant); the sum is taken in f32.
 
 struct Params {
     len: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
-@group(0) @binding(5) var<storage, read_write> da: array<f32>;
-@group(0) @binding(6) var<storage, read_write> db: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<act>;
+@group(0) @binding(2) var<storage, read> b: array<act>;
+@group(0) @binding(3) var<storage, read_write> out: array<act>;
+@group(0) @binding(4) var<storage, read> dout: array<act>;
+@group(0) @binding(5) var<storage, read_write> da: array<act>;
+@group(0) @binding(6) var<storage, read_write> db: array<act>;
 
 override WG: u32 = 256u;
 
@@ -22,7 +23,7 @@ fn add_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     if (i >= p.len) {
         return;
     }
-    out[i] = a[i] + b[i];
+    out[i] = act(f32(a[i]) + f32(b[i]));
 }
 
 @compute @workgroup_size(WG)

@@ -19,6 +19,22 @@
 //   batch_norm_backward       dbeta, dgamma (a reduction), then dinp in the same workgroup.
 // `stats` holds mean[C] then invstd[C]; the backward reuses them.
 //
+// The input, output and their gradients are `act` (f32 or f16, defined by the host per compiled
+// variant); statistics, parameters, running estimates and every sum are f32 in both.
+//
+// Versions (lavapipe, senet bench; each ratio A/B in one session):
+//   v1  several dispatches per pass (statistics, then output; reductions, then input gradient),
+//       two-pass variance.
+//   v2  one workgroup per channel, one dispatch per pass, one Welford pass merged pairwise:
+//       BN time per w0.25 b32 step 34.6 -> 25 ms.
+//   v3  a ReLU after a BN fused into it: two passes over the activation fewer, peak memory
+//       40.7 -> 33.0 MiB (senet w0.25 b32).
+//   v4  H*W as a pipeline constant (its divisions become multiply-shift): BN 1.25x.
+//   v5  reductions over subgroups where the adapter has them (reduce preludes): no change
+//       measurable on lavapipe (8-lane subgroups; w1 b128 step 20.1 -> 21.0 images/s beside
+//       the build before, within run-to-run spread), for GPUs.
+//   v6  (this) `act` storage: f16 variant for --precision f16, f32 variant unchanged bit for bit.
+//
 // Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
 // max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient
 // and masks it itself, g = dout * (relu_out > 0) — two passes over the activation fewer, the same
@@ -30,21 +46,21 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> inp: array<f32>;
+@group(0) @binding(1) var<storage, read> inp: array<act>;
 @group(0) @binding(2) var<storage, read_write> stats: array<f32>;
 @group(0) @binding(3) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(4) var<storage, read_write> running_var: array<f32>;
 @group(0) @binding(5) var<storage, read> stats_in: array<f32>;
 @group(0) @binding(6) var<storage, read> gamma: array<f32>;
 @group(0) @binding(7) var<storage, read> beta: array<f32>;
-@group(0) @binding(8) var<storage, read_write> out: array<f32>;
-@group(0) @binding(9) var<storage, read> dout: array<f32>;
+@group(0) @binding(8) var<storage, read_write> out: array<act>;
+@group(0) @binding(9) var<storage, read> dout: array<act>;
 @group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
-@group(0) @binding(14) var<storage, read_write> dinp: array<f32>;
+@group(0) @binding(14) var<storage, read_write> dinp: array<act>;
 @group(0) @binding(15) var<storage, read> running_mean_in: array<f32>;
 @group(0) @binding(16) var<storage, read> running_var_in: array<f32>;
-@group(0) @binding(17) var<storage, read> relu_out: array<f32>;
+@group(0) @binding(17) var<storage, read> relu_out: array<act>;
 
 // H*W is fixed per pipeline, so finding an element of a channel, e / HW and e % HW, costs a
 // multiply and shift instead of lavapipe's per-lane software division (1.25x on the BN kernels);
@@ -60,9 +76,9 @@ fn chan_index(c: u32, e: u32) -> u32 {
 // The gradient reaching the normalisation's output at element i.
 fn grad_at(i: u32) -> f32 {
     if (RELU != 0u) {
-        return select(0.0, dout[i], relu_out[i] > 0.0);
+        return select(0.0, f32(dout[i]), f32(relu_out[i]) > 0.0);
     }
-    return dout[i];
+    return f32(dout[i]);
 }
 
 // out = x * scale + shift over channel c (max(., 0) with the fused ReLU).
@@ -72,11 +88,11 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
     let m = p.n * HW;
     for (var e = t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
-        let y = (inp[i] - mean) * scale + b;
+        let y = (f32(inp[i]) - mean) * scale + b;
         if (RELU != 0u) {
-            out[i] = max(y, 0.0);
+            out[i] = act(max(y, 0.0));
         } else {
-            out[i] = y;
+            out[i] = act(y);
         }
     }
 }
@@ -92,7 +108,7 @@ fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes)
     var mean = 0.0;
     var m2 = 0.0;
     for (var e = t; e < m; e += RED_WG) {
-        let x = inp[chan_index(c, e)];
+        let x = f32(inp[chan_index(c, e)]);
         k += 1.0;
         let d = x - mean;
         mean += d / k;
@@ -144,7 +160,7 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
         let i = chan_index(c, e);
         let g = grad_at(i);
         sd += g;
-        sdx += g * (inp[i] - mean);
+        sdx += g * (f32(inp[i]) - mean);
     }
     let sums = block_sum2(vec2<f32>(sd, sdx), l);
     let dbeta_c = sums.x;
@@ -159,7 +175,7 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
     let dg_m = dgamma_c * inv_m;
     for (var e = t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
-        let xhat = (inp[i] - mean) * invstd;
-        dinp[i] = k * (grad_at(i) - db_m - xhat * dg_m);
+        let xhat = (f32(inp[i]) - mean) * invstd;
+        dinp[i] = act(k * (grad_at(i) - db_m - xhat * dg_m));
     }
 }

@@ -20,6 +20,10 @@
 // `splits` contiguous ranges of m, each written to its own slice of a partial buffer, and the slices
 // are summed in a fixed order by conv2d_backward_weight_reduce: deterministic, same result every run.
 //
+// Activations, their gradients and the weights the GEMMs read are `act` (f32, or f16 in an f16
+// plan: the host defines it per compiled variant); loads widen to f32, every FMA and accumulator is
+// f32, outputs narrow once when stored. Weight and bias gradients and their partials are f32.
+//
 // Versions (lavapipe, senet bench width 0.25 batch 32 unless said; each ratio A/B in one session):
 //   v1  one invocation per output element, (channel, tap) inner loop with a padding branch.
 //   v2  weight gradient walks its pixels with counters instead of dividing; the stride-1 input
@@ -33,9 +37,12 @@
 //       padding cut off the row ends.
 //   v6  16x16 on CPU adapters: forward 1.1x, input gradient 1.4x; whole step 185 -> 215 images/s
 //       (quiet machine); the 16-pixel pipelines cost ~3 s more on a cold Mesa shader cache.
-//   v7  (this) forward and input gradient from one source, conv2d_gemm with a MODE override: the
-//       same arithmetic in the same order as v6's two hand-copied kernels (tests/kernels.rs holds
-//       both to the reference; the A/B against v6 is in the commit that made it and the README).
+//   v7  forward and input gradient from one source, conv2d_gemm with a MODE override: the same
+//       arithmetic in the same order as v6's two hand-copied kernels (a training run's weights
+//       are byte-identical); quiet A/B beside v6 in one session, w0.25 b128: 275/262 vs 273/260
+//       train images/s, w1 b128: 21.0 vs 20.1 — no change beyond the runs' spread.
+//   v8  (this) `act` storage (loads widen to f32, stores narrow) for --precision f16; the f32
+//       variant is v7 bit for bit.
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,
@@ -46,11 +53,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> inp: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(1) var<storage, read> inp: array<act>;
+@group(0) @binding(2) var<storage, read> weight: array<act>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
-@group(0) @binding(5) var<storage, read> dout: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<act>;
+@group(0) @binding(5) var<storage, read> dout: array<act>;
 @group(0) @binding(7) var<storage, read_write> dweight_partial: array<f32>;
 @group(0) @binding(8) var<storage, read> dweight_partial_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dweight: array<f32>;
@@ -70,7 +77,7 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
     if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
         return 0.0;
     }
-    return inp[base + u32(iy) * p.w + u32(ix)];
+    return f32(inp[base + u32(iy) * p.w + u32(ix)]);
 }
 
 // The forward and the input gradient are one GEMM kernel, conv2d_gemm, with the MODE override
@@ -90,9 +97,9 @@ const DGRAD: u32 = 1u;
 
 fn src(i: u32) -> f32 {
     if (MODE == FWD) {
-        return inp[i];
+        return f32(inp[i]);
     }
-    return dout[i];
+    return f32(dout[i]);
 }
 
 @compute @workgroup_size(WG)
@@ -263,13 +270,13 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var r = 0u; r < red_total; r++) {
                 let k = r * wr_stride + t;
                 let c = r * src_plane;
-                let w0 = vec4<f32>(weight[wcol[0] + k], weight[wcol[1] + k], weight[wcol[2] + k], weight[wcol[3] + k]);
-                let w1 = vec4<f32>(weight[wcol[4] + k], weight[wcol[5] + k], weight[wcol[6] + k], weight[wcol[7] + k]);
+                let w0 = vec4<f32>(f32(weight[wcol[0] + k]), f32(weight[wcol[1] + k]), f32(weight[wcol[2] + k]), f32(weight[wcol[3] + k]));
+                let w1 = vec4<f32>(f32(weight[wcol[4] + k]), f32(weight[wcol[5] + k]), f32(weight[wcol[6] + k]), f32(weight[wcol[7] + k]));
                 var w2 = vec4<f32>(0.0);
                 var w3 = vec4<f32>(0.0);
                 if (GEMM_N == 16u) {
-                    w2 = vec4<f32>(weight[wcol[8] + k], weight[wcol[9] + k], weight[wcol[10] + k], weight[wcol[11] + k]);
-                    w3 = vec4<f32>(weight[wcol[12] + k], weight[wcol[13] + k], weight[wcol[14] + k], weight[wcol[15] + k]);
+                    w2 = vec4<f32>(f32(weight[wcol[8] + k]), f32(weight[wcol[9] + k]), f32(weight[wcol[10] + k]), f32(weight[wcol[11] + k]));
+                    w3 = vec4<f32>(f32(weight[wcol[12] + k]), f32(weight[wcol[13] + k]), f32(weight[wcol[14] + k]), f32(weight[wcol[15] + k]));
                 }
                 let x0 = src(off[0] + c) * live[0];
                 let x1 = src(off[1] + c) * live[1];
@@ -390,7 +397,7 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < GEMM_N; j++) {
                 let co = co0 + j;
                 if (co < col_total) {
-                    out[(nn * col_total + co) * row_plane + r] = acc[i * 4u + j / 4u][j % 4u];
+                    out[(nn * col_total + co) * row_plane + r] = act(acc[i * 4u + j / 4u][j % 4u]);
                 }
             }
         }
@@ -482,19 +489,19 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
             var at = nn * p.c_in * hw + u32(yy) * p.w + u32(i32(a) * sw + dx);
             var db = nn * p.c_out * ohw + py * p.ow + a;
             for (var px = a; px < b; px++) {
-                let xv = vec4<f32>(inp[at + cb[0]], inp[at + cb[1]], inp[at + cb[2]], inp[at + cb[3]]);
+                let xv = vec4<f32>(f32(inp[at + cb[0]]), f32(inp[at + cb[1]]), f32(inp[at + cb[2]]), f32(inp[at + cb[3]]));
                 var xw = vec4<f32>(0.0);
                 if (WGRAD_CI == 8u) {
-                    xw = vec4<f32>(inp[at + cb[4]], inp[at + cb[5]], inp[at + cb[6]], inp[at + cb[7]]);
+                    xw = vec4<f32>(f32(inp[at + cb[4]]), f32(inp[at + cb[5]]), f32(inp[at + cb[6]]), f32(inp[at + cb[7]]));
                 }
-                let g0 = dout[db + drow[0]];
-                let g1 = dout[db + drow[1]];
-                let g2 = dout[db + drow[2]];
-                let g3 = dout[db + drow[3]];
-                let g4 = dout[db + drow[4]];
-                let g5 = dout[db + drow[5]];
-                let g6 = dout[db + drow[6]];
-                let g7 = dout[db + drow[7]];
+                let g0 = f32(dout[db + drow[0]]);
+                let g1 = f32(dout[db + drow[1]]);
+                let g2 = f32(dout[db + drow[2]]);
+                let g3 = f32(dout[db + drow[3]]);
+                let g4 = f32(dout[db + drow[4]]);
+                let g5 = f32(dout[db + drow[5]]);
+                let g6 = f32(dout[db + drow[6]]);
+                let g7 = f32(dout[db + drow[7]]);
                 a0_0 += g0 * xv;
                 a1_0 += g1 * xv;
                 a2_0 += g2 * xv;
@@ -514,14 +521,14 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
                     a7_1 += g7 * xw;
                 }
                 if (WGRAD_N == 16u) {
-                    let g8 = dout[db + drow[8]];
-                    let g9 = dout[db + drow[9]];
-                    let g10 = dout[db + drow[10]];
-                    let g11 = dout[db + drow[11]];
-                    let g12 = dout[db + drow[12]];
-                    let g13 = dout[db + drow[13]];
-                    let g14 = dout[db + drow[14]];
-                    let g15 = dout[db + drow[15]];
+                    let g8 = f32(dout[db + drow[8]]);
+                    let g9 = f32(dout[db + drow[9]]);
+                    let g10 = f32(dout[db + drow[10]]);
+                    let g11 = f32(dout[db + drow[11]]);
+                    let g12 = f32(dout[db + drow[12]]);
+                    let g13 = f32(dout[db + drow[13]]);
+                    let g14 = f32(dout[db + drow[14]]);
+                    let g15 = f32(dout[db + drow[15]]);
                     a8_0 += g8 * xv;
                     a9_0 += g9 * xv;
                     a10_0 += g10 * xv;
@@ -606,7 +613,7 @@ fn conv2d_backward_bias(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
     var s = 0.0;
     for (var e = l.t; e < total; e += RED_WG) {
         let nn = e / OHW;
-        s += dout[(nn * p.c_out + co) * OHW + e % OHW];
+        s += f32(dout[(nn * p.c_out + co) * OHW + e % OHW]);
     }
     let sum = block_sum2(vec2<f32>(s, 0.0), l);
     if (l.t == 0u) {

@@ -19,6 +19,9 @@
 // writing its slice of the partial buffer; conv2d.wgsl's conv2d_backward_weight_reduce sums the
 // slices in a fixed order, so results are deterministic as with the register kernels.
 //
+// Activations, their gradients and the weights are `act` (f32, or f16 in an f16 plan); the tiles in
+// workgroup memory, the accumulators and the weight gradient (binding 6) are f32 in both.
+//
 // Versions: v1 (this), single-buffered, loads decode their (channel, tap) and (image, pixel) with
 // integer divisions by uniforms. Measured on lavapipe (senet bench --tune full, width 0.25, batch
 // 32, SENET_TUNE_VERBOSE=1, machine shared with a training run; ratios from one run): the best
@@ -28,6 +31,7 @@
 // tuning does not time them on CPU adapters. On a discrete GPU: not yet measured (no device lent
 // in the session that wrote it); the tuner's choice there is the measurement. Next versions:
 // double buffering of the next K slice, vec4 loads where aligned, divisions by pipeline constants.
+// v2 (this): `act` storage for --precision f16; the weight gradient writes binding 6 (f32).
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,
@@ -38,11 +42,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> inp: array<f32>;
-@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(1) var<storage, read> inp: array<act>;
+@group(0) @binding(2) var<storage, read> weight: array<act>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
-@group(0) @binding(5) var<storage, read> dout: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<act>;
+@group(0) @binding(5) var<storage, read> dout: array<act>;
+// The weight gradient (MODE 2) writes f32 whatever `act` is: its partials are summed later.
+@group(0) @binding(6) var<storage, read_write> wgrad: array<f32>;
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -99,22 +105,22 @@ fn im2col(ci: u32, t: u32, m: u32) -> f32 {
     if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
         return 0.0;
     }
-    return inp[((nn * p.c_in + ci) * p.h + u32(iy)) * p.w + u32(ix)];
+    return f32(inp[((nn * p.c_in + ci) * p.h + u32(iy)) * p.w + u32(ix)]);
 }
 
 // A[r, k]; the caller has checked r < rows and k < k_total.
 fn load_a(r: u32, k: u32) -> f32 {
     let khw = p.kh * p.kw;
     if (MODE == FWD) {
-        return weight[r * p.c_in * khw + k];
+        return f32(weight[r * p.c_in * khw + k]);
     }
     if (MODE == DGRAD) {
         // weight[co, ci = r, t] with k = (co, t)
-        return weight[((k / khw) * p.c_in + r) * khw + k % khw];
+        return f32(weight[((k / khw) * p.c_in + r) * khw + k % khw]);
     }
     // dout[n, co = r, pixel] with k = m = (n, pixel)
     let ohw = p.oh * p.ow;
-    return dout[((k / ohw) * p.c_out + r) * ohw + k % ohw];
+    return f32(dout[((k / ohw) * p.c_out + r) * ohw + k % ohw]);
 }
 
 // B[k, c]; the caller has checked k < k_total and c < cols.
@@ -143,7 +149,7 @@ fn load_b(k: u32, c: u32) -> f32 {
     if (u32(ty) % p.stride_h != 0u || u32(tx) % p.stride_w != 0u || oy >= p.oh || ox >= p.ow) {
         return 0.0;
     }
-    return dout[((nn * p.c_out + co) * p.oh + oy) * p.ow + ox];
+    return f32(dout[((nn * p.c_out + co) * p.oh + oy) * p.ow + ox]);
 }
 
 fn store(r: u32, c: u32, v: f32, split: u32) {
@@ -153,14 +159,14 @@ fn store(r: u32, c: u32, v: f32, split: u32) {
         if (p.has_bias != 0u) {
             b = bias[r];
         }
-        out[((c / ohw) * p.c_out + r) * ohw + c % ohw] = v + b;
+        out[((c / ohw) * p.c_out + r) * ohw + c % ohw] = act(v + b);
     } else if (MODE == DGRAD) {
         let hw = p.h * p.w;
-        out[((c / hw) * p.c_in + r) * hw + c % hw] = v;
+        out[((c / hw) * p.c_in + r) * hw + c % hw] = act(v);
     } else {
         // Slice `split` of the partial buffer [splits, c_out, c_in*kh*kw] (the weight gradient
         // itself when there is one split).
-        out[(split * p.c_out + r) * cols() + c] = v;
+        wgrad[(split * p.c_out + r) * cols() + c] = v;
     }
 }
 

@@ -8,20 +8,31 @@
 //       per_sample[n] = (loss, correct, argmax) for evaluation's confusion matrix
 //   cross_entropy_reduce  one workgroup (the reduce prelude's block_sum2): the batch mean loss and correct count into result[0..2],
 //       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps).
+//
+// Logits and their gradient are `act` (f32 or f16, defined by the host per compiled variant); the
+// softmax and the loss are f32. With SCALED (f16 plans) the gradient is multiplied by the loss
+// scale, scaler[0] (see grad_scaler.wgsl), so that small gradients survive f16 on the way back;
+// the optimizer divides it out. Unscaled plans multiply by nothing at all.
+//
+// Versions: v1 the loss, gradient and correct count fused in one invocation per sample and a
+// fixed-order reduce; v2 the reduce over subgroups where there are subgroups (no change measurable
+// on lavapipe: a few µs per step); v3 (this) `act` logits and the loss scale for f16 plans.
 
 struct Params {
     n: u32, k: u32, _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> logits: array<act>;
 @group(0) @binding(2) var<storage, read> labels: array<u32>;
-@group(0) @binding(3) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dlogits: array<act>;
 @group(0) @binding(4) var<storage, read_write> per_sample: array<f32>;
 @group(0) @binding(5) var<storage, read> per_sample_in: array<f32>;
 @group(0) @binding(6) var<storage, read_write> result: array<f32>;
+@group(0) @binding(7) var<storage, read> scaler: array<f32>;
 
 override WG: u32 = 64u;
+override SCALED: bool = false;
 
 @compute @workgroup_size(WG)
 fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -30,10 +41,10 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
         return;
     }
     let b = n * p.k;
-    var mx = logits[b];
+    var mx = f32(logits[b]);
     var arg = 0u;
     for (var k = 1u; k < p.k; k++) {
-        let v = logits[b + k];
+        let v = f32(logits[b + k]);
         if (v > mx) {
             mx = v;
             arg = k;
@@ -41,16 +52,20 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
     }
     var sum = 0.0;
     for (var k = 0u; k < p.k; k++) {
-        sum += exp(logits[b + k] - mx);
+        sum += exp(f32(logits[b + k]) - mx);
     }
     let t = labels[n];
     let lse = mx + log(sum);
     let inv_n = 1.0 / f32(p.n);
     for (var k = 0u; k < p.k; k++) {
-        let sm = exp(logits[b + k] - mx) / sum;
-        dlogits[b + k] = (sm - select(0.0, 1.0, k == t)) * inv_n;
+        let sm = exp(f32(logits[b + k]) - mx) / sum;
+        var g = (sm - select(0.0, 1.0, k == t)) * inv_n;
+        if (SCALED) {
+            g *= scaler[0];
+        }
+        dlogits[b + k] = act(g);
     }
-    per_sample[3u * n] = lse - logits[b + t];
+    per_sample[3u * n] = lse - f32(logits[b + t]);
     per_sample[3u * n + 1u] = select(0.0, 1.0, arg == t);
     per_sample[3u * n + 2u] = f32(arg);
 }
@@ -68,8 +83,13 @@ fn cross_entropy_reduce(lanes: Lanes) {
     if (l.t == 0u) {
         result[0] = sums.x / f32(p.n);
         result[1] = sums.y;
-        result[2] += sums.x;
-        result[3] += sums.y;
-        result[4] += f32(p.n);
+        // An f16 plan's batch whose forward overflowed f16 (an inf or NaN loss) is a step the loss
+        // scaler skips: it stays out of the running sums, as torch AMP's skipped steps do.
+        let skipped = SCALED && (bitcast<u32>(sums.x) & 0x7f800000u) == 0x7f800000u;
+        if (!skipped) {
+            result[2] += sums.x;
+            result[3] += sums.y;
+            result[4] += f32(p.n);
+        }
     }
 }

@@ -2,18 +2,20 @@
 //   backward_input   dinp[n, i]   = sum_o dout[n, o] * weight[o, i]
 //   backward_weight  dweight[o, i] = sum_n dout[n, o] * inp[n, i];  dbias[o] = sum_n dout[n, o]
 // One invocation per output element; the batch sums run in a fixed order (no atomics).
+// Activations and their gradients are `act` (f32 or f16, defined by the host per compiled
+// variant); the weights, their gradients and every sum are f32 (the classifier is small).
 
 struct Params {
     n: u32, in_features: u32, out_features: u32, has_bias: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> inp: array<f32>;
+@group(0) @binding(1) var<storage, read> inp: array<act>;
 @group(0) @binding(2) var<storage, read> weight: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
-@group(0) @binding(5) var<storage, read> dout: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dinp: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<act>;
+@group(0) @binding(5) var<storage, read> dout: array<act>;
+@group(0) @binding(6) var<storage, read_write> dinp: array<act>;
 @group(0) @binding(7) var<storage, read_write> dweight: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dbias: array<f32>;
 
@@ -34,9 +36,9 @@ fn linear_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wo
     let xb = n * p.in_features;
     let wb = o * p.in_features;
     for (var i = 0u; i < p.in_features; i++) {
-        acc += weight[wb + i] * inp[xb + i];
+        acc += weight[wb + i] * f32(inp[xb + i]);
     }
-    out[e] = acc;
+    out[e] = act(acc);
 }
 
 @compute @workgroup_size(WG)
@@ -49,9 +51,9 @@ fn linear_backward_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     let i = e % p.in_features;
     var acc = 0.0;
     for (var o = 0u; o < p.out_features; o++) {
-        acc += dout[n * p.out_features + o] * weight[o * p.in_features + i];
+        acc += f32(dout[n * p.out_features + o]) * weight[o * p.in_features + i];
     }
-    dinp[e] = acc;
+    dinp[e] = act(acc);
 }
 
 // Invocations [0, O*I) compute dweight, [O*I, O*I + O) dbias.
@@ -64,14 +66,14 @@ fn linear_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, @builti
         let i = e % p.in_features;
         var acc = 0.0;
         for (var n = 0u; n < p.n; n++) {
-            acc += dout[n * p.out_features + o] * inp[n * p.in_features + i];
+            acc += f32(dout[n * p.out_features + o]) * f32(inp[n * p.in_features + i]);
         }
         dweight[e] = acc;
     } else if (p.has_bias != 0u && e < nw + p.out_features) {
         let o = e - nw;
         var acc = 0.0;
         for (var n = 0u; n < p.n; n++) {
-            acc += dout[n * p.out_features + o];
+            acc += f32(dout[n * p.out_features + o]);
         }
         dbias[o] = acc;
     }

@@ -7,18 +7,25 @@
 //                        Gathered per input element, over the few windows that contain it, so
 //                        overlapping windows need no atomics and the sum order is fixed.
 //   global_avg_pool_*    out[n, c] = mean over H*W;  dinp = dout[n, c] / (H*W)
+//
+// Activations are `act` (f32 or f16, defined by the host per compiled variant); sums are f32.
+//
+// Versions (lavapipe; each ratio A/B in one session):
+//   v1  max pooling's geometry from the uniform (runtime divisions, a software routine per lane).
+//   v2  geometry as pipeline constants: backward 2.5x, forward 2.4x.
+//   v3  (this) `act` storage for --precision f16.
 
 struct Params {
     n: u32, c: u32, h: u32, w: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> inp: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(1) var<storage, read> inp: array<act>;
+@group(0) @binding(2) var<storage, read_write> out: array<act>;
 @group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
-@group(0) @binding(4) var<storage, read> dout: array<f32>;
+@group(0) @binding(4) var<storage, read> dout: array<act>;
 @group(0) @binding(5) var<storage, read> argmax_in: array<u32>;
-@group(0) @binding(6) var<storage, read_write> dinp: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dinp: array<act>;
 
 override WG: u32 = 256u;
 
@@ -66,7 +73,7 @@ fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
                 continue;
             }
             let idx = u32(iy) * W + u32(ix);
-            let v = inp[base + idx];
+            let v = f32(inp[base + idx]);
             // PyTorch's rule: (v > best || isnan(v)). The first maximum wins; a NaN is taken and
             // kept against numbers (v > NaN is false), a later NaN takes its place.
             if (best_i == 0xffffffffu || v > best || v != v) {
@@ -75,7 +82,7 @@ fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
             }
         }
     }
-    out[i] = best;
+    out[i] = act(best);
     argmax[i] = best_i;
 }
 
@@ -101,11 +108,11 @@ fn max_pool2d_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
         for (var ox = ox_lo; ox <= ox_hi; ox++) {
             let o = obase + u32(oy) * OW + u32(ox);
             if (argmax_in[o] == idx) {
-                s += dout[o];
+                s += f32(dout[o]);
             }
         }
     }
-    dinp[i] = s;
+    dinp[i] = act(s);
 }
 
 // One invocation per (n, c) plane.
@@ -118,9 +125,9 @@ fn global_avg_pool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @built
     let hw = p.h * p.w;
     var s = 0.0;
     for (var k = 0u; k < hw; k++) {
-        s += inp[i * hw + k];
+        s += f32(inp[i * hw + k]);
     }
-    out[i] = s / f32(hw);
+    out[i] = act(s / f32(hw));
 }
 
 @compute @workgroup_size(WG)
@@ -130,5 +137,5 @@ fn global_avg_pool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @buil
     if (i >= p.n * p.c * hw) {
         return;
     }
-    dinp[i] = dout[i / hw] / f32(hw);
+    dinp[i] = act(f32(dout[i / hw]) / f32(hw));
 }

@@ -21,6 +21,18 @@
 // and block of 4 hidden units, in a fixed order (no float atomics).
 //
 // Workgroup memory holds C + Cr floats (z, then s over z; h after them): C + Cr <= WMEM.
+//
+// x, y and their gradients are `act` (f32 or f16, defined by the host per compiled variant); the
+// squeeze, both FCs, the gate, `saved`, `dsaved` and the weights are f32 in both.
+//
+// Versions (lavapipe; each ratio A/B in one session):
+//   v1  forward as one dispatch per sample; weight gradient one invocation per weight: 36 ms for
+//       256 channels at batch 32 but 0.4 ms at batch 33 (a cliff in lavapipe's code for it).
+//   v2  weight gradient an invocation per channel and 4 hidden units (one shared and one own load
+//       per sample feeding 4 FMAs): 0.5 ms at both batches; senet w0.25 b32 113 -> 145 images/s.
+//   v3  the squeeze and ds over a subgroup per channel where there are subgroups: no change
+//       measurable on lavapipe (see batch_norm.wgsl v5).
+//   v4  (this) `act` storage for --precision f16.
 
 struct Params {
     n: u32, c: u32, cr: u32, hw: u32,
@@ -34,16 +46,16 @@ const EXCITE_TANH: u32 = 1u;
 const EXCITE_RELU: u32 = 2u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> inp: array<f32>;
+@group(0) @binding(1) var<storage, read> inp: array<act>;
 @group(0) @binding(2) var<storage, read> w1: array<f32>;
 @group(0) @binding(3) var<storage, read> b1: array<f32>;
 @group(0) @binding(4) var<storage, read> w2: array<f32>;
 @group(0) @binding(5) var<storage, read> b2: array<f32>;
-@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<act>;
 @group(0) @binding(7) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(8) var<storage, read> saved_in: array<f32>;
-@group(0) @binding(9) var<storage, read> dout: array<f32>;
-@group(0) @binding(10) var<storage, read_write> dinp: array<f32>;
+@group(0) @binding(9) var<storage, read> dout: array<act>;
+@group(0) @binding(10) var<storage, read_write> dinp: array<act>;
 @group(0) @binding(11) var<storage, read_write> dsaved: array<f32>;
 @group(0) @binding(12) var<storage, read> dsaved_in: array<f32>;
 @group(0) @binding(13) var<storage, read_write> dw1: array<f32>;
@@ -79,10 +91,10 @@ fn excite_grad(s: f32) -> f32 {
 
 // Index within the plane of the first maximum of x[cb .. cb + hw].
 fn first_max(cb: u32) -> u32 {
-    var best = inp[cb];
+    var best = f32(inp[cb]);
     var arg = 0u;
     for (var k = 1u; k < p.hw; k++) {
-        let v = inp[cb + k];
+        let v = f32(inp[cb + k]);
         if (v > best) {
             best = v;
             arg = k;
@@ -106,14 +118,14 @@ fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
         var s = 0.0;
         if (p.squeeze != SQUEEZE_MAX) {
             for (var k = l.lane; k < p.hw; k += l.size) {
-                s += inp[cb + k];
+                s += f32(inp[cb + k]);
             }
         }
         s = sg_sum(s);
         if (l.lane == 0u) {
             var z = s / f32(p.hw);
             if (p.squeeze == SQUEEZE_MAX) {
-                z = inp[cb + first_max(cb)];
+                z = f32(inp[cb + first_max(cb)]);
             }
             wbuf[c] = z;
             saved[sb + c] = z;
@@ -153,7 +165,7 @@ fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
     // Excite.
     let total = p.c * p.hw;
     for (var i = t; i < total; i += WG) {
-        out[xb + i] = inp[xb + i] * wbuf[i / p.hw];
+        out[xb + i] = act(f32(inp[xb + i]) * wbuf[i / p.hw]);
     }
 }
 
@@ -172,7 +184,7 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) 
         var ds = 0.0;
         let cb = xb + c * p.hw;
         for (var k = l.lane; k < p.hw; k += l.size) {
-            ds += dout[cb + k] * inp[cb + k];
+            ds += f32(dout[cb + k]) * f32(inp[cb + k]);
         }
         ds = sg_sum(ds);
         if (l.lane == 0u) {
@@ -210,7 +222,7 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) 
             let arg = first_max(cb);
             let s = saved_in[s_off + c];
             for (var k = 0u; k < p.hw; k++) {
-                dinp[cb + k] = dout[cb + k] * s + select(0.0, wbuf[c], k == arg);
+                dinp[cb + k] = act(f32(dout[cb + k]) * s + select(0.0, wbuf[c], k == arg));
             }
         }
         return;
@@ -218,7 +230,7 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) 
     let total = p.c * p.hw;
     for (var i = t; i < total; i += WG) {
         let c = i / p.hw;
-        dinp[xb + i] = dout[xb + i] * saved_in[s_off + c] + wbuf[c];
+        dinp[xb + i] = act(f32(dout[xb + i]) * saved_in[s_off + c] + wbuf[c]);
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{Result, ensure};
 
 use crate::data::{self, DatasetKind, Splits, cifar10};
+use crate::gpu::Precision;
 use crate::hparams::{self as hp, OptimizerKind, Recipe, Schedule};
 use crate::model::{ModelConfig, SeOptions, SePlacement};
 use crate::ops::optimizer::OptimizerConfig;
@@ -297,6 +298,11 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(default)]
     pub sync_bn: bool,
+    /// f32, or f16 as PyTorch AMP: f16 activations and convolution operands, f32 accumulation,
+    /// statistics and master weights, dynamic loss scaling (needs an adapter with f16 shaders).
+    #[arg(long, value_enum, default_value_t = hp::PRECISION)]
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrainArgs {

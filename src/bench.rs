@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 use serde::Serialize;
 
 use crate::args::{InputArgs, ModelArgs};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 use crate::model::plan::{Network, StepPlan};
 use crate::ops::conv2d::{self, Conv2dConfig};
 use crate::ops::optimizer::OptimizerConfig;
@@ -30,6 +30,9 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// The plan's precision: f32, or f16 (AMP: f16 activations and convolution operands).
+    #[arg(long, value_enum, default_value_t = crate::hparams::PRECISION)]
+    pub precision: Precision,
 }
 
 /// One row of the per-kernel table.
@@ -74,6 +77,7 @@ pub struct BenchReport {
     pub submit_overhead_us: f64,
     pub model: String,
     pub batch: usize,
+    pub precision: Precision,
     pub first_step_s: f64,
     pub train_images_per_s: f64,
     pub eval_images_per_s: f64,
@@ -164,7 +168,7 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
     // The model: start-up to the end of the first step, then timed steps.
     let t_start = Instant::now();
     let config = args.input.config(&args.model)?;
-    let mut net = Network::new(gpu.clone(), config.clone(), OptimizerConfig::adam(1e-3), 0)?;
+    let mut net = Network::new_in(gpu.clone(), config.clone(), OptimizerConfig::adam(1e-3), 0, args.precision)?;
     let n = args.batch_size;
     let plan = net.plan(n)?;
     let [h, w] = config.input_hw;
@@ -209,6 +213,7 @@ pub fn bench(gpu: Arc<Gpu>, args: &BenchArgs) -> Result<BenchReport> {
             config.model, config.width, config.in_channels, config.num_classes
         ),
         batch: n,
+        precision: args.precision,
         first_step_s,
         train_images_per_s: n as f64 / train_s,
         eval_images_per_s: n as f64 / eval_s,
@@ -323,7 +328,7 @@ pub fn format_report(r: &BenchReport) -> String {
     s += &format!("copy            {:>10.1} GB/s\n", r.copy_gbps);
     s += &format!("per dispatch    {:>10.1} us (inside one pass)\n", r.dispatch_overhead_us);
     s += &format!("per submit      {:>10.1} us (submit and wait)\n\n", r.submit_overhead_us);
-    s += &format!("{} batch {}\n", r.model, r.batch);
+    s += &format!("{} batch {} ({})\n", r.model, r.batch, r.precision.name());
     s += &format!("first step      {:>10.2} s from start-up\n", r.first_step_s);
     s += &format!(
         "train           {:>10.1} images/s  ({:.2} GFLOP per step, {:.1} GFLOP/s = {:.0}% of FMA peak)\n",
@@ -359,6 +364,9 @@ pub struct PlanArgs {
     /// The evaluation pass instead of the training step.
     #[arg(long)]
     pub eval: bool,
+    /// The plan's precision.
+    #[arg(long, value_enum, default_value_t = crate::hparams::PRECISION)]
+    pub precision: Precision,
 }
 
 /// One dispatch of a plan, as `senet plan` prints it.
@@ -374,7 +382,7 @@ pub struct PlanRow {
 
 /// The dispatches of one training step (or evaluation pass) of `args`'s model, in order.
 pub fn plan_rows(gpu: Arc<Gpu>, args: &PlanArgs) -> Result<Vec<PlanRow>> {
-    let net = Network::new(gpu, args.input.config(&args.model)?, OptimizerConfig::adam(1e-3), 0)?;
+    let net = Network::new_in(gpu, args.input.config(&args.model)?, OptimizerConfig::adam(1e-3), 0, args.precision)?;
     let plan = net.plan(args.batch_size)?;
     let list = if args.eval { net.eval_dispatches(&plan) } else { net.train_dispatches(&plan) };
     Ok(list

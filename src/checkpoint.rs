@@ -278,6 +278,14 @@ pub fn save_resume(net: &Network, mut metadata: HashMap<String, String>, path: &
         }
     }
     metadata.insert("optimizer_step".into(), net.step.to_string());
+    if let Some(s) = &net.scaler {
+        let st = s.read(&net.gpu)?;
+        metadata.insert("loss_scale".into(), st.scale.to_string());
+        metadata.insert("loss_scale_growth_tracker".into(), st.growth_tracker.to_string());
+        metadata.insert("loss_scale_optimizer_steps".into(), st.steps.to_string());
+        metadata.insert("loss_scale_skipped_steps".into(), st.skipped.to_string());
+        metadata.insert("loss_scale_skipped_in_a_row".into(), st.skipped_in_a_row.to_string());
+    }
     write_atomic(path, &to_bytes_with(&sd, Some(metadata))?)
 }
 
@@ -305,5 +313,23 @@ pub fn load_resume(path: &Path, net: &mut Network) -> Result<HashMap<String, Str
         .get("optimizer_step")
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{what}: metadata field optimizer_step missing or not a number"))?;
+    if let Some(s) = &net.scaler {
+        fn field<T: std::str::FromStr>(metadata: &HashMap<String, String>, what: &str, k: &str) -> Result<T> {
+            metadata.get(k).and_then(|v| v.parse::<T>().ok()).with_context(|| {
+                format!("{what}: metadata field {k} missing or not a number (an f16 run saves its loss scaler)")
+            })
+        }
+        let scale: f32 = field(&metadata, &what, "loss_scale")?;
+        ensure!(scale.is_finite() && scale > 0.0, "{what}: metadata field loss_scale is {scale}, expected > 0");
+        let st = crate::ops::grad_scaler::ScalerState {
+            scale,
+            growth_tracker: field(&metadata, &what, "loss_scale_growth_tracker")?,
+            steps: field(&metadata, &what, "loss_scale_optimizer_steps")?,
+            skipped: field(&metadata, &what, "loss_scale_skipped_steps")?,
+            skipped_in_a_row: field(&metadata, &what, "loss_scale_skipped_in_a_row")?,
+            found_inf: false,
+        };
+        s.write(&gpu, &st)?;
+    }
     Ok(metadata)
 }

@@ -13,7 +13,7 @@ use crate::checkpoint;
 use crate::data::loader::{self, Preprocess};
 use crate::data::{self, DatasetKind};
 use crate::dist::Dist;
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Precision};
 use crate::hparams as hp;
 use crate::model::ModelConfig;
 use crate::model::plan::{Network, StepPlan, clear_metrics};
@@ -122,6 +122,10 @@ pub struct EvalArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Evaluate in f32 or f16 (f16 activations and convolution operands; any checkpoint, whatever
+    /// precision it was trained in).
+    #[arg(long, value_enum, default_value_t = hp::PRECISION)]
+    pub precision: Precision,
 }
 
 /// Evaluation results with per-class figures.
@@ -199,7 +203,7 @@ pub fn evaluate_checkpoint(
     if config.classes.is_empty() {
         config.classes = test.classes.clone();
     }
-    let mut net = Network::new(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0)?;
+    let mut net = Network::new_in(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0, args.precision)?;
     checkpoint::apply(&mut net, &sd, &args.checkpoint.display().to_string())?;
     let plans = plans_for(&net, args.batch_size, &[test.len()])?;
     let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
@@ -299,7 +303,7 @@ pub fn predict(
         let batch = loader::make_batch(&ds, &[0], &pre, &mut rand::SeedableRng::seed_from_u64(0));
         plan.write_batch(&net.gpu, &batch.images, &[0])?;
         net.eval_batch(&plan);
-        let logits = plan.logits().read::<f32>(&net.gpu)?;
+        let logits = plan.logits().read_f32(&net.gpu)?;
         let mx = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let exps: Vec<f64> = logits.iter().map(|&l| f64::from(l - mx).exp()).collect();
         let sum: f64 = exps.iter().sum();

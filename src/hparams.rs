@@ -5,6 +5,7 @@
 //! The base recipe is the seed document's: SENet width 1, Adam lr 1e-3, batch 128, 10 epochs,
 //! `ToTensor()` preprocessing only. `--recipe paper` is the SENet paper's CIFAR recipe (§6.1).
 
+use crate::gpu::Precision;
 use crate::model::SePlacement;
 use crate::ops::se_block::{Excitation, Squeeze};
 
@@ -68,6 +69,12 @@ pub const PAPER_LR: f64 = 0.1;
 pub const PAPER_MOMENTUM: f64 = 0.9;
 pub const PAPER_WEIGHT_DECAY: f64 = 1e-4;
 pub const PAPER_SCHEDULE: Schedule = Schedule::Step;
+
+// --- Precision (`--precision`) ---------------------------------------------------------------
+/// f32 everywhere, bit for bit what every earlier version computed; f16 is AMP, opted into.
+pub const PRECISION: Precision = Precision::F32;
+// f16's loss scaler: `torch.amp.GradScaler`'s defaults (start 2^16, ×2 after 2,000 finite steps,
+// ×0.5 and the step skipped on inf/NaN) live in `ops::grad_scaler::GradScalerConfig::default`.
 
 // --- Outputs --------------------------------------------------------------------------------
 /// The run folder: config.json, metrics.csv, metrics.png, checkpoints.

@@ -17,7 +17,7 @@ use crate::data::Dataset;
 use crate::data::loader::{self, Preprocess};
 use crate::dist::{self, Collective, Dist};
 use crate::eval::{evaluate, evaluate_sharded, plans_for, read_sums};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Precision};
 use crate::hparams::lr_at;
 use crate::metrics::EpochMetrics;
 use crate::model::ModelConfig;
@@ -31,6 +31,10 @@ use crate::run::{self, EpochSums, Interrupted, RunFolder, RunState};
 /// Set by Ctrl-C (SIGINT) or SIGTERM: finish the step, save, exit 130.
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// f16: consecutive skipped steps after which the run stops (each halves the loss scale, so 50 is
+/// a factor 2^50 — no gradient overflow needs that; a forward pass that overflows f16 never recovers).
+const MAX_SKIPPED_IN_A_ROW: u32 = 50;
+
 fn install_stop_handler() {
     // Only the first call in a process installs it; later runs share the flag.
     let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
@@ -39,8 +43,7 @@ fn install_stop_handler() {
 /// The loss went NaN or infinite: name the step and the first layer whose output (or the first
 /// parameter) is not finite. Nothing is saved, so the last good checkpoint stays as it was.
 fn divergence(net: &Network, plan: &StepPlan, epoch: usize, step: usize) -> anyhow::Error {
-    let finite =
-        |t: &crate::gpu::Tensor| t.read::<f32>(&net.gpu).map(|v| v.iter().all(|x| x.is_finite())).unwrap_or(true);
+    let finite = |t: &crate::gpu::Tensor| t.read_f32(&net.gpu).map(|v| v.iter().all(|x| x.is_finite())).unwrap_or(true);
     let param = net.params.iter().find(|p| !finite(&p.value)).map(|p| format!("parameter {}", p.spec.name));
     let layer = net
         .graph
@@ -152,13 +155,15 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     let flags = args;
     let args = resumed.as_ref().unwrap_or(args);
     args.validate()?;
-    if dist.size > 1 && args.profile {
-        // Collective: every rank has the same flags (compared below) and stops here together.
-        return Err(Collective(format!(
-            "--profile is not supported under mpirun ({} ranks); run it as one process",
-            dist.size
-        ))
-        .into());
+    // Collective: every rank has the same flags (compared below) and stops here together.
+    for (bad, what) in [(args.profile, "--profile"), (args.precision != Precision::F32, "--precision f16")] {
+        if dist.size > 1 && bad {
+            return Err(Collective(format!(
+                "{what} is not supported under mpirun yet ({} ranks); run it as one process",
+                dist.size
+            ))
+            .into());
+        }
     }
     let (dataset, train_set, test_set, config) = load_data(args)?;
     same_config_on_every_rank(dist, flags, args, &dataset, &train_set, &test_set)?;
@@ -172,7 +177,7 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     }
     let pre = Preprocess { normalize: config.normalize.clone(), augment: args.augment };
 
-    let mut net = Network::new(gpu.clone(), config.clone(), args.optimizer_config(), args.seed)?;
+    let mut net = Network::new_in(gpu.clone(), config.clone(), args.optimizer_config(), args.seed, args.precision)?;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
@@ -484,7 +489,7 @@ impl Trainer<'_> {
         }
         let secs = t0.elapsed().as_secs_f64();
         let rate = n / secs;
-        let msg = if self.dist.size > 1 {
+        let mut msg = if self.dist.size > 1 {
             // Rank 0's running loss; images/s of all ranks (each trains as many).
             let reduce = self.reduce_secs.get();
             format!(
@@ -498,6 +503,19 @@ impl Trainer<'_> {
         } else {
             format!("loss {:.4} acc {:.4} {:.0} img/s", l / n, c / n, rate)
         };
+        if let Some(s) = &net.scaler {
+            let st = s.read(&self.gpu)?;
+            msg += &format!(" | loss scale {} ({} skipped)", st.scale, st.skipped);
+            // A loss scale too high costs torch AMP a few skipped steps at the start; a forward pass
+            // that overflows f16 skips every step, forever, while the scale falls to nothing.
+            ensure!(
+                st.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW,
+                "epoch {epoch} step {step}: the last {} steps overflowed f16 and were skipped (loss scale now {:e}); \
+                 the model's activations or loss do not fit f16 — train with --precision f32",
+                st.skipped_in_a_row,
+                st.scale
+            );
+        }
         if pb.is_hidden() && self.dist.is_root() {
             println!("epoch {epoch} step {step}/{} {msg}", self.steps_per_epoch);
         }

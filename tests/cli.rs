@@ -265,6 +265,64 @@ fn resume_continues_exactly() {
     assert_eq!(csv.lines().count(), 3, "one header and two epochs after resuming:\n{csv}");
 }
 
+/// `--precision f16` (AMP): a short run on the sample logs its loss scale, evaluates its checkpoint
+/// in f16 (the training log's test accuracy, exactly) and in f32 (within 3 of 70 images: the same
+/// weights, activations rounded differently), and resumes bitwise exactly (the loss scaler's state
+/// travels in resume.safetensors). An adapter without f16 shaders (SENET_NO_F16=1 makes lavapipe
+/// one) refuses it with exit 2, naming the adapter and the way out, before writing anything.
+#[test]
+fn f16_trains_evaluates_in_either_precision_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = |out: &std::path::Path, extra: &[&str]| {
+        let o = senet()
+            .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "50", "--precision", "f16"])
+            .args(["--limit-train", "120", "--limit-test", "70", "--seed", "3", "--log-every", "1", "--out"])
+            .arg(out)
+            .args(extra)
+            .output()
+            .expect("run senet train");
+        assert!(o.status.success(), "train {extra:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let log = train(&a, &["--epochs", "2"]);
+    assert!(log.contains("loss scale 65536 (0 skipped)"), "the progress lines show the loss scale:\n{log}");
+    train(&b, &["--epochs", "1"]);
+    let out = senet().args(["train", "--epochs", "2", "--resume"]).arg(&b).output().expect("resume");
+    assert!(out.status.success(), "resume failed: {}", String::from_utf8_lossy(&out.stderr));
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    assert!(read(a.join("last.safetensors")) == read(b.join("last.safetensors")), "resumed f16 run differs");
+
+    let eval = |precision: &str| -> f64 {
+        let o = senet()
+            .args(["eval", "--dataset", "sample", "--limit-test", "70", "--json", "--precision", precision])
+            .arg("--checkpoint")
+            .arg(a.join("last.safetensors"))
+            .output()
+            .expect("run senet eval");
+        assert!(o.status.success(), "eval --precision {precision}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("eval --json prints JSON");
+        v["accuracy"].as_f64().unwrap()
+    };
+    let (acc16, acc32) = (eval("f16"), eval("f32"));
+    let csv = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
+    let logged: f64 = csv.lines().last().unwrap().split(',').nth(4).unwrap().parse().unwrap();
+    assert!((acc16 - logged).abs() < 1e-9, "eval in f16 {acc16} vs the run's own test accuracy {logged}");
+    assert!((acc16 - acc32).abs() <= 3.0 / 70.0 + 1e-9, "f16 {acc16} vs f32 {acc32}");
+
+    let c = dir.path().join("c");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--precision", "f16", "--out"])
+        .arg(&c)
+        .env("SENET_NO_F16", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("llvmpipe") && stderr.contains("no f16") && stderr.contains("--precision f32"), "{stderr}");
+    assert!(!c.exists(), "nothing is written when the run is refused");
+}
+
 /// Ctrl-C (SIGINT) part-way through an epoch: the step finishes, the run is saved, the exit code
 /// is 130 with the resume command; resuming from the middle of the epoch ends bitwise equal to
 /// the uninterrupted run.
@@ -469,4 +527,14 @@ fn plan_prints_one_step_in_order() {
         !eval.contains("Backward") && !eval.contains("adam_step") && eval.contains("batch_norm_forward_eval"),
         "{eval}"
     );
+    // An f16 step: the weights' cast, then the input's, ...; the loss scaler just before the optimizer.
+    let out = senet().args(["plan", "--width", "0.25", "--batch-size", "2", "--precision", "f16"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[1].contains("all parameters") && lines[1].contains("cast_forward"), "{text}");
+    assert!(lines[2].contains("input") && lines[2].contains("cast_forward"), "{text}");
+    let n = lines.len();
+    assert!(lines[n - 3].contains("grad_scaler_reduce") && lines[n - 2].contains("grad_scaler_step"), "{text}");
+    assert!(lines[n - 1].contains("adam_step"), "{text}");
 }

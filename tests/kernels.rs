@@ -791,7 +791,7 @@ fn cross_entropy_matches_reference_and_accumulates() {
             let tdl = zeros(&gpu, "dlogits", &[n, k]);
             let per = zeros(&gpu, "per-sample", &[n, 3]);
             let res = zeros(&gpu, "result", &[result::LEN]);
-            let d = cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res).unwrap();
+            let d = cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res, None).unwrap();
             // Twice: the batch fields are overwritten, the running sums accumulate.
             run(&gpu, &d);
             run(&gpu, &d);
@@ -908,7 +908,7 @@ fn gpu_validation_errors_are_errors_not_panics() {
         )
         .unwrap_err();
     assert!(format!("{err:#}").contains("relu::relu_forward"), "{err:#}");
-    let err = gpu.pipeline("relu", "no_such_entry", &[]).unwrap_err();
+    let err = gpu.pipeline("relu", senet_wgpu::gpu::Precision::F32, "no_such_entry", &[]).unwrap_err();
     assert!(format!("{err:#}").contains("no_such_entry"), "{err:#}");
     gpu.check().expect("scoped errors do not leak into the device's error list");
 }
@@ -1007,4 +1007,542 @@ fn se_block_ablation_variants_match_reference() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// f16 variants (--precision f16): every kernel that moves activations, compiled with `act = f16`.
+//
+// Inputs are f16 values (uploaded as f16; the f64 reference reads the same values widened), every
+// sum is f32, and each f16 output is rounded once when stored: a correct kernel is within the f32
+// kernel's tolerance plus half an f16 ulp of the result, 2^-11 relative (4.88e-4; F16_RTOL rounds
+// up), and half the f16 subnormal spacing (2^-25, 3e-8) absolute. f32 outputs (weight and bias
+// gradients, statistics, the loss) carry the f32 tolerance alone: products of two f16 values are
+// exact in f32. An indexing or conversion bug gives errors of order 0.1.
+
+const F16_RTOL: f64 = 4.9e-4;
+const F16_ATOL: f64 = 3e-8;
+
+/// `v` rounded to the nearest f16 (the values an f16 tensor holds), as f32.
+fn f16_values(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+/// An f16 tensor holding `v` rounded to f16.
+fn upload_f16(gpu: &senet_wgpu::gpu::Gpu, label: &str, shape: &[usize], v: &[f32]) -> Tensor {
+    let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+    Tensor::from_slice(gpu, label, shape, &h).expect("upload f16")
+}
+
+fn zeros_f16(gpu: &senet_wgpu::gpu::Gpu, label: &str, shape: &[usize]) -> Tensor {
+    Tensor::zeros_of(gpu, label, shape, senet_wgpu::gpu::Dtype::F16).expect("allocate f16")
+}
+
+fn read_f16(gpu: &senet_wgpu::gpu::Gpu, t: &Tensor) -> Vec<f32> {
+    assert_eq!(t.dtype, senet_wgpu::gpu::Dtype::F16, "{} should hold f16", t.label);
+    t.read_f32(gpu).expect("read back")
+}
+
+/// Random values in [lo, hi) rounded to f16.
+fn uniform_f16(r: &mut rand_chacha::ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    f16_values(&uniform(r, n, lo, hi))
+}
+
+/// The test machine's adapter must have f16 (lavapipe does): never pass by skipping.
+fn gpu_f16() -> std::sync::Arc<senet_wgpu::gpu::Gpu> {
+    let g = gpu();
+    assert!(
+        g.features.contains(wgpu::Features::SHADER_F16),
+        "{} has no SHADER_F16: the f16 kernels cannot be tested here",
+        g.describe()
+    );
+    g
+}
+
+/// The cast rounds to nearest even as `half` (PyTorch's .half()) does — ties, the largest finite
+/// value, overflow to ±inf, subnormals, signed zero — bit for bit, on an odd count (the last
+/// word half padding) and past one workgroup.
+#[test]
+fn cast_rounds_to_nearest_even_like_torch_half() {
+    let gpu = gpu_f16();
+    let mut r = rng(1500);
+    let mut x = uniform(&mut r, 1001, -4.0, 4.0);
+    let special = [
+        65504.0f32,
+        65519.0,
+        65520.0,
+        -70000.0,
+        1e-7,
+        -3e-8,
+        6.1e-5,
+        0.0,
+        -0.0,
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        2049.0,
+        2051.0,
+    ];
+    x[..special.len()].copy_from_slice(&special);
+    let tx = upload(&gpu, "x", &[x.len()], &x);
+    let ty = zeros_f16(&gpu, "y", &[x.len()]);
+    run(&gpu, &senet_wgpu::ops::cast::cast_forward(&gpu, &tx, &ty).unwrap());
+    let got: Vec<u16> = ty.read::<half::f16>(&gpu).unwrap().iter().map(|h| h.to_bits()).collect();
+    let want: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "cast of {:e}: gpu {:#06x} reference {:#06x}", x[i], g, w);
+    }
+    // The oracle of the same name, widened: equal values (±inf included, so compared with ==).
+    let r64 = reference::cast::cast_forward(&to_f64(&x));
+    for (i, (g, w)) in read_f16(&gpu, &ty).iter().zip(&r64).enumerate() {
+        assert!(f64::from(*g) == *w, "cast_forward of {:e}: gpu {g:e} reference {w:e}", x[i]);
+    }
+}
+
+/// An f16 buffer bound where a kernel's variant reads f32 (or the reverse) is a plan-time error
+/// naming the binding and the tensor, not a silent reinterpretation of its bytes.
+#[test]
+fn binding_an_f16_tensor_to_an_f32_kernel_is_an_error() {
+    let gpu = gpu_f16();
+    let (x, y) = (upload(&gpu, "x32", &[8], &[1.0; 8]), zeros_f16(&gpu, "y16", &[8]));
+    // relu's variant is chosen by its input: f32 here, so the f16 output does not fit.
+    let err = relu::relu_forward(&gpu, &x, &y).unwrap_err().to_string();
+    assert!(err.contains("relu_forward") && err.contains("y16") && err.contains("f16"), "{err}");
+}
+
+#[test]
+fn f16_conv2d_kernels_match_reference() {
+    let gpu = gpu_f16();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(1600 + i as u64);
+        let x = uniform_f16(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform_f16(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
+        let dy = uniform_f16(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let (tx, tw, tdy) = (
+            upload_f16(&gpu, "x", &cfg.input_shape(), &x),
+            upload_f16(&gpu, "w", &cfg.weight_shape(), &w),
+            upload_f16(&gpu, "dy", &cfg.output_shape(), &dy),
+        );
+        let tb = upload(&gpu, "b", &[cfg.c_out], &b);
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
+        let want_y = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
+        let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+        let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+        let bias = cfg.bias.then_some(&tb);
+        // The register blocks the adapter picks and the extremes; every workgroup-memory shape.
+        let mut tiles = vec![Tiles::for_layer(&gpu, cfg), Tiles::ALL[0], Tiles::ALL[Tiles::ALL.len() - 1]];
+        tiles.dedup();
+        for t in tiles {
+            let what = |pass: &str| format!("f16 {pass} case {i} {t:?} {cfg:?}");
+            let ty = zeros_f16(&gpu, "y", &cfg.output_shape());
+            run(&gpu, &conv2d::conv2d_forward_tiled(&gpu, cfg, t, &tx, &tw, bias, &ty).unwrap());
+            assert_close(&what("conv2d_forward"), &read_f16(&gpu, &ty), &want_y, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            let tdx = zeros_f16(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &conv2d::conv2d_backward_input_tiled(&gpu, cfg, t, &tdy, &tw, &tdx).unwrap());
+            let got = read_f16(&gpu, &tdx);
+            assert_close(&what("conv2d_backward_input"), &got, &want_dx, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            for splits in [1, 3] {
+                let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+                run(&gpu, &conv2d::conv2d_backward_weight_tiled(&gpu, cfg, t, &tx, &tdy, &tdw, splits).unwrap());
+                let what = what(&format!("conv2d_backward_weight splits {splits}"));
+                assert_close(&what, &read(&gpu, &tdw), &want_dw, CONV_ATOL, CONV_RTOL);
+            }
+        }
+        for t in SmemTiles::ALL {
+            let what = |pass: &str| format!("f16 {pass} (tiled) case {i} {t:?}");
+            let ty = zeros_f16(&gpu, "y", &cfg.output_shape());
+            run(&gpu, &conv2d::conv2d_forward_smem(&gpu, cfg, t, &tx, &tw, bias, &ty).unwrap());
+            assert_close(&what("conv2d_forward"), &read_f16(&gpu, &ty), &want_y, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            let tdx = zeros_f16(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &conv2d::conv2d_backward_input_smem(&gpu, cfg, t, &tdy, &tw, &tdx).unwrap());
+            let got = read_f16(&gpu, &tdx);
+            assert_close(&what("conv2d_backward_input"), &got, &want_dx, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+            run(&gpu, &conv2d::conv2d_backward_weight_smem(&gpu, cfg, t, &tx, &tdy, &tdw, 3).unwrap());
+            assert_close(&what("conv2d_backward_weight"), &read(&gpu, &tdw), &want_dw, CONV_ATOL, CONV_RTOL);
+        }
+        if cfg.bias {
+            let want = reference::conv2d::conv2d_backward_bias(cfg, &dy64);
+            for (path, g) in gpus() {
+                let tdy = upload_f16(&g, "dy", &cfg.output_shape(), &dy);
+                let tdb = zeros(&g, "db", &[cfg.c_out]);
+                run(&g, &conv2d::conv2d_backward_bias(&g, cfg, &tdy, &tdb).unwrap());
+                assert_close(
+                    &format!("f16 conv2d_backward_bias case {i} ({path})"),
+                    &read(&g, &tdb),
+                    &want,
+                    CONV_ATOL,
+                    CONV_RTOL,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_batch_norm_matches_reference() {
+    for (path, gpu) in gpus() {
+        for (i, cfg) in bn_cases().iter().enumerate() {
+            let mut r = rng(1700 + i as u64);
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform_f16(&mut r, numel, -2.0, 3.0);
+            let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+            let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+            let rm = uniform(&mut r, cfg.c, -0.2, 0.2);
+            let rv = uniform(&mut r, cfg.c, 0.5, 2.0);
+            let dy = uniform_f16(&mut r, numel, -1.0, 1.0);
+            let tag = |s: &str| format!("f16 {s} case {i} ({path}) {cfg:?}");
+            // f16 outputs: BN's tolerance plus the output rounding; f32 statistics and parameter
+            // gradients: BN's tolerance.
+            let (tol16, tol32) = (BN_TOL + F16_RTOL, BN_TOL);
+            let tx = upload_f16(&gpu, "x", &cfg.shape(), &x);
+            let tg = upload(&gpu, "gamma", &[cfg.c], &gamma);
+            let tb = upload(&gpu, "beta", &[cfg.c], &beta);
+            let trm = upload(&gpu, "running_mean", &[cfg.c], &rm);
+            let trv = upload(&gpu, "running_var", &[cfg.c], &rv);
+            let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+            let ty = zeros_f16(&gpu, "y", &cfg.shape());
+            let fwd = bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty);
+            run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &fwd).unwrap());
+            let (x64, g64, b64) = (to_f64(&x), to_f64(&gamma), to_f64(&beta));
+            let want =
+                reference::batch_norm::batch_norm_forward_train(cfg, &x64, &g64, &b64, &to_f64(&rm), &to_f64(&rv));
+            assert_close(&tag("batch_norm_forward (train)"), &read_f16(&gpu, &ty), &want.out, tol16, tol16);
+            assert_close(&tag("running_var"), &read(&gpu, &trv), &want.running_var, tol32, tol32);
+            let s = read(&gpu, &stats);
+            assert_close(&tag("saved mean"), &s[..cfg.c], &want.mean, tol32, tol32);
+            assert_close(&tag("saved invstd"), &s[cfg.c..], &want.invstd, tol32, tol32);
+            let tdy = upload_f16(&gpu, "dy", &cfg.shape(), &dy);
+            let tdx = zeros_f16(&gpu, "dx", &cfg.shape());
+            let (tdg, tdb) = (zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
+            run(
+                &gpu,
+                &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &tdy, &tdx, &tdg, &tdb).unwrap(),
+            );
+            let (dx, dg, db) =
+                reference::batch_norm::batch_norm_backward(cfg, &x64, &g64, &want.mean, &want.invstd, &to_f64(&dy));
+            assert_close(&tag("batch_norm_backward dinp"), &read_f16(&gpu, &tdx), &dx, tol16, tol16);
+            assert_close(&tag("batch_norm_backward dgamma"), &read(&gpu, &tdg), &dg, tol32, tol32);
+            assert_close(&tag("batch_norm_backward dbeta"), &read(&gpu, &tdb), &db, tol32, tol32);
+            // Eval mode, and the fused ReLU (max(y, 0) of the same f16 values: exact).
+            let ty2 = zeros_f16(&gpu, "y eval", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_eval(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty2)).unwrap(),
+            );
+            let eval = reference::batch_norm::batch_norm_forward_eval(
+                cfg,
+                &x64,
+                &g64,
+                &b64,
+                &want.running_mean,
+                &want.running_var,
+            );
+            assert_close(&tag("batch_norm_forward (eval)"), &read_f16(&gpu, &ty2), &eval, tol16, tol16);
+            let relu_cfg = cfg.with_relu();
+            let ty3 = zeros_f16(&gpu, "y relu", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_eval(&gpu, &relu_cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty3))
+                    .unwrap(),
+            );
+            let relu_want: Vec<f64> = read_f16(&gpu, &ty2).iter().map(|&v| f64::from(v.max(0.0))).collect();
+            assert_close(&tag("batch_norm_forward (eval) + fused relu"), &read_f16(&gpu, &ty3), &relu_want, 0.0, 0.0);
+        }
+    }
+}
+
+#[test]
+fn f16_elementwise_pooling_and_linear_match_reference() {
+    let gpu = gpu_f16();
+    let mut r = rng(1800);
+    // relu and add: the same f16 values in and out (relu exact; add rounds the exact sum once).
+    for shape in [vec![1usize], vec![2, 3, 5, 7], vec![3, 17, 33, 31]] {
+        let n: usize = shape.iter().product();
+        let (a, b, dy) =
+            (uniform_f16(&mut r, n, -1.0, 1.0), uniform_f16(&mut r, n, -1.0, 1.0), uniform_f16(&mut r, n, -1.0, 1.0));
+        let (ta, tb, tdy) =
+            (upload_f16(&gpu, "a", &shape, &a), upload_f16(&gpu, "b", &shape, &b), upload_f16(&gpu, "dy", &shape, &dy));
+        let (out, da, db) =
+            (zeros_f16(&gpu, "out", &shape), zeros_f16(&gpu, "da", &shape), zeros_f16(&gpu, "db", &shape));
+        run(&gpu, &add::add_forward(&gpu, &ta, &tb, &out).unwrap());
+        run(&gpu, &add::add_backward(&gpu, &tdy, &da, &db).unwrap());
+        let want = reference::add::add_forward(&to_f64(&a), &to_f64(&b));
+        assert_close(&format!("f16 add_forward {shape:?}"), &read_f16(&gpu, &out), &want, F16_ATOL, F16_RTOL);
+        assert_close(&format!("f16 add_backward {shape:?}"), &read_f16(&gpu, &da), &to_f64(&dy), 0.0, 0.0);
+        assert_close(&format!("f16 add_backward {shape:?}"), &read_f16(&gpu, &db), &to_f64(&dy), 0.0, 0.0);
+        let ty = zeros_f16(&gpu, "y", &shape);
+        run(&gpu, &relu::relu_forward(&gpu, &ta, &ty).unwrap());
+        let y = reference::relu::relu_forward(&to_f64(&a));
+        assert_close(&format!("f16 relu_forward {shape:?}"), &read_f16(&gpu, &ty), &y, 0.0, 0.0);
+        let tdx = zeros_f16(&gpu, "dx", &shape);
+        run(&gpu, &relu::relu_backward(&gpu, &ty, &tdy, &tdx).unwrap());
+        let want = reference::relu::relu_backward(&y, &to_f64(&dy));
+        assert_close(&format!("f16 relu_backward {shape:?}"), &read_f16(&gpu, &tdx), &want, 0.0, 0.0);
+    }
+    // Max pooling picks one of its inputs: exact, and its gradient sums at most a few f16 values.
+    for (i, cfg) in pool_cases().iter().enumerate() {
+        let x = uniform_f16(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let dy = uniform_f16(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let (tx, ty) = (upload_f16(&gpu, "x", &cfg.input_shape(), &x), zeros_f16(&gpu, "y", &cfg.output_shape()));
+        let argmax = zeros(&gpu, "argmax", &cfg.output_shape());
+        run(&gpu, &pool::max_pool2d_forward(&gpu, cfg, &tx, &ty, &argmax).unwrap());
+        let (y, am) = reference::pool::max_pool2d_forward(cfg, &to_f64(&x));
+        assert_close(&format!("f16 max_pool2d_forward case {i}"), &read_f16(&gpu, &ty), &y, 0.0, 0.0);
+        assert_eq!(argmax.read::<u32>(&gpu).unwrap(), am, "f16 max_pool2d argmax case {i}");
+        let (tdy, tdx) = (upload_f16(&gpu, "dy", &cfg.output_shape(), &dy), zeros_f16(&gpu, "dx", &cfg.input_shape()));
+        run(&gpu, &pool::max_pool2d_backward(&gpu, cfg, &argmax, &tdy, &tdx).unwrap());
+        let want = reference::pool::max_pool2d_backward(cfg, &am, &to_f64(&dy));
+        assert_close(&format!("f16 max_pool2d_backward case {i}"), &read_f16(&gpu, &tdx), &want, F16_ATOL, F16_RTOL);
+    }
+    for shape in [[1, 3, 5, 7], [4, 1024, 2, 2], [3, 10, 1, 1]] {
+        let x = uniform_f16(&mut r, shape.iter().product(), -1.0, 1.0);
+        let dy = uniform_f16(&mut r, shape[0] * shape[1], -1.0, 1.0);
+        let (tx, ty) = (upload_f16(&gpu, "x", &shape, &x), zeros_f16(&gpu, "y", &shape[..2]));
+        run(&gpu, &pool::global_avg_pool_forward(&gpu, &tx, &ty).unwrap());
+        let want = reference::pool::global_avg_pool_forward(shape, &to_f64(&x));
+        assert_close(
+            &format!("f16 global_avg_pool_forward {shape:?}"),
+            &read_f16(&gpu, &ty),
+            &want,
+            1e-6,
+            1e-6 + F16_RTOL,
+        );
+        let (tdy, tdx) = (upload_f16(&gpu, "dy", &shape[..2], &dy), zeros_f16(&gpu, "dx", &shape));
+        run(&gpu, &pool::global_avg_pool_backward(&gpu, &tdy, &tdx).unwrap());
+        let want = reference::pool::global_avg_pool_backward(shape, &to_f64(&dy));
+        assert_close(
+            &format!("f16 global_avg_pool_backward {shape:?}"),
+            &read_f16(&gpu, &tdx),
+            &want,
+            F16_ATOL,
+            1e-6 + F16_RTOL,
+        );
+    }
+    // The classifier: f16 activations, f32 weights and weight gradients.
+    for (i, cfg) in [
+        LinearConfig { n: 1, in_features: 7, out_features: 3, bias: true },
+        LinearConfig { n: 3, in_features: 1024, out_features: 10, bias: true },
+        LinearConfig { n: 4, in_features: 9, out_features: 13, bias: false },
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = uniform_f16(&mut r, cfg.n * cfg.in_features, -1.0, 1.0);
+        let w = uniform(&mut r, cfg.out_features * cfg.in_features, -1.0, 1.0);
+        let b = uniform(&mut r, cfg.out_features, -1.0, 1.0);
+        let dy = uniform_f16(&mut r, cfg.n * cfg.out_features, -1.0, 1.0);
+        let tx = upload_f16(&gpu, "x", &[cfg.n, cfg.in_features], &x);
+        let tw = upload(&gpu, "w", &[cfg.out_features, cfg.in_features], &w);
+        let tb = upload(&gpu, "b", &[cfg.out_features], &b);
+        let ty = zeros_f16(&gpu, "y", &[cfg.n, cfg.out_features]);
+        run(&gpu, &linear::linear_forward(&gpu, cfg, &tx, &tw, cfg.bias.then_some(&tb), &ty).unwrap());
+        let b64 = to_f64(&b);
+        let want = reference::linear::linear_forward(cfg, &to_f64(&x), &to_f64(&w), cfg.bias.then_some(&b64[..]));
+        assert_close(
+            &format!("f16 linear_forward case {i}"),
+            &read_f16(&gpu, &ty),
+            &want,
+            CONV_ATOL,
+            CONV_RTOL + F16_RTOL,
+        );
+        let tdy = upload_f16(&gpu, "dy", &[cfg.n, cfg.out_features], &dy);
+        let tdx = zeros_f16(&gpu, "dx", &[cfg.n, cfg.in_features]);
+        let (tdw, tdb) =
+            (zeros(&gpu, "dw", &[cfg.out_features, cfg.in_features]), zeros(&gpu, "db", &[cfg.out_features]));
+        run(&gpu, &linear::linear_backward(&gpu, cfg, &tx, &tw, &tdy, &tdx, &tdw, cfg.bias.then_some(&tdb)).unwrap());
+        let (dx, dw, db) = reference::linear::linear_backward(cfg, &to_f64(&x), &to_f64(&w), &to_f64(&dy));
+        assert_close(
+            &format!("f16 linear_backward dinp case {i}"),
+            &read_f16(&gpu, &tdx),
+            &dx,
+            CONV_ATOL,
+            CONV_RTOL + F16_RTOL,
+        );
+        assert_close(&format!("f16 linear_backward dweight case {i}"), &read(&gpu, &tdw), &dw, CONV_ATOL, CONV_RTOL);
+        if cfg.bias {
+            assert_close(&format!("f16 linear_backward dbias case {i}"), &read(&gpu, &tdb), &db, CONV_ATOL, CONV_RTOL);
+        }
+    }
+}
+
+#[test]
+fn f16_se_block_matches_reference() {
+    for (path, gpu) in gpus() {
+        for (i, cfg) in se_cases().iter().enumerate() {
+            let mut r = rng(1900 + i as u64);
+            let (c, cr) = (cfg.c, cfg.hidden());
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform_f16(&mut r, numel, -1.0, 2.0);
+            let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
+            let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
+            let (b1, b2) = (uniform(&mut r, cr, -0.5, 0.5), uniform(&mut r, c, -0.5, 0.5));
+            let dy = uniform_f16(&mut r, numel, -1.0, 1.0);
+            let tag = |s: &str| format!("f16 {s} case {i} ({path}) {cfg:?}");
+            let tx = upload_f16(&gpu, "x", &cfg.shape(), &x);
+            let (tw1, tw2) = (upload(&gpu, "w1", &cfg.fc1_shape(), &w1), upload(&gpu, "w2", &cfg.fc2_shape(), &w2));
+            let (tb1, tb2) = (upload(&gpu, "b1", &[cr], &b1), upload(&gpu, "b2", &[c], &b2));
+            let weights = SeWeights { w1: &tw1, b1: cfg.bias.then_some(&tb1), w2: &tw2, b2: cfg.bias.then_some(&tb2) };
+            let ty = zeros_f16(&gpu, "y", &cfg.shape());
+            let saved = zeros(&gpu, "saved", &cfg.saved_shape());
+            run(&gpu, &se_block::se_block_forward(&gpu, cfg, &tx, &weights, &ty, &saved).unwrap());
+            let (w1_64, w2_64, b1_64, b2_64) = (to_f64(&w1), to_f64(&w2), to_f64(&b1), to_f64(&b2));
+            let p = reference::se_block::SeParams {
+                w1: &w1_64,
+                b1: cfg.bias.then_some(&b1_64[..]),
+                w2: &w2_64,
+                b2: cfg.bias.then_some(&b2_64[..]),
+            };
+            let x64 = to_f64(&x);
+            let fwd = reference::se_block::se_block_forward(cfg, &x64, &p);
+            assert_close(&tag("se_block_forward"), &read_f16(&gpu, &ty), &fwd.out, SE_ATOL, SE_RTOL + F16_RTOL);
+            let tdy = upload_f16(&gpu, "dy", &cfg.shape(), &dy);
+            let tdx = zeros_f16(&gpu, "dx", &cfg.shape());
+            let dsaved = zeros(&gpu, "dsaved", &cfg.dsaved_shape());
+            let (tdw1, tdw2) = (zeros(&gpu, "dw1", &cfg.fc1_shape()), zeros(&gpu, "dw2", &cfg.fc2_shape()));
+            let (tdb1, tdb2) = (zeros(&gpu, "db1", &[cr]), zeros(&gpu, "db2", &[c]));
+            let grads = SeGrads {
+                dinp: &tdx,
+                dw1: &tdw1,
+                db1: cfg.bias.then_some(&tdb1),
+                dw2: &tdw2,
+                db2: cfg.bias.then_some(&tdb2),
+            };
+            run(&gpu, &se_block::se_block_backward(&gpu, cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap());
+            let g = reference::se_block::se_block_backward(cfg, &x64, &p, &fwd, &to_f64(&dy));
+            assert_close(&tag("se_block_backward dinp"), &read_f16(&gpu, &tdx), &g.dinp, SE_ATOL, SE_RTOL + F16_RTOL);
+            assert_close(&tag("se_block_backward dw1"), &read(&gpu, &tdw1), &g.dw1, SE_ATOL, SE_RTOL);
+            assert_close(&tag("se_block_backward dw2"), &read(&gpu, &tdw2), &g.dw2, SE_ATOL, SE_RTOL);
+            if cfg.bias {
+                assert_close(&tag("se_block_backward db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
+                assert_close(&tag("se_block_backward db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+            }
+        }
+    }
+}
+
+/// f16 logits: the loss and softmax in f32, the gradient times the loss scale (scaler state
+/// [0]), rounded to f16. Scales 1 and 1024 (a power of two: scaling is exact before the rounding).
+#[test]
+fn f16_cross_entropy_scales_its_gradient() {
+    use senet_wgpu::ops::grad_scaler::state;
+    for (path, gpu) in gpus() {
+        for (n, k, scale) in [(1usize, 3usize, 1.0f32), (37, 10, 1024.0), (300, 10, 65536.0)] {
+            let mut r = rng(2000 + n as u64);
+            let logits = uniform_f16(&mut r, n * k, -8.0, 8.0);
+            let labels: Vec<u32> = (0..n).map(|i| (i * 7 % k) as u32).collect();
+            let tl = upload_f16(&gpu, "logits", &[n, k], &logits);
+            let tt = Tensor::from_slice(&gpu, "labels", &[n], &labels).unwrap();
+            let tdl = zeros_f16(&gpu, "dlogits", &[n, k]);
+            let (per, res) = (zeros(&gpu, "per", &[n, 3]), zeros(&gpu, "res", &[result::LEN]));
+            let mut st = vec![0.0f32; state::LEN];
+            st[state::SCALE] = scale;
+            let tst = upload(&gpu, "scaler", &[state::LEN], &st);
+            run(
+                &gpu,
+                &cross_entropy::cross_entropy_forward_backward(&gpu, &tl, &tt, &tdl, &per, &res, Some(&tst)).unwrap(),
+            );
+            let want = reference::cross_entropy::cross_entropy_forward_backward(&to_f64(&logits), &labels, k);
+            let scaled: Vec<f64> = want.dlogits.iter().map(|g| g * f64::from(scale)).collect();
+            let what = format!("f16 cross_entropy n={n} k={k} scale {scale} ({path})");
+            // The softmax is f32 (exp within a few ulp): 1e-6 of the largest gradient, scale/n, then
+            // the f16 rounding.
+            let atol = 1e-6 * f64::from(scale) / n as f64 + F16_ATOL;
+            assert_close(&format!("{what} dlogits"), &read_f16(&gpu, &tdl), &scaled, atol, F16_RTOL);
+            let got = read(&gpu, &res);
+            assert_close(&format!("{what} loss"), &got[result::LOSS..=result::LOSS], &[want.loss], 1e-5, 1e-5);
+            assert_eq!(got[result::CORRECT] as usize, want.correct, "{what} correct");
+        }
+    }
+}
+
+/// GradScaler on the GPU step by step against the reference, over two gradient chunks (as a flat
+/// buffer past one binding is checked), with an inf planted in the second chunk at step 3 and a
+/// NaN in the first at step 6, growth interval 3: the scale halves on each overflow and doubles
+/// after three finite steps; skipped steps leave parameters and optimizer state untouched and do
+/// not advance the step count; each finite step's update (new - old) equals the reference
+/// optimizer's on the unscaled gradients. Adam (bias corrections from the GPU's count, f32
+/// -expm1: 1e-6 of the update) and SGD with momentum, whose first step is skipped: its momentum
+/// buffer must start at the first finite step.
+#[test]
+fn grad_scaler_skips_overflowing_steps_and_grows_as_torch() {
+    use senet_wgpu::ops::grad_scaler::{GradScaler, GradScalerConfig};
+    use senet_wgpu::reference::grad_scaler::{Scaler, grad_scaler_step};
+    let gpu = gpu();
+    let (n, half) = (140_032usize, 70_016usize); // two chunks, each past one pass of 256 x 256 values
+    let cfg = GradScalerConfig { init_scale: 1024.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 3 };
+    // Dampening, so that the first step (buffer = g) differs from a later one (buffer = 0.9 b + 0.7 g).
+    let sgd = OptimizerConfig::Sgd { lr: 0.05, momentum: 0.9, dampening: 0.3, weight_decay: 1e-4, nesterov: false };
+    for (opt, bad_steps) in [(OptimizerConfig::adam(1e-2), [3u32, 6]), (sgd, [1, 5])] {
+        let grads = zeros(&gpu, "grads", &[n]);
+        let chunks = [
+            grads.view(&gpu, "grads 0..", 0, &[half]).unwrap(),
+            grads.view(&gpu, "grads 1..", half, &[n - half]).unwrap(),
+        ];
+        let scaler = GradScaler::new(&gpu, cfg, &[&chunks[0], &chunks[1]]).unwrap();
+        let mut r = rng(2100);
+        let p0 = uniform(&mut r, n, -1.0, 1.0);
+        let tp = upload(&gpu, "param", &[n], &p0);
+        let states: Vec<_> = (0..opt.state_count()).map(|_| zeros(&gpu, "state", &[n])).collect();
+        let refs: Vec<&_> = states.iter().collect();
+        let step = OptimizerStep::new_scaled(&gpu, opt, &tp, &grads, &refs, 0, n, Some(&scaler.state)).unwrap();
+        let mut want = Scaler { scale: cfg.init_scale, tracker: 0, steps: 0, skipped: 0 };
+        let (mut p, mut st) = (to_f64(&p0), vec![vec![0.0; n]; opt.state_count()]);
+        for t in 1..=9u32 {
+            let mut g = uniform(&mut r, n, -1.0, 1.0);
+            let scale = want.scale as f32;
+            g.iter_mut().for_each(|v| *v *= scale);
+            if t == bad_steps[0] {
+                g[n - 1] = f32::INFINITY;
+            } else if t == bad_steps[1] {
+                g[12_345] = f32::NAN;
+            }
+            grads.write(&gpu, &g).unwrap();
+            step.set_step(&gpu, u64::from(t)); // the host's count: a scaled step must not use it
+            let before = read(&gpu, &tp);
+            let mut ds: Vec<senet_wgpu::gpu::Dispatch> = scaler.dispatches.clone();
+            ds.push(step.dispatch.clone());
+            run(&gpu, &ds);
+            let growth = (cfg.growth_factor, cfg.growth_interval);
+            let (next, skipped) = grad_scaler_step(want, &to_f64(&g), growth, cfg.backoff_factor);
+            assert_eq!(skipped, bad_steps.contains(&t), "{opt:?} step {t}");
+            let old = p.clone();
+            if !skipped {
+                let unscaled: Vec<f64> = g.iter().map(|&v| f64::from(v * (1.0 / scale))).collect();
+                reference::optimizer::optimizer_step(&opt, u64::from(next.steps), &mut p, &unscaled, &mut st);
+            }
+            want = next;
+            let got = scaler.read(&gpu).unwrap();
+            assert_eq!(
+                (f64::from(got.scale), got.growth_tracker, got.steps, got.skipped, got.found_inf),
+                (want.scale, want.tracker, want.steps, want.skipped, skipped),
+                "{opt:?}: scaler state after step {t}"
+            );
+            let after = read(&gpu, &tp);
+            let got_delta: Vec<f32> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+            let want_delta: Vec<f64> = p.iter().zip(&old).map(|(a, b)| a - b).collect();
+            if skipped {
+                assert!(got_delta.iter().all(|&d| d == 0.0), "{opt:?}: a skipped step {t} moved the parameters");
+            } else {
+                // Each new f32 parameter (|p| <= 1) rounds to half an ulp of 1.0, 6e-8, so a delta to
+                // one ulp: atol 1.2e-7 (1e-5 of a typical O(lr) = 1e-2 update); rtol 1e-4.
+                assert_close(&format!("{opt:?}: update of step {t}"), &got_delta, &want_delta, 1.2e-7, 1e-4);
+            }
+        }
+        assert_eq!((want.skipped, want.steps), (2, 7), "{opt:?}");
+    }
+}
+
+/// The scale stops growing at the largest finite value (torch checks the grown scale is finite):
+/// from 2^127 a growth would overflow f32, so the scale stays.
+#[test]
+fn grad_scaler_does_not_grow_to_infinity() {
+    use senet_wgpu::ops::grad_scaler::{GradScaler, GradScalerConfig};
+    let gpu = gpu();
+    let cfg =
+        GradScalerConfig { init_scale: 2f64.powi(127), growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 1 };
+    let grads = zeros(&gpu, "grads", &[10]);
+    let scaler = GradScaler::new(&gpu, cfg, &[&grads]).unwrap();
+    run(&gpu, &scaler.dispatches);
+    let st = scaler.read(&gpu).unwrap();
+    assert_eq!((st.scale, st.growth_tracker, st.steps), (2f32.powi(127), 0, 1));
 }

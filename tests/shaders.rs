@@ -2,21 +2,64 @@
 //! shaders/ is registered (so none is shipped unchecked or forgotten).
 
 use naga::valid::Capabilities;
-use senet_wgpu::gpu::{PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, SHADERS, shader_source};
+use senet_wgpu::gpu::{
+    COOP_SHADERS, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
+};
 
-/// Parse and validate a file as the device compiles it: with a reduction prelude appended. The
-/// workgroup prelude must need no capability at all; the subgroup one only SUBGROUP.
-fn validate(name: &str, src: &str, subgroups: bool) -> naga::Module {
-    let src = shader_source(src, subgroups);
+/// Parse and validate a file as the device compiles it: with a reduction prelude appended and
+/// `act` defined. The workgroup prelude must need no capability at all, the subgroup one only
+/// SUBGROUP; the f16 variant SHADER_FLOAT16 besides.
+fn validate(name: &str, src: &str, subgroups: bool, precision: Precision) -> naga::Module {
+    let src = shader_source(src, subgroups, precision);
     let prelude = if subgroups { PRELUDE_SUBGROUP.0 } else { PRELUDE_WORKGROUP.0 };
+    let what = format!("shaders/{name}.wgsl + {prelude}.wgsl ({})", precision.name());
     let module = naga::front::wgsl::parse_str(&src)
-        .unwrap_or_else(|e| panic!("shaders/{name}.wgsl + {prelude}.wgsl does not parse:\n{}", e.emit_to_string(&src)));
-    let caps = if subgroups { Capabilities::SUBGROUP } else { Capabilities::empty() };
+        .unwrap_or_else(|e| panic!("{what} does not parse:\n{}", e.emit_to_string(&src)));
+    let mut caps = if subgroups { Capabilities::SUBGROUP } else { Capabilities::empty() };
+    if precision == Precision::F16 {
+        caps |= Capabilities::SHADER_FLOAT16;
+    }
     let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
     if let Err(e) = validator.validate(&module) {
-        panic!("shaders/{name}.wgsl + {prelude}.wgsl does not validate:\n{}", e.emit_to_string(&src));
+        panic!("{what} does not validate:\n{}", e.emit_to_string(&src));
     }
     module
+}
+
+/// Element widths of a module's storage arrays.
+fn storage_widths(module: &naga::Module) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (_, var) in module.global_variables.iter() {
+        if !matches!(var.space, naga::AddressSpace::Storage { .. }) {
+            continue;
+        }
+        if let naga::TypeInner::Array { base, .. } = module.types[var.ty].inner
+            && let naga::TypeInner::Scalar(s) | naga::TypeInner::Vector { scalar: s, .. } = module.types[base].inner
+        {
+            out.push(s.width);
+        }
+    }
+    out
+}
+
+/// Files whose kernels move activations (and so have an f16 variant with f16 bindings); the
+/// optimizer and the benchmark kernels work on f32 only.
+const ACTIVATION_FILES: &[&str] =
+    &["conv2d", "conv2d_tiled", "batch_norm", "relu", "pool", "se_block", "linear", "cross_entropy", "add", "cast"];
+
+#[test]
+fn every_kernel_has_an_f16_variant_and_its_f32_variant_is_all_f32() {
+    for (name, src) in SHADERS {
+        let f32_widths = storage_widths(&validate(name, src, false, Precision::F32));
+        assert!(f32_widths.iter().all(|&w| w == 4), "{name}: the f32 variant has a storage array of another width");
+        let f16_widths = storage_widths(&validate(name, src, false, Precision::F16));
+        assert_eq!(
+            f16_widths.contains(&2),
+            ACTIVATION_FILES.contains(name),
+            "{name}: its f16 variant should {}bind f16 activations",
+            if ACTIVATION_FILES.contains(name) { "" } else { "not " }
+        );
+    }
 }
 
 /// The passes an entry point may name. `gemm` and `gemm_tiled` serve several passes, chosen by
@@ -34,6 +77,7 @@ const PASSES: &[&str] = &[
     "reduce",
     "gemm",
     "gemm_tiled",
+    "forward_coop",
     "step",
     "fma",
     "copy",
@@ -45,7 +89,7 @@ fn ops_of(file: &str) -> Vec<&str> {
     match file {
         "pool" => vec!["max_pool2d", "global_avg_pool"],
         "optimizer" => vec!["adam", "sgd"],
-        "conv2d_tiled" => vec!["conv2d"],
+        "conv2d_tiled" | "conv2d_coop" => vec!["conv2d"],
         other => vec![other],
     }
 }
@@ -69,8 +113,10 @@ fn entry_point_names_are_checked() {
 #[test]
 fn every_shader_parses_and_validates() {
     for (name, src) in SHADERS {
-        validate(name, src, true);
-        let module = validate(name, src, false);
+        for precision in [Precision::F32, Precision::F16] {
+            validate(name, src, true, precision);
+        }
+        let module = validate(name, src, false, Precision::F32);
         assert!(!module.entry_points.is_empty(), "shaders/{name}.wgsl has no entry point");
         // Binding 0 is the op's uniform parameter block, and the only uniform.
         for (_, var) in module.global_variables.iter() {
@@ -96,6 +142,33 @@ fn every_shader_parses_and_validates() {
     }
 }
 
+/// The cooperative-matrix kernels, as the device compiles them: f16, with the coop prelude of each
+/// tile size wgpu admits (8 and 16), validated with the COOPERATIVE_MATRIX capability.
+#[test]
+fn every_coop_shader_validates_at_both_tile_sizes() {
+    for (name, src) in COOP_SHADERS {
+        for t in [8, 16] {
+            for subgroups in [true, false] {
+                let src = shader_source(src, subgroups, Precision::F16) + &coop_prelude(t);
+                let what = format!("shaders/{name}.wgsl at {t}x{t}x{t}");
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{what} does not parse:\n{}", e.emit_to_string(&src)));
+                let mut caps = Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX;
+                if subgroups {
+                    caps |= Capabilities::SUBGROUP;
+                }
+                let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
+                if let Err(e) = validator.validate(&module) {
+                    panic!("{what} does not validate:\n{}", e.emit_to_string(&src));
+                }
+                for ep in &module.entry_points {
+                    assert!(is_op_pass(name, &ep.name), "{name}::{} is not named <op>_<pass>", ep.name);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn every_shader_file_is_registered() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
@@ -106,8 +179,12 @@ fn every_shader_file_is_registered() {
         .filter(|f| f.ends_with(".wgsl"))
         .collect();
     files.sort();
-    let mut registered: Vec<String> =
-        SHADERS.iter().chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP]).map(|(n, _)| format!("{n}.wgsl")).collect();
+    let mut registered: Vec<String> = SHADERS
+        .iter()
+        .chain(COOP_SHADERS)
+        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP])
+        .map(|(n, _)| format!("{n}.wgsl"))
+        .collect();
     registered.sort();
     assert_eq!(files, registered, "shaders/ and gpu::SHADERS disagree");
 }

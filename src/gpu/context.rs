@@ -166,6 +166,9 @@ pub struct Gpu {
     pub(crate) kernels: super::kernels::KernelRegistry,
     /// Reductions use subgroup operations (shaders/reduce_subgroup.wgsl), else workgroup trees.
     pub subgroups: bool,
+    /// The square f16 x f16 -> f32 cooperative-matrix tile (8 or 16) an f16 plan's GEMMs use, where
+    /// the adapter lists one (wgpu's experimental cooperative matrices: tensor cores on NVIDIA).
+    pub coop_tile: Option<u32>,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -303,15 +306,44 @@ impl Gpu {
         let mut wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        // SENET_NO_F16=1: behave as an adapter without f16 shaders (how the refusal is tested).
+        if std::env::var_os("SENET_NO_F16").is_none_or(|v| v.is_empty() || v == "0") {
+            wanted |= wgpu::Features::SHADER_F16;
+        }
         if subgroups {
             wanted |= wgpu::Features::SUBGROUP;
         }
+        // Cooperative matrices: the largest square f16 -> f32 tile naga can write (8x8 or 16x16)
+        // among those the adapter lists; SENET_COOP=off keeps them out.
+        let coop_off = std::env::var("SENET_COOP").is_ok_and(|v| v == "off" || v == "0");
+        let props = adapter.cooperative_matrix_properties();
+        let coop_tile = [16u32, 8].into_iter().find(|&t| {
+            props.iter().any(|p| {
+                (p.m_size, p.n_size, p.k_size) == (t, t, t)
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            })
+        });
+        let coop_features = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+        let coop_tile =
+            coop_tile.filter(|_| !coop_off && (adapter.features() & wanted).contains(wgpu::Features::SHADER_F16));
+        let coop_tile = coop_tile.filter(|_| adapter.features().contains(coop_features));
+        if coop_tile.is_some() {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let features = adapter.features() & wanted;
+        // SAFETY: wgpu's experimental features are opted into only for cooperative matrices, and
+        // only with a tile shape the adapter itself lists (wgpu does not check shaders against it).
+        let experimental = if coop_tile.is_some() {
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("senet"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: experimental,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -337,6 +369,7 @@ impl Gpu {
             errors,
             kernels: super::kernels::KernelRegistry::default(),
             subgroups,
+            coop_tile,
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, tune_cache, device_key),
@@ -397,12 +430,13 @@ impl Gpu {
     /// One line: name, backend, type, and how reductions run.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}, driver {}; reductions: {})",
+            "{} ({:?}, {:?}, driver {}; reductions: {}{})",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.info.driver,
-            self.reductions()
+            self.reductions(),
+            self.coop_tile.map_or(String::new(), |t| format!("; cooperative matrices f16 {t}x{t}x{t}"))
         )
     }
 

@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use wgpu::util::DeviceExt;
 
-use super::{Gpu, Tensor};
+use super::{Gpu, Tensor, tensor::Dtype};
 
 /// Every WGSL file, embedded at build time: (op family, source).
 pub const SHADERS: &[(&str, &str)] = &[
@@ -26,7 +26,23 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("optimizer", include_str!("../../shaders/optimizer.wgsl")),
     ("bench", include_str!("../../shaders/bench.wgsl")),
     ("add", include_str!("../../shaders/add.wgsl")),
+    ("cast", include_str!("../../shaders/cast.wgsl")),
+    ("grad_scaler", include_str!("../../shaders/grad_scaler.wgsl")),
 ];
+
+/// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32
+/// configuration (`Gpu::coop_tile`), with [`coop_prelude`] appended.
+pub const COOP_SHADERS: &[(&str, &str)] = &[("conv2d_coop", include_str!("../../shaders/conv2d_coop.wgsl"))];
+
+/// What a cooperative-matrix kernel is written against: the tile CT and the coop types of that
+/// size (coop_mat8x8 and coop_mat16x16 are distinct types in WGSL, so the size cannot be an
+/// override). A and B hold `act` (f16), C accumulates f32.
+pub fn coop_prelude(t: u32) -> String {
+    format!(
+        "const CT: u32 = {t}u;\nalias coop_a = coop_mat{t}x{t}<act, A>;\nalias coop_b = coop_mat{t}x{t}<act, B>;\n\
+         alias coop_c = coop_mat{t}x{t}<f32, C>;\n"
+    )
+}
 
 /// The reduction preludes, one of which is appended to every shader file (WGSL declarations may
 /// come in any order, so appending keeps the file's own line numbers in error messages): the
@@ -35,16 +51,78 @@ pub const SHADERS: &[(&str, &str)] = &[
 pub const PRELUDE_WORKGROUP: (&str, &str) = ("reduce_workgroup", include_str!("../../shaders/reduce_workgroup.wgsl"));
 pub const PRELUDE_SUBGROUP: (&str, &str) = ("reduce_subgroup", include_str!("../../shaders/reduce_subgroup.wgsl"));
 
-/// The source the device compiles for `shader`: the file, then the reduction prelude.
-pub fn shader_source(src: &str, subgroups: bool) -> String {
+/// The element type of a plan's activations, activation gradients and GEMM operands: every
+/// kernel is written once against the type `act` (loads widen with `f32(x)`, stores narrow with
+/// `act(v)`, arithmetic and accumulation stay f32), which the host defines per compiled variant.
+/// For f32 the conversions are identities: the f32 variant is the kernel as it always was.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// f16 activations and GEMM operands, f32 arithmetic, statistics and master weights.
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Precision::F32 => Dtype::F32,
+            Precision::F16 => Dtype::F16,
+        }
+    }
+
+    /// The precision of a kernel whose activations are `t`'s.
+    pub fn of(t: &Tensor) -> Precision {
+        if t.dtype == Dtype::F16 { Precision::F16 } else { Precision::F32 }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.dtype().name()
+    }
+}
+
+/// The source the device compiles for `shader`: the file, then the reduction prelude and the
+/// definition of `act`. f16 needs `enable f16;` before everything else, so its variant's line
+/// numbers in compiler messages are one more than the file's.
+pub fn shader_source(src: &str, subgroups: bool, precision: Precision) -> String {
     let prelude = if subgroups { PRELUDE_SUBGROUP.1 } else { PRELUDE_WORKGROUP.1 };
-    format!("{src}\n{prelude}")
+    match precision {
+        Precision::F32 => format!("{src}\n{prelude}\nalias act = f32;\n"),
+        Precision::F16 => format!("enable f16;\n{src}\n{prelude}\nalias act = f16;\n"),
+    }
+}
+
+/// A compiled shader variant and the element width (bytes) of each storage binding it declares,
+/// read off the source with naga: binding a tensor of another width is a plan-time error naming
+/// both, not a silent reinterpretation of its bytes.
+#[derive(Clone)]
+struct Module {
+    module: wgpu::ShaderModule,
+    widths: HashMap<u32, (String, usize)>,
 }
 
 #[derive(Default)]
 pub(crate) struct KernelRegistry {
-    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<(&'static str, Precision), Module>>,
     pipelines: Mutex<HashMap<String, wgpu::ComputePipeline>>,
+}
+
+/// Each group-0 storage array's element width, by binding number.
+fn binding_widths(src: &str) -> Result<HashMap<u32, (String, usize)>> {
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| anyhow::anyhow!("{}", e.emit_to_string(src)))?;
+    let mut out = HashMap::new();
+    for (_, var) in module.global_variables.iter() {
+        let (Some(binding), naga::AddressSpace::Storage { .. }) = (&var.binding, var.space) else { continue };
+        let naga::TypeInner::Array { base, .. } = module.types[var.ty].inner else { continue };
+        let width = match module.types[base].inner {
+            naga::TypeInner::Scalar(s) => s.width,
+            naga::TypeInner::Vector { scalar, .. } => scalar.width,
+            _ => continue,
+        };
+        out.insert(binding.binding, (var.name.clone().unwrap_or_default(), usize::from(width)));
+    }
+    Ok(out)
 }
 
 /// Which part of a training step a dispatch belongs to.
@@ -104,40 +182,62 @@ pub enum Bind<'a> {
 }
 
 impl Gpu {
-    fn module(&self, shader: &'static str) -> Result<wgpu::ShaderModule> {
+    fn module(&self, shader: &'static str, precision: Precision) -> Result<Module> {
         let mut modules = self.kernels.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = modules.get(shader) {
+        if let Some(m) = modules.get(&(shader, precision)) {
             return Ok(m.clone());
         }
+        if precision == Precision::F16 {
+            ensure!(self.features.contains(wgpu::Features::SHADER_F16), "{}", self.no_f16_message());
+        }
+        let coop = COOP_SHADERS.iter().find(|(name, _)| *name == shader);
         let src = SHADERS
             .iter()
+            .chain(coop)
             .find(|(name, _)| *name == shader)
             .map(|(_, s)| *s)
             .ok_or_else(|| anyhow::anyhow!("no shader named {shader:?}"))?;
+        let mut source = shader_source(src, self.subgroups, precision);
+        if coop.is_some() {
+            let t = self.coop_tile.with_context(|| format!("shaders/{shader}.wgsl needs cooperative matrices"))?;
+            ensure!(precision == Precision::F16, "shaders/{shader}.wgsl takes f16 operands only");
+            source += &coop_prelude(t);
+        }
+        let widths = binding_widths(&source).map_err(|e| anyhow::anyhow!("compiling shaders/{shader}.wgsl: {e}"))?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader),
-            source: wgpu::ShaderSource::Wgsl(shader_source(src, self.subgroups).into()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            anyhow::bail!("compiling shaders/{shader}.wgsl: {e}");
+            anyhow::bail!("compiling shaders/{shader}.wgsl ({}): {e}", precision.name());
         }
-        modules.insert(shader, module.clone());
+        let module = Module { module, widths };
+        modules.insert((shader, precision), module.clone());
         Ok(module)
+    }
+
+    /// Why an f16 plan cannot run here, for the error that refuses it.
+    pub fn no_f16_message(&self) -> String {
+        format!(
+            "the adapter \"{}\" has no f16 shader support (wgpu Features::SHADER_F16); use --precision f32",
+            self.info.name
+        )
     }
 
     /// The pipeline for `shader::entry` with these override constants, built on first use.
     pub fn pipeline(
         &self,
         shader: &'static str,
+        precision: Precision,
         entry: &'static str,
         constants: &[(&str, f64)],
     ) -> Result<wgpu::ComputePipeline> {
-        let key = format!("{shader}::{entry}{constants:?}");
+        let key = format!("{shader}::{entry}:{}{constants:?}", precision.name());
         if let Some(p) = self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(p.clone());
         }
-        let module = self.module(shader)?;
+        let module = self.module(shader, precision)?.module;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
@@ -170,9 +270,23 @@ impl Gpu {
         })
     }
 
-    /// Build one dispatch: pipeline (cached), bind group, workgroup counts.
+    /// Build one dispatch of an f32 kernel: pipeline (cached), bind group, workgroup counts.
     pub fn dispatch(
         &self,
+        shader: &'static str,
+        entry: &'static str,
+        constants: &[(&str, f64)],
+        binds: &[Bind<'_>],
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
+        self.dispatch_in(Precision::F32, shader, entry, constants, binds, workgroups)
+    }
+
+    /// Build one dispatch of the `precision` variant of a kernel (its `act` type). Every bound
+    /// tensor must hold elements of the width its binding declares.
+    pub fn dispatch_in(
+        &self,
+        precision: Precision,
         shader: &'static str,
         entry: &'static str,
         constants: &[(&str, f64)],
@@ -184,7 +298,22 @@ impl Gpu {
             workgroups.iter().all(|&w| w <= max),
             "{entry}: {workgroups:?} workgroups exceed the adapter's {max} per dimension"
         );
-        let pipeline = self.pipeline(shader, entry, constants)?;
+        let widths = self.module(shader, precision)?.widths;
+        for b in binds {
+            if let Bind::Tensor(i, t) = b
+                && let Some((name, width)) = widths.get(i)
+            {
+                ensure!(
+                    *width == t.dtype.bytes(),
+                    "binding the buffers of {shader}::{entry} ({}): binding {i} ({name}) holds {width}-byte \
+                     elements, but \"{}\" holds {}",
+                    precision.name(),
+                    t.label,
+                    t.dtype.name()
+                );
+            }
+        }
+        let pipeline = self.pipeline(shader, precision, entry, constants)?;
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry<'_>> = binds
             .iter()

@@ -6,5 +6,8 @@ mod tensor;
 pub mod tune;
 
 pub use context::{AdapterSummary, Gpu, GpuOptions, GpuStats, NoAdapterError, Subgroups, list_adapters};
-pub use kernels::{Bind, Dispatch, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, SHADERS, shader_source};
-pub use tensor::Tensor;
+pub use kernels::{
+    Bind, COOP_SHADERS, Dispatch, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, Precision, SHADERS, coop_prelude,
+    shader_source,
+};
+pub use tensor::{Dtype, Element, Tensor};

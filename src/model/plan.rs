@@ -10,6 +10,12 @@
 //! training step (forward, loss, backward in reverse order) and the evaluation pass. Everything
 //! is allocated and every bind group built when the plan is made; a step only writes the batch,
 //! rewrites the optimizer's step number and submits one command buffer.
+//!
+//! Precision is the network's ([`Precision`]): an f16 network's plans hold every activation and
+//! activation gradient in f16, cast the f32 input batch and the f32 master weights (into an f16
+//! copy of the flat parameter buffer, which the convolutions read) once per step, scale the loss
+//! gradient and unscale the parameter gradients with a [`GradScaler`]. Statistics, reductions,
+//! parameter gradients and the optimizer stay f32. An f32 network is exactly what it always was.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,10 +25,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config};
-use crate::gpu::{Dispatch, Gpu, Pass, Tensor};
+use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
 use crate::ops::batch_norm::{self, BatchNormConfig};
+use crate::ops::cast;
 use crate::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, result};
+use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 use crate::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
 use crate::ops::{add, conv2d, linear, pool, relu};
@@ -35,6 +43,8 @@ pub struct Param {
     pub value: Tensor,
     pub grad: Tensor,
     pub state: Vec<Tensor>,
+    /// The f16 copy of `value` that an f16 network's GEMMs read (refreshed every step).
+    pub half: Option<Tensor>,
 }
 
 /// The flat buffers every [`Param`] is a range of: values, gradients and each optimizer state
@@ -45,6 +55,8 @@ pub struct FlatParams {
     pub values: Tensor,
     pub grads: Tensor,
     pub state: Vec<Tensor>,
+    /// An f16 network's f16 copy of `values`, same layout.
+    pub half: Option<Tensor>,
 }
 
 /// Where each parameter starts in the flat buffers, and their length: parameters in order,
@@ -76,6 +88,12 @@ pub struct Network {
     pub flat: FlatParams,
     pub bn: Vec<BnBuffers>,
     pub optimizer: OptimizerConfig,
+    pub precision: Precision,
+    /// f16: the casts of the master weights into `flat.half`, one per binding-sized chunk, run
+    /// first in every training step and evaluation pass.
+    casts: Vec<Dispatch>,
+    /// f16: the loss scaler, run between the backward pass and the optimizer.
+    pub scaler: Option<GradScaler>,
     /// The optimizer over the flat buffers: one dispatch, or one per binding-sized chunk where
     /// the parameters outgrow the adapter's largest binding (SE-ResNet-152 on lavapipe's 128 MiB).
     updates: Vec<OptimizerStep>,
@@ -98,12 +116,28 @@ pub fn init_values(spec: &ParamSpec, rng: &mut ChaCha8Rng) -> Vec<f32> {
 }
 
 impl Network {
-    /// Build the network with PyTorch-default initialisation drawn from `seed`.
+    /// Build the f32 network with PyTorch-default initialisation drawn from `seed`.
     pub fn new(gpu: Arc<Gpu>, config: ModelConfig, optimizer: OptimizerConfig, seed: u64) -> Result<Network> {
+        Network::new_in(gpu, config, optimizer, seed, Precision::F32)
+    }
+
+    /// Build the network in `precision` (f16 needs the adapter's SHADER_F16: else an error naming it).
+    pub fn new_in(
+        gpu: Arc<Gpu>,
+        config: ModelConfig,
+        optimizer: OptimizerConfig,
+        seed: u64,
+        precision: Precision,
+    ) -> Result<Network> {
+        if precision == Precision::F16 {
+            ensure!(gpu.features.contains(wgpu::Features::SHADER_F16), "{}", gpu.no_f16_message());
+        }
         let graph = config.graph()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let specs = graph.parameters();
-        let align = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        // Every view starts at a multiple of the adapter's offset alignment, in the f16 copy too.
+        let elem = precision.dtype().bytes();
+        let align = (gpu.limits.min_storage_buffer_offset_alignment as usize / elem).max(1);
         let (starts, total) = flat_layout(&specs, align);
         let mut values = vec![0.0f32; total];
         for (spec, &start) in specs.iter().zip(&starts) {
@@ -116,6 +150,10 @@ impl Network {
             state: (0..optimizer.state_count())
                 .map(|k| Tensor::flat_zeros(&gpu, &format!("optimizer state {k}"), total))
                 .collect::<Result<Vec<_>>>()?,
+            half: match precision {
+                Precision::F16 => Some(Tensor::flat_zeros_of(&gpu, "parameters (f16)", total, precision.dtype())?),
+                Precision::F32 => None,
+            },
         };
         let mut params = Vec::new();
         for (spec, start) in specs.into_iter().zip(starts) {
@@ -124,7 +162,8 @@ impl Network {
             let grad = view(&flat.grads, "grad")?;
             let state =
                 flat.state.iter().enumerate().map(|(k, t)| view(t, &format!("state {k}"))).collect::<Result<_>>()?;
-            params.push(Param { spec, start, value, grad, state });
+            let half = flat.half.as_ref().map(|h| view(h, "value (f16)")).transpose()?;
+            params.push(Param { spec, start, value, grad, state, half });
         }
         let bn = graph
             .batch_norms()
@@ -140,19 +179,51 @@ impl Network {
         // Chunks as large as one binding allows, each starting aligned.
         let max_binding = (gpu.limits.max_storage_buffer_binding_size / 4) as usize;
         let chunk = (max_binding / align * align).max(align);
+        let chunks: Vec<(usize, usize)> =
+            (0..total.max(1)).step_by(chunk).map(|start| (start, chunk.min(total.max(1) - start))).collect();
+        let view = |t: &Tensor, what: &str, (start, len): (usize, usize)| {
+            t.view(&gpu, &format!("{what} {start}.."), start, &[len])
+        };
+        let grad_chunks = chunks.iter().map(|&c| view(&flat.grads, "gradients", c)).collect::<Result<Vec<_>>>()?;
+        let scaler = match precision {
+            Precision::F16 => {
+                Some(GradScaler::new(&gpu, GradScalerConfig::default(), &grad_chunks.iter().collect::<Vec<_>>())?)
+            }
+            Precision::F32 => None,
+        };
         let mut updates = Vec::new();
-        for start in (0..total.max(1)).step_by(chunk) {
-            let len = chunk.min(total.max(1) - start);
-            let view = |t: &Tensor, what: &str| t.view(&gpu, &format!("{what} {start}.."), start, &[len]);
-            let (value, grad) = (view(&flat.values, "parameters")?, view(&flat.grads, "gradients")?);
-            let state = flat.state.iter().map(|t| view(t, "optimizer state")).collect::<Result<Vec<_>>>()?;
+        let mut casts = Vec::new();
+        for (&c, grad) in chunks.iter().zip(&grad_chunks) {
+            let value = view(&flat.values, "parameters", c)?;
+            let state = flat.state.iter().map(|t| view(t, "optimizer state", c)).collect::<Result<Vec<_>>>()?;
             let state: Vec<&Tensor> = state.iter().collect();
-            let mut update = OptimizerStep::new(&gpu, optimizer, &value, &grad, &state, 0, len)?;
+            let scale_state = scaler.as_ref().map(|s| &s.state);
+            let mut update = OptimizerStep::new_scaled(&gpu, optimizer, &value, grad, &state, 0, c.1, scale_state)?;
             (update.dispatch.layer, update.dispatch.pass) = ("all parameters".to_string(), Pass::Optimizer);
             updates.push(update);
+            if let Some(half) = &flat.half {
+                for mut d in cast::cast_forward(&gpu, &value, &view(half, "parameters (f16)", c)?)? {
+                    (d.layer, d.pass) = ("all parameters".to_string(), Pass::Forward);
+                    casts.push(d);
+                }
+            }
         }
         let by_name = params.iter().enumerate().map(|(i, p)| (p.spec.name.clone(), i)).collect();
-        Ok(Network { gpu, config, graph, params, flat, bn, optimizer, updates, step: 0, by_name })
+        Ok(Network {
+            gpu,
+            config,
+            graph,
+            params,
+            flat,
+            bn,
+            optimizer,
+            precision,
+            casts,
+            scaler,
+            updates,
+            step: 0,
+            by_name,
+        })
     }
 
     pub fn param(&self, name: &str) -> Result<&Param> {
@@ -167,8 +238,10 @@ impl Network {
     fn largest_binding(&self, n: usize) -> Result<(u64, String)> {
         let shapes = self.graph.shapes(n)?;
         let mut best = (0u64, String::new());
+        // The input batch is written as f32 (an f16 plan casts it); activations in the plan's type.
+        let elem = |k: usize| if k == 0 { 4 } else { self.precision.dtype().bytes() as u64 };
         for (k, s) in shapes.iter().enumerate() {
-            let bytes = 4 * s.iter().product::<usize>() as u64;
+            let bytes = elem(k) * s.iter().product::<usize>() as u64;
             if bytes > best.0 {
                 let what = if k == 0 {
                     "the input batch".to_string()
@@ -224,17 +297,34 @@ impl Network {
         // "input", "features.4 output", "layer2.0.se output grad".
         let act_name =
             |i: usize| if i == 0 { "input".to_string() } else { format!("{} output", self.graph.nodes[i - 1].name) };
+        let dtype = self.precision.dtype();
         let buffers = |suffix: &str| {
             shapes
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
                     let unused = i > 0 && fused[i - 1];
-                    Tensor::zeros(gpu, &format!("{}{suffix}", act_name(i)), if unused { &[1][..] } else { s })
+                    Tensor::zeros_of(gpu, &format!("{}{suffix}", act_name(i)), if unused { &[1][..] } else { s }, dtype)
                 })
                 .collect::<Result<Vec<_>>>()
         };
         let (acts, grads) = (buffers("")?, buffers(" grad")?);
+        // The host writes f32 images; an f16 plan casts them into its input first.
+        let mut train = Vec::new();
+        let mut eval = Vec::new();
+        let input_f32 = match self.precision {
+            Precision::F16 => {
+                let t = Tensor::zeros(gpu, "input (f32)", &shapes[0])?;
+                let _scope = gpu.label_scope("input");
+                for mut d in cast::cast_forward(gpu, &t, &acts[0])? {
+                    (d.layer, d.pass) = ("input".to_string(), Pass::Forward);
+                    train.push(d.clone());
+                    eval.push(d);
+                }
+                Some(t)
+            }
+            Precision::F32 => None,
+        };
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let labels = Tensor::zeros(gpu, "labels", &[n])?;
@@ -251,7 +341,7 @@ impl Network {
                 for &k in readers {
                     for (j, _) in self.graph.nodes[k].inputs.iter().enumerate().filter(|(_, i)| **i == a) {
                         let label = format!("{} grad from {}", act_name(a), self.graph.nodes[k].name);
-                        contrib.insert((k, j), Tensor::zeros(gpu, &label, &shapes[a])?);
+                        contrib.insert((k, j), Tensor::zeros_of(gpu, &label, &shapes[a], dtype)?);
                     }
                 }
             }
@@ -261,8 +351,6 @@ impl Network {
             contrib.get(&(k, j)).unwrap_or(&grads[a])
         };
 
-        let mut train = Vec::new();
-        let mut eval = Vec::new();
         let mut se_saved = Vec::new();
         let mut backward: Vec<Vec<Dispatch>> = Vec::new();
         let mut conv_kernels = Vec::new();
@@ -280,9 +368,10 @@ impl Network {
                     let cfg = conv_config(&node.layer, &inp.shape).context("conv config")?;
                     let w = p("weight")?;
                     let b = if bias { Some(p("bias")?) } else { None };
+                    // An f16 plan's GEMMs read the f16 copy of the weights.
                     let bufs = ConvBuffers {
                         inp,
-                        weight: &w.value,
+                        weight: w.half.as_ref().unwrap_or(&w.value),
                         bias: b.map(|b| &b.value),
                         out,
                         dout,
@@ -297,7 +386,13 @@ impl Network {
                         &[ConvPass::Forward, ConvPass::BackwardWeight]
                     };
                     for &pass in passes {
-                        let chosen = conv2d::choose(gpu, &cfg, pass)?;
+                        // An f16 plan's forward GEMM runs on cooperative matrices where there are any.
+                        let chosen = match gpu.coop_tile {
+                            Some(t) if pass == ConvPass::Forward && self.precision == Precision::F16 => {
+                                conv2d::ConvKernel::Coop(t)
+                            }
+                            _ => conv2d::choose(gpu, &cfg, pass)?,
+                        };
                         let (d, kernel) = conv2d::conv2d_pass_chosen(gpu, &cfg, pass, chosen, &bufs)?;
                         conv_kernels.push((name.clone(), pass, kernel));
                         if pass == ConvPass::Forward {
@@ -434,6 +529,7 @@ impl Network {
             dlogits,
             &per_sample,
             &train_result,
+            self.scaler.as_ref().map(|s| &s.state),
         )?);
         eval.extend(cross_entropy::cross_entropy_forward_backward(
             gpu,
@@ -442,6 +538,7 @@ impl Network {
             dlogits,
             &per_sample,
             &eval_result,
+            self.scaler.as_ref().map(|s| &s.state),
         )?);
         for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
             (d.layer, d.pass) = ("loss".to_string(), Pass::Loss);
@@ -449,6 +546,7 @@ impl Network {
         train.extend(backward.into_iter().rev().flatten());
         Ok(StepPlan {
             n,
+            input_f32,
             acts,
             grads,
             labels,
@@ -473,12 +571,15 @@ impl Network {
     /// parallelism, where the gradients are averaged across ranks before [`Network::apply_update`].
     /// Call [`Network::begin_step`] first. Returns without waiting.
     pub fn gradient_pass(&self, plan: &StepPlan) -> wgpu::SubmissionIndex {
-        self.gpu.run(&plan.train.iter().collect::<Vec<_>>())
+        self.gpu.run(&self.casts.iter().chain(&plan.train).collect::<Vec<_>>())
     }
 
-    /// Every optimizer update from the gradients now in the flat buffer. Returns without waiting.
+    /// The loss scaler's check (f16) and every optimizer update from the gradients now in the
+    /// flat buffer: with [`Network::gradient_pass`], the dispatches of [`Network::train_dispatches`].
+    /// Returns without waiting.
     pub fn apply_update(&self) -> wgpu::SubmissionIndex {
-        self.gpu.run(&self.updates.iter().map(|u| &u.dispatch).collect::<Vec<_>>())
+        let scaler = self.scaler.iter().flat_map(|s| &s.dispatches);
+        self.gpu.run(&scaler.chain(self.updates.iter().map(|u| &u.dispatch)).collect::<Vec<_>>())
     }
 
     /// The learning rate of the following steps (schedules change it between steps; the next
@@ -506,15 +607,16 @@ impl Network {
         self.updates.len()
     }
 
-    /// A training step's dispatches in order: the plan's forward, loss and backward, then every
-    /// optimizer update.
+    /// A training step's dispatches in order: (f16: the weights' cast), the plan's forward, loss
+    /// and backward, (f16: the loss scaler), then every optimizer update.
     pub fn train_dispatches<'a>(&'a self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
-        plan.train.iter().chain(self.updates.iter().map(|u| &u.dispatch)).collect()
+        let scaler = self.scaler.iter().flat_map(|s| &s.dispatches);
+        self.casts.iter().chain(&plan.train).chain(scaler).chain(self.updates.iter().map(|u| &u.dispatch)).collect()
     }
 
     /// The evaluation pass's dispatches in order.
-    pub fn eval_dispatches<'a>(&self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
-        plan.eval.iter().collect()
+    pub fn eval_dispatches<'a>(&'a self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
+        self.casts.iter().chain(&plan.eval).collect()
     }
 
     /// Evaluate the batch already written into `plan` (batch norm in eval mode); the loss and
@@ -527,6 +629,8 @@ impl Network {
 /// Everything for one batch size, allocated once and replayed.
 pub struct StepPlan {
     pub n: usize,
+    /// f16 plans: the f32 batch the host writes, cast into `acts[0]` first.
+    pub input_f32: Option<Tensor>,
     /// Activation 0 is the input batch [n, c, h, w]; the last is the logits.
     pub acts: Vec<Tensor>,
     pub grads: Vec<Tensor>,
@@ -563,8 +667,9 @@ impl SeSaved {
 }
 
 impl StepPlan {
+    /// The f32 input batch the host writes [n, c, h, w].
     pub fn input(&self) -> &Tensor {
-        &self.acts[0]
+        self.input_f32.as_ref().unwrap_or(&self.acts[0])
     }
 
     pub fn logits(&self) -> &Tensor {

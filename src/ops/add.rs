@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use super::{LenParams, same_shape};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 const WG: u32 = 256;
 
@@ -17,8 +17,9 @@ pub fn add_forward(gpu: &Gpu, a: &Tensor, b: &Tensor, out: &Tensor) -> Result<Ve
     same("output", a, out)?;
     let params = gpu.uniform("add params", &LenParams::of(a)?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, a), Bind::Tensor(2, b), Bind::Tensor(3, out)];
-    let d = gpu.dispatch("add", "add_forward", &[("WG", WG as f64)], &binds, gpu.grid_1d(a.numel(), WG))?;
-    Ok(vec![d.with_cost(a.numel() as f64, 12.0 * a.numel() as f64)])
+    let grid = gpu.grid_1d(a.numel(), WG);
+    let d = gpu.dispatch_in(Precision::of(a), "add", "add_forward", &[("WG", WG as f64)], &binds, grid)?;
+    Ok(vec![d.with_cost(a.numel() as f64, (3 * a.dtype.bytes() * a.numel()) as f64)])
 }
 
 /// da = db = dout.
@@ -27,6 +28,7 @@ pub fn add_backward(gpu: &Gpu, dout: &Tensor, da: &Tensor, db: &Tensor) -> Resul
     same("second gradient", dout, db)?;
     let params = gpu.uniform("add params", &LenParams::of(dout)?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(5, da), Bind::Tensor(6, db)];
-    let d = gpu.dispatch("add", "add_backward", &[("WG", WG as f64)], &binds, gpu.grid_1d(dout.numel(), WG))?;
-    Ok(vec![d.with_cost(0.0, 12.0 * dout.numel() as f64)])
+    let grid = gpu.grid_1d(dout.numel(), WG);
+    let d = gpu.dispatch_in(Precision::of(dout), "add", "add_backward", &[("WG", WG as f64)], &binds, grid)?;
+    Ok(vec![d.with_cost(0.0, (3 * dout.dtype.bytes() * dout.numel()) as f64)])
 }

@@ -4,7 +4,7 @@ use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
 use super::{expect_shape, to_u32};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// `torch.nn.BatchNorm2d(c, eps, momentum)` on an `[n, c, h, w]` input.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -122,8 +122,15 @@ pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<
     ];
     let numel = cfg.numel() as f64;
     Ok(vec![
-        gpu.dispatch("batch_norm", "batch_norm_forward_train", &cfg.constants(), &binds, cfg.grid()?)?
-            .with_cost(7.0 * numel, 8.0 * numel),
+        gpu.dispatch_in(
+            Precision::of(inp),
+            "batch_norm",
+            "batch_norm_forward_train",
+            &cfg.constants(),
+            &binds,
+            cfg.grid()?,
+        )?
+        .with_cost(7.0 * numel, 2.0 * el(inp) * numel),
     ])
 }
 
@@ -144,8 +151,15 @@ pub fn batch_norm_forward_eval(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'
     ];
     let numel = cfg.numel() as f64;
     Ok(vec![
-        gpu.dispatch("batch_norm", "batch_norm_forward_eval", &cfg.constants(), &binds, cfg.grid()?)?
-            .with_cost(2.0 * numel, 8.0 * numel),
+        gpu.dispatch_in(
+            Precision::of(inp),
+            "batch_norm",
+            "batch_norm_forward_eval",
+            &cfg.constants(),
+            &binds,
+            cfg.grid()?,
+        )?
+        .with_cost(2.0 * numel, 2.0 * el(inp) * numel),
     ])
 }
 
@@ -203,7 +217,19 @@ pub fn batch_norm_backward(
     ];
     let numel = cfg.numel() as f64;
     Ok(vec![
-        gpu.dispatch("batch_norm", "batch_norm_backward", &cfg.constants(), &binds, cfg.grid()?)?
-            .with_cost(12.0 * numel, 16.0 * numel),
+        gpu.dispatch_in(
+            Precision::of(inp),
+            "batch_norm",
+            "batch_norm_backward",
+            &cfg.constants(),
+            &binds,
+            cfg.grid()?,
+        )?
+        .with_cost(12.0 * numel, 4.0 * el(inp) * numel),
     ])
+}
+
+/// Bytes per activation element.
+fn el(t: &Tensor) -> f64 {
+    t.dtype.bytes() as f64
 }

@@ -5,9 +5,9 @@
 use anyhow::{Context, Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_shape, placeholder, to_u32};
+use super::{expect_shape, placeholder, placeholder_like, to_u32};
 use crate::gpu::tune::{TuneEntry, TuneMode};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// A 2-D convolution over NCHW, as `torch.nn.Conv2d(c_in, c_out, (kh, kw), stride, padding,
 /// dilation, bias)` applied to an `[n, c_in, h, w]` input.
@@ -271,6 +271,7 @@ pub fn conv2d_forward_tiled(
     expect_shape("conv2d output", out, &cfg.output_shape())?;
     // conv2d_gemm in MODE 0 never reads dout (binding 5), nor the bias without one.
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, inp)?;
     let bias = match (cfg.bias, bias) {
         (true, Some(b)) => {
             expect_shape("conv2d bias", b, &[cfg.c_out])?;
@@ -290,11 +291,11 @@ pub fn conv2d_forward_tiled(
         Bind::Tensor(2, weight),
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
-        Bind::Tensor(5, &unused),
+        Bind::Tensor(5, &unused_act),
     ];
-    let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d", "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
+        gpu.dispatch_in(Precision::of(inp), "conv2d", "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
             .labelled("conv2d_forward")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -327,17 +328,18 @@ pub fn conv2d_backward_input_tiled(
     // conv2d_gemm in MODE 1 reads dout and writes dinp through the forward's output binding; the
     // input and bias bindings are declared by the shared entry point but never read.
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, dout)?;
     let binds = [
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused),
+        Bind::Tensor(1, &unused_act),
         Bind::Tensor(2, weight),
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, dinp),
         Bind::Tensor(5, dout),
     ];
-    let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
+        gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
             .labelled("conv2d_backward_input")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -390,31 +392,43 @@ pub fn conv2d_backward_weight_tiled(
     let ci = tiles.wgrad_ci;
     let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(ci), 1, cfg.c_out, tiles.wgrad_n, splits)?;
     let consts = [("WG", WG as f64), ("WGRAD_CI", ci as f64), ("WGRAD_N", tiles.wgrad_n as f64)];
-    let (flops, bytes) =
-        (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
+    let (flops, bytes) = (
+        2.0 * cfg.macs() as f64,
+        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
+    );
+    let precision = Precision::of(inp);
     if splits == 1 {
         let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, dweight)];
         return Ok(vec![
-            gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes),
+            gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?
+                .with_cost(flops, bytes),
         ]);
     }
     let partial = Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, &partial)];
-    let first = gpu.dispatch("conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
-    Ok(vec![first, weight_grad_reduce(gpu, cfg, &params, &partial, dweight)?])
+    let first =
+        gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
+    Ok(vec![first, weight_grad_reduce(gpu, cfg, precision, &params, &partial, dweight)?])
+}
+
+/// Bytes per element of an activation tensor.
+fn el(t: &Tensor) -> f64 {
+    t.dtype.bytes() as f64
 }
 
 /// The fixed-order sum of a split weight gradient's slices (both kernel families write them alike).
 fn weight_grad_reduce(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
+    precision: Precision,
     params: &wgpu::Buffer,
     partial: &Tensor,
     dweight: &Tensor,
 ) -> Result<Dispatch> {
     let binds = [Bind::Uniform(0, params), Bind::Tensor(8, partial), Bind::Tensor(9, dweight)];
     let n = cfg.c_out * cfg.c_in * cfg.kh * cfg.kw;
-    gpu.dispatch("conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, gpu.grid_1d(n, WG))
+    let grid = gpu.grid_1d(n, WG);
+    gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, grid)
 }
 
 pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias: &Tensor) -> Result<Vec<Dispatch>> {
@@ -425,7 +439,8 @@ pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias:
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, dout), Bind::Tensor(10, dbias)];
     let consts = [("OHW", (cfg.out_h() * cfg.out_w()) as f64)];
-    Ok(vec![gpu.dispatch("conv2d", "conv2d_backward_bias", &consts, &binds, [to_u32("c_out", cfg.c_out)?, 1, 1])?])
+    let grid = [to_u32("c_out", cfg.c_out)?, 1, 1];
+    Ok(vec![gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_backward_bias", &consts, &binds, grid)?])
 }
 
 /// Workgroup-memory tile shapes of `conv2d_tiled.wgsl`: a workgroup of 256 invocations owns `bm`
@@ -503,6 +518,9 @@ pub fn conv2d_forward_smem(
         }
         None => &unused,
     };
+    let unused_act = placeholder_like(gpu, inp)?;
+    // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
+    let scratch = placeholder(gpu)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = tiles.grid(gpu, cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1)?;
     let binds = [
@@ -511,11 +529,12 @@ pub fn conv2d_forward_smem(
         Bind::Tensor(2, weight),
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
-        Bind::Tensor(5, &unused),
+        Bind::Tensor(5, &unused_act),
+        Bind::Tensor(6, &scratch),
     ];
-    let bytes = 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64;
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(0), &binds, grid)?
+        gpu.dispatch_in(Precision::of(inp), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(0), &binds, grid)?
             .labelled("conv2d_forward (tiled)")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -535,19 +554,22 @@ pub fn conv2d_backward_input_smem(
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, dout)?;
+    let scratch = placeholder(gpu)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = tiles.grid(gpu, cfg.c_in, cfg.n * cfg.h * cfg.w, 1)?;
     let binds = [
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused),
+        Bind::Tensor(1, &unused_act),
         Bind::Tensor(2, weight),
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, dinp),
         Bind::Tensor(5, dout),
+        Bind::Tensor(6, &scratch),
     ];
-    let bytes = 4.0 * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![
-        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(1), &binds, grid)?
+        gpu.dispatch_in(Precision::of(dout), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(1), &binds, grid)?
             .labelled("conv2d_backward_input (tiled)")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -577,26 +599,33 @@ pub fn conv2d_backward_weight_smem(
     let k = cfg.c_in * cfg.kh * cfg.kw;
     let grid = tiles.grid(gpu, cfg.c_out, k, splits)?;
     let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, inp)?;
+    // Binding 4 (the other modes' output) is writable: a buffer of its own.
+    let scratch = placeholder_like(gpu, inp)?;
     let partial =
         if splits > 1 { Some(Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?) } else { None };
     let target = partial.as_ref().unwrap_or(dweight);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
-        Bind::Tensor(2, &unused),
+        Bind::Tensor(2, &unused_act),
         Bind::Tensor(3, &unused),
-        Bind::Tensor(4, target),
+        Bind::Tensor(4, &scratch),
         Bind::Tensor(5, dout),
+        Bind::Tensor(6, target),
     ];
-    let (flops, bytes) =
-        (2.0 * cfg.macs() as f64, 4.0 * (inp.numel() + dout.numel() + dweight.numel() * splits) as f64);
+    let (flops, bytes) = (
+        2.0 * cfg.macs() as f64,
+        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
+    );
+    let precision = Precision::of(inp);
     let mut out = vec![
-        gpu.dispatch("conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(2), &binds, grid)?
+        gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(2), &binds, grid)?
             .labelled("conv2d_backward_weight (tiled)")
             .with_cost(flops, bytes),
     ];
     if let Some(partial) = &partial {
-        out.push(weight_grad_reduce(gpu, cfg, &params, partial, dweight)?);
+        out.push(weight_grad_reduce(gpu, cfg, precision, &params, partial, dweight)?);
     }
     Ok(out)
 }
@@ -619,6 +648,8 @@ pub enum ConvKernel {
     Register(Tiles),
     /// conv2d_tiled.wgsl's workgroup-memory tiles.
     Tiled(SmemTiles),
+    /// conv2d_coop.wgsl's cooperative matrices of this square tile (f16 plans, forward only).
+    Coop(u32),
 }
 
 impl std::fmt::Display for ConvKernel {
@@ -626,6 +657,7 @@ impl std::fmt::Display for ConvKernel {
         match self {
             ConvKernel::Register(t) => write!(f, "register {}x{} / {}x{}", t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n),
             ConvKernel::Tiled(t) => write!(f, "tiled {}x{}x{} / {}x{}", t.bm, t.bn, t.bk, t.tm, t.tn),
+            ConvKernel::Coop(t) => write!(f, "coop {t}x{t}x{t}"),
         }
     }
 }
@@ -636,6 +668,7 @@ impl ConvKernel {
         match self {
             ConvKernel::Register(t) => format!("register:{},{},{},{}", t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n),
             ConvKernel::Tiled(t) => format!("tiled:{},{},{},{},{}", t.bm, t.bn, t.bk, t.tm, t.tn),
+            ConvKernel::Coop(t) => format!("coop:{t}"),
         }
     }
 
@@ -649,11 +682,13 @@ impl ConvKernel {
                 ConvKernel::Register(Tiles { gemm_m, gemm_n, wgrad_ci, wgrad_n })
             }
             ("tiled", &[bm, bn, bk, tm, tn]) => ConvKernel::Tiled(SmemTiles { bm, bn, bk, tm, tn }),
+            ("coop", &[t]) => ConvKernel::Coop(u32::try_from(t).ok()?),
             _ => return None,
         };
         let known = match k {
             ConvKernel::Register(t) => Tiles::ALL.contains(&t),
             ConvKernel::Tiled(t) => SmemTiles::ALL.contains(&t),
+            ConvKernel::Coop(t) => t == 8 || t == 16,
         };
         known.then_some(k)
     }
@@ -686,6 +721,7 @@ pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
             let tiles = cfg.c_out.div_ceil(t.bm) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(t.bn);
             1024usize.div_ceil(tiles.max(1)).min(m / 512).clamp(1, 64)
         }
+        ConvKernel::Coop(_) => 1,
     }
 }
 
@@ -714,7 +750,70 @@ pub fn conv2d_pass(
         (ConvPass::BackwardWeight, ConvKernel::Tiled(t)) => {
             conv2d_backward_weight_smem(gpu, cfg, t, b.inp, b.dout, b.dweight, splits_for(gpu, cfg, kernel))
         }
+        (ConvPass::Forward, ConvKernel::Coop(t)) => {
+            ensure!(gpu.coop_tile == Some(t), "conv2d (coop): this adapter has no {t}x{t}x{t} f16 cooperative matrix");
+            conv2d_forward_coop(gpu, cfg, b.inp, b.weight, b.bias, b.out)
+        }
+        (pass, ConvKernel::Coop(_)) => anyhow::bail!("conv2d (coop): only the forward pass, not {pass:?}"),
     }
+}
+
+/// The forward pass on cooperative matrices (`conv2d_coop.wgsl`): f16 tensors, on an adapter that
+/// lists a square f16 -> f32 configuration (`Gpu::coop_tile`).
+pub fn conv2d_forward_coop(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d output", out, &cfg.output_shape())?;
+    let t = gpu.coop_tile.context("conv2d (coop): the adapter lists no f16 cooperative matrix")? as usize;
+    ensure!(
+        Precision::of(inp) == Precision::F16,
+        "conv2d (coop): cooperative matrices take f16 operands; {} holds {}",
+        inp.label,
+        inp.dtype.name()
+    );
+    ensure!(
+        bias.is_some() == cfg.bias,
+        "conv2d: configuration says bias={} but a bias tensor was given or not",
+        cfg.bias
+    );
+    let unused = placeholder(gpu)?;
+    let bias = bias.unwrap_or(&unused);
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let (cols, rows) = ((cfg.n * cfg.out_h() * cfg.out_w()).div_ceil(2 * t), cfg.c_out.div_ceil(2 * t));
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    ensure!(
+        cols <= max && rows <= max,
+        "conv2d (coop): {cols}x{rows} workgroups; the adapter allows {max} per dimension"
+    );
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+    ];
+    let wg = gpu.info.subgroup_max_size.max(1);
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch_in(
+            Precision::F16,
+            "conv2d_coop",
+            "conv2d_forward_coop",
+            &[("WG", f64::from(wg))],
+            &binds,
+            [cols as u32, rows as u32, 1],
+        )?
+        .labelled("conv2d_forward (coop)")
+        .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
 }
 
 /// The dispatches of `pass` with the chosen `kernel`, or — should it not launch here (a cache

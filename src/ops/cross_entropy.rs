@@ -4,8 +4,8 @@
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_shape, to_u32};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use super::{expect_shape, placeholder, to_u32};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// Layout of the `result` buffer the loss writes.
 pub mod result {
@@ -35,6 +35,8 @@ const WG: u32 = 64;
 /// Softmax cross-entropy of `logits` [n, k] against `target` (u32 [n], each < k; the host checks
 /// labels when it loads them). Writes `dlogits` (gradient of the batch-mean loss) and `result`
 /// (see [`result`]); `per_sample` [n, 3] gets each sample's (loss, correct, predicted class).
+/// With a `scaler` (an f16 plan's loss-scaler state, `ops::grad_scaler`), `dlogits` is multiplied
+/// by its current loss scale, and a batch with a non-finite loss stays out of the running sums.
 pub fn cross_entropy_forward_backward(
     gpu: &Gpu,
     logits: &Tensor,
@@ -42,6 +44,7 @@ pub fn cross_entropy_forward_backward(
     dlogits: &Tensor,
     per_sample: &Tensor,
     result: &Tensor,
+    scaler: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
     ensure!(
         logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
@@ -55,21 +58,26 @@ pub fn cross_entropy_forward_backward(
     expect_shape("cross_entropy result", result, &[result::LEN])?;
     let params =
         gpu.uniform("cross_entropy params", &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, _pad: [0; 2] });
+    let unused = placeholder(gpu)?;
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, logits),
         Bind::Tensor(2, target),
         Bind::Tensor(3, dlogits),
         Bind::Tensor(4, per_sample),
+        Bind::Tensor(7, scaler.unwrap_or(&unused)),
     ];
-    let fwd = gpu.dispatch(
+    let precision = Precision::of(logits);
+    let scaled = ("SCALED", f64::from(u8::from(scaler.is_some())));
+    let fwd = gpu.dispatch_in(
+        precision,
         "cross_entropy",
         "cross_entropy_forward_backward",
-        &[("WG", WG as f64)],
+        &[("WG", WG as f64), scaled],
         &binds,
         [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
     )?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
-    let red = gpu.dispatch("cross_entropy", "cross_entropy_reduce", &[], &binds, [1, 1, 1])?;
+    let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
     Ok(vec![fwd, red])
 }

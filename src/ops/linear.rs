@@ -4,7 +4,7 @@ use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
 use super::{expect_shape, placeholder, to_u32};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// `torch.nn.Linear(in_features, out_features, bias)` on `[n, in_features]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,14 +80,16 @@ pub fn linear_forward(
         Bind::Tensor(4, out),
     ];
     let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
-    let d = gpu.dispatch(
+    let d = gpu.dispatch_in(
+        Precision::of(inp),
         "linear",
         "linear_forward",
         &[("WG", WG as f64)],
         &binds,
         gpu.grid_1d(cfg.n * cfg.out_features, WG),
     )?;
-    Ok(vec![d.with_cost(2.0 * macs, 4.0 * (inp.numel() + weight.numel() + out.numel()) as f64)])
+    let el = inp.dtype.bytes() as f64;
+    Ok(vec![d.with_cost(2.0 * macs, el * (inp.numel() + out.numel()) as f64 + 4.0 * weight.numel() as f64)])
 }
 
 /// dinp, then dweight and dbias (when the layer has a bias).
@@ -112,9 +114,16 @@ pub fn linear_backward(
     let consts = [("WG", WG as f64)];
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
     let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
-    let bytes = 4.0 * (inp.numel() + weight.numel() + dout.numel()) as f64;
+    let bytes = inp.dtype.bytes() as f64 * (inp.numel() + dout.numel()) as f64 + 4.0 * weight.numel() as f64;
     let input = gpu
-        .dispatch("linear", "linear_backward_input", &consts, &binds, gpu.grid_1d(cfg.n * cfg.in_features, WG))?
+        .dispatch_in(
+            Precision::of(dout),
+            "linear",
+            "linear_backward_input",
+            &consts,
+            &binds,
+            gpu.grid_1d(cfg.n * cfg.in_features, WG),
+        )?
         .with_cost(2.0 * macs, bytes);
     let binds = [
         Bind::Uniform(0, &params),
@@ -125,7 +134,7 @@ pub fn linear_backward(
     ];
     let total = cfg.out_features * cfg.in_features + cfg.out_features;
     let weight = gpu
-        .dispatch("linear", "linear_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?
+        .dispatch_in(Precision::of(dout), "linear", "linear_backward_weight", &consts, &binds, gpu.grid_1d(total, WG))?
         .with_cost(2.0 * macs, bytes);
     Ok(vec![input, weight])
 }

@@ -7,8 +7,10 @@
 
 pub mod add;
 pub mod batch_norm;
+pub mod cast;
 pub mod conv2d;
 pub mod cross_entropy;
+pub mod grad_scaler;
 pub mod linear;
 pub mod optimizer;
 pub mod pool;
@@ -29,6 +31,11 @@ pub(crate) fn expect_shape(what: &str, t: &Tensor, shape: &[usize]) -> Result<()
 /// use (a missing bias): WGSL entry points bind every buffer they mention.
 pub(crate) fn placeholder(gpu: &Gpu) -> Result<Tensor> {
     Tensor::zeros(gpu, "unused", &[1])
+}
+
+/// A placeholder for an unused binding of the kernel's `act` type (f16 in an f16 kernel).
+pub(crate) fn placeholder_like(gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
+    Tensor::zeros_of(gpu, "unused", &[1], t.dtype)
 }
 
 /// The parameter block of the elementwise kernels (relu, add): the element count, padded to 16

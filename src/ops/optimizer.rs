@@ -94,6 +94,10 @@ struct AdamParams {
     decay_factor: f32,
     step_size: f32,
     bc2_sqrt: f32,
+    lr: f32,
+    ln_beta1: f32,
+    ln_beta2: f32,
+    _pad1: f32,
 }
 
 /// Mirrors `SgdParams` in optimizer.wgsl.
@@ -133,6 +137,22 @@ impl OptimizerStep {
         offset: usize,
         len: usize,
     ) -> Result<OptimizerStep> {
+        OptimizerStep::new_scaled(gpu, config, param, grad, state, offset, len, None)
+    }
+
+    /// [`OptimizerStep::new`] reading a loss scaler's state (`ops::grad_scaler`): the step is
+    /// skipped when the gradients overflowed, else they are unscaled first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_scaled(
+        gpu: &Gpu,
+        config: OptimizerConfig,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &[&Tensor],
+        offset: usize,
+        len: usize,
+        scaler: Option<&Tensor>,
+    ) -> Result<OptimizerStep> {
         config.validate()?;
         ensure!(
             grad.numel() == param.numel(),
@@ -161,14 +181,16 @@ impl OptimizerStep {
             );
         }
         let (offset, len) = (to_u32("offset", offset)?, to_u32("length", len)?);
-        gpu.stats.alloc(48);
+        gpu.stats.alloc(64);
         let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("optimizer params"),
             contents: &params_bytes(&config, offset, len, 1),
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         });
-        let consts = [("WG", WG as f64)];
+        let consts = [("WG", WG as f64), ("SCALED", f64::from(u8::from(scaler.is_some())))];
         let grid = gpu.grid_1d(len as usize, WG);
+        let no_scaler = Tensor::zeros(gpu, "no loss scaler", &[1])?;
+        let scaler = scaler.unwrap_or(&no_scaler);
         let dispatch = match config {
             OptimizerConfig::Adam { .. } => {
                 let binds = [
@@ -177,6 +199,7 @@ impl OptimizerStep {
                     Bind::Tensor(3, grad),
                     Bind::Tensor(4, state[0]),
                     Bind::Tensor(5, state[1]),
+                    Bind::Tensor(7, scaler),
                 ];
                 gpu.dispatch("optimizer", "adam_step", &consts, &binds, grid)?
             }
@@ -188,8 +211,13 @@ impl OptimizerStep {
                     unused = Tensor::zeros(gpu, "unused momentum", &[1])?;
                     &unused
                 };
-                let binds =
-                    [Bind::Uniform(0, &params), Bind::Tensor(2, param), Bind::Tensor(3, grad), Bind::Tensor(6, buf)];
+                let binds = [
+                    Bind::Uniform(0, &params),
+                    Bind::Tensor(2, param),
+                    Bind::Tensor(3, grad),
+                    Bind::Tensor(6, buf),
+                    Bind::Tensor(7, scaler),
+                ];
                 gpu.dispatch("optimizer", "sgd_step", &consts, &binds, grid)?
             }
         };
@@ -227,6 +255,10 @@ fn params_bytes(config: &OptimizerConfig, offset: u32, len: u32, step: u64) -> V
                 decay_factor: (1.0 - lr * weight_decay) as f32,
                 step_size: (lr / bc1) as f32,
                 bc2_sqrt: bc2.sqrt() as f32,
+                lr: lr as f32,
+                ln_beta1: beta1.ln() as f32,
+                ln_beta2: beta2.ln() as f32,
+                _pad1: 0.0,
             })
             .to_vec()
         }

@@ -5,7 +5,7 @@ use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
 use super::{expect_shape, to_u32};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// `torch.nn.MaxPool2d(kernel, stride, padding)` (floor mode, no dilation) on `[n, c, h, w]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,10 +115,18 @@ pub fn max_pool2d_forward(
     expect_shape("max_pool2d argmax", argmax, &cfg.output_shape())?;
     let params = gpu.uniform("max_pool2d params", &cfg.params()?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out), Bind::Tensor(3, argmax)];
-    let d = gpu.dispatch("pool", "max_pool2d_forward", &cfg.constants(), &binds, gpu.grid_1d(out.numel(), WG))?;
-    Ok(vec![
-        d.with_cost((out.numel() * cfg.kernel.0 * cfg.kernel.1) as f64, 4.0 * (inp.numel() + 2 * out.numel()) as f64),
-    ])
+    let d = gpu.dispatch_in(
+        Precision::of(inp),
+        "pool",
+        "max_pool2d_forward",
+        &cfg.constants(),
+        &binds,
+        gpu.grid_1d(out.numel(), WG),
+    )?;
+    Ok(vec![d.with_cost(
+        (out.numel() * cfg.kernel.0 * cfg.kernel.1) as f64,
+        (inp.dtype.bytes() * (inp.numel() + out.numel()) + 4 * out.numel()) as f64,
+    )])
 }
 
 pub fn max_pool2d_backward(
@@ -134,8 +142,16 @@ pub fn max_pool2d_backward(
     expect_shape("max_pool2d dinp", dinp, &cfg.input_shape())?;
     let params = gpu.uniform("max_pool2d params", &cfg.params()?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(5, argmax), Bind::Tensor(6, dinp)];
-    let d = gpu.dispatch("pool", "max_pool2d_backward", &cfg.constants(), &binds, gpu.grid_1d(dinp.numel(), WG))?;
-    Ok(vec![d.with_cost(dinp.numel() as f64, 4.0 * (dinp.numel() + 2 * dout.numel()) as f64)])
+    let d = gpu.dispatch_in(
+        Precision::of(dout),
+        "pool",
+        "max_pool2d_backward",
+        &cfg.constants(),
+        &binds,
+        gpu.grid_1d(dinp.numel(), WG),
+    )?;
+    let el = dout.dtype.bytes();
+    Ok(vec![d.with_cost(dinp.numel() as f64, (el * (dinp.numel() + dout.numel()) + 4 * dout.numel()) as f64)])
 }
 
 fn gap_params(shape: &[usize]) -> Result<Params> {
@@ -157,7 +173,8 @@ pub fn global_avg_pool_forward(gpu: &Gpu, inp: &Tensor, out: &Tensor) -> Result<
     expect_shape("global_avg_pool output", out, &inp.shape[..2])?;
     let params = gpu.uniform("global_avg_pool params", &p);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out)];
-    Ok(vec![gpu.dispatch(
+    Ok(vec![gpu.dispatch_in(
+        Precision::of(inp),
         "pool",
         "global_avg_pool_forward",
         &[("WG", WG as f64)],
@@ -171,7 +188,8 @@ pub fn global_avg_pool_backward(gpu: &Gpu, dout: &Tensor, dinp: &Tensor) -> Resu
     expect_shape("global_avg_pool dout", dout, &dinp.shape[..2])?;
     let params = gpu.uniform("global_avg_pool params", &p);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(6, dinp)];
-    Ok(vec![gpu.dispatch(
+    Ok(vec![gpu.dispatch_in(
+        Precision::of(dout),
         "pool",
         "global_avg_pool_backward",
         &[("WG", WG as f64)],

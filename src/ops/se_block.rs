@@ -4,7 +4,7 @@ use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
 use super::{expect_shape, placeholder, to_u32};
-use crate::gpu::{Bind, Dispatch, Gpu, Tensor};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// How the squeeze summarises a channel: its mean (the paper) or its maximum (an ablation).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -179,9 +179,9 @@ pub fn se_block_forward(
     ];
     let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
-    let d =
-        gpu.dispatch("se_block", "se_block_forward", &[("WG", WG as f64)], &binds, [to_u32("batch", cfg.n)?, 1, 1])?;
-    Ok(vec![d.with_cost(2.0 * numel + 4.0 * fc, 12.0 * numel)])
+    let grid = [to_u32("batch", cfg.n)?, 1, 1];
+    let d = gpu.dispatch_in(Precision::of(inp), "se_block", "se_block_forward", &[("WG", WG as f64)], &binds, grid)?;
+    Ok(vec![d.with_cost(2.0 * numel + 4.0 * fc, 3.0 * inp.dtype.bytes() as f64 * numel)])
 }
 
 /// The SE gradients: `dinp`, and `dw1`, `dw2` (and `db1`, `db2` when the block has biases).
@@ -230,8 +230,9 @@ pub fn se_block_backward(
         Bind::Tensor(10, grads.dinp),
         Bind::Tensor(11, dsaved),
     ];
-    let input =
-        gpu.dispatch("se_block", "se_block_backward_input", &consts, &binds, [to_u32("batch", cfg.n)?, 1, 1])?;
+    let precision = Precision::of(dout);
+    let grid = [to_u32("batch", cfg.n)?, 1, 1];
+    let input = gpu.dispatch_in(precision, "se_block", "se_block_backward_input", &consts, &binds, grid)?;
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(8, saved),
@@ -243,6 +244,6 @@ pub fn se_block_backward(
     ];
     // x: channels; y: blocks of 4 hidden units, fc1's then fc2's.
     let grid = [to_u32("channels", cfg.c.div_ceil(WG as usize))?, to_u32("hidden", 2 * cfg.hidden().div_ceil(4))?, 1];
-    let weight = gpu.dispatch("se_block", "se_block_backward_weight", &consts, &binds, grid)?;
+    let weight = gpu.dispatch_in(precision, "se_block", "se_block_backward_weight", &consts, &binds, grid)?;
     Ok(vec![input, weight])
 }

@@ -8,8 +8,10 @@
 
 pub mod add;
 pub mod batch_norm;
+pub mod cast;
 pub mod conv2d;
 pub mod cross_entropy;
+pub mod grad_scaler;
 pub mod linear;
 pub mod model;
 pub mod optimizer;

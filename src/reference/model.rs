@@ -1,11 +1,17 @@
 //! A whole training step on the CPU: the reference ops composed over a model graph, forward in
 //! training mode, loss, backward in reverse order. The GPU step is tested against this.
+//!
+//! [`train_step_in`] with f16 emulates an f16 plan's storage: the input, the convolution weights,
+//! every activation and every activation gradient rounded to f16 where the GPU stores them (the
+//! loss gradient after multiplying by the loss scale), the arithmetic in f64; the parameter
+//! gradients are divided by the scale at the end.
 
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 
 use super::{add, batch_norm, conv2d, cross_entropy, linear, pool, relu, se_block};
+use crate::gpu::Precision;
 use crate::model::{Graph, Layer, conv_config, pool_config};
 use crate::ops::batch_norm::BatchNormConfig;
 use crate::ops::linear::LinearConfig;
@@ -38,8 +44,23 @@ pub fn eval_forward(
     n: usize,
     input: &[f64],
 ) -> Result<Vec<f64>> {
-    let f = forward(graph, params, buffers, n, input, false)?;
+    let f = forward(graph, params, buffers, n, input, false, Precision::F32)?;
     f.acts.last().cloned().context("empty graph")
+}
+
+/// Round to the nearest f16 (RNE, overflow to ±inf), as an f16 plan stores a value.
+fn to_f16(v: &mut [f64]) {
+    for x in v {
+        *x = f64::from(half::f16::from_f64(*x));
+    }
+}
+
+/// `v`, rounded as `precision` stores it.
+fn stored(precision: Precision, mut v: Vec<f64>) -> Vec<f64> {
+    if precision == Precision::F16 {
+        to_f16(&mut v);
+    }
+    v
 }
 
 /// Every activation (input first), what the backward needs, the updated running statistics.
@@ -63,10 +84,11 @@ fn forward(
     n: usize,
     input: &[f64],
     training: bool,
+    precision: Precision,
 ) -> Result<Forward> {
     let shapes = graph.shapes(n)?;
     let get = |name: &str| param(params, name);
-    let mut acts: Vec<Vec<f64>> = vec![input.to_vec()];
+    let mut acts: Vec<Vec<f64>> = vec![stored(precision, input.to_vec())];
     let mut saved = Vec::new();
     let mut new_buffers = HashMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
@@ -78,7 +100,8 @@ fn forward(
             Layer::Conv2d { bias, .. } => {
                 let cfg = conv_config(&node.layer, s).context("conv")?;
                 let b = if bias { Some(p("bias")?) } else { None };
-                (conv2d::conv2d_forward(&cfg, inp, p("weight")?, b), Saved::None)
+                let w = stored(precision, p("weight")?.to_vec());
+                (conv2d::conv2d_forward(&cfg, inp, &w, b), Saved::None)
             }
             Layer::BatchNorm2d { c } => {
                 let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
@@ -114,7 +137,7 @@ fn forward(
             }
         };
         debug_assert_eq!(out.len(), shapes[k + 1].iter().product::<usize>());
-        acts.push(out);
+        acts.push(stored(precision, out));
         saved.push(sv);
     }
     Ok(Forward { shapes, acts, saved, buffers: new_buffers })
@@ -129,7 +152,24 @@ pub fn train_step(
     input: &[f64],
     labels: &[u32],
 ) -> Result<StepResult> {
-    let Forward { shapes, acts, saved, buffers: new_buffers } = forward(graph, params, buffers, n, input, true)?;
+    train_step_in(graph, params, buffers, n, input, labels, Precision::F32, 1.0)
+}
+
+/// [`train_step`] as a `precision` plan stores its tensors, with the loss gradient multiplied by
+/// `loss_scale` (f16) and the parameter gradients divided by it.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_in(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    labels: &[u32],
+    precision: Precision,
+    loss_scale: f64,
+) -> Result<StepResult> {
+    let Forward { shapes, acts, saved, buffers: new_buffers } =
+        forward(graph, params, buffers, n, input, true, precision)?;
     let get = |name: &str| param(params, name);
     let logits = acts.last().context("empty graph")?.clone();
     let classes = shapes.last().context("empty graph")?[1];
@@ -138,7 +178,7 @@ pub fn train_step(
     // Gradients of the activations; an activation read by two layers sums both contributions.
     let mut grads = HashMap::new();
     let mut dacts: Vec<Option<Vec<f64>>> = vec![None; acts.len()];
-    dacts[acts.len() - 1] = Some(ce.dlogits);
+    dacts[acts.len() - 1] = Some(stored(precision, ce.dlogits.iter().map(|g| g * loss_scale).collect()));
     for (k, node) in graph.nodes.iter().enumerate().rev() {
         let Some(dout) = dacts[k + 1].take() else { continue };
         let a = node.inputs[0];
@@ -155,7 +195,7 @@ pub fn train_step(
                 if *bias {
                     put("bias", conv2d::conv2d_backward_bias(&cfg, &dout));
                 }
-                vec![conv2d::conv2d_backward_input(&cfg, &dout, p("weight")?)]
+                vec![conv2d::conv2d_backward_input(&cfg, &dout, &stored(precision, p("weight")?.to_vec()))]
             }
             (Layer::BatchNorm2d { c }, Saved::Bn { mean, invstd }) => {
                 let cfg = BatchNormConfig::new(s[0], *c, s[2], s[3]);
@@ -206,11 +246,15 @@ pub fn train_step(
             (layer, _) => anyhow::bail!("reference: {name} ({layer:?}) lost its saved forward state"),
         };
         for (&i, g) in node.inputs.iter().zip(dinputs) {
+            let g = stored(precision, g);
             dacts[i] = Some(match dacts[i].take() {
-                Some(prev) => add::add_forward(&prev, &g),
+                Some(prev) => stored(precision, add::add_forward(&prev, &g)),
                 None => g,
             });
         }
+    }
+    for g in grads.values_mut() {
+        g.iter_mut().for_each(|v| *v /= loss_scale);
     }
     Ok(StepResult { loss: ce.loss, correct: ce.correct, logits, grads, buffers: new_buffers })
 }

@@ -1,0 +1,6 @@
+//! cast oracle: f32 to IEEE binary16, round to nearest even, overflow to ±inf (`half`'s
+//! conversion, which is PyTorch's `.half()`), returned widened to f64.
+
+pub fn cast_forward(inp: &[f64]) -> Vec<f64> {
+    inp.iter().map(|&x| f64::from(half::f16::from_f32(x as f32))).collect()
+}
