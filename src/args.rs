@@ -389,6 +389,11 @@ pub struct TrainArgs {
     /// Read the running loss every N steps (the only host wait inside an epoch).
     #[arg(long, default_value_t = hp::LOG_EVERY)]
     pub log_every: usize,
+    /// Under `mpirun`: batch-norm statistics merged across ranks (as PyTorch's SyncBatchNorm)
+    /// instead of per rank. Needs the `mpi` feature; not implemented yet.
+    #[arg(long)]
+    #[serde(default)]
+    pub sync_bn: bool,
     /// f32, or f16 as PyTorch AMP: f16 activations and convolution operands, f32 accumulation,
     /// statistics and master weights, dynamic loss scaling (needs an adapter with f16 shaders).
     #[arg(long, value_enum, default_value_t = hp::PRECISION)]
@@ -427,6 +432,16 @@ impl TrainArgs {
             self.std.len()
         );
         ensure!(self.std.iter().all(|&s| s > 0.0), "--std values must be positive, got {:?}", self.std);
+        ensure!(
+            !self.sync_bn || cfg!(feature = "mpi"),
+            "--sync-bn merges batch-norm statistics across MPI ranks, but this senet was built without MPI \
+             support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see the README)"
+        );
+        ensure!(
+            !self.sync_bn,
+            "--sync-bn is not implemented yet: batch norm uses per-rank statistics under mpirun (PyTorch DDP's \
+             default); drop the flag"
+        );
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
             "--warmup-epochs must be in [0, epochs), got {}",

@@ -418,3 +418,127 @@ pub fn format_plan(rows: &[PlanRow]) -> String {
     }
     s
 }
+
+// ---------------------------------------------------------------------------------------------
+// `mpirun -np N senet bench`: data-parallel scaling
+
+/// What `mpirun -np N senet bench` measures: rank 0 training alone (the others waiting, asleep),
+/// then every rank training data-parallel steps, in the same run on the same adapters.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataParallelReport {
+    pub ranks: usize,
+    /// Each rank's adapter, in rank order.
+    pub adapters: Vec<String>,
+    pub model: String,
+    pub batch_per_rank: usize,
+    /// Floats in the flat gradient buffer (what one all-reduce moves, each way).
+    pub gradient_floats: usize,
+    /// Rank 0 alone: the one-process loop (steps pipelined, no exchange).
+    pub alone_images_per_s: f64,
+    /// Each rank's images/s in data-parallel steps.
+    pub per_rank_images_per_s: Vec<f64>,
+    pub total_images_per_s: f64,
+    /// total / (ranks × alone): 1 is perfect scaling.
+    pub efficiency: f64,
+    /// Per rank: the host-staged all-reduce (read-back, MPI, write) per step, and its share of the step.
+    pub allreduce_ms_per_step: Vec<f64>,
+    pub allreduce_share: Vec<f64>,
+}
+
+/// Time `args.steps` steps alone on rank 0, then `args.steps` data-parallel steps on every rank
+/// (each after 2 warm-up steps). Every rank returns the same report.
+pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::Dist) -> Result<DataParallelReport> {
+    let config = args.input.config(&args.model)?;
+    let mut net = Network::new(gpu.clone(), config.clone(), OptimizerConfig::adam(1e-3), 0)?;
+    let n = args.batch_size;
+    let plan = net.plan(n)?;
+    let [h, w] = config.input_hw;
+    // Each rank its own images, as in training.
+    let images: Vec<f32> =
+        (0..n * config.in_channels * h * w).map(|i| (((i + dist.rank * 131) * 7919) % 1000) as f32 / 1000.0).collect();
+    let labels: Vec<u32> = (0..n).map(|i| ((i + dist.rank) % config.num_classes) as u32).collect();
+    plan.write_batch(&gpu, &images, &labels)?;
+    let steps = args.steps.max(1);
+
+    // Rank 0 alone: the single-process loop.
+    dist.barrier();
+    let mut alone = 0.0;
+    if dist.is_root() {
+        for _ in 0..2 {
+            net.train_step(&plan);
+        }
+        gpu.wait()?;
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            net.train_step(&plan);
+        }
+        gpu.wait()?;
+        alone = (n * steps) as f64 / t0.elapsed().as_secs_f64();
+    }
+    dist.barrier();
+
+    // Every rank together.
+    for _ in 0..2 {
+        crate::dist::data_parallel_step(&mut net, &plan, dist, false)?;
+    }
+    gpu.wait()?;
+    dist.barrier();
+    let t0 = Instant::now();
+    let mut reduce = 0.0;
+    for _ in 0..steps {
+        reduce += crate::dist::data_parallel_step(&mut net, &plan, dist, false)?.1;
+    }
+    gpu.wait()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mine = [(n * steps) as f32 / secs as f32, (1e3 * reduce / steps as f64) as f32, (reduce / secs) as f32];
+    let all = dist.all_gather_f32(&mine)?;
+    let per_rank: Vec<f64> = all.chunks(3).map(|v| f64::from(v[0])).collect();
+    let total: f64 = per_rank.iter().sum();
+    let alone = dist.from_root(|| Ok(alone))?;
+    let names = dist.all_gather_bytes(gpu.describe().into_bytes())?;
+    Ok(DataParallelReport {
+        ranks: dist.size,
+        adapters: names.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+        model: format!(
+            "{} width {} {}x{h}x{w} -> {}",
+            config.model, config.width, config.in_channels, config.num_classes
+        ),
+        batch_per_rank: n,
+        gradient_floats: net.flat.grads.numel(),
+        alone_images_per_s: alone,
+        per_rank_images_per_s: per_rank,
+        total_images_per_s: total,
+        efficiency: total / (dist.size as f64 * alone),
+        allreduce_ms_per_step: all.chunks(3).map(|v| f64::from(v[1])).collect(),
+        allreduce_share: all.chunks(3).map(|v| f64::from(v[2])).collect(),
+    })
+}
+
+pub fn format_data_parallel(r: &DataParallelReport) -> String {
+    let mut s = format!(
+        "{} batch {} per rank, {} ranks; all-reduce of {} floats ({:.2} MB) per step, host-staged\n",
+        r.model,
+        r.batch_per_rank,
+        r.ranks,
+        r.gradient_floats,
+        r.gradient_floats as f64 * 4e-6
+    );
+    s += &format!("rank 0 alone       {:>10.1} images/s\n", r.alone_images_per_s);
+    for (k, rate) in r.per_rank_images_per_s.iter().enumerate() {
+        s += &format!(
+            "rank {k:<3}          {:>10.1} images/s, all-reduce {:.1} ms/step = {:.1} % of the step  ({})\n",
+            rate,
+            r.allreduce_ms_per_step[k],
+            100.0 * r.allreduce_share[k],
+            r.adapters.get(k).map_or("", String::as_str)
+        );
+    }
+    s += &format!("total              {:>10.1} images/s\n", r.total_images_per_s);
+    s += &format!(
+        "scaling            {:>10.2}x one rank; efficiency {:.1} % (total / ({} x alone))\n",
+        r.total_images_per_s / r.alone_images_per_s,
+        100.0 * r.efficiency,
+        r.ranks
+    );
+    s
+}

@@ -12,6 +12,7 @@ use crate::args::DataArgs;
 use crate::checkpoint;
 use crate::data::loader::{self, Preprocess};
 use crate::data::{self, DatasetKind};
+use crate::dist::Dist;
 use crate::gpu::{Gpu, Precision};
 use crate::hparams as hp;
 use crate::model::ModelConfig;
@@ -77,6 +78,38 @@ pub fn evaluate(
     }
     let (loss, correct, count) = read_sums(net, plans, true)?;
     let correct5 = read_correct5(net, plans, true)?;
+    Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0)))
+}
+
+/// [`evaluate`] split over the ranks of a data-parallel job: the test set is cut into the same
+/// batches as one process would make, rank r evaluates batches r, r + N, r + 2N, … and the
+/// (loss sum, correct, count) are summed over the ranks, so every image counts once and each is
+/// evaluated in the very batch it would be in alone: the same predictions, the same accuracy.
+/// The loss sum differs from one process's only by the order of its f32 additions.
+pub fn evaluate_sharded(
+    net: &Network,
+    plans: &HashMap<usize, StepPlan>,
+    ds: &data::Dataset,
+    batch: usize,
+    pre: &Preprocess,
+    dist: &Dist,
+) -> Result<(f64, f64, f64)> {
+    for p in plans.values() {
+        clear_metrics(&net.gpu, &p.eval_result);
+    }
+    let pre = Preprocess { augment: false, ..pre.clone() };
+    let order: Vec<usize> = (0..ds.len()).collect();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    for idx in order.chunks(batch.max(1)).skip(dist.rank).step_by(dist.size.max(1)) {
+        let b = loader::make_batch(ds, idx, &pre, &mut rng);
+        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
+        plan.write_batch(&net.gpu, &b.images, &b.labels)?;
+        net.eval_batch(plan);
+    }
+    let (loss, correct, count) = read_sums(net, plans, true)?;
+    let mut sums = [loss, correct, count, read_correct5(net, plans, true)?];
+    dist.all_reduce_sum_f64(&mut sums)?;
+    let [loss, correct, count, correct5] = sums;
     Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0)))
 }
 

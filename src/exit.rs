@@ -69,6 +69,11 @@ pub fn install_stop_handler() {
     });
 }
 
+/// Ask for a stop as a signal would (a data-parallel rank whose peer was signalled).
+pub fn request_stop() {
+    STOP.store(true, Ordering::SeqCst);
+}
+
 /// Whether a stop was asked for.
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)

@@ -11,6 +11,7 @@ pub mod args;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod excitations;
 pub mod exit;

@@ -115,9 +115,10 @@ enum SampleFormat {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
-    let opts = GpuOptions {
+    let mut opts = GpuOptions {
         backend: cli.backend,
         adapter_name: cli.adapter,
+        adapter_index: None,
         tune: cli.tune,
         tune_cache: cli.tune_cache,
         subgroups: cli.subgroups,
@@ -139,7 +140,17 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 })
                 .unwrap_or_default();
             senet_wgpu::run::resume_conflicts(&args, &given)?;
-            train::train(Gpu::new(&opts)?, &args)?;
+            // Under mpirun: join the job; each rank opens the adapter its local rank picks
+            // (unless --adapter names one). Errors on one rank alone end every rank.
+            let dist = senet_wgpu::dist::Dist::init()?;
+            if dist.size > 1 {
+                opts.adapter_index = Some(dist.local_rank);
+            }
+            let trained = Gpu::new(&opts).and_then(|gpu| train::train_dist(gpu, &args, &dist));
+            trained.map_err(|e| {
+                let code = i32::from(exit::code(&e, |_| false));
+                dist.end_on_error(e, code)
+            })?;
         }
         Command::Eval(args) => {
             let report = eval::eval(Gpu::new(&opts)?, &args)?;
@@ -210,6 +221,22 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
         }
         Command::Bench(args) => {
+            // `mpirun -np N senet bench`: rank 0 alone, then all ranks data-parallel.
+            let dist = senet_wgpu::dist::Dist::init()?;
+            if dist.size > 1 {
+                opts.adapter_index = Some(dist.local_rank);
+                let report = Gpu::new(&opts)
+                    .and_then(|gpu| senet_wgpu::bench::bench_data_parallel(gpu, &args, &dist))
+                    .map_err(|e| dist.end_on_error(e, 2))?;
+                if dist.is_root() {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&report)?);
+                    } else {
+                        print!("{}", senet_wgpu::bench::format_data_parallel(&report));
+                    }
+                }
+                return Ok(());
+            }
             let report = senet_wgpu::bench::bench(Gpu::new(&opts)?, &args)?;
             if args.json {
                 println!("{}", serde_json::to_string(&report)?);
@@ -233,7 +260,15 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             for a in &adapters {
                 println!("{a}\n");
             }
-            println!("selected: {}", Gpu::new(&opts)?.describe());
+            // Under mpirun each rank prints the adapter it would train on (its local rank modulo
+            // the adapters of the best kind, unless --adapter names one).
+            if let Some(size) = senet_wgpu::dist::launched_size().filter(|&n| n > 1) {
+                let local = senet_wgpu::dist::local_rank_from_env();
+                opts.adapter_index = Some(local);
+                println!("selected for local rank {local} (of {size} ranks): {}", Gpu::new(&opts)?.describe());
+            } else {
+                println!("selected: {}", Gpu::new(&opts)?.describe());
+            }
         }
         Command::MakeSample { from, train, test, out, format } => {
             let names = senet_wgpu::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
@@ -263,6 +298,15 @@ fn main() -> ExitCode {
     };
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
+        // A collective error is printed by rank 0 only; the others end quietly with its code.
+        Err(e) if e.downcast_ref::<senet_wgpu::dist::Collective>().is_some_and(|c| c.0.is_empty()) => ExitCode::from(2),
+        Err(e) if e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some() => {
+            // Under mpirun every rank exits 130; rank 0 says where the run was saved.
+            if !e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some_and(|i| i.quiet) {
+                eprintln!("{e:#}");
+            }
+            ExitCode::from(130)
+        }
         Err(e) => {
             // 130 interrupted, 1 a runtime failure, 2 bad input (a missing adapter is the user's to
             // fix too, as bad arguments are): the table in `senet_wgpu::exit` and the README.

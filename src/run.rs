@@ -30,6 +30,10 @@ pub const RESUME_FILE: &str = "resume.safetensors";
 /// (loss sum, correct, count) of the training steps of an epoch so far, as the GPU keeps them.
 pub type EpochSums = (f32, f32, f32);
 
+/// Each rank's [`EpochSums`] when an epoch was interrupted (one entry in a single process): every
+/// rank restores its own, so a resumed data-parallel epoch sums exactly as an uninterrupted one.
+pub type RankSums = Vec<EpochSums>;
+
 /// Where a run stands.
 #[derive(Clone, Debug, Default)]
 pub struct RunState {
@@ -38,14 +42,18 @@ pub struct RunState {
     /// The best accuracy so far that best.safetensors is chosen on ([`EpochMetrics::selection_acc`]:
     /// validation, else test; -∞ before the first epoch).
     pub best_acc: f64,
-    /// (steps done, metric sums) of an epoch interrupted part-way.
-    pub partial: Option<(usize, EpochSums)>,
+    /// (steps done, each rank's metric sums) of an epoch interrupted part-way.
+    pub partial: Option<(usize, RankSums)>,
+    /// How many data-parallel ranks trained the run (1: one process); `--resume` needs as many.
+    pub ranks: usize,
 }
 
 /// An open run folder: where it is and its metrics.csv, open for appending.
 pub struct RunFolder {
     pub dir: PathBuf,
     csv: File,
+    /// The data-parallel rank count, recorded in resume.safetensors (1 in one process).
+    pub ranks: usize,
 }
 
 /// The settings of the run in `dir` (its config.json), for `--resume`.
@@ -113,6 +121,8 @@ pub struct Interrupted {
     pub out: PathBuf,
     pub epoch: usize,
     pub step: usize,
+    /// A data-parallel rank other than 0: it ends with the same code, rank 0 alone says so.
+    pub quiet: bool,
 }
 
 impl std::fmt::Display for Interrupted {
@@ -139,8 +149,8 @@ impl RunFolder {
         let csv_path = dir.join("metrics.csv");
         let mut csv = File::create(&csv_path).with_context(|| format!("creating {}", csv_path.display()))?;
         writeln!(csv, "{CSV_HEADER}").with_context(|| format!("writing {}", csv_path.display()))?;
-        let state = RunState { best_acc: f64::NEG_INFINITY, ..RunState::default() };
-        Ok((RunFolder { dir: dir.to_path_buf(), csv }, state))
+        let state = RunState { best_acc: f64::NEG_INFINITY, ranks: 1, ..RunState::default() };
+        Ok((RunFolder { dir: dir.to_path_buf(), csv, ranks: 1 }, state))
     }
 
     /// The run in `dir` as it was last saved: `net` gets its weights, optimizer state and step;
@@ -155,14 +165,25 @@ impl RunFolder {
             Some(steps) => {
                 let steps: usize =
                     steps.parse().with_context(|| format!("{}: metadata field epoch_steps", path.display()))?;
-                let sums: EpochSums = serde_json::from_str(field("epoch_sums")?)
-                    .with_context(|| format!("{}: metadata field epoch_sums", path.display()))?;
+                let sums: RankSums = match meta.get("epoch_sums_per_rank") {
+                    Some(per_rank) => serde_json::from_str(per_rank)
+                        .with_context(|| format!("{}: metadata field epoch_sums_per_rank", path.display()))?,
+                    None => vec![
+                        serde_json::from_str(field("epoch_sums")?)
+                            .with_context(|| format!("{}: metadata field epoch_sums", path.display()))?,
+                    ],
+                };
                 Some((steps, sums))
             }
             None => None,
         };
         let best_acc =
             field("best_acc")?.parse().with_context(|| format!("{}: metadata field best_acc", path.display()))?;
+        // Runs saved before data parallelism have no field: one process.
+        let ranks = match meta.get("ranks") {
+            Some(r) => r.parse().with_context(|| format!("{}: metadata field ranks", path.display()))?,
+            None => 1,
+        };
         let csv_path = dir.join("metrics.csv");
         let text: String =
             std::iter::once(format!("{CSV_HEADER}\n")).chain(history.iter().map(|m| m.csv_line())).collect();
@@ -171,21 +192,27 @@ impl RunFolder {
             .append(true)
             .open(&csv_path)
             .with_context(|| format!("opening {}", csv_path.display()))?;
-        Ok((RunFolder { dir: dir.to_path_buf(), csv }, RunState { history, best_acc, partial }))
+        Ok((RunFolder { dir: dir.to_path_buf(), csv, ranks }, RunState { history, best_acc, partial, ranks }))
     }
 
     /// Everything `--resume` needs: last.safetensors, then resume.safetensors (one atomic write)
     /// with the history and best accuracy, and with `partial` — the steps done and metric sums of
-    /// the current epoch — when saving inside one (Ctrl-C). Both save paths come through here.
-    pub fn save(&self, net: &Network, state: &RunState, partial: Option<(usize, EpochSums)>) -> Result<()> {
+    /// the current epoch, per rank — when saving inside one (Ctrl-C). Both save paths come
+    /// through here.
+    pub fn save(&self, net: &Network, state: &RunState, partial: Option<(usize, &[EpochSums])>) -> Result<()> {
         checkpoint::save(net, &self.dir.join("last.safetensors"))?;
         let mut meta = HashMap::from([
             ("history".to_string(), serde_json::to_string(&state.history)?),
             ("best_acc".to_string(), state.best_acc.to_string()),
+            ("ranks".to_string(), self.ranks.to_string()),
         ]);
-        if let Some((steps, sums)) = partial {
+        if let Some((steps, per_rank)) = partial {
             meta.insert("epoch_steps".to_string(), steps.to_string());
-            meta.insert("epoch_sums".to_string(), serde_json::to_string(&sums)?);
+            if let [sums] = per_rank {
+                meta.insert("epoch_sums".to_string(), serde_json::to_string(sums)?);
+            } else {
+                meta.insert("epoch_sums_per_rank".to_string(), serde_json::to_string(per_rank)?);
+            }
         }
         checkpoint::save_resume(net, meta, &self.dir.join(RESUME_FILE))
     }

@@ -103,13 +103,20 @@ pub fn epoch_batches(
     seed: u64,
     epoch: usize,
 ) -> Batches {
+    let order = epoch_order(ds.len(), shuffle, seed, epoch);
+    batches_of(ds, order, batch, pre, seed.wrapping_add(0x5EED).wrapping_add(epoch as u64))
+}
+
+/// Batches of the samples `order` (in that order), made on a background thread two ahead of
+/// the consumer; augmentation draws from a stream seeded with `aug_seed`. The last batch may be
+/// partial. A data-parallel rank passes its share of the epoch's order (`dist::shard`).
+pub fn batches_of(ds: Arc<Dataset>, order: Vec<usize>, batch: usize, pre: Preprocess, aug_seed: u64) -> Batches {
     let (tx, rx) = sync_channel(2);
     // Test hook: SENET_FAIL_LOADER_AT=k makes the thread panic before making batch k (0-based),
     // as a bug in it would; tests/cli.rs checks that the run then ends with the error.
     let fail_at: Option<usize> = std::env::var("SENET_FAIL_LOADER_AT").ok().and_then(|v| v.parse().ok());
     let spawned = std::thread::Builder::new().name("senet-loader".into()).spawn(move || {
-        let order = epoch_order(ds.len(), shuffle, seed, epoch);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x5EED).wrapping_add(epoch as u64));
+        let mut rng = ChaCha8Rng::seed_from_u64(aug_seed);
         for (k, idx) in order.chunks(batch).enumerate() {
             assert!(fail_at != Some(k), "SENET_FAIL_LOADER_AT={k}: injected data loader failure");
             if tx.send(make_batch(&ds, idx, &pre, &mut rng)).is_err() {

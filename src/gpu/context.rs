@@ -37,6 +37,9 @@ pub struct GpuOptions {
     pub backend: Option<String>,
     /// Substring of the adapter name. `None` honours `WGPU_ADAPTER_NAME`.
     pub adapter_name: Option<String>,
+    /// With no name: the k-th (modulo their count) of the adapters of the best kind found, so MPI
+    /// ranks on one machine spread over its GPUs. `None`: the best adapter.
+    pub adapter_index: Option<usize>,
     /// How much the kernel tuner may time. `None` honours `SENET_TUNE`, else quick.
     pub tune: Option<super::tune::TuneMode>,
     /// The tuning cache file. `None` honours `SENET_TUNE_CACHE`, else the platform's cache
@@ -261,7 +264,9 @@ impl Gpu {
             adapters.swap_remove(pos)
         } else {
             adapters.sort_by_key(|a| rank(&a.get_info()));
-            adapters.swap_remove(0)
+            let best = rank(&adapters[0].get_info());
+            let alike = adapters.iter().take_while(|a| rank(&a.get_info()) == best).count();
+            adapters.swap_remove(opts.adapter_index.map_or(0, |k| k % alike))
         };
         Self::from_adapter(adapter, opts)
     }

@@ -572,6 +572,21 @@ impl Network {
         self.gpu.run(&self.train_dispatches(plan))
     }
 
+    /// The forward, loss and backward of a training step, without the optimizer update: for data
+    /// parallelism, where the gradients are averaged across ranks before [`Network::apply_update`].
+    /// Call [`Network::begin_step`] first. Returns without waiting.
+    pub fn gradient_pass(&self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        self.gpu.run(&self.casts.iter().chain(&plan.train).collect::<Vec<_>>())
+    }
+
+    /// The loss scaler's check (f16) and every optimizer update from the gradients now in the
+    /// flat buffer: with [`Network::gradient_pass`], the dispatches of [`Network::train_dispatches`].
+    /// Returns without waiting.
+    pub fn apply_update(&self) -> wgpu::SubmissionIndex {
+        let scaler = self.scaler.iter().flat_map(|s| &s.dispatches);
+        self.gpu.run(&scaler.chain(self.updates.iter().map(|u| &u.dispatch)).collect::<Vec<_>>())
+    }
+
     /// The learning rate of the following steps (schedules change it between steps; the next
     /// [`Network::begin_step`] writes it with the step number).
     pub fn set_lr(&mut self, lr: f64) {

@@ -1,0 +1,401 @@
+//! Data-parallel training over MPI (cargo feature `mpi`): which rank this process is, and the
+//! few collectives the training loop needs — an all-reduce of the flat gradient buffer, sums of
+//! metrics, a broadcast from rank 0 and a gather of checksums.
+//!
+//! Without the feature (or outside `mpirun`) a [`Dist`] is the single process: rank 0 of 1, and
+//! every collective is the identity. The loop calls the same functions either way.
+//!
+//! Semantics follow PyTorch's DistributedDataParallel, so recipes carry over: `--batch-size` is
+//! per rank, each epoch's permutation is the same on every rank and padded to a multiple of the
+//! rank count (DistributedSampler), gradients are averaged (sum, then / N) once per step, batch
+//! norm uses per-rank batch statistics, and rank 0's running statistics are the model's
+//! (DDP's `broadcast_buffers`).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+/// Environment variables a launcher sets: (world size, local rank). OpenMPI's `mpirun` first,
+/// then MPICH/Hydra and PMIx launchers.
+const SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
+const LOCAL_RANK_VARS: [&str; 2] = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"];
+
+/// The rank count a launcher announced in the environment, if any.
+pub fn launched_size() -> Option<usize> {
+    SIZE_VARS.iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// This process's rank among those on its machine, as the launcher says (0 when none does).
+pub fn local_rank_from_env() -> usize {
+    LOCAL_RANK_VARS.iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok()).unwrap_or(0)
+}
+
+/// An error every rank reaches at the same point with the same message (bad input checked on
+/// identical data, a configuration mismatch agreed by a collective): the ranks end together,
+/// with no abort, and only rank 0 prints it.
+#[derive(Debug)]
+pub struct Collective(pub String);
+
+impl std::fmt::Display for Collective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Collective {}
+
+/// This process's place in the job.
+pub struct Dist {
+    pub rank: usize,
+    pub size: usize,
+    /// The rank among the processes on this machine (adapter choice).
+    pub local_rank: usize,
+    #[cfg(feature = "mpi")]
+    mpi: Option<mpi_impl::Mpi>,
+}
+
+impl Dist {
+    /// The single process: rank 0 of 1.
+    pub fn single() -> Dist {
+        Dist {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            #[cfg(feature = "mpi")]
+            mpi: None,
+        }
+    }
+
+    /// Join the MPI job when a launcher started this process, else the single process. Without
+    /// the `mpi` feature, being one of several launched ranks is an error: each would train alone.
+    pub fn init() -> Result<Dist> {
+        let Some(size) = launched_size() else { return Ok(Dist::single()) };
+        #[cfg(feature = "mpi")]
+        {
+            let _ = size;
+            mpi_impl::init()
+        }
+        #[cfg(not(feature = "mpi"))]
+        {
+            if size > 1 {
+                anyhow::bail!(
+                    "this process is one of {size} MPI ranks (the launcher set {}), but this senet was built \
+                     without MPI support, so each rank would train alone; rebuild with `cargo build --release \
+                     --features mpi` (see the README)",
+                    SIZE_VARS.iter().find(|v| std::env::var_os(v).is_some()).copied().unwrap_or("its size")
+                );
+            }
+            Ok(Dist::single())
+        }
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// "rank 1 of 2", for messages.
+    pub fn who(&self) -> String {
+        format!("rank {} of {}", self.rank, self.size)
+    }
+
+    /// Element-wise sum over the ranks, in place (the host-staged gradient all-reduce).
+    pub fn all_reduce_sum_f32(&self, v: &mut [f32]) -> Result<()> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.all_reduce_sum_f32(v);
+        }
+        let _ = v;
+        Ok(())
+    }
+
+    /// Element-wise sum over the ranks, in place (metric sums).
+    pub fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<()> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.all_reduce_sum_f64(v);
+        }
+        let _ = v;
+        Ok(())
+    }
+
+    /// Rank 0's `v` on every rank (the other ranks' `v` give the length; it must agree).
+    pub fn broadcast_f32(&self, v: &mut [f32]) -> Result<()> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.broadcast_f32(v);
+        }
+        let _ = v;
+        Ok(())
+    }
+
+    /// Rank 0's bytes on every rank (any length).
+    pub fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        self.broadcast_bytes_from(0, bytes)
+    }
+
+    /// Rank `root`'s bytes on every rank (any length).
+    pub fn broadcast_bytes_from(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.broadcast_bytes(root, bytes);
+        }
+        let _ = root;
+        Ok(bytes)
+    }
+
+    /// Every rank's `x`, in rank order.
+    pub fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.all_gather_u64(x);
+        }
+        Ok(vec![x])
+    }
+
+    /// Every rank's bytes (any length), in rank order.
+    pub fn all_gather_bytes(&self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
+        let mut all = Vec::with_capacity(self.size);
+        for r in 0..self.size {
+            all.push(if self.size <= 1 { bytes.clone() } else { self.broadcast_bytes_from(r, bytes.clone())? });
+        }
+        Ok(all)
+    }
+
+    /// Every rank's `v` (all the same length), concatenated in rank order.
+    pub fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return m.all_gather_f32(v);
+        }
+        Ok(v.to_vec())
+    }
+
+    /// Wait until every rank is here, sleeping meanwhile (an MPI barrier spins on its core, which
+    /// would slow a rank sharing it: `bench` times rank 0 alone while the others wait here).
+    pub fn barrier(&self) {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.barrier();
+        }
+    }
+
+    /// Rank 0's outcome of a step only it takes (opening the run folder, reading `--resume`'s
+    /// settings) on every rank: `Ok` everywhere, or a [`Collective`] error everywhere — rank 0's
+    /// message there, empty elsewhere — so the ranks end together, with no abort. The other
+    /// ranks pass `Ok(())`.
+    pub fn agree_with_root<T>(&self, outcome: Result<T>) -> Result<T> {
+        if self.size <= 1 {
+            return outcome;
+        }
+        let msg = match (&outcome, self.is_root()) {
+            (Err(e), true) => format!("{e:#}"),
+            _ => String::new(),
+        };
+        let msg = String::from_utf8_lossy(&self.broadcast_bytes(msg.into_bytes())?).into_owned();
+        if msg.is_empty() { outcome } else { Err(Collective(if self.is_root() { msg } else { String::new() }).into()) }
+    }
+
+    /// A value rank 0 computes (`f` runs there only), sent to every rank as JSON; an error there is
+    /// every rank's, as in [`Dist::agree_with_root`].
+    pub fn from_root<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        if self.size <= 1 {
+            return f();
+        }
+        let mine = if self.is_root() { f().and_then(|v| Ok(serde_json::to_vec(&v)?)) } else { Ok(Vec::new()) };
+        let mine = self.agree_with_root(mine)?;
+        let bytes = self.broadcast_bytes(mine)?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// True on every rank when `flag` is true on any.
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let mut v = [f64::from(u8::from(flag))];
+        self.all_reduce_sum_f64(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// End the whole job after an error on this rank alone: print it with the rank and abort
+    /// every rank (they may be waiting in a collective this one will never reach). A
+    /// [`Collective`] error, or a single process, returns it for the caller to end normally.
+    pub fn end_on_error(&self, e: anyhow::Error, code: i32) -> anyhow::Error {
+        if self.size <= 1 {
+            return e;
+        }
+        // Errors every rank reached together: rank 0 says it, then all wait for each other before
+        // exiting, or mpirun, seeing one rank exit non-zero, would kill rank 0 before it spoke.
+        if e.downcast_ref::<Collective>().is_some() {
+            if self.is_root() {
+                eprintln!("error: {e:#}");
+            }
+            self.barrier();
+            return anyhow::Error::new(Collective(String::new()));
+        }
+        // Every rank stopped after the same step (the signal flag rode the all-reduce).
+        if let Some(i) = e.downcast_ref::<crate::run::Interrupted>() {
+            if self.is_root() {
+                eprintln!("{i}");
+            }
+            self.barrier();
+            return anyhow::Error::new(crate::run::Interrupted { out: i.out.clone(), quiet: true, ..*i });
+        }
+        eprintln!("error on {}: {e:#}", self.who());
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            m.abort(code);
+        }
+        let _ = code;
+        e
+    }
+}
+
+/// One data-parallel step on the batch in `plan`: forward and backward, the gradients averaged
+/// over the ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the same
+/// update on every rank. Waits for the GPU (the read-back). `stop` (a signal reached this rank)
+/// rides along as one more value of the all-reduce. Returns whether it reached any rank, and the
+/// seconds of the host-staged exchange: read-back, MPI (with any wait for a slower rank), write.
+pub fn data_parallel_step(
+    net: &mut crate::model::plan::Network,
+    plan: &crate::model::plan::StepPlan,
+    dist: &Dist,
+    stop: bool,
+) -> Result<(bool, f64)> {
+    net.begin_step();
+    net.gradient_pass(plan);
+    net.gpu.wait()?;
+    let t = Instant::now();
+    let mut grads = net.flat.grads.read::<f32>(&net.gpu).context("reading the gradients back")?;
+    grads.push(f32::from(u8::from(stop)));
+    dist.all_reduce_sum_f32(&mut grads).context("the gradient all-reduce")?;
+    let stop_any = grads.pop().is_some_and(|s| s > 0.0);
+    let n = dist.size as f32;
+    for g in &mut grads {
+        *g /= n;
+    }
+    net.flat.grads.write(&net.gpu, &grads)?;
+    let secs = t.elapsed().as_secs_f64();
+    net.apply_update();
+    Ok((stop_any, secs))
+}
+
+/// The sample indices rank `rank` of `size` trains on in one epoch, from the epoch's order over
+/// all samples (PyTorch's DistributedSampler): the order padded with its own first indices to a
+/// multiple of `size`, then every `size`-th from position `rank`. Every rank gets the same count.
+pub fn shard(order: &[usize], rank: usize, size: usize) -> Vec<usize> {
+    if size <= 1 || order.is_empty() {
+        return order.to_vec();
+    }
+    let total = order.len().div_ceil(size) * size;
+    (rank..total).step_by(size).map(|i| order[i % order.len()]).collect()
+}
+
+/// A cheap checksum of f32 values by their bits (FNV-1a over the words): equal weights on two
+/// ranks give equal sums; any differing bit almost surely does not.
+pub fn checksum(v: &[f32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in v {
+        h ^= u64::from(x.to_bits());
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_impl {
+    use anyhow::{Context, Result, ensure};
+    use mpi::collective::SystemOperation;
+    use mpi::environment::Universe;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::*;
+
+    use super::Dist;
+
+    pub struct Mpi {
+        world: SimpleCommunicator,
+        // Last: dropping the universe finalises MPI, after the communicator is gone.
+        _universe: Universe,
+    }
+
+    pub fn init() -> Result<Dist> {
+        let universe = mpi::initialize().context("MPI could not be initialised (MPI_Init failed or ran twice)")?;
+        let world = universe.world();
+        let (rank, size) = (world.rank(), world.size());
+        ensure!(rank >= 0 && size >= 1, "MPI gave rank {rank} of {size}");
+        Ok(Dist {
+            rank: rank as usize,
+            size: size as usize,
+            local_rank: super::local_rank_from_env(),
+            mpi: Some(Mpi { world, _universe: universe }),
+        })
+    }
+
+    impl Mpi {
+        pub fn all_reduce_sum_f32(&self, v: &mut [f32]) -> Result<()> {
+            if v.is_empty() {
+                return Ok(()); // an empty slice's pointer is 0x1: MPI_IN_PLACE to OpenMPI
+            }
+            let send = v.to_vec();
+            self.world.all_reduce_into(&send[..], v, SystemOperation::sum());
+            Ok(())
+        }
+
+        pub fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<()> {
+            if v.is_empty() {
+                return Ok(());
+            }
+            let send = v.to_vec();
+            self.world.all_reduce_into(&send[..], v, SystemOperation::sum());
+            Ok(())
+        }
+
+        pub fn broadcast_f32(&self, v: &mut [f32]) -> Result<()> {
+            if !v.is_empty() {
+                self.world.process_at_rank(0).broadcast_into(v);
+            }
+            Ok(())
+        }
+
+        pub fn broadcast_bytes(&self, root: usize, mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+            let root = self.world.process_at_rank(root as i32);
+            let mut len = [bytes.len() as u64];
+            root.broadcast_into(&mut len[..]);
+            bytes.resize(len[0] as usize, 0);
+            // Never an empty slice: its dangling pointer is 0x1, which OpenMPI reads as MPI_IN_PLACE.
+            if !bytes.is_empty() {
+                root.broadcast_into(&mut bytes[..]);
+            }
+            Ok(bytes)
+        }
+
+        pub fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
+            let mut all = vec![0u64; self.world.size() as usize];
+            self.world.all_gather_into(&x, &mut all[..]);
+            Ok(all)
+        }
+
+        pub fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+            let mut all = vec![0f32; v.len() * self.world.size() as usize];
+            if !v.is_empty() {
+                self.world.all_gather_into(v, &mut all[..]);
+            }
+            Ok(all)
+        }
+
+        pub fn barrier(&self) {
+            let mut req = self.world.immediate_barrier();
+            loop {
+                match req.test() {
+                    Ok(_) => return,
+                    Err(r) => req = r,
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+
+        pub fn abort(&self, code: i32) -> ! {
+            self.world.abort(code)
+        }
+    }
+}
