@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::*;
 use senet_wgpu::gpu::{Dtype, Gpu, Precision, Tensor};
 use senet_wgpu::model::ModelConfig;
@@ -151,13 +149,7 @@ fn an_f16_step_on_cooperative_matrices_matches_the_f16_reference() {
         .collect();
     assert_eq!(coop.len(), 5, "every conv's forward on cooperative matrices: {:?}", plan.conv_kernels);
     let scale = f64::from(net.scaler.as_ref().unwrap().read(&gpu).unwrap().scale);
-    let params: HashMap<String, Vec<f64>> =
-        net.params.iter().map(|p| (p.spec.name.clone(), to_f64(&read(&gpu, &p.value)))).collect();
-    let mut buffers = HashMap::new();
-    for b in &net.bn {
-        buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(&gpu, &b.running_mean)));
-        buffers.insert(format!("{}.running_var", b.name), to_f64(&read(&gpu, &b.running_var)));
-    }
+    let (params, buffers) = reference_state(&net);
     let want =
         reference::model::train_step_in(&net.graph, &params, &buffers, n, &to_f64(&x), &labels, Precision::F16, scale)
             .unwrap();

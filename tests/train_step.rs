@@ -37,14 +37,7 @@ fn reference_step(
     x: &[f32],
     labels: &[u32],
 ) -> (HashMap<String, Vec<f64>>, reference::model::StepResult) {
-    let gpu = &net.gpu;
-    let params: HashMap<String, Vec<f64>> =
-        net.params.iter().map(|p| (p.spec.name.clone(), to_f64(&read(gpu, &p.value)))).collect();
-    let mut buffers = HashMap::new();
-    for b in &net.bn {
-        buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(gpu, &b.running_mean)));
-        buffers.insert(format!("{}.running_var", b.name), to_f64(&read(gpu, &b.running_var)));
-    }
+    let (params, buffers) = reference_state(net);
     let want = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(x), labels).unwrap();
     (params, want)
 }
@@ -564,13 +557,7 @@ fn an_f16_step_matches_the_f16_reference_step() {
         let plan = net.plan(n).unwrap();
         assert_eq!(plan.acts[1].dtype, senet_wgpu::gpu::Dtype::F16, "{name}: f16 activations");
         let scale = f64::from(net.scaler.as_ref().unwrap().read(&gpu).unwrap().scale);
-        let params: HashMap<String, Vec<f64>> =
-            net.params.iter().map(|p| (p.spec.name.clone(), to_f64(&read(&gpu, &p.value)))).collect();
-        let mut buffers = HashMap::new();
-        for b in &net.bn {
-            buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(&gpu, &b.running_mean)));
-            buffers.insert(format!("{}.running_var", b.name), to_f64(&read(&gpu, &b.running_var)));
-        }
+        let (params, buffers) = reference_state(&net);
         let (x64, g) = (to_f64(&x), &net.graph);
         let want16 =
             reference::model::train_step_in(g, &params, &buffers, n, &x64, &labels, Precision::F16, scale).unwrap();

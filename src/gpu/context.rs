@@ -324,10 +324,11 @@ impl Gpu {
                     && p.cr_type == wgpu::CooperativeScalarType::F32
             })
         });
+        // Only with f16 requested (SENET_NO_F16 unset) and the experimental feature offered.
         let coop_features = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
-        let coop_tile =
-            coop_tile.filter(|_| !coop_off && (adapter.features() & wanted).contains(wgpu::Features::SHADER_F16));
-        let coop_tile = coop_tile.filter(|_| adapter.features().contains(coop_features));
+        let coop_tile = coop_tile.filter(|_| {
+            !coop_off && wanted.contains(wgpu::Features::SHADER_F16) && adapter.features().contains(coop_features)
+        });
         if coop_tile.is_some() {
             wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }

@@ -3,7 +3,7 @@
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_shape, to_u32};
+use super::{el, expect_shape, to_u32};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// `torch.nn.BatchNorm2d(c, eps, momentum)` on an `[n, c, h, w]` input.
@@ -227,9 +227,4 @@ pub fn batch_norm_backward(
         )?
         .with_cost(12.0 * numel, 4.0 * el(inp) * numel),
     ])
-}
-
-/// Bytes per activation element.
-fn el(t: &Tensor) -> f64 {
-    t.dtype.bytes() as f64
 }

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_shape, placeholder, placeholder_like, to_u32};
+use super::{el, expect_shape, placeholder, placeholder_like, to_u32};
 use crate::gpu::tune::{TuneEntry, TuneMode};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
@@ -409,11 +409,6 @@ pub fn conv2d_backward_weight_tiled(
     let first =
         gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
     Ok(vec![first, weight_grad_reduce(gpu, cfg, precision, &params, &partial, dweight)?])
-}
-
-/// Bytes per element of an activation tensor.
-fn el(t: &Tensor) -> f64 {
-    t.dtype.bytes() as f64
 }
 
 /// The fixed-order sum of a split weight gradient's slices (both kernel families write them alike).

@@ -38,6 +38,11 @@ pub(crate) fn placeholder_like(gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
     Tensor::zeros_of(gpu, "unused", &[1], t.dtype)
 }
 
+/// Bytes per element of `t` (4, or 2 for an f16 plan's activations), for dispatch costs.
+pub(crate) fn el(t: &Tensor) -> f64 {
+    t.dtype.bytes() as f64
+}
+
 /// The parameter block of the elementwise kernels (relu, add): the element count, padded to 16
 /// bytes as WGSL's uniform layout wants.
 #[repr(C)]

@@ -189,7 +189,7 @@ impl OptimizerStep {
         });
         let consts = [("WG", WG as f64), ("SCALED", f64::from(u8::from(scaler.is_some())))];
         let grid = gpu.grid_1d(len as usize, WG);
-        let no_scaler = Tensor::zeros(gpu, "no loss scaler", &[1])?;
+        let no_scaler = super::placeholder(gpu)?;
         let scaler = scaler.unwrap_or(&no_scaler);
         let dispatch = match config {
             OptimizerConfig::Adam { .. } => {

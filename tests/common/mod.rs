@@ -78,6 +78,21 @@ pub fn read(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
     t.read::<f32>(gpu).expect("read back")
 }
 
+/// A network's parameters and batch-norm running statistics read back by state-dict name, as the
+/// reference step (`reference::model::train_step[_in]`) takes them.
+pub fn reference_state(
+    net: &senet_wgpu::model::plan::Network,
+) -> (std::collections::HashMap<String, Vec<f64>>, std::collections::HashMap<String, Vec<f64>>) {
+    let gpu = &net.gpu;
+    let params = net.params.iter().map(|p| (p.spec.name.clone(), to_f64(&read(gpu, &p.value)))).collect();
+    let mut buffers = std::collections::HashMap::new();
+    for b in &net.bn {
+        buffers.insert(format!("{}.running_mean", b.name), to_f64(&read(gpu, &b.running_mean)));
+        buffers.insert(format!("{}.running_var", b.name), to_f64(&read(gpu, &b.running_var)));
+    }
+    (params, buffers)
+}
+
 /// Run dispatches (one submit) and wait.
 pub fn run(gpu: &Gpu, dispatches: &[senet_wgpu::gpu::Dispatch]) {
     let refs: Vec<&_> = dispatches.iter().collect();
