@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+pub mod replicas;
+
 /// Environment variables a launcher sets: (world size, local rank). OpenMPI's `mpirun` first,
 /// then MPICH/Hydra and PMIx launchers.
 const SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];

@@ -1,0 +1,210 @@
+//! What the loop tells the user: the banner, the progress bar and its running line, the table's
+//! closing lines, `--profile`'s tables, and where a diverged run went wrong.
+
+use std::time::Instant;
+
+use anyhow::{Result, ensure};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::Trainer;
+use crate::eval::read_sums;
+use crate::gpu::Gpu;
+use crate::metrics::EpochMetrics;
+use crate::model::plan::{Network, StepPlan};
+use crate::run::RunState;
+
+/// f16: consecutive skipped steps after which the run stops (each halves the loss scale, so 50 is
+/// a factor 2^50 — no gradient overflow needs that; a forward pass that overflows f16 never recovers).
+const MAX_SKIPPED_IN_A_ROW: u32 = 50;
+
+/// The loss went NaN or infinite: name the step and the first layer whose output (or the first
+/// parameter) is not finite. Nothing is saved, so the last good checkpoint stays as it was.
+pub(super) fn divergence(net: &Network, plan: &StepPlan, epoch: usize, step: usize) -> anyhow::Error {
+    let finite = |t: &crate::gpu::Tensor| t.read_f32(&net.gpu).map(|v| v.iter().all(|x| x.is_finite())).unwrap_or(true);
+    let param = net.params.iter().find(|p| !finite(&p.value)).map(|p| format!("parameter {}", p.spec.name));
+    let layer = net
+        .graph
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(k, _)| !finite(&plan.acts[k + 1]))
+        .map(|(_, n)| format!("the output of {} ({:?})", n.name, n.layer));
+    let place = layer.or(param).unwrap_or_else(|| "the loss".into());
+    anyhow::anyhow!(
+        "training diverged at epoch {epoch} step {step} (optimizer step {}): the loss is not finite; first non-finite \
+         value in {place}. Checkpoints were not overwritten; try a lower --lr",
+        net.step
+    )
+}
+
+pub(super) fn print_tuning(gpu: &Gpu) {
+    let tuned = gpu.tuner.summary();
+    if tuned.timed + tuned.cached > 0 {
+        let cache = gpu.tuner.path.as_ref().map_or("memory only".to_string(), |p| p.display().to_string());
+        println!(
+            "conv kernels ({:?} tuning): {} shapes timed in {:.1} s, {} from the cache ({cache})",
+            gpu.tuner.mode, tuned.timed, tuned.seconds, tuned.cached
+        );
+    }
+}
+
+pub(super) fn bar(len: u64, prefix: String) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}
+
+impl Trainer<'_> {
+    /// Print a line on rank 0 (the only rank that talks, but for errors).
+    pub(super) fn say(&self, line: String) {
+        if self.dist.is_root() {
+            println!("{line}");
+        }
+    }
+
+    /// What is about to be trained, on what, and how the best checkpoint is chosen.
+    pub(super) fn print_banner(&self, net: &Network, dataset: &str) {
+        let (args, dist) = (self.args, self.dist);
+        self.say(format!(
+            "{} width {} (r={}) on {dataset}: {} params | {} train / {} test images {:?} | {} | batch {} | {:?}",
+            args.net.model,
+            args.net.width,
+            args.net.reduction,
+            net.graph.parameter_count(),
+            self.train_set.len(),
+            self.test_set.len(),
+            self.train_set.shape,
+            self.gpu.describe(),
+            args.batch_size,
+            args.optimizer
+        ));
+        if dist.size > 1 {
+            let floats = net.flat.grads.numel();
+            let shard_len = self.train_set.len().div_ceil(dist.size);
+            self.say(format!(
+                "data parallel over {} MPI ranks: batch {} per rank ({} in all); each epoch's shuffle is the same on \
+                 every rank, padded from {} to {} images, {} per rank (DistributedSampler); gradients averaged by one \
+                 host-staged all-reduce of {floats} floats ({:.1} MB) per step; batch norm with per-rank statistics, \
+                 rank 0's running statistics; test set split by batches over the ranks",
+                dist.size,
+                args.batch_size,
+                args.batch_size * dist.size,
+                self.train_set.len(),
+                shard_len * dist.size,
+                shard_len,
+                floats as f64 * 4e-6
+            ));
+        }
+        self.say(match &self.val_set {
+            Some(v) => format!(
+                "best.safetensors is chosen on validation accuracy ({} images held out of training, seed {}); test \
+                 beside it",
+                v.len(),
+                args.seed
+            ),
+            None => "best.safetensors is chosen on test accuracy (no --val-split), so that figure is optimistic".into(),
+        });
+        self.say(EpochMetrics::table_header(self.val_set.is_some()));
+    }
+
+    /// The closing lines: the best epoch and where the run folder is.
+    pub(super) fn print_best(&self, state: &RunState) {
+        if let Some(b) = state.history.iter().find(|m| m.selection_acc() == state.best_acc) {
+            self.say(match b.val_acc {
+                Some(v) => {
+                    format!("best validation accuracy {v:.4} at epoch {} (test accuracy {:.4})", b.epoch, b.test_acc)
+                }
+                None => format!("best test accuracy {:.4} at epoch {}", b.test_acc, b.epoch),
+            });
+        }
+        self.say(format!("checkpoints and metrics in {}", self.args.out.display()));
+    }
+
+    /// The running loss and accuracy after `step` steps (a read of the metrics buffers), and on a
+    /// CPU adapter, once, how long an epoch will take.
+    pub(super) fn log_progress(
+        &self,
+        net: &Network,
+        plan: &StepPlan,
+        epoch: usize,
+        step: usize,
+        t0: Instant,
+        pb: &ProgressBar,
+    ) -> Result<()> {
+        let (l, c, n) = read_sums(net, &self.plans, false)?;
+        if !l.is_finite() {
+            return Err(divergence(net, plan, epoch, step));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let rate = n / secs;
+        let mut msg = if self.dist.size > 1 {
+            // Rank 0's running loss; images/s of all ranks (each trains as many).
+            let reduce = self.reduce_secs.get();
+            format!(
+                "loss {:.4} acc {:.4} (rank 0) lr {:.3e} {:.0} img/s | all-reduce {:.1} ms/step, {:.0} %",
+                l / n,
+                c / n,
+                self.lr_at(epoch, step),
+                rate * self.dist.size as f64,
+                1e3 * reduce / step as f64,
+                100.0 * reduce / secs
+            )
+        } else {
+            format!("loss {:.4} acc {:.4} lr {:.3e} {:.0} img/s", l / n, c / n, self.lr_at(epoch, step), rate)
+        };
+        if let Some(s) = &net.scaler {
+            let st = s.read(&self.gpu)?;
+            msg += &format!(" | loss scale {} ({} skipped)", st.scale, st.skipped);
+            // A loss scale too high costs torch AMP a few skipped steps at the start; a forward pass
+            // that overflows f16 skips every step, forever, while the scale falls to nothing.
+            ensure!(
+                st.skipped_in_a_row < MAX_SKIPPED_IN_A_ROW,
+                "epoch {epoch} step {step}: the last {} steps overflowed f16 and were skipped (loss scale now {:e}); \
+                 the model's activations or loss do not fit f16 — train with --precision f32",
+                st.skipped_in_a_row,
+                st.scale
+            );
+        }
+        if pb.is_hidden() && self.dist.is_root() {
+            println!("epoch {epoch} step {step}/{} {msg}", self.steps_per_epoch);
+        }
+        pb.set_message(msg);
+        if epoch == self.first_epoch && step == self.args.log_every && self.gpu.is_cpu() && self.dist.is_root() {
+            pb.suspend(|| {
+                eprintln!(
+                    "note: {} is a CPU adapter; expect about {:.0} s per epoch",
+                    self.gpu.info.name,
+                    self.train_set.len() as f64 / rate
+                )
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `--profile`: this step runs timed, one pass per dispatch (same results), and prints the
+/// per-kernel and per-conv-layer tables as `senet bench` does.
+pub(super) fn profile_step(
+    net: &mut Network,
+    plan: &StepPlan,
+    epoch: usize,
+    step: usize,
+    pb: &ProgressBar,
+) -> Result<()> {
+    let ceilings = crate::bench::ceilings(&net.gpu)?;
+    let profile = crate::bench::profiled_step(net, plan, ceilings)?;
+    pb.suspend(|| {
+        println!(
+            "per-kernel profile of epoch {epoch}, step {}:\n{}\n{}",
+            step + 1,
+            crate::bench::format_kernels(&profile.kernels),
+            crate::bench::format_conv_layers(&profile.conv_layers)
+        )
+    });
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! Before the first step: the settings (`--resume`'s, checked against every rank's), the data,
+//! the network and the run folder.
+
+use anyhow::{Result, ensure};
+
+use crate::args::TrainArgs;
+use crate::data::Dataset;
+use crate::data::loader;
+use crate::dist::{Collective, Dist, replicas};
+use crate::gpu::Precision;
+use crate::model::ModelConfig;
+use crate::model::plan::Network;
+use crate::run::{self, RunFolder, RunState};
+
+/// The training, validation (`--val-split`) and test sets, and the model configuration they and
+/// the flags make. Normalisation statistics come from the training images only.
+pub(super) fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Option<Dataset>, Dataset, ModelConfig)> {
+    let splits = args.data.load(None)?;
+    let mut train_set = splits.train;
+    if let Some(n) = args.limit_train {
+        ensure!(n >= 1, "--limit-train must be at least 1");
+        train_set.truncate(n);
+    }
+    let val_set = match args.val_split {
+        Some(v) => Some(train_set.hold_out(crate::args::val_count(v, train_set.len())?, args.seed)),
+        None => None,
+    };
+    ensure!(
+        splits.test.shape == train_set.shape,
+        "test images {:?} differ from training images {:?}",
+        splits.test.shape,
+        train_set.shape
+    );
+    let [c, h, w] = train_set.shape;
+    let mut config = args.net.config(c, [h, w], train_set.classes.len(), train_set.classes.clone());
+    config.normalize = if args.mean.is_empty() {
+        args.normalize.then(|| loader::channel_stats(&train_set))
+    } else {
+        ensure!(args.mean.len() == c, "--mean and --std give {} channels; the images have {c}", args.mean.len());
+        Some(args.mean.iter().zip(&args.std).map(|(&m, &s)| (m as f32, s as f32)).collect())
+    };
+    Ok((splits.name, train_set, val_set, splits.test, config))
+}
+
+/// A new run folder, or the `--resume`d one with `net` restored from it.
+pub(super) fn open_run(
+    args: &TrainArgs,
+    config: &ModelConfig,
+    dataset: &str,
+    net: &mut Network,
+) -> Result<(RunFolder, RunState)> {
+    if args.resume.is_none() {
+        return RunFolder::create(&args.out, config, args, dataset);
+    }
+    let (run, state) = RunFolder::resume(&args.out, net)?;
+    println!(
+        "resuming {} after epoch {}{} (optimizer step {})",
+        args.out.display(),
+        state.history.len(),
+        state.partial.as_ref().map_or(String::new(), |(k, _)| format!(" and {k} steps of the next")),
+        net.step
+    );
+    Ok((run, state))
+}
+
+/// `--resume`: rank 0 reads the run's settings and sends them (the folder need not be visible
+/// to the other ranks). None without `--resume`.
+pub(super) fn resumed_args(args: &TrainArgs, dist: &Dist) -> Result<Option<TrainArgs>> {
+    let Some(dir) = &args.resume else { return Ok(None) };
+    Ok(dist.from_root(|| run::resumed_args(args))?.map(|mut r| {
+        // Not in the JSON (config.json never holds it): every rank's own flag.
+        r.resume = Some(dir.clone());
+        r
+    }))
+}
+
+/// The flags one process takes and a data-parallel job does not yet. Collective: every rank has
+/// the same flags (compared next) and stops here together.
+pub(super) fn refuse_under_mpi(args: &TrainArgs, dist: &Dist) -> Result<()> {
+    let not_yet = [
+        (args.profile, "--profile"),
+        (args.precision != Precision::F32, "--precision f16"),
+        (args.val_split.is_some(), "--val-split"),
+    ];
+    match not_yet.iter().find(|(bad, _)| dist.size > 1 && *bad) {
+        Some((_, what)) => Err(Collective(format!(
+            "{what} is not supported under mpirun yet ({} ranks); run it as one process",
+            dist.size
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
+/// Rank 0 opens (or resumes) the run folder; the others take its state, and every rank starts
+/// from rank 0's weights and optimizer state (as DDP does), whatever its own init gave.
+pub(super) fn open_run_on_every_rank(
+    args: &TrainArgs,
+    config: &ModelConfig,
+    dataset: &str,
+    net: &mut Network,
+    dist: &Dist,
+) -> Result<(Option<RunFolder>, RunState)> {
+    let opened = if dist.is_root() { open_run(args, config, dataset, net).map(Some) } else { Ok(None) };
+    let (mut run, root_state) = match dist.agree_with_root(opened)? {
+        Some((run, state)) => (Some(run), Some(state)),
+        None => (None, None),
+    };
+    let state = replicas::share_state(dist, root_state)?;
+    if args.resume.is_some() && state.ranks != dist.size {
+        return Err(Collective(format!(
+            "--resume {}: the run was trained by {} rank(s) and this job has {}; resume it with the same count \
+             (mpirun -np {}; one process for 1)",
+            args.out.display(),
+            state.ranks,
+            dist.size,
+            state.ranks
+        ))
+        .into());
+    }
+    if let Some(run) = run.as_mut() {
+        run.ranks = dist.size;
+    }
+    replicas::broadcast_model(net, dist)?;
+    Ok((run, state))
+}
