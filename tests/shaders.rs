@@ -62,7 +62,7 @@ fn every_kernel_has_an_f16_variant_and_its_f32_variant_is_all_f32() {
     }
 }
 
-/// The passes an entry point may name. `gemm` and `gemm_tiled` serve several passes, chosen by
+/// The passes an entry point may name. `gemm`, `gemm_tiled` and `gemm_coop` serve several passes, chosen by
 /// their MODE override; `reduce` is the second stage of a split reduction; `step` an optimizer's.
 const PASSES: &[&str] = &[
     "forward",
@@ -77,7 +77,7 @@ const PASSES: &[&str] = &[
     "reduce",
     "gemm",
     "gemm_tiled",
-    "forward_coop",
+    "gemm_coop",
     "step",
     "fma",
     "copy",
