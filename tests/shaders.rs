@@ -3,7 +3,7 @@
 
 use naga::valid::Capabilities;
 use senet_wgpu::gpu::{
-    COOP_SHADERS, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
+    CONV_GEMM_PART, COOP_SHADERS, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
 };
 
 /// Parse and validate a file as the device compiles it: with a reduction prelude appended and
@@ -182,7 +182,7 @@ fn every_shader_file_is_registered() {
     let mut registered: Vec<String> = SHADERS
         .iter()
         .chain(COOP_SHADERS)
-        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP])
+        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP, &CONV_GEMM_PART])
         .map(|(n, _)| format!("{n}.wgsl"))
         .collect();
     registered.sort();

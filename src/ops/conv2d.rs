@@ -273,17 +273,7 @@ pub fn conv2d_forward_tiled(
     // conv2d_gemm in MODE 0 never reads dout (binding 5), nor the bias without one.
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, inp)?;
-    let bias = match (cfg.bias, bias) {
-        (true, Some(b)) => {
-            expect_shape("conv2d bias", b, &[cfg.c_out])?;
-            b
-        }
-        (false, None) => &unused,
-        (want, _) => anyhow::bail!(
-            "conv2d: configuration says bias={want} but a bias tensor was{} given",
-            if want { " not" } else { "" }
-        ),
-    };
+    let bias = forward_bias(cfg, bias, &unused)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cfg.c_out, tiles.gemm_n, 1)?;
     let binds = [
@@ -497,43 +487,7 @@ pub fn conv2d_forward_smem(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d input", inp, &cfg.input_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d output", out, &cfg.output_shape())?;
-    ensure!(
-        bias.is_some() == cfg.bias,
-        "conv2d: configuration says bias={} but a bias tensor was given or not",
-        cfg.bias
-    );
-    let unused = placeholder(gpu)?;
-    let bias = match bias {
-        Some(b) => {
-            expect_shape("conv2d bias", b, &[cfg.c_out])?;
-            b
-        }
-        None => &unused,
-    };
-    let unused_act = placeholder_like(gpu, inp)?;
-    // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
-    let scratch = placeholder(gpu)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = tiles.grid(gpu, cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1)?;
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, weight),
-        Bind::Tensor(3, bias),
-        Bind::Tensor(4, out),
-        Bind::Tensor(5, &unused_act),
-        Bind::Tensor(6, &scratch),
-    ];
-    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
-    Ok(vec![
-        gpu.dispatch_in(Precision::of(inp), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(0), &binds, grid)?
-            .labelled("conv2d_forward (tiled)")
-            .with_cost(2.0 * cfg.macs() as f64, bytes),
-    ])
+    gemm_forward(gpu, cfg, Gemm::Smem(tiles), inp, weight, bias, out)
 }
 
 /// The input gradient with workgroup-memory tiles (MODE 1).
@@ -545,30 +499,7 @@ pub fn conv2d_backward_input_smem(
     weight: &Tensor,
     dinp: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
-    let unused = placeholder(gpu)?;
-    let unused_act = placeholder_like(gpu, dout)?;
-    let scratch = placeholder(gpu)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = tiles.grid(gpu, cfg.c_in, cfg.n * cfg.h * cfg.w, 1)?;
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused_act),
-        Bind::Tensor(2, weight),
-        Bind::Tensor(3, &unused),
-        Bind::Tensor(4, dinp),
-        Bind::Tensor(5, dout),
-        Bind::Tensor(6, &scratch),
-    ];
-    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
-    Ok(vec![
-        gpu.dispatch_in(Precision::of(dout), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(1), &binds, grid)?
-            .labelled("conv2d_backward_input (tiled)")
-            .with_cost(2.0 * cfg.macs() as f64, bytes),
-    ])
+    gemm_backward_input(gpu, cfg, Gemm::Smem(tiles), dout, weight, dinp)
 }
 
 /// The weight gradient with workgroup-memory tiles (MODE 2), K = N*OH*OW split `splits` ways
@@ -582,20 +513,156 @@ pub fn conv2d_backward_weight_smem(
     dweight: &Tensor,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
+    gemm_backward_weight(gpu, cfg, Gemm::Smem(tiles), inp, dout, dweight, splits)
+}
+
+/// The two workgroup-GEMM families, which share one binding layout and one MODE numbering (0
+/// forward, 1 input gradient, 2 weight gradient): workgroup-memory tiles (`conv2d_tiled.wgsl`)
+/// and cooperative matrices (`conv2d_coop.wgsl`). Each pass below is written once for both.
+#[derive(Clone, Copy, Debug)]
+enum Gemm {
+    Smem(SmemTiles),
+    /// The adapter's square f16 cooperative-matrix tile T (checked by [`coop_tile`]).
+    Coop(usize),
+}
+
+impl Gemm {
+    /// The depth of one K step: a weight-gradient split is a whole number of them.
+    fn k_step(self) -> usize {
+        match self {
+            Gemm::Smem(t) => t.bk,
+            Gemm::Coop(t) => t,
+        }
+    }
+
+    /// One launch in `mode` over a `rows` x `cols` GEMM with `z` K splits.
+    fn dispatch(
+        self,
+        gpu: &Gpu,
+        mode: u32,
+        binds: &[Bind<'_>],
+        dims: (usize, usize, usize),
+        precision: Precision,
+    ) -> Result<Dispatch> {
+        let d = match self {
+            Gemm::Smem(t) => {
+                let grid = t.grid(gpu, dims.0, dims.1, dims.2)?;
+                gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &t.constants(mode), binds, grid)?
+            }
+            Gemm::Coop(t) => coop_dispatch(gpu, mode, binds, dims, t)?,
+        };
+        Ok(d.labelled(match (self, mode) {
+            (Gemm::Smem(_), 0) => "conv2d_forward (tiled)",
+            (Gemm::Smem(_), 1) => "conv2d_backward_input (tiled)",
+            (Gemm::Smem(_), _) => "conv2d_backward_weight (tiled)",
+            (Gemm::Coop(_), 0) => "conv2d_forward (coop)",
+            (Gemm::Coop(_), 1) => "conv2d_backward_input (coop)",
+            (Gemm::Coop(_), _) => "conv2d_backward_weight (coop)",
+        }))
+    }
+}
+
+/// The forward's bias binding: the bias, checked, or `unused` for a layer without one.
+fn forward_bias<'a>(cfg: &Conv2dConfig, bias: Option<&'a Tensor>, unused: &'a Tensor) -> Result<&'a Tensor> {
+    match (cfg.bias, bias) {
+        (true, Some(b)) => {
+            expect_shape("conv2d bias", b, &[cfg.c_out])?;
+            Ok(b)
+        }
+        (false, None) => Ok(unused),
+        (want, _) => anyhow::bail!(
+            "conv2d: configuration says bias={want} but a bias tensor was{} given",
+            if want { " not" } else { "" }
+        ),
+    }
+}
+
+/// The forward pass on a workgroup GEMM (MODE 0).
+fn gemm_forward(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    gemm: Gemm,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d output", out, &cfg.output_shape())?;
+    let unused = placeholder(gpu)?;
+    let bias = forward_bias(cfg, bias, &unused)?;
+    let unused_act = placeholder_like(gpu, inp)?;
+    // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
+    let scratch = placeholder(gpu)?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+        Bind::Tensor(5, &unused_act),
+        Bind::Tensor(6, &scratch),
+    ];
+    let dims = (cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1);
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    Ok(vec![gemm.dispatch(gpu, 0, &binds, dims, Precision::of(inp))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
+}
+
+/// The input gradient on a workgroup GEMM (MODE 1): the transposed convolution, gathered.
+fn gemm_backward_input(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    gemm: Gemm,
+    dout: &Tensor,
+    weight: &Tensor,
+    dinp: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+    let (unused, unused_act, scratch) = (placeholder(gpu)?, placeholder_like(gpu, dout)?, placeholder(gpu)?);
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, &unused_act),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, dinp),
+        Bind::Tensor(5, dout),
+        Bind::Tensor(6, &scratch),
+    ];
+    let dims = (cfg.c_in, cfg.n * cfg.h * cfg.w, 1);
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    Ok(vec![gemm.dispatch(gpu, 1, &binds, dims, Precision::of(dout))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
+}
+
+/// The weight gradient on a workgroup GEMM (MODE 2), K = N*OH*OW split `splits` ways (each split
+/// a whole number of K steps, so none straddles two) and reduced in a fixed order by
+/// `conv2d_backward_weight_reduce` (1 = written directly). dweight is f32.
+fn gemm_backward_weight(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    gemm: Gemm,
+    inp: &Tensor,
+    dout: &Tensor,
+    dweight: &Tensor,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d dout", dout, &cfg.output_shape())?;
     expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
     ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
     let m = cfg.n * cfg.out_h() * cfg.out_w();
-    // Each split a whole number of K steps, so no K step straddles two splits.
-    let split_len = m.div_ceil(splits).next_multiple_of(tiles.bk);
+    let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
     let splits = m.div_ceil(split_len);
     let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
     let k = cfg.c_in * cfg.kh * cfg.kw;
-    let grid = tiles.grid(gpu, cfg.c_out, k, splits)?;
-    let unused = placeholder(gpu)?;
-    let unused_act = placeholder_like(gpu, inp)?;
+    let (unused, unused_act) = (placeholder(gpu)?, placeholder_like(gpu, inp)?);
     // Binding 4 (the other modes' output) is writable: a buffer of its own.
     let scratch = placeholder_like(gpu, inp)?;
     let partial =
@@ -615,11 +682,7 @@ pub fn conv2d_backward_weight_smem(
         el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
     );
     let precision = Precision::of(inp);
-    let mut out = vec![
-        gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(2), &binds, grid)?
-            .labelled("conv2d_backward_weight (tiled)")
-            .with_cost(flops, bytes),
-    ];
+    let mut out = vec![gemm.dispatch(gpu, 2, &binds, (cfg.c_out, k, splits), precision)?.with_cost(flops, bytes)];
     if let Some(partial) = &partial {
         out.push(weight_grad_reduce(gpu, cfg, precision, &params, partial, dweight)?);
     }
@@ -810,45 +873,10 @@ pub fn conv2d_forward_coop(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d input", inp, &cfg.input_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d output", out, &cfg.output_shape())?;
-    let t = coop_tile(gpu, inp)?;
-    ensure!(
-        bias.is_some() == cfg.bias,
-        "conv2d: configuration says bias={} but a bias tensor was given or not",
-        cfg.bias
-    );
-    let unused = placeholder(gpu)?;
-    let bias = match bias {
-        Some(b) => {
-            expect_shape("conv2d bias", b, &[cfg.c_out])?;
-            b
-        }
-        None => &unused,
-    };
-    let (unused_act, scratch) = (placeholder_like(gpu, inp)?, placeholder(gpu)?);
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, weight),
-        Bind::Tensor(3, bias),
-        Bind::Tensor(4, out),
-        Bind::Tensor(5, &unused_act),
-        Bind::Tensor(6, &scratch),
-    ];
-    let grid = (cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1);
-    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
-    Ok(vec![
-        coop_dispatch(gpu, 0, &binds, grid, t)?
-            .labelled("conv2d_forward (coop)")
-            .with_cost(2.0 * cfg.macs() as f64, bytes),
-    ])
+    gemm_forward(gpu, cfg, Gemm::Coop(coop_tile(gpu, inp)?), inp, weight, bias, out)
 }
 
-/// The input gradient on cooperative matrices (MODE 1): the transposed convolution, gathered.
+/// The input gradient on cooperative matrices (MODE 1).
 pub fn conv2d_backward_input_coop(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
@@ -856,34 +884,11 @@ pub fn conv2d_backward_input_coop(
     weight: &Tensor,
     dinp: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
-    let t = coop_tile(gpu, dout)?;
-    let (unused, unused_act, scratch) = (placeholder(gpu)?, placeholder_like(gpu, dout)?, placeholder(gpu)?);
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused_act),
-        Bind::Tensor(2, weight),
-        Bind::Tensor(3, &unused),
-        Bind::Tensor(4, dinp),
-        Bind::Tensor(5, dout),
-        Bind::Tensor(6, &scratch),
-    ];
-    let grid = (cfg.c_in, cfg.n * cfg.h * cfg.w, 1);
-    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
-    Ok(vec![
-        coop_dispatch(gpu, 1, &binds, grid, t)?
-            .labelled("conv2d_backward_input (coop)")
-            .with_cost(2.0 * cfg.macs() as f64, bytes),
-    ])
+    gemm_backward_input(gpu, cfg, Gemm::Coop(coop_tile(gpu, dout)?), dout, weight, dinp)
 }
 
-/// The weight gradient on cooperative matrices (MODE 2), K = N*OH*OW split `splits` ways (each
-/// split a whole number of T-deep K steps) and reduced in a fixed order by
-/// `conv2d_backward_weight_reduce` (1 = written directly). dweight is f32.
+/// The weight gradient on cooperative matrices (MODE 2), split and reduced as the tiled one's
+/// (each split a whole number of T-deep K steps). dweight is f32.
 pub fn conv2d_backward_weight_coop(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
@@ -892,45 +897,7 @@ pub fn conv2d_backward_weight_coop(
     dweight: &Tensor,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d input", inp, &cfg.input_shape())?;
-    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-    expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
-    ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
-    let t = coop_tile(gpu, inp)?;
-    let m = cfg.n * cfg.out_h() * cfg.out_w();
-    let split_len = m.div_ceil(splits).next_multiple_of(t);
-    let splits = m.div_ceil(split_len);
-    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
-    let k = cfg.c_in * cfg.kh * cfg.kw;
-    let (unused, unused_act) = (placeholder(gpu)?, placeholder_like(gpu, inp)?);
-    // Binding 4 (the other modes' output) is writable: a buffer of its own.
-    let scratch = placeholder_like(gpu, inp)?;
-    let partial =
-        if splits > 1 { Some(Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?) } else { None };
-    let target = partial.as_ref().unwrap_or(dweight);
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, &unused_act),
-        Bind::Tensor(3, &unused),
-        Bind::Tensor(4, &scratch),
-        Bind::Tensor(5, dout),
-        Bind::Tensor(6, target),
-    ];
-    let (flops, bytes) = (
-        2.0 * cfg.macs() as f64,
-        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
-    );
-    let mut out = vec![
-        coop_dispatch(gpu, 2, &binds, (cfg.c_out, k, splits), t)?
-            .labelled("conv2d_backward_weight (coop)")
-            .with_cost(flops, bytes),
-    ];
-    if let Some(partial) = &partial {
-        out.push(weight_grad_reduce(gpu, cfg, Precision::F16, &params, partial, dweight)?);
-    }
-    Ok(out)
+    gemm_backward_weight(gpu, cfg, Gemm::Coop(coop_tile(gpu, inp)?), inp, dout, dweight, splits)
 }
 
 /// The dispatches of `pass` with the chosen `kernel`, or — should it not launch here (a cache
