@@ -222,6 +222,8 @@ impl Trainer<'_> {
             net.set_lr(self.lr_at(epoch, step + 1));
             if args.profile && step == skip && epoch == args.epochs().min(self.first_epoch + 1) {
                 profile_step(net, plan, epoch, step, &pb)?;
+                // The profiled step runs a pass per dispatch: not a step time for the run's ETA.
+                self.clock.borrow_mut().start_epoch(step + 1, Instant::now());
                 in_flight = None;
                 pb.inc(1);
                 continue;
