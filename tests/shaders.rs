@@ -62,9 +62,10 @@ fn every_kernel_has_an_f16_variant_and_its_f32_variant_is_all_f32() {
     }
 }
 
-/// The passes an entry point may name. `gemm` and `gemm_tiled` serve several passes, chosen by
-/// their MODE override; `partial` and `reduce` are the two stages of a split reduction; `step` an
-/// optimizer's; `scale` an in-place multiplication by a factor a reduction found (gradient clipping).
+/// The passes an entry point may name. `gemm`, `gemm_tiled` and `gemm_coop` serve several passes,
+/// chosen by their MODE override; `partial` and `reduce` are the two stages of a split reduction;
+/// `step` an optimizer's; `scale` an in-place multiplication by a factor a reduction found
+/// (gradient clipping).
 const PASSES: &[&str] = &[
     "forward",
     "forward_train",
@@ -80,7 +81,7 @@ const PASSES: &[&str] = &[
     "scale",
     "gemm",
     "gemm_tiled",
-    "forward_coop",
+    "gemm_coop",
     "step",
     "fma",
     "copy",

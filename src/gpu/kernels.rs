@@ -258,6 +258,15 @@ impl Gpu {
         Ok(pipeline)
     }
 
+    /// Every pipeline built so far, as `shader::entry:precision[constants]`, sorted: what this
+    /// device has compiled (the tuner's candidates included), for tests.
+    pub fn built_pipelines(&self) -> Vec<String> {
+        let mut keys: Vec<String> =
+            self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
     /// A uniform buffer holding `params`, padded to 16 bytes as WGSL's uniform layout wants.
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, params: &T) -> wgpu::Buffer {
         let mut bytes = bytemuck::bytes_of(params).to_vec();

@@ -415,13 +415,9 @@ impl Network {
                         &[ConvPass::Forward, ConvPass::BackwardWeight]
                     };
                     for &pass in passes {
-                        // An f16 plan's forward GEMM runs on cooperative matrices where there are any.
-                        let chosen = match gpu.coop_tile {
-                            Some(t) if pass == ConvPass::Forward && self.precision == Precision::F16 => {
-                                conv2d::ConvKernel::Coop(t)
-                            }
-                            _ => conv2d::choose(gpu, &cfg, pass)?,
-                        };
+                        // Tuned in the plan's precision: an f16 plan's built-in choice is cooperative
+                        // matrices where the adapter lists them (conv2d::builtin).
+                        let chosen = conv2d::choose(gpu, &cfg, pass, self.precision)?;
                         let (d, kernel) = conv2d::conv2d_pass_chosen(gpu, &cfg, pass, chosen, &bufs)?;
                         conv_kernels.push((name.clone(), pass, kernel));
                         if pass == ConvPass::Forward {
