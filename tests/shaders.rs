@@ -62,8 +62,10 @@ fn every_kernel_has_an_f16_variant_and_its_f32_variant_is_all_f32() {
     }
 }
 
-/// The passes an entry point may name. `gemm`, `gemm_tiled` and `gemm_coop` serve several passes, chosen by
-/// their MODE override; `reduce` is the second stage of a split reduction; `step` an optimizer's.
+/// The passes an entry point may name. `gemm`, `gemm_tiled` and `gemm_coop` serve several passes,
+/// chosen by their MODE override; `partial` and `reduce` are the two stages of a split reduction;
+/// `step` an optimizer's; `scale` an in-place multiplication by a factor a reduction found
+/// (gradient clipping).
 const PASSES: &[&str] = &[
     "forward",
     "forward_train",
@@ -74,7 +76,9 @@ const PASSES: &[&str] = &[
     "backward_weight",
     "backward_weight_reduce",
     "backward_bias",
+    "partial",
     "reduce",
+    "scale",
     "gemm",
     "gemm_tiled",
     "gemm_coop",

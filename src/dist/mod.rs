@@ -254,9 +254,11 @@ impl Dist {
 }
 
 /// One data-parallel step on the batch in `plan`: forward and backward, the gradients averaged
-/// over the ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the same
-/// update on every rank. Waits for the GPU (the read-back). `stop` (a signal reached this rank)
-/// rides along as one more value of the all-reduce. Returns whether it reached any rank, and the
+/// over the ranks (read back, MPI all-reduce sum, / N, written back), then
+/// (`Network::apply_update`) `--clip-grad-norm`'s clipping of the averaged gradients (DDP's
+/// order: clip after the all-reduce) and the optimizer, the same update on every rank. Waits for
+/// the GPU (the read-back). `stop` (a signal reached this rank) rides along as one more value of
+/// the all-reduce. Returns whether it reached any rank, and the
 /// seconds of the host-staged exchange: read-back, MPI (with any wait for a slower rank), write.
 pub fn data_parallel_step(
     net: &mut crate::model::plan::Network,

@@ -31,6 +31,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("add", include_str!("../../shaders/add.wgsl")),
     ("cast", include_str!("../../shaders/cast.wgsl")),
     ("grad_scaler", include_str!("../../shaders/grad_scaler.wgsl")),
+    ("clip_grad_norm", include_str!("../../shaders/clip_grad_norm.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32
