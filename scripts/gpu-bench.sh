@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared command for a GPU machine: `senet devices`, `senet bench --json` on four models,
-# PyTorch on the same four (scripts/torch_bench_cuda.py: fp32 with TF32 off, TF32, AMP fp16;
-# channels_last where faster), then one markdown table and one JSON file with our ratio to each.
+# The one prepared command for a GPU machine: `senet devices`, `senet bench --json` on four models
+# in f32 and in f16 (`--precision f16`: AMP's recipe, tensor cores through cooperative matrices
+# where the adapter lists them), PyTorch on the same four (scripts/torch_bench_cuda.py: fp32 with
+# TF32 off, TF32, AMP = autocast fp16 + GradScaler; channels_last where faster), then one markdown
+# table and one JSON file: our f32 beside PyTorch fp32 and TF32, our f16 beside PyTorch AMP, and
+# our f16 / f32 speed-up, with the kernel each of our runs chose per convolution pass.
 #
-#   scripts/gpu-bench.sh [--quick] [--out DIR]
+#   scripts/gpu-bench.sh [--quick] [--out DIR] [--precisions "f32 f16"]
 #
 # It runs binaries built elsewhere (a GPU machine may have no Rust toolchain): SENET (default
 # target/release/senet, built with `cargo build --release` on a machine like CI's and carried).
@@ -13,8 +16,9 @@
 # /usr/local/nvidia when no other is registered.
 #
 # Full run (a GPU): senet w1 b128 and w0.25 b128 at 3x32x32, se-resnet20 b128 at 32x32, se-resnet50
-# b64 at 224x224 (1000 classes); every command under a timeout (devices 30 s, each bench 60 s,
-# PyTorch 100 s) so the whole stays inside 6 minutes.
+# b64 at 224x224 (1000 classes), each in both precisions; every command under a timeout (devices
+# 30 s, each bench 55 s, PyTorch 90 s) so the whole stays inside 10 minutes (9.3 at worst; one
+# precision: 5.6).
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
@@ -22,11 +26,13 @@ set -uo pipefail
 
 quick=0
 out=${OUT:-bench-out}
+precisions="f32 f16"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1; shift ;;
     --out) out=$2; shift 2 ;;
-    *) echo "gpu-bench.sh: unknown argument $1 (use --quick, --out DIR)" >&2; exit 2 ;;
+    --precisions) precisions=$2; shift 2 ;;
+    *) echo "gpu-bench.sh: unknown argument $1 (use --quick, --out DIR, --precisions \"f32 f16\")" >&2; exit 2 ;;
   esac
 done
 # Paths given relative to the caller's folder stay so after the cd to the repository.
@@ -36,6 +42,9 @@ cd "$(dirname "$0")/.."
 senet=${SENET:-target/release/senet}
 python=${PYTHON:-python3}
 [ -x "$senet" ] || { echo "gpu-bench.sh: no $senet (cargo build --release, or set SENET)" >&2; exit 2; }
+for p in $precisions; do
+  case "$p" in f32|f16) ;; *) echo "gpu-bench.sh: --precisions takes f32 and/or f16, not $p" >&2; exit 2 ;; esac
+done
 mkdir -p "$out"
 start=$(date +%s)
 
@@ -57,7 +66,7 @@ if [ $quick = 1 ]; then
   steps=3 torch_args=(--device cpu --modes fp32 --warmup 1 --steps 3) limit=120 torch_limit=150
 else
   cases="senet:1.0:128:32 senet:0.25:128:32 se-resnet20:1.0:128:32 se-resnet50:1.0:64:224"
-  steps=10 torch_args=(--warmup 5 --steps 20) limit=60 torch_limit=100
+  steps=10 torch_args=(--warmup 5 --steps 20) limit=55 torch_limit=90
 fi
 # The tuner's choices come back with the results (and a rerun on the same machine times nothing).
 export SENET_TUNE_CACHE="$out/tune.json"
@@ -68,14 +77,17 @@ cat "$out/devices.txt"
 for c in $cases; do
   IFS=: read -r model width batch hw <<< "$c"
   classes=10; [ "$hw" -ge 128 ] && classes=1000
-  echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} ($(( $(date +%s) - start )) s so far)"
-  if timeout "$limit" "$senet" bench --json --model "$model" --width "$width" --batch-size "$batch" \
-    --image-size "$hw" --num-classes "$classes" --steps "$steps" > "$out/bench.tmp" 2> "$out/bench-$model-$width.err"; then
-    "$python" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["case"]=sys.argv[2]; print(json.dumps(r))' \
-      "$out/bench.tmp" "$c" >> "$out/senet.jsonl" || cat "$out/bench.tmp"
-  else
-    echo "gpu-bench: senet bench $c failed or ran past ${limit} s:"; tail -5 "$out/bench-$model-$width.err"
-  fi
+  for prec in $precisions; do
+    echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} $prec ($(( $(date +%s) - start )) s so far)"
+    err="$out/bench-$model-$width-$prec.err"
+    if timeout "$limit" "$senet" bench --json --model "$model" --width "$width" --batch-size "$batch" \
+      --image-size "$hw" --num-classes "$classes" --steps "$steps" --precision "$prec" > "$out/bench.tmp" 2> "$err"; then
+      "$python" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["case"]=sys.argv[2]; print(json.dumps(r))' \
+        "$out/bench.tmp" "$c" >> "$out/senet.jsonl" || cat "$out/bench.tmp"
+    else
+      echo "gpu-bench: senet bench $c $prec failed or ran past ${limit} s:"; tail -5 "$err"
+    fi
+  done
 done
 rm -f "$out/bench.tmp"
 
@@ -90,64 +102,73 @@ else
 fi
 
 "$python" - "$out" "$quick" <<'EOF' || { echo "gpu-bench.sh: writing the report failed" >&2; exit 1; }
-import json, os, sys
+import collections, json, os, sys
 out, quick = sys.argv[1], sys.argv[2] == "1"
 def lines(name):
     path = os.path.join(out, name)
     return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
-ours = {r["case"]: r for r in lines("senet.jsonl")}
-torch = {}
-for r in lines("torch.jsonl"):
-    key = f'{r["model"]}:{r["width"]}:{r["batch"]}:{r["hw"]}'
-    torch.setdefault(key, {})[r["mode"]] = r
 def norm(c):
     m, w, b, h = c.split(":")
     return f"{m}:{float(w)}:{int(b)}:{int(h)}"
+ours = {}  # case -> precision -> senet bench record
+for r in lines("senet.jsonl"):
+    ours.setdefault(norm(r["case"]), {})[r.get("precision", "f32")] = r
+torch = {}  # case -> mode -> PyTorch record
+for r in lines("torch.jsonl"):
+    torch.setdefault(f'{r["model"]}:{float(r["width"])}:{int(r["batch"])}:{int(r["hw"])}', {})[r["mode"]] = r
 devices = open(os.path.join(out, "devices.txt")).read().strip()
 selected = [l for l in devices.splitlines() if l.startswith("selected:")]
 tdev = next((r["device"] for t in torch.values() for r in t.values()), "no PyTorch")
 md = [f"# gpu-bench{' --quick' if quick else ''}", "",
       f"ours: {selected[0][len('selected: '):] if selected else '?'}; PyTorch: {tdev}", "",
-      "images/s, train / eval; ratio = ours / PyTorch (train, eval)", "",
-      "| model | width | batch | H×W | ours | PyTorch fp32 (TF32 off) | ratio | PyTorch TF32 | ratio | PyTorch AMP fp16 | ratio |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+      "images/s, train / eval; ratio = ours / PyTorch (train, eval). Our f32 beside PyTorch fp32 (TF32 off: the "
+      "arithmetic our f32 kernels do) and TF32; our f16 (--precision f16) beside PyTorch AMP (autocast fp16 + "
+      "GradScaler); f16 / f32 = our own speed-up.", "",
+      "| model | width | batch | H×W | ours | images/s | PyTorch | images/s | ratio | f16 / f32 |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+cell = lambda tr, ev: f"{tr:,.0f} / {ev:,.0f}"
+pairs = [("f32", "fp32", "fp32 (TF32 off)"), ("f32", "tf32", "TF32"), ("f16", "amp", "AMP fp16")]
 rows = []
-cases = list(dict.fromkeys(list(ours.keys()) + [k for k in torch]))
-seen = set()
-for c in cases:
-    key = norm(c)
-    if key in seen:
-        continue
-    seen.add(key)
-    o = next((v for k, v in ours.items() if norm(k) == key), None)
-    t = torch.get(key, {})
+for key in dict.fromkeys(list(ours) + list(torch)):
     m, w, b, h = key.split(":")
-    cell = lambda tr, ev: f"{tr:,.0f} / {ev:,.0f}"
-    row = {"case": key, "ours": o and {k: o[k] for k in ("train_images_per_s", "eval_images_per_s", "train_step_gflops",
-                                                           "fma_peak_gflops", "gemm_gflops", "first_step_s", "peak_memory_bytes", "adapter")}}
-    line = [m, w, b, f"{h}×{h}", cell(o["train_images_per_s"], o["eval_images_per_s"]) if o else "failed"]
-    for mode in ("fp32", "tf32", "amp"):
-        r = t.get(mode)
-        if r:
-            line.append(cell(r["train_images_per_s"], r["eval_images_per_s"]) + (" (cl)" if r["channels_last"] else ""))
-            if o:
-                ratio = (o["train_images_per_s"] / r["train_images_per_s"], o["eval_images_per_s"] / r["eval_images_per_s"])
-                line.append(f"{ratio[0]:.2f} / {ratio[1]:.2f}")
-                row[f"ratio_{mode}"] = ratio
-            else:
-                line.append("–")
-            row[f"torch_{mode}"] = {k: r[k] for k in ("train_images_per_s", "eval_images_per_s", "channels_last")}
+    o, t = ours.get(key, {}), torch.get(key, {})
+    for prec, mode, name in pairs:
+        mine, theirs = o.get(prec), t.get(mode)
+        row = {"case": key, "precision": prec, "torch_mode": mode,
+               "ours": mine and {k: mine[k] for k in ("train_images_per_s", "eval_images_per_s", "train_step_gflops",
+                                                      "fma_peak_gflops", "gemm_gflops", "first_step_s",
+                                                      "peak_memory_bytes", "adapter")},
+               "torch": theirs and {k: theirs[k] for k in ("train_images_per_s", "eval_images_per_s", "channels_last")}}
+        line = [m, w, b, f"{h}×{h}", prec, cell(mine["train_images_per_s"], mine["eval_images_per_s"]) if mine else "failed"]
+        line += [name, cell(theirs["train_images_per_s"], theirs["eval_images_per_s"]) + (" (cl)" if theirs["channels_last"] else "")
+                 if theirs else "–"]
+        if mine and theirs:
+            row["ratio"] = (mine["train_images_per_s"] / theirs["train_images_per_s"],
+                            mine["eval_images_per_s"] / theirs["eval_images_per_s"])
+            line.append(f"{row['ratio'][0]:.2f} / {row['ratio'][1]:.2f}")
         else:
-            line += ["–", "–"]
-    md.append("| " + " | ".join(line) + " |")
-    rows.append(row)
-md += ["", "(cl) = PyTorch ran faster in channels_last. Our step GFLOP/s and the device's FMA peak (senet bench):", ""]
-for c, o in ours.items():
-    md.append(f"- {c}: step {o['train_step_gflops']:.0f} GFLOP/s, FMA peak {o['fma_peak_gflops']:.0f}, our conv GEMM "
-              f"{o['gemm_gflops']:.0f}, first step {o['first_step_s']:.1f} s, peak memory {o['peak_memory_bytes'] / 2**20:.0f} MiB")
+            line.append("–")
+        if prec == "f16" and mine and o.get("f32"):
+            row["f16_over_f32"] = (mine["train_images_per_s"] / o["f32"]["train_images_per_s"],
+                                   mine["eval_images_per_s"] / o["f32"]["eval_images_per_s"])
+            line.append(f"{row['f16_over_f32'][0]:.2f} / {row['f16_over_f32'][1]:.2f}")
+        else:
+            line.append("")
+        md.append("| " + " | ".join(line) + " |")
+        rows.append(row)
+md += ["", "(cl) = PyTorch ran faster in channels_last. Per run of ours: step GFLOP/s, the device's FMA peak, "
+       "and the kernel each convolution pass ran (the tuner's choice; coop = tensor cores):", ""]
+for key, by_prec in ours.items():
+    for prec, o in by_prec.items():
+        kernels = collections.Counter(f'{r["pass"]} {r["kernel"]}' for r in o.get("conv_layers", []))
+        chosen = "; ".join(f"{n}× {k}" for k, n in sorted(kernels.items()))
+        md.append(f"- {key} {prec}: step {o['train_step_gflops']:.0f} GFLOP/s, FMA peak {o['fma_peak_gflops']:.0f}, "
+                  f"our conv GEMM {o['gemm_gflops']:.0f}, first step {o['first_step_s']:.1f} s, peak memory "
+                  f"{o['peak_memory_bytes'] / 2**20:.0f} MiB; convs: {chosen or '?'}")
 md += ["", "```", devices, "```"]
 open(os.path.join(out, "gpu-bench.md"), "w").write("\n".join(md) + "\n")
-json.dump({"quick": quick, "devices": devices, "rows": rows, "senet": list(ours.values()), "torch": lines("torch.jsonl")},
+json.dump({"quick": quick, "devices": devices, "rows": rows,
+           "senet": [r for p in ours.values() for r in p.values()], "torch": lines("torch.jsonl")},
           open(os.path.join(out, "gpu-bench.json"), "w"), indent=1)
 print("\n".join(md))
 EOF

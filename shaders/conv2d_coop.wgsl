@@ -1,90 +1,81 @@
 enable wgpu_cooperative_matrix;
-// conv2d_coop: the convolution's forward GEMM on cooperative matrices (tensor cores), for f16
-// plans on adapters that list a square f16 x f16 -> f32 configuration (wgpu's experimental
+// conv2d_coop: the convolution's three GEMMs on cooperative matrices (tensor cores), for f16 plans
+// on adapters that list a square f16 x f16 -> f32 configuration (wgpu's experimental
 // EXPERIMENTAL_COOPERATIVE_MATRIX; NVIDIA's Vulkan driver offers 16x16x16, Mesa 26's lavapipe
-// 8x8x8). Same op and CPU oracle as conv2d.wgsl (reference/conv2d.rs).
+// 8x8x8). Same op and CPU oracle as conv2d.wgsl (reference/conv2d.rs); the GEMMs (MODE 0 forward,
+// 1 input gradient, 2 weight gradient), the bindings, the operand loads and the store are
+// conv2d_gemm.wgsl's, which the host appends (shared with conv2d_tiled.wgsl).
 //
-//   out[n, co, oy, ox] = bias[co] + sum_k weight[co, k] * im2col(k, m),  k = (ci, ky, kx), m = (n, oy, ox)
+// A workgroup owns a 2CT x 2CT block of the GEMM as 2 x 2 coop tiles of CT x CT. Per step of CT
+// along K it stages A's 2CT x CT slice and B's CT x 2CT slice in workgroup memory (f16), zero
+// outside the matrices, in the padding and past the end of K, so no coop load reads out of range
+// and partial tiles and K not a multiple of CT need no special case. Every product of two f16
+// values is exact in f32 and the sums are f32 (the hardware's order within a tile, fixed per
+// driver). The host appends CT and the coop types (`coop_prelude`): coop_mat8x8 or coop_mat16x16
+// is a type, not a parameter. WG is the adapter's largest subgroup: coop ops run per subgroup, and
+// a workgroup of one subgroup computes each tile once (a driver that splits it runs the same tiles
+// twice, writing the same values).
 //
-// A workgroup owns a 2CT x 2CT block of the GEMM (rows: output channels, columns: output pixels)
-// as 2 x 2 coop tiles of CT x CT. Per step of CT along K it stages the weights' 2CT x CT slice and
-// the gathered (im2col) CT x 2CT slice in workgroup memory, zero outside the matrices and in the
-// padding, so no coop load reads out of range and partial tiles need no special case; every
-// product is exact in f32 and the sums are f32 (the hardware's order within a tile). The host
-// appends CT and the coop types (`coop_prelude`): coop_mat8x8 or coop_mat16x16 is a type, not a
-// parameter. WG is the adapter's largest subgroup: coop ops run per subgroup, and a workgroup of
-// one subgroup computes each tile once (a driver that splits it runs the same tiles twice,
-// writing the same values).
+// The weight gradient splits K (N*OH*OW) over wid.z into `splits` ranges of `split_len` (a
+// multiple of CT), each writing its f32 slice of the partial buffer [splits, c_out, c_in*kh*kw]
+// (binding 6; the weight gradient itself with one split); conv2d.wgsl's
+// conv2d_backward_weight_reduce sums the slices in a fixed order: deterministic, no atomics.
+// Forward and input-gradient outputs narrow to f16 once when stored; the weight gradient stays f32.
 //
-// Versions: v1 (this), forward only; the input and weight gradients still run conv2d.wgsl's f16
-// variant. Measured: correct on Mesa 26 lavapipe (8x8x8); no GPU measurement yet.
-
-struct Params {
-    n: u32, c_in: u32, h: u32, w: u32,
-    c_out: u32, oh: u32, ow: u32, kh: u32,
-    kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
-    pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
-    splits: u32, split_len: u32, _pad0: u32, _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> inp: array<act>;
-@group(0) @binding(2) var<storage, read> weight: array<act>;
-@group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out: array<act>;
+// Versions:
+//   v1  forward only (conv2d_forward_coop); the gradients ran conv2d.wgsl's f16 variant.
+//       Correct on Mesa 26 lavapipe (8x8x8); no GPU measurement.
+//   v2  the three GEMMs from one source (conv2d_gemm_coop, MODE 0/1/2), the weight
+//       gradient split over K with the fixed-order reduce; the forward's arithmetic is v1's. Correct
+//       on Mesa 26 lavapipe (8x8x8); no GPU measurement yet (no device lent to the session that
+//       wrote it). Next: larger blocks per workgroup (several subgroups, 4x4 tiles) and double
+//       buffering, once a GPU can measure them.
+//   v3  (this) bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
+//       the same arithmetic.
 
 override WG: u32 = 32u;
+
 
 const BM: u32 = 2u * CT;
 const BN: u32 = 2u * CT;
 
-var<workgroup> sa: array<act, 2u * CT * CT>;  // BM x CT, row-major: weight[co0 + r, k0 + kk]
-var<workgroup> sb: array<act, 2u * CT * CT>;  // CT x BN, row-major: im2col[k0 + kk, m0 + c]
+var<workgroup> sa: array<act, 2u * CT * CT>;  // BM x CT, row-major: A[r0 + r, k0 + kk]
+var<workgroup> sb: array<act, 2u * CT * CT>;  // CT x BN, row-major: B[k0 + kk, c0 + c]
 var<workgroup> sc: array<f32, 4u * CT * CT>;  // BM x BN, row-major: the result block
 
-// im2col(k, m): the input value tap k of output pixel m reads (0 in the padding).
-fn gather(k: u32, m: u32) -> act {
-    let khw = p.kh * p.kw;
-    let ci = k / khw;
-    let t = k % khw;
-    let ohw = p.oh * p.ow;
-    let nn = m / ohw;
-    let r = m % ohw;
-    let iy = i32((r / p.ow) * p.stride_h + (t / p.kw) * p.dil_h) - i32(p.pad_h);
-    let ix = i32((r % p.ow) * p.stride_w + (t % p.kw) * p.dil_w) - i32(p.pad_w);
-    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
-        return act(0.0);
-    }
-    return inp[((nn * p.c_in + ci) * p.h + u32(iy)) * p.w + u32(ix)];
-}
-
-// wid.x: block of BN output pixels; wid.y: block of BM output channels.
+// wid.x: block of BN columns; wid.y: block of BM rows; wid.z: the weight gradient's K split.
 @compute @workgroup_size(WG)
-fn conv2d_forward_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let co0 = wid.y * BM;
-    let m0 = wid.x * BN;
-    let k_total = p.c_in * p.kh * p.kw;
-    let m_total = p.n * p.oh * p.ow;
+fn conv2d_gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let r0 = wid.y * BM;
+    let c0 = wid.x * BN;
+    let n_rows = rows();
+    let n_cols = cols();
+    var k_begin = 0u;
+    var k_end = k_total();
+    if (MODE == WGRAD) {
+        k_begin = wid.z * p.split_len;
+        k_end = min(k_end, k_begin + p.split_len);
+    }
     var acc00 = coop_c();
     var acc01 = coop_c();
     var acc10 = coop_c();
     var acc11 = coop_c();
-    for (var k0 = 0u; k0 < k_total; k0 += CT) {
+    for (var k0 = k_begin; k0 < k_end; k0 += CT) {
         for (var i = li; i < BM * CT; i += WG) {
-            let co = co0 + i / CT;
+            let r = r0 + i / CT;
             let k = k0 + i % CT;
             var v = act(0.0);
-            if (co < p.c_out && k < k_total) {
-                v = weight[co * k_total + k];
+            if (r < n_rows && k < k_end) {
+                v = load_a(r, k);
             }
             sa[i] = v;
         }
         for (var i = li; i < CT * BN; i += WG) {
             let k = k0 + i / BN;
-            let m = m0 + i % BN;
+            let c = c0 + i % BN;
             var v = act(0.0);
-            if (k < k_total && m < m_total) {
-                v = gather(k, m);
+            if (k < k_end && c < n_cols) {
+                v = load_b(k, c);
             }
             sb[i] = v;
         }
@@ -105,16 +96,11 @@ fn conv2d_forward_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_inv
     coopStoreT(acc10, &sc[CT * BN], BN);
     coopStoreT(acc11, &sc[CT * BN + CT], BN);
     workgroupBarrier();
-    let ohw = p.oh * p.ow;
     for (var i = li; i < BM * BN; i += WG) {
-        let co = co0 + i / BN;
-        let m = m0 + i % BN;
-        if (co < p.c_out && m < m_total) {
-            var b = 0.0;
-            if (p.has_bias != 0u) {
-                b = bias[co];
-            }
-            out[((m / ohw) * p.c_out + co) * ohw + m % ohw] = act(sc[i] + b);
+        let r = r0 + i / BN;
+        let c = c0 + i % BN;
+        if (r < n_rows && c < n_cols) {
+            store(r, c, sc[i], wid.z);
         }
     }
 }

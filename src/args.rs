@@ -150,6 +150,10 @@ fn default_eps() -> f64 {
     hp::ADAM_EPS
 }
 
+fn default_clip_grad_norm() -> Option<f64> {
+    hp::CLIP_GRAD_NORM
+}
+
 /// `--betas`: `B1,B2`.
 pub fn parse_betas(s: &str) -> Result<(f64, f64), String> {
     let err = || format!("expected two numbers B1,B2 (0.9,0.999), got {s:?}");
@@ -316,6 +320,11 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0)]
     #[serde(default)]
     pub label_smoothing: f64,
+    /// Clip the gradients' total 2-norm to MAX each step, as torch.nn.utils.clip_grad_norm_(
+    /// model.parameters(), MAX) after backward (and AMP's unscale_), before the optimizer.
+    #[arg(long, value_name = "MAX")]
+    #[serde(default = "default_clip_grad_norm")]
+    pub clip_grad_norm: Option<f64>,
     /// Adam/AdamW β1,β2 (torch.optim's betas).
     #[arg(long, value_parser = parse_betas, default_value = "0.9,0.999")]
     #[serde(default = "default_betas")]
@@ -422,6 +431,12 @@ impl TrainArgs {
             self.label_smoothing
         );
         ensure!(self.eps > 0.0 && self.eps.is_finite(), "--eps must be a positive number, got {}", self.eps);
+        if let Some(max) = self.clip_grad_norm {
+            ensure!(
+                max > 0.0 && max.is_finite() && (max as f32).is_finite(),
+                "--clip-grad-norm must be a finite number above 0 (the largest total gradient norm), got {max}"
+            );
+        }
         ensure!(
             !self.nesterov || (self.optimizer == OptimizerKind::Sgd && self.momentum > 0.0),
             "--nesterov needs --optimizer sgd and a --momentum above 0 (as torch.optim.SGD)"

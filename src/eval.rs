@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
+use indicatif::ProgressBar;
 
 use crate::args::DataArgs;
 use crate::checkpoint;
@@ -19,6 +20,7 @@ use crate::model::ModelConfig;
 use crate::model::plan::{Network, StepPlan, clear_metrics};
 use crate::ops::cross_entropy::{per_sample, result};
 use crate::ops::optimizer::OptimizerConfig;
+use crate::progress::bar;
 
 // ---------------------------------------------------------------------------------------------
 // The evaluation pass
@@ -59,23 +61,28 @@ pub(crate) fn read_correct5(net: &Network, plans: &HashMap<usize, StepPlan>, eva
     Ok(s)
 }
 
-/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy, top-5 accuracy).
+/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy, top-5 accuracy). A bar
+/// named `what` shows the pass on a terminal.
 pub fn evaluate(
     net: &Network,
     plans: &HashMap<usize, StepPlan>,
     ds: &Arc<data::Dataset>,
     batch: usize,
     pre: &Preprocess,
+    what: &str,
 ) -> Result<(f64, f64, f64)> {
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
+    let pb = bar(ds.len().div_ceil(batch.max(1)) as u64, what.to_string());
     for b in loader::epoch_batches(ds.clone(), batch, Preprocess { augment: false, ..pre.clone() }, false, 0, 0) {
         let b = b?;
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
+        pb.inc(1);
     }
+    pb.finish_and_clear();
     let (loss, correct, count) = read_sums(net, plans, true)?;
     let correct5 = read_correct5(net, plans, true)?;
     Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0)))
@@ -93,6 +100,7 @@ pub fn evaluate_sharded(
     batch: usize,
     pre: &Preprocess,
     dist: &Dist,
+    what: &str,
 ) -> Result<(f64, f64, f64)> {
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
@@ -100,12 +108,17 @@ pub fn evaluate_sharded(
     let pre = Preprocess { augment: false, ..pre.clone() };
     let order: Vec<usize> = (0..ds.len()).collect();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-    for idx in order.chunks(batch.max(1)).skip(dist.rank).step_by(dist.size.max(1)) {
+    // Rank 0's share on its bar; the other ranks draw nothing.
+    let batches = order.chunks(batch.max(1)).skip(dist.rank).step_by(dist.size.max(1));
+    let pb = if dist.is_root() { bar(batches.len() as u64, what.to_string()) } else { ProgressBar::hidden() };
+    for idx in batches {
         let b = loader::make_batch(ds, idx, &pre, &mut rng);
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
+        pb.inc(1);
     }
+    pb.finish_and_clear();
     let (loss, correct, count) = read_sums(net, plans, true)?;
     let mut sums = [loss, correct, count, read_correct5(net, plans, true)?];
     dist.all_reduce_sum_f64(&mut sums)?;
@@ -232,13 +245,17 @@ pub fn evaluate_checkpoint(
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
+    // On a terminal, a bar on stderr (stdout stays the report, or the --json object); else nothing.
+    let pb = bar(test.len().div_ceil(args.batch_size) as u64, "eval".to_string());
     for b in loader::epoch_batches(test.clone(), args.batch_size, pre, false, 0, 0) {
         let b = b?;
         let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
         on_batch(&net, plan, &b.labels)?;
+        pb.inc(1);
     }
+    pb.finish_and_clear();
     Ok((config, read_sums(&net, &plans, true)?))
 }
 

@@ -50,6 +50,9 @@ pub const WARMUP_EPOCHS: f64 = 0.0;
 /// Adam/AdamW betas and epsilon: PyTorch's defaults.
 pub const ADAM_BETAS: (f64, f64) = (0.9, 0.999);
 pub const ADAM_EPS: f64 = 1e-8;
+/// No gradient clipping in the base recipe (`--clip-grad-norm MAX` turns it on: the total 2-norm
+/// of all gradients scaled down to MAX, as `torch.nn.utils.clip_grad_norm_`).
+pub const CLIP_GRAD_NORM: Option<f64> = None;
 /// SGD as `torch.optim.SGD`'s defaults: no dampening, no Nesterov (`--nesterov` turns it on).
 pub const SGD_DAMPENING: f64 = 0.0;
 /// `--schedule step`: the learning rate is multiplied by `STEP_FACTOR` when the run reaches

@@ -5,7 +5,7 @@
 //! - [`reference`]: the CPU oracle every kernel is tested against.
 //! - [`hparams`]: every default in one table; [`args`]: the flags that read it.
 //! - [`train`]: the loop, over [`eval`] (the test-set pass, `eval`, `predict`), [`run`] (the
-//!   run folder), [`metrics`] and [`plot`]. `tests/layering.rs` keeps the modules free of cycles.
+//!   run folder), [`metrics`], [`plot`] and [`progress`] (bars, the run's ETA). `tests/layering.rs` keeps the modules free of cycles.
 
 pub mod args;
 pub mod bench;
@@ -23,6 +23,7 @@ pub mod model;
 pub mod onnx;
 pub mod ops;
 pub mod plot;
+pub mod progress;
 pub mod reference;
 pub mod run;
 pub mod summary;

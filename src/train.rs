@@ -23,12 +23,13 @@ use crate::hparams::lr_at;
 use crate::metrics::EpochMetrics;
 use crate::model::plan::{Network, StepPlan, clear_metrics};
 use crate::ops::cross_entropy::result;
+use crate::progress::{RunClock, bar};
 use crate::run::{self, EpochSums, Interrupted, RunFolder, RunState};
 
 mod report;
 mod setup;
 
-use report::{bar, divergence, print_tuning, profile_step};
+use report::{divergence, print_tuning, profile_step};
 use setup::{load_data, open_run_on_every_rank, refuse_under_mpi, resumed_args};
 
 // ---------------------------------------------------------------------------------------------
@@ -72,6 +73,7 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     // SyncBatchNorm only where there is more than one batch to merge; on one process --sync-bn
     // changes nothing (as PyTorch's SyncBatchNorm, which falls back to BatchNorm there).
     net.sync_bn = args.sync_bn && dist.size > 1;
+    net.set_clip_grad_norm(args.clip_grad_norm)?;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
         checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
@@ -98,6 +100,7 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
         dist,
         reduce_secs: std::cell::Cell::new(0.0),
         sync_bn_secs: std::cell::Cell::new(0.0),
+        clock: std::cell::RefCell::new(RunClock::default()),
         train_set: Arc::new(train_set),
         val_set: val_set.map(Arc::new),
         test_set: Arc::new(test_set),
@@ -131,6 +134,8 @@ struct Trainer<'a> {
     reduce_secs: std::cell::Cell<f64>,
     /// Seconds spent in `--sync-bn`'s batch-norm exchanges this epoch (shown beside it).
     sync_bn_secs: std::cell::Cell<f64>,
+    /// Measured step and evaluation times, for the whole run's ETA.
+    clock: std::cell::RefCell<RunClock>,
     train_set: Arc<Dataset>,
     val_set: Option<Arc<Dataset>>,
     test_set: Arc<Dataset>,
@@ -144,9 +149,11 @@ impl Trainer<'_> {
         let t0 = Instant::now();
         let partial = state.partial.take();
         let ((l, c, n), train_secs) = self.train_epoch(net, run.as_deref(), state, epoch, partial, t0)?;
+        let t_eval = Instant::now();
+        let label = |set: &str| format!("epoch {epoch}/{} {set}", args.epochs());
         // --val-split is refused under mpirun (train_dist): one process evaluates it whole.
         let val = match &self.val_set {
-            Some(v) => Some(evaluate(net, &self.plans, v, args.batch_size, &self.pre)?),
+            Some(v) => Some(evaluate(net, &self.plans, v, args.batch_size, &self.pre, &label("validation"))?),
             None => None,
         };
         let (test_loss, test_acc, test_top5_acc) = if dist.size > 1 {
@@ -154,10 +161,11 @@ impl Trainer<'_> {
             self.say(format!("epoch {epoch}: weights identical on all {} ranks (checksum {sum:016x})", dist.size));
             // The model's running statistics are rank 0's, as DDP's broadcast_buffers makes them.
             replicas::broadcast_bn_buffers(net, dist)?;
-            evaluate_sharded(net, &self.plans, &self.test_set, args.batch_size, &self.pre, dist)?
+            evaluate_sharded(net, &self.plans, &self.test_set, args.batch_size, &self.pre, dist, &label("test"))?
         } else {
-            evaluate(net, &self.plans, &self.test_set, args.batch_size, &self.pre)?
+            evaluate(net, &self.plans, &self.test_set, args.batch_size, &self.pre, &label("test"))?
         };
+        self.clock.borrow_mut().eval_done(self.eval_images_per_epoch(), t_eval.elapsed().as_secs_f64());
         let m = EpochMetrics {
             epoch,
             train_loss: l / n,
@@ -211,6 +219,7 @@ impl Trainer<'_> {
             ProgressBar::hidden()
         };
         pb.set_position(skip as u64);
+        self.clock.borrow_mut().start_epoch(skip, Instant::now());
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
         // Skipped batches are still made, so the augmentation's random stream is where it was.
         for (step, b) in self.batches(epoch).enumerate().skip(skip) {
@@ -220,6 +229,8 @@ impl Trainer<'_> {
             net.set_lr(self.lr_at(epoch, step + 1));
             if args.profile && step == skip && epoch == args.epochs().min(self.first_epoch + 1) {
                 profile_step(net, plan, epoch, step, &pb)?;
+                // The profiled step runs a pass per dispatch: not a step time for the run's ETA.
+                self.clock.borrow_mut().start_epoch(step + 1, Instant::now());
                 in_flight = None;
                 pb.inc(1);
                 continue;

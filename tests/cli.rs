@@ -902,3 +902,108 @@ fn predict_takes_topk_folders_and_json() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--topk 11: expected 1 to the model's 10 classes"));
 }
+
+/// A tiny training run: sample, width 1/16, batch 16, the first `limit` images, one progress
+/// line per step (stdout is a pipe: plain lines, no bar).
+fn tiny_train(out: &std::path::Path, limit: &str, extra: &[&str]) -> std::process::Output {
+    senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "16"])
+        .args(["--limit-train", limit, "--limit-test", "32", "--log-every", "1", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// --clip-grad-norm: recorded in config.json, the last step's total norm in the progress line
+/// (with "(clipped)" when it was above MAX), the run changed by it (SGD is linear in the
+/// gradient, so a MAX far below the norm slows it); --resume with another MAX is refused; a MAX
+/// that is not a finite number above 0 is a usage error (exit 2) naming the flag.
+#[test]
+fn clip_grad_norm_is_recorded_shown_and_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let sgd = ["--optimizer", "sgd", "--lr", "0.2"];
+    let clipped = dir.path().join("clipped");
+    let o = tiny_train(&clipped, "64", &[&sgd[..], &["--clip-grad-norm", "0.01"]].concat());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(clipped.join("config.json")).unwrap()).unwrap();
+    assert_eq!(v["train"]["clip_grad_norm"].as_f64(), Some(0.01));
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("epoch 1 step")).collect();
+    assert_eq!(steps.len(), 4, "{stdout}");
+    for l in &steps {
+        let norm: f64 =
+            l.split("grad norm ").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
+        assert!(norm > 0.01 && norm.is_finite() && l.contains("(clipped)"), "{l}");
+    }
+    let plain = dir.path().join("plain");
+    let o = tiny_train(&plain, "64", &sgd);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("grad norm"), "no norm shown without clipping");
+    let train_loss = |run: &std::path::Path| -> f64 {
+        let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+        csv.lines().nth(1).unwrap().split(',').nth(1).unwrap().parse().unwrap()
+    };
+    assert!((train_loss(&clipped) - train_loss(&plain)).abs() > 1e-3, "clipping changed nothing");
+    let o = senet().args(["train", "--resume"]).arg(&clipped).args(["--clip-grad-norm", "2.5"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--clip-grad-norm 2.5 (the run has 0.01)"), "{stderr}");
+    for bad in ["0", "-1", "nan", "inf", "1e39", "abc"] {
+        let o = tiny_train(&dir.path().join("never"), "16", &[&format!("--clip-grad-norm={bad}")]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("--clip-grad-norm"), "{bad}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{bad}: {stderr}");
+        assert!(!dir.path().join("never").exists(), "{bad}: nothing written");
+    }
+}
+
+/// The whole run's ETA in the progress line: none for the first steps (the first is start-up and
+/// not timed; then MIN_TIMED_STEPS = 5 steps are timed), then on every line.
+#[test]
+fn the_progress_line_shows_the_run_eta_once_steps_are_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = tiny_train(&dir.path().join("run"), "160", &[]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("epoch 1 step")).collect();
+    assert_eq!(steps.len(), 10, "{stdout}");
+    for (k, l) in steps.iter().enumerate() {
+        assert_eq!(l.contains("run ETA "), k + 1 >= 6, "step {}: {l}", k + 1);
+    }
+}
+
+/// On a terminal (a pseudo-terminal from `script`), `train` draws its epoch bar and a bar for the
+/// test pass, and `eval` a bar for its pass, each with an ETA, on stderr; through pipes none of
+/// them is drawn and `eval --json` prints the JSON alone.
+#[test]
+fn evaluation_shows_a_bar_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let bin = env!("CARGO_BIN_EXE_senet");
+    let in_terminal = |args: &str| {
+        let o = Command::new("script")
+            .args(["-qec", &format!("{bin} {args}"), "/dev/null"])
+            .env("TERM", "xterm")
+            .output()
+            .expect("script (util-linux) runs a command on a pseudo-terminal");
+        assert!(o.status.success(), "{args}: {}", String::from_utf8_lossy(&o.stdout));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let text = in_terminal(&format!(
+        "train --dataset sample --width 0.0625 --epochs 1 --batch-size 16 --limit-train 64 --limit-test 64 --out {}",
+        run.display()
+    ));
+    assert!(text.contains("epoch 1/1 [") && text.contains("epoch 1/1 test ["), "{text}");
+    let ckpt = run.join("last.safetensors");
+    let eval_args = format!("eval --dataset sample --limit-test 64 --batch-size 16 --checkpoint {}", ckpt.display());
+    let text = in_terminal(&eval_args);
+    assert!(text.contains("eval [") && text.contains("ETA"), "{text}");
+    let o = senet().args(eval_args.split(' ')).arg("--json").output().unwrap();
+    assert!(o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!stderr.contains("eval [") && !stderr.contains("ETA"), "{stderr}");
+    serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("stdout is the JSON object alone");
+}

@@ -12,7 +12,8 @@
 mod common;
 
 use common::*;
-use senet_wgpu::gpu::{Dtype, Gpu, Precision, Tensor};
+use senet_wgpu::gpu::tune::TuneMode;
+use senet_wgpu::gpu::{Dtype, Gpu, GpuOptions, Precision, Tensor};
 use senet_wgpu::model::ModelConfig;
 use senet_wgpu::model::plan::Network;
 use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvKernel, ConvPass};
@@ -78,39 +79,99 @@ fn cases() -> Vec<Conv2dConfig> {
     ]
 }
 
-/// The forward GEMM on cooperative matrices. Products of f16 values are exact in f32 and the sums
-/// are f32 over K <= 630 terms in [-1, 1] (~1e-5), then the output rounds to f16 (2^-11
-/// relative): atol 1e-4, rtol 1e-5 + 4.9e-4, as the f16 register kernels' test.
+/// The three GEMMs on cooperative matrices against the f64 reference of the same op names
+/// (reference/conv2d.rs). Inputs are f16 values in [-1, 1] (the reference reads the same values
+/// widened). Products of two f16 values are exact in f32 and every sum is f32, over at most
+/// 1,179 terms here (the input gradient of 70 -> 131 channels at 3x3): a few 1e-6 at most
+/// against atol 1e-4 and rtol 1e-5 (CONV_ATOL / CONV_RTOL, the f32 kernels' tolerance in
+/// tests/kernels.rs). The forward output and the input gradient are then rounded to f16 when
+/// stored, half an ulp: 2^-11 relative, 4.9e-4 added to rtol. The weight gradient is f32 (no
+/// rounding): the f32 tolerance alone, for every split count (its slices are summed in a fixed
+/// order, so a repeated run is bit for bit the same).
 #[test]
 #[ignore = "needs an adapter with cooperative matrices: .ci/run runs it under Mesa 26's lavapipe"]
-fn conv2d_forward_on_cooperative_matrices_matches_reference() {
+fn conv2d_passes_on_cooperative_matrices_match_reference() {
+    const ATOL: f64 = 1e-4;
+    const RTOL: f64 = 1e-5;
+    const F16_RTOL: f64 = 4.9e-4;
     let gpu = coop_gpu();
     let _ = WHY;
+    let round = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    let mut worst = [0.0f64; 3]; // |gpu - reference| per pass, for the log
     for (i, cfg) in cases().iter().enumerate() {
         let mut r = rng(3000 + i as u64);
-        let round = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
         let x = round(uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0));
         let w = round(uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0));
         let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
-        let (tx, tw, tb) = (
+        let dy = round(uniform(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0));
+        let (tx, tw, tb, tdy) = (
             f16_tensor(&gpu, "x", &cfg.input_shape(), &x),
             f16_tensor(&gpu, "w", &cfg.weight_shape(), &w),
             upload(&gpu, "b", &[cfg.c_out], &b),
+            f16_tensor(&gpu, "dy", &cfg.output_shape(), &dy),
         );
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
+        let what = |pass: &str| format!("{pass} (coop {:?}) case {i} {cfg:?}", gpu.coop_tile);
+
         let ty = Tensor::zeros_of(&gpu, "y", &cfg.output_shape(), Dtype::F16).unwrap();
         let bias = cfg.bias.then_some(&tb);
         run(&gpu, &conv2d::conv2d_forward_coop(&gpu, cfg, &tx, &tw, bias, &ty).unwrap());
-        let b64 = to_f64(&b);
-        let want = reference::conv2d::conv2d_forward(cfg, &to_f64(&x), &to_f64(&w), cfg.bias.then_some(&b64[..]));
-        let what = format!("conv2d_forward (coop {:?}) case {i} {cfg:?}", gpu.coop_tile);
-        assert_close(&what, &ty.read_f32(&gpu).unwrap(), &want, 1e-4, 1e-5 + 4.9e-4);
+        let want = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
+        let e = assert_close(&what("conv2d_forward"), &ty.read_f32(&gpu).unwrap(), &want, ATOL, RTOL + F16_RTOL);
+        worst[0] = worst[0].max(e);
+
+        let tdx = Tensor::zeros_of(&gpu, "dx", &cfg.input_shape(), Dtype::F16).unwrap();
+        run(&gpu, &conv2d::conv2d_backward_input_coop(&gpu, cfg, &tdy, &tw, &tdx).unwrap());
+        let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+        let e =
+            assert_close(&what("conv2d_backward_input"), &tdx.read_f32(&gpu).unwrap(), &want, ATOL, RTOL + F16_RTOL);
+        worst[1] = worst[1].max(e);
+
+        let want = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+        let planned = conv2d::splits_for(&gpu, cfg, ConvKernel::Coop(gpu.coop_tile.unwrap()));
+        for splits in [1, 2, 3, planned] {
+            let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+            let d = conv2d::conv2d_backward_weight_coop(&gpu, cfg, &tx, &tdy, &tdw, splits).unwrap();
+            run(&gpu, &d);
+            let got = read(&gpu, &tdw);
+            let e = assert_close(&what(&format!("conv2d_backward_weight splits {splits}")), &got, &want, ATOL, RTOL);
+            worst[2] = worst[2].max(e);
+            // Again: the fixed-order reduction gives the same bits.
+            let again = zeros(&gpu, "dw again", &cfg.weight_shape());
+            run(&gpu, &conv2d::conv2d_backward_weight_coop(&gpu, cfg, &tx, &tdy, &again, splits).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&read(&gpu, &again)), bits(&got), "{}: not deterministic", what("conv2d_backward_weight"));
+        }
     }
-    // f32 operands are refused (cooperative matrices here take f16).
-    let cfg = &cases()[0];
-    let (x, w) = (zeros(&gpu, "x", &cfg.input_shape()), zeros(&gpu, "w", &cfg.weight_shape()));
-    let (b, y) = (zeros(&gpu, "b", &[cfg.c_out]), zeros(&gpu, "y", &cfg.output_shape()));
-    let err = conv2d::conv2d_forward_coop(&gpu, cfg, &x, &w, Some(&b), &y).unwrap_err().to_string();
-    assert!(err.contains("f16"), "{err}");
+    eprintln!(
+        "coop GEMMs, worst |gpu - reference|: forward {:.2e}, input gradient {:.2e}, weight gradient {:.2e}",
+        worst[0], worst[1], worst[2]
+    );
+    // Split K really runs split: 3 splits asked of case 1's 30 output pixels (2 of 16, whole
+    // 8-deep K steps) write partial slices that a second dispatch reduces.
+    let cfg = &cases()[1];
+    let (x, dy) = (zeros_f16(&gpu, "x", &cfg.input_shape()), zeros_f16(&gpu, "dy", &cfg.output_shape()));
+    let dw = zeros(&gpu, "dw", &cfg.weight_shape());
+    assert_eq!(conv2d::conv2d_backward_weight_coop(&gpu, cfg, &x, &dy, &dw, 3).unwrap().len(), 2);
+    // f32 operands are refused by each pass (cooperative matrices here take f16).
+    let (x, w, y) = (
+        zeros(&gpu, "x", &cfg.input_shape()),
+        zeros(&gpu, "w", &cfg.weight_shape()),
+        zeros(&gpu, "y", &cfg.output_shape()),
+    );
+    let errs = [
+        conv2d::conv2d_forward_coop(&gpu, cfg, &x, &w, None, &y).unwrap_err(),
+        conv2d::conv2d_backward_input_coop(&gpu, cfg, &y, &w, &x).unwrap_err(),
+        conv2d::conv2d_backward_weight_coop(&gpu, cfg, &x, &y, &w, 1).unwrap_err(),
+    ];
+    for e in errs {
+        let e = e.to_string();
+        assert!(e.contains("f16"), "{e}");
+    }
+}
+
+fn zeros_f16(gpu: &Gpu, label: &str, shape: &[usize]) -> Tensor {
+    Tensor::zeros_of(gpu, label, shape, Dtype::F16).expect("allocate f16")
 }
 
 fn tiny(classes: usize) -> ModelConfig {
@@ -128,9 +189,13 @@ fn tiny(classes: usize) -> ModelConfig {
     }
 }
 
-/// A whole f16 step whose convolutions run forward on cooperative matrices equals the reference
-/// that emulates f16 storage, with the tolerances of tests/train_step.rs's f16 test (every
-/// gradient tensor within 2e-2 in L2 norm, the median within 2e-3, the loss within 1e-4).
+/// A whole f16 step whose convolutions run all three GEMMs on cooperative matrices (the f16 plan's
+/// built-in choice where the adapter lists them; the weight gradients split over K, the first
+/// layer's 2,048 pixels 8 ways) equals the reference that emulates f16 storage, with the
+/// tolerances of tests/train_step.rs's f16 test: every gradient tensor within 2e-2 in L2 norm and
+/// the median within 2e-3 (an activation gradient rounded to f16 on the other side of a tie in
+/// one sum moves what follows by an f16 ulp, 2^-11 = 4.9e-4 relative, and a few such flips
+/// through the backward pass compound), the loss within 1e-4 relative (f32 sums of f16 logits).
 #[test]
 #[ignore = "needs an adapter with cooperative matrices: .ci/run runs it under Mesa 26's lavapipe"]
 fn an_f16_step_on_cooperative_matrices_matches_the_f16_reference() {
@@ -142,12 +207,13 @@ fn an_f16_step_on_cooperative_matrices_matches_the_f16_reference() {
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 5).collect();
     let mut net = Network::new_in(gpu.clone(), cfg, OptimizerConfig::sgd(0.0, 0.0), 5, Precision::F16).unwrap();
     let plan = net.plan(n).unwrap();
-    let coop: Vec<_> = plan
-        .conv_kernels
-        .iter()
-        .filter(|(_, p, k)| *p == ConvPass::Forward && matches!(k, ConvKernel::Coop(_)))
-        .collect();
-    assert_eq!(coop.len(), 5, "every conv's forward on cooperative matrices: {:?}", plan.conv_kernels);
+    for (pass, convs) in [(ConvPass::Forward, 5), (ConvPass::BackwardInput, 4), (ConvPass::BackwardWeight, 5)] {
+        let coop = plan.conv_kernels.iter().filter(|(_, p, k)| *p == pass && matches!(k, ConvKernel::Coop(_)));
+        assert_eq!(coop.count(), convs, "every conv's {pass:?} on cooperative matrices: {:?}", plan.conv_kernels);
+    }
+    let first = ConvKernel::Coop(gpu.coop_tile.unwrap());
+    let stem = Conv2dConfig::square(n, 3, (16, 16), 4, 3, 1, 1, true);
+    assert!(conv2d::splits_for(&gpu, &stem, first) > 1, "the step should exercise a split weight gradient");
     let scale = f64::from(net.scaler.as_ref().unwrap().read(&gpu).unwrap().scale);
     let (params, buffers) = reference_state(&net);
     let want =
@@ -174,4 +240,42 @@ fn an_f16_step_on_cooperative_matrices_matches_the_f16_reference() {
     errs.sort_by(f64::total_cmp);
     assert!(errs[errs.len() / 2] < 2e-3, "median gradient error {:.2e}", errs[errs.len() / 2]);
     eprintln!("coop f16 step: median gradient error {:.2e}, worst {:.2e}", errs[errs.len() / 2], errs[errs.len() - 1]);
+}
+
+/// The tuner times an f16 plan's candidates in f16, cooperative matrices among them: fully tuned,
+/// every conv pass of the tiny SENet is timed under a key that names the precision and the tile
+/// (" f16 coop8"), the coop GEMM was built for all three passes, and no f32 convolution kernel
+/// was built at all (before, the tuner timed f32 kernels for f16 plans and never timed coop).
+#[test]
+#[ignore = "needs an adapter with cooperative matrices: .ci/run runs it under Mesa 26's lavapipe"]
+fn the_tuner_times_an_f16_plan_in_f16_with_cooperative_matrices() {
+    let t = coop_gpu().coop_tile.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let opts = GpuOptions { tune: Some(TuneMode::Full), tune_cache: Some(cache.clone()), ..Default::default() };
+    let gpu = Gpu::new(&opts).unwrap();
+    let net = Network::new_in(gpu.clone(), tiny(5), OptimizerConfig::adam(1e-3), 0, Precision::F16).unwrap();
+    let plan = net.plan(2).unwrap();
+    let s = gpu.tuner.summary();
+    assert_eq!((s.timed, s.cached), (14, 0), "{s:?}");
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    let keys: Vec<String> =
+        file["devices"].as_object().unwrap().values().flat_map(|d| d.as_object().unwrap().keys().cloned()).collect();
+    assert_eq!(keys.len(), 14);
+    let suffix = format!(" f16 coop{t}");
+    assert!(keys.iter().all(|k| k.ends_with(&suffix)), "keys without {suffix:?}: {keys:?}");
+    let built = gpu.built_pipelines();
+    for mode in 0..3 {
+        let coop = format!(
+            "conv2d_coop::conv2d_gemm_coop:f16[(\"WG\", {}.0), (\"MODE\", {mode}.0)]",
+            gpu.info.subgroup_max_size
+        );
+        assert!(built.contains(&coop), "{coop} was not built (timed): {built:?}");
+    }
+    let f32_conv: Vec<_> = built.iter().filter(|k| k.starts_with("conv2d") && k.contains(":f32")).collect();
+    assert!(f32_conv.is_empty(), "an f16 plan's tuner built f32 conv kernels: {f32_conv:?}");
+    eprintln!(
+        "tuned f16 coop plan: {:?}",
+        plan.conv_kernels.iter().map(|(l, p, k)| format!("{l} {p:?} {k}")).collect::<Vec<_>>()
+    );
 }

@@ -219,15 +219,18 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
             per_sample.chunks(senet_wgpu::ops::cross_entropy::per_sample::LEN).map(|r| f64::from(r[0])).sum::<f64>()
                 / batch_size as f64;
 
-        let want =
-            reference::model::train_step(&graph, &ref_params, &ref_buffers, batch_size, &to_f64(&xb), &yb).unwrap();
-        for n in &param_names {
-            let p = ref_params.get_mut(n).unwrap();
-            reference::optimizer::optimizer_step(&adam, s as u64 + 1, p, &want.grads[n], ref_state.get_mut(n).unwrap());
-        }
-        ref_buffers = want.buffers;
         worst_loss_gpu = worst_loss_gpu.max((gpu_loss - want_loss).abs());
-        worst_loss_ref = worst_loss_ref.max((want.loss - want_loss).abs());
+        if with_ref {
+            let want =
+                reference::model::train_step(&graph, &ref_params, &ref_buffers, batch_size, &to_f64(&xb), &yb).unwrap();
+            for n in &param_names {
+                let p = ref_params.get_mut(n).unwrap();
+                let state = ref_state.get_mut(n).unwrap();
+                reference::optimizer::optimizer_step(&adam, s as u64 + 1, p, &want.grads[n], state);
+            }
+            ref_buffers = want.buffers;
+            worst_loss_ref = worst_loss_ref.max((want.loss - want_loss).abs());
+        }
 
         let step = s + 1;
         if !snaps.contains(&step) {
@@ -262,7 +265,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
         // chaos has taken both to the same plateau. In between, the drift moves in jumps (a max-pool
         // window or a ReLU flipping for one image) whose timing is itself chance: printed, not bounded.
         let bounded = step == snaps[0] || step == k_steps;
-        if step == snaps[0] {
+        if step == snaps[0] && with_ref {
             // The first snapshot carries the test: it must come before chaos has taken PyTorch
             // float32 away from float64 (2e-7 after 50 steps here), else any error would hide.
             assert!(
@@ -299,7 +302,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
                 "step {step}: GPU running-statistics drift {dgpu_stats:.3e} > {FACTOR} x PyTorch float32's {d32_stats:.3e}"
             ));
         }
-        if !(within(dref, REF_TOL) && within(dref_stats, REF_TOL)) {
+        if with_ref && !(within(dref, REF_TOL) && within(dref_stats, REF_TOL)) {
             failures.push(format!(
                 "step {step}: f64 reference drift {dref:.3e} (statistics {dref_stats:.3e}) > {REF_TOL:e}"
             ));
@@ -307,6 +310,9 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
     }
     if let Some(path) = std::env::var_os("SENET_DIVERGENCE_SAVE") {
         checkpoint::save(&net, Path::new(&path)).unwrap();
+    }
+    if !with_ref {
+        println!("{}", table.join("\n"));
     }
     assert!(with_ref, "SENET_DIVERGENCE_NO_REF is for experiments: nothing was compared");
     let worst_loss32 = loss32.iter().zip(loss64).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

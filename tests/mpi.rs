@@ -52,6 +52,9 @@ const TRAIN: &[&str] = &[
     "3",
     "--log-every",
     "1",
+    // Clipping after the all-reduce (DDP's order): the replica below clips the averaged gradients.
+    "--clip-grad-norm",
+    "1",
 ];
 const RANKS: usize = 2;
 const BATCH: usize = 16;
@@ -166,7 +169,7 @@ fn ranks_hold_bit_identical_weights_after_training() {
 
 /// One process doing what DDP does, through the library: per step, each rank's half batch runs
 /// forward and backward on its own (its own batch statistics), the two gradients are averaged on
-/// the host, and one optimizer step follows.
+/// the host, and one optimizer step follows (clipping, as `apply_update` runs it, the averaged gradients).
 fn train_args() -> TrainArgs {
     #[derive(Parser)]
     struct Cli {
@@ -183,7 +186,8 @@ fn ddp_network_and_data() -> (Network, senet_wgpu::data::Dataset) {
     train_set.truncate(args.limit_train.expect("--limit-train"));
     let [c, h, w] = train_set.shape;
     let config = args.net.config(c, [h, w], train_set.classes.len(), train_set.classes.clone());
-    let net = Network::new(common::gpu(), config, args.optimizer_config(), args.seed).expect("network");
+    let mut net = Network::new(common::gpu(), config, args.optimizer_config(), args.seed).expect("network");
+    net.set_clip_grad_norm(args.clip_grad_norm).expect("clipping");
     (net, train_set)
 }
 
@@ -233,6 +237,8 @@ fn ddp_reference() -> Network {
 #[test]
 fn two_ranks_equal_one_process_replicating_ddp() {
     let (out, o) = shared_run();
+    // The run clipped (--clip-grad-norm 1): per rank before the all-reduce would differ from the replica.
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(clipped)"), "no step was clipped:\n{}", text(o));
     let sd = checkpoint::load(&out.join("last.safetensors")).expect("rank 0's checkpoint");
     let net = ddp_reference();
     let mut largest = 0.0f32;

@@ -3,7 +3,7 @@
 
 use naga::valid::Capabilities;
 use senet_wgpu::gpu::{
-    COOP_SHADERS, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
+    CONV_GEMM_PART, COOP_SHADERS, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
 };
 
 /// Parse and validate a file as the device compiles it: with a reduction prelude appended and
@@ -62,8 +62,10 @@ fn every_kernel_has_an_f16_variant_and_its_f32_variant_is_all_f32() {
     }
 }
 
-/// The passes an entry point may name. `gemm` and `gemm_tiled` serve several passes, chosen by
-/// their MODE override; `reduce` is the second stage of a split reduction; `step` an optimizer's.
+/// The passes an entry point may name. `gemm`, `gemm_tiled` and `gemm_coop` serve several passes,
+/// chosen by their MODE override; `partial` and `reduce` are the two stages of a split reduction;
+/// `step` an optimizer's; `scale` an in-place multiplication by a factor a reduction found
+/// (gradient clipping).
 const PASSES: &[&str] = &[
     "forward",
     "forward_train",
@@ -78,10 +80,12 @@ const PASSES: &[&str] = &[
     "forward_stats",
     "forward_apply",
     "backward_sums",
+    "partial",
     "reduce",
+    "scale",
     "gemm",
     "gemm_tiled",
-    "forward_coop",
+    "gemm_coop",
     "step",
     "fma",
     "copy",
@@ -186,7 +190,7 @@ fn every_shader_file_is_registered() {
     let mut registered: Vec<String> = SHADERS
         .iter()
         .chain(COOP_SHADERS)
-        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP])
+        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP, &CONV_GEMM_PART])
         .map(|(n, _)| format!("{n}.wgsl"))
         .collect();
     registered.sort();

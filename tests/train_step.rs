@@ -688,3 +688,163 @@ fn f16_resume_files_carry_the_loss_scaler() {
     checkpoint::load_resume(&path, &mut other).unwrap();
     assert_eq!(other.scaler.as_ref().unwrap().read(&gpu).unwrap(), st);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gradient clipping (--clip-grad-norm)
+
+/// A whole step with clipping against the reference step whose gradients are then clipped as
+/// torch.nn.utils.clip_grad_norm_ does (`StepResult::clip_grad_norm`), and the reference SGD
+/// step on those: the total norm the GPU measured, the clipped gradients it left in the flat
+/// buffer, each parameter's update. max_norm a quarter of the step's norm (clips: every
+/// gradient × ~1/4) and four times it (no clipping: the step is the unclipped one).
+/// Tolerances: the gradients' own (atol 2e-4, rtol 1e-3, see
+/// gpu_training_step_equals_the_reference_step; times a coefficient <= 1), plus the coefficient's
+/// error, that of the norm: the norm sums squares of gradients each within rtol 1e-3, so rtol 1e-3;
+/// the clipped gradients and updates get rtol 2e-3.
+#[test]
+fn a_clipped_step_equals_the_reference_clipped_step() {
+    let gpu = gpu();
+    let (n, classes) = (6, 5);
+    let opt = OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, dampening: 0.0, weight_decay: 1e-4, nesterov: false };
+    let mut r = rng(12);
+    let x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 2 + 1) % classes as u32).collect();
+    for factor in [0.25, 4.0] {
+        let mut net = Network::new(gpu.clone(), tiny(classes, 16), opt, 8).unwrap();
+        let plan = net.plan(n).unwrap();
+        let (params, mut want) = reference_step(&net, n, &x, &labels);
+        let unclipped = want.grads.clone();
+        let max_norm = factor * want.clip_grad_norm(f64::INFINITY);
+        want.grads = unclipped;
+        let norm = want.clip_grad_norm(max_norm);
+        let coef = reference::clip_grad_norm::clip_coef(norm, max_norm);
+        net.set_clip_grad_norm(Some(max_norm)).unwrap();
+        plan.write_batch(&gpu, &x, &labels).unwrap();
+        net.train_step(&plan);
+        gpu.wait().unwrap();
+        let what = format!("max_norm {factor} x the norm");
+        let st = net.clip.as_ref().unwrap().read(&gpu).unwrap();
+        assert_close(&format!("{what}: total norm"), &[st.total_norm], &[norm], 0.0, 1e-3);
+        eprintln!("{what}: total norm {} vs the reference's {norm:.7}", st.total_norm);
+        assert_close(&format!("{what}: coefficient"), &[st.coef], &[coef], 0.0, 1e-3);
+        assert_eq!(st.coef < 1.0, factor < 1.0, "{what}: clipped only when the norm is above max_norm");
+        for p in &net.params {
+            let name = &p.spec.name;
+            assert_close(&format!("{what}: clipped grad {name}"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 2e-3);
+            let old = &params[name];
+            let mut w = old.clone();
+            let mut state = vec![vec![0.0; w.len()]];
+            reference::optimizer::optimizer_step(&opt, 1, &mut w, &want.grads[name], &mut state);
+            let want_delta: Vec<f64> = w.iter().zip(old).map(|(a, b)| a - b).collect();
+            let got_delta: Vec<f32> =
+                read(&gpu, &p.value).iter().zip(old).map(|(&a, &b)| (f64::from(a) - b) as f32).collect();
+            // As in gpu_training_step_equals_the_reference_step: lr 0.1 x the gradient tolerance.
+            assert_close(&format!("{what}: update of {name}"), &got_delta, &want_delta, 2.5e-5, 2e-3);
+        }
+    }
+}
+
+/// An f16 step with clipping: the norm is of the unscaled gradients (AMP's recipe: unscale_,
+/// then clip), against the f16-emulating reference step; the SGD update equals -lr times the
+/// reference's clipped gradients. Tolerance: the f16 step's own against that reference (each
+/// gradient tensor within 2e-2 in L2, see an_f16_step_matches_the_f16_reference_step), for the
+/// norm and the update alike. A norm of the scaled gradients would be 2^16 times too large. The
+/// scaler's inverse scale is planted stale (1) before the step: the clip must read the one the
+/// scaler writes for this step, so it has to run after the scaler.
+#[test]
+fn an_f16_clipped_step_clips_the_unscaled_gradients() {
+    use senet_wgpu::gpu::Precision;
+    let gpu = gpu();
+    let n = 8;
+    let cfg = tiny(5, 16);
+    let x = uniform(&mut rng(33), n * 3 * 16 * 16, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 5).collect();
+    let lr = 0.1;
+    let mut net = Network::new_in(gpu.clone(), cfg, OptimizerConfig::sgd(lr, 0.0), 5, Precision::F16).unwrap();
+    let plan = net.plan(n).unwrap();
+    let scale = f64::from(net.scaler.as_ref().unwrap().read(&gpu).unwrap().scale);
+    let (params, buffers) = reference_state(&net);
+    let mut want =
+        reference::model::train_step_in(&net.graph, &params, &buffers, n, &to_f64(&x), &labels, Precision::F16, scale)
+            .unwrap();
+    let want32 = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(&x), &labels).unwrap();
+    let unclipped = want.grads.clone();
+    let max_norm = 0.25 * want.clip_grad_norm(f64::INFINITY);
+    want.grads = unclipped;
+    let norm = want.clip_grad_norm(max_norm);
+    net.set_clip_grad_norm(Some(max_norm)).unwrap();
+    let scaler = &net.scaler.as_ref().unwrap().state;
+    let mut raw = read(&gpu, scaler);
+    raw[senet_wgpu::ops::grad_scaler::state::INV_SCALE] = 1.0;
+    scaler.write(&gpu, &raw).unwrap();
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    net.train_step(&plan);
+    let st = net.clip.as_ref().unwrap().read(&gpu).unwrap();
+    let rel = (f64::from(st.total_norm) - norm).abs() / norm;
+    eprintln!("f16 clipped step: total norm {} vs the f16 reference's {norm:.6} ({rel:.2e} relative)", st.total_norm);
+    assert!(rel < 2e-2, "f16 total norm {} vs the reference's {norm} (unscaled): {rel:.2e} relative", st.total_norm);
+    assert!(st.coef < 0.3, "the step clipped: coefficient {}", st.coef);
+    for p in &net.params {
+        let name = &p.spec.name;
+        let g = &want.grads[name];
+        let size = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+        // A conv bias before a BN: zero up to rounding (in f32), no relative size.
+        if want32.grads[name].iter().map(|v| v * v).sum::<f64>().sqrt() < 1e-5 {
+            continue;
+        }
+        let got = read(&gpu, &p.value);
+        let err = got
+            .iter()
+            .zip(&params[name])
+            .zip(g)
+            .map(|((&a, &b), &gw)| (f64::from(a) - b + lr * gw).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let rel = err / (lr * size);
+        assert!(rel < 2e-2, "{name}: f16 clipped update off by {rel:.2e} (L2, relative) from -lr x the reference's");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole run's ETA
+
+/// The run's ETA comes from measured rates: nothing until MIN_TIMED_STEPS steps are timed (the
+/// first interval of the process, its start-up, never counts); then the steps left at the
+/// measured step time, plus the images left to evaluate at the measured cost per image (before a
+/// pass is timed, a third of a training image's). The time between epochs (evaluation, saving)
+/// is not step time, and a resumed epoch times from where it resumed.
+#[test]
+fn the_run_eta_comes_from_measured_rates() {
+    use senet_wgpu::progress::{MIN_TIMED_STEPS, RunClock, format_duration};
+    use std::time::{Duration, Instant};
+    let t = Instant::now();
+    let at = |s: f64| t + Duration::from_secs_f64(s);
+    let close = |got: Option<f64>, want: f64| got.is_some_and(|g| (g - want).abs() < 1e-9);
+    let mut c = RunClock::default();
+    c.start_epoch(0, at(0.0));
+    c.steps_done(2, at(10.0)); // start-up: 5 s a step, not counted
+    assert_eq!(c.remaining(100, 32, 0), None, "nothing timed yet");
+    c.steps_done(4, at(12.0));
+    assert_eq!(c.remaining(100, 32, 0), None, "2 steps timed: too few");
+    c.steps_done(7, at(15.0)); // 5 steps timed in 5 s
+    assert!(close(c.secs_per_step(), 1.0), "{:?}", c.secs_per_step());
+    assert!(close(c.remaining(100, 32, 0), 100.0));
+    // No evaluation timed: an image costs a third of a trained one's 1/32 s.
+    assert!(close(c.remaining(100, 32, 960), 110.0), "{:?}", c.remaining(100, 32, 960));
+    c.eval_done(1000, 2.0);
+    assert!(close(c.remaining(0, 32, 500), 1.0));
+    // The next epoch: the 100 s between epochs are not step time; 10 steps in 20 s are.
+    c.start_epoch(0, at(200.0));
+    c.steps_done(10, at(220.0));
+    // Timed so far: MIN_TIMED_STEPS (5) steps in 5 s, then these 10 in 20 s.
+    assert_eq!(MIN_TIMED_STEPS, 5, "the figures below assume 5");
+    assert!(close(c.secs_per_step(), 25.0 / 15.0), "{:?}", c.secs_per_step());
+    // Resumed inside an epoch at step 5: 2 steps in 3 s.
+    c.start_epoch(5, at(300.0));
+    c.steps_done(7, at(303.0));
+    assert!(close(c.secs_per_step(), 28.0 / 17.0), "{:?}", c.secs_per_step());
+    assert_eq!(
+        [45.0, 59.6, 725.0, 11_220.0].map(format_duration),
+        ["45s".to_string(), "1m00s".into(), "12m05s".into(), "3h07m".into()]
+    );
+}

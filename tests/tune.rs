@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::*;
 use senet_wgpu::gpu::tune::TuneMode;
-use senet_wgpu::gpu::{Gpu, GpuOptions};
+use senet_wgpu::gpu::{Gpu, GpuOptions, Precision};
 use senet_wgpu::model::ModelConfig;
 use senet_wgpu::model::plan::Network;
 use senet_wgpu::ops::conv2d::ConvKernel;
@@ -120,6 +120,52 @@ fn a_corrupt_truncated_or_foreign_cache_is_ignored_and_rewritten() {
     let again = device(TuneMode::Full, &cache);
     let _ = planned_kernels(&again, 1);
     assert_eq!(again.tuner.summary().timed, 0, "the rewritten cache was not used");
+}
+
+/// An f16 plan is tuned in f16: its cache keys name the precision (" f16", and the tile where
+/// cooperative matrices are candidates) beside the f32 plan's in one file, timing it built f16
+/// convolution kernels only (before, the tuner timed f32 kernels for f16 plans and an f16 plan
+/// reused the f32 plan's choices), and a second start reads it back. The f32 keys are the shapes
+/// alone, spelled as before precisions existed: a cache an earlier build wrote stays valid, so the
+/// file keeps its version (pinned here by one literal key).
+#[test]
+fn an_f16_plan_is_tuned_in_f16_beside_the_f32_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let f16_kernels = |gpu: &Arc<Gpu>| -> Vec<String> {
+        let net = Network::new_in(gpu.clone(), tiny(), OptimizerConfig::adam(1e-3), 0, Precision::F16).unwrap();
+        let plan = net.plan(2).unwrap();
+        plan.conv_kernels.iter().map(|(layer, pass, k)| format!("{layer} {pass:?} {k}")).collect()
+    };
+    let first = device(TuneMode::Full, &cache);
+    let _ = planned_kernels(&first, 2);
+    assert_eq!(first.tuner.summary().timed, 14);
+
+    let second = device(TuneMode::Full, &cache);
+    let kernels = f16_kernels(&second);
+    let s = second.tuner.summary();
+    assert_eq!((s.timed, s.cached), (14, 0), "the f16 plan must not take the f32 plan's choices: {s:?}");
+    let f32_conv: Vec<String> =
+        second.built_pipelines().into_iter().filter(|k| k.starts_with("conv2d") && k.contains(":f32")).collect();
+    assert!(f32_conv.is_empty(), "an f16 plan's tuner built f32 conv kernels: {f32_conv:?}");
+
+    let dev = cache_json(&cache)["devices"].as_object().unwrap().values().next().unwrap().clone();
+    let keys: Vec<&String> = dev.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 28, "f32 and f16 entries side by side: {keys:?}");
+    let suffix = match second.coop_tile {
+        None => " f16".to_string(),
+        Some(t) => format!(" f16 coop{t}"),
+    };
+    assert_eq!(keys.iter().filter(|k| k.ends_with(&suffix)).count(), 14, "{suffix:?} keys: {keys:?}");
+    assert!(
+        keys.iter().any(|k| *k == "conv2d Forward n2 c3->4 16x16 k3x3 s1x1 p1x1 d1x1 bias1"),
+        "the f32 key spelling changed (an existing cache would no longer be read): {keys:?}"
+    );
+
+    let third = device(TuneMode::Quick, &cache);
+    assert_eq!(f16_kernels(&third), kernels);
+    let s = third.tuner.summary();
+    assert_eq!((s.timed, s.cached), (0, 14), "second f16 start: {s:?}");
 }
 
 /// Every conv pass forced onto the workgroup-memory kernels through the cache (as a GPU's tuner

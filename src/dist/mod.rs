@@ -272,9 +272,10 @@ pub struct StepReport {
 
 /// One data-parallel step on the batch in `plan`: forward and backward (a `--sync-bn` plan
 /// stopping at each of its [`BnExchange`]s for [`exchange_bn`]), the gradients averaged over the
-/// ranks (read back, MPI all-reduce sum, / N, written back), then the optimizer, the same update
-/// on every rank. Waits for the GPU (the read-back). `stop` (a signal reached this rank) rides
-/// along as one more value of the all-reduce.
+/// ranks (read back, MPI all-reduce sum, / N, written back), then (`Network::apply_update`)
+/// `--clip-grad-norm`'s clipping of the averaged gradients (DDP's order: clip after the
+/// all-reduce) and the optimizer, the same update on every rank. Waits for the GPU (the
+/// read-back). `stop` (a signal reached this rank) rides along as one more value of the all-reduce.
 pub fn data_parallel_step(net: &mut Network, plan: &StepPlan, dist: &Dist, stop: bool) -> Result<StepReport> {
     net.begin_step();
     let mut sync_bn_secs = 0.0;

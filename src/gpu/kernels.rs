@@ -16,7 +16,10 @@ use super::{Gpu, Tensor, tensor::Dtype};
 /// Every WGSL file, embedded at build time: (op family, source).
 pub const SHADERS: &[(&str, &str)] = &[
     ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
-    ("conv2d_tiled", include_str!("../../shaders/conv2d_tiled.wgsl")),
+    (
+        "conv2d_tiled",
+        concat!(include_str!("../../shaders/conv2d_tiled.wgsl"), include_str!("../../shaders/conv2d_gemm.wgsl")),
+    ),
     ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
     ("relu", include_str!("../../shaders/relu.wgsl")),
     ("pool", include_str!("../../shaders/pool.wgsl")),
@@ -28,11 +31,20 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("add", include_str!("../../shaders/add.wgsl")),
     ("cast", include_str!("../../shaders/cast.wgsl")),
     ("grad_scaler", include_str!("../../shaders/grad_scaler.wgsl")),
+    ("clip_grad_norm", include_str!("../../shaders/clip_grad_norm.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32
 /// configuration (`Gpu::coop_tile`), with [`coop_prelude`] appended.
-pub const COOP_SHADERS: &[(&str, &str)] = &[("conv2d_coop", include_str!("../../shaders/conv2d_coop.wgsl"))];
+pub const COOP_SHADERS: &[(&str, &str)] = &[(
+    "conv2d_coop",
+    concat!(include_str!("../../shaders/conv2d_coop.wgsl"), include_str!("../../shaders/conv2d_gemm.wgsl")),
+)];
+
+/// What the two workgroup-GEMM convolution files share (bindings, GEMM dimensions per MODE, operand
+/// loads, store), appended to each in [`SHADERS`] and [`COOP_SHADERS`] at build time — after the
+/// file, so compiler messages keep the file's own line numbers. Not compiled alone.
+pub const CONV_GEMM_PART: (&str, &str) = ("conv2d_gemm", include_str!("../../shaders/conv2d_gemm.wgsl"));
 
 /// What a cooperative-matrix kernel is written against: the tile CT and the coop types of that
 /// size (coop_mat8x8 and coop_mat16x16 are distinct types in WGSL, so the size cannot be an
@@ -255,6 +267,15 @@ impl Gpu {
         }
         self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(key, pipeline.clone());
         Ok(pipeline)
+    }
+
+    /// Every pipeline built so far, as `shader::entry:precision[constants]`, sorted: what this
+    /// device has compiled (the tuner's candidates included), for tests.
+    pub fn built_pipelines(&self) -> Vec<String> {
+        let mut keys: Vec<String> =
+            self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        keys.sort();
+        keys
     }
 
     /// A uniform buffer holding `params`, padded to 16 bytes as WGSL's uniform layout wants.

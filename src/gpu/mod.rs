@@ -7,7 +7,7 @@ pub mod tune;
 
 pub use context::{AdapterSummary, Gpu, GpuOptions, GpuStats, NoAdapterError, Subgroups, list_adapters};
 pub use kernels::{
-    Bind, COOP_SHADERS, Dispatch, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, Precision, SHADERS, coop_prelude,
-    shader_source,
+    Bind, CONV_GEMM_PART, COOP_SHADERS, Dispatch, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, Precision, SHADERS,
+    coop_prelude, shader_source,
 };
 pub use tensor::{Dtype, Element, Tensor};

@@ -22,6 +22,9 @@
 //! stops after the per-channel statistics and the backward after the per-channel gradient sums,
 //! the host combines every rank's (a few floats per channel) and writes them back, and the step
 //! goes on ([`Network::gradient_pass_exchanging`]). Evaluation plans are never split.
+//!
+//! With [`Network::set_clip_grad_norm`] every step clips the gradients' total norm
+//! ([`ClipGradNorm`]) after the backward pass (and the loss scaler) and before the optimizer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +37,7 @@ use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
 use crate::ops::batch_norm::{self, BatchNormConfig, BnBackward};
 use crate::ops::cast;
+use crate::ops::clip_grad_norm::ClipGradNorm;
 use crate::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, result};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
@@ -100,6 +104,11 @@ pub struct Network {
     casts: Vec<Dispatch>,
     /// f16: the loss scaler, run between the backward pass and the optimizer.
     pub scaler: Option<GradScaler>,
+    /// `--clip-grad-norm`: the gradients' total norm clipped after the loss scaler, before the
+    /// optimizer ([`Network::set_clip_grad_norm`]).
+    pub clip: Option<ClipGradNorm>,
+    /// The flat gradient buffer as views of at most one binding each (see `updates`).
+    grad_chunks: Vec<Tensor>,
     /// The optimizer over the flat buffers: one dispatch, or one per binding-sized chunk where
     /// the parameters outgrow the adapter's largest binding (SE-ResNet-152 on lavapipe's 128 MiB).
     updates: Vec<OptimizerStep>,
@@ -232,12 +241,28 @@ impl Network {
             precision,
             casts,
             scaler,
+            clip: None,
+            grad_chunks,
             updates,
             step: 0,
             label_smoothing: 0.0,
             sync_bn: false,
             by_name,
         })
+    }
+
+    /// Clip the gradients' total 2-norm to `max_norm` every step from the next one on, as
+    /// `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` between the backward pass
+    /// (f16: the loss scaler's unscale) and the optimizer; `None` turns clipping off.
+    pub fn set_clip_grad_norm(&mut self, max_norm: Option<f64>) -> Result<()> {
+        self.clip = match max_norm {
+            Some(m) => {
+                let chunks: Vec<&Tensor> = self.grad_chunks.iter().collect();
+                Some(ClipGradNorm::new(&self.gpu, m, &chunks, self.scaler.as_ref().map(|s| &s.state))?)
+            }
+            None => None,
+        };
+        Ok(())
     }
 
     pub fn param(&self, name: &str) -> Result<&Param> {
@@ -405,13 +430,9 @@ impl Network {
                         &[ConvPass::Forward, ConvPass::BackwardWeight]
                     };
                     for &pass in passes {
-                        // An f16 plan's forward GEMM runs on cooperative matrices where there are any.
-                        let chosen = match gpu.coop_tile {
-                            Some(t) if pass == ConvPass::Forward && self.precision == Precision::F16 => {
-                                conv2d::ConvKernel::Coop(t)
-                            }
-                            _ => conv2d::choose(gpu, &cfg, pass)?,
-                        };
+                        // Tuned in the plan's precision: an f16 plan's built-in choice is cooperative
+                        // matrices where the adapter lists them (conv2d::builtin).
+                        let chosen = conv2d::choose(gpu, &cfg, pass, self.precision)?;
                         let (d, kernel) = conv2d::conv2d_pass_chosen(gpu, &cfg, pass, chosen, &bufs)?;
                         conv_kernels.push((name.clone(), pass, kernel));
                         if pass == ConvPass::Forward {
@@ -655,9 +676,19 @@ impl Network {
     /// The loss scaler's check (f16) and every optimizer update from the gradients now in the
     /// flat buffer: with [`Network::gradient_pass`], the dispatches of [`Network::train_dispatches`].
     /// Returns without waiting.
+    /// The loss scaler's check (f16), gradient clipping (`--clip-grad-norm`) and every optimizer
+    /// update from the gradients now in the flat buffer (under MPI: the averaged ones, so clipping
+    /// follows the all-reduce, as in DDP): with [`Network::gradient_pass`], the dispatches of
+    /// [`Network::train_dispatches`]. Returns without waiting.
     pub fn apply_update(&self) -> wgpu::SubmissionIndex {
+        self.gpu.run(&self.update_dispatches().collect::<Vec<_>>())
+    }
+
+    /// After the backward pass: (f16: the loss scaler), (clipping), every optimizer update.
+    fn update_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
         let scaler = self.scaler.iter().flat_map(|s| &s.dispatches);
-        self.gpu.run(&scaler.chain(self.updates.iter().map(|u| &u.dispatch)).collect::<Vec<_>>())
+        let clip = self.clip.iter().flat_map(|c| &c.dispatches);
+        scaler.chain(clip).chain(self.updates.iter().map(|u| &u.dispatch))
     }
 
     /// The learning rate of the following steps (schedules change it between steps; the next
@@ -686,10 +717,9 @@ impl Network {
     }
 
     /// A training step's dispatches in order: (f16: the weights' cast), the plan's forward, loss
-    /// and backward, (f16: the loss scaler), then every optimizer update.
+    /// and backward, (f16: the loss scaler), (gradient clipping), then every optimizer update.
     pub fn train_dispatches<'a>(&'a self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
-        let scaler = self.scaler.iter().flat_map(|s| &s.dispatches);
-        self.casts.iter().chain(&plan.train).chain(scaler).chain(self.updates.iter().map(|u| &u.dispatch)).collect()
+        self.casts.iter().chain(&plan.train).chain(self.update_dispatches()).collect()
     }
 
     /// The evaluation pass's dispatches in order.

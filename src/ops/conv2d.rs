@@ -1,6 +1,7 @@
-//! conv2d — host side of `shaders/conv2d.wgsl` (register-blocked GEMMs, [`Tiles`]) and
-//! `shaders/conv2d_tiled.wgsl` (workgroup-memory tiles for discrete GPUs, [`SmemTiles`]); CPU
-//! oracle in `reference/conv2d.rs`.
+//! conv2d — host side of `shaders/conv2d.wgsl` (register-blocked GEMMs, [`Tiles`]),
+//! `shaders/conv2d_tiled.wgsl` (workgroup-memory tiles for discrete GPUs, [`SmemTiles`]) and
+//! `shaders/conv2d_coop.wgsl` (cooperative matrices for f16 plans, `ConvKernel::Coop`); CPU oracle
+//! in `reference/conv2d.rs`; the tuner's choice among them at the end ([`choose`]).
 
 use anyhow::{Context, Result, ensure};
 use bytemuck::{Pod, Zeroable};
@@ -272,17 +273,7 @@ pub fn conv2d_forward_tiled(
     // conv2d_gemm in MODE 0 never reads dout (binding 5), nor the bias without one.
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, inp)?;
-    let bias = match (cfg.bias, bias) {
-        (true, Some(b)) => {
-            expect_shape("conv2d bias", b, &[cfg.c_out])?;
-            b
-        }
-        (false, None) => &unused,
-        (want, _) => anyhow::bail!(
-            "conv2d: configuration says bias={want} but a bias tensor was{} given",
-            if want { " not" } else { "" }
-        ),
-    };
+    let bias = forward_bias(cfg, bias, &unused)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
     let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cfg.c_out, tiles.gemm_n, 1)?;
     let binds = [
@@ -496,43 +487,7 @@ pub fn conv2d_forward_smem(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d input", inp, &cfg.input_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d output", out, &cfg.output_shape())?;
-    ensure!(
-        bias.is_some() == cfg.bias,
-        "conv2d: configuration says bias={} but a bias tensor was given or not",
-        cfg.bias
-    );
-    let unused = placeholder(gpu)?;
-    let bias = match bias {
-        Some(b) => {
-            expect_shape("conv2d bias", b, &[cfg.c_out])?;
-            b
-        }
-        None => &unused,
-    };
-    let unused_act = placeholder_like(gpu, inp)?;
-    // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
-    let scratch = placeholder(gpu)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = tiles.grid(gpu, cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1)?;
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, weight),
-        Bind::Tensor(3, bias),
-        Bind::Tensor(4, out),
-        Bind::Tensor(5, &unused_act),
-        Bind::Tensor(6, &scratch),
-    ];
-    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
-    Ok(vec![
-        gpu.dispatch_in(Precision::of(inp), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(0), &binds, grid)?
-            .labelled("conv2d_forward (tiled)")
-            .with_cost(2.0 * cfg.macs() as f64, bytes),
-    ])
+    gemm_forward(gpu, cfg, Gemm::Smem(tiles), inp, weight, bias, out)
 }
 
 /// The input gradient with workgroup-memory tiles (MODE 1).
@@ -544,30 +499,7 @@ pub fn conv2d_backward_input_smem(
     weight: &Tensor,
     dinp: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
-    let unused = placeholder(gpu)?;
-    let unused_act = placeholder_like(gpu, dout)?;
-    let scratch = placeholder(gpu)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = tiles.grid(gpu, cfg.c_in, cfg.n * cfg.h * cfg.w, 1)?;
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused_act),
-        Bind::Tensor(2, weight),
-        Bind::Tensor(3, &unused),
-        Bind::Tensor(4, dinp),
-        Bind::Tensor(5, dout),
-        Bind::Tensor(6, &scratch),
-    ];
-    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
-    Ok(vec![
-        gpu.dispatch_in(Precision::of(dout), "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(1), &binds, grid)?
-            .labelled("conv2d_backward_input (tiled)")
-            .with_cost(2.0 * cfg.macs() as f64, bytes),
-    ])
+    gemm_backward_input(gpu, cfg, Gemm::Smem(tiles), dout, weight, dinp)
 }
 
 /// The weight gradient with workgroup-memory tiles (MODE 2), K = N*OH*OW split `splits` ways
@@ -581,20 +513,156 @@ pub fn conv2d_backward_weight_smem(
     dweight: &Tensor,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
+    gemm_backward_weight(gpu, cfg, Gemm::Smem(tiles), inp, dout, dweight, splits)
+}
+
+/// The two workgroup-GEMM families, which share one binding layout and one MODE numbering (0
+/// forward, 1 input gradient, 2 weight gradient): workgroup-memory tiles (`conv2d_tiled.wgsl`)
+/// and cooperative matrices (`conv2d_coop.wgsl`). Each pass below is written once for both.
+#[derive(Clone, Copy, Debug)]
+enum Gemm {
+    Smem(SmemTiles),
+    /// The adapter's square f16 cooperative-matrix tile T (checked by [`coop_tile`]).
+    Coop(usize),
+}
+
+impl Gemm {
+    /// The depth of one K step: a weight-gradient split is a whole number of them.
+    fn k_step(self) -> usize {
+        match self {
+            Gemm::Smem(t) => t.bk,
+            Gemm::Coop(t) => t,
+        }
+    }
+
+    /// One launch in `mode` over a `rows` x `cols` GEMM with `z` K splits.
+    fn dispatch(
+        self,
+        gpu: &Gpu,
+        mode: u32,
+        binds: &[Bind<'_>],
+        dims: (usize, usize, usize),
+        precision: Precision,
+    ) -> Result<Dispatch> {
+        let d = match self {
+            Gemm::Smem(t) => {
+                let grid = t.grid(gpu, dims.0, dims.1, dims.2)?;
+                gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &t.constants(mode), binds, grid)?
+            }
+            Gemm::Coop(t) => coop_dispatch(gpu, mode, binds, dims, t)?,
+        };
+        Ok(d.labelled(match (self, mode) {
+            (Gemm::Smem(_), 0) => "conv2d_forward (tiled)",
+            (Gemm::Smem(_), 1) => "conv2d_backward_input (tiled)",
+            (Gemm::Smem(_), _) => "conv2d_backward_weight (tiled)",
+            (Gemm::Coop(_), 0) => "conv2d_forward (coop)",
+            (Gemm::Coop(_), 1) => "conv2d_backward_input (coop)",
+            (Gemm::Coop(_), _) => "conv2d_backward_weight (coop)",
+        }))
+    }
+}
+
+/// The forward's bias binding: the bias, checked, or `unused` for a layer without one.
+fn forward_bias<'a>(cfg: &Conv2dConfig, bias: Option<&'a Tensor>, unused: &'a Tensor) -> Result<&'a Tensor> {
+    match (cfg.bias, bias) {
+        (true, Some(b)) => {
+            expect_shape("conv2d bias", b, &[cfg.c_out])?;
+            Ok(b)
+        }
+        (false, None) => Ok(unused),
+        (want, _) => anyhow::bail!(
+            "conv2d: configuration says bias={want} but a bias tensor was{} given",
+            if want { " not" } else { "" }
+        ),
+    }
+}
+
+/// The forward pass on a workgroup GEMM (MODE 0).
+fn gemm_forward(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    gemm: Gemm,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d output", out, &cfg.output_shape())?;
+    let unused = placeholder(gpu)?;
+    let bias = forward_bias(cfg, bias, &unused)?;
+    let unused_act = placeholder_like(gpu, inp)?;
+    // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
+    let scratch = placeholder(gpu)?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+        Bind::Tensor(5, &unused_act),
+        Bind::Tensor(6, &scratch),
+    ];
+    let dims = (cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1);
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    Ok(vec![gemm.dispatch(gpu, 0, &binds, dims, Precision::of(inp))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
+}
+
+/// The input gradient on a workgroup GEMM (MODE 1): the transposed convolution, gathered.
+fn gemm_backward_input(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    gemm: Gemm,
+    dout: &Tensor,
+    weight: &Tensor,
+    dinp: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+    let (unused, unused_act, scratch) = (placeholder(gpu)?, placeholder_like(gpu, dout)?, placeholder(gpu)?);
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, &unused_act),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, dinp),
+        Bind::Tensor(5, dout),
+        Bind::Tensor(6, &scratch),
+    ];
+    let dims = (cfg.c_in, cfg.n * cfg.h * cfg.w, 1);
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    Ok(vec![gemm.dispatch(gpu, 1, &binds, dims, Precision::of(dout))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
+}
+
+/// The weight gradient on a workgroup GEMM (MODE 2), K = N*OH*OW split `splits` ways (each split
+/// a whole number of K steps, so none straddles two) and reduced in a fixed order by
+/// `conv2d_backward_weight_reduce` (1 = written directly). dweight is f32.
+fn gemm_backward_weight(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    gemm: Gemm,
+    inp: &Tensor,
+    dout: &Tensor,
+    dweight: &Tensor,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d dout", dout, &cfg.output_shape())?;
     expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
     ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
     let m = cfg.n * cfg.out_h() * cfg.out_w();
-    // Each split a whole number of K steps, so no K step straddles two splits.
-    let split_len = m.div_ceil(splits).next_multiple_of(tiles.bk);
+    let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
     let splits = m.div_ceil(split_len);
     let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
     let k = cfg.c_in * cfg.kh * cfg.kw;
-    let grid = tiles.grid(gpu, cfg.c_out, k, splits)?;
-    let unused = placeholder(gpu)?;
-    let unused_act = placeholder_like(gpu, inp)?;
+    let (unused, unused_act) = (placeholder(gpu)?, placeholder_like(gpu, inp)?);
     // Binding 4 (the other modes' output) is writable: a buffer of its own.
     let scratch = placeholder_like(gpu, inp)?;
     let partial =
@@ -614,11 +682,7 @@ pub fn conv2d_backward_weight_smem(
         el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
     );
     let precision = Precision::of(inp);
-    let mut out = vec![
-        gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &tiles.constants(2), &binds, grid)?
-            .labelled("conv2d_backward_weight (tiled)")
-            .with_cost(flops, bytes),
-    ];
+    let mut out = vec![gemm.dispatch(gpu, 2, &binds, (cfg.c_out, k, splits), precision)?.with_cost(flops, bytes)];
     if let Some(partial) = &partial {
         out.push(weight_grad_reduce(gpu, cfg, precision, &params, partial, dweight)?);
     }
@@ -643,7 +707,7 @@ pub enum ConvKernel {
     Register(Tiles),
     /// conv2d_tiled.wgsl's workgroup-memory tiles.
     Tiled(SmemTiles),
-    /// conv2d_coop.wgsl's cooperative matrices of this square tile (f16 plans, forward only).
+    /// conv2d_coop.wgsl's cooperative matrices of this square tile (f16 plans; all three passes).
     Coop(u32),
 }
 
@@ -716,7 +780,15 @@ pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
             let tiles = cfg.c_out.div_ceil(t.bm) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(t.bn);
             1024usize.div_ceil(tiles.max(1)).min(m / 512).clamp(1, 64)
         }
-        ConvKernel::Coop(_) => 1,
+        ConvKernel::Coop(t) => {
+            // 2T x 2T blocks of one subgroup each: on a GPU, ~4,096 workgroups in flight (32
+            // small workgroups on each of a hundred-odd multiprocessors); on a CPU adapter, as for
+            // the register blocks. Each split at least 256 long (32 K steps of 8, 16 of 16).
+            let m = cfg.n * cfg.out_h() * cfg.out_w();
+            let blocks = cfg.c_out.div_ceil(2 * t as usize) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(2 * t as usize);
+            let target = if gpu.is_cpu() { split_target(gpu) } else { 4096 };
+            target.div_ceil(blocks.max(1)).min(m / 256).clamp(1, 64)
+        }
     }
 }
 
@@ -745,16 +817,54 @@ pub fn conv2d_pass(
         (ConvPass::BackwardWeight, ConvKernel::Tiled(t)) => {
             conv2d_backward_weight_smem(gpu, cfg, t, b.inp, b.dout, b.dweight, splits_for(gpu, cfg, kernel))
         }
-        (ConvPass::Forward, ConvKernel::Coop(t)) => {
+        (pass, ConvKernel::Coop(t)) => {
             ensure!(gpu.coop_tile == Some(t), "conv2d (coop): this adapter has no {t}x{t}x{t} f16 cooperative matrix");
-            conv2d_forward_coop(gpu, cfg, b.inp, b.weight, b.bias, b.out)
+            match pass {
+                ConvPass::Forward => conv2d_forward_coop(gpu, cfg, b.inp, b.weight, b.bias, b.out),
+                ConvPass::BackwardInput => conv2d_backward_input_coop(gpu, cfg, b.dout, b.weight, b.dinp),
+                ConvPass::BackwardWeight => {
+                    conv2d_backward_weight_coop(gpu, cfg, b.inp, b.dout, b.dweight, splits_for(gpu, cfg, kernel))
+                }
+            }
         }
-        (pass, ConvKernel::Coop(_)) => anyhow::bail!("conv2d (coop): only the forward pass, not {pass:?}"),
     }
 }
 
-/// The forward pass on cooperative matrices (`conv2d_coop.wgsl`): f16 tensors, on an adapter that
-/// lists a square f16 -> f32 configuration (`Gpu::coop_tile`).
+/// The cooperative-matrix tile of this adapter, checked against the operands: cooperative
+/// matrices here take f16 (`Gpu::coop_tile` lists only square f16 x f16 -> f32 configurations).
+fn coop_tile(gpu: &Gpu, operand: &Tensor) -> Result<usize> {
+    let t = gpu.coop_tile.context("conv2d (coop): the adapter lists no f16 cooperative matrix")? as usize;
+    ensure!(
+        Precision::of(operand) == Precision::F16,
+        "conv2d (coop): cooperative matrices take f16 operands; {} holds {}",
+        operand.label,
+        operand.dtype.name()
+    );
+    Ok(t)
+}
+
+/// One launch of `conv2d_gemm_coop` in `mode` (0 forward, 1 input gradient, 2 weight gradient):
+/// a workgroup of one subgroup per 2T x 2T block of the `rows` x `cols` GEMM, `z` K splits.
+fn coop_dispatch(
+    gpu: &Gpu,
+    mode: u32,
+    binds: &[Bind<'_>],
+    (rows, cols, z): (usize, usize, usize),
+    t: usize,
+) -> Result<Dispatch> {
+    let (x, y) = (cols.div_ceil(2 * t), rows.div_ceil(2 * t));
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    ensure!(
+        x <= max && y <= max && z <= max,
+        "conv2d (coop): {rows}x{cols} GEMM needs {x}x{y}x{z} workgroups; the adapter allows {max} per dimension"
+    );
+    let wg = gpu.info.subgroup_max_size.max(1);
+    let consts = [("WG", f64::from(wg)), ("MODE", f64::from(mode))];
+    gpu.dispatch_in(Precision::F16, "conv2d_coop", "conv2d_gemm_coop", &consts, binds, [x as u32, y as u32, z as u32])
+}
+
+/// The forward pass on cooperative matrices (`conv2d_coop.wgsl`, MODE 0): f16 tensors, on an
+/// adapter that lists a square f16 -> f32 configuration (`Gpu::coop_tile`).
 pub fn conv2d_forward_coop(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
@@ -763,52 +873,31 @@ pub fn conv2d_forward_coop(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
-    expect_shape("conv2d input", inp, &cfg.input_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d output", out, &cfg.output_shape())?;
-    let t = gpu.coop_tile.context("conv2d (coop): the adapter lists no f16 cooperative matrix")? as usize;
-    ensure!(
-        Precision::of(inp) == Precision::F16,
-        "conv2d (coop): cooperative matrices take f16 operands; {} holds {}",
-        inp.label,
-        inp.dtype.name()
-    );
-    ensure!(
-        bias.is_some() == cfg.bias,
-        "conv2d: configuration says bias={} but a bias tensor was given or not",
-        cfg.bias
-    );
-    let unused = placeholder(gpu)?;
-    let bias = bias.unwrap_or(&unused);
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let (cols, rows) = ((cfg.n * cfg.out_h() * cfg.out_w()).div_ceil(2 * t), cfg.c_out.div_ceil(2 * t));
-    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
-    ensure!(
-        cols <= max && rows <= max,
-        "conv2d (coop): {cols}x{rows} workgroups; the adapter allows {max} per dimension"
-    );
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, weight),
-        Bind::Tensor(3, bias),
-        Bind::Tensor(4, out),
-    ];
-    let wg = gpu.info.subgroup_max_size.max(1);
-    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::F16,
-            "conv2d_coop",
-            "conv2d_forward_coop",
-            &[("WG", f64::from(wg))],
-            &binds,
-            [cols as u32, rows as u32, 1],
-        )?
-        .labelled("conv2d_forward (coop)")
-        .with_cost(2.0 * cfg.macs() as f64, bytes),
-    ])
+    gemm_forward(gpu, cfg, Gemm::Coop(coop_tile(gpu, inp)?), inp, weight, bias, out)
+}
+
+/// The input gradient on cooperative matrices (MODE 1).
+pub fn conv2d_backward_input_coop(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    dout: &Tensor,
+    weight: &Tensor,
+    dinp: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    gemm_backward_input(gpu, cfg, Gemm::Coop(coop_tile(gpu, dout)?), dout, weight, dinp)
+}
+
+/// The weight gradient on cooperative matrices (MODE 2), split and reduced as the tiled one's
+/// (each split a whole number of T-deep K steps). dweight is f32.
+pub fn conv2d_backward_weight_coop(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    inp: &Tensor,
+    dout: &Tensor,
+    dweight: &Tensor,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
+    gemm_backward_weight(gpu, cfg, Gemm::Coop(coop_tile(gpu, inp)?), inp, dout, dweight, splits)
 }
 
 /// The dispatches of `pass` with the chosen `kernel`, or — should it not launch here (a cache
@@ -832,11 +921,21 @@ pub fn conv2d_pass_chosen(
     }
 }
 
-/// The kernels worth timing for a pass: the built-in choice first, then the others `mode` allows,
-/// each once (register shapes that differ only in fields another pass uses count as one).
-fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, mode: TuneMode) -> Vec<ConvKernel> {
-    let builtin = ConvKernel::Register(Tiles::for_layer(gpu, cfg));
-    let mut out = vec![builtin];
+/// The kernel a plan of `precision` runs untimed: an f16 plan's GEMMs on cooperative matrices
+/// where the adapter lists them (tensor cores take f16 operands, the FMA kernels leave them idle),
+/// else the register blocks for this adapter and layer.
+pub fn builtin(gpu: &Gpu, cfg: &Conv2dConfig, precision: Precision) -> ConvKernel {
+    match (precision, gpu.coop_tile) {
+        (Precision::F16, Some(t)) => ConvKernel::Coop(t),
+        _ => ConvKernel::Register(Tiles::for_layer(gpu, cfg)),
+    }
+}
+
+/// The kernels worth timing for a pass of a `precision` plan: the built-in choice first, then the
+/// others `mode` allows, each once (register shapes that differ only in fields another pass uses
+/// count as one). With cooperative matrices built in, the register blocks are the first challenger.
+fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, mode: TuneMode, precision: Precision) -> Vec<ConvKernel> {
+    let mut out = vec![builtin(gpu, cfg, precision)];
     let mut push = |k: ConvKernel| {
         let same = |a: &ConvKernel| match (a, &k) {
             (ConvKernel::Register(a), ConvKernel::Register(b)) => match pass {
@@ -855,8 +954,12 @@ fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, mode: TuneMode) -> 
         // register blocks on every senet layer, conv2d_tiled.wgsl's header): quick keeps the
         // built-in choice there without timing (full tuning of senet w0.25 b32 took 491 s).
         TuneMode::Quick if gpu.is_cpu() => {}
-        TuneMode::Quick => SmemTiles::ALL[..4].iter().for_each(|&t| push(ConvKernel::Tiled(t))),
+        TuneMode::Quick => {
+            push(ConvKernel::Register(Tiles::for_layer(gpu, cfg)));
+            SmemTiles::ALL[..4].iter().for_each(|&t| push(ConvKernel::Tiled(t)));
+        }
         TuneMode::Full => {
+            push(ConvKernel::Register(Tiles::for_layer(gpu, cfg)));
             for gemm_m in [8, 16] {
                 for gemm_n in [8, 16] {
                     push(ConvKernel::Register(Tiles { gemm_m, gemm_n, wgrad_ci: gemm_n / 2, wgrad_n: gemm_n }));
@@ -868,11 +971,20 @@ fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, mode: TuneMode) -> 
     out
 }
 
-/// The tuning cache's key for a pass of a layer shape.
-fn tune_key(cfg: &Conv2dConfig, pass: ConvPass) -> String {
+/// The tuning cache's key for a pass of a layer shape in a `precision` plan. An f32 plan's key is
+/// the shape alone, as before precisions existed (every entry of an older cache was timed in f32,
+/// so it stays valid under the same key and the file keeps its version); an f16 plan's adds
+/// " f16", and " coop8" or " coop16" where cooperative matrices are candidates (an adapter with
+/// `SENET_COOP=off` is the same device key but another set of candidates).
+pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precision) -> String {
     let c = cfg;
+    let variant = match (precision, gpu.coop_tile) {
+        (Precision::F32, _) => String::new(),
+        (Precision::F16, None) => " f16".to_string(),
+        (Precision::F16, Some(t)) => format!(" f16 coop{t}"),
+    };
     format!(
-        "conv2d {pass:?} n{} c{}->{} {}x{} k{}x{} s{}x{} p{}x{} d{}x{} bias{}",
+        "conv2d {pass:?} n{} c{}->{} {}x{} k{}x{} s{}x{} p{}x{} d{}x{} bias{}{variant}",
         c.n,
         c.c_in,
         c.c_out,
@@ -890,16 +1002,17 @@ fn tune_key(cfg: &Conv2dConfig, pass: ConvPass) -> String {
     )
 }
 
-/// The kernel for `pass` of a layer shaped `cfg`: the tuning cache's answer, else the fastest
-/// candidate timed now (and remembered), else — with nothing to time — the built-in choice.
-/// `SENET_CONV_TILES` (pinning the register blocks, for measuring) bypasses the tuner.
-pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass) -> Result<ConvKernel> {
+/// The kernel for `pass` of a layer shaped `cfg` in a `precision` plan: the tuning cache's
+/// answer, else the fastest candidate timed now in that precision (and remembered), else — with
+/// nothing to time — the built-in choice. `SENET_CONV_TILES` (pinning the register blocks, for
+/// measuring) bypasses the tuner.
+pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precision) -> Result<ConvKernel> {
     let mode = gpu.tuner.mode;
-    let cands = candidates(gpu, cfg, pass, mode);
+    let cands = candidates(gpu, cfg, pass, mode, precision);
     if mode == TuneMode::Off || std::env::var_os("SENET_CONV_TILES").is_some() {
         return Ok(cands[0]);
     }
-    let key = tune_key(cfg, pass);
+    let key = tune_key(gpu, cfg, pass, precision);
     if let Some(entry) = gpu.tuner.cached(&key) {
         match ConvKernel::decode(&entry.choice) {
             // A full run times again what a quick one chose.
@@ -918,12 +1031,14 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass) -> Result<ConvKerne
         return Ok(cands[0]);
     }
     let start = std::time::Instant::now();
-    // Scratch buffers of the layer's shapes, zero-filled (the kernels' speed does not depend on
-    // the values), freed when the choice is made.
-    let t = |label: &str, shape: &[usize]| Tensor::zeros(gpu, label, shape);
+    // Scratch buffers of the layer's shapes in the plan's types (activations and GEMM operands of
+    // its precision, the bias and the weight gradient f32), zero-filled (the kernels' speed does
+    // not depend on the values), freed when the choice is made.
+    let t = |label: &str, shape: &[usize]| Tensor::zeros_of(gpu, label, shape, precision.dtype());
     let (inp, out) = (t("tuning input", &cfg.input_shape())?, t("tuning output", &cfg.output_shape())?);
     let weight = t("tuning weight", &cfg.weight_shape())?;
-    let bias = if cfg.bias { Some(t("tuning bias", &[cfg.c_out])?) } else { None };
+    let dweight = Tensor::zeros(gpu, "tuning weight gradient", &cfg.weight_shape())?;
+    let bias = if cfg.bias { Some(Tensor::zeros(gpu, "tuning bias", &[cfg.c_out])?) } else { None };
     let bufs = ConvBuffers {
         inp: &inp,
         weight: &weight,
@@ -931,7 +1046,7 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass) -> Result<ConvKerne
         out: &out,
         dout: &out,
         dinp: &inp,
-        dweight: &weight,
+        dweight: &dweight,
     };
     let mut best: Option<(ConvKernel, f64)> = None;
     for &k in &cands {

@@ -8,6 +8,7 @@
 pub mod add;
 pub mod batch_norm;
 pub mod cast;
+pub mod clip_grad_norm;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod grad_scaler;

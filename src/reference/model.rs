@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 
-use super::{add, batch_norm, conv2d, cross_entropy, linear, pool, relu, se_block};
+use super::{add, batch_norm, clip_grad_norm, conv2d, cross_entropy, linear, pool, relu, se_block};
 use crate::gpu::Precision;
 use crate::model::{Graph, Layer, conv_config, pool_config};
 use crate::ops::batch_norm::BatchNormConfig;
@@ -26,6 +26,18 @@ pub struct StepResult {
     pub grads: HashMap<String, Vec<f64>>,
     /// Updated running statistics by state-dict name (`features.1.running_mean`, …).
     pub buffers: HashMap<String, Vec<f64>>,
+}
+
+impl StepResult {
+    /// `--clip-grad-norm`: clip every parameter gradient together to total 2-norm `max_norm`
+    /// (`torch.nn.utils.clip_grad_norm_` after backward, before the optimizer); returns the
+    /// norm before clipping. Summed in name order, so the result does not depend on the map's.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
+        let mut named: Vec<(&String, &mut Vec<f64>)> = self.grads.iter_mut().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        let mut slices: Vec<&mut [f64]> = named.into_iter().map(|(_, g)| g.as_mut_slice()).collect();
+        clip_grad_norm::clip_grad_norm(&mut slices, max_norm)
+    }
 }
 
 /// What the backward pass needs from each layer's forward.

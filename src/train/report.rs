@@ -4,13 +4,14 @@
 use std::time::Instant;
 
 use anyhow::{Result, ensure};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use super::Trainer;
 use crate::eval::read_sums;
 use crate::gpu::Gpu;
 use crate::metrics::EpochMetrics;
 use crate::model::plan::{Network, StepPlan};
+use crate::progress::format_duration;
 use crate::run::RunState;
 
 /// f16: consecutive skipped steps after which the run stops (each halves the loss scale, so 50 is
@@ -46,17 +47,6 @@ pub(super) fn print_tuning(gpu: &Gpu) {
             gpu.tuner.mode, tuned.timed, tuned.seconds, tuned.cached
         );
     }
-}
-
-pub(super) fn bar(len: u64, prefix: String) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix);
-    pb
 }
 
 impl Trainer<'_> {
@@ -138,6 +128,22 @@ impl Trainer<'_> {
         self.say(format!("checkpoints and metrics in {}", self.args.out.display()));
     }
 
+    /// The whole run's time left after `step` steps of `epoch`: the training steps of this and
+    /// the later epochs and every evaluation pass still to come, at the rates measured so far
+    /// (None until a few steps are timed).
+    pub(super) fn run_secs_left(&self, epoch: usize, step: usize) -> Option<f64> {
+        let epochs = self.args.epochs();
+        let steps = self.steps_per_epoch.saturating_sub(step) + (epochs - epoch) * self.steps_per_epoch;
+        let evals = (epochs - epoch + 1) * self.eval_images_per_epoch();
+        self.clock.borrow().remaining(steps, self.args.batch_size, evals)
+    }
+
+    /// The images this rank evaluates after each epoch: the validation set, its share of the
+    /// test set.
+    pub(super) fn eval_images_per_epoch(&self) -> usize {
+        self.val_set.as_ref().map_or(0, |v| v.len()) + self.test_set.len().div_ceil(self.dist.size)
+    }
+
     /// The running loss and accuracy after `step` steps (a read of the metrics buffers), and on a
     /// CPU adapter, once, how long an epoch will take.
     pub(super) fn log_progress(
@@ -153,8 +159,10 @@ impl Trainer<'_> {
         if !l.is_finite() {
             return Err(divergence(net, plan, epoch, step));
         }
-        let secs = t0.elapsed().as_secs_f64();
+        let now = Instant::now();
+        let secs = now.duration_since(t0).as_secs_f64();
         let rate = n / secs;
+        self.clock.borrow_mut().steps_done(step, now);
         let mut msg = if self.dist.size > 1 {
             // Rank 0's running loss; images/s of all ranks (each trains as many).
             let reduce = self.reduce_secs.get();
@@ -187,6 +195,14 @@ impl Trainer<'_> {
                 st.skipped_in_a_row,
                 st.scale
             );
+        }
+        if let Some(c) = &net.clip {
+            // The last step's total norm, before clipping (what clip_grad_norm_ returns).
+            let st = c.read(&self.gpu)?;
+            msg += &format!(" | grad norm {:.4}{}", st.total_norm, if st.coef < 1.0 { " (clipped)" } else { "" });
+        }
+        if let Some(left) = self.run_secs_left(epoch, step) {
+            msg += &format!(" | run ETA {}", format_duration(left));
         }
         if pb.is_hidden() && self.dist.is_root() {
             println!("epoch {epoch} step {step}/{} {msg}", self.steps_per_epoch);

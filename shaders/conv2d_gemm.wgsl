@@ -1,0 +1,141 @@
+// conv2d_gemm: what the two workgroup-GEMM convolution kernels share, appended by the host to
+// conv2d_tiled.wgsl (workgroup-memory tiles) and conv2d_coop.wgsl (cooperative matrices): the
+// parameter block and bindings (one layout, so the host builds both passes alike), the MODE
+// override and its GEMM dimensions, and the operand loads and the store:
+//
+//   MODE  GEMM                    rows    cols              reduction K
+//   0     conv2d_forward          c_out   N*OH*OW pixels    c_in*kh*kw   A = weight,   B = im2col(inp)
+//   1     conv2d_backward_input   c_in    N*H*W pixels      c_out*kh*kw  A = weight^T, B = gathered dout
+//   2     conv2d_backward_weight  c_out   c_in*kh*kw        N*OH*OW      A = dout,     B = im2col(inp)^T
+//
+// Loads return `act` (the tiled kernel widens them to f32 as it stages them; the coop kernel stages
+// f16); the store narrows the forward's and input gradient's f32 sums to `act` once, and writes the
+// weight gradient (or slice `split` of its partial buffer [splits, c_out, c_in*kh*kw]) in f32.
+// No entry point of its own; not compiled alone.
+
+struct Params {
+    n: u32, c_in: u32, h: u32, w: u32,
+    c_out: u32, oh: u32, ow: u32, kh: u32,
+    kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
+    pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
+    splits: u32, split_len: u32, _pad0: u32, _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> inp: array<act>;
+@group(0) @binding(2) var<storage, read> weight: array<act>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+// The forward's output (MODE 0) or the input gradient (MODE 1).
+@group(0) @binding(4) var<storage, read_write> out: array<act>;
+@group(0) @binding(5) var<storage, read> dout: array<act>;
+// The weight gradient or its split partials (MODE 2): f32 whatever `act` is, summed later.
+@group(0) @binding(6) var<storage, read_write> wgrad: array<f32>;
+
+// Which GEMM: 0 forward, 1 input gradient, 2 weight gradient (one source, three pipelines; the
+// branches on it fold away when the pipeline is built).
+override MODE: u32 = 0u;
+
+const FWD: u32 = 0u;
+const DGRAD: u32 = 1u;
+const WGRAD: u32 = 2u;
+
+fn rows() -> u32 {
+    if (MODE == DGRAD) {
+        return p.c_in;
+    }
+    return p.c_out;
+}
+
+fn cols() -> u32 {
+    if (MODE == FWD) {
+        return p.n * p.oh * p.ow;
+    }
+    if (MODE == DGRAD) {
+        return p.n * p.h * p.w;
+    }
+    return p.c_in * p.kh * p.kw;
+}
+
+fn k_total() -> u32 {
+    if (MODE == FWD) {
+        return p.c_in * p.kh * p.kw;
+    }
+    if (MODE == DGRAD) {
+        return p.c_out * p.kh * p.kw;
+    }
+    return p.n * p.oh * p.ow;
+}
+
+// im2col: the input value under tap t = (ky, kx) of channel ci for output pixel m, 0 in the padding.
+fn im2col(ci: u32, t: u32, m: u32) -> act {
+    let ohw = p.oh * p.ow;
+    let nn = m / ohw;
+    let r = m % ohw;
+    let iy = i32((r / p.ow) * p.stride_h + (t / p.kw) * p.dil_h) - i32(p.pad_h);
+    let ix = i32((r % p.ow) * p.stride_w + (t % p.kw) * p.dil_w) - i32(p.pad_w);
+    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
+        return act(0.0);
+    }
+    return inp[((nn * p.c_in + ci) * p.h + u32(iy)) * p.w + u32(ix)];
+}
+
+// A[r, k]; the caller has checked r < rows and k < k_total.
+fn load_a(r: u32, k: u32) -> act {
+    let khw = p.kh * p.kw;
+    if (MODE == FWD) {
+        return weight[r * p.c_in * khw + k];
+    }
+    if (MODE == DGRAD) {
+        // weight[co, ci = r, t] with k = (co, t)
+        return weight[((k / khw) * p.c_in + r) * khw + k % khw];
+    }
+    // dout[n, co = r, pixel] with k = m = (n, pixel)
+    let ohw = p.oh * p.ow;
+    return dout[((k / ohw) * p.c_out + r) * ohw + k % ohw];
+}
+
+// B[k, c]; the caller has checked k < k_total and c < cols.
+fn load_b(k: u32, c: u32) -> act {
+    let khw = p.kh * p.kw;
+    if (MODE == FWD) {
+        return im2col(k / khw, k % khw, c);
+    }
+    if (MODE == WGRAD) {
+        return im2col(c / khw, c % khw, k);
+    }
+    // Input gradient: dout[n, co, oy, ox] for input pixel c = (n, iy, ix) and k = (co, ky, kx),
+    // where oy*stride + ky*dil = iy + pad (the transposed convolution, gathered).
+    let hw = p.h * p.w;
+    let nn = c / hw;
+    let q = c % hw;
+    let co = k / khw;
+    let t = k % khw;
+    let ty = i32(q / p.w + p.pad_h) - i32((t / p.kw) * p.dil_h);
+    let tx = i32(q % p.w + p.pad_w) - i32((t % p.kw) * p.dil_w);
+    if (ty < 0 || tx < 0) {
+        return act(0.0);
+    }
+    let oy = u32(ty) / p.stride_h;
+    let ox = u32(tx) / p.stride_w;
+    if (u32(ty) % p.stride_h != 0u || u32(tx) % p.stride_w != 0u || oy >= p.oh || ox >= p.ow) {
+        return act(0.0);
+    }
+    return dout[((nn * p.c_out + co) * p.oh + oy) * p.ow + ox];
+}
+
+fn store(r: u32, c: u32, v: f32, split: u32) {
+    if (MODE == FWD) {
+        let ohw = p.oh * p.ow;
+        var b = 0.0;
+        if (p.has_bias != 0u) {
+            b = bias[r];
+        }
+        out[((c / ohw) * p.c_out + r) * ohw + c % ohw] = act(v + b);
+    } else if (MODE == DGRAD) {
+        let hw = p.h * p.w;
+        out[((c / hw) * p.c_in + r) * hw + c % hw] = act(v);
+    } else {
+        // Slice `split` of the partial buffer (the weight gradient itself with one split).
+        wgrad[(split * p.c_out + r) * cols() + c] = v;
+    }
+}
