@@ -47,4 +47,11 @@ total = dp["total_images_per_s"]
 print(f"{str(dp['ranks']) + ' ranks total':34}{total:10.1f} images/s")
 print(f"scaling vs 1 rank: {total / single:.2f}x (efficiency {100 * total / (dp['ranks'] * single):.1f} %); "
       f"vs rank 0 alone in the same run: {total / dp['alone_images_per_s']:.2f}x (efficiency {100 * dp['efficiency']:.1f} %)")
+# The same steps with --sync-bn (SyncBatchNorm), timed after the per-rank ones in the same run.
+print(f"--sync-bn: {dp['sync_bn_exchanges_per_step']} batch-norm exchanges per step (host-staged)")
+for r, (rate, ms, share) in enumerate(zip(dp["sync_bn_per_rank_images_per_s"], dp["sync_bn_exchange_ms_per_step"], dp["sync_bn_exchange_share"])):
+    print(f"  rank {r}: {rate:10.1f} images/s, exchanges {ms:.2f} ms/step = {100 * share:.1f} % of its time")
+sync = dp["sync_bn_total_images_per_s"]
+print(f"{str(dp['ranks']) + ' ranks total, --sync-bn':34}{sync:10.1f} images/s = {100 * sync / total:.1f} % of per-rank BN's; "
+      f"{sync / single:.2f}x 1 rank")
 PY

@@ -19,6 +19,19 @@
 //   batch_norm_backward       dbeta, dgamma (a reduction), then dinp in the same workgroup.
 // `stats` holds mean[C] then invstd[C]; the backward reuses them.
 //
+// --sync-bn (several MPI ranks, PyTorch's SyncBatchNorm) splits each pass where the ranks must
+// agree on per-channel numbers; the host exchanges them between the halves (model::plan,
+// dist::exchange_bn), and the halves share every line of arithmetic with the fused kernels:
+//   batch_norm_forward_stats    this rank's (count, mean, M2) per channel into `welford` [3, C]
+//   batch_norm_forward_apply    the merged (count, mean, M2) of every rank's batch, written back
+//                               into `welford`, -> mean, invstd, running statistics, output
+//   batch_norm_backward_sums    this rank's (count, sum g, sum g*(x - mean)) into `grad_sums`
+//                               [3, C]; dbeta, dgamma of this rank's batch (averaged later with
+//                               every other parameter gradient)
+//   batch_norm_backward_input   the sums over every rank, written back into `grad_sums`, -> dinp
+// On one rank, stats + apply give the forward_train's bits and sums + input the backward's
+// (tests/kernels.rs); the fused kernels are what one process runs.
+//
 // The input, output and their gradients are `act` (f32 or f16, defined by the host per compiled
 // variant); statistics, parameters, running estimates and every sum are f32 in both.
 //
@@ -33,7 +46,9 @@
 //   v5  reductions over subgroups where the adapter has them (reduce preludes): no change
 //       measurable on lavapipe (8-lane subgroups; w1 b128 step 20.1 -> 21.0 images/s beside
 //       the build before, within run-to-run spread), for GPUs.
-//   v6  (this) `act` storage: f16 variant for --precision f16, f32 variant unchanged bit for bit.
+//   v6  `act` storage: f16 variant for --precision f16, f32 variant unchanged bit for bit.
+//   v7  (this) the split kernels for --sync-bn; the fused ones written over the same helper
+//       functions, unchanged bit for bit (a training run's checkpoint compared byte for byte).
 //
 // Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
 // max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient
@@ -57,6 +72,9 @@ struct Params {
 @group(0) @binding(9) var<storage, read> dout: array<act>;
 @group(0) @binding(10) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(11) var<storage, read_write> dbeta: array<f32>;
+// --sync-bn exchange buffers, [3, C] each: (count, mean, M2) and (count, sum g, sum g*(x - mean)).
+@group(0) @binding(12) var<storage, read_write> welford: array<f32>;
+@group(0) @binding(13) var<storage, read_write> grad_sums: array<f32>;
 @group(0) @binding(14) var<storage, read_write> dinp: array<act>;
 @group(0) @binding(15) var<storage, read> running_mean_in: array<f32>;
 @group(0) @binding(16) var<storage, read> running_var_in: array<f32>;
@@ -97,38 +115,71 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
     }
 }
 
-@compute @workgroup_size(RED_WG)
-fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let l = lane_of(lanes, RED_WG);
-    let t = l.t;
-    let c = wid.x;
+// (count, mean, M2) of channel c over this workgroup's batch: each thread runs Welford's update
+// over its strided slice, then the slices are merged in a fixed tree.
+fn channel_welford(c: u32, l: Lane) -> vec3<f32> {
     let m = p.n * HW;
-    // Welford over this thread's slice: count k, mean, sum of squared deviations.
     var k = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
-    for (var e = t; e < m; e += RED_WG) {
+    for (var e = l.t; e < m; e += RED_WG) {
         let x = f32(inp[chan_index(c, e)]);
         k += 1.0;
         let d = x - mean;
         mean += d / k;
         m2 += d * (x - mean);
     }
-    let w = block_welford(vec3<f32>(k, mean, m2), l);
+    return block_welford(vec3<f32>(k, mean, m2), l);
+}
+
+// From the statistics of the normalised batch (count `m`, mean, M2 in `w`): invstd, saved with
+// the mean by thread 0, which also moves the running estimates. Returns (mean, invstd).
+fn finish_statistics(c: u32, t: u32, w: vec3<f32>, m: f32, m_minus_1: f32) -> vec2<f32> {
     let mu = w.y;
-    let var_b = w.z / f32(m);
+    let var_b = w.z / m;
     let invstd = 1.0 / sqrt(var_b + p.eps);
     if (t == 0u) {
         stats[c] = mu;
         stats[p.c + c] = invstd;
         if (p.update_running != 0u) {
             // m > 1 is checked on the host (PyTorch refuses training-mode BN on one value per channel).
-            let var_u = w.z / f32(m - 1u);
+            let var_u = w.z / m_minus_1;
             running_mean[c] = (1.0 - p.momentum) * running_mean[c] + p.momentum * mu;
             running_var[c] = (1.0 - p.momentum) * running_var[c] + p.momentum * var_u;
         }
     }
-    apply_channel(c, t, mu, invstd);
+    return vec2<f32>(mu, invstd);
+}
+
+@compute @workgroup_size(RED_WG)
+fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let c = wid.x;
+    let m = p.n * HW;
+    let s = finish_statistics(c, l.t, channel_welford(c, l), f32(m), f32(m - 1u));
+    apply_channel(c, l.t, s.x, s.y);
+}
+
+// --sync-bn, first half of the forward: this rank's (count, mean, M2), for the host to merge.
+@compute @workgroup_size(RED_WG)
+fn batch_norm_forward_stats(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let c = wid.x;
+    let w = channel_welford(c, l);
+    if (l.t == 0u) {
+        welford[c] = w.x;
+        welford[p.c + c] = w.y;
+        welford[2u * p.c + c] = w.z;
+    }
+}
+
+// --sync-bn, second half: normalise with the statistics merged over every rank's batch.
+@compute @workgroup_size(RED_WG)
+fn batch_norm_forward_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = wid.x;
+    let w = vec3<f32>(welford[c], welford[p.c + c], welford[2u * p.c + c]);
+    let s = finish_statistics(c, t, w, w.x, w.x - 1.0);
+    apply_channel(c, t, s.x, s.y);
 }
 
 // Eval mode: the statistics come from the running estimates.
@@ -144,32 +195,23 @@ fn batch_norm_forward_eval(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
     apply_channel(c, t, mean, invstd);
 }
 
-// dbeta = sum g, dgamma = sum g * xhat over the channel, then
-// dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M).
-@compute @workgroup_size(RED_WG)
-fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let l = lane_of(lanes, RED_WG);
-    let t = l.t;
-    let c = wid.x;
+// (sum g, sum g * (x - mean)) over channel c of this workgroup's batch.
+fn channel_grad_sums(c: u32, l: Lane, mean: f32) -> vec2<f32> {
     let m = p.n * HW;
-    let mean = stats_in[c];
-    let invstd = stats_in[p.c + c];
     var sd = 0.0;
     var sdx = 0.0;
-    for (var e = t; e < m; e += RED_WG) {
+    for (var e = l.t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
         let g = grad_at(i);
         sd += g;
         sdx += g * (f32(inp[i]) - mean);
     }
-    let sums = block_sum2(vec2<f32>(sd, sdx), l);
-    let dbeta_c = sums.x;
-    let dgamma_c = sums.y * invstd;
-    if (t == 0u) {
-        dbeta[c] = dbeta_c;
-        dgamma[c] = dgamma_c;
-    }
-    let inv_m = 1.0 / f32(m);
+    return block_sum2(vec2<f32>(sd, sdx), l);
+}
+
+// dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M) over channel c, M = 1 / inv_m values.
+fn input_grad_channel(c: u32, t: u32, mean: f32, invstd: f32, dbeta_c: f32, dgamma_c: f32, inv_m: f32) {
+    let m = p.n * HW;
     let k = gamma[c] * invstd;
     let db_m = dbeta_c * inv_m;
     let dg_m = dgamma_c * inv_m;
@@ -178,4 +220,52 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
         let xhat = (f32(inp[i]) - mean) * invstd;
         dinp[i] = act(k * (grad_at(i) - db_m - xhat * dg_m));
     }
+}
+
+// dbeta = sum g, dgamma = sum g * xhat over the channel, then
+// dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M).
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let c = wid.x;
+    let m = p.n * HW;
+    let mean = stats_in[c];
+    let invstd = stats_in[p.c + c];
+    let sums = channel_grad_sums(c, l, mean);
+    let dbeta_c = sums.x;
+    let dgamma_c = sums.y * invstd;
+    if (l.t == 0u) {
+        dbeta[c] = dbeta_c;
+        dgamma[c] = dgamma_c;
+    }
+    input_grad_channel(c, l.t, mean, invstd, dbeta_c, dgamma_c, 1.0 / f32(m));
+}
+
+// --sync-bn, first half of the backward: this rank's dbeta and dgamma (parameter gradients, which
+// the gradient all-reduce averages) and its (count, sum g, sum g*(x - mean)) for the host to sum.
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let c = wid.x;
+    let mean = stats_in[c];
+    let invstd = stats_in[p.c + c];
+    let sums = channel_grad_sums(c, l, mean);
+    if (l.t == 0u) {
+        dbeta[c] = sums.x;
+        dgamma[c] = sums.y * invstd;
+        grad_sums[c] = f32(p.n * HW);
+        grad_sums[p.c + c] = sums.x;
+        grad_sums[2u * p.c + c] = sums.y;
+    }
+}
+
+// --sync-bn, second half: the input gradient through the statistics of every rank's batch, from
+// the sums over every rank (SyncBatchNorm's backward).
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = wid.x;
+    let mean = stats_in[c];
+    let invstd = stats_in[p.c + c];
+    let dgamma_c = grad_sums[2u * p.c + c] * invstd;
+    input_grad_channel(c, t, mean, invstd, grad_sums[p.c + c], dgamma_c, 1.0 / grad_sums[c]);
 }

@@ -443,10 +443,18 @@ pub struct DataParallelReport {
     /// Per rank: the host-staged all-reduce (read-back, MPI, write) per step, and its share of the step.
     pub allreduce_ms_per_step: Vec<f64>,
     pub allreduce_share: Vec<f64>,
+    /// The same steps with `--sync-bn` (SyncBatchNorm), measured after: each rank's images/s,
+    /// their total, and per rank the batch norms' exchanges per step (ms) and share of the step.
+    pub sync_bn_per_rank_images_per_s: Vec<f64>,
+    pub sync_bn_total_images_per_s: f64,
+    pub sync_bn_exchange_ms_per_step: Vec<f64>,
+    pub sync_bn_exchange_share: Vec<f64>,
+    /// Host exchanges per `--sync-bn` step: two per batch norm.
+    pub sync_bn_exchanges_per_step: usize,
 }
 
-/// Time `args.steps` steps alone on rank 0, then `args.steps` data-parallel steps on every rank
-/// (each after 2 warm-up steps). Every rank returns the same report.
+/// Time `args.steps` steps alone on rank 0, then `args.steps` data-parallel steps on every rank,
+/// then as many with `--sync-bn` (each after 2 warm-up steps). Every rank returns the same report.
 pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::Dist) -> Result<DataParallelReport> {
     let config = args.input.config(&args.model)?;
     let mut net = Network::new(gpu.clone(), config.clone(), OptimizerConfig::adam(1e-3), 0)?;
@@ -477,22 +485,36 @@ pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::
     }
     dist.barrier();
 
-    // Every rank together.
-    for _ in 0..2 {
-        crate::dist::data_parallel_step(&mut net, &plan, dist, false)?;
-    }
-    gpu.wait()?;
-    dist.barrier();
-    let t0 = Instant::now();
-    let mut reduce = 0.0;
-    for _ in 0..steps {
-        reduce += crate::dist::data_parallel_step(&mut net, &plan, dist, false)?.1;
-    }
-    gpu.wait()?;
-    let secs = t0.elapsed().as_secs_f64();
-    let mine = [(n * steps) as f32 / secs as f32, (1e3 * reduce / steps as f64) as f32, (reduce / secs) as f32];
-    let all = dist.all_gather_f32(&mine)?;
-    let per_rank: Vec<f64> = all.chunks(3).map(|v| f64::from(v[0])).collect();
+    // Every rank together: per-rank batch norm, then --sync-bn. Per rank [images/s, ms of the
+    // exchange per step, its share of the step] of each.
+    let timed = |net: &mut Network, plan: &StepPlan, sync_bn: bool| -> Result<Vec<f32>> {
+        plan.write_batch(&gpu, &images, &labels)?;
+        for _ in 0..2 {
+            crate::dist::data_parallel_step(net, plan, dist, false)?;
+        }
+        gpu.wait()?;
+        dist.barrier();
+        let t0 = Instant::now();
+        let mut exchange = 0.0;
+        for _ in 0..steps {
+            let r = crate::dist::data_parallel_step(net, plan, dist, false)?;
+            exchange += if sync_bn { r.sync_bn_secs } else { r.allreduce_secs };
+        }
+        gpu.wait()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let mine = [(n * steps) as f32 / secs as f32, (1e3 * exchange / steps as f64) as f32, (exchange / secs) as f32];
+        dist.all_gather_f32(&mine)
+    };
+    let all = timed(&mut net, &plan, false)?;
+    let sync_plan = {
+        net.sync_bn = dist.size > 1;
+        let p = net.plan(n);
+        net.sync_bn = false;
+        p?
+    };
+    let sync = timed(&mut net, &sync_plan, true)?;
+    let col = |v: &[f32], k: usize| -> Vec<f64> { v.chunks(3).map(|r| f64::from(r[k])).collect() };
+    let per_rank = col(&all, 0);
     let total: f64 = per_rank.iter().sum();
     let alone = dist.from_root(|| Ok(alone))?;
     let names = dist.all_gather_bytes(gpu.describe().into_bytes())?;
@@ -509,8 +531,13 @@ pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::
         per_rank_images_per_s: per_rank,
         total_images_per_s: total,
         efficiency: total / (dist.size as f64 * alone),
-        allreduce_ms_per_step: all.chunks(3).map(|v| f64::from(v[1])).collect(),
-        allreduce_share: all.chunks(3).map(|v| f64::from(v[2])).collect(),
+        allreduce_ms_per_step: col(&all, 1),
+        allreduce_share: col(&all, 2),
+        sync_bn_total_images_per_s: col(&sync, 0).iter().sum(),
+        sync_bn_per_rank_images_per_s: col(&sync, 0),
+        sync_bn_exchange_ms_per_step: col(&sync, 1),
+        sync_bn_exchange_share: col(&sync, 2),
+        sync_bn_exchanges_per_step: sync_plan.exchanges.len(),
     })
 }
 
@@ -539,6 +566,23 @@ pub fn format_data_parallel(r: &DataParallelReport) -> String {
         r.total_images_per_s / r.alone_images_per_s,
         100.0 * r.efficiency,
         r.ranks
+    );
+    s += &format!(
+        "--sync-bn: {} batch-norm exchanges per step (statistics forward, gradient sums backward), host-staged\n",
+        r.sync_bn_exchanges_per_step
+    );
+    for (k, rate) in r.sync_bn_per_rank_images_per_s.iter().enumerate() {
+        s += &format!(
+            "rank {k:<3} sync-bn  {:>10.1} images/s, exchanges {:.1} ms/step = {:.1} % of the step\n",
+            rate,
+            r.sync_bn_exchange_ms_per_step[k],
+            100.0 * r.sync_bn_exchange_share[k]
+        );
+    }
+    s += &format!(
+        "total sync-bn      {:>10.1} images/s ({:.1} % of per-rank batch norm's)\n",
+        r.sync_bn_total_images_per_s,
+        100.0 * r.sync_bn_total_images_per_s / r.total_images_per_s
     );
     s
 }

@@ -70,6 +70,9 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     }
     let mut net = Network::new_in(gpu.clone(), config.clone(), args.optimizer_config(), args.seed, args.precision)?;
     net.label_smoothing = args.label_smoothing as f32;
+    // SyncBatchNorm only where there is more than one batch to merge; on one process --sync-bn
+    // changes nothing (as PyTorch's SyncBatchNorm, which falls back to BatchNorm there).
+    net.sync_bn = args.sync_bn && dist.size > 1;
     net.set_clip_grad_norm(args.clip_grad_norm)?;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
@@ -96,6 +99,7 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
         first_epoch: state.history.len() + 1,
         dist,
         reduce_secs: std::cell::Cell::new(0.0),
+        sync_bn_secs: std::cell::Cell::new(0.0),
         clock: std::cell::RefCell::new(RunClock::default()),
         train_set: Arc::new(train_set),
         val_set: val_set.map(Arc::new),
@@ -128,6 +132,8 @@ struct Trainer<'a> {
     dist: &'a Dist,
     /// Seconds spent in the gradient all-reduce this epoch (the progress line shows its share).
     reduce_secs: std::cell::Cell<f64>,
+    /// Seconds spent in `--sync-bn`'s batch-norm exchanges this epoch (shown beside it).
+    sync_bn_secs: std::cell::Cell<f64>,
     /// Measured step and evaluation times, for the whole run's ETA.
     clock: std::cell::RefCell<RunClock>,
     train_set: Arc<Dataset>,
@@ -205,6 +211,7 @@ impl Trainer<'_> {
             clear_metrics(gpu, &p.train_result);
         }
         self.reduce_secs.set(0.0);
+        self.sync_bn_secs.set(0.0);
         let skip = self.restore_partial(partial);
         let pb = if self.dist.is_root() {
             bar(self.steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs()))
@@ -327,11 +334,12 @@ impl Trainer<'_> {
         lr_at(a.lr, a.schedule, a.warmup_epochs, global, self.steps_per_epoch, self.total_steps)
     }
 
-    /// One data-parallel step ([`dist::data_parallel_step`]), its all-reduce time counted.
+    /// One data-parallel step ([`dist::data_parallel_step`]), its exchange times counted.
     fn data_parallel_step(&self, net: &mut Network, plan: &StepPlan, stop: bool) -> Result<bool> {
-        let (stop_any, secs) = dist::data_parallel_step(net, plan, self.dist, stop)?;
-        self.reduce_secs.set(self.reduce_secs.get() + secs);
-        Ok(stop_any)
+        let r = dist::data_parallel_step(net, plan, self.dist, stop)?;
+        self.reduce_secs.set(self.reduce_secs.get() + r.allreduce_secs);
+        self.sync_bn_secs.set(self.sync_bn_secs.get() + r.sync_bn_secs);
+        Ok(r.stop)
     }
 
     /// Resuming inside an epoch: its metric sums so far go back into the buffer of the

@@ -76,6 +76,10 @@ const PASSES: &[&str] = &[
     "backward_weight",
     "backward_weight_reduce",
     "backward_bias",
+    // --sync-bn's split batch norm: each pass in two halves around the ranks' exchange
+    "forward_stats",
+    "forward_apply",
+    "backward_sums",
     "partial",
     "reduce",
     "scale",

@@ -17,6 +17,12 @@
 //! gradient and unscale the parameter gradients with a [`GradScaler`]. Statistics, reductions,
 //! parameter gradients and the optimizer stay f32. An f32 network is exactly what it always was.
 //!
+//! Under `--sync-bn` with several MPI ranks ([`Network::sync_bn`]) a plan's training step is
+//! still one dispatch list, with [`BnExchange`] points in it: at each batch norm the forward
+//! stops after the per-channel statistics and the backward after the per-channel gradient sums,
+//! the host combines every rank's (a few floats per channel) and writes them back, and the step
+//! goes on ([`Network::gradient_pass_exchanging`]). Evaluation plans are never split.
+//!
 //! With [`Network::set_clip_grad_norm`] every step clips the gradients' total norm
 //! ([`ClipGradNorm`]) after the backward pass (and the loss scaler) and before the optimizer.
 
@@ -29,7 +35,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config};
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
-use crate::ops::batch_norm::{self, BatchNormConfig};
+use crate::ops::batch_norm::{self, BatchNormConfig, BnBackward};
 use crate::ops::cast;
 use crate::ops::clip_grad_norm::ClipGradNorm;
 use crate::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass};
@@ -111,6 +117,9 @@ pub struct Network {
     /// Label smoothing of the training loss (`--label-smoothing`; 0 = none), read when a plan is
     /// built. Evaluation always measures plain cross-entropy.
     pub label_smoothing: f32,
+    /// `--sync-bn` under several ranks, read when a plan is built: every training-mode batch norm
+    /// runs as split kernels around [`BnExchange`]s (SyncBatchNorm). Off, one dispatch per pass.
+    pub sync_bn: bool,
     by_name: HashMap<String, usize>,
 }
 
@@ -237,6 +246,7 @@ impl Network {
             updates,
             step: 0,
             label_smoothing: 0.0,
+            sync_bn: false,
             by_name,
         })
     }
@@ -382,6 +392,10 @@ impl Network {
 
         let mut se_saved = Vec::new();
         let mut backward: Vec<Vec<Dispatch>> = Vec::new();
+        // --sync-bn: the forward's exchanges (at an index of `train`) and each node's backward
+        // exchange (at an index of its own backward list).
+        let mut exchanges = Vec::new();
+        let mut backward_exchanges: Vec<Option<BnExchange>> = Vec::new();
         let mut conv_kernels = Vec::new();
         for (k, node) in self.graph.nodes.iter().enumerate() {
             let (train0, eval0) = (train.len(), eval.len());
@@ -392,6 +406,7 @@ impl Network {
             let _scope = gpu.label_scope(name);
             let p = |suffix: &str| self.param(&format!("{name}.{suffix}"));
             let mut bwd = Vec::new();
+            let mut bwd_exchange = None;
             match node.layer {
                 Layer::Conv2d { bias, .. } => {
                     let cfg = conv_config(&node.layer, &inp.shape).context("conv config")?;
@@ -452,11 +467,39 @@ impl Network {
                         stats: &stats,
                         out,
                     };
-                    train.extend(batch_norm::batch_norm_forward_train(gpu, &cfg, &t)?);
                     eval.extend(batch_norm::batch_norm_forward_eval(gpu, &cfg, &t)?);
-                    bwd.extend(batch_norm::batch_norm_backward(
-                        gpu, &cfg, inp, &g.value, &stats, relu_out, dout, dinp, &g.grad, &b.grad,
-                    )?);
+                    if self.sync_bn {
+                        // SyncBatchNorm: each pass in two halves around the ranks' exchange.
+                        let buffer = |what: &str| Tensor::zeros(gpu, &format!("{name} {what}"), &[batch_norm::ROWS, c]);
+                        let (welford, sums) = (buffer("rank statistics")?, buffer("rank gradient sums")?);
+                        let gb = BnBackward {
+                            inp,
+                            gamma: &g.value,
+                            stats: &stats,
+                            relu_out,
+                            dout,
+                            dinp,
+                            dgamma: &g.grad,
+                            dbeta: &b.grad,
+                        };
+                        train.extend(batch_norm::batch_norm_forward_stats(gpu, &cfg, inp, &welford)?);
+                        exchanges.push(BnExchange::new(name, ExchangeKind::Statistics, welford, train.len()));
+                        train.extend(batch_norm::batch_norm_forward_apply(
+                            gpu,
+                            &cfg,
+                            &t,
+                            &exchanges[exchanges.len() - 1].buffer,
+                        )?);
+                        bwd.extend(batch_norm::batch_norm_backward_sums(gpu, &cfg, &gb, &sums)?);
+                        let x = BnExchange::new(name, ExchangeKind::GradSums, sums, bwd.len());
+                        bwd.extend(batch_norm::batch_norm_backward_input(gpu, &cfg, &gb, &x.buffer)?);
+                        bwd_exchange = Some(x);
+                    } else {
+                        train.extend(batch_norm::batch_norm_forward_train(gpu, &cfg, &t)?);
+                        bwd.extend(batch_norm::batch_norm_backward(
+                            gpu, &cfg, inp, &g.value, &stats, relu_out, dout, dinp, &g.grad, &b.grad,
+                        )?);
+                    }
                 }
                 // Fused into the BN before it.
                 Layer::Relu if k > 0 && fused[k - 1] => {}
@@ -543,6 +586,7 @@ impl Network {
                 (d.layer, d.pass) = (name.clone(), Pass::Backward);
             }
             backward.push(bwd);
+            backward_exchanges.push(bwd_exchange);
         }
         let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
         let (train0, eval0) = (train.len(), eval.len());
@@ -569,7 +613,13 @@ impl Network {
         for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
             (d.layer, d.pass) = ("loss".to_string(), Pass::Loss);
         }
-        train.extend(backward.into_iter().rev().flatten());
+        for (bwd, x) in backward.into_iter().zip(backward_exchanges).rev() {
+            if let Some(mut x) = x {
+                x.at += train.len();
+                exchanges.push(x);
+            }
+            train.extend(bwd);
+        }
         Ok(StepPlan {
             n,
             input_f32,
@@ -583,12 +633,14 @@ impl Network {
             conv_kernels,
             train,
             eval,
+            exchanges,
         })
     }
 
     /// One training step on the batch already written into `plan`: forward, loss, backward and
     /// every optimizer update in one command buffer. Returns without waiting for the GPU.
     pub fn train_step(&mut self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        debug_assert!(plan.exchanges.is_empty(), "a --sync-bn plan steps through gradient_pass_exchanging");
         self.begin_step();
         self.gpu.run(&self.train_dispatches(plan))
     }
@@ -597,9 +649,33 @@ impl Network {
     /// parallelism, where the gradients are averaged across ranks before [`Network::apply_update`].
     /// Call [`Network::begin_step`] first. Returns without waiting.
     pub fn gradient_pass(&self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        debug_assert!(plan.exchanges.is_empty(), "a --sync-bn plan steps through gradient_pass_exchanging");
         self.gpu.run(&self.casts.iter().chain(&plan.train).collect::<Vec<_>>())
     }
 
+    /// [`Network::gradient_pass`] of a plan with [`BnExchange`]s (`--sync-bn`): one submit per
+    /// stretch between exchanges, and `exchange` called at each — after the stretch before it was
+    /// submitted; reading the buffer waits for it — to replace the buffer's contents with every
+    /// rank's combined. Without exchanges, one submit, as `gradient_pass`. Returns without waiting
+    /// for the last stretch.
+    pub fn gradient_pass_exchanging(
+        &self,
+        plan: &StepPlan,
+        mut exchange: impl FnMut(&BnExchange) -> Result<()>,
+    ) -> Result<wgpu::SubmissionIndex> {
+        let mut start = 0;
+        let mut casts = Some(&self.casts);
+        for x in &plan.exchanges {
+            self.gpu.run(&casts.take().into_iter().flatten().chain(&plan.train[start..x.at]).collect::<Vec<_>>());
+            exchange(x).with_context(|| format!("--sync-bn: the exchange of {} ({})", x.layer, x.kind.what()))?;
+            start = x.at;
+        }
+        Ok(self.gpu.run(&casts.into_iter().flatten().chain(&plan.train[start..]).collect::<Vec<_>>()))
+    }
+
+    /// The loss scaler's check (f16) and every optimizer update from the gradients now in the
+    /// flat buffer: with [`Network::gradient_pass`], the dispatches of [`Network::train_dispatches`].
+    /// Returns without waiting.
     /// The loss scaler's check (f16), gradient clipping (`--clip-grad-norm`) and every optimizer
     /// update from the gradients now in the flat buffer (under MPI: the averaged ones, so clipping
     /// follows the all-reduce, as in DDP): with [`Network::gradient_pass`], the dispatches of
@@ -679,6 +755,49 @@ pub struct StepPlan {
     pub conv_kernels: Vec<(String, ConvPass, ConvKernel)>,
     train: Vec<Dispatch>,
     eval: Vec<Dispatch>,
+    /// `--sync-bn`: where the training step stops for the ranks to combine a batch norm's
+    /// per-channel numbers, in step order (empty otherwise).
+    pub exchanges: Vec<BnExchange>,
+}
+
+/// What a [`BnExchange`] holds, and so how the ranks' copies combine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// Forward: (count, mean, M2) per channel, merged (`ops::batch_norm::merge_rank_statistics`).
+    Statistics,
+    /// Backward: (count, sum dout, sum dout*(x - mean)) per channel, added
+    /// (`ops::batch_norm::sum_rank_grad_sums`).
+    GradSums,
+}
+
+impl ExchangeKind {
+    pub fn what(self) -> &'static str {
+        match self {
+            ExchangeKind::Statistics => "batch statistics",
+            ExchangeKind::GradSums => "gradient sums",
+        }
+    }
+}
+
+/// A point of a `--sync-bn` training step where every rank's per-channel numbers of one batch
+/// norm are combined: the dispatches before `at` have written this rank's into `buffer` [3, C];
+/// the ones from `at` on read every rank's combined from it.
+pub struct BnExchange {
+    /// The batch norm (PyTorch name).
+    pub layer: String,
+    pub kind: ExchangeKind,
+    pub buffer: Tensor,
+    /// Channels.
+    pub c: usize,
+    /// Index in the plan's training dispatches of the first one after the exchange.
+    pub at: usize,
+}
+
+impl BnExchange {
+    fn new(layer: &str, kind: ExchangeKind, buffer: Tensor, at: usize) -> BnExchange {
+        let c = buffer.shape[1];
+        BnExchange { layer: layer.to_string(), kind, buffer, c, at }
+    }
 }
 
 /// An SE block's saved forward state: per sample [z (C) | h (hidden) | s (C)].

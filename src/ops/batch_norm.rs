@@ -1,4 +1,10 @@
 //! batch_norm — host side of `shaders/batch_norm.wgsl`; CPU oracle in `reference/batch_norm.rs`.
+//!
+//! One process runs one dispatch per pass (`batch_norm_forward_train`, `batch_norm_backward`).
+//! Under `--sync-bn` each pass is split in two around a host exchange between MPI ranks (as
+//! PyTorch's SyncBatchNorm): [`batch_norm_forward_stats`], [`merge_rank_statistics`] over every
+//! rank's numbers, [`batch_norm_forward_apply`]; [`batch_norm_backward_sums`],
+//! [`sum_rank_grad_sums`], [`batch_norm_backward_input`].
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
@@ -227,4 +233,234 @@ pub fn batch_norm_backward(
         )?
         .with_cost(12.0 * numel, 4.0 * el(inp) * numel),
     ])
+}
+
+// ---------------------------------------------------------------------------------------------
+// --sync-bn: the passes split around the ranks' exchange
+
+/// Rows of an exchange buffer ([`ROWS`, C]): forward (count, mean, M2), backward (count, sum of
+/// the output gradient, sum of the output gradient times (x - mean)).
+pub const ROWS: usize = 3;
+
+/// The tensors of a training-mode backward pass. With `cfg.relu`, `dout` is the fused ReLU's output
+/// gradient and `relu_out` its output (the forward's `out`).
+#[derive(Clone, Copy)]
+pub struct BnBackward<'a> {
+    pub inp: &'a Tensor,
+    pub gamma: &'a Tensor,
+    /// The forward's saved [2, C] (mean, invstd).
+    pub stats: &'a Tensor,
+    pub relu_out: Option<&'a Tensor>,
+    pub dout: &'a Tensor,
+    pub dinp: &'a Tensor,
+    pub dgamma: &'a Tensor,
+    pub dbeta: &'a Tensor,
+}
+
+/// `--sync-bn`, forward, first half: this rank's per-channel (count, mean, M2) into `welford`
+/// [3, C], for the ranks to merge ([`merge_rank_statistics`]) and write back before
+/// [`batch_norm_forward_apply`].
+pub fn batch_norm_forward_stats(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    inp: &Tensor,
+    welford: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    expect_shape("batch_norm input", inp, &cfg.shape())?;
+    expect_shape("batch_norm rank statistics", welford, &[ROWS, cfg.c])?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(12, welford)];
+    let numel = cfg.numel() as f64;
+    Ok(vec![
+        gpu.dispatch_in(
+            Precision::of(inp),
+            "batch_norm",
+            "batch_norm_forward_stats",
+            &cfg.constants(),
+            &binds,
+            cfg.grid()?,
+        )?
+        .with_cost(5.0 * numel, el(inp) * numel),
+    ])
+}
+
+/// `--sync-bn`, forward, second half: normalise with the (count, mean, M2) in `welford` — every
+/// rank's batch merged — saving mean and invstd into `stats` and moving the running statistics
+/// with the merged count's unbiased variance, as PyTorch's SyncBatchNorm.
+pub fn batch_norm_forward_apply(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    t: &BnForward<'_>,
+    welford: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    check(cfg, t)?;
+    expect_shape("batch_norm merged statistics", welford, &[ROWS, cfg.c])?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, stats),
+        Bind::Tensor(3, running_mean),
+        Bind::Tensor(4, running_var),
+        Bind::Tensor(6, gamma),
+        Bind::Tensor(7, beta),
+        Bind::Tensor(8, out),
+        Bind::Tensor(12, welford),
+    ];
+    let numel = cfg.numel() as f64;
+    Ok(vec![
+        gpu.dispatch_in(
+            Precision::of(inp),
+            "batch_norm",
+            "batch_norm_forward_apply",
+            &cfg.constants(),
+            &binds,
+            cfg.grid()?,
+        )?
+        .with_cost(2.0 * numel, 2.0 * el(inp) * numel),
+    ])
+}
+
+fn check_backward(cfg: &BatchNormConfig, g: &BnBackward<'_>) -> Result<()> {
+    ensure!(
+        cfg.relu == g.relu_out.is_some(),
+        "batch_norm: a fused ReLU's backward needs its output, and only it (relu {}, output given {})",
+        cfg.relu,
+        g.relu_out.is_some()
+    );
+    if let Some(r) = g.relu_out {
+        expect_shape("batch_norm ReLU output", r, &cfg.shape())?;
+    }
+    expect_shape("batch_norm input", g.inp, &cfg.shape())?;
+    expect_shape("batch_norm weight (gamma)", g.gamma, &[cfg.c])?;
+    expect_shape("batch_norm saved statistics", g.stats, &[2, cfg.c])?;
+    expect_shape("batch_norm dout", g.dout, &cfg.shape())?;
+    expect_shape("batch_norm dinp", g.dinp, &cfg.shape())?;
+    expect_shape("batch_norm dgamma", g.dgamma, &[cfg.c])?;
+    expect_shape("batch_norm dbeta", g.dbeta, &[cfg.c])
+}
+
+/// `--sync-bn`, backward, first half: this rank's dgamma and dbeta (parameter gradients, averaged
+/// over the ranks with all the others) and its per-channel (count, sum dout, sum dout*(x - mean))
+/// into `sums` [3, C], for the ranks to add up ([`sum_rank_grad_sums`]) and write back before
+/// [`batch_norm_backward_input`].
+pub fn batch_norm_backward_sums(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    g: &BnBackward<'_>,
+    sums: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    check_backward(cfg, g)?;
+    expect_shape("batch_norm rank gradient sums", sums, &[ROWS, cfg.c])?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, g.inp),
+        Bind::Tensor(5, g.stats),
+        Bind::Tensor(9, g.dout),
+        Bind::Tensor(10, g.dgamma),
+        Bind::Tensor(11, g.dbeta),
+        Bind::Tensor(13, sums),
+        // Unfused, the mask binding is never read; it still needs a buffer.
+        Bind::Tensor(17, g.relu_out.unwrap_or(g.dout)),
+    ];
+    let numel = cfg.numel() as f64;
+    Ok(vec![
+        gpu.dispatch_in(
+            Precision::of(g.inp),
+            "batch_norm",
+            "batch_norm_backward_sums",
+            &cfg.constants(),
+            &binds,
+            cfg.grid()?,
+        )?
+        .with_cost(4.0 * numel, 2.0 * el(g.inp) * numel),
+    ])
+}
+
+/// `--sync-bn`, backward, second half: dinp through the statistics of every rank's batch, from
+/// the (count, sum dout, sum dout*(x - mean)) in `sums` — every rank's added up.
+pub fn batch_norm_backward_input(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    g: &BnBackward<'_>,
+    sums: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    check_backward(cfg, g)?;
+    expect_shape("batch_norm summed gradient sums", sums, &[ROWS, cfg.c])?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, g.inp),
+        Bind::Tensor(5, g.stats),
+        Bind::Tensor(6, g.gamma),
+        Bind::Tensor(9, g.dout),
+        Bind::Tensor(13, sums),
+        Bind::Tensor(14, g.dinp),
+        Bind::Tensor(17, g.relu_out.unwrap_or(g.dout)),
+    ];
+    let numel = cfg.numel() as f64;
+    Ok(vec![
+        gpu.dispatch_in(
+            Precision::of(g.inp),
+            "batch_norm",
+            "batch_norm_backward_input",
+            &cfg.constants(),
+            &binds,
+            cfg.grid()?,
+        )?
+        .with_cost(8.0 * numel, 3.0 * el(g.inp) * numel),
+    ])
+}
+
+/// (count, mean, M2) of two sets together (Chan et al.), in f32, as `welford_merge` in the
+/// reduce preludes; `b` may be empty.
+pub fn welford_merge(a: [f32; 3], b: [f32; 3]) -> [f32; 3] {
+    let kn = a[0] + b[0];
+    if b[0] == 0.0 {
+        return a;
+    }
+    let d = b[1] - a[1];
+    [kn, a[1] + d * (b[0] / kn), a[2] + (b[2] + d * d * (a[0] * b[0] / kn))]
+}
+
+/// The forward exchange: every rank's [3, C] (count, mean, M2) concatenated in rank order (what an
+/// all-gather returns) merged into one [3, C], channel by channel, folding the ranks in order
+/// 0, 1, 2, … — the same operations on the same numbers, so every rank gets the same bits.
+pub fn merge_rank_statistics(all: &[f32], c: usize) -> Result<Vec<f32>> {
+    let per_rank = ROWS * c;
+    ensure!(
+        per_rank > 0 && !all.is_empty() && all.len().is_multiple_of(per_rank),
+        "batch_norm: {} gathered statistics are not whole [3, {c}] blocks",
+        all.len()
+    );
+    let mut merged = vec![0.0f32; per_rank];
+    for ch in 0..c {
+        let of = |r: &[f32]| [r[ch], r[c + ch], r[2 * c + ch]];
+        let mut acc = of(&all[..per_rank]);
+        for rank in all.chunks(per_rank).skip(1) {
+            acc = welford_merge(acc, of(rank));
+        }
+        (merged[ch], merged[c + ch], merged[2 * c + ch]) = (acc[0], acc[1], acc[2]);
+    }
+    Ok(merged)
+}
+
+/// The backward exchange: every rank's [3, C] (count, sum dout, sum dout*(x - mean)) concatenated
+/// in rank order, summed element by element in rank order (the same bits on every rank).
+pub fn sum_rank_grad_sums(all: &[f32], c: usize) -> Result<Vec<f32>> {
+    let per_rank = ROWS * c;
+    ensure!(
+        per_rank > 0 && !all.is_empty() && all.len().is_multiple_of(per_rank),
+        "batch_norm: {} gathered gradient sums are not whole [3, {c}] blocks",
+        all.len()
+    );
+    let mut sum = all[..per_rank].to_vec();
+    for rank in all.chunks(per_rank).skip(1) {
+        for (s, v) in sum.iter_mut().zip(rank) {
+            *s += v;
+        }
+    }
+    Ok(sum)
 }

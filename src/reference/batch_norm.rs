@@ -18,6 +18,60 @@ fn channel(c: &BatchNormConfig, ch: usize) -> impl Iterator<Item = usize> + use<
     (0..c.n).flat_map(move |n| ((n * cc + ch) * hw)..((n * cc + ch) * hw + hw))
 }
 
+/// Per-channel statistics of a batch: (count, mean, M2 = sum of squared deviations), what
+/// `--sync-bn` merges over ranks.
+#[derive(Clone, Debug)]
+pub struct Welford {
+    pub count: Vec<f64>,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+/// The batch's statistics per channel, two-pass: mean, then the squared deviations from it.
+pub fn batch_norm_forward_stats(c: &BatchNormConfig, inp: &[f64]) -> Welford {
+    let m = c.count() as f64;
+    let mut w = Welford { count: vec![m; c.c], mean: vec![0.0; c.c], m2: vec![0.0; c.c] };
+    for ch in 0..c.c {
+        let mean = channel(c, ch).map(|i| inp[i]).sum::<f64>() / m;
+        w.mean[ch] = mean;
+        w.m2[ch] = channel(c, ch).map(|i| (inp[i] - mean).powi(2)).sum::<f64>();
+    }
+    w
+}
+
+/// Normalise with statistics `w` (this batch's, or under `--sync-bn` every rank's batch merged):
+/// biased variance M2/count for the output, unbiased M2/(count-1) into the running variance.
+pub fn batch_norm_forward_apply(
+    c: &BatchNormConfig,
+    inp: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+    w: &Welford,
+) -> BatchNormTrain {
+    let mom = c.momentum;
+    let mut r = BatchNormTrain {
+        out: vec![0.0; inp.len()],
+        mean: vec![0.0; c.c],
+        invstd: vec![0.0; c.c],
+        running_mean: running_mean.to_vec(),
+        running_var: running_var.to_vec(),
+    };
+    for ch in 0..c.c {
+        let (m, mean, ss) = (w.count[ch], w.mean[ch], w.m2[ch]);
+        let invstd = 1.0 / (ss / m + c.eps).sqrt();
+        for i in channel(c, ch) {
+            r.out[i] = (inp[i] - mean) * invstd * gamma[ch] + beta[ch];
+        }
+        r.mean[ch] = mean;
+        r.invstd[ch] = invstd;
+        r.running_mean[ch] = (1.0 - mom) * running_mean[ch] + mom * mean;
+        r.running_var[ch] = (1.0 - mom) * running_var[ch] + mom * ss / (m - 1.0);
+    }
+    r
+}
+
 /// Normalise with the batch's statistics (two-pass mean and biased variance) and update the
 /// running statistics with the unbiased variance, as PyTorch does.
 pub fn batch_norm_forward_train(
@@ -28,29 +82,8 @@ pub fn batch_norm_forward_train(
     running_mean: &[f64],
     running_var: &[f64],
 ) -> BatchNormTrain {
-    let m = c.count() as f64;
-    let mom = c.momentum;
-    let eps = c.eps;
-    let mut r = BatchNormTrain {
-        out: vec![0.0; inp.len()],
-        mean: vec![0.0; c.c],
-        invstd: vec![0.0; c.c],
-        running_mean: running_mean.to_vec(),
-        running_var: running_var.to_vec(),
-    };
-    for ch in 0..c.c {
-        let mean = channel(c, ch).map(|i| inp[i]).sum::<f64>() / m;
-        let ss = channel(c, ch).map(|i| (inp[i] - mean).powi(2)).sum::<f64>();
-        let invstd = 1.0 / (ss / m + eps).sqrt();
-        for i in channel(c, ch) {
-            r.out[i] = (inp[i] - mean) * invstd * gamma[ch] + beta[ch];
-        }
-        r.mean[ch] = mean;
-        r.invstd[ch] = invstd;
-        r.running_mean[ch] = (1.0 - mom) * running_mean[ch] + mom * mean;
-        r.running_var[ch] = (1.0 - mom) * running_var[ch] + mom * ss / (m - 1.0);
-    }
-    r
+    let w = batch_norm_forward_stats(c, inp);
+    batch_norm_forward_apply(c, inp, gamma, beta, running_mean, running_var, &w)
 }
 
 /// Eval mode: out = (x - running_mean) / sqrt(running_var + eps) * gamma + beta.
@@ -72,6 +105,50 @@ pub fn batch_norm_forward_eval(
     out
 }
 
+/// Per-channel sums of a backward pass: (count, sum dout, sum dout*(x - mean)), what `--sync-bn`
+/// adds up over ranks.
+#[derive(Clone, Debug)]
+pub struct GradSums {
+    pub count: Vec<f64>,
+    pub sum_dout: Vec<f64>,
+    pub sum_dout_xmu: Vec<f64>,
+}
+
+/// This batch's [`GradSums`].
+pub fn batch_norm_backward_sums(c: &BatchNormConfig, inp: &[f64], mean: &[f64], dout: &[f64]) -> GradSums {
+    let m = c.count() as f64;
+    let mut s = GradSums { count: vec![m; c.c], sum_dout: vec![0.0; c.c], sum_dout_xmu: vec![0.0; c.c] };
+    for ch in 0..c.c {
+        s.sum_dout[ch] = channel(c, ch).map(|i| dout[i]).sum();
+        s.sum_dout_xmu[ch] = channel(c, ch).map(|i| dout[i] * (inp[i] - mean[ch])).sum();
+    }
+    s
+}
+
+/// dinp through the statistics of the batch the sums `s` are over (M = s.count values):
+/// dinp = gamma*invstd * (dout - sum(dout)/M - xhat * sum(dout*xhat)/M).
+pub fn batch_norm_backward_input(
+    c: &BatchNormConfig,
+    inp: &[f64],
+    gamma: &[f64],
+    mean: &[f64],
+    invstd: &[f64],
+    dout: &[f64],
+    s: &GradSums,
+) -> Vec<f64> {
+    let mut dinp = vec![0.0; inp.len()];
+    for ch in 0..c.c {
+        let m = s.count[ch];
+        let dbeta = s.sum_dout[ch];
+        let dgamma = s.sum_dout_xmu[ch] * invstd[ch];
+        for i in channel(c, ch) {
+            let xhat = (inp[i] - mean[ch]) * invstd[ch];
+            dinp[i] = gamma[ch] * invstd[ch] * (dout[i] - dbeta / m - xhat * dgamma / m);
+        }
+    }
+    dinp
+}
+
 /// Training-mode backward through the batch statistics:
 /// dinp = gamma*invstd * (dout - mean(dout) - xhat * mean(dout*xhat)); returns (dinp, dgamma, dbeta).
 pub fn batch_norm_backward(
@@ -82,17 +159,8 @@ pub fn batch_norm_backward(
     invstd: &[f64],
     dout: &[f64],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let m = c.count() as f64;
-    let mut dinp = vec![0.0; inp.len()];
-    let mut dgamma = vec![0.0; c.c];
-    let mut dbeta = vec![0.0; c.c];
-    for ch in 0..c.c {
-        let xhat = |i: usize| (inp[i] - mean[ch]) * invstd[ch];
-        dbeta[ch] = channel(c, ch).map(|i| dout[i]).sum();
-        dgamma[ch] = channel(c, ch).map(|i| dout[i] * xhat(i)).sum();
-        for i in channel(c, ch) {
-            dinp[i] = gamma[ch] * invstd[ch] * (dout[i] - dbeta[ch] / m - xhat(i) * dgamma[ch] / m);
-        }
-    }
-    (dinp, dgamma, dbeta)
+    let s = batch_norm_backward_sums(c, inp, mean, dout);
+    let dinp = batch_norm_backward_input(c, inp, gamma, mean, invstd, dout, &s);
+    let dgamma = s.sum_dout_xmu.iter().zip(invstd).map(|(v, k)| v * k).collect();
+    (dinp, dgamma, s.sum_dout)
 }

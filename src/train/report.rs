@@ -79,16 +79,29 @@ impl Trainer<'_> {
             self.say(format!(
                 "data parallel over {} MPI ranks: batch {} per rank ({} in all); each epoch's shuffle is the same on \
                  every rank, padded from {} to {} images, {} per rank (DistributedSampler); gradients averaged by one \
-                 host-staged all-reduce of {floats} floats ({:.1} MB) per step; batch norm with per-rank statistics, \
-                 rank 0's running statistics; test set split by batches over the ranks",
+                 host-staged all-reduce of {floats} floats ({:.1} MB) per step; {}; test set split by batches over \
+                 the ranks",
                 dist.size,
                 args.batch_size,
                 args.batch_size * dist.size,
                 self.train_set.len(),
                 shard_len * dist.size,
                 shard_len,
-                floats as f64 * 4e-6
+                floats as f64 * 4e-6,
+                if net.sync_bn {
+                    "batch norm with the statistics of all ranks' batches together (--sync-bn, as SyncBatchNorm: \
+                     each batch norm's per-channel statistics and gradient sums exchanged between the ranks, \
+                     2 host-staged exchanges per batch norm per step)"
+                } else {
+                    "batch norm with per-rank statistics, rank 0's running statistics"
+                }
             ));
+        } else if args.sync_bn {
+            self.say(
+                "--sync-bn on one process: batch norm as without it (one batch, nothing to merge; as PyTorch's \
+                 SyncBatchNorm outside a group of several processes)"
+                    .into(),
+            );
         }
         self.say(match &self.val_set {
             Some(v) => format!(
@@ -153,7 +166,7 @@ impl Trainer<'_> {
         let mut msg = if self.dist.size > 1 {
             // Rank 0's running loss; images/s of all ranks (each trains as many).
             let reduce = self.reduce_secs.get();
-            format!(
+            let mut m = format!(
                 "loss {:.4} acc {:.4} (rank 0) lr {:.3e} {:.0} img/s | all-reduce {:.1} ms/step, {:.0} %",
                 l / n,
                 c / n,
@@ -161,7 +174,12 @@ impl Trainer<'_> {
                 rate * self.dist.size as f64,
                 1e3 * reduce / step as f64,
                 100.0 * reduce / secs
-            )
+            );
+            if net.sync_bn {
+                let sync = self.sync_bn_secs.get();
+                m += &format!(" | sync-bn {:.1} ms/step, {:.0} %", 1e3 * sync / step as f64, 100.0 * sync / secs);
+            }
+            m
         } else {
             format!("loss {:.4} acc {:.4} lr {:.3e} {:.0} img/s", l / n, c / n, self.lr_at(epoch, step), rate)
         };
