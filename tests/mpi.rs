@@ -323,8 +323,7 @@ fn different_flags_on_two_ranks_are_a_clear_error() {
     assert!(!o.status.success(), "must fail:\n{}", text(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        stderr
-            .contains("error on rank 1 of 2: the settings differ from rank 0's: flags.lr is 0.02 here, 0.01 on rank 0"),
+        stderr.contains("First difference from rank 0's: rank 1: flags.lr is 0.02 there, 0.01 on rank 0"),
         "{}",
         text(&o)
     );

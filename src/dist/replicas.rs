@@ -34,27 +34,29 @@ pub fn same_config_on_every_rank(
     });
     let bytes = dist.broadcast_bytes(serde_json::to_vec(&mine)?)?;
     let root: serde_json::Value = serde_json::from_slice(&bytes).context("rank 0's settings are not JSON")?;
-    // Agreed by every rank before any goes on, so rank 0 writes nothing when another differs.
-    let diff = first_difference(&root, &mine, "");
-    if dist.any(diff.is_some())? {
-        if let Some(d) = &diff {
-            eprintln!(
-                "error on {}: the settings differ from rank 0's: {d}; every rank must be started with the same \
-                 flags and data",
-                dist.who()
-            );
-        }
-        return Err(Collective(
-            "the ranks were started with different settings or data (each differing rank names its first \
-             difference above)"
-                .into(),
-        )
+    // Agreed by every rank before any goes on, so rank 0 writes nothing when another differs. Rank
+    // 0 says every rank's first difference: a line a differing rank printed itself could be lost
+    // when mpirun ends the job on rank 0's exit (seen once under load).
+    let diff = first_difference(&root, &mine, "").unwrap_or_default();
+    let diffs = dist.all_gather_bytes(diff.into_bytes())?;
+    let lines: Vec<String> = diffs
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.is_empty())
+        .map(|(r, d)| format!("rank {r}: {}", String::from_utf8_lossy(d)))
+        .collect();
+    if !lines.is_empty() {
+        return Err(Collective(format!(
+            "the ranks were started with different settings or data; every rank must be started with the same \
+             flags and data. First difference from rank 0's: {}",
+            lines.join("; ")
+        ))
         .into());
     }
     Ok(())
 }
 
-/// The first field where `a` (rank 0's) and `b` (ours) differ: "train.lr is 0.1 here, 0.05 on rank 0".
+/// The first field where `a` (rank 0's) and `b` (ours) differ: "train.lr is 0.1 there, 0.05 on rank 0".
 fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) -> Option<String> {
     use serde_json::Value;
     if let (Value::Object(x), Value::Object(y)) = (a, b) {
@@ -68,7 +70,7 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, path: &str) ->
         }
         return None;
     }
-    (a != b).then(|| format!("{path} is {b} here, {a} on rank 0"))
+    (a != b).then(|| format!("{path} is {b} there, {a} on rank 0"))
 }
 
 /// Rank 0's parameters, optimizer state, optimizer step and batch-norm running statistics on
