@@ -126,18 +126,7 @@ pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<
         Bind::Tensor(7, beta),
         Bind::Tensor(8, out),
     ];
-    let numel = cfg.numel() as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(inp),
-            "batch_norm",
-            "batch_norm_forward_train",
-            &cfg.constants(),
-            &binds,
-            cfg.grid()?,
-        )?
-        .with_cost(7.0 * numel, 2.0 * el(inp) * numel),
-    ])
+    bn_dispatch(gpu, cfg, "batch_norm_forward_train", &binds, inp, (7.0, 2.0))
 }
 
 /// Eval-mode forward, one dispatch: statistics from the running estimates (into `stats` too).
@@ -155,18 +144,22 @@ pub fn batch_norm_forward_eval(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'
         Bind::Tensor(15, running_mean),
         Bind::Tensor(16, running_var),
     ];
+    bn_dispatch(gpu, cfg, "batch_norm_forward_eval", &binds, inp, (2.0, 2.0))
+}
+
+/// One batch-norm kernel over the tensor (a workgroup per channel), costed per element: `flops`
+/// and `bytes` element-widths of `act` (the input's precision picks the compiled variant).
+fn bn_dispatch(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    entry: &'static str,
+    binds: &[Bind<'_>],
+    act: &Tensor,
+    (flops, bytes): (f64, f64),
+) -> Result<Vec<Dispatch>> {
     let numel = cfg.numel() as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(inp),
-            "batch_norm",
-            "batch_norm_forward_eval",
-            &cfg.constants(),
-            &binds,
-            cfg.grid()?,
-        )?
-        .with_cost(2.0 * numel, 2.0 * el(inp) * numel),
-    ])
+    let d = gpu.dispatch_in(Precision::of(act), "batch_norm", entry, &cfg.constants(), binds, cfg.grid()?)?;
+    Ok(vec![d.with_cost(flops * numel, bytes * el(act) * numel)])
 }
 
 fn check(cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<()> {
@@ -193,22 +186,9 @@ pub fn batch_norm_backward(
     dgamma: &Tensor,
     dbeta: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    ensure!(
-        cfg.relu == relu_out.is_some(),
-        "batch_norm: a fused ReLU's backward needs its output, and only it (relu {}, output given {})",
-        cfg.relu,
-        relu_out.is_some()
-    );
+    check_backward(cfg, &BnBackward { inp, gamma, stats, relu_out, dout, dinp, dgamma, dbeta })?;
     // Unfused, the mask binding is never read; it still needs a buffer.
     let mask = relu_out.unwrap_or(dout);
-    expect_shape("batch_norm ReLU output", mask, &cfg.shape())?;
-    expect_shape("batch_norm input", inp, &cfg.shape())?;
-    expect_shape("batch_norm weight (gamma)", gamma, &[cfg.c])?;
-    expect_shape("batch_norm saved statistics", stats, &[2, cfg.c])?;
-    expect_shape("batch_norm dout", dout, &cfg.shape())?;
-    expect_shape("batch_norm dinp", dinp, &cfg.shape())?;
-    expect_shape("batch_norm dgamma", dgamma, &[cfg.c])?;
-    expect_shape("batch_norm dbeta", dbeta, &[cfg.c])?;
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
     let binds = [
         Bind::Uniform(0, &params),
@@ -221,18 +201,7 @@ pub fn batch_norm_backward(
         Bind::Tensor(14, dinp),
         Bind::Tensor(17, mask),
     ];
-    let numel = cfg.numel() as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(inp),
-            "batch_norm",
-            "batch_norm_backward",
-            &cfg.constants(),
-            &binds,
-            cfg.grid()?,
-        )?
-        .with_cost(12.0 * numel, 4.0 * el(inp) * numel),
-    ])
+    bn_dispatch(gpu, cfg, "batch_norm_backward", &binds, inp, (12.0, 4.0))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,18 +239,7 @@ pub fn batch_norm_forward_stats(
     expect_shape("batch_norm rank statistics", welford, &[ROWS, cfg.c])?;
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(12, welford)];
-    let numel = cfg.numel() as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(inp),
-            "batch_norm",
-            "batch_norm_forward_stats",
-            &cfg.constants(),
-            &binds,
-            cfg.grid()?,
-        )?
-        .with_cost(5.0 * numel, el(inp) * numel),
-    ])
+    bn_dispatch(gpu, cfg, "batch_norm_forward_stats", &binds, inp, (5.0, 1.0))
 }
 
 /// `--sync-bn`, forward, second half: normalise with the (count, mean, M2) in `welford` — every
@@ -308,18 +266,7 @@ pub fn batch_norm_forward_apply(
         Bind::Tensor(8, out),
         Bind::Tensor(12, welford),
     ];
-    let numel = cfg.numel() as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(inp),
-            "batch_norm",
-            "batch_norm_forward_apply",
-            &cfg.constants(),
-            &binds,
-            cfg.grid()?,
-        )?
-        .with_cost(2.0 * numel, 2.0 * el(inp) * numel),
-    ])
+    bn_dispatch(gpu, cfg, "batch_norm_forward_apply", &binds, inp, (2.0, 2.0))
 }
 
 fn check_backward(cfg: &BatchNormConfig, g: &BnBackward<'_>) -> Result<()> {
@@ -365,18 +312,7 @@ pub fn batch_norm_backward_sums(
         // Unfused, the mask binding is never read; it still needs a buffer.
         Bind::Tensor(17, g.relu_out.unwrap_or(g.dout)),
     ];
-    let numel = cfg.numel() as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(g.inp),
-            "batch_norm",
-            "batch_norm_backward_sums",
-            &cfg.constants(),
-            &binds,
-            cfg.grid()?,
-        )?
-        .with_cost(4.0 * numel, 2.0 * el(g.inp) * numel),
-    ])
+    bn_dispatch(gpu, cfg, "batch_norm_backward_sums", &binds, g.inp, (4.0, 2.0))
 }
 
 /// `--sync-bn`, backward, second half: dinp through the statistics of every rank's batch, from
@@ -400,18 +336,7 @@ pub fn batch_norm_backward_input(
         Bind::Tensor(14, g.dinp),
         Bind::Tensor(17, g.relu_out.unwrap_or(g.dout)),
     ];
-    let numel = cfg.numel() as f64;
-    Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(g.inp),
-            "batch_norm",
-            "batch_norm_backward_input",
-            &cfg.constants(),
-            &binds,
-            cfg.grid()?,
-        )?
-        .with_cost(8.0 * numel, 3.0 * el(g.inp) * numel),
-    ])
+    bn_dispatch(gpu, cfg, "batch_norm_backward_input", &binds, g.inp, (8.0, 3.0))
 }
 
 /// (count, mean, M2) of two sets together (Chan et al.), in f32, as `welford_merge` in the
