@@ -100,6 +100,7 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
         dist,
         reduce_secs: std::cell::Cell::new(0.0),
         sync_bn_secs: std::cell::Cell::new(0.0),
+        resumed: std::cell::Cell::new((0, 0.0)),
         clock: std::cell::RefCell::new(RunClock::default()),
         train_set: Arc::new(train_set),
         val_set: val_set.map(Arc::new),
@@ -134,6 +135,9 @@ struct Trainer<'a> {
     reduce_secs: std::cell::Cell<f64>,
     /// Seconds spent in `--sync-bn`'s batch-norm exchanges this epoch (shown beside it).
     sync_bn_secs: std::cell::Cell<f64>,
+    /// (steps, images) of this epoch restored from a resumed run's sums, not timed by this process:
+    /// the progress line's rates and per-step times leave them out.
+    resumed: std::cell::Cell<(usize, f64)>,
     /// Measured step and evaluation times, for the whole run's ETA.
     clock: std::cell::RefCell<RunClock>,
     train_set: Arc<Dataset>,
@@ -173,7 +177,8 @@ impl Trainer<'_> {
             test_loss,
             test_acc,
             seconds: t0.elapsed().as_secs_f64(),
-            train_images_per_s: n / train_secs,
+            // Images this process timed: a resumed epoch's restored ones (each rank as many) left out.
+            train_images_per_s: (n - self.resumed.get().1 * dist.size as f64) / train_secs,
             val_loss: val.map(|v| v.0),
             val_acc: val.map(|v| v.1),
             test_top5_acc,
@@ -346,8 +351,10 @@ impl Trainer<'_> {
     /// full-batch plan, the one every step before the last uses. Returns the steps done.
     /// Each rank restores its own sums (saved per rank).
     fn restore_partial(&self, partial: Option<(usize, run::RankSums)>) -> usize {
+        self.resumed.set((0, 0.0));
         partial.map_or(0, |(steps, per_rank)| {
             let sums = per_rank.get(self.dist.rank).copied().unwrap_or((0.0, 0.0, 0.0));
+            self.resumed.set((steps, f64::from(sums.2)));
             let shard_len = self.train_set.len().div_ceil(self.dist.size);
             if let Some(p) = self.plans.get(&self.args.batch_size.min(shard_len)) {
                 let mut v = [0.0f32; result::LEN];

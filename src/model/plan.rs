@@ -640,7 +640,7 @@ impl Network {
     /// One training step on the batch already written into `plan`: forward, loss, backward and
     /// every optimizer update in one command buffer. Returns without waiting for the GPU.
     pub fn train_step(&mut self, plan: &StepPlan) -> wgpu::SubmissionIndex {
-        debug_assert!(plan.exchanges.is_empty(), "a --sync-bn plan steps through gradient_pass_exchanging");
+        assert!(plan.exchanges.is_empty(), "a --sync-bn plan steps through gradient_pass_exchanging");
         self.begin_step();
         self.gpu.run(&self.train_dispatches(plan))
     }
@@ -649,7 +649,7 @@ impl Network {
     /// parallelism, where the gradients are averaged across ranks before [`Network::apply_update`].
     /// Call [`Network::begin_step`] first. Returns without waiting.
     pub fn gradient_pass(&self, plan: &StepPlan) -> wgpu::SubmissionIndex {
-        debug_assert!(plan.exchanges.is_empty(), "a --sync-bn plan steps through gradient_pass_exchanging");
+        assert!(plan.exchanges.is_empty(), "a --sync-bn plan steps through gradient_pass_exchanging");
         self.gpu.run(&self.casts.iter().chain(&plan.train).collect::<Vec<_>>())
     }
 

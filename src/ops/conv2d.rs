@@ -1009,7 +1009,12 @@ pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precis
 pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precision) -> Result<ConvKernel> {
     let mode = gpu.tuner.mode;
     let cands = candidates(gpu, cfg, pass, mode, precision);
-    if mode == TuneMode::Off || std::env::var_os("SENET_CONV_TILES").is_some() {
+    if std::env::var_os("SENET_CONV_TILES").is_some() {
+        // The pin is the register blocks' (Tiles::for_layer reads it), whatever the built-in
+        // choice of this precision would be.
+        return Ok(ConvKernel::Register(Tiles::for_layer(gpu, cfg)));
+    }
+    if mode == TuneMode::Off {
         return Ok(cands[0]);
     }
     let key = tune_key(gpu, cfg, pass, precision);

@@ -161,7 +161,10 @@ impl Trainer<'_> {
         }
         let now = Instant::now();
         let secs = now.duration_since(t0).as_secs_f64();
-        let rate = n / secs;
+        // Timed by this process: the steps and images since the epoch started or was resumed.
+        let (resumed_steps, resumed_images) = self.resumed.get();
+        let timed_steps = step.saturating_sub(resumed_steps).max(1) as f64;
+        let rate = (n - resumed_images) / secs;
         self.clock.borrow_mut().steps_done(step, now);
         let mut msg = if self.dist.size > 1 {
             // Rank 0's running loss; images/s of all ranks (each trains as many).
@@ -172,12 +175,12 @@ impl Trainer<'_> {
                 c / n,
                 self.lr_at(epoch, step),
                 rate * self.dist.size as f64,
-                1e3 * reduce / step as f64,
+                1e3 * reduce / timed_steps,
                 100.0 * reduce / secs
             );
             if net.sync_bn {
                 let sync = self.sync_bn_secs.get();
-                m += &format!(" | sync-bn {:.1} ms/step, {:.0} %", 1e3 * sync / step as f64, 100.0 * sync / secs);
+                m += &format!(" | sync-bn {:.1} ms/step, {:.0} %", 1e3 * sync / timed_steps, 100.0 * sync / secs);
             }
             m
         } else {
