@@ -6,6 +6,17 @@ fn senet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_senet"))
 }
 
+/// `o` is a refusal of bad input: exit code 2 and every text of `expect` in stderr (which is
+/// returned for further checks). `what` names the case in a failure.
+fn refused(o: &std::process::Output, what: &str, expect: &[&str]) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{what}: {stderr}");
+    for e in expect {
+        assert!(stderr.contains(e), "{what}: expected {e:?} in {stderr}");
+    }
+    stderr
+}
+
 /// With the Vulkan loader pointed at no driver, there is no adapter: exit code 2 and the message
 /// that says what to install — never a panic.
 #[test]
@@ -227,10 +238,31 @@ fn nonsense_arguments_are_rejected_up_front() {
             .arg(std::env::temp_dir().join("senet-never"))
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
-        assert!(stderr.contains(expect), "{flag} {value}: {stderr}");
+        refused(&out, &format!("{flag} {value}"), &[expect]);
     }
+}
+
+/// Trains `args` for 2 epochs into `dir`/a and for 1 into `dir`/b, then resumes b to 2 epochs:
+/// both last.safetensors must be equal byte for byte (`what` names the run in a failure). Returns
+/// run a's stdout and the resume's.
+fn resume_matches_uninterrupted(dir: &std::path::Path, args: &[&str], what: &str) -> (String, String) {
+    let train = |out: &std::path::Path, epochs: &str| {
+        let o =
+            senet().arg("train").args(args).args(["--epochs", epochs, "--out"]).arg(out).output().expect("run train");
+        assert!(o.status.success(), "{what}: train --epochs {epochs} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let log = train(&a, "2");
+    train(&b, "1");
+    let out = senet().args(["train", "--epochs", "2", "--resume"]).arg(&b).output().expect("resume");
+    assert!(out.status.success(), "{what}: resume failed: {}", String::from_utf8_lossy(&out.stderr));
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    assert!(
+        read(a.join("last.safetensors")) == read(b.join("last.safetensors")),
+        "{what}: resumed weights differ from the uninterrupted run's"
+    );
+    (log, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A run interrupted after epoch 1 and resumed ends with the same weights, bit for bit, as the
@@ -239,29 +271,11 @@ fn nonsense_arguments_are_rejected_up_front() {
 #[test]
 fn resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let train = |out: &std::path::Path, extra: &[&str]| {
-        let o = senet()
-            .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "64", "--augment"])
-            .args(["--limit-train", "150", "--limit-test", "40", "--seed", "5", "--out"])
-            .arg(out)
-            .args(extra)
-            .output()
-            .expect("run senet train");
-        assert!(o.status.success(), "train {extra:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    train(&a, &["--epochs", "2"]);
-    train(&b, &["--epochs", "1"]);
-    let out = senet().args(["train", "--epochs", "2", "--resume"]).arg(&b).output().expect("resume");
-    assert!(out.status.success(), "resume failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("resuming"), "{}", String::from_utf8_lossy(&out.stdout));
-    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
-    assert!(
-        read(a.join("last.safetensors")) == read(b.join("last.safetensors")),
-        "resumed weights differ from the uninterrupted run's"
-    );
-    let csv = std::fs::read_to_string(b.join("metrics.csv")).unwrap();
+    let args = ["--dataset", "sample", "--width", "0.0625", "--batch-size", "64", "--augment", "--limit-train", "150"];
+    let args = [&args[..], &["--limit-test", "40", "--seed", "5"]].concat();
+    let (_, resumed) = resume_matches_uninterrupted(dir.path(), &args, "f32");
+    assert!(resumed.contains("resuming"), "{resumed}");
+    let csv = std::fs::read_to_string(dir.path().join("b").join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "one header and two epochs after resuming:\n{csv}");
 }
 
@@ -273,25 +287,11 @@ fn resume_continues_exactly() {
 #[test]
 fn f16_trains_evaluates_in_either_precision_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let train = |out: &std::path::Path, extra: &[&str]| {
-        let o = senet()
-            .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "50", "--precision", "f16"])
-            .args(["--limit-train", "120", "--limit-test", "70", "--seed", "3", "--log-every", "1", "--out"])
-            .arg(out)
-            .args(extra)
-            .output()
-            .expect("run senet train");
-        assert!(o.status.success(), "train {extra:?} failed: {}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let log = train(&a, &["--epochs", "2"]);
+    let args = ["--dataset", "sample", "--width", "0.0625", "--batch-size", "50", "--precision", "f16"];
+    let args = [&args[..], &["--limit-train", "120", "--limit-test", "70", "--seed", "3", "--log-every", "1"]].concat();
+    let (log, _) = resume_matches_uninterrupted(dir.path(), &args, "f16");
     assert!(log.contains("loss scale 65536 (0 skipped)"), "the progress lines show the loss scale:\n{log}");
-    train(&b, &["--epochs", "1"]);
-    let out = senet().args(["train", "--epochs", "2", "--resume"]).arg(&b).output().expect("resume");
-    assert!(out.status.success(), "resume failed: {}", String::from_utf8_lossy(&out.stderr));
-    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
-    assert!(read(a.join("last.safetensors")) == read(b.join("last.safetensors")), "resumed f16 run differs");
+    let a = dir.path().join("a");
 
     let eval = |precision: &str| -> f64 {
         let o = senet()
@@ -317,9 +317,7 @@ fn f16_trains_evaluates_in_either_precision_and_resumes_exactly() {
         .env("SENET_NO_F16", "1")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("llvmpipe") && stderr.contains("no f16") && stderr.contains("--precision f32"), "{stderr}");
+    refused(&o, "f16 on an adapter without it", &["llvmpipe", "no f16", "--precision f32"]);
     assert!(!c.exists(), "nothing is written when the run is refused");
 }
 
@@ -437,9 +435,7 @@ fn bad_data_leaves_no_partial_output() {
         .arg(&out)
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("no class folders") && stderr.contains("train"), "{stderr}");
+    let stderr = refused(&o, "an empty image folder", &["no class folders", "train"]);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.exists(), "a failed start must not leave a run folder");
 }
@@ -661,9 +657,7 @@ fn a_validation_split_chooses_the_best_checkpoint() {
         [("1.5", "expected a number of images"), ("0", "expected a number"), ("200", "leaves none to train on")]
     {
         let o = train(&dir.path().join("never"), &["--epochs", "1", "--val-split", v]);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "--val-split {v}: {stderr}");
-        assert!(stderr.contains(expect) && stderr.contains("--val-split"), "--val-split {v}: {stderr}");
+        refused(&o, &format!("--val-split {v}"), &[expect, "--val-split"]);
     }
 }
 
@@ -725,9 +719,7 @@ fn contradicting_flags_are_errors_naming_both_values() {
         .args(["train", "--model", "resnet21", "--dataset", "folder", "--data-dir", "/nonexistent/senet"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--model \"resnet21\": expected one of senet") && stderr.contains("152"), "{stderr}");
+    let stderr = refused(&o, "an unknown model", &["--model \"resnet21\": expected one of senet", "152"]);
     assert!(!stderr.contains("nonexistent"), "the model is checked before the data: {stderr}");
     let help = senet().args(["train", "--help"]).output().unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("[se-]resnet18/34/50/101/152"));
@@ -743,12 +735,7 @@ fn contradicting_flags_are_errors_naming_both_values() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = run.join("last.safetensors");
     let fails = |args: &[&str], expect: &[&str]| {
-        let o = senet().args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
-        for e in expect {
-            assert!(stderr.contains(e), "{args:?}: expected {e:?} in {stderr}");
-        }
+        refused(&senet().args(args).output().unwrap(), &format!("{args:?}"), expect);
     };
     let c = ckpt.to_str().unwrap();
     fails(
@@ -842,9 +829,7 @@ fn recipe_knobs_reach_the_optimizer_and_the_preprocessing() {
             .args(extra)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
-        assert!(stderr.contains(expect), "{extra:?}: {stderr}");
+        refused(&o, &format!("{extra:?}"), &[expect]);
     }
 }
 
@@ -947,14 +932,10 @@ fn clip_grad_norm_is_recorded_shown_and_validated() {
     };
     assert!((train_loss(&clipped) - train_loss(&plain)).abs() > 1e-3, "clipping changed nothing");
     let o = senet().args(["train", "--resume"]).arg(&clipped).args(["--clip-grad-norm", "2.5"]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--clip-grad-norm 2.5 (the run has 0.01)"), "{stderr}");
+    refused(&o, "--resume with another --clip-grad-norm", &["--clip-grad-norm 2.5 (the run has 0.01)"]);
     for bad in ["0", "-1", "nan", "inf", "1e39", "abc"] {
         let o = tiny_train(&dir.path().join("never"), "16", &[&format!("--clip-grad-norm={bad}")]);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{bad}: {stderr}");
-        assert!(stderr.contains("--clip-grad-norm"), "{bad}: {stderr}");
+        let stderr = refused(&o, bad, &["--clip-grad-norm"]);
         assert!(!stderr.contains("panicked"), "{bad}: {stderr}");
         assert!(!dir.path().join("never").exists(), "{bad}: nothing written");
     }

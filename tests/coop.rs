@@ -38,67 +38,26 @@ fn f16_tensor(gpu: &Gpu, label: &str, shape: &[usize], v: &[f32]) -> Tensor {
     Tensor::from_slice(gpu, label, shape, &h).expect("upload f16")
 }
 
-/// Awkward shapes for 2T x 2T blocks and CT-deep K steps: batch 1, odd non-square planes, K and
-/// channel counts that are multiples of neither 8 nor 16, stride, dilation, padding wider than
-/// the image, the 7x7/2 stem, a strided 1x1 projection, 131 output channels.
-fn cases() -> Vec<Conv2dConfig> {
-    let sq = Conv2dConfig::square;
-    vec![
-        sq(1, 3, (7, 5), 5, 3, 1, 1, true),
-        sq(2, 5, (9, 6), 7, 3, 2, 1, false),
-        sq(3, 4, (8, 8), 6, 1, 1, 0, true),
-        Conv2dConfig {
-            n: 2,
-            c_in: 3,
-            h: 11,
-            w: 7,
-            c_out: 9,
-            kh: 5,
-            kw: 3,
-            stride: (2, 1),
-            pad: (2, 0),
-            dilation: (1, 2),
-            bias: true,
-        },
-        Conv2dConfig {
-            n: 2,
-            c_in: 5,
-            h: 4,
-            w: 3,
-            c_out: 10,
-            kh: 3,
-            kw: 3,
-            stride: (1, 2),
-            pad: (3, 3),
-            dilation: (2, 3),
-            bias: false,
-        },
-        sq(2, 70, (5, 7), 131, 3, 1, 1, true),
-        sq(2, 3, (23, 19), 9, 7, 2, 3, false),
-        sq(3, 33, (9, 9), 65, 1, 2, 0, false),
-    ]
-}
-
 /// The three GEMMs on cooperative matrices against the f64 reference of the same op names
-/// (reference/conv2d.rs). Inputs are f16 values in [-1, 1] (the reference reads the same values
-/// widened). Products of two f16 values are exact in f32 and every sum is f32, over at most
-/// 1,179 terms here (the input gradient of 70 -> 131 channels at 3x3): a few 1e-6 at most
-/// against atol 1e-4 and rtol 1e-5 (CONV_ATOL / CONV_RTOL, the f32 kernels' tolerance in
-/// tests/kernels.rs). The forward output and the input gradient are then rounded to f16 when
+/// (reference/conv2d.rs) on the f32 kernels' cases (common::conv_cases: batch 1, odd non-square
+/// planes, K and channel counts that are multiples of neither 8 nor 16, stride, dilation, padding
+/// wider than the image, the 7x7/2 stem, a strided 1x1 projection, 131 output channels). Inputs
+/// are f16 values in [-1, 1] (the reference reads the same values widened). Products of two f16
+/// values are exact in f32 and every sum is f32, over at most 2,048 terms here (the 32x32 case's
+/// weight gradient): a few 1e-6 at most against the f32 kernels' atol 1e-4 and rtol 1e-5
+/// (CONV_ATOL / CONV_RTOL). The forward output and the input gradient are then rounded to f16 when
 /// stored, half an ulp: 2^-11 relative, 4.9e-4 added to rtol. The weight gradient is f32 (no
 /// rounding): the f32 tolerance alone, for every split count (its slices are summed in a fixed
 /// order, so a repeated run is bit for bit the same).
 #[test]
 #[ignore = "needs an adapter with cooperative matrices: .ci/run runs it under Mesa 26's lavapipe"]
 fn conv2d_passes_on_cooperative_matrices_match_reference() {
-    const ATOL: f64 = 1e-4;
-    const RTOL: f64 = 1e-5;
     const F16_RTOL: f64 = 4.9e-4;
     let gpu = coop_gpu();
     let _ = WHY;
     let round = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
     let mut worst = [0.0f64; 3]; // |gpu - reference| per pass, for the log
-    for (i, cfg) in cases().iter().enumerate() {
+    for (i, cfg) in conv_cases().iter().enumerate() {
         let mut r = rng(3000 + i as u64);
         let x = round(uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0));
         let w = round(uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0));
@@ -117,14 +76,20 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
         let bias = cfg.bias.then_some(&tb);
         run(&gpu, &conv2d::conv2d_forward_coop(&gpu, cfg, &tx, &tw, bias, &ty).unwrap());
         let want = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
-        let e = assert_close(&what("conv2d_forward"), &ty.read_f32(&gpu).unwrap(), &want, ATOL, RTOL + F16_RTOL);
+        let e =
+            assert_close(&what("conv2d_forward"), &ty.read_f32(&gpu).unwrap(), &want, CONV_ATOL, CONV_RTOL + F16_RTOL);
         worst[0] = worst[0].max(e);
 
         let tdx = Tensor::zeros_of(&gpu, "dx", &cfg.input_shape(), Dtype::F16).unwrap();
         run(&gpu, &conv2d::conv2d_backward_input_coop(&gpu, cfg, &tdy, &tw, &tdx).unwrap());
         let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
-        let e =
-            assert_close(&what("conv2d_backward_input"), &tdx.read_f32(&gpu).unwrap(), &want, ATOL, RTOL + F16_RTOL);
+        let e = assert_close(
+            &what("conv2d_backward_input"),
+            &tdx.read_f32(&gpu).unwrap(),
+            &want,
+            CONV_ATOL,
+            CONV_RTOL + F16_RTOL,
+        );
         worst[1] = worst[1].max(e);
 
         let want = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
@@ -134,7 +99,13 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
             let d = conv2d::conv2d_backward_weight_coop(&gpu, cfg, &tx, &tdy, &tdw, splits).unwrap();
             run(&gpu, &d);
             let got = read(&gpu, &tdw);
-            let e = assert_close(&what(&format!("conv2d_backward_weight splits {splits}")), &got, &want, ATOL, RTOL);
+            let e = assert_close(
+                &what(&format!("conv2d_backward_weight splits {splits}")),
+                &got,
+                &want,
+                CONV_ATOL,
+                CONV_RTOL,
+            );
             worst[2] = worst[2].max(e);
             // Again: the fixed-order reduction gives the same bits.
             let again = zeros(&gpu, "dw again", &cfg.weight_shape());
@@ -149,7 +120,7 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
     );
     // Split K really runs split: 3 splits asked of case 1's 30 output pixels (2 of 16, whole
     // 8-deep K steps) write partial slices that a second dispatch reduces.
-    let cfg = &cases()[1];
+    let cfg = &conv_cases()[1];
     let (x, dy) = (zeros_f16(&gpu, "x", &cfg.input_shape()), zeros_f16(&gpu, "dy", &cfg.output_shape()));
     let dw = zeros(&gpu, "dw", &cfg.weight_shape());
     assert_eq!(conv2d::conv2d_backward_weight_coop(&gpu, cfg, &x, &dy, &dw, 3).unwrap().len(), 2);

@@ -23,71 +23,9 @@ use senet_wgpu::reference;
 // ---------------------------------------------------------------------------------------------
 // conv2d
 
-fn conv_cases() -> Vec<Conv2dConfig> {
-    let sq = Conv2dConfig::square;
-    vec![
-        // batch 1, odd non-square 7x5, 3x3 pad 1 (the SENet layer shape), bias
-        sq(1, 3, (7, 5), 5, 3, 1, 1, true),
-        // stride 2 on an odd 9x6 input, channels 5 -> 7, no bias
-        sq(2, 5, (9, 6), 7, 3, 2, 1, false),
-        // 1x1 convolution (the SE FCs are 1x1 convs in PyTorch), 8x8
-        sq(3, 4, (8, 8), 6, 1, 1, 0, true),
-        // everything uneven: 5x3 kernel, stride (2,1), padding (2,0), dilation (1,2)
-        Conv2dConfig {
-            n: 2,
-            c_in: 3,
-            h: 11,
-            w: 7,
-            c_out: 9,
-            kh: 5,
-            kw: 3,
-            stride: (2, 1),
-            pad: (2, 0),
-            dilation: (1, 2),
-            bias: true,
-        },
-        // the first SENet layer at width 0.25 on 32x32 (enough m for split reductions)
-        sq(2, 3, (32, 32), 16, 3, 1, 1, true),
-        // a single output pixel
-        sq(1, 2, (3, 3), 3, 3, 1, 0, true),
-        // channels past one 8-wide block on both sides (11 in, 13 out), 6x5
-        sq(2, 11, (6, 5), 13, 3, 1, 1, true),
-        // padding wider than the image: whole taps and whole output columns read only padding
-        Conv2dConfig {
-            n: 2,
-            c_in: 5,
-            h: 4,
-            w: 3,
-            c_out: 10,
-            kh: 3,
-            kw: 3,
-            stride: (1, 2),
-            pad: (3, 3),
-            dilation: (2, 3),
-            bias: false,
-        },
-        // channels past one workgroup tile of the tiled kernels (131 out > 128, 70 in > 64) and
-        // past the 16-wide register blocks, on a 5x7 image
-        sq(2, 70, (5, 7), 131, 3, 1, 1, true),
-        // the ImageNet stem: 7x7, stride 2, padding 3, on an odd 23x19 input
-        sq(2, 3, (23, 19), 9, 7, 2, 3, false),
-        // a projection shortcut: 1x1, stride 2, 33 -> 65 channels
-        sq(3, 33, (9, 9), 65, 1, 2, 0, false),
-    ]
-}
-
-/// Every case runs with every register-block shape (`conv2d::Tiles::ALL`: 4 or 8 pixels per
-/// forward / input-gradient invocation, 4 or 8 input channels per weight-gradient invocation),
-/// so the shape an adapter picks is always a tested one.
-/// conv2d sums K = c_in*kh*kw products (forward), c_out*kh*kw (input grad) or n*oh*ow (weight
-/// grad, up to 2048 here) of values in [-1, 1]. f32 rounding grows like sqrt(K)*eps*|sum| ~ 1e-5
-/// at these sizes: atol 1e-4, rtol 1e-5 leaves 10x headroom.
-const CONV_ATOL: f64 = 1e-4;
-const CONV_RTOL: f64 = 1e-5;
-
 /// The workgroup-memory kernels (`conv2d_tiled.wgsl`, every `SmemTiles` shape) on every case, all
-/// three GEMMs, the weight gradient unsplit and split 3 and 7 ways; tolerances as above (the same
-/// sums in another order).
+/// three GEMMs, the weight gradient unsplit and split 3 and 7 ways; tolerances common::CONV_ATOL /
+/// CONV_RTOL (the same sums in another order).
 #[test]
 fn conv2d_tiled_kernels_match_reference() {
     let gpu = gpu();
@@ -125,6 +63,9 @@ fn conv2d_tiled_kernels_match_reference() {
     }
 }
 
+/// Every case runs with every register-block shape (`conv2d::Tiles::ALL`: 4 or 8 pixels per
+/// forward / input-gradient invocation, 4 or 8 input channels per weight-gradient invocation),
+/// so the shape an adapter picks is always a tested one.
 #[test]
 fn conv2d_forward_matches_reference() {
     let gpu = gpu();
