@@ -50,12 +50,9 @@ fn conv2d_gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let c0 = wid.x * BN;
     let n_rows = rows();
     let n_cols = cols();
-    var k_begin = 0u;
-    var k_end = k_total();
-    if (MODE == WGRAD) {
-        k_begin = wid.z * p.split_len;
-        k_end = min(k_end, k_begin + p.split_len);
-    }
+    let k_span = k_range(wid.z);
+    let k_begin = k_span.x;
+    let k_end = k_span.y;
     var acc00 = coop_c();
     var acc01 = coop_c();
     var acc10 = coop_c();

@@ -66,6 +66,15 @@ fn k_total() -> u32 {
     return p.n * p.oh * p.ow;
 }
 
+// The K range [x, y) workgroup split `z` reduces: all of K, or the weight gradient's slice of it.
+fn k_range(z: u32) -> vec2<u32> {
+    if (MODE == WGRAD) {
+        let begin = z * p.split_len;
+        return vec2<u32>(begin, min(k_total(), begin + p.split_len));
+    }
+    return vec2<u32>(0u, k_total());
+}
+
 // im2col: the input value under tap t = (ky, kx) of channel ci for output pixel m, 0 in the padding.
 fn im2col(ci: u32, t: u32, m: u32) -> act {
     let ohw = p.oh * p.ow;
