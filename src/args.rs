@@ -451,7 +451,7 @@ impl TrainArgs {
         ensure!(
             !self.sync_bn || cfg!(feature = "mpi"),
             "--sync-bn merges batch-norm statistics across MPI ranks, but this senet was built without MPI \
-             support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see the README)"
+             support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see docs/distributed.md)"
         );
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,

@@ -309,7 +309,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // 130 interrupted, 1 a runtime failure, 2 bad input (a missing adapter is the user's to
-            // fix too, as bad arguments are): the table in `senet_wgpu::exit` and the README.
+            // fix too, as bad arguments are): the table in `senet_wgpu::exit` and docs/cli.md.
             let code = exit::code(&e, |e| e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some());
             if code == exit::INTERRUPTED {
                 eprintln!("{e:#}");

@@ -87,7 +87,7 @@ impl Dist {
                 anyhow::bail!(
                     "this process is one of {size} MPI ranks (the launcher set {}), but this senet was built \
                      without MPI support, so each rank would train alone; rebuild with `cargo build --release \
-                     --features mpi` (see the README)",
+                     --features mpi` (see docs/distributed.md)",
                     SIZE_VARS.iter().find(|v| std::env::var_os(v).is_some()).copied().unwrap_or("its size")
                 );
             }
