@@ -19,7 +19,7 @@
 // SCALED (f16 plans): the gradients are the loss-scaled ones; PyTorch's AMP recipe unscales them
 // (scaler.unscale_) before clipping, so the norm is of g * inv_scale, the scaler's state[1] that
 // grad_scaler_step wrote for this step. The scale kernel multiplies the scaled gradients by coef;
-// the optimizer unscales them as before. A step whose gradients overflowed gets an inf/NaN norm
+// the optimizer unscales them as it does without clipping. A step whose gradients overflowed gets an inf/NaN norm
 // (as torch's) and is skipped by the optimizer anyway.
 //
 // state (f32): [0] total_norm of the last step (before clipping, of the unscaled gradients)

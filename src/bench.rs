@@ -490,14 +490,14 @@ pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::
     let timed = |net: &mut Network, plan: &StepPlan, sync_bn: bool| -> Result<Vec<f32>> {
         plan.write_batch(&gpu, &images, &labels)?;
         for _ in 0..2 {
-            crate::dist::data_parallel_step(net, plan, dist, false)?;
+            crate::model::data_parallel::data_parallel_step(net, plan, dist, false)?;
         }
         gpu.wait()?;
         dist.barrier();
         let t0 = Instant::now();
         let mut exchange = 0.0;
         for _ in 0..steps {
-            let r = crate::dist::data_parallel_step(net, plan, dist, false)?;
+            let r = crate::model::data_parallel::data_parallel_step(net, plan, dist, false)?;
             exchange += if sync_bn { r.sync_bn_secs } else { r.allreduce_secs };
         }
         gpu.wait()?;

@@ -73,7 +73,7 @@ pub const PAPER_WEIGHT_DECAY: f64 = 1e-4;
 pub const PAPER_SCHEDULE: Schedule = Schedule::Step;
 
 // --- Precision (`--precision`) ---------------------------------------------------------------
-/// f32 everywhere, bit for bit what every earlier version computed; f16 is AMP, opted into.
+/// f32 everywhere; f16 is AMP, opted into.
 pub const PRECISION: Precision = Precision::F32;
 // f16's loss scaler: `torch.amp.GradScaler`'s defaults (start 2^16, ×2 after 2,000 finite steps,
 // ×0.5 and the step skipped on inf/NaN) live in `ops::grad_scaler::GradScalerConfig::default`.

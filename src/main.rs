@@ -148,7 +148,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
             let trained = Gpu::new(&opts).and_then(|gpu| train::train_dist(gpu, &args, &dist));
             trained.map_err(|e| {
-                let code = i32::from(exit::code(&e, |_| false));
+                let code = i32::from(exit::code(&e));
                 dist.end_on_error(e, code)
             })?;
         }
@@ -298,23 +298,12 @@ fn main() -> ExitCode {
     };
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
-        // A collective error is printed by rank 0 only; the others end quietly with its code.
-        Err(e) if e.downcast_ref::<senet_wgpu::dist::Collective>().is_some_and(|c| c.0.is_empty()) => ExitCode::from(2),
-        Err(e) if e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some() => {
-            // Under mpirun every rank exits 130; rank 0 says where the run was saved.
-            if !e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some_and(|i| i.quiet) {
-                eprintln!("{e:#}");
-            }
-            ExitCode::from(130)
-        }
+        // 130 interrupted (rank 0 says where the run was saved), 1 a runtime failure, 2 bad input
+        // (a missing adapter is the user's to fix too): the table in `senet_wgpu::exit` and docs/cli.md.
         Err(e) => {
-            // 130 interrupted, 1 a runtime failure, 2 bad input (a missing adapter is the user's to
-            // fix too, as bad arguments are): the table in `senet_wgpu::exit` and docs/cli.md.
-            let code = exit::code(&e, |e| e.downcast_ref::<senet_wgpu::run::Interrupted>().is_some());
-            if code == exit::INTERRUPTED {
-                eprintln!("{e:#}");
-            } else {
-                eprintln!("error: {e:#}");
+            let (text, code) = exit::report(&e);
+            if let Some(text) = text {
+                eprintln!("{text}");
             }
             ExitCode::from(code)
         }

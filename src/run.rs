@@ -20,6 +20,7 @@ use anyhow::{Context, Result};
 
 use crate::args::TrainArgs;
 use crate::checkpoint;
+use crate::exit::Interrupted;
 use crate::metrics::{CSV_HEADER, EpochMetrics};
 use crate::model::ModelConfig;
 use crate::model::plan::Network;
@@ -115,30 +116,10 @@ pub fn resume_conflicts(args: &TrainArgs, given: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Training was stopped by a signal after saving; `main` exits with 130.
-#[derive(Debug)]
-pub struct Interrupted {
-    pub out: PathBuf,
-    pub epoch: usize,
-    pub step: usize,
-    /// A data-parallel rank other than 0: it ends with the same code, rank 0 alone says so.
-    pub quiet: bool,
+/// The error that ends a run a signal stopped after saving its resume checkpoint in `out`.
+pub fn interrupted(out: &Path, epoch: usize, step: usize, quiet: bool) -> Interrupted {
+    Interrupted { out: out.to_path_buf(), saved: out.join(RESUME_FILE), epoch, step, quiet }
 }
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "interrupted in epoch {} after step {}; saved {}. Continue with: senet train --resume {}",
-            self.epoch,
-            self.step,
-            self.out.join(RESUME_FILE).display(),
-            self.out.display()
-        )
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 impl RunFolder {
     /// A new run in `dir`: the folder, config.json and metrics.csv with its header.

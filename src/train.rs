@@ -2,7 +2,8 @@
 //! data, network, the loop, the test-set pass after each epoch ([`crate::eval`]) and the run
 //! folder ([`crate::run`]). What happens before the first step is in `train/setup.rs`, what the
 //! loop prints in `train/report.rs`, the checks that keep MPI ranks one model in
-//! [`crate::dist::replicas`]. The kernels live in `ops/`, the step plans in `model::plan`.
+//! `train/replicas.rs`. The kernels live in `ops/`, the step plans in `model::plan` (one
+//! data-parallel step in `model::data_parallel`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,16 +17,18 @@ use crate::args::TrainArgs;
 use crate::checkpoint;
 use crate::data::Dataset;
 use crate::data::loader::{self, Preprocess};
-use crate::dist::{self, Collective, Dist, replicas};
+use crate::dist::{self, Collective, Dist};
 use crate::eval::{evaluate, evaluate_sharded, plans_for, read_sums};
 use crate::gpu::Gpu;
 use crate::hparams::lr_at;
 use crate::metrics::EpochMetrics;
+use crate::model::data_parallel;
 use crate::model::plan::{Network, StepPlan, clear_metrics};
 use crate::ops::cross_entropy::result;
 use crate::progress::{RunClock, bar};
-use crate::run::{self, EpochSums, Interrupted, RunFolder, RunState};
+use crate::run::{self, EpochSums, RunFolder, RunState};
 
+mod replicas;
 mod report;
 mod setup;
 
@@ -118,7 +121,9 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     Ok(TrainSummary { history: state.history, best_acc: state.best_acc, out: args.out.clone() })
 }
 
-/// What every epoch reads and none changes: the settings, the data and the plans.
+/// What every epoch reads — the settings, the data and the plans, which no epoch changes — and the
+/// per-epoch timings the progress line and the run's ETA accumulate (the `Cell` fields, written
+/// each step).
 struct Trainer<'a> {
     args: &'a TrainArgs,
     gpu: Arc<Gpu>,
@@ -195,7 +200,7 @@ impl Trainer<'_> {
         }
         // Under mpirun the ranks agree: a signal that reached any of them stops all.
         if dist.any(crate::exit::stop_requested())? && epoch < args.epochs() {
-            return Err(Interrupted { out: args.out.clone(), epoch: epoch + 1, step: 0, quiet: !dist.is_root() }.into());
+            return Err(run::interrupted(&args.out, epoch + 1, 0, !dist.is_root()).into());
         }
         Ok(())
     }
@@ -309,9 +314,7 @@ impl Trainer<'_> {
             self.dist.agree_with_root(saved)
         })();
         match saved {
-            Ok(()) => {
-                Interrupted { out: self.args.out.clone(), epoch, step: steps, quiet: !self.dist.is_root() }.into()
-            }
+            Ok(()) => run::interrupted(&self.args.out, epoch, steps, !self.dist.is_root()).into(),
             Err(e) => e,
         }
     }
@@ -339,9 +342,9 @@ impl Trainer<'_> {
         lr_at(a.lr, a.schedule, a.warmup_epochs, global, self.steps_per_epoch, self.total_steps)
     }
 
-    /// One data-parallel step ([`dist::data_parallel_step`]), its exchange times counted.
+    /// One data-parallel step ([`data_parallel::data_parallel_step`]), its exchange times counted.
     fn data_parallel_step(&self, net: &mut Network, plan: &StepPlan, stop: bool) -> Result<bool> {
-        let r = dist::data_parallel_step(net, plan, self.dist, stop)?;
+        let r = data_parallel::data_parallel_step(net, plan, self.dist, stop)?;
         self.reduce_secs.set(self.reduce_secs.get() + r.allreduce_secs);
         self.sync_bn_secs.set(self.sync_bn_secs.get() + r.sync_bn_secs);
         Ok(r.stop)

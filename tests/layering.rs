@@ -1,5 +1,5 @@
 //! The library's modules form layers: no module may use another that uses it back, directly or
-//! through a longer chain (`plot` used to import `train`, which calls `plot`). This reads the
+//! through a longer chain (say `plot` importing `train`, which calls `plot`). This reads the
 //! `crate::…` paths of every file under `src/` (comments stripped), maps each file and each path to
 //! its top-level module (`src/model/plan.rs` and `crate::model::plan::StepPlan` are both `model`),
 //! and fails with the cycle it finds.

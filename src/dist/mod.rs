@@ -10,16 +10,9 @@
 //! rank count (DistributedSampler), gradients are averaged (sum, then / N) once per step, batch
 //! norm uses per-rank batch statistics, and rank 0's running statistics are the model's
 //! (DDP's `broadcast_buffers`). With `--sync-bn` every batch norm's statistics are those of all
-//! ranks' batches together, as SyncBatchNorm's ([`exchange_bn`]).
+//! ranks' batches together, as SyncBatchNorm's (`model::data_parallel::exchange_bn`).
 
-use std::time::Instant;
-
-use anyhow::{Context, Result};
-
-use crate::model::plan::{BnExchange, ExchangeKind, Network, StepPlan};
-use crate::ops::batch_norm;
-
-pub mod replicas;
+use anyhow::Result;
 
 /// Environment variables a launcher sets: (world size, local rank). OpenMPI's `mpirun` first,
 /// then MPICH/Hydra and PMIx launchers.
@@ -36,40 +29,69 @@ pub fn local_rank_from_env() -> usize {
     LOCAL_RANK_VARS.iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok()).unwrap_or(0)
 }
 
-/// An error every rank reaches at the same point with the same message (bad input checked on
-/// identical data, a configuration mismatch agreed by a collective): the ranks end together,
-/// with no abort, and only rank 0 prints it.
-#[derive(Debug)]
-pub struct Collective(pub String);
+pub use crate::exit::Collective;
 
-impl std::fmt::Display for Collective {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// The collectives a data-parallel job needs, as one process sees them. [`SingleProcess`] is the
+/// job of one (every collective the identity); with the `mpi` feature, `mpi_impl::Mpi` runs them
+/// over MPI's world communicator.
+pub trait Collectives {
+    /// Element-wise sum over the ranks, in place.
+    fn all_reduce_sum_f32(&self, v: &mut [f32]) -> Result<()>;
+    /// Element-wise sum over the ranks, in place.
+    fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<()>;
+    /// Rank 0's `v` on every rank (every rank's `v` has the same length).
+    fn broadcast_f32(&self, v: &mut [f32]) -> Result<()>;
+    /// Rank `root`'s bytes on every rank (any length).
+    fn broadcast_bytes(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>>;
+    /// Every rank's `x`, in rank order.
+    fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>>;
+    /// Every rank's `v` (all the same length), concatenated in rank order.
+    fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>>;
+    /// Wait until every rank is here.
+    fn barrier(&self);
+    /// End every rank of the job with `code` (one rank failed alone). One process: nothing to do.
+    fn abort(&self, code: i32);
 }
 
-impl std::error::Error for Collective {}
+/// The job of one process: rank 0 of 1.
+pub struct SingleProcess;
 
-/// This process's place in the job.
+impl Collectives for SingleProcess {
+    fn all_reduce_sum_f32(&self, _: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_f32(&self, _: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(bytes)
+    }
+    fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
+        Ok(vec![x])
+    }
+    fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+    fn barrier(&self) {}
+    fn abort(&self, _: i32) {}
+}
+
+/// This process's place in the job, and the collectives that reach the other ranks.
 pub struct Dist {
     pub rank: usize,
     pub size: usize,
     /// The rank among the processes on this machine (adapter choice).
     pub local_rank: usize,
-    #[cfg(feature = "mpi")]
-    mpi: Option<mpi_impl::Mpi>,
+    comm: Box<dyn Collectives>,
 }
 
 impl Dist {
     /// The single process: rank 0 of 1.
     pub fn single() -> Dist {
-        Dist {
-            rank: 0,
-            size: 1,
-            local_rank: 0,
-            #[cfg(feature = "mpi")]
-            mpi: None,
-        }
+        Dist { rank: 0, size: 1, local_rank: 0, comm: Box::new(SingleProcess) }
     }
 
     /// Join the MPI job when a launcher started this process, else the single process. Without
@@ -106,83 +128,43 @@ impl Dist {
 
     /// Element-wise sum over the ranks, in place (the host-staged gradient all-reduce).
     pub fn all_reduce_sum_f32(&self, v: &mut [f32]) -> Result<()> {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            return m.all_reduce_sum_f32(v);
-        }
-        let _ = v;
-        Ok(())
+        self.comm.all_reduce_sum_f32(v)
     }
 
     /// Element-wise sum over the ranks, in place (metric sums).
     pub fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<()> {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            return m.all_reduce_sum_f64(v);
-        }
-        let _ = v;
-        Ok(())
+        self.comm.all_reduce_sum_f64(v)
     }
 
     /// Rank 0's `v` on every rank (the other ranks' `v` give the length; it must agree).
     pub fn broadcast_f32(&self, v: &mut [f32]) -> Result<()> {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            return m.broadcast_f32(v);
-        }
-        let _ = v;
-        Ok(())
+        self.comm.broadcast_f32(v)
     }
 
     /// Rank 0's bytes on every rank (any length).
     pub fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
-        self.broadcast_bytes_from(0, bytes)
-    }
-
-    /// Rank `root`'s bytes on every rank (any length).
-    pub fn broadcast_bytes_from(&self, root: usize, bytes: Vec<u8>) -> Result<Vec<u8>> {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            return m.broadcast_bytes(root, bytes);
-        }
-        let _ = root;
-        Ok(bytes)
+        self.comm.broadcast_bytes(0, bytes)
     }
 
     /// Every rank's `x`, in rank order.
     pub fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            return m.all_gather_u64(x);
-        }
-        Ok(vec![x])
+        self.comm.all_gather_u64(x)
     }
 
     /// Every rank's bytes (any length), in rank order.
     pub fn all_gather_bytes(&self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>> {
-        let mut all = Vec::with_capacity(self.size);
-        for r in 0..self.size {
-            all.push(if self.size <= 1 { bytes.clone() } else { self.broadcast_bytes_from(r, bytes.clone())? });
-        }
-        Ok(all)
+        (0..self.size).map(|r| self.comm.broadcast_bytes(r, bytes.clone())).collect()
     }
 
     /// Every rank's `v` (all the same length), concatenated in rank order.
     pub fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            return m.all_gather_f32(v);
-        }
-        Ok(v.to_vec())
+        self.comm.all_gather_f32(v)
     }
 
     /// Wait until every rank is here, sleeping meanwhile (an MPI barrier spins on its core, which
     /// would slow a rank sharing it: `bench` times rank 0 alone while the others wait here).
     pub fn barrier(&self) {
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            m.barrier();
-        }
+        self.comm.barrier()
     }
 
     /// Rank 0's outcome of a step only it takes (opening the run folder, reading `--resume`'s
@@ -240,83 +222,22 @@ impl Dist {
             return anyhow::Error::new(Collective(String::new()));
         }
         // Every rank stopped after the same step (the signal flag rode the all-reduce).
-        if let Some(i) = e.downcast_ref::<crate::run::Interrupted>() {
+        if let Some(i) = e.downcast_ref::<crate::exit::Interrupted>() {
             if self.is_root() {
                 eprintln!("{i}");
             }
             self.barrier();
-            return anyhow::Error::new(crate::run::Interrupted { out: i.out.clone(), quiet: true, ..*i });
+            return anyhow::Error::new(crate::exit::Interrupted {
+                out: i.out.clone(),
+                saved: i.saved.clone(),
+                quiet: true,
+                ..*i
+            });
         }
         eprintln!("error on {}: {e:#}", self.who());
-        #[cfg(feature = "mpi")]
-        if let Some(m) = &self.mpi {
-            m.abort(code);
-        }
-        let _ = code;
+        self.comm.abort(code);
         e
     }
-}
-
-/// What a data-parallel step reports.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct StepReport {
-    /// A signal reached some rank: every rank stops after this step.
-    pub stop: bool,
-    /// Seconds of the host-staged gradient all-reduce: read-back, MPI (with any wait for a slower
-    /// rank), write.
-    pub allreduce_secs: f64,
-    /// `--sync-bn`: seconds of the batch norms' exchanges, counted likewise (each after the GPU
-    /// finished the dispatches before it).
-    pub sync_bn_secs: f64,
-}
-
-/// One data-parallel step on the batch in `plan`: forward and backward (a `--sync-bn` plan
-/// stopping at each of its [`BnExchange`]s for [`exchange_bn`]), the gradients averaged over the
-/// ranks (read back, MPI all-reduce sum, / N, written back), then (`Network::apply_update`)
-/// `--clip-grad-norm`'s clipping of the averaged gradients (DDP's order: clip after the
-/// all-reduce) and the optimizer, the same update on every rank. Waits for the GPU (the
-/// read-back). `stop` (a signal reached this rank) rides along as one more value of the all-reduce.
-pub fn data_parallel_step(net: &mut Network, plan: &StepPlan, dist: &Dist, stop: bool) -> Result<StepReport> {
-    net.begin_step();
-    let mut sync_bn_secs = 0.0;
-    net.gradient_pass_exchanging(plan, |x| {
-        net.gpu.wait()?;
-        let t = Instant::now();
-        exchange_bn(net, x, dist)?;
-        sync_bn_secs += t.elapsed().as_secs_f64();
-        Ok(())
-    })?;
-    net.gpu.wait()?;
-    let t = Instant::now();
-    let mut grads = net.flat.grads.read::<f32>(&net.gpu).context("reading the gradients back")?;
-    grads.push(f32::from(u8::from(stop)));
-    dist.all_reduce_sum_f32(&mut grads).context("the gradient all-reduce")?;
-    let stop_any = grads.pop().is_some_and(|s| s > 0.0);
-    let n = dist.size as f32;
-    for g in &mut grads {
-        *g /= n;
-    }
-    net.flat.grads.write(&net.gpu, &grads)?;
-    let secs = t.elapsed().as_secs_f64();
-    net.apply_update();
-    Ok(StepReport { stop: stop_any, allreduce_secs: secs, sync_bn_secs })
-}
-
-/// `--sync-bn`: combine one batch norm's per-channel numbers over the ranks, in place — read this
-/// rank's back, all-gather every rank's, merge them (statistics: Chan's merge of (count, mean,
-/// M2)) or add them (gradient sums) in rank order, so every rank computes the same bits, and
-/// write the result back for the rest of the step. With one rank, the buffer is left as it is.
-pub fn exchange_bn(net: &Network, x: &BnExchange, dist: &Dist) -> Result<()> {
-    if dist.size <= 1 {
-        return Ok(());
-    }
-    let mine = x.buffer.read::<f32>(&net.gpu).context("reading the batch-norm numbers back")?;
-    let all = dist.all_gather_f32(&mine)?;
-    let combined = match x.kind {
-        ExchangeKind::Statistics => batch_norm::merge_rank_statistics(&all, x.c)?,
-        ExchangeKind::GradSums => batch_norm::sum_rank_grad_sums(&all, x.c)?,
-    };
-    x.buffer.write(&net.gpu, &combined)
 }
 
 /// The sample indices rank `rank` of `size` trains on in one epoch, from the epoch's order over
@@ -349,7 +270,7 @@ mod mpi_impl {
     use mpi::topology::SimpleCommunicator;
     use mpi::traits::*;
 
-    use super::Dist;
+    use super::{Collectives, Dist};
 
     pub struct Mpi {
         world: SimpleCommunicator,
@@ -366,12 +287,12 @@ mod mpi_impl {
             rank: rank as usize,
             size: size as usize,
             local_rank: super::local_rank_from_env(),
-            mpi: Some(Mpi { world, _universe: universe }),
+            comm: Box::new(Mpi { world, _universe: universe }),
         })
     }
 
-    impl Mpi {
-        pub fn all_reduce_sum_f32(&self, v: &mut [f32]) -> Result<()> {
+    impl Collectives for Mpi {
+        fn all_reduce_sum_f32(&self, v: &mut [f32]) -> Result<()> {
             if v.is_empty() {
                 return Ok(()); // an empty slice's pointer is 0x1: MPI_IN_PLACE to OpenMPI
             }
@@ -380,7 +301,7 @@ mod mpi_impl {
             Ok(())
         }
 
-        pub fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<()> {
+        fn all_reduce_sum_f64(&self, v: &mut [f64]) -> Result<()> {
             if v.is_empty() {
                 return Ok(());
             }
@@ -389,14 +310,14 @@ mod mpi_impl {
             Ok(())
         }
 
-        pub fn broadcast_f32(&self, v: &mut [f32]) -> Result<()> {
+        fn broadcast_f32(&self, v: &mut [f32]) -> Result<()> {
             if !v.is_empty() {
                 self.world.process_at_rank(0).broadcast_into(v);
             }
             Ok(())
         }
 
-        pub fn broadcast_bytes(&self, root: usize, mut bytes: Vec<u8>) -> Result<Vec<u8>> {
+        fn broadcast_bytes(&self, root: usize, mut bytes: Vec<u8>) -> Result<Vec<u8>> {
             let root = self.world.process_at_rank(root as i32);
             let mut len = [bytes.len() as u64];
             root.broadcast_into(&mut len[..]);
@@ -408,13 +329,13 @@ mod mpi_impl {
             Ok(bytes)
         }
 
-        pub fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
+        fn all_gather_u64(&self, x: u64) -> Result<Vec<u64>> {
             let mut all = vec![0u64; self.world.size() as usize];
             self.world.all_gather_into(&x, &mut all[..]);
             Ok(all)
         }
 
-        pub fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
+        fn all_gather_f32(&self, v: &[f32]) -> Result<Vec<f32>> {
             let mut all = vec![0f32; v.len() * self.world.size() as usize];
             if !v.is_empty() {
                 self.world.all_gather_into(v, &mut all[..]);
@@ -422,7 +343,7 @@ mod mpi_impl {
             Ok(all)
         }
 
-        pub fn barrier(&self) {
+        fn barrier(&self) {
             let mut req = self.world.immediate_barrier();
             loop {
                 match req.test() {
@@ -433,7 +354,7 @@ mod mpi_impl {
             }
         }
 
-        pub fn abort(&self, code: i32) -> ! {
+        fn abort(&self, code: i32) {
             self.world.abort(code)
         }
     }

@@ -66,7 +66,7 @@ pub const PRELUDE_SUBGROUP: (&str, &str) = ("reduce_subgroup", include_str!("../
 /// The element type of a plan's activations, activation gradients and GEMM operands: every
 /// kernel is written once against the type `act` (loads widen with `f32(x)`, stores narrow with
 /// `act(v)`, arithmetic and accumulation stay f32), which the host defines per compiled variant.
-/// For f32 the conversions are identities: the f32 variant is the kernel as it always was.
+/// For f32 the conversions are identities: the f32 variant is a plain f32 kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

@@ -4,8 +4,8 @@
 //! The tuner stores opaque choices (strings the op that timed them encodes and decodes — see
 //! `ops::conv2d::ConvKernel`), keyed by the adapter, its driver and this crate's version, then by
 //! the op's own key (conv2d: the shape and pass, and for an f16 plan its precision and
-//! cooperative-matrix tile — `ops::conv2d::tune_key`; f32 keys are spelled as before precisions
-//! existed, so the format and its version are unchanged). A file that cannot be read or parsed is ignored with one warning and
+//! cooperative-matrix tile — `ops::conv2d::tune_key`; f32 keys are the shape and pass alone, so
+//! caches written before f16 plans existed stay valid under the same format version). A file that cannot be read or parsed is ignored with one warning and
 //! rewritten; an entry the op cannot decode is timed again. Writes are atomic (temporary file,
 //! fsync, rename) after merging what is on disk, so processes sharing a machine (MPI ranks)
 //! cannot leave a torn file behind; two writing at the same moment may each lose the other's

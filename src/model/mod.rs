@@ -4,7 +4,9 @@
 //! A node reads activations by index: 0 is the network input, k is the output of node k-1. The
 //! base SENet is a chain; the representation leaves room for residual additions (SE-ResNet).
 
+pub mod data_parallel;
 pub mod plan;
+mod record;
 pub mod resnet;
 pub mod senet;
 

@@ -3,10 +3,11 @@
 
 use anyhow::{Result, ensure};
 
+use super::replicas;
 use crate::args::TrainArgs;
 use crate::data::Dataset;
 use crate::data::loader;
-use crate::dist::{Collective, Dist, replicas};
+use crate::dist::{Collective, Dist};
 use crate::gpu::Precision;
 use crate::model::ModelConfig;
 use crate::model::plan::Network;

@@ -1,12 +1,12 @@
 //! Keeping the replicas one model: the checks and copies between ranks that data-parallel
-//! training makes outside the step (the collectives themselves are in [`super`]). Each is the
+//! training makes outside the step (the collectives themselves are in [`crate::dist`]). Each is the
 //! identity for one process.
 
 use anyhow::{Context, Result};
 
-use super::{Collective, Dist, checksum};
 use crate::args::TrainArgs;
 use crate::data::Dataset;
+use crate::dist::{Collective, Dist, checksum};
 use crate::metrics::EpochMetrics;
 use crate::model::plan::Network;
 use crate::run::{RankSums, RunState};
