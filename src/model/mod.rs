@@ -6,7 +6,6 @@
 
 pub mod data_parallel;
 pub mod plan;
-mod record;
 pub mod resnet;
 pub mod senet;
 

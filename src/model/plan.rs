@@ -33,14 +33,17 @@ use anyhow::{Context, Result, ensure};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Graph, Init, ModelConfig, ParamSpec};
+use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config};
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
+use crate::ops::batch_norm::{self, BatchNormConfig, BnBackward};
 use crate::ops::cast;
 use crate::ops::clip_grad_norm::ClipGradNorm;
-use crate::ops::conv2d::{ConvKernel, ConvPass};
-use crate::ops::cross_entropy::result;
+use crate::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass};
+use crate::ops::cross_entropy::{self, result};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
+use crate::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
+use crate::ops::{add, conv2d, linear, pool, relu};
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
 pub struct Param {
@@ -266,7 +269,7 @@ impl Network {
         self.by_name.get(name).map(|&i| &self.params[i]).with_context(|| format!("no parameter named {name}"))
     }
 
-    pub(super) fn bn_buffers(&self, name: &str) -> Result<&BnBuffers> {
+    fn bn_buffers(&self, name: &str) -> Result<&BnBuffers> {
         self.bn.iter().find(|b| b.name == name).with_context(|| format!("no batch norm named {name}"))
     }
 
@@ -312,11 +315,326 @@ impl Network {
         )
     }
 
-    /// Allocate and record everything for batch size `n` (see [`super::record`]).
+    /// Allocate and record everything for batch size `n`.
     pub fn plan(&self, n: usize) -> Result<StepPlan> {
         ensure!(n >= 1, "batch size must be at least 1");
         self.check_fits(n)?;
-        super::record::Recorder::new(self, n)?.record()
+        let gpu = &*self.gpu;
+        let shapes = self.graph.shapes(n)?;
+        let consumers = self.graph.consumers();
+        // A BN whose only reader is a ReLU runs with the ReLU fused in (see batch_norm.wgsl): it
+        // writes the ReLU's output, the ReLU node records nothing, and the BN's own output and
+        // its gradient are never touched, so they get a 1-element placeholder.
+        let fused: Vec<bool> = (0..self.graph.nodes.len())
+            .map(|k| {
+                matches!(self.graph.nodes[k].layer, Layer::BatchNorm2d { .. })
+                    && consumers[k + 1] == [k + 1]
+                    && matches!(self.graph.nodes.get(k + 1).map(|r| &r.layer), Some(Layer::Relu))
+            })
+            .collect();
+        // Labelled by what they hold, as GPU captures and validation messages show them:
+        // "input", "features.4 output", "layer2.0.se output grad".
+        let act_name =
+            |i: usize| if i == 0 { "input".to_string() } else { format!("{} output", self.graph.nodes[i - 1].name) };
+        let dtype = self.precision.dtype();
+        let buffers = |suffix: &str| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let unused = i > 0 && fused[i - 1];
+                    Tensor::zeros_of(gpu, &format!("{}{suffix}", act_name(i)), if unused { &[1][..] } else { s }, dtype)
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        let (acts, grads) = (buffers("")?, buffers(" grad")?);
+        // The host writes f32 images; an f16 plan casts them into its input first.
+        let mut train = Vec::new();
+        let mut eval = Vec::new();
+        let input_f32 = match self.precision {
+            Precision::F16 => {
+                let t = Tensor::zeros(gpu, "input (f32)", &shapes[0])?;
+                let _scope = gpu.label_scope("input");
+                for mut d in cast::cast_forward(gpu, &t, &acts[0])? {
+                    (d.layer, d.pass) = ("input".to_string(), Pass::Forward);
+                    train.push(d.clone());
+                    eval.push(d);
+                }
+                Some(t)
+            }
+            Precision::F32 => None,
+        };
+        let logits_shape = shapes.last().context("empty graph")?.clone();
+        ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
+        let labels = Tensor::zeros(gpu, "labels", &[n])?;
+        let per_sample = Tensor::zeros(gpu, "per-sample loss", &[n, crate::ops::cross_entropy::per_sample::LEN])?;
+        let train_result = Tensor::zeros(gpu, "train metrics", &[result::LEN])?;
+        let eval_result = Tensor::zeros(gpu, "eval metrics", &[result::LEN])?;
+
+        // An activation read by two layers (the fork before a residual block) gets one gradient
+        // buffer per reader; the last reader's backward is followed by their sum.
+        let mut contrib: HashMap<(usize, usize), Tensor> = HashMap::new();
+        for (a, readers) in consumers.iter().enumerate() {
+            ensure!(readers.len() <= 2, "activation {a} is read by {} layers; at most 2 are supported", readers.len());
+            if readers.len() == 2 {
+                for &k in readers {
+                    for (j, _) in self.graph.nodes[k].inputs.iter().enumerate().filter(|(_, i)| **i == a) {
+                        let label = format!("{} grad from {}", act_name(a), self.graph.nodes[k].name);
+                        contrib.insert((k, j), Tensor::zeros_of(gpu, &label, &shapes[a], dtype)?);
+                    }
+                }
+            }
+        }
+        let target = |k: usize, j: usize| -> &Tensor {
+            let a = self.graph.nodes[k].inputs[j];
+            contrib.get(&(k, j)).unwrap_or(&grads[a])
+        };
+
+        let mut se_saved = Vec::new();
+        let mut backward: Vec<Vec<Dispatch>> = Vec::new();
+        // --sync-bn: the forward's exchanges (at an index of `train`) and each node's backward
+        // exchange (at an index of its own backward list).
+        let mut exchanges = Vec::new();
+        let mut backward_exchanges: Vec<Option<BnExchange>> = Vec::new();
+        let mut conv_kernels = Vec::new();
+        for (k, node) in self.graph.nodes.iter().enumerate() {
+            let (train0, eval0) = (train.len(), eval.len());
+            let a = node.inputs[0];
+            let (inp, out, dinp, dout) = (&acts[a], &acts[k + 1], target(k, 0), &grads[k + 1]);
+            let name = &node.name;
+            // Bind groups and parameter blocks made for this layer carry its name.
+            let _scope = gpu.label_scope(name);
+            let p = |suffix: &str| self.param(&format!("{name}.{suffix}"));
+            let mut bwd = Vec::new();
+            let mut bwd_exchange = None;
+            match node.layer {
+                Layer::Conv2d { bias, .. } => {
+                    let cfg = conv_config(&node.layer, &inp.shape).context("conv config")?;
+                    let w = p("weight")?;
+                    let b = if bias { Some(p("bias")?) } else { None };
+                    // An f16 plan's GEMMs read the f16 copy of the weights.
+                    let bufs = ConvBuffers {
+                        inp,
+                        weight: w.half.as_ref().unwrap_or(&w.value),
+                        bias: b.map(|b| &b.value),
+                        out,
+                        dout,
+                        dinp,
+                        dweight: &w.grad,
+                    };
+                    // Each pass runs the kernel the tuner chose for this shape; the network input
+                    // needs no gradient.
+                    let passes: &[ConvPass] = if a != 0 {
+                        &[ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
+                    } else {
+                        &[ConvPass::Forward, ConvPass::BackwardWeight]
+                    };
+                    for &pass in passes {
+                        // Tuned in the plan's precision: an f16 plan's built-in choice is cooperative
+                        // matrices where the adapter lists them (conv2d::builtin).
+                        let chosen = conv2d::choose(gpu, &cfg, pass, self.precision)?;
+                        let (d, kernel) = conv2d::conv2d_pass_chosen(gpu, &cfg, pass, chosen, &bufs)?;
+                        conv_kernels.push((name.clone(), pass, kernel));
+                        if pass == ConvPass::Forward {
+                            train.extend(d.iter().cloned());
+                            eval.extend(d);
+                        } else {
+                            bwd.extend(d);
+                        }
+                    }
+                    if let Some(b) = b {
+                        bwd.extend(conv2d::conv2d_backward_bias(gpu, &cfg, dout, &b.grad)?);
+                    }
+                }
+                Layer::BatchNorm2d { c } => {
+                    let s = &inp.shape;
+                    let mut cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
+                    // Fused: the ReLU's output and its gradient stand in for the BN's.
+                    let (out, dout, relu_out) = if fused[k] {
+                        cfg = cfg.with_relu();
+                        (&acts[k + 2], &grads[k + 2], Some(&acts[k + 2]))
+                    } else {
+                        (out, dout, None)
+                    };
+                    let (g, b, rs) = (p("weight")?, p("bias")?, self.bn_buffers(name)?);
+                    let stats = Tensor::zeros(gpu, &format!("{name} batch statistics"), &[2, c])?;
+                    let t = batch_norm::BnForward {
+                        inp,
+                        gamma: &g.value,
+                        beta: &b.value,
+                        running_mean: &rs.running_mean,
+                        running_var: &rs.running_var,
+                        stats: &stats,
+                        out,
+                    };
+                    eval.extend(batch_norm::batch_norm_forward_eval(gpu, &cfg, &t)?);
+                    if self.sync_bn {
+                        // SyncBatchNorm: each pass in two halves around the ranks' exchange.
+                        let buffer = |what: &str| Tensor::zeros(gpu, &format!("{name} {what}"), &[batch_norm::ROWS, c]);
+                        let (welford, sums) = (buffer("rank statistics")?, buffer("rank gradient sums")?);
+                        let gb = BnBackward {
+                            inp,
+                            gamma: &g.value,
+                            stats: &stats,
+                            relu_out,
+                            dout,
+                            dinp,
+                            dgamma: &g.grad,
+                            dbeta: &b.grad,
+                        };
+                        train.extend(batch_norm::batch_norm_forward_stats(gpu, &cfg, inp, &welford)?);
+                        exchanges.push(BnExchange::new(name, ExchangeKind::Statistics, welford, train.len()));
+                        train.extend(batch_norm::batch_norm_forward_apply(
+                            gpu,
+                            &cfg,
+                            &t,
+                            &exchanges[exchanges.len() - 1].buffer,
+                        )?);
+                        bwd.extend(batch_norm::batch_norm_backward_sums(gpu, &cfg, &gb, &sums)?);
+                        let x = BnExchange::new(name, ExchangeKind::GradSums, sums, bwd.len());
+                        bwd.extend(batch_norm::batch_norm_backward_input(gpu, &cfg, &gb, &x.buffer)?);
+                        bwd_exchange = Some(x);
+                    } else {
+                        train.extend(batch_norm::batch_norm_forward_train(gpu, &cfg, &t)?);
+                        bwd.extend(batch_norm::batch_norm_backward(
+                            gpu, &cfg, inp, &g.value, &stats, relu_out, dout, dinp, &g.grad, &b.grad,
+                        )?);
+                    }
+                }
+                // Fused into the BN before it.
+                Layer::Relu if k > 0 && fused[k - 1] => {}
+                Layer::Relu => {
+                    let fwd = relu::relu_forward(gpu, inp, out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(relu::relu_backward(gpu, out, dout, dinp)?);
+                }
+                Layer::MaxPool2d { .. } => {
+                    let cfg = pool_config(&node.layer, &inp.shape).context("pool config")?;
+                    let argmax = Tensor::zeros(gpu, &format!("{name} argmax"), &cfg.output_shape())?;
+                    let fwd = pool::max_pool2d_forward(gpu, &cfg, inp, out, &argmax)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(pool::max_pool2d_backward(gpu, &cfg, &argmax, dout, dinp)?);
+                }
+                Layer::SeBlock { c, reduction, bias, variant } => {
+                    let s = &inp.shape;
+                    let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias, variant };
+                    let (w1, w2) = (p("fc1.weight")?, p("fc2.weight")?);
+                    let (b1, b2) = if bias { (Some(p("fc1.bias")?), Some(p("fc2.bias")?)) } else { (None, None) };
+                    let weights =
+                        SeWeights { w1: &w1.value, b1: b1.map(|b| &b.value), w2: &w2.value, b2: b2.map(|b| &b.value) };
+                    let saved = Tensor::zeros(gpu, &format!("{name} saved"), &cfg.saved_shape())?;
+                    let dsaved = Tensor::zeros(gpu, &format!("{name} saved grads"), &cfg.dsaved_shape())?;
+                    let fwd = se_block::se_block_forward(gpu, &cfg, inp, &weights, out, &saved)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    let g = SeGrads {
+                        dinp,
+                        dw1: &w1.grad,
+                        db1: b1.map(|b| &b.grad),
+                        dw2: &w2.grad,
+                        db2: b2.map(|b| &b.grad),
+                    };
+                    bwd.extend(se_block::se_block_backward(gpu, &cfg, inp, &weights, &saved, dout, &dsaved, &g)?);
+                    se_saved.push(SeSaved { name: name.clone(), c, hidden: cfg.hidden(), saved });
+                }
+                Layer::GlobalAvgPool => {
+                    let fwd = pool::global_avg_pool_forward(gpu, inp, out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(pool::global_avg_pool_backward(gpu, dout, dinp)?);
+                }
+                Layer::Linear { in_features, out_features, bias } => {
+                    let cfg = linear::LinearConfig { n, in_features, out_features, bias };
+                    let w = p("weight")?;
+                    let b = if bias { Some(p("bias")?) } else { None };
+                    let fwd = linear::linear_forward(gpu, &cfg, inp, &w.value, b.map(|b| &b.value), out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(linear::linear_backward(
+                        gpu,
+                        &cfg,
+                        inp,
+                        &w.value,
+                        dout,
+                        dinp,
+                        &w.grad,
+                        b.map(|b| &b.grad),
+                    )?);
+                }
+                Layer::Add => {
+                    let fwd = add::add_forward(gpu, inp, &acts[node.inputs[1]], out)?;
+                    train.extend(fwd.iter().cloned());
+                    eval.extend(fwd);
+                    bwd.extend(add::add_backward(gpu, dout, dinp, target(k, 1))?);
+                }
+            }
+            // This node is the first reader of a forked activation: after its backward (the last
+            // to run in reverse order), sum the two contributions.
+            for &i in &node.inputs {
+                if consumers[i].len() == 2 && consumers[i][0] == k && i > 0 {
+                    let [r0, r1] = [consumers[i][0], consumers[i][1]];
+                    let slot = |r: usize| self.graph.nodes[r].inputs.iter().position(|&x| x == i).unwrap_or(0);
+                    bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
+                }
+            }
+            for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
+                (d.layer, d.pass) = (name.clone(), Pass::Forward);
+            }
+            for d in &mut bwd {
+                (d.layer, d.pass) = (name.clone(), Pass::Backward);
+            }
+            backward.push(bwd);
+            backward_exchanges.push(bwd_exchange);
+        }
+        let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
+        let (train0, eval0) = (train.len(), eval.len());
+        let _scope = gpu.label_scope("loss");
+        train.extend(cross_entropy::cross_entropy_forward_backward_smoothed(
+            gpu,
+            logits,
+            &labels,
+            dlogits,
+            &per_sample,
+            &train_result,
+            self.label_smoothing,
+            self.scaler.as_ref().map(|s| &s.state),
+        )?);
+        eval.extend(cross_entropy::cross_entropy_forward_backward(
+            gpu,
+            logits,
+            &labels,
+            dlogits,
+            &per_sample,
+            &eval_result,
+            self.scaler.as_ref().map(|s| &s.state),
+        )?);
+        for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
+            (d.layer, d.pass) = ("loss".to_string(), Pass::Loss);
+        }
+        for (bwd, x) in backward.into_iter().zip(backward_exchanges).rev() {
+            if let Some(mut x) = x {
+                x.at += train.len();
+                exchanges.push(x);
+            }
+            train.extend(bwd);
+        }
+        Ok(StepPlan {
+            n,
+            input_f32,
+            acts,
+            grads,
+            labels,
+            per_sample,
+            train_result,
+            eval_result,
+            se_saved,
+            conv_kernels,
+            train,
+            eval,
+            exchanges,
+        })
     }
 
     /// One training step on the batch already written into `plan`: forward, loss, backward and
@@ -355,6 +673,9 @@ impl Network {
         Ok(self.gpu.run(&casts.into_iter().flatten().chain(&plan.train[start..]).collect::<Vec<_>>()))
     }
 
+    /// The loss scaler's check (f16) and every optimizer update from the gradients now in the
+    /// flat buffer: with [`Network::gradient_pass`], the dispatches of [`Network::train_dispatches`].
+    /// Returns without waiting.
     /// The loss scaler's check (f16), gradient clipping (`--clip-grad-norm`) and every optimizer
     /// update from the gradients now in the flat buffer (under MPI: the averaged ones, so clipping
     /// follows the all-reduce, as in DDP): with [`Network::gradient_pass`], the dispatches of
@@ -432,8 +753,8 @@ pub struct StepPlan {
     pub se_saved: Vec<SeSaved>,
     /// The kernel each conv layer's passes run (layer name, pass, kernel), as the tuner chose.
     pub conv_kernels: Vec<(String, ConvPass, ConvKernel)>,
-    pub(super) train: Vec<Dispatch>,
-    pub(super) eval: Vec<Dispatch>,
+    train: Vec<Dispatch>,
+    eval: Vec<Dispatch>,
     /// `--sync-bn`: where the training step stops for the ranks to combine a batch norm's
     /// per-channel numbers, in step order (empty otherwise).
     pub exchanges: Vec<BnExchange>,
@@ -473,7 +794,7 @@ pub struct BnExchange {
 }
 
 impl BnExchange {
-    pub(super) fn new(layer: &str, kind: ExchangeKind, buffer: Tensor, at: usize) -> BnExchange {
+    fn new(layer: &str, kind: ExchangeKind, buffer: Tensor, at: usize) -> BnExchange {
         let c = buffer.shape[1];
         BnExchange { layer: layer.to_string(), kind, buffer, c, at }
     }
