@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, TensorView};
 
 pub use crate::files::write_atomic;
 use crate::model::plan::Network;
-use crate::model::senet::scaled;
+use crate::model::registry::{self, Shapes};
 use crate::model::{Graph, ModelConfig};
 
 /// One tensor of a state dict.
@@ -219,22 +219,18 @@ fn describe(c: &ModelConfig) -> String {
 }
 
 /// A model's configuration read off a state dict's names and shapes, for a bare state dict with
-/// no config.json beside it. The base SENet: width from `features.0.weight`, reduction from the
-/// SE block, classes from the classifier. A (SE-)ResNet: CIFAR (3x3 stem) or ImageNet (7x7 stem)
-/// from `conv1.weight`, the depth from the blocks per stage and bottlenecks (`conv3`), the width
-/// from the stem's channels, SE stages, reduction and biases from the `se` tensors (placement is
-/// taken as standard: the others leave the same names). `input_hw` comes from the data.
+/// no config.json beside it: the family whose tensors it holds ([`registry::claiming`]) reads
+/// it. `input_hw` comes from the data.
 pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<ModelConfig> {
-    let shape = |name: &str| -> Result<&Vec<usize>> {
-        sd.get(name).map(|e| &e.shape).with_context(|| {
-            format!(
-                "{what}: no tensor {name}; cannot infer the model (expected a base SENet or a (SE-)ResNet state \
-                 dict; with another, give the run's config.json beside it)"
-            )
-        })
-    };
-    let mut cfg = ModelConfig {
-        model: "senet".into(),
+    let shapes: Shapes = sd.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
+    let family = registry::claiming(&shapes).with_context(|| {
+        format!(
+            "{what}: cannot infer the model: neither conv1.weight and fc.weight (a (SE-)ResNet) nor \
+             features.0.weight (the base SENet); with another state dict, give the run's config.json beside it"
+        )
+    })?;
+    let base = ModelConfig {
+        model: String::new(),
         width: 1.0,
         reduction: 16,
         in_channels: 0,
@@ -245,67 +241,7 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
         se_bias: false,
         se: Default::default(),
     };
-    if sd.contains_key("conv1.weight") {
-        let stem = shape("conv1.weight")?;
-        let fc = shape("fc.weight")?;
-        ensure!(stem.len() == 4 && fc.len() == 2, "{what}: unexpected ranks for a ResNet's conv1 / fc");
-        let imagenet = stem[2] == 7;
-        let stages = if imagenet { 4 } else { 3 };
-        let blocks: Vec<usize> = (1..=stages)
-            .map(|s| (0..).take_while(|b| sd.contains_key(&format!("layer{s}.{b}.conv1.weight"))).count())
-            .collect();
-        let bottleneck = sd.contains_key("layer1.0.conv3.weight");
-        let depth = if imagenet {
-            match (blocks.as_slice(), bottleneck) {
-                ([2, 2, 2, 2], false) => 18,
-                ([3, 4, 6, 3], false) => 34,
-                ([3, 4, 6, 3], true) => 50,
-                ([3, 4, 23, 3], true) => 101,
-                ([3, 8, 36, 3], true) => 152,
-                _ => bail!("{what}: ImageNet ResNet blocks per stage {blocks:?} match no depth of 18/34/50/101/152"),
-            }
-        } else {
-            ensure!(
-                blocks[0] >= 1 && blocks.iter().all(|&b| b == blocks[0]),
-                "{what}: CIFAR ResNet blocks per stage {blocks:?} should be equal"
-            );
-            6 * blocks[0] + 2
-        };
-        let se_blocks: Vec<(usize, usize)> = (1..=stages)
-            .flat_map(|s| (0..blocks[s - 1]).map(move |b| (s, b)))
-            .filter(|(s, b)| sd.contains_key(&format!("layer{s}.{b}.se.fc1.weight")))
-            .collect();
-        cfg.model = format!("{}resnet{depth}", if se_blocks.is_empty() { "" } else { "se-" });
-        cfg.width = stem[0] as f64 / if imagenet { 64.0 } else { 16.0 };
-        cfg.in_channels = stem[1];
-        cfg.num_classes = fc[0];
-        if let Some(&(s, b)) = se_blocks.first() {
-            let fc1 = shape(&format!("layer{s}.{b}.se.fc1.weight"))?;
-            ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: layer{s}.{b}.se.fc1.weight has shape {fc1:?}");
-            cfg.reduction = fc1[1] / fc1[0];
-            cfg.se_bias = sd.contains_key(&format!("layer{s}.{b}.se.fc1.bias"));
-            let mut with_se: Vec<usize> = se_blocks.iter().map(|&(s, _)| s).collect();
-            with_se.dedup();
-            if with_se.len() < stages {
-                cfg.se.stages = with_se;
-            }
-        }
-        return Ok(cfg);
-    }
-    let conv0 = shape("features.0.weight")?;
-    let fc1 = shape("features.16.fc1.weight")?;
-    let cls = shape("classifier.0.weight")?;
-    ensure!(conv0.len() == 4 && fc1.len() == 4 && cls.len() == 2, "{what}: unexpected ranks for a base SENet");
-    let width = conv0[0] as f64 / 64.0;
-    let c5 = scaled(1024, width);
-    ensure!(fc1[1] == c5, "{what}: features.16.fc1.weight {fc1:?} does not fit width {width} (expected {c5} channels)");
-    ensure!(fc1[0] >= 1, "{what}: features.16.fc1.weight has no hidden units");
-    cfg.width = width;
-    cfg.reduction = c5 / fc1[0];
-    cfg.in_channels = conv0[1];
-    cfg.num_classes = cls[0];
-    cfg.se_bias = sd.contains_key("features.16.fc1.bias");
-    Ok(cfg)
+    family.infer(&shapes, base, what)
 }
 
 /// Name of optimizer state tensor `k` of parameter `name` in a resume file.

@@ -5,10 +5,11 @@
 //! base SENet is a chain; the representation leaves room for residual additions (SE-ResNet).
 
 pub mod plan;
+pub mod registry;
 pub mod resnet;
 pub mod senet;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::conv2d::Conv2dConfig;
@@ -307,17 +308,8 @@ impl SeOptions {
 }
 
 impl ModelConfig {
+    /// The graph, built by the model's family ([`registry::FAMILIES`]).
     pub fn graph(&self) -> Result<Graph> {
-        if self.model == "senet" {
-            return senet::base_senet(self);
-        }
-        match resnet::parse_name(&self.model) {
-            Some((depth, se)) => resnet::build(self, depth, se),
-            None => bail!(
-                "unknown model {:?}: expected senet, [se-]resnet18/34/50/101/152 (ImageNet) or \
-                 [se-]resnet20/32/44/56/110 (CIFAR, any other 6n+2 depth)",
-                self.model
-            ),
-        }
+        registry::family_or_err(&self.model, "unknown model")?.build(self)
     }
 }

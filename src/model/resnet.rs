@@ -13,10 +13,145 @@
 //! `layer1.0.conv2`, `layer1.0.bn2`, `layer1.0.se.fc1`, `layer2.0.downsample.0` (conv),
 //! `layer2.0.downsample.1` (BN), `fc`.
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
+use super::registry::{Family, Shapes};
 use super::senet::scaled;
 use super::{Graph, Layer, ModelConfig, Node, SePlacement};
+
+/// The ImageNet ResNets of He et al. 2016, Table 1: depth, bottleneck blocks, blocks per stage.
+/// Building and shape inference both read this table.
+pub const IMAGENET_TABLE: [(usize, bool, [usize; 4]); 5] = [
+    (18, false, [2, 2, 2, 2]),
+    (34, false, [3, 4, 6, 3]),
+    (50, true, [3, 4, 6, 3]),
+    (101, true, [3, 4, 23, 3]),
+    (152, true, [3, 8, 36, 3]),
+];
+
+/// The ImageNet depths; every other depth is a CIFAR ResNet (6n+2).
+pub const IMAGENET_DEPTHS: [usize; 5] = [18, 34, 50, 101, 152];
+
+/// The CIFAR ResNet depth rule: 6n+2 with n >= 1.
+pub fn is_cifar_depth(depth: usize) -> bool {
+    depth >= 8 && (depth - 2).is_multiple_of(6)
+}
+
+/// `[se-]resnet18/34/50/101/152`: the ImageNet ResNets and SE-ResNets.
+pub struct ImageNetResNet;
+
+/// `[se-]resnetD`, D = 6n+2: the CIFAR ResNets and SE-ResNets.
+pub struct CifarResNet;
+
+impl Family for ImageNetResNet {
+    fn names(&self) -> &'static str {
+        "[se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images)"
+    }
+
+    fn accepts(&self, model: &str) -> bool {
+        parse_name(model).is_some_and(|(d, _)| IMAGENET_DEPTHS.contains(&d))
+    }
+
+    fn build(&self, cfg: &ModelConfig) -> Result<Graph> {
+        let (depth, se) = parse_name(&cfg.model).with_context(|| format!("not a ResNet name: {:?}", cfg.model))?;
+        imagenet_resnet(cfg, depth, se)
+    }
+
+    /// A 7x7 stem.
+    fn claims(&self, sd: &Shapes) -> bool {
+        sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] == 7) && sd.contains_key("fc.weight")
+    }
+
+    fn infer(&self, sd: &Shapes, base: ModelConfig, what: &str) -> Result<ModelConfig> {
+        infer_resnet(sd, base, what, true)
+    }
+
+    /// ResNet-50: ~25.6 M and 3.86; SE-ResNet-50: ~2.5 M more parameters (~10 %) and 3.87
+    /// GFLOPs (+0.26 %), §6.1 / Table 2.
+    fn paper_figures(&self, model: &str, hw: usize) -> Option<(f64, f64)> {
+        match (model, hw) {
+            ("resnet50", 224) => Some((25.6e6, 3.86)),
+            ("se-resnet50", 224) => Some((28.1e6, 3.87)),
+            _ => None,
+        }
+    }
+}
+
+impl Family for CifarResNet {
+    fn names(&self) -> &'static str {
+        "[se-]resnet20/32/44/56/110 (CIFAR ResNets, any 6n+2 depth: 8, 14, 20, …)"
+    }
+
+    fn accepts(&self, model: &str) -> bool {
+        parse_name(model).is_some_and(|(d, _)| is_cifar_depth(d) && !IMAGENET_DEPTHS.contains(&d))
+    }
+
+    fn build(&self, cfg: &ModelConfig) -> Result<Graph> {
+        let (depth, se) = parse_name(&cfg.model).with_context(|| format!("not a ResNet name: {:?}", cfg.model))?;
+        cifar_resnet(cfg, depth, se)
+    }
+
+    /// A stem other than 7x7 (3x3).
+    fn claims(&self, sd: &Shapes) -> bool {
+        sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] != 7) && sd.contains_key("fc.weight")
+    }
+
+    fn infer(&self, sd: &Shapes, base: ModelConfig, what: &str) -> Result<ModelConfig> {
+        infer_resnet(sd, base, what, false)
+    }
+}
+
+/// A (SE-)ResNet's configuration from its state dict: the depth from the blocks per stage and
+/// bottlenecks (`conv3`), the width from the stem's channels, SE stages, reduction and biases from
+/// the `se` tensors (placement is taken as standard: the others leave the same names).
+fn infer_resnet(sd: &Shapes, mut cfg: ModelConfig, what: &str, imagenet: bool) -> Result<ModelConfig> {
+    let shape = |name: &str| -> Result<&Vec<usize>> {
+        sd.get(name).with_context(|| format!("{what}: no tensor {name}; cannot infer the ResNet"))
+    };
+    let stem = shape("conv1.weight")?;
+    let fc = shape("fc.weight")?;
+    ensure!(stem.len() == 4 && fc.len() == 2, "{what}: unexpected ranks for a ResNet's conv1 / fc");
+    let stages = if imagenet { 4 } else { 3 };
+    let blocks: Vec<usize> = (1..=stages)
+        .map(|s| (0..).take_while(|b| sd.contains_key(&format!("layer{s}.{b}.conv1.weight"))).count())
+        .collect();
+    let bottleneck = sd.contains_key("layer1.0.conv3.weight");
+    let depth = if imagenet {
+        IMAGENET_TABLE
+            .iter()
+            .find(|(_, b, n)| *b == bottleneck && n.as_slice() == blocks.as_slice())
+            .map(|(d, _, _)| *d)
+            .with_context(|| {
+                format!("{what}: ImageNet ResNet blocks per stage {blocks:?} match no depth of {IMAGENET_DEPTHS:?}")
+            })?
+    } else {
+        ensure!(
+            blocks[0] >= 1 && blocks.iter().all(|&b| b == blocks[0]),
+            "{what}: CIFAR ResNet blocks per stage {blocks:?} should be equal"
+        );
+        6 * blocks[0] + 2
+    };
+    let se_blocks: Vec<(usize, usize)> = (1..=stages)
+        .flat_map(|s| (0..blocks[s - 1]).map(move |b| (s, b)))
+        .filter(|(s, b)| sd.contains_key(&format!("layer{s}.{b}.se.fc1.weight")))
+        .collect();
+    cfg.model = format!("{}resnet{depth}", if se_blocks.is_empty() { "" } else { "se-" });
+    cfg.width = stem[0] as f64 / if imagenet { 64.0 } else { 16.0 };
+    cfg.in_channels = stem[1];
+    cfg.num_classes = fc[0];
+    if let Some(&(s, b)) = se_blocks.first() {
+        let fc1 = shape(&format!("layer{s}.{b}.se.fc1.weight"))?;
+        ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: layer{s}.{b}.se.fc1.weight has shape {fc1:?}");
+        cfg.reduction = fc1[1] / fc1[0];
+        cfg.se_bias = sd.contains_key(&format!("layer{s}.{b}.se.fc1.bias"));
+        let mut with_se: Vec<usize> = se_blocks.iter().map(|&(s, _)| s).collect();
+        with_se.dedup();
+        if with_se.len() < stages {
+            cfg.se.stages = with_se;
+        }
+    }
+    Ok(cfg)
+}
 
 /// Depth and SE-ness of a `resnet<D>` / `se-resnet<D>` model name.
 pub fn parse_name(model: &str) -> Option<(usize, bool)> {
@@ -89,22 +224,9 @@ fn classifier(mut nodes: Vec<Node>, cfg: &ModelConfig, x: usize, c: usize) -> Re
     Ok(graph)
 }
 
-/// The ImageNet depths; every other depth is a CIFAR ResNet (6n+2).
-pub const IMAGENET_DEPTHS: [usize; 5] = [18, 34, 50, 101, 152];
-
-/// The graph for a `resnet<D>` / `se-resnet<D>` name.
-pub fn build(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
-    if IMAGENET_DEPTHS.contains(&depth) { imagenet_resnet(cfg, depth, se) } else { cifar_resnet(cfg, depth, se) }
-}
-
 pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
-    let (bottleneck, blocks): (bool, [usize; 4]) = match depth {
-        18 => (false, [2, 2, 2, 2]),
-        34 => (false, [3, 4, 6, 3]),
-        50 => (true, [3, 4, 6, 3]),
-        101 => (true, [3, 4, 23, 3]),
-        152 => (true, [3, 8, 36, 3]),
-        _ => bail!("ImageNet ResNet depth must be one of {IMAGENET_DEPTHS:?}, got {depth}"),
+    let Some(&(_, bottleneck, blocks)) = IMAGENET_TABLE.iter().find(|(d, _, _)| *d == depth) else {
+        bail!("ImageNet ResNet depth must be one of {IMAGENET_DEPTHS:?}, got {depth}");
     };
     let expansion = if bottleneck { 4 } else { 1 };
     let widths = [64, 128, 256, 512].map(|c| scaled(c, cfg.width));
@@ -159,7 +281,7 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
 }
 
 pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
-    if depth < 8 || !(depth - 2).is_multiple_of(6) {
+    if !is_cifar_depth(depth) {
         bail!("CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110, …), got {depth}");
     }
     let blocks = (depth - 2) / 6;
