@@ -10,7 +10,7 @@ use anyhow::{Result, bail, ensure};
 use crate::data::{self, DatasetKind, Splits, cifar10};
 use crate::gpu::Precision;
 use crate::hparams::{self as hp, OptimizerKind, Recipe, Schedule};
-use crate::model::{ModelConfig, SeOptions, SePlacement};
+use crate::model::{BlockOptions, BottleneckStride, ModelConfig, SeOptions, SePlacement};
 use crate::ops::optimizer::OptimizerConfig;
 use crate::ops::se_block::{Excitation, Squeeze};
 
@@ -194,6 +194,16 @@ pub struct ModelArgs {
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     pub se_stages: Vec<usize>,
+    /// SE hidden widths: 0 = C // r (the paper); N = C / r rounded to a multiple of N, as timm's
+    /// SE-ResNets (8).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[serde(default)]
+    pub se_divisor: usize,
+    /// Where an ImageNet bottleneck (ResNet-50/101/152) strides: 1x1 = its first convolution (the
+    /// original ResNet, the SENet paper), 3x3 = its 3x3 convolution (timm, torchvision: "v1.5").
+    #[arg(long, value_enum, default_value = "1x1")]
+    #[serde(default)]
+    pub bottleneck_stride: BottleneckStride,
 }
 
 impl ModelArgs {
@@ -228,7 +238,9 @@ impl ModelArgs {
                 excitation: self.excitation,
                 placement: self.se_placement,
                 stages: self.se_stages.clone(),
+                divisor: self.se_divisor,
             },
+            block: BlockOptions { stride: self.bottleneck_stride },
         }
     }
 }

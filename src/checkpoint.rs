@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 pub use crate::files::write_atomic;
 use crate::model::plan::Network;
 use crate::model::registry::{self, Shapes};
-use crate::model::{Graph, ModelConfig};
+use crate::model::{Graph, Layer, ModelConfig};
 
 /// One tensor of a state dict.
 #[derive(Clone, Debug, PartialEq)]
@@ -203,19 +203,71 @@ pub fn check_fits(graph: &Graph, config: &ModelConfig, sd: &StateDict, what: &st
         .map(|(name, shape)| format!("tensor {name} has shape {:?}, expected {shape:?}", sd[name].shape))
         .collect();
     if !wrong.is_empty() {
+        // What the shapes say instead, when they say something else than the model (they cannot
+        // tell placements, gates or strides apart).
         let fits = infer_config(sd, config.input_hw, what)
-            .map(|c| format!("; the checkpoint fits a model {}", describe(&c)))
+            .ok()
+            .map(|c| describe(&c))
+            .filter(|c| *c != describe(config))
+            .map(|c| format!("; the checkpoint fits a model {c}"))
             .unwrap_or_default();
         bail!("{what}: does not fit the model {}: {}{fits}", describe(config), wrong.join("; "));
     }
     Ok(())
 }
 
+/// What a state dict's shapes tell of a model: family and depth, width, SE widths, channels in
+/// and out.
 fn describe(c: &ModelConfig) -> String {
+    let divisor = match c.se.divisor {
+        0 => String::new(),
+        d => format!(" (SE widths rounded to multiples of {d})"),
+    };
     format!(
-        "{} width {} reduction {} in_channels {} classes {}",
+        "{} width {} reduction {}{divisor} in_channels {} classes {}",
         c.model, c.width, c.reduction, c.in_channels, c.num_classes
     )
+}
+
+/// The classifier of a graph: its last linear layer's name and (in, out) features.
+fn classifier(graph: &Graph) -> Option<(&str, usize, usize)> {
+    graph.nodes.iter().rev().find_map(|n| match n.layer {
+        Layer::Linear { in_features, out_features, .. } => Some((n.name.as_str(), in_features, out_features)),
+        _ => None,
+    })
+}
+
+/// [`apply`] for fine-tuning (`train --init`): a checkpoint whose classifier has another class
+/// count than the network (a 1000-class ImageNet model for a 10-class folder) loads everything
+/// else and leaves the network's freshly initialised classifier, as timm's `reset_classifier`
+/// does; returns the note saying so (None when the classifier fitted). Anything else that does not
+/// fit is [`check_fits`]'s error.
+pub fn apply_init(net: &mut Network, sd: &StateDict, what: &str) -> Result<Option<String>> {
+    let Some((name, in_features, classes)) = classifier(&net.graph).map(|(n, i, o)| (n.to_string(), i, o)) else {
+        return apply(net, sd, what).map(|()| None);
+    };
+    let (w, b) = (format!("{name}.weight"), format!("{name}.bias"));
+    let theirs = sd.get(&w).map(|e| e.shape.clone());
+    let Some([their_classes, their_in]) = theirs.as_deref().and_then(|s| <[usize; 2]>::try_from(s).ok()) else {
+        return apply(net, sd, what).map(|()| None);
+    };
+    if their_classes == classes || their_in != in_features {
+        return apply(net, sd, what).map(|()| None);
+    }
+    // Their classifier replaced by ours (as initialised), the rest checked and copied as usual.
+    let ours = state_dict(net)?;
+    let mut sd = sd.clone();
+    for key in [&w, &b] {
+        match ours.get(key) {
+            Some(e) => sd.insert(key.clone(), e.clone()),
+            None => sd.remove(key),
+        };
+    }
+    apply(net, &sd, what)?;
+    Ok(Some(format!(
+        "{what}: its classifier {name} has {their_classes} classes, the data {classes}: {name} is \
+         re-initialised, every other tensor loaded"
+    )))
 }
 
 /// A model's configuration read off a state dict's names and shapes, for a bare state dict with
@@ -240,6 +292,7 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     };
     family.infer(&shapes, base, what)
 }

@@ -39,7 +39,7 @@ fn layer_name(l: &Layer) -> String {
         Layer::BatchNorm2d { c } => format!("BatchNorm2d {c}"),
         Layer::Relu => "ReLU".into(),
         Layer::MaxPool2d { kernel, stride, .. } => format!("MaxPool2d {kernel}x{kernel}/{stride}"),
-        Layer::SeBlock { c, reduction, .. } => format!("SE {c}→{}→{c}", c / reduction),
+        Layer::SeBlock { c, hidden, .. } => format!("SE {c}→{hidden}→{c}"),
         Layer::GlobalAvgPool => "AdaptiveAvgPool2d 1".into(),
         Layer::Linear { in_features, out_features, .. } => format!("Linear {in_features}→{out_features}"),
         Layer::Add => "Add".into(),
@@ -60,7 +60,7 @@ pub fn summarize(model: &str, graph: &Graph) -> Result<Summary> {
         let macs = match node.layer {
             Layer::Conv2d { .. } => conv_config(&node.layer, inp).map_or(0, |c| c.macs()),
             Layer::Linear { in_features, out_features, .. } => in_features * out_features,
-            Layer::SeBlock { c, reduction, .. } => 2 * c * (c / reduction) + out[1..].iter().product::<usize>(),
+            Layer::SeBlock { c, hidden, .. } => 2 * c * hidden + out[1..].iter().product::<usize>(),
             _ => 0,
         };
         layers.push(LayerRow {

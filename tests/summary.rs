@@ -16,6 +16,7 @@ fn imagenet(model: &str) -> ModelConfig {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 

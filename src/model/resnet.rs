@@ -1,7 +1,9 @@
 //! ImageNet ResNets (He et al. 2016, Table 1: 18/34 with basic blocks, 50/101/152 with
 //! bottlenecks; a 7×7 stride-2 stem and a 3×3 stride-2 max pool; the stride of a bottleneck in its
-//! first 1×1 convolution, as the original and the SENet paper's Caffe models have it) and their SE
-//! versions (SE block after the last BN of the residual branch, before the addition).
+//! first 1×1 convolution, as the original and the SENet paper's Caffe models have it, or in its
+//! 3×3 as timm and torchvision: `BlockOptions::stride`) and their SE versions (SE block after the
+//! last BN of the residual branch, before the addition; hidden widths `C // r`, or timm's
+//! rounding to a multiple of 8: `SeOptions::divisor`).
 //!
 //! CIFAR ResNets (He et al. 2016, §4.2) and SE-ResNets (Hu et al., Fig. 3): a 3×3 stem of 16
 //! channels, three stages of n basic blocks at 16, 32 and 64 channels (6n+2 layers), the second
@@ -17,7 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::registry::{Family, Shapes};
 use super::senet::scaled;
-use super::{Graph, Layer, ModelConfig, Node, SePlacement};
+use super::{BottleneckStride, Graph, Layer, ModelConfig, Node, SePlacement, se_hidden};
 
 /// The ImageNet ResNets of He et al. 2016, Table 1: depth, bottleneck blocks, blocks per stage.
 /// Building and shape inference both read this table.
@@ -139,10 +141,21 @@ fn infer_resnet(sd: &Shapes, mut cfg: ModelConfig, what: &str, imagenet: bool) -
     cfg.width = stem[0] as f64 / if imagenet { 64.0 } else { 16.0 };
     cfg.in_channels = stem[1];
     cfg.num_classes = fc[0];
+    // A bare ImageNet bottleneck state dict is taken as timm's and torchvision's (the stride in
+    // the 3x3); the shapes cannot tell, and our own runs carry theirs in config.json.
+    if imagenet && bottleneck {
+        cfg.block.stride = BottleneckStride::Conv3x3;
+    }
     if let Some(&(s, b)) = se_blocks.first() {
-        let fc1 = shape(&format!("layer{s}.{b}.se.fc1.weight"))?;
-        ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: layer{s}.{b}.se.fc1.weight has shape {fc1:?}");
-        cfg.reduction = fc1[1] / fc1[0];
+        // (name, channels, hidden) of every SE block.
+        let mut widths = Vec::new();
+        for &(s, b) in &se_blocks {
+            let name = format!("layer{s}.{b}.se.fc1.weight");
+            let fc1 = shape(&name)?;
+            ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: {name} has shape {fc1:?}, expected [hidden, C, 1, 1]");
+            widths.push((name, fc1[1], fc1[0]));
+        }
+        (cfg.reduction, cfg.se.divisor) = se_widths_rule(&widths, what)?;
         cfg.se_bias = sd.contains_key(&format!("layer{s}.{b}.se.fc1.bias"));
         let mut with_se: Vec<usize> = se_blocks.iter().map(|&(s, _)| s).collect();
         with_se.dedup();
@@ -151,6 +164,27 @@ fn infer_resnet(sd: &Shapes, mut cfg: ModelConfig, what: &str, imagenet: bool) -
         }
     }
     Ok(cfg)
+}
+
+/// The (reduction, divisor) that gives every SE block of a state dict its hidden width
+/// (`widths`: tensor name, channels, hidden): `C // r` with the first block's ratio, as our models
+/// and the paper, else any block's ratio; else timm's multiple of 8 with timm's r = 16, else with
+/// the ratio read where the rounding matters least (the widest block first). Narrow networks'
+/// widths can fit several r (8 hidden units for every C up to 128 fit r = 8 and r = 16): the
+/// first that fits is taken, and any that fits builds the same shapes.
+pub fn se_widths_rule(widths: &[(String, usize, usize)], what: &str) -> Result<(usize, usize)> {
+    let ratios: Vec<usize> = widths.iter().map(|(_, c, h)| (c / h).max(1)).collect();
+    let fits = |r: usize, d: usize| widths.iter().all(|&(_, c, h)| se_hidden(c, r, d) == h);
+    let floor = ratios.iter().copied().find(|&r| fits(r, 0)).map(|r| (r, 0));
+    let timm = || std::iter::once(16).chain(ratios.iter().rev().copied()).find(|&r| fits(r, 8)).map(|r| (r, 8));
+    floor.or_else(timm).with_context(|| {
+        let list: Vec<String> = widths.iter().map(|(n, c, h)| format!("{n} {c}→{h}")).collect();
+        format!(
+            "{what}: the SE blocks' hidden widths fit no reduction r, as C // r or as timm's multiple of 8 \
+             (make_divisible(C / r, 8)): {}",
+            list.join(", ")
+        )
+    })
 }
 
 /// Depth and SE-ness of a `resnet<D>` / `se-resnet<D>` model name.
@@ -186,7 +220,7 @@ fn unit(
     let projection = (stride != 1 || c_in != c_out).then_some((conv, Layer::BatchNorm2d { c: c_out }));
     let se = (se && cfg.se.in_stage(stage)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c_out });
     let at = |place: SePlacement| se.filter(|_| cfg.se.placement == place);
-    let se_layer = |c| Layer::SeBlock { c, reduction: cfg.reduction, bias: cfg.se_bias, variant: cfg.se.variant() };
+    let se_layer = |c| Layer::SeBlock { c, hidden: cfg.se_hidden(c), bias: cfg.se_bias, variant: cfg.se.variant() };
     let mut y = x;
     if let Some(c) = at(SePlacement::Pre) {
         y = push(nodes, format!("{p}.se"), se_layer(c), vec![y]);
@@ -233,8 +267,8 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
     ensure!(widths[0] >= 1, "width {} leaves the 64-channel stem with no channels", cfg.width);
     if se {
         ensure!(
-            cfg.reduction >= 1 && cfg.reduction <= widths[0] * expansion,
-            "reduction {} must be between 1 and the first stage's {} channels",
+            cfg.reduction >= 1 && (cfg.se.divisor > 0 || cfg.reduction <= widths[0] * expansion),
+            "reduction {} must be between 1 and the first stage's {} channels (any r from 1 up with --se-divisor)",
             cfg.reduction,
             widths[0] * expansion
         );
@@ -254,11 +288,15 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
             let stride = if s > 0 && b == 0 { 2 } else { 1 };
             // (name, layer) of the residual branch, in order.
             let branch = if bottleneck {
+                let (s1, s3) = match cfg.block.stride {
+                    BottleneckStride::Conv1x1 => (stride, 1),
+                    BottleneckStride::Conv3x3 => (1, stride),
+                };
                 vec![
-                    ("conv1", conv(c_in, w, 1, stride)),
+                    ("conv1", conv(c_in, w, 1, s1)),
                     ("bn1", Layer::BatchNorm2d { c: w }),
                     ("relu1", Layer::Relu),
-                    ("conv2", conv(w, w, 3, 1)),
+                    ("conv2", conv(w, w, 3, s3)),
                     ("bn2", Layer::BatchNorm2d { c: w }),
                     ("relu2", Layer::Relu),
                     ("conv3", conv(w, c_out, 1, 1)),
@@ -289,8 +327,8 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
     ensure!(widths[0] >= 1, "width {} leaves the 16-channel stem with no channels", cfg.width);
     if se {
         ensure!(
-            cfg.reduction >= 1 && cfg.reduction <= widths[0],
-            "reduction {} must be between 1 and the first stage's {} channels",
+            cfg.reduction >= 1 && (cfg.se.divisor > 0 || cfg.reduction <= widths[0]),
+            "reduction {} must be between 1 and the first stage's {} channels (any r from 1 up with --se-divisor)",
             cfg.reduction,
             widths[0]
         );

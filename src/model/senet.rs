@@ -125,7 +125,7 @@ pub fn base_senet(cfg: &ModelConfig) -> Result<Graph> {
     push("features.15".into(), conv(c4, c5));
     push(
         "features.16".into(),
-        Layer::SeBlock { c: c5, reduction: cfg.reduction, bias: cfg.se_bias, variant: cfg.se.variant() },
+        Layer::SeBlock { c: c5, hidden: cfg.se_hidden(c5), bias: cfg.se_bias, variant: cfg.se.variant() },
     );
     push("features.17".into(), Layer::BatchNorm2d { c: c5 });
     push("features.18".into(), Layer::Relu);
