@@ -78,6 +78,7 @@ fn main() {
             normalize: None,
             se_bias: false,
             se: Default::default(),
+            block: Default::default(),
         };
         let mut net = Network::new(gpu.clone(), cfg, OptimizerConfig::adam(1e-3), 0).expect("network");
         let plan = net.plan(n).expect("plan");

@@ -10,7 +10,7 @@ use anyhow::{Result, bail, ensure};
 use crate::data::{self, DatasetKind, Splits, cifar10};
 use crate::gpu::Precision;
 use crate::hparams::{self as hp, OptimizerKind, Recipe, Schedule};
-use crate::model::{ModelConfig, SeOptions, SePlacement};
+use crate::model::{BlockOptions, BottleneckStride, ModelConfig, SeOptions, SePlacement};
 use crate::ops::optimizer::OptimizerConfig;
 use crate::ops::se_block::{Excitation, Squeeze};
 
@@ -138,10 +138,6 @@ impl DataArgs {
 // ---------------------------------------------------------------------------------------------
 // Network
 
-/// The valid `--model` names, as `--help` and the error for an unknown one say them.
-pub const MODEL_NAMES: &str = "senet; resnetD or se-resnetD with D = 6n+2 (8, 20, 32, 44, 56, 110, …: CIFAR \
-     ResNets) or D = 18, 34, 50, 101, 152 (ImageNet ResNets)";
-
 fn default_betas() -> (f64, f64) {
     hp::ADAM_BETAS
 }
@@ -168,10 +164,8 @@ fn default_model() -> String {
 /// The network: architecture, width and the SE block's options.
 #[derive(Clone, Debug, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct ModelArgs {
-    /// senet (the base model); [se-]resnet20/32/44/56/110 (CIFAR ResNets, any 6n+2 depth);
-    /// [se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images). Checked before any data
-    /// is read.
-    #[arg(long, default_value = hp::MODEL)]
+    // The help lists every family's names: `model::registry::help`.
+    #[arg(long, default_value = hp::MODEL, help = crate::model::registry::help())]
     #[serde(default = "default_model")]
     pub model: String,
     /// Channel width multiplier: 1.0 = 64…1024 channels for senet, 16/32/64 for the ResNets.
@@ -200,34 +194,24 @@ pub struct ModelArgs {
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     pub se_stages: Vec<usize>,
+    /// SE hidden widths: 0 = C // r (the paper); N = C / r rounded to a multiple of N, as timm's
+    /// SE-ResNets (8).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[serde(default)]
+    pub se_divisor: usize,
+    /// Where an ImageNet bottleneck (ResNet-50/101/152) strides: 1x1 = its first convolution (the
+    /// original ResNet, the SENet paper), 3x3 = its 3x3 convolution (timm, torchvision: "v1.5").
+    #[arg(long, value_enum, default_value = "1x1")]
+    #[serde(default)]
+    pub bottleneck_stride: BottleneckStride,
 }
 
 impl ModelArgs {
     /// Reject a model name, width or reduction that cannot build, naming the flag.
     pub fn validate(&self) -> Result<()> {
         ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
-        if self.model != "senet" {
-            use crate::model::resnet::{IMAGENET_DEPTHS, parse_name};
-            let known = parse_name(&self.model)
-                .is_some_and(|(d, _)| IMAGENET_DEPTHS.contains(&d) || (d >= 8 && (d - 2).is_multiple_of(6)));
-            ensure!(known, "--model {:?}: expected one of {MODEL_NAMES}", self.model);
-            return Ok(());
-        }
-        let (first, last) =
-            (crate::model::senet::scaled(64, self.width), crate::model::senet::scaled(1024, self.width));
-        ensure!(
-            first >= 1,
-            "--width {} rounds the first layer's 64 channels down to 0; the smallest width is {}",
-            self.width,
-            1.0 / 64.0
-        );
-        ensure!(
-            self.reduction >= 1 && self.reduction <= last,
-            "--reduction {} must be between 1 and the SE block's {last} channels at width {}",
-            self.reduction,
-            self.width
-        );
-        Ok(())
+        let family = crate::model::registry::family_or_err(&self.model, "--model")?;
+        family.check_flags(&self.config(1, [hp::IMAGE_SIZE; 2], 1, vec![]))
     }
 
     /// The configuration for `in_channels`×H×W inputs in `classes` (names; may be empty, then
@@ -254,7 +238,9 @@ impl ModelArgs {
                 excitation: self.excitation,
                 placement: self.se_placement,
                 stages: self.se_stages.clone(),
+                divisor: self.se_divisor,
             },
+            block: BlockOptions { stride: self.bottleneck_stride },
         }
     }
 }

@@ -11,8 +11,8 @@ use safetensors::tensor::{Dtype, TensorView};
 
 pub use crate::files::write_atomic;
 use crate::model::plan::Network;
-use crate::model::senet::scaled;
-use crate::model::{Graph, ModelConfig};
+use crate::model::registry::{self, Shapes};
+use crate::model::{Graph, Layer, ModelConfig};
 
 /// One tensor of a state dict.
 #[derive(Clone, Debug, PartialEq)]
@@ -203,38 +203,86 @@ pub fn check_fits(graph: &Graph, config: &ModelConfig, sd: &StateDict, what: &st
         .map(|(name, shape)| format!("tensor {name} has shape {:?}, expected {shape:?}", sd[name].shape))
         .collect();
     if !wrong.is_empty() {
+        // What the shapes say instead, when they say something else than the model (they cannot
+        // tell placements, gates or strides apart).
         let fits = infer_config(sd, config.input_hw, what)
-            .map(|c| format!("; the checkpoint fits a model {}", describe(&c)))
+            .ok()
+            .map(|c| describe(&c))
+            .filter(|c| *c != describe(config))
+            .map(|c| format!("; the checkpoint fits a model {c}"))
             .unwrap_or_default();
         bail!("{what}: does not fit the model {}: {}{fits}", describe(config), wrong.join("; "));
     }
     Ok(())
 }
 
+/// What a state dict's shapes tell of a model: family and depth, width, SE widths, channels in
+/// and out.
 fn describe(c: &ModelConfig) -> String {
+    let divisor = match c.se.divisor {
+        0 => String::new(),
+        d => format!(" (SE widths rounded to multiples of {d})"),
+    };
     format!(
-        "{} width {} reduction {} in_channels {} classes {}",
+        "{} width {} reduction {}{divisor} in_channels {} classes {}",
         c.model, c.width, c.reduction, c.in_channels, c.num_classes
     )
 }
 
-/// A model's configuration read off a state dict's names and shapes, for a bare state dict with
-/// no config.json beside it. The base SENet: width from `features.0.weight`, reduction from the
-/// SE block, classes from the classifier. A (SE-)ResNet: CIFAR (3x3 stem) or ImageNet (7x7 stem)
-/// from `conv1.weight`, the depth from the blocks per stage and bottlenecks (`conv3`), the width
-/// from the stem's channels, SE stages, reduction and biases from the `se` tensors (placement is
-/// taken as standard: the others leave the same names). `input_hw` comes from the data.
-pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<ModelConfig> {
-    let shape = |name: &str| -> Result<&Vec<usize>> {
-        sd.get(name).map(|e| &e.shape).with_context(|| {
-            format!(
-                "{what}: no tensor {name}; cannot infer the model (expected a base SENet or a (SE-)ResNet state \
-                 dict; with another, give the run's config.json beside it)"
-            )
-        })
+/// The classifier of a graph: its last linear layer's name and (in, out) features.
+fn classifier(graph: &Graph) -> Option<(&str, usize, usize)> {
+    graph.nodes.iter().rev().find_map(|n| match n.layer {
+        Layer::Linear { in_features, out_features, .. } => Some((n.name.as_str(), in_features, out_features)),
+        _ => None,
+    })
+}
+
+/// [`apply`] for fine-tuning (`train --init`): a checkpoint whose classifier has another class
+/// count than the network (a 1000-class ImageNet model for a 10-class folder) loads everything
+/// else and leaves the network's freshly initialised classifier, as timm's `reset_classifier`
+/// does; returns the note saying so (None when the classifier fitted). Anything else that does not
+/// fit is [`check_fits`]'s error.
+pub fn apply_init(net: &mut Network, sd: &StateDict, what: &str) -> Result<Option<String>> {
+    let Some((name, in_features, classes)) = classifier(&net.graph).map(|(n, i, o)| (n.to_string(), i, o)) else {
+        return apply(net, sd, what).map(|()| None);
     };
-    let mut cfg = ModelConfig {
-        model: "senet".into(),
+    let (w, b) = (format!("{name}.weight"), format!("{name}.bias"));
+    let theirs = sd.get(&w).map(|e| e.shape.clone());
+    let Some([their_classes, their_in]) = theirs.as_deref().and_then(|s| <[usize; 2]>::try_from(s).ok()) else {
+        return apply(net, sd, what).map(|()| None);
+    };
+    if their_classes == classes || their_in != in_features {
+        return apply(net, sd, what).map(|()| None);
+    }
+    // Their classifier replaced by ours (as initialised), the rest checked and copied as usual.
+    let ours = state_dict(net)?;
+    let mut sd = sd.clone();
+    for key in [&w, &b] {
+        match ours.get(key) {
+            Some(e) => sd.insert(key.clone(), e.clone()),
+            None => sd.remove(key),
+        };
+    }
+    apply(net, &sd, what)?;
+    Ok(Some(format!(
+        "{what}: its classifier {name} has {their_classes} classes, the data {classes}: {name} is \
+         re-initialised, every other tensor loaded"
+    )))
+}
+
+/// A model's configuration read off a state dict's names and shapes, for a bare state dict with
+/// no config.json beside it: the family whose tensors it holds ([`registry::claiming`]) reads
+/// it. `input_hw` comes from the data.
+pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<ModelConfig> {
+    let shapes: Shapes = sd.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
+    let family = registry::claiming(&shapes).with_context(|| {
+        format!(
+            "{what}: cannot infer the model: neither conv1.weight and fc.weight (a (SE-)ResNet) nor \
+             features.0.weight (the base SENet); with another state dict, give the run's config.json beside it"
+        )
+    })?;
+    let base = ModelConfig {
+        model: String::new(),
         width: 1.0,
         reduction: 16,
         in_channels: 0,
@@ -244,68 +292,9 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     };
-    if sd.contains_key("conv1.weight") {
-        let stem = shape("conv1.weight")?;
-        let fc = shape("fc.weight")?;
-        ensure!(stem.len() == 4 && fc.len() == 2, "{what}: unexpected ranks for a ResNet's conv1 / fc");
-        let imagenet = stem[2] == 7;
-        let stages = if imagenet { 4 } else { 3 };
-        let blocks: Vec<usize> = (1..=stages)
-            .map(|s| (0..).take_while(|b| sd.contains_key(&format!("layer{s}.{b}.conv1.weight"))).count())
-            .collect();
-        let bottleneck = sd.contains_key("layer1.0.conv3.weight");
-        let depth = if imagenet {
-            match (blocks.as_slice(), bottleneck) {
-                ([2, 2, 2, 2], false) => 18,
-                ([3, 4, 6, 3], false) => 34,
-                ([3, 4, 6, 3], true) => 50,
-                ([3, 4, 23, 3], true) => 101,
-                ([3, 8, 36, 3], true) => 152,
-                _ => bail!("{what}: ImageNet ResNet blocks per stage {blocks:?} match no depth of 18/34/50/101/152"),
-            }
-        } else {
-            ensure!(
-                blocks[0] >= 1 && blocks.iter().all(|&b| b == blocks[0]),
-                "{what}: CIFAR ResNet blocks per stage {blocks:?} should be equal"
-            );
-            6 * blocks[0] + 2
-        };
-        let se_blocks: Vec<(usize, usize)> = (1..=stages)
-            .flat_map(|s| (0..blocks[s - 1]).map(move |b| (s, b)))
-            .filter(|(s, b)| sd.contains_key(&format!("layer{s}.{b}.se.fc1.weight")))
-            .collect();
-        cfg.model = format!("{}resnet{depth}", if se_blocks.is_empty() { "" } else { "se-" });
-        cfg.width = stem[0] as f64 / if imagenet { 64.0 } else { 16.0 };
-        cfg.in_channels = stem[1];
-        cfg.num_classes = fc[0];
-        if let Some(&(s, b)) = se_blocks.first() {
-            let fc1 = shape(&format!("layer{s}.{b}.se.fc1.weight"))?;
-            ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: layer{s}.{b}.se.fc1.weight has shape {fc1:?}");
-            cfg.reduction = fc1[1] / fc1[0];
-            cfg.se_bias = sd.contains_key(&format!("layer{s}.{b}.se.fc1.bias"));
-            let mut with_se: Vec<usize> = se_blocks.iter().map(|&(s, _)| s).collect();
-            with_se.dedup();
-            if with_se.len() < stages {
-                cfg.se.stages = with_se;
-            }
-        }
-        return Ok(cfg);
-    }
-    let conv0 = shape("features.0.weight")?;
-    let fc1 = shape("features.16.fc1.weight")?;
-    let cls = shape("classifier.0.weight")?;
-    ensure!(conv0.len() == 4 && fc1.len() == 4 && cls.len() == 2, "{what}: unexpected ranks for a base SENet");
-    let width = conv0[0] as f64 / 64.0;
-    let c5 = scaled(1024, width);
-    ensure!(fc1[1] == c5, "{what}: features.16.fc1.weight {fc1:?} does not fit width {width} (expected {c5} channels)");
-    ensure!(fc1[0] >= 1, "{what}: features.16.fc1.weight has no hidden units");
-    cfg.width = width;
-    cfg.reduction = c5 / fc1[0];
-    cfg.in_channels = conv0[1];
-    cfg.num_classes = cls[0];
-    cfg.se_bias = sd.contains_key("features.16.fc1.bias");
-    Ok(cfg)
+    family.infer(&shapes, base, what)
 }
 
 /// Name of optimizer state tensor `k` of parameter `name` in a resume file.

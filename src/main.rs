@@ -130,6 +130,13 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             args.apply_recipe(|id| {
                 sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
             });
+            // --init: the model flags left at their defaults take the checkpoint's model.
+            let line = train::model_from_init(&mut args, |id| {
+                sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+            })?;
+            if let Some(line) = line {
+                println!("{line}");
+            }
             args.validate()?;
             let given: Vec<&str> = sub
                 .map(|m| {

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::model::{Graph, Layer, ModelConfig, conv_config};
+use crate::model::{Graph, Layer, ModelConfig, conv_config, registry};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerRow {
@@ -39,7 +39,7 @@ fn layer_name(l: &Layer) -> String {
         Layer::BatchNorm2d { c } => format!("BatchNorm2d {c}"),
         Layer::Relu => "ReLU".into(),
         Layer::MaxPool2d { kernel, stride, .. } => format!("MaxPool2d {kernel}x{kernel}/{stride}"),
-        Layer::SeBlock { c, reduction, .. } => format!("SE {c}→{}→{c}", c / reduction),
+        Layer::SeBlock { c, hidden, .. } => format!("SE {c}→{hidden}→{c}"),
         Layer::GlobalAvgPool => "AdaptiveAvgPool2d 1".into(),
         Layer::Linear { in_features, out_features, .. } => format!("Linear {in_features}→{out_features}"),
         Layer::Add => "Add".into(),
@@ -60,7 +60,7 @@ pub fn summarize(model: &str, graph: &Graph) -> Result<Summary> {
         let macs = match node.layer {
             Layer::Conv2d { .. } => conv_config(&node.layer, inp).map_or(0, |c| c.macs()),
             Layer::Linear { in_features, out_features, .. } => in_features * out_features,
-            Layer::SeBlock { c, reduction, .. } => 2 * c * (c / reduction) + out[1..].iter().product::<usize>(),
+            Layer::SeBlock { c, hidden, .. } => 2 * c * hidden + out[1..].iter().product::<usize>(),
             _ => 0,
         };
         layers.push(LayerRow {
@@ -88,15 +88,10 @@ pub fn summary(cfg: &ModelConfig) -> Result<Summary> {
     summarize(&cfg.model, &cfg.graph()?)
 }
 
-/// The SENet paper's figures for the models it reports, at 224×224: (parameters, GFLOPs).
-/// ResNet-50: ~25.6 M and 3.86; SE-ResNet-50: ~2.5 M more parameters (~10 %) and 3.87 GFLOPs
-/// (+0.26 %), §6.1 / Table 2.
+/// The SENet paper's figures for the models it reports, at `hw`×`hw`: (parameters, GFLOPs),
+/// as the model's family has them.
 pub fn paper_figures(model: &str, hw: usize) -> Option<(f64, f64)> {
-    match (model, hw) {
-        ("resnet50", 224) => Some((25.6e6, 3.86)),
-        ("se-resnet50", 224) => Some((28.1e6, 3.87)),
-        _ => None,
-    }
+    registry::family(model)?.paper_figures(model, hw)
 }
 
 pub fn format_summary(s: &Summary) -> String {

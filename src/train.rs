@@ -33,6 +33,7 @@ mod report;
 mod setup;
 
 use report::{divergence, print_tuning, profile_step};
+pub use setup::model_from_init;
 use setup::{load_data, open_run_on_every_rank, refuse_under_mpi, resumed_args};
 
 // ---------------------------------------------------------------------------------------------
@@ -79,7 +80,11 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     net.set_clip_grad_norm(args.clip_grad_norm)?;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
-        checkpoint::apply(&mut net, &sd, &init.display().to_string())?;
+        if let Some(note) = checkpoint::apply_init(&mut net, &sd, &init.display().to_string())?
+            && dist.is_root()
+        {
+            println!("note: {note}");
+        }
     }
     let shard_len = train_set.len().div_ceil(dist.size);
     let lens: Vec<usize> = [shard_len, test_set.len()].into_iter().chain(val_set.as_ref().map(Dataset::len)).collect();

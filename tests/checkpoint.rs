@@ -21,6 +21,7 @@ fn config(width: f64, classes: usize) -> ModelConfig {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 

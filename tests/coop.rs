@@ -157,6 +157,7 @@ fn tiny(classes: usize) -> ModelConfig {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 

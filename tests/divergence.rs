@@ -58,6 +58,7 @@ fn config(width: f64) -> ModelConfig {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 

@@ -56,11 +56,12 @@ fn config(model: &str, width: f64, reduction: usize, in_channels: usize, se: SeO
         normalize: Some(vec![(0.5, 0.25); in_channels]),
         se_bias,
         se,
+        block: Default::default(),
     }
 }
 
 fn se(squeeze: Squeeze, excitation: Excitation, placement: SePlacement, stages: &[usize]) -> SeOptions {
-    SeOptions { squeeze, excitation, placement, stages: stages.to_vec() }
+    SeOptions { squeeze, excitation, placement, stages: stages.to_vec(), divisor: 0 }
 }
 
 fn cases() -> Vec<Case> {
@@ -208,8 +209,8 @@ fn forward(
             }
             Layer::Relu => relu::relu_forward(inp),
             Layer::MaxPool2d { .. } => pool::max_pool2d_forward(&pool_config(&node.layer, s).expect("pool"), inp).0,
-            Layer::SeBlock { c, reduction, bias, variant } => {
-                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias, variant };
+            Layer::SeBlock { c, hidden, bias, variant } => {
+                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], hidden, bias, variant };
                 let (w1, w2) = (p(sd, "fc1.weight"), p(sd, "fc2.weight"));
                 let (b1, b2) = (bias.then(|| p(sd, "fc1.bias")), bias.then(|| p(sd, "fc2.bias")));
                 let sp = se_block::SeParams { w1: &w1, b1: b1.as_deref(), w2: &w2, b2: b2.as_deref() };

@@ -113,6 +113,7 @@ fn safetensors_into_a_model_never_panics() {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     };
     let mut net = Network::new(gpu.clone(), config, OptimizerConfig::adam(1e-3), 0).unwrap();
     let valid = checkpoint::to_bytes(&checkpoint::state_dict(&net).unwrap()).unwrap();

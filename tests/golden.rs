@@ -35,6 +35,7 @@ fn one_adam_step_matches_pytorch() {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     };
     adam_step_matches(&Path::new(GOLDEN).join("senet_tiny"), senet);
 }
@@ -54,6 +55,7 @@ fn one_adam_step_of_se_resnet8_matches_pytorch() {
         normalize: None,
         se_bias: true,
         se: Default::default(),
+        block: Default::default(),
     };
     adam_step_matches(&Path::new(GOLDEN).join("se_resnet8"), se_resnet8);
 }

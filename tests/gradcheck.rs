@@ -151,8 +151,8 @@ fn pool_gradients() {
 #[test]
 fn se_block_gradients() {
     let cases = [
-        SeBlockConfig { n: 2, c: 6, h: 3, w: 2, reduction: 2, bias: true, variant: Default::default() },
-        SeBlockConfig { n: 3, c: 5, h: 1, w: 3, reduction: 2, bias: false, variant: Default::default() },
+        SeBlockConfig { n: 2, c: 6, h: 3, w: 2, hidden: 3, bias: true, variant: Default::default() },
+        SeBlockConfig { n: 3, c: 5, h: 1, w: 3, hidden: 2, bias: false, variant: Default::default() },
     ];
     for (k, c) in cases.iter().enumerate() {
         let mut r = ChaCha8Rng::seed_from_u64(40 + k as u64);
@@ -246,7 +246,7 @@ fn se_block_ablation_gradients() {
     for squeeze in [Squeeze::Avg, Squeeze::Max] {
         for excitation in [Excitation::Sigmoid, Excitation::Tanh, Excitation::Relu] {
             let variant = SeVariant { squeeze, excitation };
-            let c = SeBlockConfig { n: 2, c: 6, h: 2, w: 3, reduction: 2, bias: true, variant };
+            let c = SeBlockConfig { n: 2, c: 6, h: 2, w: 3, hidden: 3, bias: true, variant };
             let mut r = ChaCha8Rng::seed_from_u64(70 + squeeze as u64 * 3 + excitation as u64);
             let (ch, cr) = (c.c, c.hidden());
             // Distinct values 1e-2 apart (a shuffled ramp) so ±h never changes a maximum.

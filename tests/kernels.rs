@@ -872,7 +872,15 @@ fn global_avg_pool_matches_reference() {
 // SE block
 
 fn se_cases() -> Vec<SeBlockConfig> {
-    let mk = |n, c, h, w, reduction, bias| SeBlockConfig { n, c, h, w, reduction, bias, variant: Default::default() };
+    let mk = |n, c: usize, h, w, reduction: usize, bias| SeBlockConfig {
+        n,
+        c,
+        h,
+        w,
+        hidden: c / reduction,
+        bias,
+        variant: Default::default(),
+    };
     vec![
         mk(1, 64, 32, 32, 16, false), // batch 1, the widest plane: C=64 at 32x32
         mk(3, 1024, 2, 2, 16, false), // the base SENet's block: C=1024 at 2x2
@@ -963,10 +971,10 @@ fn se_block_forward_and_backward_match_reference() {
 }
 
 #[test]
-fn se_block_rejects_bad_reduction() {
-    let cfg = SeBlockConfig { n: 1, c: 8, h: 2, w: 2, reduction: 16, bias: false, variant: Default::default() };
+fn se_block_rejects_no_hidden_units() {
+    let cfg = SeBlockConfig { n: 1, c: 8, h: 2, w: 2, hidden: 0, bias: false, variant: Default::default() };
     let err = cfg.validate().unwrap_err().to_string();
-    assert!(err.contains("reduction 16") && err.contains("channel count 8"), "{err}");
+    assert!(err.contains("no hidden units") && err.contains("c: 8"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1237,7 +1245,7 @@ fn se_block_ablation_variants_match_reference() {
             for excitation in [Excitation::Sigmoid, Excitation::Tanh, Excitation::Relu] {
                 for (i, &(n, c, h, w, reduction, bias)) in shapes.iter().enumerate() {
                     let variant = SeVariant { squeeze, excitation };
-                    let cfg = SeBlockConfig { n, c, h, w, reduction, bias, variant };
+                    let cfg = SeBlockConfig { n, c, h, w, hidden: c / reduction, bias, variant };
                     let cr = cfg.hidden();
                     let mut r = rng(1700 + i as u64);
                     let numel = n * c * h * w;

@@ -16,6 +16,7 @@ fn imagenet(model: &str) -> ModelConfig {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 
@@ -53,4 +54,25 @@ fn the_summary_lists_every_layer() {
     assert_eq!(s.layers.len(), g.nodes.len());
     assert_eq!(s.params, g.parameter_count());
     assert_eq!(s.layers.last().unwrap().output, vec![10]);
+}
+
+/// timm's SE-ResNets, built as timm builds them (SE widths make_divisible(C / 16, 8), SE biases,
+/// bottlenecks striding in the 3x3): parameter counts exactly as `sum(p.numel() for p in
+/// timm.create_model(name).parameters())` printed by timm 1.0.31.
+#[test]
+fn timm_se_resnet_parameter_counts_are_timms() {
+    let timm = [
+        ("se-resnet18", 11_779_624),
+        ("se-resnet34", 21_960_416),
+        ("se-resnet50", 28_088_024),
+        ("se-resnet101", 49_326_872),
+        ("se-resnet152", 66_821_848),
+    ];
+    for (model, params) in timm {
+        let mut cfg = imagenet(model);
+        cfg.se_bias = true;
+        cfg.se.divisor = 8;
+        cfg.block.stride = senet_wgpu::model::BottleneckStride::Conv3x3;
+        assert_eq!(summary(&cfg).unwrap().params, params, "{model}");
+    }
 }

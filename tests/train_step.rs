@@ -26,6 +26,7 @@ fn tiny(classes: usize, hw: usize) -> ModelConfig {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 
@@ -189,6 +190,7 @@ fn cifar_resnet(model: &str, width: f64) -> ModelConfig {
         normalize: None,
         se_bias: true,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 

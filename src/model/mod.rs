@@ -6,10 +6,11 @@
 
 pub mod data_parallel;
 pub mod plan;
+pub mod registry;
 pub mod resnet;
 pub mod senet;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::ops::conv2d::Conv2dConfig;
@@ -36,10 +37,11 @@ pub enum Layer {
         stride: usize,
         pad: usize,
     },
-    /// The SE block: `fc1` C→C/r, ReLU, `fc2` C/r→C, sigmoid, scale.
+    /// The SE block: `fc1` C→hidden, ReLU, `fc2` hidden→C, sigmoid, scale. `hidden` is C // r
+    /// for the paper's reduction r, or timm's rounding of it ([`ModelConfig::se_hidden`]).
     SeBlock {
         c: usize,
-        reduction: usize,
+        hidden: usize,
         bias: bool,
         variant: SeVariant,
     },
@@ -143,8 +145,7 @@ impl Graph {
                     p(name, "weight", vec![c], Init::Ones);
                     p(name, "bias", vec![c], Init::Zeros);
                 }
-                Layer::SeBlock { c, reduction, bias, .. } => {
-                    let cr = c / reduction;
+                Layer::SeBlock { c, hidden: cr, bias, .. } => {
                     p(name, "fc1.weight", vec![cr, c, 1, 1], Init::FanInUniform { fan_in: c });
                     if bias {
                         p(name, "fc1.bias", vec![cr], Init::FanInUniform { fan_in: c });
@@ -262,9 +263,57 @@ pub struct ModelConfig {
     /// Biases in the SE blocks' two FC layers (the base SENet and the paper's ablations: none).
     #[serde(default)]
     pub se_bias: bool,
-    /// The paper's ablations (defaults: its SE block).
+    /// The paper's ablations (defaults: its SE block) and the rounding of SE widths.
     #[serde(default)]
     pub se: SeOptions,
+    /// How the residual families build their blocks (defaults: the original ResNet's).
+    #[serde(default, skip_serializing_if = "BlockOptions::is_default")]
+    pub block: BlockOptions,
+}
+
+/// Where an ImageNet bottleneck block puts the stride of its first unit: the same tensor names
+/// and shapes either way, a different function.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum BottleneckStride {
+    /// In the first 1×1 convolution: the original ResNet (He et al. 2016) and the SENet paper's
+    /// Caffe models.
+    #[default]
+    #[value(name = "1x1")]
+    #[serde(rename = "1x1")]
+    Conv1x1,
+    /// In the 3×3 convolution ("ResNet v1.5"): timm and torchvision.
+    #[value(name = "3x3")]
+    #[serde(rename = "3x3")]
+    Conv3x3,
+}
+
+/// Options of the residual families' blocks. A field added here (a ResNeXt's cardinality) keeps
+/// `Default` as the value older config.json files mean.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlockOptions {
+    /// Where a bottleneck block strides (basic blocks stride in their first 3×3 either way).
+    #[serde(default)]
+    pub stride: BottleneckStride,
+}
+
+impl BlockOptions {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// timm's `make_divisible(v, divisor, round_limit=0.)`: `v` to the nearest multiple of
+/// `divisor` (halves up), at least `divisor`.
+pub fn make_divisible(v: f64, divisor: usize) -> usize {
+    (((v + divisor as f64 / 2.0) as usize) / divisor * divisor).max(divisor)
+}
+
+/// [`ModelConfig::se_hidden`] for reduction `r` and `divisor`.
+pub fn se_hidden(c: usize, r: usize, divisor: usize) -> usize {
+    match divisor {
+        0 => c / r.max(1),
+        d => make_divisible(c as f64 * (1.0 / r.max(1) as f64), d),
+    }
 }
 
 /// Where an SE-ResNet puts its SE blocks (the paper's Fig. 5 integration strategies).
@@ -294,6 +343,14 @@ pub struct SeOptions {
     /// The stages (1-based) whose blocks get SE; empty = all.
     #[serde(default)]
     pub stages: Vec<usize>,
+    /// SE hidden widths: 0 = C // r (PyTorch's integer division, the paper); N = C / r rounded
+    /// to a multiple of N as timm's SE module does (`make_divisible(C / r, N)`; timm: 8).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub divisor: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl SeOptions {
@@ -308,17 +365,14 @@ impl SeOptions {
 }
 
 impl ModelConfig {
+    /// The hidden width of an SE block on `c` channels: `c // r`, or timm's rounding of `c / r`
+    /// when `se.divisor` is set (computed as timm does, `c * (1 / r)` in f64).
+    pub fn se_hidden(&self, c: usize) -> usize {
+        se_hidden(c, self.reduction, self.se.divisor)
+    }
+
+    /// The graph, built by the model's family ([`registry::FAMILIES`]).
     pub fn graph(&self) -> Result<Graph> {
-        if self.model == "senet" {
-            return senet::base_senet(self);
-        }
-        match resnet::parse_name(&self.model) {
-            Some((depth, se)) => resnet::build(self, depth, se),
-            None => bail!(
-                "unknown model {:?}: expected senet, [se-]resnet18/34/50/101/152 (ImageNet) or \
-                 [se-]resnet20/32/44/56/110 (CIFAR, any other 6n+2 depth)",
-                self.model
-            ),
-        }
+        registry::family_or_err(&self.model, "unknown model")?.build(self)
     }
 }

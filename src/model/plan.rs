@@ -517,9 +517,9 @@ impl Network {
                     eval.extend(fwd);
                     bwd.extend(pool::max_pool2d_backward(gpu, &cfg, &argmax, dout, dinp)?);
                 }
-                Layer::SeBlock { c, reduction, bias, variant } => {
+                Layer::SeBlock { c, hidden, bias, variant } => {
                     let s = &inp.shape;
-                    let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias, variant };
+                    let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], hidden, bias, variant };
                     let (w1, w2) = (p("fc1.weight")?, p("fc2.weight")?);
                     let (b1, b2) = if bias { (Some(p("fc1.bias")?), Some(p("fc2.bias")?)) } else { (None, None) };
                     let weights =

@@ -1,7 +1,9 @@
 //! ImageNet ResNets (He et al. 2016, Table 1: 18/34 with basic blocks, 50/101/152 with
 //! bottlenecks; a 7×7 stride-2 stem and a 3×3 stride-2 max pool; the stride of a bottleneck in its
-//! first 1×1 convolution, as the original and the SENet paper's Caffe models have it) and their SE
-//! versions (SE block after the last BN of the residual branch, before the addition).
+//! first 1×1 convolution, as the original and the SENet paper's Caffe models have it, or in its
+//! 3×3 as timm and torchvision: `BlockOptions::stride`) and their SE versions (SE block after the
+//! last BN of the residual branch, before the addition; hidden widths `C // r`, or timm's
+//! rounding to a multiple of 8: `SeOptions::divisor`).
 //!
 //! CIFAR ResNets (He et al. 2016, §4.2) and SE-ResNets (Hu et al., Fig. 3): a 3×3 stem of 16
 //! channels, three stages of n basic blocks at 16, 32 and 64 channels (6n+2 layers), the second
@@ -13,10 +15,177 @@
 //! `layer1.0.conv2`, `layer1.0.bn2`, `layer1.0.se.fc1`, `layer2.0.downsample.0` (conv),
 //! `layer2.0.downsample.1` (BN), `fc`.
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
+use super::registry::{Family, Shapes};
 use super::senet::scaled;
-use super::{Graph, Layer, ModelConfig, Node, SePlacement};
+use super::{BottleneckStride, Graph, Layer, ModelConfig, Node, SePlacement, se_hidden};
+
+/// The ImageNet ResNets of He et al. 2016, Table 1: depth, bottleneck blocks, blocks per stage.
+/// Building and shape inference both read this table.
+pub const IMAGENET_TABLE: [(usize, bool, [usize; 4]); 5] = [
+    (18, false, [2, 2, 2, 2]),
+    (34, false, [3, 4, 6, 3]),
+    (50, true, [3, 4, 6, 3]),
+    (101, true, [3, 4, 23, 3]),
+    (152, true, [3, 8, 36, 3]),
+];
+
+/// The ImageNet depths; every other depth is a CIFAR ResNet (6n+2).
+pub const IMAGENET_DEPTHS: [usize; 5] = [18, 34, 50, 101, 152];
+
+/// The CIFAR ResNet depth rule: 6n+2 with n >= 1.
+pub fn is_cifar_depth(depth: usize) -> bool {
+    depth >= 8 && (depth - 2).is_multiple_of(6)
+}
+
+/// `[se-]resnet18/34/50/101/152`: the ImageNet ResNets and SE-ResNets.
+pub struct ImageNetResNet;
+
+/// `[se-]resnetD`, D = 6n+2: the CIFAR ResNets and SE-ResNets.
+pub struct CifarResNet;
+
+impl Family for ImageNetResNet {
+    fn names(&self) -> &'static str {
+        "[se-]resnet18/34/50/101/152 (ImageNet ResNets, for larger images)"
+    }
+
+    fn accepts(&self, model: &str) -> bool {
+        parse_name(model).is_some_and(|(d, _)| IMAGENET_DEPTHS.contains(&d))
+    }
+
+    fn build(&self, cfg: &ModelConfig) -> Result<Graph> {
+        let (depth, se) = parse_name(&cfg.model).with_context(|| format!("not a ResNet name: {:?}", cfg.model))?;
+        imagenet_resnet(cfg, depth, se)
+    }
+
+    /// A 7x7 stem.
+    fn claims(&self, sd: &Shapes) -> bool {
+        sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] == 7) && sd.contains_key("fc.weight")
+    }
+
+    fn infer(&self, sd: &Shapes, base: ModelConfig, what: &str) -> Result<ModelConfig> {
+        infer_resnet(sd, base, what, true)
+    }
+
+    /// ResNet-50: ~25.6 M and 3.86; SE-ResNet-50: ~2.5 M more parameters (~10 %) and 3.87
+    /// GFLOPs (+0.26 %), §6.1 / Table 2.
+    fn paper_figures(&self, model: &str, hw: usize) -> Option<(f64, f64)> {
+        match (model, hw) {
+            ("resnet50", 224) => Some((25.6e6, 3.86)),
+            ("se-resnet50", 224) => Some((28.1e6, 3.87)),
+            _ => None,
+        }
+    }
+}
+
+impl Family for CifarResNet {
+    fn names(&self) -> &'static str {
+        "[se-]resnet20/32/44/56/110 (CIFAR ResNets, any 6n+2 depth: 8, 14, 20, …)"
+    }
+
+    fn accepts(&self, model: &str) -> bool {
+        parse_name(model).is_some_and(|(d, _)| is_cifar_depth(d) && !IMAGENET_DEPTHS.contains(&d))
+    }
+
+    fn build(&self, cfg: &ModelConfig) -> Result<Graph> {
+        let (depth, se) = parse_name(&cfg.model).with_context(|| format!("not a ResNet name: {:?}", cfg.model))?;
+        cifar_resnet(cfg, depth, se)
+    }
+
+    /// A stem other than 7x7 (3x3).
+    fn claims(&self, sd: &Shapes) -> bool {
+        sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] != 7) && sd.contains_key("fc.weight")
+    }
+
+    fn infer(&self, sd: &Shapes, base: ModelConfig, what: &str) -> Result<ModelConfig> {
+        infer_resnet(sd, base, what, false)
+    }
+}
+
+/// A (SE-)ResNet's configuration from its state dict: the depth from the blocks per stage and
+/// bottlenecks (`conv3`), the width from the stem's channels, SE stages, reduction and biases from
+/// the `se` tensors (placement is taken as standard: the others leave the same names).
+fn infer_resnet(sd: &Shapes, mut cfg: ModelConfig, what: &str, imagenet: bool) -> Result<ModelConfig> {
+    let shape = |name: &str| -> Result<&Vec<usize>> {
+        sd.get(name).with_context(|| format!("{what}: no tensor {name}; cannot infer the ResNet"))
+    };
+    let stem = shape("conv1.weight")?;
+    let fc = shape("fc.weight")?;
+    ensure!(stem.len() == 4 && fc.len() == 2, "{what}: unexpected ranks for a ResNet's conv1 / fc");
+    let stages = if imagenet { 4 } else { 3 };
+    let blocks: Vec<usize> = (1..=stages)
+        .map(|s| (0..).take_while(|b| sd.contains_key(&format!("layer{s}.{b}.conv1.weight"))).count())
+        .collect();
+    let bottleneck = sd.contains_key("layer1.0.conv3.weight");
+    let depth = if imagenet {
+        IMAGENET_TABLE
+            .iter()
+            .find(|(_, b, n)| *b == bottleneck && n.as_slice() == blocks.as_slice())
+            .map(|(d, _, _)| *d)
+            .with_context(|| {
+                format!("{what}: ImageNet ResNet blocks per stage {blocks:?} match no depth of {IMAGENET_DEPTHS:?}")
+            })?
+    } else {
+        ensure!(
+            blocks[0] >= 1 && blocks.iter().all(|&b| b == blocks[0]),
+            "{what}: CIFAR ResNet blocks per stage {blocks:?} should be equal"
+        );
+        6 * blocks[0] + 2
+    };
+    let se_blocks: Vec<(usize, usize)> = (1..=stages)
+        .flat_map(|s| (0..blocks[s - 1]).map(move |b| (s, b)))
+        .filter(|(s, b)| sd.contains_key(&format!("layer{s}.{b}.se.fc1.weight")))
+        .collect();
+    cfg.model = format!("{}resnet{depth}", if se_blocks.is_empty() { "" } else { "se-" });
+    cfg.width = stem[0] as f64 / if imagenet { 64.0 } else { 16.0 };
+    cfg.in_channels = stem[1];
+    cfg.num_classes = fc[0];
+    // A bare ImageNet bottleneck state dict is taken as timm's and torchvision's (the stride in
+    // the 3x3); the shapes cannot tell, and our own runs carry theirs in config.json.
+    if imagenet && bottleneck {
+        cfg.block.stride = BottleneckStride::Conv3x3;
+    }
+    if let Some(&(s, b)) = se_blocks.first() {
+        // (name, channels, hidden) of every SE block.
+        let mut widths = Vec::new();
+        for &(s, b) in &se_blocks {
+            let name = format!("layer{s}.{b}.se.fc1.weight");
+            let fc1 = shape(&name)?;
+            ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: {name} has shape {fc1:?}, expected [hidden, C, 1, 1]");
+            widths.push((name, fc1[1], fc1[0]));
+        }
+        (cfg.reduction, cfg.se.divisor) = se_widths_rule(&widths, what)?;
+        cfg.se_bias = sd.contains_key(&format!("layer{s}.{b}.se.fc1.bias"));
+        let mut with_se: Vec<usize> = se_blocks.iter().map(|&(s, _)| s).collect();
+        with_se.dedup();
+        if with_se.len() < stages {
+            cfg.se.stages = with_se;
+        }
+    }
+    Ok(cfg)
+}
+
+/// The (reduction, divisor) that gives every SE block of a state dict its hidden width
+/// (`widths`: tensor name, channels, hidden): `C // r` with the first block's ratio, as our models
+/// and the paper, else any block's ratio; else timm's multiple of 8 with timm's r = 16, else with
+/// the ratio read where the rounding matters least (the widest block first). Narrow networks'
+/// widths can fit several r (8 hidden units for every C up to 128 fit r = 8 and r = 16): the
+/// first that fits is taken, and any that fits builds the same shapes.
+pub fn se_widths_rule(widths: &[(String, usize, usize)], what: &str) -> Result<(usize, usize)> {
+    let ratios: Vec<usize> = widths.iter().map(|(_, c, h)| (c / h).max(1)).collect();
+    let fits = |r: usize, d: usize| widths.iter().all(|&(_, c, h)| se_hidden(c, r, d) == h);
+    let floor = ratios.iter().copied().find(|&r| fits(r, 0)).map(|r| (r, 0));
+    let timm = || std::iter::once(16).chain(ratios.iter().rev().copied()).find(|&r| fits(r, 8)).map(|r| (r, 8));
+    floor.or_else(timm).with_context(|| {
+        let list: Vec<String> = widths.iter().map(|(n, c, h)| format!("{n} {c}→{h}")).collect();
+        format!(
+            "{what}: the SE blocks' hidden widths fit no reduction r, as C // r or as timm's multiple of 8 \
+             (make_divisible(C / r, 8)): {}",
+            list.join(", ")
+        )
+    })
+}
 
 /// Depth and SE-ness of a `resnet<D>` / `se-resnet<D>` model name.
 pub fn parse_name(model: &str) -> Option<(usize, bool)> {
@@ -51,7 +220,7 @@ fn unit(
     let projection = (stride != 1 || c_in != c_out).then_some((conv, Layer::BatchNorm2d { c: c_out }));
     let se = (se && cfg.se.in_stage(stage)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c_out });
     let at = |place: SePlacement| se.filter(|_| cfg.se.placement == place);
-    let se_layer = |c| Layer::SeBlock { c, reduction: cfg.reduction, bias: cfg.se_bias, variant: cfg.se.variant() };
+    let se_layer = |c| Layer::SeBlock { c, hidden: cfg.se_hidden(c), bias: cfg.se_bias, variant: cfg.se.variant() };
     let mut y = x;
     if let Some(c) = at(SePlacement::Pre) {
         y = push(nodes, format!("{p}.se"), se_layer(c), vec![y]);
@@ -89,30 +258,17 @@ fn classifier(mut nodes: Vec<Node>, cfg: &ModelConfig, x: usize, c: usize) -> Re
     Ok(graph)
 }
 
-/// The ImageNet depths; every other depth is a CIFAR ResNet (6n+2).
-pub const IMAGENET_DEPTHS: [usize; 5] = [18, 34, 50, 101, 152];
-
-/// The graph for a `resnet<D>` / `se-resnet<D>` name.
-pub fn build(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
-    if IMAGENET_DEPTHS.contains(&depth) { imagenet_resnet(cfg, depth, se) } else { cifar_resnet(cfg, depth, se) }
-}
-
 pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
-    let (bottleneck, blocks): (bool, [usize; 4]) = match depth {
-        18 => (false, [2, 2, 2, 2]),
-        34 => (false, [3, 4, 6, 3]),
-        50 => (true, [3, 4, 6, 3]),
-        101 => (true, [3, 4, 23, 3]),
-        152 => (true, [3, 8, 36, 3]),
-        _ => bail!("ImageNet ResNet depth must be one of {IMAGENET_DEPTHS:?}, got {depth}"),
+    let Some(&(_, bottleneck, blocks)) = IMAGENET_TABLE.iter().find(|(d, _, _)| *d == depth) else {
+        bail!("ImageNet ResNet depth must be one of {IMAGENET_DEPTHS:?}, got {depth}");
     };
     let expansion = if bottleneck { 4 } else { 1 };
     let widths = [64, 128, 256, 512].map(|c| scaled(c, cfg.width));
     ensure!(widths[0] >= 1, "width {} leaves the 64-channel stem with no channels", cfg.width);
     if se {
         ensure!(
-            cfg.reduction >= 1 && cfg.reduction <= widths[0] * expansion,
-            "reduction {} must be between 1 and the first stage's {} channels",
+            cfg.reduction >= 1 && (cfg.se.divisor > 0 || cfg.reduction <= widths[0] * expansion),
+            "reduction {} must be between 1 and the first stage's {} channels (any r from 1 up with --se-divisor)",
             cfg.reduction,
             widths[0] * expansion
         );
@@ -132,11 +288,15 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
             let stride = if s > 0 && b == 0 { 2 } else { 1 };
             // (name, layer) of the residual branch, in order.
             let branch = if bottleneck {
+                let (s1, s3) = match cfg.block.stride {
+                    BottleneckStride::Conv1x1 => (stride, 1),
+                    BottleneckStride::Conv3x3 => (1, stride),
+                };
                 vec![
-                    ("conv1", conv(c_in, w, 1, stride)),
+                    ("conv1", conv(c_in, w, 1, s1)),
                     ("bn1", Layer::BatchNorm2d { c: w }),
                     ("relu1", Layer::Relu),
-                    ("conv2", conv(w, w, 3, 1)),
+                    ("conv2", conv(w, w, 3, s3)),
                     ("bn2", Layer::BatchNorm2d { c: w }),
                     ("relu2", Layer::Relu),
                     ("conv3", conv(w, c_out, 1, 1)),
@@ -159,7 +319,7 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
 }
 
 pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> {
-    if depth < 8 || !(depth - 2).is_multiple_of(6) {
+    if !is_cifar_depth(depth) {
         bail!("CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110, …), got {depth}");
     }
     let blocks = (depth - 2) / 6;
@@ -167,8 +327,8 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
     ensure!(widths[0] >= 1, "width {} leaves the 16-channel stem with no channels", cfg.width);
     if se {
         ensure!(
-            cfg.reduction >= 1 && cfg.reduction <= widths[0],
-            "reduction {} must be between 1 and the first stage's {} channels",
+            cfg.reduction >= 1 && (cfg.se.divisor > 0 || cfg.reduction <= widths[0]),
+            "reduction {} must be between 1 and the first stage's {} channels (any r from 1 up with --se-divisor)",
             cfg.reduction,
             widths[0]
         );

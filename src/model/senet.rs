@@ -12,9 +12,74 @@
 //! ```
 //! `width` scales every channel count as `int(c * width)`; the SE block keeps its reduction.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
+use super::registry::{Family, Shapes};
 use super::{Graph, Layer, ModelConfig, Node};
+
+/// `senet`: the base SENet.
+pub struct BaseSenet;
+
+impl Family for BaseSenet {
+    fn names(&self) -> &'static str {
+        "senet (the base model)"
+    }
+
+    fn accepts(&self, model: &str) -> bool {
+        model == "senet"
+    }
+
+    fn check_flags(&self, cfg: &ModelConfig) -> Result<()> {
+        let (first, last) = (scaled(64, cfg.width), scaled(1024, cfg.width));
+        ensure!(
+            first >= 1,
+            "--width {} rounds the first layer's 64 channels down to 0; the smallest width is {}",
+            cfg.width,
+            1.0 / 64.0
+        );
+        ensure!(
+            cfg.reduction >= 1 && cfg.reduction <= last,
+            "--reduction {} must be between 1 and the SE block's {last} channels at width {}",
+            cfg.reduction,
+            cfg.width
+        );
+        Ok(())
+    }
+
+    fn build(&self, cfg: &ModelConfig) -> Result<Graph> {
+        base_senet(cfg)
+    }
+
+    fn claims(&self, sd: &Shapes) -> bool {
+        sd.contains_key("features.0.weight")
+    }
+
+    /// The width from `features.0.weight`, reduction and biases from the SE block, classes from
+    /// the classifier.
+    fn infer(&self, sd: &Shapes, mut cfg: ModelConfig, what: &str) -> Result<ModelConfig> {
+        let shape = |name: &str| -> Result<&Vec<usize>> {
+            sd.get(name).with_context(|| format!("{what}: no tensor {name}; cannot infer the base SENet"))
+        };
+        let conv0 = shape("features.0.weight")?;
+        let fc1 = shape("features.16.fc1.weight")?;
+        let cls = shape("classifier.0.weight")?;
+        ensure!(conv0.len() == 4 && fc1.len() == 4 && cls.len() == 2, "{what}: unexpected ranks for a base SENet");
+        let width = conv0[0] as f64 / 64.0;
+        let c5 = scaled(1024, width);
+        ensure!(
+            fc1[1] == c5,
+            "{what}: features.16.fc1.weight {fc1:?} does not fit width {width} (expected {c5} channels)"
+        );
+        ensure!(fc1[0] >= 1, "{what}: features.16.fc1.weight has no hidden units");
+        cfg.model = "senet".into();
+        cfg.width = width;
+        cfg.reduction = c5 / fc1[0];
+        cfg.in_channels = conv0[1];
+        cfg.num_classes = cls[0];
+        cfg.se_bias = sd.contains_key("features.16.fc1.bias");
+        Ok(cfg)
+    }
+}
 
 /// Channel count at `width`, as the PyTorch module's `int(c * width)`.
 pub fn scaled(c: usize, width: f64) -> usize {
@@ -60,7 +125,7 @@ pub fn base_senet(cfg: &ModelConfig) -> Result<Graph> {
     push("features.15".into(), conv(c4, c5));
     push(
         "features.16".into(),
-        Layer::SeBlock { c: c5, reduction: cfg.reduction, bias: cfg.se_bias, variant: cfg.se.variant() },
+        Layer::SeBlock { c: c5, hidden: cfg.se_hidden(c5), bias: cfg.se_bias, variant: cfg.se.variant() },
     );
     push("features.17".into(), Layer::BatchNorm2d { c: c5 });
     push("features.18".into(), Layer::Relu);

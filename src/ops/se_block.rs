@@ -32,15 +32,15 @@ pub struct SeVariant {
     pub excitation: Excitation,
 }
 
-/// The SE block on `[n, c, h, w]` with reduction `r` (hidden width `c / r`, floored as PyTorch's
-/// `in_channels // reduction`), FC biases optional.
+/// The SE block on `[n, c, h, w]` with `hidden` units between its two FC layers (`c // r` for
+/// the paper's reduction r, or timm's rounded widths), FC biases optional.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SeBlockConfig {
     pub n: usize,
     pub c: usize,
     pub h: usize,
     pub w: usize,
-    pub reduction: usize,
+    pub hidden: usize,
     pub bias: bool,
     pub variant: SeVariant,
 }
@@ -50,7 +50,7 @@ pub const WORKGROUP_FLOATS: usize = 4096;
 
 impl SeBlockConfig {
     pub fn hidden(&self) -> usize {
-        self.c / self.reduction.max(1)
+        self.hidden
     }
 
     pub fn shape(&self) -> [usize; 4] {
@@ -78,12 +78,7 @@ impl SeBlockConfig {
     pub fn validate(&self) -> Result<()> {
         let c = self;
         ensure!(c.n > 0 && c.c > 0 && c.h > 0 && c.w > 0, "se_block: empty dimension in {c:?}");
-        ensure!(
-            c.reduction >= 1 && c.reduction <= c.c,
-            "se_block: reduction {} must be between 1 and the channel count {}",
-            c.reduction,
-            c.c
-        );
+        ensure!(c.hidden >= 1, "se_block: no hidden units in {c:?}");
         ensure!(
             c.c + c.hidden() <= WORKGROUP_FLOATS,
             "se_block: {} channels + {} hidden exceed the kernel's {WORKGROUP_FLOATS} floats of workgroup memory",

@@ -134,8 +134,8 @@ fn forward(
                 let (out, argmax) = pool::max_pool2d_forward(&cfg, inp);
                 (out, Saved::Pool { argmax })
             }
-            Layer::SeBlock { c, reduction, bias, variant } => {
-                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], reduction, bias, variant };
+            Layer::SeBlock { c, hidden, bias, variant } => {
+                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], hidden, bias, variant };
                 let sp = se_params(&cfg, name, &get)?;
                 let f = se_block::se_block_forward(&cfg, inp, &sp);
                 (f.out.clone(), Saved::Se(f))
@@ -221,16 +221,9 @@ pub fn train_step_in(
                 let cfg = pool_config(&node.layer, s).context("pool")?;
                 vec![pool::max_pool2d_backward(&cfg, argmax, &dout)]
             }
-            (Layer::SeBlock { c, reduction, bias, variant }, Saved::Se(f)) => {
-                let cfg = SeBlockConfig {
-                    n: s[0],
-                    c: *c,
-                    h: s[2],
-                    w: s[3],
-                    reduction: *reduction,
-                    bias: *bias,
-                    variant: *variant,
-                };
+            (Layer::SeBlock { c, hidden, bias, variant }, Saved::Se(f)) => {
+                let cfg =
+                    SeBlockConfig { n: s[0], c: *c, h: s[2], w: s[3], hidden: *hidden, bias: *bias, variant: *variant };
                 let sp = se_params(&cfg, name, &get)?;
                 let g = se_block::se_block_backward(&cfg, inp, &sp, f, &dout);
                 put("fc1.weight", g.dw1);

@@ -1,7 +1,7 @@
 //! Before the first step: the settings (`--resume`'s, checked against every rank's), the data,
 //! the network and the run folder.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 use super::replicas;
 use crate::args::TrainArgs;
@@ -9,9 +9,57 @@ use crate::data::Dataset;
 use crate::data::loader;
 use crate::dist::{Collective, Dist};
 use crate::gpu::Precision;
-use crate::model::ModelConfig;
 use crate::model::plan::Network;
+use crate::model::{BottleneckStride, ModelConfig};
 use crate::run::{self, RunFolder, RunState};
+
+/// `--init`: the model flags the command line leaves at their defaults (`given(field)` says which
+/// it gives) take the checkpoint's model, as `eval` reads it — config.json beside the file, else
+/// the shapes (a bare ImageNet bottleneck state dict as timm's, striding in the 3x3). Flags given
+/// keep their values; [`crate::checkpoint::apply_init`] then says what does not fit. Returns the
+/// line that says where the model came from.
+pub fn model_from_init(args: &mut TrainArgs, given: impl Fn(&str) -> bool) -> Result<Option<String>> {
+    let Some(init) = args.init.clone().filter(|_| args.resume.is_none()) else { return Ok(None) };
+    let sd = crate::checkpoint::load(&init)?;
+    let cfg = crate::eval::checkpoint_config(&init, &sd, [crate::hparams::IMAGE_SIZE; 2], None, None)
+        .with_context(|| format!("--init {}: reading its model", init.display()))?;
+    let net = &mut args.net;
+    let mut taken = Vec::new();
+    let mut take = |field: &str, set: &mut dyn FnMut()| {
+        if !given(field) {
+            set();
+            taken.push(field.replace('_', "-"));
+        }
+    };
+    take("model", &mut || net.model = cfg.model.clone());
+    take("width", &mut || net.width = cfg.width);
+    take("reduction", &mut || net.reduction = cfg.reduction);
+    take("se_bias", &mut || net.se_bias = cfg.se_bias);
+    take("squeeze", &mut || net.squeeze = cfg.se.squeeze);
+    take("excitation", &mut || net.excitation = cfg.se.excitation);
+    take("se_placement", &mut || net.se_placement = cfg.se.placement);
+    take("se_stages", &mut || net.se_stages = cfg.se.stages.clone());
+    take("se_divisor", &mut || net.se_divisor = cfg.se.divisor);
+    take("bottleneck_stride", &mut || net.bottleneck_stride = cfg.block.stride);
+    let bottlenecks = crate::model::resnet::parse_name(&net.model)
+        .and_then(|(d, _)| crate::model::resnet::IMAGENET_TABLE.iter().find(|t| t.0 == d))
+        .is_some_and(|t| t.1);
+    let stride = match (bottlenecks, net.bottleneck_stride) {
+        (false, _) => "",
+        (true, BottleneckStride::Conv1x1) => ", bottlenecks striding in the 1x1",
+        (true, BottleneckStride::Conv3x3) => ", bottlenecks striding in the 3x3",
+    };
+    Ok(Some(format!(
+        "--init {}: model {} width {} reduction {}{}{}{stride} (from the checkpoint: {})",
+        init.display(),
+        net.model,
+        net.width,
+        net.reduction,
+        if net.se_divisor > 0 { format!(" (SE widths multiples of {})", net.se_divisor) } else { String::new() },
+        if net.se_bias { ", SE biases" } else { "" },
+        if taken.is_empty() { "nothing, every model flag given".to_string() } else { taken.join(", ") }
+    )))
+}
 
 /// The training, validation (`--val-split`) and test sets, and the model configuration they and
 /// the flags make. Normalisation statistics come from the training images only.
