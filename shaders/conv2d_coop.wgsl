@@ -43,14 +43,16 @@ var<workgroup> sa: array<act, 2u * CT * CT>;  // BM x CT, row-major: A[r0 + r, k
 var<workgroup> sb: array<act, 2u * CT * CT>;  // CT x BN, row-major: B[k0 + kk, c0 + c]
 var<workgroup> sc: array<f32, 4u * CT * CT>;  // BM x BN, row-major: the result block
 
-// wid.x: block of BN columns; wid.y: block of BM rows; wid.z: the weight gradient's K split.
+// wid.x: block of BN columns; wid.y: block of BM rows; wid.z: the group and the weight gradient's K split.
 @compute @workgroup_size(WG)
 fn conv2d_gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r0 = wid.y * BM;
     let c0 = wid.x * BN;
     let n_rows = rows();
     let n_cols = cols();
-    let k_span = k_range(wid.z);
+    // wid.z: the channel group and (weight gradient) the split of K.
+    let split = enter_group(wid.z);
+    let k_span = k_range(split);
     let k_begin = k_span.x;
     let k_end = k_span.y;
     var acc00 = coop_c();
@@ -97,7 +99,7 @@ fn conv2d_gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         let r = r0 + i / BN;
         let c = c0 + i % BN;
         if (r < n_rows && c < n_cols) {
-            store(r, c, sc[i], wid.z);
+            store(r, c, sc[i], split);
         }
     }
 }

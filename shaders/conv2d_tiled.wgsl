@@ -54,7 +54,9 @@ fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let c0 = wid.x * BN;
     let n_rows = rows();
     let n_cols = cols();
-    let k_span = k_range(wid.z);
+    // wid.z: the channel group and (weight gradient) the split of K.
+    let split = enter_group(wid.z);
+    let k_span = k_range(split);
     let k_begin = k_span.x;
     let k_end = k_span.y;
 
@@ -112,7 +114,7 @@ fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         for (var j = 0u; j < TN; j++) {
             let c = c0 + tx + j * tx_n;
             if (r < n_rows && c < n_cols) {
-                store(r, c, acc[i * TN + j], wid.z);
+                store(r, c, acc[i * TN + j], split);
             }
         }
     }
