@@ -4,6 +4,8 @@
 //! gradient and the weight gradient, best of 5 after a warm-up. The layer is ResNeXt-50's
 //! stage-3 grouped 3x3 at a small batch: 128 -> 128 channels in 32 groups of 4, 14x14, batch 16,
 //! beside the same shape ungrouped and depthwise (128 groups). Compare figures from one run.
+//! Arguments (after `--`): the group counts to run (default 32 128 1), and `register` to time the
+//! register blocks alone (the other families are 10-20x slower on lavapipe).
 
 use std::time::Instant;
 
@@ -39,12 +41,20 @@ fn main() {
         precisions.push(Precision::F16);
     }
     println!("{:<44} {:>9} {:>9} {:>9}   GFLOP/s", "layer / kernel", "forward", "dinput", "dweight");
-    for groups in [32, 1, 128] {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut group_counts: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    if group_counts.is_empty() {
+        group_counts = vec![32, 128, 1];
+    }
+    let register_only = args.iter().any(|a| a == "register");
+    for groups in group_counts {
         let cfg = base.grouped(groups);
         for &precision in &precisions {
-            let mut kernels =
-                vec![ConvKernel::Register(Tiles::for_layer(&gpu, &cfg)), ConvKernel::Tiled(SmemTiles::ALL[0])];
-            if let (Precision::F16, Some(t)) = (precision, gpu.coop_tile) {
+            let mut kernels = vec![ConvKernel::Register(Tiles::for_layer(&gpu, &cfg))];
+            if !register_only {
+                kernels.push(ConvKernel::Tiled(SmemTiles::ALL[0]));
+            }
+            if let (Precision::F16, Some(t), false) = (precision, gpu.coop_tile, register_only) {
                 kernels.push(ConvKernel::Coop(t));
             }
             let t = |shape: &[usize]| Tensor::zeros_of(&gpu, "bench", shape, precision.dtype()).expect("alloc");
@@ -56,7 +66,7 @@ fn main() {
                 let gflops: Vec<String> = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
                     .into_iter()
                     .map(|pass| match conv2d::conv2d_pass(&gpu, &cfg, pass, k, &b) {
-                        Ok(d) => format!("{:>9.2}", 2.0 * cfg.macs() as f64 / best_secs(&gpu, &d) / 1e9),
+                        Ok(d) => format!("{:>9.3}", 2.0 * cfg.macs() as f64 / best_secs(&gpu, &d) / 1e9),
                         Err(e) => {
                             eprintln!("{k} {pass:?}: {e:#}");
                             format!("{:>9}", "-")

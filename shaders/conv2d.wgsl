@@ -48,8 +48,18 @@
 //       arithmetic in the same order as v6's two hand-copied kernels (a training run's weights
 //       are byte-identical); quiet A/B beside v6 in one session, w0.25 b128: 275/262 vs 273/260
 //       train images/s, w1 b128: 21.0 vs 20.1 — no change beyond the runs' spread.
-//   v8  (this) `act` storage (loads widen to f32, stores narrow) for --precision f16; the f32
+//   v8  `act` storage (loads widen to f32, stores narrow) for --precision f16; the f32
 //       variant is v7 bit for bit.
+//   v9  (this) groups: gid.y numbers (group, block within the group); with groups = 1 the same
+//       arithmetic as v8. Measured with `cargo bench --bench conv_groups` (dev build; GPU time
+//       dominates) on lavapipe, 2 cores shared with four other builds (load average 8-11), so
+//       only ratios within one run mean anything. 16x128x14x14 -> 128, 3x3, GFLOP/s forward /
+//       input gradient / weight gradient, f32: ungrouped 0.89 / 0.91 / 0.66; 32 groups of 4
+//       0.24 / 0.22 / 0.25 (f16 0.45 / 0.29 / 0.21); depthwise (128 groups) 0.044 / 0.025 /
+//       0.010. Per FLOP a 4-channel group runs ~3-4x slower than the ungrouped layer: each tap
+//       works out 16 row addresses for a reduction over only 4 channels, and the 8-wide column
+//       block is half padding. Depthwise is correct, not fast (15/16 of a block idle); a
+//       depthwise-specific kernel is the next version if a model needs one.
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,

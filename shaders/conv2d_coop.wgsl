@@ -30,8 +30,11 @@ enable wgpu_cooperative_matrix;
 //       on Mesa 26 lavapipe (8x8x8); no GPU measurement yet (no device lent to the session that
 //       wrote it). Next: larger blocks per workgroup (several subgroups, 4x4 tiles) and double
 //       buffering, once a GPU can measure them.
-//   v3  (this) bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
+//   v3  bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
 //       the same arithmetic.
+//   v4  (this) groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
+//       groups = 1 the same arithmetic. Correct on Mesa 26 lavapipe (8x8x8); not timed (a 2T-row
+//       block holds c_out/groups rows of a grouped layer's GEMM: 4 of 16 for ResNeXt's groups).
 
 override WG: u32 = 32u;
 

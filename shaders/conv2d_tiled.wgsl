@@ -29,8 +29,13 @@
 // in the session that wrote it); the tuner's choice there is the measurement. Next versions:
 // double buffering of the next K slice, vec4 loads where aligned, divisions by pipeline constants.
 // v2: `act` storage for --precision f16; the weight gradient writes binding 6 (f32).
-// v3 (this): bindings, loads and store moved to conv2d_gemm.wgsl, shared with the coop kernel; the
+// v3: bindings, loads and store moved to conv2d_gemm.wgsl, shared with the coop kernel; the
 // same arithmetic (loads widen to f32 where v2's did).
+// v4 (this): groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
+// groups = 1 the same arithmetic. Measured in the same run as conv2d.wgsl's v9 (lavapipe, shared
+// machine): ResNeXt's 32 groups of 4 channels, 64x64 tiles: ~0.01 GFLOP/s f32 in every pass,
+// ~20x slower than the register blocks (a 64-row tile holds 4 rows of a group's GEMM) — on a
+// GPU, grouped layers want tiles sized to the group; not measured there yet.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
