@@ -39,11 +39,12 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    def __init__(self, c_in, w, c_out, stride, se, reduction, se_bias):
+    # groups: the 3x3's channel groups (ResNeXt's cardinality; 1 = ResNet), weight [w, w/groups, 3, 3].
+    def __init__(self, c_in, w, c_out, stride, se, reduction, se_bias, groups=1):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, w, 1, stride, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
-        self.conv2 = nn.Conv2d(w, w, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(w, w, 3, 1, 1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(w)
         self.conv3 = nn.Conv2d(w, c_out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out)
@@ -65,7 +66,8 @@ IMAGENET = {18: (False, [2, 2, 2, 2]), 34: (False, [3, 4, 6, 3]), 50: (True, [3,
 
 
 class ImageNetResNet(nn.Module):
-    def __init__(self, depth, se=False, num_classes=1000, in_channels=3, width=1.0, reduction=16, se_bias=False):
+    def __init__(self, depth, se=False, num_classes=1000, in_channels=3, width=1.0, reduction=16, se_bias=False,
+                 groups=1):
         super().__init__()
         bottleneck, blocks = IMAGENET[depth]
         expansion = 4 if bottleneck else 1
@@ -79,7 +81,7 @@ class ImageNetResNet(nn.Module):
             for b in range(n):
                 stride = 2 if s > 0 and b == 0 else 1
                 if bottleneck:
-                    layer.append(Bottleneck(c_in, w, w * expansion, stride, se, reduction, se_bias))
+                    layer.append(Bottleneck(c_in, w, w * expansion, stride, se, reduction, se_bias, groups))
                 else:
                     layer.append(BasicBlock(c_in, w, stride, se, reduction, se_bias))
                 c_in = w * expansion

@@ -1,11 +1,18 @@
-// conv2d: NCHW 2-D convolution, PyTorch semantics (weight [c_out, c_in, kh, kw], optional bias,
-// stride, zero padding, dilation), forward and backward, as implicit GEMMs.
+// conv2d: NCHW 2-D convolution, PyTorch semantics (weight [c_out, c_in/groups, kh, kw], optional
+// bias, stride, zero padding, dilation, groups), forward and backward, as implicit GEMMs.
 //
 //   forward          out[m, co]  = bias[co] + sum_k  patch(m, k) * weight[co, k]   m = (n, oy, ox), k = (ci, ky, kx)
 //   backward_input   dinp[q, ci] = sum_(co,ky,kx) dout[n, co, oy, ox] * weight[co, ci, ky, kx]
 //                    where oy*stride - pad + ky*dil = iy (the transposed convolution, gathered: no atomics)
 //   backward_weight  dweight[co, k] = sum_m dout[m, co] * patch(m, k)       (split over m, then reduced)
 //   backward_bias    dbias[co] = sum_m dout[m, co]                          (one workgroup per channel)
+//
+// Groups: with `groups` = g the three GEMMs are g independent GEMMs, one per group, each over the
+// group's c_in/g input and c_out/g output channels (ci and co above are channels within the
+// group). A block of columns never straddles two groups: gid.y numbers (group, block within the
+// group), so every column of a block shares the group's source channels and each loaded value
+// still feeds a whole row of FMAs. Columns past the group's end are padding, never written; with
+// few channels per group (depthwise: 1) most of a block is padding — correct, not fast.
 //
 // Register blocking, no workgroup memory (the CPU-driver family; conv2d_tiled.wgsl is the
 // workgroup-memory one): each invocation owns a block of the output GEMM in vec4 accumulators —
@@ -41,15 +48,25 @@
 //       arithmetic in the same order as v6's two hand-copied kernels (a training run's weights
 //       are byte-identical); quiet A/B beside v6 in one session, w0.25 b128: 275/262 vs 273/260
 //       train images/s, w1 b128: 21.0 vs 20.1 — no change beyond the runs' spread.
-//   v8  (this) `act` storage (loads widen to f32, stores narrow) for --precision f16; the f32
+//   v8  `act` storage (loads widen to f32, stores narrow) for --precision f16; the f32
 //       variant is v7 bit for bit.
+//   v9  (this) groups: gid.y numbers (group, block within the group); with groups = 1 the same
+//       arithmetic as v8. Measured with `cargo bench --bench conv_groups` (dev build; GPU time
+//       dominates) on lavapipe, 2 cores shared with four other builds (load average 8-11), so
+//       only ratios within one run mean anything. 16x128x14x14 -> 128, 3x3, GFLOP/s forward /
+//       input gradient / weight gradient, f32: ungrouped 0.89 / 0.91 / 0.66; 32 groups of 4
+//       0.24 / 0.22 / 0.25 (f16 0.45 / 0.29 / 0.21); depthwise (128 groups) 0.044 / 0.025 /
+//       0.010. Per FLOP a 4-channel group runs ~3-4x slower than the ungrouped layer: each tap
+//       works out 16 row addresses for a reduction over only 4 channels, and the 8-wide column
+//       block is half padding. Depthwise is correct, not fast (15/16 of a block idle); a
+//       depthwise-specific kernel is the next version if a model needs one.
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,
     c_out: u32, oh: u32, ow: u32, kh: u32,
     kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
     pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
-    splits: u32, split_len: u32, _pad0: u32, _pad1: u32,
+    splits: u32, split_len: u32, groups: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -107,25 +124,34 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ohw = p.oh * p.ow;
     let hw = p.h * p.w;
     let khw = p.kh * p.kw;
-    // Rows, columns and reduction channels of this GEMM; the source's plane and the plane the
-    // rows index.
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    // Rows, columns (all, and one group's) and reduction channels (one group's) of this GEMM; the
+    // source's plane and the plane the rows index.
     var row_total = p.n * ohw;
     var col_total = p.c_out;
-    var red_total = p.c_in;
+    var col_g = cout_g;
+    var red_total = cin_g;
     var src_plane = hw;
     var row_plane = ohw;
     if (MODE == DGRAD) {
         row_total = p.n * hw;
         col_total = p.c_in;
-        red_total = p.c_out;
+        col_g = cin_g;
+        red_total = cout_g;
         src_plane = ohw;
         row_plane = hw;
     }
+    // gid.y: group g, and block of GEMM_N columns within it (co0 counts from the group's first).
+    let col_blocks = (col_g + GEMM_N - 1u) / GEMM_N;
+    let g = gid.y / col_blocks;
     let m0 = gid.x * GEMM_M;
-    let co0 = gid.y * GEMM_N;
-    if (m0 >= row_total || co0 >= col_total) {
+    let co0 = (gid.y % col_blocks) * GEMM_N;
+    if (m0 >= row_total || g >= p.groups) {
         return;
     }
+    // The group's first source channel (forward: input channel; input gradient: output channel).
+    let src_group = g * red_total * src_plane;
 
     // Per row: the start of its image in the source, and its position (forward: the top-left
     // input pixel of its window; input gradient: the input pixel shifted by the padding). Rows
@@ -138,33 +164,35 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
         let nn = m / row_plane;
         let r = m % row_plane;
         if (MODE == FWD) {
-            sbase[i] = nn * p.c_in * hw;
+            sbase[i] = nn * p.c_in * hw + src_group;
             iy0[i] = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
             ix0[i] = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
         } else {
-            sbase[i] = nn * p.c_out * ohw;
+            sbase[i] = nn * p.c_out * ohw + src_group;
             iy0[i] = i32(r / p.w) + i32(p.pad_h);
             ix0[i] = i32(r % p.w) + i32(p.pad_w);
         }
     }
     // Per column: where its weights start, and the bias (forward; zero, WGSL's initial value,
-    // for the input gradient). Columns past the end are clamped likewise. Weight is
-    // [c_out, c_in, kh, kw]: the forward's column co starts a row of c_in*khw; the input
-    // gradient's column ci sits at ci*khw within the row of each co.
+    // for the input gradient). Columns past the group's end are clamped onto its last. Weight is
+    // [c_out, c_in/g, kh, kw]: the forward's column co starts a row of (c_in/g)*khw; the input
+    // gradient's column ci (within the group) sits at ci*khw within the row of each of the
+    // group's co.
     var wcol: array<u32, 16>;
     var b: array<f32, 16>;
     for (var j = 0u; j < GEMM_N; j++) {
-        let co = min(co0 + j, col_total - 1u);
+        let c = min(co0 + j, col_g - 1u);
         if (MODE == FWD) {
-            wcol[j] = co * p.c_in * khw;
+            let co = g * cout_g + c;
+            wcol[j] = co * cin_g * khw;
             if (p.has_bias != 0u) {
                 b[j] = bias[co];
             }
         } else {
-            wcol[j] = co * khw;
+            wcol[j] = g * cout_g * cin_g * khw + c * khw;
         }
     }
-    let wr_stride = select(p.c_in * khw, khw, MODE == FWD);
+    let wr_stride = select(cin_g * khw, khw, MODE == FWD);
     let b0 = vec4<f32>(b[0], b[1], b[2], b[3]);
     let b1 = vec4<f32>(b[4], b[5], b[6], b[7]);
     let b2 = vec4<f32>(b[8], b[9], b[10], b[11]);
@@ -395,17 +423,17 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
             let nn = m / row_plane;
             let r = m % row_plane;
             for (var j = 0u; j < GEMM_N; j++) {
-                let co = co0 + j;
-                if (co < col_total) {
-                    out[(nn * col_total + co) * row_plane + r] = act(acc[i * 4u + j / 4u][j % 4u]);
+                let c = co0 + j;
+                if (c < col_g) {
+                    out[(nn * col_total + g * col_g + c) * row_plane + r] = act(acc[i * 4u + j / 4u][j % 4u]);
                 }
             }
         }
     }
 }
 
-// gid.x: a tap (ky, kx) and a block of WGRAD_CI input channels; gid.y: block of 8 output
-// channels; gid.z: split of m. The columns share their tap, so each pixel needs one address for
+// gid.x: a tap (ky, kx) and a block of WGRAD_CI input channels; gid.y: a group and a block of
+// WGRAD_N output channels within it (both blocks count channels within the group); gid.z: split of m. The columns share their tap, so each pixel needs one address for
 // all of them (the channels are a plane apart); per pixel, WGRAD_CI input and 8 dout loads feed
 // 8*WGRAD_CI FMAs.
 // m is walked row by row: a row whose input row is padding is skipped whole, and the pixels of a
@@ -413,13 +441,17 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(WG)
 fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     let khw = p.kh * p.kw;
-    let k_total = p.c_in * khw;
-    let ci_blocks = (p.c_in + WGRAD_CI - 1u) / WGRAD_CI;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let k_total = cin_g * khw;
+    let ci_blocks = (cin_g + WGRAD_CI - 1u) / WGRAD_CI;
     let tap = gid.x / ci_blocks;
     let ci0 = (gid.x % ci_blocks) * WGRAD_CI;
-    let co0 = gid.y * WGRAD_N;
+    let co_blocks = (cout_g + WGRAD_N - 1u) / WGRAD_N;
+    let g = gid.y / co_blocks;
+    let co0 = (gid.y % co_blocks) * WGRAD_N;
     let split = gid.z;
-    if (tap >= khw || co0 >= p.c_out) {
+    if (tap >= khw || g >= p.groups) {
         return;
     }
     let ohw = p.oh * p.ow;
@@ -434,14 +466,14 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     let px_lo = u32(max(0, (sw - 1 - dx) / sw));
     let last = i32(p.w) - 1 - dx;
     let px_hi = select(0u, min(u32(last / sw + 1), p.ow), last >= 0);
-    // Channels past the end read the last one; their sums are never written.
+    // Channels past the group's end read its last one; their sums are never written.
     var cb: array<u32, 8>;
     for (var j = 0u; j < 8u; j++) {
-        cb[j] = min(ci0 + j, p.c_in - 1u) * hw;
+        cb[j] = (g * cin_g + min(ci0 + j, cin_g - 1u)) * hw;
     }
     var drow: array<u32, 16>;
     for (var i = 0u; i < WGRAD_N; i++) {
-        drow[i] = min(co0 + i, p.c_out - 1u) * ohw;
+        drow[i] = (g * cout_g + min(co0 + i, cout_g - 1u)) * ohw;
     }
     var a0_0 = vec4<f32>(0.0);
     var a0_1 = vec4<f32>(0.0);
@@ -575,11 +607,11 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     let slice = split * p.c_out * k_total;
     for (var i = 0u; i < WGRAD_N; i++) {
         let co = co0 + i;
-        if (co < p.c_out) {
+        if (co < cout_g) {
             for (var j = 0u; j < WGRAD_CI; j++) {
                 let ci = ci0 + j;
-                if (ci < p.c_in) {
-                    dweight_partial[slice + co * k_total + ci * khw + tap] = acc[2u * i + j / 4u][j % 4u];
+                if (ci < cin_g) {
+                    dweight_partial[slice + (g * cout_g + co) * k_total + ci * khw + tap] = acc[2u * i + j / 4u][j % 4u];
                 }
             }
         }
@@ -590,7 +622,7 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(WG)
 fn conv2d_backward_weight_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let e = gid.x + gid.y * nwg.x * WG;
-    let total = p.c_out * p.c_in * p.kh * p.kw;
+    let total = p.c_out * (p.c_in / p.groups) * p.kh * p.kw;
     if (e >= total) {
         return;
     }

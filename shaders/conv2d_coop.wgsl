@@ -30,8 +30,11 @@ enable wgpu_cooperative_matrix;
 //       on Mesa 26 lavapipe (8x8x8); no GPU measurement yet (no device lent to the session that
 //       wrote it). Next: larger blocks per workgroup (several subgroups, 4x4 tiles) and double
 //       buffering, once a GPU can measure them.
-//   v3  (this) bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
+//   v3  bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
 //       the same arithmetic.
+//   v4  (this) groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
+//       groups = 1 the same arithmetic. Correct on Mesa 26 lavapipe (8x8x8); not timed (a 2T-row
+//       block holds c_out/groups rows of a grouped layer's GEMM: 4 of 16 for ResNeXt's groups).
 
 override WG: u32 = 32u;
 
@@ -43,14 +46,16 @@ var<workgroup> sa: array<act, 2u * CT * CT>;  // BM x CT, row-major: A[r0 + r, k
 var<workgroup> sb: array<act, 2u * CT * CT>;  // CT x BN, row-major: B[k0 + kk, c0 + c]
 var<workgroup> sc: array<f32, 4u * CT * CT>;  // BM x BN, row-major: the result block
 
-// wid.x: block of BN columns; wid.y: block of BM rows; wid.z: the weight gradient's K split.
+// wid.x: block of BN columns; wid.y: block of BM rows; wid.z: the group and the weight gradient's K split.
 @compute @workgroup_size(WG)
 fn conv2d_gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let r0 = wid.y * BM;
     let c0 = wid.x * BN;
     let n_rows = rows();
     let n_cols = cols();
-    let k_span = k_range(wid.z);
+    // wid.z: the channel group and (weight gradient) the split of K.
+    let split = enter_group(wid.z);
+    let k_span = k_range(split);
     let k_begin = k_span.x;
     let k_end = k_span.y;
     var acc00 = coop_c();
@@ -97,7 +102,7 @@ fn conv2d_gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
         let r = r0 + i / BN;
         let c = c0 + i % BN;
         if (r < n_rows && c < n_cols) {
-            store(r, c, sc[i], wid.z);
+            store(r, c, sc[i], split);
         }
     }
 }

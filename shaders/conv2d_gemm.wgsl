@@ -8,6 +8,11 @@
 //   1     conv2d_backward_input   c_in    N*H*W pixels      c_out*kh*kw  A = weight^T, B = gathered dout
 //   2     conv2d_backward_weight  c_out   c_in*kh*kw        N*OH*OW      A = dout,     B = im2col(inp)^T
 //
+// With `groups` = g, c_in and c_out above are one group's (c_in/g, c_out/g): g independent GEMMs
+// of that size, told apart by the workgroup's z (z = split * g + group; `enter_group` sets the
+// group and returns the split), their channels offset by the group's first. A tile never
+// straddles two groups.
+//
 // Loads return `act` (the tiled kernel widens them to f32 as it stages them; the coop kernel stages
 // f16); the store narrows the forward's and input gradient's f32 sums to `act` once, and writes the
 // weight gradient (or slice `split` of its partial buffer [splits, c_out, c_in*kh*kw]) in f32.
@@ -18,7 +23,7 @@ struct Params {
     c_out: u32, oh: u32, ow: u32, kh: u32,
     kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
     pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
-    splits: u32, split_len: u32, _pad0: u32, _pad1: u32,
+    splits: u32, split_len: u32, groups: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,11 +44,29 @@ const FWD: u32 = 0u;
 const DGRAD: u32 = 1u;
 const WGRAD: u32 = 2u;
 
+// The channel group this workgroup's GEMM belongs to, set by `enter_group`.
+var<private> grp: u32;
+
+// Split workgroup index z into the group (kept in `grp`) and the split, which it returns.
+fn enter_group(z: u32) -> u32 {
+    grp = z % p.groups;
+    return z / p.groups;
+}
+
+// Input and output channels per group.
+fn cin_g() -> u32 {
+    return p.c_in / p.groups;
+}
+
+fn cout_g() -> u32 {
+    return p.c_out / p.groups;
+}
+
 fn rows() -> u32 {
     if (MODE == DGRAD) {
-        return p.c_in;
+        return cin_g();
     }
-    return p.c_out;
+    return cout_g();
 }
 
 fn cols() -> u32 {
@@ -53,29 +76,30 @@ fn cols() -> u32 {
     if (MODE == DGRAD) {
         return p.n * p.h * p.w;
     }
-    return p.c_in * p.kh * p.kw;
+    return cin_g() * p.kh * p.kw;
 }
 
 fn k_total() -> u32 {
     if (MODE == FWD) {
-        return p.c_in * p.kh * p.kw;
+        return cin_g() * p.kh * p.kw;
     }
     if (MODE == DGRAD) {
-        return p.c_out * p.kh * p.kw;
+        return cout_g() * p.kh * p.kw;
     }
     return p.n * p.oh * p.ow;
 }
 
-// The K range [x, y) workgroup split `z` reduces: all of K, or the weight gradient's slice of it.
-fn k_range(z: u32) -> vec2<u32> {
+// The K range [x, y) split `split` reduces: all of K, or the weight gradient's slice of it.
+fn k_range(split: u32) -> vec2<u32> {
     if (MODE == WGRAD) {
-        let begin = z * p.split_len;
-        return vec2<u32>(begin, min(k_total(), begin + p.split_len));
+        let first = split * p.split_len;
+        return vec2<u32>(first, min(k_total(), first + p.split_len));
     }
     return vec2<u32>(0u, k_total());
 }
 
-// im2col: the input value under tap t = (ky, kx) of channel ci for output pixel m, 0 in the padding.
+// im2col: the input value under tap t = (ky, kx) of channel ci (of all c_in) for output pixel m,
+// 0 in the padding.
 fn im2col(ci: u32, t: u32, m: u32) -> act {
     let ohw = p.oh * p.ow;
     let nn = m / ohw;
@@ -88,36 +112,37 @@ fn im2col(ci: u32, t: u32, m: u32) -> act {
     return inp[((nn * p.c_in + ci) * p.h + u32(iy)) * p.w + u32(ix)];
 }
 
-// A[r, k]; the caller has checked r < rows and k < k_total.
+// A[r, k] of group grp; the caller has checked r < rows and k < k_total. The weight is
+// [c_out, c_in/g, kh, kw]: a row of (c_in/g)*khw per output channel.
 fn load_a(r: u32, k: u32) -> act {
     let khw = p.kh * p.kw;
     if (MODE == FWD) {
-        return weight[r * p.c_in * khw + k];
+        return weight[(grp * cout_g() + r) * cin_g() * khw + k];
     }
     if (MODE == DGRAD) {
-        // weight[co, ci = r, t] with k = (co, t)
-        return weight[((k / khw) * p.c_in + r) * khw + k % khw];
+        // weight[co, ci = r, t] with k = (co, t), co within the group
+        return weight[((grp * cout_g() + k / khw) * cin_g() + r) * khw + k % khw];
     }
     // dout[n, co = r, pixel] with k = m = (n, pixel)
     let ohw = p.oh * p.ow;
-    return dout[((k / ohw) * p.c_out + r) * ohw + k % ohw];
+    return dout[((k / ohw) * p.c_out + grp * cout_g() + r) * ohw + k % ohw];
 }
 
 // B[k, c]; the caller has checked k < k_total and c < cols.
 fn load_b(k: u32, c: u32) -> act {
     let khw = p.kh * p.kw;
     if (MODE == FWD) {
-        return im2col(k / khw, k % khw, c);
+        return im2col(grp * cin_g() + k / khw, k % khw, c);
     }
     if (MODE == WGRAD) {
-        return im2col(c / khw, c % khw, k);
+        return im2col(grp * cin_g() + c / khw, c % khw, k);
     }
     // Input gradient: dout[n, co, oy, ox] for input pixel c = (n, iy, ix) and k = (co, ky, kx),
     // where oy*stride + ky*dil = iy + pad (the transposed convolution, gathered).
     let hw = p.h * p.w;
     let nn = c / hw;
     let q = c % hw;
-    let co = k / khw;
+    let co = grp * cout_g() + k / khw;
     let t = k % khw;
     let ty = i32(q / p.w + p.pad_h) - i32((t / p.kw) * p.dil_h);
     let tx = i32(q % p.w + p.pad_w) - i32((t % p.kw) * p.dil_w);
@@ -132,19 +157,21 @@ fn load_b(k: u32, c: u32) -> act {
     return dout[((nn * p.c_out + co) * p.oh + oy) * p.ow + ox];
 }
 
+// Result (r, c) of group grp's GEMM.
 fn store(r: u32, c: u32, v: f32, split: u32) {
     if (MODE == FWD) {
         let ohw = p.oh * p.ow;
+        let co = grp * cout_g() + r;
         var b = 0.0;
         if (p.has_bias != 0u) {
-            b = bias[r];
+            b = bias[co];
         }
-        out[((c / ohw) * p.c_out + r) * ohw + c % ohw] = act(v + b);
+        out[((c / ohw) * p.c_out + co) * ohw + c % ohw] = act(v + b);
     } else if (MODE == DGRAD) {
         let hw = p.h * p.w;
-        out[((c / hw) * p.c_in + r) * hw + c % hw] = act(v);
+        out[((c / hw) * p.c_in + grp * cin_g() + r) * hw + c % hw] = act(v);
     } else {
         // Slice `split` of the partial buffer (the weight gradient itself with one split).
-        wgrad[(split * p.c_out + r) * cols() + c] = v;
+        wgrad[(split * p.c_out + grp * cout_g() + r) * cols() + c] = v;
     }
 }

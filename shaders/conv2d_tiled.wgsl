@@ -29,8 +29,13 @@
 // in the session that wrote it); the tuner's choice there is the measurement. Next versions:
 // double buffering of the next K slice, vec4 loads where aligned, divisions by pipeline constants.
 // v2: `act` storage for --precision f16; the weight gradient writes binding 6 (f32).
-// v3 (this): bindings, loads and store moved to conv2d_gemm.wgsl, shared with the coop kernel; the
+// v3: bindings, loads and store moved to conv2d_gemm.wgsl, shared with the coop kernel; the
 // same arithmetic (loads widen to f32 where v2's did).
+// v4 (this): groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
+// groups = 1 the same arithmetic. Measured in the same run as conv2d.wgsl's v9 (lavapipe, shared
+// machine): ResNeXt's 32 groups of 4 channels, 64x64 tiles: ~0.01 GFLOP/s f32 in every pass,
+// ~20x slower than the register blocks (a 64-row tile holds 4 rows of a group's GEMM) — on a
+// GPU, grouped layers want tiles sized to the group; not measured there yet.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -54,7 +59,9 @@ fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let c0 = wid.x * BN;
     let n_rows = rows();
     let n_cols = cols();
-    let k_span = k_range(wid.z);
+    // wid.z: the channel group and (weight gradient) the split of K.
+    let split = enter_group(wid.z);
+    let k_span = k_range(split);
     let k_begin = k_span.x;
     let k_end = k_span.y;
 
@@ -112,7 +119,7 @@ fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         for (var j = 0u; j < TN; j++) {
             let c = c0 + tx + j * tx_n;
             if (r < n_rows && c < n_cols) {
-                store(r, c, acc[i * TN + j], wid.z);
+                store(r, c, acc[i * TN + j], split);
             }
         }
     }

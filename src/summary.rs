@@ -1,7 +1,7 @@
 //! `senet summary`: a model's layers with output shapes, parameters and multiply-adds, the
 //! totals, and the SE blocks' overhead — beside the SENet paper's figures where it has them.
 //!
-//! Multiply-adds count convolutions and linear layers (k·k·c_in per output), and for an SE block
+//! Multiply-adds count convolutions and linear layers (k·k·c_in/groups per output), and for an SE block
 //! its two FC layers (2·C·C/r) and the rescaling (C·H·W); batch norm, ReLU, pooling and additions
 //! count 0 — the convention of the paper's GFLOPs (which are multiply-adds).
 
@@ -33,8 +33,11 @@ pub struct Summary {
 
 fn layer_name(l: &Layer) -> String {
     match l {
-        Layer::Conv2d { c_in, c_out, kernel, stride, .. } => {
+        Layer::Conv2d { c_in, c_out, kernel, stride, groups: 1, .. } => {
             format!("Conv2d {c_in}→{c_out} {kernel}x{kernel}/{stride}")
+        }
+        Layer::Conv2d { c_in, c_out, kernel, stride, groups, .. } => {
+            format!("Conv2d {c_in}→{c_out} {kernel}x{kernel}/{stride} g{groups}")
         }
         Layer::BatchNorm2d { c } => format!("BatchNorm2d {c}"),
         Layer::Relu => "ReLU".into(),

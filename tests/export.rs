@@ -287,10 +287,13 @@ fn check(what: &str, onnx: &[f32], reference: &[f64], tol: f64) -> f64 {
 
 /// Our eval logits on the GPU: the network built from `cfg`, the state dict applied as `senet
 /// eval` applies it, one eval pass over `x`.
-fn gpu_eval(cfg: &ModelConfig, sd: &StateDict, n: usize, x: &[f32]) -> Vec<f64> {
+fn gpu_eval(cfg: &ModelConfig, graph: &Graph, sd: &StateDict, n: usize, x: &[f32]) -> Vec<f64> {
+    use senet_wgpu::gpu::Precision;
     use senet_wgpu::model::plan::Network;
     use senet_wgpu::ops::optimizer::OptimizerConfig;
-    let mut net = Network::new(common::gpu(), cfg.clone(), OptimizerConfig::sgd(0.0, 0.0), 0).expect("network");
+    let opt = OptimizerConfig::sgd(0.0, 0.0);
+    let mut net =
+        Network::with_graph(common::gpu(), cfg.clone(), graph.clone(), opt, 0, Precision::F32).expect("network");
     checkpoint::apply(&mut net, sd, "test state dict").expect("apply");
     let plan = net.plan(n).expect("plan");
     plan.write_batch(&net.gpu, x, &vec![0; n]).expect("batch");
@@ -316,34 +319,107 @@ fn every_family_and_ablation_matches_our_eval_in_tract() {
         for (k, &hw) in case.sizes.iter().enumerate() {
             let cfg = ModelConfig { input_hw: hw, ..case.config.clone() };
             let graph = cfg.graph().unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
-            let mut sd = random_state_dict(&graph, 100 + k as u64);
+            let sd = random_state_dict(&graph, 100 + k as u64);
             let model = tract_model(&export_bytes(&cfg, &sd, onnx::DEFAULT_OPSET));
-            let [c, h, w] = graph.input;
-            let runs: Vec<_> = [1, 3]
-                .into_iter()
-                .map(|n| {
-                    let x = common::uniform(&mut common::rng(7 + n as u64), n * c * h * w, -1.0, 1.0);
-                    let reference = forward(&graph, &mut sd, n, &common::to_f64(&x), None);
-                    let gpu = gpu_eval(&cfg, &sd, n, &x);
-                    (n, run_tract(&model, [n, c, h, w], &x), gpu, reference)
-                })
-                .collect();
-            let g = runs.iter().map(|(_, _, gpu, reference)| max_diff(gpu, reference)).fold(0.0, f64::max);
-            let tol = TOL + 2.0 * g;
-            let (mut vs_gpu, mut vs_ref, mut scale) = (0f64, 0f64, 0f64);
-            for (n, onnx, gpu, reference) in &runs {
-                let what = format!("{} {h}x{w} batch {n}", case.name);
-                vs_gpu = vs_gpu.max(check(&format!("{what} vs GPU eval"), onnx, gpu, tol));
-                vs_ref = vs_ref.max(check(&format!("{what} vs f64 reference"), onnx, reference, tol));
-                scale = reference.iter().fold(scale, |m, v| m.max(v.abs()));
-            }
-            report.push(format!(
-                "{:<52} {h:>2}x{w:<2}  vs GPU eval {vs_gpu:.1e}  vs f64 {vs_ref:.1e}  (GPU vs f64 {g:.1e}, max |logit| {scale:.2})",
-                case.name
-            ));
+            report.push(tract_matches_ours(case.name, &cfg, &graph, sd, &model));
         }
     }
     println!("max |ONNX in tract - ours| over batch 1 and 3:\n{}", report.join("\n"));
+}
+
+/// The exported `model` of `graph` with weights `sd` in tract against our GPU eval and the f64
+/// reference on batch 1 and 3; returns the report line.
+fn tract_matches_ours(
+    name: &str,
+    cfg: &ModelConfig,
+    graph: &Graph,
+    mut sd: StateDict,
+    model: &Arc<TypedRunnableModel>,
+) -> String {
+    let [c, h, w] = graph.input;
+    let runs: Vec<_> = [1, 3]
+        .into_iter()
+        .map(|n| {
+            let x = common::uniform(&mut common::rng(7 + n as u64), n * c * h * w, -1.0, 1.0);
+            let reference = forward(graph, &mut sd, n, &common::to_f64(&x), None);
+            let gpu = gpu_eval(cfg, graph, &sd, n, &x);
+            (n, run_tract(model, [n, c, h, w], &x), gpu, reference)
+        })
+        .collect();
+    let g = runs.iter().map(|(_, _, gpu, reference)| max_diff(gpu, reference)).fold(0.0, f64::max);
+    let tol = TOL + 2.0 * g;
+    let (mut vs_gpu, mut vs_ref, mut scale) = (0f64, 0f64, 0f64);
+    for (n, onnx, gpu, reference) in &runs {
+        let what = format!("{name} {h}x{w} batch {n}");
+        vs_gpu = vs_gpu.max(check(&format!("{what} vs GPU eval"), onnx, gpu, tol));
+        vs_ref = vs_ref.max(check(&format!("{what} vs f64 reference"), onnx, reference, tol));
+        scale = reference.iter().fold(scale, |m, v| m.max(v.abs()));
+    }
+    format!(
+        "{name:<52} {h:>2}x{w:<2}  vs GPU eval {vs_gpu:.1e}  vs f64 {vs_ref:.1e}  (GPU vs f64 {g:.1e}, max |logit| {scale:.2})"
+    )
+}
+
+/// A small network of grouped convolutions, written out as a graph (no model name builds one):
+/// 3 -> 8 ordinary, 8 -> 16 in 4 groups with stride 2, 16 depthwise with a bias, 16 -> 8 1x1 in 2
+/// groups, each but the last followed by batch norm and ReLU, then the pool and the classifier.
+fn grouped_graph(hw: [usize; 2]) -> Graph {
+    let conv = |c_in, c_out, kernel, stride, groups, bias| Layer::Conv2d {
+        c_in,
+        c_out,
+        kernel,
+        stride,
+        pad: kernel / 2,
+        groups,
+        bias,
+    };
+    let layers = [
+        ("conv1", conv(3, 8, 3, 1, 1, false)),
+        ("bn1", Layer::BatchNorm2d { c: 8 }),
+        ("relu1", Layer::Relu),
+        ("conv2", conv(8, 16, 3, 2, 4, false)),
+        ("bn2", Layer::BatchNorm2d { c: 16 }),
+        ("relu2", Layer::Relu),
+        ("conv3", conv(16, 16, 3, 1, 16, true)),
+        ("bn3", Layer::BatchNorm2d { c: 16 }),
+        ("relu3", Layer::Relu),
+        ("conv4", conv(16, 8, 1, 1, 2, true)),
+        ("pool", Layer::GlobalAvgPool),
+        ("fc", Layer::Linear { in_features: 8, out_features: 5, bias: true }),
+    ];
+    let nodes = layers
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, layer))| senet_wgpu::model::Node { name: name.into(), layer, inputs: vec![k] })
+        .collect();
+    Graph { input: [3, hw[0], hw[1]], nodes }
+}
+
+/// Grouped convolutions export with ONNX's `group` attribute and weights [out, in/groups, k, k],
+/// and tract runs them as we do (same tolerance as every family above).
+#[test]
+fn grouped_convolutions_export_and_match_our_eval_in_tract() {
+    let cfg = ModelConfig { model: "grouped".into(), ..config("senet", 1.0, 16, 3, SeOptions::default(), false) };
+    let mut report = Vec::new();
+    for (k, hw) in [[11, 9], [8, 8]].into_iter().enumerate() {
+        let cfg = ModelConfig { input_hw: hw, ..cfg.clone() };
+        let graph = grouped_graph(hw);
+        let sd = random_state_dict(&graph, 300 + k as u64);
+        let proto = onnx::onnx_graph_model(&cfg, &graph, &sd, onnx::DEFAULT_OPSET, "test state dict").expect("export");
+        let groups: Vec<i64> = proto
+            .graph
+            .as_ref()
+            .expect("graph")
+            .node
+            .iter()
+            .filter(|n| n.op_type.as_deref() == Some("Conv"))
+            .map(|n| n.attribute.iter().find(|a| a.name.as_deref() == Some("group")).and_then(|a| a.i).expect("group"))
+            .collect();
+        assert_eq!(groups, [1, 4, 16, 2], "the Conv nodes' group attributes");
+        let model = tract_model(&proto.encode_to_vec());
+        report.push(tract_matches_ours("grouped convolutions", &cfg, &graph, sd, &model));
+    }
+    println!("{}", report.join("\n"));
 }
 
 #[test]

@@ -64,7 +64,15 @@ fn conv2d_gradients() {
             stride: (2, 1),
             pad: (1, 0),
             dilation: (1, 2),
+            groups: 1,
             bias: true,
+        },
+        // grouped: 4 -> 6 channels in 2 groups, stride 2; depthwise 3 channels, dilation 2
+        Conv2dConfig::square(2, 4, (6, 5), 6, 3, 2, 1, true).grouped(2),
+        Conv2dConfig {
+            dilation: (2, 2),
+            pad: (2, 2),
+            ..Conv2dConfig::square(1, 3, (5, 6), 3, 3, 1, 1, true).grouped(3)
         },
     ];
     for (k, c) in cases.iter().enumerate() {

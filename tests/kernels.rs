@@ -146,6 +146,17 @@ fn conv2d_rejects_mismatched_shapes() {
     assert!(err.contains("conv2d input") && err.contains("[2, 3, 8, 8]") && err.contains("[2, 3, 8, 9]"), "{err}");
     let too_big = Conv2dConfig::square(1, 1, (2, 2), 1, 5, 1, 0, false);
     assert!(too_big.validate().unwrap_err().to_string().contains("does not fit"));
+    // Groups must divide both channel counts; a grouped weight is [out, in/groups, k, k].
+    for (groups, c_out) in [(2, 5), (3, 6), (0, 4)] {
+        let bad = Conv2dConfig::square(1, 4, (5, 5), c_out, 3, 1, 1, false).grouped(groups);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains(&format!("groups = {groups} must divide")), "{err}");
+    }
+    let grouped = Conv2dConfig::square(1, 4, (5, 5), 6, 3, 1, 1, false).grouped(2);
+    let (x, y) = (zeros(&gpu, "x", &grouped.input_shape()), zeros(&gpu, "y", &grouped.output_shape()));
+    let ungrouped_w = zeros(&gpu, "w", &[6, 4, 3, 3]);
+    let err = conv2d::conv2d_forward(&gpu, &grouped, &x, &ungrouped_w, None, &y).unwrap_err().to_string();
+    assert!(err.contains("conv2d weight") && err.contains("[6, 2, 3, 3]"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -76,3 +76,26 @@ fn timm_se_resnet_parameter_counts_are_timms() {
         assert_eq!(summary(&cfg).unwrap().params, params, "{model}");
     }
 }
+
+/// Grouped convolutions count as PyTorch's `nn.Conv2d(groups=)`: weight [out, in/groups, k, k]
+/// and k·k·in/groups multiply-adds per output. ResNeXt-50's first grouped 3×3 (128 → 128, 32
+/// groups, 56×56): 128·4·9 = 4,608 weights, ×56·56 outputs per channel = 14,450,688 multiply-adds;
+/// a depthwise 3×3 on 32 channels at 8×8 with a bias: 32·9 + 32 = 320 and 32·64·9 = 18,432.
+#[test]
+fn grouped_convolutions_count_their_parameters_and_multiply_adds() {
+    use senet_wgpu::model::{Graph, Layer, Node};
+    use senet_wgpu::summary::summarize;
+    let conv = |c, hw, groups, bias| Graph {
+        input: [c, hw, hw],
+        nodes: vec![Node {
+            name: "conv".into(),
+            layer: Layer::Conv2d { c_in: c, c_out: c, kernel: 3, stride: 1, pad: 1, groups, bias },
+            inputs: vec![0],
+        }],
+    };
+    let s = summarize("resnext", &conv(128, 56, 32, false)).unwrap();
+    assert_eq!((s.params, s.macs), (4_608, 14_450_688));
+    assert_eq!(s.layers[0].layer, "Conv2d 128→128 3x3/1 g32");
+    let s = summarize("depthwise", &conv(32, 8, 32, true)).unwrap();
+    assert_eq!((s.params, s.macs), (320, 18_432));
+}

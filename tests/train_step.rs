@@ -850,3 +850,22 @@ fn the_run_eta_comes_from_measured_rates() {
         ["45s".to_string(), "1m00s".into(), "12m05s".into(), "3h07m".into()]
     );
 }
+
+/// A whole step of a small network with grouped convolutions against the reference step, then
+/// eval mode (common::grouped_network: a residual block in ResNeXt's shape with a depthwise
+/// convolution). Batch 3 at 9x7; the tolerances of every other whole step here.
+#[test]
+fn a_step_with_grouped_convolutions_equals_the_reference() {
+    use senet_wgpu::gpu::Precision;
+    let gpu = gpu();
+    let (n, [h, w]) = (3, [9, 7]);
+    let cfg = ModelConfig { model: "grouped".into(), input_hw: [h, w], ..tiny(5, 9) };
+    let opt = OptimizerConfig::sgd(0.1, 0.9);
+    let mut net = Network::with_graph(gpu.clone(), cfg, grouped_network(h, w), opt, 12, Precision::F32).unwrap();
+    assert_eq!(net.param("conv2.weight").unwrap().spec.shape, [16, 4, 3, 3], "weight [out, in/groups, k, k]");
+    assert_eq!(net.param("conv3.weight").unwrap().spec.shape, [16, 1, 3, 3], "depthwise weight");
+    let plan = net.plan(n).unwrap();
+    let x = uniform(&mut rng(41), n * 3 * h * w, 0.0, 1.0);
+    step_matches(&mut net, &plan, &x, &[1, 4, 2], "grouped convolutions");
+    eval_matches(&net, &plan, &uniform(&mut rng(42), n * 3 * h * w, 0.0, 1.0), "grouped convolutions");
+}

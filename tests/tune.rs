@@ -210,6 +210,54 @@ fn the_tiled_kernels_run_a_training_step_equal_to_the_reference() {
     }
 }
 
+/// Every conv kernel family takes grouped convolutions, so the tuner offers all of them for a
+/// grouped layer as for any other (ops::conv2d::candidates); a grouped layer is timed under a key
+/// of its own that names its groups (an ungrouped layer's key is spelled as before, pinned in
+/// an_f16_plan_is_tuned_in_f16_beside_the_f32_plan). Then every pass forced onto the tiled kernels
+/// through the cache: the step of common::grouped_network equals the CPU reference.
+#[test]
+fn grouped_layers_are_tuned_under_their_own_keys_and_the_tiled_kernels_run_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let (n, h, w) = (2, 9, 7);
+    let cfg = ModelConfig { model: "grouped".into(), input_hw: [h, w], ..tiny() };
+    let net = |gpu: &Arc<Gpu>, opt| {
+        Network::with_graph(gpu.clone(), cfg.clone(), grouped_network(h, w), opt, 7, Precision::F32).unwrap()
+    };
+    {
+        let gpu = device(TuneMode::Full, &cache);
+        let _ = net(&gpu, OptimizerConfig::adam(1e-3)).plan(n).unwrap();
+        // 3 convs: forward and weight gradient each, input gradient for the 2 past the first.
+        assert_eq!(gpu.tuner.summary().timed, 8);
+    }
+    let dev = cache_json(&cache)["devices"].as_object().unwrap().values().next().unwrap().clone();
+    let keys: Vec<&String> = dev.as_object().unwrap().keys().collect();
+    for (groups, count) in [(" g4 ", 3), (" g16 ", 3)] {
+        assert_eq!(keys.iter().filter(|k| k.contains(groups)).count(), count, "{groups:?} in {keys:?}");
+    }
+    assert!(keys.iter().any(|k| *k == "conv2d Forward n2 c16->16 9x7 k3x3 s1x1 p1x1 d1x1 g4 bias0"), "{keys:?}");
+
+    let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
+    std::fs::write(&cache, with_every_choice(&text, "tiled:64,32,32,4,2")).unwrap();
+    let gpu = device(TuneMode::Quick, &cache);
+    let mut net = net(&gpu, OptimizerConfig::sgd(0.1, 0.0));
+    let plan = net.plan(n).unwrap();
+    assert!(plan.conv_kernels.iter().all(|(_, _, k)| matches!(k, ConvKernel::Tiled(_))), "{:?}", plan.conv_kernels);
+    let x = uniform(&mut rng(5), n * 3 * h * w, 0.0, 1.0);
+    let labels = [2u32, 0];
+    let (params, buffers) = reference_state(&net);
+    let want = reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(&x), &labels).unwrap();
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+    // Tolerances of the whole step (tests/train_step.rs).
+    assert_close("loss", &[read(&gpu, &plan.train_result)[result::LOSS]], &[want.loss], 1e-5, 1e-4);
+    for p in &net.params {
+        let name = &p.spec.name;
+        assert_close(&format!("grad {name} (tiled kernels)"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
+    }
+}
+
 /// The cache file `text` with every choice replaced by `choice`.
 fn with_every_choice(text: &str, choice: &str) -> String {
     let mut v: serde_json::Value = serde_json::from_str(text).unwrap();

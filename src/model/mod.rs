@@ -26,6 +26,9 @@ pub enum Layer {
         kernel: usize,
         stride: usize,
         pad: usize,
+        /// Channel groups, as `nn.Conv2d(groups=)`: divides c_in and c_out; 1 = an ordinary
+        /// convolution, c_in = c_out = groups a depthwise one. The weight is [c_out, c_in/groups, k, k].
+        groups: usize,
         bias: bool,
     },
     BatchNorm2d {
@@ -134,9 +137,11 @@ impl Graph {
         for node in &self.nodes {
             let name = &node.name;
             match node.layer {
-                Layer::Conv2d { c_in, c_out, kernel, bias, .. } => {
-                    let fan_in = c_in * kernel * kernel;
-                    p(name, "weight", vec![c_out, c_in, kernel, kernel], Init::FanInUniform { fan_in });
+                Layer::Conv2d { c_in, c_out, kernel, groups, bias, .. } => {
+                    // PyTorch's fan-in is the weight's: (c_in/groups)*k*k.
+                    let c_in_group = c_in / groups.max(1);
+                    let fan_in = c_in_group * kernel * kernel;
+                    p(name, "weight", vec![c_out, c_in_group, kernel, kernel], Init::FanInUniform { fan_in });
                     if bias {
                         p(name, "bias", vec![c_out], Init::FanInUniform { fan_in });
                     }
@@ -184,8 +189,8 @@ impl Graph {
 /// The conv2d configuration of a Conv2d layer reading `inp`.
 pub fn conv_config(layer: &Layer, inp: &[usize]) -> Option<Conv2dConfig> {
     match *layer {
-        Layer::Conv2d { c_in, c_out, kernel, stride, pad, bias } => {
-            Some(Conv2dConfig::square(inp[0], c_in, (inp[2], inp[3]), c_out, kernel, stride, pad, bias))
+        Layer::Conv2d { c_in, c_out, kernel, stride, pad, groups, bias } => {
+            Some(Conv2dConfig::square(inp[0], c_in, (inp[2], inp[3]), c_out, kernel, stride, pad, bias).grouped(groups))
         }
         _ => None,
     }

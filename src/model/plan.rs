@@ -150,10 +150,24 @@ impl Network {
         seed: u64,
         precision: Precision,
     ) -> Result<Network> {
+        let graph = config.graph()?;
+        Network::with_graph(gpu, config, graph, optimizer, seed, precision)
+    }
+
+    /// The network of an explicit `graph` — a layer list that no model name builds (a test's
+    /// small grouped-convolution network, say); `config` supplies the run's metadata and must
+    /// describe the same input. [`Network::new_in`] is this with `config.graph()`.
+    pub fn with_graph(
+        gpu: Arc<Gpu>,
+        config: ModelConfig,
+        graph: Graph,
+        optimizer: OptimizerConfig,
+        seed: u64,
+        precision: Precision,
+    ) -> Result<Network> {
         if precision == Precision::F16 {
             ensure!(gpu.features.contains(wgpu::Features::SHADER_F16), "{}", gpu.no_f16_message());
         }
-        let graph = config.graph()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let specs = graph.parameters();
         // Every view starts at a multiple of the adapter's offset alignment, in the f16 copy too.

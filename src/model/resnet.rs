@@ -216,7 +216,7 @@ fn unit(
     stage: usize,
     se: bool,
 ) -> usize {
-    let conv = Layer::Conv2d { c_in, c_out, kernel: 1, stride, pad: 0, bias: false };
+    let conv = Layer::Conv2d { c_in, c_out, kernel: 1, stride, pad: 0, groups: 1, bias: false };
     let projection = (stride != 1 || c_in != c_out).then_some((conv, Layer::BatchNorm2d { c: c_out }));
     let se = (se && cfg.se.in_stage(stage)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c_out });
     let at = |place: SePlacement| se.filter(|_| cfg.se.placement == place);
@@ -274,8 +274,15 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
         );
     }
     let mut nodes: Vec<Node> = Vec::new();
-    let conv =
-        |c_in, c_out, kernel, stride| Layer::Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, bias: false };
+    let conv = |c_in, c_out, kernel, stride| Layer::Conv2d {
+        c_in,
+        c_out,
+        kernel,
+        stride,
+        pad: kernel / 2,
+        groups: 1,
+        bias: false,
+    };
     let mut x = push(&mut nodes, "conv1".into(), conv(cfg.in_channels, widths[0], 7, 2), vec![0]);
     x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
     x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);
@@ -334,8 +341,15 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
         );
     }
     let mut nodes: Vec<Node> = Vec::new();
-    let conv =
-        |c_in, c_out, kernel, stride| Layer::Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, bias: false };
+    let conv = |c_in, c_out, kernel, stride| Layer::Conv2d {
+        c_in,
+        c_out,
+        kernel,
+        stride,
+        pad: kernel / 2,
+        groups: 1,
+        bias: false,
+    };
     let mut x = push(&mut nodes, "conv1".into(), conv(cfg.in_channels, widths[0], 3, 1), vec![0]);
     x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
     x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);

@@ -42,7 +42,7 @@ use prost::Message;
 use crate::checkpoint::{self, StateDict, Value};
 use crate::eval;
 use crate::hparams as hp;
-use crate::model::{Layer, ModelConfig};
+use crate::model::{Graph, Layer, ModelConfig};
 use crate::ops::batch_norm::BatchNormConfig;
 use crate::ops::se_block::{Excitation, Squeeze};
 use proto::tensor_shape_proto::{Dimension, dimension};
@@ -154,8 +154,23 @@ pub fn onnx_model(config: &ModelConfig, sd: &StateDict, opset: i64, what: &str) 
     let too_small =
         || format!("the model cannot take {}x{} images (--image-size)", config.input_hw[0], config.input_hw[1]);
     let graph = config.graph().with_context(too_small)?;
+    onnx_graph_model(config, &graph, sd, opset, what)
+}
+
+/// [`onnx_model`] of an explicit `graph` (a layer list no model name builds); `config` supplies
+/// the metadata and the input size.
+pub fn onnx_graph_model(
+    config: &ModelConfig,
+    graph: &Graph,
+    sd: &StateDict,
+    opset: i64,
+    what: &str,
+) -> Result<ModelProto> {
+    check_opset(opset)?;
+    let too_small =
+        || format!("the model cannot take {}x{} images (--image-size)", config.input_hw[0], config.input_hw[1]);
     let shapes = graph.shapes(1).with_context(too_small)?;
-    checkpoint::check_fits(&graph, config, sd, what)?;
+    checkpoint::check_fits(graph, config, sd, what)?;
     let mut g = GraphProto { name: Some(config.model.clone()), ..Default::default() };
 
     // Initializers: every parameter and running statistic, under its state-dict name.
@@ -194,12 +209,15 @@ pub fn onnx_model(config: &ModelConfig, sd: &StateDict, opset: i64, what: &str) 
             });
         };
         match node.layer {
-            Layer::Conv2d { kernel, stride, pad, bias, .. } => {
+            Layer::Conv2d { kernel, stride, pad, groups, bias, .. } => {
                 let mut inputs = vec![x, param("weight")];
                 if bias {
                     inputs.push(param("bias"));
                 }
-                push("Conv", "", inputs, &out, spatial_attrs(kernel, stride, pad));
+                let mut attrs = spatial_attrs(kernel, stride, pad);
+                // ONNX's Conv reads the weight as [M, C/group, kH, kW], as PyTorch stores it.
+                attrs.push(attr_int("group", groups as i64));
+                push("Conv", "", inputs, &out, attrs);
             }
             Layer::BatchNorm2d { .. } => {
                 let inputs = ["weight", "bias", "running_mean", "running_var"].map(param);

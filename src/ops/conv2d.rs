@@ -11,7 +11,9 @@ use crate::gpu::tune::{TuneEntry, TuneMode};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// A 2-D convolution over NCHW, as `torch.nn.Conv2d(c_in, c_out, (kh, kw), stride, padding,
-/// dilation, bias)` applied to an `[n, c_in, h, w]` input.
+/// dilation, groups, bias)` applied to an `[n, c_in, h, w]` input. With `groups` = g the channels
+/// split into g groups: output channel co reads only the c_in/g input channels of its group
+/// co / (c_out/g), and the weight is `[c_out, c_in/g, kh, kw]` (g = c_in = c_out: depthwise).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dConfig {
     pub n: usize,
@@ -24,6 +26,8 @@ pub struct Conv2dConfig {
     pub stride: (usize, usize),
     pub pad: (usize, usize),
     pub dilation: (usize, usize),
+    /// Channel groups (1 = an ordinary convolution); divides both c_in and c_out.
+    pub groups: usize,
     pub bias: bool,
 }
 
@@ -50,8 +54,24 @@ impl Conv2dConfig {
             stride: (stride, stride),
             pad: (pad, pad),
             dilation: (1, 1),
+            groups: 1,
             bias,
         }
+    }
+
+    /// The same convolution in `groups` channel groups.
+    pub fn grouped(self, groups: usize) -> Self {
+        Conv2dConfig { groups, ..self }
+    }
+
+    /// Input channels per group: each output channel's reduction runs over these.
+    pub fn c_in_group(&self) -> usize {
+        self.c_in / self.groups.max(1)
+    }
+
+    /// Output channels per group.
+    pub fn c_out_group(&self) -> usize {
+        self.c_out / self.groups.max(1)
     }
 
     fn out_dim(size: usize, pad: usize, dil: usize, k: usize, stride: usize) -> Option<usize> {
@@ -72,7 +92,7 @@ impl Conv2dConfig {
     }
 
     pub fn weight_shape(&self) -> [usize; 4] {
-        [self.c_out, self.c_in, self.kh, self.kw]
+        [self.c_out, self.c_in_group(), self.kh, self.kw]
     }
 
     pub fn output_shape(&self) -> [usize; 4] {
@@ -85,6 +105,13 @@ impl Conv2dConfig {
         ensure!(c.kh > 0 && c.kw > 0, "conv2d: kernel size must be at least 1, got {}x{}", c.kh, c.kw);
         ensure!(c.stride.0 > 0 && c.stride.1 > 0, "conv2d: stride must be at least 1, got {:?}", c.stride);
         ensure!(c.dilation.0 > 0 && c.dilation.1 > 0, "conv2d: dilation must be at least 1, got {:?}", c.dilation);
+        ensure!(
+            c.groups > 0 && c.c_in.is_multiple_of(c.groups) && c.c_out.is_multiple_of(c.groups),
+            "conv2d: groups = {} must divide both channel counts ({} in, {} out)",
+            c.groups,
+            c.c_in,
+            c.c_out
+        );
         ensure!(
             Self::out_dim(c.h, c.pad.0, c.dilation.0, c.kh, c.stride.0).is_some()
                 && Self::out_dim(c.w, c.pad.1, c.dilation.1, c.kw, c.stride.1).is_some(),
@@ -99,9 +126,9 @@ impl Conv2dConfig {
         Ok(())
     }
 
-    /// Multiply-adds of the forward pass.
+    /// Multiply-adds of the forward pass: each output reads c_in/groups channels.
     pub fn macs(&self) -> usize {
-        self.n * self.c_out * self.out_h() * self.out_w() * self.c_in * self.kh * self.kw
+        self.n * self.c_out * self.out_h() * self.out_w() * self.c_in_group() * self.kh * self.kw
     }
 
     fn params(&self, splits: usize, split_len: usize) -> Result<Params> {
@@ -125,7 +152,8 @@ impl Conv2dConfig {
             has_bias: u32::from(c.bias),
             splits: to_u32("splits", splits)?,
             split_len: to_u32("split_len", split_len)?,
-            _pad: [0; 2],
+            groups: to_u32("groups", c.groups)?,
+            _pad: 0,
         })
     }
 }
@@ -152,7 +180,8 @@ struct Params {
     has_bias: u32,
     splits: u32,
     split_len: u32,
-    _pad: [u32; 2],
+    groups: u32,
+    _pad: u32,
 }
 
 /// Invocations per workgroup of the GEMM kernels (`WG` override).
@@ -218,13 +247,15 @@ impl Tiles {
             return t;
         }
         let narrow = |size: usize, channels: usize| if channels <= size / 2 { size / 2 } else { size };
+        // A block spans the channels of one group: a grouped layer's are c_in/groups, c_out/groups.
+        let (c_in, c_out) = (cfg.c_in_group(), cfg.c_out_group());
         Tiles {
             gemm_m: t.gemm_m,
             // Forward blocks run over output channels, input-gradient blocks over input channels;
             // one pipeline constant serves both, so narrow it only when both fit.
-            gemm_n: narrow(t.gemm_n, cfg.c_out.max(cfg.c_in)),
-            wgrad_ci: narrow(t.wgrad_ci, cfg.c_in),
-            wgrad_n: narrow(t.wgrad_n, cfg.c_out),
+            gemm_n: narrow(t.gemm_n, c_out.max(c_in)),
+            wgrad_ci: narrow(t.wgrad_ci, c_in),
+            wgrad_n: narrow(t.wgrad_n, c_out),
         }
     }
 
@@ -234,10 +265,19 @@ impl Tiles {
     }
 }
 
-/// Workgroups for a GEMM whose invocations own `row_block` rows x `col_block` columns.
-fn gemm_grid(gpu: &Gpu, rows: usize, row_block: usize, cols: usize, col_block: usize, z: usize) -> Result<[u32; 3]> {
+/// Workgroups for a GEMM whose invocations own `row_block` rows x `col_block` columns, for each of
+/// `groups` channel groups of `cols` columns (the column blocks of one group never reach into the
+/// next: y numbers (group, block)).
+fn gemm_grid(
+    gpu: &Gpu,
+    rows: usize,
+    row_block: usize,
+    (cols, groups): (usize, usize),
+    col_block: usize,
+    z: usize,
+) -> Result<[u32; 3]> {
     let x = rows.div_ceil(row_block).div_ceil(WG as usize);
-    let y = cols.div_ceil(col_block);
+    let y = groups * cols.div_ceil(col_block);
     let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
     ensure!(
         x <= max && y <= max && z <= max,
@@ -275,7 +315,8 @@ pub fn conv2d_forward_tiled(
     let unused_act = placeholder_like(gpu, inp)?;
     let bias = forward_bias(cfg, bias, &unused)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cfg.c_out, tiles.gemm_n, 1)?;
+    let cols = (cfg.c_out_group(), cfg.groups);
+    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cols, tiles.gemm_n, 1)?;
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -315,7 +356,7 @@ pub fn conv2d_backward_input_tiled(
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
-    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, cfg.c_in, tiles.gemm_n, 1)?;
+    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, (cfg.c_in_group(), cfg.groups), tiles.gemm_n, 1)?;
     // conv2d_gemm in MODE 1 reads dout and writes dinp through the forward's output binding; the
     // input and bias bindings are declared by the shared entry point but never read.
     let unused = placeholder(gpu)?;
@@ -342,7 +383,11 @@ pub fn conv2d_backward_input_tiled(
 pub fn weight_grad_splits(cfg: &Conv2dConfig, tiles: Tiles, target: usize) -> usize {
     const MIN_SPLIT_LEN: usize = 256;
     let m = cfg.n * cfg.out_h() * cfg.out_w();
-    let blocks = cfg.c_out.div_ceil(tiles.wgrad_n) * cfg.kh * cfg.kw * cfg.c_in.div_ceil(tiles.wgrad_ci);
+    let blocks = cfg.groups
+        * cfg.c_out_group().div_ceil(tiles.wgrad_n)
+        * cfg.kh
+        * cfg.kw
+        * cfg.c_in_group().div_ceil(tiles.wgrad_ci);
     let want = target.div_ceil(blocks.max(1));
     want.min(m / MIN_SPLIT_LEN).clamp(1, 64)
 }
@@ -377,11 +422,13 @@ pub fn conv2d_backward_weight_tiled(
     let split_len = m.div_ceil(splits);
     let splits = m.div_ceil(split_len);
     let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
-    let k = cfg.c_in * cfg.kh * cfg.kw;
-    // Columns come in blocks of `wgrad_ci` input channels at one tap: (kh*kw) * ceil(c_in/ci)
-    // of them; each invocation owns `wgrad_n` output channels of one such block.
+    let k = cfg.c_in_group() * cfg.kh * cfg.kw;
+    // Columns come in blocks of `wgrad_ci` input channels (of a group) at one tap:
+    // (kh*kw) * ceil((c_in/groups)/ci) of them; each invocation owns `wgrad_n` output channels of
+    // one group for one such block.
     let ci = tiles.wgrad_ci;
-    let grid = gemm_grid(gpu, cfg.kh * cfg.kw * cfg.c_in.div_ceil(ci), 1, cfg.c_out, tiles.wgrad_n, splits)?;
+    let rows = cfg.kh * cfg.kw * cfg.c_in_group().div_ceil(ci);
+    let grid = gemm_grid(gpu, rows, 1, (cfg.c_out_group(), cfg.groups), tiles.wgrad_n, splits)?;
     let consts = [("WG", WG as f64), ("WGRAD_CI", ci as f64), ("WGRAD_N", tiles.wgrad_n as f64)];
     let (flops, bytes) = (
         2.0 * cfg.macs() as f64,
@@ -412,7 +459,7 @@ fn weight_grad_reduce(
     dweight: &Tensor,
 ) -> Result<Dispatch> {
     let binds = [Bind::Uniform(0, params), Bind::Tensor(8, partial), Bind::Tensor(9, dweight)];
-    let n = cfg.c_out * cfg.c_in * cfg.kh * cfg.kw;
+    let n = cfg.weight_shape().iter().product();
     let grid = gpu.grid_1d(n, WG);
     gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, grid)
 }
@@ -606,7 +653,8 @@ fn gemm_forward(
         Bind::Tensor(5, &unused_act),
         Bind::Tensor(6, &scratch),
     ];
-    let dims = (cfg.c_out, cfg.n * cfg.out_h() * cfg.out_w(), 1);
+    // One GEMM per group (workgroup z), each over the group's output channels.
+    let dims = (cfg.c_out_group(), cfg.n * cfg.out_h() * cfg.out_w(), cfg.groups);
     let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![gemm.dispatch(gpu, 0, &binds, dims, Precision::of(inp))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
 }
@@ -635,7 +683,7 @@ fn gemm_backward_input(
         Bind::Tensor(5, dout),
         Bind::Tensor(6, &scratch),
     ];
-    let dims = (cfg.c_in, cfg.n * cfg.h * cfg.w, 1);
+    let dims = (cfg.c_in_group(), cfg.n * cfg.h * cfg.w, cfg.groups);
     let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
     Ok(vec![gemm.dispatch(gpu, 1, &binds, dims, Precision::of(dout))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
 }
@@ -661,7 +709,7 @@ fn gemm_backward_weight(
     let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
     let splits = m.div_ceil(split_len);
     let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
-    let k = cfg.c_in * cfg.kh * cfg.kw;
+    let k = cfg.c_in_group() * cfg.kh * cfg.kw;
     let (unused, unused_act) = (placeholder(gpu)?, placeholder_like(gpu, inp)?);
     // Binding 4 (the other modes' output) is writable: a buffer of its own.
     let scratch = placeholder_like(gpu, inp)?;
@@ -682,7 +730,9 @@ fn gemm_backward_weight(
         el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
     );
     let precision = Precision::of(inp);
-    let mut out = vec![gemm.dispatch(gpu, 2, &binds, (cfg.c_out, k, splits), precision)?.with_cost(flops, bytes)];
+    // Workgroup z = split * groups + group.
+    let dims = (cfg.c_out_group(), k, splits * cfg.groups);
+    let mut out = vec![gemm.dispatch(gpu, 2, &binds, dims, precision)?.with_cost(flops, bytes)];
     if let Some(partial) = &partial {
         out.push(weight_grad_reduce(gpu, cfg, precision, &params, partial, dweight)?);
     }
@@ -777,7 +827,8 @@ pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
         ConvKernel::Tiled(t) => {
             // Enough workgroups for ~1,024 in flight, each split at least 512 long.
             let m = cfg.n * cfg.out_h() * cfg.out_w();
-            let tiles = cfg.c_out.div_ceil(t.bm) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(t.bn);
+            let tiles =
+                cfg.groups * cfg.c_out_group().div_ceil(t.bm) * (cfg.c_in_group() * cfg.kh * cfg.kw).div_ceil(t.bn);
             1024usize.div_ceil(tiles.max(1)).min(m / 512).clamp(1, 64)
         }
         ConvKernel::Coop(t) => {
@@ -785,7 +836,9 @@ pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
             // small workgroups on each of a hundred-odd multiprocessors); on a CPU adapter, as for
             // the register blocks. Each split at least 256 long (32 K steps of 8, 16 of 16).
             let m = cfg.n * cfg.out_h() * cfg.out_w();
-            let blocks = cfg.c_out.div_ceil(2 * t as usize) * (cfg.c_in * cfg.kh * cfg.kw).div_ceil(2 * t as usize);
+            let tile = 2 * t as usize;
+            let blocks =
+                cfg.groups * cfg.c_out_group().div_ceil(tile) * (cfg.c_in_group() * cfg.kh * cfg.kw).div_ceil(tile);
             let target = if gpu.is_cpu() { split_target(gpu) } else { 4096 };
             target.div_ceil(blocks.max(1)).min(m / 256).clamp(1, 64)
         }
@@ -934,6 +987,9 @@ pub fn builtin(gpu: &Gpu, cfg: &Conv2dConfig, precision: Precision) -> ConvKerne
 /// The kernels worth timing for a pass of a `precision` plan: the built-in choice first, then the
 /// others `mode` allows, each once (register shapes that differ only in fields another pass uses
 /// count as one). With cooperative matrices built in, the register blocks are the first challenger.
+/// Grouped layers get the same candidates: every family runs one GEMM per group (the register
+/// blocks number (group, block) along the grid's y, the workgroup GEMMs along z), so none has to
+/// be withheld; a depthwise layer leaves most of each block's columns idle in all of them.
 fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, mode: TuneMode, precision: Precision) -> Vec<ConvKernel> {
     let mut out = vec![builtin(gpu, cfg, precision)];
     let mut push = |k: ConvKernel| {
@@ -975,7 +1031,8 @@ fn candidates(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, mode: TuneMode, pre
 /// the shape alone, as before precisions existed (every entry of an older cache was timed in f32,
 /// so it stays valid under the same key and the file keeps its version); an f16 plan's adds
 /// " f16", and " coop8" or " coop16" where cooperative matrices are candidates (an adapter with
-/// `SENET_COOP=off` is the same device key but another set of candidates).
+/// `SENET_COOP=off` is the same device key but another set of candidates). A grouped layer's key
+/// names its groups (" g32"); an ordinary layer's keeps the key it had before groups existed.
 pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precision) -> String {
     let c = cfg;
     let variant = match (precision, gpu.coop_tile) {
@@ -983,8 +1040,9 @@ pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precis
         (Precision::F16, None) => " f16".to_string(),
         (Precision::F16, Some(t)) => format!(" f16 coop{t}"),
     };
+    let groups = if c.groups == 1 { String::new() } else { format!(" g{}", c.groups) };
     format!(
-        "conv2d {pass:?} n{} c{}->{} {}x{} k{}x{} s{}x{} p{}x{} d{}x{} bias{}{variant}",
+        "conv2d {pass:?} n{} c{}->{} {}x{} k{}x{} s{}x{} p{}x{} d{}x{}{groups} bias{}{variant}",
         c.n,
         c.c_in,
         c.c_out,

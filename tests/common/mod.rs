@@ -156,8 +156,9 @@ pub fn load_golden(path: &std::path::Path) -> std::collections::HashMap<String, 
         .collect()
 }
 
-/// Convolutions on awkward shapes, for every conv kernel family (tests/kernels.rs: register blocks and
-/// workgroup-memory tiles; tests/coop.rs: cooperative matrices).
+/// Convolutions on awkward shapes, ordinary and grouped, for every conv kernel family
+/// (tests/kernels.rs: register blocks and workgroup-memory tiles; tests/coop.rs: cooperative
+/// matrices).
 pub fn conv_cases() -> Vec<Conv2dConfig> {
     let sq = Conv2dConfig::square;
     vec![
@@ -179,6 +180,7 @@ pub fn conv_cases() -> Vec<Conv2dConfig> {
             stride: (2, 1),
             pad: (2, 0),
             dilation: (1, 2),
+            groups: 1,
             bias: true,
         },
         // the first SENet layer at width 0.25 on 32x32 (enough m for split reductions)
@@ -199,6 +201,7 @@ pub fn conv_cases() -> Vec<Conv2dConfig> {
             stride: (1, 2),
             pad: (3, 3),
             dilation: (2, 3),
+            groups: 1,
             bias: false,
         },
         // channels past one workgroup tile of the tiled kernels (131 out > 128, 70 in > 64) and
@@ -208,11 +211,81 @@ pub fn conv_cases() -> Vec<Conv2dConfig> {
         sq(2, 3, (23, 19), 9, 7, 2, 3, false),
         // a projection shortcut: 1x1, stride 2, 33 -> 65 channels
         sq(3, 33, (9, 9), 65, 1, 2, 0, false),
+        // Grouped convolutions (weight [c_out, c_in/groups, kh, kw]); the columns of one group
+        // are a block of their own in every family, so these put channels per group at, below
+        // and past the block sizes:
+        // ResNeXt's 32 groups: 64 -> 64 channels, 2 per group, batch 1, odd 7x5, bias
+        sq(1, 64, (7, 5), 64, 3, 1, 1, true).grouped(32),
+        // 2 groups, 34 -> 68 channels (17 -> 34 per group: past a 16-wide block), stride 2 on an
+        // odd 9x7, no bias
+        sq(2, 34, (9, 7), 68, 3, 2, 1, false).grouped(2),
+        // 4 groups, 12 -> 20 channels (3 -> 5 per group), everything uneven: 5x3 kernel, stride
+        // (2,1), padding (2,1), dilation (1,2), on 11x9
+        Conv2dConfig {
+            n: 2,
+            c_in: 12,
+            h: 11,
+            w: 9,
+            c_out: 20,
+            kh: 5,
+            kw: 3,
+            stride: (2, 1),
+            pad: (2, 1),
+            dilation: (1, 2),
+            groups: 4,
+            bias: true,
+        },
+        // depthwise, 17 channels, dilation 2 (padding 2 keeps 13x11), bias
+        Conv2dConfig {
+            n: 2,
+            c_in: 17,
+            h: 13,
+            w: 11,
+            c_out: 17,
+            kh: 3,
+            kw: 3,
+            stride: (1, 1),
+            pad: (2, 2),
+            dilation: (2, 2),
+            groups: 17,
+            bias: true,
+        },
+        // depthwise, 3 channels, stride 2 on an odd 9x7, batch 1, no bias
+        sq(1, 3, (9, 7), 3, 3, 2, 1, false).grouped(3),
+        // depthwise, 64 channels, stride 2 on 15x13 (m = 2*8*7: split weight gradients), bias
+        sq(2, 64, (15, 13), 64, 3, 2, 1, true).grouped(64),
+        // a channel multiplier of 2 (8 groups, 1 -> 2 channels each) in a 1x1, stride 2
+        sq(3, 8, (9, 9), 16, 1, 2, 0, false).grouped(8),
     ]
 }
 
+/// A small network with grouped convolutions, written out as a graph (no model name builds one)
+/// for a 3 x h x w input, five classes: conv1 3 -> 16 (3x3), BN, ReLU, then a residual block in
+/// ResNeXt's shape — conv2 3x3 in 4 groups, BN, ReLU, conv3 depthwise 3x3 with a bias, BN, added
+/// to the block's input, ReLU — then the global pool and the classifier.
+pub fn grouped_network(h: usize, w: usize) -> senet_wgpu::model::Graph {
+    use senet_wgpu::model::{Graph, Layer, Node};
+    let conv = |c_in, c_out, groups, bias| Layer::Conv2d { c_in, c_out, kernel: 3, stride: 1, pad: 1, groups, bias };
+    let layers = [
+        ("conv1", conv(3, 16, 1, false), vec![0]),
+        ("bn1", Layer::BatchNorm2d { c: 16 }, vec![1]),
+        ("relu1", Layer::Relu, vec![2]),
+        ("conv2", conv(16, 16, 4, false), vec![3]),
+        ("bn2", Layer::BatchNorm2d { c: 16 }, vec![4]),
+        ("relu2", Layer::Relu, vec![5]),
+        ("conv3", conv(16, 16, 16, true), vec![6]),
+        ("bn3", Layer::BatchNorm2d { c: 16 }, vec![7]),
+        ("add", Layer::Add, vec![8, 3]),
+        ("relu3", Layer::Relu, vec![9]),
+        ("pool", Layer::GlobalAvgPool, vec![10]),
+        ("fc", Layer::Linear { in_features: 16, out_features: 5, bias: true }, vec![11]),
+    ];
+    let nodes = layers.into_iter().map(|(name, layer, inputs)| Node { name: name.into(), layer, inputs }).collect();
+    Graph { input: [3, h, w], nodes }
+}
+
 /// The conv tolerance: conv2d sums K = c_in*kh*kw products (forward), c_out*kh*kw (input grad) or n*oh*ow (weight
-/// grad, up to 2048 here) of values in [-1, 1]. f32 rounding grows like sqrt(K)*eps*|sum| ~ 1e-5
+/// grad, up to 2048 here; a grouped layer's K counts one group's channels, so fewer) of values in [-1, 1]. f32 rounding grows like sqrt(K)*eps*|sum| ~ 1e-5
 /// at these sizes: atol 1e-4, rtol 1e-5 leaves 10x headroom.
 pub const CONV_ATOL: f64 = 1e-4;
 pub const CONV_RTOL: f64 = 1e-5;
