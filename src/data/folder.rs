@@ -221,9 +221,11 @@ pub fn decoded_bytes(paths: &[PathBuf]) -> Option<u64> {
     }
     let mut total = 0u64;
     for p in paths {
-        // An unreadable header is a bad image; it is named when a batch needs it.
-        let (w, h) = image::ImageReader::open(p).ok()?.with_guessed_format().ok()?.into_dimensions().ok()?;
-        total += 3 * u64::from(w) * u64::from(h);
+        // An unreadable header is a bad image, named when a batch needs it; it holds nothing.
+        let dims = image::ImageReader::open(p).ok().and_then(|r| r.with_guessed_format().ok()?.into_dimensions().ok());
+        if let Some((w, h)) = dims {
+            total += 3 * u64::from(w) * u64::from(h);
+        }
     }
     Some(total)
 }
