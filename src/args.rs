@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail, ensure};
 
+use crate::data::folder::FolderOptions;
+use crate::data::loader::LoadOptions;
 use crate::data::{self, DatasetKind, Splits, cifar10};
 use crate::gpu::Precision;
 use crate::hparams::{self as hp, OptimizerKind, Recipe, Schedule};
@@ -34,11 +36,44 @@ pub struct DataArgs {
     /// ./data), MNIST (./data/mnist), Fashion-MNIST (./data/fashion-mnist).
     #[arg(long)]
     pub download: bool,
-    /// Image folders: resize every image to H×W (`64` or `96x128`). Default: the first training
-    /// image's size when training; the model's input size when evaluating a checkpoint.
+    /// Image folders: the size the transforms make, S (square) or HxW: training `RandomResizedCrop`
+    /// (with --augment) and evaluation `Resize` + `CenterCrop` (torchvision's). Default: the first
+    /// training image's size when training; the model's input size when evaluating a checkpoint.
     #[arg(long, value_parser = parse_image_size)]
     #[serde(default)]
     pub image_size: Option<[usize; 2]>,
+    /// Image folders: the evaluation transform resizes to floor(size / crop-pct) (the short side
+    /// for a square size) and crops the centre `--image-size` (timm's crop_pct; 224 → 256 → 224).
+    #[arg(long, default_value_t = hp::CROP_PCT)]
+    #[serde(default = "default_crop_pct")]
+    pub crop_pct: f64,
+    /// Image folders: threads that decode, transform and batch images [default: the machine's
+    /// cores minus one, at least 1]. Batches are the same whatever the count.
+    #[arg(long, env = "SENET_WORKERS")]
+    #[serde(skip)]
+    pub workers: Option<usize>,
+    /// Image folders: hold the decoded images in memory (each decoded once per run) when all of
+    /// them fit in this many MB; a larger folder is read from disk every epoch.
+    #[arg(long, value_name = "MB", default_value_t = hp::CACHE_MB)]
+    #[serde(skip, default = "default_cache_mb")]
+    pub cache_mb: u64,
+    /// Image folders: leave out images that fail to decode (counted in the epoch line and
+    /// metrics.csv) instead of stopping the run (saved for --resume, the file named, exit code 1).
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_bad_images: bool,
+    /// Testing the failure path: the data loader panics before making batch K, as a bug would.
+    #[arg(long, hide = true, value_name = "K")]
+    #[serde(skip)]
+    pub fail_loader_at: Option<usize>,
+}
+
+fn default_crop_pct() -> f64 {
+    hp::CROP_PCT
+}
+
+fn default_cache_mb() -> u64 {
+    hp::CACHE_MB
 }
 
 /// `--image-size`: `S` (square) or `HxW`, each 1..=4096.
@@ -71,6 +106,15 @@ pub fn val_count(v: f64, n: usize) -> Result<usize> {
 }
 
 impl DataArgs {
+    /// How the loader works: `--workers`, `--skip-bad-images`, the failure hook.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            workers: self.workers.unwrap_or_else(LoadOptions::default_workers).max(1),
+            skip_bad: self.skip_bad_images,
+            fail_at: self.fail_loader_at,
+        }
+    }
+
     /// Load the dataset the arguments name, resolving the default (CIFAR-10 if present, else the
     /// sample); image folders are resized to `--image-size`, else `image_hw`, else their first image.
     pub fn load(&self, image_hw: Option<[usize; 2]>) -> Result<Splits> {
@@ -126,7 +170,13 @@ impl DataArgs {
             kind == DatasetKind::Folder || self.image_size.is_none(),
             "--image-size resizes image folders (--dataset folder) only; other datasets keep their images' size"
         );
-        let mut splits = data::load(kind, dir, self.image_size.or(image_hw))?;
+        ensure!(self.workers != Some(0), "--workers must be at least 1 (the threads that decode image folders)");
+        let folder = FolderOptions {
+            size: self.image_size.or(image_hw),
+            crop_pct: self.crop_pct,
+            cache_bytes: self.cache_mb.saturating_mul(1 << 20),
+        };
+        let mut splits = data::load(kind, dir, folder)?;
         if let Some(n) = self.limit_test {
             ensure!(n >= 1, "--limit-test must be at least 1");
             splits.test.truncate(n);
@@ -329,7 +379,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = hp::SEED)]
     pub seed: u64,
     /// Learning-rate schedule over the run: constant, step (÷10 at 50 % and 75 % of the epochs,
-    /// the paper's CIFAR schedule) or cosine (to 0 at the end).
+    /// the paper's CIFAR schedule), step30 (÷10 every 30 epochs, the ImageNet recipe's) or cosine
+    /// (to 0 at the end).
     #[arg(long, value_enum, default_value_t = hp::SCHEDULE)]
     #[serde(default)]
     pub schedule: Schedule,
@@ -338,7 +389,9 @@ pub struct TrainArgs {
     #[serde(default)]
     pub warmup_epochs: f64,
     /// A preset: `paper` = the SENet paper's CIFAR recipe (SGD momentum 0.9, lr 0.1, weight decay
-    /// 1e-4, step schedule, random crop + flip, per-channel normalisation). Flags given
+    /// 1e-4, step schedule, random crop + flip, per-channel normalisation); `imagenet` = the
+    /// ImageNet recipe (SGD momentum 0.9, weight decay 1e-4, batch 256, lr 0.1 × batch / 256, ÷10
+    /// every 30 epochs, 100 epochs, RandomResizedCrop + flip, ImageNet mean/std). Flags given
     /// explicitly keep their values.
     #[arg(long, value_enum)]
     #[serde(default)]
@@ -466,6 +519,32 @@ impl TrainArgs {
                 self.schedule = hp::PAPER_SCHEDULE;
             }
             self.augment = !self.no_augment;
+            self.normalize = !self.no_normalize;
+        }
+        if self.recipe == Some(Recipe::Imagenet) {
+            if !given("optimizer") {
+                self.optimizer = OptimizerKind::Sgd;
+            }
+            if !given("batch_size") {
+                self.batch_size = hp::IMAGENET_BATCH_SIZE;
+            }
+            if !given("lr") {
+                self.lr = hp::IMAGENET_LR_PER_256 * self.batch_size as f64 / 256.0;
+            }
+            if !given("momentum") {
+                self.momentum = hp::PAPER_MOMENTUM;
+            }
+            if !given("weight_decay") {
+                self.weight_decay = hp::PAPER_WEIGHT_DECAY;
+            }
+            if !given("schedule") {
+                self.schedule = Schedule::Step30;
+            }
+            if !given("epochs") {
+                self.epochs = Some(hp::IMAGENET_EPOCHS);
+            }
+            self.augment = !self.no_augment;
+            // Image folders normalise with ImageNet's mean/std by default (see `train`'s data setup).
             self.normalize = !self.no_normalize;
         }
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytemuck::{Pod, Zeroable};
 use serde::Serialize;
 
@@ -33,6 +33,111 @@ pub struct BenchArgs {
     /// The plan's precision: f32, or f16 (AMP: f16 activations and convolution operands).
     #[arg(long, value_enum, default_value_t = crate::hparams::PRECISION)]
     pub precision: Precision,
+    /// Time the data pipeline alone (no GPU): the training transforms over --steps batches, then
+    /// the evaluation transforms, of `--dataset folder --data-dir DIR` at --image-size.
+    #[arg(long, requires = "data_dir")]
+    pub data_only: bool,
+    /// With --data-only: the dataset (an image folder).
+    #[arg(long, value_enum, requires = "data_only")]
+    pub dataset: Option<crate::data::DatasetKind>,
+    /// With --data-only: the image folder (DIR/train/<class>/…, DIR/val/ or DIR/test/).
+    #[arg(long, requires = "data_only")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// With --data-only: loader threads [default: the machine's cores minus one, at least 1].
+    #[arg(long, env = "SENET_WORKERS", requires = "data_only")]
+    pub workers: Option<usize>,
+    /// With --data-only: the evaluation transform's crop_pct.
+    #[arg(long, default_value_t = crate::hparams::CROP_PCT)]
+    pub crop_pct: f64,
+    /// With --data-only: hold decoded images in memory when the folder fits in this many MB
+    /// [default: 0, so every pass decodes, as a folder larger than memory is read].
+    #[arg(long, value_name = "MB", default_value_t = 0)]
+    pub cache_mb: u64,
+}
+
+/// `senet bench --data-only`: the loader's throughput.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataBenchReport {
+    pub dataset: String,
+    pub image_size: [usize; 2],
+    pub batch: usize,
+    pub workers: usize,
+    /// Images through the training transforms (decode, RandomResizedCrop, flip, normalise, batch).
+    pub train_images: usize,
+    pub train_images_per_s: f64,
+    /// Images through the evaluation transforms (decode, Resize, CenterCrop, normalise, batch).
+    pub eval_images: usize,
+    pub eval_images_per_s: f64,
+    /// Whether the decoded images were held in memory (`--cache-mb`).
+    pub cached: bool,
+}
+
+/// Time the data pipeline of `args`' image folder: `--steps` training batches (the first epoch's
+/// order), then as many evaluation batches (fewer if the split is smaller). No GPU is used.
+pub fn bench_data(args: &BenchArgs) -> Result<DataBenchReport> {
+    use crate::data::loader::{self, LoadOptions, Preprocess};
+    use crate::data::{DatasetKind, folder};
+    anyhow::ensure!(
+        args.dataset.is_none_or(|k| k == DatasetKind::Folder),
+        "--data-only times image folders (--dataset folder); the in-memory datasets need no loader"
+    );
+    anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
+    anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
+    let dir = args.data_dir.as_deref().context("--data-only needs --data-dir DIR")?;
+    let size = args.input.image_size;
+    let opts =
+        folder::FolderOptions { size, crop_pct: args.crop_pct, cache_bytes: args.cache_mb.saturating_mul(1 << 20) };
+    let splits = folder::load(dir, opts)?;
+    let workers = args.workers.unwrap_or_else(LoadOptions::default_workers).max(1);
+    let [_, h, w] = splits.train.shape;
+    let cached = splits.train.files.as_ref().is_some_and(|f| f.cache.is_some());
+    let pre = |augment| Preprocess {
+        normalize: Some(vec![(0.485, 0.229), (0.456, 0.224), (0.406, 0.225)]),
+        augment,
+        load: LoadOptions { workers, skip_bad: false, fail_at: None },
+    };
+    let time = |ds: crate::data::Dataset, augment: bool, shuffle: bool| -> Result<(usize, f64)> {
+        let ds = Arc::new(ds);
+        let order = loader::epoch_order(ds.len(), shuffle, 0, 1);
+        let chunks: Vec<Vec<usize>> = order.chunks(args.batch_size).take(args.steps).map(<[usize]>::to_vec).collect();
+        let t = Instant::now();
+        let mut n = 0;
+        for b in loader::stream(ds, chunks, pre(augment), 0, 1) {
+            n += b?.labels.len();
+        }
+        Ok((n, t.elapsed().as_secs_f64()))
+    };
+    let (train_images, train_s) = time(splits.train, true, true)?;
+    let (eval_images, eval_s) = time(splits.test, false, false)?;
+    Ok(DataBenchReport {
+        dataset: splits.name,
+        image_size: [h, w],
+        batch: args.batch_size,
+        workers,
+        train_images,
+        train_images_per_s: train_images as f64 / train_s,
+        eval_images,
+        eval_images_per_s: eval_images as f64 / eval_s,
+        cached,
+    })
+}
+
+/// The `--data-only` report as text.
+pub fn format_data_report(r: &DataBenchReport) -> String {
+    format!(
+        "data pipeline of {} at {}x{}, batch {}, {} workers{}:\n  training transforms   {:>8.1} images/s ({} images)\n  \
+         evaluation transforms {:>8.1} images/s ({} images)\n",
+        r.dataset,
+        r.image_size[0],
+        r.image_size[1],
+        r.batch,
+        r.workers,
+        if r.cached { ", decoded images held in memory" } else { ", decoding every image" },
+        r.train_images_per_s,
+        r.train_images,
+        r.eval_images_per_s,
+        r.eval_images
+    )
 }
 
 /// One row of the per-kernel table.

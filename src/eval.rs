@@ -61,8 +61,46 @@ pub(crate) fn read_correct5(net: &Network, plans: &HashMap<usize, StepPlan>, eva
     Ok(s)
 }
 
-/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy, top-5 accuracy). A bar
-/// named `what` shows the pass on a terminal.
+/// Run `batches` through `net` in eval mode, each in the plan of its size (a batch that
+/// `--skip-bad-images` made short in one built for it, kept in `extra`); the unreadable files left
+/// out are named on stderr and counted.
+fn eval_batches(
+    net: &Network,
+    plans: &HashMap<usize, StepPlan>,
+    extra: &mut HashMap<usize, StepPlan>,
+    batches: impl Iterator<Item = Result<loader::Batch>>,
+    pb: &ProgressBar,
+) -> Result<usize> {
+    let mut skipped = 0;
+    for b in batches {
+        let b = b?;
+        for bad in &b.skipped {
+            pb.suspend(|| eprintln!("skipped (--skip-bad-images): {bad}"));
+        }
+        skipped += b.skipped.len();
+        let n = b.labels.len();
+        if n > 0 {
+            if !plans.contains_key(&n) && !extra.contains_key(&n) {
+                extra.insert(n, net.plan(n)?);
+            }
+            let plan = plans.get(&n).or_else(|| extra.get(&n)).context("no plan for this batch size")?;
+            plan.write_batch(&net.gpu, &b.images, &b.labels)?;
+            net.eval_batch(plan);
+        }
+        pb.inc(1);
+    }
+    Ok(skipped)
+}
+
+/// (loss sum, correct, count, top-5 correct) of the eval metrics of `plans` and `extra`.
+fn eval_sums(net: &Network, plans: &HashMap<usize, StepPlan>, extra: &HashMap<usize, StepPlan>) -> Result<[f64; 4]> {
+    let (a, b) = (read_sums(net, plans, true)?, read_sums(net, extra, true)?);
+    let c5 = read_correct5(net, plans, true)? + read_correct5(net, extra, true)?;
+    Ok([a.0 + b.0, a.1 + b.1, a.2 + b.2, c5])
+}
+
+/// Evaluate on `ds` with batch norm in eval mode: (mean loss, accuracy, top-5 accuracy, image
+/// files left out as unreadable). A bar named `what` shows the pass on a terminal.
 pub fn evaluate(
     net: &Network,
     plans: &HashMap<usize, StepPlan>,
@@ -70,22 +108,17 @@ pub fn evaluate(
     batch: usize,
     pre: &Preprocess,
     what: &str,
-) -> Result<(f64, f64, f64)> {
+) -> Result<(f64, f64, f64, usize)> {
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
     let pb = bar(ds.len().div_ceil(batch.max(1)) as u64, what.to_string());
-    for b in loader::epoch_batches(ds.clone(), batch, Preprocess { augment: false, ..pre.clone() }, false, 0, 0) {
-        let b = b?;
-        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
-        plan.write_batch(&net.gpu, &b.images, &b.labels)?;
-        net.eval_batch(plan);
-        pb.inc(1);
-    }
+    let batches = loader::epoch_batches(ds.clone(), batch, Preprocess { augment: false, ..pre.clone() }, false, 0, 0);
+    let mut extra = HashMap::new();
+    let skipped = eval_batches(net, plans, &mut extra, batches, &pb)?;
     pb.finish_and_clear();
-    let (loss, correct, count) = read_sums(net, plans, true)?;
-    let correct5 = read_correct5(net, plans, true)?;
-    Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0)))
+    let [loss, correct, count, correct5] = eval_sums(net, plans, &extra)?;
+    Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0), skipped))
 }
 
 /// [`evaluate`] split over the ranks of a data-parallel job: the test set is cut into the same
@@ -96,34 +129,35 @@ pub fn evaluate(
 pub fn evaluate_sharded(
     net: &Network,
     plans: &HashMap<usize, StepPlan>,
-    ds: &data::Dataset,
+    ds: &Arc<data::Dataset>,
     batch: usize,
     pre: &Preprocess,
     dist: &Dist,
     what: &str,
-) -> Result<(f64, f64, f64)> {
+) -> Result<(f64, f64, f64, usize)> {
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
     let pre = Preprocess { augment: false, ..pre.clone() };
     let order: Vec<usize> = (0..ds.len()).collect();
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
     // Rank 0's share on its bar; the other ranks draw nothing.
-    let batches = order.chunks(batch.max(1)).skip(dist.rank).step_by(dist.size.max(1));
-    let pb = if dist.is_root() { bar(batches.len() as u64, what.to_string()) } else { ProgressBar::hidden() };
-    for idx in batches {
-        let b = loader::make_batch(ds, idx, &pre, &mut rng);
-        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
-        plan.write_batch(&net.gpu, &b.images, &b.labels)?;
-        net.eval_batch(plan);
-        pb.inc(1);
-    }
+    let mine: Vec<Vec<usize>> =
+        order.chunks(batch.max(1)).skip(dist.rank).step_by(dist.size.max(1)).map(<[usize]>::to_vec).collect();
+    let pb = if dist.is_root() { bar(mine.len() as u64, what.to_string()) } else { ProgressBar::hidden() };
+    let batches: Box<dyn Iterator<Item = Result<loader::Batch>>> = if ds.files.is_some() {
+        Box::new(loader::stream(ds.clone(), mine, pre, 0, 0))
+    } else {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+        let ds = ds.clone();
+        Box::new(mine.into_iter().map(move |idx| Ok(loader::make_batch(&ds, &idx, &pre, &mut rng))))
+    };
+    let mut extra = HashMap::new();
+    let skipped = eval_batches(net, plans, &mut extra, batches, &pb)?;
     pb.finish_and_clear();
-    let (loss, correct, count) = read_sums(net, plans, true)?;
-    let mut sums = [loss, correct, count, read_correct5(net, plans, true)?];
+    let mut sums = eval_sums(net, plans, &extra)?;
     dist.all_reduce_sum_f64(&mut sums)?;
     let [loss, correct, count, correct5] = sums;
-    Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0)))
+    Ok((loss / count.max(1.0), correct / count.max(1.0), correct5 / count.max(1.0), skipped))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,22 +275,34 @@ pub fn evaluate_checkpoint(
     let mut net = Network::new_in(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0, args.precision)?;
     checkpoint::apply(&mut net, &sd, &args.checkpoint.display().to_string())?;
     let plans = plans_for(&net, args.batch_size, &[test.len()])?;
-    let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
+    let pre = Preprocess { normalize: config.normalize.clone(), augment: false, load: args.data.load_options() };
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }
     // On a terminal, a bar on stderr (stdout stays the report, or the --json object); else nothing.
     let pb = bar(test.len().div_ceil(args.batch_size) as u64, "eval".to_string());
+    let mut extra = HashMap::new();
     for b in loader::epoch_batches(test.clone(), args.batch_size, pre, false, 0, 0) {
         let b = b?;
-        let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
+        for bad in &b.skipped {
+            pb.suspend(|| eprintln!("skipped (--skip-bad-images): {bad}"));
+        }
+        let n = b.labels.len();
+        if n == 0 {
+            continue;
+        }
+        if !plans.contains_key(&n) && !extra.contains_key(&n) {
+            extra.insert(n, net.plan(n)?);
+        }
+        let plan = plans.get(&n).or_else(|| extra.get(&n)).context("no plan for this batch size")?;
         plan.write_batch(&net.gpu, &b.images, &b.labels)?;
         net.eval_batch(plan);
         on_batch(&net, plan, &b.labels)?;
         pb.inc(1);
     }
     pb.finish_and_clear();
-    Ok((config, read_sums(&net, &plans, true)?))
+    let [loss, correct, count, _] = eval_sums(&net, &plans, &extra)?;
+    Ok((config, (loss, correct, count)))
 }
 
 pub fn eval(gpu: Arc<Gpu>, args: &EvalArgs) -> Result<EvalReport> {
@@ -370,11 +416,17 @@ pub fn predict(
     let plan = net.plan(1)?;
     let [h, w] = config.input_hw;
     let c = config.in_channels;
-    let pre = Preprocess { normalize: config.normalize.clone(), augment: false };
+    let pre = Preprocess { normalize: config.normalize.clone(), ..Preprocess::default() };
     let mut out = Vec::new();
     for path in images {
         let pixels = data::folder::decode(path, c, [h, w])?;
-        let ds = data::Dataset { shape: [c, h, w], images: pixels, labels: vec![0], classes: vec![String::new()] };
+        let ds = data::Dataset {
+            shape: [c, h, w],
+            images: pixels,
+            labels: vec![0],
+            classes: vec![String::new()],
+            files: None,
+        };
         let batch = loader::make_batch(&ds, &[0], &pre, &mut rand::SeedableRng::seed_from_u64(0));
         plan.write_batch(&net.gpu, &batch.images, &[0])?;
         net.eval_batch(&plan);

@@ -72,6 +72,27 @@ pub const PAPER_MOMENTUM: f64 = 0.9;
 pub const PAPER_WEIGHT_DECAY: f64 = 1e-4;
 pub const PAPER_SCHEDULE: Schedule = Schedule::Step;
 
+// --- The ImageNet recipe (`--recipe imagenet`; flags given explicitly win) ----------------------
+/// SGD with momentum 0.9 and weight decay 1e-4 (the paper's), lr 0.1 per 256 images scaled
+/// linearly with the batch (Goyal et al.; torchvision's reference recipe), ÷10 every
+/// `STEP30_EPOCHS` epochs (`--schedule step30`), 100 epochs; RandomResizedCrop + flip and the
+/// ImageNet mean/std.
+pub const IMAGENET_BATCH_SIZE: usize = 256;
+pub const IMAGENET_LR_PER_256: f64 = 0.1;
+pub const IMAGENET_EPOCHS: usize = 100;
+/// `--schedule step30`: the learning rate is multiplied by `STEP_FACTOR` every this many epochs.
+pub const STEP30_EPOCHS: usize = 30;
+
+// --- Image folders ----------------------------------------------------------------------------
+/// timm's default crop_pct: the evaluation transform resizes to size / 0.875 and crops the centre.
+pub const CROP_PCT: f64 = 0.875;
+/// Hold a folder's decoded images in memory when they fit in this many MB.
+pub const CACHE_MB: u64 = 1024;
+/// The per-channel mean and std of ImageNet's training images (torchvision's and timm's
+/// defaults): image folders are normalised with them unless `--mean/--std` say otherwise.
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
 // --- Precision (`--precision`) ---------------------------------------------------------------
 /// f32 everywhere; f16 is AMP, opted into.
 pub const PRECISION: Precision = Precision::F32;
@@ -101,12 +122,15 @@ pub enum Schedule {
     Constant,
     Step,
     Cosine,
+    /// ÷10 every 30 epochs (`STEP30_EPOCHS`), the ImageNet recipe's.
+    Step30,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Recipe {
     Paper,
+    Imagenet,
 }
 
 /// The learning rate of (0-based) step `step` of `total` steps, `per_epoch` steps an epoch.
@@ -123,6 +147,7 @@ pub fn lr_at(base: f64, schedule: Schedule, warmup_epochs: f64, step: usize, per
             let drops = STEP_MILESTONES.iter().filter(|&&(num, den)| den * epoch >= num * epochs).count();
             base * STEP_FACTOR.powi(drops as i32)
         }
+        Schedule::Step30 => base * STEP_FACTOR.powi((step / per_epoch.max(1) / STEP30_EPOCHS) as i32),
         Schedule::Cosine => {
             let t = (step - warmup) as f64 / (total - warmup).max(1) as f64;
             base * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())

@@ -227,6 +227,14 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 print!("{}", senet_wgpu::bench::format_plan(&rows));
             }
         }
+        Command::Bench(args) if args.data_only => {
+            let report = senet_wgpu::bench::bench_data(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", senet_wgpu::bench::format_data_report(&report));
+            }
+        }
         Command::Bench(args) => {
             // `mpirun -np N senet bench`: rank 0 alone, then all ranks data-parallel.
             let dist = senet_wgpu::dist::Dist::init()?;

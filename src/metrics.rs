@@ -25,9 +25,13 @@ pub struct EpochMetrics {
     /// The learning rate of the epoch's last step.
     #[serde(default)]
     pub lr: f64,
+    /// Image-folder files left out because they failed to decode (`--skip-bad-images`), in the
+    /// epoch's training and evaluation passes.
+    #[serde(default)]
+    pub skipped_images: usize,
 }
 
-pub const CSV_HEADER: &str = "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s,val_loss,val_acc,test_top5_acc,val_top5_acc,lr";
+pub const CSV_HEADER: &str = "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s,val_loss,val_acc,test_top5_acc,val_top5_acc,lr,skipped_images";
 
 /// An optional figure as a CSV field: empty when absent.
 fn field(v: Option<f64>) -> String {
@@ -38,7 +42,7 @@ impl EpochMetrics {
     /// The metrics.csv line, newline included.
     pub fn csv_line(&self) -> String {
         format!(
-            "{},{},{},{},{},{:.3},{:.1},{},{},{},{},{}\n",
+            "{},{},{},{},{},{:.3},{:.1},{},{},{},{},{},{}\n",
             self.epoch,
             self.train_loss,
             self.train_acc,
@@ -50,7 +54,8 @@ impl EpochMetrics {
             field(self.val_acc),
             self.test_top5_acc,
             field(self.val_top5_acc),
-            self.lr
+            self.lr,
+            self.skipped_images
         )
     }
 
@@ -68,8 +73,13 @@ impl EpochMetrics {
             (Some(l), Some(a)) => format!(" {l:>9.4} {a:>8.4}"),
             _ => String::new(),
         };
+        let skipped = if self.skipped_images > 0 {
+            format!("  ({} unreadable images skipped)", self.skipped_images)
+        } else {
+            String::new()
+        };
         format!(
-            "{:>5} {:>10.4} {:>9.4}{v} {:>10.4} {:>9.4} {:>8.1} {:>9.0}",
+            "{:>5} {:>10.4} {:>9.4}{v} {:>10.4} {:>9.4} {:>8.1} {:>9.0}{skipped}",
             self.epoch,
             self.train_loss,
             self.train_acc,

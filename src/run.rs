@@ -74,12 +74,19 @@ pub fn resumed_args(args: &TrainArgs) -> Result<Option<TrainArgs>> {
     saved.out = dir.clone();
     saved.epochs = args.epochs.or(saved.epochs);
     saved.resume = Some(dir.clone());
+    // How the loader works, not what it makes: this command line's. --skip-bad-images may be
+    // added to continue past an unreadable file that stopped the run.
+    saved.data.workers = args.data.workers;
+    saved.data.cache_mb = args.data.cache_mb;
+    saved.data.fail_loader_at = args.data.fail_loader_at;
+    saved.data.skip_bad_images |= args.data.skip_bad_images;
     Ok(Some(saved))
 }
 
 /// `--resume RUN_DIR` with flags given on the command line (`given`: their clap ids, the field
 /// names) that differ from the run's own settings: an error naming each with both values.
-/// `--epochs` (may raise the total) and `--resume` itself are exempt.
+/// `--epochs` (may raise the total), `--skip-bad-images` (may be added) and `--resume` itself are
+/// exempt.
 pub fn resume_conflicts(args: &TrainArgs, given: &[&str]) -> Result<()> {
     let Some(dir) = &args.resume else { return Ok(()) };
     let flat = |a: &TrainArgs| -> Result<serde_json::Map<String, serde_json::Value>> {
@@ -99,7 +106,7 @@ pub fn resume_conflicts(args: &TrainArgs, given: &[&str]) -> Result<()> {
         other => other.to_string(),
     };
     let mut diffs = Vec::new();
-    for id in given.iter().filter(|id| !matches!(**id, "epochs" | "resume")) {
+    for id in given.iter().filter(|id| !matches!(**id, "epochs" | "resume" | "skip_bad_images")) {
         let theirs = theirs.get(*id).unwrap_or(&serde_json::Value::Null);
         if let Some(ours) = ours.get(*id).filter(|v| *v != theirs) {
             diffs.push(format!("--{} {} (the run has {})", id.replace('_', "-"), show(ours), show(theirs)));

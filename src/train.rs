@@ -5,6 +5,7 @@
 //! `train/replicas.rs`. The kernels live in `ops/`, the step plans in `model::plan` (one
 //! data-parallel step in `model::data_parallel`).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use indicatif::ProgressBar;
 use crate::args::TrainArgs;
 use crate::checkpoint;
 use crate::data::Dataset;
+use crate::data::folder::BadImage;
 use crate::data::loader::{self, Preprocess};
 use crate::dist::{self, Collective, Dist};
 use crate::eval::{evaluate, evaluate_sharded, plans_for, read_sums};
@@ -100,13 +102,15 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     let t = Trainer {
         args,
         gpu,
-        pre: Preprocess { normalize: config.normalize.clone(), augment: args.augment },
-        plans,
+        pre: Preprocess { normalize: config.normalize.clone(), augment: args.augment, load: args.data.load_options() },
+        plans: RefCell::new(plans),
         steps_per_epoch,
         total_steps: steps_per_epoch * args.epochs(),
         first_epoch: state.history.len() + 1,
         dist,
         reduce_secs: std::cell::Cell::new(0.0),
+        data_secs: std::cell::Cell::new(0.0),
+        skipped: std::cell::Cell::new(0),
         sync_bn_secs: std::cell::Cell::new(0.0),
         resumed: std::cell::Cell::new((0, 0.0)),
         clock: std::cell::RefCell::new(RunClock::default()),
@@ -133,8 +137,9 @@ struct Trainer<'a> {
     args: &'a TrainArgs,
     gpu: Arc<Gpu>,
     pre: Preprocess,
-    /// One plan per batch size an epoch uses (full and the last partial, training and test).
-    plans: HashMap<usize, StepPlan>,
+    /// One plan per batch size an epoch uses (full and the last partial, training and test; a
+    /// batch short of images `--skip-bad-images` left out gets one when it comes).
+    plans: RefCell<HashMap<usize, StepPlan>>,
     steps_per_epoch: usize,
     total_steps: usize,
     /// The first epoch this process trains (after the resumed run's finished ones).
@@ -143,6 +148,10 @@ struct Trainer<'a> {
     dist: &'a Dist,
     /// Seconds spent in the gradient all-reduce this epoch (the progress line shows its share).
     reduce_secs: std::cell::Cell<f64>,
+    /// Seconds the training loop waited for the data loader this epoch (timm's data_time).
+    data_secs: std::cell::Cell<f64>,
+    /// Image-folder files left out this epoch (`--skip-bad-images`), training and evaluation.
+    skipped: std::cell::Cell<usize>,
     /// Seconds spent in `--sync-bn`'s batch-norm exchanges this epoch (shown beside it).
     sync_bn_secs: std::cell::Cell<f64>,
     /// (steps, images) of this epoch restored from a resumed run's sums, not timed by this process:
@@ -162,23 +171,47 @@ impl Trainer<'_> {
         let (args, dist) = (self.args, self.dist);
         let t0 = Instant::now();
         let partial = state.partial.take();
+        self.skipped.set(0);
         let ((l, c, n), train_secs) = self.train_epoch(net, run.as_deref(), state, epoch, partial, t0)?;
         let t_eval = Instant::now();
         let label = |set: &str| format!("epoch {epoch}/{} {set}", args.epochs());
+        // An unreadable evaluation image stops the run as one in training does: saved with the
+        // epoch's training steps done, so --resume goes straight to the evaluation.
+        let bad_stop = |e: anyhow::Error| match e.downcast_ref::<BadImage>() {
+            Some(bad) if dist.size == 1 => {
+                self.stop_on_bad_image(net, run.as_deref(), state, epoch, self.steps_per_epoch, bad)
+            }
+            _ => e,
+        };
         // --val-split is refused under mpirun (train_dist): one process evaluates it whole.
         let val = match &self.val_set {
-            Some(v) => Some(evaluate(net, &self.plans, v, args.batch_size, &self.pre, &label("validation"))?),
+            Some(v) => {
+                let r = evaluate(net, &self.plans.borrow(), v, args.batch_size, &self.pre, &label("validation"))
+                    .map_err(bad_stop)?;
+                self.skipped.set(self.skipped.get() + r.3);
+                Some((r.0, r.1, r.2))
+            }
             None => None,
         };
-        let (test_loss, test_acc, test_top5_acc) = if dist.size > 1 {
+        let (test_loss, test_acc, test_top5_acc, test_skipped) = if dist.size > 1 {
             let sum = replicas::same_weights_on_every_rank(net, dist, epoch)?;
             self.say(format!("epoch {epoch}: weights identical on all {} ranks (checksum {sum:016x})", dist.size));
             // The model's running statistics are rank 0's, as DDP's broadcast_buffers makes them.
             replicas::broadcast_bn_buffers(net, dist)?;
-            evaluate_sharded(net, &self.plans, &self.test_set, args.batch_size, &self.pre, dist, &label("test"))?
+            evaluate_sharded(
+                net,
+                &self.plans.borrow(),
+                &self.test_set,
+                args.batch_size,
+                &self.pre,
+                dist,
+                &label("test"),
+            )?
         } else {
-            evaluate(net, &self.plans, &self.test_set, args.batch_size, &self.pre, &label("test"))?
+            evaluate(net, &self.plans.borrow(), &self.test_set, args.batch_size, &self.pre, &label("test"))
+                .map_err(bad_stop)?
         };
+        self.skipped.set(self.skipped.get() + test_skipped);
         self.clock.borrow_mut().eval_done(self.eval_images_per_epoch(), t_eval.elapsed().as_secs_f64());
         let m = EpochMetrics {
             epoch,
@@ -194,6 +227,7 @@ impl Trainer<'_> {
             test_top5_acc,
             val_top5_acc: val.map(|v| v.2),
             lr: self.lr_at(epoch, self.steps_per_epoch),
+            skipped_images: self.skipped.get(),
         };
         self.say(m.table_row());
         match run {
@@ -222,10 +256,11 @@ impl Trainer<'_> {
         t0: Instant,
     ) -> Result<((f64, f64, f64), f64)> {
         let (args, gpu) = (self.args, &self.gpu);
-        for p in self.plans.values() {
+        for p in self.plans.borrow().values() {
             clear_metrics(gpu, &p.train_result);
         }
         self.reduce_secs.set(0.0);
+        self.data_secs.set(0.0);
         self.sync_bn_secs.set(0.0);
         let skip = self.restore_partial(partial);
         let pb = if self.dist.is_root() {
@@ -236,10 +271,34 @@ impl Trainer<'_> {
         pb.set_position(skip as u64);
         self.clock.borrow_mut().start_epoch(skip, Instant::now());
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
-        // Skipped batches are still made, so the augmentation's random stream is where it was.
-        for (step, b) in self.batches(epoch).enumerate().skip(skip) {
-            let b = b?;
-            let plan = self.plans.get(&b.labels.len()).context("no plan for this batch size")?;
+        // The time spent waiting for each batch is the loader's share of the step (data_time).
+        let mut batches = self.batches(epoch, skip);
+        let timed = std::iter::from_fn(|| {
+            let t = Instant::now();
+            let b = batches.next();
+            self.data_secs.set(self.data_secs.get() + t.elapsed().as_secs_f64());
+            b
+        });
+        for (step, b) in (skip..).zip(timed) {
+            let b = match b {
+                Ok(b) => b,
+                Err(e) => {
+                    pb.finish_and_clear();
+                    return Err(match e.downcast_ref::<BadImage>() {
+                        // The steps before this batch are done: saved, so --resume starts at it.
+                        Some(bad) if self.dist.size == 1 => self.stop_on_bad_image(net, run, state, epoch, step, bad),
+                        _ => e,
+                    });
+                }
+            };
+            self.note_skipped(&b.skipped, &pb);
+            if b.labels.is_empty() {
+                pb.inc(1); // every image of the batch was left out
+                continue;
+            }
+            self.plan_for(net, b.labels.len())?;
+            let plans = self.plans.borrow();
+            let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(gpu, &b.images, &b.labels)?;
             net.set_lr(self.lr_at(epoch, step + 1));
             if args.profile && step == skip && epoch == args.epochs().min(self.first_epoch + 1) {
@@ -278,17 +337,65 @@ impl Trainer<'_> {
         self.epoch_sums(net, epoch).map(|sums| (sums, t0.elapsed().as_secs_f64()))
     }
 
-    /// This rank's batches of `epoch`: its share of the epoch's order; rank 0's augmentation
-    /// stream is one process's.
-    fn batches(&self, epoch: usize) -> loader::Batches {
+    /// This rank's batches of `epoch` from batch `skip` on: its share of the epoch's order; rank
+    /// 0's augmentation stream is one process's. In-memory datasets still make the skipped
+    /// batches (their augmentation is one stream per epoch, which must be where it was); an image
+    /// folder's draws are per sample, so its loader starts at batch `skip`.
+    fn batches(&self, epoch: usize, skip: usize) -> Box<dyn Iterator<Item = Result<loader::Batch>>> {
         let (args, rank, size) = (self.args, self.dist.rank, self.dist.size);
         let order = dist::shard(&loader::epoch_order(self.train_set.len(), true, args.seed, epoch), rank, size);
+        if self.train_set.files.is_some() {
+            let chunks = order.chunks(args.batch_size).skip(skip).map(<[usize]>::to_vec).collect();
+            return Box::new(loader::stream(self.train_set.clone(), chunks, self.pre.clone(), args.seed, epoch));
+        }
         let aug_seed = args
             .seed
             .wrapping_add(0x5EED)
             .wrapping_add(epoch as u64)
             .wrapping_add((rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        loader::batches_of(self.train_set.clone(), order, args.batch_size, self.pre.clone(), aug_seed)
+        Box::new(
+            loader::batches_of(self.train_set.clone(), order, args.batch_size, self.pre.clone(), aug_seed).skip(skip),
+        )
+    }
+
+    /// Make sure a plan for batches of `n` exists (a batch `--skip-bad-images` made short).
+    fn plan_for(&self, net: &Network, n: usize) -> Result<()> {
+        if !self.plans.borrow().contains_key(&n) {
+            let p = net.plan(n)?;
+            self.plans.borrow_mut().insert(n, p);
+        }
+        Ok(())
+    }
+
+    /// Name the files `--skip-bad-images` left out of a batch, and count them.
+    fn note_skipped(&self, skipped: &[BadImage], pb: &ProgressBar) {
+        for bad in skipped {
+            pb.suspend(|| eprintln!("skipped (--skip-bad-images): {bad}"));
+        }
+        self.skipped.set(self.skipped.get() + skipped.len());
+    }
+
+    /// An image failed to decode in `epoch` after `steps` steps (without `--skip-bad-images`):
+    /// save the run as a signal would (resume.safetensors, to continue at this batch) and return
+    /// the error that names the file and ends the run with exit code 1.
+    fn stop_on_bad_image(
+        &self,
+        net: &Network,
+        run: Option<&RunFolder>,
+        state: &RunState,
+        epoch: usize,
+        steps: usize,
+        bad: &BadImage,
+    ) -> anyhow::Error {
+        if let Err(e) = self.save_partial(net, run, state, steps) {
+            return e.context(format!("{bad}; saving the run to continue after it failed"));
+        }
+        crate::exit::runtime(format!(
+            "{bad}. Stopped in epoch {epoch} after step {steps}; saved {}. Replace or remove the file and continue \
+             with: senet train --resume {} (add --skip-bad-images to leave unreadable files out)",
+            self.args.out.join(run::RESUME_FILE).display(),
+            self.args.out.display()
+        ))
     }
 
     /// A signal stopped the run after `steps` steps of `epoch`, short of its end: save everything
@@ -302,9 +409,19 @@ impl Trainer<'_> {
         epoch: usize,
         steps: usize,
     ) -> anyhow::Error {
-        let saved = (|| {
+        match self.save_partial(net, run, state, steps) {
+            Ok(()) => {
+                run::interrupted(&self.args.out, epoch, steps, !self.dist.is_root()).into()
+            }
+            Err(e) => e,
+        }
+    }
+
+    /// Save the run `steps` steps into the current epoch (each rank's metric sums kept apart).
+    fn save_partial(&self, net: &Network, run: Option<&RunFolder>, state: &RunState, steps: usize) -> Result<()> {
+        (|| {
             self.gpu.wait()?;
-            let (l, c, n) = read_sums(net, &self.plans, false)?;
+            let (l, c, n) = read_sums(net, &self.plans.borrow(), false)?;
             let per_rank: Vec<EpochSums> = if self.dist.size > 1 {
                 crate::exit::request_stop();
                 let all = self.dist.all_gather_f32(&[l as f32, c as f32, n as f32])?;
@@ -317,23 +434,20 @@ impl Trainer<'_> {
                 None => Ok(()),
             };
             self.dist.agree_with_root(saved)
-        })();
-        match saved {
-            Ok(()) => run::interrupted(&self.args.out, epoch, steps, !self.dist.is_root()).into(),
-            Err(e) => e,
-        }
+        })()
     }
 
     /// The epoch's (loss sum, correct, count) over every rank; a non-finite loss names where the
     /// run diverged. Every rank sees the same sums, so they end together.
     fn epoch_sums(&self, net: &Network, epoch: usize) -> Result<(f64, f64, f64)> {
-        let (l, c, n) = read_sums(net, &self.plans, false)?;
+        let (l, c, n) = read_sums(net, &self.plans.borrow(), false)?;
         let mut sums = [l, c, n];
         self.dist.all_reduce_sum_f64(&mut sums)?;
         if !sums[0].is_finite() {
             let shard_len = self.train_set.len().div_ceil(self.dist.size);
             let tail = shard_len - (self.steps_per_epoch - 1) * self.args.batch_size;
-            let last = self.plans.get(&tail).context("no plan for the last batch")?;
+            let plans = self.plans.borrow();
+            let last = plans.get(&tail).context("no plan for the last batch")?;
             let e = divergence(net, last, epoch, self.steps_per_epoch);
             return Err(if self.dist.size > 1 { Collective(format!("{e:#}")).into() } else { e });
         }
@@ -364,7 +478,7 @@ impl Trainer<'_> {
             let sums = per_rank.get(self.dist.rank).copied().unwrap_or((0.0, 0.0, 0.0));
             self.resumed.set((steps, f64::from(sums.2)));
             let shard_len = self.train_set.len().div_ceil(self.dist.size);
-            if let Some(p) = self.plans.get(&self.args.batch_size.min(shard_len)) {
+            if let Some(p) = self.plans.borrow().get(&self.args.batch_size.min(shard_len)) {
                 let mut v = [0.0f32; result::LEN];
                 (v[result::SUM_LOSS], v[result::SUM_CORRECT], v[result::SUM_COUNT]) = sums;
                 self.gpu.queue.write_buffer(&p.train_result.buffer, p.train_result.offset, bytemuck::cast_slice(&v));

@@ -181,6 +181,8 @@ fn se_resnet18_trains_on_an_image_folder_at_a_larger_size() {
             "0.125",
             "--reduction",
             "4",
+            // A bare state dict holds no normalisation: compared below with the run's own.
+            "--no-normalize",
         ])
         .args(["--epochs", "1", "--batch-size", "20", "--data-dir"])
         .arg(&folder)
@@ -535,7 +537,7 @@ fn plan_prints_one_step_in_order() {
     assert!(lines[n - 1].contains("adam_step"), "{text}");
 }
 
-/// A failure in the data-loading thread (injected by SENET_FAIL_LOADER_AT, a panic as a bug would
+/// A failure in the data-loading thread (injected by --fail-loader-at, a panic as a bug would
 /// be) ends `train` and `eval` with that error and exit code 1, a runtime failure; the epoch it
 /// cut short is not recorded as finished.
 #[test]
@@ -545,10 +547,9 @@ fn a_data_loader_failure_ends_the_run_with_exit_code_1() {
         let mut cmd = senet();
         cmd.args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "32", "--epochs", "1"])
             .args(["--limit-train", "96", "--limit-test", "32", "--out"])
-            .arg(out)
-            .env_remove("SENET_FAIL_LOADER_AT");
+            .arg(out);
         if let Some(k) = fail {
-            cmd.env("SENET_FAIL_LOADER_AT", k);
+            cmd.args(["--fail-loader-at", k]);
         }
         cmd.output().unwrap()
     };
@@ -567,7 +568,7 @@ fn a_data_loader_failure_ends_the_run_with_exit_code_1() {
     let o = senet()
         .args(["eval", "--dataset", "sample", "--limit-test", "64", "--batch-size", "16", "--checkpoint"])
         .arg(good.join("last.safetensors"))
-        .env("SENET_FAIL_LOADER_AT", "2")
+        .args(["--fail-loader-at", "2"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
+use senet_wgpu::data::folder::FolderOptions;
 use senet_wgpu::data::loader::{self, Preprocess};
 use senet_wgpu::data::{self, DatasetKind, cifar10, idx};
 
@@ -36,8 +37,8 @@ fn idx_raw_and_gzip_load_the_same() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     write_idx(a.path(), 12, 5, 4, 3, false);
     write_idx(b.path(), 12, 5, 4, 3, true);
-    let ra = data::load(DatasetKind::Mnist, Some(a.path()), None).unwrap();
-    let rb = data::load(DatasetKind::Mnist, Some(b.path()), None).unwrap();
+    let ra = data::load(DatasetKind::Mnist, Some(a.path()), FolderOptions::default()).unwrap();
+    let rb = data::load(DatasetKind::Mnist, Some(b.path()), FolderOptions::default()).unwrap();
     assert_eq!(ra.train, rb.train);
     assert_eq!(ra.train.shape, [1, 4, 3]);
     assert_eq!(ra.train.len(), 12);
@@ -63,7 +64,7 @@ fn idx_errors_name_the_file_and_the_problem() {
     // Counts that disagree, and corrupt gzip.
     write_idx(dir.path(), 4, 2, 2, 2, false);
     std::fs::write(dir.path().join("train-labels-idx1-ubyte"), idx::encode(&[1, 2, 3], 3, None)).unwrap();
-    let err = format!("{:#}", data::load(DatasetKind::Mnist, Some(dir.path()), None).unwrap_err());
+    let err = format!("{:#}", data::load(DatasetKind::Mnist, Some(dir.path()), FolderOptions::default()).unwrap_err());
     assert!(err.contains("4 images") && err.contains("3 labels"), "{err}");
     std::fs::write(&p, [0x1f, 0x8b, 8, 0, 1, 2, 3]).unwrap();
     let err = format!("{:#}", idx::read_maybe_gz(&p).unwrap_err());
@@ -89,7 +90,7 @@ fn cifar10_binary_batches_load() {
     }
     std::fs::write(bin.join(cifar10::TEST_FILE), cifar_records(2, |_| 9)).unwrap();
     assert!(cifar10::present(dir.path()));
-    let s = data::load(DatasetKind::Cifar10, Some(dir.path()), None).unwrap();
+    let s = data::load(DatasetKind::Cifar10, Some(dir.path()), FolderOptions::default()).unwrap();
     assert_eq!(s.train.len(), 15);
     assert_eq!(s.test.len(), 2);
     assert_eq!(s.train.shape, [3, 32, 32]);
@@ -102,7 +103,7 @@ fn cifar10_binary_batches_load() {
 
 #[test]
 fn cifar10_errors_name_the_file_and_the_problem() {
-    let mut ds = data::Dataset { shape: [3, 32, 32], images: vec![], labels: vec![], classes: vec![] };
+    let mut ds = data::Dataset { shape: [3, 32, 32], images: vec![], labels: vec![], classes: vec![], files: None };
     let err = cifar10::parse_into(&[], "data_batch_1.bin", &mut ds).unwrap_err().to_string();
     assert!(err.contains("data_batch_1.bin") && err.contains("empty"), "{err}");
     let err =
@@ -112,7 +113,8 @@ fn cifar10_errors_name_the_file_and_the_problem() {
         cifar10::parse_into(&cifar_records(2, |i| 9 + i as u8), "test_batch.bin", &mut ds).unwrap_err().to_string();
     assert!(err.contains("record 1 has label 10"), "{err}");
     let dir = tempfile::tempdir().unwrap();
-    let err = format!("{:#}", data::load(DatasetKind::Cifar10, Some(dir.path()), None).unwrap_err());
+    let err =
+        format!("{:#}", data::load(DatasetKind::Cifar10, Some(dir.path()), FolderOptions::default()).unwrap_err());
     assert!(err.contains("data_batch_1.bin") && err.contains("--download"), "{err}");
 }
 
@@ -125,6 +127,17 @@ fn png(path: &Path, w: u32, h: u32, rgb: bool, v: u8) {
     }
 }
 
+/// An image folder's sample `i` as the evaluation transform makes it: u8 planes (R, G, B).
+fn folder_image(ds: &data::Dataset, i: usize) -> Vec<u8> {
+    let img = ds.files.as_ref().unwrap().transformed(i, false, 0, 0).unwrap();
+    (0..3).flat_map(|c| img.pixels.iter().skip(c).step_by(3).copied().collect::<Vec<_>>()).collect()
+}
+
+/// At crop_pct 1 and the images' own size, the evaluation transform changes nothing.
+fn exact() -> FolderOptions {
+    FolderOptions { crop_pct: 1.0, ..FolderOptions::default() }
+}
+
 #[test]
 fn image_folders_load_sorted_classes_and_resize() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,16 +148,21 @@ fn image_folders_load_sorted_classes_and_resize() {
     png(&d.join("test/ant/d.png"), 6, 4, true, 40);
     png(&d.join("test/zebra/e.png"), 6, 4, false, 50); // grey, converted to RGB
     std::fs::write(d.join("train/ant/notes.txt"), "not an image, not listed").unwrap();
-    let s = data::load(DatasetKind::Folder, Some(d), None).unwrap();
+    let s = data::load(DatasetKind::Folder, Some(d), exact()).unwrap();
     assert_eq!(s.train.classes, ["ant", "zebra"]);
     assert_eq!(s.train.shape, [3, 4, 6]);
     assert_eq!(s.train.labels, [0, 0, 1]);
     assert_eq!(s.test.labels, [0, 1]);
     // Plane layout: red plane of the first ant image is 20 everywhere.
-    assert!(s.train.image(0)[..24].iter().all(|&v| v == 20));
-    assert!(s.test.image(1)[..24].iter().all(|&v| v == 50), "grey becomes equal RGB planes");
-    let s = data::load(DatasetKind::Folder, Some(d), Some([8, 8])).unwrap();
+    assert!(folder_image(&s.train, 0)[..24].iter().all(|&v| v == 20));
+    assert!(folder_image(&s.test, 1).iter().all(|&v| v == 50), "grey becomes equal RGB planes");
+    assert_eq!(folder_image(&s.train, 1).len(), 3 * 4 * 6, "12x8 resized to 6x4");
+    let s = data::load(DatasetKind::Folder, Some(d), FolderOptions { size: Some([8, 8]), ..exact() }).unwrap();
     assert_eq!(s.train.shape, [3, 8, 8]);
+    // val/ is the evaluation split where it exists, beside test/.
+    png(&d.join("val/zebra/f.png"), 6, 4, true, 60);
+    let s = data::load(DatasetKind::Folder, Some(d), exact()).unwrap();
+    assert_eq!(s.test.labels, [1]);
 }
 
 #[test]
@@ -153,50 +171,53 @@ fn image_folder_errors_are_clear() {
     let d = dir.path();
     png(&d.join("train/a/1.png"), 4, 4, false, 1);
     png(&d.join("test/b/1.png"), 4, 4, false, 1);
-    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), None).unwrap_err());
+    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), FolderOptions::default()).unwrap_err());
     assert!(err.contains("not among the training classes") && err.contains("test"), "{err}");
     std::fs::create_dir_all(d.join("test/a")).unwrap();
     std::fs::remove_dir_all(d.join("test/b")).unwrap();
-    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), None).unwrap_err());
+    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), FolderOptions::default()).unwrap_err());
     assert!(err.contains("empty class"), "{err}");
+    // A broken file is named when a batch needs it (indexing reads no image).
     std::fs::write(d.join("test/a/broken.png"), b"not a png").unwrap();
-    let err = format!("{:#}", data::load(DatasetKind::Folder, Some(d), None).unwrap_err());
+    let s = data::load(DatasetKind::Folder, Some(d), FolderOptions::default()).unwrap();
+    let err = format!("{}", s.test.files.as_ref().unwrap().transformed(0, false, 0, 0).unwrap_err());
     assert!(err.contains("broken.png") && err.contains("not a readable image"), "{err}");
-    let err = format!("{:#}", data::load(DatasetKind::Folder, None, None).unwrap_err());
+    let err = format!("{:#}", data::load(DatasetKind::Folder, None, FolderOptions::default()).unwrap_err());
     assert!(err.contains("--data-dir"), "{err}");
 }
 
 #[test]
 fn png_folders_written_by_make_sample_load_back_pixel_exact() {
-    let src = data::load(DatasetKind::Sample, None, None).unwrap();
+    let src = data::load(DatasetKind::Sample, None, FolderOptions::default()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     data::folder::write_subset(&src, 30, 12, dir.path()).unwrap();
     // "T-shirt/top" cannot be a folder name: its slash becomes a dash.
     assert!(dir.path().join("train/T-shirt-top").is_dir());
-    let back = data::load(DatasetKind::Folder, Some(dir.path()), None).unwrap();
+    let back = data::load(DatasetKind::Folder, Some(dir.path()), exact()).unwrap();
     assert_eq!(back.train.len(), 30);
     assert_eq!(back.test.len(), 12);
-    assert_eq!(back.train.shape, [1, 28, 28]);
+    assert_eq!(back.train.shape, [3, 28, 28], "grey PNGs become RGB, as ImageFolder's loader makes them");
     // The folder loader orders by class name then file name; every image comes back with its
-    // class, pixel for pixel (PNG is lossless).
+    // class, pixel for pixel (PNG is lossless), in each of the three planes.
     let mut want: Vec<(String, Vec<u8>)> = (0..30)
         .map(|i| {
-            (data::folder::folder_name(&src.train.classes[src.train.labels[i] as usize]), src.train.image(i).to_vec())
+            (data::folder::folder_name(&src.train.classes[src.train.labels[i] as usize]), src.train.image(i).repeat(3))
         })
         .collect();
     let mut got: Vec<(String, Vec<u8>)> = (0..30)
-        .map(|i| (back.train.classes[back.train.labels[i] as usize].clone(), back.train.image(i).to_vec()))
+        .map(|i| (back.train.classes[back.train.labels[i] as usize].clone(), folder_image(&back.train, i)))
         .collect();
     want.sort();
     got.sort();
     assert_eq!(got, want);
-    let big = data::load(DatasetKind::Folder, Some(dir.path()), Some([64, 48])).unwrap();
-    assert_eq!(big.test.shape, [1, 64, 48]);
+    let big =
+        data::load(DatasetKind::Folder, Some(dir.path()), FolderOptions { size: Some([64, 48]), ..exact() }).unwrap();
+    assert_eq!(big.test.shape, [3, 64, 48]);
 }
 
 #[test]
 fn the_bundled_sample_loads() {
-    let s = data::load(DatasetKind::Sample, None, None).unwrap();
+    let s = data::load(DatasetKind::Sample, None, FolderOptions::default()).unwrap();
     assert_eq!(s.train.len(), 4000);
     assert_eq!(s.test.len(), 1000);
     assert_eq!(s.train.shape, [1, 28, 28]);
@@ -215,6 +236,7 @@ fn loader_shuffles_by_seed_and_keeps_the_last_partial_batch() {
         images: (0..10 * 4).map(|i| i as u8).collect(),
         labels: (0..10).collect(),
         classes: (0..10).map(|i| i.to_string()).collect(),
+        files: None,
     });
     let a = loader::epoch_order(10, true, 3, 1);
     assert_eq!(a, loader::epoch_order(10, true, 3, 1), "same seed and epoch, same order");
@@ -229,7 +251,7 @@ fn loader_shuffles_by_seed_and_keeps_the_last_partial_batch() {
     // ToTensor: /255, image k holds 4k..4k+3.
     let b = &loader::epoch_batches(ds.clone(), 10, Preprocess::default(), false, 0, 0).next().unwrap().unwrap();
     assert_eq!(b.images[4 * 3 + 1], 13.0 / 255.0);
-    let pre = Preprocess { normalize: Some(vec![(0.5, 0.25)]), augment: false };
+    let pre = Preprocess { normalize: Some(vec![(0.5, 0.25)]), ..Preprocess::default() };
     let b = &loader::epoch_batches(ds.clone(), 10, pre, false, 0, 0).next().unwrap().unwrap();
     assert!((b.images[4 * 3 + 1] - (13.0 / 255.0 - 0.5) / 0.25).abs() < 1e-6);
     let stats = loader::channel_stats(&ds);
@@ -246,11 +268,12 @@ fn a_failing_loader_thread_ends_the_epoch_with_its_error() {
         images: vec![7; 4 * 5], // 5 images of the 10 the labels promise
         labels: (0..10).collect(),
         classes: (0..10).map(|i| i.to_string()).collect(),
+        files: None,
     });
     let items: Vec<_> = loader::epoch_batches(ds, 2, Preprocess::default(), false, 0, 0).collect();
     assert_eq!(items.len(), 3, "two good batches, then the error, then the end");
     assert!(items[..2].iter().all(|b| b.is_ok()));
-    let e = items[2].as_ref().err().expect("the third item is the loader's error");
+    let e = items[2].as_ref().expect_err("the third item is the loader's error");
     assert!(e.to_string().contains("the data loader failed") && e.to_string().contains("range"), "{e:#}");
     assert!(e.chain().any(|c| c.is::<senet_wgpu::exit::RuntimeFailure>()), "a runtime failure: exit 1");
 }
@@ -264,6 +287,7 @@ fn a_validation_split_is_seeded_and_disjoint() {
         images: (0..40).map(|i| i as u8).collect(),
         labels: (0..20).collect(),
         classes: (0..20).map(|i| i.to_string()).collect(),
+        files: None,
     };
     let split = |seed| {
         let mut train = ds.clone();
@@ -292,8 +316,14 @@ fn a_validation_split_is_seeded_and_disjoint() {
 
 #[test]
 fn augmentation_crops_and_flips_within_the_padded_image() {
-    let ds = data::Dataset { shape: [1, 8, 8], images: vec![255; 64], labels: vec![0], classes: vec!["x".into()] };
-    let pre = Preprocess { normalize: None, augment: true };
+    let ds = data::Dataset {
+        shape: [1, 8, 8],
+        images: vec![255; 64],
+        labels: vec![0],
+        classes: vec!["x".into()],
+        files: None,
+    };
+    let pre = Preprocess { augment: true, ..Preprocess::default() };
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
     let mut shifted = 0;
     for _ in 0..50 {
@@ -312,8 +342,14 @@ fn augmentation_crops_and_flips_within_the_padded_image() {
 fn augmentation_is_a_padded_crop_of_the_image_or_its_mirror() {
     let (h, w) = (6usize, 7usize);
     let images: Vec<u8> = (0..h * w).map(|i| (i + 1) as u8).collect();
-    let ds = data::Dataset { shape: [1, h, w], images: images.clone(), labels: vec![0], classes: vec!["x".into()] };
-    let pre = Preprocess { normalize: None, augment: true };
+    let ds = data::Dataset {
+        shape: [1, h, w],
+        images: images.clone(),
+        labels: vec![0],
+        classes: vec!["x".into()],
+        files: None,
+    };
+    let pre = Preprocess { augment: true, ..Preprocess::default() };
     let pad = senet_wgpu::hparams::CROP_PADDING as i64;
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(3);
     let mut seen = std::collections::HashSet::new();
@@ -391,7 +427,7 @@ fn cifar10_download_checks_md5_and_unpacks() {
     };
     cifar10::download(dir.path(), &url, &md5).unwrap();
     server.join().unwrap();
-    let s = data::load(DatasetKind::Cifar10, Some(dir.path()), None).unwrap();
+    let s = data::load(DatasetKind::Cifar10, Some(dir.path()), FolderOptions::default()).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (10, 2));
 }
 
@@ -407,8 +443,8 @@ fn md5_of_a_known_string() {
 /// assets/, image for image and label for label, train and test the right way round.
 #[test]
 fn the_bundled_sample_is_compiled_in_and_equals_the_assets() {
-    let inside = data::load(DatasetKind::Sample, None, None).unwrap();
-    let on_disk = data::load(DatasetKind::Sample, Some(&data::sample_dir()), None).unwrap();
+    let inside = data::load(DatasetKind::Sample, None, FolderOptions::default()).unwrap();
+    let on_disk = data::load(DatasetKind::Sample, Some(&data::sample_dir()), FolderOptions::default()).unwrap();
     assert_eq!((inside.train.len(), inside.test.len()), (4000, 1000));
     assert!(inside.train == on_disk.train && inside.test == on_disk.test);
     assert_eq!(inside.name, on_disk.name);
@@ -463,6 +499,6 @@ fn idx_download_fetches_and_checks_each_file() {
     idx::download(dir.path(), &base, &files(&sums[0])).unwrap();
     server.join().unwrap();
     assert!(idx::present(dir.path()));
-    let s = data::load(DatasetKind::Mnist, Some(dir.path()), None).unwrap();
+    let s = data::load(DatasetKind::Mnist, Some(dir.path()), FolderOptions::default()).unwrap();
     assert_eq!((s.train.len(), s.test.len(), s.test.labels.clone()), (3, 2, vec![4, 5]));
 }

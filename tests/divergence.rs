@@ -162,7 +162,7 @@ fn three_hundred_steps_drift_from_pytorch_float64_no_faster_than_pytorch_float32
     assert!(snaps.len() >= 2 && snaps[snaps.len() - 1] == k_steps, "snapshots {snaps:?} of {k_steps} steps");
 
     // The data: the pool as the script read it (pixels/255 in f32), checked by its sum.
-    let mut sample = data::load(DatasetKind::Sample, None, None).unwrap().train;
+    let mut sample = data::load(DatasetKind::Sample, None, Default::default()).unwrap().train;
     let pool = run["batches"].1.iter().fold(0.0f64, |a, &b| a.max(b)) as usize + 1;
     assert!(pool >= POOL, "the batches draw from {pool} images");
     sample.truncate(pool);

@@ -78,7 +78,7 @@ fn cifar10_parser_never_panics() {
         valid.extend((0..3072).map(|p| (p % 256) as u8));
     }
     let (ok, err) = fuzz("cifar10", 20_000, &valid, |bytes| {
-        let mut ds = Dataset { shape: [3, 32, 32], images: vec![], labels: vec![], classes: vec![] };
+        let mut ds = Dataset { shape: [3, 32, 32], images: vec![], labels: vec![], classes: vec![], files: None };
         cifar10::parse_into(bytes, "fuzz.bin", &mut ds).is_ok()
     });
     assert!(ok > 0 && err > 0, "the mutations should reach both outcomes");

@@ -52,6 +52,7 @@ fn load_files(dir: &Path, files: &[&str]) -> Result<Dataset> {
         images: Vec::new(),
         labels: Vec::new(),
         classes: CLASSES.iter().map(|s| s.to_string()).collect(),
+        files: None,
     };
     for f in files {
         let path = dir.join(f);

@@ -1,16 +1,155 @@
-//! Image folders: `DIR/train/<class>/*.png|jpg|…` and `DIR/test/<class>/…`. Classes are the
-//! training sub-folder names sorted (the test split may lack some, not add any); images are decoded with the `image` crate, converted to the channel
-//! count of the first image (grey stays grey, colour becomes RGB) and resized to `hw` (default:
-//! the first image's size) when they differ.
+//! Image folders, as torchvision's `ImageFolder` reads them: `DIR/train/<class>/*.jpg|png|…` and
+//! `DIR/val/<class>/…` (or `DIR/test/<class>/…`). Classes are the training sub-folders' names,
+//! sorted; the evaluation split may lack some, not add any; files are the extensions below,
+//! sorted by path within each class.
+//!
+//! Loading only indexes the files (paths and labels). Images are decoded when a batch needs them,
+//! in the loader's worker threads ([`super::loader`]), converted to RGB as PIL's
+//! `.convert("RGB")` and transformed as torchvision's `RandomResizedCrop` + flip (training with
+//! `--augment`) or `Resize` + `CenterCrop` (evaluation, and training without augmentation); see
+//! [`super::transforms`]. A folder whose decoded images fit `--cache-mb` is held decoded in memory
+//! once read (each image decoded once per run); a larger one is read from disk every epoch, so
+//! memory does not grow with the dataset.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail, ensure};
-use image::imageops::FilterType;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
+use super::transforms::{self, Rgb};
 use super::{Dataset, Splits};
 
-const EXTENSIONS: [&str; 7] = ["png", "jpg", "jpeg", "bmp", "gif", "webp", "tif"];
+/// torchvision's `IMG_EXTENSIONS` (lower case; matched case-insensitively).
+pub const EXTENSIONS: [&str; 10] = ["jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp", "gif"];
+
+/// Folders with more files than this are never scanned for their decoded size (nor cached): the
+/// scan reads every file's header, seconds per ten thousand files on a cold disk.
+const CACHE_SCAN_MAX_FILES: usize = 50_000;
+
+/// Decoded images by path, shared by the loader's workers.
+pub type Cache = Arc<Mutex<HashMap<PathBuf, Arc<Rgb>>>>;
+
+/// How a folder's images become tensors, and where decoded images are kept.
+#[derive(Clone, Debug)]
+pub struct Files {
+    /// One path per sample (the dataset's labels are beside them).
+    pub paths: Vec<PathBuf>,
+    /// Output [h, w] of every transform.
+    pub size: [usize; 2],
+    /// timm's crop_pct: the evaluation transform resizes to `floor(size / crop_pct)` and crops `size`.
+    pub crop_pct: f64,
+    /// Decoded images held in memory (when the folder fits the budget), by path.
+    pub cache: Option<Cache>,
+    /// What the whole folder's decoded images take (both splits), when it was measured, and the
+    /// budget it was held against.
+    pub decoded_bytes: Option<u64>,
+    pub cache_budget: u64,
+}
+
+impl PartialEq for Files {
+    fn eq(&self, other: &Self) -> bool {
+        self.paths == other.paths && self.size == other.size && self.crop_pct == other.crop_pct
+    }
+}
+
+/// An image that could not be read or decoded: the file and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BadImage {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl std::fmt::Display for BadImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: not a readable image ({})", self.path.display(), self.reason)
+    }
+}
+
+impl std::error::Error for BadImage {}
+
+/// Decode `path` (the format from its content, as PIL) and convert it to RGB.
+pub fn decode_rgb(path: &Path) -> Result<Rgb, BadImage> {
+    let bad = |e: &dyn std::fmt::Display| BadImage { path: path.to_path_buf(), reason: e.to_string() };
+    let img = image::ImageReader::open(path)
+        .map_err(|e| bad(&e))?
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?
+        .decode()
+        .map_err(|e| bad(&e))?;
+    Ok(transforms::to_rgb(img))
+}
+
+/// The random stream of sample `index` in `epoch` of a run seeded `seed`: the same whichever
+/// worker draws it, and wherever in the epoch a resumed run starts.
+pub fn sample_rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
+    let mut s = [0u8; 32];
+    s[..8].copy_from_slice(&seed.to_le_bytes());
+    s[8..16].copy_from_slice(&(epoch as u64).to_le_bytes());
+    s[16..24].copy_from_slice(&(index as u64).to_le_bytes());
+    s[24..].copy_from_slice(b"rrc+flip");
+    ChaCha8Rng::from_seed(s)
+}
+
+impl Files {
+    /// How the folder is read and transformed (`augment`: the training transform), for the first
+    /// lines of a run.
+    pub fn describe(&self, augment: bool) -> String {
+        let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let [h, w] = self.size;
+        let [rh, rw] = transforms::eval_resize_size(self.size, self.crop_pct);
+        let resize = if h == w { format!("Resize({rh})") } else { format!("Resize(({rh}, {rw}))") };
+        let held = match (self.decoded_bytes, &self.cache) {
+            (Some(b), Some(_)) => {
+                format!(
+                    "held decoded in memory once read ({:.0} MB, within --cache-mb {:.0})",
+                    mb(b),
+                    mb(self.cache_budget)
+                )
+            }
+            (Some(b), None) => format!(
+                "decoded from disk every epoch ({:.0} MB decoded would exceed --cache-mb {:.0})",
+                mb(b),
+                mb(self.cache_budget)
+            ),
+            (None, _) if self.cache_budget == 0 => "decoded from disk every epoch (--cache-mb 0)".into(),
+            (None, _) => format!("decoded from disk every epoch (more than {CACHE_SCAN_MAX_FILES} files: never held)"),
+        };
+        let eval = format!("{resize} + CenterCrop(({h}, {w})) (crop_pct {})", self.crop_pct);
+        let train = if augment {
+            format!("RandomResizedCrop(({h}, {w}), scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip")
+        } else {
+            "the evaluation transform (no --augment)".to_string()
+        };
+        format!("images {held}; training {train}, evaluation {eval}")
+    }
+
+    /// The decoded RGB image of sample `i` (from the cache when it holds it).
+    pub fn image(&self, i: usize) -> Result<Arc<Rgb>, BadImage> {
+        let path = &self.paths[i];
+        if let Some(img) = self.cache.as_ref().and_then(|c| c.lock().ok()?.get(path).cloned()) {
+            return Ok(img);
+        }
+        let img = Arc::new(decode_rgb(path)?);
+        if let Some(mut m) = self.cache.as_ref().and_then(|c| c.lock().ok()) {
+            m.insert(path.clone(), img.clone());
+        }
+        Ok(img)
+    }
+
+    /// Sample `i` transformed: the training transform with its random draws from
+    /// (`seed`, `epoch`, `i`) when `augment`, else the evaluation transform. RGB, `size`.
+    pub fn transformed(&self, i: usize, augment: bool, seed: u64, epoch: usize) -> Result<Rgb, BadImage> {
+        let img = self.image(i)?;
+        Ok(if augment {
+            transforms::train_transform(&img, self.size, &mut sample_rng(seed, epoch, i))
+        } else {
+            transforms::eval_transform(&img, self.size, self.crop_pct)
+        })
+    }
+}
 
 fn classes(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
@@ -25,13 +164,21 @@ fn classes(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// The image files under a class folder (sub-folders too, as ImageFolder walks them), sorted.
 fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let p = e.with_context(|| format!("reading {}", dir.display()))?.path();
-        let ext = p.extension().map(|x| x.to_string_lossy().to_lowercase()).unwrap_or_default();
-        if p.is_file() && EXTENSIONS.contains(&ext.as_str()) {
-            files.push(p);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e.with_context(|| format!("reading {}", d.display()))?.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let ext = p.extension().map(|x| x.to_string_lossy().to_lowercase()).unwrap_or_default();
+            if p.is_file() && EXTENSIONS.contains(&ext.as_str()) {
+                files.push(p);
+            }
         }
     }
     files.sort();
@@ -39,61 +186,132 @@ fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Decode one image as `c` channels (1 or 3) of `hw`, NCHW bytes.
-pub fn decode(path: &Path, c: usize, hw: [usize; 2]) -> Result<Vec<u8>> {
-    let img = image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?;
-    let img = if img.width() as usize != hw[1] || img.height() as usize != hw[0] {
-        img.resize_exact(hw[1] as u32, hw[0] as u32, FilterType::Triangle)
-    } else {
-        img
+/// Index the class folders `present` of `dir`, labelled by their index in `classes`.
+fn index_split(dir: &Path, classes: &[String], present: &[String]) -> Result<(Vec<PathBuf>, Vec<u32>)> {
+    let (mut paths, mut labels) = (Vec::new(), Vec::new());
+    for (label, class) in classes.iter().enumerate().filter(|(_, c)| present.contains(c)) {
+        for f in images_in(&dir.join(class))? {
+            paths.push(f);
+            labels.push(label as u32);
+        }
+    }
+    Ok((paths, labels))
+}
+
+/// How a folder is read: output size, crop_pct and the decoded-image budget.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FolderOptions {
+    /// Output [h, w]; None: the first training image's size.
+    pub size: Option<[usize; 2]>,
+    pub crop_pct: f64,
+    /// Hold decoded images in memory when all of them fit in this many bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for FolderOptions {
+    fn default() -> Self {
+        FolderOptions { size: None, crop_pct: 0.875, cache_bytes: 0 }
+    }
+}
+
+/// What the folder's decoded images would take, when it was worth asking: (images, bytes).
+pub fn decoded_bytes(paths: &[PathBuf]) -> Option<u64> {
+    if paths.len() > CACHE_SCAN_MAX_FILES {
+        return None;
+    }
+    let mut total = 0u64;
+    for p in paths {
+        // An unreadable header is a bad image, named when a batch needs it; it holds nothing.
+        let dims = image::ImageReader::open(p).ok().and_then(|r| r.with_guessed_format().ok()?.into_dimensions().ok());
+        if let Some((w, h)) = dims {
+            total += 3 * u64::from(w) * u64::from(h);
+        }
+    }
+    Some(total)
+}
+
+/// Index `dir`: its training split and its evaluation split (`val/`, else `test/`).
+pub fn load(dir: &Path, opts: FolderOptions) -> Result<Splits> {
+    transforms::check_crop_pct(opts.crop_pct)?;
+    let train_dir = dir.join("train");
+    let eval_dir = ["val", "test"].map(|s| dir.join(s)).into_iter().find(|d| d.is_dir());
+    let Some(eval_dir) = eval_dir else {
+        if !train_dir.is_dir() {
+            bail!(
+                "{}: no class folders (expected {}/train/<class>/<images> and {}/val/<class>/… or test/<class>/…)",
+                dir.display(),
+                dir.display(),
+                dir.display()
+            );
+        }
+        bail!("{}: no evaluation split (expected val/<class>/… or test/<class>/… beside train/)", dir.display())
     };
-    let (h, w) = (hw[0], hw[1]);
+    let train_classes = classes(&train_dir)?;
+    // An evaluation set may lack classes (a small one often does); it may not bring new ones.
+    let eval_classes = classes(&eval_dir)?;
+    let unknown: Vec<&String> = eval_classes.iter().filter(|c| !train_classes.contains(c)).collect();
+    if !unknown.is_empty() {
+        bail!("{}: classes {unknown:?} are not among the training classes {train_classes:?}", eval_dir.display());
+    }
+    let (train_paths, train_labels) = index_split(&train_dir, &train_classes, &train_classes)?;
+    let (eval_paths, eval_labels) = index_split(&eval_dir, &train_classes, &eval_classes)?;
+    let size = match opts.size {
+        Some(s) => s,
+        None => {
+            let first = &train_paths[0];
+            let (w, h) = image::ImageReader::open(first)
+                .and_then(|r| r.with_guessed_format())
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r.into_dimensions().map_err(anyhow::Error::from))
+                .with_context(|| format!("{}: not a readable image", first.display()))?;
+            [h as usize, w as usize]
+        }
+    };
+    // One cache for both splits, when all their decoded images fit the budget.
+    let all: Vec<PathBuf> = train_paths.iter().chain(&eval_paths).cloned().collect();
+    let decoded = if opts.cache_bytes > 0 { decoded_bytes(&all) } else { None };
+    let fits = decoded.is_some_and(|b| b <= opts.cache_bytes);
+    let cache = fits.then(|| Arc::new(Mutex::new(HashMap::new())));
+    let split = |paths: Vec<PathBuf>, labels: Vec<u32>| Dataset {
+        shape: [3, size[0], size[1]],
+        images: Vec::new(),
+        labels,
+        classes: train_classes.clone(),
+        files: Some(Files {
+            paths,
+            size,
+            crop_pct: opts.crop_pct,
+            cache: cache.clone(),
+            decoded_bytes: decoded,
+            cache_budget: opts.cache_bytes,
+        }),
+    };
+    Ok(Splits {
+        name: format!("folder {}", dir.display()),
+        train: split(train_paths, train_labels),
+        test: split(eval_paths, eval_labels),
+    })
+}
+
+/// Decode one image for `predict`: converted to RGB as PIL does (grey as its luma for a 1-channel
+/// model) and resized to `hw` (bilinear, antialiased, the aspect ratio not kept), NCHW bytes.
+pub fn decode(path: &Path, c: usize, hw: [usize; 2]) -> Result<Vec<u8>> {
+    let rgb = decode_rgb(path).map_err(anyhow::Error::from)?;
+    let [h, w] = hw;
+    let img = transforms::resized_crop(&rgb, transforms::Rect { x0: 0, y0: 0, w: rgb.width, h: rgb.height }, w, h);
     let mut out = vec![0u8; c * h * w];
-    if c == 1 {
-        out.copy_from_slice(img.to_luma8().as_raw());
-    } else {
-        let rgb = img.to_rgb8();
-        for (i, px) in rgb.pixels().enumerate() {
+    for (i, px) in img.pixels.chunks_exact(3).enumerate() {
+        if c == 1 {
+            // PIL's "RGB" → "L": ITU-R 601-2 luma in 16-bit fixed point.
+            let l = (u32::from(px[0]) * 19595 + u32::from(px[1]) * 38470 + u32::from(px[2]) * 7471 + 0x8000) >> 16;
+            out[i] = l as u8;
+        } else {
             for ch in 0..3 {
-                out[ch * h * w + i] = px.0[ch];
+                out[ch * h * w + i] = px[ch];
             }
         }
     }
     Ok(out)
-}
-
-/// Load the class folders `present` of `dir`, labelled by their index in `classes`.
-fn load_split(dir: &Path, classes: &[String], present: &[String], c: usize, hw: [usize; 2]) -> Result<Dataset> {
-    let mut ds =
-        Dataset { shape: [c, hw[0], hw[1]], images: Vec::new(), labels: Vec::new(), classes: classes.to_vec() };
-    for (label, class) in classes.iter().enumerate().filter(|(_, c)| present.contains(c)) {
-        for f in images_in(&dir.join(class))? {
-            ds.images.extend(decode(&f, c, hw)?);
-            ds.labels.push(label as u32);
-        }
-    }
-    Ok(ds)
-}
-
-pub fn load(dir: &Path, hw: Option<[usize; 2]>) -> Result<Splits> {
-    let (train_dir, test_dir) = (dir.join("train"), dir.join("test"));
-    let train_classes = classes(&train_dir)?;
-    // A test set may lack classes (a small one often does); it may not bring new ones.
-    let test_classes = classes(&test_dir)?;
-    let unknown: Vec<&String> = test_classes.iter().filter(|c| !train_classes.contains(c)).collect();
-    if !unknown.is_empty() {
-        bail!("{}: test classes {unknown:?} are not among the training classes {train_classes:?}", test_dir.display());
-    }
-    // The first training image decides channels (grey or RGB) and, unless given, the size.
-    let first = images_in(&train_dir.join(&train_classes[0]))?.remove(0);
-    let probe = image::open(&first).with_context(|| format!("{}: not a readable image", first.display()))?;
-    let c = if probe.color().has_color() { 3 } else { 1 };
-    let hw = hw.unwrap_or([probe.height() as usize, probe.width() as usize]);
-    Ok(Splits {
-        name: format!("folder {}", dir.display()),
-        train: load_split(&train_dir, &train_classes, &train_classes, c, hw)?,
-        test: load_split(&test_dir, &train_classes, &test_classes, c, hw)?,
-    })
 }
 
 /// A class name as a folder name: path separators become `-` ("T-shirt/top" → "T-shirt-top").
@@ -106,6 +324,7 @@ pub fn folder_name(class: &str) -> String {
 pub fn write_subset(src: &Splits, n_train: usize, n_test: usize, out: &Path) -> Result<()> {
     for (ds, n, split) in [(&src.train, n_train, "train"), (&src.test, n_test, "test")] {
         let [c, h, w] = ds.shape;
+        ensure!(ds.files.is_none(), "{}: write_subset takes in-memory datasets", src.name);
         ensure!(c == 1 || c == 3, "{}: PNG holds grey or RGB images, these have {c} channels", src.name);
         for i in 0..n.min(ds.len()) {
             let px = ds.image(i);

@@ -84,6 +84,7 @@ pub fn pair_from_bytes(ib: &[u8], lb: &[u8], names: (&str, &str), classes: Vec<S
         images: idata.to_vec(),
         labels: ldata.iter().map(|&l| u32::from(l)).collect(),
         classes,
+        files: None,
     };
     ds.validate(names.1)?;
     Ok(ds)

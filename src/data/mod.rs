@@ -1,27 +1,32 @@
 //! Datasets: CIFAR-10 binary, MNIST/Fashion-MNIST IDX, image folders, the bundled sample; and
 //! the loader that shuffles, augments and batches them.
 //!
-//! Every dataset is held as u8 pixels, NCHW per image, and labels; conversion to f32 (/255 as
-//! `transforms.ToTensor()`, optional per-channel normalisation) happens per batch.
+//! CIFAR-10, IDX and the sample are held as u8 pixels, NCHW per image, and labels; an image
+//! folder is an index of files ([`folder::Files`]) decoded and transformed as batches need them.
+//! Conversion to f32 (/255 as `transforms.ToTensor()`, optional per-channel normalisation)
+//! happens per batch.
 
 pub mod cifar10;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod transforms;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail, ensure};
 
 /// Images and labels of one split.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Dataset {
-    /// [c, h, w] of every image.
+    /// [c, h, w] of every image (as batches hold them).
     pub shape: [usize; 3],
-    /// u8 pixels, image after image, each NCHW (channel planes).
+    /// u8 pixels, image after image, each NCHW (channel planes); empty for an image folder.
     pub images: Vec<u8>,
     pub labels: Vec<u32>,
     pub classes: Vec<String>,
+    /// An image folder: the files, decoded as batches need them (None: `images` holds the pixels).
+    pub files: Option<folder::Files>,
 }
 
 impl Dataset {
@@ -37,6 +42,7 @@ impl Dataset {
         self.shape.iter().product()
     }
 
+    /// The pixels of in-memory image `i` (not of an image folder's: see [`folder::Files`]).
     pub fn image(&self, i: usize) -> &[u8] {
         &self.images[i * self.image_len()..][..self.image_len()]
     }
@@ -46,6 +52,9 @@ impl Dataset {
         if n < self.len() {
             self.labels.truncate(n);
             self.images.truncate(n * self.image_len());
+            if let Some(f) = &mut self.files {
+                f.paths.truncate(n);
+            }
         }
     }
 
@@ -64,23 +73,36 @@ impl Dataset {
         let (mut keep, mut out) = (self.empty_like(), self.empty_like());
         for (i, &h) in held.iter().enumerate() {
             let to = if h { &mut out } else { &mut keep };
-            to.images.extend_from_slice(self.image(i));
+            match (&self.files, &mut to.files) {
+                (Some(from), Some(f)) => f.paths.push(from.paths[i].clone()),
+                _ => to.images.extend_from_slice(self.image(i)),
+            }
             to.labels.push(self.labels[i]);
         }
-        debug_assert_eq!(keep.images.len(), keep.len() * len);
+        debug_assert_eq!(keep.images.len(), if keep.files.is_some() { 0 } else { keep.len() * len });
         *self = keep;
         out
     }
 
     fn empty_like(&self) -> Dataset {
-        Dataset { shape: self.shape, images: Vec::new(), labels: Vec::new(), classes: self.classes.clone() }
+        Dataset {
+            shape: self.shape,
+            images: Vec::new(),
+            labels: Vec::new(),
+            classes: self.classes.clone(),
+            files: self.files.as_ref().map(|f| folder::Files { paths: Vec::new(), ..f.clone() }),
+        }
     }
 
     /// Check that images and labels agree and every label names a class.
     pub fn validate(&self, what: &str) -> Result<()> {
         ensure!(!self.is_empty(), "{what}: no samples");
+        let stored = match &self.files {
+            Some(f) => f.paths.len() * self.image_len(),
+            None => self.images.len(),
+        };
         ensure!(
-            self.images.len() == self.len() * self.image_len(),
+            stored == self.len() * self.image_len(),
             "{what}: {} pixel bytes for {} images of {:?}",
             self.images.len(),
             self.len(),
@@ -145,8 +167,8 @@ pub fn bundled_sample() -> Result<Splits> {
     })
 }
 
-/// Load `kind` from `dir` (or its default location).
-pub fn load(kind: DatasetKind, dir: Option<&Path>, image_hw: Option<[usize; 2]>) -> Result<Splits> {
+/// Load `kind` from `dir` (or its default location); `folder` says how an image folder is read.
+pub fn load(kind: DatasetKind, dir: Option<&Path>, folder: folder::FolderOptions) -> Result<Splits> {
     let named = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     match kind {
         DatasetKind::Cifar10 => {
@@ -169,9 +191,11 @@ pub fn load(kind: DatasetKind, dir: Option<&Path>, image_hw: Option<[usize; 2]>)
         }
         DatasetKind::Folder => {
             let Some(dir) = dir else {
-                bail!("--dataset folder needs --data-dir DIR (with DIR/train/<class>/ and DIR/test/<class>/)")
+                bail!(
+                    "--dataset folder needs --data-dir DIR (with DIR/train/<class>/ and DIR/val/<class>/ or DIR/test/<class>/)"
+                )
             };
-            folder::load(dir, image_hw)
+            folder::load(dir, folder)
         }
     }
 }

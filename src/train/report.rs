@@ -73,6 +73,17 @@ impl Trainer<'_> {
             args.batch_size,
             args.optimizer
         ));
+        if let Some(files) = &self.train_set.files {
+            self.say(format!(
+                "{}; {} loader workers; {}",
+                files.describe(self.pre.augment),
+                self.pre.load.workers.max(1),
+                match &self.pre.normalize {
+                    Some(n) => format!("normalised with mean/std {n:?}"),
+                    None => "not normalised".into(),
+                }
+            ));
+        }
         if dist.size > 1 {
             let floats = net.flat.grads.numel();
             let shard_len = self.train_set.len().div_ceil(dist.size);
@@ -155,7 +166,7 @@ impl Trainer<'_> {
         t0: Instant,
         pb: &ProgressBar,
     ) -> Result<()> {
-        let (l, c, n) = read_sums(net, &self.plans, false)?;
+        let (l, c, n) = read_sums(net, &self.plans.borrow(), false)?;
         if !l.is_finite() {
             return Err(divergence(net, plan, epoch, step));
         }
@@ -186,6 +197,9 @@ impl Trainer<'_> {
         } else {
             format!("loss {:.4} acc {:.4} lr {:.3e} {:.0} img/s", l / n, c / n, self.lr_at(epoch, step), rate)
         };
+        // timm's data_time: how much of each step the loop waited for its batch.
+        let data = self.data_secs.get();
+        msg += &format!(" | data {:.1} ms/step, {:.0} %", 1e3 * data / timed_steps, 100.0 * data / secs);
         if let Some(s) = &net.scaler {
             let st = s.read(&self.gpu)?;
             msg += &format!(" | loss scale {} ({} skipped)", st.scale, st.skipped);

@@ -9,6 +9,7 @@ use crate::data::Dataset;
 use crate::data::loader;
 use crate::dist::{Collective, Dist};
 use crate::gpu::Precision;
+use crate::hparams as hp;
 use crate::model::plan::Network;
 use crate::model::{BottleneckStride, ModelConfig};
 use crate::run::{self, RunFolder, RunState};
@@ -82,11 +83,16 @@ pub(super) fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Option<Dat
     );
     let [c, h, w] = train_set.shape;
     let mut config = args.net.config(c, [h, w], train_set.classes.len(), train_set.classes.clone());
-    config.normalize = if args.mean.is_empty() {
-        args.normalize.then(|| loader::channel_stats(&train_set))
-    } else {
+    config.normalize = if !args.mean.is_empty() {
         ensure!(args.mean.len() == c, "--mean and --std give {} channels; the images have {c}", args.mean.len());
         Some(args.mean.iter().zip(&args.std).map(|(&m, &s)| (m as f32, s as f32)).collect())
+    } else if train_set.files.is_some() {
+        // Image folders: ImageNet's statistics (torchvision's and timm's default), unless
+        // --no-normalize; a streamed folder's own statistics would cost a pass over every file.
+        (!args.no_normalize)
+            .then(|| hp::IMAGENET_MEAN.iter().zip(&hp::IMAGENET_STD).map(|(&m, &s)| (m as f32, s as f32)).collect())
+    } else {
+        args.normalize.then(|| loader::channel_stats(&train_set))
     };
     Ok((splits.name, train_set, val_set, splits.test, config))
 }
