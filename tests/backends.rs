@@ -634,12 +634,14 @@ fn every_variant_translates_on_every_backend_that_offers_it() {
 
 /// Where a test of this repository runs a path, not only translates it: the kernel, step and CLI
 /// tests run on lavapipe (Vulkan 1.3, SPIR-V 1.6) with f16 and subgroups, and tests/coop.rs runs the
-/// 8x8 cooperative matrices under Mesa 26's lavapipe in CI.
+/// 8x8 cooperative matrices under Mesa 26's lavapipe in CI; tests/gl.rs runs one training step on
+/// wgpu's GL backend (Mesa's llvmpipe through EGL, a desktop GL 4.5 context) in CI.
 const EXECUTED: &[(Lang, Option<Need>, &str)] = &[
     (Lang::Spv(1, 6), None, "lavapipe"),
     (Lang::Spv(1, 6), Some(Need::F16), "lavapipe"),
     (Lang::Spv(1, 6), Some(Need::Subgroups), "lavapipe"),
     (Lang::Spv(1, 6), Some(Need::Coop(8)), "Mesa 26 lavapipe"),
+    (Lang::Glsl(450), None, "llvmpipe through EGL: tests/gl.rs, one training step"),
 ];
 
 /// The conformance table (target × path), from the same matrix: each cell says whether that path's
