@@ -44,9 +44,10 @@ fn tiny() -> ModelConfig {
 }
 
 /// Ignored in the plain `cargo test`: building the step's pipelines on GL compiles each GLSL
-/// program in llvmpipe, ~90 s on the shared 2-core CI machine. .ci/run runs it with `--ignored`.
+/// program in llvmpipe, ~90 s with Mesa's shader cache cold on the shared 2-core machine (1-2 s
+/// warm). .ci/run runs it with `--ignored`.
 #[test]
-#[ignore = "GL compiles every pipeline in llvmpipe (~90 s); run by .ci/run"]
+#[ignore = "GL compiles every pipeline in llvmpipe (~90 s cold); run by .ci/run"]
 fn a_training_step_on_gl_equals_the_reference_step() {
     let gpu = gl();
     assert!(!gpu.subgroups && gpu.coop_tile.is_none(), "GL runs workgroup trees and register kernels");
