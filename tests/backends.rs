@@ -732,3 +732,67 @@ fn the_paths_never_select_what_a_backend_cannot_carry() {
         }
     }
 }
+
+/// The cooperative-matrix allow-list: drivers whose matrices run on matrix hardware, by the names
+/// and driver strings those drivers report. Off the list, `auto` keeps the register kernels with
+/// the reason, and `on` still forces the matrices.
+#[test]
+fn cooperative_matrices_are_automatic_only_on_listed_drivers() {
+    let adapter = |backend, vendor: u32, name: &str, driver: &str, driver_info: &str| {
+        let (mut info, props) = claiming_everything(backend);
+        (info.vendor, info.name, info.driver, info.driver_info) =
+            (vendor, name.into(), driver.into(), driver_info.into());
+        (info, props)
+    };
+    use wgpu::Backend::{Metal, Vulkan};
+    let cases = [
+        (adapter(Vulkan, 0x10de, "NVIDIA H100 80GB HBM3", "NVIDIA", "570.86"), true),
+        (adapter(Vulkan, 0x10de, "NVIDIA GeForce RTX 4090 (NVK AD102)", "NVK", "Mesa 25.1.0"), false),
+        (adapter(Vulkan, 0x1002, "AMD Radeon RX 7900 XTX (RADV NAVI31)", "radv", "Mesa 25.0.4"), true),
+        (adapter(Vulkan, 0x1002, "AMD Radeon RX 6800 (RADV NAVI21)", "radv", "Mesa 25.0.4"), false),
+        (adapter(Vulkan, 0x1002, "AMD Radeon RX 7900 XTX", "AMD proprietary driver", "24.10"), false),
+        (
+            adapter(
+                Vulkan,
+                0x8086,
+                "Intel(R) Arc(tm) A770 Graphics (DG2)",
+                "Intel open-source Mesa driver",
+                "Mesa 25.0.4",
+            ),
+            true,
+        ),
+        (
+            adapter(
+                Vulkan,
+                0x8086,
+                "Intel(R) UHD Graphics 770 (ADL-S GT1)",
+                "Intel open-source Mesa driver",
+                "Mesa 25.0.4",
+            ),
+            false,
+        ),
+        (adapter(Metal, 0x106b, "Apple M1", "", ""), true),
+        (
+            adapter(
+                Vulkan,
+                0x10005,
+                "llvmpipe (LLVM 19.1.7, 256 bits)",
+                "llvmpipe",
+                "Mesa 26.1.6-1~bpo13+1 (LLVM 19.1.7)",
+            ),
+            true,
+        ),
+        (adapter(Vulkan, 0x10005, "llvmpipe (LLVM 15.0.6, 256 bits)", "llvmpipe", "Mesa 25.2.0 (LLVM 15.0.6)"), false),
+    ];
+    for ((info, props), listed) in cases {
+        let auto = Paths::resolve(&info, wgpu::Features::all(), &props, &PathOptions::default()).expect("auto");
+        assert_eq!(auto.coop.is_ok(), listed, "{} ({}): {:?}", info.name, info.driver, auto.coop);
+        if !listed {
+            let why = auto.coop.expect_err("off the list");
+            assert!(why.contains("not on the list") && why.contains("register kernels"), "{why}");
+            let forced = PathOptions { coop: Switch::On, ..Default::default() };
+            let on = Paths::resolve(&info, wgpu::Features::all(), &props, &forced).expect("--coop on forces it");
+            assert!(on.coop.is_ok(), "{}: --coop on", info.name);
+        }
+    }
+}
