@@ -12,24 +12,34 @@ use senet_wgpu::{exit, hparams, train};
 #[derive(Parser)]
 #[command(name = "senet", version, about = "Train Squeeze-and-Excitation networks on any GPU through wgpu")]
 struct Cli {
-    /// Backends to search: vulkan, metal, dx12, gl, or a comma list (default: WGPU_BACKEND, else all).
-    #[arg(long, global = true)]
+    /// Backends to search: vulkan, metal, dx12, gl, or a comma list (default: all; GL is probed only
+    /// when no other backend has an adapter).
+    #[arg(long, global = true, env = "WGPU_BACKEND")]
     backend: Option<String>,
-    /// Use the first adapter whose name contains this text (default: WGPU_ADAPTER_NAME).
-    #[arg(long, global = true)]
+    /// Use the first adapter whose name contains this text.
+    #[arg(long, global = true, env = "WGPU_ADAPTER_NAME")]
     adapter: Option<String>,
     /// Conv kernel tuning when a plan is built: off (built-in choice), quick (time a few tile
     /// shapes per layer on GPUs), full (every shape, any adapter); remembered in the cache file
-    /// (default: SENET_TUNE, else quick).
-    #[arg(long, global = true, value_enum)]
+    /// [default: quick].
+    #[arg(long, global = true, value_enum, env = "SENET_TUNE")]
     tune: Option<senet_wgpu::gpu::tune::TuneMode>,
-    /// The tuning cache file (default: SENET_TUNE_CACHE, else ~/.cache/senet-wgpu/tune-v1.json).
-    #[arg(long, global = true)]
+    /// The tuning cache file [default: ~/.cache/senet-wgpu/tune-v1.json, or the platform's cache
+    /// directory].
+    #[arg(long, global = true, env = "SENET_TUNE_CACHE")]
     tune_cache: Option<PathBuf>,
     /// Reductions (batch norm, SE squeeze, loss, bias gradients) on subgroups: on, off, or auto
-    /// = where the adapter has them (default: SENET_SUBGROUPS, else auto).
-    #[arg(long, global = true, value_enum)]
-    subgroups: Option<senet_wgpu::gpu::Subgroups>,
+    /// = where the adapter has them.
+    #[arg(long, global = true, value_enum, env = "SENET_SUBGROUPS", default_value_t)]
+    subgroups: gpu::Switch,
+    /// f16 shaders (--precision f16): auto = where the adapter has them, off = behave as an adapter
+    /// without them, on = an error on an adapter without them.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    f16: gpu::Switch,
+    /// Cooperative-matrix GEMMs in f16 plans: auto = where the adapter lists them and its driver is
+    /// known to run them on matrix hardware (see `senet devices`), on = wherever listed, off = never.
+    #[arg(long, global = true, value_enum, env = "SENET_COOP", default_value_t)]
+    coop: gpu::Switch,
     #[command(subcommand)]
     command: Command,
 }
@@ -120,8 +130,10 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         adapter_name: cli.adapter,
         adapter_index: None,
         tune: cli.tune,
-        tune_cache: cli.tune_cache,
-        subgroups: cli.subgroups,
+        tune_cache: cli.tune_cache.or_else(gpu::tune::default_cache_path),
+        subgroups: Some(cli.subgroups),
+        f16: cli.f16,
+        coop: cli.coop,
     };
     match cli.command {
         Command::Train(mut args) => {
@@ -275,6 +287,9 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             for a in &adapters {
                 println!("{a}\n");
             }
+            if opts.backend.is_none() && !adapters.iter().any(|a| a.info.backend == wgpu::Backend::Gl) {
+                println!("(GL is probed only when no other backend has an adapter: --backend gl lists it)\n");
+            }
             // Under mpirun each rank prints the adapter it would train on (its local rank modulo
             // the adapters of the best kind, unless --adapter names one).
             if let Some(size) = senet_wgpu::dist::launched_size().filter(|&n| n > 1) {
@@ -298,6 +313,30 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On a headless Linux machine (no XDG_RUNTIME_DIR), Mesa's implicit Vulkan layer
+/// VK_LAYER_MESA_device_select asks the Wayland compositor for the default GPU whenever an instance
+/// enables VK_KHR_wayland_surface (wgpu always does), and libwayland prints "error: XDG_RUNTIME_DIR
+/// is invalid or not set in the environment." on stderr, twice per instance, although nothing
+/// failed. There is no compositor to ask there: turn the layer off through its own switch
+/// (NODEVICE_SELECT=1) unless the user set it or asked it for a device (MESA_VK_DEVICE_SELECT,
+/// DRI_PRIME). We rank adapters ourselves, so only the layer's reordering is lost.
+fn quiet_headless_vulkan_layers() {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    // libwayland's test: an absolute XDG_RUNTIME_DIR, unless WAYLAND_DISPLAY is an absolute path or
+    // WAYLAND_SOCKET hands over a connection.
+    let runtime_dir_ok = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| d.to_string_lossy().starts_with('/'));
+    let wayland_direct = set("WAYLAND_SOCKET")
+        || std::env::var_os("WAYLAND_DISPLAY").is_some_and(|d| d.to_string_lossy().starts_with('/'));
+    if runtime_dir_ok || wayland_direct || set("NODEVICE_SELECT") || set("MESA_VK_DEVICE_SELECT") || set("DRI_PRIME") {
+        return;
+    }
+    // SAFETY: called first thing in main, before any thread exists.
+    unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+}
+
 fn main() -> ExitCode {
     // Like other command-line tools, end quietly when the reader of our output goes away
     // (`senet train | head`) instead of panicking on the broken pipe.
@@ -306,6 +345,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    quiet_headless_vulkan_layers();
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(c) => c,

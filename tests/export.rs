@@ -486,7 +486,7 @@ fn the_file_names_initializers_as_the_state_dict_and_carries_the_metadata() {
     };
     assert_eq!(g.input.len(), 1);
     assert_eq!(g.input[0].name.as_deref(), Some("input"));
-    assert_eq!(dims(&g.input[0]), ["batch", "3", "12", "10"]);
+    assert_eq!(dims(&g.input[0]), ["batch", "3", "height", "width"], "batch and spatial dims dynamic");
     assert_eq!(g.output[0].name.as_deref(), Some("logits"));
     assert_eq!(dims(&g.output[0]), ["batch", "5"]);
 
@@ -497,6 +497,7 @@ fn the_file_names_initializers_as_the_state_dict_and_carries_the_metadata() {
     assert_eq!(back, cfg);
     let classes: Vec<String> = serde_json::from_str(meta[onnx::META_CLASSES]).expect("classes JSON");
     assert_eq!(classes, cfg.classes);
+    assert_eq!(meta[onnx::META_INPUT_SIZE], "12x10", "the trained size stays in the metadata");
 }
 
 #[test]
@@ -564,7 +565,14 @@ fn senet_export_writes_a_file_tract_runs_with_the_run_config() {
     let bytes = std::fs::read(&out).expect("model.onnx");
     let x = common::uniform(&mut common::rng(9), 2 * 28 * 28, -1.0, 1.0);
     let reference = forward(&cfg.graph().expect("graph"), &mut sd, 2, &common::to_f64(&x), None);
-    check("senet export", &run_tract(&tract_model(&bytes), [2, 1, 28, 28], &x), &reference, TOL);
+    let model = tract_model(&bytes);
+    check("senet export", &run_tract(&model, [2, 1, 28, 28], &x), &reference, TOL);
+    // The spatial dims are dynamic: the same file takes another size (a 28x28 Fashion-MNIST model
+    // run on 36x20 crops), matching the reference network at that size.
+    let x = common::uniform(&mut common::rng(10), 3 * 36 * 20, -1.0, 1.0);
+    let at = ModelConfig { input_hw: [36, 20], ..cfg.clone() }.graph().expect("graph at 36x20");
+    let reference = forward(&at, &mut sd, 3, &common::to_f64(&x), None);
+    check("senet export run at 36x20", &run_tract(&model, [3, 1, 36, 20], &x), &reference, TOL);
     let names: Vec<String> = std::fs::read_dir(dir.path())
         .expect("ls")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into())

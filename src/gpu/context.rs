@@ -1,14 +1,17 @@
 //! Adapter selection and the device: headless, any backend, the adapter's real limits.
 //!
-//! Selection order: `--backend` (or `WGPU_BACKEND`) restricts the backends searched;
-//! `WGPU_ADAPTER_NAME` picks the first adapter whose name contains that text; otherwise the
-//! high-performance adapter, preferring a real GPU over a CPU driver such as lavapipe, and
-//! Vulkan/Metal/DX12 over GL (GL is searched last, as a last resort).
+//! Selection order: [`GpuOptions::backend`] restricts the backends searched; `adapter_name` picks
+//! the first adapter whose name contains that text; otherwise the high-performance adapter,
+//! preferring a real GPU over a CPU driver such as lavapipe. GL is probed only when no
+//! Vulkan/Metal/DX12 adapter exists (or when it is the only backend asked for): its EGL probing is
+//! the slowest, and GL's compute support the weakest (no f16, no subgroups).
 
 use std::fmt;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+
+use super::paths::{PathOptions, Paths, Switch};
 
 /// No adapter could be found. `main` turns this into exit code 2.
 #[derive(Debug)]
@@ -29,57 +32,50 @@ impl fmt::Display for NoAdapterError {
 
 impl std::error::Error for NoAdapterError {}
 
-/// How to pick the adapter.
+/// How to pick the adapter and which kernel paths to allow. The CLI fills it from its flags
+/// (with their documented environment fallbacks); the library reads no environment variable.
 #[derive(Clone, Debug, Default)]
 pub struct GpuOptions {
-    /// Backends to search, as `WGPU_BACKEND` spells them ("vulkan", "metal", "dx12", "gl", or a
-    /// comma list). `None` honours `WGPU_BACKEND`, else searches all.
+    /// Backends to search ("vulkan", "metal", "dx12", "gl", or a comma list). `None`: all, with GL
+    /// probed only when no other backend has an adapter.
     pub backend: Option<String>,
-    /// Substring of the adapter name. `None` honours `WGPU_ADAPTER_NAME`.
+    /// Substring of the adapter name. `None`: the best adapter (see [`Gpu::new`]).
     pub adapter_name: Option<String>,
     /// With no name: the k-th (modulo their count) of the adapters of the best kind found, so MPI
     /// ranks on one machine spread over its GPUs. `None`: the best adapter.
     pub adapter_index: Option<usize>,
-    /// How much the kernel tuner may time. `None` honours `SENET_TUNE`, else quick.
+    /// How much the kernel tuner may time. `None`: quick.
     pub tune: Option<super::tune::TuneMode>,
-    /// The tuning cache file. `None` honours `SENET_TUNE_CACHE`, else the platform's cache
-    /// directory (`~/.cache/senet-wgpu/tune-v1.json` on Linux).
+    /// The tuning cache file. `None`: choices are kept in memory only (the CLI passes the
+    /// platform's cache file, `~/.cache/senet-wgpu/tune-v1.json` on Linux, unless told otherwise).
     pub tune_cache: Option<std::path::PathBuf>,
-    /// Reductions on subgroups or workgroup-memory trees. `None` honours `SENET_SUBGROUPS`,
-    /// else auto.
+    /// Reductions on subgroups or workgroup-memory trees. `None`: auto.
     pub subgroups: Option<Subgroups>,
+    /// f16 shaders (`--precision f16`): `Off` behaves as an adapter without them.
+    pub f16: Switch,
+    /// Cooperative-matrix GEMMs in f16 plans: `Auto` only on drivers whose matrices are real
+    /// ([`super::paths::coop_allowed_driver`]), `On` wherever the adapter lists them.
+    pub coop: Switch,
 }
 
-/// Whether reductions use subgroup operations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Subgroups {
-    /// Where the adapter has them.
-    #[default]
-    Auto,
-    /// Always: an error on an adapter without subgroups.
-    On,
-    /// Never: workgroup-memory trees.
-    Off,
-}
-
-impl Subgroups {
-    /// `SENET_SUBGROUPS`: on, off or auto (unset or empty: auto).
-    fn from_env() -> Result<Subgroups> {
-        match std::env::var("SENET_SUBGROUPS").unwrap_or_default().trim().to_ascii_lowercase().as_str() {
-            "" | "auto" => Ok(Subgroups::Auto),
-            "on" => Ok(Subgroups::On),
-            "off" => Ok(Subgroups::Off),
-            other => anyhow::bail!("SENET_SUBGROUPS={other:?}: expected on, off or auto"),
-        }
+impl GpuOptions {
+    /// What these options ask of the kernel paths.
+    pub fn paths(&self) -> PathOptions {
+        PathOptions { f16: self.f16, subgroups: self.subgroups.unwrap_or_default(), coop: self.coop }
     }
 }
 
-/// One adapter as `senet devices` shows it.
+/// Whether reductions use subgroup operations (the same auto / on / off as every path).
+pub type Subgroups = Switch;
+
+/// One adapter as `senet devices` shows it: what it is, its limits, and the kernel paths it
+/// would run under the options given (or the error a forced path meets there).
 #[derive(Clone, Debug)]
 pub struct AdapterSummary {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    pub paths: std::result::Result<Paths, String>,
 }
 
 impl fmt::Display for AdapterSummary {
@@ -90,14 +86,14 @@ impl fmt::Display for AdapterSummary {
         writeln!(f, "  driver: {} {}", i.driver, i.driver_info)?;
         writeln!(
             f,
-            "  storage buffers/stage: {}  max storage binding: {} MiB  max buffer: {} MiB",
-            l.max_storage_buffers_per_shader_stage,
+            "  largest buffer: {} MiB  storage binding: {} MiB  storage buffers/stage: {}",
+            l.max_buffer_size >> 20,
             l.max_storage_buffer_binding_size >> 20,
-            l.max_buffer_size >> 20
+            l.max_storage_buffers_per_shader_stage,
         )?;
         writeln!(
             f,
-            "  workgroup: {} invocations, size {}x{}x{}, {} KiB shared; {} workgroups/dim",
+            "  largest workgroup: {} invocations, size {}x{}x{}, {} KiB shared; {} workgroups/dim",
             l.max_compute_invocations_per_workgroup,
             l.max_compute_workgroup_size_x,
             l.max_compute_workgroup_size_y,
@@ -105,14 +101,10 @@ impl fmt::Display for AdapterSummary {
             l.max_compute_workgroup_storage_size >> 10,
             l.max_compute_workgroups_per_dimension
         )?;
-        write!(
-            f,
-            "  timestamps: {}  timestamps inside passes: {}  shader-f16: {}  subgroups: {}",
-            self.features.contains(wgpu::Features::TIMESTAMP_QUERY),
-            self.features.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
-            self.features.contains(wgpu::Features::SHADER_F16),
-            self.features.contains(wgpu::Features::SUBGROUP),
-        )
+        match &self.paths {
+            Ok(p) => write!(f, "{}", p.table().trim_end()),
+            Err(e) => write!(f, "  error: {e}"),
+        }
     }
 }
 
@@ -178,6 +170,8 @@ pub struct Gpu {
     scope: std::sync::Mutex<String>,
     /// Which kernel runs each conv shape: timed once per adapter and remembered on disk.
     pub tuner: super::tune::Tuner,
+    /// Which kernel paths run here and why the others do not (`senet devices`).
+    pub paths: Paths,
 }
 
 impl fmt::Debug for Gpu {
@@ -187,7 +181,7 @@ impl fmt::Debug for Gpu {
 }
 
 fn backends_for(opts: &GpuOptions) -> Result<wgpu::Backends> {
-    let spec = opts.backend.clone().or_else(|| std::env::var("WGPU_BACKEND").ok()).filter(|s| !s.trim().is_empty());
+    let spec = opts.backend.clone().filter(|s| !s.trim().is_empty());
     match spec {
         None => Ok(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL),
         Some(s) => {
@@ -204,17 +198,37 @@ fn backends_for(opts: &GpuOptions) -> Result<wgpu::Backends> {
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = backends;
+    // wgpu's own debugging variables (WGPU_DEBUG, WGPU_VALIDATION) stay wgpu's to read.
     desc.flags = wgpu::InstanceFlags::from_build_config().with_env();
     wgpu::Instance::new(desc)
 }
 
-/// Every adapter wgpu can see on the requested backends.
+/// The adapters of `backends`: Vulkan, Metal and DX12 from one instance; GL from an instance of its
+/// own, created only when those found none (or GL is all that was asked for), so a machine with
+/// Vulkan never probes EGL.
+fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let native = backends - wgpu::Backends::GL;
+    let mut adapters = Vec::new();
+    if !native.is_empty() {
+        adapters = pollster::block_on(instance(native).enumerate_adapters(native));
+    }
+    if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
+        adapters = pollster::block_on(instance(wgpu::Backends::GL).enumerate_adapters(wgpu::Backends::GL));
+    }
+    adapters
+}
+
+/// Every adapter wgpu can see on the requested backends (GL only as [`enumerate`] probes it), with
+/// the paths each would run under `opts`.
 pub fn list_adapters(opts: &GpuOptions) -> Result<Vec<AdapterSummary>> {
-    let inst = instance(backends_for(opts)?);
-    let adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()));
-    Ok(adapters
+    Ok(enumerate(backends_for(opts)?)
         .into_iter()
-        .map(|a| AdapterSummary { info: a.get_info(), limits: a.limits(), features: a.features() })
+        .map(|a| {
+            let (info, features) = (a.get_info(), a.features());
+            let paths = Paths::resolve(&info, features, &a.cooperative_matrix_properties(), &opts.paths())
+                .map_err(|e| format!("{e:#}"));
+            AdapterSummary { info, limits: a.limits(), features, paths }
+        })
         .collect())
 }
 
@@ -235,25 +249,11 @@ impl Gpu {
     /// Pick an adapter and create the device with the adapter's own limits.
     pub fn new(opts: &GpuOptions) -> Result<Arc<Gpu>> {
         let backends = backends_for(opts)?;
-        // GL only as a last resort, from an instance of its own: probing EGL is noisy and GL's
-        // compute support is the weakest.
-        let mut adapters = Vec::new();
-        if !(backends - wgpu::Backends::GL).is_empty() {
-            let inst = instance(backends - wgpu::Backends::GL);
-            adapters = pollster::block_on(inst.enumerate_adapters(backends - wgpu::Backends::GL));
-        }
-        if adapters.is_empty() && backends.contains(wgpu::Backends::GL) {
-            let inst = instance(wgpu::Backends::GL);
-            adapters = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::GL));
-        }
+        let mut adapters = enumerate(backends);
         if adapters.is_empty() {
             return Err(NoAdapterError { detail: format!("searched {backends:?}") }.into());
         }
-        let wanted = opts
-            .adapter_name
-            .clone()
-            .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
-            .filter(|s| !s.trim().is_empty());
+        let wanted = opts.adapter_name.clone().filter(|s| !s.trim().is_empty());
         let adapter = if let Some(name) = wanted {
             let needle = name.to_lowercase();
             let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
@@ -273,12 +273,7 @@ impl Gpu {
 
     fn from_adapter(adapter: wgpu::Adapter, opts: &GpuOptions) -> Result<Arc<Gpu>> {
         let info = adapter.get_info();
-        let tune_mode = opts.tune.unwrap_or_else(super::tune::TuneMode::from_env);
-        let tune_cache = opts
-            .tune_cache
-            .clone()
-            .or_else(|| std::env::var_os("SENET_TUNE_CACHE").filter(|v| !v.is_empty()).map(Into::into))
-            .or_else(super::tune::default_cache_path);
+        let tune_mode = opts.tune.unwrap_or_default();
         let device_key = format!(
             "{} | {:?} | {} {} | senet-wgpu {}",
             info.name,
@@ -288,51 +283,11 @@ impl Gpu {
             env!("CARGO_PKG_VERSION")
         );
         let limits = adapter.limits();
-        let has_subgroups = adapter.features().contains(wgpu::Features::SUBGROUP);
-        let subgroups = match opts.subgroups.map_or_else(Subgroups::from_env, Ok)? {
-            Subgroups::On => {
-                anyhow::ensure!(
-                    has_subgroups,
-                    "subgroups were asked for (--subgroups on / SENET_SUBGROUPS=on) but adapter {:?} has \
-                     none; use off or auto",
-                    info.name
-                );
-                true
-            }
-            Subgroups::Off => false,
-            Subgroups::Auto => has_subgroups,
-        };
+        let paths = Paths::resolve(&info, adapter.features(), &adapter.cooperative_matrix_properties(), &opts.paths())?;
+        let subgroups = paths.subgroups.is_ok();
+        let coop_tile = paths.coop.as_ref().ok().copied();
         // Optional features we can use; request only what the adapter has.
-        let mut wanted = wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-        // SENET_NO_F16=1: behave as an adapter without f16 shaders (how the refusal is tested).
-        if std::env::var_os("SENET_NO_F16").is_none_or(|v| v.is_empty() || v == "0") {
-            wanted |= wgpu::Features::SHADER_F16;
-        }
-        if subgroups {
-            wanted |= wgpu::Features::SUBGROUP;
-        }
-        // Cooperative matrices: the largest square f16 -> f32 tile naga can write (8x8 or 16x16)
-        // among those the adapter lists; SENET_COOP=off keeps them out.
-        let coop_off = std::env::var("SENET_COOP").is_ok_and(|v| v == "off" || v == "0");
-        let props = adapter.cooperative_matrix_properties();
-        let coop_tile = [16u32, 8].into_iter().find(|&t| {
-            props.iter().any(|p| {
-                (p.m_size, p.n_size, p.k_size) == (t, t, t)
-                    && p.ab_type == wgpu::CooperativeScalarType::F16
-                    && p.cr_type == wgpu::CooperativeScalarType::F32
-            })
-        });
-        // Only with f16 requested (SENET_NO_F16 unset) and the experimental feature offered.
-        let coop_features = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
-        let coop_tile = coop_tile.filter(|_| {
-            !coop_off && wanted.contains(wgpu::Features::SHADER_F16) && adapter.features().contains(coop_features)
-        });
-        if coop_tile.is_some() {
-            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        }
-        let features = adapter.features() & wanted;
+        let features = paths.features(adapter.features());
         // SAFETY: wgpu's experimental features are opted into only for cooperative matrices, and
         // only with a tile shape the adapter itself lists (wgpu does not check shaders against it).
         let experimental = if coop_tile.is_some() {
@@ -373,7 +328,8 @@ impl Gpu {
             coop_tile,
             staging: Default::default(),
             scope: Default::default(),
-            tuner: super::tune::Tuner::new(tune_mode, tune_cache, device_key),
+            tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key),
+            paths,
             stats: Arc::default(),
             adapter,
             device,

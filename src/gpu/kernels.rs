@@ -231,10 +231,8 @@ impl Gpu {
 
     /// Why an f16 plan cannot run here, for the error that refuses it.
     pub fn no_f16_message(&self) -> String {
-        format!(
-            "the adapter \"{}\" has no f16 shader support (wgpu Features::SHADER_F16); use --precision f32",
-            self.info.name
-        )
+        let why = self.paths.f16.as_ref().err().map_or("wgpu Features::SHADER_F16 was not requested", String::as_str);
+        format!("the adapter \"{}\" runs no f16 shaders ({why}); use --precision f32", self.info.name)
     }
 
     /// The pipeline for `shader::entry` with these override constants, built on first use.

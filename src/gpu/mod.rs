@@ -2,6 +2,7 @@
 
 mod context;
 mod kernels;
+pub mod paths;
 mod tensor;
 pub mod tune;
 
@@ -10,4 +11,5 @@ pub use kernels::{
     Bind, CONV_GEMM_PART, COOP_SHADERS, Dispatch, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, Precision, SHADERS,
     coop_prelude, shader_source,
 };
+pub use paths::{Need, Paths, Switch};
 pub use tensor::{Dtype, Element, Tensor};

@@ -16,9 +16,12 @@
 //! Add           Add
 //! ```
 //!
-//! Input `input` is `[batch, C, H, W]` with `batch` symbolic, output `logits` is
-//! `[batch, classes]`; the input is what the network sees, i.e. pixels / 255 then normalised per
-//! channel with the `normalize` of the model configuration (kept in the metadata).
+//! Input `input` is `[batch, C, height, width]` with `batch`, `height` and `width` symbolic (as
+//! `torch.onnx.export` with `dynamic_axes` writes them): every model here ends in global pooling,
+//! so it takes any size its strides and pools leave at least one pixel of. The size it was
+//! trained at stays in the metadata (`model_config.input_hw`, and `input_size` as "HxW"). Output
+//! `logits` is `[batch, classes]`; the input is what the network sees, i.e. pixels / 255 then
+//! normalised per channel with the `normalize` of the model configuration (kept in the metadata).
 //!
 //! Batch norm is exported as `BatchNormalization`, not folded into the preceding convolution:
 //! every initializer is then a state-dict tensor under its PyTorch name and shape, so the file
@@ -61,6 +64,8 @@ pub const OPSETS: std::ops::RangeInclusive<i64> = 11..=22;
 pub const META_VERSION: &str = "senet_wgpu_version";
 pub const META_CONFIG: &str = "model_config";
 pub const META_CLASSES: &str = "classes";
+/// The input size the model was trained (or exported) for, "HxW": the graph itself takes any size.
+pub const META_INPUT_SIZE: &str = "input_size";
 
 /// `senet export`.
 #[derive(Clone, Debug, clap::Args)]
@@ -74,8 +79,8 @@ pub struct ExportArgs {
     /// ONNX opset version (11 to 22).
     #[arg(long, default_value_t = DEFAULT_OPSET)]
     pub opset: i64,
-    /// Input size (`32` or `HxW`) the graph is exported for [default: the run's config.json,
-    /// else 32]; the batch dimension is always dynamic.
+    /// Input size (`32` or `HxW`) recorded as the model's size and checked to fit [default: the
+    /// run's config.json, else 32]; the batch and spatial dimensions of the graph are dynamic.
     #[arg(long, value_parser = crate::args::parse_image_size)]
     pub image_size: Option<[usize; 2]>,
     /// Model width when there is no config.json beside the checkpoint.
@@ -274,14 +279,21 @@ pub fn onnx_graph_model(
 
     let [c, h, w] = graph.input;
     let classes = shapes.last().map(|s| s[1]).context("the model has no layers")?;
-    let batch = || Dimension { value: Some(dimension::Value::DimParam("batch".into())), denotation: None };
+    let symbolic = |name: &str| Dimension { value: Some(dimension::Value::DimParam(name.into())), denotation: None };
     let fixed = |v: usize| Dimension { value: Some(dimension::Value::DimValue(v as i64)), denotation: None };
     g.input.push(value_info(
         "input",
-        vec![batch(), fixed(c), fixed(h), fixed(w)],
-        "images [batch, C, H, W]: pixels / 255, then (x - mean) / std per channel with model_config.normalize",
+        vec![symbolic("batch"), fixed(c), symbolic("height"), symbolic("width")],
+        &format!(
+            "images [batch, C, height, width] (trained at {h}x{w}; any size the network's strides leave a pixel of): \
+             pixels / 255, then (x - mean) / std per channel with model_config.normalize"
+        ),
     ));
-    g.output.push(value_info("logits", vec![batch(), fixed(classes)], "unnormalised class scores [batch, classes]"));
+    g.output.push(value_info(
+        "logits",
+        vec![symbolic("batch"), fixed(classes)],
+        "unnormalised class scores [batch, classes]",
+    ));
 
     let class_names: Vec<String> = if config.classes.is_empty() {
         (0..classes).map(|i| format!("class {i}")).collect()
@@ -300,6 +312,7 @@ pub fn onnx_graph_model(
             meta(META_VERSION, env!("CARGO_PKG_VERSION").into()),
             meta(META_CONFIG, serde_json::to_string(config)?),
             meta(META_CLASSES, serde_json::to_string(&class_names)?),
+            meta(META_INPUT_SIZE, format!("{h}x{w}")),
         ],
         ..Default::default()
     })
