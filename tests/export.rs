@@ -290,7 +290,7 @@ fn check(what: &str, onnx: &[f32], reference: &[f64], tol: f64) -> f64 {
         let d = (f64::from(o) - r).abs();
         worst = worst.max(d);
         if d.is_nan() || d > tol {
-            bad.push(format!("[{i}] onnx {o} reference {r}"));
+            bad.push(format!("[{i}] got {o} reference {r}"));
         }
     }
     assert!(
