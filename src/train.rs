@@ -410,9 +410,7 @@ impl Trainer<'_> {
         steps: usize,
     ) -> anyhow::Error {
         match self.save_partial(net, run, state, steps) {
-            Ok(()) => {
-                run::interrupted(&self.args.out, epoch, steps, !self.dist.is_root()).into()
-            }
+            Ok(()) => run::interrupted(&self.args.out, epoch, steps, !self.dist.is_root()).into(),
             Err(e) => e,
         }
     }

@@ -17,6 +17,50 @@ fn refused(o: &std::process::Output, what: &str, expect: &[&str]) -> String {
     stderr
 }
 
+/// Every file under `dir` (recursively), by path relative to it, with its bytes.
+fn files(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap();
+                out.insert(path.strip_prefix(dir).unwrap().to_path_buf(), bytes);
+            }
+        }
+    }
+    out
+}
+
+/// `dir` holds exactly the files of `before`, byte for byte: what a refusal must leave.
+#[track_caller]
+fn unchanged(dir: &std::path::Path, before: &std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>, what: &str) {
+    let after = files(dir);
+    let names = |m: &std::collections::BTreeMap<std::path::PathBuf, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&after), names(before), "{what}: the files of {} changed", dir.display());
+    for (name, bytes) in before {
+        assert!(after[name] == *bytes, "{what}: {} was rewritten in {}", name.display(), dir.display());
+    }
+}
+
+/// A real run in `dir` (the sample, width 1/16, one epoch of 64 images: config.json, metrics.csv,
+/// metrics.png, last/best/resume checkpoints), and its files: the folder a refusal must not touch.
+fn populated_run(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--batch-size", "32"])
+        .args(["--limit-train", "64", "--limit-test", "32", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let before = files(dir);
+    assert!(before.len() >= 4, "a run folder: {:?}", before.keys().collect::<Vec<_>>());
+    before
+}
+
 /// With the Vulkan loader pointed at no driver, there is no adapter: exit code 2 and the message
 /// that says what to install — never a panic.
 #[test]
@@ -288,6 +332,9 @@ fn se_resnet18_trains_on_an_image_folder_at_a_larger_size() {
 
 #[test]
 fn nonsense_arguments_are_rejected_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let before = populated_run(&run);
     for (flag, value, expect) in [
         ("--batch-size", "0", "--batch-size must be at least 1"),
         ("--lr", "-1", "--lr must be a positive number"),
@@ -300,10 +347,11 @@ fn nonsense_arguments_are_rejected_up_front() {
     ] {
         let out = senet()
             .args(["train", "--dataset", "sample", &format!("{flag}={value}"), "--out"])
-            .arg(std::env::temp_dir().join("senet-never"))
+            .arg(&run)
             .output()
             .unwrap();
         refused(&out, &format!("{flag} {value}"), &[expect]);
+        unchanged(&run, &before, &format!("{flag} {value}"));
     }
 }
 
@@ -376,6 +424,7 @@ fn f16_trains_evaluates_in_either_precision_and_resumes_exactly() {
     assert!((acc16 - acc32).abs() <= 3.0 / 70.0 + 1e-9, "f16 {acc16} vs f32 {acc32}");
 
     let c = dir.path().join("c");
+    let before = populated_run(&c);
     let o = senet()
         .args(["train", "--dataset", "sample", "--width", "0.0625", "--epochs", "1", "--precision", "f16", "--out"])
         .arg(&c)
@@ -383,7 +432,7 @@ fn f16_trains_evaluates_in_either_precision_and_resumes_exactly() {
         .output()
         .unwrap();
     refused(&o, "f16 on an adapter without it", &["llvmpipe", "no f16", "--precision f32"]);
-    assert!(!c.exists(), "nothing is written when the run is refused");
+    unchanged(&c, &before, "f16 on an adapter without it");
 }
 
 /// Ctrl-C (SIGINT) part-way through an epoch: the step finishes, the run is saved, the exit code
@@ -461,6 +510,7 @@ fn sigint_saves_and_resumes_mid_epoch_exactly() {
 #[test]
 fn divergence_is_reported_and_nothing_is_overwritten() {
     let dir = tempfile::tempdir().unwrap();
+    let before = populated_run(dir.path());
     let out = senet()
         .args(["train", "--dataset", "sample", "--width", "0.0625", "--batch-size", "16", "--limit-train", "64"])
         .args([
@@ -482,7 +532,14 @@ fn divergence_is_reported_and_nothing_is_overwritten() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("diverged at epoch 1 step") && stderr.contains("first non-finite value in"), "{stderr}");
-    assert!(!dir.path().join("last.safetensors").exists(), "no checkpoint from a diverged run");
+    // A new run in the folder starts its own config.json and metrics.csv; the checkpoints of the
+    // run that was there stay byte for byte (the error says they were not overwritten).
+    let after = files(dir.path());
+    for name in ["last.safetensors", "best.safetensors", "resume.safetensors"] {
+        let name = std::path::Path::new(name);
+        assert!(before.contains_key(name), "the populated run has {}", name.display());
+        assert!(after.get(name) == before.get(name), "{} was overwritten by a diverged run", name.display());
+    }
 }
 
 /// Bad data is refused before the run folder is created: no partial output behind an error.
@@ -493,16 +550,16 @@ fn bad_data_leaves_no_partial_output() {
     std::fs::create_dir_all(data.join("train")).unwrap();
     std::fs::create_dir_all(data.join("test")).unwrap();
     let out = dir.path().join("run");
-    let o = senet()
-        .args(["train", "--dataset", "folder", "--data-dir"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stderr = refused(&o, "an empty image folder", &["no class folders", "train"]);
+    let train = |out: &std::path::Path| {
+        senet().args(["train", "--dataset", "folder", "--data-dir"]).arg(&data).arg("--out").arg(out).output().unwrap()
+    };
+    let stderr = refused(&train(&out), "an empty image folder", &["no class folders", "train"]);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!out.exists(), "a failed start must not leave a run folder");
+    // Nor touch a run folder that is there.
+    let before = populated_run(&out);
+    refused(&train(&out), "an empty image folder into a run folder", &["no class folders", "train"]);
+    unchanged(&out, &before, "an empty image folder into a run folder");
 }
 
 /// `--recipe paper` fills in the paper's CIFAR recipe; flags given explicitly keep their values.
@@ -717,11 +774,13 @@ fn a_validation_split_chooses_the_best_checkpoint() {
 
     let o = train(&dir.path().join("noval"), &["--epochs", "1"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("chosen on test accuracy (no --val-split)"));
+    let before = files(&run);
     for (v, expect) in
         [("1.5", "expected a number of images"), ("0", "expected a number"), ("200", "leaves none to train on")]
     {
-        let o = train(&dir.path().join("never"), &["--epochs", "1", "--val-split", v]);
+        let o = train(&run, &["--epochs", "1", "--val-split", v]);
         refused(&o, &format!("--val-split {v}"), &[expect, "--val-split"]);
+        unchanged(&run, &before, &format!("--val-split {v}"));
     }
 }
 
@@ -798,8 +857,10 @@ fn contradicting_flags_are_errors_naming_both_values() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = run.join("last.safetensors");
+    let before = files(&run);
     let fails = |args: &[&str], expect: &[&str]| {
         refused(&senet().args(args).output().unwrap(), &format!("{args:?}"), expect);
+        unchanged(&run, &before, &format!("{args:?}"));
     };
     let c = ckpt.to_str().unwrap();
     fails(
@@ -887,13 +948,16 @@ fn recipe_knobs_reach_the_optimizer_and_the_preprocessing() {
         (&["--mean", "0.5,0.5", "--std", "1,1"][..], "--mean and --std give 2 channels; the images have 1"),
         (&["--mean", "0.5"][..], "--std"),
     ] {
+        let out = dir.path().join("sgd");
+        let before = files(&out);
         let o = senet()
             .args(["train", "--dataset", "sample", "--epochs", "1", "--limit-train", "8", "--out"])
-            .arg(dir.path().join("never"))
+            .arg(&out)
             .args(extra)
             .output()
             .unwrap();
         refused(&o, &format!("{extra:?}"), &[expect]);
+        unchanged(&out, &before, &format!("{extra:?}"));
     }
 }
 
@@ -945,11 +1009,11 @@ fn predict_takes_topk_folders_and_json() {
     let v: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
     let sum: f64 = v["top"].as_array().unwrap().iter().map(|t| t["probability"].as_f64().unwrap()).sum();
     assert!((sum - 1.0).abs() < 1e-4, "all 10 classes sum to 1: {sum}");
+    let before = files(&run);
     let o =
         senet().args(["predict", "--topk", "11", "--checkpoint"]).arg(run.join("last.safetensors")).arg(&imgs).output();
-    let o = o.unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--topk 11: expected 1 to the model's 10 classes"));
+    refused(&o.unwrap(), "--topk 11", &["--topk 11: expected 1 to the model's 10 classes"]);
+    unchanged(&run, &before, "--topk 11");
 }
 
 /// A tiny training run: sample, width 1/16, batch 16, the first `limit` images, one progress
@@ -995,13 +1059,18 @@ fn clip_grad_norm_is_recorded_shown_and_validated() {
         csv.lines().nth(1).unwrap().split(',').nth(1).unwrap().parse().unwrap()
     };
     assert!((train_loss(&clipped) - train_loss(&plain)).abs() > 1e-3, "clipping changed nothing");
+    let before = files(&clipped);
     let o = senet().args(["train", "--resume"]).arg(&clipped).args(["--clip-grad-norm", "2.5"]).output().unwrap();
     refused(&o, "--resume with another --clip-grad-norm", &["--clip-grad-norm 2.5 (the run has 0.01)"]);
+    unchanged(&clipped, &before, "--resume with another --clip-grad-norm");
     for bad in ["0", "-1", "nan", "inf", "1e39", "abc"] {
         let o = tiny_train(&dir.path().join("never"), "16", &[&format!("--clip-grad-norm={bad}")]);
         let stderr = refused(&o, bad, &["--clip-grad-norm"]);
         assert!(!stderr.contains("panicked"), "{bad}: {stderr}");
         assert!(!dir.path().join("never").exists(), "{bad}: nothing written");
+        let o = tiny_train(&clipped, "16", &[&format!("--clip-grad-norm={bad}")]);
+        refused(&o, bad, &["--clip-grad-norm"]);
+        unchanged(&clipped, &before, &format!("--clip-grad-norm={bad} into a run folder"));
     }
 }
 

@@ -25,14 +25,16 @@ use senet_wgpu::ops::se_block::{Excitation, SeBlockConfig, Squeeze};
 use senet_wgpu::reference::{add, batch_norm, conv2d, linear, pool, relu, se_block};
 use tract_onnx::prelude::*;
 
-/// |onnx - ours| <= TOL + 2 g, where g is how far our own f32 GPU eval is from the f64 reference
-/// on that case. TOL is the 1e-4 on logits of order 1 (every case's logits are scaled to
-/// about ±4). The 2 g term is nil (g ~ 1e-6 to 6e-5) except on one ill-conditioned case: random
-/// SE-ResNet-20 weights with the SE block after the addition and a tanh gate move the f64 logits
-/// by 2.3e-5 under a half-ulp change of the inputs and weights (1e-6 for the others), and any
-/// f32 forward lands ~3e-4 from f64 there: our GPU eval by 3.0e-4, tract by 2.3e-4. Such a case
-/// is still held to what our own eval achieves, not waved through.
+/// Every case has a fixed tolerance on |logit - f64 reference|, applied to the ONNX file in tract
+/// and to our GPU eval path each on its own (neither bound depends on the other's error). TOL is
+/// 1e-4 on logits of order 1 (every case's logits are scaled to about ±4): measured, the GPU eval
+/// is 1e-6 to 6e-5 from f64 and tract as close. One case is ill-conditioned: random SE-ResNet-20
+/// weights with the SE block after the addition and a tanh gate move the f64 logits by 2.3e-5
+/// under a half-ulp change of the inputs and weights (1e-6 for the others), and any f32 forward
+/// lands ~3e-4 from f64 there (our GPU eval 3.0e-4, tract 2.3e-4): that case gets [`TOL_ILL`].
 const TOL: f64 = 1e-4;
+/// The ill-conditioned case's: its measured 3.0e-4 with 1.7x headroom.
+const TOL_ILL: f64 = 5e-4;
 
 // ---------------------------------------------------------------------------------------------
 // Cases: every family and ablation at a tiny width, each with the input sizes it is run on.
@@ -42,6 +44,8 @@ struct Case {
     config: ModelConfig,
     /// Input H×W the graph is exported for (odd where the model allows).
     sizes: &'static [[usize; 2]],
+    /// |logit - f64 reference| allowed, for tract and for our GPU eval alike.
+    tol: f64,
 }
 
 fn config(model: &str, width: f64, reduction: usize, in_channels: usize, se: SeOptions, se_bias: bool) -> ModelConfig {
@@ -75,49 +79,63 @@ fn cases() -> Vec<Case> {
             name: "senet",
             config: config("senet", 1.0 / 16.0, 16, 3, paper.clone(), false),
             sizes: &[[32, 32], [37, 45]],
+            tol: TOL,
         },
         Case {
             name: "senet max squeeze, tanh gate, FC biases",
             config: config("senet", 1.0 / 16.0, 8, 1, se(Max, Tanh, Standard, &[]), true),
             sizes: &[[19, 23]],
+            tol: TOL,
         },
         Case {
             name: "senet ReLU gate",
             config: config("senet", 1.0 / 16.0, 4, 3, se(Avg, Relu, Standard, &[]), false),
             sizes: &[[17, 16]],
+            tol: TOL,
         },
         // CIFAR ResNets: 3×3 stem, stride-2 stages with projection shortcuts.
-        Case { name: "resnet20", config: config("resnet20", 0.25, 4, 3, paper.clone(), false), sizes: &[[9, 11]] },
+        Case {
+            name: "resnet20",
+            config: config("resnet20", 0.25, 4, 3, paper.clone(), false),
+            sizes: &[[9, 11]],
+            tol: TOL,
+        },
         Case {
             name: "se-resnet20",
             config: config("se-resnet20", 0.25, 4, 3, paper.clone(), false),
             sizes: &[[9, 11], [16, 16]],
+            tol: TOL,
         },
         Case {
             name: "se-resnet20 pre, max squeeze, FC biases",
             config: config("se-resnet20", 0.25, 2, 3, se(Max, Sigmoid, Pre, &[]), true),
             sizes: &[[13, 7]],
+            tol: TOL,
         },
         Case {
             name: "se-resnet20 post, tanh gate",
             config: config("se-resnet20", 0.25, 4, 1, se(Avg, Tanh, Post, &[]), false),
             sizes: &[[11, 9]],
+            tol: TOL_ILL,
         },
         Case {
             name: "se-resnet20 identity, ReLU gate, stages 2 and 3",
             config: config("se-resnet20", 0.25, 4, 3, se(Avg, Relu, Identity, &[2, 3]), false),
             sizes: &[[9, 9]],
+            tol: TOL,
         },
         // ImageNet ResNets: 7×7 stride-2 stem and 3×3 stride-2 max pool with padding.
         Case {
             name: "resnet18",
             config: config("resnet18", 1.0 / 16.0, 4, 3, paper.clone(), false),
             sizes: &[[33, 29]],
+            tol: TOL,
         },
         Case {
             name: "se-resnet50 (bottlenecks), stage 1 only, FC biases",
             config: config("se-resnet50", 1.0 / 16.0, 4, 3, se(Avg, Sigmoid, Standard, &[1]), true),
             sizes: &[[35, 31]],
+            tol: TOL,
         },
     ]
 }
@@ -273,7 +291,7 @@ fn check(what: &str, onnx: &[f32], reference: &[f64], tol: f64) -> f64 {
         let d = (f64::from(o) - r).abs();
         worst = worst.max(d);
         if d.is_nan() || d > tol {
-            bad.push(format!("[{i}] onnx {o} reference {r}"));
+            bad.push(format!("[{i}] got {o} reference {r}"));
         }
     }
     assert!(
@@ -319,9 +337,32 @@ fn every_family_and_ablation_matches_our_eval_in_tract() {
         for (k, &hw) in case.sizes.iter().enumerate() {
             let cfg = ModelConfig { input_hw: hw, ..case.config.clone() };
             let graph = cfg.graph().unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
-            let sd = random_state_dict(&graph, 100 + k as u64);
+            let mut sd = random_state_dict(&graph, 100 + k as u64);
             let model = tract_model(&export_bytes(&cfg, &sd, onnx::DEFAULT_OPSET));
-            report.push(tract_matches_ours(case.name, &cfg, &graph, sd, &model));
+            let [c, h, w] = graph.input;
+            let runs: Vec<_> = [1, 3]
+                .into_iter()
+                .map(|n| {
+                    let x = common::uniform(&mut common::rng(7 + n as u64), n * c * h * w, -1.0, 1.0);
+                    let reference = forward(&graph, &mut sd, n, &common::to_f64(&x), None);
+                    let gpu = gpu_eval(&cfg, &graph, &sd, n, &x);
+                    (n, run_tract(&model, [n, c, h, w], &x), gpu, reference)
+                })
+                .collect();
+            let (mut g, mut vs_gpu, mut vs_ref, mut scale) = (0f64, 0f64, 0f64, 0f64);
+            for (n, onnx, gpu, reference) in &runs {
+                let what = format!("{} {h}x{w} batch {n}", case.name);
+                // The GPU eval path (f32 values, exactly) against f64, on its own.
+                let gpu32: Vec<f32> = gpu.iter().map(|&v| v as f32).collect();
+                g = g.max(check(&format!("{what}: GPU eval vs f64 reference"), &gpu32, reference, case.tol));
+                vs_ref = vs_ref.max(check(&format!("{what}: ONNX vs f64 reference"), onnx, reference, case.tol));
+                vs_gpu = vs_gpu.max(max_diff(&common::to_f64(onnx), gpu));
+                scale = reference.iter().fold(scale, |m, v| m.max(v.abs()));
+            }
+            report.push(format!(
+                "{:<52} {h:>2}x{w:<2}  vs GPU eval {vs_gpu:.1e}  vs f64 {vs_ref:.1e}  (GPU vs f64 {g:.1e}, max |logit| {scale:.2})",
+                case.name
+            ));
         }
     }
     println!("max |ONNX in tract - ours| over batch 1 and 3:\n{}", report.join("\n"));

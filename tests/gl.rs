@@ -40,6 +40,7 @@ fn tiny() -> ModelConfig {
         normalize: None,
         se_bias: false,
         se: Default::default(),
+        block: Default::default(),
     }
 }
 

@@ -12,6 +12,27 @@ use senet_wgpu::ops::cross_entropy::result;
 use senet_wgpu::ops::optimizer::OptimizerConfig;
 use senet_wgpu::reference;
 
+/// Each gradient tensor's relative L2 error against the reference step, beside the element-wise
+/// bound (atol 2e-4 alone is ~20 % of the norm of the smallest SE weight gradients). Measured on
+/// these tests (one run, lavapipe): at most 8.3e-6 (an SE FC weight of SE-ResNet-8 with SE-POST;
+/// 7.7e-6 on SE-ResNet-18), so 1e-4 leaves 12x headroom for another adapter's rounding and fails
+/// a gradient 0.1 % off. Gradients below 1e-4 in norm (conv biases before a batch norm, zero but
+/// for rounding; in a batch of 1 also the conv bias before the SE block and its batch norm) are
+/// left to the element-wise bound: they are below 1e-4 here, every other gradient above 7e-4.
+const GRAD_REL_L2: f64 = 1e-4;
+/// SE-ResNet-50's (rounding carried back through 16 bottlenecks, see
+/// residual_training_steps_equal_the_reference): measured 1.9e-4 (layer1.0.bn1.weight).
+const SE_RESNET50_REL_L2: f64 = 1e-3;
+
+/// Both gradient bounds on one tensor; returns the relative error.
+#[track_caller]
+fn grad_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64, rel_l2: f64) -> f64 {
+    assert_close(what, got, want, atol, rtol);
+    let rel = assert_rel_l2(what, got, want, rel_l2, 1e-4);
+    eprintln!("{what}: relative L2 error {rel:.2e}");
+    rel
+}
+
 /// A small base SENet: width 1/16 (4, 8, 16, 32, 64 channels), SE 64 → 4 → 64, 3×16×16 input
 /// pooled 16 → 8 → 4 → 2 → 1, five classes.
 fn tiny(classes: usize, hw: usize) -> ModelConfig {
@@ -74,7 +95,7 @@ fn gpu_training_step_equals_the_reference_step() {
     for p in &net.params {
         let name = &p.spec.name;
         let g = want.grads.get(name).unwrap_or_else(|| panic!("reference has no gradient for {name}"));
-        assert_close(&format!("grad {name}"), &read(&gpu, &p.grad), g, 2e-4, 1e-3);
+        grad_close(&format!("grad {name}"), &read(&gpu, &p.grad), g, 2e-4, 1e-3, GRAD_REL_L2);
     }
     for b in &net.bn {
         for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
@@ -230,7 +251,8 @@ fn residual_training_steps_equal_the_reference() {
         assert_close(&format!("{model} logits"), &read(&gpu, plan.logits()), &want.logits, 1e-4, 1e-4);
         for p in &net.params {
             let name = &p.spec.name;
-            assert_close(&format!("{model} grad {name}"), &read(&gpu, &p.grad), &want.grads[name], atol, rtol);
+            let rel_l2 = if model == "se-resnet50" { SE_RESNET50_REL_L2 } else { GRAD_REL_L2 };
+            grad_close(&format!("{model} grad {name}"), &read(&gpu, &p.grad), &want.grads[name], atol, rtol, rel_l2);
         }
     }
 }
@@ -337,12 +359,13 @@ fn se_placements_and_stages_equal_the_reference() {
         gpu.wait().unwrap();
         assert_close(&format!("{se:?} logits"), &read(&gpu, plan.logits()), &want.logits, 1e-4, 1e-4);
         for p in &net.params {
-            assert_close(
+            grad_close(
                 &format!("{se:?} grad {}", p.spec.name),
                 &read(&gpu, &p.grad),
                 &want.grads[&p.spec.name],
                 2e-4,
                 1e-3,
+                GRAD_REL_L2,
             );
         }
     }
@@ -459,7 +482,7 @@ fn step_matches(net: &mut Network, plan: &senet_wgpu::model::plan::StepPlan, x: 
     // Tolerances as in gpu_training_step_equals_the_reference_step.
     for p in &net.params {
         let name = &p.spec.name;
-        assert_close(&format!("{what} grad {name}"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
+        grad_close(&format!("{what} grad {name}"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3, GRAD_REL_L2);
     }
 }
 

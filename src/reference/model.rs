@@ -180,12 +180,40 @@ pub fn train_step_in(
     precision: Precision,
     loss_scale: f64,
 ) -> Result<StepResult> {
+    train_step_full(graph, params, buffers, n, input, labels, precision, loss_scale, 0.0)
+}
+
+/// [`train_step`] with label smoothing `label_smoothing` (`--label-smoothing`) on the loss.
+pub fn train_step_smoothed(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    labels: &[u32],
+    label_smoothing: f64,
+) -> Result<StepResult> {
+    train_step_full(graph, params, buffers, n, input, labels, Precision::F32, 1.0, label_smoothing)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_step_full(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    labels: &[u32],
+    precision: Precision,
+    loss_scale: f64,
+    label_smoothing: f64,
+) -> Result<StepResult> {
     let Forward { shapes, acts, saved, buffers: new_buffers } =
         forward(graph, params, buffers, n, input, true, precision)?;
     let get = |name: &str| param(params, name);
     let logits = acts.last().context("empty graph")?.clone();
     let classes = shapes.last().context("empty graph")?[1];
-    let ce = cross_entropy::cross_entropy_forward_backward(&logits, labels, classes);
+    let ce = cross_entropy::cross_entropy_forward_backward_smoothed(&logits, labels, classes, label_smoothing);
 
     // Gradients of the activations; an activation read by two layers sums both contributions.
     let mut grads = HashMap::new();

@@ -289,3 +289,44 @@ pub fn grouped_network(h: usize, w: usize) -> senet_wgpu::model::Graph {
 /// at these sizes: atol 1e-4, rtol 1e-5 leaves 10x headroom.
 pub const CONV_ATOL: f64 = 1e-4;
 pub const CONV_RTOL: f64 = 1e-5;
+
+/// The relative L2 error of a whole tensor, ||got - want|| / ||want||, asserted at most `bound`
+/// (beside the element-wise bound of [`assert_close`], which lets a tensor of many small entries
+/// be off by a large fraction of its size). A tensor whose reference norm is below `floor` — a
+/// gradient that is zero up to rounding, as a conv bias feeding a batch norm — has no relative
+/// size and is left to the element-wise bound. Returns the relative error (for such a tensor,
+/// the absolute one, unchecked).
+#[track_caller]
+pub fn assert_rel_l2(what: &str, got: &[f32], want: &[f64], bound: f64, floor: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: {} values from the GPU, {} from the reference", got.len(), want.len());
+    let norm = want.iter().map(|w| w * w).sum::<f64>().sqrt();
+    let err = got.iter().zip(want).map(|(&g, &w)| (f64::from(g) - w).powi(2)).sum::<f64>().sqrt();
+    if norm < floor {
+        return err;
+    }
+    let rel = err / norm;
+    // Written so that a NaN fails.
+    assert!(rel <= bound, "{what}: relative L2 error {rel:.3e} > {bound:e} (norm {norm:.3e})");
+    rel
+}
+
+/// f64 against f64 (the reference against PyTorch float64): every element within
+/// atol + rtol*|want|. Returns the largest |got - want|.
+#[track_caller]
+pub fn assert_close64(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: {} values, the reference has {}", got.len(), want.len());
+    let mut worst = 0.0f64;
+    let mut bad = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        worst = worst.max(err);
+        if err.is_nan() || err > atol + rtol * w.abs() {
+            if bad < 5 {
+                eprintln!("{what}[{i}]: got {g:.15e} want {w:.15e} |diff| {err:.3e}");
+            }
+            bad += 1;
+        }
+    }
+    assert!(bad == 0, "{what}: {bad} of {} values outside atol {atol:e} + rtol {rtol:e}; worst {worst:.3e}", got.len());
+    worst
+}
