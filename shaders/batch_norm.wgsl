@@ -35,7 +35,7 @@
 // The input, output and their gradients are `act` (f32 or f16, defined by the host per compiled
 // variant); statistics, parameters, running estimates and every sum are f32 in both.
 //
-// Versions (lavapipe, senet bench; each ratio A/B in one session):
+// Versions (lavapipe, senet bench; each ratio A/B in one run):
 //   v1  several dispatches per pass (statistics, then output; reductions, then input gradient),
 //       two-pass variance.
 //   v2  one workgroup per channel, one dispatch per pass, one Welford pass merged pairwise:

@@ -31,7 +31,7 @@
 // plan: the host defines it per compiled variant); loads widen to f32, every FMA and accumulator is
 // f32, outputs narrow once when stored. Weight and bias gradients and their partials are f32.
 //
-// Versions (lavapipe, senet bench width 0.25 batch 32 unless said; each ratio A/B in one session):
+// Versions (lavapipe, senet bench width 0.25 batch 32 unless said; each ratio A/B in one run):
 //   v1  one invocation per output element, (channel, tap) inner loop with a padding branch.
 //   v2  weight gradient walks its pixels with counters instead of dividing; the stride-1 input
 //       gradient skips the division.

@@ -27,8 +27,7 @@ enable wgpu_cooperative_matrix;
 //       Correct on Mesa 26 lavapipe (8x8x8); no GPU measurement.
 //   v2  the three GEMMs from one source (conv2d_gemm_coop, MODE 0/1/2), the weight
 //       gradient split over K with the fixed-order reduce; the forward's arithmetic is v1's. Correct
-//       on Mesa 26 lavapipe (8x8x8); no GPU measurement yet (no device lent to the session that
-//       wrote it). Next: larger blocks per workgroup (several subgroups, 4x4 tiles) and double
+//       on Mesa 26 lavapipe (8x8x8); not yet measured on a GPU. Next: larger blocks per workgroup (several subgroups, 4x4 tiles) and double
 //       buffering, once a GPU can measure them.
 //   v3  bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
 //       the same arithmetic.

@@ -10,7 +10,7 @@
 //
 // Activations are `act` (f32 or f16, defined by the host per compiled variant); sums are f32.
 //
-// Versions (lavapipe; each ratio A/B in one session):
+// Versions (lavapipe; each ratio A/B in one run):
 //   v1  max pooling's geometry from the uniform (runtime divisions, a software routine per lane).
 //   v2  geometry as pipeline constants: backward 2.5x, forward 2.4x.
 //   v3  (this) `act` storage for --precision f16.

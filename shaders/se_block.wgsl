@@ -25,7 +25,7 @@
 // x, y and their gradients are `act` (f32 or f16, defined by the host per compiled variant); the
 // squeeze, both FCs, the gate, `saved`, `dsaved` and the weights are f32 in both.
 //
-// Versions (lavapipe; each ratio A/B in one session):
+// Versions (lavapipe; each ratio A/B in one run):
 //   v1  forward as one dispatch per sample; weight gradient one invocation per weight: 36 ms for
 //       256 channels at batch 32 but 0.4 ms at batch 33 (a cliff in lavapipe's code for it).
 //   v2  weight gradient an invocation per channel and 4 hidden units (one shared and one own load

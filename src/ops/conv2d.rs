@@ -219,7 +219,7 @@ impl Tiles {
     /// The blocks for this adapter: `SENET_CONV_TILES=M,N,CI,CO` overrides (for measuring), else
     /// on a CPU adapter the largest: 16 x 16 and 8 x 16. On lavapipe every storage-buffer load runs lane by lane
     /// while the FMAs run 8 lanes at once, so the block with the most FMAs per load pays,
-    /// spilled accumulators and all. Measured A/B in one session each (senet bench, width 0.25,
+    /// spilled accumulators and all. Measured A/B in one run each (senet bench, width 0.25,
     /// batch 32): against 4 x 8, 8 pixels x 8 channels made forward and input gradient 1.4x
     /// faster, 8 x 16 another 1.2-1.3x and 16 x 16 another 1.1x (forward) and 1.4x (input
     /// gradient): the whole step 185 -> 215 images/s on a quiet machine. The weight gradient
