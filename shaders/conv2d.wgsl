@@ -46,7 +46,7 @@
 //       (quiet machine); the 16-pixel pipelines cost ~3 s more on a cold Mesa shader cache.
 //   v7  forward and input gradient from one source, conv2d_gemm with a MODE override: the same
 //       arithmetic in the same order as v6's two hand-copied kernels (a training run's weights
-//       are byte-identical); quiet A/B beside v6 in one session, w0.25 b128: 275/262 vs 273/260
+//       are byte-identical); quiet A/B beside v6 in one run, w0.25 b128: 275/262 vs 273/260
 //       train images/s, w1 b128: 21.0 vs 20.1 — no change beyond the runs' spread.
 //   v8  `act` storage (loads widen to f32, stores narrow) for --precision f16; the f32
 //       variant is v7 bit for bit.
