@@ -2,7 +2,7 @@ enable wgpu_cooperative_matrix;
 // conv2d_coop: the convolution's three GEMMs on cooperative matrices (tensor cores), for f16 plans
 // on adapters that list a square f16 x f16 -> f32 configuration (wgpu's experimental
 // EXPERIMENTAL_COOPERATIVE_MATRIX; NVIDIA's Vulkan driver offers 16x16x16, Mesa 26's lavapipe
-// 8x8x8). Same op and CPU oracle as conv2d.wgsl (reference/conv2d.rs); the GEMMs (MODE 0 forward,
+// 8x8x8). Same op and CPU oracle as conv2d.wgsl (ops/conv2d/reference.rs); the GEMMs (MODE 0 forward,
 // 1 input gradient, 2 weight gradient), the bindings, the operand loads and the store are
 // conv2d_gemm.wgsl's, which the host appends (shared with conv2d_tiled.wgsl).
 //

@@ -1,5 +1,5 @@
 // conv2d_tiled: the three convolution GEMMs of conv2d.wgsl with workgroup-memory tiles, the
-// discrete-GPU kernel family (same op, same CPU oracle: reference/conv2d.rs). The GEMMs (MODE 0
+// discrete-GPU kernel family (same op, same CPU oracle: ops/conv2d/reference.rs). The GEMMs (MODE 0
 // forward, 1 input gradient, 2 weight gradient), the bindings, the operand loads and the store are
 // conv2d_gemm.wgsl's, which the host appends (shared with conv2d_coop.wgsl); this file is the tiling.
 //

@@ -39,7 +39,7 @@ fn f16_tensor(gpu: &Gpu, label: &str, shape: &[usize], v: &[f32]) -> Tensor {
 }
 
 /// The three GEMMs on cooperative matrices against the f64 reference of the same op names
-/// (reference/conv2d.rs) on the f32 kernels' cases (common::conv_cases: batch 1, odd non-square
+/// (ops/conv2d/reference.rs) on the f32 kernels' cases (common::conv_cases: batch 1, odd non-square
 /// planes, K and channel counts that are multiples of neither 8 nor 16, stride, dilation, padding
 /// wider than the image, the 7x7/2 stem, a strided 1x1 projection, 131 output channels). Inputs
 /// are f16 values in [-1, 1] (the reference reads the same values widened). Products of two f16

@@ -1,8 +1,10 @@
 //! optimizer (Adam, AdamW, SGD) — host side of `shaders/optimizer.wgsl`; CPU oracle in
-//! `reference/optimizer.rs`.
+//! `reference.rs` beside it.
 //!
 //! The step number changes every step, so each update owns a small uniform buffer that
 //! [`OptimizerStep::set_step`] rewrites (queue write, no allocation) before the step is submitted.
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -6,6 +6,9 @@
 //! clip_coef_clamped = clamp(clip_coef, max=1.0); every gradient is multiplied by it (also when
 //! it is 1). Returns total_norm, measured before clipping.
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 /// Clip `grads` (every parameter's gradient) in place; returns the total norm before clipping.
 pub fn clip_grad_norm(grads: &mut [&mut [f64]], max_norm: f64) -> f64 {
     let total_norm = grads.iter().flat_map(|g| g.iter()).map(|g| g * g).sum::<f64>().sqrt();

@@ -1,5 +1,8 @@
 //! batch_norm oracle (see shaders/batch_norm.wgsl for the maths).
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use crate::ops::batch_norm::BatchNormConfig;
 
 /// Training-mode forward output and what it updates.

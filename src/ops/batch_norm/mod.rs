@@ -1,10 +1,12 @@
-//! batch_norm — host side of `shaders/batch_norm.wgsl`; CPU oracle in `reference/batch_norm.rs`.
+//! batch_norm — host side of `shaders/batch_norm.wgsl`; CPU oracle in `reference.rs` beside it.
 //!
 //! One process runs one dispatch per pass (`batch_norm_forward_train`, `batch_norm_backward`).
 //! Under `--sync-bn` each pass is split in two around a host exchange between MPI ranks (as
 //! PyTorch's SyncBatchNorm): [`batch_norm_forward_stats`], [`merge_rank_statistics`] over every
 //! rank's numbers, [`batch_norm_forward_apply`]; [`batch_norm_backward_sums`],
 //! [`sum_rank_grad_sums`], [`batch_norm_backward_input`].
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

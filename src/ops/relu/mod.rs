@@ -1,4 +1,6 @@
-//! relu — host side of `shaders/relu.wgsl`; CPU oracle in `reference/relu.rs`.
+//! relu — host side of `shaders/relu.wgsl`; CPU oracle in `reference.rs` beside it.
+
+pub mod reference;
 
 use anyhow::Result;
 

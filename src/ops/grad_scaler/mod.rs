@@ -1,7 +1,9 @@
-//! grad_scaler — host side of `shaders/grad_scaler.wgsl`; CPU oracle in `reference/grad_scaler.rs`.
+//! grad_scaler — host side of `shaders/grad_scaler.wgsl`; CPU oracle in `reference.rs` beside it.
 //!
 //! Dynamic loss scaling for f16 plans with `torch.amp.GradScaler`'s rules and defaults. The state
 //! lives on the GPU; a step reads nothing back (the host reads it when it logs).
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -1,5 +1,8 @@
 //! optimizer oracle: one step of torch.optim.Adam / AdamW / SGD on a flat parameter, in f64.
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use crate::ops::optimizer::OptimizerConfig;
 
 /// Update `param` and `state` (Adam: [exp_avg, exp_avg_sq]; SGD with momentum: [buf]) in place

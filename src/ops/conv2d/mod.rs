@@ -1,7 +1,9 @@
 //! conv2d — host side of `shaders/conv2d.wgsl` (register-blocked GEMMs, [`Tiles`]),
 //! `shaders/conv2d_tiled.wgsl` (workgroup-memory tiles for discrete GPUs, [`SmemTiles`]) and
 //! `shaders/conv2d_coop.wgsl` (cooperative matrices for f16 plans, `ConvKernel::Coop`); CPU oracle
-//! in `reference/conv2d.rs`; the tuner's choice among them at the end ([`choose`]).
+//! in `reference.rs` beside it; the tuner's choice among them at the end ([`choose`]).
+
+pub mod reference;
 
 use anyhow::{Context, Result, ensure};
 use bytemuck::{Pod, Zeroable};

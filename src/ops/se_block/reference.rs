@@ -1,5 +1,8 @@
 //! se_block oracle (see shaders/se_block.wgsl for the maths).
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use crate::ops::se_block::{Excitation, SeBlockConfig, Squeeze};
 
 /// The block's weights as flat slices: w1 [Cr, C], w2 [C, Cr], optional biases.

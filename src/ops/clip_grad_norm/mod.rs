@@ -1,9 +1,11 @@
 //! clip_grad_norm — host side of `shaders/clip_grad_norm.wgsl`; CPU oracle in
-//! `reference/clip_grad_norm.rs`.
+//! `reference.rs` beside it.
 //!
 //! `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` (norm_type 2, every gradient
 //! together) over the flat gradient buffer, every step, between the backward pass (and the loss
 //! scaler's check) and the optimizer. The norm stays on the GPU; the host reads it when it logs.
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

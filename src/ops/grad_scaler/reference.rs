@@ -1,6 +1,9 @@
 //! grad_scaler oracle: one step of `torch.amp.GradScaler` (unscale_'s inf/NaN check, then
 //! update()), on the host.
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 /// The scaler's state between steps.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Scaler {

@@ -1,5 +1,8 @@
 //! conv2d oracle (see shaders/conv2d.wgsl for the maths).
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use crate::ops::conv2d::Conv2dConfig;
 
 /// Input coordinate of output `o`, tap `k`: o*stride - pad + k*dilation, if inside the input.

@@ -1,4 +1,6 @@
-//! se_block — host side of `shaders/se_block.wgsl`; CPU oracle in `reference/se_block.rs`.
+//! se_block — host side of `shaders/se_block.wgsl`; CPU oracle in `reference.rs` beside it.
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -1,4 +1,6 @@
-//! cast — host side of `shaders/cast.wgsl`; CPU oracle in `reference/cast.rs`.
+//! cast — host side of `shaders/cast.wgsl`; CPU oracle in `reference.rs` beside it.
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 

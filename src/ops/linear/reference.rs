@@ -1,5 +1,8 @@
 //! linear oracle.
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use crate::ops::linear::LinearConfig;
 
 /// out[n, o] = bias[o] + sum_i weight[o, i] inp[n, i]

@@ -1,5 +1,7 @@
 //! cross_entropy — host side of `shaders/cross_entropy.wgsl`; CPU oracle in
-//! `reference/cross_entropy.rs`.
+//! `reference.rs` beside it.
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -1,4 +1,6 @@
-//! linear — host side of `shaders/linear.wgsl`; CPU oracle in `reference/linear.rs`.
+//! linear — host side of `shaders/linear.wgsl`; CPU oracle in `reference.rs` beside it.
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

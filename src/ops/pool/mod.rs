@@ -1,5 +1,7 @@
 //! pool (max pooling, global average pooling) — host side of `shaders/pool.wgsl`; CPU oracle in
-//! `reference/pool.rs`.
+//! `reference.rs` beside it.
+
+pub mod reference;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -1,5 +1,8 @@
 //! pool oracle: max pooling and global average pooling (see shaders/pool.wgsl).
 
+// Index loops mirror the formulas' subscripts; iterator chains would hide them.
+#![allow(clippy::needless_range_loop)]
+
 use crate::ops::pool::MaxPool2dConfig;
 
 /// (out, argmax): max over each window (padding is -inf), argmax = iy*W + ix of the first maximum

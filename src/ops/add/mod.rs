@@ -1,4 +1,6 @@
-//! add — host side of `shaders/add.wgsl`; CPU oracle in `reference/add.rs`.
+//! add — host side of `shaders/add.wgsl`; CPU oracle in `reference.rs` beside it.
+
+pub mod reference;
 
 use anyhow::Result;
 
