@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 pub use crate::files::write_atomic;
 use crate::model::plan::Network;
 use crate::model::registry::{self, Shapes};
-use crate::model::{Graph, Layer, ModelConfig};
+use crate::model::{Graph, Layer, Linear, ModelConfig};
 
 /// One tensor of a state dict.
 #[derive(Clone, Debug, PartialEq)]
@@ -232,7 +232,7 @@ fn describe(c: &ModelConfig) -> String {
 /// The classifier of a graph: its last linear layer's name and (in, out) features.
 fn classifier(graph: &Graph) -> Option<(&str, usize, usize)> {
     graph.nodes.iter().rev().find_map(|n| match n.layer {
-        Layer::Linear { in_features, out_features, .. } => Some((n.name.as_str(), in_features, out_features)),
+        Layer::Linear(Linear { in_features, out_features, .. }) => Some((n.name.as_str(), in_features, out_features)),
         _ => None,
     })
 }

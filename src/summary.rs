@@ -8,7 +8,7 @@
 use anyhow::Result;
 use serde::Serialize;
 
-use crate::model::{Graph, Layer, ModelConfig, conv_config, registry};
+use crate::model::{Graph, ModelConfig, registry};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerRow {
@@ -31,48 +31,22 @@ pub struct Summary {
     pub se_macs: usize,
 }
 
-fn layer_name(l: &Layer) -> String {
-    match l {
-        Layer::Conv2d { c_in, c_out, kernel, stride, groups: 1, .. } => {
-            format!("Conv2d {c_in}→{c_out} {kernel}x{kernel}/{stride}")
-        }
-        Layer::Conv2d { c_in, c_out, kernel, stride, groups, .. } => {
-            format!("Conv2d {c_in}→{c_out} {kernel}x{kernel}/{stride} g{groups}")
-        }
-        Layer::BatchNorm2d { c } => format!("BatchNorm2d {c}"),
-        Layer::Relu => "ReLU".into(),
-        Layer::MaxPool2d { kernel, stride, .. } => format!("MaxPool2d {kernel}x{kernel}/{stride}"),
-        Layer::SeBlock { c, hidden, .. } => format!("SE {c}→{hidden}→{c}"),
-        Layer::GlobalAvgPool => "AdaptiveAvgPool2d 1".into(),
-        Layer::Linear { in_features, out_features, .. } => format!("Linear {in_features}→{out_features}"),
-        Layer::Add => "Add".into(),
-    }
-}
-
 /// Per-image figures of every layer of `graph`.
 pub fn summarize(model: &str, graph: &Graph) -> Result<Summary> {
     let shapes = graph.shapes(1)?;
-    let params = graph.parameters();
     let mut layers = Vec::new();
     for (k, node) in graph.nodes.iter().enumerate() {
         let inp = &shapes[node.inputs[0]];
         let out = &shapes[k + 1];
-        let prefix = format!("{}.", node.name);
-        let p: usize =
-            params.iter().filter(|p| p.name.starts_with(&prefix)).map(|p| p.shape.iter().product::<usize>()).sum();
-        let macs = match node.layer {
-            Layer::Conv2d { .. } => conv_config(&node.layer, inp).map_or(0, |c| c.macs()),
-            Layer::Linear { in_features, out_features, .. } => in_features * out_features,
-            Layer::SeBlock { c, hidden, .. } => 2 * c * hidden + out[1..].iter().product::<usize>(),
-            _ => 0,
-        };
+        let op = node.layer.op();
+        let p = op.parameters(&node.name).iter().map(|p| p.shape.iter().product::<usize>()).sum();
         layers.push(LayerRow {
             name: node.name.clone(),
-            layer: layer_name(&node.layer),
+            layer: op.describe(),
             output: out[1..].to_vec(),
             params: p,
-            macs,
-            se: matches!(node.layer, Layer::SeBlock { .. }),
+            macs: op.macs(inp, out),
+            se: op.is_se(),
         });
     }
     let sum = |f: &dyn Fn(&LayerRow) -> usize| layers.iter().map(f).sum::<usize>();

@@ -20,8 +20,8 @@ use std::path::Path;
 use common::*;
 use senet_wgpu::checkpoint;
 use senet_wgpu::data::{self, DatasetKind};
-use senet_wgpu::model::ModelConfig;
 use senet_wgpu::model::plan::Network;
+use senet_wgpu::model::{Conv2d, ModelConfig};
 use senet_wgpu::ops::optimizer::OptimizerConfig;
 use senet_wgpu::reference;
 
@@ -123,8 +123,8 @@ fn split(state: &Tensors, graph: &senet_wgpu::model::Graph) -> Split {
     let consumers = graph.consumers();
     let mut gauge = Vec::new();
     for (k, node) in graph.nodes.iter().enumerate() {
-        if let (Layer::Conv2d { bias: true, .. }, [j]) = (&node.layer, &consumers[k + 1][..])
-            && matches!(graph.nodes[*j].layer, Layer::BatchNorm2d { .. })
+        if let (Layer::Conv2d(Conv2d { bias: true, .. }), [j]) = (&node.layer, &consumers[k + 1][..])
+            && matches!(graph.nodes[*j].layer, Layer::BatchNorm2d(_))
         {
             gauge.push(format!("{}.bias", node.name));
             gauge.push(format!("{}.running_mean", graph.nodes[*j].name));

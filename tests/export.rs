@@ -17,7 +17,10 @@ use prost::Message;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use senet_wgpu::checkpoint::{self, Entry, StateDict, Value};
-use senet_wgpu::model::{Graph, Init, Layer, ModelConfig, SeOptions, SePlacement, conv_config, pool_config};
+use senet_wgpu::model::{
+    BatchNorm2d, Conv2d, Graph, Init, Layer, Linear, MaxPool2d, ModelConfig, SeBlock, SeOptions, SePlacement,
+    conv_config, pool_config,
+};
 use senet_wgpu::onnx::{self, proto};
 use senet_wgpu::ops::batch_norm::BatchNormConfig;
 use senet_wgpu::ops::linear::LinearConfig;
@@ -199,12 +202,12 @@ fn forward(
         let (inp, s, name) = (&acts[node.inputs[0]], &shapes[node.inputs[0]], &node.name);
         let p = |sd: &StateDict, suffix: &str| f64s(sd, &format!("{name}.{suffix}"));
         let out = match node.layer {
-            Layer::Conv2d { bias, .. } => {
+            Layer::Conv2d(Conv2d { bias, .. }) => {
                 let cfg = conv_config(&node.layer, s).expect("conv");
                 let b = bias.then(|| p(sd, "bias"));
                 conv2d::conv2d_forward(&cfg, inp, &p(sd, "weight"), b.as_deref())
             }
-            Layer::BatchNorm2d { c } => {
+            Layer::BatchNorm2d(BatchNorm2d { c }) => {
                 let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
                 if let Some(rng) = calibrate.as_deref_mut() {
                     let hw = s[2] * s[3];
@@ -226,8 +229,10 @@ fn forward(
                 batch_norm::batch_norm_forward_eval(&cfg, inp, &g, &b, &rm, &rv)
             }
             Layer::Relu => relu::relu_forward(inp),
-            Layer::MaxPool2d { .. } => pool::max_pool2d_forward(&pool_config(&node.layer, s).expect("pool"), inp).0,
-            Layer::SeBlock { c, hidden, bias, variant } => {
+            Layer::MaxPool2d(MaxPool2d { .. }) => {
+                pool::max_pool2d_forward(&pool_config(&node.layer, s).expect("pool"), inp).0
+            }
+            Layer::SeBlock(SeBlock { c, hidden, bias, variant }) => {
                 let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], hidden, bias, variant };
                 let (w1, w2) = (p(sd, "fc1.weight"), p(sd, "fc2.weight"));
                 let (b1, b2) = (bias.then(|| p(sd, "fc1.bias")), bias.then(|| p(sd, "fc2.bias")));
@@ -235,7 +240,7 @@ fn forward(
                 se_block::se_block_forward(&cfg, inp, &sp).out
             }
             Layer::GlobalAvgPool => pool::global_avg_pool_forward([s[0], s[1], s[2], s[3]], inp),
-            Layer::Linear { in_features, out_features, bias } => {
+            Layer::Linear(Linear { in_features, out_features, bias }) => {
                 let cfg = LinearConfig { n, in_features, out_features, bias };
                 if calibrate.is_some() {
                     // Scale the classifier so the calibration batch's logits reach ±4: logits of
@@ -405,28 +410,22 @@ fn tract_matches_ours(
 /// 3 -> 8 ordinary, 8 -> 16 in 4 groups with stride 2, 16 depthwise with a bias, 16 -> 8 1x1 in 2
 /// groups, each but the last followed by batch norm and ReLU, then the pool and the classifier.
 fn grouped_graph(hw: [usize; 2]) -> Graph {
-    let conv = |c_in, c_out, kernel, stride, groups, bias| Layer::Conv2d {
-        c_in,
-        c_out,
-        kernel,
-        stride,
-        pad: kernel / 2,
-        groups,
-        bias,
+    let conv = |c_in, c_out, kernel, stride, groups, bias| {
+        Layer::Conv2d(Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, groups, bias })
     };
     let layers = [
         ("conv1", conv(3, 8, 3, 1, 1, false)),
-        ("bn1", Layer::BatchNorm2d { c: 8 }),
+        ("bn1", Layer::BatchNorm2d(BatchNorm2d { c: 8 })),
         ("relu1", Layer::Relu),
         ("conv2", conv(8, 16, 3, 2, 4, false)),
-        ("bn2", Layer::BatchNorm2d { c: 16 }),
+        ("bn2", Layer::BatchNorm2d(BatchNorm2d { c: 16 })),
         ("relu2", Layer::Relu),
         ("conv3", conv(16, 16, 3, 1, 16, true)),
-        ("bn3", Layer::BatchNorm2d { c: 16 }),
+        ("bn3", Layer::BatchNorm2d(BatchNorm2d { c: 16 })),
         ("relu3", Layer::Relu),
         ("conv4", conv(16, 8, 1, 1, 2, true)),
         ("pool", Layer::GlobalAvgPool),
-        ("fc", Layer::Linear { in_features: 8, out_features: 5, bias: true }),
+        ("fc", Layer::Linear(Linear { in_features: 8, out_features: 5, bias: true })),
     ];
     let nodes = layers
         .into_iter()

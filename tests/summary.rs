@@ -83,13 +83,13 @@ fn timm_se_resnet_parameter_counts_are_timms() {
 /// a depthwise 3×3 on 32 channels at 8×8 with a bias: 32·9 + 32 = 320 and 32·64·9 = 18,432.
 #[test]
 fn grouped_convolutions_count_their_parameters_and_multiply_adds() {
-    use senet_wgpu::model::{Graph, Layer, Node};
+    use senet_wgpu::model::{Conv2d, Graph, Layer, Node};
     use senet_wgpu::summary::summarize;
     let conv = |c, hw, groups, bias| Graph {
         input: [c, hw, hw],
         nodes: vec![Node {
             name: "conv".into(),
-            layer: Layer::Conv2d { c_in: c, c_out: c, kernel: 3, stride: 1, pad: 1, groups, bias },
+            layer: Layer::Conv2d(Conv2d { c_in: c, c_out: c, kernel: 3, stride: 1, pad: 1, groups, bias }),
             inputs: vec![0],
         }],
     };

@@ -85,7 +85,7 @@ fn timm_state_dicts_tell_their_model() {
         assert_eq!(cfg.block.stride, stride, "{stem}");
         // Every SE width as timm rounds it: 8 for C <= 128 (here C/16 < 8), 16 for C = 256.
         for node in cfg.graph().unwrap().nodes {
-            if let senet_wgpu::model::Layer::SeBlock { c, hidden, .. } = node.layer {
+            if let senet_wgpu::model::Layer::SeBlock(senet_wgpu::model::SeBlock { c, hidden, .. }) = node.layer {
                 assert_eq!(hidden, if c <= 128 { 8 } else { 16 }, "{stem} {}", node.name);
             }
         }

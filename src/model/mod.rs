@@ -13,50 +13,49 @@ pub mod senet;
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
 
+pub use crate::ops::add::Add;
+pub use crate::ops::batch_norm::BatchNorm2d;
+pub use crate::ops::conv2d::Conv2d;
 use crate::ops::conv2d::Conv2dConfig;
+pub use crate::ops::layer::{Init, LayerOp, ParamSpec, Shape};
+pub use crate::ops::linear::Linear;
 use crate::ops::pool::MaxPool2dConfig;
+pub use crate::ops::pool::{GlobalAvgPool, MaxPool2d};
+pub use crate::ops::relu::Relu;
+pub use crate::ops::se_block::SeBlock;
 use crate::ops::se_block::{Excitation, SeVariant, Squeeze};
 
-/// One layer, with PyTorch's meaning.
+/// One layer, with PyTorch's meaning: the registry of the ops a graph can hold. Each variant
+/// carries its op's layer type, whose [`LayerOp`] implementation (in `ops/<op>/layer.rs`) is
+/// everything the plan, the reference, the ONNX export and the summary ask of it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Layer {
-    Conv2d {
-        c_in: usize,
-        c_out: usize,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
-        /// Channel groups, as `nn.Conv2d(groups=)`: divides c_in and c_out; 1 = an ordinary
-        /// convolution, c_in = c_out = groups a depthwise one. The weight is [c_out, c_in/groups, k, k].
-        groups: usize,
-        bias: bool,
-    },
-    BatchNorm2d {
-        c: usize,
-    },
+    Conv2d(Conv2d),
+    BatchNorm2d(BatchNorm2d),
     Relu,
-    MaxPool2d {
-        kernel: usize,
-        stride: usize,
-        pad: usize,
-    },
-    /// The SE block: `fc1` C→hidden, ReLU, `fc2` hidden→C, sigmoid, scale. `hidden` is C // r
-    /// for the paper's reduction r, or timm's rounding of it ([`ModelConfig::se_hidden`]).
-    SeBlock {
-        c: usize,
-        hidden: usize,
-        bias: bool,
-        variant: SeVariant,
-    },
+    MaxPool2d(MaxPool2d),
+    SeBlock(SeBlock),
     /// `AdaptiveAvgPool2d(1)` then flatten: [n, c, h, w] → [n, c].
     GlobalAvgPool,
-    Linear {
-        in_features: usize,
-        out_features: usize,
-        bias: bool,
-    },
+    Linear(Linear),
     /// The residual addition of two activations of the same shape.
     Add,
+}
+
+impl Layer {
+    /// Its op.
+    pub fn op(&self) -> &dyn LayerOp {
+        match self {
+            Layer::Conv2d(l) => l,
+            Layer::BatchNorm2d(l) => l,
+            Layer::Relu => &Relu,
+            Layer::MaxPool2d(l) => l,
+            Layer::SeBlock(l) => l,
+            Layer::GlobalAvgPool => &GlobalAvgPool,
+            Layer::Linear(l) => l,
+            Layer::Add => &Add,
+        }
+    }
 }
 
 /// A layer in the graph: its state-dict prefix (`features.0`) and the activations it reads.
@@ -66,28 +65,6 @@ pub struct Node {
     pub layer: Layer,
     pub inputs: Vec<usize>,
 }
-
-/// What a parameter is initialised to (PyTorch's defaults).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Init {
-    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)): kaiming_uniform(a=sqrt(5)) for weights, and the bias rule.
-    FanInUniform {
-        fan_in: usize,
-    },
-    Ones,
-    Zeros,
-}
-
-/// A trainable tensor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub init: Init,
-}
-
-/// Shape of an activation: [n, c, h, w] or, after the global pool, [n, c].
-pub type Shape = Vec<usize>;
 
 #[derive(Clone, Debug)]
 pub struct Graph {
@@ -103,15 +80,12 @@ impl Graph {
         let [c, h, w] = self.input;
         let mut shapes: Vec<Shape> = vec![vec![n, c, h, w]];
         for (k, node) in self.nodes.iter().enumerate() {
-            let arity = if node.layer == Layer::Add { 2 } else { 1 };
+            let op = node.layer.op();
+            let arity = op.arity();
             ensure!(node.inputs.len() == arity, "{}: {:?} reads {arity} activation(s)", node.name, node.layer);
             ensure!(node.inputs.iter().all(|&i| i <= k), "{}: reads an activation computed after it", node.name);
-            let inp = &shapes[node.inputs[0]];
-            if node.layer == Layer::Add {
-                let other = &shapes[node.inputs[1]];
-                ensure!(inp == other, "{}: cannot add {inp:?} and {other:?}", node.name);
-            }
-            let out = layer_output(&node.name, &node.layer, inp)?;
+            let inputs: Vec<&[usize]> = node.inputs.iter().map(|&i| shapes[i].as_slice()).collect();
+            let out = op.output_shape(&node.name, &inputs)?;
             shapes.push(out);
         }
         Ok(shapes)
@@ -130,54 +104,12 @@ impl Graph {
 
     /// Trainable parameters in state-dict order.
     pub fn parameters(&self) -> Vec<ParamSpec> {
-        let mut out = Vec::new();
-        let mut p = |name: &str, suffix: &str, shape: Vec<usize>, init: Init| {
-            out.push(ParamSpec { name: format!("{name}.{suffix}"), shape, init })
-        };
-        for node in &self.nodes {
-            let name = &node.name;
-            match node.layer {
-                Layer::Conv2d { c_in, c_out, kernel, groups, bias, .. } => {
-                    // PyTorch's fan-in is the weight's: (c_in/groups)*k*k.
-                    let c_in_group = c_in / groups.max(1);
-                    let fan_in = c_in_group * kernel * kernel;
-                    p(name, "weight", vec![c_out, c_in_group, kernel, kernel], Init::FanInUniform { fan_in });
-                    if bias {
-                        p(name, "bias", vec![c_out], Init::FanInUniform { fan_in });
-                    }
-                }
-                Layer::BatchNorm2d { c } => {
-                    p(name, "weight", vec![c], Init::Ones);
-                    p(name, "bias", vec![c], Init::Zeros);
-                }
-                Layer::SeBlock { c, hidden: cr, bias, .. } => {
-                    p(name, "fc1.weight", vec![cr, c, 1, 1], Init::FanInUniform { fan_in: c });
-                    if bias {
-                        p(name, "fc1.bias", vec![cr], Init::FanInUniform { fan_in: c });
-                    }
-                    p(name, "fc2.weight", vec![c, cr, 1, 1], Init::FanInUniform { fan_in: cr });
-                    if bias {
-                        p(name, "fc2.bias", vec![c], Init::FanInUniform { fan_in: cr });
-                    }
-                }
-                Layer::Linear { in_features, out_features, bias } => {
-                    p(name, "weight", vec![out_features, in_features], Init::FanInUniform { fan_in: in_features });
-                    if bias {
-                        p(name, "bias", vec![out_features], Init::FanInUniform { fan_in: in_features });
-                    }
-                }
-                Layer::Relu | Layer::MaxPool2d { .. } | Layer::GlobalAvgPool | Layer::Add => {}
-            }
-        }
-        out
+        self.nodes.iter().flat_map(|n| n.layer.op().parameters(&n.name)).collect()
     }
 
-    /// Batch-norm layers (their running statistics are state-dict buffers).
+    /// Layers with running statistics (state-dict buffers) and their channels.
     pub fn batch_norms(&self) -> impl Iterator<Item = (&str, usize)> {
-        self.nodes.iter().filter_map(|n| match n.layer {
-            Layer::BatchNorm2d { c } => Some((n.name.as_str(), c)),
-            _ => None,
-        })
+        self.nodes.iter().filter_map(|n| n.layer.op().running_stats().map(|c| (n.name.as_str(), c)))
     }
 
     /// Number of trainable scalars.
@@ -188,65 +120,18 @@ impl Graph {
 
 /// The conv2d configuration of a Conv2d layer reading `inp`.
 pub fn conv_config(layer: &Layer, inp: &[usize]) -> Option<Conv2dConfig> {
-    match *layer {
-        Layer::Conv2d { c_in, c_out, kernel, stride, pad, groups, bias } => {
-            Some(Conv2dConfig::square(inp[0], c_in, (inp[2], inp[3]), c_out, kernel, stride, pad, bias).grouped(groups))
-        }
+    match layer {
+        Layer::Conv2d(l) => Some(l.config(inp)),
         _ => None,
     }
 }
 
 /// The pooling configuration of a MaxPool2d layer reading `inp`.
 pub fn pool_config(layer: &Layer, inp: &[usize]) -> Option<MaxPool2dConfig> {
-    match *layer {
-        Layer::MaxPool2d { kernel, stride, pad } => Some(MaxPool2dConfig {
-            n: inp[0],
-            c: inp[1],
-            h: inp[2],
-            w: inp[3],
-            kernel: (kernel, kernel),
-            stride: (stride, stride),
-            pad: (pad, pad),
-        }),
+    match layer {
+        Layer::MaxPool2d(l) => Some(l.config(inp)),
         _ => None,
     }
-}
-
-fn layer_output(name: &str, layer: &Layer, inp: &[usize]) -> Result<Shape> {
-    let spatial = |what: &str| -> Result<()> {
-        ensure!(inp.len() == 4, "{name} ({what}) needs an [n, c, h, w] input, got {inp:?}");
-        Ok(())
-    };
-    Ok(match layer {
-        Layer::Conv2d { c_in, .. } => {
-            spatial("Conv2d")?;
-            ensure!(inp[1] == *c_in, "{name}: Conv2d expects {c_in} input channels, got {}", inp[1]);
-            let cfg = conv_config(layer, inp).expect("a Conv2d layer");
-            cfg.validate().map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            cfg.output_shape().to_vec()
-        }
-        Layer::BatchNorm2d { c } | Layer::SeBlock { c, .. } => {
-            spatial("channel layer")?;
-            ensure!(inp[1] == *c, "{name}: expects {c} channels, got {}", inp[1]);
-            inp.to_vec()
-        }
-        Layer::Relu | Layer::Add => inp.to_vec(),
-        Layer::MaxPool2d { .. } => {
-            spatial("MaxPool2d")?;
-            let cfg = pool_config(layer, inp).expect("a MaxPool2d layer");
-            cfg.validate()
-                .map_err(|e| anyhow::anyhow!("{name}: {e} (the input has shrunk to {}x{})", inp[2], inp[3]))?;
-            cfg.output_shape().to_vec()
-        }
-        Layer::GlobalAvgPool => {
-            spatial("AdaptiveAvgPool2d")?;
-            vec![inp[0], inp[1]]
-        }
-        Layer::Linear { in_features, out_features, .. } => {
-            ensure!(inp.len() == 2 && inp[1] == *in_features, "{name}: Linear expects [n, {in_features}], got {inp:?}");
-            vec![inp[0], *out_features]
-        }
-    })
 }
 
 /// What a run trains: enough to rebuild the graph, saved as `config.json` beside checkpoints.

@@ -33,17 +33,17 @@ use anyhow::{Context, Result, ensure};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Graph, Init, Layer, ModelConfig, ParamSpec, conv_config, pool_config};
+use super::{Graph, Init, Layer, ModelConfig, ParamSpec};
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
-use crate::ops::batch_norm::{self, BatchNormConfig, BnBackward};
+use crate::ops::add;
 use crate::ops::cast;
 use crate::ops::clip_grad_norm::ClipGradNorm;
-use crate::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass};
+use crate::ops::conv2d::{ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, result};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
+pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
+use crate::ops::layer::{ParamTensors, Record};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
-use crate::ops::se_block::{self, SeBlockConfig, SeGrads, SeWeights};
-use crate::ops::{add, conv2d, linear, pool, relu};
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
 pub struct Param {
@@ -336,12 +336,13 @@ impl Network {
         let gpu = &*self.gpu;
         let shapes = self.graph.shapes(n)?;
         let consumers = self.graph.consumers();
-        // A BN whose only reader is a ReLU runs with the ReLU fused in (see batch_norm.wgsl): it
-        // writes the ReLU's output, the ReLU node records nothing, and the BN's own output and
-        // its gradient are never touched, so they get a 1-element placeholder.
+        // A layer that takes a ReLU epilogue (`LayerOp::takes_relu`: batch norm, see
+        // batch_norm.wgsl) and whose only reader is a ReLU runs with the ReLU fused in: it writes
+        // the ReLU's output, the ReLU node records nothing, and the layer's own output and its
+        // gradient are never touched, so they get a 1-element placeholder.
         let fused: Vec<bool> = (0..self.graph.nodes.len())
             .map(|k| {
-                matches!(self.graph.nodes[k].layer, Layer::BatchNorm2d { .. })
+                self.graph.nodes[k].layer.op().takes_relu()
                     && consumers[k + 1] == [k + 1]
                     && matches!(self.graph.nodes.get(k + 1).map(|r| &r.layer), Some(Layer::Relu))
             })
@@ -411,178 +412,42 @@ impl Network {
         let mut exchanges = Vec::new();
         let mut backward_exchanges: Vec<Option<BnExchange>> = Vec::new();
         let mut conv_kernels = Vec::new();
+        let params = |name: &str| -> Result<ParamTensors<'_>> {
+            let p = self.param(name)?;
+            Ok(ParamTensors { value: &p.value, grad: &p.grad, half: p.half.as_ref() })
+        };
+        let running = |name: &str| -> Result<(&Tensor, &Tensor)> {
+            let b = self.bn_buffers(name)?;
+            Ok((&b.running_mean, &b.running_var))
+        };
         for (k, node) in self.graph.nodes.iter().enumerate() {
             let (train0, eval0) = (train.len(), eval.len());
-            let a = node.inputs[0];
-            let (inp, out, dinp, dout) = (&acts[a], &acts[k + 1], target(k, 0), &grads[k + 1]);
             let name = &node.name;
             // Bind groups and parameter blocks made for this layer carry its name.
             let _scope = gpu.label_scope(name);
-            let p = |suffix: &str| self.param(&format!("{name}.{suffix}"));
             let mut bwd = Vec::new();
             let mut bwd_exchange = None;
-            match node.layer {
-                Layer::Conv2d { bias, .. } => {
-                    let cfg = conv_config(&node.layer, &inp.shape).context("conv config")?;
-                    let w = p("weight")?;
-                    let b = if bias { Some(p("bias")?) } else { None };
-                    // An f16 plan's GEMMs read the f16 copy of the weights.
-                    let bufs = ConvBuffers {
-                        inp,
-                        weight: w.half.as_ref().unwrap_or(&w.value),
-                        bias: b.map(|b| &b.value),
-                        out,
-                        dout,
-                        dinp,
-                        dweight: &w.grad,
-                    };
-                    // Each pass runs the kernel the tuner chose for this shape; the network input
-                    // needs no gradient.
-                    let passes: &[ConvPass] = if a != 0 {
-                        &[ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
-                    } else {
-                        &[ConvPass::Forward, ConvPass::BackwardWeight]
-                    };
-                    for &pass in passes {
-                        // Tuned in the plan's precision: an f16 plan's built-in choice is cooperative
-                        // matrices where the adapter lists them (conv2d::builtin).
-                        let chosen = conv2d::choose(gpu, &cfg, pass, self.precision)?;
-                        let (d, kernel) = conv2d::conv2d_pass_chosen(gpu, &cfg, pass, chosen, &bufs)?;
-                        conv_kernels.push((name.clone(), pass, kernel));
-                        if pass == ConvPass::Forward {
-                            train.extend(d.iter().cloned());
-                            eval.extend(d);
-                        } else {
-                            bwd.extend(d);
-                        }
-                    }
-                    if let Some(b) = b {
-                        bwd.extend(conv2d::conv2d_backward_bias(gpu, &cfg, dout, &b.grad)?);
-                    }
+            // A ReLU fused into the layer before it records nothing.
+            if !(k > 0 && fused[k - 1]) {
+                let inputs = node.inputs.iter().map(|&i| &acts[i]).collect();
+                let dinputs = (0..node.inputs.len()).map(|j| target(k, j)).collect();
+                // Fused: the ReLU's output and its gradient stand in for the layer's.
+                let outs = if fused[k] { (&acts[k + 2], &grads[k + 2]) } else { (&acts[k + 1], &grads[k + 1]) };
+                let mut r =
+                    Record::new(gpu, name, self.precision, self.sync_bn, inputs, dinputs, outs, &params, &running);
+                r.reads_network_input = node.inputs[0] == 0;
+                r.relu = fused[k];
+                node.layer.op().record(&mut r)?;
+                train.extend(r.train);
+                eval.extend(r.eval);
+                bwd = r.backward;
+                bwd_exchange = r.backward_exchange;
+                for mut x in r.exchanges {
+                    x.at += train0;
+                    exchanges.push(x);
                 }
-                Layer::BatchNorm2d { c } => {
-                    let s = &inp.shape;
-                    let mut cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
-                    // Fused: the ReLU's output and its gradient stand in for the BN's.
-                    let (out, dout, relu_out) = if fused[k] {
-                        cfg = cfg.with_relu();
-                        (&acts[k + 2], &grads[k + 2], Some(&acts[k + 2]))
-                    } else {
-                        (out, dout, None)
-                    };
-                    let (g, b, rs) = (p("weight")?, p("bias")?, self.bn_buffers(name)?);
-                    let stats = Tensor::zeros(gpu, &format!("{name} batch statistics"), &[2, c])?;
-                    let t = batch_norm::BnForward {
-                        inp,
-                        gamma: &g.value,
-                        beta: &b.value,
-                        running_mean: &rs.running_mean,
-                        running_var: &rs.running_var,
-                        stats: &stats,
-                        out,
-                    };
-                    eval.extend(batch_norm::batch_norm_forward_eval(gpu, &cfg, &t)?);
-                    if self.sync_bn {
-                        // SyncBatchNorm: each pass in two halves around the ranks' exchange.
-                        let buffer = |what: &str| Tensor::zeros(gpu, &format!("{name} {what}"), &[batch_norm::ROWS, c]);
-                        let (welford, sums) = (buffer("rank statistics")?, buffer("rank gradient sums")?);
-                        let gb = BnBackward {
-                            inp,
-                            gamma: &g.value,
-                            stats: &stats,
-                            relu_out,
-                            dout,
-                            dinp,
-                            dgamma: &g.grad,
-                            dbeta: &b.grad,
-                        };
-                        train.extend(batch_norm::batch_norm_forward_stats(gpu, &cfg, inp, &welford)?);
-                        exchanges.push(BnExchange::new(name, ExchangeKind::Statistics, welford, train.len()));
-                        train.extend(batch_norm::batch_norm_forward_apply(
-                            gpu,
-                            &cfg,
-                            &t,
-                            &exchanges[exchanges.len() - 1].buffer,
-                        )?);
-                        bwd.extend(batch_norm::batch_norm_backward_sums(gpu, &cfg, &gb, &sums)?);
-                        let x = BnExchange::new(name, ExchangeKind::GradSums, sums, bwd.len());
-                        bwd.extend(batch_norm::batch_norm_backward_input(gpu, &cfg, &gb, &x.buffer)?);
-                        bwd_exchange = Some(x);
-                    } else {
-                        train.extend(batch_norm::batch_norm_forward_train(gpu, &cfg, &t)?);
-                        bwd.extend(batch_norm::batch_norm_backward(
-                            gpu, &cfg, inp, &g.value, &stats, relu_out, dout, dinp, &g.grad, &b.grad,
-                        )?);
-                    }
-                }
-                // Fused into the BN before it.
-                Layer::Relu if k > 0 && fused[k - 1] => {}
-                Layer::Relu => {
-                    let fwd = relu::relu_forward(gpu, inp, out)?;
-                    train.extend(fwd.iter().cloned());
-                    eval.extend(fwd);
-                    bwd.extend(relu::relu_backward(gpu, out, dout, dinp)?);
-                }
-                Layer::MaxPool2d { .. } => {
-                    let cfg = pool_config(&node.layer, &inp.shape).context("pool config")?;
-                    let argmax = Tensor::zeros(gpu, &format!("{name} argmax"), &cfg.output_shape())?;
-                    let fwd = pool::max_pool2d_forward(gpu, &cfg, inp, out, &argmax)?;
-                    train.extend(fwd.iter().cloned());
-                    eval.extend(fwd);
-                    bwd.extend(pool::max_pool2d_backward(gpu, &cfg, &argmax, dout, dinp)?);
-                }
-                Layer::SeBlock { c, hidden, bias, variant } => {
-                    let s = &inp.shape;
-                    let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], hidden, bias, variant };
-                    let (w1, w2) = (p("fc1.weight")?, p("fc2.weight")?);
-                    let (b1, b2) = if bias { (Some(p("fc1.bias")?), Some(p("fc2.bias")?)) } else { (None, None) };
-                    let weights =
-                        SeWeights { w1: &w1.value, b1: b1.map(|b| &b.value), w2: &w2.value, b2: b2.map(|b| &b.value) };
-                    let saved = Tensor::zeros(gpu, &format!("{name} saved"), &cfg.saved_shape())?;
-                    let dsaved = Tensor::zeros(gpu, &format!("{name} saved grads"), &cfg.dsaved_shape())?;
-                    let fwd = se_block::se_block_forward(gpu, &cfg, inp, &weights, out, &saved)?;
-                    train.extend(fwd.iter().cloned());
-                    eval.extend(fwd);
-                    let g = SeGrads {
-                        dinp,
-                        dw1: &w1.grad,
-                        db1: b1.map(|b| &b.grad),
-                        dw2: &w2.grad,
-                        db2: b2.map(|b| &b.grad),
-                    };
-                    bwd.extend(se_block::se_block_backward(gpu, &cfg, inp, &weights, &saved, dout, &dsaved, &g)?);
-                    se_saved.push(SeSaved { name: name.clone(), c, hidden: cfg.hidden(), saved });
-                }
-                Layer::GlobalAvgPool => {
-                    let fwd = pool::global_avg_pool_forward(gpu, inp, out)?;
-                    train.extend(fwd.iter().cloned());
-                    eval.extend(fwd);
-                    bwd.extend(pool::global_avg_pool_backward(gpu, dout, dinp)?);
-                }
-                Layer::Linear { in_features, out_features, bias } => {
-                    let cfg = linear::LinearConfig { n, in_features, out_features, bias };
-                    let w = p("weight")?;
-                    let b = if bias { Some(p("bias")?) } else { None };
-                    let fwd = linear::linear_forward(gpu, &cfg, inp, &w.value, b.map(|b| &b.value), out)?;
-                    train.extend(fwd.iter().cloned());
-                    eval.extend(fwd);
-                    bwd.extend(linear::linear_backward(
-                        gpu,
-                        &cfg,
-                        inp,
-                        &w.value,
-                        dout,
-                        dinp,
-                        &w.grad,
-                        b.map(|b| &b.grad),
-                    )?);
-                }
-                Layer::Add => {
-                    let fwd = add::add_forward(gpu, inp, &acts[node.inputs[1]], out)?;
-                    train.extend(fwd.iter().cloned());
-                    eval.extend(fwd);
-                    bwd.extend(add::add_backward(gpu, dout, dinp, target(k, 1))?);
-                }
+                conv_kernels.extend(r.conv_kernels.into_iter().map(|(pass, kernel)| (name.clone(), pass, kernel)));
+                se_saved.extend(r.se_saved);
             }
             // This node is the first reader of a forked activation: after its backward (the last
             // to run in reverse order), sum the two contributions.
@@ -772,63 +637,6 @@ pub struct StepPlan {
     /// `--sync-bn`: where the training step stops for the ranks to combine a batch norm's
     /// per-channel numbers, in step order (empty otherwise).
     pub exchanges: Vec<BnExchange>,
-}
-
-/// What a [`BnExchange`] holds, and so how the ranks' copies combine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExchangeKind {
-    /// Forward: (count, mean, M2) per channel, merged (`ops::batch_norm::merge_rank_statistics`).
-    Statistics,
-    /// Backward: (count, sum dout, sum dout*(x - mean)) per channel, added
-    /// (`ops::batch_norm::sum_rank_grad_sums`).
-    GradSums,
-}
-
-impl ExchangeKind {
-    pub fn what(self) -> &'static str {
-        match self {
-            ExchangeKind::Statistics => "batch statistics",
-            ExchangeKind::GradSums => "gradient sums",
-        }
-    }
-}
-
-/// A point of a `--sync-bn` training step where every rank's per-channel numbers of one batch
-/// norm are combined: the dispatches before `at` have written this rank's into `buffer` [3, C];
-/// the ones from `at` on read every rank's combined from it.
-pub struct BnExchange {
-    /// The batch norm (PyTorch name).
-    pub layer: String,
-    pub kind: ExchangeKind,
-    pub buffer: Tensor,
-    /// Channels.
-    pub c: usize,
-    /// Index in the plan's training dispatches of the first one after the exchange.
-    pub at: usize,
-}
-
-impl BnExchange {
-    fn new(layer: &str, kind: ExchangeKind, buffer: Tensor, at: usize) -> BnExchange {
-        let c = buffer.shape[1];
-        BnExchange { layer: layer.to_string(), kind, buffer, c, at }
-    }
-}
-
-/// An SE block's saved forward state: per sample [z (C) | h (hidden) | s (C)].
-pub struct SeSaved {
-    pub name: String,
-    pub c: usize,
-    pub hidden: usize,
-    pub saved: Tensor,
-}
-
-impl SeSaved {
-    /// The excitations s [n, C] of the last pass, read back.
-    pub fn excitations(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
-        let v = self.saved.read::<f32>(gpu)?;
-        let stride = 2 * self.c + self.hidden;
-        Ok(v.chunks(stride).map(|row| row[self.c + self.hidden..].to_vec()).collect())
-    }
 }
 
 impl StepPlan {

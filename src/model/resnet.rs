@@ -19,7 +19,10 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::registry::{Family, Shapes};
 use super::senet::scaled;
-use super::{BottleneckStride, Graph, Layer, ModelConfig, Node, SePlacement, se_hidden};
+use super::{
+    BatchNorm2d, BottleneckStride, Conv2d, Graph, Layer, Linear, MaxPool2d, ModelConfig, Node, SeBlock, SePlacement,
+    se_hidden,
+};
 
 /// The ImageNet ResNets of He et al. 2016, Table 1: depth, bottleneck blocks, blocks per stage.
 /// Building and shape inference both read this table.
@@ -216,11 +219,12 @@ fn unit(
     stage: usize,
     se: bool,
 ) -> usize {
-    let conv = Layer::Conv2d { c_in, c_out, kernel: 1, stride, pad: 0, groups: 1, bias: false };
-    let projection = (stride != 1 || c_in != c_out).then_some((conv, Layer::BatchNorm2d { c: c_out }));
+    let conv = Layer::Conv2d(Conv2d { c_in, c_out, kernel: 1, stride, pad: 0, groups: 1, bias: false });
+    let projection = (stride != 1 || c_in != c_out).then_some((conv, Layer::BatchNorm2d(BatchNorm2d { c: c_out })));
     let se = (se && cfg.se.in_stage(stage)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c_out });
     let at = |place: SePlacement| se.filter(|_| cfg.se.placement == place);
-    let se_layer = |c| Layer::SeBlock { c, hidden: cfg.se_hidden(c), bias: cfg.se_bias, variant: cfg.se.variant() };
+    let se_layer =
+        |c| Layer::SeBlock(SeBlock { c, hidden: cfg.se_hidden(c), bias: cfg.se_bias, variant: cfg.se.variant() });
     let mut y = x;
     if let Some(c) = at(SePlacement::Pre) {
         y = push(nodes, format!("{p}.se"), se_layer(c), vec![y]);
@@ -252,7 +256,12 @@ fn unit(
 /// Global average pooling and the `fc` classifier on activation `x` of `c` channels; the graph.
 fn classifier(mut nodes: Vec<Node>, cfg: &ModelConfig, x: usize, c: usize) -> Result<Graph> {
     let x = push(&mut nodes, "avgpool".into(), Layer::GlobalAvgPool, vec![x]);
-    push(&mut nodes, "fc".into(), Layer::Linear { in_features: c, out_features: cfg.num_classes, bias: true }, vec![x]);
+    push(
+        &mut nodes,
+        "fc".into(),
+        Layer::Linear(Linear { in_features: c, out_features: cfg.num_classes, bias: true }),
+        vec![x],
+    );
     let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
     graph.shapes(1)?;
     Ok(graph)
@@ -274,19 +283,13 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
         );
     }
     let mut nodes: Vec<Node> = Vec::new();
-    let conv = |c_in, c_out, kernel, stride| Layer::Conv2d {
-        c_in,
-        c_out,
-        kernel,
-        stride,
-        pad: kernel / 2,
-        groups: 1,
-        bias: false,
+    let conv = |c_in, c_out, kernel, stride| {
+        Layer::Conv2d(Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, groups: 1, bias: false })
     };
     let mut x = push(&mut nodes, "conv1".into(), conv(cfg.in_channels, widths[0], 7, 2), vec![0]);
-    x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
+    x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d(BatchNorm2d { c: widths[0] }), vec![x]);
     x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);
-    x = push(&mut nodes, "maxpool".into(), Layer::MaxPool2d { kernel: 3, stride: 2, pad: 1 }, vec![x]);
+    x = push(&mut nodes, "maxpool".into(), Layer::MaxPool2d(MaxPool2d { kernel: 3, stride: 2, pad: 1 }), vec![x]);
     let mut c_in = widths[0];
     for (s, (&w, &n)) in widths.iter().zip(&blocks).enumerate() {
         let c_out = w * expansion;
@@ -301,21 +304,21 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
                 };
                 vec![
                     ("conv1", conv(c_in, w, 1, s1)),
-                    ("bn1", Layer::BatchNorm2d { c: w }),
+                    ("bn1", Layer::BatchNorm2d(BatchNorm2d { c: w })),
                     ("relu1", Layer::Relu),
                     ("conv2", conv(w, w, 3, s3)),
-                    ("bn2", Layer::BatchNorm2d { c: w }),
+                    ("bn2", Layer::BatchNorm2d(BatchNorm2d { c: w })),
                     ("relu2", Layer::Relu),
                     ("conv3", conv(w, c_out, 1, 1)),
-                    ("bn3", Layer::BatchNorm2d { c: c_out }),
+                    ("bn3", Layer::BatchNorm2d(BatchNorm2d { c: c_out })),
                 ]
             } else {
                 vec![
                     ("conv1", conv(c_in, w, 3, stride)),
-                    ("bn1", Layer::BatchNorm2d { c: w }),
+                    ("bn1", Layer::BatchNorm2d(BatchNorm2d { c: w })),
                     ("relu1", Layer::Relu),
                     ("conv2", conv(w, w, 3, 1)),
-                    ("bn2", Layer::BatchNorm2d { c: w }),
+                    ("bn2", Layer::BatchNorm2d(BatchNorm2d { c: w })),
                 ]
             };
             x = unit(&mut nodes, cfg, &p, x, branch, (c_in, c_out, stride), s + 1, se);
@@ -341,17 +344,11 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
         );
     }
     let mut nodes: Vec<Node> = Vec::new();
-    let conv = |c_in, c_out, kernel, stride| Layer::Conv2d {
-        c_in,
-        c_out,
-        kernel,
-        stride,
-        pad: kernel / 2,
-        groups: 1,
-        bias: false,
+    let conv = |c_in, c_out, kernel, stride| {
+        Layer::Conv2d(Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, groups: 1, bias: false })
     };
     let mut x = push(&mut nodes, "conv1".into(), conv(cfg.in_channels, widths[0], 3, 1), vec![0]);
-    x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d { c: widths[0] }, vec![x]);
+    x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d(BatchNorm2d { c: widths[0] }), vec![x]);
     x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);
     let mut c_in = widths[0];
     for (s, &c) in widths.iter().enumerate() {
@@ -360,10 +357,10 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
             let stride = if s > 0 && b == 0 { 2 } else { 1 };
             let branch = vec![
                 ("conv1", conv(c_in, c, 3, stride)),
-                ("bn1", Layer::BatchNorm2d { c }),
+                ("bn1", Layer::BatchNorm2d(BatchNorm2d { c })),
                 ("relu1", Layer::Relu),
                 ("conv2", conv(c, c, 3, 1)),
-                ("bn2", Layer::BatchNorm2d { c }),
+                ("bn2", Layer::BatchNorm2d(BatchNorm2d { c })),
             ];
             x = unit(&mut nodes, cfg, &p, x, branch, (c_in, c, stride), s + 1, se);
             c_in = c;

@@ -15,7 +15,7 @@
 use anyhow::{Context, Result, ensure};
 
 use super::registry::{Family, Shapes};
-use super::{Graph, Layer, ModelConfig, Node};
+use super::{BatchNorm2d, Conv2d, Graph, Layer, Linear, MaxPool2d, ModelConfig, Node, SeBlock};
 
 /// `senet`: the base SENet.
 pub struct BaseSenet;
@@ -107,14 +107,14 @@ pub fn base_senet(cfg: &ModelConfig) -> Result<Graph> {
         let k = nodes.len();
         nodes.push(Node { name, layer, inputs: vec![k] });
     };
-    let conv = |c_in, c_out| Layer::Conv2d { c_in, c_out, kernel: 3, stride: 1, pad: 1, groups: 1, bias: true };
-    let pool = || Layer::MaxPool2d { kernel: 2, stride: 2, pad: 0 };
+    let conv = |c_in, c_out| Layer::Conv2d(Conv2d { c_in, c_out, kernel: 3, stride: 1, pad: 1, groups: 1, bias: true });
+    let pool = || Layer::MaxPool2d(MaxPool2d { kernel: 2, stride: 2, pad: 0 });
     let stages: [(usize, usize, bool); 4] =
         [(cfg.in_channels, c1, true), (c1, c2, true), (c2, c3, false), (c3, c4, true)];
     let mut idx = 0;
     for (c_in, c_out, pooled) in stages {
         push(format!("features.{idx}"), conv(c_in, c_out));
-        push(format!("features.{}", idx + 1), Layer::BatchNorm2d { c: c_out });
+        push(format!("features.{}", idx + 1), Layer::BatchNorm2d(BatchNorm2d { c: c_out }));
         push(format!("features.{}", idx + 2), Layer::Relu);
         idx += 3;
         if pooled {
@@ -125,13 +125,13 @@ pub fn base_senet(cfg: &ModelConfig) -> Result<Graph> {
     push("features.15".into(), conv(c4, c5));
     push(
         "features.16".into(),
-        Layer::SeBlock { c: c5, hidden: cfg.se_hidden(c5), bias: cfg.se_bias, variant: cfg.se.variant() },
+        Layer::SeBlock(SeBlock { c: c5, hidden: cfg.se_hidden(c5), bias: cfg.se_bias, variant: cfg.se.variant() }),
     );
-    push("features.17".into(), Layer::BatchNorm2d { c: c5 });
+    push("features.17".into(), Layer::BatchNorm2d(BatchNorm2d { c: c5 }));
     push("features.18".into(), Layer::Relu);
     push("features.19".into(), pool());
     push("avg_pool".into(), Layer::GlobalAvgPool);
-    push("classifier.0".into(), Layer::Linear { in_features: c5, out_features: cfg.num_classes, bias: true });
+    push("classifier.0".into(), Layer::Linear(Linear { in_features: c5, out_features: cfg.num_classes, bias: true }));
     let graph = Graph { input: [cfg.in_channels, cfg.input_hw[0], cfg.input_hw[1]], nodes };
     graph.shapes(1)?;
     Ok(graph)

@@ -45,9 +45,8 @@ use prost::Message;
 use crate::checkpoint::{self, StateDict, Value};
 use crate::eval;
 use crate::hparams as hp;
-use crate::model::{Graph, Layer, ModelConfig};
-use crate::ops::batch_norm::BatchNormConfig;
-use crate::ops::se_block::{Excitation, Squeeze};
+use crate::model::{Graph, ModelConfig};
+use crate::ops::layer::{Attr, OnnxNode, OnnxNodes};
 use proto::tensor_shape_proto::{Dimension, dimension};
 use proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
@@ -197,84 +196,15 @@ pub fn onnx_graph_model(
             k => graph.nodes[k - 1].name.clone(),
         }
     };
-    let eps = BatchNormConfig::new(1, 1, 1, 1).eps as f32;
     for (k, node) in graph.nodes.iter().enumerate() {
-        let name = &node.name;
-        let x = act(node.inputs[0]);
-        let out = act(k + 1);
-        let param = |suffix: &str| format!("{name}.{suffix}");
-        let mut push = |op: &str, suffix: &str, inputs: Vec<String>, output: &str, attrs: Vec<AttributeProto>| {
-            g.node.push(NodeProto {
-                name: Some(if suffix.is_empty() { name.clone() } else { format!("{name}.{suffix}") }),
-                op_type: Some(op.into()),
-                input: inputs,
-                output: vec![output.into()],
-                attribute: attrs,
-                ..Default::default()
-            });
+        let mut o = OnnxNodes {
+            name: &node.name,
+            inputs: node.inputs.iter().map(|&i| act(i)).collect(),
+            output: act(k + 1),
+            nodes: Vec::new(),
         };
-        match node.layer {
-            Layer::Conv2d { kernel, stride, pad, groups, bias, .. } => {
-                let mut inputs = vec![x, param("weight")];
-                if bias {
-                    inputs.push(param("bias"));
-                }
-                let mut attrs = spatial_attrs(kernel, stride, pad);
-                // ONNX's Conv reads the weight as [M, C/group, kH, kW], as PyTorch stores it.
-                attrs.push(attr_int("group", groups as i64));
-                push("Conv", "", inputs, &out, attrs);
-            }
-            Layer::BatchNorm2d { .. } => {
-                let inputs = ["weight", "bias", "running_mean", "running_var"].map(param);
-                let inputs = std::iter::once(x).chain(inputs).collect();
-                push("BatchNormalization", "", inputs, &out, vec![attr_float("epsilon", eps)]);
-            }
-            Layer::Relu => push("Relu", "", vec![x], &out, vec![]),
-            Layer::MaxPool2d { kernel, stride, pad } => {
-                let mut attrs = spatial_attrs(kernel, stride, pad);
-                attrs.retain(|a| a.name.as_deref() != Some("dilations"));
-                push("MaxPool", "", vec![x], &out, attrs);
-            }
-            Layer::SeBlock { bias, variant, .. } => {
-                // x [n, c, h, w] → z [n, c, 1, 1] → fc1 (1x1 conv) → ReLU → fc2 → gate → x * gate.
-                let squeeze = match variant.squeeze {
-                    Squeeze::Avg => "GlobalAveragePool",
-                    Squeeze::Max => "GlobalMaxPool",
-                };
-                let t = |s: &str| format!("{name}.{s}");
-                push(squeeze, "squeeze", vec![x.clone()], &t("squeeze"), vec![]);
-                for (fc, inp, out) in [("fc1", t("squeeze"), t("fc1")), ("fc2", t("fc1_relu"), t("fc2"))] {
-                    let mut inputs = vec![inp, param(&format!("{fc}.weight"))];
-                    if bias {
-                        inputs.push(param(&format!("{fc}.bias")));
-                    }
-                    push("Conv", fc, inputs, &out, spatial_attrs(1, 1, 0));
-                    if fc == "fc1" {
-                        push("Relu", "fc1_relu", vec![out], &t("fc1_relu"), vec![]);
-                    }
-                }
-                let gate = match variant.excitation {
-                    Excitation::Sigmoid => "Sigmoid",
-                    Excitation::Tanh => "Tanh",
-                    Excitation::Relu => "Relu",
-                };
-                push(gate, "gate", vec![t("fc2")], &t("gate"), vec![]);
-                push("Mul", "scale", vec![x, t("gate")], &out, vec![]);
-            }
-            Layer::GlobalAvgPool => {
-                let pooled = format!("{name}.pool");
-                push("GlobalAveragePool", "pool", vec![x], &pooled, vec![]);
-                push("Flatten", "", vec![pooled], &out, vec![attr_int("axis", 1)]);
-            }
-            Layer::Linear { bias, .. } => {
-                let mut inputs = vec![x, param("weight")];
-                if bias {
-                    inputs.push(param("bias"));
-                }
-                push("Gemm", "", inputs, &out, vec![attr_int("transB", 1)]);
-            }
-            Layer::Add => push("Add", "", vec![x, act(node.inputs[1])], &out, vec![]),
-        }
+        node.layer.op().onnx(&mut o);
+        g.node.extend(o.nodes.into_iter().map(node_proto));
     }
 
     let [c, h, w] = graph.input;
@@ -348,14 +278,25 @@ fn value_info(name: &str, dims: Vec<Dimension>, doc: &str) -> ValueInfoProto {
 }
 
 /// kernel_shape, strides, pads (begin and end of both axes) and dilations of a square window.
-fn spatial_attrs(kernel: usize, stride: usize, pad: usize) -> Vec<AttributeProto> {
-    let (k, s, p) = (kernel as i64, stride as i64, pad as i64);
-    vec![
-        attr_ints("kernel_shape", vec![k, k]),
-        attr_ints("strides", vec![s, s]),
-        attr_ints("pads", vec![p, p, p, p]),
-        attr_ints("dilations", vec![1, 1]),
-    ]
+/// A layer's ONNX node as the protobuf holds it.
+fn node_proto(n: OnnxNode) -> NodeProto {
+    let attribute = n
+        .attrs
+        .into_iter()
+        .map(|(name, a)| match a {
+            Attr::Int(i) => attr_int(name, i),
+            Attr::Ints(v) => attr_ints(name, v),
+            Attr::Float(f) => attr_float(name, f),
+        })
+        .collect();
+    NodeProto {
+        name: Some(n.name),
+        op_type: Some(n.op_type.into()),
+        input: n.inputs,
+        output: vec![n.output],
+        attribute,
+        ..Default::default()
+    }
 }
 
 fn attr_ints(name: &str, ints: Vec<i64>) -> AttributeProto {

@@ -12,6 +12,7 @@ pub mod clip_grad_norm;
 pub mod conv2d;
 pub mod cross_entropy;
 pub mod grad_scaler;
+pub mod layer;
 pub mod linear;
 pub mod optimizer;
 pub mod pool;

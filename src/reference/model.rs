@@ -10,12 +10,10 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 
-use super::{add, batch_norm, clip_grad_norm, conv2d, cross_entropy, linear, pool, relu, se_block};
+use super::{add, clip_grad_norm, cross_entropy};
 use crate::gpu::Precision;
-use crate::model::{Graph, Layer, conv_config, pool_config};
-use crate::ops::batch_norm::BatchNormConfig;
-use crate::ops::linear::LinearConfig;
-use crate::ops::se_block::SeBlockConfig;
+use crate::model::Graph;
+use crate::ops::layer::{RefBackward, RefForward, Saved, stored};
 
 /// Result of one reference step.
 pub struct StepResult {
@@ -40,14 +38,6 @@ impl StepResult {
     }
 }
 
-/// What the backward pass needs from each layer's forward.
-enum Saved {
-    None,
-    Bn { mean: Vec<f64>, invstd: Vec<f64> },
-    Pool { argmax: Vec<u32> },
-    Se(se_block::SeForward),
-}
-
 /// Logits of the eval-mode forward (batch norm on its running statistics) for batch `n`.
 pub fn eval_forward(
     graph: &Graph,
@@ -58,21 +48,6 @@ pub fn eval_forward(
 ) -> Result<Vec<f64>> {
     let f = forward(graph, params, buffers, n, input, false, Precision::F32)?;
     f.acts.last().cloned().context("empty graph")
-}
-
-/// Round to the nearest f16 (RNE, overflow to ±inf), as an f16 plan stores a value.
-fn to_f16(v: &mut [f64]) {
-    for x in v {
-        *x = f64::from(half::f16::from_f64(*x));
-    }
-}
-
-/// `v`, rounded as `precision` stores it.
-fn stored(precision: Precision, mut v: Vec<f64>) -> Vec<f64> {
-    if precision == Precision::F16 {
-        to_f16(&mut v);
-    }
-    v
 }
 
 /// Every activation (input first), what the backward needs, the updated running statistics.
@@ -104,53 +79,22 @@ fn forward(
     let mut saved = Vec::new();
     let mut new_buffers = HashMap::new();
     for (k, node) in graph.nodes.iter().enumerate() {
-        let inp = &acts[node.inputs[0]];
-        let s = &shapes[node.inputs[0]];
-        let name = &node.name;
-        let p = |suffix: &str| get(&format!("{name}.{suffix}"));
-        let (out, sv) = match node.layer {
-            Layer::Conv2d { bias, .. } => {
-                let cfg = conv_config(&node.layer, s).context("conv")?;
-                let b = if bias { Some(p("bias")?) } else { None };
-                let w = stored(precision, p("weight")?.to_vec());
-                (conv2d::conv2d_forward(&cfg, inp, &w, b), Saved::None)
-            }
-            Layer::BatchNorm2d { c } => {
-                let cfg = BatchNormConfig::new(s[0], c, s[2], s[3]);
-                let rm = buffers.get(&format!("{name}.running_mean")).context("running_mean")?;
-                let rv = buffers.get(&format!("{name}.running_var")).context("running_var")?;
-                if training {
-                    let r = batch_norm::batch_norm_forward_train(&cfg, inp, p("weight")?, p("bias")?, rm, rv);
-                    new_buffers.insert(format!("{name}.running_mean"), r.running_mean);
-                    new_buffers.insert(format!("{name}.running_var"), r.running_var);
-                    (r.out, Saved::Bn { mean: r.mean, invstd: r.invstd })
-                } else {
-                    (batch_norm::batch_norm_forward_eval(&cfg, inp, p("weight")?, p("bias")?, rm, rv), Saved::None)
-                }
-            }
-            Layer::Relu => (relu::relu_forward(inp), Saved::None),
-            Layer::MaxPool2d { .. } => {
-                let cfg = pool_config(&node.layer, s).context("pool")?;
-                let (out, argmax) = pool::max_pool2d_forward(&cfg, inp);
-                (out, Saved::Pool { argmax })
-            }
-            Layer::SeBlock { c, hidden, bias, variant } => {
-                let cfg = SeBlockConfig { n: s[0], c, h: s[2], w: s[3], hidden, bias, variant };
-                let sp = se_params(&cfg, name, &get)?;
-                let f = se_block::se_block_forward(&cfg, inp, &sp);
-                (f.out.clone(), Saved::Se(f))
-            }
-            Layer::GlobalAvgPool => (pool::global_avg_pool_forward([s[0], s[1], s[2], s[3]], inp), Saved::None),
-            Layer::Add => (add::add_forward(inp, &acts[node.inputs[1]]), Saved::None),
-            Layer::Linear { in_features, out_features, bias } => {
-                let cfg = LinearConfig { n, in_features, out_features, bias };
-                let b = if bias { Some(p("bias")?) } else { None };
-                (linear::linear_forward(&cfg, inp, p("weight")?, b), Saved::None)
-            }
+        let r = RefForward {
+            name: &node.name,
+            inputs: node.inputs.iter().map(|&i| acts[i].as_slice()).collect(),
+            shapes: node.inputs.iter().map(|&i| shapes[i].as_slice()).collect(),
+            training,
+            precision,
+            params: &get,
+            buffers,
         };
-        debug_assert_eq!(out.len(), shapes[k + 1].iter().product::<usize>());
-        acts.push(stored(precision, out));
-        saved.push(sv);
+        let f = node.layer.op().reference_forward(&r)?;
+        debug_assert_eq!(f.out.len(), shapes[k + 1].iter().product::<usize>());
+        for (suffix, v) in f.buffers {
+            new_buffers.insert(format!("{}.{suffix}", node.name), v);
+        }
+        acts.push(stored(precision, f.out));
+        saved.push(f.saved);
     }
     Ok(Forward { shapes, acts, saved, buffers: new_buffers })
 }
@@ -221,63 +165,18 @@ fn train_step_full(
     dacts[acts.len() - 1] = Some(stored(precision, ce.dlogits.iter().map(|g| g * loss_scale).collect()));
     for (k, node) in graph.nodes.iter().enumerate().rev() {
         let Some(dout) = dacts[k + 1].take() else { continue };
-        let a = node.inputs[0];
-        let (inp, out, s) = (&acts[a], &acts[k + 1], &shapes[a]);
-        let name = &node.name;
-        let p = |suffix: &str| get(&format!("{name}.{suffix}"));
-        let mut put = |suffix: &str, g: Vec<f64>| {
-            grads.insert(format!("{name}.{suffix}"), g);
+        let mut r = RefBackward {
+            name: &node.name,
+            inputs: node.inputs.iter().map(|&i| acts[i].as_slice()).collect(),
+            shapes: node.inputs.iter().map(|&i| shapes[i].as_slice()).collect(),
+            out: &acts[k + 1],
+            dout: &dout,
+            saved: &saved[k],
+            precision,
+            params: &get,
+            grads: &mut grads,
         };
-        let dinputs: Vec<Vec<f64>> = match (&node.layer, &saved[k]) {
-            (Layer::Conv2d { bias, .. }, _) => {
-                let cfg = conv_config(&node.layer, s).context("conv")?;
-                put("weight", conv2d::conv2d_backward_weight(&cfg, inp, &dout));
-                if *bias {
-                    put("bias", conv2d::conv2d_backward_bias(&cfg, &dout));
-                }
-                vec![conv2d::conv2d_backward_input(&cfg, &dout, &stored(precision, p("weight")?.to_vec()))]
-            }
-            (Layer::BatchNorm2d { c }, Saved::Bn { mean, invstd }) => {
-                let cfg = BatchNormConfig::new(s[0], *c, s[2], s[3]);
-                let (dx, dg, db) = batch_norm::batch_norm_backward(&cfg, inp, p("weight")?, mean, invstd, &dout);
-                put("weight", dg);
-                put("bias", db);
-                vec![dx]
-            }
-            (Layer::Relu, _) => vec![relu::relu_backward(out, &dout)],
-            (Layer::MaxPool2d { .. }, Saved::Pool { argmax }) => {
-                let cfg = pool_config(&node.layer, s).context("pool")?;
-                vec![pool::max_pool2d_backward(&cfg, argmax, &dout)]
-            }
-            (Layer::SeBlock { c, hidden, bias, variant }, Saved::Se(f)) => {
-                let cfg =
-                    SeBlockConfig { n: s[0], c: *c, h: s[2], w: s[3], hidden: *hidden, bias: *bias, variant: *variant };
-                let sp = se_params(&cfg, name, &get)?;
-                let g = se_block::se_block_backward(&cfg, inp, &sp, f, &dout);
-                put("fc1.weight", g.dw1);
-                put("fc2.weight", g.dw2);
-                if *bias {
-                    put("fc1.bias", g.db1);
-                    put("fc2.bias", g.db2);
-                }
-                vec![g.dinp]
-            }
-            (Layer::GlobalAvgPool, _) => vec![pool::global_avg_pool_backward([s[0], s[1], s[2], s[3]], &dout)],
-            (Layer::Linear { in_features, out_features, bias }, _) => {
-                let cfg = LinearConfig { n, in_features: *in_features, out_features: *out_features, bias: *bias };
-                let (dx, dw, db) = linear::linear_backward(&cfg, inp, p("weight")?, &dout);
-                put("weight", dw);
-                if *bias {
-                    put("bias", db);
-                }
-                vec![dx]
-            }
-            (Layer::Add, _) => {
-                let (da, db) = add::add_backward(&dout);
-                vec![da, db]
-            }
-            (layer, _) => anyhow::bail!("reference: {name} ({layer:?}) lost its saved forward state"),
-        };
+        let dinputs = node.layer.op().reference_backward(&mut r)?;
         for (&i, g) in node.inputs.iter().zip(dinputs) {
             let g = stored(precision, g);
             dacts[i] = Some(match dacts[i].take() {
@@ -290,17 +189,4 @@ fn train_step_full(
         g.iter_mut().for_each(|v| *v /= loss_scale);
     }
     Ok(StepResult { loss: ce.loss, correct: ce.correct, logits, grads, buffers: new_buffers })
-}
-
-fn se_params<'a>(
-    cfg: &SeBlockConfig,
-    name: &str,
-    get: &impl Fn(&str) -> Result<&'a [f64]>,
-) -> Result<se_block::SeParams<'a>> {
-    Ok(se_block::SeParams {
-        w1: get(&format!("{name}.fc1.weight"))?,
-        b1: if cfg.bias { Some(get(&format!("{name}.fc1.bias"))?) } else { None },
-        w2: get(&format!("{name}.fc2.weight"))?,
-        b2: if cfg.bias { Some(get(&format!("{name}.fc2.bias"))?) } else { None },
-    })
 }

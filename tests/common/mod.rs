@@ -264,21 +264,22 @@ pub fn conv_cases() -> Vec<Conv2dConfig> {
 /// ResNeXt's shape — conv2 3x3 in 4 groups, BN, ReLU, conv3 depthwise 3x3 with a bias, BN, added
 /// to the block's input, ReLU — then the global pool and the classifier.
 pub fn grouped_network(h: usize, w: usize) -> senet_wgpu::model::Graph {
-    use senet_wgpu::model::{Graph, Layer, Node};
-    let conv = |c_in, c_out, groups, bias| Layer::Conv2d { c_in, c_out, kernel: 3, stride: 1, pad: 1, groups, bias };
+    use senet_wgpu::model::{BatchNorm2d, Conv2d, Graph, Layer, Linear, Node};
+    let conv =
+        |c_in, c_out, groups, bias| Layer::Conv2d(Conv2d { c_in, c_out, kernel: 3, stride: 1, pad: 1, groups, bias });
     let layers = [
         ("conv1", conv(3, 16, 1, false), vec![0]),
-        ("bn1", Layer::BatchNorm2d { c: 16 }, vec![1]),
+        ("bn1", Layer::BatchNorm2d(BatchNorm2d { c: 16 }), vec![1]),
         ("relu1", Layer::Relu, vec![2]),
         ("conv2", conv(16, 16, 4, false), vec![3]),
-        ("bn2", Layer::BatchNorm2d { c: 16 }, vec![4]),
+        ("bn2", Layer::BatchNorm2d(BatchNorm2d { c: 16 }), vec![4]),
         ("relu2", Layer::Relu, vec![5]),
         ("conv3", conv(16, 16, 16, true), vec![6]),
-        ("bn3", Layer::BatchNorm2d { c: 16 }, vec![7]),
+        ("bn3", Layer::BatchNorm2d(BatchNorm2d { c: 16 }), vec![7]),
         ("add", Layer::Add, vec![8, 3]),
         ("relu3", Layer::Relu, vec![9]),
         ("pool", Layer::GlobalAvgPool, vec![10]),
-        ("fc", Layer::Linear { in_features: 16, out_features: 5, bias: true }, vec![11]),
+        ("fc", Layer::Linear(Linear { in_features: 16, out_features: 5, bias: true }), vec![11]),
     ];
     let nodes = layers.into_iter().map(|(name, layer, inputs)| Node { name: name.into(), layer, inputs }).collect();
     Graph { input: [3, h, w], nodes }

@@ -1,6 +1,9 @@
 //! add — host side of `shaders/add.wgsl`; CPU oracle in `reference.rs` beside it.
 
+mod layer;
 pub mod reference;
+
+pub use layer::Add;
 
 use anyhow::Result;
 

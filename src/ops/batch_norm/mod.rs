@@ -6,7 +6,10 @@
 //! rank's numbers, [`batch_norm_forward_apply`]; [`batch_norm_backward_sums`],
 //! [`sum_rank_grad_sums`], [`batch_norm_backward_input`].
 
+mod layer;
 pub mod reference;
+
+pub use layer::BatchNorm2d;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -3,7 +3,10 @@
 //! `shaders/conv2d_coop.wgsl` (cooperative matrices for f16 plans, `ConvKernel::Coop`); CPU oracle
 //! in `reference.rs` beside it; the tuner's choice among them at the end ([`choose`]).
 
+mod layer;
 pub mod reference;
+
+pub use layer::Conv2d;
 
 use anyhow::{Context, Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -1,6 +1,9 @@
 //! linear — host side of `shaders/linear.wgsl`; CPU oracle in `reference.rs` beside it.
 
+mod layer;
 pub mod reference;
+
+pub use layer::Linear;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

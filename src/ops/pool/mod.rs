@@ -1,7 +1,10 @@
 //! pool (max pooling, global average pooling) — host side of `shaders/pool.wgsl`; CPU oracle in
 //! `reference.rs` beside it.
 
+mod layer;
 pub mod reference;
+
+pub use layer::{GlobalAvgPool, MaxPool2d};
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

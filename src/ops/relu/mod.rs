@@ -1,6 +1,9 @@
 //! relu — host side of `shaders/relu.wgsl`; CPU oracle in `reference.rs` beside it.
 
+mod layer;
 pub mod reference;
+
+pub use layer::Relu;
 
 use anyhow::Result;
 

@@ -1,6 +1,9 @@
 //! se_block — host side of `shaders/se_block.wgsl`; CPU oracle in `reference.rs` beside it.
 
+mod layer;
 pub mod reference;
+
+pub use layer::SeBlock;
 
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};

@@ -1,0 +1,128 @@
+//! `nn.BatchNorm2d` as a graph node (PyTorch's eps and momentum), optionally with a ReLU fused in.
+
+use anyhow::{Result, ensure};
+
+use super::reference as cpu;
+use super::{BatchNormConfig, BnBackward, BnForward, ROWS};
+use crate::ops::layer::{
+    Attr, BnExchange, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput,
+    Shape, expect_spatial,
+};
+
+/// A batch-norm layer over `c` channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchNorm2d {
+    pub c: usize,
+}
+
+/// What the reference backward needs from the training forward.
+struct BatchStats {
+    mean: Vec<f64>,
+    invstd: Vec<f64>,
+}
+
+fn config(c: usize, s: &[usize]) -> BatchNormConfig {
+    BatchNormConfig::new(s[0], c, s[2], s[3])
+}
+
+impl LayerOp for BatchNorm2d {
+    fn parameters(&self, name: &str) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::of(name, "weight", vec![self.c], Init::Ones),
+            ParamSpec::of(name, "bias", vec![self.c], Init::Zeros),
+        ]
+    }
+
+    fn running_stats(&self) -> Option<usize> {
+        Some(self.c)
+    }
+
+    fn output_shape(&self, name: &str, inputs: &[&[usize]]) -> Result<Shape> {
+        let inp = inputs[0];
+        expect_spatial(name, "channel layer", inp)?;
+        ensure!(inp[1] == self.c, "{name}: expects {} channels, got {}", self.c, inp[1]);
+        Ok(inp.to_vec())
+    }
+
+    /// The ReLU's output stands in for the BN's (see batch_norm.wgsl).
+    fn takes_relu(&self) -> bool {
+        true
+    }
+
+    fn record(&self, r: &mut Record<'_>) -> Result<()> {
+        let (gpu, name, c) = (r.gpu, r.name, self.c);
+        let (inp, dinp) = r.inp();
+        let (out, dout) = (r.out, r.dout);
+        let mut cfg = config(c, &inp.shape);
+        let relu_out = if r.relu {
+            cfg = cfg.with_relu();
+            Some(out)
+        } else {
+            None
+        };
+        let (g, b) = (r.param("weight")?, r.param("bias")?);
+        let (running_mean, running_var) = r.running()?;
+        let stats = r.scratch("batch statistics", &[2, c])?;
+        let t = BnForward { inp, gamma: g.value, beta: b.value, running_mean, running_var, stats: &stats, out };
+        r.eval.extend(super::batch_norm_forward_eval(gpu, &cfg, &t)?);
+        if r.sync_bn {
+            // SyncBatchNorm: each pass in two halves around the ranks' exchange.
+            let (welford, sums) =
+                (r.scratch("rank statistics", &[ROWS, c])?, r.scratch("rank gradient sums", &[ROWS, c])?);
+            let gb =
+                BnBackward { inp, gamma: g.value, stats: &stats, relu_out, dout, dinp, dgamma: g.grad, dbeta: b.grad };
+            r.train.extend(super::batch_norm_forward_stats(gpu, &cfg, inp, &welford)?);
+            let x = BnExchange::new(name, ExchangeKind::Statistics, welford, r.train.len());
+            r.train.extend(super::batch_norm_forward_apply(gpu, &cfg, &t, &x.buffer)?);
+            r.exchanges.push(x);
+            r.backward.extend(super::batch_norm_backward_sums(gpu, &cfg, &gb, &sums)?);
+            let x = BnExchange::new(name, ExchangeKind::GradSums, sums, r.backward.len());
+            r.backward.extend(super::batch_norm_backward_input(gpu, &cfg, &gb, &x.buffer)?);
+            r.backward_exchange = Some(x);
+        } else {
+            r.train.extend(super::batch_norm_forward_train(gpu, &cfg, &t)?);
+            r.backward.extend(super::batch_norm_backward(
+                gpu, &cfg, inp, g.value, &stats, relu_out, dout, dinp, g.grad, b.grad,
+            )?);
+        }
+        Ok(())
+    }
+
+    fn reference_forward(&self, r: &RefForward<'_, '_>) -> Result<RefOutput> {
+        let (inp, s) = r.inp();
+        let cfg = config(self.c, s);
+        let (g, b) = (r.param("weight")?, r.param("bias")?);
+        let (rm, rv) = (r.buffer("running_mean")?, r.buffer("running_var")?);
+        if !r.training {
+            return Ok(RefOutput::plain(cpu::batch_norm_forward_eval(&cfg, inp, g, b, rm, rv)));
+        }
+        let t = cpu::batch_norm_forward_train(&cfg, inp, g, b, rm, rv);
+        Ok(RefOutput {
+            out: t.out,
+            saved: Some(Box::new(BatchStats { mean: t.mean, invstd: t.invstd })),
+            buffers: vec![("running_mean", t.running_mean), ("running_var", t.running_var)],
+        })
+    }
+
+    fn reference_backward(&self, r: &mut RefBackward<'_, '_>) -> Result<Vec<Vec<f64>>> {
+        let (inp, s) = r.inp();
+        let st: &BatchStats = r.saved()?;
+        let (dx, dg, db) =
+            cpu::batch_norm_backward(&config(self.c, s), inp, r.param("weight")?, &st.mean, &st.invstd, r.dout);
+        r.put("weight", dg);
+        r.put("bias", db);
+        Ok(vec![dx])
+    }
+
+    fn onnx(&self, o: &mut OnnxNodes<'_>) {
+        let eps = BatchNormConfig::new(1, 1, 1, 1).eps as f32;
+        let mut inputs = vec![o.inputs[0].clone()];
+        inputs.extend(["weight", "bias", "running_mean", "running_var"].map(|s| o.param(s)));
+        let out = o.output.clone();
+        o.push("BatchNormalization", "", inputs, out, vec![("epsilon", Attr::Float(eps))]);
+    }
+
+    fn describe(&self) -> String {
+        format!("BatchNorm2d {}", self.c)
+    }
+}

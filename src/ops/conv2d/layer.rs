@@ -1,0 +1,140 @@
+//! `nn.Conv2d` as a graph node: square kernel, stride and padding, optional bias, channel groups.
+
+use anyhow::{Result, anyhow, ensure};
+
+use super::reference as cpu;
+use super::{Conv2dConfig, ConvBuffers, ConvPass};
+use crate::ops::layer::{
+    Attr, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, Shape, expect_spatial,
+    stored,
+};
+
+/// A convolution layer, with PyTorch's meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2d {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+    /// Channel groups, as `nn.Conv2d(groups=)`: divides c_in and c_out; 1 = an ordinary
+    /// convolution, c_in = c_out = groups a depthwise one. The weight is [c_out, c_in/groups, k, k].
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl Conv2d {
+    /// Its kernel configuration reading `inp` [n, c, h, w].
+    pub fn config(&self, inp: &[usize]) -> Conv2dConfig {
+        let Conv2d { c_in, c_out, kernel, stride, pad, groups, bias } = *self;
+        Conv2dConfig::square(inp[0], c_in, (inp[2], inp[3]), c_out, kernel, stride, pad, bias).grouped(groups)
+    }
+}
+
+impl LayerOp for Conv2d {
+    fn parameters(&self, name: &str) -> Vec<ParamSpec> {
+        // PyTorch's fan-in is the weight's: (c_in/groups)*k*k.
+        let c_in_group = self.c_in / self.groups.max(1);
+        let fan_in = c_in_group * self.kernel * self.kernel;
+        let mut p = vec![ParamSpec::of(
+            name,
+            "weight",
+            vec![self.c_out, c_in_group, self.kernel, self.kernel],
+            Init::FanInUniform { fan_in },
+        )];
+        if self.bias {
+            p.push(ParamSpec::of(name, "bias", vec![self.c_out], Init::FanInUniform { fan_in }));
+        }
+        p
+    }
+
+    fn output_shape(&self, name: &str, inputs: &[&[usize]]) -> Result<Shape> {
+        let inp = inputs[0];
+        expect_spatial(name, "Conv2d", inp)?;
+        ensure!(inp[1] == self.c_in, "{name}: Conv2d expects {} input channels, got {}", self.c_in, inp[1]);
+        let cfg = self.config(inp);
+        cfg.validate().map_err(|e| anyhow!("{name}: {e}"))?;
+        Ok(cfg.output_shape().to_vec())
+    }
+
+    fn record(&self, r: &mut Record<'_>) -> Result<()> {
+        let (inp, dinp) = r.inp();
+        let cfg = self.config(&inp.shape);
+        let w = r.param("weight")?;
+        let b = r.param_if(self.bias, "bias")?;
+        // An f16 plan's GEMMs read the f16 copy of the weights.
+        let bufs = ConvBuffers {
+            inp,
+            weight: w.half.unwrap_or(w.value),
+            bias: b.map(|b| b.value),
+            out: r.out,
+            dout: r.dout,
+            dinp,
+            dweight: w.grad,
+        };
+        // Each pass runs the kernel the tuner chose for this shape; the network input needs no
+        // gradient.
+        let passes: &[ConvPass] = if r.reads_network_input {
+            &[ConvPass::Forward, ConvPass::BackwardWeight]
+        } else {
+            &[ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
+        };
+        for &pass in passes {
+            // Tuned in the plan's precision: an f16 plan's built-in choice is cooperative
+            // matrices where the adapter lists them (conv2d::builtin).
+            let chosen = super::choose(r.gpu, &cfg, pass, r.precision)?;
+            let (d, kernel) = super::conv2d_pass_chosen(r.gpu, &cfg, pass, chosen, &bufs)?;
+            r.conv_kernels.push((pass, kernel));
+            if pass == ConvPass::Forward {
+                r.forward(d);
+            } else {
+                r.backward.extend(d);
+            }
+        }
+        if let Some(b) = b {
+            r.backward.extend(super::conv2d_backward_bias(r.gpu, &cfg, r.dout, b.grad)?);
+        }
+        Ok(())
+    }
+
+    fn reference_forward(&self, r: &RefForward<'_, '_>) -> Result<RefOutput> {
+        let (inp, s) = r.inp();
+        let w = stored(r.precision, r.param("weight")?.to_vec());
+        Ok(RefOutput::plain(cpu::conv2d_forward(&self.config(s), inp, &w, r.param_if(self.bias, "bias")?)))
+    }
+
+    fn reference_backward(&self, r: &mut RefBackward<'_, '_>) -> Result<Vec<Vec<f64>>> {
+        let (inp, s) = r.inp();
+        let cfg = self.config(s);
+        r.put("weight", cpu::conv2d_backward_weight(&cfg, inp, r.dout));
+        if self.bias {
+            r.put("bias", cpu::conv2d_backward_bias(&cfg, r.dout));
+        }
+        let w = stored(r.precision, r.param("weight")?.to_vec());
+        Ok(vec![cpu::conv2d_backward_input(&cfg, r.dout, &w)])
+    }
+
+    fn onnx(&self, o: &mut OnnxNodes<'_>) {
+        let mut inputs = vec![o.inputs[0].clone(), o.param("weight")];
+        if self.bias {
+            inputs.push(o.param("bias"));
+        }
+        let mut attrs = OnnxNodes::window(self.kernel, self.stride, self.pad);
+        // ONNX's Conv reads the weight as [M, C/group, kH, kW], as PyTorch stores it.
+        attrs.push(("group", Attr::Int(self.groups as i64)));
+        let out = o.output.clone();
+        o.push("Conv", "", inputs, out, attrs);
+    }
+
+    fn describe(&self) -> String {
+        let Conv2d { c_in, c_out, kernel, stride, groups, .. } = *self;
+        match groups {
+            1 => format!("Conv2d {c_in}→{c_out} {kernel}x{kernel}/{stride}"),
+            g => format!("Conv2d {c_in}→{c_out} {kernel}x{kernel}/{stride} g{g}"),
+        }
+    }
+
+    fn macs(&self, inp: &[usize], _out: &[usize]) -> usize {
+        self.config(inp).macs()
+    }
+}

@@ -1,0 +1,447 @@
+//! The layer trait: everything the rest of the program asks of an op that can be a node of a
+//! model graph. Each such op implements [`LayerOp`] once, in its own folder (`ops/<op>/layer.rs`):
+//! its parameters, its output shape, the dispatches it records into a step plan, its f64
+//! reference passes, its ONNX nodes and its row in `senet summary`. The step plan
+//! (`model::plan`), the whole-model reference (`reference::model`), the ONNX export and the
+//! summary walk the graph and ask each node's op; none of them names an op. `model::Layer` is the
+//! registry: one variant per op, mapped to its implementation by `Layer::op`.
+
+use std::any::Any;
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, ensure};
+
+use super::conv2d::{ConvKernel, ConvPass};
+use crate::gpu::{Dispatch, Gpu, Precision, Tensor};
+
+/// Shape of an activation: [n, c, h, w] or, after the global pool, [n, c].
+pub type Shape = Vec<usize>;
+
+/// What a parameter is initialised to (PyTorch's defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)): kaiming_uniform(a=sqrt(5)) for weights, and the bias rule.
+    FanInUniform {
+        fan_in: usize,
+    },
+    Ones,
+    Zeros,
+}
+
+/// A trainable tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    /// The parameter `suffix` of the layer `layer` (`features.0` + `weight`).
+    pub fn of(layer: &str, suffix: &str, shape: Vec<usize>, init: Init) -> ParamSpec {
+        ParamSpec { name: format!("{layer}.{suffix}"), shape, init }
+    }
+}
+
+/// What a layer's reference forward leaves for its backward (batch statistics, pooling indices).
+pub type Saved = Option<Box<dyn Any>>;
+
+/// One op as a node of a model graph.
+pub trait LayerOp {
+    /// How many activations it reads.
+    fn arity(&self) -> usize {
+        1
+    }
+
+    /// Its trainable tensors under the prefix `name`, in state-dict order.
+    fn parameters(&self, _name: &str) -> Vec<ParamSpec> {
+        Vec::new()
+    }
+
+    /// The channels of its running statistics (`running_mean`, `running_var` state-dict buffers),
+    /// for a layer that keeps them.
+    fn running_stats(&self) -> Option<usize> {
+        None
+    }
+
+    /// Its output shape for the shapes of what it reads (checked to fit; errors name `name`).
+    fn output_shape(&self, name: &str, inputs: &[&[usize]]) -> Result<Shape>;
+
+    /// Whether the plan may fuse a ReLU that alone reads this layer's output into its kernels
+    /// ([`Record::relu`]).
+    fn takes_relu(&self) -> bool {
+        false
+    }
+
+    /// Record its forward (training and evaluation) and backward dispatches.
+    fn record(&self, r: &mut Record<'_>) -> Result<()>;
+
+    /// The f64 forward.
+    fn reference_forward(&self, r: &RefForward<'_, '_>) -> Result<RefOutput>;
+
+    /// The f64 backward: the gradient of each input, in order; parameter gradients go to
+    /// [`RefBackward::put`].
+    fn reference_backward(&self, r: &mut RefBackward<'_, '_>) -> Result<Vec<Vec<f64>>>;
+
+    /// Its ONNX nodes (eval mode).
+    fn onnx(&self, o: &mut OnnxNodes<'_>);
+
+    /// Its type column in `senet summary` ("Conv2d 3→64 3x3/1").
+    fn describe(&self) -> String;
+
+    /// Multiply-adds per image (convolutions, linear layers and the SE block's FCs and rescaling;
+    /// the paper's convention counts the rest as 0). `inp` and `out` are batch-1 shapes.
+    fn macs(&self, _inp: &[usize], _out: &[usize]) -> usize {
+        0
+    }
+
+    /// An SE block (the summary reports their overhead apart).
+    fn is_se(&self) -> bool {
+        false
+    }
+}
+
+/// The input shape has rank 4 ([n, c, h, w]), or an error naming the layer.
+pub fn expect_spatial(name: &str, what: &str, inp: &[usize]) -> Result<()> {
+    ensure!(inp.len() == 4, "{name} ({what}) needs an [n, c, h, w] input, got {inp:?}");
+    Ok(())
+}
+
+/// A parameter's tensors as a plan binds them: views of the network's flat buffers.
+#[derive(Clone, Copy)]
+pub struct ParamTensors<'a> {
+    pub value: &'a Tensor,
+    pub grad: &'a Tensor,
+    /// The f16 copy of `value` an f16 network's GEMMs read.
+    pub half: Option<&'a Tensor>,
+}
+
+/// What a [`BnExchange`] holds, and so how the ranks' copies combine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// Forward: (count, mean, M2) per channel, merged (`ops::batch_norm::merge_rank_statistics`).
+    Statistics,
+    /// Backward: (count, sum dout, sum dout*(x - mean)) per channel, added
+    /// (`ops::batch_norm::sum_rank_grad_sums`).
+    GradSums,
+}
+
+impl ExchangeKind {
+    pub fn what(self) -> &'static str {
+        match self {
+            ExchangeKind::Statistics => "batch statistics",
+            ExchangeKind::GradSums => "gradient sums",
+        }
+    }
+}
+
+/// A point of a `--sync-bn` training step where every rank's per-channel numbers of one batch
+/// norm are combined: the dispatches before `at` have written this rank's into `buffer` [3, C];
+/// the ones from `at` on read every rank's combined from it.
+pub struct BnExchange {
+    /// The batch norm (PyTorch name).
+    pub layer: String,
+    pub kind: ExchangeKind,
+    pub buffer: Tensor,
+    /// Channels.
+    pub c: usize,
+    /// Index in the plan's training dispatches of the first one after the exchange.
+    pub at: usize,
+}
+
+impl BnExchange {
+    pub fn new(layer: &str, kind: ExchangeKind, buffer: Tensor, at: usize) -> BnExchange {
+        let c = buffer.shape[1];
+        BnExchange { layer: layer.to_string(), kind, buffer, c, at }
+    }
+}
+
+/// An SE block's saved forward state: per sample [z (C) | h (hidden) | s (C)].
+pub struct SeSaved {
+    pub name: String,
+    pub c: usize,
+    pub hidden: usize,
+    pub saved: Tensor,
+}
+
+impl SeSaved {
+    /// The excitations s [n, C] of the last pass, read back.
+    pub fn excitations(&self, gpu: &Gpu) -> Result<Vec<Vec<f32>>> {
+        let v = self.saved.read::<f32>(gpu)?;
+        let stride = 2 * self.c + self.hidden;
+        Ok(v.chunks(stride).map(|row| row[self.c + self.hidden..].to_vec()).collect())
+    }
+}
+
+/// A node being recorded into a step plan: the tensors the plan allocated for it, and the
+/// dispatch lists it fills. Scratch tensors (batch statistics, pooling indices) the op allocates
+/// itself; the dispatches' bind groups keep them alive.
+pub struct Record<'a> {
+    pub gpu: &'a Gpu,
+    /// The layer's state-dict prefix.
+    pub name: &'a str,
+    pub precision: Precision,
+    /// `--sync-bn` under several ranks: layers with batch statistics split their passes around
+    /// [`BnExchange`]s.
+    pub sync_bn: bool,
+    /// The activations it reads, in order, and the gradient buffer each one's gradient goes to.
+    pub inputs: Vec<&'a Tensor>,
+    pub dinputs: Vec<&'a Tensor>,
+    /// The first input is the network's input: nobody reads its gradient.
+    pub reads_network_input: bool,
+    /// Its output and output gradient: with a fused ReLU, the ReLU's.
+    pub out: &'a Tensor,
+    pub dout: &'a Tensor,
+    /// A ReLU is fused into this layer ([`LayerOp::takes_relu`]): apply it to the output, mask
+    /// the gradient with it; the ReLU node records nothing.
+    pub relu: bool,
+    pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
+    pub(crate) running: &'a dyn Fn(&str) -> Result<(&'a Tensor, &'a Tensor)>,
+    /// The training step's forward dispatches.
+    pub train: Vec<Dispatch>,
+    /// The evaluation pass's.
+    pub eval: Vec<Dispatch>,
+    /// The backward's, in the order they run.
+    pub backward: Vec<Dispatch>,
+    /// Forward exchanges, `at` an index of `train`.
+    pub exchanges: Vec<BnExchange>,
+    /// The backward's exchange, `at` an index of `backward`.
+    pub backward_exchange: Option<BnExchange>,
+    /// The kernel each convolution pass runs, as the tuner chose.
+    pub conv_kernels: Vec<(ConvPass, ConvKernel)>,
+    /// An SE block's saved state, for `senet excitations`.
+    pub se_saved: Option<SeSaved>,
+}
+
+impl<'a> Record<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        gpu: &'a Gpu,
+        name: &'a str,
+        precision: Precision,
+        sync_bn: bool,
+        inputs: Vec<&'a Tensor>,
+        dinputs: Vec<&'a Tensor>,
+        (out, dout): (&'a Tensor, &'a Tensor),
+        params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
+        running: &'a dyn Fn(&str) -> Result<(&'a Tensor, &'a Tensor)>,
+    ) -> Record<'a> {
+        Record {
+            gpu,
+            name,
+            precision,
+            sync_bn,
+            inputs,
+            dinputs,
+            reads_network_input: false,
+            out,
+            dout,
+            relu: false,
+            params,
+            running,
+            train: Vec::new(),
+            eval: Vec::new(),
+            backward: Vec::new(),
+            exchanges: Vec::new(),
+            backward_exchange: None,
+            conv_kernels: Vec::new(),
+            se_saved: None,
+        }
+    }
+
+    /// Its first input and the buffer that input's gradient goes to.
+    pub fn inp(&self) -> (&'a Tensor, &'a Tensor) {
+        (self.inputs[0], self.dinputs[0])
+    }
+
+    /// The parameter `suffix` of this layer (`weight`).
+    pub fn param(&self, suffix: &str) -> Result<ParamTensors<'a>> {
+        (self.params)(&format!("{}.{suffix}", self.name))
+    }
+
+    /// The parameter `suffix` if `present` (an optional bias).
+    pub fn param_if(&self, present: bool, suffix: &str) -> Result<Option<ParamTensors<'a>>> {
+        present.then(|| self.param(suffix)).transpose()
+    }
+
+    /// Its running statistics (mean, var).
+    pub fn running(&self) -> Result<(&'a Tensor, &'a Tensor)> {
+        (self.running)(self.name)
+    }
+
+    /// Dispatches that run alike in training and evaluation.
+    pub fn forward(&mut self, d: Vec<Dispatch>) {
+        self.train.extend(d.iter().cloned());
+        self.eval.extend(d);
+    }
+
+    /// A scratch tensor named after the layer ("layer1.0.se saved").
+    pub fn scratch(&self, what: &str, shape: &[usize]) -> Result<Tensor> {
+        Tensor::zeros(self.gpu, &format!("{} {what}", self.name), shape)
+    }
+}
+
+/// `v`, rounded as `precision` stores it (an f16 plan's activations and GEMM weights: RNE to
+/// f16, overflow to ±inf); f32 keeps it as it is (the reference's arithmetic stays f64).
+pub fn stored(precision: Precision, mut v: Vec<f64>) -> Vec<f64> {
+    if precision == Precision::F16 {
+        for x in &mut v {
+            *x = f64::from(half::f16::from_f64(*x));
+        }
+    }
+    v
+}
+
+/// A node's reference forward: what it reads (borrowed for `'a`) and the model's tensors
+/// (for `'p`).
+pub struct RefForward<'a, 'p> {
+    pub name: &'a str,
+    pub inputs: Vec<&'a [f64]>,
+    /// The shapes of `inputs`.
+    pub shapes: Vec<&'a [usize]>,
+    /// Training mode (batch statistics, running statistics updated) or evaluation.
+    pub training: bool,
+    /// The plan precision being emulated: GEMM weights are read as it stores them.
+    pub precision: Precision,
+    pub(crate) params: &'a dyn Fn(&str) -> Result<&'p [f64]>,
+    pub(crate) buffers: &'p HashMap<String, Vec<f64>>,
+}
+
+impl<'a, 'p> RefForward<'a, 'p> {
+    pub fn inp(&self) -> (&'a [f64], &'a [usize]) {
+        (self.inputs[0], self.shapes[0])
+    }
+
+    pub fn param(&self, suffix: &str) -> Result<&'p [f64]> {
+        (self.params)(&format!("{}.{suffix}", self.name))
+    }
+
+    pub fn param_if(&self, present: bool, suffix: &str) -> Result<Option<&'p [f64]>> {
+        present.then(|| self.param(suffix)).transpose()
+    }
+
+    /// The state-dict buffer `suffix` of this layer (`running_mean`).
+    pub fn buffer(&self, suffix: &str) -> Result<&'p [f64]> {
+        let key = format!("{}.{suffix}", self.name);
+        self.buffers.get(&key).map(|v| v.as_slice()).with_context(|| format!("reference: no buffer {key}"))
+    }
+}
+
+/// A node's reference forward result.
+pub struct RefOutput {
+    pub out: Vec<f64>,
+    pub saved: Saved,
+    /// Updated state-dict buffers (suffix, value): the running statistics in training mode.
+    pub buffers: Vec<(&'static str, Vec<f64>)>,
+}
+
+impl RefOutput {
+    pub fn plain(out: Vec<f64>) -> RefOutput {
+        RefOutput { out, saved: None, buffers: Vec::new() }
+    }
+}
+
+/// A node's reference backward.
+pub struct RefBackward<'a, 'p> {
+    pub name: &'a str,
+    pub inputs: Vec<&'a [f64]>,
+    pub shapes: Vec<&'a [usize]>,
+    /// Its forward's output.
+    pub out: &'a [f64],
+    pub dout: &'a [f64],
+    pub saved: &'a Saved,
+    pub precision: Precision,
+    pub(crate) params: &'a dyn Fn(&str) -> Result<&'p [f64]>,
+    pub(crate) grads: &'a mut HashMap<String, Vec<f64>>,
+}
+
+impl<'a, 'p> RefBackward<'a, 'p> {
+    pub fn inp(&self) -> (&'a [f64], &'a [usize]) {
+        (self.inputs[0], self.shapes[0])
+    }
+
+    pub fn param(&self, suffix: &str) -> Result<&'p [f64]> {
+        (self.params)(&format!("{}.{suffix}", self.name))
+    }
+
+    pub fn param_if(&self, present: bool, suffix: &str) -> Result<Option<&'p [f64]>> {
+        present.then(|| self.param(suffix)).transpose()
+    }
+
+    /// The gradient of the parameter `suffix`.
+    pub fn put(&mut self, suffix: &str, g: Vec<f64>) {
+        self.grads.insert(format!("{}.{suffix}", self.name), g);
+    }
+
+    /// What the forward saved, as the type the op saved.
+    pub fn saved<T: 'static>(&self) -> Result<&'a T> {
+        self.saved
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<T>())
+            .with_context(|| format!("reference: {} lost its saved forward state", self.name))
+    }
+}
+
+/// An ONNX attribute value (the export turns these into `AttributeProto`s).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attr {
+    Int(i64),
+    Ints(Vec<i64>),
+    Float(f32),
+}
+
+/// One ONNX node a layer exports.
+#[derive(Clone, Debug)]
+pub struct OnnxNode {
+    pub op_type: &'static str,
+    /// The node's name: the layer's, or `layer.suffix` for one of several.
+    pub name: String,
+    pub inputs: Vec<String>,
+    pub output: String,
+    pub attrs: Vec<(&'static str, Attr)>,
+}
+
+/// A layer's ONNX nodes being written: the names of the values it reads and writes (parameters
+/// are initializers under their state-dict names).
+pub struct OnnxNodes<'a> {
+    pub name: &'a str,
+    pub inputs: Vec<String>,
+    pub output: String,
+    pub nodes: Vec<OnnxNode>,
+}
+
+impl OnnxNodes<'_> {
+    /// A parameter's or buffer's name (`layer.weight`).
+    pub fn param(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.name)
+    }
+
+    /// An intermediate value's name (`layer.squeeze`).
+    pub fn value(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.name)
+    }
+
+    /// A node named after the layer (`suffix` empty) or `layer.suffix`.
+    pub fn push(
+        &mut self,
+        op_type: &'static str,
+        suffix: &str,
+        inputs: Vec<String>,
+        output: String,
+        attrs: Vec<(&'static str, Attr)>,
+    ) {
+        let name = if suffix.is_empty() { self.name.to_string() } else { format!("{}.{suffix}", self.name) };
+        self.nodes.push(OnnxNode { op_type, name, inputs, output, attrs });
+    }
+
+    /// The attributes of a square convolution or pooling window.
+    pub fn window(kernel: usize, stride: usize, pad: usize) -> Vec<(&'static str, Attr)> {
+        let (k, s, p) = (kernel as i64, stride as i64, pad as i64);
+        vec![
+            ("kernel_shape", Attr::Ints(vec![k, k])),
+            ("strides", Attr::Ints(vec![s, s])),
+            ("pads", Attr::Ints(vec![p, p, p, p])),
+            ("dilations", Attr::Ints(vec![1, 1])),
+        ]
+    }
+}

@@ -1,0 +1,131 @@
+//! The SE block as a graph node: squeeze, `fc1` C→hidden, ReLU, `fc2` hidden→C, gate, scale.
+
+use anyhow::{Result, ensure};
+
+use super::reference::{self as cpu, SeForward, SeParams};
+use super::{Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze};
+use crate::ops::layer::{
+    Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, SeSaved, Shape, expect_spatial,
+};
+
+/// An SE block on `c` channels. `hidden` is C // r for the paper's reduction r, or timm's
+/// rounding of it (`model::ModelConfig::se_hidden`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeBlock {
+    pub c: usize,
+    pub hidden: usize,
+    pub bias: bool,
+    pub variant: SeVariant,
+}
+
+impl SeBlock {
+    fn config(&self, s: &[usize]) -> SeBlockConfig {
+        let SeBlock { c, hidden, bias, variant } = *self;
+        SeBlockConfig { n: s[0], c, h: s[2], w: s[3], hidden, bias, variant }
+    }
+
+    /// The reference's view of its parameters (`get` takes a suffix).
+    fn params<'a>(&self, get: impl Fn(&str) -> Result<&'a [f64]>) -> Result<SeParams<'a>> {
+        Ok(SeParams {
+            w1: get("fc1.weight")?,
+            b1: if self.bias { Some(get("fc1.bias")?) } else { None },
+            w2: get("fc2.weight")?,
+            b2: if self.bias { Some(get("fc2.bias")?) } else { None },
+        })
+    }
+}
+
+impl LayerOp for SeBlock {
+    fn parameters(&self, name: &str) -> Vec<ParamSpec> {
+        let (c, cr) = (self.c, self.hidden);
+        let mut p = vec![ParamSpec::of(name, "fc1.weight", vec![cr, c, 1, 1], Init::FanInUniform { fan_in: c })];
+        if self.bias {
+            p.push(ParamSpec::of(name, "fc1.bias", vec![cr], Init::FanInUniform { fan_in: c }));
+        }
+        p.push(ParamSpec::of(name, "fc2.weight", vec![c, cr, 1, 1], Init::FanInUniform { fan_in: cr }));
+        if self.bias {
+            p.push(ParamSpec::of(name, "fc2.bias", vec![c], Init::FanInUniform { fan_in: cr }));
+        }
+        p
+    }
+
+    fn output_shape(&self, name: &str, inputs: &[&[usize]]) -> Result<Shape> {
+        let inp = inputs[0];
+        expect_spatial(name, "channel layer", inp)?;
+        ensure!(inp[1] == self.c, "{name}: expects {} channels, got {}", self.c, inp[1]);
+        Ok(inp.to_vec())
+    }
+
+    fn record(&self, r: &mut Record<'_>) -> Result<()> {
+        let (inp, dinp) = r.inp();
+        let cfg = self.config(&inp.shape);
+        let (w1, w2) = (r.param("fc1.weight")?, r.param("fc2.weight")?);
+        let (b1, b2) = (r.param_if(self.bias, "fc1.bias")?, r.param_if(self.bias, "fc2.bias")?);
+        let weights = SeWeights { w1: w1.value, b1: b1.map(|b| b.value), w2: w2.value, b2: b2.map(|b| b.value) };
+        let saved = r.scratch("saved", &cfg.saved_shape())?;
+        let dsaved = r.scratch("saved grads", &cfg.dsaved_shape())?;
+        r.forward(super::se_block_forward(r.gpu, &cfg, inp, &weights, r.out, &saved)?);
+        let g = SeGrads { dinp, dw1: w1.grad, db1: b1.map(|b| b.grad), dw2: w2.grad, db2: b2.map(|b| b.grad) };
+        r.backward.extend(super::se_block_backward(r.gpu, &cfg, inp, &weights, &saved, r.dout, &dsaved, &g)?);
+        r.se_saved = Some(SeSaved { name: r.name.to_string(), c: self.c, hidden: cfg.hidden(), saved });
+        Ok(())
+    }
+
+    fn reference_forward(&self, r: &RefForward<'_, '_>) -> Result<RefOutput> {
+        let (inp, s) = r.inp();
+        let f = cpu::se_block_forward(&self.config(s), inp, &self.params(|p| r.param(p))?);
+        Ok(RefOutput { out: f.out.clone(), saved: Some(Box::new(f)), buffers: Vec::new() })
+    }
+
+    fn reference_backward(&self, r: &mut RefBackward<'_, '_>) -> Result<Vec<Vec<f64>>> {
+        let (inp, s) = r.inp();
+        let f: &SeForward = r.saved()?;
+        let g = cpu::se_block_backward(&self.config(s), inp, &self.params(|p| r.param(p))?, f, r.dout);
+        r.put("fc1.weight", g.dw1);
+        r.put("fc2.weight", g.dw2);
+        if self.bias {
+            r.put("fc1.bias", g.db1);
+            r.put("fc2.bias", g.db2);
+        }
+        Ok(vec![g.dinp])
+    }
+
+    /// x [n, c, h, w] → z [n, c, 1, 1] → fc1 (1x1 conv) → ReLU → fc2 → gate → x * gate.
+    fn onnx(&self, o: &mut OnnxNodes<'_>) {
+        let squeeze = match self.variant.squeeze {
+            Squeeze::Avg => "GlobalAveragePool",
+            Squeeze::Max => "GlobalMaxPool",
+        };
+        let (x, out) = (o.inputs[0].clone(), o.output.clone());
+        o.push(squeeze, "squeeze", vec![x.clone()], o.value("squeeze"), vec![]);
+        for (fc, inp) in [("fc1", o.value("squeeze")), ("fc2", o.value("fc1_relu"))] {
+            let mut inputs = vec![inp, o.param(&format!("{fc}.weight"))];
+            if self.bias {
+                inputs.push(o.param(&format!("{fc}.bias")));
+            }
+            o.push("Conv", fc, inputs, o.value(fc), OnnxNodes::window(1, 1, 0));
+            if fc == "fc1" {
+                o.push("Relu", "fc1_relu", vec![o.value("fc1")], o.value("fc1_relu"), vec![]);
+            }
+        }
+        let gate = match self.variant.excitation {
+            Excitation::Sigmoid => "Sigmoid",
+            Excitation::Tanh => "Tanh",
+            Excitation::Relu => "Relu",
+        };
+        o.push(gate, "gate", vec![o.value("fc2")], o.value("gate"), vec![]);
+        o.push("Mul", "scale", vec![x, o.value("gate")], out, vec![]);
+    }
+
+    fn describe(&self) -> String {
+        format!("SE {}→{}→{}", self.c, self.hidden, self.c)
+    }
+
+    fn macs(&self, _inp: &[usize], out: &[usize]) -> usize {
+        2 * self.c * self.hidden + out[1..].iter().product::<usize>()
+    }
+
+    fn is_se(&self) -> bool {
+        true
+    }
+}
