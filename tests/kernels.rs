@@ -419,7 +419,7 @@ fn batch_norm_refuses_one_value_per_channel_in_training() {
 /// --sync-bn's split kernels over one rank — statistics, the one-rank merge, apply; gradient sums,
 /// the one-rank sum, input gradient — give the fused kernels' bits: every output, the saved
 /// statistics and the running estimates, with and without the fused ReLU. They share the fused
-/// kernels' arithmetic line for line (shaders/batch_norm.wgsl), so tolerance 0.
+/// kernels' arithmetic line for line (src/ops/batch_norm/batch_norm.wgsl), so tolerance 0.
 #[test]
 fn batch_norm_split_kernels_on_one_rank_are_the_fused_ones_bit_for_bit() {
     for (path, gpu) in gpus() {

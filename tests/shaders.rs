@@ -1,5 +1,5 @@
 //! Every WGSL file parses and validates under naga, with no GPU involved, and every file in
-//! shaders/ is registered (so none is shipped unchecked or forgotten).
+//! shaders/ and src/ops/*/ is registered (so none is shipped unchecked or forgotten).
 
 use naga::valid::Capabilities;
 use senet_wgpu::gpu::{
@@ -12,7 +12,7 @@ use senet_wgpu::gpu::{
 fn validate(name: &str, src: &str, subgroups: bool, precision: Precision) -> naga::Module {
     let src = shader_source(src, subgroups, precision);
     let prelude = if subgroups { PRELUDE_SUBGROUP.0 } else { PRELUDE_WORKGROUP.0 };
-    let what = format!("shaders/{name}.wgsl + {prelude}.wgsl ({})", precision.name());
+    let what = format!("{name}.wgsl + {prelude}.wgsl ({})", precision.name());
     let module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{what} does not parse:\n{}", e.emit_to_string(&src)));
     let mut caps = if subgroups { Capabilities::SUBGROUP } else { Capabilities::empty() };
@@ -125,7 +125,7 @@ fn every_shader_parses_and_validates() {
             validate(name, src, true, precision);
         }
         let module = validate(name, src, false, Precision::F32);
-        assert!(!module.entry_points.is_empty(), "shaders/{name}.wgsl has no entry point");
+        assert!(!module.entry_points.is_empty(), "{name}.wgsl has no entry point");
         // Binding 0 is the op's uniform parameter block, and the only uniform.
         for (_, var) in module.global_variables.iter() {
             let Some(b) = &var.binding else { continue };
@@ -158,7 +158,7 @@ fn every_coop_shader_validates_at_both_tile_sizes() {
         for t in [8, 16] {
             for subgroups in [true, false] {
                 let src = shader_source(src, subgroups, Precision::F16) + &coop_prelude(t);
-                let what = format!("shaders/{name}.wgsl at {t}x{t}x{t}");
+                let what = format!("{name}.wgsl at {t}x{t}x{t}");
                 let module = naga::front::wgsl::parse_str(&src)
                     .unwrap_or_else(|e| panic!("{what} does not parse:\n{}", e.emit_to_string(&src)));
                 let mut caps = Capabilities::SHADER_FLOAT16 | Capabilities::COOPERATIVE_MATRIX;
@@ -179,9 +179,13 @@ fn every_coop_shader_validates_at_both_tile_sizes() {
 
 #[test]
 fn every_shader_file_is_registered() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/shaders");
-    let mut files: Vec<String> = std::fs::read_dir(dir)
-        .expect("shaders/ is readable")
+    // The shared files in shaders/, each op's in its folder src/ops/<op>/.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ops = std::fs::read_dir(format!("{root}/src/ops")).expect("src/ops/ is readable");
+    let dirs = ops.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir());
+    let mut files: Vec<String> = std::iter::once(std::path::PathBuf::from(format!("{root}/shaders")))
+        .chain(dirs)
+        .flat_map(|d| std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{} is readable: {e}", d.display())))
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|f| f.ends_with(".wgsl"))
@@ -194,7 +198,7 @@ fn every_shader_file_is_registered() {
         .map(|(n, _)| format!("{n}.wgsl"))
         .collect();
     registered.sort();
-    assert_eq!(files, registered, "shaders/ and gpu::SHADERS disagree");
+    assert_eq!(files, registered, "the .wgsl files (shaders/, src/ops/*/) and gpu::SHADERS disagree");
 }
 
 #[test]

@@ -15,36 +15,36 @@ use super::{Gpu, Tensor, tensor::Dtype};
 
 /// Every WGSL file, embedded at build time: (op family, source).
 pub const SHADERS: &[(&str, &str)] = &[
-    ("conv2d", include_str!("../../shaders/conv2d.wgsl")),
+    ("conv2d", include_str!("../ops/conv2d/conv2d.wgsl")),
     (
         "conv2d_tiled",
-        concat!(include_str!("../../shaders/conv2d_tiled.wgsl"), include_str!("../../shaders/conv2d_gemm.wgsl")),
+        concat!(include_str!("../ops/conv2d/conv2d_tiled.wgsl"), include_str!("../ops/conv2d/conv2d_gemm.wgsl")),
     ),
-    ("batch_norm", include_str!("../../shaders/batch_norm.wgsl")),
-    ("relu", include_str!("../../shaders/relu.wgsl")),
-    ("pool", include_str!("../../shaders/pool.wgsl")),
-    ("se_block", include_str!("../../shaders/se_block.wgsl")),
-    ("linear", include_str!("../../shaders/linear.wgsl")),
-    ("cross_entropy", include_str!("../../shaders/cross_entropy.wgsl")),
-    ("optimizer", include_str!("../../shaders/optimizer.wgsl")),
+    ("batch_norm", include_str!("../ops/batch_norm/batch_norm.wgsl")),
+    ("relu", include_str!("../ops/relu/relu.wgsl")),
+    ("pool", include_str!("../ops/pool/pool.wgsl")),
+    ("se_block", include_str!("../ops/se_block/se_block.wgsl")),
+    ("linear", include_str!("../ops/linear/linear.wgsl")),
+    ("cross_entropy", include_str!("../ops/cross_entropy/cross_entropy.wgsl")),
+    ("optimizer", include_str!("../ops/optimizer/optimizer.wgsl")),
     ("bench", include_str!("../../shaders/bench.wgsl")),
-    ("add", include_str!("../../shaders/add.wgsl")),
-    ("cast", include_str!("../../shaders/cast.wgsl")),
-    ("grad_scaler", include_str!("../../shaders/grad_scaler.wgsl")),
-    ("clip_grad_norm", include_str!("../../shaders/clip_grad_norm.wgsl")),
+    ("add", include_str!("../ops/add/add.wgsl")),
+    ("cast", include_str!("../ops/cast/cast.wgsl")),
+    ("grad_scaler", include_str!("../ops/grad_scaler/grad_scaler.wgsl")),
+    ("clip_grad_norm", include_str!("../ops/clip_grad_norm/clip_grad_norm.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32
 /// configuration (`Gpu::coop_tile`), with [`coop_prelude`] appended.
 pub const COOP_SHADERS: &[(&str, &str)] = &[(
     "conv2d_coop",
-    concat!(include_str!("../../shaders/conv2d_coop.wgsl"), include_str!("../../shaders/conv2d_gemm.wgsl")),
+    concat!(include_str!("../ops/conv2d/conv2d_coop.wgsl"), include_str!("../ops/conv2d/conv2d_gemm.wgsl")),
 )];
 
 /// What the two workgroup-GEMM convolution files share (bindings, GEMM dimensions per MODE, operand
 /// loads, store), appended to each in [`SHADERS`] and [`COOP_SHADERS`] at build time — after the
 /// file, so compiler messages keep the file's own line numbers. Not compiled alone.
-pub const CONV_GEMM_PART: (&str, &str) = ("conv2d_gemm", include_str!("../../shaders/conv2d_gemm.wgsl"));
+pub const CONV_GEMM_PART: (&str, &str) = ("conv2d_gemm", include_str!("../ops/conv2d/conv2d_gemm.wgsl"));
 
 /// What a cooperative-matrix kernel is written against: the tile CT and the coop types of that
 /// size (coop_mat8x8 and coop_mat16x16 are distinct types in WGSL, so the size cannot be an
@@ -211,18 +211,18 @@ impl Gpu {
             .ok_or_else(|| anyhow::anyhow!("no shader named {shader:?}"))?;
         let mut source = shader_source(src, self.subgroups, precision);
         if coop.is_some() {
-            let t = self.coop_tile.with_context(|| format!("shaders/{shader}.wgsl needs cooperative matrices"))?;
-            ensure!(precision == Precision::F16, "shaders/{shader}.wgsl takes f16 operands only");
+            let t = self.coop_tile.with_context(|| format!("{shader}.wgsl needs cooperative matrices"))?;
+            ensure!(precision == Precision::F16, "{shader}.wgsl takes f16 operands only");
             source += &coop_prelude(t);
         }
-        let widths = binding_widths(&source).map_err(|e| anyhow::anyhow!("compiling shaders/{shader}.wgsl: {e}"))?;
+        let widths = binding_widths(&source).map_err(|e| anyhow::anyhow!("compiling {shader}.wgsl: {e}"))?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
-            anyhow::bail!("compiling shaders/{shader}.wgsl ({}): {e}", precision.name());
+            anyhow::bail!("compiling {shader}.wgsl ({}): {e}", precision.name());
         }
         let module = Module { module, widths };
         modules.insert((shader, precision), module.clone());

@@ -1,5 +1,7 @@
-//! Host side of every kernel: configuration and shape checks, workgroup math and bind groups,
-//! forward and backward side by side, mirroring `shaders/<op>.wgsl` and `reference/<op>.rs`.
+//! Every op, one folder each (`ops/<op>/`): its WGSL kernels (`<op>.wgsl`), the host side in
+//! `mod.rs` (configuration and shape checks, workgroup math and bind groups, forward and backward
+//! side by side), its f64 CPU oracle (`reference.rs`) and, for an op that can be a node of a
+//! model graph, its [`layer::LayerOp`] implementation (`layer.rs`).
 //!
 //! Each function checks its tensors against the configuration (once, when the plan is built)
 //! and returns the dispatches to record. Scratch buffers and parameter blocks are allocated

@@ -1,4 +1,4 @@
-//! add — host side of `shaders/add.wgsl`; CPU oracle in `reference.rs` beside it.
+//! add — host side of `add.wgsl`; CPU oracle in `reference.rs` beside it.
 
 mod layer;
 pub mod reference;

@@ -1,4 +1,4 @@
-//! batch_norm — host side of `shaders/batch_norm.wgsl`; CPU oracle in `reference.rs` beside it.
+//! batch_norm — host side of `batch_norm.wgsl`; CPU oracle in `reference.rs` beside it.
 //!
 //! One process runs one dispatch per pass (`batch_norm_forward_train`, `batch_norm_backward`).
 //! Under `--sync-bn` each pass is split in two around a host exchange between MPI ranks (as

@@ -1,4 +1,4 @@
-//! batch_norm oracle (see shaders/batch_norm.wgsl for the maths).
+//! batch_norm oracle (see batch_norm.wgsl for the maths).
 
 // Index loops mirror the formulas' subscripts; iterator chains would hide them.
 #![allow(clippy::needless_range_loop)]

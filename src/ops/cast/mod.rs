@@ -1,4 +1,4 @@
-//! cast — host side of `shaders/cast.wgsl`; CPU oracle in `reference.rs` beside it.
+//! cast — host side of `cast.wgsl`; CPU oracle in `reference.rs` beside it.
 
 pub mod reference;
 

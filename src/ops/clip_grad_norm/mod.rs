@@ -1,4 +1,4 @@
-//! clip_grad_norm — host side of `shaders/clip_grad_norm.wgsl`; CPU oracle in
+//! clip_grad_norm — host side of `clip_grad_norm.wgsl`; CPU oracle in
 //! `reference.rs` beside it.
 //!
 //! `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` (norm_type 2, every gradient

@@ -1,6 +1,6 @@
-//! conv2d — host side of `shaders/conv2d.wgsl` (register-blocked GEMMs, [`Tiles`]),
-//! `shaders/conv2d_tiled.wgsl` (workgroup-memory tiles for discrete GPUs, [`SmemTiles`]) and
-//! `shaders/conv2d_coop.wgsl` (cooperative matrices for f16 plans, `ConvKernel::Coop`); CPU oracle
+//! conv2d — host side of `conv2d.wgsl` (register-blocked GEMMs, [`Tiles`]),
+//! `conv2d_tiled.wgsl` (workgroup-memory tiles for discrete GPUs, [`SmemTiles`]) and
+//! `conv2d_coop.wgsl` (cooperative matrices for f16 plans, `ConvKernel::Coop`); CPU oracle
 //! in `reference.rs` beside it; the tuner's choice among them at the end ([`choose`]).
 
 mod layer;

@@ -1,4 +1,4 @@
-//! conv2d oracle (see shaders/conv2d.wgsl for the maths).
+//! conv2d oracle (see conv2d.wgsl for the maths).
 
 // Index loops mirror the formulas' subscripts; iterator chains would hide them.
 #![allow(clippy::needless_range_loop)]

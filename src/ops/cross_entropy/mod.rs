@@ -1,4 +1,4 @@
-//! cross_entropy — host side of `shaders/cross_entropy.wgsl`; CPU oracle in
+//! cross_entropy — host side of `cross_entropy.wgsl`; CPU oracle in
 //! `reference.rs` beside it.
 
 pub mod reference;

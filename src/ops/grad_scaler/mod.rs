@@ -1,4 +1,4 @@
-//! grad_scaler — host side of `shaders/grad_scaler.wgsl`; CPU oracle in `reference.rs` beside it.
+//! grad_scaler — host side of `grad_scaler.wgsl`; CPU oracle in `reference.rs` beside it.
 //!
 //! Dynamic loss scaling for f16 plans with `torch.amp.GradScaler`'s rules and defaults. The state
 //! lives on the GPU; a step reads nothing back (the host reads it when it logs).

@@ -1,4 +1,4 @@
-//! linear — host side of `shaders/linear.wgsl`; CPU oracle in `reference.rs` beside it.
+//! linear — host side of `linear.wgsl`; CPU oracle in `reference.rs` beside it.
 
 mod layer;
 pub mod reference;

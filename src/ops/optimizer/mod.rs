@@ -1,4 +1,4 @@
-//! optimizer (Adam, AdamW, SGD) — host side of `shaders/optimizer.wgsl`; CPU oracle in
+//! optimizer (Adam, AdamW, SGD) — host side of `optimizer.wgsl`; CPU oracle in
 //! `reference.rs` beside it.
 //!
 //! The step number changes every step, so each update owns a small uniform buffer that

@@ -1,4 +1,4 @@
-//! pool (max pooling, global average pooling) — host side of `shaders/pool.wgsl`; CPU oracle in
+//! pool (max pooling, global average pooling) — host side of `pool.wgsl`; CPU oracle in
 //! `reference.rs` beside it.
 
 mod layer;

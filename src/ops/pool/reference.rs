@@ -1,4 +1,4 @@
-//! pool oracle: max pooling and global average pooling (see shaders/pool.wgsl).
+//! pool oracle: max pooling and global average pooling (see pool.wgsl).
 
 // Index loops mirror the formulas' subscripts; iterator chains would hide them.
 #![allow(clippy::needless_range_loop)]

@@ -1,4 +1,4 @@
-//! relu — host side of `shaders/relu.wgsl`; CPU oracle in `reference.rs` beside it.
+//! relu — host side of `relu.wgsl`; CPU oracle in `reference.rs` beside it.
 
 mod layer;
 pub mod reference;

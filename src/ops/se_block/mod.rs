@@ -1,4 +1,4 @@
-//! se_block — host side of `shaders/se_block.wgsl`; CPU oracle in `reference.rs` beside it.
+//! se_block — host side of `se_block.wgsl`; CPU oracle in `reference.rs` beside it.
 
 mod layer;
 pub mod reference;

@@ -1,4 +1,4 @@
-//! se_block oracle (see shaders/se_block.wgsl for the maths).
+//! se_block oracle (see se_block.wgsl for the maths).
 
 // Index loops mirror the formulas' subscripts; iterator chains would hide them.
 #![allow(clippy::needless_range_loop)]
