@@ -42,7 +42,7 @@ use crate::ops::conv2d::{ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, result};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
-use crate::ops::layer::{ParamTensors, Record};
+use crate::ops::layer::{ParamTensors, Record, step_key};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
@@ -120,6 +120,12 @@ pub struct Network {
     /// `--sync-bn` under several ranks, read when a plan is built: every training-mode batch norm
     /// runs as split kernels around [`BnExchange`]s (SyncBatchNorm). Off, one dispatch per pass.
     pub sync_bn: bool,
+    /// The seed the parameters were drawn from; with the step number, what stochastic layers
+    /// (dropout) draw their masks from.
+    pub seed: u64,
+    /// [2] u32: the `ops::layer::StepKey` of the step being run, written by
+    /// [`Network::begin_step`].
+    step_key: Tensor,
     by_name: HashMap<String, usize>,
 }
 
@@ -243,6 +249,7 @@ impl Network {
                 }
             }
         }
+        let step_key = Tensor::zeros(&gpu, "step key", &[2])?;
         let by_name = params.iter().enumerate().map(|(i, p)| (p.spec.name.clone(), i)).collect();
         Ok(Network {
             gpu,
@@ -261,6 +268,8 @@ impl Network {
             step: 0,
             label_smoothing: 0.0,
             sync_bn: false,
+            seed,
+            step_key,
             by_name,
         })
     }
@@ -433,8 +442,18 @@ impl Network {
                 let dinputs = (0..node.inputs.len()).map(|j| target(k, j)).collect();
                 // Fused: the ReLU's output and its gradient stand in for the layer's.
                 let outs = if fused[k] { (&acts[k + 2], &grads[k + 2]) } else { (&acts[k + 1], &grads[k + 1]) };
-                let mut r =
-                    Record::new(gpu, name, self.precision, self.sync_bn, inputs, dinputs, outs, &params, &running);
+                let mut r = Record::new(
+                    gpu,
+                    name,
+                    self.precision,
+                    self.sync_bn,
+                    inputs,
+                    dinputs,
+                    outs,
+                    &self.step_key,
+                    &params,
+                    &running,
+                );
                 r.reads_network_input = node.inputs[0] == 0;
                 r.relu = fused[k];
                 node.layer.op().record(&mut r)?;
@@ -582,6 +601,9 @@ impl Network {
     /// submit of [`Network::train_dispatches`].
     pub fn begin_step(&mut self) {
         self.step += 1;
+        // Two words queued before the step's submit; no graph without dropout reads them.
+        let key = step_key(self.seed, self.step);
+        self.gpu.queue.write_buffer(&self.step_key.buffer, self.step_key.offset, bytemuck::cast_slice(&key));
         for u in &self.updates {
             u.set_step(&self.gpu, self.step);
         }

@@ -195,6 +195,8 @@ pub struct Record<'a> {
     /// A ReLU is fused into this layer ([`LayerOp::takes_relu`]): apply it to the output, mask
     /// the gradient with it; the ReLU node records nothing.
     pub relu: bool,
+    /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
+    pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
     pub(crate) running: &'a dyn Fn(&str) -> Result<(&'a Tensor, &'a Tensor)>,
     /// The training step's forward dispatches.
@@ -223,6 +225,7 @@ impl<'a> Record<'a> {
         inputs: Vec<&'a Tensor>,
         dinputs: Vec<&'a Tensor>,
         (out, dout): (&'a Tensor, &'a Tensor),
+        step_key: &'a Tensor,
         params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
         running: &'a dyn Fn(&str) -> Result<(&'a Tensor, &'a Tensor)>,
     ) -> Record<'a> {
@@ -237,6 +240,7 @@ impl<'a> Record<'a> {
             out,
             dout,
             relu: false,
+            step_key,
             params,
             running,
             train: Vec::new(),
@@ -292,6 +296,16 @@ pub fn stored(precision: Precision, mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// The (seed, step) stochastic layers draw from: the plan's step key tensor ([`Record::step_key`])
+/// holds the current step's, rewritten by the host before every step, so each step draws anew
+/// and a resumed run draws what an uninterrupted one would.
+pub type StepKey = [u32; 2];
+
+/// The key of step `step` (1-based, as the optimizer counts) of a run seeded `seed`.
+pub fn step_key(seed: u64, step: u64) -> StepKey {
+    [(seed ^ (seed >> 32)) as u32, step as u32]
+}
+
 /// A node's reference forward: what it reads (borrowed for `'a`) and the model's tensors
 /// (for `'p`).
 pub struct RefForward<'a, 'p> {
@@ -303,6 +317,8 @@ pub struct RefForward<'a, 'p> {
     pub training: bool,
     /// The plan precision being emulated: GEMM weights are read as it stores them.
     pub precision: Precision,
+    /// The [`StepKey`] stochastic layers draw from, as the plan's `Record::step_key` holds it.
+    pub step_key: StepKey,
     pub(crate) params: &'a dyn Fn(&str) -> Result<&'p [f64]>,
     pub(crate) buffers: &'p HashMap<String, Vec<f64>>,
 }
@@ -351,6 +367,7 @@ pub struct RefBackward<'a, 'p> {
     pub dout: &'a [f64],
     pub saved: &'a Saved,
     pub precision: Precision,
+    pub step_key: StepKey,
     pub(crate) params: &'a dyn Fn(&str) -> Result<&'p [f64]>,
     pub(crate) grads: &'a mut HashMap<String, Vec<f64>>,
 }

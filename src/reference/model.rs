@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use super::{add, clip_grad_norm, cross_entropy};
 use crate::gpu::Precision;
 use crate::model::Graph;
-use crate::ops::layer::{RefBackward, RefForward, Saved, stored};
+use crate::ops::layer::{RefBackward, RefForward, Saved, StepKey, stored};
 
 /// Result of one reference step.
 pub struct StepResult {
@@ -46,7 +46,7 @@ pub fn eval_forward(
     n: usize,
     input: &[f64],
 ) -> Result<Vec<f64>> {
-    let f = forward(graph, params, buffers, n, input, false, Precision::F32)?;
+    let f = forward(graph, params, buffers, n, input, false, Precision::F32, [0, 0])?;
     f.acts.last().cloned().context("empty graph")
 }
 
@@ -62,8 +62,9 @@ fn param<'a>(params: &'a HashMap<String, Vec<f64>>, name: &str) -> Result<&'a [f
     params.get(name).map(|v| v.as_slice()).with_context(|| format!("reference: no parameter {name}"))
 }
 
-/// The forward over the graph, in training mode (batch statistics, running statistics updated)
-/// or eval mode (running statistics).
+/// The forward over the graph, in training mode (batch statistics, running statistics updated,
+/// dropout drawing from `step_key`) or eval mode (running statistics, no dropout).
+#[allow(clippy::too_many_arguments)]
 fn forward(
     graph: &Graph,
     params: &HashMap<String, Vec<f64>>,
@@ -72,6 +73,7 @@ fn forward(
     input: &[f64],
     training: bool,
     precision: Precision,
+    step_key: StepKey,
 ) -> Result<Forward> {
     let shapes = graph.shapes(n)?;
     let get = |name: &str| param(params, name);
@@ -85,6 +87,7 @@ fn forward(
             shapes: node.inputs.iter().map(|&i| shapes[i].as_slice()).collect(),
             training,
             precision,
+            step_key,
             params: &get,
             buffers,
         };
@@ -108,7 +111,27 @@ pub fn train_step(
     input: &[f64],
     labels: &[u32],
 ) -> Result<StepResult> {
-    train_step_in(graph, params, buffers, n, input, labels, Precision::F32, 1.0)
+    train_step_with(graph, params, buffers, n, input, labels, &StepOptions::default())
+}
+
+/// How a reference step runs: the defaults are an f32 step without label smoothing.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOptions {
+    /// The plan precision emulated (see the module docs).
+    pub precision: Precision,
+    /// The loss gradient is multiplied by this (an f16 plan's loss scale) and the parameter
+    /// gradients divided by it.
+    pub loss_scale: f64,
+    /// `--label-smoothing` on the loss.
+    pub label_smoothing: f64,
+    /// What stochastic layers (dropout) draw from (`ops::layer::step_key`).
+    pub step_key: StepKey,
+}
+
+impl Default for StepOptions {
+    fn default() -> Self {
+        StepOptions { precision: Precision::F32, loss_scale: 1.0, label_smoothing: 0.0, step_key: [0, 0] }
+    }
 }
 
 /// [`train_step`] as a `precision` plan stores its tensors, with the loss gradient multiplied by
@@ -124,7 +147,8 @@ pub fn train_step_in(
     precision: Precision,
     loss_scale: f64,
 ) -> Result<StepResult> {
-    train_step_full(graph, params, buffers, n, input, labels, precision, loss_scale, 0.0)
+    let opts = StepOptions { precision, loss_scale, ..StepOptions::default() };
+    train_step_with(graph, params, buffers, n, input, labels, &opts)
 }
 
 /// [`train_step`] with label smoothing `label_smoothing` (`--label-smoothing`) on the loss.
@@ -137,23 +161,23 @@ pub fn train_step_smoothed(
     labels: &[u32],
     label_smoothing: f64,
 ) -> Result<StepResult> {
-    train_step_full(graph, params, buffers, n, input, labels, Precision::F32, 1.0, label_smoothing)
+    let opts = StepOptions { label_smoothing, ..StepOptions::default() };
+    train_step_with(graph, params, buffers, n, input, labels, &opts)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_step_full(
+/// [`train_step`] as `opts` says.
+pub fn train_step_with(
     graph: &Graph,
     params: &HashMap<String, Vec<f64>>,
     buffers: &HashMap<String, Vec<f64>>,
     n: usize,
     input: &[f64],
     labels: &[u32],
-    precision: Precision,
-    loss_scale: f64,
-    label_smoothing: f64,
+    opts: &StepOptions,
 ) -> Result<StepResult> {
+    let StepOptions { precision, loss_scale, label_smoothing, step_key } = *opts;
     let Forward { shapes, acts, saved, buffers: new_buffers } =
-        forward(graph, params, buffers, n, input, true, precision)?;
+        forward(graph, params, buffers, n, input, true, precision, step_key)?;
     let get = |name: &str| param(params, name);
     let logits = acts.last().context("empty graph")?.clone();
     let classes = shapes.last().context("empty graph")?[1];
@@ -173,6 +197,7 @@ fn train_step_full(
             dout: &dout,
             saved: &saved[k],
             precision,
+            step_key,
             params: &get,
             grads: &mut grads,
         };
