@@ -258,6 +258,8 @@ fn forward(
                 linear::linear_forward(&cfg, inp, &p(sd, "weight"), b.as_deref())
             }
             Layer::Add => add::add_forward(inp, &acts[node.inputs[1]]),
+            // Evaluation mode: the identity.
+            Layer::Dropout(_) => inp.to_vec(),
         };
         acts.push(out);
     }

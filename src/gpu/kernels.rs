@@ -32,6 +32,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("cast", include_str!("../ops/cast/cast.wgsl")),
     ("grad_scaler", include_str!("../ops/grad_scaler/grad_scaler.wgsl")),
     ("clip_grad_norm", include_str!("../ops/clip_grad_norm/clip_grad_norm.wgsl")),
+    ("dropout", include_str!("../ops/dropout/dropout.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32

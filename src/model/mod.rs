@@ -17,6 +17,7 @@ pub use crate::ops::add::Add;
 pub use crate::ops::batch_norm::BatchNorm2d;
 pub use crate::ops::conv2d::Conv2d;
 use crate::ops::conv2d::Conv2dConfig;
+pub use crate::ops::dropout::Dropout;
 pub use crate::ops::layer::{Init, LayerOp, ParamSpec, Shape};
 pub use crate::ops::linear::Linear;
 use crate::ops::pool::MaxPool2dConfig;
@@ -40,6 +41,7 @@ pub enum Layer {
     Linear(Linear),
     /// The residual addition of two activations of the same shape.
     Add,
+    Dropout(Dropout),
 }
 
 impl Layer {
@@ -54,6 +56,7 @@ impl Layer {
             Layer::GlobalAvgPool => &GlobalAvgPool,
             Layer::Linear(l) => l,
             Layer::Add => &Add,
+            Layer::Dropout(l) => l,
         }
     }
 }
