@@ -163,3 +163,31 @@ fn steps_of_a_network_with_dropout_equal_the_reference() {
     gpu.wait().unwrap();
     assert_close("eval logits", &read(&gpu, plan.logits()), &want, 1e-4, 1e-4);
 }
+
+/// The reference backward against central finite differences of L = Σ w·dropout(x) (the mask held
+/// fixed by the key): the forward is linear in x, so the differences are exact up to f64 rounding
+/// of x ± h (1e-9 absolute at h 1e-4).
+#[test]
+fn the_reference_gradient_matches_finite_differences() {
+    let (len, key, h) = (257, dropout::step_key(3, 5), 1e-4);
+    for p in PS {
+        let cfg = DropoutConfig::new(p, "d");
+        let x = to_f64(&uniform(&mut rng(7), len, -1.0, 1.0));
+        let w = to_f64(&uniform(&mut rng(8), len, -1.0, 1.0));
+        let loss = |x: &[f64]| -> f64 {
+            dropout::reference::dropout_forward(&cfg, key, x).iter().zip(&w).map(|(y, w)| y * w).sum()
+        };
+        let numeric: Vec<f64> = (0..len)
+            .map(|i| {
+                let (mut a, mut b) = (x.clone(), x.clone());
+                a[i] += h;
+                b[i] -= h;
+                (loss(&a) - loss(&b)) / (2.0 * h)
+            })
+            .collect();
+        let got = dropout::reference::dropout_backward(&cfg, key, &w);
+        for (i, (g, n)) in got.iter().zip(&numeric).enumerate() {
+            assert!((g - n).abs() < 1e-9, "p {p} element {i}: backward {g}, finite differences {n}");
+        }
+    }
+}
