@@ -40,6 +40,14 @@ struct Cli {
     /// known to run them on matrix hardware (see `senet devices`), on = wherever listed, off = never.
     #[arg(long, global = true, value_enum, env = "SENET_COOP", default_value_t)]
     coop: gpu::Switch,
+    /// Pin the convolutions' register blocks to M,N,CI,CO for every layer, bypassing the tuner
+    /// (for measuring one shape: M pixels x N channels per GEMM thread, CI x CO per weight-gradient
+    /// thread; e.g. 16,16,8,16).
+    #[arg(long, global = true, env = "SENET_CONV_TILES", value_parser = parse_conv_tiles)]
+    conv_tiles: Option<[usize; 4]>,
+    /// Print every tuning candidate's time as it is measured.
+    #[arg(long, global = true, env = "SENET_TUNE_VERBOSE")]
+    tune_verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -124,6 +132,12 @@ enum SampleFormat {
     Png,
 }
 
+/// `--conv-tiles`: four numbers naming a register-block shape the kernels implement.
+fn parse_conv_tiles(s: &str) -> anyhow::Result<[usize; 4]> {
+    let t = senet_wgpu::ops::conv2d::Tiles::parse(s)?;
+    Ok([t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n])
+}
+
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     let mut opts = GpuOptions {
         backend: cli.backend,
@@ -134,6 +148,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         subgroups: Some(cli.subgroups),
         f16: cli.f16,
         coop: cli.coop,
+        conv_tiles: cli.conv_tiles,
+        tune_verbose: cli.tune_verbose,
     };
     match cli.command {
         Command::Train(mut args) => {

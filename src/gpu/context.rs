@@ -56,6 +56,12 @@ pub struct GpuOptions {
     /// Cooperative-matrix GEMMs in f16 plans: `Auto` only on drivers whose matrices are real
     /// ([`super::paths::coop_allowed_driver`]), `On` wherever the adapter lists them.
     pub coop: Switch,
+    /// The convolutions' register blocks pinned for every layer (`ops::conv2d::Tiles` as
+    /// [gemm_m, gemm_n, wgrad_ci, wgrad_n]; the tuner is bypassed), for measuring one shape.
+    /// `None`: per adapter and layer, through the tuner.
+    pub conv_tiles: Option<[usize; 4]>,
+    /// Print every tuning candidate's time.
+    pub tune_verbose: bool,
 }
 
 impl GpuOptions {
@@ -170,6 +176,8 @@ pub struct Gpu {
     scope: std::sync::Mutex<String>,
     /// Which kernel runs each conv shape: timed once per adapter and remembered on disk.
     pub tuner: super::tune::Tuner,
+    /// [`GpuOptions::conv_tiles`].
+    pub conv_tiles: Option<[usize; 4]>,
     /// Which kernel paths run here and why the others do not (`senet devices`).
     pub paths: Paths,
 }
@@ -328,7 +336,9 @@ impl Gpu {
             coop_tile,
             staging: Default::default(),
             scope: Default::default(),
-            tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key),
+            tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)
+                .with_verbose(opts.tune_verbose),
+            conv_tiles: opts.conv_tiles,
             paths,
             stats: Arc::default(),
             adapter,

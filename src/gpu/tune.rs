@@ -32,20 +32,6 @@ pub enum TuneMode {
     Full,
 }
 
-impl TuneMode {
-    /// `SENET_TUNE` (off, quick, full, any case), else quick; anything else is said and ignored.
-    pub fn from_env() -> TuneMode {
-        use clap::ValueEnum;
-        match std::env::var("SENET_TUNE").ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
-            None => TuneMode::Quick,
-            Some(v) => TuneMode::from_str(&v, true).unwrap_or_else(|_| {
-                eprintln!("warning: SENET_TUNE={v:?} is not off, quick or full; tuning quick");
-                TuneMode::Quick
-            }),
-        }
-    }
-}
-
 /// One remembered choice.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TuneEntry {
@@ -87,6 +73,8 @@ pub struct Tuner {
     pub mode: TuneMode,
     /// The cache file; None keeps choices in memory only.
     pub path: Option<PathBuf>,
+    /// Print every candidate's time as it is measured.
+    pub verbose: bool,
     device: String,
     state: Mutex<State>,
 }
@@ -108,7 +96,12 @@ pub fn default_cache_path() -> Option<PathBuf> {
 impl Tuner {
     /// A tuner for the device described by `device` (adapter, driver, crate version).
     pub fn new(mode: TuneMode, path: Option<PathBuf>, device: String) -> Tuner {
-        Tuner { mode, path, device, state: Mutex::default() }
+        Tuner { mode, path, verbose: false, device, state: Mutex::default() }
+    }
+
+    /// This tuner, printing every candidate's time (`--tune-verbose`).
+    pub fn with_verbose(self, verbose: bool) -> Tuner {
+        Tuner { verbose, ..self }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

@@ -221,7 +221,8 @@ impl Tiles {
         all
     };
 
-    /// The blocks for this adapter: `SENET_CONV_TILES=M,N,CI,CO` overrides (for measuring), else
+    /// The blocks for this adapter: `GpuOptions::conv_tiles` (`--conv-tiles M,N,CI,CO`) pins them
+    /// (for measuring), else
     /// on a CPU adapter the largest: 16 x 16 and 8 x 16. On lavapipe every storage-buffer load runs lane by lane
     /// while the FMAs run 8 lanes at once, so the block with the most FMAs per load pays,
     /// spilled accumulators and all. Measured A/B in one run each (senet bench, width 0.25,
@@ -233,22 +234,41 @@ impl Tiles {
     /// width 0.25). Other adapters take 8 x 16: 256 accumulators would not fit a GPU thread's
     /// 255 registers; their own choice awaits measurements there.
     pub fn for_adapter(gpu: &Gpu) -> Tiles {
-        let parsed = std::env::var("SENET_CONV_TILES").ok().and_then(|v| {
-            let mut it = v.split(',').map(|x| x.trim().parse::<usize>().ok());
-            let t = Tiles { gemm_m: it.next()??, gemm_n: it.next()??, wgrad_ci: it.next()??, wgrad_n: it.next()?? };
-            Tiles::ALL.contains(&t).then_some(t)
-        });
         let gemm_m = if gpu.is_cpu() { 16 } else { 8 };
-        parsed.unwrap_or(Tiles { gemm_m, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
+        Tiles::pinned(gpu).unwrap_or(Tiles { gemm_m, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
+    }
+
+    /// The blocks `GpuOptions::conv_tiles` pins, if it pins a shape the shaders implement.
+    pub fn pinned(gpu: &Gpu) -> Option<Tiles> {
+        let [gemm_m, gemm_n, wgrad_ci, wgrad_n] = gpu.conv_tiles?;
+        let t = Tiles { gemm_m, gemm_n, wgrad_ci, wgrad_n };
+        Tiles::ALL.contains(&t).then_some(t)
+    }
+
+    /// `M,N,CI,CO` (`--conv-tiles`), one of [`Tiles::ALL`], or an error listing them.
+    pub fn parse(s: &str) -> Result<Tiles> {
+        let v: Vec<usize> =
+            s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| {
+                anyhow::anyhow!("--conv-tiles {s:?}: expected four numbers M,N,CI,CO (e.g. 16,16,8,16)")
+            })?;
+        let t = match v[..] {
+            [gemm_m, gemm_n, wgrad_ci, wgrad_n] => Tiles { gemm_m, gemm_n, wgrad_ci, wgrad_n },
+            _ => anyhow::bail!("--conv-tiles {s:?}: expected four numbers M,N,CI,CO (e.g. 16,16,8,16)"),
+        };
+        ensure!(
+            Tiles::ALL.contains(&t),
+            "--conv-tiles {s:?}: not a shape the kernels implement (M 4, 8 or 16; N 8 or 16; CI 4, 8 or 16; CO 8 or 16)"
+        );
+        Ok(t)
     }
 
     /// `for_adapter` narrowed to a layer: a block twice as wide as a channel count that fits in
     /// its smaller size only adds padded columns (the 3-channel first layer's weight gradient:
-    /// 8 input channels per block would be 5/8 padding, 4 is 1/4). Unless `SENET_CONV_TILES`
-    /// pins every size.
+    /// 8 input channels per block would be 5/8 padding, 4 is 1/4). Unless `--conv-tiles` pins
+    /// every size.
     pub fn for_layer(gpu: &Gpu, cfg: &Conv2dConfig) -> Tiles {
         let t = Tiles::for_adapter(gpu);
-        if std::env::var_os("SENET_CONV_TILES").is_some() {
+        if Tiles::pinned(gpu).is_some() {
             return t;
         }
         let narrow = |size: usize, channels: usize| if channels <= size / 2 { size / 2 } else { size };
@@ -1067,12 +1087,12 @@ pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precis
 
 /// The kernel for `pass` of a layer shaped `cfg` in a `precision` plan: the tuning cache's
 /// answer, else the fastest candidate timed now in that precision (and remembered), else — with
-/// nothing to time — the built-in choice. `SENET_CONV_TILES` (pinning the register blocks, for
+/// nothing to time — the built-in choice. `--conv-tiles` (pinning the register blocks, for
 /// measuring) bypasses the tuner.
 pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precision) -> Result<ConvKernel> {
     let mode = gpu.tuner.mode;
     let cands = candidates(gpu, cfg, pass, mode, precision);
-    if std::env::var_os("SENET_CONV_TILES").is_some() {
+    if Tiles::pinned(gpu).is_some() {
         // The pin is the register blocks' (Tiles::for_layer reads it), whatever the built-in
         // choice of this precision would be.
         return Ok(ConvKernel::Register(Tiles::for_layer(gpu, cfg)));
@@ -1124,7 +1144,7 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
         let Ok(times) = gpu.time_passes(&[group.clone(), group.clone(), group.clone(), group]) else { continue };
         // The first run warms caches and clocks; the best of the other three counts.
         let secs = times[1..].iter().copied().fold(f64::INFINITY, f64::min);
-        if std::env::var_os("SENET_TUNE_VERBOSE").is_some() {
+        if gpu.tuner.verbose {
             eprintln!("tune {key}: {k} {:.3} ms", secs * 1e3);
         }
         // Another kernel must beat the built-in by 5 % to replace it: a win inside the timing
