@@ -33,7 +33,7 @@ use anyhow::{Context, Result, ensure};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Graph, Init, Layer, ModelConfig, ParamSpec};
+use super::{Graph, Init, Layer, ModelConfig, ParamSpec, Shape};
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
 use crate::ops::add;
 use crate::ops::cast;
@@ -338,136 +338,39 @@ impl Network {
         )
     }
 
-    /// Allocate and record everything for batch size `n`.
+    /// Allocate and record everything for batch size `n`: the activation and gradient buffers,
+    /// then each node's dispatches as its op records them (`LayerOp::record`), with the passes
+    /// that belong to the graph rather than to an op — ReLU fusion, the sum of a forked
+    /// activation's gradients, the f16 input cast, the loss — and the backward in reverse order.
     pub fn plan(&self, n: usize) -> Result<StepPlan> {
         ensure!(n >= 1, "batch size must be at least 1");
         self.check_fits(n)?;
         let gpu = &*self.gpu;
         let shapes = self.graph.shapes(n)?;
-        let consumers = self.graph.consumers();
-        // A layer that takes a ReLU epilogue (`LayerOp::takes_relu`: batch norm, see
-        // batch_norm.wgsl) and whose only reader is a ReLU runs with the ReLU fused in: it writes
-        // the ReLU's output, the ReLU node records nothing, and the layer's own output and its
-        // gradient are never touched, so they get a 1-element placeholder.
-        let fused: Vec<bool> = (0..self.graph.nodes.len())
-            .map(|k| {
-                self.graph.nodes[k].layer.op().takes_relu()
-                    && consumers[k + 1] == [k + 1]
-                    && matches!(self.graph.nodes.get(k + 1).map(|r| &r.layer), Some(Layer::Relu))
-            })
-            .collect();
-        // Labelled by what they hold, as GPU captures and validation messages show them:
-        // "input", "features.4 output", "layer2.0.se output grad".
-        let act_name =
-            |i: usize| if i == 0 { "input".to_string() } else { format!("{} output", self.graph.nodes[i - 1].name) };
-        let dtype = self.precision.dtype();
-        let buffers = |suffix: &str| {
-            shapes
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let unused = i > 0 && fused[i - 1];
-                    Tensor::zeros_of(gpu, &format!("{}{suffix}", act_name(i)), if unused { &[1][..] } else { s }, dtype)
-                })
-                .collect::<Result<Vec<_>>>()
-        };
-        let (acts, grads) = (buffers("")?, buffers(" grad")?);
-        // The host writes f32 images; an f16 plan casts them into its input first.
-        let mut train = Vec::new();
-        let mut eval = Vec::new();
-        let input_f32 = match self.precision {
-            Precision::F16 => {
-                let t = Tensor::zeros(gpu, "input (f32)", &shapes[0])?;
-                let _scope = gpu.label_scope("input");
-                for mut d in cast::cast_forward(gpu, &t, &acts[0])? {
-                    (d.layer, d.pass) = ("input".to_string(), Pass::Forward);
-                    train.push(d.clone());
-                    eval.push(d);
-                }
-                Some(t)
-            }
-            Precision::F32 => None,
-        };
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
-        let labels = Tensor::zeros(gpu, "labels", &[n])?;
-        let per_sample = Tensor::zeros(gpu, "per-sample loss", &[n, crate::ops::cross_entropy::per_sample::LEN])?;
-        let train_result = Tensor::zeros(gpu, "train metrics", &[result::LEN])?;
-        let eval_result = Tensor::zeros(gpu, "eval metrics", &[result::LEN])?;
-
-        // An activation read by two layers (the fork before a residual block) gets one gradient
-        // buffer per reader; the last reader's backward is followed by their sum.
-        let mut contrib: HashMap<(usize, usize), Tensor> = HashMap::new();
-        for (a, readers) in consumers.iter().enumerate() {
-            ensure!(readers.len() <= 2, "activation {a} is read by {} layers; at most 2 are supported", readers.len());
-            if readers.len() == 2 {
-                for &k in readers {
-                    for (j, _) in self.graph.nodes[k].inputs.iter().enumerate().filter(|(_, i)| **i == a) {
-                        let label = format!("{} grad from {}", act_name(a), self.graph.nodes[k].name);
-                        contrib.insert((k, j), Tensor::zeros_of(gpu, &label, &shapes[a], dtype)?);
-                    }
-                }
-            }
-        }
-        let target = |k: usize, j: usize| -> &Tensor {
-            let a = self.graph.nodes[k].inputs[j];
-            contrib.get(&(k, j)).unwrap_or(&grads[a])
-        };
-
-        let mut se_saved = Vec::new();
-        let mut backward: Vec<Vec<Dispatch>> = Vec::new();
-        // --sync-bn: the forward's exchanges (at an index of `train`) and each node's backward
-        // exchange (at an index of its own backward list).
-        let mut exchanges = Vec::new();
-        let mut backward_exchanges: Vec<Option<BnExchange>> = Vec::new();
-        let mut conv_kernels = Vec::new();
-        let params = |name: &str| -> Result<ParamTensors<'_>> {
-            let p = self.param(name)?;
-            Ok(ParamTensors { value: &p.value, grad: &p.grad, half: p.half.as_ref() })
-        };
-        let running = |name: &str| -> Result<(&Tensor, &Tensor)> {
-            let b = self.bn_buffers(name)?;
-            Ok((&b.running_mean, &b.running_var))
-        };
+        let consumers = self.graph.consumers();
+        let fused = self.relu_fusions(&consumers);
+        let (acts, grads) = (self.activations(&shapes, &fused, "")?, self.activations(&shapes, &fused, " grad")?);
+        let contrib = self.fork_gradients(&shapes, &consumers)?;
+        let target =
+            |k: usize, j: usize| -> &Tensor { contrib.get(&(k, j)).unwrap_or(&grads[self.graph.nodes[k].inputs[j]]) };
+        let mut rec = Recorded::default();
+        let input_f32 = self.record_input_cast(&shapes[0], &acts[0], &mut rec)?;
         for (k, node) in self.graph.nodes.iter().enumerate() {
-            let (train0, eval0) = (train.len(), eval.len());
-            let name = &node.name;
+            let (train0, eval0) = (rec.train.len(), rec.eval.len());
             // Bind groups and parameter blocks made for this layer carry its name.
-            let _scope = gpu.label_scope(name);
-            let mut bwd = Vec::new();
-            let mut bwd_exchange = None;
+            let _scope = gpu.label_scope(&node.name);
             // A ReLU fused into the layer before it records nothing.
-            if !(k > 0 && fused[k - 1]) {
-                let inputs = node.inputs.iter().map(|&i| &acts[i]).collect();
-                let dinputs = (0..node.inputs.len()).map(|j| target(k, j)).collect();
+            let (mut bwd, bwd_exchange) = if k > 0 && fused[k - 1] {
+                (Vec::new(), None)
+            } else {
                 // Fused: the ReLU's output and its gradient stand in for the layer's.
                 let outs = if fused[k] { (&acts[k + 2], &grads[k + 2]) } else { (&acts[k + 1], &grads[k + 1]) };
-                let mut r = Record::new(
-                    gpu,
-                    name,
-                    self.precision,
-                    self.sync_bn,
-                    inputs,
-                    dinputs,
-                    outs,
-                    &self.step_key,
-                    &params,
-                    &running,
-                );
-                r.reads_network_input = node.inputs[0] == 0;
-                r.relu = fused[k];
-                node.layer.op().record(&mut r)?;
-                train.extend(r.train);
-                eval.extend(r.eval);
-                bwd = r.backward;
-                bwd_exchange = r.backward_exchange;
-                for mut x in r.exchanges {
-                    x.at += train0;
-                    exchanges.push(x);
-                }
-                conv_kernels.extend(r.conv_kernels.into_iter().map(|(pass, kernel)| (name.clone(), pass, kernel)));
-                se_saved.extend(r.se_saved);
-            }
+                let inputs = node.inputs.iter().map(|&i| &acts[i]).collect();
+                let dinputs = (0..node.inputs.len()).map(|j| target(k, j)).collect();
+                self.record_node(node, inputs, dinputs, outs, fused[k], &mut rec)?
+            };
             // This node is the first reader of a forked activation: after its backward (the last
             // to run in reverse order), sum the two contributions.
             for &i in &node.inputs {
@@ -477,47 +380,21 @@ impl Network {
                     bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
                 }
             }
-            for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
-                (d.layer, d.pass) = (name.clone(), Pass::Forward);
-            }
-            for d in &mut bwd {
-                (d.layer, d.pass) = (name.clone(), Pass::Backward);
-            }
-            backward.push(bwd);
-            backward_exchanges.push(bwd_exchange);
+            label(rec.train[train0..].iter_mut().chain(&mut rec.eval[eval0..]), &node.name, Pass::Forward);
+            label(bwd.iter_mut(), &node.name, Pass::Backward);
+            rec.backward.push((bwd, bwd_exchange));
         }
-        let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
-        let (train0, eval0) = (train.len(), eval.len());
-        let _scope = gpu.label_scope("loss");
-        train.extend(cross_entropy::cross_entropy_forward_backward_smoothed(
-            gpu,
-            logits,
-            &labels,
-            dlogits,
-            &per_sample,
-            &train_result,
-            self.label_smoothing,
-            self.scaler.as_ref().map(|s| &s.state),
-        )?);
-        eval.extend(cross_entropy::cross_entropy_forward_backward(
-            gpu,
-            logits,
-            &labels,
-            dlogits,
-            &per_sample,
-            &eval_result,
-            self.scaler.as_ref().map(|s| &s.state),
-        )?);
-        for d in train[train0..].iter_mut().chain(&mut eval[eval0..]) {
-            (d.layer, d.pass) = ("loss".to_string(), Pass::Loss);
-        }
-        for (bwd, x) in backward.into_iter().zip(backward_exchanges).rev() {
+        let loss = LossTensors::new(gpu, n)?;
+        self.record_loss(&acts[acts.len() - 1], &grads[grads.len() - 1], &loss, &mut rec)?;
+        let Recorded { mut train, eval, backward, mut exchanges, se_saved, conv_kernels } = rec;
+        for (bwd, x) in backward.into_iter().rev() {
             if let Some(mut x) = x {
                 x.at += train.len();
                 exchanges.push(x);
             }
             train.extend(bwd);
         }
+        let LossTensors { labels, per_sample, train_result, eval_result } = loss;
         Ok(StepPlan {
             n,
             input_f32,
@@ -533,6 +410,155 @@ impl Network {
             eval,
             exchanges,
         })
+    }
+
+    /// Which nodes run with the ReLU after them fused in: a layer that takes a ReLU epilogue
+    /// (`LayerOp::takes_relu`: batch norm, see batch_norm.wgsl) whose only reader is a ReLU. It
+    /// writes the ReLU's output, the ReLU node records nothing, and the layer's own output and
+    /// its gradient are never touched, so they get a 1-element placeholder.
+    fn relu_fusions(&self, consumers: &[Vec<usize>]) -> Vec<bool> {
+        let nodes = &self.graph.nodes;
+        (0..nodes.len())
+            .map(|k| {
+                nodes[k].layer.op().takes_relu()
+                    && consumers[k + 1] == [k + 1]
+                    && matches!(nodes.get(k + 1).map(|r| &r.layer), Some(Layer::Relu))
+            })
+            .collect()
+    }
+
+    /// What activation `i` is called in buffer labels: "input", "features.4 output".
+    fn act_name(&self, i: usize) -> String {
+        if i == 0 { "input".to_string() } else { format!("{} output", self.graph.nodes[i - 1].name) }
+    }
+
+    /// One buffer per activation (`suffix` "") or activation gradient (" grad"), in the plan's
+    /// precision, labelled by what it holds ("layer2.0.se output grad"), as GPU captures and
+    /// validation messages show them.
+    fn activations(&self, shapes: &[Shape], fused: &[bool], suffix: &str) -> Result<Vec<Tensor>> {
+        let dtype = self.precision.dtype();
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let unused = i > 0 && fused[i - 1];
+                let label = format!("{}{suffix}", self.act_name(i));
+                Tensor::zeros_of(&self.gpu, &label, if unused { &[1][..] } else { s }, dtype)
+            })
+            .collect()
+    }
+
+    /// An activation read by two layers (the fork before a residual block) gets one gradient
+    /// buffer per reader, keyed (reader node, input slot); the plan sums them after the first
+    /// reader's backward.
+    fn fork_gradients(&self, shapes: &[Shape], consumers: &[Vec<usize>]) -> Result<HashMap<(usize, usize), Tensor>> {
+        let mut contrib = HashMap::new();
+        for (a, readers) in consumers.iter().enumerate() {
+            ensure!(readers.len() <= 2, "activation {a} is read by {} layers; at most 2 are supported", readers.len());
+            if readers.len() < 2 {
+                continue;
+            }
+            for &k in readers {
+                for (j, _) in self.graph.nodes[k].inputs.iter().enumerate().filter(|(_, i)| **i == a) {
+                    let label = format!("{} grad from {}", self.act_name(a), self.graph.nodes[k].name);
+                    contrib.insert((k, j), Tensor::zeros_of(&self.gpu, &label, &shapes[a], self.precision.dtype())?);
+                }
+            }
+        }
+        Ok(contrib)
+    }
+
+    /// The host writes f32 images; an f16 plan casts them into its input first. Returns the f32
+    /// input tensor of an f16 plan.
+    fn record_input_cast(&self, shape: &[usize], input: &Tensor, rec: &mut Recorded) -> Result<Option<Tensor>> {
+        if self.precision == Precision::F32 {
+            return Ok(None);
+        }
+        let gpu = &*self.gpu;
+        let t = Tensor::zeros(gpu, "input (f32)", shape)?;
+        let _scope = gpu.label_scope("input");
+        let mut d = cast::cast_forward(gpu, &t, input)?;
+        label(d.iter_mut(), "input", Pass::Forward);
+        rec.train.extend(d.iter().cloned());
+        rec.eval.extend(d);
+        Ok(Some(t))
+    }
+
+    /// Record one node as its op does; returns its backward dispatches and backward exchange,
+    /// which run later, in reverse order.
+    fn record_node(
+        &self,
+        node: &super::Node,
+        inputs: Vec<&Tensor>,
+        dinputs: Vec<&Tensor>,
+        outs: (&Tensor, &Tensor),
+        relu: bool,
+        rec: &mut Recorded,
+    ) -> Result<(Vec<Dispatch>, Option<BnExchange>)> {
+        let params = |name: &str| -> Result<ParamTensors<'_>> {
+            let p = self.param(name)?;
+            Ok(ParamTensors { value: &p.value, grad: &p.grad, half: p.half.as_ref() })
+        };
+        let running = |name: &str| -> Result<(&Tensor, &Tensor)> {
+            let b = self.bn_buffers(name)?;
+            Ok((&b.running_mean, &b.running_var))
+        };
+        let (gpu, name) = (&*self.gpu, &node.name);
+        let mut r = Record::new(
+            gpu,
+            name,
+            self.precision,
+            self.sync_bn,
+            inputs,
+            dinputs,
+            outs,
+            &self.step_key,
+            &params,
+            &running,
+        );
+        r.reads_network_input = node.inputs[0] == 0;
+        r.relu = relu;
+        node.layer.op().record(&mut r)?;
+        let train0 = rec.train.len();
+        rec.train.extend(r.train);
+        rec.eval.extend(r.eval);
+        for mut x in r.exchanges {
+            x.at += train0;
+            rec.exchanges.push(x);
+        }
+        rec.conv_kernels.extend(r.conv_kernels.into_iter().map(|(pass, kernel)| (name.clone(), pass, kernel)));
+        rec.se_saved.extend(r.se_saved);
+        Ok((r.backward, r.backward_exchange))
+    }
+
+    /// The loss: cross-entropy (label-smoothed in training) forward and its gradient into
+    /// `dlogits`, scaled by an f16 plan's loss scale, with the batch's sums into the metrics.
+    fn record_loss(&self, logits: &Tensor, dlogits: &Tensor, t: &LossTensors, rec: &mut Recorded) -> Result<()> {
+        let gpu = &*self.gpu;
+        let (train0, eval0) = (rec.train.len(), rec.eval.len());
+        let _scope = gpu.label_scope("loss");
+        let scale = self.scaler.as_ref().map(|s| &s.state);
+        rec.train.extend(cross_entropy::cross_entropy_forward_backward_smoothed(
+            gpu,
+            logits,
+            &t.labels,
+            dlogits,
+            &t.per_sample,
+            &t.train_result,
+            self.label_smoothing,
+            scale,
+        )?);
+        rec.eval.extend(cross_entropy::cross_entropy_forward_backward(
+            gpu,
+            logits,
+            &t.labels,
+            dlogits,
+            &t.per_sample,
+            &t.eval_result,
+            scale,
+        )?);
+        label(rec.train[train0..].iter_mut().chain(&mut rec.eval[eval0..]), "loss", Pass::Loss);
+        Ok(())
     }
 
     /// One training step on the batch already written into `plan`: forward, loss, backward and
@@ -659,6 +685,44 @@ pub struct StepPlan {
     /// `--sync-bn`: where the training step stops for the ranks to combine a batch norm's
     /// per-channel numbers, in step order (empty otherwise).
     pub exchanges: Vec<BnExchange>,
+}
+
+/// A plan's dispatch lists while its nodes are recorded.
+#[derive(Default)]
+struct Recorded {
+    train: Vec<Dispatch>,
+    eval: Vec<Dispatch>,
+    /// Each node's backward dispatches and backward exchange, in node order.
+    backward: Vec<(Vec<Dispatch>, Option<BnExchange>)>,
+    exchanges: Vec<BnExchange>,
+    se_saved: Vec<SeSaved>,
+    conv_kernels: Vec<(String, ConvPass, ConvKernel)>,
+}
+
+/// The loss's buffers: the labels the host writes, per-sample results, the metric sums.
+struct LossTensors {
+    labels: Tensor,
+    per_sample: Tensor,
+    train_result: Tensor,
+    eval_result: Tensor,
+}
+
+impl LossTensors {
+    fn new(gpu: &Gpu, n: usize) -> Result<LossTensors> {
+        Ok(LossTensors {
+            labels: Tensor::zeros(gpu, "labels", &[n])?,
+            per_sample: Tensor::zeros(gpu, "per-sample loss", &[n, cross_entropy::per_sample::LEN])?,
+            train_result: Tensor::zeros(gpu, "train metrics", &[result::LEN])?,
+            eval_result: Tensor::zeros(gpu, "eval metrics", &[result::LEN])?,
+        })
+    }
+}
+
+/// Name dispatches after the layer (or "loss", "input") and the pass they belong to.
+fn label<'a>(dispatches: impl Iterator<Item = &'a mut Dispatch>, layer: &str, pass: Pass) {
+    for d in dispatches {
+        (d.layer, d.pass) = (layer.to_string(), pass);
+    }
 }
 
 impl StepPlan {
