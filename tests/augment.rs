@@ -153,8 +153,8 @@ fn ops_are_timms_through_pil() {
     assert!(failed.is_empty(), "{} of {n} op cases differ from timm:\n{}", failed.len(), failed.join("\n"));
 }
 
-/// Whole RandAugment calls (six configs, six images each: mstd noise, uniform magnitudes (mstd
-/// > 100), inc1, p = 1, mmax, up to six layers) replaying timm's draws: the same draws asked for
+/// Whole RandAugment calls (six configs, six images each: mstd noise, uniform magnitudes
+/// (mstd above 100), inc1, p = 1, mmax, up to six layers) replaying timm's draws: the same draws asked for
 /// in the same order, and the same pixels (tolerance 0, as the ops).
 #[test]
 fn rand_augment_replays_timms_draws_to_its_pixels() {
@@ -265,7 +265,7 @@ fn our_draws_have_timms_distributions() {
         erased += usize::from(!boxes.is_empty());
         for b in &boxes {
             let frac = (b.w * b.h) as f64 / (h * w) as f64 * boxes.len() as f64;
-            assert!(frac <= 0.36 && frac >= 0.012, "box {b:?} of {} covers {frac}", boxes.len());
+            assert!((0.012..=0.36).contains(&frac), "box {b:?} of {} covers {frac}", boxes.len());
         }
         for v in img.iter().filter(|v| !v.is_nan()) {
             sum += f64::from(*v);

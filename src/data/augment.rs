@@ -531,7 +531,9 @@ impl RandAugment {
                     ra.magnitude_std = if s > 100.0 { f64::INFINITY } else { s };
                 }
                 // timm: `magnitude_max or 10`, so mmax0 is 10.
-                "mmax" => ra.magnitude_max = Some(int("mmax (the magnitude's upper bound)")? as f64).filter(|&m| m > 0.0),
+                "mmax" => {
+                    ra.magnitude_max = Some(int("mmax (the magnitude's upper bound)")? as f64).filter(|&m| m > 0.0)
+                }
                 "inc" => match val {
                     "0" => increasing = false,
                     "1" => increasing = true,
@@ -577,7 +579,8 @@ impl RandAugment {
 
     /// As timm's repr, for the first lines of a run.
     pub fn describe(&self) -> String {
-        let mstd = if self.magnitude_std.is_infinite() { "uniform".to_string() } else { self.magnitude_std.to_string() };
+        let mstd =
+            if self.magnitude_std.is_infinite() { "uniform".to_string() } else { self.magnitude_std.to_string() };
         format!(
             "RandAugment(n={}, m={}, mstd={mstd}{}, p={}, {} ops{}, fill {:?})",
             self.num_layers,
@@ -655,6 +658,20 @@ impl RandomErasing {
             }
         }
         boxes
+    }
+
+    /// As timm's repr, for the first lines of a run.
+    pub fn describe(&self) -> String {
+        let mode = match self.mode {
+            EraseMode::Const => "const",
+            EraseMode::Rand => "rand",
+            EraseMode::Pixel => "pixel",
+        };
+        format!(
+            "RandomErasing(p={}, {mode}, 1..={} boxes, area 0.02..1/3, aspect 0.3..1/0.3)",
+            self.prob,
+            self.max_count.max(1)
+        )
     }
 
     /// Erase boxes of one normalised CHW image (`c`×`h`×`w` floats), in place: the boxes first

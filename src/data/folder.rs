@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::augment::RandAugment;
 use super::transforms::{self, Rgb};
 use super::{Dataset, Splits};
 
@@ -142,11 +143,21 @@ impl Files {
     /// Sample `i` transformed: the training transform with its random draws from
     /// (`seed`, `epoch`, `i`) when `augment`, else the evaluation transform. RGB, `size`.
     pub fn transformed(&self, i: usize, augment: bool, seed: u64, epoch: usize) -> Result<Rgb, BadImage> {
+        if augment {
+            return self.train_transformed(i, None, &mut sample_rng(seed, epoch, i));
+        }
         let img = self.image(i)?;
-        Ok(if augment {
-            transforms::train_transform(&img, self.size, &mut sample_rng(seed, epoch, i))
-        } else {
-            transforms::eval_transform(&img, self.size, self.crop_pct)
+        Ok(transforms::eval_transform(&img, self.size, self.crop_pct))
+    }
+
+    /// Sample `i` through the training transform, drawing from `rng` (the sample's stream):
+    /// `RandomResizedCrop`, the flip, then RandAugment when `aa` is given. RGB, `size`.
+    pub fn train_transformed(&self, i: usize, aa: Option<&RandAugment>, rng: &mut ChaCha8Rng) -> Result<Rgb, BadImage> {
+        let img = self.image(i)?;
+        let out = transforms::train_transform(&img, self.size, rng);
+        Ok(match aa {
+            Some(ra) => ra.apply(out, rng),
+            None => out,
         })
     }
 }

@@ -74,8 +74,14 @@ impl Trainer<'_> {
             args.optimizer
         ));
         if let Some(files) = &self.train_set.files {
+            let timm: String =
+                [self.pre.aa.as_ref().map(|a| a.describe()), self.pre.erase.as_ref().map(|e| e.describe())]
+                    .into_iter()
+                    .flatten()
+                    .map(|d| format!(" + {d}"))
+                    .collect();
             self.say(format!(
-                "{}; {} loader workers; {}",
+                "{}{timm}; {} loader workers; {}",
                 files.describe(self.pre.augment),
                 self.pre.load.workers.max(1),
                 match &self.pre.normalize {
