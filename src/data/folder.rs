@@ -6,8 +6,8 @@
 //! Loading only indexes the files (paths and labels). Images are decoded when a batch needs them,
 //! in the loader's worker threads ([`super::loader`]), converted to RGB as PIL's
 //! `.convert("RGB")` and transformed as torchvision's `RandomResizedCrop` + flip (training with
-//! `--augment`) or `Resize` + `CenterCrop` (evaluation, and training without augmentation); see
-//! [`super::transforms`]. A folder whose decoded images fit `--cache-mb` is held decoded in memory
+//! `--augment`, then timm's RandAugment with `--aa`) or `Resize` + `CenterCrop` (evaluation, and
+//! training without augmentation); see [`super::transforms`] and [`super::augment`]. A folder whose decoded images fit `--cache-mb` is held decoded in memory
 //! once read (each image decoded once per run); a larger one is read from disk every epoch, so
 //! memory does not grow with the dataset.
 
