@@ -518,7 +518,8 @@ fn timm_augment_flags_are_checked_saved_and_resumed() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        stdout.contains("RandAugment(n=2, m=9") && stdout.contains("RandomErasing(p=0.5, pixel, 1..=2"),
+        stdout.contains("RandomHorizontalFlip + RandAugment(n=2, m=9")
+            && stdout.contains("RandomErasing(p=0.5, pixel, 1..=2"),
         "{stdout}"
     );
     let v: serde_json::Value =

@@ -95,9 +95,9 @@ pub fn sample_rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
 }
 
 impl Files {
-    /// How the folder is read and transformed (`augment`: the training transform), for the first
-    /// lines of a run.
-    pub fn describe(&self, augment: bool) -> String {
+    /// How the folder is read and transformed (`augment`: the training transform, followed by
+    /// `train_extra`, timm's augmentations when given), for the first lines of a run.
+    pub fn describe(&self, augment: bool, train_extra: &str) -> String {
         let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
         let [h, w] = self.size;
         let [rh, rw] = transforms::eval_resize_size(self.size, self.crop_pct);
@@ -120,7 +120,9 @@ impl Files {
         };
         let eval = format!("{resize} + CenterCrop(({h}, {w})) (crop_pct {})", self.crop_pct);
         let train = if augment {
-            format!("RandomResizedCrop(({h}, {w}), scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip")
+            format!(
+                "RandomResizedCrop(({h}, {w}), scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip{train_extra}"
+            )
         } else {
             "the evaluation transform (no --augment)".to_string()
         };

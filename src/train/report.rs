@@ -81,8 +81,8 @@ impl Trainer<'_> {
                     .map(|d| format!(" + {d}"))
                     .collect();
             self.say(format!(
-                "{}{timm}; {} loader workers; {}",
-                files.describe(self.pre.augment),
+                "{}; {} loader workers; {}",
+                files.describe(self.pre.augment, &timm),
                 self.pre.load.workers.max(1),
                 match &self.pre.normalize {
                     Some(n) => format!("normalised with mean/std {n:?}"),
