@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail, ensure};
 
+use crate::data::augment::{self, EraseMode, RandAugment, RandomErasing};
 use crate::data::folder::FolderOptions;
 use crate::data::loader::LoadOptions;
 use crate::data::{self, DatasetKind, Splits, cifar10};
@@ -66,6 +67,15 @@ pub struct DataArgs {
     #[arg(long, hide = true, value_name = "K")]
     #[serde(skip)]
     pub fail_loader_at: Option<usize>,
+}
+
+fn default_recount() -> usize {
+    1
+}
+
+/// `--aa`: timm's RandAugment config string, checked (the fill colour is set later).
+pub fn parse_aa(s: &str) -> Result<String, String> {
+    RandAugment::parse(s, [0; 3]).map(|_| s.to_string())
 }
 
 fn default_crop_pct() -> f64 {
@@ -415,6 +425,26 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "augment")]
     #[serde(default)]
     pub no_augment: bool,
+    /// Image folders, with --augment: timm's RandAugment after the flip, as timm's `--aa`:
+    /// rand[-m<int>][-n<int>][-p<float>][-mstd<float>][-mmax<int>][-inc<0|1>], e.g. rand-m9-mstd0.5
+    /// (see docs/data.md).
+    #[arg(long, value_name = "CONFIG", value_parser = parse_aa)]
+    #[serde(default)]
+    pub aa: Option<String>,
+    /// Image folders, with --augment: the probability of timm's random erasing, on the normalised
+    /// tensor (timm's `--reprob`).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    #[serde(default)]
+    pub reprob: f64,
+    /// Random erasing's values: pixel (per-pixel normal noise), rand (one normal value per box and
+    /// channel) or const (0) (timm's `--remode`).
+    #[arg(long, value_enum, default_value_t = EraseMode::Pixel)]
+    #[serde(default)]
+    pub remode: EraseMode,
+    /// Random erasing: up to N boxes per image, the count uniform in 1..=N (timm's `--recount`).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[serde(default = "default_recount")]
+    pub recount: usize,
     /// Switch off the normalisation --recipe paper turns on.
     #[arg(long, conflicts_with_all = ["normalize", "mean"])]
     #[serde(default)]
@@ -492,6 +522,15 @@ impl TrainArgs {
             "--sync-bn merges batch-norm statistics across MPI ranks, but this senet was built without MPI \
              support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see docs/distributed.md)"
         );
+        if let Some(aa) = &self.aa {
+            RandAugment::parse(aa, [0; 3]).map_err(|e| anyhow::anyhow!("--aa {aa}: {e}"))?;
+        }
+        augment::check_erasing(self.reprob, self.recount)?;
+        ensure!(
+            self.augment || (self.aa.is_none() && self.reprob == 0.0),
+            "--aa and --reprob add to the training transform (RandomResizedCrop + flip, as timm's): give --augment \
+             (or --recipe imagenet) too"
+        );
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
             "--warmup-epochs must be in [0, epochs), got {}",
@@ -547,6 +586,31 @@ impl TrainArgs {
             // Image folders normalise with ImageNet's mean/std by default (see `train`'s data setup).
             self.normalize = !self.no_normalize;
         }
+    }
+
+    /// timm's training-split augmentations: RandAugment (`--aa`) with timm's fill,
+    /// `round(255 · mean)` of the normalisation's mean (ImageNet's when there is none, timm's
+    /// default), and RandomErasing (`--reprob`, `--remode`, `--recount`).
+    pub fn timm_augment(
+        &self,
+        normalize: Option<&[(f32, f32)]>,
+    ) -> Result<(Option<RandAugment>, Option<RandomErasing>)> {
+        let mean = match normalize {
+            Some([r, g, b]) => [r.0, g.0, b.0].map(f64::from),
+            _ => hp::IMAGENET_MEAN,
+        };
+        let aa = match &self.aa {
+            Some(s) => {
+                Some(RandAugment::parse(s, augment::fill_of_mean(mean)).map_err(|e| anyhow::anyhow!("--aa {s}: {e}"))?)
+            }
+            None => None,
+        };
+        let erase = (self.reprob > 0.0).then_some(RandomErasing {
+            prob: self.reprob,
+            mode: self.remode,
+            max_count: self.recount,
+        });
+        Ok((aa, erase))
     }
 
     /// The epoch count, defaulting to the base recipe's.

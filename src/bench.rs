@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// With --data-only: loader threads [default: the machine's cores minus one, at least 1].
     #[arg(long, env = "SENET_WORKERS", requires = "data_only")]
     pub workers: Option<usize>,
+    /// With --data-only: timm's RandAugment config for the training transform (as `train --aa`).
+    #[arg(long, value_name = "CONFIG", value_parser = crate::args::parse_aa, requires = "data_only")]
+    pub aa: Option<String>,
+    /// With --data-only: random erasing's probability in the training transform (as `train --reprob`).
+    #[arg(long, value_name = "P", default_value_t = 0.0, requires = "data_only")]
+    pub reprob: f64,
     /// With --data-only: the evaluation transform's crop_pct.
     #[arg(long, default_value_t = crate::hparams::CROP_PCT)]
     pub crop_pct: f64,
@@ -70,11 +76,15 @@ pub struct DataBenchReport {
     pub eval_images_per_s: f64,
     /// Whether the decoded images were held in memory (`--cache-mb`).
     pub cached: bool,
+    /// The training transform's RandAugment config (`--aa`) and random erasing probability.
+    pub aa: Option<String>,
+    pub reprob: f64,
 }
 
 /// Time the data pipeline of `args`' image folder: `--steps` training batches (the first epoch's
 /// order), then as many evaluation batches (fewer if the split is smaller). No GPU is used.
 pub fn bench_data(args: &BenchArgs) -> Result<DataBenchReport> {
+    use crate::data::augment::{self, EraseMode, RandAugment, RandomErasing};
     use crate::data::loader::{self, LoadOptions, Preprocess};
     use crate::data::{DatasetKind, folder};
     anyhow::ensure!(
@@ -91,9 +101,21 @@ pub fn bench_data(args: &BenchArgs) -> Result<DataBenchReport> {
     let workers = args.workers.unwrap_or_else(LoadOptions::default_workers).max(1);
     let [_, h, w] = splits.train.shape;
     let cached = splits.train.files.as_ref().is_some_and(|f| f.cache.is_some());
-    let pre = |augment| Preprocess {
+    crate::data::augment::check_erasing(args.reprob, 1)?;
+    let aa = match &args.aa {
+        Some(s) => Some(
+            RandAugment::parse(s, augment::fill_of_mean(crate::hparams::IMAGENET_MEAN))
+                .map_err(|e| anyhow::anyhow!("--aa {s}: {e}"))?,
+        ),
+        None => None,
+    };
+    let erase =
+        (args.reprob > 0.0).then_some(RandomErasing { prob: args.reprob, mode: EraseMode::Pixel, max_count: 1 });
+    let pre = |augment: bool| Preprocess {
         normalize: Some(vec![(0.485, 0.229), (0.456, 0.224), (0.406, 0.225)]),
         augment,
+        aa: aa.clone().filter(|_| augment),
+        erase: erase.clone().filter(|_| augment),
         load: LoadOptions { workers, skip_bad: false, fail_at: None },
     };
     let time = |ds: crate::data::Dataset, augment: bool, shuffle: bool| -> Result<(usize, f64)> {
@@ -119,13 +141,15 @@ pub fn bench_data(args: &BenchArgs) -> Result<DataBenchReport> {
         eval_images,
         eval_images_per_s: eval_images as f64 / eval_s,
         cached,
+        aa: args.aa.clone(),
+        reprob: args.reprob,
     })
 }
 
 /// The `--data-only` report as text.
 pub fn format_data_report(r: &DataBenchReport) -> String {
     format!(
-        "data pipeline of {} at {}x{}, batch {}, {} workers{}:\n  training transforms   {:>8.1} images/s ({} images)\n  \
+        "data pipeline of {} at {}x{}, batch {}, {} workers{}:\n  training transforms   {:>8.1} images/s ({} images{})\n  \
          evaluation transforms {:>8.1} images/s ({} images)\n",
         r.dataset,
         r.image_size[0],
@@ -135,6 +159,10 @@ pub fn format_data_report(r: &DataBenchReport) -> String {
         if r.cached { ", decoded images held in memory" } else { ", decoding every image" },
         r.train_images_per_s,
         r.train_images,
+        [r.aa.as_ref().map(|a| format!(", --aa {a}")), (r.reprob > 0.0).then(|| format!(", --reprob {}", r.reprob))]
+            .into_iter()
+            .flatten()
+            .collect::<String>(),
         r.eval_images_per_s,
         r.eval_images
     )

@@ -275,7 +275,8 @@ pub fn evaluate_checkpoint(
     let mut net = Network::new_in(gpu, config.clone(), OptimizerConfig::sgd(0.0, 0.0), 0, args.precision)?;
     checkpoint::apply(&mut net, &sd, &args.checkpoint.display().to_string())?;
     let plans = plans_for(&net, args.batch_size, &[test.len()])?;
-    let pre = Preprocess { normalize: config.normalize.clone(), augment: false, load: args.data.load_options() };
+    let pre =
+        Preprocess { normalize: config.normalize.clone(), load: args.data.load_options(), ..Preprocess::default() };
     for p in plans.values() {
         clear_metrics(&net.gpu, &p.eval_result);
     }

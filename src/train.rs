@@ -65,6 +65,12 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     args.validate()?;
     refuse_under_mpi(args, dist)?;
     let (dataset, train_set, val_set, test_set, config) = load_data(args)?;
+    let (aa, erase) = args.timm_augment(config.normalize.as_deref())?;
+    anyhow::ensure!(
+        train_set.files.is_some() || (aa.is_none() && erase.is_none()),
+        "--aa and --reprob augment image folders (--dataset folder); {dataset} is held in memory and augmented by \
+         --augment's padded crop and flip only"
+    );
     replicas::same_config_on_every_rank(dist, flags, args, &dataset, &train_set, &test_set)?;
     if train_set.len() < dist.size {
         return Err(Collective(format!(
@@ -102,7 +108,13 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     let t = Trainer {
         args,
         gpu,
-        pre: Preprocess { normalize: config.normalize.clone(), augment: args.augment, load: args.data.load_options() },
+        pre: Preprocess {
+            normalize: config.normalize.clone(),
+            augment: args.augment,
+            aa,
+            erase,
+            load: args.data.load_options(),
+        },
         plans: RefCell::new(plans),
         steps_per_epoch,
         total_steps: steps_per_epoch * args.epochs(),

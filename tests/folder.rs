@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use senet_wgpu::data::augment::{EraseMode, RandAugment, RandomErasing};
 use senet_wgpu::data::folder::{self, FolderOptions};
 use senet_wgpu::data::loader::{self, LoadOptions, Preprocess};
 use senet_wgpu::data::transforms::{self, Rect, Rgb};
@@ -223,6 +224,7 @@ fn all_batches(ds: &Arc<senet_wgpu::data::Dataset>, workers: usize, augment: boo
         normalize: Some(vec![(0.485, 0.229), (0.456, 0.224), (0.406, 0.225)]),
         augment,
         load: LoadOptions { workers, ..LoadOptions::default() },
+        ..Preprocess::default()
     };
     loader::stream(ds.clone(), chunks, pre, 7, epoch).map(|b| b.unwrap()).collect()
 }
@@ -259,11 +261,65 @@ fn batches_do_not_depend_on_workers_cache_or_where_the_epoch_starts() {
         normalize: Some(vec![(0.485, 0.229), (0.456, 0.224), (0.406, 0.225)]),
         augment: true,
         load: LoadOptions { workers: 2, ..LoadOptions::default() },
+        ..Preprocess::default()
     };
     let resumed: Vec<loader::Batch> = loader::stream(train.clone(), rest, pre, 7, 1).map(|b| b.unwrap()).collect();
     assert!(bits(&resumed) == bits(&one[3..]), "a loader started at batch 3 differs");
     // The evaluation transform: no draws, the same in any epoch.
     assert!(bits(&all_batches(&train, 2, false, 1)) == bits(&all_batches(&train, 1, false, 5)));
+}
+
+/// timm's augmentations on the loader's workers: every training image is RandomResizedCrop, flip,
+/// RandAugment, ToTensor + Normalize, RandomErasing in that order (timm's
+/// `transforms_imagenet_train`), all drawn from the sample's one stream, so the batches are the
+/// same with 1 or 3 workers; evaluation batches never get them.
+#[test]
+fn timm_augmentations_run_in_timms_order_whatever_the_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path(), 4, 1);
+    let train = Arc::new(folder_set(dir.path(), 12, 0).train);
+    let ra = RandAugment::parse("rand-m9-n3-mstd0.5", [124, 116, 104]).unwrap();
+    let re = RandomErasing { prob: 0.7, mode: EraseMode::Pixel, max_count: 2 };
+    let norm = vec![(0.485f32, 0.229f32), (0.456, 0.224), (0.406, 0.225)];
+    let pre = |workers, timm: bool, augment: bool| Preprocess {
+        normalize: Some(norm.clone()),
+        augment,
+        aa: timm.then(|| ra.clone()),
+        erase: timm.then(|| re.clone()),
+        load: LoadOptions { workers, ..LoadOptions::default() },
+    };
+    let order = loader::epoch_order(train.len(), true, 7, 1);
+    let chunks: Vec<Vec<usize>> = order.chunks(5).map(<[usize]>::to_vec).collect();
+    let run = |p: Preprocess| -> Vec<loader::Batch> {
+        loader::stream(train.clone(), chunks.clone(), p, 7, 1).map(|b| b.unwrap()).collect()
+    };
+    let one = run(pre(1, true, true));
+    assert!(bits(&one) == bits(&run(pre(3, true, true))), "3 workers differ from 1");
+    assert!(bits(&one) != bits(&run(pre(1, false, true))), "--aa and --reprob changed nothing");
+    assert!(bits(&run(pre(2, true, false))) == bits(&run(pre(1, false, false))), "evaluation batches augmented");
+    let files = train.files.as_ref().unwrap();
+    let [c, h, w] = train.shape;
+    let len = c * h * w;
+    let mut erased = 0;
+    for (b, idx) in one.iter().zip(&chunks) {
+        for (k, &i) in idx.iter().enumerate() {
+            let mut rng = folder::sample_rng(7, 1, i);
+            let img = transforms::train_transform(&files.image(i).unwrap(), [h, w], &mut rng);
+            let img = ra.apply(img, &mut rng);
+            let mut t: Vec<f32> = (0..len)
+                .map(|q| {
+                    let (ch, p) = (q / (h * w), q % (h * w));
+                    (f32::from(img.pixels[p * 3 + ch]) / 255.0 - norm[ch].0) / norm[ch].1
+                })
+                .collect();
+            let plain = t.clone();
+            re.apply(&mut t, [c, h, w], &mut rng);
+            erased += usize::from(t != plain);
+            let got: Vec<u32> = b.images[k * len..][..len].iter().map(|v| v.to_bits()).collect();
+            assert!(got == t.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "sample {i} is not timm's order");
+        }
+    }
+    assert!(erased > 0, "no image erased at --reprob 0.7");
 }
 
 /// A file that does not decode ends the pass with an error naming it (after the batches before
@@ -419,6 +475,70 @@ fn a_bad_image_stops_and_resumes_exactly_or_is_skipped() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let read = |d: &Path| std::fs::read(d.join("last.safetensors")).unwrap();
     assert!(read(&stopped) == read(&whole), "the resumed run's weights differ from the uninterrupted run's");
+}
+
+/// `--aa`, `--reprob`, `--remode`, `--recount`: refusals that name the flag and the bad part;
+/// saved in config.json and restored by `--resume` (1 epoch + 1 resumed = 2 epochs, bit for bit).
+#[test]
+fn timm_augment_flags_are_checked_saved_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_folder(&data, 4, 1);
+    let run = |out: &str, epochs: &str, extra: &[&str]| {
+        let mut args = train_args(&data, &dir.path().join(out), 3, "2");
+        let i = args.iter().position(|a| a == "--epochs").unwrap();
+        args[i + 1] = epochs.into();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        senet().args(&args).output().unwrap()
+    };
+    for (extra, expect) in [
+        (&["--aa", "rand-m9-x3"][..], &["--aa", "\"x3\"", "unknown key"][..]),
+        (&["--aa", "trivialaugment"], &["--aa", "TrivialAugment", "rand-m9-mstd0.5"]),
+        (&["--aa", "rand-m9", "--no-augment"], &["--augment"]),
+        (&["--reprob", "1.5"], &["--reprob"]),
+        (&["--reprob", "0.5", "--recount", "0"], &["--recount"]),
+    ] {
+        let o = run("never", "1", extra);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {stderr}");
+        for e in expect {
+            assert!(stderr.contains(e), "{extra:?}: expected {e:?} in {stderr}");
+        }
+    }
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--augment", "--aa", "rand-m9", "--epochs", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("image folders"), "{stderr}");
+    assert!(!dir.path().join("never").exists(), "a refusal left a run folder");
+
+    let timm = ["--aa", "rand-m9-mstd0.5", "--reprob", "0.5", "--remode", "pixel", "--recount", "2"];
+    let o = run("whole", "2", &timm);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("RandomHorizontalFlip + RandAugment(n=2, m=9")
+            && stdout.contains("RandomErasing(p=0.5, pixel, 1..=2"),
+        "{stdout}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("whole/config.json")).unwrap()).unwrap();
+    let t = &v["train"];
+    assert_eq!(
+        (t["aa"].as_str(), t["reprob"].as_f64(), t["remode"].as_str(), t["recount"].as_u64()),
+        (Some("rand-m9-mstd0.5"), Some(0.5), Some("pixel"), Some(2))
+    );
+    let o = run("halves", "1", &timm);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = senet().args(["train", "--epochs", "2", "--resume"]).arg(dir.path().join("halves")).output().unwrap();
+    assert!(o.status.success(), "resume: {}", String::from_utf8_lossy(&o.stderr));
+    let read = |d: &str| std::fs::read(dir.path().join(d).join("last.safetensors")).unwrap();
+    assert!(read("halves") == read("whole"), "the resumed run's weights differ from the uninterrupted run's");
+    // Without the augmentations the weights differ: they did something.
+    let o = run("plain", "2", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(read("plain") != read("whole"), "--aa and --reprob changed nothing");
 }
 
 /// `--recipe imagenet` fills in the ImageNet recipe (lr 0.1 per 256 images, scaled with the

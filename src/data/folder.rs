@@ -6,8 +6,8 @@
 //! Loading only indexes the files (paths and labels). Images are decoded when a batch needs them,
 //! in the loader's worker threads ([`super::loader`]), converted to RGB as PIL's
 //! `.convert("RGB")` and transformed as torchvision's `RandomResizedCrop` + flip (training with
-//! `--augment`) or `Resize` + `CenterCrop` (evaluation, and training without augmentation); see
-//! [`super::transforms`]. A folder whose decoded images fit `--cache-mb` is held decoded in memory
+//! `--augment`, then timm's RandAugment with `--aa`) or `Resize` + `CenterCrop` (evaluation, and
+//! training without augmentation); see [`super::transforms`] and [`super::augment`]. A folder whose decoded images fit `--cache-mb` is held decoded in memory
 //! once read (each image decoded once per run); a larger one is read from disk every epoch, so
 //! memory does not grow with the dataset.
 
@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::augment::RandAugment;
 use super::transforms::{self, Rgb};
 use super::{Dataset, Splits};
 
@@ -94,9 +95,9 @@ pub fn sample_rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
 }
 
 impl Files {
-    /// How the folder is read and transformed (`augment`: the training transform), for the first
-    /// lines of a run.
-    pub fn describe(&self, augment: bool) -> String {
+    /// How the folder is read and transformed (`augment`: the training transform, followed by
+    /// `train_extra`, timm's augmentations when given), for the first lines of a run.
+    pub fn describe(&self, augment: bool, train_extra: &str) -> String {
         let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
         let [h, w] = self.size;
         let [rh, rw] = transforms::eval_resize_size(self.size, self.crop_pct);
@@ -119,7 +120,9 @@ impl Files {
         };
         let eval = format!("{resize} + CenterCrop(({h}, {w})) (crop_pct {})", self.crop_pct);
         let train = if augment {
-            format!("RandomResizedCrop(({h}, {w}), scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip")
+            format!(
+                "RandomResizedCrop(({h}, {w}), scale=(0.08, 1), ratio=(3/4, 4/3)) + RandomHorizontalFlip{train_extra}"
+            )
         } else {
             "the evaluation transform (no --augment)".to_string()
         };
@@ -142,11 +145,21 @@ impl Files {
     /// Sample `i` transformed: the training transform with its random draws from
     /// (`seed`, `epoch`, `i`) when `augment`, else the evaluation transform. RGB, `size`.
     pub fn transformed(&self, i: usize, augment: bool, seed: u64, epoch: usize) -> Result<Rgb, BadImage> {
+        if augment {
+            return self.train_transformed(i, None, &mut sample_rng(seed, epoch, i));
+        }
         let img = self.image(i)?;
-        Ok(if augment {
-            transforms::train_transform(&img, self.size, &mut sample_rng(seed, epoch, i))
-        } else {
-            transforms::eval_transform(&img, self.size, self.crop_pct)
+        Ok(transforms::eval_transform(&img, self.size, self.crop_pct))
+    }
+
+    /// Sample `i` through the training transform, drawing from `rng` (the sample's stream):
+    /// `RandomResizedCrop`, the flip, then RandAugment when `aa` is given. RGB, `size`.
+    pub fn train_transformed(&self, i: usize, aa: Option<&RandAugment>, rng: &mut ChaCha8Rng) -> Result<Rgb, BadImage> {
+        let img = self.image(i)?;
+        let out = transforms::train_transform(&img, self.size, rng);
+        Ok(match aa {
+            Some(ra) => ra.apply(out, rng),
+            None => out,
         })
     }
 }

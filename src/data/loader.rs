@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::Dataset;
+use super::augment::{RandAugment, RandomErasing};
 use super::folder::{self, BadImage};
 use crate::exit::RuntimeFailure;
 
@@ -32,6 +33,10 @@ pub struct Preprocess {
     /// Training augmentation: in-memory datasets a random crop (pad `hparams::CROP_PADDING`) +
     /// horizontal flip; image folders `RandomResizedCrop` + horizontal flip.
     pub augment: bool,
+    /// Image folders, with `augment`: timm's RandAugment after the flip (`--aa`).
+    pub aa: Option<RandAugment>,
+    /// Image folders, with `augment`: timm's RandomErasing on the normalised tensor (`--reprob`).
+    pub erase: Option<RandomErasing>,
     /// How batches are made.
     pub load: LoadOptions,
 }
@@ -134,8 +139,9 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], pre: &Preprocess, rng: &mut ChaCh
 
 /// Build the batch of image-folder samples `idx`: each decoded, transformed (training transform
 /// with draws from (`seed`, `epoch`, sample) when `pre.augment`, else the evaluation transform)
-/// and normalised. A file that fails to decode is an error, or with `skip_bad` left out and named
-/// in [`Batch::skipped`].
+/// and normalised, in timm's order: RandomResizedCrop, flip, RandAugment (`pre.aa`), ToTensor,
+/// Normalize, RandomErasing (`pre.erase`), every draw from the sample's one stream. A file that
+/// fails to decode is an error, or with `skip_bad` left out and named in [`Batch::skipped`].
 pub fn make_folder_batch(
     ds: &Dataset,
     files: &folder::Files,
@@ -148,7 +154,13 @@ pub fn make_folder_batch(
     let (plane, len) = (h * w, ds.image_len());
     let mut b = Batch { images: Vec::with_capacity(idx.len() * len), labels: Vec::new(), skipped: Vec::new() };
     for &i in idx {
-        let img = match files.transformed(i, pre.augment, seed, epoch) {
+        let mut rng = folder::sample_rng(seed, epoch, i);
+        let img = if pre.augment {
+            files.train_transformed(i, pre.aa.as_ref(), &mut rng)
+        } else {
+            files.transformed(i, false, seed, epoch)
+        };
+        let img = match img {
             Ok(img) => img,
             Err(bad) if pre.load.skip_bad => {
                 b.skipped.push(bad);
@@ -165,6 +177,9 @@ pub fn make_folder_batch(
             for (q, o) in out[ch * plane..][..plane].iter_mut().enumerate() {
                 *o = (f32::from(img.pixels[q * 3 + ch]) / 255.0 - mean) / std;
             }
+        }
+        if let Some(erase) = pre.erase.as_ref().filter(|_| pre.augment) {
+            erase.apply(out, [c, h, w], &mut rng);
         }
         b.labels.push(ds.labels[i]);
     }

@@ -6,6 +6,7 @@
 //! Conversion to f32 (/255 as `transforms.ToTensor()`, optional per-channel normalisation)
 //! happens per batch.
 
+pub mod augment;
 pub mod cifar10;
 pub mod folder;
 pub mod idx;

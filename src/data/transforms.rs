@@ -201,7 +201,7 @@ pub fn resized_crop(img: &Rgb, r: Rect, out_w: usize, out_h: usize) -> Rgb {
 }
 
 /// Python's `round` (half to even), as torchvision's crop arithmetic uses it.
-fn round_half_even(x: f64) -> i64 {
+pub(crate) fn round_half_even(x: f64) -> i64 {
     let r = x.round();
     if (x - x.trunc()).abs() == 0.5 { (2.0 * (x / 2.0).round()) as i64 } else { r as i64 }
 }

@@ -74,9 +74,15 @@ impl Trainer<'_> {
             args.optimizer
         ));
         if let Some(files) = &self.train_set.files {
+            let timm: String =
+                [self.pre.aa.as_ref().map(|a| a.describe()), self.pre.erase.as_ref().map(|e| e.describe())]
+                    .into_iter()
+                    .flatten()
+                    .map(|d| format!(" + {d}"))
+                    .collect();
             self.say(format!(
                 "{}; {} loader workers; {}",
-                files.describe(self.pre.augment),
+                files.describe(self.pre.augment, &timm),
                 self.pre.load.workers.max(1),
                 match &self.pre.normalize {
                     Some(n) => format!("normalised with mean/std {n:?}"),
