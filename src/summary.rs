@@ -41,7 +41,8 @@ fn layer_name(l: &Layer) -> String {
         }
         Layer::BatchNorm2d { c } => format!("BatchNorm2d {c}"),
         Layer::Relu => "ReLU".into(),
-        Layer::MaxPool2d { kernel, stride, .. } => format!("MaxPool2d {kernel}x{kernel}/{stride}"),
+        Layer::MaxPool2d { kernel, stride, ceil: false, .. } => format!("MaxPool2d {kernel}x{kernel}/{stride}"),
+        Layer::MaxPool2d { kernel, stride, ceil: true, .. } => format!("MaxPool2d {kernel}x{kernel}/{stride} ceil"),
         Layer::SeBlock { c, hidden, .. } => format!("SE {c}→{hidden}→{c}"),
         Layer::GlobalAvgPool => "AdaptiveAvgPool2d 1".into(),
         Layer::Linear { in_features, out_features, .. } => format!("Linear {in_features}→{out_features}"),

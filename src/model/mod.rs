@@ -8,7 +8,9 @@ pub mod data_parallel;
 pub mod plan;
 pub mod registry;
 pub mod resnet;
+pub mod resnext;
 pub mod senet;
+pub mod senet154;
 
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
@@ -39,6 +41,8 @@ pub enum Layer {
         kernel: usize,
         stride: usize,
         pad: usize,
+        /// PyTorch's `ceil_mode` (SENet-154's stem pool).
+        ceil: bool,
     },
     /// The SE block: `fc1` C→hidden, ReLU, `fc2` hidden→C, sigmoid, scale. `hidden` is C // r
     /// for the paper's reduction r, or timm's rounding of it ([`ModelConfig::se_hidden`]).
@@ -199,7 +203,7 @@ pub fn conv_config(layer: &Layer, inp: &[usize]) -> Option<Conv2dConfig> {
 /// The pooling configuration of a MaxPool2d layer reading `inp`.
 pub fn pool_config(layer: &Layer, inp: &[usize]) -> Option<MaxPool2dConfig> {
     match *layer {
-        Layer::MaxPool2d { kernel, stride, pad } => Some(MaxPool2dConfig {
+        Layer::MaxPool2d { kernel, stride, pad, ceil } => Some(MaxPool2dConfig {
             n: inp[0],
             c: inp[1],
             h: inp[2],
@@ -207,6 +211,7 @@ pub fn pool_config(layer: &Layer, inp: &[usize]) -> Option<MaxPool2dConfig> {
             kernel: (kernel, kernel),
             stride: (stride, stride),
             pad: (pad, pad),
+            ceil,
         }),
         _ => None,
     }

@@ -8,7 +8,7 @@
 //! Conv2d        Conv(x, W[, B])             kernel_shape, strides, pads
 //! BatchNorm2d   BatchNormalization(x, weight, bias, running_mean, running_var)   epsilon 1e-5
 //! Relu          Relu
-//! MaxPool2d     MaxPool                     kernel_shape, strides, pads (floor mode)
+//! MaxPool2d     MaxPool                     kernel_shape, strides, pads, ceil_mode when set
 //! SeBlock       GlobalAveragePool | GlobalMaxPool → Conv(fc1) → Relu → Conv(fc2)
 //!               → Sigmoid | Tanh | Relu → Mul(x, gate)   (fc1/fc2 weights are [o, i, 1, 1])
 //! GlobalAvgPool GlobalAveragePool → Flatten(axis 1)
@@ -230,9 +230,12 @@ pub fn onnx_graph_model(
                 push("BatchNormalization", "", inputs, &out, vec![attr_float("epsilon", eps)]);
             }
             Layer::Relu => push("Relu", "", vec![x], &out, vec![]),
-            Layer::MaxPool2d { kernel, stride, pad } => {
+            Layer::MaxPool2d { kernel, stride, pad, ceil } => {
                 let mut attrs = spatial_attrs(kernel, stride, pad);
                 attrs.retain(|a| a.name.as_deref() != Some("dilations"));
+                if ceil {
+                    attrs.push(attr_int("ceil_mode", 1));
+                }
                 push("MaxPool", "", vec![x], &out, attrs);
             }
             Layer::SeBlock { bias, variant, .. } => {
