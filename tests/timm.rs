@@ -216,6 +216,43 @@ fn our_eval_forward_reproduces_timms_resnext_and_senet154_logits() {
     assert!(diff > 1e-3, "{stem}: pool0 in floor mode changes the logits by only {diff:e}");
 }
 
+/// What inference cannot read from a ResNeXt or SENet-154 file is one error naming the file and
+/// the tensor.
+#[test]
+fn resnext_and_senet154_inference_errors_name_the_file_and_tensor() {
+    let infer = |sd: &StateDict| format!("{:#}", checkpoint::infer_config(sd, [64, 64], "t.safetensors").unwrap_err());
+    let entry = |shape: Vec<usize>| Entry { value: Value::F32(vec![0.0; shape.iter().product()]), shape };
+
+    // SENet-154 with a unit missing from layer3: its depth is fixed.
+    let sd = checkpoint::load(&path("legacy_senet154_w00625")).unwrap();
+    let mut short = sd.clone();
+    short.retain(|k, _| !k.starts_with("layer3.35."));
+    let e = infer(&short);
+    assert!(e.contains("t.safetensors") && e.contains("units per stage [3, 8, 35, 3]"), "{e}");
+    // Groups another width would have: 8 groups at width 1/16 (4).
+    let mut groups = sd.clone();
+    groups.insert("layer1.0.conv2.weight".into(), entry(vec![16, 1, 3, 3]));
+    let e = infer(&groups);
+    assert!(e.contains("t.safetensors: layer1.0.conv2.weight [16, 1, 3, 3] has 8 groups"), "{e}");
+    // An SE width no rule gives.
+    let mut se = sd.clone();
+    se.insert("layer2.3.se_module.fc1.weight".into(), entry(vec![3, 32, 1, 1]));
+    let e = infer(&se);
+    assert!(e.contains("t.safetensors") && e.contains("layer2.3.se_module.fc1.weight 32→3"), "{e}");
+    // No last_linear: not claimed by SENet-154, and the error says what is looked for.
+    let mut headless = sd.clone();
+    headless.remove("last_linear.weight");
+    let e = infer(&headless);
+    assert!(e.contains("t.safetensors: cannot infer the model") && e.contains("last_linear.weight"), "{e}");
+
+    // A ResNeXt of a depth that is none of 50/101/152.
+    let sd = checkpoint::load(&path("seresnext50_32x4d_w00625")).unwrap();
+    let mut deep = sd.clone();
+    deep.retain(|k, _| !k.starts_with("layer3.5."));
+    let e = infer(&deep);
+    assert!(e.contains("t.safetensors: ResNeXt units per stage [3, 4, 5, 3]"), "{e}");
+}
+
 /// A checkpoint with another class count: everything but the classifier loads, the classifier
 /// keeps its fresh initialisation, and the note names both counts.
 #[test]

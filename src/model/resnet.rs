@@ -59,11 +59,11 @@ impl Family for ImageNetResNet {
         imagenet_resnet(cfg, depth, se)
     }
 
-    /// A 7x7 stem, ungrouped 3x3s (grouped ones are a ResNeXt's).
+    /// A 7x7 stem, bottlenecks (if any) a ResNet's: not a ResNeXt's grouped or wider ones.
     fn claims(&self, sd: &Shapes) -> bool {
         sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] == 7)
             && sd.contains_key("fc.weight")
-            && super::resnext::first_groups(sd) == 1
+            && !super::resnext::is_resnext(sd)
     }
 
     fn infer(&self, sd: &Shapes, base: ModelConfig, what: &str) -> Result<ModelConfig> {

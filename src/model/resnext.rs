@@ -62,6 +62,16 @@ pub fn first_groups(sd: &Shapes) -> usize {
     }
 }
 
+/// Whether a 7×7-stem bottleneck state dict is a ResNeXt's: its first 3×3 is grouped, or (one
+/// group) its bottleneck is wider than a ResNet's (`conv1` out ≠ `conv3` out / 4).
+pub fn is_resnext(sd: &Shapes) -> bool {
+    let wider = match (sd.get("layer1.0.conv1.weight"), sd.get("layer1.0.conv3.weight")) {
+        (Some(c1), Some(c3)) if !c1.is_empty() && !c3.is_empty() => c1[0] * 4 != c3[0],
+        _ => false,
+    };
+    first_groups(sd) > 1 || wider
+}
+
 impl Family for ResNeXt {
     fn names(&self) -> &'static str {
         "[se-]resnext50/101/152-CxDd (ResNeXts, cardinality C with D channels per group, as timm's: \
@@ -82,12 +92,12 @@ impl Family for ResNeXt {
         resnext(cfg, name)
     }
 
-    /// A 7×7 stem, `fc`, and a grouped 3×3 in the first unit.
+    /// A 7×7 stem, `fc`, and a grouped or wide bottleneck in the first unit ([`is_resnext`]).
     fn claims(&self, sd: &Shapes) -> bool {
         sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] == 7)
             && sd.contains_key("fc.weight")
             && sd.contains_key("layer1.0.conv3.weight")
-            && first_groups(sd) > 1
+            && is_resnext(sd)
     }
 
     fn infer(&self, sd: &Shapes, base: ModelConfig, what: &str) -> Result<ModelConfig> {
