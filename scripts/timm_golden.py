@@ -50,7 +50,7 @@ CASES = {
     # name: the model, built after torch.manual_seed(0)
     "seresnet18_w0125": lambda: build(BasicBlock, (2, 2, 2, 2)),
     "seresnet50_w0125": lambda: build(Bottleneck, (3, 4, 6, 3)),
-    "seresnext50_32x4d_w00625": lambda: build_seresnext50(),
+    "seresnext50_32x4d_w00625": lambda: build_resnext(50, 32, 4, 0.0625),
     "legacy_senet154_w00625": lambda: build_senet154(),
 }
 WIDTH = 0.125
@@ -58,39 +58,44 @@ CLASSES = 10
 INPUT = (2, 3, 64, 64)
 
 
-def build(block, layers, width=WIDTH, cardinality=1, base_width=64):
+def build(block, layers, width=WIDTH, cardinality=1, base_width=64, in_chans=3, classes=CLASSES, se=True):
     channels = tuple(int(c * width) for c in (64, 128, 256, 512))
-    model = ResNet(block=block, layers=layers, num_classes=CLASSES, channels=channels, cardinality=cardinality,
-                   base_width=base_width, block_args=dict(attn_layer="se"))
+    attn = dict(attn_layer="se") if se else {}
+    model = ResNet(block=block, layers=layers, num_classes=classes, channels=channels, cardinality=cardinality,
+                   base_width=base_width, block_args=attn)
     # timm's plain stem always has 64 channels: narrow it, and rebuild the stages on it with
     # timm's own make_blocks (the call ResNet.__init__ makes, with inplanes = the stem's width).
     stem = int(64 * width)
-    model.conv1 = torch.nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    model.conv1 = torch.nn.Conv2d(in_chans, stem, kernel_size=7, stride=2, padding=3, bias=False)
     model.bn1 = torch.nn.BatchNorm2d(stem)
     stages, _ = make_blocks((block,) * 4, channels, layers, stem, cardinality=cardinality, base_width=base_width,
-                            attn_layer="se")
+                            **attn)
     for name, stage in stages:
         setattr(model, name, stage)
     return model
 
 
-def build_seresnext50():
-    # seresnext50_32x4d: cardinality 32, base_width 4. At width w the groups are int(32 w) and
-    # each keeps its channels: floor(planes * base_width / 64) = 4 at planes 4 needs base_width 64.
-    w = 0.0625
-    return build(Bottleneck, (3, 4, 6, 3), width=w, cardinality=int(32 * w), base_width=int(4 / w))
+RESNEXT_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
-def build_senet154():
+def build_resnext(depth=50, cardinality=32, base_width=4, width=0.0625, se=True, in_chans=3, classes=CLASSES):
+    # timm's [se]resnext<depth>_<C>x<D>d. At width w the groups are int(C w) and each keeps its
+    # channels: floor(planes * base_width / 64) at the narrowed planes needs base_width D / w
+    # (seresnext50_32x4d at w = 1/16: 2 groups, base_width 64, 4 channels per group in layer1).
+    return build(Bottleneck, RESNEXT_LAYERS[depth], width=width, cardinality=int(cardinality * width),
+                 base_width=int(base_width / width), in_chans=in_chans, classes=classes, se=se)
+
+
+def build_senet154(width=0.0625, in_chans=3, classes=CLASSES):
     # legacy_senet154's arguments, every channel count and the groups at width w.
-    w = 0.0625
+    w = width
     c = lambda n: int(n * w)
     model = SENet(block=SEBottleneck, layers=[3, 8, 36, 3], groups=c(64), reduction=16, downsample_kernel_size=3,
-                  downsample_padding=1, inplanes=c(128), input_3x3=True, num_classes=CLASSES)
+                  downsample_padding=1, inplanes=c(128), input_3x3=True, num_classes=classes)
     # SENet's stem and stage planes are fixed numbers: narrow the stem's convolutions and rebuild
     # the stages with timm's own _make_layer, as SENet.__init__ calls it.
     l0 = model.layer0
-    l0.conv1 = torch.nn.Conv2d(3, c(64), 3, stride=2, padding=1, bias=False)
+    l0.conv1 = torch.nn.Conv2d(in_chans, c(64), 3, stride=2, padding=1, bias=False)
     l0.bn1 = torch.nn.BatchNorm2d(c(64))
     l0.conv2 = torch.nn.Conv2d(c(64), c(64), 3, stride=1, padding=1, bias=False)
     l0.bn2 = torch.nn.BatchNorm2d(c(64))
@@ -103,7 +108,7 @@ def build_senet154():
                                   stride=1 if first else 2, downsample_kernel_size=1 if first else 3,
                                   downsample_padding=0 if first else 1)
         setattr(model, f"layer{i + 1}", stage)
-    model.last_linear = torch.nn.Linear(c(2048), CLASSES)
+    model.last_linear = torch.nn.Linear(c(2048), classes)
     return model
 
 
