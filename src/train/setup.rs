@@ -11,6 +11,7 @@ use crate::dist::{Collective, Dist};
 use crate::gpu::Precision;
 use crate::hparams as hp;
 use crate::model::plan::Network;
+use crate::model::registry::Family;
 use crate::model::{BottleneckStride, ModelConfig};
 use crate::run::{self, RunFolder, RunState};
 
@@ -44,7 +45,9 @@ pub fn model_from_init(args: &mut TrainArgs, given: impl Fn(&str) -> bool) -> Re
     take("bottleneck_stride", &mut || net.bottleneck_stride = Some(cfg.block.stride));
     let bottlenecks = crate::model::resnet::parse_name(&net.model)
         .and_then(|(d, _)| crate::model::resnet::IMAGENET_TABLE.iter().find(|t| t.0 == d))
-        .is_some_and(|t| t.1);
+        .is_some_and(|t| t.1)
+        || crate::model::resnext::parse_name(&net.model).is_some()
+        || crate::model::senet154::Senet154.accepts(&net.model);
     // The flags as the model takes them (the family's conventions where a flag is not given).
     let resolved = net.config(1, [1, 1], 1, vec![]);
     let stride = match (bottlenecks, resolved.block.stride) {
