@@ -4,7 +4,10 @@ bare state dict, read back by `senet export` (the model inferred from the file a
 widths, SE biases, a bottleneck's stride in the 3x3), and the exported network run by onnxruntime
 on a 2x3x64x64 batch against PyTorch's eval-mode logits.
 
-Run: python3 scripts/timm_full_check.py [--senet target/release/senet]
+The ResNeXts and SENet-154 (timm's resnext50_32x4d, seresnext50/101_32x4d, legacy_senet154) go the
+same way: inferred from the file (cardinality and group width, SENet-154's width and groups).
+
+Run: python3 scripts/timm_full_check.py [--senet target/release/senet] [--only resnext]
 """
 import argparse
 import os
@@ -24,16 +27,23 @@ MODELS = {
     "timm seresnet50": lambda: timm.create_model("seresnet50"),
     "timm seresnet101": lambda: timm.create_model("seresnet101"),
     "torchvision resnet50": lambda: torchvision.models.resnet50(),
+    "timm resnext50_32x4d": lambda: timm.create_model("resnext50_32x4d"),
+    "timm seresnext50_32x4d": lambda: timm.create_model("seresnext50_32x4d"),
+    "timm seresnext101_32x4d": lambda: timm.create_model("seresnext101_32x4d"),
+    "timm legacy_senet154": lambda: timm.create_model("legacy_senet154"),
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--senet", default="target/release/senet")
+    ap.add_argument("--only", help="the models whose name contains this text")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in MODELS.items():
+            if args.only and args.only not in name:
+                continue
             m = make()
             for mod in m.modules():
                 if isinstance(mod, torch.nn.BatchNorm2d):

@@ -255,15 +255,16 @@ pub struct ModelArgs {
     #[serde(default)]
     pub se_stages: Vec<usize>,
     /// SE hidden widths: 0 = C // r (the paper); N = C / r rounded to a multiple of N, as timm's
-    /// SE-ResNets (8).
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    /// SE-ResNets and SE-ResNeXts (8) [default: 8 for the (SE-)ResNeXts, as timm's; else 0]
+    #[arg(long, value_name = "N")]
     #[serde(default)]
-    pub se_divisor: usize,
-    /// Where an ImageNet bottleneck (ResNet-50/101/152) strides: 1x1 = its first convolution (the
-    /// original ResNet, the SENet paper), 3x3 = its 3x3 convolution (timm, torchvision: "v1.5").
-    #[arg(long, value_enum, default_value = "1x1")]
+    pub se_divisor: Option<usize>,
+    /// Where a bottleneck (ResNet-50/101/152, ResNeXt, SENet-154) strides: 1x1 = its first
+    /// convolution (the original ResNet, the SENet paper), 3x3 = its 3x3 convolution (timm,
+    /// torchvision: "v1.5") [default: 3x3 for the ResNeXts and SENet-154, as timm's; else 1x1]
+    #[arg(long, value_enum)]
     #[serde(default)]
-    pub bottleneck_stride: BottleneckStride,
+    pub bottleneck_stride: Option<BottleneckStride>,
 }
 
 impl ModelArgs {
@@ -283,6 +284,8 @@ impl ModelArgs {
         num_classes: usize,
         classes: Vec<String>,
     ) -> ModelConfig {
+        // What the flags leave open, the model's family decides (timm's layout for timm's models).
+        let fixed = crate::model::registry::family(&self.model).map(|f| f.conventions()).unwrap_or_default();
         ModelConfig {
             model: self.model.clone(),
             width: self.width,
@@ -292,15 +295,15 @@ impl ModelArgs {
             input_hw,
             classes,
             normalize: None,
-            se_bias: self.se_bias,
+            se_bias: self.se_bias || fixed.se_bias,
             se: SeOptions {
                 squeeze: self.squeeze,
                 excitation: self.excitation,
                 placement: self.se_placement,
                 stages: self.se_stages.clone(),
-                divisor: self.se_divisor,
+                divisor: self.se_divisor.unwrap_or(fixed.se_divisor),
             },
-            block: BlockOptions { stride: self.bottleneck_stride },
+            block: BlockOptions { stride: self.bottleneck_stride.unwrap_or(fixed.stride) },
         }
     }
 }

@@ -277,8 +277,9 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
     let shapes: Shapes = sd.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
     let family = registry::claiming(&shapes).with_context(|| {
         format!(
-            "{what}: cannot infer the model: neither conv1.weight and fc.weight (a (SE-)ResNet) nor \
-             features.0.weight (the base SENet); with another state dict, give the run's config.json beside it"
+            "{what}: cannot infer the model: none of conv1.weight and fc.weight (a (SE-)ResNet or ResNeXt), \
+             layer0.conv3.weight and last_linear.weight (SENet-154), features.0.weight (the base SENet); with \
+             another state dict, give the run's config.json beside it"
         )
     })?;
     let base = ModelConfig {

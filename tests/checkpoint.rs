@@ -250,7 +250,7 @@ fn sigkill_during_checkpoint_writes_leaves_a_readable_file() {
 #[test]
 fn bare_state_dicts_tell_their_model() {
     let gpu = gpu();
-    let cases: [(&str, f64, usize, bool, &[usize]); 9] = [
+    let cases: [(&str, f64, usize, bool, &[usize]); 13] = [
         ("senet", 0.125, 4, true, &[]),
         ("resnet20", 0.5, 16, false, &[]),
         ("se-resnet32", 0.5, 4, false, &[]),
@@ -260,6 +260,11 @@ fn bare_state_dicts_tell_their_model() {
         ("se-resnet50", 0.125, 16, true, &[4]),
         ("resnet101", 0.0625, 16, false, &[]),
         ("se-resnet152", 0.0625, 4, false, &[]),
+        ("resnext50-32x4d", 0.0625, 16, false, &[]),
+        // One group left at this width (int(8 · 0.125)): told from a ResNet by its wider bottleneck.
+        ("se-resnext101-8x16d", 0.125, 8, true, &[3, 4]),
+        ("se-resnext50-32x4d", 0.125, 16, true, &[]),
+        ("senet154", 0.0625, 8, true, &[1, 4]),
     ];
     for (model, width, reduction, se_bias, stages) in cases {
         let mut cfg = config(width, 7);

@@ -355,6 +355,30 @@ fn nonsense_arguments_are_rejected_up_front() {
     }
 }
 
+/// The ResNeXts' and SENet-154's flags: what does not apply or cannot build is refused before any
+/// data is read, naming the flag; `--help` lists the names.
+#[test]
+fn resnext_and_senet154_flags_are_checked_up_front() {
+    for (args, expect) in [
+        (&["--model", "resnext50-32x4d", "--se-placement", "pre"][..], "resnext50-32x4d has no SE blocks"),
+        (&["--model", "senet154", "--width", "0.3"], "--width 0.3 gives senet154 19 groups"),
+        (&["--model", "resnext101-32x4d", "--width", "0.02"], "the smallest width is 0.03125"),
+        (&["--model", "se-resnext50-32x4d", "--reduction", "0"], "--reduction 0 must be between 1"),
+        (&["--model", "resnext50-32x0d"], "--model \"resnext50-32x0d\": expected one of"),
+    ] {
+        let o = senet()
+            .args(["train", "--dataset", "folder", "--data-dir", "/nonexistent/senet"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = refused(&o, &format!("{args:?}"), &[expect]);
+        assert!(!stderr.contains("nonexistent"), "the model is checked before the data: {stderr}");
+    }
+    let help = senet().args(["train", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("se-resnext50-32x4d") && help.contains("senet154"), "{help}");
+}
+
 /// Trains `args` for 2 epochs into `dir`/a and for 1 into `dir`/b, then resumes b to 2 epochs:
 /// both last.safetensors must be equal byte for byte (`what` names the run in a failure). Returns
 /// run a's stdout and the resume's.

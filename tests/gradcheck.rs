@@ -123,7 +123,9 @@ fn relu_gradient() {
 fn pool_gradients() {
     let cases = [
         MaxPool2dConfig::two_by_two(2, 2, 5, 7),
-        MaxPool2dConfig { n: 1, c: 2, h: 7, w: 6, kernel: (3, 3), stride: (2, 1), pad: (1, 1) },
+        MaxPool2dConfig { n: 1, c: 2, h: 7, w: 6, kernel: (3, 3), stride: (2, 1), pad: (1, 1), ceil: false },
+        // Ceil mode: the last windows hang over the bottom and right edges.
+        MaxPool2dConfig { n: 1, c: 2, h: 6, w: 8, kernel: (3, 3), stride: (2, 2), pad: (0, 0), ceil: true },
     ];
     for (k, c) in cases.iter().enumerate() {
         let mut r = ChaCha8Rng::seed_from_u64(30 + k as u64);

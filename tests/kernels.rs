@@ -804,14 +804,44 @@ fn pool_cases() -> Vec<MaxPool2dConfig> {
         kernel: (k, k),
         stride: (s, s),
         pad: (p, p),
+        ceil: false,
     };
+    let ceil = |c: MaxPool2dConfig| MaxPool2dConfig { ceil: true, ..c };
     vec![
         MaxPool2dConfig::two_by_two(1, 1, 5, 7), // batch 1, odd sizes floor: 5x7 -> 2x3
         MaxPool2dConfig::two_by_two(3, 4, 4, 4),
         mk(2, 3, 8, 6, 3, 2, 1), // overlapping windows with padding
         mk(2, 2, 7, 7, 3, 1, 1), // heavy overlap: every input in up to 9 windows
-        MaxPool2dConfig { n: 1, c: 5, h: 9, w: 6, kernel: (3, 2), stride: (2, 1), pad: (1, 0) },
+        MaxPool2dConfig { n: 1, c: 5, h: 9, w: 6, kernel: (3, 2), stride: (2, 1), pad: (1, 0), ceil: false },
+        // Ceil mode (SENet-154's stem pool, 3x3/2 unpadded): an 8x10 input pools to 4x5 (floor:
+        // 3x4), the last row and column of windows hanging over the edge by one.
+        ceil(mk(2, 3, 8, 10, 3, 2, 0)),
+        // Odd sizes, where ceil and floor agree (7 → 3), and a padded ceil pool whose last window
+        // would start in the padding and is dropped (5, k2 s2 p1: 3 outputs, not the 4 of bare ceil).
+        ceil(mk(1, 2, 7, 5, 3, 2, 0)),
+        ceil(mk(1, 2, 5, 6, 2, 2, 1)),
     ]
+}
+
+/// Output sizes as PyTorch's `MaxPool2d(k, s, p, ceil_mode=True)` gives them on an h×h input
+/// (printed by torch 2.x), with floor mode's beside: (h, k, s, p, ceil, floor).
+#[test]
+fn max_pool2d_ceil_sizes_are_pytorchs() {
+    let torch = [
+        (8, 3, 2, 0, 4, 3),
+        (10, 3, 2, 0, 5, 4),
+        (7, 3, 2, 0, 3, 3),
+        (5, 2, 2, 1, 3, 3),
+        (6, 2, 2, 1, 4, 4),
+        (112, 3, 2, 0, 56, 55),
+        (16, 3, 2, 0, 8, 7),
+    ];
+    for (h, k, s, p, want_ceil, want_floor) in torch {
+        let cfg = MaxPool2dConfig { n: 1, c: 1, h, w: h, kernel: (k, k), stride: (s, s), pad: (p, p), ceil: true };
+        assert_eq!((cfg.out_h(), cfg.out_w()), (want_ceil, want_ceil), "ceil {cfg:?}");
+        let floor = MaxPool2dConfig { ceil: false, ..cfg };
+        assert_eq!(floor.out_h(), want_floor, "floor {floor:?}");
+    }
 }
 
 #[test]

@@ -44,8 +44,19 @@ fn storage_widths(module: &naga::Module) -> Vec<u8> {
 
 /// Files whose kernels move activations (and so have an f16 variant with f16 bindings); the
 /// optimizer and the benchmark kernels work on f32 only.
-const ACTIVATION_FILES: &[&str] =
-    &["conv2d", "conv2d_tiled", "batch_norm", "relu", "pool", "se_block", "linear", "cross_entropy", "add", "cast"];
+const ACTIVATION_FILES: &[&str] = &[
+    "conv2d",
+    "conv2d_tiled",
+    "batch_norm",
+    "relu",
+    "pool",
+    "se_block",
+    "linear",
+    "cross_entropy",
+    "add",
+    "cast",
+    "dropout",
+];
 
 #[test]
 fn every_kernel_has_an_f16_variant_and_its_f32_variant_is_all_f32() {

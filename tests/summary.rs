@@ -99,3 +99,43 @@ fn grouped_convolutions_count_their_parameters_and_multiply_adds() {
     let s = summarize("depthwise", &conv(32, 8, 32, true)).unwrap();
     assert_eq!((s.params, s.macs), (320, 18_432));
 }
+
+/// `senet summary --model <m> --image-size 224 --num-classes 1000` through the command line, so the
+/// families' defaults (timm's SE biases and widths) are the ones a user gets: (parameters,
+/// multiply-adds per image).
+fn cli_summary(model: &str) -> (usize, f64) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_senet"))
+        .args(["summary", "--model", model, "--image-size", "224", "--num-classes", "1000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "summary {model}: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    let total = stdout.lines().find(|l| l.starts_with("total: ")).unwrap_or_else(|| panic!("{stdout}"));
+    let words: Vec<&str> = total.split_whitespace().collect();
+    (words[1].parse().unwrap(), words[5].parse::<f64>().unwrap() * 1e9)
+}
+
+/// The ResNeXts and SENet-154 as timm builds them: parameter counts exactly as
+/// `sum(p.numel() for p in timm.create_model(name).parameters())` printed by timm 1.0.31 for
+/// resnext50_32x4d, resnext101_32x4d, seresnext50_32x4d, seresnext101_32x4d and
+/// legacy_senet154; multiply-adds within 1 % of the SENet paper's Table 2 GFLOPs for the
+/// (SE-)ResNeXts (4.24 / 4.25 and 7.99 / 8.00; measured here 4.230, 4.239, 7.970, 7.984).
+/// SENet-154 measures 20.70 G.
+#[test]
+fn resnext_and_senet154_parameter_counts_are_timms() {
+    let cases = [
+        ("resnext50-32x4d", 25_028_904, 4.24),
+        ("resnext101-32x4d", 44_177_704, 7.99),
+        ("se-resnext50-32x4d", 27_559_896, 4.25),
+        ("se-resnext101-32x4d", 48_955_416, 8.00),
+        ("senet154", 115_088_984, 20.70),
+    ];
+    for (model, params, gflops) in cases {
+        let (p, macs) = cli_summary(model);
+        assert_eq!(p, params, "{model}");
+        within(&format!("{model} GFLOPs"), macs / 1e9, gflops, 0.01);
+    }
+    // timm's spellings name the same models.
+    assert_eq!(cli_summary("seresnext50_32x4d").0, 27_559_896);
+    assert_eq!(cli_summary("legacy_senet154").0, 115_088_984);
+}

@@ -140,6 +140,119 @@ fn our_eval_forward_reproduces_timms_logits() {
     }
 }
 
+/// timm's ResNeXt and SENet-154 at a sixteenth of the width (scripts/timm_golden.py): (file stem,
+/// the model inferred, SE divisor). Both infer width 1/16, r = 16, SE biases, 10 classes.
+const FAMILY_CASES: [(&str, &str, usize); 2] =
+    [("seresnext50_32x4d_w00625", "se-resnext50-32x4d", 8), ("legacy_senet154_w00625", "senet154", 0)];
+
+/// The model a bare timm ResNeXt / SENet-154 state dict describes, and strict semantics: our
+/// graph's parameters and batch-norm buffers are exactly the file's tensors, names and shapes.
+#[test]
+fn timm_resnext_and_senet154_state_dicts_tell_their_model() {
+    for (stem, model, divisor) in FAMILY_CASES {
+        let sd = checkpoint::load(&path(stem)).unwrap();
+        let cfg = checkpoint::infer_config(&sd, [64, 64], stem).unwrap();
+        assert_eq!(
+            (
+                cfg.model.as_str(),
+                cfg.width,
+                cfg.reduction,
+                cfg.se.divisor,
+                cfg.se_bias,
+                cfg.in_channels,
+                cfg.num_classes
+            ),
+            (model, 0.0625, 16, divisor, true, 3, 10),
+            "{stem}"
+        );
+        assert_eq!(cfg.block.stride, BottleneckStride::Conv3x3, "{stem}");
+        assert!(cfg.se.stages.is_empty(), "{stem}: SE in every stage");
+        let graph = cfg.graph().unwrap();
+        let mut ours: Vec<(String, Vec<usize>)> = graph.parameters().into_iter().map(|p| (p.name, p.shape)).collect();
+        for (bn, c) in graph.batch_norms() {
+            ours.push((format!("{bn}.running_mean"), vec![c]));
+            ours.push((format!("{bn}.running_var"), vec![c]));
+            ours.push((format!("{bn}.num_batches_tracked"), vec![]));
+        }
+        ours.sort();
+        let mut theirs: Vec<(String, Vec<usize>)> = sd.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
+        theirs.sort();
+        assert_eq!(ours, theirs, "{stem}: our tensors against timm's");
+    }
+}
+
+/// As `our_eval_forward_reproduces_timms_logits`, same tolerances and reasons (50 and 154
+/// layers): the f64 reference within 1e-9 of timm's float64 logits, the GPU's f32 within
+/// 1e-4 + 1e-4·|logit|. SENet-154's stem pool rounds up (ceil_mode): in floor mode the same
+/// weights give other logits, which is what makes this golden see it.
+#[test]
+fn our_eval_forward_reproduces_timms_resnext_and_senet154_logits() {
+    for (stem, _, _) in FAMILY_CASES {
+        let sd = checkpoint::load(&path(stem)).unwrap();
+        let (shape, x, want) = io(stem);
+        let cfg = checkpoint::infer_config(&sd, [shape[2], shape[3]], stem).unwrap();
+        let (gpu_logits, ref_logits) = logits(&cfg, &sd, &shape, &x);
+        let ref_err = ref_logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(ref_err < 1e-9, "{stem}: the f64 reference is {ref_err:e} from timm's logits");
+        let worst = assert_close(&format!("{stem} logits"), &gpu_logits, &want, 1e-4, 1e-4);
+        eprintln!("{stem}: GPU f32 logits within {worst:.2e} of timm's, the f64 reference within {ref_err:.2e}");
+    }
+    let stem = "legacy_senet154_w00625";
+    let sd = checkpoint::load(&path(stem)).unwrap();
+    let (shape, x, want) = io(stem);
+    let cfg = checkpoint::infer_config(&sd, [shape[2], shape[3]], stem).unwrap();
+    let mut graph = cfg.graph().unwrap();
+    for node in &mut graph.nodes {
+        if let senet_wgpu::model::Layer::MaxPool2d(senet_wgpu::model::MaxPool2d { ceil, .. }) = &mut node.layer {
+            *ceil = false;
+        }
+    }
+    let params: HashMap<String, Vec<f64>> =
+        graph.parameters().iter().map(|p| (p.name.clone(), f32s(&sd[&p.name]))).collect();
+    let buffers: HashMap<String, Vec<f64>> =
+        sd.iter().filter(|(k, _)| k.contains("running_")).map(|(k, e)| (k.clone(), f32s(e))).collect();
+    let floor = reference::model::eval_forward(&graph, &params, &buffers, shape[0], &to_f64(&x)).unwrap();
+    let diff = floor.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(diff > 1e-3, "{stem}: pool0 in floor mode changes the logits by only {diff:e}");
+}
+
+/// What inference cannot read from a ResNeXt or SENet-154 file is one error naming the file and
+/// the tensor.
+#[test]
+fn resnext_and_senet154_inference_errors_name_the_file_and_tensor() {
+    let infer = |sd: &StateDict| format!("{:#}", checkpoint::infer_config(sd, [64, 64], "t.safetensors").unwrap_err());
+    let entry = |shape: Vec<usize>| Entry { value: Value::F32(vec![0.0; shape.iter().product()]), shape };
+
+    // SENet-154 with a unit missing from layer3: its depth is fixed.
+    let sd = checkpoint::load(&path("legacy_senet154_w00625")).unwrap();
+    let mut short = sd.clone();
+    short.retain(|k, _| !k.starts_with("layer3.35."));
+    let e = infer(&short);
+    assert!(e.contains("t.safetensors") && e.contains("units per stage [3, 8, 35, 3]"), "{e}");
+    // Groups another width would have: 8 groups at width 1/16 (4).
+    let mut groups = sd.clone();
+    groups.insert("layer1.0.conv2.weight".into(), entry(vec![16, 1, 3, 3]));
+    let e = infer(&groups);
+    assert!(e.contains("t.safetensors: layer1.0.conv2.weight [16, 1, 3, 3] has 8 groups"), "{e}");
+    // An SE width no rule gives.
+    let mut se = sd.clone();
+    se.insert("layer2.3.se_module.fc1.weight".into(), entry(vec![3, 32, 1, 1]));
+    let e = infer(&se);
+    assert!(e.contains("t.safetensors") && e.contains("layer2.3.se_module.fc1.weight 32→3"), "{e}");
+    // No last_linear: not claimed by SENet-154, and the error says what is looked for.
+    let mut headless = sd.clone();
+    headless.remove("last_linear.weight");
+    let e = infer(&headless);
+    assert!(e.contains("t.safetensors: cannot infer the model") && e.contains("last_linear.weight"), "{e}");
+
+    // A ResNeXt of a depth that is none of 50/101/152.
+    let sd = checkpoint::load(&path("seresnext50_32x4d_w00625")).unwrap();
+    let mut deep = sd.clone();
+    deep.retain(|k, _| !k.starts_with("layer3.5."));
+    let e = infer(&deep);
+    assert!(e.contains("t.safetensors: ResNeXt units per stage [3, 4, 5, 3]"), "{e}");
+}
+
 /// A checkpoint with another class count: everything but the classifier loads, the classifier
 /// keeps its fresh initialisation, and the note names both counts.
 #[test]

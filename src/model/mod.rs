@@ -8,7 +8,9 @@ pub mod data_parallel;
 pub mod plan;
 pub mod registry;
 pub mod resnet;
+pub mod resnext;
 pub mod senet;
+pub mod senet154;
 
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};

@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 use anyhow::{Result, anyhow};
 
 use super::resnet::{CifarResNet, ImageNetResNet};
+use super::resnext::ResNeXt;
 use super::senet::BaseSenet;
-use super::{Graph, ModelConfig};
+use super::senet154::Senet154;
+use super::{BottleneckStride, Graph, ModelConfig};
 
 /// A state dict's tensor names and shapes: what shape inference reads.
 pub type Shapes = BTreeMap<String, Vec<usize>>;
@@ -45,11 +47,33 @@ pub trait Family: Sync {
     fn paper_figures(&self, _model: &str, _hw: usize) -> Option<(f64, f64)> {
         None
     }
+
+    /// What its models are where the flags leave it open (`--se-divisor`, `--bottleneck-stride`
+    /// not given; SE biases): the paper's layout by default, timm's for the families timm defines.
+    fn conventions(&self) -> Conventions {
+        Conventions::default()
+    }
+}
+
+/// The layout choices a family makes for flags that are not given: SE biases (`--se-bias` adds
+/// them where they are off), the SE width divisor and where bottlenecks stride.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Conventions {
+    pub se_bias: bool,
+    pub se_divisor: usize,
+    pub stride: BottleneckStride,
+}
+
+/// timm's: SE biases, bottlenecks striding in the 3x3, SE widths `make_divisible(C / r, divisor)`
+/// (timm's ResNet-based models: 8; its legacy SENets: 0, `C // r`).
+pub fn timm(se_divisor: usize) -> Conventions {
+    Conventions { se_bias: true, se_divisor, stride: BottleneckStride::Conv3x3 }
 }
 
 /// Every family, in the order `--help` lists them. A name or a state dict belongs to one family
-/// at most (the CIFAR family leaves 50 and 152, 6n+2 too, to the ImageNet one).
-pub static FAMILIES: &[&dyn Family] = &[&BaseSenet, &CifarResNet, &ImageNetResNet];
+/// at most (the CIFAR family leaves 50 and 152, 6n+2 too, to the ImageNet one; the ImageNet
+/// ResNets leave grouped 3x3s to the ResNeXts).
+pub static FAMILIES: &[&dyn Family] = &[&BaseSenet, &CifarResNet, &ImageNetResNet, &ResNeXt, &Senet154];
 
 /// The family that builds `model`.
 pub fn family(model: &str) -> Option<&'static dyn Family> {

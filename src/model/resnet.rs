@@ -62,9 +62,11 @@ impl Family for ImageNetResNet {
         imagenet_resnet(cfg, depth, se)
     }
 
-    /// A 7x7 stem.
+    /// A 7x7 stem, bottlenecks (if any) a ResNet's: not a ResNeXt's grouped or wider ones.
     fn claims(&self, sd: &Shapes) -> bool {
-        sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] == 7) && sd.contains_key("fc.weight")
+        sd.get("conv1.weight").is_some_and(|s| s.len() == 4 && s[2] == 7)
+            && sd.contains_key("fc.weight")
+            && !super::resnext::is_resnext(sd)
     }
 
     fn infer(&self, sd: &Shapes, base: ModelConfig, what: &str) -> Result<ModelConfig> {
@@ -136,11 +138,8 @@ fn infer_resnet(sd: &Shapes, mut cfg: ModelConfig, what: &str, imagenet: bool) -
         );
         6 * blocks[0] + 2
     };
-    let se_blocks: Vec<(usize, usize)> = (1..=stages)
-        .flat_map(|s| (0..blocks[s - 1]).map(move |b| (s, b)))
-        .filter(|(s, b)| sd.contains_key(&format!("layer{s}.{b}.se.fc1.weight")))
-        .collect();
-    cfg.model = format!("{}resnet{depth}", if se_blocks.is_empty() { "" } else { "se-" });
+    let se = infer_se(sd, &blocks, "se", &mut cfg, what)?;
+    cfg.model = format!("{}resnet{depth}", if se { "se-" } else { "" });
     cfg.width = stem[0] as f64 / if imagenet { 64.0 } else { 16.0 };
     cfg.in_channels = stem[1];
     cfg.num_classes = fc[0];
@@ -149,24 +148,42 @@ fn infer_resnet(sd: &Shapes, mut cfg: ModelConfig, what: &str, imagenet: bool) -
     if imagenet && bottleneck {
         cfg.block.stride = BottleneckStride::Conv3x3;
     }
-    if let Some(&(s, b)) = se_blocks.first() {
-        // (name, channels, hidden) of every SE block.
-        let mut widths = Vec::new();
-        for &(s, b) in &se_blocks {
-            let name = format!("layer{s}.{b}.se.fc1.weight");
-            let fc1 = shape(&name)?;
-            ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: {name} has shape {fc1:?}, expected [hidden, C, 1, 1]");
-            widths.push((name, fc1[1], fc1[0]));
-        }
-        (cfg.reduction, cfg.se.divisor) = se_widths_rule(&widths, what)?;
-        cfg.se_bias = sd.contains_key(&format!("layer{s}.{b}.se.fc1.bias"));
-        let mut with_se: Vec<usize> = se_blocks.iter().map(|&(s, _)| s).collect();
-        with_se.dedup();
-        if with_se.len() < stages {
-            cfg.se.stages = with_se;
-        }
-    }
     Ok(cfg)
+}
+
+/// The SE options of a residual network's state dict with `blocks[s]` units in stage s + 1, its
+/// SE blocks named `layer{s}.{b}.{se_name}`: the reduction and divisor that give every block's
+/// hidden width, biases, and the stages that have them (placement is taken as standard: the
+/// others leave the same names). Whether it has any SE block.
+pub(super) fn infer_se(
+    sd: &Shapes,
+    blocks: &[usize],
+    se_name: &str,
+    cfg: &mut ModelConfig,
+    what: &str,
+) -> Result<bool> {
+    let stages = blocks.len();
+    let se_blocks: Vec<(usize, usize)> = (1..=stages)
+        .flat_map(|s| (0..blocks[s - 1]).map(move |b| (s, b)))
+        .filter(|(s, b)| sd.contains_key(&format!("layer{s}.{b}.{se_name}.fc1.weight")))
+        .collect();
+    let Some(&(s, b)) = se_blocks.first() else { return Ok(false) };
+    // (name, channels, hidden) of every SE block.
+    let mut widths = Vec::new();
+    for &(s, b) in &se_blocks {
+        let name = format!("layer{s}.{b}.{se_name}.fc1.weight");
+        let fc1 = &sd[&name];
+        ensure!(fc1.len() == 4 && fc1[0] >= 1, "{what}: {name} has shape {fc1:?}, expected [hidden, C, 1, 1]");
+        widths.push((name, fc1[1], fc1[0]));
+    }
+    (cfg.reduction, cfg.se.divisor) = se_widths_rule(&widths, what)?;
+    cfg.se_bias = sd.contains_key(&format!("layer{s}.{b}.{se_name}.fc1.bias"));
+    let mut with_se: Vec<usize> = se_blocks.iter().map(|&(s, _)| s).collect();
+    with_se.dedup();
+    if with_se.len() < stages {
+        cfg.se.stages = with_se;
+    }
+    Ok(true)
 }
 
 /// The (reduction, divisor) that gives every SE block of a state dict its hidden width
@@ -200,18 +217,33 @@ pub fn parse_name(model: &str) -> Option<(usize, bool)> {
     Some((depth, se))
 }
 
-fn push(nodes: &mut Vec<Node>, name: String, layer: Layer, inputs: Vec<usize>) -> usize {
+pub(super) fn push(nodes: &mut Vec<Node>, name: String, layer: Layer, inputs: Vec<usize>) -> usize {
     nodes.push(Node { name, layer, inputs });
     nodes.len()
 }
 
+/// What a family's residual units name and build differently from the ResNets': the SE block's
+/// name (`se`; `se_module` in timm's legacy SENets) and the projection shortcut's kernel (1, or
+/// 3 with padding 1 in SENet-154's strided units).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct UnitStyle {
+    pub se_name: &'static str,
+    pub shortcut_kernel: usize,
+}
+
+/// The ResNets' (and timm's ResNeXts'): `se`, 1×1 projections.
+pub(super) const RESNET_UNIT: UnitStyle = UnitStyle { se_name: "se", shortcut_kernel: 1 };
+
 /// Append one residual unit `p` of stage `stage` (1-based) reading activation `x` (`c_in`
 /// channels) to `nodes`: the residual `branch` (ending in `c_out` channels), a projection shortcut
-/// (1×1 conv + BN) when `stride` or the width changes, the addition and the ReLU, and — if `se`
-/// and the stage is selected — an SE block placed as `cfg.se.placement` says. Returns the output.
-fn unit(
+/// (conv + BN, the conv's kernel as `style` says) when `stride` or the width changes, the
+/// addition and the ReLU, and — if `se` and the stage is selected — an SE block placed as
+/// `cfg.se.placement` says. Returns the output.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn unit(
     nodes: &mut Vec<Node>,
     cfg: &ModelConfig,
+    style: UnitStyle,
     p: &str,
     x: usize,
     branch: Vec<(&str, Layer)>,
@@ -219,7 +251,8 @@ fn unit(
     stage: usize,
     se: bool,
 ) -> usize {
-    let conv = Layer::Conv2d(Conv2d { c_in, c_out, kernel: 1, stride, pad: 0, groups: 1, bias: false });
+    let k = style.shortcut_kernel;
+    let conv = Layer::Conv2d(Conv2d { c_in, c_out, kernel: k, stride, pad: k / 2, groups: 1, bias: false });
     let projection = (stride != 1 || c_in != c_out).then_some((conv, Layer::BatchNorm2d(BatchNorm2d { c: c_out })));
     let se = (se && cfg.se.in_stage(stage)).then_some(if cfg.se.placement == SePlacement::Pre { c_in } else { c_out });
     let at = |place: SePlacement| se.filter(|_| cfg.se.placement == place);
@@ -227,13 +260,13 @@ fn unit(
         |c| Layer::SeBlock(SeBlock { c, hidden: cfg.se_hidden(c), bias: cfg.se_bias, variant: cfg.se.variant() });
     let mut y = x;
     if let Some(c) = at(SePlacement::Pre) {
-        y = push(nodes, format!("{p}.se"), se_layer(c), vec![y]);
+        y = push(nodes, format!("{p}.{}", style.se_name), se_layer(c), vec![y]);
     }
     for (name, layer) in branch {
         y = push(nodes, format!("{p}.{name}"), layer, vec![y]);
     }
     if let Some(c) = at(SePlacement::Standard) {
-        y = push(nodes, format!("{p}.se"), se_layer(c), vec![y]);
+        y = push(nodes, format!("{p}.{}", style.se_name), se_layer(c), vec![y]);
     }
     let mut shortcut = match projection {
         Some((conv, bn)) => {
@@ -243,18 +276,18 @@ fn unit(
         None => x,
     };
     if let Some(c) = at(SePlacement::Identity) {
-        shortcut = push(nodes, format!("{p}.se"), se_layer(c), vec![shortcut]);
+        shortcut = push(nodes, format!("{p}.{}", style.se_name), se_layer(c), vec![shortcut]);
     }
     y = push(nodes, format!("{p}.add"), Layer::Add, vec![y, shortcut]);
     let mut out = push(nodes, format!("{p}.relu"), Layer::Relu, vec![y]);
     if let Some(c) = at(SePlacement::Post) {
-        out = push(nodes, format!("{p}.se"), se_layer(c), vec![out]);
+        out = push(nodes, format!("{p}.{}", style.se_name), se_layer(c), vec![out]);
     }
     out
 }
 
 /// Global average pooling and the `fc` classifier on activation `x` of `c` channels; the graph.
-fn classifier(mut nodes: Vec<Node>, cfg: &ModelConfig, x: usize, c: usize) -> Result<Graph> {
+pub(super) fn classifier(mut nodes: Vec<Node>, cfg: &ModelConfig, x: usize, c: usize) -> Result<Graph> {
     let x = push(&mut nodes, "avgpool".into(), Layer::GlobalAvgPool, vec![x]);
     push(
         &mut nodes,
@@ -289,7 +322,12 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
     let mut x = push(&mut nodes, "conv1".into(), conv(cfg.in_channels, widths[0], 7, 2), vec![0]);
     x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d(BatchNorm2d { c: widths[0] }), vec![x]);
     x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);
-    x = push(&mut nodes, "maxpool".into(), Layer::MaxPool2d(MaxPool2d { kernel: 3, stride: 2, pad: 1 }), vec![x]);
+    x = push(
+        &mut nodes,
+        "maxpool".into(),
+        Layer::MaxPool2d(MaxPool2d { kernel: 3, stride: 2, pad: 1, ceil: false }),
+        vec![x],
+    );
     let mut c_in = widths[0];
     for (s, (&w, &n)) in widths.iter().zip(&blocks).enumerate() {
         let c_out = w * expansion;
@@ -321,7 +359,7 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
                     ("bn2", Layer::BatchNorm2d(BatchNorm2d { c: w })),
                 ]
             };
-            x = unit(&mut nodes, cfg, &p, x, branch, (c_in, c_out, stride), s + 1, se);
+            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c_out, stride), s + 1, se);
             c_in = c_out;
         }
     }
@@ -362,7 +400,7 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
                 ("conv2", conv(c, c, 3, 1)),
                 ("bn2", Layer::BatchNorm2d(BatchNorm2d { c })),
             ];
-            x = unit(&mut nodes, cfg, &p, x, branch, (c_in, c, stride), s + 1, se);
+            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c, stride), s + 1, se);
             c_in = c;
         }
     }

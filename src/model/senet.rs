@@ -108,7 +108,7 @@ pub fn base_senet(cfg: &ModelConfig) -> Result<Graph> {
         nodes.push(Node { name, layer, inputs: vec![k] });
     };
     let conv = |c_in, c_out| Layer::Conv2d(Conv2d { c_in, c_out, kernel: 3, stride: 1, pad: 1, groups: 1, bias: true });
-    let pool = || Layer::MaxPool2d(MaxPool2d { kernel: 2, stride: 2, pad: 0 });
+    let pool = || Layer::MaxPool2d(MaxPool2d { kernel: 2, stride: 2, pad: 0, ceil: false });
     let stages: [(usize, usize, bool); 4] =
         [(cfg.in_channels, c1, true), (c1, c2, true), (c2, c3, false), (c3, c4, true)];
     let mut idx = 0;

@@ -8,7 +8,7 @@
 //! Conv2d        Conv(x, W[, B])             kernel_shape, strides, pads
 //! BatchNorm2d   BatchNormalization(x, weight, bias, running_mean, running_var)   epsilon 1e-5
 //! Relu          Relu
-//! MaxPool2d     MaxPool                     kernel_shape, strides, pads (floor mode)
+//! MaxPool2d     MaxPool                     kernel_shape, strides, pads, ceil_mode when set
 //! SeBlock       GlobalAveragePool | GlobalMaxPool → Conv(fc1) → Relu → Conv(fc2)
 //!               → Sigmoid | Tanh | Relu → Mul(x, gate)   (fc1/fc2 weights are [o, i, 1, 1])
 //! GlobalAvgPool GlobalAveragePool → Flatten(axis 1)

@@ -11,6 +11,7 @@ use crate::dist::{Collective, Dist};
 use crate::gpu::Precision;
 use crate::hparams as hp;
 use crate::model::plan::Network;
+use crate::model::registry::Family;
 use crate::model::{BottleneckStride, ModelConfig};
 use crate::run::{self, RunFolder, RunState};
 
@@ -40,12 +41,16 @@ pub fn model_from_init(args: &mut TrainArgs, given: impl Fn(&str) -> bool) -> Re
     take("excitation", &mut || net.excitation = cfg.se.excitation);
     take("se_placement", &mut || net.se_placement = cfg.se.placement);
     take("se_stages", &mut || net.se_stages = cfg.se.stages.clone());
-    take("se_divisor", &mut || net.se_divisor = cfg.se.divisor);
-    take("bottleneck_stride", &mut || net.bottleneck_stride = cfg.block.stride);
+    take("se_divisor", &mut || net.se_divisor = Some(cfg.se.divisor));
+    take("bottleneck_stride", &mut || net.bottleneck_stride = Some(cfg.block.stride));
     let bottlenecks = crate::model::resnet::parse_name(&net.model)
         .and_then(|(d, _)| crate::model::resnet::IMAGENET_TABLE.iter().find(|t| t.0 == d))
-        .is_some_and(|t| t.1);
-    let stride = match (bottlenecks, net.bottleneck_stride) {
+        .is_some_and(|t| t.1)
+        || crate::model::resnext::parse_name(&net.model).is_some()
+        || crate::model::senet154::Senet154.accepts(&net.model);
+    // The flags as the model takes them (the family's conventions where a flag is not given).
+    let resolved = net.config(1, [1, 1], 1, vec![]);
+    let stride = match (bottlenecks, resolved.block.stride) {
         (false, _) => "",
         (true, BottleneckStride::Conv1x1) => ", bottlenecks striding in the 1x1",
         (true, BottleneckStride::Conv3x3) => ", bottlenecks striding in the 3x3",
@@ -56,8 +61,12 @@ pub fn model_from_init(args: &mut TrainArgs, given: impl Fn(&str) -> bool) -> Re
         net.model,
         net.width,
         net.reduction,
-        if net.se_divisor > 0 { format!(" (SE widths multiples of {})", net.se_divisor) } else { String::new() },
-        if net.se_bias { ", SE biases" } else { "" },
+        if resolved.se.divisor > 0 {
+            format!(" (SE widths multiples of {})", resolved.se.divisor)
+        } else {
+            String::new()
+        },
+        if resolved.se_bias { ", SE biases" } else { "" },
         if taken.is_empty() { "nothing, every model flag given".to_string() } else { taken.join(", ") }
     )))
 }

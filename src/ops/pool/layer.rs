@@ -12,6 +12,8 @@ pub struct MaxPool2d {
     pub kernel: usize,
     pub stride: usize,
     pub pad: usize,
+    /// PyTorch's `ceil_mode` (SENet-154's stem pool).
+    pub ceil: bool,
 }
 
 impl MaxPool2d {
@@ -25,6 +27,7 @@ impl MaxPool2d {
             kernel: (self.kernel, self.kernel),
             stride: (self.stride, self.stride),
             pad: (self.pad, self.pad),
+            ceil: self.ceil,
         }
     }
 }
@@ -65,12 +68,16 @@ impl LayerOp for MaxPool2d {
     fn onnx(&self, o: &mut OnnxNodes<'_>) {
         let mut attrs = OnnxNodes::window(self.kernel, self.stride, self.pad);
         attrs.retain(|(name, _)| *name != "dilations");
+        if self.ceil {
+            attrs.push(("ceil_mode", Attr::Int(1)));
+        }
         let (x, out) = (o.inputs[0].clone(), o.output.clone());
         o.push("MaxPool", "", vec![x], out, attrs);
     }
 
     fn describe(&self) -> String {
-        format!("MaxPool2d {}x{}/{}", self.kernel, self.kernel, self.stride)
+        let ceil = if self.ceil { " ceil" } else { "" };
+        format!("MaxPool2d {}x{}/{}{ceil}", self.kernel, self.kernel, self.stride)
     }
 }
 

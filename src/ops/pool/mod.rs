@@ -12,7 +12,7 @@ use bytemuck::{Pod, Zeroable};
 use super::{expect_shape, to_u32};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
-/// `torch.nn.MaxPool2d(kernel, stride, padding)` (floor mode, no dilation) on `[n, c, h, w]`.
+/// `torch.nn.MaxPool2d(kernel, stride, padding, ceil_mode)` (no dilation) on `[n, c, h, w]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MaxPool2dConfig {
     pub n: usize,
@@ -22,20 +22,24 @@ pub struct MaxPool2dConfig {
     pub kernel: (usize, usize),
     pub stride: (usize, usize),
     pub pad: (usize, usize),
+    /// PyTorch's `ceil_mode`: the output size rounds up, so a last window may hang over the
+    /// bottom/right edge (its outside counts as -inf, like padding); a window starting in the
+    /// right/bottom padding is dropped. SENet-154's stem pool (Caffe's pooling) has it.
+    pub ceil: bool,
 }
 
 impl MaxPool2dConfig {
     /// The common 2x2, stride 2 pool.
     pub fn two_by_two(n: usize, c: usize, h: usize, w: usize) -> Self {
-        MaxPool2dConfig { n, c, h, w, kernel: (2, 2), stride: (2, 2), pad: (0, 0) }
+        MaxPool2dConfig { n, c, h, w, kernel: (2, 2), stride: (2, 2), pad: (0, 0), ceil: false }
     }
 
     pub fn out_h(&self) -> usize {
-        (self.h + 2 * self.pad.0).saturating_sub(self.kernel.0) / self.stride.0.max(1) + 1
+        pooled_size(self.h, self.kernel.0, self.stride.0, self.pad.0, self.ceil)
     }
 
     pub fn out_w(&self) -> usize {
-        (self.w + 2 * self.pad.1).saturating_sub(self.kernel.1) / self.stride.1.max(1) + 1
+        pooled_size(self.w, self.kernel.1, self.stride.1, self.pad.1, self.ceil)
     }
 
     pub fn input_shape(&self) -> [usize; 4] {
@@ -92,6 +96,18 @@ impl MaxPool2dConfig {
     fn params(&self) -> Result<Params> {
         gap_params(&self.input_shape())
     }
+}
+
+/// PyTorch's pooling output size: `(len + 2·pad − k) / s + 1` rounded down, or up in ceil mode,
+/// where a last window that would start beyond `len + pad` (in the padding) is dropped.
+fn pooled_size(len: usize, k: usize, s: usize, pad: usize, ceil: bool) -> usize {
+    let s = s.max(1);
+    let span = (len + 2 * pad).saturating_sub(k);
+    if !ceil {
+        return span / s + 1;
+    }
+    let out = span.div_ceil(s) + 1;
+    if (out - 1) * s >= len + pad { out - 1 } else { out }
 }
 
 /// Mirrors `Params` in pool.wgsl.

@@ -1,4 +1,5 @@
-// pool: max pooling (any kernel, stride, padding; floor mode, as PyTorch's default) and global
+// pool: max pooling (any kernel, stride, padding; floor mode, or ceil mode where the last window
+// may hang over the edge: the host sets OH/OW, the loops skip what lies outside) and global
 // average pooling (AdaptiveAvgPool2d(1)), forward and backward, NCHW.
 //
 //   max_pool2d_forward   out = max over the window (padding counts as -inf); argmax = iy*W + ix of
