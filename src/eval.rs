@@ -387,17 +387,50 @@ pub fn expand_image_folders(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// What `predict` takes beside the checkpoint and the images.
+#[derive(Clone, Debug, Default)]
+pub struct PredictOptions {
+    /// How many classes per image.
+    pub k: usize,
+    /// Model width and SE reduction when there is no config.json beside the checkpoint.
+    pub width: Option<f64>,
+    pub reduction: Option<usize>,
+    /// The input size when there is no config.json.
+    pub image_size: Option<[usize; 2]>,
+    /// Resize to size / crop_pct and crop the centre (timm's evaluation transform). None: as the
+    /// run was evaluated — the centre crop at its crop_pct for a model trained on an image
+    /// folder, else the whole image resized to the input size.
+    pub crop_pct: Option<f64>,
+}
+
+/// The crop_pct of a run trained on an image folder (its config.json), whose evaluation split
+/// was read through Resize + CenterCrop; None for other runs and bare state dicts.
+fn saved_folder_crop_pct(ckpt: &Path) -> Result<Option<f64>> {
+    let Some(j) = ckpt.parent().map(|d| d.join("config.json")).filter(|j| j.is_file()) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&j).with_context(|| format!("reading {}", j.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", j.display()))?;
+    let data = v.get("train").and_then(|t| t.get("data"));
+    if data.and_then(|d| d.get("dataset")).and_then(|d| d.as_str()) != Some("folder") {
+        return Ok(None);
+    }
+    Ok(Some(data.and_then(|d| d.get("crop_pct")).and_then(|c| c.as_f64()).unwrap_or(hp::CROP_PCT)))
+}
+
 /// Top-`k` (class, class index, probability) for each image file.
 pub fn predict(
     gpu: Arc<Gpu>,
     ckpt: &Path,
     images: &[PathBuf],
-    k: usize,
-    width: Option<f64>,
-    reduction: Option<usize>,
-    image_size: Option<[usize; 2]>,
+    opts: &PredictOptions,
 ) -> Result<Vec<Vec<(String, usize, f32)>>> {
+    let PredictOptions { k, width, reduction, image_size, crop_pct } = *opts;
     ensure!(!images.is_empty(), "predict needs at least one image");
+    let crop_pct = match crop_pct {
+        Some(c) => Some(c),
+        None => saved_folder_crop_pct(ckpt)?,
+    };
     let sd = checkpoint::load(ckpt)?;
     let config = checkpoint_config(ckpt, &sd, image_size.unwrap_or([hp::IMAGE_SIZE; 2]), width, reduction)?;
     if let Some([h, w]) = image_size.filter(|&s| s != config.input_hw) {
@@ -420,7 +453,10 @@ pub fn predict(
     let pre = Preprocess { normalize: config.normalize.clone(), ..Preprocess::default() };
     let mut out = Vec::new();
     for path in images {
-        let pixels = data::folder::decode(path, c, [h, w])?;
+        let pixels = match crop_pct {
+            Some(pct) => data::folder::decode_center_crop(path, c, [h, w], pct)?,
+            None => data::folder::decode(path, c, [h, w])?,
+        };
         let ds = data::Dataset {
             shape: [c, h, w],
             images: pixels,

@@ -74,6 +74,10 @@ enum Command {
         /// [default: 32]; images are resized to it.
         #[arg(long, value_parser = args::parse_image_size)]
         image_size: Option<[usize; 2]>,
+        /// Resize each image to size / crop_pct and crop the centre, as timm evaluates [default: the
+        /// run's own crop_pct for a model trained on an image folder, else the whole image resized].
+        #[arg(long)]
+        crop_pct: Option<f64>,
         /// How many classes to print per image, most probable first.
         #[arg(long, default_value_t = hparams::PREDICT_TOP_K)]
         topk: usize,
@@ -211,9 +215,10 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&report)?);
             }
         }
-        Command::Predict { checkpoint, width, reduction, image_size, topk, json, images } => {
+        Command::Predict { checkpoint, width, reduction, image_size, crop_pct, topk, json, images } => {
             let images = eval::expand_image_folders(&images)?;
-            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, topk, width, reduction, image_size)?;
+            let popts = eval::PredictOptions { k: topk, width, reduction, image_size, crop_pct };
+            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, &popts)?;
             for (path, top) in images.iter().zip(results) {
                 if json {
                     let top: Vec<_> = top

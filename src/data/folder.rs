@@ -312,6 +312,20 @@ pub fn decode(path: &Path, c: usize, hw: [usize; 2]) -> Result<Vec<u8>> {
     let rgb = decode_rgb(path).map_err(anyhow::Error::from)?;
     let [h, w] = hw;
     let img = transforms::resized_crop(&rgb, transforms::Rect { x0: 0, y0: 0, w: rgb.width, h: rgb.height }, w, h);
+    Ok(planar(&img, c))
+}
+
+/// One image file as the evaluation split of a folder is read: Resize(size / crop_pct) and the
+/// centre crop (`transforms::eval_transform`), as `c` planar channels.
+pub fn decode_center_crop(path: &Path, c: usize, hw: [usize; 2], crop_pct: f64) -> Result<Vec<u8>> {
+    transforms::check_crop_pct(crop_pct)?;
+    let rgb = decode_rgb(path).map_err(anyhow::Error::from)?;
+    Ok(planar(&transforms::eval_transform(&rgb, hw, crop_pct), c))
+}
+
+/// An RGB image as `c` planar channels: RGB, or PIL's luma for one channel.
+fn planar(img: &transforms::Rgb, c: usize) -> Vec<u8> {
+    let (h, w) = (img.height, img.width);
     let mut out = vec![0u8; c * h * w];
     for (i, px) in img.pixels.chunks_exact(3).enumerate() {
         if c == 1 {
@@ -324,7 +338,7 @@ pub fn decode(path: &Path, c: usize, hw: [usize; 2]) -> Result<Vec<u8>> {
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// A class name as a folder name: path separators become `-` ("T-shirt/top" → "T-shirt-top").
