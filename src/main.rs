@@ -156,41 +156,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         tune_verbose: cli.tune_verbose,
     };
     match cli.command {
-        Command::Train(mut args) => {
-            // --recipe fills in what the command line leaves at its default.
-            let sub = matches.subcommand_matches("train");
-            args.apply_recipe(|id| {
-                sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
-            });
-            // --init: the model flags left at their defaults take the checkpoint's model.
-            let line = train::model_from_init(&mut args, |id| {
-                sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
-            })?;
-            if let Some(line) = line {
-                println!("{line}");
-            }
-            args.validate()?;
-            let given: Vec<&str> = sub
-                .map(|m| {
-                    m.ids()
-                        .map(|id| id.as_str())
-                        .filter(|id| m.value_source(id).is_some_and(|s| s == clap::parser::ValueSource::CommandLine))
-                        .collect()
-                })
-                .unwrap_or_default();
-            senet_wgpu::run::resume_conflicts(&args, &given)?;
-            // Under mpirun: join the job; each rank opens the adapter its local rank picks
-            // (unless --adapter names one). Errors on one rank alone end every rank.
-            let dist = senet_wgpu::dist::Dist::init()?;
-            if dist.size > 1 {
-                opts.adapter_index = Some(dist.local_rank);
-            }
-            let trained = Gpu::new(&opts).and_then(|gpu| train::train_dist(gpu, &args, &dist));
-            trained.map_err(|e| {
-                let code = i32::from(exit::code(&e));
-                dist.end_on_error(e, code)
-            })?;
-        }
+        Command::Train(args) => train_command(*args, matches.subcommand_matches("train"), &mut opts)?,
         Command::Eval(args) => {
             let report = eval::eval(Gpu::new(&opts)?, &args)?;
             if args.json {
@@ -216,23 +182,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
         }
         Command::Predict { checkpoint, width, reduction, image_size, crop_pct, topk, json, images } => {
-            let images = eval::expand_image_folders(&images)?;
             let popts = eval::PredictOptions { k: topk, width, reduction, image_size, crop_pct };
-            let results = eval::predict(Gpu::new(&opts)?, &checkpoint, &images, &popts)?;
-            for (path, top) in images.iter().zip(results) {
-                if json {
-                    let top: Vec<_> = top
-                        .iter()
-                        .map(|(class, index, p)| serde_json::json!({"class": class, "index": index, "probability": p}))
-                        .collect();
-                    println!("{}", serde_json::json!({"image": path, "top": top}));
-                    continue;
-                }
-                println!("{}", path.display());
-                for (class, _, p) in top {
-                    println!("  {p:>7.4}  {class}");
-                }
-            }
+            predict_command(&opts, &checkpoint, &images, &popts, json)?;
         }
         Command::Export(args) => {
             let r = senet_wgpu::onnx::export(&args)?;
@@ -268,30 +219,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 print!("{}", senet_wgpu::bench::format_data_report(&report));
             }
         }
-        Command::Bench(args) => {
-            // `mpirun -np N senet bench`: rank 0 alone, then all ranks data-parallel.
-            let dist = senet_wgpu::dist::Dist::init()?;
-            if dist.size > 1 {
-                opts.adapter_index = Some(dist.local_rank);
-                let report = Gpu::new(&opts)
-                    .and_then(|gpu| senet_wgpu::bench::bench_data_parallel(gpu, &args, &dist))
-                    .map_err(|e| dist.end_on_error(e, 2))?;
-                if dist.is_root() {
-                    if args.json {
-                        println!("{}", serde_json::to_string(&report)?);
-                    } else {
-                        print!("{}", senet_wgpu::bench::format_data_parallel(&report));
-                    }
-                }
-                return Ok(());
-            }
-            let report = senet_wgpu::bench::bench(Gpu::new(&opts)?, &args)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", senet_wgpu::bench::format_report(&report));
-            }
-        }
+        Command::Bench(args) => bench_command(&args, &mut opts)?,
         Command::Summary { model, input, json } => {
             let s = senet_wgpu::summary::summary(&input.config(&model)?)?;
             if json {
@@ -300,27 +228,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 print!("{}", senet_wgpu::summary::format_summary(&s));
             }
         }
-        Command::Devices => {
-            let adapters = gpu::list_adapters(&opts)?;
-            if adapters.is_empty() {
-                return Err(NoAdapterError { detail: String::new() }.into());
-            }
-            for a in &adapters {
-                println!("{a}\n");
-            }
-            if opts.backend.is_none() && !adapters.iter().any(|a| a.info.backend == wgpu::Backend::Gl) {
-                println!("(GL is probed only when no other backend has an adapter: --backend gl lists it)\n");
-            }
-            // Under mpirun each rank prints the adapter it would train on (its local rank modulo
-            // the adapters of the best kind, unless --adapter names one).
-            if let Some(size) = senet_wgpu::dist::launched_size().filter(|&n| n > 1) {
-                let local = senet_wgpu::dist::local_rank_from_env();
-                opts.adapter_index = Some(local);
-                println!("selected for local rank {local} (of {size} ranks): {}", Gpu::new(&opts)?.describe());
-            } else {
-                println!("selected: {}", Gpu::new(&opts)?.describe());
-            }
-        }
+        Command::Devices => devices_command(&mut opts)?,
         Command::MakeSample { from, train, test, out, format } => {
             let names = senet_wgpu::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
             let src = senet_wgpu::data::idx::load_split("fashion-mnist", &from, names)?;
@@ -330,6 +238,122 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
             println!("wrote {train} training and {test} test images to {}", out.display());
         }
+    }
+    Ok(())
+}
+
+/// `senet train`: the recipe and `--init` fill what the command line left at its defaults, the
+/// flags are checked, then one process or one MPI rank trains.
+fn train_command(mut args: TrainArgs, sub: Option<&clap::ArgMatches>, opts: &mut GpuOptions) -> anyhow::Result<()> {
+    // --recipe fills in what the command line leaves at its default.
+    args.apply_recipe(|id| {
+        sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+    });
+    // --init: the model flags left at their defaults take the checkpoint's model.
+    let line = train::model_from_init(&mut args, |id| {
+        sub.and_then(|m| m.value_source(id)).is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+    })?;
+    if let Some(line) = line {
+        println!("{line}");
+    }
+    args.validate()?;
+    let given: Vec<&str> = sub
+        .map(|m| {
+            m.ids()
+                .map(|id| id.as_str())
+                .filter(|id| m.value_source(id).is_some_and(|s| s == clap::parser::ValueSource::CommandLine))
+                .collect()
+        })
+        .unwrap_or_default();
+    senet_wgpu::run::resume_conflicts(&args, &given)?;
+    // Under mpirun: join the job; each rank opens the adapter its local rank picks
+    // (unless --adapter names one). Errors on one rank alone end every rank.
+    let dist = senet_wgpu::dist::Dist::init()?;
+    if dist.size > 1 {
+        opts.adapter_index = Some(dist.local_rank);
+    }
+    let trained = Gpu::new(opts).and_then(|gpu| train::train_dist(gpu, &args, &dist));
+    trained.map_err(|e| {
+        let code = i32::from(exit::code(&e));
+        dist.end_on_error(e, code)
+    })?;
+    Ok(())
+}
+
+/// `senet predict`: the top classes of each image, as text or JSON lines.
+fn predict_command(
+    opts: &GpuOptions,
+    checkpoint: &std::path::Path,
+    images: &[PathBuf],
+    popts: &eval::PredictOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    let images = eval::expand_image_folders(images)?;
+    let results = eval::predict(Gpu::new(opts)?, checkpoint, &images, popts)?;
+    for (path, top) in images.iter().zip(results) {
+        if json {
+            let top: Vec<_> = top
+                .iter()
+                .map(|(class, index, p)| serde_json::json!({"class": class, "index": index, "probability": p}))
+                .collect();
+            println!("{}", serde_json::json!({"image": path, "top": top}));
+            continue;
+        }
+        println!("{}", path.display());
+        for (class, _, p) in top {
+            println!("  {p:>7.4}  {class}");
+        }
+    }
+    Ok(())
+}
+
+/// `senet bench` (not `--data-only`): one device, or under `mpirun` the data-parallel step.
+fn bench_command(args: &senet_wgpu::bench::BenchArgs, opts: &mut GpuOptions) -> anyhow::Result<()> {
+    // `mpirun -np N senet bench`: rank 0 alone, then all ranks data-parallel.
+    let dist = senet_wgpu::dist::Dist::init()?;
+    if dist.size > 1 {
+        opts.adapter_index = Some(dist.local_rank);
+        let report = Gpu::new(opts)
+            .and_then(|gpu| senet_wgpu::bench::bench_data_parallel(gpu, args, &dist))
+            .map_err(|e| dist.end_on_error(e, 2))?;
+        if dist.is_root() {
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", senet_wgpu::bench::format_data_parallel(&report));
+            }
+        }
+        return Ok(());
+    }
+    let report = senet_wgpu::bench::bench(Gpu::new(opts)?, args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", senet_wgpu::bench::format_report(&report));
+    }
+    Ok(())
+}
+
+/// `senet devices`: every adapter, and the one `senet` would use (per local rank under `mpirun`).
+fn devices_command(opts: &mut GpuOptions) -> anyhow::Result<()> {
+    let adapters = gpu::list_adapters(opts)?;
+    if adapters.is_empty() {
+        return Err(NoAdapterError { detail: String::new() }.into());
+    }
+    for a in &adapters {
+        println!("{a}\n");
+    }
+    if opts.backend.is_none() && !adapters.iter().any(|a| a.info.backend == wgpu::Backend::Gl) {
+        println!("(GL is probed only when no other backend has an adapter: --backend gl lists it)\n");
+    }
+    // Under mpirun each rank prints the adapter it would train on (its local rank modulo
+    // the adapters of the best kind, unless --adapter names one).
+    if let Some(size) = senet_wgpu::dist::launched_size().filter(|&n| n > 1) {
+        let local = senet_wgpu::dist::local_rank_from_env();
+        opts.adapter_index = Some(local);
+        println!("selected for local rank {local} (of {size} ranks): {}", Gpu::new(opts)?.describe());
+    } else {
+        println!("selected: {}", Gpu::new(opts)?.describe());
     }
     Ok(())
 }
