@@ -20,11 +20,11 @@
 //
 // Versions: v1 the loss, gradient and correct count fused in one invocation per sample and a
 // fixed-order reduce; v2 the reduce over subgroups where there are subgroups (no change measurable
-// on lavapipe: a few µs per step); v3 (this) `act` logits and the loss scale for f16 plans, label
-// smoothing and the top-5 count.
+// on lavapipe: a few µs per step); v3 `act` logits and the loss scale for f16 plans, label
+// smoothing and the top-5 count; v4 (this) the loss weight of gradient accumulation.
 
 struct Params {
-    n: u32, k: u32, smoothing: f32, _pad1: u32,
+    n: u32, k: u32, smoothing: f32, weight: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -65,7 +65,8 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
     let e_k = e / f32(p.k);
     let t = labels[n];
     let lse = mx + log(sum);
-    let inv_n = 1.0 / f32(p.n);
+    // weight: 1, or 1/N of a micro-batch of --grad-accum-steps N (timm divides the loss by N).
+    let inv_n = p.weight / f32(p.n);
     for (var k = 0u; k < p.k; k++) {
         let sm = exp(f32(logits[b + k]) - mx) / sum;
         var g = (sm - select(0.0, 1.0 - e, k == t) - e_k) * inv_n;

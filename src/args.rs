@@ -448,6 +448,47 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = hp::PRECISION)]
     #[serde(default)]
     pub precision: Precision,
+    /// Accumulate the gradients of N batches before each optimizer step (timm's flag): each
+    /// batch's loss divided by N, one clip, loss-scaler update and (under mpirun) all-reduce per
+    /// step; the effective batch is N × --batch-size and the schedule counts optimizer steps,
+    /// ceil(batches per epoch / N) an epoch. Batch norm normalises each batch on its own.
+    #[arg(long, value_name = "N", default_value_t = hp::GRAD_ACCUM_STEPS)]
+    #[serde(default = "default_grad_accum_steps")]
+    pub grad_accum_steps: usize,
+    /// Keep an exponential moving average of the weights and batch-norm buffers (timm's
+    /// ModelEmaV3), evaluated each epoch beside the model and saved as ema.safetensors.
+    #[arg(long)]
+    #[serde(default)]
+    pub model_ema: bool,
+    /// The EMA's decay per optimizer step (timm's default).
+    #[arg(long, value_name = "DECAY", default_value_t = hp::MODEL_EMA_DECAY)]
+    #[serde(default = "default_model_ema_decay")]
+    pub model_ema_decay: f64,
+    /// Ramp the EMA's decay up as timm does: min(DECAY, 1 - (1 + step)^(-2/3)).
+    #[arg(long, requires = "model_ema")]
+    #[serde(default)]
+    pub model_ema_warmup: bool,
+    /// Which weights best.safetensors is chosen on and holds: `model`, or `ema` (the default with
+    /// --model-ema, as timm's train.py, which replaces the evaluation metrics by the EMA's).
+    #[arg(long, value_enum, value_name = "WHICH")]
+    #[serde(default)]
+    pub best_on: Option<BestOn>,
+}
+
+/// `--best-on`: the weights best.safetensors is chosen on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BestOn {
+    Model,
+    Ema,
+}
+
+fn default_grad_accum_steps() -> usize {
+    hp::GRAD_ACCUM_STEPS
+}
+
+fn default_model_ema_decay() -> f64 {
+    hp::MODEL_EMA_DECAY
 }
 
 impl TrainArgs {
@@ -491,6 +532,25 @@ impl TrainArgs {
             !self.sync_bn || cfg!(feature = "mpi"),
             "--sync-bn merges batch-norm statistics across MPI ranks, but this senet was built without MPI \
              support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see docs/distributed.md)"
+        );
+        ensure!(
+            self.grad_accum_steps >= 1,
+            "--grad-accum-steps must be at least 1 (batches per optimizer step), got {}",
+            self.grad_accum_steps
+        );
+        ensure!(
+            !(self.profile && self.grad_accum_steps > 1),
+            "--profile times one whole optimizer step of one batch; it cannot be combined with --grad-accum-steps {}",
+            self.grad_accum_steps
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.model_ema_decay),
+            "--model-ema-decay must be in [0, 1) (the weight kept per step, timm's 0.9998), got {}",
+            self.model_ema_decay
+        );
+        ensure!(
+            self.model_ema || self.best_on != Some(BestOn::Ema),
+            "--best-on ema needs --model-ema (there is no EMA to choose)"
         );
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
@@ -547,6 +607,16 @@ impl TrainArgs {
             // Image folders normalise with ImageNet's mean/std by default (see `train`'s data setup).
             self.normalize = !self.no_normalize;
         }
+    }
+
+    /// The weights best.safetensors is chosen on: `--best-on`, else the EMA's with `--model-ema`.
+    pub fn best_on(&self) -> BestOn {
+        self.best_on.unwrap_or(if self.model_ema { BestOn::Ema } else { BestOn::Model })
+    }
+
+    /// The model EMA's (decay, warmup), with `--model-ema`.
+    pub fn model_ema_config(&self) -> Option<(f64, bool)> {
+        self.model_ema.then_some((self.model_ema_decay, self.model_ema_warmup))
     }
 
     /// The epoch count, defaulting to the base recipe's.

@@ -2022,3 +2022,144 @@ fn grad_scaler_does_not_grow_to_infinity() {
     let st = scaler.read(&gpu).unwrap();
     assert_eq!((st.scale, st.growth_tracker, st.steps), (2f32.powi(127), 0, 1));
 }
+
+// ---------------------------------------------------------------------------------------------
+// gradient accumulation (--grad-accum-steps) and the model EMA (--model-ema)
+
+/// The flat views a network binds: `sizes` elements each, every start a multiple of the
+/// adapter's offset alignment (the chunks of a flat buffer past one binding are).
+fn aligned_flat(
+    gpu: &senet_wgpu::gpu::Gpu,
+    label: &str,
+    sizes: &[usize],
+    data: &[f32],
+) -> (senet_wgpu::gpu::Tensor, Vec<senet_wgpu::gpu::Tensor>) {
+    let flat = senet_wgpu::gpu::Tensor::flat(gpu, label, data).unwrap();
+    let mut start = 0;
+    let views = sizes
+        .iter()
+        .map(|&n| {
+            let v = flat.view(gpu, &format!("{label} {start}.."), start, &[n]).unwrap();
+            start += n;
+            v
+        })
+        .collect();
+    (flat, views)
+}
+
+/// Chunk sizes in elements: multiples of the adapter's offset alignment but the last.
+fn accum_cases(gpu: &senet_wgpu::gpu::Gpu) -> Vec<Vec<usize>> {
+    let a = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+    vec![vec![1], vec![255], vec![257], vec![70_001], vec![5 * a, 21 * a, 1]]
+}
+
+/// grad_accum over micro-batch counts 2, 3 and 5 against `reference::grad_accum`: the gradient
+/// buffer after the last micro-batch equals the f64 sum of every micro-batch's gradients. The
+/// GPU adds in f32 in PyTorch's order (((g1 + g2) + g3) …): at most 4 roundings of sums of
+/// values in ±1, so atol 5 · 2^-24 · 5 = 1.5e-6 (rtol 0: a sum that cancels is held to the same
+/// absolute bound). A micro-batch left out or added twice moves elements by up to 1.
+#[test]
+fn grad_accum_equals_the_reference() {
+    use senet_wgpu::ops::grad_accum::{GradAccum, MicroBatch};
+    let gpu = gpu();
+    for sizes in accum_cases(&gpu) {
+        let total: usize = sizes.iter().sum();
+        for count in [2, 3, 5] {
+            let what = format!("grad_accum of {count} over chunks {sizes:?}");
+            let (flat, views) = aligned_flat(&gpu, "gradients", &sizes, &vec![0.0; total]);
+            let acc = GradAccum::new(&gpu, &views.iter().collect::<Vec<_>>(), total).unwrap();
+            let mut r = rng(900 + total as u64 + count as u64);
+            let mut want_grad = vec![0.0f64; total];
+            let mut want_accum = vec![0.0f64; total];
+            for i in 0..count {
+                let g = uniform(&mut r, total, -1.0, 1.0);
+                flat.write(&gpu, &g).unwrap();
+                let m = MicroBatch::of(i, count);
+                run(&gpu, acc.dispatches(m));
+                want_grad = to_f64(&g);
+                match m {
+                    MicroBatch::First => reference::grad_accum::grad_accum_store(&want_grad, &mut want_accum),
+                    MicroBatch::Middle => reference::grad_accum::grad_accum_add(&want_grad, &mut want_accum),
+                    MicroBatch::Last => reference::grad_accum::grad_accum_finish(&mut want_grad, &want_accum),
+                    MicroBatch::Whole => unreachable!("count > 1"),
+                }
+            }
+            assert_close(&format!("{what}: gradients"), &read(&gpu, &flat), &want_grad, 1.5e-6, 0.0);
+        }
+    }
+}
+
+/// model_ema_step against `reference::model_ema` (torch's lerp) over parameter chunks and the
+/// batch-norm buffers in one dispatch, at weights on both sides of lerp's 0.5 switch. Weight 1
+/// (timm's first update) must copy the model bit for bit, weight 0 keep the EMA bit for bit.
+/// Otherwise: lerp is 3 f32 roundings of values in ±2, atol 4 · 2^-24 · 2 = 5e-7. A skipped
+/// element, the wrong buffer or the wrong side of the switch is off by up to 3.
+#[test]
+fn model_ema_equals_the_reference() {
+    use senet_wgpu::ops::model_ema::ModelEmaStep;
+    let gpu = gpu();
+    for sizes in accum_cases(&gpu) {
+        for bn_len in [0usize, 1, 300] {
+            let total: usize = sizes.iter().sum();
+            let mut r = rng(700 + total as u64 + bn_len as u64);
+            let (model, ema0) = (uniform(&mut r, total, -1.0, 1.0), uniform(&mut r, total, -1.0, 1.0));
+            let (bn_model, bn_ema0) = (uniform(&mut r, bn_len, 0.0, 2.0), uniform(&mut r, bn_len, 0.0, 2.0));
+            let (_, model_views) = aligned_flat(&gpu, "parameters", &sizes, &model);
+            let (ema_flat, ema_views) = aligned_flat(&gpu, "EMA", &sizes, &ema0);
+            let (_, bm) = aligned_flat(&gpu, "bn", &[bn_len], &bn_model);
+            let (bn_ema_flat, be) = aligned_flat(&gpu, "bn EMA", &[bn_len], &bn_ema0);
+            let pairs: Vec<_> = model_views.iter().zip(&ema_views).collect();
+            let b = (bn_len > 0).then(|| (&bm[0], &be[0]));
+            let step = ModelEmaStep::new(&gpu, &pairs, b).unwrap();
+            let mut want = to_f64(&ema0);
+            let mut want_bn = to_f64(&bn_ema0);
+            for weight in [0.3f32, 0.7, 2e-4, 1.0, 0.0] {
+                let what = format!("model_ema chunks {sizes:?}, bn {bn_len}, weight {weight}");
+                step.set_weight(&gpu, weight);
+                run(&gpu, &step.dispatches);
+                // The reference starts from the GPU's last state, so each weight is tested alone.
+                reference::model_ema::model_ema_step(&to_f64(&model), &mut want, f64::from(weight));
+                reference::model_ema::model_ema_step(&to_f64(&bn_model), &mut want_bn, f64::from(weight));
+                let (got, got_bn) = (read(&gpu, &ema_flat), read(&gpu, &bn_ema_flat));
+                if weight == 1.0 {
+                    assert_eq!(got, model, "{what}: weight 1 copies the model");
+                    assert_eq!(got_bn[..bn_len], bn_model[..], "{what}: weight 1 copies the BN buffers");
+                } else {
+                    assert_close(&format!("{what}: parameters"), &got, &want, 5e-7, 0.0);
+                    assert_close(&format!("{what}: BN buffers"), &got_bn[..bn_len], &want_bn, 5e-7, 0.0);
+                }
+                want = to_f64(&got);
+                want_bn = to_f64(&got_bn[..bn_len]);
+            }
+        }
+    }
+}
+
+/// The decay the host writes (`ops::model_ema::ema_decay`) and the reference's
+/// (`reference::model_ema::ema_decay`) are timm's ModelEmaV3.get_decay (decay 0.9998, with and
+/// without warmup), the values printed by scripts/ema_decay_golden.py (timm 1.0.31), to 1e-15.
+#[test]
+fn ema_decay_is_timms() {
+    for (what, ema_decay) in [
+        ("ops", senet_wgpu::ops::model_ema::ema_decay as fn(f64, bool, u64) -> f64),
+        ("reference", senet_wgpu::reference::model_ema::ema_decay),
+    ] {
+        ema_decay_matches(what, ema_decay);
+    }
+}
+
+fn ema_decay_matches(what: &str, ema_decay: fn(f64, bool, u64) -> f64) {
+    let golden: [(u64, f64, f64); 7] = [
+        (1, 0.0, 0.0),
+        (2, 0.9998, 0.3700394750525634),
+        (3, 0.9998, 0.5192501432308638),
+        (10, 0.9998, 0.7845565309968117),
+        (1000, 0.9998, 0.99),
+        (100_000, 0.9998, 0.9995358411166387),
+        (10_000_000, 0.9998, 0.9998),
+    ];
+    for (step, plain, warm) in golden {
+        assert!((ema_decay(0.9998, false, step) - plain).abs() < 1e-15, "{what}: step {step} without warmup");
+        assert!((ema_decay(0.9998, true, step) - warm).abs() < 1e-15, "{what}: step {step} with warmup");
+    }
+}

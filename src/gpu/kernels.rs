@@ -32,6 +32,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("cast", include_str!("../../shaders/cast.wgsl")),
     ("grad_scaler", include_str!("../../shaders/grad_scaler.wgsl")),
     ("clip_grad_norm", include_str!("../../shaders/clip_grad_norm.wgsl")),
+    ("grad_accum", include_str!("../../shaders/grad_accum.wgsl")),
+    ("model_ema", include_str!("../../shaders/model_ema.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32

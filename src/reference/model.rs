@@ -183,6 +183,46 @@ pub fn train_step_in(
     train_step_full(graph, params, buffers, n, input, labels, precision, loss_scale, 0.0)
 }
 
+/// timm's `--grad-accum-steps N` step: the micro-batches `micro` (batch size, input, labels) one
+/// after another, each in training mode from the running statistics the previous one left (as
+/// PyTorch's batch norm updates them per forward), each loss divided by N = `micro.len()` before
+/// backward, the gradients summed in order (`reference::grad_accum`, PyTorch's `.grad` +=).
+/// Returns the summed gradients, the last running statistics, the micro-batches' mean loss, their
+/// correct count and the last one's logits.
+pub fn train_step_accumulated(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    micro: &[(usize, &[f64], &[u32])],
+) -> Result<StepResult> {
+    use super::grad_accum::{grad_accum_add, grad_accum_finish, grad_accum_store};
+    anyhow::ensure!(!micro.is_empty(), "reference: no micro-batches");
+    let count = micro.len() as f64;
+    let mut buffers = buffers.clone();
+    let (mut loss, mut correct, mut logits) = (0.0, 0, Vec::new());
+    let mut accum: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut grads = HashMap::new();
+    for (i, &(n, input, labels)) in micro.iter().enumerate() {
+        let r = train_step(graph, params, &buffers, n, input, labels)?;
+        buffers.extend(r.buffers);
+        (loss, correct, logits) = (loss + r.loss / count, correct + r.correct, r.logits);
+        // d(loss / N) = d(loss) / N
+        grads = r.grads.into_iter().map(|(k, g)| (k, g.into_iter().map(|v| v / count).collect::<Vec<_>>())).collect();
+        if micro.len() == 1 {
+            break;
+        }
+        for (k, g) in &mut grads {
+            let a = accum.entry(k.clone()).or_insert_with(|| vec![0.0; g.len()]);
+            match i {
+                0 => grad_accum_store(g, a),
+                i if i + 1 < micro.len() => grad_accum_add(g, a),
+                _ => grad_accum_finish(g, a),
+            }
+        }
+    }
+    Ok(StepResult { loss, correct, logits, grads, buffers })
+}
+
 /// [`train_step`] with label smoothing `label_smoothing` (`--label-smoothing`) on the loss.
 pub fn train_step_smoothed(
     graph: &Graph,
