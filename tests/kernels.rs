@@ -1154,6 +1154,64 @@ fn cross_entropy_label_smoothing_matches_reference() {
     }
 }
 
+/// Soft targets (timm's SoftTargetCrossEntropy, Mixup's loss) against
+/// `reference::cross_entropy::cross_entropy_soft_forward_backward`: mixed smoothed one-hots as
+/// timm's `mixup_target` makes them (λ·(1 − e + e/K at y, e/K elsewhere) + (1 − λ)·the same at
+/// the flipped batch's label), arbitrary distributions, and rows that do not sum to 1 (the
+/// gradient's softmax·Σt term); batch 1, 3 classes, > 256 samples,
+/// 1,000 classes; a loss weight of 1/3 (a micro-batch of --grad-accum-steps 3) on one case.
+/// Tolerances as the smoothed loss's (the same log-sum-exp and sums in f32). A gradient without
+/// Σt, a target read from the wrong row, or the weight ignored are off by far more.
+#[test]
+fn cross_entropy_soft_targets_match_reference() {
+    for (path, gpu) in gpus() {
+        for (i, (n, k, mixed, weight)) in [
+            (1usize, 10usize, true, 1.0f32),
+            (7, 3, false, 1.0),
+            (300, 10, true, 1.0 / 3.0),
+            (5, 1000, true, 1.0),
+            (9, 4, false, 0.5),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = rng(970 + i as u64);
+            let logits = uniform(&mut r, n * k, -3.0, 3.0);
+            let targets: Vec<f32> = if mixed {
+                let y: Vec<usize> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k)).collect();
+                let lam = uniform(&mut r, 1, 0.0, 1.0)[0];
+                let (e, kf) = (0.1f32, k as f32);
+                let onehot = |c: usize, j: usize| if c == j { 1.0 - e + e / kf } else { e / kf };
+                (0..n * k)
+                    .map(|x| lam * onehot(y[x / k], x % k) + (1.0 - lam) * onehot(y[n - 1 - x / k], x % k))
+                    .collect()
+            } else {
+                let raw = uniform(&mut r, n * k, 0.0, 1.0);
+                // Weight 0.5 marks the case whose rows are left unnormalised.
+                let norm = |row: &[f32]| if weight == 0.5 { 1.0 } else { row.iter().sum::<f32>() };
+                raw.chunks(k).flat_map(|row| row.iter().map(|v| v / norm(row)).collect::<Vec<_>>()).collect()
+            };
+            let tl = upload(&gpu, "logits", &[n, k], &logits);
+            let tt = upload(&gpu, "soft targets", &[n, k], &targets);
+            let tdl = zeros(&gpu, "dlogits", &[n, k]);
+            let per = zeros(&gpu, "per-sample", &[n, cross_entropy::per_sample::LEN]);
+            let res = zeros(&gpu, "result", &[result::LEN]);
+            let (d, w) = cross_entropy::cross_entropy_soft_weighted(&gpu, &tl, &tt, &tdl, &per, &res, None).unwrap();
+            w.set(&gpu, weight);
+            run(&gpu, &d);
+            let want =
+                reference::cross_entropy::cross_entropy_soft_forward_backward(&to_f64(&logits), &to_f64(&targets), k);
+            let what = format!("soft-target case {i} ({path})");
+            let got = read(&gpu, &res);
+            assert_close(&format!("{what}: loss"), &[got[result::LOSS]], &[want.loss], 1e-5, 1e-5);
+            let dl: Vec<f64> = want.dlogits.iter().map(|g| g * f64::from(weight)).collect();
+            assert_close(&format!("{what}: dlogits"), &read(&gpu, &tdl), &dl, 1e-7, 1e-5);
+            assert_eq!(got[result::CORRECT], want.correct as f32, "{what}: correct (dominant class)");
+            assert_eq!(got[result::SUM_CORRECT5], want.correct5 as f32, "{what}: top-5");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // optimizers
 

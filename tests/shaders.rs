@@ -72,6 +72,8 @@ const PASSES: &[&str] = &[
     "forward_train",
     "forward_eval",
     "forward_backward",
+    // the loss against soft (mixed) targets
+    "soft_forward_backward",
     "backward",
     "backward_input",
     "backward_weight",
