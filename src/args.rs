@@ -352,8 +352,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = hp::MOMENTUM)]
     pub momentum: f64,
     /// Label smoothing ε of the training loss, as torch.nn.CrossEntropyLoss(label_smoothing=ε):
-    /// targets (1 − ε)·onehot + ε/classes. Evaluation reports plain cross-entropy.
-    #[arg(long, default_value_t = 0.0)]
+    /// targets (1 − ε)·onehot + ε/classes (timm's --smoothing; with --mixup/--cutmix it smooths
+    /// the mixed targets, as timm's mixup_target). Evaluation reports plain cross-entropy.
+    #[arg(long, visible_alias = "smoothing", default_value_t = 0.0)]
     #[serde(default)]
     pub label_smoothing: f64,
     /// Clip the gradients' total 2-norm to MAX each step, as torch.nn.utils.clip_grad_norm_(
@@ -468,11 +469,48 @@ pub struct TrainArgs {
     #[arg(long, requires = "model_ema")]
     #[serde(default)]
     pub model_ema_warmup: bool,
+    /// Mixup's alpha (timm's `--mixup`): mix each batch with its mirror image by λ ~ Beta(A, A),
+    /// soft targets; 0 = off.
+    #[arg(long, value_name = "A", default_value_t = 0.0)]
+    #[serde(default)]
+    pub mixup: f64,
+    /// CutMix's alpha (timm's `--cutmix`): paste a box of the mirror image, λ ~ Beta(A, A); 0 = off.
+    #[arg(long, value_name = "A", default_value_t = 0.0)]
+    #[serde(default)]
+    pub cutmix: f64,
+    /// Probability that a batch is mixed at all (timm's `--mixup-prob`).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    #[serde(default = "default_one")]
+    pub mixup_prob: f64,
+    /// With both --mixup and --cutmix: probability of CutMix for a mixed batch (timm's).
+    #[arg(long, value_name = "P", default_value_t = 0.5)]
+    #[serde(default = "default_half")]
+    pub mixup_switch_prob: f64,
+    /// How Mixup/CutMix draw: `batch` (one λ per batch, timm's default; the only mode here).
+    #[arg(long, value_enum, default_value_t = MixupMode::Batch)]
+    #[serde(default)]
+    pub mixup_mode: MixupMode,
     /// Which weights best.safetensors is chosen on and holds: `model`, or `ema` (the default with
     /// --model-ema, as timm's train.py, which replaces the evaluation metrics by the EMA's).
     #[arg(long, value_enum, value_name = "WHICH")]
     #[serde(default)]
     pub best_on: Option<BestOn>,
+}
+
+/// `--mixup-mode`: timm's modes; `elem` and `pair` are not implemented.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixupMode {
+    #[default]
+    Batch,
+}
+
+fn default_one() -> f64 {
+    1.0
+}
+
+fn default_half() -> f64 {
+    0.5
 }
 
 /// `--best-on`: the weights best.safetensors is chosen on.
@@ -533,6 +571,7 @@ impl TrainArgs {
             "--sync-bn merges batch-norm statistics across MPI ranks, but this senet was built without MPI \
              support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see docs/distributed.md)"
         );
+        self.mixup_config(1).validate()?;
         ensure!(
             self.grad_accum_steps >= 1,
             "--grad-accum-steps must be at least 1 (batches per optimizer step), got {}",
@@ -612,6 +651,18 @@ impl TrainArgs {
     /// The weights best.safetensors is chosen on: `--best-on`, else the EMA's with `--model-ema`.
     pub fn best_on(&self) -> BestOn {
         self.best_on.unwrap_or(if self.model_ema { BestOn::Ema } else { BestOn::Model })
+    }
+
+    /// Mixup/CutMix for `classes` classes (active when `--mixup` or `--cutmix` is above 0).
+    pub fn mixup_config(&self, classes: usize) -> crate::data::mixup::MixupConfig {
+        crate::data::mixup::MixupConfig {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+            smoothing: self.label_smoothing,
+            classes,
+        }
     }
 
     /// The model EMA's (decay, warmup), with `--model-ema`.

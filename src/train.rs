@@ -76,6 +76,9 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     }
     let mut net = Network::new_in(gpu.clone(), config.clone(), args.optimizer_config(), args.seed, args.precision)?;
     net.label_smoothing = args.label_smoothing as f32;
+    // --mixup/--cutmix: the training loss is against the soft targets the loop writes.
+    let mixup = args.mixup_config(config.num_classes);
+    net.soft_targets = mixup.active();
     // SyncBatchNorm only where there is more than one batch to merge; on one process --sync-bn
     // changes nothing (as PyTorch's SyncBatchNorm, which falls back to BatchNorm there).
     net.sync_bn = args.sync_bn && dist.size > 1;
@@ -109,6 +112,7 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
         gpu,
         pre: Preprocess { normalize: config.normalize.clone(), augment: args.augment, load: args.data.load_options() },
         plans: RefCell::new(plans),
+        mixup: mixup.active().then_some((mixup, [config.in_channels, config.input_hw[0], config.input_hw[1]])),
         steps_per_epoch,
         updates_per_epoch,
         total_updates: updates_per_epoch * args.epochs(),
@@ -146,6 +150,8 @@ struct Trainer<'a> {
     /// One plan per batch size an epoch uses (full and the last partial, training and test; a
     /// batch short of images `--skip-bad-images` left out gets one when it comes).
     plans: RefCell<HashMap<usize, StepPlan>>,
+    /// `--mixup`/`--cutmix`: the configuration and the image shape [c, h, w].
+    mixup: Option<(crate::data::mixup::MixupConfig, [usize; 3])>,
     /// Batches per epoch (the progress bar's steps).
     steps_per_epoch: usize,
     /// Optimizer updates per epoch: batches / `--grad-accum-steps`, rounded up, and in the run
@@ -333,7 +339,10 @@ impl Trainer<'_> {
         });
         for (step, b) in (skip..).zip(timed) {
             let b = match b {
-                Ok(b) => b,
+                Ok(mut b) => {
+                    self.mix(&mut b, epoch, step);
+                    b
+                }
                 Err(e) => {
                     pb.finish_and_clear();
                     return Err(match e.downcast_ref::<BadImage>() {
@@ -352,6 +361,9 @@ impl Trainer<'_> {
             let plans = self.plans.borrow();
             let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(gpu, &b.images, &b.labels)?;
+            if let Some(t) = &b.targets {
+                plan.write_targets(gpu, t)?;
+            }
             net.set_lr(self.lr_at(epoch, step + 1));
             let (index, count) = self.micro_batch(step);
             if args.profile && step == skip && epoch == args.epochs().min(self.first_epoch + 1) {
@@ -410,6 +422,17 @@ impl Trainer<'_> {
         Box::new(
             loader::batches_of(self.train_set.clone(), order, args.batch_size, self.pre.clone(), aug_seed).skip(skip),
         )
+    }
+
+    /// `--mixup`/`--cutmix`: mix batch `step` of `epoch` in place and give it its soft targets
+    /// (the draws a function of seed, epoch and step; see `data::mixup`).
+    fn mix(&self, b: &mut loader::Batch, epoch: usize, step: usize) {
+        let Some((cfg, [c, h, w])) = self.mixup else { return };
+        let n = b.labels.len();
+        let mix = cfg.draw(self.args.seed, epoch, step, h, w);
+        let targets =
+            crate::data::mixup::mix_batch(mix, &mut b.images, &b.labels, [n, c, h, w], cfg.classes, cfg.smoothing);
+        b.targets = Some(targets);
     }
 
     /// Make sure a plan for batches of `n` exists (a batch `--skip-bad-images` made short).

@@ -347,6 +347,8 @@ fn nonsense_arguments_are_rejected_up_front() {
         ("--grad-accum-steps", "0", "--grad-accum-steps must be at least 1"),
         ("--model-ema-decay", "1.5", "--model-ema-decay must be in [0, 1)"),
         ("--best-on", "ema", "--best-on ema needs --model-ema"),
+        ("--mixup", "-1", "--mixup must be a finite number >= 0"),
+        ("--mixup-prob", "1.5", "--mixup-prob must be a probability in [0, 1]"),
     ] {
         let out = senet()
             .args(["train", "--dataset", "sample", &format!("{flag}={value}"), "--out"])
@@ -424,6 +426,19 @@ fn grad_accum_and_model_ema_resume_exactly() {
     if ema_epoch + 1 == rows.len() {
         assert!(read(a.join("best.safetensors")) == read(a.join("ema.safetensors")), "best holds the EMA");
     }
+}
+
+/// `--mixup 0.8 --cutmix 1.0 --smoothing 0.1` (timm's flags) on the sample: the draws are a
+/// function of (seed, epoch, step), so a run resumed after epoch 1 ends bit for bit as the
+/// uninterrupted one; config.json keeps the settings.
+#[test]
+fn mixup_runs_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--dataset", "sample", "--width", "0.0625", "--batch-size", "25", "--limit-train", "100"];
+    let mix = ["--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1", "--limit-test", "40", "--seed", "8"];
+    resume_matches_uninterrupted(dir.path(), &[&args[..], &mix].concat(), "mixup");
+    let config = std::fs::read_to_string(dir.path().join("a").join("config.json")).unwrap();
+    assert!(config.contains("\"cutmix\": 1.0") && config.contains("\"mixup_mode\": \"batch\""), "{config}");
 }
 
 /// `--precision f16` (AMP): a short run on the sample logs its loss scale, evaluates its checkpoint

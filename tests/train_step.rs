@@ -1214,3 +1214,40 @@ fn an_f16_accumulated_step_scales_once_per_optimizer_step() {
     assert_eq!((st.steps, st.growth_tracker, st.skipped), (2, 2, 0), "one scaler update per optimizer step");
     assert_eq!(f64::from(st.scale), scale, "the scale stays until 2,000 finite steps");
 }
+
+/// `--mixup`/`--cutmix`: a soft-target plan's step (timm's SoftTargetCrossEntropy on a batch
+/// mixed by `data::mixup`) against the reference step on the same mixed batch and targets
+/// (`reference::model::train_step_soft`): loss, every gradient and the update, with the
+/// tolerances of gpu_training_step_equals_the_reference_step. A plan that kept the label loss
+/// would be off by the mixing (the flipped half of every target).
+#[test]
+fn a_soft_target_step_equals_the_reference_soft_step() {
+    use senet_wgpu::data::mixup::{Mix, mix_batch};
+    let gpu = gpu();
+    let (n, classes) = (6, 5);
+    let opt = OptimizerConfig::sgd(0.1, 0.0);
+    let mut net = Network::new(gpu.clone(), tiny(classes, 16), opt, 32).unwrap();
+    net.soft_targets = true;
+    let plan = net.plan(n).unwrap();
+    let mut r = rng(33);
+    let mut x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 2 + 1) % classes as u32).collect();
+    let targets = mix_batch(Mix::Mixup { lam: 0.35 }, &mut x, &labels, [n, 3, 16, 16], classes, 0.1);
+    let (params, buffers) = reference_state(&net);
+    let want =
+        reference::model::train_step_soft(&net.graph, &params, &buffers, n, &to_f64(&x), &to_f64(&targets)).unwrap();
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    plan.write_targets(&gpu, &targets).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+    let res = read(&gpu, &plan.train_result);
+    assert_close("soft loss", &[res[result::LOSS]], &[want.loss], 1e-5, 1e-4);
+    for p in &net.params {
+        let name = &p.spec.name;
+        grad_close(&format!("soft grad {name}"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3, GRAD_REL_L2);
+        let old = &params[name];
+        let want_delta: Vec<f64> = want.grads[name].iter().map(|g| -0.1 * g).collect();
+        let got: Vec<f32> = read(&gpu, &p.value).iter().zip(old).map(|(&a, &b)| (f64::from(a) - b) as f32).collect();
+        assert_close(&format!("soft update of {name}"), &got, &want_delta, 2.5e-5, 1e-3);
+    }
+}

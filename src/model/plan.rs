@@ -139,6 +139,9 @@ pub struct Network {
     /// Label smoothing of the training loss (`--label-smoothing`; 0 = none), read when a plan is
     /// built. Evaluation always measures plain cross-entropy.
     pub label_smoothing: f32,
+    /// `--mixup`/`--cutmix`, read when a plan is built: the training loss is against soft targets
+    /// the host writes per batch ([`StepPlan::write_targets`]; timm's SoftTargetCrossEntropy).
+    pub soft_targets: bool,
     /// `--sync-bn` under several ranks, read when a plan is built: every training-mode batch norm
     /// runs as split kernels around [`BnExchange`]s (SyncBatchNorm). Off, one dispatch per pass.
     pub sync_bn: bool,
@@ -300,6 +303,7 @@ impl Network {
             accum_pending: false,
             ema: None,
             label_smoothing: 0.0,
+            soft_targets: false,
             sync_bn: false,
             by_name,
         })
@@ -683,16 +687,23 @@ impl Network {
         let (logits, dlogits) = (&acts[acts.len() - 1], &grads[grads.len() - 1]);
         let (train0, eval0) = (train.len(), eval.len());
         let _scope = gpu.label_scope("loss");
-        let (loss, loss_weight) = cross_entropy::cross_entropy_weighted(
-            gpu,
-            logits,
-            &labels,
-            dlogits,
-            &per_sample,
-            &train_result,
-            self.label_smoothing,
-            self.scaler.as_ref().map(|s| &s.state),
-        )?;
+        let scaler = self.scaler.as_ref().map(|s| &s.state);
+        let targets = self.soft_targets.then(|| Tensor::zeros(gpu, "soft targets", &logits_shape)).transpose()?;
+        let (loss, loss_weight) = match &targets {
+            Some(t) => {
+                cross_entropy::cross_entropy_soft_weighted(gpu, logits, t, dlogits, &per_sample, &train_result, scaler)?
+            }
+            None => cross_entropy::cross_entropy_weighted(
+                gpu,
+                logits,
+                &labels,
+                dlogits,
+                &per_sample,
+                &train_result,
+                self.label_smoothing,
+                scaler,
+            )?,
+        };
         train.extend(loss);
         eval.extend(cross_entropy::cross_entropy_forward_backward(
             gpu,
@@ -723,6 +734,7 @@ impl Network {
             train_result,
             eval_result,
             loss_weight,
+            targets,
             se_saved,
             conv_kernels,
             train,
@@ -898,6 +910,8 @@ pub struct StepPlan {
     pub eval_result: Tensor,
     /// The training loss gradient's multiplier (1/N of a micro-batch of `--grad-accum-steps N`).
     pub loss_weight: LossWeight,
+    /// A soft-target plan's ([`Network::soft_targets`]) targets [n, classes], written per batch.
+    pub targets: Option<Tensor>,
     /// Every SE block's per-sample intermediates of the last pass (squeeze, hidden, excitation).
     pub se_saved: Vec<SeSaved>,
     /// The kernel each conv layer's passes run (layer name, pass, kernel), as the tuner chose.
@@ -974,6 +988,11 @@ impl StepPlan {
 
     pub fn logits(&self) -> &Tensor {
         &self.acts[self.acts.len() - 1]
+    }
+
+    /// Queue a soft-target plan's targets [n, classes] (Mixup's) for the next submit.
+    pub fn write_targets(&self, gpu: &Gpu, targets: &[f32]) -> Result<()> {
+        self.targets.as_ref().context("this plan trains on labels, not soft targets")?.write(gpu, targets)
     }
 
     /// Queue the batch (images as f32 NCHW, labels) for the next submit.

@@ -180,7 +180,7 @@ pub fn train_step_in(
     precision: Precision,
     loss_scale: f64,
 ) -> Result<StepResult> {
-    train_step_full(graph, params, buffers, n, input, labels, precision, loss_scale, 0.0)
+    train_step_full(graph, params, buffers, n, input, Loss::Labels(labels, 0.0), precision, loss_scale)
 }
 
 /// timm's `--grad-accum-steps N` step: the micro-batches `micro` (batch size, input, labels) one
@@ -233,7 +233,27 @@ pub fn train_step_smoothed(
     labels: &[u32],
     label_smoothing: f64,
 ) -> Result<StepResult> {
-    train_step_full(graph, params, buffers, n, input, labels, Precision::F32, 1.0, label_smoothing)
+    train_step_full(graph, params, buffers, n, input, Loss::Labels(labels, label_smoothing), Precision::F32, 1.0)
+}
+
+/// [`train_step`] against soft targets [n, classes] (Mixup's: timm's SoftTargetCrossEntropy).
+pub fn train_step_soft(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    targets: &[f64],
+) -> Result<StepResult> {
+    train_step_full(graph, params, buffers, n, input, Loss::Soft(targets), Precision::F32, 1.0)
+}
+
+/// What a step's loss is against.
+enum Loss<'a> {
+    /// Class indices, with label smoothing.
+    Labels(&'a [u32], f64),
+    /// Soft targets [n, classes].
+    Soft(&'a [f64]),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -243,17 +263,19 @@ fn train_step_full(
     buffers: &HashMap<String, Vec<f64>>,
     n: usize,
     input: &[f64],
-    labels: &[u32],
+    loss: Loss,
     precision: Precision,
     loss_scale: f64,
-    label_smoothing: f64,
 ) -> Result<StepResult> {
     let Forward { shapes, acts, saved, buffers: new_buffers } =
         forward(graph, params, buffers, n, input, true, precision)?;
     let get = |name: &str| param(params, name);
     let logits = acts.last().context("empty graph")?.clone();
     let classes = shapes.last().context("empty graph")?[1];
-    let ce = cross_entropy::cross_entropy_forward_backward_smoothed(&logits, labels, classes, label_smoothing);
+    let ce = match loss {
+        Loss::Labels(labels, e) => cross_entropy::cross_entropy_forward_backward_smoothed(&logits, labels, classes, e),
+        Loss::Soft(targets) => cross_entropy::cross_entropy_soft_forward_backward(&logits, targets, classes),
+    };
 
     // Gradients of the activations; an activation read by two layers sums both contributions.
     let mut grads = HashMap::new();

@@ -124,6 +124,14 @@ impl Trainer<'_> {
                 self.updates_per_epoch
             ));
         }
+        if let Some((m, _)) = &self.mixup {
+            self.say(format!(
+                "Mixup/CutMix (timm's, batch mode): mixup alpha {}, cutmix alpha {}, prob {}, switch prob {}, \
+                 smoothing {}; soft-target loss; train_acc counts each mixed target's dominant class (timm reports \
+                 no training accuracy)",
+                m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.smoothing
+            ));
+        }
         if let Some(ema) = &net.ema {
             self.say(format!(
                 "model EMA (timm's ModelEmaV3): decay {}{}, updated after every optimizer step, evaluated each epoch \
