@@ -29,6 +29,10 @@ Outputs (run once where PyTorch is installed; small files, committed):
                             y0..y3), and in float64 the loss, learning rate and (with clipping)
                             total gradient norm of each step, and every parameter and running
                             statistic after the last step ("after.<name>")
+  recipe_<case>.safetensors timm's train.py recipes on the same network: --grad-accum-steps over
+                            one epoch of six batches (x0..x5, y0..y5) with timm's ModelEmaV3, and
+                            in float64 each batch's loss, the state after the epoch ("after.<name>")
+                            and the EMA's ("ema.<name>"; needs timm)
   bounds.safetensors        small op-level cases where a constant's placement matters: Adam on
                             gradients 0, 1e-10, 1e-8, 1e-6 (eps), batch norm in eval mode on
                             running variances 0 .. 1 (eps), clip_grad_norm_ of gradients whose
@@ -304,6 +308,51 @@ def opt_case(name, over, out):
     save(os.path.join(out, f"opt_{name}.safetensors"), tensors, o)
 
 
+# timm's --grad-accum-steps and --model-ema, as its train.py runs them: 6 batches of one epoch in
+# groups of 4 and 2 (the last group shorter, each loss divided by its group's batch count), one
+# optimizer step per group, then ModelEmaV3.update(model, step=num_updates) (warmup, decay 0.9).
+RECIPES = {
+    "grad_accum_ema": dict(optimizer="sgd", lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=False,
+                           batches=6, accum=4, ema_decay=0.9, ema_warmup=True),
+}
+
+
+def recipe_case(name, over, out):
+    from timm.utils.model_ema import ModelEmaV3
+    o = {**BASE, **over}
+    model = build(o)
+    tensors = state_tensors(model)
+    batches = [batch(o, k) for k in range(o["batches"])]
+    for k, (x, y) in enumerate(batches):
+        tensors[f"x{k}"], tensors[f"y{k}"] = x, y
+    ema = ModelEmaV3(model, decay=o["ema_decay"], use_warmup=o["ema_warmup"])
+    opt = optimizer(o, model.parameters())
+    model.train()
+    n, accum = len(batches), o["accum"]
+    last_accum = n % accum
+    last_idx_to_accum = n - last_accum
+    num_updates, losses = 0, []
+    opt.zero_grad()
+    for i, (x, y) in enumerate(batches):
+        steps = last_accum if i >= last_idx_to_accum else accum
+        loss = F.cross_entropy(model(x.double()), y)
+        losses.append(loss.item())
+        (loss / steps).backward()
+        if (i + 1) % accum == 0 or i == n - 1:
+            opt.step()
+            opt.zero_grad()
+            num_updates += 1
+            ema.update(model, step=num_updates)
+    tensors["loss"] = torch.tensor(losses)
+    for k, v in our_names(model.state_dict()).items():
+        if v.is_floating_point():
+            tensors["after." + k] = v.detach().clone()
+    for k, v in our_names(ema.module.state_dict()).items():
+        if v.is_floating_point():
+            tensors["ema." + k] = v.detach().clone()
+    save(os.path.join(out, f"recipe_{name}.safetensors"), tensors, o)
+
+
 def bounds(out):
     t = {}
     # Adam on zero state, lr 1, from parameters 0: the update of step 1 is g / (|g| + eps) per
@@ -348,6 +397,8 @@ def main():
         arch_case(name, over, args.out)
     for name, over in OPT.items():
         opt_case(name, over, args.out)
+    for name, over in RECIPES.items():
+        recipe_case(name, over, args.out)
     bounds(args.out)
 
 

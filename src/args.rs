@@ -365,8 +365,9 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = hp::MOMENTUM)]
     pub momentum: f64,
     /// Label smoothing ε of the training loss, as torch.nn.CrossEntropyLoss(label_smoothing=ε):
-    /// targets (1 − ε)·onehot + ε/classes. Evaluation reports plain cross-entropy.
-    #[arg(long, default_value_t = 0.0)]
+    /// targets (1 − ε)·onehot + ε/classes (timm's --smoothing; with --mixup/--cutmix it smooths
+    /// the mixed targets, as timm's mixup_target). Evaluation reports plain cross-entropy.
+    #[arg(long, visible_alias = "smoothing", default_value_t = 0.0)]
     #[serde(default)]
     pub label_smoothing: f64,
     /// Clip the gradients' total 2-norm to MAX each step, as torch.nn.utils.clip_grad_norm_(
@@ -481,6 +482,84 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = hp::PRECISION)]
     #[serde(default)]
     pub precision: Precision,
+    /// Accumulate the gradients of N batches before each optimizer step (timm's flag): each
+    /// batch's loss divided by N, one clip, loss-scaler update and (under mpirun) all-reduce per
+    /// step; the effective batch is N × --batch-size and the schedule counts optimizer steps,
+    /// ceil(batches per epoch / N) an epoch. Batch norm normalises each batch on its own.
+    #[arg(long, value_name = "N", default_value_t = hp::GRAD_ACCUM_STEPS)]
+    #[serde(default = "default_grad_accum_steps")]
+    pub grad_accum_steps: usize,
+    /// Keep an exponential moving average of the weights and batch-norm buffers (timm's
+    /// ModelEmaV3), evaluated each epoch beside the model and saved as ema.safetensors.
+    #[arg(long)]
+    #[serde(default)]
+    pub model_ema: bool,
+    /// The EMA's decay per optimizer step (timm's default).
+    #[arg(long, value_name = "DECAY", default_value_t = hp::MODEL_EMA_DECAY)]
+    #[serde(default = "default_model_ema_decay")]
+    pub model_ema_decay: f64,
+    /// Ramp the EMA's decay up as timm does: min(DECAY, 1 - (1 + step)^(-2/3)).
+    #[arg(long, requires = "model_ema")]
+    #[serde(default)]
+    pub model_ema_warmup: bool,
+    /// Mixup's alpha (timm's `--mixup`): mix each batch with its mirror image by λ ~ Beta(A, A),
+    /// soft targets; 0 = off.
+    #[arg(long, value_name = "A", default_value_t = 0.0)]
+    #[serde(default)]
+    pub mixup: f64,
+    /// CutMix's alpha (timm's `--cutmix`): paste a box of the mirror image, λ ~ Beta(A, A); 0 = off.
+    #[arg(long, value_name = "A", default_value_t = 0.0)]
+    #[serde(default)]
+    pub cutmix: f64,
+    /// Probability that a batch is mixed at all (timm's `--mixup-prob`).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    #[serde(default = "default_one")]
+    pub mixup_prob: f64,
+    /// With both --mixup and --cutmix: probability of CutMix for a mixed batch (timm's).
+    #[arg(long, value_name = "P", default_value_t = 0.5)]
+    #[serde(default = "default_half")]
+    pub mixup_switch_prob: f64,
+    /// How Mixup/CutMix draw: `batch` (one λ per batch, timm's default; the only mode here).
+    #[arg(long, value_enum, default_value_t = MixupMode::Batch)]
+    #[serde(default)]
+    pub mixup_mode: MixupMode,
+    /// Which weights best.safetensors is chosen on and holds: `model`, or `ema` (the default with
+    /// --model-ema, as timm's train.py, which replaces the evaluation metrics by the EMA's).
+    #[arg(long, value_enum, value_name = "WHICH")]
+    #[serde(default)]
+    pub best_on: Option<BestOn>,
+}
+
+/// `--mixup-mode`: timm's modes; `elem` and `pair` are not implemented.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MixupMode {
+    #[default]
+    Batch,
+}
+
+fn default_one() -> f64 {
+    1.0
+}
+
+fn default_half() -> f64 {
+    0.5
+}
+
+/// `--best-on`: the weights best.safetensors is chosen on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BestOn {
+    Model,
+    Ema,
+}
+
+fn default_grad_accum_steps() -> usize {
+    hp::GRAD_ACCUM_STEPS
+}
+
+fn default_model_ema_decay() -> f64 {
+    hp::MODEL_EMA_DECAY
 }
 
 impl TrainArgs {
@@ -533,6 +612,26 @@ impl TrainArgs {
             self.augment || (self.aa.is_none() && self.reprob == 0.0),
             "--aa and --reprob add to the training transform (RandomResizedCrop + flip, as timm's): give --augment \
              (or --recipe imagenet) too"
+        );
+        self.mixup_config(1).validate()?;
+        ensure!(
+            self.grad_accum_steps >= 1,
+            "--grad-accum-steps must be at least 1 (batches per optimizer step), got {}",
+            self.grad_accum_steps
+        );
+        ensure!(
+            !(self.profile && self.grad_accum_steps > 1),
+            "--profile times one whole optimizer step of one batch; it cannot be combined with --grad-accum-steps {}",
+            self.grad_accum_steps
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.model_ema_decay),
+            "--model-ema-decay must be in [0, 1) (the weight kept per step, timm's 0.9998), got {}",
+            self.model_ema_decay
+        );
+        ensure!(
+            self.model_ema || self.best_on != Some(BestOn::Ema),
+            "--best-on ema needs --model-ema (there is no EMA to choose)"
         );
         ensure!(
             self.warmup_epochs >= 0.0 && self.warmup_epochs < self.epochs() as f64,
@@ -614,6 +713,28 @@ impl TrainArgs {
             max_count: self.recount,
         });
         Ok((aa, erase))
+    }
+
+    /// The weights best.safetensors is chosen on: `--best-on`, else the EMA's with `--model-ema`.
+    pub fn best_on(&self) -> BestOn {
+        self.best_on.unwrap_or(if self.model_ema { BestOn::Ema } else { BestOn::Model })
+    }
+
+    /// Mixup/CutMix for `classes` classes (active when `--mixup` or `--cutmix` is above 0).
+    pub fn mixup_config(&self, classes: usize) -> crate::data::mixup::MixupConfig {
+        crate::data::mixup::MixupConfig {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+            smoothing: self.label_smoothing,
+            classes,
+        }
+    }
+
+    /// The model EMA's (decay, warmup), with `--model-ema`.
+    pub fn model_ema_config(&self) -> Option<(f64, bool)> {
+        self.model_ema.then_some((self.model_ema_decay, self.model_ema_warmup))
     }
 
     /// The epoch count, defaulting to the base recipe's.

@@ -57,6 +57,72 @@ pub fn state_dict(net: &Network) -> Result<StateDict> {
     Ok(sd)
 }
 
+/// `--model-ema`: the EMA's state dict (the model's names and shapes), read back from the GPU;
+/// None without an EMA.
+pub fn ema_state_dict(net: &Network) -> Result<Option<StateDict>> {
+    let Some(ema) = &net.ema else { return Ok(None) };
+    let values = ema.values.read::<f32>(&net.gpu)?;
+    let bn = ema.bn.read::<f32>(&net.gpu)?;
+    let mut sd = StateDict::new();
+    for p in &net.params {
+        let v = values[p.start..p.start + p.value.numel()].to_vec();
+        sd.insert(p.spec.name.clone(), Entry { shape: p.spec.shape.clone(), value: Value::F32(v) });
+    }
+    // The running statistics sit at the same places of the EMA's flat buffer as of the model's.
+    let start = |t: &crate::gpu::Tensor| ((t.offset - net.bn_flat.offset) / 4) as usize;
+    for (b, &count) in net.bn.iter().zip(&ema.num_batches_tracked) {
+        for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
+            let (s, c) = (start(t), t.numel());
+            sd.insert(format!("{}.{key}", b.name), Entry { shape: vec![c], value: Value::F32(bn[s..s + c].to_vec()) });
+        }
+        sd.insert(format!("{}.num_batches_tracked", b.name), Entry { shape: vec![], value: Value::I64(vec![count]) });
+    }
+    Ok(Some(sd))
+}
+
+/// Write `sd` into the network's EMA (as [`ema_state_dict`] reads it).
+fn apply_ema(net: &mut Network, sd: &StateDict, what: &str) -> Result<()> {
+    check_fits(&net.graph, &net.config, sd, what)?;
+    let gpu = net.gpu.clone();
+    let bn_base = net.bn_flat.offset;
+    let Some(ema) = &mut net.ema else { return Ok(()) };
+    let mut values = vec![0.0f32; ema.values.numel()];
+    for p in &net.params {
+        match &sd[&p.spec.name].value {
+            Value::F32(v) => values[p.start..p.start + v.len()].copy_from_slice(v),
+            Value::I64(_) => bail!("{what}: tensor {} is I64; expected F32", p.spec.name),
+        }
+    }
+    let mut bn = vec![0.0f32; ema.bn.numel()];
+    for (b, count) in net.bn.iter().zip(&mut ema.num_batches_tracked) {
+        for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
+            let s = ((t.offset - bn_base) / 4) as usize;
+            match &sd[&format!("{}.{key}", b.name)].value {
+                Value::F32(v) => bn[s..s + v.len()].copy_from_slice(v),
+                Value::I64(_) => bail!("{what}: tensor {}.{key} is I64; expected F32", b.name),
+            }
+        }
+        *count = match &sd[&format!("{}.num_batches_tracked", b.name)].value {
+            Value::I64(v) => v.first().copied().unwrap_or(0),
+            Value::F32(v) => v.first().copied().unwrap_or(0.0) as i64,
+        };
+    }
+    ema.values.write(&gpu, &values)?;
+    if !bn.is_empty() {
+        ema.bn.write(&gpu, &bn)?;
+    }
+    Ok(())
+}
+
+/// `--model-ema`: save the EMA's state dict to `path` (a plain state dict, as [`save`]); nothing
+/// without an EMA.
+pub fn save_ema(net: &Network, path: &Path) -> Result<()> {
+    match ema_state_dict(net)? {
+        Some(sd) => write_atomic(path, &to_bytes(&sd)?),
+        None => Ok(()),
+    }
+}
+
 /// Serialise a state dict to safetensors bytes.
 pub fn to_bytes(sd: &StateDict) -> Result<Vec<u8>> {
     to_bytes_with(sd, None)
@@ -298,6 +364,11 @@ pub fn infer_config(sd: &StateDict, input_hw: [usize; 2], what: &str) -> Result<
     family.infer(&shapes, base, what)
 }
 
+/// A resume file's EMA tensors: the EMA's state dict under this prefix.
+const EMA_PREFIX: &str = "ema.";
+/// A resume file's accumulated gradients (saved inside a `--grad-accum-steps` group).
+const ACCUM_PREFIX: &str = "grad_accum.";
+
 /// Name of optimizer state tensor `k` of parameter `name` in a resume file.
 fn optim_name(k: usize, name: &str) -> String {
     format!("optimizer.state{k}.{name}")
@@ -316,6 +387,20 @@ pub fn save_resume(net: &Network, mut metadata: HashMap<String, String>, path: &
         }
     }
     metadata.insert("optimizer_step".into(), net.step.to_string());
+    if let Some(ema) = ema_state_dict(net)? {
+        sd.extend(ema.into_iter().map(|(k, v)| (format!("{EMA_PREFIX}{k}"), v)));
+    }
+    // Saved inside a --grad-accum-steps group: the gradients of its micro-batches so far.
+    if let Some(acc) = net.accum.as_ref().filter(|_| net.accum_pending) {
+        let flat = acc.accum.read::<f32>(&net.gpu)?;
+        for p in &net.params {
+            let v = flat[p.start..p.start + p.value.numel()].to_vec();
+            sd.insert(
+                format!("{ACCUM_PREFIX}{}", p.spec.name),
+                Entry { shape: p.spec.shape.clone(), value: Value::F32(v) },
+            );
+        }
+    }
     if let Some(s) = &net.scaler {
         let st = s.read(&net.gpu)?;
         metadata.insert("loss_scale".into(), st.scale.to_string());
@@ -346,7 +431,36 @@ pub fn load_resume(path: &Path, net: &mut Network) -> Result<HashMap<String, Str
             }
         }
     }
+    let ema: StateDict = sd
+        .extract_if(.., |k, _| k.starts_with(EMA_PREFIX))
+        .map(|(k, v)| (k[EMA_PREFIX.len()..].to_string(), v))
+        .collect();
+    let accum: StateDict = sd
+        .extract_if(.., |k, _| k.starts_with(ACCUM_PREFIX))
+        .map(|(k, v)| (k[ACCUM_PREFIX.len()..].to_string(), v))
+        .collect();
     apply(net, &sd, &what)?;
+    if net.ema.is_some() {
+        ensure!(!ema.is_empty(), "{what}: no model EMA (ema.* tensors), but the run has --model-ema");
+        apply_ema(net, &ema, &format!("{what} (its model EMA)"))?;
+    }
+    net.accum_pending = false;
+    if !accum.is_empty() {
+        let Some(acc) = &net.accum else {
+            bail!("{what}: holds accumulated gradients (grad_accum.*) but the run has no --grad-accum-steps")
+        };
+        let mut flat = vec![0.0f32; acc.accum.numel()];
+        for p in &net.params {
+            match accum.get(&p.spec.name) {
+                Some(Entry { shape, value: Value::F32(v) }) if *shape == p.spec.shape => {
+                    flat[p.start..p.start + v.len()].copy_from_slice(v)
+                }
+                _ => bail!("{what}: {ACCUM_PREFIX}{} missing or not F32 of shape {:?}", p.spec.name, p.spec.shape),
+            }
+        }
+        acc.accum.write(&gpu, &flat)?;
+        net.accum_pending = true;
+    }
     net.step = metadata
         .get("optimizer_step")
         .and_then(|s| s.parse().ok())

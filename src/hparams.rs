@@ -53,6 +53,11 @@ pub const ADAM_EPS: f64 = 1e-8;
 /// No gradient clipping in the base recipe (`--clip-grad-norm MAX` turns it on: the total 2-norm
 /// of all gradients scaled down to MAX, as `torch.nn.utils.clip_grad_norm_`).
 pub const CLIP_GRAD_NORM: Option<f64> = None;
+/// One batch per optimizer step (`--grad-accum-steps N`: the gradients of N batches summed, each
+/// batch's loss divided by N, as timm's train.py; the effective batch is N × --batch-size).
+pub const GRAD_ACCUM_STEPS: usize = 1;
+/// `--model-ema`'s decay: timm's train.py default (`--model-ema-decay 0.9998`).
+pub const MODEL_EMA_DECAY: f64 = 0.9998;
 /// SGD as `torch.optim.SGD`'s defaults: no dampening, no Nesterov (`--nesterov` turns it on).
 pub const SGD_DAMPENING: f64 = 0.0;
 /// `--schedule step`: the learning rate is multiplied by `STEP_FACTOR` when the run reaches

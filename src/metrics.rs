@@ -29,9 +29,24 @@ pub struct EpochMetrics {
     /// epoch's training and evaluation passes.
     #[serde(default)]
     pub skipped_images: usize,
+    /// `--model-ema`: the EMA's figures on the test and validation images (None without an EMA).
+    #[serde(default)]
+    pub ema_test_loss: Option<f64>,
+    #[serde(default)]
+    pub ema_test_acc: Option<f64>,
+    #[serde(default)]
+    pub ema_test_top5_acc: Option<f64>,
+    #[serde(default)]
+    pub ema_val_loss: Option<f64>,
+    #[serde(default)]
+    pub ema_val_acc: Option<f64>,
+    /// best.safetensors is chosen on (and holds) the EMA (`--best-on ema`, the default with
+    /// `--model-ema`). Not a CSV column.
+    #[serde(default)]
+    pub best_on_ema: bool,
 }
 
-pub const CSV_HEADER: &str = "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s,val_loss,val_acc,test_top5_acc,val_top5_acc,lr,skipped_images";
+pub const CSV_HEADER: &str = "epoch,train_loss,train_acc,test_loss,test_acc,seconds,train_images_per_s,val_loss,val_acc,test_top5_acc,val_top5_acc,lr,skipped_images,ema_test_loss,ema_test_acc,ema_test_top5_acc,ema_val_loss,ema_val_acc";
 
 /// An optional figure as a CSV field: empty when absent.
 fn field(v: Option<f64>) -> String {
@@ -42,7 +57,7 @@ impl EpochMetrics {
     /// The metrics.csv line, newline included.
     pub fn csv_line(&self) -> String {
         format!(
-            "{},{},{},{},{},{:.3},{:.1},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{:.3},{:.1},{},{},{},{},{},{},{},{},{},{},{}\n",
             self.epoch,
             self.train_loss,
             self.train_acc,
@@ -55,7 +70,12 @@ impl EpochMetrics {
             self.test_top5_acc,
             field(self.val_top5_acc),
             self.lr,
-            self.skipped_images
+            self.skipped_images,
+            field(self.ema_test_loss),
+            field(self.ema_test_acc),
+            field(self.ema_test_top5_acc),
+            field(self.ema_val_loss),
+            field(self.ema_val_acc)
         )
     }
 
@@ -78,8 +98,12 @@ impl EpochMetrics {
         } else {
             String::new()
         };
+        let ema = match (self.ema_test_loss, self.ema_test_acc) {
+            (Some(l), Some(a)) => format!("  EMA: test_loss {l:.4} test_acc {a:.4}"),
+            _ => String::new(),
+        };
         format!(
-            "{:>5} {:>10.4} {:>9.4}{v} {:>10.4} {:>9.4} {:>8.1} {:>9.0}{skipped}",
+            "{:>5} {:>10.4} {:>9.4}{v} {:>10.4} {:>9.4} {:>8.1} {:>9.0}{ema}{skipped}",
             self.epoch,
             self.train_loss,
             self.train_acc,
@@ -90,8 +114,12 @@ impl EpochMetrics {
         )
     }
 
-    /// The accuracy best.safetensors is chosen on: validation with a split, else test.
+    /// The accuracy best.safetensors is chosen on: validation with a split, else test; the EMA's
+    /// when it is chosen on the EMA ([`EpochMetrics::best_on_ema`]).
     pub fn selection_acc(&self) -> f64 {
-        self.val_acc.unwrap_or(self.test_acc)
+        match (self.best_on_ema, self.ema_val_acc.or(self.ema_test_acc)) {
+            (true, Some(ema)) => ema,
+            _ => self.val_acc.unwrap_or(self.test_acc),
+        }
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! - `config.json`: `{"model": ModelConfig, "train": TrainArgs, "dataset": name}`, written once;
 //! - `metrics.csv` (one line per finished epoch) and `metrics.png` (its plot);
-//! - `best.safetensors` (best validation accuracy with `--val-split`, else best test accuracy),
-//!   `last.safetensors`;
+//! - `best.safetensors` (best validation accuracy with `--val-split`, else best test accuracy; with
+//!   `--model-ema` the EMA's, and then the EMA's weights, unless `--best-on model`),
+//!   `last.safetensors`, and with `--model-ema` `ema.safetensors`;
 //! - `resume.safetensors`: the model, optimizer state and step with the metrics history, the best
 //!   accuracy and, after a Ctrl-C inside an epoch, how far that epoch got — written by one
 //!   function, [`RunFolder::save`], at the end of every epoch and on Ctrl-C.
@@ -27,6 +28,9 @@ use crate::model::plan::Network;
 
 /// The model, optimizer state, step, metrics history of the last finished epoch.
 pub const RESUME_FILE: &str = "resume.safetensors";
+
+/// `--model-ema`: the EMA's weights as of the last save (a plain state dict, as last.safetensors).
+pub const EMA_FILE: &str = "ema.safetensors";
 
 /// (loss sum, correct, count) of the training steps of an epoch so far, as the GPU keeps them.
 pub type EpochSums = (f32, f32, f32);
@@ -189,6 +193,7 @@ impl RunFolder {
     /// through here.
     pub fn save(&self, net: &Network, state: &RunState, partial: Option<(usize, &[EpochSums])>) -> Result<()> {
         checkpoint::save(net, &self.dir.join("last.safetensors"))?;
+        checkpoint::save_ema(net, &self.dir.join(EMA_FILE))?;
         let mut meta = HashMap::from([
             ("history".to_string(), serde_json::to_string(&state.history)?),
             ("best_acc".to_string(), state.best_acc.to_string()),
@@ -213,7 +218,12 @@ impl RunFolder {
         self.csv.flush().with_context(csv_err)?;
         if m.selection_acc() > state.best_acc {
             state.best_acc = m.selection_acc();
-            checkpoint::save(net, &self.dir.join("best.safetensors"))?;
+            let best = self.dir.join("best.safetensors");
+            if m.best_on_ema && net.ema.is_some() {
+                checkpoint::save_ema(net, &best)?;
+            } else {
+                checkpoint::save(net, &best)?;
+            }
         }
         state.history.push(m);
         self.save(net, state, None)?;

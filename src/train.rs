@@ -82,10 +82,14 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     }
     let mut net = Network::new_in(gpu.clone(), config.clone(), args.optimizer_config(), args.seed, args.precision)?;
     net.label_smoothing = args.label_smoothing as f32;
+    // --mixup/--cutmix: the training loss is against the soft targets the loop writes.
+    let mixup = args.mixup_config(config.num_classes);
+    net.soft_targets = mixup.active();
     // SyncBatchNorm only where there is more than one batch to merge; on one process --sync-bn
     // changes nothing (as PyTorch's SyncBatchNorm, which falls back to BatchNorm there).
     net.sync_bn = args.sync_bn && dist.size > 1;
     net.set_clip_grad_norm(args.clip_grad_norm)?;
+    net.set_grad_accum_steps(args.grad_accum_steps)?;
     if let Some(init) = &args.init {
         let sd = checkpoint::load(init)?;
         if let Some(note) = checkpoint::apply_init(&mut net, &sd, &init.display().to_string())?
@@ -94,6 +98,8 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
             println!("note: {note}");
         }
     }
+    // The EMA starts from the initial weights; --resume then restores the saved one.
+    net.set_model_ema(args.model_ema_config())?;
     let shard_len = train_set.len().div_ceil(dist.size);
     let lens: Vec<usize> = [shard_len, test_set.len()].into_iter().chain(val_set.as_ref().map(Dataset::len)).collect();
     let plans = plans_for(&net, args.batch_size, &lens)?;
@@ -105,6 +111,8 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     }
     let (mut run, mut state) = open_run_on_every_rank(args, &config, &dataset, &mut net, dist)?;
     let steps_per_epoch = shard_len.div_ceil(args.batch_size);
+    // timm's updates_per_epoch: the last group of an epoch may have fewer batches.
+    let updates_per_epoch = steps_per_epoch.div_ceil(args.grad_accum_steps);
     let t = Trainer {
         args,
         gpu,
@@ -116,8 +124,10 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
             load: args.data.load_options(),
         },
         plans: RefCell::new(plans),
+        mixup: mixup.active().then_some((mixup, [config.in_channels, config.input_hw[0], config.input_hw[1]])),
         steps_per_epoch,
-        total_steps: steps_per_epoch * args.epochs(),
+        updates_per_epoch,
+        total_updates: updates_per_epoch * args.epochs(),
         first_epoch: state.history.len() + 1,
         dist,
         reduce_secs: std::cell::Cell::new(0.0),
@@ -152,8 +162,14 @@ struct Trainer<'a> {
     /// One plan per batch size an epoch uses (full and the last partial, training and test; a
     /// batch short of images `--skip-bad-images` left out gets one when it comes).
     plans: RefCell<HashMap<usize, StepPlan>>,
+    /// `--mixup`/`--cutmix`: the configuration and the image shape [c, h, w].
+    mixup: Option<(crate::data::mixup::MixupConfig, [usize; 3])>,
+    /// Batches per epoch (the progress bar's steps).
     steps_per_epoch: usize,
-    total_steps: usize,
+    /// Optimizer updates per epoch: batches / `--grad-accum-steps`, rounded up, and in the run
+    /// (the learning-rate schedule's step count).
+    updates_per_epoch: usize,
+    total_updates: usize,
     /// The first epoch this process trains (after the resumed run's finished ones).
     first_epoch: usize,
     /// This rank, and how many train together.
@@ -224,6 +240,7 @@ impl Trainer<'_> {
                 .map_err(bad_stop)?
         };
         self.skipped.set(self.skipped.get() + test_skipped);
+        let ema = self.evaluate_ema(net, epoch).map_err(bad_stop)?;
         self.clock.borrow_mut().eval_done(self.eval_images_per_epoch(), t_eval.elapsed().as_secs_f64());
         let m = EpochMetrics {
             epoch,
@@ -240,6 +257,12 @@ impl Trainer<'_> {
             val_top5_acc: val.map(|v| v.2),
             lr: self.lr_at(epoch, self.steps_per_epoch),
             skipped_images: self.skipped.get(),
+            ema_test_loss: ema.map(|e| e.1.0),
+            ema_test_acc: ema.map(|e| e.1.1),
+            ema_test_top5_acc: ema.map(|e| e.1.2),
+            ema_val_loss: ema.and_then(|e| e.0).map(|v| v.0),
+            ema_val_acc: ema.and_then(|e| e.0).map(|v| v.1),
+            best_on_ema: args.best_on() == crate::args::BestOn::Ema,
         };
         self.say(m.table_row());
         match run {
@@ -254,6 +277,41 @@ impl Trainer<'_> {
             return Err(run::interrupted(&args.out, epoch + 1, 0, !dist.is_root()).into());
         }
         Ok(())
+    }
+
+    /// `--model-ema`: the EMA's (validation, test) (loss, accuracy, top-5) after `epoch`, the
+    /// EMA swapped into the network for the passes and back again, also when a pass fails (so a
+    /// save after the error holds the model). Under mpirun the EMA's batch-norm buffers are rank
+    /// 0's, as the model's (timm's distribute_bn on the EMA).
+    #[allow(clippy::type_complexity)]
+    fn evaluate_ema(&self, net: &Network, epoch: usize) -> Result<Option<(Option<(f64, f64, f64)>, (f64, f64, f64))>> {
+        if net.ema.is_none() {
+            return Ok(None);
+        }
+        let (args, dist) = (self.args, self.dist);
+        let label = |set: &str| format!("epoch {epoch}/{} {set} (EMA)", args.epochs());
+        net.swap_ema();
+        let r = (|| {
+            let plans = self.plans.borrow();
+            let val = match &self.val_set {
+                Some(v) => {
+                    let r = evaluate(net, &plans, v, args.batch_size, &self.pre, &label("validation"))?;
+                    self.skipped.set(self.skipped.get() + r.3);
+                    Some((r.0, r.1, r.2))
+                }
+                None => None,
+            };
+            let test = if dist.size > 1 {
+                replicas::broadcast_bn_buffers(net, dist)?;
+                evaluate_sharded(net, &plans, &self.test_set, args.batch_size, &self.pre, dist, &label("test"))?
+            } else {
+                evaluate(net, &plans, &self.test_set, args.batch_size, &self.pre, &label("test"))?
+            };
+            self.skipped.set(self.skipped.get() + test.3);
+            Ok(Some((val, (test.0, test.1, test.2))))
+        })();
+        net.swap_ema();
+        r
     }
 
     /// The training steps of `epoch`, from where `partial` left it: (loss sum, correct, count)
@@ -293,7 +351,10 @@ impl Trainer<'_> {
         });
         for (step, b) in (skip..).zip(timed) {
             let b = match b {
-                Ok(b) => b,
+                Ok(mut b) => {
+                    self.mix(&mut b, epoch, step);
+                    b
+                }
                 Err(e) => {
                     pb.finish_and_clear();
                     return Err(match e.downcast_ref::<BadImage>() {
@@ -312,7 +373,11 @@ impl Trainer<'_> {
             let plans = self.plans.borrow();
             let plan = plans.get(&b.labels.len()).context("no plan for this batch size")?;
             plan.write_batch(gpu, &b.images, &b.labels)?;
+            if let Some(t) = &b.targets {
+                plan.write_targets(gpu, t)?;
+            }
             net.set_lr(self.lr_at(epoch, step + 1));
+            let (index, count) = self.micro_batch(step);
             if args.profile && step == skip && epoch == args.epochs().min(self.first_epoch + 1) {
                 profile_step(net, plan, epoch, step, &pb)?;
                 // The profiled step runs a pass per dispatch: not a step time for the run's ETA.
@@ -323,9 +388,9 @@ impl Trainer<'_> {
             }
             let stop = if self.dist.size > 1 {
                 // The signal flag travels with the gradients: every rank stops after the same step.
-                self.data_parallel_step(net, plan, crate::exit::stop_requested())?
+                self.data_parallel_step(net, plan, crate::exit::stop_requested(), index, count)?
             } else {
-                let idx = net.train_step(plan);
+                let idx = net.train_micro_step(plan, index, count);
                 // At most two steps in flight: wait for the previous one, not this one, so the next
                 // batch is prepared and queued while the GPU works.
                 if let Some(prev) = in_flight.replace(idx) {
@@ -333,7 +398,8 @@ impl Trainer<'_> {
                         .poll(wgpu::PollType::Wait { submission_index: Some(prev), timeout: None })
                         .map_err(|e| crate::exit::runtime(format!("waiting for the GPU: {e}")))?;
                 }
-                crate::exit::stop_requested()
+                // A signal stops the run only where an optimizer step ends.
+                crate::exit::stop_requested() && index + 1 == count
             };
             pb.inc(1);
             if ((step + 1) % args.log_every == 0 || stop) && self.dist.is_root() {
@@ -368,6 +434,17 @@ impl Trainer<'_> {
         Box::new(
             loader::batches_of(self.train_set.clone(), order, args.batch_size, self.pre.clone(), aug_seed).skip(skip),
         )
+    }
+
+    /// `--mixup`/`--cutmix`: mix batch `step` of `epoch` in place and give it its soft targets
+    /// (the draws a function of seed, epoch and step; see `data::mixup`).
+    fn mix(&self, b: &mut loader::Batch, epoch: usize, step: usize) {
+        let Some((cfg, [c, h, w])) = self.mixup else { return };
+        let n = b.labels.len();
+        let mix = cfg.draw(self.args.seed, epoch, step, h, w);
+        let targets =
+            crate::data::mixup::mix_batch(mix, &mut b.images, &b.labels, [n, c, h, w], cfg.classes, cfg.smoothing);
+        b.targets = Some(targets);
     }
 
     /// Make sure a plan for batches of `n` exists (a batch `--skip-bad-images` made short).
@@ -464,16 +541,32 @@ impl Trainer<'_> {
         Ok((sums[0], sums[1], sums[2]))
     }
 
-    /// The learning rate of step `step` (1-based) of `epoch`.
+    /// The learning rate of the optimizer update that batch `step` (1-based) of `epoch` belongs
+    /// to: the schedule counts updates, `--grad-accum-steps` batches each (timm's step_update).
     fn lr_at(&self, epoch: usize, step: usize) -> f64 {
         let a = self.args;
-        let global = (epoch - 1) * self.steps_per_epoch + step - 1;
-        lr_at(a.lr, a.schedule, a.warmup_epochs, global, self.steps_per_epoch, self.total_steps)
+        let global = (epoch - 1) * self.updates_per_epoch + (step.max(1) - 1) / a.grad_accum_steps;
+        lr_at(a.lr, a.schedule, a.warmup_epochs, global, self.updates_per_epoch, self.total_updates)
     }
 
-    /// One data-parallel step ([`data_parallel::data_parallel_step`]), its exchange times counted.
-    fn data_parallel_step(&self, net: &mut Network, plan: &StepPlan, stop: bool) -> Result<bool> {
-        let r = data_parallel::data_parallel_step(net, plan, self.dist, stop)?;
+    /// Where batch `step` (0-based) of an epoch stands in its `--grad-accum-steps` group:
+    /// (index in the group, the group's batches), as timm's train.py groups an epoch — groups of
+    /// N from the first batch, the last one shorter when N does not divide the epoch.
+    fn micro_batch(&self, step: usize) -> (usize, usize) {
+        crate::ops::grad_accum::group_of(step, self.args.grad_accum_steps, self.steps_per_epoch)
+    }
+
+    /// One data-parallel micro-batch ([`data_parallel::data_parallel_micro_step`]), its exchange
+    /// times counted.
+    fn data_parallel_step(
+        &self,
+        net: &mut Network,
+        plan: &StepPlan,
+        stop: bool,
+        index: usize,
+        count: usize,
+    ) -> Result<bool> {
+        let r = data_parallel::data_parallel_micro_step(net, plan, self.dist, stop, index, count)?;
         self.reduce_secs.set(self.reduce_secs.get() + r.allreduce_secs);
         self.sync_bn_secs.set(self.sync_bn_secs.get() + r.sync_bn_secs);
         Ok(r.stop)

@@ -345,6 +345,11 @@ fn nonsense_arguments_are_rejected_up_front() {
         ("--image-size", "0", "from 1 to 4096 pixels"),
         ("--image-size", "64x", "from 1 to 4096 pixels"),
         ("--image-size", "64", "--image-size resizes image folders"),
+        ("--grad-accum-steps", "0", "--grad-accum-steps must be at least 1"),
+        ("--model-ema-decay", "1.5", "--model-ema-decay must be in [0, 1)"),
+        ("--best-on", "ema", "--best-on ema needs --model-ema"),
+        ("--mixup", "-1", "--mixup must be a finite number >= 0"),
+        ("--mixup-prob", "1.5", "--mixup-prob must be a probability in [0, 1]"),
     ] {
         let out = senet()
             .args(["train", "--dataset", "sample", &format!("{flag}={value}"), "--out"])
@@ -415,6 +420,50 @@ fn resume_continues_exactly() {
     assert!(resumed.contains("resuming"), "{resumed}");
     let csv = std::fs::read_to_string(dir.path().join("b").join("metrics.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "one header and two epochs after resuming:\n{csv}");
+}
+
+/// `--grad-accum-steps 3 --model-ema --model-ema-warmup` on the sample: 5 batches an epoch, so
+/// groups of 3 and 2 (the short last group of timm's train.py); resumed after epoch 1 it ends bit
+/// for bit as the uninterrupted run, the model and the EMA (restored from resume.safetensors) alike.
+/// metrics.csv gains the EMA's columns; best.safetensors is chosen on (and holds) the EMA's.
+#[test]
+fn grad_accum_and_model_ema_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--dataset", "sample", "--width", "0.0625", "--batch-size", "30", "--limit-train", "150"];
+    let recipe = ["--grad-accum-steps", "3", "--model-ema", "--model-ema-decay", "0.99", "--model-ema-warmup"];
+    let args =
+        [&args[..], &recipe, &["--limit-test", "40", "--seed", "6", "--optimizer", "sgd", "--lr", "0.05"]].concat();
+    resume_matches_uninterrupted(dir.path(), &args, "grad-accum + model-ema");
+    let read = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    assert!(read(a.join("ema.safetensors")) == read(b.join("ema.safetensors")), "the resumed EMA differs");
+    assert!(read(a.join("ema.safetensors")) != read(a.join("last.safetensors")), "the EMA is not the model");
+    let csv = std::fs::read_to_string(a.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no column {name}"));
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let acc = |r: &Vec<&str>| -> f64 { r[col("ema_test_acc")].parse().unwrap() };
+    let top = rows.iter().map(acc).fold(f64::NEG_INFINITY, f64::max);
+    // best.safetensors is written at the first epoch reaching the best EMA accuracy.
+    let ema_epoch = rows.iter().position(|r| acc(r) == top).unwrap();
+    assert!(!rows[ema_epoch][col("ema_test_loss")].is_empty(), "{csv}");
+    // That epoch's EMA is the last save's EMA when it is the last epoch.
+    if ema_epoch + 1 == rows.len() {
+        assert!(read(a.join("best.safetensors")) == read(a.join("ema.safetensors")), "best holds the EMA");
+    }
+}
+
+/// `--mixup 0.8 --cutmix 1.0 --smoothing 0.1` (timm's flags) on the sample: the draws are a
+/// function of (seed, epoch, step), so a run resumed after epoch 1 ends bit for bit as the
+/// uninterrupted one; config.json keeps the settings.
+#[test]
+fn mixup_runs_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--dataset", "sample", "--width", "0.0625", "--batch-size", "25", "--limit-train", "100"];
+    let mix = ["--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1", "--limit-test", "40", "--seed", "8"];
+    resume_matches_uninterrupted(dir.path(), &[&args[..], &mix].concat(), "mixup");
+    let config = std::fs::read_to_string(dir.path().join("a").join("config.json")).unwrap();
+    assert!(config.contains("\"cutmix\": 1.0") && config.contains("\"mixup_mode\": \"batch\""), "{config}");
 }
 
 /// `--precision f16` (AMP): a short run on the sample logs its loss scale, evaluates its checkpoint
@@ -780,7 +829,12 @@ fn a_validation_split_chooses_the_best_checkpoint() {
     let csv = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
     let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let rows: Vec<Vec<f64>> = csv.lines().skip(1).map(|l| l.split(',').map(|v| v.parse().unwrap()).collect()).collect();
+    // Columns a run without them leaves empty (the EMA's) read as NaN.
+    let rows: Vec<Vec<f64>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(|v| if v.is_empty() { f64::NAN } else { v.parse().unwrap() }).collect())
+        .collect();
     assert_eq!(rows.len(), 3, "{csv}");
     let (val, test) = (col("val_acc"), col("test_acc"));
     let first_max = |c: usize| (0..3).fold(0, |b, e| if rows[e][c] > rows[b][c] { e } else { b });

@@ -502,3 +502,80 @@ fn idx_download_fetches_and_checks_each_file() {
     let s = data::load(DatasetKind::Mnist, Some(dir.path()), FolderOptions::default()).unwrap();
     assert_eq!((s.train.len(), s.test.len(), s.test.labels.clone()), (3, 2, vec![4, 5]));
 }
+
+/// Mixup/CutMix (`data::mixup`) against timm: `mixup_target`'s soft targets (λ 0.3, smoothing
+/// 0.1, an odd batch whose middle sample pairs with itself) and `cutmix_bbox_and_lam`'s box and
+/// corrected λ for fixed centres (boxes clipped at every edge, λ 0 the whole-height box), the
+/// values printed by scripts/mixup_golden.py (timm 1.0.31): targets to f32 rounding (1e-7), boxes
+/// exactly, λ to 1e-15. Then the images: Mixup is x·λ + flip(x)·(1 − λ), CutMix pastes the box
+/// from the batch's mirror image and leaves the rest; and the draws are a function of (seed,
+/// epoch, step) alone.
+#[test]
+fn mixup_matches_timm() {
+    use senet_wgpu::data::mixup::{Mix, MixupConfig, cutmix_box, mix_batch};
+    let golden = [
+        0.295000017,
+        0.025,
+        0.025,
+        0.654999971,
+        0.025,
+        0.025,
+        0.295000017,
+        0.654999971,
+        0.025,
+        0.924999952,
+        0.025,
+        0.025,
+        0.025,
+        0.025,
+        0.654999971,
+        0.295000017,
+        0.654999971,
+        0.025,
+        0.025,
+        0.295000017,
+    ];
+    let (n, c, h, w) = (5usize, 2usize, 3usize, 4usize);
+    let x: Vec<f32> = (0..n * c * h * w).map(|i| i as f32).collect();
+    let mut mixed = x.clone();
+    let t = mix_batch(Mix::Mixup { lam: 0.3 }, &mut mixed, &[0, 2, 1, 3, 3], [n, c, h, w], 4, 0.1);
+    for (i, (&got, &want)) in t.iter().zip(&golden).enumerate() {
+        assert!((f64::from(got) - want).abs() < 1e-7, "target {i}: {got} vs timm's {want}");
+    }
+    let per = c * h * w;
+    for (i, &v) in mixed.iter().enumerate() {
+        let (s, j) = (i / per, i % per);
+        let want = x[i] * 0.3 + x[(n - 1 - s) * per + j] * 0.7;
+        assert_eq!(v, want, "mixup pixel {i}");
+    }
+    for ((lam, bh, bw, cy, cx), (y0, y1, x0, x1), lam2) in [
+        ((0.6, 5, 6, 2, 3), (1, 4, 2, 5), 0.7),
+        ((0.2, 7, 7, 0, 6), (0, 3, 3, 7), 0.7551020408163265),
+        ((0.95, 28, 28, 13, 27), (10, 16, 24, 28), 0.9693877551020408),
+        ((0.0, 4, 4, 1, 2), (0, 3, 0, 4), 0.25),
+    ] {
+        let Mix::Cutmix { lam: got, y0: a, y1: b, x0: cc, x1: d } = cutmix_box(lam, bh, bw, cy, cx) else {
+            panic!("not a CutMix")
+        };
+        assert_eq!((a, b, cc, d), (y0, y1, x0, x1), "box for λ {lam} at ({cy}, {cx}) in {bh}x{bw}");
+        assert!((got - lam2).abs() < 1e-15, "corrected λ {got} vs timm's {lam2}");
+    }
+    let mut cut = x.clone();
+    let mix = cutmix_box(0.6, h, w, 1, 2);
+    let Mix::Cutmix { y0, y1, x0, x1, .. } = mix else { panic!("not a CutMix") };
+    mix_batch(mix, &mut cut, &[0, 1, 2, 3, 0], [n, c, h, w], 4, 0.0);
+    for (i, &v) in cut.iter().enumerate() {
+        let (s, y, xx) = (i / per, i % (h * w) / w, i % w);
+        let inside = (y0..y1).contains(&y) && (x0..x1).contains(&xx);
+        let want = if inside { x[(n - 1 - s) * per + i % per] } else { x[i] };
+        assert_eq!(v, want, "cutmix pixel {i} (inside the box: {inside})");
+    }
+    let cfg =
+        MixupConfig { mixup_alpha: 0.8, cutmix_alpha: 1.0, prob: 1.0, switch_prob: 0.5, smoothing: 0.1, classes: 4 };
+    let draws: Vec<Mix> = (0..20).map(|s| cfg.draw(7, 2, s, 28, 28)).collect();
+    assert_eq!(draws, (0..20).map(|s| cfg.draw(7, 2, s, 28, 28)).collect::<Vec<_>>(), "the same draws again");
+    assert!(
+        draws.iter().any(|m| matches!(m, Mix::Mixup { .. })) && draws.iter().any(|m| matches!(m, Mix::Cutmix { .. }))
+    );
+    assert_ne!(cfg.draw(7, 3, 0, 28, 28), cfg.draw(7, 2, 0, 28, 28), "another epoch draws anew");
+}

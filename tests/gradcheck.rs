@@ -249,6 +249,24 @@ fn cross_entropy_label_smoothing_gradient() {
     );
 }
 
+/// The soft-target loss's analytic gradient (Σt ≠ 1 here, so the softmax·Σt term is checked)
+/// against central differences.
+#[test]
+fn cross_entropy_soft_targets_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
+    let (n, k) = (3, 5);
+    let logits = rand_vec(&mut rng, n * k, -2.0, 2.0);
+    let targets = rand_vec(&mut rng, n * k, 0.0, 0.5);
+    let g = cross_entropy::cross_entropy_soft_forward_backward(&logits, &targets, k);
+    check(
+        "cross_entropy soft targets dlogits",
+        &logits,
+        &g.dlogits,
+        |v| cross_entropy::cross_entropy_soft_forward_backward(v, &targets, k).loss,
+        &mut rng,
+    );
+}
+
 #[test]
 fn se_block_ablation_gradients() {
     use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};

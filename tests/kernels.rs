@@ -1184,6 +1184,64 @@ fn cross_entropy_label_smoothing_matches_reference() {
     }
 }
 
+/// Soft targets (timm's SoftTargetCrossEntropy, Mixup's loss) against
+/// `reference::cross_entropy::cross_entropy_soft_forward_backward`: mixed smoothed one-hots as
+/// timm's `mixup_target` makes them (λ·(1 − e + e/K at y, e/K elsewhere) + (1 − λ)·the same at
+/// the flipped batch's label), arbitrary distributions, and rows that do not sum to 1 (the
+/// gradient's softmax·Σt term); batch 1, 3 classes, > 256 samples,
+/// 1,000 classes; a loss weight of 1/3 (a micro-batch of --grad-accum-steps 3) on one case.
+/// Tolerances as the smoothed loss's (the same log-sum-exp and sums in f32). A gradient without
+/// Σt, a target read from the wrong row, or the weight ignored are off by far more.
+#[test]
+fn cross_entropy_soft_targets_match_reference() {
+    for (path, gpu) in gpus() {
+        for (i, (n, k, mixed, weight)) in [
+            (1usize, 10usize, true, 1.0f32),
+            (7, 3, false, 1.0),
+            (300, 10, true, 1.0 / 3.0),
+            (5, 1000, true, 1.0),
+            (9, 4, false, 0.5),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = rng(970 + i as u64);
+            let logits = uniform(&mut r, n * k, -3.0, 3.0);
+            let targets: Vec<f32> = if mixed {
+                let y: Vec<usize> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k)).collect();
+                let lam = uniform(&mut r, 1, 0.0, 1.0)[0];
+                let (e, kf) = (0.1f32, k as f32);
+                let onehot = |c: usize, j: usize| if c == j { 1.0 - e + e / kf } else { e / kf };
+                (0..n * k)
+                    .map(|x| lam * onehot(y[x / k], x % k) + (1.0 - lam) * onehot(y[n - 1 - x / k], x % k))
+                    .collect()
+            } else {
+                let raw = uniform(&mut r, n * k, 0.0, 1.0);
+                // Weight 0.5 marks the case whose rows are left unnormalised.
+                let norm = |row: &[f32]| if weight == 0.5 { 1.0 } else { row.iter().sum::<f32>() };
+                raw.chunks(k).flat_map(|row| row.iter().map(|v| v / norm(row)).collect::<Vec<_>>()).collect()
+            };
+            let tl = upload(&gpu, "logits", &[n, k], &logits);
+            let tt = upload(&gpu, "soft targets", &[n, k], &targets);
+            let tdl = zeros(&gpu, "dlogits", &[n, k]);
+            let per = zeros(&gpu, "per-sample", &[n, cross_entropy::per_sample::LEN]);
+            let res = zeros(&gpu, "result", &[result::LEN]);
+            let (d, w) = cross_entropy::cross_entropy_soft_weighted(&gpu, &tl, &tt, &tdl, &per, &res, None).unwrap();
+            w.set(&gpu, weight);
+            run(&gpu, &d);
+            let want =
+                reference::cross_entropy::cross_entropy_soft_forward_backward(&to_f64(&logits), &to_f64(&targets), k);
+            let what = format!("soft-target case {i} ({path})");
+            let got = read(&gpu, &res);
+            assert_close(&format!("{what}: loss"), &[got[result::LOSS]], &[want.loss], 1e-5, 1e-5);
+            let dl: Vec<f64> = want.dlogits.iter().map(|g| g * f64::from(weight)).collect();
+            assert_close(&format!("{what}: dlogits"), &read(&gpu, &tdl), &dl, 1e-7, 1e-5);
+            assert_eq!(got[result::CORRECT], want.correct as f32, "{what}: correct (dominant class)");
+            assert_eq!(got[result::SUM_CORRECT5], want.correct5 as f32, "{what}: top-5");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // optimizers
 
@@ -2051,4 +2109,145 @@ fn grad_scaler_does_not_grow_to_infinity() {
     run(&gpu, &scaler.dispatches);
     let st = scaler.read(&gpu).unwrap();
     assert_eq!((st.scale, st.growth_tracker, st.steps), (2f32.powi(127), 0, 1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// gradient accumulation (--grad-accum-steps) and the model EMA (--model-ema)
+
+/// The flat views a network binds: `sizes` elements each, every start a multiple of the
+/// adapter's offset alignment (the chunks of a flat buffer past one binding are).
+fn aligned_flat(
+    gpu: &senet_wgpu::gpu::Gpu,
+    label: &str,
+    sizes: &[usize],
+    data: &[f32],
+) -> (senet_wgpu::gpu::Tensor, Vec<senet_wgpu::gpu::Tensor>) {
+    let flat = senet_wgpu::gpu::Tensor::flat(gpu, label, data).unwrap();
+    let mut start = 0;
+    let views = sizes
+        .iter()
+        .map(|&n| {
+            let v = flat.view(gpu, &format!("{label} {start}.."), start, &[n]).unwrap();
+            start += n;
+            v
+        })
+        .collect();
+    (flat, views)
+}
+
+/// Chunk sizes in elements: multiples of the adapter's offset alignment but the last.
+fn accum_cases(gpu: &senet_wgpu::gpu::Gpu) -> Vec<Vec<usize>> {
+    let a = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+    vec![vec![1], vec![255], vec![257], vec![70_001], vec![5 * a, 21 * a, 1]]
+}
+
+/// grad_accum over micro-batch counts 2, 3 and 5 against `reference::grad_accum`: the gradient
+/// buffer after the last micro-batch equals the f64 sum of every micro-batch's gradients. The
+/// GPU adds in f32 in PyTorch's order (((g1 + g2) + g3) …): at most 4 roundings of sums of
+/// values in ±1, so atol 5 · 2^-24 · 5 = 1.5e-6 (rtol 0: a sum that cancels is held to the same
+/// absolute bound). A micro-batch left out or added twice moves elements by up to 1.
+#[test]
+fn grad_accum_equals_the_reference() {
+    use senet_wgpu::ops::grad_accum::{GradAccum, MicroBatch};
+    let gpu = gpu();
+    for sizes in accum_cases(&gpu) {
+        let total: usize = sizes.iter().sum();
+        for count in [2, 3, 5] {
+            let what = format!("grad_accum of {count} over chunks {sizes:?}");
+            let (flat, views) = aligned_flat(&gpu, "gradients", &sizes, &vec![0.0; total]);
+            let acc = GradAccum::new(&gpu, &views.iter().collect::<Vec<_>>(), total).unwrap();
+            let mut r = rng(900 + total as u64 + count as u64);
+            let mut want_grad = vec![0.0f64; total];
+            let mut want_accum = vec![0.0f64; total];
+            for i in 0..count {
+                let g = uniform(&mut r, total, -1.0, 1.0);
+                flat.write(&gpu, &g).unwrap();
+                let m = MicroBatch::of(i, count);
+                run(&gpu, acc.dispatches(m));
+                want_grad = to_f64(&g);
+                match m {
+                    MicroBatch::First => reference::grad_accum::grad_accum_store(&want_grad, &mut want_accum),
+                    MicroBatch::Middle => reference::grad_accum::grad_accum_add(&want_grad, &mut want_accum),
+                    MicroBatch::Last => reference::grad_accum::grad_accum_finish(&mut want_grad, &want_accum),
+                    MicroBatch::Whole => unreachable!("count > 1"),
+                }
+            }
+            assert_close(&format!("{what}: gradients"), &read(&gpu, &flat), &want_grad, 1.5e-6, 0.0);
+        }
+    }
+}
+
+/// model_ema_step against `reference::model_ema` (torch's lerp) over parameter chunks and the
+/// batch-norm buffers in one dispatch, at weights on both sides of lerp's 0.5 switch. Weight 1
+/// (timm's first update) must copy the model bit for bit, weight 0 keep the EMA bit for bit.
+/// Otherwise: lerp is 3 f32 roundings of values in ±2, atol 4 · 2^-24 · 2 = 5e-7. A skipped
+/// element, the wrong buffer or the wrong side of the switch is off by up to 3.
+#[test]
+fn model_ema_equals_the_reference() {
+    use senet_wgpu::ops::model_ema::ModelEmaStep;
+    let gpu = gpu();
+    for sizes in accum_cases(&gpu) {
+        for bn_len in [0usize, 1, 300] {
+            let total: usize = sizes.iter().sum();
+            let mut r = rng(700 + total as u64 + bn_len as u64);
+            let (model, ema0) = (uniform(&mut r, total, -1.0, 1.0), uniform(&mut r, total, -1.0, 1.0));
+            let (bn_model, bn_ema0) = (uniform(&mut r, bn_len, 0.0, 2.0), uniform(&mut r, bn_len, 0.0, 2.0));
+            let (_, model_views) = aligned_flat(&gpu, "parameters", &sizes, &model);
+            let (ema_flat, ema_views) = aligned_flat(&gpu, "EMA", &sizes, &ema0);
+            let (_, bm) = aligned_flat(&gpu, "bn", &[bn_len], &bn_model);
+            let (bn_ema_flat, be) = aligned_flat(&gpu, "bn EMA", &[bn_len], &bn_ema0);
+            let pairs: Vec<_> = model_views.iter().zip(&ema_views).collect();
+            let b = (bn_len > 0).then(|| (&bm[0], &be[0]));
+            let step = ModelEmaStep::new(&gpu, &pairs, b).unwrap();
+            let mut want = to_f64(&ema0);
+            let mut want_bn = to_f64(&bn_ema0);
+            for weight in [0.3f32, 0.7, 2e-4, 1.0, 0.0] {
+                let what = format!("model_ema chunks {sizes:?}, bn {bn_len}, weight {weight}");
+                step.set_weight(&gpu, weight);
+                run(&gpu, &step.dispatches);
+                // The reference starts from the GPU's last state, so each weight is tested alone.
+                reference::model_ema::model_ema_step(&to_f64(&model), &mut want, f64::from(weight));
+                reference::model_ema::model_ema_step(&to_f64(&bn_model), &mut want_bn, f64::from(weight));
+                let (got, got_bn) = (read(&gpu, &ema_flat), read(&gpu, &bn_ema_flat));
+                if weight == 1.0 {
+                    assert_eq!(got, model, "{what}: weight 1 copies the model");
+                    assert_eq!(got_bn[..bn_len], bn_model[..], "{what}: weight 1 copies the BN buffers");
+                } else {
+                    assert_close(&format!("{what}: parameters"), &got, &want, 5e-7, 0.0);
+                    assert_close(&format!("{what}: BN buffers"), &got_bn[..bn_len], &want_bn, 5e-7, 0.0);
+                }
+                want = to_f64(&got);
+                want_bn = to_f64(&got_bn[..bn_len]);
+            }
+        }
+    }
+}
+
+/// The decay the host writes (`ops::model_ema::ema_decay`) and the reference's
+/// (`reference::model_ema::ema_decay`) are timm's ModelEmaV3.get_decay (decay 0.9998, with and
+/// without warmup), the values printed by scripts/ema_decay_golden.py (timm 1.0.31), to 1e-15.
+#[test]
+fn ema_decay_is_timms() {
+    for (what, ema_decay) in [
+        ("ops", senet_wgpu::ops::model_ema::ema_decay as fn(f64, bool, u64) -> f64),
+        ("reference", senet_wgpu::reference::model_ema::ema_decay),
+    ] {
+        ema_decay_matches(what, ema_decay);
+    }
+}
+
+fn ema_decay_matches(what: &str, ema_decay: fn(f64, bool, u64) -> f64) {
+    let golden: [(u64, f64, f64); 7] = [
+        (1, 0.0, 0.0),
+        (2, 0.9998, 0.3700394750525634),
+        (3, 0.9998, 0.5192501432308638),
+        (10, 0.9998, 0.7845565309968117),
+        (1000, 0.9998, 0.99),
+        (100_000, 0.9998, 0.9995358411166387),
+        (10_000_000, 0.9998, 0.9998),
+    ];
+    for (step, plain, warm) in golden {
+        assert!((ema_decay(0.9998, false, step) - plain).abs() < 1e-15, "{what}: step {step} without warmup");
+        assert!((ema_decay(0.9998, true, step) - warm).abs() < 1e-15, "{what}: step {step} with warmup");
+    }
 }

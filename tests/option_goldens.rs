@@ -551,3 +551,104 @@ fn clip_grad_norm_adds_torch_s_1e_6_to_the_norm() {
         assert_close(&format!("GPU clipped g2 ({path})"), &read(&gpu, &g2), &t("out2"), 0.0, 1e-5);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// timm's training recipes: --grad-accum-steps and --model-ema
+
+/// `--grad-accum-steps 4 --model-ema --model-ema-decay 0.9 --model-ema-warmup` over one epoch of
+/// 6 batches, as timm's train.py runs it (recipe_grad_accum_ema: groups of 4 and 2, each loss
+/// divided by its group's batch count, ModelEmaV3 updated with the update count). The f64
+/// reference (train_step_accumulated, the optimizer, model_ema) against PyTorch/timm to F64_REL;
+/// the GPU's updates and its EMA's distance from the start against theirs to UPDATE_REL_L2 (the
+/// EMA is a convex mix of the same parameters: the same relative error). Groups of 4 where timm
+/// makes the last one 2 would leave the optimizer's second step 2/4 of its size.
+#[test]
+fn grad_accum_and_model_ema_match_timm() {
+    use senet_wgpu::reference::model_ema::{ema_decay, model_ema_step};
+    let (g, meta) = golden("recipe_grad_accum_ema");
+    let cfg = base();
+    assert_eq!(model_of(&meta), cfg, "model");
+    let opt = optimizer_of(&meta);
+    let (batches, accum) = (meta["batches"].as_u64().unwrap() as usize, meta["accum"].as_u64().unwrap() as usize);
+    let (decay, warmup) = (meta["ema_decay"].as_f64().unwrap(), meta["ema_warmup"].as_bool().unwrap());
+    let graph = cfg.graph().unwrap();
+    let data: Vec<(Vec<f32>, Vec<u32>)> = (0..batches).map(|k| batch(&g, &format!("x{k}"), &format!("y{k}"))).collect();
+    // (index in the group, the group's size) of each batch, as the training loop computes them.
+    let micro = |i: usize| senet_wgpu::ops::grad_accum::group_of(i, accum, batches);
+
+    // The f64 reference against PyTorch float64.
+    let (mut params, mut buffers) = reference_state(&g, &cfg);
+    let initial = params.clone();
+    let (mut ema_p, mut ema_b) = (params.clone(), buffers.clone());
+    let mut state: HashMap<String, Vec<Vec<f64>>> =
+        params.iter().map(|(k, v)| (k.clone(), vec![vec![0.0; v.len()]; opt.state_count()])).collect();
+    let x64: Vec<Vec<f64>> = data.iter().map(|(x, _)| to_f64(x)).collect();
+    for (u, group) in (0..batches).collect::<Vec<_>>().chunks(accum).enumerate() {
+        let mb: Vec<(usize, &[f64], &[u32])> =
+            group.iter().map(|&i| (data[i].1.len(), &x64[i][..], &data[i].1[..])).collect();
+        let want = reference::model::train_step_accumulated(&graph, &params, &buffers, &mb).unwrap();
+        for (p, w) in params.iter_mut() {
+            reference::optimizer::optimizer_step(&opt, u as u64 + 1, w, &want.grads[p], state.get_mut(p).unwrap());
+        }
+        buffers = want.buffers;
+        let w = 1.0 - ema_decay(decay, warmup, u as u64 + 1);
+        for (k, v) in &params {
+            model_ema_step(v, ema_p.get_mut(k).unwrap(), w);
+        }
+        for (k, v) in &buffers {
+            model_ema_step(v, ema_b.get_mut(k).unwrap(), w);
+        }
+    }
+    let rel = |got: &[f64], want: &[f64], start: &[f64]| {
+        let d = |a: &[f64]| a.iter().zip(start).map(|(x, s)| x - s).collect::<Vec<_>>();
+        let (got, want) = (d(got), d(want));
+        let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+        (got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt(), norm)
+    };
+    for (p, w) in &params {
+        for (what, ours, key) in [("update", w, "after"), ("EMA", &ema_p[p], "ema")] {
+            let (err, norm) = rel(ours, &g[&format!("{key}.{p}")].1, &initial[p]);
+            assert!(err <= F64_REL * norm.max(1e-9), "reference {what} of {p} off by {err:.3e} (norm {norm:.3e})");
+        }
+    }
+    for (k, v) in &buffers {
+        assert_close64(&format!("reference {k}"), v, &g[&format!("after.{k}")].1, 1e-12, F64_REL);
+        assert_close64(&format!("reference EMA {k}"), &ema_b[k], &g[&format!("ema.{k}")].1, 1e-12, F64_REL);
+    }
+
+    // The GPU run (f32) against PyTorch float64.
+    let mut net = network(&cfg, opt, &g);
+    let gpu = net.gpu.clone();
+    net.set_grad_accum_steps(accum).unwrap();
+    net.set_model_ema(Some((decay, warmup))).unwrap();
+    let plan = net.plan(data[0].1.len()).unwrap();
+    let before: Vec<Vec<f32>> = net.params.iter().map(|p| read(&gpu, &p.value)).collect();
+    for (i, (x, y)) in data.iter().enumerate() {
+        let (index, count) = micro(i);
+        plan.write_batch(&gpu, x, y).unwrap();
+        net.train_micro_step(&plan, index, count);
+        // The reported loss is each batch's own, undivided (timm logs loss * accum_steps).
+        let loss = read(&gpu, &plan.train_result)[result::LOSS];
+        assert_close(&format!("GPU loss {i}"), &[loss], &[g["loss"].1[i]], 1e-5, 1e-4);
+    }
+    assert_eq!(net.step, batches.div_ceil(accum) as u64, "one optimizer step per group");
+    let ema = checkpoint::ema_state_dict(&net).unwrap().unwrap();
+    for (p, old) in net.params.iter().zip(&before) {
+        let name = &p.spec.name;
+        let old64 = to_f64(old);
+        let Value::F32(ema_got) = &ema[name].value else { panic!("{name}") };
+        for (what, got, key) in [("update", read(&gpu, &p.value), "after"), ("EMA", ema_got.clone(), "ema")] {
+            let got: Vec<f32> = got.iter().zip(old).map(|(a, b)| a - b).collect();
+            let want: Vec<f64> = g[&format!("{key}.{name}")].1.iter().zip(&old64).map(|(a, b)| a - b).collect();
+            assert_rel_l2(&format!("GPU {what} of {name}"), &got, &want, UPDATE_REL_L2, 1e-9);
+        }
+    }
+    for b in &net.bn {
+        for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
+            let key = format!("{}.{key}", b.name);
+            assert_close(&format!("GPU {key}"), &read(&gpu, t), &g[&format!("after.{key}")].1, 1e-5, 1e-4);
+            let Value::F32(got) = &ema[&key].value else { panic!("{key}") };
+            assert_close(&format!("GPU EMA {key}"), got, &g[&format!("ema.{key}")].1, 1e-5, 1e-4);
+        }
+    }
+}

@@ -75,13 +75,16 @@ fn every_kernel_has_an_f16_variant_and_its_f32_variant_is_all_f32() {
 
 /// The passes an entry point may name. `gemm`, `gemm_tiled` and `gemm_coop` serve several passes,
 /// chosen by their MODE override; `partial` and `reduce` are the two stages of a split reduction;
-/// `step` an optimizer's; `scale` an in-place multiplication by a factor a reduction found
-/// (gradient clipping).
+/// `step` an optimizer's (and the model EMA's update); `scale` an in-place multiplication by a
+/// factor a reduction found (gradient clipping); `store`, `add` and `finish` the three stages of
+/// gradient accumulation (first, middle and last micro-batch).
 const PASSES: &[&str] = &[
     "forward",
     "forward_train",
     "forward_eval",
     "forward_backward",
+    // the loss against soft (mixed) targets
+    "soft_forward_backward",
     "backward",
     "backward_input",
     "backward_weight",
@@ -100,6 +103,9 @@ const PASSES: &[&str] = &[
     "step",
     "fma",
     "copy",
+    "store",
+    "add",
+    "finish",
 ];
 
 /// The ops a file implements: its own name, unless it holds several (as torch.nn and

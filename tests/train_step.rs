@@ -892,3 +892,362 @@ fn a_step_with_grouped_convolutions_equals_the_reference() {
     step_matches(&mut net, &plan, &x, &[1, 4, 2], "grouped convolutions");
     eval_matches(&net, &plan, &uniform(&mut rng(42), n * 3 * h * w, 0.0, 1.0), "grouped convolutions");
 }
+
+/// `--grad-accum-steps`: micro-batches of 4, 4 and 3 images (the last group of an epoch may hold
+/// a short batch) as one optimizer step equal the reference's accumulated step
+/// (`reference::model::train_step_accumulated`: each loss divided by 3, gradients summed in
+/// order, batch norm's running statistics updated per micro-batch). Before the last micro-batch
+/// nothing is updated: parameters bit for bit, step 0. Tolerances as in
+/// gpu_training_step_equals_the_reference_step (the accumulated gradients are a third of a
+/// step's each, summed: the same relative bounds); the SGD update likewise (lr 0.1 × the
+/// gradient tolerance). A loss left undivided triples every gradient; a micro-batch dropped from
+/// the sum moves them by a third.
+#[test]
+fn accumulated_micro_batches_equal_the_reference_accumulated_step() {
+    let gpu = gpu();
+    let classes = 5;
+    let opt = OptimizerConfig::Sgd { lr: 0.1, momentum: 0.9, dampening: 0.0, weight_decay: 1e-4, nesterov: false };
+    let mut net = Network::new(gpu.clone(), tiny(classes, 16), opt, 21).unwrap();
+    net.set_grad_accum_steps(3).unwrap();
+    let sizes = [4usize, 4, 3];
+    let plans: HashMap<usize, _> = [4, 3].into_iter().map(|n| (n, net.plan(n).unwrap())).collect();
+    let mut r = rng(22);
+    let xs: Vec<Vec<f32>> = sizes.iter().map(|&n| uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0)).collect();
+    let labels: Vec<Vec<u32>> =
+        sizes.iter().enumerate().map(|(k, &n)| (0..n as u32).map(|i| (i * 3 + k as u32) % 5).collect()).collect();
+    let (params, buffers) = reference_state(&net);
+    let xs64: Vec<Vec<f64>> = xs.iter().map(|x| to_f64(x)).collect();
+    let micro: Vec<(usize, &[f64], &[u32])> =
+        sizes.iter().zip(&xs64).zip(&labels).map(|((&n, x), l)| (n, &x[..], &l[..])).collect();
+    let want = reference::model::train_step_accumulated(&net.graph, &params, &buffers, &micro).unwrap();
+
+    let before: Vec<f32> = read(&gpu, &net.flat.values);
+    for (i, &n) in sizes.iter().enumerate() {
+        let plan = &plans[&n];
+        plan.write_batch(&gpu, &xs[i], &labels[i]).unwrap();
+        net.train_micro_step(plan, i, sizes.len());
+        gpu.wait().unwrap();
+        if i + 1 < sizes.len() {
+            assert_eq!(read(&gpu, &net.flat.values), before, "micro-batch {i}: no update before the last");
+            assert_eq!(net.step, 0, "micro-batch {i}: no optimizer step before the last");
+            assert!(net.accum_pending, "micro-batch {i}: the accumulator holds a partial sum");
+        }
+    }
+    assert_eq!(net.step, 1, "one optimizer step for the group");
+    assert!(!net.accum_pending);
+    for p in &net.params {
+        let name = &p.spec.name;
+        grad_close(
+            &format!("accumulated grad {name}"),
+            &read(&gpu, &p.grad),
+            &want.grads[name],
+            2e-4,
+            1e-3,
+            GRAD_REL_L2,
+        );
+    }
+    for b in &net.bn {
+        for (t, key) in [(&b.running_mean, "running_mean"), (&b.running_var, "running_var")] {
+            let key = format!("{}.{key}", b.name);
+            assert_close(&key, &read(&gpu, t), &want.buffers[&key], 1e-5, 1e-4);
+        }
+        assert_eq!(b.num_batches_tracked, 3, "one batch counted per micro-batch, as PyTorch's forward");
+    }
+    for p in &net.params {
+        let name = &p.spec.name;
+        let old = &params[name];
+        let mut w = old.clone();
+        let mut state = vec![vec![0.0; w.len()]];
+        reference::optimizer::optimizer_step(&opt, 1, &mut w, &want.grads[name], &mut state);
+        let want_delta: Vec<f64> = w.iter().zip(old).map(|(a, b)| a - b).collect();
+        let got_delta: Vec<f32> =
+            read(&gpu, &p.value).iter().zip(old).map(|(&a, &b)| (f64::from(a) - b) as f32).collect();
+        assert_close(&format!("accumulated update of {name}"), &got_delta, &want_delta, 2.5e-5, 1e-3);
+    }
+}
+
+/// `--model-ema` on a network: after each of three optimizer steps (two micro-batches each, so
+/// the EMA follows updates, not micro-batches) the EMA of every parameter and running statistic
+/// equals the reference's ModelEmaV3 over the GPU's own parameters after each step (timm's
+/// warmup decay of a 0.9 cap: 0, 0.37, 0.52). The first update copies the model exactly; later
+/// ones are f32 lerps, 3 roundings of O(1) values per update: atol 2e-6 after three. Then the
+/// EMA swapped in evaluates as the reference's eval forward with the EMA's weights, and swapping
+/// back restores the model bit for bit.
+#[test]
+fn the_model_ema_follows_every_update_and_evaluates_swapped_in() {
+    use senet_wgpu::reference::model_ema::{ema_decay, model_ema_step};
+    let gpu = gpu();
+    let n = 4;
+    let mut net = Network::new(gpu.clone(), tiny(5, 16), OptimizerConfig::adam(1e-2), 23).unwrap();
+    net.set_grad_accum_steps(2).unwrap();
+    net.set_model_ema(Some((0.9, true))).unwrap();
+    let plan = net.plan(n).unwrap();
+    let (mut ema_params, mut ema_buffers) = reference_state(&net);
+    let mut r = rng(24);
+    for step in 1..=3u64 {
+        for i in 0..2 {
+            let x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
+            plan.write_batch(&gpu, &x, &[0, 1, 2, 3]).unwrap();
+            net.train_micro_step(&plan, i, 2);
+        }
+        gpu.wait().unwrap();
+        let (params, buffers) = reference_state(&net);
+        let w = 1.0 - ema_decay(0.9, true, step);
+        for (k, v) in &params {
+            model_ema_step(v, ema_params.get_mut(k).unwrap(), w);
+        }
+        for (k, v) in &buffers {
+            model_ema_step(v, ema_buffers.get_mut(k).unwrap(), w);
+        }
+        let sd = senet_wgpu::checkpoint::ema_state_dict(&net).unwrap().unwrap();
+        for (k, want) in ema_params.iter().chain(&ema_buffers) {
+            let senet_wgpu::checkpoint::Value::F32(got) = &sd[k].value else { panic!("{k} is not f32") };
+            if step == 1 {
+                assert_eq!(to_f64(got), *want, "step 1: the EMA of {k} is a copy of the model");
+            } else {
+                assert_close(&format!("step {step}: EMA of {k}"), got, want, 2e-6, 0.0);
+            }
+        }
+    }
+    let model_before = read(&gpu, &net.flat.values);
+    let x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
+    net.swap_ema();
+    let want = reference::model::eval_forward(&net.graph, &ema_params, &ema_buffers, n, &to_f64(&x)).unwrap();
+    plan.write_batch(&gpu, &x, &[0; 4]).unwrap();
+    net.eval_batch(&plan);
+    gpu.wait().unwrap();
+    // As eval_matches: logits of O(1) in f32, atol/rtol 1e-4 (plus the EMA's 2e-6).
+    assert_close("the EMA's eval logits", &read(&gpu, plan.logits()), &want, 1e-4, 1e-4);
+    net.swap_ema();
+    assert_eq!(read(&gpu, &net.flat.values), model_before, "two swaps restore the model bit for bit");
+}
+
+/// Collectives of two ranks whose other rank is this one's mirror (sums double, gathers repeat),
+/// counting the gradient all-reduces.
+struct Mirror(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl senet_wgpu::dist::Collectives for Mirror {
+    fn all_reduce_sum_f32(&self, v: &mut [f32]) -> anyhow::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        v.iter_mut().for_each(|x| *x *= 2.0);
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, v: &mut [f64]) -> anyhow::Result<()> {
+        v.iter_mut().for_each(|x| *x *= 2.0);
+        Ok(())
+    }
+    fn broadcast_f32(&self, _: &mut [f32]) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _: usize, bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+        Ok(bytes)
+    }
+    fn all_gather_u64(&self, x: u64) -> anyhow::Result<Vec<u64>> {
+        Ok(vec![x, x])
+    }
+    fn all_gather_f32(&self, v: &[f32]) -> anyhow::Result<Vec<f32>> {
+        Ok([v, v].concat())
+    }
+    fn barrier(&self) {}
+    fn abort(&self, _: i32) {}
+}
+
+/// The data-parallel step under `--grad-accum-steps 3` (DDP's `no_sync()` for all but a group's
+/// last micro-batch, as timm's train.py): 7 micro-batches in groups of 3, 3 and 1 all-reduce the
+/// gradients 3 times, not 7, and end with the weights of the one-process run bit for bit (two
+/// mirrored ranks: the sum doubles, the average halves, both exact).
+#[test]
+fn the_data_parallel_step_all_reduces_once_per_accumulated_step() {
+    use senet_wgpu::model::data_parallel::data_parallel_micro_step;
+    use senet_wgpu::ops::grad_accum::group_of;
+    let gpu = gpu();
+    let n = 4;
+    let opt = OptimizerConfig::sgd(0.05, 0.9);
+    let mut r = rng(26);
+    let batches: Vec<Vec<f32>> = (0..7).map(|_| uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0)).collect();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dist = senet_wgpu::dist::Dist::with_collectives(0, 2, Box::new(Mirror(count.clone())));
+    let mut weights = Vec::new();
+    for data_parallel in [false, true] {
+        let mut net = Network::new(gpu.clone(), tiny(5, 16), opt, 27).unwrap();
+        net.set_grad_accum_steps(3).unwrap();
+        let plan = net.plan(n).unwrap();
+        for (i, x) in batches.iter().enumerate() {
+            let (index, group) = group_of(i, 3, batches.len());
+            plan.write_batch(&gpu, x, &[1, 2, 3, 4]).unwrap();
+            if data_parallel {
+                data_parallel_micro_step(&mut net, &plan, &dist, false, index, group).unwrap();
+            } else {
+                net.train_micro_step(&plan, index, group);
+            }
+        }
+        gpu.wait().unwrap();
+        assert_eq!(net.step, 3, "three optimizer steps");
+        weights.push(read(&gpu, &net.flat.values));
+    }
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 3, "one gradient all-reduce per optimizer step");
+    assert!(weights[0] == weights[1], "the data-parallel weights differ from the one-process run's");
+}
+
+/// A resume file saved inside a `--grad-accum-steps` group (an unreadable image stops a run
+/// there) carries the accumulated gradients: a fresh network loading it and running the group's
+/// last micro-batch ends bit for bit as the uninterrupted network, and a file saved at a group's
+/// end carries none.
+#[test]
+fn a_resume_file_inside_an_accumulation_group_continues_it_exactly() {
+    let gpu = gpu();
+    let n = 4;
+    let opt = OptimizerConfig::adam(1e-2);
+    let mut r = rng(28);
+    let batches: Vec<Vec<f32>> = (0..3).map(|_| uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resume.safetensors");
+    let fresh = || {
+        let mut net = Network::new(gpu.clone(), tiny(5, 16), opt, 29).unwrap();
+        net.set_grad_accum_steps(3).unwrap();
+        net.set_model_ema(Some((0.9, false))).unwrap();
+        net
+    };
+    let mut whole = fresh();
+    let plan = whole.plan(n).unwrap();
+    for (i, x) in batches.iter().enumerate() {
+        plan.write_batch(&gpu, x, &[0, 1, 2, 3]).unwrap();
+        whole.train_micro_step(&plan, i, 3);
+        if i == 1 {
+            gpu.wait().unwrap();
+            senet_wgpu::checkpoint::save_resume(&whole, HashMap::new(), &path).unwrap();
+        }
+    }
+    gpu.wait().unwrap();
+    let mut resumed = fresh();
+    senet_wgpu::checkpoint::load_resume(&path, &mut resumed).unwrap();
+    assert!(resumed.accum_pending, "the file holds a partial sum");
+    let plan2 = resumed.plan(n).unwrap();
+    plan2.write_batch(&gpu, &batches[2], &[0, 1, 2, 3]).unwrap();
+    resumed.train_micro_step(&plan2, 2, 3);
+    gpu.wait().unwrap();
+    assert!(read(&gpu, &resumed.flat.values) == read(&gpu, &whole.flat.values), "resumed weights differ");
+    let ema = |net: &Network| senet_wgpu::checkpoint::ema_state_dict(net).unwrap().unwrap();
+    assert!(ema(&resumed) == ema(&whole), "resumed EMA differs");
+    senet_wgpu::checkpoint::save_resume(&whole, HashMap::new(), &path).unwrap();
+    let sd = senet_wgpu::checkpoint::load(&path).unwrap();
+    assert!(!sd.keys().any(|k| k.starts_with("grad_accum.")), "a group's end leaves no accumulator");
+}
+
+/// `--grad-accum-steps 2 --precision f16` (AMP under accumulation, as PyTorch's GradScaler with
+/// several backward passes per `scaler.step`): the loss scale stays fixed inside a group, the
+/// scaler checks and updates once per optimizer step (2 steps counted after 4 micro-batches, its
+/// growth tracker 2, nothing skipped), and the accumulated gradients, unscaled, equal the sum of
+/// the f16-emulating reference's micro-batch gradients (train_step_in at loss scale S/2: the
+/// loss weight 1/2 is applied before the f16 rounding, as on the GPU) divided by 2. Tolerances
+/// those of an_f16_step_matches_the_f16_reference_step (each tensor within 2e-2 in L2, the
+/// median within 2e-3), whose comment says why. A scaler run per micro-batch counts 4 steps; a
+/// weight applied after the rounding, or twice, moves every gradient by 2x.
+#[test]
+fn an_f16_accumulated_step_scales_once_per_optimizer_step() {
+    use senet_wgpu::gpu::Precision;
+    let gpu = gpu();
+    let n = 8;
+    let cfg = tiny(5, 16);
+    let mut r = rng(30);
+    let batches: Vec<Vec<f32>> = (0..2).map(|_| uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0)).collect();
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 5).collect();
+    // lr 0: the parameters stay, so both groups see the same weights.
+    let mut net = Network::new_in(gpu.clone(), cfg, OptimizerConfig::sgd(0.0, 0.0), 5, Precision::F16).unwrap();
+    net.set_grad_accum_steps(2).unwrap();
+    let plan = net.plan(n).unwrap();
+    let scale = f64::from(net.scaler.as_ref().unwrap().read(&gpu).unwrap().scale);
+    let (params, mut buffers) = reference_state(&net);
+    let mut want: HashMap<String, Vec<f64>> = HashMap::new();
+    // Which gradients are zero up to rounding (a conv bias before a BN): the f32 step's.
+    let f32_norm: HashMap<String, f64> =
+        reference::model::train_step(&net.graph, &params, &buffers, n, &to_f64(&batches[0]), &labels)
+            .unwrap()
+            .grads
+            .into_iter()
+            .map(|(k, g)| (k, g.iter().map(|v| v * v).sum::<f64>().sqrt()))
+            .collect();
+    for x in &batches {
+        let r = reference::model::train_step_in(
+            &net.graph,
+            &params,
+            &buffers,
+            n,
+            &to_f64(x),
+            &labels,
+            Precision::F16,
+            scale / 2.0,
+        )
+        .unwrap();
+        for (k, g) in r.grads {
+            let w = want.entry(k).or_insert_with(|| vec![0.0; g.len()]);
+            w.iter_mut().zip(&g).for_each(|(a, b)| *a += b / 2.0);
+        }
+        buffers = r.buffers;
+    }
+    for (i, x) in batches.iter().enumerate() {
+        plan.write_batch(&gpu, x, &labels).unwrap();
+        net.train_micro_step(&plan, i, 2);
+    }
+    gpu.wait().unwrap();
+    let mut errs = Vec::new();
+    for p in &net.params {
+        let name = &p.spec.name;
+        let w = &want[name];
+        let norm = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if f32_norm[name] < 1e-5 {
+            continue; // zero up to rounding (a conv bias before a BN): no relative size
+        }
+        let got: Vec<f64> = read(&gpu, &p.grad).iter().map(|&v| f64::from(v) / scale).collect();
+        let e = got.iter().zip(w).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() / norm;
+        assert!(e < 2e-2, "accumulated f16 gradient of {name} off by {e:.2e} (L2, relative)");
+        errs.push(e);
+    }
+    errs.sort_by(f64::total_cmp);
+    assert!(errs[errs.len() / 2] < 2e-3, "median accumulated f16 gradient error {:.2e}", errs[errs.len() / 2]);
+    for (i, x) in batches.iter().enumerate() {
+        plan.write_batch(&gpu, x, &labels).unwrap();
+        net.train_micro_step(&plan, i, 2);
+    }
+    gpu.wait().unwrap();
+    let st = net.scaler.as_ref().unwrap().read(&gpu).unwrap();
+    assert_eq!((st.steps, st.growth_tracker, st.skipped), (2, 2, 0), "one scaler update per optimizer step");
+    assert_eq!(f64::from(st.scale), scale, "the scale stays until 2,000 finite steps");
+}
+
+/// `--mixup`/`--cutmix`: a soft-target plan's step (timm's SoftTargetCrossEntropy on a batch
+/// mixed by `data::mixup`) against the reference step on the same mixed batch and targets
+/// (`reference::model::train_step_soft`): loss, every gradient and the update, with the
+/// tolerances of gpu_training_step_equals_the_reference_step. A plan that kept the label loss
+/// would be off by the mixing (the flipped half of every target).
+#[test]
+fn a_soft_target_step_equals_the_reference_soft_step() {
+    use senet_wgpu::data::mixup::{Mix, mix_batch};
+    let gpu = gpu();
+    let (n, classes) = (6, 5);
+    let opt = OptimizerConfig::sgd(0.1, 0.0);
+    let mut net = Network::new(gpu.clone(), tiny(classes, 16), opt, 32).unwrap();
+    net.soft_targets = true;
+    let plan = net.plan(n).unwrap();
+    let mut r = rng(33);
+    let mut x = uniform(&mut r, n * 3 * 16 * 16, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 2 + 1) % classes as u32).collect();
+    let targets = mix_batch(Mix::Mixup { lam: 0.35 }, &mut x, &labels, [n, 3, 16, 16], classes, 0.1);
+    let (params, buffers) = reference_state(&net);
+    let want =
+        reference::model::train_step_soft(&net.graph, &params, &buffers, n, &to_f64(&x), &to_f64(&targets)).unwrap();
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    plan.write_targets(&gpu, &targets).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+    let res = read(&gpu, &plan.train_result);
+    assert_close("soft loss", &[res[result::LOSS]], &[want.loss], 1e-5, 1e-4);
+    for p in &net.params {
+        let name = &p.spec.name;
+        grad_close(&format!("soft grad {name}"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3, GRAD_REL_L2);
+        let old = &params[name];
+        let want_delta: Vec<f64> = want.grads[name].iter().map(|g| -0.1 * g).collect();
+        let got: Vec<f32> = read(&gpu, &p.value).iter().zip(old).map(|(&a, &b)| (f64::from(a) - b) as f32).collect();
+        assert_close(&format!("soft update of {name}"), &got, &want_delta, 2.5e-5, 1e-3);
+    }
+}

@@ -88,6 +88,8 @@ pub struct Batch {
     pub labels: Vec<u32>,
     /// Image-folder files left out of this batch (`LoadOptions::skip_bad`): they failed to decode.
     pub skipped: Vec<BadImage>,
+    /// `--mixup`/`--cutmix`: the batch's soft targets [n, classes], set by the training loop.
+    pub targets: Option<Vec<f32>>,
 }
 
 /// Convert image `i` into `out` (length c*h*w), augmenting with `rng` when asked.
@@ -134,7 +136,7 @@ pub fn make_batch(ds: &Dataset, idx: &[usize], pre: &Preprocess, rng: &mut ChaCh
     for (k, &i) in idx.iter().enumerate() {
         write_image(ds, i, pre, rng, &mut images[k * len..][..len]);
     }
-    Batch { images, labels: idx.iter().map(|&i| ds.labels[i]).collect(), skipped: Vec::new() }
+    Batch { images, labels: idx.iter().map(|&i| ds.labels[i]).collect(), skipped: Vec::new(), targets: None }
 }
 
 /// Build the batch of image-folder samples `idx`: each decoded, transformed (training transform
@@ -152,7 +154,8 @@ pub fn make_folder_batch(
 ) -> Result<Batch, BadImage> {
     let [c, h, w] = ds.shape;
     let (plane, len) = (h * w, ds.image_len());
-    let mut b = Batch { images: Vec::with_capacity(idx.len() * len), labels: Vec::new(), skipped: Vec::new() };
+    let mut b =
+        Batch { images: Vec::with_capacity(idx.len() * len), labels: Vec::new(), skipped: Vec::new(), targets: None };
     for &i in idx {
         let mut rng = folder::sample_rng(seed, epoch, i);
         let img = if pre.augment {

@@ -11,6 +11,7 @@ pub mod cifar10;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod mixup;
 pub mod transforms;
 
 use std::path::{Path, PathBuf};

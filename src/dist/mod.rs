@@ -94,6 +94,11 @@ impl Dist {
         Dist { rank: 0, size: 1, local_rank: 0, comm: Box::new(SingleProcess) }
     }
 
+    /// Rank `rank` of `size` over the given collectives (a test's stand-in for the other ranks).
+    pub fn with_collectives(rank: usize, size: usize, comm: Box<dyn Collectives>) -> Dist {
+        Dist { rank, size, local_rank: rank, comm }
+    }
+
     /// Join the MPI job when a launcher started this process, else the single process. Without
     /// the `mpi` feature, being one of several launched ranks is an error: each would train alone.
     pub fn init() -> Result<Dist> {

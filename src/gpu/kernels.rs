@@ -33,6 +33,8 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("grad_scaler", include_str!("../ops/grad_scaler/grad_scaler.wgsl")),
     ("clip_grad_norm", include_str!("../ops/clip_grad_norm/clip_grad_norm.wgsl")),
     ("dropout", include_str!("../ops/dropout/dropout.wgsl")),
+    ("grad_accum", include_str!("../ops/grad_accum/grad_accum.wgsl")),
+    ("model_ema", include_str!("../ops/model_ema/model_ema.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32

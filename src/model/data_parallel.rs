@@ -31,7 +31,24 @@ pub struct StepReport {
 /// all-reduce) and the optimizer, the same update on every rank. Waits for the GPU (the
 /// read-back). `stop` (a signal reached this rank) rides along as one more value of the all-reduce.
 pub fn data_parallel_step(net: &mut Network, plan: &StepPlan, dist: &Dist, stop: bool) -> Result<StepReport> {
-    net.begin_step();
+    data_parallel_micro_step(net, plan, dist, stop, 0, 1)
+}
+
+/// Micro-batch `index` of a group of `count` (`--grad-accum-steps`) as
+/// [`data_parallel_step`]: every micro-batch runs its forward and backward and adds its gradients
+/// into the accumulator; only the group's last all-reduces them (once per optimizer step, as DDP
+/// under `no_sync()` for the others, which is what timm's train.py does) and updates. A
+/// micro-batch before the last neither waits for the GPU nor exchanges anything but `--sync-bn`'s
+/// statistics, and reports `stop` false: ranks stop only where a step ends.
+pub fn data_parallel_micro_step(
+    net: &mut Network,
+    plan: &StepPlan,
+    dist: &Dist,
+    stop: bool,
+    index: usize,
+    count: usize,
+) -> Result<StepReport> {
+    let m = net.begin_micro_batch(plan, index, count);
     let mut sync_bn_secs = 0.0;
     net.gradient_pass_exchanging(plan, |x| {
         net.gpu.wait()?;
@@ -40,6 +57,10 @@ pub fn data_parallel_step(net: &mut Network, plan: &StepPlan, dist: &Dist, stop:
         sync_bn_secs += t.elapsed().as_secs_f64();
         Ok(())
     })?;
+    net.accumulate(m);
+    if !m.updates() {
+        return Ok(StepReport { stop: false, allreduce_secs: 0.0, sync_bn_secs });
+    }
     net.gpu.wait()?;
     let t = Instant::now();
     let mut grads = net.flat.grads.read::<f32>(&net.gpu).context("reading the gradients back")?;

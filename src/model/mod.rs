@@ -5,6 +5,7 @@
 //! base SENet is a chain; the representation leaves room for residual additions (SE-ResNet).
 
 pub mod data_parallel;
+pub mod ema;
 pub mod plan;
 pub mod registry;
 pub mod resnet;

@@ -25,6 +25,16 @@
 //!
 //! With [`Network::set_clip_grad_norm`] every step clips the gradients' total norm
 //! ([`ClipGradNorm`]) after the backward pass (and the loss scaler) and before the optimizer.
+//!
+//! With [`Network::set_grad_accum_steps`] (timm's `--grad-accum-steps N`) a step is N micro-batches
+//! ([`Network::train_micro_step`]): each runs forward, loss (its gradient divided by the group's
+//! micro-batch count) and backward, and adds its gradients into a flat accumulator ([`GradAccum`]);
+//! only the last runs the loss scaler, clipping, the optimizer and the EMA. Batch norm updates its
+//! running statistics per micro-batch, as PyTorch's does per forward.
+//!
+//! With [`Network::set_model_ema`] (timm's `--model-ema`) every optimizer update is followed by
+//! one dispatch that moves an exponential moving average of the parameters and the batch-norm
+//! buffers towards the model ([`ModelEma`], see `model::ema`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,13 +43,15 @@ use anyhow::{Context, Result, ensure};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::ema::ModelEma;
 use super::{Graph, Init, Layer, ModelConfig, ParamSpec, Shape};
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
 use crate::ops::add;
 use crate::ops::cast;
 use crate::ops::clip_grad_norm::ClipGradNorm;
 use crate::ops::conv2d::{ConvKernel, ConvPass};
-use crate::ops::cross_entropy::{self, result};
+use crate::ops::cross_entropy::{self, LossWeight, result};
+use crate::ops::grad_accum::{GradAccum, MicroBatch};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
 use crate::ops::layer::{ParamTensors, Record, step_key};
@@ -97,6 +109,9 @@ pub struct Network {
     pub params: Vec<Param>,
     pub flat: FlatParams,
     pub bn: Vec<BnBuffers>,
+    /// Every batch norm's running mean and variance are views of this one flat buffer (each
+    /// start aligned, zeros between), so one dispatch can read them all (the model EMA's).
+    pub bn_flat: Tensor,
     pub optimizer: OptimizerConfig,
     pub precision: Precision,
     /// f16: the casts of the master weights into `flat.half`, one per binding-sized chunk, run
@@ -114,9 +129,19 @@ pub struct Network {
     updates: Vec<OptimizerStep>,
     /// Optimizer steps taken (1-based step of the next update is `step + 1`).
     pub step: u64,
+    /// `--grad-accum-steps N > 1`: the flat accumulator and its dispatches.
+    pub accum: Option<GradAccum>,
+    /// The accumulator holds the sum of a group's first micro-batches, whose last has not run:
+    /// what a resume file must carry to continue inside the group.
+    pub accum_pending: bool,
+    /// `--model-ema`: the moving average of the parameters and batch-norm buffers.
+    pub ema: Option<ModelEma>,
     /// Label smoothing of the training loss (`--label-smoothing`; 0 = none), read when a plan is
     /// built. Evaluation always measures plain cross-entropy.
     pub label_smoothing: f32,
+    /// `--mixup`/`--cutmix`, read when a plan is built: the training loss is against soft targets
+    /// the host writes per batch ([`StepPlan::write_targets`]; timm's SoftTargetCrossEntropy).
+    pub soft_targets: bool,
     /// `--sync-bn` under several ranks, read when a plan is built: every training-mode batch norm
     /// runs as split kernels around [`BnExchange`]s (SyncBatchNorm). Off, one dispatch per pass.
     pub sync_bn: bool,
@@ -206,13 +231,27 @@ impl Network {
             let half = flat.half.as_ref().map(|h| view(h, "value (f16)")).transpose()?;
             params.push(Param { spec, start, value, grad, state, half });
         }
-        let bn = graph
-            .batch_norms()
-            .map(|(name, c)| {
+        // Running means (0) and variances (1), each at an aligned start of one flat buffer.
+        let f32_align = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let bn_specs: Vec<(String, usize)> = graph.batch_norms().map(|(name, c)| (name.to_string(), c)).collect();
+        let mut bn_init = Vec::new();
+        let mut bn_starts = Vec::new();
+        for (_, c) in &bn_specs {
+            for v in [0.0f32, 1.0] {
+                bn_init.resize(bn_init.len().next_multiple_of(f32_align), 0.0);
+                bn_starts.push(bn_init.len());
+                bn_init.extend(std::iter::repeat_n(v, *c));
+            }
+        }
+        let bn_flat = Tensor::flat(&gpu, "batch-norm buffers", &bn_init)?;
+        let bn = bn_specs
+            .iter()
+            .zip(bn_starts.chunks(2))
+            .map(|((name, c), starts)| {
                 Ok(BnBuffers {
-                    name: name.to_string(),
-                    running_mean: Tensor::from_slice(&gpu, &format!("{name}.running_mean"), &[c], &vec![0.0f32; c])?,
-                    running_var: Tensor::from_slice(&gpu, &format!("{name}.running_var"), &[c], &vec![1.0f32; c])?,
+                    name: name.clone(),
+                    running_mean: bn_flat.view(&gpu, &format!("{name}.running_mean"), starts[0], &[*c])?,
+                    running_var: bn_flat.view(&gpu, &format!("{name}.running_var"), starts[1], &[*c])?,
                     num_batches_tracked: 0,
                 })
             })
@@ -258,6 +297,7 @@ impl Network {
             params,
             flat,
             bn,
+            bn_flat,
             optimizer,
             precision,
             casts,
@@ -266,7 +306,11 @@ impl Network {
             grad_chunks,
             updates,
             step: 0,
+            accum: None,
+            accum_pending: false,
+            ema: None,
             label_smoothing: 0.0,
+            soft_targets: false,
             sync_bn: false,
             seed,
             step_key,
@@ -286,6 +330,44 @@ impl Network {
             None => None,
         };
         Ok(())
+    }
+
+    /// timm's `--grad-accum-steps`: `steps` > 1 allocates the gradient accumulator that
+    /// [`Network::train_micro_step`] fills (1 frees it).
+    pub fn set_grad_accum_steps(&mut self, steps: usize) -> Result<()> {
+        ensure!(steps >= 1, "gradient accumulation needs at least 1 micro-batch per step, got {steps}");
+        self.accum = if steps > 1 {
+            let chunks: Vec<&Tensor> = self.grad_chunks.iter().collect();
+            Some(GradAccum::new(&self.gpu, &chunks, self.flat.grads.numel())?)
+        } else {
+            None
+        };
+        self.accum_pending = false;
+        Ok(())
+    }
+
+    /// timm's `--model-ema`: keep an exponential moving average of the parameters and the
+    /// batch-norm buffers, started from their current values and updated after every optimizer
+    /// update with timm's `ModelEmaV3` decay (`decay`; `warmup`: timm's ramp). `None` turns it off.
+    pub fn set_model_ema(&mut self, ema: Option<(f64, bool)>) -> Result<()> {
+        self.ema = match ema {
+            Some((decay, warmup)) => Some(ModelEma::new(self, decay, warmup)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// The flat parameter buffer's binding-sized chunks (start, len), as the optimizer runs over them.
+    pub fn chunks(&self) -> Vec<(usize, usize)> {
+        let mut start = 0;
+        self.grad_chunks
+            .iter()
+            .map(|g| {
+                let c = (start, g.numel());
+                start += g.numel();
+                c
+            })
+            .collect()
     }
 
     pub fn param(&self, name: &str) -> Result<&Param> {
@@ -384,8 +466,8 @@ impl Network {
             label(bwd.iter_mut(), &node.name, Pass::Backward);
             rec.backward.push((bwd, bwd_exchange));
         }
-        let loss = LossTensors::new(gpu, n)?;
-        self.record_loss(&acts[acts.len() - 1], &grads[grads.len() - 1], &loss, &mut rec)?;
+        let loss = LossTensors::new(gpu, n, self.soft_targets.then_some(&logits_shape))?;
+        let loss_weight = self.record_loss(&acts[acts.len() - 1], &grads[grads.len() - 1], &loss, &mut rec)?;
         let Recorded { mut train, eval, backward, mut exchanges, se_saved, conv_kernels } = rec;
         for (bwd, x) in backward.into_iter().rev() {
             if let Some(mut x) = x {
@@ -394,7 +476,7 @@ impl Network {
             }
             train.extend(bwd);
         }
-        let LossTensors { labels, per_sample, train_result, eval_result } = loss;
+        let LossTensors { labels, per_sample, train_result, eval_result, targets } = loss;
         Ok(StepPlan {
             n,
             input_f32,
@@ -404,6 +486,8 @@ impl Network {
             per_sample,
             train_result,
             eval_result,
+            loss_weight,
+            targets,
             se_saved,
             conv_kernels,
             train,
@@ -531,23 +615,43 @@ impl Network {
         Ok((r.backward, r.backward_exchange))
     }
 
-    /// The loss: cross-entropy (label-smoothed in training) forward and its gradient into
-    /// `dlogits`, scaled by an f16 plan's loss scale, with the batch's sums into the metrics.
-    fn record_loss(&self, logits: &Tensor, dlogits: &Tensor, t: &LossTensors, rec: &mut Recorded) -> Result<()> {
+    /// The loss: cross-entropy forward and its gradient into `dlogits` — against the labels
+    /// (label-smoothed in training) or, in a soft-target plan, against `t.targets` — scaled by an
+    /// f16 plan's loss scale and by the micro-batch weight, with the batch's sums into the metrics.
+    /// Evaluation measures plain cross-entropy against the labels.
+    fn record_loss(
+        &self,
+        logits: &Tensor,
+        dlogits: &Tensor,
+        t: &LossTensors,
+        rec: &mut Recorded,
+    ) -> Result<LossWeight> {
         let gpu = &*self.gpu;
         let (train0, eval0) = (rec.train.len(), rec.eval.len());
         let _scope = gpu.label_scope("loss");
         let scale = self.scaler.as_ref().map(|s| &s.state);
-        rec.train.extend(cross_entropy::cross_entropy_forward_backward_smoothed(
-            gpu,
-            logits,
-            &t.labels,
-            dlogits,
-            &t.per_sample,
-            &t.train_result,
-            self.label_smoothing,
-            scale,
-        )?);
+        let (loss, weight) = match &t.targets {
+            Some(targets) => cross_entropy::cross_entropy_soft_weighted(
+                gpu,
+                logits,
+                targets,
+                dlogits,
+                &t.per_sample,
+                &t.train_result,
+                scale,
+            )?,
+            None => cross_entropy::cross_entropy_weighted(
+                gpu,
+                logits,
+                &t.labels,
+                dlogits,
+                &t.per_sample,
+                &t.train_result,
+                self.label_smoothing,
+                scale,
+            )?,
+        };
+        rec.train.extend(loss);
         rec.eval.extend(cross_entropy::cross_entropy_forward_backward(
             gpu,
             logits,
@@ -558,15 +662,55 @@ impl Network {
             scale,
         )?);
         label(rec.train[train0..].iter_mut().chain(&mut rec.eval[eval0..]), "loss", Pass::Loss);
-        Ok(())
+        Ok(weight)
     }
 
     /// One training step on the batch already written into `plan`: forward, loss, backward and
     /// every optimizer update in one command buffer. Returns without waiting for the GPU.
     pub fn train_step(&mut self, plan: &StepPlan) -> wgpu::SubmissionIndex {
+        self.train_micro_step(plan, 0, 1)
+    }
+
+    /// Micro-batch `index` (0-based) of a group of `count` (`--grad-accum-steps`; the last group
+    /// of an epoch may be shorter) on the batch already written into `plan`: forward, the loss
+    /// with its gradient divided by `count`, backward, the gradients added into the accumulator;
+    /// the last of the group also runs the loss scaler, clipping, the optimizer and the EMA.
+    /// `count` 1 is [`Network::train_step`]. Returns without waiting for the GPU.
+    pub fn train_micro_step(&mut self, plan: &StepPlan, index: usize, count: usize) -> wgpu::SubmissionIndex {
         assert!(plan.exchanges.is_empty(), "a --sync-bn plan steps through gradient_pass_exchanging");
-        self.begin_step();
-        self.gpu.run(&self.train_dispatches(plan))
+        let m = self.begin_micro_batch(plan, index, count);
+        self.gpu.run(&self.micro_dispatches(plan, m))
+    }
+
+    /// Before micro-batch `index` of `count` is submitted: its loss weight (1/count), the
+    /// batch-norm batch counts, and on the group's last the optimizer's step number and the
+    /// EMA's decay ([`Network::begin_step`]). Returns where the micro-batch stands.
+    pub fn begin_micro_batch(&mut self, plan: &StepPlan, index: usize, count: usize) -> MicroBatch {
+        let m = MicroBatch::of(index, count);
+        assert!(
+            m == MicroBatch::Whole || self.accum.is_some(),
+            "micro-batch {index} of {count}: call set_grad_accum_steps first"
+        );
+        plan.loss_weight.set(&self.gpu, 1.0 / count.max(1) as f32);
+        if m.updates() {
+            self.begin_step();
+        } else {
+            for b in &mut self.bn {
+                b.num_batches_tracked += 1;
+            }
+        }
+        self.accum_pending = !m.updates();
+        m
+    }
+
+    /// The gradient accumulation's dispatches after micro-batch `m`'s backward pass (none for a
+    /// whole step). Returns without waiting.
+    pub fn accumulate(&self, m: MicroBatch) -> wgpu::SubmissionIndex {
+        self.gpu.run(&self.accum_dispatches(m).iter().collect::<Vec<_>>())
+    }
+
+    fn accum_dispatches(&self, m: MicroBatch) -> &[Dispatch] {
+        self.accum.as_ref().map_or(&[], |a| a.dispatches(m))
     }
 
     /// The forward, loss and backward of a training step, without the optimizer update: for data
@@ -608,11 +752,13 @@ impl Network {
         self.gpu.run(&self.update_dispatches().collect::<Vec<_>>())
     }
 
-    /// After the backward pass: (f16: the loss scaler), (clipping), every optimizer update.
+    /// After the backward pass: (f16: the loss scaler), (clipping), every optimizer update,
+    /// (the model EMA).
     fn update_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
         let scaler = self.scaler.iter().flat_map(|s| &s.dispatches);
         let clip = self.clip.iter().flat_map(|c| &c.dispatches);
-        scaler.chain(clip).chain(self.updates.iter().map(|u| &u.dispatch))
+        let ema = self.ema.iter().flat_map(|e| e.dispatches());
+        scaler.chain(clip).chain(self.updates.iter().map(|u| &u.dispatch)).chain(ema)
     }
 
     /// The learning rate of the following steps (schedules change it between steps; the next
@@ -636,6 +782,9 @@ impl Network {
         for b in &mut self.bn {
             b.num_batches_tracked += 1;
         }
+        if let Some(e) = &mut self.ema {
+            e.begin_update(&self.gpu, self.step, self.bn.iter().map(|b| b.num_batches_tracked).collect());
+        }
     }
 
     /// The optimizer's dispatches per step: 1 unless the parameters outgrow one binding.
@@ -646,7 +795,15 @@ impl Network {
     /// A training step's dispatches in order: (f16: the weights' cast), the plan's forward, loss
     /// and backward, (f16: the loss scaler), (gradient clipping), then every optimizer update.
     pub fn train_dispatches<'a>(&'a self, plan: &'a StepPlan) -> Vec<&'a Dispatch> {
-        self.casts.iter().chain(&plan.train).chain(self.update_dispatches()).collect()
+        self.micro_dispatches(plan, MicroBatch::Whole)
+    }
+
+    /// Micro-batch `m`'s dispatches in order: (f16: the weights' cast), the plan's forward, loss
+    /// and backward, the gradient accumulation, and on a group's last micro-batch (or a whole
+    /// step) the update dispatches of [`Network::train_dispatches`].
+    pub fn micro_dispatches<'a>(&'a self, plan: &'a StepPlan, m: MicroBatch) -> Vec<&'a Dispatch> {
+        let update = m.updates().then(|| self.update_dispatches()).into_iter().flatten();
+        self.casts.iter().chain(&plan.train).chain(self.accum_dispatches(m)).chain(update).collect()
     }
 
     /// The evaluation pass's dispatches in order.
@@ -676,6 +833,10 @@ pub struct StepPlan {
     /// Running sums (see `ops::cross_entropy::result`) of training and of evaluation.
     pub train_result: Tensor,
     pub eval_result: Tensor,
+    /// The training loss gradient's multiplier (1/N of a micro-batch of `--grad-accum-steps N`).
+    pub loss_weight: LossWeight,
+    /// A soft-target plan's ([`Network::soft_targets`]) targets [n, classes], written per batch.
+    pub targets: Option<Tensor>,
     /// Every SE block's per-sample intermediates of the last pass (squeeze, hidden, excitation).
     pub se_saved: Vec<SeSaved>,
     /// The kernel each conv layer's passes run (layer name, pass, kernel), as the tuner chose.
@@ -699,21 +860,25 @@ struct Recorded {
     conv_kernels: Vec<(String, ConvPass, ConvKernel)>,
 }
 
-/// The loss's buffers: the labels the host writes, per-sample results, the metric sums.
+/// The loss's buffers: the labels (and a soft-target plan's targets) the host writes,
+/// per-sample results, the metric sums.
 struct LossTensors {
     labels: Tensor,
     per_sample: Tensor,
     train_result: Tensor,
     eval_result: Tensor,
+    targets: Option<Tensor>,
 }
 
 impl LossTensors {
-    fn new(gpu: &Gpu, n: usize) -> Result<LossTensors> {
+    /// `soft`: the logits' shape, for soft targets of the same shape.
+    fn new(gpu: &Gpu, n: usize, soft: Option<&Shape>) -> Result<LossTensors> {
         Ok(LossTensors {
             labels: Tensor::zeros(gpu, "labels", &[n])?,
             per_sample: Tensor::zeros(gpu, "per-sample loss", &[n, cross_entropy::per_sample::LEN])?,
             train_result: Tensor::zeros(gpu, "train metrics", &[result::LEN])?,
             eval_result: Tensor::zeros(gpu, "eval metrics", &[result::LEN])?,
+            targets: soft.map(|s| Tensor::zeros(gpu, "soft targets", s)).transpose()?,
         })
     }
 }
@@ -733,6 +898,11 @@ impl StepPlan {
 
     pub fn logits(&self) -> &Tensor {
         &self.acts[self.acts.len() - 1]
+    }
+
+    /// Queue a soft-target plan's targets [n, classes] (Mixup's) for the next submit.
+    pub fn write_targets(&self, gpu: &Gpu, targets: &[f32]) -> Result<()> {
+        self.targets.as_ref().context("this plan trains on labels, not soft targets")?.write(gpu, targets)
     }
 
     /// Queue the batch (images as f32 NCHW, labels) for the next submit.

@@ -151,6 +151,46 @@ pub fn train_step_in(
     train_step_with(graph, params, buffers, n, input, labels, &opts)
 }
 
+/// timm's `--grad-accum-steps N` step: the micro-batches `micro` (batch size, input, labels) one
+/// after another, each in training mode from the running statistics the previous one left (as
+/// PyTorch's batch norm updates them per forward), each loss divided by N = `micro.len()` before
+/// backward, the gradients summed in order (`reference::grad_accum`, PyTorch's `.grad` +=).
+/// Returns the summed gradients, the last running statistics, the micro-batches' mean loss, their
+/// correct count and the last one's logits.
+pub fn train_step_accumulated(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    micro: &[(usize, &[f64], &[u32])],
+) -> Result<StepResult> {
+    use super::grad_accum::{grad_accum_add, grad_accum_finish, grad_accum_store};
+    anyhow::ensure!(!micro.is_empty(), "reference: no micro-batches");
+    let count = micro.len() as f64;
+    let mut buffers = buffers.clone();
+    let (mut loss, mut correct, mut logits) = (0.0, 0, Vec::new());
+    let mut accum: HashMap<String, Vec<f64>> = HashMap::new();
+    let mut grads = HashMap::new();
+    for (i, &(n, input, labels)) in micro.iter().enumerate() {
+        let r = train_step(graph, params, &buffers, n, input, labels)?;
+        buffers.extend(r.buffers);
+        (loss, correct, logits) = (loss + r.loss / count, correct + r.correct, r.logits);
+        // d(loss / N) = d(loss) / N
+        grads = r.grads.into_iter().map(|(k, g)| (k, g.into_iter().map(|v| v / count).collect::<Vec<_>>())).collect();
+        if micro.len() == 1 {
+            break;
+        }
+        for (k, g) in &mut grads {
+            let a = accum.entry(k.clone()).or_insert_with(|| vec![0.0; g.len()]);
+            match i {
+                0 => grad_accum_store(g, a),
+                i if i + 1 < micro.len() => grad_accum_add(g, a),
+                _ => grad_accum_finish(g, a),
+            }
+        }
+    }
+    Ok(StepResult { loss, correct, logits, grads, buffers })
+}
+
 /// [`train_step`] with label smoothing `label_smoothing` (`--label-smoothing`) on the loss.
 pub fn train_step_smoothed(
     graph: &Graph,
@@ -165,6 +205,26 @@ pub fn train_step_smoothed(
     train_step_with(graph, params, buffers, n, input, labels, &opts)
 }
 
+/// [`train_step`] against soft targets [n, classes] (Mixup's: timm's SoftTargetCrossEntropy).
+pub fn train_step_soft(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    targets: &[f64],
+) -> Result<StepResult> {
+    train_step_loss(graph, params, buffers, n, input, Loss::Soft(targets), &StepOptions::default())
+}
+
+/// What a step's loss is against.
+pub enum Loss<'a> {
+    /// Class indices (label-smoothed as `StepOptions::label_smoothing` says).
+    Labels(&'a [u32]),
+    /// Soft targets [n, classes].
+    Soft(&'a [f64]),
+}
+
 /// [`train_step`] as `opts` says.
 pub fn train_step_with(
     graph: &Graph,
@@ -175,13 +235,31 @@ pub fn train_step_with(
     labels: &[u32],
     opts: &StepOptions,
 ) -> Result<StepResult> {
+    train_step_loss(graph, params, buffers, n, input, Loss::Labels(labels), opts)
+}
+
+/// [`train_step`] against `loss`, as `opts` says.
+pub fn train_step_loss(
+    graph: &Graph,
+    params: &HashMap<String, Vec<f64>>,
+    buffers: &HashMap<String, Vec<f64>>,
+    n: usize,
+    input: &[f64],
+    loss: Loss,
+    opts: &StepOptions,
+) -> Result<StepResult> {
     let StepOptions { precision, loss_scale, label_smoothing, step_key } = *opts;
     let Forward { shapes, acts, saved, buffers: new_buffers } =
         forward(graph, params, buffers, n, input, true, precision, step_key)?;
     let get = |name: &str| param(params, name);
     let logits = acts.last().context("empty graph")?.clone();
     let classes = shapes.last().context("empty graph")?[1];
-    let ce = cross_entropy::cross_entropy_forward_backward_smoothed(&logits, labels, classes, label_smoothing);
+    let ce = match loss {
+        Loss::Labels(labels) => {
+            cross_entropy::cross_entropy_forward_backward_smoothed(&logits, labels, classes, label_smoothing)
+        }
+        Loss::Soft(targets) => cross_entropy::cross_entropy_soft_forward_backward(&logits, targets, classes),
+    };
 
     // Gradients of the activations; an activation read by two layers sums both contributions.
     let mut grads = HashMap::new();

@@ -120,14 +120,43 @@ impl Trainer<'_> {
                     .into(),
             );
         }
+        if args.grad_accum_steps > 1 {
+            self.say(format!(
+                "gradients accumulated over {} batches per optimizer step (--grad-accum-steps): effective batch {}, \
+                 {} optimizer steps per epoch (the learning-rate schedule counts these); each batch's loss divided \
+                 by its group's batch count, batch norm per batch",
+                args.grad_accum_steps,
+                args.grad_accum_steps * args.batch_size * dist.size,
+                self.updates_per_epoch
+            ));
+        }
+        if let Some((m, _)) = &self.mixup {
+            self.say(format!(
+                "Mixup/CutMix (timm's, batch mode): mixup alpha {}, cutmix alpha {}, prob {}, switch prob {}, \
+                 smoothing {}; soft-target loss; train_acc counts each mixed target's dominant class (timm reports \
+                 no training accuracy)",
+                m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.smoothing
+            ));
+        }
+        if let Some(ema) = &net.ema {
+            self.say(format!(
+                "model EMA (timm's ModelEmaV3): decay {}{}, updated after every optimizer step, evaluated each epoch \
+                 (EMA columns), saved as ema.safetensors",
+                ema.decay,
+                if ema.warmup { " with timm's warmup" } else { "" }
+            ));
+        }
+        let whose = if args.best_on() == crate::args::BestOn::Ema { "the EMA's " } else { "" };
         self.say(match &self.val_set {
             Some(v) => format!(
-                "best.safetensors is chosen on validation accuracy ({} images held out of training, seed {}); test \
-                 beside it",
+                "best.safetensors is chosen on {whose}validation accuracy ({} images held out of training, seed {}); \
+                 test beside it",
                 v.len(),
                 args.seed
             ),
-            None => "best.safetensors is chosen on test accuracy (no --val-split), so that figure is optimistic".into(),
+            None => format!(
+                "best.safetensors is chosen on {whose}test accuracy (no --val-split), so that figure is optimistic"
+            ),
         });
         self.say(EpochMetrics::table_header(self.val_set.is_some()));
     }
@@ -135,6 +164,16 @@ impl Trainer<'_> {
     /// The closing lines: the best epoch and where the run folder is.
     pub(super) fn print_best(&self, state: &RunState) {
         if let Some(b) = state.history.iter().find(|m| m.selection_acc() == state.best_acc) {
+            if b.best_on_ema && b.ema_test_acc.is_some() {
+                self.say(format!(
+                    "best EMA {} accuracy {:.4} at epoch {} (best.safetensors holds the EMA)",
+                    if b.ema_val_acc.is_some() { "validation" } else { "test" },
+                    b.selection_acc(),
+                    b.epoch
+                ));
+                self.say(format!("checkpoints and metrics in {}", self.args.out.display()));
+                return;
+            }
             self.say(match b.val_acc {
                 Some(v) => {
                     format!("best validation accuracy {v:.4} at epoch {} (test accuracy {:.4})", b.epoch, b.test_acc)

@@ -20,11 +20,12 @@
 //
 // Versions: v1 the loss, gradient and correct count fused in one invocation per sample and a
 // fixed-order reduce; v2 the reduce over subgroups where there are subgroups (no change measurable
-// on lavapipe: a few µs per step); v3 (this) `act` logits and the loss scale for f16 plans, label
-// smoothing and the top-5 count.
+// on lavapipe: a few µs per step); v3 `act` logits and the loss scale for f16 plans, label
+// smoothing and the top-5 count; v4 (this) the loss weight of gradient accumulation, and soft
+// targets (cross_entropy_soft_forward_backward).
 
 struct Params {
-    n: u32, k: u32, smoothing: f32, _pad1: u32,
+    n: u32, k: u32, smoothing: f32, weight: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -35,6 +36,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> per_sample_in: array<f32>;
 @group(0) @binding(6) var<storage, read_write> result: array<f32>;
 @group(0) @binding(7) var<storage, read> scaler: array<f32>;
+@group(0) @binding(8) var<storage, read> soft_targets: array<f32>;
 
 override WG: u32 = 64u;
 override SCALED: bool = false;
@@ -65,7 +67,8 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
     let e_k = e / f32(p.k);
     let t = labels[n];
     let lse = mx + log(sum);
-    let inv_n = 1.0 / f32(p.n);
+    // weight: 1, or 1/N of a micro-batch of --grad-accum-steps N (timm divides the loss by N).
+    let inv_n = p.weight / f32(p.n);
     for (var k = 0u; k < p.k; k++) {
         let sm = exp(f32(logits[b + k]) - mx) / sum;
         var g = (sm - select(0.0, 1.0 - e, k == t) - e_k) * inv_n;
@@ -82,6 +85,62 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
     }
     per_sample[4u * n] = lse - (1.0 - e) * lt - e_k * sum_l;
     per_sample[4u * n + 1u] = select(0.0, 1.0, arg == t);
+    per_sample[4u * n + 2u] = f32(arg);
+    per_sample[4u * n + 3u] = select(0.0, 1.0, above < 5u);
+}
+
+// Soft targets (timm's SoftTargetCrossEntropy, the loss under Mixup/CutMix): row n of soft_targets
+// [N, K] is a distribution t; loss = sum_k t_k (lse - l_k), dlogits = (softmax * sum_k t_k - t) * weight / N
+// (times the loss scale with SCALED); correct, correct5 and the prediction are taken against the
+// target's dominant class (its first maximum) as the label. Smoothing is already in t.
+@compute @workgroup_size(WG)
+fn cross_entropy_soft_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let n = gid.x;
+    if (n >= p.n) {
+        return;
+    }
+    let b = n * p.k;
+    var mx = f32(logits[b]);
+    var arg = 0u;
+    var tmx = soft_targets[b];
+    var label = 0u;
+    for (var k = 1u; k < p.k; k++) {
+        let v = f32(logits[b + k]);
+        if (v > mx) {
+            mx = v;
+            arg = k;
+        }
+        if (soft_targets[b + k] > tmx) {
+            tmx = soft_targets[b + k];
+            label = k;
+        }
+    }
+    var sum = 0.0;
+    var tsum = 0.0;
+    var tl = 0.0;
+    for (var k = 0u; k < p.k; k++) {
+        sum += exp(f32(logits[b + k]) - mx);
+        tsum += soft_targets[b + k];
+        tl += soft_targets[b + k] * f32(logits[b + k]);
+    }
+    let lse = mx + log(sum);
+    let inv_n = p.weight / f32(p.n);
+    for (var k = 0u; k < p.k; k++) {
+        let sm = exp(f32(logits[b + k]) - mx) / sum;
+        var g = (sm * tsum - soft_targets[b + k]) * inv_n;
+        if (SCALED) {
+            g *= scaler[0];
+        }
+        dlogits[b + k] = act(g);
+    }
+    let lt = f32(logits[b + label]);
+    var above = 0u;
+    for (var k = 0u; k < p.k; k++) {
+        let v = f32(logits[b + k]);
+        above += select(0u, 1u, v > lt || (v == lt && k < label));
+    }
+    per_sample[4u * n] = lse * tsum - tl;
+    per_sample[4u * n + 1u] = select(0.0, 1.0, arg == label);
     per_sample[4u * n + 2u] = f32(arg);
     per_sample[4u * n + 3u] = select(0.0, 1.0, above < 5u);
 }

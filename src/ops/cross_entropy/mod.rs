@@ -44,7 +44,8 @@ struct Params {
     n: u32,
     k: u32,
     smoothing: f32,
-    _pad: u32,
+    /// The loss gradient's multiplier: 1, or 1/N of a micro-batch of `--grad-accum-steps N`.
+    weight: f32,
 }
 
 const WG: u32 = 64;
@@ -69,6 +70,7 @@ pub fn cross_entropy_forward_backward(
 /// [`cross_entropy_forward_backward`] with label smoothing `smoothing` in [0, 1), as
 /// `torch.nn.CrossEntropyLoss(label_smoothing=…)`: the target distribution is
 /// (1 − smoothing)·onehot + smoothing/classes.
+#[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_forward_backward_smoothed(
     gpu: &Gpu,
     logits: &Tensor,
@@ -79,6 +81,39 @@ pub fn cross_entropy_forward_backward_smoothed(
     smoothing: f32,
     scaler: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
+    Ok(cross_entropy_weighted(gpu, logits, target, dlogits, per_sample, result, smoothing, scaler)?.0)
+}
+
+/// The loss gradient's multiplier of a plan's training loss, rewritable between steps: timm's
+/// `--grad-accum-steps N` divides each micro-batch's loss by N before backward.
+pub struct LossWeight {
+    params: wgpu::Buffer,
+    n: u32,
+    k: u32,
+    smoothing: f32,
+}
+
+impl LossWeight {
+    /// Multiply the loss gradient of the following submits by `weight` (the reported loss is
+    /// unchanged: timm logs the undivided loss).
+    pub fn set(&self, gpu: &Gpu, weight: f32) {
+        let p = Params { n: self.n, k: self.k, smoothing: self.smoothing, weight };
+        gpu.queue.write_buffer(&self.params, 0, bytemuck::bytes_of(&p));
+    }
+}
+
+/// [`cross_entropy_forward_backward_smoothed`] with its loss weight (1 until [`LossWeight::set`]).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_weighted(
+    gpu: &Gpu,
+    logits: &Tensor,
+    target: &Tensor,
+    dlogits: &Tensor,
+    per_sample: &Tensor,
+    result: &Tensor,
+    smoothing: f32,
+    scaler: Option<&Tensor>,
+) -> Result<(Vec<Dispatch>, LossWeight)> {
     ensure!((0.0..1.0).contains(&smoothing), "cross_entropy: label smoothing must be in [0, 1), got {smoothing}");
     ensure!(
         logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
@@ -90,10 +125,8 @@ pub fn cross_entropy_forward_backward_smoothed(
     expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
     expect_shape("cross_entropy per-sample", per_sample, &[n, self::per_sample::LEN])?;
     expect_shape("cross_entropy result", result, &[result::LEN])?;
-    let params = gpu.uniform(
-        "cross_entropy params",
-        &Params { n: to_u32("batch", n)?, k: to_u32("classes", k)?, smoothing, _pad: 0 },
-    );
+    let (n32, k32) = (to_u32("batch", n)?, to_u32("classes", k)?);
+    let params = gpu.uniform("cross_entropy params", &Params { n: n32, k: k32, smoothing, weight: 1.0 });
     let unused = placeholder(gpu)?;
     let binds = [
         Bind::Uniform(0, &params),
@@ -115,5 +148,56 @@ pub fn cross_entropy_forward_backward_smoothed(
     )?;
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
     let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
-    Ok(vec![fwd, red])
+    Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing }))
+}
+
+/// Softmax cross-entropy of `logits` [n, k] against soft targets `targets` (f32 [n, k], each row
+/// a distribution: timm's `SoftTargetCrossEntropy`, the loss under Mixup/CutMix), with its
+/// gradient, its loss weight and the reduce of [`cross_entropy_forward_backward`]; the correct
+/// counts take each row's dominant class as the label.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_soft_weighted(
+    gpu: &Gpu,
+    logits: &Tensor,
+    targets: &Tensor,
+    dlogits: &Tensor,
+    per_sample: &Tensor,
+    result: &Tensor,
+    scaler: Option<&Tensor>,
+) -> Result<(Vec<Dispatch>, LossWeight)> {
+    ensure!(
+        logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
+        "cross_entropy: logits must be a non-empty [n, classes], got {:?}",
+        logits.shape
+    );
+    let (n, k) = (logits.shape[0], logits.shape[1]);
+    expect_shape("cross_entropy soft targets", targets, &[n, k])?;
+    ensure!(targets.dtype == crate::gpu::Dtype::F32, "cross_entropy: soft targets must be f32");
+    expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
+    expect_shape("cross_entropy per-sample", per_sample, &[n, self::per_sample::LEN])?;
+    expect_shape("cross_entropy result", result, &[result::LEN])?;
+    let (n32, k32) = (to_u32("batch", n)?, to_u32("classes", k)?);
+    let params = gpu.uniform("cross_entropy params", &Params { n: n32, k: k32, smoothing: 0.0, weight: 1.0 });
+    let unused = placeholder(gpu)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, logits),
+        Bind::Tensor(3, dlogits),
+        Bind::Tensor(4, per_sample),
+        Bind::Tensor(7, scaler.unwrap_or(&unused)),
+        Bind::Tensor(8, targets),
+    ];
+    let precision = Precision::of(logits);
+    let scaled = ("SCALED", f64::from(u8::from(scaler.is_some())));
+    let fwd = gpu.dispatch_in(
+        precision,
+        "cross_entropy",
+        "cross_entropy_soft_forward_backward",
+        &[("WG", WG as f64), scaled],
+        &binds,
+        [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
+    )?;
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
+    let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
+    Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing: 0.0 }))
 }

@@ -43,3 +43,34 @@ pub fn cross_entropy_forward_backward_smoothed(logits: &[f64], target: &[u32], c
     }
     r
 }
+
+/// Soft targets (timm's `SoftTargetCrossEntropy`, the loss under Mixup/CutMix): each row of
+/// `targets` [N, K] a distribution, loss = mean_n Σ_k −t_k log softmax_k,
+/// dlogits = (softmax · Σ_k t_k − t) / N (Σ_k t_k = 1 for mixed one-hot targets). correct and
+/// correct5 count the target's dominant class (its first maximum) as the label.
+pub fn cross_entropy_soft_forward_backward(logits: &[f64], targets: &[f64], classes: usize) -> CrossEntropy {
+    let n = targets.len() / classes;
+    let mut r = CrossEntropy { loss: 0.0, dlogits: vec![0.0; logits.len()], correct: 0, correct5: 0 };
+    let first_max = |row: &[f64]| {
+        row.iter().enumerate().fold((0, f64::NEG_INFINITY), |(a, m), (k, &v)| if v > m { (k, v) } else { (a, m) })
+    };
+    for i in 0..n {
+        let row = &logits[i * classes..][..classes];
+        let t = &targets[i * classes..][..classes];
+        let (arg, mx) = first_max(row);
+        let sum: f64 = row.iter().map(|&v| (v - mx).exp()).sum();
+        let lse = mx + sum.ln();
+        let tsum: f64 = t.iter().sum();
+        r.loss += (0..classes).map(|k| t[k] * (lse - row[k])).sum::<f64>() / n as f64;
+        for k in 0..classes {
+            let sm = (row[k] - mx).exp() / sum;
+            r.dlogits[i * classes + k] = (sm * tsum - t[k]) / n as f64;
+        }
+        let label = first_max(t).0;
+        r.correct += usize::from(arg == label);
+        let lt = row[label];
+        let above = row.iter().enumerate().filter(|&(k, &v)| v > lt || (v == lt && k < label)).count();
+        r.correct5 += usize::from(above < 5);
+    }
+    r
+}
