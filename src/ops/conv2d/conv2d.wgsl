@@ -19,7 +19,7 @@
 // GEMM_M rows (4, 8 or 16 pixels) x GEMM_N columns (8 or 16 channels) for the forward and the input
 // gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4 or 8) x
 // WGRAD_N output channels (8 or 16) at one tap for the weight gradient. The sizes are override
-// constants chosen per adapter and layer by ops::conv2d::Tiles. On lavapipe a load whose address
+// constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe a load whose address
 // differs between invocations runs lane by lane while FMAs run 8 lanes at once, so reusing each
 // loaded value in as many FMAs as the registers hold is what pays.
 //
