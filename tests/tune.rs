@@ -211,7 +211,7 @@ fn the_workgroup_kernels_run_a_training_step_equal_to_the_reference() {
 }
 
 /// Every conv kernel family takes grouped convolutions, so the tuner offers all of them for a
-/// grouped layer as for any other (ops::conv2d::candidates); a grouped layer is timed under a key
+/// grouped layer as for any other (ops::conv2d::tune::candidates); a grouped layer is timed under a key
 /// of its own that names its groups (an ungrouped layer's key is spelled as before, pinned in
 /// an_f16_plan_is_tuned_in_f16_beside_the_f32_plan). Then every pass forced onto the workgroup kernels
 /// through the cache: the step of common::grouped_network equals the CPU reference.

@@ -61,15 +61,7 @@
 //       block is half padding. Depthwise is correct, not fast (15/16 of a block idle); a
 //       depthwise-specific kernel is the next version if a model needs one.
 
-struct Params {
-    n: u32, c_in: u32, h: u32, w: u32,
-    c_out: u32, oh: u32, ow: u32, kh: u32,
-    kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
-    pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
-    splits: u32, split_len: u32, groups: u32, _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0 (p): conv2d_params.wgsl, appended by the host.
 @group(0) @binding(1) var<storage, read> inp: array<act>;
 @group(0) @binding(2) var<storage, read> weight: array<act>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;

@@ -181,8 +181,8 @@ impl Conv2dConfig {
     }
 }
 
-/// `Params` of `conv2d.wgsl` and `conv2d_gemm.wgsl` (one layout: every conv2d kernel reads the
-/// same block).
+/// Mirrors `Params` in `conv2d_params.wgsl`, the one parameter block every conv2d kernel reads
+/// (appended to each family's file).
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Params {
