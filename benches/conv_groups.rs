@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions, Precision, Tensor};
-use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, SmemTiles, Tiles};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles, WorkgroupTiles};
 
 fn best_secs(gpu: &Gpu, d: &[Dispatch]) -> f64 {
     let refs: Vec<&Dispatch> = d.iter().collect();
@@ -50,9 +50,9 @@ fn main() {
     for groups in group_counts {
         let cfg = base.grouped(groups);
         for &precision in &precisions {
-            let mut kernels = vec![ConvKernel::Register(Tiles::for_layer(&gpu, &cfg))];
+            let mut kernels = vec![ConvKernel::Register(RegisterTiles::for_layer(&gpu, &cfg))];
             if !register_only {
-                kernels.push(ConvKernel::Tiled(SmemTiles::ALL[0]));
+                kernels.push(ConvKernel::Workgroup(WorkgroupTiles::ALL[0]));
             }
             if let (Precision::F16, Some(t), false) = (precision, gpu.coop_tile, register_only) {
                 kernels.push(ConvKernel::Coop(t));
@@ -61,7 +61,15 @@ fn main() {
             let (x, w, y) = (t(&cfg.input_shape()), t(&cfg.weight_shape()), t(&cfg.output_shape()));
             let (dx, dy) = (t(&cfg.input_shape()), t(&cfg.output_shape()));
             let dw = Tensor::zeros(&gpu, "bench dweight", &cfg.weight_shape()).expect("alloc");
-            let b = ConvBuffers { inp: &x, weight: &w, bias: None, out: &y, dout: &dy, dinp: &dx, dweight: &dw };
+            let b = ConvBuffers {
+                inp: Some(&x),
+                weight: Some(&w),
+                bias: None,
+                out: Some(&y),
+                dout: Some(&dy),
+                dinp: Some(&dx),
+                dweight: Some(&dw),
+            };
             for k in kernels {
                 let gflops: Vec<String> = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
                     .into_iter()

@@ -7,7 +7,7 @@ use std::time::Instant;
 use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions, Tensor};
 use senet_wgpu::model::ModelConfig;
 use senet_wgpu::model::plan::Network;
-use senet_wgpu::ops::conv2d::{self, Conv2dConfig};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles};
 use senet_wgpu::ops::optimizer::OptimizerConfig;
 
 fn time(gpu: &Gpu, name: &str, reps: usize, mut f: impl FnMut()) {
@@ -43,20 +43,19 @@ fn main() {
         let (x, w, b, y) = (t(&cfg.input_shape()), t(&cfg.weight_shape()), t(&[cfg.c_out]), t(&cfg.output_shape()));
         let (dx, dw) = (t(&cfg.input_shape()), t(&cfg.weight_shape()));
         let tag = format!("{}x{}x{}x{} -> {}", cfg.n, cfg.c_in, cfg.h, cfg.w, cfg.c_out);
+        // The register blocks this adapter picks for the layer; the weight gradient split for ~256
+        // workgroups, as on a CPU adapter.
+        let tiles = RegisterTiles::for_layer(&gpu, &cfg);
+        let k = ConvKernel::Register(tiles);
+        let pass = |pass, b: ConvBuffers<'_>| conv2d::conv2d_pass(&gpu, &cfg, pass, k, &b).expect("plan");
+        let splits = conv2d::weight_grad_splits(&cfg, tiles, 256);
         let cases: [(&str, Vec<Dispatch>); 3] = [
-            ("conv2d_forward", conv2d::conv2d_forward(&gpu, &cfg, &x, &w, Some(&b), &y).expect("plan")),
-            ("conv2d_backward_input", conv2d::conv2d_backward_input(&gpu, &cfg, &y, &w, &dx).expect("plan")),
+            ("conv2d_forward", pass(ConvPass::Forward, ConvBuffers::forward(&x, &w, Some(&b), &y))),
+            ("conv2d_backward_input", pass(ConvPass::BackwardInput, ConvBuffers::backward_input(&y, &w, &dx))),
             (
                 "conv2d_backward_weight",
-                conv2d::conv2d_backward_weight(
-                    &gpu,
-                    &cfg,
-                    &x,
-                    &y,
-                    &dw,
-                    conv2d::weight_grad_splits(&cfg, conv2d::Tiles::for_layer(&gpu, &cfg), 256),
-                )
-                .expect("plan"),
+                conv2d::conv2d_backward_weight_split(&gpu, &cfg, k, &ConvBuffers::backward_weight(&x, &y, &dw), splits)
+                    .expect("plan"),
             ),
         ];
         for (name, d) in &cases {

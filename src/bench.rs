@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::args::{InputArgs, ModelArgs};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 use crate::model::plan::{Network, StepPlan};
-use crate::ops::conv2d::{self, Conv2dConfig};
+use crate::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvPass};
 use crate::ops::optimizer::OptimizerConfig;
 use crate::ops::relu;
 
@@ -268,7 +268,8 @@ fn gemm(gpu: &Gpu) -> Result<f64> {
     let x = Tensor::zeros(gpu, "gemm a", &cfg.input_shape())?;
     let w = Tensor::zeros(gpu, "gemm b", &cfg.weight_shape())?;
     let y = Tensor::zeros(gpu, "gemm c", &cfg.output_shape())?;
-    let d = conv2d::conv2d_forward(gpu, &cfg, &x, &w, None, &y)?;
+    let kernel = conv2d::ConvKernel::Register(conv2d::RegisterTiles::for_layer(gpu, &cfg));
+    let d = conv2d::conv2d_pass(gpu, &cfg, ConvPass::Forward, kernel, &ConvBuffers::forward(&x, &w, None, &y))?;
     let t = best(gpu, &d.iter().collect::<Vec<_>>(), 3)?;
     Ok(2.0 * cfg.macs() as f64 / t / 1e9)
 }

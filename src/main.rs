@@ -138,7 +138,7 @@ enum SampleFormat {
 
 /// `--conv-tiles`: four numbers naming a register-block shape the kernels implement.
 fn parse_conv_tiles(s: &str) -> anyhow::Result<[usize; 4]> {
-    let t = senet_wgpu::ops::conv2d::Tiles::parse(s)?;
+    let t = senet_wgpu::ops::conv2d::RegisterTiles::parse(s)?;
     Ok([t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n])
 }
 

@@ -24,7 +24,7 @@ use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use senet_wgpu::gpu::paths::{COOP_TILES, PathOptions, Switch, backend_carries};
 use senet_wgpu::gpu::{COOP_SHADERS, Need, Paths, Precision, SHADERS, coop_prelude, shader_source};
-use senet_wgpu::ops::conv2d::{SmemTiles, Tiles};
+use senet_wgpu::ops::conv2d::{RegisterTiles, WorkgroupTiles};
 
 /// A back end as one wgpu backend configures it on one class of device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -201,8 +201,8 @@ fn constant_sets(file: &str) -> Vec<Vec<(&'static str, f64)>> {
     match file {
         "conv2d" => {
             let mut sets = Vec::new();
-            let mut gemm: Vec<(usize, usize)> = Tiles::ALL.iter().map(|t| (t.gemm_m, t.gemm_n)).collect();
-            let mut wgrad: Vec<(usize, usize)> = Tiles::ALL.iter().map(|t| (t.wgrad_ci, t.wgrad_n)).collect();
+            let mut gemm: Vec<(usize, usize)> = RegisterTiles::ALL.iter().map(|t| (t.gemm_m, t.gemm_n)).collect();
+            let mut wgrad: Vec<(usize, usize)> = RegisterTiles::ALL.iter().map(|t| (t.wgrad_ci, t.wgrad_n)).collect();
             gemm.dedup();
             gemm.sort();
             gemm.dedup();
@@ -222,7 +222,7 @@ fn constant_sets(file: &str) -> Vec<Vec<(&'static str, f64)>> {
             }
             sets
         }
-        "conv2d_tiled" => SmemTiles::ALL
+        "conv2d_tiled" => WorkgroupTiles::ALL
             .iter()
             .flat_map(|t| {
                 [0.0, 1.0, 2.0].map(|mode| {

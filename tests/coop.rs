@@ -16,7 +16,7 @@ use senet_wgpu::gpu::tune::TuneMode;
 use senet_wgpu::gpu::{Dtype, Gpu, GpuOptions, Precision, Tensor};
 use senet_wgpu::model::ModelConfig;
 use senet_wgpu::model::plan::Network;
-use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvKernel, ConvPass};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass};
 use senet_wgpu::ops::cross_entropy::result;
 use senet_wgpu::ops::optimizer::OptimizerConfig;
 use senet_wgpu::reference;
@@ -74,14 +74,15 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
 
         let ty = Tensor::zeros_of(&gpu, "y", &cfg.output_shape(), Dtype::F16).unwrap();
         let bias = cfg.bias.then_some(&tb);
-        run(&gpu, &conv2d::conv2d_forward_coop(&gpu, cfg, &tx, &tw, bias, &ty).unwrap());
+        run(&gpu, &coop_pass(&gpu, cfg, ConvPass::Forward, &ConvBuffers::forward(&tx, &tw, bias, &ty)).unwrap());
         let want = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
         let e =
             assert_close(&what("conv2d_forward"), &ty.read_f32(&gpu).unwrap(), &want, CONV_ATOL, CONV_RTOL + F16_RTOL);
         worst[0] = worst[0].max(e);
 
         let tdx = Tensor::zeros_of(&gpu, "dx", &cfg.input_shape(), Dtype::F16).unwrap();
-        run(&gpu, &conv2d::conv2d_backward_input_coop(&gpu, cfg, &tdy, &tw, &tdx).unwrap());
+        let b = ConvBuffers::backward_input(&tdy, &tw, &tdx);
+        run(&gpu, &coop_pass(&gpu, cfg, ConvPass::BackwardInput, &b).unwrap());
         let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
         let e = assert_close(
             &what("conv2d_backward_input"),
@@ -96,7 +97,7 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
         let planned = conv2d::splits_for(&gpu, cfg, ConvKernel::Coop(gpu.coop_tile.unwrap()));
         for splits in [1, 2, 3, planned] {
             let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
-            let d = conv2d::conv2d_backward_weight_coop(&gpu, cfg, &tx, &tdy, &tdw, splits).unwrap();
+            let d = coop_weight_grad(&gpu, cfg, &ConvBuffers::backward_weight(&tx, &tdy, &tdw), splits).unwrap();
             run(&gpu, &d);
             let got = read(&gpu, &tdw);
             let e = assert_close(
@@ -109,7 +110,7 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
             worst[2] = worst[2].max(e);
             // Again: the fixed-order reduction gives the same bits.
             let again = zeros(&gpu, "dw again", &cfg.weight_shape());
-            run(&gpu, &conv2d::conv2d_backward_weight_coop(&gpu, cfg, &tx, &tdy, &again, splits).unwrap());
+            run(&gpu, &coop_weight_grad(&gpu, cfg, &ConvBuffers::backward_weight(&tx, &tdy, &again), splits).unwrap());
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&read(&gpu, &again)), bits(&got), "{}: not deterministic", what("conv2d_backward_weight"));
         }
@@ -123,7 +124,7 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
     let cfg = &conv_cases()[1];
     let (x, dy) = (zeros_f16(&gpu, "x", &cfg.input_shape()), zeros_f16(&gpu, "dy", &cfg.output_shape()));
     let dw = zeros(&gpu, "dw", &cfg.weight_shape());
-    assert_eq!(conv2d::conv2d_backward_weight_coop(&gpu, cfg, &x, &dy, &dw, 3).unwrap().len(), 2);
+    assert_eq!(coop_weight_grad(&gpu, cfg, &ConvBuffers::backward_weight(&x, &dy, &dw), 3).unwrap().len(), 2);
     // f32 operands are refused by each pass (cooperative matrices here take f16).
     let (x, w, y) = (
         zeros(&gpu, "x", &cfg.input_shape()),
@@ -131,14 +132,36 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
         zeros(&gpu, "y", &cfg.output_shape()),
     );
     let errs = [
-        conv2d::conv2d_forward_coop(&gpu, cfg, &x, &w, None, &y).unwrap_err(),
-        conv2d::conv2d_backward_input_coop(&gpu, cfg, &y, &w, &x).unwrap_err(),
-        conv2d::conv2d_backward_weight_coop(&gpu, cfg, &x, &y, &w, 1).unwrap_err(),
+        coop_pass(&gpu, cfg, ConvPass::Forward, &ConvBuffers::forward(&x, &w, None, &y)).unwrap_err(),
+        coop_pass(&gpu, cfg, ConvPass::BackwardInput, &ConvBuffers::backward_input(&y, &w, &x)).unwrap_err(),
+        coop_weight_grad(&gpu, cfg, &ConvBuffers::backward_weight(&x, &y, &w), 1).unwrap_err(),
     ];
     for e in errs {
         let e = e.to_string();
         assert!(e.contains("f16"), "{e}");
     }
+}
+
+/// One pass on this adapter's cooperative matrices (`conv2d::conv2d_pass` with `ConvKernel::Coop`).
+fn coop_pass(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    pass: ConvPass,
+    b: &ConvBuffers<'_>,
+) -> anyhow::Result<Vec<senet_wgpu::gpu::Dispatch>> {
+    let k = ConvKernel::Coop(gpu.coop_tile.expect("coop_gpu lists a cooperative matrix"));
+    conv2d::conv2d_pass(gpu, cfg, pass, k, b)
+}
+
+/// The weight gradient on cooperative matrices, split `splits` ways.
+fn coop_weight_grad(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    b: &ConvBuffers<'_>,
+    splits: usize,
+) -> anyhow::Result<Vec<senet_wgpu::gpu::Dispatch>> {
+    let k = ConvKernel::Coop(gpu.coop_tile.expect("coop_gpu lists a cooperative matrix"));
+    conv2d::conv2d_backward_weight_split(gpu, cfg, k, b, splits)
 }
 
 fn zeros_f16(gpu: &Gpu, label: &str, shape: &[usize]) -> Tensor {

@@ -173,7 +173,7 @@ fn an_f16_plan_is_tuned_in_f16_beside_the_f32_plan() {
 /// would choose them): the training step equals the CPU reference, as with the register kernels
 /// (tests/train_step.rs, same tolerances).
 #[test]
-fn the_tiled_kernels_run_a_training_step_equal_to_the_reference() {
+fn the_workgroup_kernels_run_a_training_step_equal_to_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("tune.json");
     let n = 3;
@@ -188,7 +188,7 @@ fn the_tiled_kernels_run_a_training_step_equal_to_the_reference() {
     let opt = OptimizerConfig::sgd(0.1, 0.0);
     let mut net = Network::new(gpu.clone(), tiny(), opt, 7).unwrap();
     let plan = net.plan(n).unwrap();
-    assert!(plan.conv_kernels.iter().all(|(_, _, k)| matches!(k, ConvKernel::Tiled(_))), "{:?}", plan.conv_kernels);
+    assert!(plan.conv_kernels.iter().all(|(_, _, k)| matches!(k, ConvKernel::Workgroup(_))), "{:?}", plan.conv_kernels);
     let x = uniform(&mut rng(3), n * 3 * 16 * 16, 0.0, 1.0);
     let labels = [1u32, 4, 0];
     let params: HashMap<String, Vec<f64>> =
@@ -206,17 +206,17 @@ fn the_tiled_kernels_run_a_training_step_equal_to_the_reference() {
     for p in &net.params {
         // Gradients read after the update are still the step's gradients (SGD writes values only).
         let name = &p.spec.name;
-        assert_close(&format!("grad {name} (tiled kernels)"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
+        assert_close(&format!("grad {name} (workgroup kernels)"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
     }
 }
 
 /// Every conv kernel family takes grouped convolutions, so the tuner offers all of them for a
-/// grouped layer as for any other (ops::conv2d::candidates); a grouped layer is timed under a key
+/// grouped layer as for any other (ops::conv2d::tune::candidates); a grouped layer is timed under a key
 /// of its own that names its groups (an ungrouped layer's key is spelled as before, pinned in
-/// an_f16_plan_is_tuned_in_f16_beside_the_f32_plan). Then every pass forced onto the tiled kernels
+/// an_f16_plan_is_tuned_in_f16_beside_the_f32_plan). Then every pass forced onto the workgroup kernels
 /// through the cache: the step of common::grouped_network equals the CPU reference.
 #[test]
-fn grouped_layers_are_tuned_under_their_own_keys_and_the_tiled_kernels_run_them() {
+fn grouped_layers_are_tuned_under_their_own_keys_and_the_workgroup_kernels_run_them() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("tune.json");
     let (n, h, w) = (2, 9, 7);
@@ -242,7 +242,7 @@ fn grouped_layers_are_tuned_under_their_own_keys_and_the_tiled_kernels_run_them(
     let gpu = device(TuneMode::Quick, &cache);
     let mut net = net(&gpu, OptimizerConfig::sgd(0.1, 0.0));
     let plan = net.plan(n).unwrap();
-    assert!(plan.conv_kernels.iter().all(|(_, _, k)| matches!(k, ConvKernel::Tiled(_))), "{:?}", plan.conv_kernels);
+    assert!(plan.conv_kernels.iter().all(|(_, _, k)| matches!(k, ConvKernel::Workgroup(_))), "{:?}", plan.conv_kernels);
     let x = uniform(&mut rng(5), n * 3 * h * w, 0.0, 1.0);
     let labels = [2u32, 0];
     let (params, buffers) = reference_state(&net);
@@ -254,7 +254,7 @@ fn grouped_layers_are_tuned_under_their_own_keys_and_the_tiled_kernels_run_them(
     assert_close("loss", &[read(&gpu, &plan.train_result)[result::LOSS]], &[want.loss], 1e-5, 1e-4);
     for p in &net.params {
         let name = &p.spec.name;
-        assert_close(&format!("grad {name} (tiled kernels)"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
+        assert_close(&format!("grad {name} (workgroup kernels)"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
     }
 }
 

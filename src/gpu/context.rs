@@ -56,7 +56,7 @@ pub struct GpuOptions {
     /// Cooperative-matrix GEMMs in f16 plans: `Auto` only on drivers whose matrices are real
     /// ([`super::paths::coop_allowed_driver`]), `On` wherever the adapter lists them.
     pub coop: Switch,
-    /// The convolutions' register blocks pinned for every layer (`ops::conv2d::Tiles` as
+    /// The convolutions' register blocks pinned for every layer (`ops::conv2d::RegisterTiles` as
     /// [gemm_m, gemm_n, wgrad_ci, wgrad_n]; the tuner is bypassed), for measuring one shape.
     /// `None`: per adapter and layer, through the tuner.
     pub conv_tiles: Option<[usize; 4]>,

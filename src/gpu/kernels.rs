@@ -15,10 +15,14 @@ use super::{Gpu, Tensor, tensor::Dtype};
 
 /// Every WGSL file, embedded at build time: (op family, source).
 pub const SHADERS: &[(&str, &str)] = &[
-    ("conv2d", include_str!("../ops/conv2d/conv2d.wgsl")),
+    ("conv2d", concat!(include_str!("../ops/conv2d/conv2d.wgsl"), include_str!("../ops/conv2d/conv2d_params.wgsl"))),
     (
         "conv2d_tiled",
-        concat!(include_str!("../ops/conv2d/conv2d_tiled.wgsl"), include_str!("../ops/conv2d/conv2d_gemm.wgsl")),
+        concat!(
+            include_str!("../ops/conv2d/conv2d_tiled.wgsl"),
+            include_str!("../ops/conv2d/conv2d_gemm.wgsl"),
+            include_str!("../ops/conv2d/conv2d_params.wgsl")
+        ),
     ),
     ("batch_norm", include_str!("../ops/batch_norm/batch_norm.wgsl")),
     ("relu", include_str!("../ops/relu/relu.wgsl")),
@@ -41,13 +45,22 @@ pub const SHADERS: &[(&str, &str)] = &[
 /// configuration (`Gpu::coop_tile`), with [`coop_prelude`] appended.
 pub const COOP_SHADERS: &[(&str, &str)] = &[(
     "conv2d_coop",
-    concat!(include_str!("../ops/conv2d/conv2d_coop.wgsl"), include_str!("../ops/conv2d/conv2d_gemm.wgsl")),
+    concat!(
+        include_str!("../ops/conv2d/conv2d_coop.wgsl"),
+        include_str!("../ops/conv2d/conv2d_gemm.wgsl"),
+        include_str!("../ops/conv2d/conv2d_params.wgsl")
+    ),
 )];
 
 /// What the two workgroup-GEMM convolution files share (bindings, GEMM dimensions per MODE, operand
 /// loads, store), appended to each in [`SHADERS`] and [`COOP_SHADERS`] at build time — after the
 /// file, so compiler messages keep the file's own line numbers. Not compiled alone.
 pub const CONV_GEMM_PART: (&str, &str) = ("conv2d_gemm", include_str!("../ops/conv2d/conv2d_gemm.wgsl"));
+
+/// The parameter block (`struct Params`, binding 0) every conv2d kernel reads, written once and
+/// appended to `conv2d.wgsl`, `conv2d_tiled.wgsl` and `conv2d_coop.wgsl` (after the file, as
+/// [`CONV_GEMM_PART`]); mirrors `ops::conv2d::Params`. Not compiled alone.
+pub const CONV_PARAMS_PART: (&str, &str) = ("conv2d_params", include_str!("../ops/conv2d/conv2d_params.wgsl"));
 
 /// What a cooperative-matrix kernel is written against: the tile CT and the coop types of that
 /// size (coop_mat8x8 and coop_mat16x16 are distinct types in WGSL, so the size cannot be an

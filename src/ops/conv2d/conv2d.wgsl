@@ -19,7 +19,7 @@
 // GEMM_M rows (4, 8 or 16 pixels) x GEMM_N columns (8 or 16 channels) for the forward and the input
 // gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4 or 8) x
 // WGRAD_N output channels (8 or 16) at one tap for the weight gradient. The sizes are override
-// constants chosen per adapter and layer by ops::conv2d::Tiles. On lavapipe a load whose address
+// constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe a load whose address
 // differs between invocations runs lane by lane while FMAs run 8 lanes at once, so reusing each
 // loaded value in as many FMAs as the registers hold is what pays.
 //
@@ -61,15 +61,7 @@
 //       block is half padding. Depthwise is correct, not fast (15/16 of a block idle); a
 //       depthwise-specific kernel is the next version if a model needs one.
 
-struct Params {
-    n: u32, c_in: u32, h: u32, w: u32,
-    c_out: u32, oh: u32, ow: u32, kh: u32,
-    kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
-    pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
-    splits: u32, split_len: u32, groups: u32, _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0 (p): conv2d_params.wgsl, appended by the host.
 @group(0) @binding(1) var<storage, read> inp: array<act>;
 @group(0) @binding(2) var<storage, read> weight: array<act>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;

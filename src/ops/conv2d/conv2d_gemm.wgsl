@@ -1,6 +1,7 @@
 // conv2d_gemm: what the two workgroup-GEMM convolution kernels share, appended by the host to
 // conv2d_tiled.wgsl (workgroup-memory tiles) and conv2d_coop.wgsl (cooperative matrices): the
-// parameter block and bindings (one layout, so the host builds both passes alike), the MODE
+// storage bindings (one layout, so the host builds both passes alike; the parameter block is
+// conv2d_params.wgsl's, appended after this file), the MODE
 // override and its GEMM dimensions, and the operand loads and the store:
 //
 //   MODE  GEMM                    rows    cols              reduction K
@@ -18,15 +19,7 @@
 // weight gradient (or slice `split` of its partial buffer [splits, c_out, c_in*kh*kw]) in f32.
 // No entry point of its own; not compiled alone.
 
-struct Params {
-    n: u32, c_in: u32, h: u32, w: u32,
-    c_out: u32, oh: u32, ow: u32, kh: u32,
-    kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
-    pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
-    splits: u32, split_len: u32, groups: u32, _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// Params and binding 0 (p): conv2d_params.wgsl, appended by the host.
 @group(0) @binding(1) var<storage, read> inp: array<act>;
 @group(0) @binding(2) var<storage, read> weight: array<act>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;

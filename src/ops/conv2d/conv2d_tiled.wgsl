@@ -10,7 +10,7 @@
 // invocation accumulates a TM x TN micro-tile in registers. The micro-tile is strided — rows
 // ty + i*BM/TM, columns tx + j*BN/TN — so that a warp's workgroup-memory reads are consecutive
 // (B) or broadcast (A), and its stores to pixel-contiguous outputs are coalesced. Tile shapes are
-// override constants (ops::conv2d::SmemTiles lists those built; (BM/TM)*(BN/TN) must be 256).
+// override constants (ops::conv2d::WorkgroupTiles lists those built; (BM/TM)*(BN/TN) must be 256).
 //
 // The weight gradient splits K (N*OH*OW) over gid.z into `splits` ranges of `split_len`, each
 // writing its slice of the partial buffer; conv2d.wgsl's conv2d_backward_weight_reduce sums the

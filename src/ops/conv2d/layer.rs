@@ -64,13 +64,13 @@ impl LayerOp for Conv2d {
         let b = r.param_if(self.bias, "bias")?;
         // An f16 plan's GEMMs read the f16 copy of the weights.
         let bufs = ConvBuffers {
-            inp,
-            weight: w.half.unwrap_or(w.value),
+            inp: Some(inp),
+            weight: Some(w.half.unwrap_or(w.value)),
             bias: b.map(|b| b.value),
-            out: r.out,
-            dout: r.dout,
-            dinp,
-            dweight: w.grad,
+            out: Some(r.out),
+            dout: Some(r.dout),
+            dinp: Some(dinp),
+            dweight: Some(w.grad),
         };
         // Each pass runs the kernel the tuner chose for this shape; the network input needs no
         // gradient.

@@ -1,0 +1,267 @@
+//! The `Register` family: `conv2d.wgsl`'s register blocks, no workgroup memory (the CPU-adapter
+//! family and every adapter's built-in choice for f32 plans). Each invocation owns a
+//! [`RegisterTiles`] block of the GEMM; forward and input gradient are one entry point
+//! (`conv2d_gemm`, MODE 0 / 1), the weight gradient another (`conv2d_backward_weight`), split over
+//! N·OH·OW and summed in a fixed order by `conv2d_backward_weight_reduce`.
+
+use anyhow::{Result, ensure};
+
+use super::{Conv2dConfig, WG, forward_bias, weight_grad_reduce};
+use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
+use crate::ops::{el, expect_shape, placeholder, placeholder_like};
+
+/// Register-block shapes of `conv2d.wgsl`, WGSL `override` constants fixed per pipeline.
+/// Forward and input-gradient invocations own `gemm_m` pixels (4, 8 or 16) x `gemm_n` channels (8
+/// or 16); weight-gradient invocations own `wgrad_ci` input channels (4 or 8) x `wgrad_n` output
+/// channels (8 or 16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegisterTiles {
+    pub gemm_m: usize,
+    pub gemm_n: usize,
+    pub wgrad_ci: usize,
+    pub wgrad_n: usize,
+}
+
+impl RegisterTiles {
+    /// Every shape the shaders implement.
+    pub const ALL: [RegisterTiles; 24] = {
+        let mut all = [RegisterTiles { gemm_m: 4, gemm_n: 8, wgrad_ci: 4, wgrad_n: 8 }; 24];
+        let mut i = 0;
+        while i < 24 {
+            all[i] = RegisterTiles {
+                gemm_m: [4, 8, 16][i % 3],
+                gemm_n: [8, 16][(i / 3) % 2],
+                wgrad_ci: [4, 8][(i / 6) % 2],
+                wgrad_n: [8, 16][i / 12],
+            };
+            i += 1;
+        }
+        all
+    };
+
+    /// The blocks for this adapter: `GpuOptions::conv_tiles` (`--conv-tiles M,N,CI,CO`) pins them
+    /// (for measuring), else
+    /// on a CPU adapter the largest: 16 x 16 and 8 x 16. On lavapipe every storage-buffer load runs lane by lane
+    /// while the FMAs run 8 lanes at once, so the block with the most FMAs per load pays,
+    /// spilled accumulators and all. Measured A/B in one run each (senet bench, width 0.25,
+    /// batch 32): against 4 x 8, 8 pixels x 8 channels made forward and input gradient 1.4x
+    /// faster, 8 x 16 another 1.2-1.3x and 16 x 16 another 1.1x (forward) and 1.4x (input
+    /// gradient): the whole step 185 -> 215 images/s on a quiet machine. The weight gradient
+    /// gained 1.2x from 4 x 8 to 8 x 8 and 1.2x more from 8 x 16. The 16-pixel pipelines cost
+    /// ~3 s more to compile when Mesa's shader cache is cold (first step 8 s instead of 5 s at
+    /// width 0.25). Other adapters take 8 x 16: 256 accumulators would not fit a GPU thread's
+    /// 255 registers; their own choice awaits measurements there.
+    pub fn for_adapter(gpu: &Gpu) -> RegisterTiles {
+        let gemm_m = if gpu.is_cpu() { 16 } else { 8 };
+        RegisterTiles::pinned(gpu).unwrap_or(RegisterTiles { gemm_m, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
+    }
+
+    /// The blocks `GpuOptions::conv_tiles` pins, if it pins a shape the shaders implement.
+    pub fn pinned(gpu: &Gpu) -> Option<RegisterTiles> {
+        let [gemm_m, gemm_n, wgrad_ci, wgrad_n] = gpu.conv_tiles?;
+        let t = RegisterTiles { gemm_m, gemm_n, wgrad_ci, wgrad_n };
+        RegisterTiles::ALL.contains(&t).then_some(t)
+    }
+
+    /// `M,N,CI,CO` (`--conv-tiles`), one of [`RegisterTiles::ALL`], or an error listing them.
+    pub fn parse(s: &str) -> Result<RegisterTiles> {
+        let v: Vec<usize> =
+            s.split(',').map(|x| x.trim().parse::<usize>()).collect::<Result<_, _>>().map_err(|_| {
+                anyhow::anyhow!("--conv-tiles {s:?}: expected four numbers M,N,CI,CO (e.g. 16,16,8,16)")
+            })?;
+        let t = match v[..] {
+            [gemm_m, gemm_n, wgrad_ci, wgrad_n] => RegisterTiles { gemm_m, gemm_n, wgrad_ci, wgrad_n },
+            _ => anyhow::bail!("--conv-tiles {s:?}: expected four numbers M,N,CI,CO (e.g. 16,16,8,16)"),
+        };
+        ensure!(
+            RegisterTiles::ALL.contains(&t),
+            "--conv-tiles {s:?}: not a shape the kernels implement (M 4, 8 or 16; N 8 or 16; CI 4, 8 or 16; CO 8 or 16)"
+        );
+        Ok(t)
+    }
+
+    /// `for_adapter` narrowed to a layer: a block twice as wide as a channel count that fits in
+    /// its smaller size only adds padded columns (the 3-channel first layer's weight gradient:
+    /// 8 input channels per block would be 5/8 padding, 4 is 1/4). Unless `--conv-tiles` pins
+    /// every size.
+    pub fn for_layer(gpu: &Gpu, cfg: &Conv2dConfig) -> RegisterTiles {
+        let t = RegisterTiles::for_adapter(gpu);
+        if RegisterTiles::pinned(gpu).is_some() {
+            return t;
+        }
+        let narrow = |size: usize, channels: usize| if channels <= size / 2 { size / 2 } else { size };
+        // A block spans the channels of one group: a grouped layer's are c_in/groups, c_out/groups.
+        let (c_in, c_out) = (cfg.c_in_group(), cfg.c_out_group());
+        RegisterTiles {
+            gemm_m: t.gemm_m,
+            // Forward blocks run over output channels, input-gradient blocks over input channels;
+            // one pipeline constant serves both, so narrow it only when both fit.
+            gemm_n: narrow(t.gemm_n, c_out.max(c_in)),
+            wgrad_ci: narrow(t.wgrad_ci, c_in),
+            wgrad_n: narrow(t.wgrad_n, c_out),
+        }
+    }
+
+    /// The register GEMM's constants; `mode` 0 is the forward, 1 the input gradient.
+    fn gemm_constants(&self, mode: u32) -> [(&'static str, f64); 4] {
+        [("WG", WG as f64), ("GEMM_M", self.gemm_m as f64), ("GEMM_N", self.gemm_n as f64), ("MODE", f64::from(mode))]
+    }
+}
+
+/// Workgroups the weight gradient should fill before splitting K stops paying: a CPU adapter
+/// has a few cores, a GPU a hundred multiprocessors or more.
+pub(super) fn split_target(gpu: &Gpu) -> usize {
+    if gpu.is_cpu() { 256 } else { 65536 }
+}
+
+/// How many ranges of m the weight-gradient reduction is split into: enough invocations (one
+/// per block of `tiles`) to fill the device (about `target`), each range at least
+/// `MIN_SPLIT_LEN` long.
+pub fn weight_grad_splits(cfg: &Conv2dConfig, tiles: RegisterTiles, target: usize) -> usize {
+    const MIN_SPLIT_LEN: usize = 256;
+    let m = cfg.n * cfg.out_h() * cfg.out_w();
+    let blocks = cfg.groups
+        * cfg.c_out_group().div_ceil(tiles.wgrad_n)
+        * cfg.kh
+        * cfg.kw
+        * cfg.c_in_group().div_ceil(tiles.wgrad_ci);
+    let want = target.div_ceil(blocks.max(1));
+    want.min(m / MIN_SPLIT_LEN).clamp(1, 64)
+}
+
+/// Workgroups for a GEMM whose invocations own `row_block` rows x `col_block` columns, for each of
+/// `groups` channel groups of `cols` columns (the column blocks of one group never reach into the
+/// next: y numbers (group, block)).
+fn gemm_grid(
+    gpu: &Gpu,
+    rows: usize,
+    row_block: usize,
+    (cols, groups): (usize, usize),
+    col_block: usize,
+    z: usize,
+) -> Result<[u32; 3]> {
+    let x = rows.div_ceil(row_block).div_ceil(WG as usize);
+    let y = groups * cols.div_ceil(col_block);
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    ensure!(
+        x <= max && y <= max && z <= max,
+        "conv2d: {rows}x{cols} GEMM needs {x}x{y}x{z} workgroups; the adapter allows {max} per dimension"
+    );
+    Ok([x as u32, y as u32, z as u32])
+}
+
+/// The forward pass (`conv2d_gemm`, MODE 0).
+pub(super) fn forward(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: RegisterTiles,
+    inp: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d output", out, &cfg.output_shape())?;
+    // conv2d_gemm in MODE 0 never reads dout (binding 5), nor the bias without one.
+    let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, inp)?;
+    let bias = forward_bias(cfg, bias, &unused)?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let cols = (cfg.c_out_group(), cfg.groups);
+    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cols, tiles.gemm_n, 1)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+        Bind::Tensor(5, &unused_act),
+    ];
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch_in(Precision::of(inp), "conv2d", "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
+            .labelled("conv2d_forward")
+            .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
+}
+
+/// The input gradient (`conv2d_gemm`, MODE 1: the transposed convolution, gathered).
+pub(super) fn backward_input(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: RegisterTiles,
+    dout: &Tensor,
+    weight: &Tensor,
+    dinp: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, (cfg.c_in_group(), cfg.groups), tiles.gemm_n, 1)?;
+    // conv2d_gemm in MODE 1 reads dout and writes dinp through the forward's output binding; the
+    // input and bias bindings are declared by the shared entry point but never read.
+    let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, dout)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, &unused_act),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, dinp),
+        Bind::Tensor(5, dout),
+    ];
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    Ok(vec![
+        gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
+            .labelled("conv2d_backward_input")
+            .with_cost(2.0 * cfg.macs() as f64, bytes),
+    ])
+}
+
+/// The weight gradient (`conv2d_backward_weight`) with the reduction over m split `splits` ways
+/// (1 = no second pass).
+pub(super) fn backward_weight(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: RegisterTiles,
+    inp: &Tensor,
+    dout: &Tensor,
+    dweight: &Tensor,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
+    ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+    let m = cfg.n * cfg.out_h() * cfg.out_w();
+    let split_len = m.div_ceil(splits);
+    let splits = m.div_ceil(split_len);
+    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
+    let k = cfg.c_in_group() * cfg.kh * cfg.kw;
+    // Columns come in blocks of `wgrad_ci` input channels (of a group) at one tap:
+    // (kh*kw) * ceil((c_in/groups)/ci) of them; each invocation owns `wgrad_n` output channels of
+    // one group for one such block.
+    let ci = tiles.wgrad_ci;
+    let rows = cfg.kh * cfg.kw * cfg.c_in_group().div_ceil(ci);
+    let grid = gemm_grid(gpu, rows, 1, (cfg.c_out_group(), cfg.groups), tiles.wgrad_n, splits)?;
+    let consts = [("WG", WG as f64), ("WGRAD_CI", ci as f64), ("WGRAD_N", tiles.wgrad_n as f64)];
+    let (flops, bytes) = (
+        2.0 * cfg.macs() as f64,
+        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
+    );
+    let precision = Precision::of(inp);
+    if splits == 1 {
+        let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, dweight)];
+        return Ok(vec![
+            gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?
+                .with_cost(flops, bytes),
+        ]);
+    }
+    let partial = Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?;
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, &partial)];
+    let first =
+        gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
+    Ok(vec![first, weight_grad_reduce(gpu, cfg, precision, &params, &partial, dweight)?])
+}
