@@ -48,6 +48,11 @@ struct Cli {
     /// Print every tuning candidate's time as it is measured.
     #[arg(long, global = true, env = "SENET_TUNE_VERBOSE")]
     tune_verbose: bool,
+    /// Keep the driver's compiled pipelines on disk beside the tuning cache, so the next start
+    /// compiles nothing it compiled before: auto = where the adapter has a pipeline cache (Vulkan),
+    /// on = an error where it has none, off = never.
+    #[arg(long, global = true, value_enum, env = "SENET_PIPELINE_CACHE", default_value_t)]
+    pipeline_cache: gpu::Switch,
     #[command(subcommand)]
     command: Command,
 }
@@ -139,12 +144,15 @@ fn parse_conv_tiles(s: &str) -> anyhow::Result<[usize; 4]> {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let tune_cache = cli.tune_cache.or_else(gpu::tune::default_cache_path);
     let mut opts = GpuOptions {
         backend: cli.backend,
         adapter_name: cli.adapter,
         adapter_index: None,
         tune: cli.tune,
-        tune_cache: cli.tune_cache.or_else(gpu::tune::default_cache_path),
+        pipeline_cache: cli.pipeline_cache,
+        pipeline_cache_dir: tune_cache.as_deref().and_then(std::path::Path::parent).map(PathBuf::from),
+        tune_cache,
         subgroups: Some(cli.subgroups),
         f16: cli.f16,
         coop: cli.coop,
