@@ -254,13 +254,16 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             );
         }
         Command::Plan { args, json } => {
-            let rows = senet_wgpu::bench::plan_rows(Gpu::new(&opts)?, &args)?;
+            let listing = senet_wgpu::bench::plan_rows(Gpu::new(&opts)?, &args)?;
             if json {
-                for r in &rows {
+                for r in &listing.rows {
                     println!("{}", serde_json::to_string(r)?);
                 }
+                // The last line: {"totals": {"batch_size", "train": {...}, "eval": {...}}}.
+                println!("{}", serde_json::json!({ "totals": listing.totals }));
             } else {
-                print!("{}", senet_wgpu::bench::format_plan(&rows));
+                print!("{}", senet_wgpu::bench::format_plan(&listing.rows));
+                print!("{}", senet_wgpu::bench::format_plan_totals(&listing.totals));
             }
         }
         Command::Bench(args) if args.data_only => {
