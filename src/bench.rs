@@ -514,12 +514,56 @@ pub struct PlanRow {
     pub bytes: f64,
 }
 
-/// The dispatches of one training step (or evaluation pass) of `args`'s model, in order.
-pub fn plan_rows(gpu: Arc<Gpu>, args: &PlanArgs) -> Result<Vec<PlanRow>> {
+/// What one list of dispatches adds up to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PassTotals {
+    pub dispatches: usize,
+    pub mflop: f64,
+    /// The least the dispatches must move (each input read once, each output written once).
+    pub bytes: f64,
+    pub bytes_per_image: f64,
+}
+
+impl PassTotals {
+    fn of(list: &[&Dispatch], batch: usize) -> PassTotals {
+        let bytes: f64 = list.iter().map(|d| d.bytes).sum();
+        PassTotals {
+            dispatches: list.len(),
+            mflop: list.iter().map(|d| d.flops).sum::<f64>() / 1e6,
+            bytes,
+            bytes_per_image: bytes / batch.max(1) as f64,
+        }
+    }
+}
+
+/// The training step's and the evaluation pass's totals at one batch size.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PlanTotals {
+    pub batch_size: usize,
+    pub train: PassTotals,
+    pub eval: PassTotals,
+}
+
+/// `senet plan`: the dispatches of the step asked for, and both passes' totals.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanListing {
+    pub rows: Vec<PlanRow>,
+    pub totals: PlanTotals,
+}
+
+/// The dispatches of one training step (or evaluation pass) of `args`'s model, in order, and the
+/// totals of both.
+pub fn plan_rows(gpu: Arc<Gpu>, args: &PlanArgs) -> Result<PlanListing> {
     let net = Network::new_in(gpu, args.input.config(&args.model)?, OptimizerConfig::adam(1e-3), 0, args.precision)?;
     let plan = net.plan(args.batch_size)?;
-    let list = if args.eval { net.eval_dispatches(&plan) } else { net.train_dispatches(&plan) };
-    Ok(list
+    let (train, eval) = (net.train_dispatches(&plan), net.eval_dispatches(&plan));
+    let totals = PlanTotals {
+        batch_size: args.batch_size,
+        train: PassTotals::of(&train, args.batch_size),
+        eval: PassTotals::of(&eval, args.batch_size),
+    };
+    let list = if args.eval { eval } else { train };
+    let rows = list
         .into_iter()
         .map(|d| PlanRow {
             layer: d.layer.clone(),
@@ -529,7 +573,19 @@ pub fn plan_rows(gpu: Arc<Gpu>, args: &PlanArgs) -> Result<Vec<PlanRow>> {
             mflop: d.flops / 1e6,
             bytes: d.bytes,
         })
-        .collect())
+        .collect();
+    Ok(PlanListing { rows, totals })
+}
+
+/// The totals lines below `senet plan`'s table.
+pub fn format_plan_totals(t: &PlanTotals) -> String {
+    let line = |what: &str, p: &PassTotals| {
+        format!(
+            "{what:<11} {:>5} dispatches {:>12.1} MFLOP {:>14.0} bytes ({:.0} per image, batch {})\n",
+            p.dispatches, p.mflop, p.bytes, p.bytes_per_image, t.batch_size
+        )
+    };
+    line("train step", &t.train) + &line("eval pass", &t.eval)
 }
 
 pub fn format_plan(rows: &[PlanRow]) -> String {

@@ -48,6 +48,11 @@ struct Cli {
     /// Print every tuning candidate's time as it is measured.
     #[arg(long, global = true, env = "SENET_TUNE_VERBOSE")]
     tune_verbose: bool,
+    /// Keep the driver's compiled pipelines on disk beside the tuning cache, so the next start
+    /// compiles nothing it compiled before: auto = where the adapter has a pipeline cache (Vulkan),
+    /// on = an error where it has none, off = never.
+    #[arg(long, global = true, value_enum, env = "SENET_PIPELINE_CACHE", default_value_t)]
+    pipeline_cache: gpu::Switch,
     #[command(subcommand)]
     command: Command,
 }
@@ -143,12 +148,15 @@ fn parse_conv_tiles(s: &str) -> anyhow::Result<[usize; 4]> {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let tune_cache = cli.tune_cache.or_else(gpu::tune::default_cache_path);
     let mut opts = GpuOptions {
         backend: cli.backend,
         adapter_name: cli.adapter,
         adapter_index: None,
         tune: cli.tune,
-        tune_cache: cli.tune_cache.or_else(gpu::tune::default_cache_path),
+        pipeline_cache: cli.pipeline_cache,
+        pipeline_cache_dir: tune_cache.as_deref().and_then(std::path::Path::parent).map(PathBuf::from),
+        tune_cache,
         subgroups: Some(cli.subgroups),
         f16: cli.f16,
         coop: cli.coop,
@@ -202,13 +210,16 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             );
         }
         Command::Plan { args, json } => {
-            let rows = senet_wgpu::bench::plan_rows(Gpu::new(&opts)?, &args)?;
+            let listing = senet_wgpu::bench::plan_rows(Gpu::new(&opts)?, &args)?;
             if json {
-                for r in &rows {
+                for r in &listing.rows {
                     println!("{}", serde_json::to_string(r)?);
                 }
+                // The last line: {"totals": {"batch_size", "train": {...}, "eval": {...}}}.
+                println!("{}", serde_json::json!({ "totals": listing.totals }));
             } else {
-                print!("{}", senet_wgpu::bench::format_plan(&rows));
+                print!("{}", senet_wgpu::bench::format_plan(&listing.rows));
+                print!("{}", senet_wgpu::bench::format_plan_totals(&listing.totals));
             }
         }
         Command::Bench(args) if args.data_only => {

@@ -707,12 +707,20 @@ fn plan_prints_one_step_in_order() {
     let out = senet().args(["plan", "--width", "0.25", "--batch-size", "2"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
+    let (lines, totals) = plan_table(&text);
     assert!(lines[0].contains("layer") && lines[0].contains("kernel"), "{text}");
     assert!(lines[1].contains("features.0") && lines[1].contains("Forward") && lines[1].contains("conv2d_forward"));
     assert!(lines.iter().any(|l| l.contains("Loss") && l.contains("cross_entropy")), "{text}");
     let last = lines.last().unwrap();
     assert!(last.contains("Optimizer") && last.contains("adam_step"), "{text}");
+    // Below the table: the training step's and the evaluation pass's totals.
+    assert!(totals[0].starts_with("train step") && totals[1].starts_with("eval pass"), "{text}");
+    assert!(totals[0].contains(&format!("{} dispatches", lines.len() - 1)), "{text}");
+    let json = senet().args(["plan", "--width", "0.25", "--batch-size", "2", "--json"]).output().unwrap();
+    let json = String::from_utf8_lossy(&json.stdout);
+    let last: serde_json::Value = serde_json::from_str(json.lines().last().unwrap()).unwrap();
+    assert_eq!(last["totals"]["train"]["dispatches"].as_u64(), Some(lines.len() as u64 - 1), "{json}");
+    assert!(last["totals"]["eval"]["bytes_per_image"].as_f64().is_some_and(|b| b > 0.0), "{json}");
     let eval = senet().args(["plan", "--width", "0.25", "--batch-size", "2", "--eval"]).output().unwrap();
     let eval = String::from_utf8_lossy(&eval.stdout);
     assert!(
@@ -723,12 +731,19 @@ fn plan_prints_one_step_in_order() {
     let out = senet().args(["plan", "--width", "0.25", "--batch-size", "2", "--precision", "f16"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().collect();
+    let (lines, _) = plan_table(&text);
     assert!(lines[1].contains("all parameters") && lines[1].contains("cast_forward"), "{text}");
     assert!(lines[2].contains("input") && lines[2].contains("cast_forward"), "{text}");
     let n = lines.len();
     assert!(lines[n - 3].contains("grad_scaler_reduce") && lines[n - 2].contains("grad_scaler_step"), "{text}");
     assert!(lines[n - 1].contains("adam_step"), "{text}");
+}
+
+/// `senet plan`'s table (header and one line per dispatch) and the two totals lines below it.
+fn plan_table(text: &str) -> (Vec<&str>, Vec<&str>) {
+    let mut lines: Vec<&str> = text.lines().collect();
+    let totals = lines.split_off(lines.len().saturating_sub(2));
+    (lines, totals)
 }
 
 /// A failure in the data-loading thread (injected by --fail-loader-at, a panic as a bug would

@@ -62,12 +62,23 @@ pub struct GpuOptions {
     pub conv_tiles: Option<[usize; 4]>,
     /// Print every tuning candidate's time.
     pub tune_verbose: bool,
+    /// The driver's compiled pipelines in a `wgpu::PipelineCache`: auto = where the adapter has
+    /// one (Vulkan), off = never, on = an error where it has none.
+    pub pipeline_cache: Switch,
+    /// The folder of the pipeline cache file (named by `wgpu::util::pipeline_cache_key`). `None`:
+    /// the cache lives for this process only (the CLI passes the tuning cache's folder).
+    pub pipeline_cache_dir: Option<std::path::PathBuf>,
 }
 
 impl GpuOptions {
     /// What these options ask of the kernel paths.
     pub fn paths(&self) -> PathOptions {
-        PathOptions { f16: self.f16, subgroups: self.subgroups.unwrap_or_default(), coop: self.coop }
+        PathOptions {
+            f16: self.f16,
+            subgroups: self.subgroups.unwrap_or_default(),
+            coop: self.coop,
+            pipeline_cache: self.pipeline_cache,
+        }
     }
 }
 
@@ -180,6 +191,8 @@ pub struct Gpu {
     pub conv_tiles: Option<[usize; 4]>,
     /// Which kernel paths run here and why the others do not (`senet devices`).
     pub paths: Paths,
+    /// The pipeline cache every compute pipeline is built with, where `paths.pipeline_cache` is on.
+    pub(crate) pipeline_cache: Option<super::pipeline_cache::PipelineCacheStore>,
 }
 
 impl fmt::Debug for Gpu {
@@ -312,6 +325,10 @@ impl Gpu {
             trace: wgpu::Trace::Off,
         }))
         .with_context(|| format!("requesting a device from adapter {:?}", info.name))?;
+        let pipeline_cache = paths.pipeline_cache.is_ok().then(|| {
+            let file = opts.pipeline_cache_dir.as_deref().and_then(|d| super::pipeline_cache::cache_file(d, &info));
+            super::pipeline_cache::PipelineCacheStore::open(&device, &info, file)
+        });
         let errors: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
@@ -340,6 +357,7 @@ impl Gpu {
                 .with_verbose(opts.tune_verbose),
             conv_tiles: opts.conv_tiles,
             paths,
+            pipeline_cache,
             stats: Arc::default(),
             adapter,
             device,
@@ -387,6 +405,35 @@ impl Gpu {
             return;
         }
         self.staging.lock().unwrap_or_else(|p| p.into_inner()).entry(size).or_default().push(buffer);
+    }
+
+    /// How the pipeline cache file was found when this device was created; `None` where the
+    /// cache is off (see `paths.pipeline_cache`).
+    pub fn pipeline_cache_load(&self) -> Option<super::pipeline_cache::PipelineCacheLoad> {
+        self.pipeline_cache.as_ref().map(|c| c.load.clone())
+    }
+
+    /// The pipeline cache file, where the cache is on and kept on disk.
+    pub fn pipeline_cache_path(&self) -> Option<&std::path::Path> {
+        self.pipeline_cache.as_ref().and_then(|c| c.path.as_deref())
+    }
+
+    /// Write the pipeline cache file if pipelines were built since it was read or last written:
+    /// `Ok(true)` when it was written. A failure is for the caller to report as a warning (see
+    /// [`Gpu::save_pipeline_cache_or_warn`]); the cache still works for this process.
+    pub fn save_pipeline_cache(&self) -> Result<bool> {
+        match &self.pipeline_cache {
+            Some(c) => c.save(),
+            None => Ok(false),
+        }
+    }
+
+    /// [`Gpu::save_pipeline_cache`], a failure printed as one warning.
+    pub fn save_pipeline_cache_or_warn(&self) {
+        if let Err(e) = self.save_pipeline_cache() {
+            let path = self.pipeline_cache_path().map_or(String::new(), |p| format!(" {}", p.display()));
+            eprintln!("warning: could not write the pipeline cache{path}: {e:#}");
+        }
     }
 
     /// True when the adapter is a CPU implementation (lavapipe, WARP, SwiftShader).

@@ -274,12 +274,15 @@ impl Gpu {
                 constants,
                 zero_initialize_workgroup_memory: false,
             },
-            cache: None,
+            cache: self.pipeline_cache.as_ref().map(|c| &c.cache),
         });
         if let Some(e) = pollster::block_on(scope.pop()) {
             anyhow::bail!("building the pipeline {shader}::{entry}: {e}");
         }
         self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(key, pipeline.clone());
+        if let Some(c) = &self.pipeline_cache {
+            c.dirty.store(true, std::sync::atomic::Ordering::Release);
+        }
         Ok(pipeline)
     }
 

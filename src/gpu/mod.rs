@@ -3,6 +3,7 @@
 mod context;
 mod kernels;
 pub mod paths;
+pub mod pipeline_cache;
 mod tensor;
 pub mod tune;
 

@@ -134,6 +134,8 @@ pub struct PathOptions {
     pub f16: Switch,
     pub subgroups: Switch,
     pub coop: Switch,
+    /// The driver's compiled pipelines kept on disk (`--pipeline-cache`).
+    pub pipeline_cache: Switch,
 }
 
 /// One path: on (with what it runs on) or off (and why).
@@ -150,6 +152,8 @@ pub struct Paths {
     pub coop: Path<u32>,
     /// Timestamp queries (kernel timing in `bench`, the tuner, `--profile`), else the wall clock.
     pub timestamps: Path<()>,
+    /// Compiled pipelines kept in a `wgpu::PipelineCache` (and on disk when a directory is given).
+    pub pipeline_cache: Path<()>,
 }
 
 impl Paths {
@@ -229,7 +233,23 @@ impl Paths {
         } else {
             Err("the adapter does not offer wgpu Features::TIMESTAMP_QUERY; kernels are timed by the wall clock".into())
         };
-        Ok(Paths { f16, subgroups, coop, timestamps })
+        let cache_possible = || -> Path<()> {
+            if wgpu::util::pipeline_cache_key(info).is_none() {
+                return Err(format!("wgpu keeps no pipeline cache on {:?} (Vulkan only)", info.backend));
+            }
+            if features.contains(wgpu::Features::PIPELINE_CACHE) {
+                Ok(())
+            } else {
+                Err("the adapter does not offer wgpu Features::PIPELINE_CACHE".into())
+            }
+        };
+        let pipeline_cache = match opts.pipeline_cache {
+            Switch::Off => Err("turned off (--pipeline-cache off)".to_string()),
+            Switch::Auto => cache_possible(),
+            Switch::On => Ok(cache_possible()
+                .map_err(|why| forced("pipeline caches", "--pipeline-cache on / SENET_PIPELINE_CACHE=on", &why))?),
+        };
+        Ok(Paths { f16, subgroups, coop, timestamps, pipeline_cache })
     }
 
     /// The features to request from the adapter for these paths.
@@ -245,6 +265,9 @@ impl Paths {
         }
         if self.coop.is_ok() {
             wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        if self.pipeline_cache.is_ok() {
+            wanted |= wgpu::Features::PIPELINE_CACHE;
         }
         adapter & wanted
     }
@@ -267,6 +290,10 @@ impl Paths {
         );
         out += &row("cooperative matrices", self.coop.as_ref().map(|t| format!("f16 {t}x{t}x{t} tiles in f16 plans")));
         out += &row("timestamp queries", self.timestamps.as_ref().map(|()| String::new()));
+        out += &row(
+            "pipeline cache",
+            self.pipeline_cache.as_ref().map(|()| "compiled pipelines kept on disk".to_string()),
+        );
         out
     }
 }

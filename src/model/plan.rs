@@ -477,6 +477,8 @@ impl Network {
             train.extend(bwd);
         }
         let LossTensors { labels, per_sample, train_result, eval_result, targets } = loss;
+        // Every pipeline of the step is built now: keep them for the next start.
+        gpu.save_pipeline_cache_or_warn();
         Ok(StepPlan {
             n,
             input_f32,

@@ -96,7 +96,9 @@ impl ClipGradNorm {
         }
         let p = params(slots, 0)?;
         let binds = [Bind::Uniform(0, &p), Bind::Tensor(2, &partial), Bind::Tensor(3, &st)];
-        dispatches.push(gpu.dispatch("clip_grad_norm", "clip_grad_norm_reduce", &consts, &binds, [1, 1, 1])?);
+        // The partial sums read once, the clipping state written.
+        let d = gpu.dispatch("clip_grad_norm", "clip_grad_norm_reduce", &consts, &binds, [1, 1, 1])?;
+        dispatches.push(d.with_cost(partial.numel() as f64, (4 * partial.numel() + 4 * st.numel()) as f64));
         for g in chunks {
             let p = params(g.numel(), 0)?;
             let binds = [Bind::Uniform(0, &p), Bind::Tensor(1, g), Bind::Tensor(3, &st)];

@@ -418,7 +418,11 @@ fn weight_grad_reduce(
     let binds = [Bind::Uniform(0, params), Bind::Tensor(8, partial), Bind::Tensor(9, dweight)];
     let n = cfg.weight_shape().iter().product();
     let grid = gpu.grid_1d(n, WG);
-    gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, grid)
+    // One add per slice element; every slice read once, the gradient written once.
+    let bytes = partial.dtype.bytes() * partial.numel() + dweight.dtype.bytes() * dweight.numel();
+    Ok(gpu
+        .dispatch_in(precision, "conv2d", "conv2d_backward_weight_reduce", &[("WG", WG as f64)], &binds, grid)?
+        .with_cost(partial.numel() as f64, bytes as f64))
 }
 
 /// The bias gradient (one kernel whatever family runs the GEMMs): a workgroup per output channel.
@@ -431,5 +435,8 @@ pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias:
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, dout), Bind::Tensor(10, dbias)];
     let consts = [("OHW", (cfg.out_h() * cfg.out_w()) as f64)];
     let grid = [to_u32("c_out", cfg.c_out)?, 1, 1];
-    Ok(vec![gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_backward_bias", &consts, &binds, grid)?])
+    // A sum over N x OH x OW per channel: dout read once, the bias gradient written once.
+    let bytes = dout.dtype.bytes() * dout.numel() + dbias.dtype.bytes() * dbias.numel();
+    let d = gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_backward_bias", &consts, &binds, grid)?;
+    Ok(vec![d.with_cost(dout.numel() as f64, bytes as f64)])
 }

@@ -146,8 +146,16 @@ pub fn cross_entropy_weighted(
         &binds,
         [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
     )?;
+    // Logits read and their gradient written once, the labels and per-sample rows once (and the
+    // loss scale); about four flops per logit (max, exp, sum, the softmax's gradient).
+    let el = logits.dtype.bytes();
+    let scale_bytes = if scaler.is_some() { 4 } else { 0 };
+    let fwd_bytes = 2 * el * n * k + 4 * n + 4 * per_sample.numel() + scale_bytes;
+    let fwd = fwd.with_cost(4.0 * (n * k) as f64, fwd_bytes as f64);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
     let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
+    // The per-sample rows read once; the running sums read and written.
+    let red = red.with_cost(per_sample.numel() as f64, (4 * per_sample.numel() + 8 * result.numel()) as f64);
     Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing }))
 }
 
@@ -197,7 +205,15 @@ pub fn cross_entropy_soft_weighted(
         &binds,
         [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
     )?;
+    // Logits and soft targets read, the gradient written, the per-sample rows written once (and
+    // the loss scale); about five flops per logit.
+    let el = logits.dtype.bytes();
+    let scale_bytes = if scaler.is_some() { 4 } else { 0 };
+    let fwd_bytes = 2 * el * n * k + 4 * n * k + 4 * per_sample.numel() + scale_bytes;
+    let fwd = fwd.with_cost(5.0 * (n * k) as f64, fwd_bytes as f64);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
     let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
+    // The per-sample rows read once; the running sums read and written.
+    let red = red.with_cost(per_sample.numel() as f64, (4 * per_sample.numel() + 8 * result.numel()) as f64);
     Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing: 0.0 }))
 }

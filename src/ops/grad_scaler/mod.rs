@@ -116,7 +116,9 @@ impl GradScaler {
         }
         let p = params(flags.numel(), 0)?;
         let binds = [Bind::Uniform(0, &p), Bind::Tensor(2, &flags), Bind::Tensor(3, &st)];
-        dispatches.push(gpu.dispatch("grad_scaler", "grad_scaler_step", &consts, &binds, [1, 1, 1])?);
+        // The overflow flags read once, the scaler state read and written.
+        let d = gpu.dispatch("grad_scaler", "grad_scaler_step", &consts, &binds, [1, 1, 1])?;
+        dispatches.push(d.with_cost(flags.numel() as f64, (4 * flags.numel() + 8 * st.numel()) as f64));
         for d in &mut dispatches {
             (d.layer, d.pass) = ("loss scaler".to_string(), Pass::Optimizer);
         }

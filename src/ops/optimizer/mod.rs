@@ -203,7 +203,10 @@ impl OptimizerStep {
                     Bind::Tensor(5, state[1]),
                     Bind::Tensor(7, scaler),
                 ];
-                gpu.dispatch("optimizer", "adam_step", &consts, &binds, grid)?
+                // Each parameter, m and v read and written, its gradient read (and the loss
+                // scale); about a dozen flops per parameter (the moments, bias corrections, sqrt).
+                let n = len as f64;
+                gpu.dispatch("optimizer", "adam_step", &consts, &binds, grid)?.with_cost(12.0 * n, 28.0 * n + 4.0)
             }
             OptimizerConfig::Sgd { momentum, .. } => {
                 let unused;
@@ -220,7 +223,11 @@ impl OptimizerStep {
                     Bind::Tensor(6, buf),
                     Bind::Tensor(7, scaler),
                 ];
+                // Each parameter read and written and its gradient read, and the momentum buffer
+                // read and written when there is one.
+                let (n, state_bytes) = (len as f64, if momentum != 0.0 { 8.0 } else { 0.0 });
                 gpu.dispatch("optimizer", "sgd_step", &consts, &binds, grid)?
+                    .with_cost(4.0 * n, (12.0 + state_bytes) * n + 4.0)
             }
         };
         Ok(OptimizerStep { config, offset, len, params, dispatch })

@@ -194,14 +194,17 @@ pub fn global_avg_pool_forward(gpu: &Gpu, inp: &Tensor, out: &Tensor) -> Result<
     expect_shape("global_avg_pool output", out, &inp.shape[..2])?;
     let params = gpu.uniform("global_avg_pool params", &p);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out)];
-    Ok(vec![gpu.dispatch_in(
+    let d = gpu.dispatch_in(
         Precision::of(inp),
         "pool",
         "global_avg_pool_forward",
         &[("WG", WG as f64)],
         &binds,
         gpu.grid_1d(out.numel(), WG),
-    )?])
+    )?;
+    // One add per input element; the input read once, the means written once.
+    let bytes = inp.dtype.bytes() * inp.numel() + out.dtype.bytes() * out.numel();
+    Ok(vec![d.with_cost(inp.numel() as f64, bytes as f64)])
 }
 
 pub fn global_avg_pool_backward(gpu: &Gpu, dout: &Tensor, dinp: &Tensor) -> Result<Vec<Dispatch>> {
@@ -209,12 +212,15 @@ pub fn global_avg_pool_backward(gpu: &Gpu, dout: &Tensor, dinp: &Tensor) -> Resu
     expect_shape("global_avg_pool dout", dout, &dinp.shape[..2])?;
     let params = gpu.uniform("global_avg_pool params", &p);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(4, dout), Bind::Tensor(6, dinp)];
-    Ok(vec![gpu.dispatch_in(
+    let d = gpu.dispatch_in(
         Precision::of(dout),
         "pool",
         "global_avg_pool_backward",
         &[("WG", WG as f64)],
         &binds,
         gpu.grid_1d(dinp.numel(), WG),
-    )?])
+    )?;
+    // dout / (H W) spread over the input: dout read once, dinp written once.
+    let bytes = dout.dtype.bytes() * dout.numel() + dinp.dtype.bytes() * dinp.numel();
+    Ok(vec![d.with_cost(dinp.numel() as f64, bytes as f64)])
 }

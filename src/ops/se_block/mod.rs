@@ -233,6 +233,14 @@ pub fn se_block_backward(
     let precision = Precision::of(dout);
     let grid = [to_u32("batch", cfg.n)?, 1, 1];
     let input = gpu.dispatch_in(precision, "se_block", "se_block_backward_input", &consts, &binds, grid)?;
+    // x and dout read and dinp written once each, the two weights and the saved activations read,
+    // the saved gradients written; per element a product for the scale's gradient and one for
+    // dinp, and the two small matrix-vector products back through FC2 and FC1.
+    let numel = inp.numel();
+    let small = 4 * (weights.w1.numel() + weights.w2.numel() + saved.numel() + dsaved.numel());
+    let input_bytes = (inp.dtype.bytes() + dout.dtype.bytes() + grads.dinp.dtype.bytes()) * numel + small;
+    let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
+    let input = input.with_cost(4.0 * numel as f64 + 4.0 * fc, input_bytes as f64);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(8, saved),
@@ -245,5 +253,10 @@ pub fn se_block_backward(
     // x: channels; y: blocks of 4 hidden units, fc1's then fc2's.
     let grid = [to_u32("channels", cfg.c.div_ceil(WG as usize))?, to_u32("hidden", 2 * cfg.hidden().div_ceil(4))?, 1];
     let weight = gpu.dispatch_in(precision, "se_block", "se_block_backward_weight", &consts, &binds, grid)?;
+    // The saved activations and gradients read once, each weight (and bias) gradient written
+    // once; one multiply-add per weight per sample.
+    let grad_numel = grads.dw1.numel() + grads.dw2.numel() + if cfg.bias { cfg.hidden() + cfg.c } else { 0 };
+    let weight_bytes = 4 * (saved.numel() + dsaved.numel()) + 4 * grad_numel;
+    let weight = weight.with_cost(4.0 * fc, weight_bytes as f64);
     Ok(vec![input, weight])
 }
