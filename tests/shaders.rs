@@ -56,6 +56,7 @@ const ACTIVATION_FILES: &[&str] = &[
     "add",
     "cast",
     "dropout",
+    "drop_path",
 ];
 
 #[test]

@@ -33,6 +33,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("grad_scaler", include_str!("../ops/grad_scaler/grad_scaler.wgsl")),
     ("clip_grad_norm", include_str!("../ops/clip_grad_norm/clip_grad_norm.wgsl")),
     ("dropout", include_str!("../ops/dropout/dropout.wgsl")),
+    ("drop_path", include_str!("../ops/drop_path/drop_path.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32
