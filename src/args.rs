@@ -265,12 +265,28 @@ pub struct ModelArgs {
     #[arg(long, value_enum)]
     #[serde(default)]
     pub bottleneck_stride: Option<BottleneckStride>,
+    /// Stochastic depth, as timm's --drop-path (drop_path_rate): in training each residual unit's
+    /// branch is dropped per sample (kept ones scaled by 1/(1 - p)), p rising linearly from 0 at
+    /// the first unit to P at the last; the identity in evaluation. The (SE-)ResNets and
+    /// (SE-)ResNeXts; 0 = off
+    #[arg(long, value_name = "P", default_value_t = hp::DROP_PATH)]
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub drop_path: f64,
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl ModelArgs {
     /// Reject a model name, width or reduction that cannot build, naming the flag.
     pub fn validate(&self) -> Result<()> {
         ensure!(self.width > 0.0 && self.width <= 16.0, "--width must be in (0, 16], got {}", self.width);
+        ensure!(
+            (0.0..1.0).contains(&self.drop_path),
+            "--drop-path must be in [0, 1) (the last unit's drop probability), got {}",
+            self.drop_path
+        );
         let family = crate::model::registry::family_or_err(&self.model, "--model")?;
         family.check_flags(&self.config(1, [hp::IMAGE_SIZE; 2], 1, vec![]))
     }
@@ -303,7 +319,7 @@ impl ModelArgs {
                 stages: self.se_stages.clone(),
                 divisor: self.se_divisor.unwrap_or(fixed.se_divisor),
             },
-            block: BlockOptions { stride: self.bottleneck_stride.unwrap_or(fixed.stride) },
+            block: BlockOptions { stride: self.bottleneck_stride.unwrap_or(fixed.stride), drop_path: self.drop_path },
         }
     }
 }

@@ -22,6 +22,8 @@ pub const SQUEEZE: Squeeze = Squeeze::Avg;
 pub const EXCITATION: Excitation = Excitation::Sigmoid;
 /// The paper's standard SE-ResNet block: SE on the residual branch, before the addition.
 pub const SE_PLACEMENT: SePlacement = SePlacement::Standard;
+/// Stochastic depth (timm's `drop_path_rate`): off, as the paper and timm's default.
+pub const DROP_PATH: f64 = 0.0;
 /// Input size, channels and classes when no dataset says them (`bench`, `plan`, `summary`; the
 /// input size of a bare state dict in `predict`): CIFAR-10's 3×32×32 images in 10 classes.
 pub const IMAGE_SIZE: usize = 32;

@@ -290,7 +290,7 @@ fn forward(
             }
             Layer::Add => add::add_forward(inp, &acts[node.inputs[1]]),
             // Evaluation mode: the identity.
-            Layer::Dropout(_) => inp.to_vec(),
+            Layer::Dropout(_) | Layer::DropPath(_) => inp.to_vec(),
         };
         acts.push(out);
     }

@@ -57,6 +57,7 @@ const ACTIVATION_FILES: &[&str] = &[
     "add",
     "cast",
     "dropout",
+    "drop_path",
 ];
 
 #[test]

@@ -20,6 +20,7 @@ pub use crate::ops::add::Add;
 pub use crate::ops::batch_norm::BatchNorm2d;
 pub use crate::ops::conv2d::Conv2d;
 use crate::ops::conv2d::Conv2dConfig;
+pub use crate::ops::drop_path::DropPath;
 pub use crate::ops::dropout::Dropout;
 pub use crate::ops::layer::{Init, LayerOp, ParamSpec, Shape};
 pub use crate::ops::linear::Linear;
@@ -45,6 +46,8 @@ pub enum Layer {
     /// The residual addition of two activations of the same shape.
     Add,
     Dropout(Dropout),
+    /// timm's `DropPath(p)`: stochastic depth on a residual branch.
+    DropPath(DropPath),
 }
 
 impl Layer {
@@ -60,6 +63,7 @@ impl Layer {
             Layer::Linear(l) => l,
             Layer::Add => &Add,
             Layer::Dropout(l) => l,
+            Layer::DropPath(l) => l,
         }
     }
 }
@@ -190,6 +194,17 @@ pub struct BlockOptions {
     /// Where a bottleneck block strides (basic blocks stride in their first 3×3 either way).
     #[serde(default)]
     pub stride: BottleneckStride,
+    /// Stochastic depth, timm's `drop_path_rate` (`--drop-path`): unit k of K (counted over the
+    /// whole network) drops its residual branch per sample in training with probability
+    /// `drop_path · k / (K - 1)` ([`resnet::drop_path_rate`]), through a `DropPath` node
+    /// `layer{s}.{b}.drop_path` before the addition; 0 = none (and no nodes, no field in
+    /// config.json).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub drop_path: f64,
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl BlockOptions {

@@ -20,8 +20,8 @@ use anyhow::{Context, Result, bail, ensure};
 use super::registry::{Family, Shapes};
 use super::senet::scaled;
 use super::{
-    BatchNorm2d, BottleneckStride, Conv2d, Graph, Layer, Linear, MaxPool2d, ModelConfig, Node, SeBlock, SePlacement,
-    se_hidden,
+    BatchNorm2d, BottleneckStride, Conv2d, DropPath, Graph, Layer, Linear, MaxPool2d, ModelConfig, Node, SeBlock,
+    SePlacement, se_hidden,
 };
 
 /// The ImageNet ResNets of He et al. 2016, Table 1: depth, bottleneck blocks, blocks per stage.
@@ -234,11 +234,43 @@ pub(super) struct UnitStyle {
 /// The ResNets' (and timm's ResNeXts'): `se`, 1×1 projections.
 pub(super) const RESNET_UNIT: UnitStyle = UnitStyle { se_name: "se", shortcut_kernel: 1 };
 
+/// timm's stochastic depth rule (`make_blocks`: `drop_path_rate * net_block_idx /
+/// (net_num_blocks - 1)`, in that order, in f64): the drop probability of unit `k` (0-based,
+/// counted over the whole network) of `total` for the network's rate `rate`. The first unit's is
+/// 0, the last's `rate`; timm (and we) put no DropPath where it is 0.
+pub fn drop_path_rate(rate: f64, k: usize, total: usize) -> f64 {
+    // timm divides by zero for a one-unit network; every family here has at least three.
+    rate * k as f64 / (total.max(2) - 1) as f64
+}
+
+/// `--drop-path` (`flag` "--") or config.json's `block.drop_path` (`flag` ""): in [0, 1).
+pub(super) fn check_drop_path(cfg: &ModelConfig, flag: &str) -> Result<()> {
+    let what = if flag.is_empty() { "block.drop_path" } else { "--drop-path" };
+    let p = cfg.block.drop_path;
+    ensure!((0.0..1.0).contains(&p), "{what} must be in [0, 1) (the last unit's drop probability), got {p}");
+    Ok(())
+}
+
+/// A family without timm's stochastic depth (`why`) refuses a drop-path rate, naming the flag.
+pub(super) fn refuse_drop_path(cfg: &ModelConfig, flag: &str, why: &str) -> Result<()> {
+    let what = if flag.is_empty() { "block.drop_path" } else { "--drop-path" };
+    ensure!(
+        cfg.block.drop_path == 0.0,
+        "{what} {} does not apply to {}: {why}; stochastic depth is for the residual families \
+         ((se-)resnet*, (se-)resnext*)",
+        cfg.block.drop_path,
+        cfg.model
+    );
+    Ok(())
+}
+
 /// Append one residual unit `p` of stage `stage` (1-based) reading activation `x` (`c_in`
 /// channels) to `nodes`: the residual `branch` (ending in `c_out` channels), a projection shortcut
 /// (conv + BN, the conv's kernel as `style` says) when `stride` or the width changes, the
 /// addition and the ReLU, and — if `se` and the stage is selected — an SE block placed as
-/// `cfg.se.placement` says. Returns the output.
+/// `cfg.se.placement` says. With `drop_path` > 0 the branch's output (after a standard SE block)
+/// goes through `DropPath(drop_path)` (`{p}.drop_path`) before the addition, as timm's blocks.
+/// Returns the output.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn unit(
     nodes: &mut Vec<Node>,
@@ -248,7 +280,7 @@ pub(super) fn unit(
     x: usize,
     branch: Vec<(&str, Layer)>,
     (c_in, c_out, stride): (usize, usize, usize),
-    stage: usize,
+    (stage, drop_path): (usize, f64),
     se: bool,
 ) -> usize {
     let k = style.shortcut_kernel;
@@ -267,6 +299,9 @@ pub(super) fn unit(
     }
     if let Some(c) = at(SePlacement::Standard) {
         y = push(nodes, format!("{p}.{}", style.se_name), se_layer(c), vec![y]);
+    }
+    if drop_path > 0.0 {
+        y = push(nodes, format!("{p}.drop_path"), Layer::DropPath(DropPath { p: drop_path }), vec![y]);
     }
     let mut shortcut = match projection {
         Some((conv, bn)) => {
@@ -315,6 +350,7 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
             widths[0] * expansion
         );
     }
+    check_drop_path(cfg, "")?;
     let mut nodes: Vec<Node> = Vec::new();
     let conv = |c_in, c_out, kernel, stride| {
         Layer::Conv2d(Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, groups: 1, bias: false })
@@ -329,6 +365,7 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
         vec![x],
     );
     let mut c_in = widths[0];
+    let (mut k, total) = (0, blocks.iter().sum());
     for (s, (&w, &n)) in widths.iter().zip(&blocks).enumerate() {
         let c_out = w * expansion;
         for b in 0..n {
@@ -359,8 +396,10 @@ pub fn imagenet_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Grap
                     ("bn2", Layer::BatchNorm2d(BatchNorm2d { c: w })),
                 ]
             };
-            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c_out, stride), s + 1, se);
+            let drop = drop_path_rate(cfg.block.drop_path, k, total);
+            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c_out, stride), (s + 1, drop), se);
             c_in = c_out;
+            k += 1;
         }
     }
     classifier(nodes, cfg, x, c_in)
@@ -381,6 +420,7 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
             widths[0]
         );
     }
+    check_drop_path(cfg, "")?;
     let mut nodes: Vec<Node> = Vec::new();
     let conv = |c_in, c_out, kernel, stride| {
         Layer::Conv2d(Conv2d { c_in, c_out, kernel, stride, pad: kernel / 2, groups: 1, bias: false })
@@ -389,6 +429,7 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
     x = push(&mut nodes, "bn1".into(), Layer::BatchNorm2d(BatchNorm2d { c: widths[0] }), vec![x]);
     x = push(&mut nodes, "relu".into(), Layer::Relu, vec![x]);
     let mut c_in = widths[0];
+    let total = widths.len() * blocks;
     for (s, &c) in widths.iter().enumerate() {
         for b in 0..blocks {
             let p = format!("layer{}.{b}", s + 1);
@@ -400,7 +441,8 @@ pub fn cifar_resnet(cfg: &ModelConfig, depth: usize, se: bool) -> Result<Graph> 
                 ("conv2", conv(c, c, 3, 1)),
                 ("bn2", Layer::BatchNorm2d(BatchNorm2d { c })),
             ];
-            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c, stride), s + 1, se);
+            let drop = drop_path_rate(cfg.block.drop_path, s * blocks + b, total);
+            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c, stride), (s + 1, drop), se);
             c_in = c;
         }
     }

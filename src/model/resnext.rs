@@ -21,7 +21,7 @@
 use anyhow::{Context, Result, bail, ensure};
 
 use super::registry::{Conventions, Family, Shapes, timm};
-use super::resnet::{IMAGENET_TABLE, RESNET_UNIT, classifier, infer_se, push, unit};
+use super::resnet::{IMAGENET_TABLE, RESNET_UNIT, check_drop_path, classifier, drop_path_rate, infer_se, push, unit};
 use super::senet::scaled;
 use super::{BatchNorm2d, BottleneckStride, Conv2d, Graph, Layer, MaxPool2d, ModelConfig, Node, SeOptions};
 
@@ -113,6 +113,7 @@ impl Family for ResNeXt {
 /// setting (`flag` = "").
 fn check(cfg: &ModelConfig, name: Name, flag: &str) -> Result<()> {
     ensure!(cfg.width > 0.0 && cfg.width.is_finite(), "{flag}width must be positive, got {}", cfg.width);
+    check_drop_path(cfg, flag)?;
     ensure!(
         scaled(64, cfg.width) >= 1 && scaled(name.cardinality, cfg.width) >= 1,
         "{flag}width {} scales the {} groups of {} (and its 64-channel stem) to none; the smallest width is {}",
@@ -164,6 +165,7 @@ pub fn resnext(cfg: &ModelConfig, name: Name) -> Result<Graph> {
         vec![x],
     );
     let mut c_in = scaled(64, cfg.width);
+    let (mut k, total) = (0, blocks.iter().sum());
     for (s, (&p, &n)) in planes.iter().zip(&blocks).enumerate() {
         // floor(planes · D / 64) · C at full width (planes = 64·2^s): 2^s · D channels per group.
         let width = (64 << s) * name.base_width / 64 * groups;
@@ -185,8 +187,10 @@ pub fn resnext(cfg: &ModelConfig, name: Name) -> Result<Graph> {
                 ("bn3", bn(c_out)),
             ];
             let p = format!("layer{}.{b}", s + 1);
-            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c_out, stride), s + 1, name.se);
+            let drop = drop_path_rate(cfg.block.drop_path, k, total);
+            x = unit(&mut nodes, cfg, RESNET_UNIT, &p, x, branch, (c_in, c_out, stride), (s + 1, drop), name.se);
             c_in = c_out;
+            k += 1;
         }
     }
     classifier(nodes, cfg, x, c_in)

@@ -15,6 +15,7 @@
 use anyhow::{Context, Result, ensure};
 
 use super::registry::{Family, Shapes};
+use super::resnet::refuse_drop_path;
 use super::{BatchNorm2d, Conv2d, Graph, Layer, Linear, MaxPool2d, ModelConfig, Node, SeBlock};
 
 /// `senet`: the base SENet.
@@ -30,6 +31,7 @@ impl Family for BaseSenet {
     }
 
     fn check_flags(&self, cfg: &ModelConfig) -> Result<()> {
+        refuse_drop_path(cfg, "--", "the base SENet is a chain with no residual branch to drop")?;
         let (first, last) = (scaled(64, cfg.width), scaled(1024, cfg.width));
         ensure!(
             first >= 1,
@@ -88,6 +90,7 @@ pub fn scaled(c: usize, width: f64) -> usize {
 
 pub fn base_senet(cfg: &ModelConfig) -> Result<Graph> {
     ensure!(cfg.width > 0.0 && cfg.width.is_finite(), "width must be positive, got {}", cfg.width);
+    refuse_drop_path(cfg, "", "the base SENet is a chain with no residual branch to drop")?;
     let [c1, c2, c3, c4, c5] = [64, 128, 256, 512, 1024].map(|c| scaled(c, cfg.width));
     ensure!(
         c1 >= 1,

@@ -21,7 +21,7 @@
 use anyhow::{Context, Result, ensure};
 
 use super::registry::{Conventions, Family, Shapes, timm};
-use super::resnet::{UnitStyle, infer_se, push, unit};
+use super::resnet::{UnitStyle, infer_se, push, refuse_drop_path, unit};
 use super::senet::scaled;
 use super::{BatchNorm2d, BottleneckStride, Conv2d, Dropout, Graph, Layer, Linear, MaxPool2d, ModelConfig, Node};
 
@@ -72,6 +72,7 @@ impl Family for Senet154 {
 /// A width whose groups divide every grouped convolution, and a reduction that fits.
 fn check(cfg: &ModelConfig, flag: &str) -> Result<()> {
     ensure!(cfg.width > 0.0 && cfg.width.is_finite(), "{flag}width must be positive, got {}", cfg.width);
+    refuse_drop_path(cfg, flag, "timm's legacy SENet-154 has no drop_path_rate")?;
     let groups = scaled(64, cfg.width);
     // Every grouped 3×3 reads 2·planes channels (and writes twice that).
     ensure!(
@@ -135,7 +136,7 @@ pub fn senet154(cfg: &ModelConfig) -> Result<Graph> {
                 ("bn3", bn(c_out)),
             ];
             let p = format!("layer{}.{b}", s + 1);
-            x = unit(&mut nodes, cfg, style, &p, x, branch, (c_in, c_out, stride), s + 1, true);
+            x = unit(&mut nodes, cfg, style, &p, x, branch, (c_in, c_out, stride), (s + 1, 0.0), true);
             c_in = c_out;
         }
     }

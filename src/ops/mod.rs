@@ -13,6 +13,7 @@ pub mod cast;
 pub mod clip_grad_norm;
 pub mod conv2d;
 pub mod cross_entropy;
+pub mod drop_path;
 pub mod dropout;
 pub mod grad_accum;
 pub mod grad_scaler;
