@@ -76,9 +76,9 @@ def main():
     except ImportError:
         print("onnxruntime: not installed, skipped")
         return 1 if failed else 0
-    sess = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
-    logits = sess.run(["logits"], {"input": x})[0]
-    one = sess.run(["logits"], {"input": x[:1]})[0]
+    runner = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    logits = runner.run(["logits"], {"input": x})[0]
+    one = runner.run(["logits"], {"input": x[:1]})[0]
     d_batch = float(np.abs(one - logits[:1]).max())
     print(f"onnxruntime {ort.__version__}: logits {list(logits.shape)} at batch {args.batch}, {list(one.shape)} at "
           f"batch 1; sample 0 batch 1 vs batch {args.batch} max |diff| {d_batch:.2e}")

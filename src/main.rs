@@ -141,6 +141,24 @@ enum SampleFormat {
     Png,
 }
 
+/// The platform's cache directory: `$XDG_CACHE_HOME` or `~/.cache` (Linux and the BSDs),
+/// `~/Library/Caches` (macOS), `%LOCALAPPDATA%` (Windows).
+fn platform_cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if cfg!(windows) {
+        env("LOCALAPPDATA")
+    } else if cfg!(target_os = "macos") {
+        env("HOME").map(|h| h.join("Library").join("Caches"))
+    } else {
+        env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
+    }
+}
+
+/// What an MPI launcher (mpirun, Hydra, PMIx) says in this process's environment.
+fn mpi_launch() -> senet_wgpu::dist::Launch {
+    senet_wgpu::dist::Launch::from_vars(|k| std::env::var(k).ok())
+}
+
 /// `--conv-tiles`: four numbers naming a register-block shape the kernels implement.
 fn parse_conv_tiles(s: &str) -> anyhow::Result<[usize; 4]> {
     let t = senet_wgpu::ops::conv2d::RegisterTiles::parse(s)?;
@@ -148,7 +166,7 @@ fn parse_conv_tiles(s: &str) -> anyhow::Result<[usize; 4]> {
 }
 
 fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
-    let tune_cache = cli.tune_cache.or_else(gpu::tune::default_cache_path);
+    let tune_cache = cli.tune_cache.or_else(|| platform_cache_dir().map(|d| gpu::tune::cache_path_in(&d)));
     let mut opts = GpuOptions {
         backend: cli.backend,
         adapter_name: cli.adapter,
@@ -279,7 +297,7 @@ fn train_command(mut args: TrainArgs, sub: Option<&clap::ArgMatches>, opts: &mut
     senet_wgpu::run::resume_conflicts(&args, &given)?;
     // Under mpirun: join the job; each rank opens the adapter its local rank picks
     // (unless --adapter names one). Errors on one rank alone end every rank.
-    let dist = senet_wgpu::dist::Dist::init()?;
+    let dist = senet_wgpu::dist::Dist::init(&mpi_launch())?;
     if dist.size > 1 {
         opts.adapter_index = Some(dist.local_rank);
     }
@@ -321,7 +339,7 @@ fn predict_command(
 /// `senet bench` (not `--data-only`): one device, or under `mpirun` the data-parallel step.
 fn bench_command(args: &senet_wgpu::bench::BenchArgs, opts: &mut GpuOptions) -> anyhow::Result<()> {
     // `mpirun -np N senet bench`: rank 0 alone, then all ranks data-parallel.
-    let dist = senet_wgpu::dist::Dist::init()?;
+    let dist = senet_wgpu::dist::Dist::init(&mpi_launch())?;
     if dist.size > 1 {
         opts.adapter_index = Some(dist.local_rank);
         let report = Gpu::new(opts)
@@ -359,8 +377,9 @@ fn devices_command(opts: &mut GpuOptions) -> anyhow::Result<()> {
     }
     // Under mpirun each rank prints the adapter it would train on (its local rank modulo
     // the adapters of the best kind, unless --adapter names one).
-    if let Some(size) = senet_wgpu::dist::launched_size().filter(|&n| n > 1) {
-        let local = senet_wgpu::dist::local_rank_from_env();
+    let launch = mpi_launch();
+    if let Some((size, _)) = launch.size.filter(|&(n, _)| n > 1) {
+        let local = launch.local_rank;
         opts.adapter_index = Some(local);
         println!("selected for local rank {local} (of {size} ranks): {}", Gpu::new(opts)?.describe());
     } else {

@@ -19,14 +19,24 @@ use anyhow::Result;
 const SIZE_VARS: [&str; 3] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"];
 const LOCAL_RANK_VARS: [&str; 2] = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"];
 
-/// The rank count a launcher announced in the environment, if any.
-pub fn launched_size() -> Option<usize> {
-    SIZE_VARS.iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+/// What a launcher told this process through its environment (read by the CLI).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Launch {
+    /// The rank count it announced, and the variable that said so; None outside a launcher.
+    pub size: Option<(usize, &'static str)>,
+    /// This process's rank among those on its machine (0 when none is given).
+    pub local_rank: usize,
 }
 
-/// This process's rank among those on its machine, as the launcher says (0 when none does).
-pub fn local_rank_from_env() -> usize {
-    LOCAL_RANK_VARS.iter().find_map(|v| std::env::var(v).ok()?.trim().parse().ok()).unwrap_or(0)
+impl Launch {
+    /// From the launcher's variables, `var` looking one up.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Launch {
+        let number = |k: &str| var(k)?.trim().parse::<usize>().ok();
+        Launch {
+            size: SIZE_VARS.iter().find_map(|&k| number(k).map(|n| (n, k))),
+            local_rank: LOCAL_RANK_VARS.iter().find_map(|&k| number(k)).unwrap_or(0),
+        }
+    }
 }
 
 pub use crate::exit::Collective;
@@ -101,12 +111,12 @@ impl Dist {
 
     /// Join the MPI job when a launcher started this process, else the single process. Without
     /// the `mpi` feature, being one of several launched ranks is an error: each would train alone.
-    pub fn init() -> Result<Dist> {
-        let Some(size) = launched_size() else { return Ok(Dist::single()) };
+    pub fn init(launch: &Launch) -> Result<Dist> {
+        let Some((size, size_var)) = launch.size else { return Ok(Dist::single()) };
         #[cfg(feature = "mpi")]
         {
-            let _ = size;
-            mpi_impl::init()
+            let _ = (size, size_var);
+            mpi_impl::init(launch.local_rank)
         }
         #[cfg(not(feature = "mpi"))]
         {
@@ -115,7 +125,7 @@ impl Dist {
                     "this process is one of {size} MPI ranks (the launcher set {}), but this senet was built \
                      without MPI support, so each rank would train alone; rebuild with `cargo build --release \
                      --features mpi` (see docs/distributed.md)",
-                    SIZE_VARS.iter().find(|v| std::env::var_os(v).is_some()).copied().unwrap_or("its size")
+                    size_var
                 );
             }
             Ok(Dist::single())
@@ -283,7 +293,7 @@ mod mpi_impl {
         _universe: Universe,
     }
 
-    pub fn init() -> Result<Dist> {
+    pub fn init(local_rank: usize) -> Result<Dist> {
         let universe = mpi::initialize().context("MPI could not be initialised (MPI_Init failed or ran twice)")?;
         let world = universe.world();
         let (rank, size) = (world.rank(), world.size());
@@ -291,7 +301,7 @@ mod mpi_impl {
         Ok(Dist {
             rank: rank as usize,
             size: size as usize,
-            local_rank: super::local_rank_from_env(),
+            local_rank,
             comm: Box::new(Mpi { world, _universe: universe }),
         })
     }
@@ -362,5 +372,25 @@ mod mpi_impl {
         fn abort(&self, code: i32) {
             self.world.abort(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod launch_tests {
+    use super::Launch;
+
+    fn from(pairs: &[(&str, &str)]) -> Launch {
+        Launch::from_vars(|k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn the_launchers_variables_give_size_and_local_rank() {
+        assert_eq!(from(&[]), Launch { size: None, local_rank: 0 });
+        let ompi = from(&[("OMPI_COMM_WORLD_SIZE", " 4 "), ("OMPI_COMM_WORLD_LOCAL_RANK", "2")]);
+        assert_eq!(ompi, Launch { size: Some((4, "OMPI_COMM_WORLD_SIZE")), local_rank: 2 });
+        let hydra = from(&[("PMI_SIZE", "3"), ("MPI_LOCALRANKID", "1")]);
+        assert_eq!(hydra, Launch { size: Some((3, "PMI_SIZE")), local_rank: 1 });
+        // A value that is not a number is not a launch.
+        assert_eq!(from(&[("OMPI_COMM_WORLD_SIZE", "four"), ("PMIX_SIZE", "2")]).size, Some((2, "PMIX_SIZE")));
     }
 }

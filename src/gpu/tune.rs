@@ -79,18 +79,10 @@ pub struct Tuner {
     state: Mutex<State>,
 }
 
-/// `$XDG_CACHE_HOME` or `~/.cache` (Linux and the BSDs), `~/Library/Caches` (macOS),
-/// `%LOCALAPPDATA%` (Windows), with `senet-wgpu/tune-v1.json` below it.
-pub fn default_cache_path() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    let base = if cfg!(windows) {
-        env("LOCALAPPDATA")
-    } else if cfg!(target_os = "macos") {
-        env("HOME").map(|h| h.join("Library").join("Caches"))
-    } else {
-        env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
-    };
-    base.map(|b| b.join("senet-wgpu").join("tune-v1.json"))
+/// The tuning cache file below the platform's cache directory `base` (the CLI finds it:
+/// `$XDG_CACHE_HOME` or `~/.cache`, `~/Library/Caches`, `%LOCALAPPDATA%`).
+pub fn cache_path_in(base: &std::path::Path) -> PathBuf {
+    base.join("senet-wgpu").join("tune-v1.json")
 }
 
 impl Tuner {
