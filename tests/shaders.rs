@@ -57,7 +57,6 @@ const ACTIVATION_FILES: &[&str] = &[
     "add",
     "cast",
     "dropout",
-    "drop_path",
 ];
 
 #[test]

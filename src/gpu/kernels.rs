@@ -39,7 +39,6 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("dropout", include_str!("../ops/dropout/dropout.wgsl")),
     ("grad_accum", include_str!("../ops/grad_accum/grad_accum.wgsl")),
     ("model_ema", include_str!("../ops/model_ema/model_ema.wgsl")),
-    ("drop_path", include_str!("../ops/drop_path/drop_path.wgsl")),
 ];
 
 /// Kernels on cooperative matrices, compiled only where the adapter lists a square f16 -> f32

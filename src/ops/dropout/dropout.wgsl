@@ -1,13 +1,14 @@
 // dropout (nn.Dropout(p)): in training each element is kept with probability 1 - p and scaled by
 // 1 / (1 - p), else zeroed; in evaluation out = inp. The mask is not stored: element i of layer
-// `salt` in the step keyed (seed, step) is kept when hash(i, salt, seed, step) >= threshold
-// (threshold = p * 2^32), a counter-based draw the backward recomputes and the CPU reference
+// `salt` in the step keyed (seed, step) is kept when hash(i / group, salt, seed, step) >= threshold
+// (threshold = p * 2^32; `group` elements share a draw: 1 for dropout, a whole sample for
+// drop_path, which runs these kernels), a counter-based draw the backward recomputes and the CPU reference
 // (reference.rs beside this file) reproduces bit for bit. Activations are `act` (f32 or f16);
 // arithmetic is f32.
 
 struct Params {
     len: u32, threshold: u32, salt: u32, training: u32,
-    scale: f32, _pad0: u32, _pad1: u32, _pad2: u32,
+    scale: f32, group: u32, _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -33,7 +34,7 @@ fn mix(x: u32) -> u32 {
 
 // The factor element i is multiplied by: 0 or 1 / (1 - p).
 fn factor(i: u32) -> f32 {
-    let u = mix(i ^ mix(p.salt ^ mix(key[0] ^ mix(key[1]))));
+    let u = mix((i / p.group) ^ mix(p.salt ^ mix(key[0] ^ mix(key[1]))));
     return select(0.0, p.scale, u >= p.threshold);
 }
 

@@ -18,11 +18,14 @@ use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 const WG: u32 = 256;
 
-/// A dropout layer's draw: probability `p` of zeroing, and the layer's own stream (`salt`).
+/// A dropout layer's draw: probability `p` of zeroing, the layer's own stream (`salt`), and how
+/// many consecutive elements share one draw (`group`: 1 for dropout; drop_path draws once per
+/// sample, [`DropoutConfig::grouped`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DropoutConfig {
     pub p: f64,
     pub salt: u32,
+    pub group: usize,
 }
 
 impl DropoutConfig {
@@ -30,12 +33,18 @@ impl DropoutConfig {
     /// draw different masks and a layer draws the same one wherever it sits in the plan.
     pub fn new(p: f64, name: &str) -> DropoutConfig {
         let salt = name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-        DropoutConfig { p, salt }
+        DropoutConfig { p, salt, group: 1 }
+    }
+
+    /// This draw with `group` consecutive elements sharing each draw.
+    pub fn grouped(self, group: usize) -> DropoutConfig {
+        DropoutConfig { group, ..self }
     }
 
     /// PyTorch takes 0 <= p <= 1; p = 1 (every element zeroed, scale infinite) is refused here.
     pub fn validate(&self) -> Result<()> {
         ensure!((0.0..1.0).contains(&self.p), "dropout: p must be in [0, 1), got {}", self.p);
+        ensure!(self.group >= 1, "dropout: a draw covers at least one element");
         Ok(())
     }
 
@@ -51,7 +60,8 @@ impl DropoutConfig {
             salt: self.salt,
             training: u32::from(training),
             scale: (1.0 / (1.0 - self.p)) as f32,
-            _pad: [0; 3],
+            group: to_u32("dropout elements per draw", self.group)?,
+            _pad: [0; 2],
         })
     }
 }
@@ -64,7 +74,8 @@ struct Params {
     salt: u32,
     training: u32,
     scale: f32,
-    _pad: [u32; 3],
+    group: u32,
+    _pad: [u32; 2],
 }
 
 /// The forward: masked and scaled in training, a copy in evaluation. `key` is the plan's [2]

@@ -13,9 +13,9 @@ pub fn mix(x: u32) -> u32 {
     h
 }
 
-/// Whether element `i` is kept in the step `key`.
+/// Whether element `i` (with the other elements of its group) is kept in the step `key`.
 pub fn keep(cfg: &DropoutConfig, key: StepKey, i: usize) -> bool {
-    let u = mix(i as u32 ^ mix(cfg.salt ^ mix(key[0] ^ mix(key[1]))));
+    let u = mix((i / cfg.group) as u32 ^ mix(cfg.salt ^ mix(key[0] ^ mix(key[1]))));
     u >= cfg.threshold()
 }
 
