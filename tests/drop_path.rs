@@ -14,7 +14,7 @@ mod common;
 use clap::Parser;
 use common::*;
 use senet_wgpu::args::{ModelArgs, TrainArgs};
-use senet_wgpu::gpu::{Dtype, Gpu, Tensor};
+use senet_wgpu::gpu::{Dtype, Tensor};
 use senet_wgpu::model::plan::Network;
 use senet_wgpu::model::{BottleneckStride, Layer, ModelConfig};
 use senet_wgpu::ops::cross_entropy::result;
@@ -27,28 +27,6 @@ use senet_wgpu::reference::model::StepOptions;
 /// samples straddling workgroups.
 const SHAPES: [&[usize]; 5] = [&[1, 3, 5, 7], &[9, 1], &[5, 7, 3, 3], &[3, 4099], &[13, 2, 3, 1]];
 const PS: [f64; 4] = [0.0, 0.2, 0.5, 0.9];
-
-fn key_tensor(gpu: &Gpu, key: [u32; 2]) -> Tensor {
-    Tensor::from_slice(gpu, "step key", &[2], &key).expect("upload key")
-}
-
-fn upload_as(gpu: &Gpu, dtype: Dtype, shape: &[usize], v: &[f32]) -> (Tensor, Vec<f32>) {
-    match dtype {
-        Dtype::F16 => {
-            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            let t = Tensor::from_slice(gpu, "x", shape, &h).expect("upload f16");
-            (t, h.iter().map(|x| x.to_f32()).collect())
-        }
-        _ => (upload(gpu, "x", shape, v), v.to_vec()),
-    }
-}
-
-fn read_as(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
-    match t.dtype {
-        Dtype::F16 => t.read::<half::f16>(gpu).expect("read f16").iter().map(|x| x.to_f32()).collect(),
-        _ => read(gpu, t),
-    }
-}
 
 #[test]
 fn drop_path_forward_backward_and_eval_match_the_reference() {

@@ -22,28 +22,6 @@ use senet_wgpu::reference::model::StepOptions;
 const LENGTHS: [usize; 4] = [1, 7, 1000, 4099];
 const PS: [f64; 4] = [0.0, 0.2, 0.5, 0.9];
 
-fn key_tensor(gpu: &senet_wgpu::gpu::Gpu, key: [u32; 2]) -> Tensor {
-    Tensor::from_slice(gpu, "step key", &[2], &key).expect("upload key")
-}
-
-fn upload_as(gpu: &senet_wgpu::gpu::Gpu, dtype: Dtype, v: &[f32]) -> (Tensor, Vec<f32>) {
-    match dtype {
-        Dtype::F16 => {
-            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
-            let t = Tensor::from_slice(gpu, "x", &[v.len()], &h).expect("upload f16");
-            (t, h.iter().map(|x| x.to_f32()).collect())
-        }
-        _ => (upload(gpu, "x", &[v.len()], v), v.to_vec()),
-    }
-}
-
-fn read_as(gpu: &senet_wgpu::gpu::Gpu, t: &Tensor) -> Vec<f32> {
-    match t.dtype {
-        Dtype::F16 => t.read::<half::f16>(gpu).expect("read f16").iter().map(|x| x.to_f32()).collect(),
-        _ => read(gpu, t),
-    }
-}
-
 #[test]
 fn dropout_forward_backward_and_eval_match_the_reference() {
     let gpu = gpu();
@@ -53,8 +31,8 @@ fn dropout_forward_backward_and_eval_match_the_reference() {
             for &p in &PS {
                 let what = format!("{dtype:?} len {len} p {p}");
                 let cfg = DropoutConfig::new(p, &format!("layer{i}"));
-                let (tx, x) = upload_as(&gpu, dtype, &uniform(&mut rng(i as u64), len, -2.0, 2.0));
-                let (tdy, dy) = upload_as(&gpu, dtype, &uniform(&mut rng(100 + i as u64), len, -2.0, 2.0));
+                let (tx, x) = upload_as(&gpu, dtype, &[len], &uniform(&mut rng(i as u64), len, -2.0, 2.0));
+                let (tdy, dy) = upload_as(&gpu, dtype, &[len], &uniform(&mut rng(100 + i as u64), len, -2.0, 2.0));
                 let zeros = |label| Tensor::zeros_of(&gpu, label, &[len], dtype).expect("allocate");
                 let (ty, teval, tdx) = (zeros("y"), zeros("eval"), zeros("dx"));
                 let tkey = key_tensor(&gpu, key);

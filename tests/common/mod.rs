@@ -331,3 +331,29 @@ pub fn assert_close64(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f6
     assert!(bad == 0, "{what}: {bad} of {} values outside atol {atol:e} + rtol {rtol:e}; worst {worst:.3e}", got.len());
     worst
 }
+
+/// The plan's [2] step key tensor holding `key` (what stochastic ops draw from).
+pub fn key_tensor(gpu: &Gpu, key: [u32; 2]) -> Tensor {
+    Tensor::from_slice(gpu, "step key", &[2], &key).expect("upload key")
+}
+
+/// A `dtype` tensor of `shape` holding `v` (rounded to f16 for an f16 tensor), and the values it
+/// holds, widened back to f32.
+pub fn upload_as(gpu: &Gpu, dtype: senet_wgpu::gpu::Dtype, shape: &[usize], v: &[f32]) -> (Tensor, Vec<f32>) {
+    match dtype {
+        senet_wgpu::gpu::Dtype::F16 => {
+            let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let t = Tensor::from_slice(gpu, "x", shape, &h).expect("upload f16");
+            (t, h.iter().map(|x| x.to_f32()).collect())
+        }
+        _ => (upload(gpu, "x", shape, v), v.to_vec()),
+    }
+}
+
+/// `t`'s values as f32, whatever its element type.
+pub fn read_as(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
+    match t.dtype {
+        senet_wgpu::gpu::Dtype::F16 => t.read::<half::f16>(gpu).expect("read f16").iter().map(|x| x.to_f32()).collect(),
+        _ => read(gpu, t),
+    }
+}
