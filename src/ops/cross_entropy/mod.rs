@@ -115,55 +115,13 @@ pub fn cross_entropy_weighted(
     scaler: Option<&Tensor>,
 ) -> Result<(Vec<Dispatch>, LossWeight)> {
     ensure!((0.0..1.0).contains(&smoothing), "cross_entropy: label smoothing must be in [0, 1), got {smoothing}");
-    ensure!(
-        logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
-        "cross_entropy: logits must be a non-empty [n, classes], got {:?}",
-        logits.shape
-    );
-    let (n, k) = (logits.shape[0], logits.shape[1]);
-    expect_shape("cross_entropy target", target, &[n])?;
-    expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
-    expect_shape("cross_entropy per-sample", per_sample, &[n, self::per_sample::LEN])?;
-    expect_shape("cross_entropy result", result, &[result::LEN])?;
-    let (n32, k32) = (to_u32("batch", n)?, to_u32("classes", k)?);
-    let params = gpu.uniform("cross_entropy params", &Params { n: n32, k: k32, smoothing, weight: 1.0 });
-    let unused = placeholder(gpu)?;
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, logits),
-        Bind::Tensor(2, target),
-        Bind::Tensor(3, dlogits),
-        Bind::Tensor(4, per_sample),
-        Bind::Tensor(7, scaler.unwrap_or(&unused)),
-    ];
-    let precision = Precision::of(logits);
-    let scaled = ("SCALED", f64::from(u8::from(scaler.is_some())));
-    let fwd = gpu.dispatch_in(
-        precision,
-        "cross_entropy",
-        "cross_entropy_forward_backward",
-        &[("WG", WG as f64), scaled],
-        &binds,
-        [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
-    )?;
-    // Logits read and their gradient written once, the labels and per-sample rows once (and the
-    // loss scale); about four flops per logit (max, exp, sum, the softmax's gradient).
-    let el = logits.dtype.bytes();
-    let scale_bytes = if scaler.is_some() { 4 } else { 0 };
-    let fwd_bytes = 2 * el * n * k + 4 * n + 4 * per_sample.numel() + scale_bytes;
-    let fwd = fwd.with_cost(4.0 * (n * k) as f64, fwd_bytes as f64);
-    let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
-    let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
-    // The per-sample rows read once; the running sums read and written.
-    let red = red.with_cost(per_sample.numel() as f64, (4 * per_sample.numel() + 8 * result.numel()) as f64);
-    Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing }))
+    loss_passes(gpu, logits, Target::Labels(target), dlogits, per_sample, result, smoothing, scaler)
 }
 
 /// Softmax cross-entropy of `logits` [n, k] against soft targets `targets` (f32 [n, k], each row
 /// a distribution: timm's `SoftTargetCrossEntropy`, the loss under Mixup/CutMix), with its
 /// gradient, its loss weight and the reduce of [`cross_entropy_forward_backward`]; the correct
 /// counts take each row's dominant class as the label.
-#[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_soft_weighted(
     gpu: &Gpu,
     logits: &Tensor,
@@ -173,47 +131,74 @@ pub fn cross_entropy_soft_weighted(
     result: &Tensor,
     scaler: Option<&Tensor>,
 ) -> Result<(Vec<Dispatch>, LossWeight)> {
+    loss_passes(gpu, logits, Target::Soft(targets), dlogits, per_sample, result, 0.0, scaler)
+}
+
+/// What the loss is against: class indices [n], or soft targets f32 [n, k].
+enum Target<'a> {
+    Labels(&'a Tensor),
+    Soft(&'a Tensor),
+}
+
+/// The loss's two passes: the per-sample loss and its gradient against `target`, then the reduce
+/// of the per-sample rows into the running sums.
+#[allow(clippy::too_many_arguments)]
+fn loss_passes(
+    gpu: &Gpu,
+    logits: &Tensor,
+    target: Target<'_>,
+    dlogits: &Tensor,
+    per_sample: &Tensor,
+    result: &Tensor,
+    smoothing: f32,
+    scaler: Option<&Tensor>,
+) -> Result<(Vec<Dispatch>, LossWeight)> {
     ensure!(
         logits.shape.len() == 2 && logits.shape.iter().all(|&d| d > 0),
         "cross_entropy: logits must be a non-empty [n, classes], got {:?}",
         logits.shape
     );
     let (n, k) = (logits.shape[0], logits.shape[1]);
-    expect_shape("cross_entropy soft targets", targets, &[n, k])?;
-    ensure!(targets.dtype == crate::gpu::Dtype::F32, "cross_entropy: soft targets must be f32");
+    // The target's binding and entry point; its bytes and the flops per logit (max, exp, sum,
+    // the softmax's gradient; a soft target's sum adds one).
+    let (target_bind, entry, target_bytes, flops) = match target {
+        Target::Labels(t) => {
+            expect_shape("cross_entropy target", t, &[n])?;
+            (Bind::Tensor(2, t), "cross_entropy_forward_backward", 4 * n, 4.0)
+        }
+        Target::Soft(t) => {
+            expect_shape("cross_entropy soft targets", t, &[n, k])?;
+            ensure!(t.dtype == crate::gpu::Dtype::F32, "cross_entropy: soft targets must be f32");
+            (Bind::Tensor(8, t), "cross_entropy_soft_forward_backward", 4 * n * k, 5.0)
+        }
+    };
     expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
     expect_shape("cross_entropy per-sample", per_sample, &[n, self::per_sample::LEN])?;
     expect_shape("cross_entropy result", result, &[result::LEN])?;
     let (n32, k32) = (to_u32("batch", n)?, to_u32("classes", k)?);
-    let params = gpu.uniform("cross_entropy params", &Params { n: n32, k: k32, smoothing: 0.0, weight: 1.0 });
+    let params = gpu.uniform("cross_entropy params", &Params { n: n32, k: k32, smoothing, weight: 1.0 });
     let unused = placeholder(gpu)?;
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, logits),
+        target_bind,
         Bind::Tensor(3, dlogits),
         Bind::Tensor(4, per_sample),
         Bind::Tensor(7, scaler.unwrap_or(&unused)),
-        Bind::Tensor(8, targets),
     ];
     let precision = Precision::of(logits);
     let scaled = ("SCALED", f64::from(u8::from(scaler.is_some())));
-    let fwd = gpu.dispatch_in(
-        precision,
-        "cross_entropy",
-        "cross_entropy_soft_forward_backward",
-        &[("WG", WG as f64), scaled],
-        &binds,
-        [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1],
-    )?;
-    // Logits and soft targets read, the gradient written, the per-sample rows written once (and
-    // the loss scale); about five flops per logit.
+    let grid = [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1];
+    let fwd = gpu.dispatch_in(precision, "cross_entropy", entry, &[("WG", WG as f64), scaled], &binds, grid)?;
+    // Logits read and their gradient written once, the target and per-sample rows once (and the
+    // loss scale).
     let el = logits.dtype.bytes();
     let scale_bytes = if scaler.is_some() { 4 } else { 0 };
-    let fwd_bytes = 2 * el * n * k + 4 * n * k + 4 * per_sample.numel() + scale_bytes;
-    let fwd = fwd.with_cost(5.0 * (n * k) as f64, fwd_bytes as f64);
+    let fwd_bytes = 2 * el * n * k + target_bytes + 4 * per_sample.numel() + scale_bytes;
+    let fwd = fwd.with_cost(flops * (n * k) as f64, fwd_bytes as f64);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
     let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
     // The per-sample rows read once; the running sums read and written.
     let red = red.with_cost(per_sample.numel() as f64, (4 * per_sample.numel() + 8 * result.numel()) as f64);
-    Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing: 0.0 }))
+    Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing }))
 }
