@@ -1,4 +1,4 @@
-"""timm's ModelEmaV3 decay per update step, the golden of tests/kernels.rs's
+"""timm's ModelEmaV3 decay per update step, the golden of tests/kernels/ema.rs's
 ema_decay_is_timms (run: python3 scripts/ema_decay_golden.py; needs timm and torch)."""
 import torch
 from timm.utils.model_ema import ModelEmaV3

@@ -651,58 +651,15 @@ pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::
     let n = args.batch_size;
     let plan = net.plan(n)?;
     let [h, w] = config.input_hw;
-    // Each rank its own images, as in training.
-    let images: Vec<f32> =
-        (0..n * config.in_channels * h * w).map(|i| (((i + dist.rank * 131) * 7919) % 1000) as f32 / 1000.0).collect();
-    let labels: Vec<u32> = (0..n).map(|i| ((i + dist.rank) % config.num_classes) as u32).collect();
-    plan.write_batch(&gpu, &images, &labels)?;
-    let steps = args.steps.max(1);
+    let bench = DataParallelBench::new(&gpu, dist, &config, n, args.steps.max(1));
+    plan.write_batch(&gpu, &bench.images, &bench.labels)?;
 
-    // Rank 0 alone: the single-process loop.
-    dist.barrier();
-    let mut alone = 0.0;
-    if dist.is_root() {
-        for _ in 0..2 {
-            net.train_step(&plan);
-        }
-        gpu.wait()?;
-        let t0 = Instant::now();
-        for _ in 0..steps {
-            net.train_step(&plan);
-        }
-        gpu.wait()?;
-        alone = (n * steps) as f64 / t0.elapsed().as_secs_f64();
-    }
-    dist.barrier();
+    let alone = bench.rank0_alone(&mut net, &plan)?;
+    let all = bench.together(&mut net, &plan, false)?;
+    let sync_plan = sync_bn_plan(&mut net, n, dist)?;
+    let sync = bench.together(&mut net, &sync_plan, true)?;
 
-    // Every rank together: per-rank batch norm, then --sync-bn. Per rank [images/s, ms of the
-    // exchange per step, its share of the step] of each.
-    let timed = |net: &mut Network, plan: &StepPlan, sync_bn: bool| -> Result<Vec<f32>> {
-        plan.write_batch(&gpu, &images, &labels)?;
-        for _ in 0..2 {
-            crate::model::data_parallel::data_parallel_step(net, plan, dist, false)?;
-        }
-        gpu.wait()?;
-        dist.barrier();
-        let t0 = Instant::now();
-        let mut exchange = 0.0;
-        for _ in 0..steps {
-            let r = crate::model::data_parallel::data_parallel_step(net, plan, dist, false)?;
-            exchange += if sync_bn { r.sync_bn_secs } else { r.allreduce_secs };
-        }
-        gpu.wait()?;
-        let secs = t0.elapsed().as_secs_f64();
-        let mine = [(n * steps) as f32 / secs as f32, (1e3 * exchange / steps as f64) as f32, (exchange / secs) as f32];
-        dist.all_gather_f32(&mine)
-    };
-    let all = timed(&mut net, &plan, false)?;
-    let sync_plan = {
-        net.sync_bn = dist.size > 1;
-        let p = net.plan(n);
-        net.sync_bn = false;
-        p?
-    };
-    let sync = timed(&mut net, &sync_plan, true)?;
+    // Columns of the gathered [images/s, exchange ms per step, exchange share] rows, one per rank.
     let col = |v: &[f32], k: usize| -> Vec<f64> { v.chunks(3).map(|r| f64::from(r[k])).collect() };
     let per_rank = col(&all, 0);
     let total: f64 = per_rank.iter().sum();
@@ -729,6 +686,89 @@ pub fn bench_data_parallel(gpu: Arc<Gpu>, args: &BenchArgs, dist: &crate::dist::
         sync_bn_exchange_share: col(&sync, 2),
         sync_bn_exchanges_per_step: sync_plan.exchanges.len(),
     })
+}
+
+/// What the timed phases of [`bench_data_parallel`] share: the device, the job, this rank's
+/// batch and the number of timed steps.
+struct DataParallelBench<'a> {
+    gpu: &'a Gpu,
+    dist: &'a crate::dist::Dist,
+    images: Vec<f32>,
+    labels: Vec<u32>,
+    n: usize,
+    steps: usize,
+}
+
+impl<'a> DataParallelBench<'a> {
+    /// A synthetic batch of `n` images, each rank its own (as in training).
+    fn new(
+        gpu: &'a Gpu,
+        dist: &'a crate::dist::Dist,
+        config: &crate::model::ModelConfig,
+        n: usize,
+        steps: usize,
+    ) -> Self {
+        let [h, w] = config.input_hw;
+        let images: Vec<f32> = (0..n * config.in_channels * h * w)
+            .map(|i| (((i + dist.rank * 131) * 7919) % 1000) as f32 / 1000.0)
+            .collect();
+        let labels: Vec<u32> = (0..n).map(|i| ((i + dist.rank) % config.num_classes) as u32).collect();
+        DataParallelBench { gpu, dist, images, labels, n, steps }
+    }
+
+    /// Rank 0 alone, the single-process loop (the other ranks wait at the barrier): images/s
+    /// there, 0 on the other ranks.
+    fn rank0_alone(&self, net: &mut Network, plan: &StepPlan) -> Result<f64> {
+        let (gpu, dist) = (self.gpu, self.dist);
+        dist.barrier();
+        let mut alone = 0.0;
+        if dist.is_root() {
+            for _ in 0..2 {
+                net.train_step(plan);
+            }
+            gpu.wait()?;
+            let t0 = Instant::now();
+            for _ in 0..self.steps {
+                net.train_step(plan);
+            }
+            gpu.wait()?;
+            alone = (self.n * self.steps) as f64 / t0.elapsed().as_secs_f64();
+        }
+        dist.barrier();
+        Ok(alone)
+    }
+
+    /// Every rank together, data-parallel steps of `plan` (per-rank batch norm, or `--sync-bn`'s
+    /// when `sync_bn`). Per rank, gathered in rank order: [images/s, ms of the exchange per step,
+    /// its share of the step].
+    fn together(&self, net: &mut Network, plan: &StepPlan, sync_bn: bool) -> Result<Vec<f32>> {
+        let (gpu, dist, n, steps) = (self.gpu, self.dist, self.n, self.steps);
+        plan.write_batch(gpu, &self.images, &self.labels)?;
+        for _ in 0..2 {
+            crate::model::data_parallel::data_parallel_step(net, plan, dist, false)?;
+        }
+        gpu.wait()?;
+        dist.barrier();
+        let t0 = Instant::now();
+        let mut exchange = 0.0;
+        for _ in 0..steps {
+            let r = crate::model::data_parallel::data_parallel_step(net, plan, dist, false)?;
+            exchange += if sync_bn { r.sync_bn_secs } else { r.allreduce_secs };
+        }
+        gpu.wait()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let mine = [(n * steps) as f32 / secs as f32, (1e3 * exchange / steps as f64) as f32, (exchange / secs) as f32];
+        dist.all_gather_f32(&mine)
+    }
+}
+
+/// The step plan of batch `n` with `--sync-bn`'s exchanges (on more than one rank); the network
+/// is left as it was, without them.
+fn sync_bn_plan(net: &mut Network, n: usize, dist: &crate::dist::Dist) -> Result<StepPlan> {
+    net.sync_bn = dist.size > 1;
+    let p = net.plan(n);
+    net.sync_bn = false;
+    p
 }
 
 pub fn format_data_parallel(r: &DataParallelReport) -> String {

@@ -165,109 +165,147 @@ fn parse_conv_tiles(s: &str) -> anyhow::Result<[usize; 4]> {
     Ok([t.gemm_m, t.gemm_n, t.wgrad_ci, t.wgrad_n])
 }
 
-fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
-    let tune_cache = cli.tune_cache.or_else(|| platform_cache_dir().map(|d| gpu::tune::cache_path_in(&d)));
-    let mut opts = GpuOptions {
-        backend: cli.backend,
-        adapter_name: cli.adapter,
-        adapter_index: None,
-        tune: cli.tune,
-        pipeline_cache: cli.pipeline_cache,
-        pipeline_cache_dir: tune_cache.as_deref().and_then(std::path::Path::parent).map(PathBuf::from),
-        tune_cache,
-        subgroups: Some(cli.subgroups),
-        f16: cli.f16,
-        coop: cli.coop,
-        conv_tiles: cli.conv_tiles,
-        tune_verbose: cli.tune_verbose,
-    };
-    match cli.command {
-        Command::Train(args) => train_command(*args, matches.subcommand_matches("train"), &mut opts)?,
-        Command::Eval(args) => {
-            let report = eval::eval(Gpu::new(&opts)?, &args)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", eval::format_report(&report));
-            }
-        }
-        Command::Excitations(args) => {
-            let report = senet_wgpu::excitations::excitations(Gpu::new(&opts)?, &args.eval)?;
-            let dir = args.out.clone().unwrap_or_else(|| {
-                args.eval
-                    .checkpoint
-                    .parent()
-                    .map(|p| p.join("excitations"))
-                    .unwrap_or_else(|| PathBuf::from("excitations"))
-            });
-            for p in senet_wgpu::excitations::write_outputs(&report, &dir)? {
-                println!("wrote {}", p.display());
-            }
-            if args.eval.json {
-                println!("{}", serde_json::to_string(&report)?);
-            }
-        }
-        Command::Predict { checkpoint, width, reduction, image_size, crop_pct, topk, json, images } => {
-            let popts = eval::PredictOptions { k: topk, width, reduction, image_size, crop_pct };
-            predict_command(&opts, &checkpoint, &images, &popts, json)?;
-        }
-        Command::Export(args) => {
-            let r = senet_wgpu::onnx::export(&args)?;
-            println!(
-                "wrote {} ({} bytes, opset {}, {} nodes, {} initializers): {} {}x{}x{} -> {} classes",
-                r.out.display(),
-                r.bytes,
-                r.opset,
-                r.nodes,
-                r.initializers,
-                r.config.model,
-                r.config.in_channels,
-                r.config.input_hw[0],
-                r.config.input_hw[1],
-                r.config.num_classes
-            );
-        }
-        Command::Plan { args, json } => {
-            let listing = senet_wgpu::bench::plan_rows(Gpu::new(&opts)?, &args)?;
-            if json {
-                for r in &listing.rows {
-                    println!("{}", serde_json::to_string(r)?);
-                }
-                // The last line: {"totals": {"batch_size", "train": {...}, "eval": {...}}}.
-                println!("{}", serde_json::json!({ "totals": listing.totals }));
-            } else {
-                print!("{}", senet_wgpu::bench::format_plan(&listing.rows));
-                print!("{}", senet_wgpu::bench::format_plan_totals(&listing.totals));
-            }
-        }
-        Command::Bench(args) if args.data_only => {
-            let report = senet_wgpu::bench::bench_data(&args)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", senet_wgpu::bench::format_data_report(&report));
-            }
-        }
-        Command::Bench(args) => bench_command(&args, &mut opts)?,
-        Command::Summary { model, input, json } => {
-            let s = senet_wgpu::summary::summary(&input.config(&model)?)?;
-            if json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                print!("{}", senet_wgpu::summary::format_summary(&s));
-            }
-        }
-        Command::Devices => devices_command(&mut opts)?,
-        Command::MakeSample { from, train, test, out, format } => {
-            let names = senet_wgpu::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
-            let src = senet_wgpu::data::idx::load_split("fashion-mnist", &from, names)?;
-            match format {
-                SampleFormat::Idx => senet_wgpu::data::idx::write_subset(&src, train, test, &out)?,
-                SampleFormat::Png => senet_wgpu::data::folder::write_subset(&src, train, test, &out)?,
-            }
-            println!("wrote {train} training and {test} test images to {}", out.display());
+impl Cli {
+    /// The device options the global flags ask for (the tuning cache defaults to the platform's
+    /// cache directory; compiled pipelines are kept beside it).
+    fn gpu_options(&self) -> GpuOptions {
+        let tune_cache = self.tune_cache.clone().or_else(|| platform_cache_dir().map(|d| gpu::tune::cache_path_in(&d)));
+        GpuOptions {
+            backend: self.backend.clone(),
+            adapter_name: self.adapter.clone(),
+            adapter_index: None,
+            tune: self.tune,
+            pipeline_cache: self.pipeline_cache,
+            pipeline_cache_dir: tune_cache.as_deref().and_then(std::path::Path::parent).map(PathBuf::from),
+            tune_cache,
+            subgroups: Some(self.subgroups),
+            f16: self.f16,
+            coop: self.coop,
+            conv_tiles: self.conv_tiles,
+            tune_verbose: self.tune_verbose,
         }
     }
+}
+
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let mut opts = cli.gpu_options();
+    match cli.command {
+        Command::Train(args) => train_command(*args, matches.subcommand_matches("train"), &mut opts),
+        Command::Eval(args) => eval_command(&opts, &args),
+        Command::Excitations(args) => excitations_command(&opts, &args),
+        Command::Predict { checkpoint, width, reduction, image_size, crop_pct, topk, json, images } => {
+            let popts = eval::PredictOptions { k: topk, width, reduction, image_size, crop_pct };
+            predict_command(&opts, &checkpoint, &images, &popts, json)
+        }
+        Command::Export(args) => export_command(&args),
+        Command::Plan { args, json } => plan_command(&opts, &args, json),
+        Command::Bench(args) if args.data_only => bench_data_command(&args),
+        Command::Bench(args) => bench_command(&args, &mut opts),
+        Command::Summary { model, input, json } => summary_command(&model, &input, json),
+        Command::Devices => devices_command(&mut opts),
+        Command::MakeSample { from, train, test, out, format } => make_sample_command(&from, train, test, &out, format),
+    }
+}
+
+/// `senet eval`: the report as text or one JSON object.
+fn eval_command(opts: &GpuOptions, args: &EvalArgs) -> anyhow::Result<()> {
+    let report = eval::eval(Gpu::new(opts)?, args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", eval::format_report(&report));
+    }
+    Ok(())
+}
+
+/// `senet excitations`: the CSV and PNG files (in `--out`, else `excitations/` beside the
+/// checkpoint), and the report as JSON with `--json`.
+fn excitations_command(opts: &GpuOptions, args: &senet_wgpu::excitations::ExcitationArgs) -> anyhow::Result<()> {
+    let report = senet_wgpu::excitations::excitations(Gpu::new(opts)?, &args.eval)?;
+    let dir = args.out.clone().unwrap_or_else(|| {
+        args.eval.checkpoint.parent().map(|p| p.join("excitations")).unwrap_or_else(|| PathBuf::from("excitations"))
+    });
+    for p in senet_wgpu::excitations::write_outputs(&report, &dir)? {
+        println!("wrote {}", p.display());
+    }
+    if args.eval.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+/// `senet export`: the ONNX file, and one line saying what it holds.
+fn export_command(args: &senet_wgpu::onnx::ExportArgs) -> anyhow::Result<()> {
+    let r = senet_wgpu::onnx::export(args)?;
+    println!(
+        "wrote {} ({} bytes, opset {}, {} nodes, {} initializers): {} {}x{}x{} -> {} classes",
+        r.out.display(),
+        r.bytes,
+        r.opset,
+        r.nodes,
+        r.initializers,
+        r.config.model,
+        r.config.in_channels,
+        r.config.input_hw[0],
+        r.config.input_hw[1],
+        r.config.num_classes
+    );
+    Ok(())
+}
+
+/// `senet plan`: one training step's dispatches as a table, or as JSON lines ending in the totals.
+fn plan_command(opts: &GpuOptions, args: &senet_wgpu::bench::PlanArgs, json: bool) -> anyhow::Result<()> {
+    let listing = senet_wgpu::bench::plan_rows(Gpu::new(opts)?, args)?;
+    if json {
+        for r in &listing.rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        // The last line: {"totals": {"batch_size", "train": {...}, "eval": {...}}}.
+        println!("{}", serde_json::json!({ "totals": listing.totals }));
+    } else {
+        print!("{}", senet_wgpu::bench::format_plan(&listing.rows));
+        print!("{}", senet_wgpu::bench::format_plan_totals(&listing.totals));
+    }
+    Ok(())
+}
+
+/// `senet bench --data-only`: the input pipeline alone, no device.
+fn bench_data_command(args: &senet_wgpu::bench::BenchArgs) -> anyhow::Result<()> {
+    let report = senet_wgpu::bench::bench_data(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", senet_wgpu::bench::format_data_report(&report));
+    }
+    Ok(())
+}
+
+/// `senet summary`: the layer table, or one JSON object.
+fn summary_command(model: &ModelArgs, input: &InputArgs, json: bool) -> anyhow::Result<()> {
+    let s = senet_wgpu::summary::summary(&input.config(model)?)?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        print!("{}", senet_wgpu::summary::format_summary(&s));
+    }
+    Ok(())
+}
+
+/// `senet make-sample`: a Fashion-MNIST subset as IDX files or an image folder.
+fn make_sample_command(
+    from: &std::path::Path,
+    train: usize,
+    test: usize,
+    out: &std::path::Path,
+    format: SampleFormat,
+) -> anyhow::Result<()> {
+    let names = senet_wgpu::data::FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect();
+    let src = senet_wgpu::data::idx::load_split("fashion-mnist", from, names)?;
+    match format {
+        SampleFormat::Idx => senet_wgpu::data::idx::write_subset(&src, train, test, out)?,
+        SampleFormat::Png => senet_wgpu::data::folder::write_subset(&src, train, test, out)?,
+    }
+    println!("wrote {train} training and {test} test images to {}", out.display());
     Ok(())
 }
 

@@ -986,7 +986,7 @@ fn contradicting_flags_are_errors_naming_both_values() {
 }
 
 /// The usual recipe knobs reach the run: --betas, --eps and --nesterov into the optimizer (whose
-/// kernels are tested against the reference with these settings in tests/kernels.rs), --mean/--std
+/// kernels are tested against the reference with these settings in tests/kernels/optimizer.rs), --mean/--std
 /// as the normalisation, --no-augment/--no-normalize switching off pieces of --recipe paper.
 #[test]
 fn recipe_knobs_reach_the_optimizer_and_the_preprocessing() {

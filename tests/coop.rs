@@ -164,10 +164,6 @@ fn coop_weight_grad(
     conv2d::conv2d_backward_weight_split(gpu, cfg, k, b, splits)
 }
 
-fn zeros_f16(gpu: &Gpu, label: &str, shape: &[usize]) -> Tensor {
-    Tensor::zeros_of(gpu, label, shape, Dtype::F16).expect("allocate f16")
-}
-
 fn tiny(classes: usize) -> ModelConfig {
     ModelConfig {
         model: "senet".into(),

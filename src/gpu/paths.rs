@@ -128,6 +128,125 @@ pub fn coop_allowed_driver(info: &wgpu::AdapterInfo) -> Result<(), String> {
     }
 }
 
+/// What an adapter offers the paths: its backend and driver, its wgpu features and its
+/// cooperative-matrix configurations. Each path's decision is one method, `Ok(Err(why))` for a
+/// path that is off and `Err` for one forced on where it cannot run.
+struct Offers<'a> {
+    info: &'a wgpu::AdapterInfo,
+    features: wgpu::Features,
+    coop_props: &'a [wgpu::CooperativeMatrixProperties],
+}
+
+impl Offers<'_> {
+    /// The backend carries `need` and the adapter offers its feature.
+    fn carried(&self, need: Need) -> Path<()> {
+        backend_carries(self.info.backend, need).map_err(str::to_string)?;
+        if self.features.contains(need.feature()) {
+            Ok(())
+        } else {
+            Err(format!("the adapter does not offer wgpu Features::{:?}", need.feature()))
+        }
+    }
+
+    /// The error of a path forced on by `flag` where it cannot run, for `why`.
+    fn forced(&self, what: &str, flag: &str, why: &str) -> anyhow::Error {
+        anyhow::anyhow!("{what} were forced on ({flag}) but adapter {:?} cannot run them: {why}", self.info.name)
+    }
+
+    fn f16(&self, switch: Switch) -> Result<Path<()>> {
+        Ok(match switch {
+            Switch::Off => Err("turned off (--f16 off)".to_string()),
+            Switch::Auto => self.carried(Need::F16),
+            Switch::On => Ok(self.carried(Need::F16).map_err(|why| self.forced("f16 shaders", "--f16 on", &why))?),
+        })
+    }
+
+    /// Subgroup reductions, with the adapter's (min, max) subgroup sizes.
+    fn subgroups(&self, switch: Switch) -> Result<Path<(u32, u32)>> {
+        let sizes = (self.info.subgroup_min_size, self.info.subgroup_max_size);
+        Ok(match switch {
+            Switch::Off => Err("turned off (--subgroups off); workgroup-memory trees".to_string()),
+            Switch::Auto => self.carried(Need::Subgroups).map(|()| sizes),
+            Switch::On => Ok(self
+                .carried(Need::Subgroups)
+                .map(|()| sizes)
+                .map_err(|why| self.forced("subgroups", "--subgroups on / SENET_SUBGROUPS=on", &why))?),
+        })
+    }
+
+    /// Whether the adapter lists the square `t`x`t`x`t` f16 x f16 -> f32 cooperative matrix.
+    fn coop_listed(&self, t: u32) -> bool {
+        self.coop_props.iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (t, t, t)
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        })
+    }
+
+    /// The largest square f16 -> f32 tile both the adapter lists and the backend carries, whatever
+    /// the driver (f16 shaders must be on: `f16_on`).
+    fn coop_possible(&self, f16_on: bool) -> Path<u32> {
+        if !f16_on {
+            return Err("needs f16 shaders, which are off".into());
+        }
+        let backend = self.info.backend;
+        let tiles: Vec<u32> =
+            COOP_TILES.into_iter().filter(|&t| backend_carries(backend, Need::Coop(t)).is_ok()).collect();
+        if tiles.is_empty() {
+            return Err(backend_carries(backend, Need::Coop(COOP_TILES[0])).err().unwrap_or_default().into());
+        }
+        let Some(t) = tiles.iter().copied().find(|&t| self.coop_listed(t)) else {
+            let sizes: Vec<String> = tiles.iter().map(|t| format!("{t}x{t}x{t}")).collect();
+            return Err(format!("the adapter lists no f16 x f16 -> f32 cooperative matrix of {}", sizes.join(" or ")));
+        };
+        self.carried(Need::Coop(t))?;
+        Ok(t)
+    }
+
+    /// Cooperative matrices: on `auto` only where the driver is on [`coop_allowed_driver`]'s list.
+    fn coop(&self, switch: Switch, f16_on: bool) -> Result<Path<u32>> {
+        Ok(match switch {
+            Switch::Off => Err("turned off (--coop off); register kernels".to_string()),
+            Switch::Auto => self.coop_possible(f16_on).and_then(|t| {
+                coop_allowed_driver(self.info).map_err(|why| format!("{why}; register kernels"))?;
+                Ok(t)
+            }),
+            Switch::On => {
+                Ok(self.coop_possible(f16_on).map_err(|why| self.forced("cooperative matrices", "--coop on", &why))?)
+            }
+        })
+    }
+
+    fn timestamps(&self) -> Path<()> {
+        if self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            Ok(())
+        } else {
+            Err("the adapter does not offer wgpu Features::TIMESTAMP_QUERY; kernels are timed by the wall clock".into())
+        }
+    }
+
+    fn pipeline_cache_possible(&self) -> Path<()> {
+        if wgpu::util::pipeline_cache_key(self.info).is_none() {
+            return Err(format!("wgpu keeps no pipeline cache on {:?} (Vulkan only)", self.info.backend));
+        }
+        if self.features.contains(wgpu::Features::PIPELINE_CACHE) {
+            Ok(())
+        } else {
+            Err("the adapter does not offer wgpu Features::PIPELINE_CACHE".into())
+        }
+    }
+
+    fn pipeline_cache(&self, switch: Switch) -> Result<Path<()>> {
+        Ok(match switch {
+            Switch::Off => Err("turned off (--pipeline-cache off)".to_string()),
+            Switch::Auto => self.pipeline_cache_possible(),
+            Switch::On => Ok(self.pipeline_cache_possible().map_err(|why| {
+                self.forced("pipeline caches", "--pipeline-cache on / SENET_PIPELINE_CACHE=on", &why)
+            })?),
+        })
+    }
+}
+
 /// What the options ask of the paths (filled by the CLI from its flags).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PathOptions {
@@ -166,89 +285,12 @@ impl Paths {
         coop_props: &[wgpu::CooperativeMatrixProperties],
         opts: &PathOptions,
     ) -> Result<Paths> {
-        let carried = |need: Need| -> Path<()> {
-            backend_carries(info.backend, need).map_err(str::to_string)?;
-            if features.contains(need.feature()) {
-                Ok(())
-            } else {
-                Err(format!("the adapter does not offer wgpu Features::{:?}", need.feature()))
-            }
-        };
-        let forced = |what: &str, flag: &str, why: &str| -> anyhow::Error {
-            anyhow::anyhow!("{what} were forced on ({flag}) but adapter {:?} cannot run them: {why}", info.name)
-        };
-
-        let f16 = match opts.f16 {
-            Switch::Off => Err("turned off (--f16 off)".to_string()),
-            Switch::Auto => carried(Need::F16),
-            Switch::On => Ok(carried(Need::F16).map_err(|why| forced("f16 shaders", "--f16 on", &why))?),
-        };
-        let sizes = (info.subgroup_min_size, info.subgroup_max_size);
-        let subgroups = match opts.subgroups {
-            Switch::Off => Err("turned off (--subgroups off); workgroup-memory trees".to_string()),
-            Switch::Auto => carried(Need::Subgroups).map(|()| sizes),
-            Switch::On => Ok(carried(Need::Subgroups)
-                .map(|()| sizes)
-                .map_err(|why| forced("subgroups", "--subgroups on / SENET_SUBGROUPS=on", &why))?),
-        };
-
-        // The largest square f16 -> f32 tile both the adapter lists and the backend carries.
-        let listed = |t: u32| {
-            coop_props.iter().any(|p| {
-                (p.m_size, p.n_size, p.k_size) == (t, t, t)
-                    && p.ab_type == wgpu::CooperativeScalarType::F16
-                    && p.cr_type == wgpu::CooperativeScalarType::F32
-            })
-        };
-        let coop_possible = || -> Path<u32> {
-            if f16.is_err() {
-                return Err("needs f16 shaders, which are off".into());
-            }
-            let tiles: Vec<u32> =
-                COOP_TILES.into_iter().filter(|&t| backend_carries(info.backend, Need::Coop(t)).is_ok()).collect();
-            if tiles.is_empty() {
-                return Err(backend_carries(info.backend, Need::Coop(COOP_TILES[0])).err().unwrap_or_default().into());
-            }
-            let Some(t) = tiles.iter().copied().find(|&t| listed(t)) else {
-                let sizes: Vec<String> = tiles.iter().map(|t| format!("{t}x{t}x{t}")).collect();
-                return Err(format!(
-                    "the adapter lists no f16 x f16 -> f32 cooperative matrix of {}",
-                    sizes.join(" or ")
-                ));
-            };
-            carried(Need::Coop(t))?;
-            Ok(t)
-        };
-        let coop = match opts.coop {
-            Switch::Off => Err("turned off (--coop off); register kernels".to_string()),
-            Switch::Auto => coop_possible().and_then(|t| {
-                coop_allowed_driver(info).map_err(|why| format!("{why}; register kernels"))?;
-                Ok(t)
-            }),
-            Switch::On => Ok(coop_possible().map_err(|why| forced("cooperative matrices", "--coop on", &why))?),
-        };
-
-        let timestamps = if features.contains(wgpu::Features::TIMESTAMP_QUERY) {
-            Ok(())
-        } else {
-            Err("the adapter does not offer wgpu Features::TIMESTAMP_QUERY; kernels are timed by the wall clock".into())
-        };
-        let cache_possible = || -> Path<()> {
-            if wgpu::util::pipeline_cache_key(info).is_none() {
-                return Err(format!("wgpu keeps no pipeline cache on {:?} (Vulkan only)", info.backend));
-            }
-            if features.contains(wgpu::Features::PIPELINE_CACHE) {
-                Ok(())
-            } else {
-                Err("the adapter does not offer wgpu Features::PIPELINE_CACHE".into())
-            }
-        };
-        let pipeline_cache = match opts.pipeline_cache {
-            Switch::Off => Err("turned off (--pipeline-cache off)".to_string()),
-            Switch::Auto => cache_possible(),
-            Switch::On => Ok(cache_possible()
-                .map_err(|why| forced("pipeline caches", "--pipeline-cache on / SENET_PIPELINE_CACHE=on", &why))?),
-        };
+        let adapter = Offers { info, features, coop_props };
+        let f16 = adapter.f16(opts.f16)?;
+        let subgroups = adapter.subgroups(opts.subgroups)?;
+        let coop = adapter.coop(opts.coop, f16.is_ok())?;
+        let timestamps = adapter.timestamps();
+        let pipeline_cache = adapter.pipeline_cache(opts.pipeline_cache)?;
         Ok(Paths { f16, subgroups, coop, timestamps, pipeline_cache })
     }
 

@@ -176,17 +176,38 @@ pub fn onnx_graph_model(
     let shapes = graph.shapes(1).with_context(too_small)?;
     checkpoint::check_fits(graph, config, sd, what)?;
     let mut g = GraphProto { name: Some(config.model.clone()), ..Default::default() };
+    g.initializer = initializers(graph, sd, what)?;
+    g.node = nodes(graph);
+    let classes = shapes.last().map(|s| s[1]).context("the model has no layers")?;
+    (g.input, g.output) = inputs_and_outputs(graph, classes);
+    Ok(ModelProto {
+        ir_version: Some(ir_version(opset)),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        producer_name: Some("senet-wgpu".into()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        doc_string: Some(format!("{} in eval mode, exported by senet-wgpu", config.model)),
+        graph: Some(g),
+        metadata_props: metadata(config, graph, classes)?,
+        ..Default::default()
+    })
+}
 
-    // Initializers: every parameter and running statistic, under its state-dict name.
+/// Every parameter and running statistic, under its state-dict name.
+fn initializers(graph: &Graph, sd: &StateDict, what: &str) -> Result<Vec<TensorProto>> {
+    let mut out = Vec::new();
     for p in graph.parameters() {
-        g.initializer.push(initializer(&p.name, sd, what)?);
+        out.push(initializer(&p.name, sd, what)?);
     }
     for (name, _) in graph.batch_norms() {
         for stat in ["running_mean", "running_var"] {
-            g.initializer.push(initializer(&format!("{name}.{stat}"), sd, what)?);
+            out.push(initializer(&format!("{name}.{stat}"), sd, what)?);
         }
     }
+    Ok(out)
+}
 
+/// Each layer's ONNX nodes, in graph order, as its op writes them.
+fn nodes(graph: &Graph) -> Vec<NodeProto> {
     // Activation k (0 = the input, k = output of node k-1) is named after the layer that makes it.
     let last = graph.nodes.len();
     let act = |k: usize| -> String {
@@ -196,6 +217,7 @@ pub fn onnx_graph_model(
             k => graph.nodes[k - 1].name.clone(),
         }
     };
+    let mut out = Vec::new();
     for (k, node) in graph.nodes.iter().enumerate() {
         let mut o = OnnxNodes {
             name: &node.name,
@@ -204,48 +226,45 @@ pub fn onnx_graph_model(
             nodes: Vec::new(),
         };
         node.layer.op().onnx(&mut o);
-        g.node.extend(o.nodes.into_iter().map(node_proto));
+        out.extend(o.nodes.into_iter().map(node_proto));
     }
+    out
+}
 
+/// The graph's input (batch, height and width symbolic) and its `classes` logits.
+fn inputs_and_outputs(graph: &Graph, classes: usize) -> (Vec<ValueInfoProto>, Vec<ValueInfoProto>) {
     let [c, h, w] = graph.input;
-    let classes = shapes.last().map(|s| s[1]).context("the model has no layers")?;
     let symbolic = |name: &str| Dimension { value: Some(dimension::Value::DimParam(name.into())), denotation: None };
     let fixed = |v: usize| Dimension { value: Some(dimension::Value::DimValue(v as i64)), denotation: None };
-    g.input.push(value_info(
+    let input = value_info(
         "input",
         vec![symbolic("batch"), fixed(c), symbolic("height"), symbolic("width")],
         &format!(
             "images [batch, C, height, width] (trained at {h}x{w}; any size the network's strides leave a pixel of): \
              pixels / 255, then (x - mean) / std per channel with model_config.normalize"
         ),
-    ));
-    g.output.push(value_info(
-        "logits",
-        vec![symbolic("batch"), fixed(classes)],
-        "unnormalised class scores [batch, classes]",
-    ));
+    );
+    let output =
+        value_info("logits", vec![symbolic("batch"), fixed(classes)], "unnormalised class scores [batch, classes]");
+    (vec![input], vec![output])
+}
 
+/// `metadata_props`: our version, the model configuration, the class names (`class i` where the
+/// configuration has none) and the input size it was trained at.
+fn metadata(config: &ModelConfig, graph: &Graph, classes: usize) -> Result<Vec<StringStringEntryProto>> {
+    let [_, h, w] = graph.input;
     let class_names: Vec<String> = if config.classes.is_empty() {
         (0..classes).map(|i| format!("class {i}")).collect()
     } else {
         config.classes.clone()
     };
     let meta = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
-    Ok(ModelProto {
-        ir_version: Some(ir_version(opset)),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
-        producer_name: Some("senet-wgpu".into()),
-        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
-        doc_string: Some(format!("{} in eval mode, exported by senet-wgpu", config.model)),
-        graph: Some(g),
-        metadata_props: vec![
-            meta(META_VERSION, env!("CARGO_PKG_VERSION").into()),
-            meta(META_CONFIG, serde_json::to_string(config)?),
-            meta(META_CLASSES, serde_json::to_string(&class_names)?),
-            meta(META_INPUT_SIZE, format!("{h}x{w}")),
-        ],
-        ..Default::default()
-    })
+    Ok(vec![
+        meta(META_VERSION, env!("CARGO_PKG_VERSION").into()),
+        meta(META_CONFIG, serde_json::to_string(config)?),
+        meta(META_CLASSES, serde_json::to_string(&class_names)?),
+        meta(META_INPUT_SIZE, format!("{h}x{w}")),
+    ])
 }
 
 /// A float32 state-dict tensor as an initializer of the same name (little-endian raw data).
@@ -277,7 +296,6 @@ fn value_info(name: &str, dims: Vec<Dimension>, doc: &str) -> ValueInfoProto {
     }
 }
 
-/// kernel_shape, strides, pads (begin and end of both axes) and dilations of a square window.
 /// A layer's ONNX node as the protobuf holds it.
 fn node_proto(n: OnnxNode) -> NodeProto {
     let attribute = n

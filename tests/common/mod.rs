@@ -157,7 +157,7 @@ pub fn load_golden(path: &std::path::Path) -> std::collections::HashMap<String, 
 }
 
 /// Convolutions on awkward shapes, ordinary and grouped, for every conv kernel family
-/// (tests/kernels.rs: register blocks and workgroup-memory tiles; tests/coop.rs: cooperative
+/// (tests/kernels/conv2d.rs: register blocks and workgroup-memory tiles; tests/coop.rs: cooperative
 /// matrices).
 pub fn conv_cases() -> Vec<Conv2dConfig> {
     let sq = Conv2dConfig::square;
@@ -356,4 +356,9 @@ pub fn read_as(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
         senet_wgpu::gpu::Dtype::F16 => t.read::<half::f16>(gpu).expect("read f16").iter().map(|x| x.to_f32()).collect(),
         _ => read(gpu, t),
     }
+}
+
+/// A zeroed f16 tensor.
+pub fn zeros_f16(gpu: &Gpu, label: &str, shape: &[usize]) -> Tensor {
+    Tensor::zeros_of(gpu, label, shape, senet_wgpu::gpu::Dtype::F16).expect("allocate f16")
 }

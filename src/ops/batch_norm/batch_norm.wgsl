@@ -30,7 +30,7 @@
 //                               every other parameter gradient)
 //   batch_norm_backward_input   the sums over every rank, written back into `grad_sums`, -> dinp
 // On one rank, stats + apply give the forward_train's bits and sums + input the backward's
-// (tests/kernels.rs); the fused kernels are what one process runs.
+// (tests/kernels/batch_norm.rs); the fused kernels are what one process runs.
 //
 // The input, output and their gradients are `act` (f32 or f16, defined by the host per compiled
 // variant); statistics, parameters, running estimates and every sum are f32 in both.

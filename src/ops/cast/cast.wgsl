@@ -1,6 +1,6 @@
 // cast: out = act(inp), f32 values narrowed to the plan's activation type. WGSL leaves the rounding
 // to the adapter: lavapipe rounds to nearest even and overflows to ±inf, as PyTorch's .half()
-// (tests/kernels.rs holds it to that bit for bit; another adapter may round 65504..65536 down). An f16 plan casts its input batch once per
+// (tests/kernels/cast.rs holds it to that bit for bit; another adapter may round 65504..65536 down). An f16 plan casts its input batch once per
 // step and its f32 master weights into their f16 copies once per step, before the forward pass
 // (one dispatch over the whole flat parameter buffer). In an f32 plan it is a copy.
 

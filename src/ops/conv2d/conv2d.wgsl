@@ -60,6 +60,16 @@
 //       works out 16 row addresses for a reduction over only 4 channels, and the 8-wide column
 //       block is half padding. Depthwise is correct, not fast (15/16 of a block idle); a
 //       depthwise-specific kernel is the next version if a model needs one.
+//   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
+//       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
+//       so the trip counts are known when the pipeline is built; the same FMAs in the same order).
+//       senet bench --tune off --width 0.25 --batch-size 64, old and new binaries alternated, 2
+//       runs each, lavapipe on 2 shared cores (load average 8-12), ms from its kernel table:
+//       forward 1147 / 1423 hand-named against 2898 / 3483 as an array, input gradient 1409 /
+//       1353 against 3207 / 2923; train 11.4 / 11.7 against 7.7 / 7.0 images/s; the unchanged
+//       weight gradient stayed within ~10% (1888 / 1764 against 1795 / 1953). The array form is
+//       ~2.2x slower (lavapipe presumably keeps it in memory rather than in registers), so the
+//       accumulators stay written out.
 
 // Params and binding 0 (p): conv2d_params.wgsl, appended by the host.
 @group(0) @binding(1) var<storage, read> inp: array<act>;

@@ -156,32 +156,7 @@ impl OptimizerStep {
         scaler: Option<&Tensor>,
     ) -> Result<OptimizerStep> {
         config.validate()?;
-        ensure!(
-            grad.numel() == param.numel(),
-            "optimizer: gradient has {} elements, parameter {}",
-            grad.numel(),
-            param.numel()
-        );
-        ensure!(
-            offset + len <= param.numel(),
-            "optimizer: range {offset}..{} outside a parameter of {}",
-            offset + len,
-            param.numel()
-        );
-        ensure!(
-            state.len() == config.state_count(),
-            "optimizer: {} state tensors given, {} needed",
-            state.len(),
-            config.state_count()
-        );
-        for s in state {
-            ensure!(
-                s.numel() == param.numel(),
-                "optimizer: state has {} elements, parameter {}",
-                s.numel(),
-                param.numel()
-            );
-        }
+        check_shapes(&config, param, grad, state, offset, len)?;
         let (offset, len) = (to_u32("offset", offset)?, to_u32("length", len)?);
         gpu.stats.alloc(64);
         let params = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -193,42 +168,10 @@ impl OptimizerStep {
         let grid = gpu.grid_1d(len as usize, WG);
         let no_scaler = super::placeholder(gpu)?;
         let scaler = scaler.unwrap_or(&no_scaler);
+        let launch = Launch { gpu, params: &params, param, grad, scaler, consts: &consts, grid, len };
         let dispatch = match config {
-            OptimizerConfig::Adam { .. } => {
-                let binds = [
-                    Bind::Uniform(0, &params),
-                    Bind::Tensor(2, param),
-                    Bind::Tensor(3, grad),
-                    Bind::Tensor(4, state[0]),
-                    Bind::Tensor(5, state[1]),
-                    Bind::Tensor(7, scaler),
-                ];
-                // Each parameter, m and v read and written, its gradient read (and the loss
-                // scale); about a dozen flops per parameter (the moments, bias corrections, sqrt).
-                let n = len as f64;
-                gpu.dispatch("optimizer", "adam_step", &consts, &binds, grid)?.with_cost(12.0 * n, 28.0 * n + 4.0)
-            }
-            OptimizerConfig::Sgd { momentum, .. } => {
-                let unused;
-                let buf = if momentum != 0.0 {
-                    state[0]
-                } else {
-                    unused = Tensor::zeros(gpu, "unused momentum", &[1])?;
-                    &unused
-                };
-                let binds = [
-                    Bind::Uniform(0, &params),
-                    Bind::Tensor(2, param),
-                    Bind::Tensor(3, grad),
-                    Bind::Tensor(6, buf),
-                    Bind::Tensor(7, scaler),
-                ];
-                // Each parameter read and written and its gradient read, and the momentum buffer
-                // read and written when there is one.
-                let (n, state_bytes) = (len as f64, if momentum != 0.0 { 8.0 } else { 0.0 });
-                gpu.dispatch("optimizer", "sgd_step", &consts, &binds, grid)?
-                    .with_cost(4.0 * n, (12.0 + state_bytes) * n + 4.0)
-            }
+            OptimizerConfig::Adam { .. } => launch.adam(state)?,
+            OptimizerConfig::Sgd { momentum, .. } => launch.sgd(state, momentum)?,
         };
         Ok(OptimizerStep { config, offset, len, params, dispatch })
     }
@@ -240,6 +183,99 @@ impl OptimizerStep {
 
     fn write_params(&self, gpu: &Gpu, step: u64) {
         gpu.queue.write_buffer(&self.params, 0, &params_bytes(&self.config, self.offset, self.len, step));
+    }
+}
+
+/// The gradient, the range and every state tensor against the parameter.
+fn check_shapes(
+    config: &OptimizerConfig,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &[&Tensor],
+    offset: usize,
+    len: usize,
+) -> Result<()> {
+    ensure!(
+        grad.numel() == param.numel(),
+        "optimizer: gradient has {} elements, parameter {}",
+        grad.numel(),
+        param.numel()
+    );
+    ensure!(
+        offset + len <= param.numel(),
+        "optimizer: range {offset}..{} outside a parameter of {}",
+        offset + len,
+        param.numel()
+    );
+    ensure!(
+        state.len() == config.state_count(),
+        "optimizer: {} state tensors given, {} needed",
+        state.len(),
+        config.state_count()
+    );
+    for s in state {
+        ensure!(s.numel() == param.numel(), "optimizer: state has {} elements, parameter {}", s.numel(), param.numel());
+    }
+    Ok(())
+}
+
+/// What both update kernels bind and launch with: the uniform block, the parameter and its
+/// gradient, the loss scaler's state (a placeholder when unscaled), the constants and the grid.
+struct Launch<'a> {
+    gpu: &'a Gpu,
+    params: &'a wgpu::Buffer,
+    param: &'a Tensor,
+    grad: &'a Tensor,
+    scaler: &'a Tensor,
+    consts: &'a [(&'a str, f64)],
+    grid: [u32; 3],
+    len: u32,
+}
+
+impl Launch<'_> {
+    /// `adam_step`: the two moments in `state`.
+    fn adam(&self, state: &[&Tensor]) -> Result<Dispatch> {
+        let binds = [
+            Bind::Uniform(0, self.params),
+            Bind::Tensor(2, self.param),
+            Bind::Tensor(3, self.grad),
+            Bind::Tensor(4, state[0]),
+            Bind::Tensor(5, state[1]),
+            Bind::Tensor(7, self.scaler),
+        ];
+        // Each parameter, m and v read and written, its gradient read (and the loss
+        // scale); about a dozen flops per parameter (the moments, bias corrections, sqrt).
+        let n = f64::from(self.len);
+        Ok(self
+            .gpu
+            .dispatch("optimizer", "adam_step", self.consts, &binds, self.grid)?
+            .with_cost(12.0 * n, 28.0 * n + 4.0))
+    }
+
+    /// `sgd_step`: the momentum buffer in `state` when `momentum` is not 0 (else a one-element
+    /// stand-in the kernel never reads).
+    fn sgd(&self, state: &[&Tensor], momentum: f64) -> Result<Dispatch> {
+        let unused;
+        let buf = if momentum != 0.0 {
+            state[0]
+        } else {
+            unused = Tensor::zeros(self.gpu, "unused momentum", &[1])?;
+            &unused
+        };
+        let binds = [
+            Bind::Uniform(0, self.params),
+            Bind::Tensor(2, self.param),
+            Bind::Tensor(3, self.grad),
+            Bind::Tensor(6, buf),
+            Bind::Tensor(7, self.scaler),
+        ];
+        // Each parameter read and written and its gradient read, and the momentum buffer
+        // read and written when there is one.
+        let (n, state_bytes) = (f64::from(self.len), if momentum != 0.0 { 8.0 } else { 0.0 });
+        Ok(self
+            .gpu
+            .dispatch("optimizer", "sgd_step", self.consts, &binds, self.grid)?
+            .with_cost(4.0 * n, (12.0 + state_bytes) * n + 4.0))
     }
 }
 

@@ -1,0 +1,635 @@
+//! Batch norm: training and evaluation, the fused ReLU, --sync-bn's split kernels, f32 and f16.
+
+use crate::common::*;
+use crate::{F16_RTOL, read_f16, uniform_f16, upload_f16};
+use senet_wgpu::gpu::Tensor;
+use senet_wgpu::ops::batch_norm::{self, BatchNormConfig};
+use senet_wgpu::ops::relu;
+use senet_wgpu::reference;
+
+fn bn_cases() -> Vec<BatchNormConfig> {
+    vec![
+        BatchNormConfig::new(1, 3, 5, 7),     // batch 1, odd non-square
+        BatchNormConfig::new(4, 5, 3, 3),     // small planes, many samples
+        BatchNormConfig::new(2, 17, 8, 8),    // channels no multiple of anything
+        BatchNormConfig::new(3, 2, 1, 1),     // 1x1 planes: statistics over the batch only
+        BatchNormConfig::new(2, 3, 40, 40),   // 3,200 values per channel: > the 256-wide reduction
+        BatchNormConfig::new(128, 3, 32, 32), // 131,072 values per channel: a batch of 128 at 32x32
+    ]
+}
+
+/// The forward's tensors, in the order the tests name them.
+fn bn<'a>(
+    inp: &'a Tensor,
+    gamma: &'a Tensor,
+    beta: &'a Tensor,
+    running_mean: &'a Tensor,
+    running_var: &'a Tensor,
+    stats: &'a Tensor,
+    out: &'a Tensor,
+) -> batch_norm::BnForward<'a> {
+    batch_norm::BnForward { inp, gamma, beta, running_mean, running_var, stats, out }
+}
+
+/// Batch norm outputs are O(1) after normalisation; the statistics are f32 Welford reductions over
+/// up to 131,072 values per channel (a batch of 128 at 32x32), merged pairwise, whose rounding
+/// (~1e-6 relative) passes through invstd: atol/rtol 1e-4. The largest case fails if a kernel
+/// reads only part of a channel beyond the sizes the smaller cases cover (planted: statistics
+/// over the first 65,536 values only).
+const BN_TOL: f64 = 1e-4;
+
+#[test]
+fn batch_norm_train_forward_and_backward_match_reference() {
+    for (path, gpu) in gpus() {
+        for (i, cfg) in bn_cases().iter().enumerate() {
+            let mut r = rng(300 + i as u64);
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform(&mut r, numel, -2.0, 3.0);
+            let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+            let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+            let rm = uniform(&mut r, cfg.c, -0.2, 0.2);
+            let rv = uniform(&mut r, cfg.c, 0.5, 2.0);
+            let dy = uniform(&mut r, numel, -1.0, 1.0);
+            let check = |label: &str, got: &[f32], want: &[f64]| {
+                assert_close(&format!("{label} case {i} ({path}) {cfg:?}"), got, want, BN_TOL, BN_TOL)
+            };
+
+            let tx = upload(&gpu, "x", &cfg.shape(), &x);
+            let tg = upload(&gpu, "gamma", &[cfg.c], &gamma);
+            let tb = upload(&gpu, "beta", &[cfg.c], &beta);
+            let trm = upload(&gpu, "running_mean", &[cfg.c], &rm);
+            let trv = upload(&gpu, "running_var", &[cfg.c], &rv);
+            let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+            let ty = zeros(&gpu, "y", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_train(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap(),
+            );
+            let want = reference::batch_norm::batch_norm_forward_train(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &to_f64(&beta),
+                &to_f64(&rm),
+                &to_f64(&rv),
+            );
+            check("batch_norm_forward (train) output", &read(&gpu, &ty), &want.out);
+            check("batch_norm running_mean", &read(&gpu, &trm), &want.running_mean);
+            check("batch_norm running_var (unbiased)", &read(&gpu, &trv), &want.running_var);
+            let s = read(&gpu, &stats);
+            check("batch_norm saved mean", &s[..cfg.c], &want.mean);
+            check("batch_norm saved invstd", &s[cfg.c..], &want.invstd);
+
+            let tdy = upload(&gpu, "dy", &cfg.shape(), &dy);
+            let tdx = zeros(&gpu, "dx", &cfg.shape());
+            let tdg = zeros(&gpu, "dgamma", &[cfg.c]);
+            let tdb = zeros(&gpu, "dbeta", &[cfg.c]);
+            run(
+                &gpu,
+                &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &tdy, &tdx, &tdg, &tdb).unwrap(),
+            );
+            let (dx, dg, db) = reference::batch_norm::batch_norm_backward(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &want.mean,
+                &want.invstd,
+                &to_f64(&dy),
+            );
+            check("batch_norm_backward dinp", &read(&gpu, &tdx), &dx);
+            check("batch_norm_backward dgamma", &read(&gpu, &tdg), &dg);
+            check("batch_norm_backward dbeta", &read(&gpu, &tdb), &db);
+
+            // Eval mode normalises with the running statistics.
+            let ty2 = zeros(&gpu, "y eval", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_eval(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty2)).unwrap(),
+            );
+            let eval = reference::batch_norm::batch_norm_forward_eval(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &to_f64(&beta),
+                &want.running_mean,
+                &want.running_var,
+            );
+            check("batch_norm_forward (eval)", &read(&gpu, &ty2), &eval);
+        }
+    }
+}
+
+/// BN with a fused ReLU gives, bit for bit, what BN then ReLU give (forward output, input, gamma
+/// and beta gradients, in training and eval mode), and so what their references give.
+#[test]
+fn batch_norm_with_fused_relu_is_bn_then_relu_bit_for_bit() {
+    for (path, gpu) in gpus() {
+        for (i, cfg) in bn_cases().iter().enumerate() {
+            let mut r = rng(350 + i as u64);
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform(&mut r, numel, -2.0, 3.0);
+            let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+            let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+            let dy = uniform(&mut r, numel, -1.0, 1.0);
+            let (tx, tdy) = (upload(&gpu, "x", &cfg.shape(), &x), upload(&gpu, "dy", &cfg.shape(), &dy));
+            let (tg, tb) = (upload(&gpu, "gamma", &[cfg.c], &gamma), upload(&gpu, "beta", &[cfg.c], &beta));
+            // [forward output, dinp, dgamma, dbeta, eval output] of one variant.
+            let outputs = |fused: bool| -> Vec<Vec<f32>> {
+                let (trm, trv) = (zeros(&gpu, "rm", &[cfg.c]), upload(&gpu, "rv", &[cfg.c], &vec![1.0; cfg.c]));
+                let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+                let (bn_out, relu_out) = (zeros(&gpu, "bn out", &cfg.shape()), zeros(&gpu, "relu out", &cfg.shape()));
+                let (dbn, dx) = (zeros(&gpu, "d bn out", &cfg.shape()), zeros(&gpu, "dx", &cfg.shape()));
+                let (dg, db) = (zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
+                let eval_out = zeros(&gpu, "eval out", &cfg.shape());
+                if fused {
+                    let f = cfg.with_relu();
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &relu_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &f, &t).unwrap());
+                    let d = batch_norm::batch_norm_backward(
+                        &gpu,
+                        &f,
+                        &tx,
+                        &tg,
+                        &stats,
+                        Some(&relu_out),
+                        &tdy,
+                        &dx,
+                        &dg,
+                        &db,
+                    );
+                    run(&gpu, &d.unwrap());
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &eval_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, &f, &t).unwrap());
+                } else {
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &t).unwrap());
+                    run(&gpu, &relu::relu_forward(&gpu, &bn_out, &relu_out).unwrap());
+                    run(&gpu, &relu::relu_backward(&gpu, &relu_out, &tdy, &dbn).unwrap());
+                    let d = batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &dbn, &dx, &dg, &db);
+                    run(&gpu, &d.unwrap());
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &bn_out);
+                    run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, cfg, &t).unwrap());
+                    run(&gpu, &relu::relu_forward(&gpu, &bn_out, &eval_out).unwrap());
+                }
+                [&relu_out, &dx, &dg, &db, &eval_out].iter().map(|t| read(&gpu, t)).collect()
+            };
+            let (fused, apart) = (outputs(true), outputs(false));
+            for (what, (f, a)) in
+                ["output", "dinp", "dgamma", "dbeta", "eval output"].iter().zip(fused.iter().zip(&apart))
+            {
+                let same = f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "case {i} ({path}) {cfg:?}: fused {what} differs from BN then ReLU");
+            }
+            // And against the references composed.
+            let want = reference::batch_norm::batch_norm_forward_train(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &to_f64(&beta),
+                &vec![0.0; cfg.c],
+                &vec![1.0; cfg.c],
+            );
+            let y = reference::relu::relu_forward(&want.out);
+            assert_close(&format!("fused output case {i} ({path})"), &fused[0], &y, BN_TOL, BN_TOL);
+            let dbn = reference::relu::relu_backward(&y, &to_f64(&dy));
+            let (dx, _, _) = reference::batch_norm::batch_norm_backward(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &want.mean,
+                &want.invstd,
+                &dbn,
+            );
+            assert_close(&format!("fused dinp case {i} ({path})"), &fused[1], &dx, BN_TOL, BN_TOL);
+        }
+        // A fused BN's backward needs the ReLU's output, and an unfused one must not get it.
+        let cfg = bn_cases()[0];
+        let t = zeros(&gpu, "t", &cfg.shape());
+        let c = zeros(&gpu, "c", &[cfg.c]);
+        let s = zeros(&gpu, "s", &[2, cfg.c]);
+        let err = batch_norm::batch_norm_backward(&gpu, &cfg.with_relu(), &t, &c, &s, None, &t, &t, &c, &c);
+        assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
+        let err = batch_norm::batch_norm_backward(&gpu, &cfg, &t, &c, &s, Some(&t), &t, &t, &c, &c);
+        assert!(format!("{:#}", err.unwrap_err()).contains("fused ReLU"));
+    }
+}
+
+/// Mean 100, std 0.1: a one-pass E[x^2] - E[x]^2 in f32 loses the variance entirely (ulp(1e4) =
+/// 1e-3 against a variance of 0.01). The two-pass kernel keeps it; what remains is the f32
+/// quantisation of the inputs themselves (ulp(100)/std ~ 8e-5 in xhat): atol 1e-3.
+#[test]
+fn batch_norm_statistics_survive_a_large_mean() {
+    for (path, gpu) in gpus() {
+        let cfg = BatchNormConfig::new(8, 3, 16, 16);
+        let mut r = rng(399);
+        let numel: usize = cfg.shape().iter().product();
+        let x: Vec<f32> = uniform(&mut r, numel, -0.17, 0.17).iter().map(|v| 100.0 + v).collect();
+        let ones = vec![1.0f32; cfg.c];
+        let zero = vec![0.0f32; cfg.c];
+        let tx = upload(&gpu, "x", &cfg.shape(), &x);
+        let tg = upload(&gpu, "gamma", &[cfg.c], &ones);
+        let tb = upload(&gpu, "beta", &[cfg.c], &zero);
+        let trm = upload(&gpu, "rm", &[cfg.c], &zero);
+        let trv = upload(&gpu, "rv", &[cfg.c], &ones);
+        let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+        let ty = zeros(&gpu, "y", &cfg.shape());
+        run(
+            &gpu,
+            &batch_norm::batch_norm_forward_train(&gpu, &cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty)).unwrap(),
+        );
+        let want = reference::batch_norm::batch_norm_forward_train(
+            &cfg,
+            &to_f64(&x),
+            &to_f64(&ones),
+            &to_f64(&zero),
+            &to_f64(&zero),
+            &to_f64(&ones),
+        );
+        assert_close(&format!("batch_norm large-mean output ({path})"), &read(&gpu, &ty), &want.out, 1e-3, 0.0);
+        let s = read(&gpu, &stats);
+        assert_close(&format!("batch_norm large-mean invstd ({path})"), &s[cfg.c..], &want.invstd, 0.0, 1e-3);
+    }
+}
+
+#[test]
+fn batch_norm_refuses_one_value_per_channel_in_training() {
+    let gpu = gpu();
+    let cfg = BatchNormConfig::new(1, 2, 1, 1);
+    let t = |s: &[usize]| zeros(&gpu, "t", s);
+    let (x, g, b, rm, rv, st, y) = (t(&[1, 2, 1, 1]), t(&[2]), t(&[2]), t(&[2]), t(&[2]), t(&[2, 2]), t(&[1, 2, 1, 1]));
+    let err = batch_norm::batch_norm_forward_train(&gpu, &cfg, &bn(&x, &g, &b, &rm, &rv, &st, &y)).unwrap_err();
+    assert!(err.to_string().contains("more than one value per channel"), "{err}");
+}
+
+/// --sync-bn's split kernels over one rank — statistics, the one-rank merge, apply; gradient sums,
+/// the one-rank sum, input gradient — give the fused kernels' bits: every output, the saved
+/// statistics and the running estimates, with and without the fused ReLU. They share the fused
+/// kernels' arithmetic line for line (src/ops/batch_norm/batch_norm.wgsl), so tolerance 0.
+#[test]
+fn batch_norm_split_kernels_on_one_rank_are_the_fused_ones_bit_for_bit() {
+    for (path, gpu) in gpus() {
+        for (i, base) in bn_cases().iter().enumerate() {
+            for cfg in [*base, base.with_relu()] {
+                let mut r = rng(500 + i as u64);
+                let numel = cfg.numel();
+                let x = uniform(&mut r, numel, -2.0, 3.0);
+                let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+                let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+                let rm = uniform(&mut r, cfg.c, -0.2, 0.2);
+                let rv = uniform(&mut r, cfg.c, 0.5, 2.0);
+                let dy = uniform(&mut r, numel, -1.0, 1.0);
+                let (tx, tdy) = (upload(&gpu, "x", &cfg.shape(), &x), upload(&gpu, "dy", &cfg.shape(), &dy));
+                let (tg, tb) = (upload(&gpu, "gamma", &[cfg.c], &gamma), upload(&gpu, "beta", &[cfg.c], &beta));
+                // [output, mean|invstd, running_mean, running_var, dinp, dgamma, dbeta] of one path.
+                let outputs = |split: bool| -> Vec<Vec<f32>> {
+                    let (trm, trv) = (upload(&gpu, "rm", &[cfg.c], &rm), upload(&gpu, "rv", &[cfg.c], &rv));
+                    let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+                    let y = zeros(&gpu, "y", &cfg.shape());
+                    let (dx, dg, db) =
+                        (zeros(&gpu, "dx", &cfg.shape()), zeros(&gpu, "dg", &[cfg.c]), zeros(&gpu, "db", &[cfg.c]));
+                    let t = bn(&tx, &tg, &tb, &trm, &trv, &stats, &y);
+                    let relu_out = cfg.relu.then_some(&y);
+                    let g = batch_norm::BnBackward {
+                        inp: &tx,
+                        gamma: &tg,
+                        stats: &stats,
+                        relu_out,
+                        dout: &tdy,
+                        dinp: &dx,
+                        dgamma: &dg,
+                        dbeta: &db,
+                    };
+                    if split {
+                        let exchange = zeros(&gpu, "exchange", &[batch_norm::ROWS, cfg.c]);
+                        run(&gpu, &batch_norm::batch_norm_forward_stats(&gpu, &cfg, &tx, &exchange).unwrap());
+                        let merged = batch_norm::merge_rank_statistics(&read(&gpu, &exchange), cfg.c).unwrap();
+                        exchange.write(&gpu, &merged).unwrap();
+                        run(&gpu, &batch_norm::batch_norm_forward_apply(&gpu, &cfg, &t, &exchange).unwrap());
+                        run(&gpu, &batch_norm::batch_norm_backward_sums(&gpu, &cfg, &g, &exchange).unwrap());
+                        let sums = batch_norm::sum_rank_grad_sums(&read(&gpu, &exchange), cfg.c).unwrap();
+                        exchange.write(&gpu, &sums).unwrap();
+                        run(&gpu, &batch_norm::batch_norm_backward_input(&gpu, &cfg, &g, &exchange).unwrap());
+                    } else {
+                        run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, &cfg, &t).unwrap());
+                        let d = batch_norm::batch_norm_backward(
+                            &gpu, &cfg, &tx, &tg, &stats, relu_out, &tdy, &dx, &dg, &db,
+                        );
+                        run(&gpu, &d.unwrap());
+                    }
+                    [&y, &stats, &trm, &trv, &dx, &dg, &db].iter().map(|t| read(&gpu, t)).collect()
+                };
+                let (split, fused) = (outputs(true), outputs(false));
+                let what = ["output", "saved statistics", "running_mean", "running_var", "dinp", "dgamma", "dbeta"];
+                for (what, (s, f)) in what.iter().zip(split.iter().zip(&fused)) {
+                    let diff = s.iter().zip(f).position(|(p, q)| p.to_bits() != q.to_bits());
+                    assert!(
+                        diff.is_none(),
+                        "case {i} ({path}) {cfg:?}: split {what} differs from the fused kernel's at {diff:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Ranks' batches (each `n` of the list) of one [c, h, w]: --sync-bn's cases.
+struct SyncBnCase {
+    ranks: &'static [usize],
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+fn sync_bn_cases() -> Vec<SyncBnCase> {
+    vec![
+        // batch 1 on each of two ranks, odd non-square planes
+        SyncBnCase { ranks: &[1, 1], c: 3, h: 5, w: 7 },
+        // three ranks with unequal batches, 17 channels (a multiple of nothing), 3x3
+        SyncBnCase { ranks: &[2, 1, 3], c: 17, h: 3, w: 3 },
+        // 1x2 planes: a rank holds 2 values per channel
+        SyncBnCase { ranks: &[1, 4], c: 5, h: 1, w: 2 },
+        // past the 256-wide reduction on every rank
+        SyncBnCase { ranks: &[3, 2], c: 4, h: 40, w: 40 },
+        // two ranks of batch 64 at 32x32: 65,536 values per channel per rank
+        SyncBnCase { ranks: &[64, 64], c: 3, h: 32, w: 32 },
+    ]
+}
+
+/// The whole batch's tensor cut into the ranks' batches (along N).
+fn split_batch(x: &[f32], ranks: &[usize], per_sample: usize) -> Vec<Vec<f32>> {
+    let mut start = 0;
+    ranks
+        .iter()
+        .map(|n| {
+            let part = x[start..start + n * per_sample].to_vec();
+            start += n * per_sample;
+            part
+        })
+        .collect()
+}
+
+/// SyncBatchNorm's definition: batch norm over ranks' batches, statistics merged and gradient
+/// sums added across them, is batch norm over the whole batch (the ranks' concatenated). Each
+/// rank's split kernels, with the host's merge and sum between them, against the f64 reference on
+/// the whole batch — output, saved statistics, running estimates (every rank's the same bits),
+/// dinp, and dgamma / dbeta summed over the ranks — and each half against its own reference on
+/// the rank's batch. Tolerances: BN_TOL as the one-process kernels (the same f32 reductions plus
+/// one f32 merge per rank); the exchanged sums are f32 sums of up to 65,536 terms of size <= 3,
+/// compared at rtol 1e-4 and atol 1e-6 per value summed (a pairwise tree's rounding is far below).
+#[test]
+fn batch_norm_split_over_ranks_is_batch_norm_over_the_whole_batch() {
+    for (path, gpu) in gpus() {
+        for (i, case) in sync_bn_cases().iter().enumerate() {
+            for relu in [false, true] {
+                let n: usize = case.ranks.iter().sum();
+                let mut whole = BatchNormConfig::new(n, case.c, case.h, case.w);
+                if relu {
+                    whole = whole.with_relu();
+                }
+                let rank_cfg = |k: usize| BatchNormConfig { n: case.ranks[k], ..whole };
+                let per_sample = case.c * case.h * case.w;
+                let mut r = rng(600 + i as u64);
+                let x = uniform(&mut r, whole.numel(), -2.0, 3.0);
+                let gamma = uniform(&mut r, case.c, 0.5, 1.5);
+                let beta = uniform(&mut r, case.c, -0.5, 0.5);
+                let rm = uniform(&mut r, case.c, -0.2, 0.2);
+                let rv = uniform(&mut r, case.c, 0.5, 2.0);
+                let dy = uniform(&mut r, whole.numel(), -1.0, 1.0);
+                let tag = |what: &str| format!("{what} case {i} ({path}) ranks {:?} {whole:?}", case.ranks);
+
+                // The whole batch, in f64.
+                let (g64, x64) = (to_f64(&gamma), to_f64(&x));
+                let want = reference::batch_norm::batch_norm_forward_train(
+                    &whole,
+                    &x64,
+                    &g64,
+                    &to_f64(&beta),
+                    &to_f64(&rm),
+                    &to_f64(&rv),
+                );
+                let y64 = if relu { reference::relu::relu_forward(&want.out) } else { want.out.clone() };
+                // The gradient reaching the normalisation (masked by the fused ReLU).
+                let dbn = if relu { reference::relu::relu_backward(&y64, &to_f64(&dy)) } else { to_f64(&dy) };
+                let (want_dx, want_dg, want_db) =
+                    reference::batch_norm::batch_norm_backward(&whole, &x64, &g64, &want.mean, &want.invstd, &dbn);
+
+                // Each rank's tensors.
+                let (xs, dys, dbns) = (
+                    split_batch(&x, case.ranks, per_sample),
+                    split_batch(&dy, case.ranks, per_sample),
+                    split_batch(&dbn.iter().map(|&v| v as f32).collect::<Vec<_>>(), case.ranks, per_sample),
+                );
+                let (tg, tb) = (upload(&gpu, "gamma", &[case.c], &gamma), upload(&gpu, "beta", &[case.c], &beta));
+                struct Rank {
+                    x: Tensor,
+                    dy: Tensor,
+                    rm: Tensor,
+                    rv: Tensor,
+                    stats: Tensor,
+                    y: Tensor,
+                    dx: Tensor,
+                    dg: Tensor,
+                    db: Tensor,
+                    exchange: Tensor,
+                }
+                let ranks: Vec<Rank> = (0..case.ranks.len())
+                    .map(|k| {
+                        let s = rank_cfg(k).shape();
+                        Rank {
+                            x: upload(&gpu, "x", &s, &xs[k]),
+                            dy: upload(&gpu, "dy", &s, &dys[k]),
+                            rm: upload(&gpu, "rm", &[case.c], &rm),
+                            rv: upload(&gpu, "rv", &[case.c], &rv),
+                            stats: zeros(&gpu, "stats", &[2, case.c]),
+                            y: zeros(&gpu, "y", &s),
+                            dx: zeros(&gpu, "dx", &s),
+                            dg: zeros(&gpu, "dg", &[case.c]),
+                            db: zeros(&gpu, "db", &[case.c]),
+                            exchange: zeros(&gpu, "exchange", &[batch_norm::ROWS, case.c]),
+                        }
+                    })
+                    .collect();
+                let backward = |k: usize| {
+                    let t = &ranks[k];
+                    batch_norm::BnBackward {
+                        inp: &t.x,
+                        gamma: &tg,
+                        stats: &t.stats,
+                        relu_out: relu.then_some(&t.y),
+                        dout: &t.dy,
+                        dinp: &t.dx,
+                        dgamma: &t.dg,
+                        dbeta: &t.db,
+                    }
+                };
+                // What the ranks exchange, each half checked against its reference on the rank's batch.
+                let stat_tol = |count: f64| 1e-6 * count;
+                let rows = |v: &[f32]| -> Vec<Vec<f32>> { v.chunks(case.c).map(<[f32]>::to_vec).collect() };
+
+                // Forward: statistics, the host merge in rank order, apply.
+                let mut gathered = Vec::new();
+                for (k, t) in ranks.iter().enumerate() {
+                    run(&gpu, &batch_norm::batch_norm_forward_stats(&gpu, &rank_cfg(k), &t.x, &t.exchange).unwrap());
+                    let mine = read(&gpu, &t.exchange);
+                    let w = reference::batch_norm::batch_norm_forward_stats(&rank_cfg(k), &to_f64(&xs[k]));
+                    let got = rows(&mine);
+                    let m = rank_cfg(k).count() as f64;
+                    assert_close(&tag("batch_norm_forward_stats count"), &got[0], &w.count, 0.0, 0.0);
+                    assert_close(&tag("batch_norm_forward_stats mean"), &got[1], &w.mean, BN_TOL, BN_TOL);
+                    assert_close(&tag("batch_norm_forward_stats M2"), &got[2], &w.m2, stat_tol(m), BN_TOL);
+                    gathered.extend(mine);
+                }
+                let merged = batch_norm::merge_rank_statistics(&gathered, case.c).unwrap();
+                for (k, t) in ranks.iter().enumerate() {
+                    t.exchange.write(&gpu, &merged).unwrap();
+                    let f = bn(&t.x, &tg, &tb, &t.rm, &t.rv, &t.stats, &t.y);
+                    run(&gpu, &batch_norm::batch_norm_forward_apply(&gpu, &rank_cfg(k), &f, &t.exchange).unwrap());
+                }
+                let cat = |f: &dyn Fn(&Rank) -> &Tensor| -> Vec<f32> {
+                    ranks.iter().flat_map(|t| read(&gpu, f(t))).collect()
+                };
+                assert_close(&tag("batch_norm_forward_apply output"), &cat(&|t| &t.y), &y64, BN_TOL, BN_TOL);
+                let s = read(&gpu, &ranks[0].stats);
+                assert_close(&tag("batch_norm_forward_apply mean"), &s[..case.c], &want.mean, BN_TOL, BN_TOL);
+                assert_close(&tag("batch_norm_forward_apply invstd"), &s[case.c..], &want.invstd, BN_TOL, BN_TOL);
+                let (rm0, rv0) = (read(&gpu, &ranks[0].rm), read(&gpu, &ranks[0].rv));
+                assert_close(&tag("running_mean (merged)"), &rm0, &want.running_mean, BN_TOL, BN_TOL);
+                assert_close(&tag("running_var (merged count, unbiased)"), &rv0, &want.running_var, BN_TOL, BN_TOL);
+                for t in &ranks[1..] {
+                    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same(&read(&gpu, &t.stats), &s), "{}", tag("every rank's statistics the same bits"));
+                    assert!(same(&read(&gpu, &t.rm), &rm0) && same(&read(&gpu, &t.rv), &rv0), "{}", tag("running"));
+                }
+
+                // Backward: gradient sums, the host sum in rank order, input gradient.
+                let mut gathered = Vec::new();
+                for (k, t) in ranks.iter().enumerate() {
+                    run(
+                        &gpu,
+                        &batch_norm::batch_norm_backward_sums(&gpu, &rank_cfg(k), &backward(k), &t.exchange).unwrap(),
+                    );
+                    let mine = read(&gpu, &t.exchange);
+                    let want_s = reference::batch_norm::batch_norm_backward_sums(
+                        &rank_cfg(k),
+                        &to_f64(&xs[k]),
+                        &want.mean,
+                        &to_f64(&dbns[k]),
+                    );
+                    let got = rows(&mine);
+                    let m = rank_cfg(k).count() as f64;
+                    assert_close(&tag("batch_norm_backward_sums count"), &got[0], &want_s.count, 0.0, 0.0);
+                    assert_close(
+                        &tag("batch_norm_backward_sums sum dout"),
+                        &got[1],
+                        &want_s.sum_dout,
+                        stat_tol(m),
+                        BN_TOL,
+                    );
+                    assert_close(
+                        &tag("batch_norm_backward_sums sum dout*(x-mean)"),
+                        &got[2],
+                        &want_s.sum_dout_xmu,
+                        stat_tol(m),
+                        BN_TOL,
+                    );
+                    gathered.extend(mine);
+                }
+                let summed = batch_norm::sum_rank_grad_sums(&gathered, case.c).unwrap();
+                for (k, t) in ranks.iter().enumerate() {
+                    t.exchange.write(&gpu, &summed).unwrap();
+                    run(
+                        &gpu,
+                        &batch_norm::batch_norm_backward_input(&gpu, &rank_cfg(k), &backward(k), &t.exchange).unwrap(),
+                    );
+                }
+                assert_close(&tag("batch_norm_backward_input dinp"), &cat(&|t| &t.dx), &want_dx, BN_TOL, BN_TOL);
+                let over_ranks = |f: &dyn Fn(&Rank) -> &Tensor| -> Vec<f32> {
+                    let mut s = vec![0.0f32; case.c];
+                    for t in &ranks {
+                        s.iter_mut().zip(read(&gpu, f(t))).for_each(|(a, b)| *a += b);
+                    }
+                    s
+                };
+                assert_close(&tag("dgamma summed over ranks"), &over_ranks(&|t| &t.dg), &want_dg, BN_TOL, BN_TOL);
+                assert_close(&tag("dbeta summed over ranks"), &over_ranks(&|t| &t.db), &want_db, BN_TOL, BN_TOL);
+            }
+        }
+    }
+    // A gathered block that is not whole [3, C] blocks is an error, not a misread.
+    let err = batch_norm::merge_rank_statistics(&[1.0; 7], 2).unwrap_err().to_string();
+    assert!(err.contains("not whole [3, 2] blocks"), "{err}");
+    assert!(batch_norm::sum_rank_grad_sums(&[], 2).is_err());
+}
+
+#[test]
+fn f16_batch_norm_matches_reference() {
+    for (path, gpu) in gpus() {
+        for (i, cfg) in bn_cases().iter().enumerate() {
+            let mut r = rng(1700 + i as u64);
+            let numel: usize = cfg.shape().iter().product();
+            let x = uniform_f16(&mut r, numel, -2.0, 3.0);
+            let gamma = uniform(&mut r, cfg.c, 0.5, 1.5);
+            let beta = uniform(&mut r, cfg.c, -0.5, 0.5);
+            let rm = uniform(&mut r, cfg.c, -0.2, 0.2);
+            let rv = uniform(&mut r, cfg.c, 0.5, 2.0);
+            let dy = uniform_f16(&mut r, numel, -1.0, 1.0);
+            let tag = |s: &str| format!("f16 {s} case {i} ({path}) {cfg:?}");
+            // f16 outputs: BN's tolerance plus the output rounding; f32 statistics and parameter
+            // gradients: BN's tolerance.
+            let (tol16, tol32) = (BN_TOL + F16_RTOL, BN_TOL);
+            let tx = upload_f16(&gpu, "x", &cfg.shape(), &x);
+            let tg = upload(&gpu, "gamma", &[cfg.c], &gamma);
+            let tb = upload(&gpu, "beta", &[cfg.c], &beta);
+            let trm = upload(&gpu, "running_mean", &[cfg.c], &rm);
+            let trv = upload(&gpu, "running_var", &[cfg.c], &rv);
+            let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+            let ty = zeros_f16(&gpu, "y", &cfg.shape());
+            let fwd = bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty);
+            run(&gpu, &batch_norm::batch_norm_forward_train(&gpu, cfg, &fwd).unwrap());
+            let (x64, g64, b64) = (to_f64(&x), to_f64(&gamma), to_f64(&beta));
+            let want =
+                reference::batch_norm::batch_norm_forward_train(cfg, &x64, &g64, &b64, &to_f64(&rm), &to_f64(&rv));
+            assert_close(&tag("batch_norm_forward (train)"), &read_f16(&gpu, &ty), &want.out, tol16, tol16);
+            assert_close(&tag("running_var"), &read(&gpu, &trv), &want.running_var, tol32, tol32);
+            let s = read(&gpu, &stats);
+            assert_close(&tag("saved mean"), &s[..cfg.c], &want.mean, tol32, tol32);
+            assert_close(&tag("saved invstd"), &s[cfg.c..], &want.invstd, tol32, tol32);
+            let tdy = upload_f16(&gpu, "dy", &cfg.shape(), &dy);
+            let tdx = zeros_f16(&gpu, "dx", &cfg.shape());
+            let (tdg, tdb) = (zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
+            run(
+                &gpu,
+                &batch_norm::batch_norm_backward(&gpu, cfg, &tx, &tg, &stats, None, &tdy, &tdx, &tdg, &tdb).unwrap(),
+            );
+            let (dx, dg, db) =
+                reference::batch_norm::batch_norm_backward(cfg, &x64, &g64, &want.mean, &want.invstd, &to_f64(&dy));
+            assert_close(&tag("batch_norm_backward dinp"), &read_f16(&gpu, &tdx), &dx, tol16, tol16);
+            assert_close(&tag("batch_norm_backward dgamma"), &read(&gpu, &tdg), &dg, tol32, tol32);
+            assert_close(&tag("batch_norm_backward dbeta"), &read(&gpu, &tdb), &db, tol32, tol32);
+            // Eval mode, and the fused ReLU (max(y, 0) of the same f16 values: exact).
+            let ty2 = zeros_f16(&gpu, "y eval", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_eval(&gpu, cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty2)).unwrap(),
+            );
+            let eval = reference::batch_norm::batch_norm_forward_eval(
+                cfg,
+                &x64,
+                &g64,
+                &b64,
+                &want.running_mean,
+                &want.running_var,
+            );
+            assert_close(&tag("batch_norm_forward (eval)"), &read_f16(&gpu, &ty2), &eval, tol16, tol16);
+            let relu_cfg = cfg.with_relu();
+            let ty3 = zeros_f16(&gpu, "y relu", &cfg.shape());
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_eval(&gpu, &relu_cfg, &bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty3))
+                    .unwrap(),
+            );
+            let relu_want: Vec<f64> = read_f16(&gpu, &ty2).iter().map(|&v| f64::from(v.max(0.0))).collect();
+            assert_close(&tag("batch_norm_forward (eval) + fused relu"), &read_f16(&gpu, &ty3), &relu_want, 0.0, 0.0);
+        }
+    }
+}

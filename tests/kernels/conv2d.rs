@@ -1,0 +1,253 @@
+//! `conv2d`: the register-block and workgroup-memory kernels, every pass, f32 and f16.
+
+use crate::common::*;
+use crate::{F16_RTOL, gpu_f16, read_f16, uniform_f16, upload_f16};
+use senet_wgpu::gpu::{Dispatch, Gpu, Tensor};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles, WorkgroupTiles};
+use senet_wgpu::reference;
+
+/// One pass through `conv2d::conv2d_pass` (the weight gradient through its split entry), given
+/// only the buffers that pass uses.
+fn forward(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    k: ConvKernel,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    y: &Tensor,
+) -> Vec<Dispatch> {
+    conv2d::conv2d_pass(gpu, cfg, ConvPass::Forward, k, &ConvBuffers::forward(x, w, b, y)).unwrap()
+}
+
+fn try_forward(gpu: &Gpu, cfg: &Conv2dConfig, x: &Tensor, w: &Tensor, y: &Tensor) -> anyhow::Result<Vec<Dispatch>> {
+    let k = ConvKernel::Register(RegisterTiles::for_layer(gpu, cfg));
+    conv2d::conv2d_pass(gpu, cfg, ConvPass::Forward, k, &ConvBuffers::forward(x, w, None, y))
+}
+
+fn backward_input(gpu: &Gpu, cfg: &Conv2dConfig, k: ConvKernel, dy: &Tensor, w: &Tensor, dx: &Tensor) -> Vec<Dispatch> {
+    conv2d::conv2d_pass(gpu, cfg, ConvPass::BackwardInput, k, &ConvBuffers::backward_input(dy, w, dx)).unwrap()
+}
+
+fn backward_weight(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    k: ConvKernel,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    splits: usize,
+) -> Vec<Dispatch> {
+    conv2d::conv2d_backward_weight_split(gpu, cfg, k, &ConvBuffers::backward_weight(x, dy, dw), splits).unwrap()
+}
+
+/// The `Workgroup` kernels (`conv2d_tiled.wgsl`, every `WorkgroupTiles` shape) on every case, all
+/// three GEMMs, the weight gradient unsplit and split 3 and 7 ways; tolerances common::CONV_ATOL /
+/// CONV_RTOL (the same sums in another order).
+#[test]
+fn conv2d_workgroup_kernels_match_reference() {
+    let gpu = gpu();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(400 + i as u64);
+        let x = uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
+        let dy = uniform(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let (tx, tw, tb) = (
+            upload(&gpu, "x", &cfg.input_shape(), &x),
+            upload(&gpu, "w", &cfg.weight_shape(), &w),
+            upload(&gpu, "b", &[cfg.c_out], &b),
+        );
+        let tdy = upload(&gpu, "dy", &cfg.output_shape(), &dy);
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
+        let want_y = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
+        let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+        let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+        for tiles in WorkgroupTiles::ALL {
+            let what = |pass: &str| format!("{pass} (workgroup) case {i} {tiles:?} {cfg:?}");
+            let k = ConvKernel::Workgroup(tiles);
+            let ty = zeros(&gpu, "y", &cfg.output_shape());
+            run(&gpu, &forward(&gpu, cfg, k, &tx, &tw, cfg.bias.then_some(&tb), &ty));
+            assert_close(&what("conv2d_forward"), &read(&gpu, &ty), &want_y, CONV_ATOL, CONV_RTOL);
+            let tdx = zeros(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &backward_input(&gpu, cfg, k, &tdy, &tw, &tdx));
+            assert_close(&what("conv2d_backward_input"), &read(&gpu, &tdx), &want_dx, CONV_ATOL, CONV_RTOL);
+            for splits in [1, 3, 7] {
+                let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+                run(&gpu, &backward_weight(&gpu, cfg, k, &tx, &tdy, &tdw, splits));
+                let what = what(&format!("conv2d_backward_weight splits {splits}"));
+                assert_close(&what, &read(&gpu, &tdw), &want_dw, CONV_ATOL, CONV_RTOL);
+            }
+        }
+    }
+}
+
+/// Every case runs with every register-block shape (`RegisterTiles::ALL`: 4 or 8 pixels per
+/// forward / input-gradient invocation, 4 or 8 input channels per weight-gradient invocation),
+/// so the shape an adapter picks is always a tested one.
+#[test]
+fn conv2d_register_forward_matches_reference() {
+    let gpu = gpu();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(100 + i as u64);
+        let x = uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
+        let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
+        let tw = upload(&gpu, "w", &cfg.weight_shape(), &w);
+        let tb = upload(&gpu, "b", &[cfg.c_out], &b);
+        let bias = to_f64(&b);
+        let want = reference::conv2d::conv2d_forward(cfg, &to_f64(&x), &to_f64(&w), cfg.bias.then_some(&bias[..]));
+        for tiles in RegisterTiles::ALL {
+            let ty = zeros(&gpu, "y", &cfg.output_shape());
+            let d = forward(&gpu, cfg, ConvKernel::Register(tiles), &tx, &tw, cfg.bias.then_some(&tb), &ty);
+            run(&gpu, &d);
+            let what = format!("conv2d_forward case {i} {tiles:?} {cfg:?}");
+            assert_close(&what, &read(&gpu, &ty), &want, CONV_ATOL, CONV_RTOL);
+        }
+    }
+}
+
+#[test]
+fn conv2d_register_backward_matches_reference() {
+    let gpu = gpu();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(200 + i as u64);
+        let x = uniform(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let dy = uniform(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let tx = upload(&gpu, "x", &cfg.input_shape(), &x);
+        let tw = upload(&gpu, "w", &cfg.weight_shape(), &w);
+        let tdy = upload(&gpu, "dy", &cfg.output_shape(), &dy);
+        let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+
+        let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+        for tiles in RegisterTiles::ALL {
+            let tdx = zeros(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &backward_input(&gpu, cfg, ConvKernel::Register(tiles), &tdy, &tw, &tdx));
+            let what = format!("conv2d_backward_input case {i} {tiles:?}");
+            assert_close(&what, &read(&gpu, &tdx), &want, CONV_ATOL, CONV_RTOL);
+        }
+
+        // The weight gradient unsplit, split as the planner would, and split an odd number of ways.
+        let want = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+        for tiles in RegisterTiles::ALL {
+            for splits in [1, conv2d::weight_grad_splits(cfg, tiles, 4096), 3, 7] {
+                let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+                run(&gpu, &backward_weight(&gpu, cfg, ConvKernel::Register(tiles), &tx, &tdy, &tdw, splits));
+                let what = format!("conv2d_backward_weight case {i} {tiles:?} splits {splits}");
+                assert_close(&what, &read(&gpu, &tdw), &want, CONV_ATOL, CONV_RTOL);
+            }
+        }
+
+        if cfg.bias {
+            // A reduction: on both paths.
+            let want = reference::conv2d::conv2d_backward_bias(cfg, &dy64);
+            for (path, g) in gpus() {
+                let tdy = upload(&g, "dy", &cfg.output_shape(), &dy);
+                let tdb = zeros(&g, "db", &[cfg.c_out]);
+                run(&g, &conv2d::conv2d_backward_bias(&g, cfg, &tdy, &tdb).unwrap());
+                let what = format!("conv2d_backward_bias case {i} ({path})");
+                assert_close(&what, &read(&g, &tdb), &want, CONV_ATOL, CONV_RTOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn conv2d_rejects_mismatched_shapes() {
+    let gpu = gpu();
+    let cfg = Conv2dConfig::square(2, 3, (8, 8), 4, 3, 1, 1, false);
+    let x = zeros(&gpu, "x", &[2, 3, 8, 9]);
+    let w = zeros(&gpu, "w", &cfg.weight_shape());
+    let y = zeros(&gpu, "y", &cfg.output_shape());
+    let err = try_forward(&gpu, &cfg, &x, &w, &y).unwrap_err().to_string();
+    assert!(err.contains("conv2d input") && err.contains("[2, 3, 8, 8]") && err.contains("[2, 3, 8, 9]"), "{err}");
+    let too_big = Conv2dConfig::square(1, 1, (2, 2), 1, 5, 1, 0, false);
+    assert!(too_big.validate().unwrap_err().to_string().contains("does not fit"));
+    // Groups must divide both channel counts; a grouped weight is [out, in/groups, k, k].
+    for (groups, c_out) in [(2, 5), (3, 6), (0, 4)] {
+        let bad = Conv2dConfig::square(1, 4, (5, 5), c_out, 3, 1, 1, false).grouped(groups);
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains(&format!("groups = {groups} must divide")), "{err}");
+    }
+    let grouped = Conv2dConfig::square(1, 4, (5, 5), 6, 3, 1, 1, false).grouped(2);
+    let (x, y) = (zeros(&gpu, "x", &grouped.input_shape()), zeros(&gpu, "y", &grouped.output_shape()));
+    let ungrouped_w = zeros(&gpu, "w", &[6, 4, 3, 3]);
+    let err = try_forward(&gpu, &grouped, &x, &ungrouped_w, &y).unwrap_err().to_string();
+    assert!(err.contains("conv2d weight") && err.contains("[6, 2, 3, 3]"), "{err}");
+}
+
+#[test]
+fn f16_conv2d_kernels_match_reference() {
+    let gpu = gpu_f16();
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(1600 + i as u64);
+        let x = uniform_f16(&mut r, cfg.input_shape().iter().product(), -1.0, 1.0);
+        let w = uniform_f16(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
+        let dy = uniform_f16(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let (tx, tw, tdy) = (
+            upload_f16(&gpu, "x", &cfg.input_shape(), &x),
+            upload_f16(&gpu, "w", &cfg.weight_shape(), &w),
+            upload_f16(&gpu, "dy", &cfg.output_shape(), &dy),
+        );
+        let tb = upload(&gpu, "b", &[cfg.c_out], &b);
+        let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
+        let want_y = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
+        let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+        let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+        let bias = cfg.bias.then_some(&tb);
+        // The register blocks the adapter picks and the extremes; every workgroup-memory shape.
+        let mut tiles = vec![
+            RegisterTiles::for_layer(&gpu, cfg),
+            RegisterTiles::ALL[0],
+            RegisterTiles::ALL[RegisterTiles::ALL.len() - 1],
+        ];
+        tiles.dedup();
+        for t in tiles {
+            let what = |pass: &str| format!("f16 {pass} case {i} {t:?} {cfg:?}");
+            let ty = zeros_f16(&gpu, "y", &cfg.output_shape());
+            run(&gpu, &forward(&gpu, cfg, ConvKernel::Register(t), &tx, &tw, bias, &ty));
+            assert_close(&what("conv2d_forward"), &read_f16(&gpu, &ty), &want_y, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            let tdx = zeros_f16(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &backward_input(&gpu, cfg, ConvKernel::Register(t), &tdy, &tw, &tdx));
+            let got = read_f16(&gpu, &tdx);
+            assert_close(&what("conv2d_backward_input"), &got, &want_dx, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            for splits in [1, 3] {
+                let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+                run(&gpu, &backward_weight(&gpu, cfg, ConvKernel::Register(t), &tx, &tdy, &tdw, splits));
+                let what = what(&format!("conv2d_backward_weight splits {splits}"));
+                assert_close(&what, &read(&gpu, &tdw), &want_dw, CONV_ATOL, CONV_RTOL);
+            }
+        }
+        for t in WorkgroupTiles::ALL {
+            let what = |pass: &str| format!("f16 {pass} (workgroup) case {i} {t:?}");
+            let ty = zeros_f16(&gpu, "y", &cfg.output_shape());
+            run(&gpu, &forward(&gpu, cfg, ConvKernel::Workgroup(t), &tx, &tw, bias, &ty));
+            assert_close(&what("conv2d_forward"), &read_f16(&gpu, &ty), &want_y, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            let tdx = zeros_f16(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &backward_input(&gpu, cfg, ConvKernel::Workgroup(t), &tdy, &tw, &tdx));
+            let got = read_f16(&gpu, &tdx);
+            assert_close(&what("conv2d_backward_input"), &got, &want_dx, CONV_ATOL, CONV_RTOL + F16_RTOL);
+            let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+            run(&gpu, &backward_weight(&gpu, cfg, ConvKernel::Workgroup(t), &tx, &tdy, &tdw, 3));
+            assert_close(&what("conv2d_backward_weight"), &read(&gpu, &tdw), &want_dw, CONV_ATOL, CONV_RTOL);
+        }
+        if cfg.bias {
+            let want = reference::conv2d::conv2d_backward_bias(cfg, &dy64);
+            for (path, g) in gpus() {
+                let tdy = upload_f16(&g, "dy", &cfg.output_shape(), &dy);
+                let tdb = zeros(&g, "db", &[cfg.c_out]);
+                run(&g, &conv2d::conv2d_backward_bias(&g, cfg, &tdy, &tdb).unwrap());
+                assert_close(
+                    &format!("f16 conv2d_backward_bias case {i} ({path})"),
+                    &read(&g, &tdb),
+                    &want,
+                    CONV_ATOL,
+                    CONV_RTOL,
+                );
+            }
+        }
+    }
+}
