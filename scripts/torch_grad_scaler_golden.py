@@ -29,7 +29,9 @@ Outputs (run once where PyTorch is installed; small files, committed):
                       steps) and opt_steps (the optimizer's own step count after the step:
                       Adam's state["step"], for SGD the number of opt.step() calls)
   defaults.safetensors  torch.amp.GradScaler()'s defaults: init_scale, growth_factor,
-                      backoff_factor, growth_interval
+                      backoff_factor, growth_interval; and "ceiling": the scale and growth tracker
+                      after one finite step from 2^127 at growth interval 1 (the grown scale would
+                      be inf in float32, so torch keeps 2^127)
 
 The metadata of every file ("config") is the case as JSON; the test reads its case from it.
 """
@@ -117,10 +119,23 @@ def case(name, c, out):
           "norms:", [round(n, 3) for n in rec["total_norm"]])
 
 
+def ceiling():
+    """One finite step from scale 2^127 with growth interval 1: the grown scale would overflow f32,
+    so update() keeps 2^127 (and restarts the tracker). Returns [scale, tracker] after it."""
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = torch.optim.SGD([w], lr=0.0)
+    s = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1)
+    s.scale(w.sum()).backward()
+    s.step(opt)
+    s.update()
+    return [s.get_scale(), float(s._growth_tracker.item())]
+
+
 def defaults(out):
     s = torch.amp.GradScaler("cpu")
     v = [s.get_scale(), s.get_growth_factor(), s.get_backoff_factor(), float(s.get_growth_interval())]
-    save_file({"defaults": torch.tensor(v, dtype=torch.float64)}, os.path.join(out, "defaults.safetensors"),
+    save_file({"defaults": torch.tensor(v, dtype=torch.float64),
+               "ceiling": torch.tensor(ceiling(), dtype=torch.float64)}, os.path.join(out, "defaults.safetensors"),
               metadata={"config": json.dumps(dict(order=["init_scale", "growth_factor", "backoff_factor",
                                                         "growth_interval"], torch=torch.__version__))})
 

@@ -105,6 +105,8 @@ struct Step<'a> {
     skipped: bool,
     total_norm: f64,
     opt_steps: u32,
+    /// Steps skipped so far, this one included (our scalers count them for the log).
+    skipped_so_far: u32,
 }
 
 fn steps<'a>(g: &'a Golden, c: &serde_json::Value) -> Vec<Step<'a>> {
@@ -121,6 +123,7 @@ fn steps<'a>(g: &'a Golden, c: &serde_json::Value) -> Vec<Step<'a>> {
                 skipped: at("skipped") != 0.0,
                 total_norm: at("total_norm"),
                 opt_steps: at("opt_steps") as u32,
+                skipped_so_far: vec_of(g, "skipped")[..t].iter().sum::<f64>() as u32,
             }
         })
         .collect()
@@ -133,6 +136,25 @@ fn grad_scaler_defaults_are_torchs() {
     let d = GradScalerConfig::default();
     let want = vec_of(&g, "defaults");
     assert_eq!([d.init_scale, d.growth_factor, d.backoff_factor, f64::from(d.growth_interval)], want[..]);
+}
+
+/// torch never grows the scale to infinity: one finite step from 2^127 at growth interval 1 keeps
+/// 2^127 and restarts the tracker ("ceiling" in the golden); the reference and the GPU likewise.
+#[test]
+fn grad_scaler_stops_below_infinity_as_torch() {
+    let (g, _) = golden("defaults");
+    let want = vec_of(&g, "ceiling");
+    let cfg = GradScalerConfig { init_scale: 2f64.powi(127), growth_interval: 1, ..GradScalerConfig::default() };
+    let s = Scaler { scale: cfg.init_scale, tracker: 0, steps: 0, skipped: 0 };
+    let (next, skipped) = grad_scaler_step(s, &[cfg.init_scale; 3], (cfg.growth_factor, 1), cfg.backoff_factor);
+    assert!(!skipped);
+    assert_eq!([next.scale, f64::from(next.tracker)], want[..], "reference: (scale, tracker) after the step");
+    let gpu = gpu();
+    let grads = upload(&gpu, "scaled gradients", &[3], &[cfg.init_scale as f32; 3]);
+    let scaler = GradScaler::new(&gpu, cfg, &[&grads]).unwrap();
+    run(&gpu, &scaler.dispatches);
+    let got = scaler.read(&gpu).unwrap();
+    assert_eq!([f64::from(got.scale), f64::from(got.growth_tracker)], want[..], "GPU: (scale, tracker) after the step");
 }
 
 /// The golden is what the test needs: every case skips its first step, restarts the growth count
@@ -173,9 +195,9 @@ fn reference_grad_scaler_replays_torch() {
             let (next, skipped) =
                 grad_scaler_step(s, want.grad, (cfg.growth_factor, cfg.growth_interval), cfg.backoff_factor);
             assert_eq!(
-                (next.scale, next.tracker, skipped, next.steps),
-                (want.scale_after, want.tracker, want.skipped, want.opt_steps),
-                "{name}: (scale, growth tracker, skipped, optimizer steps) after step {t}"
+                (next.scale, next.tracker, skipped, next.steps, next.skipped),
+                (want.scale_after, want.tracker, want.skipped, want.opt_steps, want.skipped_so_far),
+                "{name}: (scale, growth tracker, skipped, optimizer steps, steps skipped) after step {t}"
             );
             if !skipped {
                 // torch's unscale_: grad * inv_scale, inv_scale = 1/scale as an f32 (exact here).
@@ -233,9 +255,9 @@ fn gpu_grad_scaler_replays_torch() {
             run(&gpu, &ds);
             let got = scaler.read(&gpu).unwrap();
             assert_eq!(
-                (f64::from(got.scale), got.growth_tracker, got.found_inf, got.steps),
-                (want.scale_after, want.tracker, want.skipped, want.opt_steps),
-                "{name}: GPU (scale, growth tracker, skipped, optimizer steps) after step {t}"
+                (f64::from(got.scale), got.growth_tracker, got.found_inf, got.steps, got.skipped),
+                (want.scale_after, want.tracker, want.skipped, want.opt_steps, want.skipped_so_far),
+                "{name}: GPU (scale, growth tracker, skipped, optimizer steps, steps skipped) after step {t}"
             );
             let after = read(&gpu, &tw);
             if want.skipped {
