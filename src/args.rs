@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail, ensure};
 
-use crate::data::augment::{self, EraseMode, RandAugment, RandomErasing};
+use crate::data::augment::{self, AutoAugment, EraseMode, RandomErasing};
 use crate::data::folder::FolderOptions;
 use crate::data::loader::LoadOptions;
 use crate::data::{self, DatasetKind, Splits, cifar10};
@@ -73,9 +73,10 @@ fn default_recount() -> usize {
     1
 }
 
-/// `--aa`: timm's RandAugment config string, checked (the fill colour is set later).
+/// `--aa`: `trivialaugment` or timm's RandAugment config string, checked (the fill colour is set
+/// later).
 pub fn parse_aa(s: &str) -> Result<String, String> {
-    RandAugment::parse(s, [0; 3]).map(|_| s.to_string())
+    AutoAugment::parse(s, [0; 3]).map(|_| s.to_string())
 }
 
 fn default_crop_pct() -> f64 {
@@ -447,7 +448,7 @@ pub struct TrainArgs {
     pub no_augment: bool,
     /// Image folders, with --augment: timm's RandAugment after the flip, as timm's `--aa`:
     /// rand[-m<int>][-n<int>][-p<float>][-mstd<float>][-mmax<int>][-inc<0|1>], e.g. rand-m9-mstd0.5
-    /// (see docs/data.md).
+    /// (see docs/data.md); or `trivialaugment`: torchvision's TrivialAugmentWide (docs/recipes.md).
     #[arg(long, value_name = "CONFIG", value_parser = parse_aa)]
     #[serde(default)]
     pub aa: Option<String>,
@@ -621,7 +622,7 @@ impl TrainArgs {
              support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see docs/distributed.md)"
         );
         if let Some(aa) = &self.aa {
-            RandAugment::parse(aa, [0; 3]).map_err(|e| anyhow::anyhow!("--aa {aa}: {e}"))?;
+            AutoAugment::parse(aa, [0; 3]).map_err(|e| anyhow::anyhow!("--aa {aa}: {e}"))?;
         }
         augment::check_erasing(self.reprob, self.recount)?;
         ensure!(
@@ -706,20 +707,20 @@ impl TrainArgs {
         }
     }
 
-    /// timm's training-split augmentations: RandAugment (`--aa`) with timm's fill,
+    /// timm's training-split augmentations: RandAugment or TrivialAugmentWide (`--aa`) with timm's fill,
     /// `round(255 · mean)` of the normalisation's mean (ImageNet's when there is none, timm's
     /// default), and RandomErasing (`--reprob`, `--remode`, `--recount`).
     pub fn timm_augment(
         &self,
         normalize: Option<&[(f32, f32)]>,
-    ) -> Result<(Option<RandAugment>, Option<RandomErasing>)> {
+    ) -> Result<(Option<AutoAugment>, Option<RandomErasing>)> {
         let mean = match normalize {
             Some([r, g, b]) => [r.0, g.0, b.0].map(f64::from),
             _ => hp::IMAGENET_MEAN,
         };
         let aa = match &self.aa {
             Some(s) => {
-                Some(RandAugment::parse(s, augment::fill_of_mean(mean)).map_err(|e| anyhow::anyhow!("--aa {s}: {e}"))?)
+                Some(AutoAugment::parse(s, augment::fill_of_mean(mean)).map_err(|e| anyhow::anyhow!("--aa {s}: {e}"))?)
             }
             None => None,
         };
