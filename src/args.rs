@@ -536,10 +536,16 @@ pub struct TrainArgs {
     #[arg(long, value_name = "P", default_value_t = 0.5)]
     #[serde(default = "default_half")]
     pub mixup_switch_prob: f64,
-    /// How Mixup/CutMix draw: `batch` (one λ per batch, timm's default; the only mode here).
+    /// How Mixup/CutMix draw (timm's `--mixup-mode`): `batch` (one λ per batch, timm's default),
+    /// `pair` (one per pair of images i, n-1-i; needs an even --batch-size) or `elem` (one per image).
     #[arg(long, value_enum, default_value_t = MixupMode::Batch)]
     #[serde(default)]
     pub mixup_mode: MixupMode,
+    /// Stop Mixup/CutMix after N epochs (timm's `--mixup-off-epoch`): epochs N+1 on train on the
+    /// unmixed (still smoothed) targets; 0 = never.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[serde(default)]
+    pub mixup_off_epoch: usize,
     /// Which weights best.safetensors is chosen on and holds: `model`, or `ema` (the default with
     /// --model-ema, as timm's train.py, which replaces the evaluation metrics by the EMA's).
     #[arg(long, value_enum, value_name = "WHICH")]
@@ -547,13 +553,8 @@ pub struct TrainArgs {
     pub best_on: Option<BestOn>,
 }
 
-/// `--mixup-mode`: timm's modes; `elem` and `pair` are not implemented.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MixupMode {
-    #[default]
-    Batch,
-}
+/// `--mixup-mode`: timm's modes.
+pub use crate::data::mixup::MixupMode;
 
 fn default_one() -> f64 {
     1.0
@@ -631,6 +632,7 @@ impl TrainArgs {
              (or --recipe imagenet) too"
         );
         self.mixup_config(1).validate()?;
+        self.mixup_config(1).check_batch_size(self.batch_size)?;
         ensure!(
             self.grad_accum_steps >= 1,
             "--grad-accum-steps must be at least 1 (batches per optimizer step), got {}",
@@ -746,6 +748,8 @@ impl TrainArgs {
             switch_prob: self.mixup_switch_prob,
             smoothing: self.label_smoothing,
             classes,
+            mode: self.mixup_mode,
+            off_epoch: self.mixup_off_epoch,
         }
     }
 
