@@ -125,7 +125,7 @@ impl MixupConfig {
     /// `--mixup-mode pair` with batches of `batch_size`: timm asserts an even batch.
     pub fn check_batch_size(&self, batch_size: usize) -> Result<()> {
         ensure!(
-            self.mode != MixupMode::Pair || batch_size % 2 == 0,
+            self.mode != MixupMode::Pair || batch_size.is_multiple_of(2),
             "--mixup-mode pair mixes image i with image n-1-i in pairs, so --batch-size must be even (timm asserts \
              it), got {batch_size}"
         );
