@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail, ensure};
 
-use crate::data::augment::{self, EraseMode, RandAugment, RandomErasing};
+use crate::data::augment::{self, AutoAugment, EraseMode, RandomErasing};
 use crate::data::folder::FolderOptions;
 use crate::data::loader::LoadOptions;
 use crate::data::{self, DatasetKind, Splits, cifar10};
@@ -73,9 +73,10 @@ fn default_recount() -> usize {
     1
 }
 
-/// `--aa`: timm's RandAugment config string, checked (the fill colour is set later).
+/// `--aa`: `trivialaugment` or timm's RandAugment config string, checked (the fill colour is set
+/// later).
 pub fn parse_aa(s: &str) -> Result<String, String> {
-    RandAugment::parse(s, [0; 3]).map(|_| s.to_string())
+    AutoAugment::parse(s, [0; 3]).map(|_| s.to_string())
 }
 
 fn default_crop_pct() -> f64 {
@@ -447,7 +448,7 @@ pub struct TrainArgs {
     pub no_augment: bool,
     /// Image folders, with --augment: timm's RandAugment after the flip, as timm's `--aa`:
     /// rand[-m<int>][-n<int>][-p<float>][-mstd<float>][-mmax<int>][-inc<0|1>], e.g. rand-m9-mstd0.5
-    /// (see docs/data.md).
+    /// (see docs/data.md); or `trivialaugment`: torchvision's TrivialAugmentWide (docs/recipes.md).
     #[arg(long, value_name = "CONFIG", value_parser = parse_aa)]
     #[serde(default)]
     pub aa: Option<String>,
@@ -535,10 +536,16 @@ pub struct TrainArgs {
     #[arg(long, value_name = "P", default_value_t = 0.5)]
     #[serde(default = "default_half")]
     pub mixup_switch_prob: f64,
-    /// How Mixup/CutMix draw: `batch` (one λ per batch, timm's default; the only mode here).
+    /// How Mixup/CutMix draw (timm's `--mixup-mode`): `batch` (one λ per batch, timm's default),
+    /// `pair` (one per pair of images i, n-1-i; needs an even --batch-size) or `elem` (one per image).
     #[arg(long, value_enum, default_value_t = MixupMode::Batch)]
     #[serde(default)]
     pub mixup_mode: MixupMode,
+    /// Stop Mixup/CutMix after N epochs (timm's `--mixup-off-epoch`): epochs N+1 on train on the
+    /// unmixed (still smoothed) targets; 0 = never.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[serde(default)]
+    pub mixup_off_epoch: usize,
     /// Which weights best.safetensors is chosen on and holds: `model`, or `ema` (the default with
     /// --model-ema, as timm's train.py, which replaces the evaluation metrics by the EMA's).
     #[arg(long, value_enum, value_name = "WHICH")]
@@ -546,13 +553,8 @@ pub struct TrainArgs {
     pub best_on: Option<BestOn>,
 }
 
-/// `--mixup-mode`: timm's modes; `elem` and `pair` are not implemented.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MixupMode {
-    #[default]
-    Batch,
-}
+/// `--mixup-mode`: timm's modes.
+pub use crate::data::mixup::MixupMode;
 
 fn default_one() -> f64 {
     1.0
@@ -621,7 +623,7 @@ impl TrainArgs {
              support; rebuild with `cargo build --release --features mpi` and launch with mpirun (see docs/distributed.md)"
         );
         if let Some(aa) = &self.aa {
-            RandAugment::parse(aa, [0; 3]).map_err(|e| anyhow::anyhow!("--aa {aa}: {e}"))?;
+            AutoAugment::parse(aa, [0; 3]).map_err(|e| anyhow::anyhow!("--aa {aa}: {e}"))?;
         }
         augment::check_erasing(self.reprob, self.recount)?;
         ensure!(
@@ -630,6 +632,7 @@ impl TrainArgs {
              (or --recipe imagenet) too"
         );
         self.mixup_config(1).validate()?;
+        self.mixup_config(1).check_batch_size(self.batch_size)?;
         ensure!(
             self.grad_accum_steps >= 1,
             "--grad-accum-steps must be at least 1 (batches per optimizer step), got {}",
@@ -706,20 +709,20 @@ impl TrainArgs {
         }
     }
 
-    /// timm's training-split augmentations: RandAugment (`--aa`) with timm's fill,
+    /// timm's training-split augmentations: RandAugment or TrivialAugmentWide (`--aa`) with timm's fill,
     /// `round(255 · mean)` of the normalisation's mean (ImageNet's when there is none, timm's
     /// default), and RandomErasing (`--reprob`, `--remode`, `--recount`).
     pub fn timm_augment(
         &self,
         normalize: Option<&[(f32, f32)]>,
-    ) -> Result<(Option<RandAugment>, Option<RandomErasing>)> {
+    ) -> Result<(Option<AutoAugment>, Option<RandomErasing>)> {
         let mean = match normalize {
             Some([r, g, b]) => [r.0, g.0, b.0].map(f64::from),
             _ => hp::IMAGENET_MEAN,
         };
         let aa = match &self.aa {
             Some(s) => {
-                Some(RandAugment::parse(s, augment::fill_of_mean(mean)).map_err(|e| anyhow::anyhow!("--aa {s}: {e}"))?)
+                Some(AutoAugment::parse(s, augment::fill_of_mean(mean)).map_err(|e| anyhow::anyhow!("--aa {s}: {e}"))?)
             }
             None => None,
         };
@@ -745,6 +748,8 @@ impl TrainArgs {
             switch_prob: self.mixup_switch_prob,
             smoothing: self.label_smoothing,
             classes,
+            mode: self.mixup_mode,
+            off_epoch: self.mixup_off_epoch,
         }
     }
 

@@ -84,7 +84,7 @@ pub struct DataBenchReport {
 /// Time the data pipeline of `args`' image folder: `--steps` training batches (the first epoch's
 /// order), then as many evaluation batches (fewer if the split is smaller). No GPU is used.
 pub fn bench_data(args: &BenchArgs) -> Result<DataBenchReport> {
-    use crate::data::augment::{self, EraseMode, RandAugment, RandomErasing};
+    use crate::data::augment::{self, AutoAugment, EraseMode, RandomErasing};
     use crate::data::loader::{self, LoadOptions, Preprocess};
     use crate::data::{DatasetKind, folder};
     anyhow::ensure!(
@@ -104,7 +104,7 @@ pub fn bench_data(args: &BenchArgs) -> Result<DataBenchReport> {
     crate::data::augment::check_erasing(args.reprob, 1)?;
     let aa = match &args.aa {
         Some(s) => Some(
-            RandAugment::parse(s, augment::fill_of_mean(crate::hparams::IMAGENET_MEAN))
+            AutoAugment::parse(s, augment::fill_of_mean(crate::hparams::IMAGENET_MEAN))
                 .map_err(|e| anyhow::anyhow!("--aa {s}: {e}"))?,
         ),
         None => None,

@@ -436,14 +436,15 @@ impl Trainer<'_> {
         )
     }
 
-    /// `--mixup`/`--cutmix`: mix batch `step` of `epoch` in place and give it its soft targets
-    /// (the draws a function of seed, epoch and step; see `data::mixup`).
+    /// `--mixup`/`--cutmix`: mix batch `step` of `epoch` in place, per batch, pair or image as
+    /// `--mixup-mode` says (nothing from `--mixup-off-epoch` on), and give it its soft targets (the
+    /// draws a function of seed, epoch and step; see `data::mixup`).
     fn mix(&self, b: &mut loader::Batch, epoch: usize, step: usize) {
         let Some((cfg, [c, h, w])) = self.mixup else { return };
         let n = b.labels.len();
-        let mix = cfg.draw(self.args.seed, epoch, step, h, w);
+        let mixes = cfg.draw_samples(self.args.seed, epoch, step, n, [h, w]);
         let targets =
-            crate::data::mixup::mix_batch(mix, &mut b.images, &b.labels, [n, c, h, w], cfg.classes, cfg.smoothing);
+            crate::data::mixup::mix_samples(&mixes, &mut b.images, &b.labels, [n, c, h, w], cfg.classes, cfg.smoothing);
         b.targets = Some(targets);
     }
 

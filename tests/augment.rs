@@ -7,30 +7,44 @@ use std::collections::{HashMap, VecDeque};
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use senet_wgpu::data::augment::{self, Draws, EraseMode, Op, RandAugment, RandomErasing};
+use senet_wgpu::data::augment::{
+    self, AutoAugment, Draws, EraseMode, Interpolation, Op, RandAugment, RandomErasing, TrivialAugmentWide, WideOp,
+};
 use senet_wgpu::data::transforms::Rgb;
 
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/augment");
+/// torchvision's TrivialAugmentWide on PIL images (`scripts/trivial_augment_golden.py`).
+const WIDE_GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/trivial_augment");
 /// timm's fill for ImageNet's mean: round(255 · (0.485, 0.456, 0.406)).
 const FILL: [u8; 3] = [124, 116, 104];
 
 struct Golden {
     cases: Vec<serde_json::Value>,
     tensors: HashMap<String, (Vec<usize>, Vec<u8>)>,
+    meta: HashMap<String, String>,
+}
+
+fn golden_in(dir: &str) -> Golden {
+    let bytes = std::fs::read(format!("{dir}/golden.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let cases = serde_json::from_str(meta.get("cases").unwrap()).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors = st.tensors().into_iter().map(|(k, v)| (k, (v.shape().to_vec(), v.data().to_vec()))).collect();
+    Golden { cases, tensors, meta }
 }
 
 fn golden() -> Golden {
-    let bytes = std::fs::read(format!("{GOLDEN}/golden.safetensors")).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let cases = serde_json::from_str(meta.metadata().as_ref().unwrap().get("cases").unwrap()).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tensors = st.tensors().into_iter().map(|(k, v)| (k, (v.shape().to_vec(), v.data().to_vec()))).collect();
-    Golden { cases, tensors }
+    golden_in(GOLDEN)
+}
+
+fn png_in(dir: &str, name: &str) -> Rgb {
+    let img = image::open(format!("{dir}/{name}")).unwrap().to_rgb8();
+    Rgb { width: img.width() as usize, height: img.height() as usize, pixels: img.into_raw() }
 }
 
 fn png(name: &str) -> Rgb {
-    let img = image::open(format!("{GOLDEN}/{name}")).unwrap().to_rgb8();
-    Rgb { width: img.width() as usize, height: img.height() as usize, pixels: img.into_raw() }
+    png_in(GOLDEN, name)
 }
 
 /// The draws timm made, replayed in order; a draw of another kind than recorded, or one too
@@ -220,8 +234,8 @@ fn config_strings_parse_as_timm_and_bad_ones_say_why() {
         ("rand-p1.5", "must be in [0, 1]"),
         ("rand-inc2", "inc takes 0 or 1"),
         ("rand-tweights", "not implemented"),
-        ("trivialaugment", "timm 1.0 has no TrivialAugment"),
-        ("ta_wide", "timm 1.0 has no TrivialAugment"),
+        ("trivialaugment-m9", "spelt `trivialaugment`"),
+        ("ta_wide", "spelt `trivialaugment`"),
         ("v0", "AutoAugment policy \"v0\" is not implemented"),
         ("augmix-m5", "AugMix"),
         ("randm9", "not a policy"),
@@ -230,6 +244,17 @@ fn config_strings_parse_as_timm_and_bad_ones_say_why() {
         assert!(e.contains(says), "{bad}: {e}");
     }
     assert_eq!(augment::fill_of_mean([0.485, 0.456, 0.406]), FILL);
+    // `--aa trivialaugment`: torchvision's defaults whatever RandAugment's fill.
+    let ta = AutoAugment::parse("trivialaugment", FILL).unwrap();
+    assert_eq!(
+        ta,
+        AutoAugment::TrivialWide(TrivialAugmentWide { interpolation: Interpolation::Nearest, fill: [0; 3] })
+    );
+    assert!(matches!(AutoAugment::parse("rand-m9", FILL).unwrap(), AutoAugment::Rand(_)));
+    for bad in ["TrivialAugment", "trivial", "trivialaugmentwide"] {
+        let e = AutoAugment::parse(bad, FILL).unwrap_err();
+        assert!(e.contains("spelt `trivialaugment`"), "{bad}: {e}");
+    }
 }
 
 /// Our own draws (ChaCha8 per sample): over many images each of the 15 ops is chosen about
@@ -278,4 +303,104 @@ fn our_draws_have_timms_distributions() {
     let mean = sum / vals as f64;
     let var = sq / vals as f64 - mean * mean;
     assert!(mean.abs() < 6.0 / (vals as f64).sqrt() && (var - 1.0).abs() < 0.02, "noise mean {mean} var {var}");
+}
+
+fn wide_images() -> HashMap<&'static str, Rgb> {
+    ["a.png", "b.png", "c.png"].into_iter().map(|n| (n, png_in(WIDE_GOLDEN, n))).collect()
+}
+
+/// TrivialAugmentWide's magnitudes are torchvision's float32 values exactly (each op's 31 bins,
+/// as `float(magnitudes[i].item())`): linspace computed as torch's CPU kernel does (one rounding
+/// per value; torch's halves), posterize's 8 − round(i / 5) bits.
+#[test]
+fn trivial_augment_magnitudes_are_torchvisions() {
+    let g = golden_in(WIDE_GOLDEN);
+    let want: HashMap<String, Vec<f64>> = serde_json::from_str(&g.meta["magnitudes"]).unwrap();
+    assert_eq!(want.len(), augment::WIDE_OPS.len());
+    for op in augment::WIDE_OPS {
+        let name = format!("{op:?}");
+        let want = &want[&name];
+        assert_eq!(op.has_bins(), !want.is_empty(), "{name}");
+        // Every magnitude is a float32 value; serde_json may parse the JSON's shortest repr one f64 ulp
+        // off, so both sides are compared as the float32 they are (exactly).
+        let ours: Vec<f32> =
+            if op.has_bins() { (0..augment::WIDE_BINS).map(|i| op.magnitude(i) as f32).collect() } else { vec![] };
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        assert_eq!(ours, want, "{name}: our magnitudes, torchvision's");
+    }
+}
+
+/// Each of the 14 ops at bins 0, 1, 5, 10, 15, 19, 20, 26 and 30, both signs of the signed ops, on
+/// three images (one square), against torchvision's `_apply_op` on a PIL image with NEAREST and fill
+/// 0: tolerance 0 everywhere. The LUT ops and enhancements are RandAugment's (the same Pillow code,
+/// see `ops_are_timms_through_pil`); the geometric ops are Geometry.c's nearest-neighbour engines
+/// (the scale/translate table stepped in f64, the 16.16 fixed-point walk) after torchvision's
+/// inverse affine matrix in its order of f64 operations, and Pillow's transposes for 90° on the
+/// square image. A Pillow build that contracted the matrix sums into FMAs could move a fixed-point
+/// coordinate by one unit in 65536 and so, rarely, pick the neighbouring pixel; none of these cases does.
+#[test]
+fn trivial_augment_ops_are_torchvisions_through_pil() {
+    let g = golden_in(WIDE_GOLDEN);
+    let imgs = wide_images();
+    let (mut n, mut failed) = (0, Vec::new());
+    for case in g.cases.iter().filter(|c| c["kind"] == "op") {
+        let name = case["name"].as_str().unwrap();
+        let op = WideOp::from_name(case["op"].as_str().unwrap()).unwrap();
+        let sign = case["sign"].as_f64().unwrap();
+        let m = case["bin"].as_u64().map_or(0.0, |b| op.magnitude(b as usize)) * sign;
+        assert_eq!(m as f32, case["magnitude"].as_f64().unwrap() as f32, "{name}: magnitude");
+        let out = op.apply(&imgs[case["image"].as_str().unwrap()], m, [0; 3], Interpolation::Nearest);
+        let (shape, want) = &g.tensors[name];
+        assert_eq!(shape, &vec![out.height, out.width, 3], "{name}");
+        let (max, count) = diff(&out.pixels, want);
+        if max > 0 {
+            failed.push(format!("{name}: {count} values differ, by up to {max}"));
+        }
+        n += 1;
+    }
+    assert!(n >= 300, "only {n} op cases in the golden file");
+    assert!(failed.is_empty(), "{} of {n} op cases differ from torchvision:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// Whole `TrivialAugmentWide()` calls (60, on the three images) replaying torchvision's
+/// `torch.randint` draws: the same draws asked for in the same order (op, bin when the op has
+/// magnitudes, sign when it is signed) and the same pixels (tolerance 0, as the ops).
+#[test]
+fn trivial_augment_replays_torchvisions_draws_to_its_pixels() {
+    let g = golden_in(WIDE_GOLDEN);
+    let imgs = wide_images();
+    let ta = TrivialAugmentWide::default();
+    let mut n = 0;
+    for case in g.cases.iter().filter(|c| c["kind"] == "wide") {
+        let name = case["name"].as_str().unwrap();
+        let mut draws = Replay::new(case);
+        let out = ta.apply(imgs[case["image"].as_str().unwrap()].clone(), &mut draws);
+        assert!(draws.log.is_empty(), "{name}: torchvision made {} more draws: {:?}", draws.log.len(), draws.log);
+        let (max, count) = diff(&out.pixels, &g.tensors[name].1);
+        assert_eq!(max, 0, "{name}: {count} values differ from torchvision, by up to {max}");
+        n += 1;
+    }
+    assert_eq!(n, 60);
+}
+
+/// Our own TrivialAugmentWide draws (ChaCha8): each of the 14 ops about equally often, each bin
+/// of a binned op about equally often, each sign half the time (6 standard errors).
+#[test]
+fn trivial_augment_draws_are_uniform() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let trials = 31_000usize;
+    let (mut ops, mut bins, mut neg) = (vec![0usize; 14], vec![0usize; 31], 0usize);
+    for _ in 0..trials {
+        ops[rng.index(14)] += 1;
+        bins[rng.index(31)] += 1;
+        neg += usize::from(rng.index(2) == 1);
+    }
+    for (counts, k) in [(&ops, 14.0), (&bins, 31.0)] {
+        let per = trials as f64 / k;
+        for (i, &c) in counts.iter().enumerate() {
+            assert!((c as f64 - per).abs() < 6.0 * per.sqrt(), "value {i} of {k} drawn {c} times, expected ~{per}");
+        }
+    }
+    let p = neg as f64 / trials as f64;
+    assert!((p - 0.5).abs() < 6.0 * (0.25 / trials as f64).sqrt(), "negated with p {p}");
 }

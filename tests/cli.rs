@@ -350,6 +350,8 @@ fn nonsense_arguments_are_rejected_up_front() {
         ("--best-on", "ema", "--best-on ema needs --model-ema"),
         ("--mixup", "-1", "--mixup must be a finite number >= 0"),
         ("--mixup-prob", "1.5", "--mixup-prob must be a probability in [0, 1]"),
+        ("--mixup-mode", "elem", "--mixup-mode elem says how Mixup/CutMix draw, but neither is on"),
+        ("--mixup-off-epoch", "2", "--mixup-off-epoch 2 stops Mixup/CutMix, but neither is on"),
     ] {
         let out = senet()
             .args(["train", "--dataset", "sample", &format!("{flag}={value}"), "--out"])
@@ -464,6 +466,32 @@ fn mixup_runs_resume_exactly() {
     resume_matches_uninterrupted(dir.path(), &[&args[..], &mix].concat(), "mixup");
     let config = std::fs::read_to_string(dir.path().join("a").join("config.json")).unwrap();
     assert!(config.contains("\"cutmix\": 1.0") && config.contains("\"mixup_mode\": \"batch\""), "{config}");
+}
+
+/// `--mixup-mode elem` with `--mixup-off-epoch 1` and `--mixup-mode pair` (timm's flags): a run
+/// resumed after epoch 1 ends bit for bit as the uninterrupted one (the per-image draws are a
+/// function of seed, epoch and step; the resumed run reads the mode and the off epoch from
+/// config.json, and its epoch 2 is unmixed); the banner says so; pair mode refuses an odd
+/// --batch-size as timm asserts.
+#[test]
+fn mixup_modes_and_off_epoch_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--dataset", "sample", "--width", "0.0625", "--batch-size", "24", "--limit-train", "100"];
+    let base = [&args[..], &["--mixup", "0.8", "--cutmix", "1.0", "--limit-test", "40", "--seed", "8"]].concat();
+    let elem = [&base[..], &["--mixup-mode", "elem", "--mixup-off-epoch", "1"]].concat();
+    let (log, _) = resume_matches_uninterrupted(&dir.path().join("elem"), &elem, "elem");
+    assert!(log.contains("Mixup/CutMix (timm's, elem mode, off after epoch 1)"), "{log}");
+    let config = std::fs::read_to_string(dir.path().join("elem/a/config.json")).unwrap();
+    assert!(config.contains("\"mixup_mode\": \"elem\"") && config.contains("\"mixup_off_epoch\": 1"), "{config}");
+    let pair = [&base[..], &["--mixup-mode", "pair"]].concat();
+    resume_matches_uninterrupted(&dir.path().join("pair"), &pair, "pair");
+    let read = |p: &str| std::fs::read(dir.path().join(p).join("a/last.safetensors")).unwrap();
+    assert!(read("elem") != read("pair"), "the modes trained alike");
+    let o = senet()
+        .args(["train", "--dataset", "sample", "--mixup", "0.8", "--mixup-mode", "pair", "--batch-size", "25"])
+        .output()
+        .unwrap();
+    refused(&o, "pair, odd batch", &["--mixup-mode pair", "--batch-size must be even", "got 25"]);
 }
 
 /// `--precision f16` (AMP): a short run on the sample logs its loss scale, evaluates its checkpoint

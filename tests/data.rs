@@ -570,12 +570,112 @@ fn mixup_matches_timm() {
         let want = if inside { x[(n - 1 - s) * per + i % per] } else { x[i] };
         assert_eq!(v, want, "cutmix pixel {i} (inside the box: {inside})");
     }
-    let cfg =
-        MixupConfig { mixup_alpha: 0.8, cutmix_alpha: 1.0, prob: 1.0, switch_prob: 0.5, smoothing: 0.1, classes: 4 };
+    let cfg = MixupConfig {
+        mixup_alpha: 0.8,
+        cutmix_alpha: 1.0,
+        prob: 1.0,
+        switch_prob: 0.5,
+        smoothing: 0.1,
+        classes: 4,
+        mode: Default::default(),
+        off_epoch: 0,
+    };
     let draws: Vec<Mix> = (0..20).map(|s| cfg.draw(7, 2, s, 28, 28)).collect();
     assert_eq!(draws, (0..20).map(|s| cfg.draw(7, 2, s, 28, 28)).collect::<Vec<_>>(), "the same draws again");
     assert!(
         draws.iter().any(|m| matches!(m, Mix::Mixup { .. })) && draws.iter().any(|m| matches!(m, Mix::Cutmix { .. }))
     );
     assert_ne!(cfg.draw(7, 3, 0, 28, 28), cfg.draw(7, 2, 0, 28, 28), "another epoch draws anew");
+}
+
+/// `--mixup-mode elem` and `pair` against timm's `Mixup(mode=…)` (`scripts/mixup_golden.py`,
+/// tests/golden/mixup/modes.safetensors): timm's per-image (per-pair) λ and CutMix flags and its
+/// box centres fixed, our mixes from the same draws (`elem_mixes`: the λ = 1 image skips its box,
+/// a pair's two images share λ and box, the float32 box arithmetic), then the images and targets.
+/// Images: bit for bit (the same float32 x·λ + x′·(1 − λ) and the same pasted boxes). Targets: to
+/// 1e-7, as the batch-mode targets: timm multiplies and adds in float32 (three roundings), we in f64
+/// and round once, which can differ by one float32 ulp (6e-8 below 1).
+#[test]
+fn mixup_modes_match_timm() {
+    use senet_wgpu::data::mixup::{ElemParams, MixupMode, elem_mixes, mix_samples};
+    let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/mixup/modes.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(meta.metadata().as_ref().unwrap().get("cases").unwrap()).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |k: &str| -> Vec<f32> {
+        st.tensor(k).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    assert_eq!(cases.len(), 4);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let mode = if case["mode"] == "pair" { MixupMode::Pair } else { MixupMode::Elem };
+        let shape: Vec<usize> =
+            case["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+        let [n, c, h, w] = [shape[0], shape[1], shape[2], shape[3]];
+        let labels: Vec<u32> = case["labels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let params = ElemParams {
+            lam: case["lam"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect(),
+            cutmix: case["cutmix"].as_array().unwrap().iter().map(|v| v.as_bool().unwrap()).collect(),
+        };
+        let mut centres = case["centres"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|yx| (yx[0].as_u64().unwrap() as usize, yx[1].as_u64().unwrap() as usize))
+            .collect::<std::collections::VecDeque<_>>();
+        let mut centre = || centres.pop_front().unwrap_or_else(|| panic!("{name}: a box centre timm did not draw"));
+        let mixes = elem_mixes(&params, n, mode, h, w, &mut centre);
+        assert!(centres.is_empty(), "{name}: timm drew {} more centres", centres.len());
+        let mut images = f32s(&format!("{name}/x"));
+        let targets = mix_samples(&mixes, &mut images, &labels, [n, c, h, w], 4, 0.1);
+        let want = f32s(&format!("{name}/mixed"));
+        for (i, (a, b)) in images.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{name}: pixel {i} (image {}): ours {a}, timm's {b}", i / (c * h * w));
+        }
+        for (i, (a, b)) in targets.iter().zip(&f32s(&format!("{name}/target"))).enumerate() {
+            assert!((a - b).abs() <= 1e-7, "{name}: target {i} (image {}): ours {a}, timm's {b}", i / 4);
+        }
+    }
+}
+
+/// The modes' own draws: batch gives every image the batch draw; pair gives images i and n − 1 − i
+/// the same mix (an odd batch's middle image none); elem draws per image (here, with both alphas
+/// and prob 1, both kinds appear and the λs differ); `--mixup-off-epoch 2` mixes nothing from
+/// epoch 3 on; the draws repeat for the same (seed, epoch, step).
+#[test]
+fn mixup_modes_draw_per_batch_pair_or_image() {
+    use senet_wgpu::data::mixup::{Mix, MixupConfig, MixupMode};
+    let cfg = |mode, off_epoch| MixupConfig {
+        mixup_alpha: 0.8,
+        cutmix_alpha: 1.0,
+        prob: 1.0,
+        switch_prob: 0.5,
+        smoothing: 0.1,
+        classes: 4,
+        mode,
+        off_epoch,
+    };
+    let batch = cfg(MixupMode::Batch, 0);
+    for step in 0..5 {
+        assert_eq!(batch.draw_samples(7, 2, step, 6, [28, 28]), vec![batch.draw(7, 2, step, 28, 28); 6]);
+    }
+    let pair = cfg(MixupMode::Pair, 0);
+    for n in [8, 9] {
+        let m = pair.draw_samples(7, 2, 1, n, [28, 28]);
+        for i in 0..n / 2 {
+            assert_eq!(m[i], m[n - 1 - i], "pair ({i}, {})", n - 1 - i);
+        }
+        if n % 2 == 1 {
+            assert_eq!(m[n / 2], Mix::None, "the unpaired middle image");
+        }
+    }
+    let elem = cfg(MixupMode::Elem, 2);
+    let m = elem.draw_samples(7, 2, 1, 32, [28, 28]);
+    assert_eq!(m, elem.draw_samples(7, 2, 1, 32, [28, 28]), "the same draws again");
+    assert!(m.iter().any(|x| matches!(x, Mix::Mixup { .. })) && m.iter().any(|x| matches!(x, Mix::Cutmix { .. })));
+    let lams: std::collections::BTreeSet<u64> = m.iter().map(|x| x.lam().to_bits()).collect();
+    assert!(lams.len() > 16, "per-image λ: only {} distinct values in 32 images", lams.len());
+    assert!(elem.enabled(2) && !elem.enabled(3));
+    assert_eq!(elem.draw_samples(7, 3, 1, 32, [28, 28]), vec![Mix::None; 32], "mixed after --mixup-off-epoch 2");
 }

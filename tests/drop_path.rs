@@ -1,7 +1,8 @@
 //! The drop-path op (src/ops/drop_path/, timm's `drop_path(x, p, training, scale_by_keep=True)`):
 //! its kernels against the f64 reference on awkward shapes in f32 and f16, the per-sample mask, the
 //! statistics of its draw, the reference gradient, two training steps of an SE-ResNet with
-//! `--drop-path` against the reference step, the depth rule of the rates against timm's, and the
+//! `--drop-path` against the reference step (and one `--precision f16` step against the
+//! f16-emulating reference), the depth rule of the rates against timm's, and the
 //! setting's round trip through config.json.
 //!
 //! The mask is an integer hash both sides compute identically, so a kept element differs only by
@@ -229,6 +230,74 @@ fn steps_of_an_se_resnet_with_drop_path_equal_the_reference() {
     net.eval_batch(&plan);
     gpu.wait().unwrap();
     assert_close("eval logits", &read(&gpu, plan.logits()), &want, 1e-4, 1e-4);
+}
+
+/// One `--precision f16` step of SE-ResNet-8 with `--drop-path 0.9` (layer2.0 p 0.45, layer3.0 p
+/// 0.9) against the f64 reference step emulating f16 storage (`StepOptions { precision: F16,
+/// loss_scale, step_key }`: input, conv weights, every activation and activation gradient rounded to
+/// f16 where the plan stores them, the loss gradient scaled by the loss scale), with the same step
+/// key and so the same per-sample masks, which hold both outcomes. The drop path itself is exact in
+/// both (a kept sample scaled by 1 / (1 − p) and rounded to f16 once, a dropped one 0), so the
+/// tolerances are tests/train_step.rs's `an_f16_step_matches_the_f16_reference_step` for this model:
+/// f32 against f64 arithmetic now and then moves a stored value across an f16 rounding boundary,
+/// which batch norm's cancellation enlarges in the gradients: each gradient tensor within 2e-2 (L2,
+/// relative), their median within 2e-3, the loss within 1e-4 relative (measured here: median 7.0e-5,
+/// worst 1.05e-3, the loss equal to 6 digits). A wrong mask (another key,
+/// another sample) zeroes or keeps a whole sample's branch: errors of order 1 (printed by the plant
+/// that used the next step's key).
+#[test]
+fn an_f16_step_with_drop_path_matches_the_f16_reference_step() {
+    use senet_wgpu::gpu::Precision;
+    let gpu = gpu();
+    let (n, hw, seed) = (8, 8, 21);
+    let cfg = se_resnet("se-resnet8", 0.9);
+    let layers = drop_paths(&cfg);
+    let key = drop_path::step_key(seed, 1);
+    let draws: Vec<bool> = (0..n)
+        .flat_map(|s| {
+            layers.iter().map(move |(name, p)| drop_path::reference::keep(&DropPathConfig::new(*p, name), key, s))
+        })
+        .collect();
+    assert!(draws.contains(&true) && draws.contains(&false), "the step's draws: {draws:?}");
+    let mut net = Network::new_in(gpu.clone(), cfg, OptimizerConfig::sgd(0.0, 0.0), seed, Precision::F16).unwrap();
+    let plan = net.plan(n).unwrap();
+    assert_eq!(plan.acts[1].dtype, Dtype::F16, "f16 activations");
+    let scale = f64::from(net.scaler.as_ref().unwrap().read(&gpu).unwrap().scale);
+    let x = uniform(&mut rng(60), n * 3 * hw * hw, 0.0, 1.0);
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 4).collect();
+    let (params, buffers) = reference_state(&net);
+    let opts = StepOptions { precision: Precision::F16, loss_scale: scale, step_key: key, ..StepOptions::default() };
+    let want =
+        reference::model::train_step_with(&net.graph, &params, &buffers, n, &to_f64(&x), &labels, &opts).unwrap();
+    plan.write_batch(&gpu, &x, &labels).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+    let loss = f64::from(read(&gpu, &plan.train_result)[result::LOSS]);
+    assert!((loss - want.loss).abs() < 1e-4 * want.loss, "f16 loss {loss} vs the f16 reference's {}", want.loss);
+    let mut errs = Vec::new();
+    for p in &net.params {
+        let name = &p.spec.name;
+        let (a, got) = (&want.grads[name], read(&gpu, &p.grad));
+        let norm = a.iter().map(|v| v * v).sum::<f64>().sqrt();
+        // A gradient that is zero up to rounding (a conv bias before a batch norm) has no relative size.
+        if norm < 1e-5 {
+            continue;
+        }
+        let diff = a.iter().zip(&got).map(|(&u, &v)| (u - f64::from(v) / scale).powi(2)).sum::<f64>().sqrt();
+        let rel = diff / norm;
+        assert!(rel < 2e-2, "gradient of {name} off by {rel:.2e} (L2, relative) from the f16 reference");
+        errs.push((rel, name.clone()));
+    }
+    errs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (median, worst) = (errs[errs.len() / 2].0, errs.last().unwrap());
+    assert!(median < 2e-3, "median gradient error {median:.2e} from the f16 reference");
+    eprintln!(
+        "f16 drop-path step vs the f16 reference: loss {loss:.6} / {:.6}, median gradient error {median:.2e}, worst {:.2e} ({}), {} tensors",
+        want.loss,
+        worst.0,
+        worst.1,
+        errs.len()
+    );
 }
 
 /// The DropPath nodes of a built model: (name, p), in graph order.

@@ -284,7 +284,7 @@ fn timm_augmentations_run_in_timms_order_whatever_the_worker_count() {
     let pre = |workers, timm: bool, augment: bool| Preprocess {
         normalize: Some(norm.clone()),
         augment,
-        aa: timm.then(|| ra.clone()),
+        aa: timm.then(|| ra.clone().into()),
         erase: timm.then(|| re.clone()),
         load: LoadOptions { workers, ..LoadOptions::default() },
     };
@@ -493,7 +493,7 @@ fn timm_augment_flags_are_checked_saved_and_resumed() {
     };
     for (extra, expect) in [
         (&["--aa", "rand-m9-x3"][..], &["--aa", "\"x3\"", "unknown key"][..]),
-        (&["--aa", "trivialaugment"], &["--aa", "TrivialAugment", "rand-m9-mstd0.5"]),
+        (&["--aa", "trivial"], &["--aa", "spelt `trivialaugment`", "rand-m9-mstd0.5"]),
         (&["--aa", "rand-m9", "--no-augment"], &["--augment"]),
         (&["--reprob", "1.5"], &["--reprob"]),
         (&["--reprob", "0.5", "--recount", "0"], &["--recount"]),
@@ -539,6 +539,23 @@ fn timm_augment_flags_are_checked_saved_and_resumed() {
     let o = run("plain", "2", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(read("plain") != read("whole"), "--aa and --reprob changed nothing");
+
+    // --aa trivialaugment (torchvision's TrivialAugmentWide): named in the banner, saved, resumed
+    // bit for bit, and it changes the weights.
+    let ta = ["--aa", "trivialaugment"];
+    let o = run("ta-whole", "2", &ta);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("RandomHorizontalFlip + TrivialAugmentWide(num_magnitude_bins=31")
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ta-whole/config.json")).unwrap()).unwrap();
+    assert_eq!(v["train"]["aa"].as_str(), Some("trivialaugment"));
+    assert!(run("ta-halves", "1", &ta).status.success());
+    let o = senet().args(["train", "--epochs", "2", "--resume"]).arg(dir.path().join("ta-halves")).output().unwrap();
+    assert!(o.status.success(), "resume: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(read("ta-halves") == read("ta-whole"), "the resumed TrivialAugment run's weights differ");
+    assert!(read("ta-whole") != read("plain"), "--aa trivialaugment changed nothing");
 }
 
 /// `--recipe imagenet` fills in the ImageNet recipe (lr 0.1 per 256 images, scaled with the

@@ -1,5 +1,7 @@
-//! timm's RandAugment (`timm.data.auto_augment.rand_augment_transform`) and RandomErasing
-//! (`timm.data.random_erasing.RandomErasing`), on the training split of image folders.
+//! timm's RandAugment (`timm.data.auto_augment.rand_augment_transform`), torchvision's
+//! TrivialAugmentWide (`torchvision.transforms.TrivialAugmentWide`: timm 1.0.31 has no
+//! TrivialAugment) and timm's RandomErasing (`timm.data.random_erasing.RandomErasing`), on the
+//! training split of image folders.
 //!
 //! The ops work on u8 RGB images as PIL does (Pillow 13's `ImageOps`, `ImageEnhance`, and
 //! `Image.transform(AFFINE, BILINEAR)` / `Image.rotate` from `libImaging/Geometry.c`, `Blend.c`,
@@ -203,36 +205,65 @@ impl Op {
             Op::AutoContrast => auto_contrast(img),
             Op::Equalize => equalize(img),
             Op::Invert => lut(img, |v| 255 - v),
-            Op::Solarize | Op::SolarizeIncreasing => lut(img, |v| if f64::from(v) < a { v } else { 255 - v }),
+            Op::Solarize | Op::SolarizeIncreasing => solarize(img, a),
             Op::SolarizeAdd => lut(img, |v| if v < 128 { (f64::from(v) + a).min(255.0) as u8 } else { v }),
-            Op::Posterize | Op::PosterizeIncreasing => {
-                let bits = a as u32;
-                if bits >= 8 {
-                    return img.clone();
-                }
-                // Pillow 13 refuses 0 bits (ValueError); earlier Pillows (and this) give black.
-                let mask = !((1u32 << (8 - bits)) - 1) as u8;
-                lut(img, |v| v & mask)
-            }
-            Op::Color | Op::ColorIncreasing => blend(&greyscale(img), img, a as f32),
-            Op::Contrast | Op::ContrastIncreasing => {
-                let n = (img.width * img.height) as f64;
-                let sum: u64 = img.pixels.chunks_exact(3).map(|p| u64::from(luma(p))).sum();
-                let mean = (sum as f64 / n + 0.5) as u8;
-                let grey = Rgb { pixels: vec![mean; img.pixels.len()], ..img.clone() };
-                blend(&grey, img, a as f32)
-            }
-            Op::Brightness | Op::BrightnessIncreasing => {
-                blend(&Rgb { pixels: vec![0; img.pixels.len()], ..img.clone() }, img, a as f32)
-            }
-            Op::Sharpness | Op::SharpnessIncreasing => blend(&smooth(img), img, a as f32),
-            Op::ShearX => affine(img, [1.0, a, 0.0, 0.0, 1.0, 0.0], fill),
-            Op::ShearY => affine(img, [1.0, 0.0, 0.0, a, 1.0, 0.0], fill),
-            Op::TranslateXRel => affine(img, [1.0, 0.0, a * w, 0.0, 1.0, 0.0], fill),
-            Op::TranslateYRel => affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, a * h], fill),
-            Op::Rotate => rotate(img, a, fill),
+            Op::Posterize | Op::PosterizeIncreasing => posterize(img, a as u32),
+            Op::Color | Op::ColorIncreasing => enhance(Enhance::Color, img, a),
+            Op::Contrast | Op::ContrastIncreasing => enhance(Enhance::Contrast, img, a),
+            Op::Brightness | Op::BrightnessIncreasing => enhance(Enhance::Brightness, img, a),
+            Op::Sharpness | Op::SharpnessIncreasing => enhance(Enhance::Sharpness, img, a),
+            Op::ShearX => affine(img, [1.0, a, 0.0, 0.0, 1.0, 0.0], fill, BILINEAR),
+            Op::ShearY => affine(img, [1.0, 0.0, 0.0, a, 1.0, 0.0], fill, BILINEAR),
+            Op::TranslateXRel => affine(img, [1.0, 0.0, a * w, 0.0, 1.0, 0.0], fill, BILINEAR),
+            Op::TranslateYRel => affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, a * h], fill, BILINEAR),
+            Op::Rotate => rotate(img, a, fill, BILINEAR),
         }
     }
+}
+
+/// `ImageOps.solarize(img, threshold)`: values at or above the threshold inverted.
+fn solarize(img: &Rgb, threshold: f64) -> Rgb {
+    lut(img, |v| if f64::from(v) < threshold { v } else { 255 - v })
+}
+
+/// `ImageOps.posterize(img, bits)`: each value's low 8 − bits bits cleared.
+fn posterize(img: &Rgb, bits: u32) -> Rgb {
+    if bits >= 8 {
+        return img.clone();
+    }
+    // Pillow 13 refuses 0 bits (ValueError); earlier Pillows (and this) give black.
+    let mask = !((1u32 << (8 - bits)) - 1) as u8;
+    lut(img, |v| v & mask)
+}
+
+/// Pillow's `ImageEnhance` classes: each blends the image with its own degenerate version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Enhance {
+    /// Against the greyscale image (`ImageEnhance.Color`).
+    Color,
+    /// Against the mean grey level (`ImageEnhance.Contrast`).
+    Contrast,
+    /// Against black (`ImageEnhance.Brightness`).
+    Brightness,
+    /// Against the SMOOTH-filtered image (`ImageEnhance.Sharpness`).
+    Sharpness,
+}
+
+/// `ImageEnhance.<kind>(img).enhance(factor)`: `Image.blend(degenerate, img, factor)`, the
+/// factor passed to C as a float.
+fn enhance(kind: Enhance, img: &Rgb, factor: f64) -> Rgb {
+    let degenerate = match kind {
+        Enhance::Color => greyscale(img),
+        Enhance::Contrast => {
+            let n = (img.width * img.height) as f64;
+            let sum: u64 = img.pixels.chunks_exact(3).map(|p| u64::from(luma(p))).sum();
+            let mean = (sum as f64 / n + 0.5) as u8;
+            Rgb { pixels: vec![mean; img.pixels.len()], ..img.clone() }
+        }
+        Enhance::Brightness => Rgb { pixels: vec![0; img.pixels.len()], ..img.clone() },
+        Enhance::Sharpness => smooth(img),
+    };
+    blend(&degenerate, img, factor as f32)
 }
 
 /// A lookup table applied to every channel (`Image.point`).
@@ -374,11 +405,30 @@ fn smooth(img: &Rgb) -> Rgb {
     out
 }
 
-/// `img.transform(img.size, Image.AFFINE, a, resample=BILINEAR, fillcolor=fill)` (Geometry.c's
-/// generic transform with `bilinear_filter32RGB`): output pixel (x, y) samples the input at
-/// (a0·(x+½) + a1·(y+½) + a2, a3·(x+½) + a4·(y+½) + a5); outside the image it is `fill`; inside,
-/// the four nearest pixels (edges clamped) blended in f64 and truncated.
-pub fn affine(img: &Rgb, a: [f64; 6], fill: [u8; 3]) -> Rgb {
+/// How the geometric ops resample (Pillow's `resample`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interpolation {
+    /// `Image.NEAREST` (torchvision's `TrivialAugmentWide` default).
+    Nearest,
+    /// `Image.BILINEAR` (our timm RandAugment: see the module's first lines).
+    Bilinear,
+}
+
+const BILINEAR: Interpolation = Interpolation::Bilinear;
+
+/// `img.transform(img.size, Image.AFFINE, a, resample, fillcolor=fill)`: output pixel (x, y)
+/// samples the input at (a0·(x+½) + a1·(y+½) + a2, a3·(x+½) + a4·(y+½) + a5); what falls outside
+/// the image is `fill`. Bilinear: [`affine_bilinear`]; nearest: [`affine_nearest`].
+pub fn affine(img: &Rgb, a: [f64; 6], fill: [u8; 3], interpolation: Interpolation) -> Rgb {
+    match interpolation {
+        Interpolation::Bilinear => affine_bilinear(img, a, fill),
+        Interpolation::Nearest => affine_nearest(img, a, fill),
+    }
+}
+
+/// Geometry.c's generic transform with `bilinear_filter32RGB`: inside the image, the four
+/// nearest pixels (edges clamped) blended in f64 and truncated.
+fn affine_bilinear(img: &Rgb, a: [f64; 6], fill: [u8; 3]) -> Rgb {
     let (w, h) = (img.width, img.height);
     let mut out = Vec::with_capacity(w * h * 3);
     let clip = |v: i64, n: usize| v.clamp(0, n as i64 - 1) as usize;
@@ -410,26 +460,98 @@ pub fn affine(img: &Rgb, a: [f64; 6], fill: [u8; 3]) -> Rgb {
     Rgb { width: w, height: h, pixels: out }
 }
 
+/// Geometry.c's `COORD`: a coordinate's pixel index, −1 for anything left of or above the image.
+fn coord(v: f64) -> i64 {
+    if v < 0.0 { -1 } else { v as i64 }
+}
+
+/// Geometry.c's nearest-neighbour affine transform (`ImagingTransformAffine` with filter 0), with
+/// its three engines, each stepping across the image as Pillow does: a pure scale/translation
+/// (`a1 = a3 = 0`: `ImagingScaleAffine`, f64 positions stepped by addition), 16.16 fixed point
+/// (`affine_fixed`, when the four corners map inside ±32768) and f64 positions otherwise.
+fn affine_nearest(img: &Rgb, a: [f64; 6], fill: [u8; 3]) -> Rgb {
+    let (w, h) = (img.width, img.height);
+    let mut out: Vec<u8> = fill.iter().copied().cycle().take(w * h * 3).collect();
+    let mut put = |x: usize, y: usize, xin: i64, yin: i64| {
+        if (0..w as i64).contains(&xin) && (0..h as i64).contains(&yin) {
+            let (o, i) = ((y * w + x) * 3, (yin as usize * w + xin as usize) * 3);
+            out[o..o + 3].copy_from_slice(&img.pixels[i..i + 3]);
+        }
+    };
+    let fixed_ok =
+        |x: f64, y: f64| (x * a[0] + y * a[1] + a[2]).abs() < 32768.0 && (x * a[3] + y * a[4] + a[5]).abs() < 32768.0;
+    let (fw, fh) = (w as f64, h as f64);
+    if a[1] == 0.0 && a[3] == 0.0 {
+        let mut xo = a[2] + a[0] * 0.5;
+        let xin: Vec<i64> = (0..w)
+            .map(|_| {
+                let v = coord(xo);
+                xo += a[0];
+                v
+            })
+            .collect();
+        let mut yo = a[5] + a[4] * 0.5;
+        for y in 0..h {
+            let yin = coord(yo);
+            for (x, &xi) in xin.iter().enumerate() {
+                put(x, y, xi, yin);
+            }
+            yo += a[4];
+        }
+    } else if fixed_ok(0.0, 0.0) && fixed_ok(fw, fh) && fixed_ok(0.0, fh) && fixed_ok(fw, 0.0) {
+        // FIX(v): floor(v·65536 + 0.5) as a C int.
+        let fix = |v: f64| (v * 65536.0 + 0.5).floor() as i32;
+        let (a0, a1, a3, a4) = (fix(a[0]), fix(a[1]), fix(a[3]), fix(a[4]));
+        let (mut a2, mut a5) = (fix(a[2] + a[0] * 0.5 + a[1] * 0.5), fix(a[5] + a[3] * 0.5 + a[4] * 0.5));
+        for y in 0..h {
+            let (mut xx, mut yy) = (a2, a5);
+            for x in 0..w {
+                put(x, y, i64::from(xx >> 16), i64::from(yy >> 16));
+                xx = xx.wrapping_add(a0);
+                yy = yy.wrapping_add(a3);
+            }
+            a2 = a2.wrapping_add(a1);
+            a5 = a5.wrapping_add(a4);
+        }
+    } else {
+        let (mut xo, mut yo) = (a[2] + a[1] * 0.5 + a[0] * 0.5, a[5] + a[4] * 0.5 + a[3] * 0.5);
+        for y in 0..h {
+            let (mut xx, mut yy) = (xo, yo);
+            for x in 0..w {
+                put(x, y, coord(xx), coord(yy));
+                xx += a[0];
+                yy += a[3];
+            }
+            xo += a[1];
+            yo += a[4];
+        }
+    }
+    Rgb { width: w, height: h, pixels: out }
+}
+
 /// Python's `round(x, 15)` (correctly rounded through its decimal digits).
 fn round15(x: f64) -> f64 {
     format!("{x:.15}").parse().unwrap_or(x)
 }
 
-/// `img.rotate(degrees, resample=BILINEAR, fillcolor=fill)` (Pillow's `Image.rotate` without
-/// expand): about the image centre, counter-clockwise, through [`affine`].
-pub fn rotate(img: &Rgb, degrees: f64, fill: [u8; 3]) -> Rgb {
+/// `img.rotate(degrees, resample, fillcolor=fill)` (Pillow's `Image.rotate` without expand):
+/// about the image centre, counter-clockwise, through [`affine`].
+pub fn rotate(img: &Rgb, degrees: f64, fill: [u8; 3], interpolation: Interpolation) -> Rgb {
     let angle = degrees.rem_euclid(360.0);
     if angle == 0.0 {
         return img.clone();
     }
-    // (90°, 180°, 270° are exact transposes in Pillow; timm's range, ±30°, never reaches them.)
+    // Pillow transposes at 180° (and 90°, 270° of a square image). timm's range (±30°) and
+    // TrivialAugmentWide's (±135°) never reach 180°; at ±90° of a square image the nearest
+    // fixed-point walk below gives the transpose's pixels (tests/augment.rs checks it on a square
+    // image against Pillow's transpose path).
     let (cx, cy) = (img.width as f64 / 2.0, img.height as f64 / 2.0);
     let t = -angle.to_radians();
     let (cos, sin) = (round15(t.cos()), round15(t.sin()));
     let mut m = [cos, sin, 0.0, round15(-t.sin()), cos, 0.0];
     m[2] = m[0] * -cx + m[1] * -cy + m[2] + cx;
     m[5] = m[3] * -cx + m[4] * -cy + m[5] + cy;
-    affine(img, m, fill)
+    affine(img, m, fill, interpolation)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,8 +574,27 @@ pub struct RandAugment {
 }
 
 /// What `--aa` accepts, for error messages.
-pub const AA_GRAMMAR: &str = "timm's RandAugment config rand[-m<int>][-n<int>][-p<float>][-mstd<float>][-mmax<int>][-inc<0|1>], \
-     e.g. rand-m9-mstd0.5 or rand-m9-n2-mstd0.5-inc1";
+pub const AA_GRAMMAR: &str = "trivialaugment (torchvision's TrivialAugmentWide) or timm's RandAugment config \
+     rand[-m<int>][-n<int>][-p<float>][-mstd<float>][-mmax<int>][-inc<0|1>], e.g. rand-m9-mstd0.5 or rand-m9-n2-mstd0.5-inc1";
+
+/// The first section of a RandAugment config: `rand`, or a refusal that names what the config
+/// looks like instead.
+fn check_rand_policy(first: &str) -> Result<(), String> {
+    match first {
+        "rand" => Ok(()),
+        p @ ("v0" | "v0r" | "original" | "originalr" | "3a") => {
+            Err(format!("timm's AutoAugment policy {p:?} is not implemented here; expected {AA_GRAMMAR}"))
+        }
+        p if p.starts_with("augmix") => {
+            Err(format!("timm's AugMix ({p:?}) is not implemented here; expected {AA_GRAMMAR}"))
+        }
+        p if p.to_ascii_lowercase().contains("trivial") || p.starts_with("ta") => Err(format!(
+            "{p:?}: TrivialAugment is spelt `trivialaugment` (torchvision's TrivialAugmentWide; timm 1.0 has no \
+             TrivialAugment policy); expected {AA_GRAMMAR}"
+        )),
+        p => Err(format!("{p:?} is not a policy timm's RandAugment knows; expected {AA_GRAMMAR}")),
+    }
+}
 
 impl RandAugment {
     /// Parse timm's config string (`rand-m9-n2-mstd0.5-inc1-mmax10-p0.5`, sections in any order;
@@ -461,23 +602,7 @@ impl RandAugment {
     /// number) or accept nonsense (p outside [0, 1]) this refuses it. The error names the bad part.
     pub fn parse(config: &str, fill: [u8; 3]) -> Result<RandAugment, String> {
         let mut parts = config.split('-');
-        match parts.next() {
-            Some("rand") => {}
-            Some(p @ ("v0" | "v0r" | "original" | "originalr" | "3a")) => {
-                return Err(format!("timm's AutoAugment policy {p:?} is not implemented here; expected {AA_GRAMMAR}"));
-            }
-            Some(p) if p.starts_with("augmix") => {
-                return Err(format!("timm's AugMix ({p:?}) is not implemented here; expected {AA_GRAMMAR}"));
-            }
-            Some(p) if p.to_ascii_lowercase().contains("trivial") || p.starts_with("ta") => {
-                return Err(format!(
-                    "{p:?}: timm 1.0 has no TrivialAugment policy (torchvision's TrivialAugmentWide is not one of \
-                     timm's --aa values) and it is not implemented here; expected {AA_GRAMMAR}"
-                ));
-            }
-            Some(p) => return Err(format!("{p:?} is not a policy timm's RandAugment knows; expected {AA_GRAMMAR}")),
-            None => unreachable!("split yields at least one part"),
-        }
+        check_rand_policy(parts.next().unwrap_or_default())?;
         let mut ra = RandAugment {
             ops: RAND_TRANSFORMS.to_vec(),
             magnitude: LEVEL_DENOM,
@@ -489,67 +614,70 @@ impl RandAugment {
         };
         let mut increasing = false;
         for c in parts {
-            if c.starts_with('t') {
-                return Err(format!(
-                    "section {c:?}: timm's weighted transform sets (tweights, t3a, t3aw) are not implemented here; \
-                     expected {AA_GRAMMAR}"
-                ));
-            }
-            // timm splits each section at its first digit: key, then value.
-            let Some(at) = c.find(|ch: char| ch.is_ascii_digit()) else {
-                return Err(format!("section {c:?} has no number; expected {AA_GRAMMAR}"));
-            };
-            let (key, val) = c.split_at(at);
-            let int = |what: &str| -> Result<u64, String> {
-                val.parse::<u64>().map_err(|_| format!("section {c:?}: {what} takes a whole number, got {val:?}"))
-            };
-            let float = |what: &str| -> Result<f64, String> {
-                match val.parse::<f64>() {
-                    Ok(v) if v.is_finite() => Ok(v),
-                    _ => Err(format!("section {c:?}: {what} takes a number, got {val:?}")),
-                }
-            };
-            match key {
-                "m" => ra.magnitude = int("m (the magnitude)")? as f64,
-                "n" => {
-                    let n = int("n (ops per image)")?;
-                    if n > 64 {
-                        return Err(format!("section {c:?}: n (ops per image) must be at most 64"));
-                    }
-                    ra.num_layers = n as usize;
-                }
-                "p" => {
-                    let p = float("p (each op's probability)")?;
-                    if !(0.0..=1.0).contains(&p) {
-                        return Err(format!("section {c:?}: p (each op's probability) must be in [0, 1], got {p}"));
-                    }
-                    ra.prob = p;
-                }
-                "mstd" => {
-                    let s = float("mstd (the magnitude's standard deviation)")?;
-                    // timm: above 100, uniform sampling in [0, magnitude].
-                    ra.magnitude_std = if s > 100.0 { f64::INFINITY } else { s };
-                }
-                // timm: `magnitude_max or 10`, so mmax0 is 10.
-                "mmax" => {
-                    ra.magnitude_max = Some(int("mmax (the magnitude's upper bound)")? as f64).filter(|&m| m > 0.0)
-                }
-                "inc" => match val {
-                    "0" => increasing = false,
-                    "1" => increasing = true,
-                    _ => return Err(format!("section {c:?}: inc takes 0 or 1, got {val:?}")),
-                },
-                _ => {
-                    return Err(format!(
-                        "section {c:?}: unknown key {key:?} (expected m, n, p, mstd, mmax or inc); expected {AA_GRAMMAR}"
-                    ));
-                }
-            }
+            ra.set_section(c, &mut increasing)?;
         }
         if increasing {
             ra.ops = RAND_INCREASING_TRANSFORMS.to_vec();
         }
         Ok(ra)
+    }
+
+    /// One `<key><value>` section of the config (timm splits each at its first digit).
+    fn set_section(&mut self, c: &str, increasing: &mut bool) -> Result<(), String> {
+        if c.starts_with('t') {
+            return Err(format!(
+                "section {c:?}: timm's weighted transform sets (tweights, t3a, t3aw) are not implemented here; \
+                 expected {AA_GRAMMAR}"
+            ));
+        }
+        let Some(at) = c.find(|ch: char| ch.is_ascii_digit()) else {
+            return Err(format!("section {c:?} has no number; expected {AA_GRAMMAR}"));
+        };
+        let (key, val) = c.split_at(at);
+        let int = |what: &str| -> Result<u64, String> {
+            val.parse::<u64>().map_err(|_| format!("section {c:?}: {what} takes a whole number, got {val:?}"))
+        };
+        let float = |what: &str| -> Result<f64, String> {
+            match val.parse::<f64>() {
+                Ok(v) if v.is_finite() => Ok(v),
+                _ => Err(format!("section {c:?}: {what} takes a number, got {val:?}")),
+            }
+        };
+        match key {
+            "m" => self.magnitude = int("m (the magnitude)")? as f64,
+            "n" => {
+                let n = int("n (ops per image)")?;
+                if n > 64 {
+                    return Err(format!("section {c:?}: n (ops per image) must be at most 64"));
+                }
+                self.num_layers = n as usize;
+            }
+            "p" => {
+                let p = float("p (each op's probability)")?;
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(format!("section {c:?}: p (each op's probability) must be in [0, 1], got {p}"));
+                }
+                self.prob = p;
+            }
+            "mstd" => {
+                let s = float("mstd (the magnitude's standard deviation)")?;
+                // timm: above 100, uniform sampling in [0, magnitude].
+                self.magnitude_std = if s > 100.0 { f64::INFINITY } else { s };
+            }
+            // timm: `magnitude_max or 10`, so mmax0 is 10.
+            "mmax" => self.magnitude_max = Some(int("mmax (the magnitude's upper bound)")? as f64).filter(|&m| m > 0.0),
+            "inc" => match val {
+                "0" => *increasing = false,
+                "1" => *increasing = true,
+                _ => return Err(format!("section {c:?}: inc takes 0 or 1, got {val:?}")),
+            },
+            _ => {
+                return Err(format!(
+                    "section {c:?}: unknown key {key:?} (expected m, n, p, mstd, mmax or inc); expected {AA_GRAMMAR}"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// timm's `RandAugment.__call__`: the layers' ops chosen first (with replacement), then each
@@ -591,6 +719,219 @@ impl RandAugment {
             if self.ops[4] == Op::PosterizeIncreasing { " increasing" } else { "" },
             self.fill
         )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TrivialAugment (torchvision's TrivialAugmentWide; timm 1.0.31 has no TrivialAugment)
+
+/// torchvision's `TrivialAugmentWide` ops (the keys of its `_augmentation_space`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WideOp {
+    Identity,
+    ShearX,
+    ShearY,
+    TranslateX,
+    TranslateY,
+    Rotate,
+    Brightness,
+    Color,
+    Contrast,
+    Sharpness,
+    Posterize,
+    Solarize,
+    AutoContrast,
+    Equalize,
+}
+
+/// `_augmentation_space`'s ops in its order (the order `torch.randint(14)` indexes).
+pub const WIDE_OPS: [WideOp; 14] = [
+    WideOp::Identity,
+    WideOp::ShearX,
+    WideOp::ShearY,
+    WideOp::TranslateX,
+    WideOp::TranslateY,
+    WideOp::Rotate,
+    WideOp::Brightness,
+    WideOp::Color,
+    WideOp::Contrast,
+    WideOp::Sharpness,
+    WideOp::Posterize,
+    WideOp::Solarize,
+    WideOp::AutoContrast,
+    WideOp::Equalize,
+];
+
+/// `TrivialAugmentWide`'s default `num_magnitude_bins`.
+pub const WIDE_BINS: usize = 31;
+
+/// `torch.linspace(start, end, steps)[i]` in float32 as torch's CPU kernel computes it: step =
+/// (end − start)/(steps − 1), the first half start + step·i, the second end − step·(steps − 1 − i),
+/// each with one rounding (torch's build contracts them to fused multiply-adds).
+fn torch_linspace(start: f32, end: f32, steps: usize, i: usize) -> f32 {
+    let step = (end - start) / (steps - 1) as f32;
+    if i < steps / 2 { step.mul_add(i as f32, start) } else { (-step).mul_add((steps - 1 - i) as f32, end) }
+}
+
+/// torchvision's `_get_inverse_affine_matrix(center, angle, translate, scale, shear)` (degrees),
+/// in its order of operations: the matrix `Image.transform` is given.
+fn inverse_affine_matrix(center: [f64; 2], angle: f64, translate: [f64; 2], scale: f64, shear: [f64; 2]) -> [f64; 6] {
+    let (rot, sx, sy) = (angle.to_radians(), shear[0].to_radians(), shear[1].to_radians());
+    let ([cx, cy], [tx, ty]) = (center, translate);
+    let a = (rot - sy).cos() / sy.cos();
+    let b = -(rot - sy).cos() * sx.tan() / sy.cos() - rot.sin();
+    let c = (rot - sy).sin() / sy.cos();
+    let d = -(rot - sy).sin() * sx.tan() / sy.cos() + rot.cos();
+    let mut m = [d, -b, 0.0, -c, a, 0.0].map(|x| x / scale);
+    m[2] += m[0] * (-cx - tx) + m[1] * (-cy - ty);
+    m[5] += m[3] * (-cx - tx) + m[4] * (-cy - ty);
+    m[2] += cx;
+    m[5] += cy;
+    m
+}
+
+impl WideOp {
+    /// torchvision's name of the op.
+    pub fn from_name(name: &str) -> Option<WideOp> {
+        WIDE_OPS.iter().copied().find(|op| format!("{op:?}") == name)
+    }
+
+    /// Whether the op draws a magnitude bin (its magnitudes are a tensor of `WIDE_BINS`).
+    pub fn has_bins(self) -> bool {
+        !matches!(self, WideOp::Identity | WideOp::AutoContrast | WideOp::Equalize)
+    }
+
+    /// Whether the op draws a sign for its magnitude.
+    pub fn signed(self) -> bool {
+        self.has_bins() && !matches!(self, WideOp::Posterize | WideOp::Solarize)
+    }
+
+    /// The magnitude of bin `bin` (< `WIDE_BINS`), as `float(magnitudes[bin].item())`: shear and
+    /// the enhancements linspace(0, 0.99), translation linspace(0, 32) pixels, rotation
+    /// linspace(0, 135) degrees, posterize 8 − round(arange(31) / 5) bits, solarize
+    /// linspace(255, 0); 0 for the ops without magnitudes.
+    pub fn magnitude(self, bin: usize) -> f64 {
+        let lin = |start: f32, end: f32| f64::from(torch_linspace(start, end, WIDE_BINS, bin));
+        match self {
+            WideOp::Identity | WideOp::AutoContrast | WideOp::Equalize => 0.0,
+            WideOp::ShearX | WideOp::ShearY => lin(0.0, 0.99),
+            WideOp::Brightness | WideOp::Color | WideOp::Contrast | WideOp::Sharpness => lin(0.0, 0.99),
+            WideOp::TranslateX | WideOp::TranslateY => lin(0.0, 32.0),
+            WideOp::Rotate => lin(0.0, 135.0),
+            // (arange(31) / ((31 − 1) / 6)) in float32, rounded half to even.
+            WideOp::Posterize => f64::from(8 - (bin as f32 / ((WIDE_BINS - 1) as f32 / 6.0)).round_ties_even() as i32),
+            WideOp::Solarize => lin(255.0, 0.0),
+        }
+    }
+
+    /// torchvision's `_apply_op(img, name, magnitude, interpolation, fill)` on a PIL image, with
+    /// the RandAugment ops' Pillow implementations: shear through `F.affine` about the top-left
+    /// corner with shear atan(m) in degrees, translation by int(m) pixels, rotation by m degrees,
+    /// the enhancements at factor 1 + m, posterize to int(m) bits, solarize at threshold m.
+    pub fn apply(self, img: &Rgb, m: f64, fill: [u8; 3], interpolation: Interpolation) -> Rgb {
+        let (w, h) = (img.width as f64, img.height as f64);
+        let shear = |s: [f64; 2]| inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, 0.0], 1.0, s);
+        let translate = |t: [f64; 2]| inverse_affine_matrix([w * 0.5, h * 0.5], 0.0, t, 1.0, [0.0, 0.0]);
+        match self {
+            WideOp::Identity => img.clone(),
+            WideOp::ShearX => affine(img, shear([m.atan().to_degrees(), 0.0]), fill, interpolation),
+            WideOp::ShearY => affine(img, shear([0.0, m.atan().to_degrees()]), fill, interpolation),
+            WideOp::TranslateX => affine(img, translate([m.trunc(), 0.0]), fill, interpolation),
+            WideOp::TranslateY => affine(img, translate([0.0, m.trunc()]), fill, interpolation),
+            WideOp::Rotate => rotate(img, m, fill, interpolation),
+            WideOp::Brightness => enhance(Enhance::Brightness, img, 1.0 + m),
+            WideOp::Color => enhance(Enhance::Color, img, 1.0 + m),
+            WideOp::Contrast => enhance(Enhance::Contrast, img, 1.0 + m),
+            WideOp::Sharpness => enhance(Enhance::Sharpness, img, 1.0 + m),
+            WideOp::Posterize => posterize(img, m as u32),
+            WideOp::Solarize => solarize(img, m),
+            WideOp::AutoContrast => auto_contrast(img),
+            WideOp::Equalize => equalize(img),
+        }
+    }
+}
+
+/// torchvision's `TrivialAugmentWide(num_magnitude_bins=31, interpolation, fill)`: one op drawn
+/// uniformly, one magnitude bin uniformly, a random sign for the signed ops. `--aa trivialaugment`
+/// uses torchvision's defaults, nearest resampling and fill 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrivialAugmentWide {
+    pub interpolation: Interpolation,
+    /// What geometric ops uncover (torchvision's `fill=None`: 0).
+    pub fill: [u8; 3],
+}
+
+impl Default for TrivialAugmentWide {
+    fn default() -> TrivialAugmentWide {
+        TrivialAugmentWide { interpolation: Interpolation::Nearest, fill: [0; 3] }
+    }
+}
+
+impl TrivialAugmentWide {
+    /// `TrivialAugmentWide.forward`'s draws in its order: the op (`torch.randint(14)`), the
+    /// magnitude bin (`torch.randint(31)`) for ops with magnitudes, the sign (`torch.randint(2)`,
+    /// 1 negates) for signed ops; then the op.
+    pub fn apply(&self, img: Rgb, draws: &mut impl Draws) -> Rgb {
+        let op = WIDE_OPS[draws.index(WIDE_OPS.len())];
+        let mut m = if op.has_bins() { op.magnitude(draws.index(WIDE_BINS)) } else { 0.0 };
+        if op.signed() && draws.index(2) == 1 {
+            m = -m;
+        }
+        if op == WideOp::Identity {
+            return img;
+        }
+        op.apply(&img, m, self.fill, self.interpolation)
+    }
+
+    /// As torchvision's repr, for the first lines of a run.
+    pub fn describe(&self) -> String {
+        format!(
+            "TrivialAugmentWide(num_magnitude_bins={WIDE_BINS}, interpolation={:?}, fill {:?}; torchvision's)",
+            self.interpolation, self.fill
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// --aa
+
+/// What `--aa` names: timm's RandAugment or torchvision's TrivialAugmentWide.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AutoAugment {
+    Rand(RandAugment),
+    TrivialWide(TrivialAugmentWide),
+}
+
+impl From<RandAugment> for AutoAugment {
+    fn from(ra: RandAugment) -> AutoAugment {
+        AutoAugment::Rand(ra)
+    }
+}
+
+impl AutoAugment {
+    /// `trivialaugment`, or a RandAugment config ([`RandAugment::parse`]); `fill` is RandAugment's
+    /// (TrivialAugmentWide fills with 0, torchvision's default).
+    pub fn parse(config: &str, fill: [u8; 3]) -> Result<AutoAugment, String> {
+        if config == "trivialaugment" {
+            return Ok(AutoAugment::TrivialWide(TrivialAugmentWide::default()));
+        }
+        RandAugment::parse(config, fill).map(AutoAugment::Rand)
+    }
+
+    /// The augmentation applied to one image, drawing from `draws`.
+    pub fn apply(&self, img: Rgb, draws: &mut impl Draws) -> Rgb {
+        match self {
+            AutoAugment::Rand(ra) => ra.apply(img, draws),
+            AutoAugment::TrivialWide(ta) => ta.apply(img, draws),
+        }
+    }
+
+    /// As the augmentation's repr, for the first lines of a run.
+    pub fn describe(&self) -> String {
+        match self {
+            AutoAugment::Rand(ra) => ra.describe(),
+            AutoAugment::TrivialWide(ta) => ta.describe(),
+        }
     }
 }
 

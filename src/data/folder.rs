@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::augment::RandAugment;
+use super::augment::AutoAugment;
 use super::transforms::{self, Rgb};
 use super::{Dataset, Splits};
 
@@ -153,8 +153,8 @@ impl Files {
     }
 
     /// Sample `i` through the training transform, drawing from `rng` (the sample's stream):
-    /// `RandomResizedCrop`, the flip, then RandAugment when `aa` is given. RGB, `size`.
-    pub fn train_transformed(&self, i: usize, aa: Option<&RandAugment>, rng: &mut ChaCha8Rng) -> Result<Rgb, BadImage> {
+    /// `RandomResizedCrop`, the flip, then RandAugment or TrivialAugmentWide when `aa` is given. RGB, `size`.
+    pub fn train_transformed(&self, i: usize, aa: Option<&AutoAugment>, rng: &mut ChaCha8Rng) -> Result<Rgb, BadImage> {
         let img = self.image(i)?;
         let out = transforms::train_transform(&img, self.size, rng);
         Ok(match aa {

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::Dataset;
-use super::augment::{RandAugment, RandomErasing};
+use super::augment::{AutoAugment, RandomErasing};
 use super::folder::{self, BadImage};
 use crate::exit::RuntimeFailure;
 
@@ -33,8 +33,9 @@ pub struct Preprocess {
     /// Training augmentation: in-memory datasets a random crop (pad `hparams::CROP_PADDING`) +
     /// horizontal flip; image folders `RandomResizedCrop` + horizontal flip.
     pub augment: bool,
-    /// Image folders, with `augment`: timm's RandAugment after the flip (`--aa`).
-    pub aa: Option<RandAugment>,
+    /// Image folders, with `augment`: timm's RandAugment or torchvision's TrivialAugmentWide
+    /// after the flip (`--aa`).
+    pub aa: Option<AutoAugment>,
     /// Image folders, with `augment`: timm's RandomErasing on the normalised tensor (`--reprob`).
     pub erase: Option<RandomErasing>,
     /// How batches are made.

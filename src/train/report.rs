@@ -59,7 +59,7 @@ impl Trainer<'_> {
 
     /// What is about to be trained, on what, and how the best checkpoint is chosen.
     pub(super) fn print_banner(&self, net: &Network, dataset: &str) {
-        let (args, dist) = (self.args, self.dist);
+        let args = self.args;
         self.say(format!(
             "{} width {} (r={}) on {dataset}: {} params | {} train / {} test images {:?} | {} | batch {} | {:?}",
             args.net.model,
@@ -73,6 +73,15 @@ impl Trainer<'_> {
             args.batch_size,
             args.optimizer
         ));
+        self.banner_data();
+        self.banner_parallel(net);
+        self.banner_recipes(net);
+        self.banner_best();
+        self.say(EpochMetrics::table_header(self.val_set.is_some()));
+    }
+
+    /// The banner's image-folder line: the transforms and the loader.
+    fn banner_data(&self) {
         if let Some(files) = &self.train_set.files {
             let timm: String =
                 [self.pre.aa.as_ref().map(|a| a.describe()), self.pre.erase.as_ref().map(|e| e.describe())]
@@ -90,6 +99,11 @@ impl Trainer<'_> {
                 }
             ));
         }
+    }
+
+    /// The banner's data-parallel line (under mpirun) or the --sync-bn note.
+    fn banner_parallel(&self, net: &Network) {
+        let (args, dist) = (self.args, self.dist);
         if dist.size > 1 {
             let floats = net.flat.grads.numel();
             let shard_len = self.train_set.len().div_ceil(dist.size);
@@ -120,6 +134,11 @@ impl Trainer<'_> {
                     .into(),
             );
         }
+    }
+
+    /// The banner's training-recipe lines: gradient accumulation, Mixup/CutMix, the EMA.
+    fn banner_recipes(&self, net: &Network) {
+        let (args, dist) = (self.args, self.dist);
         if args.grad_accum_steps > 1 {
             self.say(format!(
                 "gradients accumulated over {} batches per optimizer step (--grad-accum-steps): effective batch {}, \
@@ -131,11 +150,17 @@ impl Trainer<'_> {
             ));
         }
         if let Some((m, _)) = &self.mixup {
+            let off = if m.off_epoch > 0 { format!(", off after epoch {}", m.off_epoch) } else { String::new() };
             self.say(format!(
-                "Mixup/CutMix (timm's, batch mode): mixup alpha {}, cutmix alpha {}, prob {}, switch prob {}, \
+                "Mixup/CutMix (timm's, {} mode{off}): mixup alpha {}, cutmix alpha {}, prob {}, switch prob {}, \
                  smoothing {}; soft-target loss; train_acc counts each mixed target's dominant class (timm reports \
                  no training accuracy)",
-                m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, m.smoothing
+                m.mode.name(),
+                m.mixup_alpha,
+                m.cutmix_alpha,
+                m.prob,
+                m.switch_prob,
+                m.smoothing
             ));
         }
         if let Some(ema) = &net.ema {
@@ -146,6 +171,11 @@ impl Trainer<'_> {
                 if ema.warmup { " with timm's warmup" } else { "" }
             ));
         }
+    }
+
+    /// The banner's line on how best.safetensors is chosen.
+    fn banner_best(&self) {
+        let args = self.args;
         let whose = if args.best_on() == crate::args::BestOn::Ema { "the EMA's " } else { "" };
         self.say(match &self.val_set {
             Some(v) => format!(
@@ -158,7 +188,6 @@ impl Trainer<'_> {
                 "best.safetensors is chosen on {whose}test accuracy (no --val-split), so that figure is optimistic"
             ),
         });
-        self.say(EpochMetrics::table_header(self.val_set.is_some()));
     }
 
     /// The closing lines: the best epoch and where the run folder is.
