@@ -53,6 +53,11 @@ struct Cli {
     /// on = an error where it has none, off = never.
     #[arg(long, global = true, value_enum, env = "SENET_PIPELINE_CACHE", default_value_t)]
     pipeline_cache: gpu::Switch,
+    /// Fused epilogues in the step plans: on = a residual addition runs with the ReLU after it, an
+    /// SE block's gate with the addition and ReLU after it, in one pass each; off = only the batch
+    /// norm's ReLU is fused. Changes dispatches, never checkpoints.
+    #[arg(long, global = true, value_enum, env = "SENET_FUSE", default_value_t)]
+    fuse: gpu::Fuse,
     #[command(subcommand)]
     command: Command,
 }
@@ -180,6 +185,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         coop: cli.coop,
         conv_tiles: cli.conv_tiles,
         tune_verbose: cli.tune_verbose,
+        fuse: cli.fuse,
     };
     match cli.command {
         Command::Train(args) => train_command(*args, matches.subcommand_matches("train"), &mut opts)?,
