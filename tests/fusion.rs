@@ -1,6 +1,7 @@
 //! Fused epilogues (`--fuse on`, src/model/plan.rs's fusion pass): the residual addition with the
-//! ReLU after it (add.wgsl's `_relu` kernels) against its f64 reference on awkward lengths in f32
-//! and f16, where the plan fuses it, and whole training steps and evaluation passes of fused
+//! ReLU after it (add.wgsl's `_relu` kernels) and the SE block with the addition and ReLU after
+//! it (se_block.wgsl's `_add_relu` kernels) against their f64 references on awkward shapes in f32
+//! and f16, where the plan fuses them, and whole training steps and evaluation passes of fused
 //! plans against unfused ones (`--fuse off`) from the same start.
 
 mod common;
@@ -14,6 +15,9 @@ use senet_wgpu::model::{ModelConfig, SePlacement};
 use senet_wgpu::ops::add;
 use senet_wgpu::ops::cross_entropy::result;
 use senet_wgpu::ops::optimizer::OptimizerConfig;
+use senet_wgpu::ops::se_block::{
+    self, AddReluGrads, Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze,
+};
 use senet_wgpu::reference;
 
 /// The same adapter as `gpu()`, whose plans fuse only the batch norm's ReLU (`--fuse off`).
@@ -69,6 +73,114 @@ fn add_relu_forward_and_backward_match_the_reference() {
     }
 }
 
+/// Awkward SE shapes: batch 1, odd and non-square planes, channel counts that leave a partial
+/// 256-wide workgroup (300) or are not a multiple of the reduction, hidden width 1, biases, and
+/// the ablations' max squeeze and tanh gate.
+fn se_cases() -> Vec<SeBlockConfig> {
+    let mk = |n, c, h, w, hidden, bias, squeeze, excitation| SeBlockConfig {
+        n,
+        c,
+        h,
+        w,
+        hidden,
+        bias,
+        variant: SeVariant { squeeze, excitation },
+    };
+    let (avg, max, sigmoid, tanh) = (Squeeze::Avg, Squeeze::Max, Excitation::Sigmoid, Excitation::Tanh);
+    vec![
+        mk(1, 16, 5, 7, 4, false, avg, sigmoid),   // batch 1, 5x7 plane
+        mk(2, 20, 3, 5, 6, true, avg, sigmoid),    // C not a multiple of r, odd non-square plane
+        mk(2, 300, 2, 3, 18, true, avg, sigmoid),  // C > the 256-wide workgroup
+        mk(3, 7, 4, 1, 1, true, max, tanh),        // hidden width 1, a column plane, the ablations
+        mk(1, 260, 1, 1, 16, false, avg, sigmoid), // 1x1 plane
+    ]
+}
+
+/// The SE block's own bound (tests/kernels.rs): three chained f32 reductions and the sigmoid's exp,
+/// outputs O(1): atol 2e-5, rtol 1e-4. f16 activations add half an f16 ulp of the stored result
+/// (4.9e-4 relative): rtol 6e-4; the weight gradients are f32 sums of the same f16 inputs either
+/// way, so they keep the f32 bound.
+fn se_tolerance(dtype: Dtype) -> (f64, f64) {
+    match dtype {
+        Dtype::F16 => (2e-5, 6e-4),
+        _ => (2e-5, 1e-4),
+    }
+}
+
+#[test]
+fn se_add_relu_forward_and_backward_match_the_reference() {
+    for (path, gpu) in gpus() {
+        for dtype in [Dtype::F32, Dtype::F16] {
+            let (atol, rtol) = se_tolerance(dtype);
+            for (i, cfg) in se_cases().iter().enumerate() {
+                se_add_relu_case(&gpu, cfg, dtype, i as u64, (atol, rtol), &format!("case {i} {dtype:?} ({path})"));
+            }
+        }
+    }
+}
+
+fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (atol, rtol): (f64, f64), tag: &str) {
+    let tag = |s: &str| format!("{s} {tag} {cfg:?}");
+    let mut r = rng(900 + seed);
+    let (c, cr) = (cfg.c, cfg.hidden());
+    let shape = cfg.shape();
+    let numel: usize = shape.iter().product();
+    let (tx, x) = upload_as(gpu, dtype, &shape, &uniform(&mut r, numel, -1.0, 2.0));
+    // The shortcut centred so that about half of x * s + res is clipped by the ReLU.
+    let (tres, res) = upload_as(gpu, dtype, &shape, &uniform(&mut r, numel, -1.5, 0.5));
+    let (tdy, dy) = upload_as(gpu, dtype, &shape, &uniform(&mut r, numel, -1.0, 1.0));
+    let w1 = uniform(&mut r, cr * c, -1.0 / (c as f32).sqrt(), 1.0 / (c as f32).sqrt());
+    let w2 = uniform(&mut r, c * cr, -1.0 / (cr as f32).sqrt(), 1.0 / (cr as f32).sqrt());
+    let (b1, b2) = (uniform(&mut r, cr, -0.5, 0.5), uniform(&mut r, c, -0.5, 0.5));
+    let (tw1, tw2) = (upload(gpu, "w1", &cfg.fc1_shape(), &w1), upload(gpu, "w2", &cfg.fc2_shape(), &w2));
+    let (tb1, tb2) = (upload(gpu, "b1", &[cr], &b1), upload(gpu, "b2", &[c], &b2));
+    let weights = SeWeights { w1: &tw1, b1: cfg.bias.then_some(&tb1), w2: &tw2, b2: cfg.bias.then_some(&tb2) };
+    let act = |label| Tensor::zeros_of(gpu, label, &shape, dtype).expect("allocate");
+    let (tout, tdx, tdres) = (act("out"), act("dx"), act("dres"));
+    let saved = zeros(gpu, "saved", &cfg.saved_shape());
+    let d = se_block::se_block_forward_add_relu(gpu, cfg, &tx, &tres, &weights, &tout, &saved).unwrap();
+    assert_eq!(d.len(), 1, "{}", tag("the fused forward is one dispatch"));
+    run(gpu, &d);
+
+    let (b1_64, b2_64, w1_64, w2_64) = (to_f64(&b1), to_f64(&b2), to_f64(&w1), to_f64(&w2));
+    let p = reference::se_block::SeParams {
+        w1: &w1_64,
+        b1: cfg.bias.then_some(&b1_64[..]),
+        w2: &w2_64,
+        b2: cfg.bias.then_some(&b2_64[..]),
+    };
+    let x64 = to_f64(&x);
+    let mut fwd = reference::se_block::se_block_forward_add_relu(cfg, &x64, &to_f64(&res), &p);
+    let out = read_as(gpu, &tout);
+    assert_close(&tag("se_block_forward_add_relu out"), &out, &fwd.out, atol, rtol);
+    let clipped = out.iter().filter(|&&v| v == 0.0).count();
+    assert!(clipped > 0 && clipped < numel || numel < 8, "{}: {clipped} of {numel} clipped", tag("mask"));
+
+    let dsaved = zeros(gpu, "dsaved", &cfg.dsaved_shape());
+    let (tdw1, tdw2) = (zeros(gpu, "dw1", &cfg.fc1_shape()), zeros(gpu, "dw2", &cfg.fc2_shape()));
+    let (tdb1, tdb2) = (zeros(gpu, "db1", &[cr]), zeros(gpu, "db2", &[c]));
+    let grads =
+        SeGrads { dinp: &tdx, dw1: &tdw1, db1: cfg.bias.then_some(&tdb1), dw2: &tdw2, db2: cfg.bias.then_some(&tdb2) };
+    let e = AddReluGrads { out: &tout, dres: &tdres };
+    let d = se_block::se_block_backward_add_relu(gpu, cfg, &tx, &weights, &saved, &tdy, e, &dsaved, &grads).unwrap();
+    assert_eq!(d.len(), 2, "{}", tag("one per-sample pass and the weight-gradient pass"));
+    run(gpu, &d);
+    // The mask of the backward is the forward's output as the GPU stored it (a pre-activation
+    // within rounding of 0 could fall either side in f64).
+    fwd.out = to_f64(&out);
+    let (g, dres) = reference::se_block::se_block_backward_add_relu(cfg, &x64, &p, &fwd, &to_f64(&dy));
+    // The shortcut's gradient is dout or 0: exact.
+    assert_close(&tag("dres"), &read_as(gpu, &tdres), &dres, 0.0, 0.0);
+    assert_close(&tag("dinp"), &read_as(gpu, &tdx), &g.dinp, atol, rtol);
+    let (f32_atol, f32_rtol) = se_tolerance(Dtype::F32);
+    assert_close(&tag("dw1"), &read(gpu, &tdw1), &g.dw1, f32_atol, f32_rtol);
+    assert_close(&tag("dw2"), &read(gpu, &tdw2), &g.dw2, f32_atol, f32_rtol);
+    if cfg.bias {
+        assert_close(&tag("db1"), &read(gpu, &tdb1), &g.db1, f32_atol, f32_rtol);
+        assert_close(&tag("db2"), &read(gpu, &tdb2), &g.db2, f32_atol, f32_rtol);
+    }
+}
+
 fn cifar(model: &str, placement: SePlacement) -> ModelConfig {
     let mut se = senet_wgpu::model::SeOptions::default();
     se.placement = placement;
@@ -100,11 +212,14 @@ fn count(list: &[String], kernel: &str) -> usize {
 /// Where the plan fuses: every residual block of ResNet-8 (3) runs add + ReLU as one pass each
 /// way; SE-ResNet-8 with the standard placement runs SE + add + ReLU as one forward pass and one
 /// per-sample backward pass per block, leaving no separate addition, ReLU of a block output or SE
-/// pass; `--fuse off` plans none of the fused kernels; and fused steps move fewer bytes.
+/// pass; `--fuse off` plans none of the fused kernels; and fused steps move fewer bytes. The other
+/// SE placements keep their SE passes (the identity placement's SE output is the addition's
+/// second operand; pre and post SE blocks read a ReLU's output or feed two layers) and fuse only
+/// the addition and its ReLU.
 #[test]
 fn fused_plans_replace_the_block_tails() {
     let (on, off) = (gpu(), gpu_unfused());
-    for (model, placement) in [("resnet8", SePlacement::Standard)] {
+    for (model, placement) in [("resnet8", SePlacement::Standard), ("se-resnet8", SePlacement::Standard)] {
         let build = |g: &Arc<Gpu>| {
             let net = Network::new(g.clone(), cifar(model, placement), OptimizerConfig::sgd(0.1, 0.9), 4).unwrap();
             let plan = net.plan(2).unwrap();
@@ -141,6 +256,16 @@ fn fused_plans_replace_the_block_tails() {
         assert_eq!(eval_off.len() - eval.len(), per_pass * blocks, "{model}: evaluation dispatches saved");
         assert!(bytes < bytes_off, "{model}: fused step moves {bytes} bytes, unfused {bytes_off}");
     }
+    for placement in [SePlacement::Pre, SePlacement::Post, SePlacement::Identity] {
+        let net = Network::new(on.clone(), cifar("se-resnet8", placement), OptimizerConfig::sgd(0.1, 0.9), 4).unwrap();
+        let plan = net.plan(2).unwrap();
+        let (train, eval) = kernels(&net, &plan);
+        for (k, want) in [("se_block_forward", 3), ("se_block_backward_input", 3), ("add_forward_relu", 3)] {
+            assert_eq!(count(&train, k), want, "se-resnet8 ({placement:?}): {k} in training");
+        }
+        assert_eq!(count(&eval, "se_block_forward"), 3, "se-resnet8 ({placement:?}): SE passes in evaluation");
+        assert_eq!(count(&train, "se_block_forward_add_relu"), 0, "se-resnet8 ({placement:?}) fuses the SE");
+    }
 }
 
 /// Gradients, updates and statistics of a fused step against the unfused step.
@@ -155,7 +280,13 @@ fn fused_plans_replace_the_block_tails() {
 fn fused_training_steps_and_evaluation_equal_unfused_ones() {
     let (on, off) = (gpu(), gpu_unfused());
     let n = 3;
-    let cases = [("resnet8", SePlacement::Standard), ("se-resnet8", SePlacement::Standard)];
+    let cases = [
+        ("resnet8", SePlacement::Standard),
+        ("se-resnet8", SePlacement::Standard),
+        ("se-resnet8", SePlacement::Identity),
+        ("se-resnet8", SePlacement::Pre),
+        ("se-resnet8", SePlacement::Post),
+    ];
     for (model, placement) in cases {
         let what = format!("{model} ({placement:?})");
         let cfg = cifar(model, placement);
@@ -260,7 +391,7 @@ impl StepState {
 fn fused_f16_training_steps_equal_unfused_ones() {
     let (on, off) = (gpu(), gpu_unfused());
     let n = 4;
-    for model in ["resnet8"] {
+    for model in ["resnet8", "se-resnet8"] {
         let cfg = cifar(model, SePlacement::Standard);
         let x = uniform(&mut rng(31), n * 3 * 8 * 8, 0.0, 1.0);
         let labels = [0u32, 3, 1, 2];

@@ -507,8 +507,8 @@ impl Network {
     /// The fusion pass: which nodes run an epilogue in their kernels ([`LayerOp::takes_epilogue`];
     /// `--fuse off` asks for the batch norm's ReLU only) and where each node is recorded. A head
     /// whose output's one reader is a ReLU takes [`Epilogue::Relu`] and is recorded in place; one
-    /// whose output's one reader is an addition followed by a ReLU takes [`Epilogue::AddRelu`] and
-    /// is recorded where the addition was (its other operand may be computed after the head, as a
+    /// whose output's one reader is an addition (as its first operand) followed by a ReLU takes
+    /// [`Epilogue::AddRelu`] and is recorded where the addition was (its other operand may be computed after the head, as a
     /// projection shortcut is). The steps record nothing, and the head's output, the addition's and
     /// their gradients are never touched, so they get a 1-element placeholder.
     fn fusions(&self, consumers: &[Vec<usize>]) -> Fusions {
@@ -532,16 +532,14 @@ impl Network {
                 continue;
             }
             let op = node.layer.op();
-            let add = reader(k).filter(|&a| step(a, EpilogueStep::Add) && relu_after(a));
-            let slot = add.and_then(|a| {
-                let inputs = &nodes[a].inputs;
-                (inputs.iter().filter(|&&i| i == k + 1).count() == 1)
-                    .then(|| inputs.iter().position(|&i| i != k + 1))?
-            });
-            if let (Some(a), Some(j)) = (add, slot)
+            // The head's output is the addition's first operand (a residual unit's branch), the
+            // other its second (the shortcut).
+            let first = |a: usize| nodes[a].inputs[0] == k + 1 && nodes[a].inputs.get(1).is_some_and(|&i| i != k + 1);
+            let add = reader(k).filter(|&a| step(a, EpilogueStep::Add) && relu_after(a) && first(a));
+            if let Some(a) = add
                 && op.takes_epilogue(Epilogue::AddRelu, fuse)
             {
-                let group = Group { head: k, epilogue: Some(Epilogue::AddRelu), out: a + 2, residual: Some((a, j)) };
+                let group = Group { head: k, epilogue: Some(Epilogue::AddRelu), out: a + 2, residual: Some((a, 1)) };
                 (f.groups[k], f.groups[a], f.groups[a + 1]) = (None, Some(group), None);
                 (f.unused[k + 1], f.unused[a + 1]) = (true, true);
             } else if relu_after(k) && op.takes_epilogue(Epilogue::Relu, fuse) {

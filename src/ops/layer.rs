@@ -115,8 +115,10 @@ pub trait LayerOp {
 pub enum Epilogue {
     /// relu(y): y's one reader is a ReLU.
     Relu,
-    /// relu(y + r): y's one reader is an addition of y and another activation r (either
-    /// operand), whose one reader, recorded right after it, is a ReLU.
+    /// relu(y + r): y's one reader is an addition of y (its first operand, a residual unit's
+    /// branch) and another activation r (its second, the shortcut), whose one reader, recorded
+    /// right after it, is a ReLU. An SE block on the shortcut (the identity placement) is the
+    /// second operand and is not fused.
     AddRelu,
 }
 
