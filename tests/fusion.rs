@@ -43,8 +43,7 @@ fn act_tolerance(dtype: Dtype) -> (f64, f64) {
 #[test]
 fn add_relu_forward_and_backward_match_the_reference() {
     let gpu = gpu();
-    // 1 element, odd lengths (a 5x7 plane, 3x5x7), a partial last workgroup of 256, two rows of
-    // the 2-D grid's worth would need > 2^24 elements: 65 * 256 + 3 covers a non-multiple.
+    // 1 element, odd lengths (a 5x7 plane, 3x5x7) and 65 workgroups of 256 with a partial last one.
     for dtype in [Dtype::F32, Dtype::F16] {
         let (atol, rtol) = act_tolerance(dtype);
         for (i, len) in [1usize, 35, 105, 65 * 256 + 3].into_iter().enumerate() {
@@ -60,7 +59,7 @@ fn add_relu_forward_and_backward_match_the_reference() {
             let want = reference::add::add_forward_relu(&to_f64(&a), &to_f64(&b));
             let out = read_as(&gpu, &tout);
             assert_close(&format!("{what} forward"), &out, &want, atol, rtol);
-            assert!(out.iter().any(|&v| v == 0.0) || len < 35, "{what}: some outputs are clipped");
+            assert!(out.contains(&0.0) || len < 35, "{what}: some outputs are clipped");
             let bwd = add::add_backward_relu(&gpu, &tout, &tdy, &tda, &tdb).unwrap();
             assert_eq!(bwd.len(), 1, "{what}: both gradients from one pass");
             run(&gpu, &bwd);
@@ -182,8 +181,7 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
 }
 
 fn cifar(model: &str, placement: SePlacement) -> ModelConfig {
-    let mut se = senet_wgpu::model::SeOptions::default();
-    se.placement = placement;
+    let se = senet_wgpu::model::SeOptions { placement, ..Default::default() };
     ModelConfig {
         model: model.into(),
         width: 0.5,
@@ -426,4 +424,39 @@ fn fused_f16_training_steps_equal_unfused_ones() {
             errs[errs.len() - 1]
         );
     }
+}
+
+/// `senet plan` takes `--fuse on|off` and `SENET_FUSE`: off plans the addition and the ReLU apart,
+/// the default and `on` fuse them, and the environment variable does what the flag does.
+#[test]
+fn the_cli_turns_fusion_off_by_flag_and_environment() {
+    let plan = |args: &[&str], env: Option<&str>| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_senet"));
+        c.args([
+            "--tune",
+            "off",
+            "plan",
+            "--model",
+            "resnet8",
+            "--width",
+            "0.25",
+            "--image-size",
+            "8",
+            "--batch-size",
+            "2",
+        ]);
+        c.args(args).env_remove("SENET_FUSE");
+        if let Some(v) = env {
+            c.env("SENET_FUSE", v);
+        }
+        let o = c.output().expect("run senet plan");
+        assert!(o.status.success(), "senet plan {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let (default, on, off, env_off) =
+        (plan(&[], None), plan(&["--fuse", "on"], None), plan(&["--fuse", "off"], None), plan(&[], Some("off")));
+    assert_eq!(default, on, "--fuse on is the default");
+    assert!(on.contains("add_forward_relu") && !on.contains("relu_forward "), "{on}");
+    assert!(!off.contains("add_forward_relu") && off.contains("relu_forward "), "{off}");
+    assert_eq!(off, env_off, "SENET_FUSE=off is --fuse off");
 }

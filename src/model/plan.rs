@@ -11,6 +11,10 @@
 //! is allocated and every bind group built when the plan is made; a step only writes the batch,
 //! rewrites the optimizer's step number and submits one command buffer.
 //!
+//! The fusion pass (`Network::fusions`) runs what follows a node in that node's kernels where its op
+//! offers it (`LayerOp::takes_epilogue`): a batch norm's ReLU always; with the device's `--fuse on`
+//! (`Gpu::fuse`) also a residual addition's ReLU and an SE block's addition and ReLU.
+//!
 //! Precision is the network's ([`Precision`]): an f16 network's plans hold every activation and
 //! activation gradient in f16, cast the f32 input batch and the f32 master weights (into an f16
 //! copy of the flat parameter buffer, which the convolutions read) once per step, scale the loss
@@ -422,7 +426,7 @@ impl Network {
 
     /// Allocate and record everything for batch size `n`: the activation and gradient buffers,
     /// then each node's dispatches as its op records them (`LayerOp::record`), with the passes
-    /// that belong to the graph rather than to an op — ReLU fusion, the sum of a forked
+    /// that belong to the graph rather than to an op — fused epilogues, the sum of a forked
     /// activation's gradients, the f16 input cast, the loss — and the backward in reverse order.
     pub fn plan(&self, n: usize) -> Result<StepPlan> {
         ensure!(n >= 1, "batch size must be at least 1");
@@ -508,9 +512,10 @@ impl Network {
     /// `--fuse off` asks for the batch norm's ReLU only) and where each node is recorded. A head
     /// whose output's one reader is a ReLU takes [`Epilogue::Relu`] and is recorded in place; one
     /// whose output's one reader is an addition (as its first operand) followed by a ReLU takes
-    /// [`Epilogue::AddRelu`] and is recorded where the addition was (its other operand may be computed after the head, as a
-    /// projection shortcut is). The steps record nothing, and the head's output, the addition's and
-    /// their gradients are never touched, so they get a 1-element placeholder.
+    /// [`Epilogue::AddRelu`] and is recorded where the addition was (its other operand may be
+    /// computed after the head, as a projection shortcut is). The steps record nothing, and the
+    /// head's output, the addition's and their gradients are never touched, so they get a
+    /// 1-element placeholder.
     fn fusions(&self, consumers: &[Vec<usize>]) -> Fusions {
         let nodes = &self.graph.nodes;
         let fuse = self.gpu.fuse;
@@ -909,7 +914,7 @@ struct Group {
     residual: Option<(usize, usize)>,
 }
 
-/// The fusion pass's decisions ([`Network::fusions`]).
+/// The fusion pass's decisions (`Network::fusions`).
 struct Fusions {
     /// Per node position: what is recorded there (none: a step of a fused group, or a head
     /// recorded later).
