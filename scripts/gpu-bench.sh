@@ -16,9 +16,10 @@
 # /usr/local/nvidia when no other is registered.
 #
 # Full run (a GPU): senet w1 b128 and w0.25 b128 at 3x32x32, se-resnet20 b128 at 32x32, se-resnet50
-# b64 at 224x224 (1000 classes), each in both precisions; every command under a timeout (devices
-# 30 s, each bench 55 s, PyTorch 90 s) so the whole stays inside 10 minutes (9.3 at worst; one
-# precision: 5.6).
+# b64 at 224x224 (1000 classes), each in both precisions, and se-resnet50 once more with
+# `--fuse off` (fused epilogues off) in the first precision; every command under a timeout (devices
+# 30 s, each bench 55 s, the unfused bench 30 s, PyTorch 90 s) so the whole stays inside 10 minutes
+# (9.8 at worst; one precision: 6.1).
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
@@ -89,6 +90,21 @@ for c in $cases; do
     fi
   done
 done
+# Fused epilogues (docs/performance.md): the last case again with --fuse off, in the first
+# precision, beside its default (fused) run above; the tuning cache makes this run time nothing.
+fuse_limit=30; [ $quick = 1 ] && fuse_limit=120
+IFS=: read -r model width batch hw <<< "${cases##* }"
+classes=10; [ "$hw" -ge 128 ] && classes=1000
+prec=${precisions%% *}
+echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} $prec --fuse off ($(( $(date +%s) - start )) s so far)"
+: > "$out/senet-unfused.jsonl"
+if timeout "$fuse_limit" "$senet" bench --json --fuse off --model "$model" --width "$width" --batch-size "$batch" \
+  --image-size "$hw" --num-classes "$classes" --steps "$steps" --precision "$prec" > "$out/bench.tmp" 2> "$out/bench-unfused.err"; then
+  "$python" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["case"]=sys.argv[2]; print(json.dumps(r))' \
+    "$out/bench.tmp" "${cases##* }" >> "$out/senet-unfused.jsonl" || cat "$out/bench.tmp"
+else
+  echo "gpu-bench: senet bench --fuse off failed or ran past ${fuse_limit} s:"; tail -5 "$out/bench-unfused.err"
+fi
 rm -f "$out/bench.tmp"
 
 : > "$out/torch.jsonl"
@@ -156,6 +172,13 @@ for key in dict.fromkeys(list(ours) + list(torch)):
             line.append("")
         md.append("| " + " | ".join(line) + " |")
         rows.append(row)
+for r in lines("senet-unfused.jsonl"):
+    fused = ours.get(norm(r["case"]), {}).get(r.get("precision", "f32"))
+    line = f"Fused epilogues: {r['case']} {r.get('precision', 'f32')}: --fuse off {cell(r['train_images_per_s'], r['eval_images_per_s'])}"
+    if fused:
+        line += (f", fused (default) {cell(fused['train_images_per_s'], fused['eval_images_per_s'])}: fused / unfused "
+                 f"{fused['train_images_per_s'] / r['train_images_per_s']:.2f} / {fused['eval_images_per_s'] / r['eval_images_per_s']:.2f}")
+    md += ["", line + " images/s (train / eval)."]
 md += ["", "(cl) = PyTorch ran faster in channels_last. Per run of ours: step GFLOP/s, the device's FMA peak, "
        "and the kernel each convolution pass ran (the tuner's choice; coop = tensor cores):", ""]
 for key, by_prec in ours.items():
@@ -167,7 +190,7 @@ for key, by_prec in ours.items():
                   f"{o['peak_memory_bytes'] / 2**20:.0f} MiB; convs: {chosen or '?'}")
 md += ["", "```", devices, "```"]
 open(os.path.join(out, "gpu-bench.md"), "w").write("\n".join(md) + "\n")
-json.dump({"quick": quick, "devices": devices, "rows": rows,
+json.dump({"quick": quick, "devices": devices, "rows": rows, "senet_unfused": lines("senet-unfused.jsonl"),
            "senet": [r for p in ours.values() for r in p.values()], "torch": lines("torch.jsonl")},
           open(os.path.join(out, "gpu-bench.json"), "w"), indent=1)
 print("\n".join(md))

@@ -53,6 +53,11 @@ struct Cli {
     /// on = an error where it has none, off = never.
     #[arg(long, global = true, value_enum, env = "SENET_PIPELINE_CACHE", default_value_t)]
     pipeline_cache: gpu::Switch,
+    /// Fused epilogues in the step plans: on = a residual addition runs with the ReLU after it, an
+    /// SE block's gate with the addition and ReLU after it, in one pass each; off = only the batch
+    /// norm's ReLU is fused. Changes dispatches, never checkpoints.
+    #[arg(long, global = true, value_enum, env = "SENET_FUSE", default_value_t)]
+    fuse: gpu::Fuse,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,6 +188,7 @@ impl Cli {
             coop: self.coop,
             conv_tiles: self.conv_tiles,
             tune_verbose: self.tune_verbose,
+            fuse: self.fuse,
         }
     }
 }

@@ -120,10 +120,19 @@ fn ops_of(file: &str) -> Vec<&str> {
     }
 }
 
+/// Epilogues a pass may run fused in, named after it (`add_forward_relu`,
+/// `se_block_backward_input_add_relu`): `ops::layer::Epilogue`.
+const EPILOGUES: &[&str] = &["relu", "add_relu"];
+
+fn is_pass(pass: &str) -> bool {
+    PASSES.contains(&pass)
+        || EPILOGUES
+            .iter()
+            .any(|e| pass.strip_suffix(e).and_then(|p| p.strip_suffix('_')).is_some_and(|p| PASSES.contains(&p)))
+}
+
 fn is_op_pass(file: &str, entry: &str) -> bool {
-    ops_of(file)
-        .iter()
-        .any(|op| entry.strip_prefix(op).and_then(|r| r.strip_prefix('_')).is_some_and(|pass| PASSES.contains(&pass)))
+    ops_of(file).iter().any(|op| entry.strip_prefix(op).and_then(|r| r.strip_prefix('_')).is_some_and(is_pass))
 }
 
 #[test]
@@ -134,6 +143,9 @@ fn entry_point_names_are_checked() {
     assert!(!is_op_pass("optimizer", "optimizer_adam"), "no pass");
     assert!(!is_op_pass("relu", "relu_fwd"), "not a pass");
     assert!(!is_op_pass("relu", "add_forward"), "another file's op");
+    assert!(is_op_pass("se_block", "se_block_backward_input_add_relu"), "a pass with an epilogue");
+    assert!(!is_op_pass("add", "add_relu"), "an epilogue is no pass");
+    assert!(!is_op_pass("add", "add_forward_gelu"), "not an epilogue");
 }
 
 #[test]

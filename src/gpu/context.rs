@@ -68,6 +68,20 @@ pub struct GpuOptions {
     /// The folder of the pipeline cache file (named by `wgpu::util::pipeline_cache_key`). `None`:
     /// the cache lives for this process only (the CLI passes the tuning cache's folder).
     pub pipeline_cache_dir: Option<std::path::PathBuf>,
+    /// Fused epilogues in step plans (`--fuse`): on, every epilogue an op offers (a residual
+    /// addition with the ReLU after it, an SE gate with the addition and ReLU after it); off,
+    /// only the batch norm's ReLU. Plans differ in dispatches, never in checkpoints.
+    pub fuse: Fuse,
+}
+
+/// Whether plans fuse the epilogues ops offer (`--fuse on|off`; see `model::plan`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fuse {
+    /// Every epilogue an op offers.
+    #[default]
+    On,
+    /// Only the batch norm's ReLU (the plans of the builds before fused epilogues).
+    Off,
 }
 
 impl GpuOptions {
@@ -178,6 +192,8 @@ pub struct Gpu {
     /// The square f16 x f16 -> f32 cooperative-matrix tile (8 or 16) an f16 plan's GEMMs use, where
     /// the adapter lists one (wgpu's experimental cooperative matrices: tensor cores on NVIDIA).
     pub coop_tile: Option<u32>,
+    /// [`GpuOptions::fuse`]: plans built on this device fuse every epilogue an op offers.
+    pub fuse: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -351,6 +367,7 @@ impl Gpu {
             kernels: super::kernels::KernelRegistry::default(),
             subgroups,
             coop_tile,
+            fuse: opts.fuse == Fuse::On,
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)

@@ -7,7 +7,7 @@ pub mod pipeline_cache;
 mod tensor;
 pub mod tune;
 
-pub use context::{AdapterSummary, Gpu, GpuOptions, GpuStats, NoAdapterError, Subgroups, list_adapters};
+pub use context::{AdapterSummary, Fuse, Gpu, GpuOptions, GpuStats, NoAdapterError, Subgroups, list_adapters};
 pub use kernels::{
     Bind, CONV_GEMM_PART, CONV_PARAMS_PART, COOP_SHADERS, Dispatch, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass,
     Precision, SHADERS, coop_prelude, shader_source,

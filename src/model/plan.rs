@@ -11,6 +11,10 @@
 //! is allocated and every bind group built when the plan is made; a step only writes the batch,
 //! rewrites the optimizer's step number and submits one command buffer.
 //!
+//! The fusion pass (`Network::fusions`) runs what follows a node in that node's kernels where its op
+//! offers it (`LayerOp::takes_epilogue`): a batch norm's ReLU always; with the device's `--fuse on`
+//! (`Gpu::fuse`) also a residual addition's ReLU and an SE block's addition and ReLU.
+//!
 //! Precision is the network's ([`Precision`]): an f16 network's plans hold every activation and
 //! activation gradient in f16, cast the f32 input batch and the f32 master weights (into an f16
 //! copy of the flat parameter buffer, which the convolutions read) once per step, scale the loss
@@ -44,7 +48,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ema::ModelEma;
-use super::{Graph, Init, Layer, ModelConfig, ParamSpec, Shape};
+use super::{Graph, Init, ModelConfig, ParamSpec, Shape};
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
 use crate::ops::add;
 use crate::ops::cast;
@@ -54,7 +58,7 @@ use crate::ops::cross_entropy::{self, LossWeight, result};
 use crate::ops::grad_accum::{GradAccum, MicroBatch};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
-use crate::ops::layer::{ParamTensors, Record, step_key};
+use crate::ops::layer::{Epilogue, EpilogueStep, ParamTensors, Record, step_key};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
@@ -422,7 +426,7 @@ impl Network {
 
     /// Allocate and record everything for batch size `n`: the activation and gradient buffers,
     /// then each node's dispatches as its op records them (`LayerOp::record`), with the passes
-    /// that belong to the graph rather than to an op — ReLU fusion, the sum of a forked
+    /// that belong to the graph rather than to an op — fused epilogues, the sum of a forked
     /// activation's gradients, the f16 input cast, the loss — and the backward in reverse order.
     pub fn plan(&self, n: usize) -> Result<StepPlan> {
         ensure!(n >= 1, "batch size must be at least 1");
@@ -432,8 +436,9 @@ impl Network {
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let consumers = self.graph.consumers();
-        let fused = self.relu_fusions(&consumers);
-        let (acts, grads) = (self.activations(&shapes, &fused, "")?, self.activations(&shapes, &fused, " grad")?);
+        let fusion = self.fusions(&consumers);
+        let acts = self.activations(&shapes, &fusion.unused, "")?;
+        let grads = self.activations(&shapes, &fusion.unused, " grad")?;
         let contrib = self.fork_gradients(&shapes, &consumers)?;
         let target =
             |k: usize, j: usize| -> &Tensor { contrib.get(&(k, j)).unwrap_or(&grads[self.graph.nodes[k].inputs[j]]) };
@@ -441,17 +446,22 @@ impl Network {
         let input_f32 = self.record_input_cast(&shapes[0], &acts[0], &mut rec)?;
         for (k, node) in self.graph.nodes.iter().enumerate() {
             let (train0, eval0) = (rec.train.len(), rec.eval.len());
-            // Bind groups and parameter blocks made for this layer carry its name.
-            let _scope = gpu.label_scope(&node.name);
-            // A ReLU fused into the layer before it records nothing.
-            let (mut bwd, bwd_exchange) = if k > 0 && fused[k - 1] {
-                (Vec::new(), None)
-            } else {
-                // Fused: the ReLU's output and its gradient stand in for the layer's.
-                let outs = if fused[k] { (&acts[k + 2], &grads[k + 2]) } else { (&acts[k + 1], &grads[k + 1]) };
-                let inputs = node.inputs.iter().map(|&i| &acts[i]).collect();
-                let dinputs = (0..node.inputs.len()).map(|j| target(k, j)).collect();
-                self.record_node(node, inputs, dinputs, outs, fused[k], &mut rec)?
+            // A node recorded here: this one, or the head of a fused group whose inputs are all
+            // computed by now; a step of a fused group records nothing.
+            let (name, (mut bwd, bwd_exchange)) = match fusion.groups[k] {
+                Some(g) => {
+                    let head = &self.graph.nodes[g.head];
+                    // Bind groups and parameter blocks made for this layer carry its name.
+                    let _scope = gpu.label_scope(&head.name);
+                    let io = NodeIo {
+                        inputs: head.inputs.iter().map(|&i| &acts[i]).collect(),
+                        dinputs: (0..head.inputs.len()).map(|j| target(g.head, j)).collect(),
+                        outs: (&acts[g.out], &grads[g.out]),
+                        residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], target(add, j))),
+                    };
+                    (&head.name, self.record_node(head, io, g.epilogue, &mut rec)?)
+                }
+                None => (&node.name, (Vec::new(), None)),
             };
             // This node is the first reader of a forked activation: after its backward (the last
             // to run in reverse order), sum the two contributions.
@@ -462,8 +472,8 @@ impl Network {
                     bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
                 }
             }
-            label(rec.train[train0..].iter_mut().chain(&mut rec.eval[eval0..]), &node.name, Pass::Forward);
-            label(bwd.iter_mut(), &node.name, Pass::Backward);
+            label(rec.train[train0..].iter_mut().chain(&mut rec.eval[eval0..]), name, Pass::Forward);
+            label(bwd.iter_mut(), name, Pass::Backward);
             rec.backward.push((bwd, bwd_exchange));
         }
         let loss = LossTensors::new(gpu, n, self.soft_targets.then_some(&logits_shape))?;
@@ -498,19 +508,52 @@ impl Network {
         })
     }
 
-    /// Which nodes run with the ReLU after them fused in: a layer that takes a ReLU epilogue
-    /// (`LayerOp::takes_relu`: batch norm, see batch_norm.wgsl) whose only reader is a ReLU. It
-    /// writes the ReLU's output, the ReLU node records nothing, and the layer's own output and
-    /// its gradient are never touched, so they get a 1-element placeholder.
-    fn relu_fusions(&self, consumers: &[Vec<usize>]) -> Vec<bool> {
+    /// The fusion pass: which nodes run an epilogue in their kernels ([`LayerOp::takes_epilogue`];
+    /// `--fuse off` asks for the batch norm's ReLU only) and where each node is recorded. A head
+    /// whose output's one reader is a ReLU takes [`Epilogue::Relu`] and is recorded in place; one
+    /// whose output's one reader is an addition (as its first operand) followed by a ReLU takes
+    /// [`Epilogue::AddRelu`] and is recorded where the addition was (its other operand may be
+    /// computed after the head, as a projection shortcut is). The steps record nothing, and the
+    /// head's output, the addition's and their gradients are never touched, so they get a
+    /// 1-element placeholder.
+    fn fusions(&self, consumers: &[Vec<usize>]) -> Fusions {
         let nodes = &self.graph.nodes;
-        (0..nodes.len())
-            .map(|k| {
-                nodes[k].layer.op().takes_relu()
-                    && consumers[k + 1] == [k + 1]
-                    && matches!(nodes.get(k + 1).map(|r| &r.layer), Some(Layer::Relu))
-            })
-            .collect()
+        let fuse = self.gpu.fuse;
+        let step = |k: usize, s: EpilogueStep| nodes.get(k).and_then(|n| n.layer.op().epilogue_step()) == Some(s);
+        // The one reader of node k's output, if it has one.
+        let reader = |k: usize| match consumers[k + 1].as_slice() {
+            [r] => Some(*r),
+            _ => None,
+        };
+        let relu_after = |k: usize| reader(k) == Some(k + 1) && step(k + 1, EpilogueStep::Relu);
+        let mut f = Fusions {
+            groups: (0..nodes.len())
+                .map(|k| Some(Group { head: k, epilogue: None, out: k + 1, residual: None }))
+                .collect(),
+            unused: vec![false; nodes.len() + 1],
+        };
+        for (k, node) in nodes.iter().enumerate() {
+            if f.groups[k].is_none_or(|g| g.head != k) {
+                continue;
+            }
+            let op = node.layer.op();
+            // The head's output is the addition's first operand (a residual unit's branch), the
+            // other its second (the shortcut).
+            let first = |a: usize| nodes[a].inputs[0] == k + 1 && nodes[a].inputs.get(1).is_some_and(|&i| i != k + 1);
+            let add = reader(k).filter(|&a| step(a, EpilogueStep::Add) && relu_after(a) && first(a));
+            if let Some(a) = add
+                && op.takes_epilogue(Epilogue::AddRelu, fuse)
+            {
+                let group = Group { head: k, epilogue: Some(Epilogue::AddRelu), out: a + 2, residual: Some((a, 1)) };
+                (f.groups[k], f.groups[a], f.groups[a + 1]) = (None, Some(group), None);
+                (f.unused[k + 1], f.unused[a + 1]) = (true, true);
+            } else if relu_after(k) && op.takes_epilogue(Epilogue::Relu, fuse) {
+                f.groups[k] = Some(Group { head: k, epilogue: Some(Epilogue::Relu), out: k + 2, residual: None });
+                f.groups[k + 1] = None;
+                f.unused[k + 1] = true;
+            }
+        }
+        f
     }
 
     /// What activation `i` is called in buffer labels: "input", "features.4 output".
@@ -521,15 +564,14 @@ impl Network {
     /// One buffer per activation (`suffix` "") or activation gradient (" grad"), in the plan's
     /// precision, labelled by what it holds ("layer2.0.se output grad"), as GPU captures and
     /// validation messages show them.
-    fn activations(&self, shapes: &[Shape], fused: &[bool], suffix: &str) -> Result<Vec<Tensor>> {
+    fn activations(&self, shapes: &[Shape], unused: &[bool], suffix: &str) -> Result<Vec<Tensor>> {
         let dtype = self.precision.dtype();
         shapes
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let unused = i > 0 && fused[i - 1];
                 let label = format!("{}{suffix}", self.act_name(i));
-                Tensor::zeros_of(&self.gpu, &label, if unused { &[1][..] } else { s }, dtype)
+                Tensor::zeros_of(&self.gpu, &label, if unused[i] { &[1][..] } else { s }, dtype)
             })
             .collect()
     }
@@ -575,10 +617,8 @@ impl Network {
     fn record_node(
         &self,
         node: &super::Node,
-        inputs: Vec<&Tensor>,
-        dinputs: Vec<&Tensor>,
-        outs: (&Tensor, &Tensor),
-        relu: bool,
+        io: NodeIo<'_>,
+        epilogue: Option<Epilogue>,
         rec: &mut Recorded,
     ) -> Result<(Vec<Dispatch>, Option<BnExchange>)> {
         let params = |name: &str| -> Result<ParamTensors<'_>> {
@@ -595,15 +635,16 @@ impl Network {
             name,
             self.precision,
             self.sync_bn,
-            inputs,
-            dinputs,
-            outs,
+            io.inputs,
+            io.dinputs,
+            io.outs,
             &self.step_key,
             &params,
             &running,
         );
         r.reads_network_input = node.inputs[0] == 0;
-        r.relu = relu;
+        r.relu = epilogue.is_some();
+        r.residual = io.residual;
         node.layer.op().record(&mut r)?;
         let train0 = rec.train.len();
         rec.train.extend(r.train);
@@ -860,6 +901,34 @@ struct Recorded {
     exchanges: Vec<BnExchange>,
     se_saved: Vec<SeSaved>,
     conv_kernels: Vec<(String, ConvPass, ConvKernel)>,
+}
+
+/// A node the plan records at some position: the head of a fused group (or a node on its own,
+/// `epilogue` none), the activation its kernels write, and an [`Epilogue::AddRelu`]'s addition
+/// (node, slot of the other operand).
+#[derive(Clone, Copy, Debug)]
+struct Group {
+    head: usize,
+    epilogue: Option<Epilogue>,
+    out: usize,
+    residual: Option<(usize, usize)>,
+}
+
+/// The fusion pass's decisions (`Network::fusions`).
+struct Fusions {
+    /// Per node position: what is recorded there (none: a step of a fused group, or a head
+    /// recorded later).
+    groups: Vec<Option<Group>>,
+    /// Per activation: never stored (a fused head's or addition's output).
+    unused: Vec<bool>,
+}
+
+/// The tensors a recorded node reads and writes.
+struct NodeIo<'a> {
+    inputs: Vec<&'a Tensor>,
+    dinputs: Vec<&'a Tensor>,
+    outs: (&'a Tensor, &'a Tensor),
+    residual: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// The loss's buffers: the labels (and a soft-target plan's targets) the host writes,

@@ -67,10 +67,17 @@ pub trait LayerOp {
     /// Its output shape for the shapes of what it reads (checked to fit; errors name `name`).
     fn output_shape(&self, name: &str, inputs: &[&[usize]]) -> Result<Shape>;
 
-    /// Whether the plan may fuse a ReLU that alone reads this layer's output into its kernels
-    /// ([`Record::relu`]).
-    fn takes_relu(&self) -> bool {
+    /// Whether the plan may run epilogue `e` inside this layer's kernels ([`Record::relu`],
+    /// [`Record::residual`]) in place of the nodes that alone read its output. `fuse` is the
+    /// plan's `--fuse`: off, only the epilogues fused before that option existed (the batch
+    /// norm's ReLU) may be taken, so a `--fuse off` plan is the same list of dispatches as before.
+    fn takes_epilogue(&self, _e: Epilogue, _fuse: bool) -> bool {
         false
+    }
+
+    /// What this op is as a step of another op's epilogue (a ReLU, an addition), if anything.
+    fn epilogue_step(&self) -> Option<EpilogueStep> {
+        None
     }
 
     /// Record its forward (training and evaluation) and backward dispatches.
@@ -99,6 +106,27 @@ pub trait LayerOp {
     fn is_se(&self) -> bool {
         false
     }
+}
+
+/// An epilogue a layer's kernels may run on their own output y, in place of the nodes that
+/// alone read it ([`LayerOp::takes_epilogue`]): they write the epilogue's output, and y and the
+/// epilogue's intermediate values are never stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// relu(y): y's one reader is a ReLU.
+    Relu,
+    /// relu(y + r): y's one reader is an addition of y (its first operand, a residual unit's
+    /// branch) and another activation r (its second, the shortcut), whose one reader, recorded
+    /// right after it, is a ReLU. An SE block on the shortcut (the identity placement) is the
+    /// second operand and is not fused.
+    AddRelu,
+}
+
+/// What a node is as a step of an epilogue ([`LayerOp::epilogue_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpilogueStep {
+    Relu,
+    Add,
 }
 
 /// The input shape has rank 4 ([n, c, h, w]), or an error naming the layer.
@@ -192,9 +220,12 @@ pub struct Record<'a> {
     /// Its output and output gradient: with a fused ReLU, the ReLU's.
     pub out: &'a Tensor,
     pub dout: &'a Tensor,
-    /// A ReLU is fused into this layer ([`LayerOp::takes_relu`]): apply it to the output, mask
-    /// the gradient with it; the ReLU node records nothing.
+    /// A ReLU is fused into this layer ([`LayerOp::takes_epilogue`]): apply it to the output,
+    /// mask the gradient with it; the ReLU node records nothing.
     pub relu: bool,
+    /// An [`Epilogue::AddRelu`] is fused into this layer (`relu` is set too): the other addend r
+    /// and the buffer r's gradient goes to. The output is relu(y + r); the addition records nothing.
+    pub residual: Option<(&'a Tensor, &'a Tensor)>,
     /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
     pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
@@ -240,6 +271,7 @@ impl<'a> Record<'a> {
             out,
             dout,
             relu: false,
+            residual: None,
             step_key,
             params,
             running,

@@ -3,7 +3,9 @@
 use anyhow::{Result, ensure};
 
 use super::reference as cpu;
-use crate::ops::layer::{LayerOp, OnnxNodes, Record, RefBackward, RefForward, RefOutput, Shape};
+use crate::ops::layer::{
+    Epilogue, EpilogueStep, LayerOp, OnnxNodes, Record, RefBackward, RefForward, RefOutput, Shape,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Add;
@@ -19,9 +21,24 @@ impl LayerOp for Add {
         Ok(a.to_vec())
     }
 
+    /// The ReLU after a residual addition (`--fuse on`): see add.wgsl.
+    fn takes_epilogue(&self, e: Epilogue, fuse: bool) -> bool {
+        fuse && e == Epilogue::Relu
+    }
+
+    fn epilogue_step(&self) -> Option<EpilogueStep> {
+        Some(EpilogueStep::Add)
+    }
+
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
-        r.forward(super::add_forward(r.gpu, r.inputs[0], r.inputs[1], r.out)?);
-        r.backward.extend(super::add_backward(r.gpu, r.dout, r.dinputs[0], r.dinputs[1])?);
+        let (gpu, [a, b], [da, db]) = (r.gpu, [r.inputs[0], r.inputs[1]], [r.dinputs[0], r.dinputs[1]]);
+        if r.relu {
+            r.forward(super::add_forward_relu(gpu, a, b, r.out)?);
+            r.backward.extend(super::add_backward_relu(gpu, r.out, r.dout, da, db)?);
+        } else {
+            r.forward(super::add_forward(gpu, a, b, r.out)?);
+            r.backward.extend(super::add_backward(gpu, r.dout, da, db)?);
+        }
         Ok(())
     }
 

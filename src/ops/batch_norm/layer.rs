@@ -5,8 +5,8 @@ use anyhow::{Result, ensure};
 use super::reference as cpu;
 use super::{BatchNormConfig, BnBackward, BnForward, ROWS};
 use crate::ops::layer::{
-    Attr, BnExchange, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput,
-    Shape, expect_spatial,
+    Attr, BnExchange, Epilogue, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward,
+    RefOutput, Shape, expect_spatial,
 };
 
 /// A batch-norm layer over `c` channels.
@@ -45,8 +45,8 @@ impl LayerOp for BatchNorm2d {
     }
 
     /// The ReLU's output stands in for the BN's (see batch_norm.wgsl).
-    fn takes_relu(&self) -> bool {
-        true
+    fn takes_epilogue(&self, e: Epilogue, _fuse: bool) -> bool {
+        e == Epilogue::Relu
     }
 
     fn record(&self, r: &mut Record<'_>) -> Result<()> {

@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use super::reference as cpu;
-use crate::ops::layer::{LayerOp, OnnxNodes, Record, RefBackward, RefForward, RefOutput, Shape};
+use crate::ops::layer::{EpilogueStep, LayerOp, OnnxNodes, Record, RefBackward, RefForward, RefOutput, Shape};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Relu;
@@ -11,6 +11,10 @@ pub struct Relu;
 impl LayerOp for Relu {
     fn output_shape(&self, _name: &str, inputs: &[&[usize]]) -> Result<Shape> {
         Ok(inputs[0].to_vec())
+    }
+
+    fn epilogue_step(&self) -> Option<EpilogueStep> {
+        Some(EpilogueStep::Relu)
     }
 
     fn record(&self, r: &mut Record<'_>) -> Result<()> {

@@ -3,9 +3,10 @@
 use anyhow::{Result, ensure};
 
 use super::reference::{self as cpu, SeForward, SeParams};
-use super::{Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze};
+use super::{AddReluGrads, Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze};
 use crate::ops::layer::{
-    Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, SeSaved, Shape, expect_spatial,
+    Epilogue, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, SeSaved, Shape,
+    expect_spatial,
 };
 
 /// An SE block on `c` channels. `hidden` is C // r for the paper's reduction r, or timm's
@@ -56,6 +57,12 @@ impl LayerOp for SeBlock {
         Ok(inp.to_vec())
     }
 
+    /// An addition of its output and a shortcut with the ReLU after it (`--fuse on`): see
+    /// se_block.wgsl's `_add_relu` kernels.
+    fn takes_epilogue(&self, e: Epilogue, fuse: bool) -> bool {
+        fuse && e == Epilogue::AddRelu
+    }
+
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
         let (inp, dinp) = r.inp();
         let cfg = self.config(&inp.shape);
@@ -64,9 +71,20 @@ impl LayerOp for SeBlock {
         let weights = SeWeights { w1: w1.value, b1: b1.map(|b| b.value), w2: w2.value, b2: b2.map(|b| b.value) };
         let saved = r.scratch("saved", &cfg.saved_shape())?;
         let dsaved = r.scratch("saved grads", &cfg.dsaved_shape())?;
-        r.forward(super::se_block_forward(r.gpu, &cfg, inp, &weights, r.out, &saved)?);
         let g = SeGrads { dinp, dw1: w1.grad, db1: b1.map(|b| b.grad), dw2: w2.grad, db2: b2.map(|b| b.grad) };
-        r.backward.extend(super::se_block_backward(r.gpu, &cfg, inp, &weights, &saved, r.dout, &dsaved, &g)?);
+        match r.residual {
+            // The residual addition and the ReLU after it fused in (`Epilogue::AddRelu`).
+            Some((res, dres)) => {
+                r.forward(super::se_block_forward_add_relu(r.gpu, &cfg, inp, res, &weights, r.out, &saved)?);
+                let e = AddReluGrads { out: r.out, dres };
+                let bwd = super::se_block_backward_add_relu(r.gpu, &cfg, inp, &weights, &saved, r.dout, e, &dsaved, &g);
+                r.backward.extend(bwd?);
+            }
+            None => {
+                r.forward(super::se_block_forward(r.gpu, &cfg, inp, &weights, r.out, &saved)?);
+                r.backward.extend(super::se_block_backward(r.gpu, &cfg, inp, &weights, &saved, r.dout, &dsaved, &g)?);
+            }
+        }
         r.se_saved = Some(SeSaved { name: r.name.to_string(), c: self.c, hidden: cfg.hidden(), saved });
         Ok(())
     }

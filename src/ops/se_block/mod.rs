@@ -157,7 +157,36 @@ pub fn se_block_forward(
     out: &Tensor,
     saved: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    forward(gpu, cfg, inp, None, weights, out, saved)
+}
+
+/// [`se_block_forward`] with the residual addition of `res` and the ReLU after it fused in, one
+/// dispatch: out = relu(x * s + res).
+pub fn se_block_forward_add_relu(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    inp: &Tensor,
+    res: &Tensor,
+    weights: &SeWeights<'_>,
+    out: &Tensor,
+    saved: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    forward(gpu, cfg, inp, Some(res), weights, out, saved)
+}
+
+fn forward(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    inp: &Tensor,
+    res: Option<&Tensor>,
+    weights: &SeWeights<'_>,
+    out: &Tensor,
+    saved: &Tensor,
+) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
+    if let Some(res) = res {
+        expect_shape("se_block shortcut", res, &cfg.shape())?;
+    }
     expect_shape("se_block input", inp, &cfg.shape())?;
     expect_shape("se_block output", out, &cfg.shape())?;
     expect_shape("se_block fc1 weight", weights.w1, &cfg.fc1_shape())?;
@@ -167,7 +196,7 @@ pub fn se_block_forward(
     let b1 = b1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias"))?;
     let b2 = b2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias"))?;
     let params = gpu.uniform("se_block params", &cfg.params()?);
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(2, weights.w1),
@@ -177,11 +206,16 @@ pub fn se_block_forward(
         Bind::Tensor(6, out),
         Bind::Tensor(7, saved),
     ];
+    binds.extend(res.map(|r| Bind::Tensor(17, r)));
+    let entry = if res.is_some() { "se_block_forward_add_relu" } else { "se_block_forward" };
     let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let grid = [to_u32("batch", cfg.n)?, 1, 1];
-    let d = gpu.dispatch_in(Precision::of(inp), "se_block", "se_block_forward", &[("WG", WG as f64)], &binds, grid)?;
-    Ok(vec![d.with_cost(2.0 * numel + 4.0 * fc, 3.0 * inp.dtype.bytes() as f64 * numel)])
+    let d = gpu.dispatch_in(Precision::of(inp), "se_block", entry, &[("WG", WG as f64)], &binds, grid)?;
+    // x read twice (squeeze, scale) and out written; fused, the shortcut read besides, and an add
+    // and a max more per element.
+    let (tensors, ops) = if res.is_some() { (4.0, 4.0) } else { (3.0, 2.0) };
+    Ok(vec![d.with_cost(ops * numel + 4.0 * fc, tensors * inp.dtype.bytes() as f64 * numel)])
 }
 
 /// The SE gradients: `dinp`, and `dw1`, `dw2` (and `db1`, `db2` when the block has biases).
@@ -205,7 +239,52 @@ pub fn se_block_backward(
     dsaved: &Tensor,
     grads: &SeGrads<'_>,
 ) -> Result<Vec<Dispatch>> {
+    backward(gpu, cfg, inp, weights, saved, dout, None, dsaved, grads)
+}
+
+/// The fused residual addition and ReLU's side of [`se_block_backward_add_relu`]: the forward's
+/// output (the ReLU's, whose sign is the mask) and the buffer the shortcut's gradient goes to.
+#[derive(Clone, Copy)]
+pub struct AddReluGrads<'a> {
+    pub out: &'a Tensor,
+    pub dres: &'a Tensor,
+}
+
+/// The backward of [`se_block_forward_add_relu`], two dispatches as [`se_block_backward`]: `dout`
+/// is the ReLU's output gradient; the per-sample pass masks it with `e.out` where it reads it,
+/// writes it as the shortcut's gradient `e.dres`, and goes on as the plain block's with it.
+#[allow(clippy::too_many_arguments)]
+pub fn se_block_backward_add_relu(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    inp: &Tensor,
+    weights: &SeWeights<'_>,
+    saved: &Tensor,
+    dout: &Tensor,
+    e: AddReluGrads<'_>,
+    dsaved: &Tensor,
+    grads: &SeGrads<'_>,
+) -> Result<Vec<Dispatch>> {
+    backward(gpu, cfg, inp, weights, saved, dout, Some(e), dsaved, grads)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    inp: &Tensor,
+    weights: &SeWeights<'_>,
+    saved: &Tensor,
+    dout: &Tensor,
+    epilogue: Option<AddReluGrads<'_>>,
+    dsaved: &Tensor,
+    grads: &SeGrads<'_>,
+) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
+    if let Some(e) = epilogue {
+        expect_shape("se_block output", e.out, &cfg.shape())?;
+        expect_shape("se_block shortcut grad", e.dres, &cfg.shape())?;
+    }
     expect_shape("se_block input", inp, &cfg.shape())?;
     expect_shape("se_block dout", dout, &cfg.shape())?;
     expect_shape("se_block dinp", grads.dinp, &cfg.shape())?;
@@ -220,7 +299,7 @@ pub fn se_block_backward(
     let db2 = db2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias grad"))?;
     let params = gpu.uniform("se_block params", &cfg.params()?);
     let consts = [("WG", WG as f64)];
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(2, weights.w1),
@@ -230,17 +309,24 @@ pub fn se_block_backward(
         Bind::Tensor(10, grads.dinp),
         Bind::Tensor(11, dsaved),
     ];
+    if let Some(e) = epilogue {
+        binds.extend([Bind::Tensor(18, e.out), Bind::Tensor(19, e.dres)]);
+    }
     let precision = Precision::of(dout);
     let grid = [to_u32("batch", cfg.n)?, 1, 1];
-    let input = gpu.dispatch_in(precision, "se_block", "se_block_backward_input", &consts, &binds, grid)?;
+    let entry = if epilogue.is_some() { "se_block_backward_input_add_relu" } else { "se_block_backward_input" };
+    let input = gpu.dispatch_in(precision, "se_block", entry, &consts, &binds, grid)?;
     // x and dout read and dinp written once each, the two weights and the saved activations read,
     // the saved gradients written; per element a product for the scale's gradient and one for
-    // dinp, and the two small matrix-vector products back through FC2 and FC1.
+    // dinp, and the two small matrix-vector products back through FC2 and FC1. Fused, the ReLU's
+    // output read and the shortcut's gradient written besides, and a comparison per element.
     let numel = inp.numel();
     let small = 4 * (weights.w1.numel() + weights.w2.numel() + saved.numel() + dsaved.numel());
-    let input_bytes = (inp.dtype.bytes() + dout.dtype.bytes() + grads.dinp.dtype.bytes()) * numel + small;
+    let fused = if epilogue.is_some() { 2 * dout.dtype.bytes() } else { 0 };
+    let input_bytes = (inp.dtype.bytes() + dout.dtype.bytes() + grads.dinp.dtype.bytes() + fused) * numel + small;
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
-    let input = input.with_cost(4.0 * numel as f64 + 4.0 * fc, input_bytes as f64);
+    let per_element = if epilogue.is_some() { 5.0 } else { 4.0 };
+    let input = input.with_cost(per_element * numel as f64 + 4.0 * fc, input_bytes as f64);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(8, saved),

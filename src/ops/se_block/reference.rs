@@ -1,4 +1,5 @@
-//! se_block oracle (see se_block.wgsl for the maths).
+//! se_block oracle (see se_block.wgsl for the maths), and the block with the residual addition
+//! and ReLU after it fused in (`se_block_*_add_relu`): out = relu(x * s + r).
 
 // Index loops mirror the formulas' subscripts; iterator chains would hide them.
 #![allow(clippy::needless_range_loop)]
@@ -147,4 +148,27 @@ pub fn se_block_backward(
         }
     }
     g
+}
+
+/// relu(x * s + res): the block with the residual addition and ReLU fused in.
+pub fn se_block_forward_add_relu(cfg: &SeBlockConfig, inp: &[f64], res: &[f64], p: &SeParams<'_>) -> SeForward {
+    let mut f = se_block_forward(cfg, inp, p);
+    for (o, r) in f.out.iter_mut().zip(res) {
+        *o = (*o + r).max(0.0);
+    }
+    f
+}
+
+/// The gradients of [`se_block_forward_add_relu`] from its output `out` and the output's
+/// gradient: g = dout * [out > 0] (0 at exactly 0, as PyTorch's ReLU) is the shortcut's gradient
+/// (the second value) and the plain block's output gradient.
+pub fn se_block_backward_add_relu(
+    cfg: &SeBlockConfig,
+    inp: &[f64],
+    p: &SeParams<'_>,
+    fwd: &SeForward,
+    dout: &[f64],
+) -> (SeBackward, Vec<f64>) {
+    let g: Vec<f64> = fwd.out.iter().zip(dout).map(|(&o, &d)| if o > 0.0 { d } else { 0.0 }).collect();
+    (se_block_backward(cfg, inp, p, fwd, &g), g)
 }

@@ -32,7 +32,13 @@
 //       per sample feeding 4 FMAs): 0.5 ms at both batches; senet w0.25 b32 113 -> 145 images/s.
 //   v3  the squeeze and ds over a subgroup per channel where there are subgroups: no change
 //       measurable on lavapipe (see batch_norm.wgsl v5).
-//   v4  (this) `act` storage for --precision f16.
+//   v4  `act` storage for --precision f16.
+//   v5  (this) the residual addition and ReLU after a standard-placement block as an epilogue
+//       (`_add_relu`, the plan's `--fuse on`): forward out = relu(x * s[c] + r) written once
+//       (x, r read, out written: the unfused scale + add + relu moved 3 + 3 + 2 tensors, now 4
+//       with the squeeze's read of x); backward g = dout * [out > 0] masked where read, the
+//       shortcut's gradient g and dx written by the one per-sample pass (dout, out, x read, two
+//       gradients written: 5 tensors for the unfused relu + add + SE input pass's 9).
 
 struct Params {
     n: u32, c: u32, cr: u32, hw: u32,
@@ -62,6 +68,11 @@ const EXCITE_RELU: u32 = 2u;
 @group(0) @binding(14) var<storage, read_write> db1: array<f32>;
 @group(0) @binding(15) var<storage, read_write> dw2: array<f32>;
 @group(0) @binding(16) var<storage, read_write> db2: array<f32>;
+// The fused residual addition and ReLU (`_add_relu`): the shortcut r, the ReLU's output (the
+// backward's mask) and the shortcut's gradient.
+@group(0) @binding(17) var<storage, read> res: array<act>;
+@group(0) @binding(18) var<storage, read> outp: array<act>;
+@group(0) @binding(19) var<storage, read_write> dres: array<act>;
 
 override WG: u32 = 256u;
 const WMEM: u32 = 4096u;  // 16 KiB: WebGPU's guaranteed workgroup storage
@@ -103,12 +114,10 @@ fn first_max(cb: u32) -> u32 {
     return arg;
 }
 
-// wid.x: sample.
-@compute @workgroup_size(WG)
-fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
-    let l = lane_of(lanes, WG);
+// Squeeze, fc1 + ReLU, fc2 + gate for sample n: leaves s[c] in wbuf[0 .. C] (and z, h, s in
+// `saved`). Every invocation of the workgroup calls it (it holds barriers).
+fn se_gate(n: u32, l: Lane) {
     let t = l.t;
-    let n = wid.x;
     let xb = n * p.c * p.hw;
     let sb = n * (2u * p.c + p.cr);
     // Squeeze: a subgroup per channel, its lanes along the plane (a thread per channel, serially
@@ -162,38 +171,43 @@ fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
         saved[sb + p.c + p.cr + c] = s;
     }
     workgroupBarrier();
-    // Excite.
-    let total = p.c * p.hw;
-    for (var i = t; i < total; i += WG) {
-        out[xb + i] = act(f32(inp[xb + i]) * wbuf[i / p.hw]);
-    }
 }
 
 // wid.x: sample.
 @compute @workgroup_size(WG)
-fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+fn se_block_forward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
     let l = lane_of(lanes, WG);
-    let t = l.t;
     let n = wid.x;
+    se_gate(n, l);
+    // Excite.
     let xb = n * p.c * p.hw;
+    let total = p.c * p.hw;
+    for (var i = l.t; i < total; i += WG) {
+        out[xb + i] = act(f32(inp[xb + i]) * wbuf[i / p.hw]);
+    }
+}
+
+// The residual addition and the ReLU after the block fused in (`--fuse on`):
+// out = relu(x * s[c] + res), written once; the squeeze still reads x.
+@compute @workgroup_size(WG)
+fn se_block_forward_add_relu(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, WG);
+    let n = wid.x;
+    se_gate(n, l);
+    let xb = n * p.c * p.hw;
+    let total = p.c * p.hw;
+    for (var i = l.t; i < total; i += WG) {
+        out[xb + i] = act(max(f32(inp[xb + i]) * wbuf[i / p.hw] + f32(res[xb + i]), 0.0));
+    }
+}
+
+// From da2[c] in wbuf[0 .. C] (each invocation's own channels written before the call): dh and
+// da1 (kept in `dsaved`), then dz (/ HW for the mean) in wbuf[0 .. C]. Every invocation of the
+// workgroup calls it (it holds barriers).
+fn se_fc_backward(n: u32, l: Lane) {
+    let t = l.t;
     let sb = n * (2u * p.c + p.cr);
     let db = n * (p.c + p.cr);
-    let s_off = sb + p.c + p.cr;
-    // ds and da2: a subgroup per channel, as the squeeze.
-    for (var c = l.sub; c < p.c; c += l.subs) {
-        var ds = 0.0;
-        let cb = xb + c * p.hw;
-        for (var k = l.lane; k < p.hw; k += l.size) {
-            ds += f32(dout[cb + k]) * f32(inp[cb + k]);
-        }
-        ds = sg_sum(ds);
-        if (l.lane == 0u) {
-            let s = saved_in[s_off + c];
-            let da2 = ds * excite_grad(s);
-            wbuf[c] = da2;
-            dsaved[db + c] = da2;
-        }
-    }
     workgroupBarrier();
     // dh and da1 (ReLU gate from the saved activation).
     for (var j = t; j < p.cr; j += WG) {
@@ -215,6 +229,33 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) 
         wbuf[c] = select(dz / f32(p.hw), dz, p.squeeze == SQUEEZE_MAX);
     }
     workgroupBarrier();
+}
+
+// wid.x: sample.
+@compute @workgroup_size(WG)
+fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, WG);
+    let t = l.t;
+    let n = wid.x;
+    let xb = n * p.c * p.hw;
+    let sb = n * (2u * p.c + p.cr);
+    let db = n * (p.c + p.cr);
+    let s_off = sb + p.c + p.cr;
+    // ds and da2: a subgroup per channel, as the squeeze.
+    for (var c = l.sub; c < p.c; c += l.subs) {
+        var ds = 0.0;
+        let cb = xb + c * p.hw;
+        for (var k = l.lane; k < p.hw; k += l.size) {
+            ds += f32(dout[cb + k]) * f32(inp[cb + k]);
+        }
+        ds = sg_sum(ds);
+        if (l.lane == 0u) {
+            let da2 = ds * excite_grad(saved_in[s_off + c]);
+            wbuf[c] = da2;
+            dsaved[db + c] = da2;
+        }
+    }
+    se_fc_backward(n, l);
     if (p.squeeze == SQUEEZE_MAX) {
         // The max passes dz to its first maximum only: a thread per channel.
         for (var c = t; c < p.c; c += WG) {
@@ -231,6 +272,54 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) 
     for (var i = t; i < total; i += WG) {
         let c = i / p.hw;
         dinp[xb + i] = act(f32(dout[xb + i]) * saved_in[s_off + c] + wbuf[c]);
+    }
+}
+
+// The backward of se_block_forward_add_relu, one pass: `dout` is the ReLU's output gradient and
+// `outp` its output. g = dout * [out > 0] (the mask applied where g is read); the shortcut's
+// gradient dres = g, written in the ds sweep; ds[c] = sum g * x; then as above with g for dy.
+@compute @workgroup_size(WG)
+fn se_block_backward_input_add_relu(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, WG);
+    let t = l.t;
+    let n = wid.x;
+    let xb = n * p.c * p.hw;
+    let sb = n * (2u * p.c + p.cr);
+    let db = n * (p.c + p.cr);
+    let s_off = sb + p.c + p.cr;
+    for (var c = l.sub; c < p.c; c += l.subs) {
+        var ds = 0.0;
+        let cb = xb + c * p.hw;
+        for (var k = l.lane; k < p.hw; k += l.size) {
+            let g = select(0.0, f32(dout[cb + k]), f32(outp[cb + k]) > 0.0);
+            dres[cb + k] = act(g);
+            ds += g * f32(inp[cb + k]);
+        }
+        ds = sg_sum(ds);
+        if (l.lane == 0u) {
+            let da2 = ds * excite_grad(saved_in[s_off + c]);
+            wbuf[c] = da2;
+            dsaved[db + c] = da2;
+        }
+    }
+    se_fc_backward(n, l);
+    if (p.squeeze == SQUEEZE_MAX) {
+        for (var c = t; c < p.c; c += WG) {
+            let cb = xb + c * p.hw;
+            let arg = first_max(cb);
+            let s = saved_in[s_off + c];
+            for (var k = 0u; k < p.hw; k++) {
+                let g = select(0.0, f32(dout[cb + k]), f32(outp[cb + k]) > 0.0);
+                dinp[cb + k] = act(g * s + select(0.0, wbuf[c], k == arg));
+            }
+        }
+        return;
+    }
+    let total = p.c * p.hw;
+    for (var i = t; i < total; i += WG) {
+        let c = i / p.hw;
+        let g = select(0.0, f32(dout[xb + i]), f32(outp[xb + i]) > 0.0);
+        dinp[xb + i] = act(g * saved_in[s_off + c] + wbuf[c]);
     }
 }
 
