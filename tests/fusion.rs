@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use common::*;
-use senet_wgpu::gpu::{Dtype, Fuse, Gpu, GpuOptions, Precision, Tensor};
+use senet_wgpu::gpu::{Dtype, Gpu, Precision, Tensor};
 use senet_wgpu::model::plan::{Network, StepPlan};
 use senet_wgpu::model::{ModelConfig, SePlacement};
 use senet_wgpu::ops::add;
@@ -19,16 +19,6 @@ use senet_wgpu::ops::se_block::{
     self, AddReluGrads, Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze,
 };
 use senet_wgpu::reference;
-
-/// The same adapter as `gpu()`, whose plans fuse only the batch norm's ReLU (`--fuse off`).
-fn gpu_unfused() -> Arc<Gpu> {
-    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
-    let opts = GpuOptions { tune: Some(senet_wgpu::gpu::tune::TuneMode::Off), fuse: Fuse::Off, ..Default::default() };
-    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g.clone(),
-        Err(e) => panic!("GPU test cannot run: {e}"),
-    }
-}
 
 /// f32: one rounding of a + b (then the exact max): |error| <= half an ulp, rtol 1e-6 with room.
 /// f16: the result rounded to f16, half an f16 ulp (2^-11 = 4.9e-4 relative) plus the subnormal

@@ -21,6 +21,20 @@ pub fn gpu() -> Arc<Gpu> {
     }
 }
 
+/// The same adapter as `gpu()`, whose plans fuse only the batch norm's ReLU (`--fuse off`).
+pub fn gpu_unfused() -> Arc<Gpu> {
+    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
+    let opts = GpuOptions {
+        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
+        fuse: senet_wgpu::gpu::Fuse::Off,
+        ..Default::default()
+    };
+    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
+        Ok(g) => g.clone(),
+        Err(e) => panic!("GPU test cannot run: {e}"),
+    }
+}
+
 /// The same adapter with reductions on workgroup-memory trees (no subgroups).
 pub fn gpu_without_subgroups() -> Arc<Gpu> {
     static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
