@@ -15,7 +15,6 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
 use crate::args::TrainArgs;
-use crate::checkpoint;
 use crate::data::Dataset;
 use crate::data::folder::BadImage;
 use crate::data::loader::{self, Preprocess};
@@ -36,7 +35,9 @@ mod setup;
 
 use report::{divergence, print_tuning, profile_step};
 pub use setup::model_from_init;
-use setup::{load_data, open_run_on_every_rank, refuse_under_mpi, resumed_args};
+use setup::{
+    build_network, check_training_data, load_data, open_run_on_every_rank, preprocess, refuse_under_mpi, resumed_args,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The loop
@@ -65,41 +66,11 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     args.validate()?;
     refuse_under_mpi(args, dist)?;
     let (dataset, train_set, val_set, test_set, config) = load_data(args)?;
-    let (aa, erase) = args.timm_augment(config.normalize.as_deref())?;
-    anyhow::ensure!(
-        train_set.files.is_some() || (aa.is_none() && erase.is_none()),
-        "--aa and --reprob augment image folders (--dataset folder); {dataset} is held in memory and augmented by \
-         --augment's padded crop and flip only"
-    );
-    replicas::same_config_on_every_rank(dist, flags, args, &dataset, &train_set, &test_set)?;
-    if train_set.len() < dist.size {
-        return Err(Collective(format!(
-            "{} ranks but only {} training images: every rank needs at least one; use fewer ranks or more images",
-            dist.size,
-            train_set.len()
-        ))
-        .into());
-    }
-    let mut net = Network::new_in(gpu.clone(), config.clone(), args.optimizer_config(), args.seed, args.precision)?;
-    net.label_smoothing = args.label_smoothing as f32;
+    let pre = preprocess(args, &config)?;
+    check_training_data(flags, args, &dataset, &train_set, &test_set, &pre, dist)?;
     // --mixup/--cutmix: the training loss is against the soft targets the loop writes.
     let mixup = args.mixup_config(config.num_classes);
-    net.soft_targets = mixup.active();
-    // SyncBatchNorm only where there is more than one batch to merge; on one process --sync-bn
-    // changes nothing (as PyTorch's SyncBatchNorm, which falls back to BatchNorm there).
-    net.sync_bn = args.sync_bn && dist.size > 1;
-    net.set_clip_grad_norm(args.clip_grad_norm)?;
-    net.set_grad_accum_steps(args.grad_accum_steps)?;
-    if let Some(init) = &args.init {
-        let sd = checkpoint::load(init)?;
-        if let Some(note) = checkpoint::apply_init(&mut net, &sd, &init.display().to_string())?
-            && dist.is_root()
-        {
-            println!("note: {note}");
-        }
-    }
-    // The EMA starts from the initial weights; --resume then restores the saved one.
-    net.set_model_ema(args.model_ema_config())?;
+    let mut net = build_network(gpu.clone(), args, &config, mixup.active(), dist)?;
     let shard_len = train_set.len().div_ceil(dist.size);
     let lens: Vec<usize> = [shard_len, test_set.len()].into_iter().chain(val_set.as_ref().map(Dataset::len)).collect();
     let plans = plans_for(&net, args.batch_size, &lens)?;
@@ -116,13 +87,7 @@ pub fn train_dist(gpu: Arc<Gpu>, args: &TrainArgs, dist: &Dist) -> Result<TrainS
     let t = Trainer {
         args,
         gpu,
-        pre: Preprocess {
-            normalize: config.normalize.clone(),
-            augment: args.augment,
-            aa,
-            erase,
-            load: args.data.load_options(),
-        },
+        pre,
         plans: RefCell::new(plans),
         mixup: mixup.active().then_some((mixup, [config.in_channels, config.input_hw[0], config.input_hw[1]])),
         steps_per_epoch,
@@ -192,6 +157,15 @@ struct Trainer<'a> {
     test_set: Arc<Dataset>,
 }
 
+/// One epoch's evaluations, each (loss, accuracy, top-5 accuracy): the validation split's
+/// (`--val-split`), the test set's, and with `--model-ema` the EMA's (validation, test).
+#[allow(clippy::type_complexity)]
+struct EpochEvals {
+    val: Option<(f64, f64, f64)>,
+    test: (f64, f64, f64),
+    ema: Option<(Option<(f64, f64, f64)>, (f64, f64, f64))>,
+}
+
 impl Trainer<'_> {
     /// One epoch: its training steps, the validation and test passes, the table row and the run
     /// folder's update. A signal that reached any rank ends the run after it.
@@ -202,45 +176,8 @@ impl Trainer<'_> {
         self.skipped.set(0);
         let ((l, c, n), train_secs) = self.train_epoch(net, run.as_deref(), state, epoch, partial, t0)?;
         let t_eval = Instant::now();
-        let label = |set: &str| format!("epoch {epoch}/{} {set}", args.epochs());
-        // An unreadable evaluation image stops the run as one in training does: saved with the
-        // epoch's training steps done, so --resume goes straight to the evaluation.
-        let bad_stop = |e: anyhow::Error| match e.downcast_ref::<BadImage>() {
-            Some(bad) if dist.size == 1 => {
-                self.stop_on_bad_image(net, run.as_deref(), state, epoch, self.steps_per_epoch, bad)
-            }
-            _ => e,
-        };
-        // --val-split is refused under mpirun (train_dist): one process evaluates it whole.
-        let val = match &self.val_set {
-            Some(v) => {
-                let r = evaluate(net, &self.plans.borrow(), v, args.batch_size, &self.pre, &label("validation"))
-                    .map_err(bad_stop)?;
-                self.skipped.set(self.skipped.get() + r.3);
-                Some((r.0, r.1, r.2))
-            }
-            None => None,
-        };
-        let (test_loss, test_acc, test_top5_acc, test_skipped) = if dist.size > 1 {
-            let sum = replicas::same_weights_on_every_rank(net, dist, epoch)?;
-            self.say(format!("epoch {epoch}: weights identical on all {} ranks (checksum {sum:016x})", dist.size));
-            // The model's running statistics are rank 0's, as DDP's broadcast_buffers makes them.
-            replicas::broadcast_bn_buffers(net, dist)?;
-            evaluate_sharded(
-                net,
-                &self.plans.borrow(),
-                &self.test_set,
-                args.batch_size,
-                &self.pre,
-                dist,
-                &label("test"),
-            )?
-        } else {
-            evaluate(net, &self.plans.borrow(), &self.test_set, args.batch_size, &self.pre, &label("test"))
-                .map_err(bad_stop)?
-        };
-        self.skipped.set(self.skipped.get() + test_skipped);
-        let ema = self.evaluate_ema(net, epoch).map_err(bad_stop)?;
+        let EpochEvals { val, test: (test_loss, test_acc, test_top5_acc), ema } =
+            self.evaluate_epoch(net, run.as_deref(), state, epoch)?;
         self.clock.borrow_mut().eval_done(self.eval_images_per_epoch(), t_eval.elapsed().as_secs_f64());
         let m = EpochMetrics {
             epoch,
@@ -277,6 +214,53 @@ impl Trainer<'_> {
             return Err(run::interrupted(&args.out, epoch + 1, 0, !dist.is_root()).into());
         }
         Ok(())
+    }
+
+    /// The evaluations after `epoch`'s training steps: validation split, test set (under mpirun
+    /// sharded, after checking every rank holds the same weights and taking rank 0's batch-norm
+    /// buffers) and the EMA's. An unreadable image stops the run as one in training does: saved
+    /// with the epoch's training steps done, so --resume goes straight to the evaluation.
+    fn evaluate_epoch(
+        &self,
+        net: &Network,
+        run: Option<&RunFolder>,
+        state: &RunState,
+        epoch: usize,
+    ) -> Result<EpochEvals> {
+        let (args, dist) = (self.args, self.dist);
+        let label = |set: &str| format!("epoch {epoch}/{} {set}", args.epochs());
+        let bad_stop = |e: anyhow::Error| self.on_bad_image(e, net, run, state, epoch, self.steps_per_epoch);
+        // --val-split is refused under mpirun (train_dist): one process evaluates it whole.
+        let val = match &self.val_set {
+            Some(v) => {
+                let r = evaluate(net, &self.plans.borrow(), v, args.batch_size, &self.pre, &label("validation"))
+                    .map_err(bad_stop)?;
+                self.skipped.set(self.skipped.get() + r.3);
+                Some((r.0, r.1, r.2))
+            }
+            None => None,
+        };
+        let (test_loss, test_acc, test_top5_acc, test_skipped) = if dist.size > 1 {
+            let sum = replicas::same_weights_on_every_rank(net, dist, epoch)?;
+            self.say(format!("epoch {epoch}: weights identical on all {} ranks (checksum {sum:016x})", dist.size));
+            // The model's running statistics are rank 0's, as DDP's broadcast_buffers makes them.
+            replicas::broadcast_bn_buffers(net, dist)?;
+            evaluate_sharded(
+                net,
+                &self.plans.borrow(),
+                &self.test_set,
+                args.batch_size,
+                &self.pre,
+                dist,
+                &label("test"),
+            )?
+        } else {
+            evaluate(net, &self.plans.borrow(), &self.test_set, args.batch_size, &self.pre, &label("test"))
+                .map_err(bad_stop)?
+        };
+        self.skipped.set(self.skipped.get() + test_skipped);
+        let ema = self.evaluate_ema(net, epoch).map_err(bad_stop)?;
+        Ok(EpochEvals { val, test: (test_loss, test_acc, test_top5_acc), ema })
     }
 
     /// `--model-ema`: the EMA's (validation, test) (loss, accuracy, top-5) after `epoch`, the
@@ -326,44 +310,18 @@ impl Trainer<'_> {
         t0: Instant,
     ) -> Result<((f64, f64, f64), f64)> {
         let (args, gpu) = (self.args, &self.gpu);
-        for p in self.plans.borrow().values() {
-            clear_metrics(gpu, &p.train_result);
-        }
-        self.reduce_secs.set(0.0);
-        self.data_secs.set(0.0);
-        self.sync_bn_secs.set(0.0);
-        let skip = self.restore_partial(partial);
-        let pb = if self.dist.is_root() {
-            bar(self.steps_per_epoch as u64, format!("epoch {epoch}/{}", args.epochs()))
-        } else {
-            ProgressBar::hidden()
-        };
-        pb.set_position(skip as u64);
-        self.clock.borrow_mut().start_epoch(skip, Instant::now());
+        let (skip, pb) = self.start_epoch(epoch, partial);
         let mut in_flight: Option<wgpu::SubmissionIndex> = None;
-        // The time spent waiting for each batch is the loader's share of the step (data_time).
-        let mut batches = self.batches(epoch, skip);
-        let timed = std::iter::from_fn(|| {
-            let t = Instant::now();
-            let b = batches.next();
-            self.data_secs.set(self.data_secs.get() + t.elapsed().as_secs_f64());
-            b
-        });
-        for (step, b) in (skip..).zip(timed) {
-            let b = match b {
-                Ok(mut b) => {
-                    self.mix(&mut b, epoch, step);
-                    b
-                }
+        for (step, b) in (skip..).zip(self.timed_batches(epoch, skip)) {
+            let mut b = match b {
+                Ok(b) => b,
                 Err(e) => {
                     pb.finish_and_clear();
-                    return Err(match e.downcast_ref::<BadImage>() {
-                        // The steps before this batch are done: saved, so --resume starts at it.
-                        Some(bad) if self.dist.size == 1 => self.stop_on_bad_image(net, run, state, epoch, step, bad),
-                        _ => e,
-                    });
+                    // The steps before this batch are done: saved, so --resume starts at it.
+                    return Err(self.on_bad_image(e, net, run, state, epoch, step));
                 }
             };
+            self.mix(&mut b, epoch, step);
             self.note_skipped(&b.skipped, &pb);
             if b.labels.is_empty() {
                 pb.inc(1); // every image of the batch was left out
@@ -386,21 +344,7 @@ impl Trainer<'_> {
                 pb.inc(1);
                 continue;
             }
-            let stop = if self.dist.size > 1 {
-                // The signal flag travels with the gradients: every rank stops after the same step.
-                self.data_parallel_step(net, plan, crate::exit::stop_requested(), index, count)?
-            } else {
-                let idx = net.train_micro_step(plan, index, count);
-                // At most two steps in flight: wait for the previous one, not this one, so the next
-                // batch is prepared and queued while the GPU works.
-                if let Some(prev) = in_flight.replace(idx) {
-                    gpu.device
-                        .poll(wgpu::PollType::Wait { submission_index: Some(prev), timeout: None })
-                        .map_err(|e| crate::exit::runtime(format!("waiting for the GPU: {e}")))?;
-                }
-                // A signal stops the run only where an optimizer step ends.
-                crate::exit::stop_requested() && index + 1 == count
-            };
+            let stop = self.submit_step(net, plan, index, count, &mut in_flight)?;
             pb.inc(1);
             if ((step + 1) % args.log_every == 0 || stop) && self.dist.is_root() {
                 self.log_progress(net, plan, epoch, step + 1, t0, &pb)?;
@@ -413,6 +357,66 @@ impl Trainer<'_> {
         gpu.wait()?;
         pb.finish_and_clear();
         self.epoch_sums(net, epoch).map(|sums| (sums, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Ready the epoch's training: metric sums and timings zeroed (a resumed epoch's sums put
+    /// back) and the progress bar (rank 0's; hidden on the others) and clock started. Returns
+    /// the steps already done and the bar.
+    fn start_epoch(&self, epoch: usize, partial: Option<(usize, run::RankSums)>) -> (usize, ProgressBar) {
+        for p in self.plans.borrow().values() {
+            clear_metrics(&self.gpu, &p.train_result);
+        }
+        self.reduce_secs.set(0.0);
+        self.data_secs.set(0.0);
+        self.sync_bn_secs.set(0.0);
+        let skip = self.restore_partial(partial);
+        let pb = if self.dist.is_root() {
+            bar(self.steps_per_epoch as u64, format!("epoch {epoch}/{}", self.args.epochs()))
+        } else {
+            ProgressBar::hidden()
+        };
+        pb.set_position(skip as u64);
+        self.clock.borrow_mut().start_epoch(skip, Instant::now());
+        (skip, pb)
+    }
+
+    /// [`Trainer::batches`], the time spent waiting for each counted as the loader's share of
+    /// the step (timm's data_time).
+    fn timed_batches(&self, epoch: usize, skip: usize) -> impl Iterator<Item = Result<loader::Batch>> + '_ {
+        let mut batches = self.batches(epoch, skip);
+        std::iter::from_fn(move || {
+            let t = Instant::now();
+            let b = batches.next();
+            self.data_secs.set(self.data_secs.get() + t.elapsed().as_secs_f64());
+            b
+        })
+    }
+
+    /// Submit micro-batch `index` of a `count`-batch group with the batch `plan` holds, and say
+    /// whether the run stops after it. Under mpirun a data-parallel step, whose gradient exchange
+    /// carries the signal flag so every rank stops after the same step. On one process at most two
+    /// steps are in flight: it waits for the previous one (`in_flight`), not this one, so the next
+    /// batch is prepared and queued while the GPU works; a signal stops the run only where an
+    /// optimizer step ends.
+    fn submit_step(
+        &self,
+        net: &mut Network,
+        plan: &StepPlan,
+        index: usize,
+        count: usize,
+        in_flight: &mut Option<wgpu::SubmissionIndex>,
+    ) -> Result<bool> {
+        if self.dist.size > 1 {
+            return self.data_parallel_step(net, plan, crate::exit::stop_requested(), index, count);
+        }
+        let idx = net.train_micro_step(plan, index, count);
+        if let Some(prev) = in_flight.replace(idx) {
+            self.gpu
+                .device
+                .poll(wgpu::PollType::Wait { submission_index: Some(prev), timeout: None })
+                .map_err(|e| crate::exit::runtime(format!("waiting for the GPU: {e}")))?;
+        }
+        Ok(crate::exit::stop_requested() && index + 1 == count)
     }
 
     /// This rank's batches of `epoch` from batch `skip` on: its share of the epoch's order; rank
@@ -463,6 +467,24 @@ impl Trainer<'_> {
             pb.suspend(|| eprintln!("skipped (--skip-bad-images): {bad}"));
         }
         self.skipped.set(self.skipped.get() + skipped.len());
+    }
+
+    /// `e`, unless it is an image that failed to decode on a single process: then the run saved
+    /// after `steps` steps of `epoch` and the error that says how to continue
+    /// ([`Trainer::stop_on_bad_image`]).
+    fn on_bad_image(
+        &self,
+        e: anyhow::Error,
+        net: &Network,
+        run: Option<&RunFolder>,
+        state: &RunState,
+        epoch: usize,
+        steps: usize,
+    ) -> anyhow::Error {
+        match e.downcast_ref::<BadImage>() {
+            Some(bad) if self.dist.size == 1 => self.stop_on_bad_image(net, run, state, epoch, steps, bad),
+            _ => e,
+        }
     }
 
     /// An image failed to decode in `epoch` after `steps` steps (without `--skip-bad-images`):

@@ -203,95 +203,26 @@ impl Network {
         if precision == Precision::F16 {
             ensure!(gpu.features.contains(wgpu::Features::SHADER_F16), "{}", gpu.no_f16_message());
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let specs = graph.parameters();
         // Every view starts at a multiple of the adapter's offset alignment, in the f16 copy too.
         let elem = precision.dtype().bytes();
         let align = (gpu.limits.min_storage_buffer_offset_alignment as usize / elem).max(1);
         let (starts, total) = flat_layout(&specs, align);
-        let mut values = vec![0.0f32; total];
-        for (spec, &start) in specs.iter().zip(&starts) {
-            let v = init_values(spec, &mut rng);
-            values[start..start + v.len()].copy_from_slice(&v);
-        }
-        let flat = FlatParams {
-            values: Tensor::flat(&gpu, "parameters", &values)?,
-            grads: Tensor::flat_zeros(&gpu, "gradients", total)?,
-            state: (0..optimizer.state_count())
-                .map(|k| Tensor::flat_zeros(&gpu, &format!("optimizer state {k}"), total))
-                .collect::<Result<Vec<_>>>()?,
-            half: match precision {
-                Precision::F16 => Some(Tensor::flat_zeros_of(&gpu, "parameters (f16)", total, precision.dtype())?),
-                Precision::F32 => None,
-            },
-        };
-        let mut params = Vec::new();
-        for (spec, start) in specs.into_iter().zip(starts) {
-            let view = |t: &Tensor, what: &str| t.view(&gpu, &format!("{} {what}", spec.name), start, &spec.shape);
-            let value = view(&flat.values, "value")?;
-            let grad = view(&flat.grads, "grad")?;
-            let state =
-                flat.state.iter().enumerate().map(|(k, t)| view(t, &format!("state {k}"))).collect::<Result<_>>()?;
-            let half = flat.half.as_ref().map(|h| view(h, "value (f16)")).transpose()?;
-            params.push(Param { spec, start, value, grad, state, half });
-        }
-        // Running means (0) and variances (1), each at an aligned start of one flat buffer.
-        let f32_align = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
-        let bn_specs: Vec<(String, usize)> = graph.batch_norms().map(|(name, c)| (name.to_string(), c)).collect();
-        let mut bn_init = Vec::new();
-        let mut bn_starts = Vec::new();
-        for (_, c) in &bn_specs {
-            for v in [0.0f32, 1.0] {
-                bn_init.resize(bn_init.len().next_multiple_of(f32_align), 0.0);
-                bn_starts.push(bn_init.len());
-                bn_init.extend(std::iter::repeat_n(v, *c));
-            }
-        }
-        let bn_flat = Tensor::flat(&gpu, "batch-norm buffers", &bn_init)?;
-        let bn = bn_specs
+        let flat = Network::init_flat(&gpu, &specs, &starts, total, optimizer, seed, precision)?;
+        let params = Network::param_views(&gpu, &flat, specs, starts)?;
+        let (bn_flat, bn) = Network::running_stats(&gpu, &graph)?;
+        let chunks = Network::binding_chunks(&gpu, total, align);
+        let grad_chunks = chunks
             .iter()
-            .zip(bn_starts.chunks(2))
-            .map(|((name, c), starts)| {
-                Ok(BnBuffers {
-                    name: name.clone(),
-                    running_mean: bn_flat.view(&gpu, &format!("{name}.running_mean"), starts[0], &[*c])?,
-                    running_var: bn_flat.view(&gpu, &format!("{name}.running_var"), starts[1], &[*c])?,
-                    num_batches_tracked: 0,
-                })
-            })
+            .map(|&c| Network::chunk_view(&gpu, &flat.grads, "gradients", c))
             .collect::<Result<Vec<_>>>()?;
-        // Chunks as large as one binding allows, each starting aligned.
-        let max_binding = (gpu.limits.max_storage_buffer_binding_size / 4) as usize;
-        let chunk = (max_binding / align * align).max(align);
-        let chunks: Vec<(usize, usize)> =
-            (0..total.max(1)).step_by(chunk).map(|start| (start, chunk.min(total.max(1) - start))).collect();
-        let view = |t: &Tensor, what: &str, (start, len): (usize, usize)| {
-            t.view(&gpu, &format!("{what} {start}.."), start, &[len])
-        };
-        let grad_chunks = chunks.iter().map(|&c| view(&flat.grads, "gradients", c)).collect::<Result<Vec<_>>>()?;
         let scaler = match precision {
             Precision::F16 => {
                 Some(GradScaler::new(&gpu, GradScalerConfig::default(), &grad_chunks.iter().collect::<Vec<_>>())?)
             }
             Precision::F32 => None,
         };
-        let mut updates = Vec::new();
-        let mut casts = Vec::new();
-        for (&c, grad) in chunks.iter().zip(&grad_chunks) {
-            let value = view(&flat.values, "parameters", c)?;
-            let state = flat.state.iter().map(|t| view(t, "optimizer state", c)).collect::<Result<Vec<_>>>()?;
-            let state: Vec<&Tensor> = state.iter().collect();
-            let scale_state = scaler.as_ref().map(|s| &s.state);
-            let mut update = OptimizerStep::new_scaled(&gpu, optimizer, &value, grad, &state, 0, c.1, scale_state)?;
-            (update.dispatch.layer, update.dispatch.pass) = ("all parameters".to_string(), Pass::Optimizer);
-            updates.push(update);
-            if let Some(half) = &flat.half {
-                for mut d in cast::cast_forward(&gpu, &value, &view(half, "parameters (f16)", c)?)? {
-                    (d.layer, d.pass) = ("all parameters".to_string(), Pass::Forward);
-                    casts.push(d);
-                }
-            }
-        }
+        let (updates, casts) = Network::chunk_updates(&gpu, &flat, &chunks, &grad_chunks, scaler.as_ref(), optimizer)?;
         let step_key = Tensor::zeros(&gpu, "step key", &[2])?;
         let by_name = params.iter().enumerate().map(|(i, p)| (p.spec.name.clone(), i)).collect();
         Ok(Network {
@@ -320,6 +251,130 @@ impl Network {
             step_key,
             by_name,
         })
+    }
+
+    /// The flat buffers of `specs` laid out at `starts` (`total` elements): the values drawn in
+    /// parameter order from `seed` (PyTorch-default initialisation, zeros in the alignment gaps),
+    /// the gradients and each optimizer state zero, and an f16 network's half copy (zero until
+    /// the first step casts into it).
+    fn init_flat(
+        gpu: &Gpu,
+        specs: &[ParamSpec],
+        starts: &[usize],
+        total: usize,
+        optimizer: OptimizerConfig,
+        seed: u64,
+        precision: Precision,
+    ) -> Result<FlatParams> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut values = vec![0.0f32; total];
+        for (spec, &start) in specs.iter().zip(starts) {
+            let v = init_values(spec, &mut rng);
+            values[start..start + v.len()].copy_from_slice(&v);
+        }
+        Ok(FlatParams {
+            values: Tensor::flat(gpu, "parameters", &values)?,
+            grads: Tensor::flat_zeros(gpu, "gradients", total)?,
+            state: (0..optimizer.state_count())
+                .map(|k| Tensor::flat_zeros(gpu, &format!("optimizer state {k}"), total))
+                .collect::<Result<Vec<_>>>()?,
+            half: match precision {
+                Precision::F16 => Some(Tensor::flat_zeros_of(gpu, "parameters (f16)", total, precision.dtype())?),
+                Precision::F32 => None,
+            },
+        })
+    }
+
+    /// One [`Param`] per spec: its value, gradient, optimizer states and f16 copy as views of
+    /// `flat` from its start on, labelled with the parameter's name.
+    fn param_views(gpu: &Gpu, flat: &FlatParams, specs: Vec<ParamSpec>, starts: Vec<usize>) -> Result<Vec<Param>> {
+        let mut params = Vec::new();
+        for (spec, start) in specs.into_iter().zip(starts) {
+            let view = |t: &Tensor, what: &str| t.view(gpu, &format!("{} {what}", spec.name), start, &spec.shape);
+            let value = view(&flat.values, "value")?;
+            let grad = view(&flat.grads, "grad")?;
+            let state =
+                flat.state.iter().enumerate().map(|(k, t)| view(t, &format!("state {k}"))).collect::<Result<_>>()?;
+            let half = flat.half.as_ref().map(|h| view(h, "value (f16)")).transpose()?;
+            params.push(Param { spec, start, value, grad, state, half });
+        }
+        Ok(params)
+    }
+
+    /// Every batch norm of `graph`: its running mean (0) and variance (1), each at an aligned
+    /// start of one flat buffer (zeros between), returned with the views of it.
+    fn running_stats(gpu: &Gpu, graph: &Graph) -> Result<(Tensor, Vec<BnBuffers>)> {
+        let f32_align = (gpu.limits.min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let bn_specs: Vec<(String, usize)> = graph.batch_norms().map(|(name, c)| (name.to_string(), c)).collect();
+        let mut bn_init = Vec::new();
+        let mut bn_starts = Vec::new();
+        for (_, c) in &bn_specs {
+            for v in [0.0f32, 1.0] {
+                bn_init.resize(bn_init.len().next_multiple_of(f32_align), 0.0);
+                bn_starts.push(bn_init.len());
+                bn_init.extend(std::iter::repeat_n(v, *c));
+            }
+        }
+        let bn_flat = Tensor::flat(gpu, "batch-norm buffers", &bn_init)?;
+        let bn = bn_specs
+            .iter()
+            .zip(bn_starts.chunks(2))
+            .map(|((name, c), starts)| {
+                Ok(BnBuffers {
+                    name: name.clone(),
+                    running_mean: bn_flat.view(gpu, &format!("{name}.running_mean"), starts[0], &[*c])?,
+                    running_var: bn_flat.view(gpu, &format!("{name}.running_var"), starts[1], &[*c])?,
+                    num_batches_tracked: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((bn_flat, bn))
+    }
+
+    /// The flat buffers' `total` elements cut into (start, length) chunks as large as one
+    /// binding allows, each starting at a multiple of `align` (one chunk of 1 when there are no
+    /// parameters).
+    fn binding_chunks(gpu: &Gpu, total: usize, align: usize) -> Vec<(usize, usize)> {
+        let max_binding = (gpu.limits.max_storage_buffer_binding_size / 4) as usize;
+        let chunk = (max_binding / align * align).max(align);
+        (0..total.max(1)).step_by(chunk).map(|start| (start, chunk.min(total.max(1) - start))).collect()
+    }
+
+    /// The view of flat buffer `t` over one of [`Network::binding_chunks`], labelled `what` and its start.
+    fn chunk_view(gpu: &Gpu, t: &Tensor, what: &str, (start, len): (usize, usize)) -> Result<Tensor> {
+        t.view(gpu, &format!("{what} {start}.."), start, &[len])
+    }
+
+    /// Per chunk of the flat buffers: the optimizer update of its values from `grad_chunks`
+    /// (unscaled by the loss scaler's state when there is one) and, for an f16 network, the casts
+    /// of its values into the half copy.
+    fn chunk_updates(
+        gpu: &Gpu,
+        flat: &FlatParams,
+        chunks: &[(usize, usize)],
+        grad_chunks: &[Tensor],
+        scaler: Option<&GradScaler>,
+        optimizer: OptimizerConfig,
+    ) -> Result<(Vec<OptimizerStep>, Vec<Dispatch>)> {
+        let view = |t: &Tensor, what: &str, c: (usize, usize)| Network::chunk_view(gpu, t, what, c);
+        let mut updates = Vec::new();
+        let mut casts = Vec::new();
+        for (&c, grad) in chunks.iter().zip(grad_chunks) {
+            let value = view(&flat.values, "parameters", c)?;
+            let state = flat.state.iter().map(|t| view(t, "optimizer state", c)).collect::<Result<Vec<_>>>()?;
+            let state: Vec<&Tensor> = state.iter().collect();
+            let scale_state = scaler.map(|s| &s.state);
+            let mut update = OptimizerStep::new_scaled(gpu, optimizer, &value, grad, &state, 0, c.1, scale_state)?;
+            (update.dispatch.layer, update.dispatch.pass) = ("all parameters".to_string(), Pass::Optimizer);
+            updates.push(update);
+            if let Some(half) = &flat.half {
+                for mut d in cast::cast_forward(gpu, &value, &view(half, "parameters (f16)", c)?)? {
+                    (d.layer, d.pass) = ("all parameters".to_string(), Pass::Forward);
+                    casts.push(d);
+                }
+            }
+        }
+        Ok((updates, casts))
     }
 
     /// Clip the gradients' total 2-norm to `max_norm` every step from the next one on, as

@@ -1,14 +1,16 @@
 //! Before the first step: the settings (`--resume`'s, checked against every rank's), the data,
 //! the network and the run folder.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, ensure};
 
 use super::replicas;
 use crate::args::TrainArgs;
 use crate::data::Dataset;
-use crate::data::loader;
+use crate::data::loader::{self, Preprocess};
 use crate::dist::{Collective, Dist};
-use crate::gpu::Precision;
+use crate::gpu::{Gpu, Precision};
 use crate::hparams as hp;
 use crate::model::plan::Network;
 use crate::model::registry::Family;
@@ -104,6 +106,79 @@ pub(super) fn load_data(args: &TrainArgs) -> Result<(String, Dataset, Option<Dat
         args.normalize.then(|| loader::channel_stats(&train_set))
     };
     Ok((splits.name, train_set, val_set, splits.test, config))
+}
+
+/// The data pipeline's settings: the model's normalisation, `--augment` and, for image folders,
+/// timm's `--aa` and `--reprob`.
+pub(super) fn preprocess(args: &TrainArgs, config: &ModelConfig) -> Result<Preprocess> {
+    let (aa, erase) = args.timm_augment(config.normalize.as_deref())?;
+    Ok(Preprocess {
+        normalize: config.normalize.clone(),
+        augment: args.augment,
+        aa,
+        erase,
+        load: args.data.load_options(),
+    })
+}
+
+/// The data can be trained on as set: timm's augmentations only on image folders, the same
+/// settings and data on every rank (`flags` as given, `args` as resolved), and at least one
+/// training image per rank.
+pub(super) fn check_training_data(
+    flags: &TrainArgs,
+    args: &TrainArgs,
+    dataset: &str,
+    train_set: &Dataset,
+    test_set: &Dataset,
+    pre: &Preprocess,
+    dist: &Dist,
+) -> Result<()> {
+    ensure!(
+        train_set.files.is_some() || (pre.aa.is_none() && pre.erase.is_none()),
+        "--aa and --reprob augment image folders (--dataset folder); {dataset} is held in memory and augmented by \
+         --augment's padded crop and flip only"
+    );
+    replicas::same_config_on_every_rank(dist, flags, args, dataset, train_set, test_set)?;
+    if train_set.len() < dist.size {
+        return Err(Collective(format!(
+            "{} ranks but only {} training images: every rank needs at least one; use fewer ranks or more images",
+            dist.size,
+            train_set.len()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The network `args` describe: drawn from `--seed`, or `--init`'s weights (rank 0 printing
+/// what did not fit), with the loss (`soft_targets` for `--mixup`/`--cutmix`), `--sync-bn`,
+/// clipping, gradient accumulation and the model EMA set.
+pub(super) fn build_network(
+    gpu: Arc<Gpu>,
+    args: &TrainArgs,
+    config: &ModelConfig,
+    soft_targets: bool,
+    dist: &Dist,
+) -> Result<Network> {
+    let mut net = Network::new_in(gpu, config.clone(), args.optimizer_config(), args.seed, args.precision)?;
+    net.label_smoothing = args.label_smoothing as f32;
+    net.soft_targets = soft_targets;
+    // SyncBatchNorm only where there is more than one batch to merge; on one process --sync-bn
+    // changes nothing (as PyTorch's SyncBatchNorm, which falls back to BatchNorm there).
+    net.sync_bn = args.sync_bn && dist.size > 1;
+    net.set_clip_grad_norm(args.clip_grad_norm)?;
+    net.set_grad_accum_steps(args.grad_accum_steps)?;
+    if let Some(init) = &args.init {
+        let sd = crate::checkpoint::load(init)?;
+        if let Some(note) = crate::checkpoint::apply_init(&mut net, &sd, &init.display().to_string())?
+            && dist.is_root()
+        {
+            println!("note: {note}");
+        }
+    }
+    // The EMA starts from the initial weights; --resume then restores the saved one.
+    net.set_model_ema(args.model_ema_config())?;
+    Ok(net)
 }
 
 /// A new run folder, or the `--resume`d one with `net` restored from it.
