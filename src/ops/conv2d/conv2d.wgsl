@@ -427,7 +427,7 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < GEMM_N; j++) {
                 let c = co0 + j;
                 if (c < col_g) {
-                    out[(nn * col_total + g * col_g + c) * row_plane + r] = act(acc[i * 4u + j / 4u][j % 4u]);
+                    out[(nn * col_total + g * col_g + c) * row_plane + r] = act(epilogue(acc[i * 4u + j / 4u][j % 4u]));
                 }
             }
         }
