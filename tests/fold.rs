@@ -225,6 +225,9 @@ fn folded_f16_evaluation_matches_unfused_and_reference() {
         let e0 = assert_rel_l2(&format!("{what}: unfused logits"), &unfused.logits, &want, 5e-3, 1e-6);
         assert!(e <= 1.5 * e0 + 2e-3, "{what}: folding made the logits worse: {e:.2e} vs unfused {e0:.2e}");
         check_outcome(&what, &got, &want, &labels, 1e-2);
-        eprintln!("{what}: logits relative L2 error folded {e:.2e}, unfused {e0:.2e}");
+        let mut convs: Vec<String> =
+            eval_kernels(&on, &plan_on).into_iter().filter(|k| k.starts_with("conv2d")).collect();
+        convs.dedup();
+        eprintln!("{what}: logits relative L2 error folded {e:.2e}, unfused {e0:.2e} (kernels {convs:?})");
     }
 }

@@ -13,7 +13,9 @@
 //!
 //! The fusion pass (`Network::fusions`) runs what follows a node in that node's kernels where its op
 //! offers it (`LayerOp::takes_epilogue`): a batch norm's ReLU always; with the device's `--fuse on`
-//! (`Gpu::fuse`) also a residual addition's ReLU and an SE block's addition and ReLU.
+//! (`Gpu::fuse`) also a residual addition's ReLU and an SE block's addition and ReLU, and, in the
+//! evaluation pass only, a batch norm into the convolution before it (`plan/fold.rs`: one
+//! `bn_fold` dispatch first in every evaluation pass, no batch-norm dispatch after a convolution).
 //!
 //! Precision is the network's ([`Precision`]): an f16 network's plans hold every activation and
 //! activation gradient in f16, cast the f32 input batch and the f32 master weights (into an f16
