@@ -130,3 +130,71 @@ fn bn_fold_rejects_out_of_range_pairs() {
     let e = bn_fold::bn_fold_forward(&gpu, &c.entries, &b).unwrap_err().to_string();
     assert!(e.contains("pair 2") && e.contains("folded weights"), "{e}");
 }
+
+/// eps inside the square root, as torch's eval-mode batch norm: running variances 0, 1e-6 and 1
+/// (where 1/sqrt(var) + eps or a dropped eps differ from 1/sqrt(var + eps) by far more than
+/// rounding; var 0 gives s = gamma/sqrt(1e-5) ≈ 316·gamma). Weights rtol 1e-6; biases up to
+/// ~630 in size, so atol 5e-4 (a few f32 ulps of 630) plus rtol 1e-6.
+#[test]
+fn bn_fold_puts_eps_inside_the_square_root() {
+    let gpu = gpu();
+    // params: weight [3, 2], bias [3], gamma [3], beta [3]; stats: mean [3], var [3].
+    let params = [0.5f32, -1.0, 0.25, 2.0, -0.75, 1.5, 0.1, -0.2, 0.3, 1.0, 0.5, 2.0, 0.0, 0.25, -0.5];
+    let stats = [1.0f32, -0.5, 0.25, 0.0, 1e-6, 1.0];
+    let e = FoldEntry {
+        c: 3,
+        k: 2,
+        weight: 0,
+        bias: Some(6),
+        gamma: 9,
+        beta: 12,
+        mean: 0,
+        var: 3,
+        out_weight: 0,
+        out_bias: 0,
+        eps: 1e-5,
+    };
+    let c = Case { params: params.to_vec(), stats: stats.to_vec(), entries: vec![e], weights_len: 6, biases_len: 3 };
+    let (w, b) = run_fold(&gpu, &c, Dtype::F32);
+    let (ww, wb) = want(&c).remove(0);
+    assert_close("bn_fold weight, variances 0 / 1e-6 / 1", &w, &ww, 0.0, 1e-6);
+    assert_close("bn_fold bias, variances 0 / 1e-6 / 1", &b, &wb, 5e-4, 1e-6);
+}
+
+/// The oracle itself: the f64 convolution with the folded weight and bias equals the f64 batch
+/// norm (eval) of the f64 convolution, on every conv case (batch 1, odd planes, stride, dilation,
+/// groups, bias or none), to 1e-12 relative — the identity the fold rests on, with no GPU.
+#[test]
+fn bn_fold_reference_equals_batch_norm_after_convolution() {
+    use senet_wgpu::ops::batch_norm::BatchNormConfig;
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        let mut r = rng(720 + i as u64);
+        let mut v = |n: usize, lo: f32, hi: f32| to_f64(&uniform(&mut r, n, lo, hi));
+        let (x, w, b) = (
+            v(cfg.input_shape().iter().product(), -1.0, 1.0),
+            v(cfg.weight_shape().iter().product(), -1.0, 1.0),
+            v(cfg.c_out, -1.0, 1.0),
+        );
+        let (g, beta, mean, var) =
+            (v(cfg.c_out, 0.5, 1.5), v(cfg.c_out, -0.5, 0.5), v(cfg.c_out, -0.5, 0.5), v(cfg.c_out, 0.0, 2.0));
+        let bias = cfg.bias.then_some(&b[..]);
+        let y = reference::conv2d::conv2d_forward(cfg, &x, &w, bias);
+        let [n, c, h, wd] = cfg.output_shape();
+        let want = reference::batch_norm::batch_norm_forward_eval(
+            &BatchNormConfig::new(n, c, h, wd),
+            &y,
+            &g,
+            &beta,
+            &mean,
+            &var,
+        );
+        let (fw, fb) = reference::bn_fold::bn_fold_forward(&w, bias, &g, &beta, &mean, &var, 1e-5);
+        let got = reference::conv2d::conv2d_forward(
+            &senet_wgpu::ops::conv2d::Conv2dConfig { bias: true, ..*cfg },
+            &x,
+            &fw,
+            Some(&fb),
+        );
+        assert_close64(&format!("folded reference case {i} {cfg:?}"), &got, &want, 1e-12, 1e-12);
+    }
+}
