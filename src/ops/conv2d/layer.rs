@@ -30,9 +30,7 @@ impl Conv2d {
         let Conv2d { c_in, c_out, kernel, stride, pad, groups, bias } = *self;
         Conv2dConfig::square(inp[0], c_in, (inp[2], inp[3]), c_out, kernel, stride, pad, bias).grouped(groups)
     }
-}
 
-impl Conv2d {
     /// The forward dispatches `d` (run by `kernel`) into training and evaluation; with a batch
     /// norm folded in ([`Record::folded`]), evaluation runs the same kernel on the folded weight
     /// and bias, with the batch norm's ReLU as its epilogue, writing the batch norm's output.
