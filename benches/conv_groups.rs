@@ -69,6 +69,7 @@ fn main() {
                 dout: Some(&dy),
                 dinp: Some(&dx),
                 dweight: Some(&dw),
+                relu: false,
             };
             for k in kernels {
                 let gflops: Vec<String> = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]

@@ -79,6 +79,16 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
         let e =
             assert_close(&what("conv2d_forward"), &ty.read_f32(&gpu).unwrap(), &want, CONV_ATOL, CONV_RTOL + F16_RTOL);
         worst[0] = worst[0].max(e);
+        // The forward's ReLU epilogue, biased (an evaluation pass's convolution with its batch
+        // norm folded in): max(y, 0), exact, on the same bound.
+        let folded = Conv2dConfig { bias: true, ..*cfg };
+        let ty = Tensor::zeros_of(&gpu, "y", &cfg.output_shape(), Dtype::F16).unwrap();
+        let bufs = ConvBuffers { relu: true, ..ConvBuffers::forward(&tx, &tw, Some(&tb), &ty) };
+        run(&gpu, &coop_pass(&gpu, &folded, ConvPass::Forward, &bufs).unwrap());
+        let want = reference::conv2d::conv2d_forward(&folded, &x64, &w64, Some(&b64[..]));
+        let want: Vec<f64> = want.into_iter().map(|y| y.max(0.0)).collect();
+        let got = ty.read_f32(&gpu).unwrap();
+        assert_close(&what("conv2d_forward + relu"), &got, &want, CONV_ATOL, CONV_RTOL + F16_RTOL);
 
         let tdx = Tensor::zeros_of(&gpu, "dx", &cfg.input_shape(), Dtype::F16).unwrap();
         let b = ConvBuffers::backward_input(&tdy, &tw, &tdx);

@@ -241,7 +241,10 @@ fn fused_plans_replace_the_block_tails() {
         // backward: relu and add into one (1), or relu, add and the SE's input pass (2).
         let per_pass = if se { 2 } else { 1 };
         assert_eq!(train_off.len() - train.len(), 2 * per_pass * blocks, "{model}: training dispatches saved");
-        assert_eq!(eval_off.len() - eval.len(), per_pass * blocks, "{model}: evaluation dispatches saved");
+        // Evaluation also folds every batch norm into its convolution (tests/fold.rs): apart from
+        // the batch norms and the fold, the tails account for the dispatches saved.
+        let tails = |l: &[String]| l.iter().filter(|k| !k.starts_with("batch_norm") && *k != "bn_fold_forward").count();
+        assert_eq!(tails(&eval_off) - tails(&eval), per_pass * blocks, "{model}: evaluation dispatches saved");
         assert!(bytes < bytes_off, "{model}: fused step moves {bytes} bytes, unfused {bytes_off}");
     }
     for placement in [SePlacement::Pre, SePlacement::Post, SePlacement::Identity] {

@@ -49,6 +49,7 @@ const ACTIVATION_FILES: &[&str] = &[
     "conv2d",
     "conv2d_tiled",
     "batch_norm",
+    "bn_fold",
     "relu",
     "pool",
     "se_block",

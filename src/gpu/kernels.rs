@@ -25,6 +25,7 @@ pub const SHADERS: &[(&str, &str)] = &[
         ),
     ),
     ("batch_norm", include_str!("../ops/batch_norm/batch_norm.wgsl")),
+    ("bn_fold", include_str!("../ops/bn_fold/bn_fold.wgsl")),
     ("relu", include_str!("../ops/relu/relu.wgsl")),
     ("pool", include_str!("../ops/pool/pool.wgsl")),
     ("se_block", include_str!("../ops/se_block/se_block.wgsl")),

@@ -13,7 +13,9 @@
 //!
 //! The fusion pass (`Network::fusions`) runs what follows a node in that node's kernels where its op
 //! offers it (`LayerOp::takes_epilogue`): a batch norm's ReLU always; with the device's `--fuse on`
-//! (`Gpu::fuse`) also a residual addition's ReLU and an SE block's addition and ReLU.
+//! (`Gpu::fuse`) also a residual addition's ReLU and an SE block's addition and ReLU, and, in the
+//! evaluation pass only, a batch norm into the convolution before it (`plan/fold.rs`: one
+//! `bn_fold` dispatch first in every evaluation pass, no batch-norm dispatch after a convolution).
 //!
 //! Precision is the network's ([`Precision`]): an f16 network's plans hold every activation and
 //! activation gradient in f16, cast the f32 input batch and the f32 master weights (into an f16
@@ -40,6 +42,8 @@
 //! one dispatch that moves an exponential moving average of the parameters and the batch-norm
 //! buffers towards the model ([`ModelEma`], see `model::ema`).
 
+mod fold;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -58,7 +62,7 @@ use crate::ops::cross_entropy::{self, LossWeight, result};
 use crate::ops::grad_accum::{GradAccum, MicroBatch};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
-use crate::ops::layer::{Epilogue, EpilogueStep, ParamTensors, Record, step_key};
+use crate::ops::layer::{Epilogue, EpilogueStep, Folded, ParamTensors, Record, step_key};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
@@ -499,6 +503,7 @@ impl Network {
             |k: usize, j: usize| -> &Tensor { contrib.get(&(k, j)).unwrap_or(&grads[self.graph.nodes[k].inputs[j]]) };
         let mut rec = Recorded::default();
         let input_f32 = self.record_input_cast(&shapes[0], &acts[0], &mut rec)?;
+        let folds = self.eval_folds(&consumers, &fusion, &mut rec.eval)?;
         for (k, node) in self.graph.nodes.iter().enumerate() {
             let (train0, eval0) = (rec.train.len(), rec.eval.len());
             // A node recorded here: this one, or the head of a fused group whose inputs are all
@@ -513,6 +518,8 @@ impl Network {
                         dinputs: (0..head.inputs.len()).map(|j| target(g.head, j)).collect(),
                         outs: (&acts[g.out], &grads[g.out]),
                         residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], target(add, j))),
+                        folded: folds.folded(g.head, &fusion, &acts),
+                        eval_folded: folds.is_folded(g.head),
                     };
                     (&head.name, self.record_node(head, io, g.epilogue, &mut rec)?)
                 }
@@ -700,6 +707,8 @@ impl Network {
         r.reads_network_input = node.inputs[0] == 0;
         r.relu = epilogue.is_some();
         r.residual = io.residual;
+        r.folded = io.folded;
+        r.eval_folded = io.eval_folded;
         node.layer.op().record(&mut r)?;
         let train0 = rec.train.len();
         rec.train.extend(r.train);
@@ -984,6 +993,9 @@ struct NodeIo<'a> {
     dinputs: Vec<&'a Tensor>,
     outs: (&'a Tensor, &'a Tensor),
     residual: Option<(&'a Tensor, &'a Tensor)>,
+    /// Evaluation: the affine node folded into this one, or this one folded into the node before.
+    folded: Option<Folded<'a>>,
+    eval_folded: bool,
 }
 
 /// The loss's buffers: the labels (and a soft-target plan's targets) the host writes,

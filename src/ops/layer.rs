@@ -80,6 +80,21 @@ pub trait LayerOp {
         None
     }
 
+    /// Evaluation only: how this op's weight could absorb a per-output-channel affine map that
+    /// alone reads its output (a batch norm from its running statistics, [`LayerOp::eval_affine`])
+    /// — its weight scaled per output channel, a bias added, and the affine's ReLU as its
+    /// epilogue ([`Record::folded`]). None: it cannot.
+    fn fold_target(&self) -> Option<FoldTarget> {
+        None
+    }
+
+    /// Evaluation only: this op as a per-channel affine map y = x·s + t that the layer before it
+    /// may absorb ([`LayerOp::fold_target`]); then it records no evaluation dispatch
+    /// ([`Record::eval_folded`]).
+    fn eval_affine(&self) -> Option<EvalAffine> {
+        None
+    }
+
     /// Record its forward (training and evaluation) and backward dispatches.
     fn record(&self, r: &mut Record<'_>) -> Result<()>;
 
@@ -120,6 +135,39 @@ pub enum Epilogue {
     /// right after it, is a ReLU. An SE block on the shortcut (the identity placement) is the
     /// second operand and is not fused.
     AddRelu,
+}
+
+/// A weight that can absorb a per-output-channel affine map ([`LayerOp::fold_target`]): the
+/// parameter `weight` of the layer, `channels` rows of `per_channel` values, and its own bias, if
+/// any (folded as bias·s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FoldTarget {
+    pub channels: usize,
+    pub per_channel: usize,
+    pub weight: &'static str,
+    pub bias: Option<&'static str>,
+}
+
+/// A per-channel affine map in evaluation ([`LayerOp::eval_affine`]), a batch norm's:
+/// s = `scale` / sqrt(running_var + eps), t = `shift` − running_mean·s, from the layer's
+/// parameters `scale` and `shift` and its running statistics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvalAffine {
+    pub channels: usize,
+    pub eps: f64,
+    pub scale: &'static str,
+    pub shift: &'static str,
+}
+
+/// What a layer's evaluation forward reads and writes when the affine layer after it is folded
+/// in ([`Record::folded`]): the folded weight (in the plan's activation type, what its GEMMs
+/// read) and bias (f32), the affine's output (or its fused ReLU's), and whether to apply that ReLU.
+#[derive(Clone, Copy)]
+pub struct Folded<'a> {
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub out: &'a Tensor,
+    pub relu: bool,
 }
 
 /// What a node is as a step of an epilogue ([`LayerOp::epilogue_step`]).
@@ -226,6 +274,13 @@ pub struct Record<'a> {
     /// An [`Epilogue::AddRelu`] is fused into this layer (`relu` is set too): the other addend r
     /// and the buffer r's gradient goes to. The output is relu(y + r); the addition records nothing.
     pub residual: Option<(&'a Tensor, &'a Tensor)>,
+    /// Evaluation: the affine layer that alone reads this one's output is folded into it
+    /// ([`LayerOp::fold_target`]): the evaluation forward reads these weights and writes `out`;
+    /// training is recorded as without it.
+    pub folded: Option<Folded<'a>>,
+    /// Evaluation: this layer is folded into the one before it ([`LayerOp::eval_affine`]):
+    /// record no evaluation dispatch (training as without it).
+    pub eval_folded: bool,
     /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
     pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
@@ -272,6 +327,8 @@ impl<'a> Record<'a> {
             dout,
             relu: false,
             residual: None,
+            folded: None,
+            eval_folded: false,
             step_key,
             params,
             running,

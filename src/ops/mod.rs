@@ -9,6 +9,7 @@
 
 pub mod add;
 pub mod batch_norm;
+pub mod bn_fold;
 pub mod cast;
 pub mod clip_grad_norm;
 pub mod conv2d;

@@ -6,6 +6,7 @@
 
 pub use crate::ops::add::reference as add;
 pub use crate::ops::batch_norm::reference as batch_norm;
+pub use crate::ops::bn_fold::reference as bn_fold;
 pub use crate::ops::cast::reference as cast;
 pub use crate::ops::clip_grad_norm::reference as clip_grad_norm;
 pub use crate::ops::conv2d::reference as conv2d;

@@ -2,7 +2,7 @@
 
 use crate::common::*;
 use crate::{F16_RTOL, gpu_f16, read_f16, uniform_f16, upload_f16};
-use senet_wgpu::gpu::{Dispatch, Gpu, Tensor};
+use senet_wgpu::gpu::{Dispatch, Dtype, Gpu, Tensor};
 use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles, WorkgroupTiles};
 use senet_wgpu::reference;
 
@@ -247,6 +247,54 @@ fn f16_conv2d_kernels_match_reference() {
                     CONV_ATOL,
                     CONV_RTOL,
                 );
+            }
+        }
+    }
+}
+
+/// The forward's ReLU epilogue (`ConvBuffers::relu`, what an evaluation pass with a batch norm
+/// folded in runs: always with a bias, the folded one) on every case, biased, f32 and f16: the
+/// register blocks the adapter picks and the extremes, every workgroup-memory shape. Reference:
+/// max(conv2d_forward, 0), the conv tolerances (+ half an f16 ulp for f16 outputs); the max is
+/// exact, so a missing ReLU is off by |y| ~ O(1) on the negative half of the outputs.
+#[test]
+fn conv2d_forward_relu_epilogue_matches_reference() {
+    for (dtype, gpu) in [(Dtype::F32, gpu()), (Dtype::F16, gpu_f16())] {
+        for (i, cfg) in conv_cases().iter().enumerate() {
+            let cfg = Conv2dConfig { bias: true, ..*cfg };
+            let mut r = rng(1900 + i as u64);
+            let (tx, x) = upload_as(
+                &gpu,
+                dtype,
+                &cfg.input_shape(),
+                &uniform(&mut r, cfg.n * cfg.c_in * cfg.h * cfg.w, -1.0, 1.0),
+            );
+            let (tw, w) = upload_as(
+                &gpu,
+                dtype,
+                &cfg.weight_shape(),
+                &uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0),
+            );
+            let b = uniform(&mut r, cfg.c_out, -1.0, 1.0);
+            let tb = upload(&gpu, "b", &[cfg.c_out], &b);
+            let want: Vec<f64> = reference::conv2d::conv2d_forward(&cfg, &to_f64(&x), &to_f64(&w), Some(&to_f64(&b)))
+                .into_iter()
+                .map(|y| y.max(0.0))
+                .collect();
+            assert!(want.contains(&0.0), "case {i}: no negative output to clip");
+            let rtol = if dtype == Dtype::F16 { CONV_RTOL + F16_RTOL } else { CONV_RTOL };
+            let mut kernels = vec![
+                ConvKernel::Register(RegisterTiles::for_layer(&gpu, &cfg)),
+                ConvKernel::Register(RegisterTiles::ALL[0]),
+                ConvKernel::Register(RegisterTiles::ALL[RegisterTiles::ALL.len() - 1]),
+            ];
+            kernels.extend(WorkgroupTiles::ALL.map(ConvKernel::Workgroup));
+            for k in kernels {
+                let ty = Tensor::zeros_of(&gpu, "y", &cfg.output_shape(), dtype).unwrap();
+                let bufs = ConvBuffers { relu: true, ..ConvBuffers::forward(&tx, &tw, Some(&tb), &ty) };
+                run(&gpu, &conv2d::conv2d_pass(&gpu, &cfg, ConvPass::Forward, k, &bufs).unwrap());
+                let what = format!("{} conv2d_forward + relu case {i} {k} {cfg:?}", dtype.name());
+                assert_close(&what, &read_as(&gpu, &ty), &want, CONV_ATOL, rtol);
             }
         }
     }

@@ -14,6 +14,7 @@ mod common;
 
 mod add;
 mod batch_norm;
+mod bn_fold;
 mod cast;
 mod clip_grad_norm;
 mod conv2d;

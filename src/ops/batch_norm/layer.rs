@@ -5,8 +5,8 @@ use anyhow::{Result, ensure};
 use super::reference as cpu;
 use super::{BatchNormConfig, BnBackward, BnForward, ROWS};
 use crate::ops::layer::{
-    Attr, BnExchange, Epilogue, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward,
-    RefOutput, Shape, expect_spatial,
+    Attr, BnExchange, Epilogue, EvalAffine, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward,
+    RefForward, RefOutput, Shape, expect_spatial,
 };
 
 /// A batch-norm layer over `c` channels.
@@ -49,6 +49,13 @@ impl LayerOp for BatchNorm2d {
         e == Epilogue::Relu
     }
 
+    /// In evaluation, x·s + t per channel from the running statistics: a convolution before it
+    /// may fold it in (`ops::bn_fold`).
+    fn eval_affine(&self) -> Option<EvalAffine> {
+        let eps = BatchNormConfig::new(1, self.c, 1, 1).eps;
+        Some(EvalAffine { channels: self.c, eps, scale: "weight", shift: "bias" })
+    }
+
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
         let (gpu, name, c) = (r.gpu, r.name, self.c);
         let (inp, dinp) = r.inp();
@@ -64,7 +71,9 @@ impl LayerOp for BatchNorm2d {
         let (running_mean, running_var) = r.running()?;
         let stats = r.scratch("batch statistics", &[2, c])?;
         let t = BnForward { inp, gamma: g.value, beta: b.value, running_mean, running_var, stats: &stats, out };
-        r.eval.extend(super::batch_norm_forward_eval(gpu, &cfg, &t)?);
+        if !r.eval_folded {
+            r.eval.extend(super::batch_norm_forward_eval(gpu, &cfg, &t)?);
+        }
         if r.sync_bn {
             // SyncBatchNorm: each pass in two halves around the ranks' exchange.
             let (welford, sums) =

@@ -50,7 +50,7 @@
 //       train images/s, w1 b128: 21.0 vs 20.1 — no change beyond the runs' spread.
 //   v8  `act` storage (loads widen to f32, stores narrow) for --precision f16; the f32
 //       variant is v7 bit for bit.
-//   v9  (this) groups: gid.y numbers (group, block within the group); with groups = 1 the same
+//   v9  groups: gid.y numbers (group, block within the group); with groups = 1 the same
 //       arithmetic as v8. Measured with `cargo bench --bench conv_groups` (dev build; GPU time
 //       dominates) on lavapipe, 2 cores shared with four other builds (load average 8-11), so
 //       only ratios within one run mean anything. 16x128x14x14 -> 128, 3x3, GFLOP/s forward /
@@ -60,6 +60,9 @@
 //       works out 16 row addresses for a reduction over only 4 channels, and the 8-wide column
 //       block is half padding. Depthwise is correct, not fast (15/16 of a block idle); a
 //       depthwise-specific kernel is the next version if a model needs one.
+//   v10 (this) the forward's ReLU epilogue (`epilogue`, conv2d_params.wgsl: a uniform flag read
+//       per stored value) for evaluation passes with a batch norm folded in; with the flag off
+//       the arithmetic is v9's (training plans unchanged). Not timed.
 //   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
 //       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
 //       so the trip counts are known when the pipeline is built; the same FMAs in the same order).
@@ -427,7 +430,7 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < GEMM_N; j++) {
                 let c = co0 + j;
                 if (c < col_g) {
-                    out[(nn * col_total + g * col_g + c) * row_plane + r] = act(acc[i * 4u + j / 4u][j % 4u]);
+                    out[(nn * col_total + g * col_g + c) * row_plane + r] = act(epilogue(acc[i * 4u + j / 4u][j % 4u]));
                 }
             }
         }

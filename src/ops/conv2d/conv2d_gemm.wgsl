@@ -159,7 +159,7 @@ fn store(r: u32, c: u32, v: f32, split: u32) {
         if (p.has_bias != 0u) {
             b = bias[co];
         }
-        out[((c / ohw) * p.c_out + co) * ohw + c % ohw] = act(v + b);
+        out[((c / ohw) * p.c_out + co) * ohw + c % ohw] = act(epilogue(v + b));
     } else if (MODE == DGRAD) {
         let hw = p.h * p.w;
         out[((c / hw) * p.c_in + grp * cin_g() + r) * hw + c % hw] = act(v);

@@ -60,6 +60,7 @@ pub(super) fn forward(
     weight: &Tensor,
     bias: Option<&Tensor>,
     out: &Tensor,
+    relu: bool,
 ) -> Result<Vec<Dispatch>> {
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
@@ -69,7 +70,7 @@ pub(super) fn forward(
     let unused_act = placeholder_like(gpu, inp)?;
     // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
     let scratch = placeholder(gpu)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_relu(relu));
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),

@@ -3,10 +3,11 @@
 use anyhow::{Result, anyhow, ensure};
 
 use super::reference as cpu;
-use super::{Conv2dConfig, ConvBuffers, ConvPass};
+use super::{Conv2dConfig, ConvBuffers, ConvKernel, ConvPass};
+use crate::gpu::Dispatch;
 use crate::ops::layer::{
-    Attr, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, Shape, expect_spatial,
-    stored,
+    Attr, FoldTarget, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, Shape,
+    expect_spatial, stored,
 };
 
 /// A convolution layer, with PyTorch's meaning.
@@ -28,6 +29,28 @@ impl Conv2d {
     pub fn config(&self, inp: &[usize]) -> Conv2dConfig {
         let Conv2d { c_in, c_out, kernel, stride, pad, groups, bias } = *self;
         Conv2dConfig::square(inp[0], c_in, (inp[2], inp[3]), c_out, kernel, stride, pad, bias).grouped(groups)
+    }
+
+    /// The forward dispatches `d` (run by `kernel`) into training and evaluation; with a batch
+    /// norm folded in ([`Record::folded`]), evaluation runs the same kernel on the folded weight
+    /// and bias, with the batch norm's ReLU as its epilogue, writing the batch norm's output.
+    fn record_forward(
+        &self,
+        r: &mut Record<'_>,
+        cfg: &Conv2dConfig,
+        kernel: ConvKernel,
+        d: Vec<Dispatch>,
+    ) -> Result<()> {
+        let Some(f) = r.folded else {
+            r.forward(d);
+            return Ok(());
+        };
+        r.train.extend(d);
+        let folded = Conv2dConfig { bias: true, ..*cfg };
+        let bufs = ConvBuffers { relu: f.relu, ..ConvBuffers::forward(r.inp().0, f.weight, Some(f.bias), f.out) };
+        let (d, _) = super::conv2d_pass_chosen(r.gpu, &folded, ConvPass::Forward, kernel, &bufs)?;
+        r.eval.extend(d);
+        Ok(())
     }
 }
 
@@ -71,6 +94,7 @@ impl LayerOp for Conv2d {
             dout: Some(r.dout),
             dinp: Some(dinp),
             dweight: Some(w.grad),
+            relu: false,
         };
         // Each pass runs the kernel the tuner chose for this shape; the network input needs no
         // gradient.
@@ -86,7 +110,7 @@ impl LayerOp for Conv2d {
             let (d, kernel) = super::conv2d_pass_chosen(r.gpu, &cfg, pass, chosen, &bufs)?;
             r.conv_kernels.push((pass, kernel));
             if pass == ConvPass::Forward {
-                r.forward(d);
+                self.record_forward(r, &cfg, kernel, d)?;
             } else {
                 r.backward.extend(d);
             }
@@ -95,6 +119,12 @@ impl LayerOp for Conv2d {
             r.backward.extend(super::conv2d_backward_bias(r.gpu, &cfg, r.dout, b.grad)?);
         }
         Ok(())
+    }
+
+    /// Its weight rows per output channel; its bias, if any, folds with the rest.
+    fn fold_target(&self) -> Option<FoldTarget> {
+        let per_channel = self.c_in / self.groups.max(1) * self.kernel * self.kernel;
+        Some(FoldTarget { channels: self.c_out, per_channel, weight: "weight", bias: self.bias.then_some("bias") })
     }
 
     fn reference_forward(&self, r: &RefForward<'_, '_>) -> Result<RefOutput> {

@@ -176,7 +176,7 @@ impl Conv2dConfig {
             splits: to_u32("splits", splits)?,
             split_len: to_u32("split_len", split_len)?,
             groups: to_u32("groups", c.groups)?,
-            _pad: 0,
+            relu: 0,
         })
     }
 }
@@ -205,7 +205,15 @@ struct Params {
     splits: u32,
     split_len: u32,
     groups: u32,
-    _pad: u32,
+    /// The forward's fused ReLU ([`ConvBuffers::relu`]): 1 applies it, 0 not.
+    relu: u32,
+}
+
+impl Params {
+    /// The forward's fused ReLU on or off.
+    fn with_relu(self, relu: bool) -> Params {
+        Params { relu: u32::from(relu), ..self }
+    }
 }
 
 /// Invocations per workgroup of `conv2d.wgsl`'s GEMMs and of the weight-gradient reduce (`WG`
@@ -255,6 +263,9 @@ pub struct ConvBuffers<'a> {
     pub dinp: Option<&'a Tensor>,
     /// The weight gradient: f32 whatever the plan's precision.
     pub dweight: Option<&'a Tensor>,
+    /// The forward stores relu(output): an evaluation pass's convolution with a batch norm and
+    /// its ReLU folded in (`ops::bn_fold`). Every family takes it; the backward passes ignore it.
+    pub relu: bool,
 }
 
 impl<'a> ConvBuffers<'a> {
@@ -333,6 +344,7 @@ fn run_pass(
                     need(b.weight, pass, "weight")?,
                     b.bias,
                     need(b.out, pass, "output")?,
+                    b.relu,
                 ),
                 ConvPass::BackwardInput => register::backward_input(
                     gpu,
@@ -370,6 +382,7 @@ fn run_pass(
             need(b.weight, pass, "weight")?,
             b.bias,
             need(b.out, pass, "output")?,
+            b.relu,
         ),
         ConvPass::BackwardInput => gemm::backward_input(
             gpu,

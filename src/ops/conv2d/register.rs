@@ -159,6 +159,7 @@ pub(super) fn forward(
     weight: &Tensor,
     bias: Option<&Tensor>,
     out: &Tensor,
+    relu: bool,
 ) -> Result<Vec<Dispatch>> {
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
@@ -167,7 +168,7 @@ pub(super) fn forward(
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, inp)?;
     let bias = forward_bias(cfg, bias, &unused)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_relu(relu));
     let cols = (cfg.c_out_group(), cfg.groups);
     let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cols, tiles.gemm_n, 1)?;
     let binds = [

@@ -204,6 +204,7 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
         dout: Some(&out),
         dinp: Some(&inp),
         dweight: Some(&dweight),
+        relu: false,
     };
     let mut best: Option<(ConvKernel, f64)> = None;
     for &k in &cands {
