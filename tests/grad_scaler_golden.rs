@@ -16,9 +16,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::Path;
-
 use common::*;
 use senet_wgpu::ops::clip_grad_norm::ClipGradNorm;
 use senet_wgpu::ops::grad_scaler::{GradScaler, GradScalerConfig};
@@ -45,14 +42,8 @@ const GPU_ATOL: f64 = 2e-6;
 /// Clipping the scaled gradients (before unscaling) would make the norm 2^14-2^16 times larger.
 const GPU_NORM_RTOL: f64 = 1e-5;
 
-type Golden = HashMap<String, (Vec<usize>, Vec<f64>)>;
-
 fn golden(name: &str) -> (Golden, serde_json::Value) {
-    let path = Path::new(DIR).join(format!("{name}.safetensors"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("golden header");
-    let config = meta.metadata().as_ref().and_then(|m| m.get("config")).expect("golden config metadata");
-    (load_golden(&path), serde_json::from_str(config).expect("golden config JSON"))
+    golden_case(DIR, name)
 }
 
 fn vec_of<'a>(g: &'a Golden, key: &str) -> &'a [f64] {

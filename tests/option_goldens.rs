@@ -14,7 +14,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use common::*;
 use senet_wgpu::checkpoint::{self, Entry, StateDict, Value};
@@ -41,15 +40,8 @@ const GRAD_REL_L2_SE_RESNET50: f64 = 1e-3;
 /// 1e-9 is five orders of magnitude above that and ten below any formula error.
 const F64_REL: f64 = 1e-9;
 
-type Golden = HashMap<String, (Vec<usize>, Vec<f64>)>;
-
-/// The tensors of `name`.safetensors and the case's configuration the script wrote beside them.
 fn golden(name: &str) -> (Golden, serde_json::Value) {
-    let path = Path::new(DIR).join(format!("{name}.safetensors"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("golden header");
-    let config = meta.metadata().as_ref().and_then(|m| m.get("config")).expect("golden config metadata");
-    (load_golden(&path), serde_json::from_str(config).expect("golden config JSON"))
+    golden_case(DIR, name)
 }
 
 /// The se-resnet8 every se-resnet8 case varies: width 0.25 (4, 8, 16 channels), SE r 2, 3x8x8.

@@ -141,9 +141,22 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     worst
 }
 
+/// A golden's tensors as [`load_golden`] reads them.
+pub type Golden = std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+/// The tensors of `dir/name.safetensors` and the case configuration the golden script wrote into
+/// its `config` metadata (JSON).
+pub fn golden_case(dir: &str, name: &str) -> (Golden, serde_json::Value) {
+    let path = std::path::Path::new(dir).join(format!("{name}.safetensors"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("golden header");
+    let config = meta.metadata().as_ref().and_then(|m| m.get("config")).expect("golden config metadata");
+    (load_golden(&path), serde_json::from_str(config).expect("golden config JSON"))
+}
+
 /// Every tensor of a safetensors file (a PyTorch golden) as (shape, values in f64): F64, F32,
 /// I64 and I32 tensors.
-pub fn load_golden(path: &std::path::Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<f64>)> {
+pub fn load_golden(path: &std::path::Path) -> Golden {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("golden file {}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden safetensors");
     st.tensors()
