@@ -154,19 +154,8 @@ fn the_reference_gradient_matches_finite_differences() {
 }
 
 fn se_resnet(model: &str, drop_path: f64) -> ModelConfig {
-    ModelConfig {
-        model: model.into(),
-        width: 0.5,
-        reduction: 4,
-        in_channels: 3,
-        num_classes: 4,
-        input_hw: [8, 8],
-        classes: vec![],
-        normalize: None,
-        se_bias: true,
-        se: Default::default(),
-        block: senet_wgpu::model::BlockOptions { drop_path, ..Default::default() },
-    }
+    let block = senet_wgpu::model::BlockOptions { drop_path, ..Default::default() };
+    ModelConfig { block, ..small_model(model, 0.5, 4, 8, 4) }
 }
 
 /// SE-ResNet-8 (one unit per stage) with `--drop-path 0.9`: layer2.0 drops with p 0.45 and

@@ -30,19 +30,7 @@ fn gpu_unfused() -> Arc<Gpu> {
 
 /// A model at a small size: (name, width, reduction, input H×W).
 fn config(model: &str, width: f64, reduction: usize, hw: usize) -> ModelConfig {
-    ModelConfig {
-        model: model.into(),
-        width,
-        reduction,
-        in_channels: 3,
-        num_classes: 5,
-        input_hw: [hw, hw],
-        classes: vec![],
-        normalize: None,
-        se_bias: true,
-        se: Default::default(),
-        block: Default::default(),
-    }
+    small_model(model, width, reduction, hw, 5)
 }
 
 /// The models: the base SENet (conv biases, a BN after the SE block that stays a BN), a CIFAR

@@ -172,19 +172,7 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
 
 fn cifar(model: &str, placement: SePlacement) -> ModelConfig {
     let se = senet_wgpu::model::SeOptions { placement, ..Default::default() };
-    ModelConfig {
-        model: model.into(),
-        width: 0.5,
-        reduction: 4,
-        in_channels: 3,
-        num_classes: 4,
-        input_hw: [8, 8],
-        classes: vec![],
-        normalize: None,
-        se_bias: true,
-        se,
-        block: Default::default(),
-    }
+    ModelConfig { se, ..small_model(model, 0.5, 4, 8, 4) }
 }
 
 /// Kernel names of a plan's training step and evaluation pass.

@@ -141,6 +141,30 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     worst
 }
 
+/// A model at a small size: `model` at `width` with SE reduction `reduction`, 3×`hw`×`hw`
+/// inputs, `classes` classes, SE biases, the default SE block and residual units.
+pub fn small_model(
+    model: &str,
+    width: f64,
+    reduction: usize,
+    hw: usize,
+    classes: usize,
+) -> senet_wgpu::model::ModelConfig {
+    senet_wgpu::model::ModelConfig {
+        model: model.into(),
+        width,
+        reduction,
+        in_channels: 3,
+        num_classes: classes,
+        input_hw: [hw, hw],
+        classes: vec![],
+        normalize: None,
+        se_bias: true,
+        se: Default::default(),
+        block: Default::default(),
+    }
+}
+
 /// A golden's tensors as [`load_golden`] reads them.
 pub type Golden = std::collections::HashMap<String, (Vec<usize>, Vec<f64>)>;
 
