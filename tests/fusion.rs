@@ -441,3 +441,56 @@ fn the_cli_turns_fusion_off_by_flag_and_environment() {
     assert!(!off.contains("add_forward_relu") && off.contains("relu_forward "), "{off}");
     assert_eq!(off, env_off, "SENET_FUSE=off is --fuse off");
 }
+
+/// The batch norm's epilogues (batch_norm.wgsl REMASK, POOL, BIAS) in whole plans: the base SENet
+/// at 16×16 runs each of its four BN + ReLU + max pool as one pass each way and leaves its
+/// convolutions' bias gradients to the batch norms after them; a ResNet recomputes the ReLU mask.
+/// The kernels keep the unfused roundings (tests/kernels/batch_norm.rs), so a training step is
+/// the unfused step bit for bit, in f32 and in f16 (the base SENet, whose SE block is not
+/// fused); evaluation pools apart (the batch norm folded into the convolution where one feeds
+/// it) within tests/fold.rs's bounds.
+#[test]
+fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
+    let (on, off) = (gpu(), gpu_unfused());
+    let n = 3;
+    let cases = [
+        ("senet", Precision::F32),
+        ("senet", Precision::F16),
+        ("se-resnet8", Precision::F32),
+        ("resnet8", Precision::F32),
+    ];
+    for (model, precision) in cases {
+        let what = format!("{model} {precision:?}");
+        let cfg =
+            if model == "senet" { small_model("senet", 0.0625, 4, 16, 4) } else { cifar(model, SePlacement::Standard) };
+        let hw = cfg.input_hw[0];
+        let x = uniform(&mut rng(41), n * 3 * hw * hw, 0.0, 1.0);
+        let labels = [0u32, 3, 1];
+        let run_step = |g: &Arc<Gpu>| {
+            let opt = OptimizerConfig::sgd(0.1, 0.9);
+            let mut net = Network::new_in(g.clone(), cfg.clone(), opt, 4, precision).unwrap();
+            let plan = net.plan(n).unwrap();
+            let (train, _) = kernels(&net, &plan);
+            plan.write_batch(g, &x, &labels).unwrap();
+            net.train_step(&plan);
+            g.wait().unwrap();
+            let step = StepState::read(&net, &plan);
+            net.eval_batch(&plan);
+            g.wait().unwrap();
+            (step, read_as(g, plan.logits()), train)
+        };
+        let ((fused, eval, train), (unfused, eval_off, train_off)) = (run_step(&on), run_step(&off));
+        assert_eq!(fused.max_diff(&unfused), 0.0, "{what}: a fused step differs from the unfused one");
+        assert!(fused.grads.iter().all(|(_, g)| g.iter().all(|v| v.is_finite())), "{what}: gradients finite");
+        assert_close(&format!("{what} eval logits"), &eval, &to_f64(&eval_off), 1e-3, 1e-2);
+        if model == "senet" {
+            for k in ["max_pool2d_forward", "max_pool2d_backward"] {
+                assert_eq!((count(&train, k), count(&train_off, k)), (0, 4), "{what}: {k} in training, fused and not");
+            }
+            // Four convolutions feed a batch norm; the fifth feeds the SE block and keeps its own.
+            let bias = "conv2d_backward_bias";
+            assert_eq!((count(&train, bias), count(&train_off, bias)), (1, 5), "{what}: {bias}, fused and not");
+            assert_eq!(train_off.len() - train.len(), 4 + 4 + 4, "{what}: training dispatches saved");
+        }
+    }
+}

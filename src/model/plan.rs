@@ -64,6 +64,7 @@ use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
 use crate::ops::layer::{Epilogue, EpilogueStep, Folded, ParamTensors, Record, step_key};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
+use crate::ops::pool::MaxPool2d;
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
 pub struct Param {
@@ -496,7 +497,8 @@ impl Network {
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let consumers = self.graph.consumers();
         let fusion = self.fusions(&consumers);
-        let acts = self.activations(&shapes, &fusion.unused, "")?;
+        let kept = |i: usize| fusion.unused[i] && !fusion.eval_only[i];
+        let acts = self.activations(&shapes, &(0..shapes.len()).map(kept).collect::<Vec<_>>(), "")?;
         let grads = self.activations(&shapes, &fusion.unused, " grad")?;
         let contrib = self.fork_gradients(&shapes, &consumers)?;
         let target =
@@ -520,6 +522,12 @@ impl Network {
                         residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], target(add, j))),
                         folded: folds.folded(g.head, &fusion, &acts),
                         eval_folded: folds.is_folded(g.head),
+                        pool: match g.epilogue {
+                            Some(Epilogue::ReluMaxPool(p)) => Some((p, &acts[g.head + 2])),
+                            _ => None,
+                        },
+                        input_bias_grad: self.input_bias_grad(g.head, &fusion)?,
+                        bias_grad_elsewhere: fusion.bias_by_next[g.head],
                     };
                     (&head.name, self.record_node(head, io, g.epilogue, &mut rec)?)
                 }
@@ -588,11 +596,18 @@ impl Network {
             _ => None,
         };
         let relu_after = |k: usize| reader(k) == Some(k + 1) && step(k + 1, EpilogueStep::Relu);
+        // The max pool that alone reads node k's output, right after it.
+        let pool_after = |k: usize| match nodes.get(k + 1).and_then(|n| n.layer.op().epilogue_step()) {
+            Some(EpilogueStep::MaxPool(p)) if reader(k) == Some(k + 1) => Some(p),
+            _ => None,
+        };
         let mut f = Fusions {
             groups: (0..nodes.len())
                 .map(|k| Some(Group { head: k, epilogue: None, out: k + 1, residual: None }))
                 .collect(),
             unused: vec![false; nodes.len() + 1],
+            eval_only: vec![false; nodes.len() + 1],
+            bias_by_next: vec![false; nodes.len()],
         };
         for (k, node) in nodes.iter().enumerate() {
             if f.groups[k].is_none_or(|g| g.head != k) {
@@ -609,13 +624,50 @@ impl Network {
                 let group = Group { head: k, epilogue: Some(Epilogue::AddRelu), out: a + 2, residual: Some((a, 1)) };
                 (f.groups[k], f.groups[a], f.groups[a + 1]) = (None, Some(group), None);
                 (f.unused[k + 1], f.unused[a + 1]) = (true, true);
+            } else if let Some(p) = relu_after(k).then(|| pool_after(k + 1)).flatten()
+                && !self.sync_bn
+                && op.takes_epilogue(Epilogue::ReluMaxPool(p), fuse)
+            {
+                let group = Group { head: k, epilogue: Some(Epilogue::ReluMaxPool(p)), out: k + 3, residual: None };
+                (f.groups[k], f.groups[k + 1], f.groups[k + 2]) = (Some(group), None, None);
+                (f.unused[k + 1], f.unused[k + 2], f.eval_only[k + 2]) = (true, true, true);
             } else if relu_after(k) && op.takes_epilogue(Epilogue::Relu, fuse) {
                 f.groups[k] = Some(Group { head: k, epilogue: Some(Epilogue::Relu), out: k + 2, residual: None });
                 f.groups[k + 1] = None;
                 f.unused[k + 1] = true;
             }
         }
+        self.bias_fusions(consumers, &mut f);
         f
+    }
+
+    /// `--fuse on`, training: a node whose bias gradient is its output gradient's per-channel sum
+    /// ([`LayerOp::channel_bias`]), read alone by the next node, which heads its own group and can
+    /// sum its input gradient ([`LayerOp::sums_input_grad`]), leaves that gradient to it: a pass
+    /// over the output gradient fewer. --sync-bn's split batch norms take none.
+    fn bias_fusions(&self, consumers: &[Vec<usize>], f: &mut Fusions) {
+        if !self.gpu.fuse || self.sync_bn {
+            return;
+        }
+        let nodes = &self.graph.nodes;
+        for k in 0..nodes.len().saturating_sub(1) {
+            let heads = |j: usize| f.groups[j].is_some_and(|g| g.head == j);
+            f.bias_by_next[k] = nodes[k].layer.op().channel_bias().is_some()
+                && consumers[k + 1] == [k + 1]
+                && heads(k)
+                && heads(k + 1)
+                && nodes[k + 1].layer.op().sums_input_grad();
+        }
+    }
+
+    /// The bias gradient node `k`'s backward writes for the node before it ([`Fusions::bias_by_next`]).
+    fn input_bias_grad(&self, k: usize, fusion: &Fusions) -> Result<Option<&Tensor>> {
+        let Some(prev) = k.checked_sub(1).filter(|&j| fusion.bias_by_next[j]) else {
+            return Ok(None);
+        };
+        let node = &self.graph.nodes[prev];
+        let bias = node.layer.op().channel_bias().context("a fused bias gradient's node has no bias")?;
+        Ok(Some(&self.param(&format!("{}.{bias}", node.name))?.grad))
     }
 
     /// What activation `i` is called in buffer labels: "input", "features.4 output".
@@ -709,6 +761,9 @@ impl Network {
         r.residual = io.residual;
         r.folded = io.folded;
         r.eval_folded = io.eval_folded;
+        r.pool = io.pool;
+        r.input_bias_grad = io.input_bias_grad;
+        r.bias_grad_elsewhere = io.bias_grad_elsewhere;
         node.layer.op().record(&mut r)?;
         let train0 = rec.train.len();
         rec.train.extend(r.train);
@@ -983,8 +1038,14 @@ struct Fusions {
     /// Per node position: what is recorded there (none: a step of a fused group, or a head
     /// recorded later).
     groups: Vec<Option<Group>>,
-    /// Per activation: never stored (a fused head's or addition's output).
+    /// Per activation: never stored (a fused head's or addition's output); its gradient never.
     unused: Vec<bool>,
+    /// Per activation: unused in training but stored by the evaluation pass (the ReLU's output
+    /// before a fused max pool, which evaluation pools apart).
+    eval_only: Vec<bool>,
+    /// Per node: its bias gradient is written by the next node's backward
+    /// ([`LayerOp::channel_bias`], [`LayerOp::sums_input_grad`]).
+    bias_by_next: Vec<bool>,
 }
 
 /// The tensors a recorded node reads and writes.
@@ -996,6 +1057,12 @@ struct NodeIo<'a> {
     /// Evaluation: the affine node folded into this one, or this one folded into the node before.
     folded: Option<Folded<'a>>,
     eval_folded: bool,
+    /// A max pool fused after the ReLU, and where evaluation stores that ReLU's output.
+    pool: Option<(MaxPool2d, &'a Tensor)>,
+    /// The bias gradient of the node before, which this one's backward writes.
+    input_bias_grad: Option<&'a Tensor>,
+    /// This node's bias gradient is written by the node after it.
+    bias_grad_elsewhere: bool,
 }
 
 /// The loss's buffers: the labels (and a soft-target plan's targets) the host writes,

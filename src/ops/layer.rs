@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result, ensure};
 
 use super::conv2d::{ConvKernel, ConvPass};
+use super::pool::MaxPool2d;
 use crate::gpu::{Dispatch, Gpu, Precision, Tensor};
 
 /// Shape of an activation: [n, c, h, w] or, after the global pool, [n, c].
@@ -80,6 +81,19 @@ pub trait LayerOp {
         None
     }
 
+    /// Training: the parameter (`"bias"`) whose gradient is the per-channel sum of this op's
+    /// output gradient, if it has one — a layer after it that sums its input gradient
+    /// ([`LayerOp::sums_input_grad`]) may write it instead ([`Record::bias_grad_elsewhere`]).
+    fn channel_bias(&self) -> Option<&'static str> {
+        None
+    }
+
+    /// Training: this op's backward can also write the per-channel sum of its input gradient,
+    /// the bias gradient of the layer before it ([`LayerOp::channel_bias`], [`Record::input_bias_grad`]).
+    fn sums_input_grad(&self) -> bool {
+        false
+    }
+
     /// Evaluation only: how this op's weight could absorb a per-output-channel affine map that
     /// alone reads its output (a batch norm from its running statistics, [`LayerOp::eval_affine`])
     /// — its weight scaled per output channel, a bias added, and the affine's ReLU as its
@@ -135,6 +149,9 @@ pub enum Epilogue {
     /// right after it, is a ReLU. An SE block on the shortcut (the identity placement) is the
     /// second operand and is not fused.
     AddRelu,
+    /// maxpool(relu(y)): y's one reader is a ReLU whose one reader is this max pool. The ReLU's
+    /// output is stored only in evaluation, where the pool runs apart ([`Record::pool`]).
+    ReluMaxPool(MaxPool2d),
 }
 
 /// A weight that can absorb a per-output-channel affine map ([`LayerOp::fold_target`]): the
@@ -175,6 +192,7 @@ pub struct Folded<'a> {
 pub enum EpilogueStep {
     Relu,
     Add,
+    MaxPool(MaxPool2d),
 }
 
 /// The input shape has rank 4 ([n, c, h, w]), or an error naming the layer.
@@ -281,6 +299,16 @@ pub struct Record<'a> {
     /// Evaluation: this layer is folded into the one before it ([`LayerOp::eval_affine`]):
     /// record no evaluation dispatch (training as without it).
     pub eval_folded: bool,
+    /// An [`Epilogue::ReluMaxPool`] is fused into this layer (`relu` is set too): the pool, and
+    /// the buffer the evaluation pass writes the ReLU's output into before pooling it apart.
+    /// `out` and `dout` are the pool's.
+    pub pool: Option<(MaxPool2d, &'a Tensor)>,
+    /// Training: this layer's backward also writes the per-channel sum of its input gradient
+    /// into this tensor, the bias gradient of the layer before it ([`LayerOp::sums_input_grad`]).
+    pub input_bias_grad: Option<&'a Tensor>,
+    /// Training: the layer after this one writes its bias gradient ([`LayerOp::channel_bias`]);
+    /// its own backward leaves it alone.
+    pub bias_grad_elsewhere: bool,
     /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
     pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
@@ -329,6 +357,9 @@ impl<'a> Record<'a> {
             residual: None,
             folded: None,
             eval_folded: false,
+            pool: None,
+            input_bias_grad: None,
+            bias_grad_elsewhere: false,
             step_key,
             params,
             running,

@@ -4,6 +4,8 @@ use crate::common::*;
 use crate::{F16_RTOL, read_f16, uniform_f16, upload_f16};
 use senet_wgpu::gpu::Tensor;
 use senet_wgpu::ops::batch_norm::{self, BatchNormConfig};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig};
+use senet_wgpu::ops::pool::{self, MaxPool2dConfig};
 use senet_wgpu::ops::relu;
 use senet_wgpu::reference;
 
@@ -630,6 +632,283 @@ fn f16_batch_norm_matches_reference() {
             );
             let relu_want: Vec<f64> = read_f16(&gpu, &ty2).iter().map(|&v| f64::from(v.max(0.0))).collect();
             assert_close(&tag("batch_norm_forward (eval) + fused relu"), &read_f16(&gpu, &ty3), &relu_want, 0.0, 0.0);
+        }
+    }
+}
+
+/// The epilogues `--fuse on` runs inside the batch norm (batch_norm.wgsl REMASK, POOL, BIAS) on
+/// awkward shapes: batch 1 with an odd, non-square plane whose floor-mode pool drops a row and a
+/// column; overlapping 3x3/2 windows with padding; ceil mode (a window hanging over the edge);
+/// 17 channels; 4,096 values per channel (more than the 256-wide reduction).
+fn pool_cases() -> Vec<(BatchNormConfig, MaxPool2dConfig)> {
+    let pool = |k: usize, s: usize, p: usize, ceil: bool| MaxPool2dConfig {
+        kernel: (k, k),
+        stride: (s, s),
+        pad: (p, p),
+        ceil,
+        ..MaxPool2dConfig::two_by_two(1, 1, 1, 1)
+    };
+    vec![
+        (BatchNormConfig::new(1, 3, 5, 7), pool(2, 2, 0, false)),
+        (BatchNormConfig::new(2, 5, 9, 6), pool(3, 2, 1, false)),
+        (BatchNormConfig::new(2, 3, 7, 7), pool(3, 2, 0, true)),
+        (BatchNormConfig::new(3, 17, 8, 8), pool(2, 2, 0, false)),
+        (BatchNormConfig::new(16, 2, 16, 16), pool(2, 2, 0, false)),
+    ]
+}
+
+/// What one variant leaves: [output, argmax (as f32 bits), saved statistics, running mean,
+/// running var, dinp, dgamma, dbeta, conv bias gradient].
+fn bn_pool_outputs(
+    gpu: &senet_wgpu::gpu::Gpu,
+    cfg: &BatchNormConfig,
+    p: &MaxPool2dConfig,
+    t: &[&Tensor; 4],
+    fused: bool,
+    f16: bool,
+) -> Vec<Vec<f32>> {
+    let [tx, tg, tb, tdy] = *t;
+    let fused_cfg = cfg.with_pool(*p).with_conv_bias();
+    let pool = fused_cfg.pool.expect("pooled");
+    let act = |label: &str, shape: &[usize]| if f16 { zeros_f16(gpu, label, shape) } else { zeros(gpu, label, shape) };
+    let (trm, trv) = (zeros(gpu, "rm", &[cfg.c]), upload(gpu, "rv", &[cfg.c], &vec![1.0; cfg.c]));
+    let stats = zeros(gpu, "stats", &[2, cfg.c]);
+    let (out, argmax) = (act("pooled", &pool.output_shape()), zeros(gpu, "argmax", &pool.output_shape()));
+    let dx = act("dx", &cfg.shape());
+    let (dg, db, dbias) =
+        (zeros(gpu, "dgamma", &[cfg.c]), zeros(gpu, "dbeta", &[cfg.c]), zeros(gpu, "dbias", &[cfg.c]));
+    if fused {
+        let fwd = bn(tx, tg, tb, &trm, &trv, &stats, &out);
+        let f = batch_norm::BnFused { argmax: Some(&argmax), ..Default::default() };
+        run(gpu, &batch_norm::batch_norm_forward_train_fused(gpu, &fused_cfg, &fwd, f).unwrap());
+        let g = batch_norm::BnBackward {
+            inp: tx,
+            gamma: tg,
+            stats: &stats,
+            relu_out: None,
+            dout: tdy,
+            dinp: &dx,
+            dgamma: &dg,
+            dbeta: &db,
+        };
+        let f = batch_norm::BnFused { argmax: Some(&argmax), conv_dbias: Some(&dbias), beta: Some(tb) };
+        run(gpu, &batch_norm::batch_norm_backward_fused(gpu, &fused_cfg, &g, f).unwrap());
+    } else {
+        // Batch norm with its ReLU, the pool, the pool's backward, the batch norm's, and the
+        // convolution bias gradient as conv2d_backward_bias sums it.
+        let relu_out = act("relu out", &cfg.shape());
+        let fwd = bn(tx, tg, tb, &trm, &trv, &stats, &relu_out);
+        run(gpu, &batch_norm::batch_norm_forward_train(gpu, &cfg.with_relu(), &fwd).unwrap());
+        run(gpu, &pool::max_pool2d_forward(gpu, &pool, &relu_out, &out, &argmax).unwrap());
+        let dpool = act("d relu out", &cfg.shape());
+        run(gpu, &pool::max_pool2d_backward(gpu, &pool, &argmax, tdy, &dpool).unwrap());
+        let d = batch_norm::batch_norm_backward(
+            gpu,
+            &cfg.with_relu(),
+            tx,
+            tg,
+            &stats,
+            Some(&relu_out),
+            &dpool,
+            &dx,
+            &dg,
+            &db,
+        );
+        run(gpu, &d.unwrap());
+        let conv = Conv2dConfig::square(cfg.n, 1, (cfg.h, cfg.w), cfg.c, 1, 1, 0, true);
+        run(gpu, &conv2d::conv2d_backward_bias(gpu, &conv, &dx, &dbias).unwrap());
+    }
+    let acts = |t: &Tensor| if f16 { read_f16(gpu, t) } else { read(gpu, t) };
+    let bits: Vec<f32> = argmax.read::<u32>(gpu).unwrap().iter().map(|&a| f32::from_bits(a)).collect();
+    vec![
+        acts(&out),
+        bits,
+        read(gpu, &stats),
+        read(gpu, &trm),
+        read(gpu, &trv),
+        acts(&dx),
+        read(gpu, &dg),
+        read(gpu, &db),
+        read(gpu, &dbias),
+    ]
+}
+
+/// The fused pool and convolution bias gradient give the unfused kernels' bits (batch norm with
+/// its ReLU, max_pool2d forward and backward, conv2d_backward_bias), in f32 and f16, and match
+/// the composed f64 references: f32 within BN_TOL; f16 within BN_TOL plus half an f16 ulp
+/// (F16_RTOL) — except the bias gradient, a sum of dinp that cancels to rounding noise, which
+/// is held to 1e-3 of the sum of |dinp| over its channel in f16 and 1e-5 in f32.
+#[test]
+fn batch_norm_fused_pool_and_bias_gradient_are_the_unfused_kernels_bit_for_bit() {
+    for (path, gpu) in gpus() {
+        for (i, (cfg, p)) in pool_cases().iter().enumerate() {
+            for f16 in [false, true] {
+                let mut r = rng(700 + i as u64);
+                let numel: usize = cfg.shape().iter().product();
+                let fused_cfg = cfg.with_pool(*p).with_conv_bias();
+                let pooled: usize = fused_cfg.out_shape().iter().product();
+                let vals = |r: &mut _, n, lo, hi| if f16 { uniform_f16(r, n, lo, hi) } else { uniform(r, n, lo, hi) };
+                let x = vals(&mut r, numel, -2.0, 3.0);
+                let (gamma, beta) = (uniform(&mut r, cfg.c, 0.5, 1.5), uniform(&mut r, cfg.c, -0.5, 0.5));
+                let dy = vals(&mut r, pooled, -1.0, 1.0);
+                let up = |label: &str, shape: &[usize], v: &[f32]| {
+                    if f16 { upload_f16(&gpu, label, shape, v) } else { upload(&gpu, label, shape, v) }
+                };
+                let t = [
+                    &up("x", &cfg.shape(), &x),
+                    &upload(&gpu, "gamma", &[cfg.c], &gamma),
+                    &upload(&gpu, "beta", &[cfg.c], &beta),
+                    &up("dy", &fused_cfg.out_shape(), &dy),
+                ];
+                let (fused, apart) =
+                    (bn_pool_outputs(&gpu, cfg, p, &t, true, f16), bn_pool_outputs(&gpu, cfg, p, &t, false, f16));
+                let what = format!("case {i} ({path}, f16 {f16}) {cfg:?} {p:?}");
+                let names = [
+                    "output",
+                    "argmax",
+                    "statistics",
+                    "running mean",
+                    "running var",
+                    "dinp",
+                    "dgamma",
+                    "dbeta",
+                    "conv bias gradient",
+                ];
+                for (name, (f, a)) in names.iter().zip(fused.iter().zip(&apart)) {
+                    let same = f.len() == a.len() && f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(same, "{what}: fused {name} differs from the unfused kernels'");
+                }
+                let (tol, f64s) = (if f16 { BN_TOL + F16_RTOL } else { BN_TOL }, |v: &[f32]| to_f64(v));
+                let (want, argmax) = reference::batch_norm::batch_norm_forward_train_fused(
+                    &fused_cfg,
+                    &f64s(&x),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    &vec![0.0; cfg.c],
+                    &vec![1.0; cfg.c],
+                );
+                let argmax = argmax.expect("pooled");
+                assert_close(&format!("{what} output"), &fused[0], &want.out, tol, tol);
+                let got_argmax: Vec<u32> = fused[1].iter().map(|v| v.to_bits()).collect();
+                let agree = got_argmax.iter().zip(&argmax).filter(|(a, b)| a == b).count();
+                // Near-ties may pick another element of the window under f32 rounding.
+                assert!(
+                    agree * 100 >= argmax.len() * 98,
+                    "{what}: argmax agrees with the reference at {agree} of {}",
+                    argmax.len()
+                );
+                let (dx, dg, db, dbias) = reference::batch_norm::batch_norm_backward_fused(
+                    &fused_cfg,
+                    &f64s(&x),
+                    &f64s(&gamma),
+                    &f64s(&beta),
+                    &want.mean,
+                    &want.invstd,
+                    Some(&got_argmax),
+                    &f64s(&dy),
+                );
+                assert_close(&format!("{what} dinp"), &fused[5], &dx, tol, tol);
+                // In f16 each gathered gradient is rounded to f16 (half an ulp, F16_RTOL) where
+                // windows overlap, so dbeta and dgamma carry F16_RTOL times the channel's sum of
+                // |g| and |g * xhat| on top of BN_TOL.
+                let pool = fused_cfg.pool.expect("pooled");
+                let g = reference::pool::max_pool2d_backward(&pool, &got_argmax, &f64s(&dy));
+                let hw = cfg.h * cfg.w;
+                for ch in 0..cfg.c {
+                    let idx = (0..cfg.n).flat_map(|n| ((n * cfg.c + ch) * hw)..((n * cfg.c + ch + 1) * hw));
+                    let xhat = |k: usize| (f64::from(x[k]) - want.mean[ch]) * want.invstd[ch];
+                    let (sg, sgx) = idx.fold((0.0, 0.0), |(a, b), k| (a + g[k].abs(), b + (g[k] * xhat(k)).abs()));
+                    let r16 = if f16 { F16_RTOL } else { 0.0 };
+                    for (name, got, want, sum) in
+                        [("dgamma", fused[6][ch], dg[ch], sgx), ("dbeta", fused[7][ch], db[ch], sg)]
+                    {
+                        let bound = BN_TOL * (1.0 + want.abs()) + r16 * sum;
+                        assert!(
+                            (f64::from(got) - want).abs() <= bound,
+                            "{what}: {name}[{ch}] {got} vs {want} (bound {bound:.2e})"
+                        );
+                    }
+                }
+                let scale: Vec<f64> = (0..cfg.c)
+                    .map(|ch| {
+                        (0..cfg.n)
+                            .flat_map(|n| (0..cfg.h * cfg.w).map(move |k| (n * cfg.c + ch) * cfg.h * cfg.w + k))
+                            .map(|k| dx[k].abs())
+                            .sum()
+                    })
+                    .collect();
+                let rel = if f16 { 1e-3 } else { 1e-5 };
+                for (ch, (got, want)) in fused[8].iter().zip(dbias.expect("bias")).enumerate() {
+                    assert!(
+                        (f64::from(*got) - want).abs() <= rel * scale[ch],
+                        "{what}: conv bias gradient of channel {ch}: {got} vs {want} (scale {})",
+                        scale[ch]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// REMASK: the fused ReLU's mask recomputed from the input (no ReLU output read) gives the bits
+/// of the mask read from the stored output, f32 and f16, on every batch-norm case.
+#[test]
+fn batch_norm_recomputed_relu_mask_is_the_stored_one_bit_for_bit() {
+    for (path, gpu) in gpus() {
+        for (i, cfg) in bn_cases().iter().enumerate() {
+            for f16 in [false, true] {
+                let mut r = rng(750 + i as u64);
+                let numel: usize = cfg.shape().iter().product();
+                let vals = |r: &mut _, n, lo, hi| if f16 { uniform_f16(r, n, lo, hi) } else { uniform(r, n, lo, hi) };
+                let (x, dy) = (vals(&mut r, numel, -2.0, 3.0), vals(&mut r, numel, -1.0, 1.0));
+                let (gamma, beta) = (uniform(&mut r, cfg.c, 0.5, 1.5), uniform(&mut r, cfg.c, -0.5, 0.5));
+                let up = |label: &str, v: &[f32]| {
+                    if f16 { upload_f16(&gpu, label, &cfg.shape(), v) } else { upload(&gpu, label, &cfg.shape(), v) }
+                };
+                let act = |label: &str| {
+                    if f16 { zeros_f16(&gpu, label, &cfg.shape()) } else { zeros(&gpu, label, &cfg.shape()) }
+                };
+                let (tx, tdy) = (up("x", &x), up("dy", &dy));
+                let (tg, tb) = (upload(&gpu, "gamma", &[cfg.c], &gamma), upload(&gpu, "beta", &[cfg.c], &beta));
+                let (trm, trv) = (zeros(&gpu, "rm", &[cfg.c]), upload(&gpu, "rv", &[cfg.c], &vec![1.0; cfg.c]));
+                let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+                let y = act("relu out");
+                run(
+                    &gpu,
+                    &batch_norm::batch_norm_forward_train(
+                        &gpu,
+                        &cfg.with_relu(),
+                        &bn(&tx, &tg, &tb, &trm, &trv, &stats, &y),
+                    )
+                    .unwrap(),
+                );
+                let backward = |remask: bool| {
+                    let (dx, dg, db) = (act("dx"), zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
+                    let c = if remask { cfg.with_remask() } else { cfg.with_relu() };
+                    let g = batch_norm::BnBackward {
+                        inp: &tx,
+                        gamma: &tg,
+                        stats: &stats,
+                        relu_out: (!remask).then_some(&y),
+                        dout: &tdy,
+                        dinp: &dx,
+                        dgamma: &dg,
+                        dbeta: &db,
+                    };
+                    let f = batch_norm::BnFused { beta: remask.then_some(&tb), ..Default::default() };
+                    run(&gpu, &batch_norm::batch_norm_backward_fused(&gpu, &c, &g, f).unwrap());
+                    let acts = |t: &Tensor| if f16 { read_f16(&gpu, t) } else { read(&gpu, t) };
+                    [acts(&dx), read(&gpu, &dg), read(&gpu, &db)]
+                };
+                let (fused, apart) = (backward(true), backward(false));
+                for (name, (f, a)) in ["dinp", "dgamma", "dbeta"].iter().zip(fused.iter().zip(&apart)) {
+                    let same = f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
+                    assert!(
+                        same,
+                        "case {i} ({path}, f16 {f16}) {cfg:?}: recomputed-mask {name} differs from the stored mask's"
+                    );
+                }
+            }
         }
     }
 }

@@ -53,7 +53,13 @@ impl EvalFolds {
     pub(super) fn folded<'a>(&'a self, head: usize, fusion: &Fusions, acts: &'a [Tensor]) -> Option<Folded<'a>> {
         let group = fusion.groups[self.into[head]?]?;
         let (weight, bias) = self.tensors.get(&head)?;
-        Some(Folded { weight, bias, out: &acts[group.out], relu: group.epilogue == Some(Epilogue::Relu) })
+        // With a max pool fused after the ReLU, the fold writes the ReLU's output, which the
+        // evaluation pass pools apart.
+        let (out, relu) = match group.epilogue {
+            Some(Epilogue::ReluMaxPool(_)) => (group.head + 2, true),
+            e => (group.out, e == Some(Epilogue::Relu)),
+        };
+        Some(Folded { weight, bias, out: &acts[out], relu })
     }
 
     /// Node `k` is folded into the node before it in evaluation.
@@ -104,8 +110,9 @@ impl Network {
             };
             let alone = consumers[k + 1] == [k + 1];
             let head = fusion.groups[k].is_some_and(|g| g.head == k && g.epilogue.is_none());
-            let affine =
-                fusion.groups[k + 1].is_some_and(|g| g.head == k + 1 && g.epilogue.is_none_or(|e| e == Epilogue::Relu));
+            let affine = fusion.groups[k + 1].is_some_and(|g| {
+                g.head == k + 1 && g.epilogue.is_none_or(|e| matches!(e, Epilogue::Relu | Epilogue::ReluMaxPool(_)))
+            });
             if alone && head && affine && t.channels == a.channels {
                 into[k] = Some(k + 1);
             }

@@ -54,6 +54,23 @@
 // max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient
 // and masks it itself, g = dout * (relu_out > 0) — two passes over the activation fewer, the same
 // numbers bit for bit as BN then ReLU.
+//
+// Three further epilogues of the fusion pass (`--fuse on`), each the same numbers bit for bit as
+// the unfused layers (every value rounded to `act` where the unfused kernels store it):
+//   REMASK = 1  the fused ReLU's backward mask recomputed from the input and the saved statistics
+//               as the forward stored it, act(max(y, 0)) > 0, instead of read from `relu_out`:
+//               one pass over the activation fewer.
+//   POOL = 1    a max pool after the ReLU (with RELU = 1; geometry IH, IW, KH, KW, SH, SW, PH, PW,
+//               OH, OW): the forward writes the pooled output and its argmax (pool.wgsl's rule)
+//               into `out` and `argmax` and never stores the normalised tensor; the backward
+//               gathers the pooled gradient `dout` over the windows whose argmax is each element
+//               (pool.wgsl's gather, rounded to `act` as its stored gradient), masked as REMASK.
+//               Per pool: a write and a read of the full-size activation fewer in the forward,
+//               and the pool's full-size gradient written and read again in the backward.
+//   BIAS = 1    the convolution before the BN has a bias: its gradient, the sum of dinp per
+//               channel, is summed as dinp is written, in conv2d_backward_bias's order (thread t
+//               takes elements t, t + RED_WG, …, then block_sum2), so that kernel's pass over
+//               dinp disappears and the bits stay.
 
 struct Params {
     n: u32, c: u32, _pad0: u32, _pad1: u32,
@@ -79,39 +96,138 @@ struct Params {
 @group(0) @binding(15) var<storage, read> running_mean_in: array<f32>;
 @group(0) @binding(16) var<storage, read> running_var_in: array<f32>;
 @group(0) @binding(17) var<storage, read> relu_out: array<act>;
+// POOL: the argmax of each pooled window (forward), read back in the backward; BIAS: the
+// convolution bias gradient [C].
+@group(0) @binding(18) var<storage, read_write> argmax: array<u32>;
+@group(0) @binding(19) var<storage, read> argmax_in: array<u32>;
+@group(0) @binding(20) var<storage, read_write> dbias: array<f32>;
 
 // H*W is fixed per pipeline, so finding an element of a channel, e / HW and e % HW, costs a
 // multiply and shift instead of lavapipe's per-lane software division (1.25x on the BN kernels);
 // the batch size stays in `p`, so a last partial batch shares the pipelines.
 override HW: u32 = 1u;
 override RELU: u32 = 0u;      // 1: ReLU fused after the normalisation (see above)
+override REMASK: u32 = 0u;    // 1: the ReLU's backward mask recomputed (see above)
+override POOL: u32 = 0u;      // 1: max pool fused after the ReLU (see above)
+override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the backward
+override IH: u32 = 1u;
+override IW: u32 = 1u;
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override SH: u32 = 1u;
+override SW: u32 = 1u;
+override PH: u32 = 0u;
+override PW: u32 = 0u;
+override OH: u32 = 1u;
+override OW: u32 = 1u;
 
 // Index of the e-th element of channel c, e in [0, N*HW).
 fn chan_index(c: u32, e: u32) -> u32 {
     return ((e / HW) * p.c + c) * HW + e % HW;
 }
 
-// The gradient reaching the normalisation's output at element i.
-fn grad_at(i: u32) -> f32 {
+// The stored output at element i, x * scale + shift (max(., 0) with the fused ReLU), rounded to
+// `act`: written by the forward, recomputed bit for bit by the REMASK and POOL backward.
+fn normalised(i: u32, mean: f32, scale: f32, b: f32) -> act {
+    let y = (f32(inp[i]) - mean) * scale + b;
+    if (RELU != 0u) {
+        return act(max(y, 0.0));
+    }
+    return act(y);
+}
+
+// POOL: the sum of the pooled gradient over the windows whose argmax is element e of channel c
+// (pool.wgsl's max_pool2d_backward), rounded to `act` as that kernel stores it.
+fn pooled_grad(c: u32, e: u32) -> f32 {
+    let plane = (e / HW) * p.c + c;
+    let idx = e % HW;
+    let iy = i32(idx / IW) + i32(PH);
+    let ix = i32(idx % IW) + i32(PW);
+    // Windows oy with oy*stride <= iy+pad < oy*stride + k.
+    let oy_lo = max(0, (iy - i32(KH) + i32(SH)) / i32(SH));
+    let oy_hi = min(i32(OH) - 1, iy / i32(SH));
+    let ox_lo = max(0, (ix - i32(KW) + i32(SW)) / i32(SW));
+    let ox_hi = min(i32(OW) - 1, ix / i32(SW));
+    let obase = plane * OH * OW;
+    var s = 0.0;
+    for (var oy = oy_lo; oy <= oy_hi; oy++) {
+        for (var ox = ox_lo; ox <= ox_hi; ox++) {
+            let o = obase + u32(oy) * OW + u32(ox);
+            if (argmax_in[o] == idx) {
+                s += f32(dout[o]);
+            }
+        }
+    }
+    return f32(act(s));
+}
+
+// The gradient reaching the normalisation's output at element e of channel c (mean and invstd
+// its saved statistics, for a recomputed ReLU mask).
+fn grad_at(c: u32, e: u32, mean: f32, invstd: f32) -> f32 {
+    let i = chan_index(c, e);
+    if (RELU != 0u && (REMASK != 0u || POOL != 0u)) {
+        var g = 0.0;
+        if (POOL != 0u) {
+            g = pooled_grad(c, e);
+        } else {
+            g = f32(dout[i]);
+        }
+        return select(0.0, g, f32(normalised(i, mean, invstd * gamma[c], beta[c])) > 0.0);
+    }
     if (RELU != 0u) {
         return select(0.0, f32(dout[i]), f32(relu_out[i]) > 0.0);
     }
     return f32(dout[i]);
 }
 
-// out = x * scale + shift over channel c (max(., 0) with the fused ReLU).
+// POOL: the max pool over channel c of the normalised, ReLU'd values: `out` and `argmax` are
+// [N, C, OH, OW]; windows scanned as pool.wgsl's max_pool2d_forward (the first maximum wins, a
+// NaN propagates).
+fn pool_channel(c: u32, t: u32, mean: f32, scale: f32, b: f32) {
+    let ohw = OH * OW;
+    let m = p.n * ohw;
+    for (var e = t; e < m; e += RED_WG) {
+        let plane = (e / ohw) * p.c + c;
+        let r = e % ohw;
+        let y0 = i32((r / OW) * SH) - i32(PH);
+        let x0 = i32((r % OW) * SW) - i32(PW);
+        var best = 0.0;
+        var best_i = 0xffffffffu;
+        for (var ky = 0u; ky < KH; ky++) {
+            let iy = y0 + i32(ky);
+            if (iy < 0 || iy >= i32(IH)) {
+                continue;
+            }
+            for (var kx = 0u; kx < KW; kx++) {
+                let ix = x0 + i32(kx);
+                if (ix < 0 || ix >= i32(IW)) {
+                    continue;
+                }
+                let idx = u32(iy) * IW + u32(ix);
+                let v = f32(normalised(plane * HW + idx, mean, scale, b));
+                if (best_i == 0xffffffffu || v > best || v != v) {
+                    best = v;
+                    best_i = idx;
+                }
+            }
+        }
+        out[plane * ohw + r] = act(best);
+        argmax[plane * ohw + r] = best_i;
+    }
+}
+
+// out = x * scale + shift over channel c (max(., 0) with the fused ReLU), or its max pool (POOL).
 fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
     let scale = invstd * gamma[c];
     let b = beta[c];
+    if (POOL != 0u) {
+        pool_channel(c, t, mean, scale, b);
+        return;
+    }
     let m = p.n * HW;
     for (var e = t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
-        let y = (f32(inp[i]) - mean) * scale + b;
-        if (RELU != 0u) {
-            out[i] = act(max(y, 0.0));
-        } else {
-            out[i] = act(y);
-        }
+        out[i] = normalised(i, mean, scale, b);
     }
 }
 
@@ -196,29 +312,38 @@ fn batch_norm_forward_eval(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
 }
 
 // (sum g, sum g * (x - mean)) over channel c of this workgroup's batch.
-fn channel_grad_sums(c: u32, l: Lane, mean: f32) -> vec2<f32> {
+fn channel_grad_sums(c: u32, l: Lane, mean: f32, invstd: f32) -> vec2<f32> {
     let m = p.n * HW;
     var sd = 0.0;
     var sdx = 0.0;
     for (var e = l.t; e < m; e += RED_WG) {
-        let i = chan_index(c, e);
-        let g = grad_at(i);
+        let g = grad_at(c, e, mean, invstd);
         sd += g;
-        sdx += g * (f32(inp[i]) - mean);
+        sdx += g * (f32(inp[chan_index(c, e)]) - mean);
     }
     return block_sum2(vec2<f32>(sd, sdx), l);
 }
 
-// dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M) over channel c, M = 1 / inv_m values.
-fn input_grad_channel(c: u32, t: u32, mean: f32, invstd: f32, dbeta_c: f32, dgamma_c: f32, inv_m: f32) {
+// dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M) over channel c, M = 1 / inv_m values;
+// with BIAS, the sum of dinp into dbias[c].
+fn input_grad_channel(c: u32, l: Lane, mean: f32, invstd: f32, dbeta_c: f32, dgamma_c: f32, inv_m: f32) {
     let m = p.n * HW;
     let k = gamma[c] * invstd;
     let db_m = dbeta_c * inv_m;
     let dg_m = dgamma_c * inv_m;
-    for (var e = t; e < m; e += RED_WG) {
+    var sb = 0.0;
+    for (var e = l.t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
         let xhat = (f32(inp[i]) - mean) * invstd;
-        dinp[i] = act(k * (grad_at(i) - db_m - xhat * dg_m));
+        let d = act(k * (grad_at(c, e, mean, invstd) - db_m - xhat * dg_m));
+        dinp[i] = d;
+        sb += f32(d);
+    }
+    if (BIAS != 0u) {
+        let s = block_sum2(vec2<f32>(sb, 0.0), l);
+        if (l.t == 0u) {
+            dbias[c] = s.x;
+        }
     }
 }
 
@@ -231,14 +356,14 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
     let m = p.n * HW;
     let mean = stats_in[c];
     let invstd = stats_in[p.c + c];
-    let sums = channel_grad_sums(c, l, mean);
+    let sums = channel_grad_sums(c, l, mean, invstd);
     let dbeta_c = sums.x;
     let dgamma_c = sums.y * invstd;
     if (l.t == 0u) {
         dbeta[c] = dbeta_c;
         dgamma[c] = dgamma_c;
     }
-    input_grad_channel(c, l.t, mean, invstd, dbeta_c, dgamma_c, 1.0 / f32(m));
+    input_grad_channel(c, l, mean, invstd, dbeta_c, dgamma_c, 1.0 / f32(m));
 }
 
 // --sync-bn, first half of the backward: this rank's dbeta and dgamma (parameter gradients, which
@@ -249,7 +374,7 @@ fn batch_norm_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes)
     let c = wid.x;
     let mean = stats_in[c];
     let invstd = stats_in[p.c + c];
-    let sums = channel_grad_sums(c, l, mean);
+    let sums = channel_grad_sums(c, l, mean, invstd);
     if (l.t == 0u) {
         dbeta[c] = sums.x;
         dgamma[c] = sums.y * invstd;
@@ -262,10 +387,11 @@ fn batch_norm_backward_sums(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes)
 // --sync-bn, second half: the input gradient through the statistics of every rank's batch, from
 // the sums over every rank (SyncBatchNorm's backward).
 @compute @workgroup_size(RED_WG)
-fn batch_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn batch_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
     let c = wid.x;
     let mean = stats_in[c];
     let invstd = stats_in[p.c + c];
     let dgamma_c = grad_sums[2u * p.c + c] * invstd;
-    input_grad_channel(c, t, mean, invstd, grad_sums[p.c + c], dgamma_c, 1.0 / grad_sums[c]);
+    input_grad_channel(c, l, mean, invstd, grad_sums[p.c + c], dgamma_c, 1.0 / grad_sums[c]);
 }

@@ -3,7 +3,8 @@
 use anyhow::{Result, ensure};
 
 use super::reference as cpu;
-use super::{BatchNormConfig, BnBackward, BnForward, ROWS};
+use super::{BatchNormConfig, BnBackward, BnForward, BnFused, ROWS};
+use crate::gpu::Tensor;
 use crate::ops::layer::{
     Attr, BnExchange, Epilogue, EvalAffine, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward,
     RefForward, RefOutput, Shape, expect_spatial,
@@ -25,6 +26,29 @@ fn config(c: usize, s: &[usize]) -> BatchNormConfig {
     BatchNormConfig::new(s[0], c, s[2], s[3])
 }
 
+impl BatchNorm2d {
+    /// The evaluation forward (unless the convolution before folds it in, `Record::eval_folded`),
+    /// then, with a fused pool, the pool apart on the ReLU's output (`Record::pool`).
+    fn record_eval(
+        &self,
+        r: &mut Record<'_>,
+        cfg: &BatchNormConfig,
+        t: &BnForward<'_>,
+        argmax: Option<&Tensor>,
+    ) -> Result<()> {
+        let relu_out = r.pool.map(|(_, o)| o);
+        if !r.eval_folded {
+            let t = BnForward { out: relu_out.unwrap_or(t.out), ..*t };
+            r.eval.extend(super::batch_norm_forward_eval(r.gpu, cfg, &t)?);
+        }
+        if let (Some((pool, relu_out)), Some(argmax)) = (r.pool, argmax) {
+            let pool = pool.config(&t.inp.shape);
+            r.eval.extend(crate::ops::pool::max_pool2d_forward(r.gpu, &pool, relu_out, t.out, argmax)?);
+        }
+        Ok(())
+    }
+}
+
 impl LayerOp for BatchNorm2d {
     fn parameters(&self, name: &str) -> Vec<ParamSpec> {
         vec![
@@ -44,9 +68,19 @@ impl LayerOp for BatchNorm2d {
         Ok(inp.to_vec())
     }
 
-    /// The ReLU's output stands in for the BN's (see batch_norm.wgsl).
-    fn takes_epilogue(&self, e: Epilogue, _fuse: bool) -> bool {
-        e == Epilogue::Relu
+    /// The ReLU's output stands in for the BN's, and with `--fuse on` a max pool's after that
+    /// ReLU (see batch_norm.wgsl).
+    fn takes_epilogue(&self, e: Epilogue, fuse: bool) -> bool {
+        match e {
+            Epilogue::Relu => true,
+            Epilogue::ReluMaxPool(_) => fuse,
+            Epilogue::AddRelu => false,
+        }
+    }
+
+    /// The backward sums dinp per channel as it writes it (batch_norm.wgsl, BIAS).
+    fn sums_input_grad(&self) -> bool {
+        true
     }
 
     /// In evaluation, x·s + t per channel from the running statistics: a convolution before it
@@ -60,26 +94,32 @@ impl LayerOp for BatchNorm2d {
         let (gpu, name, c) = (r.gpu, r.name, self.c);
         let (inp, dinp) = r.inp();
         let (out, dout) = (r.out, r.dout);
-        let mut cfg = config(c, &inp.shape);
-        let relu_out = if r.relu {
-            cfg = cfg.with_relu();
-            Some(out)
-        } else {
-            None
-        };
+        let plain = config(c, &inp.shape);
+        let mut cfg = if r.relu { plain.with_relu() } else { plain };
+        // The epilogues of `--fuse on` (batch_norm.wgsl); --sync-bn's split kernels take none.
+        let eval_cfg = cfg;
+        if r.relu && gpu.fuse && !r.sync_bn {
+            cfg = cfg.with_remask();
+        }
+        if let Some((pool, _)) = r.pool {
+            cfg = cfg.with_pool(pool.config(&inp.shape));
+        }
+        if r.input_bias_grad.is_some() {
+            cfg = cfg.with_conv_bias();
+        }
+        let relu_out = (cfg.relu && !cfg.recomputes_mask()).then_some(out);
         let (g, b) = (r.param("weight")?, r.param("bias")?);
         let (running_mean, running_var) = r.running()?;
         let stats = r.scratch("batch statistics", &[2, c])?;
         let t = BnForward { inp, gamma: g.value, beta: b.value, running_mean, running_var, stats: &stats, out };
-        if !r.eval_folded {
-            r.eval.extend(super::batch_norm_forward_eval(gpu, &cfg, &t)?);
-        }
+        let argmax = cfg.pool.map(|p| r.scratch("argmax", &p.output_shape())).transpose()?;
+        self.record_eval(r, &eval_cfg, &t, argmax.as_ref())?;
+        let gb = BnBackward { inp, gamma: g.value, stats: &stats, relu_out, dout, dinp, dgamma: g.grad, dbeta: b.grad };
         if r.sync_bn {
+            ensure!(cfg.pool.is_none() && !cfg.conv_bias, "{name}: --sync-bn fuses no pool or bias gradient");
             // SyncBatchNorm: each pass in two halves around the ranks' exchange.
             let (welford, sums) =
                 (r.scratch("rank statistics", &[ROWS, c])?, r.scratch("rank gradient sums", &[ROWS, c])?);
-            let gb =
-                BnBackward { inp, gamma: g.value, stats: &stats, relu_out, dout, dinp, dgamma: g.grad, dbeta: b.grad };
             r.train.extend(super::batch_norm_forward_stats(gpu, &cfg, inp, &welford)?);
             let x = BnExchange::new(name, ExchangeKind::Statistics, welford, r.train.len());
             r.train.extend(super::batch_norm_forward_apply(gpu, &cfg, &t, &x.buffer)?);
@@ -89,10 +129,18 @@ impl LayerOp for BatchNorm2d {
             r.backward.extend(super::batch_norm_backward_input(gpu, &cfg, &gb, &x.buffer)?);
             r.backward_exchange = Some(x);
         } else {
-            r.train.extend(super::batch_norm_forward_train(gpu, &cfg, &t)?);
-            r.backward.extend(super::batch_norm_backward(
-                gpu, &cfg, inp, g.value, &stats, relu_out, dout, dinp, g.grad, b.grad,
+            let fused = BnFused {
+                argmax: argmax.as_ref(),
+                conv_dbias: r.input_bias_grad,
+                beta: cfg.recomputes_mask().then_some(b.value),
+            };
+            r.train.extend(super::batch_norm_forward_train_fused(
+                gpu,
+                &cfg,
+                &t,
+                BnFused { argmax: fused.argmax, ..BnFused::default() },
             )?);
+            r.backward.extend(super::batch_norm_backward_fused(gpu, &cfg, &gb, fused)?);
         }
         Ok(())
     }

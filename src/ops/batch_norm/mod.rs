@@ -14,7 +14,8 @@ pub use layer::BatchNorm2d;
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
-use super::{el, expect_shape, to_u32};
+use super::pool::MaxPool2dConfig;
+use super::{el, expect_shape, placeholder, to_u32};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// `torch.nn.BatchNorm2d(c, eps, momentum)` on an `[n, c, h, w]` input.
@@ -32,12 +33,32 @@ pub struct BatchNormConfig {
     /// A ReLU fused after the normalisation: the forward writes max(y, 0) and the backward takes
     /// the ReLU's output gradient and its output (`relu_out`) and masks the gradient itself.
     pub relu: bool,
+    /// With `relu`: the backward recomputes the ReLU's mask from the input and the saved
+    /// statistics instead of reading `relu_out` (batch_norm.wgsl, REMASK).
+    pub remask: bool,
+    /// With `relu`: a max pool fused after the ReLU (`pool.n/c/h/w` are this input's). The
+    /// forward writes the pooled output and its argmax, the backward takes the pooled gradient
+    /// (batch_norm.wgsl, POOL).
+    pub pool: Option<MaxPool2dConfig>,
+    /// The backward also writes the bias gradient of the convolution before it (BIAS).
+    pub conv_bias: bool,
 }
 
 impl BatchNormConfig {
     /// PyTorch's defaults: eps 1e-5, momentum 0.1.
     pub fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
-        BatchNormConfig { n, c, h, w, eps: 1e-5, momentum: 0.1, relu: false }
+        BatchNormConfig {
+            n,
+            c,
+            h,
+            w,
+            eps: 1e-5,
+            momentum: 0.1,
+            relu: false,
+            remask: false,
+            pool: None,
+            conv_bias: false,
+        }
     }
 
     /// The same normalisation with a ReLU fused after it.
@@ -45,8 +66,71 @@ impl BatchNormConfig {
         BatchNormConfig { relu: true, ..self }
     }
 
-    fn constants(&self) -> [(&'static str, f64); 2] {
-        [("RELU", f64::from(u8::from(self.relu))), ("HW", (self.h * self.w) as f64)]
+    /// With a ReLU whose backward mask is recomputed from the input ([`BatchNormConfig::remask`]).
+    pub fn with_remask(self) -> Self {
+        BatchNormConfig { relu: true, remask: true, ..self }
+    }
+
+    /// With a ReLU and then `pool` fused after it ([`BatchNormConfig::pool`]); the pool's input
+    /// dimensions become this normalisation's.
+    pub fn with_pool(self, pool: MaxPool2dConfig) -> Self {
+        let pool = MaxPool2dConfig { n: self.n, c: self.c, h: self.h, w: self.w, ..pool };
+        BatchNormConfig { relu: true, pool: Some(pool), ..self }
+    }
+
+    /// With the convolution bias gradient written by the backward ([`BatchNormConfig::conv_bias`]).
+    pub fn with_conv_bias(self) -> Self {
+        BatchNormConfig { conv_bias: true, ..self }
+    }
+
+    /// The output shape: the input's, or the fused pool's.
+    pub fn out_shape(&self) -> [usize; 4] {
+        self.pool.map_or(self.shape(), |p| p.output_shape())
+    }
+
+    /// The pipeline constants; the fused epilogues' only where they are on, so an unfused
+    /// kernel is the same pipeline as before they existed.
+    fn constants(&self) -> Vec<(&'static str, f64)> {
+        let flag = |b: bool| f64::from(u8::from(b));
+        let mut k = vec![("RELU", flag(self.relu)), ("HW", (self.h * self.w) as f64)];
+        if self.remask {
+            k.push(("REMASK", 1.0));
+        }
+        if self.conv_bias {
+            k.push(("BIAS", 1.0));
+        }
+        if let Some(p) = self.pool {
+            let v = |x: usize| x as f64;
+            k.extend([
+                ("POOL", 1.0),
+                ("IH", v(p.h)),
+                ("IW", v(p.w)),
+                ("KH", v(p.kernel.0)),
+                ("KW", v(p.kernel.1)),
+                ("SH", v(p.stride.0)),
+                ("SW", v(p.stride.1)),
+                ("PH", v(p.pad.0)),
+                ("PW", v(p.pad.1)),
+                ("OH", v(p.out_h())),
+                ("OW", v(p.out_w())),
+            ]);
+        }
+        k
+    }
+
+    /// Elements of the output (the pooled output's with a fused pool).
+    fn out_numel(&self) -> usize {
+        self.out_shape().iter().product()
+    }
+
+    /// The backward recomputes the ReLU's mask from the input (REMASK, or a pool's).
+    pub fn recomputes_mask(&self) -> bool {
+        self.relu && (self.remask || self.pool.is_some())
+    }
+
+    /// Window elements per pooled output (0 without a fused pool), for the flop count.
+    fn kernel_area(&self) -> f64 {
+        self.pool.map_or(0.0, |p| (p.kernel.0 * p.kernel.1) as f64)
     }
 
     /// One workgroup per channel.
@@ -108,10 +192,104 @@ pub struct BnForward<'a> {
     pub out: &'a Tensor,
 }
 
+/// What the fused epilogues bind beyond [`BnForward`] and [`BnBackward`]: the fused pool's argmax
+/// ([`BatchNormConfig::pool`]; u32, the pooled output's shape — written by the forward, read by
+/// the backward) and the convolution bias gradient [C] ([`BatchNormConfig::conv_bias`]).
+#[derive(Clone, Copy, Default)]
+pub struct BnFused<'a> {
+    pub argmax: Option<&'a Tensor>,
+    pub conv_dbias: Option<&'a Tensor>,
+    /// The backward of a recomputed ReLU mask (`remask` or a pool): the batch norm's bias (beta).
+    pub beta: Option<&'a Tensor>,
+}
+
+impl<'a> BnFused<'a> {
+    /// The forward's extra binding (the argmax) is given exactly when `cfg` asks for it, with its
+    /// shape, and no bias gradient.
+    fn check(&self, cfg: &BatchNormConfig) -> Result<()> {
+        self.check_argmax(cfg)?;
+        ensure!(
+            self.conv_dbias.is_none() && self.beta.is_none(),
+            "batch_norm: the forward takes no gradient or beta here"
+        );
+        Ok(())
+    }
+
+    fn check_argmax(&self, cfg: &BatchNormConfig) -> Result<()> {
+        ensure!(
+            cfg.pool.is_some() == self.argmax.is_some(),
+            "batch_norm: a fused pool needs its argmax, and only it (pool {}, argmax given {})",
+            cfg.pool.is_some(),
+            self.argmax.is_some()
+        );
+        ensure!(cfg.pool.is_none() || cfg.relu, "batch_norm: a fused pool comes after a fused ReLU");
+        if let Some(a) = self.argmax {
+            expect_shape("batch_norm fused pool argmax", a, &cfg.out_shape())?;
+        }
+        Ok(())
+    }
+
+    /// The backward's extra bindings: the argmax, the bias gradient and beta, each exactly when
+    /// `cfg` asks for it.
+    fn check_backward(&self, cfg: &BatchNormConfig) -> Result<()> {
+        self.check_argmax(cfg)?;
+        ensure!(
+            cfg.conv_bias == self.conv_dbias.is_some(),
+            "batch_norm: a fused bias gradient needs its buffer, and only it (bias {}, buffer given {})",
+            cfg.conv_bias,
+            self.conv_dbias.is_some()
+        );
+        if let Some(b) = self.conv_dbias {
+            expect_shape("batch_norm convolution bias gradient", b, &[cfg.c])?;
+        }
+        ensure!(
+            cfg.recomputes_mask() == self.beta.is_some(),
+            "batch_norm: a recomputed ReLU mask needs beta, and only it (recomputed {}, beta given {})",
+            cfg.recomputes_mask(),
+            self.beta.is_some()
+        );
+        if let Some(b) = self.beta {
+            expect_shape("batch_norm bias (beta)", b, &[cfg.c])?;
+        }
+        Ok(())
+    }
+
+    /// The bindings the kernels declare for the fused epilogues (18 argmax written; 7 beta,
+    /// 19 argmax read, 20 bias gradient), placeholders where unused — `unused[0]` for read-only
+    /// bindings, `unused[1]` for the written one (a buffer may not be both in one dispatch) —
+    /// after `binds`; `write` picks the forward's or the backward's.
+    fn push_binds<'b>(&self, binds: &mut Vec<Bind<'b>>, unused: &'b [Tensor; 2], write: bool)
+    where
+        'a: 'b,
+    {
+        if write {
+            binds.push(Bind::Tensor(18, self.argmax.unwrap_or(&unused[1])));
+        } else {
+            binds.extend([
+                Bind::Tensor(7, self.beta.unwrap_or(&unused[0])),
+                Bind::Tensor(19, self.argmax.unwrap_or(&unused[0])),
+                Bind::Tensor(20, self.conv_dbias.unwrap_or(&unused[1])),
+            ]);
+        }
+    }
+}
+
 /// Training-mode forward, one dispatch: batch statistics into `stats` ([2, C]: mean, invstd),
 /// running statistics updated in place, then `out` normalised.
 pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<Vec<Dispatch>> {
+    batch_norm_forward_train_fused(gpu, cfg, t, BnFused::default())
+}
+
+/// [`batch_norm_forward_train`] with the fused epilogues `cfg` asks for: with a pool, `t.out` is
+/// the pooled output and `f.argmax` its argmax.
+pub fn batch_norm_forward_train_fused(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    t: &BnForward<'_>,
+    f: BnFused<'_>,
+) -> Result<Vec<Dispatch>> {
     let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    f.check(cfg)?;
     ensure!(
         cfg.count() > 1,
         "batch_norm: training needs more than one value per channel (batch {} x {}x{}), as in PyTorch",
@@ -121,7 +299,7 @@ pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<
     );
     check(cfg, t)?;
     let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(2, stats),
@@ -131,15 +309,25 @@ pub fn batch_norm_forward_train(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<
         Bind::Tensor(7, beta),
         Bind::Tensor(8, out),
     ];
-    bn_dispatch(gpu, cfg, "batch_norm_forward_train", &binds, inp, (7.0, 2.0))
+    let unused = [placeholder(gpu)?, placeholder(gpu)?];
+    f.push_binds(&mut binds, &unused, true);
+    let d = bn_dispatch(gpu, cfg, "batch_norm_forward_train", &binds, inp, (7.0, 2.0))?;
+    if cfg.pool.is_none() {
+        return Ok(d);
+    }
+    // Read once; the pooled output and its u32 argmax written once.
+    let (n, o) = (cfg.numel() as f64, cfg.out_numel() as f64);
+    let bytes = el(inp) * (n + o) + 4.0 * o;
+    Ok(d.into_iter().map(|d| d.with_cost(7.0 * n + cfg.kernel_area() * o, bytes)).collect())
 }
 
 /// Eval-mode forward, one dispatch: statistics from the running estimates (into `stats` too).
 pub fn batch_norm_forward_eval(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<Vec<Dispatch>> {
     let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    ensure!(cfg.pool.is_none(), "batch_norm: the evaluation forward has no fused pool");
     check(cfg, t)?;
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(2, stats),
@@ -149,6 +337,8 @@ pub fn batch_norm_forward_eval(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'
         Bind::Tensor(15, running_mean),
         Bind::Tensor(16, running_var),
     ];
+    let unused = [placeholder(gpu)?, placeholder(gpu)?];
+    BnFused::default().push_binds(&mut binds, &unused, true);
     bn_dispatch(gpu, cfg, "batch_norm_forward_eval", &binds, inp, (2.0, 2.0))
 }
 
@@ -174,7 +364,7 @@ fn check(cfg: &BatchNormConfig, t: &BnForward<'_>) -> Result<()> {
     expect_shape("batch_norm saved statistics", t.stats, &[2, cfg.c])?;
     expect_shape("batch_norm running_mean", t.running_mean, &[cfg.c])?;
     expect_shape("batch_norm running_var", t.running_var, &[cfg.c])?;
-    expect_shape("batch_norm output", t.out, &cfg.shape())
+    expect_shape("batch_norm output", t.out, &cfg.out_shape())
 }
 
 /// Training-mode backward, one dispatch: dgamma, dbeta, then dinp. With `cfg.relu`, `dout` is
@@ -191,22 +381,49 @@ pub fn batch_norm_backward(
     dgamma: &Tensor,
     dbeta: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    check_backward(cfg, &BnBackward { inp, gamma, stats, relu_out, dout, dinp, dgamma, dbeta })?;
+    let g = BnBackward { inp, gamma, stats, relu_out, dout, dinp, dgamma, dbeta };
+    batch_norm_backward_fused(gpu, cfg, &g, BnFused::default())
+}
+
+/// [`batch_norm_backward`] with the fused epilogues `cfg` asks for: with a pool, `g.dout` is the
+/// pooled gradient and `f.argmax` the forward's argmax; with `conv_bias`, the convolution bias
+/// gradient into `f.conv_dbias`; with `remask` or a pool, no `relu_out`.
+pub fn batch_norm_backward_fused(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    g: &BnBackward<'_>,
+    f: BnFused<'_>,
+) -> Result<Vec<Dispatch>> {
+    check_backward(cfg, g)?;
+    f.check_backward(cfg)?;
     // Unfused, the mask binding is never read; it still needs a buffer.
-    let mask = relu_out.unwrap_or(dout);
+    let mask = g.relu_out.unwrap_or(g.dout);
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(5, stats),
-        Bind::Tensor(6, gamma),
-        Bind::Tensor(9, dout),
-        Bind::Tensor(10, dgamma),
-        Bind::Tensor(11, dbeta),
-        Bind::Tensor(14, dinp),
+        Bind::Tensor(1, g.inp),
+        Bind::Tensor(5, g.stats),
+        Bind::Tensor(6, g.gamma),
+        Bind::Tensor(9, g.dout),
+        Bind::Tensor(10, g.dgamma),
+        Bind::Tensor(11, g.dbeta),
+        Bind::Tensor(14, g.dinp),
         Bind::Tensor(17, mask),
     ];
-    bn_dispatch(gpu, cfg, "batch_norm_backward", &binds, inp, (12.0, 4.0))
+    let unused = [placeholder(gpu)?, placeholder(gpu)?];
+    f.push_binds(&mut binds, &unused, false);
+    let d = bn_dispatch(gpu, cfg, "batch_norm_backward", &binds, g.inp, (12.0, 4.0))?;
+    if !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias {
+        return Ok(d);
+    }
+    // Read: the input, the gradient (pooled: with its argmax), the ReLU output unless the mask
+    // is recomputed; written: dinp and the bias gradient.
+    let (n, o, e) = (cfg.numel() as f64, cfg.out_numel() as f64, el(g.inp));
+    let mask = if g.relu_out.is_some() { n * e } else { 0.0 };
+    let argmax = if cfg.pool.is_some() { 4.0 * o } else { 0.0 };
+    let bias = if cfg.conv_bias { 4.0 * cfg.c as f64 } else { 0.0 };
+    let bytes = 2.0 * n * e + o * e + mask + argmax + bias;
+    Ok(d.into_iter().map(|d| d.with_cost(12.0 * n + cfg.kernel_area() * o, bytes)).collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,10 +474,11 @@ pub fn batch_norm_forward_apply(
     welford: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    ensure_unfused_sync(cfg)?;
     check(cfg, t)?;
     expect_shape("batch_norm merged statistics", welford, &[ROWS, cfg.c])?;
     let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(2, stats),
@@ -271,14 +489,29 @@ pub fn batch_norm_forward_apply(
         Bind::Tensor(8, out),
         Bind::Tensor(12, welford),
     ];
+    let unused = [placeholder(gpu)?, placeholder(gpu)?];
+    BnFused::default().push_binds(&mut binds, &unused, true);
     bn_dispatch(gpu, cfg, "batch_norm_forward_apply", &binds, inp, (2.0, 2.0))
 }
 
-fn check_backward(cfg: &BatchNormConfig, g: &BnBackward<'_>) -> Result<()> {
+/// `--sync-bn`'s split kernels run the ReLU epilogue only: the plan fuses no pool, bias gradient
+/// or recomputed mask into them.
+fn ensure_unfused_sync(cfg: &BatchNormConfig) -> Result<()> {
     ensure!(
-        cfg.relu == g.relu_out.is_some(),
-        "batch_norm: a fused ReLU's backward needs its output, and only it (relu {}, output given {})",
+        !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias,
+        "batch_norm: --sync-bn's split kernels take no fused pool, bias gradient or recomputed mask"
+    );
+    Ok(())
+}
+
+fn check_backward(cfg: &BatchNormConfig, g: &BnBackward<'_>) -> Result<()> {
+    let needs = cfg.relu && !cfg.recomputes_mask();
+    ensure!(
+        needs == g.relu_out.is_some(),
+        "batch_norm: a fused ReLU's backward needs its output unless it recomputes the mask, and only it \
+         (relu {}, mask recomputed {}, output given {})",
         cfg.relu,
+        cfg.recomputes_mask(),
         g.relu_out.is_some()
     );
     if let Some(r) = g.relu_out {
@@ -287,7 +520,7 @@ fn check_backward(cfg: &BatchNormConfig, g: &BnBackward<'_>) -> Result<()> {
     expect_shape("batch_norm input", g.inp, &cfg.shape())?;
     expect_shape("batch_norm weight (gamma)", g.gamma, &[cfg.c])?;
     expect_shape("batch_norm saved statistics", g.stats, &[2, cfg.c])?;
-    expect_shape("batch_norm dout", g.dout, &cfg.shape())?;
+    expect_shape("batch_norm dout", g.dout, &cfg.out_shape())?;
     expect_shape("batch_norm dinp", g.dinp, &cfg.shape())?;
     expect_shape("batch_norm dgamma", g.dgamma, &[cfg.c])?;
     expect_shape("batch_norm dbeta", g.dbeta, &[cfg.c])
@@ -303,13 +536,15 @@ pub fn batch_norm_backward_sums(
     g: &BnBackward<'_>,
     sums: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    ensure_unfused_sync(cfg)?;
     check_backward(cfg, g)?;
     expect_shape("batch_norm rank gradient sums", sums, &[ROWS, cfg.c])?;
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, g.inp),
         Bind::Tensor(5, g.stats),
+        Bind::Tensor(6, g.gamma),
         Bind::Tensor(9, g.dout),
         Bind::Tensor(10, g.dgamma),
         Bind::Tensor(11, g.dbeta),
@@ -317,6 +552,9 @@ pub fn batch_norm_backward_sums(
         // Unfused, the mask binding is never read; it still needs a buffer.
         Bind::Tensor(17, g.relu_out.unwrap_or(g.dout)),
     ];
+    let unused = [placeholder(gpu)?, placeholder(gpu)?];
+    // The sums read beta and the argmax (for a recomputed mask), never the bias gradient.
+    binds.extend([Bind::Tensor(7, &unused[0]), Bind::Tensor(19, &unused[0])]);
     bn_dispatch(gpu, cfg, "batch_norm_backward_sums", &binds, g.inp, (4.0, 2.0))
 }
 
@@ -328,10 +566,11 @@ pub fn batch_norm_backward_input(
     g: &BnBackward<'_>,
     sums: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    ensure_unfused_sync(cfg)?;
     check_backward(cfg, g)?;
     expect_shape("batch_norm summed gradient sums", sums, &[ROWS, cfg.c])?;
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, g.inp),
         Bind::Tensor(5, g.stats),
@@ -341,6 +580,8 @@ pub fn batch_norm_backward_input(
         Bind::Tensor(14, g.dinp),
         Bind::Tensor(17, g.relu_out.unwrap_or(g.dout)),
     ];
+    let unused = [placeholder(gpu)?, placeholder(gpu)?];
+    BnFused::default().push_binds(&mut binds, &unused, false);
     bn_dispatch(gpu, cfg, "batch_norm_backward_input", &binds, g.inp, (8.0, 3.0))
 }
 

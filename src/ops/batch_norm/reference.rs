@@ -167,3 +167,60 @@ pub fn batch_norm_backward(
     let dgamma = s.sum_dout_xmu.iter().zip(invstd).map(|(v, k)| v * k).collect();
     (dinp, dgamma, s.sum_dout)
 }
+
+/// The training forward with the epilogues `c` asks for (batch_norm.wgsl): the normalisation,
+/// its ReLU (`c.relu`), then its max pool (`c.pool`): the output (pooled) and the pool's argmax.
+pub fn batch_norm_forward_train_fused(
+    c: &BatchNormConfig,
+    inp: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+) -> (BatchNormTrain, Option<Vec<u32>>) {
+    let mut t = batch_norm_forward_train(c, inp, gamma, beta, running_mean, running_var);
+    if c.relu {
+        t.out.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+    let argmax = c.pool.map(|p| {
+        let (out, argmax) = crate::reference::pool::max_pool2d_forward(&p, &t.out);
+        t.out = out;
+        argmax
+    });
+    (t, argmax)
+}
+
+/// The training backward with the epilogues `c` asks for: the pooled gradient `dout` gathered
+/// to the pool's input by `argmax` (`c.pool`), the ReLU's mask from the normalised output
+/// recomputed from the saved statistics and beta (`c.relu`), the batch norm's backward, and with
+/// `c.conv_bias` the per-channel sum of dinp (the convolution bias gradient). Returns (dinp,
+/// dgamma, dbeta, conv bias gradient).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_fused(
+    c: &BatchNormConfig,
+    inp: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    mean: &[f64],
+    invstd: &[f64],
+    argmax: Option<&[u32]>,
+    dout: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
+    let mut g = match (c.pool, argmax) {
+        (Some(p), Some(a)) => crate::reference::pool::max_pool2d_backward(&p, a, dout),
+        _ => dout.to_vec(),
+    };
+    if c.relu {
+        for ch in 0..c.c {
+            for i in channel(c, ch) {
+                let y = (inp[i] - mean[ch]) * invstd[ch] * gamma[ch] + beta[ch];
+                if y <= 0.0 {
+                    g[i] = 0.0;
+                }
+            }
+        }
+    }
+    let (dinp, dgamma, dbeta) = batch_norm_backward(c, inp, gamma, mean, invstd, &g);
+    let dbias = c.conv_bias.then(|| (0..c.c).map(|ch| channel(c, ch).map(|i| dinp[i]).sum()).collect());
+    (dinp, dgamma, dbeta, dbias)
+}

@@ -115,10 +115,15 @@ impl LayerOp for Conv2d {
                 r.backward.extend(d);
             }
         }
-        if let Some(b) = b {
+        if let Some(b) = b.filter(|_| !r.bias_grad_elsewhere) {
             r.backward.extend(super::conv2d_backward_bias(r.gpu, &cfg, r.dout, b.grad)?);
         }
         Ok(())
+    }
+
+    /// The bias gradient is the sum of the output gradient per channel (conv2d_backward_bias).
+    fn channel_bias(&self) -> Option<&'static str> {
+        self.bias.then_some("bias")
     }
 
     /// Its weight rows per output channel; its bias, if any, folds with the rest.

@@ -4,7 +4,9 @@ use anyhow::{Result, anyhow};
 
 use super::MaxPool2dConfig;
 use super::reference as cpu;
-use crate::ops::layer::{Attr, LayerOp, OnnxNodes, Record, RefBackward, RefForward, RefOutput, Shape, expect_spatial};
+use crate::ops::layer::{
+    Attr, EpilogueStep, LayerOp, OnnxNodes, Record, RefBackward, RefForward, RefOutput, Shape, expect_spatial,
+};
 
 /// Max pooling over a square window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +44,11 @@ impl LayerOp for MaxPool2d {
         let cfg = self.config(inp);
         cfg.validate().map_err(|e| anyhow!("{name}: {e} (the input has shrunk to {}x{})", inp[2], inp[3]))?;
         Ok(cfg.output_shape().to_vec())
+    }
+
+    /// A batch norm's ReLU before it may take it as its epilogue (`Epilogue::ReluMaxPool`).
+    fn epilogue_step(&self) -> Option<EpilogueStep> {
+        Some(EpilogueStep::MaxPool(*self))
     }
 
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
