@@ -752,7 +752,11 @@ fn plan_prints_one_step_in_order() {
     let eval = senet().args(["plan", "--width", "0.25", "--batch-size", "2", "--eval"]).output().unwrap();
     let eval = String::from_utf8_lossy(&eval.stdout);
     assert!(
-        !eval.contains("Backward") && !eval.contains("adam_step") && eval.contains("batch_norm_forward_eval"),
+        !eval.contains("Backward")
+            && !eval.contains("adam_step")
+            && eval.contains("bn_fold_forward")
+            && eval.contains("max_pool2d_forward")
+            && !eval.contains("batch_norm"),
         "{eval}"
     );
     // An f16 step: the weights' cast, then the input's, ...; the loss scaler just before the optimizer.

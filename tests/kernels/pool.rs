@@ -117,3 +117,75 @@ fn global_avg_pool_matches_reference() {
         );
     }
 }
+
+/// pool.wgsl's AFFINE prologue (a batch norm from its running statistics and its ReLU, applied as
+/// each value is loaded; the base SENet's evaluation pass after its SE block) on every pool case,
+/// f32 and f16: bit for bit `batch_norm_forward_eval` with its ReLU then `max_pool2d_forward`,
+/// and the f64 reference within 1e-5 (f32: one normalisation's rounding, values O(1)) or half
+/// an f16 ulp more (f16). Argmaxes agree with the composed kernels exactly; against the
+/// reference, where the ReLU leaves a window all zero the first element wins in both.
+#[test]
+fn max_pool2d_with_a_batch_norm_prologue_is_the_batch_norm_then_the_pool() {
+    use crate::{F16_RTOL, read_f16, upload_f16};
+    use senet_wgpu::ops::batch_norm::{self, BatchNormConfig, BnForward};
+    let gpu = gpu();
+    for (i, cfg) in pool_cases().iter().enumerate() {
+        for f16 in [false, true] {
+            let mut r = rng(800 + i as u64);
+            let numel: usize = cfg.input_shape().iter().product();
+            let x = uniform(&mut r, numel, -2.0, 3.0);
+            let x = if f16 { x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect() } else { x };
+            let [gamma, beta, mean] =
+                [(0.5, 1.5), (-0.5, 0.5), (-0.3, 0.3)].map(|(lo, hi)| uniform(&mut r, cfg.c, lo, hi));
+            let var = uniform(&mut r, cfg.c, 0.5, 2.0);
+            let act = |label: &str, shape: &[usize]| {
+                if f16 { zeros_f16(&gpu, label, shape) } else { zeros(&gpu, label, shape) }
+            };
+            let tx = if f16 {
+                upload_f16(&gpu, "x", &cfg.input_shape(), &x)
+            } else {
+                upload(&gpu, "x", &cfg.input_shape(), &x)
+            };
+            let [tg, tb, tm, tv] = [&gamma, &beta, &mean, &var].map(|v| upload(&gpu, "bn", &[cfg.c], v));
+            let eps = BatchNormConfig::new(1, 1, 1, 1).eps;
+            let (out, argmax) = (act("out", &cfg.output_shape()), zeros(&gpu, "argmax", &cfg.output_shape()));
+            let affine = pool::PoolAffine { gamma: &tg, beta: &tb, running_mean: &tm, running_var: &tv, eps };
+            run(&gpu, &pool::max_pool2d_forward_affine(&gpu, cfg, [&tx, &out, &argmax], &affine).unwrap());
+            // The batch norm (eval, its ReLU fused) then the pool.
+            let bn = BatchNormConfig::new(cfg.n, cfg.c, cfg.h, cfg.w).with_relu();
+            let (y, stats) = (act("bn out", &cfg.input_shape()), zeros(&gpu, "stats", &[2, cfg.c]));
+            let t = BnForward {
+                inp: &tx,
+                gamma: &tg,
+                beta: &tb,
+                running_mean: &tm,
+                running_var: &tv,
+                stats: &stats,
+                out: &y,
+            };
+            run(&gpu, &batch_norm::batch_norm_forward_eval(&gpu, &bn, &t).unwrap());
+            let (out2, argmax2) = (act("out 2", &cfg.output_shape()), zeros(&gpu, "argmax 2", &cfg.output_shape()));
+            run(&gpu, &pool::max_pool2d_forward(&gpu, cfg, &y, &out2, &argmax2).unwrap());
+            let what = format!("case {i} (f16 {f16}) {cfg:?}");
+            let read_act = |t| if f16 { read_f16(&gpu, t) } else { read(&gpu, t) };
+            let (got, apart) = (read_act(&out), read_act(&out2));
+            assert!(
+                got.iter().zip(&apart).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: pooled values differ from BN then pool"
+            );
+            let (am, am2) = (argmax.read::<u32>(&gpu).unwrap(), argmax2.read::<u32>(&gpu).unwrap());
+            assert_eq!(am, am2, "{what}: argmax differs from BN then pool");
+            let (want, _) = reference::pool::max_pool2d_forward_affine(
+                cfg,
+                &to_f64(&x),
+                &to_f64(&gamma),
+                &to_f64(&beta),
+                &to_f64(&mean),
+                &to_f64(&var),
+                eps,
+            );
+            let tol = if f16 { 1e-5 + F16_RTOL } else { 1e-5 };
+            assert_close(&what, &got, &want, tol, tol);
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! The evaluation pass's fold pass: a batch norm that alone reads a convolution's output (and
-//! that heads its own fusion group, with or without its ReLU) is folded into the convolution in
-//! evaluation. The nodes are asked, never named: the first offers a [`FoldTarget`]
+//! that heads its own fusion group, with or without its ReLU, or with its ReLU and a max pool —
+//! then the convolution writes the ReLU's output and the pool runs apart) is folded into the
+//! convolution in evaluation. The nodes are asked, never named: the first offers a [`FoldTarget`]
 //! (`LayerOp::fold_target`), the second an [`EvalAffine`] (`LayerOp::eval_affine`). One
 //! `bn_fold` dispatch per binding-sized stretch of the flat parameter buffer (one for every model
 //! here on lavapipe's 128 MiB but the largest) runs first in every evaluation pass — the weights

@@ -9,6 +9,7 @@ use crate::ops::layer::{
     Attr, BnExchange, Epilogue, EvalAffine, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward,
     RefForward, RefOutput, Shape, expect_spatial,
 };
+use crate::ops::pool::{PoolAffine, max_pool2d_forward, max_pool2d_forward_affine};
 
 /// A batch-norm layer over `c` channels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,13 +38,21 @@ impl BatchNorm2d {
         argmax: Option<&Tensor>,
     ) -> Result<()> {
         let relu_out = r.pool.map(|(_, o)| o);
+        if let (Some((pool, _)), Some(argmax), false) = (r.pool, argmax, r.eval_folded) {
+            // No convolution before it absorbs it: the pool applies it as it loads each value.
+            let pool = pool.config(&t.inp.shape);
+            let (running_mean, running_var) = (t.running_mean, t.running_var);
+            let affine = PoolAffine { gamma: t.gamma, beta: t.beta, running_mean, running_var, eps: cfg.eps };
+            r.eval.extend(max_pool2d_forward_affine(r.gpu, &pool, [t.inp, t.out, argmax], &affine)?);
+            return Ok(());
+        }
         if !r.eval_folded {
             let t = BnForward { out: relu_out.unwrap_or(t.out), ..*t };
             r.eval.extend(super::batch_norm_forward_eval(r.gpu, cfg, &t)?);
         }
         if let (Some((pool, relu_out)), Some(argmax)) = (r.pool, argmax) {
             let pool = pool.config(&t.inp.shape);
-            r.eval.extend(crate::ops::pool::max_pool2d_forward(r.gpu, &pool, relu_out, t.out, argmax)?);
+            r.eval.extend(max_pool2d_forward(r.gpu, &pool, relu_out, t.out, argmax)?);
         }
         Ok(())
     }

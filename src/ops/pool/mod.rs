@@ -9,7 +9,7 @@ pub use layer::{GlobalAvgPool, MaxPool2d};
 use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
-use super::{expect_shape, to_u32};
+use super::{expect_shape, placeholder, to_u32};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
 /// `torch.nn.MaxPool2d(kernel, stride, padding, ceil_mode)` (no dilation) on `[n, c, h, w]`.
@@ -130,23 +130,80 @@ pub fn max_pool2d_forward(
     out: &Tensor,
     argmax: &Tensor,
 ) -> Result<Vec<Dispatch>> {
+    max_pool_forward(gpu, cfg, [inp, out, argmax], None)
+}
+
+/// A batch norm in evaluation (its running statistics) and its ReLU, applied to each value as
+/// [`max_pool2d_forward_affine`] loads it: the parameters and statistics, [C] each, and eps.
+#[derive(Clone, Copy)]
+pub struct PoolAffine<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+    pub eps: f64,
+}
+
+/// [`max_pool2d_forward`] of relu(batch_norm(inp)) in evaluation, the batch norm applied as
+/// each value is loaded (pool.wgsl, AFFINE): the same bits as `batch_norm_forward_eval` with its
+/// ReLU, then the pool.
+pub fn max_pool2d_forward_affine(
+    gpu: &Gpu,
+    cfg: &MaxPool2dConfig,
+    [inp, out, argmax]: [&Tensor; 3],
+    affine: &PoolAffine<'_>,
+) -> Result<Vec<Dispatch>> {
+    for (what, t) in [
+        ("weight (gamma)", affine.gamma),
+        ("bias (beta)", affine.beta),
+        ("running_mean", affine.running_mean),
+        ("running_var", affine.running_var),
+    ] {
+        expect_shape(&format!("max_pool2d batch norm {what}"), t, &[cfg.c])?;
+    }
+    max_pool_forward(gpu, cfg, [inp, out, argmax], Some(affine))
+}
+
+fn max_pool_forward(
+    gpu: &Gpu,
+    cfg: &MaxPool2dConfig,
+    [inp, out, argmax]: [&Tensor; 3],
+    affine: Option<&PoolAffine<'_>>,
+) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
     expect_shape("max_pool2d input", inp, &cfg.input_shape())?;
     expect_shape("max_pool2d output", out, &cfg.output_shape())?;
     expect_shape("max_pool2d argmax", argmax, &cfg.output_shape())?;
     let params = gpu.uniform("max_pool2d params", &cfg.params()?);
-    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(2, out), Bind::Tensor(3, argmax)];
+    let unused = placeholder(gpu)?;
+    let a = affine.map_or([&unused; 4], |a| [a.gamma, a.beta, a.running_mean, a.running_var]);
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, out),
+        Bind::Tensor(3, argmax),
+        Bind::Tensor(7, a[0]),
+        Bind::Tensor(8, a[1]),
+        Bind::Tensor(9, a[2]),
+        Bind::Tensor(10, a[3]),
+    ];
+    let mut constants = cfg.constants().to_vec();
+    if let Some(a) = affine {
+        constants.extend([("AFFINE", 1.0), ("EPS", a.eps)]);
+    }
     let d = gpu.dispatch_in(
         Precision::of(inp),
         "pool",
         "max_pool2d_forward",
-        &cfg.constants(),
+        &constants,
         &binds,
         gpu.grid_1d(out.numel(), WG),
     )?;
+    // The affine's four [C] vectors read besides.
+    let stats = if affine.is_some() { 16 * cfg.c } else { 0 };
     Ok(vec![d.with_cost(
         (out.numel() * cfg.kernel.0 * cfg.kernel.1) as f64,
-        (inp.dtype.bytes() * (inp.numel() + out.numel()) + 4 * out.numel()) as f64,
+        (inp.dtype.bytes() * (inp.numel() + out.numel()) + 4 * out.numel() + stats) as f64,
     )])
 }
 

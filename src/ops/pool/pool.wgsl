@@ -9,6 +9,13 @@
 //                        overlapping windows need no atomics and the sum order is fixed.
 //   global_avg_pool_*    out[n, c] = mean over H*W;  dinp = dout[n, c] / (H*W)
 //
+// AFFINE = 1 (evaluation, `--fuse on`): max_pool2d_forward reads a batch norm's input and applies
+// the batch norm from its running statistics and its ReLU on load — act(max((x - mean) * (invstd
+// * gamma) + beta, 0)), batch_norm_forward_eval's expression and rounding, so the pooled values
+// are bit for bit those of the batch norm then the pool — where no convolution before the batch
+// norm can absorb it (the base SENet's last one, after its SE block): the batch norm's pass and
+// its full-size output disappear.
+//
 // Activations are `act` (f32 or f16, defined by the host per compiled variant); sums are f32.
 //
 // Versions (lavapipe; each ratio A/B in one run):
@@ -27,6 +34,11 @@ struct Params {
 @group(0) @binding(4) var<storage, read> dout: array<act>;
 @group(0) @binding(5) var<storage, read> argmax_in: array<u32>;
 @group(0) @binding(6) var<storage, read_write> dinp: array<act>;
+// AFFINE: the batch norm's parameters and running statistics [C].
+@group(0) @binding(7) var<storage, read> bn_gamma: array<f32>;
+@group(0) @binding(8) var<storage, read> bn_beta: array<f32>;
+@group(0) @binding(9) var<storage, read> bn_mean: array<f32>;
+@group(0) @binding(10) var<storage, read> bn_var: array<f32>;
 
 override WG: u32 = 256u;
 
@@ -44,6 +56,8 @@ override PH: u32 = 0u;
 override PW: u32 = 0u;
 override OH: u32 = 1u;
 override OW: u32 = 1u;
+override AFFINE: u32 = 0u;
+override EPS: f32 = 1e-5;
 
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
@@ -61,6 +75,15 @@ fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
     let y0 = i32((r / OW) * SH) - i32(PH);
     let x0 = i32((r % OW) * SW) - i32(PW);
     let base = plane * H * W;
+    var mean = 0.0;
+    var scale = 1.0;
+    var shift = 0.0;
+    if (AFFINE != 0u) {
+        let c = plane % p.c;
+        mean = bn_mean[c];
+        scale = 1.0 / sqrt(bn_var[c] + EPS) * bn_gamma[c];
+        shift = bn_beta[c];
+    }
     var best = 0.0;
     var best_i = 0xffffffffu;
     for (var ky = 0u; ky < KH; ky++) {
@@ -74,7 +97,10 @@ fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
                 continue;
             }
             let idx = u32(iy) * W + u32(ix);
-            let v = f32(inp[base + idx]);
+            var v = f32(inp[base + idx]);
+            if (AFFINE != 0u) {
+                v = f32(act(max((v - mean) * scale + shift, 0.0)));
+            }
             // PyTorch's rule: (v > best || isnan(v)). The first maximum wins; a NaN is taken and
             // kept against numbers (v > NaN is false), a later NaN takes its place.
             if (best_i == 0xffffffffu || v > best || v != v) {

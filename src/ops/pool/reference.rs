@@ -59,3 +59,27 @@ pub fn global_avg_pool_backward(shape: [usize; 4], dout: &[f64]) -> Vec<f64> {
     let hw = shape[2] * shape[3];
     dout.iter().flat_map(|&g| std::iter::repeat_n(g / hw as f64, hw)).collect()
 }
+
+/// `max_pool2d_forward` with pool.wgsl's AFFINE prologue: each value x of channel c becomes
+/// max((x - mean) / sqrt(var + eps) * gamma + beta, 0) — a batch norm from its running statistics
+/// and its ReLU — before the window's maximum is taken.
+pub fn max_pool2d_forward_affine(
+    c: &MaxPool2dConfig,
+    inp: &[f64],
+    gamma: &[f64],
+    beta: &[f64],
+    running_mean: &[f64],
+    running_var: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<u32>) {
+    let hw = c.h * c.w;
+    let y: Vec<f64> = inp
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let ch = (i / hw) % c.c;
+            ((x - running_mean[ch]) / (running_var[ch] + eps).sqrt() * gamma[ch] + beta[ch]).max(0.0)
+        })
+        .collect();
+    max_pool2d_forward(c, &y)
+}
