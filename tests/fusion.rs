@@ -150,7 +150,7 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
     let (tdb1, tdb2) = (zeros(gpu, "db1", &[cr]), zeros(gpu, "db2", &[c]));
     let grads =
         SeGrads { dinp: &tdx, dw1: &tdw1, db1: cfg.bias.then_some(&tdb1), dw2: &tdw2, db2: cfg.bias.then_some(&tdb2) };
-    let e = AddReluGrads { out: &tout, dres: &tdres };
+    let e = AddReluGrads { out: &tout, dres: &tdres, se_grad: None };
     let d = se_block::se_block_backward_add_relu(gpu, cfg, &tx, &weights, &saved, &tdy, e, &dsaved, &grads).unwrap();
     assert_eq!(d.len(), 2, "{}", tag("one per-sample pass and the weight-gradient pass"));
     run(gpu, &d);
@@ -168,6 +168,99 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
         assert_close(&tag("db1"), &read(gpu, &tdb1), &g.db1, f32_atol, f32_rtol);
         assert_close(&tag("db2"), &read(gpu, &tdb2), &g.db2, f32_atol, f32_rtol);
     }
+    // (A training batch norm needs more than one value per channel.)
+    if cfg.variant.squeeze == se_block::Squeeze::Avg && numel > c {
+        deferred_input_gradient_case(
+            gpu,
+            cfg,
+            dtype,
+            (&tx, &tdy, &tout, &saved, &weights),
+            (&tdx, &tdres),
+            &mut r,
+            &tag(""),
+        );
+    }
+}
+
+/// se_block.wgsl's DEFER with batch_norm.wgsl's SE_IN: the block leaves dx = g·s + dz to a batch
+/// norm before it, which computes it where it reads it. Against the unfused pair (dx written by
+/// the block, then the batch norm's backward reading it): every output bit for bit — the batch
+/// norm's dinp, dgamma and dbeta, the shortcut's gradient and the block's weight gradients.
+fn deferred_input_gradient_case(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    dtype: Dtype,
+    (tx, tdy, tout, saved, weights): (&Tensor, &Tensor, &Tensor, &Tensor, &SeWeights<'_>),
+    (tdx, tdres): (&Tensor, &Tensor),
+    r: &mut rand_chacha::ChaCha8Rng,
+    tag: &str,
+) {
+    use senet_wgpu::ops::batch_norm::{self, BatchNormConfig, BnBackward, BnForward, BnFused};
+    let shape = cfg.shape();
+    let numel: usize = shape.iter().product();
+    let (c, cr) = (cfg.c, cfg.hidden());
+    // The batch norm whose output x is: its own input y and statistics.
+    let bn = BatchNormConfig::new(shape[0], shape[1], shape[2], shape[3]);
+    let (ty, _) = upload_as(gpu, dtype, &shape, &uniform(r, numel, -2.0, 3.0));
+    let gamma = upload(gpu, "gamma", &[c], &uniform(r, c, 0.5, 1.5));
+    let beta = upload(gpu, "beta", &[c], &uniform(r, c, -0.5, 0.5));
+    let (rm, rv, stats) =
+        (zeros(gpu, "rm", &[c]), upload(gpu, "rv", &[c], &vec![1.0; c]), zeros(gpu, "stats", &[2, c]));
+    let x = Tensor::zeros_of(gpu, "bn out", &shape, dtype).expect("allocate");
+    let fwd =
+        BnForward { inp: &ty, gamma: &gamma, beta: &beta, running_mean: &rm, running_var: &rv, stats: &stats, out: &x };
+    run(gpu, &batch_norm::batch_norm_forward_train(gpu, &bn, &fwd).unwrap());
+    // [dinp, dgamma, dbeta] of the batch norm's backward from `dout`, deferred or not.
+    let bn_backward = |dout: &Tensor, se_grad: Option<&Tensor>| {
+        let dinp = Tensor::zeros_of(gpu, "bn dinp", &shape, dtype).expect("allocate");
+        let (dg, db) = (zeros(gpu, "dgamma", &[c]), zeros(gpu, "dbeta", &[c]));
+        let g = BnBackward {
+            inp: &ty,
+            gamma: &gamma,
+            stats: &stats,
+            relu_out: None,
+            dout,
+            dinp: &dinp,
+            dgamma: &dg,
+            dbeta: &db,
+        };
+        let cfg = if se_grad.is_some() { bn.with_se_in() } else { bn };
+        run(
+            gpu,
+            &batch_norm::batch_norm_backward_fused(gpu, &cfg, &g, BnFused { se_grad, ..Default::default() }).unwrap(),
+        );
+        [read_as(gpu, &dinp), read(gpu, &dg), read(gpu, &db)]
+    };
+    let apart = bn_backward(tdx, None);
+    // The deferred block: dx is left alone (a 1-element buffer stands for it), s and dz written.
+    let se_grad = zeros(gpu, "se grad", &[cfg.n, 2, c]);
+    let dres = Tensor::zeros_of(gpu, "dres 2", &shape, dtype).expect("allocate");
+    let unused_dx = Tensor::zeros_of(gpu, "dx", &[1], dtype).expect("allocate");
+    let dsaved = zeros(gpu, "dsaved 2", &cfg.dsaved_shape());
+    let (dw1, dw2, db1, db2) = (
+        zeros(gpu, "dw1", &cfg.fc1_shape()),
+        zeros(gpu, "dw2", &cfg.fc2_shape()),
+        zeros(gpu, "db1", &[cr]),
+        zeros(gpu, "db2", &[c]),
+    );
+    let grads = SeGrads {
+        dinp: &unused_dx,
+        dw1: &dw1,
+        db1: cfg.bias.then_some(&db1),
+        dw2: &dw2,
+        db2: cfg.bias.then_some(&db2),
+    };
+    let e = AddReluGrads { out: tout, dres: &dres, se_grad: Some(&se_grad) };
+    run(gpu, &se_block::se_block_backward_add_relu(gpu, cfg, tx, weights, saved, tdy, e, &dsaved, &grads).unwrap());
+    let fused = bn_backward(&dres, Some(&se_grad));
+    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+    assert!(same(&read_as(gpu, &dres), &read_as(gpu, tdres)), "{tag}: deferred shortcut gradient differs");
+    for (name, (f, a)) in ["dinp", "dgamma", "dbeta"].iter().zip(fused.iter().zip(&apart)) {
+        assert!(same(f, a), "{tag}: the batch norm's {name} from the deferred block differs from the unfused pair's");
+    }
+    let s: Vec<f32> = read(gpu, saved).chunks(2 * c + cr).flat_map(|v| v[c + cr..].to_vec()).collect();
+    let got_s: Vec<f32> = read(gpu, &se_grad).chunks(2 * c).flat_map(|v| v[..c].to_vec()).collect();
+    assert!(same(&got_s, &s), "{tag}: deferred s is not the saved gate");
 }
 
 fn cifar(model: &str, placement: SePlacement) -> ModelConfig {

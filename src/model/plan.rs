@@ -497,12 +497,13 @@ impl Network {
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let consumers = self.graph.consumers();
         let fusion = self.fusions(&consumers);
-        let kept = |i: usize| fusion.unused[i] && !fusion.eval_only[i];
+        let kept = |i: usize| fusion.unused[i] && !fusion.act_kept[i];
         let acts = self.activations(&shapes, &(0..shapes.len()).map(kept).collect::<Vec<_>>(), "")?;
         let grads = self.activations(&shapes, &fusion.unused, " grad")?;
         let contrib = self.fork_gradients(&shapes, &consumers)?;
         let target =
             |k: usize, j: usize| -> &Tensor { contrib.get(&(k, j)).unwrap_or(&grads[self.graph.nodes[k].inputs[j]]) };
+        let se_grads = self.deferred_grad_tensors(&shapes, &fusion)?;
         let mut rec = Recorded::default();
         let input_f32 = self.record_input_cast(&shapes[0], &acts[0], &mut rec)?;
         let folds = self.eval_folds(&consumers, &fusion, &mut rec.eval)?;
@@ -515,10 +516,12 @@ impl Network {
                     let head = &self.graph.nodes[g.head];
                     // Bind groups and parameter blocks made for this layer carry its name.
                     let _scope = gpu.label_scope(&head.name);
+                    let deferred = fusion.deferred[g.head];
+                    let dout = deferred.map_or(&grads[g.out], |(add, j)| target(add, j));
                     let io = NodeIo {
                         inputs: head.inputs.iter().map(|&i| &acts[i]).collect(),
                         dinputs: (0..head.inputs.len()).map(|j| target(g.head, j)).collect(),
-                        outs: (&acts[g.out], &grads[g.out]),
+                        outs: (&acts[g.out], dout),
                         residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], target(add, j))),
                         folded: folds.folded(g.head, &fusion, &acts),
                         eval_folded: folds.is_folded(g.head),
@@ -528,6 +531,8 @@ impl Network {
                         },
                         input_bias_grad: self.input_bias_grad(g.head, &fusion)?,
                         bias_grad_elsewhere: fusion.bias_by_next[g.head],
+                        grad_from_next: deferred.and_then(|_| se_grads.get(&g.head)),
+                        defer_input_grad: g.head.checked_sub(1).and_then(|b| se_grads.get(&b)),
                     };
                     (&head.name, self.record_node(head, io, g.epilogue, &mut rec)?)
                 }
@@ -606,7 +611,8 @@ impl Network {
                 .map(|k| Some(Group { head: k, epilogue: None, out: k + 1, residual: None }))
                 .collect(),
             unused: vec![false; nodes.len() + 1],
-            eval_only: vec![false; nodes.len() + 1],
+            act_kept: vec![false; nodes.len() + 1],
+            deferred: vec![None; nodes.len()],
             bias_by_next: vec![false; nodes.len()],
         };
         for (k, node) in nodes.iter().enumerate() {
@@ -630,7 +636,7 @@ impl Network {
             {
                 let group = Group { head: k, epilogue: Some(Epilogue::ReluMaxPool(p)), out: k + 3, residual: None };
                 (f.groups[k], f.groups[k + 1], f.groups[k + 2]) = (Some(group), None, None);
-                (f.unused[k + 1], f.unused[k + 2], f.eval_only[k + 2]) = (true, true, true);
+                (f.unused[k + 1], f.unused[k + 2], f.act_kept[k + 2]) = (true, true, true);
             } else if relu_after(k) && op.takes_epilogue(Epilogue::Relu, fuse) {
                 f.groups[k] = Some(Group { head: k, epilogue: Some(Epilogue::Relu), out: k + 2, residual: None });
                 f.groups[k + 1] = None;
@@ -638,7 +644,35 @@ impl Network {
             }
         }
         self.bias_fusions(consumers, &mut f);
+        self.deferred_grads(consumers, &mut f);
         f
+    }
+
+    /// `--fuse on`, training: a node heading a fused residual tail ([`Epilogue::AddRelu`]) that
+    /// can leave its input gradient to the node before ([`LayerOp::defers_input_grad`]), when
+    /// that node alone feeds it, heads its own group without an epilogue and takes it
+    /// ([`LayerOp::takes_deferred_grad`]): that gradient is never stored.
+    fn deferred_grads(&self, consumers: &[Vec<usize>], f: &mut Fusions) {
+        if !self.gpu.fuse || self.sync_bn {
+            return;
+        }
+        let nodes = &self.graph.nodes;
+        let tails: Vec<Group> =
+            f.groups.iter().flatten().filter(|g| g.epilogue == Some(Epilogue::AddRelu)).copied().collect();
+        for g in tails {
+            let (k, Some(residual)) = (g.head, g.residual) else { continue };
+            let Some(b) = k.checked_sub(1) else { continue };
+            let plain = f.groups[b].is_some_and(|h| h.head == b && h.epilogue.is_none());
+            if nodes[k].layer.op().defers_input_grad()
+                && nodes[k].inputs == [k]
+                && consumers[k] == [k]
+                && plain
+                && nodes[b].layer.op().takes_deferred_grad()
+            {
+                f.deferred[b] = Some(residual);
+                (f.unused[k], f.act_kept[k]) = (true, true);
+            }
+        }
     }
 
     /// `--fuse on`, training: a node whose bias gradient is its output gradient's per-channel sum
@@ -658,6 +692,20 @@ impl Network {
                 && heads(k + 1)
                 && nodes[k + 1].layer.op().sums_input_grad();
         }
+    }
+
+    /// Per node whose output gradient is deferred ([`Fusions::deferred`]): the tensor the next
+    /// node writes for it, [n, 2, C] f32 (an SE block's s and dz per sample).
+    fn deferred_grad_tensors(&self, shapes: &[Shape], fusion: &Fusions) -> Result<HashMap<usize, Tensor>> {
+        let mut t = HashMap::new();
+        for (b, d) in fusion.deferred.iter().enumerate() {
+            if d.is_some() {
+                let (n, c) = (shapes[b + 1][0], shapes[b + 1][1]);
+                let label = format!("{} deferred grad", self.graph.nodes[b + 1].name);
+                t.insert(b, Tensor::zeros(&self.gpu, &label, &[n, 2, c])?);
+            }
+        }
+        Ok(t)
     }
 
     /// The bias gradient node `k`'s backward writes for the node before it ([`Fusions::bias_by_next`]).
@@ -764,6 +812,8 @@ impl Network {
         r.pool = io.pool;
         r.input_bias_grad = io.input_bias_grad;
         r.bias_grad_elsewhere = io.bias_grad_elsewhere;
+        r.grad_from_next = io.grad_from_next;
+        r.defer_input_grad = io.defer_input_grad;
         node.layer.op().record(&mut r)?;
         let train0 = rec.train.len();
         rec.train.extend(r.train);
@@ -1040,9 +1090,14 @@ struct Fusions {
     groups: Vec<Option<Group>>,
     /// Per activation: never stored (a fused head's or addition's output); its gradient never.
     unused: Vec<bool>,
-    /// Per activation: unused in training but stored by the evaluation pass (the ReLU's output
-    /// before a fused max pool, which evaluation pools apart).
-    eval_only: Vec<bool>,
+    /// Per activation marked `unused`: the activation is stored all the same, only its gradient
+    /// is not (the ReLU's output before a fused max pool, which evaluation pools apart; a batch
+    /// norm's output whose gradient an SE block leaves to it).
+    act_kept: Vec<bool>,
+    /// Per node: its output gradient comes from the next node, deferred
+    /// ([`LayerOp::takes_deferred_grad`]), and is read from the gradient of the addition
+    /// operand (node, slot) the next node's fused group writes.
+    deferred: Vec<Option<(usize, usize)>>,
     /// Per node: its bias gradient is written by the next node's backward
     /// ([`LayerOp::channel_bias`], [`LayerOp::sums_input_grad`]).
     bias_by_next: Vec<bool>,
@@ -1063,6 +1118,10 @@ struct NodeIo<'a> {
     input_bias_grad: Option<&'a Tensor>,
     /// This node's bias gradient is written by the node after it.
     bias_grad_elsewhere: bool,
+    /// Its output gradient, deferred by the next node, comes with this tensor.
+    grad_from_next: Option<&'a Tensor>,
+    /// It leaves its input gradient to the node before and writes this tensor for it.
+    defer_input_grad: Option<&'a Tensor>,
 }
 
 /// The loss's buffers: the labels (and a soft-target plan's targets) the host writes,

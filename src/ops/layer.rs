@@ -88,6 +88,19 @@ pub trait LayerOp {
         None
     }
 
+    /// Training, with its [`Epilogue::AddRelu`] fused: this op can leave its input gradient to
+    /// the layer before it, writing per sample what that layer needs to compute it where it
+    /// reads it ([`Record::defer_input_grad`]; an SE block's s and dz, [n, 2, C]).
+    fn defers_input_grad(&self) -> bool {
+        false
+    }
+
+    /// Training: this op's backward can take its output gradient from the layer after it in the
+    /// form [`LayerOp::defers_input_grad`] leaves it ([`Record::grad_from_next`]).
+    fn takes_deferred_grad(&self) -> bool {
+        false
+    }
+
     /// Training: this op's backward can also write the per-channel sum of its input gradient,
     /// the bias gradient of the layer before it ([`LayerOp::channel_bias`], [`Record::input_bias_grad`]).
     fn sums_input_grad(&self) -> bool {
@@ -309,6 +322,13 @@ pub struct Record<'a> {
     /// Training: the layer after this one writes its bias gradient ([`LayerOp::channel_bias`]);
     /// its own backward leaves it alone.
     pub bias_grad_elsewhere: bool,
+    /// Training: this layer leaves its input gradient to the layer before it and writes what
+    /// that layer needs into this tensor ([`LayerOp::defers_input_grad`]).
+    pub defer_input_grad: Option<&'a Tensor>,
+    /// Training: this layer's output gradient comes from the layer after it, deferred
+    /// ([`LayerOp::takes_deferred_grad`]): that layer's tensor; `dout` is then the gradient that
+    /// layer reads (an SE block's shortcut gradient).
+    pub grad_from_next: Option<&'a Tensor>,
     /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
     pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
@@ -360,6 +380,8 @@ impl<'a> Record<'a> {
             pool: None,
             input_bias_grad: None,
             bias_grad_elsewhere: false,
+            defer_input_grad: None,
+            grad_from_next: None,
             step_key,
             params,
             running,

@@ -691,7 +691,7 @@ fn bn_pool_outputs(
             dgamma: &dg,
             dbeta: &db,
         };
-        let f = batch_norm::BnFused { argmax: Some(&argmax), conv_dbias: Some(&dbias), beta: Some(tb) };
+        let f = batch_norm::BnFused { argmax: Some(&argmax), conv_dbias: Some(&dbias), beta: Some(tb), se_grad: None };
         run(gpu, &batch_norm::batch_norm_backward_fused(gpu, &fused_cfg, &g, f).unwrap());
     } else {
         // Batch norm with its ReLU, the pool, the pool's backward, the batch norm's, and the

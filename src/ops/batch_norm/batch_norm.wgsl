@@ -67,6 +67,11 @@
 //               (pool.wgsl's gather, rounded to `act` as its stored gradient), masked as REMASK.
 //               Per pool: a write and a read of the full-size activation fewer in the forward,
 //               and the pool's full-size gradient written and read again in the backward.
+//   SE_IN = 1   the BN's output is read by an SE block alone whose fused `_add_relu` backward
+//               leaves dx to it (se_block.wgsl, DEFER): `dout` is the shortcut's gradient g and
+//               `se_grad` holds s[c] and dz[c] per sample; the gradient reaching the BN's output
+//               is act(g * s[c] + dz[c]), the SE kernel's own expression and rounding, so the
+//               SE's full-size dx is neither written nor read.
 //   BIAS = 1    the convolution before the BN has a bias: its gradient, the sum of dinp per
 //               channel, is summed as dinp is written, in conv2d_backward_bias's order (thread t
 //               takes elements t, t + RED_WG, …, then block_sum2), so that kernel's pass over
@@ -101,6 +106,8 @@ struct Params {
 @group(0) @binding(18) var<storage, read_write> argmax: array<u32>;
 @group(0) @binding(19) var<storage, read> argmax_in: array<u32>;
 @group(0) @binding(20) var<storage, read_write> dbias: array<f32>;
+// SE_IN: per sample s[c] then dz[c] of the SE block after the BN.
+@group(0) @binding(21) var<storage, read> se_grad: array<f32>;
 
 // H*W is fixed per pipeline, so finding an element of a channel, e / HW and e % HW, costs a
 // multiply and shift instead of lavapipe's per-lane software division (1.25x on the BN kernels);
@@ -110,6 +117,7 @@ override RELU: u32 = 0u;      // 1: ReLU fused after the normalisation (see abov
 override REMASK: u32 = 0u;    // 1: the ReLU's backward mask recomputed (see above)
 override POOL: u32 = 0u;      // 1: max pool fused after the ReLU (see above)
 override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the backward
+override SE_IN: u32 = 0u;     // 1: the gradient from the SE block after (see above)
 override IH: u32 = 1u;
 override IW: u32 = 1u;
 override KH: u32 = 1u;
@@ -165,6 +173,10 @@ fn pooled_grad(c: u32, e: u32) -> f32 {
 // its saved statistics, for a recomputed ReLU mask).
 fn grad_at(c: u32, e: u32, mean: f32, invstd: f32) -> f32 {
     let i = chan_index(c, e);
+    if (SE_IN != 0u) {
+        let nn = e / HW;
+        return f32(act(f32(dout[i]) * se_grad[2u * nn * p.c + c] + se_grad[(2u * nn + 1u) * p.c + c]));
+    }
     if (RELU != 0u && (REMASK != 0u || POOL != 0u)) {
         var g = 0.0;
         if (POOL != 0u) {

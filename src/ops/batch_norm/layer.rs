@@ -92,6 +92,11 @@ impl LayerOp for BatchNorm2d {
         true
     }
 
+    /// An SE block after it may leave its input gradient to it (batch_norm.wgsl, SE_IN).
+    fn takes_deferred_grad(&self) -> bool {
+        true
+    }
+
     /// In evaluation, x·s + t per channel from the running statistics: a convolution before it
     /// may fold it in (`ops::bn_fold`).
     fn eval_affine(&self) -> Option<EvalAffine> {
@@ -116,6 +121,9 @@ impl LayerOp for BatchNorm2d {
         if r.input_bias_grad.is_some() {
             cfg = cfg.with_conv_bias();
         }
+        if r.grad_from_next.is_some() {
+            cfg = cfg.with_se_in();
+        }
         let relu_out = (cfg.relu && !cfg.recomputes_mask()).then_some(out);
         let (g, b) = (r.param("weight")?, r.param("bias")?);
         let (running_mean, running_var) = r.running()?;
@@ -125,7 +133,10 @@ impl LayerOp for BatchNorm2d {
         self.record_eval(r, &eval_cfg, &t, argmax.as_ref())?;
         let gb = BnBackward { inp, gamma: g.value, stats: &stats, relu_out, dout, dinp, dgamma: g.grad, dbeta: b.grad };
         if r.sync_bn {
-            ensure!(cfg.pool.is_none() && !cfg.conv_bias, "{name}: --sync-bn fuses no pool or bias gradient");
+            ensure!(
+                cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in,
+                "{name}: --sync-bn fuses no pool, bias gradient or SE gradient"
+            );
             // SyncBatchNorm: each pass in two halves around the ranks' exchange.
             let (welford, sums) =
                 (r.scratch("rank statistics", &[ROWS, c])?, r.scratch("rank gradient sums", &[ROWS, c])?);
@@ -142,6 +153,7 @@ impl LayerOp for BatchNorm2d {
                 argmax: argmax.as_ref(),
                 conv_dbias: r.input_bias_grad,
                 beta: cfg.recomputes_mask().then_some(b.value),
+                se_grad: r.grad_from_next,
             };
             r.train.extend(super::batch_norm_forward_train_fused(
                 gpu,

@@ -42,6 +42,9 @@ pub struct BatchNormConfig {
     pub pool: Option<MaxPool2dConfig>,
     /// The backward also writes the bias gradient of the convolution before it (BIAS).
     pub conv_bias: bool,
+    /// Without `relu`: the gradient comes from the SE block after it, which leaves its input
+    /// gradient to this backward (SE_IN): `dout` is the SE's shortcut gradient.
+    pub se_in: bool,
 }
 
 impl BatchNormConfig {
@@ -58,6 +61,7 @@ impl BatchNormConfig {
             remask: false,
             pool: None,
             conv_bias: false,
+            se_in: false,
         }
     }
 
@@ -83,6 +87,11 @@ impl BatchNormConfig {
         BatchNormConfig { conv_bias: true, ..self }
     }
 
+    /// With its gradient from the SE block after it ([`BatchNormConfig::se_in`]).
+    pub fn with_se_in(self) -> Self {
+        BatchNormConfig { se_in: true, ..self }
+    }
+
     /// The output shape: the input's, or the fused pool's.
     pub fn out_shape(&self) -> [usize; 4] {
         self.pool.map_or(self.shape(), |p| p.output_shape())
@@ -98,6 +107,9 @@ impl BatchNormConfig {
         }
         if self.conv_bias {
             k.push(("BIAS", 1.0));
+        }
+        if self.se_in {
+            k.push(("SE_IN", 1.0));
         }
         if let Some(p) = self.pool {
             let v = |x: usize| x as f64;
@@ -201,6 +213,8 @@ pub struct BnFused<'a> {
     pub conv_dbias: Option<&'a Tensor>,
     /// The backward of a recomputed ReLU mask (`remask` or a pool): the batch norm's bias (beta).
     pub beta: Option<&'a Tensor>,
+    /// The backward with `se_in`: the SE block's s and dz per sample, [n, 2, C] f32.
+    pub se_grad: Option<&'a Tensor>,
 }
 
 impl<'a> BnFused<'a> {
@@ -251,6 +265,17 @@ impl<'a> BnFused<'a> {
         if let Some(b) = self.beta {
             expect_shape("batch_norm bias (beta)", b, &[cfg.c])?;
         }
+        ensure!(
+            cfg.se_in == self.se_grad.is_some() && !(cfg.se_in && cfg.relu),
+            "batch_norm: a gradient from the SE block after needs its (s, dz), only it, and no fused ReLU \
+             (se_in {}, given {}, relu {})",
+            cfg.se_in,
+            self.se_grad.is_some(),
+            cfg.relu
+        );
+        if let Some(t) = self.se_grad {
+            expect_shape("batch_norm SE gradient (s, dz)", t, &[cfg.n, 2, cfg.c])?;
+        }
         Ok(())
     }
 
@@ -269,6 +294,7 @@ impl<'a> BnFused<'a> {
                 Bind::Tensor(7, self.beta.unwrap_or(&unused[0])),
                 Bind::Tensor(19, self.argmax.unwrap_or(&unused[0])),
                 Bind::Tensor(20, self.conv_dbias.unwrap_or(&unused[1])),
+                Bind::Tensor(21, self.se_grad.unwrap_or(&unused[0])),
             ]);
         }
     }
@@ -413,16 +439,14 @@ pub fn batch_norm_backward_fused(
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     f.push_binds(&mut binds, &unused, false);
     let d = bn_dispatch(gpu, cfg, "batch_norm_backward", &binds, g.inp, (12.0, 4.0))?;
-    if !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias {
-        return Ok(d);
-    }
     // Read: the input, the gradient (pooled: with its argmax), the ReLU output unless the mask
-    // is recomputed; written: dinp and the bias gradient.
+    // is recomputed (or there is no ReLU); written: dinp and the bias gradient.
     let (n, o, e) = (cfg.numel() as f64, cfg.out_numel() as f64, el(g.inp));
     let mask = if g.relu_out.is_some() { n * e } else { 0.0 };
     let argmax = if cfg.pool.is_some() { 4.0 * o } else { 0.0 };
     let bias = if cfg.conv_bias { 4.0 * cfg.c as f64 } else { 0.0 };
-    let bytes = 2.0 * n * e + o * e + mask + argmax + bias;
+    let se = if cfg.se_in { 8.0 * (cfg.n * cfg.c) as f64 } else { 0.0 };
+    let bytes = 2.0 * n * e + o * e + mask + argmax + bias + se;
     Ok(d.into_iter().map(|d| d.with_cost(12.0 * n + cfg.kernel_area() * o, bytes)).collect())
 }
 
@@ -498,7 +522,7 @@ pub fn batch_norm_forward_apply(
 /// or recomputed mask into them.
 fn ensure_unfused_sync(cfg: &BatchNormConfig) -> Result<()> {
     ensure!(
-        !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias,
+        !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in,
         "batch_norm: --sync-bn's split kernels take no fused pool, bias gradient or recomputed mask"
     );
     Ok(())
@@ -553,8 +577,9 @@ pub fn batch_norm_backward_sums(
         Bind::Tensor(17, g.relu_out.unwrap_or(g.dout)),
     ];
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
-    // The sums read beta and the argmax (for a recomputed mask), never the bias gradient.
-    binds.extend([Bind::Tensor(7, &unused[0]), Bind::Tensor(19, &unused[0])]);
+    // The sums read beta and the argmax (for a recomputed mask) and the SE's (s, dz), never the
+    // bias gradient.
+    binds.extend([Bind::Tensor(7, &unused[0]), Bind::Tensor(19, &unused[0]), Bind::Tensor(21, &unused[0])]);
     bn_dispatch(gpu, cfg, "batch_norm_backward_sums", &binds, g.inp, (4.0, 2.0))
 }
 

@@ -63,6 +63,12 @@ impl LayerOp for SeBlock {
         fuse && e == Epilogue::AddRelu
     }
 
+    /// With a mean squeeze, the fused backward can leave dx = g·s + dz to the layer before
+    /// (se_block.wgsl, DEFER).
+    fn defers_input_grad(&self) -> bool {
+        self.variant.squeeze == Squeeze::Avg
+    }
+
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
         let (inp, dinp) = r.inp();
         let cfg = self.config(&inp.shape);
@@ -76,7 +82,7 @@ impl LayerOp for SeBlock {
             // The residual addition and the ReLU after it fused in (`Epilogue::AddRelu`).
             Some((res, dres)) => {
                 r.forward(super::se_block_forward_add_relu(r.gpu, &cfg, inp, res, &weights, r.out, &saved)?);
-                let e = AddReluGrads { out: r.out, dres };
+                let e = AddReluGrads { out: r.out, dres, se_grad: r.defer_input_grad };
                 let bwd = super::se_block_backward_add_relu(r.gpu, &cfg, inp, &weights, &saved, r.dout, e, &dsaved, &g);
                 r.backward.extend(bwd?);
             }

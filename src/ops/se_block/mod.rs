@@ -248,6 +248,10 @@ pub fn se_block_backward(
 pub struct AddReluGrads<'a> {
     pub out: &'a Tensor,
     pub dres: &'a Tensor,
+    /// `--fuse on`, a batch norm alone before the block: the input gradient is left to it
+    /// (se_block.wgsl, DEFER), and s and dz per sample go here, [n, 2, C] f32; `dinp` is not
+    /// written (and may be any buffer).
+    pub se_grad: Option<&'a Tensor>,
 }
 
 /// The backward of [`se_block_forward_add_relu`], two dispatches as [`se_block_backward`]: `dout`
@@ -281,13 +285,19 @@ fn backward(
     grads: &SeGrads<'_>,
 ) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
+    let defer = epilogue.and_then(|e| e.se_grad);
     if let Some(e) = epilogue {
         expect_shape("se_block output", e.out, &cfg.shape())?;
         expect_shape("se_block shortcut grad", e.dres, &cfg.shape())?;
     }
+    if let Some(t) = defer {
+        expect_shape("se_block deferred gradient (s, dz)", t, &[cfg.n, 2, cfg.c])?;
+        ensure!(cfg.variant.squeeze == Squeeze::Avg, "se_block: only a mean squeeze leaves dx to the layer before");
+    } else {
+        expect_shape("se_block dinp", grads.dinp, &cfg.shape())?;
+    }
     expect_shape("se_block input", inp, &cfg.shape())?;
     expect_shape("se_block dout", dout, &cfg.shape())?;
-    expect_shape("se_block dinp", grads.dinp, &cfg.shape())?;
     expect_shape("se_block fc1 weight", weights.w1, &cfg.fc1_shape())?;
     expect_shape("se_block fc2 weight", weights.w2, &cfg.fc2_shape())?;
     expect_shape("se_block fc1 weight grad", grads.dw1, &cfg.fc1_shape())?;
@@ -298,7 +308,8 @@ fn backward(
     let db1 = db1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias grad"))?;
     let db2 = db2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias grad"))?;
     let params = gpu.uniform("se_block params", &cfg.params()?);
-    let consts = [("WG", WG as f64)];
+    let consts = [("WG", WG as f64), ("DEFER", f64::from(u8::from(defer.is_some())))];
+    let consts = if defer.is_some() { &consts[..] } else { &consts[..1] };
     let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -309,13 +320,14 @@ fn backward(
         Bind::Tensor(10, grads.dinp),
         Bind::Tensor(11, dsaved),
     ];
+    let unused = placeholder(gpu)?;
     if let Some(e) = epilogue {
-        binds.extend([Bind::Tensor(18, e.out), Bind::Tensor(19, e.dres)]);
+        binds.extend([Bind::Tensor(18, e.out), Bind::Tensor(19, e.dres), Bind::Tensor(20, defer.unwrap_or(&unused))]);
     }
     let precision = Precision::of(dout);
     let grid = [to_u32("batch", cfg.n)?, 1, 1];
     let entry = if epilogue.is_some() { "se_block_backward_input_add_relu" } else { "se_block_backward_input" };
-    let input = gpu.dispatch_in(precision, "se_block", entry, &consts, &binds, grid)?;
+    let input = gpu.dispatch_in(precision, "se_block", entry, consts, &binds, grid)?;
     // x and dout read and dinp written once each, the two weights and the saved activations read,
     // the saved gradients written; per element a product for the scale's gradient and one for
     // dinp, and the two small matrix-vector products back through FC2 and FC1. Fused, the ReLU's
@@ -323,7 +335,12 @@ fn backward(
     let numel = inp.numel();
     let small = 4 * (weights.w1.numel() + weights.w2.numel() + saved.numel() + dsaved.numel());
     let fused = if epilogue.is_some() { 2 * dout.dtype.bytes() } else { 0 };
-    let input_bytes = (inp.dtype.bytes() + dout.dtype.bytes() + grads.dinp.dtype.bytes() + fused) * numel + small;
+    // Deferred, dx is not written; s and dz are.
+    let (dx, deferred) = match defer {
+        Some(t) => (0, 4 * t.numel()),
+        None => (grads.dinp.dtype.bytes(), 0),
+    };
+    let input_bytes = (inp.dtype.bytes() + dout.dtype.bytes() + dx + fused) * numel + small + deferred;
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let per_element = if epilogue.is_some() { 5.0 } else { 4.0 };
     let input = input.with_cost(per_element * numel as f64 + 4.0 * fc, input_bytes as f64);
@@ -338,7 +355,7 @@ fn backward(
     ];
     // x: channels; y: blocks of 4 hidden units, fc1's then fc2's.
     let grid = [to_u32("channels", cfg.c.div_ceil(WG as usize))?, to_u32("hidden", 2 * cfg.hidden().div_ceil(4))?, 1];
-    let weight = gpu.dispatch_in(precision, "se_block", "se_block_backward_weight", &consts, &binds, grid)?;
+    let weight = gpu.dispatch_in(precision, "se_block", "se_block_backward_weight", &consts[..1], &binds, grid)?;
     // The saved activations and gradients read once, each weight (and bias) gradient written
     // once; one multiply-add per weight per sample.
     let grad_numel = grads.dw1.numel() + grads.dw2.numel() + if cfg.bias { cfg.hidden() + cfg.c } else { 0 };

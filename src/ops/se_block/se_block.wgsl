@@ -33,12 +33,16 @@
 //   v3  the squeeze and ds over a subgroup per channel where there are subgroups: no change
 //       measurable on lavapipe (see batch_norm.wgsl v5).
 //   v4  `act` storage for --precision f16.
-//   v5  (this) the residual addition and ReLU after a standard-placement block as an epilogue
+//   v5  the residual addition and ReLU after a standard-placement block as an epilogue
 //       (`_add_relu`, the plan's `--fuse on`): forward out = relu(x * s[c] + r) written once
 //       (x, r read, out written: the unfused scale + add + relu moved 3 + 3 + 2 tensors, now 4
 //       with the squeeze's read of x); backward g = dout * [out > 0] masked where read, the
 //       shortcut's gradient g and dx written by the one per-sample pass (dout, out, x read, two
 //       gradients written: 5 tensors for the unfused relu + add + SE input pass's 9).
+//   v6  (this) DEFER = 1 (`--fuse on`, a batch norm alone before the block): the `_add_relu`
+//       backward leaves dx = g * s[c] + dz[c] to that batch norm's backward (batch_norm.wgsl,
+//       SE_IN), which reads g from the shortcut's gradient, and writes only s and dz per sample
+//       into `se_grad` ([n][s (C) | dz (C)]): the full-size dx is neither written nor read.
 
 struct Params {
     n: u32, c: u32, cr: u32, hw: u32,
@@ -73,8 +77,11 @@ const EXCITE_RELU: u32 = 2u;
 @group(0) @binding(17) var<storage, read> res: array<act>;
 @group(0) @binding(18) var<storage, read> outp: array<act>;
 @group(0) @binding(19) var<storage, read_write> dres: array<act>;
+// DEFER: per sample s[c] then dz[c] (/ HW), for the batch norm before the block.
+@group(0) @binding(20) var<storage, read_write> se_grad: array<f32>;
 
 override WG: u32 = 256u;
+override DEFER: u32 = 0u;
 const WMEM: u32 = 4096u;  // 16 KiB: WebGPU's guaranteed workgroup storage
 
 var<workgroup> wbuf: array<f32, WMEM>;
@@ -303,6 +310,15 @@ fn se_block_backward_input_add_relu(@builtin(workgroup_id) wid: vec3<u32>, lanes
         }
     }
     se_fc_backward(n, l);
+    if (DEFER != 0u) {
+        // dx = g * s[c] + dz[c] is computed where it is read (the host checks the squeeze is the
+        // mean): s and dz leave the workgroup, dx is not written.
+        for (var c = t; c < p.c; c += WG) {
+            se_grad[2u * n * p.c + c] = saved_in[s_off + c];
+            se_grad[(2u * n + 1u) * p.c + c] = wbuf[c];
+        }
+        return;
+    }
     if (p.squeeze == SQUEEZE_MAX) {
         for (var c = t; c < p.c; c += WG) {
             let cb = xb + c * p.hw;
