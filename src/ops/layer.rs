@@ -80,6 +80,16 @@ pub trait LayerOp {
         None
     }
 
+    /// Whether its backward can write its (only) input's gradient as its own plus another tensor
+    /// of that shape ([`Record::dinp_addend`]), the own one rounded to the plan's type before the
+    /// sum and the sum after it, as an addition of the two stored gradients would. The plan asks
+    /// it of the first reader of an activation two layers read (whose backward runs last): the
+    /// other reader's gradient is then summed there instead of by an addition after it, and the
+    /// first reader's own gradient is never stored. Only under `--fuse on`.
+    fn accumulates_input_grad(&self) -> bool {
+        false
+    }
+
     /// Evaluation only: how this op's weight could absorb a per-output-channel affine map that
     /// alone reads its output (a batch norm from its running statistics, [`LayerOp::eval_affine`])
     /// — its weight scaled per output channel, a bias added, and the affine's ReLU as its
@@ -281,6 +291,9 @@ pub struct Record<'a> {
     /// Evaluation: this layer is folded into the one before it ([`LayerOp::eval_affine`]):
     /// record no evaluation dispatch (training as without it).
     pub eval_folded: bool,
+    /// The backward writes `dinputs[0]` = its own gradient + this tensor
+    /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
+    pub dinp_addend: Option<&'a Tensor>,
     /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
     pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
@@ -329,6 +342,7 @@ impl<'a> Record<'a> {
             residual: None,
             folded: None,
             eval_folded: false,
+            dinp_addend: None,
             step_key,
             params,
             running,

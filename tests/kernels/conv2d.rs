@@ -299,3 +299,57 @@ fn conv2d_forward_relu_epilogue_matches_reference() {
         }
     }
 }
+
+/// The input gradient with an addend (`ConvBuffers::dinp_addend`, what a plan's first reader of a
+/// forked activation runs under `--fuse on`) on every case, f32 and f16, in every family this
+/// adapter offers: the register blocks the adapter picks and the extremes, every workgroup-memory
+/// shape, and in f16 the cooperative matrices where the adapter lists them (under Mesa 26's
+/// lavapipe; tests/coop.rs checks them there in CI). Tolerances and the bitwise check against the
+/// unfused composition: common::check_conv_backward_input_accumulate.
+#[test]
+fn conv2d_backward_input_accumulate_matches_reference() {
+    for (dtype, gpu) in [(Dtype::F32, gpu()), (Dtype::F16, gpu_f16())] {
+        for (i, cfg) in conv_cases().iter().enumerate() {
+            let mut kernels = vec![
+                ConvKernel::Register(RegisterTiles::for_layer(&gpu, cfg)),
+                ConvKernel::Register(RegisterTiles::ALL[0]),
+                ConvKernel::Register(RegisterTiles::ALL[RegisterTiles::ALL.len() - 1]),
+            ];
+            kernels.dedup();
+            kernels.extend(WorkgroupTiles::ALL.map(ConvKernel::Workgroup));
+            if let (Dtype::F16, Some(t)) = (dtype, gpu.coop_tile) {
+                kernels.push(ConvKernel::Coop(t));
+            }
+            check_conv_backward_input_accumulate(&gpu, dtype, i, cfg, &kernels);
+        }
+    }
+}
+
+/// An addend that is not the input gradient's shape, type or a buffer of its own is an error
+/// naming it, in every family.
+#[test]
+fn conv2d_backward_input_rejects_a_wrong_addend() {
+    let gpu = gpu_f16();
+    let cfg = Conv2dConfig::square(2, 3, (5, 4), 4, 3, 1, 1, false);
+    let (dy, w, dx) = (
+        zeros(&gpu, "dy", &cfg.output_shape()),
+        zeros(&gpu, "w", &cfg.weight_shape()),
+        zeros(&gpu, "dx", &cfg.input_shape()),
+    );
+    let wrong_shape = zeros(&gpu, "wrong shape", &[2, 3, 5, 5]);
+    let wrong_type = zeros_f16(&gpu, "wrong type", &cfg.input_shape());
+    let kernels =
+        [ConvKernel::Register(RegisterTiles::for_layer(&gpu, &cfg)), ConvKernel::Workgroup(WorkgroupTiles::ALL[0])];
+    for k in kernels {
+        let with = |a: &Tensor, dx: &Tensor| {
+            let b = ConvBuffers { dinp_addend: Some(a), ..ConvBuffers::backward_input(&dy, &w, dx) };
+            conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardInput, k, &b).unwrap_err().to_string()
+        };
+        let err = with(&wrong_shape, &dx);
+        assert!(err.contains("conv2d dinp addend") && err.contains("[2, 3, 5, 4]"), "{k}: {err}");
+        let err = with(&wrong_type, &dx);
+        assert!(err.contains("wrong type") && err.contains("f16") && err.contains("f32"), "{k}: {err}");
+        let err = with(&dx, &dx);
+        assert!(err.contains("own buffer"), "{k}: {err}");
+    }
+}
