@@ -26,13 +26,16 @@ struct Params {
 // the input gradient (v: the sum), narrowed to `act`: the forward's fused ReLU, if any; the input
 // gradient's addend, if any. The own gradient is rounded to `act` before the addend is added in
 // f32 and the sum rounded again — exactly what storing it apart and running add_forward (act(f32(a)
-// + f32(b))) gives, so the fused sum is bit for bit the unfused one in f16 as in f32.
+// + f32(b))) gives, so the fused sum is bit for bit the unfused one in f16 as in f32. Measured:
+// written as f32(act(v)), Mesa 26's lavapipe dropped the inner rounding (34 of 105 values of an
+// f16 test case one f16 ulp off the unfused sum; Mesa 22's kept it): act_rounded does it instead.
 fn epilogue(v: f32, i: u32) -> act {
     if (MODE == FWD && p.relu != 0u) {
         return act(max(v, 0.0));
     }
     if (MODE == DGRAD && p.accumulate != 0u) {
-        return act(f32(act(v)) + f32(inp[i]));
+        // act_rounded (the shader prelude): f32(act(v)), with a rounding no compiler folds away.
+        return act(act_rounded(v) + f32(inp[i]));
     }
     return act(v);
 }
