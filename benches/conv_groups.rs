@@ -70,6 +70,7 @@ fn main() {
                 dinp: Some(&dx),
                 dweight: Some(&dw),
                 relu: false,
+                dinp_addend: None,
             };
             for k in kernels {
                 let gflops: Vec<String> = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]

@@ -152,6 +152,55 @@ fn conv2d_passes_on_cooperative_matrices_match_reference() {
     }
 }
 
+/// The input gradient with an addend (`ConvBuffers::dinp_addend`: a plan's fork sum fused into
+/// the first reader's backward) on cooperative matrices, on every case: against the f64
+/// reference and bit for bit against the input gradient stored apart plus `add::add_forward`
+/// (tolerances: common::check_conv_backward_input_accumulate).
+#[test]
+#[ignore = "needs an adapter with cooperative matrices: .ci/run runs it under Mesa 26's lavapipe"]
+fn conv2d_backward_input_accumulate_on_cooperative_matrices_matches_reference() {
+    let gpu = coop_gpu();
+    let k = ConvKernel::Coop(gpu.coop_tile.expect("coop_gpu lists a cooperative matrix"));
+    for (i, cfg) in conv_cases().iter().enumerate() {
+        check_conv_backward_input_accumulate(&gpu, Dtype::F16, i, cfg, &[k]);
+    }
+}
+
+/// A whole f16 training step of a residual network on cooperative matrices (the f16 plan's
+/// built-in choice here), fused (`--fuse on`: every fork's gradient sum inside its first reader's
+/// input gradient, no separate addition) against `--fuse off`: the loss and every gradient bit
+/// for bit (the fused store rounds as the unfused addition does; ResNet-8 has no SE block, whose
+/// fused tail rounds differently in f16).
+#[test]
+#[ignore = "needs an adapter with cooperative matrices: .ci/run runs it under Mesa 26's lavapipe"]
+fn a_fused_f16_residual_step_on_cooperative_matrices_equals_the_unfused_one() {
+    let (on, off) = (coop_gpu(), gpu_unfused());
+    let n = 3;
+    let cfg = small_model("resnet8", 0.5, 4, 8, 4);
+    let x = uniform(&mut rng(41), n * 3 * 8 * 8, 0.0, 1.0);
+    let labels = [0u32, 3, 1];
+    let step = |g: &std::sync::Arc<Gpu>| {
+        let opt = OptimizerConfig::sgd(0.0, 0.0);
+        let mut net = Network::new_in(g.clone(), cfg.clone(), opt, 5, Precision::F16).unwrap();
+        let plan = net.plan(n).unwrap();
+        let kernels: Vec<String> = net.train_dispatches(&plan).iter().map(|d| d.label.to_string()).collect();
+        plan.write_batch(g, &x, &labels).unwrap();
+        net.train_step(&plan);
+        g.wait().unwrap();
+        let mut bits = vec![read(g, &plan.train_result)[result::LOSS].to_bits()];
+        for p in &net.params {
+            bits.extend(read_as(g, &p.grad).iter().map(|v| v.to_bits()));
+        }
+        (kernels, bits)
+    };
+    let ((k_on, on_bits), (k_off, off_bits)) = (step(&on), step(&off));
+    assert!(k_on.iter().any(|k| k == "conv2d_backward_input (coop)"), "the fused plan runs coop input gradients");
+    assert_eq!(k_on.iter().filter(|k| *k == "add_forward").count(), 0, "fork sums left in the fused plan");
+    assert!(k_off.iter().any(|k| k == "add_forward"), "the unfused plan sums its forks apart");
+    let differ = on_bits.iter().zip(&off_bits).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "{differ} of {} loss and gradient values differ fused vs unfused", on_bits.len());
+}
+
 /// One pass on this adapter's cooperative matrices (`conv2d::conv2d_pass` with `ConvKernel::Coop`).
 fn coop_pass(
     gpu: &Gpu,

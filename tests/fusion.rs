@@ -281,10 +281,13 @@ fn count(list: &[String], kernel: &str) -> usize {
 /// Where the plan fuses: every residual block of ResNet-8 (3) runs add + ReLU as one pass each
 /// way; SE-ResNet-8 with the standard placement runs SE + add + ReLU as one forward pass and one
 /// per-sample backward pass per block, leaving no separate addition, ReLU of a block output or SE
-/// pass; `--fuse off` plans none of the fused kernels; and fused steps move fewer bytes. The other
-/// SE placements keep their SE passes (the identity placement's SE output is the addition's
-/// second operand; pre and post SE blocks read a ReLU's output or feed two layers) and fuse only
-/// the addition and its ReLU.
+/// pass; each block's input, read by its first convolution and its shortcut, gets its gradient
+/// summed in that convolution's input gradient (no `add_forward` in the backward, and no gradient
+/// buffer of the convolution's own); `--fuse off` plans none of the fused kernels; and fused
+/// steps move fewer bytes. The other SE placements keep their SE passes (the identity
+/// placement's SE output is the addition's second operand; pre and post SE blocks read a ReLU's
+/// output or feed two layers) and fuse only the addition and its ReLU; a pre SE block is the
+/// first reader of the block's input and sums nothing in, so its fork keeps its addition.
 #[test]
 fn fused_plans_replace_the_block_tails() {
     let (on, off) = (gpu(), gpu_unfused());
@@ -294,9 +297,10 @@ fn fused_plans_replace_the_block_tails() {
             let plan = net.plan(2).unwrap();
             let (train, eval) = kernels(&net, &plan);
             let bytes: f64 = net.train_dispatches(&plan).iter().map(|d| d.bytes).sum();
-            (train, eval, bytes)
+            let forks: Vec<String> = plan.fork_grads.iter().map(|t| t.label.clone()).collect();
+            (train, eval, bytes, forks)
         };
-        let ((train, eval, bytes), (train_off, eval_off, bytes_off)) = (build(&on), build(&off));
+        let ((train, eval, bytes, forks), (train_off, eval_off, bytes_off, forks_off)) = (build(&on), build(&off));
         let blocks = 3;
         let se = model.starts_with("se-");
         let fused =
@@ -315,13 +319,23 @@ fn fused_plans_replace_the_block_tails() {
         for k in ["add_backward", "relu_forward", "relu_backward", "se_block_forward", "se_block_backward_input"] {
             assert_eq!(count(&train, k) + count(&eval, k), 0, "{model}: {k} left in a fused plan");
         }
-        // The forward's additions are gone; the backward's fork sums (one per block) remain.
-        assert_eq!(count(&train, "add_forward"), blocks, "{model}: only the fork sums add");
+        // The forward's additions are gone, and so are the backward's fork sums (one per block,
+        // each block's first reader of its input being its first convolution).
+        assert_eq!(
+            count(&train_off, "add_forward"),
+            2 * blocks,
+            "{model} --fuse off: an addition and a fork sum per block"
+        );
+        assert_eq!(count(&train, "add_forward"), 0, "{model}: a fork sum left apart");
         assert_eq!(count(&eval, "add_forward"), 0, "{model}: evaluation adds nothing apart");
+        // Per fork, one gradient buffer (the shortcut's) instead of one per reader.
+        assert_eq!((forks.len(), forks_off.len()), (blocks, 2 * blocks), "{model}: fork gradients {forks:?}");
+        assert!(forks.iter().all(|l| !l.ends_with(".conv1")), "{model}: a first convolution's own gradient {forks:?}");
         // Per block, forward: add and relu into one (1 fewer), or se, add and relu into one (2);
-        // backward: relu and add into one (1), or relu, add and the SE's input pass (2).
+        // backward: relu and add into one (1), or relu, add and the SE's input pass (2); and the
+        // fork sum (1).
         let per_pass = if se { 2 } else { 1 };
-        assert_eq!(train_off.len() - train.len(), 2 * per_pass * blocks, "{model}: training dispatches saved");
+        assert_eq!(train_off.len() - train.len(), 2 * per_pass * blocks + blocks, "{model}: training dispatches saved");
         // Evaluation also folds every batch norm into its convolution (tests/fold.rs): apart from
         // the batch norms and the fold, the tails account for the dispatches saved.
         let tails = |l: &[String]| l.iter().filter(|k| !k.starts_with("batch_norm") && *k != "bn_fold_forward").count();
@@ -337,6 +351,10 @@ fn fused_plans_replace_the_block_tails() {
         }
         assert_eq!(count(&eval, "se_block_forward"), 3, "se-resnet8 ({placement:?}): SE passes in evaluation");
         assert_eq!(count(&train, "se_block_forward_add_relu"), 0, "se-resnet8 ({placement:?}) fuses the SE");
+        // A pre SE block reads the block's input first: its fork keeps its addition.
+        let sums = if placement == SePlacement::Pre { 3 } else { 0 };
+        assert_eq!(count(&train, "add_forward"), sums, "se-resnet8 ({placement:?}): fork sums apart");
+        assert_eq!(plan.fork_grads.len(), 3 + sums, "se-resnet8 ({placement:?}): fork gradient buffers");
     }
 }
 
@@ -386,6 +404,59 @@ fn fused_training_steps_and_evaluation_equal_unfused_ones() {
         );
         assert_close(&format!("{what} eval logits"), &eval_logits, &to_f64(&eval_logits_off), 1e-4, 1e-4);
         eprintln!("{what}: fused vs unfused, largest difference {:.3e}", fused.max_diff(&unfused));
+    }
+}
+
+/// Fork sums in the first reader's input gradient are exact: the convolution rounds its own
+/// gradient to the plan's type, adds the other reader's in f32 and rounds once more, which is
+/// what storing it and running `add_forward` did. Where no other fused kernel rounds differently
+/// from its unfused passes — ResNet-8 (add + ReLU: the ReLU commutes with the rounding) and the
+/// SE placements whose SE block is not fused (identity and post: the fork sums run in the first
+/// convolutions; pre: in additions, as unfused) — a whole training step equals the `--fuse off`
+/// one bit for bit, in f32 and in f16: loss, logits, every gradient, updated parameter and
+/// running statistic. (The standard SE placement's fused SE tail skips the f16 rounding of x * s,
+/// and a driver may contract it into an FMA in f32; evaluation folds each batch norm into its
+/// convolution, another rounding: tolerances above.)
+#[test]
+fn fused_fork_sums_give_bitwise_the_unfused_step() {
+    let (on, off) = (gpu(), gpu_unfused());
+    let n = 3;
+    let cases = [
+        ("resnet8", SePlacement::Standard),
+        ("se-resnet8", SePlacement::Identity),
+        ("se-resnet8", SePlacement::Pre),
+        ("se-resnet8", SePlacement::Post),
+    ];
+    for precision in [Precision::F32, Precision::F16] {
+        for (model, placement) in cases {
+            let what = format!("{model} ({placement:?}, {precision:?})");
+            let cfg = cifar(model, placement);
+            let x = uniform(&mut rng(23), n * 3 * 8 * 8, 0.0, 1.0);
+            let labels = [2u32, 0, 3];
+            let run_step = |g: &Arc<Gpu>| {
+                let opt = OptimizerConfig::sgd(0.1, 0.9);
+                let mut net = Network::new_in(g.clone(), cfg.clone(), opt, 4, precision).unwrap();
+                let plan = net.plan(n).unwrap();
+                let sums = count(&kernels(&net, &plan).0, "add_forward");
+                plan.write_batch(g, &x, &labels).unwrap();
+                net.train_step(&plan);
+                g.wait().unwrap();
+                (StepState::read(&net, &plan), sums)
+            };
+            let ((fused, sums), (unfused, sums_off)) = (run_step(&on), run_step(&off));
+            let fork_sums_apart = if placement == SePlacement::Pre { 3 } else { 0 };
+            // Unfused: each block's addition and its fork sum.
+            assert_eq!((sums, sums_off), (fork_sums_apart, 6), "{what}: add_forward fused / unfused");
+            let (a, b) = (fused.flat(), unfused.flat());
+            let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(
+                differ,
+                0,
+                "{what}: {differ} of {} step values differ; largest {:.3e}",
+                a.len(),
+                fused.max_diff(&unfused)
+            );
+        }
     }
 }
 
@@ -440,16 +511,18 @@ impl StepState {
         }
     }
 
+    /// Every value, in one order: the loss, logits, gradients, new values, statistics.
+    fn flat(&self) -> Vec<f32> {
+        let mut v = vec![self.loss];
+        v.extend(&self.logits);
+        for (_, t) in self.grads.iter().chain(&self.values).chain(&self.stats) {
+            v.extend(t);
+        }
+        v
+    }
+
     fn max_diff(&self, other: &StepState) -> f64 {
-        let all = |s: &StepState| -> Vec<f32> {
-            let mut v = vec![s.loss];
-            v.extend(&s.logits);
-            for (_, t) in s.grads.iter().chain(&s.values).chain(&s.stats) {
-                v.extend(t);
-            }
-            v
-        };
-        all(self).iter().zip(all(other)).map(|(&a, b)| f64::from((a - b).abs())).fold(0.0, f64::max)
+        self.flat().iter().zip(other.flat()).map(|(&a, b)| f64::from((a - b).abs())).fold(0.0, f64::max)
     }
 }
 

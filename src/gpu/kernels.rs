@@ -111,14 +111,62 @@ impl Precision {
     }
 }
 
+/// `act_rounded(v)`: v as an `act` value stores it, in f32. The f32 variant: v itself.
+const ACT_F32: &str = "alias act = f32;
+fn act_rounded(v: f32) -> f32 {
+    return v;
+}
+";
+
+/// `act_rounded(v)` in the f16 variant: v rounded to the nearest f16 (ties to even, 65520 and
+/// above to infinity, subnormals kept), in f32, by integer operations on v's bits. Written as
+/// f32(f16(v)) the rounding may be folded away by the compiler: Mesa 26's lavapipe does (measured:
+/// an f16 conv2d input gradient with an addend, 34 of 105 values an f16 ulp off the unfused sum;
+/// Mesa 22's keeps it), and naga has no bitcast from f16 to read the bits of f16(v) instead. A
+/// kernel that must give bit for bit what storing v as f16 and reading it back gives (conv2d's
+/// input-gradient addend) rounds with this; it equals the device's own conversion wherever that
+/// rounds to nearest even, as IEEE's default, lavapipe's and the GPUs' conversions do.
+const ACT_F16: &str = "alias act = f16;
+fn act_rounded(v: f32) -> f32 {
+    let b = bitcast<u32>(v);
+    let sign = b & 0x80000000u;
+    let a = b & 0x7fffffffu;
+    if (a >= 0x7f800000u) {
+        return v;
+    }
+    if (a >= 0x38800000u) {
+        // |v| >= 2^-14, f16's normal range: 10 of the 23 mantissa bits, ties to even.
+        let r = (a + 0xfffu + ((a >> 13u) & 1u)) & 0xffffe000u;
+        if (r >= 0x47800000u) {
+            return bitcast<f32>(sign | 0x7f800000u);
+        }
+        return bitcast<f32>(sign | r);
+    }
+    // Below 2^-14: a multiple of 2^-24 (an f16 subnormal), ties to even; below 2^-25, 0.
+    let e = a >> 23u;
+    if (e < 102u) {
+        return bitcast<f32>(sign);
+    }
+    let m = (a & 0x7fffffu) | 0x800000u;
+    let s = 126u - e;
+    var q = m >> s;
+    let rem = m & ((1u << s) - 1u);
+    let half = 1u << (s - 1u);
+    if (rem > half || (rem == half && (q & 1u) == 1u)) {
+        q += 1u;
+    }
+    return bitcast<f32>(bitcast<u32>(f32(q) * 5.9604644775390625e-8) | sign);
+}
+";
+
 /// The source the device compiles for `shader`: the file, then the reduction prelude and the
-/// definition of `act`. f16 needs `enable f16;` before everything else, so its variant's line
-/// numbers in compiler messages are one more than the file's.
+/// definition of `act` (with `act_rounded`). f16 needs `enable f16;` before everything else, so
+/// its variant's line numbers in compiler messages are one more than the file's.
 pub fn shader_source(src: &str, subgroups: bool, precision: Precision) -> String {
     let prelude = if subgroups { PRELUDE_SUBGROUP.1 } else { PRELUDE_WORKGROUP.1 };
     match precision {
-        Precision::F32 => format!("{src}\n{prelude}\nalias act = f32;\n"),
-        Precision::F16 => format!("enable f16;\n{src}\n{prelude}\nalias act = f16;\n"),
+        Precision::F32 => format!("{src}\n{prelude}\n{ACT_F32}"),
+        Precision::F16 => format!("enable f16;\n{src}\n{prelude}\n{ACT_F16}"),
     }
 }
 

@@ -500,10 +500,18 @@ impl Network {
         let kept = |i: usize| fusion.unused[i] && !fusion.act_kept[i];
         let acts = self.activations(&shapes, &(0..shapes.len()).map(kept).collect::<Vec<_>>(), "")?;
         let grads = self.activations(&shapes, &fusion.unused, " grad")?;
-        let contrib = self.fork_gradients(&shapes, &consumers)?;
+        let contrib = self.fork_gradients(&shapes, &consumers, &fusion.fork_in_reader)?;
         let target =
             |k: usize, j: usize| -> &Tensor { contrib.get(&(k, j)).unwrap_or(&grads[self.graph.nodes[k].inputs[j]]) };
         let se_grads = self.deferred_grad_tensors(&shapes, &fusion)?;
+        // The gradient a forked activation's first reader (node k) adds into its own: the second
+        // reader's.
+        let addend = |k: usize| -> Option<&Tensor> {
+            let i = *self.graph.nodes[k].inputs.first()?;
+            let &[r0, r1] = consumers[i].as_slice() else { return None };
+            let j = self.graph.nodes[r1].inputs.iter().position(|&x| x == i)?;
+            (r0 == k && fusion.fork_in_reader[i]).then(|| target(r1, j))
+        };
         let mut rec = Recorded::default();
         let input_f32 = self.record_input_cast(&shapes[0], &acts[0], &mut rec)?;
         let folds = self.eval_folds(&consumers, &fusion, &mut rec.eval)?;
@@ -523,6 +531,7 @@ impl Network {
                         dinputs: (0..head.inputs.len()).map(|j| target(g.head, j)).collect(),
                         outs: (&acts[g.out], dout),
                         residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], target(add, j))),
+                        dinp_addend: addend(g.head),
                         folded: folds.folded(g.head, &fusion, &acts),
                         eval_folded: folds.is_folded(g.head),
                         pool: match g.epilogue {
@@ -539,9 +548,9 @@ impl Network {
                 None => (&node.name, (Vec::new(), None)),
             };
             // This node is the first reader of a forked activation: after its backward (the last
-            // to run in reverse order), sum the two contributions.
+            // to run in reverse order), sum the two contributions — unless its backward did.
             for &i in &node.inputs {
-                if consumers[i].len() == 2 && consumers[i][0] == k && i > 0 {
+                if consumers[i].len() == 2 && consumers[i][0] == k && i > 0 && !fusion.fork_in_reader[i] {
                     let [r0, r1] = [consumers[i][0], consumers[i][1]];
                     let slot = |r: usize| self.graph.nodes[r].inputs.iter().position(|&x| x == i).unwrap_or(0);
                     bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
@@ -554,6 +563,9 @@ impl Network {
         let loss = LossTensors::new(gpu, n, self.soft_targets.then_some(&logits_shape))?;
         let loss_weight = self.record_loss(&acts[acts.len() - 1], &grads[grads.len() - 1], &loss, &mut rec)?;
         let Recorded { mut train, eval, backward, mut exchanges, se_saved, conv_kernels } = rec;
+        let mut fork_grads: Vec<_> = contrib.into_iter().collect();
+        fork_grads.sort_by_key(|&((k, j), _)| (self.graph.nodes[k].inputs[j], k, j));
+        let fork_grads = fork_grads.into_iter().map(|(_, t)| t).collect();
         for (bwd, x) in backward.into_iter().rev() {
             if let Some(mut x) = x {
                 x.at += train.len();
@@ -577,6 +589,7 @@ impl Network {
             targets,
             se_saved,
             conv_kernels,
+            fork_grads,
             train,
             eval,
             exchanges,
@@ -614,6 +627,7 @@ impl Network {
             act_kept: vec![false; nodes.len() + 1],
             deferred: vec![None; nodes.len()],
             bias_by_next: vec![false; nodes.len()],
+            fork_in_reader: vec![false; nodes.len() + 1],
         };
         for (k, node) in nodes.iter().enumerate() {
             if f.groups[k].is_none_or(|g| g.head != k) {
@@ -645,7 +659,23 @@ impl Network {
         }
         self.bias_fusions(consumers, &mut f);
         self.deferred_grads(consumers, &mut f);
+        self.fork_fusions(consumers, &mut f);
         f
+    }
+
+    /// `--fuse on`, training: a forked activation (not the network's input, whose gradient
+    /// nobody reads) whose first reader — its backward runs last — is recorded in place, reads
+    /// nothing else and can add the other reader's gradient into its own
+    /// ([`LayerOp::accumulates_input_grad`]): no addition after it.
+    fn fork_fusions(&self, consumers: &[Vec<usize>], f: &mut Fusions) {
+        let nodes = &self.graph.nodes;
+        for (i, readers) in consumers.iter().enumerate() {
+            let &[r0, _] = readers.as_slice() else { continue };
+            let in_place = f.groups[r0].is_some_and(|g| g.head == r0);
+            let only_input = nodes[r0].inputs == [i];
+            f.fork_in_reader[i] =
+                self.gpu.fuse && i > 0 && in_place && only_input && nodes[r0].layer.op().accumulates_input_grad();
+        }
     }
 
     /// `--fuse on`, training: a node heading a fused residual tail ([`Epilogue::AddRelu`]) that
@@ -740,15 +770,23 @@ impl Network {
 
     /// An activation read by two layers (the fork before a residual block) gets one gradient
     /// buffer per reader, keyed (reader node, input slot); the plan sums them after the first
-    /// reader's backward.
-    fn fork_gradients(&self, shapes: &[Shape], consumers: &[Vec<usize>]) -> Result<HashMap<(usize, usize), Tensor>> {
+    /// reader's backward — or, where `in_reader` says the first reader sums them itself
+    /// ([`LayerOp::accumulates_input_grad`]), only the second reader gets one, and the first
+    /// writes the activation's gradient.
+    fn fork_gradients(
+        &self,
+        shapes: &[Shape],
+        consumers: &[Vec<usize>],
+        in_reader: &[bool],
+    ) -> Result<HashMap<(usize, usize), Tensor>> {
         let mut contrib = HashMap::new();
         for (a, readers) in consumers.iter().enumerate() {
             ensure!(readers.len() <= 2, "activation {a} is read by {} layers; at most 2 are supported", readers.len());
             if readers.len() < 2 {
                 continue;
             }
-            for &k in readers {
+            let own = if in_reader[a] { &readers[1..] } else { &readers[..] };
+            for &k in own {
                 for (j, _) in self.graph.nodes[k].inputs.iter().enumerate().filter(|(_, i)| **i == a) {
                     let label = format!("{} grad from {}", self.act_name(a), self.graph.nodes[k].name);
                     contrib.insert((k, j), Tensor::zeros_of(&self.gpu, &label, &shapes[a], self.precision.dtype())?);
@@ -814,6 +852,7 @@ impl Network {
         r.bias_grad_elsewhere = io.bias_grad_elsewhere;
         r.grad_from_next = io.grad_from_next;
         r.defer_input_grad = io.defer_input_grad;
+        r.dinp_addend = io.dinp_addend;
         node.layer.op().record(&mut r)?;
         let train0 = rec.train.len();
         rec.train.extend(r.train);
@@ -1053,6 +1092,10 @@ pub struct StepPlan {
     pub se_saved: Vec<SeSaved>,
     /// The kernel each conv layer's passes run (layer name, pass, kernel), as the tuner chose.
     pub conv_kernels: Vec<(String, ConvPass, ConvKernel)>,
+    /// The per-reader gradients of activations two layers read ("layer1.0.relu output grad from
+    /// layer1.0.add"), by activation and reader: the summed gradient goes to `grads`. A first
+    /// reader that sums the other's into its own ([`LayerOp::accumulates_input_grad`]) has none.
+    pub fork_grads: Vec<Tensor>,
     train: Vec<Dispatch>,
     eval: Vec<Dispatch>,
     /// `--sync-bn`: where the training step stops for the ranks to combine a batch norm's
@@ -1101,6 +1144,9 @@ struct Fusions {
     /// Per node: its bias gradient is written by the next node's backward
     /// ([`LayerOp::channel_bias`], [`LayerOp::sums_input_grad`]).
     bias_by_next: Vec<bool>,
+    /// Per activation read by two layers: its two gradients are summed in its first reader's
+    /// backward ([`LayerOp::accumulates_input_grad`]), not by an addition after it.
+    fork_in_reader: Vec<bool>,
 }
 
 /// The tensors a recorded node reads and writes.
@@ -1109,6 +1155,9 @@ struct NodeIo<'a> {
     dinputs: Vec<&'a Tensor>,
     outs: (&'a Tensor, &'a Tensor),
     residual: Option<(&'a Tensor, &'a Tensor)>,
+    /// The other reader's gradient of the forked activation this node reads, summed into its
+    /// input gradient ([`Record::dinp_addend`]).
+    dinp_addend: Option<&'a Tensor>,
     /// Evaluation: the affine node folded into this one, or this one folded into the node before.
     folded: Option<Folded<'a>>,
     eval_folded: bool,

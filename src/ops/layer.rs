@@ -107,6 +107,16 @@ pub trait LayerOp {
         false
     }
 
+    /// Whether its backward can write its (only) input's gradient as its own plus another tensor
+    /// of that shape ([`Record::dinp_addend`]), the own one rounded to the plan's type before the
+    /// sum and the sum after it, as an addition of the two stored gradients would. The plan asks
+    /// it of the first reader of an activation two layers read (whose backward runs last): the
+    /// other reader's gradient is then summed there instead of by an addition after it, and the
+    /// first reader's own gradient is never stored. Only under `--fuse on`.
+    fn accumulates_input_grad(&self) -> bool {
+        false
+    }
+
     /// Evaluation only: how this op's weight could absorb a per-output-channel affine map that
     /// alone reads its output (a batch norm from its running statistics, [`LayerOp::eval_affine`])
     /// — its weight scaled per output channel, a bias added, and the affine's ReLU as its
@@ -329,6 +339,9 @@ pub struct Record<'a> {
     /// ([`LayerOp::takes_deferred_grad`]): that layer's tensor; `dout` is then the gradient that
     /// layer reads (an SE block's shortcut gradient).
     pub grad_from_next: Option<&'a Tensor>,
+    /// The backward writes `dinputs[0]` = its own gradient + this tensor
+    /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
+    pub dinp_addend: Option<&'a Tensor>,
     /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
     pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
@@ -382,6 +395,7 @@ impl<'a> Record<'a> {
             bias_grad_elsewhere: false,
             defer_input_grad: None,
             grad_from_next: None,
+            dinp_addend: None,
             step_key,
             params,
             running,

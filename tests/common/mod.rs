@@ -413,3 +413,68 @@ pub fn read_as(gpu: &Gpu, t: &Tensor) -> Vec<f32> {
 pub fn zeros_f16(gpu: &Gpu, label: &str, shape: &[usize]) -> Tensor {
     Tensor::zeros_of(gpu, label, shape, senet_wgpu::gpu::Dtype::F16).expect("allocate f16")
 }
+
+/// The input gradient with an addend (`ConvBuffers::dinp_addend`: the other reader's gradient of
+/// a forked activation, summed as the first reader's gradient is stored) on `cfg` in `dtype`, run
+/// by each of `kernels`, checked twice:
+///
+/// - against `reference::conv2d::conv2d_backward_input_accumulate` (f64). The own gradient carries
+///   the conv tolerance (CONV_ATOL + CONV_RTOL relative to it) and, in f16, its rounding to f16
+///   before the sum (half an f16 ulp, 2^-11 = 4.9e-4 relative to it); the sum's rounding is
+///   relative to the result (f32: an ulp, within CONV_RTOL; f16: 4.9e-4). The own gradient may be
+///   larger than the sum (they cancel), so its share is an atol scaled by the largest |own| of the
+///   case. A lost, misplaced or unscaled addend is off by |addend| ~ U(-1, 1).
+/// - bit for bit against the unfused composition the plan ran before: the same kernel's input
+///   gradient stored apart, then `add::add_forward` of it and the addend. This is the exact
+///   contract (the fused plan's whole step is then bitwise the unfused one); it catches what the
+///   tolerance cannot, e.g. an f16 own gradient not rounded before the sum (at most half an f16
+///   ulp of it).
+pub fn check_conv_backward_input_accumulate(
+    gpu: &Gpu,
+    dtype: senet_wgpu::gpu::Dtype,
+    case: usize,
+    cfg: &Conv2dConfig,
+    kernels: &[senet_wgpu::ops::conv2d::ConvKernel],
+) {
+    use senet_wgpu::ops::conv2d::{self, ConvBuffers, ConvPass};
+    const F16_RTOL: f64 = 4.9e-4;
+    let mut r = rng(2100 + case as u64);
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    let (tw, w) = upload_as(gpu, dtype, &cfg.weight_shape(), &uniform(&mut r, numel(&cfg.weight_shape()), -1.0, 1.0));
+    let (tdy, dy) = upload_as(gpu, dtype, &cfg.output_shape(), &uniform(&mut r, numel(&cfg.output_shape()), -1.0, 1.0));
+    let (tadd, add) = upload_as(gpu, dtype, &cfg.input_shape(), &uniform(&mut r, numel(&cfg.input_shape()), -1.0, 1.0));
+    let (w64, dy64, add64) = (to_f64(&w), to_f64(&dy), to_f64(&add));
+    let want = senet_wgpu::reference::conv2d::conv2d_backward_input_accumulate(cfg, &dy64, &w64, &add64);
+    let own = senet_wgpu::reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+    let largest_own = own.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let f16_rtol = if dtype == senet_wgpu::gpu::Dtype::F16 { F16_RTOL } else { 0.0 };
+    let (atol, rtol) = (CONV_ATOL + (CONV_RTOL + f16_rtol) * largest_own, CONV_RTOL + f16_rtol);
+    let zeros = |label| Tensor::zeros_of(gpu, label, &cfg.input_shape(), dtype).expect("allocate");
+    for &k in kernels {
+        let what = format!("{} conv2d_backward_input + addend case {case} {k} {cfg:?}", dtype.name());
+        let tdx = zeros("dx");
+        let bufs = ConvBuffers { dinp_addend: Some(&tadd), ..ConvBuffers::backward_input(&tdy, &tw, &tdx) };
+        let d = conv2d::conv2d_pass(gpu, cfg, ConvPass::BackwardInput, k, &bufs).expect("record");
+        assert_eq!(d.len(), 1, "{what}: one dispatch");
+        run(gpu, &d);
+        let got = read_as(gpu, &tdx);
+        assert_close(&what, &got, &want, atol, rtol);
+
+        let (town, tsum) = (zeros("own dx"), zeros("dx sum"));
+        let bufs = ConvBuffers::backward_input(&tdy, &tw, &town);
+        let mut d = conv2d::conv2d_pass(gpu, cfg, ConvPass::BackwardInput, k, &bufs).expect("record");
+        d.extend(senet_wgpu::ops::add::add_forward(gpu, &town, &tadd, &tsum).expect("record the add"));
+        run(gpu, &d);
+        let unfused = read_as(gpu, &tsum);
+        let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i].to_bits() != unfused[i].to_bits()).collect();
+        if let Some(&i) = differ.first() {
+            panic!(
+                "{what}: {} of {} values differ from the unfused input gradient + add_forward; first [{i}]: fused {:e} unfused {:e}",
+                differ.len(),
+                got.len(),
+                got[i],
+                unfused[i]
+            );
+        }
+    }
+}

@@ -299,3 +299,129 @@ fn conv2d_forward_relu_epilogue_matches_reference() {
         }
     }
 }
+
+/// The input gradient with an addend (`ConvBuffers::dinp_addend`, what a plan's first reader of a
+/// forked activation runs under `--fuse on`) on every case, f32 and f16, in every family this
+/// adapter offers: the register blocks the adapter picks and the extremes, every workgroup-memory
+/// shape, and in f16 the cooperative matrices where the adapter lists them (under Mesa 26's
+/// lavapipe; tests/coop.rs checks them there in CI). Tolerances and the bitwise check against the
+/// unfused composition: common::check_conv_backward_input_accumulate.
+#[test]
+fn conv2d_backward_input_accumulate_matches_reference() {
+    for (dtype, gpu) in [(Dtype::F32, gpu()), (Dtype::F16, gpu_f16())] {
+        for (i, cfg) in conv_cases().iter().enumerate() {
+            let mut kernels = vec![
+                ConvKernel::Register(RegisterTiles::for_layer(&gpu, cfg)),
+                ConvKernel::Register(RegisterTiles::ALL[0]),
+                ConvKernel::Register(RegisterTiles::ALL[RegisterTiles::ALL.len() - 1]),
+            ];
+            kernels.dedup();
+            kernels.extend(WorkgroupTiles::ALL.map(ConvKernel::Workgroup));
+            if let (Dtype::F16, Some(t)) = (dtype, gpu.coop_tile) {
+                kernels.push(ConvKernel::Coop(t));
+            }
+            check_conv_backward_input_accumulate(&gpu, dtype, i, cfg, &kernels);
+        }
+    }
+}
+
+/// An addend that is not the input gradient's shape, type or a buffer of its own is an error
+/// naming it, in every family.
+#[test]
+fn conv2d_backward_input_rejects_a_wrong_addend() {
+    let gpu = gpu_f16();
+    let cfg = Conv2dConfig::square(2, 3, (5, 4), 4, 3, 1, 1, false);
+    let (dy, w, dx) = (
+        zeros(&gpu, "dy", &cfg.output_shape()),
+        zeros(&gpu, "w", &cfg.weight_shape()),
+        zeros(&gpu, "dx", &cfg.input_shape()),
+    );
+    let wrong_shape = zeros(&gpu, "wrong shape", &[2, 3, 5, 5]);
+    let wrong_type = zeros_f16(&gpu, "wrong type", &cfg.input_shape());
+    let kernels =
+        [ConvKernel::Register(RegisterTiles::for_layer(&gpu, &cfg)), ConvKernel::Workgroup(WorkgroupTiles::ALL[0])];
+    for k in kernels {
+        let with = |a: &Tensor, dx: &Tensor| {
+            let b = ConvBuffers { dinp_addend: Some(a), ..ConvBuffers::backward_input(&dy, &w, dx) };
+            conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardInput, k, &b).unwrap_err().to_string()
+        };
+        let err = with(&wrong_shape, &dx);
+        assert!(err.contains("conv2d dinp addend") && err.contains("[2, 3, 5, 4]"), "{k}: {err}");
+        let err = with(&wrong_type, &dx);
+        assert!(err.contains("wrong type") && err.contains("f16") && err.contains("f32"), "{k}: {err}");
+        let err = with(&dx, &dx);
+        assert!(err.contains("own buffer"), "{k}: {err}");
+    }
+}
+
+/// The f16 input gradient's addend path rounds the own gradient before the sum exactly as a
+/// store to f16 does (the shader prelude's `act_rounded`), on the values where a rounding can go
+/// wrong: a 1x1 convolution from 1 to 2 channels with weights 1.5 and 0.125 makes each own
+/// gradient one exact f32 product of two f16 values — ties at every magnitude (odd last mantissa
+/// bits times 1.5), the f16 subnormals and their ties (k·2^-24 times 1.5), values below half the
+/// smallest subnormal (times 0.125), the largest finite f16 and overflow to infinity. Against the
+/// same composition on the CPU (`half`: round to nearest even), bit for bit: f16(f32(f16(own)) +
+/// addend), in every family this adapter offers.
+#[test]
+fn f16_backward_input_addend_rounds_as_a_store() {
+    let gpu = gpu_f16();
+    let tiny = 2f32.powi(-24);
+    let mut dy: Vec<f32> = vec![
+        1.0 + 2f32.powi(-10),
+        -(1.0 + 3.0 * 2f32.powi(-10)),
+        2.0 + 2f32.powi(-9),
+        1000.0 + 0.5,
+        65504.0,
+        -43690.0,
+        43712.0,
+        2f32.powi(-14) * (1.0 + 2f32.powi(-10)),
+        2f32.powi(-14),
+        tiny,
+        -3.0 * tiny,
+        5.0 * tiny,
+        1023.0 * tiny,
+        0.0,
+        -0.0,
+        0.1,
+        -7.3,
+    ];
+    dy.extend(uniform(&mut rng(2300), 15, -4.0, 4.0));
+    let dy: Vec<f32> = dy.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    let len = dy.len();
+    let cfg = Conv2dConfig::square(1, 2, (1, len), 1, 1, 1, 0, false);
+    let w = [1.5f32, 0.125];
+    let mut add = vec![0.0f32; len];
+    add.extend(uniform(&mut rng(2301), len, -2.0, 2.0));
+    let (tdy, tw) = (upload_f16(&gpu, "dy", &cfg.output_shape(), &dy), upload_f16(&gpu, "w", &cfg.weight_shape(), &w));
+    let tadd = upload_f16(&gpu, "addend", &cfg.input_shape(), &add);
+    let add: Vec<f32> = add.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    let want: Vec<f32> = (0..2 * len)
+        .map(|i| {
+            let own = half::f16::from_f32(dy[i % len] * w[i / len]).to_f32();
+            half::f16::from_f32(own + add[i]).to_f32()
+        })
+        .collect();
+    let mut kernels = vec![
+        ConvKernel::Register(RegisterTiles::for_layer(&gpu, &cfg)),
+        ConvKernel::Register(RegisterTiles::ALL[0]),
+        ConvKernel::Workgroup(WorkgroupTiles::ALL[0]),
+    ];
+    if let Some(t) = gpu.coop_tile {
+        kernels.push(ConvKernel::Coop(t));
+    }
+    for k in kernels {
+        let tdx = zeros_f16(&gpu, "dx", &cfg.input_shape());
+        let b = ConvBuffers { dinp_addend: Some(&tadd), ..ConvBuffers::backward_input(&tdy, &tw, &tdx) };
+        run(&gpu, &conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardInput, k, &b).unwrap());
+        let got = read_f16(&gpu, &tdx);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g.to_bits() == w.to_bits(),
+                "{k}: element {i} (own {} x {}, addend {}): gpu {g:e}, want {w:e}",
+                dy[i % len],
+                [1.5, 0.125][i / len],
+                add[i]
+            );
+        }
+    }
+}

@@ -134,14 +134,15 @@ fn chan_index(c: u32, e: u32) -> u32 {
     return ((e / HW) * p.c + c) * HW + e % HW;
 }
 
-// The stored output at element i, x * scale + shift (max(., 0) with the fused ReLU), rounded to
-// `act`: written by the forward, recomputed bit for bit by the REMASK and POOL backward.
-fn normalised(i: u32, mean: f32, scale: f32, b: f32) -> act {
+// The stored output at element i, x * scale + shift (max(., 0) with the fused ReLU), rounded as
+// `act` stores it (act_rounded, which a compiler cannot fold away as Mesa 26 folds f32(act(v))),
+// in f32: written by the forward, recomputed bit for bit by the REMASK and POOL backward.
+fn normalised(i: u32, mean: f32, scale: f32, b: f32) -> f32 {
     let y = (f32(inp[i]) - mean) * scale + b;
     if (RELU != 0u) {
-        return act(max(y, 0.0));
+        return act_rounded(max(y, 0.0));
     }
-    return act(y);
+    return act_rounded(y);
 }
 
 // POOL: the sum of the pooled gradient over the windows whose argmax is element e of channel c
@@ -166,7 +167,7 @@ fn pooled_grad(c: u32, e: u32) -> f32 {
             }
         }
     }
-    return f32(act(s));
+    return act_rounded(s);
 }
 
 // The gradient reaching the normalisation's output at element e of channel c (mean and invstd
@@ -175,7 +176,7 @@ fn grad_at(c: u32, e: u32, mean: f32, invstd: f32) -> f32 {
     let i = chan_index(c, e);
     if (SE_IN != 0u) {
         let nn = e / HW;
-        return f32(act(f32(dout[i]) * se_grad[2u * nn * p.c + c] + se_grad[(2u * nn + 1u) * p.c + c]));
+        return act_rounded(f32(dout[i]) * se_grad[2u * nn * p.c + c] + se_grad[(2u * nn + 1u) * p.c + c]);
     }
     if (RELU != 0u && (REMASK != 0u || POOL != 0u)) {
         var g = 0.0;
@@ -184,7 +185,7 @@ fn grad_at(c: u32, e: u32, mean: f32, invstd: f32) -> f32 {
         } else {
             g = f32(dout[i]);
         }
-        return select(0.0, g, f32(normalised(i, mean, invstd * gamma[c], beta[c])) > 0.0);
+        return select(0.0, g, normalised(i, mean, invstd * gamma[c], beta[c]) > 0.0);
     }
     if (RELU != 0u) {
         return select(0.0, f32(dout[i]), f32(relu_out[i]) > 0.0);
@@ -216,7 +217,7 @@ fn pool_channel(c: u32, t: u32, mean: f32, scale: f32, b: f32) {
                     continue;
                 }
                 let idx = u32(iy) * IW + u32(ix);
-                let v = f32(normalised(plane * HW + idx, mean, scale, b));
+                let v = normalised(plane * HW + idx, mean, scale, b);
                 if (best_i == 0xffffffffu || v > best || v != v) {
                     best = v;
                     best_i = idx;
@@ -239,7 +240,7 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
     let m = p.n * HW;
     for (var e = t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
-        out[i] = normalised(i, mean, scale, b);
+        out[i] = act(normalised(i, mean, scale, b));
     }
 }
 
@@ -347,9 +348,9 @@ fn input_grad_channel(c: u32, l: Lane, mean: f32, invstd: f32, dbeta_c: f32, dga
     for (var e = l.t; e < m; e += RED_WG) {
         let i = chan_index(c, e);
         let xhat = (f32(inp[i]) - mean) * invstd;
-        let d = act(k * (grad_at(c, e, mean, invstd) - db_m - xhat * dg_m));
-        dinp[i] = d;
-        sb += f32(d);
+        let d = act_rounded(k * (grad_at(c, e, mean, invstd) - db_m - xhat * dg_m));
+        dinp[i] = act(d);
+        sb += d;
     }
     if (BIAS != 0u) {
         let s = block_sum2(vec2<f32>(sb, 0.0), l);

@@ -60,9 +60,13 @@
 //       works out 16 row addresses for a reduction over only 4 channels, and the 8-wide column
 //       block is half padding. Depthwise is correct, not fast (15/16 of a block idle); a
 //       depthwise-specific kernel is the next version if a model needs one.
-//   v10 (this) the forward's ReLU epilogue (`epilogue`, conv2d_params.wgsl: a uniform flag read
+//   v10 the forward's ReLU epilogue (`epilogue`, conv2d_params.wgsl: a uniform flag read
 //       per stored value) for evaluation passes with a batch norm folded in; with the flag off
 //       the arithmetic is v9's (training plans unchanged). Not timed.
+//   v11 (this) the input gradient's addend (`accumulate`, conv2d_params.wgsl): the other reader's
+//       gradient of a forked activation added as the value is stored, in place of the plan's
+//       separate add_forward (3 tensor passes become 1 extra read); with the flag off the
+//       arithmetic is v10's. Not timed.
 //   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
 //       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
 //       so the trip counts are known when the pipeline is built; the same FMAs in the same order).
@@ -107,7 +111,8 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
 //   MODE 0, forward         rows m = (n, oy, ox) output pixels, columns co, reduction (ci, tap):
 //                           source inp (binding 1), output out (binding 4), bias added
 //   MODE 1, input gradient  rows q = (n, iy, ix) input pixels, columns ci, reduction (co, tap):
-//                           source dout (binding 5), output dinp bound at binding 4
+//                           source dout (binding 5), output dinp bound at binding 4 (with
+//                           `accumulate`, plus the addend bound at binding 1)
 // gid.x: block of GEMM_M rows; gid.y: block of GEMM_N columns (vec4 quarters w0..w3). Per tap and
 // reduction channel r, GEMM_M source and GEMM_N weight loads feed GEMM_M*GEMM_N FMAs into the
 // accumulators a<row>_<quarter>. Loop order: taps (ky, kx) outside, reduction channels inside, so
@@ -430,7 +435,8 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < GEMM_N; j++) {
                 let c = co0 + j;
                 if (c < col_g) {
-                    out[(nn * col_total + g * col_g + c) * row_plane + r] = act(epilogue(acc[i * 4u + j / 4u][j % 4u]));
+                    let o = (nn * col_total + g * col_g + c) * row_plane + r;
+                    out[o] = epilogue(acc[i * 4u + j / 4u][j % 4u], o);
                 }
             }
         }

@@ -31,9 +31,11 @@ enable wgpu_cooperative_matrix;
 //       buffering, once a GPU can measure them.
 //   v3  bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
 //       the same arithmetic.
-//   v4  (this) groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
+//   v4  groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
 //       groups = 1 the same arithmetic. Correct on Mesa 26 lavapipe (8x8x8); not timed (a 2T-row
 //       block holds c_out/groups rows of a grouped layer's GEMM: 4 of 16 for ResNeXt's groups).
+//   v5  (this) the input gradient's addend (conv2d_params.wgsl's `accumulate`, in the shared
+//       store); with the flag off the same arithmetic. Correct on Mesa 26 lavapipe; not timed.
 
 override WG: u32 = 32u;
 

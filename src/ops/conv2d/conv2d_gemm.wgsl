@@ -20,6 +20,7 @@
 // No entry point of its own; not compiled alone.
 
 // Params and binding 0 (p): conv2d_params.wgsl, appended by the host.
+// The forward's and weight gradient's input; the input gradient's addend (conv2d_params.wgsl).
 @group(0) @binding(1) var<storage, read> inp: array<act>;
 @group(0) @binding(2) var<storage, read> weight: array<act>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
@@ -159,10 +160,12 @@ fn store(r: u32, c: u32, v: f32, split: u32) {
         if (p.has_bias != 0u) {
             b = bias[co];
         }
-        out[((c / ohw) * p.c_out + co) * ohw + c % ohw] = act(epilogue(v + b));
+        let o = ((c / ohw) * p.c_out + co) * ohw + c % ohw;
+        out[o] = epilogue(v + b, o);
     } else if (MODE == DGRAD) {
         let hw = p.h * p.w;
-        out[((c / hw) * p.c_in + grp * cin_g() + r) * hw + c % hw] = act(v);
+        let o = ((c / hw) * p.c_in + grp * cin_g() + r) * hw + c % hw;
+        out[o] = epilogue(v, o);
     } else {
         // Slice `split` of the partial buffer (the weight gradient itself with one split).
         wgrad[(split * p.c_out + grp * cout_g() + r) * cols() + c] = v;

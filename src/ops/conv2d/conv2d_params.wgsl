@@ -4,8 +4,12 @@
 // alone.
 //
 // `relu` (the forward only): the output passes a ReLU before it is stored — an evaluation pass's
-// convolution with a batch norm and its ReLU folded in (ops/bn_fold). MODE and FWD are each
-// family's own.
+// convolution with a batch norm and its ReLU folded in (ops/bn_fold).
+// `accumulate` (the input gradient only): the stored gradient is this convolution's own plus an
+// addend of the same shape, the other reader's gradient of a forked activation (the plan's fork
+// sum, otherwise an add_forward after it). The addend is read through binding 1 (`inp`, an `act`
+// array the input gradient does not otherwise read), so the layout is the same in every mode.
+// MODE, FWD, DGRAD and `inp` are each family's own.
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,
@@ -13,14 +17,25 @@ struct Params {
     kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
     pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
     splits: u32, split_len: u32, groups: u32, relu: u32,
+    accumulate: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 
-// The forward's epilogue on a finished output value (bias included): the fused ReLU, if any.
-fn epilogue(v: f32) -> f32 {
+// The value stored at element i of the forward's output (v: the finished sum, bias included) or of
+// the input gradient (v: the sum), narrowed to `act`: the forward's fused ReLU, if any; the input
+// gradient's addend, if any. The own gradient is rounded to `act` before the addend is added in
+// f32 and the sum rounded again — exactly what storing it apart and running add_forward (act(f32(a)
+// + f32(b))) gives, so the fused sum is bit for bit the unfused one in f16 as in f32. Measured:
+// written as f32(act(v)), Mesa 26's lavapipe dropped the inner rounding (34 of 105 values of an
+// f16 test case one f16 ulp off the unfused sum; Mesa 22's kept it): act_rounded does it instead.
+fn epilogue(v: f32, i: u32) -> act {
     if (MODE == FWD && p.relu != 0u) {
-        return max(v, 0.0);
+        return act(max(v, 0.0));
     }
-    return v;
+    if (MODE == DGRAD && p.accumulate != 0u) {
+        // act_rounded (the shader prelude): f32(act(v)), with a rounding no compiler folds away.
+        return act(act_rounded(v) + f32(inp[i]));
+    }
+    return act(v);
 }

@@ -31,11 +31,13 @@
 // v2: `act` storage for --precision f16; the weight gradient writes binding 6 (f32).
 // v3: bindings, loads and store moved to conv2d_gemm.wgsl, shared with the coop kernel; the
 // same arithmetic (loads widen to f32 where v2's did).
-// v4 (this): groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
+// v4: groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with
 // groups = 1 the same arithmetic. Measured in the same run as conv2d.wgsl's v9 (lavapipe, shared
 // machine): ResNeXt's 32 groups of 4 channels, 64x64 tiles: ~0.01 GFLOP/s f32 in every pass,
 // ~20x slower than the register blocks (a 64-row tile holds 4 rows of a group's GEMM) — on a
 // GPU, grouped layers want tiles sized to the group; not measured there yet.
+// v5 (this): the input gradient's addend (conv2d_params.wgsl's `accumulate`, in the shared store);
+// with the flag off the same arithmetic. Not timed.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;

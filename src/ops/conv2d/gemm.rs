@@ -6,7 +6,7 @@
 use anyhow::{Result, ensure};
 
 use super::workgroup::WorkgroupTiles;
-use super::{Conv2dConfig, forward_bias, weight_grad_reduce};
+use super::{Conv2dConfig, dinp_addend, forward_bias, weight_grad_reduce};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 use crate::ops::{el, expect_shape, placeholder, placeholder_like};
 
@@ -86,7 +86,8 @@ pub(super) fn forward(
     Ok(vec![gemm.dispatch(gpu, 0, &binds, dims, Precision::of(inp))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
 }
 
-/// The input gradient on a workgroup GEMM (MODE 1): the transposed convolution, gathered.
+/// The input gradient on a workgroup GEMM (MODE 1): the transposed convolution, gathered, plus
+/// `addend` if given ([`super::ConvBuffers::dinp_addend`], bound at the input's binding 1).
 pub(super) fn backward_input(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
@@ -94,15 +95,17 @@ pub(super) fn backward_input(
     dout: &Tensor,
     weight: &Tensor,
     dinp: &Tensor,
+    addend: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
     expect_shape("conv2d dout", dout, &cfg.output_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let (unused, unused_act, scratch) = (placeholder(gpu)?, placeholder_like(gpu, dout)?, placeholder(gpu)?);
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_accumulate(addend.is_some()));
     let binds = [
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused_act),
+        Bind::Tensor(1, addend_or_unused),
         Bind::Tensor(2, weight),
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, dinp),
@@ -110,8 +113,11 @@ pub(super) fn backward_input(
         Bind::Tensor(6, &scratch),
     ];
     let dims = (cfg.c_in_group(), cfg.n * cfg.h * cfg.w, cfg.groups);
-    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
-    Ok(vec![gemm.dispatch(gpu, 1, &binds, dims, Precision::of(dout))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
+    // With an addend, one more input-sized read and one addition per element.
+    let read_addend = addend.map_or(0, |a| a.numel());
+    let flops = 2.0 * cfg.macs() as f64 + read_addend as f64;
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel() + read_addend) as f64;
+    Ok(vec![gemm.dispatch(gpu, 1, &binds, dims, Precision::of(dout))?.with_cost(flops, bytes)])
 }
 
 /// The weight gradient on a workgroup GEMM (MODE 2), K = N*OH*OW split `splits` ways (each split

@@ -95,7 +95,13 @@ impl LayerOp for Conv2d {
             dinp: Some(dinp),
             dweight: Some(w.grad),
             relu: false,
+            dinp_addend: r.dinp_addend,
         };
+        ensure!(
+            r.dinp_addend.is_none() || !r.reads_network_input,
+            "{}: an input-gradient addend on a layer whose input gradient nobody reads",
+            r.name
+        );
         // Each pass runs the kernel the tuner chose for this shape; the network input needs no
         // gradient.
         let passes: &[ConvPass] = if r.reads_network_input {
@@ -124,6 +130,11 @@ impl LayerOp for Conv2d {
     /// The bias gradient is the sum of the output gradient per channel (conv2d_backward_bias).
     fn channel_bias(&self) -> Option<&'static str> {
         self.bias.then_some("bias")
+    }
+
+    /// Every family's input gradient takes an addend (`ConvBuffers::dinp_addend`).
+    fn accumulates_input_grad(&self) -> bool {
+        true
     }
 
     /// Its weight rows per output channel; its bias, if any, folds with the rest.

@@ -177,6 +177,8 @@ impl Conv2dConfig {
             split_len: to_u32("split_len", split_len)?,
             groups: to_u32("groups", c.groups)?,
             relu: 0,
+            accumulate: 0,
+            _pad: [0; 3],
         })
     }
 }
@@ -207,12 +209,21 @@ struct Params {
     groups: u32,
     /// The forward's fused ReLU ([`ConvBuffers::relu`]): 1 applies it, 0 not.
     relu: u32,
+    /// The input gradient's addend ([`ConvBuffers::dinp_addend`], bound at binding 1): 1 adds it, 0 not.
+    accumulate: u32,
+    /// The block padded to 16 bytes, as WGSL's uniform layout wants.
+    _pad: [u32; 3],
 }
 
 impl Params {
     /// The forward's fused ReLU on or off.
     fn with_relu(self, relu: bool) -> Params {
         Params { relu: u32::from(relu), ..self }
+    }
+
+    /// The input gradient's addend on or off.
+    fn with_accumulate(self, accumulate: bool) -> Params {
+        Params { accumulate: u32::from(accumulate), ..self }
     }
 }
 
@@ -266,6 +277,12 @@ pub struct ConvBuffers<'a> {
     /// The forward stores relu(output): an evaluation pass's convolution with a batch norm and
     /// its ReLU folded in (`ops::bn_fold`). Every family takes it; the backward passes ignore it.
     pub relu: bool,
+    /// The input gradient stores its own gradient plus this tensor (input-shaped, `dinp`'s type, a
+    /// buffer of its own): the other reader's gradient of an activation two layers read, summed as
+    /// the gradient is stored instead of by an addition after it. The own gradient is rounded to
+    /// `dinp`'s type first, then the sum in f32 is rounded again: bit for bit what storing it apart
+    /// and running `add::add_forward` gives. Every family takes it; the other passes ignore it.
+    pub dinp_addend: Option<&'a Tensor>,
 }
 
 impl<'a> ConvBuffers<'a> {
@@ -353,6 +370,7 @@ fn run_pass(
                     need(b.dout, pass, "output gradient")?,
                     need(b.weight, pass, "weight")?,
                     need(b.dinp, pass, "input gradient")?,
+                    b.dinp_addend,
                 ),
                 ConvPass::BackwardWeight => register::backward_weight(
                     gpu,
@@ -391,6 +409,7 @@ fn run_pass(
             need(b.dout, pass, "output gradient")?,
             need(b.weight, pass, "weight")?,
             need(b.dinp, pass, "input gradient")?,
+            b.dinp_addend,
         ),
         ConvPass::BackwardWeight => gemm::backward_weight(
             gpu,
@@ -417,6 +436,34 @@ fn forward_bias<'a>(cfg: &Conv2dConfig, bias: Option<&'a Tensor>, unused: &'a Te
             if want { " not" } else { "" }
         ),
     }
+}
+
+/// The input gradient's binding 1: the addend ([`ConvBuffers::dinp_addend`]), checked against
+/// `dinp`, or `unused` (read by no invocation) without one.
+fn dinp_addend<'a>(
+    cfg: &Conv2dConfig,
+    dinp: &Tensor,
+    addend: Option<&'a Tensor>,
+    unused: &'a Tensor,
+) -> Result<&'a Tensor> {
+    let Some(a) = addend else {
+        return Ok(unused);
+    };
+    expect_shape("conv2d dinp addend", a, &cfg.input_shape())?;
+    ensure!(
+        a.dtype == dinp.dtype,
+        "conv2d: the input gradient's addend {} holds {}, the input gradient {} holds {}",
+        a.label,
+        a.dtype.name(),
+        dinp.label,
+        dinp.dtype.name()
+    );
+    ensure!(
+        a.buffer != dinp.buffer,
+        "conv2d: the input gradient's addend {} is the input gradient's own buffer; it must be another",
+        a.label
+    );
+    Ok(a)
 }
 
 /// The fixed-order sum of a split weight gradient's slices (every family writes them alike).

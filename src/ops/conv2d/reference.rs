@@ -73,6 +73,19 @@ pub fn conv2d_backward_input(c: &Conv2dConfig, dout: &[f64], weight: &[f64]) -> 
     dinp
 }
 
+/// The input gradient with an addend (`ConvBuffers::dinp_addend`: the other reader's gradient of
+/// a forked activation): dinp = conv2d_backward_input(dout, weight) + addend. Exact in f64; the
+/// kernels round the own gradient to the stored type before the sum and the sum after it, as a
+/// separate addition of the two stored gradients would.
+pub fn conv2d_backward_input_accumulate(c: &Conv2dConfig, dout: &[f64], weight: &[f64], addend: &[f64]) -> Vec<f64> {
+    let mut dinp = conv2d_backward_input(c, dout, weight);
+    assert_eq!(addend.len(), dinp.len(), "conv2d_backward_input_accumulate: the addend is not input-shaped");
+    for (d, a) in dinp.iter_mut().zip(addend) {
+        *d += a;
+    }
+    dinp
+}
+
 /// dweight[co, cl, ky, kx] = sum_{n, oy, ox} dout[n, co, oy, ox] * inp[n, ci, iy, ix], ci = in_channel(co, cl)
 pub fn conv2d_backward_weight(c: &Conv2dConfig, inp: &[f64], dout: &[f64]) -> Vec<f64> {
     let (oh, ow) = (c.out_h(), c.out_w());

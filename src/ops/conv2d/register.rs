@@ -6,7 +6,7 @@
 
 use anyhow::{Result, ensure};
 
-use super::{Conv2dConfig, WG, forward_bias, weight_grad_reduce};
+use super::{Conv2dConfig, WG, dinp_addend, forward_bias, weight_grad_reduce};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 use crate::ops::{el, expect_shape, placeholder, placeholder_like};
 
@@ -187,7 +187,8 @@ pub(super) fn forward(
     ])
 }
 
-/// The input gradient (`conv2d_gemm`, MODE 1: the transposed convolution, gathered).
+/// The input gradient (`conv2d_gemm`, MODE 1: the transposed convolution, gathered), plus
+/// `addend` if given ([`super::ConvBuffers::dinp_addend`]).
 pub(super) fn backward_input(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
@@ -195,29 +196,35 @@ pub(super) fn backward_input(
     dout: &Tensor,
     weight: &Tensor,
     dinp: &Tensor,
+    addend: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
     expect_shape("conv2d dout", dout, &cfg.output_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?);
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_accumulate(addend.is_some()));
     let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, (cfg.c_in_group(), cfg.groups), tiles.gemm_n, 1)?;
     // conv2d_gemm in MODE 1 reads dout and writes dinp through the forward's output binding; the
-    // input and bias bindings are declared by the shared entry point but never read.
+    // input binding holds the addend (read only with one), the bias binding is declared by the
+    // shared entry point but never read.
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, dout)?;
+    let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
     let binds = [
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, &unused_act),
+        Bind::Tensor(1, addend_or_unused),
         Bind::Tensor(2, weight),
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, dinp),
         Bind::Tensor(5, dout),
     ];
-    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel()) as f64;
+    // With an addend, one more input-sized read and one addition per element.
+    let read_addend = addend.map_or(0, |a| a.numel());
+    let flops = 2.0 * cfg.macs() as f64 + read_addend as f64;
+    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel() + read_addend) as f64;
     Ok(vec![
         gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
             .labelled("conv2d_backward_input")
-            .with_cost(2.0 * cfg.macs() as f64, bytes),
+            .with_cost(flops, bytes),
     ])
 }
 

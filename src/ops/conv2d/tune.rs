@@ -205,6 +205,7 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
         dinp: Some(&inp),
         dweight: Some(&dweight),
         relu: false,
+        dinp_addend: None,
     };
     let mut best: Option<(ConvKernel, f64)> = None;
     for &k in &cands {

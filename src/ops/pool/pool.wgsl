@@ -10,8 +10,8 @@
 //   global_avg_pool_*    out[n, c] = mean over H*W;  dinp = dout[n, c] / (H*W)
 //
 // AFFINE = 1 (evaluation, `--fuse on`): max_pool2d_forward reads a batch norm's input and applies
-// the batch norm from its running statistics and its ReLU on load — act(max((x - mean) * (invstd
-// * gamma) + beta, 0)), batch_norm_forward_eval's expression and rounding, so the pooled values
+// the batch norm from its running statistics and its ReLU on load — act_rounded(max((x - mean) *
+// (invstd * gamma) + beta, 0)), batch_norm_forward_eval's expression and rounding, so the pooled values
 // are bit for bit those of the batch norm then the pool — where no convolution before the batch
 // norm can absorb it (the base SENet's last one, after its SE block): the batch norm's pass and
 // its full-size output disappear.
@@ -99,7 +99,7 @@ fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
             let idx = u32(iy) * W + u32(ix);
             var v = f32(inp[base + idx]);
             if (AFFINE != 0u) {
-                v = f32(act(max((v - mean) * scale + shift, 0.0)));
+                v = act_rounded(max((v - mean) * scale + shift, 0.0));
             }
             // PyTorch's rule: (v > best || isnan(v)). The first maximum wins; a NaN is taken and
             // kept against numbers (v > NaN is false), a later NaN takes its place.
