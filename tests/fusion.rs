@@ -150,7 +150,7 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
     let (tdb1, tdb2) = (zeros(gpu, "db1", &[cr]), zeros(gpu, "db2", &[c]));
     let grads =
         SeGrads { dinp: &tdx, dw1: &tdw1, db1: cfg.bias.then_some(&tdb1), dw2: &tdw2, db2: cfg.bias.then_some(&tdb2) };
-    let e = AddReluGrads { out: &tout, dres: &tdres, se_grad: None };
+    let e = AddReluGrads { out: &tout, dres: &tdres, se_grad: None, input_affine: None };
     let d = se_block::se_block_backward_add_relu(gpu, cfg, &tx, &weights, &saved, &tdy, e, &dsaved, &grads).unwrap();
     assert_eq!(d.len(), 2, "{}", tag("one per-sample pass and the weight-gradient pass"));
     run(gpu, &d);
@@ -170,28 +170,21 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
     }
     // (A training batch norm needs more than one value per channel.)
     if cfg.variant.squeeze == se_block::Squeeze::Avg && numel > c {
-        deferred_input_gradient_case(
-            gpu,
-            cfg,
-            dtype,
-            (&tx, &tdy, &tout, &saved, &weights),
-            (&tdx, &tdres),
-            &mut r,
-            &tag(""),
-        );
+        deferred_input_gradient_case(gpu, cfg, dtype, (&tres, &tdy, &weights), &mut r, &tag(""));
     }
 }
 
-/// se_block.wgsl's DEFER with batch_norm.wgsl's SE_IN: the block leaves dx = g·s + dz to a batch
-/// norm before it, which computes it where it reads it. Against the unfused pair (dx written by
-/// the block, then the batch norm's backward reading it): every output bit for bit — the batch
-/// norm's dinp, dgamma and dbeta, the shortcut's gradient and the block's weight gradients.
+/// A batch norm feeding an SE block's fused tail, with the block applying the batch norm as it
+/// loads (se_block.wgsl AFFINE_IN, batch_norm.wgsl STATS_ONLY) and leaving dx = g·s + dz to the
+/// batch norm's backward (se_block.wgsl DEFER, batch_norm.wgsl SE_IN), against the unfused chain
+/// (the batch norm writes x, the block reads it and writes dx, the batch norm's backward reads
+/// it): every output bit for bit — the block's output, saved activations, shortcut gradient and
+/// weight gradients, the batch norm's running statistics, dinp, dgamma and dbeta.
 fn deferred_input_gradient_case(
     gpu: &Gpu,
     cfg: &SeBlockConfig,
     dtype: Dtype,
-    (tx, tdy, tout, saved, weights): (&Tensor, &Tensor, &Tensor, &Tensor, &SeWeights<'_>),
-    (tdx, tdres): (&Tensor, &Tensor),
+    (tres, tdy, weights): (&Tensor, &Tensor, &SeWeights<'_>),
     r: &mut rand_chacha::ChaCha8Rng,
     tag: &str,
 ) {
@@ -199,21 +192,55 @@ fn deferred_input_gradient_case(
     let shape = cfg.shape();
     let numel: usize = shape.iter().product();
     let (c, cr) = (cfg.c, cfg.hidden());
-    // The batch norm whose output x is: its own input y and statistics.
     let bn = BatchNormConfig::new(shape[0], shape[1], shape[2], shape[3]);
     let (ty, _) = upload_as(gpu, dtype, &shape, &uniform(r, numel, -2.0, 3.0));
     let gamma = upload(gpu, "gamma", &[c], &uniform(r, c, 0.5, 1.5));
     let beta = upload(gpu, "beta", &[c], &uniform(r, c, -0.5, 0.5));
-    let (rm, rv, stats) =
-        (zeros(gpu, "rm", &[c]), upload(gpu, "rv", &[c], &vec![1.0; c]), zeros(gpu, "stats", &[2, c]));
-    let x = Tensor::zeros_of(gpu, "bn out", &shape, dtype).expect("allocate");
-    let fwd =
-        BnForward { inp: &ty, gamma: &gamma, beta: &beta, running_mean: &rm, running_var: &rv, stats: &stats, out: &x };
-    run(gpu, &batch_norm::batch_norm_forward_train(gpu, &bn, &fwd).unwrap());
-    // [dinp, dgamma, dbeta] of the batch norm's backward from `dout`, deferred or not.
-    let bn_backward = |dout: &Tensor, se_grad: Option<&Tensor>| {
-        let dinp = Tensor::zeros_of(gpu, "bn dinp", &shape, dtype).expect("allocate");
-        let (dg, db) = (zeros(gpu, "dgamma", &[c]), zeros(gpu, "dbeta", &[c]));
+    let act = |label: &str, shape: &[usize]| Tensor::zeros_of(gpu, label, shape, dtype).expect("allocate");
+    let chain = |fused: bool| -> Vec<Vec<f32>> {
+        let (rm, rv, stats) =
+            (zeros(gpu, "rm", &[c]), upload(gpu, "rv", &[c], &vec![1.0; c]), zeros(gpu, "stats", &[2, c]));
+        let x = act("bn out", &shape);
+        let fwd = BnForward {
+            inp: &ty,
+            gamma: &gamma,
+            beta: &beta,
+            running_mean: &rm,
+            running_var: &rv,
+            stats: &stats,
+            out: &x,
+        };
+        let bn_cfg = if fused { bn.with_stats_only() } else { bn };
+        run(gpu, &batch_norm::batch_norm_forward_train(gpu, &bn_cfg, &fwd).unwrap());
+        let (out, saved) = (act("out", &shape), zeros(gpu, "saved", &cfg.saved_shape()));
+        let affine = se_block::BnAffine { stats: &stats, gamma: &gamma, beta: &beta };
+        let d = if fused {
+            se_block::se_block_forward_add_relu_affine(gpu, cfg, &ty, tres, weights, &out, &saved, &affine)
+        } else {
+            se_block::se_block_forward_add_relu(gpu, cfg, &x, tres, weights, &out, &saved)
+        };
+        run(gpu, &d.unwrap());
+        // Deferred, dx is left alone (a 1-element buffer stands for it) and s, dz are written.
+        let (dres, dx) = (act("dres", &shape), act("dx", if fused { &[1][..] } else { &shape[..] }));
+        let se_grad = zeros(gpu, "se grad", &[cfg.n, 2, c]);
+        let dsaved = zeros(gpu, "dsaved", &cfg.dsaved_shape());
+        let (dw1, dw2) = (zeros(gpu, "dw1", &cfg.fc1_shape()), zeros(gpu, "dw2", &cfg.fc2_shape()));
+        let (db1, db2) = (zeros(gpu, "db1", &[cr]), zeros(gpu, "db2", &[c]));
+        let grads =
+            SeGrads { dinp: &dx, dw1: &dw1, db1: cfg.bias.then_some(&db1), dw2: &dw2, db2: cfg.bias.then_some(&db2) };
+        let e = AddReluGrads {
+            out: &out,
+            dres: &dres,
+            se_grad: fused.then_some(&se_grad),
+            input_affine: fused.then_some(affine),
+        };
+        let inp = if fused { &ty } else { &x };
+        run(
+            gpu,
+            &se_block::se_block_backward_add_relu(gpu, cfg, inp, weights, &saved, tdy, e, &dsaved, &grads).unwrap(),
+        );
+        let (dinp, dg, db) = (act("bn dinp", &shape), zeros(gpu, "dgamma", &[c]), zeros(gpu, "dbeta", &[c]));
+        let dout = if fused { &dres } else { &dx };
         let g = BnBackward {
             inp: &ty,
             gamma: &gamma,
@@ -224,43 +251,33 @@ fn deferred_input_gradient_case(
             dgamma: &dg,
             dbeta: &db,
         };
-        let cfg = if se_grad.is_some() { bn.with_se_in() } else { bn };
+        let (cfg_b, se_grad) = if fused { (bn.with_se_in(), Some(&se_grad)) } else { (bn, None) };
         run(
             gpu,
-            &batch_norm::batch_norm_backward_fused(gpu, &cfg, &g, BnFused { se_grad, ..Default::default() }).unwrap(),
+            &batch_norm::batch_norm_backward_fused(gpu, &cfg_b, &g, BnFused { se_grad, ..Default::default() }).unwrap(),
         );
-        [read_as(gpu, &dinp), read(gpu, &dg), read(gpu, &db)]
+        let f32s = [&saved, &dw1, &dw2, &db1, &db2, &rm, &rv, &dg, &db].map(|t| read(gpu, t));
+        [read_as(gpu, &out), read_as(gpu, &dres), read_as(gpu, &dinp)].into_iter().chain(f32s).collect()
     };
-    let apart = bn_backward(tdx, None);
-    // The deferred block: dx is left alone (a 1-element buffer stands for it), s and dz written.
-    let se_grad = zeros(gpu, "se grad", &[cfg.n, 2, c]);
-    let dres = Tensor::zeros_of(gpu, "dres 2", &shape, dtype).expect("allocate");
-    let unused_dx = Tensor::zeros_of(gpu, "dx", &[1], dtype).expect("allocate");
-    let dsaved = zeros(gpu, "dsaved 2", &cfg.dsaved_shape());
-    let (dw1, dw2, db1, db2) = (
-        zeros(gpu, "dw1", &cfg.fc1_shape()),
-        zeros(gpu, "dw2", &cfg.fc2_shape()),
-        zeros(gpu, "db1", &[cr]),
-        zeros(gpu, "db2", &[c]),
-    );
-    let grads = SeGrads {
-        dinp: &unused_dx,
-        dw1: &dw1,
-        db1: cfg.bias.then_some(&db1),
-        dw2: &dw2,
-        db2: cfg.bias.then_some(&db2),
-    };
-    let e = AddReluGrads { out: tout, dres: &dres, se_grad: Some(&se_grad) };
-    run(gpu, &se_block::se_block_backward_add_relu(gpu, cfg, tx, weights, saved, tdy, e, &dsaved, &grads).unwrap());
-    let fused = bn_backward(&dres, Some(&se_grad));
-    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
-    assert!(same(&read_as(gpu, &dres), &read_as(gpu, tdres)), "{tag}: deferred shortcut gradient differs");
-    for (name, (f, a)) in ["dinp", "dgamma", "dbeta"].iter().zip(fused.iter().zip(&apart)) {
-        assert!(same(f, a), "{tag}: the batch norm's {name} from the deferred block differs from the unfused pair's");
+    let (fused, apart) = (chain(true), chain(false));
+    let names = [
+        "out",
+        "dres",
+        "bn dinp",
+        "saved",
+        "dw1",
+        "dw2",
+        "db1",
+        "db2",
+        "running mean",
+        "running var",
+        "dgamma",
+        "dbeta",
+    ];
+    for (name, (f, a)) in names.iter().zip(fused.iter().zip(&apart)) {
+        let same = f.len() == a.len() && f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "{tag}: {name} of the fused batch norm + SE chain differs from the unfused chain's");
     }
-    let s: Vec<f32> = read(gpu, saved).chunks(2 * c + cr).flat_map(|v| v[c + cr..].to_vec()).collect();
-    let got_s: Vec<f32> = read(gpu, &se_grad).chunks(2 * c).flat_map(|v| v[..c].to_vec()).collect();
-    assert!(same(&got_s, &s), "{tag}: deferred s is not the saved gate");
 }
 
 fn cifar(model: &str, placement: SePlacement) -> ModelConfig {

@@ -61,8 +61,8 @@ use crate::ops::conv2d::{ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, LossWeight, result};
 use crate::ops::grad_accum::{GradAccum, MicroBatch};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
+use crate::ops::layer::{AffineInput, Epilogue, EpilogueStep, Folded, ParamTensors, Record, step_key};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
-use crate::ops::layer::{Epilogue, EpilogueStep, Folded, ParamTensors, Record, step_key};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
 use crate::ops::pool::MaxPool2d;
 
@@ -540,8 +540,10 @@ impl Network {
                         },
                         input_bias_grad: self.input_bias_grad(g.head, &fusion)?,
                         bias_grad_elsewhere: fusion.bias_by_next[g.head],
-                        grad_from_next: deferred.and_then(|_| se_grads.get(&g.head)),
-                        defer_input_grad: g.head.checked_sub(1).and_then(|b| se_grads.get(&b)),
+                        grad_from_next: deferred.and_then(|_| se_grads.get(&g.head)).map(|(t, _)| t),
+                        defer_input_grad: g.head.checked_sub(1).and_then(|b| se_grads.get(&b)).map(|(t, _)| t),
+                        stats_only: se_grads.get(&g.head).and_then(|(_, s)| s.as_ref()),
+                        input_affine: self.affine_input(g.head, &acts, &se_grads)?,
                     };
                     (&head.name, self.record_node(head, io, g.epilogue, &mut rec)?)
                 }
@@ -626,6 +628,7 @@ impl Network {
             unused: vec![false; nodes.len() + 1],
             act_kept: vec![false; nodes.len() + 1],
             deferred: vec![None; nodes.len()],
+            affine_in_next: vec![false; nodes.len()],
             bias_by_next: vec![false; nodes.len()],
             fork_in_reader: vec![false; nodes.len() + 1],
         };
@@ -701,6 +704,8 @@ impl Network {
             {
                 f.deferred[b] = Some(residual);
                 (f.unused[k], f.act_kept[k]) = (true, true);
+                f.affine_in_next[b] =
+                    nodes[k].layer.op().applies_input_affine() && nodes[b].layer.op().leaves_affine_to_next();
             }
         }
     }
@@ -726,16 +731,45 @@ impl Network {
 
     /// Per node whose output gradient is deferred ([`Fusions::deferred`]): the tensor the next
     /// node writes for it, [n, 2, C] f32 (an SE block's s and dz per sample).
-    fn deferred_grad_tensors(&self, shapes: &[Shape], fusion: &Fusions) -> Result<HashMap<usize, Tensor>> {
+    /// and, where it also applies this node's affine map ([`Fusions::affine_in_next`]), this
+    /// node's batch statistics [2, C] that both read.
+    fn deferred_grad_tensors(
+        &self,
+        shapes: &[Shape],
+        fusion: &Fusions,
+    ) -> Result<HashMap<usize, (Tensor, Option<Tensor>)>> {
         let mut t = HashMap::new();
         for (b, d) in fusion.deferred.iter().enumerate() {
             if d.is_some() {
                 let (n, c) = (shapes[b + 1][0], shapes[b + 1][1]);
                 let label = format!("{} deferred grad", self.graph.nodes[b + 1].name);
-                t.insert(b, Tensor::zeros(&self.gpu, &label, &[n, 2, c])?);
+                let stats = fusion.affine_in_next[b]
+                    .then(|| {
+                        Tensor::zeros(&self.gpu, &format!("{} batch statistics", self.graph.nodes[b].name), &[2, c])
+                    })
+                    .transpose()?;
+                t.insert(b, (Tensor::zeros(&self.gpu, &label, &[n, 2, c])?, stats));
             }
         }
         Ok(t)
+    }
+
+    /// What node `k` reads in place of its input when it applies the node before it
+    /// ([`Fusions::affine_in_next`]): that node's input, statistics and scale and shift.
+    fn affine_input<'a>(
+        &'a self,
+        k: usize,
+        acts: &'a [Tensor],
+        se_grads: &'a HashMap<usize, (Tensor, Option<Tensor>)>,
+    ) -> Result<Option<AffineInput<'a>>> {
+        let Some((b, Some(stats))) = k.checked_sub(1).and_then(|b| se_grads.get(&b).map(|(_, s)| (b, s.as_ref())))
+        else {
+            return Ok(None);
+        };
+        let bn = &self.graph.nodes[b];
+        let a = bn.layer.op().eval_affine().context("a node leaving its affine map offers none")?;
+        let param = |p: &str| self.param(&format!("{}.{p}", bn.name)).map(|p| &p.value);
+        Ok(Some(AffineInput { inp: &acts[bn.inputs[0]], stats, scale: param(a.scale)?, shift: param(a.shift)? }))
     }
 
     /// The bias gradient node `k`'s backward writes for the node before it ([`Fusions::bias_by_next`]).
@@ -852,6 +886,8 @@ impl Network {
         r.bias_grad_elsewhere = io.bias_grad_elsewhere;
         r.grad_from_next = io.grad_from_next;
         r.defer_input_grad = io.defer_input_grad;
+        r.stats_only = io.stats_only;
+        r.input_affine = io.input_affine;
         r.dinp_addend = io.dinp_addend;
         node.layer.op().record(&mut r)?;
         let train0 = rec.train.len();
@@ -1141,6 +1177,10 @@ struct Fusions {
     /// ([`LayerOp::takes_deferred_grad`]), and is read from the gradient of the addition
     /// operand (node, slot) the next node's fused group writes.
     deferred: Vec<Option<(usize, usize)>>,
+    /// Per node with a deferred gradient: in training the next node also applies this one's
+    /// per-channel affine map as it loads this one's input ([`LayerOp::applies_input_affine`]),
+    /// and this one saves its statistics only.
+    affine_in_next: Vec<bool>,
     /// Per node: its bias gradient is written by the next node's backward
     /// ([`LayerOp::channel_bias`], [`LayerOp::sums_input_grad`]).
     bias_by_next: Vec<bool>,
@@ -1171,6 +1211,10 @@ struct NodeIo<'a> {
     grad_from_next: Option<&'a Tensor>,
     /// It leaves its input gradient to the node before and writes this tensor for it.
     defer_input_grad: Option<&'a Tensor>,
+    /// Its batch statistics, for the next node that applies it; it writes no output in training.
+    stats_only: Option<&'a Tensor>,
+    /// It applies the node before it as it loads that node's input.
+    input_affine: Option<AffineInput<'a>>,
 }
 
 /// The loss's buffers: the labels (and a soft-target plan's targets) the host writes,

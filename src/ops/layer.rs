@@ -101,6 +101,18 @@ pub trait LayerOp {
         false
     }
 
+    /// Training, with its [`Epilogue::AddRelu`] fused: this op can read the input of a batch norm
+    /// before it and apply that batch norm as it loads each value ([`Record::input_affine`]).
+    fn applies_input_affine(&self) -> bool {
+        false
+    }
+
+    /// Training: this op's forward can save its statistics only and leave its per-channel affine
+    /// map to the layer after it ([`LayerOp::applies_input_affine`], [`Record::stats_only`]).
+    fn leaves_affine_to_next(&self) -> bool {
+        false
+    }
+
     /// Training: this op's backward can also write the per-channel sum of its input gradient,
     /// the bias gradient of the layer before it ([`LayerOp::channel_bias`], [`Record::input_bias_grad`]).
     fn sums_input_grad(&self) -> bool {
@@ -208,6 +220,16 @@ pub struct Folded<'a> {
     pub bias: &'a Tensor,
     pub out: &'a Tensor,
     pub relu: bool,
+}
+
+/// A batch norm's normalisation left to the layer after it ([`Record::input_affine`]): the batch
+/// norm's input, its saved batch statistics [2, C] (mean, invstd) and its scale and shift [C].
+#[derive(Clone, Copy)]
+pub struct AffineInput<'a> {
+    pub inp: &'a Tensor,
+    pub stats: &'a Tensor,
+    pub scale: &'a Tensor,
+    pub shift: &'a Tensor,
 }
 
 /// What a node is as a step of an epilogue ([`LayerOp::epilogue_step`]).
@@ -339,6 +361,13 @@ pub struct Record<'a> {
     /// ([`LayerOp::takes_deferred_grad`]): that layer's tensor; `dout` is then the gradient that
     /// layer reads (an SE block's shortcut gradient).
     pub grad_from_next: Option<&'a Tensor>,
+    /// Training: the layer before this one (a batch norm) leaves its normalisation to it
+    /// ([`LayerOp::applies_input_affine`]): read that layer's input and its statistics and
+    /// parameters instead of its output.
+    pub input_affine: Option<AffineInput<'a>>,
+    /// Training: the next layer applies this one's normalisation ([`LayerOp::leaves_affine_to_next`]):
+    /// save the batch statistics into this plan-owned tensor, write no output.
+    pub stats_only: Option<&'a Tensor>,
     /// The backward writes `dinputs[0]` = its own gradient + this tensor
     /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
     pub dinp_addend: Option<&'a Tensor>,
@@ -395,6 +424,8 @@ impl<'a> Record<'a> {
             bias_grad_elsewhere: false,
             defer_input_grad: None,
             grad_from_next: None,
+            input_affine: None,
+            stats_only: None,
             dinp_addend: None,
             step_key,
             params,

@@ -72,6 +72,9 @@
 //               `se_grad` holds s[c] and dz[c] per sample; the gradient reaching the BN's output
 //               is act(g * s[c] + dz[c]), the SE kernel's own expression and rounding, so the
 //               SE's full-size dx is neither written nor read.
+//   STATS_ONLY = 1  the training forward saves the statistics (and moves the running ones) but
+//               writes no output: the SE block that alone reads it applies it as it loads each
+//               value (se_block.wgsl, AFFINE_IN), so the full-size output is never stored.
 //   BIAS = 1    the convolution before the BN has a bias: its gradient, the sum of dinp per
 //               channel, is summed as dinp is written, in conv2d_backward_bias's order (thread t
 //               takes elements t, t + RED_WG, …, then block_sum2), so that kernel's pass over
@@ -118,6 +121,7 @@ override REMASK: u32 = 0u;    // 1: the ReLU's backward mask recomputed (see abo
 override POOL: u32 = 0u;      // 1: max pool fused after the ReLU (see above)
 override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the backward
 override SE_IN: u32 = 0u;     // 1: the gradient from the SE block after (see above)
+override STATS_ONLY: u32 = 0u; // 1: no output written, the next layer applies it (see above)
 override IH: u32 = 1u;
 override IW: u32 = 1u;
 override KH: u32 = 1u;
@@ -286,7 +290,9 @@ fn batch_norm_forward_train(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes)
     let c = wid.x;
     let m = p.n * HW;
     let s = finish_statistics(c, l.t, channel_welford(c, l), f32(m), f32(m - 1u));
-    apply_channel(c, l.t, s.x, s.y);
+    if (STATS_ONLY == 0u) {
+        apply_channel(c, l.t, s.x, s.y);
+    }
 }
 
 // --sync-bn, first half of the forward: this rank's (count, mean, M2), for the host to merge.

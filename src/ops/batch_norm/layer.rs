@@ -1,6 +1,6 @@
 //! `nn.BatchNorm2d` as a graph node (PyTorch's eps and momentum), optionally with a ReLU fused in.
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 
 use super::reference as cpu;
 use super::{BatchNormConfig, BnBackward, BnForward, BnFused, ROWS};
@@ -97,6 +97,11 @@ impl LayerOp for BatchNorm2d {
         true
     }
 
+    /// Its training forward can save the statistics only (batch_norm.wgsl, STATS_ONLY).
+    fn leaves_affine_to_next(&self) -> bool {
+        true
+    }
+
     /// In evaluation, x·s + t per channel from the running statistics: a convolution before it
     /// may fold it in (`ops::bn_fold`).
     fn eval_affine(&self) -> Option<EvalAffine> {
@@ -124,17 +129,22 @@ impl LayerOp for BatchNorm2d {
         if r.grad_from_next.is_some() {
             cfg = cfg.with_se_in();
         }
+        if r.stats_only.is_some() {
+            cfg = cfg.with_stats_only();
+        }
         let relu_out = (cfg.relu && !cfg.recomputes_mask()).then_some(out);
         let (g, b) = (r.param("weight")?, r.param("bias")?);
         let (running_mean, running_var) = r.running()?;
-        let stats = r.scratch("batch statistics", &[2, c])?;
-        let t = BnForward { inp, gamma: g.value, beta: b.value, running_mean, running_var, stats: &stats, out };
+        // Plan-owned when the next layer reads them (STATS_ONLY).
+        let own = r.stats_only.is_none().then(|| r.scratch("batch statistics", &[2, c])).transpose()?;
+        let stats = r.stats_only.or(own.as_ref()).context("batch statistics")?;
+        let t = BnForward { inp, gamma: g.value, beta: b.value, running_mean, running_var, stats, out };
         let argmax = cfg.pool.map(|p| r.scratch("argmax", &p.output_shape())).transpose()?;
         self.record_eval(r, &eval_cfg, &t, argmax.as_ref())?;
-        let gb = BnBackward { inp, gamma: g.value, stats: &stats, relu_out, dout, dinp, dgamma: g.grad, dbeta: b.grad };
+        let gb = BnBackward { inp, gamma: g.value, stats, relu_out, dout, dinp, dgamma: g.grad, dbeta: b.grad };
         if r.sync_bn {
             ensure!(
-                cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in,
+                cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in && !cfg.stats_only,
                 "{name}: --sync-bn fuses no pool, bias gradient or SE gradient"
             );
             // SyncBatchNorm: each pass in two halves around the ranks' exchange.

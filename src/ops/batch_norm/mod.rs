@@ -45,6 +45,9 @@ pub struct BatchNormConfig {
     /// Without `relu`: the gradient comes from the SE block after it, which leaves its input
     /// gradient to this backward (SE_IN): `dout` is the SE's shortcut gradient.
     pub se_in: bool,
+    /// The training forward saves the statistics but writes no output: the layer after it
+    /// applies the normalisation as it loads (STATS_ONLY).
+    pub stats_only: bool,
 }
 
 impl BatchNormConfig {
@@ -62,6 +65,7 @@ impl BatchNormConfig {
             pool: None,
             conv_bias: false,
             se_in: false,
+            stats_only: false,
         }
     }
 
@@ -92,6 +96,11 @@ impl BatchNormConfig {
         BatchNormConfig { se_in: true, ..self }
     }
 
+    /// With no output written in training ([`BatchNormConfig::stats_only`]).
+    pub fn with_stats_only(self) -> Self {
+        BatchNormConfig { stats_only: true, ..self }
+    }
+
     /// The output shape: the input's, or the fused pool's.
     pub fn out_shape(&self) -> [usize; 4] {
         self.pool.map_or(self.shape(), |p| p.output_shape())
@@ -110,6 +119,9 @@ impl BatchNormConfig {
         }
         if self.se_in {
             k.push(("SE_IN", 1.0));
+        }
+        if self.stats_only {
+            k.push(("STATS_ONLY", 1.0));
         }
         if let Some(p) = self.pool {
             let v = |x: usize| x as f64;
@@ -338,6 +350,12 @@ pub fn batch_norm_forward_train_fused(
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     f.push_binds(&mut binds, &unused, true);
     let d = bn_dispatch(gpu, cfg, "batch_norm_forward_train", &binds, inp, (7.0, 2.0))?;
+    if cfg.stats_only {
+        ensure!(cfg.pool.is_none() && !cfg.relu, "batch_norm: a forward that writes no output has no epilogue");
+        // The input read once; the statistics written.
+        let n = cfg.numel() as f64;
+        return Ok(d.into_iter().map(|d| d.with_cost(5.0 * n, el(inp) * n + 8.0 * cfg.c as f64)).collect());
+    }
     if cfg.pool.is_none() {
         return Ok(d);
     }
@@ -522,7 +540,7 @@ pub fn batch_norm_forward_apply(
 /// or recomputed mask into them.
 fn ensure_unfused_sync(cfg: &BatchNormConfig) -> Result<()> {
     ensure!(
-        !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in,
+        !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in && !cfg.stats_only,
         "batch_norm: --sync-bn's split kernels take no fused pool, bias gradient or recomputed mask"
     );
     Ok(())

@@ -3,7 +3,7 @@
 use anyhow::{Result, ensure};
 
 use super::reference::{self as cpu, SeForward, SeParams};
-use super::{AddReluGrads, Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze};
+use super::{AddReluGrads, BnAffine, Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze};
 use crate::ops::layer::{
     Epilogue, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, SeSaved, Shape,
     expect_spatial,
@@ -69,6 +69,12 @@ impl LayerOp for SeBlock {
         self.variant.squeeze == Squeeze::Avg
     }
 
+    /// With a mean squeeze, the fused kernels can read a batch norm's input and apply it on load
+    /// (se_block.wgsl, AFFINE_IN).
+    fn applies_input_affine(&self) -> bool {
+        self.variant.squeeze == Squeeze::Avg
+    }
+
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
         let (inp, dinp) = r.inp();
         let cfg = self.config(&inp.shape);
@@ -81,9 +87,28 @@ impl LayerOp for SeBlock {
         match r.residual {
             // The residual addition and the ReLU after it fused in (`Epilogue::AddRelu`).
             Some((res, dres)) => {
-                r.forward(super::se_block_forward_add_relu(r.gpu, &cfg, inp, res, &weights, r.out, &saved)?);
-                let e = AddReluGrads { out: r.out, dres, se_grad: r.defer_input_grad };
-                let bwd = super::se_block_backward_add_relu(r.gpu, &cfg, inp, &weights, &saved, r.dout, e, &dsaved, &g);
+                let fwd = super::se_block_forward_add_relu(r.gpu, &cfg, inp, res, &weights, r.out, &saved)?;
+                // Training may read the batch norm's input and apply it on load (AFFINE_IN);
+                // evaluation reads the batch norm's (or the folded convolution's) output.
+                let affine =
+                    r.input_affine.map(|a| (a.inp, BnAffine { stats: a.stats, gamma: a.scale, beta: a.shift }));
+                match affine {
+                    Some((y, a)) => {
+                        r.eval.extend(fwd);
+                        let f =
+                            super::se_block_forward_add_relu_affine(r.gpu, &cfg, y, res, &weights, r.out, &saved, &a);
+                        r.train.extend(f?);
+                    }
+                    None => r.forward(fwd),
+                }
+                let x = affine.map_or(inp, |(y, _)| y);
+                let e = AddReluGrads {
+                    out: r.out,
+                    dres,
+                    se_grad: r.defer_input_grad,
+                    input_affine: affine.map(|(_, a)| a),
+                };
+                let bwd = super::se_block_backward_add_relu(r.gpu, &cfg, x, &weights, &saved, r.dout, e, &dsaved, &g);
                 r.backward.extend(bwd?);
             }
             None => {

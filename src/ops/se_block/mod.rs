@@ -157,7 +157,7 @@ pub fn se_block_forward(
     out: &Tensor,
     saved: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    forward(gpu, cfg, inp, None, weights, out, saved)
+    forward(gpu, cfg, inp, None, weights, out, saved, None)
 }
 
 /// [`se_block_forward`] with the residual addition of `res` and the ReLU after it fused in, one
@@ -171,9 +171,52 @@ pub fn se_block_forward_add_relu(
     out: &Tensor,
     saved: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    forward(gpu, cfg, inp, Some(res), weights, out, saved)
+    forward(gpu, cfg, inp, Some(res), weights, out, saved, None)
 }
 
+/// A batch norm before the block that the block applies as it loads its input (se_block.wgsl,
+/// AFFINE_IN): `inp` is then the batch norm's input, and these its saved batch statistics
+/// [2, C] (mean, invstd) and parameters [C].
+#[derive(Clone, Copy)]
+pub struct BnAffine<'a> {
+    pub stats: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+}
+
+impl BnAffine<'_> {
+    fn check(&self, cfg: &SeBlockConfig) -> Result<()> {
+        ensure!(cfg.variant.squeeze == Squeeze::Avg, "se_block: only a mean squeeze applies a batch norm on load");
+        expect_shape("se_block batch-norm statistics", self.stats, &[2, cfg.c])?;
+        expect_shape("se_block batch-norm weight", self.gamma, &[cfg.c])?;
+        expect_shape("se_block batch-norm bias", self.beta, &[cfg.c])
+    }
+}
+
+/// The AFFINE_IN bindings (21–23), placeholders without one.
+fn affine_binds<'a>(affine: Option<&BnAffine<'a>>, unused: &'a Tensor) -> [Bind<'a>; 3] {
+    let [s, g, b] = affine.map_or([unused; 3], |a| [a.stats, a.gamma, a.beta]);
+    [Bind::Tensor(21, s), Bind::Tensor(22, g), Bind::Tensor(23, b)]
+}
+
+/// [`se_block_forward_add_relu`] of a batch norm's output, that batch norm applied as the block
+/// loads `inp`, its input (`affine`).
+#[allow(clippy::too_many_arguments)]
+pub fn se_block_forward_add_relu_affine(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    inp: &Tensor,
+    res: &Tensor,
+    weights: &SeWeights<'_>,
+    out: &Tensor,
+    saved: &Tensor,
+    affine: &BnAffine<'_>,
+) -> Result<Vec<Dispatch>> {
+    affine.check(cfg)?;
+    forward(gpu, cfg, inp, Some(res), weights, out, saved, Some(affine))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn forward(
     gpu: &Gpu,
     cfg: &SeBlockConfig,
@@ -182,6 +225,7 @@ fn forward(
     weights: &SeWeights<'_>,
     out: &Tensor,
     saved: &Tensor,
+    affine: Option<&BnAffine<'_>>,
 ) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
     if let Some(res) = res {
@@ -207,11 +251,15 @@ fn forward(
         Bind::Tensor(7, saved),
     ];
     binds.extend(res.map(|r| Bind::Tensor(17, r)));
+    let unused_affine = placeholder(gpu)?;
+    binds.extend(affine_binds(affine, &unused_affine));
     let entry = if res.is_some() { "se_block_forward_add_relu" } else { "se_block_forward" };
     let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let grid = [to_u32("batch", cfg.n)?, 1, 1];
-    let d = gpu.dispatch_in(Precision::of(inp), "se_block", entry, &[("WG", WG as f64)], &binds, grid)?;
+    let consts = [("WG", WG as f64), ("AFFINE_IN", 1.0)];
+    let consts = if affine.is_some() { &consts[..] } else { &consts[..1] };
+    let d = gpu.dispatch_in(Precision::of(inp), "se_block", entry, consts, &binds, grid)?;
     // x read twice (squeeze, scale) and out written; fused, the shortcut read besides, and an add
     // and a max more per element.
     let (tensors, ops) = if res.is_some() { (4.0, 4.0) } else { (3.0, 2.0) };
@@ -252,6 +300,8 @@ pub struct AddReluGrads<'a> {
     /// (se_block.wgsl, DEFER), and s and dz per sample go here, [n, 2, C] f32; `dinp` is not
     /// written (and may be any buffer).
     pub se_grad: Option<&'a Tensor>,
+    /// The batch norm before the block, applied as `inp` (its input) is loaded (AFFINE_IN).
+    pub input_affine: Option<BnAffine<'a>>,
 }
 
 /// The backward of [`se_block_forward_add_relu`], two dispatches as [`se_block_backward`]: `dout`
@@ -286,6 +336,10 @@ fn backward(
 ) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
     let defer = epilogue.and_then(|e| e.se_grad);
+    let affine = epilogue.and_then(|e| e.input_affine);
+    if let Some(a) = &affine {
+        a.check(cfg)?;
+    }
     if let Some(e) = epilogue {
         expect_shape("se_block output", e.out, &cfg.shape())?;
         expect_shape("se_block shortcut grad", e.dres, &cfg.shape())?;
@@ -308,8 +362,9 @@ fn backward(
     let db1 = db1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias grad"))?;
     let db2 = db2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias grad"))?;
     let params = gpu.uniform("se_block params", &cfg.params()?);
-    let consts = [("WG", WG as f64), ("DEFER", f64::from(u8::from(defer.is_some())))];
-    let consts = if defer.is_some() { &consts[..] } else { &consts[..1] };
+    let mut consts = vec![("WG", WG as f64)];
+    consts.extend(defer.map(|_| ("DEFER", 1.0)));
+    consts.extend(affine.map(|_| ("AFFINE_IN", 1.0)));
     let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -320,14 +375,16 @@ fn backward(
         Bind::Tensor(10, grads.dinp),
         Bind::Tensor(11, dsaved),
     ];
-    let unused = placeholder(gpu)?;
+    // Placeholders: one for the written binding, one for the read ones (never both in a dispatch).
+    let (unused, unused_ro) = (placeholder(gpu)?, placeholder(gpu)?);
     if let Some(e) = epilogue {
         binds.extend([Bind::Tensor(18, e.out), Bind::Tensor(19, e.dres), Bind::Tensor(20, defer.unwrap_or(&unused))]);
+        binds.extend(affine_binds(affine.as_ref(), &unused_ro));
     }
     let precision = Precision::of(dout);
     let grid = [to_u32("batch", cfg.n)?, 1, 1];
     let entry = if epilogue.is_some() { "se_block_backward_input_add_relu" } else { "se_block_backward_input" };
-    let input = gpu.dispatch_in(precision, "se_block", entry, consts, &binds, grid)?;
+    let input = gpu.dispatch_in(precision, "se_block", entry, &consts, &binds, grid)?;
     // x and dout read and dinp written once each, the two weights and the saved activations read,
     // the saved gradients written; per element a product for the scale's gradient and one for
     // dinp, and the two small matrix-vector products back through FC2 and FC1. Fused, the ReLU's

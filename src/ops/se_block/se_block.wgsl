@@ -43,6 +43,11 @@
 //       backward leaves dx = g * s[c] + dz[c] to that batch norm's backward (batch_norm.wgsl,
 //       SE_IN), which reads g from the shortcut's gradient, and writes only s and dz per sample
 //       into `se_grad` ([n][s (C) | dz (C)]): the full-size dx is neither written nor read.
+//       AFFINE_IN = 1 (`--fuse on`, the same batch norm): the training forward and backward read
+//       that batch norm's input y and apply it as they load each value, x = act_rounded((y -
+//       mean) * (invstd * gamma) + beta) from its batch statistics (`bn_stats`, [mean | invstd])
+//       and parameters — batch_norm.wgsl's expression and rounding — so the batch norm writes
+//       only its statistics and x is never stored in training.
 
 struct Params {
     n: u32, c: u32, cr: u32, hw: u32,
@@ -79,9 +84,24 @@ const EXCITE_RELU: u32 = 2u;
 @group(0) @binding(19) var<storage, read_write> dres: array<act>;
 // DEFER: per sample s[c] then dz[c] (/ HW), for the batch norm before the block.
 @group(0) @binding(20) var<storage, read_write> se_grad: array<f32>;
+// AFFINE_IN: the batch norm before the block, [2, C] statistics and [C] parameters.
+@group(0) @binding(21) var<storage, read> bn_stats: array<f32>;
+@group(0) @binding(22) var<storage, read> bn_gamma: array<f32>;
+@group(0) @binding(23) var<storage, read> bn_beta: array<f32>;
 
 override WG: u32 = 256u;
 override DEFER: u32 = 0u;
+override AFFINE_IN: u32 = 0u;
+
+// The block's input x at element i of channel c: stored, or (AFFINE_IN) the batch norm before it
+// applied to its own input as the batch norm would store it.
+fn x_at(i: u32, c: u32) -> f32 {
+    if (AFFINE_IN != 0u) {
+        let scale = bn_stats[p.c + c] * bn_gamma[c];
+        return act_rounded((f32(inp[i]) - bn_stats[c]) * scale + bn_beta[c]);
+    }
+    return f32(inp[i]);
+}
 const WMEM: u32 = 4096u;  // 16 KiB: WebGPU's guaranteed workgroup storage
 
 var<workgroup> wbuf: array<f32, WMEM>;
@@ -134,7 +154,7 @@ fn se_gate(n: u32, l: Lane) {
         var s = 0.0;
         if (p.squeeze != SQUEEZE_MAX) {
             for (var k = l.lane; k < p.hw; k += l.size) {
-                s += f32(inp[cb + k]);
+                s += x_at(cb + k, c);
             }
         }
         s = sg_sum(s);
@@ -204,7 +224,7 @@ fn se_block_forward_add_relu(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes
     let xb = n * p.c * p.hw;
     let total = p.c * p.hw;
     for (var i = l.t; i < total; i += WG) {
-        out[xb + i] = act(max(f32(inp[xb + i]) * wbuf[i / p.hw] + f32(res[xb + i]), 0.0));
+        out[xb + i] = act(max(x_at(xb + i, i / p.hw) * wbuf[i / p.hw] + f32(res[xb + i]), 0.0));
     }
 }
 
@@ -300,7 +320,7 @@ fn se_block_backward_input_add_relu(@builtin(workgroup_id) wid: vec3<u32>, lanes
         for (var k = l.lane; k < p.hw; k += l.size) {
             let g = select(0.0, f32(dout[cb + k]), f32(outp[cb + k]) > 0.0);
             dres[cb + k] = act(g);
-            ds += g * f32(inp[cb + k]);
+            ds += g * x_at(cb + k, c);
         }
         ds = sg_sum(ds);
         if (l.lane == 0u) {
