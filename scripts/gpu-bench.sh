@@ -17,9 +17,10 @@
 #
 # Full run (a GPU): senet w1 b128 and w0.25 b128 at 3x32x32, se-resnet20 b128 at 32x32, se-resnet50
 # b64 at 224x224 (1000 classes), each in both precisions, and se-resnet50 once more with
-# `--fuse off` (fused epilogues off) in the first precision; every command under a timeout (devices
-# 30 s, each bench 55 s, the unfused bench 30 s, PyTorch 90 s) so the whole stays inside 10 minutes
-# (9.8 at worst; one precision: 6.1).
+# `--fuse off` (fused epilogues off) in the first precision, and scripts/pipeline-cache-bench.sh's
+# cold and warm first steps; every command under a timeout (devices 30 s, each bench 55 s, the
+# unfused bench 30 s, the pipeline cache 25 s, PyTorch 90 s): 10.2 minutes if every one of them
+# ran out, one precision 6.5.
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
@@ -106,6 +107,11 @@ else
   echo "gpu-bench: senet bench --fuse off failed or ran past ${fuse_limit} s:"; tail -5 "$out/bench-unfused.err"
 fi
 rm -f "$out/bench.tmp"
+
+# First-step time with our pipeline cache and the driver's cache each cold or warm.
+echo "gpu-bench: pipeline cache ($(( $(date +%s) - start )) s so far)"
+timeout 25 bash scripts/pipeline-cache-bench.sh "$senet" > "$out/pipeline-cache.txt" 2>&1 \
+  || echo "gpu-bench: pipeline-cache-bench.sh failed or ran past 25 s (see $out/pipeline-cache.txt)"
 
 : > "$out/torch.jsonl"
 if "$python" -c 'import torch' 2>/dev/null; then

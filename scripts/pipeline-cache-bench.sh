@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# First-step time of `senet bench` with our pipeline cache and Mesa's shader cache each cold or
-# warm, in one sitting (docs/performance.md). Caches live in a temporary folder, never the user's.
+# First-step time of `senet bench` with our pipeline cache and the driver's shader cache (Mesa's;
+# NVIDIA's through the same rows) each cold or warm, in one sitting (docs/performance.md). Caches live in a temporary folder, never the user's.
 # Usage: scripts/pipeline-cache-bench.sh [senet binary] [bench arguments…]
 set -euo pipefail
 bin=${1:-target/debug/senet}
@@ -17,9 +17,12 @@ first() { # label, env…, then -- and senet flags
   printf '%-40s %8s s\n' "$label" "$s"
 }
 export XDG_CACHE_HOME=$tmp/ours
-first "neither cache" MESA_SHADER_CACHE_DISABLE=true -- --pipeline-cache off
-first "both cold" MESA_SHADER_CACHE_DIR=$tmp/mesa -- --pipeline-cache auto
+# The driver's own cache: Mesa's, or (the same rows) NVIDIA's, moved or turned off alike.
+off=(MESA_SHADER_CACHE_DISABLE=true __GL_SHADER_DISK_CACHE=0)
+on=(MESA_SHADER_CACHE_DIR=$tmp/mesa __GL_SHADER_DISK_CACHE_PATH=$tmp/mesa)
+first "neither cache" "${off[@]}" -- --pipeline-cache off
+first "both cold" "${on[@]}" -- --pipeline-cache auto
 ls -l "$tmp"/ours/senet-wgpu/ | sed 's/^/  /'
-first "ours warm, Mesa's off" MESA_SHADER_CACHE_DISABLE=true -- --pipeline-cache auto
-first "Mesa's warm, ours off" MESA_SHADER_CACHE_DIR=$tmp/mesa -- --pipeline-cache off
-first "both warm" MESA_SHADER_CACHE_DIR=$tmp/mesa -- --pipeline-cache auto
+first "ours warm, Mesa's off" "${off[@]}" -- --pipeline-cache auto
+first "Mesa's warm, ours off" "${on[@]}" -- --pipeline-cache off
+first "both warm" "${on[@]}" -- --pipeline-cache auto

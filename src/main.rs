@@ -54,8 +54,9 @@ struct Cli {
     #[arg(long, global = true, value_enum, env = "SENET_PIPELINE_CACHE", default_value_t)]
     pipeline_cache: gpu::Switch,
     /// Fused epilogues in the step plans: on = a residual addition runs with the ReLU after it, an
-    /// SE block's gate with the addition and ReLU after it, in one pass each; off = only the batch
-    /// norm's ReLU is fused. Changes dispatches, never checkpoints.
+    /// SE block's gate with the addition and ReLU after it, a batch norm with its ReLU and max pool,
+    /// in one pass each, and more (docs/cli.md); off = only the batch norm's ReLU is fused. Changes
+    /// dispatches, never checkpoints.
     #[arg(long, global = true, value_enum, env = "SENET_FUSE", default_value_t)]
     fuse: gpu::Fuse,
     #[command(subcommand)]

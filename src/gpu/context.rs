@@ -69,8 +69,9 @@ pub struct GpuOptions {
     /// the cache lives for this process only (the CLI passes the tuning cache's folder).
     pub pipeline_cache_dir: Option<std::path::PathBuf>,
     /// Fused epilogues in step plans (`--fuse`): on, every epilogue an op offers (a residual
-    /// addition with the ReLU after it, an SE gate with the addition and ReLU after it); off,
-    /// only the batch norm's ReLU. Plans differ in dispatches, never in checkpoints.
+    /// addition with the ReLU after it, an SE gate with the addition and ReLU after it, a batch
+    /// norm's ReLU and max pool, and the rest of `model::plan`'s fusion pass); off, only the batch
+    /// norm's ReLU. Plans differ in dispatches, never in checkpoints.
     pub fuse: Fuse,
 }
 

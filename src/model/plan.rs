@@ -51,6 +51,8 @@ use anyhow::{Context, Result, ensure};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use fold::EvalFolds;
+
 use super::ema::ModelEma;
 use super::{Graph, Init, ModelConfig, ParamSpec, Shape};
 use crate::gpu::{Dispatch, Gpu, Pass, Precision, Tensor};
@@ -498,22 +500,14 @@ impl Network {
         let consumers = self.graph.consumers();
         let fusion = self.fusions(&consumers);
         let kept = |i: usize| fusion.unused[i] && !fusion.act_kept[i];
-        let acts = self.activations(&shapes, &(0..shapes.len()).map(kept).collect::<Vec<_>>(), "")?;
-        let grads = self.activations(&shapes, &fusion.unused, " grad")?;
-        let contrib = self.fork_gradients(&shapes, &consumers, &fusion.fork_in_reader)?;
-        let target =
-            |k: usize, j: usize| -> &Tensor { contrib.get(&(k, j)).unwrap_or(&grads[self.graph.nodes[k].inputs[j]]) };
-        let se_grads = self.deferred_grad_tensors(&shapes, &fusion)?;
-        // The gradient a forked activation's first reader (node k) adds into its own: the second
-        // reader's.
-        let addend = |k: usize| -> Option<&Tensor> {
-            let i = *self.graph.nodes[k].inputs.first()?;
-            let &[r0, r1] = consumers[i].as_slice() else { return None };
-            let j = self.graph.nodes[r1].inputs.iter().position(|&x| x == i)?;
-            (r0 == k && fusion.fork_in_reader[i]).then(|| target(r1, j))
+        let b = PlanBuffers {
+            acts: self.activations(&shapes, &(0..shapes.len()).map(kept).collect::<Vec<_>>(), "")?,
+            grads: self.activations(&shapes, &fusion.unused, " grad")?,
+            contrib: self.fork_gradients(&shapes, &consumers, &fusion.fork_in_reader)?,
+            se_grads: self.deferred_grad_tensors(&shapes, &fusion)?,
         };
         let mut rec = Recorded::default();
-        let input_f32 = self.record_input_cast(&shapes[0], &acts[0], &mut rec)?;
+        let input_f32 = self.record_input_cast(&shapes[0], &b.acts[0], &mut rec)?;
         let folds = self.eval_folds(&consumers, &fusion, &mut rec.eval)?;
         for (k, node) in self.graph.nodes.iter().enumerate() {
             let (train0, eval0) = (rec.train.len(), rec.eval.len());
@@ -524,44 +518,17 @@ impl Network {
                     let head = &self.graph.nodes[g.head];
                     // Bind groups and parameter blocks made for this layer carry its name.
                     let _scope = gpu.label_scope(&head.name);
-                    let deferred = fusion.deferred[g.head];
-                    let dout = deferred.map_or(&grads[g.out], |(add, j)| target(add, j));
-                    let io = NodeIo {
-                        inputs: head.inputs.iter().map(|&i| &acts[i]).collect(),
-                        dinputs: (0..head.inputs.len()).map(|j| target(g.head, j)).collect(),
-                        outs: (&acts[g.out], dout),
-                        residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], target(add, j))),
-                        dinp_addend: addend(g.head),
-                        folded: folds.folded(g.head, &fusion, &acts),
-                        eval_folded: folds.is_folded(g.head),
-                        pool: match g.epilogue {
-                            Some(Epilogue::ReluMaxPool(p)) => Some((p, &acts[g.head + 2])),
-                            _ => None,
-                        },
-                        input_bias_grad: self.input_bias_grad(g.head, &fusion)?,
-                        bias_grad_elsewhere: fusion.bias_by_next[g.head],
-                        grad_from_next: deferred.and_then(|_| se_grads.get(&g.head)).map(|(t, _)| t),
-                        defer_input_grad: g.head.checked_sub(1).and_then(|b| se_grads.get(&b)).map(|(t, _)| t),
-                        stats_only: se_grads.get(&g.head).and_then(|(_, s)| s.as_ref()),
-                        input_affine: self.affine_input(g.head, &acts, &se_grads)?,
-                    };
+                    let io = self.node_io(g, &b, &fusion, &folds, &consumers)?;
                     (&head.name, self.record_node(head, io, g.epilogue, &mut rec)?)
                 }
                 None => (&node.name, (Vec::new(), None)),
             };
-            // This node is the first reader of a forked activation: after its backward (the last
-            // to run in reverse order), sum the two contributions — unless its backward did.
-            for &i in &node.inputs {
-                if consumers[i].len() == 2 && consumers[i][0] == k && i > 0 && !fusion.fork_in_reader[i] {
-                    let [r0, r1] = [consumers[i][0], consumers[i][1]];
-                    let slot = |r: usize| self.graph.nodes[r].inputs.iter().position(|&x| x == i).unwrap_or(0);
-                    bwd.extend(add::add_forward(gpu, target(r0, slot(r0)), target(r1, slot(r1)), &grads[i])?);
-                }
-            }
+            bwd.extend(self.fork_sums(k, &b, &fusion, &consumers)?);
             label(rec.train[train0..].iter_mut().chain(&mut rec.eval[eval0..]), name, Pass::Forward);
             label(bwd.iter_mut(), name, Pass::Backward);
             rec.backward.push((bwd, bwd_exchange));
         }
+        let PlanBuffers { acts, grads, contrib, .. } = b;
         let loss = LossTensors::new(gpu, n, self.soft_targets.then_some(&logits_shape))?;
         let loss_weight = self.record_loss(&acts[acts.len() - 1], &grads[grads.len() - 1], &loss, &mut rec)?;
         let Recorded { mut train, eval, backward, mut exchanges, se_saved, conv_kernels } = rec;
@@ -596,6 +563,87 @@ impl Network {
             eval,
             exchanges,
         })
+    }
+
+    /// The buffer node `k`'s input `j`'s gradient goes to: the activation's, or a forked
+    /// activation's per-reader one.
+    fn target<'a>(&self, b: &'a PlanBuffers, k: usize, j: usize) -> &'a Tensor {
+        let i = self.graph.nodes[k].inputs[j];
+        b.contrib.get(&(k, j)).unwrap_or(&b.grads[i])
+    }
+
+    /// The gradient a forked activation's first reader (node `k`) adds into its own: the second
+    /// reader's ([`Fusions::fork_in_reader`]).
+    fn addend<'a>(
+        &self,
+        k: usize,
+        b: &'a PlanBuffers,
+        fusion: &Fusions,
+        consumers: &[Vec<usize>],
+    ) -> Option<&'a Tensor> {
+        let i = *self.graph.nodes[k].inputs.first()?;
+        let &[r0, r1] = consumers[i].as_slice() else { return None };
+        let j = self.graph.nodes[r1].inputs.iter().position(|&x| x == i)?;
+        (r0 == k && fusion.fork_in_reader[i]).then(|| self.target(b, r1, j))
+    }
+
+    /// What the group `g` recorded at its head reads and writes, as the fusion and fold passes
+    /// decided.
+    fn node_io<'a>(
+        &'a self,
+        g: Group,
+        b: &'a PlanBuffers,
+        fusion: &Fusions,
+        folds: &'a EvalFolds,
+        consumers: &[Vec<usize>],
+    ) -> Result<NodeIo<'a>> {
+        let (head, acts, se) = (&self.graph.nodes[g.head], &b.acts, &b.se_grads);
+        let deferred = fusion.deferred[g.head];
+        let dout = deferred.map_or(&b.grads[g.out], |(add, j)| self.target(b, add, j));
+        Ok(NodeIo {
+            inputs: head.inputs.iter().map(|&i| &acts[i]).collect(),
+            dinputs: (0..head.inputs.len()).map(|j| self.target(b, g.head, j)).collect(),
+            outs: (&acts[g.out], dout),
+            residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], self.target(b, add, j))),
+            dinp_addend: self.addend(g.head, b, fusion, consumers),
+            folded: folds.folded(g.head, fusion, acts),
+            eval_folded: folds.is_folded(g.head),
+            pool: match g.epilogue {
+                Some(Epilogue::ReluMaxPool(p)) => Some((p, &acts[g.head + 2])),
+                _ => None,
+            },
+            input_bias_grad: self.input_bias_grad(g.head, fusion)?,
+            bias_grad_elsewhere: fusion.bias_by_next[g.head],
+            grad_from_next: deferred.and_then(|_| se.get(&g.head)).map(|(t, _)| t),
+            defer_input_grad: g.head.checked_sub(1).and_then(|k| se.get(&k)).map(|(t, _)| t),
+            stats_only: se.get(&g.head).and_then(|(_, s)| s.as_ref()),
+            input_affine: self.affine_input(g.head, acts, se)?,
+        })
+    }
+
+    /// Node `k` is the first reader of a forked activation: after its backward (the last to run
+    /// in reverse order), sum the two contributions — unless its backward did.
+    fn fork_sums(
+        &self,
+        k: usize,
+        b: &PlanBuffers,
+        fusion: &Fusions,
+        consumers: &[Vec<usize>],
+    ) -> Result<Vec<Dispatch>> {
+        let mut d = Vec::new();
+        for &i in &self.graph.nodes[k].inputs {
+            if consumers[i].len() == 2 && consumers[i][0] == k && i > 0 && !fusion.fork_in_reader[i] {
+                let [r0, r1] = [consumers[i][0], consumers[i][1]];
+                let slot = |r: usize| self.graph.nodes[r].inputs.iter().position(|&x| x == i).unwrap_or(0);
+                d.extend(add::add_forward(
+                    &self.gpu,
+                    self.target(b, r0, slot(r0)),
+                    self.target(b, r1, slot(r1)),
+                    &b.grads[i],
+                )?);
+            }
+        }
+        Ok(d)
     }
 
     /// The fusion pass: which nodes run an epilogue in their kernels ([`LayerOp::takes_epilogue`];
@@ -1187,6 +1235,16 @@ struct Fusions {
     /// Per activation read by two layers: its two gradients are summed in its first reader's
     /// backward ([`LayerOp::accumulates_input_grad`]), not by an addition after it.
     fork_in_reader: Vec<bool>,
+}
+
+/// The tensors a plan allocates before recording (`Network::plan`): activations, their gradients,
+/// a forked activation's per-reader gradients and the deferred gradients (with the statistics a
+/// node leaving its affine map shares; `Network::deferred_grad_tensors`).
+struct PlanBuffers {
+    acts: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    contrib: HashMap<(usize, usize), Tensor>,
+    se_grads: HashMap<usize, (Tensor, Option<Tensor>)>,
 }
 
 /// The tensors a recorded node reads and writes.

@@ -351,38 +351,7 @@ fn run_pass(
 ) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
     let gemm = match kernel {
-        ConvKernel::Register(t) => {
-            return match pass {
-                ConvPass::Forward => register::forward(
-                    gpu,
-                    cfg,
-                    t,
-                    need(b.inp, pass, "input")?,
-                    need(b.weight, pass, "weight")?,
-                    b.bias,
-                    need(b.out, pass, "output")?,
-                    b.relu,
-                ),
-                ConvPass::BackwardInput => register::backward_input(
-                    gpu,
-                    cfg,
-                    t,
-                    need(b.dout, pass, "output gradient")?,
-                    need(b.weight, pass, "weight")?,
-                    need(b.dinp, pass, "input gradient")?,
-                    b.dinp_addend,
-                ),
-                ConvPass::BackwardWeight => register::backward_weight(
-                    gpu,
-                    cfg,
-                    t,
-                    need(b.inp, pass, "input")?,
-                    need(b.dout, pass, "output gradient")?,
-                    need(b.dweight, pass, "weight gradient")?,
-                    splits,
-                ),
-            };
-        }
+        ConvKernel::Register(t) => return run_register(gpu, cfg, pass, t, b, splits),
         ConvKernel::Workgroup(t) => GemmKernel::Workgroup(t),
         ConvKernel::Coop(t) => {
             ensure!(gpu.coop_tile == Some(t), "conv2d (coop): this adapter has no {t}x{t}x{t} f16 cooperative matrix");
@@ -415,6 +384,47 @@ fn run_pass(
             gpu,
             cfg,
             gemm,
+            need(b.inp, pass, "input")?,
+            need(b.dout, pass, "output gradient")?,
+            need(b.dweight, pass, "weight gradient")?,
+            splits,
+        ),
+    }
+}
+
+/// [`run_pass`] on the register kernel (`conv2d.wgsl`).
+fn run_register(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    pass: ConvPass,
+    t: RegisterTiles,
+    b: &ConvBuffers<'_>,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
+    match pass {
+        ConvPass::Forward => register::forward(
+            gpu,
+            cfg,
+            t,
+            need(b.inp, pass, "input")?,
+            need(b.weight, pass, "weight")?,
+            b.bias,
+            need(b.out, pass, "output")?,
+            b.relu,
+        ),
+        ConvPass::BackwardInput => register::backward_input(
+            gpu,
+            cfg,
+            t,
+            need(b.dout, pass, "output gradient")?,
+            need(b.weight, pass, "weight")?,
+            need(b.dinp, pass, "input gradient")?,
+            b.dinp_addend,
+        ),
+        ConvPass::BackwardWeight => register::backward_weight(
+            gpu,
+            cfg,
+            t,
             need(b.inp, pass, "input")?,
             need(b.dout, pass, "output gradient")?,
             need(b.dweight, pass, "weight gradient")?,

@@ -334,30 +334,9 @@ fn backward(
     dsaved: &Tensor,
     grads: &SeGrads<'_>,
 ) -> Result<Vec<Dispatch>> {
-    cfg.validate()?;
+    check_backward(cfg, [inp, saved, dout, dsaved], weights, epilogue, grads)?;
     let defer = epilogue.and_then(|e| e.se_grad);
     let affine = epilogue.and_then(|e| e.input_affine);
-    if let Some(a) = &affine {
-        a.check(cfg)?;
-    }
-    if let Some(e) = epilogue {
-        expect_shape("se_block output", e.out, &cfg.shape())?;
-        expect_shape("se_block shortcut grad", e.dres, &cfg.shape())?;
-    }
-    if let Some(t) = defer {
-        expect_shape("se_block deferred gradient (s, dz)", t, &[cfg.n, 2, cfg.c])?;
-        ensure!(cfg.variant.squeeze == Squeeze::Avg, "se_block: only a mean squeeze leaves dx to the layer before");
-    } else {
-        expect_shape("se_block dinp", grads.dinp, &cfg.shape())?;
-    }
-    expect_shape("se_block input", inp, &cfg.shape())?;
-    expect_shape("se_block dout", dout, &cfg.shape())?;
-    expect_shape("se_block fc1 weight", weights.w1, &cfg.fc1_shape())?;
-    expect_shape("se_block fc2 weight", weights.w2, &cfg.fc2_shape())?;
-    expect_shape("se_block fc1 weight grad", grads.dw1, &cfg.fc1_shape())?;
-    expect_shape("se_block fc2 weight grad", grads.dw2, &cfg.fc2_shape())?;
-    expect_shape("se_block saved activations", saved, &cfg.saved_shape())?;
-    expect_shape("se_block saved gradients", dsaved, &cfg.dsaved_shape())?;
     let (unused, [db1, db2]) = biases(gpu, cfg, grads.db1, grads.db2)?;
     let db1 = db1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias grad"))?;
     let db2 = db2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias grad"))?;
@@ -401,8 +380,57 @@ fn backward(
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let per_element = if epilogue.is_some() { 5.0 } else { 4.0 };
     let input = input.with_cost(per_element * numel as f64 + 4.0 * fc, input_bytes as f64);
+    let weight = weight_pass(gpu, cfg, (&params, precision), [saved, dsaved], grads, [db1, db2])?;
+    Ok(vec![input, weight])
+}
+
+/// The shapes a backward pass needs (`[inp, saved, dout, dsaved]`), and its epilogue's.
+fn check_backward(
+    cfg: &SeBlockConfig,
+    [inp, saved, dout, dsaved]: [&Tensor; 4],
+    weights: &SeWeights<'_>,
+    epilogue: Option<AddReluGrads<'_>>,
+    grads: &SeGrads<'_>,
+) -> Result<()> {
+    cfg.validate()?;
+    let defer = epilogue.and_then(|e| e.se_grad);
+    let affine = epilogue.and_then(|e| e.input_affine);
+    if let Some(a) = &affine {
+        a.check(cfg)?;
+    }
+    if let Some(e) = epilogue {
+        expect_shape("se_block output", e.out, &cfg.shape())?;
+        expect_shape("se_block shortcut grad", e.dres, &cfg.shape())?;
+    }
+    if let Some(t) = defer {
+        expect_shape("se_block deferred gradient (s, dz)", t, &[cfg.n, 2, cfg.c])?;
+        ensure!(cfg.variant.squeeze == Squeeze::Avg, "se_block: only a mean squeeze leaves dx to the layer before");
+    } else {
+        expect_shape("se_block dinp", grads.dinp, &cfg.shape())?;
+    }
+    expect_shape("se_block input", inp, &cfg.shape())?;
+    expect_shape("se_block dout", dout, &cfg.shape())?;
+    expect_shape("se_block fc1 weight", weights.w1, &cfg.fc1_shape())?;
+    expect_shape("se_block fc2 weight", weights.w2, &cfg.fc2_shape())?;
+    expect_shape("se_block fc1 weight grad", grads.dw1, &cfg.fc1_shape())?;
+    expect_shape("se_block fc2 weight grad", grads.dw2, &cfg.fc2_shape())?;
+    expect_shape("se_block saved activations", saved, &cfg.saved_shape())?;
+    expect_shape("se_block saved gradients", dsaved, &cfg.dsaved_shape())?;
+    Ok(())
+}
+
+/// The weight-gradient pass: the saved activations and gradients summed over the batch.
+fn weight_pass(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    (params, precision): (&wgpu::Buffer, Precision),
+    [saved, dsaved]: [&Tensor; 2],
+    grads: &SeGrads<'_>,
+    [db1, db2]: [&Tensor; 2],
+) -> Result<Dispatch> {
+    let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let binds = [
-        Bind::Uniform(0, &params),
+        Bind::Uniform(0, params),
         Bind::Tensor(8, saved),
         Bind::Tensor(12, dsaved),
         Bind::Tensor(13, grads.dw1),
@@ -412,11 +440,12 @@ fn backward(
     ];
     // x: channels; y: blocks of 4 hidden units, fc1's then fc2's.
     let grid = [to_u32("channels", cfg.c.div_ceil(WG as usize))?, to_u32("hidden", 2 * cfg.hidden().div_ceil(4))?, 1];
-    let weight = gpu.dispatch_in(precision, "se_block", "se_block_backward_weight", &consts[..1], &binds, grid)?;
+    let weight =
+        gpu.dispatch_in(precision, "se_block", "se_block_backward_weight", &[("WG", WG as f64)], &binds, grid)?;
     // The saved activations and gradients read once, each weight (and bias) gradient written
     // once; one multiply-add per weight per sample.
     let grad_numel = grads.dw1.numel() + grads.dw2.numel() + if cfg.bias { cfg.hidden() + cfg.c } else { 0 };
     let weight_bytes = 4 * (saved.numel() + dsaved.numel()) + 4 * grad_numel;
     let weight = weight.with_cost(4.0 * fc, weight_bytes as f64);
-    Ok(vec![input, weight])
+    Ok(weight)
 }
