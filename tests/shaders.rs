@@ -3,8 +3,8 @@
 
 use naga::valid::Capabilities;
 use senet_wgpu::gpu::{
-    CONV_GEMM_PART, CONV_PARAMS_PART, COOP_SHADERS, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision, SHADERS,
-    coop_prelude, shader_source,
+    CONV_GEMM_PART, CONV_PARAMS_PART, COOP_SHADERS, POOL_WINDOW_PART, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision,
+    SHADERS, coop_prelude, shader_source,
 };
 
 /// Parse and validate a file as the device compiles it: with a reduction prelude appended and
@@ -225,7 +225,7 @@ fn every_shader_file_is_registered() {
     let mut registered: Vec<String> = SHADERS
         .iter()
         .chain(COOP_SHADERS)
-        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP, &CONV_GEMM_PART, &CONV_PARAMS_PART])
+        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP, &CONV_GEMM_PART, &CONV_PARAMS_PART, &POOL_WINDOW_PART])
         .map(|(n, _)| format!("{n}.wgsl"))
         .collect();
     registered.sort();

@@ -24,10 +24,13 @@ pub const SHADERS: &[(&str, &str)] = &[
             include_str!("../ops/conv2d/conv2d_params.wgsl")
         ),
     ),
-    ("batch_norm", include_str!("../ops/batch_norm/batch_norm.wgsl")),
+    (
+        "batch_norm",
+        concat!(include_str!("../ops/batch_norm/batch_norm.wgsl"), include_str!("../ops/pool/max_pool_window.wgsl")),
+    ),
     ("bn_fold", include_str!("../ops/bn_fold/bn_fold.wgsl")),
     ("relu", include_str!("../ops/relu/relu.wgsl")),
-    ("pool", include_str!("../ops/pool/pool.wgsl")),
+    ("pool", concat!(include_str!("../ops/pool/pool.wgsl"), include_str!("../ops/pool/max_pool_window.wgsl"))),
     ("se_block", include_str!("../ops/se_block/se_block.wgsl")),
     ("linear", include_str!("../ops/linear/linear.wgsl")),
     ("cross_entropy", include_str!("../ops/cross_entropy/cross_entropy.wgsl")),
@@ -62,6 +65,10 @@ pub const CONV_GEMM_PART: (&str, &str) = ("conv2d_gemm", include_str!("../ops/co
 /// appended to `conv2d.wgsl`, `conv2d_tiled.wgsl` and `conv2d_coop.wgsl` (after the file, as
 /// [`CONV_GEMM_PART`]); mirrors `ops::conv2d::Params`. Not compiled alone.
 pub const CONV_PARAMS_PART: (&str, &str) = ("conv2d_params", include_str!("../ops/conv2d/conv2d_params.wgsl"));
+
+/// Max pooling's window scan and gradient gather, appended to `pool` and to `batch_norm` (its fused
+/// pool). Not compiled alone.
+pub const POOL_WINDOW_PART: (&str, &str) = ("max_pool_window", include_str!("../ops/pool/max_pool_window.wgsl"));
 
 /// What a cooperative-matrix kernel is written against: the tile CT and the coop types of that
 /// size (coop_mat8x8 and coop_mat16x16 are distinct types in WGSL, so the size cannot be an

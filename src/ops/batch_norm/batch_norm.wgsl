@@ -60,8 +60,8 @@
 //   REMASK = 1  the fused ReLU's backward mask recomputed from the input and the saved statistics
 //               as the forward stored it, act(max(y, 0)) > 0, instead of read from `relu_out`:
 //               one pass over the activation fewer.
-//   POOL = 1    a max pool after the ReLU (with RELU = 1; geometry IH, IW, KH, KW, SH, SW, PH, PW,
-//               OH, OW): the forward writes the pooled output and its argmax (pool.wgsl's rule)
+//   POOL = 1    a max pool after the ReLU (with RELU = 1; geometry H, W, KH, KW, SH, SW, PH, PW,
+//               OH, OW; window code shared with pool.wgsl in max_pool_window.wgsl): the forward writes the pooled output and its argmax (pool.wgsl's rule)
 //               into `out` and `argmax` and never stores the normalised tensor; the backward
 //               gathers the pooled gradient `dout` over the windows whose argmax is each element
 //               (pool.wgsl's gather, rounded to `act` as its stored gradient), masked as REMASK.
@@ -122,8 +122,8 @@ override POOL: u32 = 0u;      // 1: max pool fused after the ReLU (see above)
 override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the backward
 override SE_IN: u32 = 0u;     // 1: the gradient from the SE block after (see above)
 override STATS_ONLY: u32 = 0u; // 1: no output written, the next layer applies it (see above)
-override IH: u32 = 1u;
-override IW: u32 = 1u;
+override H: u32 = 1u;          // POOL: the plane's height and width (HW = H * W)
+override W: u32 = 1u;
 override KH: u32 = 1u;
 override KW: u32 = 1u;
 override SH: u32 = 1u;
@@ -149,29 +149,16 @@ fn normalised(i: u32, mean: f32, scale: f32, b: f32) -> f32 {
     return act_rounded(y);
 }
 
-// POOL: the sum of the pooled gradient over the windows whose argmax is element e of channel c
-// (pool.wgsl's max_pool2d_backward), rounded to `act` as that kernel stores it.
+// POOL: the value the fused pool sees at element i (max_pool_window.wgsl): the normalised, ReLU'd
+// value as the unfused BN stores it, with the channel's (mean, scale, shift) in `pool_affine`.
+fn pool_load(i: u32) -> f32 {
+    return normalised(i, pool_affine.x, pool_affine.y, pool_affine.z);
+}
+
+// POOL: the pooled gradient gathered to element e of channel c (max_pool2d_backward's sum), rounded
+// to `act` as that kernel stores it.
 fn pooled_grad(c: u32, e: u32) -> f32 {
-    let plane = (e / HW) * p.c + c;
-    let idx = e % HW;
-    let iy = i32(idx / IW) + i32(PH);
-    let ix = i32(idx % IW) + i32(PW);
-    // Windows oy with oy*stride <= iy+pad < oy*stride + k.
-    let oy_lo = max(0, (iy - i32(KH) + i32(SH)) / i32(SH));
-    let oy_hi = min(i32(OH) - 1, iy / i32(SH));
-    let ox_lo = max(0, (ix - i32(KW) + i32(SW)) / i32(SW));
-    let ox_hi = min(i32(OW) - 1, ix / i32(SW));
-    let obase = plane * OH * OW;
-    var s = 0.0;
-    for (var oy = oy_lo; oy <= oy_hi; oy++) {
-        for (var ox = ox_lo; ox <= ox_hi; ox++) {
-            let o = obase + u32(oy) * OW + u32(ox);
-            if (argmax_in[o] == idx) {
-                s += f32(dout[o]);
-            }
-        }
-    }
-    return act_rounded(s);
+    return act_rounded(pool_gather((e / HW) * p.c + c, e % HW));
 }
 
 // The gradient reaching the normalisation's output at element e of channel c (mean and invstd
@@ -198,38 +185,17 @@ fn grad_at(c: u32, e: u32, mean: f32, invstd: f32) -> f32 {
 }
 
 // POOL: the max pool over channel c of the normalised, ReLU'd values: `out` and `argmax` are
-// [N, C, OH, OW]; windows scanned as pool.wgsl's max_pool2d_forward (the first maximum wins, a
-// NaN propagates).
+// [N, C, OH, OW]; windows scanned as pool.wgsl's max_pool2d_forward (max_pool_window.wgsl).
 fn pool_channel(c: u32, t: u32, mean: f32, scale: f32, b: f32) {
+    pool_affine = vec3<f32>(mean, scale, b);
     let ohw = OH * OW;
     let m = p.n * ohw;
     for (var e = t; e < m; e += RED_WG) {
         let plane = (e / ohw) * p.c + c;
         let r = e % ohw;
-        let y0 = i32((r / OW) * SH) - i32(PH);
-        let x0 = i32((r % OW) * SW) - i32(PW);
-        var best = 0.0;
-        var best_i = 0xffffffffu;
-        for (var ky = 0u; ky < KH; ky++) {
-            let iy = y0 + i32(ky);
-            if (iy < 0 || iy >= i32(IH)) {
-                continue;
-            }
-            for (var kx = 0u; kx < KW; kx++) {
-                let ix = x0 + i32(kx);
-                if (ix < 0 || ix >= i32(IW)) {
-                    continue;
-                }
-                let idx = u32(iy) * IW + u32(ix);
-                let v = normalised(plane * HW + idx, mean, scale, b);
-                if (best_i == 0xffffffffu || v > best || v != v) {
-                    best = v;
-                    best_i = idx;
-                }
-            }
-        }
-        out[plane * ohw + r] = act(best);
-        argmax[plane * ohw + r] = best_i;
+        let best = pool_window_max(plane * HW, r);
+        out[plane * ohw + r] = act(best.value);
+        argmax[plane * ohw + r] = best.index;
     }
 }
 

@@ -127,8 +127,8 @@ impl BatchNormConfig {
             let v = |x: usize| x as f64;
             k.extend([
                 ("POOL", 1.0),
-                ("IH", v(p.h)),
-                ("IW", v(p.w)),
+                ("H", v(p.h)),
+                ("W", v(p.w)),
                 ("KH", v(p.kernel.0)),
                 ("KW", v(p.kernel.1)),
                 ("SH", v(p.stride.0)),

@@ -7,6 +7,8 @@
 //   max_pool2d_backward  dinp[iy, ix] = sum of dout over the windows whose argmax is (iy, ix).
 //                        Gathered per input element, over the few windows that contain it, so
 //                        overlapping windows need no atomics and the sum order is fixed.
+// The window scan and the gather are max_pool_window.wgsl's, appended by the host (batch_norm.wgsl's
+// fused pool uses them too).
 //   global_avg_pool_*    out[n, c] = mean over H*W;  dinp = dout[n, c] / (H*W)
 //
 // AFFINE = 1 (evaluation, `--fuse on`): max_pool2d_forward reads a batch norm's input and applies
@@ -63,6 +65,16 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return gid.x + gid.y * nwg.x * WG;
 }
 
+// The value max pooling sees at input element i (max_pool_window.wgsl): the stored one, or with
+// AFFINE the batch norm and ReLU applied to it.
+fn pool_load(i: u32) -> f32 {
+    let v = f32(inp[i]);
+    if (AFFINE != 0u) {
+        return act_rounded(max((v - pool_affine.x) * pool_affine.y + pool_affine.z, 0.0));
+    }
+    return v;
+}
+
 @compute @workgroup_size(WG)
 fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat(gid, nwg);
@@ -71,46 +83,13 @@ fn max_pool2d_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(nu
         return;
     }
     let plane = i / ohw;
-    let r = i % ohw;
-    let y0 = i32((r / OW) * SH) - i32(PH);
-    let x0 = i32((r % OW) * SW) - i32(PW);
-    let base = plane * H * W;
-    var mean = 0.0;
-    var scale = 1.0;
-    var shift = 0.0;
     if (AFFINE != 0u) {
         let c = plane % p.c;
-        mean = bn_mean[c];
-        scale = 1.0 / sqrt(bn_var[c] + EPS) * bn_gamma[c];
-        shift = bn_beta[c];
+        pool_affine = vec3<f32>(bn_mean[c], 1.0 / sqrt(bn_var[c] + EPS) * bn_gamma[c], bn_beta[c]);
     }
-    var best = 0.0;
-    var best_i = 0xffffffffu;
-    for (var ky = 0u; ky < KH; ky++) {
-        let iy = y0 + i32(ky);
-        if (iy < 0 || iy >= i32(H)) {
-            continue;
-        }
-        for (var kx = 0u; kx < KW; kx++) {
-            let ix = x0 + i32(kx);
-            if (ix < 0 || ix >= i32(W)) {
-                continue;
-            }
-            let idx = u32(iy) * W + u32(ix);
-            var v = f32(inp[base + idx]);
-            if (AFFINE != 0u) {
-                v = act_rounded(max((v - mean) * scale + shift, 0.0));
-            }
-            // PyTorch's rule: (v > best || isnan(v)). The first maximum wins; a NaN is taken and
-            // kept against numbers (v > NaN is false), a later NaN takes its place.
-            if (best_i == 0xffffffffu || v > best || v != v) {
-                best = v;
-                best_i = idx;
-            }
-        }
-    }
-    out[i] = act(best);
-    argmax[i] = best_i;
+    let best = pool_window_max(plane * H * W, i % ohw);
+    out[i] = act(best.value);
+    argmax[i] = best.index;
 }
 
 @compute @workgroup_size(WG)
@@ -120,26 +99,7 @@ fn max_pool2d_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(n
     if (i >= p.n * p.c * hw) {
         return;
     }
-    let plane = i / hw;
-    let idx = i % hw;
-    let iy = i32(idx / W) + i32(PH);
-    let ix = i32(idx % W) + i32(PW);
-    // Windows oy with oy*stride <= iy+pad < oy*stride + k.
-    let oy_lo = max(0, (iy - i32(KH) + i32(SH)) / i32(SH));
-    let oy_hi = min(i32(OH) - 1, iy / i32(SH));
-    let ox_lo = max(0, (ix - i32(KW) + i32(SW)) / i32(SW));
-    let ox_hi = min(i32(OW) - 1, ix / i32(SW));
-    let obase = plane * OH * OW;
-    var s = 0.0;
-    for (var oy = oy_lo; oy <= oy_hi; oy++) {
-        for (var ox = ox_lo; ox <= ox_hi; ox++) {
-            let o = obase + u32(oy) * OW + u32(ox);
-            if (argmax_in[o] == idx) {
-                s += f32(dout[o]);
-            }
-        }
-    }
-    dinp[i] = act(s);
+    dinp[i] = act(pool_gather(i / hw, i % hw));
 }
 
 // One invocation per (n, c) plane.
