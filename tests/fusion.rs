@@ -400,15 +400,8 @@ fn fused_training_steps_and_evaluation_equal_unfused_ones() {
         let x = uniform(&mut rng(21), n * 3 * 8 * 8, 0.0, 1.0);
         let labels = [0u32, 3, 1];
         let run_step = |g: &Arc<Gpu>| {
-            let mut net = Network::new(g.clone(), cfg.clone(), OptimizerConfig::sgd(0.1, 0.9), 4).unwrap();
-            let plan = net.plan(n).unwrap();
-            plan.write_batch(g, &x, &labels).unwrap();
-            net.train_step(&plan);
-            g.wait().unwrap();
-            let step = StepState::read(&net, &plan);
-            net.eval_batch(&plan);
-            g.wait().unwrap();
-            (step, read(g, &plan.eval_result), read(g, plan.logits()))
+            let s = step_then_eval(g, &cfg, Precision::F32, &x, &labels);
+            (s.step, s.eval, s.logits)
         };
         let ((fused, eval, eval_logits), (unfused, eval_off, eval_logits_off)) = (run_step(&on), run_step(&off));
         fused.assert_close(&unfused, &what, (2e-4, 1e-3));
@@ -451,14 +444,8 @@ fn fused_fork_sums_give_bitwise_the_unfused_step() {
             let x = uniform(&mut rng(23), n * 3 * 8 * 8, 0.0, 1.0);
             let labels = [2u32, 0, 3];
             let run_step = |g: &Arc<Gpu>| {
-                let opt = OptimizerConfig::sgd(0.1, 0.9);
-                let mut net = Network::new_in(g.clone(), cfg.clone(), opt, 4, precision).unwrap();
-                let plan = net.plan(n).unwrap();
-                let sums = count(&kernels(&net, &plan).0, "add_forward");
-                plan.write_batch(g, &x, &labels).unwrap();
-                net.train_step(&plan);
-                g.wait().unwrap();
-                (StepState::read(&net, &plan), sums)
+                let s = step_then_eval(g, &cfg, precision, &x, &labels);
+                (s.step, count(&s.train, "add_forward"))
             };
             let ((fused, sums), (unfused, sums_off)) = (run_step(&on), run_step(&off));
             let fork_sums_apart = if placement == SePlacement::Pre { 3 } else { 0 };
@@ -475,6 +462,30 @@ fn fused_fork_sums_give_bitwise_the_unfused_step() {
             );
         }
     }
+}
+
+/// What a plan does from one start: a training step's state, then an evaluation pass's result and
+/// logits, and the training step's kernels.
+struct Stepped {
+    step: StepState,
+    eval: Vec<f32>,
+    logits: Vec<f32>,
+    train: Vec<String>,
+}
+
+/// `cfg` in `precision` on `g` from seed 4 (SGD, lr 0.1, momentum 0.9): one training step on
+/// `x` and `labels` (the batch is their length), then one evaluation pass on them.
+fn step_then_eval(g: &Arc<Gpu>, cfg: &ModelConfig, precision: Precision, x: &[f32], labels: &[u32]) -> Stepped {
+    let mut net = Network::new_in(g.clone(), cfg.clone(), OptimizerConfig::sgd(0.1, 0.9), 4, precision).unwrap();
+    let plan = net.plan(labels.len()).unwrap();
+    let (train, _) = kernels(&net, &plan);
+    plan.write_batch(g, x, labels).unwrap();
+    net.train_step(&plan);
+    g.wait().unwrap();
+    let step = StepState::read(&net, &plan);
+    net.eval_batch(&plan);
+    g.wait().unwrap();
+    Stepped { step, eval: read(g, &plan.eval_result), logits: read_as(g, plan.logits()), train }
 }
 
 /// What a training step leaves: the loss, logits, every parameter's gradient and new value, the
@@ -650,17 +661,8 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
         let x = uniform(&mut rng(41), n * 3 * hw * hw, 0.0, 1.0);
         let labels = [0u32, 3, 1];
         let run_step = |g: &Arc<Gpu>| {
-            let opt = OptimizerConfig::sgd(0.1, 0.9);
-            let mut net = Network::new_in(g.clone(), cfg.clone(), opt, 4, precision).unwrap();
-            let plan = net.plan(n).unwrap();
-            let (train, _) = kernels(&net, &plan);
-            plan.write_batch(g, &x, &labels).unwrap();
-            net.train_step(&plan);
-            g.wait().unwrap();
-            let step = StepState::read(&net, &plan);
-            net.eval_batch(&plan);
-            g.wait().unwrap();
-            (step, read_as(g, plan.logits()), train)
+            let s = step_then_eval(g, &cfg, precision, &x, &labels);
+            (s.step, s.logits, s.train)
         };
         let ((fused, eval, train), (unfused, eval_off, train_off)) = (run_step(&on), run_step(&off));
         assert_eq!(fused.max_diff(&unfused), 0.0, "{what}: a fused step differs from the unfused one");
