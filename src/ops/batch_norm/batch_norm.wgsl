@@ -47,8 +47,12 @@
 //       measurable on lavapipe (8-lane subgroups; w1 b128 step 20.1 -> 21.0 images/s beside
 //       the build before, within run-to-run spread), for GPUs.
 //   v6  `act` storage: f16 variant for --precision f16, f32 variant unchanged bit for bit.
-//   v7  (this) the split kernels for --sync-bn; the fused ones written over the same helper
+//   v7  the split kernels for --sync-bn; the fused ones written over the same helper
 //       functions, unchanged bit for bit (a training run's checkpoint compared byte for byte).
+//   v8  (this) the epilogues below (REMASK, POOL, BIAS, SE_IN, STATS_ONLY), each off by default:
+//       the unfused kernels keep v7's arithmetic. Plan bytes per training step, base SENet w1
+//       b128: 1,427.0 -> 965.7 MB with every fusion; not timed apart (the whole step: quiet
+//       A/B in docs/performance.md, fused and unfused level on lavapipe).
 //
 // Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
 // max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient

@@ -23,7 +23,10 @@
 // Versions (lavapipe; each ratio A/B in one run):
 //   v1  max pooling's geometry from the uniform (runtime divisions, a software routine per lane).
 //   v2  geometry as pipeline constants: backward 2.5x, forward 2.4x.
-//   v3  (this) `act` storage for --precision f16.
+//   v3  `act` storage for --precision f16.
+//   v4  (this) the window scan and gather moved to max_pool_window.wgsl (shared with the batch
+//       norm's fused pool), the same arithmetic in the same order; AFFINE for evaluation. Not
+//       timed.
 
 struct Params {
     n: u32, c: u32, h: u32, w: u32,
