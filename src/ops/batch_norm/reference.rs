@@ -183,7 +183,7 @@ pub fn batch_norm_forward_train_fused(
         t.out.iter_mut().for_each(|v| *v = v.max(0.0));
     }
     let argmax = c.pool.map(|p| {
-        let (out, argmax) = crate::reference::pool::max_pool2d_forward(&p, &t.out);
+        let (out, argmax) = crate::ops::pool::reference::max_pool2d_forward(&p, &t.out);
         t.out = out;
         argmax
     });
@@ -207,7 +207,7 @@ pub fn batch_norm_backward_fused(
     dout: &[f64],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Option<Vec<f64>>) {
     let mut g = match (c.pool, argmax) {
-        (Some(p), Some(a)) => crate::reference::pool::max_pool2d_backward(&p, a, dout),
+        (Some(p), Some(a)) => crate::ops::pool::reference::max_pool2d_backward(&p, a, dout),
         _ => dout.to_vec(),
     };
     if c.relu {
