@@ -27,8 +27,10 @@ JOBS=${CARGO_BUILD_JOBS:-2}
 SEP=' ||| '
 
 mkdir -p "$SCRATCH/tree"
-# The working tree as it is (tracked and untracked, not ignored files), over the scratch copy.
-(cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$SCRATCH/tree"
+# The working tree as it is (tracked and untracked, not ignored files), over the scratch copy;
+# extracted with fresh times (-m), or a file a previous run left mutated and restored would keep
+# the working tree's older time and cargo would reuse the mutated build.
+(cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xmf - -C "$SCRATCH/tree"
 cd "$SCRATCH/tree"
 export CARGO_TARGET_DIR="$SCRATCH/target" CARGO_BUILD_JOBS="$JOBS"
 

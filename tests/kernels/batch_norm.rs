@@ -639,7 +639,8 @@ fn f16_batch_norm_matches_reference() {
 /// The epilogues `--fuse on` runs inside the batch norm (batch_norm.wgsl REMASK, POOL, BIAS) on
 /// awkward shapes: batch 1 with an odd, non-square plane whose floor-mode pool drops a row and a
 /// column; overlapping 3x3/2 windows with padding; ceil mode (a window hanging over the edge);
-/// 17 channels; 4,096 values per channel (more than the 256-wide reduction).
+/// 17 channels; 4,096 values per channel (more than the 256-wide reduction); a non-square window
+/// and stride.
 fn pool_cases() -> Vec<(BatchNormConfig, MaxPool2dConfig)> {
     let pool = |k: usize, s: usize, p: usize, ceil: bool| MaxPool2dConfig {
         kernel: (k, k),
@@ -654,6 +655,11 @@ fn pool_cases() -> Vec<(BatchNormConfig, MaxPool2dConfig)> {
         (BatchNormConfig::new(2, 3, 7, 7), pool(3, 2, 0, true)),
         (BatchNormConfig::new(3, 17, 8, 8), pool(2, 2, 0, false)),
         (BatchNormConfig::new(16, 2, 16, 16), pool(2, 2, 0, false)),
+        // Non-square window and stride (3x2 / 2x1, padded rows only): a height read for a width fails.
+        (
+            BatchNormConfig::new(1, 5, 9, 6),
+            MaxPool2dConfig { kernel: (3, 2), stride: (2, 1), pad: (1, 0), ..pool(1, 1, 0, false) },
+        ),
     ]
 }
 
