@@ -126,16 +126,7 @@ override POOL: u32 = 0u;      // 1: max pool fused after the ReLU (see above)
 override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the backward
 override SE_IN: u32 = 0u;     // 1: the gradient from the SE block after (see above)
 override STATS_ONLY: u32 = 0u; // 1: no output written, the next layer applies it (see above)
-override H: u32 = 1u;          // POOL: the plane's height and width (HW = H * W)
-override W: u32 = 1u;
-override KH: u32 = 1u;
-override KW: u32 = 1u;
-override SH: u32 = 1u;
-override SW: u32 = 1u;
-override PH: u32 = 0u;
-override PW: u32 = 0u;
-override OH: u32 = 1u;
-override OW: u32 = 1u;
+// POOL's geometry (H, W with HW = H * W, KH, …, OW): max_pool_window.wgsl's overrides.
 
 // Index of the e-th element of channel c, e in [0, N*HW).
 fn chan_index(c: u32, e: u32) -> u32 {

@@ -1,10 +1,24 @@
 // max_pool_window: max pooling's window arithmetic, appended by the host to pool.wgsl (the
 // max_pool2d kernels) and to batch_norm.wgsl (the pool fused after a batch norm's ReLU, POOL), so
 // both scan and gather the same way. No entry point of its own; not compiled alone. Each file
-// declares the geometry overrides H, W (the input plane), KH, KW, SH, SW, PH, PW, OH, OW, the
-// bindings `dout` and `argmax_in`, and `fn pool_load(i: u32) -> f32`: the value max pooling sees at
-// input element i (the stored value; or a batch norm and ReLU applied on load, from the per-channel
-// `pool_affine` (mean, scale, shift) the kernel sets first).
+// declares the bindings `dout` and `argmax_in` and `fn pool_load(i: u32) -> f32`: the value max
+// pooling sees at input element i (the stored value; or a batch norm and ReLU applied on load,
+// from the per-channel `pool_affine` (mean, scale, shift) the kernel sets first).
+
+// The geometry, fixed per pipeline: with input size, kernel, stride and padding constant, every
+// division and remainder by them compiles to a multiply and shift. On lavapipe a runtime integer
+// division is a per-lane software routine, and the backward gather does eight of them per element
+// (3x faster this way). H, W: the input plane; OH, OW: the output's.
+override H: u32 = 1u;
+override W: u32 = 1u;
+override KH: u32 = 1u;
+override KW: u32 = 1u;
+override SH: u32 = 1u;
+override SW: u32 = 1u;
+override PH: u32 = 0u;
+override PW: u32 = 0u;
+override OH: u32 = 1u;
+override OW: u32 = 1u;
 
 var<private> pool_affine: vec3<f32>;
 

@@ -47,20 +47,8 @@ struct Params {
 
 override WG: u32 = 256u;
 
-// Max pooling's geometry is fixed per pipeline: with input size, kernel, stride and padding
-// constant, every division and remainder by them compiles to a multiply and shift. On lavapipe a
-// runtime integer division is a per-lane software routine, and the backward gather does eight of
-// them per element (3x faster this way). Global average pooling reads `p`.
-override H: u32 = 1u;
-override W: u32 = 1u;
-override KH: u32 = 1u;
-override KW: u32 = 1u;
-override SH: u32 = 1u;
-override SW: u32 = 1u;
-override PH: u32 = 0u;
-override PW: u32 = 0u;
-override OH: u32 = 1u;
-override OW: u32 = 1u;
+// Max pooling's geometry (H, W, KH, …, OW) is max_pool_window.wgsl's overrides; global average
+// pooling reads `p`.
 override AFFINE: u32 = 0u;
 override EPS: f32 = 1e-5;
 
