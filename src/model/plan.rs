@@ -63,10 +63,9 @@ use crate::ops::conv2d::{ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, LossWeight, result};
 use crate::ops::grad_accum::{GradAccum, MicroBatch};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
-use crate::ops::layer::{AffineInput, Epilogue, EpilogueStep, Folded, ParamTensors, Record, step_key};
+use crate::ops::layer::{AffineInput, Epilogue, EpilogueStep, Folded, Handoffs, ParamTensors, Record, step_key};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
-use crate::ops::pool::MaxPool2d;
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
 pub struct Param {
@@ -605,19 +604,21 @@ impl Network {
             dinputs: (0..head.inputs.len()).map(|j| self.target(b, g.head, j)).collect(),
             outs: (&acts[g.out], dout),
             residual: g.residual.map(|(add, j)| (&acts[self.graph.nodes[add].inputs[j]], self.target(b, add, j))),
-            dinp_addend: self.addend(g.head, b, fusion, consumers),
             folded: folds.folded(g.head, fusion, acts),
             eval_folded: folds.is_folded(g.head),
-            pool: match g.epilogue {
-                Some(Epilogue::ReluMaxPool(p)) => Some((p, &acts[g.head + 2])),
-                _ => None,
+            fused: Handoffs {
+                pool: match g.epilogue {
+                    Some(Epilogue::ReluMaxPool(p)) => Some((p, &acts[g.head + 2])),
+                    _ => None,
+                },
+                input_bias_grad: self.input_bias_grad(g.head, fusion)?,
+                bias_grad_elsewhere: fusion.bias_by_next[g.head],
+                defer_input_grad: g.head.checked_sub(1).and_then(|k| se.get(&k)).map(|(t, _)| t),
+                grad_from_next: deferred.and_then(|_| se.get(&g.head)).map(|(t, _)| t),
+                input_affine: self.affine_input(g.head, acts, se)?,
+                stats_only: se.get(&g.head).and_then(|(_, s)| s.as_ref()),
+                dinp_addend: self.addend(g.head, b, fusion, consumers),
             },
-            input_bias_grad: self.input_bias_grad(g.head, fusion)?,
-            bias_grad_elsewhere: fusion.bias_by_next[g.head],
-            grad_from_next: deferred.and_then(|_| se.get(&g.head)).map(|(t, _)| t),
-            defer_input_grad: g.head.checked_sub(1).and_then(|k| se.get(&k)).map(|(t, _)| t),
-            stats_only: se.get(&g.head).and_then(|(_, s)| s.as_ref()),
-            input_affine: self.affine_input(g.head, acts, se)?,
         })
     }
 
@@ -929,14 +930,7 @@ impl Network {
         r.residual = io.residual;
         r.folded = io.folded;
         r.eval_folded = io.eval_folded;
-        r.pool = io.pool;
-        r.input_bias_grad = io.input_bias_grad;
-        r.bias_grad_elsewhere = io.bias_grad_elsewhere;
-        r.grad_from_next = io.grad_from_next;
-        r.defer_input_grad = io.defer_input_grad;
-        r.stats_only = io.stats_only;
-        r.input_affine = io.input_affine;
-        r.dinp_addend = io.dinp_addend;
+        r.fused = io.fused;
         node.layer.op().record(&mut r)?;
         let train0 = rec.train.len();
         rec.train.extend(r.train);
@@ -1253,26 +1247,11 @@ struct NodeIo<'a> {
     dinputs: Vec<&'a Tensor>,
     outs: (&'a Tensor, &'a Tensor),
     residual: Option<(&'a Tensor, &'a Tensor)>,
-    /// The other reader's gradient of the forked activation this node reads, summed into its
-    /// input gradient ([`Record::dinp_addend`]).
-    dinp_addend: Option<&'a Tensor>,
     /// Evaluation: the affine node folded into this one, or this one folded into the node before.
     folded: Option<Folded<'a>>,
     eval_folded: bool,
-    /// A max pool fused after the ReLU, and where evaluation stores that ReLU's output.
-    pool: Option<(MaxPool2d, &'a Tensor)>,
-    /// The bias gradient of the node before, which this one's backward writes.
-    input_bias_grad: Option<&'a Tensor>,
-    /// This node's bias gradient is written by the node after it.
-    bias_grad_elsewhere: bool,
-    /// Its output gradient, deferred by the next node, comes with this tensor.
-    grad_from_next: Option<&'a Tensor>,
-    /// It leaves its input gradient to the node before and writes this tensor for it.
-    defer_input_grad: Option<&'a Tensor>,
-    /// Its batch statistics, for the next node that applies it; it writes no output in training.
-    stats_only: Option<&'a Tensor>,
-    /// It applies the node before it as it loads that node's input.
-    input_affine: Option<AffineInput<'a>>,
+    /// What the fusion pass hands between it and its neighbours.
+    fused: Handoffs<'a>,
 }
 
 /// The loss's buffers: the labels (and a soft-target plan's targets) the host writes,

@@ -83,44 +83,44 @@ pub trait LayerOp {
 
     /// Training: the parameter (`"bias"`) whose gradient is the per-channel sum of this op's
     /// output gradient, if it has one — a layer after it that sums its input gradient
-    /// ([`LayerOp::sums_input_grad`]) may write it instead ([`Record::bias_grad_elsewhere`]).
+    /// ([`LayerOp::sums_input_grad`]) may write it instead ([`Handoffs::bias_grad_elsewhere`]).
     fn channel_bias(&self) -> Option<&'static str> {
         None
     }
 
     /// Training, with its [`Epilogue::AddRelu`] fused: this op can leave its input gradient to
     /// the layer before it, writing per sample what that layer needs to compute it where it
-    /// reads it ([`Record::defer_input_grad`]; an SE block's s and dz, [n, 2, C]).
+    /// reads it ([`Handoffs::defer_input_grad`]; an SE block's s and dz, [n, 2, C]).
     fn defers_input_grad(&self) -> bool {
         false
     }
 
     /// Training: this op's backward can take its output gradient from the layer after it in the
-    /// form [`LayerOp::defers_input_grad`] leaves it ([`Record::grad_from_next`]).
+    /// form [`LayerOp::defers_input_grad`] leaves it ([`Handoffs::grad_from_next`]).
     fn takes_deferred_grad(&self) -> bool {
         false
     }
 
     /// Training, with its [`Epilogue::AddRelu`] fused: this op can read the input of a batch norm
-    /// before it and apply that batch norm as it loads each value ([`Record::input_affine`]).
+    /// before it and apply that batch norm as it loads each value ([`Handoffs::input_affine`]).
     fn applies_input_affine(&self) -> bool {
         false
     }
 
     /// Training: this op's forward can save its statistics only and leave its per-channel affine
-    /// map to the layer after it ([`LayerOp::applies_input_affine`], [`Record::stats_only`]).
+    /// map to the layer after it ([`LayerOp::applies_input_affine`], [`Handoffs::stats_only`]).
     fn leaves_affine_to_next(&self) -> bool {
         false
     }
 
     /// Training: this op's backward can also write the per-channel sum of its input gradient,
-    /// the bias gradient of the layer before it ([`LayerOp::channel_bias`], [`Record::input_bias_grad`]).
+    /// the bias gradient of the layer before it ([`LayerOp::channel_bias`], [`Handoffs::input_bias_grad`]).
     fn sums_input_grad(&self) -> bool {
         false
     }
 
     /// Whether its backward can write its (only) input's gradient as its own plus another tensor
-    /// of that shape ([`Record::dinp_addend`]), the own one rounded to the plan's type before the
+    /// of that shape ([`Handoffs::dinp_addend`]), the own one rounded to the plan's type before the
     /// sum and the sum after it, as an addition of the two stored gradients would. The plan asks
     /// it of the first reader of an activation two layers read (whose backward runs last): the
     /// other reader's gradient is then summed there instead of by an addition after it, and the
@@ -185,7 +185,7 @@ pub enum Epilogue {
     /// second operand and is not fused.
     AddRelu,
     /// maxpool(relu(y)): y's one reader is a ReLU whose one reader is this max pool. The ReLU's
-    /// output is stored only in evaluation, where the pool runs apart ([`Record::pool`]).
+    /// output is stored only in evaluation, where the pool runs apart ([`Handoffs::pool`]).
     ReluMaxPool(MaxPool2d),
 }
 
@@ -222,7 +222,40 @@ pub struct Folded<'a> {
     pub relu: bool,
 }
 
-/// A batch norm's normalisation left to the layer after it ([`Record::input_affine`]): the batch
+/// What the plan's fusion pass moves between a layer and its neighbours ([`Record::fused`]): a
+/// pool fused after it, gradients and statistics one of them computes for the other.
+#[derive(Clone, Copy, Default)]
+pub struct Handoffs<'a> {
+    /// An [`Epilogue::ReluMaxPool`] is fused into this layer (`relu` is set too): the pool, and
+    /// the buffer the evaluation pass writes the ReLU's output into before pooling it apart.
+    /// `out` and `dout` are the pool's.
+    pub pool: Option<(MaxPool2d, &'a Tensor)>,
+    /// Training: this layer's backward also writes the per-channel sum of its input gradient
+    /// into this tensor, the bias gradient of the layer before it ([`LayerOp::sums_input_grad`]).
+    pub input_bias_grad: Option<&'a Tensor>,
+    /// Training: the layer after this one writes its bias gradient ([`LayerOp::channel_bias`]);
+    /// its own backward leaves it alone.
+    pub bias_grad_elsewhere: bool,
+    /// Training: this layer leaves its input gradient to the layer before it and writes what
+    /// that layer needs into this tensor ([`LayerOp::defers_input_grad`]).
+    pub defer_input_grad: Option<&'a Tensor>,
+    /// Training: this layer's output gradient comes from the layer after it, deferred
+    /// ([`LayerOp::takes_deferred_grad`]): that layer's tensor; `dout` is then the gradient that
+    /// layer reads (an SE block's shortcut gradient).
+    pub grad_from_next: Option<&'a Tensor>,
+    /// Training: the layer before this one (a batch norm) leaves its normalisation to it
+    /// ([`LayerOp::applies_input_affine`]): read that layer's input and its statistics and
+    /// parameters instead of its output.
+    pub input_affine: Option<AffineInput<'a>>,
+    /// Training: the next layer applies this one's normalisation ([`LayerOp::leaves_affine_to_next`]):
+    /// save the batch statistics into this plan-owned tensor, write no output.
+    pub stats_only: Option<&'a Tensor>,
+    /// The backward writes `dinputs[0]` = its own gradient + this tensor
+    /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
+    pub dinp_addend: Option<&'a Tensor>,
+}
+
+/// A batch norm's normalisation left to the layer after it ([`Handoffs::input_affine`]): the batch
 /// norm's input, its saved batch statistics [2, C] (mean, invstd) and its scale and shift [C].
 #[derive(Clone, Copy)]
 pub struct AffineInput<'a> {
@@ -344,33 +377,8 @@ pub struct Record<'a> {
     /// Evaluation: this layer is folded into the one before it ([`LayerOp::eval_affine`]):
     /// record no evaluation dispatch (training as without it).
     pub eval_folded: bool,
-    /// An [`Epilogue::ReluMaxPool`] is fused into this layer (`relu` is set too): the pool, and
-    /// the buffer the evaluation pass writes the ReLU's output into before pooling it apart.
-    /// `out` and `dout` are the pool's.
-    pub pool: Option<(MaxPool2d, &'a Tensor)>,
-    /// Training: this layer's backward also writes the per-channel sum of its input gradient
-    /// into this tensor, the bias gradient of the layer before it ([`LayerOp::sums_input_grad`]).
-    pub input_bias_grad: Option<&'a Tensor>,
-    /// Training: the layer after this one writes its bias gradient ([`LayerOp::channel_bias`]);
-    /// its own backward leaves it alone.
-    pub bias_grad_elsewhere: bool,
-    /// Training: this layer leaves its input gradient to the layer before it and writes what
-    /// that layer needs into this tensor ([`LayerOp::defers_input_grad`]).
-    pub defer_input_grad: Option<&'a Tensor>,
-    /// Training: this layer's output gradient comes from the layer after it, deferred
-    /// ([`LayerOp::takes_deferred_grad`]): that layer's tensor; `dout` is then the gradient that
-    /// layer reads (an SE block's shortcut gradient).
-    pub grad_from_next: Option<&'a Tensor>,
-    /// Training: the layer before this one (a batch norm) leaves its normalisation to it
-    /// ([`LayerOp::applies_input_affine`]): read that layer's input and its statistics and
-    /// parameters instead of its output.
-    pub input_affine: Option<AffineInput<'a>>,
-    /// Training: the next layer applies this one's normalisation ([`LayerOp::leaves_affine_to_next`]):
-    /// save the batch statistics into this plan-owned tensor, write no output.
-    pub stats_only: Option<&'a Tensor>,
-    /// The backward writes `dinputs[0]` = its own gradient + this tensor
-    /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
-    pub dinp_addend: Option<&'a Tensor>,
+    /// What the fusion pass hands between this layer and its neighbours (all off: none).
+    pub fused: Handoffs<'a>,
     /// The plan's [2] u32 [`StepKey`] that stochastic layers draw from, rewritten every step.
     pub step_key: &'a Tensor,
     pub(crate) params: &'a dyn Fn(&str) -> Result<ParamTensors<'a>>,
@@ -419,14 +427,7 @@ impl<'a> Record<'a> {
             residual: None,
             folded: None,
             eval_folded: false,
-            pool: None,
-            input_bias_grad: None,
-            bias_grad_elsewhere: false,
-            defer_input_grad: None,
-            grad_from_next: None,
-            input_affine: None,
-            stats_only: None,
-            dinp_addend: None,
+            fused: Handoffs::default(),
             step_key,
             params,
             running,

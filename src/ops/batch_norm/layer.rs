@@ -29,7 +29,7 @@ fn config(c: usize, s: &[usize]) -> BatchNormConfig {
 
 impl BatchNorm2d {
     /// The evaluation forward (unless the convolution before folds it in, `Record::eval_folded`),
-    /// then, with a fused pool, the pool apart on the ReLU's output (`Record::pool`).
+    /// then, with a fused pool, the pool apart on the ReLU's output (`Handoffs::pool`).
     fn record_eval(
         &self,
         r: &mut Record<'_>,
@@ -37,8 +37,8 @@ impl BatchNorm2d {
         t: &BnForward<'_>,
         argmax: Option<&Tensor>,
     ) -> Result<()> {
-        let relu_out = r.pool.map(|(_, o)| o);
-        if let (Some((pool, _)), Some(argmax), false) = (r.pool, argmax, r.eval_folded) {
+        let relu_out = r.fused.pool.map(|(_, o)| o);
+        if let (Some((pool, _)), Some(argmax), false) = (r.fused.pool, argmax, r.eval_folded) {
             // No convolution before it absorbs it: the pool applies it as it loads each value.
             let pool = pool.config(&t.inp.shape);
             let (running_mean, running_var) = (t.running_mean, t.running_var);
@@ -50,7 +50,7 @@ impl BatchNorm2d {
             let t = BnForward { out: relu_out.unwrap_or(t.out), ..*t };
             r.eval.extend(super::batch_norm_forward_eval(r.gpu, cfg, &t)?);
         }
-        if let (Some((pool, relu_out)), Some(argmax)) = (r.pool, argmax) {
+        if let (Some((pool, relu_out)), Some(argmax)) = (r.fused.pool, argmax) {
             let pool = pool.config(&t.inp.shape);
             r.eval.extend(max_pool2d_forward(r.gpu, &pool, relu_out, t.out, argmax)?);
         }
@@ -120,34 +120,31 @@ impl LayerOp for BatchNorm2d {
         if r.relu && gpu.fuse && !r.sync_bn {
             cfg = cfg.with_remask();
         }
-        if let Some((pool, _)) = r.pool {
+        if let Some((pool, _)) = r.fused.pool {
             cfg = cfg.with_pool(pool.config(&inp.shape));
         }
-        if r.input_bias_grad.is_some() {
+        if r.fused.input_bias_grad.is_some() {
             cfg = cfg.with_conv_bias();
         }
-        if r.grad_from_next.is_some() {
+        if r.fused.grad_from_next.is_some() {
             cfg = cfg.with_se_in();
         }
-        if r.stats_only.is_some() {
+        if r.fused.stats_only.is_some() {
             cfg = cfg.with_stats_only();
         }
         let relu_out = (cfg.relu && !cfg.recomputes_mask()).then_some(out);
         let (g, b) = (r.param("weight")?, r.param("bias")?);
         let (running_mean, running_var) = r.running()?;
         // Plan-owned when the next layer reads them (STATS_ONLY).
-        let own = r.stats_only.is_none().then(|| r.scratch("batch statistics", &[2, c])).transpose()?;
-        let stats = r.stats_only.or(own.as_ref()).context("batch statistics")?;
+        let own = r.fused.stats_only.is_none().then(|| r.scratch("batch statistics", &[2, c])).transpose()?;
+        let stats = r.fused.stats_only.or(own.as_ref()).context("batch statistics")?;
         let t = BnForward { inp, gamma: g.value, beta: b.value, running_mean, running_var, stats, out };
         let argmax = cfg.pool.map(|p| r.scratch("argmax", &p.output_shape())).transpose()?;
         self.record_eval(r, &eval_cfg, &t, argmax.as_ref())?;
         let gb = BnBackward { inp, gamma: g.value, stats, relu_out, dout, dinp, dgamma: g.grad, dbeta: b.grad };
         if r.sync_bn {
-            ensure!(
-                cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in && !cfg.stats_only,
-                "{name}: --sync-bn fuses no pool, bias gradient or SE gradient"
-            );
-            // SyncBatchNorm: each pass in two halves around the ranks' exchange.
+            // SyncBatchNorm: each pass in two halves around the ranks' exchange (the plan fuses
+            // nothing into them; the split kernels check it).
             let (welford, sums) =
                 (r.scratch("rank statistics", &[ROWS, c])?, r.scratch("rank gradient sums", &[ROWS, c])?);
             r.train.extend(super::batch_norm_forward_stats(gpu, &cfg, inp, &welford)?);
@@ -161,9 +158,9 @@ impl LayerOp for BatchNorm2d {
         } else {
             let fused = BnFused {
                 argmax: argmax.as_ref(),
-                conv_dbias: r.input_bias_grad,
+                conv_dbias: r.fused.input_bias_grad,
                 beta: cfg.recomputes_mask().then_some(b.value),
-                se_grad: r.grad_from_next,
+                se_grad: r.fused.grad_from_next,
             };
             r.train.extend(super::batch_norm_forward_train_fused(
                 gpu,

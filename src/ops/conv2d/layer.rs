@@ -95,10 +95,10 @@ impl LayerOp for Conv2d {
             dinp: Some(dinp),
             dweight: Some(w.grad),
             relu: false,
-            dinp_addend: r.dinp_addend,
+            dinp_addend: r.fused.dinp_addend,
         };
         ensure!(
-            r.dinp_addend.is_none() || !r.reads_network_input,
+            r.fused.dinp_addend.is_none() || !r.reads_network_input,
             "{}: an input-gradient addend on a layer whose input gradient nobody reads",
             r.name
         );
@@ -121,7 +121,7 @@ impl LayerOp for Conv2d {
                 r.backward.extend(d);
             }
         }
-        if let Some(b) = b.filter(|_| !r.bias_grad_elsewhere) {
+        if let Some(b) = b.filter(|_| !r.fused.bias_grad_elsewhere) {
             r.backward.extend(super::conv2d_backward_bias(r.gpu, &cfg, r.dout, b.grad)?);
         }
         Ok(())

@@ -91,7 +91,7 @@ impl LayerOp for SeBlock {
                 // Training may read the batch norm's input and apply it on load (AFFINE_IN);
                 // evaluation reads the batch norm's (or the folded convolution's) output.
                 let affine =
-                    r.input_affine.map(|a| (a.inp, BnAffine { stats: a.stats, gamma: a.scale, beta: a.shift }));
+                    r.fused.input_affine.map(|a| (a.inp, BnAffine { stats: a.stats, gamma: a.scale, beta: a.shift }));
                 match affine {
                     Some((y, a)) => {
                         r.eval.extend(fwd);
@@ -105,7 +105,7 @@ impl LayerOp for SeBlock {
                 let e = AddReluGrads {
                     out: r.out,
                     dres,
-                    se_grad: r.defer_input_grad,
+                    se_grad: r.fused.defer_input_grad,
                     input_affine: affine.map(|(_, a)| a),
                 };
                 let bwd = super::se_block_backward_add_relu(r.gpu, &cfg, x, &weights, &saved, r.dout, e, &dsaved, &g);
