@@ -405,7 +405,12 @@ pub fn profiled_step(net: &mut Network, plan: &StepPlan, ceilings: (f64, f64)) -
         })
         .collect();
     for (d, t) in list.iter().zip(&times) {
-        let pass = if d.label.starts_with("conv2d_backward_weight") {
+        if d.label == "conv2d_backward" {
+            join_backward_rows(&mut conv_layers, &d.layer);
+        }
+        let pass = if d.label == "conv2d_backward" {
+            "Backward"
+        } else if d.label.starts_with("conv2d_backward_weight") {
             "BackwardWeight"
         } else if d.label.starts_with("conv2d_backward_input") {
             "BackwardInput"
@@ -414,7 +419,10 @@ pub fn profiled_step(net: &mut Network, plan: &StepPlan, ceilings: (f64, f64)) -
         } else {
             continue;
         };
-        if let Some(row) = conv_layers.iter_mut().find(|r| r.layer == d.layer && r.pass == pass) {
+        // A split weight gradient's reduce after a joint backward counts with it.
+        let row = conv_layers.iter().position(|r| r.layer == d.layer && r.pass == pass);
+        let row = row.or_else(|| conv_layers.iter().position(|r| r.layer == d.layer && r.pass == "Backward"));
+        if let Some(row) = row.map(|i| &mut conv_layers[i]) {
             row.ms += t * 1e3;
             row.gflops += d.flops;
         }
@@ -423,6 +431,21 @@ pub fn profiled_step(net: &mut Network, plan: &StepPlan, ceilings: (f64, f64)) -
         row.gflops = if row.ms > 0.0 { row.gflops / (row.ms * 1e-3) / 1e9 } else { 0.0 };
     }
     Ok(Profile { kernels, conv_layers })
+}
+
+/// A layer's two gradient rows as one, `Backward`, for its joint dispatch (`conv2d_backward`, both
+/// gradients at once): the kernel text names both passes' choices unless they agree.
+fn join_backward_rows(rows: &mut Vec<ConvLayerRow>, layer: &str) {
+    let find = |rows: &[ConvLayerRow], pass: &str| rows.iter().position(|r| r.layer == layer && r.pass == pass);
+    let (Some(i), Some(w)) = (find(rows, "BackwardInput"), find(rows, "BackwardWeight")) else {
+        return;
+    };
+    let weight = rows.remove(w);
+    let input = &mut rows[if w < i { i - 1 } else { i }];
+    if input.kernel != weight.kernel {
+        input.kernel = format!("{} | {}", input.kernel, weight.kernel);
+    }
+    input.pass = "Backward".to_string();
 }
 
 /// The per-conv-layer table as text: which kernel ran each pass, and how fast.

@@ -300,7 +300,8 @@ fn count(list: &[String], kernel: &str) -> usize {
 /// per-sample backward pass per block, leaving no separate addition, ReLU of a block output or SE
 /// pass; each block's input, read by its first convolution and its shortcut, gets its gradient
 /// summed in that convolution's input gradient (no `add_forward` in the backward, and no gradient
-/// buffer of the convolution's own); `--fuse off` plans none of the fused kernels; and fused
+/// buffer of the convolution's own); every convolution whose input gradient is read runs it and
+/// its weight gradient as one dispatch; `--fuse off` plans none of the fused kernels; and fused
 /// steps move fewer bytes. The other SE placements keep their SE passes (the identity
 /// placement's SE output is the addition's second operand; pre and post SE blocks read a ReLU's
 /// output or feed two layers) and fuse only the addition and its ReLU; a pre SE block is the
@@ -351,8 +352,15 @@ fn fused_plans_replace_the_block_tails() {
         // Per block, forward: add and relu into one (1 fewer), or se, add and relu into one (2);
         // backward: relu and add into one (1), or relu, add and the SE's input pass (2); and the
         // fork sum (1).
+        // And every convolution but the stem (whose input gradient nobody reads) runs its input and
+        // weight gradients as one dispatch (the register kernels, these tests' built-in choice).
+        let joint = count(&train, "conv2d_backward");
+        assert!(joint >= 2 * blocks, "{model}: {joint} joint backward dispatches");
+        assert_eq!(joint, count(&train_off, "conv2d_backward_input"), "{model}: every input gradient joint");
+        assert_eq!(count(&train, "conv2d_backward_input") + count(&train_off, "conv2d_backward"), 0, "{model}");
         let per_pass = if se { 2 } else { 1 };
-        assert_eq!(train_off.len() - train.len(), 2 * per_pass * blocks + blocks, "{model}: training dispatches saved");
+        let saved = 2 * per_pass * blocks + blocks + joint;
+        assert_eq!(train_off.len() - train.len(), saved, "{model}: training dispatches saved");
         // Evaluation also folds every batch norm into its convolution (tests/fold.rs): apart from
         // the batch norms and the fold, the tails account for the dispatches saved.
         let tails = |l: &[String]| l.iter().filter(|k| !k.starts_with("batch_norm") && *k != "bn_fold_forward").count();
@@ -675,7 +683,10 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
             // Four convolutions feed a batch norm; the fifth feeds the SE block and keeps its own.
             let bias = "conv2d_backward_bias";
             assert_eq!((count(&train, bias), count(&train_off, bias)), (1, 5), "{what}: {bias}, fused and not");
-            assert_eq!(train_off.len() - train.len(), 4 + 4 + 4, "{what}: training dispatches saved");
+            // Saved: four pools each way, four bias gradients, and the four convolutions whose input
+            // gradient is read run it with their weight gradient as one dispatch.
+            assert_eq!(count(&train, "conv2d_backward"), 4, "{what}: joint backward dispatches");
+            assert_eq!(train_off.len() - train.len(), 4 + 4 + 4 + 4, "{what}: training dispatches saved");
         }
     }
 }

@@ -82,9 +82,20 @@ fn conv2d_workgroup_kernels_match_reference() {
     }
 }
 
-/// Every case runs with every register-block shape (`RegisterTiles::ALL`: 4 or 8 pixels per
-/// forward / input-gradient invocation, 4 or 8 input channels per weight-gradient invocation),
-/// so the shape an adapter picks is always a tested one.
+/// Every case runs with every register-block shape (`RegisterTiles::ALL`: 4, 8 or 16 pixels x 8
+/// or 16 channels per forward / input-gradient invocation, 4, 8 or 16 input channels x 8 or 16
+/// output channels per weight-gradient invocation; each GEMM's block once, as only its own fields
+/// reach its pipeline), so the shape an adapter picks is always a tested one.
+/// `RegisterTiles::ALL` once per forward / input-gradient block (the weight-gradient fields fixed).
+fn gemm_blocks() -> impl Iterator<Item = RegisterTiles> {
+    RegisterTiles::ALL.into_iter().filter(|t| (t.wgrad_ci, t.wgrad_n) == (4, 8))
+}
+
+/// `RegisterTiles::ALL` once per weight-gradient block (the GEMM fields fixed).
+fn wgrad_blocks() -> impl Iterator<Item = RegisterTiles> {
+    RegisterTiles::ALL.into_iter().filter(|t| (t.gemm_m, t.gemm_n) == (4, 8))
+}
+
 #[test]
 fn conv2d_register_forward_matches_reference() {
     let gpu = gpu();
@@ -98,7 +109,7 @@ fn conv2d_register_forward_matches_reference() {
         let tb = upload(&gpu, "b", &[cfg.c_out], &b);
         let bias = to_f64(&b);
         let want = reference::conv2d::conv2d_forward(cfg, &to_f64(&x), &to_f64(&w), cfg.bias.then_some(&bias[..]));
-        for tiles in RegisterTiles::ALL {
+        for tiles in gemm_blocks() {
             let ty = zeros(&gpu, "y", &cfg.output_shape());
             let d = forward(&gpu, cfg, ConvKernel::Register(tiles), &tx, &tw, cfg.bias.then_some(&tb), &ty);
             run(&gpu, &d);
@@ -122,7 +133,7 @@ fn conv2d_register_backward_matches_reference() {
         let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
 
         let want = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
-        for tiles in RegisterTiles::ALL {
+        for tiles in gemm_blocks() {
             let tdx = zeros(&gpu, "dx", &cfg.input_shape());
             run(&gpu, &backward_input(&gpu, cfg, ConvKernel::Register(tiles), &tdy, &tw, &tdx));
             let what = format!("conv2d_backward_input case {i} {tiles:?}");
@@ -131,7 +142,7 @@ fn conv2d_register_backward_matches_reference() {
 
         // The weight gradient unsplit, split as the planner would, and split an odd number of ways.
         let want = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
-        for tiles in RegisterTiles::ALL {
+        for tiles in wgrad_blocks() {
             for splits in [1, conv2d::weight_grad_splits(cfg, tiles, 4096), 3, 7] {
                 let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
                 run(&gpu, &backward_weight(&gpu, cfg, ConvKernel::Register(tiles), &tx, &tdy, &tdw, splits));
@@ -423,5 +434,89 @@ fn f16_backward_input_addend_rounds_as_a_store() {
                 add[i]
             );
         }
+    }
+}
+
+/// Both gradients in one dispatch (`conv2d::conv2d_backward_joint`, what a `--fuse on` plan runs
+/// where the register blocks run both) on every case, f32 and f16, with and without the input
+/// gradient's addend, the weight gradient unsplit, split 3 ways and as the planner would: bit for
+/// bit the `BackwardInput` and `BackwardWeight` passes of the same blocks (each joint block is the
+/// invocation those would run), and the weight gradient (and the f32 input gradient without an
+/// addend) within the conv tolerances of the f64 reference. Block pairs: the adapter's, and the
+/// smallest GEMM block with the largest weight-gradient block and the reverse — a joint dispatch's
+/// two GEMMs keep their own shapes, so the workgroup numbering must not assume they agree.
+#[test]
+fn conv2d_backward_joint_is_the_two_passes_bit_for_bit() {
+    for (dtype, gpu) in [(Dtype::F32, gpu()), (Dtype::F16, gpu_f16())] {
+        for (i, cfg) in conv_cases().iter().enumerate() {
+            let mut r = rng(2500 + i as u64);
+            let mut up =
+                |shape: [usize; 4]| upload_as(&gpu, dtype, &shape, &uniform(&mut r, shape.iter().product(), -1.0, 1.0));
+            let ((tx, x), (tw, w)) = (up(cfg.input_shape()), up(cfg.weight_shape()));
+            let ((tdy, dy), (tadd, _)) = (up(cfg.output_shape()), up(cfg.input_shape()));
+            let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+            let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+            let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+            let (small, large) = (RegisterTiles::ALL[0], RegisterTiles::ALL[RegisterTiles::ALL.len() - 1]);
+            let pairs = [
+                RegisterTiles::for_layer(&gpu, cfg),
+                RegisterTiles { wgrad_ci: large.wgrad_ci, wgrad_n: large.wgrad_n, ..small },
+                RegisterTiles { wgrad_ci: small.wgrad_ci, wgrad_n: small.wgrad_n, ..large },
+            ];
+            let zeros_dx = || Tensor::zeros_of(&gpu, "dx", &cfg.input_shape(), dtype).expect("allocate");
+            for tiles in pairs {
+                let k = ConvKernel::Register(tiles);
+                for addend in [None, Some(&tadd)] {
+                    for splits in [1, 3, conv2d::splits_for(&gpu, cfg, k)] {
+                        let what = format!(
+                            "{} conv2d_backward case {i} {tiles:?} splits {splits} addend {} {cfg:?}",
+                            dtype.name(),
+                            addend.is_some()
+                        );
+                        let (jdx, jdw) = (zeros_dx(), zeros(&gpu, "dw", &cfg.weight_shape()));
+                        let bufs = ConvBuffers {
+                            dinp_addend: addend,
+                            ..ConvBuffers { inp: Some(&tx), ..ConvBuffers::backward_input(&tdy, &tw, &jdx) }
+                        };
+                        let joint = ConvBuffers { dweight: Some(&jdw), ..bufs };
+                        let d = conv2d::conv2d_backward_joint(&gpu, cfg, tiles, &joint, splits).unwrap();
+                        assert!(
+                            d[0].label == "conv2d_backward" && d.len() <= 2,
+                            "{what}: one dispatch, then the reduce"
+                        );
+                        run(&gpu, &d);
+
+                        let (sdx, sdw) = (zeros_dx(), zeros(&gpu, "dw", &cfg.weight_shape()));
+                        let input = ConvBuffers { dinp_addend: addend, ..ConvBuffers::backward_input(&tdy, &tw, &sdx) };
+                        let mut d = conv2d::conv2d_pass(&gpu, cfg, ConvPass::BackwardInput, k, &input).unwrap();
+                        d.extend(backward_weight(&gpu, cfg, k, &tx, &tdy, &sdw, splits));
+                        run(&gpu, &d);
+
+                        let (got_dx, got_dw) = (read_as(&gpu, &jdx), read(&gpu, &jdw));
+                        assert_bits(&format!("{what} dinp"), &got_dx, &read_as(&gpu, &sdx));
+                        assert_bits(&format!("{what} dweight"), &got_dw, &read(&gpu, &sdw));
+                        assert_close(&format!("{what} dweight"), &got_dw, &want_dw, CONV_ATOL, CONV_RTOL);
+                        if dtype == Dtype::F32 && addend.is_none() {
+                            assert_close(&format!("{what} dinp"), &got_dx, &want_dx, CONV_ATOL, CONV_RTOL);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `got` equals `want` bit for bit, or a panic naming the first difference.
+fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+    if let Some(&i) = differ.first() {
+        panic!(
+            "{what}: {} of {} values differ; first [{i}]: {:e} against {:e}",
+            differ.len(),
+            got.len(),
+            got[i],
+            want[i]
+        );
     }
 }

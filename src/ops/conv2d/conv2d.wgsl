@@ -17,8 +17,10 @@
 // Register blocking, no workgroup memory (the CPU-driver family; conv2d_tiled.wgsl is the
 // workgroup-memory one): each invocation owns a block of the output GEMM in vec4 accumulators —
 // GEMM_M rows (4, 8 or 16 pixels) x GEMM_N columns (8 or 16 channels) for the forward and the input
-// gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4 or 8) x
-// WGRAD_N output channels (8 or 16) at one tap for the weight gradient. The sizes are override
+// gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4, 8 or 16) x
+// WGRAD_N output channels (8 or 16) at one tap for the weight gradient (conv2d_backward_weight;
+// conv2d_backward runs a layer's input-gradient and weight-gradient blocks in one dispatch, as a
+// plan fused with `--fuse on` does). The sizes are override
 // constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe a load whose address
 // differs between invocations runs lane by lane while FMAs run 8 lanes at once, so reusing each
 // loaded value in as many FMAs as the registers hold is what pays.
@@ -63,10 +65,20 @@
 //   v10 the forward's ReLU epilogue (`epilogue`, conv2d_params.wgsl: a uniform flag read
 //       per stored value) for evaluation passes with a batch norm folded in; with the flag off
 //       the arithmetic is v9's (training plans unchanged). Not timed.
-//   v11 (this) the input gradient's addend (`accumulate`, conv2d_params.wgsl): the other reader's
+//   v11 the input gradient's addend (`accumulate`, conv2d_params.wgsl): the other reader's
 //       gradient of a forked activation added as the value is stored, in place of the plan's
 //       separate add_forward (3 tensor passes become 1 extra read); with the flag off the
 //       arithmetic is v10's. Not timed.
+//   v12 16 input channels per weight-gradient invocation (WGRAD_CI 16: 16 x 16 blocks, 8 FMAs a
+//       load instead of 5.3), the built-in choice on CPU adapters; the 4- and 8-channel blocks are
+//       v11's arithmetic. senet bench width 1 batch 128 on lavapipe, --conv-tiles 16,16,16,16
+//       against 16,16,8,16, 2 rounds interleaved in one run: the weight gradient 1.06x and 1.19x
+//       faster against the forward of the same profiled step (register.rs has the figures).
+//   v13 (this) conv2d_backward: a layer's input gradient and weight gradient in one dispatch,
+//       the two entry points' bodies as functions (gemm_block, wgrad_block) and the addend moved
+//       to binding 6 so binding 1 can hold the weight gradient's input; every block is the
+//       invocation the separate kernels run, so the values are v12's bit for bit. Dispatches per
+//       training step: base SENet 37 -> 33, SE-ResNet-50 328 -> 276 (`senet plan`).
 //   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
 //       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
 //       so the trip counts are known when the pipeline is built; the same FMAs in the same order).
@@ -84,6 +96,8 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<act>;
 @group(0) @binding(5) var<storage, read> dout: array<act>;
+// The input gradient's addend (conv2d_params.wgsl's `accumulate`).
+@group(0) @binding(6) var<storage, read> addend: array<act>;
 @group(0) @binding(7) var<storage, read_write> dweight_partial: array<f32>;
 @group(0) @binding(8) var<storage, read> dweight_partial_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dweight: array<f32>;
@@ -97,6 +111,10 @@ override GEMM_N: u32 = 16u;
 // Weight-gradient invocations own WGRAD_CI input channels (4 or 8) x WGRAD_N output channels (8 or 16).
 override WGRAD_CI: u32 = 8u;
 override WGRAD_N: u32 = 16u;
+
+fn addend_at(i: u32) -> f32 {
+    return f32(addend[i]);
+}
 
 // Input pixel value with zero padding; `base` is the start of the (n, ci) plane.
 fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
@@ -112,7 +130,7 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
 //                           source inp (binding 1), output out (binding 4), bias added
 //   MODE 1, input gradient  rows q = (n, iy, ix) input pixels, columns ci, reduction (co, tap):
 //                           source dout (binding 5), output dinp bound at binding 4 (with
-//                           `accumulate`, plus the addend bound at binding 1)
+//                           `accumulate`, plus the addend bound at binding 6)
 // gid.x: block of GEMM_M rows; gid.y: block of GEMM_N columns (vec4 quarters w0..w3). Per tap and
 // reduction channel r, GEMM_M source and GEMM_N weight loads feed GEMM_M*GEMM_N FMAs into the
 // accumulators a<row>_<quarter>. Loop order: taps (ky, kx) outside, reduction channels inside, so
@@ -131,6 +149,11 @@ fn src(i: u32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
+    gemm_block(gid);
+}
+
+// conv2d_gemm's invocation `gid` (also conv2d_backward's input-gradient blocks).
+fn gemm_block(gid: vec3<u32>) {
     let ohw = p.oh * p.ow;
     let hw = p.h * p.w;
     let khw = p.kh * p.kw;
@@ -451,6 +474,11 @@ fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
 // row whose input column is padding are cut off its ends, so the inner loop has no tests at all.
 @compute @workgroup_size(WG)
 fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
+    wgrad_block(gid);
+}
+
+// conv2d_backward_weight's invocation `gid` (also conv2d_backward's weight-gradient blocks).
+fn wgrad_block(gid: vec3<u32>) {
     let khw = p.kh * p.kw;
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
@@ -478,8 +506,8 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     let last = i32(p.w) - 1 - dx;
     let px_hi = select(0u, min(u32(last / sw + 1), p.ow), last >= 0);
     // Channels past the group's end read its last one; their sums are never written.
-    var cb: array<u32, 8>;
-    for (var j = 0u; j < 8u; j++) {
+    var cb: array<u32, 16>;
+    for (var j = 0u; j < 16u; j++) {
         cb[j] = (g * cin_g + min(ci0 + j, cin_g - 1u)) * hw;
     }
     var drow: array<u32, 16>;
@@ -488,36 +516,68 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var a0_0 = vec4<f32>(0.0);
     var a0_1 = vec4<f32>(0.0);
+    var a0_2 = vec4<f32>(0.0);
+    var a0_3 = vec4<f32>(0.0);
     var a1_0 = vec4<f32>(0.0);
     var a1_1 = vec4<f32>(0.0);
+    var a1_2 = vec4<f32>(0.0);
+    var a1_3 = vec4<f32>(0.0);
     var a2_0 = vec4<f32>(0.0);
     var a2_1 = vec4<f32>(0.0);
+    var a2_2 = vec4<f32>(0.0);
+    var a2_3 = vec4<f32>(0.0);
     var a3_0 = vec4<f32>(0.0);
     var a3_1 = vec4<f32>(0.0);
+    var a3_2 = vec4<f32>(0.0);
+    var a3_3 = vec4<f32>(0.0);
     var a4_0 = vec4<f32>(0.0);
     var a4_1 = vec4<f32>(0.0);
+    var a4_2 = vec4<f32>(0.0);
+    var a4_3 = vec4<f32>(0.0);
     var a5_0 = vec4<f32>(0.0);
     var a5_1 = vec4<f32>(0.0);
+    var a5_2 = vec4<f32>(0.0);
+    var a5_3 = vec4<f32>(0.0);
     var a6_0 = vec4<f32>(0.0);
     var a6_1 = vec4<f32>(0.0);
+    var a6_2 = vec4<f32>(0.0);
+    var a6_3 = vec4<f32>(0.0);
     var a7_0 = vec4<f32>(0.0);
     var a7_1 = vec4<f32>(0.0);
+    var a7_2 = vec4<f32>(0.0);
+    var a7_3 = vec4<f32>(0.0);
     var a8_0 = vec4<f32>(0.0);
     var a8_1 = vec4<f32>(0.0);
+    var a8_2 = vec4<f32>(0.0);
+    var a8_3 = vec4<f32>(0.0);
     var a9_0 = vec4<f32>(0.0);
     var a9_1 = vec4<f32>(0.0);
+    var a9_2 = vec4<f32>(0.0);
+    var a9_3 = vec4<f32>(0.0);
     var a10_0 = vec4<f32>(0.0);
     var a10_1 = vec4<f32>(0.0);
+    var a10_2 = vec4<f32>(0.0);
+    var a10_3 = vec4<f32>(0.0);
     var a11_0 = vec4<f32>(0.0);
     var a11_1 = vec4<f32>(0.0);
+    var a11_2 = vec4<f32>(0.0);
+    var a11_3 = vec4<f32>(0.0);
     var a12_0 = vec4<f32>(0.0);
     var a12_1 = vec4<f32>(0.0);
+    var a12_2 = vec4<f32>(0.0);
+    var a12_3 = vec4<f32>(0.0);
     var a13_0 = vec4<f32>(0.0);
     var a13_1 = vec4<f32>(0.0);
+    var a13_2 = vec4<f32>(0.0);
+    var a13_3 = vec4<f32>(0.0);
     var a14_0 = vec4<f32>(0.0);
     var a14_1 = vec4<f32>(0.0);
+    var a14_2 = vec4<f32>(0.0);
+    var a14_3 = vec4<f32>(0.0);
     var a15_0 = vec4<f32>(0.0);
     var a15_1 = vec4<f32>(0.0);
+    var a15_2 = vec4<f32>(0.0);
+    var a15_3 = vec4<f32>(0.0);
     var m = m_begin;
     while (m < m_end) {
         let nn = m / ohw;
@@ -534,8 +594,14 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var px = a; px < b; px++) {
                 let xv = vec4<f32>(f32(inp[at + cb[0]]), f32(inp[at + cb[1]]), f32(inp[at + cb[2]]), f32(inp[at + cb[3]]));
                 var xw = vec4<f32>(0.0);
-                if (WGRAD_CI == 8u) {
+                var xu = vec4<f32>(0.0);
+                var xt = vec4<f32>(0.0);
+                if (WGRAD_CI >= 8u) {
                     xw = vec4<f32>(f32(inp[at + cb[4]]), f32(inp[at + cb[5]]), f32(inp[at + cb[6]]), f32(inp[at + cb[7]]));
+                }
+                if (WGRAD_CI == 16u) {
+                    xu = vec4<f32>(f32(inp[at + cb[8]]), f32(inp[at + cb[9]]), f32(inp[at + cb[10]]), f32(inp[at + cb[11]]));
+                    xt = vec4<f32>(f32(inp[at + cb[12]]), f32(inp[at + cb[13]]), f32(inp[at + cb[14]]), f32(inp[at + cb[15]]));
                 }
                 let g0 = f32(dout[db + drow[0]]);
                 let g1 = f32(dout[db + drow[1]]);
@@ -553,7 +619,7 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
                 a5_0 += g5 * xv;
                 a6_0 += g6 * xv;
                 a7_0 += g7 * xv;
-                if (WGRAD_CI == 8u) {
+                if (WGRAD_CI >= 8u) {
                     a0_1 += g0 * xw;
                     a1_1 += g1 * xw;
                     a2_1 += g2 * xw;
@@ -562,6 +628,24 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
                     a5_1 += g5 * xw;
                     a6_1 += g6 * xw;
                     a7_1 += g7 * xw;
+                }
+                if (WGRAD_CI == 16u) {
+                    a0_2 += g0 * xu;
+                    a1_2 += g1 * xu;
+                    a2_2 += g2 * xu;
+                    a3_2 += g3 * xu;
+                    a4_2 += g4 * xu;
+                    a5_2 += g5 * xu;
+                    a6_2 += g6 * xu;
+                    a7_2 += g7 * xu;
+                    a0_3 += g0 * xt;
+                    a1_3 += g1 * xt;
+                    a2_3 += g2 * xt;
+                    a3_3 += g3 * xt;
+                    a4_3 += g4 * xt;
+                    a5_3 += g5 * xt;
+                    a6_3 += g6 * xt;
+                    a7_3 += g7 * xt;
                 }
                 if (WGRAD_N == 16u) {
                     let g8 = f32(dout[db + drow[8]]);
@@ -580,7 +664,7 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
                     a13_0 += g13 * xv;
                     a14_0 += g14 * xv;
                     a15_0 += g15 * xv;
-                    if (WGRAD_CI == 8u) {
+                    if (WGRAD_CI >= 8u) {
                         a8_1 += g8 * xw;
                         a9_1 += g9 * xw;
                         a10_1 += g10 * xw;
@@ -590,6 +674,24 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
                         a14_1 += g14 * xw;
                         a15_1 += g15 * xw;
                     }
+                    if (WGRAD_CI == 16u) {
+                        a8_2 += g8 * xu;
+                        a9_2 += g9 * xu;
+                        a10_2 += g10 * xu;
+                        a11_2 += g11 * xu;
+                        a12_2 += g12 * xu;
+                        a13_2 += g13 * xu;
+                        a14_2 += g14 * xu;
+                        a15_2 += g15 * xu;
+                        a8_3 += g8 * xt;
+                        a9_3 += g9 * xt;
+                        a10_3 += g10 * xt;
+                        a11_3 += g11 * xt;
+                        a12_3 += g12 * xt;
+                        a13_3 += g13 * xt;
+                        a14_3 += g14 * xt;
+                        a15_3 += g15 * xt;
+                    }
                 }
                 at += p.stride_w;
                 db++;
@@ -597,23 +699,23 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         m += row_end - row_px;
     }
-    var acc = array<vec4<f32>, 32>(
-        a0_0, a0_1,
-        a1_0, a1_1,
-        a2_0, a2_1,
-        a3_0, a3_1,
-        a4_0, a4_1,
-        a5_0, a5_1,
-        a6_0, a6_1,
-        a7_0, a7_1,
-        a8_0, a8_1,
-        a9_0, a9_1,
-        a10_0, a10_1,
-        a11_0, a11_1,
-        a12_0, a12_1,
-        a13_0, a13_1,
-        a14_0, a14_1,
-        a15_0, a15_1,
+    var acc = array<vec4<f32>, 64>(
+        a0_0, a0_1, a0_2, a0_3,
+        a1_0, a1_1, a1_2, a1_3,
+        a2_0, a2_1, a2_2, a2_3,
+        a3_0, a3_1, a3_2, a3_3,
+        a4_0, a4_1, a4_2, a4_3,
+        a5_0, a5_1, a5_2, a5_3,
+        a6_0, a6_1, a6_2, a6_3,
+        a7_0, a7_1, a7_2, a7_3,
+        a8_0, a8_1, a8_2, a8_3,
+        a9_0, a9_1, a9_2, a9_3,
+        a10_0, a10_1, a10_2, a10_3,
+        a11_0, a11_1, a11_2, a11_3,
+        a12_0, a12_1, a12_2, a12_3,
+        a13_0, a13_1, a13_2, a13_3,
+        a14_0, a14_1, a14_2, a14_3,
+        a15_0, a15_1, a15_2, a15_3,
     );
     let slice = split * p.c_out * k_total;
     for (var i = 0u; i < WGRAD_N; i++) {
@@ -622,10 +724,34 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
             for (var j = 0u; j < WGRAD_CI; j++) {
                 let ci = ci0 + j;
                 if (ci < cin_g) {
-                    dweight_partial[slice + (g * cout_g + co) * k_total + ci * khw + tap] = acc[2u * i + j / 4u][j % 4u];
+                    dweight_partial[slice + (g * cout_g + co) * k_total + ci * khw + tap] = acc[4u * i + j / 4u][j % 4u];
                 }
             }
         }
+    }
+}
+
+// A layer's input gradient and weight gradient in one dispatch (MODE 1): both read dout and write
+// buffers the other does not touch, so nothing orders them, and the device is filled by the
+// blocks of both. Workgroups count row-major over the 2-D grid: the first p.joint_dn run
+// conv2d_gemm's input-gradient blocks (its grid p.joint_dx wide), the next run
+// conv2d_backward_weight's (its grid p.joint_wx x p.joint_wy x p.splits), the rest nothing. Each
+// block is the invocation the separate kernel would run, so every value is bit for bit theirs.
+@compute @workgroup_size(WG)
+fn conv2d_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let b = wid.x + wid.y * nwg.x;
+    if (b < p.joint_dn) {
+        gemm_block(vec3<u32>((b % p.joint_dx) * WG + li, b / p.joint_dx, 0u));
+        return;
+    }
+    let w = b - p.joint_dn;
+    let xy = p.joint_wx * p.joint_wy;
+    if (w < xy * p.splits) {
+        wgrad_block(vec3<u32>((w % p.joint_wx) * WG + li, (w % xy) / p.joint_wx, w / xy));
     }
 }
 

@@ -30,6 +30,11 @@
 // The weight gradient or its split partials (MODE 2): f32 whatever `act` is, summed later.
 @group(0) @binding(6) var<storage, read_write> wgrad: array<f32>;
 
+// The input gradient's addend (conv2d_params.wgsl's `accumulate`), read through `inp`.
+fn addend_at(i: u32) -> f32 {
+    return f32(inp[i]);
+}
+
 // Which GEMM: 0 forward, 1 input gradient, 2 weight gradient (one source, three pipelines; the
 // branches on it fold away when the pipeline is built).
 override MODE: u32 = 0u;

@@ -7,9 +7,12 @@
 // convolution with a batch norm and its ReLU folded in (ops/bn_fold).
 // `accumulate` (the input gradient only): the stored gradient is this convolution's own plus an
 // addend of the same shape, the other reader's gradient of a forked activation (the plan's fork
-// sum, otherwise an add_forward after it). The addend is read through binding 1 (`inp`, an `act`
-// array the input gradient does not otherwise read), so the layout is the same in every mode.
-// MODE, FWD, DGRAD and `inp` are each family's own.
+// sum, otherwise an add_forward after it), read through each family's `addend_at`: binding 1
+// (`inp`, which their input gradient does not otherwise read) in conv2d_gemm.wgsl, binding 6 in
+// conv2d.wgsl, whose joint backward reads the weight gradient's input at binding 1.
+// `joint_*` (conv2d.wgsl's conv2d_backward only): where its input-gradient blocks end and how its
+// weight-gradient blocks are numbered.
+// MODE, FWD, DGRAD and `addend_at` are each family's own.
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,
@@ -17,7 +20,8 @@ struct Params {
     kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
     pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
     splits: u32, split_len: u32, groups: u32, relu: u32,
-    accumulate: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    accumulate: u32, joint_dx: u32, joint_dn: u32, joint_wx: u32,
+    joint_wy: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -35,7 +39,7 @@ fn epilogue(v: f32, i: u32) -> act {
     }
     if (MODE == DGRAD && p.accumulate != 0u) {
         // act_rounded (the shader prelude): f32(act(v)), with a rounding no compiler folds away.
-        return act(act_rounded(v) + f32(inp[i]));
+        return act(act_rounded(v) + addend_at(i));
     }
     return act(v);
 }

@@ -102,24 +102,37 @@ impl LayerOp for Conv2d {
             "{}: an input-gradient addend on a layer whose input gradient nobody reads",
             r.name
         );
-        // Each pass runs the kernel the tuner chose for this shape; the network input needs no
-        // gradient.
+        // Each pass runs the kernel the tuner chose for this shape (tuned in the plan's precision:
+        // an f16 plan's built-in choice is cooperative matrices where the adapter lists them); the
+        // network input needs no gradient.
         let passes: &[ConvPass] = if r.reads_network_input {
             &[ConvPass::Forward, ConvPass::BackwardWeight]
         } else {
             &[ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
         };
-        for &pass in passes {
-            // Tuned in the plan's precision: an f16 plan's built-in choice is cooperative
-            // matrices where the adapter lists them (conv2d::builtin).
-            let chosen = super::choose(r.gpu, &cfg, pass, r.precision)?;
-            let (d, kernel) = super::conv2d_pass_chosen(r.gpu, &cfg, pass, chosen, &bufs)?;
+        let chosen: Vec<ConvKernel> =
+            passes.iter().map(|&pass| super::choose(r.gpu, &cfg, pass, r.precision)).collect::<Result<_>>()?;
+        // `--fuse on`: both gradients in one dispatch where one kernel runs them.
+        let joint = match chosen[..] {
+            [_, input, weight] if r.gpu.fuse => super::joint_tiles(input, weight),
+            _ => None,
+        };
+        for (&pass, &kernel) in passes.iter().zip(&chosen) {
+            if joint.is_some() && pass != ConvPass::Forward {
+                r.conv_kernels.push((pass, kernel));
+                continue;
+            }
+            let (d, kernel) = super::conv2d_pass_chosen(r.gpu, &cfg, pass, kernel, &bufs)?;
             r.conv_kernels.push((pass, kernel));
             if pass == ConvPass::Forward {
                 self.record_forward(r, &cfg, kernel, d)?;
             } else {
                 r.backward.extend(d);
             }
+        }
+        if let Some(tiles) = joint {
+            let splits = super::splits_for(r.gpu, &cfg, ConvKernel::Register(tiles));
+            r.backward.extend(super::conv2d_backward_joint(r.gpu, &cfg, tiles, &bufs, splits)?);
         }
         if let Some(b) = b.filter(|_| !r.fused.bias_grad_elsewhere) {
             r.backward.extend(super::conv2d_backward_bias(r.gpu, &cfg, r.dout, b.grad)?);

@@ -178,6 +178,7 @@ impl Conv2dConfig {
             groups: to_u32("groups", c.groups)?,
             relu: 0,
             accumulate: 0,
+            joint: [0; 4],
             _pad: [0; 3],
         })
     }
@@ -209,8 +210,11 @@ struct Params {
     groups: u32,
     /// The forward's fused ReLU ([`ConvBuffers::relu`]): 1 applies it, 0 not.
     relu: u32,
-    /// The input gradient's addend ([`ConvBuffers::dinp_addend`], bound at binding 1): 1 adds it, 0 not.
+    /// The input gradient's addend ([`ConvBuffers::dinp_addend`]): 1 adds it, 0 not.
     accumulate: u32,
+    /// The joint backward's workgroup numbering (`conv2d_backward`, register family): the input
+    /// gradient's grid width and workgroup count, the weight gradient's grid width and height.
+    joint: [u32; 4],
     /// The block padded to 16 bytes, as WGSL's uniform layout wants.
     _pad: [u32; 3],
 }
@@ -224,6 +228,11 @@ impl Params {
     /// The input gradient's addend on or off.
     fn with_accumulate(self, accumulate: bool) -> Params {
         Params { accumulate: u32::from(accumulate), ..self }
+    }
+
+    /// The joint backward's workgroup numbering.
+    fn with_joint(self, joint: [u32; 4]) -> Params {
+        Params { joint, ..self }
     }
 }
 
@@ -390,6 +399,38 @@ fn run_pass(
             splits,
         ),
     }
+}
+
+/// The register blocks that run both gradients of a layer in one dispatch when its input gradient
+/// runs `input` and its weight gradient `weight`: the input gradient's GEMM block and the weight
+/// gradient's. `None` unless both are the register family's (the workgroup and coop GEMMs fix
+/// their MODE per pipeline): those run apart.
+pub fn joint_tiles(input: ConvKernel, weight: ConvKernel) -> Option<RegisterTiles> {
+    match (input, weight) {
+        (ConvKernel::Register(i), ConvKernel::Register(w)) => {
+            Some(RegisterTiles { wgrad_ci: w.wgrad_ci, wgrad_n: w.wgrad_n, ..i })
+        }
+        _ => None,
+    }
+}
+
+/// A layer's input gradient and weight gradient in one dispatch of the register kernel
+/// (`conv2d_backward`; [`joint_tiles`]), the weight gradient split `splits` ways (then reduced):
+/// bit for bit the `BackwardInput` and `BackwardWeight` passes of the same blocks, with half the
+/// dispatches and both GEMMs' blocks filling the device at once.
+pub fn conv2d_backward_joint(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: RegisterTiles,
+    b: &ConvBuffers<'_>,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
+    cfg.validate()?;
+    let (i, w) = (ConvPass::BackwardInput, ConvPass::BackwardWeight);
+    let operands = (need(b.inp, w, "input")?, need(b.dout, i, "output gradient")?, need(b.weight, i, "weight")?);
+    let dinp = need(b.dinp, i, "input gradient")?;
+    let dweight = need(b.dweight, w, "weight gradient")?;
+    register::backward_joint(gpu, cfg, tiles, operands, dinp, b.dinp_addend, dweight, splits)
 }
 
 /// [`run_pass`] on the register kernel (`conv2d.wgsl`).

@@ -8,11 +8,11 @@ use anyhow::{Result, ensure};
 
 use super::{Conv2dConfig, WG, dinp_addend, forward_bias, weight_grad_reduce};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
-use crate::ops::{el, expect_shape, placeholder, placeholder_like};
+use crate::ops::{el, expect_shape, placeholder, placeholder_like, to_u32};
 
 /// Register-block shapes of `conv2d.wgsl`, WGSL `override` constants fixed per pipeline.
 /// Forward and input-gradient invocations own `gemm_m` pixels (4, 8 or 16) x `gemm_n` channels (8
-/// or 16); weight-gradient invocations own `wgrad_ci` input channels (4 or 8) x `wgrad_n` output
+/// or 16); weight-gradient invocations own `wgrad_ci` input channels (4, 8 or 16) x `wgrad_n` output
 /// channels (8 or 16).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegisterTiles {
@@ -24,15 +24,15 @@ pub struct RegisterTiles {
 
 impl RegisterTiles {
     /// Every shape the shaders implement.
-    pub const ALL: [RegisterTiles; 24] = {
-        let mut all = [RegisterTiles { gemm_m: 4, gemm_n: 8, wgrad_ci: 4, wgrad_n: 8 }; 24];
+    pub const ALL: [RegisterTiles; 36] = {
+        let mut all = [RegisterTiles { gemm_m: 4, gemm_n: 8, wgrad_ci: 4, wgrad_n: 8 }; 36];
         let mut i = 0;
-        while i < 24 {
+        while i < 36 {
             all[i] = RegisterTiles {
                 gemm_m: [4, 8, 16][i % 3],
                 gemm_n: [8, 16][(i / 3) % 2],
-                wgrad_ci: [4, 8][(i / 6) % 2],
-                wgrad_n: [8, 16][i / 12],
+                wgrad_ci: [4, 8, 16][(i / 6) % 3],
+                wgrad_n: [8, 16][i / 18],
             };
             i += 1;
         }
@@ -41,7 +41,7 @@ impl RegisterTiles {
 
     /// The blocks for this adapter: `GpuOptions::conv_tiles` (`--conv-tiles M,N,CI,CO`) pins them
     /// (for measuring), else
-    /// on a CPU adapter the largest: 16 x 16 and 8 x 16. On lavapipe every storage-buffer load runs lane by lane
+    /// on a CPU adapter the largest: 16 x 16 and 16 x 16. On lavapipe every storage-buffer load runs lane by lane
     /// while the FMAs run 8 lanes at once, so the block with the most FMAs per load pays,
     /// spilled accumulators and all. Measured A/B in one run each (senet bench, width 0.25,
     /// batch 32): against 4 x 8, 8 pixels x 8 channels made forward and input gradient 1.4x
@@ -50,10 +50,15 @@ impl RegisterTiles {
     /// gained 1.2x from 4 x 8 to 8 x 8 and 1.2x more from 8 x 16. The 16-pixel pipelines cost
     /// ~3 s more to compile when Mesa's shader cache is cold (first step 8 s instead of 5 s at
     /// width 0.25). Other adapters take 8 x 16: 256 accumulators would not fit a GPU thread's
-    /// 255 registers; their own choice awaits measurements there.
+    /// 255 registers; their own choice awaits measurements there. The weight gradient's 16 x 16
+    /// (CPU adapters) against 8 x 16, `--conv-tiles 16,16,16,16` against `16,16,8,16`, senet bench
+    /// width 1 batch 128 on lavapipe, 2 rounds interleaved in one run, weight-gradient ms in the
+    /// same profiled step as an unchanged forward: 5417 vs 7623 with the forward at 4870 vs 6444
+    /// (the host's speed moved between runs), then 6241 vs 7431 with the forward at 6427 vs 6424:
+    /// 1.06x and 1.19x faster, the step 6.86 vs 6.58 images/s in the second round.
     pub fn for_adapter(gpu: &Gpu) -> RegisterTiles {
-        let gemm_m = if gpu.is_cpu() { 16 } else { 8 };
-        RegisterTiles::pinned(gpu).unwrap_or(RegisterTiles { gemm_m, gemm_n: 16, wgrad_ci: 8, wgrad_n: 16 })
+        let (gemm_m, wgrad_ci) = if gpu.is_cpu() { (16, 16) } else { (8, 8) };
+        RegisterTiles::pinned(gpu).unwrap_or(RegisterTiles { gemm_m, gemm_n: 16, wgrad_ci, wgrad_n: 16 })
     }
 
     /// The blocks `GpuOptions::conv_tiles` pins, if it pins a shape the shaders implement.
@@ -89,16 +94,21 @@ impl RegisterTiles {
         if RegisterTiles::pinned(gpu).is_some() {
             return t;
         }
-        let narrow = |size: usize, channels: usize| if channels <= size / 2 { size / 2 } else { size };
+        let narrow = |mut size: usize, smallest: usize, channels: usize| {
+            while size > smallest && channels <= size / 2 {
+                size /= 2;
+            }
+            size
+        };
         // A block spans the channels of one group: a grouped layer's are c_in/groups, c_out/groups.
         let (c_in, c_out) = (cfg.c_in_group(), cfg.c_out_group());
         RegisterTiles {
             gemm_m: t.gemm_m,
             // Forward blocks run over output channels, input-gradient blocks over input channels;
             // one pipeline constant serves both, so narrow it only when both fit.
-            gemm_n: narrow(t.gemm_n, c_out.max(c_in)),
-            wgrad_ci: narrow(t.wgrad_ci, c_in),
-            wgrad_n: narrow(t.wgrad_n, c_out),
+            gemm_n: narrow(t.gemm_n, 8, c_out.max(c_in)),
+            wgrad_ci: narrow(t.wgrad_ci, 4, c_in),
+            wgrad_n: narrow(t.wgrad_n, 8, c_out),
         }
     }
 
@@ -164,7 +174,7 @@ pub(super) fn forward(
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d output", out, &cfg.output_shape())?;
-    // conv2d_gemm in MODE 0 never reads dout (binding 5), nor the bias without one.
+    // conv2d_gemm in MODE 0 never reads dout (binding 5) or the addend (6), nor the bias without one.
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, inp)?;
     let bias = forward_bias(cfg, bias, &unused)?;
@@ -178,6 +188,7 @@ pub(super) fn forward(
         Bind::Tensor(3, bias),
         Bind::Tensor(4, out),
         Bind::Tensor(5, &unused_act),
+        Bind::Tensor(6, &unused_act),
     ];
     let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
@@ -185,6 +196,108 @@ pub(super) fn forward(
             .labelled("conv2d_forward")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
+}
+
+/// The input gradient's GEMM (`conv2d_gemm` in MODE 1) as either entry runs it: shapes checked,
+/// its workgroup grid and its cost (flops, bytes).
+struct InputGrad {
+    grid: [u32; 3],
+    flops: f64,
+    bytes: f64,
+}
+
+impl InputGrad {
+    fn new(
+        gpu: &Gpu,
+        cfg: &Conv2dConfig,
+        tiles: RegisterTiles,
+        dout: &Tensor,
+        weight: &Tensor,
+        dinp: &Tensor,
+        addend: Option<&Tensor>,
+    ) -> Result<InputGrad> {
+        expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+        expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+        expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+        let cols = (cfg.c_in_group(), cfg.groups);
+        let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, cols, tiles.gemm_n, 1)?;
+        // With an addend, one more input-sized read and one addition per element.
+        let read_addend = addend.map_or(0, |a| a.numel());
+        let flops = 2.0 * cfg.macs() as f64 + read_addend as f64;
+        let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel() + read_addend) as f64;
+        Ok(InputGrad { grid, flops, bytes })
+    }
+}
+
+/// The weight gradient's GEMM (`conv2d_backward_weight`) as either entry runs it: shapes checked,
+/// the reduction over m split `splits` ways (1 = written directly, more = into slices of a partial
+/// buffer summed by the reduce), its grid and cost.
+struct WeightGrad {
+    precision: Precision,
+    splits: usize,
+    split_len: usize,
+    grid: [u32; 3],
+    flops: f64,
+    bytes: f64,
+}
+
+impl WeightGrad {
+    fn new(
+        gpu: &Gpu,
+        cfg: &Conv2dConfig,
+        tiles: RegisterTiles,
+        (inp, dout, dweight): (&Tensor, &Tensor, &Tensor),
+        splits: usize,
+    ) -> Result<WeightGrad> {
+        expect_shape("conv2d input", inp, &cfg.input_shape())?;
+        expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+        expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
+        ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+        let m = cfg.n * cfg.out_h() * cfg.out_w();
+        let split_len = m.div_ceil(splits);
+        let splits = m.div_ceil(split_len);
+        // Columns come in blocks of `wgrad_ci` input channels (of a group) at one tap:
+        // (kh*kw) * ceil((c_in/groups)/ci) of them; each invocation owns `wgrad_n` output channels
+        // of one group for one such block.
+        let rows = cfg.kh * cfg.kw * cfg.c_in_group().div_ceil(tiles.wgrad_ci);
+        let grid = gemm_grid(gpu, rows, 1, (cfg.c_out_group(), cfg.groups), tiles.wgrad_n, splits)?;
+        let flops = 2.0 * cfg.macs() as f64;
+        let bytes = el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64;
+        Ok(WeightGrad { precision: Precision::of(inp), splits, split_len, grid, flops, bytes })
+    }
+
+    /// Where the GEMM writes: `None` for the weight gradient itself, or a partial buffer for the
+    /// reduce.
+    fn partial(&self, gpu: &Gpu, cfg: &Conv2dConfig) -> Result<Option<Tensor>> {
+        if self.splits == 1 {
+            return Ok(None);
+        }
+        let k = cfg.c_in_group() * cfg.kh * cfg.kw;
+        Ok(Some(Tensor::zeros(gpu, "conv2d dweight partial", &[self.splits, cfg.c_out, k])?))
+    }
+
+    /// The GEMM dispatch `first` (writing into `target`), then the reduce if the m range is split.
+    fn finish(
+        &self,
+        gpu: &Gpu,
+        cfg: &Conv2dConfig,
+        params: &wgpu::Buffer,
+        first: Dispatch,
+        (partial, dweight): (Option<&Tensor>, &Tensor),
+    ) -> Result<Vec<Dispatch>> {
+        let mut d = vec![first];
+        if let Some(partial) = partial {
+            d.push(weight_grad_reduce(gpu, cfg, self.precision, params, partial, dweight)?);
+        }
+        Ok(d)
+    }
+}
+
+impl RegisterTiles {
+    /// The weight-gradient constants of conv2d.wgsl.
+    fn wgrad_constants(&self) -> [(&'static str, f64); 3] {
+        [("WG", WG as f64), ("WGRAD_CI", self.wgrad_ci as f64), ("WGRAD_N", self.wgrad_n as f64)]
+    }
 }
 
 /// The input gradient (`conv2d_gemm`, MODE 1: the transposed convolution, gathered), plus
@@ -198,33 +311,27 @@ pub(super) fn backward_input(
     dinp: &Tensor,
     addend: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
-    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
-    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+    let g = InputGrad::new(gpu, cfg, tiles, dout, weight, dinp, addend)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_accumulate(addend.is_some()));
-    let grid = gemm_grid(gpu, cfg.n * cfg.h * cfg.w, tiles.gemm_m, (cfg.c_in_group(), cfg.groups), tiles.gemm_n, 1)?;
     // conv2d_gemm in MODE 1 reads dout and writes dinp through the forward's output binding; the
-    // input binding holds the addend (read only with one), the bias binding is declared by the
+    // addend binding is read only with one; the input and bias bindings are declared by the
     // shared entry point but never read.
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, dout)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
     let binds = [
         Bind::Uniform(0, &params),
-        Bind::Tensor(1, addend_or_unused),
+        Bind::Tensor(1, &unused_act),
         Bind::Tensor(2, weight),
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, dinp),
         Bind::Tensor(5, dout),
+        Bind::Tensor(6, addend_or_unused),
     ];
-    // With an addend, one more input-sized read and one addition per element.
-    let read_addend = addend.map_or(0, |a| a.numel());
-    let flops = 2.0 * cfg.macs() as f64 + read_addend as f64;
-    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel() + read_addend) as f64;
     Ok(vec![
-        gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, grid)?
+        gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, g.grid)?
             .labelled("conv2d_backward_input")
-            .with_cost(flops, bytes),
+            .with_cost(g.flops, g.bytes),
     ])
 }
 
@@ -239,37 +346,60 @@ pub(super) fn backward_weight(
     dweight: &Tensor,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
-    expect_shape("conv2d input", inp, &cfg.input_shape())?;
-    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-    expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
-    ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
-    let m = cfg.n * cfg.out_h() * cfg.out_w();
-    let split_len = m.div_ceil(splits);
-    let splits = m.div_ceil(split_len);
-    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
-    let k = cfg.c_in_group() * cfg.kh * cfg.kw;
-    // Columns come in blocks of `wgrad_ci` input channels (of a group) at one tap:
-    // (kh*kw) * ceil((c_in/groups)/ci) of them; each invocation owns `wgrad_n` output channels of
-    // one group for one such block.
-    let ci = tiles.wgrad_ci;
-    let rows = cfg.kh * cfg.kw * cfg.c_in_group().div_ceil(ci);
-    let grid = gemm_grid(gpu, rows, 1, (cfg.c_out_group(), cfg.groups), tiles.wgrad_n, splits)?;
-    let consts = [("WG", WG as f64), ("WGRAD_CI", ci as f64), ("WGRAD_N", tiles.wgrad_n as f64)];
-    let (flops, bytes) = (
-        2.0 * cfg.macs() as f64,
-        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
-    );
-    let precision = Precision::of(inp);
-    if splits == 1 {
-        let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, dweight)];
-        return Ok(vec![
-            gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?
-                .with_cost(flops, bytes),
-        ]);
-    }
-    let partial = Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?;
-    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, &partial)];
-    let first =
-        gpu.dispatch_in(precision, "conv2d", "conv2d_backward_weight", &consts, &binds, grid)?.with_cost(flops, bytes);
-    Ok(vec![first, weight_grad_reduce(gpu, cfg, precision, &params, &partial, dweight)?])
+    let g = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits)?;
+    let params = gpu.uniform("conv2d params", &cfg.params(g.splits, g.split_len)?);
+    let partial = g.partial(gpu, cfg)?;
+    let out = partial.as_ref().unwrap_or(dweight);
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, out)];
+    let first = gpu
+        .dispatch_in(Precision::of(inp), "conv2d", "conv2d_backward_weight", &tiles.wgrad_constants(), &binds, g.grid)?
+        .with_cost(g.flops, g.bytes);
+    g.finish(gpu, cfg, &params, first, (partial.as_ref(), dweight))
+}
+
+/// Both gradients of a layer in one dispatch (`conv2d_backward`): the input gradient's blocks of
+/// `tiles.gemm_*` (plus `addend` if given), then the weight gradient's of `tiles.wgrad_*` split
+/// `splits` ways, then the reduce if split. Bit for bit [`backward_input`] and
+/// [`backward_weight`]: each block is the invocation they would run.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_joint(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    tiles: RegisterTiles,
+    (inp, dout, weight): (&Tensor, &Tensor, &Tensor),
+    dinp: &Tensor,
+    addend: Option<&Tensor>,
+    dweight: &Tensor,
+    splits: usize,
+) -> Result<Vec<Dispatch>> {
+    let d = InputGrad::new(gpu, cfg, tiles, dout, weight, dinp, addend)?;
+    let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits)?;
+    let count = |g: [u32; 3]| g.iter().map(|&x| x as usize).product::<usize>();
+    let total = count(d.grid) + count(w.grid);
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let x = total.min(max);
+    let grid = [to_u32("joint workgroups", x)?, to_u32("joint workgroups", total.div_ceil(x))?, 1];
+    let joint = [d.grid[0], to_u32("joint workgroups", count(d.grid))?, w.grid[0], w.grid[1]];
+    let params = cfg.params(w.splits, w.split_len)?.with_accumulate(addend.is_some()).with_joint(joint);
+    let params = gpu.uniform("conv2d params", &params);
+    let unused = placeholder(gpu)?;
+    let unused_act = placeholder_like(gpu, dout)?;
+    let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
+    let partial = w.partial(gpu, cfg)?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, dinp),
+        Bind::Tensor(5, dout),
+        Bind::Tensor(6, addend_or_unused),
+        Bind::Tensor(7, partial.as_ref().unwrap_or(dweight)),
+    ];
+    let mut consts = tiles.gemm_constants(1).to_vec();
+    consts.extend_from_slice(&tiles.wgrad_constants()[1..]);
+    let first = gpu
+        .dispatch_in(Precision::of(dout), "conv2d", "conv2d_backward", &consts, &binds, grid)?
+        .with_cost(d.flops + w.flops, d.bytes + w.bytes);
+    w.finish(gpu, cfg, &params, first, (partial.as_ref(), dweight))
 }
