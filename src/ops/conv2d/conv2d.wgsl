@@ -20,7 +20,7 @@
 // gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4, 8 or 16) x
 // WGRAD_N output channels (8 or 16) at one tap for the weight gradient (conv2d_backward_weight;
 // conv2d_backward runs a layer's input-gradient and weight-gradient blocks in one dispatch, as a
-// plan fused with `--fuse on` does). The sizes are override
+// GPU's plan fused with `--fuse on` does). The sizes are override
 // constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe a load whose address
 // differs between invocations runs lane by lane while FMAs run 8 lanes at once, so reusing each
 // loaded value in as many FMAs as the registers hold is what pays.
@@ -77,8 +77,10 @@
 //   v13 (this) conv2d_backward: a layer's input gradient and weight gradient in one dispatch,
 //       the two entry points' bodies as functions (gemm_block, wgrad_block) and the addend moved
 //       to binding 6 so binding 1 can hold the weight gradient's input; every block is the
-//       invocation the separate kernels run, so the values are v12's bit for bit. Dispatches per
-//       training step: base SENet 37 -> 33, SE-ResNet-50 328 -> 276 (`senet plan`).
+//       invocation the separate kernels run, so the values are v12's bit for bit. One dispatch
+//       fewer per convolution whose input gradient is read (base SENet 4, SE-ResNet-50 52).
+//       Recorded on GPUs only: on lavapipe it took 1.14-1.61x the two dispatches' time
+//       (benches/conv_backward.rs, one run); not yet measured on a GPU.
 //   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
 //       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
 //       so the trip counts are known when the pipeline is built; the same FMAs in the same order).

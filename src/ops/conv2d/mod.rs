@@ -417,7 +417,8 @@ pub fn joint_tiles(input: ConvKernel, weight: ConvKernel) -> Option<RegisterTile
 /// A layer's input gradient and weight gradient in one dispatch of the register kernel
 /// (`conv2d_backward`; [`joint_tiles`]), the weight gradient split `splits` ways (then reduced):
 /// bit for bit the `BackwardInput` and `BackwardWeight` passes of the same blocks, with half the
-/// dispatches and both GEMMs' blocks filling the device at once.
+/// dispatches and both GEMMs' blocks filling the device at once (plans record it on GPUs only:
+/// slower than the two dispatches on lavapipe, benches/conv_backward.rs).
 pub fn conv2d_backward_joint(
     gpu: &Gpu,
     cfg: &Conv2dConfig,

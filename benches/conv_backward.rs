@@ -1,0 +1,78 @@
+//! `cargo bench [--profile dev] --bench conv_backward`: a convolution's input and weight gradients as two
+//! dispatches (`BackwardInput`, `BackwardWeight`) against one (`conv2d::conv2d_backward_joint`,
+//! what `--fuse on` records), on the register blocks this adapter picks, f32, for the base
+//! SENet's 3x3 layers at width 1 (batch 32) and two SE-ResNet-50 layers (batch 8). Each round
+//! times both forms, best of 3 runs each, alternating which goes first; the table gives the best
+//! of all rounds and the joint time over the separate one. Arguments (after `--`): rounds
+//! (default 3). Compare figures from one run. Measured on lavapipe (dev profile, 2 cores): joint /
+//! separate 1.32, 1.14, 1.26 and 1.61 for the four layers — why CPU adapters run the two apart.
+
+use std::time::Instant;
+
+use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions, Tensor};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles};
+
+fn best_secs(gpu: &Gpu, d: &[Dispatch]) -> f64 {
+    let refs: Vec<&Dispatch> = d.iter().collect();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            gpu.run(&refs);
+            gpu.wait().expect("GPU");
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let gpu = match Gpu::new(&GpuOptions::default()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cargo bench needs an adapter: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    println!("adapter: {}", gpu.describe());
+    let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(3);
+    let sq = Conv2dConfig::square;
+    let layers = [
+        ("senet features.4  64->128 3x3 32x32 b32", sq(32, 64, (32, 32), 128, 3, 1, 1, true)),
+        ("senet features.11 256->512 3x3 8x8 b32", sq(32, 256, (8, 8), 512, 3, 1, 1, true)),
+        ("se-resnet50 layer1 conv1 256->64 1x1 56x56 b8", sq(8, 256, (56, 56), 64, 1, 1, 0, false)),
+        ("se-resnet50 layer4 conv2 512->512 3x3 7x7 b8", sq(8, 512, (7, 7), 512, 3, 1, 1, false)),
+    ];
+    println!("{:<48} {:>12} {:>12} {:>7}", "layer", "separate ms", "joint ms", "ratio");
+    for (name, cfg) in layers {
+        let tiles = RegisterTiles::for_layer(&gpu, &cfg);
+        let k = ConvKernel::Register(tiles);
+        let t = |shape: &[usize]| Tensor::zeros(&gpu, "bench", shape).expect("alloc");
+        let (x, w, dy) = (t(&cfg.input_shape()), t(&cfg.weight_shape()), t(&cfg.output_shape()));
+        let (dx, dw) = (t(&cfg.input_shape()), t(&cfg.weight_shape()));
+        let b = ConvBuffers {
+            inp: Some(&x),
+            weight: Some(&w),
+            dout: Some(&dy),
+            dinp: Some(&dx),
+            dweight: Some(&dw),
+            ..ConvBuffers::default()
+        };
+        let mut separate = conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardInput, k, &b).expect("record");
+        separate.extend(conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardWeight, k, &b).expect("record"));
+        let splits = conv2d::splits_for(&gpu, &cfg, k);
+        let joint = conv2d::conv2d_backward_joint(&gpu, &cfg, tiles, &b, splits).expect("record");
+        // Warm-up: every pipeline built and run once.
+        best_secs(&gpu, &separate);
+        best_secs(&gpu, &joint);
+        let (mut s, mut j) = (f64::INFINITY, f64::INFINITY);
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                s = s.min(best_secs(&gpu, &separate));
+                j = j.min(best_secs(&gpu, &joint));
+            } else {
+                j = j.min(best_secs(&gpu, &joint));
+                s = s.min(best_secs(&gpu, &separate));
+            }
+        }
+        println!("{name:<48} {:>12.2} {:>12.2} {:>7.3}", s * 1e3, j * 1e3, j / s);
+    }
+}
