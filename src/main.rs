@@ -59,6 +59,12 @@ struct Cli {
     /// dispatches, never checkpoints.
     #[arg(long, global = true, value_enum, env = "SENET_FUSE", default_value_t)]
     fuse: gpu::Fuse,
+    /// The register convolution kernels load each weight once per subgroup and broadcast it to the
+    /// subgroup's lanes: auto = on CPU adapters (lavapipe) with subgroups of 8 to 64 lanes, on =
+    /// wherever the subgroups allow (an error elsewhere), off = every lane loads its own. Changes
+    /// speed, never values.
+    #[arg(long, global = true, value_enum, env = "SENET_CONV_LANES", default_value_t)]
+    conv_lanes: gpu::Switch,
     #[command(subcommand)]
     command: Command,
 }
@@ -190,6 +196,7 @@ impl Cli {
             conv_tiles: self.conv_tiles,
             tune_verbose: self.tune_verbose,
             fuse: self.fuse,
+            conv_lanes: self.conv_lanes,
         }
     }
 }

@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use senet_wgpu::gpu::paths::{COOP_TILES, PathOptions, Switch, backend_carries};
-use senet_wgpu::gpu::{COOP_SHADERS, Need, Paths, Precision, SHADERS, coop_prelude, shader_source};
+use senet_wgpu::gpu::{COOP_SHADERS, LANE_SHADERS, Need, Paths, Precision, SHADERS, coop_prelude, shader_source};
 use senet_wgpu::ops::conv2d::{RegisterTiles, WorkgroupTiles};
 
 /// A back end as one wgpu backend configures it on one class of device.
@@ -165,7 +165,7 @@ impl Variant {
 }
 
 /// Every variant the registry can build: each file × {f32, f16} × {workgroup, subgroup
-/// reductions}, and each cooperative-matrix file in f16 × both reductions × each tile size.
+/// reductions}, each subgroup-broadcast file × {f32, f16} with subgroup reductions, and each cooperative-matrix file in f16 × both reductions × each tile size.
 fn variants() -> Vec<Variant> {
     let mut out = Vec::new();
     for &(file, src) in SHADERS {
@@ -179,6 +179,13 @@ fn variants() -> Vec<Variant> {
                     source: shader_source(src, subgroups, precision),
                 });
             }
+        }
+    }
+    // Built only where subgroups are on.
+    for &(file, src) in LANE_SHADERS {
+        for precision in [Precision::F32, Precision::F16] {
+            let source = shader_source(src, true, precision);
+            out.push(Variant { file, precision, subgroups: true, coop: None, source });
         }
     }
     for &(file, src) in COOP_SHADERS {
@@ -199,7 +206,7 @@ fn variants() -> Vec<Variant> {
 fn constant_sets(file: &str) -> Vec<Vec<(&'static str, f64)>> {
     let f = |v: usize| v as f64;
     match file {
-        "conv2d" => {
+        "conv2d" | "conv2d_lanes" => {
             let mut sets = Vec::new();
             let mut gemm: Vec<(usize, usize)> = RegisterTiles::ALL.iter().map(|t| (t.gemm_m, t.gemm_n)).collect();
             let mut wgrad: Vec<(usize, usize)> = RegisterTiles::ALL.iter().map(|t| (t.wgrad_ci, t.wgrad_n)).collect();
@@ -794,5 +801,46 @@ fn cooperative_matrices_are_automatic_only_on_listed_drivers() {
             let on = Paths::resolve(&info, wgpu::Features::all(), &props, &forced).expect("--coop on forces it");
             assert!(on.coop.is_ok(), "{}: --coop on", info.name);
         }
+    }
+}
+
+/// `--conv-lanes` (the shared conv loads of `conv2d_lanes.wgsl`): on `auto` exactly on CPU
+/// adapters whose subgroups are on and 8 to 64 lanes wide; `on` forces it on a GPU with such
+/// subgroups and is an error where the subgroups do not allow it; `off` is off everywhere.
+#[test]
+fn conv_lanes_are_auto_on_cpu_adapters_with_8_to_64_lanes() {
+    let (gpu, props) = claiming_everything(wgpu::Backend::Vulkan);
+    let adapter = |device_type, lo: u32, hi: u32| wgpu::AdapterInfo {
+        device_type,
+        subgroup_min_size: lo,
+        subgroup_max_size: hi,
+        ..gpu.clone()
+    };
+    let resolve =
+        |info: &wgpu::AdapterInfo, opts: PathOptions| Paths::resolve(info, wgpu::Features::all(), &props, &opts);
+    let cpu = wgpu::DeviceType::Cpu;
+    for (info, auto) in [
+        (adapter(cpu, 8, 8), true),
+        (adapter(cpu, 16, 16), true),
+        (adapter(cpu, 8, 64), true),
+        (adapter(cpu, 4, 8), false),
+        (adapter(cpu, 8, 128), false),
+        (adapter(wgpu::DeviceType::DiscreteGpu, 32, 32), false),
+        (adapter(wgpu::DeviceType::IntegratedGpu, 8, 32), false),
+    ] {
+        let what = format!("{:?} subgroups {}-{}", info.device_type, info.subgroup_min_size, info.subgroup_max_size);
+        let paths = resolve(&info, PathOptions::default()).expect("auto never errs");
+        assert_eq!(paths.conv_lanes.is_ok(), auto, "{what}: {:?}", paths.conv_lanes);
+        let sizes_allow = (8..=64).contains(&info.subgroup_min_size) && info.subgroup_max_size <= 64;
+        let on = resolve(&info, PathOptions { conv_lanes: Switch::On, ..Default::default() });
+        match on {
+            Ok(p) => assert!(sizes_allow && p.conv_lanes.is_ok(), "{what}: --conv-lanes on"),
+            Err(e) => assert!(!sizes_allow && format!("{e:#}").contains("forced on"), "{what}: {e:#}"),
+        }
+        let off = resolve(&info, PathOptions { conv_lanes: Switch::Off, ..Default::default() }).expect("off");
+        assert!(off.conv_lanes.is_err(), "{what}: --conv-lanes off");
+        // Without subgroups there is nothing to broadcast through.
+        let no_subgroups = resolve(&info, PathOptions { subgroups: Switch::Off, ..Default::default() }).expect("auto");
+        assert!(no_subgroups.conv_lanes.is_err(), "{what}: --subgroups off");
     }
 }

@@ -3,8 +3,8 @@
 
 use naga::valid::Capabilities;
 use senet_wgpu::gpu::{
-    CONV_GEMM_PART, CONV_PARAMS_PART, COOP_SHADERS, POOL_WINDOW_PART, PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Precision,
-    SHADERS, coop_prelude, shader_source,
+    CONV_GEMM_PART, CONV_OWN_PART, CONV_PARAMS_PART, COOP_SHADERS, LANE_SHADERS, POOL_WINDOW_PART, PRELUDE_SUBGROUP,
+    PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
 };
 
 /// Parse and validate a file as the device compiles it: with a reduction prelude appended and
@@ -116,7 +116,7 @@ fn ops_of(file: &str) -> Vec<&str> {
     match file {
         "pool" => vec!["max_pool2d", "global_avg_pool"],
         "optimizer" => vec!["adam", "sgd"],
-        "conv2d_tiled" | "conv2d_coop" => vec!["conv2d"],
+        "conv2d_tiled" | "conv2d_coop" | "conv2d_lanes" => vec!["conv2d"],
         other => vec![other],
     }
 }
@@ -181,6 +181,27 @@ fn every_shader_parses_and_validates() {
     }
 }
 
+/// The subgroup-broadcast kernels, as the device compiles them: with the subgroup prelude only
+/// (the host builds them only where subgroups are on), f32 and f16, f16 with f16 bindings; and
+/// without the SUBGROUP capability they must be refused, which is why they are a list apart.
+#[test]
+fn every_lane_shader_validates_with_subgroups_only() {
+    for (name, src) in LANE_SHADERS {
+        let module = validate(name, src, true, Precision::F32);
+        assert!(storage_widths(&module).iter().all(|&w| w == 4), "{name}: f32 variant");
+        assert!(storage_widths(&validate(name, src, true, Precision::F16)).contains(&2), "{name}: f16 variant");
+        for ep in &module.entry_points {
+            assert!(is_op_pass(name, &ep.name), "{name}::{} is not named <op>_<pass>", ep.name);
+        }
+        let without = shader_source(src, false, Precision::F32);
+        let parsed = naga::front::wgsl::parse_str(&without).expect("parses without subgroups");
+        let refused = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), Capabilities::empty())
+            .validate(&parsed)
+            .is_err();
+        assert!(refused, "{name}.wgsl validates without the SUBGROUP capability: it needs no list of its own");
+    }
+}
+
 /// The cooperative-matrix kernels, as the device compiles them: f16, with the coop prelude of each
 /// tile size wgpu admits (8 and 16), validated with the COOPERATIVE_MATRIX capability.
 #[test]
@@ -225,7 +246,15 @@ fn every_shader_file_is_registered() {
     let mut registered: Vec<String> = SHADERS
         .iter()
         .chain(COOP_SHADERS)
-        .chain([&PRELUDE_WORKGROUP, &PRELUDE_SUBGROUP, &CONV_GEMM_PART, &CONV_PARAMS_PART, &POOL_WINDOW_PART])
+        .chain(LANE_SHADERS)
+        .chain([
+            &PRELUDE_WORKGROUP,
+            &PRELUDE_SUBGROUP,
+            &CONV_GEMM_PART,
+            &CONV_PARAMS_PART,
+            &CONV_OWN_PART,
+            &POOL_WINDOW_PART,
+        ])
         .map(|(n, _)| format!("{n}.wgsl"))
         .collect();
     registered.sort();

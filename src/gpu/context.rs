@@ -73,6 +73,10 @@ pub struct GpuOptions {
     /// norm's ReLU and max pool, and the rest of `model::plan`'s fusion pass); off, only the batch
     /// norm's ReLU. Plans differ in dispatches, never in checkpoints.
     pub fuse: Fuse,
+    /// The register GEMM's column weights loaded once per subgroup and broadcast
+    /// (`conv2d_lanes.wgsl`): auto = on CPU adapters with subgroups of 8 to 64 lanes, off =
+    /// never, on = wherever the subgroups allow (an error elsewhere).
+    pub conv_lanes: Switch,
 }
 
 /// Whether plans fuse the epilogues ops offer (`--fuse on|off`; see `model::plan`).
@@ -93,6 +97,7 @@ impl GpuOptions {
             subgroups: self.subgroups.unwrap_or_default(),
             coop: self.coop,
             pipeline_cache: self.pipeline_cache,
+            conv_lanes: self.conv_lanes,
         }
     }
 }
@@ -195,6 +200,8 @@ pub struct Gpu {
     pub coop_tile: Option<u32>,
     /// [`GpuOptions::fuse`]: plans built on this device fuse every epilogue an op offers.
     pub fuse: bool,
+    /// [`GpuOptions::conv_lanes`] resolved: the register GEMMs come from `conv2d_lanes.wgsl`.
+    pub conv_lanes: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -324,6 +331,7 @@ impl Gpu {
         let paths = Paths::resolve(&info, adapter.features(), &adapter.cooperative_matrix_properties(), &opts.paths())?;
         let subgroups = paths.subgroups.is_ok();
         let coop_tile = paths.coop.as_ref().ok().copied();
+        let conv_lanes = paths.conv_lanes.is_ok();
         // Optional features we can use; request only what the adapter has.
         let features = paths.features(adapter.features());
         // SAFETY: wgpu's experimental features are opted into only for cooperative matrices, and
@@ -369,6 +377,7 @@ impl Gpu {
             subgroups,
             coop_tile,
             fuse: opts.fuse == Fuse::On,
+            conv_lanes,
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)

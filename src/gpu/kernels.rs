@@ -15,7 +15,14 @@ use super::{Gpu, Tensor, tensor::Dtype};
 
 /// Every WGSL file, embedded at build time: (op family, source).
 pub const SHADERS: &[(&str, &str)] = &[
-    ("conv2d", concat!(include_str!("../ops/conv2d/conv2d.wgsl"), include_str!("../ops/conv2d/conv2d_params.wgsl"))),
+    (
+        "conv2d",
+        concat!(
+            include_str!("../ops/conv2d/conv2d.wgsl"),
+            include_str!("../ops/conv2d/conv2d_own.wgsl"),
+            include_str!("../ops/conv2d/conv2d_params.wgsl")
+        ),
+    ),
     (
         "conv2d_tiled",
         concat!(
@@ -55,6 +62,22 @@ pub const COOP_SHADERS: &[(&str, &str)] = &[(
         include_str!("../ops/conv2d/conv2d_params.wgsl")
     ),
 )];
+
+/// Kernels on subgroup broadcasts, compiled only where subgroups are on and 8 to 64 lanes wide
+/// (`Gpu::conv_lanes`): `conv2d.wgsl` with `conv2d_lanes.wgsl` appended, the register GEMM loading
+/// its column weights once per subgroup. The name is the appended file's.
+pub const LANE_SHADERS: &[(&str, &str)] = &[(
+    "conv2d_lanes",
+    concat!(
+        include_str!("../ops/conv2d/conv2d.wgsl"),
+        include_str!("../ops/conv2d/conv2d_lanes.wgsl"),
+        include_str!("../ops/conv2d/conv2d_params.wgsl")
+    ),
+)];
+
+/// What `conv2d.wgsl` gets in the module every adapter builds in place of `conv2d_lanes.wgsl`:
+/// `LANES` false and lane functions it never calls. Not compiled alone.
+pub const CONV_OWN_PART: (&str, &str) = ("conv2d_own", include_str!("../ops/conv2d/conv2d_own.wgsl"));
 
 /// What the two workgroup-GEMM convolution files share (bindings, GEMM dimensions per MODE, operand
 /// loads, store), appended to each in [`SHADERS`] and [`COOP_SHADERS`] at build time — after the
@@ -275,9 +298,14 @@ impl Gpu {
             ensure!(self.features.contains(wgpu::Features::SHADER_F16), "{}", self.no_f16_message());
         }
         let coop = COOP_SHADERS.iter().find(|(name, _)| *name == shader);
+        let lanes = LANE_SHADERS.iter().find(|(name, _)| *name == shader);
+        if lanes.is_some() {
+            ensure!(self.conv_lanes, "{shader}.wgsl needs subgroups of 8 to 64 lanes (Gpu::conv_lanes)");
+        }
         let src = SHADERS
             .iter()
             .chain(coop)
+            .chain(lanes)
             .find(|(name, _)| *name == shader)
             .map(|(_, s)| *s)
             .ok_or_else(|| anyhow::anyhow!("no shader named {shader:?}"))?;

@@ -9,8 +9,8 @@ pub mod tune;
 
 pub use context::{AdapterSummary, Fuse, Gpu, GpuOptions, GpuStats, NoAdapterError, Subgroups, list_adapters};
 pub use kernels::{
-    Bind, CONV_GEMM_PART, CONV_PARAMS_PART, COOP_SHADERS, Dispatch, POOL_WINDOW_PART, PRELUDE_SUBGROUP,
-    PRELUDE_WORKGROUP, Pass, Precision, SHADERS, coop_prelude, shader_source,
+    Bind, CONV_GEMM_PART, CONV_OWN_PART, CONV_PARAMS_PART, COOP_SHADERS, Dispatch, LANE_SHADERS, POOL_WINDOW_PART,
+    PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, Precision, SHADERS, coop_prelude, shader_source,
 };
 pub use paths::{Need, Paths, Switch};
 pub use tensor::{Dtype, Element, Tensor};

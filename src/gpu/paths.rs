@@ -217,6 +217,35 @@ impl Offers<'_> {
         })
     }
 
+    /// The register GEMM's column weights shared through subgroup broadcasts (`conv2d_lanes.wgsl`):
+    /// needs subgroup reductions on (`subgroups`, with the adapter's sizes) of 8 to 64 lanes,
+    /// whole subgroups in a 64-invocation workgroup. On `auto` only on CPU adapters: there a
+    /// uniform load runs lane by lane (Mesa 22.3's gallivm), and sharing it made the forward and
+    /// the input gradient 1.3-1.6x faster on lavapipe; a GPU's caches broadcast a uniform load
+    /// themselves, so there the broadcasts would only add instructions (unmeasured).
+    fn conv_lanes(&self, switch: Switch, subgroups: &Path<(u32, u32)>) -> Result<Path<()>> {
+        let possible = || -> Path<()> {
+            let &(lo, hi) = subgroups.as_ref().map_err(|why| format!("needs subgroups, which are off ({why})"))?;
+            if lo < 8 || hi > 64 {
+                return Err(format!("subgroups of {lo}-{hi} lanes; the broadcasts need 8 to 64"));
+            }
+            Ok(())
+        };
+        Ok(match switch {
+            Switch::Off => Err("turned off (--conv-lanes off); every lane loads its own weights".to_string()),
+            Switch::Auto => possible().and_then(|()| {
+                if self.info.device_type == wgpu::DeviceType::Cpu {
+                    Ok(())
+                } else {
+                    Err("not a CPU adapter: its caches broadcast a uniform load (--conv-lanes on to try)".into())
+                }
+            }),
+            Switch::On => {
+                Ok(possible().map_err(|why| self.forced("shared conv weight loads", "--conv-lanes on", &why))?)
+            }
+        })
+    }
+
     fn timestamps(&self) -> Path<()> {
         if self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             Ok(())
@@ -255,6 +284,8 @@ pub struct PathOptions {
     pub coop: Switch,
     /// The driver's compiled pipelines kept on disk (`--pipeline-cache`).
     pub pipeline_cache: Switch,
+    /// The register GEMM's column weights shared through subgroup broadcasts (`--conv-lanes`).
+    pub conv_lanes: Switch,
 }
 
 /// One path: on (with what it runs on) or off (and why).
@@ -273,6 +304,8 @@ pub struct Paths {
     pub timestamps: Path<()>,
     /// Compiled pipelines kept in a `wgpu::PipelineCache` (and on disk when a directory is given).
     pub pipeline_cache: Path<()>,
+    /// The register GEMM loads each column weight once per subgroup (`conv2d_lanes.wgsl`).
+    pub conv_lanes: Path<()>,
 }
 
 impl Paths {
@@ -291,7 +324,8 @@ impl Paths {
         let coop = adapter.coop(opts.coop, f16.is_ok())?;
         let timestamps = adapter.timestamps();
         let pipeline_cache = adapter.pipeline_cache(opts.pipeline_cache)?;
-        Ok(Paths { f16, subgroups, coop, timestamps, pipeline_cache })
+        let conv_lanes = adapter.conv_lanes(opts.conv_lanes, &subgroups)?;
+        Ok(Paths { f16, subgroups, coop, timestamps, pipeline_cache, conv_lanes })
     }
 
     /// The features to request from the adapter for these paths.
@@ -331,6 +365,10 @@ impl Paths {
             ),
         );
         out += &row("cooperative matrices", self.coop.as_ref().map(|t| format!("f16 {t}x{t}x{t} tiles in f16 plans")));
+        out += &row(
+            "shared conv weights",
+            self.conv_lanes.as_ref().map(|()| "one load per subgroup, broadcast to its lanes".to_string()),
+        );
         out += &row("timestamp queries", self.timestamps.as_ref().map(|()| String::new()));
         out += &row(
             "pipeline cache",

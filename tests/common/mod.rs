@@ -49,6 +49,21 @@ pub fn gpu_without_subgroups() -> Arc<Gpu> {
     }
 }
 
+/// The same adapter whose register convolutions load every weight in every lane
+/// (`--conv-lanes off`), for comparing against the shared loads the default device runs.
+pub fn gpu_without_lanes() -> Arc<Gpu> {
+    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
+    let opts = GpuOptions {
+        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
+        conv_lanes: senet_wgpu::gpu::Switch::Off,
+        ..Default::default()
+    };
+    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
+        Ok(g) => g.clone(),
+        Err(e) => panic!("GPU test cannot run: {e}"),
+    }
+}
+
 /// Both reduction paths for the kernels that reduce: the default device, which must use
 /// subgroups (lavapipe has them; set SENET_TEST_NO_SUBGROUPS=1 on an adapter without, and only
 /// the workgroup path is tested), and the same adapter without them.

@@ -506,6 +506,106 @@ fn conv2d_backward_joint_is_the_two_passes_bit_for_bit() {
     }
 }
 
+/// The register kernels with shared loads (`conv2d_lanes.wgsl`: the GEMM's column weights and the
+/// weight gradient's dout loaded once per subgroup and broadcast, what the default device — a CPU
+/// adapter with subgroups — runs, so every other register test here, the joint backward's
+/// included, tests it against the reference) against every lane loading its own (`--conv-lanes
+/// off`): the forward (with the bias, and with the ReLU epilogue), the input gradient (with and
+/// without the addend) and the weight gradient (unsplit and split 3 ways), in f32 with the
+/// adapter's blocks (16 x 16 on a CPU: both halves broadcast) and the smallest (4 x 8: one half),
+/// in f16 with the adapter's, on every case plus one with three column blocks (37 channels) and a
+/// workgroup whose last subgroup is part-filled with rows (3 x 9 x 7 = 189 rows: 11 blocks of 16,
+/// then 13) — the weight gradient's grids end part-filled on every case (9 taps of a 3 x 3 kernel
+/// in a 64-invocation workgroup): bit for bit (only the loads differ; the weight gradient's masked
+/// padding adds exact zeros), the own loads' forward and input gradient (f32) and both weight
+/// gradients within the conv tolerances of the f64 reference. Two block shapes, not all: each
+/// pipeline costs seconds to compile on lavapipe with a cold shader cache.
+#[test]
+fn conv2d_lanes_are_the_own_loads_bit_for_bit() {
+    let (lanes, own) = (gpu(), gpu_without_lanes());
+    assert!(!own.conv_lanes, "--conv-lanes off must turn the shared loads off");
+    if std::env::var_os("SENET_TEST_NO_SUBGROUPS").is_none() {
+        assert!(lanes.conv_lanes, "{}: the default device must share conv weight loads", lanes.describe());
+    }
+    let mut cases = conv_cases();
+    cases.push(Conv2dConfig::square(3, 20, (9, 7), 37, 3, 1, 1, true));
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for (i, cfg) in cases.iter().enumerate() {
+            let mut r = rng(2600 + i as u64);
+            // Values the dtype holds exactly, so the f64 reference sees what the device sees.
+            let mut data = |shape: &[usize]| {
+                let v = uniform(&mut r, shape.iter().product(), -1.0, 1.0);
+                match dtype {
+                    Dtype::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+                    _ => v,
+                }
+            };
+            let (x, w, b) = (data(&cfg.input_shape()), data(&cfg.weight_shape()), data(&[cfg.c_out]));
+            let (dy, add) = (data(&cfg.output_shape()), data(&cfg.input_shape()));
+            let blocks = match dtype {
+                Dtype::F16 => vec![RegisterTiles::for_adapter(&lanes)],
+                _ => vec![RegisterTiles::for_adapter(&lanes), RegisterTiles::ALL[0]],
+            };
+            // Every output of every block on one device, named.
+            let outputs = |g: &Gpu| -> Vec<(String, Vec<f32>)> {
+                let up = |shape: &[usize], v: &[f32]| upload_as(g, dtype, shape, v).0;
+                let (tx, tw, tdy, tadd) = (
+                    up(&cfg.input_shape(), &x),
+                    up(&cfg.weight_shape(), &w),
+                    up(&cfg.output_shape(), &dy),
+                    up(&cfg.input_shape(), &add),
+                );
+                let tb = upload(g, "b", &[cfg.c_out], &b);
+                let act = |shape: &[usize]| Tensor::zeros_of(g, "out", shape, dtype).expect("allocate");
+                let mut out = Vec::new();
+                for &tiles in &blocks {
+                    let k = ConvKernel::Register(tiles);
+                    for relu in [false, true] {
+                        let ty = act(&cfg.output_shape());
+                        let bufs = ConvBuffers { relu, ..ConvBuffers::forward(&tx, &tw, cfg.bias.then_some(&tb), &ty) };
+                        run(g, &conv2d::conv2d_pass(g, cfg, ConvPass::Forward, k, &bufs).unwrap());
+                        out.push((format!("conv2d_forward {tiles:?} relu {relu}"), read_as(g, &ty)));
+                    }
+                    for addend in [None, Some(&tadd)] {
+                        let tdx = act(&cfg.input_shape());
+                        let bufs = ConvBuffers { dinp_addend: addend, ..ConvBuffers::backward_input(&tdy, &tw, &tdx) };
+                        run(g, &conv2d::conv2d_pass(g, cfg, ConvPass::BackwardInput, k, &bufs).unwrap());
+                        out.push((
+                            format!("conv2d_backward_input {tiles:?} addend {}", addend.is_some()),
+                            read_as(g, &tdx),
+                        ));
+                    }
+                    for splits in [1, 3] {
+                        let tdw = zeros(g, "dw", &cfg.weight_shape());
+                        run(g, &backward_weight(g, cfg, k, &tx, &tdy, &tdw, splits));
+                        out.push((format!("conv2d_backward_weight {tiles:?} splits {splits}"), read(g, &tdw)));
+                    }
+                }
+                out
+            };
+            let (shared, mine) = (outputs(&lanes), outputs(&own));
+            assert_eq!(shared.len(), mine.len());
+            let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
+            let want_y = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
+            let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+            let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+            for ((name, got), (_, want)) in shared.iter().zip(&mine) {
+                let what = format!("{} {name} case {i} {cfg:?}", dtype.name());
+                assert_bits(&format!("{what}: shared against own loads"), got, want);
+                if dtype == Dtype::F32 && name.ends_with("relu false") {
+                    assert_close(&what, want, &want_y, CONV_ATOL, CONV_RTOL);
+                }
+                if dtype == Dtype::F32 && name.ends_with("addend false") {
+                    assert_close(&what, want, &want_dx, CONV_ATOL, CONV_RTOL);
+                }
+                if name.starts_with("conv2d_backward_weight") {
+                    assert_close(&what, want, &want_dw, CONV_ATOL, CONV_RTOL);
+                }
+            }
+        }
+    }
+}
+
 /// `got` equals `want` bit for bit, or a panic naming the first difference.
 fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");

@@ -15,15 +15,17 @@
 // few channels per group (depthwise: 1) most of a block is padding — correct, not fast.
 //
 // Register blocking, no workgroup memory (the CPU-driver family; conv2d_tiled.wgsl is the
-// workgroup-memory one): each invocation owns a block of the output GEMM in vec4 accumulators —
+// workgroup-memory one); on CPU adapters the GEMM's weights come through subgroup broadcasts
+// (LANES, v14): each invocation owns a block of the output GEMM in vec4 accumulators —
 // GEMM_M rows (4, 8 or 16 pixels) x GEMM_N columns (8 or 16 channels) for the forward and the input
 // gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4, 8 or 16) x
 // WGRAD_N output channels (8 or 16) at one tap for the weight gradient (conv2d_backward_weight;
 // conv2d_backward runs a layer's input-gradient and weight-gradient blocks in one dispatch, as a
 // GPU's plan fused with `--fuse on` does). The sizes are override
-// constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe a load whose address
-// differs between invocations runs lane by lane while FMAs run 8 lanes at once, so reusing each
-// loaded value in as many FMAs as the registers hold is what pays.
+// constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe every storage
+// load runs lane by lane (Mesa 22.3's gallivm cannot tell an address all lanes share) while FMAs
+// run 8 lanes at once, so what pays is reusing each loaded value in as many FMAs as the registers
+// hold, and loading a value the whole workgroup shares once per subgroup (LANES).
 //
 // The weight gradient is a reduction over N*OH*OW. WGSL has no float atomics, so it is split into
 // `splits` contiguous ranges of m, each written to its own slice of a partial buffer, and the slices
@@ -74,13 +76,24 @@
 //       v11's arithmetic. senet bench width 1 batch 128 on lavapipe, --conv-tiles 16,16,16,16
 //       against 16,16,8,16, 2 rounds interleaved in one run: the weight gradient 1.06x and 1.19x
 //       faster against the forward of the same profiled step (register.rs has the figures).
-//   v13 (this) conv2d_backward: a layer's input gradient and weight gradient in one dispatch,
+//   v13 conv2d_backward: a layer's input gradient and weight gradient in one dispatch,
 //       the two entry points' bodies as functions (gemm_block, wgrad_block) and the addend moved
 //       to binding 6 so binding 1 can hold the weight gradient's input; every block is the
 //       invocation the separate kernels run, so the values are v12's bit for bit. One dispatch
 //       fewer per convolution whose input gradient is read (base SENet 4, SE-ResNet-50 52).
 //       Recorded on GPUs only: on lavapipe it took 1.14-1.61x the two dispatches' time
 //       (benches/conv_backward.rs, one run); not yet measured on a GPU.
+//   v14 (this) LANES (the conv2d_lanes module: this file with conv2d_lanes.wgsl appended, built where
+//       subgroups are 8 to 64 lanes wide; the built-in choice of CPU adapters): conv2d_gemm's
+//       column weights, the same for every invocation of a workgroup, loaded once per subgroup —
+//       lane l loads column l (and l + 8) — and handed to every lane by subgroupBroadcast: 2
+//       lane-by-lane loads per reduction step instead of 16. Invocations past the last row keep
+//       running on clamped rows, so every broadcast has its whole subgroup. The arithmetic is
+//       v13's (the conv2d module, LANES false, is v13 bit for bit). senet bench --tune off width 1
+//       batch 128 on lavapipe, LANES against v13, 2 rounds interleaved in one run: forward
+//       4007 / 4538 ms against 6094 / 5182, input gradient 4142 / 4410 against 6503 / 6597 (1.2-1.6x),
+//       the unchanged weight gradient 5977 / 6053 against 6386 / 7136; train 8.9 / 8.2 against
+//       6.7 / 6.3 images/s, 37 % / 37 % of the FMA peak the bench measured against 28 % / 26 %.
 //   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
 //       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
 //       so the trip counts are known when the pipeline is built; the same FMAs in the same order).
@@ -149,13 +162,27 @@ fn src(i: u32) -> f32 {
     return f32(dout[i]);
 }
 
-@compute @workgroup_size(WG)
-fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>) {
-    gemm_block(gid);
+// Where column c (a channel within group g) starts in the weight [c_out, c_in/g, kh, kw]: the
+// forward's column co starts a row of (c_in/g)*khw; the input gradient's column ci sits at ci*khw
+// within the row of each of the group's co.
+fn weight_column(g: u32, c: u32) -> u32 {
+    let khw = p.kh * p.kw;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    if (MODE == FWD) {
+        return (g * cout_g + c) * cin_g * khw;
+    }
+    return g * cout_g * cin_g * khw + c * khw;
 }
 
-// conv2d_gemm's invocation `gid` (also conv2d_backward's input-gradient blocks).
-fn gemm_block(gid: vec3<u32>) {
+@compute @workgroup_size(WG)
+fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>, lane: LaneId) {
+    gemm_block(gid, lane_index(lane));
+}
+
+// conv2d_gemm's invocation `gid` (also conv2d_backward's input-gradient blocks); `lane` is its
+// index in its subgroup (read only with LANES).
+fn gemm_block(gid: vec3<u32>, lane: u32) {
     let ohw = p.oh * p.ow;
     let hw = p.h * p.w;
     let khw = p.kh * p.kw;
@@ -182,7 +209,11 @@ fn gemm_block(gid: vec3<u32>) {
     let g = gid.y / col_blocks;
     let m0 = gid.x * GEMM_M;
     let co0 = (gid.y % col_blocks) * GEMM_N;
-    if (m0 >= row_total || g >= p.groups) {
+    // With LANES every lane of a subgroup takes part in the broadcasts, so invocations past the
+    // last row go on with clamped rows (below) and store nothing, unless their whole subgroup is
+    // past it; g is the same for the whole workgroup.
+    let live_rows = lanes_any(m0 < row_total);
+    if (g >= p.groups || !live_rows) {
         return;
     }
     // The group's first source channel (forward: input channel; input gradient: output channel).
@@ -209,24 +240,19 @@ fn gemm_block(gid: vec3<u32>) {
         }
     }
     // Per column: where its weights start, and the bias (forward; zero, WGSL's initial value,
-    // for the input gradient). Columns past the group's end are clamped onto its last. Weight is
-    // [c_out, c_in/g, kh, kw]: the forward's column co starts a row of (c_in/g)*khw; the input
-    // gradient's column ci (within the group) sits at ci*khw within the row of each of the
-    // group's co.
+    // for the input gradient). Columns past the group's end are clamped onto its last.
     var wcol: array<u32, 16>;
     var b: array<f32, 16>;
     for (var j = 0u; j < GEMM_N; j++) {
         let c = min(co0 + j, col_g - 1u);
-        if (MODE == FWD) {
-            let co = g * cout_g + c;
-            wcol[j] = co * cin_g * khw;
-            if (p.has_bias != 0u) {
-                b[j] = bias[co];
-            }
-        } else {
-            wcol[j] = g * cout_g * cin_g * khw + c * khw;
+        wcol[j] = weight_column(g, c);
+        if (MODE == FWD && p.has_bias != 0u) {
+            b[j] = bias[g * cout_g + c];
         }
     }
+    // With LANES: the columns this lane loads for its subgroup, lane and lane + 8.
+    let lane_w0 = weight_column(g, min(co0 + lane, col_g - 1u));
+    let lane_w1 = weight_column(g, min(co0 + lane + 8u, col_g - 1u));
     let wr_stride = select(cin_g * khw, khw, MODE == FWD);
     let b0 = vec4<f32>(b[0], b[1], b[2], b[3]);
     let b1 = vec4<f32>(b[4], b[5], b[6], b[7]);
@@ -333,13 +359,28 @@ fn gemm_block(gid: vec3<u32>) {
             for (var r = 0u; r < red_total; r++) {
                 let k = r * wr_stride + t;
                 let c = r * src_plane;
-                let w0 = vec4<f32>(f32(weight[wcol[0] + k]), f32(weight[wcol[1] + k]), f32(weight[wcol[2] + k]), f32(weight[wcol[3] + k]));
-                let w1 = vec4<f32>(f32(weight[wcol[4] + k]), f32(weight[wcol[5] + k]), f32(weight[wcol[6] + k]), f32(weight[wcol[7] + k]));
+                var w0 = vec4<f32>(0.0);
+                var w1 = vec4<f32>(0.0);
                 var w2 = vec4<f32>(0.0);
                 var w3 = vec4<f32>(0.0);
-                if (GEMM_N == 16u) {
-                    w2 = vec4<f32>(f32(weight[wcol[8] + k]), f32(weight[wcol[9] + k]), f32(weight[wcol[10] + k]), f32(weight[wcol[11] + k]));
-                    w3 = vec4<f32>(f32(weight[wcol[12] + k]), f32(weight[wcol[13] + k]), f32(weight[wcol[14] + k]), f32(weight[wcol[15] + k]));
+                if (LANES) {
+                    // One load per lane, each lane's column; the broadcasts hand all of them to
+                    // every lane (the same values the loads below give, bit for bit).
+                    let wa = f32(weight[lane_w0 + k]);
+                    w0 = lanes_0_3(wa);
+                    w1 = lanes_4_7(wa);
+                    if (GEMM_N == 16u) {
+                        let wb = f32(weight[lane_w1 + k]);
+                        w2 = lanes_0_3(wb);
+                        w3 = lanes_4_7(wb);
+                    }
+                } else {
+                    w0 = vec4<f32>(f32(weight[wcol[0] + k]), f32(weight[wcol[1] + k]), f32(weight[wcol[2] + k]), f32(weight[wcol[3] + k]));
+                    w1 = vec4<f32>(f32(weight[wcol[4] + k]), f32(weight[wcol[5] + k]), f32(weight[wcol[6] + k]), f32(weight[wcol[7] + k]));
+                    if (GEMM_N == 16u) {
+                        w2 = vec4<f32>(f32(weight[wcol[8] + k]), f32(weight[wcol[9] + k]), f32(weight[wcol[10] + k]), f32(weight[wcol[11] + k]));
+                        w3 = vec4<f32>(f32(weight[wcol[12] + k]), f32(weight[wcol[13] + k]), f32(weight[wcol[14] + k]), f32(weight[wcol[15] + k]));
+                    }
                 }
                 let x0 = src(off[0] + c) * live[0];
                 let x1 = src(off[1] + c) * live[1];
@@ -475,24 +516,35 @@ fn gemm_block(gid: vec3<u32>) {
 // m is walked row by row: a row whose input row is padding is skipped whole, and the pixels of a
 // row whose input column is padding are cut off its ends, so the inner loop has no tests at all.
 @compute @workgroup_size(WG)
-fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
-    wgrad_block(gid);
+fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, lane: LaneId) {
+    wgrad_block(gid, lane_index(lane));
 }
 
-// conv2d_backward_weight's invocation `gid` (also conv2d_backward's weight-gradient blocks).
-fn wgrad_block(gid: vec3<u32>) {
+// conv2d_backward_weight's invocation `gid` (also conv2d_backward's weight-gradient blocks); `lane`
+// is its index in its subgroup (read only with LANES).
+//
+// With LANES the dout values, the same for every invocation of a workgroup (the output channels
+// are gid.y's) at the same pixel, are loaded once per subgroup and broadcast — as conv2d_gemm's
+// weights — which needs every lane of a subgroup at the same pixel at once: the lanes walk whole
+// rows of m whatever their tap, the input values of pixels whose tap lands in the padding read
+// a valid address and are masked to 0 (adding a 0 product leaves a finite sum bit for bit as it
+// was), and invocations past the last block keep running on a clamped tap and store nothing
+// (unless their whole subgroup is past it).
+fn wgrad_block(gid: vec3<u32>, lane: u32) {
     let khw = p.kh * p.kw;
     let cin_g = p.c_in / p.groups;
     let cout_g = p.c_out / p.groups;
     let k_total = cin_g * khw;
     let ci_blocks = (cin_g + WGRAD_CI - 1u) / WGRAD_CI;
-    let tap = gid.x / ci_blocks;
+    let tap_ok = gid.x / ci_blocks < khw;
+    let tap = min(gid.x / ci_blocks, khw - 1u);
     let ci0 = (gid.x % ci_blocks) * WGRAD_CI;
     let co_blocks = (cout_g + WGRAD_N - 1u) / WGRAD_N;
     let g = gid.y / co_blocks;
     let co0 = (gid.y % co_blocks) * WGRAD_N;
     let split = gid.z;
-    if (tap >= khw || g >= p.groups) {
+    let live_taps = lanes_any(tap_ok);
+    if (g >= p.groups || !live_taps) {
         return;
     }
     let ohw = p.oh * p.ow;
@@ -516,6 +568,9 @@ fn wgrad_block(gid: vec3<u32>) {
     for (var i = 0u; i < WGRAD_N; i++) {
         drow[i] = (g * cout_g + min(co0 + i, cout_g - 1u)) * ohw;
     }
+    // With LANES: the dout rows this lane loads for its subgroup, lane and lane + 8.
+    let lane_d0 = (g * cout_g + min(co0 + lane, cout_g - 1u)) * ohw;
+    let lane_d1 = (g * cout_g + min(co0 + lane + 8u, cout_g - 1u)) * ohw;
     var a0_0 = vec4<f32>(0.0);
     var a0_1 = vec4<f32>(0.0);
     var a0_2 = vec4<f32>(0.0);
@@ -588,31 +643,73 @@ fn wgrad_block(gid: vec3<u32>) {
         let row_px = r % p.ow;
         let row_end = min(p.ow, row_px + (m_end - m));
         let yy = i32(py * p.stride_h) + dy;
-        let a = max(row_px, px_lo);
-        let b = min(row_end, px_hi);
-        if (yy >= 0 && yy < i32(p.h) && a < b) {
+        var a = max(row_px, px_lo);
+        var b = min(row_end, px_hi);
+        var walk = yy >= 0 && yy < i32(p.h) && a < b;
+        let row_ok = yy >= 0 && yy < i32(p.h);
+        if (LANES) {
+            // The whole row, every lane alike.
+            a = row_px;
+            b = row_end;
+            walk = true;
+        }
+        if (walk) {
+            // Modulo 2^32, so that it is right again where the padding ends (LANES).
             var at = nn * p.c_in * hw + u32(yy) * p.w + u32(i32(a) * sw + dx);
             var db = nn * p.c_out * ohw + py * p.ow + a;
             for (var px = a; px < b; px++) {
-                let xv = vec4<f32>(f32(inp[at + cb[0]]), f32(inp[at + cb[1]]), f32(inp[at + cb[2]]), f32(inp[at + cb[3]]));
+                var xat = at;
+                var live = 1.0;
+                if (LANES) {
+                    let ok = row_ok && px >= px_lo && px < px_hi;
+                    xat = select(nn * p.c_in * hw, at, ok);
+                    live = select(0.0, 1.0, ok);
+                }
+                var xv = vec4<f32>(f32(inp[xat + cb[0]]), f32(inp[xat + cb[1]]), f32(inp[xat + cb[2]]), f32(inp[xat + cb[3]]));
                 var xw = vec4<f32>(0.0);
                 var xu = vec4<f32>(0.0);
                 var xt = vec4<f32>(0.0);
                 if (WGRAD_CI >= 8u) {
-                    xw = vec4<f32>(f32(inp[at + cb[4]]), f32(inp[at + cb[5]]), f32(inp[at + cb[6]]), f32(inp[at + cb[7]]));
+                    xw = vec4<f32>(f32(inp[xat + cb[4]]), f32(inp[xat + cb[5]]), f32(inp[xat + cb[6]]), f32(inp[xat + cb[7]]));
                 }
                 if (WGRAD_CI == 16u) {
-                    xu = vec4<f32>(f32(inp[at + cb[8]]), f32(inp[at + cb[9]]), f32(inp[at + cb[10]]), f32(inp[at + cb[11]]));
-                    xt = vec4<f32>(f32(inp[at + cb[12]]), f32(inp[at + cb[13]]), f32(inp[at + cb[14]]), f32(inp[at + cb[15]]));
+                    xu = vec4<f32>(f32(inp[xat + cb[8]]), f32(inp[xat + cb[9]]), f32(inp[xat + cb[10]]), f32(inp[xat + cb[11]]));
+                    xt = vec4<f32>(f32(inp[xat + cb[12]]), f32(inp[xat + cb[13]]), f32(inp[xat + cb[14]]), f32(inp[xat + cb[15]]));
                 }
-                let g0 = f32(dout[db + drow[0]]);
-                let g1 = f32(dout[db + drow[1]]);
-                let g2 = f32(dout[db + drow[2]]);
-                let g3 = f32(dout[db + drow[3]]);
-                let g4 = f32(dout[db + drow[4]]);
-                let g5 = f32(dout[db + drow[5]]);
-                let g6 = f32(dout[db + drow[6]]);
-                let g7 = f32(dout[db + drow[7]]);
+                // dout of the block's output channels 0-3, 4-7, 8-11, 12-15 at this pixel.
+                var gl = vec4<f32>(0.0);
+                var gh = vec4<f32>(0.0);
+                var gu = vec4<f32>(0.0);
+                var gt = vec4<f32>(0.0);
+                if (LANES) {
+                    xv *= live;
+                    xw *= live;
+                    xu *= live;
+                    xt *= live;
+                    let ga = f32(dout[db + lane_d0]);
+                    gl = lanes_0_3(ga);
+                    gh = lanes_4_7(ga);
+                    if (WGRAD_N == 16u) {
+                        let gb = f32(dout[db + lane_d1]);
+                        gu = lanes_0_3(gb);
+                        gt = lanes_4_7(gb);
+                    }
+                } else {
+                    gl = vec4<f32>(f32(dout[db + drow[0]]), f32(dout[db + drow[1]]), f32(dout[db + drow[2]]), f32(dout[db + drow[3]]));
+                    gh = vec4<f32>(f32(dout[db + drow[4]]), f32(dout[db + drow[5]]), f32(dout[db + drow[6]]), f32(dout[db + drow[7]]));
+                    if (WGRAD_N == 16u) {
+                        gu = vec4<f32>(f32(dout[db + drow[8]]), f32(dout[db + drow[9]]), f32(dout[db + drow[10]]), f32(dout[db + drow[11]]));
+                        gt = vec4<f32>(f32(dout[db + drow[12]]), f32(dout[db + drow[13]]), f32(dout[db + drow[14]]), f32(dout[db + drow[15]]));
+                    }
+                }
+                let g0 = gl.x;
+                let g1 = gl.y;
+                let g2 = gl.z;
+                let g3 = gl.w;
+                let g4 = gh.x;
+                let g5 = gh.y;
+                let g6 = gh.z;
+                let g7 = gh.w;
                 a0_0 += g0 * xv;
                 a1_0 += g1 * xv;
                 a2_0 += g2 * xv;
@@ -650,14 +747,14 @@ fn wgrad_block(gid: vec3<u32>) {
                     a7_3 += g7 * xt;
                 }
                 if (WGRAD_N == 16u) {
-                    let g8 = f32(dout[db + drow[8]]);
-                    let g9 = f32(dout[db + drow[9]]);
-                    let g10 = f32(dout[db + drow[10]]);
-                    let g11 = f32(dout[db + drow[11]]);
-                    let g12 = f32(dout[db + drow[12]]);
-                    let g13 = f32(dout[db + drow[13]]);
-                    let g14 = f32(dout[db + drow[14]]);
-                    let g15 = f32(dout[db + drow[15]]);
+                    let g8 = gu.x;
+                    let g9 = gu.y;
+                    let g10 = gu.z;
+                    let g11 = gu.w;
+                    let g12 = gt.x;
+                    let g13 = gt.y;
+                    let g14 = gt.z;
+                    let g15 = gt.w;
                     a8_0 += g8 * xv;
                     a9_0 += g9 * xv;
                     a10_0 += g10 * xv;
@@ -720,6 +817,9 @@ fn wgrad_block(gid: vec3<u32>) {
         a15_0, a15_1, a15_2, a15_3,
     );
     let slice = split * p.c_out * k_total;
+    if (!tap_ok) {
+        return;
+    }
     for (var i = 0u; i < WGRAD_N; i++) {
         let co = co0 + i;
         if (co < cout_g) {
@@ -744,16 +844,17 @@ fn conv2d_backward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
+    lane: LaneId,
 ) {
     let b = wid.x + wid.y * nwg.x;
     if (b < p.joint_dn) {
-        gemm_block(vec3<u32>((b % p.joint_dx) * WG + li, b / p.joint_dx, 0u));
+        gemm_block(vec3<u32>((b % p.joint_dx) * WG + li, b / p.joint_dx, 0u), lane_index(lane));
         return;
     }
     let w = b - p.joint_dn;
     let xy = p.joint_wx * p.joint_wy;
     if (w < xy * p.splits) {
-        wgrad_block(vec3<u32>((w % p.joint_wx) * WG + li, (w % xy) / p.joint_wx, w / xy));
+        wgrad_block(vec3<u32>((w % p.joint_wx) * WG + li, (w % xy) / p.joint_wx, w / xy), lane_index(lane));
     }
 }
 

@@ -118,6 +118,15 @@ impl RegisterTiles {
     }
 }
 
+/// The module the GEMM entry points (`conv2d_gemm`, `conv2d_backward_weight`, `conv2d_backward`)
+/// come from: `conv2d_lanes` (`conv2d.wgsl` + `conv2d_lanes.wgsl`: the values every invocation of
+/// a workgroup reads — the GEMM's column weights, the weight gradient's dout — loaded once per
+/// subgroup and broadcast) where [`Gpu::conv_lanes`], else `conv2d`. The same values bit for bit
+/// either way (for finite inputs).
+fn gemm_module(gpu: &Gpu) -> &'static str {
+    if gpu.conv_lanes { "conv2d_lanes" } else { "conv2d" }
+}
+
 /// Workgroups the weight gradient should fill before splitting K stops paying: a CPU adapter
 /// has a few cores, a GPU a hundred multiprocessors or more.
 pub(super) fn split_target(gpu: &Gpu) -> usize {
@@ -192,7 +201,7 @@ pub(super) fn forward(
     ];
     let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
     Ok(vec![
-        gpu.dispatch_in(Precision::of(inp), "conv2d", "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
+        gpu.dispatch_in(Precision::of(inp), gemm_module(gpu), "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
             .labelled("conv2d_forward")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -329,9 +338,16 @@ pub(super) fn backward_input(
         Bind::Tensor(6, addend_or_unused),
     ];
     Ok(vec![
-        gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_gemm", &tiles.gemm_constants(1), &binds, g.grid)?
-            .labelled("conv2d_backward_input")
-            .with_cost(g.flops, g.bytes),
+        gpu.dispatch_in(
+            Precision::of(dout),
+            gemm_module(gpu),
+            "conv2d_gemm",
+            &tiles.gemm_constants(1),
+            &binds,
+            g.grid,
+        )?
+        .labelled("conv2d_backward_input")
+        .with_cost(g.flops, g.bytes),
     ])
 }
 
@@ -352,7 +368,14 @@ pub(super) fn backward_weight(
     let out = partial.as_ref().unwrap_or(dweight);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, out)];
     let first = gpu
-        .dispatch_in(Precision::of(inp), "conv2d", "conv2d_backward_weight", &tiles.wgrad_constants(), &binds, g.grid)?
+        .dispatch_in(
+            Precision::of(inp),
+            gemm_module(gpu),
+            "conv2d_backward_weight",
+            &tiles.wgrad_constants(),
+            &binds,
+            g.grid,
+        )?
         .with_cost(g.flops, g.bytes);
     g.finish(gpu, cfg, &params, first, (partial.as_ref(), dweight))
 }
@@ -399,7 +422,7 @@ pub(super) fn backward_joint(
     let mut consts = tiles.gemm_constants(1).to_vec();
     consts.extend_from_slice(&tiles.wgrad_constants()[1..]);
     let first = gpu
-        .dispatch_in(Precision::of(dout), "conv2d", "conv2d_backward", &consts, &binds, grid)?
+        .dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_backward", &consts, &binds, grid)?
         .with_cost(d.flops + w.flops, d.bytes + w.bytes);
     w.finish(gpu, cfg, &params, first, (partial.as_ref(), dweight))
 }
