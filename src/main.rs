@@ -62,7 +62,7 @@ struct Cli {
     /// The register convolution kernels load each weight once per subgroup and broadcast it to the
     /// subgroup's lanes: auto = on CPU adapters (lavapipe) with subgroups of 8 to 64 lanes, on =
     /// wherever the subgroups allow (an error elsewhere), off = every lane loads its own. Changes
-    /// speed, never values.
+    /// speed, not values (for finite inputs).
     #[arg(long, global = true, value_enum, env = "SENET_CONV_LANES", default_value_t)]
     conv_lanes: gpu::Switch,
     #[command(subcommand)]

@@ -221,7 +221,7 @@ impl Offers<'_> {
     /// needs subgroup reductions on (`subgroups`, with the adapter's sizes) of 8 to 64 lanes,
     /// whole subgroups in a 64-invocation workgroup. On `auto` only on CPU adapters: there a
     /// uniform load runs lane by lane (Mesa 22.3's gallivm), and sharing it made the forward and
-    /// the input gradient 1.3-1.6x faster on lavapipe; a GPU's caches broadcast a uniform load
+    /// the input gradient 1.1-1.6x faster on lavapipe; a GPU's caches broadcast a uniform load
     /// themselves, so there the broadcasts would only add instructions (unmeasured).
     fn conv_lanes(&self, switch: Switch, subgroups: &Path<(u32, u32)>) -> Result<Path<()>> {
         let possible = || -> Path<()> {

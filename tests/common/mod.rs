@@ -64,6 +64,18 @@ pub fn gpu_without_lanes() -> Arc<Gpu> {
     }
 }
 
+/// The same adapter with the shared conv loads forced on (`--conv-lanes on`), on any adapter whose
+/// subgroups allow them (8 to 64 lanes), GPU or CPU. `None` where they do not.
+pub fn gpu_with_lanes() -> Option<Arc<Gpu>> {
+    static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
+    let opts = GpuOptions {
+        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
+        conv_lanes: senet_wgpu::gpu::Switch::On,
+        ..Default::default()
+    };
+    GPU.get_or_init(|| Gpu::new(&opts).ok()).clone()
+}
+
 /// Both reduction paths for the kernels that reduce: the default device, which must use
 /// subgroups (lavapipe has them; set SENET_TEST_NO_SUBGROUPS=1 on an adapter without, and only
 /// the workgroup path is tested), and the same adapter without them.

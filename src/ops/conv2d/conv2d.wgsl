@@ -91,9 +91,16 @@
 //       running on clamped rows, so every broadcast has its whole subgroup. The arithmetic is
 //       v13's (the conv2d module, LANES false, is v13 bit for bit). senet bench --tune off width 1
 //       batch 128 on lavapipe, LANES against v13, 2 rounds interleaved in one run: forward
-//       4007 / 4538 ms against 6094 / 5182, input gradient 4142 / 4410 against 6503 / 6597 (1.2-1.6x),
-//       the unchanged weight gradient 5977 / 6053 against 6386 / 7136; train 8.9 / 8.2 against
+//       4007 / 4538 ms against 6094 / 5182, input gradient 4142 / 4410 against 6503 / 6597 (1.1-1.6x),
+//       the weight gradient (not yet shared in that build) 5977 / 6053 against 6386 / 7136; train 8.9 / 8.2 against
 //       6.7 / 6.3 images/s, 37 % / 37 % of the FMA peak the bench measured against 28 % / 26 %.
+//       Then the weight gradient's dout values alike (the lanes walk whole rows, padding masked, so
+//       that they are at one pixel together), against the GEMM-only build in a second such run:
+//       5013 / 5000 ms against 4550 / 5769 (level), the 3-channel first layer 2.2x faster (its
+//       4-channel blocks load 4 input values and 16 dout values a pixel: 6 loads instead of 20),
+//       the 4x4 layer, where the masked padding is 31 % of the walk, 1.46x slower in one round and
+//       1.04x faster in the other.
+//       docs/runs/conv-lanes-lavapipe/ has both runs.
 //   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
 //       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
 //       so the trip counts are known when the pipeline is built; the same FMAs in the same order).
@@ -514,7 +521,8 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
 // all of them (the channels are a plane apart); per pixel, WGRAD_CI input and 8 dout loads feed
 // 8*WGRAD_CI FMAs.
 // m is walked row by row: a row whose input row is padding is skipped whole, and the pixels of a
-// row whose input column is padding are cut off its ends, so the inner loop has no tests at all.
+// row whose input column is padding are cut off its ends, so the inner loop has no tests at all
+// (without LANES; with it the lanes walk whole rows and mask the padding, below).
 @compute @workgroup_size(WG)
 fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, lane: LaneId) {
     wgrad_block(gid, lane_index(lane));

@@ -14,7 +14,8 @@
 //
 // Needs whole subgroups in every broadcast: invocations past the last row (GEMM) or block (weight
 // gradient) keep running on clamped ones instead of returning, unless their whole subgroup is
-// past it (lanes_any), and a workgroup (WG = 64) holds whole subgroups of up to 64 lanes.
+// past it (lanes_any), and a workgroup (WG = 64) holds whole subgroups of up to 64 lanes (Vulkan
+// drivers fill them in practice, which shaders/reduce_subgroup.wgsl assumes as well).
 const LANES: bool = true;
 
 struct LaneId {
