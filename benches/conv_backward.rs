@@ -7,32 +7,13 @@
 //! (default 3). Compare figures from one run. Measured on lavapipe (dev profile, 2 cores): joint /
 //! separate 1.32, 1.14, 1.26 and 1.61 for the four layers — why CPU adapters run the two apart.
 
-use std::time::Instant;
+mod common;
 
-use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions, Tensor};
+use senet_wgpu::gpu::Tensor;
 use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles};
 
-fn best_secs(gpu: &Gpu, d: &[Dispatch]) -> f64 {
-    let refs: Vec<&Dispatch> = d.iter().collect();
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            gpu.run(&refs);
-            gpu.wait().expect("GPU");
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
 fn main() {
-    let gpu = match Gpu::new(&GpuOptions::default()) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("cargo bench needs an adapter: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    println!("adapter: {}", gpu.describe());
+    let gpu = common::adapter();
     let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(3);
     let sq = Conv2dConfig::square;
     let layers = [
@@ -61,16 +42,16 @@ fn main() {
         let splits = conv2d::splits_for(&gpu, &cfg, k);
         let joint = conv2d::conv2d_backward_joint(&gpu, &cfg, tiles, &b, splits).expect("record");
         // Warm-up: every pipeline built and run once.
-        best_secs(&gpu, &separate);
-        best_secs(&gpu, &joint);
+        common::best_secs(&gpu, &separate, 3);
+        common::best_secs(&gpu, &joint, 3);
         let (mut s, mut j) = (f64::INFINITY, f64::INFINITY);
         for round in 0..rounds {
             if round % 2 == 0 {
-                s = s.min(best_secs(&gpu, &separate));
-                j = j.min(best_secs(&gpu, &joint));
+                s = s.min(common::best_secs(&gpu, &separate, 3));
+                j = j.min(common::best_secs(&gpu, &joint, 3));
             } else {
-                j = j.min(best_secs(&gpu, &joint));
-                s = s.min(best_secs(&gpu, &separate));
+                j = j.min(common::best_secs(&gpu, &joint, 3));
+                s = s.min(common::best_secs(&gpu, &separate, 3));
             }
         }
         println!("{name:<48} {:>12.2} {:>12.2} {:>7.3}", s * 1e3, j * 1e3, j / s);

@@ -7,34 +7,13 @@
 //! Arguments (after `--`): the group counts to run (default 32 128 1), and `register` to time the
 //! register blocks alone (the other families are 10-20x slower on lavapipe).
 
-use std::time::Instant;
+mod common;
 
-use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions, Precision, Tensor};
+use senet_wgpu::gpu::{Precision, Tensor};
 use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles, WorkgroupTiles};
 
-fn best_secs(gpu: &Gpu, d: &[Dispatch]) -> f64 {
-    let refs: Vec<&Dispatch> = d.iter().collect();
-    gpu.run(&refs);
-    gpu.wait().expect("GPU");
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            gpu.run(&refs);
-            gpu.wait().expect("GPU");
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
 fn main() {
-    let gpu = match Gpu::new(&GpuOptions::default()) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("cargo bench needs an adapter: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    println!("adapter: {}", gpu.describe());
+    let gpu = common::adapter();
     let base = Conv2dConfig::square(16, 128, (14, 14), 128, 3, 1, 1, false);
     let mut precisions = vec![Precision::F32];
     if gpu.features.contains(wgpu::Features::SHADER_F16) {
@@ -76,7 +55,10 @@ fn main() {
                 let gflops: Vec<String> = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
                     .into_iter()
                     .map(|pass| match conv2d::conv2d_pass(&gpu, &cfg, pass, k, &b) {
-                        Ok(d) => format!("{:>9.3}", 2.0 * cfg.macs() as f64 / best_secs(&gpu, &d) / 1e9),
+                        Ok(d) => {
+                            common::best_secs(&gpu, &d, 1); // warm-up: pipelines built, caches filled
+                            format!("{:>9.3}", 2.0 * cfg.macs() as f64 / common::best_secs(&gpu, &d, 5) / 1e9)
+                        }
                         Err(e) => {
                             eprintln!("{k} {pass:?}: {e:#}");
                             format!("{:>9}", "-")

@@ -2,9 +2,11 @@
 //! A harness of our own (no criterion): each case is timed over repeated submits after a warm-up
 //! and reported as the median with min and max, in milliseconds. Compare figures from one run.
 
+mod common;
+
 use std::time::Instant;
 
-use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions, Tensor};
+use senet_wgpu::gpu::{Dispatch, Gpu, Tensor};
 use senet_wgpu::model::ModelConfig;
 use senet_wgpu::model::plan::Network;
 use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles};
@@ -26,14 +28,7 @@ fn time(gpu: &Gpu, name: &str, reps: usize, mut f: impl FnMut()) {
 }
 
 fn main() {
-    let gpu = match Gpu::new(&GpuOptions::default()) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("cargo bench needs an adapter: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    println!("adapter: {}", gpu.describe());
+    let gpu = common::adapter();
     let reps = 7;
     for cfg in [
         Conv2dConfig::square(8, 16, (16, 16), 32, 3, 1, 1, true),

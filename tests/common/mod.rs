@@ -8,72 +8,53 @@ use rand_chacha::ChaCha8Rng;
 use senet_wgpu::gpu::{Gpu, GpuOptions, Subgroups, Tensor};
 use senet_wgpu::ops::conv2d::Conv2dConfig;
 
+/// A test device with `opts`, tuning off, created once per test binary in `cell`: the error as
+/// text where there is none.
+fn device(cell: &'static Cell, opts: GpuOptions) -> Result<Arc<Gpu>, String> {
+    let opts = GpuOptions { tune: Some(senet_wgpu::gpu::tune::TuneMode::Off), ..opts };
+    cell.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))).clone()
+}
+
+type Cell = OnceLock<Result<Arc<Gpu>, String>>;
+
+/// `device`, or the panic every GPU test fails with where it cannot run.
+fn required(cell: &'static Cell, opts: GpuOptions) -> Arc<Gpu> {
+    device(cell, opts).unwrap_or_else(|e| panic!("GPU test cannot run: {e}"))
+}
+
 /// The device every GPU test runs on, created once per test binary. With no adapter every GPU
 /// test fails with the adapter error: they never pass by skipping. Tuning is off, so the kernels
 /// a test exercises never depend on timing or on a cache file left by another run (tests/tune.rs
 /// covers the tuner and the kernels it may pick).
 pub fn gpu() -> Arc<Gpu> {
-    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
-    let opts = GpuOptions { tune: Some(senet_wgpu::gpu::tune::TuneMode::Off), ..Default::default() };
-    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g.clone(),
-        Err(e) => panic!("GPU test cannot run: {e}"),
-    }
+    static GPU: Cell = OnceLock::new();
+    required(&GPU, GpuOptions::default())
 }
 
 /// The same adapter as `gpu()`, whose plans fuse only the batch norm's ReLU (`--fuse off`).
 pub fn gpu_unfused() -> Arc<Gpu> {
-    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
-    let opts = GpuOptions {
-        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
-        fuse: senet_wgpu::gpu::Fuse::Off,
-        ..Default::default()
-    };
-    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g.clone(),
-        Err(e) => panic!("GPU test cannot run: {e}"),
-    }
+    static GPU: Cell = OnceLock::new();
+    required(&GPU, GpuOptions { fuse: senet_wgpu::gpu::Fuse::Off, ..Default::default() })
 }
 
 /// The same adapter with reductions on workgroup-memory trees (no subgroups).
 pub fn gpu_without_subgroups() -> Arc<Gpu> {
-    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
-    let opts = GpuOptions {
-        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
-        subgroups: Some(Subgroups::Off),
-        ..Default::default()
-    };
-    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g.clone(),
-        Err(e) => panic!("GPU test cannot run: {e}"),
-    }
+    static GPU: Cell = OnceLock::new();
+    required(&GPU, GpuOptions { subgroups: Some(Subgroups::Off), ..Default::default() })
 }
 
-/// The same adapter whose register convolutions load every weight in every lane
-/// (`--conv-lanes off`), for comparing against the shared loads the default device runs.
+/// The same adapter whose register convolutions load every value in every lane
+/// (`--conv-lanes off`), for comparing against the shared loads of `gpu_with_lanes()`.
 pub fn gpu_without_lanes() -> Arc<Gpu> {
-    static GPU: OnceLock<Result<Arc<Gpu>, String>> = OnceLock::new();
-    let opts = GpuOptions {
-        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
-        conv_lanes: senet_wgpu::gpu::Switch::Off,
-        ..Default::default()
-    };
-    match GPU.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g.clone(),
-        Err(e) => panic!("GPU test cannot run: {e}"),
-    }
+    static GPU: Cell = OnceLock::new();
+    required(&GPU, GpuOptions { conv_lanes: senet_wgpu::gpu::Switch::Off, ..Default::default() })
 }
 
 /// The same adapter with the shared conv loads forced on (`--conv-lanes on`), on any adapter whose
 /// subgroups allow them (8 to 64 lanes), GPU or CPU. `None` where they do not.
 pub fn gpu_with_lanes() -> Option<Arc<Gpu>> {
-    static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
-    let opts = GpuOptions {
-        tune: Some(senet_wgpu::gpu::tune::TuneMode::Off),
-        conv_lanes: senet_wgpu::gpu::Switch::On,
-        ..Default::default()
-    };
-    GPU.get_or_init(|| Gpu::new(&opts).ok()).clone()
+    static GPU: Cell = OnceLock::new();
+    device(&GPU, GpuOptions { conv_lanes: senet_wgpu::gpu::Switch::On, ..Default::default() }).ok()
 }
 
 /// Both reduction paths for the kernels that reduce: the default device, which must use
