@@ -283,6 +283,7 @@ impl Dispatch {
 }
 
 /// A binding: storage tensor or uniform buffer at a binding number.
+#[derive(Clone, Copy)]
 pub enum Bind<'a> {
     Tensor(u32, &'a Tensor),
     Uniform(u32, &'a wgpu::Buffer),

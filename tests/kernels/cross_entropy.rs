@@ -220,3 +220,64 @@ fn f16_cross_entropy_scales_its_gradient() {
         }
     }
 }
+
+/// `--fuse on` runs the rows and their reduce as one dispatch of one workgroup
+/// (`cross_entropy_forward_backward_reduce`): every output bit for bit the two passes' of
+/// `--fuse off` — labels (batch 1, a batch past the 256-invocation stride, smoothing), soft
+/// targets, f16 logits with a loss scale — run twice, so the running sums accumulate alike.
+#[test]
+fn fused_cross_entropy_is_the_two_passes_bit_for_bit() {
+    use senet_wgpu::ops::grad_scaler::state;
+    let (fused, unfused) = (gpu(), gpu_unfused());
+    assert!(fused.fuse && !unfused.fuse, "the test devices must differ in --fuse");
+    // (batch, classes, smoothing, soft targets, f16 with this loss scale)
+    let cases = [
+        (1usize, 10usize, 0.0f32, false, None),
+        (300, 10, 0.1, false, None),
+        (5, 1000, 0.0, false, None),
+        (37, 10, 0.0, true, None),
+        (300, 10, 0.0, false, Some(1024.0f32)),
+    ];
+    for (i, (n, k, smoothing, soft, f16)) in cases.into_iter().enumerate() {
+        let mut r = rng(3100 + i as u64);
+        let logits = uniform(&mut r, n * k, -4.0, 4.0);
+        let labels: Vec<u32> = (0..n).map(|_| rand::Rng::random_range(&mut r, 0..k as u32)).collect();
+        let raw = uniform(&mut r, n * k, 0.0, 1.0);
+        let targets: Vec<f32> =
+            raw.chunks(k).flat_map(|row| row.iter().map(|v| v / row.iter().sum::<f32>()).collect::<Vec<_>>()).collect();
+        let outputs = |gpu: &std::sync::Arc<senet_wgpu::gpu::Gpu>| {
+            let tl = match f16 {
+                Some(_) => upload_f16(gpu, "logits", &[n, k], &logits),
+                None => upload(gpu, "logits", &[n, k], &logits),
+            };
+            let tdl = if f16.is_some() { zeros_f16(gpu, "dlogits", &[n, k]) } else { zeros(gpu, "dlogits", &[n, k]) };
+            let per = zeros(gpu, "per-sample", &[n, cross_entropy::per_sample::LEN]);
+            let res = zeros(gpu, "result", &[result::LEN]);
+            let mut st = vec![0.0f32; state::LEN];
+            st[state::SCALE] = f16.unwrap_or(1.0);
+            let tst = upload(gpu, "scaler", &[state::LEN], &st);
+            let scaler = f16.map(|_| &tst);
+            let d = if soft {
+                let tt = upload(gpu, "soft targets", &[n, k], &targets);
+                cross_entropy::cross_entropy_soft_weighted(gpu, &tl, &tt, &tdl, &per, &res, scaler).unwrap().0
+            } else {
+                let tt = Tensor::from_slice(gpu, "labels", &[n], &labels).unwrap();
+                let (d, _) =
+                    cross_entropy::cross_entropy_weighted(gpu, &tl, &tt, &tdl, &per, &res, smoothing, scaler).unwrap();
+                d
+            };
+            run(gpu, &d);
+            run(gpu, &d);
+            let dl = if f16.is_some() { read_f16(gpu, &tdl) } else { read(gpu, &tdl) };
+            (d.len(), dl, read(gpu, &per), read(gpu, &res))
+        };
+        let (a, b) = (outputs(&fused), outputs(&unfused));
+        let what =
+            format!("fused cross-entropy case {i} (n {n}, k {k}, smoothing {smoothing}, soft {soft}, f16 {f16:?})");
+        assert_eq!((a.0, b.0), (1, 2), "{what}: dispatches fused / unfused");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(a.1.iter().zip(&b.1).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: dlogits differ");
+        assert_eq!(bits(&a.2), bits(&b.2), "{what}: per-sample rows differ");
+        assert_eq!(bits(&a.3), bits(&b.3), "{what}: results differ");
+    }
+}

@@ -43,10 +43,13 @@ override SCALED: bool = false;
 
 @compute @workgroup_size(WG)
 fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n = gid.x;
-    if (n >= p.n) {
-        return;
+    if (gid.x < p.n) {
+        hard_row(gid.x);
     }
+}
+
+// Sample n against its label: dlogits' row and per_sample's, which it also returns.
+fn hard_row(n: u32) -> vec4<f32> {
     let b = n * p.k;
     var mx = f32(logits[b]);
     var arg = 0u;
@@ -83,10 +86,16 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
         let v = f32(logits[b + k]);
         above += select(0u, 1u, v > lt || (v == lt && k < t));
     }
-    per_sample[4u * n] = lse - (1.0 - e) * lt - e_k * sum_l;
-    per_sample[4u * n + 1u] = select(0.0, 1.0, arg == t);
-    per_sample[4u * n + 2u] = f32(arg);
-    per_sample[4u * n + 3u] = select(0.0, 1.0, above < 5u);
+    let row = vec4<f32>(lse - (1.0 - e) * lt - e_k * sum_l, select(0.0, 1.0, arg == t), f32(arg), select(0.0, 1.0, above < 5u));
+    store_row(n, row);
+    return row;
+}
+
+fn store_row(n: u32, row: vec4<f32>) {
+    per_sample[4u * n] = row.x;
+    per_sample[4u * n + 1u] = row.y;
+    per_sample[4u * n + 2u] = row.z;
+    per_sample[4u * n + 3u] = row.w;
 }
 
 // Soft targets (timm's SoftTargetCrossEntropy, the loss under Mixup/CutMix): row n of soft_targets
@@ -95,10 +104,13 @@ fn cross_entropy_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>)
 // target's dominant class (its first maximum) as the label. Smoothing is already in t.
 @compute @workgroup_size(WG)
 fn cross_entropy_soft_forward_backward(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let n = gid.x;
-    if (n >= p.n) {
-        return;
+    if (gid.x < p.n) {
+        soft_row(gid.x);
     }
+}
+
+// Sample n against its soft target: dlogits' row and per_sample's, which it also returns.
+fn soft_row(n: u32) -> vec4<f32> {
     let b = n * p.k;
     var mx = f32(logits[b]);
     var arg = 0u;
@@ -139,10 +151,9 @@ fn cross_entropy_soft_forward_backward(@builtin(global_invocation_id) gid: vec3<
         let v = f32(logits[b + k]);
         above += select(0u, 1u, v > lt || (v == lt && k < label));
     }
-    per_sample[4u * n] = lse * tsum - tl;
-    per_sample[4u * n + 1u] = select(0.0, 1.0, arg == label);
-    per_sample[4u * n + 2u] = f32(arg);
-    per_sample[4u * n + 3u] = select(0.0, 1.0, above < 5u);
+    let row = vec4<f32>(lse * tsum - tl, select(0.0, 1.0, arg == label), f32(arg), select(0.0, 1.0, above < 5u));
+    store_row(n, row);
+    return row;
 }
 
 @compute @workgroup_size(RED_WG)
@@ -156,6 +167,41 @@ fn cross_entropy_reduce(lanes: Lanes) {
         correct += per_sample_in[4u * n + 1u];
         correct5 += per_sample_in[4u * n + 3u];
     }
+    reduce_rows(vec3<f32>(loss, correct, correct5), l);
+}
+
+// The rows and their reduce in one workgroup (`--fuse on`): invocation t takes samples t,
+// t + RED_WG, … as cross_entropy_reduce reads them and keeps their sums as it writes each row,
+// so the results are the two passes' bit for bit, with per_sample written and never read back.
+// SOFT picks the soft-target row. One dispatch instead of two; the rows run RED_WG at a time
+// (the separate pass runs them all at once), which only a batch of thousands would feel.
+override SOFT: bool = false;
+
+@compute @workgroup_size(RED_WG)
+fn cross_entropy_forward_backward_reduce(lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    var loss = 0.0;
+    var correct = 0.0;
+    var correct5 = 0.0;
+    for (var n = l.t; n < p.n; n += RED_WG) {
+        var row: vec4<f32>;
+        if (SOFT) {
+            row = soft_row(n);
+        } else {
+            row = hard_row(n);
+        }
+        loss += row.x;
+        correct += row.y;
+        correct5 += row.w;
+    }
+    reduce_rows(vec3<f32>(loss, correct, correct5), l);
+}
+
+// Each invocation's partial sums of the loss, the correct and the top-5 counts into `result`.
+fn reduce_rows(part: vec3<f32>, l: Lane) {
+    let loss = part.x;
+    let correct = part.y;
+    let correct5 = part.z;
     let sums = block_sum2(vec2<f32>(loss, correct), l);
     let top5 = block_sum2(vec2<f32>(correct5, 0.0), l);
     if (l.t == 0u) {

@@ -141,7 +141,9 @@ enum Target<'a> {
 }
 
 /// The loss's two passes: the per-sample loss and its gradient against `target`, then the reduce
-/// of the per-sample rows into the running sums.
+/// of the per-sample rows into the running sums — or, on a device that fuses (`--fuse on`), both
+/// in one dispatch of one workgroup (`cross_entropy_forward_backward_reduce`), the same values
+/// bit for bit.
 #[allow(clippy::too_many_arguments)]
 fn loss_passes(
     gpu: &Gpu,
@@ -161,15 +163,20 @@ fn loss_passes(
     let (n, k) = (logits.shape[0], logits.shape[1]);
     // The target's binding and entry point; its bytes and the flops per logit (max, exp, sum,
     // the softmax's gradient; a soft target's sum adds one).
-    let (target_bind, entry, target_bytes, flops) = match target {
+    let unused = placeholder(gpu)?;
+    // The target's bindings (the other kind's a placeholder, for the fused entry that names
+    // both) and entry point; its bytes and the flops per logit (max, exp, sum, the softmax's
+    // gradient; a soft target's sum adds one).
+    let (target_binds, entry, soft, target_bytes, flops) = match target {
         Target::Labels(t) => {
             expect_shape("cross_entropy target", t, &[n])?;
-            (Bind::Tensor(2, t), "cross_entropy_forward_backward", 4 * n, 4.0)
+            ([Bind::Tensor(2, t), Bind::Tensor(8, &unused)], "cross_entropy_forward_backward", false, 4 * n, 4.0)
         }
         Target::Soft(t) => {
             expect_shape("cross_entropy soft targets", t, &[n, k])?;
             ensure!(t.dtype == crate::gpu::Dtype::F32, "cross_entropy: soft targets must be f32");
-            (Bind::Tensor(8, t), "cross_entropy_soft_forward_backward", 4 * n * k, 5.0)
+            let binds = [Bind::Tensor(2, &unused), Bind::Tensor(8, t)];
+            (binds, "cross_entropy_soft_forward_backward", true, 4 * n * k, 5.0)
         }
     };
     expect_shape("cross_entropy dlogits", dlogits, &[n, k])?;
@@ -177,28 +184,40 @@ fn loss_passes(
     expect_shape("cross_entropy result", result, &[result::LEN])?;
     let (n32, k32) = (to_u32("batch", n)?, to_u32("classes", k)?);
     let params = gpu.uniform("cross_entropy params", &Params { n: n32, k: k32, smoothing, weight: 1.0 });
-    let unused = placeholder(gpu)?;
-    let binds = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, logits),
-        target_bind,
-        Bind::Tensor(3, dlogits),
-        Bind::Tensor(4, per_sample),
-        Bind::Tensor(7, scaler.unwrap_or(&unused)),
-    ];
     let precision = Precision::of(logits);
     let scaled = ("SCALED", f64::from(u8::from(scaler.is_some())));
-    let grid = [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1];
-    let fwd = gpu.dispatch_in(precision, "cross_entropy", entry, &[("WG", WG as f64), scaled], &binds, grid)?;
     // Logits read and their gradient written once, the target and per-sample rows once (and the
-    // loss scale).
+    // loss scale); the reduce reads the rows again and reads and writes the running sums.
     let el = logits.dtype.bytes();
     let scale_bytes = if scaler.is_some() { 4 } else { 0 };
     let fwd_bytes = 2 * el * n * k + target_bytes + 4 * per_sample.numel() + scale_bytes;
+    let (rows, sums) = (4 * per_sample.numel(), 8 * result.numel());
+    let weight = LossWeight { params: params.clone(), n: n32, k: k32, smoothing };
+    let [t0, t1] = target_binds;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, logits),
+        t0,
+        t1,
+        Bind::Tensor(3, dlogits),
+        Bind::Tensor(4, per_sample),
+        Bind::Tensor(6, result),
+        Bind::Tensor(7, scaler.unwrap_or(&unused)),
+    ];
+    if gpu.fuse {
+        let entry = "cross_entropy_forward_backward_reduce";
+        let constants = [scaled, ("SOFT", f64::from(u8::from(soft)))];
+        let fused = gpu.dispatch_in(precision, "cross_entropy", entry, &constants, &binds, [1, 1, 1])?;
+        let fused = fused.with_cost(flops * (n * k) as f64 + per_sample.numel() as f64, (fwd_bytes + sums) as f64);
+        return Ok((vec![fused], weight));
+    }
+    let grid = [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1];
+    // The separate entry binds its own target only.
+    let own = [&binds[..2], &binds[2 + usize::from(soft)..3 + usize::from(soft)], &binds[4..6], &binds[7..]].concat();
+    let fwd = gpu.dispatch_in(precision, "cross_entropy", entry, &[("WG", WG as f64), scaled], &own, grid)?;
     let fwd = fwd.with_cost(flops * (n * k) as f64, fwd_bytes as f64);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
     let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;
-    // The per-sample rows read once; the running sums read and written.
-    let red = red.with_cost(per_sample.numel() as f64, (4 * per_sample.numel() + 8 * result.numel()) as f64);
-    Ok((vec![fwd, red], LossWeight { params, n: n32, k: k32, smoothing }))
+    let red = red.with_cost(per_sample.numel() as f64, (rows + sums) as f64);
+    Ok((vec![fwd, red], weight))
 }
