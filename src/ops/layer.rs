@@ -119,6 +119,20 @@ pub trait LayerOp {
         false
     }
 
+    /// Training: this op's backward spreads each output gradient value evenly over the pixels it
+    /// averaged, dinp[n, c, ·] = dout[n, c] / (H·W) (a global average pool): the layer that alone
+    /// reads its output may write that gradient itself ([`LayerOp::writes_spread_input_grad`],
+    /// [`Handoffs::grad_spread_by_next`]).
+    fn spreads_grad(&self) -> bool {
+        false
+    }
+
+    /// Training: this op's backward can write its input's gradient spread over the pixels of the
+    /// pool before it ([`LayerOp::spreads_grad`], [`Handoffs::spread_input_grad`]).
+    fn writes_spread_input_grad(&self) -> bool {
+        false
+    }
+
     /// Whether its backward can write its (only) input's gradient as its own plus another tensor
     /// of that shape ([`Handoffs::dinp_addend`]), the own one rounded to the plan's type before the
     /// sum and the sum after it, as an addition of the two stored gradients would. The plan asks
@@ -250,6 +264,12 @@ pub struct Handoffs<'a> {
     /// Training: the next layer applies this one's normalisation ([`LayerOp::leaves_affine_to_next`]):
     /// save the batch statistics into this plan-owned tensor, write no output.
     pub stats_only: Option<&'a Tensor>,
+    /// Training: the layer after this one writes this one's input gradient
+    /// ([`LayerOp::spreads_grad`]): record no backward.
+    pub grad_spread_by_next: bool,
+    /// Training: write the input gradient spread over the pixels of the pool before this layer
+    /// into this tensor, that pool's input gradient ([`LayerOp::writes_spread_input_grad`]).
+    pub spread_input_grad: Option<&'a Tensor>,
     /// The backward writes `dinputs[0]` = its own gradient + this tensor
     /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
     pub dinp_addend: Option<&'a Tensor>,

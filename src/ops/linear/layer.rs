@@ -41,8 +41,16 @@ impl LayerOp for Linear {
         let w = r.param("weight")?;
         let b = r.param_if(self.bias, "bias")?;
         r.forward(super::linear_forward(r.gpu, &cfg, inp, w.value, b.map(|b| b.value), r.out)?);
-        r.backward.extend(super::linear_backward(r.gpu, &cfg, inp, w.value, r.dout, dinp, w.grad, b.map(|b| b.grad))?);
+        let (db, d) = (b.map(|b| b.grad), r.dout);
+        r.backward.extend(match r.fused.spread_input_grad {
+            Some(pool_dinp) => super::linear_backward_spread(r.gpu, &cfg, inp, w.value, d, pool_dinp, w.grad, db)?,
+            None => super::linear_backward(r.gpu, &cfg, inp, w.value, d, dinp, w.grad, db)?,
+        });
         Ok(())
+    }
+
+    fn writes_spread_input_grad(&self) -> bool {
+        true
     }
 
     fn reference_forward(&self, r: &RefForward<'_, '_>) -> Result<RefOutput> {

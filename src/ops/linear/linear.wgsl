@@ -2,6 +2,12 @@
 //   backward_input   dinp[n, i]   = sum_o dout[n, o] * weight[o, i]
 //   backward_weight  dweight[o, i] = sum_n dout[n, o] * inp[n, i];  dbias[o] = sum_n dout[n, o]
 // One invocation per output element; the batch sums run in a fixed order (no atomics).
+//
+// SPREAD_HW = H*W > 0 (training, `--fuse on`, the classifier after a global average pool): the
+// input gradient is written as the pool's backward would spread it, dinp[n, i, k] =
+// act(act(g) / (H*W)) for k < H*W with g the sum above — pool.wgsl's global_avg_pool_backward's
+// expression and rounding on the value this kernel would have stored, so the bits are the two
+// passes' and the pooled gradient [n, I] is never stored. One dispatch fewer per training step.
 // Activations and their gradients are `act` (f32 or f16, defined by the host per compiled
 // variant); the weights, their gradients and every sum are f32 (the classifier is small).
 
@@ -20,6 +26,7 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> dbias: array<f32>;
 
 override WG: u32 = 64u;
+override SPREAD_HW: u32 = 0u;
 
 @compute @workgroup_size(WG)
 fn linear_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -52,6 +59,13 @@ fn linear_backward_input(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     var acc = 0.0;
     for (var o = 0u; o < p.out_features; o++) {
         acc += f32(dout[n * p.out_features + o]) * weight[o * p.in_features + i];
+    }
+    if (SPREAD_HW > 0u) {
+        let g = act_rounded(acc) / f32(SPREAD_HW);
+        for (var k = 0u; k < SPREAD_HW; k++) {
+            dinp[e * SPREAD_HW + k] = act(g);
+        }
+        return;
     }
     dinp[e] = act(acc);
 }

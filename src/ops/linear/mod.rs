@@ -98,6 +98,7 @@ pub fn linear_forward(
 }
 
 /// dinp, then dweight and dbias (when the layer has a bias).
+#[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     gpu: &Gpu,
     cfg: &LinearConfig,
@@ -108,11 +109,49 @@ pub fn linear_backward(
     dweight: &Tensor,
     dbias: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
+    expect_shape("linear dinp", dinp, &[cfg.n, cfg.in_features])?;
+    backward(gpu, cfg, (inp, weight, dout), dinp, 0, (dweight, dbias))
+}
+
+/// [`linear_backward`] after a global average pool (`inp` its output [n, in_features]) whose
+/// backward it runs itself (linear.wgsl, SPREAD_HW): `pool_dinp` [n, in_features, h, w] gets
+/// the pool's input gradient, the bits of linear_backward_input then global_avg_pool_backward,
+/// and the pooled gradient is never stored.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_spread(
+    gpu: &Gpu,
+    cfg: &LinearConfig,
+    inp: &Tensor,
+    weight: &Tensor,
+    dout: &Tensor,
+    pool_dinp: &Tensor,
+    dweight: &Tensor,
+    dbias: Option<&Tensor>,
+) -> Result<Vec<Dispatch>> {
+    let s = &pool_dinp.shape;
+    anyhow::ensure!(
+        s.len() == 4 && s[..2] == [cfg.n, cfg.in_features] && s[2] * s[3] > 0,
+        "linear: the pooled input's gradient must be [{}, {}, h, w], got {s:?}",
+        cfg.n,
+        cfg.in_features
+    );
+    backward(gpu, cfg, (inp, weight, dout), pool_dinp, s[2] * s[3], (dweight, dbias))
+}
+
+/// The backward's two dispatches; `spread_hw` > 0 spreads the input gradient over that many
+/// pixels per value (`dinp` then holds n·in_features·spread_hw values).
+fn backward(
+    gpu: &Gpu,
+    cfg: &LinearConfig,
+    (inp, weight, dout): (&Tensor, &Tensor, &Tensor),
+    dinp: &Tensor,
+    spread_hw: usize,
+    (dweight, dbias): (&Tensor, Option<&Tensor>),
+) -> Result<Vec<Dispatch>> {
     let params = gpu.uniform("linear params", &cfg.params()?);
     expect_shape("linear input", inp, &[cfg.n, cfg.in_features])?;
     expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
     expect_shape("linear dout", dout, &[cfg.n, cfg.out_features])?;
-    expect_shape("linear dinp", dinp, &[cfg.n, cfg.in_features])?;
     expect_shape("linear dweight", dweight, &[cfg.out_features, cfg.in_features])?;
     let (unused, dbias) = bias_or_placeholder(gpu, cfg, dbias, "linear dbias")?;
     let dbias = dbias.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("linear: no dbias"))?;
@@ -120,16 +159,21 @@ pub fn linear_backward(
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(2, weight), Bind::Tensor(5, dout), Bind::Tensor(6, dinp)];
     let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
     let bytes = inp.dtype.bytes() as f64 * (inp.numel() + dout.numel()) as f64 + 4.0 * weight.numel() as f64;
+    // dout and the weights read, dinp written: the pooled gradient, or the pool's input gradient
+    // (the pool's pass counted in: a division per value written).
+    let el = dinp.dtype.bytes() as f64;
+    let in_bytes = el * (dinp.numel() + dout.numel()) as f64 + 4.0 * weight.numel() as f64;
+    let in_flops = 2.0 * macs + if spread_hw > 0 { dinp.numel() as f64 } else { 0.0 };
     let input = gpu
         .dispatch_in(
             Precision::of(dout),
             "linear",
             "linear_backward_input",
-            &consts,
+            &[("WG", WG as f64), ("SPREAD_HW", spread_hw as f64)],
             &binds,
             gpu.grid_1d(cfg.n * cfg.in_features, WG),
         )?
-        .with_cost(2.0 * macs, bytes);
+        .with_cost(in_flops, in_bytes);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),

@@ -106,8 +106,14 @@ impl LayerOp for GlobalAvgPool {
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
         let (inp, dinp) = r.inp();
         r.forward(super::global_avg_pool_forward(r.gpu, inp, r.out)?);
-        r.backward.extend(super::global_avg_pool_backward(r.gpu, r.dout, dinp)?);
+        if !r.fused.grad_spread_by_next {
+            r.backward.extend(super::global_avg_pool_backward(r.gpu, r.dout, dinp)?);
+        }
         Ok(())
+    }
+
+    fn spreads_grad(&self) -> bool {
+        true
     }
 
     fn reference_forward(&self, r: &RefForward<'_, '_>) -> Result<RefOutput> {
