@@ -370,16 +370,19 @@ fn fused_plans_replace_the_block_tails() {
             assert_eq!((count(&train, k), count(&train_off, k)), (on_, off_), "{model}: {k} in training");
             assert_eq!((count(&eval, k), count(&eval_off, k)), (on_, off_), "{model}: {k} in evaluation");
         }
-        let pool_bwd = "global_avg_pool_backward";
-        assert_eq!((count(&train, pool_bwd), count(&train_off, pool_bwd)), (0, 1), "{model}: {pool_bwd}");
-        let head = 2;
+        for k in ["global_avg_pool_forward", "global_avg_pool_backward"] {
+            assert_eq!((count(&train, k), count(&train_off, k)), (0, 1), "{model}: {k} in training");
+        }
+        let pool = "global_avg_pool_forward";
+        assert_eq!((count(&eval, pool), count(&eval_off, pool)), (0, 1), "{model}: {pool} in evaluation");
+        let head = 3;
         let per_pass = if se { 2 } else { 1 };
         let saved = 2 * per_pass * blocks + blocks + joint + head;
         assert_eq!(train_off.len() - train.len(), saved, "{model}: training dispatches saved");
         // Evaluation also folds every batch norm into its convolution (tests/fold.rs): apart from
         // the batch norms and the fold, the tails and the loss account for the dispatches saved.
         let tails = |l: &[String]| l.iter().filter(|k| !k.starts_with("batch_norm") && *k != "bn_fold_forward").count();
-        assert_eq!(tails(&eval_off) - tails(&eval), per_pass * blocks + 1, "{model}: evaluation dispatches saved");
+        assert_eq!(tails(&eval_off) - tails(&eval), per_pass * blocks + 2, "{model}: evaluation dispatches saved");
         assert!(bytes < bytes_off, "{model}: fused step moves {bytes} bytes, unfused {bytes_off}");
     }
     for placement in [SePlacement::Pre, SePlacement::Post, SePlacement::Identity] {
@@ -698,12 +701,12 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
             // Four convolutions feed a batch norm; the fifth feeds the SE block and keeps its own.
             let bias = "conv2d_backward_bias";
             assert_eq!((count(&train, bias), count(&train_off, bias)), (1, 5), "{what}: {bias}, fused and not");
-            // Saved: four pools each way, four bias gradients, the head's two (the loss's reduce
-            // and the average pool's backward), and on a GPU the four convolutions whose input
+            // Saved: four pools each way, four bias gradients, the head's three (the loss's reduce
+            // and the average pool's two passes), and on a GPU the four convolutions whose input
             // gradient is read run it with their weight gradient as one dispatch.
             let joint = if on.is_cpu() { 0 } else { 4 };
             assert_eq!(count(&train, "conv2d_backward"), joint, "{what}: joint backward dispatches");
-            assert_eq!(train_off.len() - train.len(), 4 + 4 + 4 + 2 + joint, "{what}: training dispatches saved");
+            assert_eq!(train_off.len() - train.len(), 4 + 4 + 4 + 3 + joint, "{what}: training dispatches saved");
         }
     }
 }

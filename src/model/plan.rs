@@ -618,12 +618,12 @@ impl Network {
                 input_affine: self.affine_input(g.head, acts, se)?,
                 stats_only: se.get(&g.head).and_then(|(_, s)| s.as_ref()),
                 dinp_addend: self.addend(g.head, b, fusion, consumers),
-                grad_spread_by_next: fusion.spread_by_next[g.head],
-                spread_input_grad: g
+                pooled_by_next: fusion.pooled_by_next[g.head],
+                pool_before: g
                     .head
                     .checked_sub(1)
-                    .filter(|&k| fusion.spread_by_next[k])
-                    .map(|k| self.target(b, k, 0)),
+                    .filter(|&k| fusion.pooled_by_next[k])
+                    .map(|k| (&acts[self.graph.nodes[k].inputs[0]], self.target(b, k, 0))),
             },
         })
     }
@@ -686,7 +686,7 @@ impl Network {
             affine_in_next: vec![false; nodes.len()],
             bias_by_next: vec![false; nodes.len()],
             fork_in_reader: vec![false; nodes.len() + 1],
-            spread_by_next: vec![false; nodes.len()],
+            pooled_by_next: vec![false; nodes.len()],
         };
         for (k, node) in nodes.iter().enumerate() {
             if f.groups[k].is_none_or(|g| g.head != k) {
@@ -717,7 +717,7 @@ impl Network {
             }
         }
         self.bias_fusions(consumers, &mut f);
-        self.spread_fusions(consumers, &mut f);
+        self.pool_fusions(consumers, &mut f);
         self.deferred_grads(consumers, &mut f);
         self.fork_fusions(consumers, &mut f);
         f
@@ -786,26 +786,25 @@ impl Network {
         }
     }
 
-    /// `--fuse on`, training: a node whose backward spreads its output gradient over its input's
-    /// pixels ([`LayerOp::spreads_grad`]), read alone by the next node, which heads its own group,
-    /// reads nothing else and can write that spread gradient
-    /// ([`LayerOp::writes_spread_input_grad`]): the next node writes it, this node records no
-    /// backward, and its output gradient is never stored (its output still is).
-    fn spread_fusions(&self, consumers: &[Vec<usize>], f: &mut Fusions) {
+    /// `--fuse on`: a global average pool ([`LayerOp::averages_pixels`]) read alone by the next
+    /// node, which heads its own group, reads nothing else and can take the pool's passes
+    /// ([`LayerOp::absorbs_pixel_average`]): that node runs them, the pool records nothing, and
+    /// its output gradient is never stored (its output still is, for the next node's backward).
+    fn pool_fusions(&self, consumers: &[Vec<usize>], f: &mut Fusions) {
         if !self.gpu.fuse {
             return;
         }
         let nodes = &self.graph.nodes;
         for k in 0..nodes.len().saturating_sub(1) {
             let plain = |j: usize| f.groups[j].is_some_and(|g| g.head == j && g.epilogue.is_none());
-            if nodes[k].layer.op().spreads_grad()
+            if nodes[k].layer.op().averages_pixels()
                 && consumers[k + 1] == [k + 1]
                 && nodes[k + 1].inputs == [k + 1]
                 && plain(k)
                 && plain(k + 1)
-                && nodes[k + 1].layer.op().writes_spread_input_grad()
+                && nodes[k + 1].layer.op().absorbs_pixel_average()
             {
-                f.spread_by_next[k] = true;
+                f.pooled_by_next[k] = true;
                 (f.unused[k + 1], f.act_kept[k + 1]) = (true, true);
             }
         }
@@ -1262,9 +1261,9 @@ struct Fusions {
     /// Per activation read by two layers: its two gradients are summed in its first reader's
     /// backward ([`LayerOp::accumulates_input_grad`]), not by an addition after it.
     fork_in_reader: Vec<bool>,
-    /// Per node: its backward is written by the next node's, spread over its input
-    /// ([`LayerOp::spreads_grad`], [`LayerOp::writes_spread_input_grad`]).
-    spread_by_next: Vec<bool>,
+    /// Per node: a global average pool whose passes the next node runs
+    /// ([`LayerOp::averages_pixels`], [`LayerOp::absorbs_pixel_average`]).
+    pooled_by_next: Vec<bool>,
 }
 
 /// The tensors a plan allocates before recording (`Network::plan`): activations, their gradients,

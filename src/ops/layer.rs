@@ -119,17 +119,18 @@ pub trait LayerOp {
         false
     }
 
-    /// Training: this op's backward spreads each output gradient value evenly over the pixels it
-    /// averaged, dinp[n, c, ·] = dout[n, c] / (H·W) (a global average pool): the layer that alone
-    /// reads its output may write that gradient itself ([`LayerOp::writes_spread_input_grad`],
-    /// [`Handoffs::grad_spread_by_next`]).
-    fn spreads_grad(&self) -> bool {
+    /// This op is a global average pool: out[n, c] is the mean of inp[n, c] over its pixels, and
+    /// its backward spreads dout[n, c] / (H·W) back over them. The layer that alone reads its
+    /// output may run both passes itself ([`LayerOp::absorbs_pixel_average`],
+    /// [`Handoffs::pooled_by_next`]).
+    fn averages_pixels(&self) -> bool {
         false
     }
 
-    /// Training: this op's backward can write its input's gradient spread over the pixels of the
-    /// pool before it ([`LayerOp::spreads_grad`], [`Handoffs::spread_input_grad`]).
-    fn writes_spread_input_grad(&self) -> bool {
+    /// This op can average its input over the pixels of the pool before it as it loads them,
+    /// and spread its input gradient back over them ([`LayerOp::averages_pixels`],
+    /// [`Handoffs::pool_before`]).
+    fn absorbs_pixel_average(&self) -> bool {
         false
     }
 
@@ -264,12 +265,14 @@ pub struct Handoffs<'a> {
     /// Training: the next layer applies this one's normalisation ([`LayerOp::leaves_affine_to_next`]):
     /// save the batch statistics into this plan-owned tensor, write no output.
     pub stats_only: Option<&'a Tensor>,
-    /// Training: the layer after this one writes this one's input gradient
-    /// ([`LayerOp::spreads_grad`]): record no backward.
-    pub grad_spread_by_next: bool,
-    /// Training: write the input gradient spread over the pixels of the pool before this layer
-    /// into this tensor, that pool's input gradient ([`LayerOp::writes_spread_input_grad`]).
-    pub spread_input_grad: Option<&'a Tensor>,
+    /// The layer after this one runs this one's passes ([`LayerOp::averages_pixels`]): record
+    /// nothing.
+    pub pooled_by_next: bool,
+    /// The global average pool before this layer, whose passes it runs
+    /// ([`LayerOp::absorbs_pixel_average`]): the pool's input and the buffer that input's gradient
+    /// goes to. The forward reads that input and writes this layer's input (the pool's output,
+    /// which the backward reads), the backward writes that gradient.
+    pub pool_before: Option<(&'a Tensor, &'a Tensor)>,
     /// The backward writes `dinputs[0]` = its own gradient + this tensor
     /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
     pub dinp_addend: Option<&'a Tensor>,

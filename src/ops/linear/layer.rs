@@ -40,16 +40,22 @@ impl LayerOp for Linear {
         let cfg = self.config(inp.shape[0]);
         let w = r.param("weight")?;
         let b = r.param_if(self.bias, "bias")?;
-        r.forward(super::linear_forward(r.gpu, &cfg, inp, w.value, b.map(|b| b.value), r.out)?);
-        let (db, d) = (b.map(|b| b.grad), r.dout);
-        r.backward.extend(match r.fused.spread_input_grad {
-            Some(pool_dinp) => super::linear_backward_spread(r.gpu, &cfg, inp, w.value, d, pool_dinp, w.grad, db)?,
-            None => super::linear_backward(r.gpu, &cfg, inp, w.value, d, dinp, w.grad, db)?,
-        });
+        let (bv, db, d) = (b.map(|b| b.value), b.map(|b| b.grad), r.dout);
+        match r.fused.pool_before {
+            Some((pool_inp, pool_dinp)) => {
+                r.forward(super::linear_forward_pooled(r.gpu, &cfg, pool_inp, inp, w.value, bv, r.out)?);
+                let bwd = super::linear_backward_spread(r.gpu, &cfg, inp, w.value, d, pool_dinp, w.grad, db)?;
+                r.backward.extend(bwd);
+            }
+            None => {
+                r.forward(super::linear_forward(r.gpu, &cfg, inp, w.value, bv, r.out)?);
+                r.backward.extend(super::linear_backward(r.gpu, &cfg, inp, w.value, d, dinp, w.grad, db)?);
+            }
+        }
         Ok(())
     }
 
-    fn writes_spread_input_grad(&self) -> bool {
+    fn absorbs_pixel_average(&self) -> bool {
         true
     }
 

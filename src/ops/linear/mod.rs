@@ -22,13 +22,33 @@ pub struct LinearConfig {
 
 impl LinearConfig {
     fn params(&self) -> Result<Params> {
+        self.params_pooled(0)
+    }
+
+    /// With a global average pool of `pool_hw` pixels taken in (linear.wgsl).
+    fn params_pooled(&self, pool_hw: usize) -> Result<Params> {
         ensure!(self.n > 0 && self.in_features > 0 && self.out_features > 0, "linear: empty dimension in {self:?}");
         Ok(Params {
             n: to_u32("batch", self.n)?,
             in_features: to_u32("in_features", self.in_features)?,
             out_features: to_u32("out_features", self.out_features)?,
             has_bias: u32::from(self.bias),
+            pool_hw: to_u32("pooled pixels", pool_hw)?,
+            _pad: [0; 3],
         })
+    }
+
+    /// The pixels of `pool_inp`, the input [n, in_features, h, w] of a global average pool
+    /// before this layer.
+    fn pool_hw(&self, pool_inp: &Tensor) -> Result<usize> {
+        let s = &pool_inp.shape;
+        ensure!(
+            s.len() == 4 && s[..2] == [self.n, self.in_features] && s[2] * s[3] > 0,
+            "linear: the pool's input (and its gradient) must be [{}, {}, h, w], got {s:?}",
+            self.n,
+            self.in_features
+        );
+        Ok(s[2] * s[3])
     }
 }
 
@@ -40,7 +60,12 @@ struct Params {
     in_features: u32,
     out_features: u32,
     has_bias: u32,
+    pool_hw: u32,
+    _pad: [u32; 3],
 }
+
+/// Features the pooled forward holds in workgroup memory (linear.wgsl's POOL_ROW).
+const POOL_ROW: usize = 4096;
 
 const WG: u32 = 64;
 
@@ -97,6 +122,55 @@ pub fn linear_forward(
     Ok(vec![d.with_cost(2.0 * macs, el * (inp.numel() + out.numel()) as f64 + 4.0 * weight.numel() as f64)])
 }
 
+/// A global average pool of `pool_inp` [n, in_features, h, w] into `pooled` [n, in_features],
+/// then [`linear_forward`] on it, in one dispatch (linear.wgsl, linear_forward_pooled): the two
+/// passes' bits. Beyond `POOL_ROW` features, the two passes.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward_pooled(
+    gpu: &Gpu,
+    cfg: &LinearConfig,
+    pool_inp: &Tensor,
+    pooled: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    out: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    let hw = cfg.pool_hw(pool_inp)?;
+    if cfg.in_features > POOL_ROW {
+        let mut d = crate::ops::pool::global_avg_pool_forward(gpu, pool_inp, pooled)?;
+        d.extend(linear_forward(gpu, cfg, pooled, weight, bias, out)?);
+        return Ok(d);
+    }
+    let params = gpu.uniform("linear params", &cfg.params_pooled(hw)?);
+    expect_shape("linear input", pooled, &[cfg.n, cfg.in_features])?;
+    expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
+    expect_shape("linear output", out, &[cfg.n, cfg.out_features])?;
+    let (unused, bias) = bias_or_placeholder(gpu, cfg, bias, "linear bias")?;
+    let bias = bias.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("linear: no bias"))?;
+    let binds = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, bias),
+        Bind::Tensor(4, out),
+        Bind::Tensor(9, pool_inp),
+        Bind::Tensor(10, pooled),
+    ];
+    let macs = (cfg.n * cfg.in_features * cfg.out_features) as f64;
+    let d = gpu.dispatch_in(
+        Precision::of(pool_inp),
+        "linear",
+        "linear_forward_pooled",
+        &[("WG", WG as f64)],
+        &binds,
+        gpu.grid_1d(cfg.n * WG as usize, WG),
+    )?;
+    // The pool's input read and its output written once (the two passes also read it back), the
+    // weights, the output written; an add per pooled element.
+    let el = pool_inp.dtype.bytes() as f64;
+    let bytes = el * (pool_inp.numel() + pooled.numel() + out.numel()) as f64 + 4.0 * weight.numel() as f64;
+    Ok(vec![d.with_cost(2.0 * macs + pool_inp.numel() as f64, bytes)])
+}
+
 /// dinp, then dweight and dbias (when the layer has a bias).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
@@ -128,14 +202,7 @@ pub fn linear_backward_spread(
     dweight: &Tensor,
     dbias: Option<&Tensor>,
 ) -> Result<Vec<Dispatch>> {
-    let s = &pool_dinp.shape;
-    anyhow::ensure!(
-        s.len() == 4 && s[..2] == [cfg.n, cfg.in_features] && s[2] * s[3] > 0,
-        "linear: the pooled input's gradient must be [{}, {}, h, w], got {s:?}",
-        cfg.n,
-        cfg.in_features
-    );
-    backward(gpu, cfg, (inp, weight, dout), pool_dinp, s[2] * s[3], (dweight, dbias))
+    backward(gpu, cfg, (inp, weight, dout), pool_dinp, cfg.pool_hw(pool_dinp)?, (dweight, dbias))
 }
 
 /// The backward's two dispatches; `spread_hw` > 0 spreads the input gradient over that many
@@ -148,7 +215,7 @@ fn backward(
     spread_hw: usize,
     (dweight, dbias): (&Tensor, Option<&Tensor>),
 ) -> Result<Vec<Dispatch>> {
-    let params = gpu.uniform("linear params", &cfg.params()?);
+    let params = gpu.uniform("linear params", &cfg.params_pooled(spread_hw)?);
     expect_shape("linear input", inp, &[cfg.n, cfg.in_features])?;
     expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
     expect_shape("linear dout", dout, &[cfg.n, cfg.out_features])?;
@@ -169,7 +236,7 @@ fn backward(
             Precision::of(dout),
             "linear",
             "linear_backward_input",
-            &[("WG", WG as f64), ("SPREAD_HW", spread_hw as f64)],
+            &[("WG", WG as f64), ("SPREAD", f64::from(u8::from(spread_hw > 0)))],
             &binds,
             gpu.grid_1d(cfg.n * cfg.in_features, WG),
         )?

@@ -105,14 +105,14 @@ impl LayerOp for GlobalAvgPool {
 
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
         let (inp, dinp) = r.inp();
-        r.forward(super::global_avg_pool_forward(r.gpu, inp, r.out)?);
-        if !r.fused.grad_spread_by_next {
+        if !r.fused.pooled_by_next {
+            r.forward(super::global_avg_pool_forward(r.gpu, inp, r.out)?);
             r.backward.extend(super::global_avg_pool_backward(r.gpu, r.dout, dinp)?);
         }
         Ok(())
     }
 
-    fn spreads_grad(&self) -> bool {
+    fn averages_pixels(&self) -> bool {
         true
     }
 
