@@ -83,7 +83,7 @@
 //       fewer per convolution whose input gradient is read (base SENet 4, SE-ResNet-50 52).
 //       Recorded on GPUs only: on lavapipe it took 1.14-1.61x the two dispatches' time
 //       (benches/conv_backward.rs, one run); not yet measured on a GPU.
-//   v14 (this) LANES (the conv2d_lanes module: this file with conv2d_lanes.wgsl appended, built where
+//   v14 LANES (the conv2d_lanes module: this file with conv2d_lanes.wgsl appended, built where
 //       subgroups are 8 to 64 lanes wide; the built-in choice of CPU adapters): conv2d_gemm's
 //       column weights, the same for every invocation of a workgroup, loaded once per subgroup —
 //       lane l loads column l (and l + 8) — and handed to every lane by subgroupBroadcast: 2
@@ -101,6 +101,16 @@
 //       the 4x4 layer, where the masked padding is 31 % of the walk, 1.46x slower in one round and
 //       1.04x faster in the other.
 //       docs/runs/conv-lanes-lavapipe/ has both runs.
+//   v15 (this) the weight gradient's walk steps its (sample, output row) a row at a time instead of
+//       dividing m by OH*OW and OW at every row (integer division runs lane by lane in software on
+//       CPU adapters; a 4-pixel row of the 4x4 layer paid four of them): the same values. senet
+//       bench --tune off width 1 batch 128 on lavapipe, against v14, 2 rounds interleaved in one
+//       run: weight gradient 4764 / 4643 ms against 5191 / 4972 (1.07-1.09x), the 8x8 layer 1.12-1.17x
+//       (docs/runs/wgrad-walk-lavapipe/).
+//   tried, not kept: the weight gradient's invocations numbered taps first (a subgroup's lanes on
+//       the taps of one block of input channels, the same channel planes a few pixels apart, rather
+//       than on 8 blocks of channels at one tap): in the same kind of run 4681 / 4211 ms against
+//       4131 / 3340, the 4x4 layer 1.24-1.38x slower; not kept, no log committed.
 //   tried, not kept: conv2d_gemm's 64 hand-named accumulators a<row>_<quarter> as one
 //       `array<vec4<f32>, 64>` indexed in loops over GEMM_M and GEMM_N / 4 (override constants,
 //       so the trip counts are known when the pipeline is built; the same FMAs in the same order).
@@ -643,12 +653,13 @@ fn wgrad_block(gid: vec3<u32>, lane: u32) {
     var a15_1 = vec4<f32>(0.0);
     var a15_2 = vec4<f32>(0.0);
     var a15_3 = vec4<f32>(0.0);
+    // The walk's place, (sample, output row, column), divided out once and then stepped a row at
+    // a time: integer division runs lane by lane in software on CPU adapters.
     var m = m_begin;
+    var nn = m / ohw;
+    var py = (m % ohw) / p.ow;
+    var row_px = m % p.ow;
     while (m < m_end) {
-        let nn = m / ohw;
-        let r = m % ohw;
-        let py = r / p.ow;
-        let row_px = r % p.ow;
         let row_end = min(p.ow, row_px + (m_end - m));
         let yy = i32(py * p.stride_h) + dy;
         var a = max(row_px, px_lo);
@@ -805,6 +816,12 @@ fn wgrad_block(gid: vec3<u32>, lane: u32) {
             }
         }
         m += row_end - row_px;
+        row_px = 0u;
+        py++;
+        if (py == p.oh) {
+            py = 0u;
+            nn++;
+        }
     }
     var acc = array<vec4<f32>, 64>(
         a0_0, a0_1, a0_2, a0_3,

@@ -9,6 +9,7 @@
 //       correct5[n] = the target ranks in the top 5: fewer than 5 logits rank above it (greater, or
 //           equal at a lower index: the tie rule argmax uses, so top-1 is this with 1)
 //       per_sample[n] = (loss, correct, argmax, correct5) for evaluation's confusion matrix
+//   cross_entropy_forward_backward_reduce  both in one workgroup (`--fuse on`; see below)
 //   cross_entropy_reduce  one workgroup (the reduce prelude's block_sum2): the batch mean loss and correct count into result[0..2],
 //       and adds loss sum, correct and N to the running metrics result[2..5] (read back every N steps),
 //       and the top-5 count to result[5].
@@ -22,7 +23,10 @@
 // fixed-order reduce; v2 the reduce over subgroups where there are subgroups (no change measurable
 // on lavapipe: a few µs per step); v3 `act` logits and the loss scale for f16 plans, label
 // smoothing and the top-5 count; v4 (this) the loss weight of gradient accumulation, and soft
-// targets (cross_entropy_soft_forward_backward).
+// targets (cross_entropy_soft_forward_backward); v5 (this) the rows and their reduce in one
+// workgroup under `--fuse on` (cross_entropy_forward_backward_reduce, below): the rows as
+// functions shared by both forms, the two passes' bits, one dispatch fewer. Not timed (a few µs
+// of a step on lavapipe).
 
 struct Params {
     n: u32, k: u32, smoothing: f32, weight: f32,

@@ -10,6 +10,9 @@
 // The window scan and the gather are max_pool_window.wgsl's, appended by the host (batch_norm.wgsl's
 // fused pool uses them too).
 //   global_avg_pool_*    out[n, c] = mean over H*W;  dinp = dout[n, c] / (H*W)
+//                        (`--fuse on`: a classifier that alone reads the pool runs both passes
+//                        itself, linear.wgsl's linear_forward_pooled and SPREAD, with these
+//                        expressions)
 //
 // AFFINE = 1 (evaluation, `--fuse on`): max_pool2d_forward reads a batch norm's input and applies
 // the batch norm from its running statistics and its ReLU on load — act_rounded(max((x - mean) *
