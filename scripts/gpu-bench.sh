@@ -17,10 +17,10 @@
 #
 # Full run (a GPU): senet w1 b128 and w0.25 b128 at 3x32x32, se-resnet20 b128 at 32x32, se-resnet50
 # b64 at 224x224 (1000 classes), each in both precisions, and se-resnet50 once more with
-# `--fuse off` (fused epilogues off) in the first precision, and scripts/pipeline-cache-bench.sh's
-# cold and warm first steps; every command under a timeout (devices 30 s, each bench 55 s, the
-# unfused bench 30 s, the pipeline cache 25 s, PyTorch 90 s): 10.2 minutes if every one of them
-# ran out, one precision 6.5.
+# `--fuse off` (fused epilogues off) and once with `--conv-lanes on` (shared conv loads) in the
+# first precision, and scripts/pipeline-cache-bench.sh's cold and warm first steps; every command
+# under a timeout (devices 30 s, each bench 55 s, each variant 30 s, the pipeline cache 25 s,
+# PyTorch 90 s): 10.7 minutes if every one of them ran out, one precision 7.0.
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
@@ -91,21 +91,25 @@ for c in $cases; do
     fi
   done
 done
-# Fused epilogues (docs/performance.md): the last case again with --fuse off, in the first
-# precision, beside its default (fused) run above; the tuning cache makes this run time nothing.
-fuse_limit=30; [ $quick = 1 ] && fuse_limit=120
+# Two variants of the last case, in the first precision, beside its default run above (the tuning
+# cache makes these runs time nothing): --fuse off (fused epilogues, docs/performance.md) and
+# --conv-lanes on (shared conv loads: the default on CPU adapters, unmeasured on GPUs).
+variant_limit=30; [ $quick = 1 ] && variant_limit=120
 IFS=: read -r model width batch hw <<< "${cases##* }"
 classes=10; [ "$hw" -ge 128 ] && classes=1000
 prec=${precisions%% *}
-echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} $prec --fuse off ($(( $(date +%s) - start )) s so far)"
-: > "$out/senet-unfused.jsonl"
-if timeout "$fuse_limit" "$senet" bench --json --fuse off --model "$model" --width "$width" --batch-size "$batch" \
-  --image-size "$hw" --num-classes "$classes" --steps "$steps" --precision "$prec" > "$out/bench.tmp" 2> "$out/bench-unfused.err"; then
-  "$python" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["case"]=sys.argv[2]; print(json.dumps(r))' \
-    "$out/bench.tmp" "${cases##* }" >> "$out/senet-unfused.jsonl" || cat "$out/bench.tmp"
-else
-  echo "gpu-bench: senet bench --fuse off failed or ran past ${fuse_limit} s:"; tail -5 "$out/bench-unfused.err"
-fi
+: > "$out/senet-variants.jsonl"
+for variant in "--fuse off" "--conv-lanes on"; do
+  echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} $prec $variant ($(( $(date +%s) - start )) s so far)"
+  # shellcheck disable=SC2086
+  if timeout "$variant_limit" "$senet" bench --json $variant --model "$model" --width "$width" --batch-size "$batch" \
+    --image-size "$hw" --num-classes "$classes" --steps "$steps" --precision "$prec" > "$out/bench.tmp" 2> "$out/bench-variant.err"; then
+    "$python" -c 'import json,sys; r=json.load(open(sys.argv[1])); r["case"]=sys.argv[2]; r["variant"]=sys.argv[3]; print(json.dumps(r))' \
+      "$out/bench.tmp" "${cases##* }" "$variant" >> "$out/senet-variants.jsonl" || cat "$out/bench.tmp"
+  else
+    echo "gpu-bench: senet bench $variant failed or ran past ${variant_limit} s:"; tail -5 "$out/bench-variant.err"
+  fi
+done
 rm -f "$out/bench.tmp"
 
 # First-step time with our pipeline cache and the driver's cache each cold or warm.
@@ -178,12 +182,14 @@ for key in dict.fromkeys(list(ours) + list(torch)):
             line.append("")
         md.append("| " + " | ".join(line) + " |")
         rows.append(row)
-for r in lines("senet-unfused.jsonl"):
-    fused = ours.get(norm(r["case"]), {}).get(r.get("precision", "f32"))
-    line = f"Fused epilogues: {r['case']} {r.get('precision', 'f32')}: --fuse off {cell(r['train_images_per_s'], r['eval_images_per_s'])}"
-    if fused:
-        line += (f", fused (default) {cell(fused['train_images_per_s'], fused['eval_images_per_s'])}: fused / unfused "
-                 f"{fused['train_images_per_s'] / r['train_images_per_s']:.2f} / {fused['eval_images_per_s'] / r['eval_images_per_s']:.2f}")
+titles = {"--fuse off": "Fused epilogues", "--conv-lanes on": "Shared conv loads"}
+for r in lines("senet-variants.jsonl"):
+    base = ours.get(norm(r["case"]), {}).get(r.get("precision", "f32"))
+    v = r.get("variant", "?")
+    line = f"{titles.get(v, v)}: {r['case']} {r.get('precision', 'f32')}: {v} {cell(r['train_images_per_s'], r['eval_images_per_s'])}"
+    if base:
+        line += (f", default {cell(base['train_images_per_s'], base['eval_images_per_s'])}: default / {v} "
+                 f"{base['train_images_per_s'] / r['train_images_per_s']:.2f} / {base['eval_images_per_s'] / r['eval_images_per_s']:.2f}")
     md += ["", line + " images/s (train / eval)."]
 md += ["", "(cl) = PyTorch ran faster in channels_last. Per run of ours: step GFLOP/s, the device's FMA peak, "
        "and the kernel each convolution pass ran (the tuner's choice; coop = tensor cores):", ""]
@@ -196,7 +202,7 @@ for key, by_prec in ours.items():
                   f"{o['peak_memory_bytes'] / 2**20:.0f} MiB; convs: {chosen or '?'}")
 md += ["", "```", devices, "```"]
 open(os.path.join(out, "gpu-bench.md"), "w").write("\n".join(md) + "\n")
-json.dump({"quick": quick, "devices": devices, "rows": rows, "senet_unfused": lines("senet-unfused.jsonl"),
+json.dump({"quick": quick, "devices": devices, "rows": rows, "senet_variants": lines("senet-variants.jsonl"),
            "senet": [r for p in ours.values() for r in p.values()], "torch": lines("torch.jsonl")},
           open(os.path.join(out, "gpu-bench.json"), "w"), indent=1)
 print("\n".join(md))

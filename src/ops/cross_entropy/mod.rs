@@ -161,8 +161,6 @@ fn loss_passes(
         logits.shape
     );
     let (n, k) = (logits.shape[0], logits.shape[1]);
-    // The target's binding and entry point; its bytes and the flops per logit (max, exp, sum,
-    // the softmax's gradient; a soft target's sum adds one).
     let unused = placeholder(gpu)?;
     // The target's bindings (the other kind's a placeholder, for the fused entry that names
     // both) and entry point; its bytes and the flops per logit (max, exp, sum, the softmax's
@@ -193,19 +191,17 @@ fn loss_passes(
     let fwd_bytes = 2 * el * n * k + target_bytes + 4 * per_sample.numel() + scale_bytes;
     let (rows, sums) = (4 * per_sample.numel(), 8 * result.numel());
     let weight = LossWeight { params: params.clone(), n: n32, k: k32, smoothing };
-    let [t0, t1] = target_binds;
-    let binds = [
+    let rows_binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, logits),
-        t0,
-        t1,
         Bind::Tensor(3, dlogits),
         Bind::Tensor(4, per_sample),
-        Bind::Tensor(6, result),
         Bind::Tensor(7, scaler.unwrap_or(&unused)),
     ];
+    let [labels, soft_targets] = target_binds;
     if gpu.fuse {
         let entry = "cross_entropy_forward_backward_reduce";
+        let binds = [&rows_binds[..], &[labels, soft_targets, Bind::Tensor(6, result)]].concat();
         let constants = [scaled, ("SOFT", f64::from(u8::from(soft)))];
         let fused = gpu.dispatch_in(precision, "cross_entropy", entry, &constants, &binds, [1, 1, 1])?;
         let fused = fused.with_cost(flops * (n * k) as f64 + per_sample.numel() as f64, (fwd_bytes + sums) as f64);
@@ -213,8 +209,8 @@ fn loss_passes(
     }
     let grid = [to_u32("batch", n.div_ceil(WG as usize))?, 1, 1];
     // The separate entry binds its own target only.
-    let own = [&binds[..2], &binds[2 + usize::from(soft)..3 + usize::from(soft)], &binds[4..6], &binds[7..]].concat();
-    let fwd = gpu.dispatch_in(precision, "cross_entropy", entry, &[("WG", WG as f64), scaled], &own, grid)?;
+    let binds = [&rows_binds[..], &[if soft { soft_targets } else { labels }]].concat();
+    let fwd = gpu.dispatch_in(precision, "cross_entropy", entry, &[("WG", WG as f64), scaled], &binds, grid)?;
     let fwd = fwd.with_cost(flops * (n * k) as f64, fwd_bytes as f64);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(5, per_sample), Bind::Tensor(6, result)];
     let red = gpu.dispatch_in(precision, "cross_entropy", "cross_entropy_reduce", &[scaled], &binds, [1, 1, 1])?;

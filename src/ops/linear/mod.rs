@@ -125,7 +125,6 @@ pub fn linear_forward(
 /// A global average pool of `pool_inp` [n, in_features, h, w] into `pooled` [n, in_features],
 /// then [`linear_forward`] on it, in one dispatch (linear.wgsl, linear_forward_pooled): the two
 /// passes' bits. Beyond `POOL_ROW` features, the two passes.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_forward_pooled(
     gpu: &Gpu,
     cfg: &LinearConfig,
@@ -172,7 +171,6 @@ pub fn linear_forward_pooled(
 }
 
 /// dinp, then dweight and dbias (when the layer has a bias).
-#[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     gpu: &Gpu,
     cfg: &LinearConfig,
@@ -188,10 +186,9 @@ pub fn linear_backward(
 }
 
 /// [`linear_backward`] after a global average pool (`inp` its output [n, in_features]) whose
-/// backward it runs itself (linear.wgsl, SPREAD_HW): `pool_dinp` [n, in_features, h, w] gets
+/// backward it runs itself (linear.wgsl, SPREAD): `pool_dinp` [n, in_features, h, w] gets
 /// the pool's input gradient, the bits of linear_backward_input then global_avg_pool_backward,
 /// and the pooled gradient is never stored.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_backward_spread(
     gpu: &Gpu,
     cfg: &LinearConfig,
