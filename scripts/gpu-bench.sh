@@ -11,16 +11,16 @@
 # It runs binaries built elsewhere (a GPU machine may have no Rust toolchain): SENET (default
 # target/release/senet, built with `cargo build --release` on a machine like CI's and carried).
 # PYTHON (default python3) needs torch; without it the PyTorch columns say so. The Vulkan loader:
-# if the machine has none and .gl/*.deb were carried (../.library device notes: libvulkan1 & co.
-# downloaded with apt-get download), they are unpacked first; NVIDIA's ICD is used from
+# if the machine has none and .gl/*.deb were carried (libvulkan1 & co. downloaded with apt-get
+# download), they are unpacked first; NVIDIA's ICD is used from
 # /usr/local/nvidia when no other is registered.
 #
 # Full run (a GPU): senet w1 b128 and w0.25 b128 at 3x32x32, se-resnet20 b128 at 32x32, se-resnet50
 # b64 at 224x224 (1000 classes), each in both precisions, and se-resnet50 once more with
 # `--fuse off` (fused epilogues off) and once with `--conv-lanes on` (shared conv loads) in the
 # first precision, and scripts/pipeline-cache-bench.sh's cold and warm first steps; every command
-# under a timeout (devices 30 s, each bench 55 s, each variant 30 s, the pipeline cache 25 s,
-# PyTorch 90 s): 10.7 minutes if every one of them ran out, one precision 7.0.
+# under a timeout (devices 30 s, each bench 50 s, each variant 25 s, the pipeline cache 25 s,
+# PyTorch 80 s): 9.75 minutes if every one of them ran out, one precision 6.4.
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
@@ -50,7 +50,7 @@ done
 mkdir -p "$out"
 start=$(date +%s)
 
-# The Vulkan loader and driver (dpkg -x into / needs root, as the device machines run commands).
+# The Vulkan loader and driver (dpkg -x into / needs root).
 if ! grep -q 'libvulkan.so.1' < <(ldconfig -p 2>/dev/null) && ls .gl/*.deb >/dev/null 2>&1; then
   echo "gpu-bench: unpacking the carried Vulkan loader (.gl/*.deb)"
   for f in .gl/*.deb; do dpkg -x "$f" /; done
@@ -68,7 +68,7 @@ if [ $quick = 1 ]; then
   steps=3 torch_args=(--device cpu --modes fp32 --warmup 1 --steps 3) limit=120 torch_limit=150
 else
   cases="senet:1.0:128:32 senet:0.25:128:32 se-resnet20:1.0:128:32 se-resnet50:1.0:64:224"
-  steps=10 torch_args=(--warmup 5 --steps 20) limit=55 torch_limit=90
+  steps=10 torch_args=(--warmup 5 --steps 20) limit=50 torch_limit=80
 fi
 # The tuner's choices come back with the results (and a rerun on the same machine times nothing).
 export SENET_TUNE_CACHE="$out/tune.json"
@@ -94,7 +94,7 @@ done
 # Two variants of the last case, in the first precision, beside its default run above (the tuning
 # cache makes these runs time nothing): --fuse off (fused epilogues, docs/performance.md) and
 # --conv-lanes on (shared conv loads: the default on CPU adapters, unmeasured on GPUs).
-variant_limit=30; [ $quick = 1 ] && variant_limit=120
+variant_limit=25; [ $quick = 1 ] && variant_limit=120
 IFS=: read -r model width batch hw <<< "${cases##* }"
 classes=10; [ "$hw" -ge 128 ] && classes=1000
 prec=${precisions%% *}

@@ -121,13 +121,15 @@ fn ops_of(file: &str) -> Vec<&str> {
     }
 }
 
-/// Epilogues a pass may run fused in, named after it (`add_forward_relu`,
-/// `se_block_backward_input_add_relu`): `ops::layer::Epilogue`.
-const EPILOGUES: &[&str] = &["relu", "add_relu"];
+/// What a pass may run fused in, named after it: epilogues (`add_forward_relu`,
+/// `se_block_backward_input_add_relu`: `ops::layer::Epilogue`), the op's own reduce
+/// (`cross_entropy_forward_backward_reduce`) and the global average pool before it
+/// (`linear_forward_pooled`).
+const FUSED: &[&str] = &["relu", "add_relu", "reduce", "pooled"];
 
 fn is_pass(pass: &str) -> bool {
     PASSES.contains(&pass)
-        || EPILOGUES
+        || FUSED
             .iter()
             .any(|e| pass.strip_suffix(e).and_then(|p| p.strip_suffix('_')).is_some_and(|p| PASSES.contains(&p)))
 }
@@ -147,6 +149,9 @@ fn entry_point_names_are_checked() {
     assert!(is_op_pass("se_block", "se_block_backward_input_add_relu"), "a pass with an epilogue");
     assert!(!is_op_pass("add", "add_relu"), "an epilogue is no pass");
     assert!(!is_op_pass("add", "add_forward_gelu"), "not an epilogue");
+    assert!(is_op_pass("linear", "linear_forward_pooled"), "a pass with the pool before it");
+    assert!(is_op_pass("cross_entropy", "cross_entropy_forward_backward_reduce"), "a pass with its reduce");
+    assert!(!is_op_pass("linear", "linear_pooled"), "a fused neighbour is no pass");
 }
 
 #[test]

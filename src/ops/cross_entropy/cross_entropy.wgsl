@@ -22,7 +22,7 @@
 // Versions: v1 the loss, gradient and correct count fused in one invocation per sample and a
 // fixed-order reduce; v2 the reduce over subgroups where there are subgroups (no change measurable
 // on lavapipe: a few µs per step); v3 `act` logits and the loss scale for f16 plans, label
-// smoothing and the top-5 count; v4 (this) the loss weight of gradient accumulation, and soft
+// smoothing and the top-5 count; v4 the loss weight of gradient accumulation, and soft
 // targets (cross_entropy_soft_forward_backward); v5 (this) the rows and their reduce in one
 // workgroup under `--fuse on` (cross_entropy_forward_backward_reduce, below): the rows as
 // functions shared by both forms, the two passes' bits, one dispatch fewer. Not timed (a few µs
@@ -176,7 +176,9 @@ fn cross_entropy_reduce(lanes: Lanes) {
 
 // The rows and their reduce in one workgroup (`--fuse on`): invocation t takes samples t,
 // t + RED_WG, … as cross_entropy_reduce reads them and keeps their sums as it writes each row,
-// so the results are the two passes' bit for bit, with per_sample written and never read back.
+// so the results are the two passes' bit for bit, with per_sample written and never read back
+// (where both pipelines get the same subgroup size, as on lavapipe: a driver that picks the width
+// per pipeline may group the block sums differently — the metrics' last bits, never a gradient).
 // SOFT picks the soft-target row. One dispatch instead of two; the rows run RED_WG at a time
 // (the separate pass runs them all at once), which only a batch of thousands would feel.
 override SOFT: bool = false;
