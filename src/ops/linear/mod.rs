@@ -21,11 +21,8 @@ pub struct LinearConfig {
 }
 
 impl LinearConfig {
-    fn params(&self) -> Result<Params> {
-        self.params_pooled(0)
-    }
-
-    /// With a global average pool of `pool_hw` pixels taken in (linear.wgsl).
+    /// The parameter block, with a global average pool of `pool_hw` pixels taken in (linear.wgsl;
+    /// 0: none).
     fn params_pooled(&self, pool_hw: usize) -> Result<Params> {
         ensure!(self.n > 0 && self.in_features > 0 && self.out_features > 0, "linear: empty dimension in {self:?}");
         Ok(Params {
@@ -88,6 +85,22 @@ fn bias_or_placeholder<'a>(
     }
 }
 
+/// The forward's shape checks and parameter block (with a pool of `pool_hw` pixels taken in, or
+/// 0), and the placeholder bound where the layer has no bias.
+fn forward_checks(
+    gpu: &Gpu,
+    cfg: &LinearConfig,
+    (inp, weight, bias, out): (&Tensor, &Tensor, Option<&Tensor>, &Tensor),
+    pool_hw: usize,
+) -> Result<(wgpu::Buffer, Option<Tensor>)> {
+    let params = gpu.uniform("linear params", &cfg.params_pooled(pool_hw)?);
+    expect_shape("linear input", inp, &[cfg.n, cfg.in_features])?;
+    expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
+    expect_shape("linear output", out, &[cfg.n, cfg.out_features])?;
+    let (unused, _) = bias_or_placeholder(gpu, cfg, bias, "linear bias")?;
+    Ok((params, unused))
+}
+
 pub fn linear_forward(
     gpu: &Gpu,
     cfg: &LinearConfig,
@@ -96,11 +109,7 @@ pub fn linear_forward(
     bias: Option<&Tensor>,
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    let params = gpu.uniform("linear params", &cfg.params()?);
-    expect_shape("linear input", inp, &[cfg.n, cfg.in_features])?;
-    expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
-    expect_shape("linear output", out, &[cfg.n, cfg.out_features])?;
-    let (unused, bias) = bias_or_placeholder(gpu, cfg, bias, "linear bias")?;
+    let (params, unused) = forward_checks(gpu, cfg, (inp, weight, bias, out), 0)?;
     let bias = bias.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("linear: no bias"))?;
     let binds = [
         Bind::Uniform(0, &params),
@@ -140,11 +149,7 @@ pub fn linear_forward_pooled(
         d.extend(linear_forward(gpu, cfg, pooled, weight, bias, out)?);
         return Ok(d);
     }
-    let params = gpu.uniform("linear params", &cfg.params_pooled(hw)?);
-    expect_shape("linear input", pooled, &[cfg.n, cfg.in_features])?;
-    expect_shape("linear weight", weight, &[cfg.out_features, cfg.in_features])?;
-    expect_shape("linear output", out, &[cfg.n, cfg.out_features])?;
-    let (unused, bias) = bias_or_placeholder(gpu, cfg, bias, "linear bias")?;
+    let (params, unused) = forward_checks(gpu, cfg, (pooled, weight, bias, out), hw)?;
     let bias = bias.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("linear: no bias"))?;
     let binds = [
         Bind::Uniform(0, &params),
