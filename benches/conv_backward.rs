@@ -41,19 +41,8 @@ fn main() {
         separate.extend(conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardWeight, k, &b).expect("record"));
         let splits = conv2d::splits_for(&gpu, &cfg, k);
         let joint = conv2d::conv2d_backward_joint(&gpu, &cfg, tiles, &b, splits).expect("record");
-        // Warm-up: every pipeline built and run once.
-        common::best_secs(&gpu, &separate, 3);
-        common::best_secs(&gpu, &joint, 3);
-        let (mut s, mut j) = (f64::INFINITY, f64::INFINITY);
-        for round in 0..rounds {
-            if round % 2 == 0 {
-                s = s.min(common::best_secs(&gpu, &separate, 3));
-                j = j.min(common::best_secs(&gpu, &joint, 3));
-            } else {
-                j = j.min(common::best_secs(&gpu, &joint, 3));
-                s = s.min(common::best_secs(&gpu, &separate, 3));
-            }
-        }
+        // After a warm-up run each (every pipeline built).
+        let (s, j) = common::ab_secs((&gpu, &separate), (&gpu, &joint), rounds);
         println!("{name:<48} {:>12.2} {:>12.2} {:>7.3}", s * 1e3, j * 1e3, j / s);
     }
 }

@@ -65,6 +65,11 @@ struct Cli {
     /// speed, not values (for finite inputs).
     #[arg(long, global = true, value_enum, env = "SENET_CONV_LANES", default_value_t)]
     conv_lanes: gpu::Switch,
+    /// 1x1 convolutions with stride 1 and no padding (H*W a multiple of 4) run the register GEMM
+    /// without window arithmetic, loading four pixels at once: on (default) or off (the general
+    /// kernel, for comparing). Changes speed, not values.
+    #[arg(long, global = true, value_enum, env = "SENET_CONV_1X1", default_value_t)]
+    conv_1x1: gpu::Conv1x1Gemm,
     #[command(subcommand)]
     command: Command,
 }
@@ -197,6 +202,7 @@ impl Cli {
             tune_verbose: self.tune_verbose,
             fuse: self.fuse,
             conv_lanes: self.conv_lanes,
+            conv_1x1: self.conv_1x1,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! What the GPU benches share: the adapter (or exit 2 saying why there is none) and the best-of-N
-//! wall-clock timer of a list of dispatches. Not a bench of its own.
+//! What the GPU benches share: the adapter (or exit 2 saying why there is none), the best-of-N
+//! wall-clock timer of a list of dispatches and an A/B of two lists. Not a bench of its own.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -31,4 +31,23 @@ pub fn best_secs(gpu: &Gpu, d: &[Dispatch], runs: usize) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// Two lists of dispatches (each on its own device, which may be the same one) timed side by side:
+/// one warm-up each, then `rounds` rounds of the best of 3 runs of both, alternating which goes
+/// first; the best of all rounds of each, in seconds.
+pub fn ab_secs(a: (&Gpu, &[Dispatch]), b: (&Gpu, &[Dispatch]), rounds: usize) -> (f64, f64) {
+    best_secs(a.0, a.1, 1);
+    best_secs(b.0, b.1, 1);
+    let (mut ta, mut tb) = (f64::INFINITY, f64::INFINITY);
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            ta = ta.min(best_secs(a.0, a.1, 3));
+            tb = tb.min(best_secs(b.0, b.1, 3));
+        } else {
+            tb = tb.min(best_secs(b.0, b.1, 3));
+            ta = ta.min(best_secs(a.0, a.1, 3));
+        }
+    }
+    (ta, tb)
 }

@@ -77,6 +77,18 @@ pub struct GpuOptions {
     /// (`conv2d_lanes.wgsl`): auto = on CPU adapters with subgroups of 8 to 64 lanes, off =
     /// never, on = wherever the subgroups allow (an error elsewhere).
     pub conv_lanes: Switch,
+    /// 1x1 convolutions with stride 1, no padding and H*W a multiple of 4 run the register GEMM
+    /// without its window arithmetic, loading four pixels at a time (`--conv-1x1`); off: through
+    /// the general kernel like every other layer. The same values either way.
+    pub conv_1x1: Conv1x1Gemm,
+}
+
+/// Whether the register GEMM takes its 1x1 form where a layer allows it (`--conv-1x1 on|off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Conv1x1Gemm {
+    #[default]
+    On,
+    Off,
 }
 
 /// Whether plans fuse the epilogues ops offer (`--fuse on|off`; see `model::plan`).
@@ -202,6 +214,8 @@ pub struct Gpu {
     pub fuse: bool,
     /// [`GpuOptions::conv_lanes`] resolved: the register GEMMs come from `conv2d_lanes.wgsl`.
     pub conv_lanes: bool,
+    /// [`GpuOptions::conv_1x1`]: eligible 1x1 layers run the register GEMM's 1x1 form.
+    pub conv_1x1: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -378,6 +392,7 @@ impl Gpu {
             coop_tile,
             fuse: opts.fuse == Fuse::On,
             conv_lanes,
+            conv_1x1: opts.conv_1x1 == Conv1x1Gemm::On,
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)

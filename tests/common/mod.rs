@@ -50,6 +50,13 @@ pub fn gpu_without_lanes() -> Arc<Gpu> {
     required(&GPU, GpuOptions { conv_lanes: senet_wgpu::gpu::Switch::Off, ..Default::default() })
 }
 
+/// The same adapter whose 1x1 convolutions run the register GEMM's general form
+/// (`--conv-1x1 off`), for comparing against the 1x1 form `gpu()` runs.
+pub fn gpu_without_plain() -> Arc<Gpu> {
+    static GPU: Cell = OnceLock::new();
+    required(&GPU, GpuOptions { conv_1x1: senet_wgpu::gpu::Conv1x1Gemm::Off, ..Default::default() })
+}
+
 /// The same adapter with the shared conv loads forced on (`--conv-lanes on`), on any adapter whose
 /// subgroups allow them (8 to 64 lanes), GPU or CPU. `None` where they do not.
 pub fn gpu_with_lanes() -> Option<Arc<Gpu>> {

@@ -539,78 +539,160 @@ fn conv2d_lanes_are_the_own_loads_bit_for_bit() {
     let mut cases = conv_cases();
     cases.push(Conv2dConfig::square(3, 20, (9, 7), 37, 3, 1, 1, true));
     for dtype in [Dtype::F32, Dtype::F16] {
+        let blocks = match dtype {
+            Dtype::F16 => vec![RegisterTiles::for_adapter(&lanes)],
+            _ => vec![RegisterTiles::for_adapter(&lanes), RegisterTiles::ALL[0]],
+        };
         for (i, cfg) in cases.iter().enumerate() {
-            let mut r = rng(2600 + i as u64);
-            // Values the dtype holds exactly, so the f64 reference sees what the device sees.
-            let mut data = |shape: &[usize]| {
-                let v = uniform(&mut r, shape.iter().product(), -1.0, 1.0);
-                match dtype {
-                    Dtype::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
-                    _ => v,
-                }
+            let what = format!("{} case {i} {cfg:?}: shared against own loads", dtype.name());
+            let passes = RegisterPasses { blocks: blocks.clone(), wgrad_splits: vec![1, 3], joint: None };
+            assert_register_paths_agree(&what, (&lanes, &own), cfg, dtype, 2600 + i as u64, &passes);
+        }
+    }
+}
+
+/// The register GEMM's 1x1 form (`PLAIN`: no window arithmetic, four pixels a load; what `gpu()`
+/// runs for a 1x1 layer with stride 1, no padding and H*W a multiple of 4) against its general
+/// form (`--conv-1x1 off`): the forward (with the bias, with the ReLU epilogue), the input
+/// gradient (with and without the addend) and the joint backward's input gradient, bit for bit: f32
+/// with the adapter's blocks (16 x 16 on a CPU) and the smallest (4 x 8, also the joint
+/// backward's), f16 with the adapter's (each pipeline costs seconds to compile on lavapipe with a
+/// cold shader cache); the f32 forward and input gradient also within the conv tolerances of the
+/// f64 reference. The weight gradient has no 1x1 form. Cases:
+/// batch 1 on a 2x2 image (one quad), non-square 3x4 and 1x8, 36 rows (two 16-row blocks and a
+/// part-filled one), channels that leave partial column blocks (5 -> 37, 37 -> 5), 2 groups. Shapes
+/// the 1x1 form must not take (3x3 = 9 and 2x3 = 6 pixels, stride 2, padding 1, a 3x3 kernel) are
+/// checked to go to the general form.
+#[test]
+fn conv2d_plain_is_the_general_form_bit_for_bit() {
+    let (plain, general) = (gpu(), gpu_without_plain());
+    assert!(plain.conv_1x1 && !general.conv_1x1, "--conv-1x1 must switch the 1x1 form");
+    let sq = Conv2dConfig::square;
+    let cases = [
+        sq(1, 3, (2, 2), 5, 1, 1, 0, true),
+        sq(2, 5, (3, 4), 37, 1, 1, 0, false),
+        sq(3, 37, (1, 8), 5, 1, 1, 0, true),
+        sq(3, 8, (3, 4), 12, 1, 1, 0, true).grouped(2),
+    ];
+    for cfg in &cases {
+        assert!(conv2d::plain_gemm(&plain, cfg) && !conv2d::plain_gemm(&general, cfg), "{cfg:?}");
+    }
+    let general_only = [
+        sq(2, 4, (3, 3), 6, 1, 1, 0, true),
+        sq(2, 4, (2, 3), 6, 1, 1, 0, true),
+        sq(2, 4, (8, 8), 6, 1, 2, 0, true),
+        sq(2, 4, (8, 8), 6, 1, 1, 1, true),
+    ];
+    for cfg in general_only {
+        assert!(!conv2d::plain_gemm(&plain, &cfg), "{cfg:?} is not a plain GEMM");
+    }
+    assert!(!conv2d::plain_gemm(&plain, &sq(2, 4, (8, 8), 6, 3, 1, 1, true)));
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for (i, cfg) in cases.iter().enumerate() {
+            let (adapter, small) = (RegisterTiles::for_layer(&plain, cfg), RegisterTiles::ALL[0]);
+            let passes = match dtype {
+                Dtype::F16 => RegisterPasses { blocks: vec![adapter], wgrad_splits: vec![], joint: None },
+                _ => RegisterPasses { blocks: vec![adapter, small], wgrad_splits: vec![], joint: Some(small) },
             };
-            let (x, w, b) = (data(&cfg.input_shape()), data(&cfg.weight_shape()), data(&[cfg.c_out]));
-            let (dy, add) = (data(&cfg.output_shape()), data(&cfg.input_shape()));
-            let blocks = match dtype {
-                Dtype::F16 => vec![RegisterTiles::for_adapter(&lanes)],
-                _ => vec![RegisterTiles::for_adapter(&lanes), RegisterTiles::ALL[0]],
-            };
-            // Every output of every block on one device, named.
-            let outputs = |g: &Gpu| -> Vec<(String, Vec<f32>)> {
-                let up = |shape: &[usize], v: &[f32]| upload_as(g, dtype, shape, v).0;
-                let (tx, tw, tdy, tadd) = (
-                    up(&cfg.input_shape(), &x),
-                    up(&cfg.weight_shape(), &w),
-                    up(&cfg.output_shape(), &dy),
-                    up(&cfg.input_shape(), &add),
-                );
-                let tb = upload(g, "b", &[cfg.c_out], &b);
-                let act = |shape: &[usize]| Tensor::zeros_of(g, "out", shape, dtype).expect("allocate");
-                let mut out = Vec::new();
-                for &tiles in &blocks {
-                    let k = ConvKernel::Register(tiles);
-                    for relu in [false, true] {
-                        let ty = act(&cfg.output_shape());
-                        let bufs = ConvBuffers { relu, ..ConvBuffers::forward(&tx, &tw, cfg.bias.then_some(&tb), &ty) };
-                        run(g, &conv2d::conv2d_pass(g, cfg, ConvPass::Forward, k, &bufs).unwrap());
-                        out.push((format!("conv2d_forward {tiles:?} relu {relu}"), read_as(g, &ty)));
-                    }
-                    for addend in [None, Some(&tadd)] {
-                        let tdx = act(&cfg.input_shape());
-                        let bufs = ConvBuffers { dinp_addend: addend, ..ConvBuffers::backward_input(&tdy, &tw, &tdx) };
-                        run(g, &conv2d::conv2d_pass(g, cfg, ConvPass::BackwardInput, k, &bufs).unwrap());
-                        out.push((
-                            format!("conv2d_backward_input {tiles:?} addend {}", addend.is_some()),
-                            read_as(g, &tdx),
-                        ));
-                    }
-                    for splits in [1, 3] {
-                        let tdw = zeros(g, "dw", &cfg.weight_shape());
-                        run(g, &backward_weight(g, cfg, k, &tx, &tdy, &tdw, splits));
-                        out.push((format!("conv2d_backward_weight {tiles:?} splits {splits}"), read(g, &tdw)));
-                    }
-                }
-                out
-            };
-            let (shared, mine) = (outputs(&lanes), outputs(&own));
-            assert_eq!(shared.len(), mine.len());
-            let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dy));
-            let want_y = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
-            let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
-            let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
-            for ((name, got), (_, want)) in shared.iter().zip(&mine) {
-                let what = format!("{} {name} case {i} {cfg:?}", dtype.name());
-                assert_bits(&format!("{what}: shared against own loads"), got, want);
-                if dtype == Dtype::F32 && name.ends_with("relu false") {
-                    assert_close(&what, want, &want_y, CONV_ATOL, CONV_RTOL);
-                }
-                if dtype == Dtype::F32 && name.ends_with("addend false") {
-                    assert_close(&what, want, &want_dx, CONV_ATOL, CONV_RTOL);
-                }
-                if name.starts_with("conv2d_backward_weight") {
-                    assert_close(&what, want, &want_dw, CONV_ATOL, CONV_RTOL);
-                }
+            let what = format!("{} case {i} {cfg:?}: 1x1 form against the general form", dtype.name());
+            assert_register_paths_agree(&what, (&plain, &general), cfg, dtype, 2700 + i as u64, &passes);
+        }
+    }
+}
+
+/// Which register passes [`assert_register_paths_agree`] runs: the forward and the input gradient
+/// with each of `blocks`, the weight gradient with each of them split each of `wgrad_splits` ways,
+/// and the joint backward with `joint`'s blocks (split 2 ways).
+struct RegisterPasses {
+    blocks: Vec<RegisterTiles>,
+    wgrad_splits: Vec<usize>,
+    joint: Option<RegisterTiles>,
+}
+
+/// Two devices of one adapter whose register kernels differ only in a path that must not change a
+/// value (`a` with it, `b` without), from the same inputs of `cfg` in `dtype` (seeded by `seed`;
+/// values the dtype holds exactly, so the f64 reference sees what the device sees): every output of
+/// `passes` — the forward with and without the ReLU epilogue (with the bias where `cfg` has one), the
+/// input gradient with and without the addend, the weight gradients — bit for bit alike on both; the
+/// f32 forward and input gradient without epilogue or addend, and every weight gradient, also within
+/// the conv tolerances of the f64 reference. Panics naming `what` and the first difference.
+fn assert_register_paths_agree(
+    what: &str,
+    (a, b): (&Gpu, &Gpu),
+    cfg: &Conv2dConfig,
+    dtype: Dtype,
+    seed: u64,
+    passes: &RegisterPasses,
+) {
+    let mut r = rng(seed);
+    let mut data = |shape: &[usize]| {
+        let v = uniform(&mut r, shape.iter().product(), -1.0, 1.0);
+        match dtype {
+            Dtype::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+            _ => v,
+        }
+    };
+    let (x, w, bias) = (data(&cfg.input_shape()), data(&cfg.weight_shape()), data(&[cfg.c_out]));
+    let (dy, add) = (data(&cfg.output_shape()), data(&cfg.input_shape()));
+    // Every output of every pass on one device, named.
+    let outputs = |g: &Gpu| -> Vec<(String, Vec<f32>)> {
+        let up = |shape: &[usize], v: &[f32]| upload_as(g, dtype, shape, v).0;
+        let (tx, tw, tdy, tadd) = (
+            up(&cfg.input_shape(), &x),
+            up(&cfg.weight_shape(), &w),
+            up(&cfg.output_shape(), &dy),
+            up(&cfg.input_shape(), &add),
+        );
+        let tb = upload(g, "b", &[cfg.c_out], &bias);
+        let act = |shape: &[usize]| Tensor::zeros_of(g, "out", shape, dtype).expect("allocate");
+        let mut out = Vec::new();
+        for &tiles in &passes.blocks {
+            let k = ConvKernel::Register(tiles);
+            for relu in [false, true] {
+                let ty = act(&cfg.output_shape());
+                let bufs = ConvBuffers { relu, ..ConvBuffers::forward(&tx, &tw, cfg.bias.then_some(&tb), &ty) };
+                run(g, &conv2d::conv2d_pass(g, cfg, ConvPass::Forward, k, &bufs).unwrap());
+                out.push((format!("conv2d_forward {tiles:?} relu {relu}"), read_as(g, &ty)));
             }
+            for addend in [None, Some(&tadd)] {
+                let tdx = act(&cfg.input_shape());
+                let bufs = ConvBuffers { dinp_addend: addend, ..ConvBuffers::backward_input(&tdy, &tw, &tdx) };
+                run(g, &conv2d::conv2d_pass(g, cfg, ConvPass::BackwardInput, k, &bufs).unwrap());
+                out.push((format!("conv2d_backward_input {tiles:?} addend {}", addend.is_some()), read_as(g, &tdx)));
+            }
+            for &splits in &passes.wgrad_splits {
+                let tdw = zeros(g, "dw", &cfg.weight_shape());
+                run(g, &backward_weight(g, cfg, k, &tx, &tdy, &tdw, splits));
+                out.push((format!("conv2d_backward_weight {tiles:?} splits {splits} dweight"), read(g, &tdw)));
+            }
+        }
+        if let Some(tiles) = passes.joint {
+            let (tdx, tdw) = (act(&cfg.input_shape()), zeros(g, "dw", &cfg.weight_shape()));
+            let bufs =
+                ConvBuffers { inp: Some(&tx), dweight: Some(&tdw), ..ConvBuffers::backward_input(&tdy, &tw, &tdx) };
+            run(g, &conv2d::conv2d_backward_joint(g, cfg, tiles, &bufs, 2).unwrap());
+            out.push((format!("conv2d_backward {tiles:?} dinp addend false"), read_as(g, &tdx)));
+            out.push((format!("conv2d_backward {tiles:?} dweight"), read(g, &tdw)));
+        }
+        out
+    };
+    let (got, want) = (outputs(a), outputs(b));
+    assert_eq!(got.len(), want.len());
+    let (x64, w64, b64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&bias), to_f64(&dy));
+    let want_y = reference::conv2d::conv2d_forward(cfg, &x64, &w64, cfg.bias.then_some(&b64[..]));
+    let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+    let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+    for ((name, got), (_, want)) in got.iter().zip(&want) {
+        let what = format!("{what}: {name}");
+        assert_bits(&what, got, want);
+        if dtype == Dtype::F32 && name.ends_with("relu false") {
+            assert_close(&what, want, &want_y, CONV_ATOL, CONV_RTOL);
+        }
+        if dtype == Dtype::F32 && name.ends_with("addend false") {
+            assert_close(&what, want, &want_dx, CONV_ATOL, CONV_RTOL);
+        }
+        if name.ends_with("dweight") {
+            assert_close(&what, want, &want_dw, CONV_ATOL, CONV_RTOL);
         }
     }
 }

@@ -101,12 +101,24 @@
 //       the 4x4 layer, where the masked padding is 31 % of the walk, 1.46x slower in one round and
 //       1.04x faster in the other.
 //       docs/runs/conv-lanes-lavapipe/ has both runs.
-//   v15 (this) the weight gradient's walk steps its (sample, output row) a row at a time instead of
+//   v15 the weight gradient's walk steps its (sample, output row) a row at a time instead of
 //       dividing m by OH*OW and OW at every row (integer division runs lane by lane in software on
 //       CPU adapters; a 4-pixel row of the 4x4 layer paid four of them): the same values. senet
 //       bench --tune off width 1 batch 128 on lavapipe, against v14, 2 rounds interleaved in one
 //       run: weight gradient 4764 / 4643 ms against 5191 / 4972 (1.07-1.09x), the 8x8 layer 1.12-1.17x
 //       (docs/runs/wgrad-walk-lavapipe/).
+//   v16 (this) 1x1 convolutions with stride 1, no padding and H*W a multiple of 4 run the GEMM as
+//       a plain GEMM over pixels (PLAIN, host `register::plain_gemm`, `--conv-1x1`): four rows'
+//       source values in one vec4 load (bindings 11 and 12) where the general form does four
+//       masked scalar loads, the same values bit for bit. cargo bench --bench conv_1x1 (SE-ResNet-50's
+//       1x1 shapes at batch 8, best of 3 rounds, both forms in one run), two runs: f32 forward and
+//       input gradient 0.98-1.57x, 17 of 20 pairs 1.1x or more; f16 0.78-1.55x
+//       (docs/runs/conv-1x1-lavapipe/); the arithmetic of every other layer is v15's.
+//   tried, not kept: the weight gradient's 1x1 form walking each image's plane as one row and
+//       loading its input channels (and with LANES its dout) a quad of pixels at a time, each pixel
+//       then picking its lane of the quad (`xq[k]`, a dynamic component: selects on lavapipe). Bit
+//       for bit the general walk, but in the first run of the same bench 0.74-1.20x its speed (the
+//       28x28 layers 0.74 and 0.86x in f32): not kept.
 //   tried, not kept: the weight gradient's invocations numbered taps first (a subgroup's lanes on
 //       the taps of one block of input channels, the same channel planes a few pixels apart, rather
 //       than on 8 blocks of channels at one tap): in the same kind of run 4681 / 4211 ms against
@@ -134,6 +146,10 @@
 @group(0) @binding(8) var<storage, read> dweight_partial_in: array<f32>;
 @group(0) @binding(9) var<storage, read_write> dweight: array<f32>;
 @group(0) @binding(10) var<storage, read_write> dbias: array<f32>;
+// inp and dout again, read four pixels at a time by a 1x1 layer's GEMMs (PLAIN, below); a
+// placeholder where a pass does not read them so.
+@group(0) @binding(11) var<storage, read> inp4: array<vec4<act>>;
+@group(0) @binding(12) var<storage, read> dout4: array<vec4<act>>;
 
 // Invocations per workgroup along x for the GEMM kernels.
 override WG: u32 = 64u;
@@ -177,6 +193,27 @@ fn src(i: u32) -> f32 {
         return f32(inp[i]);
     }
     return f32(dout[i]);
+}
+
+// PLAIN: the layer is a 1x1 convolution with stride 1 and no padding, and H*W is a multiple of 4
+// (the host's `register::plain_gemm`): a plain GEMM over pixels, no window to work out. In the
+// forward and the input gradient, rows 4k .. 4k+3 of a block are 4 neighbouring pixels of one
+// image (m0 is a multiple of GEMM_M, so of 4, and no image boundary falls inside an aligned quad):
+// one vec4 load instead of four scalar ones. The values are the general form's bit for bit: every
+// tap is live (x * 1.0 is x) and every sum runs in the same order. The weight gradient keeps its
+// general walk (a quad-loading walk measured no faster, header).
+override PLAIN: bool = false;
+
+// The source values of 4 rows (offsets o0..o3, liveness l) at one reduction step: with PLAIN one
+// aligned vec4 load at o0 (o0..o3 are then o0, o0+1, o0+2, o0+3); else four loads, each masked.
+fn src_rows(o0: u32, o1: u32, o2: u32, o3: u32, l: vec4<f32>) -> vec4<f32> {
+    if (PLAIN) {
+        if (MODE == FWD) {
+            return vec4<f32>(inp4[o0 / 4u]);
+        }
+        return vec4<f32>(dout4[o0 / 4u]);
+    }
+    return vec4<f32>(src(o0), src(o1), src(o2), src(o3)) * l;
 }
 
 // Where column c (a channel within group g) starts in the weight [c_out, c_in/g, kh, kw]: the
@@ -399,10 +436,11 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
                         w3 = vec4<f32>(f32(weight[wcol[12] + k]), f32(weight[wcol[13] + k]), f32(weight[wcol[14] + k]), f32(weight[wcol[15] + k]));
                     }
                 }
-                let x0 = src(off[0] + c) * live[0];
-                let x1 = src(off[1] + c) * live[1];
-                let x2 = src(off[2] + c) * live[2];
-                let x3 = src(off[3] + c) * live[3];
+                let q0 = src_rows(off[0] + c, off[1] + c, off[2] + c, off[3] + c, vec4<f32>(live[0], live[1], live[2], live[3]));
+                let x0 = q0.x;
+                let x1 = q0.y;
+                let x2 = q0.z;
+                let x3 = q0.w;
                 a0_0 += x0 * w0;
                 a0_1 += x0 * w1;
                 a1_0 += x1 * w0;
@@ -422,10 +460,11 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
                     a3_3 += x3 * w3;
                 }
                 if (GEMM_M >= 8u) {
-                    let x4 = src(off[4] + c) * live[4];
-                    let x5 = src(off[5] + c) * live[5];
-                    let x6 = src(off[6] + c) * live[6];
-                    let x7 = src(off[7] + c) * live[7];
+                    let q1 = src_rows(off[4] + c, off[5] + c, off[6] + c, off[7] + c, vec4<f32>(live[4], live[5], live[6], live[7]));
+                    let x4 = q1.x;
+                    let x5 = q1.y;
+                    let x6 = q1.z;
+                    let x7 = q1.w;
                     a4_0 += x4 * w0;
                     a4_1 += x4 * w1;
                     a5_0 += x5 * w0;
@@ -446,14 +485,16 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
                     }
                 }
                 if (GEMM_M == 16u) {
-                    let x8 = src(off[8] + c) * live[8];
-                    let x9 = src(off[9] + c) * live[9];
-                    let x10 = src(off[10] + c) * live[10];
-                    let x11 = src(off[11] + c) * live[11];
-                    let x12 = src(off[12] + c) * live[12];
-                    let x13 = src(off[13] + c) * live[13];
-                    let x14 = src(off[14] + c) * live[14];
-                    let x15 = src(off[15] + c) * live[15];
+                    let q2 = src_rows(off[8] + c, off[9] + c, off[10] + c, off[11] + c, vec4<f32>(live[8], live[9], live[10], live[11]));
+                    let x8 = q2.x;
+                    let x9 = q2.y;
+                    let x10 = q2.z;
+                    let x11 = q2.w;
+                    let q3 = src_rows(off[12] + c, off[13] + c, off[14] + c, off[15] + c, vec4<f32>(live[12], live[13], live[14], live[15]));
+                    let x12 = q3.x;
+                    let x13 = q3.y;
+                    let x14 = q3.z;
+                    let x15 = q3.w;
                     a8_0 += x8 * w0;
                     a8_1 += x8 * w1;
                     a9_0 += x9 * w0;

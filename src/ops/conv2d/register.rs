@@ -112,9 +112,46 @@ impl RegisterTiles {
         }
     }
 
-    /// The register GEMM's constants; `mode` 0 is the forward, 1 the input gradient.
-    fn gemm_constants(&self, mode: u32) -> [(&'static str, f64); 4] {
-        [("WG", WG as f64), ("GEMM_M", self.gemm_m as f64), ("GEMM_N", self.gemm_n as f64), ("MODE", f64::from(mode))]
+    /// The register GEMM's constants; `mode` 0 is the forward, 1 the input gradient; `plain` its
+    /// 1x1 form ([`plain_gemm`]).
+    fn gemm_constants(&self, mode: u32, plain: bool) -> [(&'static str, f64); 5] {
+        [
+            ("WG", WG as f64),
+            ("GEMM_M", self.gemm_m as f64),
+            ("GEMM_N", self.gemm_n as f64),
+            ("MODE", f64::from(mode)),
+            ("PLAIN", f64::from(u8::from(plain))),
+        ]
+    }
+}
+
+/// Whether the register GEMM (forward and input gradient) runs `cfg` in its 1x1 form (`PLAIN` in
+/// conv2d.wgsl): [`Gpu::conv_1x1`], a 1x1 kernel, stride 1, no padding — a GEMM row's source is
+/// its own pixel — and H*W a multiple of 4, so four neighbouring rows from a multiple of 4 on are
+/// one aligned vec4 of one image. The same values as the general form (every tap is live, every
+/// sum in the same order).
+pub fn plain_gemm(gpu: &Gpu, cfg: &Conv2dConfig) -> bool {
+    gpu.conv_1x1 && (cfg.kh, cfg.kw, cfg.stride, cfg.pad) == (1, 1, (1, 1), (0, 0)) && (cfg.h * cfg.w).is_multiple_of(4)
+}
+
+/// Bindings 11 and 12 of the register GEMM (`inp4`, `dout4`: the input and the output gradient
+/// read four pixels at a time): in the 1x1 form the tensor the pass reads so, else (and for the
+/// one it does not read) a one-vec4 placeholder of its type that no invocation reads.
+struct PlainBinds {
+    plain: bool,
+    unused: Tensor,
+}
+
+impl PlainBinds {
+    fn new(gpu: &Gpu, cfg: &Conv2dConfig, like: &Tensor) -> Result<PlainBinds> {
+        Ok(PlainBinds { plain: plain_gemm(gpu, cfg), unused: Tensor::zeros_of(gpu, "unused", &[4], like.dtype)? })
+    }
+
+    /// `(11, inp)` and `(12, dout)` where the pass reads it four pixels at a time (`Some`), the
+    /// placeholder for the other.
+    fn binds<'a>(&'a self, inp: Option<&'a Tensor>, dout: Option<&'a Tensor>) -> [Bind<'a>; 2] {
+        let pick = |t: Option<&'a Tensor>| if self.plain { t.unwrap_or(&self.unused) } else { &self.unused };
+        [Bind::Tensor(11, pick(inp)), Bind::Tensor(12, pick(dout))]
     }
 }
 
@@ -190,6 +227,8 @@ pub(super) fn forward(
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_relu(relu));
     let cols = (cfg.c_out_group(), cfg.groups);
     let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cols, tiles.gemm_n, 1)?;
+    let plain = PlainBinds::new(gpu, cfg, inp)?;
+    let [inp4, dout4] = plain.binds(Some(inp), None);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -198,10 +237,13 @@ pub(super) fn forward(
         Bind::Tensor(4, out),
         Bind::Tensor(5, &unused_act),
         Bind::Tensor(6, &unused_act),
+        inp4,
+        dout4,
     ];
     let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    let consts = tiles.gemm_constants(0, plain.plain);
     Ok(vec![
-        gpu.dispatch_in(Precision::of(inp), gemm_module(gpu), "conv2d_gemm", &tiles.gemm_constants(0), &binds, grid)?
+        gpu.dispatch_in(Precision::of(inp), gemm_module(gpu), "conv2d_gemm", &consts, &binds, grid)?
             .labelled("conv2d_forward")
             .with_cost(2.0 * cfg.macs() as f64, bytes),
     ])
@@ -328,6 +370,8 @@ pub(super) fn backward_input(
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, dout)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
+    let plain = PlainBinds::new(gpu, cfg, dout)?;
+    let [inp4, dout4] = plain.binds(None, Some(dout));
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, &unused_act),
@@ -336,18 +380,14 @@ pub(super) fn backward_input(
         Bind::Tensor(4, dinp),
         Bind::Tensor(5, dout),
         Bind::Tensor(6, addend_or_unused),
+        inp4,
+        dout4,
     ];
+    let consts = tiles.gemm_constants(1, plain.plain);
     Ok(vec![
-        gpu.dispatch_in(
-            Precision::of(dout),
-            gemm_module(gpu),
-            "conv2d_gemm",
-            &tiles.gemm_constants(1),
-            &binds,
-            g.grid,
-        )?
-        .labelled("conv2d_backward_input")
-        .with_cost(g.flops, g.bytes),
+        gpu.dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_gemm", &consts, &binds, g.grid)?
+            .labelled("conv2d_backward_input")
+            .with_cost(g.flops, g.bytes),
     ])
 }
 
@@ -409,6 +449,8 @@ pub(super) fn backward_joint(
     let unused_act = placeholder_like(gpu, dout)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
     let partial = w.partial(gpu, cfg)?;
+    let plain = PlainBinds::new(gpu, cfg, dout)?;
+    let [inp4, dout4] = plain.binds(None, Some(dout));
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -418,8 +460,10 @@ pub(super) fn backward_joint(
         Bind::Tensor(5, dout),
         Bind::Tensor(6, addend_or_unused),
         Bind::Tensor(7, partial.as_ref().unwrap_or(dweight)),
+        inp4,
+        dout4,
     ];
-    let mut consts = tiles.gemm_constants(1).to_vec();
+    let mut consts = tiles.gemm_constants(1, plain.plain).to_vec();
     consts.extend_from_slice(&tiles.wgrad_constants()[1..]);
     let first = gpu
         .dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_backward", &consts, &binds, grid)?
