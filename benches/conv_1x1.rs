@@ -2,10 +2,10 @@
 //! batch 8 through the register GEMM's 1x1 form (`--conv-1x1 on`: no window arithmetic, four
 //! pixels a load) against its general form (`--conv-1x1 off`), forward and input gradient, f32
 //! (and f16 where the adapter has it), on the register blocks this adapter picks. Images of 28x28,
-//! 14x14 and 8x8 (H*W a multiple of 4, as the 1x1 form needs). Each round times both forms, best of
-//! 3 runs each, alternating which goes first (after one warm-up run each); the table gives the best of all rounds, GFLOP/s, and
-//! the general form's time over the 1x1 form's. Arguments (after `--`): rounds (default 3).
-//! Compare figures from one run only. Measured on lavapipe (two runs): docs/performance.md,
+//! 14x14 and 8x8 (H*W a multiple of 4, as the 1x1 form needs). After one warm-up run each, each
+//! round times both forms, best of 3 runs each, alternating which goes first; the table gives the
+//! best of all rounds, GFLOP/s, and the general form's time over the 1x1 form's. Arguments (after
+//! `--`): rounds (default 3). Compare figures from one run only. Measured on lavapipe (two runs): docs/performance.md,
 //! "1x1 convolutions as plain GEMMs".
 
 mod common;
