@@ -107,13 +107,19 @@
 //       bench --tune off width 1 batch 128 on lavapipe, against v14, 2 rounds interleaved in one
 //       run: weight gradient 4764 / 4643 ms against 5191 / 4972 (1.07-1.09x), the 8x8 layer 1.12-1.17x
 //       (docs/runs/wgrad-walk-lavapipe/).
-//   v16 (this) 1x1 convolutions with stride 1, no padding and H*W a multiple of 4 run the GEMM as
+//   v16 1x1 convolutions with stride 1, no padding and H*W a multiple of 4 run the GEMM as
 //       a plain GEMM over pixels (PLAIN, host `register::plain_gemm`, `--conv-1x1`): four rows'
 //       source values in one vec4 load (bindings 11 and 12) where the general form does four
 //       masked scalar loads, the same values bit for bit. cargo bench --bench conv_1x1 (SE-ResNet-50's
 //       1x1 shapes at batch 8, best of 3 rounds, both forms in one run), two runs: f32 forward and
 //       input gradient 0.98-1.57x, 17 of 20 pairs 1.1x or more; f16 0.78-1.55x
 //       (docs/runs/conv-1x1-lavapipe/); the arithmetic of every other layer is v15's.
+//   v17 (this) a strided input gradient numbers its rows by stride phase (phase_row) and every
+//       GEMM skips a tap that no row of its subgroup reads: the same values bit for bit (a
+//       skipped tap added x * 0). senet bench --tune off, old and new binaries alternated, 2
+//       rounds: SE-ResNet-50 at 112 batch 16, the six stride-2 1x1 input gradients 1208 / 1145 ms
+//       -> 453 / 393 (2.7-2.9x; 1.7-3.7x per layer); SE-ResNet-20 batch 128, the 3x3 stride-2
+//       input gradients 2.0-2.7x (docs/runs/strided-dgrad-lavapipe/).
 //   tried, not kept: the weight gradient's 1x1 form walking each image's plane as one row and
 //       loading its input channels (and with LANES its dout) a quad of pixels at a time, each pixel
 //       then picking its lane of the quad (`xq[k]`, a dynamic component: selects on lavapipe). Bit
@@ -229,6 +235,30 @@ fn weight_column(g: u32, c: u32) -> u32 {
     return g * cout_g * cin_g * khw + c * khw;
 }
 
+// A strided input gradient numbers its rows, the input pixels of the whole batch, by stride
+// phase: every pixel (n, py + sy*a, px + sx*b) of phase (py, px), images in order, then the next
+// phase (py, then px). A tap feeds either every pixel of a phase or none (the output pixel
+// iy + pad - ky is a multiple of sy for one py in sy), so nearly every register block, and its
+// subgroup, lies inside one phase and skips the taps that feed none of its rows; numbered in
+// plain order, every block holds every phase and runs every tap (a stride-2 1x1 layer: 3 in 4
+// pixels get no gradient, and their blocks now skip their only tap). Row m -> (image, iy, ix).
+fn phase_row(m: u32) -> vec3<u32> {
+    var rr = m;
+    for (var py = 0u; py < p.stride_h; py++) {
+        let ny = select(0u, (p.h - py + p.stride_h - 1u) / p.stride_h, py < p.h);
+        for (var px = 0u; px < p.stride_w; px++) {
+            let nx = select(0u, (p.w - px + p.stride_w - 1u) / p.stride_w, px < p.w);
+            let size = ny * nx;
+            if (rr < p.n * size) {
+                let t = rr % size;
+                return vec3<u32>(rr / size, py + p.stride_h * (t / nx), px + p.stride_w * (t % nx));
+            }
+            rr -= p.n * size;
+        }
+    }
+    return vec3<u32>(0u, 0u, 0u);
+}
+
 @compute @workgroup_size(WG)
 fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>, lane: LaneId) {
     gemm_block(gid, lane_index(lane));
@@ -279,19 +309,32 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
     var sbase: array<u32, 16>;
     var iy0: array<i32, 16>;
     var ix0: array<i32, 16>;
+    // Each row's image and its pixel within the image's plane (m's own, but for a strided input
+    // gradient's rows, numbered by stride phase: phase_row).
+    var rimg: array<u32, 16>;
+    var rpix: array<u32, 16>;
     for (var i = 0u; i < GEMM_M; i++) {
         let m = min(m0 + i, row_total - 1u);
-        let nn = m / row_plane;
-        let r = m % row_plane;
+        var nn = m / row_plane;
+        var r = m % row_plane;
         if (MODE == FWD) {
             sbase[i] = nn * p.c_in * hw + src_group;
             iy0[i] = i32((r / p.ow) * p.stride_h) - i32(p.pad_h);
             ix0[i] = i32((r % p.ow) * p.stride_w) - i32(p.pad_w);
         } else {
+            var yx = vec2<u32>(r / p.w, r % p.w);
+            if (p.stride_h != 1u || p.stride_w != 1u) {
+                let q = phase_row(m);
+                nn = q.x;
+                yx = q.yz;
+                r = yx.x * p.w + yx.y;
+            }
             sbase[i] = nn * p.c_out * ohw + src_group;
-            iy0[i] = i32(r / p.w) + i32(p.pad_h);
-            ix0[i] = i32(r % p.w) + i32(p.pad_w);
+            iy0[i] = i32(yx.x) + i32(p.pad_h);
+            ix0[i] = i32(yx.y) + i32(p.pad_w);
         }
+        rimg[i] = nn;
+        rpix[i] = r;
     }
     // Per column: where its weights start, and the bias (forward; zero, WGSL's initial value,
     // for the input gradient). Columns past the group's end are clamped onto its last.
@@ -381,6 +424,7 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
             // Where each row reads the source for this tap, and whether it does at all.
             var off: array<u32, 16>;
             var live: array<f32, 16>;
+            var any_live = false;
             for (var i = 0u; i < GEMM_M; i++) {
                 var ok: bool;
                 var o: u32;
@@ -408,6 +452,13 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
                 }
                 off[i] = sbase[i] + select(0u, o, ok);
                 live[i] = select(0.0, 1.0, ok);
+                any_live = any_live || ok;
+            }
+            // A tap no row of the subgroup reads adds nothing (x * 0 is 0 for finite x, and the
+            // masked value is 0 either way): skip it. Only a strided input gradient's phase-ordered
+            // blocks (and blocks in the padding) have whole subgroups without a live row.
+            if (!lanes_any(any_live)) {
+                continue;
             }
             let t = ky * p.kw + kx;
             for (var r = 0u; r < red_total; r++) {
@@ -554,12 +605,10 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
     for (var i = 0u; i < GEMM_M; i++) {
         let m = m0 + i;
         if (m < row_total) {
-            let nn = m / row_plane;
-            let r = m % row_plane;
             for (var j = 0u; j < GEMM_N; j++) {
                 let c = co0 + j;
                 if (c < col_g) {
-                    let o = (nn * col_total + g * col_g + c) * row_plane + r;
+                    let o = (rimg[i] * col_total + g * col_g + c) * row_plane + rpix[i];
                     out[o] = epilogue(acc[i * 4u + j / 4u][j % 4u], o);
                 }
             }
