@@ -69,7 +69,13 @@ struct Cli {
     /// without window arithmetic, loading four pixels at once: on (default) or off (the general
     /// kernel, for comparing). Changes speed, not values.
     #[arg(long, global = true, value_enum, env = "SENET_CONV_1X1", default_value_t)]
-    conv_1x1: gpu::Conv1x1Gemm,
+    conv_1x1: gpu::ConvForm,
+    /// Convolutions 3 wide with padding 1 and stride 1 (W a multiple of 4) run the register GEMM
+    /// a kernel row at a time, loading four pixels and their two neighbours once for the row's
+    /// three taps: on (default) or off (the general kernel, for comparing). The same products,
+    /// summed in another order.
+    #[arg(long = "conv-3x3", global = true, value_enum, env = "SENET_CONV_3X3", default_value_t)]
+    conv_3x3: gpu::ConvForm,
     #[command(subcommand)]
     command: Command,
 }
@@ -203,6 +209,7 @@ impl Cli {
             fuse: self.fuse,
             conv_lanes: self.conv_lanes,
             conv_1x1: self.conv_1x1,
+            conv_3x3: self.conv_3x3,
         }
     }
 }

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions};
+use senet_wgpu::gpu::{Dispatch, Gpu, GpuOptions, Precision, Tensor};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvBuffers, ConvKernel, ConvPass, RegisterTiles};
 
 /// The default adapter, its description printed; without one the bench exits with status 2.
 pub fn adapter() -> Arc<Gpu> {
@@ -50,4 +51,51 @@ pub fn ab_secs(a: (&Gpu, &[Dispatch]), b: (&Gpu, &[Dispatch]), rounds: usize) ->
         }
     }
     (ta, tb)
+}
+
+/// A table of two register-GEMM forms of the same layers, `(name, device)` each (the devices differ
+/// only in which form a layer gets): the forward and the input gradient, f32 (and f16 where the
+/// adapter has it), on the register blocks the adapter picks, timed by [`ab_secs`] over `rounds`;
+/// ms, GFLOP/s and the second form's time over the first's.
+pub fn form_table(forms: [(&str, &Gpu); 2], layers: &[(&str, Conv2dConfig)], rounds: usize) {
+    let [(na, a), (nb, b)] = forms;
+    let mut precisions = vec![Precision::F32];
+    if a.features.contains(wgpu::Features::SHADER_F16) {
+        precisions.push(Precision::F16);
+    }
+    let (ma, mb, ga, gb) = (format!("{na} ms"), format!("{nb} ms"), format!("{na} GF/s"), format!("{nb} GF/s"));
+    println!("{:<34} {:<5} {:<8} {ma:>10} {mb:>10} {ga:>9} {gb:>9} {:>7}", "layer", "", "pass", "ratio");
+    for (name, cfg) in layers {
+        for &precision in &precisions {
+            for pass in [ConvPass::Forward, ConvPass::BackwardInput] {
+                let record = |gpu: &Gpu| {
+                    let t = |shape: &[usize]| Tensor::zeros_of(gpu, "bench", shape, precision.dtype()).expect("alloc");
+                    let (x, w, y) = (t(&cfg.input_shape()), t(&cfg.weight_shape()), t(&cfg.output_shape()));
+                    let bufs = ConvBuffers {
+                        inp: Some(&x),
+                        weight: Some(&w),
+                        out: Some(&y),
+                        dout: Some(&y),
+                        dinp: Some(&x),
+                        ..ConvBuffers::default()
+                    };
+                    let k = ConvKernel::Register(RegisterTiles::for_layer(gpu, cfg));
+                    conv2d::conv2d_pass(gpu, cfg, pass, k, &bufs).expect("record")
+                };
+                let (da, db) = (record(a), record(b));
+                let (sa, sb) = ab_secs((a, &da), (b, &db), rounds);
+                let gf = |s: f64| 2.0 * cfg.macs() as f64 / s / 1e9;
+                let pass = if pass == ConvPass::Forward { "forward" } else { "dinput" };
+                println!(
+                    "{name:<34} {:<5} {pass:<8} {:>10.2} {:>10.2} {:>9.2} {:>9.2} {:>7.3}",
+                    precision.name(),
+                    sa * 1e3,
+                    sb * 1e3,
+                    gf(sa),
+                    gf(sb),
+                    sb / sa
+                );
+            }
+        }
+    }
 }

@@ -80,12 +80,18 @@ pub struct GpuOptions {
     /// 1x1 convolutions with stride 1, no padding and H*W a multiple of 4 run the register GEMM
     /// without its window arithmetic, loading four pixels at a time (`--conv-1x1`); off: through
     /// the general kernel like every other layer. The same values either way.
-    pub conv_1x1: Conv1x1Gemm,
+    pub conv_1x1: ConvForm,
+    /// Convolutions 3 wide with padding 1, stride 1 and W a multiple of 4 run the register GEMM's
+    /// forward and input gradient a kernel row at a time, loading four pixels and their two
+    /// neighbours per row of taps (`--conv-3x3`); off: through the general kernel. The same
+    /// products summed in another order.
+    pub conv_3x3: ConvForm,
 }
 
-/// Whether the register GEMM takes its 1x1 form where a layer allows it (`--conv-1x1 on|off`).
+/// Whether the register GEMM takes its 1x1 form (`--conv-1x1 on|off`), or its 3-wide form
+/// (`--conv-3x3 on|off`), where a layer allows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Conv1x1Gemm {
+pub enum ConvForm {
     #[default]
     On,
     Off,
@@ -216,6 +222,8 @@ pub struct Gpu {
     pub conv_lanes: bool,
     /// [`GpuOptions::conv_1x1`]: eligible 1x1 layers run the register GEMM's 1x1 form.
     pub conv_1x1: bool,
+    /// [`GpuOptions::conv_3x3`]: eligible 3-wide layers run the register GEMM's 3-wide form.
+    pub conv_3x3: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -392,7 +400,8 @@ impl Gpu {
             coop_tile,
             fuse: opts.fuse == Fuse::On,
             conv_lanes,
-            conv_1x1: opts.conv_1x1 == Conv1x1Gemm::On,
+            conv_1x1: opts.conv_1x1 == ConvForm::On,
+            conv_3x3: opts.conv_3x3 == ConvForm::On,
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)

@@ -8,7 +8,7 @@ mod tensor;
 pub mod tune;
 
 pub use context::{
-    AdapterSummary, Conv1x1Gemm, Fuse, Gpu, GpuOptions, GpuStats, NoAdapterError, Subgroups, list_adapters,
+    AdapterSummary, ConvForm, Fuse, Gpu, GpuOptions, GpuStats, NoAdapterError, Subgroups, list_adapters,
 };
 pub use kernels::{
     Bind, CONV_GEMM_PART, CONV_OWN_PART, CONV_PARAMS_PART, COOP_SHADERS, Dispatch, LANE_SHADERS, POOL_WINDOW_PART,

@@ -54,7 +54,14 @@ pub fn gpu_without_lanes() -> Arc<Gpu> {
 /// (`--conv-1x1 off`), for comparing against the 1x1 form `gpu()` runs.
 pub fn gpu_without_plain() -> Arc<Gpu> {
     static GPU: Cell = OnceLock::new();
-    required(&GPU, GpuOptions { conv_1x1: senet_wgpu::gpu::Conv1x1Gemm::Off, ..Default::default() })
+    required(&GPU, GpuOptions { conv_1x1: senet_wgpu::gpu::ConvForm::Off, ..Default::default() })
+}
+
+/// The same adapter whose 3-wide convolutions run the register GEMM's general form
+/// (`--conv-3x3 off`), for comparing against the 3-wide form `gpu()` runs.
+pub fn gpu_without_row3() -> Arc<Gpu> {
+    static GPU: Cell = OnceLock::new();
+    required(&GPU, GpuOptions { conv_3x3: senet_wgpu::gpu::ConvForm::Off, ..Default::default() })
 }
 
 /// The same adapter with the shared conv loads forced on (`--conv-lanes on`), on any adapter whose

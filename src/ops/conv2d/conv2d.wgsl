@@ -114,12 +114,21 @@
 //       1x1 shapes at batch 8, best of 3 rounds, both forms in one run), two runs: f32 forward and
 //       input gradient 0.98-1.57x, 17 of 20 pairs 1.1x or more; f16 0.78-1.55x
 //       (docs/runs/conv-1x1-lavapipe/); the arithmetic of every other layer is v15's.
-//   v17 (this) a strided input gradient numbers its rows by stride phase (phase_row) and every
+//   v17 a strided input gradient numbers its rows by stride phase (phase_row) and every
 //       GEMM skips a tap that no row of its subgroup reads: the same values bit for bit (a
 //       skipped tap added x * 0). senet bench --tune off, old and new binaries alternated, 2
 //       rounds: SE-ResNet-50 at 112 batch 16, the six stride-2 1x1 input gradients 1208 / 1145 ms
 //       -> 453 / 393 (2.7-2.9x; 1.7-3.7x per layer); SE-ResNet-20 batch 128, the 3x3 stride-2
 //       input gradients 2.0-2.7x (docs/runs/strided-dgrad-lavapipe/).
+//   v18 (this) layers 3 wide with padding 1, stride 1 and W a multiple of 4 run the forward and
+//       input gradient a kernel row at a time (ROW3, host `register::row3_gemm`, `--conv-3x3`):
+//       per quad of pixels and reduction channel one vec4 load and two scalar neighbours serve the
+//       row's three taps, where the general form makes 12 masked scalar loads. The same products
+//       summed (ky, channel, kx) instead of (ky, kx, channel), so not the general form's bits.
+//       cargo bench --bench conv_3x3 (the base SENet's 3x3 shapes at batch 16,
+//       best of 3 rounds, both forms in one run): f32 1.06-1.50x, f16 0.94-1.22x; senet bench
+//       --tune off width 1 batch 128, --conv-3x3 on and off alternated, 2 rounds: train 11.9 / 13.8
+//       against 11.1 / 12.4 images/s (docs/runs/conv-3x3-lavapipe/).
 //   tried, not kept: the weight gradient's 1x1 form walking each image's plane as one row and
 //       loading its input channels (and with LANES its dout) a quad of pixels at a time, each pixel
 //       then picking its lane of the quad (`xq[k]`, a dynamic component: selects on lavapipe). Bit
@@ -190,6 +199,8 @@ fn load_inp(base: u32, iy: i32, ix: i32) -> f32 {
 // accumulators a<row>_<quarter>. Loop order: taps (ky, kx) outside, reduction channels inside, so
 // each row's tap address and validity are worked out once per tap rather than once per (tap,
 // channel); invalid taps read a valid address and are masked to 0 (no branch in the inner loop).
+// With ROW3 the loop is kernel rows ky outside, reduction channels inside, and the row's three taps
+// innermost, on source values loaded once per channel (below).
 override MODE: u32 = 0u;
 const FWD: u32 = 0u;
 const DGRAD: u32 = 1u;
@@ -220,6 +231,39 @@ fn src_rows(o0: u32, o1: u32, o2: u32, o3: u32, l: vec4<f32>) -> vec4<f32> {
         return vec4<f32>(dout4[o0 / 4u]);
     }
     return vec4<f32>(src(o0), src(o1), src(o2), src(o3)) * l;
+}
+
+// ROW3: the layer's kernel is 3 wide with padding 1 across, dilation 1 across, stride 1 and W a
+// multiple of 4 (the host's `register::row3_gemm`; the output is then as wide as the input). Rows
+// 4k .. 4k+3 of a block are 4 neighbouring pixels of one image row (m0 is a multiple of 4 and so is
+// W), and a kernel row's three taps read, for each such quad, the 6 source values from one column
+// left of it to one right: one aligned vec4 load and two scalar ones per quad and reduction
+// channel, where the general form makes 12 masked scalar loads for the same three taps. The taps
+// then run inside the reduction loop, (ky, channel, kx) where the general form runs (ky, kx,
+// channel): the same products, summed in another order.
+override ROW3: bool = false;
+
+// The 4 source values at aligned offset o (a multiple of 4).
+fn src_quad(o: u32) -> vec4<f32> {
+    if (MODE == FWD) {
+        return vec4<f32>(inp4[o / 4u]);
+    }
+    return vec4<f32>(dout4[o / 4u]);
+}
+
+// The source value at o + d where `ok` (1.0), else 0 (read at o, a valid address).
+fn quad_side(o: u32, d: i32, ok: f32) -> f32 {
+    return src(select(o, u32(i32(o) + d), ok != 0.0)) * ok;
+}
+
+// The 4 values a quad's rows read at tap kt (0, 1, 2) of a kernel row, from its left neighbour
+// `lo`, its own four `e` and its right neighbour `hi`: the forward's tap kx reads column x + kx - 1,
+// the input gradient's column x + 1 - kx.
+fn row3_window(kt: u32, lo: f32, e: vec4<f32>, hi: f32) -> vec4<f32> {
+    let side = select(kt, 2u - kt, MODE == DGRAD);
+    let left = vec4<f32>(lo, e.x, e.y, e.z);
+    let right = vec4<f32>(e.y, e.z, e.w, hi);
+    return select(select(e, right, side == 2u), left, side == 0u);
 }
 
 // Where column c (a channel within group g) starts in the weight [c_out, c_in/g, kh, kw]: the
@@ -419,11 +463,18 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
     var a15_1 = b1;
     var a15_2 = b2;
     var a15_3 = b3;
+    // With ROW3 the tap loop below runs once per kernel row, over the centre tap's addresses, and
+    // the row's three taps run inside the reduction loop.
+    let kx_taps = select(p.kw, 1u, ROW3);
+    let row_taps = select(1u, 3u, ROW3);
     for (var ky = 0u; ky < p.kh; ky++) {
-        for (var kx = 0u; kx < p.kw; kx++) {
-            // Where each row reads the source for this tap, and whether it does at all.
+        for (var kx0 = 0u; kx0 < kx_taps; kx0++) {
+            let kx = select(kx0, 1u, ROW3);
+            // Where each row reads the source for this tap, and whether it does at all; with
+            // ROW3 also the source column it reads (the centre of its three).
             var off: array<u32, 16>;
             var live: array<f32, 16>;
+            var col: array<i32, 16>;
             var any_live = false;
             for (var i = 0u; i < GEMM_M; i++) {
                 var ok: bool;
@@ -433,6 +484,7 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
                     let xx = ix0[i] + i32(kx * p.dil_w);
                     ok = yy >= 0 && xx >= 0 && yy < i32(p.h) && xx < i32(p.w);
                     o = u32(yy) * p.w + u32(xx);
+                    col[i] = xx;
                 } else {
                     // The output pixel whose window puts this tap on the input pixel.
                     let ty = iy0[i] - i32(ky * p.dil_h);
@@ -449,6 +501,7 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
                     }
                     ok = ok && oy < p.oh && ox < p.ow;
                     o = oy * p.ow + ox;
+                    col[i] = tx;
                 }
                 off[i] = sbase[i] + select(0u, o, ok);
                 live[i] = select(0.0, 1.0, ok);
@@ -460,125 +513,182 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
             if (!lanes_any(any_live)) {
                 continue;
             }
-            let t = ky * p.kw + kx;
+            // ROW3: whether each quad's left and right neighbours (the columns its outer taps
+            // reach) are inside the source row; both false where the row is not live.
+            var lo_ok: array<f32, 4>;
+            var hi_ok: array<f32, 4>;
+            if (ROW3) {
+                let src_w = select(p.ow, p.w, MODE == FWD);
+                for (var qd = 0u; qd < GEMM_M / 4u; qd++) {
+                    lo_ok[qd] = select(0.0, live[4u * qd], col[4u * qd] >= 1);
+                    hi_ok[qd] = select(0.0, live[4u * qd], col[4u * qd + 3u] + 1 < i32(src_w));
+                }
+            }
             for (var r = 0u; r < red_total; r++) {
-                let k = r * wr_stride + t;
                 let c = r * src_plane;
-                var w0 = vec4<f32>(0.0);
-                var w1 = vec4<f32>(0.0);
-                var w2 = vec4<f32>(0.0);
-                var w3 = vec4<f32>(0.0);
-                if (LANES) {
-                    // One load per lane, each lane's column; the broadcasts hand all of them to
-                    // every lane (the same values the loads below give, bit for bit).
-                    let wa = f32(weight[lane_w0 + k]);
-                    w0 = lanes_0_3(wa);
-                    w1 = lanes_4_7(wa);
-                    if (GEMM_N == 16u) {
-                        let wb = f32(weight[lane_w1 + k]);
-                        w2 = lanes_0_3(wb);
-                        w3 = lanes_4_7(wb);
+                // ROW3: each quad's six source values (its four and a neighbour either side),
+                // loaded once for the row's three taps.
+                var l0 = 0.0;
+                var e0 = vec4<f32>(0.0);
+                var h0 = 0.0;
+                var l1 = 0.0;
+                var e1 = vec4<f32>(0.0);
+                var h1 = 0.0;
+                var l2 = 0.0;
+                var e2 = vec4<f32>(0.0);
+                var h2 = 0.0;
+                var l3 = 0.0;
+                var e3 = vec4<f32>(0.0);
+                var h3 = 0.0;
+                if (ROW3) {
+                    l0 = quad_side(off[0] + c, -1, lo_ok[0]);
+                    e0 = src_quad(off[0] + c) * live[0];
+                    h0 = quad_side(off[0] + c, 4, hi_ok[0]);
+                    if (GEMM_M >= 8u) {
+                        l1 = quad_side(off[4] + c, -1, lo_ok[1]);
+                        e1 = src_quad(off[4] + c) * live[4];
+                        h1 = quad_side(off[4] + c, 4, hi_ok[1]);
                     }
-                } else {
-                    w0 = vec4<f32>(f32(weight[wcol[0] + k]), f32(weight[wcol[1] + k]), f32(weight[wcol[2] + k]), f32(weight[wcol[3] + k]));
-                    w1 = vec4<f32>(f32(weight[wcol[4] + k]), f32(weight[wcol[5] + k]), f32(weight[wcol[6] + k]), f32(weight[wcol[7] + k]));
-                    if (GEMM_N == 16u) {
-                        w2 = vec4<f32>(f32(weight[wcol[8] + k]), f32(weight[wcol[9] + k]), f32(weight[wcol[10] + k]), f32(weight[wcol[11] + k]));
-                        w3 = vec4<f32>(f32(weight[wcol[12] + k]), f32(weight[wcol[13] + k]), f32(weight[wcol[14] + k]), f32(weight[wcol[15] + k]));
-                    }
-                }
-                let q0 = src_rows(off[0] + c, off[1] + c, off[2] + c, off[3] + c, vec4<f32>(live[0], live[1], live[2], live[3]));
-                let x0 = q0.x;
-                let x1 = q0.y;
-                let x2 = q0.z;
-                let x3 = q0.w;
-                a0_0 += x0 * w0;
-                a0_1 += x0 * w1;
-                a1_0 += x1 * w0;
-                a1_1 += x1 * w1;
-                a2_0 += x2 * w0;
-                a2_1 += x2 * w1;
-                a3_0 += x3 * w0;
-                a3_1 += x3 * w1;
-                if (GEMM_N == 16u) {
-                    a0_2 += x0 * w2;
-                    a0_3 += x0 * w3;
-                    a1_2 += x1 * w2;
-                    a1_3 += x1 * w3;
-                    a2_2 += x2 * w2;
-                    a2_3 += x2 * w3;
-                    a3_2 += x3 * w2;
-                    a3_3 += x3 * w3;
-                }
-                if (GEMM_M >= 8u) {
-                    let q1 = src_rows(off[4] + c, off[5] + c, off[6] + c, off[7] + c, vec4<f32>(live[4], live[5], live[6], live[7]));
-                    let x4 = q1.x;
-                    let x5 = q1.y;
-                    let x6 = q1.z;
-                    let x7 = q1.w;
-                    a4_0 += x4 * w0;
-                    a4_1 += x4 * w1;
-                    a5_0 += x5 * w0;
-                    a5_1 += x5 * w1;
-                    a6_0 += x6 * w0;
-                    a6_1 += x6 * w1;
-                    a7_0 += x7 * w0;
-                    a7_1 += x7 * w1;
-                    if (GEMM_N == 16u) {
-                        a4_2 += x4 * w2;
-                        a4_3 += x4 * w3;
-                        a5_2 += x5 * w2;
-                        a5_3 += x5 * w3;
-                        a6_2 += x6 * w2;
-                        a6_3 += x6 * w3;
-                        a7_2 += x7 * w2;
-                        a7_3 += x7 * w3;
+                    if (GEMM_M == 16u) {
+                        l2 = quad_side(off[8] + c, -1, lo_ok[2]);
+                        e2 = src_quad(off[8] + c) * live[8];
+                        h2 = quad_side(off[8] + c, 4, hi_ok[2]);
+                        l3 = quad_side(off[12] + c, -1, lo_ok[3]);
+                        e3 = src_quad(off[12] + c) * live[12];
+                        h3 = quad_side(off[12] + c, 4, hi_ok[3]);
                     }
                 }
-                if (GEMM_M == 16u) {
-                    let q2 = src_rows(off[8] + c, off[9] + c, off[10] + c, off[11] + c, vec4<f32>(live[8], live[9], live[10], live[11]));
-                    let x8 = q2.x;
-                    let x9 = q2.y;
-                    let x10 = q2.z;
-                    let x11 = q2.w;
-                    let q3 = src_rows(off[12] + c, off[13] + c, off[14] + c, off[15] + c, vec4<f32>(live[12], live[13], live[14], live[15]));
-                    let x12 = q3.x;
-                    let x13 = q3.y;
-                    let x14 = q3.z;
-                    let x15 = q3.w;
-                    a8_0 += x8 * w0;
-                    a8_1 += x8 * w1;
-                    a9_0 += x9 * w0;
-                    a9_1 += x9 * w1;
-                    a10_0 += x10 * w0;
-                    a10_1 += x10 * w1;
-                    a11_0 += x11 * w0;
-                    a11_1 += x11 * w1;
-                    a12_0 += x12 * w0;
-                    a12_1 += x12 * w1;
-                    a13_0 += x13 * w0;
-                    a13_1 += x13 * w1;
-                    a14_0 += x14 * w0;
-                    a14_1 += x14 * w1;
-                    a15_0 += x15 * w0;
-                    a15_1 += x15 * w1;
+                for (var kt = 0u; kt < row_taps; kt++) {
+                    let t = ky * p.kw + select(kx, kt, ROW3);
+                    let k = r * wr_stride + t;
+                    var w0 = vec4<f32>(0.0);
+                    var w1 = vec4<f32>(0.0);
+                    var w2 = vec4<f32>(0.0);
+                    var w3 = vec4<f32>(0.0);
+                    if (LANES) {
+                        // One load per lane, each lane's column; the broadcasts hand all of them to
+                        // every lane (the same values the loads below give, bit for bit).
+                        let wa = f32(weight[lane_w0 + k]);
+                        w0 = lanes_0_3(wa);
+                        w1 = lanes_4_7(wa);
+                        if (GEMM_N == 16u) {
+                            let wb = f32(weight[lane_w1 + k]);
+                            w2 = lanes_0_3(wb);
+                            w3 = lanes_4_7(wb);
+                        }
+                    } else {
+                        w0 = vec4<f32>(f32(weight[wcol[0] + k]), f32(weight[wcol[1] + k]), f32(weight[wcol[2] + k]), f32(weight[wcol[3] + k]));
+                        w1 = vec4<f32>(f32(weight[wcol[4] + k]), f32(weight[wcol[5] + k]), f32(weight[wcol[6] + k]), f32(weight[wcol[7] + k]));
+                        if (GEMM_N == 16u) {
+                            w2 = vec4<f32>(f32(weight[wcol[8] + k]), f32(weight[wcol[9] + k]), f32(weight[wcol[10] + k]), f32(weight[wcol[11] + k]));
+                            w3 = vec4<f32>(f32(weight[wcol[12] + k]), f32(weight[wcol[13] + k]), f32(weight[wcol[14] + k]), f32(weight[wcol[15] + k]));
+                        }
+                    }
+                    var q0 = row3_window(kt, l0, e0, h0);
+                    if (!ROW3) {
+                        q0 = src_rows(off[0] + c, off[1] + c, off[2] + c, off[3] + c, vec4<f32>(live[0], live[1], live[2], live[3]));
+                    }
+                    let x0 = q0.x;
+                    let x1 = q0.y;
+                    let x2 = q0.z;
+                    let x3 = q0.w;
+                    a0_0 += x0 * w0;
+                    a0_1 += x0 * w1;
+                    a1_0 += x1 * w0;
+                    a1_1 += x1 * w1;
+                    a2_0 += x2 * w0;
+                    a2_1 += x2 * w1;
+                    a3_0 += x3 * w0;
+                    a3_1 += x3 * w1;
                     if (GEMM_N == 16u) {
-                        a8_2 += x8 * w2;
-                        a8_3 += x8 * w3;
-                        a9_2 += x9 * w2;
-                        a9_3 += x9 * w3;
-                        a10_2 += x10 * w2;
-                        a10_3 += x10 * w3;
-                        a11_2 += x11 * w2;
-                        a11_3 += x11 * w3;
-                        a12_2 += x12 * w2;
-                        a12_3 += x12 * w3;
-                        a13_2 += x13 * w2;
-                        a13_3 += x13 * w3;
-                        a14_2 += x14 * w2;
-                        a14_3 += x14 * w3;
-                        a15_2 += x15 * w2;
-                        a15_3 += x15 * w3;
+                        a0_2 += x0 * w2;
+                        a0_3 += x0 * w3;
+                        a1_2 += x1 * w2;
+                        a1_3 += x1 * w3;
+                        a2_2 += x2 * w2;
+                        a2_3 += x2 * w3;
+                        a3_2 += x3 * w2;
+                        a3_3 += x3 * w3;
+                    }
+                    if (GEMM_M >= 8u) {
+                        var q1 = row3_window(kt, l1, e1, h1);
+                        if (!ROW3) {
+                            q1 = src_rows(off[4] + c, off[5] + c, off[6] + c, off[7] + c, vec4<f32>(live[4], live[5], live[6], live[7]));
+                        }
+                        let x4 = q1.x;
+                        let x5 = q1.y;
+                        let x6 = q1.z;
+                        let x7 = q1.w;
+                        a4_0 += x4 * w0;
+                        a4_1 += x4 * w1;
+                        a5_0 += x5 * w0;
+                        a5_1 += x5 * w1;
+                        a6_0 += x6 * w0;
+                        a6_1 += x6 * w1;
+                        a7_0 += x7 * w0;
+                        a7_1 += x7 * w1;
+                        if (GEMM_N == 16u) {
+                            a4_2 += x4 * w2;
+                            a4_3 += x4 * w3;
+                            a5_2 += x5 * w2;
+                            a5_3 += x5 * w3;
+                            a6_2 += x6 * w2;
+                            a6_3 += x6 * w3;
+                            a7_2 += x7 * w2;
+                            a7_3 += x7 * w3;
+                        }
+                    }
+                    if (GEMM_M == 16u) {
+                        var q2 = row3_window(kt, l2, e2, h2);
+                        if (!ROW3) {
+                            q2 = src_rows(off[8] + c, off[9] + c, off[10] + c, off[11] + c, vec4<f32>(live[8], live[9], live[10], live[11]));
+                        }
+                        let x8 = q2.x;
+                        let x9 = q2.y;
+                        let x10 = q2.z;
+                        let x11 = q2.w;
+                        var q3 = row3_window(kt, l3, e3, h3);
+                        if (!ROW3) {
+                            q3 = src_rows(off[12] + c, off[13] + c, off[14] + c, off[15] + c, vec4<f32>(live[12], live[13], live[14], live[15]));
+                        }
+                        let x12 = q3.x;
+                        let x13 = q3.y;
+                        let x14 = q3.z;
+                        let x15 = q3.w;
+                        a8_0 += x8 * w0;
+                        a8_1 += x8 * w1;
+                        a9_0 += x9 * w0;
+                        a9_1 += x9 * w1;
+                        a10_0 += x10 * w0;
+                        a10_1 += x10 * w1;
+                        a11_0 += x11 * w0;
+                        a11_1 += x11 * w1;
+                        a12_0 += x12 * w0;
+                        a12_1 += x12 * w1;
+                        a13_0 += x13 * w0;
+                        a13_1 += x13 * w1;
+                        a14_0 += x14 * w0;
+                        a14_1 += x14 * w1;
+                        a15_0 += x15 * w0;
+                        a15_1 += x15 * w1;
+                        if (GEMM_N == 16u) {
+                            a8_2 += x8 * w2;
+                            a8_3 += x8 * w3;
+                            a9_2 += x9 * w2;
+                            a9_3 += x9 * w3;
+                            a10_2 += x10 * w2;
+                            a10_3 += x10 * w3;
+                            a11_2 += x11 * w2;
+                            a11_3 += x11 * w3;
+                            a12_2 += x12 * w2;
+                            a12_3 += x12 * w3;
+                            a13_2 += x13 * w2;
+                            a13_3 += x13 * w3;
+                            a14_2 += x14 * w2;
+                            a14_3 += x14 * w3;
+                            a15_2 += x15 * w2;
+                            a15_3 += x15 * w3;
+                        }
                     }
                 }
             }

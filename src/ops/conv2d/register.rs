@@ -112,15 +112,16 @@ impl RegisterTiles {
         }
     }
 
-    /// The register GEMM's constants; `mode` 0 is the forward, 1 the input gradient; `plain` its
-    /// 1x1 form ([`plain_gemm`]).
-    fn gemm_constants(&self, mode: u32, plain: bool) -> [(&'static str, f64); 5] {
+    /// The register GEMM's constants; `mode` 0 is the forward, 1 the input gradient; `form` its
+    /// general, 1x1 or 3-wide form ([`gemm_form`]).
+    fn gemm_constants(&self, mode: u32, form: GemmForm) -> [(&'static str, f64); 6] {
         [
             ("WG", WG as f64),
             ("GEMM_M", self.gemm_m as f64),
             ("GEMM_N", self.gemm_n as f64),
             ("MODE", f64::from(mode)),
-            ("PLAIN", f64::from(u8::from(plain))),
+            ("PLAIN", f64::from(u8::from(form == GemmForm::Plain))),
+            ("ROW3", f64::from(u8::from(form == GemmForm::Row3))),
         ]
     }
 }
@@ -134,23 +135,59 @@ pub fn plain_gemm(gpu: &Gpu, cfg: &Conv2dConfig) -> bool {
     gpu.conv_1x1 && (cfg.kh, cfg.kw, cfg.stride, cfg.pad) == (1, 1, (1, 1), (0, 0)) && (cfg.h * cfg.w).is_multiple_of(4)
 }
 
+/// Whether the register GEMM (forward and input gradient) runs `cfg` in its 3-wide form (`ROW3`
+/// in conv2d.wgsl): [`Gpu::conv_3x3`], a kernel 3 wide with padding 1, dilation 1 and stride 1
+/// across, stride 1 down, and W a multiple of 4, so that four neighbouring rows from a multiple of
+/// 4 on are one aligned vec4 of one image row, and a kernel row's three taps read it and one
+/// neighbour either side. Any kernel height, padding and dilation down. Not the general form's
+/// bits: the same products, summed in another order.
+pub fn row3_gemm(gpu: &Gpu, cfg: &Conv2dConfig) -> bool {
+    gpu.conv_3x3
+        && cfg.kw == 3
+        && cfg.pad.1 == 1
+        && cfg.dilation.1 == 1
+        && cfg.stride == (1, 1)
+        && cfg.w.is_multiple_of(4)
+}
+
+/// The register GEMM's form for `cfg` (forward and input gradient; the weight gradient has one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmForm {
+    General,
+    /// [`plain_gemm`]
+    Plain,
+    /// [`row3_gemm`]
+    Row3,
+}
+
+pub fn gemm_form(gpu: &Gpu, cfg: &Conv2dConfig) -> GemmForm {
+    if plain_gemm(gpu, cfg) {
+        GemmForm::Plain
+    } else if row3_gemm(gpu, cfg) {
+        GemmForm::Row3
+    } else {
+        GemmForm::General
+    }
+}
+
 /// Bindings 11 and 12 of the register GEMM (`inp4`, `dout4`: the input and the output gradient
-/// read four pixels at a time): in the 1x1 form the tensor the pass reads so, else (and for the
-/// one it does not read) a one-vec4 placeholder of its type that no invocation reads.
+/// read four pixels at a time): in the 1x1 and 3-wide forms the tensor the pass reads so, else
+/// (and for the one it does not read) a one-vec4 placeholder of its type that no invocation reads.
 struct PlainBinds {
-    plain: bool,
+    form: GemmForm,
     unused: Tensor,
 }
 
 impl PlainBinds {
     fn new(gpu: &Gpu, cfg: &Conv2dConfig, like: &Tensor) -> Result<PlainBinds> {
-        Ok(PlainBinds { plain: plain_gemm(gpu, cfg), unused: Tensor::zeros_of(gpu, "unused", &[4], like.dtype)? })
+        Ok(PlainBinds { form: gemm_form(gpu, cfg), unused: Tensor::zeros_of(gpu, "unused", &[4], like.dtype)? })
     }
 
     /// `(11, inp)` and `(12, dout)` where the pass reads it four pixels at a time (`Some`), the
     /// placeholder for the other.
     fn binds<'a>(&'a self, inp: Option<&'a Tensor>, dout: Option<&'a Tensor>) -> [Bind<'a>; 2] {
-        let pick = |t: Option<&'a Tensor>| if self.plain { t.unwrap_or(&self.unused) } else { &self.unused };
+        let vec4 = self.form != GemmForm::General;
+        let pick = |t: Option<&'a Tensor>| if vec4 { t.unwrap_or(&self.unused) } else { &self.unused };
         [Bind::Tensor(11, pick(inp)), Bind::Tensor(12, pick(dout))]
     }
 }
@@ -241,7 +278,7 @@ pub(super) fn forward(
         dout4,
     ];
     let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
-    let consts = tiles.gemm_constants(0, plain.plain);
+    let consts = tiles.gemm_constants(0, plain.form);
     Ok(vec![
         gpu.dispatch_in(Precision::of(inp), gemm_module(gpu), "conv2d_gemm", &consts, &binds, grid)?
             .labelled("conv2d_forward")
@@ -383,7 +420,7 @@ pub(super) fn backward_input(
         inp4,
         dout4,
     ];
-    let consts = tiles.gemm_constants(1, plain.plain);
+    let consts = tiles.gemm_constants(1, plain.form);
     Ok(vec![
         gpu.dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_gemm", &consts, &binds, g.grid)?
             .labelled("conv2d_backward_input")
@@ -463,7 +500,7 @@ pub(super) fn backward_joint(
         inp4,
         dout4,
     ];
-    let mut consts = tiles.gemm_constants(1, plain.plain).to_vec();
+    let mut consts = tiles.gemm_constants(1, plain.form).to_vec();
     consts.extend_from_slice(&tiles.wgrad_constants()[1..]);
     let first = gpu
         .dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_backward", &consts, &binds, grid)?
