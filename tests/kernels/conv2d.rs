@@ -587,17 +587,7 @@ fn conv2d_plain_is_the_general_form_bit_for_bit() {
         assert!(!conv2d::plain_gemm(&plain, &cfg), "{cfg:?} is not a plain GEMM");
     }
     assert!(!conv2d::plain_gemm(&plain, &sq(2, 4, (8, 8), 6, 3, 1, 1, true)));
-    for dtype in [Dtype::F32, Dtype::F16] {
-        for (i, cfg) in cases.iter().enumerate() {
-            let (adapter, small) = (RegisterTiles::for_layer(&plain, cfg), RegisterTiles::ALL[0]);
-            let passes = match dtype {
-                Dtype::F16 => RegisterPasses { blocks: vec![adapter], wgrad_splits: vec![], joint: None },
-                _ => RegisterPasses { blocks: vec![adapter, small], wgrad_splits: vec![], joint: Some(small) },
-            };
-            let what = format!("{} case {i} {cfg:?}: 1x1 form against the general form", dtype.name());
-            assert_register_paths_agree(&what, (&plain, &general), cfg, dtype, 2700 + i as u64, &passes);
-        }
-    }
+    assert_form_cases("1x1 form", (&plain, &general), &cases, 2700, Agree::Bits);
 }
 
 /// The register GEMM's 3-wide form (`ROW3`: a kernel row's three taps from one vec4 and two
@@ -648,15 +638,24 @@ fn conv2d_row3_matches_the_general_form() {
     for cfg in general_only {
         assert!(!conv2d::row3_gemm(&row3, &cfg), "{cfg:?} is not a 3-wide GEMM");
     }
+    assert_form_cases("3-wide form", (&row3, &general), &cases, 2800, Agree::Sums);
+}
+
+/// A form of the register GEMM's forward and input gradient (`form` on device `a`) against the
+/// general form (`b`) on each of `cases`, agreeing as `agree` says: f32 with the adapter's blocks
+/// and the smallest (4 x 8, also the joint backward's), f16 with the adapter's (each pipeline
+/// costs seconds to compile on lavapipe with a cold shader cache); no weight gradient (it has one
+/// form). Inputs seeded from `seed` on.
+fn assert_form_cases(form: &str, (a, b): (&Gpu, &Gpu), cases: &[Conv2dConfig], seed: u64, agree: Agree) {
     for dtype in [Dtype::F32, Dtype::F16] {
         for (i, cfg) in cases.iter().enumerate() {
-            let (adapter, small) = (RegisterTiles::for_layer(&row3, cfg), RegisterTiles::ALL[0]);
+            let (adapter, small) = (RegisterTiles::for_layer(a, cfg), RegisterTiles::ALL[0]);
             let passes = match dtype {
                 Dtype::F16 => RegisterPasses { blocks: vec![adapter], wgrad_splits: vec![], joint: None },
                 _ => RegisterPasses { blocks: vec![adapter, small], wgrad_splits: vec![], joint: Some(small) },
             };
-            let what = format!("{} case {i} {cfg:?}: 3-wide form against the general form", dtype.name());
-            assert_register_paths(&what, (&row3, &general), cfg, dtype, 2800 + i as u64, &passes, Agree::Sums);
+            let what = format!("{} case {i} {cfg:?}: {form} against the general form", dtype.name());
+            assert_register_paths(&what, (a, b), cfg, dtype, seed + i as u64, &passes, agree);
         }
     }
 }
