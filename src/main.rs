@@ -74,7 +74,7 @@ struct Cli {
     /// a kernel row at a time, loading four pixels and their two neighbours once for the row's
     /// three taps: on (default) or off (the general kernel, for comparing). The same products,
     /// summed in another order.
-    #[arg(long = "conv-3x3", global = true, value_enum, env = "SENET_CONV_3X3", default_value_t)]
+    #[arg(long, global = true, value_enum, env = "SENET_CONV_3X3", default_value_t)]
     conv_3x3: gpu::ConvForm,
     #[command(subcommand)]
     command: Command,

@@ -546,7 +546,7 @@ fn conv2d_lanes_are_the_own_loads_bit_for_bit() {
         for (i, cfg) in cases.iter().enumerate() {
             let what = format!("{} case {i} {cfg:?}: shared against own loads", dtype.name());
             let passes = RegisterPasses { blocks: blocks.clone(), wgrad_splits: vec![1, 3], joint: None };
-            assert_register_paths_agree(&what, (&lanes, &own), cfg, dtype, 2600 + i as u64, &passes);
+            assert_register_paths_agree(&what, (&lanes, &own), cfg, dtype, 2600 + i as u64, &passes, Agree::Bits);
         }
     }
 }
@@ -596,7 +596,7 @@ fn conv2d_plain_is_the_general_form_bit_for_bit() {
 /// another order, so not bit for bit. The forward (with the bias, with the ReLU epilogue), the input
 /// gradient (with and without the addend) and the joint backward: in f32 both forms within the conv
 /// tolerances of the f64 reference (each sum of at most 45 products of values in [-1, 1]) and of
-/// each other; in f16 within one f16 rounding of each other (both sum in f32 and round once).
+/// each other; in f16 within [`Agree::Sums`]' bound of each other (both sum in f32 and round).
 /// f32 with the adapter's blocks and the smallest (4 x 8, also the joint backward's), f16 with the
 /// adapter's. Cases: batch 1 on 4x4 (one quad a row: both neighbours are padding), non-square 3x8
 /// and 5x12 (three quads a row, 180 rows: part-filled blocks), channels that leave partial column
@@ -655,7 +655,7 @@ fn assert_form_cases(form: &str, (a, b): (&Gpu, &Gpu), cases: &[Conv2dConfig], s
                 _ => RegisterPasses { blocks: vec![adapter, small], wgrad_splits: vec![], joint: Some(small) },
             };
             let what = format!("{} case {i} {cfg:?}: {form} against the general form", dtype.name());
-            assert_register_paths(&what, (a, b), cfg, dtype, seed + i as u64, &passes, agree);
+            assert_register_paths_agree(&what, (a, b), cfg, dtype, seed + i as u64, &passes, agree);
         }
     }
 }
@@ -667,24 +667,6 @@ struct RegisterPasses {
     blocks: Vec<RegisterTiles>,
     wgrad_splits: Vec<usize>,
     joint: Option<RegisterTiles>,
-}
-
-/// Two devices of one adapter whose register kernels differ only in a path that must not change a
-/// value (`a` with it, `b` without), from the same inputs of `cfg` in `dtype` (seeded by `seed`;
-/// values the dtype holds exactly, so the f64 reference sees what the device sees): every output of
-/// `passes` — the forward with and without the ReLU epilogue (with the bias where `cfg` has one), the
-/// input gradient with and without the addend, the weight gradients — bit for bit alike on both; the
-/// f32 forward and input gradient without epilogue or addend, and every weight gradient, also within
-/// the conv tolerances of the f64 reference. Panics naming `what` and the first difference.
-fn assert_register_paths_agree(
-    what: &str,
-    (a, b): (&Gpu, &Gpu),
-    cfg: &Conv2dConfig,
-    dtype: Dtype,
-    seed: u64,
-    passes: &RegisterPasses,
-) {
-    assert_register_paths(what, (a, b), cfg, dtype, seed, passes, Agree::Bits);
 }
 
 /// How two register paths must agree: bit for bit, or as the same products summed in another
@@ -699,8 +681,15 @@ enum Agree {
     Sums,
 }
 
-/// [`assert_register_paths_agree`], with `agree` saying how.
-fn assert_register_paths(
+/// Two devices of one adapter whose register kernels differ only in one path (`a` with it, `b`
+/// without), from the same inputs of `cfg` in `dtype` (seeded by `seed`; values the dtype holds
+/// exactly, so the f64 reference sees what the device sees): every output of `passes` — the forward
+/// with and without the ReLU epilogue (with the bias where `cfg` has one), the input gradient with
+/// and without the addend, the weight gradients — alike on both as `agree` says; the f32 forward and
+/// input gradient without epilogue or addend, and every weight gradient, also within the conv
+/// tolerances of the f64 reference (both devices' with [`Agree::Sums`]). Panics naming `what` and
+/// the first difference.
+fn assert_register_paths_agree(
     what: &str,
     (a, b): (&Gpu, &Gpu),
     cfg: &Conv2dConfig,

@@ -152,7 +152,7 @@ pub fn row3_gemm(gpu: &Gpu, cfg: &Conv2dConfig) -> bool {
 
 /// The register GEMM's form for `cfg` (forward and input gradient; the weight gradient has one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GemmForm {
+enum GemmForm {
     General,
     /// [`plain_gemm`]
     Plain,
@@ -160,7 +160,9 @@ pub enum GemmForm {
     Row3,
 }
 
-pub fn gemm_form(gpu: &Gpu, cfg: &Conv2dConfig) -> GemmForm {
+/// Which form `cfg` takes on `gpu`: the 1x1 form before the 3-wide one (no layer qualifies for
+/// both: one is 1 wide, the other 3).
+fn gemm_form(gpu: &Gpu, cfg: &Conv2dConfig) -> GemmForm {
     if plain_gemm(gpu, cfg) {
         GemmForm::Plain
     } else if row3_gemm(gpu, cfg) {
@@ -173,14 +175,14 @@ pub fn gemm_form(gpu: &Gpu, cfg: &Conv2dConfig) -> GemmForm {
 /// Bindings 11 and 12 of the register GEMM (`inp4`, `dout4`: the input and the output gradient
 /// read four pixels at a time): in the 1x1 and 3-wide forms the tensor the pass reads so, else
 /// (and for the one it does not read) a one-vec4 placeholder of its type that no invocation reads.
-struct PlainBinds {
+struct QuadBinds {
     form: GemmForm,
     unused: Tensor,
 }
 
-impl PlainBinds {
-    fn new(gpu: &Gpu, cfg: &Conv2dConfig, like: &Tensor) -> Result<PlainBinds> {
-        Ok(PlainBinds { form: gemm_form(gpu, cfg), unused: Tensor::zeros_of(gpu, "unused", &[4], like.dtype)? })
+impl QuadBinds {
+    fn new(gpu: &Gpu, cfg: &Conv2dConfig, like: &Tensor) -> Result<QuadBinds> {
+        Ok(QuadBinds { form: gemm_form(gpu, cfg), unused: Tensor::zeros_of(gpu, "unused", &[4], like.dtype)? })
     }
 
     /// `(11, inp)` and `(12, dout)` where the pass reads it four pixels at a time (`Some`), the
@@ -264,8 +266,8 @@ pub(super) fn forward(
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_relu(relu));
     let cols = (cfg.c_out_group(), cfg.groups);
     let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cols, tiles.gemm_n, 1)?;
-    let plain = PlainBinds::new(gpu, cfg, inp)?;
-    let [inp4, dout4] = plain.binds(Some(inp), None);
+    let quads = QuadBinds::new(gpu, cfg, inp)?;
+    let [inp4, dout4] = quads.binds(Some(inp), None);
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -278,7 +280,7 @@ pub(super) fn forward(
         dout4,
     ];
     let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
-    let consts = tiles.gemm_constants(0, plain.form);
+    let consts = tiles.gemm_constants(0, quads.form);
     Ok(vec![
         gpu.dispatch_in(Precision::of(inp), gemm_module(gpu), "conv2d_gemm", &consts, &binds, grid)?
             .labelled("conv2d_forward")
@@ -407,8 +409,8 @@ pub(super) fn backward_input(
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, dout)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
-    let plain = PlainBinds::new(gpu, cfg, dout)?;
-    let [inp4, dout4] = plain.binds(None, Some(dout));
+    let quads = QuadBinds::new(gpu, cfg, dout)?;
+    let [inp4, dout4] = quads.binds(None, Some(dout));
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, &unused_act),
@@ -420,7 +422,7 @@ pub(super) fn backward_input(
         inp4,
         dout4,
     ];
-    let consts = tiles.gemm_constants(1, plain.form);
+    let consts = tiles.gemm_constants(1, quads.form);
     Ok(vec![
         gpu.dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_gemm", &consts, &binds, g.grid)?
             .labelled("conv2d_backward_input")
@@ -486,8 +488,8 @@ pub(super) fn backward_joint(
     let unused_act = placeholder_like(gpu, dout)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
     let partial = w.partial(gpu, cfg)?;
-    let plain = PlainBinds::new(gpu, cfg, dout)?;
-    let [inp4, dout4] = plain.binds(None, Some(dout));
+    let quads = QuadBinds::new(gpu, cfg, dout)?;
+    let [inp4, dout4] = quads.binds(None, Some(dout));
     let binds = [
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -500,7 +502,7 @@ pub(super) fn backward_joint(
         inp4,
         dout4,
     ];
-    let mut consts = tiles.gemm_constants(1, plain.form).to_vec();
+    let mut consts = tiles.gemm_constants(1, quads.form).to_vec();
     consts.extend_from_slice(&tiles.wgrad_constants()[1..]);
     let first = gpu
         .dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_backward", &consts, &binds, grid)?
