@@ -50,6 +50,7 @@ fn main() {
                 dweight: Some(&dw),
                 relu: false,
                 dinp_addend: None,
+                out_stats: None,
             };
             for k in kernels {
                 let gflops: Vec<String> = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]

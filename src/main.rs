@@ -76,6 +76,12 @@ struct Cli {
     /// summed in another order.
     #[arg(long, global = true, value_enum, env = "SENET_CONV_3X3", default_value_t)]
     conv_3x3: gpu::ConvForm,
+    /// With --fuse on, a convolution (register kernels) whose output a batch norm alone reads
+    /// writes that batch norm's statistics per block of pixels as it stores the output, and the
+    /// batch norm merges the blocks instead of reading its input for them: on (default) or off
+    /// (for comparing). The same statistics, summed in another order.
+    #[arg(long, global = true, value_enum, env = "SENET_BN_STATS", default_value_t)]
+    bn_stats: gpu::ConvForm,
     #[command(subcommand)]
     command: Command,
 }
@@ -210,6 +216,7 @@ impl Cli {
             conv_lanes: self.conv_lanes,
             conv_1x1: self.conv_1x1,
             conv_3x3: self.conv_3x3,
+            bn_stats: self.bn_stats,
         }
     }
 }

@@ -449,13 +449,15 @@ fn fused_training_steps_and_evaluation_equal_unfused_ones() {
 /// from its unfused passes — ResNet-8 (add + ReLU: the ReLU commutes with the rounding) and the
 /// SE placements whose SE block is not fused (identity and post: the fork sums run in the first
 /// convolutions; pre: in additions, as unfused) — a whole training step equals the `--fuse off`
-/// one bit for bit, in f32 and in f16: loss, logits, every gradient, updated parameter and
+/// one bit for bit, in f32 and in f16, with the batch norms reading their inputs for their own
+/// statistics (`--bn-stats off`; merged from the convolutions' blocks they are the same numbers
+/// summed in another order, tested below): loss, logits, every gradient, updated parameter and
 /// running statistic. (The standard SE placement's fused SE tail skips the f16 rounding of x * s,
 /// and a driver may contract it into an FMA in f32; evaluation folds each batch norm into its
 /// convolution, another rounding: tolerances above.)
 #[test]
 fn fused_fork_sums_give_bitwise_the_unfused_step() {
-    let (on, off) = (gpu(), gpu_unfused());
+    let (on, off) = (gpu_without_bn_stats(), gpu_unfused());
     let n = 3;
     let cases = [
         ("resnet8", SePlacement::Standard),
@@ -665,13 +667,13 @@ fn the_cli_turns_fusion_off_by_flag_and_environment() {
 /// The batch norm's epilogues (batch_norm.wgsl REMASK, POOL, BIAS) in whole plans: the base SENet
 /// at 16×16 runs each of its four BN + ReLU + max pool as one pass each way and leaves its
 /// convolutions' bias gradients to the batch norms after them; a ResNet recomputes the ReLU mask.
-/// The kernels keep the unfused roundings (tests/kernels/batch_norm.rs), so a training step is
-/// the unfused step bit for bit, in f32 and in f16 (the base SENet, whose SE block is not
+/// The kernels keep the unfused roundings (tests/kernels/batch_norm.rs), so a training step with
+/// `--bn-stats off` is the unfused step bit for bit, in f32 and in f16 (the base SENet, whose SE block is not
 /// fused); evaluation pools apart (the batch norm folded into the convolution where one feeds
 /// it) within tests/fold.rs's bounds.
 #[test]
 fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
-    let (on, off) = (gpu(), gpu_unfused());
+    let (on, off) = (gpu_without_bn_stats(), gpu_unfused());
     let n = 3;
     let cases = [
         ("senet", Precision::F32),
@@ -708,5 +710,53 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
             assert_eq!(count(&train, "conv2d_backward"), joint, "{what}: joint backward dispatches");
             assert_eq!(train_off.len() - train.len(), 4 + 4 + 4 + 3 + joint, "{what}: training dispatches saved");
         }
+    }
+}
+
+/// `--bn-stats on` (the default with `--fuse on`): every batch norm of these models but the base
+/// SENet's last (after its SE block) reads a convolution's output alone, so in a training plan each
+/// convolution that feeds one writes its
+/// block statistics (its forward moves more bytes) and the batch norm merges them (its forward
+/// reads them); nothing else changes, the evaluation pass not at all. The step is the
+/// `--bn-stats off` one up to the statistics' summation order (f32 rounding, ~1e-7, carried
+/// through one step: the fused-plan bounds above); tests/kernels/batch_norm.rs checks the kernels
+/// in f32 and f16, and fused_f16_training_steps_equal_unfused_ones whole f16 steps with them.
+#[test]
+fn batch_norm_statistics_from_convolutions_keep_the_step() {
+    let (on, off) = (gpu(), gpu_without_bn_stats());
+    let n = 3;
+    for model in ["senet", "resnet8", "se-resnet8"] {
+        let cfg =
+            if model == "senet" { small_model("senet", 0.0625, 4, 16, 4) } else { cifar(model, SePlacement::Standard) };
+        let hw = cfg.input_hw[0];
+        let x = uniform(&mut rng(43), n * 3 * hw * hw, 0.0, 1.0);
+        let labels = [1u32, 2, 0];
+        let costs = |g: &Arc<Gpu>| {
+            let net = Network::new(g.clone(), cfg.clone(), OptimizerConfig::sgd(0.1, 0.9), 4).unwrap();
+            let plan = net.plan(n).unwrap();
+            let train: Vec<(&str, f64)> = net.train_dispatches(&plan).iter().map(|d| (d.label, d.bytes)).collect();
+            let eval: Vec<(&str, f64)> = net.eval_dispatches(&plan).iter().map(|d| (d.label, d.bytes)).collect();
+            (train, eval)
+        };
+        let ((train, eval), (train_off, eval_off)) = (costs(&on), costs(&off));
+        assert_eq!(eval, eval_off, "{model}: the evaluation pass changed");
+        let same = train.len() == train_off.len() && train.iter().zip(&train_off).all(|(a, b)| a.0 == b.0);
+        assert!(same, "{model}: the training dispatches changed");
+        let changed: Vec<&str> = train.iter().zip(&train_off).filter(|(a, b)| a.1 != b.1).map(|(a, _)| a.0).collect();
+        let bns = train.iter().filter(|d| d.0 == "batch_norm_forward_train").count();
+        assert!(bns > 0, "{model}: no batch norm");
+        let convs = changed.iter().filter(|&&l| l == "conv2d_forward").count();
+        let merged = changed.iter().filter(|&&l| l == "batch_norm_forward_train").count();
+        // The base SENet's last batch norm reads its SE block's output: it keeps reading its input.
+        let fed = if model == "senet" { bns - 1 } else { bns };
+        assert_eq!((convs, merged, changed.len()), (fed, fed, 2 * fed), "{model}: dispatches that changed {changed:?}");
+
+        let (a, b) = (
+            step_then_eval(&on, &cfg, Precision::F32, &x, &labels),
+            step_then_eval(&off, &cfg, Precision::F32, &x, &labels),
+        );
+        a.step.assert_close(&b.step, &format!("{model} --bn-stats on vs off"), (2e-4, 1e-3));
+        assert_close(&format!("{model} eval logits"), &a.logits, &to_f64(&b.logits), 1e-4, 1e-4);
+        eprintln!("{model}: --bn-stats on vs off, largest difference {:.3e}", a.step.max_diff(&b.step));
     }
 }

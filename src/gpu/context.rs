@@ -86,10 +86,17 @@ pub struct GpuOptions {
     /// neighbours per row of taps (`--conv-3x3`); off: through the general kernel. The same
     /// products summed in another order.
     pub conv_3x3: ConvForm,
+    /// With `--fuse on`, training plans let a register-family convolution whose output a batch
+    /// norm alone reads write that batch norm's statistics as it stores the output, per block of
+    /// output pixels, and the batch norm merge the blocks instead of reading its input for them
+    /// (`--bn-stats`); off: the batch norm reads its input for them. The same statistics summed
+    /// in another order.
+    pub bn_stats: ConvForm,
 }
 
 /// Whether the register GEMM takes its 1x1 form (`--conv-1x1 on|off`), or its 3-wide form
-/// (`--conv-3x3 on|off`), where a layer allows it.
+/// (`--conv-3x3 on|off`), where a layer allows it; whether a batch norm's statistics come from the
+/// convolution before it (`--bn-stats on|off`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ConvForm {
     #[default]
@@ -224,6 +231,9 @@ pub struct Gpu {
     pub conv_1x1: bool,
     /// [`GpuOptions::conv_3x3`]: eligible 3-wide layers run the register GEMM's 3-wide form.
     pub conv_3x3: bool,
+    /// [`GpuOptions::bn_stats`] (with `fuse`): a batch norm's statistics from the register
+    /// convolution before it.
+    pub bn_stats: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -402,6 +412,7 @@ impl Gpu {
             conv_lanes,
             conv_1x1: opts.conv_1x1 == ConvForm::On,
             conv_3x3: opts.conv_3x3 == ConvForm::On,
+            bn_stats: opts.bn_stats == ConvForm::On,
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)

@@ -504,6 +504,7 @@ impl Network {
             grads: self.activations(&shapes, &fusion.unused, " grad")?,
             contrib: self.fork_gradients(&shapes, &consumers, &fusion.fork_in_reader)?,
             se_grads: self.deferred_grad_tensors(&shapes, &fusion)?,
+            stats: self.stat_handoffs(&shapes, &consumers, &fusion)?,
         };
         let mut rec = Recorded::default();
         let input_f32 = self.record_input_cast(&shapes[0], &b.acts[0], &mut rec)?;
@@ -617,6 +618,8 @@ impl Network {
                 grad_from_next: deferred.and_then(|_| se.get(&g.head)).map(|(t, _)| t),
                 input_affine: self.affine_input(g.head, acts, se)?,
                 stats_only: se.get(&g.head).and_then(|(_, s)| s.as_ref()),
+                output_stats: b.stats.values().find(|h| h.producer == g.head).map(|h| &h.blocks),
+                input_stats: b.stats.get(&g.head).map(|h| (&h.blocks, h.rows)),
                 dinp_addend: self.addend(g.head, b, fusion, consumers),
                 pooled_by_next: fusion.pooled_by_next[g.head],
                 pool_before: g
@@ -831,6 +834,43 @@ impl Network {
                     .transpose()?;
                 t.insert(b, (Tensor::zeros(&self.gpu, &label, &[n, 2, c])?, stats));
             }
+        }
+        Ok(t)
+    }
+
+    /// Training, by batch-norm node: the batch norms whose statistics the node before them writes
+    /// as it stores its output ([`LayerOp::output_stats_rows`], [`LayerOp::takes_input_stats`]) —
+    /// where they alone read that output, both are recorded as their own nodes (neither a step
+    /// of a fused group nor a fused head's output), and not under `--sync-bn` — with the block
+    /// statistics tensor both bind, [blocks, C, 2] f32.
+    fn stat_handoffs(
+        &self,
+        shapes: &[Shape],
+        consumers: &[Vec<usize>],
+        fusion: &Fusions,
+    ) -> Result<HashMap<usize, StatHandoff>> {
+        let mut t = HashMap::new();
+        if self.sync_bn {
+            return Ok(t);
+        }
+        let nodes = &self.graph.nodes;
+        let own = |k: usize| fusion.groups[k].is_some_and(|g| g.head == k && g.out == k + 1 && g.epilogue.is_none());
+        for (k, node) in nodes.iter().enumerate() {
+            let head = fusion.groups[k].is_some_and(|g| g.head == k);
+            let Some(&i) = node.inputs.first() else { continue };
+            if !head || !node.layer.op().takes_input_stats() || i == 0 || consumers[i] != [k] || !own(i - 1) {
+                continue;
+            }
+            let producer = &nodes[i - 1];
+            let inp = &shapes[producer.inputs[0]];
+            let Some(rows) = producer.layer.op().output_stats_rows(&self.gpu, inp, self.precision)? else { continue };
+            let s = &shapes[i];
+            let blocks = (s[0] * s[2] * s[3]).div_ceil(rows);
+            let label = format!("{} block statistics", producer.name);
+            t.insert(
+                k,
+                StatHandoff { producer: i - 1, blocks: Tensor::zeros(&self.gpu, &label, &[blocks, s[1], 2])?, rows },
+            );
         }
         Ok(t)
     }
@@ -1274,6 +1314,15 @@ struct PlanBuffers {
     grads: Vec<Tensor>,
     contrib: HashMap<(usize, usize), Tensor>,
     se_grads: HashMap<usize, (Tensor, Option<Tensor>)>,
+    /// [`Network::stat_handoffs`].
+    stats: HashMap<usize, StatHandoff>,
+}
+
+/// A batch norm's statistics written by the node before it ([`Network::stat_handoffs`]).
+struct StatHandoff {
+    producer: usize,
+    blocks: Tensor,
+    rows: usize,
 }
 
 /// The tensors a recorded node reads and writes.

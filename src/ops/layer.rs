@@ -119,6 +119,20 @@ pub trait LayerOp {
         false
     }
 
+    /// Training: the elements per block when this op's forward can write its output's per-channel
+    /// statistics, (mean, M2) per block of that many elements of each channel in order, as it
+    /// stores the output (`inp`: its input's shape; [`Handoffs::output_stats`]); `None` when it
+    /// cannot (its kernel for this shape has no such epilogue).
+    fn output_stats_rows(&self, _gpu: &Gpu, _inp: &[usize], _precision: Precision) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
+    /// Training: this op's forward can take its batch statistics from the layer before it
+    /// ([`LayerOp::output_stats_rows`], [`Handoffs::input_stats`]).
+    fn takes_input_stats(&self) -> bool {
+        false
+    }
+
     /// This op is a global average pool: out[n, c] is the mean of inp[n, c] over its pixels, and
     /// its backward spreads dout[n, c] / (H·W) back over them. The layer that alone reads its
     /// output may run both passes itself ([`LayerOp::absorbs_pixel_average`],
@@ -262,6 +276,12 @@ pub struct Handoffs<'a> {
     /// ([`LayerOp::applies_input_affine`]): read that layer's input and its statistics and
     /// parameters instead of its output.
     pub input_affine: Option<AffineInput<'a>>,
+    /// Training: this layer's forward also writes its output's block statistics into this
+    /// plan-owned tensor, which the layer after it reads ([`LayerOp::output_stats_rows`]).
+    pub output_stats: Option<&'a Tensor>,
+    /// Training: the layer before this one wrote this layer's input's block statistics
+    /// ([`LayerOp::takes_input_stats`]): the tensor and the elements per block.
+    pub input_stats: Option<(&'a Tensor, usize)>,
     /// Training: the next layer applies this one's normalisation ([`LayerOp::leaves_affine_to_next`]):
     /// save the batch statistics into this plan-owned tensor, write no output.
     pub stats_only: Option<&'a Tensor>,

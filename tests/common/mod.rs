@@ -37,6 +37,13 @@ pub fn gpu_unfused() -> Arc<Gpu> {
     required(&GPU, GpuOptions { fuse: senet_wgpu::gpu::Fuse::Off, ..Default::default() })
 }
 
+/// The same adapter with every fusion but the batch norms' statistics from the convolutions
+/// before them (`--bn-stats off`): its fused plans keep the unfused arithmetic bit for bit.
+pub fn gpu_without_bn_stats() -> Arc<Gpu> {
+    static GPU: Cell = OnceLock::new();
+    required(&GPU, GpuOptions { bn_stats: senet_wgpu::gpu::ConvForm::Off, ..Default::default() })
+}
+
 /// The same adapter with reductions on workgroup-memory trees (no subgroups).
 pub fn gpu_without_subgroups() -> Arc<Gpu> {
     static GPU: Cell = OnceLock::new();

@@ -697,7 +697,13 @@ fn bn_pool_outputs(
             dgamma: &dg,
             dbeta: &db,
         };
-        let f = batch_norm::BnFused { argmax: Some(&argmax), conv_dbias: Some(&dbias), beta: Some(tb), se_grad: None };
+        let f = batch_norm::BnFused {
+            argmax: Some(&argmax),
+            conv_dbias: Some(&dbias),
+            beta: Some(tb),
+            se_grad: None,
+            partials: None,
+        };
         run(gpu, &batch_norm::batch_norm_backward_fused(gpu, &fused_cfg, &g, f).unwrap());
     } else {
         // Batch norm with its ReLU, the pool, the pool's backward, the batch norm's, and the
@@ -913,6 +919,155 @@ fn batch_norm_recomputed_relu_mask_is_the_stored_one_bit_for_bit() {
                         same,
                         "case {i} ({path}, f16 {f16}) {cfg:?}: recomputed-mask {name} differs from the stored mask's"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// A batch norm's statistics from the convolution before it (`--bn-stats`; conv2d.wgsl's `stats`,
+/// batch_norm.wgsl's PARTIALS): the register forward writes (mean, M2) per block of GEMM rows and
+/// output channel as it stores its output — one invocation's rows, or a subgroup's merged — and
+/// the training forward merges the blocks instead of reading its input for them. Awkward
+/// convolutions — batch 1 on 5×7 (35 rows: the last block part-filled) with 5 output channels (a
+/// part-filled column block), the 1x1 and 3-wide forms, 37 output channels, 2 groups with stride 2
+/// (50 rows), 8,192 rows (more blocks than the batch norm's 256 threads, so each merges several) —
+/// each with the adapter's register blocks and 4-row ones, blocks of one invocation and of a
+/// subgroup ([`conv2d::stats_lanes`]), f32 and f16:
+/// - every block's (mean, M2) against f64 sums over that block of the stored output (f32 sums
+///   of at most 16 × 64 values: 1e-6 of the block's largest value, M2 1e-5 relative plus 1e-6 of
+///   its count times that value squared);
+/// - the merged forward against the f64 reference on the stored output (BN_TOL; f16 outputs plus
+///   their rounding, as f16_batch_norm_matches_reference) and against the batch norm that reads
+///   its input for them (the same f32 statistics merged in another order: 1e-5; an f16 output
+///   within one f16 ulp, 2^-10 relative).
+///
+/// Blocks said to span twice the subgroup's lanes (where there are subgroups) are not one
+/// subgroup's run of row blocks: the convolution marks every block (M2 < 0) and the batch norm
+/// reads its input, giving its own statistics bit for bit.
+#[test]
+fn batch_norm_statistics_from_the_convolution_before_match_its_own() {
+    use senet_wgpu::gpu::Dtype;
+    use senet_wgpu::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass, RegisterTiles};
+    let gpu = crate::gpu_f16();
+    let sq = Conv2dConfig::square;
+    let cases = [
+        sq(1, 3, (5, 7), 5, 3, 1, 1, true),
+        sq(2, 8, (6, 6), 37, 1, 1, 0, false),
+        sq(2, 6, (9, 9), 8, 3, 2, 1, true).grouped(2),
+        sq(3, 4, (8, 8), 16, 3, 1, 1, false),
+        sq(8, 16, (32, 32), 32, 3, 1, 1, false),
+    ];
+    let sub = conv2d::stats_lanes(&gpu);
+    let mut lane_counts = vec![1, sub];
+    if sub > 1 {
+        lane_counts.push(2 * sub);
+    }
+    lane_counts.dedup();
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for (i, cfg) in cases.iter().enumerate() {
+            let base = RegisterTiles::for_layer(&gpu, cfg);
+            for (tiles, &lanes) in [base, RegisterTiles { gemm_m: 4, gemm_n: 8, ..base }]
+                .into_iter()
+                .flat_map(|t| lane_counts.iter().map(move |l| (t, l)))
+            {
+                let marked = lanes > sub;
+                let block_rows = tiles.gemm_m * lanes;
+                let what = format!("case {i} {dtype:?} {cfg:?} blocks of {block_rows} rows ({lanes} invocations)");
+                let mut r = rng(700 + i as u64);
+                let numel = |s: &[usize]| s.iter().product::<usize>();
+                let input = uniform(&mut r, numel(&cfg.input_shape()), -1.0, 2.0);
+                let (tx, _) = upload_as(&gpu, dtype, &cfg.input_shape(), &input);
+                let weight = uniform(&mut r, numel(&cfg.weight_shape()), -0.5, 0.5);
+                let (tw, _) = upload_as(&gpu, dtype, &cfg.weight_shape(), &weight);
+                let tbias = upload(&gpu, "bias", &[cfg.c_out], &uniform(&mut r, cfg.c_out, -1.0, 1.0));
+                let shape = cfg.output_shape();
+                let [n, c, oh, ow] = shape;
+                let (hw, rows) = (oh * ow, n * oh * ow);
+                let blocks = rows.div_ceil(block_rows);
+                let ty = Tensor::zeros_of(&gpu, "y", &shape, dtype).unwrap();
+                let partials = zeros(&gpu, "block statistics", &[blocks, c, 2]);
+                let bias = cfg.bias.then_some(&tbias);
+                let bufs =
+                    ConvBuffers { out_stats: Some((&partials, lanes)), ..ConvBuffers::forward(&tx, &tw, bias, &ty) };
+                let k = ConvKernel::Register(tiles);
+                run(&gpu, &conv2d::conv2d_pass(&gpu, cfg, ConvPass::Forward, k, &bufs).unwrap());
+                let y = read_as(&gpu, &ty);
+
+                let p = read(&gpu, &partials);
+                for b in 0..blocks {
+                    for ch in 0..c {
+                        let (gm, gm2) = (f64::from(p[(b * c + ch) * 2]), f64::from(p[(b * c + ch) * 2 + 1]));
+                        if marked {
+                            assert!(gm2 < 0.0, "{what}: block {b} channel {ch} not marked (M2 {gm2})");
+                            continue;
+                        }
+                        let v: Vec<f64> = (b * block_rows..rows.min((b + 1) * block_rows))
+                            .map(|m| f64::from(y[((m / hw) * c + ch) * hw + m % hw]))
+                            .collect();
+                        let k = v.len() as f64;
+                        let mean = v.iter().sum::<f64>() / k;
+                        let m2: f64 = v.iter().map(|x| (x - mean).powi(2)).sum();
+                        let scale = v.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+                        assert!(
+                            (gm - mean).abs() <= 1e-6 * scale,
+                            "{what}: block {b} channel {ch} mean {gm} vs {mean}"
+                        );
+                        let tol = 1e-5 * m2 + 1e-6 * k * scale * scale;
+                        assert!((gm2 - m2).abs() <= tol, "{what}: block {b} channel {ch} M2 {gm2} vs {m2}");
+                    }
+                }
+
+                let bn_cfg = BatchNormConfig::new(n, c, oh, ow);
+                let gamma = upload(&gpu, "gamma", &[c], &uniform(&mut r, c, 0.5, 1.5));
+                let beta = upload(&gpu, "beta", &[c], &uniform(&mut r, c, -0.5, 0.5));
+                let (rm, rv) = (uniform(&mut r, c, -0.2, 0.2), uniform(&mut r, c, 0.5, 2.0));
+                // Both forwards from the same running statistics: output, saved statistics, running mean and var.
+                let forward = |merged: bool| {
+                    let (trm, trv) = (upload(&gpu, "rm", &[c], &rm), upload(&gpu, "rv", &[c], &rv));
+                    let stats = zeros(&gpu, "stats", &[2, c]);
+                    let out = Tensor::zeros_of(&gpu, "out", &shape, dtype).unwrap();
+                    let t = bn(&ty, &gamma, &beta, &trm, &trv, &stats, &out);
+                    let d = if merged {
+                        let f = batch_norm::BnFused { partials: Some(&partials), ..Default::default() };
+                        batch_norm::batch_norm_forward_train_fused(&gpu, &bn_cfg.with_partials(block_rows), &t, f)
+                    } else {
+                        batch_norm::batch_norm_forward_train(&gpu, &bn_cfg, &t)
+                    };
+                    run(&gpu, &d.unwrap());
+                    [read_as(&gpu, &out), read(&gpu, &stats), read(&gpu, &trm), read(&gpu, &trv)]
+                };
+                let (merged, own) = (forward(true), forward(false));
+                let names = ["output", "saved statistics", "running mean", "running var"];
+                if marked {
+                    for (j, name) in names.iter().enumerate() {
+                        let same = merged[j].iter().zip(&own[j]).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{what}: {name} from the input (every block marked) differs from its own");
+                    }
+                    continue;
+                }
+                let f64s = |v: &[f32]| to_f64(v);
+                let (g64, b64) = (f64s(&read(&gpu, &gamma)), f64s(&read(&gpu, &beta)));
+                let want = reference::batch_norm::batch_norm_forward_train(
+                    &bn_cfg,
+                    &f64s(&y),
+                    &g64,
+                    &b64,
+                    &f64s(&rm),
+                    &f64s(&rv),
+                );
+                let out_tol = if dtype == Dtype::F16 { BN_TOL + F16_RTOL } else { BN_TOL };
+                assert_close(&format!("{what}: output"), &merged[0], &want.out, out_tol, out_tol);
+                assert_close(&format!("{what}: saved mean"), &merged[1][..c], &want.mean, BN_TOL, BN_TOL);
+                assert_close(&format!("{what}: saved invstd"), &merged[1][c..], &want.invstd, BN_TOL, BN_TOL);
+                assert_close(&format!("{what}: running mean"), &merged[2], &want.running_mean, BN_TOL, BN_TOL);
+                assert_close(&format!("{what}: running var"), &merged[3], &want.running_var, BN_TOL, BN_TOL);
+                // f16: an output may land one f16 ulp (2^-10 relative) from the other where the
+                // statistics' last f32 bits move it across a rounding boundary.
+                let own_tol = if dtype == Dtype::F16 { 1e-3 } else { 1e-5 };
+                for (j, name) in names.iter().enumerate() {
+                    let tol = if j == 0 { own_tol } else { 1e-5 };
+                    assert_close(&format!("{what}: {name} merged vs own"), &merged[j], &to_f64(&own[j]), tol, tol);
                 }
             }
         }

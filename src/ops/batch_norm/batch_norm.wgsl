@@ -49,10 +49,14 @@
 //   v6  `act` storage: f16 variant for --precision f16, f32 variant unchanged bit for bit.
 //   v7  the split kernels for --sync-bn; the fused ones written over the same helper
 //       functions, unchanged bit for bit (a training run's checkpoint compared byte for byte).
-//   v8  (this) the epilogues below (REMASK, POOL, BIAS, SE_IN, STATS_ONLY), each off by default:
+//   v8  the epilogues below (REMASK, POOL, BIAS, SE_IN, STATS_ONLY), each off by default:
 //       the unfused kernels keep v7's arithmetic. Plan bytes per training step, base SENet w1
 //       b128: 1,427.0 -> 965.7 MB with every fusion; not timed apart (the whole step: quiet
 //       A/B in docs/performance.md, fused and unfused level on lavapipe).
+//   v9  (this) PARTIALS, the statistics from the convolution before (below); the input loop
+//       moved into input_welford, the same arithmetic. cargo bench --bench bn_stats, one run:
+//       the training forward 0.72-0.97x the time in 8 of 10 layer and precision pairs
+//       (docs/runs/bn-stats-lavapipe/).
 //
 // Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
 // max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient
@@ -79,13 +83,21 @@
 //   STATS_ONLY = 1  the training forward saves the statistics (and moves the running ones) but
 //               writes no output: the SE block that alone reads it applies it as it loads each
 //               value (se_block.wgsl, AFFINE_IN), so the full-size output is never stored.
+//   PARTIALS = 1  the convolution before the BN wrote its output's statistics as it stored it
+//               (conv2d.wgsl, `stats`): per block of p.partial_rows elements of a channel (the
+//               GEMM rows of one invocation, or of a subgroup's: pixels of the batch in order)
+//               the block's mean and M2. The training forward merges the blocks instead of
+//               reading its input for them: thread t takes blocks t, t + RED_WG, … (Chan et al.),
+//               then block_welford as before. The first pass over the input disappears; the
+//               statistics are the same numbers summed in another order, so not bit for bit. A
+//               block marked by the convolution (M2 < 0) sends the whole channel back to its input.
 //   BIAS = 1    the convolution before the BN has a bias: its gradient, the sum of dinp per
 //               channel, is summed as dinp is written, in conv2d_backward_bias's order (thread t
 //               takes elements t, t + RED_WG, …, then block_sum2), so that kernel's pass over
 //               dinp disappears and the bits stay.
 
 struct Params {
-    n: u32, c: u32, _pad0: u32, _pad1: u32,
+    n: u32, c: u32, partial_rows: u32, _pad1: u32,
     eps: f32, momentum: f32, update_running: u32, _pad2: u32,
 }
 
@@ -115,6 +127,9 @@ struct Params {
 @group(0) @binding(20) var<storage, read_write> dbias: array<f32>;
 // SE_IN: per sample s[c] then dz[c] of the SE block after the BN.
 @group(0) @binding(21) var<storage, read> se_grad: array<f32>;
+// PARTIALS: the convolution's per-block statistics, [blocks, C, 2] (mean, M2) (conv2d.wgsl's
+// `stat_partial`), block b covering elements b * partial_rows .. of every channel.
+@group(0) @binding(22) var<storage, read> stat_partial: array<f32>;
 
 // H*W is fixed per pipeline, so finding an element of a channel, e / HW and e % HW, costs a
 // multiply and shift instead of lavapipe's per-lane software division (1.25x on the BN kernels);
@@ -126,6 +141,7 @@ override POOL: u32 = 0u;      // 1: max pool fused after the ReLU (see above)
 override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the backward
 override SE_IN: u32 = 0u;     // 1: the gradient from the SE block after (see above)
 override STATS_ONLY: u32 = 0u; // 1: no output written, the next layer applies it (see above)
+override PARTIALS: u32 = 0u;  // 1: the statistics from the convolution before (see above)
 // POOL's geometry (H, W with HW = H * W, KH, …, OW): max_pool_window.wgsl's overrides.
 
 // Index of the e-th element of channel c, e in [0, N*HW).
@@ -209,21 +225,64 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
     }
 }
 
-// (count, mean, M2) of channel c over this workgroup's batch: each thread runs Welford's update
-// over its strided slice, then the slices are merged in a fixed tree.
-fn channel_welford(c: u32, l: Lane) -> vec3<f32> {
+// Thread t's Welford state (count, mean, M2) of channel c over its strided slice of the input.
+fn input_welford(c: u32, t: u32) -> vec3<f32> {
     let m = p.n * HW;
     var k = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
-    for (var e = l.t; e < m; e += RED_WG) {
+    for (var e = t; e < m; e += RED_WG) {
         let x = f32(inp[chan_index(c, e)]);
         k += 1.0;
         let d = x - mean;
         mean += d / k;
         m2 += d * (x - mean);
     }
-    return block_welford(vec3<f32>(k, mean, m2), l);
+    return vec3<f32>(k, mean, m2);
+}
+
+// PARTIALS: thread t's merge (Chan et al.) of channel c's blocks t, t + RED_WG, … in order, and
+// 1 in w if one of them is marked (M2 < 0: the convolution's lanes were numbered otherwise than
+// it merges them over, conv2d.wgsl).
+fn block_merge(c: u32, t: u32) -> vec4<f32> {
+    let m = p.n * HW;
+    let r = p.partial_rows;
+    let blocks = (m + r - 1u) / r;
+    var k = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    var marked = 0.0;
+    for (var b = t; b < blocks; b += RED_WG) {
+        let at = (b * p.c + c) * 2u;
+        let m2b = stat_partial[at + 1u];
+        if (m2b < 0.0) {
+            marked = 1.0;
+        }
+        let kb = f32(min(r, m - b * r));
+        let kn = k + kb;
+        let d = stat_partial[at] - mean;
+        mean += d * (kb / kn);
+        m2 += m2b + d * d * (k * kb / kn);
+        k = kn;
+    }
+    return vec4<f32>(k, mean, m2, marked);
+}
+
+// (count, mean, M2) of channel c over this workgroup's batch: each thread runs Welford's update
+// over its strided slice (or with PARTIALS merges its blocks, unless any block of the channel is
+// marked), then the slices are merged in a fixed tree.
+fn channel_welford(c: u32, l: Lane) -> vec3<f32> {
+    var from_input = PARTIALS == 0u;
+    var w = vec3<f32>(0.0);
+    if (PARTIALS != 0u) {
+        let merged = block_merge(c, l.t);
+        w = merged.xyz;
+        from_input = block_sum2(vec2<f32>(merged.w, 0.0), l).x != 0.0;
+    }
+    if (from_input) {
+        w = input_welford(c, l.t);
+    }
+    return block_welford(w, l);
 }
 
 // From the statistics of the normalised batch (count `m`, mean, M2 in `w`): invstd, saved with

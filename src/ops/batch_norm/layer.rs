@@ -97,6 +97,12 @@ impl LayerOp for BatchNorm2d {
         true
     }
 
+    /// Its training forward can merge the block statistics of the convolution before it
+    /// (batch_norm.wgsl, PARTIALS).
+    fn takes_input_stats(&self) -> bool {
+        true
+    }
+
     /// Its training forward can save the statistics only (batch_norm.wgsl, STATS_ONLY).
     fn leaves_affine_to_next(&self) -> bool {
         true
@@ -132,6 +138,12 @@ impl LayerOp for BatchNorm2d {
         if r.fused.stats_only.is_some() {
             cfg = cfg.with_stats_only();
         }
+        // The training forward's statistics from the convolution before (PARTIALS); the backward
+        // reads the saved statistics as before.
+        let fwd_cfg = match r.fused.input_stats {
+            Some((_, rows)) => cfg.with_partials(rows),
+            None => cfg,
+        };
         let relu_out = (cfg.relu && !cfg.recomputes_mask()).then_some(out);
         let (g, b) = (r.param("weight")?, r.param("bias")?);
         let (running_mean, running_var) = r.running()?;
@@ -161,12 +173,13 @@ impl LayerOp for BatchNorm2d {
                 conv_dbias: r.fused.input_bias_grad,
                 beta: cfg.recomputes_mask().then_some(b.value),
                 se_grad: r.fused.grad_from_next,
+                partials: None,
             };
             r.train.extend(super::batch_norm_forward_train_fused(
                 gpu,
-                &cfg,
+                &fwd_cfg,
                 &t,
-                BnFused { argmax: fused.argmax, ..BnFused::default() },
+                BnFused { argmax: fused.argmax, partials: r.fused.input_stats.map(|(t, _)| t), ..BnFused::default() },
             )?);
             r.backward.extend(super::batch_norm_backward_fused(gpu, &cfg, &gb, fused)?);
         }

@@ -48,6 +48,10 @@ pub struct BatchNormConfig {
     /// The training forward saves the statistics but writes no output: the layer after it
     /// applies the normalisation as it loads (STATS_ONLY).
     pub stats_only: bool,
+    /// The training forward takes its batch statistics from the convolution before it, which
+    /// wrote (mean, M2) per block of this many elements of each channel as it stored its output
+    /// (PARTIALS; [`BnFused::partials`]), instead of reading its input for them.
+    pub partial_rows: Option<usize>,
 }
 
 impl BatchNormConfig {
@@ -66,6 +70,7 @@ impl BatchNormConfig {
             conv_bias: false,
             se_in: false,
             stats_only: false,
+            partial_rows: None,
         }
     }
 
@@ -101,6 +106,18 @@ impl BatchNormConfig {
         BatchNormConfig { stats_only: true, ..self }
     }
 
+    /// With its statistics merged from the convolution's blocks of `rows` elements
+    /// ([`BatchNormConfig::partial_rows`]).
+    pub fn with_partials(self, rows: usize) -> Self {
+        BatchNormConfig { partial_rows: Some(rows), ..self }
+    }
+
+    /// The shape of the convolution's block statistics it merges ([`BatchNormConfig::partial_rows`]):
+    /// [blocks, C, 2].
+    pub fn partials_shape(&self, rows: usize) -> [usize; 3] {
+        [self.count().div_ceil(rows.max(1)), self.c, 2]
+    }
+
     /// The output shape: the input's, or the fused pool's.
     pub fn out_shape(&self) -> [usize; 4] {
         self.pool.map_or(self.shape(), |p| p.output_shape())
@@ -122,6 +139,9 @@ impl BatchNormConfig {
         }
         if self.stats_only {
             k.push(("STATS_ONLY", 1.0));
+        }
+        if self.partial_rows.is_some() {
+            k.push(("PARTIALS", 1.0));
         }
         if let Some(p) = self.pool {
             let v = |x: usize| x as f64;
@@ -181,7 +201,8 @@ impl BatchNormConfig {
         Ok(Params {
             n: to_u32("batch", self.n)?,
             c: to_u32("channels", self.c)?,
-            _pad0: [0; 2],
+            partial_rows: to_u32("statistics block", self.partial_rows.unwrap_or(0))?,
+            _pad0: 0,
             eps: self.eps as f32,
             momentum: self.momentum as f32,
             update_running: u32::from(update_running),
@@ -196,7 +217,8 @@ impl BatchNormConfig {
 struct Params {
     n: u32,
     c: u32,
-    _pad0: [u32; 2],
+    partial_rows: u32,
+    _pad0: u32,
     eps: f32,
     momentum: f32,
     update_running: u32,
@@ -227,6 +249,9 @@ pub struct BnFused<'a> {
     pub beta: Option<&'a Tensor>,
     /// The backward with `se_in`: the SE block's s and dz per sample, [n, 2, C] f32.
     pub se_grad: Option<&'a Tensor>,
+    /// The training forward with `partial_rows`: the convolution's block statistics,
+    /// [`BatchNormConfig::partials_shape`] f32.
+    pub partials: Option<&'a Tensor>,
 }
 
 impl<'a> BnFused<'a> {
@@ -238,6 +263,16 @@ impl<'a> BnFused<'a> {
             self.conv_dbias.is_none() && self.beta.is_none(),
             "batch_norm: the forward takes no gradient or beta here"
         );
+        ensure!(
+            cfg.partial_rows.is_some() == self.partials.is_some() && cfg.partial_rows != Some(0),
+            "batch_norm: statistics from the convolution before need its block statistics, and only they \
+             (blocks of {:?} elements, given {})",
+            cfg.partial_rows,
+            self.partials.is_some()
+        );
+        if let (Some(rows), Some(t)) = (cfg.partial_rows, self.partials) {
+            expect_shape("batch_norm block statistics of the convolution before", t, &cfg.partials_shape(rows))?;
+        }
         Ok(())
     }
 
@@ -349,20 +384,22 @@ pub fn batch_norm_forward_train_fused(
     ];
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     f.push_binds(&mut binds, &unused, true);
+    binds.push(Bind::Tensor(22, f.partials.unwrap_or(&unused[0])));
     let d = bn_dispatch(gpu, cfg, "batch_norm_forward_train", &binds, inp, (7.0, 2.0))?;
-    if cfg.stats_only {
+    let (n, o) = (cfg.numel() as f64, cfg.out_numel() as f64);
+    let (flops, bytes) = if cfg.stats_only {
         ensure!(cfg.pool.is_none() && !cfg.relu, "batch_norm: a forward that writes no output has no epilogue");
         // The input read once; the statistics written.
-        let n = cfg.numel() as f64;
-        return Ok(d.into_iter().map(|d| d.with_cost(5.0 * n, el(inp) * n + 8.0 * cfg.c as f64)).collect());
-    }
-    if cfg.pool.is_none() {
-        return Ok(d);
-    }
-    // Read once; the pooled output and its u32 argmax written once.
-    let (n, o) = (cfg.numel() as f64, cfg.out_numel() as f64);
-    let bytes = el(inp) * (n + o) + 4.0 * o;
-    Ok(d.into_iter().map(|d| d.with_cost(7.0 * n + cfg.kernel_area() * o, bytes)).collect())
+        (5.0 * n, el(inp) * n + 8.0 * cfg.c as f64)
+    } else if cfg.pool.is_some() {
+        // Read once; the pooled output and its u32 argmax written once.
+        (7.0 * n + cfg.kernel_area() * o, el(inp) * (n + o) + 4.0 * o)
+    } else {
+        (7.0 * n, 2.0 * el(inp) * n)
+    };
+    // The convolution's block statistics, read once (the input is counted once either way).
+    let partials = cfg.partial_rows.map_or(0.0, |r| 4.0 * cfg.partials_shape(r).iter().product::<usize>() as f64);
+    Ok(d.into_iter().map(|d| d.with_cost(flops, bytes + partials)).collect())
 }
 
 /// Eval-mode forward, one dispatch: statistics from the running estimates (into `stats` too).
@@ -501,8 +538,11 @@ pub fn batch_norm_forward_stats(
 ) -> Result<Vec<Dispatch>> {
     expect_shape("batch_norm input", inp, &cfg.shape())?;
     expect_shape("batch_norm rank statistics", welford, &[ROWS, cfg.c])?;
+    ensure_unfused_sync(cfg)?;
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
-    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(12, welford)];
+    // The training forward's statistics code declares the block statistics; unfused, never read.
+    let unused = placeholder(gpu)?;
+    let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(12, welford), Bind::Tensor(22, &unused)];
     bn_dispatch(gpu, cfg, "batch_norm_forward_stats", &binds, inp, (5.0, 1.0))
 }
 
@@ -540,8 +580,14 @@ pub fn batch_norm_forward_apply(
 /// or recomputed mask into them.
 fn ensure_unfused_sync(cfg: &BatchNormConfig) -> Result<()> {
     ensure!(
-        !cfg.remask && cfg.pool.is_none() && !cfg.conv_bias && !cfg.se_in && !cfg.stats_only,
-        "batch_norm: --sync-bn's split kernels take no fused pool, bias gradient or recomputed mask"
+        !cfg.remask
+            && cfg.pool.is_none()
+            && !cfg.conv_bias
+            && !cfg.se_in
+            && !cfg.stats_only
+            && cfg.partial_rows.is_none(),
+        "batch_norm: --sync-bn's split kernels take no fused pool, bias gradient, recomputed mask or \
+         statistics from the convolution before"
     );
     Ok(())
 }

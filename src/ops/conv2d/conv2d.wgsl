@@ -120,7 +120,7 @@
 //       rounds: SE-ResNet-50 at 112 batch 16, the six stride-2 1x1 input gradients 1208 / 1145 ms
 //       -> 453 / 393 (2.7-2.9x; 1.7-3.7x per layer); SE-ResNet-20 batch 128, the 3x3 stride-2
 //       input gradients 2.0-2.7x (docs/runs/strided-dgrad-lavapipe/).
-//   v18 (this) layers 3 wide with padding 1, stride 1 and W a multiple of 4 run the forward and
+//   v18 layers 3 wide with padding 1, stride 1 and W a multiple of 4 run the forward and
 //       input gradient a kernel row at a time (ROW3, host `register::row3_gemm`, `--conv-3x3`):
 //       per quad of pixels and reduction channel one vec4 load and two scalar neighbours serve the
 //       row's three taps, where the general form makes 12 masked scalar loads. The same products
@@ -129,6 +129,22 @@
 //       best of 3 rounds, both forms in one run): f32 1.06-1.50x, f16 0.94-1.22x; senet bench
 //       --tune off width 1 batch 128, --conv-3x3 on and off alternated, 2 rounds: train 11.9 / 13.8
 //       against 11.1 / 12.4 images/s (docs/runs/conv-3x3-lavapipe/).
+//   v19 (this) the forward's batch statistics (`p.stats`, `--bn-stats`): per block of GEMM rows and
+//       column, the mean and M2 of the stored values for the training batch norm after it, summed
+//       from the named accumulators after the store and, with LANES, merged over the subgroup; with
+//       the flag off the arithmetic is v18's. cargo bench --bench bn_stats (the convolution and
+//       the batch norm's forward, with and without, one run): the convolution 0.91-1.03x in 8 of 10
+//       pairs, the two together 0.74-1.03x. Indexing `acc` per row and column instead (as the
+//       store loop does) made 1x1 layers 1.08-1.56x slower (docs/runs/bn-stats-lavapipe/).
+//   tried, not kept: the weight gradient walking four pixels at a time for stride-1 layers as wide
+//       as their input (W a multiple of 4, LANES): per input channel one aligned vec4 and one
+//       neighbour for the lane's tap, per lane one vec4 of dout, then the four pixels' products in
+//       order (accumulators at module scope so one function adds a pixel's products for either
+//       walk; bit for bit the general walk). senet bench --tune off width 1 batch 128, one round
+//       beside the build without it: weight gradient 4939 ms against 4781 while its forward ran
+//       2381 against 3242, i.e. ~1.4x slower relative to the forward (per layer 0.79-1.16x raw). A
+//       quad's vec4 load, neighbour and window selects cost about what four scalar loads did, and
+//       each lane serves one tap, so nothing is shared across taps as in ROW3. No log committed.
 //   tried, not kept: the weight gradient's 1x1 form walking each image's plane as one row and
 //       loading its input channels (and with LANES its dout) a quad of pixels at a time, each pixel
 //       then picking its lane of the quad (`xq[k]`, a dynamic component: selects on lavapipe). Bit
@@ -165,6 +181,10 @@
 // placeholder where a pass does not read them so.
 @group(0) @binding(11) var<storage, read> inp4: array<vec4<act>>;
 @group(0) @binding(12) var<storage, read> dout4: array<vec4<act>>;
+// The forward's batch statistics (`p.stats`): per block of p.stats * GEMM_M output pixels (p.stats
+// invocations, gid.x / p.stats) and output channel, (mean, M2) of the values stored,
+// [blocks, c_out, 2]; a placeholder where they are not written.
+@group(0) @binding(13) var<storage, read_write> stat_partial: array<f32>;
 
 // Invocations per workgroup along x for the GEMM kernels.
 override WG: u32 = 64u;
@@ -306,6 +326,60 @@ fn phase_row(m: u32) -> vec3<u32> {
 @compute @workgroup_size(WG)
 fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>, lane: LaneId) {
     gemm_block(gid, lane_index(lane));
+}
+
+// The forward's batch statistics (`p.stats`, gemm_block's end), per quarter q of the block's columns
+// (columns 4q .. 4q+3): the sums, means and M2 of the stored values over the block's rows.
+var<private> stat_s0: vec4<f32>;
+var<private> stat_s1: vec4<f32>;
+var<private> stat_s2: vec4<f32>;
+var<private> stat_s3: vec4<f32>;
+var<private> stat_mean0: vec4<f32>;
+var<private> stat_mean1: vec4<f32>;
+var<private> stat_mean2: vec4<f32>;
+var<private> stat_mean3: vec4<f32>;
+var<private> stat_sq0: vec4<f32>;
+var<private> stat_sq1: vec4<f32>;
+var<private> stat_sq2: vec4<f32>;
+var<private> stat_sq3: vec4<f32>;
+
+// A row's four column quarters as stored (rounded to `act`).
+fn stored4(v: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(act_rounded(v.x), act_rounded(v.y), act_rounded(v.z), act_rounded(v.w));
+}
+
+// Row i of the block (its accumulators q0..q3) into the sums, if it is one of the block's `rows`.
+fn stat_sum(i: u32, rows: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) {
+    if (i < rows) {
+        stat_s0 += stored4(q0);
+        stat_s1 += stored4(q1);
+        stat_s2 += stored4(q2);
+        stat_s3 += stored4(q3);
+    }
+}
+
+// Row i's squared deviations from the means into M2, if it is one of the block's `rows`.
+fn stat_dev(i: u32, rows: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) {
+    if (i < rows) {
+        let e0 = stored4(q0) - stat_mean0;
+        let e1 = stored4(q1) - stat_mean1;
+        let e2 = stored4(q2) - stat_mean2;
+        let e3 = stored4(q3) - stat_mean3;
+        stat_sq0 += e0 * e0;
+        stat_sq1 += e1 * e1;
+        stat_sq2 += e2 * e2;
+        stat_sq3 += e3 * e3;
+    }
+}
+
+// (mean, M2) of columns c .. c+3 (those below col_g) at stat_partial's element `at` on.
+fn stat_store(at: u32, c: u32, col_g: u32, mean: vec4<f32>, m2: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        if (c + j < col_g) {
+            stat_partial[2u * (at + j)] = mean[j];
+            stat_partial[2u * (at + j) + 1u] = m2[j];
+        }
+    }
 }
 
 // conv2d_gemm's invocation `gid` (also conv2d_backward's input-gradient blocks); `lane` is its
@@ -721,6 +795,104 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
                     let o = (rimg[i] * col_total + g * col_g + c) * row_plane + rpix[i];
                     out[o] = epilogue(acc[i * 4u + j / 4u][j % 4u], o);
                 }
+            }
+        }
+    }
+    // A training batch norm's statistics (`p.stats`): per column, the mean of the stored values of
+    // the block's rows (pixels m0 .. m0 + GEMM_M of the batch, in order), then their M2 about it
+    // (two passes over the accumulators, so no cancellation), merged over the p.stats invocations of
+    // a statistics block (Chan et al.; LANES: a subgroup, whose row blocks are then one run of the
+    // batch's pixels); batch_norm.wgsl merges the blocks (PARTIALS). Invocations past the last row
+    // take part with none.
+    if (MODE == FWD && p.stats != 0u) {
+        let rows = select(0u, min(GEMM_M, row_total - m0), m0 < row_total);
+        stat_sum(0u, rows, a0_0, a0_1, a0_2, a0_3);
+        stat_sum(1u, rows, a1_0, a1_1, a1_2, a1_3);
+        stat_sum(2u, rows, a2_0, a2_1, a2_2, a2_3);
+        stat_sum(3u, rows, a3_0, a3_1, a3_2, a3_3);
+        if (GEMM_M >= 8u) {
+            stat_sum(4u, rows, a4_0, a4_1, a4_2, a4_3);
+            stat_sum(5u, rows, a5_0, a5_1, a5_2, a5_3);
+            stat_sum(6u, rows, a6_0, a6_1, a6_2, a6_3);
+            stat_sum(7u, rows, a7_0, a7_1, a7_2, a7_3);
+        }
+        if (GEMM_M == 16u) {
+            stat_sum(8u, rows, a8_0, a8_1, a8_2, a8_3);
+            stat_sum(9u, rows, a9_0, a9_1, a9_2, a9_3);
+            stat_sum(10u, rows, a10_0, a10_1, a10_2, a10_3);
+            stat_sum(11u, rows, a11_0, a11_1, a11_2, a11_3);
+            stat_sum(12u, rows, a12_0, a12_1, a12_2, a12_3);
+            stat_sum(13u, rows, a13_0, a13_1, a13_2, a13_3);
+            stat_sum(14u, rows, a14_0, a14_1, a14_2, a14_3);
+            stat_sum(15u, rows, a15_0, a15_1, a15_2, a15_3);
+        }
+        let k = f32(rows);
+        let kd = max(k, 1.0);
+        stat_mean0 = stat_s0 / kd;
+        stat_mean1 = stat_s1 / kd;
+        stat_mean2 = stat_s2 / kd;
+        stat_mean3 = stat_s3 / kd;
+        stat_dev(0u, rows, a0_0, a0_1, a0_2, a0_3);
+        stat_dev(1u, rows, a1_0, a1_1, a1_2, a1_3);
+        stat_dev(2u, rows, a2_0, a2_1, a2_2, a2_3);
+        stat_dev(3u, rows, a3_0, a3_1, a3_2, a3_3);
+        if (GEMM_M >= 8u) {
+            stat_dev(4u, rows, a4_0, a4_1, a4_2, a4_3);
+            stat_dev(5u, rows, a5_0, a5_1, a5_2, a5_3);
+            stat_dev(6u, rows, a6_0, a6_1, a6_2, a6_3);
+            stat_dev(7u, rows, a7_0, a7_1, a7_2, a7_3);
+        }
+        if (GEMM_M == 16u) {
+            stat_dev(8u, rows, a8_0, a8_1, a8_2, a8_3);
+            stat_dev(9u, rows, a9_0, a9_1, a9_2, a9_3);
+            stat_dev(10u, rows, a10_0, a10_1, a10_2, a10_3);
+            stat_dev(11u, rows, a11_0, a11_1, a11_2, a11_3);
+            stat_dev(12u, rows, a12_0, a12_1, a12_2, a12_3);
+            stat_dev(13u, rows, a13_0, a13_1, a13_2, a13_3);
+            stat_dev(14u, rows, a14_0, a14_1, a14_2, a14_3);
+            stat_dev(15u, rows, a15_0, a15_1, a15_2, a15_3);
+        }
+        var slot = gid.x;
+        var write = m0 < row_total;
+        if (p.stats > 1u) {
+            // Every lane of the subgroup is here (the early return above is the subgroup's).
+            let run = lanes_aligned_run(gid.x, p.stats);
+            let kt = lanes_add(k);
+            let t0 = lanes_add4(stat_s0) / kt;
+            let t1 = lanes_add4(stat_s1) / kt;
+            let t2 = lanes_add4(stat_s2) / kt;
+            let t3 = lanes_add4(stat_s3) / kt;
+            let e0 = stat_mean0 - t0;
+            let e1 = stat_mean1 - t1;
+            let e2 = stat_mean2 - t2;
+            let e3 = stat_mean3 - t3;
+            stat_sq0 = lanes_add4(stat_sq0 + k * e0 * e0);
+            stat_sq1 = lanes_add4(stat_sq1 + k * e1 * e1);
+            stat_sq2 = lanes_add4(stat_sq2 + k * e2 * e2);
+            stat_sq3 = lanes_add4(stat_sq3 + k * e3 * e3);
+            stat_mean0 = t0;
+            stat_mean1 = t1;
+            stat_mean2 = t2;
+            stat_mean3 = t3;
+            slot = gid.x / p.stats;
+            if (run) {
+                write = gid.x % p.stats == 0u;
+            } else {
+                // Lanes numbered otherwise: no merged block is right; each invocation with rows
+                // marks its block (M2 < 0) and the batch norm reads its input instead.
+                stat_sq0 = vec4<f32>(-1.0);
+                stat_sq1 = vec4<f32>(-1.0);
+                stat_sq2 = vec4<f32>(-1.0);
+                stat_sq3 = vec4<f32>(-1.0);
+            }
+        }
+        if (write) {
+            let at = slot * p.c_out + g * col_g + co0;
+            stat_store(at, co0, col_g, stat_mean0, stat_sq0);
+            stat_store(at + 4u, co0 + 4u, col_g, stat_mean1, stat_sq1);
+            if (GEMM_N == 16u) {
+                stat_store(at + 8u, co0 + 8u, col_g, stat_mean2, stat_sq2);
+                stat_store(at + 12u, co0 + 12u, col_g, stat_mean3, stat_sq3);
             }
         }
     }

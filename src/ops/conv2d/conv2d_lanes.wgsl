@@ -35,6 +35,22 @@ fn lanes_4_7(v: f32) -> vec4<f32> {
     return vec4<f32>(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u));
 }
 
+// The sum of v over the subgroup's lanes.
+fn lanes_add(v: f32) -> f32 {
+    return subgroupAdd(v);
+}
+
+fn lanes_add4(v: vec4<f32>) -> vec4<f32> {
+    return subgroupAdd(v);
+}
+
+// Whether the subgroup's lanes are exactly the n invocations x of one aligned run
+// [n * r, n * r + n) (the same r for every lane, and n lanes): how drivers number lanes in
+// practice, which the forward's batch statistics check before merging over lanes.
+fn lanes_aligned_run(x: u32, n: u32) -> bool {
+    return subgroupAll(x / n == subgroupBroadcast(x, 0u) / n) && subgroupAdd(1u) == n;
+}
+
 // Whether b holds in any lane of the subgroup (the same answer in every lane).
 fn lanes_any(b: bool) -> bool {
     return subgroupAny(b);

@@ -20,6 +20,19 @@ fn lanes_4_7(v: f32) -> vec4<f32> {
     return vec4<f32>(v);
 }
 
+fn lanes_add(v: f32) -> f32 {
+    return v;
+}
+
+fn lanes_add4(v: vec4<f32>) -> vec4<f32> {
+    return v;
+}
+
+// Each invocation its own subgroup of one: a run of n = 1.
+fn lanes_aligned_run(x: u32, n: u32) -> bool {
+    return n == 1u;
+}
+
 // Each invocation its own subgroup of one.
 fn lanes_any(b: bool) -> bool {
     return b;

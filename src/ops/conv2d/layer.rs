@@ -4,7 +4,7 @@ use anyhow::{Result, anyhow, ensure};
 
 use super::reference as cpu;
 use super::{Conv2dConfig, ConvBuffers, ConvKernel, ConvPass};
-use crate::gpu::Dispatch;
+use crate::gpu::{Dispatch, Gpu, Precision};
 use crate::ops::layer::{
     Attr, FoldTarget, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, Shape,
     expect_spatial, stored,
@@ -42,7 +42,16 @@ impl Conv2d {
         d: Vec<Dispatch>,
     ) -> Result<()> {
         let Some(f) = r.folded else {
-            r.forward(d);
+            if r.fused.output_stats.is_none() {
+                r.forward(d);
+                return Ok(());
+            }
+            // The batch norm's statistics are the training pass's alone.
+            r.train.extend(d);
+            let (w, b) = (r.param("weight")?, r.param_if(self.bias, "bias")?);
+            let bufs = ConvBuffers::forward(r.inp().0, w.half.unwrap_or(w.value), b.map(|b| b.value), r.out);
+            let (d, _) = super::conv2d_pass_chosen(r.gpu, cfg, ConvPass::Forward, kernel, &bufs)?;
+            r.eval.extend(d);
             return Ok(());
         };
         r.train.extend(d);
@@ -96,6 +105,7 @@ impl LayerOp for Conv2d {
             dweight: Some(w.grad),
             relu: false,
             dinp_addend: r.fused.dinp_addend,
+            out_stats: r.fused.output_stats.map(|t| (t, super::stats_lanes(r.gpu))),
         };
         ensure!(
             r.fused.dinp_addend.is_none() || !r.reads_network_input,
@@ -146,6 +156,16 @@ impl LayerOp for Conv2d {
     /// The bias gradient is the sum of the output gradient per channel (conv2d_backward_bias).
     fn channel_bias(&self) -> Option<&'static str> {
         self.bias.then_some("bias")
+    }
+
+    /// The register kernels' forward writes its output's statistics per block of its GEMM rows
+    /// (`ConvBuffers::out_stats`), where [`Gpu::bn_stats`] and `--fuse on` allow it and the
+    /// forward's kernel for this shape is theirs.
+    fn output_stats_rows(&self, gpu: &Gpu, inp: &[usize], precision: Precision) -> Result<Option<usize>> {
+        if !(gpu.fuse && gpu.bn_stats) {
+            return Ok(None);
+        }
+        Ok(super::stats_rows(gpu, super::choose(gpu, &self.config(inp), ConvPass::Forward, precision)?))
     }
 
     /// Every family's input gradient takes an addend (`ConvBuffers::dinp_addend`).

@@ -179,7 +179,8 @@ impl Conv2dConfig {
             relu: 0,
             accumulate: 0,
             joint: [0; 4],
-            _pad: [0; 3],
+            stats: 0,
+            _pad: [0; 2],
         })
     }
 }
@@ -215,8 +216,10 @@ struct Params {
     /// The joint backward's workgroup numbering (`conv2d_backward`, register family): the input
     /// gradient's grid width and workgroup count, the weight gradient's grid width and height.
     joint: [u32; 4],
+    /// The forward's batch statistics ([`ConvBuffers::out_stats`], register family): 1 writes them.
+    stats: u32,
     /// The block padded to 16 bytes, as WGSL's uniform layout wants.
-    _pad: [u32; 3],
+    _pad: [u32; 2],
 }
 
 impl Params {
@@ -228,6 +231,12 @@ impl Params {
     /// The input gradient's addend on or off.
     fn with_accumulate(self, accumulate: bool) -> Params {
         Params { accumulate: u32::from(accumulate), ..self }
+    }
+
+    /// The forward's batch statistics on or off.
+    /// `lanes`: the invocations per statistics block, 0 = off.
+    fn with_stats(self, lanes: u32) -> Params {
+        Params { stats: lanes, ..self }
     }
 
     /// The joint backward's workgroup numbering.
@@ -292,6 +301,12 @@ pub struct ConvBuffers<'a> {
     /// `dinp`'s type first, then the sum in f32 is rounded again: bit for bit what storing it apart
     /// and running `add::add_forward` gives. Every family takes it; the other passes ignore it.
     pub dinp_addend: Option<&'a Tensor>,
+    /// The forward also writes the statistics of the values it stores, for a training batch norm
+    /// that alone reads its output (`ops::batch_norm`, `partial_rows`), and the invocations each
+    /// block of them merges ([`stats_lanes`]): per block of that many times the GEMM's rows per
+    /// invocation of output pixels of the batch ([`stats_rows`]), in order, and per output channel,
+    /// their mean and M2, f32 [blocks, c_out, 2]. The register family only; the other passes ignore it.
+    pub out_stats: Option<(&'a Tensor, usize)>,
 }
 
 impl<'a> ConvBuffers<'a> {
@@ -309,6 +324,23 @@ impl<'a> ConvBuffers<'a> {
     pub fn backward_weight(inp: &'a Tensor, dout: &'a Tensor, dweight: &'a Tensor) -> Self {
         ConvBuffers { inp: Some(inp), dout: Some(dout), dweight: Some(dweight), ..ConvBuffers::default() }
     }
+}
+
+/// The output pixels per block of a forward's batch statistics ([`ConvBuffers::out_stats`]) when
+/// `kernel` runs it: the register GEMM's rows per invocation; `None` for the families without
+/// that epilogue.
+pub fn stats_rows(gpu: &Gpu, kernel: ConvKernel) -> Option<usize> {
+    match kernel {
+        ConvKernel::Register(t) => Some(t.gemm_m * stats_lanes(gpu)),
+        _ => None,
+    }
+}
+
+/// The invocations whose GEMM rows make one block of a forward's batch statistics: a subgroup
+/// where the register GEMMs broadcast over subgroups ([`Gpu::conv_lanes`]; their widest size, which
+/// the kernel checks), else 1.
+pub fn stats_lanes(gpu: &Gpu) -> usize {
+    if gpu.conv_lanes { gpu.info.subgroup_max_size as usize } else { 1 }
 }
 
 /// A buffer `pass` needs, or an error naming it.
@@ -361,6 +393,9 @@ fn run_pass(
     cfg.validate()?;
     let gemm = match kernel {
         ConvKernel::Register(t) => return run_register(gpu, cfg, pass, t, b, splits),
+        _ if pass == ConvPass::Forward && b.out_stats.is_some() => {
+            anyhow::bail!("conv2d: only the register kernels write a batch norm's statistics ({kernel:?})")
+        }
         ConvKernel::Workgroup(t) => GemmKernel::Workgroup(t),
         ConvKernel::Coop(t) => {
             ensure!(gpu.coop_tile == Some(t), "conv2d (coop): this adapter has no {t}x{t}x{t} f16 cooperative matrix");
@@ -453,6 +488,7 @@ fn run_register(
             b.bias,
             need(b.out, pass, "output")?,
             b.relu,
+            b.out_stats,
         ),
         ConvPass::BackwardInput => register::backward_input(
             gpu,

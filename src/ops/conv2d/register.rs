@@ -245,7 +245,9 @@ fn gemm_grid(
     Ok([x as u32, y as u32, z as u32])
 }
 
-/// The forward pass (`conv2d_gemm`, MODE 0).
+/// The forward pass (`conv2d_gemm`, MODE 0), and with `stats` the batch statistics of its
+/// output per block of `tiles.gemm_m` pixels ([`super::ConvBuffers::out_stats`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
@@ -255,17 +257,25 @@ pub(super) fn forward(
     bias: Option<&Tensor>,
     out: &Tensor,
     relu: bool,
+    stats: Option<(&Tensor, usize)>,
 ) -> Result<Vec<Dispatch>> {
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d output", out, &cfg.output_shape())?;
+    let rows = cfg.n * cfg.out_h() * cfg.out_w();
+    if let Some((t, lanes)) = stats {
+        ensure!((1..=64).contains(&lanes), "conv2d: batch statistics merged over {lanes} invocations (1 to 64)");
+        expect_shape("conv2d batch statistics", t, &[rows.div_ceil(tiles.gemm_m).div_ceil(lanes), cfg.c_out, 2])?;
+    }
+    let lanes = stats.map_or(Ok(0), |(_, l)| to_u32("statistics lanes", l))?;
     // conv2d_gemm in MODE 0 never reads dout (binding 5) or the addend (6), nor the bias without one.
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, inp)?;
+    let no_stats = placeholder(gpu)?;
     let bias = forward_bias(cfg, bias, &unused)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_relu(relu));
+    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_relu(relu).with_stats(lanes));
     let cols = (cfg.c_out_group(), cfg.groups);
-    let grid = gemm_grid(gpu, cfg.n * cfg.out_h() * cfg.out_w(), tiles.gemm_m, cols, tiles.gemm_n, 1)?;
+    let grid = gemm_grid(gpu, rows, tiles.gemm_m, cols, tiles.gemm_n, 1)?;
     let quads = QuadBinds::new(gpu, cfg, inp)?;
     let [inp4, dout4] = quads.binds(Some(inp), None);
     let binds = [
@@ -278,8 +288,10 @@ pub(super) fn forward(
         Bind::Tensor(6, &unused_act),
         inp4,
         dout4,
+        Bind::Tensor(13, stats.map_or(&no_stats, |(t, _)| t)),
     ];
-    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    let stats_bytes = stats.map_or(0, |(t, _)| t.numel()) as f64 * 4.0;
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64 + stats_bytes;
     let consts = tiles.gemm_constants(0, quads.form);
     Ok(vec![
         gpu.dispatch_in(Precision::of(inp), gemm_module(gpu), "conv2d_gemm", &consts, &binds, grid)?
@@ -409,6 +421,7 @@ pub(super) fn backward_input(
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, dout)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
+    let no_stats = placeholder(gpu)?;
     let quads = QuadBinds::new(gpu, cfg, dout)?;
     let [inp4, dout4] = quads.binds(None, Some(dout));
     let binds = [
@@ -421,6 +434,8 @@ pub(super) fn backward_input(
         Bind::Tensor(6, addend_or_unused),
         inp4,
         dout4,
+        // The forward's batch statistics, never written here.
+        Bind::Tensor(13, &no_stats),
     ];
     let consts = tiles.gemm_constants(1, quads.form);
     Ok(vec![
@@ -487,6 +502,7 @@ pub(super) fn backward_joint(
     let unused = placeholder(gpu)?;
     let unused_act = placeholder_like(gpu, dout)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
+    let no_stats = placeholder(gpu)?;
     let partial = w.partial(gpu, cfg)?;
     let quads = QuadBinds::new(gpu, cfg, dout)?;
     let [inp4, dout4] = quads.binds(None, Some(dout));
@@ -501,6 +517,7 @@ pub(super) fn backward_joint(
         Bind::Tensor(7, partial.as_ref().unwrap_or(dweight)),
         inp4,
         dout4,
+        Bind::Tensor(13, &no_stats),
     ];
     let mut consts = tiles.gemm_constants(1, quads.form).to_vec();
     consts.extend_from_slice(&tiles.wgrad_constants()[1..]);

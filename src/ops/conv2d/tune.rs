@@ -206,6 +206,7 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
         dweight: Some(&dweight),
         relu: false,
         dinp_addend: None,
+        out_stats: None,
     };
     let mut best: Option<(ConvKernel, f64)> = None;
     for &k in &cands {
