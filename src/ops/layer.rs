@@ -122,7 +122,8 @@ pub trait LayerOp {
     /// Training: the elements per block when this op's forward can write its output's per-channel
     /// statistics, (mean, M2) per block of that many elements of each channel in order, as it
     /// stores the output (`inp`: its input's shape; [`Handoffs::output_stats`]); `None` when it
-    /// cannot (its kernel for this shape has no such epilogue).
+    /// cannot (its kernel for this shape has no such epilogue) or the adapter's options turn it
+    /// off (`--fuse off`, `--bn-stats off`).
     fn output_stats_rows(&self, _gpu: &Gpu, _inp: &[usize], _precision: Precision) -> Result<Option<usize>> {
         Ok(None)
     }

@@ -348,28 +348,31 @@ fn stored4(v: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(act_rounded(v.x), act_rounded(v.y), act_rounded(v.z), act_rounded(v.w));
 }
 
-// Row i of the block (its accumulators q0..q3) into the sums, if it is one of the block's `rows`.
-fn stat_sum(i: u32, rows: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) {
-    if (i < rows) {
-        stat_s0 += stored4(q0);
-        stat_s1 += stored4(q1);
-        stat_s2 += stored4(q2);
-        stat_s3 += stored4(q3);
+// Row i of the block (its accumulators q0..q3), if it is one of the block's `rows`: step 0 adds its
+// stored values into the sums, step 1 their squared deviations from the means into M2.
+fn stat_row(step: u32, i: u32, rows: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) {
+    if (i >= rows) {
+        return;
     }
-}
-
-// Row i's squared deviations from the means into M2, if it is one of the block's `rows`.
-fn stat_dev(i: u32, rows: u32, q0: vec4<f32>, q1: vec4<f32>, q2: vec4<f32>, q3: vec4<f32>) {
-    if (i < rows) {
-        let e0 = stored4(q0) - stat_mean0;
-        let e1 = stored4(q1) - stat_mean1;
-        let e2 = stored4(q2) - stat_mean2;
-        let e3 = stored4(q3) - stat_mean3;
-        stat_sq0 += e0 * e0;
-        stat_sq1 += e1 * e1;
-        stat_sq2 += e2 * e2;
-        stat_sq3 += e3 * e3;
+    let v0 = stored4(q0);
+    let v1 = stored4(q1);
+    let v2 = stored4(q2);
+    let v3 = stored4(q3);
+    if (step == 0u) {
+        stat_s0 += v0;
+        stat_s1 += v1;
+        stat_s2 += v2;
+        stat_s3 += v3;
+        return;
     }
+    let e0 = v0 - stat_mean0;
+    let e1 = v1 - stat_mean1;
+    let e2 = v2 - stat_mean2;
+    let e3 = v3 - stat_mean3;
+    stat_sq0 += e0 * e0;
+    stat_sq1 += e1 * e1;
+    stat_sq2 += e2 * e2;
+    stat_sq3 += e3 * e3;
 }
 
 // (mean, M2) of columns c .. c+3 (those below col_g) at stat_partial's element `at` on.
@@ -806,51 +809,36 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
     // take part with none.
     if (MODE == FWD && p.stats != 0u) {
         let rows = select(0u, min(GEMM_M, row_total - m0), m0 < row_total);
-        stat_sum(0u, rows, a0_0, a0_1, a0_2, a0_3);
-        stat_sum(1u, rows, a1_0, a1_1, a1_2, a1_3);
-        stat_sum(2u, rows, a2_0, a2_1, a2_2, a2_3);
-        stat_sum(3u, rows, a3_0, a3_1, a3_2, a3_3);
-        if (GEMM_M >= 8u) {
-            stat_sum(4u, rows, a4_0, a4_1, a4_2, a4_3);
-            stat_sum(5u, rows, a5_0, a5_1, a5_2, a5_3);
-            stat_sum(6u, rows, a6_0, a6_1, a6_2, a6_3);
-            stat_sum(7u, rows, a7_0, a7_1, a7_2, a7_3);
-        }
-        if (GEMM_M == 16u) {
-            stat_sum(8u, rows, a8_0, a8_1, a8_2, a8_3);
-            stat_sum(9u, rows, a9_0, a9_1, a9_2, a9_3);
-            stat_sum(10u, rows, a10_0, a10_1, a10_2, a10_3);
-            stat_sum(11u, rows, a11_0, a11_1, a11_2, a11_3);
-            stat_sum(12u, rows, a12_0, a12_1, a12_2, a12_3);
-            stat_sum(13u, rows, a13_0, a13_1, a13_2, a13_3);
-            stat_sum(14u, rows, a14_0, a14_1, a14_2, a14_3);
-            stat_sum(15u, rows, a15_0, a15_1, a15_2, a15_3);
-        }
         let k = f32(rows);
-        let kd = max(k, 1.0);
-        stat_mean0 = stat_s0 / kd;
-        stat_mean1 = stat_s1 / kd;
-        stat_mean2 = stat_s2 / kd;
-        stat_mean3 = stat_s3 / kd;
-        stat_dev(0u, rows, a0_0, a0_1, a0_2, a0_3);
-        stat_dev(1u, rows, a1_0, a1_1, a1_2, a1_3);
-        stat_dev(2u, rows, a2_0, a2_1, a2_2, a2_3);
-        stat_dev(3u, rows, a3_0, a3_1, a3_2, a3_3);
-        if (GEMM_M >= 8u) {
-            stat_dev(4u, rows, a4_0, a4_1, a4_2, a4_3);
-            stat_dev(5u, rows, a5_0, a5_1, a5_2, a5_3);
-            stat_dev(6u, rows, a6_0, a6_1, a6_2, a6_3);
-            stat_dev(7u, rows, a7_0, a7_1, a7_2, a7_3);
-        }
-        if (GEMM_M == 16u) {
-            stat_dev(8u, rows, a8_0, a8_1, a8_2, a8_3);
-            stat_dev(9u, rows, a9_0, a9_1, a9_2, a9_3);
-            stat_dev(10u, rows, a10_0, a10_1, a10_2, a10_3);
-            stat_dev(11u, rows, a11_0, a11_1, a11_2, a11_3);
-            stat_dev(12u, rows, a12_0, a12_1, a12_2, a12_3);
-            stat_dev(13u, rows, a13_0, a13_1, a13_2, a13_3);
-            stat_dev(14u, rows, a14_0, a14_1, a14_2, a14_3);
-            stat_dev(15u, rows, a15_0, a15_1, a15_2, a15_3);
+        // Step 0 sums the rows, step 1 their squared deviations from the means step 0 gave.
+        for (var step = 0u; step < 2u; step++) {
+            if (step == 1u) {
+                let kd = max(k, 1.0);
+                stat_mean0 = stat_s0 / kd;
+                stat_mean1 = stat_s1 / kd;
+                stat_mean2 = stat_s2 / kd;
+                stat_mean3 = stat_s3 / kd;
+            }
+            stat_row(step, 0u, rows, a0_0, a0_1, a0_2, a0_3);
+            stat_row(step, 1u, rows, a1_0, a1_1, a1_2, a1_3);
+            stat_row(step, 2u, rows, a2_0, a2_1, a2_2, a2_3);
+            stat_row(step, 3u, rows, a3_0, a3_1, a3_2, a3_3);
+            if (GEMM_M >= 8u) {
+                stat_row(step, 4u, rows, a4_0, a4_1, a4_2, a4_3);
+                stat_row(step, 5u, rows, a5_0, a5_1, a5_2, a5_3);
+                stat_row(step, 6u, rows, a6_0, a6_1, a6_2, a6_3);
+                stat_row(step, 7u, rows, a7_0, a7_1, a7_2, a7_3);
+            }
+            if (GEMM_M == 16u) {
+                stat_row(step, 8u, rows, a8_0, a8_1, a8_2, a8_3);
+                stat_row(step, 9u, rows, a9_0, a9_1, a9_2, a9_3);
+                stat_row(step, 10u, rows, a10_0, a10_1, a10_2, a10_3);
+                stat_row(step, 11u, rows, a11_0, a11_1, a11_2, a11_3);
+                stat_row(step, 12u, rows, a12_0, a12_1, a12_2, a12_3);
+                stat_row(step, 13u, rows, a13_0, a13_1, a13_2, a13_3);
+                stat_row(step, 14u, rows, a14_0, a14_1, a14_2, a14_3);
+                stat_row(step, 15u, rows, a15_0, a15_1, a15_2, a15_3);
+            }
         }
         var slot = gid.x;
         var write = m0 < row_total;

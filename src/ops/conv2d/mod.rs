@@ -216,7 +216,8 @@ struct Params {
     /// The joint backward's workgroup numbering (`conv2d_backward`, register family): the input
     /// gradient's grid width and workgroup count, the weight gradient's grid width and height.
     joint: [u32; 4],
-    /// The forward's batch statistics ([`ConvBuffers::out_stats`], register family): 1 writes them.
+    /// The forward's batch statistics ([`ConvBuffers::out_stats`], register family): the
+    /// invocations per statistics block, 0 = none written.
     stats: u32,
     /// The block padded to 16 bytes, as WGSL's uniform layout wants.
     _pad: [u32; 2],
@@ -337,10 +338,12 @@ pub fn stats_rows(gpu: &Gpu, kernel: ConvKernel) -> Option<usize> {
 }
 
 /// The invocations whose GEMM rows make one block of a forward's batch statistics: a subgroup
-/// where the register GEMMs broadcast over subgroups ([`Gpu::conv_lanes`]; their widest size, which
-/// the kernel checks), else 1.
+/// where the register GEMMs broadcast over subgroups ([`Gpu::conv_lanes`]) of one fixed size (the
+/// kernel checks it), else 1 — where the size may vary, most subgroups would fail the check and
+/// the batch norms would read their inputs after all.
 pub fn stats_lanes(gpu: &Gpu) -> usize {
-    if gpu.conv_lanes { gpu.info.subgroup_max_size as usize } else { 1 }
+    let (lo, hi) = (gpu.info.subgroup_min_size, gpu.info.subgroup_max_size);
+    if gpu.conv_lanes && lo == hi { hi as usize } else { 1 }
 }
 
 /// A buffer `pass` needs, or an error naming it.

@@ -246,7 +246,8 @@ fn gemm_grid(
 }
 
 /// The forward pass (`conv2d_gemm`, MODE 0), and with `stats` the batch statistics of its
-/// output per block of `tiles.gemm_m` pixels ([`super::ConvBuffers::out_stats`]).
+/// output per block of `tiles.gemm_m` times that many invocations' pixels
+/// ([`super::ConvBuffers::out_stats`]; not with `relu`, whose values they would not describe).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     gpu: &Gpu,
@@ -264,6 +265,7 @@ pub(super) fn forward(
     expect_shape("conv2d output", out, &cfg.output_shape())?;
     let rows = cfg.n * cfg.out_h() * cfg.out_w();
     if let Some((t, lanes)) = stats {
+        ensure!(!relu, "conv2d: batch statistics of a forward with a fused ReLU");
         ensure!((1..=64).contains(&lanes), "conv2d: batch statistics merged over {lanes} invocations (1 to 64)");
         expect_shape("conv2d batch statistics", t, &[rows.div_ceil(tiles.gemm_m).div_ceil(lanes), cfg.c_out, 2])?;
     }
