@@ -725,6 +725,9 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
 fn batch_norm_statistics_from_convolutions_keep_the_step() {
     let (on, off) = (gpu(), gpu_without_bn_stats());
     let n = 3;
+    // Not SE-ResNeXt-50 at width 0.25 on 32 px: its last stage normalises 3 values per channel at
+    // batch 3, where the summation order moves the means by f32 rounding and the step's logits by
+    // up to 3.4e-4 (measured), beyond these bounds though both orders are correctly rounded sums.
     for model in ["senet", "resnet8", "se-resnet8"] {
         let cfg =
             if model == "senet" { small_model("senet", 0.0625, 4, 16, 4) } else { cifar(model, SePlacement::Standard) };

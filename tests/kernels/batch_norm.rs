@@ -957,6 +957,7 @@ fn batch_norm_statistics_from_the_convolution_before_match_its_own() {
         sq(2, 6, (9, 9), 8, 3, 2, 1, true).grouped(2),
         sq(3, 4, (8, 8), 16, 3, 1, 1, false),
         sq(8, 16, (32, 32), 32, 3, 1, 1, false),
+        sq(4, 32, (8, 8), 32, 3, 1, 1, false).grouped(32),
     ];
     let sub = conv2d::stats_lanes(&gpu);
     let mut lane_counts = vec![1, sub];
