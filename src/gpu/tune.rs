@@ -67,6 +67,9 @@ struct State {
     loaded: bool,
     entries: BTreeMap<String, TuneEntry>,
     summary: TuneSummary,
+    /// Shapes already counted in `summary` (timed, or answered from the cache): a plan may ask
+    /// for one shape's choice twice (a convolution's forward, once for the batch norm after it).
+    counted: std::collections::BTreeSet<String>,
 }
 
 pub struct Tuner {
@@ -112,11 +115,12 @@ impl Tuner {
         s
     }
 
-    /// The remembered choice for `key`, if any (counted as a cache hit).
+    /// The remembered choice for `key`, if any (a cache hit, counted once per shape and only for
+    /// shapes not timed in this process).
     pub fn cached(&self, key: &str) -> Option<TuneEntry> {
         let mut s = self.state();
         let hit = s.entries.get(key).cloned();
-        if hit.is_some() {
+        if hit.is_some() && s.counted.insert(key.to_string()) {
             s.summary.cached += 1;
         }
         hit
@@ -125,7 +129,9 @@ impl Tuner {
     /// A choice that did not decode: forget it, so it is timed and rewritten.
     pub fn forget(&self, key: &str) {
         let mut s = self.state();
-        s.summary.cached = s.summary.cached.saturating_sub(1);
+        if s.counted.remove(key) {
+            s.summary.cached = s.summary.cached.saturating_sub(1);
+        }
         s.entries.remove(key);
     }
 
@@ -134,6 +140,7 @@ impl Tuner {
         let mut s = self.state();
         s.summary.timed += 1;
         s.summary.seconds += seconds;
+        s.counted.insert(key.to_string());
         s.entries.insert(key.to_string(), entry.clone());
         drop(s);
         if let Some(path) = &self.path {
