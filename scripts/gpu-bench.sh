@@ -17,11 +17,12 @@
 #
 # Full run (a GPU): senet w1 b128 and w0.25 b128 at 3x32x32, se-resnet20 b128 at 32x32, se-resnet50
 # b64 at 224x224 (1000 classes), each in both precisions, and se-resnet50 once more with each of
-# `--fuse off` (fused epilogues off), `--conv-lanes on` (shared conv loads) and `--conv-1x1 off`
-# (1x1 convolutions through the general GEMM) in the first precision, and
-# scripts/pipeline-cache-bench.sh's cold and warm first steps; every command under a timeout
-# (devices 20 s, each bench 50 s, each variant 20 s, the pipeline cache 25 s, PyTorch 80 s): 9.75
-# minutes if every one of them ran out, one precision 6.4.
+# `--fuse off` (fused epilogues off), `--conv-lanes on` (shared conv loads), `--conv-1x1 off`
+# (1x1 convolutions through the general GEMM) and `--joint-backward off` (a convolution's two
+# gradients as two dispatches) in the first precision, and scripts/pipeline-cache-bench.sh's cold
+# and warm first steps; every command under a timeout (devices 20 s, each bench 50 s, each variant
+# 18 s, the pipeline cache 25 s, PyTorch 80 s): 9.95 minutes if every one of them ran out, one
+# precision 6.6.
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
@@ -92,16 +93,18 @@ for c in $cases; do
     fi
   done
 done
-# Three variants of the last case, in the first precision, beside its default run above (the
+# Four variants of the last case, in the first precision, beside its default run above (the
 # tuning cache makes these runs time nothing): --fuse off (fused epilogues, docs/performance.md),
-# --conv-lanes on (shared conv loads: the default on CPU adapters, unmeasured on GPUs) and
-# --conv-1x1 off (its 1x1 convolutions through the general GEMM, unmeasured on GPUs).
-variant_limit=20; [ $quick = 1 ] && variant_limit=120
+# --conv-lanes on (shared conv loads: the default on CPU adapters, unmeasured on GPUs),
+# --conv-1x1 off (its 1x1 convolutions through the general GEMM, unmeasured on GPUs) and
+# --joint-backward off (each convolution's two gradients apart: the joint dispatch, the default on
+# GPUs, is unmeasured on them).
+variant_limit=18; [ $quick = 1 ] && variant_limit=120
 IFS=: read -r model width batch hw <<< "${cases##* }"
 classes=10; [ "$hw" -ge 128 ] && classes=1000
 prec=${precisions%% *}
 : > "$out/senet-variants.jsonl"
-for variant in "--fuse off" "--conv-lanes on" "--conv-1x1 off"; do
+for variant in "--fuse off" "--conv-lanes on" "--conv-1x1 off" "--joint-backward off"; do
   echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} $prec $variant ($(( $(date +%s) - start )) s so far)"
   # shellcheck disable=SC2086
   if timeout "$variant_limit" "$senet" bench --json $variant --model "$model" --width "$width" --batch-size "$batch" \
@@ -184,7 +187,8 @@ for key in dict.fromkeys(list(ours) + list(torch)):
             line.append("")
         md.append("| " + " | ".join(line) + " |")
         rows.append(row)
-titles = {"--fuse off": "Fused epilogues", "--conv-lanes on": "Shared conv loads", "--conv-1x1 off": "1x1 plain GEMMs"}
+titles = {"--fuse off": "Fused epilogues", "--conv-lanes on": "Shared conv loads", "--conv-1x1 off": "1x1 plain GEMMs",
+          "--joint-backward off": "Joint convolution backward"}
 for r in lines("senet-variants.jsonl"):
     base = ours.get(norm(r["case"]), {}).get(r.get("precision", "f32"))
     v = r.get("variant", "?")

@@ -82,6 +82,12 @@ struct Cli {
     /// (for comparing). The same statistics, summed in another order.
     #[arg(long, global = true, value_enum, env = "SENET_BN_STATS", default_value_t)]
     bn_stats: gpu::ConvForm,
+    /// With --fuse on, a convolution's input and weight gradients run as one dispatch where the
+    /// register kernels run both: auto = on GPU adapters (on lavapipe the joint kernel is slower
+    /// than the two dispatches), on = on any adapter, off = never. Changes dispatches and speed,
+    /// not values.
+    #[arg(long, global = true, value_enum, env = "SENET_JOINT_BACKWARD", default_value_t)]
+    joint_backward: gpu::Switch,
     #[command(subcommand)]
     command: Command,
 }
@@ -217,6 +223,7 @@ impl Cli {
             conv_1x1: self.conv_1x1,
             conv_3x3: self.conv_3x3,
             bn_stats: self.bn_stats,
+            joint_backward: self.joint_backward,
         }
     }
 }

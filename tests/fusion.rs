@@ -82,6 +82,7 @@ fn se_cases() -> Vec<SeBlockConfig> {
         mk(2, 300, 2, 3, 18, true, avg, sigmoid),  // C > the 256-wide workgroup
         mk(3, 7, 4, 1, 1, true, max, tanh),        // hidden width 1, a column plane, the ablations
         mk(1, 260, 1, 1, 16, false, avg, sigmoid), // 1x1 plane
+        mk(2, 6, 4, 2, 521, true, avg, sigmoid),   // more blocks of 4 hidden units than 2 x 256 threads; H*W = 8
     ]
 }
 
@@ -150,7 +151,7 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
     let (tdb1, tdb2) = (zeros(gpu, "db1", &[cr]), zeros(gpu, "db2", &[c]));
     let grads =
         SeGrads { dinp: &tdx, dw1: &tdw1, db1: cfg.bias.then_some(&tdb1), dw2: &tdw2, db2: cfg.bias.then_some(&tdb2) };
-    let e = AddReluGrads { out: &tout, dres: &tdres, se_grad: None, input_affine: None };
+    let e = AddReluGrads { out: &tout, dres: &tdres, se_grad: None, input_affine: None, weight_grad_elsewhere: false };
     let d = se_block::se_block_backward_add_relu(gpu, cfg, &tx, &weights, &saved, &tdy, e, &dsaved, &grads).unwrap();
     assert_eq!(d.len(), 2, "{}", tag("one per-sample pass and the weight-gradient pass"));
     run(gpu, &d);
@@ -178,7 +179,8 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
 /// loads (se_block.wgsl AFFINE_IN, batch_norm.wgsl STATS_ONLY) and leaving dx = g·s + dz to the
 /// batch norm's backward (se_block.wgsl DEFER, batch_norm.wgsl SE_IN), against the unfused chain
 /// (the batch norm writes x, the block reads it and writes dx, the batch norm's backward reads
-/// it): every output bit for bit — the block's output, saved activations, shortcut gradient and
+/// it), and the block's weight gradients summed by the batch norm's backward (batch_norm.wgsl
+/// SE_WGRAD) against the block's own dispatch: every output bit for bit — the block's output, saved activations, shortcut gradient and
 /// weight gradients, the batch norm's running statistics, dinp, dgamma and dbeta.
 fn deferred_input_gradient_case(
     gpu: &Gpu,
@@ -233,12 +235,13 @@ fn deferred_input_gradient_case(
             dres: &dres,
             se_grad: fused.then_some(&se_grad),
             input_affine: fused.then_some(affine),
+            weight_grad_elsewhere: fused,
         };
         let inp = if fused { &ty } else { &x };
-        run(
-            gpu,
-            &se_block::se_block_backward_add_relu(gpu, cfg, inp, weights, &saved, tdy, e, &dsaved, &grads).unwrap(),
-        );
+        let d = se_block::se_block_backward_add_relu(gpu, cfg, inp, weights, &saved, tdy, e, &dsaved, &grads).unwrap();
+        // Fused, the batch norm's backward sums the weight gradients (SE_WGRAD).
+        assert_eq!(d.len(), if fused { 1 } else { 2 }, "{tag}: the SE backward's dispatches");
+        run(gpu, &d);
         let (dinp, dg, db) = (act("bn dinp", &shape), zeros(gpu, "dgamma", &[c]), zeros(gpu, "dbeta", &[c]));
         let dout = if fused { &dres } else { &dx };
         let g = BnBackward {
@@ -251,11 +254,18 @@ fn deferred_input_gradient_case(
             dgamma: &dg,
             dbeta: &db,
         };
-        let (cfg_b, se_grad) = if fused { (bn.with_se_in(), Some(&se_grad)) } else { (bn, None) };
-        run(
-            gpu,
-            &batch_norm::batch_norm_backward_fused(gpu, &cfg_b, &g, BnFused { se_grad, ..Default::default() }).unwrap(),
-        );
+        let (cfg_b, se_grad) =
+            if fused { (bn.with_se_in().with_se_wgrad(cr, cfg.bias), Some(&se_grad)) } else { (bn, None) };
+        let se_weight = fused.then_some(se_block::SeWeightGradIo {
+            saved: &saved,
+            dsaved: &dsaved,
+            dw1: &dw1,
+            db1: grads.db1,
+            dw2: &dw2,
+            db2: grads.db2,
+        });
+        let f = BnFused { se_grad, se_weight, ..Default::default() };
+        run(gpu, &batch_norm::batch_norm_backward_fused(gpu, &cfg_b, &g, f).unwrap());
         let f32s = [&saved, &dw1, &dw2, &db1, &db2, &rm, &rv, &dg, &db].map(|t| read(gpu, t));
         [read_as(gpu, &out), read_as(gpu, &dres), read_as(gpu, &dinp)].into_iter().chain(f32s).collect()
     };
@@ -350,8 +360,8 @@ fn fused_plans_replace_the_block_tails() {
         assert_eq!((forks.len(), forks_off.len()), (blocks, 2 * blocks), "{model}: fork gradients {forks:?}");
         assert!(forks.iter().all(|l| !l.ends_with(".conv1")), "{model}: a first convolution's own gradient {forks:?}");
         // Per block, forward: add and relu into one (1 fewer), or se, add and relu into one (2);
-        // backward: relu and add into one (1), or relu, add and the SE's input pass (2); and the
-        // fork sum (1).
+        // backward: relu and add into one (1), or relu, add and the SE's input pass (2), and the
+        // SE's weight-gradient pass into the batch norm's backward (1); and the fork sum (1).
         // And on a GPU every convolution but the stem (whose input gradient nobody reads) runs its
         // input and weight gradients as one dispatch (the register kernels, the built-in choice);
         // a CPU adapter runs them apart (tests/kernels/conv2d.rs tests the joint kernel there).
@@ -375,9 +385,13 @@ fn fused_plans_replace_the_block_tails() {
         }
         let pool = "global_avg_pool_forward";
         assert_eq!((count(&eval, pool), count(&eval_off, pool)), (0, 1), "{model}: {pool} in evaluation");
+        // The SE block's weight gradients are summed by the batch norm before it (SE_WGRAD).
+        let (wgrad, wgrad_off) =
+            (count(&train, "se_block_backward_weight"), count(&train_off, "se_block_backward_weight"));
+        assert_eq!((wgrad, wgrad_off), (0, if se { blocks } else { 0 }), "{model}: SE weight-gradient passes");
         let head = 3;
         let per_pass = if se { 2 } else { 1 };
-        let saved = 2 * per_pass * blocks + blocks + joint + head;
+        let saved = 2 * per_pass * blocks + wgrad_off + blocks + joint + head;
         assert_eq!(train_off.len() - train.len(), saved, "{model}: training dispatches saved");
         // Evaluation also folds every batch norm into its convolution (tests/fold.rs): apart from
         // the batch norms and the fold, the tails and the loss account for the dispatches saved.
@@ -710,6 +724,50 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
             assert_eq!(count(&train, "conv2d_backward"), joint, "{what}: joint backward dispatches");
             assert_eq!(train_off.len() - train.len(), 4 + 4 + 4 + 3 + joint, "{what}: training dispatches saved");
         }
+    }
+}
+
+/// `--joint-backward on` (the default on GPU adapters only): every convolution whose input
+/// gradient is read runs it with its weight gradient as one dispatch (`conv2d_backward`), and the
+/// step is the separate dispatches' bit for bit, f32 and f16 — each of the joint kernel's blocks
+/// is an invocation the separate kernels run (tests/kernels/conv2d.rs checks it per layer). The
+/// evaluation pass is untouched.
+#[test]
+fn joint_convolution_backward_leaves_training_steps_bit_for_bit() {
+    let (joint, apart) = (gpu_with_joint_backward(), gpu_with_separate_backward());
+    let n = 3;
+    for (model, precision) in
+        [("senet", Precision::F32), ("se-resnet8", Precision::F32), ("se-resnet8", Precision::F16)]
+    {
+        let what = format!("{model} {precision:?}");
+        let cfg =
+            if model == "senet" { small_model("senet", 0.0625, 4, 16, 4) } else { cifar(model, SePlacement::Standard) };
+        let hw = cfg.input_hw[0];
+        let x = uniform(&mut rng(47), n * 3 * hw * hw, 0.0, 1.0);
+        let labels = [2u32, 1, 3];
+        let (a, b) = (
+            step_then_eval(&joint, &cfg, precision, &x, &labels),
+            step_then_eval(&apart, &cfg, precision, &x, &labels),
+        );
+        let read_inputs = count(&b.train, "conv2d_backward_input");
+        assert!(read_inputs > 0, "{what}: no input gradient");
+        assert_eq!(count(&b.train, "conv2d_backward"), 0, "{what}: a joint backward with --joint-backward off");
+        assert_eq!(
+            (count(&a.train, "conv2d_backward"), count(&a.train, "conv2d_backward_input")),
+            (read_inputs, 0),
+            "{what}: joint and separate input gradients with --joint-backward on"
+        );
+        assert_eq!(b.train.len() - a.train.len(), read_inputs, "{what}: dispatches saved");
+        let (p, q) = (a.step.flat(), b.step.flat());
+        let differ = p.iter().zip(&q).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(
+            differ,
+            0,
+            "{what}: {differ} of {} step values differ; largest {:.3e}",
+            p.len(),
+            a.step.max_diff(&b.step)
+        );
+        assert_eq!(a.logits, b.logits, "{what}: evaluation logits");
     }
 }
 

@@ -4,7 +4,7 @@
 use naga::valid::Capabilities;
 use senet_wgpu::gpu::{
     CONV_GEMM_PART, CONV_OWN_PART, CONV_PARAMS_PART, COOP_SHADERS, LANE_SHADERS, POOL_WINDOW_PART, PRELUDE_SUBGROUP,
-    PRELUDE_WORKGROUP, Precision, SHADERS, coop_prelude, shader_source,
+    PRELUDE_WORKGROUP, Precision, SE_WEIGHT_GRAD_PART, SHADERS, coop_prelude, shader_source,
 };
 
 /// Parse and validate a file as the device compiles it: with a reduction prelude appended and
@@ -259,6 +259,7 @@ fn every_shader_file_is_registered() {
             &CONV_PARAMS_PART,
             &CONV_OWN_PART,
             &POOL_WINDOW_PART,
+            &SE_WEIGHT_GRAD_PART,
         ])
         .map(|(n, _)| format!("{n}.wgsl"))
         .collect();

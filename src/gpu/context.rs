@@ -92,6 +92,11 @@ pub struct GpuOptions {
     /// (`--bn-stats`); off: the batch norm reads its input for them. The same statistics summed
     /// in another order.
     pub bn_stats: ConvForm,
+    /// With `--fuse on`, a convolution's input and weight gradients in one dispatch where the
+    /// register kernels run both (`conv2d_backward`, `--joint-backward`): auto = on GPU adapters
+    /// (on lavapipe the joint kernel is slower than the two dispatches), on = on any adapter, off =
+    /// never. The same values bit for bit either way.
+    pub joint_backward: Switch,
 }
 
 /// Whether the register GEMM takes its 1x1 form (`--conv-1x1 on|off`), or its 3-wide form
@@ -234,6 +239,8 @@ pub struct Gpu {
     /// [`GpuOptions::bn_stats`] (with `fuse`): a batch norm's statistics from the register
     /// convolution before it.
     pub bn_stats: bool,
+    /// [`GpuOptions::joint_backward`] resolved for this adapter (with `fuse`).
+    pub joint_backward: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -413,6 +420,11 @@ impl Gpu {
             conv_1x1: opts.conv_1x1 == ConvForm::On,
             conv_3x3: opts.conv_3x3 == ConvForm::On,
             bn_stats: opts.bn_stats == ConvForm::On,
+            joint_backward: match opts.joint_backward {
+                Switch::Auto => info.device_type != wgpu::DeviceType::Cpu,
+                Switch::On => true,
+                Switch::Off => false,
+            },
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)

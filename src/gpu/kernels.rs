@@ -33,12 +33,19 @@ pub const SHADERS: &[(&str, &str)] = &[
     ),
     (
         "batch_norm",
-        concat!(include_str!("../ops/batch_norm/batch_norm.wgsl"), include_str!("../ops/pool/max_pool_window.wgsl")),
+        concat!(
+            include_str!("../ops/batch_norm/batch_norm.wgsl"),
+            include_str!("../ops/pool/max_pool_window.wgsl"),
+            include_str!("../ops/se_block/se_weight_grad.wgsl")
+        ),
     ),
     ("bn_fold", include_str!("../ops/bn_fold/bn_fold.wgsl")),
     ("relu", include_str!("../ops/relu/relu.wgsl")),
     ("pool", concat!(include_str!("../ops/pool/pool.wgsl"), include_str!("../ops/pool/max_pool_window.wgsl"))),
-    ("se_block", include_str!("../ops/se_block/se_block.wgsl")),
+    (
+        "se_block",
+        concat!(include_str!("../ops/se_block/se_block.wgsl"), include_str!("../ops/se_block/se_weight_grad.wgsl")),
+    ),
     ("linear", include_str!("../ops/linear/linear.wgsl")),
     ("cross_entropy", include_str!("../ops/cross_entropy/cross_entropy.wgsl")),
     ("optimizer", include_str!("../ops/optimizer/optimizer.wgsl")),
@@ -92,6 +99,10 @@ pub const CONV_PARAMS_PART: (&str, &str) = ("conv2d_params", include_str!("../op
 /// Max pooling's window scan and gradient gather, appended to `pool` and to `batch_norm` (its fused
 /// pool). Not compiled alone.
 pub const POOL_WINDOW_PART: (&str, &str) = ("max_pool_window", include_str!("../ops/pool/max_pool_window.wgsl"));
+
+/// An SE block's weight-gradient sums, appended to `se_block` (its own dispatch) and to
+/// `batch_norm` (SE_WGRAD, in the backward of the batch norm before the block). Not compiled alone.
+pub const SE_WEIGHT_GRAD_PART: (&str, &str) = ("se_weight_grad", include_str!("../ops/se_block/se_weight_grad.wgsl"));
 
 /// What a cooperative-matrix kernel is written against: the tile CT and the coop types of that
 /// size (coop_mat8x8 and coop_mat16x16 are distinct types in WGSL, so the size cannot be an

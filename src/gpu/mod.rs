@@ -12,7 +12,7 @@ pub use context::{
 };
 pub use kernels::{
     Bind, CONV_GEMM_PART, CONV_OWN_PART, CONV_PARAMS_PART, COOP_SHADERS, Dispatch, LANE_SHADERS, POOL_WINDOW_PART,
-    PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, Precision, SHADERS, coop_prelude, shader_source,
+    PRELUDE_SUBGROUP, PRELUDE_WORKGROUP, Pass, Precision, SE_WEIGHT_GRAD_PART, SHADERS, coop_prelude, shader_source,
 };
 pub use paths::{Need, Paths, Switch};
 pub use tensor::{Dtype, Element, Tensor};

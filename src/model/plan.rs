@@ -63,9 +63,12 @@ use crate::ops::conv2d::{ConvKernel, ConvPass};
 use crate::ops::cross_entropy::{self, LossWeight, result};
 use crate::ops::grad_accum::{GradAccum, MicroBatch};
 use crate::ops::grad_scaler::{GradScaler, GradScalerConfig};
-use crate::ops::layer::{AffineInput, Epilogue, EpilogueStep, Folded, Handoffs, ParamTensors, Record, step_key};
+use crate::ops::layer::{
+    AffineInput, Epilogue, EpilogueStep, Folded, Handoffs, LeftWeightGrad, ParamTensors, Record, step_key,
+};
 pub use crate::ops::layer::{BnExchange, ExchangeKind, SeSaved};
 use crate::ops::optimizer::{OptimizerConfig, OptimizerStep};
+use crate::ops::se_block::SeWeightGradIo;
 
 /// A trainable tensor with its gradient and optimizer state: views of the flat buffers.
 pub struct Param {
@@ -505,6 +508,7 @@ impl Network {
             contrib: self.fork_gradients(&shapes, &consumers, &fusion.fork_in_reader)?,
             se_grads: self.deferred_grad_tensors(&shapes, &fusion)?,
             stats: self.stat_handoffs(&shapes, &consumers, &fusion)?,
+            weight_grads: self.left_weight_grads(&shapes, &fusion)?,
         };
         let mut rec = Recorded::default();
         let input_f32 = self.record_input_cast(&shapes[0], &b.acts[0], &mut rec)?;
@@ -621,6 +625,12 @@ impl Network {
                 output_stats: b.stats.values().find(|h| h.producer == g.head).map(|h| &h.blocks),
                 input_stats: b.stats.get(&g.head).map(|h| (&h.blocks, h.rows)),
                 dinp_addend: self.addend(g.head, b, fusion, consumers),
+                weight_grad_by_prev: g
+                    .head
+                    .checked_sub(1)
+                    .and_then(|k| b.weight_grads.get(&k))
+                    .map(|w| (&w.saved, &w.dsaved)),
+                next_weight_grad: self.next_weight_grad(g.head, b)?,
                 pooled_by_next: fusion.pooled_by_next[g.head],
                 pool_before: g
                     .head
@@ -836,6 +846,44 @@ impl Network {
             }
         }
         Ok(t)
+    }
+
+    /// Training, by node taking a deferred gradient ([`Fusions::deferred`]): where the node after
+    /// it can leave its weight gradients to it too ([`LayerOp::leaves_weight_grad`]) and it can
+    /// sum them ([`LayerOp::sums_next_weight_grad`]), the two tensors the node after saves for
+    /// that, owned by the plan so both bind them. One dispatch fewer per such pair.
+    fn left_weight_grads(&self, shapes: &[Shape], fusion: &Fusions) -> Result<HashMap<usize, LeftWeightGradBuffers>> {
+        let mut t = HashMap::new();
+        let nodes = &self.graph.nodes;
+        for (b, d) in fusion.deferred.iter().enumerate() {
+            if d.is_none() || !nodes[b].layer.op().sums_next_weight_grad() {
+                continue;
+            }
+            let next = &nodes[b + 1];
+            let Some(spec) = next.layer.op().leaves_weight_grad(&shapes[b + 1]) else { continue };
+            let saved = Tensor::zeros(&self.gpu, &format!("{} saved", next.name), &spec.saved)?;
+            let dsaved = Tensor::zeros(&self.gpu, &format!("{} saved grads", next.name), &spec.dsaved)?;
+            t.insert(b, LeftWeightGradBuffers { saved, dsaved, spec });
+        }
+        Ok(t)
+    }
+
+    /// What node `b`'s backward binds to sum the weight gradients of the node after it
+    /// ([`Network::left_weight_grads`]).
+    fn next_weight_grad<'a>(&'a self, b: usize, bufs: &'a PlanBuffers) -> Result<Option<SeWeightGradIo<'a>>> {
+        let Some(w) = bufs.weight_grads.get(&b) else { return Ok(None) };
+        let name = &self.graph.nodes[b + 1].name;
+        let grad = |suffix: &str| self.param(&format!("{name}.{suffix}")).map(|p| &p.grad);
+        let [w1, w2] = w.spec.weights;
+        let biases = w.spec.biases.map(|[b1, b2]| Ok::<_, anyhow::Error>((grad(b1)?, grad(b2)?))).transpose()?;
+        Ok(Some(SeWeightGradIo {
+            saved: &w.saved,
+            dsaved: &w.dsaved,
+            dw1: grad(w1)?,
+            db1: biases.map(|b| b.0),
+            dw2: grad(w2)?,
+            db2: biases.map(|b| b.1),
+        }))
     }
 
     /// Training, by batch-norm node: the batch norms whose statistics the node before them writes
@@ -1316,6 +1364,16 @@ struct PlanBuffers {
     se_grads: HashMap<usize, (Tensor, Option<Tensor>)>,
     /// [`Network::stat_handoffs`].
     stats: HashMap<usize, StatHandoff>,
+    /// [`Network::left_weight_grads`].
+    weight_grads: HashMap<usize, LeftWeightGradBuffers>,
+}
+
+/// A node's weight gradients summed by the node before it ([`Network::left_weight_grads`]): the
+/// plan-owned tensors the node's passes save for it, and what they are.
+struct LeftWeightGradBuffers {
+    saved: Tensor,
+    dsaved: Tensor,
+    spec: LeftWeightGrad,
 }
 
 /// A batch norm's statistics written by the node before it ([`Network::stat_handoffs`]).

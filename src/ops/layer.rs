@@ -13,6 +13,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::conv2d::{ConvKernel, ConvPass};
 use super::pool::MaxPool2d;
+use super::se_block::SeWeightGradIo;
 use crate::gpu::{Dispatch, Gpu, Precision, Tensor};
 
 /// Shape of an activation: [n, c, h, w] or, after the global pool, [n, c].
@@ -131,6 +132,21 @@ pub trait LayerOp {
     /// Training: this op's forward can take its batch statistics from the layer before it
     /// ([`LayerOp::output_stats_rows`], [`Handoffs::input_stats`]).
     fn takes_input_stats(&self) -> bool {
+        false
+    }
+
+    /// Training, having left its input gradient to the layer before it
+    /// ([`LayerOp::defers_input_grad`]): that layer can sum this op's weight gradients too
+    /// ([`LayerOp::sums_next_weight_grad`]), reading tensors the plan owns for the two
+    /// ([`Handoffs::weight_grad_by_prev`]): their shapes for input `inp`, and the parameters.
+    fn leaves_weight_grad(&self, _inp: &[usize]) -> Option<LeftWeightGrad> {
+        None
+    }
+
+    /// Training, taking a deferred gradient ([`LayerOp::takes_deferred_grad`]): this op's
+    /// backward can also sum the weight gradients the layer after it leaves
+    /// ([`Handoffs::next_weight_grad`]).
+    fn sums_next_weight_grad(&self) -> bool {
         false
     }
 
@@ -294,6 +310,13 @@ pub struct Handoffs<'a> {
     /// goes to. The forward reads that input and writes this layer's input (the pool's output,
     /// which the backward reads), the backward writes that gradient.
     pub pool_before: Option<(&'a Tensor, &'a Tensor)>,
+    /// Training: the layer before this one sums this one's weight gradients
+    /// ([`LayerOp::leaves_weight_grad`]): the plan-owned tensors this layer's passes save for it
+    /// (an SE block's forward values and per-sample gradients); record no weight-gradient pass.
+    pub weight_grad_by_prev: Option<(&'a Tensor, &'a Tensor)>,
+    /// Training: this layer's backward also sums the weight gradients of the layer after it
+    /// ([`LayerOp::sums_next_weight_grad`]).
+    pub next_weight_grad: Option<SeWeightGradIo<'a>>,
     /// The backward writes `dinputs[0]` = its own gradient + this tensor
     /// ([`LayerOp::accumulates_input_grad`]): the other reader's gradient of a forked activation.
     pub dinp_addend: Option<&'a Tensor>,
@@ -307,6 +330,18 @@ pub struct AffineInput<'a> {
     pub stats: &'a Tensor,
     pub scale: &'a Tensor,
     pub shift: &'a Tensor,
+}
+
+/// What an op leaving its weight gradients to the layer before it needs the plan to own
+/// ([`LayerOp::leaves_weight_grad`]): the shapes of the two tensors its passes save for that
+/// layer, and its parameters' suffixes (an SE block's fc1 and fc2 weights, then their biases
+/// where it has them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftWeightGrad {
+    pub saved: Vec<usize>,
+    pub dsaved: Vec<usize>,
+    pub weights: [&'static str; 2],
+    pub biases: Option<[&'static str; 2]>,
 }
 
 /// What a node is as a step of an epilogue ([`LayerOp::epilogue_step`]).

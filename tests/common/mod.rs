@@ -44,6 +44,29 @@ pub fn gpu_without_bn_stats() -> Arc<Gpu> {
     required(&GPU, GpuOptions { bn_stats: senet_wgpu::gpu::ConvForm::Off, ..Default::default() })
 }
 
+/// The same adapter as `gpu_without_bn_stats()` whose fused plans run a convolution's two
+/// gradients as one dispatch wherever the register kernels run both (`--joint-backward on`).
+pub fn gpu_with_joint_backward() -> Arc<Gpu> {
+    static GPU: Cell = OnceLock::new();
+    let opts = GpuOptions {
+        bn_stats: senet_wgpu::gpu::ConvForm::Off,
+        joint_backward: senet_wgpu::gpu::Switch::On,
+        ..Default::default()
+    };
+    required(&GPU, opts)
+}
+
+/// `gpu_with_joint_backward()` with the two gradients apart (`--joint-backward off`).
+pub fn gpu_with_separate_backward() -> Arc<Gpu> {
+    static GPU: Cell = OnceLock::new();
+    let opts = GpuOptions {
+        bn_stats: senet_wgpu::gpu::ConvForm::Off,
+        joint_backward: senet_wgpu::gpu::Switch::Off,
+        ..Default::default()
+    };
+    required(&GPU, opts)
+}
+
 /// The same adapter with reductions on workgroup-memory trees (no subgroups).
 pub fn gpu_without_subgroups() -> Arc<Gpu> {
     static GPU: Cell = OnceLock::new();

@@ -703,6 +703,7 @@ fn bn_pool_outputs(
             beta: Some(tb),
             se_grad: None,
             partials: None,
+            se_weight: None,
         };
         run(gpu, &batch_norm::batch_norm_backward_fused(gpu, &fused_cfg, &g, f).unwrap());
     } else {

@@ -53,10 +53,17 @@
 //       the unfused kernels keep v7's arithmetic. Plan bytes per training step, base SENet w1
 //       b128: 1,427.0 -> 965.7 MB with every fusion; not timed apart (the whole step: quiet
 //       A/B in docs/performance.md, fused and unfused level on lavapipe).
-//   v9  (this) PARTIALS, the statistics from the convolution before (below); the input loop
+//   v9  PARTIALS, the statistics from the convolution before (below); the input loop
 //       moved into input_welford, the same arithmetic. cargo bench --bench bn_stats, one run:
 //       the training forward 0.72-0.97x the time in 8 of 10 layer and precision pairs
 //       (docs/runs/bn-stats-lavapipe/).
+//   v10 (this) SE_WGRAD, the SE block's weight gradients in the backward (below).
+//   Tried, not kept: the element loops that write each value alone (the forward's output, the
+//   backward's dinp) loading four values of a plane at a time from vec4 aliases of inp and dout
+//   where H*W % 4 == 0 (the same values bit for bit). senet bench, --tune off, b128, alternated
+//   with the build before, two rounds: batch-norm backward 96.7 / 140.4 -> 98.5 / 144.8 ms (base
+//   SENet w0.25), forward 64.0 / 79.2 -> 86.6 / 104.0 ms (SE-ResNet-20): no gain on lavapipe, the
+//   forward slower.
 //
 // Fused ReLU (override RELU = 1, for a BN whose only reader is a ReLU): the forward writes
 // max(out, 0) straight into the ReLU's output, and the backward takes the ReLU's output gradient
@@ -91,14 +98,18 @@
 //               then block_welford as before. The first pass over the input disappears; the
 //               statistics are the same numbers summed in another order, so not bit for bit. A
 //               block marked by the convolution (M2 < 0) sends the whole channel back to its input.
+//   SE_WGRAD = 1  with SE_IN: the SE block's weight gradients are summed here too, workgroup c
+//               taking the SE's channel c (se_weight_grad.wgsl, shared with se_block.wgsl's
+//               se_block_backward_weight, so the same arithmetic bit for bit), and the SE block
+//               records no weight-gradient dispatch: one dispatch fewer per such block.
 //   BIAS = 1    the convolution before the BN has a bias: its gradient, the sum of dinp per
 //               channel, is summed as dinp is written, in conv2d_backward_bias's order (thread t
 //               takes elements t, t + RED_WG, …, then block_sum2), so that kernel's pass over
 //               dinp disappears and the bits stay.
 
 struct Params {
-    n: u32, c: u32, partial_rows: u32, _pad1: u32,
-    eps: f32, momentum: f32, update_running: u32, _pad2: u32,
+    n: u32, c: u32, partial_rows: u32, se_hidden: u32,
+    eps: f32, momentum: f32, update_running: u32, se_bias: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -130,6 +141,14 @@ struct Params {
 // PARTIALS: the convolution's per-block statistics, [blocks, C, 2] (mean, M2) (conv2d.wgsl's
 // `stat_partial`), block b covering elements b * partial_rows .. of every channel.
 @group(0) @binding(22) var<storage, read> stat_partial: array<f32>;
+// SE_WGRAD: the SE block's saved forward values and per-sample gradients, and its weight
+// gradients (se_weight_grad.wgsl's names; p.se_hidden hidden units, biases where p.se_bias).
+@group(0) @binding(23) var<storage, read> saved_in: array<f32>;
+@group(0) @binding(24) var<storage, read> dsaved_in: array<f32>;
+@group(0) @binding(25) var<storage, read_write> dw1: array<f32>;
+@group(0) @binding(26) var<storage, read_write> db1: array<f32>;
+@group(0) @binding(27) var<storage, read_write> dw2: array<f32>;
+@group(0) @binding(28) var<storage, read_write> db2: array<f32>;
 
 // H*W is fixed per pipeline, so finding an element of a channel, e / HW and e % HW, costs a
 // multiply and shift instead of lavapipe's per-lane software division (1.25x on the BN kernels);
@@ -142,6 +161,7 @@ override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the 
 override SE_IN: u32 = 0u;     // 1: the gradient from the SE block after (see above)
 override STATS_ONLY: u32 = 0u; // 1: no output written, the next layer applies it (see above)
 override PARTIALS: u32 = 0u;  // 1: the statistics from the convolution before (see above)
+override SE_WGRAD: u32 = 0u;  // 1 (with SE_IN): the SE block's weight gradients too (see above)
 // POOL's geometry (H, W with HW = H * W, KH, …, OW): max_pool_window.wgsl's overrides.
 
 // Index of the e-th element of channel c, e in [0, N*HW).
@@ -403,6 +423,12 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
         dgamma[c] = dgamma_c;
     }
     input_grad_channel(c, l, mean, invstd, dbeta_c, dgamma_c, 1.0 / f32(m));
+    if (SE_WGRAD != 0u) {
+        // The SE block's channel c: its 2 * ceil(hidden / 4) blocks of hidden units.
+        for (var jb = l.t; jb < 2u * ((p.se_hidden + 3u) / 4u); jb += RED_WG) {
+            se_weight_grad_block(c, jb, p.n, p.c, p.se_hidden, p.se_bias != 0u);
+        }
+    }
 }
 
 // --sync-bn, first half of the backward: this rank's dbeta and dgamma (parameter gradients, which

@@ -97,6 +97,12 @@ impl LayerOp for BatchNorm2d {
         true
     }
 
+    /// With the SE block's gradient (SE_IN), its backward can sum that block's weight gradients
+    /// too (SE_WGRAD).
+    fn sums_next_weight_grad(&self) -> bool {
+        true
+    }
+
     /// Its training forward can merge the block statistics of the convolution before it
     /// (batch_norm.wgsl, PARTIALS).
     fn takes_input_stats(&self) -> bool {
@@ -174,6 +180,7 @@ impl LayerOp for BatchNorm2d {
                 beta: cfg.recomputes_mask().then_some(b.value),
                 se_grad: r.fused.grad_from_next,
                 partials: None,
+                se_weight: r.fused.next_weight_grad,
             };
             r.train.extend(super::batch_norm_forward_train_fused(
                 gpu,
@@ -181,7 +188,12 @@ impl LayerOp for BatchNorm2d {
                 &t,
                 BnFused { argmax: fused.argmax, partials: r.fused.input_stats.map(|(t, _)| t), ..BnFused::default() },
             )?);
-            r.backward.extend(super::batch_norm_backward_fused(gpu, &cfg, &gb, fused)?);
+            // The SE block after it may leave its weight gradients to the backward (SE_WGRAD).
+            let bwd_cfg = match r.fused.next_weight_grad {
+                Some(w) => cfg.with_se_wgrad(w.dw1.shape[0], w.db1.is_some()),
+                None => cfg,
+            };
+            r.backward.extend(super::batch_norm_backward_fused(gpu, &bwd_cfg, &gb, fused)?);
         }
         Ok(())
     }

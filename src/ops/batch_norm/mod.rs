@@ -15,6 +15,7 @@ use anyhow::{Result, ensure};
 use bytemuck::{Pod, Zeroable};
 
 use super::pool::MaxPool2dConfig;
+use super::se_block::SeWeightGradIo;
 use super::{el, expect_shape, placeholder, to_u32};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
 
@@ -52,6 +53,9 @@ pub struct BatchNormConfig {
     /// wrote (mean, M2) per block of this many elements of each channel as it stored its output
     /// (PARTIALS; [`BnFused::partials`]), instead of reading its input for them.
     pub partial_rows: Option<usize>,
+    /// With `se_in`: the backward also sums the SE block's weight gradients (SE_WGRAD), whose
+    /// (hidden units, biases) these are; the block records no weight-gradient dispatch.
+    pub se_wgrad: Option<(usize, bool)>,
 }
 
 impl BatchNormConfig {
@@ -71,6 +75,7 @@ impl BatchNormConfig {
             se_in: false,
             stats_only: false,
             partial_rows: None,
+            se_wgrad: None,
         }
     }
 
@@ -99,6 +104,12 @@ impl BatchNormConfig {
     /// With its gradient from the SE block after it ([`BatchNormConfig::se_in`]).
     pub fn with_se_in(self) -> Self {
         BatchNormConfig { se_in: true, ..self }
+    }
+
+    /// With the SE block's weight gradients (`hidden` units, `bias`) summed in the backward
+    /// ([`BatchNormConfig::se_wgrad`]).
+    pub fn with_se_wgrad(self, hidden: usize, bias: bool) -> Self {
+        BatchNormConfig { se_wgrad: Some((hidden, bias)), ..self }
     }
 
     /// With no output written in training ([`BatchNormConfig::stats_only`]).
@@ -139,6 +150,9 @@ impl BatchNormConfig {
         }
         if self.stats_only {
             k.push(("STATS_ONLY", 1.0));
+        }
+        if self.se_wgrad.is_some() {
+            k.push(("SE_WGRAD", 1.0));
         }
         if self.partial_rows.is_some() {
             k.push(("PARTIALS", 1.0));
@@ -202,11 +216,11 @@ impl BatchNormConfig {
             n: to_u32("batch", self.n)?,
             c: to_u32("channels", self.c)?,
             partial_rows: to_u32("statistics block", self.partial_rows.unwrap_or(0))?,
-            _pad0: 0,
+            se_hidden: to_u32("SE hidden units", self.se_wgrad.map_or(0, |(h, _)| h))?,
             eps: self.eps as f32,
             momentum: self.momentum as f32,
             update_running: u32::from(update_running),
-            _pad1: 0,
+            se_bias: u32::from(self.se_wgrad.is_some_and(|(_, b)| b)),
         })
     }
 }
@@ -218,11 +232,11 @@ struct Params {
     n: u32,
     c: u32,
     partial_rows: u32,
-    _pad0: u32,
+    se_hidden: u32,
     eps: f32,
     momentum: f32,
     update_running: u32,
-    _pad1: u32,
+    se_bias: u32,
 }
 
 /// The tensors of a forward pass: input, affine parameters, running statistics (updated in
@@ -252,6 +266,8 @@ pub struct BnFused<'a> {
     /// The training forward with `partial_rows`: the convolution's block statistics,
     /// [`BatchNormConfig::partials_shape`] f32.
     pub partials: Option<&'a Tensor>,
+    /// The backward with `se_wgrad`: the SE block's saved values and its weight gradients.
+    pub se_weight: Option<SeWeightGradIo<'a>>,
 }
 
 impl<'a> BnFused<'a> {
@@ -322,6 +338,17 @@ impl<'a> BnFused<'a> {
         );
         if let Some(t) = self.se_grad {
             expect_shape("batch_norm SE gradient (s, dz)", t, &[cfg.n, 2, cfg.c])?;
+        }
+        ensure!(
+            cfg.se_wgrad.is_some() == self.se_weight.is_some() && (cfg.se_wgrad.is_none() || cfg.se_in),
+            "batch_norm: the SE block's weight gradients need its buffers, only they, and its gradient \
+             (se_wgrad {:?}, buffers given {}, se_in {})",
+            cfg.se_wgrad,
+            self.se_weight.is_some(),
+            cfg.se_in
+        );
+        if let (Some((hidden, bias)), Some(w)) = (cfg.se_wgrad, &self.se_weight) {
+            w.check(cfg.n, cfg.c, hidden, bias)?;
         }
         Ok(())
     }
@@ -493,6 +520,18 @@ pub fn batch_norm_backward_fused(
     ];
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     f.push_binds(&mut binds, &unused, false);
+    // The SE block's weight gradients (SE_WGRAD): a written binding without a buffer of its own
+    // gets a placeholder of its own, so no buffer is bound writable twice.
+    let spare = [placeholder(gpu)?, placeholder(gpu)?, placeholder(gpu)?, placeholder(gpu)?];
+    let w = f.se_weight;
+    binds.extend([
+        Bind::Tensor(23, w.map_or(&unused[0], |w| w.saved)),
+        Bind::Tensor(24, w.map_or(&unused[0], |w| w.dsaved)),
+        Bind::Tensor(25, w.map_or(&spare[0], |w| w.dw1)),
+        Bind::Tensor(26, w.and_then(|w| w.db1).unwrap_or(&spare[1])),
+        Bind::Tensor(27, w.map_or(&spare[2], |w| w.dw2)),
+        Bind::Tensor(28, w.and_then(|w| w.db2).unwrap_or(&spare[3])),
+    ]);
     let d = bn_dispatch(gpu, cfg, "batch_norm_backward", &binds, g.inp, (12.0, 4.0))?;
     // Read: the input, the gradient (pooled: with its argmax), the ReLU output unless the mask
     // is recomputed (or there is no ReLU); written: dinp and the bias gradient.
@@ -501,8 +540,10 @@ pub fn batch_norm_backward_fused(
     let argmax = if cfg.pool.is_some() { 4.0 * o } else { 0.0 };
     let bias = if cfg.conv_bias { 4.0 * cfg.c as f64 } else { 0.0 };
     let se = if cfg.se_in { 8.0 * (cfg.n * cfg.c) as f64 } else { 0.0 };
-    let bytes = 2.0 * n * e + o * e + mask + argmax + bias + se;
-    Ok(d.into_iter().map(|d| d.with_cost(12.0 * n + cfg.kernel_area() * o, bytes)).collect())
+    // The SE block's weight gradients: its pass's reads and writes and multiply-adds.
+    let (se_flops, se_bytes) = f.se_weight.map_or((0.0, 0.0), |w| w.cost(cfg.n));
+    let bytes = 2.0 * n * e + o * e + mask + argmax + bias + se + se_bytes;
+    Ok(d.into_iter().map(|d| d.with_cost(12.0 * n + cfg.kernel_area() * o + se_flops, bytes)).collect())
 }
 
 // ---------------------------------------------------------------------------------------------

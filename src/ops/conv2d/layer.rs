@@ -122,12 +122,12 @@ impl LayerOp for Conv2d {
         };
         let chosen: Vec<ConvKernel> =
             passes.iter().map(|&pass| super::choose(r.gpu, &cfg, pass, r.precision)).collect::<Result<_>>()?;
-        // `--fuse on`: both gradients in one dispatch where one kernel runs them — on GPUs only. On
-        // lavapipe the joint kernel measured 1.14-1.61x the two separate dispatches' time (`cargo
-        // bench --bench conv_backward`, one run: base SENet and SE-ResNet-50 layers), and a CPU
-        // driver gains nothing from fewer dispatches.
+        // `--fuse on`: both gradients in one dispatch where one kernel runs them — by default on
+        // GPUs only (`--joint-backward`). On lavapipe the joint kernel measured 1.14-1.61x the two
+        // separate dispatches' time (`cargo bench --bench conv_backward`, one run: base SENet and
+        // SE-ResNet-50 layers), and a CPU driver gains nothing from fewer dispatches.
         let joint = match chosen[..] {
-            [_, input, weight] if r.gpu.fuse && !r.gpu.is_cpu() => super::joint_tiles(input, weight),
+            [_, input, weight] if r.gpu.fuse && r.gpu.joint_backward => super::joint_tiles(input, weight),
             _ => None,
         };
         for (&pass, &kernel) in passes.iter().zip(&chosen) {

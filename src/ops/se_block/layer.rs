@@ -5,8 +5,8 @@ use anyhow::{Result, ensure};
 use super::reference::{self as cpu, SeForward, SeParams};
 use super::{AddReluGrads, BnAffine, Excitation, SeBlockConfig, SeGrads, SeVariant, SeWeights, Squeeze};
 use crate::ops::layer::{
-    Epilogue, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, SeSaved, Shape,
-    expect_spatial,
+    Epilogue, Init, LayerOp, LeftWeightGrad, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, SeSaved,
+    Shape, expect_spatial,
 };
 
 /// An SE block on `c` channels. `hidden` is C // r for the paper's reduction r, or timm's
@@ -75,14 +75,29 @@ impl LayerOp for SeBlock {
         self.variant.squeeze == Squeeze::Avg
     }
 
+    /// With a mean squeeze: the batch norm before the block can sum its weight gradients from
+    /// the saved values (se_weight_grad.wgsl, batch_norm.wgsl's SE_WGRAD).
+    fn leaves_weight_grad(&self, inp: &[usize]) -> Option<LeftWeightGrad> {
+        let cfg = self.config(inp);
+        (self.variant.squeeze == Squeeze::Avg).then(|| LeftWeightGrad {
+            saved: cfg.saved_shape().to_vec(),
+            dsaved: cfg.dsaved_shape().to_vec(),
+            weights: ["fc1.weight", "fc2.weight"],
+            biases: self.bias.then_some(["fc1.bias", "fc2.bias"]),
+        })
+    }
+
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
         let (inp, dinp) = r.inp();
         let cfg = self.config(&inp.shape);
         let (w1, w2) = (r.param("fc1.weight")?, r.param("fc2.weight")?);
         let (b1, b2) = (r.param_if(self.bias, "fc1.bias")?, r.param_if(self.bias, "fc2.bias")?);
         let weights = SeWeights { w1: w1.value, b1: b1.map(|b| b.value), w2: w2.value, b2: b2.map(|b| b.value) };
-        let saved = r.scratch("saved", &cfg.saved_shape())?;
-        let dsaved = r.scratch("saved grads", &cfg.dsaved_shape())?;
+        // Where the batch norm before sums the weight gradients, the two live in the plan.
+        let (saved, dsaved) = match r.fused.weight_grad_by_prev {
+            Some((s, d)) => (s.view(r.gpu, &s.label, 0, &s.shape)?, d.view(r.gpu, &d.label, 0, &d.shape)?),
+            None => (r.scratch("saved", &cfg.saved_shape())?, r.scratch("saved grads", &cfg.dsaved_shape())?),
+        };
         let g = SeGrads { dinp, dw1: w1.grad, db1: b1.map(|b| b.grad), dw2: w2.grad, db2: b2.map(|b| b.grad) };
         match r.residual {
             // The residual addition and the ReLU after it fused in (`Epilogue::AddRelu`).
@@ -107,6 +122,7 @@ impl LayerOp for SeBlock {
                     dres,
                     se_grad: r.fused.defer_input_grad,
                     input_affine: affine.map(|(_, a)| a),
+                    weight_grad_elsewhere: r.fused.weight_grad_by_prev.is_some(),
                 };
                 let bwd = super::se_block_backward_add_relu(r.gpu, &cfg, x, &weights, &saved, r.dout, e, &dsaved, &g);
                 r.backward.extend(bwd?);

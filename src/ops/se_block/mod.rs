@@ -302,6 +302,9 @@ pub struct AddReluGrads<'a> {
     pub se_grad: Option<&'a Tensor>,
     /// The batch norm before the block, applied as `inp` (its input) is loaded (AFFINE_IN).
     pub input_affine: Option<BnAffine<'a>>,
+    /// With `se_grad`: the batch norm before the block sums its weight gradients
+    /// ([`SeWeightGradIo`], batch_norm.wgsl's SE_WGRAD): no weight-gradient dispatch here.
+    pub weight_grad_elsewhere: bool,
 }
 
 /// The backward of [`se_block_forward_add_relu`], two dispatches as [`se_block_backward`]: `dout`
@@ -380,7 +383,11 @@ fn backward(
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let per_element = if epilogue.is_some() { 5.0 } else { 4.0 };
     let input = input.with_cost(per_element * numel as f64 + 4.0 * fc, input_bytes as f64);
-    let weight = weight_pass(gpu, cfg, (&params, precision), [saved, dsaved], grads, [db1, db2])?;
+    if epilogue.is_some_and(|e| e.weight_grad_elsewhere) {
+        return Ok(vec![input]);
+    }
+    let io = SeWeightGradIo { saved, dsaved, dw1: grads.dw1, db1: grads.db1, dw2: grads.dw2, db2: grads.db2 };
+    let weight = weight_pass(gpu, cfg, (&params, precision), io, [db1, db2])?;
     Ok(vec![input, weight])
 }
 
@@ -402,6 +409,10 @@ fn check_backward(
         expect_shape("se_block output", e.out, &cfg.shape())?;
         expect_shape("se_block shortcut grad", e.dres, &cfg.shape())?;
     }
+    ensure!(
+        epilogue.is_none_or(|e| !e.weight_grad_elsewhere || e.se_grad.is_some()),
+        "se_block: only a block leaving dx to the layer before leaves it the weight gradients"
+    );
     if let Some(t) = defer {
         expect_shape("se_block deferred gradient (s, dz)", t, &[cfg.n, 2, cfg.c])?;
         ensure!(cfg.variant.squeeze == Squeeze::Avg, "se_block: only a mean squeeze leaves dx to the layer before");
@@ -419,33 +430,73 @@ fn check_backward(
     Ok(())
 }
 
-/// The weight-gradient pass: the saved activations and gradients summed over the batch.
+/// What an SE block's weight-gradient pass reads and writes (se_weight_grad.wgsl): its saved
+/// forward values [n, 2C + hidden] and per-sample gradients [n, C + hidden], and its weight (and
+/// bias) gradients. Its own dispatch (`se_block_backward_weight`) or, left to it, the batch
+/// norm before the block (`BnFused::se_weight`) runs it.
+#[derive(Clone, Copy)]
+pub struct SeWeightGradIo<'a> {
+    pub saved: &'a Tensor,
+    pub dsaved: &'a Tensor,
+    pub dw1: &'a Tensor,
+    pub db1: Option<&'a Tensor>,
+    pub dw2: &'a Tensor,
+    pub db2: Option<&'a Tensor>,
+}
+
+impl SeWeightGradIo<'_> {
+    /// The shapes for a block of `c` channels and `hidden` units at batch `n`, biases where `bias`.
+    pub fn check(&self, n: usize, c: usize, hidden: usize, bias: bool) -> Result<()> {
+        expect_shape("se_block saved activations", self.saved, &[n, 2 * c + hidden])?;
+        expect_shape("se_block saved gradients", self.dsaved, &[n, c + hidden])?;
+        expect_shape("se_block fc1 weight grad", self.dw1, &[hidden, c, 1, 1])?;
+        expect_shape("se_block fc2 weight grad", self.dw2, &[c, hidden, 1, 1])?;
+        ensure!(
+            self.db1.is_some() == bias && self.db2.is_some() == bias,
+            "se_block: bias gradients given ({}, {}) for a block with biases {bias}",
+            self.db1.is_some(),
+            self.db2.is_some()
+        );
+        for (what, b, len) in [("fc1 bias grad", self.db1, hidden), ("fc2 bias grad", self.db2, c)] {
+            if let Some(b) = b {
+                expect_shape(&format!("se_block {what}"), b, &[len])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// (flops, bytes) at batch `n`: the saved activations and gradients read once, each weight
+    /// (and bias) gradient written once; one multiply-add per weight per sample.
+    pub fn cost(&self, n: usize) -> (f64, f64) {
+        let bias = self.db1.map_or(0, Tensor::numel) + self.db2.map_or(0, Tensor::numel);
+        let grad_numel = self.dw1.numel() + self.dw2.numel() + bias;
+        let bytes = 4 * (self.saved.numel() + self.dsaved.numel() + grad_numel);
+        (4.0 * (n * self.dw2.numel()) as f64, bytes as f64)
+    }
+}
+
+/// The weight-gradient pass as its own dispatch: the saved activations and gradients summed over
+/// the batch.
 fn weight_pass(
     gpu: &Gpu,
     cfg: &SeBlockConfig,
     (params, precision): (&wgpu::Buffer, Precision),
-    [saved, dsaved]: [&Tensor; 2],
-    grads: &SeGrads<'_>,
+    io: SeWeightGradIo<'_>,
     [db1, db2]: [&Tensor; 2],
 ) -> Result<Dispatch> {
-    let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let binds = [
         Bind::Uniform(0, params),
-        Bind::Tensor(8, saved),
-        Bind::Tensor(12, dsaved),
-        Bind::Tensor(13, grads.dw1),
+        Bind::Tensor(8, io.saved),
+        Bind::Tensor(12, io.dsaved),
+        Bind::Tensor(13, io.dw1),
         Bind::Tensor(14, db1),
-        Bind::Tensor(15, grads.dw2),
+        Bind::Tensor(15, io.dw2),
         Bind::Tensor(16, db2),
     ];
     // x: channels; y: blocks of 4 hidden units, fc1's then fc2's.
     let grid = [to_u32("channels", cfg.c.div_ceil(WG as usize))?, to_u32("hidden", 2 * cfg.hidden().div_ceil(4))?, 1];
     let weight =
         gpu.dispatch_in(precision, "se_block", "se_block_backward_weight", &[("WG", WG as f64)], &binds, grid)?;
-    // The saved activations and gradients read once, each weight (and bias) gradient written
-    // once; one multiply-add per weight per sample.
-    let grad_numel = grads.dw1.numel() + grads.dw2.numel() + if cfg.bias { cfg.hidden() + cfg.c } else { 0 };
-    let weight_bytes = 4 * (saved.numel() + dsaved.numel()) + 4 * grad_numel;
-    let weight = weight.with_cost(4.0 * fc, weight_bytes as f64);
-    Ok(weight)
+    let (flops, bytes) = io.cost(cfg.n);
+    Ok(weight.with_cost(flops, bytes))
 }

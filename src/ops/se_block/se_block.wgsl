@@ -39,7 +39,7 @@
 //       with the squeeze's read of x); backward g = dout * [out > 0] masked where read, the
 //       shortcut's gradient g and dx written by the one per-sample pass (dout, out, x read, two
 //       gradients written: 5 tensors for the unfused relu + add + SE input pass's 9).
-//   v6  (this) DEFER = 1 (`--fuse on`, a batch norm alone before the block): the `_add_relu`
+//   v6  DEFER = 1 (`--fuse on`, a batch norm alone before the block): the `_add_relu`
 //       backward leaves dx = g * s[c] + dz[c] to that batch norm's backward (batch_norm.wgsl,
 //       SE_IN), which reads g from the shortcut's gradient, and writes only s and dz per sample
 //       into `se_grad` ([n][s (C) | dz (C)]): the full-size dx is neither written nor read.
@@ -48,6 +48,10 @@
 //       mean) * (invstd * gamma) + beta) from its batch statistics (`bn_stats`, [mean | invstd])
 //       and parameters — batch_norm.wgsl's expression and rounding — so the batch norm writes
 //       only its statistics and x is never stored in training.
+//   v7  (this) the weight-gradient loop moved into se_weight_grad.wgsl, unchanged, which
+//       batch_norm.wgsl includes too (SE_WGRAD): after a batch norm that takes dx (DEFER), that
+//       batch norm's backward sums the weight gradients and this block records no dispatch for
+//       them.
 
 struct Params {
     n: u32, c: u32, cr: u32, hw: u32,
@@ -359,74 +363,9 @@ fn se_block_backward_input_add_relu(@builtin(workgroup_id) wid: vec3<u32>, lanes
     }
 }
 
-// gid.x: channel k; gid.y: a block of 4 hidden units j, first the fc1 blocks, then the fc2 ones.
-//   fc1: dw1[j0..j0+4, k] = sum_n da1[n, j0..j0+4] * z[n, k]      (dw1 is [Cr, C])
-//   fc2: dw2[k, j0..j0+4] = sum_n da2[n, k] * h[n, j0..j0+4]      (dw2 is [C, Cr])
-// Per sample one load that differs between invocations (z or da2 at k) and 4 that all
-// invocations share feed 4 FMAs; the sums run over n in order (deterministic). The bias
-// gradients ride along: db2[k] in the first fc2 block, db1 by the k = 0 invocations of the fc1
-// blocks.
+// gid.x: channel k; gid.y: a block of 4 hidden units, first the fc1 blocks, then the fc2 ones
+// (se_weight_grad.wgsl).
 @compute @workgroup_size(WG)
 fn se_block_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let k = gid.x;
-    let c = p.c;
-    let cr = p.cr;
-    if (k >= c) {
-        return;
-    }
-    let ss = 2u * c + cr;   // saved stride per sample: z | h | s
-    let ds = c + cr;        // dsaved stride per sample: da2 | da1
-    let jblocks = (cr + 3u) / 4u;
-    let fc1 = gid.y < jblocks;
-    let j0 = select(gid.y - jblocks, gid.y, fc1) * 4u;
-    if (j0 >= cr) {
-        return;
-    }
-    // Hidden units past the end read the last one; their sums are never written.
-    var jj: array<u32, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        jj[i] = min(j0 + i, cr - 1u);
-    }
-    // fc1 reads da1 (shared) and z (own); fc2 reads h (shared) and da2 (own).
-    var acc = vec4<f32>(0.0);
-    var own_sum = 0.0;
-    var shared_sum = vec4<f32>(0.0);
-    for (var n = 0u; n < p.n; n++) {
-        var v: vec4<f32>;
-        var own: f32;
-        if (fc1) {
-            let b = n * ds + c;
-            v = vec4<f32>(dsaved_in[b + jj[0]], dsaved_in[b + jj[1]], dsaved_in[b + jj[2]], dsaved_in[b + jj[3]]);
-            own = saved_in[n * ss + k];
-        } else {
-            let b = n * ss + c;
-            v = vec4<f32>(saved_in[b + jj[0]], saved_in[b + jj[1]], saved_in[b + jj[2]], saved_in[b + jj[3]]);
-            own = dsaved_in[n * ds + k];
-        }
-        acc += own * v;
-        own_sum += own;
-        shared_sum += v;
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let j = j0 + i;
-        if (j < cr) {
-            if (fc1) {
-                dw1[j * c + k] = acc[i];
-            } else {
-                dw2[k * cr + j] = acc[i];
-            }
-        }
-    }
-    if (p.has_bias != 0u) {
-        if (fc1 && k == 0u) {
-            for (var i = 0u; i < 4u; i++) {
-                if (j0 + i < cr) {
-                    db1[j0 + i] = shared_sum[i];
-                }
-            }
-        }
-        if (!fc1 && j0 == 0u) {
-            db2[k] = own_sum;
-        }
-    }
+    se_weight_grad_block(gid.x, gid.y, p.n, p.c, p.cr, p.has_bias != 0u);
 }
