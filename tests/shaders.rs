@@ -6,6 +6,7 @@ use senet_wgpu::gpu::{
     CONV_GEMM_PART, CONV_OWN_PART, CONV_PARAMS_PART, COOP_SHADERS, LANE_SHADERS, POOL_WINDOW_PART, PRELUDE_SUBGROUP,
     PRELUDE_WORKGROUP, Precision, SE_WEIGHT_GRAD_PART, SHADERS, coop_prelude, shader_source,
 };
+use senet_wgpu::ops::batch_norm::SE_WGRAD_STORAGE_BUFFERS;
 
 /// Parse and validate a file as the device compiles it: with a reduction prelude appended and
 /// `act` defined. The workgroup prelude must need no capability at all, the subgroup one only
@@ -41,6 +42,42 @@ fn storage_widths(module: &naga::Module) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Every entry point a GL adapter may run (the workgroup-tree variant: GL has no subgroups)
+/// binds at most 16 storage buffers, GL's limit (`max_storage_buffers_per_shader_stage`); the one
+/// that binds more, the batch-norm backward summing an SE block's weight gradients, binds exactly
+/// what the plan checks the adapter for (`batch_norm::SE_WGRAD_STORAGE_BUFFERS`).
+#[test]
+fn every_entry_point_fits_a_gl_adapters_storage_buffers() {
+    const GL_LIMIT: usize = 16;
+    for (name, src) in SHADERS {
+        for precision in [Precision::F32, Precision::F16] {
+            let module = validate(name, src, false, precision);
+            let caps = Capabilities::all();
+            let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            for (i, ep) in module.entry_points.iter().enumerate() {
+                let uses = info.get_entry_point(i);
+                let count = module
+                    .global_variables
+                    .iter()
+                    .filter(|(h, v)| matches!(v.space, naga::AddressSpace::Storage { .. }) && !uses[*h].is_empty())
+                    .count();
+                if ep.name == "batch_norm_backward_se_wgrad" {
+                    assert_eq!(count, SE_WGRAD_STORAGE_BUFFERS as usize, "{name}::{}: storage buffers", ep.name);
+                } else {
+                    assert!(
+                        count <= GL_LIMIT,
+                        "{name}::{} ({}) binds {count} storage buffers, more than GL's {GL_LIMIT}",
+                        ep.name,
+                        precision.name()
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Files whose kernels move activations (and so have an f16 variant with f16 bindings); the
@@ -92,6 +129,8 @@ const PASSES: &[&str] = &[
     "backward_weight",
     "backward_weight_reduce",
     "backward_bias",
+    // a batch norm's backward that also sums the SE block after it's weight gradients
+    "backward_se_wgrad",
     // --sync-bn's split batch norm: each pass in two halves around the ranks' exchange
     "forward_stats",
     "forward_apply",

@@ -856,7 +856,7 @@ impl Network {
         let mut t = HashMap::new();
         let nodes = &self.graph.nodes;
         for (b, d) in fusion.deferred.iter().enumerate() {
-            if d.is_none() || !nodes[b].layer.op().sums_next_weight_grad() {
+            if d.is_none() || !nodes[b].layer.op().sums_next_weight_grad(&self.gpu) {
                 continue;
             }
             let next = &nodes[b + 1];

@@ -145,8 +145,8 @@ pub trait LayerOp {
 
     /// Training, taking a deferred gradient ([`LayerOp::takes_deferred_grad`]): this op's
     /// backward can also sum the weight gradients the layer after it leaves
-    /// ([`Handoffs::next_weight_grad`]).
-    fn sums_next_weight_grad(&self) -> bool {
+    /// ([`Handoffs::next_weight_grad`]) on `gpu`.
+    fn sums_next_weight_grad(&self, _gpu: &Gpu) -> bool {
         false
     }
 

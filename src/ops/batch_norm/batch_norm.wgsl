@@ -98,10 +98,11 @@
 //               then block_welford as before. The first pass over the input disappears; the
 //               statistics are the same numbers summed in another order, so not bit for bit. A
 //               block marked by the convolution (M2 < 0) sends the whole channel back to its input.
-//   SE_WGRAD = 1  with SE_IN: the SE block's weight gradients are summed here too, workgroup c
-//               taking the SE's channel c (se_weight_grad.wgsl, shared with se_block.wgsl's
-//               se_block_backward_weight, so the same arithmetic bit for bit), and the SE block
-//               records no weight-gradient dispatch: one dispatch fewer per such block.
+//   SE_WGRAD    with SE_IN, the entry point batch_norm_backward_se_wgrad: the SE block's weight
+//               gradients are summed here too, workgroup c taking the SE's channel c
+//               (se_weight_grad.wgsl, shared with se_block.wgsl's se_block_backward_weight, so the
+//               same arithmetic bit for bit), and the SE block records no weight-gradient
+//               dispatch: one dispatch fewer per such block.
 //   BIAS = 1    the convolution before the BN has a bias: its gradient, the sum of dinp per
 //               channel, is summed as dinp is written, in conv2d_backward_bias's order (thread t
 //               takes elements t, t + RED_WG, …, then block_sum2), so that kernel's pass over
@@ -161,7 +162,6 @@ override BIAS: u32 = 0u;      // 1: the convolution bias gradient summed in the 
 override SE_IN: u32 = 0u;     // 1: the gradient from the SE block after (see above)
 override STATS_ONLY: u32 = 0u; // 1: no output written, the next layer applies it (see above)
 override PARTIALS: u32 = 0u;  // 1: the statistics from the convolution before (see above)
-override SE_WGRAD: u32 = 0u;  // 1 (with SE_IN): the SE block's weight gradients too (see above)
 // POOL's geometry (H, W with HW = H * W, KH, …, OW): max_pool_window.wgsl's overrides.
 
 // Index of the e-th element of channel c, e in [0, N*HW).
@@ -410,8 +410,24 @@ fn input_grad_channel(c: u32, l: Lane, mean: f32, invstd: f32, dbeta_c: f32, dga
 // dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M).
 @compute @workgroup_size(RED_WG)
 fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    backward_channel(wid.x, lane_of(lanes, RED_WG));
+}
+
+// SE_WGRAD: batch_norm_backward, then the SE block's weight gradients of channel c, its
+// 2 * ceil(hidden / 4) blocks of hidden units. An entry point of its own, so that the plain one
+// binds no more storage buffers than before: this one binds 18, beyond a GL adapter's 16, and the
+// plan runs it only where the adapter allows them.
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward_se_wgrad(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
     let l = lane_of(lanes, RED_WG);
     let c = wid.x;
+    backward_channel(c, l);
+    for (var jb = l.t; jb < 2u * ((p.se_hidden + 3u) / 4u); jb += RED_WG) {
+        se_weight_grad_block(c, jb, p.n, p.c, p.se_hidden, p.se_bias != 0u);
+    }
+}
+
+fn backward_channel(c: u32, l: Lane) {
     let m = p.n * HW;
     let mean = stats_in[c];
     let invstd = stats_in[p.c + c];
@@ -423,12 +439,6 @@ fn batch_norm_backward(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
         dgamma[c] = dgamma_c;
     }
     input_grad_channel(c, l, mean, invstd, dbeta_c, dgamma_c, 1.0 / f32(m));
-    if (SE_WGRAD != 0u) {
-        // The SE block's channel c: its 2 * ceil(hidden / 4) blocks of hidden units.
-        for (var jb = l.t; jb < 2u * ((p.se_hidden + 3u) / 4u); jb += RED_WG) {
-            se_weight_grad_block(c, jb, p.n, p.c, p.se_hidden, p.se_bias != 0u);
-        }
-    }
 }
 
 // --sync-bn, first half of the backward: this rank's dbeta and dgamma (parameter gradients, which

@@ -4,7 +4,7 @@ use anyhow::{Context, Result, ensure};
 
 use super::reference as cpu;
 use super::{BatchNormConfig, BnBackward, BnForward, BnFused, ROWS};
-use crate::gpu::Tensor;
+use crate::gpu::{Gpu, Tensor};
 use crate::ops::layer::{
     Attr, BnExchange, Epilogue, EvalAffine, ExchangeKind, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward,
     RefForward, RefOutput, Shape, expect_spatial,
@@ -98,9 +98,9 @@ impl LayerOp for BatchNorm2d {
     }
 
     /// With the SE block's gradient (SE_IN), its backward can sum that block's weight gradients
-    /// too (SE_WGRAD).
-    fn sums_next_weight_grad(&self) -> bool {
-        true
+    /// too (SE_WGRAD), where the adapter allows its storage buffers.
+    fn sums_next_weight_grad(&self, gpu: &Gpu) -> bool {
+        super::se_wgrad_fits(gpu)
     }
 
     /// Its training forward can merge the block statistics of the convolution before it

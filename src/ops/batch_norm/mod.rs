@@ -53,8 +53,10 @@ pub struct BatchNormConfig {
     /// wrote (mean, M2) per block of this many elements of each channel as it stored its output
     /// (PARTIALS; [`BnFused::partials`]), instead of reading its input for them.
     pub partial_rows: Option<usize>,
-    /// With `se_in`: the backward also sums the SE block's weight gradients (SE_WGRAD), whose
-    /// (hidden units, biases) these are; the block records no weight-gradient dispatch.
+    /// With `se_in`: the backward also sums the SE block's weight gradients (SE_WGRAD, the
+    /// entry point `batch_norm_backward_se_wgrad`), whose (hidden units, biases) these are; the
+    /// block records no weight-gradient dispatch. That entry point binds
+    /// [`SE_WGRAD_STORAGE_BUFFERS`] storage buffers: see [`se_wgrad_fits`].
     pub se_wgrad: Option<(usize, bool)>,
 }
 
@@ -150,9 +152,6 @@ impl BatchNormConfig {
         }
         if self.stats_only {
             k.push(("STATS_ONLY", 1.0));
-        }
-        if self.se_wgrad.is_some() {
-            k.push(("SE_WGRAD", 1.0));
         }
         if self.partial_rows.is_some() {
             k.push(("PARTIALS", 1.0));
@@ -520,19 +519,24 @@ pub fn batch_norm_backward_fused(
     ];
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     f.push_binds(&mut binds, &unused, false);
-    // The SE block's weight gradients (SE_WGRAD): a written binding without a buffer of its own
-    // gets a placeholder of its own, so no buffer is bound writable twice.
-    let spare = [placeholder(gpu)?, placeholder(gpu)?, placeholder(gpu)?, placeholder(gpu)?];
-    let w = f.se_weight;
-    binds.extend([
-        Bind::Tensor(23, w.map_or(&unused[0], |w| w.saved)),
-        Bind::Tensor(24, w.map_or(&unused[0], |w| w.dsaved)),
-        Bind::Tensor(25, w.map_or(&spare[0], |w| w.dw1)),
-        Bind::Tensor(26, w.and_then(|w| w.db1).unwrap_or(&spare[1])),
-        Bind::Tensor(27, w.map_or(&spare[2], |w| w.dw2)),
-        Bind::Tensor(28, w.and_then(|w| w.db2).unwrap_or(&spare[3])),
-    ]);
-    let d = bn_dispatch(gpu, cfg, "batch_norm_backward", &binds, g.inp, (12.0, 4.0))?;
+    // The SE block's weight gradients (SE_WGRAD), an entry point of its own: an absent bias
+    // gradient gets a placeholder of its own, so no buffer is bound writable twice.
+    let spare = [placeholder(gpu)?, placeholder(gpu)?];
+    let entry = match &f.se_weight {
+        Some(w) => {
+            binds.extend([
+                Bind::Tensor(23, w.saved),
+                Bind::Tensor(24, w.dsaved),
+                Bind::Tensor(25, w.dw1),
+                Bind::Tensor(26, w.db1.unwrap_or(&spare[0])),
+                Bind::Tensor(27, w.dw2),
+                Bind::Tensor(28, w.db2.unwrap_or(&spare[1])),
+            ]);
+            "batch_norm_backward_se_wgrad"
+        }
+        None => "batch_norm_backward",
+    };
+    let d = bn_dispatch(gpu, cfg, entry, &binds, g.inp, (12.0, 4.0))?;
     // Read: the input, the gradient (pooled: with its argmax), the ReLU output unless the mask
     // is recomputed (or there is no ReLU); written: dinp and the bias gradient.
     let (n, o, e) = (cfg.numel() as f64, cfg.out_numel() as f64, el(g.inp));
@@ -548,6 +552,16 @@ pub fn batch_norm_backward_fused(
 
 // ---------------------------------------------------------------------------------------------
 // --sync-bn: the passes split around the ranks' exchange
+
+/// Storage buffers `batch_norm_backward_se_wgrad` binds (tests/shaders.rs counts them in the
+/// shader): more than a GL adapter's 16.
+pub const SE_WGRAD_STORAGE_BUFFERS: u32 = 18;
+
+/// Whether `gpu` allows the batch-norm backward that sums the SE block's weight gradients
+/// ([`BatchNormConfig::se_wgrad`]).
+pub fn se_wgrad_fits(gpu: &Gpu) -> bool {
+    gpu.limits.max_storage_buffers_per_shader_stage >= SE_WGRAD_STORAGE_BUFFERS
+}
 
 /// Rows of an exchange buffer ([`ROWS`, C]): forward (count, mean, M2), backward (count, sum of
 /// the output gradient, sum of the output gradient times (x - mean)).
