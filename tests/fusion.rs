@@ -179,9 +179,10 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
 /// loads (se_block.wgsl AFFINE_IN, batch_norm.wgsl STATS_ONLY) and leaving dx = g·s + dz to the
 /// batch norm's backward (se_block.wgsl DEFER, batch_norm.wgsl SE_IN), against the unfused chain
 /// (the batch norm writes x, the block reads it and writes dx, the batch norm's backward reads
-/// it), and the block's weight gradients summed by the batch norm's backward (batch_norm.wgsl
-/// SE_WGRAD) against the block's own dispatch: every output bit for bit — the block's output, saved activations, shortcut gradient and
-/// weight gradients, the batch norm's running statistics, dinp, dgamma and dbeta.
+/// it), with the block's weight gradients in its own dispatch (as on adapters with fewer storage
+/// buffers) and summed by the batch norm's backward (batch_norm.wgsl SE_WGRAD): every output bit
+/// for bit — the block's output, saved activations, shortcut gradient and weight gradients, the
+/// batch norm's running statistics, dinp, dgamma and dbeta.
 fn deferred_input_gradient_case(
     gpu: &Gpu,
     cfg: &SeBlockConfig,
@@ -199,7 +200,9 @@ fn deferred_input_gradient_case(
     let gamma = upload(gpu, "gamma", &[c], &uniform(r, c, 0.5, 1.5));
     let beta = upload(gpu, "beta", &[c], &uniform(r, c, -0.5, 0.5));
     let act = |label: &str, shape: &[usize]| Tensor::zeros_of(gpu, label, shape, dtype).expect("allocate");
-    let chain = |fused: bool| -> Vec<Vec<f32>> {
+    // `fused`: DEFER, SE_IN, STATS_ONLY, AFFINE_IN; `wgrad` besides: SE_WGRAD (else the SE block's
+    // own weight-gradient pass, as on adapters with fewer storage buffers).
+    let chain = |fused: bool, wgrad: bool| -> Vec<Vec<f32>> {
         let (rm, rv, stats) =
             (zeros(gpu, "rm", &[c]), upload(gpu, "rv", &[c], &vec![1.0; c]), zeros(gpu, "stats", &[2, c]));
         let x = act("bn out", &shape);
@@ -235,12 +238,12 @@ fn deferred_input_gradient_case(
             dres: &dres,
             se_grad: fused.then_some(&se_grad),
             input_affine: fused.then_some(affine),
-            weight_grad_elsewhere: fused,
+            weight_grad_elsewhere: wgrad,
         };
         let inp = if fused { &ty } else { &x };
         let d = se_block::se_block_backward_add_relu(gpu, cfg, inp, weights, &saved, tdy, e, &dsaved, &grads).unwrap();
         // Fused, the batch norm's backward sums the weight gradients (SE_WGRAD).
-        assert_eq!(d.len(), if fused { 1 } else { 2 }, "{tag}: the SE backward's dispatches");
+        assert_eq!(d.len(), if wgrad { 1 } else { 2 }, "{tag}: the SE backward's dispatches");
         run(gpu, &d);
         let (dinp, dg, db) = (act("bn dinp", &shape), zeros(gpu, "dgamma", &[c]), zeros(gpu, "dbeta", &[c]));
         let dout = if fused { &dres } else { &dx };
@@ -254,9 +257,9 @@ fn deferred_input_gradient_case(
             dgamma: &dg,
             dbeta: &db,
         };
-        let (cfg_b, se_grad) =
-            if fused { (bn.with_se_in().with_se_wgrad(cr, cfg.bias), Some(&se_grad)) } else { (bn, None) };
-        let se_weight = fused.then_some(se_block::SeWeightGradIo {
+        let (cfg_b, se_grad) = if fused { (bn.with_se_in(), Some(&se_grad)) } else { (bn, None) };
+        let cfg_b = if wgrad { cfg_b.with_se_wgrad(cr, cfg.bias) } else { cfg_b };
+        let se_weight = wgrad.then_some(se_block::SeWeightGradIo {
             saved: &saved,
             dsaved: &dsaved,
             dw1: &dw1,
@@ -269,7 +272,14 @@ fn deferred_input_gradient_case(
         let f32s = [&saved, &dw1, &dw2, &db1, &db2, &rm, &rv, &dg, &db].map(|t| read(gpu, t));
         [read_as(gpu, &out), read_as(gpu, &dres), read_as(gpu, &dinp)].into_iter().chain(f32s).collect()
     };
-    let (fused, apart) = (chain(true), chain(false));
+    let apart = chain(false, false);
+    for (fused, what) in [(chain(true, false), "fused"), (chain(true, true), "fused with SE_WGRAD")] {
+        compare_chains(&fused, &apart, &format!("{tag}: {what}"));
+    }
+}
+
+/// Each output of two batch norm + SE chains, bit for bit.
+fn compare_chains(fused: &[Vec<f32>], apart: &[Vec<f32>], tag: &str) {
     let names = [
         "out",
         "dres",
@@ -284,9 +294,9 @@ fn deferred_input_gradient_case(
         "dgamma",
         "dbeta",
     ];
-    for (name, (f, a)) in names.iter().zip(fused.iter().zip(&apart)) {
+    for (name, (f, a)) in names.iter().zip(fused.iter().zip(apart)) {
         let same = f.len() == a.len() && f.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
-        assert!(same, "{tag}: {name} of the fused batch norm + SE chain differs from the unfused chain's");
+        assert!(same, "{tag}: {name} of the batch norm + SE chain differs from the unfused chain's");
     }
 }
 
