@@ -2,8 +2,10 @@
 # The quiet A/B on a CPU adapter, in one run: `senet bench` of the base SENet (batch 128, 3×32×32,
 # --tune off) at widths 1 and 0.25 with the fused plans (--fuse on) and the unfused ones (--fuse
 # off), rounds interleaved, then PyTorch on the CPU beside them (scripts/torch_bench_cuda.py
-# --device cpu --modes fp32, the same models, as many threads as the machine has cores). One JSON
-# line per measurement, after a header line with the date, build and load. Stop every other
+# --device cpu --modes fp32, the same models, as many threads as the machine has cores). The plan
+# that goes first alternates from round to round (fused first in odd rounds, unfused first in even
+# ones), so a host that slows down within a pair does not always count against the same plan. One
+# JSON line per measurement, after a header line with the date, build and load. Stop every other
 # process first: these machines are noisy, and only ratios within one run mean much.
 # Usage: scripts/lavapipe-ab.sh [senet binary] [python with torch] [rounds]
 set -euo pipefail
@@ -13,7 +15,9 @@ rounds=${3:-2}
 echo "# $(date -u +%FT%TZ) build $(git rev-parse --short HEAD) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for round in $(seq "$rounds"); do
   for width in 1 0.25; do
-    for fuse in on off; do
+    order="on off"
+    if [ $((round % 2)) -eq 0 ]; then order="off on"; fi
+    for fuse in $order; do
       printf '{"round":%s,"fuse":"%s",' "$round" "$fuse"
       "$bin" --tune off bench --model senet --width "$width" --batch-size 128 --fuse "$fuse" --json | cut -c2-
     done
