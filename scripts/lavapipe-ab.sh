@@ -5,7 +5,10 @@
 # --device cpu --modes fp32, the same models, as many threads as the machine has cores). The plan
 # that goes first alternates from round to round (fused first in odd rounds, unfused first in even
 # ones), so a host that slows down within a pair does not always count against the same plan. One
-# JSON line per measurement, after a header line with the date, build and load. Stop every other
+# JSON line per measurement, after a header line with the date, build and load. Width 0.25 is timed
+# over 40 steps (about 20 s on 2 cores), width 1 over the bench's default 10 (about a minute): a
+# 10-step width-0.25 window of ~5 s caught this host's bursts, and its pairs moved by +-15 %.
+# scripts/ab_summary.py prints the table from the log. Stop every other
 # process first: these machines are noisy, and only ratios within one run mean much.
 # Usage: scripts/lavapipe-ab.sh [senet binary] [python with torch] [rounds]
 set -euo pipefail
@@ -19,7 +22,9 @@ for round in $(seq "$rounds"); do
     if [ $((round % 2)) -eq 0 ]; then order="off on"; fi
     for fuse in $order; do
       printf '{"round":%s,"fuse":"%s",' "$round" "$fuse"
-      "$bin" --tune off bench --model senet --width "$width" --batch-size 128 --fuse "$fuse" --json | cut -c2-
+      steps=10
+      if [ "$width" = 0.25 ]; then steps=40; fi
+      "$bin" --tune off bench --model senet --width "$width" --batch-size 128 --steps "$steps" --fuse "$fuse" --json | cut -c2-
     done
   done
 done
