@@ -11,7 +11,7 @@
 mod common;
 
 use senet_wgpu::gpu::{ConvForm, Gpu, GpuOptions};
-use senet_wgpu::ops::conv2d::{self, Conv2dConfig};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvPass};
 
 fn main() {
     let plain = common::adapter();
@@ -28,5 +28,10 @@ fn main() {
     for (_, cfg) in &layers {
         assert!(conv2d::plain_gemm(&plain, cfg) && !conv2d::plain_gemm(&general, cfg));
     }
-    common::form_table([("1x1", &plain), ("general", &general)], &layers, rounds);
+    common::form_table(
+        [("1x1", &plain), ("general", &general)],
+        &layers,
+        &[ConvPass::Forward, ConvPass::BackwardInput],
+        rounds,
+    );
 }

@@ -11,7 +11,7 @@
 mod common;
 
 use senet_wgpu::gpu::{ConvForm, Gpu, GpuOptions};
-use senet_wgpu::ops::conv2d::{self, Conv2dConfig};
+use senet_wgpu::ops::conv2d::{self, Conv2dConfig, ConvPass};
 
 fn main() {
     let row3 = common::adapter();
@@ -27,6 +27,8 @@ fn main() {
     ];
     for (_, cfg) in &layers {
         assert!(conv2d::row3_gemm(&row3, cfg) && !conv2d::row3_gemm(&general, cfg));
+        assert!(conv2d::row3_wgrad(&row3, cfg) && !conv2d::row3_wgrad(&general, cfg));
     }
-    common::form_table([("3-wide", &row3), ("general", &general)], &layers, rounds);
+    let passes = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight];
+    common::form_table([("3-wide", &row3), ("general", &general)], &layers, &passes, rounds);
 }

@@ -70,10 +70,11 @@ struct Cli {
     /// kernel, for comparing). Changes speed, not values.
     #[arg(long, global = true, value_enum, env = "SENET_CONV_1X1", default_value_t)]
     conv_1x1: gpu::ConvForm,
-    /// Convolutions 3 wide with padding 1 and stride 1 (W a multiple of 4) run the register GEMM
-    /// a kernel row at a time, loading four pixels and their two neighbours once for the row's
-    /// three taps: on (default) or off (the general kernel, for comparing). The same products,
-    /// summed in another order.
+    /// Convolutions 3 wide with padding 1 and stride 1 run the register kernels a kernel row at a
+    /// time: the forward and input gradient (W a multiple of 4) load four pixels and their two
+    /// neighbours once for the row's three taps, the weight gradient each input value once for
+    /// them: on (default) or off (the general kernels, for comparing). The forward and input
+    /// gradient sum the same products in another order; the weight gradient's values are the same.
     #[arg(long, global = true, value_enum, env = "SENET_CONV_3X3", default_value_t)]
     conv_3x3: gpu::ConvForm,
     /// With --fuse on, a convolution (register kernels) whose output a batch norm alone reads

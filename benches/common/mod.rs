@@ -57,7 +57,7 @@ pub fn ab_secs(a: (&Gpu, &[Dispatch]), b: (&Gpu, &[Dispatch]), rounds: usize) ->
 /// only in which form a layer gets): the forward and the input gradient, f32 (and f16 where the
 /// adapter has it), on the register blocks the adapter picks, timed by [`ab_secs`] over `rounds`;
 /// ms, GFLOP/s and the second form's time over the first's.
-pub fn form_table(forms: [(&str, &Gpu); 2], layers: &[(&str, Conv2dConfig)], rounds: usize) {
+pub fn form_table(forms: [(&str, &Gpu); 2], layers: &[(&str, Conv2dConfig)], passes: &[ConvPass], rounds: usize) {
     let [(na, a), (nb, b)] = forms;
     let mut precisions = vec![Precision::F32];
     if a.features.contains(wgpu::Features::SHADER_F16) {
@@ -67,16 +67,19 @@ pub fn form_table(forms: [(&str, &Gpu); 2], layers: &[(&str, Conv2dConfig)], rou
     println!("{:<34} {:<5} {:<8} {ma:>10} {mb:>10} {ga:>9} {gb:>9} {:>7}", "layer", "", "pass", "ratio");
     for (name, cfg) in layers {
         for &precision in &precisions {
-            for pass in [ConvPass::Forward, ConvPass::BackwardInput] {
+            for &pass in passes {
                 let record = |gpu: &Gpu| {
                     let t = |shape: &[usize]| Tensor::zeros_of(gpu, "bench", shape, precision.dtype()).expect("alloc");
                     let (x, w, y) = (t(&cfg.input_shape()), t(&cfg.weight_shape()), t(&cfg.output_shape()));
+                    // Weight gradients are f32 in every plan.
+                    let dw = Tensor::zeros(gpu, "bench", &cfg.weight_shape()).expect("alloc");
                     let bufs = ConvBuffers {
                         inp: Some(&x),
                         weight: Some(&w),
                         out: Some(&y),
                         dout: Some(&y),
                         dinp: Some(&x),
+                        dweight: Some(&dw),
                         ..ConvBuffers::default()
                     };
                     let k = ConvKernel::Register(RegisterTiles::for_layer(gpu, cfg));
@@ -85,7 +88,11 @@ pub fn form_table(forms: [(&str, &Gpu); 2], layers: &[(&str, Conv2dConfig)], rou
                 let (da, db) = (record(a), record(b));
                 let (sa, sb) = ab_secs((a, &da), (b, &db), rounds);
                 let gf = |s: f64| 2.0 * cfg.macs() as f64 / s / 1e9;
-                let pass = if pass == ConvPass::Forward { "forward" } else { "dinput" };
+                let pass = match pass {
+                    ConvPass::Forward => "forward",
+                    ConvPass::BackwardInput => "dinput",
+                    _ => "dweight",
+                };
                 println!(
                     "{name:<34} {:<5} {pass:<8} {:>10.2} {:>10.2} {:>9.2} {:>9.2} {:>7.3}",
                     precision.name(),

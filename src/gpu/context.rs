@@ -83,8 +83,10 @@ pub struct GpuOptions {
     pub conv_1x1: ConvForm,
     /// Convolutions 3 wide with padding 1, stride 1 and W a multiple of 4 run the register GEMM's
     /// forward and input gradient a kernel row at a time, loading four pixels and their two
-    /// neighbours per row of taps (`--conv-3x3`); off: through the general kernel. The same
-    /// products summed in another order.
+    /// neighbours per row of taps, and such convolutions of any width their weight gradient a
+    /// kernel row at a time, each input value loaded once for the row's three taps
+    /// (`--conv-3x3`); off: through the general kernels. The forward and input gradient sum the
+    /// same products in another order; the weight gradient's values are the same bit for bit.
     pub conv_3x3: ConvForm,
     /// With `--fuse on`, training plans let a register-family convolution whose output a batch
     /// norm alone reads write that batch norm's statistics as it stores the output, per block of
@@ -234,7 +236,8 @@ pub struct Gpu {
     pub conv_lanes: bool,
     /// [`GpuOptions::conv_1x1`]: eligible 1x1 layers run the register GEMM's 1x1 form.
     pub conv_1x1: bool,
-    /// [`GpuOptions::conv_3x3`]: eligible 3-wide layers run the register GEMM's 3-wide form.
+    /// [`GpuOptions::conv_3x3`]: eligible 3-wide layers run the register GEMM's 3-wide form and
+    /// the weight gradient's 3-wide walk.
     pub conv_3x3: bool,
     /// [`GpuOptions::bn_stats`] (with `fuse`): a batch norm's statistics from the register
     /// convolution before it.

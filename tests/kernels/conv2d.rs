@@ -641,11 +641,70 @@ fn conv2d_row3_matches_the_general_form() {
     assert_form_cases("3-wide form", (&row3, &general), &cases, 2800, Agree::Sums);
 }
 
+/// The weight gradient a kernel row at a time (`WGRAD_ROW3`: what `gpu()` runs for a layer 3 wide
+/// with padding 1, dilation 1 and stride 1) against the one-tap walk (`--conv-3x3 off`), bit for
+/// bit: each tap's sum runs over the same pixels in the same order, a tap in the padding adding a
+/// 0 product. f32 with the adapter's blocks and the smallest (4 x 8: 8 output channels a block),
+/// f16 with the adapter's, each split 1 and 4 ways (a split of 4 starts mid-row in every case). The
+/// widths are not multiples of 4, so the forward and input gradient take the general form on both
+/// devices and agree bit for bit too. Cases: batch 1 on a 1x1 image (both neighbours padding),
+/// non-square 3x5 and 5x7, channels that leave partial blocks (5 -> 37, 37 -> 5: 4-channel blocks
+/// of input, 16-channel blocks of output), 2 groups, 88 input channels (3 kernel rows x 22 blocks:
+/// 66 invocations, past one 64-invocation workgroup), and kernel heights the form leaves alone: 1x3
+/// with no vertical padding, 5x3 with vertical padding 4 and dilation 2. Shapes it must not take
+/// (stride 2, horizontal padding 0 or 2, a 5-wide kernel, horizontal dilation, a vertical stride)
+/// are checked to go to the one-tap walk.
+#[test]
+fn conv2d_row3_weight_gradient_is_the_one_tap_walk_bit_for_bit() {
+    let (row3, general) = (gpu(), gpu_without_row3());
+    let sq = Conv2dConfig::square;
+    let tall = |kh, pad_h, dil_h| Conv2dConfig {
+        kh,
+        pad: (pad_h, 1),
+        dilation: (dil_h, 1),
+        ..sq(2, 6, (7, 6), 9, 3, 1, 1, true)
+    };
+    let cases = [
+        sq(1, 3, (1, 1), 5, 3, 1, 1, true),
+        sq(2, 5, (3, 5), 37, 3, 1, 1, false),
+        sq(3, 37, (5, 7), 5, 3, 1, 1, true),
+        sq(2, 8, (3, 6), 12, 3, 1, 1, true).grouped(2),
+        sq(1, 88, (2, 3), 20, 3, 1, 1, false),
+        tall(1, 0, 1),
+        tall(5, 4, 2),
+    ];
+    for cfg in &cases {
+        assert!(conv2d::row3_wgrad(&row3, cfg) && !conv2d::row3_wgrad(&general, cfg), "{cfg:?}");
+        assert!(!conv2d::row3_gemm(&row3, cfg), "{cfg:?}: the forward must keep its general form here");
+    }
+    let one_tap_only = [
+        sq(2, 4, (8, 8), 6, 3, 2, 1, true),
+        sq(2, 4, (8, 8), 6, 3, 1, 0, true),
+        sq(2, 4, (8, 8), 6, 3, 1, 2, true),
+        sq(2, 4, (8, 8), 6, 5, 1, 1, true),
+        Conv2dConfig { dilation: (1, 2), ..sq(2, 4, (8, 8), 6, 3, 1, 1, true) },
+        Conv2dConfig { stride: (2, 1), ..sq(2, 4, (8, 8), 6, 3, 1, 1, true) },
+    ];
+    for cfg in one_tap_only {
+        assert!(!conv2d::row3_wgrad(&row3, &cfg), "{cfg:?} is not a 3-wide weight gradient");
+    }
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for (i, cfg) in cases.iter().enumerate() {
+            let (adapter, small) = (RegisterTiles::for_layer(&row3, cfg), RegisterTiles::ALL[0]);
+            let blocks = if dtype == Dtype::F16 { vec![adapter] } else { vec![adapter, small] };
+            let passes = RegisterPasses { blocks, wgrad_splits: vec![1, 4], joint: None };
+            let what = format!("{} case {i} {cfg:?}: the weight gradient a kernel row at a time", dtype.name());
+            assert_register_paths_agree(&what, (&row3, &general), cfg, dtype, 2900 + i as u64, &passes, Agree::Bits);
+        }
+    }
+}
+
 /// A form of the register GEMM's forward and input gradient (`form` on device `a`) against the
 /// general form (`b`) on each of `cases`, agreeing as `agree` says: f32 with the adapter's blocks
 /// and the smallest (4 x 8, also the joint backward's), f16 with the adapter's (each pipeline
-/// costs seconds to compile on lavapipe with a cold shader cache); no weight gradient (it has one
-/// form). Inputs seeded from `seed` on.
+/// costs seconds to compile on lavapipe with a cold shader cache); no weight gradient (its 3-wide
+/// walk has a test of its own, `conv2d_row3_weight_gradient_is_the_one_tap_walk_bit_for_bit`).
+/// Inputs seeded from `seed` on.
 fn assert_form_cases(form: &str, (a, b): (&Gpu, &Gpu), cases: &[Conv2dConfig], seed: u64, agree: Agree) {
     for dtype in [Dtype::F32, Dtype::F16] {
         for (i, cfg) in cases.iter().enumerate() {

@@ -20,7 +20,8 @@
 // GEMM_M rows (4, 8 or 16 pixels) x GEMM_N columns (8 or 16 channels) for the forward and the input
 // gradient, which are one kernel (conv2d_gemm, MODE 0 / 1); WGRAD_CI input channels (4, 8 or 16) x
 // WGRAD_N output channels (8 or 16) at one tap for the weight gradient (conv2d_backward_weight;
-// conv2d_backward runs a layer's input-gradient and weight-gradient blocks in one dispatch, as a
+// for a layer 3 wide with padding 1 and stride 1, 4 input channels x WGRAD_N at a kernel row's
+// three taps, WGRAD_ROW3; conv2d_backward runs a layer's input-gradient and weight-gradient blocks in one dispatch, as a
 // GPU's plan fused with `--fuse on` does). The sizes are override
 // constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe every storage
 // load runs lane by lane (Mesa 22.3's gallivm cannot tell an address all lanes share) while FMAs
@@ -129,13 +130,24 @@
 //       best of 3 rounds, both forms in one run): f32 1.06-1.50x, f16 0.94-1.22x; senet bench
 //       --tune off width 1 batch 128, --conv-3x3 on and off alternated, 2 rounds: train 11.9 / 13.8
 //       against 11.1 / 12.4 images/s (docs/runs/conv-3x3-lavapipe/).
-//   v19 (this) the forward's batch statistics (`p.stats`, `--bn-stats`): per block of GEMM rows and
+//   v19 the forward's batch statistics (`p.stats`, `--bn-stats`): per block of GEMM rows and
 //       column, the mean and M2 of the stored values for the training batch norm after it, summed
 //       from the named accumulators after the store and, with LANES, merged over the subgroup; with
 //       the flag off the arithmetic is v18's. cargo bench --bench bn_stats (the convolution and
 //       the batch norm's forward, with and without, one run): the convolution 0.91-1.03x in 8 of 10
 //       pairs, the two together 0.74-1.03x. Indexing `acc` per row and column instead (as the
 //       store loop does) made 1x1 layers 1.08-1.56x slower (docs/runs/bn-stats-lavapipe/).
+//   v20 (this) the weight gradient of a layer 3 wide with padding 1, stride 1 and dilation 1 across, stride
+//       1 down, a kernel row at a time (WGRAD_ROW3, wgrad_row3_block; host `register::row3_wgrad`,
+//       `--conv-3x3`; any width): an invocation owns 4 input channels x WGRAD_N output channels at
+//       the row's three taps (48 vec4 accumulators where the one-tap walk has 64) and keeps the
+//       input values of columns px - 1, px, px + 1 in registers as it walks a row, loading only the
+//       new right-hand column: 4 input loads a pixel for 192 products, where the one-tap walk makes
+//       16 for 256. Bit for bit the one-tap walk (each tap's sum over the same pixels in the same
+//       order, 0 products at the padding). cargo bench --bench conv_3x3 (the base SENet's 3x3 shapes
+//       at batch 16, both forms in one run, best of 3 rounds): weight gradient 1.29-1.74x faster in
+//       f32, 1.31-1.77x in f16 (docs/runs/conv-3x3-lavapipe/). The joint kernel (conv2d_backward,
+//       GPUs) keeps the one-tap walk.
 //   tried, not kept: the weight gradient walking four pixels at a time for stride-1 layers as wide
 //       as their input (W a multiple of 4, LANES): per input channel one aligned vec4 and one
 //       neighbour for the lane's tap, per lane one vec4 of dout, then the four pixels' products in
@@ -194,6 +206,8 @@ override GEMM_N: u32 = 16u;
 // Weight-gradient invocations own WGRAD_CI input channels (4 or 8) x WGRAD_N output channels (8 or 16).
 override WGRAD_CI: u32 = 8u;
 override WGRAD_N: u32 = 16u;
+// The weight gradient a kernel row at a time (wgrad_row3_block; conv2d_backward_weight only).
+override WGRAD_ROW3: bool = false;
 
 fn addend_at(i: u32) -> f32 {
     return f32(addend[i]);
@@ -895,7 +909,11 @@ fn gemm_block(gid: vec3<u32>, lane: u32) {
 // (without LANES; with it the lanes walk whole rows and mask the padding, below).
 @compute @workgroup_size(WG)
 fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, lane: LaneId) {
-    wgrad_block(gid, lane_index(lane));
+    if (WGRAD_ROW3) {
+        wgrad_row3_block(gid, lane_index(lane));
+    } else {
+        wgrad_block(gid, lane_index(lane));
+    }
 }
 
 // conv2d_backward_weight's invocation `gid` (also conv2d_backward's weight-gradient blocks); `lane`
@@ -1212,6 +1230,260 @@ fn wgrad_block(gid: vec3<u32>, lane: u32) {
                 let ci = ci0 + j;
                 if (ci < cin_g) {
                     dweight_partial[slice + (g * cout_g + co) * k_total + ci * khw + tap] = acc[4u * i + j / 4u][j % 4u];
+                }
+            }
+        }
+    }
+}
+
+// The weight gradient of a layer 3 wide with padding 1, dilation 1 and stride 1 (WGRAD_ROW3, host
+// `register::row3_wgrad`, `--conv-3x3`): an invocation owns 4 input channels x WGRAD_N output
+// channels at the three taps of one kernel row, and walks each output row keeping the input
+// values at columns px - 1, px and px + 1 in registers, so that per pixel it loads 4 input values
+// (the new right-hand column) for 3 x 4 x WGRAD_N products, where the one-tap walk loads WGRAD_CI
+// for WGRAD_CI x WGRAD_N. Each tap's sum runs over the same pixels in the same order as the
+// one-tap walk's; where a tap lands in the padding it adds a 0 product (which leaves a finite sum
+// bit for bit as it was), so the values are the one-tap walk's bit for bit. With LANES the lanes
+// walk whole rows together (dout broadcast per pixel), a row outside the image masked to 0.
+fn wgrad_row3_block(gid: vec3<u32>, lane: u32) {
+    let khw = p.kh * 3u;
+    let cin_g = p.c_in / p.groups;
+    let cout_g = p.c_out / p.groups;
+    let k_total = cin_g * khw;
+    let ci_blocks = (cin_g + 3u) / 4u;
+    let ky_ok = gid.x / ci_blocks < p.kh;
+    let ky = min(gid.x / ci_blocks, p.kh - 1u);
+    let ci0 = (gid.x % ci_blocks) * 4u;
+    let co_blocks = (cout_g + WGRAD_N - 1u) / WGRAD_N;
+    let g = gid.y / co_blocks;
+    let co0 = (gid.y % co_blocks) * WGRAD_N;
+    let split = gid.z;
+    if (g >= p.groups || !lanes_any(ky_ok)) {
+        return;
+    }
+    let ohw = p.oh * p.ow;
+    let hw = p.h * p.w;
+    let m_total = p.n * ohw;
+    let m_begin = split * p.split_len;
+    let m_end = min(m_total, m_begin + p.split_len);
+    let dy = i32(ky * p.dil_h) - i32(p.pad_h);
+    // Channels past the group's end read its last one; their sums are never written.
+    let c0 = (g * cin_g + min(ci0, cin_g - 1u)) * hw;
+    let c1 = (g * cin_g + min(ci0 + 1u, cin_g - 1u)) * hw;
+    let c2 = (g * cin_g + min(ci0 + 2u, cin_g - 1u)) * hw;
+    let c3 = (g * cin_g + min(ci0 + 3u, cin_g - 1u)) * hw;
+    var drow: array<u32, 16>;
+    for (var i = 0u; i < WGRAD_N; i++) {
+        drow[i] = (g * cout_g + min(co0 + i, cout_g - 1u)) * ohw;
+    }
+    let lane_d0 = (g * cout_g + min(co0 + lane, cout_g - 1u)) * ohw;
+    let lane_d1 = (g * cout_g + min(co0 + lane + 8u, cout_g - 1u)) * ohw;
+    var t0_0 = vec4<f32>(0.0);
+    var t0_1 = vec4<f32>(0.0);
+    var t0_2 = vec4<f32>(0.0);
+    var t0_3 = vec4<f32>(0.0);
+    var t0_4 = vec4<f32>(0.0);
+    var t0_5 = vec4<f32>(0.0);
+    var t0_6 = vec4<f32>(0.0);
+    var t0_7 = vec4<f32>(0.0);
+    var t0_8 = vec4<f32>(0.0);
+    var t0_9 = vec4<f32>(0.0);
+    var t0_10 = vec4<f32>(0.0);
+    var t0_11 = vec4<f32>(0.0);
+    var t0_12 = vec4<f32>(0.0);
+    var t0_13 = vec4<f32>(0.0);
+    var t0_14 = vec4<f32>(0.0);
+    var t0_15 = vec4<f32>(0.0);
+    var t1_0 = vec4<f32>(0.0);
+    var t1_1 = vec4<f32>(0.0);
+    var t1_2 = vec4<f32>(0.0);
+    var t1_3 = vec4<f32>(0.0);
+    var t1_4 = vec4<f32>(0.0);
+    var t1_5 = vec4<f32>(0.0);
+    var t1_6 = vec4<f32>(0.0);
+    var t1_7 = vec4<f32>(0.0);
+    var t1_8 = vec4<f32>(0.0);
+    var t1_9 = vec4<f32>(0.0);
+    var t1_10 = vec4<f32>(0.0);
+    var t1_11 = vec4<f32>(0.0);
+    var t1_12 = vec4<f32>(0.0);
+    var t1_13 = vec4<f32>(0.0);
+    var t1_14 = vec4<f32>(0.0);
+    var t1_15 = vec4<f32>(0.0);
+    var t2_0 = vec4<f32>(0.0);
+    var t2_1 = vec4<f32>(0.0);
+    var t2_2 = vec4<f32>(0.0);
+    var t2_3 = vec4<f32>(0.0);
+    var t2_4 = vec4<f32>(0.0);
+    var t2_5 = vec4<f32>(0.0);
+    var t2_6 = vec4<f32>(0.0);
+    var t2_7 = vec4<f32>(0.0);
+    var t2_8 = vec4<f32>(0.0);
+    var t2_9 = vec4<f32>(0.0);
+    var t2_10 = vec4<f32>(0.0);
+    var t2_11 = vec4<f32>(0.0);
+    var t2_12 = vec4<f32>(0.0);
+    var t2_13 = vec4<f32>(0.0);
+    var t2_14 = vec4<f32>(0.0);
+    var t2_15 = vec4<f32>(0.0);
+    var m = m_begin;
+    var nn = m / ohw;
+    var py = (m % ohw) / p.ow;
+    var row_px = m % p.ow;
+    while (m < m_end) {
+        let row_end = min(p.ow, row_px + (m_end - m));
+        let yy = i32(py * p.stride_h) + dy;
+        let row_ok = yy >= 0 && yy < i32(p.h);
+        if (LANES || row_ok) {
+            // Input column px + kx - 1 for tap kx (stride 1, padding 1 across: ow = w). The row's
+            // start in this image (a valid address even where the row is outside it: masked).
+            let base = nn * p.c_in * hw + u32(select(0, yy, row_ok)) * p.w;
+            let live = select(0.0, 1.0, row_ok);
+            let a = row_px;
+            // The window: columns a - 1 (0 at the left edge) and a.
+            let l_at = base + max(a, 1u) - 1u;
+            var xl = vec4<f32>(f32(inp[l_at + c0]), f32(inp[l_at + c1]), f32(inp[l_at + c2]), f32(inp[l_at + c3]))
+                * select(0.0, live, a > 0u);
+            let c_at = base + a;
+            var xc = vec4<f32>(f32(inp[c_at + c0]), f32(inp[c_at + c1]), f32(inp[c_at + c2]), f32(inp[c_at + c3])) * live;
+            var db = nn * p.c_out * ohw + py * p.ow + a;
+            for (var px = a; px < row_end; px++) {
+                let right = px + 1u < p.w;
+                let r_at = base + select(px, px + 1u, right);
+                let xr = vec4<f32>(f32(inp[r_at + c0]), f32(inp[r_at + c1]), f32(inp[r_at + c2]), f32(inp[r_at + c3]))
+                    * select(0.0, live, right);
+                var gl = vec4<f32>(0.0);
+                var gh = vec4<f32>(0.0);
+                var gu = vec4<f32>(0.0);
+                var gt = vec4<f32>(0.0);
+                if (LANES) {
+                    let ga = f32(dout[db + lane_d0]);
+                    gl = lanes_0_3(ga);
+                    gh = lanes_4_7(ga);
+                    if (WGRAD_N == 16u) {
+                        let gb = f32(dout[db + lane_d1]);
+                        gu = lanes_0_3(gb);
+                        gt = lanes_4_7(gb);
+                    }
+                } else {
+                    gl = vec4<f32>(f32(dout[db + drow[0]]), f32(dout[db + drow[1]]), f32(dout[db + drow[2]]), f32(dout[db + drow[3]]));
+                    gh = vec4<f32>(f32(dout[db + drow[4]]), f32(dout[db + drow[5]]), f32(dout[db + drow[6]]), f32(dout[db + drow[7]]));
+                    if (WGRAD_N == 16u) {
+                        gu = vec4<f32>(f32(dout[db + drow[8]]), f32(dout[db + drow[9]]), f32(dout[db + drow[10]]), f32(dout[db + drow[11]]));
+                        gt = vec4<f32>(f32(dout[db + drow[12]]), f32(dout[db + drow[13]]), f32(dout[db + drow[14]]), f32(dout[db + drow[15]]));
+                    }
+                }
+                let g0 = gl.x;
+                let g1 = gl.y;
+                let g2 = gl.z;
+                let g3 = gl.w;
+                let g4 = gh.x;
+                let g5 = gh.y;
+                let g6 = gh.z;
+                let g7 = gh.w;
+                t0_0 += g0 * xl;
+                t1_0 += g0 * xc;
+                t2_0 += g0 * xr;
+                t0_1 += g1 * xl;
+                t1_1 += g1 * xc;
+                t2_1 += g1 * xr;
+                t0_2 += g2 * xl;
+                t1_2 += g2 * xc;
+                t2_2 += g2 * xr;
+                t0_3 += g3 * xl;
+                t1_3 += g3 * xc;
+                t2_3 += g3 * xr;
+                t0_4 += g4 * xl;
+                t1_4 += g4 * xc;
+                t2_4 += g4 * xr;
+                t0_5 += g5 * xl;
+                t1_5 += g5 * xc;
+                t2_5 += g5 * xr;
+                t0_6 += g6 * xl;
+                t1_6 += g6 * xc;
+                t2_6 += g6 * xr;
+                t0_7 += g7 * xl;
+                t1_7 += g7 * xc;
+                t2_7 += g7 * xr;
+                if (WGRAD_N == 16u) {
+                    let g8 = gu.x;
+                    let g9 = gu.y;
+                    let g10 = gu.z;
+                    let g11 = gu.w;
+                    let g12 = gt.x;
+                    let g13 = gt.y;
+                    let g14 = gt.z;
+                    let g15 = gt.w;
+                    t0_8 += g8 * xl;
+                    t1_8 += g8 * xc;
+                    t2_8 += g8 * xr;
+                    t0_9 += g9 * xl;
+                    t1_9 += g9 * xc;
+                    t2_9 += g9 * xr;
+                    t0_10 += g10 * xl;
+                    t1_10 += g10 * xc;
+                    t2_10 += g10 * xr;
+                    t0_11 += g11 * xl;
+                    t1_11 += g11 * xc;
+                    t2_11 += g11 * xr;
+                    t0_12 += g12 * xl;
+                    t1_12 += g12 * xc;
+                    t2_12 += g12 * xr;
+                    t0_13 += g13 * xl;
+                    t1_13 += g13 * xc;
+                    t2_13 += g13 * xr;
+                    t0_14 += g14 * xl;
+                    t1_14 += g14 * xc;
+                    t2_14 += g14 * xr;
+                    t0_15 += g15 * xl;
+                    t1_15 += g15 * xc;
+                    t2_15 += g15 * xr;
+                }
+                xl = xc;
+                xc = xr;
+                db++;
+            }
+        }
+        m += row_end - row_px;
+        row_px = 0u;
+        py++;
+        if (py == p.oh) {
+            py = 0u;
+            nn++;
+        }
+    }
+    if (!ky_ok) {
+        return;
+    }
+    // Taps kx = 0, 1, 2 of output channel i: acc[3 * i + kx], a vec4 over the 4 input channels.
+    var acc = array<vec4<f32>, 48>(
+        t0_0, t1_0, t2_0,
+        t0_1, t1_1, t2_1,
+        t0_2, t1_2, t2_2,
+        t0_3, t1_3, t2_3,
+        t0_4, t1_4, t2_4,
+        t0_5, t1_5, t2_5,
+        t0_6, t1_6, t2_6,
+        t0_7, t1_7, t2_7,
+        t0_8, t1_8, t2_8,
+        t0_9, t1_9, t2_9,
+        t0_10, t1_10, t2_10,
+        t0_11, t1_11, t2_11,
+        t0_12, t1_12, t2_12,
+        t0_13, t1_13, t2_13,
+        t0_14, t1_14, t2_14,
+        t0_15, t1_15, t2_15,
+    );
+    let slice = split * p.c_out * k_total;
+    for (var i = 0u; i < WGRAD_N; i++) {
+        let co = co0 + i;
+        if (co < cout_g) {
+            for (var j = 0u; j < 4u; j++) {
+                let ci = ci0 + j;
+                if (ci < cin_g) {
+                    for (var kx = 0u; kx < 3u; kx++) {
+                        dweight_partial[slice + (g * cout_g + co) * k_total + ci * khw + ky * 3u + kx] = acc[3u * i + kx][j];
+                    }
                 }
             }
         }

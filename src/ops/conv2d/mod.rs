@@ -22,7 +22,7 @@ mod tune;
 mod workgroup;
 
 pub use layer::Conv2d;
-pub use register::{RegisterTiles, plain_gemm, row3_gemm, weight_grad_splits};
+pub use register::{RegisterTiles, plain_gemm, row3_gemm, row3_wgrad, weight_grad_splits};
 pub use tune::{builtin, choose, conv2d_pass_chosen, tune_key};
 pub use workgroup::WorkgroupTiles;
 

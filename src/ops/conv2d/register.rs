@@ -13,7 +13,8 @@ use crate::ops::{el, expect_shape, placeholder, placeholder_like, to_u32};
 /// Register-block shapes of `conv2d.wgsl`, WGSL `override` constants fixed per pipeline.
 /// Forward and input-gradient invocations own `gemm_m` pixels (4, 8 or 16) x `gemm_n` channels (8
 /// or 16); weight-gradient invocations own `wgrad_ci` input channels (4, 8 or 16) x `wgrad_n` output
-/// channels (8 or 16).
+/// channels (8 or 16) at one tap — or, where [`row3_wgrad`], 4 input channels x `wgrad_n` at a
+/// kernel row's three taps (`wgrad_ci` unused).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegisterTiles {
     pub gemm_m: usize,
@@ -150,7 +151,16 @@ pub fn row3_gemm(gpu: &Gpu, cfg: &Conv2dConfig) -> bool {
         && cfg.w.is_multiple_of(4)
 }
 
-/// The register GEMM's form for `cfg` (forward and input gradient; the weight gradient has one).
+/// Whether the weight gradient (`conv2d_backward_weight`) runs `cfg` a kernel row at a time
+/// (`WGRAD_ROW3` in conv2d.wgsl): [`Gpu::conv_3x3`], a kernel 3 wide with padding 1, dilation 1
+/// and stride 1 across (so OW = W and a row's three taps read three neighbouring columns), stride
+/// 1 down. Any width (no vec4 loads), any kernel height. The same values as the one-tap walk bit
+/// for bit (for finite inputs): each tap's sum over the same pixels in the same order.
+pub fn row3_wgrad(gpu: &Gpu, cfg: &Conv2dConfig) -> bool {
+    gpu.conv_3x3 && cfg.kw == 3 && cfg.pad.1 == 1 && cfg.dilation.1 == 1 && cfg.stride == (1, 1)
+}
+
+/// The register GEMM's form for `cfg` (forward and input gradient).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GemmForm {
     General,
@@ -352,6 +362,7 @@ impl WeightGrad {
         tiles: RegisterTiles,
         (inp, dout, dweight): (&Tensor, &Tensor, &Tensor),
         splits: usize,
+        row3: bool,
     ) -> Result<WeightGrad> {
         expect_shape("conv2d input", inp, &cfg.input_shape())?;
         expect_shape("conv2d dout", dout, &cfg.output_shape())?;
@@ -363,7 +374,12 @@ impl WeightGrad {
         // Columns come in blocks of `wgrad_ci` input channels (of a group) at one tap:
         // (kh*kw) * ceil((c_in/groups)/ci) of them; each invocation owns `wgrad_n` output channels
         // of one group for one such block.
-        let rows = cfg.kh * cfg.kw * cfg.c_in_group().div_ceil(tiles.wgrad_ci);
+        // A kernel row at a time ([`row3_wgrad`]): blocks of 4 input channels at one kernel row.
+        let rows = if row3 {
+            cfg.kh * cfg.c_in_group().div_ceil(4)
+        } else {
+            cfg.kh * cfg.kw * cfg.c_in_group().div_ceil(tiles.wgrad_ci)
+        };
         let grid = gemm_grid(gpu, rows, 1, (cfg.c_out_group(), cfg.groups), tiles.wgrad_n, splits)?;
         let flops = 2.0 * cfg.macs() as f64;
         let bytes = el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64;
@@ -458,20 +474,16 @@ pub(super) fn backward_weight(
     dweight: &Tensor,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
-    let g = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits)?;
+    let row3 = row3_wgrad(gpu, cfg);
+    let g = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, row3)?;
     let params = gpu.uniform("conv2d params", &cfg.params(g.splits, g.split_len)?);
+    let mut consts = tiles.wgrad_constants().to_vec();
+    consts.push(("WGRAD_ROW3", f64::from(u8::from(row3))));
     let partial = g.partial(gpu, cfg)?;
     let out = partial.as_ref().unwrap_or(dweight);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, out)];
     let first = gpu
-        .dispatch_in(
-            Precision::of(inp),
-            gemm_module(gpu),
-            "conv2d_backward_weight",
-            &tiles.wgrad_constants(),
-            &binds,
-            g.grid,
-        )?
+        .dispatch_in(Precision::of(inp), gemm_module(gpu), "conv2d_backward_weight", &consts, &binds, g.grid)?
         .with_cost(g.flops, g.bytes);
     g.finish(gpu, cfg, &params, first, (partial.as_ref(), dweight))
 }
@@ -492,7 +504,8 @@ pub(super) fn backward_joint(
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
     let d = InputGrad::new(gpu, cfg, tiles, dout, weight, dinp, addend)?;
-    let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits)?;
+    // The joint kernel's weight-gradient blocks are the one-tap walk's.
+    let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, false)?;
     let count = |g: [u32; 3]| g.iter().map(|&x| x as usize).product::<usize>();
     let total = count(d.grid) + count(w.grid);
     let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
