@@ -1,8 +1,9 @@
 //! `cargo bench [--profile dev] --bench conv_3x3`: the base SENet's 3x3 convolutions (stride 1,
 //! padding 1) at batch 16 through the register GEMM's 3-wide form (`--conv-3x3 on`: a kernel row's
 //! three taps from one vec4 and two neighbours per quad of pixels) against its general form
-//! (`--conv-3x3 off`), forward and input gradient, f32 (and f16 where the adapter has it), on the
-//! register blocks this adapter picks. After one warm-up run each, each round times both forms,
+//! (`--conv-3x3 off`), forward and input gradient, and the weight gradient's 3-wide walk (each
+//! input value loaded once for a kernel row's three taps) against its one-tap walk, f32 (and f16
+//! where the adapter has it), on the register blocks this adapter picks. After one warm-up run each, each round times both forms,
 //! best of 3 runs each, alternating which goes first; the table gives the best of all rounds,
 //! GFLOP/s, and the general form's time over the 3-wide form's. Arguments (after `--`): rounds
 //! (default 3). Compare figures from one run only. Measured on lavapipe: docs/performance.md,

@@ -54,9 +54,10 @@ pub fn ab_secs(a: (&Gpu, &[Dispatch]), b: (&Gpu, &[Dispatch]), rounds: usize) ->
 }
 
 /// A table of two register-GEMM forms of the same layers, `(name, device)` each (the devices differ
-/// only in which form a layer gets): the forward and the input gradient, f32 (and f16 where the
-/// adapter has it), on the register blocks the adapter picks, timed by [`ab_secs`] over `rounds`;
-/// ms, GFLOP/s and the second form's time over the first's.
+/// only in which form a layer gets): each of `passes` (the forward, the input gradient, the weight
+/// gradient split as a plan splits it, with its reduce), f32 (and f16 where the adapter has it), on the register blocks the adapter
+/// picks, timed by [`ab_secs`] over `rounds`; ms, GFLOP/s and the second form's time over the
+/// first's.
 pub fn form_table(forms: [(&str, &Gpu); 2], layers: &[(&str, Conv2dConfig)], passes: &[ConvPass], rounds: usize) {
     let [(na, a), (nb, b)] = forms;
     let mut precisions = vec![Precision::F32];
