@@ -360,6 +360,10 @@ impl Gpu {
             return Ok(p.clone());
         }
         let module = self.module(shader, precision)?.module;
+        // Internal errors too: a backend that compiles the shader itself (GL's GLSL compiler and
+        // linker) reports its failures as internal, and they would otherwise surface only later,
+        // as an invalid bind group layout.
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
@@ -372,7 +376,8 @@ impl Gpu {
             },
             cache: self.pipeline_cache.as_ref().map(|c| &c.cache),
         });
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        let validation = pollster::block_on(scope.pop());
+        if let Some(e) = validation.or(pollster::block_on(internal.pop())) {
             anyhow::bail!("building the pipeline {shader}::{entry}: {e}");
         }
         self.kernels.pipelines.lock().unwrap_or_else(|e| e.into_inner()).insert(key, pipeline.clone());

@@ -1352,35 +1352,35 @@ fn wgrad_row3_block(gid: vec3<u32>, lane: u32) {
                 let r_at = base + select(px, px + 1u, right);
                 let xr = vec4<f32>(f32(inp[r_at + c0]), f32(inp[r_at + c1]), f32(inp[r_at + c2]), f32(inp[r_at + c3]))
                     * select(0.0, live, right);
-                var gl = vec4<f32>(0.0);
-                var gh = vec4<f32>(0.0);
-                var gu = vec4<f32>(0.0);
-                var gt = vec4<f32>(0.0);
+                var dl = vec4<f32>(0.0);
+                var dh = vec4<f32>(0.0);
+                var du = vec4<f32>(0.0);
+                var dt = vec4<f32>(0.0);
                 if (LANES) {
                     let ga = f32(dout[db + lane_d0]);
-                    gl = lanes_0_3(ga);
-                    gh = lanes_4_7(ga);
+                    dl = lanes_0_3(ga);
+                    dh = lanes_4_7(ga);
                     if (WGRAD_N == 16u) {
                         let gb = f32(dout[db + lane_d1]);
-                        gu = lanes_0_3(gb);
-                        gt = lanes_4_7(gb);
+                        du = lanes_0_3(gb);
+                        dt = lanes_4_7(gb);
                     }
                 } else {
-                    gl = vec4<f32>(f32(dout[db + drow[0]]), f32(dout[db + drow[1]]), f32(dout[db + drow[2]]), f32(dout[db + drow[3]]));
-                    gh = vec4<f32>(f32(dout[db + drow[4]]), f32(dout[db + drow[5]]), f32(dout[db + drow[6]]), f32(dout[db + drow[7]]));
+                    dl = vec4<f32>(f32(dout[db + drow[0]]), f32(dout[db + drow[1]]), f32(dout[db + drow[2]]), f32(dout[db + drow[3]]));
+                    dh = vec4<f32>(f32(dout[db + drow[4]]), f32(dout[db + drow[5]]), f32(dout[db + drow[6]]), f32(dout[db + drow[7]]));
                     if (WGRAD_N == 16u) {
-                        gu = vec4<f32>(f32(dout[db + drow[8]]), f32(dout[db + drow[9]]), f32(dout[db + drow[10]]), f32(dout[db + drow[11]]));
-                        gt = vec4<f32>(f32(dout[db + drow[12]]), f32(dout[db + drow[13]]), f32(dout[db + drow[14]]), f32(dout[db + drow[15]]));
+                        du = vec4<f32>(f32(dout[db + drow[8]]), f32(dout[db + drow[9]]), f32(dout[db + drow[10]]), f32(dout[db + drow[11]]));
+                        dt = vec4<f32>(f32(dout[db + drow[12]]), f32(dout[db + drow[13]]), f32(dout[db + drow[14]]), f32(dout[db + drow[15]]));
                     }
                 }
-                let g0 = gl.x;
-                let g1 = gl.y;
-                let g2 = gl.z;
-                let g3 = gl.w;
-                let g4 = gh.x;
-                let g5 = gh.y;
-                let g6 = gh.z;
-                let g7 = gh.w;
+                let g0 = dl.x;
+                let g1 = dl.y;
+                let g2 = dl.z;
+                let g3 = dl.w;
+                let g4 = dh.x;
+                let g5 = dh.y;
+                let g6 = dh.z;
+                let g7 = dh.w;
                 t0_0 += g0 * xl;
                 t1_0 += g0 * xc;
                 t2_0 += g0 * xr;
@@ -1406,14 +1406,14 @@ fn wgrad_row3_block(gid: vec3<u32>, lane: u32) {
                 t1_7 += g7 * xc;
                 t2_7 += g7 * xr;
                 if (WGRAD_N == 16u) {
-                    let g8 = gu.x;
-                    let g9 = gu.y;
-                    let g10 = gu.z;
-                    let g11 = gu.w;
-                    let g12 = gt.x;
-                    let g13 = gt.y;
-                    let g14 = gt.z;
-                    let g15 = gt.w;
+                    let g8 = du.x;
+                    let g9 = du.y;
+                    let g10 = du.z;
+                    let g11 = du.w;
+                    let g12 = dt.x;
+                    let g13 = dt.y;
+                    let g14 = dt.z;
+                    let g15 = dt.w;
                     t0_8 += g8 * xl;
                     t1_8 += g8 * xc;
                     t2_8 += g8 * xr;
