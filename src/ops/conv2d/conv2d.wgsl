@@ -146,7 +146,8 @@
 //       16 for 256. Bit for bit the one-tap walk (each tap's sum over the same pixels in the same
 //       order, 0 products at the padding). cargo bench --bench conv_3x3 (the base SENet's 3x3 shapes
 //       at batch 16, both forms in one run, best of 3 rounds): weight gradient 1.29-1.74x faster in
-//       f32, 1.31-1.77x in f16 (docs/runs/conv-3x3-lavapipe/). The joint kernel (conv2d_backward,
+//       f32, 1.31-1.77x in f16; a second run 1.09-1.79x and 1.20-1.70x, the 4x4 layer the least
+//       (docs/runs/conv-3x3-lavapipe/). The joint kernel (conv2d_backward,
 //       GPUs) keeps the one-tap walk.
 //   tried, not kept: the weight gradient walking four pixels at a time for stride-1 layers as wide
 //       as their input (W a multiple of 4, LANES): per input channel one aligned vec4 and one
