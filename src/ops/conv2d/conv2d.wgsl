@@ -917,6 +917,49 @@ fn conv2d_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>, lane: L
     }
 }
 
+// Where a weight-gradient invocation reads dout: the start of each of its WGRAD_N output
+// channels' planes (of group g, from co0; channels past the group's end read its last one) and,
+// with LANES, the two planes this lane loads for its subgroup (channels lane and lane + 8).
+struct DoutRows {
+    row: array<u32, 16>,
+    lane0: u32,
+    lane1: u32,
+}
+
+fn dout_rows(g: u32, co0: u32, cout_g: u32, ohw: u32, lane: u32) -> DoutRows {
+    var r: DoutRows;
+    for (var i = 0u; i < WGRAD_N; i++) {
+        r.row[i] = (g * cout_g + min(co0 + i, cout_g - 1u)) * ohw;
+    }
+    r.lane0 = (g * cout_g + min(co0 + lane, cout_g - 1u)) * ohw;
+    r.lane1 = (g * cout_g + min(co0 + lane + 8u, cout_g - 1u)) * ohw;
+    return r;
+}
+
+// dout of the block's output channels 0-3, 4-7, 8-11, 12-15 at pixel offset db (the last two 0
+// unless WGRAD_N is 16): with LANES loaded once per subgroup and broadcast, else each its own.
+fn wgrad_dout(r: DoutRows, db: u32) -> array<vec4<f32>, 4> {
+    var d = array<vec4<f32>, 4>();
+    if (LANES) {
+        let ga = f32(dout[db + r.lane0]);
+        d[0] = lanes_0_3(ga);
+        d[1] = lanes_4_7(ga);
+        if (WGRAD_N == 16u) {
+            let gb = f32(dout[db + r.lane1]);
+            d[2] = lanes_0_3(gb);
+            d[3] = lanes_4_7(gb);
+        }
+    } else {
+        d[0] = vec4<f32>(f32(dout[db + r.row[0]]), f32(dout[db + r.row[1]]), f32(dout[db + r.row[2]]), f32(dout[db + r.row[3]]));
+        d[1] = vec4<f32>(f32(dout[db + r.row[4]]), f32(dout[db + r.row[5]]), f32(dout[db + r.row[6]]), f32(dout[db + r.row[7]]));
+        if (WGRAD_N == 16u) {
+            d[2] = vec4<f32>(f32(dout[db + r.row[8]]), f32(dout[db + r.row[9]]), f32(dout[db + r.row[10]]), f32(dout[db + r.row[11]]));
+            d[3] = vec4<f32>(f32(dout[db + r.row[12]]), f32(dout[db + r.row[13]]), f32(dout[db + r.row[14]]), f32(dout[db + r.row[15]]));
+        }
+    }
+    return d;
+}
+
 // conv2d_backward_weight's invocation `gid` (also conv2d_backward's weight-gradient blocks); `lane`
 // is its index in its subgroup (read only with LANES).
 //
@@ -961,13 +1004,7 @@ fn wgrad_block(gid: vec3<u32>, lane: u32) {
     for (var j = 0u; j < 16u; j++) {
         cb[j] = (g * cin_g + min(ci0 + j, cin_g - 1u)) * hw;
     }
-    var drow: array<u32, 16>;
-    for (var i = 0u; i < WGRAD_N; i++) {
-        drow[i] = (g * cout_g + min(co0 + i, cout_g - 1u)) * ohw;
-    }
-    // With LANES: the dout rows this lane loads for its subgroup, lane and lane + 8.
-    let lane_d0 = (g * cout_g + min(co0 + lane, cout_g - 1u)) * ohw;
-    let lane_d1 = (g * cout_g + min(co0 + lane + 8u, cout_g - 1u)) * ohw;
+    let rows = dout_rows(g, co0, cout_g, ohw, lane);
     var a0_0 = vec4<f32>(0.0);
     var a0_1 = vec4<f32>(0.0);
     var a0_2 = vec4<f32>(0.0);
@@ -1074,32 +1111,18 @@ fn wgrad_block(gid: vec3<u32>, lane: u32) {
                     xu = vec4<f32>(f32(inp[xat + cb[8]]), f32(inp[xat + cb[9]]), f32(inp[xat + cb[10]]), f32(inp[xat + cb[11]]));
                     xt = vec4<f32>(f32(inp[xat + cb[12]]), f32(inp[xat + cb[13]]), f32(inp[xat + cb[14]]), f32(inp[xat + cb[15]]));
                 }
-                // dout of the block's output channels 0-3, 4-7, 8-11, 12-15 at this pixel.
-                var gl = vec4<f32>(0.0);
-                var gh = vec4<f32>(0.0);
-                var gu = vec4<f32>(0.0);
-                var gt = vec4<f32>(0.0);
                 if (LANES) {
                     xv *= live;
                     xw *= live;
                     xu *= live;
                     xt *= live;
-                    let ga = f32(dout[db + lane_d0]);
-                    gl = lanes_0_3(ga);
-                    gh = lanes_4_7(ga);
-                    if (WGRAD_N == 16u) {
-                        let gb = f32(dout[db + lane_d1]);
-                        gu = lanes_0_3(gb);
-                        gt = lanes_4_7(gb);
-                    }
-                } else {
-                    gl = vec4<f32>(f32(dout[db + drow[0]]), f32(dout[db + drow[1]]), f32(dout[db + drow[2]]), f32(dout[db + drow[3]]));
-                    gh = vec4<f32>(f32(dout[db + drow[4]]), f32(dout[db + drow[5]]), f32(dout[db + drow[6]]), f32(dout[db + drow[7]]));
-                    if (WGRAD_N == 16u) {
-                        gu = vec4<f32>(f32(dout[db + drow[8]]), f32(dout[db + drow[9]]), f32(dout[db + drow[10]]), f32(dout[db + drow[11]]));
-                        gt = vec4<f32>(f32(dout[db + drow[12]]), f32(dout[db + drow[13]]), f32(dout[db + drow[14]]), f32(dout[db + drow[15]]));
-                    }
                 }
+                // dout of the block's output channels 0-3, 4-7, 8-11, 12-15 at this pixel.
+                let d = wgrad_dout(rows, db);
+                let gl = d[0];
+                let gh = d[1];
+                let gu = d[2];
+                let gt = d[3];
                 let g0 = gl.x;
                 let g1 = gl.y;
                 let g2 = gl.z;
@@ -1273,12 +1296,7 @@ fn wgrad_row3_block(gid: vec3<u32>, lane: u32) {
     let c1 = (g * cin_g + min(ci0 + 1u, cin_g - 1u)) * hw;
     let c2 = (g * cin_g + min(ci0 + 2u, cin_g - 1u)) * hw;
     let c3 = (g * cin_g + min(ci0 + 3u, cin_g - 1u)) * hw;
-    var drow: array<u32, 16>;
-    for (var i = 0u; i < WGRAD_N; i++) {
-        drow[i] = (g * cout_g + min(co0 + i, cout_g - 1u)) * ohw;
-    }
-    let lane_d0 = (g * cout_g + min(co0 + lane, cout_g - 1u)) * ohw;
-    let lane_d1 = (g * cout_g + min(co0 + lane + 8u, cout_g - 1u)) * ohw;
+    let rows = dout_rows(g, co0, cout_g, ohw, lane);
     var t0_0 = vec4<f32>(0.0);
     var t0_1 = vec4<f32>(0.0);
     var t0_2 = vec4<f32>(0.0);
@@ -1353,27 +1371,11 @@ fn wgrad_row3_block(gid: vec3<u32>, lane: u32) {
                 let r_at = base + select(px, px + 1u, right);
                 let xr = vec4<f32>(f32(inp[r_at + c0]), f32(inp[r_at + c1]), f32(inp[r_at + c2]), f32(inp[r_at + c3]))
                     * select(0.0, live, right);
-                var dl = vec4<f32>(0.0);
-                var dh = vec4<f32>(0.0);
-                var du = vec4<f32>(0.0);
-                var dt = vec4<f32>(0.0);
-                if (LANES) {
-                    let ga = f32(dout[db + lane_d0]);
-                    dl = lanes_0_3(ga);
-                    dh = lanes_4_7(ga);
-                    if (WGRAD_N == 16u) {
-                        let gb = f32(dout[db + lane_d1]);
-                        du = lanes_0_3(gb);
-                        dt = lanes_4_7(gb);
-                    }
-                } else {
-                    dl = vec4<f32>(f32(dout[db + drow[0]]), f32(dout[db + drow[1]]), f32(dout[db + drow[2]]), f32(dout[db + drow[3]]));
-                    dh = vec4<f32>(f32(dout[db + drow[4]]), f32(dout[db + drow[5]]), f32(dout[db + drow[6]]), f32(dout[db + drow[7]]));
-                    if (WGRAD_N == 16u) {
-                        du = vec4<f32>(f32(dout[db + drow[8]]), f32(dout[db + drow[9]]), f32(dout[db + drow[10]]), f32(dout[db + drow[11]]));
-                        dt = vec4<f32>(f32(dout[db + drow[12]]), f32(dout[db + drow[13]]), f32(dout[db + drow[14]]), f32(dout[db + drow[15]]));
-                    }
-                }
+                let d = wgrad_dout(rows, db);
+                let dl = d[0];
+                let dh = d[1];
+                let du = d[2];
+                let dt = d[3];
                 let g0 = dl.x;
                 let g1 = dl.y;
                 let g2 = dl.z;
