@@ -21,8 +21,9 @@
 # (1x1 convolutions through the general GEMM) and `--joint-backward off` (a convolution's two
 # gradients as two dispatches) in the first precision, and scripts/pipeline-cache-bench.sh's cold
 # and warm first steps; every command under a timeout (devices 20 s, each bench 50 s, each variant
-# 18 s, the pipeline cache 25 s, PyTorch 80 s): 9.95 minutes if every one of them ran out, one
-# precision 6.6.
+# 18 s, the pipeline cache 25 s) and PyTorch last with what is left of 9.75 minutes (at least 60 s;
+# cuDNN's autotuning of SE-ResNet-50 in three modes and two layouts took over 100 s on an H200, and
+# our steps there left it about 450 s).
 # --quick: the same pipeline with tiny sizes on whatever adapter there is (lavapipe) and PyTorch on
 # the CPU, to know it works before a GPU is at hand. Writes DIR/gpu-bench.md and DIR/gpu-bench.json
 # (DIR: --out, else $OUT when set, else bench-out).
@@ -70,7 +71,7 @@ if [ $quick = 1 ]; then
   steps=3 torch_args=(--device cpu --modes fp32 --warmup 1 --steps 3) limit=120 torch_limit=150
 else
   cases="senet:1.0:128:32 senet:0.25:128:32 se-resnet20:1.0:128:32 se-resnet50:1.0:64:224"
-  steps=10 torch_args=(--warmup 5 --steps 20) limit=50 torch_limit=80
+  steps=10 torch_args=(--warmup 5 --steps 20) limit=50 torch_limit=
 fi
 # The tuner's choices come back with the results (and a rerun on the same machine times nothing).
 export SENET_TUNE_CACHE="$out/tune.json"
@@ -124,7 +125,11 @@ timeout 25 bash scripts/pipeline-cache-bench.sh "$senet" > "$out/pipeline-cache.
 
 : > "$out/torch.jsonl"
 if "$python" -c 'import torch' 2>/dev/null; then
-  echo "gpu-bench: PyTorch ($(( $(date +%s) - start )) s so far)"
+  if [ -z "$torch_limit" ]; then
+    torch_limit=$(( 585 - ($(date +%s) - start) ))
+    [ "$torch_limit" -lt 60 ] && torch_limit=60
+  fi
+  echo "gpu-bench: PyTorch ($(( $(date +%s) - start )) s so far, ${torch_limit} s left to it)"
   # shellcheck disable=SC2086
   timeout "$torch_limit" "$python" scripts/torch_bench_cuda.py --cases $cases "${torch_args[@]}" > "$out/torch.jsonl" \
     2> "$out/torch.err" || { echo "gpu-bench: PyTorch failed or ran past $torch_limit s:"; tail -5 "$out/torch.err"; }

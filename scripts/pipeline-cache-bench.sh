@@ -17,12 +17,15 @@ first() { # label, env…, then -- and senet flags
   printf '%-40s %8s s\n' "$label" "$s"
 }
 export XDG_CACHE_HOME=$tmp/ours
+# Our pipeline cache lives beside the tuning cache: a SENET_TUNE_CACHE set by the caller
+# (scripts/gpu-bench.sh sets one) would hand every row below that folder's warm cache.
+unset SENET_TUNE_CACHE
 # The driver's own cache: Mesa's, or (the same rows) NVIDIA's, moved or turned off alike.
 off=(MESA_SHADER_CACHE_DISABLE=true __GL_SHADER_DISK_CACHE=0)
 on=(MESA_SHADER_CACHE_DIR=$tmp/mesa __GL_SHADER_DISK_CACHE_PATH=$tmp/mesa)
 first "neither cache" "${off[@]}" -- --pipeline-cache off
 first "both cold" "${on[@]}" -- --pipeline-cache auto
-ls -l "$tmp"/ours/senet-wgpu/ | sed 's/^/  /'
+{ ls -l "$tmp"/ours/senet-wgpu/ || true; } | sed 's/^/  /'
 first "ours warm, Mesa's off" "${off[@]}" -- --pipeline-cache auto
 first "Mesa's warm, ours off" "${on[@]}" -- --pipeline-cache off
 first "both warm" "${on[@]}" -- --pipeline-cache auto

@@ -693,7 +693,7 @@ fn the_cli_turns_fusion_off_by_flag_and_environment() {
 /// convolutions' bias gradients to the batch norms after them; a ResNet recomputes the ReLU mask.
 /// The kernels keep the unfused roundings (tests/kernels/batch_norm.rs), so a training step with
 /// `--bn-stats off` is the unfused step bit for bit, in f32 and in f16 (the base SENet, whose SE block is not
-/// fused); evaluation pools apart (the batch norm folded into the convolution where one feeds
+/// fused; SE-ResNet-8, whose SE block is, within the fused-plan bounds below); evaluation pools apart (the batch norm folded into the convolution where one feeds
 /// it) within tests/fold.rs's bounds.
 #[test]
 fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
@@ -717,7 +717,15 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
             (s.step, s.logits, s.train)
         };
         let ((fused, eval, train), (unfused, eval_off, train_off)) = (run_step(&on), run_step(&off));
-        assert_eq!(fused.max_diff(&unfused), 0.0, "{what}: a fused step differs from the unfused one");
+        if model == "se-resnet8" {
+            // Its SE block runs fused with the addition after it, and a driver may contract that
+            // pass's x * s + r into one FMA (NVIDIA's does: 2.1e-7 apart after this step, measured
+            // on an H200; lavapipe keeps them apart and the two agree bitwise): the bounds of
+            // fused_training_steps_and_evaluation_equal_unfused_ones.
+            fused.assert_close(&unfused, &what, (2e-4, 1e-3));
+        } else {
+            assert_eq!(fused.max_diff(&unfused), 0.0, "{what}: a fused step differs from the unfused one");
+        }
         assert!(fused.grads.iter().all(|(_, g)| g.iter().all(|v| v.is_finite())), "{what}: gradients finite");
         assert_close(&format!("{what} eval logits"), &eval, &to_f64(&eval_off), 1e-3, 1e-2);
         if model == "senet" {
@@ -729,8 +737,10 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
             assert_eq!((count(&train, bias), count(&train_off, bias)), (1, 5), "{what}: {bias}, fused and not");
             // Saved: four pools each way, four bias gradients, the head's three (the loss's reduce
             // and the average pool's two passes), and on a GPU the four convolutions whose input
-            // gradient is read run it with their weight gradient as one dispatch.
-            let joint = if on.is_cpu() { 0 } else { 4 };
+            // gradient is read run it with their weight gradient as one dispatch — in the register
+            // kernels only: an f16 plan on cooperative matrices has no joint form.
+            let coop = precision == Precision::F16 && on.coop_tile.is_some();
+            let joint = if on.is_cpu() || coop { 0 } else { 4 };
             assert_eq!(count(&train, "conv2d_backward"), joint, "{what}: joint backward dispatches");
             assert_eq!(train_off.len() - train.len(), 4 + 4 + 4 + 3 + joint, "{what}: training dispatches saved");
         }
@@ -831,3 +841,4 @@ fn batch_norm_statistics_from_convolutions_keep_the_step() {
         eprintln!("{model}: --bn-stats on vs off, largest difference {:.3e}", a.step.max_diff(&b.step));
     }
 }
+

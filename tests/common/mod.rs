@@ -45,12 +45,16 @@ pub fn gpu_without_bn_stats() -> Arc<Gpu> {
 }
 
 /// The same adapter as `gpu_without_bn_stats()` whose fused plans run a convolution's two
-/// gradients as one dispatch wherever the register kernels run both (`--joint-backward on`).
+/// gradients as one dispatch wherever the register kernels run both (`--joint-backward on`). Its
+/// f16 plans keep to the register kernels (`--coop off`): on an adapter with cooperative matrices
+/// an f16 plan's convolutions would run those, which have no joint form, and nothing joint would
+/// be tested.
 pub fn gpu_with_joint_backward() -> Arc<Gpu> {
     static GPU: Cell = OnceLock::new();
     let opts = GpuOptions {
         bn_stats: senet_wgpu::gpu::ConvForm::Off,
         joint_backward: senet_wgpu::gpu::Switch::On,
+        coop: senet_wgpu::gpu::Switch::Off,
         ..Default::default()
     };
     required(&GPU, opts)
@@ -62,6 +66,7 @@ pub fn gpu_with_separate_backward() -> Arc<Gpu> {
     let opts = GpuOptions {
         bn_stats: senet_wgpu::gpu::ConvForm::Off,
         joint_backward: senet_wgpu::gpu::Switch::Off,
+        coop: senet_wgpu::gpu::Switch::Off,
         ..Default::default()
     };
     required(&GPU, opts)
