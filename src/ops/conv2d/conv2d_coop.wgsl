@@ -27,8 +27,11 @@ enable wgpu_cooperative_matrix;
 //       Correct on Mesa 26 lavapipe (8x8x8); no GPU measurement.
 //   v2  the three GEMMs from one source (conv2d_gemm_coop, MODE 0/1/2), the weight
 //       gradient split over K with the fixed-order reduce; the forward's arithmetic is v1's. Correct
-//       on Mesa 26 lavapipe (8x8x8); not yet measured on a GPU. Next: larger blocks per workgroup (several subgroups, 4x4 tiles) and double
-//       buffering, once a GPU can measure them.
+//       on Mesa 26 lavapipe (8x8x8). On an NVIDIA H200 (16x16x16 tiles, tests/coop.rs passes there)
+//       quick tuning chose it for 5 of SE-ResNet-20's 43 f16 convolution dispatches and 4 of
+//       SE-ResNet-50's 110; the register blocks won the rest, so f16 trained no faster than f32
+//       (0.85-1.04x; docs/performance.md, "First run: one NVIDIA H200"). Next: larger blocks per
+//       workgroup (several subgroups, 4x4 tiles) and double buffering.
 //   v3  bindings, loads and store moved to conv2d_gemm.wgsl, shared with the tiled kernel;
 //       the same arithmetic.
 //   v4  groups, one GEMM per group along wid.z (conv2d_gemm.wgsl's enter_group); with

@@ -25,8 +25,9 @@
 // tile shape is 8x to 25x slower than the register blocks of conv2d.wgsl (features.4 forward
 // 48 ms register vs 387 ms tiled 32x128; input gradient 42 vs 706 ms; first layer's weight
 // gradient 59 vs 736 ms) — no faster shared memory there, every access lane by lane — so quick
-// tuning does not time them on CPU adapters. On a discrete GPU: not yet measured; the tuner's
-// choice there is the measurement. Next versions:
+// tuning does not time them on CPU adapters. On an NVIDIA H200, full tuning of the base SENet w1
+// (batch 128) chose the register blocks for every layer and pass, none of these tiles
+// (docs/runs/gpu-bench-h200/). Next versions:
 // double buffering of the next K slice, vec4 loads where aligned, divisions by pipeline constants.
 // v2: `act` storage for --precision f16; the weight gradient writes binding 6 (f32).
 // v3: bindings, loads and store moved to conv2d_gemm.wgsl, shared with the coop kernel; the
