@@ -89,6 +89,11 @@ struct Cli {
     /// not values.
     #[arg(long, global = true, value_enum, env = "SENET_JOINT_BACKWARD", default_value_t)]
     joint_backward: gpu::Switch,
+    /// SE blocks (mean squeeze) as a reduction spread over channels, a pass per sample for the
+    /// FCs and an elementwise pass, each way, instead of one workgroup per sample: auto = on GPU
+    /// adapters, on = on any adapter, off = never. Changes dispatches and speed, not values.
+    #[arg(long, global = true, value_enum, env = "SENET_SE_SPLIT", default_value_t)]
+    se_split: gpu::Switch,
     #[command(subcommand)]
     command: Command,
 }
@@ -225,6 +230,7 @@ impl Cli {
             conv_3x3: self.conv_3x3,
             bn_stats: self.bn_stats,
             joint_backward: self.joint_backward,
+            se_split: self.se_split,
         }
     }
 }

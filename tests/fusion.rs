@@ -99,7 +99,7 @@ fn se_tolerance(dtype: Dtype) -> (f64, f64) {
 
 #[test]
 fn se_add_relu_forward_and_backward_match_the_reference() {
-    for (path, gpu) in gpus() {
+    for (path, gpu) in se_gpus() {
         for dtype in [Dtype::F32, Dtype::F16] {
             let (atol, rtol) = se_tolerance(dtype);
             for (i, cfg) in se_cases().iter().enumerate() {
@@ -129,7 +129,9 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
     let (tout, tdx, tdres) = (act("out"), act("dx"), act("dres"));
     let saved = zeros(gpu, "saved", &cfg.saved_shape());
     let d = se_block::se_block_forward_add_relu(gpu, cfg, &tx, &tres, &weights, &tout, &saved).unwrap();
-    assert_eq!(d.len(), 1, "{}", tag("the fused forward is one dispatch"));
+    // Split (a mean squeeze only): the squeeze, the FCs and the scale with the addition and ReLU.
+    let split = gpu.se_split && cfg.variant.squeeze == se_block::Squeeze::Avg;
+    assert_eq!(d.len(), if split { 3 } else { 1 }, "{}", tag("the fused forward's dispatches"));
     run(gpu, &d);
 
     let (b1_64, b2_64, w1_64, w2_64) = (to_f64(&b1), to_f64(&b2), to_f64(&w1), to_f64(&w2));
@@ -153,7 +155,8 @@ fn se_add_relu_case(gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, seed: u64, (at
         SeGrads { dinp: &tdx, dw1: &tdw1, db1: cfg.bias.then_some(&tdb1), dw2: &tdw2, db2: cfg.bias.then_some(&tdb2) };
     let e = AddReluGrads { out: &tout, dres: &tdres, se_grad: None, input_affine: None, weight_grad_elsewhere: false };
     let d = se_block::se_block_backward_add_relu(gpu, cfg, &tx, &weights, &saved, &tdy, e, &dsaved, &grads).unwrap();
-    assert_eq!(d.len(), 2, "{}", tag("one per-sample pass and the weight-gradient pass"));
+    // One per-sample pass (split: ds, the FCs and dx) and the weight-gradient pass.
+    assert_eq!(d.len(), if split { 4 } else { 2 }, "{}", tag("the backward's dispatches"));
     run(gpu, &d);
     // The mask of the backward is the forward's output as the GPU stored it (a pre-activation
     // within rounding of 0 could fall either side in f64).
@@ -242,8 +245,16 @@ fn deferred_input_gradient_case(
         };
         let inp = if fused { &ty } else { &x };
         let d = se_block::se_block_backward_add_relu(gpu, cfg, inp, weights, &saved, tdy, e, &dsaved, &grads).unwrap();
-        // Fused, the batch norm's backward sums the weight gradients (SE_WGRAD).
-        assert_eq!(d.len(), if wgrad { 1 } else { 2 }, "{tag}: the SE backward's dispatches");
+        // Fused, the batch norm's backward sums the weight gradients (SE_WGRAD). Split, the input
+        // gradient takes ds and the FCs, and dx where it is not deferred.
+        let input = if !gpu.se_split {
+            1
+        } else if fused {
+            2
+        } else {
+            3
+        };
+        assert_eq!(d.len(), input + usize::from(!wgrad), "{tag}: the SE backward's dispatches");
         run(gpu, &d);
         let (dinp, dg, db) = (act("bn dinp", &shape), zeros(gpu, "dgamma", &[c]), zeros(gpu, "dbeta", &[c]));
         let dout = if fused { &dres } else { &dx };
@@ -325,10 +336,13 @@ fn count(list: &[String], kernel: &str) -> usize {
 /// steps move fewer bytes. The other SE placements keep their SE passes (the identity
 /// placement's SE output is the addition's second operand; pre and post SE blocks read a ReLU's
 /// output or feed two layers) and fuse only the addition and its ReLU; a pre SE block is the
-/// first reader of the block's input and sums nothing in, so its fork keeps its addition.
+/// first reader of the block's input and sums nothing in, so its fork keeps its addition. The
+/// SE blocks run in one workgroup per sample (`--se-split off`, a CPU adapter's default), whose
+/// dispatches these counts describe; split_se_blocks_leave_training_steps_bit_for_bit covers the
+/// split form.
 #[test]
 fn fused_plans_replace_the_block_tails() {
-    let (on, off) = (gpu(), gpu_unfused());
+    let (on, off) = (gpu_se_one_pass(), gpu_unfused_se_one_pass());
     for (model, placement) in [("resnet8", SePlacement::Standard), ("se-resnet8", SePlacement::Standard)] {
         let build = |g: &Arc<Gpu>| {
             let net = Network::new(g.clone(), cifar(model, placement), OptimizerConfig::sgd(0.1, 0.9), 4).unwrap();
@@ -791,6 +805,44 @@ fn joint_convolution_backward_leaves_training_steps_bit_for_bit() {
     }
 }
 
+/// `--se-split on` (the default on GPU adapters): every mean-squeeze SE block runs its squeeze
+/// and ds spread over channel blocks, its FCs a workgroup per sample and its scale and dx as
+/// elementwise passes, in the base SENet's plain block and in SE-ResNet-8's fused tails (the
+/// batch norm applied on load, dx deferred to it, its weight gradients summed there where the
+/// adapter allows), and the step and evaluation are the one-pass form's bit for bit, f32 and f16
+/// (tests/kernels/se_block.rs checks the kernels per case).
+#[test]
+fn split_se_blocks_leave_training_steps_bit_for_bit() {
+    let (split, one) = (gpu_se_split(), gpu_se_one_pass());
+    let n = 3;
+    for (model, precision) in
+        [("senet", Precision::F32), ("se-resnet8", Precision::F32), ("se-resnet8", Precision::F16)]
+    {
+        let what = format!("{model} {precision:?}");
+        let cfg =
+            if model == "senet" { small_model("senet", 0.0625, 4, 16, 4) } else { cifar(model, SePlacement::Standard) };
+        let hw = cfg.input_hw[0];
+        let x = uniform(&mut rng(53), n * 3 * hw * hw, 0.0, 1.0);
+        let labels = [1u32, 0, 3];
+        let (a, b) =
+            (step_then_eval(&split, &cfg, precision, &x, &labels), step_then_eval(&one, &cfg, precision, &x, &labels));
+        let squeezes = count(&a.train, "se_block_forward_squeeze");
+        assert!(squeezes > 0, "{what}: no split squeeze in the split plan");
+        assert_eq!(count(&b.train, "se_block_forward_squeeze"), 0, "{what}: a split squeeze with --se-split off");
+        assert_eq!(count(&a.train, "se_block_backward_fc"), squeezes, "{what}: the FCs' backward per block");
+        let (p, q) = (a.step.flat(), b.step.flat());
+        let differ = p.iter().zip(&q).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(
+            differ,
+            0,
+            "{what}: {differ} of {} step values differ; largest {:.3e}",
+            p.len(),
+            a.step.max_diff(&b.step)
+        );
+        assert_eq!(a.logits, b.logits, "{what}: evaluation logits");
+    }
+}
+
 /// `--bn-stats on` (the default with `--fuse on`): every batch norm of these models but the base
 /// SENet's last (after its SE block) reads a convolution's output alone, so in a training plan each
 /// convolution that feeds one writes its
@@ -841,4 +893,3 @@ fn batch_norm_statistics_from_convolutions_keep_the_step() {
         eprintln!("{model}: --bn-stats on vs off, largest difference {:.3e}", a.step.max_diff(&b.step));
     }
 }
-

@@ -131,6 +131,13 @@ const PASSES: &[&str] = &[
     "backward_bias",
     // a batch norm's backward that also sums the SE block after it's weight gradients
     "backward_se_wgrad",
+    // the split SE block (--se-split): reductions spread over channels, the FCs, elementwise passes
+    "forward_squeeze",
+    "forward_excite",
+    "forward_scale",
+    "backward_ds",
+    "backward_fc",
+    "backward_dx",
     // --sync-bn's split batch norm: each pass in two halves around the ranks' exchange
     "forward_stats",
     "forward_apply",

@@ -99,6 +99,11 @@ pub struct GpuOptions {
     /// (on lavapipe the joint kernel is slower than the two dispatches), on = on any adapter, off =
     /// never. The same values bit for bit either way.
     pub joint_backward: Switch,
+    /// A mean-squeeze SE block as a reduction spread over channels, a pass per sample for its
+    /// FCs and an elementwise pass, each way (`--se-split`), instead of one workgroup per sample:
+    /// auto = on GPU adapters (a batch of 64 is too few workgroups for one), on = on any adapter,
+    /// off = never. The same values bit for bit either way.
+    pub se_split: Switch,
 }
 
 /// Whether the register GEMM takes its 1x1 form (`--conv-1x1 on|off`), or its 3-wide form
@@ -244,6 +249,8 @@ pub struct Gpu {
     pub bn_stats: bool,
     /// [`GpuOptions::joint_backward`] resolved for this adapter (with `fuse`).
     pub joint_backward: bool,
+    /// [`GpuOptions::se_split`] resolved for this adapter.
+    pub se_split: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -424,6 +431,11 @@ impl Gpu {
             conv_3x3: opts.conv_3x3 == ConvForm::On,
             bn_stats: opts.bn_stats == ConvForm::On,
             joint_backward: match opts.joint_backward {
+                Switch::Auto => info.device_type != wgpu::DeviceType::Cpu,
+                Switch::On => true,
+                Switch::Off => false,
+            },
+            se_split: match opts.se_split {
                 Switch::Auto => info.device_type != wgpu::DeviceType::Cpu,
                 Switch::On => true,
                 Switch::Off => false,

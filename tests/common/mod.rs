@@ -37,6 +37,14 @@ pub fn gpu_unfused() -> Arc<Gpu> {
     required(&GPU, GpuOptions { fuse: senet_wgpu::gpu::Fuse::Off, ..Default::default() })
 }
 
+/// `gpu_unfused()` with SE blocks in one workgroup per sample on any adapter (`--se-split off`).
+pub fn gpu_unfused_se_one_pass() -> Arc<Gpu> {
+    static GPU: Cell = OnceLock::new();
+    let opts =
+        GpuOptions { fuse: senet_wgpu::gpu::Fuse::Off, se_split: senet_wgpu::gpu::Switch::Off, ..Default::default() };
+    required(&GPU, opts)
+}
+
 /// The same adapter with every fusion but the batch norms' statistics from the convolutions
 /// before them (`--bn-stats off`): its fused plans keep the unfused arithmetic bit for bit.
 pub fn gpu_without_bn_stats() -> Arc<Gpu> {
@@ -123,6 +131,42 @@ pub fn gpus() -> Vec<(&'static str, Arc<Gpu>)> {
         with.describe()
     );
     vec![("subgroups", with), ("workgroup trees", without)]
+}
+
+/// The same adapter with SE blocks in their split form (`--se-split on`: reductions spread over
+/// channel blocks, the FCs a workgroup per sample, elementwise passes) or in one workgroup per
+/// sample (`--se-split off`), with subgroups or without: [split][subgroups].
+fn se_form(split: bool, subgroups: bool) -> Arc<Gpu> {
+    static GPU: [[Cell; 2]; 2] = [[OnceLock::new(), OnceLock::new()], [OnceLock::new(), OnceLock::new()]];
+    let opts = GpuOptions {
+        se_split: if split { senet_wgpu::gpu::Switch::On } else { senet_wgpu::gpu::Switch::Off },
+        subgroups: (!subgroups).then_some(Subgroups::Off),
+        ..Default::default()
+    };
+    required(&GPU[usize::from(split)][usize::from(subgroups)], opts)
+}
+
+pub fn gpu_se_split() -> Arc<Gpu> {
+    se_form(true, true)
+}
+
+pub fn gpu_se_one_pass() -> Arc<Gpu> {
+    se_form(false, true)
+}
+
+/// The SE block's two forms on the reduction paths of `gpus()`: the one-pass form (`gpus()`'s own
+/// devices where the adapter runs it, as CPU adapters do) and the split form.
+pub fn se_gpus() -> Vec<(&'static str, Arc<Gpu>)> {
+    let mut all = Vec::new();
+    for (_, g) in gpus() {
+        let sub = g.subgroups;
+        all.push((
+            if sub { "subgroups, one pass" } else { "workgroup trees, one pass" },
+            if g.se_split { se_form(false, sub) } else { g },
+        ));
+        all.push((if sub { "subgroups, split" } else { "workgroup trees, split" }, se_form(true, sub)));
+    }
+    all
 }
 
 pub fn rng(seed: u64) -> ChaCha8Rng {

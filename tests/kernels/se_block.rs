@@ -33,7 +33,7 @@ const SE_RTOL: f64 = 1e-4;
 
 #[test]
 fn se_block_forward_and_backward_match_reference() {
-    for (path, gpu) in gpus() {
+    for (path, gpu) in se_gpus() {
         for (i, cfg) in se_cases().iter().enumerate() {
             let mut r = rng(700 + i as u64);
             let (c, cr) = (cfg.c, cfg.hidden());
@@ -56,7 +56,8 @@ fn se_block_forward_and_backward_match_reference() {
             let ty = zeros(&gpu, "y", &cfg.shape());
             let saved = zeros(&gpu, "saved", &cfg.saved_shape());
             let d = se_block::se_block_forward(&gpu, cfg, &tx, &weights, &ty, &saved).unwrap();
-            assert_eq!(d.len(), 1, "the SE forward is one dispatch");
+            // Split: the squeeze, the FCs and the scale.
+            assert_eq!(d.len(), if gpu.se_split { 3 } else { 1 }, "the SE forward's dispatches ({path})");
             run(&gpu, &d);
 
             let (b1_64, b2_64) = (to_f64(&b1), to_f64(&b2));
@@ -117,7 +118,7 @@ fn se_block_rejects_no_hidden_units() {
 #[test]
 fn se_block_ablation_variants_match_reference() {
     use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};
-    for (path, gpu) in gpus() {
+    for (path, gpu) in se_gpus() {
         let shapes = [(2usize, 20usize, 3usize, 5usize, 3usize, true), (1, 64, 8, 8, 16, false)];
         for squeeze in [Squeeze::Avg, Squeeze::Max] {
             for excitation in [Excitation::Sigmoid, Excitation::Tanh, Excitation::Relu] {
@@ -191,7 +192,7 @@ fn se_block_ablation_variants_match_reference() {
 
 #[test]
 fn f16_se_block_matches_reference() {
-    for (path, gpu) in gpus() {
+    for (path, gpu) in se_gpus() {
         for (i, cfg) in se_cases().iter().enumerate() {
             let mut r = rng(1900 + i as u64);
             let (c, cr) = (cfg.c, cfg.hidden());
@@ -239,6 +240,90 @@ fn f16_se_block_matches_reference() {
             if cfg.bias {
                 assert_close(&tag("se_block_backward db1"), &read(&gpu, &tdb1), &g.db1, SE_ATOL, SE_RTOL);
                 assert_close(&tag("se_block_backward db2"), &read(&gpu, &tdb2), &g.db2, SE_ATOL, SE_RTOL);
+            }
+        }
+    }
+}
+
+/// The split form (`--se-split on`) against the one-pass form on the same reduction path: each
+/// value is computed by the same shader helper in the same order (a subgroup, or an invocation,
+/// per channel for the squeeze and ds; the FCs a workgroup per sample), so the output, the saved
+/// activations, the input and weight gradients and, for the fused tail, the shortcut's gradient
+/// are the same bit for bit, f32 and f16, on every case of `se_cases()` (batch 1, a plane of one
+/// pixel, channels beyond one workgroup and not a multiple of the split's channel blocks).
+#[test]
+fn se_block_split_form_is_the_one_pass_form_bit_for_bit() {
+    use senet_wgpu::gpu::{Dtype, Gpu, Tensor};
+    use senet_wgpu::ops::se_block::AddReluGrads;
+    let forms = se_gpus();
+    let run_case = |gpu: &Gpu, cfg: &SeBlockConfig, dtype: Dtype, fused: bool, seed: u64| -> Vec<(&str, Vec<f32>)> {
+        let mut r = rng(seed);
+        let (c, cr) = (cfg.c, cfg.hidden());
+        let shape = cfg.shape();
+        let numel: usize = shape.iter().product();
+        let (tx, _) = upload_as(gpu, dtype, &shape, &uniform(&mut r, numel, -1.0, 2.0));
+        let (tres, _) = upload_as(gpu, dtype, &shape, &uniform(&mut r, numel, -1.5, 0.5));
+        let (tdy, _) = upload_as(gpu, dtype, &shape, &uniform(&mut r, numel, -1.0, 1.0));
+        let w1 = upload(gpu, "w1", &cfg.fc1_shape(), &uniform(&mut r, cr * c, -0.3, 0.3));
+        let w2 = upload(gpu, "w2", &cfg.fc2_shape(), &uniform(&mut r, c * cr, -0.3, 0.3));
+        let (b1, b2) = (
+            upload(gpu, "b1", &[cr], &uniform(&mut r, cr, -0.5, 0.5)),
+            upload(gpu, "b2", &[c], &uniform(&mut r, c, -0.5, 0.5)),
+        );
+        let weights = SeWeights { w1: &w1, b1: cfg.bias.then_some(&b1), w2: &w2, b2: cfg.bias.then_some(&b2) };
+        let act = |label| Tensor::zeros_of(gpu, label, &shape, dtype).expect("allocate");
+        let (out, dx, dres) = (act("out"), act("dx"), act("dres"));
+        let (saved, dsaved) = (zeros(gpu, "saved", &cfg.saved_shape()), zeros(gpu, "dsaved", &cfg.dsaved_shape()));
+        let (dw1, dw2) = (zeros(gpu, "dw1", &cfg.fc1_shape()), zeros(gpu, "dw2", &cfg.fc2_shape()));
+        let (db1, db2) = (zeros(gpu, "db1", &[cr]), zeros(gpu, "db2", &[c]));
+        let grads =
+            SeGrads { dinp: &dx, dw1: &dw1, db1: cfg.bias.then_some(&db1), dw2: &dw2, db2: cfg.bias.then_some(&db2) };
+        if fused {
+            run(gpu, &se_block::se_block_forward_add_relu(gpu, cfg, &tx, &tres, &weights, &out, &saved).unwrap());
+            let e = AddReluGrads {
+                out: &out,
+                dres: &dres,
+                se_grad: None,
+                input_affine: None,
+                weight_grad_elsewhere: false,
+            };
+            run(
+                gpu,
+                &se_block::se_block_backward_add_relu(gpu, cfg, &tx, &weights, &saved, &tdy, e, &dsaved, &grads)
+                    .unwrap(),
+            );
+        } else {
+            run(gpu, &se_block::se_block_forward(gpu, cfg, &tx, &weights, &out, &saved).unwrap());
+            run(gpu, &se_block::se_block_backward(gpu, cfg, &tx, &weights, &saved, &tdy, &dsaved, &grads).unwrap());
+        }
+        let mut v = vec![("out", read_as(gpu, &out)), ("dx", read_as(gpu, &dx)), ("saved", read(gpu, &saved))];
+        v.extend([("dsaved", read(gpu, &dsaved)), ("dw1", read(gpu, &dw1)), ("dw2", read(gpu, &dw2))]);
+        if cfg.bias {
+            v.extend([("db1", read(gpu, &db1)), ("db2", read(gpu, &db2))]);
+        }
+        if fused {
+            v.push(("dres", read_as(gpu, &dres)));
+        }
+        v
+    };
+    for pair in forms.chunks(2) {
+        let [(one_path, one), (split_path, split)] = pair else { panic!("se_gpus() pairs the two forms") };
+        assert!(!one.se_split && split.se_split, "{one_path} / {split_path}: the forms");
+        for (i, cfg) in se_cases().iter().enumerate() {
+            for dtype in [Dtype::F32, Dtype::F16] {
+                for fused in [false, true] {
+                    let seed = 2100 + i as u64;
+                    let (a, b) = (run_case(one, cfg, dtype, fused, seed), run_case(split, cfg, dtype, fused, seed));
+                    for ((name, x), (_, y)) in a.iter().zip(&b) {
+                        let differ = x.iter().zip(y).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+                        assert_eq!(
+                            differ,
+                            0,
+                            "{split_path}: {name} of case {i} {cfg:?} {dtype:?} fused {fused}: {differ} of {} values differ from the one-pass form's",
+                            x.len()
+                        );
+                    }
+                }
             }
         }
     }

@@ -240,6 +240,9 @@ fn forward(
     let b1 = b1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias"))?;
     let b2 = b2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias"))?;
     let params = gpu.uniform("se_block params", &cfg.params()?);
+    if split(gpu, cfg) {
+        return forward_split(gpu, cfg, &params, [inp, weights.w1, b1, weights.w2, b2, out, saved], res, affine);
+    }
     let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
@@ -264,6 +267,80 @@ fn forward(
     // and a max more per element.
     let (tensors, ops) = if res.is_some() { (4.0, 4.0) } else { (3.0, 2.0) };
     Ok(vec![d.with_cost(ops * numel + 4.0 * fc, tensors * inp.dtype.bytes() as f64 * numel)])
+}
+
+/// Whether `cfg` runs the split form on `gpu` (`--se-split`, se_block.wgsl's split kernels): the
+/// adapter's choice, for a mean squeeze (the max squeeze's gradient goes to one pixel per plane).
+fn split(gpu: &Gpu, cfg: &SeBlockConfig) -> bool {
+    gpu.se_split && cfg.variant.squeeze == Squeeze::Avg
+}
+
+/// The split reductions' constants: the workgroup size and the channels per workgroup (a subgroup
+/// each at the adapter's smallest subgroup size, or an invocation each without subgroups).
+fn split_constants(gpu: &Gpu) -> [(&'static str, f64); 2] {
+    let lanes = if gpu.subgroups { gpu.info.subgroup_min_size.clamp(1, WG) } else { 1 };
+    [("WG", WG as f64), ("SPLIT_CHANNELS", (WG / lanes) as f64)]
+}
+
+/// The split passes' grids: the reductions' channel blocks by samples, and the elementwise
+/// passes' workgroups along each sample's C * H * W values (they stride over more) by samples.
+fn split_grids(gpu: &Gpu, cfg: &SeBlockConfig) -> Result<([u32; 3], [u32; 3])> {
+    let per = split_constants(gpu)[1].1 as usize;
+    let n = to_u32("batch", cfg.n)?;
+    let channels = to_u32("channel blocks", cfg.c.div_ceil(per))?;
+    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
+    let values = to_u32("value blocks", (cfg.c * cfg.h * cfg.w).div_ceil(WG as usize).min(max))?;
+    Ok(([channels, n, 1], [values, n, 1]))
+}
+
+/// The forward as three dispatches: the squeeze spread over channel blocks, the FCs a workgroup
+/// per sample, the scale (and the fused addition and ReLU) spread over the values. `t`: inp, w1,
+/// b1, w2, b2, out, saved (the biases placeholders without them).
+fn forward_split(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    params: &wgpu::Buffer,
+    [inp, w1, b1, w2, b2, out, saved]: [&Tensor; 7],
+    res: Option<&Tensor>,
+    affine: Option<&BnAffine<'_>>,
+) -> Result<Vec<Dispatch>> {
+    let precision = Precision::of(inp);
+    let (reduce, values) = split_grids(gpu, cfg)?;
+    let unused_affine = placeholder(gpu)?;
+    let affine_in = affine_binds(affine, &unused_affine);
+    let mut consts = split_constants(gpu).to_vec();
+    consts.extend(affine.map(|_| ("AFFINE_IN", 1.0)));
+    let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
+    let act = inp.dtype.bytes() as f64;
+    let z = 4.0 * (cfg.n * cfg.c) as f64;
+    let mut binds = vec![Bind::Uniform(0, params), Bind::Tensor(1, inp), Bind::Tensor(7, saved)];
+    binds.extend(affine_binds(affine, &unused_affine));
+    let squeeze = gpu.dispatch_in(precision, "se_block", "se_block_forward_squeeze", &consts, &binds, reduce)?;
+    let squeeze = squeeze.with_cost(numel, act * numel + z);
+    let binds = [
+        Bind::Uniform(0, params),
+        Bind::Tensor(2, w1),
+        Bind::Tensor(3, b1),
+        Bind::Tensor(4, w2),
+        Bind::Tensor(5, b2),
+        Bind::Tensor(7, saved),
+    ];
+    let excite =
+        gpu.dispatch_in(precision, "se_block", "se_block_forward_excite", &consts[..2], &binds, [reduce[1], 1, 1])?;
+    let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
+    let excite = excite.with_cost(4.0 * fc, 4.0 * (w1.numel() + w2.numel() + saved.numel()) as f64);
+    let mut binds = vec![Bind::Uniform(0, params), Bind::Tensor(1, inp), Bind::Tensor(6, out), Bind::Tensor(7, saved)];
+    let (entry, consts, tensors, ops) = match res {
+        Some(r) => {
+            binds.push(Bind::Tensor(17, r));
+            binds.extend(affine_in);
+            ("se_block_forward_scale_add_relu", &consts[..], 3.0, 3.0)
+        }
+        None => ("se_block_forward_scale", &consts[..2], 2.0, 1.0),
+    };
+    let scale = gpu.dispatch_in(precision, "se_block", entry, consts, &binds, values)?;
+    let scale = scale.with_cost(ops * numel, tensors * act * numel + z);
+    Ok(vec![squeeze, excite, scale])
 }
 
 /// The SE gradients: `dinp`, and `dw1`, `dw2` (and `db1`, `db2` when the block has biases).
@@ -338,23 +415,47 @@ fn backward(
     grads: &SeGrads<'_>,
 ) -> Result<Vec<Dispatch>> {
     check_backward(cfg, [inp, saved, dout, dsaved], weights, epilogue, grads)?;
-    let defer = epilogue.and_then(|e| e.se_grad);
-    let affine = epilogue.and_then(|e| e.input_affine);
     let (unused, [db1, db2]) = biases(gpu, cfg, grads.db1, grads.db2)?;
     let db1 = db1.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc1 bias grad"))?;
     let db2 = db2.or(unused.as_ref()).ok_or_else(|| anyhow::anyhow!("se_block: no fc2 bias grad"))?;
     let params = gpu.uniform("se_block params", &cfg.params()?);
+    let precision = Precision::of(dout);
+    let t = [inp, weights.w1, weights.w2, saved, dout, dsaved, grads.dinp];
+    let passes = if split(gpu, cfg) {
+        backward_split(gpu, cfg, &params, t, epilogue)?
+    } else {
+        vec![backward_input(gpu, cfg, &params, t, epilogue)?]
+    };
+    if epilogue.is_some_and(|e| e.weight_grad_elsewhere) {
+        return Ok(passes);
+    }
+    let io = SeWeightGradIo { saved, dsaved, dw1: grads.dw1, db1: grads.db1, dw2: grads.dw2, db2: grads.db2 };
+    let weight = weight_pass(gpu, cfg, (&params, precision), io, [db1, db2])?;
+    Ok(passes.into_iter().chain([weight]).collect())
+}
+
+/// The per-sample input-gradient pass of the one-pass form. `t`: inp, w1, w2, saved, dout, dsaved,
+/// dinp.
+fn backward_input(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    params: &wgpu::Buffer,
+    [inp, w1, w2, saved, dout, dsaved, dinp]: [&Tensor; 7],
+    epilogue: Option<AddReluGrads<'_>>,
+) -> Result<Dispatch> {
+    let defer = epilogue.and_then(|e| e.se_grad);
+    let affine = epilogue.and_then(|e| e.input_affine);
     let mut consts = vec![("WG", WG as f64)];
     consts.extend(defer.map(|_| ("DEFER", 1.0)));
     consts.extend(affine.map(|_| ("AFFINE_IN", 1.0)));
     let mut binds = vec![
-        Bind::Uniform(0, &params),
+        Bind::Uniform(0, params),
         Bind::Tensor(1, inp),
-        Bind::Tensor(2, weights.w1),
-        Bind::Tensor(4, weights.w2),
+        Bind::Tensor(2, w1),
+        Bind::Tensor(4, w2),
         Bind::Tensor(8, saved),
         Bind::Tensor(9, dout),
-        Bind::Tensor(10, grads.dinp),
+        Bind::Tensor(10, dinp),
         Bind::Tensor(11, dsaved),
     ];
     // Placeholders: one for the written binding, one for the read ones (never both in a dispatch).
@@ -372,23 +473,93 @@ fn backward(
     // dinp, and the two small matrix-vector products back through FC2 and FC1. Fused, the ReLU's
     // output read and the shortcut's gradient written besides, and a comparison per element.
     let numel = inp.numel();
-    let small = 4 * (weights.w1.numel() + weights.w2.numel() + saved.numel() + dsaved.numel());
+    let small = 4 * (w1.numel() + w2.numel() + saved.numel() + dsaved.numel());
     let fused = if epilogue.is_some() { 2 * dout.dtype.bytes() } else { 0 };
     // Deferred, dx is not written; s and dz are.
     let (dx, deferred) = match defer {
         Some(t) => (0, 4 * t.numel()),
-        None => (grads.dinp.dtype.bytes(), 0),
+        None => (dinp.dtype.bytes(), 0),
     };
     let input_bytes = (inp.dtype.bytes() + dout.dtype.bytes() + dx + fused) * numel + small + deferred;
     let fc = (cfg.n * cfg.c * cfg.hidden()) as f64;
     let per_element = if epilogue.is_some() { 5.0 } else { 4.0 };
-    let input = input.with_cost(per_element * numel as f64 + 4.0 * fc, input_bytes as f64);
-    if epilogue.is_some_and(|e| e.weight_grad_elsewhere) {
-        return Ok(vec![input]);
+    Ok(input.with_cost(per_element * numel as f64 + 4.0 * fc, input_bytes as f64))
+}
+
+/// The input gradient of the split form: ds spread over channel blocks (with the fused block's
+/// mask and shortcut gradient), the FCs' backward a workgroup per sample (s and dz into the
+/// deferred buffer, or a plan-time one of the same shape), then, unless deferred, dx spread over
+/// the values. `t` as [`backward_input`]'s.
+fn backward_split(
+    gpu: &Gpu,
+    cfg: &SeBlockConfig,
+    params: &wgpu::Buffer,
+    [inp, w1, w2, saved, dout, dsaved, dinp]: [&Tensor; 7],
+    epilogue: Option<AddReluGrads<'_>>,
+) -> Result<Vec<Dispatch>> {
+    let precision = Precision::of(dout);
+    let (reduce, values) = split_grids(gpu, cfg)?;
+    let affine = epilogue.and_then(|e| e.input_affine);
+    let mut consts = split_constants(gpu).to_vec();
+    let numel = inp.numel() as f64;
+    let act = dout.dtype.bytes() as f64;
+    let per_sample = 4.0 * (cfg.n * (cfg.c + cfg.hidden())) as f64;
+    let unused = placeholder(gpu)?;
+    let mut binds = vec![
+        Bind::Uniform(0, params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(8, saved),
+        Bind::Tensor(9, dout),
+        Bind::Tensor(11, dsaved),
+    ];
+    let (entry, tensors, ops) = match epilogue {
+        Some(e) => {
+            binds.extend([Bind::Tensor(18, e.out), Bind::Tensor(19, e.dres)]);
+            binds.extend(affine_binds(affine.as_ref(), &unused));
+            consts.extend(affine.map(|_| ("AFFINE_IN", 1.0)));
+            ("se_block_backward_ds_add_relu", 4.0, 3.0)
+        }
+        None => ("se_block_backward_ds", 2.0, 2.0),
+    };
+    let ds = gpu.dispatch_in(precision, "se_block", entry, &consts, &binds, reduce)?;
+    let ds = ds.with_cost(ops * numel, tensors * act * numel + per_sample);
+    let own;
+    let se_grad = match epilogue.and_then(|e| e.se_grad) {
+        Some(t) => t,
+        None => {
+            own = Tensor::zeros(gpu, "se_block s and dz", &[cfg.n, 2, cfg.c])?;
+            &own
+        }
+    };
+    let binds = [
+        Bind::Uniform(0, params),
+        Bind::Tensor(2, w1),
+        Bind::Tensor(4, w2),
+        Bind::Tensor(8, saved),
+        Bind::Tensor(11, dsaved),
+        Bind::Tensor(20, se_grad),
+    ];
+    let fc = gpu.dispatch_in(precision, "se_block", "se_block_backward_fc", &consts[..2], &binds, [reduce[1], 1, 1])?;
+    let weights = 4.0 * (w1.numel() + w2.numel()) as f64;
+    let fc = fc.with_cost(
+        4.0 * (cfg.n * cfg.c * cfg.hidden()) as f64,
+        weights + 2.0 * per_sample + 4.0 * se_grad.numel() as f64,
+    );
+    if epilogue.is_some_and(|e| e.se_grad.is_some()) {
+        return Ok(vec![ds, fc]);
     }
-    let io = SeWeightGradIo { saved, dsaved, dw1: grads.dw1, db1: grads.db1, dw2: grads.dw2, db2: grads.db2 };
-    let weight = weight_pass(gpu, cfg, (&params, precision), io, [db1, db2])?;
-    Ok(vec![input, weight])
+    let mut binds =
+        vec![Bind::Uniform(0, params), Bind::Tensor(9, dout), Bind::Tensor(10, dinp), Bind::Tensor(20, se_grad)];
+    let (entry, tensors, ops) = match epilogue {
+        Some(e) => {
+            binds.push(Bind::Tensor(18, e.out));
+            ("se_block_backward_dx_add_relu", 3.0, 3.0)
+        }
+        None => ("se_block_backward_dx", 2.0, 2.0),
+    };
+    let dx = gpu.dispatch_in(precision, "se_block", entry, &consts[..2], &binds, values)?;
+    let dx = dx.with_cost(ops * numel, tensors * act * numel + 4.0 * se_grad.numel() as f64);
+    Ok(vec![ds, fc, dx])
 }
 
 /// The shapes a backward pass needs (`[inp, saved, dout, dsaved]`), and its epilogue's.
