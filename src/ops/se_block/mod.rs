@@ -307,14 +307,14 @@ fn forward_split(
     let precision = Precision::of(inp);
     let (reduce, values) = split_grids(gpu, cfg)?;
     let unused_affine = placeholder(gpu)?;
-    let affine_in = affine_binds(affine, &unused_affine);
+    let affine_in = || affine_binds(affine, &unused_affine);
     let mut consts = split_constants(gpu).to_vec();
     consts.extend(affine.map(|_| ("AFFINE_IN", 1.0)));
     let numel = (cfg.n * cfg.c * cfg.h * cfg.w) as f64;
     let act = inp.dtype.bytes() as f64;
     let z = 4.0 * (cfg.n * cfg.c) as f64;
     let mut binds = vec![Bind::Uniform(0, params), Bind::Tensor(1, inp), Bind::Tensor(7, saved)];
-    binds.extend(affine_binds(affine, &unused_affine));
+    binds.extend(affine_in());
     let squeeze = gpu.dispatch_in(precision, "se_block", "se_block_forward_squeeze", &consts, &binds, reduce)?;
     let squeeze = squeeze.with_cost(numel, act * numel + z);
     let binds = [
@@ -333,7 +333,7 @@ fn forward_split(
     let (entry, consts, tensors, ops) = match res {
         Some(r) => {
             binds.push(Bind::Tensor(17, r));
-            binds.extend(affine_in);
+            binds.extend(affine_in());
             ("se_block_forward_scale_add_relu", &consts[..], 3.0, 3.0)
         }
         None => ("se_block_forward_scale", &consts[..2], 2.0, 1.0),

@@ -331,9 +331,7 @@ fn se_block_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) 
     let t = l.t;
     let n = wid.x;
     let xb = n * p.c * p.hw;
-    let sb = n * (2u * p.c + p.cr);
-    let db = n * (p.c + p.cr);
-    let s_off = sb + p.c + p.cr;
+    let s_off = n * (2u * p.c + p.cr) + p.c + p.cr;
     // ds and da2: a subgroup per channel, as the squeeze.
     for (var c = l.sub; c < p.c; c += l.subs) {
         ds_channel(n, c, l);
@@ -367,9 +365,7 @@ fn se_block_backward_input_add_relu(@builtin(workgroup_id) wid: vec3<u32>, lanes
     let t = l.t;
     let n = wid.x;
     let xb = n * p.c * p.hw;
-    let sb = n * (2u * p.c + p.cr);
-    let db = n * (p.c + p.cr);
-    let s_off = sb + p.c + p.cr;
+    let s_off = n * (2u * p.c + p.cr) + p.c + p.cr;
     for (var c = l.sub; c < p.c; c += l.subs) {
         ds_channel_relu(n, c, l);
     }
