@@ -102,7 +102,7 @@ pub struct GpuOptions {
     /// A mean-squeeze SE block as a reduction spread over channels, a pass per sample for its
     /// FCs and an elementwise pass, each way (`--se-split`), instead of one workgroup per sample:
     /// auto = on GPU adapters (a batch of 64 is too few workgroups for one), on = on any adapter,
-    /// off = never. The same values bit for bit either way.
+    /// off = never. The same values either way (each from the same shader helper in the same order).
     pub se_split: Switch,
 }
 
