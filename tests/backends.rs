@@ -232,15 +232,19 @@ fn constant_sets(file: &str) -> Vec<Vec<(&'static str, f64)>> {
         "conv2d_tiled" => WorkgroupTiles::ALL
             .iter()
             .flat_map(|t| {
-                [0.0, 1.0, 2.0].map(|mode| {
-                    vec![
-                        ("BM", f(t.bm)),
-                        ("BN", f(t.bn)),
-                        ("BK", f(t.bk)),
-                        ("TM", f(t.tm)),
-                        ("TN", f(t.tn)),
-                        ("MODE", mode),
-                    ]
+                [0.0, 1.0, 2.0].into_iter().flat_map(move |mode| {
+                    [1.0, 3.0].map(|k| {
+                        vec![
+                            ("BM", f(t.bm)),
+                            ("BN", f(t.bn)),
+                            ("BK", f(t.bk)),
+                            ("KH", k),
+                            ("KW", k),
+                            ("MODE", mode),
+                            ("TM", f(t.tm)),
+                            ("TN", f(t.tn)),
+                        ]
+                    })
                 })
             })
             .collect(),

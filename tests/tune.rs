@@ -238,7 +238,7 @@ fn grouped_layers_are_tuned_under_their_own_keys_and_the_workgroup_kernels_run_t
     assert!(keys.iter().any(|k| *k == "conv2d Forward n2 c16->16 9x7 k3x3 s1x1 p1x1 d1x1 g4 bias0"), "{keys:?}");
 
     let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
-    std::fs::write(&cache, with_every_choice(&text, "tiled:64,32,32,4,2")).unwrap();
+    std::fs::write(&cache, with_every_choice(&text, "tiled:32,128,16,4,4")).unwrap();
     let gpu = device(TuneMode::Quick, &cache);
     let mut net = net(&gpu, OptimizerConfig::sgd(0.1, 0.0));
     let plan = net.plan(n).unwrap();

@@ -156,23 +156,46 @@ fn load_b(k: u32, c: u32) -> act {
     return dout[((nn * p.c_out + co) * p.oh + oy) * p.ow + ox];
 }
 
-// Result (r, c) of group grp's GEMM.
-fn store(r: u32, c: u32, v: f32, split: u32) {
+// The output plane a column's pixel lies in: the forward's OH*OW, the input gradient's H*W.
+fn plane() -> u32 {
     if (MODE == FWD) {
-        let ohw = p.oh * p.ow;
+        return p.oh * p.ow;
+    }
+    return p.h * p.w;
+}
+
+// Column c's element offset in the forward's output or the input gradient at channel 0: image
+// c / plane, pixel c % plane. A row's channel adds channel * plane (`store_col`).
+fn col_offset(c: u32) -> u32 {
+    let hw = plane();
+    var ch = p.c_out;
+    if (MODE == DGRAD) {
+        ch = p.c_in;
+    }
+    return (c / hw) * ch * hw + c % hw;
+}
+
+// Result (r, c) of group grp's GEMM, with col = col_offset(c) (unread by the weight gradient), so
+// a caller storing a column's several rows decodes its pixel once.
+fn store_col(r: u32, c: u32, col: u32, v: f32, split: u32) {
+    if (MODE == FWD) {
         let co = grp * cout_g() + r;
         var b = 0.0;
         if (p.has_bias != 0u) {
             b = bias[co];
         }
-        let o = ((c / ohw) * p.c_out + co) * ohw + c % ohw;
+        let o = col + co * plane();
         out[o] = epilogue(v + b, o);
     } else if (MODE == DGRAD) {
-        let hw = p.h * p.w;
-        let o = ((c / hw) * p.c_in + grp * cin_g() + r) * hw + c % hw;
+        let o = col + (grp * cin_g() + r) * plane();
         out[o] = epilogue(v, o);
     } else {
         // Slice `split` of the partial buffer (the weight gradient itself with one split).
         wgrad[(split * p.c_out + grp * cout_g() + r) * cols() + c] = v;
     }
+}
+
+// Result (r, c) of group grp's GEMM.
+fn store(r: u32, c: u32, v: f32, split: u32) {
+    store_col(r, c, col_offset(c), v, split);
 }

@@ -7,10 +7,18 @@
 // stages a BK x BM slice of A and a BK x BN slice of B in workgroup memory (loads arranged so that
 // neighbouring invocations read neighbouring addresses where the layout allows: along K for
 // weights and for the weight gradient's operands, along pixels for activations), then each
-// invocation accumulates a TM x TN micro-tile in registers. The micro-tile is strided — rows
-// ty + i*BM/TM, columns tx + j*BN/TN — so that a warp's workgroup-memory reads are consecutive
-// (B) or broadcast (A), and its stores to pixel-contiguous outputs are coalesced. Tile shapes are
-// override constants (ops::conv2d::WorkgroupTiles lists those built; (BM/TM)*(BN/TN) must be 256).
+// invocation accumulates a TM x TN micro-tile in registers, read from workgroup memory four
+// values at a time. The micro-tile is TM/4 x TN/4 blocks of 4 x 4, strided — block rows
+// 4*(ty + i*BM/TM), block columns 4*(tx + j*BN/TN) — so that a warp's vec4 reads of B cover
+// consecutive addresses and its reads of A broadcast, and its stores to pixel-contiguous outputs
+// are runs of four. Each row of a staged slice is padded by 4 values, so that the weight-gradient
+// and A stores, K fastest across invocations, do not all fall in one bank. While one slice is
+// multiplied, each invocation already holds its share of the next in registers (prefetch).
+// Tile shapes are override constants (ops::conv2d::WorkgroupTiles lists those built:
+// (BM/TM)*(BN/TN) = 256, TM and TN 4 or 8, BN a divisor of 256, BK*BM and BK*BN at most 2048);
+// the kernel's height KH and width KW are too, so the loads' divisions by them are
+// multiplications, and every value an invocation's loads need that does not change along K is
+// decoded once, before the K loop (its pixel, for the forward and the input gradient).
 //
 // The weight gradient splits K (N*OH*OW) over gid.z into `splits` ranges of `split_len`, each
 // writing its slice of the partial buffer; conv2d.wgsl's conv2d_backward_weight_reduce sums the
@@ -37,93 +45,342 @@
 // machine): ResNeXt's 32 groups of 4 channels, 64x64 tiles: ~0.01 GFLOP/s f32 in every pass,
 // ~20x slower than the register blocks (a 64-row tile holds 4 rows of a group's GEMM) — on a
 // GPU, grouped layers want tiles sized to the group; not measured there yet.
-// v5 (this): the input gradient's addend (conv2d_params.wgsl's `accumulate`, in the shared store);
+// v5: the input gradient's addend (conv2d_params.wgsl's `accumulate`, in the shared store);
 // with the flag off the same arithmetic. Not timed.
+// v6 (this): rewritten for GPUs after v5 lost to the register blocks everywhere on the H200:
+// vec4 micro-tile reads into up to four named 4 x 4 blocks (`Quad`) and a prefetch in named vec4s,
+// never an array indexed in a loop, padded staging rows, register prefetch of the next K slice, KH and KW
+// as pipeline constants, pixel decodes hoisted out of the K loop, each output column's offset
+// decoded once for all its rows (conv2d_gemm.wgsl's store_col). Each output is still one f32
+// chain over k ascending, now of explicit fused multiply-adds. Tile shapes with TM or TN of 2
+// (64x32, 32x128 with 2x8) gave way to shapes the vec4 reads allow. Measured on one NVIDIA H200
+// (Vulkan, docs/runs/workgroup-v6-h200/; quick tuning against --tune off, alternated in one run):
+// SE-ResNet-50 at 224, batch 64, f32: the convolutions 87.7 ms per training step against the
+// register blocks' 224.9, 16.5-19.9 TFLOP/s per pass (45-55 % of the FMA probe), the tiles chosen
+// for 56 of 59 passes (mostly 128x128); training 473.8 against 233.9 images/s (2.03x), evaluation
+// 1,826 against 842. Base SENet w1, batch 128: 12,429 against 6,125 (2.03x); SE-ResNet-20, batch
+// 128: 11,074 against 8,001 (1.38x). A first draft with the accumulators and prefetch in private
+// arrays indexed in loops lost to the register blocks on every layer (1.6-12x slower): the
+// compiler kept them in memory, so the registers here are named. On lavapipe (senet w0.25, batch
+// 32, --tune full, one run) the best tile still took 4.1-21x the register blocks' time on every
+// pass, so quick tuning keeps not timing them on CPU adapters.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
 override BK: u32 = 16u;
 override TM: u32 = 4u;
 override TN: u32 = 4u;
+// The convolution kernel's height and width (the layer's kh, kw).
+override KH: u32 = 1u;
+override KW: u32 = 1u;
 
 const T: u32 = 256u;
+// Values of padding after each staged row of BM (A) or BN (B) values.
+const PAD: u32 = 4u;
 
-// BK*BM and BK*BN are at most 2048 for every tile shape built (16 KiB of workgroup memory).
-var<workgroup> As: array<f32, 2048>;
-var<workgroup> Bs: array<f32, 2048>;
+// (BM + PAD) * BK / 4 and (BN + PAD) * BK / 4 are at most 528 for every tile shape built (132 x 16
+// values, 8.25 KiB each).
+var<workgroup> As: array<vec4<f32>, 528>;
+var<workgroup> Bs: array<vec4<f32>, 528>;
+
+// This workgroup's first row and column, the GEMM's extent, its K range's end.
+var<private> row0: u32;
+var<private> col0: u32;
+var<private> n_rows: u32;
+var<private> n_cols: u32;
+var<private> k_stop: u32;
+
+// This invocation's B column (the forward and the input gradient, where it stays the same along
+// K): whether it is inside the GEMM, its image's offset, and its pixel's first input row and
+// column (forward: oy*stride - pad; input gradient: iy + pad).
+var<private> col_in: bool;
+var<private> col_base: u32;
+var<private> col_y: i32;
+var<private> col_x: i32;
+
+// This invocation's share of the next K slice: slots 0-3 and 4-7 of A (BK*BM/T of them, SA) and
+// of B (SB). Named vectors, not arrays: an array indexed in a loop may live in memory, not
+// registers (the register blocks' header measured that on lavapipe; these tiles with arrays ran
+// 4-8x slower than the register blocks on the H200).
+var<private> next_a0: vec4<f32>;
+var<private> next_a1: vec4<f32>;
+var<private> next_b0: vec4<f32>;
+var<private> next_b1: vec4<f32>;
+
+// A 4 x 4 block of the micro-tile: rows r0..r3, each a vec4 over 4 columns.
+struct Quad {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+
+// The block plus the outer product of a (4 rows) and b (4 columns), as fused multiply-adds.
+fn mac(q: Quad, a: vec4<f32>, b: vec4<f32>) -> Quad {
+    return Quad(
+        fma(vec4<f32>(a.x), b, q.r0),
+        fma(vec4<f32>(a.y), b, q.r1),
+        fma(vec4<f32>(a.z), b, q.r2),
+        fma(vec4<f32>(a.w), b, q.r3),
+    );
+}
+
+// The weight gradient's pixel k (= image n, pixel q within its plane, top-left input row y and
+// column x of its window).
+struct Pixel {
+    n: u32,
+    q: u32,
+    y: i32,
+    x: i32,
+}
+
+// Decode the B column this invocation loads at every K step (forward, input gradient): column
+// col0 + tid % BN.
+fn enter_column(tid: u32) {
+    let c = col0 + tid % BN;
+    col_in = c < n_cols;
+    if (MODE == FWD) {
+        let ohw = p.oh * p.ow;
+        let q = c % ohw;
+        col_base = (c / ohw) * p.c_in * p.h * p.w;
+        col_y = i32((q / p.ow) * p.stride_h) - i32(p.pad_h);
+        col_x = i32((q % p.ow) * p.stride_w) - i32(p.pad_w);
+    } else if (MODE == DGRAD) {
+        let hw = p.h * p.w;
+        let q = c % hw;
+        col_base = (c / hw) * p.c_out * p.oh * p.ow;
+        col_y = i32(q / p.w + p.pad_h);
+        col_x = i32(q % p.w + p.pad_w);
+    }
+}
+
+// The input value at row iy, column ix of channel ci of the image at `base`, 0 in the padding.
+fn input_at(base: u32, ci: u32, iy: i32, ix: i32) -> f32 {
+    if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
+        return 0.0;
+    }
+    return f32(inp[base + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
+}
+
+// The output gradient reaching input offset (ty, tx) = (iy + pad - ky*dil, ix + pad - kx*dil) of
+// channel co through the stride, 0 where none does (the transposed convolution, gathered).
+fn dout_at(co: u32, ty: i32, tx: i32) -> f32 {
+    if (ty < 0 || tx < 0) {
+        return 0.0;
+    }
+    var oy = u32(ty);
+    var ox = u32(tx);
+    if (p.stride_h != 1u || p.stride_w != 1u) {
+        if (oy % p.stride_h != 0u || ox % p.stride_w != 0u) {
+            return 0.0;
+        }
+        oy = oy / p.stride_h;
+        ox = ox / p.stride_w;
+    }
+    if (oy >= p.oh || ox >= p.ow) {
+        return 0.0;
+    }
+    return f32(dout[col_base + (co * p.oh + oy) * p.ow + ox]);
+}
+
+// Slot e of this invocation's share of A for the K slice at k0: 0 past the share (e >= SA), the
+// GEMM's rows or K. A has K fastest across invocations: this invocation's k is k0 + tid % BK.
+fn a_value(e: u32, k0: u32, tid: u32, px: Pixel) -> f32 {
+    let ka = k0 + tid % BK;
+    let r = row0 + (e * T + tid) / BK;
+    if (e >= BK * BM / T || r >= n_rows || ka >= k_stop) {
+        return 0.0;
+    }
+    let khw = KH * KW;
+    if (MODE == FWD) {
+        return f32(weight[(grp * cout_g() + r) * cin_g() * khw + ka]);
+    }
+    if (MODE == DGRAD) {
+        // weight[co, ci = r, t] with k = (co, t), co within the group
+        return f32(weight[((grp * cout_g() + ka / khw) * cin_g() + r) * khw + ka % khw]);
+    }
+    // dout[n, co = r, pixel] with k = (n, pixel)
+    return f32(dout[(px.n * p.c_out + grp * cout_g() + r) * p.oh * p.ow + px.q]);
+}
+
+// Slot e of this invocation's share of B for the K slice at k0, 0 past the share (e >= SB), the
+// GEMM's columns or K.
+fn b_value(e: u32, k0: u32, tid: u32, px: Pixel) -> f32 {
+    if (e >= BK * BN / T) {
+        return 0.0;
+    }
+    let khw = KH * KW;
+    if (MODE == WGRAD) {
+        // B[k, c] = im2col(inp)[c = (ci, ky, kx), pixel k], K fastest across invocations.
+        let c = col0 + (e * T + tid) / BK;
+        if (c >= n_cols || k0 + tid % BK >= k_stop) {
+            return 0.0;
+        }
+        let t = c % khw;
+        let y = px.y + i32((t / KW) * p.dil_h);
+        let x = px.x + i32((t % KW) * p.dil_w);
+        return input_at(px.n * p.c_in * p.h * p.w, grp * cin_g() + c / khw, y, x);
+    }
+    // The forward's and input gradient's column is this invocation's own (enter_column).
+    let k = k0 + (e * T + tid) / BN;
+    if (!col_in || k >= k_stop) {
+        return 0.0;
+    }
+    let t = k % khw;
+    let dy = i32((t / KW) * p.dil_h);
+    let dx = i32((t % KW) * p.dil_w);
+    if (MODE == FWD) {
+        return input_at(col_base, grp * cin_g() + k / khw, col_y + dy, col_x + dx);
+    }
+    return dout_at(grp * cout_g() + k / khw, col_y - dy, col_x - dx);
+}
+
+// Load this invocation's share of the K slice from k0 into next_a* / next_b*.
+fn fetch(k0: u32, tid: u32) {
+    var px = Pixel(0u, 0u, 0, 0);
+    if (MODE == WGRAD) {
+        // Pixel k0 + tid % BK, decoded once for all of this invocation's loads.
+        let ka = k0 + tid % BK;
+        let ohw = p.oh * p.ow;
+        px.n = ka / ohw;
+        px.q = ka % ohw;
+        px.y = i32((px.q / p.ow) * p.stride_h) - i32(p.pad_h);
+        px.x = i32((px.q % p.ow) * p.stride_w) - i32(p.pad_w);
+    }
+    next_a0 = vec4<f32>(a_value(0u, k0, tid, px), a_value(1u, k0, tid, px), a_value(2u, k0, tid, px), a_value(3u, k0, tid, px));
+    if (BK * BM / T > 4u) {
+        next_a1 = vec4<f32>(a_value(4u, k0, tid, px), a_value(5u, k0, tid, px), a_value(6u, k0, tid, px), a_value(7u, k0, tid, px));
+    }
+    next_b0 = vec4<f32>(b_value(0u, k0, tid, px), b_value(1u, k0, tid, px), b_value(2u, k0, tid, px), b_value(3u, k0, tid, px));
+    if (BK * BN / T > 4u) {
+        next_b1 = vec4<f32>(b_value(4u, k0, tid, px), b_value(5u, k0, tid, px), b_value(6u, k0, tid, px), b_value(7u, k0, tid, px));
+    }
+}
+
+// Slot e of A into workgroup memory (BK rows of BM + PAD values), if the share has it.
+fn stage_a(e: u32, v: f32, tid: u32) {
+    if (e < BK * BM / T) {
+        let i = (tid % BK) * (BM + PAD) + (e * T + tid) / BK;
+        As[i / 4u][i % 4u] = v;
+    }
+}
+
+// Slot e of B into workgroup memory (BK rows of BN + PAD values), if the share has it.
+fn stage_b(e: u32, v: f32, tid: u32) {
+    if (e < BK * BN / T) {
+        var i = ((e * T + tid) / BN) * (BN + PAD) + tid % BN;
+        if (MODE == WGRAD) {
+            i = (tid % BK) * (BN + PAD) + (e * T + tid) / BK;
+        }
+        Bs[i / 4u][i % 4u] = v;
+    }
+}
+
+// Put the fetched slice in workgroup memory.
+fn stage(tid: u32) {
+    stage_a(0u, next_a0.x, tid);
+    stage_a(1u, next_a0.y, tid);
+    stage_a(2u, next_a0.z, tid);
+    stage_a(3u, next_a0.w, tid);
+    stage_a(4u, next_a1.x, tid);
+    stage_a(5u, next_a1.y, tid);
+    stage_a(6u, next_a1.z, tid);
+    stage_a(7u, next_a1.w, tid);
+    stage_b(0u, next_b0.x, tid);
+    stage_b(1u, next_b0.y, tid);
+    stage_b(2u, next_b0.z, tid);
+    stage_b(3u, next_b0.w, tid);
+    stage_b(4u, next_b1.x, tid);
+    stage_b(5u, next_b1.y, tid);
+    stage_b(6u, next_b1.z, tid);
+    stage_b(7u, next_b1.w, tid);
+}
+
+// Store value v at (r, c) of the GEMM, col = col_offset(c), if r is inside it.
+fn store_if(r: u32, c: u32, col: u32, v: f32, split: u32) {
+    if (r < n_rows) {
+        store_col(r, c, col, v, split);
+    }
+}
+
+// Store block q: rows from r (4 of them), columns from c (4 of them).
+fn store_quad(q: Quad, r: u32, c: u32, split: u32) {
+    for (var jj = 0u; jj < 4u; jj++) {
+        let cj = c + jj;
+        if (cj >= n_cols) {
+            return;
+        }
+        var col = 0u;
+        if (MODE != WGRAD) {
+            col = col_offset(cj);
+        }
+        store_if(r, cj, col, q.r0[jj], split);
+        store_if(r + 1u, cj, col, q.r1[jj], split);
+        store_if(r + 2u, cj, col, q.r2[jj], split);
+        store_if(r + 3u, cj, col, q.r3[jj], split);
+    }
+}
 
 @compute @workgroup_size(T)
 fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    // Invocations per row and column of 4 x 4 blocks.
     let tx_n = BN / TN;
     let ty_n = BM / TM;
     let tx = tid % tx_n;
     let ty = tid / tx_n;
-    let r0 = wid.y * BM;
-    let c0 = wid.x * BN;
-    let n_rows = rows();
-    let n_cols = cols();
+    row0 = wid.y * BM;
+    col0 = wid.x * BN;
+    n_rows = rows();
+    n_cols = cols();
     // wid.z: the channel group and (weight gradient) the split of K.
     let split = enter_group(wid.z);
     let k_span = k_range(split);
-    let k_begin = k_span.x;
-    let k_end = k_span.y;
+    k_stop = k_span.y;
+    if (MODE != WGRAD) {
+        enter_column(tid);
+    }
 
-    var acc: array<f32, 64>;
-    for (var i = 0u; i < TM * TN; i++) {
-        acc[i] = 0.0;
-    }
-    for (var k0 = k_begin; k0 < k_end; k0 += BK) {
-        // Stage A: BK x BM, K fastest across invocations.
-        for (var e = 0u; e < BK * BM / T; e++) {
-            let idx = e * T + tid;
-            let kk = idx % BK;
-            let r = idx / BK;
-            var v = 0.0;
-            if (r0 + r < n_rows && k0 + kk < k_end) {
-                v = f32(load_a(r0 + r, k0 + kk));
-            }
-            As[kk * BM + r] = v;
-        }
-        // Stage B: BK x BN, pixels fastest (forward, input gradient) or K fastest (weight gradient).
-        for (var e = 0u; e < BK * BN / T; e++) {
-            let idx = e * T + tid;
-            var kk = idx / BN;
-            var c = idx % BN;
-            if (MODE == WGRAD) {
-                kk = idx % BK;
-                c = idx / BK;
-            }
-            var v = 0.0;
-            if (c0 + c < n_cols && k0 + kk < k_end) {
-                v = f32(load_b(k0 + kk, c0 + c));
-            }
-            Bs[kk * BN + c] = v;
-        }
+    // Blocks q<i><j> of the micro-tile: rows 4*(ty + i*ty_n) + 0..3, columns 4*(tx + j*tx_n) +
+    // 0..3 (i < TM/4, j < TN/4).
+    let zero = Quad(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var q00 = zero;
+    var q01 = zero;
+    var q10 = zero;
+    var q11 = zero;
+    fetch(k_span.x, tid);
+    for (var k0 = k_span.x; k0 < k_stop; k0 += BK) {
+        stage(tid);
         workgroupBarrier();
+        if (k0 + BK < k_stop) {
+            fetch(k0 + BK, tid);
+        }
         for (var kk = 0u; kk < BK; kk++) {
-            var a: array<f32, 8>;
-            var b: array<f32, 8>;
-            for (var i = 0u; i < TM; i++) {
-                a[i] = As[kk * BM + ty + i * ty_n];
-            }
-            for (var j = 0u; j < TN; j++) {
-                b[j] = Bs[kk * BN + tx + j * tx_n];
-            }
-            for (var i = 0u; i < TM; i++) {
-                for (var j = 0u; j < TN; j++) {
-                    acc[i * TN + j] += a[i] * b[j];
+            let a0 = As[kk * (BM + PAD) / 4u + ty];
+            let b0 = Bs[kk * (BN + PAD) / 4u + tx];
+            q00 = mac(q00, a0, b0);
+            if (TN == 8u) {
+                let b1 = Bs[kk * (BN + PAD) / 4u + tx + tx_n];
+                q01 = mac(q01, a0, b1);
+                if (TM == 8u) {
+                    let a1 = As[kk * (BM + PAD) / 4u + ty + ty_n];
+                    q10 = mac(q10, a1, b0);
+                    q11 = mac(q11, a1, b1);
                 }
+            } else if (TM == 8u) {
+                let a1 = As[kk * (BM + PAD) / 4u + ty + ty_n];
+                q10 = mac(q10, a1, b0);
             }
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < TM; i++) {
-        let r = r0 + ty + i * ty_n;
-        for (var j = 0u; j < TN; j++) {
-            let c = c0 + tx + j * tx_n;
-            if (r < n_rows && c < n_cols) {
-                store(r, c, acc[i * TN + j], split);
-            }
+    store_quad(q00, row0 + 4u * ty, col0 + 4u * tx, split);
+    if (TN == 8u) {
+        store_quad(q01, row0 + 4u * ty, col0 + 4u * (tx + tx_n), split);
+    }
+    if (TM == 8u) {
+        store_quad(q10, row0 + 4u * (ty + ty_n), col0 + 4u * tx, split);
+        if (TN == 8u) {
+            store_quad(q11, row0 + 4u * (ty + ty_n), col0 + 4u * (tx + tx_n), split);
         }
     }
 }

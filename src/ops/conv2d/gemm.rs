@@ -27,17 +27,20 @@ impl GemmKernel {
         }
     }
 
-    /// One launch in `mode` over a `rows` x `cols` GEMM with `z` K splits.
+    /// One launch in `mode` over a `rows` x `cols` GEMM with `z` K splits, for `cfg`'s layer.
     fn dispatch(
         self,
         gpu: &Gpu,
+        cfg: &Conv2dConfig,
         mode: u32,
         binds: &[Bind<'_>],
         dims: (usize, usize, usize),
         precision: Precision,
     ) -> Result<Dispatch> {
         let d = match self {
-            GemmKernel::Workgroup(t) => super::workgroup::dispatch(gpu, t, mode, binds, dims, precision)?,
+            GemmKernel::Workgroup(t) => {
+                super::workgroup::dispatch(gpu, t, mode, (cfg.kh, cfg.kw), binds, dims, precision)?
+            }
             GemmKernel::Coop(t) => super::coop::dispatch(gpu, t, mode, binds, dims)?,
         };
         Ok(d.labelled(match (self, mode) {
@@ -83,7 +86,7 @@ pub(super) fn forward(
     // One GEMM per group (workgroup z), each over the group's output channels.
     let dims = (cfg.c_out_group(), cfg.n * cfg.out_h() * cfg.out_w(), cfg.groups);
     let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
-    Ok(vec![gemm.dispatch(gpu, 0, &binds, dims, Precision::of(inp))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
+    Ok(vec![gemm.dispatch(gpu, cfg, 0, &binds, dims, Precision::of(inp))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
 }
 
 /// The input gradient on a workgroup GEMM (MODE 1): the transposed convolution, gathered, plus
@@ -117,7 +120,7 @@ pub(super) fn backward_input(
     let read_addend = addend.map_or(0, |a| a.numel());
     let flops = 2.0 * cfg.macs() as f64 + read_addend as f64;
     let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel() + read_addend) as f64;
-    Ok(vec![gemm.dispatch(gpu, 1, &binds, dims, Precision::of(dout))?.with_cost(flops, bytes)])
+    Ok(vec![gemm.dispatch(gpu, cfg, 1, &binds, dims, Precision::of(dout))?.with_cost(flops, bytes)])
 }
 
 /// The weight gradient on a workgroup GEMM (MODE 2), K = N*OH*OW split `splits` ways (each split
@@ -163,7 +166,7 @@ pub(super) fn backward_weight(
     let precision = Precision::of(inp);
     // Workgroup z = split * groups + group.
     let dims = (cfg.c_out_group(), k, splits * cfg.groups);
-    let mut out = vec![gemm.dispatch(gpu, 2, &binds, dims, precision)?.with_cost(flops, bytes)];
+    let mut out = vec![gemm.dispatch(gpu, cfg, 2, &binds, dims, precision)?.with_cost(flops, bytes)];
     if let Some(partial) = &partial {
         out.push(weight_grad_reduce(gpu, cfg, precision, &params, partial, dweight)?);
     }

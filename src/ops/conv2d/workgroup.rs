@@ -10,7 +10,8 @@ use crate::gpu::{Bind, Dispatch, Gpu, Precision};
 
 /// Workgroup-memory tile shapes of `conv2d_tiled.wgsl`: a workgroup of 256 invocations owns `bm`
 /// rows x `bn` columns of the output GEMM, stages `bk` steps of K at a time, and each invocation
-/// accumulates `tm` x `tn` outputs ((bm/tm) * (bn/tn) = 256; bk*bm and bk*bn at most 2048).
+/// accumulates `tm` x `tn` outputs ((bm/tm) * (bn/tn) = 256; `tm` and `tn` 4 or 8, for the
+/// shader's vec4 reads; `bn` divides 256; bk*bm and bk*bn at most 2048).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WorkgroupTiles {
     pub bm: usize,
@@ -21,18 +22,20 @@ pub struct WorkgroupTiles {
 }
 
 impl WorkgroupTiles {
-    /// Every shape built and tested: 64-128 x 64-128 tiles with 16-deep K steps, a 64 x 32 one
-    /// with 32-deep steps, and a 32 x 128 one for layers with few rows (16-32 channels).
+    /// Every shape built and tested: 64-128 x 64-128 tiles with 16-deep K steps (quick tuning
+    /// times these four), a 32 x 128 one for layers with few rows (16-32 channels), and a
+    /// 128 x 128 one with 8-deep steps and half the workgroup memory.
     pub const ALL: [WorkgroupTiles; 6] = [
         WorkgroupTiles { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 },
         WorkgroupTiles { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4 },
         WorkgroupTiles { bm: 64, bn: 128, bk: 16, tm: 4, tn: 8 },
         WorkgroupTiles { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8 },
-        WorkgroupTiles { bm: 64, bn: 32, bk: 32, tm: 4, tn: 2 },
-        WorkgroupTiles { bm: 32, bn: 128, bk: 16, tm: 2, tn: 8 },
+        WorkgroupTiles { bm: 32, bn: 128, bk: 16, tm: 4, tn: 4 },
+        WorkgroupTiles { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8 },
     ];
 
-    fn constants(&self, mode: u32) -> [(&'static str, f64); 6] {
+    /// The pipeline constants of `mode` for a layer with a `kh` x `kw` kernel.
+    fn constants(&self, mode: u32, (kh, kw): (usize, usize)) -> [(&'static str, f64); 8] {
         [
             ("BM", self.bm as f64),
             ("BN", self.bn as f64),
@@ -40,6 +43,8 @@ impl WorkgroupTiles {
             ("TM", self.tm as f64),
             ("TN", self.tn as f64),
             ("MODE", f64::from(mode)),
+            ("KH", kh as f64),
+            ("KW", kw as f64),
         ]
     }
 
@@ -64,15 +69,17 @@ pub(super) fn weight_grad_splits(cfg: &Conv2dConfig, t: WorkgroupTiles) -> usize
     1024usize.div_ceil(tiles.max(1)).min(m / 512).clamp(1, 64)
 }
 
-/// One launch of `conv2d_gemm_tiled` in `mode` over a `rows` x `cols` GEMM with `z` K splits.
+/// One launch of `conv2d_gemm_tiled` in `mode` over a `rows` x `cols` GEMM with `z` K splits, for
+/// a layer with a `kernel` = (kh, kw) kernel.
 pub(super) fn dispatch(
     gpu: &Gpu,
     t: WorkgroupTiles,
     mode: u32,
+    kernel: (usize, usize),
     binds: &[Bind<'_>],
     (rows, cols, z): (usize, usize, usize),
     precision: Precision,
 ) -> Result<Dispatch> {
     let grid = t.grid(gpu, rows, cols, z)?;
-    gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &t.constants(mode), binds, grid)
+    gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &t.constants(mode, kernel), binds, grid)
 }
