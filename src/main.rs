@@ -94,6 +94,12 @@ struct Cli {
     /// adapters, on = on any adapter, off = never. Changes dispatches and speed, not values.
     #[arg(long, global = true, value_enum, env = "SENET_SE_SPLIT", default_value_t)]
     se_split: gpu::Switch,
+    /// A training batch norm's statistics and gradient sums spread over slices of each channel, a
+    /// workgroup per channel and slice, two dispatches each way, instead of one workgroup per
+    /// channel: on = on any adapter; auto (for now: not yet measured on a GPU) and off = never.
+    /// Changes dispatches, speed and the order of the sums.
+    #[arg(long, global = true, value_enum, env = "SENET_BN_SPLIT", default_value_t)]
+    bn_split: gpu::Switch,
     #[command(subcommand)]
     command: Command,
 }
@@ -231,6 +237,7 @@ impl Cli {
             bn_stats: self.bn_stats,
             joint_backward: self.joint_backward,
             se_split: self.se_split,
+            bn_split: self.bn_split,
         }
     }
 }

@@ -45,9 +45,9 @@ fn storage_widths(module: &naga::Module) -> Vec<u8> {
 }
 
 /// Every entry point a GL adapter may run (the workgroup-tree variant: GL has no subgroups)
-/// binds at most 16 storage buffers, GL's limit (`max_storage_buffers_per_shader_stage`); the one
-/// that binds more, the batch-norm backward summing an SE block's weight gradients, binds exactly
-/// what the plan checks the adapter for (`batch_norm::SE_WGRAD_STORAGE_BUFFERS`).
+/// binds at most 16 storage buffers, GL's limit (`max_storage_buffers_per_shader_stage`); the ones
+/// that bind more, the batch-norm backward summing an SE block's weight gradients (one-pass and
+/// sliced), bind exactly what the plan checks the adapter for (`batch_norm::SE_WGRAD_STORAGE_BUFFERS`).
 #[test]
 fn every_entry_point_fits_a_gl_adapters_storage_buffers() {
     const GL_LIMIT: usize = 16;
@@ -65,7 +65,9 @@ fn every_entry_point_fits_a_gl_adapters_storage_buffers() {
                     .iter()
                     .filter(|(h, v)| matches!(v.space, naga::AddressSpace::Storage { .. }) && !uses[*h].is_empty())
                     .count();
-                if ep.name == "batch_norm_backward_se_wgrad" {
+                if ["batch_norm_backward_se_wgrad", "batch_norm_backward_slices_input_se_wgrad"]
+                    .contains(&ep.name.as_str())
+                {
                     assert_eq!(count, SE_WGRAD_STORAGE_BUFFERS as usize, "{name}::{}: storage buffers", ep.name);
                 } else {
                     assert!(
@@ -138,6 +140,12 @@ const PASSES: &[&str] = &[
     "backward_ds",
     "backward_fc",
     "backward_dx",
+    // --bn-split's sliced batch norm: a workgroup per channel and slice, two dispatches each way
+    "forward_slices",
+    "forward_slices_apply",
+    "backward_slices",
+    "backward_slices_input",
+    "backward_slices_input_se_wgrad",
     // --sync-bn's split batch norm: each pass in two halves around the ranks' exchange
     "forward_stats",
     "forward_apply",

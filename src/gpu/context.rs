@@ -104,6 +104,12 @@ pub struct GpuOptions {
     /// auto = on GPU adapters (a batch of 64 is too few workgroups for one), on = on any adapter,
     /// off = never. The same values either way (each from the same shader helper in the same order).
     pub se_split: Switch,
+    /// A training batch norm's passes spread over slices of each channel, a workgroup per channel
+    /// and slice, in two dispatches each way (`--bn-split`), instead of one workgroup per
+    /// channel: on = on any adapter; auto and off = never, auto until the sliced kernels are
+    /// measured on a GPU. The same sums in another order (ops::batch_norm::slices_for says where
+    /// it applies).
+    pub bn_split: Switch,
 }
 
 /// Whether the register GEMM takes its 1x1 form (`--conv-1x1 on|off`), or its 3-wide form
@@ -251,6 +257,8 @@ pub struct Gpu {
     pub joint_backward: bool,
     /// [`GpuOptions::se_split`] resolved for this adapter.
     pub se_split: bool,
+    /// [`GpuOptions::bn_split`] resolved for this adapter.
+    pub bn_split: bool,
     /// Read-back staging buffers by size, kept for the next read of that size so that reading
     /// metrics every step or predictions every batch allocates nothing after the first time.
     /// A buffer is taken out while in use, so concurrent reads never share one.
@@ -440,6 +448,9 @@ impl Gpu {
                 Switch::On => true,
                 Switch::Off => false,
             },
+            // Auto is off on every adapter until the sliced kernels are measured on a GPU
+            // (scripts/gpu-bench.sh times `--bn-split on`).
+            bn_split: opts.bn_split == Switch::On,
             staging: Default::default(),
             scope: Default::default(),
             tuner: super::tune::Tuner::new(tune_mode, opts.tune_cache.clone(), device_key)

@@ -10,8 +10,17 @@ use senet_wgpu::ops::conv2d::Conv2dConfig;
 
 /// A test device with `opts`, tuning off, created once per test binary in `cell`: the error as
 /// text where there is none.
+/// Tuning is off (below); the sliced batch norms (`--bn-split`) are off unless a test asks for
+/// them (should auto turn them on for some adapter): they sum in another order than the one-pass kernels, and a fused
+/// epilogue (a bias gradient, a pool) keeps a batch norm in one pass, so plans a test compares bit
+/// for bit would differ by where slicing applies. The sliced kernels have tests of their own
+/// (tests/kernels/batch_norm.rs, tests/fusion.rs `sliced_batch_norms_keep_the_step`).
 fn device(cell: &'static Cell, opts: GpuOptions) -> Result<Arc<Gpu>, String> {
-    let opts = GpuOptions { tune: Some(senet_wgpu::gpu::tune::TuneMode::Off), ..opts };
+    let bn_split = match opts.bn_split {
+        senet_wgpu::gpu::Switch::Auto => senet_wgpu::gpu::Switch::Off,
+        s => s,
+    };
+    let opts = GpuOptions { tune: Some(senet_wgpu::gpu::tune::TuneMode::Off), bn_split, ..opts };
     cell.get_or_init(|| Gpu::new(&opts).map_err(|e| format!("{e:#}"))).clone()
 }
 
@@ -43,6 +52,19 @@ pub fn gpu_unfused_se_one_pass() -> Arc<Gpu> {
     let opts =
         GpuOptions { fuse: senet_wgpu::gpu::Fuse::Off, se_split: senet_wgpu::gpu::Switch::Off, ..Default::default() };
     required(&GPU, opts)
+}
+
+/// The same adapter with every fusion but the batch norms' statistics from the convolutions
+/// before them (which keep a batch norm in one pass), its training batch norms sliced over
+/// workgroups (`--bn-split on`) or not: [on].
+pub fn gpu_bn_split(on: bool) -> Arc<Gpu> {
+    static GPU: [Cell; 2] = [OnceLock::new(), OnceLock::new()];
+    let opts = GpuOptions {
+        bn_stats: senet_wgpu::gpu::ConvForm::Off,
+        bn_split: if on { senet_wgpu::gpu::Switch::On } else { senet_wgpu::gpu::Switch::Off },
+        ..Default::default()
+    };
+    required(&GPU[usize::from(on)], opts)
 }
 
 /// The same adapter with every fusion but the batch norms' statistics from the convolutions

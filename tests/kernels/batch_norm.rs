@@ -1075,3 +1075,127 @@ fn batch_norm_statistics_from_the_convolution_before_match_its_own() {
         }
     }
 }
+
+/// The sliced kernels (`--bn-split`: a workgroup per channel and slice, two dispatches each way)
+/// against the reference on every case, split 2, 3 and 7 ways (7 leaves the 1x1 case's last
+/// slices empty), plain, with the fused ReLU (its output read for the mask, and the mask
+/// recomputed) and statistics-only; f32, then f16 for the plain and ReLU forms. Tolerances as
+/// the one-pass kernels' (BN_TOL, plus F16_RTOL on f16 outputs): the same sums in another order.
+#[test]
+fn batch_norm_sliced_kernels_match_reference() {
+    for (path, gpu) in gpus() {
+        for (i, base) in bn_cases().iter().enumerate() {
+            let mut r = rng(2300 + i as u64);
+            let numel: usize = base.shape().iter().product();
+            let (x, dy) = (uniform(&mut r, numel, -2.0, 3.0), uniform(&mut r, numel, -1.0, 1.0));
+            let (gamma, beta) = (uniform(&mut r, base.c, 0.5, 1.5), uniform(&mut r, base.c, -0.5, 0.5));
+            let (rm, rv) = (uniform(&mut r, base.c, -0.2, 0.2), uniform(&mut r, base.c, 0.5, 2.0));
+            let (g64, b64) = (to_f64(&gamma), to_f64(&beta));
+            let forms = [
+                ("plain", *base),
+                ("relu", base.with_relu()),
+                ("relu, mask recomputed", base.with_relu().with_remask()),
+                ("statistics only", base.with_stats_only()),
+            ];
+            for (form, cfg) in forms {
+                for (precision, f16) in [("f32", false), ("f16", true)] {
+                    if f16 && (cfg.remask || cfg.stats_only) {
+                        continue;
+                    }
+                    let tol = if f16 { BN_TOL + F16_RTOL } else { BN_TOL };
+                    let act = |label: &str, v: &[f32]| {
+                        if f16 {
+                            upload_f16(&gpu, label, &cfg.shape(), v)
+                        } else {
+                            upload(&gpu, label, &cfg.shape(), v)
+                        }
+                    };
+                    let act_zeros = |label: &str| {
+                        if f16 { zeros_f16(&gpu, label, &cfg.shape()) } else { zeros(&gpu, label, &cfg.shape()) }
+                    };
+                    let read_act = |t: &Tensor| if f16 { read_f16(&gpu, t) } else { read(&gpu, t) };
+                    // f16 inputs: the reference sees the values rounded to f16.
+                    let (xr, dyr): (Vec<f32>, Vec<f32>) = if f16 {
+                        (
+                            x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+                            dy.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+                        )
+                    } else {
+                        (x.clone(), dy.clone())
+                    };
+                    let want = reference::batch_norm::batch_norm_forward_train(
+                        base,
+                        &to_f64(&xr),
+                        &g64,
+                        &b64,
+                        &to_f64(&rm),
+                        &to_f64(&rv),
+                    );
+                    let out_want: Vec<f64> =
+                        if cfg.relu { want.out.iter().map(|v| v.max(0.0)).collect() } else { want.out.clone() };
+                    // The gradient reaching the normalisation: with the ReLU, dy where its output is positive.
+                    let g_want: Vec<f64> = if cfg.relu {
+                        dyr.iter().zip(&out_want).map(|(&g, &y)| if y > 0.0 { f64::from(g) } else { 0.0 }).collect()
+                    } else {
+                        to_f64(&dyr)
+                    };
+                    let (dx, dg, db) = reference::batch_norm::batch_norm_backward(
+                        base,
+                        &to_f64(&xr),
+                        &g64,
+                        &want.mean,
+                        &want.invstd,
+                        &g_want,
+                    );
+                    for slices in [2, 3, 7] {
+                        let tag = |s: &str| {
+                            format!("sliced {s} ({form}, {precision}, {slices} slices) case {i} ({path}) {cfg:?}")
+                        };
+                        let tx = act("x", &xr);
+                        let (tg, tb) = (upload(&gpu, "gamma", &[cfg.c], &gamma), upload(&gpu, "beta", &[cfg.c], &beta));
+                        let (trm, trv) =
+                            (upload(&gpu, "running_mean", &[cfg.c], &rm), upload(&gpu, "running_var", &[cfg.c], &rv));
+                        let stats = zeros(&gpu, "stats", &[2, cfg.c]);
+                        let ty = act_zeros("y");
+                        let fwd = bn(&tx, &tg, &tb, &trm, &trv, &stats, &ty);
+                        let d =
+                            batch_norm::batch_norm_forward_train_sliced(&gpu, &cfg, &fwd, Default::default(), slices)
+                                .unwrap();
+                        assert_eq!(d.len(), 2, "{}", tag("forward dispatches"));
+                        run(&gpu, &d);
+                        let s = read(&gpu, &stats);
+                        assert_close(&tag("saved mean"), &s[..cfg.c], &want.mean, BN_TOL, BN_TOL);
+                        assert_close(&tag("saved invstd"), &s[cfg.c..], &want.invstd, BN_TOL, BN_TOL);
+                        assert_close(&tag("running_mean"), &read(&gpu, &trm), &want.running_mean, BN_TOL, BN_TOL);
+                        assert_close(&tag("running_var"), &read(&gpu, &trv), &want.running_var, BN_TOL, BN_TOL);
+                        if cfg.stats_only {
+                            continue;
+                        }
+                        assert_close(&tag("forward output"), &read_act(&ty), &out_want, tol, tol);
+                        let tdy = act("dy", &dyr);
+                        let tdx = act_zeros("dx");
+                        let (tdg, tdb) = (zeros(&gpu, "dgamma", &[cfg.c]), zeros(&gpu, "dbeta", &[cfg.c]));
+                        let relu_in = (cfg.relu && !cfg.remask).then_some(&ty);
+                        let g = batch_norm::BnBackward {
+                            inp: &tx,
+                            gamma: &tg,
+                            stats: &stats,
+                            relu_out: relu_in,
+                            dout: &tdy,
+                            dinp: &tdx,
+                            dgamma: &tdg,
+                            dbeta: &tdb,
+                        };
+                        let f = batch_norm::BnFused { beta: cfg.remask.then_some(&tb), ..Default::default() };
+                        let d = batch_norm::batch_norm_backward_sliced(&gpu, &cfg, &g, f, slices).unwrap();
+                        assert_eq!(d.len(), 2, "{}", tag("backward dispatches"));
+                        run(&gpu, &d);
+                        assert_close(&tag("backward dinp"), &read_act(&tdx), &dx, tol, tol);
+                        assert_close(&tag("backward dgamma"), &read(&gpu, &tdg), &dg, BN_TOL, BN_TOL);
+                        assert_close(&tag("backward dbeta"), &read(&gpu, &tdb), &db, BN_TOL, BN_TOL);
+                    }
+                }
+            }
+        }
+    }
+}

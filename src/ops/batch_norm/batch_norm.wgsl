@@ -57,7 +57,10 @@
 //       moved into input_welford, the same arithmetic. cargo bench --bench bn_stats, one run:
 //       the training forward 0.72-0.97x the time in 8 of 10 layer and precision pairs
 //       (docs/runs/bn-stats-lavapipe/).
-//   v10 (this) SE_WGRAD, the SE block's weight gradients in the backward (below).
+//   v10 SE_WGRAD, the SE block's weight gradients in the backward (below).
+//   v11 (this) the sliced kernels for GPUs (--bn-split; at the end of this file); the one-pass
+//       kernels' element loops moved into range functions (range_welford, apply_range,
+//       range_grad_sums, input_grad_range) over [0, N*HW), the same arithmetic.
 //   Tried, not kept: the element loops that write each value alone (the forward's output, the
 //   backward's dinp) loading four values of a plane at a time from vec4 aliases of inp and dout
 //   where H*W % 4 == 0 (the same values bit for bit). senet bench, --tune off, b128, alternated
@@ -111,6 +114,8 @@
 struct Params {
     n: u32, c: u32, partial_rows: u32, se_hidden: u32,
     eps: f32, momentum: f32, update_running: u32, se_bias: u32,
+    // The sliced kernels (below): slices per channel and elements per slice.
+    slices: u32, slice_len: u32, _pad0: u32, _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -238,8 +243,13 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
         pool_channel(c, t, mean, scale, b);
         return;
     }
-    let m = p.n * HW;
-    for (var e = t; e < m; e += RED_WG) {
+    apply_range(c, t, 0u, p.n * HW, scale, b, mean);
+}
+
+// out = x * scale + shift over elements [lo, hi) of channel c, thread t taking lo + t, lo + t +
+// RED_WG, …
+fn apply_range(c: u32, t: u32, lo: u32, hi: u32, scale: f32, b: f32, mean: f32) {
+    for (var e = lo + t; e < hi; e += RED_WG) {
         let i = chan_index(c, e);
         out[i] = act(normalised(i, mean, scale, b));
     }
@@ -247,11 +257,15 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
 
 // Thread t's Welford state (count, mean, M2) of channel c over its strided slice of the input.
 fn input_welford(c: u32, t: u32) -> vec3<f32> {
-    let m = p.n * HW;
+    return range_welford(c, t, 0u, p.n * HW);
+}
+
+// Thread t's Welford state of channel c over elements lo + t, lo + t + RED_WG, … below hi.
+fn range_welford(c: u32, t: u32, lo: u32, hi: u32) -> vec3<f32> {
     var k = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
-    for (var e = t; e < m; e += RED_WG) {
+    for (var e = lo + t; e < hi; e += RED_WG) {
         let x = f32(inp[chan_index(c, e)]);
         k += 1.0;
         let d = x - mean;
@@ -372,38 +386,48 @@ fn batch_norm_forward_eval(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local
 
 // (sum g, sum g * (x - mean)) over channel c of this workgroup's batch.
 fn channel_grad_sums(c: u32, l: Lane, mean: f32, invstd: f32) -> vec2<f32> {
-    let m = p.n * HW;
+    return block_sum2(range_grad_sums(c, l.t, 0u, p.n * HW, mean, invstd), l);
+}
+
+// Thread t's (sum g, sum g * (x - mean)) over elements lo + t, lo + t + RED_WG, … below hi.
+fn range_grad_sums(c: u32, t: u32, lo: u32, hi: u32, mean: f32, invstd: f32) -> vec2<f32> {
     var sd = 0.0;
     var sdx = 0.0;
-    for (var e = l.t; e < m; e += RED_WG) {
+    for (var e = lo + t; e < hi; e += RED_WG) {
         let g = grad_at(c, e, mean, invstd);
         sd += g;
         sdx += g * (f32(inp[chan_index(c, e)]) - mean);
     }
-    return block_sum2(vec2<f32>(sd, sdx), l);
+    return vec2<f32>(sd, sdx);
 }
 
 // dinp = gamma * invstd * (g - dbeta/M - xhat * dgamma/M) over channel c, M = 1 / inv_m values;
 // with BIAS, the sum of dinp into dbias[c].
 fn input_grad_channel(c: u32, l: Lane, mean: f32, invstd: f32, dbeta_c: f32, dgamma_c: f32, inv_m: f32) {
-    let m = p.n * HW;
-    let k = gamma[c] * invstd;
-    let db_m = dbeta_c * inv_m;
-    let dg_m = dgamma_c * inv_m;
-    var sb = 0.0;
-    for (var e = l.t; e < m; e += RED_WG) {
-        let i = chan_index(c, e);
-        let xhat = (f32(inp[i]) - mean) * invstd;
-        let d = act_rounded(k * (grad_at(c, e, mean, invstd) - db_m - xhat * dg_m));
-        dinp[i] = act(d);
-        sb += d;
-    }
+    let sb = input_grad_range(c, l.t, 0u, p.n * HW, mean, invstd, dbeta_c, dgamma_c, inv_m);
     if (BIAS != 0u) {
         let s = block_sum2(vec2<f32>(sb, 0.0), l);
         if (l.t == 0u) {
             dbias[c] = s.x;
         }
     }
+}
+
+// dinp over elements lo + t, lo + t + RED_WG, … below hi of channel c; returns thread t's sum of
+// the values it wrote.
+fn input_grad_range(c: u32, t: u32, lo: u32, hi: u32, mean: f32, invstd: f32, dbeta_c: f32, dgamma_c: f32, inv_m: f32) -> f32 {
+    let k = gamma[c] * invstd;
+    let db_m = dbeta_c * inv_m;
+    let dg_m = dgamma_c * inv_m;
+    var sb = 0.0;
+    for (var e = lo + t; e < hi; e += RED_WG) {
+        let i = chan_index(c, e);
+        let xhat = (f32(inp[i]) - mean) * invstd;
+        let d = act_rounded(k * (grad_at(c, e, mean, invstd) - db_m - xhat * dg_m));
+        dinp[i] = act(d);
+        sb += d;
+    }
+    return sb;
 }
 
 // dbeta = sum g, dgamma = sum g * xhat over the channel, then
@@ -469,4 +493,120 @@ fn batch_norm_backward_input(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes
     let invstd = stats_in[p.c + c];
     let dgamma_c = grad_sums[2u * p.c + c] * invstd;
     input_grad_channel(c, l, mean, invstd, grad_sums[p.c + c], dgamma_c, 1.0 / grad_sums[c]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sliced (--bn-split on; meant for GPU adapters, not yet measured on one): each channel's N*HW elements in p.slices slices of
+// p.slice_len, a workgroup per (channel, slice) — grid [C, slices] — where the kernels above have
+// one workgroup per channel, too few to fill a GPU when C is small and H*W large. Two dispatches
+// each way, the slices' partial sums in `welford` / `grad_sums` ([slices, 3, C] / [slices, 2, C])
+// merged by every workgroup of the second in slice order; the per-element code is the one-pass
+// kernels' (range_welford, apply_range, range_grad_sums, input_grad_range), the sums taken in
+// another order, so not bit for bit the one-pass kernels. Epilogues: RELU, REMASK, SE_IN,
+// STATS_ONLY and SE_WGRAD; a pool, a bias gradient or the convolution's statistics keep the
+// one-pass kernels (host: ops::batch_norm::slices_for).
+
+// Elements [x, y) of channel slice s.
+fn slice_range(s: u32) -> vec2<u32> {
+    let m = p.n * HW;
+    let lo = min(s * p.slice_len, m);
+    return vec2<u32>(lo, min(lo + p.slice_len, m));
+}
+
+// (count, mean, M2) of a and b together (Chan et al.); b may be empty.
+fn merge_slice(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    let kn = a.x + b.x;
+    if (b.x == 0.0) {
+        return a;
+    }
+    let d = b.y - a.y;
+    return vec3<f32>(kn, a.y + d * (b.x / kn), a.z + (b.z + d * d * (a.x * b.x / kn)));
+}
+
+// The training forward's first half: slice wid.y's (count, mean, M2) of channel wid.x.
+@compute @workgroup_size(RED_WG)
+fn batch_norm_forward_slices(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let c = wid.x;
+    let s = wid.y;
+    let r = slice_range(s);
+    let w = block_welford(range_welford(c, l.t, r.x, r.y), l);
+    if (l.t == 0u) {
+        let at = 3u * s * p.c + c;
+        welford[at] = w.x;
+        welford[at + p.c] = w.y;
+        welford[at + 2u * p.c] = w.z;
+    }
+}
+
+// Second half: the slices merged in order, the statistics saved and the running ones moved (by
+// slice 0), then slice wid.y normalised (none with STATS_ONLY, whose grid has one slice).
+@compute @workgroup_size(RED_WG)
+fn batch_norm_forward_slices_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = wid.x;
+    let s = wid.y;
+    var w = vec3<f32>(0.0);
+    for (var k = 0u; k < p.slices; k++) {
+        let at = 3u * k * p.c + c;
+        w = merge_slice(w, vec3<f32>(welford[at], welford[at + p.c], welford[at + 2u * p.c]));
+    }
+    let m = p.n * HW;
+    // finish_statistics writes from its thread 0: here thread 0 of slice 0.
+    let st = finish_statistics(c, t + s * RED_WG, w, f32(m), f32(m - 1u));
+    if (STATS_ONLY == 0u) {
+        let r = slice_range(s);
+        apply_range(c, t, r.x, r.y, st.y * gamma[c], beta[c], st.x);
+    }
+}
+
+// The backward's first half: slice wid.y's (sum g, sum g * (x - mean)) of channel wid.x.
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward_slices(@builtin(workgroup_id) wid: vec3<u32>, lanes: Lanes) {
+    let l = lane_of(lanes, RED_WG);
+    let c = wid.x;
+    let s = wid.y;
+    let r = slice_range(s);
+    let sums = block_sum2(range_grad_sums(c, l.t, r.x, r.y, stats_in[c], stats_in[p.c + c]), l);
+    if (l.t == 0u) {
+        grad_sums[2u * s * p.c + c] = sums.x;
+        grad_sums[(2u * s + 1u) * p.c + c] = sums.y;
+    }
+}
+
+// Second half: the slices' sums added in order, dbeta and dgamma written (by slice 0), then
+// slice s's dinp.
+fn backward_slice_input(c: u32, s: u32, t: u32) {
+    let mean = stats_in[c];
+    let invstd = stats_in[p.c + c];
+    var sd = 0.0;
+    var sdx = 0.0;
+    for (var k = 0u; k < p.slices; k++) {
+        sd += grad_sums[2u * k * p.c + c];
+        sdx += grad_sums[(2u * k + 1u) * p.c + c];
+    }
+    let dgamma_c = sdx * invstd;
+    if (s == 0u && t == 0u) {
+        dbeta[c] = sd;
+        dgamma[c] = dgamma_c;
+    }
+    let r = slice_range(s);
+    _ = input_grad_range(c, t, r.x, r.y, mean, invstd, sd, dgamma_c, 1.0 / f32(p.n * HW));
+}
+
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward_slices_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    backward_slice_input(wid.x, wid.y, t);
+}
+
+// SE_WGRAD: as batch_norm_backward_se_wgrad, slice 0's workgroup of channel c also sums the SE
+// block's weight gradients of its channel.
+@compute @workgroup_size(RED_WG)
+fn batch_norm_backward_slices_input_se_wgrad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let c = wid.x;
+    backward_slice_input(c, wid.y, t);
+    if (wid.y == 0u) {
+        for (var jb = t; jb < 2u * ((p.se_hidden + 3u) / 4u); jb += RED_WG) {
+            se_weight_grad_block(c, jb, p.n, p.c, p.se_hidden, p.se_bias != 0u);
+        }
+    }
 }

@@ -220,6 +220,9 @@ impl BatchNormConfig {
             momentum: self.momentum as f32,
             update_running: u32::from(update_running),
             se_bias: u32::from(self.se_wgrad.is_some_and(|(_, b)| b)),
+            slices: 1,
+            slice_len: to_u32("values per channel", self.count())?,
+            _pad: [0; 2],
         })
     }
 }
@@ -236,6 +239,29 @@ struct Params {
     momentum: f32,
     update_running: u32,
     se_bias: u32,
+    slices: u32,
+    slice_len: u32,
+    _pad: [u32; 2],
+}
+
+impl Params {
+    /// The sliced kernels' split of each channel's values into `slices` slices.
+    fn sliced(mut self, cfg: &BatchNormConfig, slices: usize) -> Result<Params> {
+        self.slices = to_u32("batch-norm slices", slices)?;
+        self.slice_len = to_u32("values per slice", cfg.count().div_ceil(slices))?;
+        Ok(self)
+    }
+}
+
+/// How many slices each channel of `cfg` runs in on `gpu` (`--bn-split`; 1 = the one-pass
+/// kernels): enough workgroups for ~1,024 in flight, each slice at least 4,096 values, at most
+/// 64 slices; 1 where the split is off, the layer fuses a pool or a bias gradient, or takes its
+/// statistics from the convolution before (epilogues the sliced kernels do not have).
+pub fn slices_for(gpu: &Gpu, cfg: &BatchNormConfig) -> usize {
+    if !gpu.bn_split || cfg.pool.is_some() || cfg.conv_bias || cfg.partial_rows.is_some() {
+        return 1;
+    }
+    1024usize.div_ceil(cfg.c).min(cfg.count() / 4096).clamp(1, 64)
 }
 
 /// The tensors of a forward pass: input, affine parameters, running statistics (updated in
@@ -387,6 +413,19 @@ pub fn batch_norm_forward_train_fused(
     t: &BnForward<'_>,
     f: BnFused<'_>,
 ) -> Result<Vec<Dispatch>> {
+    batch_norm_forward_train_sliced(gpu, cfg, t, f, slices_for(gpu, cfg))
+}
+
+/// [`batch_norm_forward_train_fused`] with each channel in `slices` slices: 1 = the one-pass
+/// kernel; more = `batch_norm_forward_slices`, then `batch_norm_forward_slices_apply` (a
+/// workgroup per channel and slice each; no pool, no statistics from the convolution before).
+pub fn batch_norm_forward_train_sliced(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    t: &BnForward<'_>,
+    f: BnFused<'_>,
+    slices: usize,
+) -> Result<Vec<Dispatch>> {
     let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
     f.check(cfg)?;
     ensure!(
@@ -397,6 +436,9 @@ pub fn batch_norm_forward_train_fused(
         cfg.w
     );
     check(cfg, t)?;
+    if slices > 1 {
+        return forward_slices(gpu, cfg, t, slices);
+    }
     let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
     let mut binds = vec![
         Bind::Uniform(0, &params),
@@ -426,6 +468,54 @@ pub fn batch_norm_forward_train_fused(
     // The convolution's block statistics, read once (the input is counted once either way).
     let partials = cfg.partial_rows.map_or(0.0, |r| 4.0 * cfg.partials_shape(r).iter().product::<usize>() as f64);
     Ok(d.into_iter().map(|d| d.with_cost(flops, bytes + partials)).collect())
+}
+
+/// The sliced training forward (checked by the caller): each slice's (count, mean, M2) into a
+/// [slices, 3, C] buffer, then per channel and slice the slices merged in order and the slice
+/// normalised (with STATS_ONLY only the statistics, one workgroup per channel).
+fn forward_slices(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>, slices: usize) -> Result<Vec<Dispatch>> {
+    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    ensure!(
+        cfg.pool.is_none() && cfg.partial_rows.is_none(),
+        "batch_norm: the sliced forward takes no fused pool and no statistics from the convolution before"
+    );
+    let partial = Tensor::zeros(gpu, "batch_norm slice statistics", &[slices, ROWS, cfg.c])?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(true)?.sliced(cfg, slices)?);
+    let c = to_u32("channels", cfg.c)?;
+    let first = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(12, &partial)];
+    let stats_pass = gpu.dispatch_in(
+        Precision::of(inp),
+        "batch_norm",
+        "batch_norm_forward_slices",
+        &cfg.constants(),
+        &first,
+        [c, to_u32("batch-norm slices", slices)?, 1],
+    )?;
+    let second = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, stats),
+        Bind::Tensor(3, running_mean),
+        Bind::Tensor(4, running_var),
+        Bind::Tensor(6, gamma),
+        Bind::Tensor(7, beta),
+        Bind::Tensor(8, out),
+        Bind::Tensor(12, &partial),
+    ];
+    // STATS_ONLY normalises nothing: slice 0 alone saves the statistics.
+    let apply_slices = if cfg.stats_only { 1 } else { slices };
+    let apply = gpu.dispatch_in(
+        Precision::of(inp),
+        "batch_norm",
+        "batch_norm_forward_slices_apply",
+        &cfg.constants(),
+        &second,
+        [c, to_u32("batch-norm slices", apply_slices)?, 1],
+    )?;
+    let (n, e) = (cfg.numel() as f64, el(inp));
+    let partials = 4.0 * (slices * ROWS * cfg.c) as f64;
+    let (apply_flops, apply_bytes) = if cfg.stats_only { (0.0, 8.0 * cfg.c as f64) } else { (2.0 * n, 2.0 * e * n) };
+    Ok(vec![stats_pass.with_cost(5.0 * n, e * n + partials), apply.with_cost(apply_flops, apply_bytes + partials)])
 }
 
 /// Eval-mode forward, one dispatch: statistics from the running estimates (into `stats` too).
@@ -501,8 +591,24 @@ pub fn batch_norm_backward_fused(
     g: &BnBackward<'_>,
     f: BnFused<'_>,
 ) -> Result<Vec<Dispatch>> {
+    batch_norm_backward_sliced(gpu, cfg, g, f, slices_for(gpu, cfg))
+}
+
+/// [`batch_norm_backward_fused`] with each channel in `slices` slices: 1 = the one-pass kernel;
+/// more = `batch_norm_backward_slices`, then `batch_norm_backward_slices_input` (or its SE_WGRAD
+/// form), a workgroup per channel and slice each (no pool, no bias gradient).
+pub fn batch_norm_backward_sliced(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    g: &BnBackward<'_>,
+    f: BnFused<'_>,
+    slices: usize,
+) -> Result<Vec<Dispatch>> {
     check_backward(cfg, g)?;
     f.check_backward(cfg)?;
+    if slices > 1 {
+        return backward_slices(gpu, cfg, g, f, slices);
+    }
     // Unfused, the mask binding is never read; it still needs a buffer.
     let mask = g.relu_out.unwrap_or(g.dout);
     let params = gpu.uniform("batch_norm params", &cfg.params(false)?);
@@ -548,6 +654,72 @@ pub fn batch_norm_backward_fused(
     let (se_flops, se_bytes) = f.se_weight.map_or((0.0, 0.0), |w| w.cost(cfg.n));
     let bytes = 2.0 * n * e + o * e + mask + argmax + bias + se + se_bytes;
     Ok(d.into_iter().map(|d| d.with_cost(12.0 * n + cfg.kernel_area() * o + se_flops, bytes)).collect())
+}
+
+/// The sliced backward (checked by the caller): each slice's (sum g, sum g * (x - mean)) into a
+/// [slices, 2, C] buffer, then per channel and slice the slices' sums added in order and the
+/// slice's dinp (slice 0 also writes dgamma, dbeta and, with SE_WGRAD, the SE block's weight
+/// gradients of its channel).
+fn backward_slices(
+    gpu: &Gpu,
+    cfg: &BatchNormConfig,
+    g: &BnBackward<'_>,
+    f: BnFused<'_>,
+    slices: usize,
+) -> Result<Vec<Dispatch>> {
+    ensure!(
+        cfg.pool.is_none() && !cfg.conv_bias,
+        "batch_norm: the sliced backward takes no fused pool and no bias gradient"
+    );
+    let sums = Tensor::zeros(gpu, "batch_norm slice gradient sums", &[slices, 2, cfg.c])?;
+    let params = gpu.uniform("batch_norm params", &cfg.params(false)?.sliced(cfg, slices)?);
+    let unused = placeholder(gpu)?;
+    // Unfused, the mask binding is never read; it still needs a buffer.
+    let mask = g.relu_out.unwrap_or(g.dout);
+    // What grad_at reads, in both passes.
+    let grad = [
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, g.inp),
+        Bind::Tensor(5, g.stats),
+        Bind::Tensor(6, g.gamma),
+        Bind::Tensor(7, f.beta.unwrap_or(&unused)),
+        Bind::Tensor(9, g.dout),
+        Bind::Tensor(13, &sums),
+        Bind::Tensor(17, mask),
+        Bind::Tensor(19, f.argmax.unwrap_or(&unused)),
+        Bind::Tensor(21, f.se_grad.unwrap_or(&unused)),
+    ];
+    let grid = [to_u32("channels", cfg.c)?, to_u32("batch-norm slices", slices)?, 1];
+    let precision = Precision::of(g.inp);
+    let sums_pass =
+        gpu.dispatch_in(precision, "batch_norm", "batch_norm_backward_slices", &cfg.constants(), &grad, grid)?;
+    let mut binds = grad.to_vec();
+    binds.extend([Bind::Tensor(10, g.dgamma), Bind::Tensor(11, g.dbeta), Bind::Tensor(14, g.dinp)]);
+    let spare = [placeholder(gpu)?, placeholder(gpu)?];
+    let entry = match &f.se_weight {
+        Some(w) => {
+            binds.extend([
+                Bind::Tensor(23, w.saved),
+                Bind::Tensor(24, w.dsaved),
+                Bind::Tensor(25, w.dw1),
+                Bind::Tensor(26, w.db1.unwrap_or(&spare[0])),
+                Bind::Tensor(27, w.dw2),
+                Bind::Tensor(28, w.db2.unwrap_or(&spare[1])),
+            ]);
+            "batch_norm_backward_slices_input_se_wgrad"
+        }
+        None => "batch_norm_backward_slices_input",
+    };
+    let input_pass = gpu.dispatch_in(precision, "batch_norm", entry, &cfg.constants(), &binds, grid)?;
+    // Each pass reads the input and the gradient (and the ReLU output unless the mask is
+    // recomputed); the second writes dinp.
+    let (n, e) = (cfg.numel() as f64, el(g.inp));
+    let mask = if g.relu_out.is_some() { n * e } else { 0.0 };
+    let se = if cfg.se_in { 8.0 * (cfg.n * cfg.c) as f64 } else { 0.0 };
+    let partials = 8.0 * (slices * cfg.c) as f64;
+    let read = 2.0 * n * e + mask + se + partials;
+    let (se_flops, se_bytes) = f.se_weight.map_or((0.0, 0.0), |w| w.cost(cfg.n));
+    Ok(vec![sums_pass.with_cost(4.0 * n, read), input_pass.with_cost(8.0 * n + se_flops, read + n * e + se_bytes)])
 }
 
 // ---------------------------------------------------------------------------------------------
