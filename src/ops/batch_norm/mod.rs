@@ -625,23 +625,9 @@ pub fn batch_norm_backward_sliced(
     ];
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     f.push_binds(&mut binds, &unused, false);
-    // The SE block's weight gradients (SE_WGRAD), an entry point of its own: an absent bias
-    // gradient gets a placeholder of its own, so no buffer is bound writable twice.
     let spare = [placeholder(gpu)?, placeholder(gpu)?];
-    let entry = match &f.se_weight {
-        Some(w) => {
-            binds.extend([
-                Bind::Tensor(23, w.saved),
-                Bind::Tensor(24, w.dsaved),
-                Bind::Tensor(25, w.dw1),
-                Bind::Tensor(26, w.db1.unwrap_or(&spare[0])),
-                Bind::Tensor(27, w.dw2),
-                Bind::Tensor(28, w.db2.unwrap_or(&spare[1])),
-            ]);
-            "batch_norm_backward_se_wgrad"
-        }
-        None => "batch_norm_backward",
-    };
+    let entry =
+        se_weight_entry(&mut binds, f.se_weight, &spare, ("batch_norm_backward", "batch_norm_backward_se_wgrad"));
     let d = bn_dispatch(gpu, cfg, entry, &binds, g.inp, (12.0, 4.0))?;
     // Read: the input, the gradient (pooled: with its argmax), the ReLU output unless the mask
     // is recomputed (or there is no ReLU); written: dinp and the bias gradient.
@@ -654,6 +640,27 @@ pub fn batch_norm_backward_sliced(
     let (se_flops, se_bytes) = f.se_weight.map_or((0.0, 0.0), |w| w.cost(cfg.n));
     let bytes = 2.0 * n * e + o * e + mask + argmax + bias + se + se_bytes;
     Ok(d.into_iter().map(|d| d.with_cost(12.0 * n + cfg.kernel_area() * o + se_flops, bytes)).collect())
+}
+
+/// The backward's entry point, `entries.0`, or with the SE block's weight gradients (SE_WGRAD,
+/// `se`) `entries.1`, an entry point of its own, their buffers added to `binds`: an absent bias
+/// gradient gets a placeholder of its own from `spare`, so no buffer is bound writable twice.
+fn se_weight_entry<'b>(
+    binds: &mut Vec<Bind<'b>>,
+    se: Option<SeWeightGradIo<'b>>,
+    spare: &'b [Tensor; 2],
+    entries: (&'static str, &'static str),
+) -> &'static str {
+    let Some(w) = se else { return entries.0 };
+    binds.extend([
+        Bind::Tensor(23, w.saved),
+        Bind::Tensor(24, w.dsaved),
+        Bind::Tensor(25, w.dw1),
+        Bind::Tensor(26, w.db1.unwrap_or(&spare[0])),
+        Bind::Tensor(27, w.dw2),
+        Bind::Tensor(28, w.db2.unwrap_or(&spare[1])),
+    ]);
+    entries.1
 }
 
 /// The sliced backward (checked by the caller): each slice's (sum g, sum g * (x - mean)) into a
@@ -696,20 +703,8 @@ fn backward_slices(
     let mut binds = grad.to_vec();
     binds.extend([Bind::Tensor(10, g.dgamma), Bind::Tensor(11, g.dbeta), Bind::Tensor(14, g.dinp)]);
     let spare = [placeholder(gpu)?, placeholder(gpu)?];
-    let entry = match &f.se_weight {
-        Some(w) => {
-            binds.extend([
-                Bind::Tensor(23, w.saved),
-                Bind::Tensor(24, w.dsaved),
-                Bind::Tensor(25, w.dw1),
-                Bind::Tensor(26, w.db1.unwrap_or(&spare[0])),
-                Bind::Tensor(27, w.dw2),
-                Bind::Tensor(28, w.db2.unwrap_or(&spare[1])),
-            ]);
-            "batch_norm_backward_slices_input_se_wgrad"
-        }
-        None => "batch_norm_backward_slices_input",
-    };
+    let entries = ("batch_norm_backward_slices_input", "batch_norm_backward_slices_input_se_wgrad");
+    let entry = se_weight_entry(&mut binds, f.se_weight, &spare, entries);
     let input_pass = gpu.dispatch_in(precision, "batch_norm", entry, &cfg.constants(), &binds, grid)?;
     // Each pass reads the input and the gradient (and the ReLU output unless the mask is
     // recomputed); the second writes dinp.

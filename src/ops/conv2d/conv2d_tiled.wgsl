@@ -79,7 +79,9 @@ const T: u32 = 256u;
 const PAD: u32 = 4u;
 
 // (BM + PAD) * BK / 4 and (BN + PAD) * BK / 4 are at most 528 for every tile shape built (132 x 16
-// values, 8.25 KiB each).
+// values, 8.25 KiB each): 16.5 KiB in all, past WebGPU's guaranteed 16 KiB. Vulkan, Metal and DX12
+// GPUs have 32 KiB or more; where an adapter has less, the pipeline fails to build and the tuner
+// skips the kernel (ops::conv2d::tune::choose).
 var<workgroup> As: array<vec4<f32>, 528>;
 var<workgroup> Bs: array<vec4<f32>, 528>;
 
