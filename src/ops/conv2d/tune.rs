@@ -100,9 +100,10 @@ pub(super) fn candidates(
     };
     match mode {
         TuneMode::Off => {}
-        // On a CPU adapter the workgroup tiles lose by far (lavapipe: 8-25x slower than the
-        // register blocks on every senet layer, conv2d_tiled.wgsl's header): quick keeps the
-        // built-in choice there without timing (full tuning of senet w0.25 b32 took 491 s).
+        // On a CPU adapter the workgroup tiles lose by far (lavapipe: 4-21x slower than the
+        // register blocks on every senet layer with conv2d_tiled.wgsl v6, 8-25x with v1; its
+        // header): quick keeps the built-in choice there without timing (full tuning of senet
+        // w0.25 b32 took 491 s with v1). On an H200 the v6 tiles won nearly every layer.
         TuneMode::Quick if gpu.is_cpu() => {}
         TuneMode::Quick => {
             push(ConvKernel::Register(RegisterTiles::for_layer(gpu, cfg)));
