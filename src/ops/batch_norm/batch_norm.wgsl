@@ -243,12 +243,12 @@ fn apply_channel(c: u32, t: u32, mean: f32, invstd: f32) {
         pool_channel(c, t, mean, scale, b);
         return;
     }
-    apply_range(c, t, 0u, p.n * HW, scale, b, mean);
+    apply_range(c, t, 0u, p.n * HW, mean, scale, b);
 }
 
-// out = x * scale + shift over elements [lo, hi) of channel c, thread t taking lo + t, lo + t +
+// out = (x - mean) * scale + b over elements [lo, hi) of channel c, thread t taking lo + t, lo + t +
 // RED_WG, …
-fn apply_range(c: u32, t: u32, lo: u32, hi: u32, scale: f32, b: f32, mean: f32) {
+fn apply_range(c: u32, t: u32, lo: u32, hi: u32, mean: f32, scale: f32, b: f32) {
     for (var e = lo + t; e < hi; e += RED_WG) {
         let i = chan_index(c, e);
         out[i] = act(normalised(i, mean, scale, b));
@@ -555,7 +555,7 @@ fn batch_norm_forward_slices_apply(@builtin(workgroup_id) wid: vec3<u32>, @built
     let st = finish_statistics(c, t + s * RED_WG, w, f32(m), f32(m - 1u));
     if (STATS_ONLY == 0u) {
         let r = slice_range(s);
-        apply_range(c, t, r.x, r.y, st.y * gamma[c], beta[c], st.x);
+        apply_range(c, t, r.x, r.y, st.x, st.y * gamma[c], beta[c]);
     }
 }
 

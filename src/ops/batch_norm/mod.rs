@@ -277,6 +277,26 @@ pub struct BnForward<'a> {
     pub out: &'a Tensor,
 }
 
+impl<'a> BnForward<'a> {
+    /// The bindings every training forward that normalises shares: the parameter block, the
+    /// input, the saved and running statistics, gamma, beta and the output.
+    fn train_binds<'b>(&self, params: &'b wgpu::Buffer) -> Vec<Bind<'b>>
+    where
+        'a: 'b,
+    {
+        vec![
+            Bind::Uniform(0, params),
+            Bind::Tensor(1, self.inp),
+            Bind::Tensor(2, self.stats),
+            Bind::Tensor(3, self.running_mean),
+            Bind::Tensor(4, self.running_var),
+            Bind::Tensor(6, self.gamma),
+            Bind::Tensor(7, self.beta),
+            Bind::Tensor(8, self.out),
+        ]
+    }
+}
+
 /// What the fused epilogues bind beyond [`BnForward`] and [`BnBackward`]: the fused pool's argmax
 /// ([`BatchNormConfig::pool`]; u32, the pooled output's shape — written by the forward, read by
 /// the backward) and the convolution bias gradient [C] ([`BatchNormConfig::conv_bias`]).
@@ -426,7 +446,7 @@ pub fn batch_norm_forward_train_sliced(
     f: BnFused<'_>,
     slices: usize,
 ) -> Result<Vec<Dispatch>> {
-    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    let inp = t.inp;
     f.check(cfg)?;
     ensure!(
         cfg.count() > 1,
@@ -440,16 +460,7 @@ pub fn batch_norm_forward_train_sliced(
         return forward_slices(gpu, cfg, t, slices);
     }
     let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
-    let mut binds = vec![
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, stats),
-        Bind::Tensor(3, running_mean),
-        Bind::Tensor(4, running_var),
-        Bind::Tensor(6, gamma),
-        Bind::Tensor(7, beta),
-        Bind::Tensor(8, out),
-    ];
+    let mut binds = t.train_binds(&params);
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     f.push_binds(&mut binds, &unused, true);
     binds.push(Bind::Tensor(22, f.partials.unwrap_or(&unused[0])));
@@ -474,7 +485,7 @@ pub fn batch_norm_forward_train_sliced(
 /// [slices, 3, C] buffer, then per channel and slice the slices merged in order and the slice
 /// normalised (with STATS_ONLY only the statistics, one workgroup per channel).
 fn forward_slices(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>, slices: usize) -> Result<Vec<Dispatch>> {
-    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    let inp = t.inp;
     ensure!(
         cfg.pool.is_none() && cfg.partial_rows.is_none(),
         "batch_norm: the sliced forward takes no fused pool and no statistics from the convolution before"
@@ -491,17 +502,8 @@ fn forward_slices(gpu: &Gpu, cfg: &BatchNormConfig, t: &BnForward<'_>, slices: u
         &first,
         [c, to_u32("batch-norm slices", slices)?, 1],
     )?;
-    let second = [
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, stats),
-        Bind::Tensor(3, running_mean),
-        Bind::Tensor(4, running_var),
-        Bind::Tensor(6, gamma),
-        Bind::Tensor(7, beta),
-        Bind::Tensor(8, out),
-        Bind::Tensor(12, &partial),
-    ];
+    let mut second = t.train_binds(&params);
+    second.push(Bind::Tensor(12, &partial));
     // STATS_ONLY normalises nothing: slice 0 alone saves the statistics.
     let apply_slices = if cfg.stats_only { 1 } else { slices };
     let apply = gpu.dispatch_in(
@@ -777,22 +779,13 @@ pub fn batch_norm_forward_apply(
     t: &BnForward<'_>,
     welford: &Tensor,
 ) -> Result<Vec<Dispatch>> {
-    let BnForward { inp, gamma, beta, running_mean, running_var, stats, out } = *t;
+    let inp = t.inp;
     ensure_unfused_sync(cfg)?;
     check(cfg, t)?;
     expect_shape("batch_norm merged statistics", welford, &[ROWS, cfg.c])?;
     let params = gpu.uniform("batch_norm params", &cfg.params(true)?);
-    let mut binds = vec![
-        Bind::Uniform(0, &params),
-        Bind::Tensor(1, inp),
-        Bind::Tensor(2, stats),
-        Bind::Tensor(3, running_mean),
-        Bind::Tensor(4, running_var),
-        Bind::Tensor(6, gamma),
-        Bind::Tensor(7, beta),
-        Bind::Tensor(8, out),
-        Bind::Tensor(12, welford),
-    ];
+    let mut binds = t.train_binds(&params);
+    binds.push(Bind::Tensor(12, welford));
     let unused = [placeholder(gpu)?, placeholder(gpu)?];
     BnFused::default().push_binds(&mut binds, &unused, true);
     bn_dispatch(gpu, cfg, "batch_norm_forward_apply", &binds, inp, (2.0, 2.0))

@@ -59,7 +59,7 @@
 // register blocks' 224.9, 16.5-19.9 TFLOP/s per pass (45-55 % of the FMA probe), the tiles chosen
 // for 56 of 59 passes (mostly 128x128); training 473.8 against 233.9 images/s (2.03x), evaluation
 // 1,826 against 842. Base SENet w1, batch 128: 12,429 against 6,125 (2.03x); SE-ResNet-20, batch
-// 128: 11,074 against 8,001 (1.38x). A first draft with the accumulators and prefetch in private
+// 128: 11,074 against 8,001 (1.38x). Tried, not kept: the accumulators and prefetch in private
 // arrays indexed in loops lost to the register blocks on every layer (1.6-12x slower): the
 // compiler kept them in memory, so the registers here are named. On lavapipe (senet w0.25, batch
 // 32, --tune full, one run) the best tile still took 4.1-21x the register blocks' time on every
