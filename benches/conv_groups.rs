@@ -51,6 +51,7 @@ fn main() {
                 relu: false,
                 dinp_addend: None,
                 out_stats: None,
+                input_affine: None,
             };
             for k in kernels {
                 let gflops: Vec<String> = [ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]

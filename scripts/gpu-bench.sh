@@ -19,8 +19,9 @@
 # b64 at 224x224 (1000 classes), each in both precisions, and se-resnet50 once more with each of
 # `--fuse off` (fused epilogues off), `--conv-lanes on` (shared conv loads), `--conv-1x1 off`
 # (1x1 convolutions through the general GEMM), `--joint-backward off` (a convolution's two
-# gradients as two dispatches), `--se-split off` (SE blocks a workgroup per sample) and `--bn-split
-# on` (training batch norms sliced over workgroups) in the first precision, and scripts/pipeline-cache-bench.sh's cold
+# gradients as two dispatches), `--se-split off` (SE blocks a workgroup per sample), `--bn-split
+# on` (training batch norms sliced over workgroups) and `--bn-apply off` (batch norms writing the
+# output the workgroup-tile convolutions after them otherwise apply on load) in the first precision, and scripts/pipeline-cache-bench.sh's cold
 # and warm first steps; every command under a timeout (devices 20 s, each bench 50 s, each variant
 # 18 s, the pipeline cache 25 s) and PyTorch last with what is left of 9.75 minutes (at least 60 s;
 # cuDNN's autotuning of SE-ResNet-50 in three modes and two layouts took over 100 s on an H200, and
@@ -95,19 +96,20 @@ for c in $cases; do
     fi
   done
 done
-# Five variants of the last case, in the first precision, beside its default run above (the
+# Seven variants of the last case, in the first precision, beside its default run above (the
 # tuning cache makes these runs time nothing): --fuse off (fused epilogues, docs/performance.md),
 # --conv-lanes on (shared conv loads: the default on CPU adapters), --conv-1x1 off (its 1x1
 # convolutions through the general GEMM), --joint-backward off (each convolution's two gradients
 # apart), --se-split off (SE blocks a workgroup per sample, the default on CPU adapters) and
-# --bn-split on (batch norms sliced, not yet the default anywhere); on one H200 the first four were
-# within 2 % of the default and --se-split off 0.91x (docs/performance.md).
+# --bn-split on (batch norms sliced, not yet the default anywhere) and --bn-apply off (batch norms
+# write the output the tiles' convolutions otherwise apply as they load); on one H200 the first
+# four were within 2 % of the default and --se-split off 0.91x (docs/performance.md).
 variant_limit=18; [ $quick = 1 ] && variant_limit=120
 IFS=: read -r model width batch hw <<< "${cases##* }"
 classes=10; [ "$hw" -ge 128 ] && classes=1000
 prec=${precisions%% *}
 : > "$out/senet-variants.jsonl"
-for variant in "--fuse off" "--conv-lanes on" "--conv-1x1 off" "--joint-backward off" "--se-split off" "--bn-split on"; do
+for variant in "--fuse off" "--conv-lanes on" "--conv-1x1 off" "--joint-backward off" "--se-split off" "--bn-split on" "--bn-apply off"; do
   echo "gpu-bench: senet bench $model width $width batch $batch at ${hw}x${hw} $prec $variant ($(( $(date +%s) - start )) s so far)"
   # shellcheck disable=SC2086
   if timeout "$variant_limit" "$senet" bench --json $variant --model "$model" --width "$width" --batch-size "$batch" \
@@ -198,7 +200,7 @@ for key in dict.fromkeys(list(ours) + list(torch)):
         rows.append(row)
 titles = {"--fuse off": "Fused epilogues", "--conv-lanes on": "Shared conv loads", "--conv-1x1 off": "1x1 plain GEMMs",
           "--joint-backward off": "Joint convolution backward", "--se-split off": "SE blocks split over the GPU",
-          "--bn-split on": "Batch norms sliced over the GPU"}
+          "--bn-split on": "Batch norms sliced over the GPU", "--bn-apply off": "Batch norms applied on load"}
 for r in lines("senet-variants.jsonl"):
     base = ours.get(norm(r["case"]), {}).get(r.get("precision", "f32"))
     v = r.get("variant", "?")

@@ -9,7 +9,8 @@
 #
 # mutants.txt: one mutant a line, fields separated by " ||| ":
 #   id ||| file ||| n ||| original text ||| replacement ||| test commands
-# The n-th occurrence (1-based) of the original text in the file is replaced; a mutant whose text
+# The n-th occurrence (1-based) of the original text in the file is replaced (either text may span
+# lines, each break written \n); a mutant whose text
 # is not found that many times is reported STALE. Test commands are `cargo test` arguments,
 # several separated by " ;; "; each is run on its own and reported caught (the tests failed) or
 # missed (they passed); build where the mutant does not compile (a bad mutant, not a catch).
@@ -56,6 +57,8 @@ mutate() {
     python3 - "$@" <<'EOF'
 import sys
 path, n, old, new = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+# A mutant spanning lines spells each line break \n.
+old, new = old.replace("\\n", "\n"), new.replace("\\n", "\n")
 s = open(path).read()
 at = -1
 for _ in range(n):

@@ -77,12 +77,18 @@ struct Cli {
     /// gradient sum the same products in another order; the weight gradient's values are the same.
     #[arg(long, global = true, value_enum, env = "SENET_CONV_3X3", default_value_t)]
     conv_3x3: gpu::ConvForm,
-    /// With --fuse on, a convolution (register kernels) whose output a batch norm alone reads
-    /// writes that batch norm's statistics per block of pixels as it stores the output, and the
-    /// batch norm merges the blocks instead of reading its input for them: on (default) or off
-    /// (for comparing). The same statistics, summed in another order.
+    /// With --fuse on, a convolution (register kernels, workgroup tiles) whose output a batch norm
+    /// alone reads writes that batch norm's statistics per block of pixels as it stores the
+    /// output, and the batch norm merges the blocks instead of reading its input for them: on
+    /// (default) or off (for comparing). The same statistics, summed in another order.
     #[arg(long, global = true, value_enum, env = "SENET_BN_STATS", default_value_t)]
     bn_stats: gpu::ConvForm,
+    /// With --fuse on, in training, a batch norm and its ReLU whose output a convolution on the
+    /// workgroup tiles alone reads are applied by that convolution as its forward and weight
+    /// gradient load their input, and the batch norm writes no output: on (default) or off (for
+    /// comparing). The same values bit for bit.
+    #[arg(long, global = true, value_enum, env = "SENET_BN_APPLY", default_value_t)]
+    bn_apply: gpu::ConvForm,
     /// With --fuse on, a convolution's input and weight gradients run as one dispatch where the
     /// register kernels run both: auto = on GPU adapters (on lavapipe the joint kernel is slower
     /// than the two dispatches), on = on any adapter, off = never. Changes dispatches and speed,
@@ -235,6 +241,7 @@ impl Cli {
             conv_1x1: self.conv_1x1,
             conv_3x3: self.conv_3x3,
             bn_stats: self.bn_stats,
+            bn_apply: self.bn_apply,
             joint_backward: self.joint_backward,
             se_split: self.se_split,
             bn_split: self.bn_split,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use common::*;
 use senet_wgpu::gpu::tune::TuneMode;
-use senet_wgpu::gpu::{Gpu, GpuOptions, Precision};
+use senet_wgpu::gpu::{ConvForm, Gpu, GpuOptions, Precision};
 use senet_wgpu::model::ModelConfig;
 use senet_wgpu::model::plan::Network;
 use senet_wgpu::ops::conv2d::ConvKernel;
@@ -207,6 +207,128 @@ fn the_workgroup_kernels_run_a_training_step_equal_to_the_reference() {
         // Gradients read after the update are still the step's gradients (SGD writes values only).
         let name = &p.spec.name;
         assert_close(&format!("grad {name} (workgroup kernels)"), &read(&gpu, &p.grad), &want.grads[name], 2e-4, 1e-3);
+    }
+}
+
+/// The tuning cache of `tiny()` at batch `n` with every choice `choice` (as a GPU's tuner would
+/// choose the workgroup tiles), written to `cache`.
+fn force_every_choice(cache: &Path, n: usize, choice: &str) {
+    {
+        let gpu = device(TuneMode::Full, cache);
+        let _ = planned_kernels(&gpu, n);
+    }
+    let text = String::from_utf8(std::fs::read(cache).unwrap()).unwrap();
+    std::fs::write(cache, with_every_choice(&text, choice)).unwrap();
+}
+
+/// One SGD training step of `tiny()` on a device with `opts` reading the tuning cache `cache`
+/// (quick mode: the cache's choices, untimed), every conv pass on the workgroup tiles, then an
+/// evaluation pass of the same batch: each training dispatch's label and bytes, the loss, each
+/// parameter's gradient, the evaluation's logits.
+struct TiledStep {
+    costs: Vec<(&'static str, f64)>,
+    loss: f32,
+    grads: Vec<(String, Vec<f32>)>,
+    logits: Vec<f32>,
+}
+
+fn tiled_step(cache: &Path, opts: GpuOptions, x: &[f32], labels: &[u32]) -> TiledStep {
+    let opts = GpuOptions { tune: Some(TuneMode::Quick), tune_cache: Some(cache.to_path_buf()), ..opts };
+    let gpu = Gpu::new(&opts).expect("GPU test cannot run");
+    let mut net = Network::new(gpu.clone(), tiny(), OptimizerConfig::sgd(0.1, 0.0), 7).unwrap();
+    let plan = net.plan(labels.len()).unwrap();
+    assert!(plan.conv_kernels.iter().all(|(_, _, k)| matches!(k, ConvKernel::Workgroup(_))));
+    let costs = net.train_dispatches(&plan).iter().map(|d| (d.label, d.bytes)).collect();
+    plan.write_batch(&gpu, x, labels).unwrap();
+    net.train_step(&plan);
+    gpu.wait().unwrap();
+    let loss = read(&gpu, &plan.train_result)[result::LOSS];
+    let grads = net.params.iter().map(|p| (p.spec.name.clone(), read(&gpu, &p.grad))).collect();
+    net.eval_batch(&plan);
+    gpu.wait().unwrap();
+    TiledStep { costs, loss, grads, logits: read(&gpu, plan.logits()) }
+}
+
+/// The labels of the dispatches whose bytes differ between two plans of the same dispatches.
+fn changed(a: &TiledStep, b: &TiledStep) -> Vec<&'static str> {
+    assert_eq!(a.costs.iter().map(|c| c.0).collect::<Vec<_>>(), b.costs.iter().map(|c| c.0).collect::<Vec<_>>());
+    a.costs.iter().zip(&b.costs).filter(|(p, q)| p.1 != q.1).map(|(p, _)| p.0).collect()
+}
+
+/// `--bn-stats` on the workgroup kernels: every pass forced onto the tiles through the cache, each
+/// convolution whose output a batch norm alone reads (all of the base SENet's but the last, after
+/// its SE block) writes that batch norm's block statistics as it stores its output — its forward
+/// moves more bytes, the batch norm's forward reads the blocks — and nothing else in the plan
+/// changes. The step is the `--bn-stats off` step up to the statistics' summation order (the
+/// bounds of tests/fusion.rs's batch_norm_statistics_from_convolutions_keep_the_step); the test
+/// above holds the default (`on`) step to the CPU reference.
+#[test]
+fn the_workgroup_kernels_give_batch_norms_their_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let labels = [0u32, 3, 2];
+    force_every_choice(&cache, labels.len(), "tiled:128,64,16,8,4");
+    let x = uniform(&mut rng(11), labels.len() * 3 * 16 * 16, 0.0, 1.0);
+    // Batch norms applied by the convolutions after them would save their statistics only.
+    let opts = |bn_stats| GpuOptions { bn_stats, bn_apply: ConvForm::Off, ..Default::default() };
+    let on = tiled_step(&cache, opts(ConvForm::On), &x, &labels);
+    let off = tiled_step(&cache, opts(ConvForm::Off), &x, &labels);
+    let changed = changed(&on, &off);
+    let bns = on.costs.iter().filter(|d| d.0 == "batch_norm_forward_train").count();
+    let convs = changed.iter().filter(|&&l| l == "conv2d_forward (workgroup)").count();
+    let merged = changed.iter().filter(|&&l| l == "batch_norm_forward_train").count();
+    assert!(bns > 1, "no batch norms");
+    assert_eq!(
+        (convs, merged, changed.len()),
+        (bns - 1, bns - 1, 2 * (bns - 1)),
+        "dispatches that changed {changed:?}"
+    );
+    assert_close("loss", &[on.loss], &[f64::from(off.loss)], 2e-4, 1e-3);
+    for ((name, g), (_, h)) in on.grads.iter().zip(&off.grads) {
+        assert_close(&format!("grad {name}, --bn-stats on vs off (workgroup kernels)"), g, &to_f64(h), 2e-4, 1e-3);
+    }
+    assert_close("eval logits, --bn-stats on vs off", &on.logits, &to_f64(&off.logits), 1e-4, 1e-4);
+}
+
+/// `--bn-apply` on the workgroup kernels: every batch norm with a fused ReLU whose output a
+/// convolution alone reads (the base SENet's without a fused max pool) saves its statistics only,
+/// and the convolution's forward and weight gradient apply it and the ReLU as they load the batch
+/// norm's input — its training forward moves less, the two convolution passes a few bytes more
+/// (the statistics and parameters), nothing else changes — and the step is the `--bn-apply off`
+/// step bit for bit: the loads compute the batch norm's own expression and rounding — and so is
+/// the evaluation after it, which reads the stored output as before. With and without the
+/// statistics from the convolutions before (`--bn-stats`).
+#[test]
+fn the_workgroup_kernels_apply_batch_norms_as_they_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let labels = [4u32, 1, 0];
+    force_every_choice(&cache, labels.len(), "tiled:64,64,16,4,4");
+    let x = uniform(&mut rng(13), labels.len() * 3 * 16 * 16, 0.0, 1.0);
+    for bn_stats in [ConvForm::On, ConvForm::Off] {
+        let opts = |bn_apply| GpuOptions { bn_stats, bn_apply, ..Default::default() };
+        let on = tiled_step(&cache, opts(ConvForm::On), &x, &labels);
+        let off = tiled_step(&cache, opts(ConvForm::Off), &x, &labels);
+        let changed = changed(&on, &off);
+        let count = |l: &str| changed.iter().filter(|&&c| c == l).count();
+        let applied = count("batch_norm_forward_train");
+        assert!(applied > 0, "{bn_stats:?}: no batch norm applied by a convolution");
+        eprintln!("--bn-stats {bn_stats:?}: {applied} batch norms applied by the convolutions after them");
+        assert_eq!(
+            (count("conv2d_forward (workgroup)"), count("conv2d_backward_weight (workgroup)"), changed.len()),
+            (applied, applied, 3 * applied),
+            "{bn_stats:?}: dispatches that changed {changed:?}"
+        );
+        for (a, b) in on.costs.iter().zip(&off.costs).filter(|(a, _)| a.0 == "batch_norm_forward_train") {
+            assert!(a.1 <= b.1, "{bn_stats:?}: a batch norm's forward moves more bytes ({} against {})", a.1, b.1);
+        }
+        assert_eq!(on.loss.to_bits(), off.loss.to_bits(), "{bn_stats:?}: loss {} vs {}", on.loss, off.loss);
+        for ((name, g), (_, h)) in on.grads.iter().zip(&off.grads) {
+            let same = g.iter().zip(h).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{bn_stats:?}: grad {name} differs with the batch norms applied on load");
+        }
+        let same = on.logits.iter().zip(&off.logits).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same, "{bn_stats:?}: the evaluation's logits differ");
     }
 }
 

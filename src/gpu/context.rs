@@ -94,6 +94,12 @@ pub struct GpuOptions {
     /// (`--bn-stats`); off: the batch norm reads its input for them. The same statistics summed
     /// in another order.
     pub bn_stats: ConvForm,
+    /// With `--fuse on`, in training: on (the default), a batch norm and its ReLU whose output a
+    /// convolution on the workgroup tiles alone reads are applied by that convolution as its
+    /// forward and weight gradient load their input, and the batch norm writes no output
+    /// (`--bn-apply`); off: the batch norm writes its output and the convolution reads it. The
+    /// same values bit for bit.
+    pub bn_apply: ConvForm,
     /// With `--fuse on`, a convolution's input and weight gradients in one dispatch where the
     /// register kernels run both (`conv2d_backward`, `--joint-backward`): auto = on GPU adapters
     /// (on lavapipe the joint kernel is slower than the two dispatches), on = on any adapter, off =
@@ -250,9 +256,12 @@ pub struct Gpu {
     /// [`GpuOptions::conv_3x3`]: eligible 3-wide layers run the register GEMM's 3-wide form and
     /// the weight gradient's 3-wide walk.
     pub conv_3x3: bool,
-    /// [`GpuOptions::bn_stats`] (with `fuse`): a batch norm's statistics from the register
-    /// convolution before it.
+    /// [`GpuOptions::bn_stats`] (with `fuse`): a batch norm's statistics from the convolution
+    /// before it.
     pub bn_stats: bool,
+    /// [`GpuOptions::bn_apply`] (with `fuse`): a batch norm and its ReLU applied by the
+    /// workgroup-tile convolution after it.
+    pub bn_apply: bool,
     /// [`GpuOptions::joint_backward`] resolved for this adapter (with `fuse`).
     pub joint_backward: bool,
     /// [`GpuOptions::se_split`] resolved for this adapter.
@@ -438,6 +447,7 @@ impl Gpu {
             conv_1x1: opts.conv_1x1 == ConvForm::On,
             conv_3x3: opts.conv_3x3 == ConvForm::On,
             bn_stats: opts.bn_stats == ConvForm::On,
+            bn_apply: opts.bn_apply == ConvForm::On,
             joint_backward: match opts.joint_backward {
                 Switch::Auto => info.device_type != wgpu::DeviceType::Cpu,
                 Switch::On => true,

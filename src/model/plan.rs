@@ -500,7 +500,8 @@ impl Network {
         let logits_shape = shapes.last().context("empty graph")?.clone();
         ensure!(logits_shape.len() == 2, "the network must end in [n, classes], got {logits_shape:?}");
         let consumers = self.graph.consumers();
-        let fusion = self.fusions(&consumers);
+        let mut fusion = self.fusions(&consumers);
+        self.bn_apply_fusions(&shapes, &consumers, &mut fusion)?;
         let kept = |i: usize| fusion.unused[i] && !fusion.act_kept[i];
         let b = PlanBuffers {
             acts: self.activations(&shapes, &(0..shapes.len()).map(kept).collect::<Vec<_>>(), "")?,
@@ -509,6 +510,7 @@ impl Network {
             se_grads: self.deferred_grad_tensors(&shapes, &fusion)?,
             stats: self.stat_handoffs(&shapes, &consumers, &fusion)?,
             weight_grads: self.left_weight_grads(&shapes, &fusion)?,
+            bn_applied: self.bn_applied_stats(&shapes, &fusion)?,
         };
         let mut rec = Recorded::default();
         let input_f32 = self.record_input_cast(&shapes[0], &b.acts[0], &mut rec)?;
@@ -620,8 +622,14 @@ impl Network {
                 bias_grad_elsewhere: fusion.bias_by_next[g.head],
                 defer_input_grad: g.head.checked_sub(1).and_then(|k| se.get(&k)).map(|(t, _)| t),
                 grad_from_next: deferred.and_then(|_| se.get(&g.head)).map(|(t, _)| t),
-                input_affine: self.affine_input(g.head, acts, se)?,
-                stats_only: se.get(&g.head).and_then(|(_, s)| s.as_ref()),
+                input_affine: match fusion.bn_by_conv[g.head] {
+                    Some(bn) => {
+                        let stats = b.bn_applied.get(&bn).context("an applied batch norm's statistics")?;
+                        Some(self.bn_affine(bn, acts, stats)?)
+                    }
+                    None => self.affine_input(g.head, acts, se)?,
+                },
+                stats_only: se.get(&g.head).and_then(|(_, s)| s.as_ref()).or(b.bn_applied.get(&g.head)),
                 output_stats: b.stats.values().find(|h| h.producer == g.head).map(|h| &h.blocks),
                 input_stats: b.stats.get(&g.head).map(|h| (&h.blocks, h.rows)),
                 dinp_addend: self.addend(g.head, b, fusion, consumers),
@@ -697,6 +705,7 @@ impl Network {
             act_kept: vec![false; nodes.len() + 1],
             deferred: vec![None; nodes.len()],
             affine_in_next: vec![false; nodes.len()],
+            bn_by_conv: vec![None; nodes.len()],
             bias_by_next: vec![false; nodes.len()],
             fork_in_reader: vec![false; nodes.len() + 1],
             pooled_by_next: vec![false; nodes.len()],
@@ -935,10 +944,53 @@ impl Network {
         else {
             return Ok(None);
         };
+        self.bn_affine(b, acts, stats).map(Some)
+    }
+
+    /// Batch-norm node `b`'s input, its batch statistics `stats` (saved by its statistics-only
+    /// forward), scale and shift: what the node applying it reads.
+    fn bn_affine<'a>(&'a self, b: usize, acts: &'a [Tensor], stats: &'a Tensor) -> Result<AffineInput<'a>> {
         let bn = &self.graph.nodes[b];
         let a = bn.layer.op().eval_affine().context("a node leaving its affine map offers none")?;
         let param = |p: &str| self.param(&format!("{}.{p}", bn.name)).map(|p| &p.value);
-        Ok(Some(AffineInput { inp: &acts[bn.inputs[0]], stats, scale: param(a.scale)?, shift: param(a.shift)? }))
+        Ok(AffineInput { inp: &acts[bn.inputs[0]], stats, scale: param(a.scale)?, shift: param(a.shift)? })
+    }
+
+    /// `--fuse on`, training: a batch norm with a fused ReLU ([`Epilogue::Relu`]) whose output one
+    /// node alone reads, which heads its own group, reads nothing else and can apply both as it
+    /// loads ([`LayerOp::applies_input_bn_relu`]: a convolution on the workgroup tiles): the batch
+    /// norm saves its statistics only ([`LayerOp::leaves_affine_to_next`]) and that node reads its
+    /// input. The output stays allocated, for evaluation. Not under `--sync-bn`, whose split
+    /// kernels take no epilogue.
+    fn bn_apply_fusions(&self, shapes: &[Shape], consumers: &[Vec<usize>], f: &mut Fusions) -> Result<()> {
+        if !self.gpu.fuse || self.sync_bn {
+            return Ok(());
+        }
+        let nodes = &self.graph.nodes;
+        for b in 0..nodes.len() {
+            let Some(g) = f.groups[b].filter(|g| g.head == b && g.epilogue == Some(Epilogue::Relu)) else { continue };
+            let &[c] = consumers[g.out].as_slice() else { continue };
+            let own = f.groups[c].is_some_and(|h| h.head == c && h.out == c + 1);
+            if own
+                && nodes[c].inputs == [g.out]
+                && nodes[b].layer.op().leaves_affine_to_next()
+                && nodes[c].layer.op().applies_input_bn_relu(&self.gpu, &shapes[g.out], self.precision)?
+            {
+                f.bn_by_conv[c] = Some(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// By batch-norm node applied by the node after it ([`Fusions::bn_by_conv`]): its batch
+    /// statistics [2, C], which both read.
+    fn bn_applied_stats(&self, shapes: &[Shape], f: &Fusions) -> Result<HashMap<usize, Tensor>> {
+        let mut t = HashMap::new();
+        for &b in f.bn_by_conv.iter().flatten() {
+            let label = format!("{} batch statistics", self.graph.nodes[b].name);
+            t.insert(b, Tensor::zeros(&self.gpu, &label, &[2, shapes[b + 1][1]])?);
+        }
+        Ok(t)
     }
 
     /// The bias gradient node `k`'s backward writes for the node before it ([`Fusions::bias_by_next`]).
@@ -1343,6 +1395,9 @@ struct Fusions {
     /// per-channel affine map as it loads this one's input ([`LayerOp::applies_input_affine`]),
     /// and this one saves its statistics only.
     affine_in_next: Vec<bool>,
+    /// Per node: the batch norm (with a fused ReLU) it applies as it loads its input in training
+    /// ([`LayerOp::applies_input_bn_relu`]); that batch norm saves its statistics only.
+    bn_by_conv: Vec<Option<usize>>,
     /// Per node: its bias gradient is written by the next node's backward
     /// ([`LayerOp::channel_bias`], [`LayerOp::sums_input_grad`]).
     bias_by_next: Vec<bool>,
@@ -1366,6 +1421,8 @@ struct PlanBuffers {
     stats: HashMap<usize, StatHandoff>,
     /// [`Network::left_weight_grads`].
     weight_grads: HashMap<usize, LeftWeightGradBuffers>,
+    /// [`Network::bn_applied_stats`].
+    bn_applied: HashMap<usize, Tensor>,
 }
 
 /// A node's weight gradients summed by the node before it ([`Network::left_weight_grads`]): the

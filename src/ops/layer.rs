@@ -108,6 +108,14 @@ pub trait LayerOp {
         false
     }
 
+    /// Training: this op, its input `inp` (shape) the output of a batch norm with a fused ReLU
+    /// that it alone reads, can read that batch norm's input instead and apply the batch norm and
+    /// the ReLU as it loads each value in every pass that reads its input
+    /// ([`Handoffs::input_affine`]), with the kernels it runs for that shape in `precision`.
+    fn applies_input_bn_relu(&self, _gpu: &Gpu, _inp: &[usize], _precision: Precision) -> Result<bool> {
+        Ok(false)
+    }
+
     /// Training: this op's forward can save its statistics only and leave its per-channel affine
     /// map to the layer after it ([`LayerOp::applies_input_affine`], [`Handoffs::stats_only`]).
     fn leaves_affine_to_next(&self) -> bool {
@@ -290,7 +298,8 @@ pub struct Handoffs<'a> {
     /// layer reads (an SE block's shortcut gradient).
     pub grad_from_next: Option<&'a Tensor>,
     /// Training: the layer before this one (a batch norm) leaves its normalisation to it
-    /// ([`LayerOp::applies_input_affine`]): read that layer's input and its statistics and
+    /// ([`LayerOp::applies_input_affine`]; with that batch norm's ReLU,
+    /// [`LayerOp::applies_input_bn_relu`]): read that layer's input and its statistics and
     /// parameters instead of its output.
     pub input_affine: Option<AffineInput<'a>>,
     /// Training: this layer's forward also writes its output's block statistics into this

@@ -926,17 +926,18 @@ fn batch_norm_recomputed_relu_mask_is_the_stored_one_bit_for_bit() {
     }
 }
 
-/// A batch norm's statistics from the convolution before it (`--bn-stats`; conv2d.wgsl's `stats`,
-/// batch_norm.wgsl's PARTIALS): the register forward writes (mean, M2) per block of GEMM rows and
-/// output channel as it stores its output — one invocation's rows, or a subgroup's merged — and
-/// the training forward merges the blocks instead of reading its input for them. Awkward
-/// convolutions — batch 1 on 5×7 (35 rows: the last block part-filled) with 5 output channels (a
-/// part-filled column block), the 1x1 and 3-wide forms, 37 output channels, 2 groups with stride 2
-/// (50 rows), 8,192 rows (more blocks than the batch norm's 256 threads, so each merges several) —
+/// A batch norm's statistics from the convolution before it (`--bn-stats`; the conv kernels'
+/// `stats`, batch_norm.wgsl's PARTIALS): the forward writes (mean, M2) per block of output pixels
+/// and output channel as it stores its output — the register kernels one invocation's rows or a
+/// subgroup's merged, the workgroup tiles a workgroup's columns — and the training forward merges
+/// the blocks instead of reading its input for them. Awkward convolutions — batch 1 on 5×7 (35
+/// pixels: the last block part-filled) with 5 output channels (a part-filled channel block), the
+/// 1x1 and 3-wide forms, 37 output channels, 2 groups with stride 2 (50 pixels), 8,192 pixels (more
+/// blocks than the batch norm's 256 threads, so each merges several), 32 groups of one channel —
 /// each with the adapter's register blocks and 4-row ones, blocks of one invocation and of a
-/// subgroup ([`conv2d::stats_lanes`]), f32 and f16:
+/// subgroup ([`conv2d::stats_lanes`]), and every workgroup tile shape; f32 and f16:
 /// - every block's (mean, M2) against f64 sums over that block of the stored output (f32 sums
-///   of at most 16 × 64 values: 1e-6 of the block's largest value, M2 1e-5 relative plus 1e-6 of
+///   of at most 128 values: 1e-6 of the block's largest value, M2 1e-5 relative plus 1e-6 of
 ///   its count times that value squared);
 /// - the merged forward against the f64 reference on the stored output (BN_TOL; f16 outputs plus
 ///   their rounding, as f16_batch_norm_matches_reference) and against the batch norm that reads
@@ -949,7 +950,7 @@ fn batch_norm_recomputed_relu_mask_is_the_stored_one_bit_for_bit() {
 #[test]
 fn batch_norm_statistics_from_the_convolution_before_match_its_own() {
     use senet_wgpu::gpu::Dtype;
-    use senet_wgpu::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass, RegisterTiles};
+    use senet_wgpu::ops::conv2d::{ConvBuffers, ConvKernel, ConvPass, RegisterTiles, WorkgroupTiles};
     let gpu = crate::gpu_f16();
     let sq = Conv2dConfig::square;
     let cases = [
@@ -969,13 +970,13 @@ fn batch_norm_statistics_from_the_convolution_before_match_its_own() {
     for dtype in [Dtype::F32, Dtype::F16] {
         for (i, cfg) in cases.iter().enumerate() {
             let base = RegisterTiles::for_layer(&gpu, cfg);
-            for (tiles, &lanes) in [base, RegisterTiles { gemm_m: 4, gemm_n: 8, ..base }]
+            let register = [base, RegisterTiles { gemm_m: 4, gemm_n: 8, ..base }]
                 .into_iter()
-                .flat_map(|t| lane_counts.iter().map(move |l| (t, l)))
-            {
+                .flat_map(|t| lane_counts.iter().map(move |&l| (ConvKernel::Register(t), l, t.gemm_m * l)));
+            let workgroup = WorkgroupTiles::ALL.into_iter().map(|t| (ConvKernel::Workgroup(t), 1, t.bn));
+            for (k, lanes, block_rows) in register.chain(workgroup) {
                 let marked = lanes > sub;
-                let block_rows = tiles.gemm_m * lanes;
-                let what = format!("case {i} {dtype:?} {cfg:?} blocks of {block_rows} rows ({lanes} invocations)");
+                let what = format!("case {i} {dtype:?} {cfg:?} {k}: blocks of {block_rows} rows ({lanes} invocations)");
                 let mut r = rng(700 + i as u64);
                 let numel = |s: &[usize]| s.iter().product::<usize>();
                 let input = uniform(&mut r, numel(&cfg.input_shape()), -1.0, 2.0);
@@ -992,7 +993,9 @@ fn batch_norm_statistics_from_the_convolution_before_match_its_own() {
                 let bias = cfg.bias.then_some(&tbias);
                 let bufs =
                     ConvBuffers { out_stats: Some((&partials, lanes)), ..ConvBuffers::forward(&tx, &tw, bias, &ty) };
-                let k = ConvKernel::Register(tiles);
+                if let ConvKernel::Workgroup(_) = k {
+                    assert_eq!(conv2d::stats_rows(&gpu, k), Some(block_rows), "{what}: the plan's block size");
+                }
                 run(&gpu, &conv2d::conv2d_pass(&gpu, cfg, ConvPass::Forward, k, &bufs).unwrap());
                 let y = read_as(&gpu, &ty);
 

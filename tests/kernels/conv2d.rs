@@ -82,6 +82,94 @@ fn conv2d_workgroup_kernels_match_reference() {
     }
 }
 
+/// A training batch norm and its ReLU applied by the workgroup kernels as the forward and the
+/// weight gradient load its input (`ConvBuffers::input_affine`, conv2d_tiled.wgsl's `affine_in`,
+/// `--bn-apply`): on every case (batch 1, odd and non-square planes, stride, dilation, groups,
+/// depthwise), every tile shape in f32 and two in f16, the forward and the weight gradient (unsplit and
+/// split 3 ways) of the batch norm's input with the batch norm applied equal those of the output
+/// the batch norm stores, bit for bit: the loads compute its expression and rounding, and the
+/// padding stays 0 (not the batch norm of 0). The kernels without it refuse it.
+#[test]
+fn conv2d_workgroup_kernels_apply_a_batch_norm_as_they_load() {
+    use senet_wgpu::ops::batch_norm::{self, BatchNormConfig, BnAffine, BnForward};
+    let gpu = gpu_f16();
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for (i, cfg) in conv_cases().iter().enumerate() {
+            let mut r = rng(900 + i as u64);
+            let numel = |s: &[usize]| s.iter().product::<usize>();
+            let (z, _) =
+                upload_as(&gpu, dtype, &cfg.input_shape(), &uniform(&mut r, numel(&cfg.input_shape()), -2.0, 2.0));
+            let (tw, _) =
+                upload_as(&gpu, dtype, &cfg.weight_shape(), &uniform(&mut r, numel(&cfg.weight_shape()), -1.0, 1.0));
+            let (tdy, _) =
+                upload_as(&gpu, dtype, &cfg.output_shape(), &uniform(&mut r, numel(&cfg.output_shape()), -1.0, 1.0));
+            let tb = upload(&gpu, "b", &[cfg.c_out], &uniform(&mut r, cfg.c_out, -1.0, 1.0));
+            let c = cfg.c_in;
+            let gamma = upload(&gpu, "gamma", &[c], &uniform(&mut r, c, -1.5, 1.5));
+            let beta = upload(&gpu, "beta", &[c], &uniform(&mut r, c, -0.5, 0.5));
+            let (rm, rv) = (zeros(&gpu, "running mean", &[c]), upload(&gpu, "running var", &[c], &vec![1.0; c]));
+            let stats = zeros(&gpu, "stats", &[2, c]);
+            let y = Tensor::zeros_of(&gpu, "bn output", &cfg.input_shape(), dtype).unwrap();
+            let [n, _, h, w] = cfg.input_shape();
+            let t = BnForward {
+                inp: &z,
+                gamma: &gamma,
+                beta: &beta,
+                running_mean: &rm,
+                running_var: &rv,
+                stats: &stats,
+                out: &y,
+            };
+            run(
+                &gpu,
+                &batch_norm::batch_norm_forward_train(&gpu, &BatchNormConfig::new(n, c, h, w).with_relu(), &t).unwrap(),
+            );
+            let affine = BnAffine { stats: &stats, gamma: &gamma, beta: &beta };
+            // f16 on two tile shapes (its loads are the same code).
+            let shapes = if dtype == Dtype::F32 { &WorkgroupTiles::ALL[..] } else { &WorkgroupTiles::ALL[4..] };
+            for &tiles in shapes {
+                let what =
+                    |pass: &str| format!("{pass} (workgroup, batch norm on load) {dtype:?} case {i} {tiles:?} {cfg:?}");
+                let k = ConvKernel::Workgroup(tiles);
+                let bits = |t: &Tensor| read_as(&gpu, t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let out = |applied: bool| {
+                    let ty = Tensor::zeros_of(&gpu, "y", &cfg.output_shape(), dtype).unwrap();
+                    let b = ConvBuffers {
+                        input_affine: applied.then_some(affine),
+                        ..ConvBuffers::forward(if applied { &z } else { &y }, &tw, cfg.bias.then_some(&tb), &ty)
+                    };
+                    run(&gpu, &conv2d::conv2d_pass(&gpu, cfg, ConvPass::Forward, k, &b).unwrap());
+                    bits(&ty)
+                };
+                assert!(out(true) == out(false), "{}: differs from the stored output's", what("conv2d_forward"));
+                for splits in [1, 3] {
+                    let dw = |applied: bool| {
+                        let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
+                        let b = ConvBuffers {
+                            input_affine: applied.then_some(affine),
+                            ..ConvBuffers::backward_weight(if applied { &z } else { &y }, &tdy, &tdw)
+                        };
+                        run(&gpu, &conv2d::conv2d_backward_weight_split(&gpu, cfg, k, &b, splits).unwrap());
+                        bits(&tdw)
+                    };
+                    let what = what(&format!("conv2d_backward_weight splits {splits}"));
+                    assert!(dw(true) == dw(false), "{what}: differs from the stored output's");
+                }
+            }
+            if dtype == Dtype::F32 {
+                let k = ConvKernel::Register(RegisterTiles::for_layer(&gpu, cfg));
+                let ty = zeros(&gpu, "y", &cfg.output_shape());
+                let bias = cfg.bias.then_some(&tb);
+                let b = ConvBuffers { input_affine: Some(affine), ..ConvBuffers::forward(&z, &tw, bias, &ty) };
+                let Err(e) = conv2d::conv2d_pass(&gpu, cfg, ConvPass::Forward, k, &b) else {
+                    panic!("case {i}: the register kernels took a batch norm to apply");
+                };
+                assert!(format!("{e:#}").contains("only the workgroup tiles"), "{e:#}");
+            }
+        }
+    }
+}
+
 /// Every case runs with every register-block shape (`RegisterTiles::ALL`: 4, 8 or 16 pixels x 8
 /// or 16 channels per forward / input-gradient invocation, 4, 8 or 16 input channels x 8 or 16
 /// output channels per weight-gradient invocation; each GEMM's block once, as only its own fields

@@ -297,6 +297,27 @@ impl<'a> BnForward<'a> {
     }
 }
 
+/// A training batch norm applied by the layer after it as that layer loads the batch norm's input
+/// (the SE block's AFFINE_IN, the workgroup convolution's `affine_in`): the batch norm's saved
+/// batch statistics [2, C] (mean, invstd) and its scale and shift [C]. The layer computes
+/// act((x − mean)·(invstd·gamma) + beta), with the batch norm's ReLU where it has one — `normalised`
+/// in batch_norm.wgsl, the value the batch norm would have stored.
+#[derive(Clone, Copy)]
+pub struct BnAffine<'a> {
+    pub stats: &'a Tensor,
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+}
+
+impl BnAffine<'_> {
+    /// The tensors are of a batch norm over `c` channels, or an error naming `what`.
+    pub fn check(&self, what: &str, c: usize) -> Result<()> {
+        expect_shape(&format!("{what} batch-norm statistics"), self.stats, &[2, c])?;
+        expect_shape(&format!("{what} batch-norm weight"), self.gamma, &[c])?;
+        expect_shape(&format!("{what} batch-norm bias"), self.beta, &[c])
+    }
+}
+
 /// What the fused epilogues bind beyond [`BnForward`] and [`BnBackward`]: the fused pool's argmax
 /// ([`BatchNormConfig::pool`]; u32, the pooled output's shape — written by the forward, read by
 /// the backward) and the convolution bias gradient [C] ([`BatchNormConfig::conv_bias`]).
@@ -467,16 +488,20 @@ pub fn batch_norm_forward_train_sliced(
     let d = bn_dispatch(gpu, cfg, "batch_norm_forward_train", &binds, inp, (7.0, 2.0))?;
     let (n, o) = (cfg.numel() as f64, cfg.out_numel() as f64);
     let (flops, bytes) = if cfg.stats_only {
-        ensure!(cfg.pool.is_none() && !cfg.relu, "batch_norm: a forward that writes no output has no epilogue");
-        // The input read once; the statistics written.
-        (5.0 * n, el(inp) * n + 8.0 * cfg.c as f64)
+        // A fused ReLU is the next layer's to apply too (a workgroup convolution's `affine_in`).
+        ensure!(cfg.pool.is_none(), "batch_norm: a forward that writes no output fuses no pool");
+        // The input read once for the statistics, unless the convolution before wrote them
+        // (PARTIALS: then the input is not read at all); the statistics written.
+        let read = if cfg.partial_rows.is_some() { 0.0 } else { el(inp) * n };
+        (5.0 * n, read + 8.0 * cfg.c as f64)
     } else if cfg.pool.is_some() {
         // Read once; the pooled output and its u32 argmax written once.
         (7.0 * n + cfg.kernel_area() * o, el(inp) * (n + o) + 4.0 * o)
     } else {
         (7.0 * n, 2.0 * el(inp) * n)
     };
-    // The convolution's block statistics, read once (the input is counted once either way).
+    // The convolution's block statistics, read once (the input is counted once either way where
+    // an output is written).
     let partials = cfg.partial_rows.map_or(0.0, |r| 4.0 * cfg.partials_shape(r).iter().product::<usize>() as f64);
     Ok(d.into_iter().map(|d| d.with_cost(flops, bytes + partials)).collect())
 }

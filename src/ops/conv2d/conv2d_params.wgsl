@@ -10,10 +10,14 @@
 // sum, otherwise an add_forward after it), read through each family's `addend_at`: binding 1
 // (`inp`, which their input gradient does not otherwise read) in conv2d_gemm.wgsl, binding 6 in
 // conv2d.wgsl, whose joint backward reads the weight gradient's input at binding 1.
-// `stats` (the forward of conv2d.wgsl only; 0 = off): the invocations per statistics block (1, or
-// with LANES the subgroup's lanes); each block's invocations also write, per output channel, the
-// mean and M2 of the values they stored (conv2d.wgsl's `stat_partial`), the statistics of a
-// training batch norm that alone reads the output (batch_norm.wgsl's PARTIALS).
+// `stats` (the forward of conv2d.wgsl and conv2d_tiled.wgsl; 0 = off): conv2d.wgsl's invocations
+// per statistics block (1, or with LANES the subgroup's lanes), conv2d_tiled.wgsl's 1 (a block is
+// a workgroup's columns); each block's invocations also write, per output channel, the mean and M2
+// of the values they stored (`stat_partial`), the statistics of a training batch norm that alone
+// reads the output (batch_norm.wgsl's PARTIALS).
+// `affine_in` (conv2d_tiled.wgsl's forward and weight gradient; 0 = off): `inp` is the input of
+// the training batch norm before the convolution, which the loads apply with its ReLU
+// (conv2d_tiled.wgsl's bindings 8-10).
 // `joint_*` (conv2d.wgsl's conv2d_backward only): where its input-gradient blocks end and how its
 // weight-gradient blocks are numbered.
 // MODE, FWD, DGRAD and `addend_at` are each family's own.
@@ -25,7 +29,7 @@ struct Params {
     pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
     splits: u32, split_len: u32, groups: u32, relu: u32,
     accumulate: u32, joint_dx: u32, joint_dn: u32, joint_wx: u32,
-    joint_wy: u32, stats: u32, _pad1: u32, _pad2: u32,
+    joint_wy: u32, stats: u32, affine_in: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

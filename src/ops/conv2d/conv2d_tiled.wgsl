@@ -47,7 +47,7 @@
 // GPU, grouped layers want tiles sized to the group; not measured there yet.
 // v5: the input gradient's addend (conv2d_params.wgsl's `accumulate`, in the shared store);
 // with the flag off the same arithmetic. Not timed.
-// v6 (this): rewritten for GPUs after v5 lost to the register blocks everywhere on the H200:
+// v6: rewritten for GPUs after v5 lost to the register blocks everywhere on the H200:
 // vec4 micro-tile reads into up to four named 4 x 4 blocks (`Quad`) and a prefetch in named vec4s,
 // never an array indexed in a loop, padded staging rows, register prefetch of the next K slice, KH and KW
 // as pipeline constants, pixel decodes hoisted out of the K loop, each output column's offset
@@ -64,6 +64,13 @@
 // compiler kept them in memory, so the registers here are named. On lavapipe (senet w0.25, batch
 // 32, --tune full, one run) the best tile still took 4.1-21x the register blocks' time on every
 // pass, so quick tuning keeps not timing them on CPU adapters.
+// v7 (this): the forward's batch statistics (`p.stats`, `--bn-stats`; `tile_stats`): per output
+// channel and workgroup column block, the mean and M2 of the stored values for the training batch
+// norm after it, summed from the registers after the store through the freed workgroup memory; with
+// the flag off the arithmetic is v6's. The training batch norm and ReLU before the convolution
+// applied as the forward and the weight gradient load its input (`p.affine_in`, `--bn-apply`), so
+// the batch norm writes no output in training; with the flag off the loads are v6's. Neither is
+// timed on a GPU yet.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -84,6 +91,19 @@ const PAD: u32 = 4u;
 // skips the kernel (ops::conv2d::tune::choose).
 var<workgroup> As: array<vec4<f32>, 528>;
 var<workgroup> Bs: array<vec4<f32>, 528>;
+
+// The forward's batch statistics (`p.stats` != 0: a training batch norm alone reads the output;
+// batch_norm.wgsl's PARTIALS): per block of BN output pixels of the batch (this workgroup's columns,
+// block wid.x) and output channel, (mean, M2) of the values stored, [blocks, c_out, 2]; a
+// placeholder where they are not written.
+@group(0) @binding(7) var<storage, read_write> stat_partial: array<f32>;
+// The training batch norm before the convolution, which the forward and the weight gradient apply
+// with its ReLU as they load its input (`p.affine_in` != 0; `inp` is then that batch norm's input):
+// its saved statistics [2, c_in] (mean, invstd) and its scale and shift [c_in]; placeholders where
+// unused.
+@group(0) @binding(8) var<storage, read> bn_stats: array<f32>;
+@group(0) @binding(9) var<storage, read> bn_gamma: array<f32>;
+@group(0) @binding(10) var<storage, read> bn_beta: array<f32>;
 
 // This workgroup's first row and column, the GEMM's extent, its K range's end.
 var<private> row0: u32;
@@ -156,12 +176,19 @@ fn enter_column(tid: u32) {
     }
 }
 
-// The input value at row iy, column ix of channel ci of the image at `base`, 0 in the padding.
+// The input value at row iy, column ix of channel ci of the image at `base`, 0 in the padding;
+// with `p.affine_in`, the batch norm before and its ReLU applied to it as the batch norm would
+// have stored it (batch_norm.wgsl's `normalised`: the same expression and rounding).
 fn input_at(base: u32, ci: u32, iy: i32, ix: i32) -> f32 {
     if (iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
         return 0.0;
     }
-    return f32(inp[base + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
+    let x = f32(inp[base + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
+    if (p.affine_in != 0u) {
+        let scale = bn_stats[p.c_in + ci] * bn_gamma[ci];
+        return act_rounded(max((x - bn_stats[ci]) * scale + bn_beta[ci], 0.0));
+    }
+    return x;
 }
 
 // The output gradient reaching input offset (ty, tx) = (iy + pad - ky*dil, ix + pad - kx*dil) of
@@ -323,6 +350,103 @@ fn store_quad(q: Quad, r: u32, c: u32, split: u32) {
     }
 }
 
+// Row r's sum over the columns `valid` of v (one 4 x 4 block row, bias not yet added) as stored:
+// step 0 of the values, step 1 of their squared deviations from `mean`.
+fn row_stat(v: vec4<f32>, r: u32, valid: vec4<bool>, mean: f32, step: u32) -> f32 {
+    var b = 0.0;
+    if (p.has_bias != 0u && r < n_rows) {
+        b = bias[grp * cout_g() + r];
+    }
+    let u = v + vec4<f32>(b);
+    let s = vec4<f32>(act_rounded(u.x), act_rounded(u.y), act_rounded(u.z), act_rounded(u.w));
+    var e = s;
+    if (step == 1u) {
+        e = (s - vec4<f32>(mean)) * (s - vec4<f32>(mean));
+    }
+    let m = select(vec4<f32>(0.0), e, valid);
+    return (m.x + m.y) + (m.z + m.w);
+}
+
+// Block q's row sums (rows from r, columns from c, those inside the GEMM), step as row_stat's.
+fn quad_stat(q: Quad, r: u32, c: u32, mean: vec4<f32>, step: u32) -> vec4<f32> {
+    let valid = vec4<u32>(c, c + 1u, c + 2u, c + 3u) < vec4<u32>(n_cols);
+    return vec4<f32>(
+        row_stat(q.r0, r, valid, mean.x, step),
+        row_stat(q.r1, r + 1u, valid, mean.y, step),
+        row_stat(q.r2, r + 2u, valid, mean.z, step),
+        row_stat(q.r3, r + 3u, valid, mean.w, step),
+    );
+}
+
+// Value i of the statistics' workgroup scratch: As, free once the K loop has ended (BM * BN / TN
+// values, at most 2048 of its 2112), and Bs for the rows' means.
+fn put_sum(i: u32, v: f32) {
+    As[i / 4u][i % 4u] = v;
+}
+
+fn row_mean(r: u32) -> f32 {
+    return Bs[r / 4u][r % 4u];
+}
+
+// The rows' means of this invocation's block rows (local rows from r, 4 of them).
+fn means4(r: u32) -> vec4<f32> {
+    return vec4<f32>(row_mean(r), row_mean(r + 1u), row_mean(r + 2u), row_mean(r + 3u));
+}
+
+// A training batch norm's statistics (the forward, `p.stats` != 0): per row (output channel) of the
+// tile, the mean of the stored values of its columns inside the GEMM (the batch's pixels col0 ..
+// col0 + BN, in order), then their M2 about it (two passes over the accumulators, so no
+// cancellation). Each invocation sums its TN columns of each of its TM rows; then invocation r < BM
+// sums row r's BN / TN partial sums in order through workgroup memory. The batch's pixels c
+// (GEMM columns) are the same in every channel group (wid.z), so block col0 / BN is one block of
+// every channel. batch_norm.wgsl merges the
+// blocks (PARTIALS). Workgroup-uniform: every invocation reaches each barrier.
+fn tile_stats(tid: u32, tx: u32, ty: u32, q00: Quad, q01: Quad, q10: Quad, q11: Quad) {
+    let tx_n = BN / TN;
+    let ty_n = BM / TM;
+    let count = f32(min(BN, n_cols - col0));
+    var mean0 = vec4<f32>(0.0);
+    var mean1 = vec4<f32>(0.0);
+    for (var step = 0u; step < 2u; step++) {
+        var s0 = quad_stat(q00, row0 + 4u * ty, col0 + 4u * tx, mean0, step);
+        if (TN == 8u) {
+            s0 += quad_stat(q01, row0 + 4u * ty, col0 + 4u * (tx + tx_n), mean0, step);
+        }
+        for (var i = 0u; i < 4u; i++) {
+            put_sum((4u * ty + i) * tx_n + tx, s0[i]);
+        }
+        if (TM == 8u) {
+            var s1 = quad_stat(q10, row0 + 4u * (ty + ty_n), col0 + 4u * tx, mean1, step);
+            if (TN == 8u) {
+                s1 += quad_stat(q11, row0 + 4u * (ty + ty_n), col0 + 4u * (tx + tx_n), mean1, step);
+            }
+            for (var i = 0u; i < 4u; i++) {
+                put_sum((4u * (ty + ty_n) + i) * tx_n + tx, s1[i]);
+            }
+        }
+        workgroupBarrier();
+        if (tid < BM) {
+            var total = 0.0;
+            for (var x = 0u; x < tx_n; x++) {
+                let i = tid * tx_n + x;
+                total += As[i / 4u][i % 4u];
+            }
+            if (step == 0u) {
+                Bs[tid / 4u][tid % 4u] = total / max(count, 1.0);
+            } else if (row0 + tid < n_rows) {
+                let at = 2u * ((col0 / BN) * p.c_out + grp * cout_g() + row0 + tid);
+                stat_partial[at] = row_mean(tid);
+                stat_partial[at + 1u] = total;
+            }
+        }
+        workgroupBarrier();
+        mean0 = means4(4u * ty);
+        if (TM == 8u) {
+            mean1 = means4(4u * (ty + ty_n));
+        }
+    }
+}
+
 @compute @workgroup_size(T)
 fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     // Invocations per row and column of 4 x 4 blocks.
@@ -384,5 +508,8 @@ fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         if (TN == 8u) {
             store_quad(q11, row0 + 4u * (ty + ty_n), col0 + 4u * (tx + tx_n), split);
         }
+    }
+    if (MODE == FWD && p.stats != 0u) {
+        tile_stats(tid, tx, ty, q00, q01, q10, q11);
     }
 }

@@ -8,6 +8,7 @@ use anyhow::{Result, ensure};
 use super::workgroup::WorkgroupTiles;
 use super::{Conv2dConfig, dinp_addend, forward_bias, weight_grad_reduce};
 use crate::gpu::{Bind, Dispatch, Gpu, Precision, Tensor};
+use crate::ops::batch_norm::BnAffine;
 use crate::ops::{el, expect_shape, placeholder, placeholder_like};
 
 /// A kernel on the shared GEMM layout.
@@ -25,6 +26,21 @@ impl GemmKernel {
             GemmKernel::Workgroup(t) => t.bk,
             GemmKernel::Coop(t) => t,
         }
+    }
+
+    /// The bindings a `conv2d_tiled.wgsl` pipeline has beyond the shared layout, in every pass:
+    /// the forward's batch statistics (7, writable: `no_stats` where none are written, a buffer of
+    /// its own) and the batch norm applied to the input (8-10, `unused` where none is); the coop
+    /// kernel has none.
+    fn tiled_binds<'a>(
+        self,
+        stats: Option<&'a Tensor>,
+        affine: Option<BnAffine<'a>>,
+        (no_stats, unused): (&'a Tensor, &'a Tensor),
+    ) -> Vec<Bind<'a>> {
+        let GemmKernel::Workgroup(_) = self else { return Vec::new() };
+        let [s, g, b] = affine.map_or([unused; 3], |a| [a.stats, a.gamma, a.beta]);
+        vec![Bind::Tensor(7, stats.unwrap_or(no_stats)), Bind::Tensor(8, s), Bind::Tensor(9, g), Bind::Tensor(10, b)]
     }
 
     /// One launch in `mode` over a `rows` x `cols` GEMM with `z` K splits, for `cfg`'s layer.
@@ -54,7 +70,16 @@ impl GemmKernel {
     }
 }
 
-/// The forward pass on a workgroup GEMM (MODE 0).
+/// The bytes a pass reads for a batch norm it applies to its input: the statistics and the scale
+/// and shift (the input itself is counted as the pass's input, once).
+fn affine_bytes(affine: Option<BnAffine<'_>>) -> f64 {
+    affine.map_or(0, |a| a.stats.numel() + a.gamma.numel() + a.beta.numel()) as f64 * 4.0
+}
+
+/// The forward pass on a workgroup GEMM (MODE 0), and with `stats` (the `Workgroup` family only)
+/// the batch statistics of its output per block of the tile's `bn` pixels
+/// ([`super::ConvBuffers::out_stats`]; not with `relu`, whose values they would not describe).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
@@ -64,17 +89,29 @@ pub(super) fn forward(
     bias: Option<&Tensor>,
     out: &Tensor,
     relu: bool,
+    stats: Option<&Tensor>,
+    affine: Option<BnAffine<'_>>,
 ) -> Result<Vec<Dispatch>> {
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d output", out, &cfg.output_shape())?;
+    let cols = cfg.n * cfg.out_h() * cfg.out_w();
+    if let Some(t) = stats {
+        let GemmKernel::Workgroup(tiles) = gemm else {
+            anyhow::bail!("conv2d: the cooperative-matrix kernel writes no batch statistics")
+        };
+        ensure!(!relu, "conv2d: batch statistics of a forward with a fused ReLU");
+        expect_shape("conv2d batch statistics", t, &[cols.div_ceil(tiles.bn), cfg.c_out, 2])?;
+    }
     let unused = placeholder(gpu)?;
     let bias = forward_bias(cfg, bias, &unused)?;
     let unused_act = placeholder_like(gpu, inp)?;
-    // Binding 6 is writable: a buffer of its own (one buffer is never bound read-only and writable at once).
-    let scratch = placeholder(gpu)?;
-    let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_relu(relu));
-    let binds = [
+    // Bindings 6 and 7 are writable: buffers of their own (one buffer is never bound read-only and
+    // writable at once).
+    let (scratch, no_stats) = (placeholder(gpu)?, placeholder(gpu)?);
+    let params = cfg.params(1, 0)?.with_relu(relu).with_stats(u32::from(stats.is_some()));
+    let params = gpu.uniform("conv2d params", &params.with_affine_in(affine.is_some()));
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(2, weight),
@@ -83,9 +120,11 @@ pub(super) fn forward(
         Bind::Tensor(5, &unused_act),
         Bind::Tensor(6, &scratch),
     ];
+    binds.extend(gemm.tiled_binds(stats, affine, (&no_stats, &unused)));
     // One GEMM per group (workgroup z), each over the group's output channels.
-    let dims = (cfg.c_out_group(), cfg.n * cfg.out_h() * cfg.out_w(), cfg.groups);
-    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64;
+    let dims = (cfg.c_out_group(), cols, cfg.groups);
+    let stats_bytes = stats.map_or(0, Tensor::numel) as f64 * 4.0;
+    let bytes = el(inp) * (inp.numel() + weight.numel() + out.numel()) as f64 + stats_bytes + affine_bytes(affine);
     Ok(vec![gemm.dispatch(gpu, cfg, 0, &binds, dims, Precision::of(inp))?.with_cost(2.0 * cfg.macs() as f64, bytes)])
 }
 
@@ -104,9 +143,10 @@ pub(super) fn backward_input(
     expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
     expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
     let (unused, unused_act, scratch) = (placeholder(gpu)?, placeholder_like(gpu, dout)?, placeholder(gpu)?);
+    let no_stats = placeholder(gpu)?;
     let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
     let params = gpu.uniform("conv2d params", &cfg.params(1, 0)?.with_accumulate(addend.is_some()));
-    let binds = [
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, addend_or_unused),
         Bind::Tensor(2, weight),
@@ -115,6 +155,7 @@ pub(super) fn backward_input(
         Bind::Tensor(5, dout),
         Bind::Tensor(6, &scratch),
     ];
+    binds.extend(gemm.tiled_binds(None, None, (&no_stats, &unused)));
     let dims = (cfg.c_in_group(), cfg.n * cfg.h * cfg.w, cfg.groups);
     // With an addend, one more input-sized read and one addition per element.
     let read_addend = addend.map_or(0, |a| a.numel());
@@ -134,6 +175,7 @@ pub(super) fn backward_weight(
     dout: &Tensor,
     dweight: &Tensor,
     splits: usize,
+    affine: Option<BnAffine<'_>>,
 ) -> Result<Vec<Dispatch>> {
     expect_shape("conv2d input", inp, &cfg.input_shape())?;
     expect_shape("conv2d dout", dout, &cfg.output_shape())?;
@@ -142,7 +184,7 @@ pub(super) fn backward_weight(
     let m = cfg.n * cfg.out_h() * cfg.out_w();
     let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
     let splits = m.div_ceil(split_len);
-    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?);
+    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?.with_affine_in(affine.is_some()));
     let k = cfg.c_in_group() * cfg.kh * cfg.kw;
     let (unused, unused_act) = (placeholder(gpu)?, placeholder_like(gpu, inp)?);
     // Binding 4 (the other modes' output) is writable: a buffer of its own.
@@ -150,7 +192,8 @@ pub(super) fn backward_weight(
     let partial =
         if splits > 1 { Some(Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?) } else { None };
     let target = partial.as_ref().unwrap_or(dweight);
-    let binds = [
+    let no_stats = placeholder(gpu)?;
+    let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
         Bind::Tensor(2, &unused_act),
@@ -159,9 +202,10 @@ pub(super) fn backward_weight(
         Bind::Tensor(5, dout),
         Bind::Tensor(6, target),
     ];
+    binds.extend(gemm.tiled_binds(None, affine, (&no_stats, &unused)));
     let (flops, bytes) = (
         2.0 * cfg.macs() as f64,
-        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64,
+        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64 + affine_bytes(affine),
     );
     let precision = Precision::of(inp);
     // Workgroup z = split * groups + group.

@@ -5,6 +5,7 @@ use anyhow::{Result, anyhow, ensure};
 use super::reference as cpu;
 use super::{Conv2dConfig, ConvBuffers, ConvKernel, ConvPass};
 use crate::gpu::{Dispatch, Gpu, Precision};
+use crate::ops::batch_norm::BnAffine;
 use crate::ops::layer::{
     Attr, FoldTarget, Init, LayerOp, OnnxNodes, ParamSpec, Record, RefBackward, RefForward, RefOutput, Shape,
     expect_spatial, stored,
@@ -42,11 +43,12 @@ impl Conv2d {
         d: Vec<Dispatch>,
     ) -> Result<()> {
         let Some(f) = r.folded else {
-            if r.fused.output_stats.is_none() {
+            if r.fused.output_stats.is_none() && r.fused.input_affine.is_none() {
                 r.forward(d);
                 return Ok(());
             }
-            // The batch norm's statistics are the training pass's alone.
+            // The batch norm's statistics and the batch norm applied on load are the training
+            // pass's alone.
             r.train.extend(d);
             let (w, b) = (r.param("weight")?, r.param_if(self.bias, "bias")?);
             let bufs = ConvBuffers::forward(r.inp().0, w.half.unwrap_or(w.value), b.map(|b| b.value), r.out);
@@ -90,8 +92,12 @@ impl LayerOp for Conv2d {
     }
 
     fn record(&self, r: &mut Record<'_>) -> Result<()> {
-        let (inp, dinp) = r.inp();
-        let cfg = self.config(&inp.shape);
+        let (stored, dinp) = r.inp();
+        let cfg = self.config(&stored.shape);
+        // Training may read the batch norm's input and apply it (`Handoffs::input_affine`);
+        // evaluation reads the stored input (record_forward).
+        let affine = r.fused.input_affine;
+        let inp = affine.map_or(stored, |a| a.inp);
         let w = r.param("weight")?;
         let b = r.param_if(self.bias, "bias")?;
         // An f16 plan's GEMMs read the f16 copy of the weights.
@@ -106,6 +112,7 @@ impl LayerOp for Conv2d {
             relu: false,
             dinp_addend: r.fused.dinp_addend,
             out_stats: r.fused.output_stats.map(|t| (t, super::stats_lanes(r.gpu))),
+            input_affine: affine.map(|a| BnAffine { stats: a.stats, gamma: a.scale, beta: a.shift }),
         };
         ensure!(
             r.fused.dinp_addend.is_none() || !r.reads_network_input,
@@ -158,14 +165,31 @@ impl LayerOp for Conv2d {
         self.bias.then_some("bias")
     }
 
-    /// The register kernels' forward writes its output's statistics per block of its GEMM rows
-    /// (`ConvBuffers::out_stats`), where [`Gpu::bn_stats`] and `--fuse on` allow it and the
-    /// forward's kernel for this shape is theirs.
+    /// The register and workgroup kernels' forward writes its output's statistics per block of
+    /// its output pixels (`ConvBuffers::out_stats`), where [`Gpu::bn_stats`] and `--fuse on` allow
+    /// it and the forward's kernel for this shape has the epilogue. Not with `--bn-split on`: a
+    /// batch norm given its statistics keeps one pass, and the split asks for sliced ones.
     fn output_stats_rows(&self, gpu: &Gpu, inp: &[usize], precision: Precision) -> Result<Option<usize>> {
-        if !(gpu.fuse && gpu.bn_stats) {
+        if !(gpu.fuse && gpu.bn_stats) || gpu.bn_split {
             return Ok(None);
         }
         Ok(super::stats_rows(gpu, super::choose(gpu, &self.config(inp), ConvPass::Forward, precision)?))
+    }
+
+    /// The workgroup tiles apply a batch norm and its ReLU as they load the input (`affine_in` in
+    /// conv2d_tiled.wgsl), where [`Gpu::bn_apply`] and `--fuse on` allow it and both passes that
+    /// read the input — the forward and the weight gradient — run on them for this shape.
+    fn applies_input_bn_relu(&self, gpu: &Gpu, inp: &[usize], precision: Precision) -> Result<bool> {
+        if !(gpu.fuse && gpu.bn_apply) {
+            return Ok(false);
+        }
+        let cfg = self.config(inp);
+        for pass in [ConvPass::Forward, ConvPass::BackwardWeight] {
+            if !matches!(super::choose(gpu, &cfg, pass, precision)?, ConvKernel::Workgroup(_)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Every family's input gradient takes an addend (`ConvBuffers::dinp_addend`).

@@ -180,7 +180,8 @@ impl Conv2dConfig {
             accumulate: 0,
             joint: [0; 4],
             stats: 0,
-            _pad: [0; 2],
+            affine_in: 0,
+            _pad: 0,
         })
     }
 }
@@ -219,8 +220,11 @@ struct Params {
     /// The forward's batch statistics ([`ConvBuffers::out_stats`], register family): the
     /// invocations per statistics block, 0 = none written.
     stats: u32,
+    /// The batch norm applied as the input is loaded ([`ConvBuffers::input_affine`], workgroup
+    /// family): 1 applies it, 0 not.
+    affine_in: u32,
     /// The block padded to 16 bytes, as WGSL's uniform layout wants.
-    _pad: [u32; 2],
+    _pad: u32,
 }
 
 impl Params {
@@ -235,9 +239,14 @@ impl Params {
     }
 
     /// The forward's batch statistics on or off.
-    /// `lanes`: the invocations per statistics block, 0 = off.
+    /// `lanes`: the register kernel's invocations per statistics block (the tiles': 1), 0 = off.
     fn with_stats(self, lanes: u32) -> Params {
         Params { stats: lanes, ..self }
+    }
+
+    /// The batch norm applied as the input is loaded, on or off.
+    fn with_affine_in(self, on: bool) -> Params {
+        Params { affine_in: u32::from(on), ..self }
     }
 
     /// The joint backward's workgroup numbering.
@@ -304,10 +313,16 @@ pub struct ConvBuffers<'a> {
     pub dinp_addend: Option<&'a Tensor>,
     /// The forward also writes the statistics of the values it stores, for a training batch norm
     /// that alone reads its output (`ops::batch_norm`, `partial_rows`), and the invocations each
-    /// block of them merges ([`stats_lanes`]): per block of that many times the GEMM's rows per
-    /// invocation of output pixels of the batch ([`stats_rows`]), in order, and per output channel,
-    /// their mean and M2, f32 [blocks, c_out, 2]. The register family only; the other passes ignore it.
+    /// block of them merges ([`stats_lanes`]; the register family's): per block of
+    /// [`stats_rows`] output pixels of the batch, in order, and per output channel, their mean
+    /// and M2, f32 [blocks, c_out, 2]. The register and workgroup families; the other passes
+    /// ignore it.
     pub out_stats: Option<(&'a Tensor, usize)>,
+    /// The forward and the weight gradient read `inp` as the input of the training batch norm
+    /// before the convolution and apply it with its ReLU as they load each value, bit for bit the
+    /// value the batch norm would have stored: the batch norm then writes no output. The
+    /// workgroup family only; the input gradient ignores it.
+    pub input_affine: Option<crate::ops::batch_norm::BnAffine<'a>>,
 }
 
 impl<'a> ConvBuffers<'a> {
@@ -328,12 +343,13 @@ impl<'a> ConvBuffers<'a> {
 }
 
 /// The output pixels per block of a forward's batch statistics ([`ConvBuffers::out_stats`]) when
-/// `kernel` runs it: the register GEMM's rows per invocation; `None` for the families without
-/// that epilogue.
+/// `kernel` runs it: the register GEMM's rows per invocation times the invocations merged, or a
+/// workgroup tile's columns; `None` for the cooperative-matrix kernel, which has no such epilogue.
 pub fn stats_rows(gpu: &Gpu, kernel: ConvKernel) -> Option<usize> {
     match kernel {
         ConvKernel::Register(t) => Some(t.gemm_m * stats_lanes(gpu)),
-        _ => None,
+        ConvKernel::Workgroup(t) => Some(t.bn),
+        ConvKernel::Coop(_) => None,
     }
 }
 
@@ -394,11 +410,17 @@ fn run_pass(
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
+    if let Some(a) = &b.input_affine
+        && pass != ConvPass::BackwardInput
+    {
+        ensure!(
+            matches!(kernel, ConvKernel::Workgroup(_)),
+            "conv2d {pass:?}: only the workgroup tiles apply a batch norm as they load the input ({kernel})"
+        );
+        a.check("conv2d input", cfg.c_in)?;
+    }
     let gemm = match kernel {
         ConvKernel::Register(t) => return run_register(gpu, cfg, pass, t, b, splits),
-        _ if pass == ConvPass::Forward && b.out_stats.is_some() => {
-            anyhow::bail!("conv2d: only the register kernels write a batch norm's statistics ({kernel:?})")
-        }
         ConvKernel::Workgroup(t) => GemmKernel::Workgroup(t),
         ConvKernel::Coop(t) => {
             ensure!(gpu.coop_tile == Some(t), "conv2d (coop): this adapter has no {t}x{t}x{t} f16 cooperative matrix");
@@ -417,6 +439,8 @@ fn run_pass(
             b.bias,
             need(b.out, pass, "output")?,
             b.relu,
+            b.out_stats.map(|(t, _)| t),
+            b.input_affine,
         ),
         ConvPass::BackwardInput => gemm::backward_input(
             gpu,
@@ -435,6 +459,7 @@ fn run_pass(
             need(b.dout, pass, "output gradient")?,
             need(b.dweight, pass, "weight gradient")?,
             splits,
+            b.input_affine,
         ),
     }
 }
@@ -465,6 +490,7 @@ pub fn conv2d_backward_joint(
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
+    ensure!(b.input_affine.is_none(), "conv2d: the joint backward applies no batch norm as it loads the input");
     let (i, w) = (ConvPass::BackwardInput, ConvPass::BackwardWeight);
     let operands = (need(b.inp, w, "input")?, need(b.dout, i, "output gradient")?, need(b.weight, i, "weight")?);
     let dinp = need(b.dinp, i, "input gradient")?;

@@ -208,6 +208,7 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
         relu: false,
         dinp_addend: None,
         out_stats: None,
+        input_affine: None,
     };
     let mut best: Option<(ConvKernel, f64)> = None;
     for &k in &cands {

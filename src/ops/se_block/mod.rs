@@ -175,22 +175,13 @@ pub fn se_block_forward_add_relu(
 }
 
 /// A batch norm before the block that the block applies as it loads its input (se_block.wgsl,
-/// AFFINE_IN): `inp` is then the batch norm's input, and these its saved batch statistics
-/// [2, C] (mean, invstd) and parameters [C].
-#[derive(Clone, Copy)]
-pub struct BnAffine<'a> {
-    pub stats: &'a Tensor,
-    pub gamma: &'a Tensor,
-    pub beta: &'a Tensor,
-}
+/// AFFINE_IN): `inp` is then the batch norm's input.
+pub use crate::ops::batch_norm::BnAffine;
 
-impl BnAffine<'_> {
-    fn check(&self, cfg: &SeBlockConfig) -> Result<()> {
-        ensure!(cfg.variant.squeeze == Squeeze::Avg, "se_block: only a mean squeeze applies a batch norm on load");
-        expect_shape("se_block batch-norm statistics", self.stats, &[2, cfg.c])?;
-        expect_shape("se_block batch-norm weight", self.gamma, &[cfg.c])?;
-        expect_shape("se_block batch-norm bias", self.beta, &[cfg.c])
-    }
+/// `affine` for an SE block of `cfg`: a mean squeeze, and the batch norm's tensors of its channels.
+fn check_affine(affine: &BnAffine<'_>, cfg: &SeBlockConfig) -> Result<()> {
+    ensure!(cfg.variant.squeeze == Squeeze::Avg, "se_block: only a mean squeeze applies a batch norm on load");
+    affine.check("se_block", cfg.c)
 }
 
 /// The AFFINE_IN bindings (21–23), placeholders without one.
@@ -212,7 +203,7 @@ pub fn se_block_forward_add_relu_affine(
     saved: &Tensor,
     affine: &BnAffine<'_>,
 ) -> Result<Vec<Dispatch>> {
-    affine.check(cfg)?;
+    check_affine(affine, cfg)?;
     forward(gpu, cfg, inp, Some(res), weights, out, saved, Some(affine))
 }
 
@@ -574,7 +565,7 @@ fn check_backward(
     let defer = epilogue.and_then(|e| e.se_grad);
     let affine = epilogue.and_then(|e| e.input_affine);
     if let Some(a) = &affine {
-        a.check(cfg)?;
+        check_affine(a, cfg)?;
     }
     if let Some(e) = epilogue {
         expect_shape("se_block output", e.out, &cfg.shape())?;
