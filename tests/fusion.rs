@@ -855,9 +855,8 @@ fn split_se_blocks_leave_training_steps_bit_for_bit() {
     }
 }
 
-/// `--bn-split on` (with `--bn-stats on`, which the split leaves out: every batch norm here reads a
-/// convolution's output, and one given its statistics would keep one pass): at batch 8,
-/// SE-ResNet-8's first-stage batch norms (8,192 values per channel) run sliced in two, each way (their fused ReLU with its recomputed mask,
+/// `--bn-split on`: at batch 8, SE-ResNet-8's first-stage batch norms
+/// (8,192 values per channel) run sliced in two, each way (their fused ReLU with its recomputed mask,
 /// statistics only for the SE block after, and its dx and weight gradients from it included); the
 /// later stages' have too few values to slice. The step equals the one-pass kernels' up to the
 /// sums' order: f32 within the bounds of the --bn-stats test below; in f16 the sliced step is

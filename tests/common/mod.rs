@@ -54,14 +54,13 @@ pub fn gpu_unfused_se_one_pass() -> Arc<Gpu> {
     required(&GPU, opts)
 }
 
-/// The same adapter with its training batch norms sliced over workgroups (`--bn-split on`, with
-/// every fusion: the split leaves out the batch norms' statistics from the convolutions before
-/// them, which keep a batch norm in one pass) or not (every fusion but those statistics, as the
-/// split leaves them): [on].
+/// The same adapter with every fusion but the batch norms' statistics from the convolutions
+/// before them (which keep a batch norm's forward in one pass), its training batch norms sliced
+/// over workgroups (`--bn-split on`) or not: [on].
 pub fn gpu_bn_split(on: bool) -> Arc<Gpu> {
     static GPU: [Cell; 2] = [OnceLock::new(), OnceLock::new()];
     let opts = GpuOptions {
-        bn_stats: if on { senet_wgpu::gpu::ConvForm::On } else { senet_wgpu::gpu::ConvForm::Off },
+        bn_stats: senet_wgpu::gpu::ConvForm::Off,
         bn_split: if on { senet_wgpu::gpu::Switch::On } else { senet_wgpu::gpu::Switch::Off },
         ..Default::default()
     };

@@ -167,10 +167,9 @@ impl LayerOp for Conv2d {
 
     /// The register and workgroup kernels' forward writes its output's statistics per block of
     /// its output pixels (`ConvBuffers::out_stats`), where [`Gpu::bn_stats`] and `--fuse on` allow
-    /// it and the forward's kernel for this shape has the epilogue. Not with `--bn-split on`: a
-    /// batch norm given its statistics keeps one pass, and the split asks for sliced ones.
+    /// it and the forward's kernel for this shape has the epilogue.
     fn output_stats_rows(&self, gpu: &Gpu, inp: &[usize], precision: Precision) -> Result<Option<usize>> {
-        if !(gpu.fuse && gpu.bn_stats) || gpu.bn_split {
+        if !(gpu.fuse && gpu.bn_stats) {
             return Ok(None);
         }
         Ok(super::stats_rows(gpu, super::choose(gpu, &self.config(inp), ConvPass::Forward, precision)?))
