@@ -210,18 +210,45 @@ fn the_workgroup_kernels_run_a_training_step_equal_to_the_reference() {
     }
 }
 
-/// The tuning cache of `tiny()` at batch `n` with every choice `choice` (as a GPU's tuner would
+/// A network on a device, with an optimizer.
+type Build = fn(&Arc<Gpu>, OptimizerConfig) -> Network;
+
+/// `tiny()`.
+fn tiny_net(gpu: &Arc<Gpu>, opt: OptimizerConfig) -> Network {
+    Network::new(gpu.clone(), tiny(), opt, 7).unwrap()
+}
+
+/// A graph in which a convolution reads a batch norm's ReLU and no batch norm follows it (its
+/// evaluation forward is not folded): conv1 3 -> 8, BN, ReLU, conv2 8 -> 6 with a bias, the global
+/// pool and the classifier, on 3 x 9 x 7.
+fn preact_net(gpu: &Arc<Gpu>, opt: OptimizerConfig) -> Network {
+    use senet_wgpu::model::{BatchNorm2d, Conv2d, Graph, Layer, Linear, Node};
+    let conv = |c_in, c_out, bias| Layer::Conv2d(Conv2d { c_in, c_out, kernel: 3, stride: 1, pad: 1, groups: 1, bias });
+    let layers = [
+        ("conv1", conv(3, 8, false), vec![0]),
+        ("bn1", Layer::BatchNorm2d(BatchNorm2d { c: 8 }), vec![1]),
+        ("relu1", Layer::Relu, vec![2]),
+        ("conv2", conv(8, 6, true), vec![3]),
+        ("pool", Layer::GlobalAvgPool, vec![4]),
+        ("fc", Layer::Linear(Linear { in_features: 6, out_features: 5, bias: true }), vec![5]),
+    ];
+    let nodes = layers.into_iter().map(|(name, layer, inputs)| Node { name: name.into(), layer, inputs }).collect();
+    let cfg = ModelConfig { model: "preact".into(), input_hw: [9, 7], ..tiny() };
+    Network::with_graph(gpu.clone(), cfg, Graph { input: [3, 9, 7], nodes }, opt, 7, Precision::F32).unwrap()
+}
+
+/// The tuning cache of `net` at batch `n` with every choice `choice` (as a GPU's tuner would
 /// choose the workgroup tiles), written to `cache`.
-fn force_every_choice(cache: &Path, n: usize, choice: &str) {
+fn force_every_choice(cache: &Path, net: Build, n: usize, choice: &str) {
     {
         let gpu = device(TuneMode::Full, cache);
-        let _ = planned_kernels(&gpu, n);
+        let _ = net(&gpu, OptimizerConfig::adam(1e-3)).plan(n).unwrap();
     }
     let text = String::from_utf8(std::fs::read(cache).unwrap()).unwrap();
     std::fs::write(cache, with_every_choice(&text, choice)).unwrap();
 }
 
-/// One SGD training step of `tiny()` on a device with `opts` reading the tuning cache `cache`
+/// One SGD training step of `net` on a device with `opts` reading the tuning cache `cache`
 /// (quick mode: the cache's choices, untimed), every conv pass on the workgroup tiles, then an
 /// evaluation pass of the same batch: each training dispatch's label and bytes, the loss, each
 /// parameter's gradient, the evaluation's logits.
@@ -232,10 +259,10 @@ struct TiledStep {
     logits: Vec<f32>,
 }
 
-fn tiled_step(cache: &Path, opts: GpuOptions, x: &[f32], labels: &[u32]) -> TiledStep {
+fn tiled_step(cache: &Path, net: Build, opts: GpuOptions, x: &[f32], labels: &[u32]) -> TiledStep {
     let opts = GpuOptions { tune: Some(TuneMode::Quick), tune_cache: Some(cache.to_path_buf()), ..opts };
     let gpu = Gpu::new(&opts).expect("GPU test cannot run");
-    let mut net = Network::new(gpu.clone(), tiny(), OptimizerConfig::sgd(0.1, 0.0), 7).unwrap();
+    let mut net = net(&gpu, OptimizerConfig::sgd(0.1, 0.0));
     let plan = net.plan(labels.len()).unwrap();
     assert!(plan.conv_kernels.iter().all(|(_, _, k)| matches!(k, ConvKernel::Workgroup(_))));
     let costs = net.train_dispatches(&plan).iter().map(|d| (d.label, d.bytes)).collect();
@@ -267,12 +294,12 @@ fn the_workgroup_kernels_give_batch_norms_their_statistics() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("tune.json");
     let labels = [0u32, 3, 2];
-    force_every_choice(&cache, labels.len(), "tiled:128,64,16,8,4");
+    force_every_choice(&cache, tiny_net, labels.len(), "tiled:128,64,16,8,4");
     let x = uniform(&mut rng(11), labels.len() * 3 * 16 * 16, 0.0, 1.0);
     // Batch norms applied by the convolutions after them would save their statistics only.
     let opts = |bn_stats| GpuOptions { bn_stats, bn_apply: ConvForm::Off, ..Default::default() };
-    let on = tiled_step(&cache, opts(ConvForm::On), &x, &labels);
-    let off = tiled_step(&cache, opts(ConvForm::Off), &x, &labels);
+    let on = tiled_step(&cache, tiny_net, opts(ConvForm::On), &x, &labels);
+    let off = tiled_step(&cache, tiny_net, opts(ConvForm::Off), &x, &labels);
     let changed = changed(&on, &off);
     let bns = on.costs.iter().filter(|d| d.0 == "batch_norm_forward_train").count();
     let convs = changed.iter().filter(|&&l| l == "conv2d_forward (workgroup)").count();
@@ -297,38 +324,42 @@ fn the_workgroup_kernels_give_batch_norms_their_statistics() {
 /// (the statistics and parameters), nothing else changes — and the step is the `--bn-apply off`
 /// step bit for bit: the loads compute the batch norm's own expression and rounding — and so is
 /// the evaluation after it, which reads the stored output as before. With and without the
-/// statistics from the convolutions before (`--bn-stats`).
+/// statistics from the convolutions before (`--bn-stats`); on `tiny()` (every convolution followed
+/// by a batch norm, which evaluation folds into it) and on `preact_net` (one that is not).
 #[test]
 fn the_workgroup_kernels_apply_batch_norms_as_they_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = dir.path().join("tune.json");
     let labels = [4u32, 1, 0];
-    force_every_choice(&cache, labels.len(), "tiled:64,64,16,4,4");
-    let x = uniform(&mut rng(13), labels.len() * 3 * 16 * 16, 0.0, 1.0);
-    for bn_stats in [ConvForm::On, ConvForm::Off] {
-        let opts = |bn_apply| GpuOptions { bn_stats, bn_apply, ..Default::default() };
-        let on = tiled_step(&cache, opts(ConvForm::On), &x, &labels);
-        let off = tiled_step(&cache, opts(ConvForm::Off), &x, &labels);
-        let changed = changed(&on, &off);
-        let count = |l: &str| changed.iter().filter(|&&c| c == l).count();
-        let applied = count("batch_norm_forward_train");
-        assert!(applied > 0, "{bn_stats:?}: no batch norm applied by a convolution");
-        eprintln!("--bn-stats {bn_stats:?}: {applied} batch norms applied by the convolutions after them");
-        assert_eq!(
-            (count("conv2d_forward (workgroup)"), count("conv2d_backward_weight (workgroup)"), changed.len()),
-            (applied, applied, 3 * applied),
-            "{bn_stats:?}: dispatches that changed {changed:?}"
-        );
-        for (a, b) in on.costs.iter().zip(&off.costs).filter(|(a, _)| a.0 == "batch_norm_forward_train") {
-            assert!(a.1 <= b.1, "{bn_stats:?}: a batch norm's forward moves more bytes ({} against {})", a.1, b.1);
+    for (name, net, hw) in [("senet", tiny_net as Build, [16, 16]), ("preact", preact_net as Build, [9, 7])] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("tune.json");
+        force_every_choice(&cache, net, labels.len(), "tiled:64,64,16,4,4");
+        let x = uniform(&mut rng(13), labels.len() * 3 * hw[0] * hw[1], 0.0, 1.0);
+        for bn_stats in [ConvForm::On, ConvForm::Off] {
+            let what = format!("{name} --bn-stats {bn_stats:?}");
+            let opts = |bn_apply| GpuOptions { bn_stats, bn_apply, ..Default::default() };
+            let on = tiled_step(&cache, net, opts(ConvForm::On), &x, &labels);
+            let off = tiled_step(&cache, net, opts(ConvForm::Off), &x, &labels);
+            let changed = changed(&on, &off);
+            let count = |l: &str| changed.iter().filter(|&&c| c == l).count();
+            let applied = count("batch_norm_forward_train");
+            assert!(applied > 0, "{what}: no batch norm applied by a convolution");
+            eprintln!("{what}: {applied} batch norms applied by the convolutions after them");
+            assert_eq!(
+                (count("conv2d_forward (workgroup)"), count("conv2d_backward_weight (workgroup)"), changed.len()),
+                (applied, applied, 3 * applied),
+                "{what}: dispatches that changed {changed:?}"
+            );
+            for (a, b) in on.costs.iter().zip(&off.costs).filter(|(a, _)| a.0 == "batch_norm_forward_train") {
+                assert!(a.1 <= b.1, "{what}: a batch norm's forward moves more bytes ({} against {})", a.1, b.1);
+            }
+            assert_eq!(on.loss.to_bits(), off.loss.to_bits(), "{what}: loss {} vs {}", on.loss, off.loss);
+            for ((name, g), (_, h)) in on.grads.iter().zip(&off.grads) {
+                let same = g.iter().zip(h).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "{what}: grad {name} differs with the batch norms applied on load");
+            }
+            let same = on.logits.iter().zip(&off.logits).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{what}: the evaluation's logits differ");
         }
-        assert_eq!(on.loss.to_bits(), off.loss.to_bits(), "{bn_stats:?}: loss {} vs {}", on.loss, off.loss);
-        for ((name, g), (_, h)) in on.grads.iter().zip(&off.grads) {
-            let same = g.iter().zip(h).all(|(p, q)| p.to_bits() == q.to_bits());
-            assert!(same, "{bn_stats:?}: grad {name} differs with the batch norms applied on load");
-        }
-        let same = on.logits.iter().zip(&off.logits).all(|(p, q)| p.to_bits() == q.to_bits());
-        assert!(same, "{bn_stats:?}: the evaluation's logits differ");
     }
 }
 
