@@ -82,6 +82,40 @@ fn conv2d_workgroup_kernels_match_reference() {
     }
 }
 
+/// The workgroup kernels number a strided input gradient's columns by stride phase and skip the
+/// K loop of a tile whose columns no tap reaches (conv2d_tiled.wgsl's `tile_live`). Layers where
+/// such phases are most of the pixels and come first or last: 1x1 stride 2 with padding 1 (only
+/// phase (1, 1) is reached, after three dead ones), 1x1 stride (3, 2) on odd planes (one phase of
+/// six), batch 1; against the reference on every tile shape (CONV_ATOL / CONV_RTOL), and with an
+/// addend (which a skipped tile still stores) against the reference and, bit for bit, the input
+/// gradient stored apart plus `add_forward` (f32 and f16).
+#[test]
+fn conv2d_workgroup_strided_input_gradients_skip_unreached_phases() {
+    let gpu = gpu_f16();
+    let cases = [
+        Conv2dConfig::square(2, 6, (9, 7), 5, 1, 2, 1, false),
+        Conv2dConfig { stride: (3, 2), ..Conv2dConfig::square(1, 4, (11, 9), 8, 1, 1, 0, false) },
+        Conv2dConfig::square(3, 16, (17, 15), 24, 1, 2, 0, false),
+    ];
+    for (i, cfg) in cases.iter().enumerate() {
+        let mut r = rng(950 + i as u64);
+        let w = uniform(&mut r, cfg.weight_shape().iter().product(), -1.0, 1.0);
+        let dy = uniform(&mut r, cfg.output_shape().iter().product(), -1.0, 1.0);
+        let (tw, tdy) = (upload(&gpu, "w", &cfg.weight_shape(), &w), upload(&gpu, "dy", &cfg.output_shape(), &dy));
+        let want = reference::conv2d::conv2d_backward_input(cfg, &to_f64(&dy), &to_f64(&w));
+        let kernels: Vec<ConvKernel> = WorkgroupTiles::ALL.into_iter().map(ConvKernel::Workgroup).collect();
+        for &k in &kernels {
+            let tdx = zeros(&gpu, "dx", &cfg.input_shape());
+            run(&gpu, &backward_input(&gpu, cfg, k, &tdy, &tw, &tdx));
+            let what = format!("conv2d_backward_input (workgroup) case {i} {k} {cfg:?}");
+            assert_close(&what, &read(&gpu, &tdx), &want, CONV_ATOL, CONV_RTOL);
+        }
+        for dtype in [Dtype::F32, Dtype::F16] {
+            check_conv_backward_input_accumulate(&gpu, dtype, 60 + i, cfg, &kernels);
+        }
+    }
+}
+
 /// A training batch norm and its ReLU applied by the workgroup kernels as the forward and the
 /// weight gradient load its input (`ConvBuffers::input_affine`, conv2d_tiled.wgsl's `affine_in`,
 /// `--bn-apply`): on every case (batch 1, odd and non-square planes, stride, dilation, groups,

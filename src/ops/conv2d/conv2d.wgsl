@@ -315,29 +315,8 @@ fn weight_column(g: u32, c: u32) -> u32 {
     return g * cout_g * cin_g * khw + c * khw;
 }
 
-// A strided input gradient numbers its rows, the input pixels of the whole batch, by stride
-// phase: every pixel (n, py + sy*a, px + sx*b) of phase (py, px), images in order, then the next
-// phase (py, then px). A tap feeds either every pixel of a phase or none (the output pixel
-// iy + pad - ky is a multiple of sy for one py in sy), so nearly every register block, and its
-// subgroup, lies inside one phase and skips the taps that feed none of its rows; numbered in
-// plain order, every block holds every phase and runs every tap (a stride-2 1x1 layer: 3 in 4
-// pixels get no gradient, and their blocks now skip their only tap). Row m -> (image, iy, ix).
-fn phase_row(m: u32) -> vec3<u32> {
-    var rr = m;
-    for (var py = 0u; py < p.stride_h; py++) {
-        let ny = select(0u, (p.h - py + p.stride_h - 1u) / p.stride_h, py < p.h);
-        for (var px = 0u; px < p.stride_w; px++) {
-            let nx = select(0u, (p.w - px + p.stride_w - 1u) / p.stride_w, px < p.w);
-            let size = ny * nx;
-            if (rr < p.n * size) {
-                let t = rr % size;
-                return vec3<u32>(rr / size, py + p.stride_h * (t / nx), px + p.stride_w * (t % nx));
-            }
-            rr -= p.n * size;
-        }
-    }
-    return vec3<u32>(0u, 0u, 0u);
-}
+// phase_row (a strided input gradient's rows by stride phase): conv2d_params.wgsl, shared with
+// conv2d_tiled.wgsl.
 
 @compute @workgroup_size(WG)
 fn conv2d_gemm(@builtin(global_invocation_id) gid: vec3<u32>, lane: LaneId) {

@@ -18,6 +18,7 @@
 // `affine_in` (conv2d_tiled.wgsl's forward and weight gradient; 0 = off): `inp` is the input of
 // the training batch norm before the convolution, which the loads apply with its ReLU
 // (conv2d_tiled.wgsl's bindings 8-10).
+// `phase_row` (below): conv2d.wgsl's and conv2d_tiled.wgsl's strided input gradients.
 // `joint_*` (conv2d.wgsl's conv2d_backward only): where its input-gradient blocks end and how its
 // weight-gradient blocks are numbered.
 // MODE, FWD, DGRAD and `addend_at` are each family's own.
@@ -50,4 +51,28 @@ fn epilogue(v: f32, i: u32) -> act {
         return act(act_rounded(v) + addend_at(i));
     }
     return act(v);
+}
+
+// A strided input gradient numbers its rows (conv2d.wgsl) or columns (conv2d_tiled.wgsl), the
+// input pixels of the whole batch, by stride phase: every pixel (n, py + sy*a, px + sx*b) of phase
+// (py, px), images in order, then the next phase (py, then px). A tap feeds either every pixel of a
+// phase or none (the output pixel iy + pad - ky is a multiple of sy for one py in sy), so nearly
+// every register block (and its subgroup) or workgroup tile lies inside one phase and skips the
+// taps that feed none of it; numbered in plain order, every block holds every phase and runs every
+// tap (a stride-2 1x1 layer: 3 in 4 pixels get no gradient). Row or column m -> (image, iy, ix).
+fn phase_row(m: u32) -> vec3<u32> {
+    var rr = m;
+    for (var py = 0u; py < p.stride_h; py++) {
+        let ny = select(0u, (p.h - py + p.stride_h - 1u) / p.stride_h, py < p.h);
+        for (var px = 0u; px < p.stride_w; px++) {
+            let nx = select(0u, (p.w - px + p.stride_w - 1u) / p.stride_w, px < p.w);
+            let size = ny * nx;
+            if (rr < p.n * size) {
+                let t = rr % size;
+                return vec3<u32>(rr / size, py + p.stride_h * (t / nx), px + p.stride_w * (t % nx));
+            }
+            rr -= p.n * size;
+        }
+    }
+    return vec3<u32>(0u, 0u, 0u);
 }
