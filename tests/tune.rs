@@ -257,6 +257,8 @@ struct TiledStep {
     loss: f32,
     grads: Vec<(String, Vec<f32>)>,
     logits: Vec<f32>,
+    /// It ran on a CPU adapter.
+    cpu: bool,
 }
 
 fn tiled_step(cache: &Path, net: Build, opts: GpuOptions, x: &[f32], labels: &[u32]) -> TiledStep {
@@ -273,7 +275,7 @@ fn tiled_step(cache: &Path, net: Build, opts: GpuOptions, x: &[f32], labels: &[u
     let grads = net.params.iter().map(|p| (p.spec.name.clone(), read(&gpu, &p.grad))).collect();
     net.eval_batch(&plan);
     gpu.wait().unwrap();
-    TiledStep { costs, loss, grads, logits: read(&gpu, plan.logits()) }
+    TiledStep { costs, loss, grads, logits: read(&gpu, plan.logits()), cpu: gpu.is_cpu() }
 }
 
 /// The labels of the dispatches whose bytes differ between two plans of the same dispatches.
@@ -322,7 +324,8 @@ fn the_workgroup_kernels_give_batch_norms_their_statistics() {
 /// and the convolution's forward and weight gradient apply it and the ReLU as they load the batch
 /// norm's input — its training forward moves less, the two convolution passes a few bytes more
 /// (the statistics and parameters), nothing else changes — and the step is the `--bn-apply off`
-/// step bit for bit: the loads compute the batch norm's own expression and rounding — and so is
+/// step bit for bit on lavapipe (on a GPU within tests/fusion.rs's fused-step bounds, as a driver
+/// may contract the batch norm's multiply-add into an FMA in one kernel only): the loads compute the batch norm's own expression and rounding — and so is
 /// the evaluation after it, which reads the stored output as before. With and without the
 /// statistics from the convolutions before (`--bn-stats`); on `tiny()` (every convolution followed
 /// by a batch norm, which evaluation folds into it) and on `preact_net` (one that is not).
@@ -352,13 +355,28 @@ fn the_workgroup_kernels_apply_batch_norms_as_they_load() {
             for (a, b) in on.costs.iter().zip(&off.costs).filter(|(a, _)| a.0 == "batch_norm_forward_train") {
                 assert!(a.1 <= b.1, "{what}: a batch norm's forward moves more bytes ({} against {})", a.1, b.1);
             }
-            assert_eq!(on.loss.to_bits(), off.loss.to_bits(), "{what}: loss {} vs {}", on.loss, off.loss);
-            for ((name, g), (_, h)) in on.grads.iter().zip(&off.grads) {
-                let same = g.iter().zip(h).all(|(p, q)| p.to_bits() == q.to_bits());
-                assert!(same, "{what}: grad {name} differs with the batch norms applied on load");
+            // A GPU driver may contract (x - mean) * scale + beta into an FMA in one kernel and not
+            // the other: there the bounds of tests/fusion.rs's fused steps; lavapipe keeps both
+            // apart, and there the steps are the same bits.
+            let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+            let gpu_bounds = !on.cpu;
+            if gpu_bounds {
+                assert_close(&format!("{what}: loss"), &[on.loss], &[f64::from(off.loss)], 1e-5, 1e-4);
+            } else {
+                assert_eq!(on.loss.to_bits(), off.loss.to_bits(), "{what}: loss {} vs {}", on.loss, off.loss);
             }
-            let same = on.logits.iter().zip(&off.logits).all(|(p, q)| p.to_bits() == q.to_bits());
-            assert!(same, "{what}: the evaluation's logits differ");
+            for ((name, g), (_, h)) in on.grads.iter().zip(&off.grads) {
+                if gpu_bounds {
+                    assert_close(&format!("{what}: grad {name}"), g, &to_f64(h), 2e-4, 1e-3);
+                } else {
+                    assert!(same(g, h), "{what}: grad {name} differs with the batch norms applied on load");
+                }
+            }
+            if gpu_bounds {
+                assert_close(&format!("{what}: eval logits"), &on.logits, &to_f64(&off.logits), 1e-4, 1e-4);
+            } else {
+                assert!(same(&on.logits, &off.logits), "{what}: the evaluation's logits differ");
+            }
         }
     }
 }

@@ -116,13 +116,26 @@ fn conv2d_workgroup_strided_input_gradients_skip_unreached_phases() {
     }
 }
 
+/// `got` (the batch norm applied on load) against `want` (on its stored output): bit for bit on a
+/// CPU adapter; on a GPU within the conv tolerances, as a driver may contract (x − mean)·scale + beta
+/// into an FMA in one kernel and not in the other (one rounding, which then moves a sum's last bits).
+fn same_or_close(what: &str, got: &[f32], want: &[f32], bitwise: bool) {
+    if bitwise {
+        let differ = got.iter().zip(want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{what}: {differ} of {} values differ from the stored output's", got.len());
+    } else {
+        assert_close(what, got, &to_f64(want), CONV_ATOL, CONV_RTOL);
+    }
+}
+
 /// A training batch norm and its ReLU applied by the workgroup kernels as the forward and the
 /// weight gradient load its input (`ConvBuffers::input_affine`, conv2d_tiled.wgsl's `affine_in`,
 /// `--bn-apply`): on every case (batch 1, odd and non-square planes, stride, dilation, groups,
 /// depthwise), every tile shape in f32 and two in f16, the forward and the weight gradient (unsplit and
 /// split 3 ways) of the batch norm's input with the batch norm applied equal those of the output
-/// the batch norm stores, bit for bit: the loads compute its expression and rounding, and the
-/// padding stays 0 (not the batch norm of 0). The kernels without it refuse it.
+/// the batch norm stores, bit for bit (on a GPU within the conv tolerances: `same_or_close`): the
+/// loads compute its expression and rounding, and the padding stays 0 (not the batch norm of 0).
+/// The kernels without it refuse it.
 #[test]
 fn conv2d_workgroup_kernels_apply_a_batch_norm_as_they_load() {
     use senet_wgpu::ops::batch_norm::{self, BatchNormConfig, BnAffine, BnForward};
@@ -165,7 +178,7 @@ fn conv2d_workgroup_kernels_apply_a_batch_norm_as_they_load() {
                 let what =
                     |pass: &str| format!("{pass} (workgroup, batch norm on load) {dtype:?} case {i} {tiles:?} {cfg:?}");
                 let k = ConvKernel::Workgroup(tiles);
-                let bits = |t: &Tensor| read_as(&gpu, t).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                let bits = |t: &Tensor| read_as(&gpu, t);
                 let out = |applied: bool| {
                     let ty = Tensor::zeros_of(&gpu, "y", &cfg.output_shape(), dtype).unwrap();
                     let b = ConvBuffers {
@@ -175,7 +188,7 @@ fn conv2d_workgroup_kernels_apply_a_batch_norm_as_they_load() {
                     run(&gpu, &conv2d::conv2d_pass(&gpu, cfg, ConvPass::Forward, k, &b).unwrap());
                     bits(&ty)
                 };
-                assert!(out(true) == out(false), "{}: differs from the stored output's", what("conv2d_forward"));
+                same_or_close(&what("conv2d_forward"), &out(true), &out(false), gpu.is_cpu());
                 for splits in [1, 3] {
                     let dw = |applied: bool| {
                         let tdw = zeros(&gpu, "dw", &cfg.weight_shape());
@@ -187,7 +200,7 @@ fn conv2d_workgroup_kernels_apply_a_batch_norm_as_they_load() {
                         bits(&tdw)
                     };
                     let what = what(&format!("conv2d_backward_weight splits {splits}"));
-                    assert!(dw(true) == dw(false), "{what}: differs from the stored output's");
+                    same_or_close(&what, &dw(true), &dw(false), gpu.is_cpu());
                 }
             }
             if dtype == Dtype::F32 {
