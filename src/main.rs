@@ -86,7 +86,8 @@ struct Cli {
     /// With --fuse on, in training, a batch norm and its ReLU whose output a convolution on the
     /// workgroup tiles alone reads are applied by that convolution as its forward and weight
     /// gradient load their input, and the batch norm writes no output: on (default) or off (for
-    /// comparing). The same values bit for bit.
+    /// comparing). The same values (bit for bit where the driver rounds the batch norm's
+    /// multiply-add alike in both kernels, as lavapipe does).
     #[arg(long, global = true, value_enum, env = "SENET_BN_APPLY", default_value_t)]
     bn_apply: gpu::ConvForm,
     /// With --fuse on, a convolution's input and weight gradients run as one dispatch where the

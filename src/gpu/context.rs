@@ -98,7 +98,7 @@ pub struct GpuOptions {
     /// convolution on the workgroup tiles alone reads are applied by that convolution as its
     /// forward and weight gradient load their input, and the batch norm writes no output
     /// (`--bn-apply`); off: the batch norm writes its output and the convolution reads it. The
-    /// same values bit for bit.
+    /// same values (bit for bit where the driver rounds the multiply-add alike in both kernels).
     pub bn_apply: ConvForm,
     /// With `--fuse on`, a convolution's input and weight gradients in one dispatch where the
     /// register kernels run both (`conv2d_backward`, `--joint-backward`): auto = on GPU adapters
