@@ -199,8 +199,8 @@ fn dgrad_pixel(c: u32) -> vec3<u32> {
 // Column c's element offset at channel 0 in the output (forward) or the input gradient: the
 // shared col_offset, or the phase-numbered pixel's.
 fn tile_col_offset(c: u32) -> u32 {
-    if (MODE == DGRAD) {
-        let px = dgrad_pixel(c);
+    if (phased()) {
+        let px = phase_row(c);
         return px.x * p.c_in * p.h * p.w + px.y * p.w + px.z;
     }
     return col_offset(c);
@@ -469,6 +469,7 @@ fn means4(r: u32) -> vec4<f32> {
 fn tile_stats(tid: u32, tx: u32, ty: u32, q00: Quad, q01: Quad, q10: Quad, q11: Quad) {
     let tx_n = BN / TN;
     let ty_n = BM / TM;
+    // At least 1: the grid has no workgroup past the last column.
     let count = f32(min(BN, n_cols - col0));
     var mean0 = vec4<f32>(0.0);
     var mean1 = vec4<f32>(0.0);
@@ -497,7 +498,7 @@ fn tile_stats(tid: u32, tx: u32, ty: u32, q00: Quad, q01: Quad, q10: Quad, q11: 
                 total += As[i / 4u][i % 4u];
             }
             if (step == 0u) {
-                Bs[tid / 4u][tid % 4u] = total / max(count, 1.0);
+                Bs[tid / 4u][tid % 4u] = total / count;
             } else if (row0 + tid < n_rows) {
                 let at = 2u * ((col0 / BN) * p.c_out + grp * cout_g() + row0 + tid);
                 stat_partial[at] = row_mean(tid);

@@ -220,6 +220,8 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
     let runnable: Vec<ConvKernel> =
         cands.iter().copied().filter(|&k| conv2d_pass(gpu, cfg, pass, k, &bufs).is_ok()).collect();
     let mut times = vec![f64::INFINITY; runnable.len()];
+    // Each timing records its candidate again (its pipelines come from the registry): holding
+    // every candidate's dispatches at once would hold every one's weight-gradient partials too.
     for _sweep in 0..2 {
         for (i, &k) in runnable.iter().enumerate() {
             let Ok(dispatches) = conv2d_pass(gpu, cfg, pass, k, &bufs) else { continue };
