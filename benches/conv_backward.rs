@@ -40,7 +40,7 @@ fn main() {
         let mut separate = conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardInput, k, &b).expect("record");
         separate.extend(conv2d::conv2d_pass(&gpu, &cfg, ConvPass::BackwardWeight, k, &b).expect("record"));
         let splits = conv2d::splits_for(&gpu, &cfg, k);
-        let joint = conv2d::conv2d_backward_joint(&gpu, &cfg, tiles, &b, splits).expect("record");
+        let joint = conv2d::conv2d_backward_joint(&gpu, &cfg, ConvKernel::Register(tiles), &b, splits).expect("record");
         // After a warm-up run each (every pipeline built).
         let (s, j) = common::ab_secs((&gpu, &separate), (&gpu, &joint), rounds);
         println!("{name:<48} {:>12.2} {:>12.2} {:>7.3}", s * 1e3, j * 1e3, j / s);

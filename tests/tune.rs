@@ -376,6 +376,156 @@ fn the_workgroup_kernels_apply_batch_norms_as_they_load() {
     }
 }
 
+/// `--joint-backward` on the workgroup kernels: every pass forced onto one tile shape through the
+/// cache, each convolution whose input gradient is read (all of the base SENet's but the first) runs
+/// its two gradients as one `conv2d_backward (workgroup)` dispatch — its weight-gradient tiles
+/// applying the batch norm before (`--bn-apply`, on by default) — moving the bytes of the two
+/// dispatches it replaces, and the step and the evaluation after it are the `--joint-backward off`
+/// step's bit for bit on lavapipe (each tile is the workgroup its own pass runs; on a GPU within
+/// tests/fusion.rs's fused-step bounds, as a driver may contract a multiply-add in one pipeline
+/// only). Where the weight gradients chose another tile shape, the two gradients run apart.
+#[test]
+fn the_workgroup_kernels_run_both_gradients_in_one_dispatch() {
+    use senet_wgpu::gpu::Switch;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let labels = [2u32, 0, 4];
+    force_every_choice(&cache, tiny_net, labels.len(), "tiled:64,128,16,4,8");
+    let x = uniform(&mut rng(17), labels.len() * 3 * 16 * 16, 0.0, 1.0);
+    let opts = |joint_backward| GpuOptions { joint_backward, ..Default::default() };
+    let on = tiled_step(&cache, tiny_net, opts(Switch::On), &x, &labels);
+    let off = tiled_step(&cache, tiny_net, opts(Switch::Off), &x, &labels);
+    let count = |s: &TiledStep, l: &str| s.costs.iter().filter(|c| c.0 == l).count();
+    let (input, weight) = ("conv2d_backward_input (workgroup)", "conv2d_backward_weight (workgroup)");
+    let joint = count(&on, "conv2d_backward (workgroup)");
+    assert!(joint > 1, "{joint} joint dispatches");
+    assert_eq!((count(&on, input), count(&off, input)), (0, joint), "input gradients apart");
+    assert_eq!(count(&on, weight) + joint, count(&off, weight), "weight gradients apart");
+    assert_eq!(on.costs.len() + joint, off.costs.len());
+    let bytes = |s: &TiledStep| s.costs.iter().map(|c| c.1).sum::<f64>();
+    assert_eq!(bytes(&on), bytes(&off), "bytes per step");
+    let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+    if on.cpu {
+        assert_eq!(on.loss.to_bits(), off.loss.to_bits(), "loss {} vs {}", on.loss, off.loss);
+    } else {
+        assert_close("loss", &[on.loss], &[f64::from(off.loss)], 1e-5, 1e-4);
+    }
+    for ((name, g), (_, h)) in on.grads.iter().zip(&off.grads) {
+        if on.cpu {
+            assert!(same(g, h), "grad {name} differs with the joint backward");
+        } else {
+            assert_close(&format!("grad {name}"), g, &to_f64(h), 2e-4, 1e-3);
+        }
+    }
+    assert!(same(&on.logits, &off.logits), "the evaluation's logits differ");
+
+    // The weight gradients on another tile shape: one pipeline holds one shape, so none is joint.
+    let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
+    std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardWeight ", "tiled:64,64,16,4,4")).unwrap();
+    let mixed = tiled_step(&cache, tiny_net, opts(Switch::On), &x, &labels);
+    assert_eq!((count(&mixed, "conv2d_backward (workgroup)"), count(&mixed, input)), (0, joint), "mixed shapes");
+}
+
+/// A layer whose two gradients chose different tile shapes, with `--joint-backward on`: the tuner
+/// times the two passes apart against one dispatch on every shape built (full tuning) under the
+/// layer's own "BackwardJoint" key and the plan runs what won; the next start reads those choices
+/// and times nothing. A cached joint choice is obeyed — a tile shape runs both gradients as one
+/// dispatch of it, "apart" runs the two passes on their own shapes — and one that names no tile
+/// shape is timed again.
+#[test]
+fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
+    use senet_wgpu::gpu::Switch;
+    use senet_wgpu::ops::conv2d::{ConvPass, WorkgroupTiles};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("tune.json");
+    let n = 2;
+    force_every_choice(&cache, tiny_net, n, "tiled:64,128,16,4,8");
+    let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
+    std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardWeight ", "tiled:64,64,16,4,4")).unwrap();
+    let (dgrad_tiles, wgrad_tiles) = (WorkgroupTiles::ALL[2], WorkgroupTiles::ALL[0]);
+    let opts = |tune| GpuOptions {
+        tune: Some(tune),
+        tune_cache: Some(cache.clone()),
+        joint_backward: Switch::On,
+        ..Default::default()
+    };
+    // The plan's backward kernels per layer (input gradient, weight gradient) and its joint
+    // dispatches; the tuner's timings.
+    let planned = |tune| {
+        let gpu = Gpu::new(&opts(tune)).expect("GPU test cannot run");
+        let net = tiny_net(&gpu, OptimizerConfig::sgd(0.1, 0.0));
+        let plan = net.plan(n).unwrap();
+        let mut kernels: HashMap<String, (Option<ConvKernel>, Option<ConvKernel>)> = HashMap::new();
+        for (layer, pass, k) in &plan.conv_kernels {
+            let e = kernels.entry(layer.clone()).or_default();
+            match pass {
+                ConvPass::BackwardInput => e.0 = Some(*k),
+                ConvPass::BackwardWeight => e.1 = Some(*k),
+                ConvPass::Forward => {}
+            }
+        }
+        kernels.retain(|_, (i, _)| i.is_some());
+        let joint = net.train_dispatches(&plan).iter().filter(|d| d.label == "conv2d_backward (workgroup)").count();
+        (kernels, joint, gpu.tuner.summary().timed)
+    };
+    let joint_keys = |cache: &Path| -> Vec<(String, String)> {
+        let dev = cache_json(cache)["devices"].as_object().unwrap().values().next().unwrap().clone();
+        let entries = dev.as_object().unwrap();
+        let keys = entries.iter().filter(|(k, _)| k.starts_with("conv2d BackwardJoint "));
+        keys.map(|(k, e)| (k.clone(), e["choice"].as_str().unwrap().to_string())).collect()
+    };
+    let set_joint = |choice: &str| {
+        let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
+        std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardJoint ", choice)).unwrap();
+    };
+
+    // Timed: one entry per layer shape with an input gradient, each choice "apart" or a tile shape,
+    // and the plan runs it.
+    let (kernels, joint, timed) = planned(TuneMode::Full);
+    let keys = joint_keys(&cache);
+    assert!(!keys.is_empty() && timed == keys.len(), "{timed} timed, joint keys {keys:?}");
+    for (key, choice) in &keys {
+        let spelled = WorkgroupTiles::ALL
+            .iter()
+            .any(|t| format!("tiled:{},{},{},{},{}", t.bm, t.bn, t.bk, t.tm, t.tn) == *choice);
+        assert!(choice == "apart" || spelled, "{key}: {choice}");
+    }
+    let apart = kernels.values().filter(|&&(i, w)| i != w).count();
+    assert_eq!(joint + apart, kernels.len(), "joint {joint}, apart {apart}, layers {kernels:?}");
+    for (layer, &(i, w)) in &kernels {
+        if i != w {
+            assert_eq!(
+                (i, w),
+                (Some(ConvKernel::Workgroup(dgrad_tiles)), Some(ConvKernel::Workgroup(wgrad_tiles))),
+                "{layer}"
+            );
+        }
+    }
+    // Read back: nothing timed, the same plan.
+    let again = planned(TuneMode::Quick);
+    assert_eq!((&again.0, again.1, again.2), (&kernels, joint, 0), "second start");
+
+    // Obeyed: a tile shape, then "apart".
+    let forced = WorkgroupTiles::ALL[4];
+    set_joint(&format!("tiled:{},{},{},{},{}", forced.bm, forced.bn, forced.bk, forced.tm, forced.tn));
+    let (kernels, joint, timed) = planned(TuneMode::Quick);
+    assert_eq!((joint, timed), (kernels.len(), 0), "forced joint");
+    assert!(kernels.values().all(|&k| k == (Some(ConvKernel::Workgroup(forced)), Some(ConvKernel::Workgroup(forced)))));
+    set_joint("apart");
+    let (kernels, joint, _) = planned(TuneMode::Quick);
+    assert_eq!(joint, 0, "forced apart");
+    assert!(
+        kernels
+            .values()
+            .all(|&k| k == (Some(ConvKernel::Workgroup(dgrad_tiles)), Some(ConvKernel::Workgroup(wgrad_tiles))))
+    );
+
+    // Not a tile shape: timed again.
+    set_joint("register:16,16,8,16");
+    let (_, _, timed) = planned(TuneMode::Full);
+    assert_eq!(timed, keys.len(), "unknown joint choices timed again");
+}
+
 /// Every conv kernel family takes grouped convolutions, so the tuner offers all of them for a
 /// grouped layer as for any other (ops::conv2d::tune::candidates); a grouped layer is timed under a key
 /// of its own that names its groups (an ungrouped layer's key is spelled as before, pinned in
@@ -426,10 +576,18 @@ fn grouped_layers_are_tuned_under_their_own_keys_and_the_workgroup_kernels_run_t
 
 /// The cache file `text` with every choice replaced by `choice`.
 fn with_every_choice(text: &str, choice: &str) -> String {
+    with_pass_choice(text, "", choice)
+}
+
+/// `text` (a tuning cache) with the choice of every entry whose key starts with `prefix` (a pass:
+/// "conv2d BackwardWeight ") set to `choice`.
+fn with_pass_choice(text: &str, prefix: &str, choice: &str) -> String {
     let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
     for dev in v["devices"].as_object_mut().unwrap().values_mut() {
-        for entry in dev.as_object_mut().unwrap().values_mut() {
-            entry["choice"] = serde_json::Value::String(choice.into());
+        for (key, entry) in dev.as_object_mut().unwrap().iter_mut() {
+            if key.starts_with(prefix) {
+                entry["choice"] = serde_json::Value::String(choice.into());
+            }
         }
     }
     serde_json::to_string(&v).unwrap()

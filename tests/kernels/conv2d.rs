@@ -217,6 +217,105 @@ fn conv2d_workgroup_kernels_apply_a_batch_norm_as_they_load() {
     }
 }
 
+/// Both gradients in one dispatch of the workgroup tiles (`conv2d::conv2d_backward_joint` with
+/// `ConvKernel::Workgroup`, conv2d_tiled.wgsl's MODE 3, what a `--fuse on` plan runs on a GPU where
+/// both passes chose one tile shape): on every case (batch 1, odd and non-square planes, stride,
+/// dilation, groups, depthwise, a single output pixel), every tile shape in f32 and two in f16,
+/// bit for bit the input gradient and weight gradient the two passes store apart with the same
+/// options — plain and unsplit; with the addend and split 3 ways; with the addend, the batch norm
+/// applied to the weight gradient's input and the plan's own split — each tile being the
+/// workgroup its own pass runs. One dispatch, then the reduce where split; the plain f32 results
+/// within the conv tolerances of the f64 reference. The register kernels' joint backward refuses a
+/// batch norm to apply; the cooperative matrices have no joint form.
+#[test]
+fn conv2d_workgroup_joint_backward_is_the_two_passes_bit_for_bit() {
+    use senet_wgpu::ops::batch_norm::BnAffine;
+    let gpu = gpu_f16();
+    for dtype in [Dtype::F32, Dtype::F16] {
+        for (i, cfg) in conv_cases().iter().enumerate() {
+            let mut r = rng(2700 + i as u64);
+            let mut up =
+                |shape: &[usize]| upload_as(&gpu, dtype, shape, &uniform(&mut r, shape.iter().product(), -1.0, 1.0));
+            let ((tx, x), (tw, w)) = (up(&cfg.input_shape()), up(&cfg.weight_shape()));
+            let ((tdy, dy), (tadd, _)) = (up(&cfg.output_shape()), up(&cfg.input_shape()));
+            let c = cfg.c_in;
+            let mut f32s = |n: usize, lo: f32, hi: f32| uniform(&mut r, n, lo, hi);
+            let (mean, invstd) = (f32s(c, -0.5, 0.5), f32s(c, 0.5, 2.0));
+            let stats = upload(&gpu, "stats", &[2, c], &[mean, invstd].concat());
+            let gamma = upload(&gpu, "gamma", &[c], &f32s(c, -1.5, 1.5));
+            let beta = upload(&gpu, "beta", &[c], &f32s(c, -0.5, 0.5));
+            let affine = BnAffine { stats: &stats, gamma: &gamma, beta: &beta };
+            let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+            let want_dx = reference::conv2d::conv2d_backward_input(cfg, &dy64, &w64);
+            let want_dw = reference::conv2d::conv2d_backward_weight(cfg, &x64, &dy64);
+            let zeros_dx = || Tensor::zeros_of(&gpu, "dx", &cfg.input_shape(), dtype).expect("allocate");
+            let shapes = if dtype == Dtype::F32 { &WorkgroupTiles::ALL[..] } else { &WorkgroupTiles::ALL[4..] };
+            for &tiles in shapes {
+                let k = ConvKernel::Workgroup(tiles);
+                let options = [
+                    (None, 1, None),
+                    (Some(&tadd), 3, None),
+                    (Some(&tadd), conv2d::splits_for(&gpu, cfg, k), Some(affine)),
+                ];
+                for (addend, splits, affine) in options {
+                    let what = format!(
+                        "{} conv2d_backward (workgroup) case {i} {tiles:?} splits {splits} addend {} affine {} {cfg:?}",
+                        dtype.name(),
+                        addend.is_some(),
+                        affine.is_some()
+                    );
+                    let (jdx, jdw) = (zeros_dx(), zeros(&gpu, "dw", &cfg.weight_shape()));
+                    let joint = ConvBuffers {
+                        inp: Some(&tx),
+                        dweight: Some(&jdw),
+                        dinp_addend: addend,
+                        input_affine: affine,
+                        ..ConvBuffers::backward_input(&tdy, &tw, &jdx)
+                    };
+                    let d = conv2d::conv2d_backward_joint(&gpu, cfg, k, &joint, splits).unwrap();
+                    assert_eq!(d[0].label, "conv2d_backward (workgroup)", "{what}");
+                    assert!(d.len() == 1 || (d.len() == 2 && splits > 1), "{what}: one dispatch, then the reduce");
+                    run(&gpu, &d);
+
+                    let (sdx, sdw) = (zeros_dx(), zeros(&gpu, "dw", &cfg.weight_shape()));
+                    let input = ConvBuffers { dinp_addend: addend, ..ConvBuffers::backward_input(&tdy, &tw, &sdx) };
+                    let mut d = conv2d::conv2d_pass(&gpu, cfg, ConvPass::BackwardInput, k, &input).unwrap();
+                    let weight = ConvBuffers { input_affine: affine, ..ConvBuffers::backward_weight(&tx, &tdy, &sdw) };
+                    d.extend(conv2d::conv2d_backward_weight_split(&gpu, cfg, k, &weight, splits).unwrap());
+                    run(&gpu, &d);
+
+                    let (got_dx, got_dw) = (read_as(&gpu, &jdx), read(&gpu, &jdw));
+                    assert_bits(&format!("{what} dinp"), &got_dx, &read_as(&gpu, &sdx));
+                    assert_bits(&format!("{what} dweight"), &got_dw, &read(&gpu, &sdw));
+                    if dtype == Dtype::F32 && addend.is_none() {
+                        assert_close(&format!("{what} dinp"), &got_dx, &want_dx, CONV_ATOL, CONV_RTOL);
+                        assert_close(&format!("{what} dweight"), &got_dw, &want_dw, CONV_ATOL, CONV_RTOL);
+                    }
+                }
+            }
+            if dtype == Dtype::F32 {
+                let (dx, dw) = (zeros_dx(), zeros(&gpu, "dw", &cfg.weight_shape()));
+                let b = ConvBuffers {
+                    inp: Some(&tx),
+                    dweight: Some(&dw),
+                    input_affine: Some(affine),
+                    ..ConvBuffers::backward_input(&tdy, &tw, &dx)
+                };
+                let k = ConvKernel::Register(RegisterTiles::for_layer(&gpu, cfg));
+                let Err(e) = conv2d::conv2d_backward_joint(&gpu, cfg, k, &b, 1) else {
+                    panic!("case {i}: the register kernels' joint backward took a batch norm to apply");
+                };
+                assert!(format!("{e:#}").contains("only the workgroup tiles"), "{e:#}");
+                let b = ConvBuffers { input_affine: None, ..b };
+                assert!(
+                    conv2d::conv2d_backward_joint(&gpu, cfg, ConvKernel::Coop(8), &b, 1).is_err(),
+                    "case {i}: coop joint"
+                );
+            }
+        }
+    }
+}
+
 /// Every case runs with every register-block shape (`RegisterTiles::ALL`: 4, 8 or 16 pixels x 8
 /// or 16 channels per forward / input-gradient invocation, 4, 8 or 16 input channels x 8 or 16
 /// output channels per weight-gradient invocation; each GEMM's block once, as only its own fields
@@ -614,7 +713,7 @@ fn conv2d_backward_joint_is_the_two_passes_bit_for_bit() {
                             ..ConvBuffers { inp: Some(&tx), ..ConvBuffers::backward_input(&tdy, &tw, &jdx) }
                         };
                         let joint = ConvBuffers { dweight: Some(&jdw), ..bufs };
-                        let d = conv2d::conv2d_backward_joint(&gpu, cfg, tiles, &joint, splits).unwrap();
+                        let d = conv2d::conv2d_backward_joint(&gpu, cfg, k, &joint, splits).unwrap();
                         assert!(
                             d[0].label == "conv2d_backward" && d.len() <= 2,
                             "{what}: one dispatch, then the reduce"
@@ -936,7 +1035,7 @@ fn assert_register_paths_agree(
             let (tdx, tdw) = (act(&cfg.input_shape()), zeros(g, "dw", &cfg.weight_shape()));
             let bufs =
                 ConvBuffers { inp: Some(&tx), dweight: Some(&tdw), ..ConvBuffers::backward_input(&tdy, &tw, &tdx) };
-            run(g, &conv2d::conv2d_backward_joint(g, cfg, tiles, &bufs, 2).unwrap());
+            run(g, &conv2d::conv2d_backward_joint(g, cfg, ConvKernel::Register(tiles), &bufs, 2).unwrap());
             out.push((format!("conv2d_backward {tiles:?} dinp addend false"), read_as(g, &tdx)));
             out.push((format!("conv2d_backward {tiles:?} dweight"), read(g, &tdw)));
         }

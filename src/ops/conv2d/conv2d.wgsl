@@ -241,6 +241,11 @@ override MODE: u32 = 0u;
 const FWD: u32 = 0u;
 const DGRAD: u32 = 1u;
 
+// The GEMM an invocation runs (conv2d_params.wgsl's `epilogue` asks): the pipeline's, here always.
+fn mode() -> u32 {
+    return MODE;
+}
+
 fn src(i: u32) -> f32 {
     if (MODE == FWD) {
         return f32(inp[i]);

@@ -50,6 +50,11 @@ var<workgroup> sa: array<act, 2u * CT * CT>;  // BM x CT, row-major: A[r0 + r, k
 var<workgroup> sb: array<act, 2u * CT * CT>;  // CT x BN, row-major: B[k0 + kk, c0 + c]
 var<workgroup> sc: array<f32, 4u * CT * CT>;  // BM x BN, row-major: the result block
 
+// The input gradient's addend (conv2d_params.wgsl's `accumulate`), read through `inp`.
+fn addend_at(i: u32) -> f32 {
+    return f32(inp[i]);
+}
+
 // wid.x: block of BN columns; wid.y: block of BM rows; wid.z: the group and the weight gradient's K split.
 @compute @workgroup_size(WG)
 fn conv2d_gemm_coop(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) li: u32) {

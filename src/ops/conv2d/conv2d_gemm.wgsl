@@ -30,18 +30,28 @@
 // The weight gradient or its split partials (MODE 2): f32 whatever `act` is, summed later.
 @group(0) @binding(6) var<storage, read_write> wgrad: array<f32>;
 
-// The input gradient's addend (conv2d_params.wgsl's `accumulate`), read through `inp`.
-fn addend_at(i: u32) -> f32 {
-    return f32(inp[i]);
-}
-
 // Which GEMM: 0 forward, 1 input gradient, 2 weight gradient (one source, three pipelines; the
-// branches on it fold away when the pipeline is built).
+// branches on it fold away when the pipeline is built); 3 (conv2d_tiled.wgsl only) a layer's input
+// gradient and weight gradient in one dispatch, each workgroup running one of the two GEMMs.
 override MODE: u32 = 0u;
 
 const FWD: u32 = 0u;
 const DGRAD: u32 = 1u;
 const WGRAD: u32 = 2u;
+const JOINT: u32 = 3u;
+
+// In a MODE = JOINT pipeline, the GEMM this workgroup runs (DGRAD or WGRAD), set by the entry
+// point before anything reads it; unread otherwise.
+var<private> pass_mode: u32;
+
+// The GEMM this workgroup runs: MODE, or in a joint pipeline its own (workgroup-uniform). In the
+// other pipelines this folds to MODE when the pipeline is built.
+fn mode() -> u32 {
+    if (MODE == JOINT) {
+        return pass_mode;
+    }
+    return MODE;
+}
 
 // The channel group this workgroup's GEMM belongs to, set by `enter_group`.
 var<private> grp: u32;
@@ -62,27 +72,27 @@ fn cout_g() -> u32 {
 }
 
 fn rows() -> u32 {
-    if (MODE == DGRAD) {
+    if (mode() == DGRAD) {
         return cin_g();
     }
     return cout_g();
 }
 
 fn cols() -> u32 {
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         return p.n * p.oh * p.ow;
     }
-    if (MODE == DGRAD) {
+    if (mode() == DGRAD) {
         return p.n * p.h * p.w;
     }
     return cin_g() * p.kh * p.kw;
 }
 
 fn k_total() -> u32 {
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         return cin_g() * p.kh * p.kw;
     }
-    if (MODE == DGRAD) {
+    if (mode() == DGRAD) {
         return cout_g() * p.kh * p.kw;
     }
     return p.n * p.oh * p.ow;
@@ -90,7 +100,7 @@ fn k_total() -> u32 {
 
 // The K range [x, y) split `split` reduces: all of K, or the weight gradient's slice of it.
 fn k_range(split: u32) -> vec2<u32> {
-    if (MODE == WGRAD) {
+    if (mode() == WGRAD) {
         let first = split * p.split_len;
         return vec2<u32>(first, min(k_total(), first + p.split_len));
     }
@@ -115,10 +125,10 @@ fn im2col(ci: u32, t: u32, m: u32) -> act {
 // [c_out, c_in/g, kh, kw]: a row of (c_in/g)*khw per output channel.
 fn load_a(r: u32, k: u32) -> act {
     let khw = p.kh * p.kw;
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         return weight[(grp * cout_g() + r) * cin_g() * khw + k];
     }
-    if (MODE == DGRAD) {
+    if (mode() == DGRAD) {
         // weight[co, ci = r, t] with k = (co, t), co within the group
         return weight[((grp * cout_g() + k / khw) * cin_g() + r) * khw + k % khw];
     }
@@ -130,10 +140,10 @@ fn load_a(r: u32, k: u32) -> act {
 // B[k, c]; the caller has checked k < k_total and c < cols.
 fn load_b(k: u32, c: u32) -> act {
     let khw = p.kh * p.kw;
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         return im2col(grp * cin_g() + k / khw, k % khw, c);
     }
-    if (MODE == WGRAD) {
+    if (mode() == WGRAD) {
         return im2col(grp * cin_g() + c / khw, c % khw, k);
     }
     // Input gradient: dout[n, co, oy, ox] for input pixel c = (n, iy, ix) and k = (co, ky, kx),
@@ -158,7 +168,7 @@ fn load_b(k: u32, c: u32) -> act {
 
 // The output plane a column's pixel lies in: the forward's OH*OW, the input gradient's H*W.
 fn plane() -> u32 {
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         return p.oh * p.ow;
     }
     return p.h * p.w;
@@ -169,7 +179,7 @@ fn plane() -> u32 {
 fn col_offset(c: u32) -> u32 {
     let hw = plane();
     var ch = p.c_out;
-    if (MODE == DGRAD) {
+    if (mode() == DGRAD) {
         ch = p.c_in;
     }
     return (c / hw) * ch * hw + c % hw;
@@ -178,7 +188,7 @@ fn col_offset(c: u32) -> u32 {
 // Result (r, c) of group grp's GEMM, with col = col_offset(c) (unread by the weight gradient), so
 // a caller storing a column's several rows decodes its pixel once.
 fn store_col(r: u32, c: u32, col: u32, v: f32, split: u32) {
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         let co = grp * cout_g() + r;
         var b = 0.0;
         if (p.has_bias != 0u) {
@@ -186,7 +196,7 @@ fn store_col(r: u32, c: u32, col: u32, v: f32, split: u32) {
         }
         let o = col + co * plane();
         out[o] = epilogue(v + b, o);
-    } else if (MODE == DGRAD) {
+    } else if (mode() == DGRAD) {
         let o = col + (grp * cin_g() + r) * plane();
         out[o] = epilogue(v, o);
     } else {

@@ -8,8 +8,9 @@
 // `accumulate` (the input gradient only): the stored gradient is this convolution's own plus an
 // addend of the same shape, the other reader's gradient of a forked activation (the plan's fork
 // sum, otherwise an add_forward after it), read through each family's `addend_at`: binding 1
-// (`inp`, which their input gradient does not otherwise read) in conv2d_gemm.wgsl, binding 6 in
-// conv2d.wgsl, whose joint backward reads the weight gradient's input at binding 1.
+// (`inp`, which their input gradient does not otherwise read) in conv2d_tiled.wgsl and
+// conv2d_coop.wgsl, binding 11 in conv2d_tiled.wgsl's joint backward and binding 6 in conv2d.wgsl,
+// whose joint backwards read the weight gradient's input at binding 1.
 // `stats` (the forward of conv2d.wgsl and conv2d_tiled.wgsl; 0 = off): conv2d.wgsl's invocations
 // per statistics block (1, or with LANES the subgroup's lanes), conv2d_tiled.wgsl's 1 (a block is
 // a workgroup's columns); each block's invocations also write, per output channel, the mean and M2
@@ -19,9 +20,9 @@
 // the training batch norm before the convolution, which the loads apply with its ReLU
 // (conv2d_tiled.wgsl's bindings 8-10).
 // `phase_row` (below): conv2d.wgsl's and conv2d_tiled.wgsl's strided input gradients.
-// `joint_*` (conv2d.wgsl's conv2d_backward only): where its input-gradient blocks end and how its
-// weight-gradient blocks are numbered.
-// MODE, FWD, DGRAD and `addend_at` are each family's own.
+// `joint_*` (conv2d.wgsl's conv2d_backward, conv2d_tiled.wgsl's MODE 3): where the input
+// gradient's workgroups end and how the weight gradient's are numbered.
+// MODE, FWD, DGRAD, `mode()` (the GEMM an invocation runs) and `addend_at` are each family's own.
 
 struct Params {
     n: u32, c_in: u32, h: u32, w: u32,
@@ -43,10 +44,10 @@ struct Params {
 // written as f32(act(v)), Mesa 26's lavapipe dropped the inner rounding (34 of 105 values of an
 // f16 test case one f16 ulp off the unfused sum; Mesa 22's kept it): act_rounded does it instead.
 fn epilogue(v: f32, i: u32) -> act {
-    if (MODE == FWD && p.relu != 0u) {
+    if (mode() == FWD && p.relu != 0u) {
         return act(max(v, 0.0));
     }
-    if (MODE == DGRAD && p.accumulate != 0u) {
+    if (mode() == DGRAD && p.accumulate != 0u) {
         // act_rounded (the shader prelude): f32(act(v)), with a rounding no compiler folds away.
         return act(act_rounded(v) + addend_at(i));
     }

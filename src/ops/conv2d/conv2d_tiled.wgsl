@@ -64,7 +64,7 @@
 // compiler kept them in memory, so the registers here are named. On lavapipe (senet w0.25, batch
 // 32, --tune full, one run) the best tile still took 4.1-21x the register blocks' time on every
 // pass, so quick tuning keeps not timing them on CPU adapters.
-// v7 (this): the forward's batch statistics (`p.stats`, `--bn-stats`; `tile_stats`): per output
+// v7: the forward's batch statistics (`p.stats`, `--bn-stats`; `tile_stats`): per output
 // channel and workgroup column block, the mean and M2 of the stored values for the training batch
 // norm after it, summed from the registers after the store through the freed workgroup memory; with
 // the flag off the arithmetic is v6's. The training batch norm and ReLU before the convolution
@@ -74,6 +74,14 @@
 // columns no tap reaches skipping its K loop: on the H200 the register blocks beat v6 on SE-ResNet-50's
 // stride-2 1x1 input gradients, whose tiles computed 3 zero pixels in 4. None of these is timed on
 // a GPU yet.
+// v8 (this): MODE 3 (JOINT), a layer's input gradient and weight gradient in one dispatch on the same tile
+// shape, as the register family's conv2d_backward: each workgroup runs one tile of one of the two
+// GEMMs (`enter_joint`), exactly the invocations it runs apart, so the results are theirs bit for
+// bit; the other modes' branches on `mode()` fold to v7's. One dispatch fewer per convolution whose
+// input gradient is read (52 of SE-ResNet-50's 402 on a plan of these tiles), and the two GEMMs'
+// tiles fill the device together where each alone leaves it part-idle (SE-ResNet-50's last stage at
+// batch 32: 13 x 4 input-gradient tiles of 128 x 128 for a layer of 512 input channels). Not timed
+// on a GPU yet.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -107,6 +115,44 @@ var<workgroup> Bs: array<vec4<f32>, 528>;
 @group(0) @binding(8) var<storage, read> bn_stats: array<f32>;
 @group(0) @binding(9) var<storage, read> bn_gamma: array<f32>;
 @group(0) @binding(10) var<storage, read> bn_beta: array<f32>;
+// The joint backward's input-gradient addend (MODE = JOINT, where binding 1 is the weight
+// gradient's input); a placeholder elsewhere.
+@group(0) @binding(11) var<storage, read> joint_addend: array<act>;
+
+// The input gradient's addend (conv2d_params.wgsl's `accumulate`): read through `inp`, which the
+// input gradient does not otherwise read, or in a joint pipeline through binding 11.
+fn addend_at(i: u32) -> f32 {
+    if (MODE == JOINT) {
+        return f32(joint_addend[i]);
+    }
+    return f32(inp[i]);
+}
+
+// enter_joint's workgroup past both GEMMs' tiles.
+const PAST: u32 = 0xffffffffu;
+
+// A joint pipeline's workgroup l (numbered along x, then y; `width` per row): the input gradient's
+// tile l while l < p.joint_dn (p.joint_dx tiles per row of its grid, p.joint_dn / groups per
+// group), then the weight gradient's tile l - p.joint_dn (p.joint_wx per row, p.joint_wx *
+// p.joint_wy per split and group). Sets pass_mode and returns the workgroup id that pass's own
+// grid gives the tile, so each tile runs exactly the invocations it runs apart; x = PAST for a
+// workgroup past both (the grid's last row may be part-filled). Workgroup-uniform.
+fn enter_joint(wid: vec3<u32>, width: u32) -> vec3<u32> {
+    var l = wid.y * width + wid.x;
+    var x_n = p.joint_dx;
+    var per_z = p.joint_dn / p.groups;
+    pass_mode = DGRAD;
+    if (l >= p.joint_dn) {
+        l -= p.joint_dn;
+        x_n = p.joint_wx;
+        per_z = p.joint_wx * p.joint_wy;
+        pass_mode = WGRAD;
+        if (l >= per_z * p.splits * p.groups) {
+            return vec3<u32>(PAST, 0u, 0u);
+        }
+    }
+    return vec3<u32>(l % x_n, (l % per_z) / x_n, l / per_z);
+}
 
 // This workgroup's first row and column, the GEMM's extent, its K range's end.
 var<private> row0: u32;
@@ -164,13 +210,13 @@ struct Pixel {
 fn enter_column(tid: u32) {
     let c = col0 + tid % BN;
     col_in = c < n_cols;
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         let ohw = p.oh * p.ow;
         let q = c % ohw;
         col_base = (c / ohw) * p.c_in * p.h * p.w;
         col_y = i32((q / p.ow) * p.stride_h) - i32(p.pad_h);
         col_x = i32((q % p.ow) * p.stride_w) - i32(p.pad_w);
-    } else if (MODE == DGRAD) {
+    } else if (mode() == DGRAD) {
         let px = dgrad_pixel(c);
         col_base = px.x * p.c_out * p.oh * p.ow;
         col_y = i32(px.y + p.pad_h);
@@ -183,7 +229,7 @@ fn enter_column(tid: u32) {
 // columns all lie in phases no tap reaches (3 in 4 pixels of a stride-2 1x1 layer) skips its K
 // loop and stores zeros (or its addend).
 fn phased() -> bool {
-    return MODE == DGRAD && (p.stride_h > 1u || p.stride_w > 1u);
+    return mode() == DGRAD && (p.stride_h > 1u || p.stride_w > 1u);
 }
 
 // The input gradient's column c: (image, iy, ix).
@@ -286,10 +332,10 @@ fn a_value(e: u32, k0: u32, tid: u32, px: Pixel) -> f32 {
         return 0.0;
     }
     let khw = KH * KW;
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         return f32(weight[(grp * cout_g() + r) * cin_g() * khw + ka]);
     }
-    if (MODE == DGRAD) {
+    if (mode() == DGRAD) {
         // weight[co, ci = r, t] with k = (co, t), co within the group
         return f32(weight[((grp * cout_g() + ka / khw) * cin_g() + r) * khw + ka % khw]);
     }
@@ -304,7 +350,7 @@ fn b_value(e: u32, k0: u32, tid: u32, px: Pixel) -> f32 {
         return 0.0;
     }
     let khw = KH * KW;
-    if (MODE == WGRAD) {
+    if (mode() == WGRAD) {
         // B[k, c] = im2col(inp)[c = (ci, ky, kx), pixel k], K fastest across invocations.
         let c = col0 + (e * T + tid) / BK;
         if (c >= n_cols || k0 + tid % BK >= k_stop) {
@@ -323,7 +369,7 @@ fn b_value(e: u32, k0: u32, tid: u32, px: Pixel) -> f32 {
     let t = k % khw;
     let dy = i32((t / KW) * p.dil_h);
     let dx = i32((t % KW) * p.dil_w);
-    if (MODE == FWD) {
+    if (mode() == FWD) {
         return input_at(col_base, grp * cin_g() + k / khw, col_y + dy, col_x + dx);
     }
     return dout_at(grp * cout_g() + k / khw, col_y - dy, col_x - dx);
@@ -332,7 +378,7 @@ fn b_value(e: u32, k0: u32, tid: u32, px: Pixel) -> f32 {
 // Load this invocation's share of the K slice from k0 into next_a* / next_b*.
 fn fetch(k0: u32, tid: u32) {
     var px = Pixel(0u, 0u, 0, 0);
-    if (MODE == WGRAD) {
+    if (mode() == WGRAD) {
         // Pixel k0 + tid % BK, decoded once for all of this invocation's loads.
         let ka = k0 + tid % BK;
         let ohw = p.oh * p.ow;
@@ -363,7 +409,7 @@ fn stage_a(e: u32, v: f32, tid: u32) {
 fn stage_b(e: u32, v: f32, tid: u32) {
     if (e < BK * BN / T) {
         var i = ((e * T + tid) / BN) * (BN + PAD) + tid % BN;
-        if (MODE == WGRAD) {
+        if (mode() == WGRAD) {
             i = (tid % BK) * (BN + PAD) + (e * T + tid) / BK;
         }
         Bs[i / 4u][i % 4u] = v;
@@ -405,7 +451,7 @@ fn store_quad(q: Quad, r: u32, c: u32, split: u32) {
             return;
         }
         var col = 0u;
-        if (MODE != WGRAD) {
+        if (mode() != WGRAD) {
             col = tile_col_offset(cj);
         }
         store_if(r, cj, col, q.r0[jj], split);
@@ -514,7 +560,18 @@ fn tile_stats(tid: u32, tx: u32, ty: u32, q00: Quad, q01: Quad, q10: Quad, q11: 
 }
 
 @compute @workgroup_size(T)
-fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+fn conv2d_gemm_tiled(
+    @builtin(workgroup_id) grid_id: vec3<u32>,
+    @builtin(num_workgroups) grid: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    var wid = grid_id;
+    if (MODE == JOINT) {
+        wid = enter_joint(grid_id, grid.x);
+        if (wid.x == PAST) {
+            return;
+        }
+    }
     // Invocations per row and column of 4 x 4 blocks.
     let tx_n = BN / TN;
     let ty_n = BM / TM;
@@ -532,7 +589,7 @@ fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         // No tap reaches these columns: their gradient is 0 (plus the addend, if any).
         k_stop = k_span.x;
     }
-    if (MODE != WGRAD) {
+    if (mode() != WGRAD) {
         enter_column(tid);
     }
 
@@ -579,7 +636,7 @@ fn conv2d_gemm_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             store_quad(q11, row0 + 4u * (ty + ty_n), col0 + 4u * (tx + tx_n), split);
         }
     }
-    if (MODE == FWD && p.stats != 0u) {
+    if (mode() == FWD && p.stats != 0u) {
         tile_stats(tid, tx, ty, q00, q01, q10, q11);
     }
 }

@@ -30,17 +30,16 @@ impl GemmKernel {
 
     /// The bindings a `conv2d_tiled.wgsl` pipeline has beyond the shared layout, in every pass:
     /// the forward's batch statistics (7, writable: `no_stats` where none are written, a buffer of
-    /// its own) and the batch norm applied to the input (8-10, `unused` where none is); the coop
-    /// kernel has none.
+    /// its own), the batch norm applied to the input (8-10, `unused` where none is) and the joint
+    /// backward's addend (11, `unused_act` elsewhere); the coop kernel has none.
     fn tiled_binds<'a>(
         self,
         stats: Option<&'a Tensor>,
         affine: Option<BnAffine<'a>>,
-        (no_stats, unused): (&'a Tensor, &'a Tensor),
+        (no_stats, unused, unused_act): (&'a Tensor, &'a Tensor, &'a Tensor),
     ) -> Vec<Bind<'a>> {
         let GemmKernel::Workgroup(_) = self else { return Vec::new() };
-        let [s, g, b] = affine.map_or([unused; 3], |a| [a.stats, a.gamma, a.beta]);
-        vec![Bind::Tensor(7, stats.unwrap_or(no_stats)), Bind::Tensor(8, s), Bind::Tensor(9, g), Bind::Tensor(10, b)]
+        tiled_extra(stats.unwrap_or(no_stats), affine, unused, unused_act)
     }
 
     /// One launch in `mode` over a `rows` x `cols` GEMM with `z` K splits, for `cfg`'s layer.
@@ -55,7 +54,7 @@ impl GemmKernel {
     ) -> Result<Dispatch> {
         let d = match self {
             GemmKernel::Workgroup(t) => {
-                super::workgroup::dispatch(gpu, t, mode, (cfg.kh, cfg.kw), binds, dims, precision)?
+                super::workgroup::dispatch(gpu, t, mode, (cfg.kh, cfg.kw), binds, t.grid(gpu, dims)?, precision)?
             }
             GemmKernel::Coop(t) => super::coop::dispatch(gpu, t, mode, binds, dims)?,
         };
@@ -68,6 +67,24 @@ impl GemmKernel {
             (GemmKernel::Coop(_), _) => "conv2d_backward_weight (coop)",
         }))
     }
+}
+
+/// `conv2d_tiled.wgsl`'s bindings 7-11 ([`GemmKernel::tiled_binds`]): the statistics target, the
+/// batch norm applied to the input (or `unused`), the joint backward's addend (or `unused_act`).
+fn tiled_extra<'a>(
+    stats: &'a Tensor,
+    affine: Option<BnAffine<'a>>,
+    unused: &'a Tensor,
+    joint_addend: &'a Tensor,
+) -> Vec<Bind<'a>> {
+    let [s, g, b] = affine.map_or([unused; 3], |a| [a.stats, a.gamma, a.beta]);
+    vec![
+        Bind::Tensor(7, stats),
+        Bind::Tensor(8, s),
+        Bind::Tensor(9, g),
+        Bind::Tensor(10, b),
+        Bind::Tensor(11, joint_addend),
+    ]
 }
 
 /// The bytes a pass reads for a batch norm it applies to its input: the statistics and the scale
@@ -120,7 +137,7 @@ pub(super) fn forward(
         Bind::Tensor(5, &unused_act),
         Bind::Tensor(6, &scratch),
     ];
-    binds.extend(gemm.tiled_binds(stats, affine, (&no_stats, &unused)));
+    binds.extend(gemm.tiled_binds(stats, affine, (&no_stats, &unused, &unused_act)));
     // One GEMM per group (workgroup z), each over the group's output channels.
     let dims = (cfg.c_out_group(), cols, cfg.groups);
     let stats_bytes = stats.map_or(0, Tensor::numel) as f64 * 4.0;
@@ -155,13 +172,26 @@ pub(super) fn backward_input(
         Bind::Tensor(5, dout),
         Bind::Tensor(6, &scratch),
     ];
-    binds.extend(gemm.tiled_binds(None, None, (&no_stats, &unused)));
-    let dims = (cfg.c_in_group(), cfg.n * cfg.h * cfg.w, cfg.groups);
-    // With an addend, one more input-sized read and one addition per element.
+    binds.extend(gemm.tiled_binds(None, None, (&no_stats, &unused, &unused_act)));
+    let (flops, bytes) = input_grad_cost(cfg, (dout, weight, dinp), addend);
+    Ok(vec![gemm.dispatch(gpu, cfg, 1, &binds, input_grad_dims(cfg), Precision::of(dout))?.with_cost(flops, bytes)])
+}
+
+/// The input gradient's GEMM: rows, columns, groups.
+fn input_grad_dims(cfg: &Conv2dConfig) -> (usize, usize, usize) {
+    (cfg.c_in_group(), cfg.n * cfg.h * cfg.w, cfg.groups)
+}
+
+/// The input gradient's flops and bytes; with an addend, one more input-sized read and one
+/// addition per element.
+fn input_grad_cost(
+    cfg: &Conv2dConfig,
+    (dout, weight, dinp): (&Tensor, &Tensor, &Tensor),
+    addend: Option<&Tensor>,
+) -> (f64, f64) {
     let read_addend = addend.map_or(0, |a| a.numel());
     let flops = 2.0 * cfg.macs() as f64 + read_addend as f64;
-    let bytes = el(dout) * (dout.numel() + weight.numel() + dinp.numel() + read_addend) as f64;
-    Ok(vec![gemm.dispatch(gpu, cfg, 1, &binds, dims, Precision::of(dout))?.with_cost(flops, bytes)])
+    (flops, el(dout) * (dout.numel() + weight.numel() + dinp.numel() + read_addend) as f64)
 }
 
 /// The weight gradient on a workgroup GEMM (MODE 2), K = N*OH*OW split `splits` ways (each split
@@ -177,21 +207,11 @@ pub(super) fn backward_weight(
     splits: usize,
     affine: Option<BnAffine<'_>>,
 ) -> Result<Vec<Dispatch>> {
-    expect_shape("conv2d input", inp, &cfg.input_shape())?;
-    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-    expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
-    ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
-    let m = cfg.n * cfg.out_h() * cfg.out_w();
-    let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
-    let splits = m.div_ceil(split_len);
-    let params = gpu.uniform("conv2d params", &cfg.params(splits, split_len)?.with_affine_in(affine.is_some()));
-    let k = cfg.c_in_group() * cfg.kh * cfg.kw;
+    let w = WeightGrad::new(gpu, cfg, gemm, (inp, dout, dweight), splits, affine)?;
+    let params = gpu.uniform("conv2d params", &w.params);
     let (unused, unused_act) = (placeholder(gpu)?, placeholder_like(gpu, inp)?);
     // Binding 4 (the other modes' output) is writable: a buffer of its own.
     let scratch = placeholder_like(gpu, inp)?;
-    let partial =
-        if splits > 1 { Some(Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?) } else { None };
-    let target = partial.as_ref().unwrap_or(dweight);
     let no_stats = placeholder(gpu)?;
     let mut binds = vec![
         Bind::Uniform(0, &params),
@@ -200,19 +220,123 @@ pub(super) fn backward_weight(
         Bind::Tensor(3, &unused),
         Bind::Tensor(4, &scratch),
         Bind::Tensor(5, dout),
-        Bind::Tensor(6, target),
+        Bind::Tensor(6, w.target(dweight)),
     ];
-    binds.extend(gemm.tiled_binds(None, affine, (&no_stats, &unused)));
-    let (flops, bytes) = (
-        2.0 * cfg.macs() as f64,
-        el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64 + affine_bytes(affine),
-    );
+    binds.extend(gemm.tiled_binds(None, affine, (&no_stats, &unused, &unused_act)));
     let precision = Precision::of(inp);
-    // Workgroup z = split * groups + group.
-    let dims = (cfg.c_out_group(), k, splits * cfg.groups);
-    let mut out = vec![gemm.dispatch(gpu, cfg, 2, &binds, dims, precision)?.with_cost(flops, bytes)];
-    if let Some(partial) = &partial {
-        out.push(weight_grad_reduce(gpu, cfg, precision, &params, partial, dweight)?);
-    }
-    Ok(out)
+    let first = gemm.dispatch(gpu, cfg, 2, &binds, w.dims, precision)?.with_cost(w.flops, w.bytes);
+    w.finish(gpu, cfg, precision, &params, first, dweight)
 }
+
+/// A weight gradient's launch on a workgroup GEMM: its K split, partial buffer (with more than one
+/// split), GEMM dimensions and cost.
+struct WeightGrad {
+    params: super::Params,
+    partial: Option<Tensor>,
+    /// Rows, columns, and workgroup z = split * groups + group.
+    dims: (usize, usize, usize),
+    flops: f64,
+    bytes: f64,
+}
+
+impl WeightGrad {
+    fn new(
+        gpu: &Gpu,
+        cfg: &Conv2dConfig,
+        gemm: GemmKernel,
+        (inp, dout, dweight): (&Tensor, &Tensor, &Tensor),
+        splits: usize,
+        affine: Option<BnAffine<'_>>,
+    ) -> Result<WeightGrad> {
+        expect_shape("conv2d input", inp, &cfg.input_shape())?;
+        expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+        expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
+        ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+        let m = cfg.n * cfg.out_h() * cfg.out_w();
+        let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
+        let splits = m.div_ceil(split_len);
+        let params = cfg.params(splits, split_len)?.with_affine_in(affine.is_some());
+        let k = cfg.c_in_group() * cfg.kh * cfg.kw;
+        let partial = if splits > 1 {
+            Some(Tensor::zeros(gpu, "conv2d dweight partial", &[splits, cfg.c_out, k])?)
+        } else {
+            None
+        };
+        let bytes = el(inp) * (inp.numel() + dout.numel()) as f64
+            + 4.0 * (dweight.numel() * splits) as f64
+            + affine_bytes(affine);
+        Ok(WeightGrad {
+            params,
+            partial,
+            dims: (cfg.c_out_group(), k, splits * cfg.groups),
+            flops: 2.0 * cfg.macs() as f64,
+            bytes,
+        })
+    }
+
+    /// What the GEMM writes: the partial buffer, or the weight gradient itself with one split.
+    fn target<'a>(&'a self, dweight: &'a Tensor) -> &'a Tensor {
+        self.partial.as_ref().unwrap_or(dweight)
+    }
+
+    /// `first`, then the reduce of the partial slices if split.
+    fn finish(
+        &self,
+        gpu: &Gpu,
+        cfg: &Conv2dConfig,
+        precision: Precision,
+        params: &wgpu::Buffer,
+        first: Dispatch,
+        dweight: &Tensor,
+    ) -> Result<Vec<Dispatch>> {
+        let mut out = vec![first];
+        if let Some(partial) = &self.partial {
+            out.push(weight_grad_reduce(gpu, cfg, precision, params, partial, dweight)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Both gradients of a layer in one launch of the workgroup tiles `t` (MODE 3, JOINT): the input
+/// gradient's tiles (plus the addend, if given, read at binding 11), then the weight gradient's,
+/// K split `splits` ways (then the reduce), the latter applying `affine` to its input if given.
+/// Each tile is the workgroup its own pass would run: bit for bit [`backward_input`] and
+/// [`backward_weight`].
+pub(super) fn backward_joint(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    t: WorkgroupTiles,
+    (inp, dout, weight): (&Tensor, &Tensor, &Tensor),
+    (dinp, addend): (&Tensor, Option<&Tensor>),
+    dweight: &Tensor,
+    splits: usize,
+    affine: Option<BnAffine<'_>>,
+) -> Result<Vec<Dispatch>> {
+    expect_shape("conv2d weight", weight, &cfg.weight_shape())?;
+    expect_shape("conv2d dinp", dinp, &cfg.input_shape())?;
+    let gemm = GemmKernel::Workgroup(t);
+    let w = WeightGrad::new(gpu, cfg, gemm, (inp, dout, dweight), splits, affine)?;
+    let (grid, joint) = super::joint_grid(gpu, t.grid(gpu, input_grad_dims(cfg))?, t.grid(gpu, w.dims)?)?;
+    let params = gpu.uniform("conv2d params", &w.params.with_accumulate(addend.is_some()).with_joint(joint));
+    let (unused, unused_act, no_stats) = (placeholder(gpu)?, placeholder_like(gpu, dout)?, placeholder(gpu)?);
+    let addend_or_unused = dinp_addend(cfg, dinp, addend, &unused_act)?;
+    let mut binds = vec![
+        Bind::Uniform(0, &params),
+        Bind::Tensor(1, inp),
+        Bind::Tensor(2, weight),
+        Bind::Tensor(3, &unused),
+        Bind::Tensor(4, dinp),
+        Bind::Tensor(5, dout),
+        Bind::Tensor(6, w.target(dweight)),
+    ];
+    binds.extend(tiled_extra(&no_stats, affine, &unused, addend_or_unused));
+    let (flops, bytes) = input_grad_cost(cfg, (dout, weight, dinp), addend);
+    let precision = Precision::of(dout);
+    let first = super::workgroup::dispatch(gpu, t, JOINT, (cfg.kh, cfg.kw), &binds, grid, precision)?
+        .labelled("conv2d_backward (workgroup)")
+        .with_cost(flops + w.flops, bytes + w.bytes);
+    w.finish(gpu, cfg, precision, &params, first, dweight)
+}
+
+/// `conv2d_gemm.wgsl`'s MODE of the joint backward (conv2d_tiled.wgsl only).
+const JOINT: u32 = 3;

@@ -127,16 +127,24 @@ impl LayerOp for Conv2d {
         } else {
             &[ConvPass::Forward, ConvPass::BackwardInput, ConvPass::BackwardWeight]
         };
-        let chosen: Vec<ConvKernel> =
+        let mut chosen: Vec<ConvKernel> =
             passes.iter().map(|&pass| super::choose(r.gpu, &cfg, pass, r.precision)).collect::<Result<_>>()?;
-        // `--fuse on`: both gradients in one dispatch where one kernel runs them — by default on
-        // GPUs only (`--joint-backward`). On lavapipe the joint kernel measured 1.14-1.61x the two
-        // separate dispatches' time (`cargo bench --bench conv_backward`, one run: base SENet and
-        // SE-ResNet-50 layers), and a CPU driver gains nothing from fewer dispatches.
+        // `--fuse on`: both gradients in one dispatch where one kernel runs them (the register
+        // blocks, or the workgroup tiles when both passes chose one shape) — by default on GPUs
+        // only (`--joint-backward`). On lavapipe the register joint kernel measured 1.14-1.61x the
+        // two separate dispatches' time (`cargo bench --bench conv_backward`, one run: base SENet
+        // and SE-ResNet-50 layers), and a CPU driver gains nothing from fewer dispatches.
+        // Two different tile shapes run as one where the tuner measured that faster
+        // (`tune::choose_joint`); the joint kernel then runs both gradients.
         let joint = match chosen[..] {
-            [_, input, weight] if r.gpu.fuse && r.gpu.joint_backward => super::joint_tiles(input, weight),
+            [_, input, weight] if r.gpu.fuse && r.gpu.joint_backward => {
+                super::choose_joint(r.gpu, &cfg, r.precision, input, weight)?
+            }
             _ => None,
         };
+        if let Some(ConvKernel::Workgroup(t)) = joint {
+            chosen[1..].fill(ConvKernel::Workgroup(t));
+        }
         for (&pass, &kernel) in passes.iter().zip(&chosen) {
             if joint.is_some() && pass != ConvPass::Forward {
                 r.conv_kernels.push((pass, kernel));
@@ -150,9 +158,9 @@ impl LayerOp for Conv2d {
                 r.backward.extend(d);
             }
         }
-        if let Some(tiles) = joint {
-            let splits = super::splits_for(r.gpu, &cfg, ConvKernel::Register(tiles));
-            r.backward.extend(super::conv2d_backward_joint(r.gpu, &cfg, tiles, &bufs, splits)?);
+        if let Some(kernel) = joint {
+            let splits = super::splits_for(r.gpu, &cfg, kernel);
+            r.backward.extend(super::conv2d_backward_joint(r.gpu, &cfg, kernel, &bufs, splits)?);
         }
         if let Some(b) = b.filter(|_| !r.fused.bias_grad_elsewhere) {
             r.backward.extend(super::conv2d_backward_bias(r.gpu, &cfg, r.dout, b.grad)?);

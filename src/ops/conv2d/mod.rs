@@ -23,7 +23,7 @@ mod workgroup;
 
 pub use layer::Conv2d;
 pub use register::{RegisterTiles, plain_gemm, row3_gemm, row3_wgrad, weight_grad_splits};
-pub use tune::{builtin, choose, conv2d_pass_chosen, tune_key};
+pub use tune::{builtin, choose, choose_joint, conv2d_pass_chosen, tune_key};
 pub use workgroup::WorkgroupTiles;
 
 use anyhow::{Context, Result, ensure};
@@ -464,38 +464,66 @@ fn run_pass(
     }
 }
 
-/// The register blocks that run both gradients of a layer in one dispatch when its input gradient
-/// runs `input` and its weight gradient `weight`: the input gradient's GEMM block and the weight
-/// gradient's. `None` unless both are the register family's (the workgroup and coop GEMMs fix
-/// their MODE per pipeline): those run apart.
-pub fn joint_tiles(input: ConvKernel, weight: ConvKernel) -> Option<RegisterTiles> {
+/// The kernel that runs both gradients of a layer in one dispatch when its input gradient runs
+/// `input` and its weight gradient `weight`: the register family's (the input gradient's GEMM block
+/// and the weight gradient's), or the workgroup tiles' where both passes chose the same tile shape
+/// (one pipeline holds one shape). `None` otherwise — different tile shapes, the cooperative
+/// matrices, or two families: those run apart.
+pub fn joint_kernel(input: ConvKernel, weight: ConvKernel) -> Option<ConvKernel> {
     match (input, weight) {
         (ConvKernel::Register(i), ConvKernel::Register(w)) => {
-            Some(RegisterTiles { wgrad_ci: w.wgrad_ci, wgrad_n: w.wgrad_n, ..i })
+            Some(ConvKernel::Register(RegisterTiles { wgrad_ci: w.wgrad_ci, wgrad_n: w.wgrad_n, ..i }))
         }
+        (ConvKernel::Workgroup(i), ConvKernel::Workgroup(w)) if i == w => Some(input),
         _ => None,
     }
 }
 
-/// A layer's input gradient and weight gradient in one dispatch of the register kernel
-/// (`conv2d_backward`; [`joint_tiles`]), the weight gradient split `splits` ways (then reduced):
-/// bit for bit the `BackwardInput` and `BackwardWeight` passes of the same blocks, with half the
-/// dispatches and both GEMMs' blocks filling the device at once (plans record it on GPUs only:
-/// slower than the two dispatches on lavapipe, benches/conv_backward.rs).
+/// A layer's input gradient and weight gradient in one dispatch of `kernel` ([`joint_kernel`]:
+/// `conv2d_backward` of the register family, MODE 3 of the workgroup tiles), the weight gradient
+/// split `splits` ways (then reduced): bit for bit the `BackwardInput` and `BackwardWeight` passes
+/// of the same kernel, with half the dispatches and both GEMMs' workgroups filling the device at
+/// once (plans record it on GPUs only: the register kernel's is slower than the two dispatches on
+/// lavapipe, benches/conv_backward.rs). The tiles also apply a batch norm to the weight gradient's
+/// input ([`ConvBuffers::input_affine`]); the register kernel does not.
 pub fn conv2d_backward_joint(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
-    tiles: RegisterTiles,
+    kernel: ConvKernel,
     b: &ConvBuffers<'_>,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
     cfg.validate()?;
-    ensure!(b.input_affine.is_none(), "conv2d: the joint backward applies no batch norm as it loads the input");
     let (i, w) = (ConvPass::BackwardInput, ConvPass::BackwardWeight);
     let operands = (need(b.inp, w, "input")?, need(b.dout, i, "output gradient")?, need(b.weight, i, "weight")?);
     let dinp = need(b.dinp, i, "input gradient")?;
     let dweight = need(b.dweight, w, "weight gradient")?;
-    register::backward_joint(gpu, cfg, tiles, operands, dinp, b.dinp_addend, dweight, splits)
+    match kernel {
+        ConvKernel::Register(tiles) => {
+            ensure!(
+                b.input_affine.is_none(),
+                "conv2d: only the workgroup tiles apply a batch norm as they load the input (the register \
+                 kernels' joint backward was given one)"
+            );
+            register::backward_joint(gpu, cfg, tiles, operands, dinp, b.dinp_addend, dweight, splits)
+        }
+        ConvKernel::Workgroup(tiles) => {
+            gemm::backward_joint(gpu, cfg, tiles, operands, (dinp, b.dinp_addend), dweight, splits, b.input_affine)
+        }
+        ConvKernel::Coop(_) => anyhow::bail!("conv2d: the cooperative-matrix kernels run the two gradients apart"),
+    }
+}
+
+/// The grid of a joint backward whose input gradient alone runs on `input` and weight gradient on
+/// `weight` (each pass's own grid), workgroups numbered along x then y, and its numbering for the
+/// shader (`Params::joint`): the input gradient's grid width and workgroup count, the weight
+/// gradient's grid width and height.
+fn joint_grid(gpu: &Gpu, input: [u32; 3], weight: [u32; 3]) -> Result<([u32; 3], [u32; 4])> {
+    let count = |g: [u32; 3]| g.iter().map(|&x| x as usize).product::<usize>();
+    let total = count(input) + count(weight);
+    let x = total.min(gpu.limits.max_compute_workgroups_per_dimension as usize);
+    let grid = [to_u32("joint workgroups", x)?, to_u32("joint workgroups", total.div_ceil(x))?, 1];
+    Ok((grid, [input[0], to_u32("joint workgroups", count(input))?, weight[0], weight[1]]))
 }
 
 /// [`run_pass`] on the register kernel (`conv2d.wgsl`).

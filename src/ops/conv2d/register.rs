@@ -506,12 +506,7 @@ pub(super) fn backward_joint(
     let d = InputGrad::new(gpu, cfg, tiles, dout, weight, dinp, addend)?;
     // The joint kernel's weight-gradient blocks are the one-tap walk's.
     let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, false)?;
-    let count = |g: [u32; 3]| g.iter().map(|&x| x as usize).product::<usize>();
-    let total = count(d.grid) + count(w.grid);
-    let max = gpu.limits.max_compute_workgroups_per_dimension as usize;
-    let x = total.min(max);
-    let grid = [to_u32("joint workgroups", x)?, to_u32("joint workgroups", total.div_ceil(x))?, 1];
-    let joint = [d.grid[0], to_u32("joint workgroups", count(d.grid))?, w.grid[0], w.grid[1]];
+    let (grid, joint) = super::joint_grid(gpu, d.grid, w.grid)?;
     let params = cfg.params(w.splits, w.split_len)?.with_accumulate(addend.is_some()).with_joint(joint);
     let params = gpu.uniform("conv2d params", &params);
     let unused = placeholder(gpu)?;

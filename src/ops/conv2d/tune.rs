@@ -129,6 +129,16 @@ pub(super) fn candidates(
 /// `SENET_COOP=off` is the same device key but another set of candidates). A grouped layer's key
 /// names its groups (" g32"); an ordinary layer's keeps the key it had before groups existed.
 pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precision) -> String {
+    key_for(gpu, cfg, &format!("{pass:?}"), precision)
+}
+
+/// The key of a layer's joint backward ([`choose_joint`]): the passes' keys with "BackwardJoint".
+fn joint_key(gpu: &Gpu, cfg: &Conv2dConfig, precision: Precision) -> String {
+    key_for(gpu, cfg, "BackwardJoint", precision)
+}
+
+/// [`tune_key`] with the pass spelled `pass`.
+fn key_for(gpu: &Gpu, cfg: &Conv2dConfig, pass: &str, precision: Precision) -> String {
     let c = cfg;
     let variant = match (precision, gpu.coop_tile) {
         (Precision::F32, _) => String::new(),
@@ -137,7 +147,7 @@ pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precis
     };
     let groups = if c.groups == 1 { String::new() } else { format!(" g{}", c.groups) };
     format!(
-        "conv2d {pass:?} n{} c{}->{} {}x{} k{}x{} s{}x{} p{}x{} d{}x{}{groups} bias{}{variant}",
+        "conv2d {pass} n{} c{}->{} {}x{} k{}x{} s{}x{} p{}x{} d{}x{}{groups} bias{}{variant}",
         c.n,
         c.c_in,
         c.c_out,
@@ -189,47 +199,12 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
         return Ok(cands[0]);
     }
     let start = std::time::Instant::now();
-    // Scratch buffers of the layer's shapes in the plan's types (activations and GEMM operands of
-    // its precision, the bias and the weight gradient f32), zero-filled (the kernels' speed does
-    // not depend on the values), freed when the choice is made.
-    let t = |label: &str, shape: &[usize]| Tensor::zeros_of(gpu, label, shape, precision.dtype());
-    let (inp, out) = (t("tuning input", &cfg.input_shape())?, t("tuning output", &cfg.output_shape())?);
-    let weight = t("tuning weight", &cfg.weight_shape())?;
-    let dweight = Tensor::zeros(gpu, "tuning weight gradient", &cfg.weight_shape())?;
-    let bias = if cfg.bias { Some(Tensor::zeros(gpu, "tuning bias", &[cfg.c_out])?) } else { None };
-    let bufs = ConvBuffers {
-        inp: Some(&inp),
-        weight: Some(&weight),
-        bias: bias.as_ref(),
-        out: Some(&out),
-        dout: Some(&out),
-        dinp: Some(&inp),
-        dweight: Some(&dweight),
-        relu: false,
-        dinp_addend: None,
-        out_stats: None,
-        input_affine: None,
-    };
-    // Every candidate's pipelines compiled first (a candidate the adapter cannot build or run —
-    // workgroup limits, grid size — is left out), then each timed in two sweeps over all of them,
-    // its best kept. Timed right after its own compilation, a candidate could run at
-    // whatever clock the GPU had dropped to while idle: on an H200 the same kernel for the same
-    // layer timed 0.39 ms in one run and 0.91 ms in another, as the first candidate. In the second
-    // sweep every candidate follows another's runs. Each timing: four runs in one submission, the
-    // first warming caches, the best of the other three.
+    let scratch = Scratch::new(gpu, cfg, precision)?;
+    let bufs = scratch.buffers();
+    // A candidate the adapter cannot build or run (workgroup limits, grid size) is left out.
     let runnable: Vec<ConvKernel> =
         cands.iter().copied().filter(|&k| conv2d_pass(gpu, cfg, pass, k, &bufs).is_ok()).collect();
-    let mut times = vec![f64::INFINITY; runnable.len()];
-    // Each timing records its candidate again (its pipelines come from the registry): holding
-    // every candidate's dispatches at once would hold every one's weight-gradient partials too.
-    for _sweep in 0..2 {
-        for (i, &k) in runnable.iter().enumerate() {
-            let Ok(dispatches) = conv2d_pass(gpu, cfg, pass, k, &bufs) else { continue };
-            let group: Vec<&Dispatch> = dispatches.iter().collect();
-            let Ok(t) = gpu.time_passes(&[group.clone(), group.clone(), group.clone(), group]) else { continue };
-            times[i] = t[1..].iter().copied().fold(times[i], f64::min);
-        }
-    }
+    let times = time_candidates(gpu, &runnable, |&k| conv2d_pass(gpu, cfg, pass, k, &bufs));
     let mut best: Option<(ConvKernel, f64)> = None;
     for (&k, secs) in runnable.iter().zip(times) {
         if !secs.is_finite() {
@@ -247,6 +222,157 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
     }
     let (kernel, secs) = best.with_context(|| format!("no conv2d kernel could run {key}"))?;
     gpu.tuner.store(&key, TuneEntry { choice: kernel.encode(), ms: secs * 1e3, mode }, start.elapsed().as_secs_f64());
+    Ok(kernel)
+}
+
+/// Scratch buffers of a layer's shapes in a plan's types (activations and GEMM operands of its
+/// precision, the bias and the weight gradient f32), zero-filled (the kernels' speed does not
+/// depend on the values), freed when the choice is made.
+struct Scratch {
+    inp: Tensor,
+    out: Tensor,
+    dinp: Tensor,
+    weight: Tensor,
+    dweight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Scratch {
+    fn new(gpu: &Gpu, cfg: &Conv2dConfig, precision: Precision) -> Result<Scratch> {
+        let t = |label: &str, shape: &[usize]| Tensor::zeros_of(gpu, label, shape, precision.dtype());
+        Ok(Scratch {
+            inp: t("tuning input", &cfg.input_shape())?,
+            out: t("tuning output", &cfg.output_shape())?,
+            dinp: t("tuning input gradient", &cfg.input_shape())?,
+            weight: t("tuning weight", &cfg.weight_shape())?,
+            dweight: Tensor::zeros(gpu, "tuning weight gradient", &cfg.weight_shape())?,
+            bias: if cfg.bias { Some(Tensor::zeros(gpu, "tuning bias", &[cfg.c_out])?) } else { None },
+        })
+    }
+
+    /// Every pass's buffers (the output gradient is the output's buffer: no pass reads one and
+    /// writes the other).
+    fn buffers(&self) -> ConvBuffers<'_> {
+        ConvBuffers {
+            inp: Some(&self.inp),
+            weight: Some(&self.weight),
+            bias: self.bias.as_ref(),
+            out: Some(&self.out),
+            dout: Some(&self.out),
+            dinp: Some(&self.dinp),
+            dweight: Some(&self.dweight),
+            relu: false,
+            dinp_addend: None,
+            out_stats: None,
+            input_affine: None,
+        }
+    }
+}
+
+/// Each candidate's time in seconds (infinite where it failed to record or run), `record` giving
+/// its dispatches. Every candidate's pipelines are compiled before (the caller records each
+/// once to keep the runnable ones), then each is timed in two sweeps over all of them, its best
+/// kept. Timed right after its own compilation, a candidate could run at whatever clock the GPU
+/// had dropped to while idle: on an H200 the same kernel for the same layer timed 0.39 ms in one
+/// run and 0.91 ms in another, as the first candidate. In the second sweep every candidate follows
+/// another's runs. Each timing: four runs in one submission, the first warming caches, the best of
+/// the other three. Each timing records its candidate again (its pipelines come from the
+/// registry): holding every candidate's dispatches at once would hold every one's weight-gradient
+/// partials too.
+fn time_candidates<T>(gpu: &Gpu, cands: &[T], record: impl Fn(&T) -> Result<Vec<Dispatch>>) -> Vec<f64> {
+    let mut times = vec![f64::INFINITY; cands.len()];
+    for _sweep in 0..2 {
+        for (i, k) in cands.iter().enumerate() {
+            let Ok(dispatches) = record(k) else { continue };
+            let group: Vec<&Dispatch> = dispatches.iter().collect();
+            let Ok(t) = gpu.time_passes(&[group.clone(), group.clone(), group.clone(), group]) else { continue };
+            times[i] = t[1..].iter().copied().fold(times[i], f64::min);
+        }
+    }
+    times
+}
+
+/// A joint-backward cache entry's choice: "apart", or the workgroup tile shape of the one
+/// dispatch; `None` for anything else (a shape this build does not have, another family).
+fn decode_joint(s: &str) -> Option<Option<ConvKernel>> {
+    match s {
+        "apart" => Some(None),
+        _ => ConvKernel::decode(s).filter(|k| matches!(k, ConvKernel::Workgroup(_))).map(Some),
+    }
+}
+
+/// Whether, and with which kernel, a layer whose input gradient chose `input` and weight gradient
+/// `weight` runs its two gradients as one dispatch (`--joint-backward` on; `None` = apart). The
+/// register blocks' pair, or one tile shape for both, always do ([`super::joint_kernel`]). Two
+/// different workgroup tile shapes — one H200's quick tuning gave 20 of 30 layer shapes that (base
+/// SENet, SE-ResNet-20 and SE-ResNet-50; docs/runs/workgroup-v6-h200/tune.json) — ask the tuner: it times the two
+/// passes apart against one dispatch on either shape (on every shape built, with full tuning) and
+/// remembers the fastest under the layer's "BackwardJoint" key, "apart" where the passes apart
+/// won, so a joint dispatch replaces them only where it is measured to be at least as fast. Other
+/// pairs run apart; so do untimed plans (`--tune off`, and quick tuning on CPU adapters).
+pub fn choose_joint(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    precision: Precision,
+    input: ConvKernel,
+    weight: ConvKernel,
+) -> Result<Option<ConvKernel>> {
+    if let Some(k) = super::joint_kernel(input, weight) {
+        return Ok(Some(k));
+    }
+    let (ConvKernel::Workgroup(a), ConvKernel::Workgroup(b)) = (input, weight) else { return Ok(None) };
+    let mode = gpu.tuner.mode;
+    if mode == TuneMode::Off {
+        return Ok(None);
+    }
+    let key = joint_key(gpu, cfg, precision);
+    if let Some(entry) = gpu.tuner.cached(&key) {
+        match decode_joint(&entry.choice) {
+            Some(k) if !(mode == TuneMode::Full && entry.mode != TuneMode::Full) => return Ok(k),
+            Some(_) => gpu.tuner.forget(&key),
+            None => {
+                eprintln!(
+                    "warning: the tuning cache names an unknown joint backward {:?} for {key}; timing again",
+                    entry.choice
+                );
+                gpu.tuner.forget(&key);
+            }
+        }
+    }
+    if mode == TuneMode::Quick && gpu.is_cpu() {
+        return Ok(None);
+    }
+    let start = std::time::Instant::now();
+    let scratch = Scratch::new(gpu, cfg, precision)?;
+    let bufs = scratch.buffers();
+    let shapes = if mode == TuneMode::Full { WorkgroupTiles::ALL.to_vec() } else { vec![a, b] };
+    // None: the two passes apart, as chosen.
+    let record = |k: &Option<ConvKernel>| match *k {
+        None => {
+            let mut d = conv2d_pass(gpu, cfg, ConvPass::BackwardInput, input, &bufs)?;
+            d.extend(conv2d_pass(gpu, cfg, ConvPass::BackwardWeight, weight, &bufs)?);
+            Ok(d)
+        }
+        Some(k) => super::conv2d_backward_joint(gpu, cfg, k, &bufs, super::splits_for(gpu, cfg, k)),
+    };
+    let cands: Vec<Option<ConvKernel>> = std::iter::once(None)
+        .chain(shapes.into_iter().map(|t| Some(ConvKernel::Workgroup(t))))
+        .filter(|k| record(k).is_ok())
+        .collect();
+    let times = time_candidates(gpu, &cands, record);
+    let mut best: Option<(Option<ConvKernel>, f64)> = None;
+    for (&k, secs) in cands.iter().zip(times) {
+        if gpu.tuner.verbose && secs.is_finite() {
+            let name = k.map_or("apart".to_string(), |k| format!("joint {k}"));
+            eprintln!("tune {key}: {name} {:.3} ms", secs * 1e3);
+        }
+        if secs.is_finite() && best.is_none_or(|(_, b)| secs < b) {
+            best = Some((k, secs));
+        }
+    }
+    let (kernel, secs) = best.with_context(|| format!("no conv2d backward could run {key}"))?;
+    let choice = kernel.map_or("apart".to_string(), |k| k.encode());
+    gpu.tuner.store(&key, TuneEntry { choice, ms: secs * 1e3, mode }, start.elapsed().as_secs_f64());
     Ok(kernel)
 }
 

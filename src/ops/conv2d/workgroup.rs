@@ -48,7 +48,8 @@ impl WorkgroupTiles {
         ]
     }
 
-    fn grid(&self, gpu: &Gpu, rows: usize, cols: usize, z: usize) -> Result<[u32; 3]> {
+    /// The grid of these tiles over a `rows` x `cols` GEMM with `z` K splits and channel groups.
+    pub(super) fn grid(&self, gpu: &Gpu, (rows, cols, z): (usize, usize, usize)) -> Result<[u32; 3]> {
         // The shader's workgroup arrays and its 256 invocations hold only for the shapes built.
         ensure!(WorkgroupTiles::ALL.contains(self), "conv2d (workgroup): {self:?} is not one of the tile shapes built");
         let (x, y) = (cols.div_ceil(self.bn), rows.div_ceil(self.bm));
@@ -69,17 +70,16 @@ pub(super) fn weight_grad_splits(cfg: &Conv2dConfig, t: WorkgroupTiles) -> usize
     1024usize.div_ceil(tiles.max(1)).min(m / 512).clamp(1, 64)
 }
 
-/// One launch of `conv2d_gemm_tiled` in `mode` over a `rows` x `cols` GEMM with `z` K splits, for
-/// a layer with a `kernel` = (kh, kw) kernel.
+/// One launch of `conv2d_gemm_tiled` in `mode` on `grid` ([`WorkgroupTiles::grid`]; the joint backward's, MODE 3,
+/// is both passes' grids numbered in one), for a layer with a `kernel` = (kh, kw) kernel.
 pub(super) fn dispatch(
     gpu: &Gpu,
     t: WorkgroupTiles,
     mode: u32,
     kernel: (usize, usize),
     binds: &[Bind<'_>],
-    (rows, cols, z): (usize, usize, usize),
+    grid: [u32; 3],
     precision: Precision,
 ) -> Result<Dispatch> {
-    let grid = t.grid(gpu, rows, cols, z)?;
     gpu.dispatch_in(precision, "conv2d_tiled", "conv2d_gemm_tiled", &t.constants(mode, kernel), binds, grid)
 }
