@@ -551,6 +551,18 @@ impl Gpu {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
+    /// The most loop iterations one invocation of a shader runs on this driver, all its loops
+    /// together, where the driver has such a cap: Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe on
+    /// GL) ends every loop of an invocation once 65,535 iterations have run between them
+    /// (gallivm's `LP_MAX_TGSI_LOOP_ITERATIONS`), silently, so a longer loop returns a partial
+    /// sum. Kernels whose loops grow with the batch split them below it (the convolution weight
+    /// gradient's K: `ops::conv2d::min_weight_grad_splits`). Measured on Mesa 22.3's lavapipe;
+    /// Mesa 26's summed the same loops in full, but the cap is kept for every llvmpipe (it costs
+    /// a few more splits). `None` elsewhere.
+    pub fn loop_cap(&self) -> Option<usize> {
+        self.info.name.contains("llvmpipe").then_some(65_535)
+    }
+
     /// One line: name, backend, type, and how reductions run.
     pub fn describe(&self) -> String {
         format!(

@@ -316,6 +316,113 @@ fn conv2d_workgroup_joint_backward_is_the_two_passes_bit_for_bit() {
     }
 }
 
+/// The joint backward's grid past one row of the adapter's workgroups per dimension (65,535 on
+/// every adapter this runs on): a 1x1 layer of one channel over 2,048 x 2,047 pixels gives the
+/// 64-column tiles 65,504 input-gradient tiles (one row's worth, as the pass apart needs) and the
+/// weight gradient 64 (its K split), so the joint grid is two rows, the second part-filled with the
+/// last weight-gradient tiles. Bit for bit the two passes apart, and the input gradient within the
+/// conv tolerances of the reference (each value one product).
+#[test]
+fn conv2d_workgroup_joint_backward_numbers_workgroups_past_one_grid_row() {
+    let gpu = gpu();
+    let cfg = Conv2dConfig::square(1, 1, (2048, 2047), 1, 1, 1, 0, false);
+    let tiles = WorkgroupTiles::ALL[0];
+    let mut r = rng(2800);
+    let mut up = |shape: [usize; 4]| {
+        let v = uniform(&mut r, shape.iter().product(), -1.0, 1.0);
+        (upload(&gpu, "t", &shape, &v), v)
+    };
+    let ((tx, _), (tw, w), (tdy, dy)) = (up(cfg.input_shape()), up(cfg.weight_shape()), up(cfg.output_shape()));
+    let k = ConvKernel::Workgroup(tiles);
+    let splits = conv2d::splits_for(&gpu, &cfg, k);
+    let (jdx, jdw) = (zeros(&gpu, "dx", &cfg.input_shape()), zeros(&gpu, "dw", &cfg.weight_shape()));
+    let joint = ConvBuffers { inp: Some(&tx), dweight: Some(&jdw), ..ConvBuffers::backward_input(&tdy, &tw, &jdx) };
+    let d = conv2d::conv2d_backward_joint(&gpu, &cfg, k, &joint, splits).unwrap();
+    assert_eq!(d[0].workgroups, [65535, 2, 1], "the joint grid");
+    run(&gpu, &d);
+    let (sdx, sdw) = (zeros(&gpu, "dx", &cfg.input_shape()), zeros(&gpu, "dw", &cfg.weight_shape()));
+    let mut d = backward_input(&gpu, &cfg, k, &tdy, &tw, &sdx);
+    d.extend(backward_weight(&gpu, &cfg, k, &tx, &tdy, &sdw, splits));
+    run(&gpu, &d);
+    let got_dx = read(&gpu, &jdx);
+    assert_bits("dinp past one grid row", &got_dx, &read(&gpu, &sdx));
+    assert_bits("dweight past one grid row", &read(&gpu, &jdw), &read(&gpu, &sdw));
+    let want_dx = reference::conv2d::conv2d_backward_input(&cfg, &to_f64(&dy), &to_f64(&w));
+    assert_close("dinp past one grid row", &got_dx, &want_dx, CONV_ATOL, CONV_RTOL);
+}
+
+/// Weight gradients whose K (the batch's output pixels) runs far past what one invocation of
+/// llvmpipe may loop (`Gpu::loop_cap`: 65,535 iterations between all its loops; past it every loop
+/// ends, silently): with all-ones inputs each weight is a count of pixels, exact in f32, and on
+/// every kernel that reaches lavapipe — the register kernels with shared loads (the default) and
+/// with their own (`--conv-lanes off`), the 3-wide walk and its one-tap form, their joint backward,
+/// the workgroup tiles with 16- and 8-deep K steps and their joint backward, f32 and (register)
+/// f16 — the launch splits
+/// K so that none comes back partial, whatever split it is asked for (1 here). Layers: one-pixel-wide
+/// rows (the most iterations per pixel), 65,280 pixels (past what the tiles sum unsplit), a 3x3
+/// layer at batch 128 on 32x32 (the base SENet's layers), a strided 1x1 layer. Unsplit, the register kernels summed 61,681 of the 3x3 layer's
+/// 131,072 pixels and the tiles 58,255 of 65,280 (a 1x1 layer) on lavapipe.
+#[test]
+fn conv2d_weight_gradients_sum_every_pixel_under_the_drivers_loop_cap() {
+    let cases = [
+        Conv2dConfig::square(4, 2, (40_000, 1), 3, 1, 1, 0, false),
+        // 65,280 pixels: one split's worth of the cap, past what the tiles summed unsplit.
+        Conv2dConfig::square(1, 2, (256, 255), 3, 1, 1, 0, false),
+        Conv2dConfig::square(128, 2, (32, 32), 3, 3, 1, 1, false),
+        Conv2dConfig::square(8, 3, (256, 256), 2, 1, 2, 0, false),
+    ];
+    let devices =
+        [("default", gpu_f16()), ("--conv-lanes off", gpu_without_lanes()), ("--conv-3x3 off", gpu_without_row3())];
+    for (i, cfg) in cases.iter().enumerate() {
+        let numel = |s: [usize; 4]| s.iter().product::<usize>();
+        let want = reference::conv2d::conv2d_backward_weight(
+            cfg,
+            &vec![1.0; numel(cfg.input_shape())],
+            &vec![1.0; numel(cfg.output_shape())],
+        );
+        for (name, gpu) in &devices {
+            let gpu: &Gpu = gpu;
+            let mut kernels = vec![ConvKernel::Register(RegisterTiles::for_layer(gpu, cfg))];
+            if *name == "default" {
+                // The 16-deep and the 8-deep K steps (the most loop iterations per pixel).
+                kernels.extend([WorkgroupTiles::ALL[0], WorkgroupTiles::ALL[5]].map(ConvKernel::Workgroup));
+            }
+            let dtypes: &[Dtype] = if *name == "default" { &[Dtype::F32, Dtype::F16] } else { &[Dtype::F32] };
+            for &dtype in dtypes {
+                let ones = |shape: [usize; 4]| upload_as(gpu, dtype, &shape, &vec![1.0; numel(shape)]).0;
+                let (tx, tdy, tw) = (ones(cfg.input_shape()), ones(cfg.output_shape()), ones(cfg.weight_shape()));
+                for &k in kernels.iter().filter(|k| dtype == Dtype::F32 || matches!(k, ConvKernel::Register(_))) {
+                    let what = format!("case {i} {name} {} {k}", dtype.name());
+                    let dw = zeros(gpu, "dw", &cfg.weight_shape());
+                    run(
+                        gpu,
+                        &conv2d::conv2d_backward_weight_split(
+                            gpu,
+                            cfg,
+                            k,
+                            &ConvBuffers::backward_weight(&tx, &tdy, &dw),
+                            1,
+                        )
+                        .unwrap(),
+                    );
+                    assert_close(&format!("{what} dweight"), &read(gpu, &dw), &want, 0.0, 0.0);
+                    let (dx, jdw) = (
+                        Tensor::zeros_of(gpu, "dx", &cfg.input_shape(), dtype).unwrap(),
+                        zeros(gpu, "dw", &cfg.weight_shape()),
+                    );
+                    let b = ConvBuffers {
+                        inp: Some(&tx),
+                        dweight: Some(&jdw),
+                        ..ConvBuffers::backward_input(&tdy, &tw, &dx)
+                    };
+                    run(gpu, &conv2d::conv2d_backward_joint(gpu, cfg, k, &b, 1).unwrap());
+                    assert_close(&format!("{what} joint dweight"), &read(gpu, &jdw), &want, 0.0, 0.0);
+                }
+            }
+        }
+    }
+}
+
 /// Every case runs with every register-block shape (`RegisterTiles::ALL`: 4, 8 or 16 pixels x 8
 /// or 16 channels per forward / input-gradient invocation, 4, 8 or 16 input channels x 8 or 16
 /// output channels per weight-gradient invocation; each GEMM's block once, as only its own fields

@@ -20,6 +20,14 @@ pub(super) enum GemmKernel {
 }
 
 impl GemmKernel {
+    /// The family and shape, as the plan names it.
+    fn kernel(self) -> super::ConvKernel {
+        match self {
+            GemmKernel::Workgroup(t) => super::ConvKernel::Workgroup(t),
+            GemmKernel::Coop(t) => super::ConvKernel::Coop(t as u32),
+        }
+    }
+
     /// The depth of one K step: a weight-gradient split is a whole number of them.
     fn k_step(self) -> usize {
         match self {
@@ -252,6 +260,7 @@ impl WeightGrad {
         expect_shape("conv2d dout", dout, &cfg.output_shape())?;
         expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
         ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+        let splits = splits.max(super::min_weight_grad_splits(gpu, cfg, gemm.kernel()));
         let m = cfg.n * cfg.out_h() * cfg.out_w();
         let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
         let splits = m.div_ceil(split_len);

@@ -369,11 +369,29 @@ fn need<'a>(t: Option<&'a Tensor>, pass: ConvPass, what: &str) -> Result<&'a Ten
 
 /// The weight gradient's K splits for `kernel` (deterministic from the choice).
 pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
-    match kernel {
+    let planned = match kernel {
         ConvKernel::Register(t) => weight_grad_splits(cfg, t, register::split_target(gpu)),
         ConvKernel::Workgroup(t) => workgroup::weight_grad_splits(cfg, t),
         ConvKernel::Coop(t) => coop::weight_grad_splits(gpu, cfg, t),
-    }
+    };
+    planned.max(min_weight_grad_splits(gpu, cfg, kernel))
+}
+
+/// The fewest K splits of a weight gradient on `kernel` that keep each invocation's loops under
+/// the driver's cap ([`Gpu::loop_cap`], llvmpipe's 65,535 iterations): a split of the register
+/// kernels walks at most cap / 4 pixels (measured on lavapipe: 3 loop iterations a pixel where
+/// the rows are one pixel wide, fewer on wider ones), of the workgroup tiles cap / 2 (18 iterations
+/// per 16-deep K step) and of the cooperative matrices cap / 4. Past the cap the sums came back
+/// partial, silently: SENet's 64 -> 128 3x3 layer at batch 128 (131,072 pixels, one split) summed
+/// 61,681 of them. Every weight-gradient launch splits at least this many ways, whatever its
+/// caller asks; 1 where the driver has no cap.
+pub fn min_weight_grad_splits(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
+    let Some(cap) = gpu.loop_cap() else { return 1 };
+    let per_pixel = match kernel {
+        ConvKernel::Workgroup(_) => 2,
+        ConvKernel::Register(_) | ConvKernel::Coop(_) => 4,
+    };
+    (cfg.n * cfg.out_h() * cfg.out_w()).div_ceil(cap / per_pixel)
 }
 
 /// The dispatches of `pass` with `kernel`; the weight gradient split as [`splits_for`] says.

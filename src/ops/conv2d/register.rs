@@ -368,6 +368,7 @@ impl WeightGrad {
         expect_shape("conv2d dout", dout, &cfg.output_shape())?;
         expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
         ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+        let splits = splits.max(super::min_weight_grad_splits(gpu, cfg, super::ConvKernel::Register(tiles)));
         let m = cfg.n * cfg.out_h() * cfg.out_w();
         let split_len = m.div_ceil(splits);
         let splits = m.div_ceil(split_len);
