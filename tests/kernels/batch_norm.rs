@@ -1202,3 +1202,58 @@ fn batch_norm_sliced_kernels_match_reference() {
         }
     }
 }
+
+/// A batch norm with its max pool fused runs a workgroup per channel over all of the channel's
+/// values; where the driver caps one invocation's loops (`Gpu::loop_cap`: llvmpipe, 65,535
+/// iterations between all its loops, then every loop ends, silently) and its loops would pass 90 %
+/// of that, the forward and the backward refuse with an error naming `--fuse off` rather than
+/// return partial results (batch 100 at 112 x 112: unguarded, lavapipe left half the input
+/// gradient unwritten). SE-ResNet-50's stem at batch 41, the largest lavapipe fits in f32, runs.
+#[test]
+fn a_fused_pool_refuses_batches_past_the_drivers_loop_cap() {
+    let gpu = gpu();
+    assert_eq!(gpu.loop_cap(), Some(65_535), "these tests run on llvmpipe (lavapipe)");
+    let p = MaxPool2dConfig { kernel: (3, 3), stride: (2, 2), pad: (1, 1), ..MaxPool2dConfig::two_by_two(1, 1, 1, 1) };
+    for (n, fits) in [(41, true), (100, false)] {
+        let cfg = BatchNormConfig::new(n, 1, 112, 112).with_relu().with_pool(p);
+        let pooled = cfg.pool.unwrap().output_shape();
+        let x = zeros(&gpu, "x", &cfg.shape());
+        let (g, b) = (upload(&gpu, "gamma", &[1], &[1.0]), zeros(&gpu, "beta", &[1]));
+        let (rm, rv, stats) =
+            (zeros(&gpu, "rm", &[1]), upload(&gpu, "rv", &[1], &[1.0]), zeros(&gpu, "stats", &[2, 1]));
+        let (out, argmax, dy) =
+            (zeros(&gpu, "out", &pooled), zeros(&gpu, "argmax", &pooled), zeros(&gpu, "dy", &pooled));
+        let (dx, dg, db) = (zeros(&gpu, "dx", &cfg.shape()), zeros(&gpu, "dgamma", &[1]), zeros(&gpu, "dbeta", &[1]));
+        let t = batch_norm::BnForward {
+            inp: &x,
+            gamma: &g,
+            beta: &b,
+            running_mean: &rm,
+            running_var: &rv,
+            stats: &stats,
+            out: &out,
+        };
+        let f = batch_norm::BnFused { argmax: Some(&argmax), ..Default::default() };
+        let fwd = batch_norm::batch_norm_forward_train_fused(&gpu, &cfg, &t, f);
+        let bwd_in = batch_norm::BnBackward {
+            inp: &x,
+            gamma: &g,
+            stats: &stats,
+            relu_out: None,
+            dout: &dy,
+            dinp: &dx,
+            dgamma: &dg,
+            dbeta: &db,
+        };
+        let bwd =
+            batch_norm::batch_norm_backward_fused(&gpu, &cfg, &bwd_in, batch_norm::BnFused { beta: Some(&b), ..f });
+        for (pass, r) in [("forward", fwd.map(|_| ())), ("backward", bwd.map(|_| ()))] {
+            match (fits, r) {
+                (true, Ok(())) => {}
+                (false, Err(e)) => assert!(format!("{e:#}").contains("--fuse off"), "batch {n} {pass}: {e:#}"),
+                (true, Err(e)) => panic!("batch {n} {pass} refused: {e:#}"),
+                (false, Ok(())) => panic!("batch {n} {pass}: a fused pool past the loop cap was recorded"),
+            }
+        }
+    }
+}

@@ -328,3 +328,29 @@ fn se_block_split_form_is_the_one_pass_form_bit_for_bit() {
         }
     }
 }
+
+/// The SE block's max squeeze (an ablation) a workgroup per sample scans whole channel planes per
+/// subgroup; where the driver caps one invocation's loops (`Gpu::loop_cap`: llvmpipe) and that
+/// would pass 90 % of the cap, the forward refuses with an error naming `--squeeze avg` rather than
+/// return wrong maxima (1,024 channels at 56 x 56: unguarded, 384 of them wrong on lavapipe); 256
+/// channels at 56 x 56 (SE-ResNet-50's first stage) run.
+#[test]
+fn a_max_squeeze_refuses_planes_past_the_drivers_loop_cap() {
+    use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};
+    let gpu = gpu_se_one_pass();
+    assert_eq!(gpu.loop_cap(), Some(65_535), "these tests run on llvmpipe (lavapipe)");
+    for (c, fits) in [(256, true), (1024, false)] {
+        let variant = SeVariant { squeeze: Squeeze::Max, excitation: Excitation::Sigmoid };
+        let cfg = SeBlockConfig { n: 1, c, h: 56, w: 56, hidden: c / 16, bias: false, variant };
+        let x = zeros(&gpu, "x", &cfg.shape());
+        let (w1, w2) = (zeros(&gpu, "w1", &cfg.fc1_shape()), zeros(&gpu, "w2", &cfg.fc2_shape()));
+        let weights = SeWeights { w1: &w1, b1: None, w2: &w2, b2: None };
+        let (y, saved) = (zeros(&gpu, "y", &cfg.shape()), zeros(&gpu, "saved", &cfg.saved_shape()));
+        match (fits, se_block::se_block_forward(&gpu, &cfg, &x, &weights, &y, &saved)) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) => assert!(format!("{e:#}").contains("--squeeze avg"), "{c} channels: {e:#}"),
+            (true, Err(e)) => panic!("{c} channels refused: {e:#}"),
+            (false, Ok(_)) => panic!("{c} channels: a max squeeze past the loop cap was recorded"),
+        }
+    }
+}

@@ -264,6 +264,28 @@ pub fn slices_for(gpu: &Gpu, cfg: &BatchNormConfig) -> usize {
     1024usize.div_ceil(cfg.c).min(cfg.count() / 4096).clamp(1, 64)
 }
 
+/// A batch norm with its max pool fused runs a workgroup per channel over all the channel's
+/// N·H·W values, never sliced: its backward loops about 18 times per 256 of them (two passes,
+/// each gathering the pool's windows). Where the driver caps one invocation's loops
+/// ([`Gpu::loop_cap`]: llvmpipe) and that passes 90 % of the cap — from about batch 67 at
+/// 112 x 112, SE-ResNet-50's stem, which only an f16 plan fits on lavapipe (at batch 100 lavapipe
+/// left half its input gradient unwritten) — an error saying so, not a partial result.
+fn check_pool_loops(gpu: &Gpu, cfg: &BatchNormConfig) -> Result<()> {
+    let (Some(_), Some(cap)) = (cfg.pool, gpu.loop_cap()) else { return Ok(()) };
+    let loops = 18 * cfg.count().div_ceil(256);
+    ensure!(
+        loops <= cap / 10 * 9,
+        "batch_norm: {} values a channel (batch {} of {}x{}) with the max pool after it fused would loop {loops} \
+         times in one invocation, past what this driver runs ({cap} iterations, llvmpipe); use --fuse off, or a \
+         smaller batch",
+        cfg.count(),
+        cfg.n,
+        cfg.h,
+        cfg.w
+    );
+    Ok(())
+}
+
 /// The tensors of a forward pass: input, affine parameters, running statistics (updated in
 /// training, read in eval), the saved batch statistics [2, C] (mean, invstd) and the output.
 #[derive(Clone, Copy)]
@@ -469,6 +491,7 @@ pub fn batch_norm_forward_train_sliced(
 ) -> Result<Vec<Dispatch>> {
     let inp = t.inp;
     f.check(cfg)?;
+    check_pool_loops(gpu, cfg)?;
     ensure!(
         cfg.count() > 1,
         "batch_norm: training needs more than one value per channel (batch {} x {}x{}), as in PyTorch",
@@ -633,6 +656,7 @@ pub fn batch_norm_backward_sliced(
 ) -> Result<Vec<Dispatch>> {
     check_backward(cfg, g)?;
     f.check_backward(cfg)?;
+    check_pool_loops(gpu, cfg)?;
     if slices > 1 {
         return backward_slices(gpu, cfg, g, f, slices);
     }

@@ -131,9 +131,19 @@ pub fn linear_forward(
     Ok(vec![d.with_cost(2.0 * macs, el * (inp.numel() + out.numel()) as f64 + 4.0 * weight.numel() as f64)])
 }
 
+/// Loop iterations one invocation of linear_forward_pooled runs: it pools ceil(I / WG) features
+/// over `hw` pixels, then sums ceil(O / WG) outputs over the I features.
+fn pooled_iterations(cfg: &LinearConfig, hw: usize) -> usize {
+    let wg = WG as usize;
+    cfg.in_features.div_ceil(wg) * (hw + 1) + cfg.out_features.div_ceil(wg) * (cfg.in_features + 1)
+}
+
 /// A global average pool of `pool_inp` [n, in_features, h, w] into `pooled` [n, in_features],
 /// then [`linear_forward`] on it, in one dispatch (linear.wgsl, linear_forward_pooled): the two
-/// passes' bits. Beyond `POOL_ROW` features, the two passes.
+/// passes' bits. Beyond `POOL_ROW` features, the two passes; so too where one invocation's loops
+/// would pass 90 % of the driver's loop cap ([`Gpu::loop_cap`]: on llvmpipe, 2,048 features at
+/// 7 x 7 into more than 1,792 classes, where a workgroup per sample sums each of its outputs over
+/// every feature; unguarded, past about 1,985 classes the sums came back partial).
 pub fn linear_forward_pooled(
     gpu: &Gpu,
     cfg: &LinearConfig,
@@ -144,7 +154,8 @@ pub fn linear_forward_pooled(
     out: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     let hw = cfg.pool_hw(pool_inp)?;
-    if cfg.in_features > POOL_ROW {
+    let capped = gpu.loop_cap().is_some_and(|cap| pooled_iterations(cfg, hw) > cap / 10 * 9);
+    if cfg.in_features > POOL_ROW || capped {
         let mut d = crate::ops::pool::global_avg_pool_forward(gpu, pool_inp, pooled)?;
         d.extend(linear_forward(gpu, cfg, pooled, weight, bias, out)?);
         return Ok(d);

@@ -207,6 +207,26 @@ pub fn se_block_forward_add_relu_affine(
     forward(gpu, cfg, inp, Some(res), weights, out, saved, Some(affine))
 }
 
+/// A max squeeze (the ablation) a workgroup per sample: each subgroup of 8 lanes (lavapipe's)
+/// scans whole channel planes, about ceil(C / 32) * (H*W + 1) + C*H*W / 256 loop iterations an
+/// invocation. Where the driver caps one invocation's loops ([`Gpu::loop_cap`]: llvmpipe) and
+/// that passes 90 % of the cap — from about 530 channels at 56 x 56 (at 1,024 lavapipe returned
+/// the wrong maximum for 384 of them) — an error saying so, not a partial result.
+fn check_max_squeeze_loops(gpu: &Gpu, cfg: &SeBlockConfig) -> Result<()> {
+    let Some(cap) = gpu.loop_cap().filter(|_| cfg.variant.squeeze == Squeeze::Max) else { return Ok(()) };
+    let hw = cfg.h * cfg.w;
+    let loops = cfg.c.div_ceil(32) * (hw + 1) + cfg.c * hw / 256;
+    ensure!(
+        loops <= cap / 10 * 9,
+        "se_block: a max squeeze of {} channels of {}x{} would loop {loops} times in one invocation, past what \
+         this driver runs ({cap} iterations, llvmpipe); use --squeeze avg",
+        cfg.c,
+        cfg.h,
+        cfg.w
+    );
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn forward(
     gpu: &Gpu,
@@ -234,6 +254,7 @@ fn forward(
     if split(gpu, cfg) {
         return forward_split(gpu, cfg, &params, [inp, weights.w1, b1, weights.w2, b2, out, saved], res, affine);
     }
+    check_max_squeeze_loops(gpu, cfg)?;
     let mut binds = vec![
         Bind::Uniform(0, &params),
         Bind::Tensor(1, inp),
