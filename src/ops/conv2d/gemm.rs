@@ -256,14 +256,8 @@ impl WeightGrad {
         splits: usize,
         affine: Option<BnAffine<'_>>,
     ) -> Result<WeightGrad> {
-        expect_shape("conv2d input", inp, &cfg.input_shape())?;
-        expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-        expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
-        ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
-        let splits = splits.max(super::min_weight_grad_splits(gpu, cfg, gemm.kernel()));
-        let m = cfg.n * cfg.out_h() * cfg.out_w();
-        let split_len = m.div_ceil(splits).next_multiple_of(gemm.k_step());
-        let splits = m.div_ceil(split_len);
+        let operands = (inp, dout, dweight);
+        let (splits, split_len) = super::weight_grad_split(gpu, cfg, gemm.kernel(), operands, splits, gemm.k_step())?;
         let params = cfg.params(splits, split_len)?.with_affine_in(affine.is_some());
         let k = cfg.c_in_group() * cfg.kh * cfg.kw;
         let partial = if splits > 1 {

@@ -377,6 +377,28 @@ pub fn splits_for(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
     planned.max(min_weight_grad_splits(gpu, cfg, kernel))
 }
 
+/// A weight gradient's operands checked and its K (N*OH*OW) split: (splits, split length) —
+/// `splits` as asked, raised to [`min_weight_grad_splits`] where the driver needs more, each split
+/// a whole number of `k_step` pixels (the kernel's K step; 1 for the register kernels) so none
+/// straddles a step, which may leave fewer splits than asked but none empty.
+fn weight_grad_split(
+    gpu: &Gpu,
+    cfg: &Conv2dConfig,
+    kernel: ConvKernel,
+    (inp, dout, dweight): (&Tensor, &Tensor, &Tensor),
+    splits: usize,
+    k_step: usize,
+) -> Result<(usize, usize)> {
+    expect_shape("conv2d input", inp, &cfg.input_shape())?;
+    expect_shape("conv2d dout", dout, &cfg.output_shape())?;
+    expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
+    ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
+    let splits = splits.max(min_weight_grad_splits(gpu, cfg, kernel));
+    let m = cfg.n * cfg.out_h() * cfg.out_w();
+    let split_len = m.div_ceil(splits).next_multiple_of(k_step);
+    Ok((m.div_ceil(split_len), split_len))
+}
+
 /// The fewest K splits of a weight gradient on `kernel` that keep each invocation's loops under
 /// the driver's cap ([`Gpu::loop_cap`], llvmpipe's 65,535 iterations): a split of the register
 /// kernels walks at most cap / 4 pixels (measured on lavapipe: 3 loop iterations a pixel where

@@ -364,14 +364,8 @@ impl WeightGrad {
         splits: usize,
         row3: bool,
     ) -> Result<WeightGrad> {
-        expect_shape("conv2d input", inp, &cfg.input_shape())?;
-        expect_shape("conv2d dout", dout, &cfg.output_shape())?;
-        expect_shape("conv2d dweight", dweight, &cfg.weight_shape())?;
-        ensure!(splits >= 1, "conv2d: weight-gradient splits must be at least 1");
-        let splits = splits.max(super::min_weight_grad_splits(gpu, cfg, super::ConvKernel::Register(tiles)));
-        let m = cfg.n * cfg.out_h() * cfg.out_w();
-        let split_len = m.div_ceil(splits);
-        let splits = m.div_ceil(split_len);
+        let kernel = super::ConvKernel::Register(tiles);
+        let (splits, split_len) = super::weight_grad_split(gpu, cfg, kernel, (inp, dout, dweight), splits, 1)?;
         // Columns come in blocks of `wgrad_ci` input channels (of a group) at one tap:
         // (kh*kw) * ceil((c_in/groups)/ci) of them; each invocation owns `wgrad_n` output channels
         // of one group for one such block.
