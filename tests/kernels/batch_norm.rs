@@ -1208,13 +1208,15 @@ fn batch_norm_sliced_kernels_match_reference() {
 /// iterations between all its loops, then every loop ends, silently) and its loops would pass 90 %
 /// of that, the forward and the backward refuse with an error naming `--fuse off` rather than
 /// return partial results (batch 100 at 112 x 112: unguarded, lavapipe left half the input
-/// gradient unwritten). SE-ResNet-50's stem at batch 41, the largest lavapipe fits in f32, runs.
+/// gradient unwritten). SE-ResNet-50's stem at batch 41, the largest lavapipe fits in f32, runs; on
+/// an adapter without a cap both do.
 #[test]
 fn a_fused_pool_refuses_batches_past_the_drivers_loop_cap() {
     let gpu = gpu();
-    assert_eq!(gpu.loop_cap(), Some(65_535), "these tests run on llvmpipe (lavapipe)");
+    // Without a cap (a GPU) both batches run.
+    let capped = gpu.loop_cap().is_some();
     let p = MaxPool2dConfig { kernel: (3, 3), stride: (2, 2), pad: (1, 1), ..MaxPool2dConfig::two_by_two(1, 1, 1, 1) };
-    for (n, fits) in [(41, true), (100, false)] {
+    for (n, fits) in [(41, true), (100, !capped)] {
         let cfg = BatchNormConfig::new(n, 1, 112, 112).with_relu().with_pool(p);
         let pooled = cfg.pool.unwrap().output_shape();
         let x = zeros(&gpu, "x", &cfg.shape());

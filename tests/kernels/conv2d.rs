@@ -319,7 +319,8 @@ fn conv2d_workgroup_joint_backward_is_the_two_passes_bit_for_bit() {
 /// The joint backward's grid past one row of the adapter's workgroups per dimension (65,535 on
 /// every adapter this runs on): a 1x1 layer of one channel over 2,048 x 2,047 pixels gives the
 /// 64-column tiles 65,504 input-gradient tiles (one row's worth, as the pass apart needs) and the
-/// weight gradient 64 (its K split), so the joint grid is two rows, the second part-filled with the
+/// weight gradient 64 or more (its K split: 128 under llvmpipe's loop cap), so the joint grid is two
+/// rows, the second part-filled with the
 /// last weight-gradient tiles. Bit for bit the two passes apart, and the input gradient within the
 /// conv tolerances of the reference (each value one product).
 #[test]
@@ -360,7 +361,7 @@ fn conv2d_workgroup_joint_backward_numbers_workgroups_past_one_grid_row() {
 /// f16 — the launch splits
 /// K so that none comes back partial, whatever split it is asked for (1 here). Layers: one-pixel-wide
 /// rows (the most iterations per pixel), 65,280 pixels (past what the tiles sum unsplit), a 3x3
-/// layer at batch 128 on 32x32 (the base SENet's layers), a strided 1x1 layer. Unsplit, the register kernels summed 61,681 of the 3x3 layer's
+/// layer at batch 128 on 32x32 (131,072 pixels), a strided 1x1 layer. Unsplit, the register kernels summed 61,681 of the 3x3 layer's
 /// 131,072 pixels and the tiles 58,255 of 65,280 (a 1x1 layer) on lavapipe.
 #[test]
 fn conv2d_weight_gradients_sum_every_pixel_under_the_drivers_loop_cap() {

@@ -333,13 +333,14 @@ fn se_block_split_form_is_the_one_pass_form_bit_for_bit() {
 /// subgroup; where the driver caps one invocation's loops (`Gpu::loop_cap`: llvmpipe) and that
 /// would pass 90 % of the cap, the forward refuses with an error naming `--squeeze avg` rather than
 /// return wrong maxima (1,024 channels at 56 x 56: unguarded, 384 of them wrong on lavapipe); 256
-/// channels at 56 x 56 (SE-ResNet-50's first stage) run.
+/// channels at 56 x 56 (SE-ResNet-50's first stage) run; on an adapter without a cap both do.
 #[test]
 fn a_max_squeeze_refuses_planes_past_the_drivers_loop_cap() {
     use senet_wgpu::ops::se_block::{Excitation, SeVariant, Squeeze};
     let gpu = gpu_se_one_pass();
-    assert_eq!(gpu.loop_cap(), Some(65_535), "these tests run on llvmpipe (lavapipe)");
-    for (c, fits) in [(256, true), (1024, false)] {
+    // Without a cap (a GPU) both run.
+    let capped = gpu.loop_cap().is_some();
+    for (c, fits) in [(256, true), (1024, !capped)] {
         let variant = SeVariant { squeeze: Squeeze::Max, excitation: Excitation::Sigmoid };
         let cfg = SeBlockConfig { n: 1, c, h: 56, w: 56, hidden: c / 16, bias: false, variant };
         let x = zeros(&gpu, "x", &cfg.shape());

@@ -145,6 +145,25 @@ impl LayerOp for Conv2d {
         if let Some(ConvKernel::Workgroup(t)) = joint {
             chosen[1..].fill(ConvKernel::Workgroup(t));
         }
+        // The joint dispatch, recorded first: should the tiles' not launch here (a cache carried
+        // from another adapter, a grid past this one's limits), the two gradients run apart, each
+        // through `conv2d_pass_chosen` and its own fallback, said once.
+        let joint = match joint {
+            Some(kernel) => {
+                let splits = super::splits_for(r.gpu, &cfg, kernel);
+                match super::conv2d_backward_joint(r.gpu, &cfg, kernel, &bufs, splits) {
+                    Ok(d) => Some(d),
+                    Err(e) if matches!(kernel, ConvKernel::Workgroup(_)) => {
+                        eprintln!(
+                            "warning: {kernel} cannot run conv2d's joint backward {cfg:?} here ({e:#}); running the two gradients apart"
+                        );
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            None => None,
+        };
         for (&pass, &kernel) in passes.iter().zip(&chosen) {
             if joint.is_some() && pass != ConvPass::Forward {
                 r.conv_kernels.push((pass, kernel));
@@ -158,10 +177,7 @@ impl LayerOp for Conv2d {
                 r.backward.extend(d);
             }
         }
-        if let Some(kernel) = joint {
-            let splits = super::splits_for(r.gpu, &cfg, kernel);
-            r.backward.extend(super::conv2d_backward_joint(r.gpu, &cfg, kernel, &bufs, splits)?);
-        }
+        r.backward.extend(joint.into_iter().flatten());
         if let Some(b) = b.filter(|_| !r.fused.bias_grad_elsewhere) {
             r.backward.extend(super::conv2d_backward_bias(r.gpu, &cfg, r.dout, b.grad)?);
         }

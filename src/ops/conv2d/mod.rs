@@ -403,15 +403,20 @@ fn weight_grad_split(
 /// the driver's cap ([`Gpu::loop_cap`], llvmpipe's 65,535 iterations): a split of the register
 /// kernels walks at most cap / 4 pixels (measured on lavapipe: 3 loop iterations a pixel where
 /// the rows are one pixel wide, fewer on wider ones), of the workgroup tiles cap / 2 (18 iterations
-/// per 16-deep K step) and of the cooperative matrices cap / 4. Past the cap the sums came back
-/// partial, silently: SENet's 64 -> 128 3x3 layer at batch 128 (131,072 pixels, one split) summed
-/// 61,681 of them. Every weight-gradient launch splits at least this many ways, whatever its
-/// caller asks; 1 where the driver has no cap.
+/// per 16-deep K step), of the cooperative matrices cap / (their staging loops' iterations a pixel,
+/// rounded up, plus 1: (1 + 4T²/lanes) per T-deep step, 6 for 8 x 8 tiles on 8 lanes). Past the cap
+/// the sums came back partial, silently: a 64 -> 128 3x3 layer at batch 128 on 32x32 (131,072
+/// pixels, one split) summed 61,681 of them. Every weight-gradient launch splits at least this many
+/// ways, whatever its caller asks; 1 where the driver has no cap.
 pub fn min_weight_grad_splits(gpu: &Gpu, cfg: &Conv2dConfig, kernel: ConvKernel) -> usize {
     let Some(cap) = gpu.loop_cap() else { return 1 };
     let per_pixel = match kernel {
         ConvKernel::Workgroup(_) => 2,
-        ConvKernel::Register(_) | ConvKernel::Coop(_) => 4,
+        ConvKernel::Register(_) => 4,
+        ConvKernel::Coop(t) => {
+            let (t, lanes) = (t as usize, gpu.info.subgroup_max_size.max(1) as usize);
+            (1 + 4 * t * t / lanes).div_ceil(t) + 1
+        }
     };
     (cfg.n * cfg.out_h() * cfg.out_w()).div_ceil(cap / per_pixel)
 }

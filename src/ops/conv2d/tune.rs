@@ -308,7 +308,7 @@ fn decode_joint(s: &str) -> Option<Option<ConvKernel>> {
 /// SENet, SE-ResNet-20 and SE-ResNet-50; docs/runs/workgroup-v6-h200/tune.json) — ask the tuner: it times the two
 /// passes apart against one dispatch on either shape (on every shape built, with full tuning) and
 /// remembers the fastest under the layer's "BackwardJoint" key, "apart" where the passes apart
-/// won, so a joint dispatch replaces them only where it is measured to be at least as fast. Other
+/// won, so a joint dispatch replaces them only where it is measured faster (a tie stays apart). Other
 /// pairs run apart; so do untimed plans (`--tune off`, and quick tuning on CPU adapters).
 pub fn choose_joint(
     gpu: &Gpu,

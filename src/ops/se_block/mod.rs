@@ -207,15 +207,17 @@ pub fn se_block_forward_add_relu_affine(
     forward(gpu, cfg, inp, Some(res), weights, out, saved, Some(affine))
 }
 
-/// A max squeeze (the ablation) a workgroup per sample: each subgroup of 8 lanes (lavapipe's)
-/// scans whole channel planes, about ceil(C / 32) * (H*W + 1) + C*H*W / 256 loop iterations an
-/// invocation. Where the driver caps one invocation's loops ([`Gpu::loop_cap`]: llvmpipe) and
-/// that passes 90 % of the cap — from about 530 channels at 56 x 56 (at 1,024 lavapipe returned
-/// the wrong maximum for 384 of them) — an error saying so, not a partial result.
+/// A max squeeze (the ablation) a workgroup per sample: each subgroup scans whole channel planes,
+/// about ceil(C / subgroups) * (H*W + 1) + C*H*W / 256 loop iterations an invocation (32
+/// subgroups of lavapipe's 8 lanes). Where the driver caps one invocation's loops
+/// ([`Gpu::loop_cap`]: llvmpipe) and that passes 90 % of the cap — from 513 channels at 56 x 56 on
+/// 8 lanes (at 1,024 lavapipe returned the wrong maximum for 384 of them) — an error saying so,
+/// not a partial result.
 fn check_max_squeeze_loops(gpu: &Gpu, cfg: &SeBlockConfig) -> Result<()> {
     let Some(cap) = gpu.loop_cap().filter(|_| cfg.variant.squeeze == Squeeze::Max) else { return Ok(()) };
     let hw = cfg.h * cfg.w;
-    let loops = cfg.c.div_ceil(32) * (hw + 1) + cfg.c * hw / 256;
+    let subgroups = (WG / gpu.info.subgroup_max_size.clamp(1, WG)) as usize;
+    let loops = cfg.c.div_ceil(subgroups) * (hw + 1) + cfg.c * hw / 256;
     ensure!(
         loops <= cap / 10 * 9,
         "se_block: a max squeeze of {} channels of {}x{} would loop {loops} times in one invocation, past what \
