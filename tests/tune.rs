@@ -430,8 +430,8 @@ fn the_workgroup_kernels_run_both_gradients_in_one_dispatch() {
 /// times the two passes apart against one dispatch on every shape built (full tuning) under the
 /// layer's own "BackwardJoint" key and the plan runs what won; the next start reads those choices
 /// and times nothing. A cached joint choice is obeyed — a tile shape runs both gradients as one
-/// dispatch of it, "apart" runs the two passes on their own shapes — and one that names no tile
-/// shape is timed again.
+/// dispatch of it, "apart" runs the two passes on their own shapes — one that names no tile shape
+/// is timed again, and none is read for a pair of pass choices it was not timed against.
 #[test]
 fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
     use senet_wgpu::gpu::Switch;
@@ -485,6 +485,7 @@ fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
     let keys = joint_keys(&cache);
     assert!(!keys.is_empty() && timed == keys.len(), "{timed} timed, joint keys {keys:?}");
     for (key, choice) in &keys {
+        assert!(key.ends_with(" of tiled:64,128,16,4,8+tiled:64,64,16,4,4"), "{key}: the pair it was timed for");
         let spelled = WorkgroupTiles::ALL
             .iter()
             .any(|t| format!("tiled:{},{},{},{},{}", t.bm, t.bn, t.bk, t.tm, t.tn) == *choice);
@@ -524,6 +525,20 @@ fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
     set_joint("register:16,16,8,16");
     let (_, _, timed) = planned(TuneMode::Full);
     assert_eq!(timed, keys.len(), "unknown joint choices timed again");
+
+    // A joint choice belongs to the pair of pass choices it was timed against: with every joint
+    // forced onto one shape and then the weight gradients' choice changed, none is read for the
+    // new pair (untimed here, so the two run apart).
+    set_joint(&format!("tiled:{},{},{},{},{}", forced.bm, forced.bn, forced.bk, forced.tm, forced.tn));
+    let other = WorkgroupTiles::ALL[1];
+    let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
+    let spelled = format!("tiled:{},{},{},{},{}", other.bm, other.bn, other.bk, other.tm, other.tn);
+    std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardWeight ", &spelled)).unwrap();
+    let (kernels, joint, timed) = planned(TuneMode::Quick);
+    assert_eq!((joint, timed), (0, 0), "a joint choice read for another pair");
+    assert!(
+        kernels.values().all(|&k| k == (Some(ConvKernel::Workgroup(dgrad_tiles)), Some(ConvKernel::Workgroup(other))))
+    );
 }
 
 /// Every conv kernel family takes grouped convolutions, so the tuner offers all of them for a

@@ -132,9 +132,11 @@ pub fn tune_key(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precis
     key_for(gpu, cfg, &format!("{pass:?}"), precision)
 }
 
-/// The key of a layer's joint backward ([`choose_joint`]): the passes' keys with "BackwardJoint".
-fn joint_key(gpu: &Gpu, cfg: &Conv2dConfig, precision: Precision) -> String {
-    key_for(gpu, cfg, "BackwardJoint", precision)
+/// The key of a layer's joint backward ([`choose_joint`]): the passes' keys with "BackwardJoint",
+/// and the two passes' own choices it was timed against (" of tiled:…+tiled:…"), so a later
+/// tuning that changes either times the pair again rather than reading a choice made for another.
+fn joint_key(gpu: &Gpu, cfg: &Conv2dConfig, precision: Precision, pair: (ConvKernel, ConvKernel)) -> String {
+    format!("{} of {}+{}", key_for(gpu, cfg, "BackwardJoint", precision), pair.0.encode(), pair.1.encode())
 }
 
 /// [`tune_key`] with the pass spelled `pass`.
@@ -307,7 +309,7 @@ fn decode_joint(s: &str) -> Option<Option<ConvKernel>> {
 /// different workgroup tile shapes — one H200's quick tuning gave 20 of 30 layer shapes that (base
 /// SENet, SE-ResNet-20 and SE-ResNet-50; docs/runs/workgroup-v6-h200/tune.json) — ask the tuner: it times the two
 /// passes apart against one dispatch on either shape (on every shape built, with full tuning) and
-/// remembers the fastest under the layer's "BackwardJoint" key, "apart" where the passes apart
+/// remembers the fastest under the layer's "BackwardJoint" key for that pair, "apart" where the passes apart
 /// won, so a joint dispatch replaces them only where it is measured faster (a tie stays apart). Other
 /// pairs run apart; so do untimed plans (`--tune off`, and quick tuning on CPU adapters).
 pub fn choose_joint(
@@ -325,7 +327,7 @@ pub fn choose_joint(
     if mode == TuneMode::Off {
         return Ok(None);
     }
-    let key = joint_key(gpu, cfg, precision);
+    let key = joint_key(gpu, cfg, precision, (input, weight));
     if let Some(entry) = gpu.tuner.cached(&key) {
         match decode_joint(&entry.choice) {
             Some(k) if !(mode == TuneMode::Full && entry.mode != TuneMode::Full) => return Ok(k),
