@@ -239,8 +239,7 @@ fn force_every_choice(cache: &Path, net: Build, n: usize, choice: &str) {
         let gpu = device(TuneMode::Full, cache);
         let _ = net(&gpu, OptimizerConfig::adam(1e-3)).plan(n).unwrap();
     }
-    let text = String::from_utf8(std::fs::read(cache).unwrap()).unwrap();
-    std::fs::write(cache, with_every_choice(&text, choice)).unwrap();
+    set_choices(cache, "", choice);
 }
 
 /// One SGD training step of `net` on a device with `opts` reading the tuning cache `cache`
@@ -420,8 +419,7 @@ fn the_workgroup_kernels_run_both_gradients_in_one_dispatch() {
     assert!(same(&on.logits, &off.logits), "the evaluation's logits differ");
 
     // The weight gradients on another tile shape: one pipeline holds one shape, so none is joint.
-    let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
-    std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardWeight ", "tiled:64,64,16,4,4")).unwrap();
+    set_choices(&cache, "conv2d BackwardWeight ", "tiled:64,64,16,4,4");
     let mixed = tiled_step(&cache, tiny_net, opts(Switch::On), &x, &labels);
     assert_eq!((count(&mixed, "conv2d_backward (workgroup)"), count(&mixed, input)), (0, joint), "mixed shapes");
 }
@@ -429,7 +427,7 @@ fn the_workgroup_kernels_run_both_gradients_in_one_dispatch() {
 /// A layer whose two gradients chose different tile shapes, with `--joint-backward on`: the tuner
 /// times the two passes apart against one dispatch on every shape built (full tuning) under the
 /// layer's own "BackwardJoint" key and the plan runs what won; the next start reads those choices
-/// and times nothing. A cached joint choice is obeyed — a tile shape runs both gradients as one
+/// and times nothing, unless it is a full run and they were a quick one's. A cached joint choice is obeyed — a tile shape runs both gradients as one
 /// dispatch of it, "apart" runs the two passes on their own shapes — one that names no tile shape
 /// is timed again, and none is read for a pair of pass choices it was not timed against.
 #[test]
@@ -440,8 +438,7 @@ fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
     let cache = dir.path().join("tune.json");
     let n = 2;
     force_every_choice(&cache, tiny_net, n, "tiled:64,128,16,4,8");
-    let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
-    std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardWeight ", "tiled:64,64,16,4,4")).unwrap();
+    set_choices(&cache, "conv2d BackwardWeight ", "tiled:64,64,16,4,4");
     let (dgrad_tiles, wgrad_tiles) = (WorkgroupTiles::ALL[2], WorkgroupTiles::ALL[0]);
     let opts = |tune| GpuOptions {
         tune: Some(tune),
@@ -474,10 +471,7 @@ fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
         let keys = entries.iter().filter(|(k, _)| k.starts_with("conv2d BackwardJoint "));
         keys.map(|(k, e)| (k.clone(), e["choice"].as_str().unwrap().to_string())).collect()
     };
-    let set_joint = |choice: &str| {
-        let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
-        std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardJoint ", choice)).unwrap();
-    };
+    let set_joint = |choice: &str| set_choices(&cache, "conv2d BackwardJoint ", choice);
 
     // Timed: one entry per layer shape with an input gradient, each choice "apart" or a tile shape,
     // and the plan runs it.
@@ -486,9 +480,7 @@ fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
     assert!(!keys.is_empty() && timed == keys.len(), "{timed} timed, joint keys {keys:?}");
     for (key, choice) in &keys {
         assert!(key.ends_with(" of tiled:64,128,16,4,8+tiled:64,64,16,4,4"), "{key}: the pair it was timed for");
-        let spelled = WorkgroupTiles::ALL
-            .iter()
-            .any(|t| format!("tiled:{},{},{},{},{}", t.bm, t.bn, t.bk, t.tm, t.tn) == *choice);
+        let spelled = WorkgroupTiles::ALL.iter().any(|&t| spelled(t) == *choice);
         assert!(choice == "apart" || spelled, "{key}: {choice}");
     }
     let apart = kernels.values().filter(|&&(i, w)| i != w).count();
@@ -502,13 +494,15 @@ fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
             );
         }
     }
-    // Read back: nothing timed, the same plan.
+    // Read back: nothing timed, the same plan; a full run times again what a quick one chose.
     let again = planned(TuneMode::Quick);
     assert_eq!((&again.0, again.1, again.2), (&kernels, joint, 0), "second start");
+    set_field(&cache, "conv2d BackwardJoint ", "mode", "quick");
+    assert_eq!(planned(TuneMode::Full).2, keys.len(), "a full run reading quick joint choices");
 
     // Obeyed: a tile shape, then "apart".
     let forced = WorkgroupTiles::ALL[4];
-    set_joint(&format!("tiled:{},{},{},{},{}", forced.bm, forced.bn, forced.bk, forced.tm, forced.tn));
+    set_joint(&spelled(forced));
     let (kernels, joint, timed) = planned(TuneMode::Quick);
     assert_eq!((joint, timed), (kernels.len(), 0), "forced joint");
     assert!(kernels.values().all(|&k| k == (Some(ConvKernel::Workgroup(forced)), Some(ConvKernel::Workgroup(forced)))));
@@ -529,11 +523,9 @@ fn a_layer_whose_gradients_chose_two_tile_shapes_is_timed_joint_and_apart() {
     // A joint choice belongs to the pair of pass choices it was timed against: with every joint
     // forced onto one shape and then the weight gradients' choice changed, none is read for the
     // new pair (untimed here, so the two run apart).
-    set_joint(&format!("tiled:{},{},{},{},{}", forced.bm, forced.bn, forced.bk, forced.tm, forced.tn));
+    set_joint(&spelled(forced));
     let other = WorkgroupTiles::ALL[1];
-    let text = String::from_utf8(std::fs::read(&cache).unwrap()).unwrap();
-    let spelled = format!("tiled:{},{},{},{},{}", other.bm, other.bn, other.bk, other.tm, other.tn);
-    std::fs::write(&cache, with_pass_choice(&text, "conv2d BackwardWeight ", &spelled)).unwrap();
+    set_choices(&cache, "conv2d BackwardWeight ", &spelled(other));
     let (kernels, joint, timed) = planned(TuneMode::Quick);
     assert_eq!((joint, timed), (0, 0), "a joint choice read for another pair");
     assert!(
@@ -589,6 +581,24 @@ fn grouped_layers_are_tuned_under_their_own_keys_and_the_workgroup_kernels_run_t
     }
 }
 
+/// The tuning cache file `cache` with the choice of every entry whose key starts with `prefix`
+/// set to `choice` (`with_pass_choice`, in place).
+fn set_choices(cache: &Path, prefix: &str, choice: &str) {
+    set_field(cache, prefix, "choice", choice);
+}
+
+/// The tuning cache file `cache` with `field` of every entry whose key starts with `prefix` set
+/// to `value`.
+fn set_field(cache: &Path, prefix: &str, field: &str, value: &str) {
+    let text = String::from_utf8(std::fs::read(cache).unwrap()).unwrap();
+    std::fs::write(cache, with_pass_field(&text, prefix, field, value)).unwrap();
+}
+
+/// The tuning cache's spelling of a workgroup tile shape.
+fn spelled(t: senet_wgpu::ops::conv2d::WorkgroupTiles) -> String {
+    format!("tiled:{},{},{},{},{}", t.bm, t.bn, t.bk, t.tm, t.tn)
+}
+
 /// The cache file `text` with every choice replaced by `choice`.
 fn with_every_choice(text: &str, choice: &str) -> String {
     with_pass_choice(text, "", choice)
@@ -597,11 +607,17 @@ fn with_every_choice(text: &str, choice: &str) -> String {
 /// `text` (a tuning cache) with the choice of every entry whose key starts with `prefix` (a pass:
 /// "conv2d BackwardWeight ") set to `choice`.
 fn with_pass_choice(text: &str, prefix: &str, choice: &str) -> String {
+    with_pass_field(text, prefix, "choice", choice)
+}
+
+/// `text` (a tuning cache) with `field` of every entry whose key starts with `prefix` set to
+/// `value`.
+fn with_pass_field(text: &str, prefix: &str, field: &str, value: &str) -> String {
     let mut v: serde_json::Value = serde_json::from_str(text).unwrap();
     for dev in v["devices"].as_object_mut().unwrap().values_mut() {
         for (key, entry) in dev.as_object_mut().unwrap().iter_mut() {
             if key.starts_with(prefix) {
-                entry["choice"] = serde_json::Value::String(choice.into());
+                entry[field] = serde_json::Value::String(value.into());
             }
         }
     }

@@ -39,15 +39,23 @@ impl GemmKernel {
     /// The bindings a `conv2d_tiled.wgsl` pipeline has beyond the shared layout, in every pass:
     /// the forward's batch statistics (7, writable: `no_stats` where none are written, a buffer of
     /// its own), the batch norm applied to the input (8-10, `unused` where none is) and the joint
-    /// backward's addend (11, `unused_act` elsewhere); the coop kernel has none.
+    /// backward's addend (11: `joint_addend`, an `act` placeholder outside the joint backward); the
+    /// coop kernel has none.
     fn tiled_binds<'a>(
         self,
         stats: Option<&'a Tensor>,
         affine: Option<BnAffine<'a>>,
-        (no_stats, unused, unused_act): (&'a Tensor, &'a Tensor, &'a Tensor),
+        (no_stats, unused, joint_addend): (&'a Tensor, &'a Tensor, &'a Tensor),
     ) -> Vec<Bind<'a>> {
         let GemmKernel::Workgroup(_) = self else { return Vec::new() };
-        tiled_extra(stats.unwrap_or(no_stats), affine, unused, unused_act)
+        let [s, g, b] = affine.map_or([unused; 3], |a| [a.stats, a.gamma, a.beta]);
+        vec![
+            Bind::Tensor(7, stats.unwrap_or(no_stats)),
+            Bind::Tensor(8, s),
+            Bind::Tensor(9, g),
+            Bind::Tensor(10, b),
+            Bind::Tensor(11, joint_addend),
+        ]
     }
 
     /// One launch in `mode` over a `rows` x `cols` GEMM with `z` K splits, for `cfg`'s layer.
@@ -75,24 +83,6 @@ impl GemmKernel {
             (GemmKernel::Coop(_), _) => "conv2d_backward_weight (coop)",
         }))
     }
-}
-
-/// `conv2d_tiled.wgsl`'s bindings 7-11 ([`GemmKernel::tiled_binds`]): the statistics target, the
-/// batch norm applied to the input (or `unused`), the joint backward's addend (or `unused_act`).
-fn tiled_extra<'a>(
-    stats: &'a Tensor,
-    affine: Option<BnAffine<'a>>,
-    unused: &'a Tensor,
-    joint_addend: &'a Tensor,
-) -> Vec<Bind<'a>> {
-    let [s, g, b] = affine.map_or([unused; 3], |a| [a.stats, a.gamma, a.beta]);
-    vec![
-        Bind::Tensor(7, stats),
-        Bind::Tensor(8, s),
-        Bind::Tensor(9, g),
-        Bind::Tensor(10, b),
-        Bind::Tensor(11, joint_addend),
-    ]
 }
 
 /// The bytes a pass reads for a batch norm it applies to its input: the statistics and the scale
@@ -332,7 +322,7 @@ pub(super) fn backward_joint(
         Bind::Tensor(5, dout),
         Bind::Tensor(6, w.target(dweight)),
     ];
-    binds.extend(tiled_extra(&no_stats, affine, &unused, addend_or_unused));
+    binds.extend(gemm.tiled_binds(None, affine, (&no_stats, &unused, addend_or_unused)));
     let (flops, bytes) = input_grad_cost(cfg, (dout, weight, dinp), addend);
     let precision = Precision::of(dout);
     let first = super::workgroup::dispatch(gpu, t, JOINT, (cfg.kh, cfg.kw), &binds, grid, precision)?

@@ -183,19 +183,8 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
         return Ok(cands[0]);
     }
     let key = tune_key(gpu, cfg, pass, precision);
-    if let Some(entry) = gpu.tuner.cached(&key) {
-        match ConvKernel::decode(&entry.choice) {
-            // A full run times again what a quick one chose.
-            Some(k) if !(mode == TuneMode::Full && entry.mode != TuneMode::Full) => return Ok(k),
-            Some(_) => gpu.tuner.forget(&key),
-            None => {
-                eprintln!(
-                    "warning: the tuning cache names an unknown kernel {:?} for {key}; timing again",
-                    entry.choice
-                );
-                gpu.tuner.forget(&key);
-            }
-        }
+    if let Some(k) = cached_choice(gpu, &key, "kernel", ConvKernel::decode) {
+        return Ok(k);
     }
     if cands.len() == 1 {
         return Ok(cands[0]);
@@ -225,6 +214,23 @@ pub fn choose(gpu: &Gpu, cfg: &Conv2dConfig, pass: ConvPass, precision: Precisio
     let (kernel, secs) = best.with_context(|| format!("no conv2d kernel could run {key}"))?;
     gpu.tuner.store(&key, TuneEntry { choice: kernel.encode(), ms: secs * 1e3, mode }, start.elapsed().as_secs_f64());
     Ok(kernel)
+}
+
+/// The tuning cache's choice under `key`, decoded by `decode`, where this run may use it; else
+/// `None` and the entry forgotten, to be timed again: a full run times again what a quick one
+/// chose, and a choice `decode` does not know (a cache written by another version, or edited,
+/// never selects a kernel that was not built and tested) is said once, as an unknown `what`.
+fn cached_choice<T>(gpu: &Gpu, key: &str, what: &str, decode: impl Fn(&str) -> Option<T>) -> Option<T> {
+    let entry = gpu.tuner.cached(key)?;
+    match decode(&entry.choice) {
+        Some(k) if !(gpu.tuner.mode == TuneMode::Full && entry.mode != TuneMode::Full) => return Some(k),
+        Some(_) => {}
+        None => {
+            eprintln!("warning: the tuning cache names an unknown {what} {:?} for {key}; timing again", entry.choice)
+        }
+    }
+    gpu.tuner.forget(key);
+    None
 }
 
 /// Scratch buffers of a layer's shapes in a plan's types (activations and GEMM operands of its
@@ -328,18 +334,8 @@ pub fn choose_joint(
         return Ok(None);
     }
     let key = joint_key(gpu, cfg, precision, (input, weight));
-    if let Some(entry) = gpu.tuner.cached(&key) {
-        match decode_joint(&entry.choice) {
-            Some(k) if !(mode == TuneMode::Full && entry.mode != TuneMode::Full) => return Ok(k),
-            Some(_) => gpu.tuner.forget(&key),
-            None => {
-                eprintln!(
-                    "warning: the tuning cache names an unknown joint backward {:?} for {key}; timing again",
-                    entry.choice
-                );
-                gpu.tuner.forget(&key);
-            }
-        }
+    if let Some(k) = cached_choice(gpu, &key, "joint backward", decode_joint) {
+        return Ok(k);
     }
     if mode == TuneMode::Quick && gpu.is_cpu() {
         return Ok(None);
