@@ -4,8 +4,12 @@
 //! SENet's 3x3 layers at width 1 (batch 32) and two SE-ResNet-50 layers (batch 8). Each round
 //! times both forms, best of 3 runs each, alternating which goes first; the table gives the best
 //! of all rounds and the joint time over the separate one. Arguments (after `--`): rounds
-//! (default 3). Compare figures from one run. Measured on lavapipe (dev profile, 2 cores): joint /
-//! separate 1.32, 1.14, 1.26 and 1.61 for the four layers — why CPU adapters run the two apart.
+//! (default 3). Compare figures from one run. Measured on lavapipe (dev profile, 2 cores, one run
+//! each): joint / separate 1.88, 1.59, 1.60 and 1.75 for the four layers with the input gradient's
+//! workgroups all before the weight gradient's (lavapipe gives each thread one contiguous run of a
+//! dispatch's workgroups, so one thread did most of the work), 1.00, 1.01, 1.07 and 1.03 with the
+//! two interleaved (`joint_slot`), the weight gradient walking a kernel row at a time where its
+//! own pass does and both blocks entered unconditionally.
 
 mod common;
 

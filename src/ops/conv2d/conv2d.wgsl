@@ -138,7 +138,7 @@
 //       the batch norm's forward, with and without, one run): the convolution 0.91-1.03x in 8 of 10
 //       pairs, the two together 0.74-1.03x. Indexing `acc` per row and column instead (as the
 //       store loop does) made 1x1 layers 1.08-1.56x slower (docs/runs/bn-stats-lavapipe/).
-//   v20 (this) the weight gradient of a layer 3 wide with padding 1, stride 1 and dilation 1 across, stride
+//   v20 the weight gradient of a layer 3 wide with padding 1, stride 1 and dilation 1 across, stride
 //       1 down, a kernel row at a time (WGRAD_ROW3, wgrad_row3_block; host `register::row3_wgrad`,
 //       `--conv-3x3`; any width): an invocation owns 4 input channels x WGRAD_N output channels at
 //       the row's three taps (48 vec4 accumulators where the one-tap walk has 64) and keeps the
@@ -148,8 +148,18 @@
 //       order, 0 products at the padding). cargo bench --bench conv_3x3 (the base SENet's 3x3 shapes
 //       at batch 16, both forms in one run, best of 3 rounds): weight gradient 1.29-1.74x faster in
 //       f32, 1.31-1.77x in f16; a second run 1.09-1.79x and 1.20-1.70x, the 4x4 layer the least
-//       (docs/runs/conv-3x3-lavapipe/). The joint kernel (conv2d_backward,
-//       GPUs) keeps the one-tap walk.
+//       (docs/runs/conv-3x3-lavapipe/).
+//   v21 (this) the joint kernel's workgroups interleaved in proportion (`joint_slot`,
+//       conv2d_params.wgsl) instead of all the input gradient's first, its weight-gradient blocks
+//       a kernel row at a time where the pass's own are (WGRAD_ROW3), and both blocks entered in
+//       every workgroup, the one not run given a group past the last, rather than one inside a
+//       branch: bit for bit v20's passes. cargo bench --bench conv_backward (dev profile, best of 3
+//       rounds, one run each): joint / separate 1.88, 1.59, 1.60, 1.75 before; 1.02, 1.05, 1.15,
+//       1.05 interleaved with the row walk; 1.00, 1.01, 1.07, 1.03 unbranched. Lavapipe hands each
+//       of its threads one contiguous run of a dispatch's workgroups, so with the input gradient's
+//       all first one thread did most of a layer's; and it runs both sides of a branch (masked), so
+//       a block inside one paid for its masks (a 1x1 input gradient by ~10 %). The block not run
+//       still costs its masked pass in every workgroup (the 1x1 layer's remaining 7 %).
 //   tried, not kept: the weight gradient walking four pixels at a time for stride-1 layers as wide
 //       as their input (W a multiple of 4, LANES): per input channel one aligned vec4 and one
 //       neighbour for the lane's tap, per lane one vec4 of dout, then the four pixels' products in
@@ -1480,10 +1490,11 @@ fn wgrad_row3_block(gid: vec3<u32>, lane: u32) {
 
 // A layer's input gradient and weight gradient in one dispatch (MODE 1): both read dout and write
 // buffers the other does not touch, so nothing orders them, and the device is filled by the
-// blocks of both. Workgroups count row-major over the 2-D grid: the first p.joint_dn run
-// conv2d_gemm's input-gradient blocks (its grid p.joint_dx wide), the next run
-// conv2d_backward_weight's (its grid p.joint_wx x p.joint_wy x p.splits), the rest nothing. Each
-// block is the invocation the separate kernel would run, so every value is bit for bit theirs.
+// blocks of both. Workgroups count row-major over the 2-D grid and `joint_slot` says which
+// gradient's each runs: conv2d_gemm's input-gradient blocks (its grid p.joint_dx wide) or
+// conv2d_backward_weight's (its grid p.joint_wx x p.joint_wy x p.splits, a kernel row at a time
+// with WGRAD_ROW3 as there). Each block is the invocation the separate kernel would run, so every
+// value is bit for bit theirs.
 @compute @workgroup_size(WG)
 fn conv2d_backward(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -1491,15 +1502,19 @@ fn conv2d_backward(
     @builtin(local_invocation_index) li: u32,
     lane: LaneId,
 ) {
-    let b = wid.x + wid.y * nwg.x;
-    if (b < p.joint_dn) {
-        gemm_block(vec3<u32>((b % p.joint_dx) * WG + li, b / p.joint_dx, 0u), lane_index(lane));
-        return;
-    }
-    let w = b - p.joint_dn;
+    let slot = joint_slot(wid.x + wid.y * nwg.x);
+    let b = slot.y;
+    // Both blocks are called in every workgroup, the one it does not run with a group past the
+    // last, so that it returns at once: on lavapipe a block inside a branch ran slower than the
+    // same block entered unconditionally (a 1x1 layer's input gradient by a tenth).
+    let past = 0xffffffffu;
+    gemm_block(vec3<u32>((b % p.joint_dx) * WG + li, select(past, b / p.joint_dx, slot.x == 0u), 0u), lane_index(lane));
     let xy = p.joint_wx * p.joint_wy;
-    if (w < xy * p.splits) {
-        wgrad_block(vec3<u32>((w % p.joint_wx) * WG + li, (w % xy) / p.joint_wx, w / xy), lane_index(lane));
+    let wgid = vec3<u32>((b % p.joint_wx) * WG + li, select(past, (b % xy) / p.joint_wx, slot.x == 1u), b / xy);
+    if (WGRAD_ROW3) {
+        wgrad_row3_block(wgid, lane_index(lane));
+    } else {
+        wgrad_block(wgid, lane_index(lane));
     }
 }
 

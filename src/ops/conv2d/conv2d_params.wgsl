@@ -20,8 +20,8 @@
 // the training batch norm before the convolution, which the loads apply with its ReLU
 // (conv2d_tiled.wgsl's bindings 8-10).
 // `phase_row` (below): conv2d.wgsl's and conv2d_tiled.wgsl's strided input gradients.
-// `joint_*` (conv2d.wgsl's conv2d_backward, conv2d_tiled.wgsl's MODE 3): where the input
-// gradient's workgroups end and how the weight gradient's are numbered.
+// `joint_*` (conv2d.wgsl's conv2d_backward, conv2d_tiled.wgsl's MODE 3): how many workgroups
+// each gradient has and how each numbers them (`joint_slot`, below).
 // MODE, FWD, DGRAD, `mode()` (the GEMM an invocation runs) and `addend_at` are each family's own.
 
 struct Params {
@@ -30,8 +30,9 @@ struct Params {
     kw: u32, stride_h: u32, stride_w: u32, pad_h: u32,
     pad_w: u32, dil_h: u32, dil_w: u32, has_bias: u32,
     splits: u32, split_len: u32, groups: u32, relu: u32,
-    accumulate: u32, joint_dx: u32, joint_dn: u32, joint_wx: u32,
-    joint_wy: u32, stats: u32, affine_in: u32, _pad2: u32,
+    accumulate: u32, stats: u32, affine_in: u32, joint_dx: u32,
+    joint_dn: u32, joint_wx: u32, joint_wy: u32, joint_wn: u32,
+    joint_shift: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -76,4 +77,40 @@ fn phase_row(m: u32) -> vec3<u32> {
         }
     }
     return vec3<u32>(0u, 0u, 0u);
+}
+
+// A joint backward's workgroup l (numbered along x, then y): (0, i) the input gradient's
+// workgroup i (of p.joint_dn), (1, i) the weight gradient's workgroup i (of p.joint_wn), (2, 0) past
+// both (the grid's last row may be part-filled); each i in the order of that pass's own grid.
+// The two are interleaved in proportion: the grid is cut into s_n = 2^p.joint_shift slices, slice
+// s holding the input gradient's workgroups [s * dn / s_n, (s + 1) * dn / s_n) and then the weight
+// gradient's [s * wn / s_n, (s + 1) * wn / s_n). Run one after the other, the input gradient's all
+// first, lavapipe (which gives each of its threads one contiguous run of a dispatch's workgroups)
+// left one thread with most of the work: a layer whose input gradient alone cost 98 ms took 197
+// ms in the joint grid, 100 ms with its workgroups spread out (benches/conv_backward.rs). The host
+// keeps s_n * total below 2^32, so every product here fits a u32, and s_n at most half the total,
+// so that a slice's start is less than two workgroups from its proportional place. One division
+// (lavapipe runs each a lane at a time).
+fn joint_slot(l: u32) -> vec2<u32> {
+    let dn = p.joint_dn;
+    let wn = p.joint_wn;
+    let total = dn + wn;
+    if (l >= total) {
+        return vec2<u32>(2u, 0u);
+    }
+    let k = p.joint_shift;
+    // Slice s starts at (s * dn >> k) + (s * wn >> k): at most s * total / s_n and more than that
+    // less 2, which is at least s_n / total less 1; so l * s_n / total is l's slice or the one
+    // before it.
+    var s = (l << k) / total;
+    if (s + 1u < (1u << k) && ((s + 1u) * dn >> k) + ((s + 1u) * wn >> k) <= l) {
+        s += 1u;
+    }
+    let d0 = s * dn >> k;
+    let d_here = ((s + 1u) * dn >> k) - d0;
+    let at = l - d0 - (s * wn >> k);
+    if (at < d_here) {
+        return vec2<u32>(0u, d0 + at);
+    }
+    return vec2<u32>(1u, (s * wn >> k) + at - d_here);
 }

@@ -74,7 +74,7 @@
 // columns no tap reaches skipping its K loop: on the H200 the register blocks beat v6 on SE-ResNet-50's
 // stride-2 1x1 input gradients, whose tiles computed 3 zero pixels in 4. None of these is timed on
 // a GPU yet.
-// v8 (this): MODE 3 (JOINT), a layer's input gradient and weight gradient in one dispatch on the same tile
+// v8: MODE 3 (JOINT), a layer's input gradient and weight gradient in one dispatch on the same tile
 // shape, as the register family's conv2d_backward: each workgroup runs one tile of one of the two
 // GEMMs (`enter_joint`), exactly the invocations it runs apart, so the results are theirs bit for
 // bit; the other modes' branches on `mode()` fold to v7's. One dispatch fewer per convolution whose
@@ -82,6 +82,11 @@
 // tiles fill the device together where each alone leaves it part-idle (SE-ResNet-50's last stage at
 // batch 32: 13 x 4 input-gradient tiles of 128 x 128 for a layer of 512 input channels). Not timed
 // on a GPU yet.
+// v9 (this): the joint's tiles of the two GEMMs interleaved in proportion (conv2d_params.wgsl's
+// `joint_slot`, shared with the register family's joint) instead of all the input gradient's
+// first: on lavapipe, which hands each thread one contiguous run of a dispatch's workgroups, the
+// register family's joint took up to 1.9x the two passes' time that way. The same tiles, so the
+// same values; not timed on a GPU.
 
 override BM: u32 = 64u;
 override BN: u32 = 64u;
@@ -131,25 +136,25 @@ fn addend_at(i: u32) -> f32 {
 // enter_joint's workgroup past both GEMMs' tiles.
 const PAST: u32 = 0xffffffffu;
 
-// A joint pipeline's workgroup l (numbered along x, then y; `width` per row): the input gradient's
-// tile l while l < p.joint_dn (p.joint_dx tiles per row of its grid, p.joint_dn / groups per
-// group), then the weight gradient's tile l - p.joint_dn (p.joint_wx per row, p.joint_wx *
+// A joint pipeline's workgroup l (numbered along x, then y; `width` per row; `joint_slot` says
+// which gradient's tile it runs): the input gradient's tile i (p.joint_dx tiles per row of its
+// grid, p.joint_dn / groups per group) or the weight gradient's (p.joint_wx per row, p.joint_wx *
 // p.joint_wy per split and group). Sets pass_mode and returns the workgroup id that pass's own
 // grid gives the tile, so each tile runs exactly the invocations it runs apart; x = PAST for a
-// workgroup past both (the grid's last row may be part-filled). Workgroup-uniform.
+// workgroup past both. Workgroup-uniform.
 fn enter_joint(wid: vec3<u32>, width: u32) -> vec3<u32> {
-    var l = wid.y * width + wid.x;
+    let slot = joint_slot(wid.y * width + wid.x);
+    let l = slot.y;
     var x_n = p.joint_dx;
     var per_z = p.joint_dn / p.groups;
     pass_mode = DGRAD;
-    if (l >= p.joint_dn) {
-        l -= p.joint_dn;
+    if (slot.x == 2u) {
+        return vec3<u32>(PAST, 0u, 0u);
+    }
+    if (slot.x == 1u) {
         x_n = p.joint_wx;
         per_z = p.joint_wx * p.joint_wy;
         pass_mode = WGRAD;
-        if (l >= per_z * p.splits * p.groups) {
-            return vec3<u32>(PAST, 0u, 0u);
-        }
     }
     return vec3<u32>(l % x_n, (l % per_z) / x_n, l / per_z);
 }

@@ -178,10 +178,10 @@ impl Conv2dConfig {
             groups: to_u32("groups", c.groups)?,
             relu: 0,
             accumulate: 0,
-            joint: [0; 4],
             stats: 0,
             affine_in: 0,
-            _pad: 0,
+            joint: [0; 6],
+            _pad: [0; 3],
         })
     }
 }
@@ -214,17 +214,16 @@ struct Params {
     relu: u32,
     /// The input gradient's addend ([`ConvBuffers::dinp_addend`]): 1 adds it, 0 not.
     accumulate: u32,
-    /// The joint backward's workgroup numbering (`conv2d_backward`, register family): the input
-    /// gradient's grid width and workgroup count, the weight gradient's grid width and height.
-    joint: [u32; 4],
     /// The forward's batch statistics ([`ConvBuffers::out_stats`], register family): the
     /// invocations per statistics block, 0 = none written.
     stats: u32,
     /// The batch norm applied as the input is loaded ([`ConvBuffers::input_affine`], workgroup
     /// family): 1 applies it, 0 not.
     affine_in: u32,
+    /// The joint backward's workgroup numbering ([`joint_grid`]).
+    joint: [u32; 6],
     /// The block padded to 16 bytes, as WGSL's uniform layout wants.
-    _pad: u32,
+    _pad: [u32; 3],
 }
 
 impl Params {
@@ -250,7 +249,7 @@ impl Params {
     }
 
     /// The joint backward's workgroup numbering.
-    fn with_joint(self, joint: [u32; 4]) -> Params {
+    fn with_joint(self, joint: [u32; 6]) -> Params {
         Params { joint, ..self }
     }
 }
@@ -560,15 +559,28 @@ pub fn conv2d_backward_joint(
 }
 
 /// The grid of a joint backward whose input gradient alone runs on `input` and weight gradient on
-/// `weight` (each pass's own grid), workgroups numbered along x then y, and its numbering for the
-/// shader (`Params::joint`): the input gradient's grid width and workgroup count, the weight
-/// gradient's grid width and height.
-fn joint_grid(gpu: &Gpu, input: [u32; 3], weight: [u32; 3]) -> Result<([u32; 3], [u32; 4])> {
-    let count = |g: [u32; 3]| g.iter().map(|&x| x as usize).product::<usize>();
-    let total = count(input) + count(weight);
-    let x = total.min(gpu.limits.max_compute_workgroups_per_dimension as usize);
-    let grid = [to_u32("joint workgroups", x)?, to_u32("joint workgroups", total.div_ceil(x))?, 1];
-    Ok((grid, [input[0], to_u32("joint workgroups", count(input))?, weight[0], weight[1]]))
+/// `weight` (each pass's own grid), workgroups numbered along x then y, the two passes' interleaved
+/// in proportion (`joint_slot` in conv2d_params.wgsl), and its numbering for the shader
+/// (`Params::joint`): the input gradient's grid width and workgroup count, the weight gradient's
+/// grid width, height and workgroup count, and log2 of the slices.
+fn joint_grid(gpu: &Gpu, input: [u32; 3], weight: [u32; 3]) -> Result<([u32; 3], [u32; 6])> {
+    let count = |g: [u32; 3]| to_u32("joint workgroups", g.iter().map(|&x| x as usize).product::<usize>());
+    let (dn, wn) = (count(input)?, count(weight)?);
+    // The shader adds the two counts in a u32.
+    let total = to_u32("joint workgroups", dn as usize + wn as usize)?;
+    let x = total.min(gpu.limits.max_compute_workgroups_per_dimension);
+    let grid = [x, total.div_ceil(x), 1];
+    Ok((grid, [input[0], dn, weight[0], weight[1], wn, joint_shift(total)]))
+}
+
+/// log2 of the slices a joint grid of `total` workgroups is cut into (`joint_slot`): the most, up
+/// to 1024, with at least two workgroups a slice and slices times `total` below 2^32.
+fn joint_shift(total: u32) -> u32 {
+    let mut k = 0;
+    while k < 10 && (2u64 << k) * 2 <= u64::from(total) && (2u64 << k) * u64::from(total) <= u64::from(u32::MAX) {
+        k += 1;
+    }
+    k
 }
 
 /// [`run_pass`] on the register kernel (`conv2d.wgsl`).
@@ -689,4 +701,28 @@ pub fn conv2d_backward_bias(gpu: &Gpu, cfg: &Conv2dConfig, dout: &Tensor, dbias:
     let bytes = dout.dtype.bytes() * dout.numel() + dbias.dtype.bytes() * dbias.numel();
     let d = gpu.dispatch_in(Precision::of(dout), "conv2d", "conv2d_backward_bias", &consts, &binds, grid)?;
     Ok(vec![d.with_cost(dout.numel() as f64, bytes as f64)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `joint_slot`'s slices: as many as the three bounds allow (at most 1024, at least two
+    /// workgroups a slice, slices times the total below 2^32, so the shader's products fit a u32),
+    /// and one more would break one of them.
+    #[test]
+    fn a_joint_grid_has_the_most_slices_its_bounds_allow() {
+        let fits = |k: u32, total: u32| {
+            k <= 10
+                && (k == 0 || (1u64 << k) * 2 <= u64::from(total))
+                && (1u64 << k) * u64::from(total) <= u64::from(u32::MAX)
+        };
+        let totals = (1..5000).chain([65_535, 4_194_303, 4_194_304, 4_194_305, 1 << 30, u32::MAX - 1, u32::MAX]);
+        for total in totals {
+            let k = joint_shift(total);
+            assert!(fits(k, total), "{total} workgroups: 2^{k} slices");
+            assert!(!fits(k + 1, total), "{total} workgroups: 2^{k} slices where 2^{} fit", k + 1);
+        }
+        assert_eq!((joint_shift(3), joint_shift(4), joint_shift(2048), joint_shift(1 << 22)), (0, 1, 10, 9));
+    }
 }

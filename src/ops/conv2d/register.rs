@@ -409,9 +409,15 @@ impl WeightGrad {
 }
 
 impl RegisterTiles {
-    /// The weight-gradient constants of conv2d.wgsl.
-    fn wgrad_constants(&self) -> [(&'static str, f64); 3] {
-        [("WG", WG as f64), ("WGRAD_CI", self.wgrad_ci as f64), ("WGRAD_N", self.wgrad_n as f64)]
+    /// The weight-gradient constants of conv2d.wgsl; `row3`: a kernel row at a time
+    /// ([`row3_wgrad`]).
+    fn wgrad_constants(&self, row3: bool) -> [(&'static str, f64); 4] {
+        [
+            ("WG", WG as f64),
+            ("WGRAD_CI", self.wgrad_ci as f64),
+            ("WGRAD_N", self.wgrad_n as f64),
+            ("WGRAD_ROW3", f64::from(u8::from(row3))),
+        ]
     }
 }
 
@@ -472,8 +478,7 @@ pub(super) fn backward_weight(
     let row3 = row3_wgrad(gpu, cfg);
     let g = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, row3)?;
     let params = gpu.uniform("conv2d params", &cfg.params(g.splits, g.split_len)?);
-    let mut consts = tiles.wgrad_constants().to_vec();
-    consts.push(("WGRAD_ROW3", f64::from(u8::from(row3))));
+    let consts = tiles.wgrad_constants(row3);
     let partial = g.partial(gpu, cfg)?;
     let out = partial.as_ref().unwrap_or(dweight);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, out)];
@@ -499,8 +504,8 @@ pub(super) fn backward_joint(
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
     let d = InputGrad::new(gpu, cfg, tiles, dout, weight, dinp, addend)?;
-    // The joint kernel's weight-gradient blocks are the one-tap walk's.
-    let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, false)?;
+    let row3 = row3_wgrad(gpu, cfg);
+    let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, row3)?;
     let (grid, joint) = super::joint_grid(gpu, d.grid, w.grid)?;
     let params = cfg.params(w.splits, w.split_len)?.with_accumulate(addend.is_some()).with_joint(joint);
     let params = gpu.uniform("conv2d params", &params);
@@ -525,7 +530,7 @@ pub(super) fn backward_joint(
         Bind::Tensor(13, &no_stats),
     ];
     let mut consts = tiles.gemm_constants(1, quads.form).to_vec();
-    consts.extend_from_slice(&tiles.wgrad_constants()[1..]);
+    consts.extend_from_slice(&tiles.wgrad_constants(row3)[1..]);
     let first = gpu
         .dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_backward", &consts, &binds, grid)?
         .with_cost(d.flops + w.flops, d.bytes + w.bytes);
