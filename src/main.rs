@@ -92,9 +92,8 @@ struct Cli {
     bn_apply: gpu::ConvForm,
     /// With --fuse on, a convolution's input and weight gradients run as one dispatch where one
     /// kernel runs both (the register kernels, or the workgroup tiles when both gradients chose
-    /// the same tile shape): auto = on GPU adapters (on lavapipe the register joint kernel is
-    /// slower than the two dispatches), on = on any adapter, off = never. Changes dispatches and
-    /// speed, not values.
+    /// the same tile shape or the tuner measured one dispatch faster): auto and on = on every
+    /// adapter, off = never (for comparing). Changes dispatches and speed, not values.
     #[arg(long, global = true, value_enum, env = "SENET_JOINT_BACKWARD", default_value_t)]
     joint_backward: gpu::Switch,
     /// SE blocks (mean squeeze) as a reduction spread over channels, a pass per sample for the

@@ -386,17 +386,12 @@ fn fused_plans_replace_the_block_tails() {
         // Per block, forward: add and relu into one (1 fewer), or se, add and relu into one (2);
         // backward: relu and add into one (1), or relu, add and the SE's input pass (2), and the
         // SE's weight-gradient pass into the batch norm's backward (1); and the fork sum (1).
-        // And on a GPU every convolution but the stem (whose input gradient nobody reads) runs its
-        // input and weight gradients as one dispatch (the register kernels, the built-in choice);
-        // a CPU adapter runs them apart (tests/kernels/conv2d.rs tests the joint kernel there).
+        // And every convolution but the stem (whose input gradient nobody reads) runs its input and
+        // weight gradients as one dispatch (the register kernels, the built-in choice).
         let joint = count(&train, "conv2d_backward");
-        if on.is_cpu() {
-            assert_eq!(joint, 0, "{model}: a joint backward on a CPU adapter");
-        } else {
-            assert!(joint >= 2 * blocks, "{model}: {joint} joint backward dispatches");
-            assert_eq!(joint, count(&train_off, "conv2d_backward_input"), "{model}: every input gradient joint");
-            assert_eq!(count(&train, "conv2d_backward_input"), 0, "{model}");
-        }
+        assert!(joint >= 2 * blocks, "{model}: {joint} joint backward dispatches");
+        assert_eq!(joint, count(&train_off, "conv2d_backward_input"), "{model}: every input gradient joint");
+        assert_eq!(count(&train, "conv2d_backward_input"), 0, "{model}");
         assert_eq!(count(&train_off, "conv2d_backward"), 0, "{model} --fuse off runs a joint backward");
         // The head: the loss's rows and reduce in one dispatch (training and evaluation), and the
         // classifier's input gradient spread over the average pool's input by the classifier.
@@ -758,18 +753,18 @@ fn batch_norm_epilogues_leave_training_steps_bit_for_bit() {
             let bias = "conv2d_backward_bias";
             assert_eq!((count(&train, bias), count(&train_off, bias)), (1, 5), "{what}: {bias}, fused and not");
             // Saved: four pools each way, four bias gradients, the head's three (the loss's reduce
-            // and the average pool's two passes), and on a GPU the four convolutions whose input
-            // gradient is read run it with their weight gradient as one dispatch — in the register
-            // kernels only: an f16 plan on cooperative matrices has no joint form.
+            // and the average pool's two passes), and the four convolutions whose input gradient is
+            // read run it with their weight gradient as one dispatch — in the register kernels
+            // only: an f16 plan on cooperative matrices has no joint form.
             let coop = precision == Precision::F16 && on.coop_tile.is_some();
-            let joint = if on.is_cpu() || coop { 0 } else { 4 };
+            let joint = if coop { 0 } else { 4 };
             assert_eq!(count(&train, "conv2d_backward"), joint, "{what}: joint backward dispatches");
             assert_eq!(train_off.len() - train.len(), 4 + 4 + 4 + 3 + joint, "{what}: training dispatches saved");
         }
     }
 }
 
-/// `--joint-backward on` (the default on GPU adapters only): every convolution whose input
+/// `--joint-backward on` (the default): every convolution whose input
 /// gradient is read runs it with its weight gradient as one dispatch (`conv2d_backward`), and the
 /// step is the separate dispatches' bit for bit, f32 and f16 — each of the joint kernel's blocks
 /// is an invocation the separate kernels run (tests/kernels/conv2d.rs checks it per layer). The

@@ -100,10 +100,11 @@ pub struct GpuOptions {
     /// (`--bn-apply`); off: the batch norm writes its output and the convolution reads it. The
     /// same values (bit for bit where the driver rounds the multiply-add alike in both kernels).
     pub bn_apply: ConvForm,
-    /// With `--fuse on`, a convolution's input and weight gradients in one dispatch where the
-    /// register kernels run both (`conv2d_backward`, `--joint-backward`): auto = on GPU adapters
-    /// (on lavapipe the joint kernel is slower than the two dispatches), on = on any adapter, off =
-    /// never. The same values bit for bit either way.
+    /// With `--fuse on`, a convolution's input and weight gradients in one dispatch where one
+    /// kernel runs both (`conv2d_backward`, `--joint-backward`): auto and on = on every adapter
+    /// (on lavapipe the joint kernel takes 1.00-1.07x the two dispatches' time per layer and the
+    /// step is level within its noise, benches/conv_backward.rs), off = never. The same values bit
+    /// for bit either way.
     pub joint_backward: Switch,
     /// A mean-squeeze SE block as a reduction spread over channels, a pass per sample for its
     /// FCs and an elementwise pass, each way (`--se-split`), instead of one workgroup per sample:
@@ -448,11 +449,7 @@ impl Gpu {
             conv_3x3: opts.conv_3x3 == ConvForm::On,
             bn_stats: opts.bn_stats == ConvForm::On,
             bn_apply: opts.bn_apply == ConvForm::On,
-            joint_backward: match opts.joint_backward {
-                Switch::Auto => info.device_type != wgpu::DeviceType::Cpu,
-                Switch::On => true,
-                Switch::Off => false,
-            },
+            joint_backward: opts.joint_backward != Switch::Off,
             se_split: match opts.se_split {
                 Switch::Auto => info.device_type != wgpu::DeviceType::Cpu,
                 Switch::On => true,

@@ -527,9 +527,9 @@ pub fn joint_kernel(input: ConvKernel, weight: ConvKernel) -> Option<ConvKernel>
 /// `conv2d_backward` of the register family, MODE 3 of the workgroup tiles), the weight gradient
 /// split `splits` ways (then reduced): bit for bit the `BackwardInput` and `BackwardWeight` passes
 /// of the same kernel, with half the dispatches and both GEMMs' workgroups filling the device at
-/// once (plans record it on GPUs only: the register kernel's is slower than the two dispatches on
-/// lavapipe, benches/conv_backward.rs). The tiles also apply a batch norm to the weight gradient's
-/// input ([`ConvBuffers::input_affine`]); the register kernel does not.
+/// once (on lavapipe 1.00-1.07x the two dispatches' time, benches/conv_backward.rs). The tiles
+/// also apply a batch norm to the weight gradient's input ([`ConvBuffers::input_affine`]); the
+/// register kernel does not.
 pub fn conv2d_backward_joint(
     gpu: &Gpu,
     cfg: &Conv2dConfig,
