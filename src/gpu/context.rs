@@ -102,9 +102,9 @@ pub struct GpuOptions {
     pub bn_apply: ConvForm,
     /// With `--fuse on`, a convolution's input and weight gradients in one dispatch where one
     /// kernel runs both (`conv2d_backward`, `--joint-backward`): auto and on = on every adapter
-    /// (on lavapipe the joint kernel takes 1.00-1.07x the two dispatches' time per layer and the
-    /// step is level within its noise, benches/conv_backward.rs), off = never. The same values bit
-    /// for bit either way.
+    /// (on lavapipe the joint kernel takes 1.00-1.07x the two dispatches' time per layer,
+    /// benches/conv_backward.rs, and a base SENet step about 2 % longer: kept so that the plan
+    /// lavapipe tests is a GPU's), off = never. The same values bit for bit either way.
     pub joint_backward: Switch,
     /// A mean-squeeze SE block as a reduction spread over channels, a pass per sample for its
     /// FCs and an elementwise pass, each way (`--se-split`), instead of one workgroup per sample:
