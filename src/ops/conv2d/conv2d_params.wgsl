@@ -99,9 +99,9 @@ fn joint_slot(l: u32) -> vec2<u32> {
         return vec2<u32>(2u, 0u);
     }
     let k = p.joint_shift;
-    // Slice s starts at (s * dn >> k) + (s * wn >> k): at most s * total / s_n and more than that
-    // less 2, which is at least s_n / total less 1; so l * s_n / total is l's slice or the one
-    // before it.
+    // Slice s starts at (s * dn >> k) + (s * wn >> k), in (s * total / s_n - 2, s * total / s_n];
+    // with s_n at most total / 2 that is past (s - 1) * total / s_n, so l * s_n / total is l's
+    // slice or the one before it.
     var s = (l << k) / total;
     if (s + 1u < (1u << k) && ((s + 1u) * dn >> k) + ((s + 1u) * wn >> k) <= l) {
         s += 1u;
