@@ -22,7 +22,7 @@
 // WGRAD_N output channels (8 or 16) at one tap for the weight gradient (conv2d_backward_weight;
 // for a layer 3 wide with padding 1 and stride 1, 4 input channels x WGRAD_N at a kernel row's
 // three taps, WGRAD_ROW3; conv2d_backward runs a layer's input-gradient and weight-gradient blocks in one dispatch, as a
-// GPU's plan fused with `--fuse on` does). The sizes are override
+// plan fused with `--fuse on` does on any adapter). The sizes are override
 // constants chosen per adapter and layer by ops::conv2d::RegisterTiles. On lavapipe every storage
 // load runs lane by lane (Mesa 22.3's gallivm cannot tell an address all lanes share) while FMAs
 // run 8 lanes at once, so what pays is reusing each loaded value in as many FMAs as the registers

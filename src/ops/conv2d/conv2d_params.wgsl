@@ -99,18 +99,18 @@ fn joint_slot(l: u32) -> vec2<u32> {
         return vec2<u32>(2u, 0u);
     }
     let k = p.joint_shift;
-    // Slice s starts at (s * dn >> k) + (s * wn >> k), in (s * total / s_n - 2, s * total / s_n];
+    // Slice s starts at ((s * dn) >> k) + ((s * wn) >> k), in (s * total / s_n - 2, s * total / s_n];
     // with s_n at most total / 2 that is past (s - 1) * total / s_n, so l * s_n / total is l's
     // slice or the one before it.
     var s = (l << k) / total;
-    if (s + 1u < (1u << k) && ((s + 1u) * dn >> k) + ((s + 1u) * wn >> k) <= l) {
+    if (s + 1u < (1u << k) && (((s + 1u) * dn) >> k) + (((s + 1u) * wn) >> k) <= l) {
         s += 1u;
     }
-    let d0 = s * dn >> k;
-    let d_here = ((s + 1u) * dn >> k) - d0;
-    let at = l - d0 - (s * wn >> k);
+    let d0 = (s * dn) >> k;
+    let d_here = (((s + 1u) * dn) >> k) - d0;
+    let at = l - d0 - ((s * wn) >> k);
     if (at < d_here) {
         return vec2<u32>(0u, d0 + at);
     }
-    return vec2<u32>(1u, (s * wn >> k) + at - d_here);
+    return vec2<u32>(1u, ((s * wn) >> k) + at - d_here);
 }

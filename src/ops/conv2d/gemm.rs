@@ -291,8 +291,9 @@ impl WeightGrad {
 }
 
 /// Both gradients of a layer in one launch of the workgroup tiles `t` (MODE 3, JOINT): the input
-/// gradient's tiles (plus the addend, if given, read at binding 11), then the weight gradient's,
-/// K split `splits` ways (then the reduce), the latter applying `affine` to its input if given.
+/// gradient's tiles (plus the addend, if given, read at binding 11) and the weight gradient's,
+/// interleaved ([`super::joint_grid`]), K split `splits` ways (then the reduce), the latter
+/// applying `affine` to its input if given.
 /// Each tile is the workgroup its own pass would run: bit for bit [`backward_input`] and
 /// [`backward_weight`].
 pub(super) fn backward_joint(

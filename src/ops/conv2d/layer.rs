@@ -130,10 +130,9 @@ impl LayerOp for Conv2d {
         let mut chosen: Vec<ConvKernel> =
             passes.iter().map(|&pass| super::choose(r.gpu, &cfg, pass, r.precision)).collect::<Result<_>>()?;
         // `--fuse on`: both gradients in one dispatch where one kernel runs them (the register
-        // blocks, or the workgroup tiles when both passes chose one shape) — by default on GPUs
-        // only (`--joint-backward`). On lavapipe the register joint kernel measured 1.14-1.61x the
-        // two separate dispatches' time (`cargo bench --bench conv_backward`, one run: base SENet
-        // and SE-ResNet-50 layers), and a CPU driver gains nothing from fewer dispatches.
+        // blocks, or the workgroup tiles when both passes chose one shape) — by default on every
+        // adapter (`--joint-backward`; on lavapipe the register joint kernel takes 1.00-1.07x the
+        // two separate dispatches' time, `cargo bench --bench conv_backward`).
         // Two different tile shapes run as one where the tuner measured that faster
         // (`tune::choose_joint`); the joint kernel then runs both gradients.
         let joint = match chosen[..] {

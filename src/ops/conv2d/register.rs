@@ -489,8 +489,8 @@ pub(super) fn backward_weight(
 }
 
 /// Both gradients of a layer in one dispatch (`conv2d_backward`): the input gradient's blocks of
-/// `tiles.gemm_*` (plus `addend` if given), then the weight gradient's of `tiles.wgrad_*` split
-/// `splits` ways, then the reduce if split. Bit for bit [`backward_input`] and
+/// `tiles.gemm_*` (plus `addend` if given) and the weight gradient's of `tiles.wgrad_*` split
+/// `splits` ways, interleaved ([`super::joint_grid`]), then the reduce if split. Bit for bit [`backward_input`] and
 /// [`backward_weight`]: each block is the invocation they would run.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn backward_joint(
