@@ -347,6 +347,8 @@ impl InputGrad {
 /// the reduction over m split `splits` ways (1 = written directly, more = into slices of a partial
 /// buffer summed by the reduce), its grid and cost.
 struct WeightGrad {
+    /// A kernel row at a time ([`row3_wgrad`]), else the one-tap walk.
+    row3: bool,
     precision: Precision,
     splits: usize,
     split_len: usize,
@@ -362,8 +364,8 @@ impl WeightGrad {
         tiles: RegisterTiles,
         (inp, dout, dweight): (&Tensor, &Tensor, &Tensor),
         splits: usize,
-        row3: bool,
     ) -> Result<WeightGrad> {
+        let row3 = row3_wgrad(gpu, cfg);
         let kernel = super::ConvKernel::Register(tiles);
         let (splits, split_len) = super::weight_grad_split(gpu, cfg, kernel, (inp, dout, dweight), splits, 1)?;
         // Columns come in blocks of `wgrad_ci` input channels (of a group) at one tap:
@@ -378,7 +380,7 @@ impl WeightGrad {
         let grid = gemm_grid(gpu, rows, 1, (cfg.c_out_group(), cfg.groups), tiles.wgrad_n, splits)?;
         let flops = 2.0 * cfg.macs() as f64;
         let bytes = el(inp) * (inp.numel() + dout.numel()) as f64 + 4.0 * (dweight.numel() * splits) as f64;
-        Ok(WeightGrad { precision: Precision::of(inp), splits, split_len, grid, flops, bytes })
+        Ok(WeightGrad { row3, precision: Precision::of(inp), splits, split_len, grid, flops, bytes })
     }
 
     /// Where the GEMM writes: `None` for the weight gradient itself, or a partial buffer for the
@@ -475,10 +477,9 @@ pub(super) fn backward_weight(
     dweight: &Tensor,
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
-    let row3 = row3_wgrad(gpu, cfg);
-    let g = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, row3)?;
+    let g = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits)?;
     let params = gpu.uniform("conv2d params", &cfg.params(g.splits, g.split_len)?);
-    let consts = tiles.wgrad_constants(row3);
+    let consts = tiles.wgrad_constants(g.row3);
     let partial = g.partial(gpu, cfg)?;
     let out = partial.as_ref().unwrap_or(dweight);
     let binds = [Bind::Uniform(0, &params), Bind::Tensor(1, inp), Bind::Tensor(5, dout), Bind::Tensor(7, out)];
@@ -504,8 +505,7 @@ pub(super) fn backward_joint(
     splits: usize,
 ) -> Result<Vec<Dispatch>> {
     let d = InputGrad::new(gpu, cfg, tiles, dout, weight, dinp, addend)?;
-    let row3 = row3_wgrad(gpu, cfg);
-    let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits, row3)?;
+    let w = WeightGrad::new(gpu, cfg, tiles, (inp, dout, dweight), splits)?;
     let (grid, joint) = super::joint_grid(gpu, d.grid, w.grid)?;
     let params = cfg.params(w.splits, w.split_len)?.with_accumulate(addend.is_some()).with_joint(joint);
     let params = gpu.uniform("conv2d params", &params);
@@ -530,7 +530,7 @@ pub(super) fn backward_joint(
         Bind::Tensor(13, &no_stats),
     ];
     let mut consts = tiles.gemm_constants(1, quads.form).to_vec();
-    consts.extend_from_slice(&tiles.wgrad_constants(row3)[1..]);
+    consts.extend_from_slice(&tiles.wgrad_constants(w.row3)[1..]);
     let first = gpu
         .dispatch_in(Precision::of(dout), gemm_module(gpu), "conv2d_backward", &consts, &binds, grid)?
         .with_cost(d.flops + w.flops, d.bytes + w.bytes);
